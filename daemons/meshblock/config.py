@@ -1,0 +1,92 @@
+"""Loading daemon configuration from TOML into frozen dataclasses.
+
+Every daemon describes its configuration as a frozen dataclass (nested dataclasses
+for TOML tables). :func:`load` reads a TOML file, rejects unknown keys and values of
+the wrong type with a :class:`ConfigError` that names the offending key, and fills
+in defaults for what the file leaves out.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+class ConfigError(Exception):
+    """The configuration file is missing, unreadable or invalid."""
+
+
+def _type_ok(value: Any, hint: Any) -> bool:
+    origin = typing.get_origin(hint)
+    if hint is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, arg) for arg in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if origin in (list, tuple):
+        (item,) = typing.get_args(hint)[:1] or (Any,)
+        return isinstance(value, list) and all(_type_ok(v, item) for v in value)
+    if origin is dict:
+        return isinstance(value, dict)
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(hint, type):
+        return isinstance(value, hint)
+    return True
+
+
+def from_mapping(cls: type[T], data: dict[str, Any], where: str = "") -> T:
+    """Build dataclass ``cls`` from ``data``; unknown keys and bad types raise."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'}: expected a table")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        prefix = f"{where}." if where else ""
+        names = ", ".join(prefix + k for k in unknown)
+        raise ConfigError(f"unknown configuration key(s): {names}")
+    kwargs: dict[str, Any] = {}
+    for name, value in data.items():
+        hint = hints[name]
+        key = f"{where}.{name}" if where else name
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = from_mapping(hint, value, key)  # type: ignore[arg-type]
+            continue
+        if not _type_ok(value, hint):
+            raise ConfigError(f"{key}: expected {hint}, got {type(value).__name__} {value!r}")
+        if typing.get_origin(hint) is tuple:
+            value = tuple(value)
+        kwargs[name] = value
+    try:
+        obj = cls(**kwargs)
+    except TypeError as exc:  # a required key is missing
+        raise ConfigError(f"{where or 'config'}: {exc}") from None
+    except ValueError as exc:  # __post_init__ validation
+        raise ConfigError(f"{where or 'config'}: {exc}") from None
+    return obj
+
+
+def load(cls: type[T], path: str | Path | None) -> T:
+    """Load ``cls`` from the TOML file at ``path`` (defaults only when ``None``)."""
+    if path is None:
+        return from_mapping(cls, {})
+    p = Path(path)
+    try:
+        raw = p.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {p}: {exc.strerror}") from None
+    try:
+        data = tomllib.loads(raw.decode())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{p}: not valid TOML: {exc}") from None
+    return from_mapping(cls, data)

@@ -1,0 +1,1 @@
+"""MDM: the metadata manager, meshblock's control plane."""

@@ -1,0 +1,79 @@
+"""MDM configuration (``/etc/meshblock/mdm.toml``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class ApiConfig:
+    """``[api]``: where the REST API listens."""
+
+    host: str = "127.0.0.1"
+    port: int = 6611
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    """``[auth]``: bearer tokens and the cluster secret.
+
+    ``admin_token`` may change anything, ``readonly_token`` may only read, and
+    ``cluster_secret`` is what SDSs and SDCs present to register and heartbeat.
+    An empty value disables that credential.
+    """
+
+    admin_token: str = ""
+    readonly_token: str = ""
+    cluster_secret: str = ""
+
+    def __repr__(self) -> str:  # never print secrets, even in a traceback
+        return "AuthConfig(admin_token=***, readonly_token=***, cluster_secret=***)"
+
+
+@dataclass(frozen=True)
+class DatabaseConfig:
+    """``[database]``: the metadata store.
+
+    ``url`` is an SQLAlchemy async URL: ``sqlite+aiosqlite:///path/mdm.db`` (default,
+    embedded, WAL mode) or ``postgresql+asyncpg://user:password@host/db``.
+    """
+
+    url: str = "sqlite+aiosqlite:///var/lib/meshblock/mdm.db"
+    echo: bool = False
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """``[cluster]``: failure detection and long-poll settings."""
+
+    name: str = "meshblock"
+    heartbeat_timeout_s: float = 10.0
+    state_check_interval_s: float = 1.0
+    longpoll_max_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    """``[logging]``."""
+
+    level: str = "INFO"
+
+
+@dataclass(frozen=True)
+class MdmConfig:
+    api: ApiConfig = field(default_factory=ApiConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    database: DatabaseConfig = field(default_factory=DatabaseConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def __post_init__(self) -> None:
+        a = self.auth
+        if not a.admin_token:
+            raise ValueError("auth.admin_token must be set")
+        if len({t for t in (a.admin_token, a.readonly_token, a.cluster_secret) if t}) != len(
+            [t for t in (a.admin_token, a.readonly_token, a.cluster_secret) if t]
+        ):
+            raise ValueError("auth.admin_token, readonly_token and cluster_secret must differ")
+        if self.cluster.heartbeat_timeout_s <= 0:
+            raise ValueError("cluster.heartbeat_timeout_s must be positive")

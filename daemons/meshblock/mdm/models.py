@@ -1,0 +1,238 @@
+"""The MDM's object model, in SQLAlchemy 2.0's typed declarative ORM.
+
+System (``cluster`` row) -> protection domains -> {fault sets, SDSs -> devices,
+storage pools -> volumes -> mappings}; SDCs; and the PG map of each pool
+(``placement_groups``). Relationships load with ``lazy="raise"``: async code names
+what it loads with ``selectinload``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+from typing import Annotated
+
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    DateTime,
+    Enum,
+    ForeignKey,
+    Integer,
+    MetaData,
+    String,
+    UniqueConstraint,
+    func,
+)
+from sqlalchemy.ext.asyncio import AsyncAttrs
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+intpk = Annotated[int, mapped_column(Integer, primary_key=True, autoincrement=True)]
+name_str = Annotated[str, mapped_column(String(64))]
+bytes_int = Annotated[int, mapped_column(BigInteger)]
+created_at = Annotated[
+    dt.datetime, mapped_column(DateTime(timezone=True), server_default=func.now())
+]
+
+
+class Base(AsyncAttrs, DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class VolumeType(enum.StrEnum):
+    THIN = "thin"
+    THICK = "thick"
+
+
+class AccessMode(enum.StrEnum):
+    READ_WRITE = "read_write"
+    READ_ONLY = "read_only"
+
+
+def _enum(cls: type[enum.Enum], name: str) -> Enum:
+    return Enum(
+        cls,
+        name=name,
+        values_callable=lambda e: [m.value for m in e],
+        native_enum=False,
+        length=16,
+        validate_strings=True,
+    )
+
+
+class Cluster(Base):
+    """The single row that holds cluster-wide state, notably the change epoch."""
+
+    __tablename__ = "cluster"
+
+    id: Mapped[intpk]
+    name: Mapped[name_str]
+    epoch: Mapped[int] = mapped_column(BigInteger, default=1)
+    created_at: Mapped[created_at]
+
+
+class ProtectionDomain(Base):
+    __tablename__ = "protection_domains"
+
+    id: Mapped[intpk]
+    name: Mapped[name_str] = mapped_column(unique=True)
+    created_at: Mapped[created_at]
+
+    fault_sets: Mapped[list[FaultSet]] = relationship(
+        back_populates="protection_domain", lazy="raise"
+    )
+    pools: Mapped[list[StoragePool]] = relationship(
+        back_populates="protection_domain", lazy="raise"
+    )
+    sdss: Mapped[list[Sds]] = relationship(back_populates="protection_domain", lazy="raise")
+
+
+class FaultSet(Base):
+    __tablename__ = "fault_sets"
+    __table_args__ = (UniqueConstraint("protection_domain_id", "name"),)
+
+    id: Mapped[intpk]
+    name: Mapped[name_str]
+    protection_domain_id: Mapped[int] = mapped_column(ForeignKey("protection_domains.id"))
+    created_at: Mapped[created_at]
+
+    protection_domain: Mapped[ProtectionDomain] = relationship(
+        back_populates="fault_sets", lazy="raise"
+    )
+
+
+class StoragePool(Base):
+    __tablename__ = "storage_pools"
+    __table_args__ = (
+        CheckConstraint("pg_count > 0", name="pg_count_positive"),
+        CheckConstraint("spare_percent >= 0 AND spare_percent < 100", name="spare_range"),
+    )
+
+    id: Mapped[intpk]
+    name: Mapped[name_str] = mapped_column(unique=True)
+    protection_domain_id: Mapped[int] = mapped_column(ForeignKey("protection_domains.id"))
+    pg_count: Mapped[int] = mapped_column(default=256)
+    allocation_granularity_bytes: Mapped[bytes_int]
+    spare_percent: Mapped[int] = mapped_column(default=10)
+    # Throttles: bandwidth per device (MiB/s, 0 = unlimited) and concurrent chunk copies.
+    rebuild_bandwidth_mibps: Mapped[int] = mapped_column(default=0)
+    rebuild_concurrency: Mapped[int] = mapped_column(default=4)
+    rebalance_bandwidth_mibps: Mapped[int] = mapped_column(default=50)
+    rebalance_concurrency: Mapped[int] = mapped_column(default=2)
+    # Capacity alert thresholds, percent of usable capacity.
+    capacity_alert_high_percent: Mapped[int] = mapped_column(default=80)
+    capacity_alert_critical_percent: Mapped[int] = mapped_column(default=90)
+    map_epoch: Mapped[int] = mapped_column(BigInteger, default=0)
+    created_at: Mapped[created_at]
+
+    protection_domain: Mapped[ProtectionDomain] = relationship(back_populates="pools", lazy="raise")
+    volumes: Mapped[list[Volume]] = relationship(back_populates="pool", lazy="raise")
+    devices: Mapped[list[Device]] = relationship(back_populates="pool", lazy="raise")
+
+
+class Sds(Base):
+    __tablename__ = "sdss"
+
+    id: Mapped[intpk]
+    name: Mapped[name_str] = mapped_column(unique=True)
+    protection_domain_id: Mapped[int] = mapped_column(ForeignKey("protection_domains.id"))
+    fault_set_id: Mapped[int | None] = mapped_column(ForeignKey("fault_sets.id"))
+    address: Mapped[str] = mapped_column(String(255))
+    data_port: Mapped[int] = mapped_column(default=7072)
+    control_port: Mapped[int] = mapped_column(default=7073)
+    last_seen: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[created_at]
+
+    protection_domain: Mapped[ProtectionDomain] = relationship(back_populates="sdss", lazy="raise")
+    fault_set: Mapped[FaultSet | None] = relationship(lazy="raise")
+    devices: Mapped[list[Device]] = relationship(
+        back_populates="sds", lazy="raise", order_by="Device.id"
+    )
+
+
+class Device(Base):
+    __tablename__ = "devices"
+    __table_args__ = (
+        UniqueConstraint("sds_id", "path"),
+        CheckConstraint("capacity_bytes > 0", name="capacity_positive"),
+    )
+
+    id: Mapped[intpk]
+    sds_id: Mapped[int] = mapped_column(ForeignKey("sdss.id"))
+    pool_id: Mapped[int] = mapped_column(ForeignKey("storage_pools.id"))
+    path: Mapped[str] = mapped_column(String(1024))
+    name: Mapped[str | None] = mapped_column(String(64))
+    capacity_bytes: Mapped[bytes_int]
+    used_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    created_at: Mapped[created_at]
+
+    sds: Mapped[Sds] = relationship(back_populates="devices", lazy="raise")
+    pool: Mapped[StoragePool] = relationship(back_populates="devices", lazy="raise")
+
+
+class Sdc(Base):
+    __tablename__ = "sdcs"
+
+    id: Mapped[intpk]
+    guid: Mapped[str] = mapped_column(String(64), unique=True)
+    name: Mapped[name_str] = mapped_column(unique=True)
+    address: Mapped[str | None] = mapped_column(String(255))
+    control_port: Mapped[int | None]
+    nbd_port: Mapped[int | None]
+    last_seen: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[created_at]
+
+    mappings: Mapped[list[Mapping]] = relationship(back_populates="sdc", lazy="raise")
+
+
+class Volume(Base):
+    __tablename__ = "volumes"
+    __table_args__ = (CheckConstraint("size_bytes > 0", name="size_positive"),)
+
+    id: Mapped[intpk]
+    name: Mapped[name_str] = mapped_column(unique=True)
+    pool_id: Mapped[int] = mapped_column(ForeignKey("storage_pools.id"))
+    type: Mapped[VolumeType] = mapped_column(_enum(VolumeType, "volume_type"))
+    size_bytes: Mapped[bytes_int]
+    # Chunks of this volume that SDSs report written, counting both copies.
+    written_chunks: Mapped[int] = mapped_column(BigInteger, default=0)
+    created_at: Mapped[created_at]
+
+    pool: Mapped[StoragePool] = relationship(back_populates="volumes", lazy="raise")
+    mappings: Mapped[list[Mapping]] = relationship(back_populates="volume", lazy="raise")
+
+
+class Mapping(Base):
+    __tablename__ = "mappings"
+    __table_args__ = (UniqueConstraint("volume_id", "sdc_id"),)
+
+    id: Mapped[intpk]
+    volume_id: Mapped[int] = mapped_column(ForeignKey("volumes.id"))
+    sdc_id: Mapped[int] = mapped_column(ForeignKey("sdcs.id"))
+    access_mode: Mapped[AccessMode] = mapped_column(_enum(AccessMode, "access_mode"))
+    iops_limit: Mapped[int | None]
+    bandwidth_limit_bps: Mapped[int | None] = mapped_column(BigInteger)
+    created_at: Mapped[created_at]
+
+    volume: Mapped[Volume] = relationship(back_populates="mappings", lazy="raise")
+    sdc: Mapped[Sdc] = relationship(back_populates="mappings", lazy="raise")
+
+
+class PlacementGroup(Base):
+    """One PG of a pool's map: its primary and secondary devices."""
+
+    __tablename__ = "placement_groups"
+
+    pool_id: Mapped[int] = mapped_column(ForeignKey("storage_pools.id"), primary_key=True)
+    pg: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    primary_device_id: Mapped[int | None] = mapped_column(ForeignKey("devices.id"))
+    secondary_device_id: Mapped[int | None] = mapped_column(ForeignKey("devices.id"))
+    epoch: Mapped[int] = mapped_column(BigInteger, default=0)

@@ -1,0 +1,67 @@
+"""Sizes in bytes, parsed from and formatted to operator units (``16GiB``, ``1.5TB``)."""
+
+from __future__ import annotations
+
+import re
+
+KiB = 1024
+MiB = 1024 * KiB
+GiB = 1024 * MiB
+TiB = 1024 * GiB
+PiB = 1024 * TiB
+
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": KiB, "kb": 1000, "kib": KiB,
+    "m": MiB, "mb": 1000**2, "mib": MiB,
+    "g": GiB, "gb": 1000**3, "gib": GiB,
+    "t": TiB, "tb": 1000**4, "tib": TiB,
+    "p": PiB, "pb": 1000**5, "pib": PiB,
+}  # fmt: skip
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+
+
+class SizeError(ValueError):
+    """A size could not be understood."""
+
+
+def parse_size(value: str | int) -> int:
+    """Return the number of bytes in ``value``: an int, or a string like ``16GiB``.
+
+    Binary units (KiB, MiB, GiB, TiB, PiB and the bare letters K, M, G, T, P) are
+    powers of 1024; decimal units (KB, MB, GB, TB, PB) are powers of 1000.
+    """
+    if isinstance(value, bool):
+        raise SizeError("a size must be a number of bytes or a string such as '16GiB'")
+    if isinstance(value, int):
+        if value < 0:
+            raise SizeError(f"a size cannot be negative: {value}")
+        return value
+    if not isinstance(value, str):
+        raise SizeError("a size must be a number of bytes or a string such as '16GiB'")
+    m = _SIZE_RE.match(value)
+    if not m:
+        raise SizeError(f"not a size: {value!r} (examples: 1073741824, 16GiB, 500GB)")
+    number, unit = m.groups()
+    factor = _UNITS.get(unit.lower())
+    if factor is None:
+        raise SizeError(f"unknown size unit {unit!r} in {value!r} (use KiB, MiB, GiB, TiB)")
+    if "." in number:
+        whole, frac = number.split(".")
+        scaled = int(whole) * factor + int(frac) * factor // (10 ** len(frac))
+        return scaled
+    return int(number) * factor
+
+
+def format_size(n: int | float) -> str:
+    """Format ``n`` bytes with the largest binary unit that keeps it above 1."""
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(value) < 1024 or unit == "TiB":
+            break
+        value /= 1024
+    if unit == "B":
+        return f"{int(value)} B"
+    return f"{value:.1f} {unit}" if value != int(value) else f"{int(value)} {unit}"
