@@ -202,8 +202,6 @@ class Volume(Base):
     pool_id: Mapped[int] = mapped_column(ForeignKey("storage_pools.id"))
     type: Mapped[VolumeType] = mapped_column(_enum(VolumeType, "volume_type"))
     size_bytes: Mapped[bytes_int]
-    # Chunks of this volume that SDSs report written, counting both copies.
-    written_chunks: Mapped[int] = mapped_column(BigInteger, default=0)
     created_at: Mapped[created_at]
 
     pool: Mapped[StoragePool] = relationship(back_populates="volumes", lazy="raise")
@@ -236,3 +234,15 @@ class PlacementGroup(Base):
     primary_device_id: Mapped[int | None] = mapped_column(ForeignKey("devices.id"))
     secondary_device_id: Mapped[int | None] = mapped_column(ForeignKey("devices.id"))
     epoch: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class VolumeUsage(Base):
+    """Chunks of a volume that one SDS reports it stores (each copy counts)."""
+
+    __tablename__ = "volume_usage"
+
+    sds_id: Mapped[int] = mapped_column(ForeignKey("sdss.id", ondelete="CASCADE"),
+                                        primary_key=True)
+    volume_id: Mapped[int] = mapped_column(ForeignKey("volumes.id", ondelete="CASCADE"),
+                                           primary_key=True)
+    chunks: Mapped[int] = mapped_column(BigInteger, default=0)

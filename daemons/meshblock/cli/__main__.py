@@ -1,0 +1,49 @@
+"""``meshctl``'s entry point: parse the command line, run the command, map errors.
+
+Errors are printed as ``meshctl: error: <message>`` on stderr and turned into the
+exit codes listed in :mod:`meshblock.cli.errors`.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Mapping, Sequence
+
+from meshblock.cli.client import MdmClient
+from meshblock.cli.context import Context
+from meshblock.cli.errors import CliError, ExitCode
+from meshblock.cli.parser import PROG, build_parser
+from meshblock.cli.settings import resolve
+
+
+def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> int:
+    try:
+        return _run(argv, os.environ if env is None else env)
+    except CliError as exc:
+        print(f"{PROG}: error: {exc.message}", file=sys.stderr)
+        return int(exc.exit_code)
+    except SystemExit as exc:  # argparse: --help (0) or a usage error (2)
+        return exc.code if isinstance(exc.code, int) else int(ExitCode.USAGE)
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        # The reader went away (`meshctl volume list | head -1`): not an error.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return int(ExitCode.OK)
+
+
+def _run(argv: Sequence[str] | None, env: Mapping[str, str]) -> int:
+    args = build_parser().parse_args(argv)
+    settings = resolve(mdm_flag=args.mdm, token_flag=args.token, config_flag=args.config, env=env)
+    if args.timeout <= 0:
+        raise CliError("--timeout must be positive")
+    client = MdmClient(settings.mdm_urls, settings.token, timeout=args.timeout)
+    ctx = Context(client=client, settings=settings, json=args.json)
+    result = args.handler(ctx, args)
+    return int(result or ExitCode.OK)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,262 @@
+"""``meshctl sds``: storage data servers and their devices."""
+
+from __future__ import annotations
+
+from argparse import Namespace
+
+from meshblock.cli import values
+from meshblock.cli.client import JsonObject
+from meshblock.cli.context import Context
+from meshblock.cli.errors import NotFound
+from meshblock.cli.output import render_fields, render_table, size, timestamp
+from meshblock.cli.parser import Subparsers, add_command, add_noun
+
+PATH = "/api/v1/sds"
+
+_DEVICE_HELP = "a device as PATH:CAPACITY:POOL, e.g. /dev/sdb:1TiB:sp1 (a file path works too)"
+
+
+def register(root: Subparsers) -> None:
+    sub = add_noun(root, "sds", "manage storage data servers (SDSs) and their devices")
+
+    p = add_command(
+        sub,
+        "add",
+        add,
+        help="add an SDS with its devices",
+        description="""
+            Declares an SDS to the MDM. The SDS daemon registers itself under the same
+            name when it starts; its state is 'connected' while it sends heartbeats.
+            Each device goes into a pool of the SDS's protection domain.""",
+        examples=[
+            "meshctl sds add sds1 --pd pd1 --fault-set fs1 --address 10.0.0.1 "
+            "--device /dev/sdb:1TiB:sp1 --device /dev/sdc:1TiB:sp1",
+            "meshctl sds add sds2 --pd pd1 --address 10.0.0.2 --data-port 7072 "
+            "--control-port 7073 --device /var/lib/meshblock/dev0.img:100GiB:sp1",
+        ],
+    )
+    p.add_argument("name", help="name of the new SDS (unique in the cluster)")
+    p.add_argument("--pd", required=True, metavar="PD", help="protection domain (name or id)")
+    p.add_argument("--fault-set", metavar="FS", help="fault set of that protection domain")
+    p.add_argument("--address", required=True, help="IP address or host name of the SDS")
+    p.add_argument("--data-port", type=values.port, metavar="PORT", help="data port (default 7072)")
+    p.add_argument(
+        "--control-port", type=values.port, metavar="PORT", help="control port (default 7073)"
+    )
+    p.add_argument(
+        "--device",
+        dest="devices",
+        action="append",
+        type=values.device_spec,
+        default=[],
+        metavar="PATH:CAPACITY:POOL",
+        help=_DEVICE_HELP + "; repeat for several devices",
+    )
+
+    add_command(
+        sub,
+        "list",
+        list_,
+        help="list SDSs with their state and capacity",
+        examples=["meshctl sds list"],
+        aliases=["ls"],
+    )
+
+    p = add_command(
+        sub,
+        "show",
+        show,
+        help="show an SDS and its devices",
+        examples=["meshctl sds show sds1"],
+    )
+    p.add_argument("name", help="SDS name (or id)")
+
+    p = add_command(
+        sub,
+        "remove",
+        remove,
+        help="remove an SDS",
+        description="Refused (exit 5) while it holds data: it must be drained first.",
+        examples=["meshctl sds remove sds1"],
+        aliases=["delete", "rm"],
+    )
+    p.add_argument("name", help="SDS name (or id)")
+
+    p = add_command(
+        sub,
+        "device-add",
+        device_add,
+        help="add a device to an SDS",
+        examples=[
+            "meshctl sds device-add sds1 --device /dev/sdd:2TiB:sp1",
+            "meshctl sds device-add sds1 --device /dev/sde:2TiB:sp1 --name sde",
+        ],
+    )
+    p.add_argument("name", help="SDS name (or id)")
+    p.add_argument(
+        "--device",
+        required=True,
+        type=values.device_spec,
+        metavar="PATH:CAPACITY:POOL",
+        help=_DEVICE_HELP,
+    )
+    p.add_argument("--name", dest="device_name", metavar="NAME", help="a name for the device")
+
+    p = add_command(
+        sub,
+        "device-remove",
+        device_remove,
+        help="remove a device from an SDS",
+        description="Refused (exit 5) while the device holds data.",
+        examples=["meshctl sds device-remove sds1 /dev/sdd"],
+    )
+    p.add_argument("name", help="SDS name (or id)")
+    p.add_argument("device", metavar="PATH", help="device path (or its name or id)")
+
+
+def device_body(ctx: Context, spec: values.DeviceSpec, name: str | None = None) -> JsonObject:
+    body: JsonObject = {
+        "path": spec.path,
+        "capacity": spec.capacity,
+        "pool_id": ctx.names.pool(spec.pool)["id"],
+    }
+    if name:
+        body["name"] = name
+    return body
+
+
+def add(ctx: Context, args: Namespace) -> None:
+    pd = ctx.names.protection_domain(args.pd)
+    body: JsonObject = {
+        "name": args.name,
+        "protection_domain_id": pd["id"],
+        "address": args.address,
+        "devices": [device_body(ctx, spec) for spec in args.devices],
+    }
+    if args.fault_set:
+        body["fault_set_id"] = ctx.names.fault_set(args.fault_set, args.pd)["id"]
+    if args.data_port is not None:
+        body["data_port"] = args.data_port
+    if args.control_port is not None:
+        body["control_port"] = args.control_port
+    sds = ctx.client.post(PATH, body)
+    devices = sds.get("devices", [])
+    total = sum(d.get("capacity_bytes", 0) for d in devices)
+    ctx.done(
+        f"added SDS {sds['name']!r} at {sds.get('address')} with {len(devices)} "
+        f"device(s), {size(total)}",
+        sds,
+    )
+
+
+def list_(ctx: Context, args: Namespace) -> None:
+    doc = ctx.client.get(PATH)
+    servers = doc["sds"]
+
+    def human() -> str:
+        rows = []
+        for s in servers:
+            devices = s.get("devices", [])
+            rows.append(
+                [
+                    s["id"],
+                    s["name"],
+                    ctx.names.name_of("protection_domain", s.get("protection_domain_id")),
+                    ctx.names.name_of("fault_set", s.get("fault_set_id")),
+                    f"{s.get('address')}:{s.get('data_port')}",
+                    s.get("state"),
+                    len(devices),
+                    size(sum(d.get("capacity_bytes", 0) for d in devices)),
+                    size(sum(d.get("used_bytes", 0) for d in devices)),
+                    timestamp(s.get("last_seen")),
+                ]
+            )
+        return render_table(
+            ["ID", "NAME", "PD", "FAULT SET", "ADDRESS", "STATE", "DEVICES", "CAPACITY", "USED",
+             "LAST SEEN"],
+            rows,
+            right={"ID", "DEVICES", "CAPACITY", "USED"},
+            empty="no SDSs",
+        )  # fmt: skip
+
+    ctx.emit(doc, human)
+
+
+def show(ctx: Context, args: Namespace) -> None:
+    sds = ctx.client.get(f"{PATH}/{ctx.names.sds(args.name)['id']}")
+
+    def human() -> str:
+        fields = render_fields(
+            [
+                ("id", sds["id"]),
+                ("name", sds["name"]),
+                (
+                    "protection domain",
+                    ctx.names.name_of("protection_domain", sds.get("protection_domain_id")),
+                ),
+                ("fault set", ctx.names.name_of("fault_set", sds.get("fault_set_id"))),
+                ("address", sds.get("address")),
+                ("data port", sds.get("data_port")),
+                ("control port", sds.get("control_port")),
+                ("state", sds.get("state")),
+                ("last seen", timestamp(sds.get("last_seen"))),
+                ("created", timestamp(sds.get("created_at"))),
+            ]
+        )
+        devices = render_table(
+            ["ID", "NAME", "PATH", "POOL", "CAPACITY", "USED"],
+            [
+                [
+                    d.get("id"),
+                    d.get("name"),
+                    d.get("path"),
+                    ctx.names.name_of("pool", d.get("pool_id")),
+                    size(d.get("capacity_bytes")),
+                    size(d.get("used_bytes")),
+                ]
+                for d in sds.get("devices", [])
+            ],
+            right={"ID", "CAPACITY", "USED"},
+            empty="no devices",
+        )
+        return f"{fields}\n\n{devices}"
+
+    ctx.emit(sds, human)
+
+
+def remove(ctx: Context, args: Namespace) -> None:
+    sds = ctx.names.sds(args.name)
+    ctx.client.delete(f"{PATH}/{sds['id']}")
+    ctx.done(f"removed SDS {sds['name']!r}")
+
+
+def device_add(ctx: Context, args: Namespace) -> None:
+    sds = ctx.names.sds(args.name)
+    device = ctx.client.post(
+        f"{PATH}/{sds['id']}/devices", device_body(ctx, args.device, args.device_name)
+    )
+    ctx.done(
+        f"added device {device.get('path')} ({size(device.get('capacity_bytes'))}) "
+        f"to SDS {sds['name']!r}, pool {args.device.pool!r}",
+        device,
+    )
+
+
+def find_device(sds: JsonObject, ref: str) -> JsonObject:
+    devices: list[JsonObject] = sds.get("devices", [])
+    for key in ("path", "name"):
+        for d in devices:
+            if d.get(key) == ref:
+                return d
+    if ref.isdigit():
+        for d in devices:
+            if d.get("id") == int(ref):
+                return d
+    raise NotFound(f"SDS {sds['name']!r} has no device {ref!r}")
+
+
+def device_remove(ctx: Context, args: Namespace) -> None:
+    sds = ctx.names.sds(args.name)
+    device = find_device(sds, args.device)
+    ctx.client.delete(f"{PATH}/{sds['id']}/devices/{device['id']}")
+    ctx.done(f"removed device {device.get('path')} from SDS {sds['name']!r}")

@@ -1,0 +1,363 @@
+"""``meshctl volume``: volumes and their mappings to SDCs."""
+
+from __future__ import annotations
+
+from argparse import Namespace
+
+from meshblock.cli import values
+from meshblock.cli.client import JsonObject
+from meshblock.cli.context import Context
+from meshblock.cli.errors import NotFound, UsageError
+from meshblock.cli.output import rate, render_fields, render_table, size, timestamp
+from meshblock.cli.parser import Subparsers, add_command, add_noun
+
+PATH = "/api/v1/volumes"
+MAPPINGS = "/api/v1/mappings"
+
+
+class _NotGiven:
+    """Default of options where ``none`` means "clear": tells absent from cleared."""
+
+    def __repr__(self) -> str:
+        return "not given"
+
+
+NOT_GIVEN = _NotGiven()
+
+
+def register(root: Subparsers) -> None:
+    sub = add_noun(root, "volume", "manage volumes and their mappings to SDCs", aliases=["vol"])
+
+    p = add_command(
+        sub,
+        "create",
+        create,
+        help="create a volume in a storage pool",
+        description="""
+            The size is rounded up to the pool's allocation granularity. A thin volume
+            takes space as it is written; a thick one reserves twice its size (two
+            copies) at once and is refused (exit 5) when the pool cannot hold it.""",
+        examples=[
+            "meshctl volume create vol1 --pool sp1 --size 16GiB",
+            "meshctl volume create db1 --pool sp1 --size 500GB --thick",
+        ],
+    )
+    p.add_argument("name", help="name of the new volume (unique in the cluster)")
+    p.add_argument("--pool", required=True, help="storage pool (name or id)")
+    p.add_argument("--size", required=True, type=values.size, help="size, e.g. 16GiB, 500GB, 1TiB")
+    kind = p.add_mutually_exclusive_group()
+    kind.add_argument(
+        "--thin", dest="type", action="store_const", const="thin", help="thin (the default)"
+    )
+    kind.add_argument(
+        "--thick", dest="type", action="store_const", const="thick", help="thick: reserve now"
+    )
+    p.set_defaults(type="thin")
+
+    p = add_command(
+        sub,
+        "list",
+        list_,
+        help="list volumes",
+        examples=["meshctl volume list", "meshctl volume list --pool sp1 --json"],
+        aliases=["ls"],
+    )
+    p.add_argument("--pool", help="only the volumes of this pool")
+
+    p = add_command(
+        sub,
+        "show",
+        show,
+        help="show a volume and its mappings",
+        examples=["meshctl volume show vol1"],
+    )
+    p.add_argument("name", help="volume name (or id)")
+
+    p = add_command(
+        sub,
+        "rename",
+        rename,
+        help="rename a volume",
+        examples=["meshctl volume rename vol1 vol2"],
+    )
+    p.add_argument("name", help="current name (or id)")
+    p.add_argument("new_name", metavar="new-name", help="new name")
+
+    p = add_command(
+        sub,
+        "extend",
+        extend,
+        help="grow a volume",
+        description="""
+            Volumes only grow: a smaller size is refused (exit 5). '+SIZE' adds to
+            the current size. The new size is rounded up to the pool's granularity.""",
+        examples=[
+            "meshctl volume extend vol1 --size 32GiB",
+            "meshctl volume extend vol1 --size +8GiB",
+        ],
+    )
+    p.add_argument("name", help="volume name (or id)")
+    p.add_argument(
+        "--size", required=True, type=values.size_change, help="new size (32GiB) or growth (+8GiB)"
+    )
+
+    p = add_command(
+        sub,
+        "delete",
+        delete,
+        help="delete a volume and its data",
+        description="Refused (exit 5) while the volume is mapped: unmap it first.",
+        examples=["meshctl volume delete vol1"],
+        aliases=["remove", "rm"],
+    )
+    p.add_argument("name", help="volume name (or id)")
+
+    p = add_command(
+        sub,
+        "map",
+        map_,
+        help="map a volume to an SDC, which then exposes it as a block device",
+        examples=[
+            "meshctl volume map vol1 --sdc host1",
+            "meshctl volume map vol1 --sdc host2 --read-only --iops-limit 5000 "
+            "--bandwidth-limit 100MiB",
+        ],
+    )
+    p.add_argument("name", help="volume name (or id)")
+    p.add_argument("--sdc", required=True, help="SDC (name, id or GUID)")
+    p.add_argument("--read-only", action="store_true", help="map read-only (default read-write)")
+    p.add_argument("--iops-limit", type=values.iops_limit, metavar="N", help="IOPS limit")
+    p.add_argument(
+        "--bandwidth-limit",
+        type=values.bandwidth_limit,
+        metavar="SIZE",
+        help="bandwidth limit per second, e.g. 100MiB",
+    )
+
+    p = add_command(
+        sub,
+        "unmap",
+        unmap,
+        help="unmap a volume from an SDC (or from all of them)",
+        examples=["meshctl volume unmap vol1 --sdc host1", "meshctl volume unmap vol1 --all"],
+    )
+    p.add_argument("name", help="volume name (or id)")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--sdc", help="SDC (name, id or GUID)")
+    which.add_argument("--all", action="store_true", help="unmap from every SDC")
+
+    p = add_command(
+        sub,
+        "set-limits",
+        set_limits,
+        help="change the QoS limits of a volume's mapping",
+        description="'none' removes a limit.",
+        examples=[
+            "meshctl volume set-limits vol1 --sdc host1 --iops-limit 10000",
+            "meshctl volume set-limits vol1 --sdc host1 --bandwidth-limit 200MiB",
+            "meshctl volume set-limits vol1 --sdc host1 --iops-limit none --bandwidth-limit none",
+        ],
+    )
+    p.add_argument("name", help="volume name (or id)")
+    p.add_argument("--sdc", required=True, help="SDC (name, id or GUID)")
+    p.add_argument(
+        "--iops-limit",
+        type=values.iops_limit,
+        default=NOT_GIVEN,
+        metavar="N|none",
+        help="IOPS limit",
+    )
+    p.add_argument(
+        "--bandwidth-limit",
+        type=values.bandwidth_limit,
+        default=NOT_GIVEN,
+        metavar="SIZE|none",
+        help="bandwidth limit per second, e.g. 100MiB",
+    )
+
+    p = add_command(
+        sub,
+        "set-access",
+        set_access,
+        help="change the access mode of a volume's mapping",
+        examples=["meshctl volume set-access vol1 --sdc host1 --read-only"],
+    )
+    p.add_argument("name", help="volume name (or id)")
+    p.add_argument("--sdc", required=True, help="SDC (name, id or GUID)")
+    mode = p.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--read-only", dest="access_mode", action="store_const", const="read_only")
+    mode.add_argument("--read-write", dest="access_mode", action="store_const", const="read_write")
+
+
+def create(ctx: Context, args: Namespace) -> None:
+    pool = ctx.names.pool(args.pool)
+    body = {"name": args.name, "pool_id": pool["id"], "size": args.size, "type": args.type}
+    vol = ctx.client.post(PATH, body)
+    ctx.done(
+        f"created {vol.get('type')} volume {vol['name']!r} of {size(vol.get('size_bytes'))} "
+        f"in pool {pool['name']!r}",
+        vol,
+    )
+
+
+def _sdc_names(ctx: Context, vol: JsonObject) -> str:
+    return ", ".join(ctx.names.name_of("sdc", i) for i in vol.get("mapped_sdc_ids") or [])
+
+
+def list_(ctx: Context, args: Namespace) -> None:
+    query = {"pool_id": ctx.names.pool(args.pool)["id"]} if args.pool else {}
+    doc = ctx.client.get(PATH, query)
+    vols = doc["volumes"]
+
+    def human() -> str:
+        return render_table(
+            ["ID", "NAME", "POOL", "TYPE", "SIZE", "ALLOCATED", "MAPPED TO"],
+            [
+                [
+                    v["id"],
+                    v["name"],
+                    ctx.names.name_of("pool", v.get("pool_id")),
+                    v.get("type"),
+                    size(v.get("size_bytes")),
+                    size(v.get("allocated_bytes")),
+                    _sdc_names(ctx, v),
+                ]
+                for v in vols
+            ],
+            right={"ID", "SIZE", "ALLOCATED"},
+            empty="no volumes",
+        )
+
+    ctx.emit(doc, human)
+
+
+def mappings_table(ctx: Context, mappings: list[JsonObject]) -> str:
+    return render_table(
+        ["MAPPING", "SDC", "ACCESS", "IOPS LIMIT", "BANDWIDTH LIMIT"],
+        [
+            [
+                m.get("id"),
+                ctx.names.name_of("sdc", m.get("sdc_id")),
+                m.get("access_mode"),
+                m.get("iops_limit"),
+                rate(m.get("bandwidth_limit_bps")),
+            ]
+            for m in mappings
+        ],
+        right={"MAPPING", "IOPS LIMIT", "BANDWIDTH LIMIT"},
+        empty="not mapped",
+    )
+
+
+def show(ctx: Context, args: Namespace) -> None:
+    vol = ctx.client.get(f"{PATH}/{ctx.names.volume(args.name)['id']}")
+
+    def human() -> str:
+        fields = render_fields(
+            [
+                ("id", vol["id"]),
+                ("name", vol["name"]),
+                ("pool", ctx.names.name_of("pool", vol.get("pool_id"))),
+                ("type", vol.get("type")),
+                ("size", size(vol.get("size_bytes"))),
+                ("allocated", size(vol.get("allocated_bytes"))),
+                ("created", timestamp(vol.get("created_at"))),
+            ]
+        )
+        mappings = ctx.client.get(MAPPINGS, {"volume_id": vol["id"]})["mappings"]
+        return f"{fields}\n\n{mappings_table(ctx, mappings)}"
+
+    ctx.emit(vol, human)
+
+
+def rename(ctx: Context, args: Namespace) -> None:
+    old = ctx.names.volume(args.name)
+    vol = ctx.client.patch(f"{PATH}/{old['id']}", {"name": args.new_name})
+    ctx.done(f"renamed volume {old['name']!r} to {vol['name']!r}", vol)
+
+
+def extend(ctx: Context, args: Namespace) -> None:
+    old = ctx.names.volume(args.name)
+    new_size = args.size.apply(int(old.get("size_bytes", 0)))
+    vol = ctx.client.patch(f"{PATH}/{old['id']}", {"size": new_size})
+    ctx.done(
+        f"volume {vol['name']!r} is now {size(vol.get('size_bytes'))} "
+        f"(was {size(old.get('size_bytes'))})",
+        vol,
+    )
+
+
+def delete(ctx: Context, args: Namespace) -> None:
+    vol = ctx.names.volume(args.name)
+    ctx.client.delete(f"{PATH}/{vol['id']}")
+    ctx.done(f"deleted volume {vol['name']!r}")
+
+
+def map_(ctx: Context, args: Namespace) -> None:
+    vol = ctx.names.volume(args.name)
+    sdc = ctx.names.sdc(args.sdc)
+    body: JsonObject = {
+        "volume_id": vol["id"],
+        "sdc_id": sdc["id"],
+        "access_mode": "read_only" if args.read_only else "read_write",
+    }
+    if args.iops_limit is not None:
+        body["iops_limit"] = args.iops_limit
+    if args.bandwidth_limit is not None:
+        body["bandwidth_limit"] = args.bandwidth_limit
+    mapping = ctx.client.post(MAPPINGS, body)
+    ctx.done(
+        f"mapped volume {vol['name']!r} to SDC {sdc['name']!r} ({mapping.get('access_mode')})",
+        mapping,
+    )
+
+
+def find_mapping(ctx: Context, vol: JsonObject, sdc: JsonObject) -> JsonObject:
+    doc = ctx.client.get(MAPPINGS, {"volume_id": vol["id"], "sdc_id": sdc["id"]})
+    for m in doc["mappings"]:
+        if m.get("volume_id") == vol["id"] and m.get("sdc_id") == sdc["id"]:
+            return dict(m)
+    raise NotFound(f"volume {vol['name']!r} is not mapped to SDC {sdc['name']!r}")
+
+
+def unmap(ctx: Context, args: Namespace) -> None:
+    vol = ctx.names.volume(args.name)
+    if args.all:
+        mappings = ctx.client.get(MAPPINGS, {"volume_id": vol["id"]})["mappings"]
+    else:
+        mappings = [find_mapping(ctx, vol, ctx.names.sdc(args.sdc))]
+    for m in mappings:
+        ctx.client.delete(f"{MAPPINGS}/{m['id']}")
+    names = ", ".join(ctx.names.name_of("sdc", m.get("sdc_id")) for m in mappings)
+    ctx.done(
+        f"unmapped volume {vol['name']!r} from {names}" if mappings else
+        f"volume {vol['name']!r} was not mapped"
+    )  # fmt: skip
+
+
+def set_limits(ctx: Context, args: Namespace) -> None:
+    body: JsonObject = {}
+    if args.iops_limit is not NOT_GIVEN:
+        body["iops_limit"] = args.iops_limit
+    if args.bandwidth_limit is not NOT_GIVEN:
+        body["bandwidth_limit"] = args.bandwidth_limit
+    if not body:
+        raise UsageError("give --iops-limit and/or --bandwidth-limit")
+    _patch_mapping(ctx, args, body)
+
+
+def set_access(ctx: Context, args: Namespace) -> None:
+    _patch_mapping(ctx, args, {"access_mode": args.access_mode})
+
+
+def _patch_mapping(ctx: Context, args: Namespace, body: JsonObject) -> None:
+    vol = ctx.names.volume(args.name)
+    sdc = ctx.names.sdc(args.sdc)
+    mapping = find_mapping(ctx, vol, sdc)
+    m = ctx.client.patch(f"{MAPPINGS}/{mapping['id']}", body)
+    ctx.done(
+        f"mapping of volume {vol['name']!r} to SDC {sdc['name']!r}: {m.get('access_mode')}, "
+        f"iops limit {m.get('iops_limit') or '-'}, "
+        f"bandwidth limit {rate(m.get('bandwidth_limit_bps'))}",
+        m,
+    )

@@ -1,0 +1,140 @@
+"""The ``meshctl`` command tree: global options and the helper that adds a command.
+
+Global options (``--json``, ``--mdm``, ``--token``, ``--config``, ``--timeout``) are
+accepted before the first word and after any subcommand: every parser gets them
+from :func:`global_options`, with ``SUPPRESS`` defaults below the top so that an
+option given early is not reset by a subparser that did not see it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import textwrap
+from collections.abc import Callable, Sequence
+from typing import Any, TypeAlias
+
+from meshblock.cli.errors import EXIT_CODES_HELP
+
+Handler = Callable[[Any, argparse.Namespace], int | None]
+Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
+
+PROG = "meshctl"
+
+_DESCRIPTION = """\
+Operate a meshblock cluster through its MDM: protection domains, fault sets,
+storage pools, SDSs and their devices, SDCs, volumes and their mappings.
+Objects are named by name; ids are accepted where no object has that name."""
+
+_CONNECTION_HELP = """\
+connection (first found wins):
+  --mdm URL / --token T                       on the command line
+  MESHCTL_MDM / MESHCTL_TOKEN                 in the environment
+  mdm = "..." / token = "..."                 in --config PATH, else
+      $XDG_CONFIG_HOME/meshblock/meshctl.toml (~/.config/meshblock/meshctl.toml)
+  http://127.0.0.1:6611                       the default address (no default token)"""
+
+
+def global_options(top: bool) -> argparse.ArgumentParser:
+    """The options every (sub)command accepts; real defaults only at the top."""
+    parent = argparse.ArgumentParser(add_help=False)
+    group = parent.add_argument_group("global options")
+
+    def default(value: object) -> object:
+        return value if top else argparse.SUPPRESS
+
+    group.add_argument(
+        "--json",
+        action="store_true",
+        default=default(False),
+        help="print the API's JSON documents instead of tables",
+    )
+    group.add_argument(
+        "--mdm",
+        metavar="URL",
+        default=default(None),
+        help="MDM address(es), comma-separated (env MESHCTL_MDM; default http://127.0.0.1:6611)",
+    )
+    group.add_argument(
+        "--token", metavar="T", default=default(None), help="API bearer token (env MESHCTL_TOKEN)"
+    )
+    group.add_argument(
+        "--config",
+        metavar="PATH",
+        default=default(None),
+        help="config file (default $XDG_CONFIG_HOME/meshblock/meshctl.toml)",
+    )
+    group.add_argument(
+        "--timeout",
+        metavar="SECONDS",
+        type=float,
+        default=default(30.0),
+        help="how long to wait for the MDM (default 30)",
+    )
+    return parent
+
+
+_SUB_OPTIONS = global_options(top=False)
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, max_help_position=32, width=100)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from meshblock.cli.commands import NOUNS
+
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description=_DESCRIPTION,
+        epilog=f"{_CONNECTION_HELP}\n\n{EXIT_CODES_HELP}\n\n"
+        "Run 'meshctl COMMAND --help' for a command's options and examples.",
+        formatter_class=_Formatter,
+        parents=[global_options(top=True)],
+    )
+    sub = parser.add_subparsers(dest="noun", metavar="COMMAND", required=True)
+    for register in NOUNS:
+        register(sub)
+    return parser
+
+
+def add_noun(sub: Subparsers, name: str, help: str, aliases: Sequence[str] = ()) -> Subparsers:
+    """A group of commands (``meshctl volume ...``); returns its subparsers."""
+    parser = sub.add_parser(
+        name,
+        aliases=list(aliases),
+        help=help,
+        description=help[0].upper() + help[1:] + ".",
+        epilog=EXIT_CODES_HELP,
+        formatter_class=_Formatter,
+        parents=[_SUB_OPTIONS],
+    )
+    return parser.add_subparsers(dest="verb", metavar="SUBCOMMAND", required=True)
+
+
+def add_command(
+    sub: Subparsers,
+    name: str,
+    handler: Handler,
+    *,
+    help: str,
+    examples: Sequence[str],
+    description: str = "",
+    aliases: Sequence[str] = (),
+) -> argparse.ArgumentParser:
+    """A leaf command whose ``--help`` shows ``description`` and ``examples``."""
+    text = help[0].upper() + help[1:] + "."
+    if description:
+        text += "\n\n" + textwrap.dedent(description).strip()
+    epilog = "examples:\n" + "\n".join(f"  {e}" for e in examples)
+    parser = sub.add_parser(
+        name,
+        aliases=list(aliases),
+        help=help,
+        description=text,
+        epilog=epilog,
+        formatter_class=_Formatter,
+        parents=[_SUB_OPTIONS],
+    )
+    parser.set_defaults(handler=handler)
+    return parser

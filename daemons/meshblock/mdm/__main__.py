@@ -1,0 +1,74 @@
+"""``meshblock-mdm``: run the metadata manager."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+
+from aiohttp import web
+
+from meshblock.config import ConfigError, load
+from meshblock.mdm import db
+from meshblock.mdm.app import create_app
+from meshblock.mdm.config import MdmConfig
+
+log = logging.getLogger("meshblock.mdm")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="meshblock-mdm",
+        description="meshblock metadata manager (MDM): the cluster's control plane. Serves "
+        "the REST API, /health and /metrics on [api] host:port of the config file.",
+        epilog="Example: meshblock-mdm --config /etc/meshblock/mdm.toml. "
+        "See docs/mdm.md for every configuration key.",
+    )
+    p.add_argument("--config", "-c", required=True, help="path of mdm.toml")
+    p.add_argument("--check-config", action="store_true",
+                   help="validate the configuration file and exit")
+    p.add_argument("--migrate-only", action="store_true",
+                   help="bring the database schema up to date and exit")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        config = load(MdmConfig, args.config)
+    except ConfigError as exc:
+        print(f"meshblock-mdm: configuration error: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=config.logging.level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    if args.check_config:
+        print("configuration OK")
+        return 0
+    try:
+        if args.migrate_only:
+            asyncio.run(_migrate(config))
+            return 0
+        log.info("MDM starting on %s:%d", config.api.host, config.api.port)
+        web.run_app(create_app(config), host=config.api.host, port=config.api.port,
+                    print=None, access_log=None, shutdown_timeout=5)
+    except db.SchemaError as exc:
+        log.error("%s", exc)
+        print(f"meshblock-mdm: {exc}", file=sys.stderr)
+        return 3
+    return 0
+
+
+async def _migrate(config: MdmConfig) -> None:
+    engine = db.create_engine(config.database.url)
+    try:
+        await db.migrate(engine)
+    finally:
+        await engine.dispose()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

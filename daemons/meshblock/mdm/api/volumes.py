@@ -1,0 +1,260 @@
+"""Volumes (thin and thick) and their mappings to SDCs."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from aiohttp import web
+from sqlalchemy import delete, select
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import selectinload
+
+from meshblock.auth import Role
+from meshblock.mdm import schemas
+from meshblock.mdm.api import routes
+from meshblock.mdm.api.common import (
+    change,
+    get_or_404,
+    json,
+    must_exist,
+    name_free,
+    reading,
+    size_field,
+    ts,
+)
+from meshblock.mdm.capacity import COPIES, pool_capacity, volume_allocated
+from meshblock.mdm.errors import Conflict, InsufficientCapacity, Invalid, NotFound
+from meshblock.mdm.models import (
+    AccessMode,
+    Mapping,
+    Sdc,
+    StoragePool,
+    Volume,
+    VolumeType,
+    VolumeUsage,
+)
+from meshblock.mdm.routing import QueryParam, path_id, query_int
+from meshblock.mdm.schemas import MAX_VOLUME_BYTES
+from meshblock.sizes import format_size
+
+log = logging.getLogger(__name__)
+TAG = "volumes"
+WITH_MAPPINGS = (selectinload(Volume.mappings),)
+
+
+def volume_doc(v: Volume, allocated: int) -> dict[str, Any]:
+    return {
+        "id": v.id,
+        "name": v.name,
+        "pool_id": v.pool_id,
+        "type": v.type.value,
+        "size_bytes": v.size_bytes,
+        "allocated_bytes": allocated,
+        "mapped_sdc_ids": sorted(m.sdc_id for m in v.mappings),
+        "created_at": ts(v.created_at),
+    }
+
+
+def mapping_doc(m: Mapping) -> dict[str, Any]:
+    return {
+        "id": m.id,
+        "volume_id": m.volume_id,
+        "sdc_id": m.sdc_id,
+        "access_mode": m.access_mode.value,
+        "iops_limit": m.iops_limit,
+        "bandwidth_limit_bps": m.bandwidth_limit_bps,
+        "created_at": ts(m.created_at),
+    }
+
+
+async def _docs(s: AsyncSession, volumes: list[Volume]) -> list[dict[str, Any]]:
+    alloc = await volume_allocated(s, volumes)
+    return [volume_doc(v, alloc[v.id]) for v in volumes]
+
+
+def _rounded(size: int, granularity: int) -> int:
+    return -(-size // granularity) * granularity
+
+
+async def _ensure_fits(s: AsyncSession, pool: StoragePool, extra_thick_bytes: int) -> None:
+    if extra_thick_bytes <= 0:
+        return
+    cap = await pool_capacity(s, pool.id)
+    needed = COPIES * extra_thick_bytes
+    if needed > cap.free_bytes:
+        raise InsufficientCapacity(
+            f"storage pool {pool.name!r} cannot hold {format_size(needed)} more "
+            f"({COPIES} copies of {format_size(extra_thick_bytes)}): "
+            f"{format_size(cap.free_bytes)} free of {format_size(cap.usable_bytes)} usable "
+            f"({cap.spare_bytes} bytes held as spare)",
+            {"requested_bytes": needed, **cap.as_dict()},
+        )
+
+
+@routes.route("GET", "/api/v1/volumes", role=Role.READONLY, tag=TAG, summary="List volumes",
+              response="VolumeList",
+              query=(QueryParam("pool_id", "only this storage pool's", minimum=1),))
+async def list_volumes(request: web.Request) -> web.Response:
+    pool_id = query_int(request, "pool_id", minimum=1)
+    q = select(Volume).options(*WITH_MAPPINGS).order_by(Volume.id)
+    if pool_id is not None:
+        q = q.where(Volume.pool_id == pool_id)
+    async with reading(request) as s:
+        return json({"volumes": await _docs(s, list((await s.execute(q)).scalars()))})
+
+
+@routes.route("POST", "/api/v1/volumes", role=Role.ADMIN, tag=TAG, status=201,
+              summary="Create a thin or thick volume; the size is rounded up to the pool's "
+              "allocation granularity", body=schemas.VOLUME_CREATE, response="Volume",
+              errors=(404, 409))
+async def create_volume(request: web.Request, body: dict[str, Any]) -> web.Response:
+    size = size_field(body["size"], "size", MAX_VOLUME_BYTES)
+    vtype = VolumeType(body.get("type", "thin"))
+    async with change(request) as s:
+        pool = await s.get(StoragePool, body["pool_id"])
+        if pool is None:
+            raise NotFound(f"no storage pool with id {body['pool_id']}", {"field": "pool_id"})
+        size = _rounded(size, pool.allocation_granularity_bytes)
+        if size > MAX_VOLUME_BYTES:
+            raise Invalid(f"size: {size} bytes is more than the maximum of {MAX_VOLUME_BYTES}",
+                          {"field": "size"})
+        await name_free(s, Volume, body["name"], "volume")
+        if vtype == VolumeType.THICK:
+            await _ensure_fits(s, pool, size)
+        v = Volume(name=body["name"], pool_id=pool.id, type=vtype, size_bytes=size)
+        s.add(v)
+        await s.flush()
+        v = await get_or_404(s, Volume, v.id, "volume", WITH_MAPPINGS)
+        await s.refresh(v, ["created_at"])
+        (doc,) = await _docs(s, [v])
+    log.info("volume %s created: %s, %d bytes in pool %s", v.name, vtype.value, size, pool.name)
+    return json(doc, 201)
+
+
+@routes.route("GET", r"/api/v1/volumes/{id:\d+}", role=Role.READONLY, tag=TAG,
+              summary="Show a volume", response="Volume", errors=(404,))
+async def get_volume(request: web.Request) -> web.Response:
+    async with reading(request) as s:
+        v = await get_or_404(s, Volume, path_id(request), "volume", WITH_MAPPINGS)
+        (doc,) = await _docs(s, [v])
+        return json(doc)
+
+
+@routes.route("PATCH", r"/api/v1/volumes/{id:\d+}", role=Role.ADMIN, tag=TAG,
+              summary="Rename or extend a volume (a volume never shrinks)",
+              body=schemas.VOLUME_UPDATE, response="Volume", errors=(404, 409))
+async def update_volume(request: web.Request, body: dict[str, Any]) -> web.Response:
+    new_size = size_field(body["size"], "size", MAX_VOLUME_BYTES) if "size" in body else None
+    async with change(request) as s:
+        v = await get_or_404(s, Volume, path_id(request), "volume", WITH_MAPPINGS)
+        pool = await s.get(StoragePool, v.pool_id)
+        assert pool is not None
+        if new_size is not None:
+            new_size = _rounded(new_size, pool.allocation_granularity_bytes)
+            if new_size < v.size_bytes:
+                raise Conflict(f"volume {v.name!r} is {v.size_bytes} bytes; a volume cannot "
+                               f"shrink to {new_size}",
+                               {"size_bytes": v.size_bytes, "requested_bytes": new_size})
+            if new_size > MAX_VOLUME_BYTES:
+                raise Invalid("size: more than the maximum volume size", {"field": "size"})
+            if v.type == VolumeType.THICK:
+                await _ensure_fits(s, pool, new_size - v.size_bytes)
+        if "name" in body:
+            await name_free(s, Volume, body["name"], "volume", v.id)
+            v.name = body["name"]
+        if new_size is not None:
+            v.size_bytes = new_size
+        await s.flush()
+        (doc,) = await _docs(s, [v])
+    return json(doc)
+
+
+@routes.route("DELETE", r"/api/v1/volumes/{id:\d+}", role=Role.ADMIN, tag=TAG, status=204,
+              summary="Delete an unmapped volume", errors=(404, 409))
+async def delete_volume(request: web.Request) -> web.Response:
+    async with change(request) as s:
+        v = await get_or_404(s, Volume, path_id(request), "volume", WITH_MAPPINGS)
+        if v.mappings:
+            raise Conflict(f"volume {v.name!r} is mapped to {len(v.mappings)} SDC(s); "
+                           "unmap it first", {"mapped_sdc_ids": [m.sdc_id for m in v.mappings]})
+        await s.execute(delete(VolumeUsage).where(VolumeUsage.volume_id == v.id))
+        await s.delete(v)
+    log.info("volume %s deleted", v.name)
+    return web.Response(status=204)
+
+
+# ---- mappings ----------------------------------------------------------------------
+
+
+def _limits(body: dict[str, Any], m: Mapping) -> None:
+    if "access_mode" in body:
+        m.access_mode = AccessMode(body["access_mode"])
+    if "iops_limit" in body:
+        m.iops_limit = body["iops_limit"]
+    if "bandwidth_limit" in body:
+        bw = body["bandwidth_limit"]
+        m.bandwidth_limit_bps = (None if bw is None
+                                 else size_field(bw, "bandwidth_limit", 2**53))
+
+
+@routes.route("GET", "/api/v1/mappings", role=Role.READONLY, tag=TAG,
+              summary="List volume-to-SDC mappings", response="MappingList",
+              query=(QueryParam("volume_id", "only this volume's", minimum=1),
+                     QueryParam("sdc_id", "only this SDC's", minimum=1)))
+async def list_mappings(request: web.Request) -> web.Response:
+    q = select(Mapping).order_by(Mapping.id)
+    vid = query_int(request, "volume_id", minimum=1)
+    sid = query_int(request, "sdc_id", minimum=1)
+    if vid is not None:
+        q = q.where(Mapping.volume_id == vid)
+    if sid is not None:
+        q = q.where(Mapping.sdc_id == sid)
+    async with reading(request) as s:
+        return json({"mappings": [mapping_doc(m) for m in (await s.execute(q)).scalars()]})
+
+
+@routes.route("POST", "/api/v1/mappings", role=Role.ADMIN, tag=TAG, status=201,
+              summary="Map a volume to an SDC, with an access mode and QoS limits",
+              body=schemas.MAPPING_CREATE, response="Mapping", errors=(404, 409))
+async def create_mapping(request: web.Request, body: dict[str, Any]) -> web.Response:
+    m = Mapping(volume_id=body["volume_id"], sdc_id=body["sdc_id"],
+                access_mode=AccessMode.READ_WRITE)
+    _limits(body, m)
+    async with change(request) as s:
+        await must_exist(s, Volume, m.volume_id, "volume", "volume_id")
+        await must_exist(s, Sdc, m.sdc_id, "SDC", "sdc_id")
+        dup = (await s.execute(select(Mapping.id).where(
+            Mapping.volume_id == m.volume_id, Mapping.sdc_id == m.sdc_id))).scalar()
+        if dup is not None:
+            raise Conflict("the volume is already mapped to this SDC", {"mapping_id": dup})
+        s.add(m)
+        await s.flush()
+        await s.refresh(m)
+    return json(mapping_doc(m), 201)
+
+
+@routes.route("GET", r"/api/v1/mappings/{id:\d+}", role=Role.READONLY, tag=TAG,
+              summary="Show a mapping", response="Mapping", errors=(404,))
+async def get_mapping(request: web.Request) -> web.Response:
+    async with reading(request) as s:
+        return json(mapping_doc(await get_or_404(s, Mapping, path_id(request), "mapping")))
+
+
+@routes.route("PATCH", r"/api/v1/mappings/{id:\d+}", role=Role.ADMIN, tag=TAG,
+              summary="Change a mapping's access mode or QoS limits (null clears a limit)",
+              body=schemas.MAPPING_UPDATE, response="Mapping", errors=(404,))
+async def update_mapping(request: web.Request, body: dict[str, Any]) -> web.Response:
+    async with change(request) as s:
+        m = await get_or_404(s, Mapping, path_id(request), "mapping")
+        _limits(body, m)
+    return json(mapping_doc(m))
+
+
+@routes.route("DELETE", r"/api/v1/mappings/{id:\d+}", role=Role.ADMIN, tag=TAG, status=204,
+              summary="Unmap a volume from an SDC", errors=(404,))
+async def delete_mapping(request: web.Request) -> web.Response:
+    async with change(request) as s:
+        m = await get_or_404(s, Mapping, path_id(request), "mapping")
+        await s.delete(m)
+    return web.Response(status=204)

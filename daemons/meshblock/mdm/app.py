@@ -1,0 +1,110 @@
+"""The MDM's aiohttp application factory."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+from sqlalchemy import select
+
+from meshblock.auth import Role, TokenTable, bearer_token
+from meshblock.mdm import db, openapi
+from meshblock.mdm.api import routes
+
+# Importing the API modules registers their routes on ``routes``.
+from meshblock.mdm.api import pools, protection_domains, sdc, sds, topology, volumes  # noqa: F401
+from meshblock.mdm.config import MdmConfig
+from meshblock.mdm.context import CTX, MdmContext
+from meshblock.mdm.epochs import CLUSTER_ROW_ID, EpochNotifier
+from meshblock.mdm.errors import Forbidden, Handler, Unauthorized, error_middleware
+from meshblock.mdm.health import setup_metrics
+from meshblock.mdm.liveness import Liveness
+from meshblock.mdm.models import Cluster
+from meshblock.mdm.routing import spec_of
+
+log = logging.getLogger(__name__)
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    spec = spec_of(request)
+    if spec is None or spec.role == Role.NONE:
+        return await handler(request)
+    role = request.app[CTX].tokens.role_of(bearer_token(request.headers.get("Authorization")))
+    if role == Role.NONE:
+        raise Unauthorized("a valid 'Authorization: Bearer <token>' header is required")
+    allowed = (
+        role == Role.ADMIN
+        or (role == Role.READONLY and request.method == "GET" and spec.role <= Role.READONLY)
+        or (role == Role.COMPONENT and spec.role == Role.COMPONENT)
+    )
+    if not allowed:
+        raise Forbidden(f"this token ({role.name.lower()}) may not {request.method} "
+                        f"{spec.openapi_path}")
+    return await handler(request)
+
+
+async def _store(app: web.Application) -> AsyncIterator[None]:
+    config = app[CONFIG]
+    engine = db.create_engine(config.database.url, config.database.echo)
+    try:
+        await db.migrate(engine)
+        sessions = db.session_factory(engine)
+        async with sessions() as s, s.begin():
+            cluster = await s.get(Cluster, CLUSTER_ROW_ID)
+            if cluster is None:
+                cluster = Cluster(id=CLUSTER_ROW_ID, name=config.cluster.name, epoch=1)
+                s.add(cluster)
+                await s.flush()
+            epoch = cluster.epoch
+            liveness = Liveness(config.cluster.heartbeat_timeout_s)
+            await liveness.load(s)
+        a = config.auth
+        app[CTX] = MdmContext(
+            config=config,
+            engine=engine,
+            sessions=sessions,
+            tokens=TokenTable({Role.ADMIN: a.admin_token, Role.READONLY: a.readonly_token,
+                               Role.COMPONENT: a.cluster_secret}),
+            notifier=EpochNotifier(epoch),
+            liveness=liveness,
+        )
+        setup_metrics(app)
+        log.info("metadata store ready: %s (epoch %d)", db.redact_url(config.database.url),
+                 epoch)
+        yield
+    finally:
+        await engine.dispose()
+
+
+async def _heartbeat_writer(app: web.Application) -> AsyncIterator[None]:
+    c = app[CTX]
+    task = asyncio.create_task(c.liveness.run(c.sessions), name="heartbeat-writer")
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    await c.liveness.flush(c.sessions)
+
+
+CONFIG = web.AppKey("meshblock_mdm_config", MdmConfig)
+
+
+def create_app(config: MdmConfig) -> web.Application:
+    app = web.Application(middlewares=[error_middleware, auth_middleware],
+                          client_max_size=1 << 20)
+    app[CONFIG] = config
+    app.cleanup_ctx.append(_store)
+    app.cleanup_ctx.append(_heartbeat_writer)
+    routes.add_to(app)
+    app[openapi.OPENAPI] = openapi.build(routes.specs)
+    app.router.add_get("/api/v1/openapi.json", openapi.openapi_handler)
+    return app
+
+
+async def current_epoch(app: web.Application) -> int:
+    async with app[CTX].sessions() as s:
+        return int((await s.execute(select(Cluster.epoch))).scalar_one())

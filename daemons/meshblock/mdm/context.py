@@ -1,0 +1,30 @@
+"""What the MDM's handlers and background tasks share, under one typed app key."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from aiohttp import web
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from meshblock.auth import TokenTable
+from meshblock.mdm.config import MdmConfig
+from meshblock.mdm.epochs import EpochNotifier
+from meshblock.mdm.liveness import Liveness
+
+
+@dataclass
+class MdmContext:
+    config: MdmConfig
+    engine: AsyncEngine
+    sessions: async_sessionmaker[AsyncSession]
+    tokens: TokenTable
+    notifier: EpochNotifier
+    liveness: Liveness
+
+
+CTX = web.AppKey("meshblock_mdm_context", MdmContext)
+
+
+def ctx(request: web.Request) -> MdmContext:
+    return request.app[CTX]

@@ -1,0 +1,139 @@
+"""Heartbeats of SDSs and SDCs, kept in memory and written to the store in batches.
+
+A heartbeat must be cheap: a thousand SDSs send one a second. It only records the
+time (and the usage an SDS reports) in memory; a background task writes what changed
+to the database once a second in one transaction. A component's state is derived:
+``connected`` while its last heartbeat is younger than ``heartbeat_timeout_s``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from sqlalchemy import select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from meshblock.mdm.models import Device, Sdc, Sds, Volume, VolumeUsage
+
+log = logging.getLogger(__name__)
+
+Kind = Literal["sds", "sdc"]
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+@dataclass
+class _Pending:
+    seen: dict[tuple[Kind, int], dt.datetime] = field(default_factory=dict)
+    device_used: dict[int, int] = field(default_factory=dict)
+    volume_chunks: dict[tuple[int, int], int] = field(default_factory=dict)
+
+
+class Liveness:
+    def __init__(self, timeout_s: float) -> None:
+        self.timeout = dt.timedelta(seconds=timeout_s)
+        self.last_seen: dict[tuple[Kind, int], dt.datetime] = {}
+        self._pending = _Pending()
+        self.heartbeats_total = 0
+
+    async def load(self, session: AsyncSession) -> None:
+        for kind, model in (("sds", Sds), ("sdc", Sdc)):
+            rows = await session.execute(select(model.id, model.last_seen))
+            for id_, seen in rows:
+                if seen is not None:
+                    self.last_seen[(kind, id_)] = _aware(seen)  # type: ignore[index]
+
+    def beat(self, kind: Kind, id_: int, devices: list[dict[str, Any]] | None = None,
+             volumes: list[dict[str, Any]] | None = None) -> None:
+        now = utcnow()
+        self.heartbeats_total += 1
+        self.last_seen[(kind, id_)] = now
+        self._pending.seen[(kind, id_)] = now
+        for d in devices or ():
+            self._pending.device_used[d["id"]] = d["used_bytes"]
+        for v in volumes or ():
+            self._pending.volume_chunks[(id_, v["id"])] = v["chunks"]
+
+    def forget(self, kind: Kind, id_: int) -> None:
+        self.last_seen.pop((kind, id_), None)
+        self._pending.seen.pop((kind, id_), None)
+
+    def seen(self, kind: Kind, id_: int) -> dt.datetime | None:
+        return self.last_seen.get((kind, id_))
+
+    def state(self, kind: Kind, id_: int) -> str:
+        seen = self.last_seen.get((kind, id_))
+        if seen is not None and utcnow() - seen <= self.timeout:
+            return "connected"
+        return "disconnected"
+
+    async def flush(self, sessions: async_sessionmaker[AsyncSession]) -> None:
+        pending, self._pending = self._pending, _Pending()
+        if not (pending.seen or pending.device_used or pending.volume_chunks):
+            return
+        try:
+            async with sessions() as session, session.begin():
+                await _write(session, pending)
+        except Exception:
+            log.exception("could not record heartbeats; retrying next second")
+            # keep what we could not write, unless newer values arrived meanwhile
+            for k, v in pending.seen.items():
+                self._pending.seen.setdefault(k, v)
+            for dk, dv in pending.device_used.items():
+                self._pending.device_used.setdefault(dk, dv)
+            for vk, vv in pending.volume_chunks.items():
+                self._pending.volume_chunks.setdefault(vk, vv)
+
+    async def run(self, sessions: async_sessionmaker[AsyncSession]) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            await self.flush(sessions)
+
+
+async def _write(session: AsyncSession, p: _Pending) -> None:
+    sds_rows = [{"id": i, "last_seen": t} for (k, i), t in p.seen.items() if k == "sds"]
+    sdc_rows = [{"id": i, "last_seen": t} for (k, i), t in p.seen.items() if k == "sdc"]
+    conn = await session.connection()
+    if sds_rows:
+        await _bulk_set(session, Sds, sds_rows)
+    if sdc_rows:
+        await _bulk_set(session, Sdc, sdc_rows)
+    if p.device_used:
+        await _bulk_set(session, Device,
+                        [{"id": i, "used_bytes": u} for i, u in p.device_used.items()])
+    if p.volume_chunks:
+        existing_sds = set((await session.execute(select(Sds.id))).scalars())
+        existing_vol = set((await session.execute(select(Volume.id))).scalars())
+        rows = [
+            {"sds_id": s, "volume_id": v, "chunks": c}
+            for (s, v), c in p.volume_chunks.items()
+            if s in existing_sds and v in existing_vol
+        ]
+        if rows:
+            ins = (pg_insert if conn.dialect.name == "postgresql" else sqlite_insert)(VolumeUsage)
+            stmt = ins.values(rows)
+            stmt = stmt.on_conflict_do_update(
+                index_elements=["sds_id", "volume_id"], set_={"chunks": stmt.excluded.chunks}
+            )
+            await session.execute(stmt)
+
+
+async def _bulk_set(session: AsyncSession, model: Any, rows: list[dict[str, Any]]) -> None:
+    """ORM bulk UPDATE by primary key: one executemany for all rows still present."""
+    ids = [r["id"] for r in rows]
+    present = set((await session.execute(select(model.id).where(model.id.in_(ids)))).scalars())
+    rows = [r for r in rows if r["id"] in present]
+    if rows:
+        await session.execute(update(model), rows)
+
+
+def _aware(t: dt.datetime) -> dt.datetime:
+    return t if t.tzinfo is not None else t.replace(tzinfo=dt.UTC)

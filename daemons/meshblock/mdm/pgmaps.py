@@ -1,0 +1,102 @@
+"""PG maps of storage pools: recomputed from the pool's devices, stored, served.
+
+:func:`recompute` runs inside the transaction of the change that may move PGs (an
+SDS or a device joining or leaving, a pool created). It hands the pool's devices and
+its current map to :func:`meshblock.mdm.placement.compute_map`, writes the PGs that
+changed, and bumps the pool's ``map_epoch`` when anything did.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import delete, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from meshblock.mdm.models import Device, PlacementGroup, Sds, StoragePool
+from meshblock.mdm.placement import DeviceInfo, compute_map
+
+
+async def pool_devices(session: AsyncSession, pool_id: int) -> list[DeviceInfo]:
+    rows = await session.execute(
+        select(Device.id, Device.sds_id, Sds.fault_set_id, Device.capacity_bytes)
+        .join(Sds, Sds.id == Device.sds_id)
+        .where(Device.pool_id == pool_id)
+        .order_by(Device.id)
+    )
+    return [DeviceInfo(d, s, f, c) for d, s, f, c in rows.tuples()]
+
+
+async def recompute(session: AsyncSession, pool: StoragePool) -> bool:
+    """Recompute and store ``pool``'s map; True when it changed."""
+    devices = await pool_devices(session, pool.id)
+    rows = {
+        pg.pg: pg
+        for pg in (await session.execute(
+            select(PlacementGroup).where(PlacementGroup.pool_id == pool.id))).scalars()
+    }
+    previous = {n: (r.primary_device_id, r.secondary_device_id) for n, r in rows.items()}
+    new = compute_map(pool.pg_count, devices, previous)
+    changed = False
+    next_epoch = pool.map_epoch + 1
+    for n in range(pool.pg_count):
+        primary, secondary = new.get(n, (None, None))
+        row = rows.get(n)
+        if row is None:
+            session.add(PlacementGroup(pool_id=pool.id, pg=n, primary_device_id=primary,
+                                       secondary_device_id=secondary, epoch=next_epoch))
+            changed = True
+        elif (row.primary_device_id, row.secondary_device_id) != (primary, secondary):
+            row.primary_device_id = primary
+            row.secondary_device_id = secondary
+            row.epoch = next_epoch
+            changed = True
+    if changed:
+        pool.map_epoch = next_epoch
+    await session.flush()
+    return changed
+
+
+async def drop(session: AsyncSession, pool_id: int) -> None:
+    await session.execute(delete(PlacementGroup).where(PlacementGroup.pool_id == pool_id))
+
+
+async def map_documents(session: AsyncSession, pools: list[StoragePool]) -> dict[int, Any]:
+    """The PG map documents of ``pools`` (see docs/api.md, PgMap)."""
+    if not pools:
+        return {}
+    ids = [p.id for p in pools]
+    dev_rows = (await session.execute(
+        select(Device.id, Device.sds_id).where(Device.pool_id.in_(ids)))).tuples().all()
+    dev_sds = dict(dev_rows)
+    sds_rows = (await session.execute(
+        select(Sds.id, Sds.address, Sds.data_port)
+        .where(Sds.id.in_(set(dev_sds.values()))))).tuples().all()
+    sds_doc = {str(i): {"address": a, "data_port": p} for i, a, p in sds_rows}
+    pgs: dict[int, list[dict[str, Any]]] = {i: [] for i in ids}
+    for row in (await session.execute(
+            select(PlacementGroup).where(PlacementGroup.pool_id.in_(ids))
+            .order_by(PlacementGroup.pool_id, PlacementGroup.pg))).scalars():
+        pgs[row.pool_id].append({
+            "pg": row.pg,
+            "primary": _copy(row.primary_device_id, dev_sds),
+            "secondary": _copy(row.secondary_device_id, dev_sds),
+        })
+    out: dict[int, Any] = {}
+    for p in pools:
+        used_sds = {str(c["sds_id"]) for pg in pgs[p.id]
+                    for c in (pg["primary"], pg["secondary"]) if c}
+        out[p.id] = {
+            "pool_id": p.id,
+            "epoch": p.map_epoch,
+            "pg_count": p.pg_count,
+            "pgs": pgs[p.id],
+            "sds": {k: v for k, v in sds_doc.items() if k in used_sds},
+        }
+    return out
+
+
+def _copy(device_id: int | None, dev_sds: dict[int, int]) -> dict[str, int] | None:
+    if device_id is None:
+        return None
+    return {"sds_id": dev_sds[device_id], "device_id": device_id}

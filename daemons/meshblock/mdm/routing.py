@@ -1,0 +1,165 @@
+"""The MDM's HTTP routes, declared once with everything the API needs to know.
+
+Each handler is registered with :meth:`ApiRoutes.route`, which records the role it
+requires, the JSON schema of its body, its query parameters and its response. The
+same records drive request validation, the auth middleware and the OpenAPI document
+(:mod:`meshblock.mdm.openapi`), so the three cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import jsonschema_rs
+from aiohttp import web
+
+from meshblock.auth import Role
+from meshblock.mdm.errors import BadRequest, Invalid, NotFound
+
+MAX_BODY_BYTES = 1 << 20
+MAX_ID = 2**31 - 1
+
+Handler = Callable[..., Awaitable[web.StreamResponse]]
+
+
+@dataclass(frozen=True)
+class QueryParam:
+    name: str
+    description: str
+    type: str = "integer"  # integer | number | string
+    minimum: int | None = None
+    maximum: int | None = None
+
+
+@dataclass(frozen=True)
+class RouteSpec:
+    method: str
+    path: str  # aiohttp path, ids as {name:\d+}
+    handler: Handler  # the installed wrapper: validates, then calls the endpoint
+    role: Role
+    summary: str
+    tag: str
+    body: dict[str, Any] | None = None
+    response: str | None = None  # name of a component schema
+    status: int = 200
+    query: tuple[QueryParam, ...] = ()
+    errors: tuple[int, ...] = ()
+
+    @property
+    def openapi_path(self) -> str:
+        return re.sub(r"\{(\w+):[^}]+\}", r"{\1}", self.path)
+
+
+SPEC_ATTR = "__meshblock_route__"
+
+
+class ApiRoutes:
+    """A collection of route specs; ``add_to(app)`` installs them."""
+
+    def __init__(self) -> None:
+        self.specs: list[RouteSpec] = []
+
+    def route(
+        self,
+        method: str,
+        path: str,
+        *,
+        role: Role,
+        summary: str,
+        tag: str,
+        body: dict[str, Any] | None = None,
+        response: str | None = None,
+        status: int = 200,
+        query: tuple[QueryParam, ...] = (),
+        errors: tuple[int, ...] = (),
+    ) -> Callable[[Handler], Handler]:
+        def decorator(fn: Handler) -> Handler:
+            validator = jsonschema_rs.validator_for(body) if body is not None else None
+
+            async def handler(request: web.Request) -> web.StreamResponse:
+                if validator is not None:
+                    return await fn(request, await _validated_body(request, validator))
+                return await fn(request)
+
+            handler.__name__ = fn.__name__
+            handler.__doc__ = fn.__doc__
+            spec = RouteSpec(method, path, handler, role, summary, tag, body, response,
+                             status, query, errors)
+            setattr(handler, SPEC_ATTR, spec)
+            self.specs.append(spec)
+            return handler
+
+        return decorator
+
+    def add_to(self, app: web.Application) -> None:
+        for spec in self.specs:
+            app.router.add_route(spec.method, spec.path, spec.handler)
+
+
+def spec_of(request: web.Request) -> RouteSpec | None:
+    handler = request.match_info.route.handler
+    return getattr(handler, SPEC_ATTR, None)
+
+
+async def _validated_body(request: web.Request, validator: Any) -> dict[str, Any]:
+    if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
+        raise BadRequest(f"request body larger than {MAX_BODY_BYTES} bytes")
+    raw = await request.content.read(MAX_BODY_BYTES + 1)
+    if len(raw) > MAX_BODY_BYTES:
+        raise BadRequest(f"request body larger than {MAX_BODY_BYTES} bytes")
+    if not raw.strip():
+        data: Any = {}
+    else:
+        try:
+            data = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise BadRequest(f"request body is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise BadRequest("request body must be a JSON object")
+    errors = list(validator.iter_errors(data))
+    if errors:
+        err = errors[0]
+        where = ".".join(str(p) for p in err.instance_path)
+        msg = f"{where}: {err.message}" if where else err.message
+        raise Invalid(msg, {"field": where} if where else None)
+    return data
+
+
+def path_id(request: web.Request, name: str = "id") -> int:
+    """An integer id from the path; ids that cannot exist are 404."""
+    value = int(request.match_info[name])
+    if value < 1 or value > MAX_ID:
+        raise NotFound(f"no such {name.removesuffix('_id').replace('_', ' ')} id {value}")
+    return value
+
+
+def query_int(request: web.Request, name: str, default: int | None = None,
+              minimum: int = 0, maximum: int = MAX_ID) -> int | None:
+    raw = request.query.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise BadRequest(f"query parameter {name} must be an integer, got {raw!r}") from None
+    if value < minimum or value > maximum:
+        raise BadRequest(f"query parameter {name} must be between {minimum} and {maximum}")
+    return value
+
+
+def query_float(request: web.Request, name: str, default: float,
+                minimum: float, maximum: float) -> float:
+    raw = request.query.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise BadRequest(f"query parameter {name} must be a number, got {raw!r}") from None
+    if not minimum <= value <= maximum:
+        raise BadRequest(f"query parameter {name} must be between {minimum} and {maximum}")
+    return value

@@ -1,0 +1,240 @@
+"""JSON schemas of the MDM API: request bodies (validated) and responses (documented).
+
+Request schemas are strict (``additionalProperties: false``): a misspelt field is a
+422, not silently ignored. Response schemas are the component schemas of the
+OpenAPI document.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from meshblock.mdm.routing import MAX_ID
+
+MAX_VOLUME_BYTES = 1 << 50  # 1 PiB
+MAX_DEVICE_BYTES = 1 << 50
+
+NAME: dict[str, Any] = {
+    "type": "string",
+    "pattern": r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
+    "description": "1-64 characters: letters, digits, '.', '_', '-'; starts with a letter or digit",
+}
+ID: dict[str, Any] = {"type": "integer", "minimum": 1, "maximum": MAX_ID}
+PORT: dict[str, Any] = {"type": "integer", "minimum": 1, "maximum": 65535}
+ADDRESS: dict[str, Any] = {
+    "type": "string",
+    "pattern": r"^[A-Za-z0-9.:\[\]_-]{1,255}$",
+    "description": "host name or IP address",
+}
+SIZE: dict[str, Any] = {
+    "description": "bytes, as an integer or a string with a unit: 16GiB, 500GB, 1TiB "
+    "(binary units are powers of 1024, decimal ones of 1000)",
+    "type": ["integer", "string"],
+    "maxLength": 32,
+}
+OPTIONAL_LIMIT: dict[str, Any] = {
+    "oneOf": [{"type": "null"}, {"type": "integer", "minimum": 1, "maximum": 2**53}],
+}
+OPTIONAL_BANDWIDTH: dict[str, Any] = {
+    "description": "bytes per second, an integer or a size string (100MiB); null: no limit",
+    "type": ["null", "integer", "string"],
+    "maxLength": 32,
+}
+PERCENT: dict[str, Any] = {"type": "integer", "minimum": 0, "maximum": 100}
+MIBPS: dict[str, Any] = {
+    "type": "integer", "minimum": 0, "maximum": 100_000,
+    "description": "MiB/s per device; 0 means unlimited",
+}  # fmt: skip
+CONCURRENCY: dict[str, Any] = {"type": "integer", "minimum": 1, "maximum": 256}
+PATH: dict[str, Any] = {"type": "string", "pattern": r"^/[^\x00]{0,1022}$"}
+GUID: dict[str, Any] = {"type": "string", "pattern": r"^[A-Za-z0-9-]{1,64}$"}
+
+
+def obj(properties: dict[str, Any], required: tuple[str, ...] = (),
+        min_properties: int = 0) -> dict[str, Any]:
+    schema: dict[str, Any] = {
+        "type": "object",
+        "properties": properties,
+        "additionalProperties": False,
+    }
+    if required:
+        schema["required"] = list(required)
+    if min_properties:
+        schema["minProperties"] = min_properties
+    return schema
+
+
+PD_CREATE = obj({"name": NAME}, ("name",))
+PD_UPDATE = obj({"name": NAME}, ("name",))
+FAULT_SET_CREATE = obj({"name": NAME, "protection_domain_id": ID},
+                       ("name", "protection_domain_id"))
+
+_POOL_SETTINGS: dict[str, Any] = {
+    "spare_percent": {"type": "integer", "minimum": 0, "maximum": 90},
+    "rebuild_bandwidth_mibps": MIBPS,
+    "rebuild_concurrency": CONCURRENCY,
+    "rebalance_bandwidth_mibps": MIBPS,
+    "rebalance_concurrency": CONCURRENCY,
+    "capacity_alert_high_percent": PERCENT,
+    "capacity_alert_critical_percent": PERCENT,
+}
+POOL_CREATE = obj(
+    {
+        "name": NAME,
+        "protection_domain_id": ID,
+        "pg_count": {"type": "integer", "minimum": 1, "maximum": 16384},
+        "allocation_granularity": SIZE,
+        **_POOL_SETTINGS,
+    },
+    ("name", "protection_domain_id"),
+)
+POOL_UPDATE = obj({"name": NAME, **_POOL_SETTINGS}, min_properties=1)
+
+DEVICE_SPEC = obj(
+    {"path": PATH, "capacity": SIZE, "pool_id": ID, "name": NAME},
+    ("path", "capacity", "pool_id"),
+)
+SDS_CREATE = obj(
+    {
+        "name": NAME,
+        "protection_domain_id": ID,
+        "fault_set_id": {"oneOf": [{"type": "null"}, ID]},
+        "address": ADDRESS,
+        "data_port": PORT,
+        "control_port": PORT,
+        "devices": {"type": "array", "items": DEVICE_SPEC, "maxItems": 64},
+    },
+    ("name", "protection_domain_id", "address"),
+)
+SDS_HEARTBEAT = obj(
+    {
+        "devices": {
+            "type": "array",
+            "maxItems": 64,
+            "items": obj({"id": ID, "used_bytes": {"type": "integer", "minimum": 0,
+                                                   "maximum": MAX_DEVICE_BYTES}},
+                         ("id", "used_bytes")),
+        },
+        "volumes": {
+            "type": "array",
+            "maxItems": 100_000,
+            "items": obj({"id": ID, "chunks": {"type": "integer", "minimum": 0,
+                                               "maximum": 2**40}}, ("id", "chunks")),
+        },
+    }
+)
+SDC_CREATE = obj(
+    {"guid": GUID, "name": NAME, "address": ADDRESS, "control_port": PORT, "nbd_port": PORT},
+    ("guid", "name"),
+)
+SDC_UPDATE = obj({"name": NAME}, ("name",))
+SDC_HEARTBEAT = obj({})
+
+VOLUME_TYPE: dict[str, Any] = {"type": "string", "enum": ["thin", "thick"]}
+VOLUME_CREATE = obj(
+    {"name": NAME, "pool_id": ID, "size": SIZE, "type": VOLUME_TYPE},
+    ("name", "pool_id", "size"),
+)
+VOLUME_UPDATE = obj({"name": NAME, "size": SIZE}, min_properties=1)
+
+ACCESS_MODE: dict[str, Any] = {"type": "string", "enum": ["read_write", "read_only"]}
+MAPPING_CREATE = obj(
+    {
+        "volume_id": ID,
+        "sdc_id": ID,
+        "access_mode": ACCESS_MODE,
+        "iops_limit": OPTIONAL_LIMIT,
+        "bandwidth_limit": OPTIONAL_BANDWIDTH,
+    },
+    ("volume_id", "sdc_id"),
+)
+MAPPING_UPDATE = obj(
+    {"access_mode": ACCESS_MODE, "iops_limit": OPTIONAL_LIMIT,
+     "bandwidth_limit": OPTIONAL_BANDWIDTH},
+    min_properties=1,
+)
+
+# ---- responses (OpenAPI components) ------------------------------------------------
+
+_TS = {"type": ["string", "null"], "format": "date-time"}
+_INT = {"type": "integer"}
+_NINT = {"type": ["integer", "null"]}
+_STR = {"type": "string"}
+_NSTR = {"type": ["string", "null"]}
+_STATE = {"type": "string", "enum": ["connected", "disconnected"]}
+
+
+def _resp(properties: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "object", "properties": properties, "required": list(properties)}
+
+
+COMPONENTS: dict[str, dict[str, Any]] = {
+    "Error": _resp({
+        "error": {"type": "object", "required": ["code", "message"], "properties": {
+            "code": _STR, "message": _STR, "details": {"type": "object"}}},
+    }),
+    "ProtectionDomain": _resp({"id": _INT, "name": _STR, "created_at": _TS}),
+    "FaultSet": _resp({"id": _INT, "name": _STR, "protection_domain_id": _INT,
+                       "created_at": _TS}),
+    "PoolCapacity": _resp({k: _INT for k in (
+        "pool_id", "total_bytes", "spare_bytes", "usable_bytes", "thick_reserved_bytes",
+        "thin_used_bytes", "allocated_bytes", "free_bytes")} | {"used_percent": {"type": "number"}}),
+    "Pool": _resp({
+        "id": _INT, "name": _STR, "protection_domain_id": _INT, "pg_count": _INT,
+        "allocation_granularity_bytes": _INT, "spare_percent": _INT,
+        "rebuild_bandwidth_mibps": _INT, "rebuild_concurrency": _INT,
+        "rebalance_bandwidth_mibps": _INT, "rebalance_concurrency": _INT,
+        "capacity_alert_high_percent": _INT, "capacity_alert_critical_percent": _INT,
+        "map_epoch": _INT, "capacity": {"$ref": "#/components/schemas/PoolCapacity"},
+        "created_at": _TS,
+    }),
+    "Device": _resp({"id": _INT, "sds_id": _INT, "pool_id": _INT, "path": _STR,
+                     "name": _NSTR, "capacity_bytes": _INT, "used_bytes": _INT}),
+    "Sds": _resp({
+        "id": _INT, "name": _STR, "protection_domain_id": _INT, "fault_set_id": _NINT,
+        "address": _STR, "data_port": _INT, "control_port": _INT, "state": _STATE,
+        "last_seen": _TS,
+        "devices": {"type": "array", "items": {"$ref": "#/components/schemas/Device"}},
+        "created_at": _TS,
+    }),
+    "Sdc": _resp({"id": _INT, "guid": _STR, "name": _STR, "address": _NSTR,
+                  "control_port": _NINT, "nbd_port": _NINT, "state": _STATE,
+                  "last_seen": _TS, "created_at": _TS}),
+    "Volume": _resp({"id": _INT, "name": _STR, "pool_id": _INT, "type": VOLUME_TYPE,
+                     "size_bytes": _INT, "allocated_bytes": _INT,
+                     "mapped_sdc_ids": {"type": "array", "items": _INT}, "created_at": _TS}),
+    "Mapping": _resp({"id": _INT, "volume_id": _INT, "sdc_id": _INT,
+                      "access_mode": ACCESS_MODE, "iops_limit": _NINT,
+                      "bandwidth_limit_bps": _NINT, "created_at": _TS}),
+    "PgMap": _resp({"pool_id": _INT, "epoch": _INT, "pg_count": _INT,
+                    "pgs": {"type": "array", "items": {"type": "object"}},
+                    "sds": {"type": "object"}}),
+    "SdcMaps": _resp({"epoch": _INT, "sdc_id": _INT,
+                      "volumes": {"type": "array", "items": {"type": "object"}},
+                      "pools": {"type": "object"}}),
+    "Heartbeat": _resp({"state": _STATE, "epoch": _INT}),
+    "Topology": _resp({"cluster": {"type": "object"},
+                       "protection_domains": {"type": "array"},
+                       "sdc": {"type": "array"}}),
+    "Capacity": _resp({"pools": {"type": "array",
+                                 "items": {"$ref": "#/components/schemas/PoolCapacity"}}}),
+    "Health": _resp({"status": _STR, "cluster": _STR, "epoch": _INT, "version": _STR}),
+    "Components": _resp({"components": {"type": "array", "items": {"type": "object"}}}),
+    "HealthMetrics": {"type": "object"},
+}
+
+
+def list_of(key: str, item: str) -> dict[str, Any]:
+    return _resp({key: {"type": "array", "items": {"$ref": f"#/components/schemas/{item}"}}})
+
+
+for _key, _item, _name in (
+    ("protection_domains", "ProtectionDomain", "ProtectionDomainList"),
+    ("fault_sets", "FaultSet", "FaultSetList"),
+    ("pools", "Pool", "PoolList"),
+    ("sds", "Sds", "SdsList"),
+    ("sdc", "Sdc", "SdcList"),
+    ("volumes", "Volume", "VolumeList"),
+    ("mappings", "Mapping", "MappingList"),
+):
+    COMPONENTS[_name] = list_of(_key, _item)
