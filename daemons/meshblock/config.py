@@ -9,6 +9,7 @@ in defaults for what the file leaves out.
 from __future__ import annotations
 
 import dataclasses
+import re
 import tomllib
 import types
 import typing
@@ -44,6 +45,13 @@ def _type_ok(value: Any, hint: Any) -> bool:
     return True
 
 
+_SECRET_KEY = re.compile(r"token|secret|password|url", re.IGNORECASE)
+
+
+def _hint_name(hint: Any) -> str:
+    return hint.__name__ if isinstance(hint, type) else str(hint)
+
+
 def from_mapping(cls: type[T], data: dict[str, Any], where: str = "") -> T:
     """Build dataclass ``cls`` from ``data``; unknown keys and bad types raise."""
     if not isinstance(data, dict):
@@ -63,7 +71,10 @@ def from_mapping(cls: type[T], data: dict[str, Any], where: str = "") -> T:
             kwargs[name] = from_mapping(hint, value, key)  # type: ignore[arg-type]
             continue
         if not _type_ok(value, hint):
-            raise ConfigError(f"{key}: expected {hint}, got {type(value).__name__} {value!r}")
+            shown = "" if _SECRET_KEY.search(name) else f" {value!r}"
+            raise ConfigError(
+                f"{key}: expected {_hint_name(hint)}, got {type(value).__name__}{shown}"
+            )
         if typing.get_origin(hint) is tuple:
             value = tuple(value)
         kwargs[name] = value

@@ -45,23 +45,32 @@ def parse_size(value: str | int) -> int:
     if not m:
         raise SizeError(f"not a size: {value!r} (examples: 1073741824, 16GiB, 500GB)")
     number, unit = m.groups()
-    factor = _UNITS.get(unit.lower())
+    factor: int | None = _UNITS.get(unit.lower())
     if factor is None:
         raise SizeError(f"unknown size unit {unit!r} in {value!r} (use KiB, MiB, GiB, TiB)")
-    if "." in number:
-        whole, frac = number.split(".")
-        scaled = int(whole) * factor + int(frac) * factor // (10 ** len(frac))
-        return scaled
-    return int(number) * factor
+    whole, _, frac = number.partition(".")
+    scaled = int(whole) * factor
+    if frac:
+        if factor == 1:
+            raise SizeError(f"{value!r} is not a whole number of bytes")
+        # A fraction of a unit is rounded to the nearest byte: 1.1KiB is 1126 bytes.
+        scaled += (int(frac) * factor * 2 + 10 ** len(frac)) // (2 * 10 ** len(frac))
+    return scaled
 
 
 def format_size(n: int | float) -> str:
-    """Format ``n`` bytes with the largest binary unit that keeps it above 1."""
+    """Format ``n`` bytes with the largest binary unit that keeps it at 1 or more."""
     value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(value) < 1024 or unit == "TiB":
+    unit = "B"
+    for next_unit in ("KiB", "MiB", "GiB", "TiB", "PiB"):
+        if abs(value) < 1024:
             break
         value /= 1024
+        unit = next_unit
     if unit == "B":
         return f"{int(value)} B"
-    return f"{value:.1f} {unit}" if value != int(value) else f"{int(value)} {unit}"
+    text = f"{value:.1f}"
+    units = ("KiB", "MiB", "GiB", "TiB", "PiB")
+    if text == "1024.0" and unit != units[-1]:  # rounding reached the next unit
+        return f"1 {units[units.index(unit) + 1]}"
+    return f"{text.removesuffix('.0')} {unit}"

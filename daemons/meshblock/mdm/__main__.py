@@ -26,10 +26,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "See docs/mdm.md for every configuration key.",
     )
     p.add_argument("--config", "-c", required=True, help="path of mdm.toml")
-    p.add_argument("--check-config", action="store_true",
-                   help="validate the configuration file and exit")
-    p.add_argument("--migrate-only", action="store_true",
-                   help="bring the database schema up to date and exit")
+    p.add_argument(
+        "--check-config", action="store_true", help="validate the configuration file and exit"
+    )
+    p.add_argument(
+        "--migrate-only", action="store_true", help="bring the database schema up to date and exit"
+    )
     return p.parse_args(argv)
 
 
@@ -53,8 +55,14 @@ def main(argv: list[str] | None = None) -> int:
             asyncio.run(_migrate(config))
             return 0
         log.info("MDM starting on %s:%d", config.api.host, config.api.port)
-        web.run_app(create_app(config), host=config.api.host, port=config.api.port,
-                    print=None, access_log=None, shutdown_timeout=5)
+        web.run_app(
+            create_app(config),
+            host=config.api.host,
+            port=config.api.port,
+            print=None,
+            access_log=None,
+            shutdown_timeout=5,
+        )
     except db.SchemaError as exc:
         log.error("%s", exc)
         print(f"meshblock-mdm: {exc}", file=sys.stderr)

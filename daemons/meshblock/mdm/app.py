@@ -12,10 +12,9 @@ from sqlalchemy import select
 
 from meshblock.auth import Role, TokenTable, bearer_token
 from meshblock.mdm import db, openapi
-from meshblock.mdm.api import routes
 
 # Importing the API modules registers their routes on ``routes``.
-from meshblock.mdm.api import pools, protection_domains, sdc, sds, topology, volumes  # noqa: F401
+from meshblock.mdm.api import pools, protection_domains, routes, sdc, sds, topology, volumes  # noqa: F401
 from meshblock.mdm.config import MdmConfig
 from meshblock.mdm.context import CTX, MdmContext
 from meshblock.mdm.epochs import CLUSTER_ROW_ID, EpochNotifier
@@ -42,8 +41,9 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
         or (role == Role.COMPONENT and spec.role == Role.COMPONENT)
     )
     if not allowed:
-        raise Forbidden(f"this token ({role.name.lower()}) may not {request.method} "
-                        f"{spec.openapi_path}")
+        raise Forbidden(
+            f"this token ({role.name.lower()}) may not {request.method} {spec.openapi_path}"
+        )
     return await handler(request)
 
 
@@ -67,14 +67,18 @@ async def _store(app: web.Application) -> AsyncIterator[None]:
             config=config,
             engine=engine,
             sessions=sessions,
-            tokens=TokenTable({Role.ADMIN: a.admin_token, Role.READONLY: a.readonly_token,
-                               Role.COMPONENT: a.cluster_secret}),
+            tokens=TokenTable(
+                {
+                    Role.ADMIN: a.admin_token,
+                    Role.READONLY: a.readonly_token,
+                    Role.COMPONENT: a.cluster_secret,
+                }
+            ),
             notifier=EpochNotifier(epoch),
             liveness=liveness,
         )
         setup_metrics(app)
-        log.info("metadata store ready: %s (epoch %d)", db.redact_url(config.database.url),
-                 epoch)
+        log.info("metadata store ready: %s (epoch %d)", db.redact_url(config.database.url), epoch)
         yield
     finally:
         await engine.dispose()
@@ -94,8 +98,7 @@ CONFIG = web.AppKey("meshblock_mdm_config", MdmConfig)
 
 
 def create_app(config: MdmConfig) -> web.Application:
-    app = web.Application(middlewares=[error_middleware, auth_middleware],
-                          client_max_size=1 << 20)
+    app = web.Application(middlewares=[error_middleware, auth_middleware], client_max_size=1 << 20)
     app[CONFIG] = config
     app.cleanup_ctx.append(_store)
     app.cleanup_ctx.append(_heartbeat_writer)

@@ -44,8 +44,9 @@ class PoolCapacity:
         return asdict(self)
 
 
-def _compute(pool_id: int, spare_percent: int, total: int, thick_size: int,
-             thin_chunks: int) -> PoolCapacity:
+def _compute(
+    pool_id: int, spare_percent: int, total: int, thick_size: int, thin_chunks: int
+) -> PoolCapacity:
     spare = total * spare_percent // 100
     usable = total - spare
     thick_reserved = COPIES * thick_size
@@ -53,12 +54,14 @@ def _compute(pool_id: int, spare_percent: int, total: int, thick_size: int,
     allocated = thick_reserved + thin_used
     free = max(0, usable - allocated)
     used_percent = round(100.0 * allocated / usable, 2) if usable else 0.0
-    return PoolCapacity(pool_id, total, spare, usable, thick_reserved, thin_used, allocated,
-                        free, used_percent)
+    return PoolCapacity(
+        pool_id, total, spare, usable, thick_reserved, thin_used, allocated, free, used_percent
+    )
 
 
-async def pool_capacities(session: AsyncSession,
-                          pool_ids: list[int] | None = None) -> dict[int, PoolCapacity]:
+async def pool_capacities(
+    session: AsyncSession, pool_ids: list[int] | None = None
+) -> dict[int, PoolCapacity]:
     """Capacity of the given pools (all when None), in four grouped queries."""
     pools_q = select(StoragePool.id, StoragePool.spare_percent)
     if pool_ids is not None:
@@ -67,21 +70,44 @@ async def pool_capacities(session: AsyncSession,
     if not pools:
         return {}
     ids = list(pools)
-    total = dict((await session.execute(
-        select(Device.pool_id, func.sum(Device.capacity_bytes))
-        .where(Device.pool_id.in_(ids)).group_by(Device.pool_id))).tuples().all())
-    thick = dict((await session.execute(
-        select(Volume.pool_id, func.sum(Volume.size_bytes))
-        .where(Volume.pool_id.in_(ids), Volume.type == VolumeType.THICK)
-        .group_by(Volume.pool_id))).tuples().all())
-    thin = dict((await session.execute(
-        select(Volume.pool_id, func.sum(VolumeUsage.chunks))
-        .join(VolumeUsage, VolumeUsage.volume_id == Volume.id)
-        .where(Volume.pool_id.in_(ids), Volume.type == VolumeType.THIN)
-        .group_by(Volume.pool_id))).tuples().all())
+    total = dict(
+        (
+            await session.execute(
+                select(Device.pool_id, func.sum(Device.capacity_bytes))
+                .where(Device.pool_id.in_(ids))
+                .group_by(Device.pool_id)
+            )
+        )
+        .tuples()
+        .all()
+    )
+    thick = dict(
+        (
+            await session.execute(
+                select(Volume.pool_id, func.sum(Volume.size_bytes))
+                .where(Volume.pool_id.in_(ids), Volume.type == VolumeType.THICK)
+                .group_by(Volume.pool_id)
+            )
+        )
+        .tuples()
+        .all()
+    )
+    thin = dict(
+        (
+            await session.execute(
+                select(Volume.pool_id, func.sum(VolumeUsage.chunks))
+                .join(VolumeUsage, VolumeUsage.volume_id == Volume.id)
+                .where(Volume.pool_id.in_(ids), Volume.type == VolumeType.THIN)
+                .group_by(Volume.pool_id)
+            )
+        )
+        .tuples()
+        .all()
+    )
     return {
-        pid: _compute(pid, spare, int(total.get(pid) or 0), int(thick.get(pid) or 0),
-                      int(thin.get(pid) or 0))
+        pid: _compute(
+            pid, spare, int(total.get(pid) or 0), int(thick.get(pid) or 0), int(thin.get(pid) or 0)
+        )
         for pid, spare in pools.items()
     }
 
@@ -95,12 +121,19 @@ async def volume_allocated(session: AsyncSession, volumes: list[Volume]) -> dict
     thin_ids = [v.id for v in volumes if v.type == VolumeType.THIN]
     chunks: dict[int, int] = {}
     if thin_ids:
-        chunks = {vid: int(n or 0) for vid, n in (await session.execute(
-            select(VolumeUsage.volume_id, func.sum(VolumeUsage.chunks))
-            .where(VolumeUsage.volume_id.in_(thin_ids))
-            .group_by(VolumeUsage.volume_id))).tuples()}
+        chunks = {
+            vid: int(n or 0)
+            for vid, n in (
+                await session.execute(
+                    select(VolumeUsage.volume_id, func.sum(VolumeUsage.chunks))
+                    .where(VolumeUsage.volume_id.in_(thin_ids))
+                    .group_by(VolumeUsage.volume_id)
+                )
+            ).tuples()
+        }
     return {
-        v.id: COPIES * v.size_bytes if v.type == VolumeType.THICK
+        v.id: COPIES * v.size_bytes
+        if v.type == VolumeType.THICK
         else chunks.get(v.id, 0) * CHUNK_BYTES
         for v in volumes
     }

@@ -41,6 +41,11 @@ class DatabaseConfig:
     url: str = "sqlite+aiosqlite:///var/lib/meshblock/mdm.db"
     echo: bool = False
 
+    def __repr__(self) -> str:  # the URL may carry a password
+        from meshblock.mdm.db import redact_url
+
+        return f"DatabaseConfig(url={redact_url(self.url)!r}, echo={self.echo})"
+
 
 @dataclass(frozen=True)
 class ClusterConfig:

@@ -34,8 +34,11 @@ async def bump(session: AsyncSession) -> int:
 
 
 async def current(session: AsyncSession) -> int:
-    return int((await session.execute(
-        select(Cluster.epoch).where(Cluster.id == CLUSTER_ROW_ID))).scalar_one())
+    return int(
+        (
+            await session.execute(select(Cluster.epoch).where(Cluster.id == CLUSTER_ROW_ID))
+        ).scalar_one()
+    )
 
 
 class EpochNotifier:
@@ -49,10 +52,11 @@ class EpochNotifier:
             self._changed.set()
             self._changed = asyncio.Event()
 
-    async def wait_beyond(self, epoch: int, timeout: float,
-                          reload: Callable[[], Awaitable[int]]) -> int:
-        """Wait until the epoch exceeds ``epoch`` or ``timeout`` passes; return it."""
-        deadline = time.monotonic() + timeout
+    async def wait_beyond(
+        self, epoch: int, within: float, reload: Callable[[], Awaitable[int]]
+    ) -> int:
+        """Wait until the epoch exceeds ``epoch`` or ``within`` seconds pass; return it."""
+        deadline = time.monotonic() + within
         while self.epoch <= epoch:
             remaining = deadline - time.monotonic()
             if remaining <= 0:

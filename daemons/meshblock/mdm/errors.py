@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
+from sqlalchemy.exc import IntegrityError
 
 log = logging.getLogger(__name__)
 
@@ -89,11 +90,23 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return web.json_response(
             error_body(exc.code, exc.message, exc.details), status=exc.status, headers=headers
         )
+    except IntegrityError:
+        # A concurrent request won a race that the handler's own checks could not
+        # see (two creates of one name at once): the transaction rolled back.
+        log.info("conflicting concurrent change refused: %s %s", request.method, request.path)
+        return web.json_response(
+            error_body(
+                "conflict",
+                "a concurrent change conflicts with this request; read the current state and retry",
+            ),
+            status=409,
+        )
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
         code = _HTTP_CODES.get(exc.status, "http_error")
-        return web.json_response(error_body(code, exc.reason), status=exc.status)
+        allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+        return web.json_response(error_body(code, exc.reason), status=exc.status, headers=allow)
     except Exception:
         log.exception("unhandled error in %s %s", request.method, request.path)
         return web.json_response(

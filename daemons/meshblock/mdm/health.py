@@ -30,8 +30,12 @@ async def _counts(request: web.Request) -> dict[str, Any]:
         sds_ids = list((await s.execute(select(Sds.id))).scalars())
         sdc_ids = list((await s.execute(select(Sdc.id))).scalars())
         n = {}
-        for model, key in ((ProtectionDomain, "protection_domains"), (StoragePool, "pools"),
-                           (Volume, "volumes"), (Mapping, "mappings")):
+        for model, key in (
+            (ProtectionDomain, "protection_domains"),
+            (StoragePool, "pools"),
+            (Volume, "volumes"),
+            (Mapping, "mappings"),
+        ):
             n[key] = (await s.execute(select(func.count()).select_from(model))).scalar_one()
         caps = await pool_capacities(s)
         epoch = await current(s)
@@ -49,45 +53,88 @@ async def _counts(request: web.Request) -> dict[str, Any]:
     }
 
 
-@routes.route("GET", "/health", role=Role.NONE, tag=TAG, response="Health",
-              summary="Liveness and a one-word status (ok, or degraded when an SDS is down)")
+@routes.route(
+    "GET",
+    "/health",
+    role=Role.NONE,
+    tag=TAG,
+    response="Health",
+    summary="Liveness and a one-word status (ok, or degraded when an SDS is down)",
+)
 async def health(request: web.Request) -> web.Response:
     n = await _counts(request)
     status = "ok" if n["sds_connected"] == n["sds_total"] else "degraded"
-    return json({"status": status, "cluster": ctx(request).config.cluster.name,
-                 "epoch": n["epoch"], "version": meshblock.__version__})
+    return json(
+        {
+            "status": status,
+            "cluster": ctx(request).config.cluster.name,
+            "epoch": n["epoch"],
+            "version": meshblock.__version__,
+        }
+    )
 
 
-@routes.route("GET", "/health/components", role=Role.NONE, tag=TAG, response="Components",
-              summary="Every MDM, SDS and SDC with address, ports, state and last-seen time")
+@routes.route(
+    "GET",
+    "/health/components",
+    role=Role.NONE,
+    tag=TAG,
+    response="Components",
+    summary="Every MDM, SDS and SDC with address, ports, state and last-seen time",
+)
 async def components(request: web.Request) -> web.Response:
     c = ctx(request)
     cfg = c.config
-    out: list[dict[str, Any]] = [{
-        "component_id": "mdm-1", "component_type": "mdm", "name": cfg.cluster.name,
-        "address": cfg.api.host, "control_port": cfg.api.port, "data_port": None,
-        "state": "connected", "last_seen": ts(utcnow()),
-    }]
+    out: list[dict[str, Any]] = [
+        {
+            "component_id": "mdm-1",
+            "component_type": "mdm",
+            "name": cfg.cluster.name,
+            "address": cfg.api.host,
+            "control_port": cfg.api.port,
+            "data_port": None,
+            "state": "connected",
+            "last_seen": ts(utcnow()),
+        }
+    ]
     async with reading(request) as s:
         for x in (await s.execute(select(Sds).order_by(Sds.id))).scalars():
-            out.append({
-                "component_id": f"sds-{x.id}", "component_type": "sds", "name": x.name,
-                "address": x.address, "control_port": x.control_port,
-                "data_port": x.data_port, "state": c.liveness.state("sds", x.id),
-                "last_seen": ts(c.liveness.seen("sds", x.id) or x.last_seen),
-            })
+            out.append(
+                {
+                    "component_id": f"sds-{x.id}",
+                    "component_type": "sds",
+                    "name": x.name,
+                    "address": x.address,
+                    "control_port": x.control_port,
+                    "data_port": x.data_port,
+                    "state": c.liveness.state("sds", x.id),
+                    "last_seen": ts(c.liveness.seen("sds", x.id) or x.last_seen),
+                }
+            )
         for y in (await s.execute(select(Sdc).order_by(Sdc.id))).scalars():
-            out.append({
-                "component_id": f"sdc-{y.id}", "component_type": "sdc", "name": y.name,
-                "address": y.address, "control_port": y.control_port,
-                "data_port": y.nbd_port, "state": c.liveness.state("sdc", y.id),
-                "last_seen": ts(c.liveness.seen("sdc", y.id) or y.last_seen),
-            })
+            out.append(
+                {
+                    "component_id": f"sdc-{y.id}",
+                    "component_type": "sdc",
+                    "name": y.name,
+                    "address": y.address,
+                    "control_port": y.control_port,
+                    "data_port": y.nbd_port,
+                    "state": c.liveness.state("sdc", y.id),
+                    "last_seen": ts(c.liveness.seen("sdc", y.id) or y.last_seen),
+                }
+            )
     return json({"components": out})
 
 
-@routes.route("GET", "/health/metrics", role=Role.NONE, tag=TAG, response="HealthMetrics",
-              summary="Cluster totals: components, capacity, volumes")
+@routes.route(
+    "GET",
+    "/health/metrics",
+    role=Role.NONE,
+    tag=TAG,
+    response="HealthMetrics",
+    summary="Cluster totals: components, capacity, volumes",
+)
 async def health_metrics(request: web.Request) -> web.Response:
     n = await _counts(request)
     n.pop("_caps")
@@ -106,25 +153,37 @@ class ClusterCollector(Collector):
         if not n:
             return
         for kind in ("sds", "sdc"):
-            g = GaugeMetricFamily(f"meshblock_{kind}", f"Registered {kind.upper()}s by state",
-                                  labels=["state"])
+            g = GaugeMetricFamily(
+                f"meshblock_{kind}", f"Registered {kind.upper()}s by state", labels=["state"]
+            )
             g.add_metric(["connected"], n[f"{kind}_connected"])
             g.add_metric(["disconnected"], n[f"{kind}_total"] - n[f"{kind}_connected"])
             yield g
         yield GaugeMetricFamily("meshblock_volumes", "Volumes", value=n["volumes"])
-        yield GaugeMetricFamily("meshblock_cluster_epoch", "Cluster change epoch",
-                                value=n["epoch"])
+        yield GaugeMetricFamily("meshblock_cluster_epoch", "Cluster change epoch", value=n["epoch"])
         caps: dict[int, PoolCapacity] = n["_caps"]
-        for field in ("total", "spare", "usable", "thick_reserved", "thin_used", "allocated",
-                      "free"):
-            g = GaugeMetricFamily(f"meshblock_pool_{field}_bytes",
-                                  f"Storage pool capacity: {field.replace('_', ' ')}",
-                                  labels=["pool_id"])
+        for field in (
+            "total",
+            "spare",
+            "usable",
+            "thick_reserved",
+            "thin_used",
+            "allocated",
+            "free",
+        ):
+            g = GaugeMetricFamily(
+                f"meshblock_pool_{field}_bytes",
+                f"Storage pool capacity: {field.replace('_', ' ')}",
+                labels=["pool_id"],
+            )
             for pid, cap in caps.items():
                 g.add_metric([str(pid)], getattr(cap, f"{field}_bytes"))
             yield g
-        yield CounterMetricFamily("meshblock_mdm_heartbeats", "Heartbeats received",
-                                  value=self.ctx.liveness.heartbeats_total)
+        yield CounterMetricFamily(
+            "meshblock_mdm_heartbeats",
+            "Heartbeats received",
+            value=self.ctx.liveness.heartbeats_total,
+        )
 
 
 METRICS = web.AppKey("meshblock_mdm_metrics", ClusterCollector)
@@ -139,8 +198,13 @@ def setup_metrics(app: web.Application) -> None:
     app[METRICS] = collector
 
 
-@routes.route("GET", "/metrics", role=Role.NONE, tag=TAG,
-              summary="Prometheus metrics (text exposition format)")
+@routes.route(
+    "GET",
+    "/metrics",
+    role=Role.NONE,
+    tag=TAG,
+    summary="Prometheus metrics (text exposition format)",
+)
 async def metrics(request: web.Request) -> web.Response:
     collector = request.app[METRICS]
     collector.snapshot = await _counts(request)

@@ -51,8 +51,13 @@ class Liveness:
                 if seen is not None:
                     self.last_seen[(kind, id_)] = _aware(seen)  # type: ignore[index]
 
-    def beat(self, kind: Kind, id_: int, devices: list[dict[str, Any]] | None = None,
-             volumes: list[dict[str, Any]] | None = None) -> None:
+    def beat(
+        self,
+        kind: Kind,
+        id_: int,
+        devices: list[dict[str, Any]] | None = None,
+        volumes: list[dict[str, Any]] | None = None,
+    ) -> None:
         now = utcnow()
         self.heartbeats_total += 1
         self.last_seen[(kind, id_)] = now
@@ -107,8 +112,9 @@ async def _write(session: AsyncSession, p: _Pending) -> None:
     if sdc_rows:
         await _bulk_set(session, Sdc, sdc_rows)
     if p.device_used:
-        await _bulk_set(session, Device,
-                        [{"id": i, "used_bytes": u} for i, u in p.device_used.items()])
+        await _bulk_set(
+            session, Device, [{"id": i, "used_bytes": u} for i, u in p.device_used.items()]
+        )
     if p.volume_chunks:
         existing_sds = set((await session.execute(select(Sds.id))).scalars())
         existing_vol = set((await session.execute(select(Volume.id))).scalars())

@@ -241,8 +241,8 @@ class VolumeUsage(Base):
 
     __tablename__ = "volume_usage"
 
-    sds_id: Mapped[int] = mapped_column(ForeignKey("sdss.id", ondelete="CASCADE"),
-                                        primary_key=True)
-    volume_id: Mapped[int] = mapped_column(ForeignKey("volumes.id", ondelete="CASCADE"),
-                                           primary_key=True)
+    sds_id: Mapped[int] = mapped_column(ForeignKey("sdss.id", ondelete="CASCADE"), primary_key=True)
+    volume_id: Mapped[int] = mapped_column(
+        ForeignKey("volumes.id", ondelete="CASCADE"), primary_key=True
+    )
     chunks: Mapped[int] = mapped_column(BigInteger, default=0)

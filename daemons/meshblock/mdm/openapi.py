@@ -28,8 +28,7 @@ def _operation(spec: RouteSpec) -> dict[str, Any]:
         "tags": [spec.tag],
     }
     params = [
-        {"name": name, "in": "path", "required": True,
-         "schema": {"type": "integer", "minimum": 1}}
+        {"name": name, "in": "path", "required": True, "schema": {"type": "integer", "minimum": 1}}
         for name in _path_params(spec.openapi_path)
     ]
     for q in spec.query:
@@ -38,22 +37,34 @@ def _operation(spec: RouteSpec) -> dict[str, Any]:
             schema["minimum"] = q.minimum
         if q.maximum is not None:
             schema["maximum"] = q.maximum
-        params.append({"name": q.name, "in": "query", "required": False,
-                       "description": q.description, "schema": schema})
+        params.append(
+            {
+                "name": q.name,
+                "in": "query",
+                "required": False,
+                "description": q.description,
+                "schema": schema,
+            }
+        )
     if params:
         op["parameters"] = params
     if spec.body is not None:
-        op["requestBody"] = {"required": True,
-                             "content": {"application/json": {"schema": spec.body}}}
+        op["requestBody"] = {
+            "required": bool(spec.body.get("required")),
+            "content": {"application/json": {"schema": spec.body}},
+        }
     ok: dict[str, Any] = {"description": "OK" if spec.status != 201 else "Created"}
     if spec.response:
-        ok["content"] = {"application/json": {
-            "schema": {"$ref": f"#/components/schemas/{spec.response}"}}}
+        ok["content"] = {
+            "application/json": {"schema": {"$ref": f"#/components/schemas/{spec.response}"}}
+        }
     elif spec.path == "/metrics":
         ok["content"] = {"text/plain": {"schema": {"type": "string"}}}
     if spec.status == 204:
         ok = {"description": "Done, no content"}
     responses: dict[str, Any] = {str(spec.status): ok}
+    for extra in spec.also:
+        responses[str(extra)] = dict(ok, description="Created" if extra == 201 else "OK")
     codes = set(spec.errors)
     if spec.body is not None:
         codes |= {400, 422}
@@ -84,11 +95,20 @@ def build(specs: list[RouteSpec]) -> dict[str, Any]:
     paths: dict[str, dict[str, Any]] = {}
     for spec in specs:
         paths.setdefault(spec.openapi_path, {})[spec.method.lower()] = _operation(spec)
-    paths["/api/v1/openapi.json"] = {"get": {
-        "operationId": "openapi", "summary": "This document", "tags": ["meta"],
-        "security": [], "responses": {"200": {"description": "OK", "content": {
-            "application/json": {"schema": {"type": "object"}}}}},
-    }}
+    paths["/api/v1/openapi.json"] = {
+        "get": {
+            "operationId": "openapi",
+            "summary": "This document",
+            "tags": ["meta"],
+            "security": [],
+            "responses": {
+                "200": {
+                    "description": "OK",
+                    "content": {"application/json": {"schema": {"type": "object"}}},
+                }
+            },
+        }
+    }
     return {
         "openapi": "3.1.0",
         "info": {

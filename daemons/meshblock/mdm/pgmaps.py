@@ -32,8 +32,9 @@ async def recompute(session: AsyncSession, pool: StoragePool) -> bool:
     devices = await pool_devices(session, pool.id)
     rows = {
         pg.pg: pg
-        for pg in (await session.execute(
-            select(PlacementGroup).where(PlacementGroup.pool_id == pool.id))).scalars()
+        for pg in (
+            await session.execute(select(PlacementGroup).where(PlacementGroup.pool_id == pool.id))
+        ).scalars()
     }
     previous = {n: (r.primary_device_id, r.secondary_device_id) for n, r in rows.items()}
     new = compute_map(pool.pg_count, devices, previous)
@@ -43,8 +44,15 @@ async def recompute(session: AsyncSession, pool: StoragePool) -> bool:
         primary, secondary = new.get(n, (None, None))
         row = rows.get(n)
         if row is None:
-            session.add(PlacementGroup(pool_id=pool.id, pg=n, primary_device_id=primary,
-                                       secondary_device_id=secondary, epoch=next_epoch))
+            session.add(
+                PlacementGroup(
+                    pool_id=pool.id,
+                    pg=n,
+                    primary_device_id=primary,
+                    secondary_device_id=secondary,
+                    epoch=next_epoch,
+                )
+            )
             changed = True
         elif (row.primary_device_id, row.secondary_device_id) != (primary, secondary):
             row.primary_device_id = primary
@@ -66,26 +74,42 @@ async def map_documents(session: AsyncSession, pools: list[StoragePool]) -> dict
     if not pools:
         return {}
     ids = [p.id for p in pools]
-    dev_rows = (await session.execute(
-        select(Device.id, Device.sds_id).where(Device.pool_id.in_(ids)))).tuples().all()
+    dev_rows = (
+        (await session.execute(select(Device.id, Device.sds_id).where(Device.pool_id.in_(ids))))
+        .tuples()
+        .all()
+    )
     dev_sds = dict(dev_rows)
-    sds_rows = (await session.execute(
-        select(Sds.id, Sds.address, Sds.data_port)
-        .where(Sds.id.in_(set(dev_sds.values()))))).tuples().all()
+    sds_rows = (
+        (
+            await session.execute(
+                select(Sds.id, Sds.address, Sds.data_port).where(Sds.id.in_(set(dev_sds.values())))
+            )
+        )
+        .tuples()
+        .all()
+    )
     sds_doc = {str(i): {"address": a, "data_port": p} for i, a, p in sds_rows}
     pgs: dict[int, list[dict[str, Any]]] = {i: [] for i in ids}
-    for row in (await session.execute(
-            select(PlacementGroup).where(PlacementGroup.pool_id.in_(ids))
-            .order_by(PlacementGroup.pool_id, PlacementGroup.pg))).scalars():
-        pgs[row.pool_id].append({
-            "pg": row.pg,
-            "primary": _copy(row.primary_device_id, dev_sds),
-            "secondary": _copy(row.secondary_device_id, dev_sds),
-        })
+    for row in (
+        await session.execute(
+            select(PlacementGroup)
+            .where(PlacementGroup.pool_id.in_(ids))
+            .order_by(PlacementGroup.pool_id, PlacementGroup.pg)
+        )
+    ).scalars():
+        pgs[row.pool_id].append(
+            {
+                "pg": row.pg,
+                "primary": _copy(row.primary_device_id, dev_sds),
+                "secondary": _copy(row.secondary_device_id, dev_sds),
+            }
+        )
     out: dict[int, Any] = {}
     for p in pools:
-        used_sds = {str(c["sds_id"]) for pg in pgs[p.id]
-                    for c in (pg["primary"], pg["secondary"]) if c}
+        used_sds = {
+            str(c["sds_id"]) for pg in pgs[p.id] for c in (pg["primary"], pg["secondary"]) if c
+        }
         out[p.id] = {
             "pool_id": p.id,
             "epoch": p.map_epoch,

@@ -31,8 +31,8 @@ class QueryParam:
     name: str
     description: str
     type: str = "integer"  # integer | number | string
-    minimum: int | None = None
-    maximum: int | None = None
+    minimum: int | None = 1
+    maximum: int | None = MAX_ID
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,7 @@ class RouteSpec:
     status: int = 200
     query: tuple[QueryParam, ...] = ()
     errors: tuple[int, ...] = ()
+    also: tuple[int, ...] = ()  # other success statuses (200 and 201 of an upsert)
 
     @property
     def openapi_path(self) -> str:
@@ -76,19 +77,32 @@ class ApiRoutes:
         status: int = 200,
         query: tuple[QueryParam, ...] = (),
         errors: tuple[int, ...] = (),
+        also: tuple[int, ...] = (),
     ) -> Callable[[Handler], Handler]:
         def decorator(fn: Handler) -> Handler:
             validator = jsonschema_rs.validator_for(body) if body is not None else None
 
             async def handler(request: web.Request) -> web.StreamResponse:
                 if validator is not None:
-                    return await fn(request, await _validated_body(request, validator))
+                    return await fn(request, await _validated_body(request, validator, body))
                 return await fn(request)
 
             handler.__name__ = fn.__name__
             handler.__doc__ = fn.__doc__
-            spec = RouteSpec(method, path, handler, role, summary, tag, body, response,
-                             status, query, errors)
+            spec = RouteSpec(
+                method,
+                path,
+                handler,
+                role,
+                summary,
+                tag,
+                body,
+                response,
+                status,
+                query,
+                errors,
+                also,
+            )
             setattr(handler, SPEC_ATTR, spec)
             self.specs.append(spec)
             return handler
@@ -105,7 +119,7 @@ def spec_of(request: web.Request) -> RouteSpec | None:
     return getattr(handler, SPEC_ATTR, None)
 
 
-async def _validated_body(request: web.Request, validator: Any) -> dict[str, Any]:
+async def _validated_body(request: web.Request, validator: Any, schema: Any) -> dict[str, Any]:
     if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
         raise BadRequest(f"request body larger than {MAX_BODY_BYTES} bytes")
     raw = await request.content.read(MAX_BODY_BYTES + 1)
@@ -124,7 +138,8 @@ async def _validated_body(request: web.Request, validator: Any) -> dict[str, Any
     if errors:
         err = errors[0]
         where = ".".join(str(p) for p in err.instance_path)
-        msg = f"{where}: {err.message}" if where else err.message
+        msg = _describe(err, schema)
+        msg = f"{where}: {msg}" if where else msg
         raise Invalid(msg, {"field": where} if where else None)
     return data
 
@@ -137,10 +152,15 @@ def path_id(request: web.Request, name: str = "id") -> int:
     return value
 
 
-def query_int(request: web.Request, name: str, default: int | None = None,
-              minimum: int = 0, maximum: int = MAX_ID) -> int | None:
+def query_int(
+    request: web.Request,
+    name: str,
+    default: int | None = None,
+    minimum: int = 0,
+    maximum: int = MAX_ID,
+) -> int | None:
     raw = request.query.get(name)
-    if raw is None or raw == "":
+    if raw is None:
         return default
     try:
         value = int(raw)
@@ -151,10 +171,11 @@ def query_int(request: web.Request, name: str, default: int | None = None,
     return value
 
 
-def query_float(request: web.Request, name: str, default: float,
-                minimum: float, maximum: float) -> float:
+def query_float(
+    request: web.Request, name: str, default: float, minimum: float, maximum: float
+) -> float:
     raw = request.query.get(name)
-    if raw is None or raw == "":
+    if raw is None:
         return default
     try:
         value = float(raw)
@@ -163,3 +184,14 @@ def query_float(request: web.Request, name: str, default: float,
     if not minimum <= value <= maximum:
         raise BadRequest(f"query parameter {name} must be between {minimum} and {maximum}")
     return value
+
+
+def _describe(err: Any, schema: Any) -> str:
+    """The validator's message, or the field's own description where that is clearer."""
+    if err.schema_path and err.schema_path[-1] == "oneOf":
+        node = schema
+        for part in err.schema_path[:-1]:
+            node = node[part] if isinstance(node, dict) else node[int(part)]
+        if isinstance(node, dict) and "description" in node:
+            return f"expected {node['description']}, got {json.dumps(err.instance)}"
+    return str(err.message)

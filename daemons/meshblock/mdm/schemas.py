@@ -29,16 +29,21 @@ ADDRESS: dict[str, Any] = {
 SIZE: dict[str, Any] = {
     "description": "bytes, as an integer or a string with a unit: 16GiB, 500GB, 1TiB "
     "(binary units are powers of 1024, decimal ones of 1000)",
-    "type": ["integer", "string"],
-    "maxLength": 32,
+    "oneOf": [
+        {"type": "integer", "minimum": 1, "maximum": MAX_VOLUME_BYTES},
+        {
+            "type": "string",
+            "pattern": r"^\s*[0-9]+(\.[0-9]+)?\s*[A-Za-z]{0,3}\s*$",
+            "maxLength": 32,
+        },
+    ],
 }
 OPTIONAL_LIMIT: dict[str, Any] = {
     "oneOf": [{"type": "null"}, {"type": "integer", "minimum": 1, "maximum": 2**53}],
 }
 OPTIONAL_BANDWIDTH: dict[str, Any] = {
     "description": "bytes per second, an integer or a size string (100MiB); null: no limit",
-    "type": ["null", "integer", "string"],
-    "maxLength": 32,
+    "oneOf": [{"type": "null"}, *SIZE["oneOf"]],
 }
 PERCENT: dict[str, Any] = {"type": "integer", "minimum": 0, "maximum": 100}
 MIBPS: dict[str, Any] = {
@@ -50,8 +55,9 @@ PATH: dict[str, Any] = {"type": "string", "pattern": r"^/[^\x00]{0,1022}$"}
 GUID: dict[str, Any] = {"type": "string", "pattern": r"^[A-Za-z0-9-]{1,64}$"}
 
 
-def obj(properties: dict[str, Any], required: tuple[str, ...] = (),
-        min_properties: int = 0) -> dict[str, Any]:
+def obj(
+    properties: dict[str, Any], required: tuple[str, ...] = (), min_properties: int = 0
+) -> dict[str, Any]:
     schema: dict[str, Any] = {
         "type": "object",
         "properties": properties,
@@ -66,8 +72,7 @@ def obj(properties: dict[str, Any], required: tuple[str, ...] = (),
 
 PD_CREATE = obj({"name": NAME}, ("name",))
 PD_UPDATE = obj({"name": NAME}, ("name",))
-FAULT_SET_CREATE = obj({"name": NAME, "protection_domain_id": ID},
-                       ("name", "protection_domain_id"))
+FAULT_SET_CREATE = obj({"name": NAME, "protection_domain_id": ID}, ("name", "protection_domain_id"))
 
 _POOL_SETTINGS: dict[str, Any] = {
     "spare_percent": {"type": "integer", "minimum": 0, "maximum": 90},
@@ -111,15 +116,21 @@ SDS_HEARTBEAT = obj(
         "devices": {
             "type": "array",
             "maxItems": 64,
-            "items": obj({"id": ID, "used_bytes": {"type": "integer", "minimum": 0,
-                                                   "maximum": MAX_DEVICE_BYTES}},
-                         ("id", "used_bytes")),
+            "items": obj(
+                {
+                    "id": ID,
+                    "used_bytes": {"type": "integer", "minimum": 0, "maximum": MAX_DEVICE_BYTES},
+                },
+                ("id", "used_bytes"),
+            ),
         },
         "volumes": {
             "type": "array",
             "maxItems": 100_000,
-            "items": obj({"id": ID, "chunks": {"type": "integer", "minimum": 0,
-                                               "maximum": 2**40}}, ("id", "chunks")),
+            "items": obj(
+                {"id": ID, "chunks": {"type": "integer", "minimum": 0, "maximum": 2**40}},
+                ("id", "chunks"),
+            ),
         },
     }
 )
@@ -149,8 +160,11 @@ MAPPING_CREATE = obj(
     ("volume_id", "sdc_id"),
 )
 MAPPING_UPDATE = obj(
-    {"access_mode": ACCESS_MODE, "iops_limit": OPTIONAL_LIMIT,
-     "bandwidth_limit": OPTIONAL_BANDWIDTH},
+    {
+        "access_mode": ACCESS_MODE,
+        "iops_limit": OPTIONAL_LIMIT,
+        "bandwidth_limit": OPTIONAL_BANDWIDTH,
+    },
     min_properties=1,
 )
 
@@ -169,55 +183,142 @@ def _resp(properties: dict[str, Any]) -> dict[str, Any]:
 
 
 COMPONENTS: dict[str, dict[str, Any]] = {
-    "Error": _resp({
-        "error": {"type": "object", "required": ["code", "message"], "properties": {
-            "code": _STR, "message": _STR, "details": {"type": "object"}}},
-    }),
+    "Error": _resp(
+        {
+            "error": {
+                "type": "object",
+                "required": ["code", "message"],
+                "properties": {"code": _STR, "message": _STR, "details": {"type": "object"}},
+            },
+        }
+    ),
     "ProtectionDomain": _resp({"id": _INT, "name": _STR, "created_at": _TS}),
-    "FaultSet": _resp({"id": _INT, "name": _STR, "protection_domain_id": _INT,
-                       "created_at": _TS}),
-    "PoolCapacity": _resp({k: _INT for k in (
-        "pool_id", "total_bytes", "spare_bytes", "usable_bytes", "thick_reserved_bytes",
-        "thin_used_bytes", "allocated_bytes", "free_bytes")} | {"used_percent": {"type": "number"}}),
-    "Pool": _resp({
-        "id": _INT, "name": _STR, "protection_domain_id": _INT, "pg_count": _INT,
-        "allocation_granularity_bytes": _INT, "spare_percent": _INT,
-        "rebuild_bandwidth_mibps": _INT, "rebuild_concurrency": _INT,
-        "rebalance_bandwidth_mibps": _INT, "rebalance_concurrency": _INT,
-        "capacity_alert_high_percent": _INT, "capacity_alert_critical_percent": _INT,
-        "map_epoch": _INT, "capacity": {"$ref": "#/components/schemas/PoolCapacity"},
-        "created_at": _TS,
-    }),
-    "Device": _resp({"id": _INT, "sds_id": _INT, "pool_id": _INT, "path": _STR,
-                     "name": _NSTR, "capacity_bytes": _INT, "used_bytes": _INT}),
-    "Sds": _resp({
-        "id": _INT, "name": _STR, "protection_domain_id": _INT, "fault_set_id": _NINT,
-        "address": _STR, "data_port": _INT, "control_port": _INT, "state": _STATE,
-        "last_seen": _TS,
-        "devices": {"type": "array", "items": {"$ref": "#/components/schemas/Device"}},
-        "created_at": _TS,
-    }),
-    "Sdc": _resp({"id": _INT, "guid": _STR, "name": _STR, "address": _NSTR,
-                  "control_port": _NINT, "nbd_port": _NINT, "state": _STATE,
-                  "last_seen": _TS, "created_at": _TS}),
-    "Volume": _resp({"id": _INT, "name": _STR, "pool_id": _INT, "type": VOLUME_TYPE,
-                     "size_bytes": _INT, "allocated_bytes": _INT,
-                     "mapped_sdc_ids": {"type": "array", "items": _INT}, "created_at": _TS}),
-    "Mapping": _resp({"id": _INT, "volume_id": _INT, "sdc_id": _INT,
-                      "access_mode": ACCESS_MODE, "iops_limit": _NINT,
-                      "bandwidth_limit_bps": _NINT, "created_at": _TS}),
-    "PgMap": _resp({"pool_id": _INT, "epoch": _INT, "pg_count": _INT,
-                    "pgs": {"type": "array", "items": {"type": "object"}},
-                    "sds": {"type": "object"}}),
-    "SdcMaps": _resp({"epoch": _INT, "sdc_id": _INT,
-                      "volumes": {"type": "array", "items": {"type": "object"}},
-                      "pools": {"type": "object"}}),
+    "FaultSet": _resp({"id": _INT, "name": _STR, "protection_domain_id": _INT, "created_at": _TS}),
+    "PoolCapacity": _resp(
+        {
+            k: _INT
+            for k in (
+                "pool_id",
+                "total_bytes",
+                "spare_bytes",
+                "usable_bytes",
+                "thick_reserved_bytes",
+                "thin_used_bytes",
+                "allocated_bytes",
+                "free_bytes",
+            )
+        }
+        | {"used_percent": {"type": "number"}}
+    ),
+    "Pool": _resp(
+        {
+            "id": _INT,
+            "name": _STR,
+            "protection_domain_id": _INT,
+            "pg_count": _INT,
+            "allocation_granularity_bytes": _INT,
+            "spare_percent": _INT,
+            "rebuild_bandwidth_mibps": _INT,
+            "rebuild_concurrency": _INT,
+            "rebalance_bandwidth_mibps": _INT,
+            "rebalance_concurrency": _INT,
+            "capacity_alert_high_percent": _INT,
+            "capacity_alert_critical_percent": _INT,
+            "map_epoch": _INT,
+            "capacity": {"$ref": "#/components/schemas/PoolCapacity"},
+            "created_at": _TS,
+        }
+    ),
+    "Device": _resp(
+        {
+            "id": _INT,
+            "sds_id": _INT,
+            "pool_id": _INT,
+            "path": _STR,
+            "name": _NSTR,
+            "capacity_bytes": _INT,
+            "used_bytes": _INT,
+        }
+    ),
+    "Sds": _resp(
+        {
+            "id": _INT,
+            "name": _STR,
+            "protection_domain_id": _INT,
+            "fault_set_id": _NINT,
+            "address": _STR,
+            "data_port": _INT,
+            "control_port": _INT,
+            "state": _STATE,
+            "last_seen": _TS,
+            "devices": {"type": "array", "items": {"$ref": "#/components/schemas/Device"}},
+            "created_at": _TS,
+        }
+    ),
+    "Sdc": _resp(
+        {
+            "id": _INT,
+            "guid": _STR,
+            "name": _STR,
+            "address": _NSTR,
+            "control_port": _NINT,
+            "nbd_port": _NINT,
+            "state": _STATE,
+            "last_seen": _TS,
+            "created_at": _TS,
+        }
+    ),
+    "Volume": _resp(
+        {
+            "id": _INT,
+            "name": _STR,
+            "pool_id": _INT,
+            "type": VOLUME_TYPE,
+            "size_bytes": _INT,
+            "allocated_bytes": _INT,
+            "mapped_sdc_ids": {"type": "array", "items": _INT},
+            "created_at": _TS,
+        }
+    ),
+    "Mapping": _resp(
+        {
+            "id": _INT,
+            "volume_id": _INT,
+            "sdc_id": _INT,
+            "access_mode": ACCESS_MODE,
+            "iops_limit": _NINT,
+            "bandwidth_limit_bps": _NINT,
+            "created_at": _TS,
+        }
+    ),
+    "PgMap": _resp(
+        {
+            "pool_id": _INT,
+            "epoch": _INT,
+            "pg_count": _INT,
+            "pgs": {"type": "array", "items": {"type": "object"}},
+            "sds": {"type": "object"},
+        }
+    ),
+    "SdcMaps": _resp(
+        {
+            "epoch": _INT,
+            "sdc_id": _INT,
+            "volumes": {"type": "array", "items": {"type": "object"}},
+            "pools": {"type": "object"},
+        }
+    ),
     "Heartbeat": _resp({"state": _STATE, "epoch": _INT}),
-    "Topology": _resp({"cluster": {"type": "object"},
-                       "protection_domains": {"type": "array"},
-                       "sdc": {"type": "array"}}),
-    "Capacity": _resp({"pools": {"type": "array",
-                                 "items": {"$ref": "#/components/schemas/PoolCapacity"}}}),
+    "Topology": _resp(
+        {
+            "cluster": {"type": "object"},
+            "protection_domains": {"type": "array"},
+            "sdc": {"type": "array"},
+        }
+    ),
+    "Capacity": _resp(
+        {"pools": {"type": "array", "items": {"$ref": "#/components/schemas/PoolCapacity"}}}
+    ),
     "Health": _resp({"status": _STR, "cluster": _STR, "epoch": _INT, "version": _STR}),
     "Components": _resp({"components": {"type": "array", "items": {"type": "object"}}}),
     "HealthMetrics": {"type": "object"},

@@ -19,10 +19,19 @@ from meshblock.mdm.routing import QueryParam, query_float, query_int
 from meshblock.sizes import SizeError, parse_size
 
 WAIT_PARAMS = (
-    QueryParam("wait_epoch", "return once the epoch is greater than this (long-poll)",
-               minimum=0, maximum=2**62),
-    QueryParam("timeout", "seconds to wait at most (default 25, capped by the MDM's "
-               "cluster.longpoll_max_s)", type="number", minimum=0, maximum=300),
+    QueryParam(
+        "wait_epoch",
+        "return once the epoch is greater than this (long-poll)",
+        minimum=0,
+        maximum=2**62,
+    ),
+    QueryParam(
+        "timeout",
+        "seconds to wait at most (default 25, capped by the MDM's cluster.longpoll_max_s)",
+        type="number",
+        minimum=0,
+        maximum=300,
+    ),
 )
 
 M = TypeVar("M")
@@ -45,26 +54,34 @@ async def reading(request: web.Request) -> AsyncIterator[AsyncSession]:
         yield session
 
 
-async def get_or_404(session: AsyncSession, model: type[M], id_: int, what: str,
-                     options: tuple[Any, ...] = ()) -> M:
-    obj = (await session.execute(
-        select(model).where(model.id == id_).options(*options)  # type: ignore[attr-defined]
-    )).scalar_one_or_none()
+async def get_or_404(
+    session: AsyncSession, model: type[M], id_: int, what: str, options: tuple[Any, ...] = ()
+) -> M:
+    obj = (
+        await session.execute(
+            select(model).where(model.id == id_).options(*options)  # type: ignore[attr-defined]
+        )
+    ).scalar_one_or_none()
     if obj is None:
         raise NotFound(f"no {what} with id {id_}")
     return obj
 
 
-async def must_exist(session: AsyncSession, model: Any, id_: int, what: str,
-                     field: str) -> None:
+async def must_exist(session: AsyncSession, model: Any, id_: int, what: str, field: str) -> None:
     """A referenced object must exist: a missing one is a 404 naming the field."""
     found = (await session.execute(select(model.id).where(model.id == id_))).scalar()
     if found is None:
         raise NotFound(f"no {what} with id {id_}", {"field": field})
 
 
-async def name_free(session: AsyncSession, model: Any, name: str, what: str,
-                    exclude_id: int | None = None, **scope: Any) -> None:
+async def name_free(
+    session: AsyncSession,
+    model: Any,
+    name: str,
+    what: str,
+    exclude_id: int | None = None,
+    **scope: Any,
+) -> None:
     q = select(func.count()).select_from(model).where(model.name == name)
     for k, v in scope.items():
         q = q.where(getattr(model, k) == v)
@@ -82,8 +99,7 @@ def size_field(value: Any, field: str, maximum: int) -> int:
     if n <= 0:
         raise Invalid(f"{field}: must be positive", {"field": field})
     if n > maximum:
-        raise Invalid(f"{field}: {n} bytes is more than the maximum of {maximum}",
-                      {"field": field})
+        raise Invalid(f"{field}: {n} bytes is more than the maximum of {maximum}", {"field": field})
     return n
 
 
@@ -99,15 +115,16 @@ def json(data: Any, status: int = 200) -> web.Response:
     return web.json_response(data, status=status)
 
 
-async def long_poll(request: web.Request,
-                    read_epoch: Callable[[AsyncSession], Awaitable[int]]) -> None:
+async def long_poll(
+    request: web.Request, read_epoch: Callable[[AsyncSession], Awaitable[int]]
+) -> None:
     """With ``?wait_epoch=N``, return once ``read_epoch`` exceeds N or on timeout."""
     after = query_int(request, "wait_epoch", minimum=0, maximum=2**62)
-    if after is None:
-        return
     c = ctx(request)
     limit = c.config.cluster.longpoll_max_s
     timeout = min(query_float(request, "timeout", 25.0, 0, 300), limit)
+    if after is None:
+        return
     deadline = time.monotonic() + timeout
 
     async def reload() -> int:

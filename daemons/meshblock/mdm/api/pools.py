@@ -53,22 +53,29 @@ def pool_doc(p: StoragePool, cap: PoolCapacity) -> dict[str, Any]:
         "allocation_granularity_bytes": p.allocation_granularity_bytes,
     }
     doc.update({k: getattr(p, k) for k in SETTINGS})
-    doc.update({"map_epoch": p.map_epoch, "capacity": cap.as_dict(),
-                "created_at": ts(p.created_at)})
+    doc.update(
+        {"map_epoch": p.map_epoch, "capacity": cap.as_dict(), "created_at": ts(p.created_at)}
+    )
     return doc
 
 
 def _check_thresholds(high: int, critical: int) -> None:
     if high > critical:
-        raise Invalid("capacity_alert_high_percent must not exceed "
-                      "capacity_alert_critical_percent",
-                      {"field": "capacity_alert_high_percent"})
+        raise Invalid(
+            "capacity_alert_high_percent must not exceed capacity_alert_critical_percent",
+            {"field": "capacity_alert_high_percent"},
+        )
 
 
-@routes.route("GET", "/api/v1/pools", role=Role.READONLY, tag=TAG, summary="List storage pools",
-              response="PoolList",
-              query=(QueryParam("protection_domain_id", "only this protection domain's",
-                                minimum=1),))
+@routes.route(
+    "GET",
+    "/api/v1/pools",
+    role=Role.READONLY,
+    tag=TAG,
+    summary="List storage pools",
+    response="PoolList",
+    query=(QueryParam("protection_domain_id", "only this protection domain's", minimum=1),),
+)
 async def list_pools(request: web.Request) -> web.Response:
     pd_id = query_int(request, "protection_domain_id", minimum=1)
     q = select(StoragePool).order_by(StoragePool.id)
@@ -80,16 +87,26 @@ async def list_pools(request: web.Request) -> web.Response:
         return json({"pools": [pool_doc(p, caps[p.id]) for p in pools]})
 
 
-@routes.route("POST", "/api/v1/pools", role=Role.ADMIN, tag=TAG, status=201,
-              summary="Create a storage pool", body=schemas.POOL_CREATE, response="Pool",
-              errors=(404, 409))
+@routes.route(
+    "POST",
+    "/api/v1/pools",
+    role=Role.ADMIN,
+    tag=TAG,
+    status=201,
+    summary="Create a storage pool",
+    body=schemas.POOL_CREATE,
+    response="Pool",
+    errors=(404, 409),
+)
 async def create_pool(request: web.Request, body: dict[str, Any]) -> web.Response:
     granularity = DEFAULT_GRANULARITY
     if "allocation_granularity" in body:
         granularity = size_field(body["allocation_granularity"], "allocation_granularity", TiB)
         if granularity % MiB:
-            raise Invalid("allocation_granularity must be a multiple of 1 MiB (the chunk size)",
-                          {"field": "allocation_granularity"})
+            raise Invalid(
+                "allocation_granularity must be a multiple of 1 MiB (the chunk size)",
+                {"field": "allocation_granularity"},
+            )
     settings = {k: body[k] for k in SETTINGS if k in body}
     pool = StoragePool(
         name=body["name"],
@@ -98,11 +115,18 @@ async def create_pool(request: web.Request, body: dict[str, Any]) -> web.Respons
         allocation_granularity_bytes=granularity,
         **settings,
     )
-    _check_thresholds(settings.get("capacity_alert_high_percent", 80),
-                      settings.get("capacity_alert_critical_percent", 90))
+    _check_thresholds(
+        settings.get("capacity_alert_high_percent", 80),
+        settings.get("capacity_alert_critical_percent", 90),
+    )
     async with change(request) as s:
-        await must_exist(s, ProtectionDomain, pool.protection_domain_id, "protection domain",
-                         "protection_domain_id")
+        await must_exist(
+            s,
+            ProtectionDomain,
+            pool.protection_domain_id,
+            "protection domain",
+            "protection_domain_id",
+        )
         await name_free(s, StoragePool, pool.name, "storage pool")
         s.add(pool)
         await s.flush()
@@ -112,8 +136,15 @@ async def create_pool(request: web.Request, body: dict[str, Any]) -> web.Respons
     return json(pool_doc(pool, cap), 201)
 
 
-@routes.route("GET", r"/api/v1/pools/{id:\d+}", role=Role.READONLY, tag=TAG,
-              summary="Show a storage pool with its capacity", response="Pool", errors=(404,))
+@routes.route(
+    "GET",
+    r"/api/v1/pools/{id:\d+}",
+    role=Role.READONLY,
+    tag=TAG,
+    summary="Show a storage pool with its capacity",
+    response="Pool",
+    errors=(404,),
+)
 async def get_pool(request: web.Request) -> web.Response:
     async with reading(request) as s:
         pool = await get_or_404(s, StoragePool, path_id(request), "storage pool")
@@ -121,9 +152,16 @@ async def get_pool(request: web.Request) -> web.Response:
         return json(pool_doc(pool, cap))
 
 
-@routes.route("PATCH", r"/api/v1/pools/{id:\d+}", role=Role.ADMIN, tag=TAG,
-              summary="Rename a storage pool or change its settings (throttles, spare, alerts)",
-              body=schemas.POOL_UPDATE, response="Pool", errors=(404, 409))
+@routes.route(
+    "PATCH",
+    r"/api/v1/pools/{id:\d+}",
+    role=Role.ADMIN,
+    tag=TAG,
+    summary="Rename a storage pool or change its settings (throttles, spare, alerts)",
+    body=schemas.POOL_UPDATE,
+    response="Pool",
+    errors=(404, 409),
+)
 async def update_pool(request: web.Request, body: dict[str, Any]) -> web.Response:
     async with change(request) as s:
         pool = await get_or_404(s, StoragePool, path_id(request), "storage pool")
@@ -133,32 +171,50 @@ async def update_pool(request: web.Request, body: dict[str, Any]) -> web.Respons
         for k in SETTINGS:
             if k in body:
                 setattr(pool, k, body[k])
-        _check_thresholds(pool.capacity_alert_high_percent,
-                          pool.capacity_alert_critical_percent)
+        _check_thresholds(pool.capacity_alert_high_percent, pool.capacity_alert_critical_percent)
         await s.flush()
         cap = (await pool_capacities(s, [pool.id]))[pool.id]
     return json(pool_doc(pool, cap))
 
 
-@routes.route("DELETE", r"/api/v1/pools/{id:\d+}", role=Role.ADMIN, tag=TAG, status=204,
-              summary="Delete a storage pool with no volumes and no devices", errors=(404, 409))
+@routes.route(
+    "DELETE",
+    r"/api/v1/pools/{id:\d+}",
+    role=Role.ADMIN,
+    tag=TAG,
+    status=204,
+    summary="Delete a storage pool with no volumes and no devices",
+    errors=(404, 409),
+)
 async def delete_pool(request: web.Request) -> web.Response:
     async with change(request) as s:
         pool = await get_or_404(s, StoragePool, path_id(request), "storage pool")
         for model, what in ((Volume, "volume"), (Device, "device")):
-            n = (await s.execute(select(func.count()).select_from(model)
-                                 .where(model.pool_id == pool.id))).scalar_one()
+            n = (
+                await s.execute(
+                    select(func.count()).select_from(model).where(model.pool_id == pool.id)
+                )
+            ).scalar_one()
             if n:
-                raise Conflict(f"storage pool {pool.name!r} still has {n} {what}(s)",
-                               {"dependents": what, "count": n})
+                raise Conflict(
+                    f"storage pool {pool.name!r} still has {n} {what}(s)",
+                    {"dependents": what, "count": n},
+                )
         await pgmaps.drop(s, pool.id)
         await s.delete(pool)
     return web.Response(status=204)
 
 
-@routes.route("GET", r"/api/v1/pools/{id:\d+}/pgmap", role=Role.COMPONENT, tag=TAG,
-              summary="The pool's PG map; with wait_epoch, waits for a newer one",
-              response="PgMap", query=WAIT_PARAMS, errors=(404,))
+@routes.route(
+    "GET",
+    r"/api/v1/pools/{id:\d+}/pgmap",
+    role=Role.COMPONENT,
+    tag=TAG,
+    summary="The pool's PG map; with wait_epoch, waits for a newer one",
+    response="PgMap",
+    query=WAIT_PARAMS,
+    errors=(404,),
+)
 async def get_pgmap(request: web.Request) -> web.Response:
     pool_id = path_id(request)
 

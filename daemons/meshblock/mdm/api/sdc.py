@@ -47,8 +47,9 @@ def sdc_doc(c: Sdc, live: Liveness) -> dict[str, Any]:
     }
 
 
-@routes.route("GET", "/api/v1/sdc", role=Role.READONLY, tag=TAG, summary="List SDCs",
-              response="SdcList")
+@routes.route(
+    "GET", "/api/v1/sdc", role=Role.READONLY, tag=TAG, summary="List SDCs", response="SdcList"
+)
 async def list_sdc(request: web.Request) -> web.Response:
     live = ctx(request).liveness
     async with reading(request) as s:
@@ -67,9 +68,17 @@ def _apply(c: Sdc, body: dict[str, Any]) -> None:
             setattr(c, k, body[k])
 
 
-@routes.route("POST", "/api/v1/sdc", role=Role.ADMIN, tag=TAG, status=201,
-              summary="Add an SDC by GUID and host name", body=schemas.SDC_CREATE,
-              response="Sdc", errors=(409,))
+@routes.route(
+    "POST",
+    "/api/v1/sdc",
+    role=Role.ADMIN,
+    tag=TAG,
+    status=201,
+    summary="Add an SDC by GUID and host name",
+    body=schemas.SDC_CREATE,
+    response="Sdc",
+    errors=(409,),
+)
 async def create_sdc(request: web.Request, body: dict[str, Any]) -> web.Response:
     async with change(request) as s:
         await _guid_free(s, body["guid"])
@@ -82,9 +91,17 @@ async def create_sdc(request: web.Request, body: dict[str, Any]) -> web.Response
     return json(sdc_doc(c, ctx(request).liveness), 201)
 
 
-@routes.route("POST", "/api/v1/sdc/register", role=Role.COMPONENT, tag=TAG,
-              summary="An SDC daemon registers itself (creates or updates by GUID)",
-              body=schemas.SDC_CREATE, response="Sdc", errors=(409,))
+@routes.route(
+    "POST",
+    "/api/v1/sdc/register",
+    role=Role.COMPONENT,
+    tag=TAG,
+    summary="An SDC daemon registers itself (creates or updates by GUID)",
+    body=schemas.SDC_CREATE,
+    response="Sdc",
+    errors=(409,),
+    also=(201,),
+)
 async def register_sdc(request: web.Request, body: dict[str, Any]) -> web.Response:
     live = ctx(request).liveness
     async with change(request) as s:
@@ -102,17 +119,32 @@ async def register_sdc(request: web.Request, body: dict[str, Any]) -> web.Respon
     return json(sdc_doc(c, live), 201 if created else 200)
 
 
-@routes.route("GET", r"/api/v1/sdc/{id:\d+}", role=Role.READONLY, tag=TAG,
-              summary="Show an SDC", response="Sdc", errors=(404,))
+@routes.route(
+    "GET",
+    r"/api/v1/sdc/{id:\d+}",
+    role=Role.READONLY,
+    tag=TAG,
+    summary="Show an SDC",
+    response="Sdc",
+    errors=(404,),
+)
 async def get_sdc(request: web.Request) -> web.Response:
     async with reading(request) as s:
-        return json(sdc_doc(await get_or_404(s, Sdc, path_id(request), "SDC"),
-                            ctx(request).liveness))
+        return json(
+            sdc_doc(await get_or_404(s, Sdc, path_id(request), "SDC"), ctx(request).liveness)
+        )
 
 
-@routes.route("PATCH", r"/api/v1/sdc/{id:\d+}", role=Role.ADMIN, tag=TAG,
-              summary="Rename an SDC", body=schemas.SDC_UPDATE, response="Sdc",
-              errors=(404, 409))
+@routes.route(
+    "PATCH",
+    r"/api/v1/sdc/{id:\d+}",
+    role=Role.ADMIN,
+    tag=TAG,
+    summary="Rename an SDC",
+    body=schemas.SDC_UPDATE,
+    response="Sdc",
+    errors=(404, 409),
+)
 async def rename_sdc(request: web.Request, body: dict[str, Any]) -> web.Response:
     async with change(request) as s:
         c = await get_or_404(s, Sdc, path_id(request), "SDC")
@@ -121,24 +153,41 @@ async def rename_sdc(request: web.Request, body: dict[str, Any]) -> web.Response
     return json(sdc_doc(c, ctx(request).liveness))
 
 
-@routes.route("DELETE", r"/api/v1/sdc/{id:\d+}", role=Role.ADMIN, tag=TAG, status=204,
-              summary="Remove an SDC that has no mapped volume", errors=(404, 409))
+@routes.route(
+    "DELETE",
+    r"/api/v1/sdc/{id:\d+}",
+    role=Role.ADMIN,
+    tag=TAG,
+    status=204,
+    summary="Remove an SDC that has no mapped volume",
+    errors=(404, 409),
+)
 async def delete_sdc(request: web.Request) -> web.Response:
     async with change(request) as s:
         c = await get_or_404(s, Sdc, path_id(request), "SDC")
-        n = (await s.execute(select(func.count()).select_from(Mapping)
-                             .where(Mapping.sdc_id == c.id))).scalar_one()
+        n = (
+            await s.execute(select(func.count()).select_from(Mapping).where(Mapping.sdc_id == c.id))
+        ).scalar_one()
         if n:
-            raise Conflict(f"SDC {c.name!r} still has {n} mapped volume(s); unmap them first",
-                           {"dependents": "mapping", "count": n})
+            raise Conflict(
+                f"SDC {c.name!r} still has {n} mapped volume(s); unmap them first",
+                {"dependents": "mapping", "count": n},
+            )
         await s.delete(c)
         ctx(request).liveness.forget("sdc", c.id)
     return web.Response(status=204)
 
 
-@routes.route("POST", r"/api/v1/sdc/{id:\d+}/heartbeat", role=Role.COMPONENT, tag=TAG,
-              summary="SDC heartbeat", body=schemas.SDC_HEARTBEAT, response="Heartbeat",
-              errors=(404,))
+@routes.route(
+    "POST",
+    r"/api/v1/sdc/{id:\d+}/heartbeat",
+    role=Role.COMPONENT,
+    tag=TAG,
+    summary="SDC heartbeat",
+    body=schemas.SDC_HEARTBEAT,
+    response="Heartbeat",
+    errors=(404,),
+)
 async def sdc_heartbeat(request: web.Request, body: dict[str, Any]) -> web.Response:
     c = ctx(request)
     sdc_id = path_id(request)
@@ -149,10 +198,17 @@ async def sdc_heartbeat(request: web.Request, body: dict[str, Any]) -> web.Respo
     return json({"state": "connected", "epoch": c.notifier.epoch})
 
 
-@routes.route("GET", r"/api/v1/sdc/{id:\d+}/maps", role=Role.COMPONENT, tag=TAG,
-              summary="The volumes mapped to an SDC and the PG maps of their pools; "
-              "with wait_epoch, waits for a change", response="SdcMaps", query=WAIT_PARAMS,
-              errors=(404,))
+@routes.route(
+    "GET",
+    r"/api/v1/sdc/{id:\d+}/maps",
+    role=Role.COMPONENT,
+    tag=TAG,
+    summary="The volumes mapped to an SDC and the PG maps of their pools; "
+    "with wait_epoch, waits for a change",
+    response="SdcMaps",
+    query=WAIT_PARAMS,
+    errors=(404,),
+)
 async def sdc_maps(request: web.Request) -> web.Response:
     sdc_id = path_id(request)
     async with reading(request) as s:
@@ -161,21 +217,39 @@ async def sdc_maps(request: web.Request) -> web.Response:
     async with reading(request) as s:
         await get_or_404(s, Sdc, sdc_id, "SDC")
         epoch = await current(s)
-        rows = (await s.execute(
-            select(Mapping, Volume).join(Volume, Volume.id == Mapping.volume_id)
-            .where(Mapping.sdc_id == sdc_id).order_by(Volume.id))).tuples().all()
+        rows = (
+            (
+                await s.execute(
+                    select(Mapping, Volume)
+                    .join(Volume, Volume.id == Mapping.volume_id)
+                    .where(Mapping.sdc_id == sdc_id)
+                    .order_by(Volume.id)
+                )
+            )
+            .tuples()
+            .all()
+        )
         pool_ids = sorted({v.pool_id for _, v in rows})
-        pools = list((await s.execute(
-            select(StoragePool).where(StoragePool.id.in_(pool_ids)))).scalars())
+        pools = list(
+            (await s.execute(select(StoragePool).where(StoragePool.id.in_(pool_ids)))).scalars()
+        )
         maps = await pgmaps.map_documents(s, pools)
-    return json({
-        "epoch": epoch,
-        "sdc_id": sdc_id,
-        "volumes": [
-            {"id": v.id, "name": v.name, "pool_id": v.pool_id, "size_bytes": v.size_bytes,
-             "access_mode": m.access_mode.value, "iops_limit": m.iops_limit,
-             "bandwidth_limit_bps": m.bandwidth_limit_bps}
-            for m, v in rows
-        ],
-        "pools": {str(k): v for k, v in maps.items()},
-    })
+    return json(
+        {
+            "epoch": epoch,
+            "sdc_id": sdc_id,
+            "volumes": [
+                {
+                    "id": v.id,
+                    "name": v.name,
+                    "pool_id": v.pool_id,
+                    "size_bytes": v.size_bytes,
+                    "access_mode": m.access_mode.value,
+                    "iops_limit": m.iops_limit,
+                    "bandwidth_limit_bps": m.bandwidth_limit_bps,
+                }
+                for m, v in rows
+            ],
+            "pools": {str(k): v for k, v in maps.items()},
+        }
+    )

@@ -32,22 +32,37 @@ from meshblock.mdm.models import (
 TAG = "topology"
 
 
-@routes.route("GET", "/api/v1/topology", role=Role.READONLY, tag=TAG,
-              summary="The whole tree: protection domains, fault sets, SDSs, devices, pools, "
-              "volumes, mappings, SDCs", response="Topology")
+@routes.route(
+    "GET",
+    "/api/v1/topology",
+    role=Role.READONLY,
+    tag=TAG,
+    summary="The whole tree: protection domains, fault sets, SDSs, devices, pools, "
+    "volumes, mappings, SDCs",
+    response="Topology",
+)
 async def topology(request: web.Request) -> web.Response:
     live = ctx(request).liveness
     async with reading(request) as s:
         cluster = await s.get(Cluster, CLUSTER_ROW_ID)
         assert cluster is not None
-        pds = list((await s.execute(select(ProtectionDomain).order_by(ProtectionDomain.id)))
-                   .scalars())
+        pds = list(
+            (await s.execute(select(ProtectionDomain).order_by(ProtectionDomain.id))).scalars()
+        )
         fss = list((await s.execute(select(FaultSet).order_by(FaultSet.id))).scalars())
-        sdss = list((await s.execute(select(Sds).options(selectinload(Sds.devices))
-                                     .order_by(Sds.id))).scalars())
+        sdss = list(
+            (
+                await s.execute(select(Sds).options(selectinload(Sds.devices)).order_by(Sds.id))
+            ).scalars()
+        )
         pools = list((await s.execute(select(StoragePool).order_by(StoragePool.id))).scalars())
-        vols = list((await s.execute(select(Volume).options(selectinload(Volume.mappings))
-                                     .order_by(Volume.id))).scalars())
+        vols = list(
+            (
+                await s.execute(
+                    select(Volume).options(selectinload(Volume.mappings)).order_by(Volume.id)
+                )
+            ).scalars()
+        )
         sdcs = list((await s.execute(select(Sdc).order_by(Sdc.id))).scalars())
         caps = await pool_capacities(s, [p.id for p in pools])
         alloc = await volume_allocated(s, vols)
@@ -55,34 +70,52 @@ async def topology(request: web.Request) -> web.Response:
 
     def volume_tree(v: Volume) -> dict[str, Any]:
         doc = volume_doc(v, alloc[v.id])
-        doc["mappings"] = [mapping_doc(m) | {"sdc_name": sdc_names.get(m.sdc_id)}
-                           for m in sorted(v.mappings, key=lambda m: m.id)]
+        doc["mappings"] = [
+            mapping_doc(m) | {"sdc_name": sdc_names.get(m.sdc_id)}
+            for m in sorted(v.mappings, key=lambda m: m.id)
+        ]
         return doc
 
     out = []
     for pd in pds:
         pd_sds = [x for x in sdss if x.protection_domain_id == pd.id]
-        out.append(pd_doc(pd) | {
-            "fault_sets": [
-                fs_doc(f) | {"sds": [sds_doc(x, live) for x in pd_sds if x.fault_set_id == f.id]}
-                for f in fss if f.protection_domain_id == pd.id
-            ],
-            "sds_without_fault_set": [sds_doc(x, live) for x in pd_sds if x.fault_set_id is None],
-            "pools": [
-                pool_doc(p, caps[p.id]) | {
-                    "volumes": [volume_tree(v) for v in vols if v.pool_id == p.id]}
-                for p in pools if p.protection_domain_id == pd.id
-            ],
-        })
-    return json({
-        "cluster": {"name": cluster.name, "epoch": cluster.epoch},
-        "protection_domains": out,
-        "sdc": [sdc_doc(c, live) for c in sdcs],
-    })
+        out.append(
+            pd_doc(pd)
+            | {
+                "fault_sets": [
+                    fs_doc(f)
+                    | {"sds": [sds_doc(x, live) for x in pd_sds if x.fault_set_id == f.id]}
+                    for f in fss
+                    if f.protection_domain_id == pd.id
+                ],
+                "sds_without_fault_set": [
+                    sds_doc(x, live) for x in pd_sds if x.fault_set_id is None
+                ],
+                "pools": [
+                    pool_doc(p, caps[p.id])
+                    | {"volumes": [volume_tree(v) for v in vols if v.pool_id == p.id]}
+                    for p in pools
+                    if p.protection_domain_id == pd.id
+                ],
+            }
+        )
+    return json(
+        {
+            "cluster": {"name": cluster.name, "epoch": cluster.epoch},
+            "protection_domains": out,
+            "sdc": [sdc_doc(c, live) for c in sdcs],
+        }
+    )
 
 
-@routes.route("GET", "/api/v1/capacity", role=Role.READONLY, tag=TAG,
-              summary="Capacity of every storage pool", response="Capacity")
+@routes.route(
+    "GET",
+    "/api/v1/capacity",
+    role=Role.READONLY,
+    tag=TAG,
+    summary="Capacity of every storage pool",
+    response="Capacity",
+)
 async def capacity(request: web.Request) -> web.Response:
     async with reading(request) as s:
         caps = await pool_capacities(s)

@@ -92,9 +92,15 @@ async def _ensure_fits(s: AsyncSession, pool: StoragePool, extra_thick_bytes: in
         )
 
 
-@routes.route("GET", "/api/v1/volumes", role=Role.READONLY, tag=TAG, summary="List volumes",
-              response="VolumeList",
-              query=(QueryParam("pool_id", "only this storage pool's", minimum=1),))
+@routes.route(
+    "GET",
+    "/api/v1/volumes",
+    role=Role.READONLY,
+    tag=TAG,
+    summary="List volumes",
+    response="VolumeList",
+    query=(QueryParam("pool_id", "only this storage pool's", minimum=1),),
+)
 async def list_volumes(request: web.Request) -> web.Response:
     pool_id = query_int(request, "pool_id", minimum=1)
     q = select(Volume).options(*WITH_MAPPINGS).order_by(Volume.id)
@@ -104,10 +110,18 @@ async def list_volumes(request: web.Request) -> web.Response:
         return json({"volumes": await _docs(s, list((await s.execute(q)).scalars()))})
 
 
-@routes.route("POST", "/api/v1/volumes", role=Role.ADMIN, tag=TAG, status=201,
-              summary="Create a thin or thick volume; the size is rounded up to the pool's "
-              "allocation granularity", body=schemas.VOLUME_CREATE, response="Volume",
-              errors=(404, 409))
+@routes.route(
+    "POST",
+    "/api/v1/volumes",
+    role=Role.ADMIN,
+    tag=TAG,
+    status=201,
+    summary="Create a thin or thick volume; the size is rounded up to the pool's "
+    "allocation granularity",
+    body=schemas.VOLUME_CREATE,
+    response="Volume",
+    errors=(404, 409),
+)
 async def create_volume(request: web.Request, body: dict[str, Any]) -> web.Response:
     size = size_field(body["size"], "size", MAX_VOLUME_BYTES)
     vtype = VolumeType(body.get("type", "thin"))
@@ -117,8 +131,10 @@ async def create_volume(request: web.Request, body: dict[str, Any]) -> web.Respo
             raise NotFound(f"no storage pool with id {body['pool_id']}", {"field": "pool_id"})
         size = _rounded(size, pool.allocation_granularity_bytes)
         if size > MAX_VOLUME_BYTES:
-            raise Invalid(f"size: {size} bytes is more than the maximum of {MAX_VOLUME_BYTES}",
-                          {"field": "size"})
+            raise Invalid(
+                f"size: {size} bytes is more than the maximum of {MAX_VOLUME_BYTES}",
+                {"field": "size"},
+            )
         await name_free(s, Volume, body["name"], "volume")
         if vtype == VolumeType.THICK:
             await _ensure_fits(s, pool, size)
@@ -132,8 +148,15 @@ async def create_volume(request: web.Request, body: dict[str, Any]) -> web.Respo
     return json(doc, 201)
 
 
-@routes.route("GET", r"/api/v1/volumes/{id:\d+}", role=Role.READONLY, tag=TAG,
-              summary="Show a volume", response="Volume", errors=(404,))
+@routes.route(
+    "GET",
+    r"/api/v1/volumes/{id:\d+}",
+    role=Role.READONLY,
+    tag=TAG,
+    summary="Show a volume",
+    response="Volume",
+    errors=(404,),
+)
 async def get_volume(request: web.Request) -> web.Response:
     async with reading(request) as s:
         v = await get_or_404(s, Volume, path_id(request), "volume", WITH_MAPPINGS)
@@ -141,9 +164,16 @@ async def get_volume(request: web.Request) -> web.Response:
         return json(doc)
 
 
-@routes.route("PATCH", r"/api/v1/volumes/{id:\d+}", role=Role.ADMIN, tag=TAG,
-              summary="Rename or extend a volume (a volume never shrinks)",
-              body=schemas.VOLUME_UPDATE, response="Volume", errors=(404, 409))
+@routes.route(
+    "PATCH",
+    r"/api/v1/volumes/{id:\d+}",
+    role=Role.ADMIN,
+    tag=TAG,
+    summary="Rename or extend a volume (a volume never shrinks)",
+    body=schemas.VOLUME_UPDATE,
+    response="Volume",
+    errors=(404, 409),
+)
 async def update_volume(request: web.Request, body: dict[str, Any]) -> web.Response:
     new_size = size_field(body["size"], "size", MAX_VOLUME_BYTES) if "size" in body else None
     async with change(request) as s:
@@ -153,9 +183,11 @@ async def update_volume(request: web.Request, body: dict[str, Any]) -> web.Respo
         if new_size is not None:
             new_size = _rounded(new_size, pool.allocation_granularity_bytes)
             if new_size < v.size_bytes:
-                raise Conflict(f"volume {v.name!r} is {v.size_bytes} bytes; a volume cannot "
-                               f"shrink to {new_size}",
-                               {"size_bytes": v.size_bytes, "requested_bytes": new_size})
+                raise Conflict(
+                    f"volume {v.name!r} is {v.size_bytes} bytes; a volume cannot "
+                    f"shrink to {new_size}",
+                    {"size_bytes": v.size_bytes, "requested_bytes": new_size},
+                )
             if new_size > MAX_VOLUME_BYTES:
                 raise Invalid("size: more than the maximum volume size", {"field": "size"})
             if v.type == VolumeType.THICK:
@@ -170,14 +202,23 @@ async def update_volume(request: web.Request, body: dict[str, Any]) -> web.Respo
     return json(doc)
 
 
-@routes.route("DELETE", r"/api/v1/volumes/{id:\d+}", role=Role.ADMIN, tag=TAG, status=204,
-              summary="Delete an unmapped volume", errors=(404, 409))
+@routes.route(
+    "DELETE",
+    r"/api/v1/volumes/{id:\d+}",
+    role=Role.ADMIN,
+    tag=TAG,
+    status=204,
+    summary="Delete an unmapped volume",
+    errors=(404, 409),
+)
 async def delete_volume(request: web.Request) -> web.Response:
     async with change(request) as s:
         v = await get_or_404(s, Volume, path_id(request), "volume", WITH_MAPPINGS)
         if v.mappings:
-            raise Conflict(f"volume {v.name!r} is mapped to {len(v.mappings)} SDC(s); "
-                           "unmap it first", {"mapped_sdc_ids": [m.sdc_id for m in v.mappings]})
+            raise Conflict(
+                f"volume {v.name!r} is mapped to {len(v.mappings)} SDC(s); unmap it first",
+                {"mapped_sdc_ids": [m.sdc_id for m in v.mappings]},
+            )
         await s.execute(delete(VolumeUsage).where(VolumeUsage.volume_id == v.id))
         await s.delete(v)
     log.info("volume %s deleted", v.name)
@@ -194,14 +235,21 @@ def _limits(body: dict[str, Any], m: Mapping) -> None:
         m.iops_limit = body["iops_limit"]
     if "bandwidth_limit" in body:
         bw = body["bandwidth_limit"]
-        m.bandwidth_limit_bps = (None if bw is None
-                                 else size_field(bw, "bandwidth_limit", 2**53))
+        m.bandwidth_limit_bps = None if bw is None else size_field(bw, "bandwidth_limit", 2**53)
 
 
-@routes.route("GET", "/api/v1/mappings", role=Role.READONLY, tag=TAG,
-              summary="List volume-to-SDC mappings", response="MappingList",
-              query=(QueryParam("volume_id", "only this volume's", minimum=1),
-                     QueryParam("sdc_id", "only this SDC's", minimum=1)))
+@routes.route(
+    "GET",
+    "/api/v1/mappings",
+    role=Role.READONLY,
+    tag=TAG,
+    summary="List volume-to-SDC mappings",
+    response="MappingList",
+    query=(
+        QueryParam("volume_id", "only this volume's", minimum=1),
+        QueryParam("sdc_id", "only this SDC's", minimum=1),
+    ),
+)
 async def list_mappings(request: web.Request) -> web.Response:
     q = select(Mapping).order_by(Mapping.id)
     vid = query_int(request, "volume_id", minimum=1)
@@ -214,18 +262,32 @@ async def list_mappings(request: web.Request) -> web.Response:
         return json({"mappings": [mapping_doc(m) for m in (await s.execute(q)).scalars()]})
 
 
-@routes.route("POST", "/api/v1/mappings", role=Role.ADMIN, tag=TAG, status=201,
-              summary="Map a volume to an SDC, with an access mode and QoS limits",
-              body=schemas.MAPPING_CREATE, response="Mapping", errors=(404, 409))
+@routes.route(
+    "POST",
+    "/api/v1/mappings",
+    role=Role.ADMIN,
+    tag=TAG,
+    status=201,
+    summary="Map a volume to an SDC, with an access mode and QoS limits",
+    body=schemas.MAPPING_CREATE,
+    response="Mapping",
+    errors=(404, 409),
+)
 async def create_mapping(request: web.Request, body: dict[str, Any]) -> web.Response:
-    m = Mapping(volume_id=body["volume_id"], sdc_id=body["sdc_id"],
-                access_mode=AccessMode.READ_WRITE)
+    m = Mapping(
+        volume_id=body["volume_id"], sdc_id=body["sdc_id"], access_mode=AccessMode.READ_WRITE
+    )
     _limits(body, m)
     async with change(request) as s:
         await must_exist(s, Volume, m.volume_id, "volume", "volume_id")
         await must_exist(s, Sdc, m.sdc_id, "SDC", "sdc_id")
-        dup = (await s.execute(select(Mapping.id).where(
-            Mapping.volume_id == m.volume_id, Mapping.sdc_id == m.sdc_id))).scalar()
+        dup = (
+            await s.execute(
+                select(Mapping.id).where(
+                    Mapping.volume_id == m.volume_id, Mapping.sdc_id == m.sdc_id
+                )
+            )
+        ).scalar()
         if dup is not None:
             raise Conflict("the volume is already mapped to this SDC", {"mapping_id": dup})
         s.add(m)
@@ -234,16 +296,30 @@ async def create_mapping(request: web.Request, body: dict[str, Any]) -> web.Resp
     return json(mapping_doc(m), 201)
 
 
-@routes.route("GET", r"/api/v1/mappings/{id:\d+}", role=Role.READONLY, tag=TAG,
-              summary="Show a mapping", response="Mapping", errors=(404,))
+@routes.route(
+    "GET",
+    r"/api/v1/mappings/{id:\d+}",
+    role=Role.READONLY,
+    tag=TAG,
+    summary="Show a mapping",
+    response="Mapping",
+    errors=(404,),
+)
 async def get_mapping(request: web.Request) -> web.Response:
     async with reading(request) as s:
         return json(mapping_doc(await get_or_404(s, Mapping, path_id(request), "mapping")))
 
 
-@routes.route("PATCH", r"/api/v1/mappings/{id:\d+}", role=Role.ADMIN, tag=TAG,
-              summary="Change a mapping's access mode or QoS limits (null clears a limit)",
-              body=schemas.MAPPING_UPDATE, response="Mapping", errors=(404,))
+@routes.route(
+    "PATCH",
+    r"/api/v1/mappings/{id:\d+}",
+    role=Role.ADMIN,
+    tag=TAG,
+    summary="Change a mapping's access mode or QoS limits (null clears a limit)",
+    body=schemas.MAPPING_UPDATE,
+    response="Mapping",
+    errors=(404,),
+)
 async def update_mapping(request: web.Request, body: dict[str, Any]) -> web.Response:
     async with change(request) as s:
         m = await get_or_404(s, Mapping, path_id(request), "mapping")
@@ -251,8 +327,15 @@ async def update_mapping(request: web.Request, body: dict[str, Any]) -> web.Resp
     return json(mapping_doc(m))
 
 
-@routes.route("DELETE", r"/api/v1/mappings/{id:\d+}", role=Role.ADMIN, tag=TAG, status=204,
-              summary="Unmap a volume from an SDC", errors=(404,))
+@routes.route(
+    "DELETE",
+    r"/api/v1/mappings/{id:\d+}",
+    role=Role.ADMIN,
+    tag=TAG,
+    status=204,
+    summary="Unmap a volume from an SDC",
+    errors=(404,),
+)
 async def delete_mapping(request: web.Request) -> web.Response:
     async with change(request) as s:
         m = await get_or_404(s, Mapping, path_id(request), "mapping")

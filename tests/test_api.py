@@ -1,0 +1,637 @@
+"""The MDM's REST API against a real MDM process, on SQLite and on PostgreSQL.
+
+The module builds the topology of the issue's "done" criterion step by step (a
+protection domain, three fault sets with an SDS each, a pool, an SDC, a thin and a
+thick volume, both mapped) and checks every refusal on the way: a refused request
+answers with a JSON error and changes nothing (the epoch does not move).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import urllib.request
+from typing import Any
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from _http import Api
+from _mdm import MdmDaemon
+
+GiB = 1 << 30
+
+
+def ok(resp: Any, status: int = 200) -> Any:
+    code, body = resp
+    assert code == status, f"expected {status}, got {code}: {body}"
+    return body
+
+
+def err(resp: Any, status: int, code: str) -> dict[str, Any]:
+    got_status, body = resp
+    assert got_status == status, f"expected {status}, got {got_status}: {body}"
+    assert body["error"]["code"] == code, body
+    assert body["error"]["message"]
+    error: dict[str, Any] = body["error"]
+    return error
+
+
+def epoch(api: Api) -> int:
+    return int(ok(api("GET", "/health", token=None))["epoch"])
+
+
+def unchanged(api: Api, resp: Any, status: int, code: str) -> dict[str, Any]:
+    """Check a refusal and that it changed nothing (the cluster epoch is the same)."""
+    before = epoch(api)
+    e = err(resp() if callable(resp) else resp, status, code)
+    assert epoch(api) == before, "a refused request moved the epoch"
+    return e
+
+
+@pytest.fixture(scope="module")
+def topo(api: Api) -> dict[str, Any]:
+    """The base topology: pd1, fs1..fs3, sds1..sds3 (one 100 GiB device each), sp1."""
+    t: dict[str, Any] = {}
+    t["pd"] = ok(api("POST", "/api/v1/protection-domains", {"name": "pd1"}), 201)
+    pd_id = t["pd"]["id"]
+    t["fs"] = [
+        ok(
+            api("POST", "/api/v1/fault-sets", {"name": f"fs{i}", "protection_domain_id": pd_id}),
+            201,
+        )
+        for i in (1, 2, 3)
+    ]
+    t["pool"] = ok(
+        api(
+            "POST", "/api/v1/pools", {"name": "sp1", "protection_domain_id": pd_id, "pg_count": 64}
+        ),
+        201,
+    )
+    t["sds"] = [
+        ok(
+            api(
+                "POST",
+                "/api/v1/sds",
+                {
+                    "name": f"sds{i}",
+                    "protection_domain_id": pd_id,
+                    "fault_set_id": t["fs"][i - 1]["id"],
+                    "address": "127.0.0.1",
+                    "data_port": 17070 + i,
+                    "control_port": 17170 + i,
+                    "devices": [
+                        {
+                            "path": f"/var/lib/meshblock/dev{i}",
+                            "capacity": "100GiB",
+                            "pool_id": t["pool"]["id"],
+                        }
+                    ],
+                },
+            ),
+            201,
+        )
+        for i in (1, 2, 3)
+    ]
+    t["sdc"] = ok(api("POST", "/api/v1/sdc", {"guid": "guid-host1", "name": "host1"}), 201)
+    return t
+
+
+def test_health_is_open(api: Api) -> None:
+    body = ok(api("GET", "/health", token=None))
+    assert body["status"] in ("ok", "degraded")
+    assert body["epoch"] >= 1
+
+
+def test_api_requires_token(api: Api, mdm: MdmDaemon) -> None:
+    e = err(api("GET", "/api/v1/protection-domains", token=None), 401, "unauthorized")
+    assert "Bearer" in e["message"]
+    err(api("GET", "/api/v1/protection-domains", token="wrong"), 401, "unauthorized")
+    # The read-only token reads but cannot change; the cluster secret only does what
+    # daemons do.
+    ok(api("GET", "/api/v1/protection-domains", token=mdm.readonly_token))
+    unchanged(
+        api,
+        lambda: api("POST", "/api/v1/protection-domains", {"name": "ro"}, token=mdm.readonly_token),
+        403,
+        "forbidden",
+    )
+    err(api("GET", "/api/v1/protection-domains", token=mdm.cluster_secret), 403, "forbidden")
+
+
+def test_topology_build(api: Api, topo: dict[str, Any]) -> None:
+    pool = ok(api("GET", f"/api/v1/pools/{topo['pool']['id']}"))
+    cap = pool["capacity"]
+    assert cap["total_bytes"] == 300 * GiB
+    assert cap["spare_bytes"] == 30 * GiB
+    assert cap["free_bytes"] == 270 * GiB
+    assert pool["map_epoch"] >= 1
+
+
+def test_duplicates_conflict(api: Api, topo: dict[str, Any]) -> None:
+    pd_id = topo["pd"]["id"]
+    unchanged(
+        api, lambda: api("POST", "/api/v1/protection-domains", {"name": "pd1"}), 409, "conflict"
+    )
+    unchanged(
+        api,
+        lambda: api("POST", "/api/v1/fault-sets", {"name": "fs1", "protection_domain_id": pd_id}),
+        409,
+        "conflict",
+    )
+    unchanged(
+        api,
+        lambda: api("POST", "/api/v1/pools", {"name": "sp1", "protection_domain_id": pd_id}),
+        409,
+        "conflict",
+    )
+    unchanged(
+        api,
+        lambda: api("POST", "/api/v1/sdc", {"guid": "guid-host1", "name": "x"}),
+        409,
+        "conflict",
+    )
+    unchanged(
+        api,
+        lambda: api(
+            "POST",
+            "/api/v1/sds",
+            {"name": "sds1", "protection_domain_id": pd_id, "address": "127.0.0.1"},
+        ),
+        409,
+        "conflict",
+    )
+
+
+def test_unknown_ids_404(api: Api, topo: dict[str, Any]) -> None:
+    for path in (
+        "/api/v1/protection-domains/9999",
+        "/api/v1/pools/9999",
+        "/api/v1/sds/9999",
+        "/api/v1/sdc/9999",
+        "/api/v1/volumes/9999",
+        "/api/v1/mappings/9999",
+        "/api/v1/fault-sets/9999",
+        "/api/v1/pools/99999999999/pgmap",
+        "/api/v1/nothing-here",
+    ):
+        err(api("GET", path), 404, "not_found")
+    unchanged(
+        api,
+        lambda: api("POST", "/api/v1/volumes", {"name": "v", "pool_id": 9999, "size": "1GiB"}),
+        404,
+        "not_found",
+    )
+    unchanged(
+        api,
+        lambda: api("POST", "/api/v1/fault-sets", {"name": "fsx", "protection_domain_id": 9999}),
+        404,
+        "not_found",
+    )
+
+
+def test_bad_input(api: Api, mdm: MdmDaemon, topo: dict[str, Any]) -> None:
+    pool_id = topo["pool"]["id"]
+    for body, field in (
+        ({"name": "v", "pool_id": pool_id, "size": "-3GiB"}, "size"),
+        ({"name": "v", "pool_id": pool_id, "size": "12 parsecs"}, "size"),
+        ({"name": "v", "pool_id": pool_id, "size": 0}, "size"),
+        ({"name": "v", "pool_id": pool_id, "size": "9999PiB"}, "size"),
+        ({"name": "v", "pool_id": pool_id, "size": True}, "size"),
+        ({"name": "v", "pool_id": pool_id, "size": "1GiB", "type": "fat"}, "type"),
+        ({"name": "bad name!", "pool_id": pool_id, "size": "1GiB"}, "name"),
+        ({"name": "v", "pool_id": pool_id, "size": "1GiB", "colour": "red"}, None),
+        ({"pool_id": pool_id, "size": "1GiB"}, None),
+    ):
+        e = unchanged(api, lambda b=body: api("POST", "/api/v1/volumes", b), 422, "invalid")
+        if field:
+            assert field in e["message"], e
+    # Not JSON, not an object: 400.
+    raw = urllib.request.Request(
+        mdm.url + "/api/v1/protection-domains",
+        data=b"{nope",
+        method="POST",
+        headers={"Authorization": f"Bearer {mdm.admin_token}", "Content-Type": "application/json"},
+    )
+    try:
+        urllib.request.urlopen(raw)
+        raise AssertionError("malformed JSON was accepted")
+    except urllib.error.HTTPError as exc:
+        assert exc.code == 400
+        assert json.loads(exc.read())["error"]["code"] == "bad_request"
+    err(api("POST", "/api/v1/protection-domains", ["pd9"]), 400, "bad_request")
+    err(api("GET", "/api/v1/volumes?pool_id=abc"), 400, "bad_request")
+    # Pool settings out of range, thresholds inverted.
+    unchanged(
+        api, lambda: api("PATCH", f"/api/v1/pools/{pool_id}", {"spare_percent": 95}), 422, "invalid"
+    )
+    unchanged(
+        api,
+        lambda: api(
+            "PATCH",
+            f"/api/v1/pools/{pool_id}",
+            {"capacity_alert_high_percent": 95, "capacity_alert_critical_percent": 90},
+        ),
+        422,
+        "invalid",
+    )
+
+
+def test_volumes_and_capacity(api: Api, topo: dict[str, Any]) -> None:
+    pool_id = topo["pool"]["id"]
+    thin = ok(
+        api(
+            "POST",
+            "/api/v1/volumes",
+            {"name": "thin1", "pool_id": pool_id, "size": "16GiB", "type": "thin"},
+        ),
+        201,
+    )
+    assert thin["size_bytes"] == 16 * GiB and thin["type"] == "thin"
+    assert thin["allocated_bytes"] == 0
+    # Rounded up to the pool's 1 GiB granularity.
+    thick = ok(
+        api(
+            "POST",
+            "/api/v1/volumes",
+            {"name": "thick1", "pool_id": pool_id, "size": 10 * GiB - 5, "type": "thick"},
+        ),
+        201,
+    )
+    assert thick["size_bytes"] == 10 * GiB
+    assert thick["allocated_bytes"] == 20 * GiB
+    cap = ok(api("GET", f"/api/v1/pools/{pool_id}"))["capacity"]
+    assert cap["thick_reserved_bytes"] == 20 * GiB
+    assert cap["free_bytes"] == 250 * GiB
+    # 126 GiB thick needs 252 GiB: does not fit in 250; the refusal says the numbers.
+    e = unchanged(
+        api,
+        lambda: api(
+            "POST",
+            "/api/v1/volumes",
+            {"name": "big", "pool_id": pool_id, "size": "126GiB", "type": "thick"},
+        ),
+        409,
+        "insufficient_capacity",
+    )
+    assert e["details"]["requested_bytes"] == 252 * GiB
+    assert e["details"]["free_bytes"] == 250 * GiB
+    ok(
+        api(
+            "POST",
+            "/api/v1/volumes",
+            {"name": "big", "pool_id": pool_id, "size": "125GiB", "type": "thick"},
+        ),
+        201,
+    )
+    # Thin volumes may over-commit.
+    ok(
+        api("POST", "/api/v1/volumes", {"name": "huge-thin", "pool_id": pool_id, "size": "10TiB"}),
+        201,
+    )
+    # Extending a thick volume needs room too; shrinking is refused.
+    unchanged(
+        api,
+        lambda: api("PATCH", f"/api/v1/volumes/{thick['id']}", {"size": "11GiB"}),
+        409,
+        "insufficient_capacity",
+    )
+    unchanged(
+        api,
+        lambda: api("PATCH", f"/api/v1/volumes/{thin['id']}", {"size": "8GiB"}),
+        409,
+        "conflict",
+    )
+    grown = ok(api("PATCH", f"/api/v1/volumes/{thin['id']}", {"size": "32GiB"}))
+    assert grown["size_bytes"] == 32 * GiB
+    renamed = ok(api("PATCH", f"/api/v1/volumes/{thin['id']}", {"name": "thin-a"}))
+    assert renamed["name"] == "thin-a"
+    unchanged(
+        api,
+        lambda: api("PATCH", f"/api/v1/volumes/{thin['id']}", {"name": "thick1"}),
+        409,
+        "conflict",
+    )
+    for name in ("big", "huge-thin"):
+        (v,) = [x for x in ok(api("GET", "/api/v1/volumes"))["volumes"] if x["name"] == name]
+        ok(api("DELETE", f"/api/v1/volumes/{v['id']}"), 204)
+
+
+def test_thin_usage_from_heartbeats(api: Api, mdm: MdmDaemon, topo: dict[str, Any]) -> None:
+    (thin,) = [v for v in ok(api("GET", "/api/v1/volumes"))["volumes"] if v["name"] == "thin-a"]
+    sds1, sds2 = topo["sds"][0], topo["sds"][1]
+    for sds in (sds1, sds2):
+        ok(
+            api(
+                "POST",
+                f"/api/v1/sds/{sds['id']}/heartbeat",
+                {
+                    "devices": [{"id": sds["devices"][0]["id"], "used_bytes": 5 << 20}],
+                    "volumes": [{"id": thin["id"], "chunks": 5}],
+                },
+                token=mdm.cluster_secret,
+            )
+        )
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:  # heartbeats are written once a second
+        v = ok(api("GET", f"/api/v1/volumes/{thin['id']}"))
+        if v["allocated_bytes"]:
+            break
+        time.sleep(0.2)
+    assert v["allocated_bytes"] == 10 << 20  # 5 chunks on each of two SDSs
+    cap = ok(api("GET", f"/api/v1/pools/{topo['pool']['id']}"))["capacity"]
+    assert cap["thin_used_bytes"] == 10 << 20
+    sds = ok(api("GET", f"/api/v1/sds/{sds1['id']}"))
+    assert sds["state"] == "connected" and sds["last_seen"]
+    assert sds["devices"][0]["used_bytes"] == 5 << 20
+    # An SDS that holds data cannot be removed (it must be drained first).
+    e = unchanged(api, lambda: api("DELETE", f"/api/v1/sds/{sds1['id']}"), 409, "conflict")
+    assert "drain" in e["message"]
+    # Heartbeats need the cluster secret, and a registered SDS.
+    err(
+        api("POST", f"/api/v1/sds/{sds1['id']}/heartbeat", {}, token=mdm.readonly_token),
+        403,
+        "forbidden",
+    )
+    err(api("POST", "/api/v1/sds/9999/heartbeat", {}, token=mdm.cluster_secret), 404, "not_found")
+
+
+def test_mappings(api: Api, topo: dict[str, Any]) -> None:
+    vols = {v["name"]: v for v in ok(api("GET", "/api/v1/volumes"))["volumes"]}
+    sdc_id = topo["sdc"]["id"]
+    m1 = ok(
+        api(
+            "POST",
+            "/api/v1/mappings",
+            {
+                "volume_id": vols["thin-a"]["id"],
+                "sdc_id": sdc_id,
+                "iops_limit": 5000,
+                "bandwidth_limit": "100MiB",
+            },
+        ),
+        201,
+    )
+    assert m1["access_mode"] == "read_write"
+    assert m1["bandwidth_limit_bps"] == 100 << 20 and m1["iops_limit"] == 5000
+    m2 = ok(
+        api(
+            "POST",
+            "/api/v1/mappings",
+            {"volume_id": vols["thick1"]["id"], "sdc_id": sdc_id, "access_mode": "read_only"},
+        ),
+        201,
+    )
+    unchanged(
+        api,
+        lambda: api(
+            "POST", "/api/v1/mappings", {"volume_id": vols["thick1"]["id"], "sdc_id": sdc_id}
+        ),
+        409,
+        "conflict",
+    )
+    unchanged(
+        api,
+        lambda: api(
+            "POST",
+            "/api/v1/mappings",
+            {"volume_id": vols["thick1"]["id"], "sdc_id": sdc_id, "access_mode": "rw"},
+        ),
+        422,
+        "invalid",
+    )
+    cleared = ok(api("PATCH", f"/api/v1/mappings/{m1['id']}", {"iops_limit": None}))
+    assert cleared["iops_limit"] is None and cleared["bandwidth_limit_bps"] == 100 << 20
+    # Mapped volumes and SDCs with mappings cannot be deleted.
+    unchanged(
+        api, lambda: api("DELETE", f"/api/v1/volumes/{vols['thick1']['id']}"), 409, "conflict"
+    )
+    unchanged(api, lambda: api("DELETE", f"/api/v1/sdc/{sdc_id}"), 409, "conflict")
+    v = ok(api("GET", f"/api/v1/volumes/{vols['thick1']['id']}"))
+    assert v["mapped_sdc_ids"] == [sdc_id]
+    assert {m["id"] for m in ok(api("GET", f"/api/v1/mappings?sdc_id={sdc_id}"))["mappings"]} == {
+        m1["id"],
+        m2["id"],
+    }
+
+
+def test_delete_guards(api: Api, topo: dict[str, Any]) -> None:
+    pd_id, pool_id = topo["pd"]["id"], topo["pool"]["id"]
+    e = unchanged(
+        api, lambda: api("DELETE", f"/api/v1/protection-domains/{pd_id}"), 409, "conflict"
+    )
+    assert "pool" in e["message"]
+    unchanged(api, lambda: api("DELETE", f"/api/v1/pools/{pool_id}"), 409, "conflict")
+    unchanged(
+        api, lambda: api("DELETE", f"/api/v1/fault-sets/{topo['fs'][0]['id']}"), 409, "conflict"
+    )
+    # An empty protection domain goes.
+    pd2 = ok(api("POST", "/api/v1/protection-domains", {"name": "pd-empty"}), 201)
+    renamed = ok(api("PATCH", f"/api/v1/protection-domains/{pd2['id']}", {"name": "pd-gone"}))
+    assert renamed["name"] == "pd-gone"
+    ok(api("DELETE", f"/api/v1/protection-domains/{pd2['id']}"), 204)
+    err(api("GET", f"/api/v1/protection-domains/{pd2['id']}"), 404, "not_found")
+
+
+def test_pg_map_valid(api: Api, mdm: MdmDaemon, topo: dict[str, Any]) -> None:
+    m = ok(api("GET", f"/api/v1/pools/{topo['pool']['id']}/pgmap", token=mdm.cluster_secret))
+    assert m["pg_count"] == 64 and len(m["pgs"]) == 64
+    fault_set = {s["id"]: s["fault_set_id"] for s in topo["sds"]}
+    for pg in m["pgs"]:
+        p, s = pg["primary"], pg["secondary"]
+        assert p and s, pg
+        assert p["sds_id"] != s["sds_id"]
+        assert fault_set[p["sds_id"]] != fault_set[s["sds_id"]]
+    counts: dict[int, int] = {}
+    for pg in m["pgs"]:
+        for c in (pg["primary"], pg["secondary"]):
+            counts[c["sds_id"]] = counts.get(c["sds_id"], 0) + 1
+    # three equal devices: 128 copies, about 43 each
+    assert max(counts.values()) - min(counts.values()) <= 4, counts
+    assert set(m["sds"]) == {str(s["id"]) for s in topo["sds"]}
+
+
+def test_sds_join_recomputes_map_and_wakes_long_poll(
+    api: Api, mdm: MdmDaemon, topo: dict[str, Any]
+) -> None:
+    pool_id = topo["pool"]["id"]
+    before = ok(api("GET", f"/api/v1/pools/{pool_id}/pgmap", token=mdm.cluster_secret))
+    result: dict[str, Any] = {}
+
+    def wait() -> None:
+        t0 = time.monotonic()
+        result["map"] = ok(
+            api(
+                "GET",
+                f"/api/v1/pools/{pool_id}/pgmap?wait_epoch={before['epoch']}&timeout=20",
+                token=mdm.cluster_secret,
+            )
+        )
+        result["waited"] = time.monotonic() - t0
+
+    waiter = threading.Thread(target=wait)
+    waiter.start()
+    time.sleep(0.5)
+    t_change = time.monotonic()
+    sds4 = ok(
+        api(
+            "POST",
+            "/api/v1/sds/register",
+            {
+                "name": "sds4",
+                "protection_domain_id": topo["pd"]["id"],
+                "fault_set_id": topo["fs"][0]["id"],
+                "address": "127.0.0.1",
+                "data_port": 17074,
+                "devices": [
+                    {"path": "/var/lib/meshblock/dev4", "capacity": "100GiB", "pool_id": pool_id}
+                ],
+            },
+            token=mdm.cluster_secret,
+        ),
+        201,
+    )
+    waiter.join(25)
+    assert not waiter.is_alive()
+    assert result["map"]["epoch"] > before["epoch"]
+    assert result["waited"] - (t_change - (time.monotonic() - result["waited"])) < 20
+    assert time.monotonic() - t_change < 5  # the waiter returned soon after the change
+    assert str(sds4["id"]) in result["map"]["sds"]
+    # Re-registering the same SDS is idempotent and keeps its id.
+    again = ok(
+        api(
+            "POST",
+            "/api/v1/sds/register",
+            {
+                "name": "sds4",
+                "protection_domain_id": topo["pd"]["id"],
+                "fault_set_id": topo["fs"][0]["id"],
+                "address": "127.0.0.1",
+                "data_port": 17074,
+                "devices": [
+                    {"path": "/var/lib/meshblock/dev4", "capacity": "100GiB", "pool_id": pool_id}
+                ],
+            },
+            token=mdm.cluster_secret,
+        ),
+        200,
+    )
+    assert again["id"] == sds4["id"] and len(again["devices"]) == 1
+    # A long-poll with nothing new returns the current map after its timeout.
+    t0 = time.monotonic()
+    same = ok(
+        api(
+            "GET",
+            f"/api/v1/pools/{pool_id}/pgmap?wait_epoch={10**9}&timeout=1",
+            token=mdm.cluster_secret,
+        )
+    )
+    assert 0.9 <= time.monotonic() - t0 < 5
+    assert same["epoch"] == result["map"]["epoch"]
+    # SDS without data can be removed; the map refills without it.
+    ok(api("DELETE", f"/api/v1/sds/{sds4['id']}"), 204)
+    after = ok(api("GET", f"/api/v1/pools/{pool_id}/pgmap", token=mdm.cluster_secret))
+    assert str(sds4["id"]) not in after["sds"]
+    assert all(pg["primary"] and pg["secondary"] for pg in after["pgs"])
+
+
+def test_sdc_register_and_maps(api: Api, mdm: MdmDaemon, topo: dict[str, Any]) -> None:
+    body = {"guid": "guid-host1", "name": "host1", "address": "127.0.0.1", "nbd_port": 10809}
+    sdc = ok(api("POST", "/api/v1/sdc/register", body, token=mdm.cluster_secret), 200)
+    assert sdc["id"] == topo["sdc"]["id"] and sdc["state"] == "connected"
+    ok(api("POST", f"/api/v1/sdc/{sdc['id']}/heartbeat", {}, token=mdm.cluster_secret))
+    maps = ok(api("GET", f"/api/v1/sdc/{sdc['id']}/maps", token=mdm.cluster_secret))
+    names = {v["name"]: v for v in maps["volumes"]}
+    assert set(names) == {"thin-a", "thick1"}
+    assert names["thick1"]["access_mode"] == "read_only"
+    assert set(maps["pools"]) == {str(topo["pool"]["id"])}
+    # The maps long-poll wakes on a mapping change.
+    result: dict[str, Any] = {}
+
+    def wait() -> None:
+        result["maps"] = ok(
+            api(
+                "GET",
+                f"/api/v1/sdc/{sdc['id']}/maps?wait_epoch={maps['epoch']}&timeout=20",
+                token=mdm.cluster_secret,
+            )
+        )
+
+    waiter = threading.Thread(target=wait)
+    waiter.start()
+    time.sleep(0.3)
+    (m,) = [
+        m
+        for m in ok(api("GET", f"/api/v1/mappings?sdc_id={sdc['id']}"))["mappings"]
+        if m["volume_id"] == names["thick1"]["id"]
+    ]
+    t0 = time.monotonic()
+    ok(api("DELETE", f"/api/v1/mappings/{m['id']}"), 204)
+    waiter.join(25)
+    assert time.monotonic() - t0 < 2  # clients learn of a change within a second or so
+    assert {v["name"] for v in result["maps"]["volumes"]} == {"thin-a"}
+
+
+def test_topology_document(api: Api, topo: dict[str, Any]) -> None:
+    vols = {v["name"]: v for v in ok(api("GET", "/api/v1/volumes"))["volumes"]}
+    ok(
+        api(
+            "POST",
+            "/api/v1/mappings",
+            {"volume_id": vols["thick1"]["id"], "sdc_id": topo["sdc"]["id"]},
+        ),
+        201,
+    )
+    t = ok(api("GET", "/api/v1/topology"))
+    (pd,) = [p for p in t["protection_domains"] if p["name"] == "pd1"]
+    assert [f["name"] for f in pd["fault_sets"]] == ["fs1", "fs2", "fs3"]
+    assert [[s["name"] for s in f["sds"]] for f in pd["fault_sets"]] == [
+        ["sds1"],
+        ["sds2"],
+        ["sds3"],
+    ]
+    assert all(len(s["devices"]) == 1 for f in pd["fault_sets"] for s in f["sds"])
+    (pool,) = pd["pools"]
+    assert pool["name"] == "sp1"
+    got = {v["name"]: v for v in pool["volumes"]}
+    assert got["thin-a"]["type"] == "thin" and got["thick1"]["type"] == "thick"
+    assert [m["sdc_name"] for m in got["thin-a"]["mappings"]] == ["host1"]
+    assert [m["sdc_name"] for m in got["thick1"]["mappings"]] == ["host1"]
+    assert [c["name"] for c in t["sdc"]] == ["host1"]
+    assert t["cluster"]["epoch"] == epoch(api)
+
+
+def test_health_components_and_metrics(api: Api, topo: dict[str, Any]) -> None:
+    comps = ok(api("GET", "/health/components", token=None))["components"]
+    types = [c["component_type"] for c in comps]
+    assert types.count("mdm") == 1 and types.count("sds") == 3 and types.count("sdc") == 1
+    for c in comps:
+        assert {
+            "address",
+            "component_id",
+            "component_type",
+            "control_port",
+            "data_port",
+            "state",
+            "last_seen",
+        } <= set(c)
+    m = ok(api("GET", "/health/metrics", token=None))
+    assert m["sds_total"] == 3 and m["pools"] == 1 and m["volumes"] == 2
+    assert m["capacity_total_bytes"] == 300 * GiB
+    status, text = api("GET", "/metrics", token=None)
+    assert status == 200
+    samples = {
+        (smp.name, tuple(sorted(smp.labels.items()))): smp.value
+        for fam in text_string_to_metric_families(text)
+        for smp in fam.samples
+    }
+    pool_label = (("pool_id", str(topo["pool"]["id"])),)
+    assert samples[("meshblock_pool_total_bytes", pool_label)] == 300 * GiB
+    assert samples[("meshblock_pool_spare_bytes", pool_label)] == 30 * GiB
+    assert (
+        samples[("meshblock_sds", (("state", "connected"),))]
+        + samples[("meshblock_sds", (("state", "disconnected"),))]
+        == 3
+    )
+    assert samples[("meshblock_volumes", ())] == 2

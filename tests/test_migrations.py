@@ -1,0 +1,205 @@
+"""Schema migrations of the MDM's metadata store, on SQLite and on PostgreSQL.
+
+``meshblock.mdm.db.migrate`` brings an empty database to the head revision, does
+nothing the second time, refuses a schema written by a newer release, and leaves a
+schema that matches the ORM models exactly (Alembic's autogenerate finds no diff).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import inspect, text
+from sqlalchemy.engine import Connection
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from _mdm import MdmDaemon
+from conftest import BACKENDS, new_database_url
+from meshblock.mdm.db import SchemaError, alembic_config, create_engine, migrate
+from meshblock.mdm.models import Base
+
+T = TypeVar("T")
+
+FUTURE_REVISION = "9999_from_the_future"
+
+
+def head_revision() -> str:
+    head = ScriptDirectory.from_config(alembic_config()).get_current_head()
+    assert head is not None
+    return head
+
+
+def with_engine(url: str, fn: Callable[[AsyncEngine], Awaitable[T]]) -> T:
+    """Run ``fn(engine)`` on a fresh engine in a fresh event loop; dispose of it."""
+
+    async def main() -> T:
+        engine = create_engine(url)
+        try:
+            return await fn(engine)
+        finally:
+            await engine.dispose()
+
+    return asyncio.run(main())
+
+
+def run_sync(url: str, fn: Callable[[Connection], T]) -> T:
+    """Run the synchronous ``fn(connection)`` in a transaction on database ``url``."""
+
+    async def go(engine: AsyncEngine) -> T:
+        async with engine.begin() as conn:
+            return await conn.run_sync(fn)
+
+    return with_engine(url, go)
+
+
+def current_revision(conn: Connection) -> str | None:
+    return MigrationContext.configure(conn).get_current_revision()
+
+
+def schema_snapshot(conn: Connection) -> dict[str, Any]:
+    """Tables, columns, keys and indexes as the database reports them."""
+    insp = inspect(conn)
+    snap: dict[str, Any] = {}
+    for table in sorted(insp.get_table_names()):
+        snap[table] = {
+            "columns": [
+                (c["name"], str(c["type"]), c["nullable"]) for c in insp.get_columns(table)
+            ],
+            "pk": insp.get_pk_constraint(table)["constrained_columns"],
+            "fks": sorted(
+                (tuple(fk["constrained_columns"]), fk["referred_table"])
+                for fk in insp.get_foreign_keys(table)
+            ),
+            "unique": sorted(tuple(u["column_names"]) for u in insp.get_unique_constraints(table)),
+            "indexes": sorted(i["name"] or "" for i in insp.get_indexes(table)),
+        }
+    return snap
+
+
+def stamp(url: str, revision: str) -> None:
+    def write(conn: Connection) -> None:
+        conn.execute(text("UPDATE alembic_version SET version_num = :rev"), {"rev": revision})
+
+    run_sync(url, write)
+
+
+@pytest.fixture(params=BACKENDS)
+def empty_db(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The URL of a new, empty database for one test."""
+    return new_database_url(request.param, request, tmp_path)
+
+
+def test_migrate_empty_database_creates_schema_at_head(empty_db: str) -> None:
+    assert run_sync(empty_db, lambda c: inspect(c).get_table_names()) == []
+
+    with_engine(empty_db, migrate)
+
+    assert run_sync(empty_db, current_revision) == head_revision()
+    tables = set(run_sync(empty_db, lambda c: inspect(c).get_table_names()))
+    assert tables == set(Base.metadata.tables) | {"alembic_version"}
+
+
+def test_migrate_twice_is_a_no_op(empty_db: str, caplog: pytest.LogCaptureFixture) -> None:
+    with_engine(empty_db, migrate)
+    before = run_sync(empty_db, schema_snapshot)
+    run_sync(
+        empty_db,
+        lambda c: c.execute(text("INSERT INTO protection_domains (name) VALUES ('pd-kept')")),
+    )
+
+    caplog.set_level(logging.INFO, logger="meshblock.mdm.db")
+    caplog.clear()
+    with_engine(empty_db, migrate)
+
+    assert run_sync(empty_db, schema_snapshot) == before
+    assert run_sync(empty_db, current_revision) == head_revision()
+    names = run_sync(
+        empty_db, lambda c: c.execute(text("SELECT name FROM protection_domains")).scalars().all()
+    )
+    assert names == ["pd-kept"]
+    assert "upgraded" not in caplog.text
+    assert "current" in caplog.text
+
+
+def test_newer_schema_is_refused(empty_db: str) -> None:
+    with_engine(empty_db, migrate)
+    stamp(empty_db, FUTURE_REVISION)
+    before = run_sync(empty_db, schema_snapshot)
+
+    with pytest.raises(SchemaError) as exc:
+        with_engine(empty_db, migrate)
+
+    message = str(exc.value)
+    assert FUTURE_REVISION in message
+    assert "newer" in message
+    # Refusing changes nothing.
+    assert run_sync(empty_db, current_revision) == FUTURE_REVISION
+    assert run_sync(empty_db, schema_snapshot) == before
+
+
+def test_models_match_migrations(empty_db: str) -> None:
+    with_engine(empty_db, migrate)
+
+    def diff(conn: Connection) -> list[Any]:
+        ctx = MigrationContext.configure(
+            conn,
+            opts={
+                "compare_type": True,
+                "compare_server_default": False,
+                "render_as_batch": conn.dialect.name == "sqlite",
+            },
+        )
+        return list(compare_metadata(ctx, Base.metadata))
+
+    differences = run_sync(empty_db, diff)
+    assert differences == [], "the models differ from the migrations (add a migration):\n" + (
+        "\n".join(map(str, differences))
+    )
+
+
+@pytest.fixture(params=BACKENDS)
+def future_db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    url = new_database_url(request.param, request, tmp_path)
+    with_engine(url, migrate)
+    stamp(url, FUTURE_REVISION)
+    yield url
+
+
+def test_daemon_refuses_a_newer_schema(future_db: str, tmp_path: Path) -> None:
+    daemon = MdmDaemon(tmp_path / "mdm", future_db)
+    daemon.spawn()
+    try:
+        rc = daemon.wait_exit(timeout=30)
+    finally:
+        daemon.kill()
+    log = daemon.log_text()
+    assert rc != 0, log
+    assert FUTURE_REVISION in log, log
+    assert "newer" in log, log
+    assert "Traceback" not in log, "a refused schema is an operator error, not a crash:\n" + log
+    daemon.assert_no_secrets_in_log()
+
+
+def test_daemon_starts_on_a_migrated_database_and_restarts(empty_db: str, tmp_path: Path) -> None:
+    daemon = MdmDaemon(tmp_path / "mdm", empty_db)
+    try:
+        daemon.start()
+        status, _ = daemon.api()("POST", "/api/v1/protection-domains", {"name": "pd1"})
+        assert status == 201
+        daemon.restart()
+        status, body = daemon.api()("GET", "/api/v1/protection-domains")
+        assert status == 200
+        assert [pd["name"] for pd in body["protection_domains"]] == ["pd1"]
+        assert daemon.stop() == 0
+    finally:
+        daemon.kill()
+    assert run_sync(empty_db, current_revision) == head_revision()
+    daemon.assert_no_secrets_in_log()
