@@ -10,6 +10,7 @@ whose exit code tells scripts what happened; the token never appears in a messag
 from __future__ import annotations
 
 import http.client
+import ipaddress
 import json
 import socket
 import urllib.error
@@ -19,14 +20,15 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from meshblock import __version__ as _version
-from meshblock.cli.errors import ApiError, CliError, Unreachable
+from meshblock.cli.errors import ApiError, CliError, ExitCode, Unreachable
 from meshblock.sizes import format_size
 
 JsonObject = dict[str, Any]
 QueryValue = str | int | float | None
 
 _MAX_REDIRECTS = 5
-_REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+_SAME_METHOD_REDIRECTS = frozenset({307, 308})  # repeat the method and the body
+_GET_REDIRECTS = frozenset({301, 302, 303})  # followed for GET only
 
 
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
@@ -53,7 +55,10 @@ class MdmClient:
         self.urls = [u.rstrip("/") for u in urls]
         self._token = token
         self.timeout = timeout
+        # Proxies from the environment (http_proxy, no_proxy) apply, except to an MDM
+        # on loopback, which no proxy could reach.
         self._opener = urllib.request.build_opener(_NoRedirect())
+        self._direct = urllib.request.build_opener(_NoRedirect(), urllib.request.ProxyHandler({}))
 
     def __repr__(self) -> str:  # the token stays out of tracebacks and logs
         return f"MdmClient(urls={self.urls!r}, token={'***' if self._token else None})"
@@ -99,7 +104,11 @@ class MdmClient:
             except _Unanswered as exc:
                 failures.append(f"{base} ({exc.reason})")
                 if not exc.safe_to_retry and method != "GET":
-                    break
+                    # Sent, maybe applied: repeating it elsewhere could apply it twice.
+                    raise Unreachable(
+                        f"no answer from the MDM at {failures[-1]}; the change may or may "
+                        "not have been made: check before retrying"
+                    ) from None
         raise Unreachable("cannot reach the MDM at " + ", ".join(failures))
 
     def _send(self, method: str, url: str, data: bytes | None, timeout: float) -> Any:
@@ -112,13 +121,14 @@ class MdmClient:
             if self._token:
                 req.add_header("Authorization", f"Bearer {self._token}")
             try:
-                with self._opener.open(req, timeout=timeout) as resp:
+                opener = self._direct if _is_loopback(url) else self._opener
+                with opener.open(req, timeout=timeout) as resp:
                     return _decode_success(resp.status, resp.read())
             except urllib.error.HTTPError as exc:
                 with exc:
-                    location = exc.headers.get("Location")
-                    if exc.code in _REDIRECT_STATUSES and location:
-                        url = urllib.parse.urljoin(url, location)
+                    target = _redirect_target(method, url, exc)
+                    if target is not None:
+                        url = target
                         continue
                     raise error_from_response(exc.code, exc.read(), exc.reason) from None
             except urllib.error.URLError as exc:
@@ -138,6 +148,34 @@ class _Unanswered(Exception):
         super().__init__(reason)
         self.reason = reason
         self.safe_to_retry = safe_to_retry
+
+
+def _redirect_target(method: str, url: str, exc: urllib.error.HTTPError) -> str | None:
+    """Where to repeat the request after a redirect, or ``None`` to not follow it.
+
+    A redirect from https to http is not followed: the token would travel in clear.
+    """
+    location = exc.headers.get("Location")
+    if not location:
+        return None
+    if exc.code not in _SAME_METHOD_REDIRECTS and not (
+        exc.code in _GET_REDIRECTS and method == "GET"
+    ):
+        return None
+    target = urllib.parse.urljoin(url, location)
+    if urllib.parse.urlsplit(url).scheme == "https" and not target.startswith("https://"):
+        return None
+    return target
+
+
+def _is_loopback(url: str) -> bool:
+    host = urllib.parse.urlsplit(url).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _reason(err: object) -> str:
@@ -167,19 +205,26 @@ def error_from_response(status: int, raw: bytes, reason: str = "") -> ApiError:
     The MDM's body is ``{"error": {"code", "message", "details"?}}``; when something
     else answers (a proxy, a wrong port), the HTTP status and reason are used.
     """
-    code, message, details = "http_error", "", {}
     try:
         doc = json.loads(raw) if raw else None
     except ValueError:
         doc = None
-    if isinstance(doc, dict) and isinstance(doc.get("error"), dict):
-        err = doc["error"]
-        code = str(err.get("code") or code)
-        message = str(err.get("message") or "")
-        if isinstance(err.get("details"), dict):
-            details = err["details"]
-    if not message:
-        message = f"the MDM answered HTTP {status}" + (f" {reason}" if reason else "")
+    err = doc.get("error") if isinstance(doc, dict) else None
+    if not isinstance(err, dict):
+        # Not the MDM's error document: a wrong port, a proxy. The status alone would
+        # send a script down the wrong path (a proxy's 404 is no unknown volume).
+        error = ApiError(
+            status,
+            "http_error",
+            f"HTTP {status}{f' {reason}' if reason else ''} without an MDM error document: "
+            "is this the MDM's address?",
+        )
+        error.exit_code = ExitCode.ERROR
+        return error
+    code = str(err.get("code") or "http_error")
+    message = str(err.get("message") or f"the MDM answered HTTP {status} {reason}".rstrip())
+    raw_details = err.get("details")
+    details: dict[str, Any] = raw_details if isinstance(raw_details, dict) else {}
     return ApiError(status, code, describe(code, message, details), details)
 
 
@@ -187,14 +232,22 @@ def describe(code: str, message: str, details: Mapping[str, Any]) -> str:
     """``message`` plus the details an operator needs, sizes in operator units.
 
     >>> describe("insufficient_capacity", "volume does not fit",
-    ...          {"requested_bytes": 17179869184, "free_bytes": 1073741824})
+    ...          {"requested_bytes": 17179869184, "free_bytes": 1073741824,
+    ...           "spare_bytes": 0})
     'volume does not fit (requested 16 GiB, free 1 GiB)'
     """
-    extras: list[str] = []
-    for key, value in details.items():
-        if key.endswith("_bytes") and isinstance(value, int) and not isinstance(value, bool):
-            extras.append(f"{key.removesuffix('_bytes').replace('_', ' ')} {format_size(value)}")
+    keys = [k for k in details if k.endswith("_bytes")]
+    if code == "insufficient_capacity":  # the numbers that answer "how short am I?"
+        keys = [k for k in _CAPACITY_KEYS if k in details]
+    extras = [
+        f"{key.removesuffix('_bytes').replace('_', ' ')} {format_size(details[key])}"
+        for key in keys
+        if isinstance(details[key], int) and not isinstance(details[key], bool)
+    ]
     field = details.get("field")
     if code == "invalid" and isinstance(field, str) and field not in message:
         extras.append(f"field {field!r}")
     return f"{message} ({', '.join(extras)})" if extras else message
+
+
+_CAPACITY_KEYS = ("requested_bytes", "free_bytes", "usable_bytes")

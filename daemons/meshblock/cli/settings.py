@@ -77,8 +77,9 @@ def resolve(
 ) -> Settings:
     """Combine flags, environment and config file into :class:`Settings`."""
     default_path = default_config_path(env)
+    path: Path | None
     if config_flag is not None:
-        path: Path | None = Path(config_flag)
+        path = Path(config_flag)
         if not path.is_file():
             raise CliError(f"config file {config_flag} does not exist")
     else:

@@ -29,7 +29,7 @@ def register(root: Subparsers) -> None:
         ],
     )
     p.add_argument("name", help="name of the new SDC (unique in the cluster)")
-    p.add_argument("--guid", required=True, help="the SDC's GUID (from its sdc.toml)")
+    p.add_argument("--guid", required=True, help="the GUID the SDC identifies itself with")
     p.add_argument("--address", help="IP address or host name of the SDC")
 
     add_command(
