@@ -480,12 +480,12 @@ def test_sds_join_recomputes_map_and_wakes_long_poll(
             "/api/v1/sds/register",
             {
                 "name": "sds4",
-                "protection_domain_id": topo["pd"]["id"],
-                "fault_set_id": topo["fs"][0]["id"],
+                "protection_domain": "pd1",
+                "fault_set": "fs1",
                 "address": "127.0.0.1",
                 "data_port": 17074,
                 "devices": [
-                    {"path": "/var/lib/meshblock/dev4", "capacity": "100GiB", "pool_id": pool_id}
+                    {"path": "/var/lib/meshblock/dev4", "capacity": "100GiB", "pool": "sp1"}
                 ],
             },
             token=mdm.cluster_secret,
@@ -505,12 +505,12 @@ def test_sds_join_recomputes_map_and_wakes_long_poll(
             "/api/v1/sds/register",
             {
                 "name": "sds4",
-                "protection_domain_id": topo["pd"]["id"],
-                "fault_set_id": topo["fs"][0]["id"],
+                "protection_domain": "pd1",
+                "fault_set": "fs1",
                 "address": "127.0.0.1",
                 "data_port": 17074,
                 "devices": [
-                    {"path": "/var/lib/meshblock/dev4", "capacity": "100GiB", "pool_id": pool_id}
+                    {"path": "/var/lib/meshblock/dev4", "capacity": "100GiB", "pool": "sp1"}
                 ],
             },
             token=mdm.cluster_secret,
@@ -518,6 +518,24 @@ def test_sds_join_recomputes_map_and_wakes_long_poll(
         200,
     )
     assert again["id"] == sds4["id"] and len(again["devices"]) == 1
+    # Registration names an unknown pool: 404 naming the field, nothing changes.
+    e = unchanged(
+        api,
+        lambda: api(
+            "POST",
+            "/api/v1/sds/register",
+            {
+                "name": "sds9",
+                "protection_domain": "pd1",
+                "address": "127.0.0.9",
+                "devices": [{"path": "/d", "capacity": "1GiB", "pool": "nope"}],
+            },
+            token=mdm.cluster_secret,
+        ),
+        404,
+        "not_found",
+    )
+    assert e["details"]["field"] == "devices.0.pool"
     # A long-poll with nothing new returns the current map after its timeout.
     t0 = time.monotonic()
     same = ok(

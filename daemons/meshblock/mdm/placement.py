@@ -56,21 +56,26 @@ on a map that starts as the previous one:
    ends at a device with room; the path always exists and never breaks another device.
 
 Phases 2-4 move only what the bounds force, so a balanced map changes little when the
-device set changes: adding a device moves about its own share (its lower bound, plus
-the copies of devices whose upper bound fell below their count), removing one moves its
-copies and rarely anything else. Without a previous map phase 3 does all the work and
-the result is close to the rounded ideal. Cost: O(pg_count * log(devices)) for the
-phases plus, for the rare swaps, chains and orientation repairs, O(pg_count) each.
+device set changes. Counting moved copies (a copy on a device it was not on; swapping
+roles moves no data): adding devices lowers every other device's ideal and bounds, so
+the only forced moves are the ``F`` copies above the new upper bounds and the new
+devices' lower bounds ``L``: at most ``2 * (F + L)`` copies move (each refill may cost
+one swap, each pull one chain) and usually about ``max(F, L)``, the new devices' share.
+Removing an SDS raises the others' bounds: its copies are refilled, and the survivors'
+copies move only to lift a survivor to its new lower bound. Without a previous map
+phase 3 does all the work and every device ends within about one copy of its ideal.
+
+Cost: O(pg_count * log(devices)) for the phases; each swap or chain is O(pg_count) and
+each orientation repair O(device pairs that share a PG), and both are rare.
 """
 
 from __future__ import annotations
 
 import heapq
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
-from math import ceil, floor
 
 __all__ = [
     "COPIES",
@@ -87,7 +92,7 @@ __all__ = [
 ]
 
 COPIES = 2
-"""Copies of each PG: a primary and a secondary."""
+"""Copies of each PG: a primary and a secondary (the algorithm is written for two)."""
 
 TOLERANCE_COPIES = 2
 """A device's copy count may differ from its ideal by this many copies..."""
@@ -134,8 +139,8 @@ def ideal_copies(pg_count: int, devices: Sequence[DeviceInfo]) -> dict[int, floa
     The values add up to ``2 * pg_count`` when at least two failure domains have
     capacity; no failure domain's values add up to more than ``pg_count``.
     """
-    ideals = _ideals(pg_count, devices)
-    return {device_id: float(ideal) for device_id, ideal in ideals.items()}
+    numerators, denominator = _ideals(pg_count, devices)
+    return {device_id: numerator / denominator for device_id, numerator in numerators.items()}
 
 
 def compute_map(
@@ -147,8 +152,9 @@ def compute_map(
 
     ``previous`` is the pool's current map, if any: its copies stay where they are as
     far as the rules and the balance tolerance allow. PGs of ``previous`` outside
-    ``range(pg_count)`` are ignored. Raises ``ValueError`` for an inconsistent device
-    list (duplicate ids, negative capacity, one SDS in two fault sets).
+    ``range(pg_count)`` are ignored, PGs missing from it are placed afresh. Raises
+    ``ValueError`` for an inconsistent device list (duplicate ids, negative capacity,
+    one SDS in two fault sets) or a negative ``pg_count``.
     """
     plan = _Plan(pg_count, devices)
     if not plan.placeable:
@@ -169,7 +175,8 @@ def validate_map(pg_map: Mapping[int, PgAssignment], devices: Sequence[DeviceInf
     placed (unless fewer than two failure domains have capacity, where every PG must be
     ``(None, None)``); copies are on known devices with capacity, on two SDSs in two
     failure domains; copy counts are within the tolerance of :func:`ideal_copies` and
-    primary counts within ``PRIMARY_TOLERANCE`` of half the copy count.
+    primary counts within ``PRIMARY_TOLERANCE`` of half the copy count. Raises
+    ``ValueError`` for an inconsistent device list, as :func:`compute_map` does.
     """
     pg_count = len(pg_map)
     plan = _Plan(pg_count, devices)
@@ -210,7 +217,7 @@ def validate_map(pg_map: Mapping[int, PgAssignment], devices: Sequence[DeviceInf
         device_id = device.device_id
         count = copies[device_id]
         if not plan.lower[index] <= count <= plan.upper[index]:
-            ideal = float(plan.ideal[index])
+            ideal = plan.ideal[index]
             problems.append(
                 f"device {device_id} holds {count} copies, ideal {ideal:.2f} "
                 f"+- {copy_tolerance(ideal):.2f}"
@@ -239,8 +246,8 @@ def _check_devices(devices: Sequence[DeviceInfo]) -> None:
             raise ValueError(f"SDS {device.sds_id} has devices in two fault sets")
 
 
-def _ideals(pg_count: int, devices: Sequence[DeviceInfo]) -> dict[int, Fraction]:
-    """Exact ideal copy counts by device id (see the module docstring)."""
+def _ideals(pg_count: int, devices: Sequence[DeviceInfo]) -> tuple[dict[int, int], int]:
+    """Exact ideal copy counts by device id: numerators over one common denominator."""
     if pg_count < 0:
         raise ValueError(f"pg_count must not be negative, not {pg_count}")
     _check_devices(devices)
@@ -249,43 +256,51 @@ def _ideals(pg_count: int, devices: Sequence[DeviceInfo]) -> dict[int, Fraction]
         if device.capacity_bytes > 0:
             domain = failure_domain(device)
             capacity[domain] = capacity.get(domain, 0) + device.capacity_bytes
-    ideals = {device.device_id: Fraction(0) for device in devices}
+    numerators = dict.fromkeys((device.device_id for device in devices), 0)
     if len(capacity) < COPIES:
-        return ideals
+        return numerators, 1
     # Water-filling: a domain whose proportional share reaches pg_count is capped there
     # and the rest is shared by the others; capping one only raises the others' shares.
-    share: dict[Domain, Fraction] = {}
+    # A device of a capped domain D gets pg_count * capacity / capacity(D), one of the
+    # others remaining * capacity / total (capacity of the uncapped domains).
+    capped: set[Domain] = set()
     active = sorted(capacity)
     remaining = COPIES * pg_count
+    total = 1
     while active:
         total = sum(capacity[domain] for domain in active)
-        capped = [d for d in active if remaining * capacity[d] >= pg_count * total]
-        if not capped:
-            for domain in active:
-                share[domain] = Fraction(remaining * capacity[domain], total)
+        newly = [d for d in active if remaining * capacity[d] >= pg_count * total]
+        if not newly:
             break
-        for domain in capped:
-            share[domain] = Fraction(pg_count)
-            remaining -= pg_count
+        capped.update(newly)
+        remaining -= pg_count * len(newly)
         active = [domain for domain in active if domain not in capped]
+    denominator = total if active else 1
+    for domain in sorted(capped):
+        denominator *= capacity[domain]
     for device in devices:
         if device.capacity_bytes > 0:
             domain = failure_domain(device)
-            ideals[device.device_id] = share[domain] * device.capacity_bytes / capacity[domain]
-    return ideals
+            if domain in capped:
+                scale = pg_count * (denominator // capacity[domain])
+            else:
+                scale = remaining * (denominator // total)
+            numerators[device.device_id] = scale * device.capacity_bytes
+    return numerators, denominator
 
 
 class _Plan:
     """The devices that can take copies, their domains, ideals, targets and bounds.
 
     Devices are indexed ``0..n-1`` in device id order; domains ``0..m-1`` in sorted
-    order. ``target`` is the ideal rounded so that the targets of a domain, and of all
-    devices, add up to the rounded (integer) sums of their ideals: each target is
-    within one copy of its ideal, so ``lower <= target <= upper``.
+    order. Ideals are exact: ``numerator[i] / denominator``. ``target`` is the ideal
+    rounded so that the targets of a domain, and of all devices, add up to the rounded
+    (integer) sums of their ideals: each target is within one copy of its ideal, so
+    ``lower <= target <= upper``, and no domain's targets exceed ``pg_count``.
     """
 
     def __init__(self, pg_count: int, devices: Sequence[DeviceInfo]) -> None:
-        ideals = _ideals(pg_count, devices)
+        numerators, denominator = _ideals(pg_count, devices)
         self.pg_count = pg_count
         self.devices = sorted(
             (device for device in devices if device.capacity_bytes > 0),
@@ -299,20 +314,25 @@ class _Plan:
         self.members: list[list[int]] = [[] for _ in domains]
         for i, domain in enumerate(self.domain):
             self.members[domain].append(i)
-        self.ideal = [ideals[device.device_id] for device in self.devices]
+        self.numerator = [numerators[device.device_id] for device in self.devices]
+        self.denominator = denominator
+        self.ideal = [numerator / denominator for numerator in self.numerator]
         self.target = [0] * len(self.devices)
-        running = Fraction(0)
+        running = 0
         for members in self.members:
             for i in members:
-                before = floor(running + Fraction(1, 2))
-                running += self.ideal[i]
-                self.target[i] = floor(running + Fraction(1, 2)) - before
+                before = (2 * running + denominator) // (2 * denominator)
+                running += self.numerator[i]
+                self.target[i] = (2 * running + denominator) // (2 * denominator) - before
+        # In units of 1 / (scale * denominator): ideal +- max(copies, fraction * ideal).
+        scale = TOLERANCE_FRACTION.denominator * denominator
         self.lower: list[int] = []
         self.upper: list[int] = []
-        for ideal in self.ideal:
-            tolerance = max(Fraction(TOLERANCE_COPIES), TOLERANCE_FRACTION * ideal)
-            self.lower.append(max(0, ceil(ideal - tolerance)))
-            self.upper.append(min(pg_count, floor(ideal + tolerance)))
+        for numerator in self.numerator:
+            ideal = TOLERANCE_FRACTION.denominator * numerator
+            tolerance = max(TOLERANCE_COPIES * scale, TOLERANCE_FRACTION.numerator * numerator)
+            self.lower.append(max(0, -((tolerance - ideal) // scale)))
+            self.upper.append(min(pg_count, (ideal + tolerance) // scale))
 
 
 # --- the map being built --------------------------------------------------------------
@@ -351,15 +371,18 @@ class _Layout:
     # phase 1
     def keep(self, previous: Mapping[int, PgAssignment]) -> None:
         """Keep every previous copy on a live device, one per domain and PG."""
-        for pg, assignment in previous.items():
+        index = self.plan.index
+        for pg, (primary, secondary) in previous.items():
             if not 0 <= pg < self.plan.pg_count:
                 continue
-            for device_id in assignment:
-                i = self.plan.index.get(device_id) if device_id is not None else None
-                if i is None:
-                    continue
-                if all(self.domain[j] != self.domain[i] for j in self.copies[pg]):
-                    self.add(pg, i)
+            first = index.get(primary) if primary is not None else None
+            second = index.get(secondary) if secondary is not None else None
+            if first is not None:
+                self.add(pg, first)
+                if second is not None and self.domain[second] != self.domain[first]:
+                    self.add(pg, second)
+            elif second is not None:
+                self.add(pg, second)
 
     # phase 2
     def shed(self) -> None:
@@ -470,8 +493,6 @@ class _Layout:
         plan = self.plan
         degree = self.count
         primaries = [0] * len(degree)
-        leads: list[set[int]] = [set() for _ in degree]  # PGs whose primary is i
-        follows: list[set[int]] = [set() for _ in degree]  # PGs whose secondary is i
         primary = [-1] * plan.pg_count
         for pg, copies in enumerate(self.copies):
             for device_id in previous.get(pg, (None, None)):
@@ -485,64 +506,90 @@ class _Layout:
                 chosen = min(copies, key=lambda i: (2 * primaries[i] - degree[i], i))
                 primary[pg] = chosen
                 primaries[chosen] += 1
-        for pg in range(plan.pg_count):
-            leads[primary[pg]].add(pg)
-            follows[self.other(pg, primary[pg])].add(pg)
-
-        def flip(pg: int) -> None:
-            old = primary[pg]
-            new = self.other(pg, old)
-            primary[pg] = new
-            leads[old].discard(pg)
-            follows[old].add(pg)
-            leads[new].add(pg)
-            follows[new].discard(pg)
-            primaries[old] -= 1
-            primaries[new] += 1
-
-        limit = 2 * PRIMARY_TOLERANCE
-        for i in range(len(degree)):
-            # Too many primaries: pass one along primary->secondary edges to a device
-            # with fewer than half. Everything reachable that way has its PGs' primaries
-            # inside the reachable set, so such a device is reachable.
-            while 2 * primaries[i] - degree[i] > limit:
-                for pg in _path(i, leads, self.other, lambda j: 2 * primaries[j] < degree[j]):
-                    flip(pg)
-        for i in range(len(degree)):
-            # Too few: the mirror image, along secondary->primary edges.
-            while degree[i] - 2 * primaries[i] > limit:
-                for pg in _path(i, follows, self.other, lambda j: 2 * primaries[j] > degree[j]):
-                    flip(pg)
+        roles = _Roles(self, primary)
+        roles.balance()
         ids = [device.device_id for device in plan.devices]
         return {
             pg: (ids[primary[pg]], ids[self.other(pg, primary[pg])]) for pg in range(plan.pg_count)
         }
 
 
-def _path(
-    start: int,
-    edges: Sequence[Iterable[int]],
-    other: Callable[[int, int], int],
-    wanted: Callable[[int], bool],
-) -> list[int]:
-    """PGs along a shortest path from ``start`` to a device that is ``wanted``."""
-    parent: dict[int, tuple[int, int]] = {start: (start, -1)}
-    todo = deque([start])
-    while todo:
-        i = todo.popleft()
-        for pg in edges[i]:
-            j = other(pg, i)
-            if j in parent:
-                continue
-            parent[j] = (i, pg)
-            if wanted(j):
-                path = []
-                while j != start:
-                    j, pg = parent[j]
-                    path.append(pg)
-                return path
-            todo.append(j)
-    raise AssertionError("placement: no path to rebalance primaries")
+class _Roles:
+    """Primary roles as a directed multigraph on devices: PG = primary -> secondary.
+
+    ``forward[x][y]`` and ``backward[y][x]`` are the same set: the PGs whose primary is
+    ``x`` and secondary ``y``. Searching paths on devices rather than PGs keeps a search
+    at O(device pairs) however many PGs a pair shares.
+    """
+
+    def __init__(self, layout: _Layout, primary: list[int]) -> None:
+        self.degree = layout.count
+        self.primary = primary
+        self.primaries = [0] * len(self.degree)
+        self.forward: list[dict[int, set[int]]] = [{} for _ in self.degree]
+        self.backward: list[dict[int, set[int]]] = [{} for _ in self.degree]
+        for pg, first in enumerate(primary):
+            self._link(pg, first, layout.other(pg, first))
+
+    def _link(self, pg: int, primary: int, secondary: int) -> None:
+        pgs = self.forward[primary].get(secondary)
+        if pgs is None:
+            pgs = self.forward[primary][secondary] = self.backward[secondary][primary] = set()
+        pgs.add(pg)
+        self.primary[pg] = primary
+        self.primaries[primary] += 1
+
+    def _flip(self, primary: int, secondary: int) -> None:
+        pgs = self.forward[primary][secondary]
+        pg = min(pgs)
+        pgs.discard(pg)
+        if not pgs:
+            del self.forward[primary][secondary]
+            del self.backward[secondary][primary]
+        self.primaries[primary] -= 1
+        self._link(pg, secondary, primary)
+
+    def balance(self) -> None:
+        """Bring every device's primaries within PRIMARY_TOLERANCE of half its copies."""
+        primaries, degree = self.primaries, self.degree
+        limit = 2 * PRIMARY_TOLERANCE
+        for i in range(len(degree)):
+            # Too many: pass one along primary->secondary edges to a device with fewer
+            # than half. The devices reachable that way hold the primaries of all their
+            # PGs, so not all of them can have half or more: one is reachable. The path's
+            # inner devices keep their counts, its end stays within the tolerance.
+            while 2 * primaries[i] - degree[i] > limit:
+                path = self._path(i, self.forward, lambda j: 2 * primaries[j] < degree[j])
+                for x, y in path:
+                    self._flip(x, y)
+        for i in range(len(degree)):
+            # Too few: the mirror image, along secondary->primary edges.
+            while degree[i] - 2 * primaries[i] > limit:
+                path = self._path(i, self.backward, lambda j: 2 * primaries[j] > degree[j])
+                for y, x in path:
+                    self._flip(x, y)
+
+    @staticmethod
+    def _path(
+        start: int, graph: list[dict[int, set[int]]], wanted: Callable[[int], bool]
+    ) -> list[tuple[int, int]]:
+        """The edges of a shortest path in ``graph`` from ``start`` to a wanted device."""
+        parent = {start: start}
+        todo = deque([start])
+        while todo:
+            i = todo.popleft()
+            for j in graph[i]:
+                if j in parent:
+                    continue
+                parent[j] = i
+                if wanted(j):
+                    path = []
+                    while j != start:
+                        path.append((parent[j], j))
+                        j = parent[j]
+                    return path
+                todo.append(j)
+        raise AssertionError("placement: no path to rebalance primaries")
 
 
 class _RoomQueue:
@@ -550,13 +597,16 @@ class _RoomQueue:
 
     One heap per domain of ``(fill, device, count)`` and one heap of domains by their
     best fill. Entries are never updated in place: a changed device pushes a new entry,
-    and entries whose count is no longer the device's are dropped when they surface.
+    and entries whose count is no longer the device's are dropped when they surface;
+    a domain is queued again only when its best fill changes (``queued``), so the
+    forbidden domain costs one skipped entry per pick.
     """
 
     def __init__(self, layout: _Layout) -> None:
         self.layout = layout
         self.devices: list[list[tuple[float, int, int]]] = [[] for _ in layout.plan.members]
         self.domains: list[tuple[float, int]] = []
+        self.queued: list[float | None] = [None] * len(self.devices)
         for i in range(len(layout.count)):
             self._push_device(i)
         for domain in range(len(self.devices)):
@@ -566,7 +616,7 @@ class _RoomQueue:
         layout = self.layout
         count = layout.count[i]
         if count < layout.plan.upper[i]:
-            fill = (count + 1) / float(layout.plan.ideal[i])
+            fill = (count + 1) / layout.plan.ideal[i]
             heapq.heappush(self.devices[layout.domain[i]], (fill, i, count))
 
     def _best(self, domain: int) -> float | None:
@@ -578,8 +628,10 @@ class _RoomQueue:
 
     def _push_domain(self, domain: int) -> None:
         best = self._best(domain)
-        if best is not None:
-            heapq.heappush(self.domains, (best, domain))
+        if best != self.queued[domain]:
+            self.queued[domain] = best
+            if best is not None:
+                heapq.heappush(self.domains, (best, domain))
 
     def update(self, i: int) -> None:
         """Device ``i``'s count changed."""
@@ -592,8 +644,8 @@ class _RoomQueue:
         found = None
         while self.domains:
             best, domain = self.domains[0]
-            if self._best(domain) != best:
-                heapq.heappop(self.domains)  # stale: a current entry is also queued
+            if self.queued[domain] != best:
+                heapq.heappop(self.domains)  # superseded by a newer entry, or full
             elif domain == forbidden:
                 skipped.append(heapq.heappop(self.domains))
             else:

@@ -111,6 +111,25 @@ SDS_CREATE = obj(
     },
     ("name", "protection_domain_id", "address"),
 )
+SDS_REGISTER = obj(
+    {
+        "name": NAME,
+        "protection_domain": NAME,
+        "fault_set": {"oneOf": [{"type": "null"}, NAME]},
+        "address": ADDRESS,
+        "data_port": PORT,
+        "control_port": PORT,
+        "devices": {
+            "type": "array",
+            "maxItems": 64,
+            "items": obj(
+                {"path": PATH, "capacity": SIZE, "pool": NAME, "name": NAME},
+                ("path", "capacity", "pool"),
+            ),
+        },
+    },
+    ("name", "protection_domain", "address"),
+)
 SDS_HEARTBEAT = obj(
     {
         "devices": {

@@ -197,20 +197,59 @@ async def create_sds(request: web.Request, body: dict[str, Any]) -> web.Response
         return json(sds_doc(await _load(s, sds.id), ctx(request).liveness), 201)
 
 
+async def _id_of(
+    s: AsyncSession, model: Any, name: str, what: str, field: str, **scope: Any
+) -> int:
+    q = select(model.id).where(model.name == name)
+    for k, v in scope.items():
+        q = q.where(getattr(model, k) == v)
+    found = (await s.execute(q)).scalar()
+    if found is None:
+        raise NotFound(f"no {what} named {name!r}", {"field": field})
+    return int(found)
+
+
+async def _resolve_names(s: AsyncSession, named: dict[str, Any]) -> dict[str, Any]:
+    """The registration body with protection domain, fault set and pool names as ids."""
+    body = {k: v for k, v in named.items() if k not in ("protection_domain", "fault_set")}
+    pd_id = await _id_of(
+        s, ProtectionDomain, named["protection_domain"], "protection domain", "protection_domain"
+    )
+    body["protection_domain_id"] = pd_id
+    if named.get("fault_set") is not None:
+        body["fault_set_id"] = await _id_of(
+            s,
+            FaultSet,
+            named["fault_set"],
+            "fault set in this protection domain",
+            "fault_set",
+            protection_domain_id=pd_id,
+        )
+    elif "fault_set" in named:
+        body["fault_set_id"] = None
+    devices = []
+    for i, d in enumerate(named.get("devices", [])):
+        pool_id = await _id_of(s, StoragePool, d["pool"], "storage pool", f"devices.{i}.pool")
+        devices.append({k: v for k, v in d.items() if k != "pool"} | {"pool_id": pool_id})
+    body["devices"] = devices
+    return body
+
+
 @routes.route(
     "POST",
     "/api/v1/sds/register",
     role=Role.COMPONENT,
     tag=TAG,
-    summary="An SDS daemon registers itself (creates or updates by name)",
-    body=schemas.SDS_CREATE,
+    summary="An SDS daemon registers itself by names from its config (creates or updates)",
+    body=schemas.SDS_REGISTER,
     response="Sds",
     errors=(404, 409),
     also=(201,),
 )
-async def register_sds(request: web.Request, body: dict[str, Any]) -> web.Response:
+async def register_sds(request: web.Request, named: dict[str, Any]) -> web.Response:
     live = ctx(request).liveness
     async with change(request) as s:
+        body = await _resolve_names(s, named)
         sds = (
             await s.execute(select(Sds).where(Sds.name == body["name"]).options(*WITH_DEVICES))
         ).scalar_one_or_none()
@@ -237,7 +276,7 @@ async def register_sds(request: web.Request, body: dict[str, Any]) -> web.Respon
             await _add_devices(s, sds, new, known)
         sds_id = sds.id
     live.beat("sds", sds_id)
-    log.info("SDS %s %s", body["name"], "registered" if created else "re-registered")
+    log.info("SDS %s %s", named["name"], "registered" if created else "re-registered")
     async with reading(request) as s:
         return json(sds_doc(await _load(s, sds_id), live), 201 if created else 200)
 

@@ -87,7 +87,7 @@ async def _ensure_fits(s: AsyncSession, pool: StoragePool, extra_thick_bytes: in
             f"storage pool {pool.name!r} cannot hold {format_size(needed)} more "
             f"({COPIES} copies of {format_size(extra_thick_bytes)}): "
             f"{format_size(cap.free_bytes)} free of {format_size(cap.usable_bytes)} usable "
-            f"({cap.spare_bytes} bytes held as spare)",
+            f"({format_size(cap.spare_bytes)} held as spare)",
             {"requested_bytes": needed, **cap.as_dict()},
         )
 
@@ -184,8 +184,8 @@ async def update_volume(request: web.Request, body: dict[str, Any]) -> web.Respo
             new_size = _rounded(new_size, pool.allocation_granularity_bytes)
             if new_size < v.size_bytes:
                 raise Conflict(
-                    f"volume {v.name!r} is {v.size_bytes} bytes; a volume cannot "
-                    f"shrink to {new_size}",
+                    f"volume {v.name!r} is {format_size(v.size_bytes)}; a volume cannot "
+                    f"shrink to {format_size(new_size)}",
                     {"size_bytes": v.size_bytes, "requested_bytes": new_size},
                 )
             if new_size > MAX_VOLUME_BYTES:

@@ -1,0 +1,40 @@
+"""How a volume is cut into chunks and chunks into placement groups.
+
+Shared by everything on the data path (SDS, SDC) and the MDM: a volume is a run of
+1 MiB chunks; chunk ``i`` of volume ``v`` belongs to PG
+``(h(v) + i) mod pg_count`` of the volume's pool, where ``h`` mixes the volume id
+into a 64-bit value. Consecutive chunks of a volume therefore always land on
+different PGs (when ``pg_count > 1``), and different volumes start at different
+PGs, so that their first chunks do not all crowd onto PG 0.
+"""
+
+from __future__ import annotations
+
+CHUNK_SHIFT = 20
+CHUNK_SIZE = 1 << CHUNK_SHIFT  # 1 MiB
+_MASK64 = (1 << 64) - 1
+
+
+def _mix64(x: int) -> int:
+    """splitmix64's finaliser: a bijection of 64-bit integers with good avalanche."""
+    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9 & _MASK64
+    x = (x ^ (x >> 27)) * 0x94D049BB133111EB & _MASK64
+    return x ^ (x >> 31)
+
+
+def pg_of(volume_id: int, chunk_index: int, pg_count: int) -> int:
+    """The PG that holds chunk ``chunk_index`` of volume ``volume_id``."""
+    return (_mix64(volume_id) + chunk_index) % pg_count
+
+
+def chunk_span(offset: int, length: int) -> list[tuple[int, int, int]]:
+    """Split a byte range of a volume into ``(chunk_index, offset_in_chunk, length)``."""
+    out = []
+    end = offset + length
+    while offset < end:
+        index = offset >> CHUNK_SHIFT
+        start = offset & (CHUNK_SIZE - 1)
+        n = min(CHUNK_SIZE - start, end - offset)
+        out.append((index, start, n))
+        offset += n
+    return out
