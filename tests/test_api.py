@@ -345,6 +345,19 @@ def test_thin_usage_from_heartbeats(api: Api, mdm: MdmDaemon, topo: dict[str, An
     sds = ok(api("GET", f"/api/v1/sds/{sds1['id']}"))
     assert sds["state"] == "connected" and sds["last_seen"]
     assert sds["devices"][0]["used_bytes"] == 5 << 20
+    # An SDS reports only its own devices: sds3 cannot rewrite sds1's usage.
+    sds3 = topo["sds"][2]
+    ok(
+        api(
+            "POST",
+            f"/api/v1/sds/{sds3['id']}/heartbeat",
+            {"devices": [{"id": sds1["devices"][0]["id"], "used_bytes": 1 << 30}]},
+            token=mdm.cluster_secret,
+        )
+    )
+    time.sleep(1.5)  # past the next write of heartbeats
+    sds = ok(api("GET", f"/api/v1/sds/{sds1['id']}"))
+    assert sds["devices"][0]["used_bytes"] == 5 << 20
     # An SDS that holds data cannot be removed (it must be drained first).
     e = unchanged(api, lambda: api("DELETE", f"/api/v1/sds/{sds1['id']}"), 409, "conflict")
     assert "drain" in e["message"]

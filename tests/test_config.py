@@ -193,7 +193,6 @@ echo = true
 [cluster]
 name = "lab"
 heartbeat_timeout_s = 3
-state_check_interval_s = 0.5
 longpoll_max_s = 20.0
 
 [logging]
@@ -211,7 +210,6 @@ def test_mdm_config_full(tmp_path: Path) -> None:
     assert cfg.database.echo is True
     assert cfg.cluster.name == "lab"
     assert cfg.cluster.heartbeat_timeout_s == 3
-    assert cfg.cluster.state_check_interval_s == 0.5
     assert cfg.cluster.longpoll_max_s == 20.0
     assert cfg.logging.level == "DEBUG"
 

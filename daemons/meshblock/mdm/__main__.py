@@ -42,10 +42,13 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"meshblock-mdm: configuration error: {exc}", file=sys.stderr)
         return 2
+    level = config.logging.level.upper()
+    # DEBUG is for meshblock's own loggers; the libraries' debug output drowns it.
     logging.basicConfig(
-        level=config.logging.level.upper(),
+        level="INFO" if level == "DEBUG" else level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    logging.getLogger("meshblock").setLevel(level)
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     if args.check_config:
         print("configuration OK")

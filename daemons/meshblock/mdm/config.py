@@ -53,7 +53,6 @@ class ClusterConfig:
 
     name: str = "meshblock"
     heartbeat_timeout_s: float = 10.0
-    state_check_interval_s: float = 1.0
     longpoll_max_s: float = 30.0
 
 
@@ -80,5 +79,9 @@ class MdmConfig:
             [t for t in (a.admin_token, a.readonly_token, a.cluster_secret) if t]
         ):
             raise ValueError("auth.admin_token, readonly_token and cluster_secret must differ")
+        if self.logging.level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            raise ValueError("logging.level must be DEBUG, INFO, WARNING or ERROR")
+        if self.cluster.longpoll_max_s <= 0:
+            raise ValueError("cluster.longpoll_max_s must be positive")
         if self.cluster.heartbeat_timeout_s <= 0:
             raise ValueError("cluster.heartbeat_timeout_s must be positive")

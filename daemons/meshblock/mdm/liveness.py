@@ -33,7 +33,7 @@ def utcnow() -> dt.datetime:
 @dataclass
 class _Pending:
     seen: dict[tuple[Kind, int], dt.datetime] = field(default_factory=dict)
-    device_used: dict[int, int] = field(default_factory=dict)
+    device_used: dict[tuple[int, int], int] = field(default_factory=dict)  # (sds, device)
     volume_chunks: dict[tuple[int, int], int] = field(default_factory=dict)
 
 
@@ -63,7 +63,7 @@ class Liveness:
         self.last_seen[(kind, id_)] = now
         self._pending.seen[(kind, id_)] = now
         for d in devices or ():
-            self._pending.device_used[d["id"]] = d["used_bytes"]
+            self._pending.device_used[(id_, d["id"])] = d["used_bytes"]
         for v in volumes or ():
             self._pending.volume_chunks[(id_, v["id"])] = v["chunks"]
 
@@ -112,9 +112,20 @@ async def _write(session: AsyncSession, p: _Pending) -> None:
     if sdc_rows:
         await _bulk_set(session, Sdc, sdc_rows)
     if p.device_used:
-        await _bulk_set(
-            session, Device, [{"id": i, "used_bytes": u} for i, u in p.device_used.items()]
+        # An SDS reports only its own devices; a report about another's is dropped.
+        dev_ids = [d for _, d in p.device_used]
+        owner = dict(
+            (await session.execute(select(Device.id, Device.sds_id).where(Device.id.in_(dev_ids))))
+            .tuples()
+            .all()
         )
+        rows = [
+            {"id": d, "used_bytes": u}
+            for (sds, d), u in p.device_used.items()
+            if owner.get(d) == sds
+        ]
+        if rows:
+            await session.execute(update(Device), rows)
     if p.volume_chunks:
         existing_sds = set((await session.execute(select(Sds.id))).scalars())
         existing_vol = set((await session.execute(select(Volume.id))).scalars())
