@@ -657,7 +657,7 @@ def test_health_components_and_metrics(api: Api, topo: dict[str, Any]) -> None:
         for fam in text_string_to_metric_families(text)
         for smp in fam.samples
     }
-    pool_label = (("pool_id", str(topo["pool"]["id"])),)
+    pool_label = (("pool", "sp1"), ("protection_domain", "pd1"))
     assert samples[("meshblock_pool_total_bytes", pool_label)] == 300 * GiB
     assert samples[("meshblock_pool_spare_bytes", pool_label)] == 30 * GiB
     assert (
@@ -665,4 +665,63 @@ def test_health_components_and_metrics(api: Api, topo: dict[str, Any]) -> None:
         + samples[("meshblock_sds", (("state", "disconnected"),))]
         == 3
     )
+    pg_states = {
+        state: samples[("meshblock_pgs", (*pool_label, ("state", state)))]
+        for state in ("clean", "degraded", "inactive")
+    }
+    assert sum(pg_states.values()) == 64
+    sds_up = {
+        dict(labels)["sds"]: value
+        for (name, labels), value in samples.items()
+        if name == "meshblock_sds_connected"
+    }
+    assert set(sds_up) == {"sds1", "sds2", "sds3"}
+    # Only SDSs that sent heartbeats within the timeout count as connected, and a PG is
+    # clean only when both of its SDSs are.
+    if all(sds_up.values()):
+        assert pg_states["clean"] == 64
+    ratio = samples[("meshblock_pool_used_ratio", pool_label)]
+    assert 0 < ratio < 1
+    assert samples[("meshblock_pool_alert_high_ratio", pool_label)] == 0.8
     assert samples[("meshblock_volumes", ())] == 2
+
+
+def pg_states(api: Api) -> dict[str, float]:
+    _, text = api("GET", "/metrics", token=None)
+    return {
+        smp.labels["state"]: smp.value
+        for fam in text_string_to_metric_families(text)
+        for smp in fam.samples
+        if smp.name == "meshblock_pgs" and smp.labels["pool"] == "sp1"
+    }
+
+
+def test_pg_states_follow_sds_heartbeats(api: Api, mdm: MdmDaemon, topo: dict[str, Any]) -> None:
+    """PGs are clean while both SDSs beat, degraded when one goes quiet."""
+    ids = [s["id"] for s in topo["sds"]]
+
+    def beat(which: list[int]) -> None:
+        for i in which:
+            ok(api("POST", f"/api/v1/sds/{i}/heartbeat", {}, token=mdm.cluster_secret))
+
+    beat(ids)
+    assert pg_states(api) == {"clean": 64, "degraded": 0, "inactive": 0}
+    health = ok(api("GET", "/health", token=None))
+    assert health["status"] == "ok"
+    deadline = time.monotonic() + 15  # the fixture's heartbeat timeout is 5 s
+    while time.monotonic() < deadline:
+        beat(ids[1:])
+        states = pg_states(api)
+        if states["degraded"]:
+            break
+        time.sleep(0.5)
+    m = ok(api("GET", f"/api/v1/pools/{topo['pool']['id']}/pgmap", token=mdm.cluster_secret))
+    with_sds1 = sum(
+        ids[0] in (pg["primary"]["sds_id"], pg["secondary"]["sds_id"]) for pg in m["pgs"]
+    )
+    assert states == {"clean": 64 - with_sds1, "degraded": with_sds1, "inactive": 0}
+    assert ok(api("GET", f"/api/v1/sds/{ids[0]}"))["state"] == "disconnected"
+    assert ok(api("GET", "/health", token=None))["status"] == "degraded"
+    assert ok(api("GET", "/health/metrics", token=None))["pgs_degraded"] == with_sds1
+    beat(ids)
+    assert pg_states(api)["clean"] == 64

@@ -10,6 +10,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
+from sqlalchemy.orm import aliased
 
 import meshblock
 from meshblock.auth import Role
@@ -19,16 +20,38 @@ from meshblock.mdm.capacity import PoolCapacity, pool_capacities
 from meshblock.mdm.context import CTX, MdmContext, ctx
 from meshblock.mdm.epochs import current
 from meshblock.mdm.liveness import utcnow
-from meshblock.mdm.models import Mapping, ProtectionDomain, Sdc, Sds, StoragePool, Volume
+from meshblock.mdm.models import (
+    Device,
+    FaultSet,
+    Mapping,
+    PlacementGroup,
+    ProtectionDomain,
+    Sdc,
+    Sds,
+    StoragePool,
+    Volume,
+)
 
 TAG = "health"
 
 
 async def _counts(request: web.Request) -> dict[str, Any]:
     c = ctx(request)
+    live = c.liveness
     async with reading(request) as s:
-        sds_ids = list((await s.execute(select(Sds.id))).scalars())
-        sdc_ids = list((await s.execute(select(Sdc.id))).scalars())
+        sds_rows = (
+            (
+                await s.execute(
+                    select(Sds.id, Sds.name, ProtectionDomain.name, FaultSet.name)
+                    .join(ProtectionDomain, ProtectionDomain.id == Sds.protection_domain_id)
+                    .outerjoin(FaultSet, FaultSet.id == Sds.fault_set_id)
+                    .order_by(Sds.id)
+                )
+            )
+            .tuples()
+            .all()
+        )
+        sdc_rows = (await s.execute(select(Sdc.id, Sdc.name).order_by(Sdc.id))).tuples().all()
         n = {}
         for model, key in (
             (ProtectionDomain, "protection_domains"),
@@ -38,19 +61,57 @@ async def _counts(request: web.Request) -> dict[str, Any]:
         ):
             n[key] = (await s.execute(select(func.count()).select_from(model))).scalar_one()
         caps = await pool_capacities(s)
+        pools = (
+            (
+                await s.execute(
+                    select(StoragePool, ProtectionDomain.name).join(
+                        ProtectionDomain, ProtectionDomain.id == StoragePool.protection_domain_id
+                    )
+                )
+            )
+            .tuples()
+            .all()
+        )
+        primary, secondary = aliased(Device), aliased(Device)
+        pg_rows = (
+            (
+                await s.execute(
+                    select(PlacementGroup.pool_id, primary.sds_id, secondary.sds_id)
+                    .outerjoin(primary, primary.id == PlacementGroup.primary_device_id)
+                    .outerjoin(secondary, secondary.id == PlacementGroup.secondary_device_id)
+                )
+            )
+            .tuples()
+            .all()
+        )
         epoch = await current(s)
+    connected = {i for i, *_ in sds_rows if live.state("sds", i) == "connected"}
+    pg_states: dict[int, dict[str, int]] = {p.id: dict.fromkeys(PG_STATES, 0) for p, _ in pools}
+    for pool_id, a, b in pg_rows:
+        alive = (a in connected) + (b in connected)
+        pg_states[pool_id][PG_STATES[2 - alive]] += 1
+    sdc_connected = {i for i, _ in sdc_rows if live.state("sdc", i) == "connected"}
     return {
         **n,
-        "sds_total": len(sds_ids),
-        "sds_connected": sum(c.liveness.state("sds", i) == "connected" for i in sds_ids),
-        "sdc_total": len(sdc_ids),
-        "sdc_connected": sum(c.liveness.state("sdc", i) == "connected" for i in sdc_ids),
+        "sds_total": len(sds_rows),
+        "sds_connected": len(connected),
+        "sdc_total": len(sdc_rows),
+        "sdc_connected": len(sdc_connected),
         "capacity_total_bytes": sum(p.total_bytes for p in caps.values()),
         "capacity_allocated_bytes": sum(p.allocated_bytes for p in caps.values()),
         "capacity_free_bytes": sum(p.free_bytes for p in caps.values()),
+        "pgs_degraded": sum(st["degraded"] for st in pg_states.values()),
+        "pgs_inactive": sum(st["inactive"] for st in pg_states.values()),
         "epoch": epoch,
         "_caps": caps,
+        "_sds": [(i, name, pd, fs, i in connected) for i, name, pd, fs in sds_rows],
+        "_sdc": [(i, name, i in sdc_connected) for i, name in sdc_rows],
+        "_pools": [(p, pd, pg_states[p.id]) for p, pd in pools],
     }
+
+
+# A PG is clean with both copies on connected SDSs, degraded with one, inactive with none.
+PG_STATES = ("clean", "degraded", "inactive")
 
 
 @routes.route(
@@ -137,8 +198,7 @@ async def components(request: web.Request) -> web.Response:
 )
 async def health_metrics(request: web.Request) -> web.Response:
     n = await _counts(request)
-    n.pop("_caps")
-    return json(n)
+    return json({k: v for k, v in n.items() if not k.startswith("_")})
 
 
 class ClusterCollector(Collector):
@@ -159,26 +219,65 @@ class ClusterCollector(Collector):
             g.add_metric(["connected"], n[f"{kind}_connected"])
             g.add_metric(["disconnected"], n[f"{kind}_total"] - n[f"{kind}_connected"])
             yield g
+        g = GaugeMetricFamily(
+            "meshblock_sds_connected",
+            "1 while the SDS sends heartbeats in time, 0 when it is disconnected",
+            labels=["sds", "protection_domain", "fault_set"],
+        )
+        for _, name, pd, fs, up in n["_sds"]:
+            g.add_metric([name, pd, fs or ""], 1 if up else 0)
+        yield g
+        g = GaugeMetricFamily(
+            "meshblock_sdc_connected",
+            "1 while the SDC sends heartbeats in time, 0 when it is disconnected",
+            labels=["sdc"],
+        )
+        for _, name, up in n["_sdc"]:
+            g.add_metric([name], 1 if up else 0)
+        yield g
         yield GaugeMetricFamily("meshblock_volumes", "Volumes", value=n["volumes"])
         yield GaugeMetricFamily("meshblock_cluster_epoch", "Cluster change epoch", value=n["epoch"])
         caps: dict[int, PoolCapacity] = n["_caps"]
-        for field in (
-            "total",
-            "spare",
-            "usable",
-            "thick_reserved",
-            "thin_used",
-            "allocated",
-            "free",
-        ):
-            g = GaugeMetricFamily(
-                f"meshblock_pool_{field}_bytes",
-                f"Storage pool capacity: {field.replace('_', ' ')}",
-                labels=["pool_id"],
+        labels = ["pool", "protection_domain"]
+        pgs = GaugeMetricFamily(
+            "meshblock_pgs", "Placement groups by state", labels=[*labels, "state"]
+        )
+        epochs = GaugeMetricFamily("meshblock_pool_map_epoch", "PG map epoch", labels=labels)
+        used = GaugeMetricFamily(
+            "meshblock_pool_used_ratio", "Allocated capacity / usable capacity", labels=labels
+        )
+        high = GaugeMetricFamily(
+            "meshblock_pool_alert_high_ratio",
+            "The pool's capacity_alert_high_percent / 100",
+            labels=labels,
+        )
+        critical = GaugeMetricFamily(
+            "meshblock_pool_alert_critical_ratio",
+            "The pool's capacity_alert_critical_percent / 100",
+            labels=labels,
+        )
+        fields = ("total", "spare", "usable", "thick_reserved", "thin_used", "allocated", "free")
+        sizes = {
+            f: GaugeMetricFamily(
+                f"meshblock_pool_{f}_bytes",
+                f"Storage pool capacity: {f.replace('_', ' ')}",
+                labels=labels,
             )
-            for pid, cap in caps.items():
-                g.add_metric([str(pid)], getattr(cap, f"{field}_bytes"))
-            yield g
+            for f in fields
+        }
+        for pool, pd, states in n["_pools"]:
+            lv = [pool.name, pd]
+            cap = caps[pool.id]
+            for f in fields:
+                sizes[f].add_metric(lv, getattr(cap, f"{f}_bytes"))
+            for state, count in states.items():
+                pgs.add_metric([*lv, state], count)
+            epochs.add_metric(lv, pool.map_epoch)
+            used.add_metric(lv, cap.allocated_bytes / cap.usable_bytes if cap.usable_bytes else 0)
+            high.add_metric(lv, pool.capacity_alert_high_percent / 100)
+            critical.add_metric(lv, pool.capacity_alert_critical_percent / 100)
+        yield from sizes.values()
+        yield from (pgs, epochs, used, high, critical)
         yield CounterMetricFamily(
             "meshblock_mdm_heartbeats",
             "Heartbeats received",
