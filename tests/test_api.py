@@ -725,3 +725,35 @@ def test_pg_states_follow_sds_heartbeats(api: Api, mdm: MdmDaemon, topo: dict[st
     assert ok(api("GET", "/health/metrics", token=None))["pgs_degraded"] == with_sds1
     beat(ids)
     assert pg_states(api)["clean"] == 64
+
+
+def test_sigterm_answers_waiting_long_polls(tmp_path: Any) -> None:
+    """A long-poll in progress does not hold the MDM's exit back."""
+
+    daemon = MdmDaemon(tmp_path, f"sqlite+aiosqlite:///{tmp_path / 'mdm.db'}", {})
+    daemon.start()
+    try:
+        a = Api(daemon.url, daemon.admin_token)
+        pd = ok(a("POST", "/api/v1/protection-domains", {"name": "pd1"}), 201)
+        pool = ok(
+            a("POST", "/api/v1/pools", {"name": "sp1", "protection_domain_id": pd["id"]}), 201
+        )
+        result: dict[str, Any] = {}
+
+        def wait() -> None:
+            result["resp"] = a(
+                "GET",
+                f"/api/v1/pools/{pool['id']}/pgmap?wait_epoch={pool['map_epoch']}&timeout=25",
+                token=daemon.cluster_secret,
+            )
+
+        waiter = threading.Thread(target=wait)
+        waiter.start()
+        time.sleep(0.5)
+        t0 = time.monotonic()
+        assert daemon.stop() == 0
+        assert time.monotonic() - t0 < 4
+        waiter.join(5)
+        assert result["resp"].status == 200
+    finally:
+        daemon.kill()

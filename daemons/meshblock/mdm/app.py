@@ -94,6 +94,11 @@ async def _heartbeat_writer(app: web.Application) -> AsyncIterator[None]:
     await c.liveness.flush(c.sessions)
 
 
+async def _end_long_polls(app: web.Application) -> None:
+    """Answer waiting long-polls now, so that a SIGTERM does not wait for them."""
+    app[CTX].notifier.close()
+
+
 CONFIG = web.AppKey("meshblock_mdm_config", MdmConfig)
 
 
@@ -102,6 +107,7 @@ def create_app(config: MdmConfig) -> web.Application:
     app[CONFIG] = config
     app.cleanup_ctx.append(_store)
     app.cleanup_ctx.append(_heartbeat_writer)
+    app.on_shutdown.append(_end_long_polls)
     routes.add_to(app)
     app[openapi.OPENAPI] = openapi.build(routes.specs)
     app.router.add_get("/api/v1/openapi.json", openapi.openapi_handler)

@@ -44,7 +44,13 @@ async def current(session: AsyncSession) -> int:
 class EpochNotifier:
     def __init__(self, epoch: int = 0) -> None:
         self.epoch = epoch
+        self.closing = False
         self._changed = asyncio.Event()
+
+    def close(self) -> None:
+        """Wake every waiter for good: the MDM is shutting down."""
+        self.closing = True
+        self._changed.set()
 
     def publish(self, epoch: int) -> None:
         if epoch > self.epoch:
@@ -57,7 +63,7 @@ class EpochNotifier:
     ) -> int:
         """Wait until the epoch exceeds ``epoch`` or ``within`` seconds pass; return it."""
         deadline = time.monotonic() + within
-        while self.epoch <= epoch:
+        while self.epoch <= epoch and not self.closing:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break

@@ -137,6 +137,6 @@ async def long_poll(
             if await read_epoch(s) > after:
                 return
         remaining = deadline - time.monotonic()
-        if remaining <= 0:
+        if remaining <= 0 or c.notifier.closing:
             return
         await c.notifier.wait_beyond(seen, remaining, reload)
