@@ -1,0 +1,758 @@
+"""An asyncio NBD server: fixed newstyle negotiation, simple replies, many exports.
+
+Each accepted connection is an :class:`NbdConnection`, an :class:`asyncio.BufferedProtocol`
+that parses straight out of a preallocated receive buffer: headers are decoded in
+place with the compiled structs of :mod:`meshblock.nbd.protocol`, and large write
+payloads are received directly into their own buffer (no intermediate copy). Every
+length is checked against the export size and :data:`~protocol.MAX_REQUEST_SIZE`
+before any payload is read.
+
+Requests are served concurrently (one task each) and answered out of order, as the
+protocol allows; all replies that become ready in one event-loop pass leave in one
+``writelines`` call. Reading pauses while too many requests or bytes are in flight, or
+while the socket's send buffer is full.
+
+Two kinds of failure:
+
+- a :class:`~protocol.ProtocolError` (bad magic, unknown client flags, an oversized
+  write, an unknown export named by ``NBD_OPT_EXPORT_NAME``, ...) drops the connection
+  and logs why; a write whose payload did not arrive completely is never applied;
+- a :class:`~protocol.RequestError` (out of range, read-only, backend failure) is
+  answered with its errno and the connection lives on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import stat
+from collections.abc import Sequence
+from typing import Protocol
+
+from meshblock.nbd.protocol import (
+    ALLOWED_FLAGS,
+    CLIENT_FLAGS,
+    EXPORT_NAME_REPLY,
+    EXPORT_NAME_ZEROES,
+    GREETING,
+    INFO_BLOCK_SIZE,
+    INFO_EXPORT,
+    INFO_TYPE,
+    MAX_OPTION_DATA,
+    MAX_OPTIONS,
+    MAX_REQUEST_SIZE,
+    MAX_STRING,
+    MIN_BLOCK_SIZE,
+    OPTION_HEADER,
+    OPTION_REPLY_HEADER,
+    PREFERRED_BLOCK_SIZE,
+    REQUEST,
+    SIMPLE_REPLY,
+    U16,
+    U32,
+    ClientFlag,
+    Cmd,
+    CmdFlag,
+    Errno,
+    HandshakeFlag,
+    Info,
+    Magic,
+    Opt,
+    ProtocolError,
+    Rep,
+    RequestError,
+    TransmissionFlag,
+)
+
+log = logging.getLogger(__name__)
+
+#: Bytes a backend may return for a read: one or more buffers that together hold the
+#: requested range. They are handed to the socket as they are and must not change
+#: afterwards.
+Chunk = bytes | bytearray | memoryview
+
+#: Receive buffer of a connection; headers and small payloads are parsed out of it.
+RECV_BUFFER_SIZE = 256 * 1024
+#: Write payloads at least this large are received straight into their own buffer.
+DIRECT_RECV_THRESHOLD = 64 * 1024
+#: Reading from a connection pauses while more requests or bytes than this are in flight.
+MAX_INFLIGHT_REQUESTS = 256
+MAX_INFLIGHT_BYTES = 64 * 1024 * 1024
+#: A connection that has not entered transmission by then is dropped.
+HANDSHAKE_TIMEOUT_S = 30.0
+#: Send buffer marks of each connection's transport. Kept small: the transport's
+#: buffer is a bytearray trimmed from the front after each send, so its cost grows
+#: with its size.
+WRITE_HIGH_WATER = 2 * 1024 * 1024
+WRITE_LOW_WATER = 512 * 1024
+#: Reply buffers at least this large are written on their own, not joined.
+DIRECT_SEND_THRESHOLD = 16 * 1024
+
+DEFAULT_EXPORT_FLAGS = (
+    TransmissionFlag.HAS_FLAGS
+    | TransmissionFlag.SEND_FLUSH
+    | TransmissionFlag.SEND_FUA
+    | TransmissionFlag.SEND_TRIM
+    | TransmissionFlag.SEND_WRITE_ZEROES
+)
+
+_WRITES = (Cmd.WRITE, Cmd.TRIM, Cmd.WRITE_ZEROES)
+
+
+class Backend(Protocol):
+    """The storage behind one export. Offsets and lengths are already bounds-checked.
+
+    Failures are raised as :class:`RequestError` (any other exception is logged and
+    answered with EIO).
+    """
+
+    async def read(self, offset: int, length: int) -> Sequence[Chunk]: ...
+
+    async def write(self, offset: int, data: memoryview, *, fua: bool) -> None: ...
+
+    async def write_zeroes(
+        self, offset: int, length: int, *, punch_hole: bool, fua: bool
+    ) -> None: ...
+
+    async def trim(self, offset: int, length: int, *, fua: bool) -> None: ...
+
+    async def flush(self) -> None: ...
+
+
+class Export:
+    """One named export: its backend, size and what clients may do with it.
+
+    ``size`` may grow while the export is served; a connection keeps the size it was
+    told at negotiation (the protocol has no way to tell it otherwise).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        backend: Backend,
+        size: int,
+        *,
+        read_only: bool = False,
+        multi_conn: bool = False,
+        description: str = "",
+    ) -> None:
+        if not name or len(name.encode()) > MAX_STRING:
+            raise ValueError(f"invalid export name {name!r}")
+        self.name = name
+        self.backend = backend
+        self.size = size
+        self.read_only = read_only
+        self.multi_conn = multi_conn
+        self.description = description
+        self.connections: set[NbdConnection] = set()
+
+    @property
+    def flags(self) -> int:
+        flags = DEFAULT_EXPORT_FLAGS
+        if self.read_only:
+            flags |= TransmissionFlag.READ_ONLY
+        if self.multi_conn:
+            flags |= TransmissionFlag.CAN_MULTI_CONN
+        return int(flags)
+
+    def close_connections(self, reason: str) -> None:
+        for conn in list(self.connections):
+            conn.close(reason)
+
+
+class NbdServer:
+    """Serves a set of exports on TCP and/or unix-socket listeners."""
+
+    def __init__(self, *, handshake_timeout: float = HANDSHAKE_TIMEOUT_S) -> None:
+        self.exports: dict[str, Export] = {}
+        self.connections: set[NbdConnection] = set()
+        self.handshake_timeout = handshake_timeout
+        self.protocol_errors = 0
+        self._servers: list[asyncio.Server] = []
+        self._unix_paths: list[str] = []
+        self._closing = False
+
+    # -- exports -----------------------------------------------------------------------
+
+    def add_export(self, export: Export) -> None:
+        if export.name in self.exports:
+            raise ValueError(f"export {export.name!r} exists")
+        self.exports[export.name] = export
+        log.info(
+            "export %r added (%d bytes%s)",
+            export.name,
+            export.size,
+            ", read-only" if export.read_only else "",
+        )
+
+    def remove_export(self, name: str, reason: str = "export removed") -> Export | None:
+        """Stop offering ``name`` and close the connections that use it."""
+        export = self.exports.pop(name, None)
+        if export is not None:
+            log.info("export %r removed: %s", name, reason)
+            export.close_connections(reason)
+        return export
+
+    def lookup(self, name: str) -> Export | None:
+        """The export called ``name``; the empty (default) name means the only export."""
+        if not name and len(self.exports) == 1:
+            return next(iter(self.exports.values()))
+        return self.exports.get(name)
+
+    # -- listeners ---------------------------------------------------------------------
+
+    def _protocol(self) -> NbdConnection:
+        return NbdConnection(self)
+
+    async def listen_tcp(self, host: str, port: int) -> list[tuple[str, int]]:
+        """Listen on ``host:port``; return the bound addresses (port 0 picks one)."""
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(self._protocol, host, port, reuse_address=True)
+        self._servers.append(server)
+        addrs = [s.getsockname()[:2] for s in server.sockets]
+        log.info("NBD listening on %s", ", ".join(f"{h}:{p}" for h, p in addrs))
+        return addrs
+
+    async def listen_unix(self, path: str) -> None:
+        """Listen on a unix socket at ``path`` (a stale socket there is replaced)."""
+        with contextlib.suppress(FileNotFoundError):
+            if stat.S_ISSOCK(os.stat(path).st_mode):
+                os.unlink(path)
+        loop = asyncio.get_running_loop()
+        server = await loop.create_unix_server(self._protocol, path)
+        self._servers.append(server)
+        self._unix_paths.append(path)
+        log.info("NBD listening on unix:%s", path)
+
+    async def close(self, grace_s: float = 10.0) -> None:
+        """Stop listening, let in-flight requests finish (up to ``grace_s``), disconnect."""
+        self._closing = True
+        for server in self._servers:
+            server.close()
+        for server in self._servers:
+            await server.wait_closed()
+        self._servers.clear()
+        for path in self._unix_paths:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        self._unix_paths.clear()
+        conns = list(self.connections)
+        for conn in conns:
+            conn.stop_reading()
+        pending = [t for conn in conns for t in conn.tasks]
+        if pending:
+            _, late = await asyncio.wait(pending, timeout=grace_s)
+            for task in late:
+                task.cancel()
+            if late:
+                await asyncio.wait(late)
+        for conn in conns:
+            conn.close("server shutting down")
+
+
+# Connection states.
+_CLIENT_FLAGS = 0
+_OPT_HEADER = 1
+_OPT_DATA = 2
+_TX_HEADER = 3
+_TX_PAYLOAD = 4
+_CLOSED = 5
+
+
+class NbdConnection(asyncio.BufferedProtocol):
+    """One client connection, from the greeting to the disconnect."""
+
+    def __init__(self, server: NbdServer) -> None:
+        self.server = server
+        self.export: Export | None = None
+        self.peer = "?"
+        self.tasks: set[asyncio.Task[None]] = set()
+        self._transport: asyncio.Transport | None = None
+        self._loop = asyncio.get_running_loop()
+        self._rbuf = bytearray(RECV_BUFFER_SIZE)
+        self._rview = memoryview(self._rbuf)
+        self._rpos = 0
+        self._rend = 0
+        self._state = _CLIENT_FLAGS
+        self._need = CLIENT_FLAGS.size
+        self._no_zeroes = False
+        self._options = 0
+        self._opt = 0
+        # The request whose write payload is being received.
+        self._req: tuple[int, int, int] = (0, 0, 0)  # flags, handle, offset
+        self._payload: bytearray | None = None  # None: discard the payload
+        self._payload_view = memoryview(b"")
+        self._filled = 0
+        self._direct = False
+        # Transmission parameters fixed at negotiation.
+        self._size = 0
+        self._read_only = False
+        # Output batching and flow control.
+        self._out: list[Chunk] = []
+        self._flush_scheduled = False
+        self._inflight_bytes = 0
+        self._paused_by_load = False
+        self._paused_by_writer = False
+        self._disconnecting = False
+        self._handshake_timer: asyncio.TimerHandle | None = None
+
+    # -- asyncio callbacks -------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "unix"
+        if self.server._closing:
+            transport.abort()
+            return
+        self.server.connections.add(self)
+        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER, low=WRITE_LOW_WATER)
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._handshake_timer = self._loop.call_later(
+            self.server.handshake_timeout, self._handshake_expired
+        )
+        flags = HandshakeFlag.FIXED_NEWSTYLE | HandshakeFlag.NO_ZEROES
+        self._send(GREETING.pack(Magic.NBDMAGIC, Magic.IHAVEOPT, flags))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._state != _CLOSED and (self._rend > self._rpos or self._state == _TX_PAYLOAD):
+            log.warning(
+                "NBD connection from %s lost in the middle of a request%s",
+                self.peer,
+                "; its partial write is discarded" if self._state == _TX_PAYLOAD else "",
+            )
+        self._state = _CLOSED
+        self._out.clear()
+        if self._handshake_timer is not None:
+            self._handshake_timer.cancel()
+        self.server.connections.discard(self)
+        if self.export is not None:
+            self.export.connections.discard(self)
+            log.info("NBD connection from %s to export %r closed", self.peer, self.export.name)
+
+    def pause_writing(self) -> None:
+        self._paused_by_writer = True
+        self._update_reading()
+
+    def resume_writing(self) -> None:
+        self._paused_by_writer = False
+        self._update_reading()
+
+    def eof_received(self) -> bool | None:
+        return None  # close our side too
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if (
+            self._state == _TX_PAYLOAD
+            and self._payload is not None
+            and self._rpos == self._rend
+            and len(self._payload) - self._filled >= DIRECT_RECV_THRESHOLD
+        ):
+            self._direct = True
+            return self._payload_view[self._filled :]
+        self._direct = False
+        if self._rend == len(self._rbuf) or (self._rpos == self._rend):
+            # Compact: unconsumed data is always shorter than one header or option.
+            n = self._rend - self._rpos
+            self._rbuf[:n] = self._rview[self._rpos : self._rend]
+            self._rpos, self._rend = 0, n
+        return self._rview[self._rend :]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self._state == _CLOSED:
+            return
+        try:
+            if self._direct:
+                self._filled += nbytes
+                if self._filled == len(self._payload_view):
+                    self._payload_done()
+            else:
+                self._rend += nbytes
+            self._parse()
+        except ProtocolError as exc:
+            self._protocol_error(str(exc))
+
+    # -- parsing ---------------------------------------------------------------------
+
+    def _parse(self) -> None:
+        buf = self._rbuf
+        while self._state != _CLOSED and not self._disconnecting:
+            avail = self._rend - self._rpos
+            if self._state == _TX_PAYLOAD:
+                if avail == 0:
+                    break
+                take = min(avail, self._need - self._filled)
+                if self._payload is not None:
+                    end = self._filled + take
+                    self._payload_view[self._filled : end] = self._rview[
+                        self._rpos : self._rpos + take
+                    ]
+                self._filled += take
+                self._rpos += take
+                if self._filled == self._need:
+                    self._payload_done()
+                continue
+            if avail < self._need:
+                break
+            pos = self._rpos
+            self._rpos += self._need
+            state = self._state
+            if state == _TX_HEADER:
+                self._request(*REQUEST.unpack_from(buf, pos))
+            elif state == _OPT_HEADER:
+                self._option_header(*OPTION_HEADER.unpack_from(buf, pos))
+            elif state == _OPT_DATA:
+                self._option(self._opt, bytes(self._rview[pos : self._rpos]))
+            else:
+                self._client_flags(CLIENT_FLAGS.unpack_from(buf, pos)[0])
+        if self._rpos == self._rend:
+            self._rpos = self._rend = 0
+
+    # -- negotiation -----------------------------------------------------------------
+
+    def _client_flags(self, flags: int) -> None:
+        # A plain int: ``~`` of an IntFlag would keep only the defined bits.
+        known = int(ClientFlag.FIXED_NEWSTYLE | ClientFlag.NO_ZEROES)
+        if flags & ~known:
+            raise ProtocolError(f"unknown client flags 0x{flags:08x}")
+        self._no_zeroes = bool(flags & ClientFlag.NO_ZEROES)
+        self._expect(_OPT_HEADER, OPTION_HEADER.size)
+
+    def _option_header(self, magic: int, opt: int, length: int) -> None:
+        if magic != Magic.IHAVEOPT:
+            raise ProtocolError(f"bad option magic 0x{magic:016x}")
+        self._options += 1
+        if self._options > MAX_OPTIONS:
+            raise ProtocolError(f"more than {MAX_OPTIONS} options without entering transmission")
+        if length > MAX_OPTION_DATA:
+            raise ProtocolError(
+                f"option {opt} carries {length} bytes of data, more than {MAX_OPTION_DATA}"
+            )
+        if length == 0:
+            self._expect(_OPT_HEADER, OPTION_HEADER.size)
+            self._option(opt, b"")
+        else:
+            self._opt = opt
+            self._expect(_OPT_DATA, length)
+
+    def _option(self, opt: int, data: bytes) -> None:
+        self._expect(_OPT_HEADER, OPTION_HEADER.size)
+        if opt == Opt.GO or opt == Opt.INFO:
+            self._opt_info(opt, data)
+        elif opt == Opt.EXPORT_NAME:
+            self._opt_export_name(data)
+        elif opt == Opt.LIST:
+            self._opt_list(data)
+        elif opt == Opt.ABORT:
+            self._opt_reply(opt, Rep.ACK)
+            self._finish()
+        elif opt == Opt.STRUCTURED_REPLY:
+            self._opt_reply(opt, Rep.ERR_UNSUP, b"this server sends simple replies only")
+        else:
+            self._opt_reply(opt, Rep.ERR_UNSUP, b"option not supported")
+
+    def _opt_reply(self, opt: int, rep: int, data: bytes = b"") -> None:
+        self._send(OPTION_REPLY_HEADER.pack(Magic.OPTION_REPLY, opt, rep, len(data)), data)
+
+    def _opt_list(self, data: bytes) -> None:
+        if data:
+            self._opt_reply(Opt.LIST, Rep.ERR_INVALID, b"NBD_OPT_LIST takes no data")
+            return
+        for export in list(self.server.exports.values()):
+            name = export.name.encode()
+            self._opt_reply(
+                Opt.LIST, Rep.SERVER, U32.pack(len(name)) + name + export.description.encode()
+            )
+        self._opt_reply(Opt.LIST, Rep.ACK)
+
+    def _opt_info(self, opt: int, data: bytes) -> None:
+        if len(data) < 6:
+            self._opt_reply(opt, Rep.ERR_INVALID, b"option data too short")
+            return
+        (name_len,) = U32.unpack_from(data, 0)
+        if 4 + name_len + 2 > len(data) or name_len > MAX_STRING:
+            self._opt_reply(opt, Rep.ERR_INVALID, b"export name length out of range")
+            return
+        (n_infos,) = U16.unpack_from(data, 4 + name_len)
+        if len(data) != 4 + name_len + 2 + 2 * n_infos:
+            self._opt_reply(opt, Rep.ERR_INVALID, b"option length does not match its content")
+            return
+        try:
+            name = data[4 : 4 + name_len].decode()
+        except UnicodeDecodeError:
+            self._opt_reply(opt, Rep.ERR_INVALID, b"export name is not UTF-8")
+            return
+        infos = {U16.unpack_from(data, 4 + name_len + 2 + 2 * i)[0] for i in range(n_infos)}
+        export = self.server.lookup(name)
+        if export is None:
+            self._opt_reply(opt, Rep.ERR_UNKNOWN, f"no export named {name!r}".encode()[:MAX_STRING])
+            return
+        self._opt_reply(opt, Rep.INFO, INFO_EXPORT.pack(Info.EXPORT, export.size, export.flags))
+        if Info.NAME in infos:
+            self._opt_reply(opt, Rep.INFO, INFO_TYPE.pack(Info.NAME) + export.name.encode())
+        if Info.DESCRIPTION in infos and export.description:
+            desc = export.description.encode()[:MAX_STRING]
+            self._opt_reply(opt, Rep.INFO, INFO_TYPE.pack(Info.DESCRIPTION) + desc)
+        self._opt_reply(
+            opt,
+            Rep.INFO,
+            INFO_BLOCK_SIZE.pack(
+                Info.BLOCK_SIZE, MIN_BLOCK_SIZE, PREFERRED_BLOCK_SIZE, MAX_REQUEST_SIZE
+            ),
+        )
+        self._opt_reply(opt, Rep.ACK)
+        if opt == Opt.GO:
+            self._enter_transmission(export)
+
+    def _opt_export_name(self, data: bytes) -> None:
+        try:
+            name = data.decode()
+        except UnicodeDecodeError:
+            raise ProtocolError("NBD_OPT_EXPORT_NAME with a name that is not UTF-8") from None
+        export = self.server.lookup(name)
+        if export is None:
+            raise ProtocolError(f"NBD_OPT_EXPORT_NAME for unknown export {name!r}")
+        self._send(EXPORT_NAME_REPLY.pack(export.size, export.flags))
+        if not self._no_zeroes:
+            self._send(EXPORT_NAME_ZEROES)
+        self._enter_transmission(export)
+
+    def _enter_transmission(self, export: Export) -> None:
+        if self._handshake_timer is not None:
+            self._handshake_timer.cancel()
+            self._handshake_timer = None
+        self.export = export
+        self._size = export.size
+        self._read_only = export.read_only
+        export.connections.add(self)
+        self._expect(_TX_HEADER, REQUEST.size)
+        log.info("NBD connection from %s uses export %r", self.peer, export.name)
+
+    def _handshake_expired(self) -> None:
+        self._handshake_timer = None
+        if self.export is None and self._state != _CLOSED:
+            self._protocol_error(f"no export chosen within {self.server.handshake_timeout:g} s")
+
+    # -- transmission ----------------------------------------------------------------
+
+    def _check(self, cmd: int, flags: int, offset: int, length: int) -> Errno | None:
+        allowed = ALLOWED_FLAGS.get(cmd)
+        if allowed is None or flags & ~allowed:
+            return Errno.EINVAL
+        if self._read_only and cmd in _WRITES:
+            return Errno.EPERM
+        if cmd == Cmd.READ and length > MAX_REQUEST_SIZE:
+            return Errno.EINVAL
+        if cmd != Cmd.FLUSH and offset + length > self._size:
+            return Errno.ENOSPC if cmd in (Cmd.WRITE, Cmd.WRITE_ZEROES) else Errno.EINVAL
+        return None
+
+    def _request(
+        self, magic: int, flags: int, cmd: int, handle: int, offset: int, length: int
+    ) -> None:
+        if magic != Magic.REQUEST:
+            raise ProtocolError(f"bad request magic 0x{magic:08x}")
+        if cmd == Cmd.WRITE:
+            if length > MAX_REQUEST_SIZE:
+                raise ProtocolError(
+                    f"write of {length} bytes exceeds the maximum request size {MAX_REQUEST_SIZE}"
+                )
+            err = self._check(cmd, flags, offset, length)
+            if err is not None:
+                self._request_error(handle, err, cmd, offset, length)
+                self._payload = None  # read and drop the payload
+            else:
+                self._payload = bytearray(length)
+                self._payload_view = memoryview(self._payload)
+            self._req = (flags, handle, offset)
+            self._filled = 0
+            self._expect(_TX_PAYLOAD, length)
+            if length == 0:
+                self._payload_done()
+            return
+        if cmd == Cmd.DISC:
+            self._disconnect()
+            return
+        err = self._check(cmd, flags, offset, length)
+        if err is not None:
+            self._request_error(handle, err, cmd, offset, length)
+            return
+        self._start(cmd, flags, handle, offset, length, None)
+
+    def _payload_done(self) -> None:
+        flags, handle, offset = self._req
+        payload = self._payload
+        self._payload = None
+        self._direct = False
+        self._expect(_TX_HEADER, REQUEST.size)
+        if payload is not None:
+            self._start(Cmd.WRITE, flags, handle, offset, len(payload), payload)
+
+    def _request_error(self, handle: int, err: Errno, cmd: int, offset: int, length: int) -> None:
+        log.debug(
+            "NBD %s: refused command %d at %d+%d: %s", self.peer, cmd, offset, length, err.name
+        )
+        self._send(SIMPLE_REPLY.pack(Magic.SIMPLE_REPLY, err, handle))
+
+    def _start(
+        self, cmd: int, flags: int, handle: int, offset: int, length: int, data: bytearray | None
+    ) -> None:
+        weight = length if cmd in (Cmd.READ, Cmd.WRITE) else 0
+        self._inflight_bytes += weight
+        task = self._loop.create_task(self._serve(cmd, flags, handle, offset, length, data))
+        self.tasks.add(task)
+        task.add_done_callback(self._task_done)
+        self._update_reading()
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self.tasks.discard(task)
+        if self._disconnecting and not self.tasks:
+            self._finish()
+        else:
+            self._update_reading()
+
+    async def _serve(
+        self, cmd: int, flags: int, handle: int, offset: int, length: int, data: bytearray | None
+    ) -> None:
+        export = self.export
+        assert export is not None
+        backend = export.backend
+        weight = length if cmd in (Cmd.READ, Cmd.WRITE) else 0
+        chunks: Sequence[Chunk] = ()
+        err = Errno.OK
+        try:
+            if cmd == Cmd.READ:
+                chunks = await backend.read(offset, length)
+                if sum(len(c) for c in chunks) != length:
+                    raise RuntimeError(f"backend returned a short read at {offset}+{length}")
+            elif cmd == Cmd.WRITE:
+                assert data is not None
+                await backend.write(offset, memoryview(data), fua=bool(flags & CmdFlag.FUA))
+            elif cmd == Cmd.FLUSH:
+                await backend.flush()
+            elif cmd == Cmd.TRIM:
+                await backend.trim(offset, length, fua=bool(flags & CmdFlag.FUA))
+            elif cmd == Cmd.WRITE_ZEROES:
+                await backend.write_zeroes(
+                    offset,
+                    length,
+                    punch_hole=not flags & CmdFlag.NO_HOLE,
+                    fua=bool(flags & CmdFlag.FUA),
+                )
+        except RequestError as exc:
+            err = exc.errno
+            chunks = ()
+            log.warning(
+                "NBD %s export %r: command %s at %d+%d failed: %s",
+                self.peer,
+                export.name,
+                Cmd(cmd).name,
+                offset,
+                length,
+                exc,
+            )
+        except Exception:
+            err = Errno.EIO
+            chunks = ()
+            log.exception(
+                "NBD %s export %r: command %s at %d+%d failed",
+                self.peer,
+                export.name,
+                Cmd(cmd).name,
+                offset,
+                length,
+            )
+        finally:
+            self._inflight_bytes -= weight
+        self._send(SIMPLE_REPLY.pack(Magic.SIMPLE_REPLY, err, handle), *chunks)
+
+    # -- output, flow control, closing ----------------------------------------------
+
+    def _expect(self, state: int, need: int) -> None:
+        self._state = state
+        self._need = need
+
+    def _send(self, *bufs: Chunk) -> None:
+        if self._state == _CLOSED:
+            return
+        self._out.extend(bufs)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush_out)
+
+    def _flush_out(self) -> None:
+        """Write what is pending: small buffers joined into one write, large payloads
+        on their own (``writelines`` would copy them into one joined buffer first)."""
+        self._flush_scheduled = False
+        out, self._out = self._out, []
+        t = self._transport
+        if not out or t is None or t.is_closing():
+            return
+        small: list[Chunk] = []
+        for buf in out:
+            if len(buf) < DIRECT_SEND_THRESHOLD:
+                small.append(buf)
+                continue
+            if small:
+                t.write(b"".join(small) if len(small) > 1 else small[0])
+                small = []
+            t.write(buf)
+        if small:
+            t.write(b"".join(small) if len(small) > 1 else small[0])
+
+    def _update_reading(self) -> None:
+        t = self._transport
+        if t is None or t.is_closing():
+            return
+        busy = (
+            len(self.tasks) >= MAX_INFLIGHT_REQUESTS
+            or self._inflight_bytes >= MAX_INFLIGHT_BYTES
+            or self._paused_by_writer
+            or self._disconnecting
+        )
+        if busy and not self._paused_by_load:
+            self._paused_by_load = True
+            t.pause_reading()
+        elif not busy and self._paused_by_load:
+            self._paused_by_load = False
+            t.resume_reading()
+
+    def stop_reading(self) -> None:
+        """Accept no more requests; in-flight ones still get their replies."""
+        self._disconnecting = True
+        self._update_reading()
+
+    def _disconnect(self) -> None:
+        """NBD_CMD_DISC: finish what is in flight, then close."""
+        log.debug("NBD %s: disconnect requested", self.peer)
+        self.stop_reading()
+        if not self.tasks:
+            self._finish()
+
+    def _finish(self) -> None:
+        """Send what is pending and close the connection."""
+        self._flush_out()
+        self._state = _CLOSED
+        if self._transport is not None:
+            self._transport.close()
+
+    def close(self, reason: str) -> None:
+        """Close the connection now (an export went away, or the server stops)."""
+        if self._state == _CLOSED:
+            return
+        log.info("closing NBD connection from %s: %s", self.peer, reason)
+        self._finish()
+
+    def _protocol_error(self, reason: str) -> None:
+        self.server.protocol_errors += 1
+        log.warning("dropping NBD connection from %s: %s", self.peer, reason)
+        self._state = _CLOSED
+        self._out.clear()
+        if self._transport is not None:
+            self._transport.abort()

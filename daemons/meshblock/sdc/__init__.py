@@ -1,0 +1,1 @@
+"""The storage data client (SDC): exports the volumes mapped to this host over NBD."""

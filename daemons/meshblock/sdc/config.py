@@ -1,0 +1,140 @@
+"""SDC configuration (``/etc/meshblock/sdc.toml``); see docs/sdc.md for every key."""
+
+from __future__ import annotations
+
+import socket
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from meshblock.config import ConfigError
+
+
+@dataclass(frozen=True)
+class SdcIdentity:
+    """``[sdc]``: who this SDC is.
+
+    ``guid`` identifies the host to the MDM across restarts; when empty, one is
+    generated on first start and kept in ``<state_dir>/guid``.
+    """
+
+    guid: str = ""
+    name: str = ""
+    address: str = ""
+    state_dir: str = "/var/lib/meshblock/sdc"
+
+
+@dataclass(frozen=True)
+class MdmLink:
+    """``[mdm]``: how to reach the MDM(s)."""
+
+    urls: list[str] = field(default_factory=lambda: ["http://127.0.0.1:6611"])
+    cluster_secret: str = ""
+    cluster_secret_file: str = ""
+    heartbeat_interval_s: float = 2.0
+    longpoll_timeout_s: float = 25.0
+    request_timeout_s: float = 5.0
+
+    def __repr__(self) -> str:  # never print the secret
+        return f"MdmLink(urls={self.urls!r}, cluster_secret=***)"
+
+
+@dataclass(frozen=True)
+class NbdListen:
+    """``[nbd]``: where volumes are exported, and whether to attach them locally."""
+
+    host: str = "127.0.0.1"
+    port: int = 10809
+    unix_socket: str = ""
+    multi_conn: bool = True
+    attach_nbd: bool = False
+    nbd_client: str = "nbd-client"
+    attach_connections: int = 1
+
+
+@dataclass(frozen=True)
+class ControlListen:
+    """``[control]``: the HTTP port with /health and /metrics."""
+
+    host: str = "127.0.0.1"
+    port: int = 7074
+
+
+@dataclass(frozen=True)
+class IoSettings:
+    """``[io]``: how long an IO may retry (map refreshes, failovers) before EIO."""
+
+    timeout_s: float = 45.0
+    attempt_timeout_s: float = 10.0
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    level: str = "INFO"
+
+
+@dataclass(frozen=True)
+class SdcConfig:
+    sdc: SdcIdentity = field(default_factory=SdcIdentity)
+    mdm: MdmLink = field(default_factory=MdmLink)
+    nbd: NbdListen = field(default_factory=NbdListen)
+    control: ControlListen = field(default_factory=ControlListen)
+    io: IoSettings = field(default_factory=IoSettings)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def __post_init__(self) -> None:
+        if not self.mdm.urls:
+            raise ValueError("mdm.urls must list at least one MDM")
+        if self.mdm.cluster_secret and self.mdm.cluster_secret_file:
+            raise ValueError("set mdm.cluster_secret or mdm.cluster_secret_file, not both")
+        if not self.mdm.cluster_secret and not self.mdm.cluster_secret_file:
+            raise ValueError("mdm.cluster_secret or mdm.cluster_secret_file must be set")
+        if self.io.timeout_s <= 0 or self.io.attempt_timeout_s <= 0:
+            raise ValueError("io.timeout_s and io.attempt_timeout_s must be positive")
+        if self.mdm.heartbeat_interval_s <= 0 or self.mdm.longpoll_timeout_s <= 0:
+            raise ValueError("mdm intervals must be positive")
+        if not 1 <= self.nbd.attach_connections <= 16:
+            raise ValueError("nbd.attach_connections must be between 1 and 16")
+
+
+def cluster_secret(config: SdcConfig) -> str:
+    """The cluster secret, from the config or from the file it names."""
+    if config.mdm.cluster_secret:
+        return config.mdm.cluster_secret
+    path = Path(config.mdm.cluster_secret_file)
+    try:
+        secret = path.read_text().strip()
+    except OSError as exc:
+        raise ConfigError(f"cannot read mdm.cluster_secret_file {path}: {exc.strerror}") from None
+    if not secret:
+        raise ConfigError(f"mdm.cluster_secret_file {path} is empty")
+    return secret
+
+
+def sdc_name(config: SdcConfig) -> str:
+    return config.sdc.name or socket.gethostname()
+
+
+def sdc_guid(config: SdcConfig) -> str:
+    """The configured GUID, or the one kept in the state directory (made on first use)."""
+    if config.sdc.guid:
+        return config.sdc.guid
+    state = Path(config.sdc.state_dir)
+    path = state / "guid"
+    try:
+        guid = path.read_text().strip()
+        if guid:
+            return guid
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+    guid = str(uuid.uuid4())
+    try:
+        state.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(guid + "\n")
+        tmp.replace(path)
+    except OSError as exc:
+        raise ConfigError(f"cannot write {path}: {exc.strerror}") from None
+    return guid

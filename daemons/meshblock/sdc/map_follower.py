@@ -1,0 +1,234 @@
+"""Membership and maps: registration, heartbeats, and following the maps.
+
+:class:`MapFollower` registers the SDC with the MDM, sends heartbeats and keeps the
+latest maps, following them with the MDM's long-poll so that a change reaches the SDC
+as soon as the MDM commits it. The IO path asks for an immediate refresh
+(:meth:`MapFollower.refresh`) when an SDS refuses a request for a stale epoch.
+
+When no MDM can be reached, the SDC keeps serving IO on the maps it has (DESIGN.md
+invariant 5); the maps are also kept in ``<state_dir>/maps.json`` so that an SDC
+restarted while the MDM is down still serves its volumes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from meshblock.sdc.maps import MapError, PoolMap, SdcMaps, parse_maps
+from meshblock.sdc.mdm_client import MdmClient, MdmRefused, MdmUnavailable, sleep_backoff
+
+log = logging.getLogger(__name__)
+
+#: Refreshes closer together than this share one request to the MDM.
+MIN_REFRESH_INTERVAL_S = 0.05
+
+
+class MapFollower:
+    def __init__(
+        self,
+        client: MdmClient,
+        *,
+        guid: str,
+        name: str,
+        address: str,
+        control_port: int,
+        nbd_port: int,
+        state_dir: Path,
+        heartbeat_interval_s: float,
+        longpoll_s: float,
+    ) -> None:
+        self.client = client
+        self.guid = guid
+        self.name = name
+        self.address = address
+        self.control_port = control_port
+        self.nbd_port = nbd_port
+        self.state_dir = state_dir
+        self.heartbeat_interval_s = heartbeat_interval_s
+        self.longpoll_s = longpoll_s
+        self.sdc_id: int | None = None
+        self.maps: SdcMaps | None = None
+        self.mdm_reachable = False
+        self.last_contact: float | None = None
+        self.listeners: list[Callable[[SdcMaps], None]] = []
+        self._registered = asyncio.Event()
+        self._refreshing: asyncio.Future[None] | None = None
+        self._last_refresh = 0.0
+        self._tasks: list[asyncio.Task[None]] = []
+
+    # -- MapSource ----------------------------------------------------------------
+
+    def pool(self, pool_id: int) -> PoolMap | None:
+        return self.maps.pools.get(pool_id) if self.maps is not None else None
+
+    async def refresh(self) -> None:
+        """Fetch the maps now (one request shared by concurrent callers)."""
+        if self._refreshing is None:
+            if time.monotonic() - self._last_refresh < MIN_REFRESH_INTERVAL_S:
+                await asyncio.sleep(MIN_REFRESH_INTERVAL_S)
+                if self._refreshing is None:
+                    return
+            else:
+                self._refreshing = asyncio.ensure_future(self._refresh_once())
+        assert self._refreshing is not None
+        await asyncio.shield(self._refreshing)
+
+    async def _refresh_once(self) -> None:
+        try:
+            if self.sdc_id is not None:
+                self._apply(await self.client.maps(self.sdc_id))
+                self._reachable(True)
+        except (MdmUnavailable, MdmRefused, MapError) as exc:
+            self._reachable(False, str(exc))
+        finally:
+            self._last_refresh = time.monotonic()
+            self._refreshing = None
+
+    # -- state -----------------------------------------------------------------------
+
+    def _reachable(self, ok: bool, why: str = "") -> None:
+        if ok:
+            self.last_contact = time.time()
+            if not self.mdm_reachable:
+                log.info("MDM reachable")
+        elif self.mdm_reachable:
+            log.warning("MDM unreachable, serving from cached maps: %s", why)
+        self.mdm_reachable = ok
+
+    def _apply(self, doc: Any) -> None:
+        maps = parse_maps(doc)
+        current = self.maps
+        if current is not None and maps.epoch < current.epoch:
+            return  # an older answer overtaken by a newer one
+        if maps == current:
+            return
+        self.maps = maps
+        self.sdc_id = maps.sdc_id
+        log.info(
+            "maps updated to epoch %d: %d volume(s) mapped",
+            maps.epoch,
+            len(maps.volumes),
+        )
+        self._save(doc)
+        for listener in self.listeners:
+            listener(maps)
+
+    def _save(self, doc: Any) -> None:
+        path = self.state_dir / "maps.json"
+        try:
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"guid": self.guid, "maps": doc}))
+            tmp.replace(path)
+        except OSError as exc:
+            log.warning("cannot save the maps to %s: %s", path, exc)
+
+    def load_cached(self) -> None:
+        """Start from the maps saved by a previous run (same GUID), if any."""
+        path = self.state_dir / "maps.json"
+        try:
+            saved = json.loads(path.read_text())
+            if not isinstance(saved, dict) or saved.get("guid") != self.guid:
+                return
+            self._apply(saved["maps"])
+            log.info("serving cached maps (epoch %d) until the MDM answers", self.epoch)
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError, KeyError, MapError) as exc:
+            log.warning("ignoring cached maps in %s: %s", path, exc)
+
+    @property
+    def epoch(self) -> int:
+        return self.maps.epoch if self.maps is not None else 0
+
+    # -- background tasks ------------------------------------------------------------
+
+    def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._tasks = [
+            loop.create_task(self._follow(), name="sdc-map-follower"),
+            loop.create_task(self._heartbeats(), name="sdc-heartbeat"),
+        ]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []
+        if self._refreshing is not None:
+            self._refreshing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._refreshing
+
+    async def _register(self) -> None:
+        attempt = 0
+        while True:
+            try:
+                sdc_id = await self.client.register(
+                    self.guid, self.name, self.address, self.control_port, self.nbd_port
+                )
+            except (MdmUnavailable, MdmRefused) as exc:
+                self._reachable(False, str(exc))
+                if attempt == 0:
+                    log.warning("cannot register with the MDM yet: %s", exc)
+                await sleep_backoff(attempt)
+                attempt += 1
+                continue
+            self.sdc_id = sdc_id
+            self._reachable(True)
+            self._registered.set()
+            log.info(
+                "registered with the MDM as SDC %d (%s, guid %s)", sdc_id, self.name, self.guid
+            )
+            return
+
+    async def _follow(self) -> None:
+        attempt = 0
+        while True:
+            if self.sdc_id is None or not self._registered.is_set():
+                await self._register()
+            assert self.sdc_id is not None
+            try:
+                wait = self.epoch if self.maps is not None else None
+                doc = await self.client.maps(self.sdc_id, wait, self.longpoll_s)
+                self._apply(doc)
+                self._reachable(True)
+                attempt = 0
+            except MdmRefused as exc:
+                if exc.status == 404:
+                    log.warning("the MDM no longer knows SDC %d: registering again", self.sdc_id)
+                    self._registered.clear()
+                else:
+                    self._reachable(False, str(exc))
+                    await sleep_backoff(attempt)
+                    attempt += 1
+            except (MdmUnavailable, MapError) as exc:
+                self._reachable(False, str(exc))
+                await sleep_backoff(attempt)
+                attempt += 1
+
+    async def _heartbeats(self) -> None:
+        await self._registered.wait()
+        while True:
+            await asyncio.sleep(self.heartbeat_interval_s)
+            sdc_id = self.sdc_id
+            if sdc_id is None or not self._registered.is_set():
+                continue
+            try:
+                await self.client.heartbeat(sdc_id)
+                self._reachable(True)
+            except MdmRefused as exc:
+                if exc.status == 404:
+                    self._registered.clear()
+                self._reachable(False, str(exc))
+            except MdmUnavailable as exc:
+                self._reachable(False, str(exc))

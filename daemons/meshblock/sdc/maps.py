@@ -1,0 +1,163 @@
+"""The maps an SDC follows: the volumes mapped to it and their pools' PG maps.
+
+:func:`parse_maps` turns the MDM's ``GET /api/v1/sdc/{id}/maps`` document into frozen
+objects (and rejects a malformed one with :class:`MapError`, so that a bad document
+never replaces a good cached one).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+class MapError(ValueError):
+    """The MDM sent a maps document this SDC cannot use."""
+
+
+@dataclass(frozen=True)
+class SdsEndpoint:
+    sds_id: int
+    address: str
+    data_port: int
+
+
+@dataclass(frozen=True)
+class PoolMap:
+    """One pool's PG map: ``primaries[pg]`` / ``secondaries[pg]`` are SDS ids or None."""
+
+    pool_id: int
+    epoch: int
+    pg_count: int
+    primaries: tuple[int | None, ...]
+    secondaries: tuple[int | None, ...]
+    sds: dict[int, SdsEndpoint]
+
+    def holders(self) -> set[int]:
+        """Every SDS that holds a copy of some PG of the pool."""
+        return {s for s in self.primaries + self.secondaries if s is not None}
+
+
+@dataclass(frozen=True)
+class VolumeMapping:
+    id: int
+    name: str
+    pool_id: int
+    size_bytes: int
+    read_only: bool
+    iops_limit: int | None
+    bandwidth_limit_bps: int | None
+
+
+@dataclass(frozen=True)
+class SdcMaps:
+    epoch: int
+    sdc_id: int
+    volumes: dict[int, VolumeMapping]
+    pools: dict[int, PoolMap]
+
+
+def _int(doc: dict[str, Any], key: str, *, optional: bool = False) -> int | None:
+    value = doc.get(key)
+    if value is None and optional:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise MapError(f"{key!r} must be a non-negative integer, got {value!r}")
+    return value
+
+
+def _req(doc: dict[str, Any], key: str) -> int:
+    value = _int(doc, key)
+    assert value is not None
+    return value
+
+
+def _copy(value: Any) -> int | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise MapError(f"a PG copy must be an object or null, got {value!r}")
+    return _req(value, "sds_id")
+
+
+def parse_pool(doc: Any) -> PoolMap:
+    if not isinstance(doc, dict):
+        raise MapError("a PG map must be an object")
+    pg_count = _req(doc, "pg_count")
+    if pg_count < 1:
+        raise MapError("pg_count must be positive")
+    primaries: list[int | None] = [None] * pg_count
+    secondaries: list[int | None] = [None] * pg_count
+    pgs = doc.get("pgs")
+    if not isinstance(pgs, list):
+        raise MapError("'pgs' must be a list")
+    for entry in pgs:
+        if not isinstance(entry, dict):
+            raise MapError("a PG entry must be an object")
+        pg = _req(entry, "pg")
+        if pg >= pg_count:
+            raise MapError(f"PG {pg} out of range (pg_count {pg_count})")
+        primaries[pg] = _copy(entry.get("primary"))
+        secondaries[pg] = _copy(entry.get("secondary"))
+    sds_doc = doc.get("sds", {})
+    if not isinstance(sds_doc, dict):
+        raise MapError("'sds' must be an object")
+    sds: dict[int, SdsEndpoint] = {}
+    for key, ep in sds_doc.items():
+        if not isinstance(ep, dict) or not isinstance(ep.get("address"), str):
+            raise MapError(f"SDS {key!r}: an endpoint needs an address")
+        try:
+            sds_id = int(key)
+        except ValueError:
+            raise MapError(f"SDS id {key!r} is not an integer") from None
+        sds[sds_id] = SdsEndpoint(sds_id, ep["address"], _req(ep, "data_port"))
+    for s in primaries + secondaries:
+        if s is not None and s not in sds:
+            raise MapError(f"SDS {s} is in the PG map but has no endpoint")
+    return PoolMap(
+        pool_id=_req(doc, "pool_id"),
+        epoch=_req(doc, "epoch"),
+        pg_count=pg_count,
+        primaries=tuple(primaries),
+        secondaries=tuple(secondaries),
+        sds=sds,
+    )
+
+
+def parse_maps(doc: Any) -> SdcMaps:
+    """Validate and convert an SdcMaps document."""
+    if not isinstance(doc, dict):
+        raise MapError("the maps document must be an object")
+    volumes: dict[int, VolumeMapping] = {}
+    vols = doc.get("volumes")
+    if not isinstance(vols, list):
+        raise MapError("'volumes' must be a list")
+    for v in vols:
+        if not isinstance(v, dict) or not isinstance(v.get("name"), str) or not v["name"]:
+            raise MapError("a volume needs a name")
+        mode = v.get("access_mode")
+        if mode not in ("read_write", "read_only"):
+            raise MapError(f"unknown access_mode {mode!r}")
+        vm = VolumeMapping(
+            id=_req(v, "id"),
+            name=v["name"],
+            pool_id=_req(v, "pool_id"),
+            size_bytes=_req(v, "size_bytes"),
+            read_only=mode == "read_only",
+            iops_limit=_int(v, "iops_limit", optional=True) or None,
+            bandwidth_limit_bps=_int(v, "bandwidth_limit_bps", optional=True) or None,
+        )
+        volumes[vm.id] = vm
+    pools_doc = doc.get("pools", {})
+    if not isinstance(pools_doc, dict):
+        raise MapError("'pools' must be an object")
+    pools = {}
+    for p in pools_doc.values():
+        pm = parse_pool(p)
+        pools[pm.pool_id] = pm
+    for vm in volumes.values():
+        if vm.pool_id not in pools:
+            raise MapError(f"volume {vm.name!r}: no map for its pool {vm.pool_id}")
+    return SdcMaps(
+        epoch=_req(doc, "epoch"), sdc_id=_req(doc, "sdc_id"), volumes=volumes, pools=pools
+    )

@@ -1,0 +1,106 @@
+"""The SDC's client of the MDM's REST API (with the cluster secret as bearer token).
+
+Several MDM URLs may be given: a call goes to the one that answered last and moves on
+to the next when it cannot be reached or answers 5xx.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import aiohttp
+
+log = logging.getLogger(__name__)
+
+
+class MdmUnavailable(Exception):
+    """No MDM answered."""
+
+
+class MdmRefused(Exception):
+    """An MDM answered with a 4xx error."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"HTTP {status}: {message}")
+        self.status = status
+
+
+class MdmClient:
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        urls: list[str],
+        secret: str,
+        *,
+        request_timeout: float = 5.0,
+    ) -> None:
+        self._session = session
+        self._urls = [u.rstrip("/") for u in urls]
+        self._headers = {"Authorization": f"Bearer {secret}"}
+        self._current = 0
+        self.request_timeout = request_timeout
+
+    async def _call(
+        self, method: str, path: str, body: Any = None, *, limit_s: float | None = None
+    ) -> Any:
+        last = "no MDM URL"
+        n = len(self._urls)
+        for i in range(n):
+            index = (self._current + i) % n
+            url = self._urls[index] + path
+            try:
+                async with self._session.request(
+                    method,
+                    url,
+                    json=body,
+                    headers=self._headers,
+                    timeout=aiohttp.ClientTimeout(total=limit_s or self.request_timeout),
+                ) as resp:
+                    if resp.status >= 500:
+                        last = f"{self._urls[index]}: HTTP {resp.status}"
+                        continue
+                    doc = await resp.json(content_type=None)
+                    self._current = index
+                    if resp.status >= 400:
+                        err = doc.get("error", {}) if isinstance(doc, dict) else {}
+                        raise MdmRefused(resp.status, str(err.get("message", "")))
+                    return doc
+            except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+                last = f"{self._urls[index]}: {exc!r}"
+        raise MdmUnavailable(last)
+
+    async def register(
+        self, guid: str, name: str, address: str, control_port: int, nbd_port: int
+    ) -> int:
+        doc = await self._call(
+            "POST",
+            "/api/v1/sdc/register",
+            {
+                "guid": guid,
+                "name": name,
+                "address": address,
+                "control_port": control_port,
+                "nbd_port": nbd_port,
+            },
+        )
+        sdc_id = doc.get("id") if isinstance(doc, dict) else None
+        if not isinstance(sdc_id, int):
+            raise MdmUnavailable("the MDM's registration answer has no id")
+        return sdc_id
+
+    async def heartbeat(self, sdc_id: int) -> Any:
+        return await self._call("POST", f"/api/v1/sdc/{sdc_id}/heartbeat", {})
+
+    async def maps(self, sdc_id: int, wait_epoch: int | None = None, wait_s: float = 0) -> Any:
+        """The SDC's maps; with ``wait_epoch``, long-poll until the epoch passes it."""
+        path = f"/api/v1/sdc/{sdc_id}/maps"
+        if wait_epoch is not None:
+            path += f"?wait_epoch={wait_epoch}&timeout={wait_s:g}"
+            return await self._call("GET", path, limit_s=wait_s + self.request_timeout)
+        return await self._call("GET", path)
+
+
+async def sleep_backoff(attempt: int, first: float = 0.2, cap: float = 2.0) -> None:
+    await asyncio.sleep(min(first * 2**attempt, cap))

@@ -1,0 +1,326 @@
+"""IO on one mapped volume: the NBD backend of its export.
+
+An NBD request is cut into chunk pieces (:func:`meshblock.chunks.chunk_span`); each
+piece goes to the primary of its PG (:func:`meshblock.chunks.pg_of`) with the pool's
+map epoch, all pieces of a request at once. A piece that fails in a retriable way
+(``EPOCH_STALE``, ``NOT_PRIMARY``, a lost connection, a PG without a primary, ...)
+makes the SDC ask the MDM for fresh maps right away and try again, with a growing
+pause while the map does not change, for up to ``io.timeout_s``; only then does the
+NBD client see an error (EIO). Errors that no retry can fix (no space, a device IO
+error, an invalid range) are answered at once.
+
+FLUSH reaches every SDS that holds a copy of some PG of the volume's pool (the
+distinct primaries and secondaries of its map); each SDS makes its devices durable
+and flushes the peers it replicated to.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Protocol, TypeVar
+
+from meshblock.chunks import CHUNK_SIZE, chunk_span, pg_of
+from meshblock.nbd.protocol import Errno, RequestError
+from meshblock.nbd.server import Chunk
+from meshblock.sdc.datapath import ChunkRef, DataPath, DataPathError
+from meshblock.sdc.maps import PoolMap, SdsEndpoint, VolumeMapping
+from meshblock.sdc.metrics import VolumeStats
+from meshblock.sdc.qos import Qos
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+#: Pieces of one request sent at once (a 4 GiB write-zeroes has 4096 of them).
+MAX_PARALLEL_PIECES = 32
+#: Pause between attempts while the map has not changed: doubles from the first value.
+BACKOFF_FIRST_S = 0.02
+BACKOFF_MAX_S = 1.0
+
+_ZEROES = memoryview(bytes(CHUNK_SIZE))
+
+
+class MapSource(Protocol):
+    """The SDC's current maps, and a way to ask the MDM for newer ones now."""
+
+    def pool(self, pool_id: int) -> PoolMap | None: ...
+
+    async def refresh(self) -> None: ...
+
+
+class VolumeIO:
+    """The backend of one export (see :class:`meshblock.nbd.server.Backend`)."""
+
+    def __init__(
+        self,
+        volume: VolumeMapping,
+        maps: MapSource,
+        path: DataPath,
+        stats: VolumeStats,
+        *,
+        timeout_s: float,
+        attempt_timeout_s: float,
+    ) -> None:
+        self.volume = volume
+        self.maps = maps
+        self.path = path
+        self.stats = stats
+        self.timeout_s = timeout_s
+        self.attempt_timeout_s = attempt_timeout_s
+        self.qos = Qos(volume.iops_limit, volume.bandwidth_limit_bps)
+        self.closed = False
+        self._last_retry_log = 0.0
+
+    def update(self, volume: VolumeMapping) -> None:
+        """The mapping changed (size, QoS limits)."""
+        self.volume = volume
+        self.qos.update(volume.iops_limit, volume.bandwidth_limit_bps)
+
+    def close(self) -> None:
+        self.closed = True
+
+    # -- the NBD backend -------------------------------------------------------------
+
+    async def read(self, offset: int, length: int) -> Sequence[Chunk]:
+        started = time.monotonic()
+        ok = False
+        try:
+            await self._admit(length)
+            out: list[Chunk] = await self._each(
+                offset,
+                length,
+                lambda idx, off, n, _pos: self._route(
+                    idx, lambda sds, ref: self.path.read(sds, ref, off, n), "read"
+                ),
+            )
+            ok = True
+            return out
+        finally:
+            self.stats.done("read", length, started, ok)
+
+    async def write(self, offset: int, data: memoryview, *, fua: bool) -> None:
+        started = time.monotonic()
+        ok = False
+        try:
+            await self._admit(len(data))
+            await self._each(
+                offset,
+                len(data),
+                lambda idx, off, n, pos: self._route(
+                    idx,
+                    lambda sds, ref: self.path.write(sds, ref, off, data[pos : pos + n], fua=fua),
+                    "write",
+                ),
+            )
+            ok = True
+        finally:
+            self.stats.done("write", len(data), started, ok)
+
+    async def write_zeroes(self, offset: int, length: int, *, punch_hole: bool, fua: bool) -> None:
+        started = time.monotonic()
+        ok = False
+        try:
+            await self._admit(0)
+            if punch_hole:
+                await self._each(
+                    offset,
+                    length,
+                    lambda idx, off, n, _pos: self._route(
+                        idx,
+                        lambda sds, ref: self.path.write_zeroes(sds, ref, off, n, fua=fua),
+                        "write_zeroes",
+                    ),
+                )
+            else:
+                # NO_HOLE: the range must stay allocated, so write real zeroes.
+                await self._each(
+                    offset,
+                    length,
+                    lambda idx, off, n, _pos: self._route(
+                        idx,
+                        lambda sds, ref: self.path.write(sds, ref, off, _ZEROES[:n], fua=fua),
+                        "write_zeroes",
+                    ),
+                )
+            ok = True
+        finally:
+            self.stats.done("write_zeroes", length, started, ok)
+
+    async def trim(self, offset: int, length: int, *, fua: bool) -> None:
+        started = time.monotonic()
+        ok = False
+        try:
+            await self._admit(0)
+            await self._each(
+                offset,
+                length,
+                lambda idx, off, n, _pos: self._route(
+                    idx, lambda sds, ref: self.path.trim(sds, ref, off, n), "trim"
+                ),
+            )
+            if fua:
+                await self._flush()
+            ok = True
+        finally:
+            self.stats.done("trim", length, started, ok)
+
+    async def flush(self) -> None:
+        started = time.monotonic()
+        ok = False
+        try:
+            await self._flush()
+            ok = True
+        finally:
+            self.stats.done("flush", 0, started, ok)
+
+    # -- routing and retries ---------------------------------------------------------
+
+    async def _admit(self, nbytes: int) -> None:
+        if self.closed:
+            raise RequestError(Errno.ESHUTDOWN, f"volume {self.volume.name!r} is unmapped")
+        if self.qos.limited:
+            await self.qos.admit(nbytes)
+
+    async def _each(
+        self,
+        offset: int,
+        length: int,
+        piece: Callable[[int, int, int, int], Awaitable[T]],
+    ) -> list[T]:
+        """Run ``piece(chunk_index, offset_in_chunk, n, position_in_request)`` for
+        every chunk piece of the range, at most MAX_PARALLEL_PIECES at a time."""
+        pieces = chunk_span(offset, length)
+        if len(pieces) == 1:
+            idx, off, n = pieces[0]
+            return [await piece(idx, off, n, 0)]
+        starts = []
+        pos = 0
+        for _, _, n in pieces:
+            starts.append(pos)
+            pos += n
+        if len(pieces) <= MAX_PARALLEL_PIECES:
+            return list(
+                await asyncio.gather(
+                    *(piece(i, o, n, p) for (i, o, n), p in zip(pieces, starts, strict=True))
+                )
+            )
+        sem = asyncio.Semaphore(MAX_PARALLEL_PIECES)
+
+        async def limited(i: int, o: int, n: int, p: int) -> T:
+            async with sem:
+                return await piece(i, o, n, p)
+
+        return list(
+            await asyncio.gather(
+                *(limited(i, o, n, p) for (i, o, n), p in zip(pieces, starts, strict=True))
+            )
+        )
+
+    async def _route(
+        self,
+        chunk_index: int,
+        call: Callable[[SdsEndpoint, ChunkRef], Awaitable[T]],
+        what: str,
+    ) -> T:
+        """Send one piece to its PG's primary, retrying as the module doc says."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout_s
+        attempt = 0
+        while True:
+            pool = self.maps.pool(self.volume.pool_id)
+            if self.closed:
+                raise RequestError(Errno.ESHUTDOWN, f"volume {self.volume.name!r} is unmapped")
+            if pool is None:
+                reason = "no_map"
+            else:
+                pg = pg_of(self.volume.id, chunk_index, pool.pg_count)
+                sds_id = pool.primaries[pg]
+                if sds_id is None:
+                    reason = "no_primary"
+                else:
+                    ref = ChunkRef(pool.pool_id, pg, pool.epoch, self.volume.id, chunk_index)
+                    budget = min(self.attempt_timeout_s, max(deadline - loop.time(), 0.001))
+                    try:
+                        async with asyncio.timeout(budget):
+                            return await call(pool.sds[sds_id], ref)
+                    except DataPathError as exc:
+                        if not exc.retriable:
+                            raise RequestError(exc.errno, f"{what}: {exc}") from exc
+                        reason = exc.reason
+                    except TimeoutError:
+                        reason = "timeout"
+            attempt += 1
+            await self._before_retry(pool, reason, attempt, deadline, what)
+
+    async def _before_retry(
+        self, pool: PoolMap | None, reason: str, attempt: int, deadline: float, what: str
+    ) -> None:
+        """Count the retry, refresh the maps, pause if they did not change; EIO when
+        the IO timeout is spent."""
+        loop = asyncio.get_running_loop()
+        self.stats.retry(reason)
+        now = loop.time()
+        if now - self._last_retry_log >= 1.0:
+            self._last_retry_log = now
+            log.warning(
+                "volume %r: %s retried (%s, attempt %d)", self.volume.name, what, reason, attempt
+            )
+        if now >= deadline:
+            raise RequestError(
+                Errno.EIO,
+                f"volume {self.volume.name!r}: {what} failed after {attempt} attempts "
+                f"in {self.timeout_s:g} s (last: {reason})",
+                retriable=True,
+            )
+        before = pool.epoch if pool is not None else -1
+        try:
+            async with asyncio.timeout(max(deadline - now, 0.001)):
+                await self.maps.refresh()
+        except TimeoutError:
+            pass
+        after = self.maps.pool(self.volume.pool_id)
+        if after is None or after.epoch == before:
+            pause = min(BACKOFF_FIRST_S * 2 ** (attempt - 1), BACKOFF_MAX_S)
+            await asyncio.sleep(min(pause, max(deadline - loop.time(), 0)))
+
+    async def _flush(self) -> None:
+        """FLUSH on every SDS holding a copy of some PG of the pool, retrying failures."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout_s
+        done: set[int] = set()
+        attempt = 0
+        while True:
+            if self.closed:
+                raise RequestError(Errno.ESHUTDOWN, f"volume {self.volume.name!r} is unmapped")
+            pool = self.maps.pool(self.volume.pool_id)
+            if pool is None:
+                reason = "no_map"
+            else:
+                todo = sorted(pool.holders() - done)
+                budget = min(self.attempt_timeout_s, max(deadline - loop.time(), 0.001))
+                results = await asyncio.gather(
+                    *(self._flush_one(pool, pool.sds[s], budget) for s in todo),
+                    return_exceptions=True,
+                )
+                reason = ""
+                for sds_id, result in zip(todo, results, strict=True):
+                    if result is None:
+                        done.add(sds_id)
+                    elif isinstance(result, DataPathError):
+                        if not result.retriable:
+                            raise RequestError(result.errno, f"flush: {result}") from result
+                        reason = result.reason
+                    elif isinstance(result, TimeoutError):
+                        reason = "timeout"
+                    elif isinstance(result, BaseException):
+                        raise result
+                if not reason:
+                    return
+            attempt += 1
+            await self._before_retry(pool, reason, attempt, deadline, "flush")
+
+    async def _flush_one(self, pool: PoolMap, sds: SdsEndpoint, budget: float) -> None:
+        async with asyncio.timeout(budget):
+            await self.path.flush(sds, pool.pool_id, self.volume.id)

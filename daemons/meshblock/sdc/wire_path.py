@@ -1,0 +1,140 @@
+"""The SDC's data path over the data protocol: one pipelined connection per SDS.
+
+Connections are opened on first use and replaced after they are lost; concurrent
+callers share one connection attempt. Every wire error is turned into a
+:class:`~meshblock.sdc.datapath.DataPathError` here, with the retry decision the
+protocol's status table makes (docs/protocol.md §5).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+from meshblock.nbd.protocol import Errno
+from meshblock.nbd.server import Chunk
+from meshblock.sdc.datapath import ChunkRef, DataPathError
+from meshblock.sdc.maps import SdsEndpoint
+from meshblock.wire import (
+    ConnectionLost,
+    HandshakeError,
+    PeerRole,
+    RequestError,
+    Status,
+    WireClient,
+    WireError,
+)
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+_ERRNO = {
+    Status.NO_SPACE: Errno.ENOSPC,
+    Status.INVALID: Errno.EINVAL,
+    Status.TOO_LARGE: Errno.EINVAL,
+    Status.IO_ERROR: Errno.EIO,
+    Status.NOT_PERMITTED: Errno.EIO,
+}
+
+
+def classify(exc: WireError) -> DataPathError:
+    """The DataPathError for a wire error (``retriable`` decided by the protocol)."""
+    if isinstance(exc, RequestError):
+        status = exc.status
+        name = status.name.lower() if isinstance(status, Status) else f"status_{status}"
+        errno = _ERRNO.get(status, Errno.EIO) if isinstance(status, Status) else Errno.EIO
+        return DataPathError(name, str(exc), retriable=exc.retriable, errno=errno)
+    if isinstance(exc, ConnectionLost):
+        return DataPathError("connection", str(exc), retriable=True)
+    return DataPathError("wire", str(exc), retriable=exc.retriable)
+
+
+class WireDataPath:
+    def __init__(
+        self, secret: str, *, connect_timeout: float = 3.0, request_timeout: float = 30.0
+    ) -> None:
+        self._secret = secret
+        self._connect_timeout = connect_timeout
+        self._request_timeout = request_timeout
+        self._clients: dict[tuple[str, int], WireClient] = {}
+        self._connecting: dict[tuple[str, int], asyncio.Future[WireClient]] = {}
+
+    async def _client(self, sds: SdsEndpoint) -> WireClient:
+        key = (sds.address, sds.data_port)
+        client = self._clients.get(key)
+        if client is not None and not client.closed:
+            return client
+        pending = self._connecting.get(key)
+        if pending is None:
+            pending = asyncio.ensure_future(self._connect(sds))
+            self._connecting[key] = pending
+            pending.add_done_callback(lambda _f: self._connecting.pop(key, None))
+        return await asyncio.shield(pending)
+
+    async def _connect(self, sds: SdsEndpoint) -> WireClient:
+        key = (sds.address, sds.data_port)
+        old = self._clients.pop(key, None)
+        if old is not None:
+            await old.close()
+        try:
+            client = await WireClient.connect(
+                sds.address,
+                sds.data_port,
+                self._secret,
+                PeerRole.CLIENT,
+                connect_timeout=self._connect_timeout,
+                request_timeout=self._request_timeout,
+            )
+        except HandshakeError as exc:
+            raise DataPathError(
+                "handshake", f"SDS {sds.sds_id} at {key[0]}:{key[1]}: {exc}", retriable=False
+            ) from exc
+        except (OSError, TimeoutError) as exc:
+            raise DataPathError(
+                "connect",
+                f"cannot connect to SDS {sds.sds_id} at {key[0]}:{key[1]}: {exc!r}",
+                retriable=True,
+            ) from exc
+        log.info("connected to SDS %d at %s:%d", sds.sds_id, *key)
+        self._clients[key] = client
+        return client
+
+    async def _do(self, sds: SdsEndpoint, op: Callable[[WireClient], Awaitable[T]]) -> T:
+        client = await self._client(sds)
+        try:
+            return await op(client)
+        except WireError as exc:
+            raise classify(exc) from exc
+
+    async def read(self, sds: SdsEndpoint, ref: ChunkRef, offset: int, length: int) -> Chunk:
+        return await self._do(sds, lambda c: c.read(*ref, offset, length))
+
+    async def write(
+        self, sds: SdsEndpoint, ref: ChunkRef, offset: int, data: memoryview, *, fua: bool
+    ) -> None:
+        await self._do(sds, lambda c: c.write(*ref, offset, data, fua=fua))
+
+    async def write_zeroes(
+        self, sds: SdsEndpoint, ref: ChunkRef, offset: int, length: int, *, fua: bool
+    ) -> None:
+        await self._do(sds, lambda c: c.write_zeroes(*ref, offset, length, fua=fua))
+
+    async def trim(self, sds: SdsEndpoint, ref: ChunkRef, offset: int, length: int) -> None:
+        await self._do(sds, lambda c: c.trim(*ref, offset, length))
+
+    async def flush(self, sds: SdsEndpoint, pool_id: int, volume_id: int) -> None:
+        await self._do(sds, lambda c: c.flush(pool_id, volume_id))
+
+    async def close(self) -> None:
+        for fut in list(self._connecting.values()):
+            fut.cancel()
+        for fut in list(self._connecting.values()):
+            with contextlib.suppress(BaseException):
+                await fut
+        clients = list(self._clients.values())
+        self._clients.clear()
+        for client in clients:
+            await client.close()

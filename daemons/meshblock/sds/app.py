@@ -1,0 +1,127 @@
+"""The SDS's aiohttp application: the control port, and every resource in
+``cleanup_ctx`` (store, data server, MDM link), started in that order and stopped in
+reverse, also when a later start step fails.
+
+Control port routes (open, read-only): ``GET /health`` (JSON: state, devices, map
+epochs) and ``GET /metrics`` (Prometheus text, the SDS's own registry).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from meshblock.sds.config import SdsConfig
+from meshblock.sds.io_path import DataService
+from meshblock.sds.maps import MapCache
+from meshblock.sds.mdm_client import MdmLink
+from meshblock.sds.metrics import SdsCollector, SdsStats
+from meshblock.sds.replication import Peers
+from meshblock.sds.server import DataServer
+from meshblock.sds.store import ChunkStore, DeviceSpec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SdsRuntime:
+    config: SdsConfig
+    service: DataService
+    server: DataServer
+    link: MdmLink
+    registry: CollectorRegistry
+
+
+CONFIG = web.AppKey("meshblock_sds_config", SdsConfig)
+SECRET = web.AppKey("meshblock_sds_secret", str)
+RUNTIME = web.AppKey("meshblock_sds_runtime", SdsRuntime)
+
+
+async def _runtime(app: web.Application) -> AsyncIterator[None]:
+    config, secret = app[CONFIG], app[SECRET]
+    store = ChunkStore(DeviceSpec(d.path, d.capacity_bytes, d.pool) for d in config.devices)
+    await asyncio.to_thread(store.open)  # recovery may zero many slots
+    try:
+        peers = Peers(secret, config.peer_timeout_s)
+        service = DataService(store, MapCache(), peers, SdsStats())
+        registry = CollectorRegistry(auto_describe=True)
+        registry.register(SdsCollector(service))
+        link = MdmLink(config, secret, service)
+        link.load_state()
+        app[RUNTIME] = SdsRuntime(config, service, DataServer(service, secret), link, registry)
+        yield
+    finally:
+        store.close()
+        log.info("chunk store closed cleanly")
+
+
+async def _data_server(app: web.Application) -> AsyncIterator[None]:
+    rt = app[RUNTIME]
+    await rt.server.start(rt.config.data.host, rt.config.data.port)
+    try:
+        yield
+    finally:
+        await rt.server.stop()
+        await rt.service.peers.close()
+
+
+async def _mdm_link(app: web.Application) -> AsyncIterator[None]:
+    rt = app[RUNTIME]
+    await rt.link.start()
+    try:
+        yield
+    finally:
+        await rt.link.stop()
+
+
+async def health(request: web.Request) -> web.Response:
+    rt = request.app[RUNTIME]
+    svc = rt.service
+    pools = {d.pool_id for d in svc.store.devices if d.pool_id is not None}
+    serving = bool(svc.sds_id) and pools <= svc.maps.maps.keys()
+    return web.json_response(
+        {
+            "status": "ok" if serving and rt.link.reachable else "degraded",
+            "state": "stopping" if svc.stopping else ("serving" if serving else "starting"),
+            "name": rt.config.name,
+            "sds_id": svc.sds_id or None,
+            "mdm_reachable": rt.link.reachable,
+            "data_port": rt.config.data.port,
+            "connections": svc.stats.connections,
+            "devices": [
+                {
+                    "path": d.path,
+                    "id": d.mdm_id,
+                    "pool_id": d.pool_id,
+                    "capacity_bytes": d.capacity,
+                    "used_bytes": d.used_bytes,
+                    "slots": d.slot_count,
+                    "free_slots": len(d.free) + len(d.pending),
+                }
+                for d in svc.store.devices
+            ],
+            "maps": {str(pid): m.epoch for pid, m in sorted(svc.maps.maps.items())},
+        }
+    )
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = generate_latest(request.app[RUNTIME].registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def create_app(config: SdsConfig, secret: str) -> web.Application:
+    app = web.Application()
+    app[CONFIG] = config
+    app[SECRET] = secret
+    app.cleanup_ctx.append(_runtime)
+    app.cleanup_ctx.append(_data_server)
+    app.cleanup_ctx.append(_mdm_link)
+    app.router.add_get("/health", health)
+    app.router.add_get("/metrics", metrics)
+    return app

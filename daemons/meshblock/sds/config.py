@@ -1,0 +1,132 @@
+"""SDS configuration (``/etc/meshblock/sds.toml``); every key is in ``docs/sds.md``."""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from meshblock.config import ConfigError, from_mapping
+from meshblock.sizes import SizeError, parse_size
+
+
+@dataclass(frozen=True)
+class DataListen:
+    """``[data]``: where the data protocol listens."""
+
+    host: str = "0.0.0.0"
+    port: int = 7072
+
+
+@dataclass(frozen=True)
+class ControlListen:
+    """``[control]``: where the HTTP control port (/health, /metrics) listens."""
+
+    host: str = "0.0.0.0"
+    port: int = 7073
+
+
+@dataclass(frozen=True)
+class DeviceConfig:
+    """One ``[[devices]]`` entry: a file (created sparse if absent) or a block device."""
+
+    path: str
+    capacity: int | str
+    pool: str
+    name: str | None = None
+
+    @property
+    def capacity_bytes(self) -> int:
+        return parse_size(self.capacity)
+
+    def __post_init__(self) -> None:
+        try:
+            size = parse_size(self.capacity)
+        except SizeError as exc:
+            raise ValueError(f"capacity: {exc}") from None
+        if size < 2 * 1024 * 1024:
+            raise ValueError(f"capacity of {self.path} must be at least 2MiB")
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    level: str = "INFO"
+
+
+@dataclass(frozen=True)
+class SdsConfig:
+    name: str
+    protection_domain: str
+    address: str
+    fault_set: str | None = None
+    mdm_urls: tuple[str, ...] = ("http://127.0.0.1:6611",)
+    cluster_secret: str = ""
+    cluster_secret_file: str | None = None
+    state_dir: str = "/var/lib/meshblock/sds"
+    heartbeat_interval_s: float = 2.0
+    map_poll_timeout_s: float = 25.0
+    peer_timeout_s: float = 10.0
+    data: DataListen = field(default_factory=DataListen)
+    control: ControlListen = field(default_factory=ControlListen)
+    devices: tuple[DeviceConfig, ...] = ()
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def __repr__(self) -> str:  # never print the secret
+        return f"SdsConfig(name={self.name!r}, address={self.address!r}, cluster_secret=***)"
+
+    def __post_init__(self) -> None:
+        if not self.mdm_urls:
+            raise ValueError("mdm_urls must name at least one MDM")
+        if self.heartbeat_interval_s <= 0:
+            raise ValueError("heartbeat_interval_s must be positive")
+        if not self.devices:
+            raise ValueError("at least one [[devices]] entry is required")
+        paths = [d.path for d in self.devices]
+        if len(set(paths)) != len(paths):
+            raise ValueError("a device path appears twice")
+        if bool(self.cluster_secret) == bool(self.cluster_secret_file):
+            raise ValueError("set exactly one of cluster_secret and cluster_secret_file")
+
+    def secret(self) -> str:
+        """The cluster secret, read from ``cluster_secret_file`` when that is set."""
+        if self.cluster_secret:
+            return self.cluster_secret
+        assert self.cluster_secret_file is not None
+        try:
+            value = Path(self.cluster_secret_file).read_text().strip()
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot read cluster_secret_file {self.cluster_secret_file}: {exc.strerror}"
+            ) from None
+        if not value:
+            raise ConfigError(f"cluster_secret_file {self.cluster_secret_file} is empty")
+        return value
+
+
+def from_dict(data: dict[str, Any]) -> SdsConfig:
+    """Build an :class:`SdsConfig` from a parsed TOML document."""
+    if not isinstance(data, dict):
+        raise ConfigError("config: expected a table")
+    data = dict(data)
+    raw_devices = data.pop("devices", [])
+    if not isinstance(raw_devices, list):
+        raise ConfigError("devices: expected an array of tables ([[devices]])")
+    devices = tuple(
+        from_mapping(DeviceConfig, d, f"devices[{i}]") for i, d in enumerate(raw_devices)
+    )
+    # from_mapping accepts ready DeviceConfig objects for the tuple[DeviceConfig, ...]
+    return from_mapping(SdsConfig, {**data, "devices": list(devices)})
+
+
+def load(path: str | Path) -> SdsConfig:
+    p = Path(path)
+    try:
+        raw = p.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {p}: {exc.strerror}") from None
+    try:
+        data = tomllib.loads(raw.decode())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{p}: not valid TOML: {exc}") from None
+    return from_dict(data)

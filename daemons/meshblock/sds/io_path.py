@@ -1,0 +1,340 @@
+"""The SDS's IO path: what each data-protocol request does.
+
+:class:`DataService` gets every decoded request from a connection
+(:mod:`meshblock.sds.server`) and answers it with exactly one reply:
+
+- the checks of ``docs/protocol.md`` §3: range, epoch against the pool's map
+  (``EPOCH_STALE`` for older, a short wait then ``MAP_PENDING`` for newer), the role
+  of this SDS for the PG (``NOT_PRIMARY`` / ``NOT_REPLICA``);
+- reads and the secondary's replication ops run synchronously in the event loop
+  (page-cache IO, no task); primary writes run as a task: the write is queued to the
+  secondary first, then applied locally, then the secondary's answer is awaited, all
+  under a per-chunk range lock (:class:`~meshblock.sds.replication.RangeLocks`);
+- FLUSH syncs the local devices and REPL_FLUSHes the peers written to since.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any, Final
+
+from meshblock.chunks import CHUNK_SIZE, pg_of
+from meshblock.sds.maps import MapCache, PgMap
+from meshblock.sds.metrics import SdsStats
+from meshblock.sds.replication import Peers, RangeLocks
+from meshblock.sds.store import ChunkStore, Device, NoSpace, chunk_key
+from meshblock.wire.client import WireError
+from meshblock.wire.handshake import HandshakeError
+from meshblock.wire.protocol import (
+    MAP_WAIT_S,
+    MAX_CHUNK_INDEX,
+    MAX_PAYLOAD,
+    Op,
+    ReplyFlag,
+    ReqFlag,
+    Status,
+)
+
+if TYPE_CHECKING:
+    from meshblock.sds.server import DataConnection
+
+log = logging.getLogger(__name__)
+
+_FUA: Final = int(ReqFlag.FUA)
+_HOLE: Final = int(ReplyFlag.HOLE)
+_WAIT: Final = -1  # check result: the request's epoch is ahead of our map
+_OK: Final = int(Status.OK)
+_REPL_OF: Final = {
+    Op.WRITE: Op.REPL_WRITE,
+    Op.WRITE_ZEROES: Op.REPL_WRITE_ZEROES,
+    Op.TRIM: Op.REPL_TRIM,
+}
+# What a secondary's answer becomes in the reply to the client.
+_PEER_STATUS: Final = {
+    Status.EPOCH_STALE: Status.EPOCH_STALE,
+    Status.MAP_PENDING: Status.MAP_PENDING,
+    Status.NO_SPACE: Status.NO_SPACE,
+    Status.SHUTTING_DOWN: Status.REPLICA_FAILED,
+}
+
+Header = tuple[Any, ...]  # magic, op, flags, reserved, id, pool, pg, epoch, vol, chunk, off, len
+
+
+class DataService:
+    """Request semantics of one SDS: store, maps, peers and statistics."""
+
+    def __init__(self, store: ChunkStore, maps: MapCache, peers: Peers, stats: SdsStats) -> None:
+        self.store = store
+        self.maps = maps
+        self.peers = peers
+        self.stats = stats
+        self.locks = RangeLocks()
+        self.sds_id = 0  # 0 until registered (or loaded from the state file)
+        self.dev_by_id: dict[int, Device] = {}
+        self.stopping = False
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def set_identity(self, sds_id: int, devices: dict[str, tuple[int, int]]) -> None:
+        """Our SDS id and, per device path, ``(MDM device id, pool id)``."""
+        self.sds_id = sds_id
+        for dev in self.store.devices:
+            ids = devices.get(dev.path)
+            if ids is not None:
+                dev.mdm_id, dev.pool_id = ids
+        self.dev_by_id = {d.mdm_id: d for d in self.store.devices if d.mdm_id is not None}
+
+    # -- dispatch ---------------------------------------------------------------------
+
+    def handle(self, conn: DataConnection, hdr: Header, payload: memoryview) -> None:
+        """Answer one request (now, or from a task)."""
+        t0 = time.perf_counter()
+        op = hdr[1]
+        if op not in conn.allowed:
+            self._reply(conn, hdr, t0, Status.NOT_PERMITTED)
+            return
+        if self.stopping:
+            self._reply(conn, hdr, t0, Status.SHUTTING_DOWN)
+            return
+        if op == Op.PING:
+            self._reply(conn, hdr, t0, _OK)
+            return
+        if op == Op.FLUSH or op == Op.REPL_FLUSH:
+            self._spawn(self._flush(conn, hdr, t0, op == Op.FLUSH))
+            return
+        length = hdr[11]
+        if length > MAX_PAYLOAD:
+            self._reply(conn, hdr, t0, Status.TOO_LARGE)
+            return
+        if hdr[10] + length > CHUNK_SIZE or hdr[9] >= MAX_CHUNK_INDEX:
+            self._reply(conn, hdr, t0, Status.INVALID)
+            return
+        if op == Op.CHUNK_READ_RAW:
+            self._read(conn, hdr, t0)
+            return
+        primary = op in _REPL_OF or op == Op.READ
+        status = self._check(hdr, primary)
+        if status == _WAIT:
+            self._spawn(self._after_map(conn, hdr, payload, t0, primary))
+        elif status:
+            self._reply(conn, hdr, t0, status)
+        else:
+            self._checked(conn, hdr, payload, t0)
+
+    def _checked(self, conn: DataConnection, hdr: Header, payload: memoryview, t0: float) -> None:
+        op = hdr[1]
+        if op == Op.READ:
+            self._read(conn, hdr, t0)
+        elif op in _REPL_OF:
+            self._spawn(self._primary_write(conn, hdr, payload, t0))
+        else:
+            self._replica_apply(conn, hdr, payload, t0)
+
+    def _check(self, hdr: Header, primary: bool) -> int:
+        """0 when this SDS may serve the request now; a status; or ``_WAIT``."""
+        m = self.maps.maps.get(hdr[5])
+        epoch = hdr[7]
+        if m is None or epoch > m.epoch:
+            return _WAIT
+        if epoch < m.epoch:
+            return Status.EPOCH_STALE
+        pg = hdr[6]
+        if pg >= m.pg_count or pg != pg_of(hdr[8], hdr[9], m.pg_count):
+            return Status.INVALID
+        if primary:
+            return _OK if self.sds_id and m.primary[pg][0] == self.sds_id else Status.NOT_PRIMARY
+        return _OK if self.sds_id and m.secondary[pg][0] == self.sds_id else Status.NOT_REPLICA
+
+    async def _after_map(
+        self, conn: DataConnection, hdr: Header, payload: memoryview, t0: float, primary: bool
+    ) -> None:
+        await self.maps.wait_for(hdr[5], hdr[7], MAP_WAIT_S)
+        status = self._check(hdr, primary)
+        if status == _WAIT:
+            self._reply(conn, hdr, t0, Status.MAP_PENDING)
+        elif status:
+            self._reply(conn, hdr, t0, status)
+        else:
+            self._checked(conn, hdr, payload, t0)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _reply(
+        self,
+        conn: DataConnection,
+        hdr: Header,
+        t0: float,
+        status: int,
+        flags: int = 0,
+        payload: memoryview | None = None,
+    ) -> None:
+        conn.reply(hdr[4], status, self.maps.epoch(hdr[5]), flags, payload)
+        self.stats.record(hdr[1], hdr[11], time.perf_counter() - t0, status == _OK)
+
+    def _device(self, m: PgMap, pg: int, primary: bool) -> Device:
+        dev_id = (m.primary if primary else m.secondary)[pg][1]
+        dev = self.dev_by_id.get(dev_id)
+        if dev is not None:
+            return dev
+        for d in self.store.devices:  # the map names a device we do not know: any in the pool
+            if d.pool_id == m.pool_id:
+                return d
+        return self.store.devices[0]
+
+    # -- reads ------------------------------------------------------------------------
+
+    def _read(self, conn: DataConnection, hdr: Header, t0: float) -> None:
+        try:
+            data = self.store.read(hdr[8], hdr[9], hdr[10], hdr[11])
+        except OSError as exc:
+            log.error("read of chunk %d/%d failed: %s", hdr[8], hdr[9], exc)
+            self._reply(conn, hdr, t0, Status.IO_ERROR)
+            return
+        if data is None:
+            self._reply(conn, hdr, t0, _OK, _HOLE)
+        else:
+            self._reply(conn, hdr, t0, _OK, 0, data)
+
+    # -- writes on the secondary ------------------------------------------------------
+
+    def _replica_apply(
+        self, conn: DataConnection, hdr: Header, payload: memoryview, t0: float
+    ) -> None:
+        m = self.maps.maps[hdr[5]]
+        dev = self._device(m, hdr[6], primary=False)
+        if hdr[2] & _FUA or self.store.needs_reclaim(dev, hdr[8], hdr[9]):
+            self._spawn(self._replica_apply_async(conn, hdr, payload, t0, dev))
+            return
+        self._reply(conn, hdr, t0, self._apply(hdr[1], dev, hdr, payload))
+
+    async def _replica_apply_async(
+        self, conn: DataConnection, hdr: Header, payload: memoryview, t0: float, dev: Device
+    ) -> None:
+        if self.store.needs_reclaim(dev, hdr[8], hdr[9]):
+            await self.store.reclaim(dev)
+        status = self._apply(hdr[1], dev, hdr, payload)
+        if status == _OK and hdr[2] & _FUA:
+            status = await self._sync([dev])
+        self._reply(conn, hdr, t0, status)
+
+    def _apply(self, op: int, dev: Device, hdr: Header, payload: memoryview) -> int:
+        """Apply a write / write-zeroes / trim to the local copy; return the status."""
+        try:
+            if op == Op.WRITE or op == Op.REPL_WRITE:
+                self.store.write(dev, hdr[8], hdr[9], hdr[10], payload)
+            else:
+                self.store.zero(hdr[8], hdr[9], hdr[10], hdr[11])
+        except NoSpace:
+            return Status.NO_SPACE
+        except OSError as exc:
+            log.error("write of chunk %d/%d on %s failed: %s", hdr[8], hdr[9], dev.path, exc)
+            return Status.IO_ERROR
+        return _OK
+
+    async def _sync(self, devices: list[Device] | None) -> int:
+        try:
+            await self.store.sync(devices)
+        except OSError as exc:
+            log.error("fdatasync failed: %s", exc)
+            return Status.IO_ERROR
+        return _OK
+
+    # -- writes on the primary --------------------------------------------------------
+
+    async def _primary_write(
+        self, conn: DataConnection, hdr: Header, payload: memoryview, t0: float
+    ) -> None:
+        op, flags, pool, pg, epoch, vol, chunk, off, length = hdr[1:3] + hdr[5:12]
+        key = chunk_key(vol, chunk)
+        ticket, earlier = self.locks.acquire(key, off, off + length)
+        try:
+            for fut in earlier:
+                await fut
+            # The map may have moved on while we waited.
+            status = self._check(hdr, True)
+            if status:
+                self._reply(conn, hdr, t0, Status.EPOCH_STALE if status == _WAIT else status)
+                return
+            m = self.maps.maps[pool]
+            dev = self._device(m, pg, primary=True)
+            store = self.store
+            if store.needs_reclaim(dev, vol, chunk):
+                await store.reclaim(dev)
+            if op == Op.WRITE and not dev.free and store.location(vol, chunk) is None:
+                self._reply(conn, hdr, t0, Status.NO_SPACE)
+                return
+            sec_id = m.secondary[pg][0]
+            peer_fut = None
+            if sec_id:
+                address = m.sds.get(sec_id)
+                if address is None:
+                    self.stats.peer_error(sec_id)
+                    self._reply(conn, hdr, t0, Status.REPLICA_FAILED)
+                    return
+                try:
+                    peer = self.peers.connected(sec_id, address) or await self.peers.get(
+                        sec_id, address
+                    )
+                    peer_fut = peer.submit(
+                        _REPL_OF[op], flags, pool, pg, epoch, vol, chunk, off, length, payload
+                    )
+                except (WireError, HandshakeError):
+                    self.stats.peer_error(sec_id)
+                    self._reply(conn, hdr, t0, Status.REPLICA_FAILED)
+                    return
+                self.peers.dirty.add(sec_id)
+            status = self._apply(op, dev, hdr, payload)
+            if status == _OK and flags & _FUA:
+                status = await self._sync([dev])
+            if peer_fut is not None:
+                peer_status = await self._peer_result(sec_id, peer_fut)
+                if status == _OK:
+                    status = peer_status
+            self._reply(conn, hdr, t0, status)
+        finally:
+            self.locks.release(key, ticket)
+
+    async def _peer_result(
+        self, sec_id: int, fut: asyncio.Future[tuple[int, int, int, memoryview]]
+    ) -> int:
+        try:
+            status = (await fut)[0]
+        except WireError as exc:
+            log.warning("replication to SDS %d failed: %s", sec_id, exc)
+            self.stats.peer_error(sec_id)
+            return Status.REPLICA_FAILED
+        if status == _OK:
+            return _OK
+        self.stats.peer_error(sec_id)
+        try:
+            mapped = _PEER_STATUS.get(Status(status), Status.REPLICA_FAILED)
+        except ValueError:
+            mapped = Status.REPLICA_FAILED
+        log.warning("SDS %d refused a replicated write: status %d", sec_id, status)
+        return mapped
+
+    # -- flush ------------------------------------------------------------------------
+
+    async def _flush(self, conn: DataConnection, hdr: Header, t0: float, peers: bool) -> None:
+        status = await self._sync(None)
+        if status == _OK and peers and await self.peers.flush():
+            status = Status.REPLICA_FAILED
+        self._reply(conn, hdr, t0, status)
+
+    # -- shutdown ---------------------------------------------------------------------
+
+    async def drain(self, grace_s: float = 5.0) -> None:
+        """Refuse new requests and wait for those in progress (then cancel them)."""
+        self.stopping = True
+        if not self._tasks:
+            return
+        _, pending = await asyncio.wait(set(self._tasks), timeout=grace_s)
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending)

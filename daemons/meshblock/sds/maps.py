@@ -1,0 +1,92 @@
+"""The PG maps this SDS serves by: one per pool, newest epoch wins.
+
+A map comes from the MDM (``GET /api/v1/pools/{id}/pgmap``, long-polled by
+:mod:`meshblock.sds.mdm_client`) or from the state file at start, so that the SDS
+keeps serving on its cached maps while the MDM is away (invariant 5).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass
+from typing import Any
+
+NO_COPY = (0, 0)  # (sds_id, device_id) of a PG copy that is not placed
+
+
+@dataclass(frozen=True)
+class PgMap:
+    """One pool's map at one epoch; per PG ``(sds_id, device_id)`` of each copy."""
+
+    pool_id: int
+    epoch: int
+    pg_count: int
+    primary: tuple[tuple[int, int], ...]
+    secondary: tuple[tuple[int, int], ...]
+    sds: dict[int, tuple[str, int]]  # sds id -> (address, data port)
+    doc: dict[str, Any]
+
+    @classmethod
+    def from_doc(cls, doc: dict[str, Any]) -> PgMap:
+        count = int(doc["pg_count"])
+        primary = [NO_COPY] * count
+        secondary = [NO_COPY] * count
+        for pg in doc["pgs"]:
+            i = int(pg["pg"])
+            if not 0 <= i < count:
+                raise ValueError(f"PG {i} out of range in the map of pool {doc['pool_id']}")
+            for copies, key in ((primary, "primary"), (secondary, "secondary")):
+                c = pg.get(key)
+                if c:
+                    copies[i] = (int(c["sds_id"]), int(c["device_id"]))
+        sds = {int(k): (str(v["address"]), int(v["data_port"])) for k, v in doc["sds"].items()}
+        return cls(
+            pool_id=int(doc["pool_id"]),
+            epoch=int(doc["epoch"]),
+            pg_count=count,
+            primary=tuple(primary),
+            secondary=tuple(secondary),
+            sds=sds,
+            doc=doc,
+        )
+
+
+class MapCache:
+    """The newest known map of each pool, and waiting for a newer one."""
+
+    def __init__(self) -> None:
+        self.maps: dict[int, PgMap] = {}
+        self._changed = asyncio.Event()
+
+    def get(self, pool_id: int) -> PgMap | None:
+        return self.maps.get(pool_id)
+
+    def epoch(self, pool_id: int) -> int:
+        m = self.maps.get(pool_id)
+        return m.epoch if m is not None else 0
+
+    def update(self, m: PgMap) -> bool:
+        """Keep ``m`` if it is newer than what we have; return whether it was."""
+        old = self.maps.get(m.pool_id)
+        if old is not None and old.epoch >= m.epoch:
+            return False
+        self.maps[m.pool_id] = m
+        self._changed.set()
+        self._changed = asyncio.Event()
+        return True
+
+    async def wait_for(self, pool_id: int, epoch: int, wait_s: float) -> PgMap | None:
+        """The pool's map once its epoch reaches ``epoch``; None after ``wait_s``."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait_s
+        while True:
+            m = self.maps.get(pool_id)
+            if m is not None and m.epoch >= epoch:
+                return m
+            left = deadline - loop.time()
+            if left <= 0:
+                return None
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(left):
+                    await self._changed.wait()

@@ -1,0 +1,245 @@
+"""The SDS's link to the MDM: registration, heartbeats, and following the PG maps.
+
+- At start the SDS registers by the names in its config
+  (``POST /api/v1/sds/register``), retrying with back-off until the MDM answers, and
+  learns its id and its devices' ids and pools.
+- Every ``heartbeat_interval_s`` it reports device usage and chunks per volume
+  (``POST /api/v1/sds/{id}/heartbeat``); an MDM that no longer knows it makes it
+  register again.
+- One task per pool long-polls ``GET /api/v1/pools/{id}/pgmap?wait_epoch=N``.
+- Identity and maps are saved in ``state_dir/state.json`` (atomically), and loaded at
+  the next start: with the MDM unreachable the SDS serves on its cached maps
+  (invariant 5) and keeps retrying. Several MDM URLs are tried in turn.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from meshblock.sds.config import SdsConfig
+from meshblock.sds.io_path import DataService
+from meshblock.sds.maps import PgMap
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "state.json"
+
+
+class MdmUnavailable(Exception):
+    """No MDM URL answered."""
+
+
+class MdmLink:
+    def __init__(self, config: SdsConfig, secret: str, service: DataService) -> None:
+        self._config = config
+        self._secret = secret
+        self._svc = service
+        self._urls = [u.rstrip("/") for u in config.mdm_urls]
+        self._cur = 0
+        self._session: aiohttp.ClientSession | None = None
+        self._followers: dict[int, asyncio.Task[None]] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._state_path = Path(config.state_dir) / STATE_FILE
+        self.reachable = False
+        self.registered = asyncio.Event()
+
+    # -- state file -------------------------------------------------------------------
+
+    def load_state(self) -> None:
+        """Load identity and maps saved by a previous run, if any."""
+        try:
+            state = json.loads(self._state_path.read_text())
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError) as exc:
+            log.warning("ignoring unreadable state file %s: %s", self._state_path, exc)
+            return
+        try:
+            devices = {p: (int(v[0]), int(v[1])) for p, v in state["devices"].items()}
+            self._svc.set_identity(int(state["sds_id"]), devices)
+            for doc in state["maps"].values():
+                self._svc.maps.update(PgMap.from_doc(doc))
+        except (KeyError, TypeError, ValueError) as exc:
+            log.warning("ignoring malformed state file %s: %s", self._state_path, exc)
+            return
+        log.info(
+            "loaded cached identity (SDS %d) and %d map(s) from %s",
+            self._svc.sds_id,
+            len(self._svc.maps.maps),
+            self._state_path,
+        )
+
+    def _save_state(self) -> None:
+        svc = self._svc
+        state = {
+            "sds_id": svc.sds_id,
+            "devices": {
+                d.path: [d.mdm_id, d.pool_id]
+                for d in svc.store.devices
+                if d.mdm_id is not None and d.pool_id is not None
+            },
+            "maps": {str(pid): m.doc for pid, m in svc.maps.maps.items()},
+        }
+        tmp = self._state_path.with_suffix(".tmp")
+        try:
+            self._state_path.parent.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "w") as f:
+                json.dump(state, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self._state_path)
+        except OSError as exc:
+            log.warning("cannot save state to %s: %s", self._state_path, exc)
+
+    # -- life cycle -------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._session = aiohttp.ClientSession(headers={"Authorization": f"Bearer {self._secret}"})
+        self._tasks.append(asyncio.create_task(self._main(), name="mdm-link"))
+
+    async def stop(self) -> None:
+        tasks = [*self._tasks, *self._followers.values()]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self._session is not None:
+            await self._session.close()
+
+    async def _main(self) -> None:
+        if self._svc.sds_id:
+            self._follow_pools()  # serve and follow on cached identity meanwhile
+        await self._register()
+        interval = self._config.heartbeat_interval_s
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self._heartbeat()
+            except MdmUnavailable as exc:
+                self._unreachable(exc)
+
+    # -- HTTP -------------------------------------------------------------------------
+
+    async def _call(
+        self, method: str, path: str, body: Any = None, wait_s: float = 10.0
+    ) -> tuple[int, Any]:
+        assert self._session is not None
+        last: BaseException | None = None
+        timeout = aiohttp.ClientTimeout(total=wait_s)
+        for _ in range(len(self._urls)):
+            url = self._urls[self._cur] + path
+            try:
+                async with self._session.request(method, url, json=body, timeout=timeout) as r:
+                    data = await r.json(content_type=None)
+                    if not self.reachable:
+                        log.info("MDM at %s reachable", self._urls[self._cur])
+                    self.reachable = True
+                    return r.status, data
+            except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+                last = exc
+                self._cur = (self._cur + 1) % len(self._urls)
+        raise MdmUnavailable(f"no MDM answered ({last!r})")
+
+    def _unreachable(self, exc: Exception) -> None:
+        if self.reachable:
+            log.warning("MDM unreachable, serving on cached maps: %s", exc)
+        self.reachable = False
+
+    # -- registration and heartbeats --------------------------------------------------
+
+    async def _register(self) -> None:
+        cfg = self._config
+        body: dict[str, Any] = {
+            "name": cfg.name,
+            "protection_domain": cfg.protection_domain,
+            "address": cfg.address,
+            "data_port": cfg.data.port,
+            "control_port": cfg.control.port,
+            "devices": [
+                {"path": d.path, "capacity": d.capacity_bytes, "pool": d.pool}
+                | ({"name": d.name} if d.name else {})
+                for d in cfg.devices
+            ],
+        }
+        if cfg.fault_set:
+            body["fault_set"] = cfg.fault_set
+        delay = 0.5
+        while True:
+            try:
+                status, doc = await self._call("POST", "/api/v1/sds/register", body)
+            except MdmUnavailable as exc:
+                self._unreachable(exc)
+            else:
+                if status in (200, 201):
+                    break
+                message = doc.get("error", {}).get("message") if isinstance(doc, dict) else doc
+                log.error("the MDM refused our registration (%d): %s", status, message)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+        devices = {d["path"]: (int(d["id"]), int(d["pool_id"])) for d in doc["devices"]}
+        self._svc.set_identity(int(doc["id"]), devices)
+        log.info("registered as SDS %d with %d device(s)", self._svc.sds_id, len(devices))
+        self._save_state()
+        self.registered.set()
+        self._follow_pools()
+
+    async def _heartbeat(self) -> None:
+        svc = self._svc
+        body = {
+            "devices": [
+                {"id": d.mdm_id, "used_bytes": d.used_bytes}
+                for d in svc.store.devices
+                if d.mdm_id is not None
+            ],
+            "volumes": [{"id": v, "chunks": n} for v, n in svc.store.volume_chunks().items()],
+        }
+        status, _ = await self._call("POST", f"/api/v1/sds/{svc.sds_id}/heartbeat", body)
+        if status == 404:
+            log.warning("the MDM does not know SDS %d any more; registering again", svc.sds_id)
+            await self._register()
+        elif status != 200:
+            log.warning("heartbeat refused with status %d", status)
+
+    # -- maps -------------------------------------------------------------------------
+
+    def _follow_pools(self) -> None:
+        pools = {d.pool_id for d in self._svc.store.devices if d.pool_id is not None}
+        for pool_id in pools - self._followers.keys():
+            self._followers[pool_id] = asyncio.create_task(
+                self._follow(pool_id), name=f"pgmap-{pool_id}"
+            )
+
+    async def _follow(self, pool_id: int) -> None:
+        maps = self._svc.maps
+        poll = self._config.map_poll_timeout_s
+        while True:
+            epoch = maps.epoch(pool_id)
+            path = f"/api/v1/pools/{pool_id}/pgmap?wait_epoch={epoch}&timeout={poll:g}"
+            try:
+                status, doc = await self._call("GET", path, wait_s=poll + 10)
+            except MdmUnavailable as exc:
+                self._unreachable(exc)
+                await asyncio.sleep(1.0)
+                continue
+            if status != 200:
+                log.warning("map of pool %d: status %d", pool_id, status)
+                await asyncio.sleep(1.0)
+                continue
+            try:
+                m = PgMap.from_doc(doc)
+            except (KeyError, TypeError, ValueError) as exc:
+                log.error("malformed map of pool %d: %s", pool_id, exc)
+                await asyncio.sleep(1.0)
+                continue
+            if maps.update(m):
+                log.info("pool %d: map epoch %d", pool_id, m.epoch)
+                self._save_state()

@@ -1,0 +1,141 @@
+"""Replication from a PG's primary to its secondary: ordering and peer connections.
+
+- :class:`RangeLocks` orders overlapping writes to one chunk: a write waits for every
+  earlier write whose byte range overlaps its own to finish on both copies, so both
+  copies apply overlapping writes in the same order (invariant 2). Writes that do not
+  overlap run concurrently.
+- :class:`Peers` keeps one persistent ``SDS_PEER`` data connection per peer SDS,
+  opened on first use and again after it broke, and remembers which peers received
+  writes since the last FLUSH.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from meshblock.wire.client import ConnectionLost, WireClient, WireError
+from meshblock.wire.handshake import HandshakeError
+from meshblock.wire.protocol import PeerRole
+
+log = logging.getLogger(__name__)
+
+
+class RangeLocks:
+    """Per chunk, the byte ranges of the writes in progress, in arrival order."""
+
+    def __init__(self) -> None:
+        self._held: dict[int, list[tuple[int, int, asyncio.Future[None]]]] = {}
+
+    def acquire(
+        self, key: int, start: int, end: int
+    ) -> tuple[tuple[int, int, asyncio.Future[None]], list[asyncio.Future[None]]]:
+        """Register a write of ``[start, end)``; return its ticket and the futures of
+        the earlier overlapping writes to wait for."""
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        ticket = (start, end, fut)
+        held = self._held.get(key)
+        if held is None:
+            self._held[key] = [ticket]
+            return ticket, []
+        waits = [f for s, e, f in held if s < end and start < e]
+        held.append(ticket)
+        return ticket, waits
+
+    def release(self, key: int, ticket: tuple[int, int, asyncio.Future[None]]) -> None:
+        held = self._held[key]
+        held.remove(ticket)
+        if not held:
+            del self._held[key]
+        ticket[2].set_result(None)
+
+    def __len__(self) -> int:
+        return sum(len(v) for v in self._held.values())
+
+
+class Peers:
+    """Persistent data connections to the other SDSs."""
+
+    def __init__(self, secret: str, request_timeout: float) -> None:
+        self._secret = secret
+        self._timeout = request_timeout
+        self._clients: dict[int, WireClient] = {}
+        self._addresses: dict[int, tuple[str, int]] = {}
+        self._connecting: dict[int, asyncio.Task[WireClient]] = {}
+        self.dirty: set[int] = set()  # peers written to since the last flush
+
+    def connected(self, sds_id: int, address: tuple[str, int]) -> WireClient | None:
+        """The open connection to ``sds_id`` at ``address``, if there is one."""
+        client = self._clients.get(sds_id)
+        if client is None or client.closed or self._addresses.get(sds_id) != address:
+            return None
+        return client
+
+    async def get(self, sds_id: int, address: tuple[str, int]) -> WireClient:
+        """A connection to ``sds_id``; connects (once, for all callers) when needed."""
+        client = self.connected(sds_id, address)
+        if client is not None:
+            return client
+        task = self._connecting.get(sds_id)
+        if task is None:
+            old = self._clients.pop(sds_id, None)
+            if old is not None:
+                await old.close()
+            task = asyncio.get_running_loop().create_task(
+                self._connect(sds_id, address), name=f"peer-connect-{sds_id}"
+            )
+            self._connecting[sds_id] = task
+        return await asyncio.shield(task)
+
+    async def _connect(self, sds_id: int, address: tuple[str, int]) -> WireClient:
+        try:
+            client = await WireClient.connect(
+                address[0],
+                address[1],
+                self._secret,
+                PeerRole.SDS_PEER,
+                request_timeout=self._timeout,
+            )
+        except HandshakeError as exc:
+            log.error("peer SDS %d at %s:%d refused us: %s", sds_id, *address, exc)
+            raise
+        except (OSError, TimeoutError) as exc:
+            log.warning("cannot connect to peer SDS %d at %s:%d: %s", sds_id, *address, exc)
+            raise ConnectionLost(f"cannot connect to SDS {sds_id}: {exc}") from exc
+        finally:
+            self._connecting.pop(sds_id, None)
+        log.info("connected to peer SDS %d at %s:%d", sds_id, *address)
+        self._clients[sds_id] = client
+        self._addresses[sds_id] = address
+        return client
+
+    async def flush(self) -> list[int]:
+        """REPL_FLUSH every peer written to since the last flush; return the ids of
+        those that failed (they stay dirty)."""
+        dirty, self.dirty = self.dirty, set()
+        failed: list[int] = []
+
+        async def one(sds_id: int) -> None:
+            address = self._addresses.get(sds_id)
+            try:
+                if address is None:
+                    raise ConnectionLost(f"no address of SDS {sds_id}")
+                client = await self.get(sds_id, address)
+                await client.repl_flush()
+            except (WireError, HandshakeError) as exc:
+                log.warning("flush of peer SDS %d failed: %s", sds_id, exc)
+                failed.append(sds_id)
+
+        await asyncio.gather(*(one(i) for i in dirty))
+        self.dirty.update(failed)
+        return failed
+
+    async def close(self) -> None:
+        for task in list(self._connecting.values()):
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+        for client in list(self._clients.values()):
+            await client.close()
+        self._clients.clear()

@@ -1,0 +1,234 @@
+"""The SDS's data-protocol listener and its connections (``docs/protocol.md``).
+
+A :class:`DataConnection` runs the server side of the handshake, then decodes
+requests and hands them to :class:`~meshblock.sds.io_path.DataService`. A peer that
+breaks the protocol (bad magic, unknown opcode, oversized payload, a failed or slow
+handshake) gets its connection dropped with one log line saying why; nothing it sent
+in an incomplete frame is applied, and other connections carry on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from typing import Any
+
+from meshblock.sds.io_path import DataService
+from meshblock.wire.framing import FramedConnection
+from meshblock.wire.handshake import CLIENT_HELLO, CLIENT_PROOF, ServerHandshake
+from meshblock.wire.protocol import (
+    HANDSHAKE_TIMEOUT_S,
+    KNOWN_OPS,
+    MAX_IN_FLIGHT,
+    MAX_PAYLOAD,
+    OPS_WITH_PAYLOAD,
+    REPLY,
+    REPLY_MAGIC,
+    REQUEST,
+    REQUEST_MAGIC,
+    ROLE_OPS,
+    ProtocolError,
+)
+
+log = logging.getLogger(__name__)
+
+
+class DataConnection(FramedConnection):
+    """One client, peer or tool connected to the data port."""
+
+    header = REQUEST
+
+    def __init__(
+        self, service: DataService, secret: bytes, connections: set[DataConnection]
+    ) -> None:
+        super().__init__()
+        self._svc = service
+        self._connections = connections
+        self._hs: ServerHandshake | None = ServerHandshake(secret)
+        self._fixed_need = CLIENT_HELLO.size
+        self.allowed: frozenset[int] = frozenset()
+        self.role = "unauthenticated"
+        self.in_flight = 0
+        self._reading_paused = False
+        self._writing_paused = False
+        self._timer: asyncio.TimerHandle | None = None
+
+    # -- life cycle -------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._timer = self._loop.call_later(HANDSHAKE_TIMEOUT_S, self._handshake_timeout)
+        self._svc.stats.connections += 1
+        self._connections.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._hs is not None and not self._closing:
+            self._refuse("the client left during the handshake (does it hold another secret?)")
+        elif not self._closing and self._end > self._start:
+            log.warning(
+                "data connection from %s (%s) closed in the middle of a frame; "
+                "%d bytes discarded, nothing applied",
+                self.peer,
+                self.role,
+                self._end - self._start,
+            )
+            self._svc.stats.protocol_errors += 1
+        self._closing = True
+        if self._timer is not None:
+            self._timer.cancel()
+        self._svc.stats.connections -= 1
+        self._connections.discard(self)
+        if exc is not None:
+            log.debug("connection from %s lost: %s", self.peer, exc)
+
+    def _handshake_timeout(self) -> None:
+        if self._hs is not None:
+            self._refuse(f"no handshake within {HANDSHAKE_TIMEOUT_S:.0f} s")
+
+    def _refuse(self, reason: str) -> None:
+        log.warning("refusing data connection from %s: %s", self.peer, reason)
+        self._svc.stats.handshake_failures += 1
+        self.close()
+
+    def _on_broken(self, exc: Exception) -> None:
+        if self._hs is not None:
+            self._refuse(f"bad handshake: {exc}")
+            return
+        log.warning("dropping data connection from %s (%s): %s", self.peer, self.role, exc)
+        self._svc.stats.protocol_errors += 1
+
+    # -- handshake --------------------------------------------------------------------
+
+    def _on_message(self, msg: memoryview) -> None:
+        hs = self._hs
+        assert hs is not None
+        if self._fixed_need == CLIENT_HELLO.size:
+            hello, reason = hs.on_hello(msg)
+            self.send_now(hello)
+            if reason is not None:
+                self._fixed_need = 0
+                self._refuse(reason)
+                return
+            self._fixed_need = CLIENT_PROOF.size
+            return
+        result, ok = hs.on_proof(msg)
+        self.send_now(result)
+        self._fixed_need = 0
+        if not ok:
+            self._refuse("wrong cluster secret (proof mismatch)")
+            return
+        assert hs.role is not None
+        self.allowed = ROLE_OPS[hs.role]
+        self.role = hs.role.name.lower()
+        self._hs = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        log.debug("data connection from %s authenticated as %s", self.peer, self.role)
+
+    # -- requests ---------------------------------------------------------------------
+
+    def _payload_length(self, hdr: tuple[Any, ...]) -> int:
+        # Inline version of protocol.request_payload_length (hot path).
+        if hdr[0] != REQUEST_MAGIC:
+            raise ProtocolError(f"bad request magic 0x{hdr[0]:08x}")
+        op = hdr[1]
+        if op not in KNOWN_OPS:
+            raise ProtocolError(f"unknown opcode {op}")
+        if hdr[3]:
+            raise ProtocolError("non-zero reserved field in a request header")
+        if op in OPS_WITH_PAYLOAD:
+            if hdr[11] > MAX_PAYLOAD:
+                raise ProtocolError(f"write payload of {hdr[11]} bytes exceeds {MAX_PAYLOAD}")
+            return int(hdr[11])
+        return 0
+
+    def _on_frame(self, hdr: tuple[Any, ...], payload: memoryview) -> None:
+        self.in_flight += 1
+        if self.in_flight >= MAX_IN_FLIGHT:
+            self._update_reading()
+        self._svc.handle(self, hdr, payload)
+
+    def reply(
+        self,
+        request_id: int,
+        status: int,
+        epoch: int,
+        flags: int = 0,
+        payload: memoryview | None = None,
+    ) -> None:
+        """Queue the reply to ``request_id`` (dropped if the connection is gone)."""
+        self.in_flight -= 1
+        if self._closing:
+            return
+        n = len(payload) if payload is not None else 0
+        self.send(REPLY.pack(REPLY_MAGIC, status, flags, request_id, epoch, n, 0))
+        if payload is not None and n:
+            self.send(payload)
+        if self._reading_paused:
+            self._update_reading()
+
+    # -- back-pressure: stop reading while the peer does not read our replies ---------
+
+    def pause_writing(self) -> None:
+        self._writing_paused = True
+        self._update_reading()
+
+    def resume_writing(self) -> None:
+        self._writing_paused = False
+        self._update_reading()
+
+    def _update_reading(self) -> None:
+        if self.transport is None or self._closing:
+            return
+        # Pause at MAX_IN_FLIGHT requests, resume below half of it.
+        limit = MAX_IN_FLIGHT // 2 if self._reading_paused else MAX_IN_FLIGHT
+        want_pause = self._writing_paused or self.in_flight >= limit
+        if want_pause and not self._reading_paused:
+            self._reading_paused = True
+            self.transport.pause_reading()
+        elif not want_pause and self._reading_paused:
+            self._reading_paused = False
+            self.transport.resume_reading()
+
+
+class DataServer:
+    """The listener on the data port and its open connections."""
+
+    def __init__(self, service: DataService, secret: str) -> None:
+        self._svc = service
+        self._secret = secret.encode()
+        self._server: asyncio.Server | None = None
+        self.connections: set[DataConnection] = set()
+
+    async def start(self, host: str, port: int) -> None:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(self._make, host, port, reuse_address=True)
+        log.info("data protocol listening on %s:%d", host, port)
+
+    def _make(self) -> DataConnection:
+        return DataConnection(self._svc, self._secret, self.connections)
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        port: int = self._server.sockets[0].getsockname()[1]
+        return port
+
+    async def stop(self) -> None:
+        """Stop listening, let requests in progress finish, close every connection."""
+        if self._server is not None:
+            self._server.close()
+        await self._svc.drain()
+        for conn in list(self.connections):
+            conn.close()
+        self.connections.clear()
+        if self._server is not None:
+            await self._server.wait_closed()
+            self._server = None

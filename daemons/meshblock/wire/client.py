@@ -1,0 +1,516 @@
+"""The asyncio client of the data protocol, for the SDC, SDS peers and tools.
+
+>>> client = await WireClient.connect("10.0.0.5", 7072, secret, PeerRole.CLIENT)
+>>> await client.write(pool, pg, epoch, volume, chunk, offset, data, fua=False)
+>>> data = await client.read(pool, pg, epoch, volume, chunk, offset, length)
+>>> await client.close()
+
+One connection carries many requests at once (up to ``MAX_IN_FLIGHT``; further
+callers wait for a free slot): call the methods from as many coroutines as you like.
+Requests queued in one event-loop pass leave in one socket write. Replies arrive in
+any order and are matched by request id.
+
+Errors (every one has ``retriable``):
+
+- :class:`RequestError`: the SDS refused or failed this request; ``status`` is a
+  :class:`~meshblock.wire.protocol.Status` and ``epoch`` the SDS's map epoch of the
+  pool (on ``EPOCH_STALE``: refresh the map from the MDM until its epoch is at least
+  that, then retry). The connection stays usable.
+- :class:`ConnectionLost`: the connection closed (or timed out) before the reply;
+  retriable; ``__cause__`` is what closed it. Every later call raises it at once:
+  connect again.
+- :class:`~meshblock.wire.handshake.HandshakeError` (from :meth:`WireClient.connect`):
+  wrong cluster secret, version or role; not retriable.
+- ``OSError`` / ``TimeoutError`` from :meth:`WireClient.connect`: the SDS cannot be
+  reached.
+
+Payloads: ``data`` for writes may be any bytes-like object (it is not copied; keep it
+unchanged until the call returns). Reads return a read-only ``memoryview`` into the
+connection's receive buffer (or into a shared buffer of zeroes for unallocated ranges);
+it stays valid as long as you hold it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import itertools
+import logging
+import socket
+import time
+from typing import Any, Final, NamedTuple
+
+from meshblock.chunks import CHUNK_SIZE
+from meshblock.wire.framing import Buffer, FramedConnection
+from meshblock.wire.handshake import (
+    SERVER_HELLO,
+    SERVER_RESULT,
+    ClientHandshake,
+    HandshakeError,
+)
+from meshblock.wire.protocol import (
+    HANDSHAKE_TIMEOUT_S,
+    MAX_IN_FLIGHT,
+    MAX_PAYLOAD,
+    REPLY,
+    REPLY_MAGIC,
+    REQUEST,
+    REQUEST_MAGIC,
+    Op,
+    PeerRole,
+    ProtocolError,
+    ReplyFlag,
+    ReqFlag,
+    Status,
+)
+
+log = logging.getLogger(__name__)
+
+#: Read-only zeroes returned for holes; slices of it are free.
+ZEROES: Final = memoryview(bytes(CHUNK_SIZE))
+_HOLE: Final = int(ReplyFlag.HOLE)
+_FUA: Final = int(ReqFlag.FUA)
+
+
+class WireError(Exception):
+    """Base of the client's errors; ``retriable`` says whether a retry may succeed."""
+
+    retriable = False
+
+
+class RequestError(WireError):
+    """The SDS answered this request with a non-OK status."""
+
+    def __init__(self, op: Op, status: int, epoch: int) -> None:
+        try:
+            self.status: Status | int = Status(status)
+            name = self.status.name
+        except ValueError:
+            self.status = status
+            name = f"status {status}"
+        self.op = op
+        self.epoch = epoch
+        super().__init__(f"{op.name} failed: {name} (server epoch {epoch})")
+
+    @property
+    def retriable(self) -> bool:  # type: ignore[override]
+        return isinstance(self.status, Status) and self.status.retriable
+
+
+class ConnectionLost(WireError):
+    """The connection closed before the reply; ``__cause__`` says why."""
+
+    retriable = True
+
+
+class RawChunk(NamedTuple):
+    """One SDS's own copy of (a range of) a chunk."""
+
+    allocated: bool  # False: the SDS holds no slot for it (reads as zeroes)
+    data: memoryview
+
+
+class _Protocol(FramedConnection):
+    header = REPLY
+
+    def __init__(self, handshake: ClientHandshake, ready: asyncio.Future[None]) -> None:
+        super().__init__()
+        self._handshake: ClientHandshake | None = handshake
+        self._ready = ready
+        self._fixed_need = SERVER_HELLO.size
+        self.pending: dict[int, asyncio.Future[tuple[int, int, int, memoryview]]] = {}
+        self.lost: ConnectionLost | None = None
+        self.last_rx = time.monotonic()
+        # callers waiting for a free in-flight slot
+        self.waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        assert self._handshake is not None
+        self.send_now(self._handshake.hello())
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.last_rx = time.monotonic()
+        super().buffer_updated(nbytes)
+
+    def _on_message(self, msg: memoryview) -> None:
+        hs = self._handshake
+        assert hs is not None
+        if self._fixed_need == SERVER_HELLO.size:
+            self.send_now(hs.on_server_hello(msg))
+            self._fixed_need = SERVER_RESULT.size
+        else:
+            hs.on_result(msg)
+            self._fixed_need = 0
+            self._handshake = None
+            if not self._ready.done():
+                self._ready.set_result(None)
+
+    def _payload_length(self, hdr: tuple[Any, ...]) -> int:
+        # hdr: magic, status, flags, request_id, epoch, length, reserved
+        if hdr[0] != REPLY_MAGIC:
+            raise ProtocolError(f"bad reply magic 0x{hdr[0]:08x}")
+        if hdr[5] > MAX_PAYLOAD:
+            raise ProtocolError(f"reply payload of {hdr[5]} bytes exceeds {MAX_PAYLOAD}")
+        return int(hdr[5])
+
+    def _on_frame(self, hdr: tuple[Any, ...], payload: memoryview) -> None:
+        fut = self.pending.pop(hdr[3], None)
+        if fut is None:
+            raise ProtocolError(f"reply to unknown request id {hdr[3]}")
+        if self.waiters:
+            self.wake_one()
+        if not fut.done():  # a cancelled caller leaves a done future
+            fut.set_result((hdr[1], hdr[2], hdr[4], payload))
+
+    def _on_broken(self, exc: Exception) -> None:
+        log.warning("dropping data connection to %s: %s", self.peer, exc)
+        self._fail_all(exc)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closing = True
+        self._fail_all(exc or ConnectionResetError("connection closed by the server"))
+
+    def _fail_all(self, cause: BaseException) -> None:
+        if self.lost is None:
+            lost = ConnectionLost(f"data connection to {self.peer} lost: {cause}")
+            lost.__cause__ = cause
+            self.lost = lost
+        if not self._ready.done():
+            if isinstance(cause, HandshakeError | ProtocolError):
+                self._ready.set_exception(cause)
+            else:
+                self._ready.set_exception(self.lost)
+        pending, self.pending = self.pending, {}
+        for fut in pending.values():
+            if not fut.done():
+                err = ConnectionLost(str(self.lost))
+                err.__cause__ = cause
+                fut.set_exception(err)
+        while self.waiters:
+            self.wake_one()
+
+    def wake_one(self) -> None:
+        while self.waiters:
+            w = self.waiters.popleft()
+            if not w.done():
+                w.set_result(None)
+                return
+
+
+class WireClient:
+    """One authenticated data-protocol connection to one SDS.
+
+    Create it with :meth:`connect`. All methods are coroutines safe to call
+    concurrently from many tasks. ``pool``, ``pg`` and ``epoch`` come from the pool's
+    PG map (``GET /api/v1/pools/{id}/pgmap``); ``pg`` is
+    ``meshblock.chunks.pg_of(volume, chunk, pg_count)``; ``offset + length`` must stay
+    within the chunk (``CHUNK_SIZE``; split IO with ``meshblock.chunks.chunk_span``).
+    """
+
+    def __init__(self, protocol: _Protocol, address: str, request_timeout: float | None) -> None:
+        self._p = protocol
+        self.address = address
+        self._ids = itertools.count(1)
+        self._timeout = request_timeout
+        self._watchdog: asyncio.Task[None] | None = None
+        if request_timeout is not None:
+            self._watchdog = asyncio.get_running_loop().create_task(
+                self._watch(request_timeout), name=f"wire-watchdog-{address}"
+            )
+
+    @classmethod
+    async def connect(
+        cls,
+        host: str,
+        port: int,
+        secret: str | bytes,
+        role: PeerRole = PeerRole.CLIENT,
+        *,
+        connect_timeout: float = HANDSHAKE_TIMEOUT_S,
+        request_timeout: float | None = 30.0,
+    ) -> WireClient:
+        """Connect, authenticate with the cluster ``secret`` and return the client.
+
+        ``request_timeout``: when requests are outstanding and nothing has arrived
+        for that long, the connection is declared dead (every pending call fails with
+        :class:`ConnectionLost`, cause ``TimeoutError``). ``None``: wait forever.
+        """
+        key = secret.encode() if isinstance(secret, str) else secret
+        loop = asyncio.get_running_loop()
+        ready: asyncio.Future[None] = loop.create_future()
+        handshake = ClientHandshake(key, role)
+        async with asyncio.timeout(connect_timeout):
+            transport, protocol = await loop.create_connection(
+                lambda: _Protocol(handshake, ready), host, port
+            )
+            try:
+                await ready
+            except BaseException:
+                transport.close()
+                raise
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return cls(protocol, f"{host}:{port}", request_timeout)
+
+    # -- state ------------------------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        """True once the connection is closed (every call raises ConnectionLost)."""
+        return self._p.lost is not None or self._p._closing
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._p.pending)
+
+    async def close(self) -> None:
+        """Close the connection; outstanding calls fail with ConnectionLost."""
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watchdog
+            self._watchdog = None
+        p = self._p
+        if not p._closing:
+            p.close()
+        if p.lost is None:
+            p._fail_all(ConnectionResetError("connection closed by the client"))
+        await asyncio.sleep(0)  # let the transport finish closing
+
+    async def __aenter__(self) -> WireClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # -- client IO (role CLIENT; READ also TOOL) --------------------------------------
+
+    async def read(
+        self, pool: int, pg: int, epoch: int, volume: int, chunk: int, offset: int, length: int
+    ) -> memoryview:
+        """``length`` bytes at ``offset`` of the chunk, from the PG's primary."""
+        _, flags, payload = await self._call(
+            Op.READ, 0, pool, pg, epoch, volume, chunk, offset, length, None
+        )
+        if flags & _HOLE:
+            return ZEROES[:length]
+        return payload
+
+    async def write(
+        self,
+        pool: int,
+        pg: int,
+        epoch: int,
+        volume: int,
+        chunk: int,
+        offset: int,
+        data: Buffer,
+        *,
+        fua: bool = False,
+    ) -> None:
+        """Write ``data`` at ``offset``; returns once both copies hold it (and are
+        durable with ``fua``)."""
+        await self._call(
+            Op.WRITE, _FUA if fua else 0, pool, pg, epoch, volume, chunk, offset, len(data), data
+        )
+
+    async def write_zeroes(
+        self,
+        pool: int,
+        pg: int,
+        epoch: int,
+        volume: int,
+        chunk: int,
+        offset: int,
+        length: int,
+        *,
+        fua: bool = False,
+    ) -> None:
+        """Zero a range on both copies (a whole chunk gives its slots back)."""
+        flags = _FUA if fua else 0
+        await self._call(
+            Op.WRITE_ZEROES, flags, pool, pg, epoch, volume, chunk, offset, length, None
+        )
+
+    async def trim(
+        self, pool: int, pg: int, epoch: int, volume: int, chunk: int, offset: int, length: int
+    ) -> None:
+        """Discard a range on both copies; it reads as zeroes afterwards."""
+        await self._call(Op.TRIM, 0, pool, pg, epoch, volume, chunk, offset, length, None)
+
+    async def flush(self, pool: int = 0, volume: int = 0) -> None:
+        """Make every write this SDS acknowledged so far durable, on its devices and on
+        the peers it replicated them to. Send it to every SDS you wrote through."""
+        await self._call(Op.FLUSH, 0, pool, 0, 0, volume, 0, 0, 0, None)
+
+    async def ping(self, pool: int = 0) -> int:
+        """Round trip; returns the SDS's map epoch of ``pool`` (0 if it has none)."""
+        epoch, _, _ = await self._call(Op.PING, 0, pool, 0, 0, 0, 0, 0, 0, None)
+        return epoch
+
+    # -- tools and peers (roles TOOL / SDS_PEER) --------------------------------------
+
+    async def read_raw_chunk(
+        self, volume: int, chunk: int, offset: int = 0, length: int = CHUNK_SIZE
+    ) -> RawChunk:
+        """This SDS's own copy of a chunk, whether it is the primary or secondary."""
+        _, flags, payload = await self._call(
+            Op.CHUNK_READ_RAW, 0, 0, 0, 0, volume, chunk, offset, length, None
+        )
+        if flags & _HOLE:
+            return RawChunk(False, ZEROES[:length])
+        return RawChunk(True, payload)
+
+    async def repl_write(
+        self,
+        pool: int,
+        pg: int,
+        epoch: int,
+        volume: int,
+        chunk: int,
+        offset: int,
+        data: Buffer,
+        *,
+        fua: bool = False,
+    ) -> None:
+        """Primary → secondary: apply a write to the secondary copy."""
+        await self._call(
+            Op.REPL_WRITE,
+            _FUA if fua else 0,
+            pool,
+            pg,
+            epoch,
+            volume,
+            chunk,
+            offset,
+            len(data),
+            data,
+        )
+
+    async def repl_zero(
+        self,
+        op: Op,
+        pool: int,
+        pg: int,
+        epoch: int,
+        volume: int,
+        chunk: int,
+        offset: int,
+        length: int,
+        *,
+        fua: bool = False,
+    ) -> None:
+        """Primary → secondary: REPL_WRITE_ZEROES or REPL_TRIM."""
+        assert op in (Op.REPL_WRITE_ZEROES, Op.REPL_TRIM)
+        flags = _FUA if fua else 0
+        await self._call(op, flags, pool, pg, epoch, volume, chunk, offset, length, None)
+
+    async def repl_flush(self) -> None:
+        """Primary → secondary: fdatasync the secondary's devices."""
+        await self._call(Op.REPL_FLUSH, 0, 0, 0, 0, 0, 0, 0, 0, None)
+
+    def submit(
+        self,
+        op: Op,
+        flags: int,
+        pool: int,
+        pg: int,
+        epoch: int,
+        volume: int,
+        chunk: int,
+        offset: int,
+        length: int,
+        payload: Buffer | None = None,
+    ) -> asyncio.Future[tuple[int, int, int, memoryview]]:
+        """Queue a request now, without waiting; for SDS peers that must put a request
+        on the wire before doing their own part. The future's result is
+        ``(status, reply flags, server epoch, payload)``; statuses are not raised.
+        It does not wait for an in-flight slot (the server's back-pressure applies).
+        Raises :class:`ConnectionLost` when the connection is closed."""
+        p = self._p
+        if p.lost is not None:
+            raise ConnectionLost(str(p.lost)) from p.lost.__cause__
+        rid = next(self._ids)
+        if not p.pending:
+            p.last_rx = time.monotonic()
+        fut: asyncio.Future[tuple[int, int, int, memoryview]] = p._loop.create_future()
+        p.pending[rid] = fut
+        p.send(
+            REQUEST.pack(
+                REQUEST_MAGIC, op, flags, 0, rid, pool, pg, epoch, volume, chunk, offset, length
+            )
+        )
+        if payload is not None and length:
+            p.send(payload)
+        return fut
+
+    # -- the engine -------------------------------------------------------------------
+
+    async def _call(
+        self,
+        op: Op,
+        flags: int,
+        pool: int,
+        pg: int,
+        epoch: int,
+        volume: int,
+        chunk: int,
+        offset: int,
+        length: int,
+        payload: Buffer | None,
+    ) -> tuple[int, int, memoryview]:
+        p = self._p
+        if p.lost is not None:
+            raise ConnectionLost(str(p.lost)) from p.lost.__cause__
+        while len(p.pending) >= MAX_IN_FLIGHT:
+            waiter: asyncio.Future[None] = p._loop.create_future()
+            p.waiters.append(waiter)
+            try:
+                await waiter
+            finally:
+                if not waiter.done():
+                    waiter.cancel()
+            if p.lost is not None:
+                raise ConnectionLost(str(p.lost)) from p.lost.__cause__
+        rid = next(self._ids)
+        if not p.pending:  # the request timeout counts from now
+            p.last_rx = time.monotonic()
+        fut: asyncio.Future[tuple[int, int, int, memoryview]] = p._loop.create_future()
+        p.pending[rid] = fut
+        p.send(
+            REQUEST.pack(
+                REQUEST_MAGIC,
+                op,
+                flags,
+                0,
+                rid,
+                pool,
+                pg,
+                epoch,
+                volume,
+                chunk,
+                offset,
+                length,
+            )
+        )
+        if payload is not None and length:
+            p.send(payload)
+        # A cancelled caller leaves its future in ``pending`` until the reply comes,
+        # so that the reply is recognised and the slot stays counted meanwhile.
+        status, rflags, repoch, data = await fut
+        if status:
+            raise RequestError(op, status, repoch)
+        return repoch, rflags, data
+
+    async def _watch(self, limit: float) -> None:
+        p = self._p
+        while p.lost is None:
+            await asyncio.sleep(min(1.0, limit / 4))
+            if p.pending and time.monotonic() - p.last_rx > limit:
+                exc = TimeoutError(f"no reply from {self.address} for {limit:.0f} s")
+                p._fail_all(exc)
+                p.close()

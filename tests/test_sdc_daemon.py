@@ -1,0 +1,399 @@
+"""The SDC daemon against a real MDM (SQLite), without storage servers.
+
+What needs no SDS: registration, heartbeats, following the maps (a mapping becomes an
+export within a second, unmapping closes it), a read-only mapping, /health and
+/metrics, exit 0 on SIGTERM with no secret in the log, and invariant 5 (the MDM down:
+the SDC keeps its exports, also across its own restart, from cached maps).
+The data path through real SDSs is in test_sdc_e2e.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import _http
+from _mdm import MdmDaemon, dump_toml, merge
+from _ports import free_port
+from test_nbd_server import run, tool
+
+START_TIMEOUT_S = 30.0
+
+
+class SdcDaemon:
+    """One ``python -m meshblock.sdc`` process with its config, state dir and log."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        mdm: MdmDaemon,
+        overrides: dict[str, dict[str, Any]] | None = None,
+        *,
+        secret_file: bool = False,
+    ) -> None:
+        self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.mdm = mdm
+        self.nbd_port = free_port()
+        self.control_port = free_port()
+        self.unix_socket = str(workdir / "nbd.sock")
+        self.config_path = workdir / "sdc.toml"
+        self.log_path = workdir / "sdc.log"
+        mdm_table: dict[str, Any] = {
+            "urls": [mdm.url],
+            "heartbeat_interval_s": 0.5,
+            "longpoll_timeout_s": 10.0,
+        }
+        if secret_file:
+            path = workdir / "secret"
+            path.write_text(mdm.cluster_secret + "\n")
+            mdm_table["cluster_secret_file"] = str(path)
+        else:
+            mdm_table["cluster_secret"] = mdm.cluster_secret
+        self.settings: dict[str, dict[str, Any]] = {
+            "sdc": {"name": f"sdc-{workdir.name}", "state_dir": str(workdir / "state")},
+            "mdm": mdm_table,
+            "nbd": {"host": "127.0.0.1", "port": self.nbd_port, "unix_socket": self.unix_socket},
+            "control": {"host": "127.0.0.1", "port": self.control_port},
+            "io": {"timeout_s": 20.0, "attempt_timeout_s": 5.0},
+            "logging": {"level": "INFO"},
+        }
+        merge(self.settings, overrides or {})
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.control_port}"
+
+    def uri(self, export: str, transport: str = "tcp") -> str:
+        if transport == "unix":
+            return f"nbd+unix:///{export}?socket={self.unix_socket}"
+        return f"nbd://127.0.0.1:{self.nbd_port}/{export}"
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def start(self) -> None:
+        self.config_path.write_text(dump_toml(self.settings))
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "meshblock.sdc", "--config", str(self.config_path)],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=self.workdir,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(
+                    f"the SDC exited with {self.proc.returncode}:\n{self.log_text()}"
+                )
+            try:
+                if _http.request("GET", self.url + "/health", timeout=2).status == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.1)
+        self.kill()
+        raise AssertionError(f"the SDC did not answer /health:\n{self.log_text()}")
+
+    def health(self) -> dict[str, Any]:
+        resp = _http.request("GET", self.url + "/health", timeout=5)
+        assert resp.status == 200
+        body: dict[str, Any] = resp.body
+        return body
+
+    def metrics(self) -> str:
+        resp = _http.request("GET", self.url + "/metrics", timeout=5)
+        assert resp.status == 200
+        return str(resp.body)
+
+    def wait_for(
+        self, what: str, cond: Callable[[dict[str, Any]], bool], timeout: float = 10
+    ) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        h = self.health()
+        while not cond(h):
+            if time.monotonic() > deadline:
+                raise AssertionError(
+                    f"timed out waiting for {what}; health: {h}\n{self.log_text()}"
+                )
+            time.sleep(0.05)
+            h = self.health()
+        return h
+
+    def export_names(self) -> set[str]:
+        return {e["name"] for e in self.health()["exports"]}
+
+    def stop(self) -> int:
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            rc = self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError(f"the SDC ignored SIGTERM:\n{self.log_text()}") from None
+        self.proc = None
+        return rc
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
+
+    def assert_clean_log(self) -> None:
+        text = self.log_text()
+        assert self.mdm.cluster_secret not in text, "the SDC log contains the cluster secret"
+        assert "Traceback" not in text, text
+
+
+@pytest.fixture(scope="module")
+def mdm_sqlite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MdmDaemon]:
+    workdir = tmp_path_factory.mktemp("mdm")
+    daemon = MdmDaemon(workdir, f"sqlite+aiosqlite:///{workdir / 'mdm.db'}")
+    daemon.start()
+    try:
+        yield daemon
+    finally:
+        try:
+            rc = daemon.stop()
+        finally:
+            daemon.kill()
+        assert rc == 0, daemon.log_text()
+
+
+def ok(resp: _http.Response, status: int = 200) -> Any:
+    assert resp.status == status, (resp.status, resp.body)
+    return resp.body
+
+
+@pytest.fixture(scope="module")
+def pool_id(mdm_sqlite: MdmDaemon) -> int:
+    api = mdm_sqlite.api()
+    pd = ok(api.post("/api/v1/protection-domains", {"name": "pd-sdc"}), 201)
+    pool = ok(
+        api.post(
+            "/api/v1/pools", {"name": "pool-sdc", "protection_domain_id": pd["id"], "pg_count": 16}
+        ),
+        201,
+    )
+    return int(pool["id"])
+
+
+@pytest.fixture(scope="module")
+def sdc(mdm_sqlite: MdmDaemon, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SdcDaemon]:
+    daemon = SdcDaemon(tmp_path_factory.mktemp("sdc"), mdm_sqlite, secret_file=True)
+    daemon.start()
+    try:
+        yield daemon
+    finally:
+        rc = daemon.stop()
+        assert rc == 0, f"the SDC exited with {rc} on SIGTERM:\n{daemon.log_text()}"
+        daemon.assert_clean_log()
+
+
+def sdc_id_of(sdc: SdcDaemon) -> int:
+    h = sdc.wait_for("registration", lambda h: h["sdc_id"] is not None)
+    return int(h["sdc_id"])
+
+
+def test_registers_and_heartbeats(sdc: SdcDaemon, mdm_sqlite: MdmDaemon) -> None:
+    sdc_id = sdc_id_of(sdc)
+    doc = ok(mdm_sqlite.api().get(f"/api/v1/sdc/{sdc_id}"))
+    assert doc["name"] == sdc.settings["sdc"]["name"]
+    assert doc["nbd_port"] == sdc.nbd_port and doc["control_port"] == sdc.control_port
+    assert doc["state"] == "connected"
+    h = sdc.wait_for("MDM reachable", lambda h: h["mdm_reachable"])
+    assert h["state"] == "ok"
+    # The GUID was generated and kept in the state dir.
+    guid = (sdc.workdir / "state" / "guid").read_text().strip()
+    assert doc["guid"] == guid == h["guid"]
+
+
+def test_mapping_becomes_export_and_unmapping_closes_it(
+    sdc: SdcDaemon, mdm_sqlite: MdmDaemon, pool_id: int
+) -> None:
+    api = mdm_sqlite.api()
+    sdc_id = sdc_id_of(sdc)
+    vol = ok(
+        api.post(
+            "/api/v1/volumes", {"name": "vol-a", "pool_id": pool_id, "size": "1GiB", "type": "thin"}
+        ),
+        201,
+    )
+    t0 = time.monotonic()
+    m = ok(api.post("/api/v1/mappings", {"volume_id": vol["id"], "sdc_id": sdc_id}), 201)
+    sdc.wait_for(
+        "export vol-a", lambda h: any(e["name"] == "vol-a" for e in h["exports"]), timeout=5
+    )
+    assert time.monotonic() - t0 < 1.5, "a mapping took more than a second to reach the SDC"
+    out = run(tool("nbdinfo"), "--no-content", "--json", sdc.uri("vol-a")).stdout
+    (e,) = json.loads(out)["exports"]
+    assert e["export-size"] == vol["size_bytes"]
+    assert e["is_read_only"] is False and e["can_multi_conn"] is True
+    listed = json.loads(run(tool("nbdinfo"), "--list", "--json", sdc.uri("", "unix")).stdout)
+    assert "vol-a" in {x["export-name"] for x in listed["exports"]}
+    # An open connection is closed by the unmap.
+    proc = subprocess.Popen(
+        [tool("qemu-io"), "-f", "raw", "-r", sdc.uri("vol-a")],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        sdc.wait_for("a connection", lambda h: any(x["connections"] for x in h["exports"]))
+        assert 'meshblock_sdc_nbd_connections{volume="vol-a"} 1.0' in sdc.metrics()
+        t0 = time.monotonic()
+        assert api.delete(f"/api/v1/mappings/{m['id']}").status == 204
+        sdc.wait_for("unmap", lambda h: not h["exports"], timeout=5)
+        assert time.monotonic() - t0 < 1.5
+        assert proc.stdin is not None
+        proc.stdin.write("read 0 4096\nquit\n")
+        proc.stdin.flush()
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert "failed" in out.lower() or "error" in out.lower(), out
+    assert run(tool("nbdinfo"), "--no-content", sdc.uri("vol-a"), check=False).returncode != 0
+
+
+def test_read_only_mapping_gives_read_only_export(
+    sdc: SdcDaemon, mdm_sqlite: MdmDaemon, pool_id: int
+) -> None:
+    api = mdm_sqlite.api()
+    sdc_id = sdc_id_of(sdc)
+    vol = ok(
+        api.post(
+            "/api/v1/volumes",
+            {"name": "vol-ro", "pool_id": pool_id, "size": "1GiB", "type": "thin"},
+        ),
+        201,
+    )
+    m = ok(
+        api.post(
+            "/api/v1/mappings",
+            {"volume_id": vol["id"], "sdc_id": sdc_id, "access_mode": "read_only"},
+        ),
+        201,
+    )
+    try:
+        sdc.wait_for("export vol-ro", lambda h: any(e["name"] == "vol-ro" for e in h["exports"]))
+        (e,) = json.loads(run(tool("nbdinfo"), "--no-content", "--json", sdc.uri("vol-ro")).stdout)[
+            "exports"
+        ]
+        assert e["is_read_only"] is True
+        # Switching the mapping to read_write replaces the export.
+        ok(
+            api.patch(
+                f"/api/v1/mappings/{m['id']}", {"access_mode": "read_write", "iops_limit": 100}
+            )
+        )
+        sdc.wait_for(
+            "read-write export",
+            lambda h: any(
+                x["name"] == "vol-ro" and not x["read_only"] and x["iops_limit"] == 100
+                for x in h["exports"]
+            ),
+        )
+        (e,) = json.loads(run(tool("nbdinfo"), "--no-content", "--json", sdc.uri("vol-ro")).stdout)[
+            "exports"
+        ]
+        assert e["is_read_only"] is False
+    finally:
+        api.delete(f"/api/v1/mappings/{m['id']}")
+    sdc.wait_for("unmap", lambda h: "vol-ro" not in {x["name"] for x in h["exports"]})
+
+
+def test_health_and_metrics(sdc: SdcDaemon) -> None:
+    h = sdc.health()
+    assert set(h) >= {"state", "mdm_reachable", "exports", "epoch", "pool_map_epochs", "nbd"}
+    assert f"127.0.0.1:{sdc.nbd_port}" in h["nbd"]
+    text = sdc.metrics()
+    for name in (
+        "meshblock_sdc_mdm_reachable 1.0",
+        "meshblock_sdc_maps_epoch",
+        "# TYPE meshblock_sdc_ops_total counter",
+        "# TYPE meshblock_sdc_op_duration_seconds histogram",
+        "# TYPE meshblock_sdc_retries_total counter",
+        "# TYPE meshblock_sdc_nbd_connections gauge",
+    ):
+        assert name in text, name
+
+
+def test_mdm_down_keeps_cached_exports(
+    mdm_sqlite: MdmDaemon, pool_id: int, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Invariant 5: without the MDM, exports stay, also across an SDC restart."""
+    api = mdm_sqlite.api()
+    sdc = SdcDaemon(tmp_path_factory.mktemp("sdc-cache"), mdm_sqlite)
+    sdc.start()
+    try:
+        sdc_id = sdc_id_of(sdc)
+        vol = ok(
+            api.post(
+                "/api/v1/volumes",
+                {"name": "vol-c", "pool_id": pool_id, "size": "1GiB", "type": "thin"},
+            ),
+            201,
+        )
+        m = ok(api.post("/api/v1/mappings", {"volume_id": vol["id"], "sdc_id": sdc_id}), 201)
+        sdc.wait_for("export vol-c", lambda h: "vol-c" in {e["name"] for e in h["exports"]})
+        mdm_sqlite.kill()  # a crash: nothing is said to the SDC
+        try:
+            h = sdc.wait_for("MDM unreachable", lambda h: not h["mdm_reachable"], timeout=15)
+            assert h["state"] == "degraded"
+            assert "vol-c" in {e["name"] for e in h["exports"]}
+            assert run(tool("nbdinfo"), "--no-content", sdc.uri("vol-c")).returncode == 0
+            assert sdc.stop() == 0
+            sdc.start()  # restarted while the MDM is down: cached maps
+            h = sdc.health()
+            assert "vol-c" in {e["name"] for e in h["exports"]}
+            assert h["mdm_reachable"] is False
+            assert run(tool("nbdinfo"), "--no-content", sdc.uri("vol-c")).returncode == 0
+        finally:
+            mdm_sqlite.start()
+        sdc.wait_for("MDM back", lambda h: h["mdm_reachable"] and h["state"] == "ok", timeout=15)
+        assert api.delete(f"/api/v1/mappings/{m['id']}").status == 204
+        sdc.wait_for("unmap", lambda h: not h["exports"], timeout=5)
+    finally:
+        assert sdc.stop() == 0
+        sdc.assert_clean_log()
+
+
+def test_bad_config_exits_2(tmp_path: Path) -> None:
+    cfg = tmp_path / "sdc.toml"
+    cfg.write_text('[mdm]\ncluster_secret = "s"\nurlz = []\n')
+    proc = subprocess.run(
+        [sys.executable, "-m", "meshblock.sdc", "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2
+    assert "mdm.urlz" in proc.stderr
+    cfg.write_text('[mdm]\ncluster_secret_file = "/nonexistent/secret"\n')
+    proc = subprocess.run(
+        [sys.executable, "-m", "meshblock.sdc", "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2 and "cluster_secret_file" in proc.stderr

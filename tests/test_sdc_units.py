@@ -1,0 +1,460 @@
+"""SDC parts in isolation: IO routing and retries (with injected SDS faults), flush
+fan-out, QoS buckets, the nbd-client command lines, configuration and map parsing."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import stat
+import time
+from collections.abc import Awaitable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from meshblock.chunks import CHUNK_SIZE, chunk_span, pg_of
+from meshblock.config import ConfigError, from_mapping
+from meshblock.nbd.protocol import Errno, RequestError
+from meshblock.nbd.server import Chunk
+from meshblock.sdc.attach import NbdAttacher
+from meshblock.sdc.config import SdcConfig, cluster_secret, sdc_guid
+from meshblock.sdc.datapath import ChunkRef, DataPathError
+from meshblock.sdc.maps import MapError, PoolMap, SdsEndpoint, VolumeMapping, parse_maps
+from meshblock.sdc.metrics import SdcMetrics
+from meshblock.sdc.qos import TokenBucket
+from meshblock.sdc.volume_io import VolumeIO
+
+PG_COUNT = 8
+VOLUME = VolumeMapping(7, "v", 1, 64 * CHUNK_SIZE, False, None, None)
+
+
+def pool_map(epoch: int, shift: int = 0) -> PoolMap:
+    """Three SDSs; PG p has primary (p + shift) % 3 and secondary (p + shift + 1) % 3."""
+    return PoolMap(
+        pool_id=1,
+        epoch=epoch,
+        pg_count=PG_COUNT,
+        primaries=tuple((p + shift) % 3 for p in range(PG_COUNT)),
+        secondaries=tuple((p + shift + 1) % 3 for p in range(PG_COUNT)),
+        sds={i: SdsEndpoint(i, "127.0.0.1", 7000 + i) for i in range(3)},
+    )
+
+
+class Maps:
+    """The SDC's view of the maps; ``after_refresh`` is what the MDM would answer."""
+
+    def __init__(self, current: PoolMap | None) -> None:
+        self.current = current
+        self.after_refresh: PoolMap | None = None
+        self.refreshes = 0
+
+    def pool(self, pool_id: int) -> PoolMap | None:
+        return self.current
+
+    async def refresh(self) -> None:
+        self.refreshes += 1
+        if self.after_refresh is not None:
+            self.current, self.after_refresh = self.after_refresh, None
+
+
+class Faulty:
+    """A data path that stores chunks in memory and fails as the test injects."""
+
+    def __init__(self) -> None:
+        self.chunks: dict[int, bytearray] = {}
+        self.calls: list[tuple[str, int, ChunkRef | None, int, int]] = []
+        self.faults: list[DataPathError | str] = []  # next failures, in order; "hang"
+        self.failing_sds: dict[int, DataPathError] = {}
+
+    async def _enter(
+        self, op: str, sds: SdsEndpoint, ref: ChunkRef | None, off: int, n: int
+    ) -> None:
+        self.calls.append((op, sds.sds_id, ref, off, n))
+        await asyncio.sleep(0)
+        if sds.sds_id in self.failing_sds:
+            raise self.failing_sds[sds.sds_id]
+        if self.faults:
+            fault = self.faults.pop(0)
+            if fault == "hang":
+                await asyncio.sleep(3600)
+            assert isinstance(fault, DataPathError)
+            raise fault
+
+    def _chunk(self, idx: int) -> bytearray:
+        return self.chunks.setdefault(idx, bytearray(CHUNK_SIZE))
+
+    async def read(self, sds: SdsEndpoint, ref: ChunkRef, offset: int, length: int) -> Chunk:
+        await self._enter("read", sds, ref, offset, length)
+        return bytes(self._chunk(ref.chunk_index)[offset : offset + length])
+
+    async def write(
+        self, sds: SdsEndpoint, ref: ChunkRef, offset: int, data: memoryview, *, fua: bool
+    ) -> None:
+        await self._enter("write", sds, ref, offset, len(data))
+        self._chunk(ref.chunk_index)[offset : offset + len(data)] = data
+
+    async def write_zeroes(
+        self, sds: SdsEndpoint, ref: ChunkRef, offset: int, length: int, *, fua: bool
+    ) -> None:
+        await self._enter("write_zeroes", sds, ref, offset, length)
+        self._chunk(ref.chunk_index)[offset : offset + length] = bytes(length)
+
+    async def trim(self, sds: SdsEndpoint, ref: ChunkRef, offset: int, length: int) -> None:
+        await self._enter("trim", sds, ref, offset, length)
+        self._chunk(ref.chunk_index)[offset : offset + length] = bytes(length)
+
+    async def flush(self, sds: SdsEndpoint, pool_id: int, volume_id: int) -> None:
+        await self._enter("flush", sds, None, 0, 0)
+
+    async def close(self) -> None:
+        pass
+
+
+def make_io(
+    maps: Maps, path: Faulty, timeout_s: float = 2.0, volume: VolumeMapping = VOLUME
+) -> tuple[VolumeIO, SdcMetrics]:
+    metrics = SdcMetrics(CollectorRegistry())
+    io = VolumeIO(
+        volume, maps, path, metrics.volume(volume.name), timeout_s=timeout_s, attempt_timeout_s=0.2
+    )
+    return io, metrics
+
+
+def retries(metrics: SdcMetrics, reason: str) -> float:
+    value = metrics.registry.get_sample_value("meshblock_sdc_retries_total", {"reason": reason})
+    return value or 0.0
+
+
+def run(coro: Awaitable[Any]) -> Any:
+    async def main() -> Any:
+        return await coro
+
+    return asyncio.run(main())
+
+
+def test_io_is_split_by_chunk_and_routed_to_primaries() -> None:
+    maps, path = Maps(pool_map(5)), Faulty()
+    io, _ = make_io(maps, path)
+    offset, payload = CHUNK_SIZE - 100, os.urandom(2 * CHUNK_SIZE + 300)
+    run(io.write(offset, memoryview(payload), fua=False))
+    pieces = chunk_span(offset, len(payload))
+    assert len(path.calls) == len(pieces) == 4
+    for (op, sds_id, ref, off, n), (idx, poff, pn) in zip(
+        sorted(path.calls, key=lambda c: c[2].chunk_index), pieces, strict=True
+    ):  # type: ignore[union-attr]
+        pg = pg_of(VOLUME.id, idx, PG_COUNT)
+        assert op == "write" and ref == ChunkRef(1, pg, 5, VOLUME.id, idx)
+        assert sds_id == pg % 3 and (off, n) == (poff, pn)
+    got = run(io.read(offset, len(payload)))
+    assert b"".join(bytes(c) for c in got) == payload
+
+
+def test_epoch_stale_refreshes_the_map_and_retries_on_the_new_primary() -> None:
+    maps, path = Maps(pool_map(5)), Faulty()
+    io, metrics = make_io(maps, path)
+    maps.after_refresh = pool_map(6, shift=1)
+    path.faults = [DataPathError("epoch_stale", "stale", retriable=True)]
+    run(io.write(0, memoryview(b"x" * 10), fua=True))
+    first, second = path.calls
+    assert first[2] is not None and first[2].epoch == 5
+    assert second[2] is not None and second[2].epoch == 6
+    assert second[1] == (first[1] + 1) % 3  # the new primary
+    assert maps.refreshes == 1
+    assert retries(metrics, "epoch_stale") == 1
+
+
+def test_connection_failures_are_retried_until_they_clear() -> None:
+    maps, path = Maps(pool_map(5)), Faulty()
+    io, metrics = make_io(maps, path)
+    lost = DataPathError("connection", "lost", retriable=True)
+    path.faults = [lost, lost, lost]
+    assert b"".join(bytes(c) for c in run(io.read(4096, 512))) == bytes(512)
+    assert len(path.calls) == 4 and maps.refreshes == 3
+    assert retries(metrics, "connection") == 3
+
+
+def test_a_pg_without_primary_waits_for_the_map() -> None:
+    empty = replace(pool_map(5), primaries=(None,) * PG_COUNT)
+    maps, path = Maps(empty), Faulty()
+    io, metrics = make_io(maps, path)
+    maps.after_refresh = pool_map(6)
+    run(io.write(0, memoryview(b"y"), fua=False))
+    assert retries(metrics, "no_primary") == 1 and len(path.calls) == 1
+
+
+def test_errors_no_retry_can_fix_are_answered_at_once() -> None:
+    maps, path = Maps(pool_map(5)), Faulty()
+    io, metrics = make_io(maps, path)
+    path.faults = [DataPathError("no_space", "full", retriable=False, errno=Errno.ENOSPC)]
+    with pytest.raises(RequestError) as err:
+        run(io.write(0, memoryview(b"z" * 4096), fua=False))
+    assert err.value.errno == Errno.ENOSPC
+    assert len(path.calls) == 1 and maps.refreshes == 0
+    errors = metrics.registry.get_sample_value("meshblock_sdc_io_errors_total", {"op": "write"})
+    assert errors == 1
+
+
+def test_gives_up_with_eio_after_the_io_timeout() -> None:
+    maps, path = Maps(pool_map(5)), Faulty()
+    io, _ = make_io(maps, path, timeout_s=0.5)
+    path.failing_sds = {s: DataPathError("connection", "refused", retriable=True) for s in range(3)}
+    t0 = time.monotonic()
+    with pytest.raises(RequestError) as err:
+        run(io.read(0, 4096))
+    assert err.value.errno == Errno.EIO and "connection" in str(err.value)
+    assert 0.45 <= time.monotonic() - t0 < 2.0
+    assert len(path.calls) > 3
+
+
+def test_a_hung_sds_times_out_and_is_retried() -> None:
+    maps, path = Maps(pool_map(5)), Faulty()
+    io, metrics = make_io(maps, path)
+    path.faults = ["hang"]
+    run(io.write(0, memoryview(b"h"), fua=False))
+    assert retries(metrics, "timeout") == 1 and len(path.calls) == 2
+
+
+def test_flush_reaches_every_holder_and_retries_only_the_failed_one() -> None:
+    maps, path = Maps(pool_map(5)), Faulty()
+    io, metrics = make_io(maps, path)
+    path.failing_sds = {2: DataPathError("connection", "lost", retriable=True)}
+
+    async def heal() -> None:
+        await asyncio.sleep(0.1)
+        del path.failing_sds[2]
+
+    async def main() -> None:
+        await asyncio.gather(io.flush(), heal())
+
+    asyncio.run(main())
+    flushed = [c[1] for c in path.calls if c[0] == "flush"]
+    assert set(flushed) == {0, 1, 2}
+    assert flushed.count(0) == 1 and flushed.count(1) == 1 and flushed.count(2) >= 2
+    assert retries(metrics, "connection") >= 1
+
+
+def test_write_zeroes_no_hole_writes_zeroes_and_trim_with_fua_flushes() -> None:
+    maps, path = Maps(pool_map(5)), Faulty()
+    io, _ = make_io(maps, path)
+    run(io.write_zeroes(100, CHUNK_SIZE, punch_hole=False, fua=False))
+    assert {c[0] for c in path.calls} == {"write"}
+    path.calls.clear()
+    run(io.write_zeroes(100, CHUNK_SIZE, punch_hole=True, fua=False))
+    assert {c[0] for c in path.calls} == {"write_zeroes"}
+    path.calls.clear()
+    run(io.trim(0, 3 * CHUNK_SIZE, fua=True))
+    ops = [c[0] for c in path.calls]
+    assert ops.count("trim") == 3 and ops.count("flush") == 3
+
+
+def test_many_pieces_are_bounded_in_parallel() -> None:
+    maps, path = Maps(pool_map(5)), Faulty()
+    io, _ = make_io(maps, path, volume=replace(VOLUME, size_bytes=200 * CHUNK_SIZE))
+    run(io.trim(0, 100 * CHUNK_SIZE, fua=False))
+    assert len(path.calls) == 100
+
+
+def test_unmapped_volume_refuses_io() -> None:
+    maps, path = Maps(pool_map(5)), Faulty()
+    io, _ = make_io(maps, path)
+    io.close()
+    with pytest.raises(RequestError) as err:
+        run(io.read(0, 1))
+    assert err.value.errno == Errno.ESHUTDOWN
+
+
+def test_token_bucket_paces_and_changes_rate() -> None:
+    async def main() -> tuple[float, float]:
+        bucket = TokenBucket(100)  # burst: 10
+        t0 = time.monotonic()
+        for _ in range(40):
+            await bucket.take(1)
+        slow = time.monotonic() - t0
+        bucket.set_rate(10000)
+        t0 = time.monotonic()
+        for _ in range(40):
+            await bucket.take(1)
+        return slow, time.monotonic() - t0
+
+    slow, fast = asyncio.run(main())
+    assert slow >= 0.28  # (40 - 10) / 100, less timer slack
+    assert fast < slow
+
+
+def test_token_bucket_lets_a_request_larger_than_the_burst_pass() -> None:
+    async def main() -> float:
+        bucket = TokenBucket(1000)  # burst 100
+        t0 = time.monotonic()
+        await bucket.take(300)
+        await bucket.take(1)
+        return time.monotonic() - t0
+
+    assert asyncio.run(main()) >= 0.19
+
+
+# -- attaching to /dev/nbdN --------------------------------------------------------
+
+
+def test_nbd_client_command_lines() -> None:
+    tcp = NbdAttacher(host="0.0.0.0", port=10809, connections=4)
+    assert tcp.attach_command("/dev/nbd3", "vol1", read_only=False) == [
+        "nbd-client", "127.0.0.1", "10809", "/dev/nbd3", "-name", "vol1",
+        "-block-size", "4096", "-timeout", "60", "-connections", "4",
+    ]  # fmt: skip
+    unix = NbdAttacher(unix_socket="/run/meshblock/nbd.sock")
+    assert unix.attach_command("/dev/nbd0", "db", read_only=True) == [
+        "nbd-client", "-unix", "/run/meshblock/nbd.sock", "/dev/nbd0", "-name", "db",
+        "-block-size", "4096", "-timeout", "60", "-connections", "1", "-readonly",
+    ]  # fmt: skip
+    assert tcp.detach_command("/dev/nbd3") == ["nbd-client", "-d", "/dev/nbd3"]
+    assert tcp.link_path("vol1") == Path("/dev/disk/by-meshblock/vol1")
+    assert tcp.link_path("../etc") is None and tcp.link_path("a/b") is None
+
+
+def test_attach_fails_clearly_without_the_nbd_module(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.ERROR)
+    attacher = NbdAttacher(sys_root=tmp_path / "sys", dev_root=tmp_path / "dev")
+    assert not attacher.kernel_supported()
+    assert run(attacher.attach("vol1", read_only=False)) is None
+    assert "no nbd module" in caplog.text and "vol1" in caplog.text
+    assert not (tmp_path / "dev").exists()
+
+
+def test_this_machine_has_no_nbd_module() -> None:
+    """The real check: this kernel lacks nbd, so attaching must refuse (see above)."""
+    assert NbdAttacher().kernel_supported() == Path("/sys/module/nbd").is_dir()
+
+
+def fake_sysfs(root: Path, busy: set[int]) -> None:
+    (root / "module" / "nbd").mkdir(parents=True)
+    for n in range(4):
+        d = root / "block" / f"nbd{n}"
+        d.mkdir(parents=True)
+        if n in busy:
+            (d / "pid").write_text("123\n")
+
+
+def test_attach_and_detach_with_a_stand_in_nbd_client(tmp_path: Path) -> None:
+    """With a stand-in for nbd-client (the kernel part cannot run here): the device
+    choice, the stable link and the detach."""
+    fake_sysfs(tmp_path / "sys", busy={0})
+    record = tmp_path / "calls"
+    script = tmp_path / "nbd-client"
+    script.write_text(f'#!/bin/sh\necho "$@" >> {record}\n')
+    script.chmod(script.stat().st_mode | stat.S_IXUSR)
+    dev = tmp_path / "dev"
+    attacher = NbdAttacher(nbd_client=str(script), sys_root=tmp_path / "sys", dev_root=dev)
+
+    async def main() -> None:
+        assert await attacher.attach("vol1", read_only=False) == str(dev / "nbd1")
+        assert await attacher.attach("vol2", read_only=True) == str(dev / "nbd2")
+        link = dev / "disk" / "by-meshblock" / "vol1"
+        assert os.readlink(link) == str(dev / "nbd1")
+        await attacher.detach("vol1")
+        assert not link.exists() and not link.is_symlink()
+        await attacher.detach_all()
+
+    asyncio.run(main())
+    lines = record.read_text().splitlines()
+    assert lines[0].startswith(f"127.0.0.1 10809 {dev / 'nbd1'} -name vol1")
+    assert lines[1].endswith("-readonly")
+    assert lines[2:] == [f"-d {dev / 'nbd1'}", f"-d {dev / 'nbd2'}"]
+
+
+def test_attach_reports_a_failing_nbd_client(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.ERROR)
+    fake_sysfs(tmp_path / "sys", busy=set())
+    script = tmp_path / "nbd-client"
+    script.write_text("#!/bin/sh\necho 'Error: Socket failed' >&2\nexit 1\n")
+    script.chmod(0o755)
+    attacher = NbdAttacher(
+        nbd_client=str(script), sys_root=tmp_path / "sys", dev_root=tmp_path / "dev"
+    )
+    assert run(attacher.attach("vol1", read_only=False)) is None
+    assert "Socket failed" in caplog.text and not attacher.attached
+
+
+# -- configuration and maps ---------------------------------------------------------
+
+
+def test_guid_is_generated_once_and_kept(tmp_path: Path) -> None:
+    cfg = from_mapping(
+        SdcConfig, {"sdc": {"state_dir": str(tmp_path / "st")}, "mdm": {"cluster_secret": "s"}}
+    )
+    guid = sdc_guid(cfg)
+    assert len(guid) == 36 and sdc_guid(cfg) == guid
+    assert (tmp_path / "st" / "guid").read_text().strip() == guid
+    fixed = from_mapping(SdcConfig, {"sdc": {"guid": "g-1"}, "mdm": {"cluster_secret": "s"}})
+    assert sdc_guid(fixed) == "g-1"
+
+
+def test_config_validation(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"nbd\.prot"):
+        from_mapping(SdcConfig, {"nbd": {"prot": 1}, "mdm": {"cluster_secret": "s"}})
+    with pytest.raises(ConfigError, match="cluster_secret"):
+        from_mapping(SdcConfig, {})
+    with pytest.raises(ConfigError, match="not both"):
+        from_mapping(SdcConfig, {"mdm": {"cluster_secret": "s", "cluster_secret_file": "/x"}})
+    secret = tmp_path / "secret"
+    secret.write_text("  top-secret\n")
+    cfg = from_mapping(SdcConfig, {"mdm": {"cluster_secret_file": str(secret)}})
+    assert cluster_secret(cfg) == "top-secret"
+    assert "top-secret" not in repr(cfg)
+    secret.write_text("")
+    with pytest.raises(ConfigError, match="empty"):
+        cluster_secret(cfg)
+
+
+GOOD_MAPS: dict[str, Any] = {
+    "epoch": 9,
+    "sdc_id": 2,
+    "volumes": [
+        {"id": 4, "name": "v", "pool_id": 1, "size_bytes": 1 << 30, "access_mode": "read_only",
+         "iops_limit": 100, "bandwidth_limit_bps": None},
+    ],
+    "pools": {
+        "1": {"pool_id": 1, "epoch": 3, "pg_count": 2,
+              "sds": {"5": {"address": "h", "data_port": 7072}},
+              "pgs": [{"pg": 0, "primary": {"sds_id": 5, "device_id": 1}, "secondary": None},
+                      {"pg": 1, "primary": None, "secondary": None}]},
+    },
+}  # fmt: skip
+
+
+def test_parse_maps() -> None:
+    m = parse_maps(GOOD_MAPS)
+    assert m.epoch == 9 and m.volumes[4].read_only and m.volumes[4].iops_limit == 100
+    assert m.pools[1].primaries == (5, None) and m.pools[1].holders() == {5}
+
+
+@pytest.mark.parametrize(
+    "path, value",
+    [
+        (("epoch",), -1),
+        (("volumes",), "x"),
+        (("volumes", 0, "access_mode"), "rw"),
+        (("volumes", 0, "pool_id"), 99),
+        (("pools", "1", "pg_count"), 0),
+        (("pools", "1", "pgs", 0, "pg"), 2),
+        (("pools", "1", "pgs", 0, "primary"), {"sds_id": 6}),
+        (("pools", "1", "sds", "5"), {"data_port": 1}),
+    ],
+)
+def test_parse_maps_rejects_bad_documents(path: tuple[Any, ...], value: Any) -> None:
+    import copy
+
+    doc = copy.deepcopy(GOOD_MAPS)
+    target: Any = doc
+    for key in path[:-1]:
+        target = target[key]
+    target[path[-1]] = value
+    with pytest.raises(MapError):
+        parse_maps(doc)

@@ -1,0 +1,725 @@
+"""A real MDM and three real ``meshblock-sds`` processes on loopback, driven through
+the wire client: mirrored writes, the five IO invariants that concern the SDS, auth,
+malformed input, /health and /metrics.
+
+The MDM runs on SQLite only: these tests are about the data plane.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import re
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import pytest
+
+import _http
+from _mdm import MdmDaemon, dump_toml
+from _ports import free_port
+from meshblock.chunks import CHUNK_SIZE, pg_of
+from meshblock.wire import (
+    ConnectionLost,
+    HandshakeError,
+    PeerRole,
+    RequestError,
+    Status,
+    WireClient,
+)
+from meshblock.wire.handshake import CLIENT_HELLO, HELLO_MAGIC
+from meshblock.wire.protocol import REQUEST, REQUEST_MAGIC, Op, pack_request
+
+POOL = "pool1"
+PG_COUNT = 32
+DEVICE_BYTES = 128 * 1024 * 1024
+START_TIMEOUT_S = 30.0
+
+
+class SdsDaemon:
+    """One ``python -m meshblock.sds`` process with its config, device file and log."""
+
+    def __init__(self, workdir: Path, name: str, mdm: MdmDaemon, fault_set: str | None) -> None:
+        self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.name = name
+        self.mdm = mdm
+        self.data_port = free_port()
+        self.control_port = free_port()
+        self.device = workdir / "dev0.img"
+        self.config_path = workdir / "sds.toml"
+        self.log_path = workdir / "sds.log"
+        top: dict[str, Any] = {
+            "name": name,
+            "protection_domain": "pd1",
+            "address": "127.0.0.1",
+            "mdm_urls": [mdm.url],
+            "cluster_secret": mdm.cluster_secret,
+            "state_dir": str(workdir / "state"),
+            "heartbeat_interval_s": 1.0,
+            "map_poll_timeout_s": 5.0,
+            "peer_timeout_s": 5.0,
+        }
+        if fault_set:
+            top["fault_set"] = fault_set
+        text = dump_toml({"__top__": top}).replace("[__top__]\n", "")
+        text += dump_toml(
+            {
+                "data": {"host": "127.0.0.1", "port": self.data_port},
+                "control": {"host": "127.0.0.1", "port": self.control_port},
+                "logging": {"level": "INFO"},
+            }
+        )
+        text += dump_toml(
+            {"[devices]": {"path": str(self.device), "capacity": DEVICE_BYTES, "pool": POOL}}
+        )
+        self.config_path.write_text(text)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
+
+    @property
+    def control_url(self) -> str:
+        return f"http://127.0.0.1:{self.control_port}"
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def start(self) -> None:
+        assert self.proc is None or self.proc.poll() is not None
+        self._close_log()
+        self._log = open(self.log_path, "ab")  # closed in _close_log()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "meshblock.sds", "--config", str(self.config_path)],
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+
+    def wait_serving(self, timeout: float = START_TIMEOUT_S) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        last: Any = None
+        while time.monotonic() < deadline:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise AssertionError(
+                    f"{self.name} exited {self.proc.returncode}:\n{self.log_text()}"
+                )
+            try:
+                r = _http.request("GET", self.control_url + "/health", timeout=2)
+                last = r.body
+                if r.status == 200 and r.body["state"] == "serving":
+                    return dict(r.body)
+            except OSError as exc:
+                last = exc
+            time.sleep(0.05)
+        raise AssertionError(f"{self.name} not serving ({last}):\n{self.log_text()}")
+
+    def health(self) -> dict[str, Any]:
+        r = _http.request("GET", self.control_url + "/health", timeout=5)
+        assert r.status == 200
+        return dict(r.body)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            rc = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise AssertionError(f"{self.name} ignored signal {sig}:\n{self.log_text()}") from None
+        self._close_log()
+        return rc
+
+    def _close_log(self) -> None:
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+
+@dataclass
+class Cluster:
+    mdm: MdmDaemon
+    sds: list[SdsDaemon]
+    pool_id: int
+    workdir: Path
+
+    @property
+    def secret(self) -> str:
+        return self.mdm.cluster_secret
+
+    def pgmap(self) -> dict[str, Any]:
+        status, doc = self.mdm.api().get(f"/api/v1/pools/{self.pool_id}/pgmap")
+        assert status == 200, doc
+        return dict(doc)
+
+    def by_id(self, doc: dict[str, Any]) -> dict[int, SdsDaemon]:
+        ports = {int(k): v["data_port"] for k, v in doc["sds"].items()}
+        return {i: s for i, port in ports.items() for s in self.sds if s.data_port == port}
+
+    def wait_epoch_everywhere(self, epoch: int, timeout: float = 15.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if all(
+                s.proc is not None
+                and s.proc.poll() is None
+                and s.health()["maps"].get(str(self.pool_id), 0) >= epoch
+                for s in self.sds
+            ):
+                return
+            time.sleep(0.05)
+        raise AssertionError(f"not every SDS reached map epoch {epoch}")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    root = tmp_path_factory.mktemp("sds-cluster")
+    mdm = MdmDaemon(root / "mdm", f"sqlite+aiosqlite:///{root / 'mdm.db'}")
+    mdm.start()
+    daemons: list[SdsDaemon] = []
+    try:
+        api = mdm.api()
+        status, pd = api.post("/api/v1/protection-domains", {"name": "pd1"})
+        assert status == 201, pd
+        for i in range(1, 5):
+            status, body = api.post(
+                "/api/v1/fault-sets", {"name": f"fs{i}", "protection_domain_id": pd["id"]}
+            )
+            assert status == 201, body
+        status, pool = api.post(
+            "/api/v1/pools",
+            {"name": POOL, "protection_domain_id": pd["id"], "pg_count": PG_COUNT},
+        )
+        assert status == 201, pool
+        daemons = [SdsDaemon(root / f"sds{i}", f"sds{i}", mdm, f"fs{i}") for i in range(1, 4)]
+        for d in daemons:
+            d.start()
+        c = Cluster(mdm, daemons, pool["id"], root)
+        for d in daemons:
+            d.wait_serving()
+        c.wait_epoch_everywhere(c.pgmap()["epoch"])
+        yield c
+    finally:
+        codes = {}
+        for d in daemons:
+            codes[d.name] = d.stop()
+        mdm.stop()
+        mdm.kill()
+        for d in daemons:
+            assert mdm.cluster_secret not in d.log_text(), f"{d.name} logged the secret"
+        assert all(rc == 0 for rc in codes.values()), (
+            f"SDS exit codes on SIGTERM: {codes}\n" + "\n".join(d.log_text() for d in daemons)
+        )
+
+
+# -- helpers -------------------------------------------------------------------------
+
+
+@dataclass
+class Route:
+    """Where chunk ``chunk`` of ``volume`` lives according to a map document."""
+
+    pg: int
+    epoch: int
+    primary: SdsDaemon
+    secondary: SdsDaemon
+    others: list[SdsDaemon]
+
+
+def route(c: Cluster, doc: dict[str, Any], volume: int, chunk: int) -> Route:
+    pg = pg_of(volume, chunk, doc["pg_count"])
+    entry = doc["pgs"][pg]
+    ids = c.by_id(doc)
+    p, s = ids[entry["primary"]["sds_id"]], ids[entry["secondary"]["sds_id"]]
+    return Route(pg, doc["epoch"], p, s, [d for d in c.sds if d not in (p, s)])
+
+
+async def connect(d: SdsDaemon, c: Cluster, role: PeerRole = PeerRole.CLIENT) -> WireClient:
+    return await WireClient.connect("127.0.0.1", d.data_port, c.secret, role)
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+# -- tests ---------------------------------------------------------------------------
+
+
+def test_map_has_primaries_and_secondaries_on_distinct_sds(cluster: Cluster) -> None:
+    doc = cluster.pgmap()
+    assert doc["pg_count"] == PG_COUNT
+    for pg in doc["pgs"]:
+        assert pg["primary"] and pg["secondary"]
+        assert pg["primary"]["sds_id"] != pg["secondary"]["sds_id"]
+    assert len(cluster.by_id(doc)) == 3
+
+
+def test_write_then_both_copies_hold_it(cluster: Cluster) -> None:
+    """Invariant 1: once a write is acknowledged, the secondary's copy has it."""
+    doc = cluster.pgmap()
+    volume = 101
+
+    async def main() -> None:
+        for chunk in range(4):
+            r = route(cluster, doc, volume, chunk)
+            data = os.urandom(4096)
+            async with (
+                await connect(r.primary, cluster) as cl,
+                await connect(r.secondary, cluster, PeerRole.TOOL) as sec,
+                await connect(r.primary, cluster, PeerRole.TOOL) as pri,
+            ):
+                await cl.write(doc["pool_id"], r.pg, r.epoch, volume, chunk, 8192, data)
+                # right after the ack, with no flush and no delay:
+                raw = await sec.read_raw_chunk(volume, chunk)
+                assert raw.allocated
+                assert bytes(raw.data[8192 : 8192 + 4096]) == data
+                assert bytes(raw.data[:8192]) == bytes(8192)
+                mine = await pri.read_raw_chunk(volume, chunk)
+                assert bytes(mine.data) == bytes(raw.data)
+                got = await cl.read(doc["pool_id"], r.pg, r.epoch, volume, chunk, 8192, 4096)
+                assert bytes(got) == data
+                # the third SDS holds no copy
+                async with await connect(r.others[0], cluster, PeerRole.TOOL) as other:
+                    assert not (await other.read_raw_chunk(volume, chunk)).allocated
+
+    run(main())
+
+
+def test_unwritten_chunk_reads_as_zeroes(cluster: Cluster) -> None:
+    doc = cluster.pgmap()
+    r = route(cluster, doc, 102, 7)
+
+    async def main() -> None:
+        async with await connect(r.primary, cluster) as cl:
+            got = await cl.read(doc["pool_id"], r.pg, r.epoch, 102, 7, 0, CHUNK_SIZE)
+            assert len(got) == CHUNK_SIZE and not any(got)
+
+    run(main())
+
+
+def test_concurrent_overlapping_writes_leave_identical_copies(cluster: Cluster) -> None:
+    """Invariant 2: many overlapping writes from several connections at once, then
+    both copies of every chunk are byte-identical (and equal to what the primary
+    serves)."""
+    doc = cluster.pgmap()
+    volume = 103
+    chunks = list(range(6))
+    rng = random.Random(1234)
+
+    async def writer(conns: list[WireClient], n: int) -> None:
+        for _ in range(n):
+            chunk = rng.choice(chunks)
+            r = route(cluster, doc, volume, chunk)
+            cl = conns[cluster.sds.index(r.primary)]
+            off = rng.randrange(0, CHUNK_SIZE - 65536, 512)
+            size = rng.choice([512, 4096, 16384, 65536])
+            op = rng.random()
+            if op < 0.8:
+                await cl.write(
+                    doc["pool_id"], r.pg, r.epoch, volume, chunk, off, rng.randbytes(size)
+                )
+            elif op < 0.9:
+                await cl.write_zeroes(doc["pool_id"], r.pg, r.epoch, volume, chunk, off, size)
+            else:
+                await cl.trim(doc["pool_id"], r.pg, r.epoch, volume, chunk, off, size)
+
+    async def main() -> None:
+        sets = [[await connect(d, cluster) for d in cluster.sds] for _ in range(4)]
+        try:
+            await asyncio.gather(*(writer(conns, 150) for conns in sets for _ in range(8)))
+            for chunk in chunks:
+                r = route(cluster, doc, volume, chunk)
+                async with (
+                    await connect(r.primary, cluster, PeerRole.TOOL) as a,
+                    await connect(r.secondary, cluster, PeerRole.TOOL) as b,
+                ):
+                    ra, rb = (
+                        await a.read_raw_chunk(volume, chunk),
+                        await b.read_raw_chunk(volume, chunk),
+                    )
+                    assert ra.allocated == rb.allocated
+                    assert bytes(ra.data) == bytes(rb.data), f"chunk {chunk} copies differ"
+                    served = await sets[0][cluster.sds.index(r.primary)].read(
+                        doc["pool_id"], r.pg, r.epoch, volume, chunk, 0, CHUNK_SIZE
+                    )
+                    assert bytes(served) == bytes(ra.data)
+        finally:
+            for conns in sets:
+                for cl in conns:
+                    await cl.close()
+
+    run(main())
+
+
+def test_whole_chunk_trim_frees_the_slot_on_both_copies(cluster: Cluster) -> None:
+    doc = cluster.pgmap()
+    volume, chunk = 104, 0
+    r = route(cluster, doc, volume, chunk)
+
+    async def main() -> None:
+        async with (
+            await connect(r.primary, cluster) as cl,
+            await connect(r.secondary, cluster, PeerRole.TOOL) as sec,
+        ):
+            await cl.write(doc["pool_id"], r.pg, r.epoch, volume, chunk, 0, b"x" * CHUNK_SIZE)
+            assert (await sec.read_raw_chunk(volume, chunk)).allocated
+            await cl.trim(doc["pool_id"], r.pg, r.epoch, volume, chunk, 0, CHUNK_SIZE)
+            assert not (await sec.read_raw_chunk(volume, chunk)).allocated
+            got = await cl.read(doc["pool_id"], r.pg, r.epoch, volume, chunk, 0, 4096)
+            assert not any(got)
+            await cl.flush()
+
+    run(main())
+
+
+def test_not_primary_and_bad_pg_are_refused(cluster: Cluster) -> None:
+    doc = cluster.pgmap()
+    volume, chunk = 105, 3
+    r = route(cluster, doc, volume, chunk)
+
+    async def main() -> None:
+        async with await connect(r.secondary, cluster) as cl:
+            with pytest.raises(RequestError) as ei:
+                await cl.write(doc["pool_id"], r.pg, r.epoch, volume, chunk, 0, b"a" * 512)
+            assert ei.value.status == Status.NOT_PRIMARY and ei.value.retriable
+            with pytest.raises(RequestError) as ei:
+                await cl.read(doc["pool_id"], r.pg, r.epoch, volume, chunk, 0, 512)
+            assert ei.value.status == Status.NOT_PRIMARY
+        async with await connect(r.primary, cluster) as cl:
+            wrong_pg = (r.pg + 1) % PG_COUNT
+            with pytest.raises(RequestError) as ei:
+                await cl.write(doc["pool_id"], wrong_pg, r.epoch, volume, chunk, 0, b"a")
+            assert ei.value.status in (Status.INVALID, Status.NOT_PRIMARY)
+            with pytest.raises(RequestError) as ei:
+                await cl.read(doc["pool_id"], r.pg, r.epoch, volume, chunk, CHUNK_SIZE - 1, 2)
+            assert ei.value.status == Status.INVALID and not ei.value.retriable
+            # a client may not use replication ops, a tool may not write
+            with pytest.raises(RequestError) as ei:
+                await cl.repl_write(doc["pool_id"], r.pg, r.epoch, volume, chunk, 0, b"a")
+            assert ei.value.status == Status.NOT_PERMITTED
+        async with await connect(r.primary, cluster, PeerRole.TOOL) as tool:
+            with pytest.raises(RequestError) as ei:
+                await tool.write(doc["pool_id"], r.pg, r.epoch, volume, chunk, 0, b"a")
+            assert ei.value.status == Status.NOT_PERMITTED
+            # nothing was written by any refused request
+            assert not (await tool.read_raw_chunk(volume, chunk)).allocated
+
+    run(main())
+
+
+def test_wrong_secret_is_refused(cluster: Cluster) -> None:
+    d = cluster.sds[0]
+
+    async def main() -> None:
+        with pytest.raises(HandshakeError):
+            await WireClient.connect("127.0.0.1", d.data_port, "not-the-secret")
+        # still serving the right secret
+        async with await connect(d, cluster) as cl:
+            assert await cl.ping(cluster.pool_id) >= 1
+
+    run(main())
+    assert "refusing data connection" in d.log_text()
+
+
+def test_raw_handshake_with_bad_proof_is_refused(cluster: Cluster) -> None:
+    d = cluster.sds[1]
+    with socket.create_connection(("127.0.0.1", d.data_port), timeout=5) as s:
+        s.sendall(CLIENT_HELLO.pack(HELLO_MAGIC, 1, PeerRole.CLIENT, 0, os.urandom(32)))
+        s.recv(72)
+        s.sendall(struct.pack(">I32s", 0x4D424850, os.urandom(32)))
+        result = s.recv(8)
+        assert result[4] == 1  # AUTH_FAILED
+        assert s.recv(100) == b""  # closed
+
+
+def _raw_session(d: SdsDaemon, secret: str) -> socket.socket:
+    """A socket past the handshake, for sending hand-made frames."""
+    from meshblock.wire.handshake import ClientHandshake
+
+    s = socket.create_connection(("127.0.0.1", d.data_port), timeout=5)
+    hs = ClientHandshake(secret.encode(), PeerRole.CLIENT)
+    s.sendall(hs.hello())
+    s.sendall(hs.on_server_hello(memoryview(_recv_exact(s, 72))))
+    hs.on_result(memoryview(_recv_exact(s, 8)))
+    return s
+
+
+def _recv_exact(s: socket.socket, n: int) -> bytes:
+    buf = b""
+    while len(buf) < n:
+        part = s.recv(n - len(buf))
+        if not part:
+            raise ConnectionError("closed")
+        buf += part
+    return buf
+
+
+def _closed(s: socket.socket) -> bool:
+    try:
+        while True:
+            part = s.recv(65536)
+            if not part:
+                return True
+    except (ConnectionResetError, TimeoutError):
+        return True
+
+
+def test_fuzz_malformed_frames_drop_only_that_connection(cluster: Cluster) -> None:
+    """Malformed, truncated, oversized frames and random bytes: the SDS drops that
+    connection with a logged reason, keeps serving others and applies no partial
+    write."""
+    doc = cluster.pgmap()
+    volume, chunk = 106, 1
+    r = route(cluster, doc, volume, chunk)
+    d = r.primary
+    rng = random.Random(99)
+
+    def good_write(length: int, payload: bytes) -> bytes:
+        return (
+            pack_request(
+                Op.WRITE,
+                1,
+                pool_id=doc["pool_id"],
+                pg=r.pg,
+                epoch=r.epoch,
+                volume_id=volume,
+                chunk_index=chunk,
+                offset=0,
+                length=length,
+            )
+            + payload
+        )
+
+    cases: list[bytes] = [
+        b"\x00" * REQUEST.size,  # bad magic
+        REQUEST.pack(REQUEST_MAGIC, 99, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0),  # unknown opcode
+        REQUEST.pack(REQUEST_MAGIC, Op.PING, 0, 7, 1, 0, 0, 0, 0, 0, 0, 0),  # reserved != 0
+        good_write(CHUNK_SIZE + 1, b"z" * 1000),  # oversized payload
+        good_write(8192, b"P" * 5000),  # truncated: payload never completes
+        *[rng.randbytes(rng.randrange(1, 300)) for _ in range(20)],  # random bytes
+    ]
+    for case in cases:
+        s = _raw_session(d, cluster.secret)
+        with s:
+            s.settimeout(5)
+            s.sendall(case)
+            if case.startswith(good_write(8192, b"")[:8]) and len(case) < REQUEST.size + 8192:
+                s.shutdown(socket.SHUT_WR)  # truncated frame then EOF
+            elif len(case) < REQUEST.size:
+                s.sendall(rng.randbytes(REQUEST.size))  # complete a header with junk
+            assert _closed(s), f"connection survived {case[:16]!r}"
+    # random bytes before/instead of the handshake
+    for _ in range(10):
+        with socket.create_connection(("127.0.0.1", d.data_port), timeout=5) as s:
+            s.sendall(rng.randbytes(rng.randrange(40, 200)))
+            assert _closed(s)
+
+    async def main() -> None:
+        async with (
+            await connect(d, cluster) as cl,
+            await connect(d, cluster, PeerRole.TOOL) as tool,
+            await connect(r.secondary, cluster, PeerRole.TOOL) as sec,
+        ):
+            assert await cl.ping(doc["pool_id"]) == doc["epoch"]
+            # no partial write from the truncated/oversized frames, on either copy
+            assert not (await tool.read_raw_chunk(volume, chunk)).allocated
+            assert not (await sec.read_raw_chunk(volume, chunk)).allocated
+            await cl.write(doc["pool_id"], r.pg, r.epoch, volume, chunk, 0, b"ok" * 10)
+
+    run(main())
+    log = d.log_text()
+    assert "bad request magic" in log
+    assert "unknown opcode 99" in log
+    assert "exceeds" in log
+    assert "in the middle of a frame" in log
+    assert d.proc is not None and d.proc.poll() is None
+
+
+def test_fuzz_random_frames_with_valid_magic(cluster: Cluster) -> None:
+    """Headers with a valid magic and random fields: each gets a status or a drop,
+    the daemon survives and a well-formed client on another connection is unaffected."""
+    doc = cluster.pgmap()
+    d = cluster.sds[2]
+    rng = random.Random(7)
+
+    async def main() -> None:
+        async with await connect(d, cluster) as bystander:
+            for _ in range(30):
+                s = _raw_session(d, cluster.secret)
+                with s:
+                    s.settimeout(5)
+                    op = rng.choice([*range(1, 7), 16, 17, 18, 19, 32, 200])
+                    length = rng.choice([0, 1, 512, CHUNK_SIZE, CHUNK_SIZE + 1, 2**32 - 1])
+                    hdr = REQUEST.pack(
+                        REQUEST_MAGIC,
+                        op,
+                        rng.randrange(256),
+                        0,
+                        rng.randrange(2**64),
+                        rng.choice([doc["pool_id"], rng.randrange(2**32)]),
+                        rng.randrange(2**32),
+                        rng.randrange(2**64),
+                        rng.randrange(2**64),
+                        rng.randrange(2**64),
+                        rng.randrange(2**32),
+                        length,
+                    )
+                    payload = b"" if op not in (2, 16) else rng.randbytes(min(length, 4096))
+                    s.sendall(hdr + payload)
+                    s.shutdown(socket.SHUT_WR)
+                    assert _closed(s)
+                assert await bystander.ping(doc["pool_id"]) == doc["epoch"]
+
+    run(main())
+    assert d.proc is not None and d.proc.poll() is None
+    d.wait_serving()
+
+
+def test_health_and_metrics(cluster: Cluster) -> None:
+    d = cluster.sds[0]
+    h = d.health()
+    assert h["status"] == "ok" and h["state"] == "serving" and h["mdm_reachable"]
+    assert h["maps"][str(cluster.pool_id)] >= 1
+    (dev,) = h["devices"]
+    assert dev["capacity_bytes"] == DEVICE_BYTES and dev["pool_id"] == cluster.pool_id
+    r = _http.request("GET", d.control_url + "/metrics")
+    assert r.status == 200
+    text = r.body
+    assert re.search(r'meshblock_sds_ops_total\{op="(write|repl_write|read|ping)"\} [1-9]', text)
+    assert "meshblock_sds_op_duration_seconds_bucket" in text
+    m = re.search(rf'meshblock_sds_device_capacity_bytes{{device="{d.device}"}} (\S+)', text)
+    assert m is not None and float(m.group(1)) == DEVICE_BYTES
+    assert "meshblock_sds_protocol_errors_total" in text
+
+
+def test_heartbeat_reports_usage_to_the_mdm(cluster: Cluster) -> None:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        status, body = cluster.mdm.api().get("/api/v1/sds")
+        assert status == 200
+        used = sum(dev["used_bytes"] for s in body["sds"] for dev in s["devices"])
+        if used > 0:
+            break
+        time.sleep(0.2)
+    local = sum(s.health()["devices"][0]["used_bytes"] for s in cluster.sds)
+    assert used > 0 and local > 0
+
+
+def test_sds_keeps_serving_without_the_mdm(cluster: Cluster) -> None:
+    """Invariant 5: IO continues on cached maps while the MDM is down."""
+    doc = cluster.pgmap()
+    volume = 107
+    cluster.mdm.stop()
+    try:
+        time.sleep(1.5)  # at least one failed heartbeat
+
+        async def main() -> None:
+            for chunk in range(3):
+                r = route(cluster, doc, volume, chunk)
+                async with (
+                    await connect(r.primary, cluster) as cl,
+                    await connect(r.secondary, cluster, PeerRole.TOOL) as sec,
+                ):
+                    data = os.urandom(4096)
+                    await cl.write(doc["pool_id"], r.pg, r.epoch, volume, chunk, 0, data, fua=True)
+                    got = await cl.read(doc["pool_id"], r.pg, r.epoch, volume, chunk, 0, 4096)
+                    assert bytes(got) == data
+                    assert bytes((await sec.read_raw_chunk(volume, chunk, 0, 4096)).data) == data
+                    await cl.flush()
+
+        run(main())
+        assert not cluster.sds[0].health()["mdm_reachable"]
+
+        # An SDS restarted while the MDM is away serves from its cached state file,
+        # with the data written before.
+        r = route(cluster, doc, volume, 0)
+        assert r.primary.stop() == 0
+        r.primary.start()
+        h = r.primary.wait_serving()
+        assert h["status"] == "degraded" and not h["mdm_reachable"]
+
+        async def after_restart() -> None:
+            async with await connect(r.primary, cluster) as cl:
+                got = await cl.read(doc["pool_id"], r.pg, r.epoch, volume, 0, 0, 4096)
+                data = os.urandom(512)
+                await cl.write(doc["pool_id"], r.pg, r.epoch, volume, 0, 4096, data)
+            async with await connect(r.secondary, cluster, PeerRole.TOOL) as sec:
+                raw = await sec.read_raw_chunk(volume, 0, 0, 4096 + 512)
+                assert bytes(raw.data[:4096]) == bytes(got)
+                assert bytes(raw.data[4096:]) == data
+
+        run(after_restart())
+    finally:
+        cluster.mdm.start()
+    deadline = time.monotonic() + 10
+    while not cluster.sds[0].health()["mdm_reachable"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert cluster.sds[0].health()["mdm_reachable"]
+
+
+def test_stale_epoch_is_refused_after_a_map_change(cluster: Cluster) -> None:
+    """Invariant 3: a fourth SDS joins, the map moves on; requests with the old epoch
+    are refused with EPOCH_STALE and the reply tells the new epoch. Runs last: it
+    changes the cluster."""
+    old = cluster.pgmap()
+    volume, chunk = 108, 2
+    r_old = route(cluster, old, volume, chunk)
+    fourth = SdsDaemon(cluster.workdir / "sds4", "sds4", cluster.mdm, "fs4")
+    fourth.start()
+    cluster.sds.append(fourth)
+    fourth.wait_serving()
+    new = cluster.pgmap()
+    assert new["epoch"] > old["epoch"]
+    cluster.wait_epoch_everywhere(new["epoch"])
+
+    async def main() -> None:
+        async with await connect(r_old.primary, cluster) as cl:
+            with pytest.raises(RequestError) as ei:
+                await cl.write(old["pool_id"], r_old.pg, old["epoch"], volume, chunk, 0, b"s")
+            assert ei.value.status == Status.EPOCH_STALE
+            assert ei.value.retriable and ei.value.epoch == new["epoch"]
+        # the client refreshes and retries on the (possibly new) primary
+        r = route(cluster, new, volume, chunk)
+        async with (
+            await connect(r.primary, cluster) as cl,
+            await connect(r.secondary, cluster, PeerRole.TOOL) as sec,
+        ):
+            await cl.write(new["pool_id"], r.pg, new["epoch"], volume, chunk, 0, b"fresh")
+            assert bytes((await sec.read_raw_chunk(volume, chunk, 0, 5)).data) == b"fresh"
+        # nothing of the refused write anywhere
+        for d in cluster.sds:
+            async with await connect(d, cluster, PeerRole.TOOL) as tool:
+                raw = await tool.read_raw_chunk(volume, chunk, 0, 5)
+                assert bytes(raw.data) in (b"fresh", bytes(5))
+
+    run(main())
+
+
+def test_connection_loss_fails_pending_requests_with_cause(cluster: Cluster) -> None:
+    d = cluster.sds[0]
+
+    async def main() -> None:
+        cl = await connect(d, cluster)
+        cl._p.transport.abort()  # type: ignore[union-attr]
+        await asyncio.sleep(0.05)
+        with pytest.raises(ConnectionLost) as ei:
+            await cl.ping()
+        assert ei.value.retriable and ei.value.__cause__ is not None
+        await cl.close()
+
+    run(main())

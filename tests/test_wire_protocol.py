@@ -1,0 +1,473 @@
+"""The data protocol: header structs, the handshake, and the asyncio client against
+the real SDS data server (in this process, on a real store file) and against a
+hand-written server that answers out of order or breaks the protocol."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+import socket
+import struct
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from meshblock.chunks import CHUNK_SIZE, pg_of
+from meshblock.sds.io_path import DataService
+from meshblock.sds.maps import MapCache, PgMap
+from meshblock.sds.metrics import SdsStats
+from meshblock.sds.replication import Peers
+from meshblock.sds.server import DataServer
+from meshblock.sds.store import ChunkStore, DeviceSpec
+from meshblock.wire import (
+    MAX_IN_FLIGHT,
+    ConnectionLost,
+    HandshakeError,
+    PeerRole,
+    ProtocolError,
+    RequestError,
+    Status,
+    WireClient,
+)
+from meshblock.wire.handshake import (
+    CLIENT_HELLO,
+    CLIENT_PROOF,
+    SERVER_HELLO,
+    SERVER_RESULT,
+    ClientHandshake,
+    ServerHandshake,
+)
+from meshblock.wire.protocol import (
+    MAX_PAYLOAD,
+    REPLY,
+    REPLY_MAGIC,
+    REQUEST,
+    REQUEST_MAGIC,
+    RETRIABLE,
+    Op,
+    Reply,
+    Request,
+    pack_request,
+    reply_payload_length,
+    request_payload_length,
+)
+
+SECRET = "wire-test-secret"
+POOL, PG_COUNT, EPOCH = 5, 16, 3
+
+
+# -- structs ---------------------------------------------------------------------------
+
+
+def test_header_sizes_are_fixed() -> None:
+    assert REQUEST.size == 56
+    assert REPLY.size == 32
+    assert (CLIENT_HELLO.size, SERVER_HELLO.size, CLIENT_PROOF.size, SERVER_RESULT.size) == (
+        40,
+        72,
+        36,
+        8,
+    )
+
+
+def test_request_round_trip_and_byte_order() -> None:
+    raw = pack_request(
+        Op.WRITE,
+        0x0102030405060708,
+        pool_id=7,
+        pg=9,
+        epoch=2**63 + 1,
+        volume_id=11,
+        chunk_index=2**32 - 1,
+        offset=4096,
+        length=512,
+        flags=1,
+    )
+    hdr = Request(*REQUEST.unpack(raw))
+    assert raw[:4] == b"MBRQ" and raw[8:16] == bytes(range(1, 9))
+    assert hdr == Request(REQUEST_MAGIC, Op.WRITE, 1, 0, 0x0102030405060708, 7, 9, 2**63 + 1,
+                          11, 2**32 - 1, 4096, 512)  # fmt: skip
+    assert request_payload_length(hdr) == 512
+    assert request_payload_length(hdr._replace(opcode=Op.READ, length=MAX_PAYLOAD)) == 0
+
+
+def test_reply_round_trip() -> None:
+    raw = REPLY.pack(REPLY_MAGIC, Status.EPOCH_STALE, 1, 99, 12, 0, 0)
+    hdr = Reply(*REPLY.unpack(raw))
+    assert raw[:4] == b"MBRP" and hdr.status == Status.EPOCH_STALE and hdr.epoch == 12
+    assert reply_payload_length(hdr) == 0
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ({"magic": 0x12345678}, "bad request magic"),
+        ({"opcode": 99}, "unknown opcode"),
+        ({"reserved": 1}, "reserved"),
+        ({"length": MAX_PAYLOAD + 1}, "exceeds"),
+    ],
+)
+def test_bad_request_headers_are_protocol_errors(change: dict[str, int], reason: str) -> None:
+    hdr = Request(*REQUEST.unpack(pack_request(Op.WRITE, 1, length=10)))._replace(**change)
+    with pytest.raises(ProtocolError, match=reason):
+        request_payload_length(hdr)
+
+
+def test_retriable_statuses() -> None:
+    assert Status.EPOCH_STALE.retriable and Status.REPLICA_FAILED.retriable
+    assert not Status.INVALID.retriable and not Status.NO_SPACE.retriable
+    assert Status.OK not in RETRIABLE
+
+
+# -- handshake ---------------------------------------------------------------------------
+
+
+def _run_handshake(client_secret: str, server_secret: str) -> tuple[bool, str | None]:
+    client = ClientHandshake(client_secret.encode(), PeerRole.SDS_PEER)
+    server = ServerHandshake(server_secret.encode())
+    hello, reason = server.on_hello(memoryview(client.hello()))
+    assert reason is None
+    proof = client.on_server_hello(memoryview(hello))
+    result, ok = server.on_proof(memoryview(proof))
+    client.on_result(memoryview(result))
+    return ok, server.role.name if server.role else None
+
+
+def test_handshake_with_the_same_secret() -> None:
+    assert _run_handshake("k", "k") == (True, "SDS_PEER")
+
+
+def test_handshake_client_detects_a_server_without_the_secret() -> None:
+    with pytest.raises(HandshakeError, match="does not hold the cluster secret"):
+        _run_handshake("k", "other")
+
+
+def test_handshake_server_detects_a_client_without_the_secret() -> None:
+    server = ServerHandshake(b"k")
+    client = ClientHandshake(b"other", PeerRole.CLIENT)
+    hello, _ = server.on_hello(memoryview(client.hello()))
+    assert SERVER_HELLO.unpack(hello)[2] == 0  # the server goes on to the proof
+    forged = CLIENT_PROOF.pack(0x4D424850, os.urandom(32))  # cannot compute a proof
+    result, ok = server.on_proof(memoryview(forged))
+    assert not ok and result[4] == 1
+    with pytest.raises(HandshakeError, match="AUTH_FAILED"):
+        client.on_result(memoryview(result))
+
+
+def test_handshake_refuses_other_versions_and_roles() -> None:
+    server = ServerHandshake(b"k")
+    hello = CLIENT_HELLO.pack(0x4D424843, 2, 1, 0, os.urandom(32))
+    reply, reason = server.on_hello(memoryview(hello))
+    assert reason and "version 2" in reason and reply[6] == 2
+    reply, reason = ServerHandshake(b"k").on_hello(
+        memoryview(CLIENT_HELLO.pack(0x4D424843, 1, 77, 0, os.urandom(32)))
+    )
+    assert reason and "role" in reason
+
+
+def test_the_secret_never_crosses_the_wire() -> None:
+    secret = "s3cr3t-value"
+    client = ClientHandshake(secret.encode(), PeerRole.CLIENT)
+    server = ServerHandshake(secret.encode())
+    wire = client.hello()
+    hello, _ = server.on_hello(memoryview(wire))
+    proof = client.on_server_hello(memoryview(hello))
+    result, _ = server.on_proof(memoryview(proof))
+    assert secret.encode() not in wire + hello + proof + result
+
+
+# -- client against the real data server (in process) ---------------------------------
+
+
+@asynccontextmanager
+async def sds_server(
+    tmp_path: Path, sds_id: int = 1
+) -> AsyncIterator[tuple[DataServer, DataService]]:
+    store = ChunkStore([DeviceSpec(str(tmp_path / "dev.img"), 1 << 30, "pool")])  # sparse
+    store.open()
+    maps = MapCache()
+    maps.update(
+        PgMap(
+            pool_id=POOL,
+            epoch=EPOCH,
+            pg_count=PG_COUNT,
+            primary=((1, 10),) * PG_COUNT,
+            secondary=((0, 0),) * PG_COUNT,  # degraded: no secondary
+            sds={1: ("127.0.0.1", 0)},
+            doc={},
+        )
+    )
+    service = DataService(store, maps, Peers(SECRET, 5.0), SdsStats())
+    service.set_identity(sds_id, {str(tmp_path / "dev.img"): (10, POOL)})
+    server = DataServer(service, SECRET)
+    await server.start("127.0.0.1", 0)
+    try:
+        yield server, service
+    finally:
+        await server.stop()
+        store.close()
+
+
+def pg(volume: int, chunk: int) -> int:
+    return pg_of(volume, chunk, PG_COUNT)
+
+
+def test_client_pipelines_many_requests_from_many_tasks(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with sds_server(tmp_path) as (server, service):
+            cl = await WireClient.connect("127.0.0.1", server.port, SECRET)
+            expected: dict[tuple[int, int], bytes] = {}
+
+            async def worker(w: int) -> None:
+                rng = random.Random(w)
+                for i in range(40):
+                    chunk = w * 100 + i % 5
+                    off = rng.randrange(0, 64) * 4096
+                    data = rng.randbytes(rng.choice([512, 4096, 65536]))
+                    await cl.write(POOL, pg(9, chunk), EPOCH, 9, chunk, off, data)
+                    got = await cl.read(POOL, pg(9, chunk), EPOCH, 9, chunk, off, len(data))
+                    assert bytes(got) == data
+                    expected[(chunk, off)] = data
+
+            await asyncio.gather(*(worker(w) for w in range(64)))
+            assert service.stats.ops[Op.WRITE] == 64 * 40
+            big = os.urandom(CHUNK_SIZE)
+            await cl.write(POOL, pg(9, 7), EPOCH, 9, 7, 0, big, fua=True)
+            assert bytes(await cl.read(POOL, pg(9, 7), EPOCH, 9, 7, 0, CHUNK_SIZE)) == big
+            await cl.flush()
+            assert await cl.ping(POOL) == EPOCH
+            assert cl.in_flight == 0
+            await cl.close()
+            assert cl.closed
+
+    asyncio.run(main())
+
+
+def test_client_limits_in_flight_requests(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with sds_server(tmp_path) as (server, _):
+            cl = await WireClient.connect("127.0.0.1", server.port, SECRET)
+            peak = 0
+
+            async def one(i: int) -> None:
+                nonlocal peak
+                peak = max(peak, cl.in_flight)
+                await cl.write(POOL, pg(3, i), EPOCH, 3, i, 0, b"x" * 4096)
+                peak = max(peak, cl.in_flight)
+
+            await asyncio.gather(*(one(i) for i in range(3 * MAX_IN_FLIGHT)))
+            assert 0 < peak <= MAX_IN_FLIGHT
+            await cl.close()
+
+    asyncio.run(main())
+
+
+def test_request_errors_keep_the_connection(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with sds_server(tmp_path) as (server, _):
+            cl = await WireClient.connect("127.0.0.1", server.port, SECRET)
+            with pytest.raises(RequestError) as ei:
+                await cl.read(POOL, pg(1, 1), EPOCH - 1, 1, 1, 0, 512)
+            assert ei.value.status == Status.EPOCH_STALE and ei.value.epoch == EPOCH
+            assert ei.value.retriable
+            with pytest.raises(RequestError) as ei:
+                await cl.read(POOL + 1, 0, 1, 1, 1, 0, 512)  # a pool we have no map of
+            assert ei.value.status == Status.MAP_PENDING and ei.value.retriable
+            with pytest.raises(RequestError) as ei:
+                await cl.read(POOL, pg(1, 1), EPOCH, 1, 1, 0, CHUNK_SIZE + 1)
+            assert ei.value.status == Status.TOO_LARGE and not ei.value.retriable
+            assert await cl.ping() == 0
+            await cl.close()
+
+    asyncio.run(main())
+
+
+def test_not_primary_when_another_sds_is(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with sds_server(tmp_path, sds_id=2) as (server, service):
+            cl = await WireClient.connect("127.0.0.1", server.port, SECRET)
+            with pytest.raises(RequestError) as ei:
+                await cl.write(POOL, pg(1, 1), EPOCH, 1, 1, 0, b"no")
+            assert ei.value.status == Status.NOT_PRIMARY
+            assert service.store.location(1, 1) is None
+            await cl.close()
+
+    asyncio.run(main())
+
+
+def test_connect_with_wrong_secret_fails_and_is_not_retriable(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with sds_server(tmp_path) as (server, service):
+            with pytest.raises(HandshakeError) as ei:
+                await WireClient.connect("127.0.0.1", server.port, "wrong")
+            assert not ei.value.retriable
+            await asyncio.sleep(0.05)
+            assert service.stats.handshake_failures == 1
+
+    asyncio.run(main())
+
+
+# -- client against a hand-written server --------------------------------------------------
+
+
+@asynccontextmanager
+async def fake_server(
+    behaviour: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Any],
+    secret: str = SECRET,
+) -> AsyncIterator[int]:
+    """A server that does the real handshake, then ``behaviour``."""
+    tasks: set[asyncio.Task[Any]] = set()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        tasks.add(task)
+        hs = ServerHandshake(secret.encode())
+        try:
+            hello, _ = hs.on_hello(memoryview(await reader.readexactly(CLIENT_HELLO.size)))
+            writer.write(hello)
+            result, _ = hs.on_proof(memoryview(await reader.readexactly(CLIENT_PROOF.size)))
+            writer.write(result)
+            await behaviour(reader, writer)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await server.wait_closed()
+
+
+def test_replies_out_of_order_reach_the_right_callers() -> None:
+    async def reverse(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        reqs = [Request(*REQUEST.unpack(await reader.readexactly(REQUEST.size))) for _ in range(20)]
+        for r in reversed(reqs):
+            body = struct.pack(">Q", r.chunk_index) * (r.length // 8)
+            writer.write(REPLY.pack(REPLY_MAGIC, 0, 0, r.request_id, 1, len(body), 0) + body)
+        await writer.drain()
+        await reader.read()  # until the client closes
+
+    async def main() -> None:
+        async with fake_server(reverse) as port:
+            cl = await WireClient.connect("127.0.0.1", port, SECRET)
+            results = await asyncio.gather(
+                *(cl.read(1, 0, 1, 1, chunk, 0, 64) for chunk in range(20))
+            )
+            for chunk, data in enumerate(results):
+                assert bytes(data) == struct.pack(">Q", chunk) * 8
+            await cl.close()
+
+    asyncio.run(main())
+
+
+def test_closed_connection_fails_every_pending_request_with_its_cause() -> None:
+    async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        for _ in range(5):
+            await reader.readexactly(REQUEST.size)
+        # then close without answering
+
+    async def main() -> None:
+        async with fake_server(hang_up) as port:
+            cl = await WireClient.connect("127.0.0.1", port, SECRET)
+            results = await asyncio.gather(
+                *(cl.read(1, 0, 1, 1, i, 0, 8) for i in range(5)), return_exceptions=True
+            )
+            for r in results:
+                assert isinstance(r, ConnectionLost) and r.retriable
+                assert r.__cause__ is not None
+            with pytest.raises(ConnectionLost):
+                await cl.ping()
+            await cl.close()
+
+    asyncio.run(main())
+
+
+def test_garbage_reply_drops_the_connection_with_a_protocol_error() -> None:
+    async def garbage(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readexactly(REQUEST.size)
+        writer.write(b"\xff" * REPLY.size)
+        await writer.drain()
+        await reader.read()
+
+    async def main() -> None:
+        async with fake_server(garbage) as port:
+            cl = await WireClient.connect("127.0.0.1", port, SECRET)
+            with pytest.raises(ConnectionLost) as ei:
+                await cl.ping()
+            assert isinstance(ei.value.__cause__, ProtocolError)
+            await cl.close()
+
+    asyncio.run(main())
+
+
+def test_silent_server_times_out_pending_requests() -> None:
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()
+
+    async def main() -> None:
+        async with fake_server(silent) as port:
+            cl = await WireClient.connect("127.0.0.1", port, SECRET, request_timeout=0.3)
+            with pytest.raises(ConnectionLost) as ei:
+                await cl.ping()
+            assert isinstance(ei.value.__cause__, TimeoutError)
+            await cl.close()
+
+    asyncio.run(main())
+
+
+def test_cancelled_caller_does_not_break_the_connection() -> None:
+    async def slow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            r = Request(*REQUEST.unpack(await reader.readexactly(REQUEST.size)))
+            await asyncio.sleep(0.1)
+            writer.write(REPLY.pack(REPLY_MAGIC, 0, 0, r.request_id, 1, 0, 0))
+
+    async def main() -> None:
+        async with fake_server(slow) as port:
+            cl = await WireClient.connect("127.0.0.1", port, SECRET)
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(0.02):
+                    await cl.ping()
+            assert await cl.ping() == 1  # the late reply to the cancelled ping was ignored
+            assert not cl.closed
+            await cl.close()
+
+    asyncio.run(main())
+
+
+def test_server_without_the_secret_is_detected() -> None:
+    async def nothing(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        pass
+
+    async def main() -> None:
+        async with fake_server(nothing, secret="another secret") as port:
+            with pytest.raises(HandshakeError, match="does not hold"):
+                await WireClient.connect("127.0.0.1", port, SECRET)
+
+    asyncio.run(main())
+
+
+def test_unreachable_server_raises_oserror() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+
+    async def main() -> None:
+        with pytest.raises(OSError):
+            await WireClient.connect("127.0.0.1", port, SECRET)
+
+    asyncio.run(main())
