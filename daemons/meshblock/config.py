@@ -87,17 +87,21 @@ def from_mapping(cls: type[T], data: dict[str, Any], where: str = "") -> T:
     return obj
 
 
-def load(cls: type[T], path: str | Path | None) -> T:
-    """Load ``cls`` from the TOML file at ``path`` (defaults only when ``None``)."""
-    if path is None:
-        return from_mapping(cls, {})
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """The parsed TOML document at ``path``; unreadable or invalid files raise."""
     p = Path(path)
     try:
         raw = p.read_bytes()
     except OSError as exc:
         raise ConfigError(f"cannot read {p}: {exc.strerror}") from None
     try:
-        data = tomllib.loads(raw.decode())
+        return tomllib.loads(raw.decode())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{p}: not valid TOML: {exc}") from None
-    return from_mapping(cls, data)
+
+
+def load(cls: type[T], path: str | Path | None) -> T:
+    """Load ``cls`` from the TOML file at ``path`` (defaults only when ``None``)."""
+    if path is None:
+        return from_mapping(cls, {})
+    return from_mapping(cls, read_toml(path))

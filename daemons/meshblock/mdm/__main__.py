@@ -10,6 +10,7 @@ import sys
 from aiohttp import web
 
 from meshblock.config import ConfigError, load
+from meshblock.daemon import setup_logging
 from meshblock.mdm import db
 from meshblock.mdm.app import create_app
 from meshblock.mdm.config import MdmConfig
@@ -42,14 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"meshblock-mdm: configuration error: {exc}", file=sys.stderr)
         return 2
-    level = config.logging.level.upper()
-    # DEBUG is for meshblock's own loggers; the libraries' debug output drowns it.
-    logging.basicConfig(
-        level="INFO" if level == "DEBUG" else level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    logging.getLogger("meshblock").setLevel(level)
-    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    setup_logging(config.logging.level)
     if args.check_config:
         print("configuration OK")
         return 0

@@ -9,6 +9,7 @@ import sys
 from aiohttp import web
 
 from meshblock.config import ConfigError, load
+from meshblock.daemon import setup_logging
 from meshblock.sdc.app import create_app
 from meshblock.sdc.config import SdcConfig, cluster_secret
 
@@ -39,11 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"meshblock-sdc: configuration error: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=config.logging.level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    setup_logging(config.logging.level)
     if args.check_config:
         print("configuration OK")
         return 0

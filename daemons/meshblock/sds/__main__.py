@@ -9,6 +9,7 @@ import sys
 from aiohttp import web
 
 from meshblock.config import ConfigError
+from meshblock.daemon import setup_logging
 from meshblock.sds.app import create_app
 from meshblock.sds.config import load
 from meshblock.sds.store import StoreError
@@ -39,11 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"meshblock-sds: configuration error: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=config.logging.level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    setup_logging(config.logging.level)
     if args.check_config:
         print("configuration OK")
         return 0

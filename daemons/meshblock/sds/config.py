@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from meshblock.config import ConfigError, from_mapping
+from meshblock.config import ConfigError, from_mapping, read_toml
 from meshblock.sizes import SizeError, parse_size
 
 
@@ -120,13 +119,4 @@ def from_dict(data: dict[str, Any]) -> SdsConfig:
 
 
 def load(path: str | Path) -> SdsConfig:
-    p = Path(path)
-    try:
-        raw = p.read_bytes()
-    except OSError as exc:
-        raise ConfigError(f"cannot read {p}: {exc.strerror}") from None
-    try:
-        data = tomllib.loads(raw.decode())
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{p}: not valid TOML: {exc}") from None
-    return from_dict(data)
+    return from_dict(read_toml(path))
