@@ -511,6 +511,11 @@ def test_sds_join_recomputes_map_and_wakes_long_poll(
     assert result["waited"] - (t_change - (time.monotonic() - result["waited"])) < 20
     assert time.monotonic() - t_change < 5  # the waiter returned soon after the change
     assert str(sds4["id"]) in result["map"]["sds"]
+    assert sds4["devices"][0]["id"] in [d["device_id"] for d in result["map"]["devices"]]
+    # The pool holds volumes: no copy moved (that is rebalance's job, with the data).
+    assert [(pg["primary"], pg["secondary"]) for pg in result["map"]["pgs"]] == [
+        (pg["primary"], pg["secondary"]) for pg in before["pgs"]
+    ]
     # Re-registering the same SDS is idempotent and keeps its id.
     again = ok(
         api(

@@ -1,9 +1,14 @@
 """PG maps of storage pools: recomputed from the pool's devices, stored, served.
 
-:func:`recompute` runs inside the transaction of the change that may move PGs (an
-SDS or a device joining or leaving, a pool created). It hands the pool's devices and
-its current map to :func:`meshblock.mdm.placement.compute_map`, writes the PGs that
-changed, and bumps the pool's ``map_epoch`` when anything did.
+:func:`recompute` runs inside the transaction of a change of the pool's membership
+(an SDS or a device joining or leaving, the pool created). It hands the pool's devices
+and its current map to :func:`meshblock.mdm.placement.compute_map`, writes the PGs
+that changed and bumps the pool's ``map_epoch``: the membership is part of the map.
+
+Data safety: once a pool has volumes, a copy that is in place is never moved by a
+recompute, because moving it means moving its data, which is the job of rebalance
+(not built yet; see docs/mdm.md). Only missing copies are filled. A new SDS therefore
+joins the map but takes PGs only when rebalance moves them to it.
 """
 
 from __future__ import annotations
@@ -13,8 +18,8 @@ from typing import Any
 from sqlalchemy import delete, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from meshblock.mdm.models import Device, PlacementGroup, Sds, StoragePool
-from meshblock.mdm.placement import DeviceInfo, compute_map
+from meshblock.mdm.models import Device, PlacementGroup, Sds, StoragePool, Volume
+from meshblock.mdm.placement import DeviceInfo, PgAssignment, compute_map
 
 
 async def pool_devices(session: AsyncSession, pool_id: int) -> list[DeviceInfo]:
@@ -38,6 +43,8 @@ async def recompute(session: AsyncSession, pool: StoragePool) -> bool:
     }
     previous = {n: (r.primary_device_id, r.secondary_device_id) for n, r in rows.items()}
     new = compute_map(pool.pg_count, devices, previous)
+    if await _holds_volumes(session, pool.id):
+        new = _fill_only(previous, new, devices)
     changed = False
     next_epoch = pool.map_epoch + 1
     for n in range(pool.pg_count):
@@ -59,10 +66,46 @@ async def recompute(session: AsyncSession, pool: StoragePool) -> bool:
             row.secondary_device_id = secondary
             row.epoch = next_epoch
             changed = True
-    if changed:
-        pool.map_epoch = next_epoch
+    pool.map_epoch = next_epoch
     await session.flush()
     return changed
+
+
+async def _holds_volumes(session: AsyncSession, pool_id: int) -> bool:
+    found = await session.execute(select(Volume.id).where(Volume.pool_id == pool_id).limit(1))
+    return found.scalar() is not None
+
+
+def _fill_only(
+    previous: dict[int, PgAssignment],
+    proposed: dict[int, PgAssignment],
+    devices: list[DeviceInfo],
+) -> dict[int, PgAssignment]:
+    """Keep every copy in place; fill a missing copy from ``proposed`` where legal."""
+    info = {d.device_id: d for d in devices}
+
+    def domain(dev: int) -> tuple[str, int]:
+        d = info[dev]
+        return ("fs", d.fault_set_id) if d.fault_set_id is not None else ("sds", d.sds_id)
+
+    def compatible(a: int, b: int) -> bool:
+        return info[a].sds_id != info[b].sds_id and domain(a) != domain(b)
+
+    out: dict[int, PgAssignment] = {}
+    for pg, (p, s) in proposed.items():
+        old_p, old_s = previous.get(pg, (None, None))
+        kept = [c for c in (old_p, old_s) if c is not None and c in info]
+        if len(kept) == 2:
+            out[pg] = (kept[0], kept[1])
+        elif len(kept) == 1:
+            partner = next(
+                (c for c in (p, s) if c is not None and c != kept[0] and compatible(kept[0], c)),
+                None,
+            )
+            out[pg] = (kept[0], partner)
+        else:
+            out[pg] = (p, s)
+    return out
 
 
 async def drop(session: AsyncSession, pool_id: int) -> None:
@@ -75,11 +118,17 @@ async def map_documents(session: AsyncSession, pools: list[StoragePool]) -> dict
         return {}
     ids = [p.id for p in pools]
     dev_rows = (
-        (await session.execute(select(Device.id, Device.sds_id).where(Device.pool_id.in_(ids))))
+        (
+            await session.execute(
+                select(Device.id, Device.sds_id, Device.pool_id)
+                .where(Device.pool_id.in_(ids))
+                .order_by(Device.id)
+            )
+        )
         .tuples()
         .all()
     )
-    dev_sds = dict(dev_rows)
+    dev_sds = {d: sds for d, sds, _ in dev_rows}
     sds_rows = (
         (
             await session.execute(
@@ -107,15 +156,15 @@ async def map_documents(session: AsyncSession, pools: list[StoragePool]) -> dict
         )
     out: dict[int, Any] = {}
     for p in pools:
-        used_sds = {
-            str(c["sds_id"]) for pg in pgs[p.id] for c in (pg["primary"], pg["secondary"]) if c
-        }
+        members = [(d, sds) for d, sds, pool_id in dev_rows if pool_id == p.id]
+        member_sds = {str(sds) for _, sds in members}
         out[p.id] = {
             "pool_id": p.id,
             "epoch": p.map_epoch,
             "pg_count": p.pg_count,
             "pgs": pgs[p.id],
-            "sds": {k: v for k, v in sds_doc.items() if k in used_sds},
+            "devices": [{"device_id": d, "sds_id": sds} for d, sds in members],
+            "sds": {k: v for k, v in sds_doc.items() if k in member_sds},
         }
     return out
 
