@@ -27,8 +27,8 @@ help:
 	@echo "make deps   apt-get install what the tests need ($(APT_PACKAGES))"
 	@echo "make lint   ruff check, ruff format --check, mypy"
 	@echo "make test   deps + venv + lint, then pytest"
-	@echo "make run    quick start: an MDM on SQLite in ./run/ with a small topology"
-	@echo "make stop   stop the MDM that 'make run' started"
+	@echo "make run    quick start: a whole cluster on loopback (meshctl lab up) and an NBD client on it"
+	@echo "make stop   stop the lab that 'make run' started (meshctl lab down)"
 	@echo "make clean  remove .venv, ./run/ and caches"
 
 venv: $(STAMP)
@@ -66,9 +66,12 @@ lint: venv
 test: deps venv lint
 	$(BIN)/pytest -W error --timeout=$(PYTEST_TIMEOUT) tests/ $(PYTEST_ARGS)
 
-run: venv
+# The quick start: `meshctl lab up` (MDM, 3 SDSs, SDC on loopback in ./run/lab), then
+# qemu-io and nbdinfo on its volume. Needs the Debian packages (qemu-io, nbdinfo) too.
+run: deps venv
 	scripts/quickstart.sh
 
+# meshctl lab down: stops the lab's processes; its data stays in ./run/lab.
 stop:
 	scripts/quickstart.sh stop
 

@@ -125,7 +125,15 @@ class MdmDaemon:
         self._close_log()
         self._log = open(self.log_path, "ab")  # closed in _close_log()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "meshblock.mdm", "--config", str(self.config_path)],
+            [
+                sys.executable,
+                "-W",
+                "error",
+                "-m",
+                "meshblock.mdm",
+                "--config",
+                str(self.config_path),
+            ],
             stdin=subprocess.DEVNULL,
             stdout=self._log,
             stderr=subprocess.STDOUT,

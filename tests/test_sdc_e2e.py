@@ -63,7 +63,15 @@ class SdsDaemon:
     def start(self) -> None:
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "meshblock.sds", "--config", str(self.config_path)],
+                [
+                    sys.executable,
+                    "-W",
+                    "error",
+                    "-m",
+                    "meshblock.sds",
+                    "--config",
+                    str(self.config_path),
+                ],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,

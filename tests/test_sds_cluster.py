@@ -11,23 +11,19 @@ import asyncio
 import os
 import random
 import re
-import signal
 import socket
 import struct
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import pytest
 
 import _http
-from _mdm import MdmDaemon, dump_toml
-from _ports import free_port
-from meshblock.chunks import CHUNK_SIZE, pg_of
+from _cluster import Cluster, route
+from _mdm import MdmDaemon
+from _sds import DEVICE_BYTES, PG_COUNT, POOL, SdsDaemon
+from meshblock.chunks import CHUNK_SIZE
 from meshblock.wire import (
     ConnectionLost,
     HandshakeError,
@@ -38,152 +34,6 @@ from meshblock.wire import (
 )
 from meshblock.wire.handshake import CLIENT_HELLO, HELLO_MAGIC
 from meshblock.wire.protocol import REQUEST, REQUEST_MAGIC, Op, pack_request
-
-POOL = "pool1"
-PG_COUNT = 32
-DEVICE_BYTES = 128 * 1024 * 1024
-START_TIMEOUT_S = 30.0
-
-
-class SdsDaemon:
-    """One ``python -m meshblock.sds`` process with its config, device file and log."""
-
-    def __init__(self, workdir: Path, name: str, mdm: MdmDaemon, fault_set: str | None) -> None:
-        self.workdir = workdir
-        workdir.mkdir(parents=True, exist_ok=True)
-        self.name = name
-        self.mdm = mdm
-        self.data_port = free_port()
-        self.control_port = free_port()
-        self.device = workdir / "dev0.img"
-        self.config_path = workdir / "sds.toml"
-        self.log_path = workdir / "sds.log"
-        top: dict[str, Any] = {
-            "name": name,
-            "protection_domain": "pd1",
-            "address": "127.0.0.1",
-            "mdm_urls": [mdm.url],
-            "cluster_secret": mdm.cluster_secret,
-            "state_dir": str(workdir / "state"),
-            "heartbeat_interval_s": 1.0,
-            "map_poll_timeout_s": 5.0,
-            "peer_timeout_s": 5.0,
-        }
-        if fault_set:
-            top["fault_set"] = fault_set
-        text = dump_toml({"__top__": top}).replace("[__top__]\n", "")
-        text += dump_toml(
-            {
-                "data": {"host": "127.0.0.1", "port": self.data_port},
-                "control": {"host": "127.0.0.1", "port": self.control_port},
-                "logging": {"level": "INFO"},
-            }
-        )
-        text += dump_toml(
-            {"[devices]": {"path": str(self.device), "capacity": DEVICE_BYTES, "pool": POOL}}
-        )
-        self.config_path.write_text(text)
-        self.proc: subprocess.Popen[bytes] | None = None
-        self._log: IO[bytes] | None = None
-
-    @property
-    def control_url(self) -> str:
-        return f"http://127.0.0.1:{self.control_port}"
-
-    def log_text(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-
-    def start(self) -> None:
-        assert self.proc is None or self.proc.poll() is not None
-        self._close_log()
-        self._log = open(self.log_path, "ab")  # closed in _close_log()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "meshblock.sds", "--config", str(self.config_path)],
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-
-    def wait_serving(self, timeout: float = START_TIMEOUT_S) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        last: Any = None
-        while time.monotonic() < deadline:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                raise AssertionError(
-                    f"{self.name} exited {self.proc.returncode}:\n{self.log_text()}"
-                )
-            try:
-                r = _http.request("GET", self.control_url + "/health", timeout=2)
-                last = r.body
-                if r.status == 200 and r.body["state"] == "serving":
-                    return dict(r.body)
-            except OSError as exc:
-                last = exc
-            time.sleep(0.05)
-        raise AssertionError(f"{self.name} not serving ({last}):\n{self.log_text()}")
-
-    def health(self) -> dict[str, Any]:
-        r = _http.request("GET", self.control_url + "/health", timeout=5)
-        assert r.status == 200
-        return dict(r.body)
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
-        if self.proc is None:
-            return 0
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        try:
-            rc = self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            raise AssertionError(f"{self.name} ignored signal {sig}:\n{self.log_text()}") from None
-        self._close_log()
-        return rc
-
-    def _close_log(self) -> None:
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-
-
-@dataclass
-class Cluster:
-    mdm: MdmDaemon
-    sds: list[SdsDaemon]
-    pool_id: int
-    workdir: Path
-
-    @property
-    def secret(self) -> str:
-        return self.mdm.cluster_secret
-
-    def pgmap(self) -> dict[str, Any]:
-        status, doc = self.mdm.api().get(f"/api/v1/pools/{self.pool_id}/pgmap")
-        assert status == 200, doc
-        return dict(doc)
-
-    def by_id(self, doc: dict[str, Any]) -> dict[int, SdsDaemon]:
-        ports = {int(k): v["data_port"] for k, v in doc["sds"].items()}
-        return {i: s for i, port in ports.items() for s in self.sds if s.data_port == port}
-
-    def wait_epoch_everywhere(self, epoch: int, timeout: float = 15.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if all(
-                s.proc is not None
-                and s.proc.poll() is None
-                and s.health()["maps"].get(str(self.pool_id), 0) >= epoch
-                for s in self.sds
-            ):
-                return
-            time.sleep(0.05)
-        raise AssertionError(f"not every SDS reached map epoch {epoch}")
 
 
 @pytest.fixture(scope="module")
@@ -228,25 +78,6 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 
 
 # -- helpers -------------------------------------------------------------------------
-
-
-@dataclass
-class Route:
-    """Where chunk ``chunk`` of ``volume`` lives according to a map document."""
-
-    pg: int
-    epoch: int
-    primary: SdsDaemon
-    secondary: SdsDaemon
-    others: list[SdsDaemon]
-
-
-def route(c: Cluster, doc: dict[str, Any], volume: int, chunk: int) -> Route:
-    pg = pg_of(volume, chunk, doc["pg_count"])
-    entry = doc["pgs"][pg]
-    ids = c.by_id(doc)
-    p, s = ids[entry["primary"]["sds_id"]], ids[entry["secondary"]["sds_id"]]
-    return Route(pg, doc["epoch"], p, s, [d for d in c.sds if d not in (p, s)])
 
 
 async def connect(d: SdsDaemon, c: Cluster, role: PeerRole = PeerRole.CLIENT) -> WireClient:

@@ -27,6 +27,23 @@ from meshblock.mdm.routing import spec_of
 log = logging.getLogger(__name__)
 
 
+COMPRESS_ABOVE = 16 * 1024
+
+
+@web.middleware
+async def compression_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """gzip large documents (PG maps, topology) for clients that accept it."""
+    resp = await handler(request)
+    if (
+        isinstance(resp, web.Response)
+        and resp.body is not None
+        and len(resp.body) > COMPRESS_ABOVE  # type: ignore[arg-type]
+        and "gzip" in request.headers.get("Accept-Encoding", "")
+    ):
+        resp.enable_compression()
+    return resp
+
+
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     spec = spec_of(request)
@@ -103,7 +120,10 @@ CONFIG = web.AppKey("meshblock_mdm_config", MdmConfig)
 
 
 def create_app(config: MdmConfig) -> web.Application:
-    app = web.Application(middlewares=[error_middleware, auth_middleware], client_max_size=1 << 20)
+    app = web.Application(
+        middlewares=[compression_middleware, error_middleware, auth_middleware],
+        client_max_size=1 << 20,
+    )
     app[CONFIG] = config
     app.cleanup_ctx.append(_store)
     app.cleanup_ctx.append(_heartbeat_writer)

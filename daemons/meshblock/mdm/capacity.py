@@ -66,7 +66,7 @@ async def pool_capacities(
     pools_q = select(StoragePool.id, StoragePool.spare_percent)
     if pool_ids is not None:
         pools_q = pools_q.where(StoragePool.id.in_(pool_ids))
-    pools = dict((await session.execute(pools_q)).tuples().all())
+    pools = dict((await session.execute(pools_q)).all())
     if not pools:
         return {}
     ids = list(pools)
@@ -77,9 +77,7 @@ async def pool_capacities(
                 .where(Device.pool_id.in_(ids))
                 .group_by(Device.pool_id)
             )
-        )
-        .tuples()
-        .all()
+        ).all()
     )
     thick = dict(
         (
@@ -88,9 +86,7 @@ async def pool_capacities(
                 .where(Volume.pool_id.in_(ids), Volume.type == VolumeType.THICK)
                 .group_by(Volume.pool_id)
             )
-        )
-        .tuples()
-        .all()
+        ).all()
     )
     thin = dict(
         (
@@ -100,9 +96,7 @@ async def pool_capacities(
                 .where(Volume.pool_id.in_(ids), Volume.type == VolumeType.THIN)
                 .group_by(Volume.pool_id)
             )
-        )
-        .tuples()
-        .all()
+        ).all()
     )
     return {
         pid: _compute(
@@ -129,7 +123,7 @@ async def volume_allocated(session: AsyncSession, volumes: list[Volume]) -> dict
                     .where(VolumeUsage.volume_id.in_(thin_ids))
                     .group_by(VolumeUsage.volume_id)
                 )
-            ).tuples()
+            )
         }
     return {
         v.id: COPIES * v.size_bytes

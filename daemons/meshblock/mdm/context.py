@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from aiohttp import web
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
@@ -11,6 +11,7 @@ from meshblock.auth import TokenTable
 from meshblock.mdm.config import MdmConfig
 from meshblock.mdm.epochs import EpochNotifier
 from meshblock.mdm.liveness import Liveness
+from meshblock.mdm.pgmaps import MapCache
 
 
 @dataclass
@@ -21,6 +22,7 @@ class MdmContext:
     tokens: TokenTable
     notifier: EpochNotifier
     liveness: Liveness
+    map_cache: MapCache = field(default_factory=dict)
 
 
 CTX = web.AppKey("meshblock_mdm_context", MdmContext)

@@ -40,18 +40,14 @@ async def _counts(request: web.Request) -> dict[str, Any]:
     live = c.liveness
     async with reading(request) as s:
         sds_rows = (
-            (
-                await s.execute(
-                    select(Sds.id, Sds.name, ProtectionDomain.name, FaultSet.name)
-                    .join(ProtectionDomain, ProtectionDomain.id == Sds.protection_domain_id)
-                    .outerjoin(FaultSet, FaultSet.id == Sds.fault_set_id)
-                    .order_by(Sds.id)
-                )
+            await s.execute(
+                select(Sds.id, Sds.name, ProtectionDomain.name, FaultSet.name)
+                .join(ProtectionDomain, ProtectionDomain.id == Sds.protection_domain_id)
+                .outerjoin(FaultSet, FaultSet.id == Sds.fault_set_id)
+                .order_by(Sds.id)
             )
-            .tuples()
-            .all()
-        )
-        sdc_rows = (await s.execute(select(Sdc.id, Sdc.name).order_by(Sdc.id))).tuples().all()
+        ).all()
+        sdc_rows = (await s.execute(select(Sdc.id, Sdc.name).order_by(Sdc.id))).all()
         n = {}
         for model, key in (
             (ProtectionDomain, "protection_domains"),
@@ -62,28 +58,20 @@ async def _counts(request: web.Request) -> dict[str, Any]:
             n[key] = (await s.execute(select(func.count()).select_from(model))).scalar_one()
         caps = await pool_capacities(s)
         pools = (
-            (
-                await s.execute(
-                    select(StoragePool, ProtectionDomain.name).join(
-                        ProtectionDomain, ProtectionDomain.id == StoragePool.protection_domain_id
-                    )
+            await s.execute(
+                select(StoragePool, ProtectionDomain.name).join(
+                    ProtectionDomain, ProtectionDomain.id == StoragePool.protection_domain_id
                 )
             )
-            .tuples()
-            .all()
-        )
+        ).all()
         primary, secondary = aliased(Device), aliased(Device)
         pg_rows = (
-            (
-                await s.execute(
-                    select(PlacementGroup.pool_id, primary.sds_id, secondary.sds_id)
-                    .outerjoin(primary, primary.id == PlacementGroup.primary_device_id)
-                    .outerjoin(secondary, secondary.id == PlacementGroup.secondary_device_id)
-                )
+            await s.execute(
+                select(PlacementGroup.pool_id, primary.sds_id, secondary.sds_id)
+                .outerjoin(primary, primary.id == PlacementGroup.primary_device_id)
+                .outerjoin(secondary, secondary.id == PlacementGroup.secondary_device_id)
             )
-            .tuples()
-            .all()
-        )
+        ).all()
         epoch = await current(s)
     connected = {i for i, *_ in sds_rows if live.state("sds", i) == "connected"}
     pg_states: dict[int, dict[str, int]] = {p.id: dict.fromkeys(PG_STATES, 0) for p, _ in pools}

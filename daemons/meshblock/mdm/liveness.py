@@ -115,9 +115,11 @@ async def _write(session: AsyncSession, p: _Pending) -> None:
         # An SDS reports only its own devices; a report about another's is dropped.
         dev_ids = [d for _, d in p.device_used]
         owner = dict(
-            (await session.execute(select(Device.id, Device.sds_id).where(Device.id.in_(dev_ids))))
-            .tuples()
-            .all()
+            (
+                await session.execute(
+                    select(Device.id, Device.sds_id).where(Device.id.in_(dev_ids))
+                )
+            ).all()
         )
         rows = [
             {"id": d, "used_bytes": u}
@@ -135,12 +137,14 @@ async def _write(session: AsyncSession, p: _Pending) -> None:
             if s in existing_sds and v in existing_vol
         ]
         if rows:
-            ins = (pg_insert if conn.dialect.name == "postgresql" else sqlite_insert)(VolumeUsage)
-            stmt = ins.values(rows)
-            stmt = stmt.on_conflict_do_update(
-                index_elements=["sds_id", "volume_id"], set_={"chunks": stmt.excluded.chunks}
+            # One prepared upsert, executed for every row (executemany): the statement
+            # stays the same whatever the number of rows, and no parameter limit applies.
+            insert = pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
+            ins = insert(VolumeUsage.metadata.tables[VolumeUsage.__tablename__])
+            stmt = ins.on_conflict_do_update(
+                index_elements=["sds_id", "volume_id"], set_={"chunks": ins.excluded.chunks}
             )
-            await session.execute(stmt)
+            await conn.execute(stmt, rows)
 
 
 async def _bulk_set(session: AsyncSession, model: Any, rows: list[dict[str, Any]]) -> None:

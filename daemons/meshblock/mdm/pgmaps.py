@@ -18,6 +18,7 @@ from typing import Any
 from sqlalchemy import delete, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from meshblock.mdm.epochs import current
 from meshblock.mdm.models import Device, PlacementGroup, Sds, StoragePool, Volume
 from meshblock.mdm.placement import DeviceInfo, PgAssignment, compute_map
 
@@ -29,7 +30,7 @@ async def pool_devices(session: AsyncSession, pool_id: int) -> list[DeviceInfo]:
         .where(Device.pool_id == pool_id)
         .order_by(Device.id)
     )
-    return [DeviceInfo(d, s, f, c) for d, s, f, c in rows.tuples()]
+    return [DeviceInfo(d, s, f, c) for d, s, f, c in rows]
 
 
 async def recompute(session: AsyncSession, pool: StoragePool) -> bool:
@@ -112,46 +113,73 @@ async def drop(session: AsyncSession, pool_id: int) -> None:
     await session.execute(delete(PlacementGroup).where(PlacementGroup.pool_id == pool_id))
 
 
-async def map_documents(session: AsyncSession, pools: list[StoragePool]) -> dict[int, Any]:
-    """The PG map documents of ``pools`` (see docs/api.md, PgMap)."""
+MapCache = dict[int, tuple[tuple[int, int], dict[str, Any]]]
+
+
+async def map_documents(
+    session: AsyncSession, pools: list[StoragePool], cache: MapCache | None = None
+) -> dict[int, Any]:
+    """The PG map documents of ``pools`` (see docs/api.md, PgMap).
+
+    With ``cache``, a document is built once per (map epoch, cluster epoch): a thousand
+    SDSs fetching a changed map cost one build, not a thousand. The cluster epoch is
+    part of the key because an SDS's address may change without a new map epoch.
+    """
     if not pools:
         return {}
+    out: dict[int, Any] = {}
+    missing = pools
+    if cache is not None:
+        cluster_epoch = await current(session)
+        missing = []
+        for p in pools:
+            hit = cache.get(p.id)
+            if hit is not None and hit[0] == (p.map_epoch, cluster_epoch):
+                out[p.id] = hit[1]
+            else:
+                missing.append(p)
+    if missing:
+        built = await _build(session, missing)
+        out.update(built)
+        if cache is not None:
+            for p in missing:
+                cache[p.id] = ((p.map_epoch, cluster_epoch), built[p.id])
+    return out
+
+
+async def _build(session: AsyncSession, pools: list[StoragePool]) -> dict[int, Any]:
     ids = [p.id for p in pools]
     dev_rows = (
-        (
-            await session.execute(
-                select(Device.id, Device.sds_id, Device.pool_id)
-                .where(Device.pool_id.in_(ids))
-                .order_by(Device.id)
-            )
+        await session.execute(
+            select(Device.id, Device.sds_id, Device.pool_id)
+            .where(Device.pool_id.in_(ids))
+            .order_by(Device.id)
         )
-        .tuples()
-        .all()
-    )
+    ).all()
     dev_sds = {d: sds for d, sds, _ in dev_rows}
     sds_rows = (
-        (
-            await session.execute(
-                select(Sds.id, Sds.address, Sds.data_port).where(Sds.id.in_(set(dev_sds.values())))
-            )
+        await session.execute(
+            select(Sds.id, Sds.address, Sds.data_port).where(Sds.id.in_(set(dev_sds.values())))
         )
-        .tuples()
-        .all()
-    )
+    ).all()
     sds_doc = {str(i): {"address": a, "data_port": p} for i, a, p in sds_rows}
     pgs: dict[int, list[dict[str, Any]]] = {i: [] for i in ids}
-    for row in (
-        await session.execute(
-            select(PlacementGroup)
-            .where(PlacementGroup.pool_id.in_(ids))
-            .order_by(PlacementGroup.pool_id, PlacementGroup.pg)
+    rows = await session.execute(
+        select(
+            PlacementGroup.pool_id,
+            PlacementGroup.pg,
+            PlacementGroup.primary_device_id,
+            PlacementGroup.secondary_device_id,
         )
-    ).scalars():
-        pgs[row.pool_id].append(
+        .where(PlacementGroup.pool_id.in_(ids))
+        .order_by(PlacementGroup.pool_id, PlacementGroup.pg)
+    )
+    for pool_id, pg, primary, secondary in rows:
+        pgs[pool_id].append(
             {
-                "pg": row.pg,
-                "primary": _copy(row.primary_device_id, dev_sds),
-                "secondary": _copy(row.secondary_device_id, dev_sds),
+                "pg": pg,
+                "primary": _copy(primary, dev_sds),
+                "secondary": _copy(secondary, dev_sds),
             }
         )
     out: dict[int, Any] = {}

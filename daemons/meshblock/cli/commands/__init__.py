@@ -8,6 +8,7 @@ from meshblock.cli.commands import (
     cluster,
     config,
     fault_sets,
+    lab,
     mappings,
     pools,
     protection_domains,
@@ -27,4 +28,5 @@ NOUNS: list[Callable[[Subparsers], None]] = [
     mappings.register,
     cluster.register,
     config.register,
+    lab.register,
 ]

@@ -6,6 +6,7 @@ from argparse import Namespace
 
 from meshblock.cli import values
 from meshblock.cli.client import JsonObject
+from meshblock.cli.commands import verify
 from meshblock.cli.context import Context
 from meshblock.cli.errors import NotFound, UsageError
 from meshblock.cli.output import rate, render_fields, render_table, size, timestamp
@@ -187,6 +188,8 @@ def register(root: Subparsers) -> None:
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument("--read-only", dest="access_mode", action="store_const", const="read_only")
     mode.add_argument("--read-write", dest="access_mode", action="store_const", const="read_write")
+
+    verify.register(sub)
 
 
 def create(ctx: Context, args: Namespace) -> None:

@@ -24,6 +24,7 @@ from meshblock.mdm.api.common import (
     ts,
 )
 from meshblock.mdm.capacity import PoolCapacity, pool_capacities
+from meshblock.mdm.context import ctx
 from meshblock.mdm.errors import Conflict, Invalid
 from meshblock.mdm.models import Device, ProtectionDomain, StoragePool, Volume
 from meshblock.mdm.routing import QueryParam, path_id, query_int
@@ -224,5 +225,5 @@ async def get_pgmap(request: web.Request) -> web.Response:
     await long_poll(request, map_epoch)
     async with reading(request) as s:
         pool = await get_or_404(s, StoragePool, pool_id, "storage pool")
-        docs = await pgmaps.map_documents(s, [pool])
+        docs = await pgmaps.map_documents(s, [pool], ctx(request).map_cache)
     return json(docs[pool.id])

@@ -218,22 +218,18 @@ async def sdc_maps(request: web.Request) -> web.Response:
         await get_or_404(s, Sdc, sdc_id, "SDC")
         epoch = await current(s)
         rows = (
-            (
-                await s.execute(
-                    select(Mapping, Volume)
-                    .join(Volume, Volume.id == Mapping.volume_id)
-                    .where(Mapping.sdc_id == sdc_id)
-                    .order_by(Volume.id)
-                )
+            await s.execute(
+                select(Mapping, Volume)
+                .join(Volume, Volume.id == Mapping.volume_id)
+                .where(Mapping.sdc_id == sdc_id)
+                .order_by(Volume.id)
             )
-            .tuples()
-            .all()
-        )
+        ).all()
         pool_ids = sorted({v.pool_id for _, v in rows})
         pools = list(
             (await s.execute(select(StoragePool).where(StoragePool.id.in_(pool_ids)))).scalars()
         )
-        maps = await pgmaps.map_documents(s, pools)
+        maps = await pgmaps.map_documents(s, pools, ctx(request).map_cache)
     return json(
         {
             "epoch": epoch,

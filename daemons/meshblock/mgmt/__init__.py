@@ -1,0 +1,1 @@
+"""meshblock-mgmt: the management service (dashboard, alert history, users)."""

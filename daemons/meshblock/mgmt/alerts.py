@@ -1,0 +1,476 @@
+"""The alert history: what the Alertmanager webhook stores, and what operators do to it.
+
+An Alertmanager alert is one occurrence of a label set: its ``fingerprint`` (a hash
+of the labels) and ``startsAt`` stay the same in every notification about it, from
+the first ``firing`` to the ``resolved``. So (fingerprint, startsAt) finds the row to
+update, and repeated or retried notifications never add a row.
+
+How an alert maps onto a row:
+
+- ``rule_id`` = the ``alertname`` label;
+- ``component_id`` = the first of the labels ``component_id``, ``sds``, ``sdc``,
+  ``pool``, ``device``, ``instance`` that is set (None without any);
+- ``severity`` = the ``severity`` label if it is info, warning, error or critical,
+  else ``warning``;
+- ``message`` = the ``summary`` annotation, then `` — `` and the ``description``
+  (either alone if only one is set; the alert name if neither is);
+- ``metric_value`` / ``threshold_value`` = the annotations ``value`` and
+  ``threshold`` when they hold numbers (rules may add them with ``{{ $value }}``);
+- ``fired_at`` = ``startsAt``; ``resolved_at`` = ``endsAt`` of the ``resolved``
+  notification; ``details_json`` = the whole alert as received, plus a ``silence``
+  entry once an operator silenced it here.
+
+Status: a new alert is ``active`` (or ``resolved`` when the first notification is
+already the resolution). An operator may acknowledge an active alert, silence an
+active or acknowledged one (``suppressed``), or resolve any open one. A ``resolved``
+notification closes the row whatever its status; later ``firing`` notifications of
+the same occurrence update the labels and the message but not a status set by hand.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import jsonschema_rs
+from sqlalchemy import ColumnElement, func, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from meshblock.mgmt.errors import BadRequest, Conflict, Invalid, NotFound
+from meshblock.mgmt.models import AlertHistory, AlertStatus, Severity, User, aware, utcnow
+
+MAX_ALERTS_PER_NOTIFICATION = 10_000
+MAX_LABEL_CHARS = 4096
+COMPONENT_LABELS = ("component_id", "sds", "sdc", "pool", "device", "instance")
+OPEN_STATUSES = (AlertStatus.ACTIVE, AlertStatus.ACKNOWLEDGED, AlertStatus.SUPPRESSED)
+
+_STRING_MAP = {
+    "type": "object",
+    "additionalProperties": {"type": "string", "maxLength": MAX_LABEL_CHARS},
+}
+
+WEBHOOK_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["version", "alerts"],
+    "properties": {
+        "version": {"const": "4"},
+        "status": {"enum": ["firing", "resolved"]},
+        "alerts": {
+            "type": "array",
+            "maxItems": MAX_ALERTS_PER_NOTIFICATION,
+            "items": {
+                "type": "object",
+                "required": ["status", "labels", "startsAt"],
+                "properties": {
+                    "status": {"enum": ["firing", "resolved"]},
+                    "labels": {
+                        **_STRING_MAP,
+                        "required": ["alertname"],
+                        "properties": {"alertname": {"type": "string", "minLength": 1}},
+                    },
+                    "annotations": _STRING_MAP,
+                    "startsAt": {"type": "string", "maxLength": 64},
+                    "endsAt": {"type": "string", "maxLength": 64},
+                    "fingerprint": {"type": "string", "minLength": 1, "maxLength": 64},
+                    "generatorURL": {"type": "string"},
+                },
+            },
+        },
+    },
+}
+
+_webhook_validator = jsonschema_rs.validator_for(WEBHOOK_SCHEMA)
+
+_RFC3339 = re.compile(r"^(\d{4}-\d\d-\d\d)[Tt ](\d\d:\d\d:\d\d)(?:\.(\d+))?([Zz]|[+-]\d\d:\d\d)$")
+
+
+def parse_time(text: str) -> dt.datetime:
+    """An RFC 3339 time (Go's, with up to nanoseconds) as an aware UTC datetime."""
+    m = _RFC3339.match(text.strip())
+    if m is None:
+        raise ValueError(f"not an RFC 3339 time: {text!r}")
+    date, clock, frac, zone = m.groups()
+    micro = (frac or "")[:6].ljust(6, "0")
+    zone = "+00:00" if zone in ("Z", "z") else zone
+    return dt.datetime.fromisoformat(f"{date}T{clock}.{micro}{zone}").astimezone(dt.UTC)
+
+
+def _is_unset(t: dt.datetime) -> bool:
+    return t.year <= 1  # Go's zero time, 0001-01-01T00:00:00Z
+
+
+def _number(text: str | None) -> float | None:
+    if text is None:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
+
+
+def fingerprint_of(labels: Mapping[str, str]) -> str:
+    """Alertmanager sends ``fingerprint``; this stands in for senders that do not."""
+    canonical = json.dumps(sorted(labels.items()), separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class IncomingAlert:
+    fingerprint: str
+    starts_at: dt.datetime
+    resolved: bool
+    ends_at: dt.datetime | None
+    rule_id: str
+    component_id: str | None
+    severity: Severity
+    message: str
+    metric_value: float | None
+    threshold_value: float | None
+    raw: dict[str, Any] = field(repr=False)
+
+
+def parse_notification(data: Any) -> list[IncomingAlert]:
+    """The alerts of a webhook body; Invalid (and nothing stored) if any is malformed."""
+    if not isinstance(data, dict):
+        raise BadRequest("the webhook body must be a JSON object")
+    errors = list(_webhook_validator.iter_errors(data))
+    if errors:
+        e = errors[0]
+        where = ".".join(str(p) for p in e.instance_path)
+        raise Invalid(f"{where}: {e.message}" if where else str(e.message))
+    out = []
+    for i, a in enumerate(data["alerts"]):
+        labels: dict[str, str] = a["labels"]
+        annotations: dict[str, str] = a.get("annotations") or {}
+        try:
+            starts = parse_time(a["startsAt"])
+            ends = parse_time(a["endsAt"]) if a.get("endsAt") else None
+        except ValueError as exc:
+            raise Invalid(f"alerts.{i}: {exc}") from None
+        if _is_unset(starts):
+            raise Invalid(f"alerts.{i}.startsAt: the alert has no start time")
+        if ends is not None and _is_unset(ends):
+            ends = None
+        severity = labels.get("severity", "").lower()
+        summary = annotations.get("summary", "").strip()
+        description = annotations.get("description", "").strip()
+        if summary and description and description != summary:
+            message = f"{summary} — {description}"
+        else:
+            message = summary or description or labels["alertname"]
+        out.append(
+            IncomingAlert(
+                fingerprint=a.get("fingerprint") or fingerprint_of(labels),
+                starts_at=starts,
+                resolved=a["status"] == "resolved",
+                ends_at=ends,
+                rule_id=labels["alertname"],
+                component_id=next((labels[k] for k in COMPONENT_LABELS if labels.get(k)), None),
+                severity=Severity(severity) if severity in set(Severity) else Severity.WARNING,
+                message=message,
+                metric_value=_number(annotations.get("value")),
+                threshold_value=_number(annotations.get("threshold")),
+                raw=a,
+            )
+        )
+    return out
+
+
+async def store(session: AsyncSession, alerts: Sequence[IncomingAlert]) -> list[str]:
+    """Insert or update a row per alert; return what was done to each (for metrics)."""
+    actions = []
+    for a in alerts:
+        row = (
+            await session.execute(
+                select(AlertHistory).where(
+                    AlertHistory.fingerprint == a.fingerprint,
+                    AlertHistory.fired_at == a.starts_at,
+                )
+            )
+        ).scalar_one_or_none()
+        if row is None:
+            row = AlertHistory(
+                fingerprint=a.fingerprint,
+                fired_at=a.starts_at,
+                status=AlertStatus.ACTIVE,
+                details_json={},
+            )
+            session.add(row)
+            actions.append("inserted")
+        else:
+            actions.append("updated")
+        row.rule_id = a.rule_id
+        row.component_id = a.component_id
+        row.severity = a.severity
+        row.message = a.message
+        row.metric_value = a.metric_value if a.metric_value is not None else row.metric_value
+        row.threshold_value = (
+            a.threshold_value if a.threshold_value is not None else row.threshold_value
+        )
+        details = dict(a.raw)
+        if "silence" in (row.details_json or {}):
+            details["silence"] = row.details_json["silence"]
+        row.details_json = details
+        if a.resolved and row.status != AlertStatus.RESOLVED:
+            row.status = AlertStatus.RESOLVED
+            row.resolved_at = a.ends_at or utcnow()
+        await session.flush()
+    return actions
+
+
+# -- reading ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AlertFilter:
+    statuses: tuple[AlertStatus, ...] = ()
+    severities: tuple[Severity, ...] = ()
+    rule_ids: tuple[str, ...] = ()
+    component_ids: tuple[str, ...] = ()
+    since: dt.datetime | None = None
+    until: dt.datetime | None = None
+
+    def conditions(self) -> list[ColumnElement[bool]]:
+        """The WHERE clauses of this filter (none: every alert)."""
+        out: list[ColumnElement[bool]] = []
+        if self.statuses:
+            out.append(AlertHistory.status.in_(self.statuses))
+        if self.severities:
+            out.append(AlertHistory.severity.in_(self.severities))
+        if self.rule_ids:
+            out.append(AlertHistory.rule_id.in_(self.rule_ids))
+        if self.component_ids:
+            out.append(AlertHistory.component_id.in_(self.component_ids))
+        if self.since is not None:
+            out.append(AlertHistory.fired_at >= self.since)
+        if self.until is not None:
+            out.append(AlertHistory.fired_at < self.until)
+        return out
+
+
+def _values(query: Mapping[str, str], getall: Any, name: str) -> list[str]:
+    out: list[str] = []
+    for raw in getall(name, []):
+        out += [v.strip() for v in raw.split(",") if v.strip()]
+    return out
+
+
+def _time_param(name: str, raw: str | None) -> dt.datetime | None:
+    if raw is None or raw == "":
+        return None
+    try:
+        seconds = float(raw)
+    except ValueError:
+        pass
+    else:
+        if not math.isfinite(seconds) or not 0 <= seconds < 253402300800:
+            raise BadRequest(f"query parameter {name} is out of range")
+        return dt.datetime.fromtimestamp(seconds, dt.UTC)
+    try:
+        return parse_time(raw)
+    except ValueError:
+        raise BadRequest(
+            f"query parameter {name} must be an RFC 3339 time (2026-01-31T12:00:00Z) or "
+            f"Unix seconds, got {raw!r}"
+        ) from None
+
+
+def parse_filter(query: Any) -> AlertFilter:
+    """An :class:`AlertFilter` from query parameters (a MultiDict); 400 when malformed.
+
+    ``status``, ``severity``, ``rule_id`` and ``component_id`` may repeat or hold
+    comma-separated values; ``since``/``until`` bound ``fired_at`` (since inclusive).
+    """
+    getall = query.getall
+    statuses, severities = [], []
+    for v in _values(query, getall, "status"):
+        if v not in set(AlertStatus):
+            raise BadRequest(
+                f"query parameter status must be one of {', '.join(AlertStatus)}, got {v!r}"
+            )
+        statuses.append(AlertStatus(v))
+    for v in _values(query, getall, "severity"):
+        if v not in set(Severity):
+            raise BadRequest(
+                f"query parameter severity must be one of {', '.join(Severity)}, got {v!r}"
+            )
+        severities.append(Severity(v))
+    since = _time_param("since", query.get("since"))
+    until = _time_param("until", query.get("until"))
+    if since is not None and until is not None and until < since:
+        raise BadRequest("query parameter until is before since")
+    return AlertFilter(
+        tuple(statuses),
+        tuple(severities),
+        tuple(_values(query, getall, "rule_id")),
+        tuple(_values(query, getall, "component_id")),
+        since,
+        until,
+    )
+
+
+def ts(t: dt.datetime | None) -> str | None:
+    t = aware(t)
+    return t.isoformat().replace("+00:00", "Z") if t is not None else None
+
+
+def to_json(row: AlertHistory, acknowledged_by: str | None) -> dict[str, Any]:
+    details = row.details_json or {}
+    return {
+        "id": row.id,
+        "rule_id": row.rule_id,
+        "component_id": row.component_id,
+        "status": row.status.value,
+        "severity": row.severity.value,
+        "message": row.message,
+        "metric_value": row.metric_value,
+        "threshold_value": row.threshold_value,
+        "fired_at": ts(row.fired_at),
+        "acknowledged_at": ts(row.acknowledged_at),
+        "acknowledged_by_user_id": row.acknowledged_by_user_id,
+        "acknowledged_by": acknowledged_by,
+        "resolved_at": ts(row.resolved_at),
+        "fingerprint": row.fingerprint,
+        "labels": details.get("labels", {}),
+        "annotations": details.get("annotations", {}),
+        "silence": details.get("silence"),
+        "details_json": details,
+    }
+
+
+_WITH_USER = select(AlertHistory, User.name).outerjoin(
+    User, User.id == AlertHistory.acknowledged_by_user_id
+)
+
+
+async def list_alerts(
+    session: AsyncSession, f: AlertFilter, limit: int, offset: int
+) -> tuple[list[dict[str, Any]], int]:
+    total = (
+        await session.execute(select(func.count()).select_from(AlertHistory).where(*f.conditions()))
+    ).scalar_one()
+    rows = await session.execute(
+        _WITH_USER.where(*f.conditions())
+        .order_by(AlertHistory.fired_at.desc(), AlertHistory.id.desc())
+        .limit(limit)
+        .offset(offset)
+    )
+    return [to_json(a, name) for a, name in rows], int(total)
+
+
+async def get_alert(session: AsyncSession, alert_id: int) -> dict[str, Any]:
+    row = (await session.execute(_WITH_USER.where(AlertHistory.id == alert_id))).first()
+    if row is None:
+        raise NotFound(f"no alert with id {alert_id}")
+    alert, name = row
+    return to_json(alert, name)
+
+
+async def counts(session: AsyncSession) -> dict[str, Any]:
+    """Alert counts by status and severity, and open alerts by severity."""
+    rows = (
+        await session.execute(
+            select(AlertHistory.status, AlertHistory.severity, func.count()).group_by(
+                AlertHistory.status, AlertHistory.severity
+            )
+        )
+    ).all()
+    by_status = dict.fromkeys((s.value for s in AlertStatus), 0)
+    by_severity = dict.fromkeys((s.value for s in Severity), 0)
+    open_by_severity = dict.fromkeys((s.value for s in Severity), 0)
+    matrix: dict[tuple[str, str], int] = {}
+    total = 0
+    for status, severity, n in rows:
+        by_status[status.value] += n
+        by_severity[severity.value] += n
+        if status in OPEN_STATUSES:
+            open_by_severity[severity.value] += n
+        matrix[(status.value, severity.value)] = n
+        total += n
+    return {
+        "total": total,
+        "open": sum(by_status[s.value] for s in OPEN_STATUSES),
+        "by_status": by_status,
+        "by_severity": by_severity,
+        "open_by_severity": open_by_severity,
+        "_matrix": matrix,
+    }
+
+
+async def top_rules(session: AsyncSession, since: dt.datetime, n: int = 10) -> list[Any]:
+    """The rules that fired most since ``since``: (rule_id, count, last fired_at)."""
+    rows = await session.execute(
+        select(AlertHistory.rule_id, func.count(), func.max(AlertHistory.fired_at))
+        .where(AlertHistory.fired_at >= since)
+        .group_by(AlertHistory.rule_id)
+        .order_by(func.count().desc(), AlertHistory.rule_id)
+        .limit(n)
+    )
+    return [(rule, count, aware(last)) for rule, count, last in rows]
+
+
+# -- operator actions ------------------------------------------------------------------
+
+
+async def _locked(session: AsyncSession, alert_id: int) -> AlertHistory:
+    row = (
+        await session.execute(
+            select(AlertHistory).where(AlertHistory.id == alert_id).with_for_update()
+        )
+    ).scalar_one_or_none()
+    if row is None:
+        raise NotFound(f"no alert with id {alert_id}")
+    return row
+
+
+async def acknowledge(session: AsyncSession, alert_id: int, user_id: int) -> AlertHistory:
+    row = await _locked(session, alert_id)
+    if row.status != AlertStatus.ACTIVE:
+        raise Conflict(
+            f"alert {alert_id} is {row.status.value}; only an active alert can be acknowledged",
+            {"status": row.status.value},
+        )
+    row.status = AlertStatus.ACKNOWLEDGED
+    row.acknowledged_at = utcnow()
+    row.acknowledged_by_user_id = user_id
+    return row
+
+
+async def resolve(session: AsyncSession, alert_id: int) -> AlertHistory:
+    row = await _locked(session, alert_id)
+    if row.status == AlertStatus.RESOLVED:
+        raise Conflict(f"alert {alert_id} is already resolved", {"status": row.status.value})
+    row.status = AlertStatus.RESOLVED
+    row.resolved_at = utcnow()
+    return row
+
+
+def check_silenceable(row: AlertHistory) -> None:
+    if row.status not in (AlertStatus.ACTIVE, AlertStatus.ACKNOWLEDGED):
+        raise Conflict(
+            f"alert {row.id} is {row.status.value}; only an active or acknowledged alert "
+            "can be silenced",
+            {"status": row.status.value},
+        )
+
+
+async def suppress(session: AsyncSession, alert_id: int, silence: dict[str, Any]) -> AlertHistory:
+    row = await _locked(session, alert_id)
+    check_silenceable(row)
+    row.status = AlertStatus.SUPPRESSED
+    row.details_json = {**(row.details_json or {}), "silence": silence}
+    return row
+
+
+async def alert_row(session: AsyncSession, alert_id: int) -> AlertHistory:
+    row = await session.get(AlertHistory, alert_id)
+    if row is None:
+        raise NotFound(f"no alert with id {alert_id}")
+    return row

@@ -1,0 +1,73 @@
+"""MGMT's aiohttp application factory."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+from aiohttp import web
+
+from meshblock.auth import Role, TokenTable
+from meshblock.mgmt import api, db, pages, rules
+from meshblock.mgmt.config import MgmtConfig
+from meshblock.mgmt.context import CTX, MgmtContext
+from meshblock.mgmt.errors import error_middleware
+from meshblock.mgmt.metrics import MgmtMetrics
+
+log = logging.getLogger(__name__)
+
+STATIC_DIR = Path(__file__).with_name("static")
+CONFIG = web.AppKey("meshblock_mgmt_config", MgmtConfig)
+USER_AGENT = "meshblock-mgmt"
+
+
+async def _context(app: web.Application) -> AsyncIterator[None]:
+    config = app[CONFIG]
+    engine = db.create_engine(config.database.url, config.database.echo)
+    try:
+        await db.migrate(engine)
+        async with aiohttp.ClientSession(
+            headers={"User-Agent": USER_AGENT}, trust_env=False
+        ) as http:
+            app[CTX] = MgmtContext(
+                config=config,
+                engine=engine,
+                sessions=db.session_factory(engine),
+                http=http,
+                templates=pages.templates(),
+                metrics=MgmtMetrics(),
+                webhook_tokens=TokenTable({Role.ADMIN: config.auth.webhook_token}),
+            )
+            log.info("alert history ready: %s", db.redact_url(config.database.url))
+            yield
+    finally:
+        await engine.dispose()
+
+
+async def _rule_sync(app: web.Application) -> AsyncIterator[None]:
+    c = app[CTX]
+    task = None
+    if c.config.prometheus.url:
+        task = asyncio.create_task(rules.run_periodic(c), name="rule-sync")
+    else:
+        log.info("no [prometheus] url: alert rules are not synced")
+    yield
+    if task is not None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+def create_app(config: MgmtConfig) -> web.Application:
+    app = web.Application(middlewares=[error_middleware(pages.error_page)], client_max_size=1 << 20)
+    app[CONFIG] = config
+    app.cleanup_ctx.append(_context)
+    app.cleanup_ctx.append(_rule_sync)
+    app.add_routes(api.routes)
+    app.add_routes(pages.routes)
+    app.router.add_static("/static/", STATIC_DIR, name="static")
+    return app

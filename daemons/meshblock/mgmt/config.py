@@ -1,0 +1,138 @@
+"""MGMT configuration (``/etc/meshblock/mgmt.toml``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+
+@dataclass(frozen=True)
+class HttpConfig:
+    """``[http]``: where the dashboard, the API and the webhook listen."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    """``[auth]``: the webhook credential and the web sessions.
+
+    ``webhook_token`` is the bearer token Alertmanager presents on
+    ``POST /api/alerts/webhook``; empty refuses every webhook call.
+    ``secure_cookies`` marks the session cookie ``Secure`` (set it when MGMT is
+    served over HTTPS, directly or behind a proxy).
+    """
+
+    webhook_token: str = ""
+    session_ttl_s: float = 12 * 3600.0
+    secure_cookies: bool = False
+
+    def __repr__(self) -> str:  # never print secrets, even in a traceback
+        return (
+            f"AuthConfig(webhook_token=***, session_ttl_s={self.session_ttl_s}, "
+            f"secure_cookies={self.secure_cookies})"
+        )
+
+
+@dataclass(frozen=True)
+class DatabaseConfig:
+    """``[database]``: the alert history and the users.
+
+    ``url`` is an SQLAlchemy async URL: ``sqlite+aiosqlite:///path/mgmt.db`` (default,
+    embedded, WAL mode) or ``postgresql+asyncpg://user:password@host/db``.
+    """
+
+    url: str = "sqlite+aiosqlite:///var/lib/meshblock/mgmt.db"
+    echo: bool = False
+
+    def __repr__(self) -> str:  # the URL may carry a password
+        from meshblock.mgmt.db import redact_url
+
+        return f"DatabaseConfig(url={redact_url(self.url)!r}, echo={self.echo})"
+
+
+@dataclass(frozen=True)
+class MdmConfig:
+    """``[mdm]``: where the MDM's open ``/health`` endpoints are (empty: not shown)."""
+
+    url: str = "http://127.0.0.1:6611"
+    timeout_s: float = 3.0
+
+
+@dataclass(frozen=True)
+class PrometheusConfig:
+    """``[prometheus]``: rules API (rule sync) and query API (dashboard charts)."""
+
+    url: str = "http://127.0.0.1:9090"
+    timeout_s: float = 5.0
+    rules_sync_interval_s: float = 300.0
+    chart_range_s: float = 3600.0
+    chart_step_s: float = 60.0
+
+
+@dataclass(frozen=True)
+class AlertmanagerConfig:
+    """``[alertmanager]``: where silences are created, and their default length."""
+
+    url: str = "http://127.0.0.1:9093"
+    timeout_s: float = 5.0
+    silence_duration_s: float = 3600.0
+    max_silence_duration_s: float = 30 * 86400.0
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    """``[logging]``."""
+
+    level: str = "INFO"
+
+
+def _check_url(key: str, url: str) -> None:
+    if not url:
+        return
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError(f"{key} must be an http:// or https:// URL, got {url!r}")
+
+
+@dataclass(frozen=True)
+class MgmtConfig:
+    http: HttpConfig = field(default_factory=HttpConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    database: DatabaseConfig = field(default_factory=DatabaseConfig)
+    mdm: MdmConfig = field(default_factory=MdmConfig)
+    prometheus: PrometheusConfig = field(default_factory=PrometheusConfig)
+    alertmanager: AlertmanagerConfig = field(default_factory=AlertmanagerConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def __post_init__(self) -> None:
+        if self.logging.level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            raise ValueError("logging.level must be DEBUG, INFO, WARNING or ERROR")
+        if not 0 < self.http.port < 65536:
+            raise ValueError("http.port must be between 1 and 65535")
+        _check_url("mdm.url", self.mdm.url)
+        _check_url("prometheus.url", self.prometheus.url)
+        _check_url("alertmanager.url", self.alertmanager.url)
+        for key, value in (
+            ("auth.session_ttl_s", self.auth.session_ttl_s),
+            ("mdm.timeout_s", self.mdm.timeout_s),
+            ("prometheus.timeout_s", self.prometheus.timeout_s),
+            ("prometheus.rules_sync_interval_s", self.prometheus.rules_sync_interval_s),
+            ("prometheus.chart_range_s", self.prometheus.chart_range_s),
+            ("prometheus.chart_step_s", self.prometheus.chart_step_s),
+            ("alertmanager.timeout_s", self.alertmanager.timeout_s),
+            ("alertmanager.silence_duration_s", self.alertmanager.silence_duration_s),
+            ("alertmanager.max_silence_duration_s", self.alertmanager.max_silence_duration_s),
+        ):
+            if value <= 0:
+                raise ValueError(f"{key} must be positive")
+        if self.prometheus.chart_range_s / self.prometheus.chart_step_s > 11000:
+            raise ValueError(
+                "prometheus.chart_range_s / chart_step_s must be at most 11000 points "
+                "(Prometheus's limit)"
+            )
+        if self.alertmanager.silence_duration_s > self.alertmanager.max_silence_duration_s:
+            raise ValueError(
+                "alertmanager.silence_duration_s must not exceed max_silence_duration_s"
+            )

@@ -1,0 +1,115 @@
+"""``alert_rules``: a copy of the alerting rules Prometheus has loaded.
+
+:func:`sync` replaces the table's content with what Prometheus's rules API answers
+(rows keyed by group and name are updated in place, rules that disappeared are
+deleted); :func:`run_periodic` does it every ``prometheus.rules_sync_interval_s``,
+and ``POST /api/rules/sync`` on demand.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import delete, select
+
+from meshblock.mgmt import prometheus
+from meshblock.mgmt.alerts import ts
+from meshblock.mgmt.context import MgmtContext
+from meshblock.mgmt.errors import Upstream
+from meshblock.mgmt.models import AlertRule, utcnow
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SyncResult:
+    total: int
+    added: int
+    updated: int
+    removed: int
+
+    def as_json(self) -> dict[str, int]:
+        return {
+            "total": self.total,
+            "added": self.added,
+            "updated": self.updated,
+            "removed": self.removed,
+        }
+
+
+async def sync(c: MgmtContext) -> SyncResult:
+    """Fetch the rules and store them; Upstream if Prometheus cannot be read."""
+    try:
+        fetched = await prometheus.alerting_rules(c.http, c.config.prometheus)
+    except Upstream:
+        c.metrics.rule_syncs.labels("error").inc()
+        raise
+    now = utcnow()
+    added = updated = 0
+    async with c.sessions() as s, s.begin():
+        existing = {
+            (r.group_name, r.name): r for r in (await s.execute(select(AlertRule))).scalars()
+        }
+        seen = set()
+        for info in fetched:
+            key = (info.group, info.name)
+            if key in seen:  # one rule name may repeat in a group; keep the first
+                continue
+            seen.add(key)
+            row = existing.get(key)
+            if row is None:
+                row = AlertRule(group_name=info.group, name=info.name)
+                s.add(row)
+                added += 1
+            else:
+                updated += 1
+            row.expression = info.expression
+            row.for_seconds = info.for_seconds
+            row.severity = info.severity
+            row.summary = info.summary
+            row.runbook_url = info.runbook_url
+            row.last_synced = now
+        gone = [r.id for k, r in existing.items() if k not in seen]
+        if gone:
+            await s.execute(delete(AlertRule).where(AlertRule.id.in_(gone)))
+    c.metrics.rule_syncs.labels("ok").inc()
+    c.metrics.rules.set(len(seen))
+    c.metrics.rule_sync_last_success.set(time.time())
+    result = SyncResult(len(seen), added, updated, len(gone))
+    log.info(
+        "alert rules synced from Prometheus: %d rules (%d added, %d removed)",
+        result.total,
+        result.added,
+        result.removed,
+    )
+    return result
+
+
+async def run_periodic(c: MgmtContext) -> None:
+    interval = c.config.prometheus.rules_sync_interval_s
+    while True:
+        try:
+            await sync(c)
+        except Upstream as exc:
+            log.warning("alert rule sync failed: %s", exc.message)
+        except Exception:
+            log.exception("alert rule sync failed")
+        await asyncio.sleep(interval)
+
+
+def to_json(r: AlertRule) -> dict[str, Any]:
+    return {
+        "id": r.id,
+        "name": r.name,
+        "group": r.group_name,
+        "expression": r.expression,
+        "for_seconds": r.for_seconds,
+        "severity": r.severity,
+        "summary": r.summary,
+        "runbook_url": r.runbook_url,
+        "last_synced": ts(r.last_synced),
+    }

@@ -1,0 +1,1 @@
+"""Operator tools that talk to the daemons directly (``replica_check``)."""

@@ -1,0 +1,260 @@
+"""A running cluster for tests: an MDM and SDS daemons, and where chunks live.
+
+- :class:`Cluster`: an MDM and its SDSs (see ``tests/_sds.py``), the pool's PG map;
+- :func:`route`: the primary and secondary SDS of a chunk by a map document;
+- :class:`LabCluster`: a whole cluster started with the real ``meshctl lab up``
+  (MDM, three SDSs, an SDC, volume ``vol1`` mapped), driven through meshctl.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import _http
+from _mdm import MdmDaemon
+from _sds import SdsDaemon
+from meshblock.chunks import pg_of
+
+LAB_PORTS = 9  # a lab uses ports BASE..BASE+8
+LAB_UP_TIMEOUT_S = 120.0
+
+
+@dataclass
+class Cluster:
+    mdm: MdmDaemon
+    sds: list[SdsDaemon]
+    pool_id: int
+    workdir: Path
+
+    @property
+    def secret(self) -> str:
+        return self.mdm.cluster_secret
+
+    def pgmap(self) -> dict[str, Any]:
+        status, doc = self.mdm.api().get(f"/api/v1/pools/{self.pool_id}/pgmap")
+        assert status == 200, doc
+        return dict(doc)
+
+    def by_id(self, doc: dict[str, Any]) -> dict[int, SdsDaemon]:
+        ports = {int(k): v["data_port"] for k, v in doc["sds"].items()}
+        return {i: s for i, port in ports.items() for s in self.sds if s.data_port == port}
+
+    def wait_epoch_everywhere(self, epoch: int, timeout: float = 15.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if all(
+                s.proc is not None
+                and s.proc.poll() is None
+                and s.health()["maps"].get(str(self.pool_id), 0) >= epoch
+                for s in self.sds
+            ):
+                return
+            time.sleep(0.05)
+        raise AssertionError(f"not every SDS reached map epoch {epoch}")
+
+
+@dataclass
+class Route:
+    """Where chunk ``chunk`` of ``volume`` lives according to a map document."""
+
+    pg: int
+    epoch: int
+    primary: SdsDaemon
+    secondary: SdsDaemon
+    others: list[SdsDaemon]
+
+
+def route(c: Cluster, doc: dict[str, Any], volume: int, chunk: int) -> Route:
+    pg = pg_of(volume, chunk, doc["pg_count"])
+    entry = doc["pgs"][pg]
+    ids = c.by_id(doc)
+    p, s = ids[entry["primary"]["sds_id"]], ids[entry["secondary"]["sds_id"]]
+    return Route(pg, doc["epoch"], p, s, [d for d in c.sds if d not in (p, s)])
+
+
+# -- the lab (``meshctl lab``) ---------------------------------------------------------
+
+
+def meshctl_command() -> list[str]:
+    """The installed ``meshctl`` next to this Python, else ``python -m meshblock.cli``."""
+    script = Path(sys.executable).parent / "meshctl"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "meshblock.cli"]
+
+
+def free_port_block(count: int = LAB_PORTS) -> int:
+    """A base port B such that B..B+count-1 are free on loopback right now.
+
+    Chosen at random below the ephemeral range (32768+), so that concurrent test runs
+    and outgoing connections rarely collide; the lab refuses busy ports clearly.
+    """
+    for _ in range(200):
+        base = random.randrange(20000, 32000 - count, 10)
+        socks: list[socket.socket] = []
+        try:
+            for port in range(base, base + count):
+                s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                socks.append(s)
+                s.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise AssertionError("no block of free ports found")
+
+
+class LabCluster:
+    """A lab started with the real ``meshctl lab up`` in ``root``, driven by meshctl.
+
+    ``meshctl(...)`` runs any command against the lab's MDM with its admin token and
+    cluster secret (what ``. DIR/env`` sets); ``lab(...)`` runs ``meshctl lab VERB
+    --dir root``. :meth:`cleanup` stops every process even when ``down`` fails.
+    """
+
+    def __init__(self, root: Path, volume_size: str = "4GiB", device_size: str = "16GiB") -> None:
+        self.root = root
+        self.volume_size = volume_size
+        self.device_size = device_size
+        self.base_port = free_port_block()
+        self.info: dict[str, Any] = {}
+
+    # -- running meshctl -----------------------------------------------------------
+
+    def env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MESHCTL_")}
+        env.pop("MESHBLOCK_LAB_DIR", None)
+        state = self.state()
+        if state is not None:
+            env["MESHCTL_MDM"] = state["mdm_url"]
+            env["MESHCTL_TOKEN"] = state["admin_token"]
+            env["MESHBLOCK_CLUSTER_SECRET_FILE"] = str(self.root / "cluster.secret")
+        return env
+
+    def meshctl(
+        self, *args: str, check: bool = True, timeout: float = 120
+    ) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run(
+            [*meshctl_command(), *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=self.env(),
+            stdin=subprocess.DEVNULL,
+        )
+        if check and proc.returncode != 0:
+            raise AssertionError(
+                f"meshctl {' '.join(args)} exited {proc.returncode}\n"
+                f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}\n{self.logs_tail()}"
+            )
+        return proc
+
+    def lab(self, verb: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return self.meshctl(
+            "lab", verb, "--dir", str(self.root), *args, check=check, timeout=LAB_UP_TIMEOUT_S
+        )
+
+    # -- life cycle ----------------------------------------------------------------
+
+    def up(self, *extra: str) -> dict[str, Any]:
+        proc = self.lab(
+            "up",
+            "--json",
+            "--base-port",
+            str(self.base_port),
+            "--volume-size",
+            self.volume_size,
+            "--device-size",
+            self.device_size,
+            *extra,
+        )
+        self.info = json.loads(proc.stdout)
+        return self.info
+
+    def status(self) -> tuple[int, dict[str, Any]]:
+        proc = self.lab("status", "--json", check=False)
+        return proc.returncode, json.loads(proc.stdout)
+
+    def down(self, *extra: str) -> subprocess.CompletedProcess[str]:
+        return self.lab("down", *extra)
+
+    def state(self) -> dict[str, Any] | None:
+        try:
+            doc: dict[str, Any] = json.loads((self.root / "lab.json").read_text())
+        except FileNotFoundError:
+            return None
+        return doc
+
+    def pids(self) -> dict[str, int]:
+        state = self.state()
+        return dict(state["pids"]) if state else {}
+
+    def cleanup(self) -> None:
+        """``lab down``; if that fails, SIGKILL whatever pids the state file names."""
+        pids = self.pids()
+        try:
+            if self.state() is not None:
+                self.down()
+        finally:
+            for pid in pids.values():
+                if process_running(pid):
+                    os.kill(pid, signal.SIGKILL)
+
+    def logs_tail(self, lines: int = 15) -> str:
+        out = []
+        for log in sorted((self.root / "logs").glob("*.log")):
+            text = log.read_text(errors="replace").splitlines()[-lines:]
+            out.append(f"--- {log} ---\n" + "\n".join(text))
+        return "\n".join(out)
+
+    # -- what it runs --------------------------------------------------------------
+
+    def uri(self, transport: str = "tcp", volume: str = "vol1") -> str:
+        ports = self.info["processes"][-1]["ports"] if self.info else None
+        if transport == "unix":
+            return f"nbd+unix:///{volume}?socket={self.root / 'nbd.sock'}"
+        assert ports is not None
+        return f"nbd://127.0.0.1:{ports['nbd']}/{volume}"
+
+    @property
+    def secret(self) -> str:
+        return (self.root / "cluster.secret").read_text().strip()
+
+    def api(self) -> _http.Api:
+        state = self.state()
+        assert state is not None
+        return _http.Api(state["mdm_url"], state["admin_token"])
+
+    def sdc_health(self) -> dict[str, Any]:
+        port = self.info["processes"][-1]["ports"]["control"]
+        r = _http.request("GET", f"http://127.0.0.1:{port}/health", timeout=5)
+        assert r.status == 200, r
+        return dict(r.body)
+
+    def wait_sdc(self, what: str, cond: Any, timeout: float = 15.0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while not cond(h := self.sdc_health()):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out waiting for {what}: {h}\n{self.logs_tail()}")
+            time.sleep(0.05)
+        return h
+
+
+def process_running(pid: int) -> bool:
+    """Whether ``pid`` exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    return stat[stat.rfind(b")") + 2 :][:1] not in (b"Z", b"X")

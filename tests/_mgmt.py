@@ -1,0 +1,400 @@
+"""The real MGMT service, Prometheus and Alertmanager as subprocesses, for tests.
+
+- :class:`MgmtDaemon` writes ``mgmt.toml``, creates users with the real
+  ``meshblock-mgmt user add`` / ``token add`` commands, starts
+  ``python -m meshblock.mgmt`` on a free loopback port and waits for ``/login``.
+- :class:`WebClient` is a browser stand-in: a cookie jar, no automatic redirects,
+  form posts, and :meth:`WebClient.login` that goes through the login form.
+- :class:`PrometheusServer` and :class:`AlertmanagerServer` run the Debian packages'
+  binaries on free ports with a minimal configuration in a temporary directory.
+  They raise :class:`ToolMissing` (tests fail on it, they do not skip) when the
+  binaries are not installed.
+"""
+
+from __future__ import annotations
+
+import http.cookiejar
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import IO, Any
+
+import _http
+from _mdm import dump_toml, merge
+from _ports import free_port
+
+START_TIMEOUT_S = 30.0
+STOP_TIMEOUT_S = 10.0
+INSTALL_HINT = "install it with `make deps` (as root: `apt-get install -y {pkg}`)"
+
+
+class ToolMissing(RuntimeError):
+    """A server binary the test needs is not installed."""
+
+
+class ServerError(AssertionError):
+    """A server did not start or stop as expected (the message has its log)."""
+
+
+class _Process:
+    """A subprocess with its output in a log file, started and stopped politely."""
+
+    name = "server"
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.log_path = workdir / f"{self.name}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def fail(self, what: str) -> ServerError:
+        return ServerError(f"{what}\n--- {self.log_path} ---\n{self.log_text()[-6000:]}")
+
+    def _spawn(self, argv: list[str], env: dict[str, str] | None = None) -> None:
+        assert self.proc is None or self.proc.poll() is not None, "already running"
+        self._close_log()
+        self._log = open(self.log_path, "ab")  # closed in _close_log()
+        self.proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            cwd=self.workdir,
+            env=env,
+        )
+
+    def _wait_ready(self, url: str, timeout: float = START_TIMEOUT_S) -> None:
+        assert self.proc is not None
+        deadline = time.monotonic() + timeout
+        last = "no answer"
+        while time.monotonic() < deadline:
+            rc = self.proc.poll()
+            if rc is not None:
+                self._close_log()
+                raise self.fail(f"{self.name} exited with code {rc} while starting")
+            try:
+                status = _http.request("GET", url, timeout=2).status
+                if status == 200:
+                    return
+                last = f"status {status}"
+            except OSError as exc:
+                last = repr(exc)
+            time.sleep(0.1)
+        self.kill()
+        raise self.fail(f"{self.name} was not ready after {timeout:.0f} s ({last})")
+
+    def stop(self, timeout: float = STOP_TIMEOUT_S) -> int:
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            rc = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise self.fail(f"{self.name} did not exit within {timeout:.0f} s of SIGTERM") from None
+        self._close_log()
+        return rc
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self._close_log()
+
+    def _close_log(self) -> None:
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+
+# -- MGMT ------------------------------------------------------------------------------
+
+
+class MgmtDaemon(_Process):
+    """One MGMT process with its config, users and credentials."""
+
+    name = "mgmt"
+
+    def __init__(
+        self,
+        workdir: Path,
+        db_url: str,
+        overrides: dict[str, dict[str, Any]] | None = None,
+    ) -> None:
+        super().__init__(workdir)
+        self.host = "127.0.0.1"
+        self.port = free_port(self.host)
+        self.webhook_token = "whk-" + secrets.token_urlsafe(24)
+        self.admin_password = "adm-" + secrets.token_urlsafe(12)
+        self.viewer_password = "vw-" + secrets.token_urlsafe(12)
+        self.admin_token = ""  # set by create_users()
+        self.viewer_token = ""
+        self.config_path = workdir / "mgmt.toml"
+        dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+        self.settings: dict[str, dict[str, Any]] = {
+            "http": {"host": self.host, "port": self.port},
+            "auth": {"webhook_token": self.webhook_token},
+            "database": {"url": db_url},
+            "mdm": {"url": dead, "timeout_s": 2.0},
+            "prometheus": {"url": dead, "timeout_s": 2.0, "rules_sync_interval_s": 3600.0},
+            "alertmanager": {"url": dead, "timeout_s": 5.0},
+            "logging": {"level": "INFO"},
+        }
+        merge(self.settings, overrides or {})
+        self.write_config()
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def write_config(self) -> None:
+        self.config_path.write_text(dump_toml(self.settings))
+
+    def cli(self, *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+        """Run ``meshblock-mgmt --config mgmt.toml ARGS`` and return the result."""
+        return subprocess.run(
+            [sys.executable, "-m", "meshblock.mgmt", "--config", str(self.config_path), *args],
+            input=stdin,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=self.workdir,
+        )
+
+    def create_users(self) -> None:
+        """Users ``admin`` and ``viewer`` and an API token for each, through the CLI."""
+        for name, role, password in (
+            ("admin", "admin", self.admin_password),
+            ("viewer", "viewer", self.viewer_password),
+        ):
+            r = self.cli("user", "add", name, "--role", role, stdin=password + "\n")
+            assert r.returncode == 0, f"user add {name}: {r.stdout}{r.stderr}"
+        self.admin_token = self.new_token("admin", "tests")
+        self.viewer_token = self.new_token("viewer", "tests")
+
+    def new_token(self, user: str, name: str) -> str:
+        r = self.cli("token", "add", user, name)
+        assert r.returncode == 0, f"token add: {r.stdout}{r.stderr}"
+        return r.stdout.strip()
+
+    def start(self, timeout: float = START_TIMEOUT_S) -> None:
+        self._spawn(
+            [
+                sys.executable,
+                "-W",
+                "error",
+                "-m",
+                "meshblock.mgmt",
+                "--config",
+                str(self.config_path),
+            ],
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        self._wait_ready(self.url + "/login", timeout)
+
+    def api(self, token: str | None = None) -> _http.Api:
+        return _http.Api(self.url, self.admin_token if token is None else token)
+
+    def webhook(self, payload: Any, token: str | None = None) -> _http.Response:
+        return _http.request(
+            "POST",
+            self.url + "/api/alerts/webhook",
+            payload,
+            token=self.webhook_token if token is None else token,
+        )
+
+    def assert_clean_log(self) -> None:
+        log = self.log_text()
+        for secret in (
+            self.webhook_token,
+            self.admin_password,
+            self.viewer_password,
+            self.admin_token,
+            self.viewer_token,
+        ):
+            if secret and secret in log:
+                raise ServerError(f"the MGMT log at {self.log_path} contains a secret")
+        if "Traceback" in log:
+            raise self.fail("the MGMT log has a traceback")
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+class WebClient:
+    """A browser stand-in: keeps cookies, shows redirects instead of following them."""
+
+    def __init__(self, base_url: str) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.jar = http.cookiejar.CookieJar()
+        self.opener = urllib.request.build_opener(
+            urllib.request.ProxyHandler({}),
+            urllib.request.HTTPCookieProcessor(self.jar),
+            _NoRedirect(),
+        )
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        form: dict[str, str] | None = None,
+        headers: dict[str, str] | None = None,
+        json_body: Any = None,
+    ) -> _http.Response:
+        data = None
+        hdrs = dict(headers or {})
+        if form is not None:
+            data = urllib.parse.urlencode(form).encode()
+            hdrs["Content-Type"] = "application/x-www-form-urlencoded"
+        elif json_body is not None:
+            data = json.dumps(json_body).encode()
+            hdrs["Content-Type"] = "application/json"
+        req = urllib.request.Request(self.base_url + path, data=data, headers=hdrs, method=method)
+        try:
+            with self.opener.open(req, timeout=30) as resp:
+                return _response(resp.status, resp.read(), dict(resp.headers))
+        except urllib.error.HTTPError as exc:
+            with exc:
+                return _response(exc.code, exc.read(), dict(exc.headers))
+
+    def get(self, path: str) -> _http.Response:
+        return self.request("GET", path)
+
+    def post(self, path: str, form: dict[str, str]) -> _http.Response:
+        return self.request("POST", path, form=form)
+
+    def cookie(self, name: str) -> http.cookiejar.Cookie | None:
+        return next((c for c in self.jar if c.name == name), None)
+
+    def login(self, user: str, password: str, next_: str = "/health") -> _http.Response:
+        page = self.get("/login?" + urllib.parse.urlencode({"next": next_}))
+        assert page.status == 200, page
+        token = form_value(page.body, "csrf_token")
+        return self.post(
+            "/login",
+            {"username": user, "password": password, "csrf_token": token, "next": next_},
+        )
+
+    def csrf_token(self) -> str:
+        """The session's CSRF token, as a page's forms carry it."""
+        page = self.get("/alerts")
+        assert page.status == 200, page
+        return form_value(page.body, "csrf_token")
+
+
+def _response(status: int, raw: bytes, headers: dict[str, str]) -> _http.Response:
+    ctype = headers.get("Content-Type", "")
+    body: Any = json.loads(raw) if "json" in ctype and raw else raw.decode(errors="replace")
+    return _http.Response(status, body, headers)
+
+
+def form_value(html: str, name: str) -> str:
+    m = re.search(rf'name="{re.escape(name)}" value="([^"]*)"', html)
+    assert m is not None, f"no form field {name} in the page"
+    return m.group(1)
+
+
+# -- Prometheus and Alertmanager -------------------------------------------------------
+
+
+def find_binary(names: tuple[str, ...], package: str) -> str:
+    for name in names:
+        path = shutil.which(name)
+        if path:
+            return path
+    raise ToolMissing(
+        f"{' or '.join(names)} not found: the tests need a real {package}; "
+        + INSTALL_HINT.format(pkg=package)
+    )
+
+
+class AlertmanagerServer(_Process):
+    """Alertmanager (Debian ``prometheus-alertmanager``) with a do-nothing receiver."""
+
+    name = "alertmanager"
+
+    def __init__(self, workdir: Path) -> None:
+        super().__init__(workdir)
+        self.binary = find_binary(
+            ("prometheus-alertmanager", "alertmanager"), "prometheus-alertmanager"
+        )
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        (workdir / "alertmanager.yml").write_text(
+            "route:\n  receiver: nobody\nreceivers:\n  - name: nobody\n"
+        )
+
+    def start(self) -> None:
+        self._spawn(
+            [
+                self.binary,
+                f"--config.file={self.workdir / 'alertmanager.yml'}",
+                f"--storage.path={self.workdir / 'data'}",
+                f"--web.listen-address=127.0.0.1:{self.port}",
+                "--cluster.listen-address=",  # no gossip: a single test instance
+                "--log.level=info",
+            ]
+        )
+        self._wait_ready(self.url + "/-/ready")
+
+    def silences(self) -> list[dict[str, Any]]:
+        status, body = _http.request("GET", self.url + "/api/v2/silences")
+        assert status == 200, body
+        assert isinstance(body, list)
+        return body
+
+
+class PrometheusServer(_Process):
+    """Prometheus (Debian ``prometheus``) with the given rule files and no scrapes."""
+
+    name = "prometheus"
+
+    def __init__(self, workdir: Path, rules: dict[str, str]) -> None:
+        super().__init__(workdir)
+        self.binary = find_binary(("prometheus",), "prometheus")
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        names = []
+        for filename, text in rules.items():
+            (workdir / filename).write_text(text)
+            names.append(str(workdir / filename))
+        (workdir / "prometheus.yml").write_text(
+            "global:\n  evaluation_interval: 1s\nrule_files:\n"
+            + "".join(f"  - {json.dumps(n)}\n" for n in names)
+        )
+
+    def start(self) -> None:
+        self._spawn(
+            [
+                self.binary,
+                f"--config.file={self.workdir / 'prometheus.yml'}",
+                f"--storage.tsdb.path={self.workdir / 'data'}",
+                f"--web.listen-address=127.0.0.1:{self.port}",
+                "--web.enable-lifecycle",
+            ]
+        )
+        self._wait_ready(self.url + "/-/ready")
+
+    def reload(self) -> None:
+        status, body = _http.request("POST", self.url + "/-/reload")
+        assert status == 200, body

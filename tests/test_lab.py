@@ -1,0 +1,153 @@
+"""``meshctl lab up | status | down`` through the real CLI, in a temporary directory.
+
+One lab is started, looked at, broken (an SDS killed), stopped, started again from
+its data, and purged; every step checks what an operator would rely on: the exit
+codes, the JSON documents, the files and their modes, that the volume is served over
+NBD, and that no process is left behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import stat
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from _cluster import LabCluster, process_running
+from test_nbd_server import qemu_io, run, tool
+
+NAMES = ["mdm", "sds1", "sds2", "sds3", "sdc1"]
+
+
+@pytest.fixture
+def lab(tmp_path: Path) -> Iterator[LabCluster]:
+    cluster = LabCluster(tmp_path / "lab", volume_size="2GiB", device_size="8GiB")
+    try:
+        yield cluster
+    finally:
+        cluster.cleanup()
+
+
+def wait_gone(pids: list[int], timeout: float = 5.0) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while (left := [p for p in pids if process_running(p)]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return left
+
+
+def test_up_status_down(lab: LabCluster) -> None:
+    info = lab.up()
+    root = lab.root
+    assert info["dir"] == str(root)
+    assert [p["name"] for p in info["processes"]] == NAMES
+    assert info["volume"] == {"name": "vol1", "size_bytes": 2 * 1024**3}
+    assert info["nbd"]["tcp"] == lab.uri("tcp")
+    assert info["nbd"]["unix"] == lab.uri("unix")
+    assert Path(info["env"]) == root / "env" and Path(info["logs"]) == root / "logs"
+
+    # Generated credentials and configs are private; every daemon has its log.
+    for path in [root / "env", root / "cluster.secret", root / "lab.json",
+                 *sorted((root / "config").glob("*.toml"))]:  # fmt: skip
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+    assert len(list((root / "config").glob("*.toml"))) == 5
+    assert {p.name for p in (root / "logs").iterdir()} == {f"{n}.log" for n in NAMES}
+    secret = lab.secret
+    assert len(secret) >= 24 and secret in (root / "config" / "mdm.toml").read_text()
+    env_text = (root / "env").read_text()
+    assert "MESHCTL_MDM=" in env_text and "MESHCTL_TOKEN=" in env_text
+
+    # status: every process alive and healthy, exit 0.
+    rc, doc = lab.status()
+    assert rc == 0, doc
+    assert doc["up"] is True
+    by_name = {p["name"]: p for p in doc["processes"]}
+    assert list(by_name) == NAMES
+    for p in doc["processes"]:
+        assert p["alive"] is True and process_running(p["pid"]), p
+        assert p["health"] in ("ok", "serving"), p
+    assert by_name["sds2"]["ports"]["data"] == lab.base_port + 3
+    text = lab.lab("status").stdout
+    assert "lab in" in text and ": up" in text and "sds3" in text
+
+    # The topology the lab built, seen through meshctl with the env it wrote.
+    topo = json.loads(lab.meshctl("topology", "--json").stdout)
+    (pd,) = topo["protection_domains"]
+    assert pd["name"] == "pd1"
+    assert sorted(fs["name"] for fs in pd["fault_sets"]) == ["fs1", "fs2", "fs3"]
+    assert all(len(fs["sds"]) == 1 and fs["sds"][0]["state"] == "connected"
+               for fs in pd["fault_sets"])  # fmt: skip
+    (pool,) = pd["pools"]
+    (vol,) = pool["volumes"]
+    assert pool["name"] == "sp1" and vol["name"] == "vol1"
+    assert [m["sdc_name"] for m in vol["mappings"]] == ["sdc1"]
+
+    # The volume is served over NBD, TCP and unix socket.
+    (export,) = json.loads(run(tool("nbdinfo"), "--json", lab.uri("tcp")).stdout)["exports"]
+    assert export["export-size"] == 2 * 1024**3
+    qemu_io(lab.uri("unix"), "write -P 0x3c 4095 70000")
+
+    # A second `up` is refused clearly while the lab runs.
+    again = lab.lab("up", "--base-port", str(lab.base_port), check=False)
+    assert again.returncode == 5, again
+    assert "already running" in again.stderr and "lab down" in again.stderr
+
+    # One SDS killed: status exits 1 and says which.
+    victim = by_name["sds2"]["pid"]
+    os.kill(victim, signal.SIGKILL)
+    assert not wait_gone([victim])
+    rc, doc = lab.status()
+    assert rc == 1
+    assert doc["up"] is False
+    states = {p["name"]: p["alive"] for p in doc["processes"]}
+    assert states == {"mdm": True, "sds1": True, "sds2": False, "sds3": True, "sdc1": True}
+    human = lab.lab("status", check=False)
+    assert human.returncode == 1 and "not running: sds2" in human.stdout
+
+    # down: SIGTERM to all, no process left, the data stays.
+    pids = [p["pid"] for p in doc["processes"] if p["alive"]]
+    out = lab.down().stdout
+    assert "stopped" in out and "data stays" in out
+    assert wait_gone(pids, timeout=1) == []
+    assert (root / "data" / "sds1" / "dev0.img").exists()
+    rc, doc = lab.status()
+    assert rc == 1 and not any(p["alive"] for p in doc["processes"])
+
+    # up again: the same cluster, its data kept.
+    lab.up()
+    rc, doc = lab.status()
+    assert rc == 0, doc
+    qemu_io(lab.uri("tcp"), "read -P 0x3c 4095 70000", "read -P 0 74095 4096", read_only=True)
+
+    # down --purge: nothing left, not even the directory; a second down is no error.
+    pids = [p["pid"] for p in doc["processes"]]
+    lab.down("--purge")
+    assert wait_gone(pids, timeout=1) == []
+    assert not root.exists()
+    assert "nothing to stop" in lab.down().stdout
+    rc, _ = lab.status()
+    assert rc == 4
+
+
+def test_force_restarts_afresh_and_foreign_dirs_are_refused(lab: LabCluster) -> None:
+    lab.up()
+    old_secret = lab.secret
+    old = lab.pids()
+    info = lab.up("--force")
+    assert wait_gone(list(old.values())) == []
+    assert lab.secret != old_secret, "--force must generate fresh credentials"
+    rc, _ = lab.status()
+    assert rc == 0
+    assert {p["name"]: p["pid"] for p in info["processes"]} == lab.pids()
+    lab.down("--purge")
+
+    # A directory that holds something else is never used (or later purged).
+    lab.root.mkdir()
+    (lab.root / "precious.txt").write_text("keep me")
+    proc = lab.lab("up", "--base-port", str(lab.base_port), check=False)
+    assert proc.returncode == 1 and "holds no lab" in proc.stderr, proc
+    assert (lab.root / "precious.txt").read_text() == "keep me"
