@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import delete, select
+from sqlalchemy import bindparam, delete, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from meshblock.mdm.epochs import current
@@ -34,42 +34,52 @@ async def pool_devices(session: AsyncSession, pool_id: int) -> list[DeviceInfo]:
 
 
 async def recompute(session: AsyncSession, pool: StoragePool) -> bool:
-    """Recompute and store ``pool``'s map; True when it changed."""
+    """Recompute and store ``pool``'s map; True when an assignment changed.
+
+    Rows are read as tuples and written with one executemany per kind of change:
+    a pool of 4096 PGs is recomputed without building 4096 ORM objects.
+    """
     devices = await pool_devices(session, pool.id)
-    rows = {
-        pg.pg: pg
-        for pg in (
-            await session.execute(select(PlacementGroup).where(PlacementGroup.pool_id == pool.id))
-        ).scalars()
-    }
-    previous = {n: (r.primary_device_id, r.secondary_device_id) for n, r in rows.items()}
+    rows = await session.execute(
+        select(
+            PlacementGroup.pg, PlacementGroup.primary_device_id, PlacementGroup.secondary_device_id
+        ).where(PlacementGroup.pool_id == pool.id)
+    )
+    previous: dict[int, PgAssignment] = {pg: (p, s) for pg, p, s in rows}
     new = compute_map(pool.pg_count, devices, previous)
     if await _holds_volumes(session, pool.id):
         new = _fill_only(previous, new, devices)
-    changed = False
     next_epoch = pool.map_epoch + 1
+    added, moved = [], []
     for n in range(pool.pg_count):
         primary, secondary = new.get(n, (None, None))
-        row = rows.get(n)
-        if row is None:
-            session.add(
-                PlacementGroup(
-                    pool_id=pool.id,
-                    pg=n,
-                    primary_device_id=primary,
-                    secondary_device_id=secondary,
-                    epoch=next_epoch,
-                )
-            )
-            changed = True
-        elif (row.primary_device_id, row.secondary_device_id) != (primary, secondary):
-            row.primary_device_id = primary
-            row.secondary_device_id = secondary
-            row.epoch = next_epoch
-            changed = True
+        row = {"b_pool": pool.id, "b_pg": n, "b_p": primary, "b_s": secondary, "b_e": next_epoch}
+        if n not in previous:
+            added.append(row)
+        elif previous[n] != (primary, secondary):
+            moved.append(row)
+    table = PlacementGroup.metadata.tables[PlacementGroup.__tablename__]
+    conn = await session.connection()
+    values: dict[str, Any] = {
+        "primary_device_id": bindparam("b_p"),
+        "secondary_device_id": bindparam("b_s"),
+        "epoch": bindparam("b_e"),
+    }
+    if added:
+        await conn.execute(
+            insert(table).values(pool_id=bindparam("b_pool"), pg=bindparam("b_pg"), **values),
+            added,
+        )
+    if moved:
+        await conn.execute(
+            update(table)
+            .where(table.c.pool_id == bindparam("b_pool"), table.c.pg == bindparam("b_pg"))
+            .values(**values),
+            moved,
+        )
     pool.map_epoch = next_epoch
     await session.flush()
-    return changed
+    return bool(added or moved)
 
 
 async def _holds_volumes(session: AsyncSession, pool_id: int) -> bool:
