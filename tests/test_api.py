@@ -12,6 +12,7 @@ import json
 import threading
 import time
 import urllib.request
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -50,9 +51,42 @@ def unchanged(api: Api, resp: Any, status: int, code: str) -> dict[str, Any]:
     return e
 
 
+class Heartbeats:
+    """Heartbeats once a second for the SDSs in ``ids``, as their daemons would send."""
+
+    def __init__(self, api: Api, secret: str) -> None:
+        self.api, self.secret = api, secret
+        self.ids: set[int] = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def beat_now(self) -> None:
+        for i in sorted(self.ids):
+            self.api("POST", f"/api/v1/sds/{i}/heartbeat", {}, token=self.secret)
+
+    def _run(self) -> None:
+        while not self._stop.wait(1.0):
+            self.beat_now()
+
+    def __enter__(self) -> Heartbeats:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+
 @pytest.fixture(scope="module")
-def topo(api: Api) -> dict[str, Any]:
-    """The base topology: pd1, fs1..fs3, sds1..sds3 (one 100 GiB device each), sp1."""
+def heartbeats(api: Api, mdm: MdmDaemon) -> Iterator[Heartbeats]:
+    with Heartbeats(api, mdm.cluster_secret) as hb:
+        yield hb
+
+
+@pytest.fixture(scope="module")
+def topo(api: Api, heartbeats: Heartbeats) -> dict[str, Any]:
+    """The base topology: pd1, fs1..fs3, sds1..sds3 (one 100 GiB device each, sending
+    heartbeats), sp1."""
     t: dict[str, Any] = {}
     t["pd"] = ok(api("POST", "/api/v1/protection-domains", {"name": "pd1"}), 201)
     pd_id = t["pd"]["id"]
@@ -95,6 +129,8 @@ def topo(api: Api) -> dict[str, Any]:
         for i in (1, 2, 3)
     ]
     t["sdc"] = ok(api("POST", "/api/v1/sdc", {"guid": "guid-host1", "name": "host1"}), 201)
+    heartbeats.ids.update(x["id"] for x in t["sds"])
+    heartbeats.beat_now()
     return t
 
 
@@ -701,35 +737,65 @@ def pg_states(api: Api) -> dict[str, float]:
     }
 
 
-def test_pg_states_follow_sds_heartbeats(api: Api, mdm: MdmDaemon, topo: dict[str, Any]) -> None:
-    """PGs are clean while both SDSs beat, degraded when one goes quiet."""
+def test_sds_failure_degrades_its_pgs(
+    api: Api, mdm: MdmDaemon, topo: dict[str, Any], heartbeats: Heartbeats
+) -> None:
+    """An SDS that stops heartbeating loses its primaries: its PGs become degraded with
+    the other copy as primary, in a new map epoch; they stay degraded when it returns
+    (its copies are stale until resynchronised)."""
     ids = [s["id"] for s in topo["sds"]]
+    pool_id = topo["pool"]["id"]
 
-    def beat(which: list[int]) -> None:
-        for i in which:
-            ok(api("POST", f"/api/v1/sds/{i}/heartbeat", {}, token=mdm.cluster_secret))
+    def pgmap() -> dict[str, Any]:
+        m: dict[str, Any] = ok(
+            api("GET", f"/api/v1/pools/{pool_id}/pgmap", token=mdm.cluster_secret)
+        )
+        return m
 
-    beat(ids)
+    heartbeats.beat_now()
+    before = pgmap()
     assert pg_states(api) == {"clean": 64, "degraded": 0, "inactive": 0}
-    health = ok(api("GET", "/health", token=None))
-    assert health["status"] == "ok"
-    deadline = time.monotonic() + 15  # the fixture's heartbeat timeout is 5 s
+    assert {pg["state"] for pg in before["pgs"]} == {"clean"}
+    assert ok(api("GET", "/health", token=None))["status"] == "ok"
+    with_sds1 = {
+        pg["pg"]
+        for pg in before["pgs"]
+        if ids[0] in (pg["primary"]["sds_id"], pg["secondary"]["sds_id"])
+    }
+    heartbeats.ids.discard(ids[0])  # sds1 goes quiet
+    deadline = time.monotonic() + 20  # the fixture's heartbeat timeout is 5 s
     while time.monotonic() < deadline:
-        beat(ids[1:])
-        states = pg_states(api)
-        if states["degraded"]:
+        if pg_states(api)["degraded"]:
             break
         time.sleep(0.5)
-    m = ok(api("GET", f"/api/v1/pools/{topo['pool']['id']}/pgmap", token=mdm.cluster_secret))
-    with_sds1 = sum(
-        ids[0] in (pg["primary"]["sds_id"], pg["secondary"]["sds_id"]) for pg in m["pgs"]
-    )
-    assert states == {"clean": 64 - with_sds1, "degraded": with_sds1, "inactive": 0}
+    after = pgmap()
+    assert after["epoch"] > before["epoch"]
+    assert pg_states(api) == {
+        "clean": 64 - len(with_sds1),
+        "degraded": len(with_sds1),
+        "inactive": 0,
+    }
+    for old, new in zip(before["pgs"], after["pgs"], strict=True):
+        if old["pg"] not in with_sds1:
+            assert new == old
+            continue
+        assert new["state"] == "degraded"
+        assert new["primary"]["sds_id"] != ids[0]  # the surviving copy serves
+        assert new["secondary"]["sds_id"] == ids[0]  # the stale one, kept for resync
+        assert {new["primary"]["device_id"], new["secondary"]["device_id"]} == {
+            old["primary"]["device_id"],
+            old["secondary"]["device_id"],
+        }
     assert ok(api("GET", f"/api/v1/sds/{ids[0]}"))["state"] == "disconnected"
-    assert ok(api("GET", "/health", token=None))["status"] == "degraded"
-    assert ok(api("GET", "/health/metrics", token=None))["pgs_degraded"] == with_sds1
-    beat(ids)
-    assert pg_states(api)["clean"] == 64
+    health = ok(api("GET", "/health", token=None))
+    assert health["status"] == "degraded"
+    assert ok(api("GET", "/health/metrics", token=None))["pgs_degraded"] == len(with_sds1)
+    # sds1 returns: its copies are stale, so its PGs stay degraded (invariant 4).
+    heartbeats.ids.add(ids[0])
+    heartbeats.beat_now()
+    time.sleep(2.5)
+    assert pgmap()["pgs"] == after["pgs"]
+    assert pg_states(api)["degraded"] == len(with_sds1)
 
 
 def test_sigterm_answers_waiting_long_polls(tmp_path: Any) -> None:

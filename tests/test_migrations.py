@@ -203,3 +203,39 @@ def test_daemon_starts_on_a_migrated_database_and_restarts(empty_db: str, tmp_pa
         daemon.kill()
     assert run_sync(empty_db, current_revision) == head_revision()
     daemon.assert_no_secrets_in_log()
+
+
+def test_upgrade_from_0001_keeps_data_and_marks_pgs_clean(empty_db: str) -> None:
+    """An MDM of the first release left a pool with a PG map: the upgrade keeps it and
+    every PG starts clean."""
+    from alembic import command
+
+    def to_0001(conn: Connection) -> None:
+        cfg = alembic_config()
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "0001")
+        conn.execute(text("INSERT INTO protection_domains (name) VALUES ('pd1')"))
+        conn.execute(
+            text(
+                "INSERT INTO storage_pools (name, protection_domain_id, pg_count, "
+                "allocation_granularity_bytes, spare_percent, rebuild_bandwidth_mibps, "
+                "rebuild_concurrency, rebalance_bandwidth_mibps, rebalance_concurrency, "
+                "capacity_alert_high_percent, capacity_alert_critical_percent, map_epoch) "
+                "VALUES ('sp1', 1, 2, 1073741824, 10, 0, 4, 50, 2, 80, 90, 3)"
+            )
+        )
+        conn.execute(
+            text("INSERT INTO placement_groups (pool_id, pg, epoch) VALUES (1, 0, 3), (1, 1, 3)")
+        )
+
+    run_sync(empty_db, to_0001)
+    assert run_sync(empty_db, current_revision) == "0001"
+    with_engine(empty_db, migrate)
+    assert run_sync(empty_db, current_revision) == head_revision()
+    rows = run_sync(
+        empty_db,
+        lambda c: c.execute(text("SELECT pg, state FROM placement_groups ORDER BY pg")).all(),
+    )
+    assert [tuple(r) for r in rows] == [(0, "clean"), (1, "clean")]
+    pools = run_sync(empty_db, lambda c: c.execute(text("SELECT name FROM storage_pools")).all())
+    assert [r[0] for r in pools] == ["sp1"]

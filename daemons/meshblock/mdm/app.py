@@ -19,6 +19,7 @@ from meshblock.mdm.config import MdmConfig
 from meshblock.mdm.context import CTX, MdmContext
 from meshblock.mdm.epochs import CLUSTER_ROW_ID, EpochNotifier
 from meshblock.mdm.errors import Forbidden, Handler, Unauthorized, error_middleware
+from meshblock.mdm.failures import FailureDetector
 from meshblock.mdm.health import setup_metrics
 from meshblock.mdm.liveness import Liveness
 from meshblock.mdm.models import Cluster
@@ -101,13 +102,22 @@ async def _store(app: web.Application) -> AsyncIterator[None]:
         await engine.dispose()
 
 
-async def _heartbeat_writer(app: web.Application) -> AsyncIterator[None]:
+async def _background(app: web.Application) -> AsyncIterator[None]:
+    """The heartbeat writer and the failure detector, cancelled and awaited on exit."""
     c = app[CTX]
-    task = asyncio.create_task(c.liveness.run(c.sessions), name="heartbeat-writer")
+    detector = FailureDetector(
+        c.sessions, c.liveness, c.notifier, c.config.cluster.heartbeat_timeout_s
+    )
+    tasks = [
+        asyncio.create_task(c.liveness.run(c.sessions), name="heartbeat-writer"),
+        asyncio.create_task(detector.run(), name="failure-detector"),
+    ]
     yield
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
     await c.liveness.flush(c.sessions)
 
 
@@ -126,7 +136,7 @@ def create_app(config: MdmConfig) -> web.Application:
     )
     app[CONFIG] = config
     app.cleanup_ctx.append(_store)
-    app.cleanup_ctx.append(_heartbeat_writer)
+    app.cleanup_ctx.append(_background)
     app.on_shutdown.append(_end_long_polls)
     routes.add_to(app)
     app[openapi.OPENAPI] = openapi.build(routes.specs)

@@ -10,7 +10,6 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
-from sqlalchemy.orm import aliased
 
 import meshblock
 from meshblock.auth import Role
@@ -21,9 +20,9 @@ from meshblock.mdm.context import CTX, MdmContext, ctx
 from meshblock.mdm.epochs import current
 from meshblock.mdm.liveness import utcnow
 from meshblock.mdm.models import (
-    Device,
     FaultSet,
     Mapping,
+    PgState,
     PlacementGroup,
     ProtectionDomain,
     Sdc,
@@ -64,20 +63,18 @@ async def _counts(request: web.Request) -> dict[str, Any]:
                 )
             )
         ).all()
-        primary, secondary = aliased(Device), aliased(Device)
         pg_rows = (
             await s.execute(
-                select(PlacementGroup.pool_id, primary.sds_id, secondary.sds_id)
-                .outerjoin(primary, primary.id == PlacementGroup.primary_device_id)
-                .outerjoin(secondary, secondary.id == PlacementGroup.secondary_device_id)
+                select(PlacementGroup.pool_id, PlacementGroup.state, func.count()).group_by(
+                    PlacementGroup.pool_id, PlacementGroup.state
+                )
             )
         ).all()
         epoch = await current(s)
     connected = {i for i, *_ in sds_rows if live.state("sds", i) == "connected"}
     pg_states: dict[int, dict[str, int]] = {p.id: dict.fromkeys(PG_STATES, 0) for p, _ in pools}
-    for pool_id, a, b in pg_rows:
-        alive = (a in connected) + (b in connected)
-        pg_states[pool_id][PG_STATES[2 - alive]] += 1
+    for pool_id, state, count in pg_rows:
+        pg_states[pool_id][state.value] += count
     sdc_connected = {i for i, _ in sdc_rows if live.state("sdc", i) == "connected"}
     return {
         **n,
@@ -98,8 +95,7 @@ async def _counts(request: web.Request) -> dict[str, Any]:
     }
 
 
-# A PG is clean with both copies on connected SDSs, degraded with one, inactive with none.
-PG_STATES = ("clean", "degraded", "inactive")
+PG_STATES = tuple(state.value for state in PgState)
 
 
 @routes.route(
@@ -108,11 +104,13 @@ PG_STATES = ("clean", "degraded", "inactive")
     role=Role.NONE,
     tag=TAG,
     response="Health",
-    summary="Liveness and a one-word status (ok, or degraded when an SDS is down)",
+    summary="Liveness and a one-word status: ok, or degraded when an SDS is down or a PG "
+    "is not clean",
 )
 async def health(request: web.Request) -> web.Response:
     n = await _counts(request)
-    status = "ok" if n["sds_connected"] == n["sds_total"] else "degraded"
+    healthy = n["sds_connected"] == n["sds_total"] and not (n["pgs_degraded"] or n["pgs_inactive"])
+    status = "ok" if healthy else "degraded"
     return json(
         {
             "status": status,

@@ -52,6 +52,19 @@ class VolumeType(enum.StrEnum):
     THICK = "thick"
 
 
+class PgState(enum.StrEnum):
+    """Where a PG stands (see docs/mdm.md, "Failures").
+
+    ``clean``: both copies in sync on connected SDSs. ``degraded``: the primary is the
+    one copy that takes IO; the secondary is stale (its SDS is down, or back but not
+    yet resynchronised). ``inactive``: no copy can serve; IO waits.
+    """
+
+    CLEAN = "clean"
+    DEGRADED = "degraded"
+    INACTIVE = "inactive"
+
+
 class AccessMode(enum.StrEnum):
     READ_WRITE = "read_write"
     READ_ONLY = "read_only"
@@ -234,6 +247,9 @@ class PlacementGroup(Base):
     primary_device_id: Mapped[int | None] = mapped_column(ForeignKey("devices.id"))
     secondary_device_id: Mapped[int | None] = mapped_column(ForeignKey("devices.id"))
     epoch: Mapped[int] = mapped_column(BigInteger, default=0)
+    state: Mapped[PgState] = mapped_column(
+        _enum(PgState, "pg_state"), default=PgState.CLEAN, server_default=PgState.CLEAN.value
+    )
 
 
 class VolumeUsage(Base):

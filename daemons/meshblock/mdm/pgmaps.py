@@ -19,7 +19,7 @@ from sqlalchemy import bindparam, delete, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from meshblock.mdm.epochs import current
-from meshblock.mdm.models import Device, PlacementGroup, Sds, StoragePool, Volume
+from meshblock.mdm.models import Device, PgState, PlacementGroup, Sds, StoragePool, Volume
 from meshblock.mdm.placement import DeviceInfo, PgAssignment, compute_map
 
 
@@ -47,13 +47,23 @@ async def recompute(session: AsyncSession, pool: StoragePool) -> bool:
     )
     previous: dict[int, PgAssignment] = {pg: (p, s) for pg, p, s in rows}
     new = compute_map(pool.pg_count, devices, previous)
-    if await _holds_volumes(session, pool.id):
+    has_data = await _holds_volumes(session, pool.id)
+    if has_data:
         new = _fill_only(previous, new, devices)
+    # A copy placed anew next to one holding data is empty until a rebuild fills it.
+    filled_state = PgState.DEGRADED if has_data else PgState.CLEAN
     next_epoch = pool.map_epoch + 1
     added, moved = [], []
     for n in range(pool.pg_count):
         primary, secondary = new.get(n, (None, None))
-        row = {"b_pool": pool.id, "b_pg": n, "b_p": primary, "b_s": secondary, "b_e": next_epoch}
+        row = {
+            "b_pool": pool.id,
+            "b_pg": n,
+            "b_p": primary,
+            "b_s": secondary,
+            "b_e": next_epoch,
+            "b_state": filled_state if n in previous else PgState.CLEAN,
+        }
         if n not in previous:
             added.append(row)
         elif previous[n] != (primary, secondary):
@@ -64,6 +74,7 @@ async def recompute(session: AsyncSession, pool: StoragePool) -> bool:
         "primary_device_id": bindparam("b_p"),
         "secondary_device_id": bindparam("b_s"),
         "epoch": bindparam("b_e"),
+        "state": bindparam("b_state"),
     }
     if added:
         await conn.execute(
@@ -180,16 +191,18 @@ async def _build(session: AsyncSession, pools: list[StoragePool]) -> dict[int, A
             PlacementGroup.pg,
             PlacementGroup.primary_device_id,
             PlacementGroup.secondary_device_id,
+            PlacementGroup.state,
         )
         .where(PlacementGroup.pool_id.in_(ids))
         .order_by(PlacementGroup.pool_id, PlacementGroup.pg)
     )
-    for pool_id, pg, primary, secondary in rows:
+    for pool_id, pg, primary, secondary, state in rows:
         pgs[pool_id].append(
             {
                 "pg": pg,
                 "primary": _copy(primary, dev_sds),
                 "secondary": _copy(secondary, dev_sds),
+                "state": state.value,
             }
         )
     out: dict[int, Any] = {}
