@@ -629,7 +629,8 @@ class NbdConnection(asyncio.BufferedProtocol):
         try:
             if cmd == Cmd.READ:
                 chunks = await backend.read(offset, length)
-                if sum(len(c) for c in chunks) != length:
+                got = len(chunks[0]) if len(chunks) == 1 else sum(map(len, chunks))
+                if got != length:
                     raise RuntimeError(f"backend returned a short read at {offset}+{length}")
             elif cmd == Cmd.WRITE:
                 assert data is not None

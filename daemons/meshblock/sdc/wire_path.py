@@ -109,13 +109,30 @@ class WireDataPath:
         except WireError as exc:
             raise classify(exc) from exc
 
+    # READ and WRITE are the hot path: the open connection is looked up without an
+    # extra coroutine, and the call is awaited directly.
+
     async def read(self, sds: SdsEndpoint, ref: ChunkRef, offset: int, length: int) -> Chunk:
-        return await self._do(sds, lambda c: c.read(*ref, offset, length))
+        client = self._clients.get((sds.address, sds.data_port))
+        if client is None or client.closed:
+            client = await self._client(sds)
+        pool, pg, epoch, volume, chunk = ref
+        try:
+            return await client.read(pool, pg, epoch, volume, chunk, offset, length)
+        except WireError as exc:
+            raise classify(exc) from exc
 
     async def write(
         self, sds: SdsEndpoint, ref: ChunkRef, offset: int, data: memoryview, *, fua: bool
     ) -> None:
-        await self._do(sds, lambda c: c.write(*ref, offset, data, fua=fua))
+        client = self._clients.get((sds.address, sds.data_port))
+        if client is None or client.closed:
+            client = await self._client(sds)
+        pool, pg, epoch, volume, chunk = ref
+        try:
+            await client.write(pool, pg, epoch, volume, chunk, offset, data, fua=fua)
+        except WireError as exc:
+            raise classify(exc) from exc
 
     async def write_zeroes(
         self, sds: SdsEndpoint, ref: ChunkRef, offset: int, length: int, *, fua: bool

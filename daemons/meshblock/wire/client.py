@@ -7,8 +7,15 @@
 
 One connection carries many requests at once (up to ``MAX_IN_FLIGHT``; further
 callers wait for a free slot): call the methods from as many coroutines as you like.
-Requests queued in one event-loop pass leave in one socket write. Replies arrive in
-any order and are matched by request id.
+Replies arrive in any order and are matched by request id.
+
+Sending is batched. Requests queued in one event-loop pass leave in one socket write;
+and a request without a large payload that finds earlier requests of the connection
+still unanswered on the wire waits for the next reply (or ``COALESCE_S``) and leaves
+together with the requests queued meanwhile. Under load this turns one small write,
+and one wake-up of the SDS, per request into one per batch: on a busy host each
+socket write that wakes a sleeping peer costs tens of microseconds
+(docs/performance.md). A request on an idle connection leaves at once.
 
 Errors (every one has ``retriable``):
 
@@ -42,7 +49,7 @@ import time
 from typing import Any, Final, NamedTuple
 
 from meshblock.chunks import CHUNK_SIZE
-from meshblock.wire.framing import Buffer, FramedConnection
+from meshblock.wire.framing import BIG_PART, Buffer, FramedConnection
 from meshblock.wire.handshake import (
     SERVER_HELLO,
     SERVER_RESULT,
@@ -71,6 +78,9 @@ log = logging.getLogger(__name__)
 ZEROES: Final = memoryview(bytes(CHUNK_SIZE))
 _HOLE: Final = int(ReplyFlag.HOLE)
 _FUA: Final = int(ReqFlag.FUA)
+#: The longest a small request waits for a reply to leave with (the event loop's
+#: timers resolve to about 1 ms, so in practice up to that).
+COALESCE_S: Final = 0.0005
 
 
 class WireError(Exception):
@@ -124,6 +134,32 @@ class _Protocol(FramedConnection):
         self.last_rx = time.monotonic()
         # callers waiting for a free in-flight slot
         self.waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._unsent = 0  # requests queued in _out, not written yet
+        self._coalesce: asyncio.TimerHandle | None = None
+
+    def send_request(self, header: bytes, payload: Buffer | None) -> None:
+        """Queue one request (already in ``pending``); see the module doc on batching."""
+        out = self._out
+        out.append(header)
+        if payload is not None:
+            out.append(payload)
+        self._unsent += 1
+        if self._flush_pending:
+            return
+        if (payload is None or len(payload) < BIG_PART) and len(self.pending) > self._unsent:
+            # Replies are due: leave with the next one (buffer_updated) or the timer.
+            if self._coalesce is None:
+                self._coalesce = self._loop.call_later(COALESCE_S, self._flush)
+            return
+        self._flush_pending = True
+        self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        if self._coalesce is not None:
+            self._coalesce.cancel()
+            self._coalesce = None
+        self._unsent = 0
+        super()._flush()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -133,6 +169,10 @@ class _Protocol(FramedConnection):
     def buffer_updated(self, nbytes: int) -> None:
         self.last_rx = time.monotonic()
         super().buffer_updated(nbytes)
+        if self._unsent and not self._flush_pending:
+            # Replies came: the requests that waited for them leave now.
+            self._flush_pending = True
+            self._loop.call_soon(self._flush)
 
     def _on_message(self, msg: memoryview) -> None:
         hs = self._handshake
@@ -173,6 +213,9 @@ class _Protocol(FramedConnection):
         self._fail_all(exc or ConnectionResetError("connection closed by the server"))
 
     def _fail_all(self, cause: BaseException) -> None:
+        if self._coalesce is not None:
+            self._coalesce.cancel()
+            self._coalesce = None
         if self.lost is None:
             lost = ConnectionLost(f"data connection to {self.peer} lost: {cause}")
             lost.__cause__ = cause
@@ -439,13 +482,12 @@ class WireClient:
             p.last_rx = time.monotonic()
         fut: asyncio.Future[tuple[int, int, int, memoryview]] = p._loop.create_future()
         p.pending[rid] = fut
-        p.send(
+        p.send_request(
             REQUEST.pack(
                 REQUEST_MAGIC, op, flags, 0, rid, pool, pg, epoch, volume, chunk, offset, length
-            )
+            ),
+            payload if length else None,
         )
-        if payload is not None and length:
-            p.send(payload)
         return fut
 
     # -- the engine -------------------------------------------------------------------
@@ -481,24 +523,12 @@ class WireClient:
             p.last_rx = time.monotonic()
         fut: asyncio.Future[tuple[int, int, int, memoryview]] = p._loop.create_future()
         p.pending[rid] = fut
-        p.send(
+        p.send_request(
             REQUEST.pack(
-                REQUEST_MAGIC,
-                op,
-                flags,
-                0,
-                rid,
-                pool,
-                pg,
-                epoch,
-                volume,
-                chunk,
-                offset,
-                length,
-            )
+                REQUEST_MAGIC, op, flags, 0, rid, pool, pg, epoch, volume, chunk, offset, length
+            ),
+            payload if length else None,
         )
-        if payload is not None and length:
-            p.send(payload)
         # A cancelled caller leaves its future in ``pending`` until the reply comes,
         # so that the reply is recognised and the slot stays counted meanwhile.
         status, rflags, repoch, data = await fut

@@ -10,6 +10,9 @@
   long as somebody holds a view into it. An arena that exported nothing is reused.
   Every length is checked (by the subclass's ``_payload_length``) before its bytes
   are awaited, so an oversized frame is refused as soon as its header is in.
+  Retired arenas are kept (a few) and taken again once nobody holds a view into
+  them any more (their reference count says so): a fresh 2 MiB arena costs a memset
+  and page faults, which showed in profiles of 1 MiB IO (docs/performance.md).
 - **Sending.** Frames queued during one pass of the event loop go out together in
   one ``transport.write`` (small parts are joined; payloads of 64 KiB and more are
   written as they are, not copied).
@@ -22,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import struct
+import sys
 from typing import Any
 
 from meshblock.wire.handshake import HandshakeError
@@ -34,6 +38,11 @@ ARENA_SIZE = 2 * MAX_PAYLOAD + 4096
 #: Parts of at least this size are written on their own instead of being joined.
 BIG_PART = 64 * 1024
 EMPTY = memoryview(b"")
+#: Retired arenas a connection keeps for reuse.
+SPARE_ARENAS = 8
+#: References to a spare arena that nobody else holds: the spare list, the loop
+#: variable and ``sys.getrefcount``'s argument.
+_UNSHARED_REFS = 3
 
 Buffer = bytes | bytearray | memoryview
 
@@ -56,6 +65,7 @@ class FramedConnection(asyncio.BufferedProtocol):
         self._closing = False
         self._out: list[Buffer] = []
         self._flush_pending = False
+        self._spares: list[bytearray] = []
 
     # -- subclass hooks ---------------------------------------------------------------
 
@@ -145,15 +155,28 @@ class FramedConnection(asyncio.BufferedProtocol):
             if avail:  # through a copy: memmove of overlapping ranges is not promised
                 self._arena[0:avail] = bytes(self._view[self._start : self._end])
         else:
-            arena = bytearray(max(ARENA_SIZE, total))
+            arena = self._spare_arena() if total <= ARENA_SIZE else bytearray(total)
             if avail:
                 arena[0:avail] = self._view[self._start : self._end]
             self._view.release()
+            old = self._arena
+            if len(old) == ARENA_SIZE and len(self._spares) < SPARE_ARENAS:
+                self._spares.append(old)
             self._arena = arena
             self._view = memoryview(arena)
             self._exported = False
         self._start = 0
         self._end = avail
+
+    def _spare_arena(self) -> bytearray:
+        """A retired arena that no payload view refers to any more, or a new one."""
+        spares = self._spares
+        for i in range(len(spares)):  # not enumerate(): its result tuple holds a reference
+            arena = spares[i]
+            if sys.getrefcount(arena) <= _UNSHARED_REFS:
+                del spares[i]
+                return arena
+        return bytearray(ARENA_SIZE)
 
     def _broken(self, exc: Exception) -> None:
         if self._closing:
@@ -187,17 +210,17 @@ class FramedConnection(asyncio.BufferedProtocol):
         if len(out) == 1:
             transport.write(out[0])
             return
-        small = bytearray()
+        small: list[Buffer] = []
         for part in out:
             if len(part) >= BIG_PART:
                 if small:
-                    transport.write(small)
-                    small = bytearray()
+                    transport.write(b"".join(small))
+                    small = []
                 transport.write(part)
             else:
-                small += part
+                small.append(part)
         if small:
-            transport.write(small)
+            transport.write(b"".join(small))
 
     def close(self) -> None:
         """Send what is queued and close the connection."""
