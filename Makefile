@@ -12,7 +12,7 @@ STAMP := $(VENV)/.meshblock-installed
 
 # Debian packages the test suite needs. postgresql: the tests start their own server
 # with the binaries under /usr/lib/postgresql/*/bin (no system cluster is used).
-APT_PACKAGES := postgresql qemu-utils libnbd-bin nbdkit fio prometheus prometheus-alertmanager
+APT_PACKAGES := postgresql qemu-utils libnbd-bin nbdkit fio prometheus prometheus-alertmanager chromium
 
 # Per-test limit (seconds); the whole suite must stay well under CI's 90 minutes.
 PYTEST_TIMEOUT ?= 300

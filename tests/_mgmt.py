@@ -1,14 +1,12 @@
-"""The real MGMT service, Prometheus and Alertmanager as subprocesses, for tests.
+"""The real MGMT service as a subprocess, for tests.
 
 - :class:`MgmtDaemon` writes ``mgmt.toml``, creates users with the real
   ``meshblock-mgmt user add`` / ``token add`` commands, starts
   ``python -m meshblock.mgmt`` on a free loopback port and waits for ``/login``.
 - :class:`WebClient` is a browser stand-in: a cookie jar, no automatic redirects,
   form posts, and :meth:`WebClient.login` that goes through the login form.
-- :class:`PrometheusServer` and :class:`AlertmanagerServer` run the Debian packages'
-  binaries on free ports with a minimal configuration in a temporary directory.
-  They raise :class:`ToolMissing` (tests fail on it, they do not skip) when the
-  binaries are not installed.
+
+Prometheus and Alertmanager are in ``tests/_monitoring.py``.
 """
 
 from __future__ import annotations
@@ -18,117 +16,23 @@ import json
 import os
 import re
 import secrets
-import shutil
-import signal
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import _http
 from _mdm import dump_toml, merge
+from _monitoring import START_TIMEOUT_S, ServerError, ServerProcess
 from _ports import free_port
-
-START_TIMEOUT_S = 30.0
-STOP_TIMEOUT_S = 10.0
-INSTALL_HINT = "install it with `make deps` (as root: `apt-get install -y {pkg}`)"
-
-
-class ToolMissing(RuntimeError):
-    """A server binary the test needs is not installed."""
-
-
-class ServerError(AssertionError):
-    """A server did not start or stop as expected (the message has its log)."""
-
-
-class _Process:
-    """A subprocess with its output in a log file, started and stopped politely."""
-
-    name = "server"
-
-    def __init__(self, workdir: Path) -> None:
-        self.workdir = workdir
-        workdir.mkdir(parents=True, exist_ok=True)
-        self.log_path = workdir / f"{self.name}.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-        self._log: IO[bytes] | None = None
-
-    def log_text(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-
-    def fail(self, what: str) -> ServerError:
-        return ServerError(f"{what}\n--- {self.log_path} ---\n{self.log_text()[-6000:]}")
-
-    def _spawn(self, argv: list[str], env: dict[str, str] | None = None) -> None:
-        assert self.proc is None or self.proc.poll() is not None, "already running"
-        self._close_log()
-        self._log = open(self.log_path, "ab")  # closed in _close_log()
-        self.proc = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            cwd=self.workdir,
-            env=env,
-        )
-
-    def _wait_ready(self, url: str, timeout: float = START_TIMEOUT_S) -> None:
-        assert self.proc is not None
-        deadline = time.monotonic() + timeout
-        last = "no answer"
-        while time.monotonic() < deadline:
-            rc = self.proc.poll()
-            if rc is not None:
-                self._close_log()
-                raise self.fail(f"{self.name} exited with code {rc} while starting")
-            try:
-                status = _http.request("GET", url, timeout=2).status
-                if status == 200:
-                    return
-                last = f"status {status}"
-            except OSError as exc:
-                last = repr(exc)
-            time.sleep(0.1)
-        self.kill()
-        raise self.fail(f"{self.name} was not ready after {timeout:.0f} s ({last})")
-
-    def stop(self, timeout: float = STOP_TIMEOUT_S) -> int:
-        if self.proc is None:
-            return 0
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            rc = self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            raise self.fail(f"{self.name} did not exit within {timeout:.0f} s of SIGTERM") from None
-        self._close_log()
-        return rc
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        self._close_log()
-
-    def _close_log(self) -> None:
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-
 
 # -- MGMT ------------------------------------------------------------------------------
 
 
-class MgmtDaemon(_Process):
+class MgmtDaemon(ServerProcess):
     """One MGMT process with its config, users and credentials."""
 
     name = "mgmt"
@@ -179,16 +83,18 @@ class MgmtDaemon(_Process):
             cwd=self.workdir,
         )
 
-    def create_users(self) -> None:
-        """Users ``admin`` and ``viewer`` and an API token for each, through the CLI."""
-        for name, role, password in (
-            ("admin", "admin", self.admin_password),
-            ("viewer", "viewer", self.viewer_password),
-        ):
+    def create_users(self, viewer: bool = True) -> None:
+        """Users ``admin`` and ``viewer`` and an API token for each, through the CLI
+        (``viewer=False``: the admin only; each command is a Python start-up)."""
+        users = [("admin", "admin", self.admin_password)]
+        if viewer:
+            users.append(("viewer", "viewer", self.viewer_password))
+        for name, role, password in users:
             r = self.cli("user", "add", name, "--role", role, stdin=password + "\n")
             assert r.returncode == 0, f"user add {name}: {r.stdout}{r.stderr}"
         self.admin_token = self.new_token("admin", "tests")
-        self.viewer_token = self.new_token("viewer", "tests")
+        if viewer:
+            self.viewer_token = self.new_token("viewer", "tests")
 
     def new_token(self, user: str, name: str) -> str:
         r = self.cli("token", "add", user, name)
@@ -312,89 +218,3 @@ def form_value(html: str, name: str) -> str:
     m = re.search(rf'name="{re.escape(name)}" value="([^"]*)"', html)
     assert m is not None, f"no form field {name} in the page"
     return m.group(1)
-
-
-# -- Prometheus and Alertmanager -------------------------------------------------------
-
-
-def find_binary(names: tuple[str, ...], package: str) -> str:
-    for name in names:
-        path = shutil.which(name)
-        if path:
-            return path
-    raise ToolMissing(
-        f"{' or '.join(names)} not found: the tests need a real {package}; "
-        + INSTALL_HINT.format(pkg=package)
-    )
-
-
-class AlertmanagerServer(_Process):
-    """Alertmanager (Debian ``prometheus-alertmanager``) with a do-nothing receiver."""
-
-    name = "alertmanager"
-
-    def __init__(self, workdir: Path) -> None:
-        super().__init__(workdir)
-        self.binary = find_binary(
-            ("prometheus-alertmanager", "alertmanager"), "prometheus-alertmanager"
-        )
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        (workdir / "alertmanager.yml").write_text(
-            "route:\n  receiver: nobody\nreceivers:\n  - name: nobody\n"
-        )
-
-    def start(self) -> None:
-        self._spawn(
-            [
-                self.binary,
-                f"--config.file={self.workdir / 'alertmanager.yml'}",
-                f"--storage.path={self.workdir / 'data'}",
-                f"--web.listen-address=127.0.0.1:{self.port}",
-                "--cluster.listen-address=",  # no gossip: a single test instance
-                "--log.level=info",
-            ]
-        )
-        self._wait_ready(self.url + "/-/ready")
-
-    def silences(self) -> list[dict[str, Any]]:
-        status, body = _http.request("GET", self.url + "/api/v2/silences")
-        assert status == 200, body
-        assert isinstance(body, list)
-        return body
-
-
-class PrometheusServer(_Process):
-    """Prometheus (Debian ``prometheus``) with the given rule files and no scrapes."""
-
-    name = "prometheus"
-
-    def __init__(self, workdir: Path, rules: dict[str, str]) -> None:
-        super().__init__(workdir)
-        self.binary = find_binary(("prometheus",), "prometheus")
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        names = []
-        for filename, text in rules.items():
-            (workdir / filename).write_text(text)
-            names.append(str(workdir / filename))
-        (workdir / "prometheus.yml").write_text(
-            "global:\n  evaluation_interval: 1s\nrule_files:\n"
-            + "".join(f"  - {json.dumps(n)}\n" for n in names)
-        )
-
-    def start(self) -> None:
-        self._spawn(
-            [
-                self.binary,
-                f"--config.file={self.workdir / 'prometheus.yml'}",
-                f"--storage.tsdb.path={self.workdir / 'data'}",
-                f"--web.listen-address=127.0.0.1:{self.port}",
-                "--web.enable-lifecycle",
-            ]
-        )
-        self._wait_ready(self.url + "/-/ready")
-
-    def reload(self) -> None:
-        status, body = _http.request("POST", self.url + "/-/reload")
-        assert status == 200, body

@@ -810,8 +810,7 @@ def test_output_to_a_closed_pipe_is_not_an_error(meshctl: Meshctl, cluster: Buil
 
 def test_console_script_is_installed() -> None:
     script = Path(sys.executable).parent / "meshctl"
-    if not script.exists():
-        pytest.skip("meshctl is not installed next to this interpreter")
+    assert script.exists(), f"meshctl is not installed next to {sys.executable}"
     proc = subprocess.run(
         [str(script), "--help"], capture_output=True, text=True, timeout=60, env=dict(os.environ)
     )

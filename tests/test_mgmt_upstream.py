@@ -18,7 +18,8 @@ from typing import Any
 import pytest
 
 from _mdm import MdmDaemon
-from _mgmt import AlertmanagerServer, MgmtDaemon, PrometheusServer, ToolMissing, WebClient
+from _mgmt import MgmtDaemon, WebClient
+from _monitoring import AlertmanagerServer, PrometheusServer, ToolMissing
 from test_mgmt import alert, by_fingerprint, err, notification, ok
 
 RULES_V1 = """\

@@ -135,6 +135,7 @@ def fio(lab: LabCluster, *args: str, timeout: float = 300) -> dict[str, Any]:
         "--ioengine=nbd",
         f"--uri=nbd://127.0.0.1:{port}/vol1",
         "--output-format=json",
+        "--verify_state_save=0",  # no state file in the working directory
         *args,
         timeout=timeout,
     )

@@ -94,6 +94,7 @@ async def _store(app: web.Application) -> AsyncIterator[None]:
             ),
             notifier=EpochNotifier(epoch),
             liveness=liveness,
+            write_gate=db.WriteGate(config.database.url),
         )
         setup_metrics(app)
         log.info("metadata store ready: %s (epoch %d)", db.redact_url(config.database.url), epoch)
@@ -106,10 +107,10 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
     """The heartbeat writer and the failure detector, cancelled and awaited on exit."""
     c = app[CTX]
     detector = FailureDetector(
-        c.sessions, c.liveness, c.notifier, c.config.cluster.heartbeat_timeout_s
+        c.sessions, c.liveness, c.notifier, c.config.cluster.heartbeat_timeout_s, c.write_gate
     )
     tasks = [
-        asyncio.create_task(c.liveness.run(c.sessions), name="heartbeat-writer"),
+        asyncio.create_task(c.liveness.run(c.sessions, c.write_gate), name="heartbeat-writer"),
         asyncio.create_task(detector.run(), name="failure-detector"),
     ]
     yield
@@ -118,7 +119,7 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
     for task in tasks:
         with contextlib.suppress(asyncio.CancelledError):
             await task
-    await c.liveness.flush(c.sessions)
+    await c.liveness.flush(c.sessions, c.write_gate)
 
 
 async def _end_long_polls(app: web.Application) -> None:

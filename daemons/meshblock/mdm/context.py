@@ -9,6 +9,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from meshblock.auth import TokenTable
 from meshblock.mdm.config import MdmConfig
+from meshblock.mdm.db import WriteGate
 from meshblock.mdm.epochs import EpochNotifier
 from meshblock.mdm.liveness import Liveness
 from meshblock.mdm.pgmaps import MapCache
@@ -22,6 +23,7 @@ class MdmContext:
     tokens: TokenTable
     notifier: EpochNotifier
     liveness: Liveness
+    write_gate: WriteGate
     map_cache: MapCache = field(default_factory=dict)
 
 

@@ -8,7 +8,10 @@ this release knows (a downgrade of the software), with a message that says so.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -99,3 +102,26 @@ async def migrate(engine: AsyncEngine) -> None:
         log.info("database schema upgraded from %s to %s", before or "empty", head)
     else:
         log.info("database schema is current (%s)", head)
+
+
+class WriteGate:
+    """Lets one write transaction at a time through, on SQLite.
+
+    SQLite has a single writer. Without the gate, a transaction that holds the write
+    lock while its coroutine waits for the event loop makes every other writer spin in
+    SQLite's busy handler, and under load they give up ("database is locked"). Queued
+    on an asyncio lock instead, writers wait their turn without a timeout. PostgreSQL
+    needs no gate: its writers run concurrently.
+    """
+
+    def __init__(self, url: str) -> None:
+        serial = make_url(url).get_backend_name() == "sqlite"
+        self._lock = asyncio.Lock() if serial else None
+
+    @asynccontextmanager
+    async def __call__(self) -> AsyncIterator[None]:
+        if self._lock is None:
+            yield
+            return
+        async with self._lock:
+            yield

@@ -33,6 +33,7 @@ from sqlalchemy import bindparam, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import aliased
 
+from meshblock.mdm.db import WriteGate
 from meshblock.mdm.epochs import EpochNotifier, bump
 from meshblock.mdm.liveness import Liveness
 from meshblock.mdm.models import Device, PgState, PlacementGroup, Sds, StoragePool
@@ -68,8 +69,10 @@ class FailureDetector:
         liveness: Liveness,
         notifier: EpochNotifier,
         grace_s: float,
+        gate: WriteGate,
     ) -> None:
         self.sessions = sessions
+        self.gate = gate
         self.liveness = liveness
         self.notifier = notifier
         self.started = time.monotonic()
@@ -77,13 +80,21 @@ class FailureDetector:
         self._last_down: frozenset[int] | None = None
 
     def down_sds(self, sds_ids: list[int]) -> frozenset[int]:
-        return frozenset(i for i in sds_ids if self.liveness.state("sds", i) != "connected")
+        """SDSs that were seen and stopped heartbeating. One that never sent a heartbeat
+        (added through the API, its daemon not started yet) has not failed: it holds
+        no data, and its PGs wait for it as they would for any unreachable copy."""
+        return frozenset(
+            i
+            for i in sds_ids
+            if self.liveness.seen("sds", i) is not None
+            and self.liveness.state("sds", i) != "connected"
+        )
 
     async def check(self) -> int:
         """Apply the transitions once; return how many PGs changed."""
         if time.monotonic() - self.started < self.grace_s:
             return 0
-        async with self.sessions() as s, s.begin():
+        async with self.gate(), self.sessions() as s, s.begin():
             sds_ids = list((await s.execute(select(Sds.id))).scalars())
             down = self.down_sds(sds_ids)
             if down == self._last_down and not down:

@@ -19,6 +19,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from meshblock.mdm.db import WriteGate
 from meshblock.mdm.models import Device, Sdc, Sds, Volume, VolumeUsage
 
 log = logging.getLogger(__name__)
@@ -80,12 +81,12 @@ class Liveness:
             return "connected"
         return "disconnected"
 
-    async def flush(self, sessions: async_sessionmaker[AsyncSession]) -> None:
+    async def flush(self, sessions: async_sessionmaker[AsyncSession], gate: WriteGate) -> None:
         pending, self._pending = self._pending, _Pending()
         if not (pending.seen or pending.device_used or pending.volume_chunks):
             return
         try:
-            async with sessions() as session, session.begin():
+            async with gate(), sessions() as session, session.begin():
                 await _write(session, pending)
         except Exception:
             log.exception("could not record heartbeats; retrying next second")
@@ -97,10 +98,10 @@ class Liveness:
             for vk, vv in pending.volume_chunks.items():
                 self._pending.volume_chunks.setdefault(vk, vv)
 
-    async def run(self, sessions: async_sessionmaker[AsyncSession]) -> None:
+    async def run(self, sessions: async_sessionmaker[AsyncSession], gate: WriteGate) -> None:
         while True:
             await asyncio.sleep(1.0)
-            await self.flush(sessions)
+            await self.flush(sessions, gate)
 
 
 async def _write(session: AsyncSession, p: _Pending) -> None:

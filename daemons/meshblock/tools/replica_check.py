@@ -15,6 +15,15 @@ compares them. The operator runs it as ``meshctl volume verify VOLUME``
   taken for a divergence. Run it on a volume that nobody writes for a clean proof.
 - A chunk that cannot be compared (its PG has fewer than two copies in the map, an
   SDS cannot be reached or fails the read) is reported as ``unchecked``.
+- Only ``clean`` PGs are compared (a map without ``state`` is all clean). In a
+  ``degraded`` PG the secondary is stale by design until it is resynchronised, and an
+  ``inactive`` PG has no reachable in-sync copy: their chunks are not read, only
+  counted (``skipped_degraded`` / ``skipped_inactive``), and the PGs are listed
+  (``degraded_pgs`` / ``inactive_pgs``, every such PG of the pool). They do not make
+  the check fail: ``ok`` (exit code 0 of ``meshctl volume verify``) means that every
+  chunk of every clean PG was compared and both copies are identical; exit code 1
+  means some differ or could not be compared. ``fully_redundant`` is ``ok`` with no
+  PG of the pool degraded or inactive.
 """
 
 from __future__ import annotations
@@ -32,6 +41,7 @@ CONCURRENCY = 16  # chunks compared at once (two 1 MiB reads each)
 RECHECKS = 2
 RECHECK_PAUSE_S = 0.5
 COMPARE_BLOCK = 4096  # granularity at which the first difference is located
+CLEAN, DEGRADED, INACTIVE = "clean", "degraded", "inactive"
 
 _ZEROES = bytes(CHUNK_SIZE)
 
@@ -90,16 +100,26 @@ class Report:
     allocation_mismatches: list[int] = field(default_factory=list)
     differences: list[Difference] = field(default_factory=list)
     unchecked: list[Unchecked] = field(default_factory=list)
+    degraded_pgs: list[int] = field(default_factory=list)  # of the pool, from the map
+    inactive_pgs: list[int] = field(default_factory=list)
+    skipped_degraded: int = 0  # chunks of this volume in degraded PGs (not compared)
+    skipped_inactive: int = 0  # chunks in inactive PGs (not compared)
 
     @property
     def ok(self) -> bool:
         """True when every chunk was compared and both copies are identical."""
         return not self.differences and not self.unchecked
 
+    @property
+    def fully_redundant(self) -> bool:
+        """``ok``, and every PG of the pool is clean (two in-sync copies)."""
+        return self.ok and not self.degraded_pgs and not self.inactive_pgs
+
     def to_json(self) -> dict[str, Any]:
         return {
             "volume": {"id": self.volume_id, "name": self.volume_name},
             "ok": self.ok,
+            "fully_redundant": self.fully_redundant,
             "chunks": self.chunks,
             "identical": self.identical,
             "stored_on_both": self.stored_on_both,
@@ -107,6 +127,10 @@ class Report:
             "allocation_mismatches": sorted(self.allocation_mismatches),
             "differences": [d.to_json() for d in sorted(self.differences, key=_by_chunk)],
             "unchecked": [u.to_json() for u in sorted(self.unchecked, key=_by_chunk)],
+            "degraded_pgs": sorted(self.degraded_pgs),
+            "inactive_pgs": sorted(self.inactive_pgs),
+            "skipped_degraded": self.skipped_degraded,
+            "skipped_inactive": self.skipped_inactive,
         }
 
 
@@ -134,6 +158,11 @@ def copies_of(pgmap: Mapping[str, Any], names: Mapping[int, str]) -> list[tuple[
         p, s = copy(pg.get("primary")), copy(pg.get("secondary"))
         out.append((p, s) if p is not None and s is not None else None)
     return out
+
+
+def states_of(pgmap: Mapping[str, Any]) -> dict[int, str]:
+    """Each PG's state in a map document (``clean`` when the map has none)."""
+    return {int(pg["pg"]): str(pg.get("state", CLEAN)) for pg in pgmap["pgs"]}
 
 
 def first_difference(a: bytes, b: bytes) -> tuple[int, int]:
@@ -193,6 +222,9 @@ async def check_volume(
     report = Report(volume_id, str(volume.get("name", volume_id)), chunks)
     pg_count = int(pgmap["pg_count"])
     placement = copies_of(pgmap, sds_names or {})
+    states = states_of(pgmap)
+    report.degraded_pgs = sorted(pg for pg, st in states.items() if st == DEGRADED)
+    report.inactive_pgs = sorted(pg for pg, st in states.items() if st == INACTIVE)
     conns = _Connections(secret)
     done = 0
     next_chunk = iter(range(chunks))
@@ -205,6 +237,14 @@ async def check_volume(
 
     async def compare(chunk: int) -> None:
         pg = pg_of(volume_id, chunk, pg_count)
+        state = states.get(pg, CLEAN)
+        if state != CLEAN:
+            # the secondary is stale (degraded) or nothing is reachable (inactive)
+            if state == INACTIVE:
+                report.skipped_inactive += 1
+            else:
+                report.skipped_degraded += 1
+            return
         pair = placement[pg] if pg < len(placement) else None
         if pair is None:
             report.unchecked.append(Unchecked(chunk, pg, "the PG has fewer than two copies"))

@@ -37,7 +37,8 @@ def register(sub: Subparsers) -> None:
         description=f"""
             Reads every chunk of the volume from the PG's primary and from its
             secondary SDS (the data protocol, as a tool, with the cluster secret) and
-            compares them. Exits 0 when all copies are identical, 1 when some differ
+            compares them (PGs that are not clean are reported, not compared: their
+            secondary is stale). Exits 0 when all compared copies are identical, 1 when some differ
             or could not be read. A chunk that differs is read again before it is
             reported, but for a clean proof run it while nobody writes the volume.
             The cluster secret comes from --secret-file, ${SECRET_FILE_ENV} or
@@ -145,6 +146,15 @@ def _text(r: Report) -> str:
         lines += ["", f"UNCHECKED: {len(r.unchecked)} chunk(s) could not be compared:"]
         rows = [[u.chunk, u.pg, u.reason] for u in sorted(r.unchecked, key=lambda u: u.chunk)]
         lines.append(render_table(["CHUNK", "PG", "REASON"], rows[:_SHOWN], right={"CHUNK", "PG"}))
-    if r.ok:
+    if r.degraded_pgs or r.inactive_pgs:
+        lines += [
+            "",
+            f"NOT REDUNDANT: {len(r.degraded_pgs)} degraded and {len(r.inactive_pgs)} inactive "
+            f"PG(s) in the pool; {r.skipped_degraded + r.skipped_inactive} chunk(s) of this "
+            "volume in them were not compared (a stale copy waits for a resync)",
+        ]
+    if r.fully_redundant:
         lines.append("all copies identical")
+    elif r.ok:
+        lines.append("every in-sync copy identical")
     return "\n".join(lines)

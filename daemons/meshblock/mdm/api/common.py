@@ -41,7 +41,7 @@ M = TypeVar("M")
 async def change(request: web.Request) -> AsyncIterator[AsyncSession]:
     """A transaction that bumps the cluster epoch and wakes long-polls on commit."""
     c = ctx(request)
-    async with c.sessions() as session:
+    async with c.write_gate(), c.sessions() as session:
         async with session.begin():
             yield session
             epoch = await bump(session)
