@@ -789,7 +789,9 @@ def test_sds_failure_degrades_its_pgs(
     assert ok(api("GET", f"/api/v1/sds/{ids[0]}"))["state"] == "disconnected"
     health = ok(api("GET", "/health", token=None))
     assert health["status"] == "degraded"
-    assert ok(api("GET", "/health/metrics", token=None))["pgs_degraded"] == len(with_sds1)
+    totals = ok(api("GET", "/health/metrics", token=None))
+    assert totals["pgs_degraded"] == len(with_sds1)
+    assert totals["volumes_degraded"] == 2  # both volumes span every PG of the pool
     # sds1 returns: its copies are stale, so its PGs stay degraded (invariant 4).
     heartbeats.ids.add(ids[0])
     heartbeats.beat_now()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from meshblock.chunks import CHUNK_SIZE, chunk_span, pg_of
+from meshblock.chunks import CHUNK_SIZE, chunk_span, pg_of, pgs_of_volume
 
 
 @given(st.integers(1, 2**31 - 1), st.integers(0, 2**30), st.integers(2, 16384))
@@ -28,3 +28,11 @@ def test_chunk_span_covers_the_range(offset: int, length: int) -> None:
         assert index * CHUNK_SIZE + start == pos
         assert 0 < n <= CHUNK_SIZE - start
         pos += n
+
+
+@given(st.integers(1, 2**31 - 1), st.integers(1, 64 * CHUNK_SIZE), st.integers(1, 512))
+def test_pgs_of_volume_are_the_pgs_of_its_chunks(volume: int, size: int, pgs: int) -> None:
+    first, count = pgs_of_volume(volume, size, pgs)
+    chunks = -(-size // CHUNK_SIZE)
+    expected = {pg_of(volume, i, pgs) for i in range(chunks)}
+    assert {(first + k) % pgs for k in range(count)} == expected

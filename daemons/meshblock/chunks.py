@@ -27,6 +27,13 @@ def pg_of(volume_id: int, chunk_index: int, pg_count: int) -> int:
     return (_mix64(volume_id) + chunk_index) % pg_count
 
 
+def pgs_of_volume(volume_id: int, size_bytes: int, pg_count: int) -> tuple[int, int]:
+    """The PGs a volume's chunks land on, as ``(first, count)``: PGs
+    ``first, first + 1, ... first + count - 1`` modulo ``pg_count``."""
+    chunks = -(-size_bytes // CHUNK_SIZE)
+    return _mix64(volume_id) % pg_count, min(chunks, pg_count)
+
+
 def chunk_span(offset: int, length: int) -> list[tuple[int, int, int]]:
     """Split a byte range of a volume into ``(chunk_index, offset_in_chunk, length)``."""
     out = []

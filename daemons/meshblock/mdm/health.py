@@ -3,6 +3,7 @@ and the Prometheus ``/metrics`` page."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from aiohttp import web
@@ -13,6 +14,7 @@ from sqlalchemy import func, select
 
 import meshblock
 from meshblock.auth import Role
+from meshblock.chunks import pgs_of_volume
 from meshblock.mdm.api import routes
 from meshblock.mdm.api.common import json, reading, ts
 from meshblock.mdm.capacity import PoolCapacity, pool_capacities
@@ -70,6 +72,19 @@ async def _counts(request: web.Request) -> dict[str, Any]:
                 )
             )
         ).all()
+        bad_pgs = (
+            await s.execute(
+                select(PlacementGroup.pool_id, PlacementGroup.pg).where(
+                    PlacementGroup.state != PgState.CLEAN
+                )
+            )
+        ).all()
+        degraded_volumes: dict[int, int] = {}
+        if bad_pgs:
+            vols = (await s.execute(select(Volume.id, Volume.pool_id, Volume.size_bytes))).all()
+            degraded_volumes = _degraded_volumes(
+                bad_pgs, vols, {p.id: p.pg_count for p, _ in pools}
+            )
         epoch = await current(s)
     connected = {i for i, *_ in sds_rows if live.state("sds", i) == "connected"}
     pg_states: dict[int, dict[str, int]] = {p.id: dict.fromkeys(PG_STATES, 0) for p, _ in pools}
@@ -87,12 +102,32 @@ async def _counts(request: web.Request) -> dict[str, Any]:
         "capacity_free_bytes": sum(p.free_bytes for p in caps.values()),
         "pgs_degraded": sum(st["degraded"] for st in pg_states.values()),
         "pgs_inactive": sum(st["inactive"] for st in pg_states.values()),
+        "volumes_degraded": sum(degraded_volumes.values()),
         "epoch": epoch,
         "_caps": caps,
         "_sds": [(i, name, pd, fs, i in connected) for i, name, pd, fs in sds_rows],
         "_sdc": [(i, name, i in sdc_connected) for i, name in sdc_rows],
-        "_pools": [(p, pd, pg_states[p.id]) for p, pd in pools],
+        "_pools": [(p, pd, pg_states[p.id], degraded_volumes.get(p.id, 0)) for p, pd in pools],
     }
+
+
+def _degraded_volumes(
+    bad_pgs: Sequence[Any], volumes: Sequence[Any], pg_counts: dict[int, int]
+) -> dict[int, int]:
+    """Per pool, the volumes with a chunk in a PG that is not clean."""
+    bad: dict[int, set[int]] = {}
+    for pool_id, pg in bad_pgs:
+        bad.setdefault(pool_id, set()).add(pg)
+    out: dict[int, int] = {}
+    for vid, pool_id, size in volumes:
+        pgs = bad.get(pool_id)
+        if not pgs:
+            continue
+        count = pg_counts[pool_id]
+        first, n = pgs_of_volume(vid, size, count)
+        if n == count or any((pg - first) % count < n for pg in pgs):
+            out[pool_id] = out.get(pool_id, 0) + 1
+    return out
 
 
 PG_STATES = tuple(state.value for state in PgState)
@@ -251,7 +286,13 @@ class ClusterCollector(Collector):
             )
             for f in fields
         }
-        for pool, pd, states in n["_pools"]:
+        degraded = GaugeMetricFamily(
+            "meshblock_volumes_degraded",
+            "Volumes with data in a PG that is not clean (one copy or none)",
+            labels=labels,
+        )
+        for pool, pd, states, n_degraded in n["_pools"]:
+            degraded.add_metric([pool.name, pd], n_degraded)
             lv = [pool.name, pd]
             cap = caps[pool.id]
             for f in fields:
@@ -263,7 +304,7 @@ class ClusterCollector(Collector):
             high.add_metric(lv, pool.capacity_alert_high_percent / 100)
             critical.add_metric(lv, pool.capacity_alert_critical_percent / 100)
         yield from sizes.values()
-        yield from (pgs, epochs, used, high, critical)
+        yield from (pgs, epochs, used, high, critical, degraded)
         yield CounterMetricFamily(
             "meshblock_mdm_heartbeats",
             "Heartbeats received",
