@@ -754,7 +754,7 @@ def test_sds_failure_degrades_its_pgs(
 
     heartbeats.beat_now()
     before = pgmap()
-    assert pg_states(api) == {"clean": 64, "degraded": 0, "inactive": 0}
+    assert pg_states(api) == {"clean": 64, "degraded": 0, "resyncing": 0, "inactive": 0}
     assert {pg["state"] for pg in before["pgs"]} == {"clean"}
     assert ok(api("GET", "/health", token=None))["status"] == "ok"
     with_sds1 = {
@@ -773,6 +773,7 @@ def test_sds_failure_degrades_its_pgs(
     assert pg_states(api) == {
         "clean": 64 - len(with_sds1),
         "degraded": len(with_sds1),
+        "resyncing": 0,
         "inactive": 0,
     }
     for old, new in zip(before["pgs"], after["pgs"], strict=True):
@@ -792,12 +793,36 @@ def test_sds_failure_degrades_its_pgs(
     totals = ok(api("GET", "/health/metrics", token=None))
     assert totals["pgs_degraded"] == len(with_sds1)
     assert totals["volumes_degraded"] == 2  # both volumes span every PG of the pool
-    # sds1 returns: its copies are stale, so its PGs stay degraded (invariant 4).
+    # sds1 returns: its copies are stale; its PGs are resynced (invariant 4), and are
+    # clean only when the primary reports the copy done, at a map that is still current.
     heartbeats.ids.add(ids[0])
     heartbeats.beat_now()
-    time.sleep(2.5)
-    assert pgmap()["pgs"] == after["pgs"]
-    assert pg_states(api)["degraded"] == len(with_sds1)
+    deadline = time.monotonic() + 10
+    while pg_states(api)["resyncing"] < len(with_sds1):
+        assert time.monotonic() < deadline, pg_states(api)
+        time.sleep(0.2)
+    back = pgmap()
+    assert back["epoch"] > after["epoch"]
+    for old, new in zip(after["pgs"], back["pgs"], strict=True):
+        want = "resyncing" if old["pg"] in with_sds1 else old["state"]
+        assert new == {**old, "state": want}
+    assert ok(api("GET", "/health", token=None))["status"] == "degraded"
+    n = min(with_sds1)
+    pg = back["pgs"][n]
+    primary = pg["primary"]["sds_id"]
+    report = {"pool_id": pool_id, "pg": n, "epoch": back["epoch"]}
+    path = "/api/v1/sds/{}/pg-synced"
+    # only the PG's primary may report, and not from a map older than the resync
+    ok(api("POST", path.format(ids[0]), report, token=mdm.cluster_secret), 409)
+    stale = {**report, "epoch": after["epoch"]}
+    ok(api("POST", path.format(primary), stale, token=mdm.cluster_secret), 409)
+    done = ok(api("POST", path.format(primary), report, token=mdm.cluster_secret))
+    assert done == {"pool_id": pool_id, "pg": n, "state": "clean", "epoch": back["epoch"] + 1}
+    synced = pgmap()
+    assert synced["epoch"] == back["epoch"] + 1
+    assert synced["pgs"][n]["state"] == "clean"
+    assert pg_states(api)["resyncing"] == len(with_sds1) - 1
+    ok(api("POST", path.format(primary), report, token=mdm.cluster_secret), 409)  # once
 
 
 def test_sigterm_answers_waiting_long_polls(tmp_path: Any) -> None:

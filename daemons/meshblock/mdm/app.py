@@ -107,7 +107,12 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
     """The heartbeat writer and the failure detector, cancelled and awaited on exit."""
     c = app[CTX]
     detector = FailureDetector(
-        c.sessions, c.liveness, c.notifier, c.config.cluster.heartbeat_timeout_s, c.write_gate
+        c.sessions,
+        c.liveness,
+        c.notifier,
+        c.config.cluster.heartbeat_timeout_s,
+        c.write_gate,
+        c.config.cluster.resync_delay_s,
     )
     tasks = [
         asyncio.create_task(c.liveness.run(c.sessions, c.write_gate), name="heartbeat-writer"),

@@ -54,6 +54,8 @@ class ClusterConfig:
     name: str = "meshblock"
     heartbeat_timeout_s: float = 10.0
     longpoll_max_s: float = 30.0
+    # A returning SDS must heartbeat this long before its stale copies are resynced.
+    resync_delay_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -83,5 +85,7 @@ class MdmConfig:
             raise ValueError("logging.level must be DEBUG, INFO, WARNING or ERROR")
         if self.cluster.longpoll_max_s <= 0:
             raise ValueError("cluster.longpoll_max_s must be positive")
+        if self.cluster.resync_delay_s < 0:
+            raise ValueError("cluster.resync_delay_s must not be negative")
         if self.cluster.heartbeat_timeout_s <= 0:
             raise ValueError("cluster.heartbeat_timeout_s must be positive")

@@ -102,6 +102,7 @@ async def _counts(request: web.Request) -> dict[str, Any]:
         "capacity_free_bytes": sum(p.free_bytes for p in caps.values()),
         "pgs_degraded": sum(st["degraded"] for st in pg_states.values()),
         "pgs_inactive": sum(st["inactive"] for st in pg_states.values()),
+        "pgs_resyncing": sum(st["resyncing"] for st in pg_states.values()),
         "volumes_degraded": sum(degraded_volumes.values()),
         "epoch": epoch,
         "_caps": caps,
@@ -144,7 +145,9 @@ PG_STATES = tuple(state.value for state in PgState)
 )
 async def health(request: web.Request) -> web.Response:
     n = await _counts(request)
-    healthy = n["sds_connected"] == n["sds_total"] and not (n["pgs_degraded"] or n["pgs_inactive"])
+    healthy = n["sds_connected"] == n["sds_total"] and not (
+        n["pgs_degraded"] or n["pgs_inactive"] or n["pgs_resyncing"]
+    )
     status = "ok" if healthy else "degraded"
     return json(
         {

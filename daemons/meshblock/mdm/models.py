@@ -57,11 +57,14 @@ class PgState(enum.StrEnum):
 
     ``clean``: both copies in sync on connected SDSs. ``degraded``: the primary is the
     one copy that takes IO; the secondary is stale (its SDS is down, or back but not
-    yet resynchronised). ``inactive``: no copy can serve; IO waits.
+    yet resynchronised). ``resyncing``: the secondary's SDS is back; the primary
+    forwards new writes to it and copies what it missed; it is not read until the
+    primary reports the copy done. ``inactive``: no copy can serve; IO waits.
     """
 
     CLEAN = "clean"
     DEGRADED = "degraded"
+    RESYNCING = "resyncing"
     INACTIVE = "inactive"
 
 

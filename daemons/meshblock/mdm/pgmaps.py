@@ -213,6 +213,8 @@ async def _build(session: AsyncSession, pools: list[StoragePool]) -> dict[int, A
             "pool_id": p.id,
             "epoch": p.map_epoch,
             "pg_count": p.pg_count,
+            "rebuild_concurrency": p.rebuild_concurrency,
+            "rebuild_bandwidth_mibps": p.rebuild_bandwidth_mibps,
             "pgs": pgs[p.id],
             "devices": [{"device_id": d, "sds_id": sds} for d, sds in members],
             "sds": {k: v for k, v in sds_doc.items() if k in member_sds},

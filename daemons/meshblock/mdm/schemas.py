@@ -130,6 +130,15 @@ SDS_REGISTER = obj(
     },
     ("name", "protection_domain", "address"),
 )
+PG_SYNCED = obj(
+    {
+        "pool_id": ID,
+        "pg": {"type": "integer", "minimum": 0, "maximum": 16383},
+        "epoch": {"type": "integer", "minimum": 0, "maximum": 2**63 - 1},
+    },
+    ("pool_id", "pg", "epoch"),
+)
+
 SDS_HEARTBEAT = obj(
     {
         "devices": {
@@ -315,6 +324,8 @@ COMPONENTS: dict[str, dict[str, Any]] = {
             "pool_id": _INT,
             "epoch": _INT,
             "pg_count": _INT,
+            "rebuild_concurrency": _INT,
+            "rebuild_bandwidth_mibps": _INT,
             "pgs": {"type": "array", "items": {"type": "object"}},
             "sds": {"type": "object"},
         }
@@ -328,6 +339,7 @@ COMPONENTS: dict[str, dict[str, Any]] = {
         }
     ),
     "Heartbeat": _resp({"state": _STATE, "epoch": _INT}),
+    "PgSynced": _resp({"pool_id": _INT, "pg": _INT, "state": _STR, "epoch": _INT}),
     "Topology": _resp(
         {
             "cluster": {"type": "object"},

@@ -7,10 +7,13 @@ payloads are received directly into their own buffer (no intermediate copy). Eve
 length is checked against the export size and :data:`~protocol.MAX_REQUEST_SIZE`
 before any payload is read.
 
-Requests are served concurrently (one task each) and answered out of order, as the
-protocol allows; all replies that become ready in one event-loop pass leave in one
-``writelines`` call. Reading pauses while too many requests or bytes are in flight, or
-while the socket's send buffer is full.
+Requests are served concurrently and answered out of order, as the protocol allows.
+Each runs in a task of its own, except READs and WRITEs that a backend offering
+:class:`FastBackend` can start at once: those are answered from a callback, without
+a task, unless the backend hands back a coroutine to finish them the slow way. All
+replies that become ready in one event-loop pass leave in one ``writelines`` call.
+Reading pauses while too many requests or bytes are in flight, or while the socket's
+send buffer is full.
 
 Two kinds of failure:
 
@@ -29,8 +32,9 @@ import logging
 import os
 import socket
 import stat
-from collections.abc import Sequence
-from typing import Protocol
+import sys
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any, Protocol
 
 from meshblock.nbd.protocol import (
     ALLOWED_FLAGS,
@@ -78,6 +82,15 @@ Chunk = bytes | bytearray | memoryview
 RECV_BUFFER_SIZE = 256 * 1024
 #: Write payloads at least this large are received straight into their own buffer.
 DIRECT_RECV_THRESHOLD = 64 * 1024
+#: Write payload buffers from DIRECT_RECV_THRESHOLD up to this size are kept for reuse
+#: once answered (at most SPARE_PAYLOADS per connection): a fresh zeroed 1 MiB
+#: ``bytearray`` per write cost a memset and page faults (docs/performance.md).
+SPARE_PAYLOAD_MAX = 1024 * 1024
+SPARE_PAYLOADS = 8
+#: References to a spare payload buffer that nobody else holds: the spare list, the
+#: loop variable and ``sys.getrefcount``'s argument.
+_UNSHARED_REFS = 3
+_EMPTY_VIEW = memoryview(b"")
 #: Reading from a connection pauses while more requests or bytes than this are in flight.
 MAX_INFLIGHT_REQUESTS = 256
 MAX_INFLIGHT_BYTES = 64 * 1024 * 1024
@@ -120,6 +133,25 @@ class Backend(Protocol):
     async def trim(self, offset: int, length: int, *, fua: bool) -> None: ...
 
     async def flush(self) -> None: ...
+
+
+#: What a :class:`FastBackend` calls once a request it started is done: with the
+#: read's buffers (``()`` for a write) and ``None``; or with ``()`` and a coroutine
+#: that finishes the request (its result or exception is the backend call's own).
+FastDone = Callable[[Sequence[Chunk], Coroutine[Any, Any, Any] | None], None]
+
+
+class FastBackend(Backend, Protocol):
+    """A backend that can start simple READs and WRITEs without a task.
+
+    ``start_read`` / ``start_write`` return False when they cannot (the request is
+    then served the ordinary way); otherwise ``done`` is called exactly once, later,
+    never from within the call.
+    """
+
+    def start_read(self, offset: int, length: int, done: FastDone) -> bool: ...
+
+    def start_write(self, offset: int, data: memoryview, fua: bool, done: FastDone) -> bool: ...
 
 
 class Export:
@@ -242,7 +274,8 @@ class NbdServer:
         conns = list(self.connections)
         for conn in conns:
             conn.stop_reading()
-        pending = [t for conn in conns for t in conn.tasks]
+        pending: list[asyncio.Future[Any]] = [t for conn in conns for t in conn.tasks]
+        pending += [conn.fast_idle() for conn in conns if conn.fast_inflight]
         if pending:
             _, late = await asyncio.wait(pending, timeout=grace_s)
             for task in late:
@@ -270,6 +303,11 @@ class NbdConnection(asyncio.BufferedProtocol):
         self.export: Export | None = None
         self.peer = "?"
         self.tasks: set[asyncio.Task[None]] = set()
+        #: Requests started by a FastBackend and not answered yet (no task).
+        self.fast_inflight = 0
+        self._fast_idle: asyncio.Future[None] | None = None
+        self._fast_read: Callable[[int, int, FastDone], bool] | None = None
+        self._fast_write: Callable[[int, memoryview, bool, FastDone], bool] | None = None
         self._transport: asyncio.Transport | None = None
         self._loop = asyncio.get_running_loop()
         self._rbuf = bytearray(RECV_BUFFER_SIZE)
@@ -284,7 +322,8 @@ class NbdConnection(asyncio.BufferedProtocol):
         # The request whose write payload is being received.
         self._req: tuple[int, int, int] = (0, 0, 0)  # flags, handle, offset
         self._payload: bytearray | None = None  # None: discard the payload
-        self._payload_view = memoryview(b"")
+        self._payload_view = _EMPTY_VIEW
+        self._spare_payloads: list[bytearray] = []
         self._filled = 0
         self._direct = False
         # Transmission parameters fixed at negotiation.
@@ -530,6 +569,8 @@ class NbdConnection(asyncio.BufferedProtocol):
         self.export = export
         self._size = export.size
         self._read_only = export.read_only
+        self._fast_read = getattr(export.backend, "start_read", None)
+        self._fast_write = getattr(export.backend, "start_write", None)
         export.connections.add(self)
         self._expect(_TX_HEADER, REQUEST.size)
         log.info("NBD connection from %s uses export %r", self.peer, export.name)
@@ -568,7 +609,7 @@ class NbdConnection(asyncio.BufferedProtocol):
                 self._request_error(handle, err, cmd, offset, length)
                 self._payload = None  # read and drop the payload
             else:
-                self._payload = bytearray(length)
+                self._payload = self._payload_buffer(length)
                 self._payload_view = memoryview(self._payload)
             self._req = (flags, handle, offset)
             self._filled = 0
@@ -589,10 +630,31 @@ class NbdConnection(asyncio.BufferedProtocol):
         flags, handle, offset = self._req
         payload = self._payload
         self._payload = None
+        self._payload_view = _EMPTY_VIEW
         self._direct = False
         self._expect(_TX_HEADER, REQUEST.size)
         if payload is not None:
             self._start(Cmd.WRITE, flags, handle, offset, len(payload), payload)
+
+    def _payload_buffer(self, length: int) -> bytearray:
+        """A buffer for a write payload: a spare one nobody refers to any more, or new."""
+        if DIRECT_RECV_THRESHOLD <= length <= SPARE_PAYLOAD_MAX:
+            spares = self._spare_payloads
+            for i in range(len(spares)):  # not enumerate(): its tuple holds a reference
+                buf = spares[i]
+                if len(buf) == length and sys.getrefcount(buf) <= _UNSHARED_REFS:
+                    del spares[i]
+                    return buf
+        return bytearray(length)
+
+    def _retire_payload(self, data: bytearray | None) -> None:
+        """A write was answered: keep its payload buffer for a later write."""
+        if (
+            data is not None
+            and DIRECT_RECV_THRESHOLD <= len(data) <= SPARE_PAYLOAD_MAX
+            and len(self._spare_payloads) < SPARE_PAYLOADS
+        ):
+            self._spare_payloads.append(data)
 
     def _request_error(self, handle: int, err: Errno, cmd: int, offset: int, length: int) -> None:
         log.debug(
@@ -605,20 +667,104 @@ class NbdConnection(asyncio.BufferedProtocol):
     ) -> None:
         weight = length if cmd in (Cmd.READ, Cmd.WRITE) else 0
         self._inflight_bytes += weight
-        task = self._loop.create_task(self._serve(cmd, flags, handle, offset, length, data))
+        if cmd == Cmd.READ and self._fast_read is not None:
+            if self._fast_read(
+                offset,
+                length,
+                lambda chunks, slow: self._fast_done(
+                    cmd, flags, handle, offset, length, None, chunks, slow
+                ),
+            ):
+                self.fast_inflight += 1
+                self._update_reading()
+                return
+        elif cmd == Cmd.WRITE and self._fast_write is not None:
+            assert data is not None
+            if self._fast_write(
+                offset,
+                memoryview(data),
+                bool(flags & CmdFlag.FUA),
+                lambda chunks, slow: self._fast_done(
+                    cmd, flags, handle, offset, length, data, chunks, slow
+                ),
+            ):
+                self.fast_inflight += 1
+                self._update_reading()
+                return
+        self._spawn(self._serve(cmd, flags, handle, offset, length, data))
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = self._loop.create_task(coro)
         self.tasks.add(task)
         task.add_done_callback(self._task_done)
         self._update_reading()
 
+    def _fast_done(
+        self,
+        cmd: int,
+        flags: int,
+        handle: int,
+        offset: int,
+        length: int,
+        data: bytearray | None,
+        chunks: Sequence[Chunk],
+        slow: Coroutine[Any, Any, Any] | None,
+    ) -> None:
+        """A request started by a FastBackend is done, or goes on in a task (``slow``)."""
+        if slow is not None:
+            if self._state == _CLOSED:
+                slow.close()  # nobody to answer: do not retry for it
+                self._inflight_bytes -= length if cmd in (Cmd.READ, Cmd.WRITE) else 0
+            else:
+                self._spawn(self._serve(cmd, flags, handle, offset, length, data, slow))
+        else:
+            self._inflight_bytes -= length
+            if (
+                cmd == Cmd.READ
+                and (len(chunks[0]) if len(chunks) == 1 else sum(map(len, chunks))) != length
+            ):
+                # As _serve answers a short read (it cannot happen with a FastBackend
+                # that keeps its promise).
+                self._spawn(self._serve(cmd, flags, handle, offset, length, data, _short(chunks)))
+            else:
+                self._send(SIMPLE_REPLY.pack(Magic.SIMPLE_REPLY, Errno.OK, handle), *chunks)
+                self._retire_payload(data)
+        self.fast_inflight -= 1
+        if not self.fast_inflight and self._fast_idle is not None:
+            if not self._fast_idle.done():
+                self._fast_idle.set_result(None)
+            self._fast_idle = None
+        if self._disconnecting and not self.tasks and not self.fast_inflight:
+            self._finish()
+        else:
+            self._update_reading()
+
+    def fast_idle(self) -> asyncio.Future[None]:
+        """A future done once no request started by a FastBackend is in flight."""
+        if not self.fast_inflight:
+            idle: asyncio.Future[None] = self._loop.create_future()
+            idle.set_result(None)
+            return idle
+        if self._fast_idle is None:
+            self._fast_idle = self._loop.create_future()
+        return self._fast_idle
+
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self.tasks.discard(task)
-        if self._disconnecting and not self.tasks:
+        if self._disconnecting and not self.tasks and not self.fast_inflight:
             self._finish()
         else:
             self._update_reading()
 
     async def _serve(
-        self, cmd: int, flags: int, handle: int, offset: int, length: int, data: bytearray | None
+        self,
+        cmd: int,
+        flags: int,
+        handle: int,
+        offset: int,
+        length: int,
+        data: bytearray | None,
+        slow: Coroutine[Any, Any, Any] | None = None,
     ) -> None:
         export = self.export
         assert export is not None
@@ -627,7 +773,14 @@ class NbdConnection(asyncio.BufferedProtocol):
         chunks: Sequence[Chunk] = ()
         err = Errno.OK
         try:
-            if cmd == Cmd.READ:
+            if slow is not None:  # a request a FastBackend started
+                result = await slow
+                if cmd == Cmd.READ:
+                    chunks = result
+                    got = len(chunks[0]) if len(chunks) == 1 else sum(map(len, chunks))
+                    if got != length:
+                        raise RuntimeError(f"backend returned a short read at {offset}+{length}")
+            elif cmd == Cmd.READ:
                 chunks = await backend.read(offset, length)
                 got = len(chunks[0]) if len(chunks) == 1 else sum(map(len, chunks))
                 if got != length:
@@ -672,6 +825,7 @@ class NbdConnection(asyncio.BufferedProtocol):
         finally:
             self._inflight_bytes -= weight
         self._send(SIMPLE_REPLY.pack(Magic.SIMPLE_REPLY, err, handle), *chunks)
+        self._retire_payload(data)
 
     # -- output, flow control, closing ----------------------------------------------
 
@@ -712,7 +866,7 @@ class NbdConnection(asyncio.BufferedProtocol):
         if t is None or t.is_closing():
             return
         busy = (
-            len(self.tasks) >= MAX_INFLIGHT_REQUESTS
+            len(self.tasks) + self.fast_inflight >= MAX_INFLIGHT_REQUESTS
             or self._inflight_bytes >= MAX_INFLIGHT_BYTES
             or self._paused_by_writer
             or self._disconnecting
@@ -733,7 +887,7 @@ class NbdConnection(asyncio.BufferedProtocol):
         """NBD_CMD_DISC: finish what is in flight, then close."""
         log.debug("NBD %s: disconnect requested", self.peer)
         self.stop_reading()
-        if not self.tasks:
+        if not self.tasks and not self.fast_inflight:
             self._finish()
 
     def _finish(self) -> None:
@@ -757,3 +911,7 @@ class NbdConnection(asyncio.BufferedProtocol):
         self._out.clear()
         if self._transport is not None:
             self._transport.abort()
+
+
+async def _short(chunks: Sequence[Chunk]) -> Sequence[Chunk]:
+    return chunks

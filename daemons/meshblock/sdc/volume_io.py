@@ -19,16 +19,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any, Protocol, TypeVar
 
 from meshblock.chunks import CHUNK_SHIFT, CHUNK_SIZE, chunk_span, pg_of
 from meshblock.nbd.protocol import Errno, RequestError
-from meshblock.nbd.server import Chunk
+from meshblock.nbd.server import Chunk, FastDone
 from meshblock.sdc.datapath import ChunkRef, DataPath, DataPathError
 from meshblock.sdc.maps import PoolMap, SdsEndpoint, VolumeMapping
 from meshblock.sdc.metrics import VolumeStats
 from meshblock.sdc.qos import Qos
+from meshblock.wire.client import ZEROES, DirectReply, Reply
+from meshblock.wire.protocol import Op, ReplyFlag
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -41,6 +43,7 @@ BACKOFF_MAX_S = 1.0
 
 _ZEROES = memoryview(bytes(CHUNK_SIZE))
 _IN_CHUNK = CHUNK_SIZE - 1
+_HOLE = int(ReplyFlag.HOLE)
 #: The attempt timer checks the deadlines of the attempts in flight this often (at
 #: most), so an attempt is given up between its deadline and one tick later.
 TIMER_TICK_S = 0.1
@@ -62,6 +65,11 @@ class AttemptTimer:
         self._expired: set[asyncio.Task[Any]] = set()
         self._handle: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        # Attempts started without a task (VolumeIO.start_read / start_write), by
+        # the tick they were started in: those still in flight one tick later are
+        # handed to a task (their callable), whose own deadline then applies.
+        self._young: dict[DirectReply, Callable[[], None]] = {}
+        self._old: dict[DirectReply, Callable[[], None]] = {}
 
     def start(self, loop: asyncio.AbstractEventLoop, task: asyncio.Task[Any], when: float) -> None:
         """Watch ``task``'s attempt until :meth:`stop`; cancel it at ``loop.time() >= when``."""
@@ -69,6 +77,18 @@ class AttemptTimer:
         if self._handle is None or self._loop is not loop:
             self._loop = loop
             self._handle = loop.call_later(self.tick_s, self._sweep)
+
+    def watch(self, reply: DirectReply, to_task: Callable[[], None]) -> None:
+        """Call ``to_task`` if ``reply`` is still watched at the second tick from now."""
+        self._young[reply] = to_task
+        if self._handle is None:
+            loop = asyncio.get_running_loop()
+            self._loop = loop
+            self._handle = loop.call_later(self.tick_s, self._sweep)
+
+    def unwatch(self, reply: DirectReply) -> None:
+        if self._young.pop(reply, None) is None:
+            self._old.pop(reply, None)
 
     def stop(self, task: asyncio.Task[Any]) -> bool:
         """Stop watching ``task``; True when its attempt was cancelled for its deadline."""
@@ -81,7 +101,10 @@ class AttemptTimer:
     def _sweep(self) -> None:
         self._handle = None
         loop = self._loop
-        if not self._deadlines or loop is None or loop.is_closed():
+        old, self._old, self._young = self._old, self._young, {}
+        for to_task in old.values():
+            to_task()
+        if not (self._deadlines or self._old) or loop is None or loop.is_closed():
             return
         now = loop.time()
         for task, when in self._deadlines.items():
@@ -122,6 +145,7 @@ class VolumeIO:
         self.closed = False
         self._timer = AttemptTimer(min(TIMER_TICK_S, max(attempt_timeout_s / 4, 0.005)))
         self._last_retry_log = 0.0
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def update(self, volume: VolumeMapping) -> None:
         """The mapping changed (size, QoS limits)."""
@@ -194,6 +218,154 @@ class VolumeIO:
             ok = True
         finally:
             self.stats.done("write", length, started, ok)
+
+    # -- READ and WRITE without a task (meshblock.nbd.server.FastBackend) -------------
+    #
+    # The first attempt of a one-chunk READ or WRITE, when nothing has to wait (no QoS
+    # limit, a primary in the map, an open connection with a free slot), is sent at
+    # once and answered from the reply's callback. Any other outcome goes on in a task
+    # exactly as ``read`` / ``write`` would have: an attempt that failed, or is still
+    # in flight at the attempt timer's second tick, becomes the first attempt of
+    # ``_route`` (started when it was), which waits for it, classifies its error and
+    # retries.
+
+    def _first_attempt(self, offset: int, length: int) -> tuple[SdsEndpoint, ChunkRef] | None:
+        if (
+            self.closed
+            or self.qos.limited
+            or not length
+            or offset >> CHUNK_SHIFT != (offset + length - 1) >> CHUNK_SHIFT
+        ):
+            return None
+        pool = self.maps.pool(self.volume.pool_id)
+        if pool is None:
+            return None
+        volume_id = self.volume.id
+        chunk = offset >> CHUNK_SHIFT
+        pg = pg_of(volume_id, chunk, pool.pg_count)
+        sds_id = pool.primaries[pg]
+        if sds_id is None:
+            return None
+        return pool.sds[sds_id], ChunkRef(pool.pool_id, pg, pool.epoch, volume_id, chunk)
+
+    def start_read(self, offset: int, length: int, done: FastDone) -> bool:
+        submit: Any = getattr(self.path, "submit_read", None)
+        target = self._first_attempt(offset, length) if submit is not None else None
+        if target is None:
+            return False
+        return self._start(submit, target, Op.READ, "read", offset, length, None, False, done)
+
+    def start_write(self, offset: int, data: memoryview, fua: bool, done: FastDone) -> bool:
+        submit: Any = getattr(self.path, "submit_write", None)
+        length = len(data)
+        target = self._first_attempt(offset, length) if submit is not None else None
+        if target is None:
+            return False
+        return self._start(submit, target, Op.WRITE, "write", offset, length, data, fua, done)
+
+    def _start(
+        self,
+        submit: Any,
+        target: tuple[SdsEndpoint, ChunkRef],
+        op: Op,
+        what: str,
+        offset: int,
+        length: int,
+        data: memoryview | None,
+        fua: bool,
+        done: FastDone,
+    ) -> bool:
+        loop = self._loop
+        if loop is None or loop.is_closed():  # get_running_loop() costs a getpid() on 3.11
+            loop = self._loop = asyncio.get_running_loop()
+        started = time.monotonic()
+        first = loop.time()
+        timer = self._timer
+        reply: DirectReply | None = None
+
+        def slow(res: Reply | None, exc: BaseException | None) -> Coroutine[Any, Any, Any]:
+            fut: asyncio.Future[Reply] = loop.create_future()
+            if exc is not None:
+                fut.set_exception(exc)
+                fut.exception()  # retrieved: _finish raises it, unless it never runs
+            else:
+                assert res is not None
+                fut.set_result(res)
+            return self._finish(fut, op, what, offset, length, data, fua, started, first)
+
+        def replied(res: Reply | None, exc: BaseException | None) -> None:
+            assert reply is not None
+            timer.unwatch(reply)
+            if res is None or res[0]:
+                done((), slow(res, exc))
+                return
+            self.stats.done(what, length, started, True)
+            if data is None:
+                done((ZEROES[:length] if res[1] & _HOLE else res[3],), None)
+            else:
+                done((), None)
+
+        sds, ref = target
+        if data is None:
+            reply = submit(sds, ref, offset & _IN_CHUNK, length, replied)
+        else:
+            reply = submit(sds, ref, offset & _IN_CHUNK, data, fua, replied)
+        if reply is None:
+            return False
+
+        def to_task() -> None:
+            assert reply is not None
+            if reply.done():
+                return
+            fut: asyncio.Future[Reply] = loop.create_future()
+
+            def forward(res: Reply | None, exc: BaseException | None) -> None:
+                if fut.done():  # cancelled: the attempt timed out
+                    return
+                if exc is not None:
+                    fut.set_exception(exc)
+                else:
+                    assert res is not None
+                    fut.set_result(res)
+
+            reply.fn = forward
+            done((), self._finish(fut, op, what, offset, length, data, fua, started, first))
+
+        timer.watch(reply, to_task)
+        return True
+
+    async def _finish(
+        self,
+        fut: asyncio.Future[Reply],
+        op: Op,
+        what: str,
+        offset: int,
+        length: int,
+        data: memoryview | None,
+        fua: bool,
+        started: float,
+        first: float,
+    ) -> Any:
+        """The rest of ``read`` / ``write`` after a first attempt sent without a task."""
+        ok = False
+        path = self.path
+        finish: Callable[..., Awaitable[Any]] = getattr(path, "finish")  # noqa: B009
+        submitted: list[asyncio.Future[Reply]] = [fut]
+        off = offset & _IN_CHUNK
+
+        def call(sds: SdsEndpoint, ref: ChunkRef) -> Awaitable[Any]:
+            if submitted:  # the attempt already sent
+                return finish(op, submitted.pop(), length)
+            if data is None:
+                return path.read(sds, ref, off, length)
+            return path.write(sds, ref, off, data, fua=fua)
+
+        try:
+            result = await self._route(offset >> CHUNK_SHIFT, call, what, first)
+            ok = True
+            return [result] if data is None else None
+        finally:
+            self.stats.done(what, length, started, ok)
 
     async def write_zeroes(self, offset: int, length: int, *, punch_hole: bool, fua: bool) -> None:
         started = time.monotonic()
@@ -303,13 +475,15 @@ class VolumeIO:
         chunk_index: int,
         call: Callable[[SdsEndpoint, ChunkRef], Awaitable[T]],
         what: str,
+        started: float | None = None,
     ) -> T:
-        """Send one piece to its PG's primary, retrying as the module doc says."""
+        """Send one piece to its PG's primary, retrying as the module doc says.
+        ``started``: the loop time its first attempt began, when that was earlier."""
         loop = asyncio.get_running_loop()
         task = asyncio.current_task(loop)
         assert task is not None
         timer = self._timer
-        now = loop.time()
+        now = loop.time() if started is None else started
         deadline = now + self.timeout_s
         attempt = 0
         while True:
@@ -397,14 +571,23 @@ class VolumeIO:
                     return_exceptions=True,
                 )
                 reason = ""
+                primaries = set(pool.primaries)
                 for sds_id, result in zip(todo, results, strict=True):
                     if result is None:
                         done.add(sds_id)
                     elif isinstance(result, DataPathError):
                         if not result.retriable:
                             raise RequestError(result.errno, f"flush: {result}") from result
+                        if sds_id not in primaries:
+                            # Primary of no PG: the primaries' REPL_FLUSH reaches its
+                            # in-sync copies, and a stale (failed) one needs none.
+                            done.add(sds_id)
+                            continue
                         reason = result.reason
                     elif isinstance(result, TimeoutError):
+                        if sds_id not in primaries:
+                            done.add(sds_id)
+                            continue
                         reason = "timeout"
                     elif isinstance(result, BaseException):
                         raise result

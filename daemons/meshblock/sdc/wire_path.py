@@ -27,9 +27,13 @@ from meshblock.wire import (
     WireClient,
     WireError,
 )
+from meshblock.wire.client import ZEROES, DirectReply, Reply
+from meshblock.wire.protocol import Op, ReplyFlag, ReqFlag
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+_HOLE = int(ReplyFlag.HOLE)
+ReplyFn = Callable[[Reply | None, BaseException | None], None]
 
 _ERRNO = {
     Status.NO_SPACE: Errno.ENOSPC,
@@ -133,6 +137,44 @@ class WireDataPath:
             await client.write(pool, pg, epoch, volume, chunk, offset, data, fua=fua)
         except WireError as exc:
             raise classify(exc) from exc
+
+    # Starting READ and WRITE without awaiting (VolumeIO.start_read / start_write):
+    # the reply goes to ``fn`` (meshblock.wire.client.DirectReply); None when the
+    # connection is not open or has no free slot.
+
+    def submit_read(
+        self, sds: SdsEndpoint, ref: ChunkRef, offset: int, length: int, fn: ReplyFn
+    ) -> DirectReply | None:
+        client = self._clients.get((sds.address, sds.data_port))
+        if client is None or client.closed:
+            return None
+        pool, pg, epoch, volume, chunk = ref
+        return client.submit_direct(
+            Op.READ, 0, pool, pg, epoch, volume, chunk, offset, length, None, fn
+        )
+
+    def submit_write(
+        self, sds: SdsEndpoint, ref: ChunkRef, offset: int, data: memoryview, fua: bool, fn: ReplyFn
+    ) -> DirectReply | None:
+        client = self._clients.get((sds.address, sds.data_port))
+        if client is None or client.closed:
+            return None
+        pool, pg, epoch, volume, chunk = ref
+        flags = int(ReqFlag.FUA) if fua else 0
+        return client.submit_direct(
+            Op.WRITE, flags, pool, pg, epoch, volume, chunk, offset, len(data), data, fn
+        )
+
+    async def finish(self, op: Op, fut: asyncio.Future[Reply], length: int) -> Chunk:
+        """What ``read`` (``op`` READ) or ``write`` would have returned or raised, given
+        the outcome (``fut``) of a request started with ``submit_read`` / ``submit_write``."""
+        try:
+            _, rflags, data = await WireClient.result(op, fut)
+        except WireError as exc:
+            raise classify(exc) from exc
+        if op == Op.READ and rflags & _HOLE:
+            return ZEROES[:length]
+        return data
 
     async def write_zeroes(
         self, sds: SdsEndpoint, ref: ChunkRef, offset: int, length: int, *, fua: bool

@@ -67,6 +67,7 @@ async def _data_server(app: web.Application) -> AsyncIterator[None]:
         yield
     finally:
         await rt.server.stop()
+        await rt.service.resync.close()
         await rt.service.peers.close()
 
 
@@ -106,6 +107,18 @@ async def health(request: web.Request) -> web.Response:
                 for d in svc.store.devices
             ],
             "maps": {str(pid): m.epoch for pid, m in sorted(svc.maps.maps.items())},
+            "degraded_writes": {
+                str(pool): {str(pg): n for pg, n in pgs.items()}
+                for pool, pgs in svc.degraded.counts().items()
+            },
+            "resync": {
+                "active": svc.resync.active(),
+                "chunks_total": svc.resync.chunks_total,
+                "bytes_total": svc.resync.bytes_total,
+                "pgs_total": svc.resync.pgs_total,
+                "full_total": svc.resync.full_total,
+                "done": svc.resync.done,
+            },
         }
     )
 

@@ -5,12 +5,19 @@
 
 - the checks of ``docs/protocol.md`` §3: range, epoch against the pool's map
   (``EPOCH_STALE`` for older, a short wait then ``MAP_PENDING`` for newer), the role
-  of this SDS for the PG (``NOT_PRIMARY`` / ``NOT_REPLICA``);
+  of this SDS for the PG (``NOT_PRIMARY`` / ``NOT_REPLICA``; the secondary of a PG
+  that is not ``clean`` holds a stale copy and refuses REPL ops with ``NOT_REPLICA``);
 - reads and the secondary's replication ops run synchronously in the event loop
   (page-cache IO, no task); primary writes run as a task: the write is queued to the
   secondary first, then applied locally, then the secondary's answer is awaited, all
   under a per-chunk range lock (:class:`~meshblock.sds.replication.RangeLocks`);
-- FLUSH syncs the local devices and REPL_FLUSHes the peers written to since.
+- in a PG that is not ``clean`` (degraded / inactive) the primary writes alone and
+  records the chunk in :class:`~meshblock.sds.replication.DegradedWrites`; a write
+  whose forwarding fails for a lost connection is completed alone when our newest map
+  already says that the PG is served by us alone, else refused (``REPLICA_FAILED``);
+- FLUSH syncs the local devices and REPL_FLUSHes the peers written to since; a peer
+  that fails it and is no longer the in-sync secondary of any PG we are primary of
+  holds only stale copies and is dropped from the flush.
 """
 
 from __future__ import annotations
@@ -24,9 +31,10 @@ from typing import TYPE_CHECKING, Any, Final
 from meshblock.chunks import CHUNK_SIZE, pg_of
 from meshblock.sds.maps import MapCache, PgMap
 from meshblock.sds.metrics import SdsStats
-from meshblock.sds.replication import Peers, RangeLocks
+from meshblock.sds.replication import DegradedWrites, Peers, RangeLocks
+from meshblock.sds.resync import Resync
 from meshblock.sds.store import ChunkStore, Device, NoSpace, chunk_key
-from meshblock.wire.client import WireError
+from meshblock.wire.client import ConnectionLost, WireError
 from meshblock.wire.handshake import HandshakeError
 from meshblock.wire.protocol import (
     MAP_WAIT_S,
@@ -47,6 +55,7 @@ _FUA: Final = int(ReqFlag.FUA)
 _HOLE: Final = int(ReplyFlag.HOLE)
 _WAIT: Final = -1  # check result: the request's epoch is ahead of our map
 _OK: Final = int(Status.OK)
+_LOST: Final = -2  # peer result: the connection to the secondary was lost
 _REPL_OF: Final = {
     Op.WRITE: Op.REPL_WRITE,
     Op.WRITE_ZEROES: Op.REPL_WRITE_ZEROES,
@@ -72,6 +81,12 @@ class DataService:
         self.peers = peers
         self.stats = stats
         self.locks = RangeLocks()
+        self.degraded = DegradedWrites()
+        # The last map of each pool received in this process's life (not from the
+        # state file): a PG leaving clean between two of them starts a complete record.
+        self.seen_maps: dict[int, PgMap] = {}
+        maps.listeners.append(self._map_changed)
+        self.resync = Resync(self)  # after _map_changed: it sees the pruned records
         self.sds_id = 0  # 0 until registered (or loaded from the state file)
         self.dev_by_id: dict[int, Device] = {}
         self.stopping = False
@@ -85,6 +100,40 @@ class DataService:
             if ids is not None:
                 dev.mdm_id, dev.pool_id = ids
         self.dev_by_id = {d.mdm_id: d for d in self.store.devices if d.mdm_id is not None}
+
+    def _map_changed(self, m: PgMap) -> None:
+        prev = self.seen_maps.get(m.pool_id)
+        me = self.sds_id
+        if prev is not None and me and prev.pg_count == m.pg_count:
+            for pg in range(m.pg_count):
+                if (
+                    not m.clean[pg]
+                    and m.primary[pg][0] == me
+                    and prev.clean[pg]
+                    and me in (prev.primary[pg][0], prev.secondary[pg][0])
+                ):
+                    self.degraded.track(m.pool_id, pg)
+        self.seen_maps[m.pool_id] = m
+        self.degraded.prune(m, me)
+
+    def _alone(self, pool: int, pg: int) -> bool:
+        """Whether our newest map of ``pool`` has us as the only in-sync copy of ``pg``."""
+        m = self.maps.maps.get(pool)
+        return (
+            m is not None
+            and bool(self.sds_id)
+            and not m.clean[pg]
+            and m.primary[pg][0] == self.sds_id
+        )
+
+    def _replicates_to(self, peer: int) -> bool:
+        """Whether ``peer`` is the in-sync secondary of some PG we are primary of."""
+        me = self.sds_id
+        for m in self.maps.maps.values():
+            for pg in range(m.pg_count):
+                if m.secondary[pg][0] == peer and m.primary[pg][0] == me and m.clean[pg]:
+                    return True
+        return False
 
     # -- dispatch ---------------------------------------------------------------------
 
@@ -145,7 +194,9 @@ class DataService:
             return Status.INVALID
         if primary:
             return _OK if self.sds_id and m.primary[pg][0] == self.sds_id else Status.NOT_PRIMARY
-        return _OK if self.sds_id and m.secondary[pg][0] == self.sds_id else Status.NOT_REPLICA
+        if self.sds_id and m.secondary[pg][0] == self.sds_id and m.forwards(pg):
+            return _OK
+        return Status.NOT_REPLICA
 
     async def _after_map(
         self, conn: DataConnection, hdr: Header, payload: memoryview, t0: float, primary: bool
@@ -268,7 +319,11 @@ class DataService:
             if op == Op.WRITE and not dev.free and store.location(vol, chunk) is None:
                 self._reply(conn, hdr, t0, Status.NO_SPACE)
                 return
-            sec_id = m.secondary[pg][0]
+            if m.forwards(pg):  # clean, or resyncing: the secondary takes new writes
+                sec_id = m.secondary[pg][0]
+            else:  # the secondary is stale: we are the acting set
+                sec_id = 0
+                self.degraded.record(pool, pg, vol, chunk)
             peer_fut = None
             if sec_id:
                 address = m.sds.get(sec_id)
@@ -283,16 +338,31 @@ class DataService:
                     peer_fut = peer.submit(
                         _REPL_OF[op], flags, pool, pg, epoch, vol, chunk, off, length, payload
                     )
+                except ConnectionLost:
+                    self.stats.peer_error(sec_id)
+                    if not self._alone(pool, pg):
+                        self._reply(conn, hdr, t0, Status.REPLICA_FAILED)
+                        return
+                    self.degraded.record(pool, pg, vol, chunk)  # the map moved on meanwhile
                 except (WireError, HandshakeError):
                     self.stats.peer_error(sec_id)
                     self._reply(conn, hdr, t0, Status.REPLICA_FAILED)
                     return
-                self.peers.dirty.add(sec_id)
+                else:
+                    self.peers.dirty.add(sec_id)
             status = self._apply(op, dev, hdr, payload)
             if status == _OK and flags & _FUA:
                 status = await self._sync([dev])
             if peer_fut is not None:
                 peer_status = await self._peer_result(sec_id, peer_fut)
+                if peer_status == _LOST:
+                    # The secondary went away. If the MDM has meanwhile made us the
+                    # PG's only in-sync copy, our local write is the whole acting set.
+                    if self._alone(pool, pg):
+                        self.degraded.record(pool, pg, vol, chunk)
+                        peer_status = _OK
+                    else:
+                        peer_status = Status.REPLICA_FAILED
                 if status == _OK:
                     status = peer_status
             self._reply(conn, hdr, t0, status)
@@ -304,6 +374,10 @@ class DataService:
     ) -> int:
         try:
             status = (await fut)[0]
+        except ConnectionLost as exc:
+            log.warning("replication to SDS %d failed: %s", sec_id, exc)
+            self.stats.peer_error(sec_id)
+            return _LOST
         except WireError as exc:
             log.warning("replication to SDS %d failed: %s", sec_id, exc)
             self.stats.peer_error(sec_id)
@@ -322,8 +396,17 @@ class DataService:
 
     async def _flush(self, conn: DataConnection, hdr: Header, t0: float, peers: bool) -> None:
         status = await self._sync(None)
-        if status == _OK and peers and await self.peers.flush():
-            status = Status.REPLICA_FAILED
+        if status == _OK and peers:
+            failed = await self.peers.flush()
+            if failed:
+                # A peer that is no longer the in-sync secondary of any PG of ours
+                # holds only stale copies: what it missed does not count.
+                stale = {i for i in failed if not self._replicates_to(i)}
+                if stale:
+                    log.info("not flushing SDS(s) %s: they hold only stale copies", sorted(stale))
+                    self.peers.dirty.difference_update(stale)
+                if len(stale) < len(failed):
+                    status = Status.REPLICA_FAILED
         self._reply(conn, hdr, t0, status)
 
     # -- shutdown ---------------------------------------------------------------------

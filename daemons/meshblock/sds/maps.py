@@ -9,15 +9,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 NO_COPY = (0, 0)  # (sds_id, device_id) of a PG copy that is not placed
+CLEAN = "clean"  # the PG state of a map without ``state`` (state files of older versions)
+RESYNCING = "resyncing"  # the primary forwards writes to the secondary and copies to it
+DEFAULT_REBUILD_CONCURRENCY = 4  # a map without the pool's throttles (older MDM)
 
 
 @dataclass(frozen=True)
 class PgMap:
-    """One pool's map at one epoch; per PG ``(sds_id, device_id)`` of each copy."""
+    """One pool's map at one epoch; per PG ``(sds_id, device_id)`` of each copy and
+    whether the PG is ``clean`` (both copies in sync). In a PG that is not clean
+    (``degraded`` or ``inactive``) the secondary is stale: the primary writes alone;
+    in a ``resyncing`` one the primary forwards writes to the secondary again and
+    copies to it what it missed (:mod:`meshblock.sds.resync`), which is still not
+    read. ``rebuild_*``: the pool's copy throttles (0 MiB/s: unlimited)."""
 
     pool_id: int
     epoch: int
@@ -26,12 +35,28 @@ class PgMap:
     secondary: tuple[tuple[int, int], ...]
     sds: dict[int, tuple[str, int]]  # sds id -> (address, data port)
     doc: dict[str, Any]
+    clean: tuple[bool, ...] = ()  # per PG; empty: every PG is clean
+    resyncing: tuple[bool, ...] = ()  # per PG; empty: none is
+    rebuild_concurrency: int = DEFAULT_REBUILD_CONCURRENCY
+    rebuild_bandwidth_mibps: int = 0
+
+    def __post_init__(self) -> None:
+        if len(self.clean) != self.pg_count:
+            object.__setattr__(self, "clean", (True,) * self.pg_count)
+        if len(self.resyncing) != self.pg_count:
+            object.__setattr__(self, "resyncing", (False,) * self.pg_count)
+
+    def forwards(self, pg: int) -> bool:
+        """Whether the primary of ``pg`` forwards writes to its secondary."""
+        return self.clean[pg] or self.resyncing[pg]
 
     @classmethod
     def from_doc(cls, doc: dict[str, Any]) -> PgMap:
         count = int(doc["pg_count"])
         primary = [NO_COPY] * count
         secondary = [NO_COPY] * count
+        clean = [True] * count
+        resyncing = [False] * count
         for pg in doc["pgs"]:
             i = int(pg["pg"])
             if not 0 <= i < count:
@@ -40,6 +65,9 @@ class PgMap:
                 c = pg.get(key)
                 if c:
                     copies[i] = (int(c["sds_id"]), int(c["device_id"]))
+            state = pg.get("state", CLEAN)
+            clean[i] = state == CLEAN
+            resyncing[i] = state == RESYNCING
         sds = {int(k): (str(v["address"]), int(v["data_port"])) for k, v in doc["sds"].items()}
         return cls(
             pool_id=int(doc["pool_id"]),
@@ -49,6 +77,12 @@ class PgMap:
             secondary=tuple(secondary),
             sds=sds,
             doc=doc,
+            clean=tuple(clean),
+            resyncing=tuple(resyncing),
+            rebuild_concurrency=max(
+                1, int(doc.get("rebuild_concurrency", DEFAULT_REBUILD_CONCURRENCY))
+            ),
+            rebuild_bandwidth_mibps=max(0, int(doc.get("rebuild_bandwidth_mibps", 0))),
         )
 
 
@@ -58,6 +92,7 @@ class MapCache:
     def __init__(self) -> None:
         self.maps: dict[int, PgMap] = {}
         self._changed = asyncio.Event()
+        self.listeners: list[Callable[[PgMap], None]] = []  # called with each newer map
 
     def get(self, pool_id: int) -> PgMap | None:
         return self.maps.get(pool_id)
@@ -72,6 +107,8 @@ class MapCache:
         if old is not None and old.epoch >= m.epoch:
             return False
         self.maps[m.pool_id] = m
+        for listener in self.listeners:
+            listener(m)
         self._changed.set()
         self._changed = asyncio.Event()
         return True

@@ -50,6 +50,7 @@ class MdmLink:
         self._state_path = Path(config.state_dir) / STATE_FILE
         self.reachable = False
         self.registered = asyncio.Event()
+        service.resync.reporter = self._report_synced
 
     # -- state file -------------------------------------------------------------------
 
@@ -67,6 +68,9 @@ class MdmLink:
             self._svc.set_identity(int(state["sds_id"]), devices)
             for doc in state["maps"].values():
                 self._svc.maps.update(PgMap.from_doc(doc))
+            # A cached map may be older than writes we made alone before we stopped:
+            # it must not make a record look complete (resync falls back to full).
+            self._svc.seen_maps.clear()
         except (KeyError, TypeError, ValueError) as exc:
             log.warning("ignoring malformed state file %s: %s", self._state_path, exc)
             return
@@ -148,6 +152,17 @@ class MdmLink:
                 last = exc
                 self._cur = (self._cur + 1) % len(self._urls)
         raise MdmUnavailable(f"no MDM answered ({last!r})")
+
+    async def _report_synced(self, pool_id: int, pg: int, epoch: int) -> bool:
+        """Tell the MDM a PG's secondary is resynchronised; False when it refused."""
+        body = {"pool_id": pool_id, "pg": pg, "epoch": epoch}
+        status, doc = await self._call("POST", f"/api/v1/sds/{self._svc.sds_id}/pg-synced", body)
+        if status == 200:
+            return True
+        if status in (404, 409):
+            log.info("MDM refused PG %d/%d synced at epoch %d: %s", pool_id, pg, epoch, doc)
+            return False
+        raise MdmUnavailable(f"pg-synced answered {status}")
 
     def _unreachable(self, exc: Exception) -> None:
         if self.reachable:

@@ -130,3 +130,20 @@ class SdsCollector(Collector):
         yield GaugeMetricFamily(
             "meshblock_sds_connections", "Open data-protocol connections", value=st.connections
         )
+        rs = svc.resync
+        yield CounterMetricFamily(
+            "meshblock_sds_resync_chunks",
+            "Chunks copied to resynchronising secondaries (written or trimmed)",
+            value=rs.chunks_total,
+        )
+        yield CounterMetricFamily(
+            "meshblock_sds_resync_bytes", "Bytes copied by resyncs", value=rs.bytes_total
+        )
+        yield CounterMetricFamily(
+            "meshblock_sds_resync_pgs",
+            "PGs resynchronised (accepted by the MDM)",
+            value=rs.pgs_total,
+        )
+        yield GaugeMetricFamily(
+            "meshblock_sds_resyncs_active", "PG resyncs in progress", value=len(rs.jobs)
+        )

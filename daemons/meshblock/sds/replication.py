@@ -7,6 +7,9 @@
 - :class:`Peers` keeps one persistent ``SDS_PEER`` data connection per peer SDS,
   opened on first use and again after it broke, and remembers which peers received
   writes since the last FLUSH.
+- :class:`DegradedWrites` remembers, per PG that this SDS serves alone (not
+  ``clean``), which chunks it wrote meanwhile: what a delta resync of the stale
+  copy has to copy (invariant 4).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import asyncio
 import contextlib
 import logging
 
+from meshblock.sds.maps import PgMap
 from meshblock.wire.client import ConnectionLost, WireClient, WireError
 from meshblock.wire.handshake import HandshakeError
 from meshblock.wire.protocol import PeerRole
@@ -139,3 +143,60 @@ class Peers:
         for client in list(self._clients.values()):
             await client.close()
         self._clients.clear()
+
+
+class DegradedWrites:
+    """Per (pool, PG) served alone, the ``(volume, chunk)`` pairs written since the PG
+    left ``clean`` while this SDS was its primary.
+
+    In memory only: an SDS restart loses it, and the resync of such a PG must then
+    copy every chunk of the PG instead of just these. A record is *complete*
+    (:meth:`complete`) only when this process saw the PG leave ``clean`` with an
+    in-sync copy here (:meth:`track`); a PG's record is dropped when a newer map shows
+    it ``clean`` again (resynchronised) or with another primary. A chunk leaves the
+    record once the resync has copied it (:meth:`discard`).
+    """
+
+    def __init__(self) -> None:
+        self._pgs: dict[tuple[int, int], set[tuple[int, int]]] = {}
+        self._tracked: set[tuple[int, int]] = set()
+
+    def track(self, pool_id: int, pg: int) -> None:
+        """The PG just left ``clean`` with our copy in sync: record from now on."""
+        self._pgs.setdefault((pool_id, pg), set())
+        self._tracked.add((pool_id, pg))
+
+    def complete(self, pool_id: int, pg: int) -> bool:
+        """Whether the record lists every chunk written since the PG left ``clean``."""
+        return (pool_id, pg) in self._tracked
+
+    def discard(self, pool_id: int, pg: int, volume: int, chunk: int) -> None:
+        chunks = self._pgs.get((pool_id, pg))
+        if chunks is not None:
+            chunks.discard((volume, chunk))
+
+    def record(self, pool_id: int, pg: int, volume: int, chunk: int) -> None:
+        chunks = self._pgs.get((pool_id, pg))
+        if chunks is None:
+            chunks = self._pgs[(pool_id, pg)] = set()
+        chunks.add((volume, chunk))
+
+    def chunks(self, pool_id: int, pg: int) -> frozenset[tuple[int, int]]:
+        return frozenset(self._pgs.get((pool_id, pg), ()))
+
+    def prune(self, m: PgMap, sds_id: int) -> None:
+        """Forget the PGs of ``m``'s pool that are clean or no longer ours."""
+        for pool_id, pg in list(self._pgs):
+            if pool_id == m.pool_id and (
+                pg >= m.pg_count or m.clean[pg] or m.primary[pg][0] != sds_id
+            ):
+                del self._pgs[(pool_id, pg)]
+                self._tracked.discard((pool_id, pg))
+        self._tracked.intersection_update(self._pgs)
+
+    def counts(self) -> dict[int, dict[int, int]]:
+        """``{pool_id: {pg: chunks written}}`` of every PG with a record."""
+        out: dict[int, dict[int, int]] = {}
+        for (pool_id, pg), chunks in sorted(self._pgs.items()):
+            out.setdefault(pool_id, {})[pg] = len(chunks)
+        return out

@@ -401,6 +401,10 @@ class ChunkStore:
     def location(self, volume: int, chunk: int) -> tuple[Device, int] | None:
         return self._index.get(chunk_key(volume, chunk))
 
+    def chunk_ids(self) -> list[tuple[int, int]]:
+        """``(volume, chunk)`` of every chunk stored here."""
+        return [(key >> 32, key & 0xFFFFFFFF) for key in self._index]
+
     def volume_chunks(self) -> dict[int, int]:
         """Chunks stored here per volume (for the MDM heartbeat)."""
         return {v: n for v, n in self._volume_chunks.items() if n}

@@ -223,7 +223,8 @@ async def check_volume(
     pg_count = int(pgmap["pg_count"])
     placement = copies_of(pgmap, sds_names or {})
     states = states_of(pgmap)
-    report.degraded_pgs = sorted(pg for pg, st in states.items() if st == DEGRADED)
+    # degraded or resyncing: one in-sync copy; the other is stale or being caught up
+    report.degraded_pgs = sorted(pg for pg, st in states.items() if st not in (CLEAN, INACTIVE))
     report.inactive_pgs = sorted(pg for pg, st in states.items() if st == INACTIVE)
     conns = _Connections(secret)
     done = 0

@@ -46,6 +46,7 @@ import itertools
 import logging
 import socket
 import time
+from collections.abc import Callable
 from typing import Any, Final, NamedTuple
 
 from meshblock.chunks import CHUNK_SIZE
@@ -121,6 +122,38 @@ class RawChunk(NamedTuple):
     data: memoryview
 
 
+Reply = tuple[int, int, int, memoryview]  # status, reply flags, server epoch, payload
+
+
+class DirectReply:
+    """Stands for a request in ``pending`` instead of a future: its reply, or the
+    connection's loss, is handed to ``fn(reply, None)`` / ``fn(None, exc)`` at once,
+    from the receive path (no callback scheduled, no extra event-loop pass). ``fn``
+    may be replaced until then. Exceptions from ``fn`` are logged, not raised."""
+
+    __slots__ = ("_done", "fn")
+
+    def __init__(self, fn: Callable[[Reply | None, BaseException | None], None]) -> None:
+        self.fn = fn
+        self._done = False
+
+    def done(self) -> bool:
+        return self._done
+
+    def set_result(self, reply: Reply) -> None:
+        self._call(reply, None)
+
+    def set_exception(self, exc: BaseException) -> None:
+        self._call(None, exc)
+
+    def _call(self, reply: Reply | None, exc: BaseException | None) -> None:
+        self._done = True
+        try:
+            self.fn(reply, exc)
+        except Exception:
+            log.exception("error in a reply callback")
+
+
 class _Protocol(FramedConnection):
     header = REPLY
 
@@ -129,7 +162,7 @@ class _Protocol(FramedConnection):
         self._handshake: ClientHandshake | None = handshake
         self._ready = ready
         self._fixed_need = SERVER_HELLO.size
-        self.pending: dict[int, asyncio.Future[tuple[int, int, int, memoryview]]] = {}
+        self.pending: dict[int, asyncio.Future[Reply] | DirectReply] = {}
         self.lost: ConnectionLost | None = None
         self.last_rx = time.monotonic()
         # callers waiting for a free in-flight slot
@@ -489,6 +522,48 @@ class WireClient:
             payload if length else None,
         )
         return fut
+
+    def submit_direct(
+        self,
+        op: Op,
+        flags: int,
+        pool: int,
+        pg: int,
+        epoch: int,
+        volume: int,
+        chunk: int,
+        offset: int,
+        length: int,
+        payload: Buffer | None,
+        fn: Callable[[Reply | None, BaseException | None], None],
+    ) -> DirectReply | None:
+        """Queue a request whose reply goes to ``fn`` (see :class:`DirectReply`), for
+        callers that would otherwise await the method of ``op``: None (nothing sent)
+        when that method would wait for an in-flight slot or raise at once."""
+        p = self._p
+        if p.lost is not None or len(p.pending) >= MAX_IN_FLIGHT or p.waiters:
+            return None
+        rid = next(self._ids)
+        if not p.pending:
+            p.last_rx = time.monotonic()
+        reply = DirectReply(fn)
+        p.pending[rid] = reply
+        p.send_request(
+            REQUEST.pack(
+                REQUEST_MAGIC, op, flags, 0, rid, pool, pg, epoch, volume, chunk, offset, length
+            ),
+            payload if length else None,
+        )
+        return reply
+
+    @staticmethod
+    async def result(op: Op, fut: asyncio.Future[Reply]) -> tuple[int, int, memoryview]:
+        """``(server epoch, reply flags, payload)`` of a submitted request, raising as
+        the methods do (:class:`RequestError`, :class:`ConnectionLost`)."""
+        status, rflags, repoch, data = await fut
+        if status:
+            raise RequestError(op, status, repoch)
+        return repoch, rflags, data
 
     # -- the engine -------------------------------------------------------------------
 

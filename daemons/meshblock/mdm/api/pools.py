@@ -153,6 +153,10 @@ async def get_pool(request: web.Request) -> web.Response:
         return json(pool_doc(pool, cap))
 
 
+# Pool settings the SDSs need: in the PG map, whose epoch a change bumps.
+REBUILD_THROTTLES = ("rebuild_concurrency", "rebuild_bandwidth_mibps")
+
+
 @routes.route(
     "PATCH",
     r"/api/v1/pools/{id:\d+}",
@@ -166,12 +170,15 @@ async def get_pool(request: web.Request) -> web.Response:
 async def update_pool(request: web.Request, body: dict[str, Any]) -> web.Response:
     async with change(request) as s:
         pool = await get_or_404(s, StoragePool, path_id(request), "storage pool")
+        throttles = {k: getattr(pool, k) for k in REBUILD_THROTTLES}
         if "name" in body:
             await name_free(s, StoragePool, body["name"], "storage pool", pool.id)
             pool.name = body["name"]
         for k in SETTINGS:
             if k in body:
                 setattr(pool, k, body[k])
+        if any(k in body and body[k] != old for k, old in throttles.items()):
+            pool.map_epoch += 1  # the map document carries them to the SDSs
         _check_thresholds(pool.capacity_alert_high_percent, pool.capacity_alert_critical_percent)
         await s.flush()
         cap = (await pool_capacities(s, [pool.id]))[pool.id]

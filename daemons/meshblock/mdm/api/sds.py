@@ -11,7 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import selectinload
 
 from meshblock.auth import Role
-from meshblock.mdm import pgmaps, schemas
+from meshblock.mdm import failures, pgmaps, schemas
 from meshblock.mdm.api import routes
 from meshblock.mdm.api.common import (
     change,
@@ -427,3 +427,21 @@ async def sds_heartbeat(request: web.Request, body: dict[str, Any]) -> web.Respo
             await get_or_404(s, Sds, sds_id, "SDS")
     c.liveness.beat("sds", sds_id, body.get("devices"), body.get("volumes"))
     return json({"state": "connected", "epoch": c.notifier.epoch})
+
+
+@routes.route(
+    "POST",
+    r"/api/v1/sds/{id:\d+}/pg-synced",
+    role=Role.COMPONENT,
+    tag=TAG,
+    summary="A primary SDS reports a PG's secondary resynchronised: the PG becomes clean",
+    body=schemas.PG_SYNCED,
+    response="PgSynced",
+    errors=(404, 409),
+)
+async def pg_synced(request: web.Request, body: dict[str, Any]) -> web.Response:
+    async with change(request) as s:
+        epoch = await failures.mark_synced(
+            s, path_id(request), int(body["pool_id"]), int(body["pg"]), int(body["epoch"])
+        )
+    return json({"pool_id": body["pool_id"], "pg": body["pg"], "state": "clean", "epoch": epoch})

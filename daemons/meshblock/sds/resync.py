@@ -1,0 +1,238 @@
+"""Resynchronisation of a returning secondary (DESIGN.md invariant 4).
+
+When the MDM puts a PG this SDS is primary of in ``resyncing`` (its stale secondary's
+SDS is back), new writes are forwarded to the secondary again (io_path) and a job
+here copies what the secondary missed:
+
+- the chunks in the PG's :class:`~meshblock.sds.replication.DegradedWrites` record
+  when it is complete (this process saw the PG leave ``clean``): the delta;
+- else every chunk of the PG this SDS holds: a full copy.
+
+Each chunk is copied under the chunk's range lock over the whole chunk, the lock the
+replication path takes, so a client write to it is applied on both copies either
+before the copy (which then carries it) or after it (forwarded as usual). A chunk
+we hold is sent as a whole-chunk REPL_WRITE, one we no longer hold as a whole-chunk
+REPL_TRIM. Copies run ``rebuild_concurrency`` at a time per pool and are paced to
+``rebuild_bandwidth_mibps`` (0: unlimited), both read from the newest map, so a change
+of the pool's settings applies to the next chunk. When every chunk is copied the
+secondary is flushed and the MDM told (``POST /api/v1/sds/{id}/pg-synced``), which
+makes the PG clean at a new map epoch.
+
+Known gap: a full copy does not remove chunks that only the stale secondary holds
+(trimmed here while no record was kept); they read as stale data on that copy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
+
+from meshblock.chunks import CHUNK_SIZE, pg_of
+from meshblock.sds.maps import PgMap
+from meshblock.sds.store import chunk_key
+from meshblock.wire.client import WireError
+from meshblock.wire.handshake import HandshakeError
+from meshblock.wire.protocol import Op, Status
+
+if TYPE_CHECKING:
+    from meshblock.sds.io_path import DataService
+
+log = logging.getLogger(__name__)
+
+RESTART_S = 1.0  # pause before restarting a PG's resync that did not finish
+RETRY_S = 0.5  # pause before retrying a chunk the secondary refused (map not there yet)
+# Tells the MDM a PG is synced: (pool, pg, epoch) -> True (done) / False (refused).
+Reporter = Callable[[int, int, int], Awaitable[bool]]
+
+
+class ResyncAborted(Exception):
+    """The PG is no longer ours to resync at this map (or the secondary is gone)."""
+
+
+class Resync:
+    """The resync jobs of the PGs this SDS is primary of, and their counters."""
+
+    def __init__(self, service: DataService) -> None:
+        self.svc = service
+        self.reporter: Reporter | None = None
+        self.jobs: dict[tuple[int, int], tuple[int, asyncio.Task[bool]]] = {}
+        self._slots: dict[int, int] = {}  # copies in progress per pool
+        self._slot_freed = asyncio.Event()
+        self._next_send = 0.0  # bandwidth pacing: when the next chunk may go
+        self.chunks_total = 0  # chunks copied (written or trimmed on the secondary)
+        self.bytes_total = 0
+        self.pgs_total = 0  # PGs resynchronised (the MDM accepted the report)
+        self.full_total = 0  # of which were full copies (no complete record)
+        # the last completed resync of each PG: chunks, full, target SDS, seconds
+        self.done: dict[str, dict[str, int | float | bool]] = {}
+        service.maps.listeners.append(self.map_changed)
+
+    def map_changed(self, m: PgMap) -> None:
+        me = self.svc.sds_id
+        for pg in range(m.pg_count):
+            key = (m.pool_id, pg)
+            mine = bool(me) and m.resyncing[pg] and m.primary[pg][0] == me
+            job = self.jobs.get(key)
+            if job is not None and not mine:
+                job[1].cancel()
+                del self.jobs[key]
+            elif job is None and mine:
+                self._start(m.pool_id, pg, m.epoch)
+
+    def _start(self, pool: int, pg: int, epoch: int) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # maps loaded before the loop runs: the first live map starts it
+        task = loop.create_task(self._job(pool, pg, epoch), name=f"resync-{pool}-{pg}")
+        self.jobs[(pool, pg)] = (epoch, task)
+        task.add_done_callback(lambda t: self._done(pool, pg, t))
+
+    def _done(self, pool: int, pg: int, task: asyncio.Task[bool]) -> None:
+        job = self.jobs.get((pool, pg))
+        if job is not None and job[1] is task:
+            del self.jobs[(pool, pg)]
+        if task.cancelled():
+            return
+        if task.exception() is not None:
+            log.warning("resync of PG %d/%d stopped: %s", pool, pg, task.exception())
+        if not task.exception() and task.result():
+            return
+        # Still resyncing (the copy failed, or the MDM refused an old epoch): again
+        # from the newest map, after a pause.
+        asyncio.get_running_loop().call_later(RESTART_S, self._restart, pool)
+
+    def _restart(self, pool: int) -> None:
+        m = self.svc.maps.maps.get(pool)
+        if m is not None:
+            self.map_changed(m)
+
+    def active(self) -> dict[str, int]:
+        return {f"{pool}/{pg}": epoch for (pool, pg), (epoch, _) in sorted(self.jobs.items())}
+
+    async def close(self) -> None:
+        tasks = [t for _, t in self.jobs.values()]
+        self.jobs.clear()
+        for t in tasks:
+            t.cancel()
+        if tasks:
+            await asyncio.wait(tasks)
+
+    # -- one PG -----------------------------------------------------------------------
+
+    async def _job(self, pool: int, pg: int, epoch: int) -> bool:
+        """Copy, then report; True once the MDM accepted the report."""
+        svc = self.svc
+        full = not svc.degraded.complete(pool, pg)
+        m = svc.maps.maps[pool]
+        if full:
+            chunks = sorted(
+                (v, c) for v, c in svc.store.chunk_ids() if pg_of(v, c, m.pg_count) == pg
+            )
+        else:
+            chunks = sorted(svc.degraded.chunks(pool, pg))
+        log.info(
+            "resync of PG %d/%d to SDS %d: %s copy of %d chunk(s)",
+            pool,
+            pg,
+            m.secondary[pg][0],
+            "full" if full else "delta",
+            len(chunks),
+        )
+        t0 = time.monotonic()
+        try:
+            await asyncio.gather(*(self._copy_limited(pool, pg, v, c) for v, c in chunks))
+            sec_id = m.secondary[pg][0]
+            address = self._target(pool, pg)
+            client = await svc.peers.get(sec_id, address)
+            await client.repl_flush()
+        except (WireError, HandshakeError) as exc:
+            raise ResyncAborted(f"secondary unreachable: {exc}") from exc
+        while self.reporter is not None:
+            try:
+                accepted = await self.reporter(pool, pg, epoch)
+            except Exception as exc:  # MDM unreachable: keep trying, the copy stands
+                log.warning("cannot report PG %d/%d synced: %s", pool, pg, exc)
+                await asyncio.sleep(1.0)
+                continue
+            if accepted:
+                self.pgs_total += 1
+                self.full_total += full
+                self.done[f"{pool}/{pg}"] = {
+                    "chunks": len(chunks),
+                    "full": full,
+                    "target": m.secondary[pg][0],
+                    "seconds": round(time.monotonic() - t0, 3),
+                }
+                log.info(
+                    "PG %d/%d resynchronised (%d chunk(s) in %.2f s)",
+                    pool,
+                    pg,
+                    len(chunks),
+                    time.monotonic() - t0,
+                )
+            return accepted
+        return False
+
+    def _target(self, pool: int, pg: int) -> tuple[str, int]:
+        m = self.svc.maps.maps[pool]
+        me = self.svc.sds_id
+        if not (m.resyncing[pg] and m.primary[pg][0] == me):
+            raise ResyncAborted(f"PG {pool}/{pg} is no longer resyncing from us")
+        address = m.sds.get(m.secondary[pg][0])
+        if address is None:
+            raise ResyncAborted(f"no address of the secondary of PG {pool}/{pg}")
+        return address
+
+    async def _copy_limited(self, pool: int, pg: int, volume: int, chunk: int) -> None:
+        while self._slots.get(pool, 0) >= self.svc.maps.maps[pool].rebuild_concurrency:
+            self._slot_freed.clear()
+            await self._slot_freed.wait()
+        self._slots[pool] = self._slots.get(pool, 0) + 1
+        try:
+            await self._pace(pool)
+            await self._copy(pool, pg, volume, chunk)
+        finally:
+            self._slots[pool] -= 1
+            self._slot_freed.set()
+
+    async def _pace(self, pool: int) -> None:
+        mibps = self.svc.maps.maps[pool].rebuild_bandwidth_mibps
+        if not mibps:
+            return
+        now = time.monotonic()
+        start = max(now, self._next_send)
+        self._next_send = start + CHUNK_SIZE / (mibps * 1024 * 1024)
+        if start > now:
+            await asyncio.sleep(start - now)
+
+    async def _copy(self, pool: int, pg: int, volume: int, chunk: int) -> None:
+        svc = self.svc
+        key = chunk_key(volume, chunk)
+        while True:
+            ticket, earlier = svc.locks.acquire(key, 0, CHUNK_SIZE)
+            try:
+                for earlier_write in earlier:
+                    await earlier_write
+                address = self._target(pool, pg)
+                m = svc.maps.maps[pool]
+                sec_id = m.secondary[pg][0]
+                data = svc.store.read(volume, chunk, 0, CHUNK_SIZE)
+                peer = svc.peers.connected(sec_id, address) or await svc.peers.get(sec_id, address)
+                op = Op.REPL_TRIM if data is None else Op.REPL_WRITE
+                reply = peer.submit(op, 0, pool, pg, m.epoch, volume, chunk, 0, CHUNK_SIZE, data)
+                svc.peers.dirty.add(sec_id)
+                status = (await reply)[0]
+            finally:
+                svc.locks.release(key, ticket)
+            if status == Status.OK:
+                svc.degraded.discard(pool, pg, volume, chunk)
+                self.chunks_total += 1
+                self.bytes_total += 0 if data is None else CHUNK_SIZE
+                return
+            if status not in (Status.MAP_PENDING, Status.EPOCH_STALE, Status.NOT_REPLICA):
+                raise ResyncAborted(f"SDS {sec_id} refused chunk {volume}/{chunk}: {status}")
+            await asyncio.sleep(RETRY_S)  # its map or ours is behind: try again

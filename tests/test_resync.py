@@ -1,0 +1,223 @@
+"""A returning SDS is resynchronised before its copies count again (DESIGN.md
+invariant 4; docs/mdm.md "Failures", docs/sds.md "Resync").
+
+Real MDM (heartbeat timeout 3 s), three real SDSs in three fault sets, the real SDC.
+An SDS is SIGKILLed, new data is written through NBD while it is down, it comes back:
+its PGs go ``resyncing`` then ``clean``, the primaries copy exactly the chunks they
+wrote alone (the delta), and the replica checker finds every chunk identical and fully
+redundant. Then a primary restarts while its peer is down: it has no record of what
+it wrote alone, so it copies every chunk of those PGs (full).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+import urllib.request
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from _mdm import MdmDaemon
+from _sdc import SdcDaemon
+from _sds import PG_COUNT, POOL, SdsDaemon
+from meshblock.chunks import CHUNK_SIZE, pg_of
+from meshblock.tools.replica_check import check_volume
+from test_failover import HEARTBEAT_TIMEOUT_S, VOLUME, Failover, wait_degraded
+from test_nbd_server import qemu_io
+
+CLEAN_TIMEOUT_S = 30.0
+MiB = 1024 * 1024
+BASE_CHUNKS = set(range(16))  # written before any failure
+
+
+@pytest.fixture(scope="module")
+def rs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Failover]:
+    root = tmp_path_factory.mktemp("resync")
+    mdm = MdmDaemon(
+        root / "mdm",
+        f"sqlite+aiosqlite:///{root / 'mdm.db'}",
+        {"cluster": {"heartbeat_timeout_s": HEARTBEAT_TIMEOUT_S}},
+    )
+    mdm.start()
+    daemons: list[SdsDaemon] = []
+    sdc: SdcDaemon | None = None
+    try:
+        api = mdm.api()
+        status, pd = api.post("/api/v1/protection-domains", {"name": "pd1"})
+        assert status == 201, pd
+        for i in range(1, 4):
+            status, body = api.post(
+                "/api/v1/fault-sets", {"name": f"fs{i}", "protection_domain_id": pd["id"]}
+            )
+            assert status == 201, body
+        status, pool = api.post(
+            "/api/v1/pools",
+            {"name": POOL, "protection_domain_id": pd["id"], "pg_count": PG_COUNT},
+        )
+        assert status == 201, pool
+        daemons = [SdsDaemon(root / f"sds{i}", f"sds{i}", mdm, f"fs{i}") for i in range(1, 4)]
+        for d in daemons:
+            d.start()
+        for d in daemons:
+            d.wait_serving()
+        sdc = SdcDaemon(root / "sdc", mdm)
+        sdc.start()
+        sdc_id = sdc.wait_for("registration", lambda h: h["sdc_id"] is not None)["sdc_id"]
+        status, vol = api.post(
+            "/api/v1/volumes",
+            {"name": VOLUME, "pool_id": pool["id"], "size": "64MiB", "type": "thin"},
+        )
+        assert status == 201, vol
+        status, m = api.post("/api/v1/mappings", {"volume_id": vol["id"], "sdc_id": sdc_id})
+        assert status == 201, m
+        sdc.wait_for("the export", lambda h: VOLUME in {e["name"] for e in h["exports"]})
+        yield Failover(mdm, daemons, sdc, int(pool["id"]), int(vol["id"]))
+    finally:
+        if sdc is not None:
+            sdc.stop()
+        for d in daemons:
+            d.stop()
+        mdm.stop()
+        mdm.kill()
+
+
+def resync_counts(d: SdsDaemon) -> dict[str, Any]:
+    return dict(d.health()["resync"])
+
+
+def wait_clean(rs: Failover, timeout: float = CLEAN_TIMEOUT_S) -> tuple[dict[str, Any], float]:
+    t0 = time.monotonic()
+    while True:
+        doc = rs.pgmap()
+        states = {pg["state"] for pg in doc["pgs"]}
+        if states == {"clean"}:
+            return doc, time.monotonic() - t0
+        if time.monotonic() - t0 > timeout:
+            raise AssertionError(f"PGs not clean after {timeout} s: {doc}\n{rs.logs()}")
+        time.sleep(0.2)
+
+
+def write_chunks(rs: Failover, chunks: list[int], pattern: int) -> None:
+    """4 KiB of ``pattern`` in the middle of each chunk, flushed."""
+    cmds = [f"write -P {pattern:#x} {c * MiB + 256 * 1024} 4k" for c in chunks]
+    qemu_io(rs.sdc.uri(VOLUME), *cmds, "flush")
+    reads = [f"read -P {pattern:#x} {c * MiB + 256 * 1024} 4k" for c in chunks]
+    qemu_io(rs.sdc.uri(VOLUME), *reads, read_only=True)
+
+
+def verify(rs: Failover, doc: dict[str, Any]) -> dict[str, Any]:
+    vol = {"id": rs.volume_id, "name": VOLUME, "size_bytes": 64 * CHUNK_SIZE}
+    report = asyncio.run(check_volume(vol, doc, rs.mdm.cluster_secret))
+    out = report.to_json()
+    assert report.ok and report.fully_redundant, out
+    assert out["identical"] == 64, out
+    return out
+
+
+def pgs_between(doc: dict[str, Any], primary: int, secondary: int) -> set[int]:
+    return {
+        pg["pg"]
+        for pg in doc["pgs"]
+        if pg["primary"]["sds_id"] == primary and pg["secondary"]["sds_id"] == secondary
+    }
+
+
+def in_pgs(rs: Failover, chunks: set[int], pgs: set[int]) -> int:
+    return sum(1 for c in chunks if pg_of(rs.volume_id, c, PG_COUNT) in pgs)
+
+
+def restart(rs: Failover, d: SdsDaemon, timeout: float = CLEAN_TIMEOUT_S) -> float:
+    t0 = time.monotonic()
+    d.start()
+    d.wait_serving()
+    wait_clean(rs, timeout)
+    return time.monotonic() - t0
+
+
+def test_delta_resync_after_return(rs: Failover) -> None:
+    qemu_io(rs.sdc.uri(VOLUME), f"write -P 0x11 0 {len(BASE_CHUNKS)}M", "flush")
+    wait_clean(rs)
+    victim = rs.sds[1]
+    dead = rs.sds_id(victim)
+    others = [d for d in rs.sds if d is not victim]
+    before = {rs.sds_id(d): resync_counts(d)["chunks_total"] for d in others}
+
+    assert victim.stop(signal.SIGKILL) == -signal.SIGKILL
+    down = wait_degraded(rs, dead)
+    # new data while it is away: some chunks written before, two new ones
+    changed = [1, 4, 7, 9, 12, 15, 40, 50]
+    write_chunks(rs, changed, 0x77)
+    expect = {
+        rs.sds_id(d): in_pgs(rs, set(changed), pgs_between(down, rs.sds_id(d), dead))
+        for d in others
+    }
+    assert sum(expect.values()) > 0, "no changed chunk in a degraded PG"
+    recorded = {
+        rs.sds_id(d): sum(d.health()["degraded_writes"].get(str(rs.pool_id), {}).values())
+        for d in others
+    }
+    assert recorded == expect
+
+    took = restart(rs, victim)
+    print(f"delta resync: victim restarted and every PG clean in {took:.1f} s")
+    doc = rs.pgmap()
+    assert doc["epoch"] > down["epoch"]
+    for d in others:
+        counts = resync_counts(d)
+        sid = rs.sds_id(d)
+        assert counts["chunks_total"] - before[sid] == expect[sid], (counts, expect, rs.logs())
+        assert counts["full_total"] == 0, counts
+        assert not counts["active"], counts
+    assert resync_counts(victim)["chunks_total"] == 0
+
+    out = verify(rs, doc)
+    print(f"replica check after delta resync: {out['identical']} chunk(s) identical")
+    reads = [f"read -P 0x77 {c * MiB + 256 * 1024} 4k" for c in changed]
+    qemu_io(rs.sdc.uri(VOLUME), *reads, read_only=True)
+    # the metric says the same
+    d = others[0]
+    with urllib.request.urlopen(d.control_url + "/metrics", timeout=5) as r:
+        text = r.read().decode()
+    want = f"meshblock_sds_resync_chunks_total {float(resync_counts(d)['chunks_total'])}"
+    assert want in text, text
+
+
+def test_full_resync_when_the_primary_lost_its_record(rs: Failover) -> None:
+    wait_clean(rs)
+    victim, restarted, other = rs.sds[2], rs.sds[0], rs.sds[1]
+    dead = rs.sds_id(victim)
+    before = {d: resync_counts(d) for d in (restarted, other)}
+
+    assert victim.stop(signal.SIGKILL) == -signal.SIGKILL
+    wait_degraded(rs, dead)
+    changed = [2, 5, 8, 13, 44]
+    write_chunks(rs, changed, 0x3C)
+    # the primary restarts (cleanly, quickly): what it wrote alone is forgotten
+    assert restarted.stop() == 0
+    restarted.start()
+    restarted.wait_serving()
+    write_chunks(rs, [3, 6], 0x4D)  # more while both are away from their record
+    took = restart(rs, victim)
+    print(f"full resync: victim restarted and every PG clean in {took:.1f} s")
+    # Judged per PG from each primary's record of its resyncs: a slow restart may
+    # have failed PGs over meanwhile, which changes who copies what, not the rule.
+    stored = BASE_CHUNKS | {1, 4, 7, 9, 12, 15, 40, 50} | set(changed) | {3, 6}
+    fulls = 0
+    for d in (restarted, other):
+        counts = resync_counts(d)
+        for key, job in counts["done"].items():
+            pool, pg = map(int, key.split("/"))
+            if job["target"] != dead or pool != rs.pool_id:
+                continue
+            if job["full"]:
+                fulls += 1
+                assert job["chunks"] == in_pgs(rs, stored, {pg}), (d.name, key, job)
+            else:
+                assert d is other, (d.name, key, job)  # the restarted one kept no record
+                assert job["chunks"] == in_pgs(rs, set(changed) | {3, 6}, {pg}), (key, job)
+    assert fulls > 0 and resync_counts(restarted)["full_total"] > 0
+    assert resync_counts(other)["full_total"] == before[other]["full_total"]
+    verify(rs, rs.pgmap())
