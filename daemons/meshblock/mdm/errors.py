@@ -9,74 +9,43 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 from aiohttp import web
 from sqlalchemy.exc import IntegrityError
 
+from meshblock.http_errors import (
+    HTTP_CODES,
+    ApiError,
+    BadRequest,
+    Conflict,
+    Forbidden,
+    Invalid,
+    NotFound,
+    Unauthorized,
+    error_body,
+)
+
+__all__ = [
+    "HTTP_CODES",
+    "ApiError",
+    "BadRequest",
+    "Conflict",
+    "Forbidden",
+    "Handler",
+    "InsufficientCapacity",
+    "Invalid",
+    "NotFound",
+    "Unauthorized",
+    "error_body",
+    "error_middleware",
+]
+
 log = logging.getLogger(__name__)
-
-
-class ApiError(Exception):
-    status = 500
-    code = "internal"
-
-    def __init__(self, message: str, details: dict[str, Any] | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.details = details
-
-
-class BadRequest(ApiError):
-    status = 400
-    code = "bad_request"
-
-
-class Unauthorized(ApiError):
-    status = 401
-    code = "unauthorized"
-
-
-class Forbidden(ApiError):
-    status = 403
-    code = "forbidden"
-
-
-class NotFound(ApiError):
-    status = 404
-    code = "not_found"
-
-
-class Conflict(ApiError):
-    status = 409
-    code = "conflict"
 
 
 class InsufficientCapacity(Conflict):
     code = "insufficient_capacity"
 
-
-class Invalid(ApiError):
-    status = 422
-    code = "invalid"
-
-
-def error_body(code: str, message: str, details: dict[str, Any] | None = None) -> dict[str, Any]:
-    err: dict[str, Any] = {"code": code, "message": message}
-    if details:
-        err["details"] = details
-    return {"error": err}
-
-
-_HTTP_CODES = {
-    400: "bad_request",
-    401: "unauthorized",
-    403: "forbidden",
-    404: "not_found",
-    405: "method_not_allowed",
-    413: "payload_too_large",
-    415: "unsupported_media_type",
-}
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -104,7 +73,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        code = _HTTP_CODES.get(exc.status, "http_error")
+        code = HTTP_CODES.get(exc.status, "http_error")
         allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
         return web.json_response(error_body(code, exc.reason), status=exc.status, headers=allow)
     except Exception:

@@ -19,55 +19,46 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 from sqlalchemy.exc import IntegrityError
 
+from meshblock.http_errors import (
+    HTTP_CODES,
+    ApiError,
+    BadRequest,
+    Conflict,
+    Forbidden,
+    Invalid,
+    NotFound,
+    Unauthorized,
+    error_body,
+)
+
+__all__ = [
+    "HTTP_CODES",
+    "ApiError",
+    "BadRequest",
+    "Conflict",
+    "CsrfError",
+    "ErrorPage",
+    "Forbidden",
+    "Handler",
+    "Invalid",
+    "LoginRequired",
+    "NotFound",
+    "Unauthorized",
+    "Upstream",
+    "error_body",
+    "error_middleware",
+    "wants_json",
+]
+
 log = logging.getLogger(__name__)
-
-
-class ApiError(Exception):
-    status = 500
-    code = "internal"
-
-    def __init__(self, message: str, details: dict[str, Any] | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.details = details
-
-
-class BadRequest(ApiError):
-    status = 400
-    code = "bad_request"
-
-
-class Unauthorized(ApiError):
-    status = 401
-    code = "unauthorized"
 
 
 class LoginRequired(Unauthorized):
     """No valid session: pages redirect to ``/login``, the API answers 401."""
 
 
-class Forbidden(ApiError):
-    status = 403
-    code = "forbidden"
-
-
 class CsrfError(Forbidden):
     code = "csrf"
-
-
-class NotFound(ApiError):
-    status = 404
-    code = "not_found"
-
-
-class Conflict(ApiError):
-    status = 409
-    code = "conflict"
-
-
-class Invalid(ApiError):
-    status = 422
-    code = "invalid"
 
 
 class Upstream(ApiError):
@@ -77,27 +68,10 @@ class Upstream(ApiError):
     code = "upstream"
 
 
-def error_body(code: str, message: str, details: dict[str, Any] | None = None) -> dict[str, Any]:
-    err: dict[str, Any] = {"code": code, "message": message}
-    if details:
-        err["details"] = details
-    return {"error": err}
-
-
 def wants_json(request: web.Request) -> bool:
     p = request.path
     return p.startswith(("/api/", "/health/api/")) or p == "/metrics"
 
-
-_HTTP_CODES = {
-    400: "bad_request",
-    401: "unauthorized",
-    403: "forbidden",
-    404: "not_found",
-    405: "method_not_allowed",
-    413: "payload_too_large",
-    415: "unsupported_media_type",
-}
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 ErrorPage = Callable[[web.Request, int, str, str], web.Response]
@@ -155,7 +129,7 @@ async def _handle(
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        code = _HTTP_CODES.get(exc.status, "http_error")
+        code = HTTP_CODES.get(exc.status, "http_error")
         allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
         return _answer(error_page, request, exc.status, code, exc.reason, None, allow)
     except Exception:
