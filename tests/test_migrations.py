@@ -115,7 +115,7 @@ def test_migrate_twice_is_a_no_op(empty_db: str, caplog: pytest.LogCaptureFixtur
         lambda c: c.execute(text("INSERT INTO protection_domains (name) VALUES ('pd-kept')")),
     )
 
-    caplog.set_level(logging.INFO, logger="meshblock.mdm.db")
+    caplog.set_level(logging.INFO, logger="meshblock.sqlstore")
     caplog.clear()
     with_engine(empty_db, migrate)
 

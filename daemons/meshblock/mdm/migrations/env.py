@@ -20,6 +20,7 @@ def run_migrations_online() -> None:
         connection=connection,
         target_metadata=target_metadata,
         render_as_batch=connection.dialect.name == "sqlite",
+        version_table=context.config.attributes.get("version_table", "alembic_version"),
         compare_type=True,
     )
     with context.begin_transaction():

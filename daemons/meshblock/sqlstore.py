@@ -1,0 +1,138 @@
+"""The SQL store shared by the MDM and MGMT: engines, sessions, schema migrations.
+
+SQLite (``sqlite+aiosqlite``) runs in WAL mode with foreign keys enforced; PostgreSQL
+(``postgresql+asyncpg``) is the production engine. Each daemon has its own Alembic
+migrations (:class:`Migrations`) and version table, so that both may share one
+PostgreSQL database. On start a daemon brings an older schema up to date and refuses
+a schema newer than it knows (a downgrade of the software) with a message that says so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config as AlembicConfig
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import event
+from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import create_async_engine as _create_async_engine
+
+log = logging.getLogger(__name__)
+
+
+class SchemaError(Exception):
+    """The database schema cannot be used by this release."""
+
+
+def redact_url(url: str) -> str:
+    """The URL with any password hidden, for logs and errors."""
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def create_engine(url: str, echo: bool = False, pool_size: int = 10) -> AsyncEngine:
+    u = make_url(url)
+    kwargs: dict[str, Any] = {"echo": echo}
+    sqlite = u.get_backend_name() == "sqlite"
+    if sqlite:
+        if u.database and u.database != ":memory:":
+            Path(u.database).parent.mkdir(parents=True, exist_ok=True)
+        kwargs["connect_args"] = {"timeout": 30}
+    else:
+        kwargs["pool_size"] = pool_size
+        kwargs["max_overflow"] = 2 * pool_size
+        kwargs["pool_pre_ping"] = True
+    engine = _create_async_engine(u, **kwargs)
+    if sqlite:
+        event.listen(engine.sync_engine, "connect", _on_sqlite_connect)
+    return engine
+
+
+def _on_sqlite_connect(dbapi_conn: Any, _record: Any) -> None:
+    cur = dbapi_conn.cursor()
+    for pragma in ("journal_mode=WAL", "synchronous=NORMAL", "foreign_keys=ON",
+                   "busy_timeout=30000"):  # fmt: skip
+        cur.execute(f"PRAGMA {pragma}")
+    cur.close()
+
+
+def session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
+    return async_sessionmaker(engine, expire_on_commit=False)
+
+
+class Migrations:
+    """One daemon's Alembic migrations: ``directory`` and its version table."""
+
+    def __init__(self, directory: Path, version_table: str, owner: str) -> None:
+        self.directory = directory
+        self.version_table = version_table
+        self.owner = owner  # "the MDM", "MGMT": for messages
+
+    def config(self) -> AlembicConfig:
+        cfg = AlembicConfig()
+        cfg.set_main_option("script_location", str(self.directory))
+        cfg.attributes["version_table"] = self.version_table
+        return cfg
+
+    def _upgrade(self, conn: Connection) -> tuple[str | None, str]:
+        cfg = self.config()
+        scripts = ScriptDirectory.from_config(cfg)
+        head = scripts.get_current_head()
+        if head is None:
+            raise SchemaError(f"{self.owner} ships no schema migrations (broken installation)")
+        current = MigrationContext.configure(
+            conn, opts={"version_table": self.version_table}
+        ).get_current_revision()
+        if current is not None:
+            try:
+                scripts.get_revision(current)
+            except Exception:
+                raise SchemaError(
+                    f"the database schema of {self.owner} is at revision {current}, which "
+                    f"this release of meshblock does not know (newest known: {head}); it was "
+                    "written by a newer release. Run that release, or restore a backup made "
+                    "before the upgrade."
+                ) from None
+        if current != head:
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, "head")
+        return current, head
+
+    async def migrate(self, engine: AsyncEngine) -> None:
+        """Bring the schema to this release's head revision, or raise SchemaError."""
+        async with engine.begin() as conn:
+            before, head = await conn.run_sync(self._upgrade)
+        if before != head:
+            log.info("database schema upgraded from %s to %s", before or "empty", head)
+        else:
+            log.info("database schema is current (%s)", head)
+
+
+class WriteGate:
+    """Lets one write transaction at a time through, on SQLite.
+
+    SQLite has a single writer. Without the gate, a transaction that holds the write
+    lock while its coroutine waits for the event loop makes every other writer spin in
+    SQLite's busy handler, and under load they give up ("database is locked"). Queued
+    on an asyncio lock instead, writers wait their turn without a timeout. PostgreSQL
+    needs no gate: its writers run concurrently.
+    """
+
+    def __init__(self, url: str) -> None:
+        serial = make_url(url).get_backend_name() == "sqlite"
+        self._lock = asyncio.Lock() if serial else None
+
+    @asynccontextmanager
+    async def __call__(self) -> AsyncIterator[None]:
+        if self._lock is None:
+            yield
+            return
+        async with self._lock:
+            yield
