@@ -16,13 +16,16 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import _http
 from _mdm import MdmDaemon
-from _sds import SdsDaemon
+from _sdc import SdcDaemon
+from _sds import PG_COUNT, POOL, SdsDaemon
 from meshblock.chunks import pg_of
 
 LAB_PORTS = 9  # a lab uses ports BASE..BASE+8
@@ -258,3 +261,77 @@ def process_running(pid: int) -> bool:
     except OSError:
         return False
     return stat[stat.rfind(b")") + 2 :][:1] not in (b"Z", b"X")
+
+
+@dataclass
+class SmallCluster:
+    """An MDM, three SDSs in three fault sets and an SDC with one volume mapped: the
+    shape the failure tests need, with the MDM's settings of the test's choosing."""
+
+    mdm: MdmDaemon
+    sds: list[SdsDaemon]
+    sdc: SdcDaemon
+    pool_id: int
+    volume_id: int
+
+    def pgmap(self) -> dict[str, Any]:
+        status, doc = self.mdm.api().get(f"/api/v1/pools/{self.pool_id}/pgmap")
+        assert status == 200, doc
+        return dict(doc)
+
+    def sds_id(self, d: SdsDaemon) -> int:
+        return int(d.health()["sds_id"])
+
+    def logs(self) -> str:
+        parts = [f"--- {d.name} ---\n{d.log_text()[-3000:]}" for d in self.sds]
+        parts.append(f"--- sdc ---\n{self.sdc.log_text()[-3000:]}")
+        parts.append(f"--- mdm ---\n{self.mdm.log_text()[-3000:]}")
+        return "\n".join(parts)
+
+
+@contextmanager
+def small_cluster(
+    root: Path, volume: str, size: str, mdm_settings: dict[str, dict[str, Any]]
+) -> Iterator[SmallCluster]:
+    """Start a :class:`SmallCluster` under ``root``; stop every process on the way out."""
+    mdm = MdmDaemon(root / "mdm", f"sqlite+aiosqlite:///{root / 'mdm.db'}", mdm_settings)
+    mdm.start()
+    daemons: list[SdsDaemon] = []
+    sdc: SdcDaemon | None = None
+    try:
+        api = mdm.api()
+        status, pd = api.post("/api/v1/protection-domains", {"name": "pd1"})
+        assert status == 201, pd
+        for i in range(1, 4):
+            status, body = api.post(
+                "/api/v1/fault-sets", {"name": f"fs{i}", "protection_domain_id": pd["id"]}
+            )
+            assert status == 201, body
+        status, pool = api.post(
+            "/api/v1/pools",
+            {"name": POOL, "protection_domain_id": pd["id"], "pg_count": PG_COUNT},
+        )
+        assert status == 201, pool
+        daemons = [SdsDaemon(root / f"sds{i}", f"sds{i}", mdm, f"fs{i}") for i in range(1, 4)]
+        for d in daemons:
+            d.start()
+        for d in daemons:
+            d.wait_serving()
+        sdc = SdcDaemon(root / "sdc", mdm)
+        sdc.start()
+        sdc_id = sdc.wait_for("registration", lambda h: h["sdc_id"] is not None)["sdc_id"]
+        status, vol = api.post(
+            "/api/v1/volumes", {"name": volume, "pool_id": pool["id"], "size": size, "type": "thin"}
+        )
+        assert status == 201, vol
+        status, m = api.post("/api/v1/mappings", {"volume_id": vol["id"], "sdc_id": sdc_id})
+        assert status == 201, m
+        sdc.wait_for("the export", lambda h: volume in {e["name"] for e in h["exports"]})
+        yield SmallCluster(mdm, daemons, sdc, int(pool["id"]), int(vol["id"]))
+    finally:
+        if sdc is not None:
+            sdc.stop()
+        for d in daemons:
+            d.stop()
+        mdm.stop()
+        mdm.kill()

@@ -16,14 +16,12 @@ import signal
 import subprocess
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import pytest
 
-from _mdm import MdmDaemon
-from _sdc import SdcDaemon
-from _sds import PG_COUNT, POOL, SdsDaemon
+from _cluster import SmallCluster, small_cluster
+from _sds import PG_COUNT, SdsDaemon
 from meshblock.chunks import CHUNK_SIZE, pg_of
 from meshblock.sds.maps import PgMap
 from meshblock.sds.replication import DegradedWrites
@@ -38,80 +36,16 @@ FIO_RATE_IOPS = 1500  # 48 MiB of 4 KiB writes take ~8 s: the kill lands mid-run
 KILL_AFTER_S = 2.5
 
 
-@dataclass
-class Failover:
-    mdm: MdmDaemon
-    sds: list[SdsDaemon]
-    sdc: SdcDaemon
-    pool_id: int
-    volume_id: int
-
-    def pgmap(self) -> dict[str, Any]:
-        status, doc = self.mdm.api().get(f"/api/v1/pools/{self.pool_id}/pgmap")
-        assert status == 200, doc
-        return dict(doc)
-
-    def sds_id(self, d: SdsDaemon) -> int:
-        return int(d.health()["sds_id"])
-
-    def logs(self) -> str:
-        parts = [f"--- {d.name} ---\n{d.log_text()[-3000:]}" for d in self.sds]
-        parts.append(f"--- sdc ---\n{self.sdc.log_text()[-3000:]}")
-        parts.append(f"--- mdm ---\n{self.mdm.log_text()[-3000:]}")
-        return "\n".join(parts)
+Failover = SmallCluster
 
 
 @pytest.fixture(scope="module")
 def fo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Failover]:
-    root = tmp_path_factory.mktemp("failover")
-    mdm = MdmDaemon(
-        root / "mdm",
-        f"sqlite+aiosqlite:///{root / 'mdm.db'}",
-        # resync held off: this test checks the stale copies while they are stale
-        # (tests/test_resync.py covers the resync)
-        {"cluster": {"heartbeat_timeout_s": HEARTBEAT_TIMEOUT_S, "resync_delay_s": 3600.0}},
-    )
-    mdm.start()
-    daemons: list[SdsDaemon] = []
-    sdc: SdcDaemon | None = None
-    try:
-        api = mdm.api()
-        status, pd = api.post("/api/v1/protection-domains", {"name": "pd1"})
-        assert status == 201, pd
-        for i in range(1, 4):
-            status, body = api.post(
-                "/api/v1/fault-sets", {"name": f"fs{i}", "protection_domain_id": pd["id"]}
-            )
-            assert status == 201, body
-        status, pool = api.post(
-            "/api/v1/pools",
-            {"name": POOL, "protection_domain_id": pd["id"], "pg_count": PG_COUNT},
-        )
-        assert status == 201, pool
-        daemons = [SdsDaemon(root / f"sds{i}", f"sds{i}", mdm, f"fs{i}") for i in range(1, 4)]
-        for d in daemons:
-            d.start()
-        for d in daemons:
-            d.wait_serving()
-        sdc = SdcDaemon(root / "sdc", mdm)
-        sdc.start()
-        sdc_id = sdc.wait_for("registration", lambda h: h["sdc_id"] is not None)["sdc_id"]
-        status, vol = api.post(
-            "/api/v1/volumes",
-            {"name": VOLUME, "pool_id": pool["id"], "size": "1GiB", "type": "thin"},
-        )
-        assert status == 201, vol
-        status, m = api.post("/api/v1/mappings", {"volume_id": vol["id"], "sdc_id": sdc_id})
-        assert status == 201, m
-        sdc.wait_for("the export", lambda h: VOLUME in {e["name"] for e in h["exports"]})
-        yield Failover(mdm, daemons, sdc, int(pool["id"]), int(vol["id"]))
-    finally:
-        if sdc is not None:
-            sdc.stop()
-        for d in daemons:
-            d.stop()
-        mdm.stop()
-        mdm.kill()
+    # resync held off: this test checks the stale copies while they are stale
+    # (tests/test_resync.py covers the resync)
+    settings = {"cluster": {"heartbeat_timeout_s": HEARTBEAT_TIMEOUT_S, "resync_delay_s": 3600.0}}
+    with small_cluster(tmp_path_factory.mktemp("failover"), VOLUME, "1GiB", settings) as c:
+        yield c
 
 
 def fio(fo: Failover, *extra: str) -> subprocess.Popen[str]:

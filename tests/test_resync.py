@@ -20,9 +20,8 @@ from typing import Any
 
 import pytest
 
-from _mdm import MdmDaemon
-from _sdc import SdcDaemon
-from _sds import PG_COUNT, POOL, SdsDaemon
+from _cluster import small_cluster
+from _sds import PG_COUNT, SdsDaemon
 from meshblock.chunks import CHUNK_SIZE, pg_of
 from meshblock.tools.replica_check import check_volume
 from test_failover import HEARTBEAT_TIMEOUT_S, VOLUME, Failover, wait_degraded
@@ -35,53 +34,9 @@ BASE_CHUNKS = set(range(16))  # written before any failure
 
 @pytest.fixture(scope="module")
 def rs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Failover]:
-    root = tmp_path_factory.mktemp("resync")
-    mdm = MdmDaemon(
-        root / "mdm",
-        f"sqlite+aiosqlite:///{root / 'mdm.db'}",
-        {"cluster": {"heartbeat_timeout_s": HEARTBEAT_TIMEOUT_S}},
-    )
-    mdm.start()
-    daemons: list[SdsDaemon] = []
-    sdc: SdcDaemon | None = None
-    try:
-        api = mdm.api()
-        status, pd = api.post("/api/v1/protection-domains", {"name": "pd1"})
-        assert status == 201, pd
-        for i in range(1, 4):
-            status, body = api.post(
-                "/api/v1/fault-sets", {"name": f"fs{i}", "protection_domain_id": pd["id"]}
-            )
-            assert status == 201, body
-        status, pool = api.post(
-            "/api/v1/pools",
-            {"name": POOL, "protection_domain_id": pd["id"], "pg_count": PG_COUNT},
-        )
-        assert status == 201, pool
-        daemons = [SdsDaemon(root / f"sds{i}", f"sds{i}", mdm, f"fs{i}") for i in range(1, 4)]
-        for d in daemons:
-            d.start()
-        for d in daemons:
-            d.wait_serving()
-        sdc = SdcDaemon(root / "sdc", mdm)
-        sdc.start()
-        sdc_id = sdc.wait_for("registration", lambda h: h["sdc_id"] is not None)["sdc_id"]
-        status, vol = api.post(
-            "/api/v1/volumes",
-            {"name": VOLUME, "pool_id": pool["id"], "size": "64MiB", "type": "thin"},
-        )
-        assert status == 201, vol
-        status, m = api.post("/api/v1/mappings", {"volume_id": vol["id"], "sdc_id": sdc_id})
-        assert status == 201, m
-        sdc.wait_for("the export", lambda h: VOLUME in {e["name"] for e in h["exports"]})
-        yield Failover(mdm, daemons, sdc, int(pool["id"]), int(vol["id"]))
-    finally:
-        if sdc is not None:
-            sdc.stop()
-        for d in daemons:
-            d.stop()
-        mdm.stop()
-        mdm.kill()
+    settings = {"cluster": {"heartbeat_timeout_s": HEARTBEAT_TIMEOUT_S}}
+    with small_cluster(tmp_path_factory.mktemp("resync"), VOLUME, "64MiB", settings) as c:
+        yield c
 
 
 def resync_counts(d: SdsDaemon) -> dict[str, Any]:
