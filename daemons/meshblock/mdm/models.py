@@ -16,31 +16,19 @@ from sqlalchemy import (
     BigInteger,
     CheckConstraint,
     DateTime,
-    Enum,
     ForeignKey,
-    Integer,
     MetaData,
     String,
     UniqueConstraint,
-    func,
 )
 from sqlalchemy.ext.asyncio import AsyncAttrs
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-NAMING_CONVENTION = {
-    "ix": "ix_%(column_0_label)s",
-    "uq": "uq_%(table_name)s_%(column_0_name)s",
-    "ck": "ck_%(table_name)s_%(constraint_name)s",
-    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
-    "pk": "pk_%(table_name)s",
-}
+from meshblock.orm import NAMING_CONVENTION, created_at, intpk
+from meshblock.orm import str_enum as _enum
 
-intpk = Annotated[int, mapped_column(Integer, primary_key=True, autoincrement=True)]
 name_str = Annotated[str, mapped_column(String(64))]
 bytes_int = Annotated[int, mapped_column(BigInteger)]
-created_at = Annotated[
-    dt.datetime, mapped_column(DateTime(timezone=True), server_default=func.now())
-]
 
 
 class Base(AsyncAttrs, DeclarativeBase):
@@ -71,17 +59,6 @@ class PgState(enum.StrEnum):
 class AccessMode(enum.StrEnum):
     READ_WRITE = "read_write"
     READ_ONLY = "read_only"
-
-
-def _enum(cls: type[enum.Enum], name: str) -> Enum:
-    return Enum(
-        cls,
-        name=name,
-        values_callable=lambda e: [m.value for m in e],
-        native_enum=False,
-        length=16,
-        validate_strings=True,
-    )
 
 
 class Cluster(Base):

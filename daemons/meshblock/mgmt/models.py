@@ -18,33 +18,21 @@ from typing import Annotated, Any
 from sqlalchemy import (
     JSON,
     DateTime,
-    Enum,
     Float,
     ForeignKey,
     Index,
-    Integer,
     MetaData,
     String,
     Text,
     UniqueConstraint,
-    func,
 )
 from sqlalchemy.ext.asyncio import AsyncAttrs
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-NAMING_CONVENTION = {
-    "ix": "ix_%(column_0_label)s",
-    "uq": "uq_%(table_name)s_%(column_0_name)s",
-    "ck": "ck_%(table_name)s_%(constraint_name)s",
-    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
-    "pk": "pk_%(table_name)s",
-}
+from meshblock.orm import NAMING_CONVENTION, created_at, intpk
+from meshblock.orm import str_enum as _enum
 
-intpk = Annotated[int, mapped_column(Integer, primary_key=True, autoincrement=True)]
 timestamp = Annotated[dt.datetime, mapped_column(DateTime(timezone=True))]
-created_at = Annotated[
-    dt.datetime, mapped_column(DateTime(timezone=True), server_default=func.now())
-]
 
 
 def utcnow() -> dt.datetime:
@@ -79,17 +67,6 @@ class Severity(enum.StrEnum):
 class UserRole(enum.StrEnum):
     ADMIN = "admin"
     VIEWER = "viewer"
-
-
-def _enum(cls: type[enum.Enum], name: str) -> Enum:
-    return Enum(
-        cls,
-        name=name,
-        values_callable=lambda e: [m.value for m in e],
-        native_enum=False,
-        length=16,
-        validate_strings=True,
-    )
 
 
 class User(Base):
