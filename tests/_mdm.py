@@ -83,7 +83,15 @@ class MdmDaemon:
                 "cluster_secret": self.cluster_secret,
             },
             "database": {"url": db_url},
-            "cluster": {"name": "test", "heartbeat_timeout_s": 5.0},
+            # No rebuild and no rebalance unless a test asks for them: API tests
+            # register SDSs by hand that never heartbeat, and the failover tests
+            # check the degraded state that precedes a rebuild.
+            "cluster": {
+                "name": "test",
+                "heartbeat_timeout_s": 5.0,
+                "rebuild_delay_s": 3600.0,
+                "rebalance_interval_s": 3600.0,
+            },
             "logging": {"level": "INFO"},
         }
         merge(self.settings, overrides or {})

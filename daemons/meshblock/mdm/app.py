@@ -14,7 +14,16 @@ from meshblock.auth import Role, TokenTable, bearer_token
 from meshblock.mdm import db, openapi
 
 # Importing the API modules registers their routes on ``routes``.
-from meshblock.mdm.api import pools, protection_domains, routes, sdc, sds, topology, volumes  # noqa: F401
+from meshblock.mdm.api import (  # noqa: F401
+    pools,
+    protection_domains,
+    rebuild,
+    routes,
+    sdc,
+    sds,
+    topology,
+    volumes,
+)
 from meshblock.mdm.config import MdmConfig
 from meshblock.mdm.context import CTX, MdmContext
 from meshblock.mdm.epochs import CLUSTER_ROW_ID, EpochNotifier
@@ -23,6 +32,7 @@ from meshblock.mdm.failures import FailureDetector
 from meshblock.mdm.health import setup_metrics
 from meshblock.mdm.liveness import Liveness
 from meshblock.mdm.models import Cluster
+from meshblock.mdm.rebalance import Rebalancer
 from meshblock.mdm.routing import spec_of
 
 log = logging.getLogger(__name__)
@@ -113,10 +123,16 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
         c.config.cluster.heartbeat_timeout_s,
         c.write_gate,
         c.config.cluster.resync_delay_s,
+        c.config.cluster.rebuild_delay_s,
     )
+    c.detector = detector
+    rebalancer = Rebalancer(detector)
     tasks = [
         asyncio.create_task(c.liveness.run(c.sessions, c.write_gate), name="heartbeat-writer"),
         asyncio.create_task(detector.run(), name="failure-detector"),
+        asyncio.create_task(
+            rebalancer.run(c.config.cluster.rebalance_interval_s), name="rebalancer"
+        ),
     ]
     yield
     for task in tasks:

@@ -56,6 +56,12 @@ class ClusterConfig:
     longpoll_max_s: float = 30.0
     # A returning SDS must heartbeat this long before its stale copies are resynced.
     resync_delay_s: float = 0.0
+    # A down SDS's copies are rebuilt on other SDSs once it has been down this long
+    # (a short reboot then costs a delta resync, not a full rebuild). 0: at once.
+    rebuild_delay_s: float = 30.0
+    # How often the rebalancer looks for PG copies to move (after an SDS or a device
+    # is added, or while an SDS drains).
+    rebalance_interval_s: float = 2.0
 
 
 @dataclass(frozen=True)
@@ -87,5 +93,9 @@ class MdmConfig:
             raise ValueError("cluster.longpoll_max_s must be positive")
         if self.cluster.resync_delay_s < 0:
             raise ValueError("cluster.resync_delay_s must not be negative")
+        if self.cluster.rebuild_delay_s < 0:
+            raise ValueError("cluster.rebuild_delay_s must not be negative")
+        if self.cluster.rebalance_interval_s <= 0:
+            raise ValueError("cluster.rebalance_interval_s must be positive")
         if self.cluster.heartbeat_timeout_s <= 0:
             raise ValueError("cluster.heartbeat_timeout_s must be positive")

@@ -11,8 +11,10 @@ from meshblock.auth import TokenTable
 from meshblock.mdm.config import MdmConfig
 from meshblock.mdm.db import WriteGate
 from meshblock.mdm.epochs import EpochNotifier
+from meshblock.mdm.failures import FailureDetector
 from meshblock.mdm.liveness import Liveness
 from meshblock.mdm.pgmaps import MapCache
+from meshblock.mdm.progress import CopyProgress
 
 
 @dataclass
@@ -25,6 +27,8 @@ class MdmContext:
     liveness: Liveness
     write_gate: WriteGate
     map_cache: MapCache = field(default_factory=dict)
+    progress: CopyProgress = field(default_factory=CopyProgress)
+    detector: FailureDetector | None = None  # set by the background tasks
 
 
 CTX = web.AppKey("meshblock_mdm_context", MdmContext)

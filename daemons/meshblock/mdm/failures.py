@@ -44,7 +44,7 @@ from meshblock.mdm.db import WriteGate
 from meshblock.mdm.epochs import EpochNotifier, bump
 from meshblock.mdm.errors import Conflict, NotFound
 from meshblock.mdm.liveness import Liveness
-from meshblock.mdm.models import Device, PgState, PlacementGroup, Sds, StoragePool
+from meshblock.mdm.models import Device, PgState, PlacementGroup, Sds, SdsMode, StoragePool
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +75,8 @@ def next_state(
     if not p:
         # only the copy that was serving last (the primary) may serve again
         return False, PgState.INACTIVE
-    if state == PgState.RESYNCING:
-        return False, PgState.RESYNCING if s else PgState.DEGRADED
+    if state in (PgState.RESYNCING, PgState.REBUILDING):
+        return False, state if s else PgState.DEGRADED
     # degraded, or inactive with its primary back
     return False, PgState.RESYNCING if s and secondary_connected else PgState.DEGRADED
 
@@ -90,6 +90,7 @@ class FailureDetector:
         grace_s: float,
         gate: WriteGate,
         resync_delay_s: float = 0.0,
+        rebuild_delay_s: float = 0.0,
     ) -> None:
         self.sessions = sessions
         self.gate = gate
@@ -99,7 +100,12 @@ class FailureDetector:
         self.grace_s = grace_s
         self._last_down: frozenset[int] | None = None
         self.resync_delay_s = resync_delay_s
+        self.rebuild_delay_s = rebuild_delay_s
         self._connected_since: dict[int, float] = {}
+        self._down_since: dict[int, float] = {}
+        self._lock = asyncio.Lock()
+        self.rebuilds_started = 0  # PGs given a new secondary since start
+        self._no_room: dict[int, int] = {}
 
     def down_sds(self, sds_ids: list[int]) -> frozenset[int]:
         """SDSs that were seen and stopped heartbeating. One that never sent a heartbeat
@@ -116,20 +122,45 @@ class FailureDetector:
         """Apply the transitions once; return how many PGs changed."""
         if time.monotonic() - self.started < self.grace_s:
             return 0
+        async with self._lock:
+            return await self._check()
+
+    async def _check(self) -> int:
         async with self.gate(), self.sessions() as s, s.begin():
-            sds_ids = list((await s.execute(select(Sds.id))).scalars())
-            down = self.down_sds(sds_ids)
+            modes = dict((await s.execute(select(Sds.id, Sds.mode))).all())
+            sds_ids = list(modes)
+            lost = self.down_sds(sds_ids)
+            maintenance = frozenset(i for i, m in modes.items() if m == SdsMode.MAINTENANCE)
+            down = lost | maintenance
+            now = time.monotonic()
+            for i in list(self._down_since):
+                if i not in lost:
+                    del self._down_since[i]
+            for i in lost:
+                self._down_since.setdefault(i, now)
             if down == self._last_down and not down and not await self._stale(s):
                 return 0
-            connected = self._settled(sds_ids)
-            changed = await self._apply(s, down, connected)
+            connected = self._settled(sds_ids) - maintenance
+            # Rebuilt away from: lost long enough, not in maintenance (a planned outage
+            # keeps its copies and gets a delta resync on exit).
+            gone = frozenset(
+                i for i in lost - maintenance if now - self._down_since[i] >= self.rebuild_delay_s
+            )
+            usable = frozenset(
+                i for i in sds_ids if i in connected and modes[i] != SdsMode.DRAINING
+            )
+            changed = await self._apply(s, down, connected, gone, usable)
             if changed:
                 epoch = await bump(s)
         if changed:
             self.notifier.publish(epoch)
         if down != self._last_down:
-            names = sorted(down)
-            log.info("SDSs down: %s", names if names else "none")
+            names = sorted(lost)
+            log.info(
+                "SDSs down: %s; in maintenance: %s",
+                names if names else "none",
+                sorted(maintenance) if maintenance else "none",
+            )
         self._last_down = down
         return changed
 
@@ -145,44 +176,117 @@ class FailureDetector:
         return frozenset(i for i in up if now - self._connected_since[i] >= self.resync_delay_s)
 
     async def _stale(self, s: AsyncSession) -> bool:
-        """Whether some PG is degraded or inactive (a returning SDS may resync it)."""
+        """Whether some PG is not clean or has a move in progress."""
         found = await s.execute(
             select(PlacementGroup.pg)
-            .where(PlacementGroup.state.in_([PgState.DEGRADED, PgState.INACTIVE]))
+            .where(
+                (PlacementGroup.state != PgState.CLEAN)
+                | PlacementGroup.target_device_id.is_not(None)
+            )
             .limit(1)
         )
         return found.scalar() is not None
 
-    async def _apply(self, s: AsyncSession, down: frozenset[int], connected: frozenset[int]) -> int:
-        primary, secondary = aliased(Device), aliased(Device)
-        rows = await s.execute(
-            select(
-                PlacementGroup.pool_id,
-                PlacementGroup.pg,
-                PlacementGroup.primary_device_id,
-                PlacementGroup.secondary_device_id,
-                PlacementGroup.state,
-                primary.sds_id,
-                secondary.sds_id,
+    async def _apply(
+        self,
+        s: AsyncSession,
+        down: frozenset[int],
+        connected: frozenset[int],
+        gone: frozenset[int],
+        usable: frozenset[int],
+    ) -> int:
+        dev_rows = (
+            await s.execute(
+                select(
+                    Device.id,
+                    Device.pool_id,
+                    Device.sds_id,
+                    Sds.fault_set_id,
+                    Device.capacity_bytes,
+                ).join(Sds, Sds.id == Device.sds_id)
             )
-            .outerjoin(primary, primary.id == PlacementGroup.primary_device_id)
-            .outerjoin(secondary, secondary.id == PlacementGroup.secondary_device_id)
-        )
+        ).all()
+        devices = {d: _Dev(d, pool, sds, fs, cap) for d, pool, sds, fs, cap in dev_rows}
+        rows = (
+            await s.execute(
+                select(
+                    PlacementGroup.pool_id,
+                    PlacementGroup.pg,
+                    PlacementGroup.primary_device_id,
+                    PlacementGroup.secondary_device_id,
+                    PlacementGroup.state,
+                    PlacementGroup.target_device_id,
+                    PlacementGroup.moving,
+                    PlacementGroup.epoch,
+                )
+            )
+        ).all()
+        copies: dict[int, int] = defaultdict(int)  # copies (and targets) per device
+        for row in rows:
+            for dev in (row[2], row[3], row[5]):
+                if dev is not None:
+                    copies[dev] += 1
+
+        def sds_of(dev: int | None) -> int | None:
+            return None if dev is None else devices[dev].sds_id
+
         updates: list[dict[str, object]] = []
         pools: dict[int, int] = defaultdict(int)
-        for pool_id, pg, p_dev, s_dev, state, p_sds, s_sds in rows:
+        rebuilt: dict[int, int] = defaultdict(int)
+        no_room: dict[int, int] = defaultdict(int)
+        for pool_id, pg, p_dev, s_dev, state, t_dev, moving, old_epoch in rows:
             if p_dev is None and s_dev is None:
                 continue  # unplaced: nothing to fail over
+            p_sds, s_sds = sds_of(p_dev), sds_of(s_dev)
             p_up = None if p_sds is None else p_sds not in down
             s_up = None if s_sds is None else s_sds not in down
             swap, new_state = next_state(p_up, s_up, state, s_sds in connected)
-            if not swap and new_state == state:
-                continue
             new_p, new_s = (s_dev, p_dev) if swap else (p_dev, s_dev)
+            new_t, new_moving = t_dev, moving
+            if t_dev is not None and (new_state != PgState.CLEAN or sds_of(t_dev) not in usable):
+                # A move needs a clean PG and a reachable target: cancel it (the
+                # rebalancer starts it again later, from scratch).
+                new_t, new_moving = None, None
+                copies[t_dev] -= 1
+            if (
+                new_state == PgState.DEGRADED
+                and new_p is not None
+                and (new_s is None or sds_of(new_s) in gone)
+            ):
+                # The stale copy's SDS is gone for good: a new copy elsewhere.
+                pick = self._rebuild_target(devices, copies, devices[new_p], usable)
+                if pick is None:
+                    no_room[pool_id] += 1
+                else:
+                    if new_s is not None:
+                        copies[new_s] -= 1
+                    copies[pick] += 1
+                    new_s, new_state = pick, PgState.REBUILDING
+                    rebuilt[pool_id] += 1
+            if (new_p, new_s, new_state, new_t) == (p_dev, s_dev, state, t_dev):
+                continue
             updates.append(
-                {"b_pool": pool_id, "b_pg": pg, "b_p": new_p, "b_s": new_s, "b_state": new_state}
+                {
+                    "b_pool": pool_id,
+                    "b_pg": pg,
+                    "b_p": new_p,
+                    "b_s": new_s,
+                    "b_state": new_state,
+                    "b_t": new_t,
+                    "b_m": new_moving,
+                    "b_old": old_epoch,
+                }
             )
             pools[pool_id] += 1
+        if no_room != self._no_room:
+            for pool_id, n in sorted(no_room.items()):
+                log.warning(
+                    "pool %d: %d degraded PG(s) cannot be rebuilt: no connected SDS with a "
+                    "device in the pool outside the surviving copy's fault set",
+                    pool_id,
+                    n,
+                )
+            self._no_room = no_room
         if not updates:
             return 0
         epochs = {}
@@ -192,28 +296,60 @@ class FailureDetector:
             pool.map_epoch += 1
             epochs[pool.id] = pool.map_epoch
             log.warning(
-                "pool %s: %d PG(s) changed state after SDS failures or returns (map epoch %d)",
+                "pool %s: %d PG(s) changed state after SDS failures or returns (map epoch %d)%s",
                 pool.name,
                 pools[pool.id],
                 pool.map_epoch,
+                f"; {rebuilt[pool.id]} rebuilding on other SDSs" if rebuilt[pool.id] else "",
             )
+        self.rebuilds_started += sum(rebuilt.values())
         for u in updates:
             u["b_epoch"] = epochs[u["b_pool"]]  # type: ignore[index]
         table = PlacementGroup.metadata.tables[PlacementGroup.__tablename__]
         conn = await s.connection()
+        # Only where the PG is still as we read it (its epoch unchanged): a report or
+        # a rebalance committed meanwhile is not overwritten; the next check sees it.
         await conn.execute(
             update(table)
-            .where(table.c.pool_id == bindparam("b_pool"), table.c.pg == bindparam("b_pg"))
+            .where(
+                table.c.pool_id == bindparam("b_pool"),
+                table.c.pg == bindparam("b_pg"),
+                table.c.epoch == bindparam("b_old"),
+            )
             .values(
                 primary_device_id=bindparam("b_p"),
                 secondary_device_id=bindparam("b_s"),
                 state=bindparam("b_state"),
                 epoch=bindparam("b_epoch"),
+                target_device_id=bindparam("b_t"),
+                moving=bindparam("b_m"),
             ),
             updates,
         )
         await s.flush()
         return len(updates)
+
+    @staticmethod
+    def _rebuild_target(
+        devices: dict[int, _Dev], copies: dict[int, int], primary: _Dev, usable: frozenset[int]
+    ) -> int | None:
+        """The device of the pool that takes a new copy next to ``primary``: on a
+        usable SDS outside the primary's failure domain, the least filled relative to
+        its capacity (so that rebuilds spread over every SDS: many-to-many)."""
+        best: tuple[float, int] | None = None
+        for d in devices.values():
+            if (
+                d.pool_id != primary.pool_id
+                or d.sds_id not in usable
+                or d.sds_id == primary.sds_id
+                or d.domain == primary.domain
+                or d.capacity <= 0
+            ):
+                continue
+            score = (copies[d.id] + 1) / d.capacity
+            if best is None or (score, d.id) < best:
+                best = (score, d.id)
+        return None if best is None else best[1]
 
     async def run(self, interval_s: float = 1.0) -> None:
         while True:
@@ -224,13 +360,30 @@ class FailureDetector:
                 log.exception("failure check failed; trying again in %.0f s", interval_s)
 
 
-async def mark_synced(s: AsyncSession, sds_id: int, pool_id: int, pg: int, epoch: int) -> int:
-    """A primary reports that it has resynchronised ``pg``'s secondary, a resync it
-    started on the map of ``epoch``: the PG becomes clean (a new map epoch, returned).
+class _Dev:
+    __slots__ = ("capacity", "domain", "id", "pool_id", "sds_id")
 
-    Refused (409) unless the PG is still ``resyncing`` with ``sds_id`` as its primary
-    and has not changed since ``epoch`` (a copy that started before the PG went
-    degraded again and came back proves nothing).
+    def __init__(
+        self, id_: int, pool_id: int, sds_id: int, fault_set_id: int | None, capacity: int
+    ) -> None:
+        self.id = id_
+        self.pool_id = pool_id
+        self.sds_id = sds_id
+        self.capacity = capacity
+        self.domain = ("fs", fault_set_id) if fault_set_id is not None else ("sds", sds_id)
+
+
+async def mark_synced(s: AsyncSession, sds_id: int, pool_id: int, pg: int, epoch: int) -> int:
+    """A primary reports that it has finished copying ``pg`` to the copy that needed it,
+    a copy it started on the map of ``epoch``; returns the new map epoch.
+
+    - a ``resyncing`` or ``rebuilding`` PG becomes clean;
+    - a clean PG with a rebalance move: the target replaces the copy that moves (if
+      that is the primary, the secondary becomes primary).
+
+    Refused (409) unless the PG is still in that state with ``sds_id`` as its primary
+    and has not changed since ``epoch`` (a copy that started before the PG changed
+    again proves nothing).
     """
     epoch = int(epoch)
     pool = await s.get(StoragePool, pool_id)
@@ -247,14 +400,25 @@ async def mark_synced(s: AsyncSession, sds_id: int, pool_id: int, pg: int, epoch
     if row is None:
         raise NotFound(f"no PG {pg} in storage pool {pool_id}")
     pgrow, primary_sds = row
-    if pgrow.state != PgState.RESYNCING or primary_sds != sds_id or pgrow.epoch > epoch:
+    copying = pgrow.state in (PgState.RESYNCING, PgState.REBUILDING) or (
+        pgrow.state == PgState.CLEAN and pgrow.target_device_id is not None
+    )
+    if not copying or primary_sds != sds_id or pgrow.epoch > epoch:
         raise Conflict(
-            f"PG {pool_id}/{pg} is not resyncing from SDS {sds_id} since map epoch {epoch}",
+            f"PG {pool_id}/{pg} is not being copied from SDS {sds_id} since map epoch {epoch}",
             {"state": pgrow.state.value, "pg_epoch": pgrow.epoch, "map_epoch": pool.map_epoch},
         )
     pool.map_epoch += 1
+    what = pgrow.state.value
+    if pgrow.state == PgState.CLEAN:
+        what = f"move of its {pgrow.moving} to device {pgrow.target_device_id}"
+        if pgrow.moving == "primary":
+            pgrow.primary_device_id = pgrow.secondary_device_id
+        pgrow.secondary_device_id = pgrow.target_device_id
+        pgrow.target_device_id = None
+        pgrow.moving = None
     pgrow.state = PgState.CLEAN
     pgrow.epoch = pool.map_epoch
     await s.flush()
-    log.info("pool %s: PG %d resynchronised, clean (map epoch %d)", pool.name, pg, pool.map_epoch)
+    log.info("pool %s: PG %d %s done, clean (map epoch %d)", pool.name, pg, what, pool.map_epoch)
     return pool.map_epoch

@@ -32,6 +32,7 @@ from meshblock.mdm.models import (
     StoragePool,
     Volume,
 )
+from meshblock.mdm.progress import KINDS
 
 TAG = "health"
 
@@ -294,7 +295,31 @@ class ClusterCollector(Collector):
             "Volumes with data in a PG that is not clean (one copy or none)",
             labels=labels,
         )
+        progress = self.ctx.progress
+        copy_metrics: dict[tuple[str, str], GaugeMetricFamily | CounterMetricFamily] = {}
+        for kind in KINDS:
+            what = "rebuilds and resyncs" if kind == "rebuild" else "rebalance moves"
+            copy_metrics[(kind, "remaining")] = GaugeMetricFamily(
+                f"meshblock_{kind}_remaining_bytes",
+                f"Bytes the PG primaries still have to copy for {what}",
+                labels=labels,
+            )
+            copy_metrics[(kind, "rate")] = GaugeMetricFamily(
+                f"meshblock_{kind}_rate_bytes_per_second",
+                f"Copy rate of {what} over the last 30 s",
+                labels=labels,
+            )
+            copy_metrics[(kind, "copied")] = CounterMetricFamily(
+                f"meshblock_{kind}_copied_bytes",
+                f"Bytes copied by {what} since the MDM started",
+                labels=labels,
+            )
         for pool, pd, states, n_degraded in n["_pools"]:
+            for kind in KINDS:
+                lv0 = [pool.name, pd]
+                copy_metrics[(kind, "remaining")].add_metric(lv0, progress.remaining(pool.id, kind))
+                copy_metrics[(kind, "rate")].add_metric(lv0, progress.rate(pool.id, kind))
+                copy_metrics[(kind, "copied")].add_metric(lv0, progress.copied(pool.id, kind))
             degraded.add_metric([pool.name, pd], n_degraded)
             lv = [pool.name, pd]
             cap = caps[pool.id]
@@ -308,6 +333,7 @@ class ClusterCollector(Collector):
             critical.add_metric(lv, pool.capacity_alert_critical_percent / 100)
         yield from sizes.values()
         yield from (pgs, epochs, used, high, critical, degraded)
+        yield from copy_metrics.values()
         yield CounterMetricFamily(
             "meshblock_mdm_heartbeats",
             "Heartbeats received",

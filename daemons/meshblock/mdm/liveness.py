@@ -72,6 +72,12 @@ class Liveness:
         self.last_seen.pop((kind, id_), None)
         self._pending.seen.pop((kind, id_), None)
 
+    def mark_down(self, kind: Kind, id_: int) -> None:
+        """Declare a component down now (a peer's report, confirmed by the MDM): as if
+        its last heartbeat were older than the timeout. Its next heartbeat, if any,
+        brings it back."""
+        self.last_seen[(kind, id_)] = utcnow() - self.timeout - dt.timedelta(seconds=1)
+
     def seen(self, kind: Kind, id_: int) -> dt.datetime | None:
         return self.last_seen.get((kind, id_))
 

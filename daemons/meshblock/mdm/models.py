@@ -47,13 +47,30 @@ class PgState(enum.StrEnum):
     one copy that takes IO; the secondary is stale (its SDS is down, or back but not
     yet resynchronised). ``resyncing``: the secondary's SDS is back; the primary
     forwards new writes to it and copies what it missed; it is not read until the
-    primary reports the copy done. ``inactive``: no copy can serve; IO waits.
+    primary reports the copy done. ``rebuilding``: the secondary is a new, empty copy
+    on another SDS; the primary forwards new writes to it and copies every chunk of
+    the PG to it. ``inactive``: no copy can serve; IO waits.
     """
 
     CLEAN = "clean"
     DEGRADED = "degraded"
+    REBUILDING = "rebuilding"
     RESYNCING = "resyncing"
     INACTIVE = "inactive"
+
+
+class SdsMode(enum.StrEnum):
+    """What the operator asked of an SDS (its liveness is separate: heartbeats).
+
+    ``normal``: serves its copies. ``maintenance``: a planned outage; its copies are
+    stale while it lasts and resynchronised (a delta) on exit; nothing is rebuilt away
+    from it. ``draining``: rebalance moves every copy off it, after which it may be
+    removed.
+    """
+
+    NORMAL = "normal"
+    MAINTENANCE = "maintenance"
+    DRAINING = "draining"
 
 
 class AccessMode(enum.StrEnum):
@@ -141,6 +158,9 @@ class Sds(Base):
     address: Mapped[str] = mapped_column(String(255))
     data_port: Mapped[int] = mapped_column(default=7072)
     control_port: Mapped[int] = mapped_column(default=7073)
+    mode: Mapped[SdsMode] = mapped_column(
+        _enum(SdsMode, "sds_mode"), default=SdsMode.NORMAL, server_default=SdsMode.NORMAL.value
+    )
     last_seen: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
     created_at: Mapped[created_at]
 
@@ -218,7 +238,12 @@ class Mapping(Base):
 
 
 class PlacementGroup(Base):
-    """One PG of a pool's map: its primary and secondary devices."""
+    """One PG of a pool's map: its primary and secondary devices.
+
+    ``target_device_id``: a rebalance move in progress; the primary forwards new
+    writes to the target too and copies the PG to it; when done the target replaces
+    ``moving`` (``primary`` or ``secondary``) and the PG stays clean throughout.
+    """
 
     __tablename__ = "placement_groups"
 
@@ -230,6 +255,8 @@ class PlacementGroup(Base):
     state: Mapped[PgState] = mapped_column(
         _enum(PgState, "pg_state"), default=PgState.CLEAN, server_default=PgState.CLEAN.value
     )
+    target_device_id: Mapped[int | None] = mapped_column(ForeignKey("devices.id"))
+    moving: Mapped[str | None] = mapped_column(String(16))
 
 
 class VolumeUsage(Base):

@@ -50,8 +50,8 @@ async def recompute(session: AsyncSession, pool: StoragePool) -> bool:
     has_data = await _holds_volumes(session, pool.id)
     if has_data:
         new = _fill_only(previous, new, devices)
-    # A copy placed anew next to one holding data is empty until a rebuild fills it.
-    filled_state = PgState.DEGRADED if has_data else PgState.CLEAN
+    # A copy placed anew next to one holding data is empty: the primary rebuilds it.
+    filled_state = PgState.REBUILDING if has_data else PgState.CLEAN
     next_epoch = pool.map_epoch + 1
     added, moved = [], []
     for n in range(pool.pg_count):
@@ -192,19 +192,23 @@ async def _build(session: AsyncSession, pools: list[StoragePool]) -> dict[int, A
             PlacementGroup.primary_device_id,
             PlacementGroup.secondary_device_id,
             PlacementGroup.state,
+            PlacementGroup.target_device_id,
+            PlacementGroup.moving,
         )
         .where(PlacementGroup.pool_id.in_(ids))
         .order_by(PlacementGroup.pool_id, PlacementGroup.pg)
     )
-    for pool_id, pg, primary, secondary, state in rows:
-        pgs[pool_id].append(
-            {
-                "pg": pg,
-                "primary": _copy(primary, dev_sds),
-                "secondary": _copy(secondary, dev_sds),
-                "state": state.value,
-            }
-        )
+    for pool_id, pg, primary, secondary, state, target, moving in rows:
+        entry: dict[str, Any] = {
+            "pg": pg,
+            "primary": _copy(primary, dev_sds),
+            "secondary": _copy(secondary, dev_sds),
+            "state": state.value,
+        }
+        if target is not None:
+            entry["target"] = _copy(target, dev_sds)
+            entry["moving"] = moving
+        pgs[pool_id].append(entry)
     out: dict[int, Any] = {}
     for p in pools:
         members = [(d, sds) for d, sds, pool_id in dev_rows if pool_id == p.id]

@@ -160,8 +160,24 @@ SDS_HEARTBEAT = obj(
                 ("id", "chunks"),
             ),
         },
+        "copies": {
+            "type": "array",
+            "maxItems": 1024,
+            "items": obj(
+                {
+                    "pool_id": ID,
+                    "kind": {"type": "string", "enum": ["rebuild", "rebalance"]},
+                    "remaining_bytes": {"type": "integer", "minimum": 0, "maximum": 2**62},
+                    "copied_bytes": {"type": "integer", "minimum": 0, "maximum": 2**62},
+                },
+                ("pool_id", "kind", "remaining_bytes", "copied_bytes"),
+            ),
+        },
     }
 )
+SDS_MAINTENANCE = obj({"mode": {"type": "string", "enum": ["enter", "exit"]}}, ("mode",))
+SDS_DRAIN = obj({"cancel": {"type": "boolean"}})
+SDS_UNREACHABLE = obj({"reporter": {"type": "string", "maxLength": 128}})
 SDC_CREATE = obj(
     {"guid": GUID, "name": NAME, "address": ADDRESS, "control_port": PORT, "nbd_port": PORT},
     ("guid", "name"),
@@ -278,6 +294,7 @@ COMPONENTS: dict[str, dict[str, Any]] = {
             "data_port": _INT,
             "control_port": _INT,
             "state": _STATE,
+            "mode": {"type": "string", "enum": ["normal", "maintenance", "draining"]},
             "last_seen": _TS,
             "devices": {"type": "array", "items": {"$ref": "#/components/schemas/Device"}},
             "created_at": _TS,
@@ -339,6 +356,33 @@ COMPONENTS: dict[str, dict[str, Any]] = {
         }
     ),
     "Heartbeat": _resp({"state": _STATE, "epoch": _INT}),
+    "Rebuild": _resp(
+        {"pools": {"type": "array", "items": {"$ref": "#/components/schemas/PoolRebuild"}}}
+    ),
+    "PoolRebuild": _resp(
+        {
+            "pool_id": _INT,
+            "name": _STR,
+            "protection_domain": _STR,
+            "pgs": {"type": "object"},
+            "pgs_moving": _INT,
+            "rebuild": {"$ref": "#/components/schemas/CopyProgress"},
+            "rebalance": {"$ref": "#/components/schemas/CopyProgress"},
+            "rebuild_concurrency": _INT,
+            "rebuild_bandwidth_mibps": _INT,
+        }
+    ),
+    "CopyProgress": _resp(
+        {
+            "active": {"type": "boolean"},
+            "remaining_bytes": _INT,
+            "copied_bytes": _INT,
+            "rate_bytes_per_s": {"type": "number"},
+            "eta_s": {"type": ["number", "null"]},
+        }
+    ),
+    "PgCopies": _resp({"sds_id": _INT, "mode": _STR, "pg_copies": _INT}),
+    "Unreachable": _resp({"sds_id": _INT, "confirmed": {"type": "boolean"}, "state": _STATE}),
     "PgSynced": _resp({"pool_id": _INT, "pg": _INT, "state": _STR, "epoch": _INT}),
     "Topology": _resp(
         {

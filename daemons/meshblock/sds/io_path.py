@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any, Final
 
 from meshblock.chunks import CHUNK_SIZE, pg_of
@@ -91,6 +91,9 @@ class DataService:
         self.dev_by_id: dict[int, Device] = {}
         self.stopping = False
         self._tasks: set[asyncio.Task[None]] = set()
+        # Called with a peer SDS's id when it does not answer (set by the MDM link).
+        self.peer_unreachable: Callable[[int], None] | None = None
+        self._named: dict[int, frozenset[int]] = {}  # pool -> PGs placed on us (GC)
 
     def set_identity(self, sds_id: int, devices: dict[str, tuple[int, int]]) -> None:
         """Our SDS id and, per device path, ``(MDM device id, pool id)``."""
@@ -113,8 +116,47 @@ class DataService:
                     and me in (prev.primary[pg][0], prev.secondary[pg][0])
                 ):
                     self.degraded.track(m.pool_id, pg)
+                if m.primary[pg][0] == me and m.secondary[pg] not in (
+                    prev.primary[pg],
+                    prev.secondary[pg],
+                ):
+                    # A new secondary: what we recorded is not what it missed.
+                    self.degraded.untrack(m.pool_id, pg)
         self.seen_maps[m.pool_id] = m
         self.degraded.prune(m, me)
+
+    def collect_garbage(self, m: PgMap) -> int:
+        """Free the chunks of PGs that ``m``, a map fresh from the MDM, places on other
+        SDSs only: copies rebuilt or moved elsewhere (we were down, or drained). The
+        MDM never places a PG on a device again without a full copy to it, so they are
+        garbage. Runs when a PG left us since the last map; returns chunks freed."""
+        me = self.sds_id
+        if not me:
+            return 0
+        named = frozenset(pg for pg in range(m.pg_count) if m.names(pg, me))
+        before = self._named.get(m.pool_id)
+        self._named[m.pool_id] = named
+        if before is not None and before <= named:
+            return 0
+        freed = 0
+        for volume, chunk in self.store.chunk_ids_of_pool(m.pool_id):
+            pg = pg_of(volume, chunk, m.pg_count)
+            if pg in named or self.locks.busy(chunk_key(volume, chunk)):
+                continue
+            try:
+                self.store.zero(volume, chunk, 0, CHUNK_SIZE)
+            except OSError as exc:
+                log.error("cannot free chunk %d/%d: %s", volume, chunk, exc)
+                continue
+            freed += 1
+        if freed:
+            log.info(
+                "pool %d: freed %d chunk(s) of PGs now placed on other SDSs (map epoch %d)",
+                m.pool_id,
+                freed,
+                m.epoch,
+            )
+        return freed
 
     def _alone(self, pool: int, pg: int) -> bool:
         """Whether our newest map of ``pool`` has us as the only in-sync copy of ``pg``."""
@@ -196,6 +238,8 @@ class DataService:
             return _OK if self.sds_id and m.primary[pg][0] == self.sds_id else Status.NOT_PRIMARY
         if self.sds_id and m.secondary[pg][0] == self.sds_id and m.forwards(pg):
             return _OK
+        if self.sds_id and m.target[pg][0] == self.sds_id:
+            return _OK  # a rebalance move to us: forwarded writes and the copy
         return Status.NOT_REPLICA
 
     async def _after_map(
@@ -228,7 +272,12 @@ class DataService:
         self.stats.record(hdr[1], hdr[11], time.perf_counter() - t0, status == _OK)
 
     def _device(self, m: PgMap, pg: int, primary: bool) -> Device:
-        dev_id = (m.primary if primary else m.secondary)[pg][1]
+        if primary:
+            dev_id = m.primary[pg][1]
+        elif m.target[pg][0] == self.sds_id and m.secondary[pg][0] != self.sds_id:
+            dev_id = m.target[pg][1]
+        else:
+            dev_id = m.secondary[pg][1]
         dev = self.dev_by_id.get(dev_id)
         if dev is not None:
             return dev
@@ -340,19 +389,29 @@ class DataService:
                     )
                 except ConnectionLost:
                     self.stats.peer_error(sec_id)
+                    if self.peer_unreachable is not None:
+                        self.peer_unreachable(sec_id)
                     if not self._alone(pool, pg):
                         self._reply(conn, hdr, t0, Status.REPLICA_FAILED)
                         return
                     self.degraded.record(pool, pg, vol, chunk)  # the map moved on meanwhile
                 except (WireError, HandshakeError):
                     self.stats.peer_error(sec_id)
+                    if self.peer_unreachable is not None:
+                        self.peer_unreachable(sec_id)
                     self._reply(conn, hdr, t0, Status.REPLICA_FAILED)
                     return
                 else:
                     self.peers.dirty.add(sec_id)
+            tgt_id = m.target[pg][0]
+            tgt_fut = None
+            if tgt_id:
+                tgt_fut = await self._to_target(m, pg, tgt_id, op, flags, hdr, payload)
             status = self._apply(op, dev, hdr, payload)
             if status == _OK and flags & _FUA:
                 status = await self._sync([dev])
+            if tgt_fut is not None and await self._peer_result(tgt_id, tgt_fut) != _OK:
+                self.resync.missed(pool, pg, vol, chunk)
             if peer_fut is not None:
                 peer_status = await self._peer_result(sec_id, peer_fut)
                 if peer_status == _LOST:
@@ -369,6 +428,43 @@ class DataService:
         finally:
             self.locks.release(key, ticket)
 
+    async def _to_target(
+        self,
+        m: PgMap,
+        pg: int,
+        tgt_id: int,
+        op: int,
+        flags: int,
+        hdr: Header,
+        payload: memoryview,
+    ) -> asyncio.Future[tuple[int, int, int, memoryview]] | None:
+        """Forward a write to the PG's rebalance target. Its failure does not fail the
+        write (the PG's two copies have it): the move copies the chunk again."""
+        address = m.sds.get(tgt_id)
+        try:
+            if address is None:
+                raise WireError(f"no address of SDS {tgt_id}")
+            peer = self.peers.connected(tgt_id, address) or await self.peers.get(tgt_id, address)
+            fut = peer.submit(
+                _REPL_OF[Op(op)],
+                flags,
+                hdr[5],
+                hdr[6],
+                hdr[7],
+                hdr[8],
+                hdr[9],
+                hdr[10],
+                hdr[11],
+                payload,
+            )
+        except (WireError, HandshakeError) as exc:
+            log.info("write to move target SDS %d failed (copied again later): %s", tgt_id, exc)
+            self.stats.peer_error(tgt_id)
+            self.resync.missed(m.pool_id, pg, hdr[8], hdr[9])
+            return None
+        self.peers.dirty.add(tgt_id)
+        return fut
+
     async def _peer_result(
         self, sec_id: int, fut: asyncio.Future[tuple[int, int, int, memoryview]]
     ) -> int:
@@ -377,6 +473,8 @@ class DataService:
         except ConnectionLost as exc:
             log.warning("replication to SDS %d failed: %s", sec_id, exc)
             self.stats.peer_error(sec_id)
+            if self.peer_unreachable is not None:
+                self.peer_unreachable(sec_id)
             return _LOST
         except WireError as exc:
             log.warning("replication to SDS %d failed: %s", sec_id, exc)

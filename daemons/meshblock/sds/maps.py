@@ -16,6 +16,7 @@ from typing import Any
 NO_COPY = (0, 0)  # (sds_id, device_id) of a PG copy that is not placed
 CLEAN = "clean"  # the PG state of a map without ``state`` (state files of older versions)
 RESYNCING = "resyncing"  # the primary forwards writes to the secondary and copies to it
+REBUILDING = "rebuilding"  # the same, to a new (empty) secondary: always a full copy
 DEFAULT_REBUILD_CONCURRENCY = 4  # a map without the pool's throttles (older MDM)
 
 
@@ -37,6 +38,9 @@ class PgMap:
     doc: dict[str, Any]
     clean: tuple[bool, ...] = ()  # per PG; empty: every PG is clean
     resyncing: tuple[bool, ...] = ()  # per PG; empty: none is
+    rebuilding: tuple[bool, ...] = ()  # per PG; empty: none is
+    # per PG the rebalance target (NO_COPY: none): takes forwarded writes and a copy
+    target: tuple[tuple[int, int], ...] = ()
     rebuild_concurrency: int = DEFAULT_REBUILD_CONCURRENCY
     rebuild_bandwidth_mibps: int = 0
 
@@ -45,10 +49,27 @@ class PgMap:
             object.__setattr__(self, "clean", (True,) * self.pg_count)
         if len(self.resyncing) != self.pg_count:
             object.__setattr__(self, "resyncing", (False,) * self.pg_count)
+        if len(self.rebuilding) != self.pg_count:
+            object.__setattr__(self, "rebuilding", (False,) * self.pg_count)
+        if len(self.target) != self.pg_count:
+            object.__setattr__(self, "target", (NO_COPY,) * self.pg_count)
 
     def forwards(self, pg: int) -> bool:
         """Whether the primary of ``pg`` forwards writes to its secondary."""
-        return self.clean[pg] or self.resyncing[pg]
+        return self.clean[pg] or self.resyncing[pg] or self.rebuilding[pg]
+
+    def copy_to(self, pg: int) -> tuple[int, int] | None:
+        """``(sds_id, device_id)`` the primary of ``pg`` copies the PG to, if any: the
+        rebalance target, else a resyncing or rebuilding secondary."""
+        if self.target[pg][0]:
+            return self.target[pg]
+        if self.resyncing[pg] or self.rebuilding[pg]:
+            return self.secondary[pg]
+        return None
+
+    def names(self, pg: int, sds_id: int) -> bool:
+        """Whether ``sds_id`` holds a copy (or the move target) of ``pg`` in this map."""
+        return sds_id in (self.primary[pg][0], self.secondary[pg][0], self.target[pg][0])
 
     @classmethod
     def from_doc(cls, doc: dict[str, Any]) -> PgMap:
@@ -57,17 +78,20 @@ class PgMap:
         secondary = [NO_COPY] * count
         clean = [True] * count
         resyncing = [False] * count
+        rebuilding = [False] * count
+        target = [NO_COPY] * count
         for pg in doc["pgs"]:
             i = int(pg["pg"])
             if not 0 <= i < count:
                 raise ValueError(f"PG {i} out of range in the map of pool {doc['pool_id']}")
-            for copies, key in ((primary, "primary"), (secondary, "secondary")):
+            for copies, key in ((primary, "primary"), (secondary, "secondary"), (target, "target")):
                 c = pg.get(key)
                 if c:
                     copies[i] = (int(c["sds_id"]), int(c["device_id"]))
             state = pg.get("state", CLEAN)
             clean[i] = state == CLEAN
             resyncing[i] = state == RESYNCING
+            rebuilding[i] = state == REBUILDING
         sds = {int(k): (str(v["address"]), int(v["data_port"])) for k, v in doc["sds"].items()}
         return cls(
             pool_id=int(doc["pool_id"]),
@@ -79,6 +103,8 @@ class PgMap:
             doc=doc,
             clean=tuple(clean),
             resyncing=tuple(resyncing),
+            rebuilding=tuple(rebuilding),
+            target=tuple(target),
             rebuild_concurrency=max(
                 1, int(doc.get("rebuild_concurrency", DEFAULT_REBUILD_CONCURRENCY))
             ),

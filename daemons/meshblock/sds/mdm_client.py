@@ -19,6 +19,7 @@ import contextlib
 import json
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,9 @@ from meshblock.sds.maps import PgMap
 log = logging.getLogger(__name__)
 
 STATE_FILE = "state.json"
+
+
+REPORT_EVERY_S = 2.0  # a peer is reported unreachable at most this often
 
 
 class MdmUnavailable(Exception):
@@ -51,6 +55,8 @@ class MdmLink:
         self.reachable = False
         self.registered = asyncio.Event()
         service.resync.reporter = self._report_synced
+        service.peer_unreachable = self.report_unreachable
+        self._reported: dict[int, float] = {}  # peer SDS -> when we last reported it
 
     # -- state file -------------------------------------------------------------------
 
@@ -164,6 +170,31 @@ class MdmLink:
             return False
         raise MdmUnavailable(f"pg-synced answered {status}")
 
+    def report_unreachable(self, peer: int) -> None:
+        """Tell the MDM (in the background, at most every ``REPORT_EVERY_S`` per peer)
+        that a peer SDS did not answer: it confirms and fails it at once instead of
+        after the heartbeat timeout."""
+        now = time.monotonic()
+        if (
+            self._session is None
+            or now - self._reported.get(peer, -REPORT_EVERY_S) < REPORT_EVERY_S
+        ):
+            return
+        self._reported[peer] = now
+        task = asyncio.create_task(self._send_unreachable(peer), name=f"unreachable-{peer}")
+        self._tasks.append(task)
+        task.add_done_callback(self._tasks.remove)
+
+    async def _send_unreachable(self, peer: int) -> None:
+        body = {"reporter": f"sds:{self._svc.sds_id}"}
+        try:
+            status, doc = await self._call("POST", f"/api/v1/sds/{peer}/unreachable", body, 5.0)
+        except MdmUnavailable as exc:
+            log.info("cannot report SDS %d unreachable: %s", peer, exc)
+            return
+        if status == 200 and doc.get("confirmed"):
+            log.warning("reported SDS %d unreachable; the MDM confirmed it", peer)
+
     def _unreachable(self, exc: Exception) -> None:
         if self.reachable:
             log.warning("MDM unreachable, serving on cached maps: %s", exc)
@@ -216,6 +247,7 @@ class MdmLink:
                 if d.mdm_id is not None
             ],
             "volumes": [{"id": v, "chunks": n} for v, n in svc.store.volume_chunks().items()],
+            "copies": svc.resync.report(),
         }
         status, _ = await self._call("POST", f"/api/v1/sds/{svc.sds_id}/heartbeat", body)
         if status == 404:
@@ -258,3 +290,4 @@ class MdmLink:
             if maps.update(m):
                 log.info("pool %d: map epoch %d", pool_id, m.epoch)
                 self._save_state()
+                self._svc.collect_garbage(m)

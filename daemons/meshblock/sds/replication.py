@@ -57,6 +57,10 @@ class RangeLocks:
     def __len__(self) -> int:
         return sum(len(v) for v in self._held.values())
 
+    def busy(self, key: int) -> bool:
+        """Whether a write to the chunk ``key`` is in progress."""
+        return key in self._held
+
 
 class Peers:
     """Persistent data connections to the other SDSs."""
@@ -169,6 +173,10 @@ class DegradedWrites:
     def complete(self, pool_id: int, pg: int) -> bool:
         """Whether the record lists every chunk written since the PG left ``clean``."""
         return (pool_id, pg) in self._tracked
+
+    def untrack(self, pool_id: int, pg: int) -> None:
+        """The record no longer describes what the secondary missed: a full copy."""
+        self._tracked.discard((pool_id, pg))
 
     def discard(self, pool_id: int, pg: int, volume: int, chunk: int) -> None:
         chunks = self._pgs.get((pool_id, pg))

@@ -1,12 +1,18 @@
-"""Resynchronisation of a returning secondary (DESIGN.md invariant 4).
+"""The copies a PG's primary makes: resync, rebuild and rebalance moves.
 
-When the MDM puts a PG this SDS is primary of in ``resyncing`` (its stale secondary's
-SDS is back), new writes are forwarded to the secondary again (io_path) and a job
-here copies what the secondary missed:
+One job per PG this SDS is primary of, whenever the map names a copy to fill
+(:meth:`meshblock.sds.maps.PgMap.copy_to`); new writes are forwarded to that copy
+meanwhile (io_path):
 
-- the chunks in the PG's :class:`~meshblock.sds.replication.DegradedWrites` record
-  when it is complete (this process saw the PG leave ``clean``): the delta;
-- else every chunk of the PG this SDS holds: a full copy.
+- ``resyncing`` (the stale secondary's SDS is back, DESIGN.md invariant 4): the chunks
+  in the PG's :class:`~meshblock.sds.replication.DegradedWrites` record when it is
+  complete (this process saw the PG leave ``clean`` and the secondary did not change
+  since): the delta; else every chunk of the PG this SDS holds: a full copy;
+- ``rebuilding`` (a new secondary on another SDS): a full copy;
+- a rebalance move (the PG has a ``target``): a full copy to the target. A forwarded
+  write the target missed does not fail the client's write (the PG's two copies
+  have it); it is recorded (:meth:`Resync.missed`) and copied again before the job
+  reports.
 
 Each chunk is copied under the chunk's range lock over the whole chunk, the lock the
 replication path takes, so a client write to it is applied on both copies either
@@ -59,6 +65,11 @@ class Resync:
         self.svc = service
         self.reporter: Reporter | None = None
         self.jobs: dict[tuple[int, int], tuple[int, asyncio.Task[bool]]] = {}
+        self._dest: dict[tuple[int, int], tuple[tuple[int, int], bool]] = {}  # per job
+        self._missed: dict[tuple[int, int], set[tuple[int, int]]] = {}
+        # per job: [chunks to copy, chunks copied, "rebuild" or "rebalance"]
+        self.progress: dict[tuple[int, int], list[int | str]] = {}
+        self.copied_bytes: dict[tuple[int, str], int] = {}  # (pool, kind) -> counter
         self._slots: dict[int, int] = {}  # copies in progress per pool
         self._slot_freed = asyncio.Event()
         self._next_send = 0.0  # bandwidth pacing: when the next chunk may go
@@ -67,20 +78,46 @@ class Resync:
         self.pgs_total = 0  # PGs resynchronised (the MDM accepted the report)
         self.full_total = 0  # of which were full copies (no complete record)
         # the last completed resync of each PG: chunks, full, target SDS, seconds
-        self.done: dict[str, dict[str, int | float | bool]] = {}
+        self.done: dict[str, dict[str, int | float | bool | str]] = {}
         service.maps.listeners.append(self.map_changed)
 
     def map_changed(self, m: PgMap) -> None:
         me = self.svc.sds_id
         for pg in range(m.pg_count):
             key = (m.pool_id, pg)
-            mine = bool(me) and m.resyncing[pg] and m.primary[pg][0] == me
+            dest = m.copy_to(pg) if me and m.primary[pg][0] == me else None
+            want = None if dest is None else (dest, m.rebuilding[pg] or bool(m.target[pg][0]))
             job = self.jobs.get(key)
-            if job is not None and not mine:
+            if job is not None and self._dest.get(key) != want:
                 job[1].cancel()
                 del self.jobs[key]
-            elif job is None and mine:
+                self._dest.pop(key, None)
+                self.progress.pop(key, None)
+                job = None
+            if job is None and want is not None:
                 self._start(m.pool_id, pg, m.epoch)
+                self._dest[key] = want
+
+    def missed(self, pool: int, pg: int, volume: int, chunk: int) -> None:
+        """A forwarded write did not reach the PG's move target: copy it again."""
+        self._missed.setdefault((pool, pg), set()).add((volume, chunk))
+
+    def report(self) -> list[dict[str, int | str]]:
+        """Per pool and kind, bytes left to copy and copied since start (heartbeats)."""
+        left: dict[tuple[int, str], int] = {}
+        for (pool, _), (total, done, kind) in self.progress.items():
+            k = (pool, str(kind))
+            left[k] = left.get(k, 0) + max(0, int(total) - int(done)) * CHUNK_SIZE
+        keys = sorted(set(left) | set(self.copied_bytes))
+        return [
+            {
+                "pool_id": pool,
+                "kind": kind,
+                "remaining_bytes": left.get((pool, kind), 0),
+                "copied_bytes": self.copied_bytes.get((pool, kind), 0),
+            }
+            for pool, kind in keys
+        ]
 
     def _start(self, pool: int, pg: int, epoch: int) -> None:
         try:
@@ -95,6 +132,8 @@ class Resync:
         job = self.jobs.get((pool, pg))
         if job is not None and job[1] is task:
             del self.jobs[(pool, pg)]
+            self._dest.pop((pool, pg), None)
+            self.progress.pop((pool, pg), None)
         if task.cancelled():
             return
         if task.exception() is not None:
@@ -116,6 +155,7 @@ class Resync:
     async def close(self) -> None:
         tasks = [t for _, t in self.jobs.values()]
         self.jobs.clear()
+        self._dest.clear()
         for t in tasks:
             t.cancel()
         if tasks:
@@ -126,27 +166,43 @@ class Resync:
     async def _job(self, pool: int, pg: int, epoch: int) -> bool:
         """Copy, then report; True once the MDM accepted the report."""
         svc = self.svc
-        full = not svc.degraded.complete(pool, pg)
         m = svc.maps.maps[pool]
+        dest = m.copy_to(pg)
+        assert dest is not None
+        moving = bool(m.target[pg][0])
+        kind = "rebalance" if moving else "rebuild"
+        what = "move" if moving else ("rebuild" if m.rebuilding[pg] else "resync")
+        full = moving or m.rebuilding[pg] or not svc.degraded.complete(pool, pg)
+        self._missed.pop((pool, pg), None)
         if full:
             chunks = sorted(
-                (v, c) for v, c in svc.store.chunk_ids() if pg_of(v, c, m.pg_count) == pg
+                (v, c)
+                for v, c in svc.store.chunk_ids_of_pool(pool)
+                if pg_of(v, c, m.pg_count) == pg
             )
         else:
             chunks = sorted(svc.degraded.chunks(pool, pg))
+        progress: list[int | str] = [len(chunks), 0, kind]
+        self.progress[(pool, pg)] = progress
         log.info(
-            "resync of PG %d/%d to SDS %d: %s copy of %d chunk(s)",
+            "%s of PG %d/%d to SDS %d: %s copy of %d chunk(s)",
+            what,
             pool,
             pg,
-            m.secondary[pg][0],
+            dest[0],
             "full" if full else "delta",
             len(chunks),
         )
         t0 = time.monotonic()
         try:
-            await asyncio.gather(*(self._copy_limited(pool, pg, v, c) for v, c in chunks))
-            sec_id = m.secondary[pg][0]
-            address = self._target(pool, pg)
+            await asyncio.gather(*(self._copy_limited(pool, pg, v, c, progress) for v, c in chunks))
+            while self._missed.get((pool, pg)):
+                again = sorted(self._missed.pop((pool, pg)))
+                progress[0] = int(progress[0]) + len(again)
+                await asyncio.gather(
+                    *(self._copy_limited(pool, pg, v, c, progress) for v, c in again)
+                )
+            sec_id, address = self._target(pool, pg)
             client = await svc.peers.get(sec_id, address)
             await client.repl_flush()
         except (WireError, HandshakeError) as exc:
@@ -162,32 +218,39 @@ class Resync:
                 self.pgs_total += 1
                 self.full_total += full
                 self.done[f"{pool}/{pg}"] = {
-                    "chunks": len(chunks),
+                    "chunks": int(progress[0]),
                     "full": full,
-                    "target": m.secondary[pg][0],
+                    "kind": what,
+                    "target": dest[0],
                     "seconds": round(time.monotonic() - t0, 3),
                 }
                 log.info(
-                    "PG %d/%d resynchronised (%d chunk(s) in %.2f s)",
+                    "PG %d/%d %s done (%d chunk(s) in %.2f s)",
                     pool,
                     pg,
-                    len(chunks),
+                    what,
+                    int(progress[0]),
                     time.monotonic() - t0,
                 )
             return accepted
         return False
 
-    def _target(self, pool: int, pg: int) -> tuple[str, int]:
+    def _target(self, pool: int, pg: int) -> tuple[int, tuple[str, int]]:
+        """The SDS the job copies to and its address, as the newest map has them."""
         m = self.svc.maps.maps[pool]
         me = self.svc.sds_id
-        if not (m.resyncing[pg] and m.primary[pg][0] == me):
-            raise ResyncAborted(f"PG {pool}/{pg} is no longer resyncing from us")
-        address = m.sds.get(m.secondary[pg][0])
+        dest = m.copy_to(pg) if m.primary[pg][0] == me else None
+        want = self._dest.get((pool, pg))
+        if dest is None or want is None or want[0] != dest:
+            raise ResyncAborted(f"PG {pool}/{pg} is no longer copied from us to that SDS")
+        address = m.sds.get(dest[0])
         if address is None:
-            raise ResyncAborted(f"no address of the secondary of PG {pool}/{pg}")
-        return address
+            raise ResyncAborted(f"no address of SDS {dest[0]} (PG {pool}/{pg})")
+        return dest[0], address
 
-    async def _copy_limited(self, pool: int, pg: int, volume: int, chunk: int) -> None:
+    async def _copy_limited(
+        self, pool: int, pg: int, volume: int, chunk: int, progress: list[int | str]
+    ) -> None:
         while self._slots.get(pool, 0) >= self.svc.maps.maps[pool].rebuild_concurrency:
             self._slot_freed.clear()
             await self._slot_freed.wait()
@@ -195,6 +258,9 @@ class Resync:
         try:
             await self._pace(pool)
             await self._copy(pool, pg, volume, chunk)
+            progress[1] = int(progress[1]) + 1
+            key = (pool, str(progress[2]))
+            self.copied_bytes[key] = self.copied_bytes.get(key, 0) + CHUNK_SIZE
         finally:
             self._slots[pool] -= 1
             self._slot_freed.set()
@@ -217,9 +283,8 @@ class Resync:
             try:
                 for earlier_write in earlier:
                     await earlier_write
-                address = self._target(pool, pg)
+                sec_id, address = self._target(pool, pg)
                 m = svc.maps.maps[pool]
-                sec_id = m.secondary[pg][0]
                 data = svc.store.read(volume, chunk, 0, CHUNK_SIZE)
                 peer = svc.peers.connected(sec_id, address) or await svc.peers.get(sec_id, address)
                 op = Op.REPL_TRIM if data is None else Op.REPL_WRITE

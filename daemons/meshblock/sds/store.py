@@ -405,6 +405,14 @@ class ChunkStore:
         """``(volume, chunk)`` of every chunk stored here."""
         return [(key >> 32, key & 0xFFFFFFFF) for key in self._index]
 
+    def chunk_ids_of_pool(self, pool_id: int) -> list[tuple[int, int]]:
+        """``(volume, chunk)`` of every chunk stored on the devices of ``pool_id``."""
+        return [
+            (key >> 32, key & 0xFFFFFFFF)
+            for key, (dev, _) in self._index.items()
+            if dev.pool_id == pool_id
+        ]
+
     def volume_chunks(self) -> dict[int, int]:
         """Chunks stored here per volume (for the MDM heartbeat)."""
         return {v: n for v, n in self._volume_chunks.items() if n}

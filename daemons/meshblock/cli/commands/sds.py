@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import time
 from argparse import Namespace
 
 from meshblock.cli import values
 from meshblock.cli.client import JsonObject
 from meshblock.cli.context import Context
-from meshblock.cli.errors import NotFound
+from meshblock.cli.errors import CliError, NotFound
 from meshblock.cli.output import render_fields, render_table, size, timestamp
 from meshblock.cli.parser import Subparsers, add_command, add_noun
+from meshblock.cli.progress import ProgressBar
 
 PATH = "/api/v1/sds"
 
@@ -75,11 +77,66 @@ def register(root: Subparsers) -> None:
         sub,
         "remove",
         remove,
-        help="remove an SDS",
-        description="Refused (exit 5) while it holds data: it must be drained first.",
-        examples=["meshctl sds remove sds1"],
+        help="drain an SDS, then remove it",
+        description="""
+            Drains the SDS first: rebalance moves every PG copy it holds to the other
+            SDSs of its pools (each PG keeps two in-sync copies meanwhile), with a
+            progress bar on standard error; then removes it. Refused (exit 5) when
+            the other SDSs cannot hold its data (too little free capacity after the
+            pool's spare, or fewer than two fault domains left). If the wait is cut
+            short (Ctrl-C, --max-wait) the SDS keeps draining: run the command again
+            to wait, or 'meshctl sds drain NAME --cancel' to stop.""",
+        examples=[
+            "meshctl sds remove sds4",
+            "meshctl sds remove sds4 --max-wait 3600",
+            "meshctl sds remove sds4 --no-wait   # start the drain and return",
+        ],
         aliases=["delete", "rm"],
     )
+    p.add_argument("name", help="SDS name (or id)")
+    p.add_argument("--no-wait", action="store_true", help="start the drain and return (exit 0)")
+    p.add_argument(
+        "--max-wait",
+        type=values.positive_float,
+        default=None,
+        help="give up waiting after this many seconds (exit 1; the drain goes on)",
+    )
+    p.add_argument(
+        "--interval", type=values.positive_float, default=2.0, help="seconds between polls"
+    )
+
+    p = add_command(
+        sub,
+        "drain",
+        drain,
+        help="start (or cancel) draining an SDS without removing it",
+        description="""
+            Rebalance moves every PG copy off the SDS; it stays in the cluster in
+            mode 'draining' and takes no new copies until the drain is cancelled.""",
+        examples=["meshctl sds drain sds4", "meshctl sds drain sds4 --cancel"],
+    )
+    p.add_argument("name", help="SDS name (or id)")
+    p.add_argument("--cancel", action="store_true", help="stop draining: mode normal again")
+
+    p = add_command(
+        sub,
+        "maintenance",
+        maintenance,
+        help="enter or exit maintenance mode (a planned outage)",
+        description="""
+            enter: the SDS's copies stop taking IO (the other copy of each PG serves
+            it and records what changes); nothing is rebuilt away from it, so it may
+            be stopped, upgraded or rebooted. Refused (exit 5) when a PG with a copy
+            on it would be left without a copy (not clean, or its other copy is
+            down, in maintenance or draining). exit: only what changed meanwhile is
+            copied back (a delta resync), then its PGs are clean again; follow it
+            with 'meshctl rebuild status --watch'.""",
+        examples=[
+            "meshctl sds maintenance enter sds2",
+            "meshctl sds maintenance exit sds2",
+        ],
+    )
+    p.add_argument("action", choices=["enter", "exit"], help="enter or exit maintenance")
     p.add_argument("name", help="SDS name (or id)")
 
     p = add_command(
@@ -199,6 +256,7 @@ def show(ctx: Context, args: Namespace) -> None:
                 ("data port", sds.get("data_port")),
                 ("control port", sds.get("control_port")),
                 ("state", sds.get("state")),
+                ("mode", sds.get("mode")),
                 ("last seen", timestamp(sds.get("last_seen"))),
                 ("created", timestamp(sds.get("created_at"))),
             ]
@@ -226,8 +284,67 @@ def show(ctx: Context, args: Namespace) -> None:
 
 def remove(ctx: Context, args: Namespace) -> None:
     sds = ctx.names.sds(args.name)
-    ctx.client.delete(f"{PATH}/{sds['id']}")
-    ctx.done(f"removed SDS {sds['name']!r}")
+    path = f"{PATH}/{sds['id']}"
+    used = sum(int(d.get("used_bytes") or 0) for d in sds.get("devices", []))
+    if _copies_left(ctx, path) == 0 and not used:  # holds nothing: no drain needed
+        ctx.client.delete(path)
+        ctx.done(f"removed SDS {sds['name']!r}")
+        return
+    if sds.get("mode") != "draining":
+        ctx.client.post(f"{path}/drain", {})
+    if args.no_wait:
+        ctx.done(f"SDS {sds['name']!r} is draining; run the command again to remove it")
+        return
+    bar = ProgressBar(f"draining {sds['name']}")
+    start = time.monotonic()
+    first = 0
+    try:
+        while True:
+            left = _copies_left(ctx, path)
+            first = max(first, left)
+            bar.update(1.0 - left / first if first else 1.0, f"{left} PG copies left")
+            if left == 0:
+                break
+            if args.max_wait is not None and time.monotonic() - start > args.max_wait:
+                raise CliError(
+                    f"SDS {sds['name']!r} still holds {left} PG copies after "
+                    f"{args.max_wait:g} s; it keeps draining (run the command again to wait)"
+                )
+            time.sleep(args.interval)
+    finally:
+        bar.close()
+    ctx.client.delete(path)
+    ctx.done(f"drained and removed SDS {sds['name']!r}")
+
+
+def _copies_left(ctx: Context, path: str) -> int:
+    """PG copies (and move targets) the map still places on the SDS."""
+    return int(ctx.client.get(f"{path}/pg-copies")["pg_copies"])
+
+
+def drain(ctx: Context, args: Namespace) -> None:
+    sds = ctx.names.sds(args.name)
+    doc = ctx.client.post(f"{PATH}/{sds['id']}/drain", {"cancel": bool(args.cancel)})
+    if args.cancel:
+        ctx.done(f"SDS {sds['name']!r}: drain cancelled", doc)
+    else:
+        ctx.done(
+            f"SDS {sds['name']!r} is draining; 'meshctl rebuild status --watch' follows it",
+            doc,
+        )
+
+
+def maintenance(ctx: Context, args: Namespace) -> None:
+    sds = ctx.names.sds(args.name)
+    doc = ctx.client.post(f"{PATH}/{sds['id']}/maintenance", {"mode": args.action})
+    if args.action == "enter":
+        ctx.done(f"SDS {sds['name']!r} is in maintenance: it may be stopped now", doc)
+    else:
+        ctx.done(
+            f"SDS {sds['name']!r} left maintenance; its copies resynchronise "
+            "('meshctl rebuild status --watch')",
+            doc,
+        )
 
 
 def device_add(ctx: Context, args: Namespace) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from typing import Any
 
@@ -29,9 +31,11 @@ from meshblock.mdm.liveness import Liveness
 from meshblock.mdm.models import (
     Device,
     FaultSet,
+    PgState,
     PlacementGroup,
     ProtectionDomain,
     Sds,
+    SdsMode,
     StoragePool,
     VolumeUsage,
 )
@@ -67,6 +71,7 @@ def sds_doc(s: Sds, live: Liveness) -> dict[str, Any]:
         "data_port": s.data_port,
         "control_port": s.control_port,
         "state": live.state("sds", s.id),
+        "mode": s.mode.value,
         "last_seen": ts(seen),
         "devices": [device_doc(d) for d in s.devices],
         "created_at": ts(s.created_at),
@@ -314,6 +319,20 @@ async def _holds_data(s: AsyncSession, sds_id: int, device_id: int | None = None
     return used
 
 
+async def _copies_on(s: AsyncSession, device_ids: list[int]) -> int:
+    """How many PG copies (and move targets) are on these devices."""
+    if not device_ids:
+        return 0
+    n = 0
+    for col in (
+        PlacementGroup.primary_device_id,
+        PlacementGroup.secondary_device_id,
+        PlacementGroup.target_device_id,
+    ):
+        n += int((await s.execute(select(func.count()).where(col.in_(device_ids)))).scalar_one())
+    return n
+
+
 async def _release_devices(s: AsyncSession, device_ids: list[int]) -> None:
     """Take devices out of every PG (before deleting them), then refill the maps."""
     pool_ids = set(
@@ -328,6 +347,11 @@ async def _release_devices(s: AsyncSession, device_ids: list[int]) -> None:
         update(PlacementGroup)
         .where(PlacementGroup.secondary_device_id.in_(device_ids))
         .values(secondary_device_id=None)
+    )
+    await s.execute(
+        update(PlacementGroup)
+        .where(PlacementGroup.target_device_id.in_(device_ids))
+        .values(target_device_id=None, moving=None)
     )
     for dev_id in device_ids:
         dev = await s.get(Device, dev_id)
@@ -346,18 +370,28 @@ async def _release_devices(s: AsyncSession, device_ids: list[int]) -> None:
     role=Role.ADMIN,
     tag=TAG,
     status=204,
-    summary="Remove an SDS that holds no data",
+    summary="Remove an SDS that holds no data (or a drained one)",
     errors=(404, 409),
 )
 async def delete_sds(request: web.Request) -> web.Response:
     async with change(request) as s:
         sds = await _load(s, path_id(request))
-        used = await _holds_data(s, sds.id)
-        if used:
-            raise Conflict(
-                f"SDS {sds.name!r} still holds {used} bytes of data; drain it first",
-                {"used_bytes": used},
-            )
+        copies = await _copies_on(s, [d.id for d in sds.devices])
+        if sds.mode == SdsMode.DRAINING:
+            # Drained: its chunks are copies the map no longer names, garbage.
+            if copies:
+                raise Conflict(
+                    f"SDS {sds.name!r} is draining: {copies} PG cop(ies) still to move",
+                    {"pg_copies": copies},
+                )
+        else:
+            used = await _holds_data(s, sds.id)
+            if used or copies:
+                raise Conflict(
+                    f"SDS {sds.name!r} still holds {used} bytes of data "
+                    f"({copies} PG copies); drain it first (meshctl sds remove drains)",
+                    {"used_bytes": used, "pg_copies": copies},
+                )
         await _release_devices(s, [d.id for d in sds.devices])
         await s.delete(sds)
         ctx(request).liveness.forget("sds", sds.id)
@@ -426,6 +460,7 @@ async def sds_heartbeat(request: web.Request, body: dict[str, Any]) -> web.Respo
         async with reading(request) as s:
             await get_or_404(s, Sds, sds_id, "SDS")
     c.liveness.beat("sds", sds_id, body.get("devices"), body.get("volumes"))
+    c.progress.report(sds_id, body.get("copies"))
     return json({"state": "connected", "epoch": c.notifier.epoch})
 
 
@@ -445,3 +480,226 @@ async def pg_synced(request: web.Request, body: dict[str, Any]) -> web.Response:
             s, path_id(request), int(body["pool_id"]), int(body["pg"]), int(body["epoch"])
         )
     return json({"pool_id": body["pool_id"], "pg": body["pg"], "state": "clean", "epoch": epoch})
+
+
+async def _check_now(request: web.Request) -> None:
+    """Apply a mode change to the PGs now rather than at the next check."""
+    detector = ctx(request).detector
+    if detector is not None:
+        await detector.check()
+
+
+@routes.route(
+    "GET",
+    r"/api/v1/sds/{id:\d+}/pg-copies",
+    role=Role.READONLY,
+    tag=TAG,
+    summary="How many PG copies (and rebalance targets) the map places on an SDS",
+    response="PgCopies",
+    errors=(404,),
+)
+async def sds_pg_copies(request: web.Request) -> web.Response:
+    async with reading(request) as s:
+        sds = await _load(s, path_id(request))
+        n = await _copies_on(s, [d.id for d in sds.devices])
+        return json({"sds_id": sds.id, "mode": sds.mode.value, "pg_copies": n})
+
+
+@routes.route(
+    "POST",
+    r"/api/v1/sds/{id:\d+}/maintenance",
+    role=Role.ADMIN,
+    tag=TAG,
+    summary="Enter or exit maintenance mode (a planned outage with a delta resync on exit)",
+    body=schemas.SDS_MAINTENANCE,
+    response="Sds",
+    errors=(404, 409),
+)
+async def sds_maintenance(request: web.Request, body: dict[str, Any]) -> web.Response:
+    """``enter``: the SDS's copies become stale (their PGs degraded, served by the
+    other copy, which records what changes) and nothing is rebuilt away from it.
+    Refused when a PG with a copy on it is not clean, or its other copy is not on a
+    connected SDS in mode normal: that PG would be left without a copy. ``exit``: its
+    copies are resynchronised (only what changed meanwhile) and the PGs become clean."""
+    live = ctx(request).liveness
+    async with change(request) as s:
+        sds = await _load(s, path_id(request))
+        if body["mode"] == "enter":
+            if sds.mode == SdsMode.MAINTENANCE:
+                raise Conflict(f"SDS {sds.name!r} is in maintenance already")
+            if sds.mode == SdsMode.DRAINING:
+                raise Conflict(f"SDS {sds.name!r} is draining; cancel the drain first")
+            if live.state("sds", sds.id) != "connected":
+                raise Conflict(f"SDS {sds.name!r} is disconnected; it is being handled as failed")
+            at_risk = await _pgs_without_other_copy(s, sds, live)
+            if at_risk:
+                raise Conflict(
+                    f"SDS {sds.name!r} cannot enter maintenance: {len(at_risk)} PG(s) "
+                    "would have no copy left (not clean, or their other copy is down, "
+                    "in maintenance or draining)",
+                    {"pgs": [f"{pool}/{pg}" for pool, pg in at_risk[:20]], "count": len(at_risk)},
+                )
+            sds.mode = SdsMode.MAINTENANCE
+        else:
+            if sds.mode != SdsMode.MAINTENANCE:
+                raise Conflict(f"SDS {sds.name!r} is not in maintenance (mode {sds.mode.value})")
+            sds.mode = SdsMode.NORMAL
+        log.info("SDS %s: maintenance %s", sds.name, body["mode"])
+    await _check_now(request)
+    async with reading(request) as s:
+        return json(sds_doc(await _load(s, sds.id), live))
+
+
+async def _pgs_without_other_copy(
+    s: AsyncSession, sds: Sds, live: Liveness
+) -> list[tuple[int, int]]:
+    dev_ids = [d.id for d in sds.devices]
+    if not dev_ids:
+        return []
+    dev_sds = dict((await s.execute(select(Device.id, Device.sds_id))).all())
+    modes = dict((await s.execute(select(Sds.id, Sds.mode))).all())
+    rows = await s.execute(
+        select(
+            PlacementGroup.pool_id,
+            PlacementGroup.pg,
+            PlacementGroup.primary_device_id,
+            PlacementGroup.secondary_device_id,
+            PlacementGroup.state,
+        ).where(
+            PlacementGroup.primary_device_id.in_(dev_ids)
+            | PlacementGroup.secondary_device_id.in_(dev_ids)
+        )
+    )
+    out = []
+    for pool_id, pg, p, sec, state in rows:
+        other = sec if p in dev_ids else p
+        other_sds = dev_sds.get(other) if other is not None else None
+        if (
+            state != PgState.CLEAN
+            or other_sds is None
+            or modes.get(other_sds) != SdsMode.NORMAL
+            or live.state("sds", other_sds) != "connected"
+        ):
+            out.append((pool_id, pg))
+    return sorted(out)
+
+
+@routes.route(
+    "POST",
+    r"/api/v1/sds/{id:\d+}/drain",
+    role=Role.ADMIN,
+    tag=TAG,
+    status=202,
+    summary="Drain an SDS (rebalance moves its copies away) or cancel a drain",
+    body=schemas.SDS_DRAIN,
+    response="Sds",
+    errors=(404, 409),
+)
+async def sds_drain(request: web.Request, body: dict[str, Any]) -> web.Response:
+    """Refused when the other SDSs of a pool cannot hold the data: fewer than two
+    fault domains would be left, or their free capacity (less the pool's spare
+    percentage) is smaller than what the SDS holds. Progress: ``GET /api/v1/rebuild``
+    (``rebalance``), and ``pg_copies`` of the 409 that ``DELETE`` answers meanwhile."""
+    live = ctx(request).liveness
+    async with change(request) as s:
+        sds = await _load(s, path_id(request))
+        if body.get("cancel"):
+            if sds.mode != SdsMode.DRAINING:
+                raise Conflict(f"SDS {sds.name!r} is not draining")
+            sds.mode = SdsMode.NORMAL
+            log.info("SDS %s: drain cancelled", sds.name)
+        elif sds.mode != SdsMode.DRAINING:
+            if sds.mode == SdsMode.MAINTENANCE:
+                raise Conflict(f"SDS {sds.name!r} is in maintenance; exit maintenance first")
+            await _check_room_without(s, sds)
+            sds.mode = SdsMode.DRAINING
+            log.info("SDS %s: draining", sds.name)
+    async with reading(request) as s:
+        return json(sds_doc(await _load(s, sds.id), live), 202)
+
+
+async def _check_room_without(s: AsyncSession, sds: Sds) -> None:
+    for pool_id in sorted({d.pool_id for d in sds.devices}):
+        pool = await s.get(StoragePool, pool_id)
+        assert pool is not None
+        rows = (
+            await s.execute(
+                select(
+                    Device.sds_id,
+                    Sds.fault_set_id,
+                    Sds.mode,
+                    Device.capacity_bytes,
+                    Device.used_bytes,
+                )
+                .join(Sds, Sds.id == Device.sds_id)
+                .where(Device.pool_id == pool_id)
+            )
+        ).all()
+        need = sum(used for sid, _, _, _, used in rows if sid == sds.id)
+        others = [r for r in rows if r[0] != sds.id and r[2] == SdsMode.NORMAL]
+        domains = {("fs", fs) if fs is not None else ("sds", sid) for sid, fs, *_ in others}
+        if len(domains) < 2:
+            raise Conflict(
+                f"cannot drain SDS {sds.name!r}: storage pool {pool.name!r} would be left "
+                f"with {len(domains)} fault domain(s), and two copies need two",
+                {"pool": pool.name, "fault_domains": len(domains)},
+            )
+        usable = sum(cap for *_, cap, _ in others) * (100 - pool.spare_percent) // 100
+        free = usable - sum(used for *_, used in others)
+        if need > free:
+            raise Conflict(
+                f"cannot drain SDS {sds.name!r}: it holds {need} bytes of storage pool "
+                f"{pool.name!r} and the other SDSs have {max(free, 0)} bytes free "
+                f"(after the pool's {pool.spare_percent}% spare)",
+                {"pool": pool.name, "needed_bytes": need, "free_bytes": max(free, 0)},
+            )
+
+
+@routes.route(
+    "POST",
+    r"/api/v1/sds/{id:\d+}/unreachable",
+    role=Role.COMPONENT,
+    tag=TAG,
+    summary="A peer (SDS or SDC) reports that it cannot reach this SDS",
+    body=schemas.SDS_UNREACHABLE,
+    response="Unreachable",
+    errors=(404,),
+)
+async def sds_unreachable(request: web.Request, body: dict[str, Any]) -> web.Response:
+    """Fast failure detection. The MDM confirms before it acts: it connects to the
+    SDS's data port itself (``UNREACHABLE_PROBE_S``); when that fails too the SDS is
+    declared down at once instead of after the heartbeat timeout."""
+    c = ctx(request)
+    sds_id = path_id(request)
+    async with reading(request) as s:
+        sds = await get_or_404(s, Sds, sds_id, "SDS")
+        address, port, name = sds.address, sds.data_port, sds.name
+    confirmed = False
+    if c.liveness.state("sds", sds_id) == "connected" and not await _reachable(address, port):
+        confirmed = True
+        log.warning(
+            "SDS %s reported unreachable by %s and not reachable from the MDM: down now",
+            name,
+            body.get("reporter", "a peer"),
+        )
+        c.liveness.mark_down("sds", sds_id)
+        if c.detector is not None:
+            await c.detector.check()
+    return json(
+        {"sds_id": sds_id, "confirmed": confirmed, "state": c.liveness.state("sds", sds_id)}
+    )
+
+
+UNREACHABLE_PROBE_S = 1.0
+
+
+async def _reachable(address: str, port: int) -> bool:
+    try:
+        async with asyncio.timeout(UNREACHABLE_PROBE_S):
+            _, writer = await asyncio.open_connection(address, port)
+    except (OSError, TimeoutError):
+        return False
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+    return True

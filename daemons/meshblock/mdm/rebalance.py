@@ -1,0 +1,203 @@
+"""Rebalance: moves PG copies of pools that hold data until device usage is balanced.
+
+A change of a pool's membership (an SDS or a device added, an SDS draining) only fills
+missing copies (:mod:`meshblock.mdm.pgmaps`): moving a copy that holds data is this
+module's job. Every ``cluster.rebalance_interval_s`` the MDM compares each pool's map
+with the balanced map :func:`meshblock.mdm.placement.compute_map` computes from it over
+the pool's *eligible* devices (on SDSs that heartbeat and are in mode ``normal``), and
+starts moves for the PGs whose copies differ:
+
+- one copy of a PG moves at a time, and only in a ``clean`` PG. The PG keeps its
+  primary and secondary; the new device becomes its ``target``. The primary forwards
+  new writes to the target as well and copies the PG's chunks to it
+  (:mod:`meshblock.sds.resync`); when done it reports to the MDM, and the target
+  replaces the copy that moves (:func:`meshblock.mdm.failures.mark_synced`). The PG
+  has two in-sync copies throughout: a move never lowers redundancy.
+- a pool with PGs that are not clean waits: rebuild first.
+- at most ``max(2, eligible devices)`` moves run per pool at a time; the SDSs pace the
+  copies with the pool's rebuild throttles.
+- copies on devices of a ``draining`` SDS (``meshctl sds remove``) are moved first
+  (they are missing from the balanced map); once none is left the SDS can be removed.
+
+Balance: the moves converge on a map where every device holds its ideal number of
+copies ``+-  max(2, 5% of ideal)`` (:func:`meshblock.mdm.placement.copy_tolerance`);
+chunks spread evenly over PGs, so device usage follows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from sqlalchemy import bindparam, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from meshblock.mdm.epochs import bump
+from meshblock.mdm.failures import FailureDetector
+from meshblock.mdm.models import Device, PgState, PlacementGroup, Sds, SdsMode, StoragePool, Volume
+from meshblock.mdm.placement import DeviceInfo, compute_map, failure_domain
+
+log = logging.getLogger(__name__)
+
+
+class Rebalancer:
+    """Starts rebalance moves; runs beside the failure detector, under its lock."""
+
+    def __init__(self, detector: FailureDetector) -> None:
+        self.detector = detector
+        self.moves_started = 0
+
+    def eligible_sds(self, modes: dict[int, SdsMode]) -> frozenset[int]:
+        live = self.detector.liveness
+        return frozenset(
+            i
+            for i, mode in modes.items()
+            if mode == SdsMode.NORMAL and live.state("sds", i) == "connected"
+        )
+
+    async def step(self) -> int:
+        """Start the moves that are due; return how many were started."""
+        d = self.detector
+        async with d._lock, d.gate(), d.sessions() as s, s.begin():
+            modes = dict((await s.execute(select(Sds.id, Sds.mode))).all())
+            eligible = self.eligible_sds(modes)
+            pools = (
+                await s.execute(
+                    select(StoragePool).where(
+                        select(Volume.id).where(Volume.pool_id == StoragePool.id).exists()
+                    )
+                )
+            ).scalars()
+            started = 0
+            for pool in list(pools):
+                started += await self._pool(s, pool, eligible)
+            if started:
+                epoch = await bump(s)
+        if started:
+            d.notifier.publish(epoch)
+            self.moves_started += started
+        return started
+
+    async def _pool(self, s: AsyncSession, pool: StoragePool, eligible: frozenset[int]) -> int:
+        rows = (
+            await s.execute(
+                select(
+                    PlacementGroup.pg,
+                    PlacementGroup.primary_device_id,
+                    PlacementGroup.secondary_device_id,
+                    PlacementGroup.state,
+                    PlacementGroup.target_device_id,
+                    PlacementGroup.moving,
+                    PlacementGroup.epoch,
+                ).where(PlacementGroup.pool_id == pool.id)
+            )
+        ).all()
+        if not rows or any(r[3] != PgState.CLEAN for r in rows):
+            return 0
+        in_flight = sum(1 for r in rows if r[4] is not None)
+        dev_rows = (
+            await s.execute(
+                select(Device.id, Device.sds_id, Sds.fault_set_id, Device.capacity_bytes)
+                .join(Sds, Sds.id == Device.sds_id)
+                .where(Device.pool_id == pool.id)
+                .order_by(Device.id)
+            )
+        ).all()
+        usable = [DeviceInfo(i, sds, fs, cap) for i, sds, fs, cap in dev_rows if sds in eligible]
+        budget = max(2, len(usable)) - in_flight
+        if budget <= 0 or len({failure_domain(x) for x in usable}) < 2:
+            return 0
+        info = {x.device_id: x for x in usable}
+        # The map as it will be once the moves in flight are done, without the copies
+        # on devices that are not eligible (those are refilled: moved away).
+        after: dict[int, tuple[int | None, int | None]] = {}
+        for pg, p, sec, _, t, moving, _ in rows:
+            if t is not None:
+                p, sec = (sec, t) if moving == "primary" else (p, t)
+            after[pg] = (p if p in info else None, sec if sec in info else None)
+        want = compute_map(pool.pg_count, usable, after)
+        updates: list[dict[str, Any]] = []
+        # Copies on devices that are not eligible first (a drain), then the rest.
+        order = sorted(
+            (r for r in rows if r[4] is None),
+            key=lambda r: (r[1] in info and r[2] in info, r[0]),
+        )
+        for pg, p, sec, _, _, _, epoch in order:
+            if len(updates) >= budget:
+                break
+            move = _one_move(p, sec, want.get(pg, (None, None)), info)
+            if move is None:
+                continue
+            target, moving = move
+            updates.append({"b_pg": pg, "b_t": target, "b_m": moving, "b_old": epoch})
+        if not updates:
+            return 0
+        pool.map_epoch += 1
+        for u in updates:
+            u["b_pool"] = pool.id
+            u["b_epoch"] = pool.map_epoch
+        table = PlacementGroup.metadata.tables[PlacementGroup.__tablename__]
+        conn = await s.connection()
+        await conn.execute(
+            update(table)
+            .where(
+                table.c.pool_id == bindparam("b_pool"),
+                table.c.pg == bindparam("b_pg"),
+                table.c.epoch == bindparam("b_old"),
+                table.c.target_device_id.is_(None),
+            )
+            .values(
+                target_device_id=bindparam("b_t"),
+                moving=bindparam("b_m"),
+                epoch=bindparam("b_epoch"),
+            ),
+            updates,
+        )
+        log.info(
+            "pool %s: rebalance moves %d PG cop%s (%d in flight before; map epoch %d)",
+            pool.name,
+            len(updates),
+            "y" if len(updates) == 1 else "ies",
+            in_flight,
+            pool.map_epoch,
+        )
+        return len(updates)
+
+    async def run(self, interval_s: float) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                await self.step()
+            except Exception:
+                log.exception("rebalance step failed; trying again in %.0f s", interval_s)
+
+
+def _one_move(
+    primary: int | None,
+    secondary: int | None,
+    want: tuple[int | None, int | None],
+    info: dict[int, DeviceInfo],
+) -> tuple[int, str] | None:
+    """(target device, ``"primary"`` or ``"secondary"``): the next copy of a PG to move
+    towards ``want``, or None when it is there already (or no legal move exists now)."""
+    if primary is None or secondary is None:
+        return None  # a missing copy is the rebuild's job, not ours
+    wanted = {w for w in want if w is not None}
+    if len(wanted) < 2 or wanted == {primary, secondary}:
+        return None
+    arriving = sorted(wanted - {primary, secondary})
+    for moving, old, stays in (("secondary", secondary, primary), ("primary", primary, secondary)):
+        if old in wanted:
+            continue
+        for new in arriving:
+            stay = info.get(stays)
+            dest = info[new]
+            if stay is not None and (
+                dest.sds_id == stay.sds_id or failure_domain(dest) == failure_domain(stay)
+            ):
+                continue
+            if stay is None:
+                continue  # the copy that stays is not eligible either: move it first
+            return new, moving
+    return None

@@ -1,0 +1,217 @@
+"""Maintenance mode, rebuild onto other SDSs, rebalance and drain (docs/mdm.md
+"Rebuild and rebalance"), with a real MDM, three real SDSs in three fault sets and
+the real SDC; data goes in and out through NBD (qemu-io) and every chunk's replicas
+are compared by the replica checker after each step.
+
+One cluster for the module, the tests in order: each leaves it clean and verified.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import subprocess
+import time
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from _cluster import SmallCluster, meshctl_command, small_cluster
+from _sds import PG_COUNT
+from meshblock.chunks import CHUNK_SIZE
+from meshblock.mdm.placement import copy_tolerance
+from meshblock.tools.replica_check import check_volume
+from test_nbd_server import qemu_io
+
+VOLUME = "rb1"
+CHUNKS = 48
+MiB = 1024 * 1024
+WAIT_S = 60.0
+
+
+@pytest.fixture(scope="module")
+def rb(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SmallCluster]:
+    settings = {
+        "cluster": {
+            "heartbeat_timeout_s": 3.0,
+            "rebuild_delay_s": 0.0,
+            "rebalance_interval_s": 0.5,
+        }
+    }
+    with small_cluster(tmp_path_factory.mktemp("rebuild"), VOLUME, f"{CHUNKS}MiB", settings) as c:
+        # every chunk written once: full copies have something to copy
+        write(c, list(range(CHUNKS)), 0x11)
+        yield c
+
+
+def write(c: SmallCluster, chunks: list[int], pattern: int) -> None:
+    cmds = [f"write -P {pattern:#x} {n * MiB + 4096} 8k" for n in chunks]
+    qemu_io(c.sdc.uri(VOLUME), *cmds, "flush")
+
+
+def read_back(c: SmallCluster, expected: dict[int, int]) -> None:
+    cmds = [f"read -P {p:#x} {n * MiB + 4096} 8k" for n, p in sorted(expected.items())]
+    qemu_io(c.sdc.uri(VOLUME), *cmds, read_only=True)
+
+
+def wait_for(c: SmallCluster, what: str, cond: Any, timeout: float = WAIT_S) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        doc = c.pgmap()
+        if cond(doc):
+            return doc
+        if time.monotonic() > deadline:
+            states = Counter(pg["state"] for pg in doc["pgs"])
+            raise AssertionError(f"timed out waiting for {what}: {dict(states)}\n{c.logs()}")
+        time.sleep(0.2)
+
+
+def all_clean(doc: dict[str, Any]) -> bool:
+    return all(pg["state"] == "clean" and "target" not in pg for pg in doc["pgs"])
+
+
+def verify(c: SmallCluster, doc: dict[str, Any]) -> None:
+    vol = {"id": c.volume_id, "name": VOLUME, "size_bytes": CHUNKS * CHUNK_SIZE}
+    report = asyncio.run(check_volume(vol, doc, c.mdm.cluster_secret))
+    out = report.to_json()
+    assert report.ok and report.fully_redundant, out
+    assert out["identical"] == CHUNKS, out
+
+
+def copies_per_sds(doc: dict[str, Any]) -> Counter[int]:
+    n: Counter[int] = Counter()
+    for pg in doc["pgs"]:
+        n[pg["primary"]["sds_id"]] += 1
+        n[pg["secondary"]["sds_id"]] += 1
+    return n
+
+
+def api(c: SmallCluster, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+    a = c.mdm.api()
+    if method == "GET":
+        return a.get(path)
+    if method == "DELETE":
+        return a.delete(path)
+    return a.post(path, body if body is not None else {})
+
+
+def meshctl(c: SmallCluster, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*meshctl_command(), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=c.mdm.env(),
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def test_maintenance_enter_exit_resyncs_only_the_delta(rb: SmallCluster) -> None:
+    expected = dict.fromkeys(range(CHUNKS), 0x11)
+    target = rb.sds[0]
+    sid = rb.sds_id(target)
+    out = meshctl(rb, "--json", "sds", "maintenance", "enter", target.name)
+    assert out.returncode == 0, out
+    assert json.loads(out.stdout)["mode"] == "maintenance", out.stdout
+    # Its PGs are degraded at once, served by the other copy.
+    m = wait_for(
+        rb,
+        "the maintenance SDS's PGs degraded",
+        lambda d: all(
+            (pg["state"] == "degraded")
+            == (sid in (pg["primary"]["sds_id"], pg["secondary"]["sds_id"]))
+            for pg in d["pgs"]
+        ),
+        timeout=10,
+    )
+    assert all(pg["primary"]["sds_id"] != sid for pg in m["pgs"]), "it serves nothing"
+    # A second SDS cannot enter: PGs shared with the first would have no copy.
+    refused = meshctl(rb, "sds", "maintenance", "enter", rb.sds[1].name)
+    assert refused.returncode == 5 and "no copy left" in refused.stderr, refused
+    # Writes meanwhile, then exit: only those chunks are copied back.
+    changed = [1, 5, 9, 30]
+    write(rb, changed, 0x22)
+    expected.update(dict.fromkeys(changed, 0x22))
+    before = {d.name: dict(d.health()["resync"]) for d in rb.sds}
+    status, doc = api(rb, "POST", f"/api/v1/sds/{sid}/maintenance", {"mode": "exit"})
+    assert status == 200 and doc["mode"] == "normal", doc
+    watched = meshctl(rb, "rebuild", "status", "--watch", "--interval", "0.3", "--max-wait", "60")
+    assert watched.returncode == 0, watched
+    assert "rebuild [" in watched.stderr and "100.0%" in watched.stderr, watched.stderr
+    done = wait_for(rb, "clean after maintenance exit", all_clean)
+    copied = sum(
+        d.health()["resync"]["chunks_total"] - before[d.name]["chunks_total"] for d in rb.sds
+    )
+    assert 0 < copied <= len(changed), f"a delta of at most {len(changed)} chunks, got {copied}"
+    read_back(rb, expected)
+    verify(rb, done)
+
+
+def test_lost_sds_is_rebuilt_on_the_others_then_rebalanced_back(rb: SmallCluster) -> None:
+    victim = rb.sds[2]
+    dead = rb.sds_id(victim)
+    before = rb.pgmap()
+    assert victim.stop(signal.SIGKILL) == -signal.SIGKILL
+    write(rb, [2, 3, 40], 0x33)
+    # Rebuild: every PG gets a new copy on a surviving SDS, then is clean.
+    rebuilt = wait_for(
+        rb,
+        "every PG rebuilt away from the dead SDS",
+        lambda d: (
+            all_clean(d)
+            and all(
+                dead not in (pg["primary"]["sds_id"], pg["secondary"]["sds_id"]) for pg in d["pgs"]
+            )
+        ),
+    )
+    moved = [
+        pg for pg in before["pgs"] if dead in (pg["primary"]["sds_id"], pg["secondary"]["sds_id"])
+    ]
+    assert moved, "the dead SDS held copies"
+    verify(rb, rebuilt)
+    status, progress = api(rb, "GET", "/api/v1/rebuild")
+    assert status == 200, progress
+    pool = next(p for p in progress["pools"] if p["pool_id"] == rb.pool_id)
+    assert pool["rebuild"]["copied_bytes"] > 0, pool
+    # It comes back: its stale chunks are freed, and rebalance moves copies onto it.
+    victim.start()
+    victim.wait_serving()
+    balanced = wait_for(
+        rb,
+        "rebalance onto the returning SDS",
+        lambda d: all_clean(d) and copies_per_sds(d)[dead] >= PG_COUNT * 2 // 3 - 2,
+    )
+    ideal = PG_COUNT * 2 / 3
+    tol = copy_tolerance(ideal)
+    counts = copies_per_sds(balanced)
+    assert all(abs(n - ideal) <= tol for n in counts.values()), (counts, ideal, tol)
+    verify(rb, balanced)
+    read_back(rb, {2: 0x33, 3: 0x33, 40: 0x33, 7: 0x11})
+
+
+def test_drain_then_remove(rb: SmallCluster) -> None:
+    leaving = rb.sds[2]
+    sid = rb.sds_id(leaving)
+    status, doc = api(rb, "DELETE", f"/api/v1/sds/{sid}")
+    assert status == 409 and "drain it first" in doc["error"]["message"], doc
+    status, doc = api(rb, "POST", f"/api/v1/sds/{sid}/drain", {})
+    assert status == 202 and doc["mode"] == "draining", doc
+    # A second drain of another SDS: one fault domain would be left.
+    status, refusal = api(rb, "POST", f"/api/v1/sds/{rb.sds_id(rb.sds[1])}/drain", {})
+    assert status == 409 and "fault domain" in refusal["error"]["message"], refusal
+    # meshctl waits for the drain (a progress bar on stderr), then removes it.
+    out = meshctl(rb, "sds", "remove", leaving.name, "--interval", "0.3", "--max-wait", "90")
+    assert out.returncode == 0, (out, rb.logs())
+    assert "drained and removed" in out.stdout and "draining sds3 [" in out.stderr, out
+    drained = wait_for(rb, "clean after the drain", all_clean)
+    assert all(
+        sid not in (pg["primary"]["sds_id"], pg["secondary"]["sds_id"]) for pg in drained["pgs"]
+    )
+    verify(rb, drained)
+    status, _ = api(rb, "GET", f"/api/v1/sds/{sid}")
+    assert status == 404
+    leaving.stop()
+    read_back(rb, {2: 0x33, 1: 0x22, 7: 0x11})
