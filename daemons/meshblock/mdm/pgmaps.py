@@ -219,6 +219,8 @@ async def _build(session: AsyncSession, pools: list[StoragePool]) -> dict[int, A
             "pg_count": p.pg_count,
             "rebuild_concurrency": p.rebuild_concurrency,
             "rebuild_bandwidth_mibps": p.rebuild_bandwidth_mibps,
+            "rebalance_concurrency": p.rebalance_concurrency,
+            "rebalance_bandwidth_mibps": p.rebalance_bandwidth_mibps,
             "pgs": pgs[p.id],
             "devices": [{"device_id": d, "sds_id": sds} for d, sds in members],
             "sds": {k: v for k, v in sds_doc.items() if k in member_sds},

@@ -343,6 +343,8 @@ COMPONENTS: dict[str, dict[str, Any]] = {
             "pg_count": _INT,
             "rebuild_concurrency": _INT,
             "rebuild_bandwidth_mibps": _INT,
+            "rebalance_concurrency": _INT,
+            "rebalance_bandwidth_mibps": _INT,
             "pgs": {"type": "array", "items": {"type": "object"}},
             "sds": {"type": "object"},
         }

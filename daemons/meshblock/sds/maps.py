@@ -43,6 +43,14 @@ class PgMap:
     target: tuple[tuple[int, int], ...] = ()
     rebuild_concurrency: int = DEFAULT_REBUILD_CONCURRENCY
     rebuild_bandwidth_mibps: int = 0
+    rebalance_concurrency: int = DEFAULT_REBUILD_CONCURRENCY
+    rebalance_bandwidth_mibps: int = 0
+
+    def throttle(self, kind: str) -> tuple[int, int]:
+        """(concurrent chunk copies, MiB/s or 0) for ``rebuild`` or ``rebalance``."""
+        if kind == "rebalance":
+            return self.rebalance_concurrency, self.rebalance_bandwidth_mibps
+        return self.rebuild_concurrency, self.rebuild_bandwidth_mibps
 
     def __post_init__(self) -> None:
         if len(self.clean) != self.pg_count:
@@ -109,6 +117,10 @@ class PgMap:
                 1, int(doc.get("rebuild_concurrency", DEFAULT_REBUILD_CONCURRENCY))
             ),
             rebuild_bandwidth_mibps=max(0, int(doc.get("rebuild_bandwidth_mibps", 0))),
+            rebalance_concurrency=max(
+                1, int(doc.get("rebalance_concurrency", DEFAULT_REBUILD_CONCURRENCY))
+            ),
+            rebalance_bandwidth_mibps=max(0, int(doc.get("rebalance_bandwidth_mibps", 0))),
         )
 
 

@@ -18,8 +18,9 @@ Each chunk is copied under the chunk's range lock over the whole chunk, the lock
 replication path takes, so a client write to it is applied on both copies either
 before the copy (which then carries it) or after it (forwarded as usual). A chunk
 we hold is sent as a whole-chunk REPL_WRITE, one we no longer hold as a whole-chunk
-REPL_TRIM. Copies run ``rebuild_concurrency`` at a time per pool and are paced to
-``rebuild_bandwidth_mibps`` (0: unlimited), both read from the newest map, so a change
+REPL_TRIM. Copies run ``rebuild_concurrency`` (moves: ``rebalance_concurrency``) at a
+time per pool and are paced to ``rebuild_bandwidth_mibps`` (moves:
+``rebalance_bandwidth_mibps``; 0: unlimited), read from the newest map, so a change
 of the pool's settings applies to the next chunk. When every chunk is copied the
 secondary is flushed and the MDM told (``POST /api/v1/sds/{id}/pg-synced``), which
 makes the PG clean at a new map epoch.
@@ -70,9 +71,9 @@ class Resync:
         # per job: [chunks to copy, chunks copied, "rebuild" or "rebalance"]
         self.progress: dict[tuple[int, int], list[int | str]] = {}
         self.copied_bytes: dict[tuple[int, str], int] = {}  # (pool, kind) -> counter
-        self._slots: dict[int, int] = {}  # copies in progress per pool
+        self._slots: dict[tuple[int, str], int] = {}  # copies in progress per pool, kind
         self._slot_freed = asyncio.Event()
-        self._next_send = 0.0  # bandwidth pacing: when the next chunk may go
+        self._next_send: dict[str, float] = {}  # per kind: when the next chunk may go
         self.chunks_total = 0  # chunks copied (written or trimmed on the secondary)
         self.bytes_total = 0
         self.pgs_total = 0  # PGs resynchronised (the MDM accepted the report)
@@ -251,27 +252,29 @@ class Resync:
     async def _copy_limited(
         self, pool: int, pg: int, volume: int, chunk: int, progress: list[int | str]
     ) -> None:
-        while self._slots.get(pool, 0) >= self.svc.maps.maps[pool].rebuild_concurrency:
+        kind = str(progress[2])
+        slot = (pool, kind)
+        while self._slots.get(slot, 0) >= self.svc.maps.maps[pool].throttle(kind)[0]:
             self._slot_freed.clear()
             await self._slot_freed.wait()
-        self._slots[pool] = self._slots.get(pool, 0) + 1
+        self._slots[slot] = self._slots.get(slot, 0) + 1
         try:
-            await self._pace(pool)
+            await self._pace(pool, kind)
             await self._copy(pool, pg, volume, chunk)
             progress[1] = int(progress[1]) + 1
             key = (pool, str(progress[2]))
             self.copied_bytes[key] = self.copied_bytes.get(key, 0) + CHUNK_SIZE
         finally:
-            self._slots[pool] -= 1
+            self._slots[slot] -= 1
             self._slot_freed.set()
 
-    async def _pace(self, pool: int) -> None:
-        mibps = self.svc.maps.maps[pool].rebuild_bandwidth_mibps
+    async def _pace(self, pool: int, kind: str) -> None:
+        mibps = self.svc.maps.maps[pool].throttle(kind)[1]
         if not mibps:
             return
         now = time.monotonic()
-        start = max(now, self._next_send)
-        self._next_send = start + CHUNK_SIZE / (mibps * 1024 * 1024)
+        start = max(now, self._next_send.get(kind, 0.0))
+        self._next_send[kind] = start + CHUNK_SIZE / (mibps * 1024 * 1024)
         if start > now:
             await asyncio.sleep(start - now)
 

@@ -154,7 +154,12 @@ async def get_pool(request: web.Request) -> web.Response:
 
 
 # Pool settings the SDSs need: in the PG map, whose epoch a change bumps.
-REBUILD_THROTTLES = ("rebuild_concurrency", "rebuild_bandwidth_mibps")
+REBUILD_THROTTLES = (
+    "rebuild_concurrency",
+    "rebuild_bandwidth_mibps",
+    "rebalance_concurrency",
+    "rebalance_bandwidth_mibps",
+)
 
 
 @routes.route(
