@@ -16,7 +16,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -263,6 +263,9 @@ def process_running(pid: int) -> bool:
     return stat[stat.rfind(b")") + 2 :][:1] not in (b"Z", b"X")
 
 
+MakeSds = Callable[[Path, str, MdmDaemon, str | None], SdsDaemon]
+
+
 @dataclass
 class SmallCluster:
     """An MDM, three SDSs in three fault sets and an SDC with one volume mapped: the
@@ -291,10 +294,29 @@ class SmallCluster:
 
 @contextmanager
 def small_cluster(
-    root: Path, volume: str, size: str, mdm_settings: dict[str, dict[str, Any]]
+    root: Path,
+    volume: str,
+    size: str,
+    mdm_settings: dict[str, dict[str, Any]],
+    *,
+    fault_sets: Sequence[str] = ("fs1", "fs2", "fs3"),
+    make_sds: MakeSds | None = None,
+    sdc_settings: dict[str, dict[str, Any]] | None = None,
+    mdm_host: str | None = None,
 ) -> Iterator[SmallCluster]:
-    """Start a :class:`SmallCluster` under ``root``; stop every process on the way out."""
+    """Start a :class:`SmallCluster` under ``root``; stop every process on the way out.
+
+    By default three SDSs ``sds1``..``sds3`` in fault sets ``fs1``..``fs3``; with
+    ``fault_sets``, SDS ``sds<i>`` goes into ``fault_sets[i-1]`` (each distinct fault
+    set is created). ``make_sds(workdir, name, mdm, fault_set)`` builds each SDS daemon
+    (default :class:`SdsDaemon`), ``sdc_settings`` overrides the SDC's config and
+    ``mdm_host`` is the address the MDM's API listens on (default 127.0.0.1).
+    """
     mdm = MdmDaemon(root / "mdm", f"sqlite+aiosqlite:///{root / 'mdm.db'}", mdm_settings)
+    if mdm_host is not None:
+        mdm.host = mdm_host
+        mdm.settings["api"]["host"] = mdm_host
+        mdm.write_config()
     mdm.start()
     daemons: list[SdsDaemon] = []
     sdc: SdcDaemon | None = None
@@ -302,9 +324,9 @@ def small_cluster(
         api = mdm.api()
         status, pd = api.post("/api/v1/protection-domains", {"name": "pd1"})
         assert status == 201, pd
-        for i in range(1, 4):
+        for fs in sorted(set(fault_sets)):
             status, body = api.post(
-                "/api/v1/fault-sets", {"name": f"fs{i}", "protection_domain_id": pd["id"]}
+                "/api/v1/fault-sets", {"name": fs, "protection_domain_id": pd["id"]}
             )
             assert status == 201, body
         status, pool = api.post(
@@ -312,12 +334,15 @@ def small_cluster(
             {"name": POOL, "protection_domain_id": pd["id"], "pg_count": PG_COUNT},
         )
         assert status == 201, pool
-        daemons = [SdsDaemon(root / f"sds{i}", f"sds{i}", mdm, f"fs{i}") for i in range(1, 4)]
+        build = make_sds or SdsDaemon
+        daemons += [
+            build(root / f"sds{i}", f"sds{i}", mdm, fs) for i, fs in enumerate(fault_sets, 1)
+        ]
         for d in daemons:
             d.start()
         for d in daemons:
             d.wait_serving()
-        sdc = SdcDaemon(root / "sdc", mdm)
+        sdc = SdcDaemon(root / "sdc", mdm, sdc_settings)
         sdc.start()
         sdc_id = sdc.wait_for("registration", lambda h: h["sdc_id"] is not None)["sdc_id"]
         status, vol = api.post(

@@ -120,8 +120,6 @@ class FailureDetector:
 
     async def check(self) -> int:
         """Apply the transitions once; return how many PGs changed."""
-        if time.monotonic() - self.started < self.grace_s:
-            return 0
         async with self._lock:
             return await self._check()
 
@@ -129,7 +127,12 @@ class FailureDetector:
         async with self.gate(), self.sessions() as s, s.begin():
             modes = dict((await s.execute(select(Sds.id, Sds.mode))).all())
             sds_ids = list(modes)
-            lost = self.down_sds(sds_ids)
+            if time.monotonic() - self.started < self.grace_s:
+                # SDSs may not have reached a restarted MDM yet: only a confirmed
+                # report (the MDM could not connect either) counts as down now.
+                lost = frozenset(i for i in sds_ids if ("sds", i) in self.liveness.reported_down)
+            else:
+                lost = self.down_sds(sds_ids)
             maintenance = frozenset(i for i, m in modes.items() if m == SdsMode.MAINTENANCE)
             down = lost | maintenance
             now = time.monotonic()

@@ -44,6 +44,8 @@ class Liveness:
         self.last_seen: dict[tuple[Kind, int], dt.datetime] = {}
         self._pending = _Pending()
         self.heartbeats_total = 0
+        # Declared down on a confirmed report (mark_down) and not heard from since.
+        self.reported_down: set[tuple[Kind, int]] = set()
 
     async def load(self, session: AsyncSession) -> None:
         for kind, model in (("sds", Sds), ("sdc", Sdc)):
@@ -62,6 +64,7 @@ class Liveness:
         now = utcnow()
         self.heartbeats_total += 1
         self.last_seen[(kind, id_)] = now
+        self.reported_down.discard((kind, id_))
         self._pending.seen[(kind, id_)] = now
         for d in devices or ():
             self._pending.device_used[(id_, d["id"])] = d["used_bytes"]
@@ -77,6 +80,7 @@ class Liveness:
         its last heartbeat were older than the timeout. Its next heartbeat, if any,
         brings it back."""
         self.last_seen[(kind, id_)] = utcnow() - self.timeout - dt.timedelta(seconds=1)
+        self.reported_down.add((kind, id_))
 
     def seen(self, kind: Kind, id_: int) -> dt.datetime | None:
         return self.last_seen.get((kind, id_))

@@ -17,6 +17,7 @@ from typing import Any
 
 from sqlalchemy import bindparam, delete, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import aliased
 
 from meshblock.mdm.epochs import current
 from meshblock.mdm.models import Device, PgState, PlacementGroup, Sds, StoragePool, Volume
@@ -170,6 +171,31 @@ async def map_documents(
 
 async def _build(session: AsyncSession, pools: list[StoragePool]) -> dict[int, Any]:
     ids = [p.id for p in pools]
+    # PGs first, with the SDS of each copy from the same statement; members and
+    # addresses after. On SQLite two SELECTs of one transaction may see different
+    # snapshots: read in this order, every device and SDS a PG names is there.
+    pdev, sdev, tdev = aliased(Device), aliased(Device), aliased(Device)
+    rows = (
+        await session.execute(
+            select(
+                PlacementGroup.pool_id,
+                PlacementGroup.pg,
+                PlacementGroup.primary_device_id,
+                PlacementGroup.secondary_device_id,
+                PlacementGroup.state,
+                PlacementGroup.target_device_id,
+                PlacementGroup.moving,
+                pdev.sds_id,
+                sdev.sds_id,
+                tdev.sds_id,
+            )
+            .outerjoin(pdev, pdev.id == PlacementGroup.primary_device_id)
+            .outerjoin(sdev, sdev.id == PlacementGroup.secondary_device_id)
+            .outerjoin(tdev, tdev.id == PlacementGroup.target_device_id)
+            .where(PlacementGroup.pool_id.in_(ids))
+            .order_by(PlacementGroup.pool_id, PlacementGroup.pg)
+        )
+    ).all()
     dev_rows = (
         await session.execute(
             select(Device.id, Device.sds_id, Device.pool_id)
@@ -178,6 +204,10 @@ async def _build(session: AsyncSession, pools: list[StoragePool]) -> dict[int, A
         )
     ).all()
     dev_sds = {d: sds for d, sds, _ in dev_rows}
+    for _, _, primary, secondary, _, target, _, p_sds, s_sds, t_sds in rows:
+        for dev, sds in ((primary, p_sds), (secondary, s_sds), (target, t_sds)):
+            if dev is not None and sds is not None:
+                dev_sds.setdefault(dev, sds)
     sds_rows = (
         await session.execute(
             select(Sds.id, Sds.address, Sds.data_port).where(Sds.id.in_(set(dev_sds.values())))
@@ -185,20 +215,7 @@ async def _build(session: AsyncSession, pools: list[StoragePool]) -> dict[int, A
     ).all()
     sds_doc = {str(i): {"address": a, "data_port": p} for i, a, p in sds_rows}
     pgs: dict[int, list[dict[str, Any]]] = {i: [] for i in ids}
-    rows = await session.execute(
-        select(
-            PlacementGroup.pool_id,
-            PlacementGroup.pg,
-            PlacementGroup.primary_device_id,
-            PlacementGroup.secondary_device_id,
-            PlacementGroup.state,
-            PlacementGroup.target_device_id,
-            PlacementGroup.moving,
-        )
-        .where(PlacementGroup.pool_id.in_(ids))
-        .order_by(PlacementGroup.pool_id, PlacementGroup.pg)
-    )
-    for pool_id, pg, primary, secondary, state, target, moving in rows:
+    for pool_id, pg, primary, secondary, state, target, moving, *_ in rows:
         entry: dict[str, Any] = {
             "pg": pg,
             "primary": _copy(primary, dev_sds),
@@ -212,7 +229,12 @@ async def _build(session: AsyncSession, pools: list[StoragePool]) -> dict[int, A
     out: dict[int, Any] = {}
     for p in pools:
         members = [(d, sds) for d, sds, pool_id in dev_rows if pool_id == p.id]
-        member_sds = {str(sds) for _, sds in members}
+        member_sds = {str(sds) for _, sds in members} | {
+            str(c["sds_id"])
+            for entry in pgs[p.id]
+            for c in (entry["primary"], entry["secondary"], entry.get("target"))
+            if c
+        }
         out[p.id] = {
             "pool_id": p.id,
             "epoch": p.map_epoch,

@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 #: Refreshes closer together than this share one request to the MDM.
 MIN_REFRESH_INTERVAL_S = 0.05
+REPORT_EVERY_S = 2.0  # an unreachable SDS is reported at most this often
 
 
 class MapFollower:
@@ -62,6 +63,7 @@ class MapFollower:
         self._refreshing: asyncio.Future[None] | None = None
         self._last_refresh = 0.0
         self._tasks: list[asyncio.Task[None]] = []
+        self._reported: dict[int, float] = {}  # SDS -> when we last reported it
 
     # -- MapSource ----------------------------------------------------------------
 
@@ -90,6 +92,26 @@ class MapFollower:
         finally:
             self._last_refresh = time.monotonic()
             self._refreshing = None
+
+    def report_unreachable(self, sds_id: int) -> None:
+        """An SDS did not answer a connection: tell the MDM, in the background and at
+        most every ``REPORT_EVERY_S`` per SDS; the MDM confirms before it acts."""
+        now = time.monotonic()
+        if now - self._reported.get(sds_id, -REPORT_EVERY_S) < REPORT_EVERY_S:
+            return
+        self._reported[sds_id] = now
+        task = asyncio.ensure_future(self._send_unreachable(sds_id))
+        self._tasks.append(task)
+        task.add_done_callback(self._tasks.remove)
+
+    async def _send_unreachable(self, sds_id: int) -> None:
+        try:
+            doc = await self.client.report_unreachable(sds_id, f"sdc:{self.name}")
+        except (MdmUnavailable, MdmRefused) as exc:
+            log.info("cannot report SDS %d unreachable: %s", sds_id, exc)
+            return
+        if isinstance(doc, dict) and doc.get("confirmed"):
+            log.warning("reported SDS %d unreachable; the MDM confirmed it", sds_id)
 
     # -- state -----------------------------------------------------------------------
 

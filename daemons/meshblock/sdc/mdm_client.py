@@ -93,6 +93,10 @@ class MdmClient:
     async def heartbeat(self, sdc_id: int) -> Any:
         return await self._call("POST", f"/api/v1/sdc/{sdc_id}/heartbeat", {})
 
+    async def report_unreachable(self, sds_id: int, reporter: str) -> Any:
+        """Tell the MDM this SDC cannot reach SDS ``sds_id`` (it confirms first)."""
+        return await self._call("POST", f"/api/v1/sds/{sds_id}/unreachable", {"reporter": reporter})
+
     async def maps(self, sdc_id: int, wait_epoch: int | None = None, wait_s: float = 0) -> Any:
         """The SDC's maps; with ``wait_epoch``, long-poll until the epoch passes it."""
         path = f"/api/v1/sdc/{sdc_id}/maps"

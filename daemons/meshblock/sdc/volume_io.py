@@ -114,6 +114,10 @@ class AttemptTimer:
         self._handle = loop.call_later(self.tick_s, self._sweep)
 
 
+# DataPathError reasons that say the SDS itself did not answer (reported to the MDM).
+UNREACHABLE_REASONS = frozenset({"connect", "connection"})
+
+
 class MapSource(Protocol):
     """The SDC's current maps, and a way to ask the MDM for newer ones now."""
 
@@ -511,6 +515,10 @@ class VolumeIO:
                         if not exc.retriable:
                             raise RequestError(exc.errno, f"{what}: {exc}") from exc
                         reason = exc.reason
+                        if reason in UNREACHABLE_REASONS:
+                            report = getattr(self.maps, "report_unreachable", None)
+                            if report is not None:
+                                report(sds_id)
                     except asyncio.CancelledError:
                         if not (timer.stop(task) and task.uncancel() <= cancelling):
                             raise

@@ -159,12 +159,15 @@ class DataService:
         return freed
 
     def _alone(self, pool: int, pg: int) -> bool:
-        """Whether our newest map of ``pool`` has us as the only in-sync copy of ``pg``."""
+        """Whether our newest map of ``pool`` has us as the whole acting set of ``pg``:
+        ``degraded`` (or ``inactive``), we primary. Not while resyncing or rebuilding:
+        the copy being filled may be a clean copy in the MDM's next map already, so a
+        write it missed must fail (and be retried) rather than be acknowledged."""
         m = self.maps.maps.get(pool)
         return (
             m is not None
             and bool(self.sds_id)
-            and not m.clean[pg]
+            and not m.forwards(pg)
             and m.primary[pg][0] == self.sds_id
         )
 
@@ -404,14 +407,19 @@ class DataService:
                 else:
                     self.peers.dirty.add(sec_id)
             tgt_id = m.target[pg][0]
-            tgt_fut = None
+            tgt_fut, tgt_status = None, _OK
             if tgt_id:
-                tgt_fut = await self._to_target(m, pg, tgt_id, op, flags, hdr, payload)
+                tgt_fut, tgt_status = await self._to_target(m, pg, tgt_id, op, flags, hdr, payload)
             status = self._apply(op, dev, hdr, payload)
             if status == _OK and flags & _FUA:
                 status = await self._sync([dev])
-            if tgt_fut is not None and await self._peer_result(tgt_id, tgt_fut) != _OK:
-                self.resync.missed(pool, pg, vol, chunk)
+            if tgt_fut is not None:
+                result = await self._peer_result(tgt_id, tgt_fut)
+                if result != _OK and not self.resync.missed(pool, pg, vol, chunk):
+                    # The move is past its last copy: the target must have it.
+                    tgt_status = Status.REPLICA_FAILED if result == _LOST else result
+            if status == _OK:
+                status = tgt_status
             if peer_fut is not None:
                 peer_status = await self._peer_result(sec_id, peer_fut)
                 if peer_status == _LOST:
@@ -437,9 +445,12 @@ class DataService:
         flags: int,
         hdr: Header,
         payload: memoryview,
-    ) -> asyncio.Future[tuple[int, int, int, memoryview]] | None:
-        """Forward a write to the PG's rebalance target. Its failure does not fail the
-        write (the PG's two copies have it): the move copies the chunk again."""
+    ) -> tuple[asyncio.Future[tuple[int, int, int, memoryview]] | None, int]:
+        """Forward a write to the PG's rebalance target: (the reply's future, or None
+        and the status the client's write gets when it could not be sent). A failure
+        does not fail the write while the move still copies (the PG's two copies have
+        it, and the move copies the chunk again, :meth:`Resync.missed`); once the move
+        is past its last copy it does, and the client retries on the newer map."""
         address = m.sds.get(tgt_id)
         try:
             if address is None:
@@ -458,12 +469,13 @@ class DataService:
                 payload,
             )
         except (WireError, HandshakeError) as exc:
-            log.info("write to move target SDS %d failed (copied again later): %s", tgt_id, exc)
             self.stats.peer_error(tgt_id)
-            self.resync.missed(m.pool_id, pg, hdr[8], hdr[9])
-            return None
+            if self.resync.missed(m.pool_id, pg, hdr[8], hdr[9]):
+                log.info("write to move target SDS %d failed (copied again): %s", tgt_id, exc)
+                return None, _OK
+            return None, Status.REPLICA_FAILED
         self.peers.dirty.add(tgt_id)
-        return fut
+        return fut, _OK
 
     async def _peer_result(
         self, sec_id: int, fut: asyncio.Future[tuple[int, int, int, memoryview]]

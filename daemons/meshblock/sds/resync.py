@@ -99,9 +99,15 @@ class Resync:
                 self._start(m.pool_id, pg, m.epoch)
                 self._dest[key] = want
 
-    def missed(self, pool: int, pg: int, volume: int, chunk: int) -> None:
-        """A forwarded write did not reach the PG's move target: copy it again."""
-        self._missed.setdefault((pool, pg), set()).add((volume, chunk))
+    def missed(self, pool: int, pg: int, volume: int, chunk: int) -> bool:
+        """A forwarded write did not reach the PG's move target: copy it again, if the
+        PG's job is still copying (True). False once the job is past its last copy
+        (flushing, reporting, done): the caller must fail the client's write."""
+        chunks = self._missed.get((pool, pg))
+        if chunks is None:
+            return False
+        chunks.add((volume, chunk))
+        return True
 
     def report(self) -> list[dict[str, int | str]]:
         """Per pool and kind, bytes left to copy and copied since start (heartbeats)."""
@@ -135,6 +141,7 @@ class Resync:
             del self.jobs[(pool, pg)]
             self._dest.pop((pool, pg), None)
             self.progress.pop((pool, pg), None)
+            self._missed.pop((pool, pg), None)
         if task.cancelled():
             return
         if task.exception() is not None:
@@ -174,7 +181,7 @@ class Resync:
         kind = "rebalance" if moving else "rebuild"
         what = "move" if moving else ("rebuild" if m.rebuilding[pg] else "resync")
         full = moving or m.rebuilding[pg] or not svc.degraded.complete(pool, pg)
-        self._missed.pop((pool, pg), None)
+        self._missed[(pool, pg)] = set()  # copying: failed forwards are copied again
         if full:
             chunks = sorted(
                 (v, c)
@@ -198,11 +205,15 @@ class Resync:
         try:
             await asyncio.gather(*(self._copy_limited(pool, pg, v, c, progress) for v, c in chunks))
             while self._missed.get((pool, pg)):
-                again = sorted(self._missed.pop((pool, pg)))
+                again = sorted(self._missed[(pool, pg)])
+                self._missed[(pool, pg)] = set()
                 progress[0] = int(progress[0]) + len(again)
                 await asyncio.gather(
                     *(self._copy_limited(pool, pg, v, c, progress) for v, c in again)
                 )
+            # Past the last copy (no await since the loop's test): from here on a
+            # forward the target misses fails the client's write instead.
+            self._missed.pop((pool, pg), None)
             sec_id, address = self._target(pool, pg)
             client = await svc.peers.get(sec_id, address)
             await client.repl_flush()

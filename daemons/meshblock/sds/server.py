@@ -68,7 +68,12 @@ class DataConnection(FramedConnection):
         self._connections.add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._hs is not None and not self._closing:
+        if self._hs is not None and not self._closing and not self.bytes_received:
+            # A port probe (the MDM confirming a failure report, a load balancer's
+            # health check): it connected and left without a word.
+            log.debug("connection from %s closed before the handshake (a probe)", self.peer)
+            self._closing = True
+        elif self._hs is not None and not self._closing:
             self._refuse("the client left during the handshake (does it hold another secret?)")
         elif not self._closing and self._end > self._start:
             log.warning(

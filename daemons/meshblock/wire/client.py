@@ -353,6 +353,8 @@ class WireClient:
         p = self._p
         if not p._closing:
             p.close()
+        if p.transport is not None and p.transport.get_write_buffer_size():
+            p.abort()  # the peer reads nothing: do not wait for it
         if p.lost is None:
             p._fail_all(ConnectionResetError("connection closed by the client"))
         await asyncio.sleep(0)  # let the transport finish closing
@@ -618,4 +620,4 @@ class WireClient:
             if p.pending and time.monotonic() - p.last_rx > limit:
                 exc = TimeoutError(f"no reply from {self.address} for {limit:.0f} s")
                 p._fail_all(exc)
-                p.close()
+                p.abort()

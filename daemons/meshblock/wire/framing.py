@@ -60,6 +60,7 @@ class FramedConnection(asyncio.BufferedProtocol):
         self._view = memoryview(self._arena)
         self._start = 0
         self._end = 0
+        self.bytes_received = 0
         self._exported = False
         self._fixed_need = 0
         self._closing = False
@@ -101,6 +102,7 @@ class FramedConnection(asyncio.BufferedProtocol):
 
     def buffer_updated(self, nbytes: int) -> None:
         self._end += nbytes
+        self.bytes_received += nbytes
         try:
             self._parse()
         except (ProtocolError, HandshakeError) as exc:
@@ -230,3 +232,11 @@ class FramedConnection(asyncio.BufferedProtocol):
         self._flush()
         if self.transport is not None:
             self.transport.close()
+
+    def abort(self) -> None:
+        """Close now, dropping what is queued: for a peer that stopped reading (a cut
+        network), whose connection a graceful close would keep open forever."""
+        self._closing = True
+        self._out.clear()
+        if self.transport is not None:
+            self.transport.abort()
