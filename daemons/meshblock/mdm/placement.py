@@ -19,6 +19,10 @@ Rules
   ``max(2, 5% of ideal)``; see :func:`copy_tolerance`. The algorithm works for any
   tolerance of at least one copy; the slack above that is what lets a small change of
   the device set leave most copies where they are.
+- Partners are spread: a new PG's second copy goes to the device, among the least
+  filled ones, that shares the fewest PGs with its first copy's device, so that each
+  device's PGs pair with every other failure domain about equally and a lost device is
+  rebuilt from all the survivors at once (:meth:`_RoomQueue.pick_spread`).
 - Reads go to primaries, so every device is primary for half of its copies,
   ``+- PRIMARY_TOLERANCE`` (one).
 - With fewer than two failure domains that have capacity no PG can be placed: every PG
@@ -101,6 +105,15 @@ TOLERANCE_FRACTION = Fraction(1, 20)
 """...or by this fraction of its ideal (5%), whichever is larger."""
 
 PRIMARY_TOLERANCE = 1
+
+SPREAD_DOMAINS = 16
+"""A PG's second copy is chosen among the least filled device of at most this many of
+the least filled failure domains..."""
+
+SPREAD_SLACK = 1.5
+"""...whose fill is within this many copies of the least filled (and that stay within
+their ideal, unless the least filled does not): the one that shares the fewest PGs
+with the first copy's device (see :meth:`_Layout.fill`)."""
 """A device's primary count may differ from half its copy count by this much."""
 
 
@@ -397,7 +410,19 @@ class _Layout:
 
     # phase 3
     def fill(self) -> None:
-        """Give every PG its missing copies, never above a device's upper bound."""
+        """Give every PG its missing copies, never above a device's upper bound.
+
+        A second copy goes, among the few least filled devices outside the first
+        copy's domain (within ``SPREAD_SLACK`` copies of the least filled), to the one
+        sharing the fewest PGs with the first copy's device: the PGs of a device pair
+        with all the others, so a lost device is rebuilt from every survivor
+        (many-to-many) rather than from one partner.
+        """
+        self.pairs: dict[tuple[int, int], int] = {}
+        for copies in self.copies:
+            if len(copies) == 2:
+                key = (min(copies), max(copies))
+                self.pairs[key] = self.pairs.get(key, 0) + 1
         queue = _RoomQueue(self)
         empty = [pg for pg, copies in enumerate(self.copies) if not copies]
         single = [pg for pg, copies in enumerate(self.copies) if len(copies) == 1]
@@ -408,12 +433,22 @@ class _Layout:
             self._place(pg, queue)
 
     def _place(self, pg: int, queue: _RoomQueue) -> None:
-        forbidden = self.domain[self.copies[pg][0]] if self.copies[pg] else -1
-        i = queue.pick(forbidden)
+        partner = self.copies[pg][0] if self.copies[pg] else None
+        if partner is None:
+            i = queue.pick(-1)
+        else:
+            pairs = self.pairs
+            i = queue.pick_spread(
+                self.domain[partner],
+                lambda j: pairs.get((min(partner, j), max(partner, j)), 0),
+            )
         if i is None:
-            i = self._swap(forbidden, queue)
+            i = self._swap(-1 if partner is None else self.domain[partner], queue)
         self.add(pg, i)
         queue.update(i)
+        if partner is not None:
+            key = (min(partner, i), max(partner, i))
+            self.pairs[key] = self.pairs.get(key, 0) + 1
 
     def _swap(self, forbidden: int, queue: _RoomQueue) -> int:
         """Free a slot outside ``forbidden`` when only ``forbidden`` has room.
@@ -637,6 +672,34 @@ class _RoomQueue:
         """Device ``i``'s count changed."""
         self._push_device(i)
         self._push_domain(self.layout.domain[i])
+
+    def pick_spread(self, forbidden: int, shared: Callable[[int], int]) -> int | None:
+        """Like :meth:`pick`, but among the least filled device of each of the
+        ``SPREAD_DOMAINS`` least filled domains outside ``forbidden`` whose fill is
+        within ``SPREAD_SLACK`` copies of the best, the one with the least ``shared``
+        (PGs it already shares with the partner copy's device)."""
+        popped: list[tuple[float, int]] = []
+        candidates: list[tuple[int, float, int]] = []
+        ideal = self.layout.plan.ideal
+        best: float | None = None
+        while self.domains and len(candidates) < SPREAD_DOMAINS:
+            fill, domain = heapq.heappop(self.domains)
+            if self.queued[domain] != fill:
+                continue  # superseded by a newer entry, or full
+            popped.append((fill, domain))
+            if domain == forbidden:
+                continue
+            i = self.devices[domain][0][1]
+            if best is None:
+                best = fill
+            elif fill > best + SPREAD_SLACK / ideal[i]:
+                break
+            elif fill > 1.0:
+                continue  # above its ideal while the best is not: keep the water level
+            candidates.append((shared(i), fill, i))
+        for entry in popped:
+            heapq.heappush(self.domains, entry)
+        return min(candidates)[2] if candidates else None
 
     def pick(self, forbidden: int) -> int | None:
         """The least filled device with room outside domain ``forbidden``, if any."""
