@@ -215,3 +215,37 @@ def test_drain_then_remove(rb: SmallCluster) -> None:
     assert status == 404
     leaving.stop()
     read_back(rb, {2: 0x33, 1: 0x22, 7: 0x11})
+
+
+def test_mdm_killed_during_a_rebuild_which_then_finishes(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """The copies run on the SDSs and the state is in the store: an MDM SIGKILLed in
+    the middle of a rebuild comes back, reloads, takes the reports and the rebuild
+    completes, every chunk identical on both copies."""
+    settings = {"cluster": {"heartbeat_timeout_s": 5.0, "rebuild_delay_s": 0.0}}
+    root = tmp_path_factory.mktemp("rebuild-restart")
+    with small_cluster(root, VOLUME, f"{CHUNKS}MiB", settings) as c:
+        write(c, list(range(CHUNKS)), 0x44)
+        # Slow copies (2 MiB/s per copying SDS), so the rebuild spans the MDM's death.
+        status, pool = c.mdm.api().patch(
+            f"/api/v1/pools/{c.pool_id}", {"rebuild_bandwidth_mibps": 2}
+        )
+        assert status == 200, pool
+        victim = c.sds[2]
+        assert victim.stop(signal.SIGKILL) == -signal.SIGKILL
+        wait_for(
+            c, "a rebuild to start", lambda d: any(pg["state"] == "rebuilding" for pg in d["pgs"])
+        )
+        assert c.mdm.proc is not None
+        c.mdm.proc.send_signal(signal.SIGKILL)
+        assert c.mdm.proc.wait(10) == -signal.SIGKILL
+        c.mdm.kill()
+        time.sleep(3.0)  # copies go on meanwhile; their reports wait for the MDM
+        c.mdm.start()
+        doc = wait_for(c, "the rebuild to finish after the MDM restart", all_clean, timeout=90)
+        survivors = "".join(d.log_text() for d in c.sds[:2])
+        # Copies finished while the MDM was away and were reported once it was back.
+        assert "cannot report PG" in survivors and "rebuild done" in survivors, c.logs()
+        verify(c, doc)
+        read_back(c, {0: 0x44, 17: 0x44, CHUNKS - 1: 0x44})
