@@ -73,7 +73,8 @@ class Resync:
         self.copied_bytes: dict[tuple[int, str], int] = {}  # (pool, kind) -> counter
         self._slots: dict[tuple[int, str], int] = {}  # copies in progress per pool, kind
         self._slot_freed = asyncio.Event()
-        self._next_send: dict[str, float] = {}  # per kind: when the next chunk may go
+        # per (pool, kind): when the next chunk may go (bandwidth pacing)
+        self._next_send: dict[tuple[int, str], float] = {}
         self.chunks_total = 0  # chunks copied (written or trimmed on the secondary)
         self.bytes_total = 0
         self.pgs_total = 0  # PGs resynchronised (the MDM accepted the report)
@@ -284,8 +285,8 @@ class Resync:
         if not mibps:
             return
         now = time.monotonic()
-        start = max(now, self._next_send.get(kind, 0.0))
-        self._next_send[kind] = start + CHUNK_SIZE / (mibps * 1024 * 1024)
+        start = max(now, self._next_send.get((pool, kind), 0.0))
+        self._next_send[(pool, kind)] = start + CHUNK_SIZE / (mibps * 1024 * 1024)
         if start > now:
             await asyncio.sleep(start - now)
 
