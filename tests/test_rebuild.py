@@ -222,18 +222,22 @@ def test_mdm_killed_during_a_rebuild_which_then_finishes(
 ) -> None:
     """The copies run on the SDSs and the state is in the store: an MDM SIGKILLed in
     the middle of a rebuild comes back, reloads, takes the reports and the rebuild
-    completes, every chunk identical on both copies."""
+    completes, every chunk identical on both copies. The throttle is changed while
+    the rebuild runs and applies at once."""
     settings = {"cluster": {"heartbeat_timeout_s": 5.0, "rebuild_delay_s": 0.0}}
     root = tmp_path_factory.mktemp("rebuild-restart")
     with small_cluster(root, VOLUME, f"{CHUNKS}MiB", settings) as c:
         write(c, list(range(CHUNKS)), 0x44)
-        # Slow copies (2 MiB/s per copying SDS), so the rebuild spans the MDM's death.
+        # Slow copies (1 MiB/s per copying SDS), so the rebuild spans the MDM's death.
         status, pool = c.mdm.api().patch(
-            f"/api/v1/pools/{c.pool_id}", {"rebuild_bandwidth_mibps": 2}
+            f"/api/v1/pools/{c.pool_id}", {"rebuild_bandwidth_mibps": 1}
         )
         assert status == 200, pool
+        survivors = c.sds[:2]
+        before = {d.name: d.health()["resync"]["bytes_total"] for d in survivors}
         victim = c.sds[2]
         assert victim.stop(signal.SIGKILL) == -signal.SIGKILL
+        t_kill = time.monotonic()
         wait_for(
             c, "a rebuild to start", lambda d: any(pg["state"] == "rebuilding" for pg in d["pgs"])
         )
@@ -243,9 +247,21 @@ def test_mdm_killed_during_a_rebuild_which_then_finishes(
         c.mdm.kill()
         time.sleep(3.0)  # copies go on meanwhile; their reports wait for the MDM
         c.mdm.start()
+        # Unthrottled while it runs: the next chunks go at full speed.
+        status, pool = c.mdm.api().patch(
+            f"/api/v1/pools/{c.pool_id}", {"rebuild_bandwidth_mibps": 0}
+        )
+        assert status == 200, pool
         doc = wait_for(c, "the rebuild to finish after the MDM restart", all_clean, timeout=90)
-        survivors = "".join(d.log_text() for d in c.sds[:2])
+        elapsed = time.monotonic() - t_kill
+        copied = {d.name: d.health()["resync"]["bytes_total"] - before[d.name] for d in survivors}
+        throttled_s = max(copied.values()) / MiB  # at 1 MiB/s
+        assert elapsed < throttled_s, (
+            f"done {elapsed:.1f} s after the kill; at 1 MiB/s it takes {throttled_s:.0f} s: "
+            "the new throttle did not apply"
+        )
+        logs = "".join(d.log_text() for d in survivors)
         # Copies finished while the MDM was away and were reported once it was back.
-        assert "cannot report PG" in survivors and "rebuild done" in survivors, c.logs()
+        assert "cannot report PG" in logs and "rebuild done" in logs, c.logs()
         verify(c, doc)
         read_back(c, {0: 0x44, 17: 0x44, CHUNKS - 1: 0x44})
