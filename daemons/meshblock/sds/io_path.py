@@ -126,14 +126,16 @@ class DataService:
         self.degraded.prune(m, me)
 
     def collect_garbage(self, m: PgMap) -> int:
-        """Free the chunks of PGs that ``m``, a map fresh from the MDM, places on other
-        SDSs only: copies rebuilt or moved elsewhere (we were down, or drained). The
-        MDM never places a PG on a device again without a full copy to it, so they are
-        garbage. Runs when a PG left us since the last map; returns chunks freed."""
+        """Free the chunks of clean PGs that ``m``, a map fresh from the MDM, places on
+        other SDSs only: copies rebuilt or moved elsewhere (we were down, or drained).
+        The MDM never places a PG on a device again without a full copy to it, so they
+        are garbage. Runs when a PG left us since the last map; returns chunks freed."""
         me = self.sds_id
         if not me:
             return 0
-        named = frozenset(pg for pg in range(m.pg_count) if m.names(pg, me))
+        # Kept: PGs placed on us, and PGs not clean (until two in-sync copies exist
+        # elsewhere, a stale copy here is the last resort of a manual recovery).
+        named = frozenset(pg for pg in range(m.pg_count) if m.names(pg, me) or not m.clean[pg])
         before = self._named.get(m.pool_id)
         self._named[m.pool_id] = named
         if before is not None and before <= named:
