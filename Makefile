@@ -12,7 +12,11 @@ STAMP := $(VENV)/.meshblock-installed
 
 # Debian packages the test suite needs. postgresql: the tests start their own server
 # with the binaries under /usr/lib/postgresql/*/bin (no system cluster is used).
-APT_PACKAGES := postgresql qemu-utils libnbd-bin nbdkit fio prometheus prometheus-alertmanager chromium
+# iproute2: the fault tests cut an SDS off in a network namespace of their own;
+# systemd: systemd-analyze verifies the Ansible roles' units.
+APT_PACKAGES := postgresql qemu-utils libnbd-bin nbdkit fio prometheus prometheus-alertmanager chromium iproute2 systemd
+# The host lab (lab/hostlab.py, docs/hostlab.md): images, containers, the VM, ssh.
+LAB_APT_PACKAGES := debootstrap systemd-container qemu-system-x86 iproute2 e2fsprogs openssh-client
 
 # Per-test limit (seconds); the whole suite must stay well under CI's 90 minutes.
 PYTEST_TIMEOUT ?= 300
@@ -20,7 +24,7 @@ PYTEST_ARGS ?=
 
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: help venv deps lint test run stop clean
+.PHONY: help venv deps lab-deps lint test test-lab run stop clean
 
 help:
 	@echo "make venv   build .venv (python3 -m venv, pip install -e '.[test]')"
@@ -30,6 +34,10 @@ help:
 	@echo "make run    quick start: a whole cluster on loopback (meshctl lab up) and an NBD client on it"
 	@echo "make stop   stop the lab that 'make run' started (meshctl lab down)"
 	@echo "make clean  remove .venv, ./run/ and caches"
+	@echo "make lab       the host lab: nspawn hosts and a QEMU VM in a network namespace, deployed"
+	@echo "               with ansible-playbook playbooks/site.yml (docs/hostlab.md)"
+	@echo "make lab-down  stop the host lab (the cached images stay)"
+	@echo "make test-lab  the host lab's tests (about 40 minutes)"
 
 venv: $(STAMP)
 
@@ -39,15 +47,16 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --disable-pip-version-check -q -e '.[test]'
 	touch $@
 
-# Skip apt entirely when every package is installed, so local runs stay fast. Run
-# `apt-get update` only when the package lists are empty or the install fails.
-deps:
+# Install the Debian packages $(1) that are missing. apt is skipped entirely when
+# every one is installed, so local runs stay fast; `apt-get update` runs only when the
+# package lists are empty or the install fails.
+define apt_install
 	@missing=""; \
-	for pkg in $(APT_PACKAGES); do \
+	for pkg in $(1); do \
 		dpkg-query -W -f='$${Status}\n' "$$pkg" 2>/dev/null | grep -q '^install ok installed$$' \
 			|| missing="$$missing $$pkg"; \
 	done; \
-	if [ -z "$$missing" ]; then echo "deps: installed ($(APT_PACKAGES))"; exit 0; fi; \
+	if [ -z "$$missing" ]; then echo "deps: installed ($(1))"; exit 0; fi; \
 	echo "deps: installing$$missing"; \
 	export DEBIAN_FRONTEND=noninteractive; \
 	if ! ls /var/lib/apt/lists/ 2>/dev/null | grep -q '_Packages'; then \
@@ -57,14 +66,29 @@ deps:
 		$(SUDO) apt-get update -q; \
 		$(SUDO) apt-get install -y -q --no-install-recommends $$missing; \
 	fi
+endef
+
+deps:
+	$(call apt_install,$(APT_PACKAGES))
+
+lab-deps:
+	$(call apt_install,$(LAB_APT_PACKAGES))
 
 lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy daemons/meshblock
 
+# The host lab's tests (tests/test_deploy_lab.py) take about 40 minutes on this
+# kind of machine (an emulated VM): they run with `make test-lab`, not here.
 test: deps venv lint
-	$(BIN)/pytest -W error --timeout=$(PYTEST_TIMEOUT) tests/ $(PYTEST_ARGS)
+	$(BIN)/pytest -W error --timeout=$(PYTEST_TIMEOUT) tests/ \
+		--ignore=tests/test_deploy_lab.py $(PYTEST_ARGS)
+
+# The host lab end to end: image, hosts, site.yml twice, units, the VM's block
+# device, an alert in MGMT, add_sds.yml and molecule per role (docs/hostlab.md).
+test-lab: deps lab-deps venv
+	$(BIN)/pytest -W error tests/test_deploy_lab.py $(PYTEST_ARGS)
 
 # The quick start: `meshctl lab up` (MDM, 3 SDSs, SDC on loopback in ./run/lab), then
 # qemu-io and nbdinfo on its volume. Needs the Debian packages (qemu-io, nbdinfo) too.
@@ -80,3 +104,25 @@ clean:
 	rm -rf $(VENV) run build dist .pytest_cache .mypy_cache .ruff_cache .hypothesis
 	rm -rf daemons/*.egg-info
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
+
+# The host lab (docs/hostlab.md): systemd-nspawn hosts and a QEMU VM on a bridge in
+# network namespace meshblock-lab, deployed with Ansible from inside the namespace.
+.PHONY: lab lab-down lab-image
+LAB := $(SUDO) $(PYTHON) lab/hostlab.py
+
+# The cached images (in /var/cache/meshblock-lab): rebuilt only when their package
+# lists change.
+lab-image: lab-deps
+	$(LAB) image
+
+# Image, hosts, the wheelhouse (built out here: the namespace has no way out), then
+# site.yml from inside the namespace, then a volume written and read back on sdc1.
+lab: deps lab-deps venv lab-image
+	$(LAB) up
+	$(LAB) wheelhouse --python $(BIN)/python
+	$(SUDO) ip netns exec meshblock-lab $(BIN)/ansible-playbook -i inventory/lab playbooks/site.yml
+	$(LAB) smoke --meshctl $(BIN)/meshctl
+
+# Stops every lab host and removes the namespace and the hosts' state; the images stay.
+lab-down:
+	$(LAB) down

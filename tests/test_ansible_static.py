@@ -1,0 +1,588 @@
+"""Static checks of the Ansible deployment: roles, playbooks, inventory, rendered files.
+
+Nothing here touches a remote host. The roles' templates are rendered by the real
+``ansible-playbook`` (the project venv's, from ``sys.prefix``) on localhost, with each
+role's defaults and internal vars, and the results are checked by the tools that read
+them on a real host: the daemons' own config loaders, ``systemd-analyze verify``,
+``promtool`` and ``amtool``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tomllib
+import typing
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from meshblock.config import load as load_config
+from meshblock.mdm.config import MdmConfig
+from meshblock.mgmt.config import MgmtConfig
+from meshblock.sdc.config import SdcConfig
+from meshblock.sdc.config import cluster_secret as sdc_cluster_secret
+from meshblock.sds.config import SdsConfig
+from meshblock.sds.config import load as load_sds_config
+
+ROOT = Path(__file__).resolve().parent.parent
+ROLES_DIR = ROOT / "roles"
+PLAYBOOKS_DIR = ROOT / "playbooks"
+EXAMPLE_INVENTORY = ROOT / "inventory" / "example"
+BIN = Path(sys.prefix) / "bin"
+
+ROLES = ["common", "mdm", "sds", "sdc", "mgmt", "prometheus", "alertmanager"]
+DAEMON_ROLES = ["mdm", "sds", "sdc", "mgmt"]
+PLAYBOOKS = sorted(p.name for p in PLAYBOOKS_DIR.glob("*.yml"))
+
+# argument_specs type -> the Python types a default of that type may have.
+SPEC_TYPES: dict[str, tuple[type, ...]] = {
+    "str": (str,),
+    "path": (str,),
+    "int": (int,),
+    "float": (float,),
+    "bool": (bool,),
+    "list": (list,),
+    "dict": (dict,),
+}
+
+# Secrets the render uses; long enough for the roles' preflight asserts.
+SECRETS = {
+    "mdm_admin_token": "admin-token-0123456789abcdef",
+    "mdm_readonly_token": "readonly-token-0123456789abcdef",
+    "mdm_cluster_secret": "cluster-secret-0123456789abcdef",
+    "sds_cluster_secret": "cluster-secret-0123456789abcdef",
+    "sdc_cluster_secret": "cluster-secret-0123456789abcdef",
+    "mgmt_webhook_token": "webhook-token-0123456789abcdef",
+    "mgmt_admin_password": "admin-password-0123",
+    "alertmanager_webhook_token": "webhook-token-0123456789abcdef",
+}
+
+DAEMON_BINARIES = ["meshblock-mdm", "meshblock-sds", "meshblock-sdc", "meshblock-mgmt", "meshctl"]
+
+
+def ansible_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["ANSIBLE_CONFIG"] = str(ROOT / "ansible.cfg")
+    env["ANSIBLE_NOCOLOR"] = "1"
+    env["ANSIBLE_FORCE_COLOR"] = "0"
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    env.pop("ANSIBLE_VAULT_PASSWORD_FILE", None)
+    return env
+
+
+def run(cmd: list[str], **kw: Any) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        cmd, cwd=ROOT, env=ansible_env(), capture_output=True, text=True, check=False, **kw
+    )
+
+
+def read_yaml(path: Path) -> Any:
+    return yaml.safe_load(path.read_text())
+
+
+def tool(name: str) -> str:
+    """A system tool the checks need; missing means the test machine is incomplete."""
+    found = shutil.which(name)
+    assert found, f"{name} is not installed (Debian packages: systemd, prometheus, ...)"
+    return found
+
+
+# -- roles: argument_specs against defaults -------------------------------------------
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_role_layout(role: str) -> None:
+    base = ROLES_DIR / role
+    for rel in ("defaults/main.yml", "meta/main.yml", "meta/argument_specs.yml", "tasks/main.yml"):
+        assert (base / rel).is_file(), f"roles/{role}/{rel} is missing"
+    # tasks/main.yml only lists the phases, each tagged with its name.
+    phases = read_yaml(base / "tasks" / "main.yml")
+    tags = {t for task in phases for t in task.get("tags", [])}
+    assert tags <= {"preflight", "install", "config", "service"}, tags
+    assert "preflight" in tags and "install" in tags
+    for task in phases:
+        assert "ansible.builtin.import_tasks" in task, task
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_argument_specs_agree_with_defaults(role: str) -> None:
+    defaults = read_yaml(ROLES_DIR / role / "defaults" / "main.yml") or {}
+    specs = read_yaml(ROLES_DIR / role / "meta" / "argument_specs.yml")
+    options = specs["argument_specs"]["main"]["options"]
+    assert sorted(defaults) == sorted(options), (
+        f"roles/{role}: defaults/main.yml and meta/argument_specs.yml name different "
+        f"variables: only in defaults {sorted(set(defaults) - set(options))}, only in "
+        f"argument_specs {sorted(set(options) - set(defaults))}"
+    )
+    for name, value in defaults.items():
+        assert name.startswith(f"{role}_"), f"{name} lacks the role prefix {role}_"
+        spec = options[name]
+        assert spec.get("description"), f"{name} has no description"
+        allowed = SPEC_TYPES[spec["type"]]
+        if not (isinstance(value, str) and "{{" in value):  # a template is typed when used
+            ok = isinstance(value, allowed) and not (
+                isinstance(value, bool) and bool not in allowed
+            )
+            assert ok, f"{name}: default {value!r} is not of type {spec['type']}"
+        assert spec.get("default") == value, (
+            f"{name}: argument_specs default {spec.get('default')!r} != defaults {value!r}"
+        )
+        if "choices" in spec:
+            assert value in spec["choices"], f"{name}: default not among its choices"
+
+
+def test_every_role_variable_is_documented() -> None:
+    doc = (ROOT / "docs" / "deployment.md").read_text()
+    missing = [
+        name
+        for role in ROLES
+        for name in read_yaml(ROLES_DIR / role / "defaults" / "main.yml") or {}
+        if f"`{name}`" not in doc
+    ]
+    assert not missing, f"docs/deployment.md does not describe {missing}"
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_internal_vars_are_prefixed(role: str) -> None:
+    path = ROLES_DIR / role / "vars" / "main.yml"
+    names = list(read_yaml(path) or {}) if path.exists() else []
+    for name in names:
+        assert name.startswith(f"_{role}_"), f"roles/{role}/vars: {name} must start _{role}_"
+
+
+# -- lint and syntax --------------------------------------------------------------------
+
+
+def test_ansible_lint_production_profile() -> None:
+    proc = run(
+        [
+            str(BIN / "ansible-lint"),
+            "--nocolor",
+            "--offline",
+            "--profile",
+            "production",
+            "roles",
+            "playbooks",
+            "inventory/example",
+        ]
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("playbook", PLAYBOOKS)
+def test_playbook_syntax(playbook: str) -> None:
+    proc = run(
+        [
+            str(BIN / "ansible-playbook"),
+            "--syntax-check",
+            "-i",
+            str(EXAMPLE_INVENTORY),
+            str(PLAYBOOKS_DIR / playbook),
+        ]
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_site_has_one_play_per_group_in_order() -> None:
+    plays = read_yaml(PLAYBOOKS_DIR / "site.yml")
+    assert [p["hosts"] for p in plays] == ["mdm", "sds", "sdc", "mgmt", "monitoring"]
+
+
+def test_example_inventory_keeps_secrets_out() -> None:
+    """Every secret in the example inventory is a placeholder, none is a literal."""
+    all_vars = read_yaml(EXAMPLE_INVENTORY / "group_vars" / "all.yml")
+    for name in SECRETS:
+        assert name in all_vars, f"group_vars/all.yml does not set {name}"
+        assert str(all_vars[name]).startswith("{{ vault_"), f"{name} is not a vault placeholder"
+    proc = run([str(BIN / "ansible-inventory"), "-i", str(EXAMPLE_INVENTORY), "--graph"])
+    assert proc.returncode == 0, proc.stderr
+    for group in ("mdm", "sds", "sdc", "mgmt", "monitoring"):
+        assert f"@{group}:" in proc.stdout, proc.stdout
+
+
+SECRET_VARS = re.compile(
+    r"\b(mdm_admin_token|mdm_readonly_token|mdm_cluster_secret|sds_cluster_secret"
+    r"|sdc_cluster_secret|mgmt_webhook_token|mgmt_admin_password|alertmanager_webhook_token"
+    r"|mdm_database_url|mgmt_database_url|_mdm_meshctl_env|day2_meshctl_env)\b"
+)
+
+
+def test_secret_tasks_have_no_log() -> None:
+    """A task that uses a secret variable, or templates a file that does, has no_log."""
+    files = list(ROLES_DIR.glob("*/tasks/*.yml")) + list(PLAYBOOKS_DIR.glob("*.yml"))
+    checked = 0
+    for path in files:
+        role_dir = path.parent.parent
+        for task in iter_tasks(read_yaml(path) or []):
+            body = {k: v for k, v in task.items() if k not in ("name", "no_log")}
+            args = body.get("ansible.builtin.assert")
+            if isinstance(args, dict):
+                body["ansible.builtin.assert"] = {k: v for k, v in args.items() if k != "fail_msg"}
+            text = json.dumps(body)
+            template = body.get("ansible.builtin.template")
+            if isinstance(template, dict):
+                for src in (role_dir / "templates").glob(re.sub(r"{{.*?}}", "*", template["src"])):
+                    text += src.read_text()
+            if SECRET_VARS.search(text):
+                checked += 1
+                assert task.get("no_log") is True, f"{path}: task {task.get('name')!r}"
+    assert checked >= 15, checked
+
+
+def iter_tasks(items: list[dict[str, Any]]) -> typing.Iterator[dict[str, Any]]:
+    for item in items:
+        for key in ("tasks", "pre_tasks", "post_tasks", "handlers", "block"):
+            yield from iter_tasks(item.get(key) or [])
+        if not any(k in item for k in ("hosts", "block")):
+            yield item
+
+
+# -- rendering with ansible -------------------------------------------------------------
+
+RENDER_INVENTORY = {
+    "all": {
+        "vars": {"ansible_connection": "local", "ansible_python_interpreter": sys.executable},
+        "children": {
+            "mdm": {"hosts": {"mdm1": {"ansible_host": "10.9.0.10"}}},
+            "sds": {
+                "hosts": {
+                    "sds1": {
+                        "ansible_host": "10.9.0.11",
+                        "sds_protection_domain": "pd1",
+                        "sds_fault_set": "fs1",
+                    },
+                    "sds2": {
+                        "ansible_host": "10.9.0.12",
+                        "sds_protection_domain": "pd1",
+                        "sds_control_port": 17073,
+                    },
+                }
+            },
+            "sdc": {"hosts": {"sdc1": {"ansible_host": "10.9.0.21"}}},
+            "mgmt": {"hosts": {"mgmt1": {"ansible_host": "10.9.0.30"}}},
+            "monitoring": {"hosts": {"mon1": {"ansible_host": "10.9.0.31"}}},
+        },
+    }
+}
+
+# name -> (inventory host, roles whose defaults and vars apply, templates, extra vars)
+VARIANTS: dict[str, tuple[str, list[str], list[str], dict[str, Any]]] = {
+    "mdm": ("mdm1", ["common", "mdm"], ["mdm.toml.j2", "meshblock-mdm.service.j2"], {}),
+    "sds": (
+        "sds1",
+        ["common", "sds"],
+        ["sds.toml.j2", "meshblock-sds.service.j2"],
+        {
+            "sds_devices": [
+                {"path": "/var/lib/meshblock/sds/dev0.img", "capacity": "8GiB", "pool": "sp1"},
+                {"path": "/srv/meshblock/dev1.img", "capacity": 4294967296, "pool": "sp1"},
+            ]
+        },
+    ),
+    "sds_block": (
+        "sds2",
+        ["common", "sds"],
+        ["sds.toml.j2", "meshblock-sds.service.j2"],
+        {
+            "sds_devices": [
+                {"path": "/dev/vdb", "capacity": "100GiB", "pool": "sp1", "name": "vdb"},
+                {"path": "/dev/vdc", "capacity": "100GiB", "pool": "sp2"},
+            ]
+        },
+    ),
+    "sdc": ("sdc1", ["common", "sdc"], ["sdc.toml.j2", "meshblock-sdc.service.j2"], {}),
+    "sdc_attach": (
+        "sdc1",
+        ["common", "sdc"],
+        ["sdc.toml.j2", "meshblock-sdc.service.j2"],
+        {"__sdc_nbd_module": {"stat": {"exists": True}}, "sdc_nbd_unix_socket": "/run/x/nbd"},
+    ),
+    "mgmt": ("mgmt1", ["common", "mgmt"], ["mgmt.toml.j2", "meshblock-mgmt.service.j2"], {}),
+    "prometheus": (
+        "mon1",
+        ["prometheus"],
+        ["prometheus.yml.j2"]
+        + [
+            f"targets/{job}.yml.j2"
+            for job in (
+                "meshblock_mdm",
+                "meshblock_sds",
+                "meshblock_sdc",
+                "meshblock_mgmt",
+                "prometheus",
+                "alertmanager",
+            )
+        ],
+        {},
+    ),
+    "alertmanager": ("mon1", ["alertmanager"], ["alertmanager.yml.j2"], {}),
+}
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Render every variant's templates with ansible-playbook; name -> output dir."""
+    tmp = tmp_path_factory.mktemp("ansible-render")
+    venv = tmp / "venv"  # stub binaries: systemd-analyze wants ExecStart to exist
+    (venv / "bin").mkdir(parents=True)
+    for name in DAEMON_BINARIES:
+        stub = venv / "bin" / name
+        stub.write_text("#!/bin/sh\nexit 0\n")
+        stub.chmod(0o755)
+    (tmp / "inventory.yml").write_text(yaml.safe_dump(RENDER_INVENTORY))
+    plays = []
+    for name, (host, roles, templates, extra) in VARIANTS.items():
+        out = tmp / name
+        out.mkdir()
+        # The roles' defaults and internal vars, as play vars under the overrides.
+        role_vars: dict[str, Any] = {}
+        for role in roles:
+            for sub in ("defaults", "vars"):
+                f = ROLES_DIR / role / sub / "main.yml"
+                if f.exists():
+                    role_vars.update(read_yaml(f) or {})
+        # ... except what the inventory sets for the host (role defaults rank below it).
+        inventory_host = next(
+            group["hosts"][host]
+            for group in RENDER_INVENTORY["all"]["children"].values()
+            if host in group["hosts"]
+        )
+        role_vars = {k: v for k, v in role_vars.items() if k not in inventory_host}
+        tasks = [
+            {
+                "name": f"Render {t}",
+                "ansible.builtin.template": {
+                    "src": str(ROLES_DIR / roles[-1] / "templates" / t),
+                    "dest": str(out / t.removesuffix(".j2")),
+                    "mode": "0644",
+                },
+            }
+            for t in templates
+        ]
+        for t in templates:
+            (out / t).parent.mkdir(parents=True, exist_ok=True)
+        plays.append(
+            {
+                "name": f"Render {name}",
+                "hosts": host,
+                "gather_facts": False,
+                "vars": {
+                    **role_vars,
+                    **extra,
+                    "common_venv_dir": str(venv),
+                    "common_config_dir": str(tmp / "etc"),
+                    "sds_cluster_secret_file": str(tmp / "etc" / "sds-cluster.secret"),
+                    "sdc_cluster_secret_file": str(tmp / "etc" / "sdc-cluster.secret"),
+                    "prometheus_monitoring_dir": str(ROOT / "monitoring"),
+                    "alertmanager_monitoring_dir": str(ROOT / "monitoring"),
+                },
+                "tasks": tasks,
+            }
+        )
+    (tmp / "etc").mkdir()
+    for daemon in ("sds", "sdc"):
+        (tmp / "etc" / f"{daemon}-cluster.secret").write_text(SECRETS["sds_cluster_secret"])
+    (tmp / "render.yml").write_text(yaml.safe_dump(plays, sort_keys=False))
+    (tmp / "secrets.json").write_text(json.dumps(SECRETS))
+    proc = run(
+        [
+            str(BIN / "ansible-playbook"),
+            "-i",
+            str(tmp / "inventory.yml"),
+            "-e",
+            f"@{tmp / 'secrets.json'}",
+            str(tmp / "render.yml"),
+        ]
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return {name: tmp / name for name in VARIANTS}
+
+
+def dataclass_keys(cls: type, prefix: str = "") -> set[str]:
+    """Every key a TOML file of ``cls`` can hold, dotted (``api.port``)."""
+    keys: set[str] = set()
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        hint = hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            keys |= dataclass_keys(hint, f"{prefix}{f.name}.")  # type: ignore[arg-type]
+        else:
+            keys.add(prefix + f.name)
+    return keys
+
+
+def toml_keys(doc: dict[str, Any], prefix: str = "") -> set[str]:
+    keys: set[str] = set()
+    for k, v in doc.items():
+        if isinstance(v, dict):
+            keys |= toml_keys(v, f"{prefix}{k}.")
+        else:
+            keys.add(prefix + k)
+    return keys
+
+
+def test_mdm_config_loads(rendered: dict[str, Path]) -> None:
+    path = rendered["mdm"] / "mdm.toml"
+    doc = tomllib.loads(path.read_text())
+    config = load_config(MdmConfig, path)
+    assert config.auth.admin_token == SECRETS["mdm_admin_token"]
+    assert config.auth.cluster_secret == SECRETS["mdm_cluster_secret"]
+    assert config.api.port == 6611
+    # Every key of the daemon's configuration is set by a role variable.
+    assert toml_keys(doc) == dataclass_keys(MdmConfig)
+
+
+@pytest.mark.parametrize("variant", ["sds", "sds_block"])
+def test_sds_config_loads(rendered: dict[str, Path], variant: str) -> None:
+    path = rendered[variant] / "sds.toml"
+    doc = tomllib.loads(path.read_text())
+    config = load_sds_config(path)
+    assert config.secret() == SECRETS["sds_cluster_secret"]
+    assert config.mdm_urls == ("http://10.9.0.10:6611",)
+    assert config.protection_domain == "pd1"
+    assert config.name == ("sds1" if variant == "sds" else "sds2")
+    assert config.fault_set == ("fs1" if variant == "sds" else None)
+    assert config.address == ("10.9.0.11" if variant == "sds" else "10.9.0.12")
+    keys = toml_keys({k: v for k, v in doc.items() if k != "devices"}) | {"devices"}
+    expected = dataclass_keys(SdsConfig) - {"cluster_secret"}
+    if variant == "sds_block":
+        expected -= {"fault_set"}  # written only when set
+    assert keys == expected
+    assert [d.capacity_bytes for d in config.devices] == (
+        [8 << 30, 4 << 30] if variant == "sds" else [100 << 30, 100 << 30]
+    )
+
+
+@pytest.mark.parametrize("variant", ["sdc", "sdc_attach"])
+def test_sdc_config_loads(rendered: dict[str, Path], variant: str) -> None:
+    path = rendered[variant] / "sdc.toml"
+    doc = tomllib.loads(path.read_text())
+    config = load_config(SdcConfig, path)
+    assert sdc_cluster_secret(config) == SECRETS["sdc_cluster_secret"]
+    assert config.mdm.urls == ["http://10.9.0.10:6611"]
+    assert config.nbd.attach_nbd is (variant == "sdc_attach")
+    assert config.sdc.name == "sdc1"
+    assert toml_keys(doc) == dataclass_keys(SdcConfig) - {"mdm.cluster_secret"}
+
+
+def test_mgmt_config_loads(rendered: dict[str, Path]) -> None:
+    path = rendered["mgmt"] / "mgmt.toml"
+    doc = tomllib.loads(path.read_text())
+    config = load_config(MgmtConfig, path)
+    assert config.auth.webhook_token == SECRETS["mgmt_webhook_token"]
+    assert config.mdm.url == "http://10.9.0.10:6611"
+    assert config.prometheus.url == "http://10.9.0.31:9090"
+    assert config.alertmanager.url == "http://10.9.0.31:9093"
+    assert toml_keys(doc) == dataclass_keys(MgmtConfig)
+
+
+UNITS = [
+    ("mdm", "meshblock-mdm.service"),
+    ("sds", "meshblock-sds.service"),
+    ("sds_block", "meshblock-sds.service"),
+    ("sdc", "meshblock-sdc.service"),
+    ("sdc_attach", "meshblock-sdc.service"),
+    ("mgmt", "meshblock-mgmt.service"),
+]
+
+
+def unit_settings(path: Path) -> dict[str, list[str]]:
+    settings: dict[str, list[str]] = {}
+    for line in path.read_text().splitlines():
+        if "=" in line and not line.startswith(("#", "[")):
+            key, _, value = line.partition("=")
+            settings.setdefault(key, []).append(value)
+    return settings
+
+
+@pytest.mark.parametrize(("variant", "unit"), UNITS)
+def test_unit_verifies_and_is_hardened(rendered: dict[str, Path], variant: str, unit: str) -> None:
+    path = rendered[variant] / unit
+    proc = subprocess.run(
+        [tool("systemd-analyze"), "verify", "--man=no", str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    problems = [line for line in (proc.stdout + proc.stderr).splitlines() if str(path) in line]
+    assert proc.returncode == 0 and not problems, proc.stdout + proc.stderr
+    s = unit_settings(path)
+    assert s["User"] == ["meshblock"] and s["Group"] == ["meshblock"]
+    assert s["Restart"] == ["on-failure"]
+    for key, value in (
+        ("NoNewPrivileges", "yes"),
+        ("ProtectSystem", "strict"),
+        ("ProtectHome", "yes"),
+        ("PrivateTmp", "yes"),
+    ):
+        assert s.get(key) == [value], f"{unit}: {key}={s.get(key)}"
+    daemon = unit.split("-")[1].split(".")[0]
+    assert f"/var/lib/meshblock/{daemon}" in s["ReadWritePaths"]
+    assert path.read_text().startswith("#"), "the unit starts with ansible_managed"
+    if variant == "sdc_attach":  # the documented exception: NBD needs CAP_SYS_ADMIN
+        assert s["AmbientCapabilities"] == ["CAP_SYS_ADMIN"]
+        assert s["DeviceAllow"] == ["block-nbd rw"]
+    else:
+        assert s["CapabilityBoundingSet"] == [""], f"{unit} keeps capabilities"
+    if variant == "sds_block":
+        assert s["DeviceAllow"] == ["/dev/vdb rw", "/dev/vdc rw"]
+    if variant == "sds":
+        assert "/srv/meshblock" in s["ReadWritePaths"]
+
+
+def test_prometheus_config_checks(rendered: dict[str, Path]) -> None:
+    """The rendered prometheus.yml, with the repo's rules, passes promtool."""
+    out = rendered["prometheus"]
+    shutil.copytree(ROOT / "monitoring" / "prometheus" / "rules", out / "rules")
+    proc = subprocess.run(
+        [tool("promtool"), "check", "config", str(out / "prometheus.yml")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    config = read_yaml(out / "prometheus.yml")
+    assert config["global"]["external_labels"] == {"cluster": "meshblock"}
+    jobs = {c["job_name"] for c in config["scrape_configs"]}
+    assert jobs == {
+        "meshblock_mdm",
+        "meshblock_sds",
+        "meshblock_sdc",
+        "meshblock_mgmt",
+        "prometheus",
+        "alertmanager",
+    }
+    sds = read_yaml(out / "targets" / "meshblock_sds.yml")
+    assert sds == [
+        {
+            "targets": ["10.9.0.11:7073"],
+            "labels": {"sds": "sds1", "protection_domain": "pd1", "fault_set": "fs1"},
+        },
+        {"targets": ["10.9.0.12:17073"], "labels": {"sds": "sds2", "protection_domain": "pd1"}},
+    ]
+    assert read_yaml(out / "targets" / "meshblock_sdc.yml") == [
+        {"targets": ["10.9.0.21:7074"], "labels": {"sdc": "sdc1"}}
+    ]
+    assert read_yaml(out / "targets" / "alertmanager.yml") == [{"targets": ["10.9.0.31:9093"]}]
+
+
+def test_alertmanager_config_checks(rendered: dict[str, Path]) -> None:
+    path = rendered["alertmanager"] / "alertmanager.yml"
+    proc = subprocess.run(
+        [tool("amtool"), "check-config", str(path)], capture_output=True, text=True, check=False
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    receiver = next(r for r in read_yaml(path)["receivers"] if r["name"] == "meshblock-mgmt")
+    webhook = receiver["webhook_configs"][0]
+    assert webhook["url"] == "http://10.9.0.30:8080/api/alerts/webhook"
+    assert webhook["http_config"]["authorization"]["credentials_file"] == (
+        "/etc/prometheus/meshblock-mgmt-webhook.token"
+    )

@@ -1,0 +1,393 @@
+"""The Ansible deployment on the host lab (lab/hostlab.py, docs/hostlab.md).
+
+One lab for the module: systemd-nspawn hosts ``mdm1``, ``sds1``..``sds4``, ``mgmt1``,
+``sdc1`` and the QEMU VM ``sdcvm1`` (Debian's kernel, the real ``nbd`` module) on a
+bridge in network namespace ``meshblock-lab``; Ansible and meshctl run from inside the
+namespace. The tests run in file order and build on each other: the lab, then
+``site.yml`` converging it, then what the deployed cluster does.
+
+Timings (image build, lab up, each playbook) go to ``artifacts/hostlab/timings.json``
+and the playbooks' output to ``artifacts/hostlab/*.log``.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from _hostlab import INVENTORY, ROOT, VENV_BIN, HostLab, PlayResult, lab_unavailable
+
+# The image build (a few minutes on a fresh machine) happens in the first test's
+# setup, and a playbook on the emulated VM takes minutes: the suite's 300 s per test
+# is too short here.
+pytestmark = pytest.mark.timeout(1500)
+
+ARTIFACTS = ROOT / "artifacts" / "hostlab"
+SDS_HOSTS = ("sds1", "sds2", "sds3")
+# What each kind of host runs once site.yml has converged: unit -> TCP ports it listens
+# on (address, port); "*" is any address.
+UNITS: dict[str, dict[str, list[tuple[str, int]]]] = {
+    "mdm1": {"meshblock-mdm.service": [("*", 6611)]},
+    **{h: {"meshblock-sds.service": [("*", 7072), ("*", 7073)]} for h in SDS_HOSTS},
+    "sdc1": {"meshblock-sdc.service": [("*", 7074), ("127.0.0.1", 10809)]},
+    "sdcvm1": {"meshblock-sdc.service": [("*", 7074), ("127.0.0.1", 10809)]},
+    "mgmt1": {
+        "meshblock-mgmt.service": [("*", 8080)],
+        "prometheus.service": [("*", 9090)],
+        "prometheus-alertmanager.service": [("*", 9093)],
+    },
+}
+timings: dict[str, float] = {}
+
+
+def _record(name: str, seconds: float) -> None:
+    timings[name] = round(seconds, 1)
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    (ARTIFACTS / "timings.json").write_text(json.dumps(timings, indent=2) + "\n")
+
+
+@pytest.fixture(scope="module")
+def lab() -> Iterator[HostLab]:
+    why = lab_unavailable()
+    if why is not None:
+        pytest.fail(f"the host lab cannot run here: {why}", pytrace=False)
+    hostlab = HostLab(log_dir=ARTIFACTS)
+    hostlab.down()  # a lab left over by an interrupted run: start afresh
+    try:
+        _record("image_s", hostlab.image())
+        _record("up_s", hostlab.up())
+        started = time.monotonic()
+        hostlab.wheelhouse()
+        _record("wheelhouse_s", time.monotonic() - started)
+        yield hostlab
+    finally:
+        hostlab.down()
+
+
+def _ok(result: subprocess.CompletedProcess[str], what: str) -> str:
+    assert result.returncode == 0, (
+        f"{what} exited {result.returncode}:\n{result.stdout[-6000:]}{result.stderr[-6000:]}"
+    )
+    return result.stdout
+
+
+def _play(lab: HostLab, playbook: str, *args: str, name: str) -> PlayResult:
+    result = lab.ansible_playbook(playbook, *args, name=name)
+    _record(f"{name}_s", result.seconds)
+    return result
+
+
+def _converged(result: PlayResult, what: str) -> dict[str, dict[str, int]]:
+    recap = result.recap()
+    bad = {h: r for h, r in recap.items() if r["failed"] or r["unreachable"]}
+    assert result.returncode == 0 and recap and not bad, (
+        f"{what} did not converge (exit {result.returncode}, {bad}):\n{result.tail()}"
+    )
+    return recap
+
+
+def _wait(what: str, check, timeout: float, interval: float = 3.0):
+    """Call check() until it returns something truthy; fail with its last value."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = check()
+        if last:
+            return last
+        time.sleep(interval)
+    pytest.fail(f"{what}: not within {timeout:.0f} s (last: {last!r})")
+
+
+# --- the lab itself -----------------------------------------------------------------
+
+
+def test_inventory_names_the_lab_hosts() -> None:
+    """inventory/lab has every host of lab/hostlab.py at its address, in the groups
+    site.yml and add_sds.yml use; sds4 waits outside `sds` for add_sds.yml."""
+    table = json.loads(
+        subprocess.run(
+            [sys.executable, str(ROOT / "lab" / "hostlab.py"), "hosts"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    )
+    inventory = json.loads(
+        subprocess.run(
+            [str(VENV_BIN / "ansible-inventory"), "-i", str(INVENTORY), "--list"],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=ROOT,
+        ).stdout
+    )
+    hostvars = inventory["_meta"]["hostvars"]
+    assert {h["name"]: h["address"] for h in table} == {
+        name: hv["ansible_host"] for name, hv in hostvars.items()
+    }
+
+    def group(name: str) -> set[str]:
+        return set(inventory.get(name, {}).get("hosts", []))
+
+    assert group("mdm") == {"mdm1"}
+    assert group("sds") == set(SDS_HOSTS)
+    assert group("sds_new") == {"sds4"}
+    assert group("sdc") == {"sdc1", "sdcvm1"}
+    assert group("mgmt") == group("monitoring") == {"mgmt1"}
+    assert [hostvars[h]["sds_fault_set"] for h in (*SDS_HOSTS, "sds4")] == [
+        "fs1",
+        "fs2",
+        "fs3",
+        "fs4",
+    ]
+    assert hostvars["sdcvm1"]["sdc_attach_nbd"] is True
+    assert hostvars["sdc1"]["sdc_attach_nbd"] is False
+
+
+def test_every_host_answers_ansible(lab: HostLab) -> None:
+    """Ansible reaches every host, the VM included, over ssh from inside the namespace."""
+    out = _ok(lab.ansible("all", "-m", "ansible.builtin.ping"), "ansible -m ping")
+    for name in lab.hosts:
+        assert f"{name} | SUCCESS" in out, out
+
+
+def test_lab_stays_inside_its_namespace(lab: HostLab) -> None:
+    """The bridge and the controller's address exist in the lab's namespace only, every
+    host has its own network stack (not the namespace's), and the hosts have no route
+    out."""
+    host_ns = subprocess.run(["ip", "-o", "addr"], capture_output=True, text=True, check=True)
+    assert "10.231.0." not in host_ns.stdout
+    ns = _ok(lab.netns("ip", "-o", "addr", "show", "dev", "mblab0"), "ip addr in the netns")
+    assert "10.231.0.1/24" in ns
+    for name, host in lab.hosts.items():
+        out = _ok(lab.ssh(name, "ip -o -4 addr; ip route"), f"ip on {name}")
+        assert f"{host.address}/24" in out, out
+        assert "10.231.0.1/24" not in out, out
+        assert "default" not in out, f"{name} has a default route:\n{out}"
+
+
+def test_vm_has_the_nbd_module(lab: HostLab) -> None:
+    """sdcvm1 runs Debian's kernel, where `modprobe nbd` gives /dev/nbd0; the
+    containers share this machine's kernel, which has no nbd module."""
+    out = _ok(lab.ssh("sdcvm1", "modprobe nbd && test -b /dev/nbd0 && uname -r"), "modprobe")
+    assert out.strip().endswith("-amd64"), out
+
+
+# --- the deployment -----------------------------------------------------------------
+
+
+def test_site_converges(lab: HostLab) -> None:
+    """playbooks/site.yml deploys the whole cluster on the lab without a failure."""
+    result = _play(lab, "playbooks/site.yml", name="site-1")
+    recap = _converged(result, "site.yml")
+    assert set(recap) == set(lab.hosts) - {"sds4"}, recap
+
+
+def test_site_second_run_changes_nothing(lab: HostLab) -> None:
+    """A second run of site.yml reports changed=0 on every host."""
+    result = _play(lab, "playbooks/site.yml", name="site-2")
+    recap = _converged(result, "site.yml (second run)")
+    changed = {h: r["changed"] for h, r in recap.items() if r["changed"]}
+    assert not changed, f"changed on a second run: {changed}\n{result.tail()}"
+
+
+def test_units_are_active_and_listening(lab: HostLab) -> None:
+    """Every unit site.yml deploys is active and listens on its ports."""
+    problems = []
+    for host, units in UNITS.items():
+        names = " ".join(units)
+        out = lab.ssh(host, f"systemctl is-active {names}; ss -Htln").stdout
+        lines = out.splitlines()
+        states = dict(zip(units, lines[: len(units)], strict=False))
+        listening = {line.split()[3] for line in lines[len(units) :] if len(line.split()) > 3}
+        for unit, ports in units.items():
+            if states.get(unit) != "active":
+                problems.append(f"{host}: {unit} is {states.get(unit)!r}")
+            for address, port in ports:
+                want = {f"{address}:{port}"} if address != "*" else {f"*:{port}", f"0.0.0.0:{port}"}
+                if not want & listening:
+                    problems.append(f"{host}: {unit} does not listen on {address}:{port}")
+    assert not problems, "\n".join(problems)
+
+
+def test_meshctl_health_is_clean(lab: HostLab) -> None:
+    """`meshctl health` (from the controller) exits 0: every SDS and SDC connected."""
+    result = _wait(
+        "meshctl health exits 0",
+        lambda: (r := lab.meshctl("health")).returncode == 0 and r,
+        timeout=120,
+    )
+    out = result.stdout
+    for name in (*SDS_HOSTS, "sdc1", "sdcvm1"):
+        assert name in out, out
+
+
+def test_smoke_workload_on_sdc1(lab: HostLab) -> None:
+    """`make lab`'s smoke workload: a volume created and mapped with meshctl, written
+    and read back verified by qemu-io over sdc1's NBD export."""
+    _ok(lab.smoke(), "lab/hostlab.py smoke")
+
+
+VM_SCRIPT = r"""
+set -eu
+dev=/dev/disk/by-meshblock/{volume}
+for i in $(seq 1 90); do [ -b "$dev" ] && break; sleep 2; done
+[ -b "$dev" ] || {{ echo "no $dev"; ls -l /dev/disk/by-meshblock/ || true; exit 1; }}
+readlink -f "$dev"
+mkfs.ext4 -q -F "$dev"
+mkdir -p /mnt/{volume}
+mount "$dev" /mnt/{volume}
+for i in 1 2 3; do head -c $((i * 3 * 1048576 + 4097)) /dev/urandom > /mnt/{volume}/file$i; done
+(cd /mnt/{volume} && sha256sum file1 file2 file3) > /root/{volume}.sha256
+umount /mnt/{volume}
+echo 3 > /proc/sys/vm/drop_caches
+mount "$dev" /mnt/{volume}
+(cd /mnt/{volume} && sha256sum -c /root/{volume}.sha256)
+umount /mnt/{volume}
+echo roundtrip-ok
+"""
+
+
+def test_vm_volume_holds_an_ext4_filesystem(lab: HostLab) -> None:
+    """On sdcvm1 a mapped volume appears as /dev/disk/by-meshblock/<volume> (a real
+    /dev/nbdN), takes an ext4 filesystem, is mounted, and the files written keep their
+    checksums across an unmount and a remount."""
+    volume = "vmvol"
+    _ok(lab.meshctl("volume", "create", volume, "--pool", "sp1", "--size", "1GiB"), "create")
+    _ok(lab.meshctl("volume", "map", volume, "--sdc", "sdcvm1"), "map")
+    out = _ok(lab.ssh("sdcvm1", VM_SCRIPT.format(volume=volume), timeout=900), "ext4 on sdcvm1")
+    assert "/dev/nbd" in out, out
+    assert out.count(": OK") == 3 and "roundtrip-ok" in out, out
+
+
+def _mgmt_alerts(lab: HostLab, token: str) -> list[dict]:
+    script = (
+        "import json, sys, urllib.request\n"
+        "req = urllib.request.Request('http://127.0.0.1:8080/api/alerts?limit=200',"
+        f" headers={{'Authorization': 'Bearer {token}'}})\n"
+        "print(urllib.request.urlopen(req, timeout=10).read().decode())\n"
+    )
+    result = lab.ssh("mgmt1", f"python3 -c {shlex.quote(script)}")
+    if result.returncode != 0:
+        return []
+    return json.loads(result.stdout).get("alerts", [])
+
+
+def test_stopped_sds_raises_the_alert_in_mgmt(lab: HostLab) -> None:
+    """`systemctl stop` of an SDS: the MDM marks it down, Prometheus fires
+    MeshblockSdsDown, Alertmanager sends it to MGMT, whose alert history has it
+    active. The SDS is started again afterwards and the cluster heals."""
+    token_out = _ok(
+        lab.ssh(
+            "mgmt1",
+            "runuser -u meshblock -- /opt/meshblock/venv/bin/meshblock-mgmt "
+            "--config /etc/meshblock/mgmt.toml token add admin hostlab-test",
+        ),
+        "meshblock-mgmt token add",
+    )
+    token = next(w for w in token_out.split() if w.startswith("mbt_"))
+    _ok(lab.ssh("sds3", "systemctl stop meshblock-sds.service"), "systemctl stop")
+    try:
+
+        def fired() -> list[dict]:
+            return [
+                a
+                for a in _mgmt_alerts(lab, token)
+                if a.get("rule_id") == "MeshblockSdsDown" or "MeshblockSdsDown" in json.dumps(a)
+                if a.get("status") == "active" and "sds3" in json.dumps(a)
+            ]
+
+        alerts = _wait("MeshblockSdsDown for sds3 in MGMT", fired, timeout=420, interval=10)
+        assert alerts[0]["severity"] in ("warning", "error", "critical"), alerts[0]
+    finally:
+        _ok(lab.ssh("sds3", "systemctl start meshblock-sds.service"), "systemctl start")
+    _wait(
+        "the cluster healthy again",
+        lambda: lab.meshctl("health").returncode == 0,
+        timeout=300,
+        interval=5,
+    )
+
+
+def test_add_sds_rebalances_onto_the_new_sds(lab: HostLab) -> None:
+    """playbooks/add_sds.yml deploys sds4 (lab/add-sds4.yml puts it in `sds`); it
+    registers, and the MDM moves PG copies of pool sp1 onto it until it holds its
+    share (ideal within the rebalancer's tolerance), with no PG short of a copy."""
+    result = _play(
+        lab,
+        "playbooks/add_sds.yml",
+        "-i",
+        str(ROOT / "lab" / "add-sds4.yml"),
+        "-e",
+        "add_sds_hosts=sds4",
+        name="add-sds4",
+    )
+    _converged(result, "add_sds.yml")
+    sds = json.loads(_ok(lab.meshctl("--json", "sds", "list"), "sds list"))
+    rows = sds if isinstance(sds, list) else sds.get("sds", sds.get("items", []))
+    new_id = next(s["id"] for s in rows if s["name"] == "sds4")
+
+    def balanced() -> tuple[int, int] | None:
+        """(copies on sds4, all copies) once no PG lacks a copy or has one moving and
+        sds4 holds its share within the rebalancer's tolerance."""
+        pgmap = json.loads(_ok(lab.meshctl("--json", "pool", "pgmap", "sp1"), "pool pgmap"))
+        pgs = pgmap["pgs"]
+        copies = [g.get(role) for g in pgs for role in ("primary", "secondary")]
+        if not all(copies) or any(g.get("target") for g in pgs):
+            return None
+        on_new = sum(1 for c in copies if c["sds_id"] == new_id)
+        ideal = len(copies) / 4
+        return (on_new, len(copies)) if on_new >= ideal - max(2, 0.05 * ideal) else None
+
+    started = time.monotonic()
+    on_new, total = _wait("pool sp1 balanced onto sds4", balanced, timeout=900, interval=5)
+    _record("rebalance_s", time.monotonic() - started)
+    assert 0 < on_new < total, (on_new, total)
+    _ok(lab.meshctl("health"), "meshctl health after the rebalance")
+
+
+def test_smoke_volume_survives_the_rebalance(lab: HostLab) -> None:
+    """The smoke volume's data is still read back verified after PGs moved."""
+    _ok(lab.smoke(), "lab/hostlab.py smoke after add_sds.yml")
+
+
+def test_lab_files_are_valid_yaml() -> None:
+    for path in [*INVENTORY.rglob("*.yml"), ROOT / "lab" / "add-sds4.yml"]:
+        assert yaml.safe_load(Path(path).read_text()) is not None, path
+
+
+# --- molecule: each role on its own ---------------------------------------------------
+
+ROLES = ("common", "mdm", "sds", "sdc", "mgmt", "prometheus", "alertmanager")
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_molecule_scenario(lab: HostLab, role: str) -> None:
+    """roles/<role>/molecule/default (default driver, managed: false, the lab's
+    inventory): converge, idempotence and verify pass on the lab's containers."""
+    scenario = ROOT / "roles" / role / "molecule" / "default" / "molecule.yml"
+    assert scenario.is_file(), f"{scenario} is missing"
+    started = time.monotonic()
+    result = lab.netns(
+        str(VENV_BIN / "molecule"),
+        "test",
+        timeout=1200,
+        cwd=ROOT / "roles" / role,
+        env={**lab.ansible_env(), "MOLECULE_NO_LOG": "false"},
+    )
+    _record(f"molecule_{role}_s", time.monotonic() - started)
+    output = result.stdout + result.stderr
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    (ARTIFACTS / f"molecule-{role}.log").write_text(output)
+    assert result.returncode == 0, f"molecule test ({role}) failed:\n{output[-10000:]}"
+    # The sequence ran (molecule exits non-zero when idempotence finds a change).
+    for action in ("converge", "idempotence", "verify"):
+        assert action in output.lower(), f"no {action} in molecule's output:\n{output[-3000:]}"
