@@ -243,12 +243,34 @@ class Daemon:
 
 
 class Cluster:
-    """MDM + 3 SDSs (3 fault sets) + SDC, one thin volume mapped: the lab's shape."""
+    """MDM + ``sds_count`` SDSs (one fault set each; 3: the lab's shape) + SDC, one thin
+    volume mapped. ``capacity``: each SDS's device (default: its share of two copies
+    with room to spare); ``cluster``: MDM ``[cluster]`` settings; names of the pool,
+    protection domain and volume and the daemons' log level can be changed too."""
 
-    def __init__(self, workdir: Path, size: int, pg_count: int) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        size: int,
+        pg_count: int,
+        *,
+        sds_count: int = 3,
+        capacity: int | None = None,
+        cluster: dict[str, Any] | None = None,
+        names: tuple[str, str, str] = (POOL, PD, VOLUME),
+        log_level: str = "WARNING",
+    ) -> None:
         self.workdir = workdir
         self.size = size
         self.pg_count = pg_count
+        self.sds_count = sds_count
+        # Each SDS holds about 2/sds_count of the volume (two copies).
+        self.capacity = capacity or max(2 * GiB, (self.size * 2 // sds_count // GiB + 2) * GiB)
+        self.cluster_settings = {"name": "bench", "heartbeat_timeout_s": 10.0, **(cluster or {})}
+        self.pool_name, self.pd_name, self.volume = names
+        self.log_level = log_level
+        self.pool_id = 0
+        self.pool: dict[str, Any] = {}
         self.admin = "adm-" + secrets.token_urlsafe(16)
         self.secret = "cs-" + secrets.token_urlsafe(16)
         self.mdm_port = free_port()
@@ -260,10 +282,13 @@ class Cluster:
 
     @property
     def uri(self) -> str:
-        return f"nbd://127.0.0.1:{self.nbd_port}/{VOLUME}"
+        return f"nbd://127.0.0.1:{self.nbd_port}/{self.volume}"
 
     def api(self, method: str, path: str, body: Any = None) -> Any:
         return api_ok(*http(method, self.mdm_url + path, body, self.admin), f"{method} {path}")
+
+    def pgmap(self) -> dict[str, Any]:
+        return dict(self.api("GET", f"/api/v1/pools/{self.pool_id}/pgmap"))
 
     def start(self) -> None:
         mdm_dir = self.workdir / "mdm"
@@ -279,8 +304,8 @@ class Cluster:
                         "cluster_secret": self.secret,
                     },
                     "database": {"url": f"sqlite+aiosqlite:///{mdm_dir / 'mdm.db'}"},
-                    "cluster": {"name": "bench", "heartbeat_timeout_s": 10.0},
-                    "logging": {"level": "WARNING"},
+                    "cluster": self.cluster_settings,
+                    "logging": {"level": self.log_level},
                 }
             ),
             self.mdm_url + "/health",
@@ -288,35 +313,34 @@ class Cluster:
         self.daemons.append(mdm)
         mdm.start()
         mdm.wait_for("health", lambda h: True)
-        pd = self.api("POST", "/api/v1/protection-domains", {"name": PD})
-        for i in range(3):
+        pd = self.api("POST", "/api/v1/protection-domains", {"name": self.pd_name})
+        for i in range(self.sds_count):
             self.api(
                 "POST", "/api/v1/fault-sets", {"name": f"fs{i}", "protection_domain_id": pd["id"]}
             )
         pool = self.api(
             "POST",
             "/api/v1/pools",
-            {"name": POOL, "protection_domain_id": pd["id"], "pg_count": self.pg_count},
+            {"name": self.pool_name, "protection_domain_id": pd["id"], "pg_count": self.pg_count},
         )
-        # Each SDS holds about 2/3 of the volume (two copies on three SDSs).
-        capacity = max(2 * GiB, (self.size * 2 // 3 // GiB + 2) * GiB)
-        for i in range(3):
+        self.pool, self.pool_id = pool, int(pool["id"])
+        for i in range(self.sds_count):
             d = self.workdir / f"sds{i}"
             data_port, control_port = free_port(), free_port()
             config = toml_text(
                 {
                     "data": {"host": "127.0.0.1", "port": data_port},
                     "control": {"host": "127.0.0.1", "port": control_port},
-                    "logging": {"level": "WARNING"},
+                    "logging": {"level": self.log_level},
                     "[[devices]]": {
                         "path": str(d / "dev0.img"),
-                        "capacity": capacity,
-                        "pool": POOL,
+                        "capacity": self.capacity,
+                        "pool": self.pool_name,
                     },
                 },
                 top={
                     "name": f"sds{i}",
-                    "protection_domain": PD,
+                    "protection_domain": self.pd_name,
                     "fault_set": f"fs{i}",
                     "address": "127.0.0.1",
                     "mdm_urls": [self.mdm_url],
@@ -350,7 +374,7 @@ class Cluster:
                     "mdm": {"urls": [self.mdm_url], "cluster_secret": self.secret},
                     "nbd": {"host": "127.0.0.1", "port": self.nbd_port},
                     "control": {"host": "127.0.0.1", "port": control_port},
-                    "logging": {"level": "WARNING"},
+                    "logging": {"level": self.log_level},
                 }
             ),
             f"http://127.0.0.1:{control_port}/health",
@@ -361,10 +385,10 @@ class Cluster:
         vol = self.api(
             "POST",
             "/api/v1/volumes",
-            {"name": VOLUME, "pool_id": pool["id"], "size": self.size, "type": "thin"},
+            {"name": self.volume, "pool_id": pool["id"], "size": self.size, "type": "thin"},
         )
         self.api("POST", "/api/v1/mappings", {"volume_id": vol["id"], "sdc_id": h["sdc_id"]})
-        self.sdc.wait_for("export", lambda h: VOLUME in {e["name"] for e in h["exports"]})
+        self.sdc.wait_for("export", lambda h: self.volume in {e["name"] for e in h["exports"]})
 
     def pids(self) -> dict[str, int]:
         """The data-path processes whose CPU time the report shows."""

@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import secrets
 import shutil
 import signal
 import subprocess
@@ -53,14 +52,13 @@ from nbd_fio import (
     GiB,
     MiB,
     Profiler,
-    api_ok,
     cpu_seconds,
-    free_port,
-    http,
     log,
     parse_size,
     run_fio,
-    toml_text,
+)
+from nbd_fio import (
+    Cluster as BaseCluster,
 )
 
 POOL = "rb-pool"
@@ -75,138 +73,35 @@ HEARTBEAT_TIMEOUT_S = 10.0
 LOG_LEVEL = ["WARNING"]  # the daemons' (--log-level)
 
 
-class Cluster:
-    """MDM + SDS_COUNT SDSs (one fault set each) + SDC, one thin volume mapped."""
+class Cluster(BaseCluster):
+    """MDM (rebuild at once) + SDS_COUNT SDSs (one fault set each) + SDC, one thin
+    volume mapped, with what the rebuild measurements need on top."""
 
     def __init__(self, workdir: Path, size: int, pg_count: int) -> None:
-        self.workdir = workdir
-        self.size = size
-        self.pg_count = pg_count
-        self.admin = "adm-" + secrets.token_urlsafe(16)
-        self.secret = "cs-" + secrets.token_urlsafe(16)
-        self.mdm_url = f"http://127.0.0.1:{free_port()}"
-        self.daemons: list[Daemon] = []
-        self.sds: list[Daemon] = []
-        self.sdc: Daemon | None = None
-        self.nbd_port = 0
-        self.pool_id = 0
+        super().__init__(
+            workdir,
+            size,
+            pg_count,
+            sds_count=SDS_COUNT,
+            # Sparse files: room for the whole volume on each of the last two SDSs.
+            capacity=2 * size + 2 * GiB,
+            cluster={"name": "rb-bench", "heartbeat_timeout_s": HEARTBEAT_TIMEOUT_S,
+                     "rebuild_delay_s": 0.0},
+            names=(POOL, PD, VOLUME),
+            log_level=LOG_LEVEL[0],
+        )  # fmt: skip
         self.pool_defaults: dict[str, int] = {}
 
-    @property
-    def uri(self) -> str:
-        return f"nbd://127.0.0.1:{self.nbd_port}/{VOLUME}"
-
-    def api(self, method: str, path: str, body: Any = None) -> Any:
-        return api_ok(*http(method, self.mdm_url + path, body, self.admin), f"{method} {path}")
-
-    def pgmap(self) -> dict[str, Any]:
-        return dict(self.api("GET", f"/api/v1/pools/{self.pool_id}/pgmap"))
-
     def start(self) -> None:
-        mdm_dir = self.workdir / "mdm"
-        port = int(self.mdm_url.rsplit(":", 1)[1])
-        mdm = Daemon(
-            mdm_dir,
-            "mdm",
-            toml_text(
-                {
-                    "api": {"host": "127.0.0.1", "port": port},
-                    "auth": {
-                        "admin_token": self.admin,
-                        "readonly_token": "ro-" + secrets.token_urlsafe(16),
-                        "cluster_secret": self.secret,
-                    },
-                    "database": {"url": f"sqlite+aiosqlite:///{mdm_dir / 'mdm.db'}"},
-                    "cluster": {
-                        "name": "rb-bench",
-                        "heartbeat_timeout_s": HEARTBEAT_TIMEOUT_S,
-                        "rebuild_delay_s": 0.0,
-                    },
-                    "logging": {"level": LOG_LEVEL[0]},
-                }
-            ),
-            self.mdm_url + "/health",
-        )
-        self.daemons.append(mdm)
-        mdm.start()
-        mdm.wait_for("health", lambda h: True)
-        pd = self.api("POST", "/api/v1/protection-domains", {"name": PD})
-        for i in range(SDS_COUNT):
-            self.api(
-                "POST", "/api/v1/fault-sets", {"name": f"fs{i}", "protection_domain_id": pd["id"]}
-            )
-        pool = self.api(
-            "POST",
-            "/api/v1/pools",
-            {"name": POOL, "protection_domain_id": pd["id"], "pg_count": self.pg_count},
-        )
-        self.pool_id = int(pool["id"])
+        super().start()
         self.pool_defaults = {
-            k: int(pool[k]) for k in ("rebuild_bandwidth_mibps", "rebuild_concurrency")
+            k: int(self.pool[k]) for k in ("rebuild_bandwidth_mibps", "rebuild_concurrency")
         }
-        # Sparse files: room for the whole volume on each of the last two SDSs.
-        capacity = 2 * self.size + 2 * GiB
-        for i in range(SDS_COUNT):
-            d = self.workdir / f"sds{i}"
-            config = toml_text(
-                {
-                    "data": {"host": "127.0.0.1", "port": free_port()},
-                    "control": {"host": "127.0.0.1", "port": (control := free_port())},
-                    "logging": {"level": LOG_LEVEL[0]},
-                    "[[devices]]": {
-                        "path": str(d / "dev0.img"),
-                        "capacity": capacity,
-                        "pool": POOL,
-                    },
-                },
-                top={
-                    "name": f"sds{i}",
-                    "protection_domain": PD,
-                    "fault_set": f"fs{i}",
-                    "address": "127.0.0.1",
-                    "mdm_urls": [self.mdm_url],
-                    "cluster_secret": self.secret,
-                    "state_dir": str(d / "state"),
-                },
-            )
-            sds = Daemon(d, "sds", config, f"http://127.0.0.1:{control}/health")
-            self.daemons.append(sds)
-            self.sds.append(sds)
-            sds.start()
-        for sds in self.sds:
-            sds.wait_for("serving state", lambda h: h.get("state") == "serving")
         deadline = time.monotonic() + START_TIMEOUT_S
         while not all_clean(doc := self.pgmap()) or not doc["pgs"]:
             if time.monotonic() > deadline:
                 raise BenchError("the pool's PGs did not all become clean")
             time.sleep(0.2)
-        self.nbd_port = free_port()
-        control = free_port()
-        sdc_dir = self.workdir / "sdc"
-        self.sdc = Daemon(
-            sdc_dir,
-            "sdc",
-            toml_text(
-                {
-                    "sdc": {"name": "rb-sdc", "state_dir": str(sdc_dir / "state")},
-                    "mdm": {"urls": [self.mdm_url], "cluster_secret": self.secret},
-                    "nbd": {"host": "127.0.0.1", "port": self.nbd_port},
-                    "control": {"host": "127.0.0.1", "port": control},
-                    "logging": {"level": LOG_LEVEL[0]},
-                }
-            ),
-            f"http://127.0.0.1:{control}/health",
-        )
-        self.daemons.append(self.sdc)
-        self.sdc.start()
-        h = self.sdc.wait_for("registration", lambda h: h.get("sdc_id") is not None)
-        vol = self.api(
-            "POST",
-            "/api/v1/volumes",
-            {"name": VOLUME, "pool_id": self.pool_id, "size": self.size, "type": "thin"},
-        )
-        self.api("POST", "/api/v1/mappings", {"volume_id": vol["id"], "sdc_id": h["sdc_id"]})
-        self.sdc.wait_for("export", lambda h: VOLUME in {e["name"] for e in h["exports"]})
 
     def alive(self) -> list[Daemon]:
         return [d for d in self.sds if d.proc is not None and d.proc.poll() is None]
@@ -260,10 +155,6 @@ class Cluster:
         assert d.proc is not None
         d.proc.send_signal(signal.SIGKILL)
         d.proc.wait()
-
-    def stop(self) -> None:
-        for d in reversed(self.daemons):
-            d.stop()
 
 
 def settle(c: Cluster) -> None:

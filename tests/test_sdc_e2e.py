@@ -336,6 +336,13 @@ def test_io_waits_out_an_sds_restart_without_errors(cluster: Cluster) -> None:
             reader.kill()
             reader.wait()
     assert reader.returncode == 0 and "failed" not in out.lower(), out
+    # The IO may be done before the SDS is back (the SDC reports it unreachable and
+    # the MDM fails its PGs over at once); the rest of the module wants it serving.
+    deadline = time.monotonic() + 60
+    while (h := victim.health()) is None or h.get("state") != "serving":
+        assert victim.proc is not None and victim.proc.poll() is None, victim.log_text()
+        assert time.monotonic() < deadline, f"{victim.name} not serving again: {h}"
+        time.sleep(0.1)
     qemu_io(uri, f"read -P 0x5c 0 {8 * MiB}", f"read -P 0x6d {8 * MiB} {8 * MiB}", read_only=True)
     text = cluster.sdc.metrics()
     assert 'meshblock_sdc_retries_total{reason="connect"}' in text or (

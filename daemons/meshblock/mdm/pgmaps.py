@@ -7,8 +7,8 @@ that changed and bumps the pool's ``map_epoch``: the membership is part of the m
 
 Data safety: once a pool has volumes, a copy that is in place is never moved by a
 recompute, because moving it means moving its data, which is the job of rebalance
-(not built yet; see docs/mdm.md). Only missing copies are filled. A new SDS therefore
-joins the map but takes PGs only when rebalance moves them to it.
+(:mod:`meshblock.mdm.rebalance`, with the data). Only missing copies are filled. A
+pool without volumes holds no data: its map is laid out afresh each time.
 """
 
 from __future__ import annotations
@@ -47,10 +47,14 @@ async def recompute(session: AsyncSession, pool: StoragePool) -> bool:
         ).where(PlacementGroup.pool_id == pool.id)
     )
     previous: dict[int, PgAssignment] = {pg: (p, s) for pg, p, s in rows}
-    new = compute_map(pool.pg_count, devices, previous)
     has_data = await _holds_volumes(session, pool.id)
     if has_data:
-        new = _fill_only(previous, new, devices)
+        new = _fill_only(previous, compute_map(pool.pg_count, devices, previous), devices)
+    else:
+        # Nothing to move yet: the map is laid out afresh, so that it is as balanced
+        # and its copies' partners as spread as placement makes them, whatever the
+        # order in which the SDSs joined.
+        new = compute_map(pool.pg_count, devices)
     # A copy placed anew next to one holding data is empty: the primary rebuilds it.
     filled_state = PgState.REBUILDING if has_data else PgState.CLEAN
     next_epoch = pool.map_epoch + 1
