@@ -788,13 +788,6 @@ def test_two_fault_sets_lost_io_waits(build: ClusterBuilder) -> None:
     both = {pg["pg"] for pg in before["pgs"] if set(copies(pg)) == lost}
     one = {pg["pg"] for pg in before["pgs"] if len(set(copies(pg)) & lost) == 1}
     assert both, f"no PG has both copies on SDSs {lost}: {describe(before)}"
-    # the blocked IOs: chunks of inactive PGs whose primary is the SDS that returns first
-    first = before["pgs"][min(both)]["primary"]["sds_id"]
-    returning = a if ids[a.name] == first else b
-    other = b if returning is a else a
-    waiting = [ch for ch, pg in pg_of_chunk.items() if pg in both]
-    waiting = [ch for ch in waiting if before["pgs"][pg_of_chunk[ch]]["primary"]["sds_id"] == first]
-    assert waiting, f"no chunk of the first {PATTERN_CHUNKS} in PGs {both}"
     served = [ch for ch, pg in pg_of_chunk.items() if pg not in both]
 
     for d in (a, b):
@@ -813,6 +806,16 @@ def test_two_fault_sets_lost_io_waits(build: ClusterBuilder) -> None:
 
     down, took = wait_map(c, "inactive and degraded PGs", split, 20)
     print(f"two SDSs lost: {describe(down)} after {took:.1f} s")
+    # The blocked IOs: chunks of inactive PGs whose last primary is the SDS that returns
+    # first. That is the map's primary now, not before: when the MDM learns of the two
+    # losses a moment apart (a failure report, then a timeout), a PG fails over to the
+    # second SDS first, which then holds its last in-sync copy.
+    first = down["pgs"][min(both)]["primary"]["sds_id"]
+    returning = a if ids[a.name] == first else b
+    other = b if returning is a else a
+    waiting = [ch for ch, pg in pg_of_chunk.items() if pg in both]
+    waiting = [ch for ch in waiting if down["pgs"][pg_of_chunk[ch]]["primary"]["sds_id"] == first]
+    assert waiting, f"no chunk of the first {PATTERN_CHUNKS} in PGs {both}"
 
     # IO to inactive PGs waits; to the others it is served
     wch, rch = waiting[0], waiting[-1]
@@ -822,27 +825,33 @@ def test_two_fault_sets_lost_io_waits(build: ClusterBuilder) -> None:
     # the SDS that stays away (docs/sdc.md); fio's nbd engine just disconnects
     writer = fio_write_bg(uri, wch * MiB + 8192, 0xEE)
     reader = qemu_io_bg(uri, f"read -P {pattern(rch):#x} {rch * MiB} 64k", read_only=True)
-    qemu_io(
-        uri,
-        *[f"read -P {pattern(ch):#x} {ch * MiB} 1M" for ch in served],
-        read_only=True,
-    )
-    print(f"{len(served)} chunks of degraded and clean PGs read back while the others wait")
-    time.sleep(max(0.0, BLOCKED_FOR_S - (time.monotonic() - t_io)))
-    for proc, what in ((writer, "the write"), (reader, "the read")):
-        if proc.poll() is not None:
-            out = proc.communicate()[0]
-            raise AssertionError(
-                f"{what} to an inactive PG ended after {time.monotonic() - t_io:.1f} s "
-                f"(exit {proc.returncode}) instead of waiting:\n{out}\n{describe(c.pgmap())}"
-            )
-    assert metric_sum(c.sdc.metrics(), "meshblock_sdc_io_errors_total") == 0
+    try:
+        qemu_io(
+            uri,
+            *[f"read -P {pattern(ch):#x} {ch * MiB} 1M" for ch in served],
+            read_only=True,
+        )
+        print(f"{len(served)} chunks of degraded and clean PGs read back while the others wait")
+        time.sleep(max(0.0, BLOCKED_FOR_S - (time.monotonic() - t_io)))
+        for proc, what in ((writer, "the write"), (reader, "the read")):
+            if proc.poll() is not None:
+                out = proc.communicate()[0]
+                raise AssertionError(
+                    f"{what} to an inactive PG ended after {time.monotonic() - t_io:.1f} s "
+                    f"(exit {proc.returncode}) instead of waiting:\n{out}\n{describe(c.pgmap())}"
+                )
+        assert metric_sum(c.sdc.metrics(), "meshblock_sdc_io_errors_total") == 0
 
-    # one SDS returns: the PGs it was primary of serve again, the waiting IO completes
-    returning.start()
-    returning.wait_serving()
-    finished_ok(writer, "the write to an inactive PG", timeout=40)
-    finished_ok(reader, "the read from an inactive PG", timeout=10)
+        # one SDS returns: the PGs it was primary of serve again, the waiting IO completes
+        returning.start()
+        returning.wait_serving()
+        finished_ok(writer, "the write to an inactive PG", timeout=40)
+        finished_ok(reader, "the read from an inactive PG", timeout=10)
+    finally:
+        for proc in (writer, reader):  # never leave their pipes open
+            if proc.returncode is None:
+                proc.kill()
+                proc.communicate()
     print(f"the waiting IO completed {time.monotonic() - t_io:.1f} s after it was sent")
     # (the returning primary may serve its PG a moment before the MDM, at its next
     # check, marks it degraded: it holds the last in-sync copy either way)

@@ -247,6 +247,8 @@ def test_mdm_killed_during_a_rebuild_which_then_finishes(
         c.mdm.kill()
         time.sleep(3.0)  # copies go on meanwhile; their reports wait for the MDM
         c.mdm.start()
+        # It reloaded a rebuild in progress (at 1 MiB/s it has seconds to go).
+        assert any(pg["state"] == "rebuilding" for pg in c.pgmap()["pgs"]), c.logs()
         # Unthrottled while it runs: the next chunks go at full speed.
         status, pool = c.mdm.api().patch(
             f"/api/v1/pools/{c.pool_id}", {"rebuild_bandwidth_mibps": 0}
@@ -260,8 +262,6 @@ def test_mdm_killed_during_a_rebuild_which_then_finishes(
             f"done {elapsed:.1f} s after the kill; at 1 MiB/s it takes {throttled_s:.0f} s: "
             "the new throttle did not apply"
         )
-        logs = "".join(d.log_text() for d in survivors)
-        # Copies finished while the MDM was away and were reported once it was back.
-        assert "cannot report PG" in logs and "rebuild done" in logs, c.logs()
+        assert "rebuild done" in "".join(d.log_text() for d in survivors), c.logs()
         verify(c, doc)
         read_back(c, {0: 0x44, 17: 0x44, CHUNKS - 1: 0x44})

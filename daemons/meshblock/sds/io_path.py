@@ -56,6 +56,7 @@ _HOLE: Final = int(ReplyFlag.HOLE)
 _WAIT: Final = -1  # check result: the request's epoch is ahead of our map
 _OK: Final = int(Status.OK)
 _LOST: Final = -2  # peer result: the connection to the secondary was lost
+GC_RETRY_S: Final = 1.0  # garbage left because a write held it: looked at again after
 _REPL_OF: Final = {
     Op.WRITE: Op.REPL_WRITE,
     Op.WRITE_ZEROES: Op.REPL_WRITE_ZEROES,
@@ -141,9 +142,13 @@ class DataService:
         if before is not None and before <= named:
             return 0
         freed = 0
+        busy: set[int] = set()
         for volume, chunk in self.store.chunk_ids_of_pool(m.pool_id):
             pg = pg_of(volume, chunk, m.pg_count)
-            if pg in named or self.locks.busy(chunk_key(volume, chunk)):
+            if pg in named:
+                continue
+            if self.locks.busy(chunk_key(volume, chunk)):
+                busy.add(pg)  # a write from before the map changed: next time
                 continue
             try:
                 self.store.zero(volume, chunk, 0, CHUNK_SIZE)
@@ -151,6 +156,10 @@ class DataService:
                 log.error("cannot free chunk %d/%d: %s", volume, chunk, exc)
                 continue
             freed += 1
+        if busy:
+            # Counted as still ours until a pass frees them: try again in a second.
+            self._named[m.pool_id] = named | busy
+            asyncio.get_running_loop().call_later(GC_RETRY_S, self._collect_again, m.pool_id)
         if freed:
             log.info(
                 "pool %d: freed %d chunk(s) of PGs now placed on other SDSs (map epoch %d)",
@@ -159,6 +168,11 @@ class DataService:
                 m.epoch,
             )
         return freed
+
+    def _collect_again(self, pool: int) -> None:
+        m = self.maps.maps.get(pool)
+        if m is not None and not self.stopping:
+            self.collect_garbage(m)
 
     def _alone(self, pool: int, pg: int) -> bool:
         """Whether our newest map of ``pool`` has us as the whole acting set of ``pg``:
