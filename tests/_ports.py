@@ -2,16 +2,46 @@
 
 from __future__ import annotations
 
+import random
 import socket
+from pathlib import Path
+
+# Below the kernel's ephemeral range (outgoing connections take their source ports
+# there: a port freed by a bind(0) check can be taken by one before the server binds
+# it) and below the blocks of ``_cluster.free_port_block`` (20000-32000).
+LOW, HIGH = 10000, 19999
+_given: set[int] = set()  # handed out in this run: never twice
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port on ``host`` that nothing listens on right now.
+    """A TCP port on ``host`` that nothing listens on right now, and that this test
+    run has not handed out before.
 
-    The port is released before it is returned, so another process could take it
-    first; servers that tests start on it fail loudly in that (rare) case.
+    The port is released before it is returned, so another process could still take
+    it first; servers that tests start on it fail loudly in that (rare) case.
     """
+    if _ephemeral_low() > HIGH:
+        for _ in range(500):
+            port = random.randint(LOW, HIGH)
+            if port in _given:
+                continue
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                try:
+                    s.bind((host, port))
+                except OSError:
+                    continue
+            _given.add(port)
+            return port
+    # an unusual ephemeral range: let the kernel choose
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
-        port: int = s.getsockname()[1]
-        return port
+        port = int(s.getsockname()[1])
+    _given.add(port)
+    return port
