@@ -35,7 +35,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from meshblock.mdm.epochs import bump
 from meshblock.mdm.failures import FailureDetector
-from meshblock.mdm.models import Device, PgState, PlacementGroup, Sds, SdsMode, StoragePool, Volume
+from meshblock.mdm.models import PgState, PlacementGroup, Sds, SdsMode, StoragePool, Volume
+from meshblock.mdm.pgmaps import pool_devices
 from meshblock.mdm.placement import DeviceInfo, compute_map, failure_domain
 
 log = logging.getLogger(__name__)
@@ -96,15 +97,7 @@ class Rebalancer:
         if not rows or any(r[3] != PgState.CLEAN for r in rows):
             return 0
         in_flight = sum(1 for r in rows if r[4] is not None)
-        dev_rows = (
-            await s.execute(
-                select(Device.id, Device.sds_id, Sds.fault_set_id, Device.capacity_bytes)
-                .join(Sds, Sds.id == Device.sds_id)
-                .where(Device.pool_id == pool.id)
-                .order_by(Device.id)
-            )
-        ).all()
-        usable = [DeviceInfo(i, sds, fs, cap) for i, sds, fs, cap in dev_rows if sds in eligible]
+        usable = [d for d in await pool_devices(s, pool.id) if d.sds_id in eligible]
         budget = max(2, len(usable)) - in_flight
         if budget <= 0 or len({failure_domain(x) for x in usable}) < 2:
             return 0
