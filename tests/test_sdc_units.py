@@ -458,3 +458,40 @@ def test_parse_maps_rejects_bad_documents(path: tuple[Any, ...], value: Any) -> 
     target[path[-1]] = value
     with pytest.raises(MapError):
         parse_maps(doc)
+
+
+def test_an_sds_dying_during_the_handshake_is_a_retriable_connect_failure() -> None:
+    """An SDS killed just as the SDC connects accepts the connection and then resets
+    it (the CI failure of test_sds_sigkill_during_fio_is_rebuilt): the write must be
+    retried on the next map, not answered with EIO."""
+    import socket
+    import struct
+
+    from meshblock.sdc.wire_path import WireDataPath
+
+    async def reset_at_once(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()
+
+    async def main() -> None:
+        server = await asyncio.start_server(reset_at_once, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        path = WireDataPath("secret", connect_timeout=2.0)
+        try:
+            for _ in range(3):
+                with pytest.raises(DataPathError) as err:
+                    await path.write(
+                        SdsEndpoint(1, "127.0.0.1", port),
+                        ChunkRef(1, 0, 1, 7, 0),
+                        0,
+                        memoryview(b"x" * 4096),
+                        fua=False,
+                    )
+                assert err.value.retriable
+                assert err.value.reason == "connect"
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    asyncio.run(main())

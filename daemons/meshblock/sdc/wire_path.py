@@ -96,7 +96,9 @@ class WireDataPath:
             raise DataPathError(
                 "handshake", f"SDS {sds.sds_id} at {key[0]}:{key[1]}: {exc}", retriable=False
             ) from exc
-        except (OSError, TimeoutError) as exc:
+        except (OSError, TimeoutError, ConnectionLost) as exc:
+            # ConnectionLost: the SDS accepted, then closed or reset the connection
+            # during the handshake (it died just then): as retriable as a refusal.
             raise DataPathError(
                 "connect",
                 f"cannot connect to SDS {sds.sds_id} at {key[0]}:{key[1]}: {exc!r}",

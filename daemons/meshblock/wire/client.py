@@ -29,7 +29,8 @@ Errors (every one has ``retriable``):
 - :class:`~meshblock.wire.handshake.HandshakeError` (from :meth:`WireClient.connect`):
   wrong cluster secret, version or role; not retriable.
 - ``OSError`` / ``TimeoutError`` from :meth:`WireClient.connect`: the SDS cannot be
-  reached.
+  reached; :class:`ConnectionLost` from it: the SDS accepted the connection, then
+  closed it before the handshake completed.
 
 Payloads: ``data`` for writes may be any bytes-like object (it is not copied; keep it
 unchanged until the call returns). Reads return a read-only ``memoryview`` into the
