@@ -30,14 +30,14 @@ help:
 	@echo "make venv   build .venv (python3 -m venv, pip install -e '.[test]')"
 	@echo "make deps   apt-get install what the tests need ($(APT_PACKAGES))"
 	@echo "make lint   ruff check, ruff format --check, mypy"
-	@echo "make test   deps + venv + lint, then pytest"
+	@echo "make test   deps + venv + lint, then every test (the host lab's included)"
 	@echo "make run    quick start: a whole cluster on loopback (meshctl lab up) and an NBD client on it"
 	@echo "make stop   stop the lab that 'make run' started (meshctl lab down)"
 	@echo "make clean  remove .venv, ./run/ and caches"
 	@echo "make lab       the host lab: nspawn hosts and a QEMU VM in a network namespace, deployed"
 	@echo "               with ansible-playbook playbooks/site.yml (docs/hostlab.md)"
 	@echo "make lab-down  stop the host lab (the cached images stay)"
-	@echo "make test-lab  the host lab's tests (about 40 minutes)"
+	@echo "make test-lab  only the host lab's tests"
 
 venv: $(STAMP)
 
@@ -79,11 +79,10 @@ lint: venv
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy daemons/meshblock
 
-# The host lab's tests (tests/test_deploy_lab.py) take about 40 minutes on this
-# kind of machine (an emulated VM): they run with `make test-lab`, not here.
-test: deps venv lint
-	$(BIN)/pytest -W error --timeout=$(PYTEST_TIMEOUT) tests/ \
-		--ignore=tests/test_deploy_lab.py $(PYTEST_ARGS)
+# Every test, the host lab's (tests/test_deploy_lab.py, which builds the lab image on
+# first use) included. Without the lab: make test PYTEST_ARGS=--ignore=tests/test_deploy_lab.py
+test: deps lab-deps venv lint
+	$(BIN)/pytest -W error --timeout=$(PYTEST_TIMEOUT) tests/ $(PYTEST_ARGS)
 
 # The host lab end to end: image, hosts, site.yml twice, units, the VM's block
 # device, an alert in MGMT, add_sds.yml and molecule per role (docs/hostlab.md).
