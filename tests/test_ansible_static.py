@@ -324,6 +324,17 @@ VARIANTS: dict[str, tuple[str, list[str], list[str], dict[str, Any]]] = {
         {},
     ),
     "alertmanager": ("mon1", ["alertmanager"], ["alertmanager.yml.j2"], {}),
+    # The host lab's short intervals (inventory/lab/group_vars/all.yml).
+    "prometheus_lab": (
+        "mon1",
+        ["prometheus"],
+        ["prometheus.yml.j2"],
+        {
+            k: v
+            for k, v in read_yaml(ROOT / "inventory" / "lab" / "group_vars" / "all.yml").items()
+            if k.startswith("prometheus_")
+        },
+    ),
 }
 
 
@@ -538,9 +549,9 @@ def test_unit_verifies_and_is_hardened(rendered: dict[str, Path], variant: str, 
         assert "/srv/meshblock" in s["ReadWritePaths"]
 
 
-def test_prometheus_config_checks(rendered: dict[str, Path]) -> None:
-    """The rendered prometheus.yml, with the repo's rules, passes promtool."""
-    out = rendered["prometheus"]
+def promtool_check_config(out: Path) -> None:
+    """promtool check config on the rendered prometheus.yml in ``out``, with the repo's
+    rules beside it."""
     shutil.copytree(ROOT / "monitoring" / "prometheus" / "rules", out / "rules")
     proc = subprocess.run(
         [tool("promtool"), "check", "config", str(out / "prometheus.yml")],
@@ -549,6 +560,12 @@ def test_prometheus_config_checks(rendered: dict[str, Path]) -> None:
         check=False,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_prometheus_config_checks(rendered: dict[str, Path]) -> None:
+    """The rendered prometheus.yml, with the repo's rules, passes promtool."""
+    out = rendered["prometheus"]
+    promtool_check_config(out)
     config = read_yaml(out / "prometheus.yml")
     assert config["global"]["external_labels"] == {"cluster": "meshblock"}
     jobs = {c["job_name"] for c in config["scrape_configs"]}
@@ -572,6 +589,14 @@ def test_prometheus_config_checks(rendered: dict[str, Path]) -> None:
         {"targets": ["10.9.0.21:7074"], "labels": {"sdc": "sdc1"}}
     ]
     assert read_yaml(out / "targets" / "alertmanager.yml") == [{"targets": ["10.9.0.31:9093"]}]
+
+
+def test_lab_prometheus_config_checks(rendered: dict[str, Path]) -> None:
+    """The lab inventory's shorter intervals still make a config promtool accepts (its
+    scrape timeout may not exceed its scrape interval)."""
+    out = rendered["prometheus_lab"]
+    promtool_check_config(out)
+    assert read_yaml(out / "prometheus.yml")["global"]["scrape_interval"] == "5s"
 
 
 def test_alertmanager_config_checks(rendered: dict[str, Path]) -> None:
