@@ -623,15 +623,21 @@ def start_container(host: Host) -> None:
     log(f"{host.name}: systemd-nspawn pid {pid}, {host.address}")
 
 
-def stop_container(host: Host, timeout: float = 20.0) -> None:
+def _terminate(host: Host, timeout: float) -> None:
+    """SIGTERM the host's nspawn or qemu, wait up to ``timeout`` for it to end, then
+    kill whatever is left in its cgroups."""
     pid = _pid(host)
     if pid is not None and _pid_alive(host):
-        # nspawn turns SIGTERM into an orderly shutdown of the container's systemd.
         os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + timeout
         while _pid_alive(host) and time.monotonic() < deadline:
             time.sleep(0.2)
     _kill_cgroups(host)
+
+
+def stop_container(host: Host, timeout: float = 20.0) -> None:
+    # nspawn turns SIGTERM into an orderly shutdown of the container's systemd.
+    _terminate(host, timeout)
     root = _host_dir(host) / "root"
     if _mounted(root):
         run(["umount", str(root)], check=False)
@@ -708,13 +714,7 @@ def start_vm(host: Host) -> None:
 
 
 def stop_vm(host: Host, timeout: float = 10.0) -> None:
-    pid = _pid(host)
-    if pid is not None and _pid_alive(host):
-        os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        while _pid_alive(host) and time.monotonic() < deadline:
-            time.sleep(0.2)
-    _kill_cgroups(host)
+    _terminate(host, timeout)
     tap = f"tap-{host.name}"[:15]
     if netns_exists():
         run(["ip", "-n", NETNS, "link", "del", tap], check=False, quiet=True)

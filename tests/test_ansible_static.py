@@ -273,6 +273,16 @@ RENDER_INVENTORY = {
     }
 }
 
+# The scrape jobs of monitoring/prometheus/prometheus.yml, each with a target file.
+SCRAPE_JOBS = (
+    "meshblock_mdm",
+    "meshblock_sds",
+    "meshblock_sdc",
+    "meshblock_mgmt",
+    "prometheus",
+    "alertmanager",
+)
+
 # name -> (inventory host, roles whose defaults and vars apply, templates, extra vars)
 VARIANTS: dict[str, tuple[str, list[str], list[str], dict[str, Any]]] = {
     "mdm": ("mdm1", ["common", "mdm"], ["mdm.toml.j2", "meshblock-mdm.service.j2"], {}),
@@ -309,18 +319,7 @@ VARIANTS: dict[str, tuple[str, list[str], list[str], dict[str, Any]]] = {
     "prometheus": (
         "mon1",
         ["prometheus"],
-        ["prometheus.yml.j2"]
-        + [
-            f"targets/{job}.yml.j2"
-            for job in (
-                "meshblock_mdm",
-                "meshblock_sds",
-                "meshblock_sdc",
-                "meshblock_mgmt",
-                "prometheus",
-                "alertmanager",
-            )
-        ],
+        ["prometheus.yml.j2"] + [f"targets/{job}.yml.j2" for job in SCRAPE_JOBS],
         {},
     ),
     "alertmanager": ("mon1", ["alertmanager"], ["alertmanager.yml.j2"], {}),
@@ -569,14 +568,7 @@ def test_prometheus_config_checks(rendered: dict[str, Path]) -> None:
     config = read_yaml(out / "prometheus.yml")
     assert config["global"]["external_labels"] == {"cluster": "meshblock"}
     jobs = {c["job_name"] for c in config["scrape_configs"]}
-    assert jobs == {
-        "meshblock_mdm",
-        "meshblock_sds",
-        "meshblock_sdc",
-        "meshblock_mgmt",
-        "prometheus",
-        "alertmanager",
-    }
+    assert jobs == set(SCRAPE_JOBS)
     sds = read_yaml(out / "targets" / "meshblock_sds.yml")
     assert sds == [
         {
