@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import Any
+from typing import Any, cast
 
 from aiohttp import web
-from sqlalchemy import func, select, update
+from sqlalchemy import delete, func, select, update
+from sqlalchemy.engine import CursorResult
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import selectinload
 
@@ -333,8 +334,9 @@ async def _copies_on(s: AsyncSession, device_ids: list[int]) -> int:
     return n
 
 
-async def _release_devices(s: AsyncSession, device_ids: list[int]) -> None:
-    """Take devices out of every PG (before deleting them), then refill the maps."""
+async def _release_devices(s: AsyncSession, device_ids: list[int]) -> int:
+    """Take devices out of every PG, delete them, then refill the maps; return how
+    many were deleted (fewer than asked when a concurrent request deleted some)."""
     pool_ids = set(
         (await s.execute(select(Device.pool_id).where(Device.id.in_(device_ids)))).scalars()
     )
@@ -353,15 +355,16 @@ async def _release_devices(s: AsyncSession, device_ids: list[int]) -> None:
         .where(PlacementGroup.target_device_id.in_(device_ids))
         .values(target_device_id=None, moving=None)
     )
-    for dev_id in device_ids:
-        dev = await s.get(Device, dev_id)
-        if dev is not None:
-            await s.delete(dev)
+    # One statement, whose row count tells a device deleted meanwhile (its SDS removed
+    # by another request) from one deleted here.
+    result = await s.execute(delete(Device).where(Device.id.in_(device_ids)))
+    deleted = cast("CursorResult[Any]", result).rowcount
     await s.flush()
     for pool_id in pool_ids:
         pool = await s.get(StoragePool, pool_id)
         if pool is not None:
             await pgmaps.recompute(s, pool)
+    return int(deleted or 0)
 
 
 @routes.route(
@@ -438,7 +441,8 @@ async def remove_device(request: web.Request) -> web.Response:
             raise Conflict(
                 f"device {dev_id} still holds {used} bytes of data", {"used_bytes": used}
             )
-        await _release_devices(s, [dev_id])
+        if not await _release_devices(s, [dev_id]):
+            raise NotFound(f"device {dev_id} was removed meanwhile")
     return web.Response(status=204)
 
 
