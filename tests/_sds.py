@@ -139,3 +139,21 @@ class SdsDaemon:
         if self._log is not None:
             self._log.close()
             self._log = None
+
+
+def wait_copy_jobs_ended(daemons: list[SdsDaemon], timeout: float = 10.0) -> None:
+    """Until no SDS has a resync, rebuild or move job running.
+
+    The MDM makes a PG clean when it accepts the primary's report, before its answer
+    reaches that SDS: a map that says every PG is clean may be read while the job that
+    reported is still finishing (its counters and ``done`` record come with the answer).
+    A job still running after ``timeout`` fails the test.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        running = {d.name: d.health()["resync"]["active"] for d in daemons}
+        if not any(running.values()):
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"copy jobs still running {timeout} s after clean: {running}")
+        time.sleep(0.1)

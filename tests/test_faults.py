@@ -55,7 +55,7 @@ import _http
 from _cluster import SmallCluster, meshctl_command, small_cluster
 from _fio import Fio
 from _netns import AddressedSds, NetNs, netns_unavailable
-from _sds import PG_COUNT, SdsDaemon
+from _sds import PG_COUNT, SdsDaemon, wait_copy_jobs_ended
 from meshblock.chunks import CHUNK_SIZE, pg_of
 from meshblock.mdm.config import ClusterConfig
 from meshblock.mdm.placement import DeviceInfo, copy_tolerance, ideal_copies
@@ -498,11 +498,7 @@ def test_network_cut_and_return_resyncs_only_the_delta(build: ClusterBuilder, ne
     assert [copies(pg) for pg in doc["pgs"]] == [copies(pg) for pg in down["pgs"]], (
         "the copies moved: a rebuild ran although rebuild_delay_s is long"
     )
-    # The MDM makes a PG clean before its answer reaches the reporting SDS: give the
-    # jobs a moment to see it.
-    deadline = time.monotonic() + 10
-    while any(d.health()["resync"]["active"] for d in c.sds) and time.monotonic() < deadline:
-        time.sleep(0.1)
+    wait_copy_jobs_ended(c.sds)
     after = {d.name: dict(d.health()["resync"]) for d in c.sds}
     for d in others:
         copied = after[d.name]["chunks_total"] - before[d.name]["chunks_total"]

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from _cluster import small_cluster
-from _sds import PG_COUNT, SdsDaemon
+from _sds import PG_COUNT, SdsDaemon, wait_copy_jobs_ended
 from meshblock.chunks import CHUNK_SIZE, pg_of
 from meshblock.tools.replica_check import check_volume
 from test_failover import HEARTBEAT_TIMEOUT_S, VOLUME, Failover, wait_degraded
@@ -89,7 +89,9 @@ def restart(rs: Failover, d: SdsDaemon, timeout: float = CLEAN_TIMEOUT_S) -> flo
     d.start()
     d.wait_serving()
     wait_clean(rs, timeout)
-    return time.monotonic() - t0
+    took = time.monotonic() - t0
+    wait_copy_jobs_ended(rs.sds)
+    return took
 
 
 def test_delta_resync_after_return(rs: Failover) -> None:
