@@ -116,22 +116,31 @@ class Migrations:
 
 
 class WriteGate:
-    """Lets one write transaction at a time through, on SQLite.
+    """Lets the MDM's write transactions through one at a time.
 
-    SQLite has a single writer. Without the gate, a transaction that holds the write
-    lock while its coroutine waits for the event loop makes every other writer spin in
-    SQLite's busy handler, and under load they give up ("database is locked"). Queued
-    on an asyncio lock instead, writers wait their turn without a timeout. PostgreSQL
-    needs no gate: its writers run concurrently.
+    - **SQLite** has a single writer. Without the gate, a transaction that holds the
+      write lock while its coroutine waits for the event loop makes every other writer
+      spin in SQLite's busy handler, and under load they give up ("database is
+      locked"). Queued on an asyncio lock instead, writers wait their turn without a
+      timeout. Every write transaction takes the gate.
+    - **PostgreSQL** runs writers concurrently, at READ COMMITTED. A change of the
+      object model (an API change, the failure detector, the rebalancer) reads rows
+      (PG maps, capacities, modes) and writes what it computed from them: two at once
+      would let the later commit a PG map computed from rows the earlier one changed
+      meanwhile (a lost update). Those still go one at a time. The heartbeat recorder
+      only overwrites last-seen times and the usage the SDSs report, in place, with
+      no read of its own to compute them from; it passes with ``model=False`` and runs
+      beside them.
     """
 
     def __init__(self, url: str) -> None:
-        serial = make_url(url).get_backend_name() == "sqlite"
-        self._lock = asyncio.Lock() if serial else None
+        self._every_writer = make_url(url).get_backend_name() == "sqlite"
+        self._lock = asyncio.Lock()
 
     @asynccontextmanager
-    async def __call__(self) -> AsyncIterator[None]:
-        if self._lock is None:
+    async def __call__(self, *, model: bool = True) -> AsyncIterator[None]:
+        """``model=False``: the transaction writes no state a change decides on."""
+        if not model and not self._every_writer:
             yield
             return
         async with self._lock:
