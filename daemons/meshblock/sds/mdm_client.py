@@ -159,15 +159,16 @@ class MdmLink:
                 self._cur = (self._cur + 1) % len(self._urls)
         raise MdmUnavailable(f"no MDM answered ({last!r})")
 
-    async def _report_synced(self, pool_id: int, pg: int, epoch: int) -> bool:
-        """Tell the MDM a PG's secondary is resynchronised; False when it refused."""
+    async def _report_synced(self, pool_id: int, pg: int, epoch: int) -> int | None:
+        """Tell the MDM a PG's copy is done; the pool's map epoch that has it done, or
+        None when the MDM refused."""
         body = {"pool_id": pool_id, "pg": pg, "epoch": epoch}
         status, doc = await self._call("POST", f"/api/v1/sds/{self._svc.sds_id}/pg-synced", body)
         if status == 200:
-            return True
+            return int(doc["epoch"])
         if status in (404, 409):
             log.info("MDM refused PG %d/%d synced at epoch %d: %s", pool_id, pg, epoch, doc)
-            return False
+            return None
         raise MdmUnavailable(f"pg-synced answered {status}")
 
     def report_unreachable(self, peer: int) -> None:

@@ -51,8 +51,9 @@ log = logging.getLogger(__name__)
 
 RESTART_S = 1.0  # pause before restarting a PG's resync that did not finish
 RETRY_S = 0.5  # pause before retrying a chunk the secondary refused (map not there yet)
-# Tells the MDM a PG is synced: (pool, pg, epoch) -> True (done) / False (refused).
-Reporter = Callable[[int, int, int], Awaitable[bool]]
+# Tells the MDM a PG is synced: (pool, pg, epoch) -> the pool's new map epoch, at
+# which the copy is done, or None (refused).
+Reporter = Callable[[int, int, int], Awaitable[int | None]]
 
 
 class ResyncAborted(Exception):
@@ -68,6 +69,9 @@ class Resync:
         self.jobs: dict[tuple[int, int], tuple[int, asyncio.Task[bool]]] = {}
         self._dest: dict[tuple[int, int], tuple[tuple[int, int], bool]] = {}  # per job
         self._missed: dict[tuple[int, int], set[tuple[int, int]]] = {}
+        # PGs whose report the MDM accepted -> the map epoch that has them done; a map
+        # older than that (in flight meanwhile) still names the copy: no new job for it
+        self._settled: dict[tuple[int, int], int] = {}
         # per job: [chunks to copy, chunks copied, "rebuild" or "rebalance"]
         self.progress: dict[tuple[int, int], list[int | str]] = {}
         self.copied_bytes: dict[tuple[int, str], int] = {}  # (pool, kind) -> counter
@@ -87,6 +91,11 @@ class Resync:
         me = self.svc.sds_id
         for pg in range(m.pg_count):
             key = (m.pool_id, pg)
+            settled = self._settled.get(key)
+            if settled is not None:
+                if m.epoch < settled:
+                    continue
+                del self._settled[key]
             dest = m.copy_to(pg) if me and m.primary[pg][0] == me else None
             want = None if dest is None else (dest, m.rebuilding[pg] or bool(m.target[pg][0]))
             job = self.jobs.get(key)
@@ -222,12 +231,14 @@ class Resync:
             raise ResyncAborted(f"secondary unreachable: {exc}") from exc
         while self.reporter is not None:
             try:
-                accepted = await self.reporter(pool, pg, epoch)
+                settled = await self.reporter(pool, pg, epoch)
             except Exception as exc:  # MDM unreachable: keep trying, the copy stands
                 log.warning("cannot report PG %d/%d synced: %s", pool, pg, exc)
                 await asyncio.sleep(1.0)
                 continue
-            if accepted:
+            if settled is not None:
+                if svc.maps.epoch(pool) < settled:
+                    self._settled[(pool, pg)] = settled
                 self.pgs_total += 1
                 self.full_total += full
                 self.done[f"{pool}/{pg}"] = {
@@ -245,7 +256,7 @@ class Resync:
                     int(progress[0]),
                     time.monotonic() - t0,
                 )
-            return accepted
+            return settled is not None
         return False
 
     def _target(self, pool: int, pg: int) -> tuple[int, tuple[str, int]]:
