@@ -6,10 +6,13 @@ is exercised by tests/test_resync.py and tests/test_rebuild.py)."""
 from __future__ import annotations
 
 import asyncio
+import itertools
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 
+from meshblock.chunks import CHUNK_SIZE, pg_of
 from meshblock.sds.io_path import DataService
 from meshblock.sds.maps import MapCache, PgMap
 from meshblock.sds.metrics import SdsStats
@@ -19,8 +22,14 @@ from meshblock.sds.store import ChunkStore, DeviceSpec
 
 SECRET = "resync-test-secret"
 POOL = 3
+VOLUME = 5
 PG_COUNT = 4
-PRIMARY, SECONDARY = (1, 10), (2, 20)
+PRIMARY_SDS, SECONDARY = 1, (2, 20)
+PRIMARY_DEVICES = {10: (0, 1), 11: (2, 3)}  # device of the primary -> the PGs it holds
+
+
+def primary_of(pg: int) -> tuple[int, int]:
+    return next((PRIMARY_SDS, d) for d, pgs in PRIMARY_DEVICES.items() if pg in pgs)
 
 
 class Pair:
@@ -33,18 +42,23 @@ class Pair:
         self.reports.append((pool, pg, epoch))
         return self.accept_at
 
-    def deliver(self, epoch: int, resyncing: set[int]) -> None:
-        """A map of ``epoch`` in which the PGs ``resyncing`` are resyncing, to both."""
+    def deliver(
+        self, epoch: int, resyncing: set[int], rebuilding: frozenset[int] = frozenset(), **kw: int
+    ) -> None:
+        """A map of ``epoch`` in which the PGs ``resyncing`` are resyncing and those in
+        ``rebuilding`` rebuilding (``kw``: the pool's throttles), to both SDSs."""
         m = PgMap(
             pool_id=POOL,
             epoch=epoch,
             pg_count=PG_COUNT,
-            primary=(PRIMARY,) * PG_COUNT,
+            primary=tuple(primary_of(pg) for pg in range(PG_COUNT)),
             secondary=(SECONDARY,) * PG_COUNT,
             sds={sid: ("127.0.0.1", port) for sid, port in self.ports.items()},
             doc={},
-            clean=tuple(pg not in resyncing for pg in range(PG_COUNT)),
+            clean=tuple(pg not in resyncing | rebuilding for pg in range(PG_COUNT)),
             resyncing=tuple(pg in resyncing for pg in range(PG_COUNT)),
+            rebuilding=tuple(pg in rebuilding for pg in range(PG_COUNT)),
+            **kw,
         )
         for svc in (self.secondary, self.primary):
             svc.maps.update(m)
@@ -52,15 +66,16 @@ class Pair:
 
 @asynccontextmanager
 async def pair(tmp_path: Path) -> AsyncIterator[Pair]:
+    """The primary SDS (two devices in the pool) and the secondary (one)."""
     async with AsyncExitStack() as stack:
         services, ports = [], {}
-        for sds_id, dev_id in (PRIMARY, SECONDARY):
-            path = str(tmp_path / f"sds{sds_id}.img")
-            store = ChunkStore([DeviceSpec(path, 1 << 30, "pool")])
+        for sds_id, dev_ids in ((PRIMARY_SDS, list(PRIMARY_DEVICES)), (SECONDARY[0], [20])):
+            paths = {str(tmp_path / f"dev{d}.img"): (d, POOL) for d in dev_ids}
+            store = ChunkStore([DeviceSpec(path, 1 << 30, "pool") for path in paths])
             store.open()
             stack.callback(store.close)
             svc = DataService(store, MapCache(), Peers(SECRET, 5.0), SdsStats())
-            svc.set_identity(sds_id, {path: (dev_id, POOL)})
+            svc.set_identity(sds_id, paths)
             server = DataServer(svc, SECRET)
             await server.start("127.0.0.1", 0)
             stack.push_async_callback(server.stop)
@@ -109,5 +124,60 @@ def test_a_map_older_than_the_accepted_report_starts_no_new_job(tmp_path: Path) 
             p.deliver(8, {0})  # the secondary failed and returned: a new resync
             await until("the new resync reported", lambda: len(p.reports) == 3 and not rs.jobs)
             assert p.reports[-1] == (POOL, 0, 8) and rs.pgs_total == 3
+
+    asyncio.run(main())
+
+
+def test_copies_are_throttled_per_source_device(tmp_path: Path) -> None:
+    """The pool's rebuild throttle holds for each device that copies, not for the
+    SDS: two devices of the primary each send their chunks 1 MiB / (10 MiB/s) apart,
+    and side by side (their first chunks go together, not 100 ms apart)."""
+    mibps, per_device = 10, 4
+    interval = 1.0 / mibps
+
+    async def main() -> None:
+        async with pair(tmp_path) as p:
+            rs = p.primary.resync
+            store = p.primary.store
+            wanted = {d: 0 for d in PRIMARY_DEVICES}
+            chunk_device: dict[tuple[int, int], int] = {}
+            for c in range(1000):
+                dev_id = primary_of(pg_of(VOLUME, c, PG_COUNT))[1]
+                if wanted[dev_id] == per_device:
+                    continue
+                dev = store.device_by_mdm_id(dev_id)
+                assert dev is not None
+                store.write(dev, VOLUME, c, 0, bytes([c % 251]) * CHUNK_SIZE)
+                wanted[dev_id] += 1
+                chunk_device[(VOLUME, c)] = dev_id
+                if sum(wanted.values()) == per_device * len(PRIMARY_DEVICES):
+                    break
+            sends: list[tuple[float, int]] = []
+            copy = rs._copy
+
+            async def logged(pool: int, pg: int, volume: int, chunk: int) -> None:
+                sends.append((time.monotonic(), chunk_device[(volume, chunk)]))
+                await copy(pool, pg, volume, chunk)
+
+            rs._copy = logged  # type: ignore[method-assign]
+            p.accept_at = 6
+            p.deliver(
+                5,
+                set(),
+                frozenset(range(PG_COUNT)),
+                rebuild_bandwidth_mibps=mibps,
+                rebuild_concurrency=4,
+            )
+            await until("every PG rebuilt", lambda: len(p.reports) == PG_COUNT and not rs.jobs)
+            assert len(sends) == len(chunk_device), sends
+            for dev_id in PRIMARY_DEVICES:
+                times = [t for t, d in sends if d == dev_id]
+                gaps = [b - a for a, b in itertools.pairwise(times)]
+                assert len(times) == per_device and min(gaps) >= interval * 0.9, (dev_id, gaps)
+            first = [min(t for t, d in sends if d == dev_id) for dev_id in PRIMARY_DEVICES]
+            assert max(first) - min(first) < interval / 2, first
+            for (volume, c), _ in chunk_device.items():
+                got = p.secondary.store.read(volume, c, 0, CHUNK_SIZE)
+                assert got is not None and bytes(got) == bytes([c % 251]) * CHUNK_SIZE
 
     asyncio.run(main())

@@ -19,9 +19,10 @@ replication path takes, so a client write to it is applied on both copies either
 before the copy (which then carries it) or after it (forwarded as usual). A chunk
 we hold is sent as a whole-chunk REPL_WRITE, one we no longer hold as a whole-chunk
 REPL_TRIM. Copies run ``rebuild_concurrency`` (moves: ``rebalance_concurrency``) at a
-time per pool and are paced to ``rebuild_bandwidth_mibps`` (moves:
-``rebalance_bandwidth_mibps``; 0: unlimited), read from the newest map, so a change
-of the pool's settings applies to the next chunk. When every chunk is copied the
+time per source device (the PG's primary device here) and are paced per source device
+to ``rebuild_bandwidth_mibps`` (moves: ``rebalance_bandwidth_mibps``; 0: unlimited),
+read from the pool's newest map, so a change of the pool's settings applies to the
+next chunk. When every chunk is copied the
 secondary is flushed and the MDM told (``POST /api/v1/sds/{id}/pg-synced``), which
 makes the PG clean at a new map epoch.
 
@@ -75,9 +76,9 @@ class Resync:
         # per job: [chunks to copy, chunks copied, "rebuild" or "rebalance"]
         self.progress: dict[tuple[int, int], list[int | str]] = {}
         self.copied_bytes: dict[tuple[int, str], int] = {}  # (pool, kind) -> counter
-        self._slots: dict[tuple[int, str], int] = {}  # copies in progress per pool, kind
+        self._slots: dict[tuple[int, str], int] = {}  # copies in flight per device, kind
         self._slot_freed = asyncio.Event()
-        # per (pool, kind): when the next chunk may go (bandwidth pacing)
+        # per (device, kind): when the next chunk may go (bandwidth pacing)
         self._next_send: dict[tuple[int, str], float] = {}
         self.chunks_total = 0  # chunks copied (written or trimmed on the secondary)
         self.bytes_total = 0
@@ -200,6 +201,7 @@ class Resync:
             )
         else:
             chunks = sorted(svc.degraded.chunks(pool, pg))
+        source = m.primary[pg][1]  # our device that holds the PG: the one throttled
         progress: list[int | str] = [len(chunks), 0, kind]
         self.progress[(pool, pg)] = progress
         log.info(
@@ -213,13 +215,15 @@ class Resync:
         )
         t0 = time.monotonic()
         try:
-            await asyncio.gather(*(self._copy_limited(pool, pg, v, c, progress) for v, c in chunks))
+            await asyncio.gather(
+                *(self._copy_limited(pool, pg, source, v, c, progress) for v, c in chunks)
+            )
             while self._missed.get((pool, pg)):
                 again = sorted(self._missed[(pool, pg)])
                 self._missed[(pool, pg)] = set()
                 progress[0] = int(progress[0]) + len(again)
                 await asyncio.gather(
-                    *(self._copy_limited(pool, pg, v, c, progress) for v, c in again)
+                    *(self._copy_limited(pool, pg, source, v, c, progress) for v, c in again)
                 )
             # Past the last copy (no await since the loop's test): from here on a
             # forward the target misses fails the client's write instead.
@@ -273,16 +277,22 @@ class Resync:
         return dest[0], address
 
     async def _copy_limited(
-        self, pool: int, pg: int, volume: int, chunk: int, progress: list[int | str]
+        self,
+        pool: int,
+        pg: int,
+        device: int,
+        volume: int,
+        chunk: int,
+        progress: list[int | str],
     ) -> None:
         kind = str(progress[2])
-        slot = (pool, kind)
+        slot = (device, kind)
         while self._slots.get(slot, 0) >= self.svc.maps.maps[pool].throttle(kind)[0]:
             self._slot_freed.clear()
             await self._slot_freed.wait()
         self._slots[slot] = self._slots.get(slot, 0) + 1
         try:
-            await self._pace(pool, kind)
+            await self._pace(pool, device, kind)
             await self._copy(pool, pg, volume, chunk)
             progress[1] = int(progress[1]) + 1
             key = (pool, str(progress[2]))
@@ -291,13 +301,13 @@ class Resync:
             self._slots[slot] -= 1
             self._slot_freed.set()
 
-    async def _pace(self, pool: int, kind: str) -> None:
+    async def _pace(self, pool: int, device: int, kind: str) -> None:
         mibps = self.svc.maps.maps[pool].throttle(kind)[1]
         if not mibps:
             return
         now = time.monotonic()
-        start = max(now, self._next_send.get((pool, kind), 0.0))
-        self._next_send[(pool, kind)] = start + CHUNK_SIZE / (mibps * 1024 * 1024)
+        start = max(now, self._next_send.get((device, kind), 0.0))
+        self._next_send[(device, kind)] = start + CHUNK_SIZE / (mibps * 1024 * 1024)
         if start > now:
             await asyncio.sleep(start - now)
 
