@@ -149,7 +149,7 @@ def test_full_resync_when_the_primary_lost_its_record(rs: Failover) -> None:
     before = {d: resync_counts(d) for d in (restarted, other)}
 
     assert victim.stop(signal.SIGKILL) == -signal.SIGKILL
-    wait_degraded(rs, dead)
+    down = wait_degraded(rs, dead)
     changed = [2, 5, 8, 13, 44]
     write_chunks(rs, changed, 0x3C)
     # the primary restarts (cleanly, quickly): what it wrote alone is forgotten
@@ -157,12 +157,17 @@ def test_full_resync_when_the_primary_lost_its_record(rs: Failover) -> None:
     restarted.start()
     restarted.wait_serving()
     write_chunks(rs, [3, 6], 0x4D)  # more while both are away from their record
+    # A chunk zeroed whole meanwhile: the primary frees it, the victim still holds the
+    # old bytes; the full copy must trim it there (the replica check below sees it).
+    alone = pgs_between(down, rs.sds_id(restarted), dead)
+    zeroed = next(c for c in sorted(BASE_CHUNKS - {3, 6}) if in_pgs(rs, {c}, alone))
+    qemu_io(rs.sdc.uri(VOLUME), f"write -z -u {zeroed * MiB} 1M", "flush")
     took = restart(rs, victim)
     print(f"full resync: victim restarted and every PG clean in {took:.1f} s")
     # Judged per PG from each primary's record of its resyncs: a slow restart may
     # have failed PGs over meanwhile, which changes who copies what, not the rule.
     stored = BASE_CHUNKS | {1, 4, 7, 9, 12, 15, 40, 50} | set(changed) | {3, 6}
-    fulls = 0
+    fulls, trimmed = 0, False
     for d in (restarted, other):
         counts = resync_counts(d)
         for key, job in counts["done"].items():
@@ -171,10 +176,14 @@ def test_full_resync_when_the_primary_lost_its_record(rs: Failover) -> None:
                 continue
             if job["full"]:
                 fulls += 1
+                # what it stores and what the victim stores: the zeroed chunk too
                 assert job["chunks"] == in_pgs(rs, stored, {pg}), (d.name, key, job)
+                trimmed = trimmed or in_pgs(rs, {zeroed}, {pg}) == 1
             else:
                 assert d is other, (d.name, key, job)  # the restarted one kept no record
                 assert job["chunks"] == in_pgs(rs, set(changed) | {3, 6}, {pg}), (key, job)
     assert fulls > 0 and resync_counts(restarted)["full_total"] > 0
     assert resync_counts(other)["full_total"] == before[other]["full_total"]
+    print(f"chunk {zeroed} zeroed on the primary alone; its PG fully copied: {trimmed}")
     verify(rs, rs.pgmap())
+    qemu_io(rs.sdc.uri(VOLUME), f"read -P 0 {zeroed * MiB} 1M", read_only=True)

@@ -181,3 +181,35 @@ def test_copies_are_throttled_per_source_device(tmp_path: Path) -> None:
                 assert got is not None and bytes(got) == bytes([c % 251]) * CHUNK_SIZE
 
     asyncio.run(main())
+
+
+def test_a_full_copy_trims_what_only_the_copy_stores(tmp_path: Path) -> None:
+    """A full resync (the primary kept no record, e.g. it restarted) copies what the
+    primary stores and trims on the secondary the chunks of the PG that only the
+    secondary stores: zeroed or trimmed on the primary while the secondary was away,
+    they would read there as the old data. Chunks of other PGs stay."""
+
+    async def main() -> None:
+        async with pair(tmp_path) as p:
+            prim, sec = p.primary.store, p.secondary.store
+            in_pg = [c for c in range(200) if pg_of(VOLUME, c, PG_COUNT) == 0][:3]
+            other = next(c for c in range(200) if pg_of(VOLUME, c, PG_COUNT) == 1)
+            kept, gone, changed = in_pg
+            dev10, dev20 = prim.device_by_mdm_id(10), sec.device_by_mdm_id(20)
+            assert dev10 is not None and dev20 is not None
+            prim.write(dev10, VOLUME, kept, 0, b"\x01" * CHUNK_SIZE)
+            prim.write(dev10, VOLUME, changed, 0, b"\x02" * CHUNK_SIZE)
+            for c, fill in ((gone, 3), (changed, 4), (other, 5)):
+                sec.write(dev20, VOLUME, c, 0, bytes([fill]) * CHUNK_SIZE)
+            p.accept_at = 6
+            p.deliver(5, {0})
+            rs = p.primary.resync
+            await until("PG 0 resynchronised", lambda: len(p.reports) == 1 and not rs.jobs)
+            done = rs.done[f"{POOL}/0"]
+            assert done["full"] and done["chunks"] == 3, done
+            assert sec.location(VOLUME, gone) is None
+            for c, fill in ((kept, 1), (changed, 2), (other, 5)):
+                got = sec.read(VOLUME, c, 0, CHUNK_SIZE)
+                assert got is not None and bytes(got) == bytes([fill]) * CHUNK_SIZE, c
+
+    asyncio.run(main())

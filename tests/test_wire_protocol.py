@@ -312,6 +312,45 @@ def test_connect_with_wrong_secret_fails_and_is_not_retriable(tmp_path: Path) ->
     asyncio.run(main())
 
 
+def test_chunk_list_pages_through_one_pg(tmp_path: Path) -> None:
+    """CHUNK_LIST answers the chunks of one PG that the SDS stores, ascending, in pages
+    (the client asks again from the key after the last one); roles that may not list
+    are refused, a bad PG or length is INVALID, a pool without a map MAP_PENDING."""
+
+    async def main() -> None:
+        async with sds_server(tmp_path) as (server, service):
+            store = service.store
+            dev = store.devices[0]
+            stored = [(v, c) for v in (2, 7) for c in range(40)]
+            for v, c in stored:
+                store.write(dev, v, c, 0, b"x")
+            want = {p: sorted(k for k in stored if pg(*k) == p) for p in range(PG_COUNT)}
+            assert max(len(w) for w in want.values()) > 4  # several pages of 2
+            peer = await WireClient.connect("127.0.0.1", server.port, SECRET, PeerRole.SDS_PEER)
+            tool = await WireClient.connect("127.0.0.1", server.port, SECRET, PeerRole.TOOL)
+            for p in range(PG_COUNT):
+                assert await peer.list_chunks(POOL, p, page=2) == want[p]
+            assert await tool.list_chunks(POOL, 3) == want[3]
+            store.zero(*want[3][0], 0, CHUNK_SIZE)  # a whole chunk zeroed: not stored now
+            assert await peer.list_chunks(POOL, 3, page=1) == want[3][1:]
+            for bad_pg, length in ((PG_COUNT, 12), (0, 0), (0, 11)):
+                fut = peer.submit(Op.CHUNK_LIST, 0, POOL, bad_pg, 0, 0, 0, 0, length)
+                assert (await fut)[0] == Status.INVALID
+            with pytest.raises(RequestError) as ei:
+                await peer.list_chunks(POOL + 1, 0)
+            assert ei.value.status == Status.MAP_PENDING
+            client = await WireClient.connect("127.0.0.1", server.port, SECRET)
+            with pytest.raises(RequestError) as ei:
+                await client.list_chunks(POOL, 0)
+            assert ei.value.status == Status.NOT_PERMITTED
+            with pytest.raises(ValueError, match="page"):
+                await peer.list_chunks(POOL, 0, page=0)
+            for cl in (peer, tool, client):
+                await cl.close()
+
+    asyncio.run(main())
+
+
 # -- client against a hand-written server --------------------------------------------------
 
 
@@ -469,5 +508,21 @@ def test_unreachable_server_raises_oserror() -> None:
     async def main() -> None:
         with pytest.raises(OSError):
             await WireClient.connect("127.0.0.1", port, SECRET)
+
+    asyncio.run(main())
+
+
+def test_listing_from_an_sds_that_drops_the_unknown_operation() -> None:
+    """An SDS of an older release closes the connection on CHUNK_LIST (an opcode it does
+    not know): the peer connections go without the list (None) instead of failing."""
+
+    async def old_release(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readexactly(REQUEST.size)
+
+    async def main() -> None:
+        async with fake_server(old_release) as port:
+            peers = Peers(SECRET, 5.0)
+            assert await peers.list_chunks(9, ("127.0.0.1", port), POOL, 0) is None
+            await peers.close()
 
     asyncio.run(main())

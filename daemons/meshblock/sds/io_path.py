@@ -23,6 +23,7 @@
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
 import time
 from collections.abc import Callable, Coroutine
@@ -37,6 +38,7 @@ from meshblock.sds.store import ChunkStore, Device, NoSpace, chunk_key
 from meshblock.wire.client import ConnectionLost, WireError
 from meshblock.wire.handshake import HandshakeError
 from meshblock.wire.protocol import (
+    CHUNK_ENTRY,
     MAP_WAIT_S,
     MAX_CHUNK_INDEX,
     MAX_PAYLOAD,
@@ -214,6 +216,9 @@ class DataService:
         if op == Op.FLUSH or op == Op.REPL_FLUSH:
             self._spawn(self._flush(conn, hdr, t0, op == Op.FLUSH))
             return
+        if op == Op.CHUNK_LIST:
+            self._list(conn, hdr, t0)
+            return
         length = hdr[11]
         if length > MAX_PAYLOAD:
             self._reply(conn, hdr, t0, Status.TOO_LARGE)
@@ -318,6 +323,31 @@ class DataService:
             self._reply(conn, hdr, t0, _OK, _HOLE)
         else:
             self._reply(conn, hdr, t0, _OK, 0, data)
+
+    def _list(self, conn: DataConnection, hdr: Header, t0: float) -> None:
+        """CHUNK_LIST: the chunks of PG ``hdr[6]`` of pool ``hdr[5]`` this SDS stores,
+        from the key (volume ``hdr[8]``, chunk ``hdr[9]``) on, ascending, at most
+        ``length // CHUNK_ENTRY.size`` of them. Whatever this SDS's role in the PG."""
+        m = self.maps.maps.get(hdr[5])
+        if m is None:
+            self._reply(conn, hdr, t0, Status.MAP_PENDING)
+            return
+        pg, most = hdr[6], hdr[11] // CHUNK_ENTRY.size
+        if pg >= m.pg_count or not most or hdr[11] > MAX_PAYLOAD or hdr[9] >= MAX_CHUNK_INDEX:
+            self._reply(conn, hdr, t0, Status.INVALID)
+            return
+        start, count = (hdr[8], hdr[9]), m.pg_count
+        keys = heapq.nsmallest(
+            most,
+            (
+                k
+                for k in self.store.chunk_ids_of_pool(hdr[5])
+                if k >= start and pg_of(k[0], k[1], count) == pg
+            ),
+        )
+        payload = b"".join(CHUNK_ENTRY.pack(v, c) for v, c in keys)
+        conn.reply(hdr[4], _OK, m.epoch, 0, memoryview(payload))
+        self.stats.record(hdr[1], len(payload), time.perf_counter() - t0, True)  # bytes sent
 
     # -- writes on the secondary ------------------------------------------------------
 

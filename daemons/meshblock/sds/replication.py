@@ -98,19 +98,13 @@ class Peers:
 
     async def _connect(self, sds_id: int, address: tuple[str, int]) -> WireClient:
         try:
-            client = await WireClient.connect(
-                address[0],
-                address[1],
-                self._secret,
-                PeerRole.SDS_PEER,
-                request_timeout=self._timeout,
-            )
+            client = await self._connect_once(sds_id, address)
         except HandshakeError as exc:
             log.error("peer SDS %d at %s:%d refused us: %s", sds_id, *address, exc)
             raise
-        except (OSError, TimeoutError) as exc:
-            log.warning("cannot connect to peer SDS %d at %s:%d: %s", sds_id, *address, exc)
-            raise ConnectionLost(f"cannot connect to SDS {sds_id}: {exc}") from exc
+        except ConnectionLost as exc:
+            log.warning("peer SDS %d at %s:%d: %s", sds_id, *address, exc)
+            raise
         finally:
             self._connecting.pop(sds_id, None)
         log.info("connected to peer SDS %d at %s:%d", sds_id, *address)
@@ -138,6 +132,39 @@ class Peers:
         await asyncio.gather(*(one(i) for i in dirty))
         self.dirty.update(failed)
         return failed
+
+    async def list_chunks(
+        self, sds_id: int, address: tuple[str, int], pool: int, pg: int
+    ) -> list[tuple[int, int]] | None:
+        """The chunks of ``pg`` that ``sds_id`` stores (CHUNK_LIST), on a connection of
+        its own: an SDS of an older release, which does not know the operation, drops
+        the connection that carries it, and the replication connection must not be
+        that one. None when it dropped it (the caller goes without the list); other
+        failures raise as on any connection."""
+        client = await self._connect_once(sds_id, address)
+        try:
+            return await client.list_chunks(pool, pg)
+        except ConnectionLost:
+            log.warning(
+                "SDS %d closed the connection on CHUNK_LIST (an older release?): "
+                "copies to it cannot remove chunks only it stores",
+                sds_id,
+            )
+            return None
+        finally:
+            await client.close()
+
+    async def _connect_once(self, sds_id: int, address: tuple[str, int]) -> WireClient:
+        try:
+            return await WireClient.connect(
+                address[0],
+                address[1],
+                self._secret,
+                PeerRole.SDS_PEER,
+                request_timeout=self._timeout,
+            )
+        except (OSError, TimeoutError) as exc:
+            raise ConnectionLost(f"cannot connect to SDS {sds_id}: {exc!r}") from exc
 
     async def close(self) -> None:
         for task in list(self._connecting.values()):

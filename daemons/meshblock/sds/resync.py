@@ -26,8 +26,10 @@ next chunk. When every chunk is copied the
 secondary is flushed and the MDM told (``POST /api/v1/sds/{id}/pg-synced``), which
 makes the PG clean at a new map epoch.
 
-Known gap: a full copy does not remove chunks that only the stale secondary holds
-(trimmed here while no record was kept); they read as stale data on that copy.
+A full copy also trims on the copy every chunk of the PG that the copy stores and we
+do not (``CHUNK_LIST`` of its chunks first): chunks trimmed or zeroed here while no
+record was kept, or left there from an earlier placement, would read there as stale
+data once it serves the PG.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ from meshblock.sds.maps import PgMap
 from meshblock.sds.store import chunk_key
 from meshblock.wire.client import WireError
 from meshblock.wire.handshake import HandshakeError
-from meshblock.wire.protocol import Op, Status
+from meshblock.wire.protocol import Op, ProtocolError, Status
 
 if TYPE_CHECKING:
     from meshblock.sds.io_path import DataService
@@ -194,11 +196,11 @@ class Resync:
         full = moving or m.rebuilding[pg] or not svc.degraded.complete(pool, pg)
         self._missed[(pool, pg)] = set()  # copying: failed forwards are copied again
         if full:
-            chunks = sorted(
-                (v, c)
-                for v, c in svc.store.chunk_ids_of_pool(pool)
-                if pg_of(v, c, m.pg_count) == pg
-            )
+            count = m.pg_count
+            mine = {k for k in svc.store.chunk_ids_of_pool(pool) if pg_of(*k, count) == pg}
+            # What the copy holds and we do not (trimmed here while no record was kept,
+            # or left from an earlier placement there): trimmed there by the copy.
+            chunks = sorted(mine | await self._listed(pool, pg))
         else:
             chunks = sorted(svc.degraded.chunks(pool, pg))
         source = m.primary[pg][1]  # our device that holds the PG: the one throttled
@@ -262,6 +264,16 @@ class Resync:
                 )
             return settled is not None
         return False
+
+    async def _listed(self, pool: int, pg: int) -> set[tuple[int, int]]:
+        """The chunks of the PG that the SDS we copy to stores (empty if it is of a
+        release that cannot list them)."""
+        sec_id, address = self._target(pool, pg)
+        try:
+            listed = await self.svc.peers.list_chunks(sec_id, address, pool, pg)
+        except (WireError, HandshakeError, ProtocolError) as exc:
+            raise ResyncAborted(f"cannot list the chunks of SDS {sec_id}: {exc}") from exc
+        return set(listed or ())
 
     def _target(self, pool: int, pg: int) -> tuple[int, tuple[str, int]]:
         """The SDS the job copies to and its address, as the newest map has them."""

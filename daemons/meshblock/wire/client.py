@@ -59,7 +59,9 @@ from meshblock.wire.handshake import (
     HandshakeError,
 )
 from meshblock.wire.protocol import (
+    CHUNK_ENTRY,
     HANDSHAKE_TIMEOUT_S,
+    MAX_CHUNK_INDEX,
     MAX_IN_FLIGHT,
     MAX_PAYLOAD,
     REPLY,
@@ -83,6 +85,8 @@ _FUA: Final = int(ReqFlag.FUA)
 #: The longest a small request waits for a reply to leave with (the event loop's
 #: timers resolve to about 1 ms, so in practice up to that).
 COALESCE_S: Final = 0.0005
+#: Entries asked for per CHUNK_LIST request (the largest reply that fits MAX_PAYLOAD).
+LIST_PAGE: Final = MAX_PAYLOAD // CHUNK_ENTRY.size
 
 
 class WireError(Exception):
@@ -443,6 +447,30 @@ class WireClient:
         if flags & _HOLE:
             return RawChunk(False, ZEROES[:length])
         return RawChunk(True, payload)
+
+    async def list_chunks(
+        self, pool: int, pg: int, *, page: int = LIST_PAGE
+    ) -> list[tuple[int, int]]:
+        """Every ``(volume, chunk)`` of PG ``pg`` of ``pool`` that this SDS stores,
+        whatever its role in the PG, ascending; asked for ``page`` entries at a time."""
+        if not 0 < page <= LIST_PAGE:
+            raise ValueError(f"page must be 1..{LIST_PAGE} entries")
+        size = CHUNK_ENTRY.size
+        out: list[tuple[int, int]] = []
+        volume = chunk = 0
+        while True:
+            _, _, payload = await self._call(
+                Op.CHUNK_LIST, 0, pool, pg, 0, volume, chunk, 0, page * size, None
+            )
+            n, rest = divmod(len(payload), size)
+            if rest or n > page:
+                raise ProtocolError(f"CHUNK_LIST reply of {len(payload)} bytes")
+            entries = [CHUNK_ENTRY.unpack_from(payload, i * size) for i in range(n)]
+            out.extend(entries)
+            if n < page:
+                return out
+            volume, chunk = entries[-1]
+            volume, chunk = (volume, chunk + 1) if chunk + 1 < MAX_CHUNK_INDEX else (volume + 1, 0)
 
     async def repl_write(
         self,

@@ -53,8 +53,8 @@ REQUEST = struct.Struct(">IBBHQIIQQQII")
 """
 
 REPLY = struct.Struct(">IHHQQII")
-"""Reply header, 32 bytes; READ and CHUNK_READ_RAW replies (OK, no HOLE) are
-followed by ``length`` bytes.
+"""Reply header, 32 bytes; READ and CHUNK_READ_RAW replies (OK, no HOLE) and
+CHUNK_LIST replies are followed by ``length`` bytes.
 
 ::
 
@@ -71,6 +71,10 @@ followed by ``length`` bytes.
 """
 
 
+CHUNK_ENTRY = struct.Struct(">QI")
+"""One entry of a CHUNK_LIST reply, 12 bytes: volume id (u64), chunk index (u32)."""
+
+
 class Op(enum.IntEnum):
     """Request opcodes."""
 
@@ -85,6 +89,7 @@ class Op(enum.IntEnum):
     REPL_TRIM = 18
     REPL_FLUSH = 19
     CHUNK_READ_RAW = 32
+    CHUNK_LIST = 33
 
 
 #: Opcodes whose request carries ``length`` bytes of payload.
@@ -163,10 +168,11 @@ ROLE_OPS: Final[dict[PeerRole, frozenset[int]]] = {
             Op.REPL_TRIM,
             Op.REPL_FLUSH,
             Op.CHUNK_READ_RAW,
+            Op.CHUNK_LIST,
             Op.PING,
         }
     ),
-    PeerRole.TOOL: frozenset({Op.READ, Op.CHUNK_READ_RAW, Op.PING}),
+    PeerRole.TOOL: frozenset({Op.READ, Op.CHUNK_READ_RAW, Op.CHUNK_LIST, Op.PING}),
 }
 
 
