@@ -8,6 +8,7 @@ answers with a JSON error and changes nothing (the epoch does not move).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import time
@@ -913,6 +914,67 @@ def test_sds_failure_degrades_its_pgs(
     assert synced["pgs"][n]["state"] == "clean"
     assert pg_states(api)["resyncing"] == len(with_sds1) - 1
     ok(api("POST", path.format(primary), report, token=mdm.cluster_secret), 409)  # once
+    # Several at once (pgs-synced): one map epoch for all the PGs it makes clean, a
+    # refusal per report that does not hold, and nothing moves when none holds.
+    batch = "/api/v1/sds/{}/pgs-synced"
+    by_primary: dict[int, list[int]] = {}
+    for p in synced["pgs"]:
+        if p["state"] == "resyncing":
+            by_primary.setdefault(p["primary"]["sds_id"], []).append(p["pg"])
+    mine, theirs = sorted(by_primary.items(), key=lambda kv: -len(kv[1]))[:2]
+    assert len(mine[1]) >= 2, by_primary
+
+    def rep(pg_: int) -> dict[str, int]:
+        return {"pool_id": pool_id, "pg": pg_, "epoch": synced["epoch"]}
+
+    e0 = epoch(api)
+    none = ok(
+        api(
+            "POST",
+            batch.format(mine[0]),
+            {"reports": [rep(theirs[1][0]), rep(n)]},
+            token=mdm.cluster_secret,
+        )
+    )
+    assert [r["accepted"] for r in none["results"]] == [False, False], none
+    assert {r["error"]["code"] for r in none["results"]} == {"conflict"}, none
+    assert epoch(api) == e0 and pgmap()["epoch"] == synced["epoch"]
+    two = mine[1][:2]
+    done2 = ok(
+        api(
+            "POST",
+            batch.format(mine[0]),
+            {"reports": [rep(two[0]), rep(theirs[1][0]), rep(two[1])]},
+            token=mdm.cluster_secret,
+        )
+    )
+    new_epoch = synced["epoch"] + 1
+    assert done2["results"] == [
+        {"pool_id": pool_id, "pg": two[0], "accepted": True, "epoch": new_epoch},
+        {
+            "pool_id": pool_id,
+            "pg": theirs[1][0],
+            "accepted": False,
+            "error": done2["results"][1]["error"],
+        },
+        {"pool_id": pool_id, "pg": two[1], "accepted": True, "epoch": new_epoch},
+    ], done2
+    assert done2["results"][1]["error"]["code"] == "conflict"
+    m2 = pgmap()
+    assert m2["epoch"] == new_epoch
+    assert [m2["pgs"][x]["state"] for x in two] == ["clean", "clean"]
+    assert m2["pgs"][theirs[1][0]]["state"] == "resyncing"
+    assert pg_states(api)["resyncing"] == len(with_sds1) - 3
+    err(
+        api("POST", batch.format(10**6), {"reports": [rep(two[0])]}, token=mdm.cluster_secret),
+        404,
+        "not_found",
+    )
+    err(
+        api("POST", batch.format(mine[0]), {"reports": []}, token=mdm.cluster_secret),
+        422,
+        "invalid",
+    )
 
 
 def test_sigterm_answers_waiting_long_polls(tmp_path: Any) -> None:
@@ -945,3 +1007,61 @@ def test_sigterm_answers_waiting_long_polls(tmp_path: Any) -> None:
         assert result["resp"].status == 200
     finally:
         daemon.kill()
+
+
+def test_sds_link_reports_copies_together(api: Api, mdm: MdmDaemon, tmp_path: Any) -> None:
+    """The SDS's MDM link (the daemon's own code, against this MDM) sends the copies
+    done within SYNCED_BATCH_S in one pgs-synced call. An SDS the MDM does not know
+    gets 404 there, as from an MDM of a release without pgs-synced; the link then
+    reports PG by PG, and each report is refused (None) rather than lost in an error."""
+    import aiohttp
+
+    from meshblock.sds.config import DeviceConfig, SdsConfig
+    from meshblock.sds.io_path import DataService
+    from meshblock.sds.maps import MapCache
+    from meshblock.sds.mdm_client import MdmLink
+    from meshblock.sds.metrics import SdsStats
+    from meshblock.sds.replication import Peers
+    from meshblock.sds.store import ChunkStore, DeviceSpec
+
+    dev = DeviceConfig(str(tmp_path / "dev.img"), "64MiB", "sp1")
+    config = SdsConfig(
+        name="ghost",
+        protection_domain="pd1",
+        address="127.0.0.1",
+        mdm_urls=(mdm.url,),
+        cluster_secret=mdm.cluster_secret,
+        state_dir=str(tmp_path),
+        devices=(dev,),
+    )
+    store = ChunkStore([DeviceSpec(dev.path, dev.capacity_bytes, dev.pool)])
+    store.open()
+    service = DataService(store, MapCache(), Peers(mdm.cluster_secret, 5.0), SdsStats())
+    service.sds_id = 10**6  # unknown to the MDM
+    calls: list[str] = []
+
+    async def main() -> list[int | None]:
+        link = MdmLink(config, mdm.cluster_secret, service)
+        # its HTTP session only: start() would register "ghost" with the MDM
+        headers = {"Authorization": f"Bearer {mdm.cluster_secret}"}
+        link._session = aiohttp.ClientSession(headers=headers)
+        call = link._call
+
+        async def counted(method: str, path: str, body: Any = None, wait_s: float = 10.0) -> Any:
+            calls.append(path.rsplit("/", 1)[-1])
+            return await call(method, path, body, wait_s)
+
+        link._call = counted  # type: ignore[method-assign]
+        try:
+            reporter = service.resync.reporter
+            assert reporter is not None
+            return list(await asyncio.gather(*(reporter(1, pg, 5) for pg in (3, 4, 5))))
+        finally:
+            await link.stop()
+
+    try:
+        results = asyncio.run(main())
+    finally:
+        store.close()
+    assert results == [None, None, None]
+    assert calls == ["pgs-synced", "pg-synced", "pg-synced", "pg-synced"], calls

@@ -116,32 +116,28 @@ class Migrations:
 
 
 class WriteGate:
-    """Lets the MDM's write transactions through one at a time.
+    """Lets the MDM's write transactions through one at a time, on every engine.
 
     - **SQLite** has a single writer. Without the gate, a transaction that holds the
       write lock while its coroutine waits for the event loop makes every other writer
       spin in SQLite's busy handler, and under load they give up ("database is
       locked"). Queued on an asyncio lock instead, writers wait their turn without a
-      timeout. Every write transaction takes the gate.
-    - **PostgreSQL** runs writers concurrently, at READ COMMITTED. A change of the
+      timeout.
+    - **PostgreSQL** would run them concurrently, at READ COMMITTED. A change of the
       object model (an API change, the failure detector, the rebalancer) reads rows
       (PG maps, capacities, modes) and writes what it computed from them: two at once
-      would let the later commit a PG map computed from rows the earlier one changed
-      meanwhile (a lost update). Those still go one at a time. The heartbeat recorder
-      only overwrites last-seen times and the usage the SDSs report, in place, with
-      no read of its own to compute them from; it passes with ``model=False`` and runs
-      beside them.
+      could commit a PG map computed from rows the other changed meanwhile (a lost
+      update), and the heartbeat recorder, which updates SDS rows then device rows,
+      would take row locks in the opposite order to an SDS removal (a deadlock).
+
+    The gate orders the writers of one MDM process; several MDMs on one PostgreSQL
+    need the leadership of the roadmap (docs/mdm.md), under which only one writes.
     """
 
-    def __init__(self, url: str) -> None:
-        self._every_writer = make_url(url).get_backend_name() == "sqlite"
+    def __init__(self) -> None:
         self._lock = asyncio.Lock()
 
     @asynccontextmanager
-    async def __call__(self, *, model: bool = True) -> AsyncIterator[None]:
-        """``model=False``: the transaction writes no state a change decides on."""
-        if not model and not self._every_writer:
-            yield
-            return
+    async def __call__(self) -> AsyncIterator[None]:
         async with self._lock:
             yield

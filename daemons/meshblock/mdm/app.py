@@ -104,7 +104,7 @@ async def _store(app: web.Application) -> AsyncIterator[None]:
             ),
             notifier=EpochNotifier(epoch),
             liveness=liveness,
-            write_gate=db.WriteGate(config.database.url),
+            write_gate=db.WriteGate(),
         )
         setup_metrics(app)
         log.info("metadata store ready: %s (epoch %d)", db.redact_url(config.database.url), epoch)

@@ -42,7 +42,7 @@ from sqlalchemy.orm import aliased
 
 from meshblock.mdm.db import WriteGate
 from meshblock.mdm.epochs import EpochNotifier, bump
-from meshblock.mdm.errors import Conflict, NotFound
+from meshblock.mdm.errors import ApiError, Conflict, NotFound
 from meshblock.mdm.liveness import Liveness
 from meshblock.mdm.models import Device, PgState, PlacementGroup, Sds, SdsMode, StoragePool
 
@@ -388,40 +388,73 @@ async def mark_synced(s: AsyncSession, sds_id: int, pool_id: int, pg: int, epoch
     and has not changed since ``epoch`` (a copy that started before the PG changed
     again proves nothing).
     """
-    epoch = int(epoch)
-    pool = await s.get(StoragePool, pool_id)
-    if pool is None:
-        raise NotFound(f"no storage pool with id {pool_id}")
+    (result,) = await mark_many_synced(s, sds_id, [(pool_id, pg, epoch)])
+    if isinstance(result, ApiError):
+        raise result
+    return result
+
+
+async def mark_many_synced(
+    s: AsyncSession, sds_id: int, reports: list[tuple[int, int, int]]
+) -> list[int | ApiError]:
+    """:func:`mark_synced` for several ``(pool, pg, epoch)`` reports at once: per report
+    the new map epoch, or the error that refused it (the others still apply). Each
+    pool's map epoch moves once for all its PGs made clean here, so the SDSs and SDCs
+    fetch one new map for them, not one per PG."""
+    pools: dict[int, StoragePool | None] = {}
+    bumped: set[int] = set()
+    out: list[int | ApiError] = []
     primary = aliased(Device)
-    row = (
-        await s.execute(
-            select(PlacementGroup, primary.sds_id)
-            .outerjoin(primary, primary.id == PlacementGroup.primary_device_id)
-            .where(PlacementGroup.pool_id == pool_id, PlacementGroup.pg == pg)
+    for pool_id, pg, epoch in reports:
+        if pool_id not in pools:
+            pools[pool_id] = await s.get(StoragePool, pool_id)
+        pool = pools[pool_id]
+        if pool is None:
+            out.append(NotFound(f"no storage pool with id {pool_id}"))
+            continue
+        row = (
+            await s.execute(
+                select(PlacementGroup, primary.sds_id)
+                .outerjoin(primary, primary.id == PlacementGroup.primary_device_id)
+                .where(PlacementGroup.pool_id == pool_id, PlacementGroup.pg == pg)
+            )
+        ).one_or_none()
+        if row is None:
+            out.append(NotFound(f"no PG {pg} in storage pool {pool_id}"))
+            continue
+        pgrow, primary_sds = row
+        copying = pgrow.state in (PgState.RESYNCING, PgState.REBUILDING) or (
+            pgrow.state == PgState.CLEAN and pgrow.target_device_id is not None
         )
-    ).one_or_none()
-    if row is None:
-        raise NotFound(f"no PG {pg} in storage pool {pool_id}")
-    pgrow, primary_sds = row
-    copying = pgrow.state in (PgState.RESYNCING, PgState.REBUILDING) or (
-        pgrow.state == PgState.CLEAN and pgrow.target_device_id is not None
-    )
-    if not copying or primary_sds != sds_id or pgrow.epoch > epoch:
-        raise Conflict(
-            f"PG {pool_id}/{pg} is not being copied from SDS {sds_id} since map epoch {epoch}",
-            {"state": pgrow.state.value, "pg_epoch": pgrow.epoch, "map_epoch": pool.map_epoch},
+        if not copying or primary_sds != sds_id or pgrow.epoch > int(epoch):
+            out.append(
+                Conflict(
+                    f"PG {pool_id}/{pg} is not being copied from SDS {sds_id} "
+                    f"since map epoch {epoch}",
+                    {
+                        "state": pgrow.state.value,
+                        "pg_epoch": pgrow.epoch,
+                        "map_epoch": pool.map_epoch,
+                    },
+                )
+            )
+            continue
+        if pool_id not in bumped:
+            pool.map_epoch += 1
+            bumped.add(pool_id)
+        what = pgrow.state.value
+        if pgrow.state == PgState.CLEAN:
+            what = f"move of its {pgrow.moving} to device {pgrow.target_device_id}"
+            if pgrow.moving == "primary":
+                pgrow.primary_device_id = pgrow.secondary_device_id
+            pgrow.secondary_device_id = pgrow.target_device_id
+            pgrow.target_device_id = None
+            pgrow.moving = None
+        pgrow.state = PgState.CLEAN
+        pgrow.epoch = pool.map_epoch
+        await s.flush()
+        log.info(
+            "pool %s: PG %d %s done, clean (map epoch %d)", pool.name, pg, what, pool.map_epoch
         )
-    pool.map_epoch += 1
-    what = pgrow.state.value
-    if pgrow.state == PgState.CLEAN:
-        what = f"move of its {pgrow.moving} to device {pgrow.target_device_id}"
-        if pgrow.moving == "primary":
-            pgrow.primary_device_id = pgrow.secondary_device_id
-        pgrow.secondary_device_id = pgrow.target_device_id
-        pgrow.target_device_id = None
-        pgrow.moving = None
-    pgrow.state = PgState.CLEAN
-    pgrow.epoch = pool.map_epoch
-    await s.flush()
-    log.info("pool %s: PG %d %s done, clean (map epoch %d)", pool.name, pg, what, pool.map_epoch)
-    return pool.map_epoch
+        out.append(pool.map_epoch)
+    return out

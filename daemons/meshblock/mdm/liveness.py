@@ -96,7 +96,7 @@ class Liveness:
         if not (pending.seen or pending.device_used or pending.volume_chunks):
             return
         try:
-            async with gate(model=False), sessions() as session, session.begin():
+            async with gate(), sessions() as session, session.begin():
                 await _write(session, pending)
         except Exception:
             log.exception("could not record heartbeats; retrying next second")

@@ -138,6 +138,19 @@ PG_SYNCED = obj(
     },
     ("pool_id", "pg", "epoch"),
 )
+#: The most reports one ``pgs-synced`` call carries.
+MAX_SYNCED_REPORTS = 1024
+PGS_SYNCED = obj(
+    {
+        "reports": {
+            "type": "array",
+            "items": PG_SYNCED,
+            "minItems": 1,
+            "maxItems": MAX_SYNCED_REPORTS,
+        }
+    },
+    ("reports",),
+)
 
 SDS_HEARTBEAT = obj(
     {
@@ -226,16 +239,14 @@ def _resp(properties: dict[str, Any]) -> dict[str, Any]:
     return {"type": "object", "properties": properties, "required": list(properties)}
 
 
+_ERROR = {
+    "type": "object",
+    "required": ["code", "message"],
+    "properties": {"code": _STR, "message": _STR, "details": {"type": "object"}},
+}
+
 COMPONENTS: dict[str, dict[str, Any]] = {
-    "Error": _resp(
-        {
-            "error": {
-                "type": "object",
-                "required": ["code", "message"],
-                "properties": {"code": _STR, "message": _STR, "details": {"type": "object"}},
-            },
-        }
-    ),
+    "Error": _resp({"error": _ERROR}),
     "ProtectionDomain": _resp({"id": _INT, "name": _STR, "created_at": _TS}),
     "FaultSet": _resp({"id": _INT, "name": _STR, "protection_domain_id": _INT, "created_at": _TS}),
     "PoolCapacity": _resp(
@@ -386,6 +397,24 @@ COMPONENTS: dict[str, dict[str, Any]] = {
     "PgCopies": _resp({"sds_id": _INT, "mode": _STR, "pg_copies": _INT}),
     "Unreachable": _resp({"sds_id": _INT, "confirmed": {"type": "boolean"}, "state": _STATE}),
     "PgSynced": _resp({"pool_id": _INT, "pg": _INT, "state": _STR, "epoch": _INT}),
+    "PgsSynced": _resp(
+        {
+            "results": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": ["pool_id", "pg", "accepted"],
+                    "properties": {
+                        "pool_id": _INT,
+                        "pg": _INT,
+                        "accepted": {"type": "boolean"},
+                        "epoch": _INT,
+                        "error": _ERROR,
+                    },
+                },
+            }
+        }
+    ),
     "Topology": _resp(
         {
             "cluster": {"type": "object"},

@@ -7,6 +7,8 @@
   (``POST /api/v1/sds/{id}/heartbeat``); an MDM that no longer knows it makes it
   register again.
 - One task per pool long-polls ``GET /api/v1/pools/{id}/pgmap?wait_epoch=N``.
+- Copies done (resync, rebuild, moves) are reported together: those that end within
+  ``SYNCED_BATCH_S`` of each other in one ``POST /api/v1/sds/{id}/pgs-synced``.
 - Identity and maps are saved in ``state_dir/state.json`` (atomically), and loaded at
   the next start: with the MDM unreachable the SDS serves on its cached maps
   (invariant 5) and keeps retrying. Several MDM URLs are tried in turn.
@@ -35,6 +37,10 @@ STATE_FILE = "state.json"
 
 
 REPORT_EVERY_S = 2.0  # a peer is reported unreachable at most this often
+# Copies done within this long of the first one go to the MDM in one report, which
+# makes all of their PGs clean at one map epoch (one map fetch for every SDS and SDC).
+SYNCED_BATCH_S = 0.2
+MAX_SYNCED_REPORTS = 1024  # per call, as the MDM accepts
 
 
 class MdmUnavailable(Exception):
@@ -57,6 +63,9 @@ class MdmLink:
         service.resync.reporter = self._report_synced
         service.peer_unreachable = self.report_unreachable
         self._reported: dict[int, float] = {}  # peer SDS -> when we last reported it
+        # copies done, waiting for the next pgs-synced call, and the task that sends it
+        self._synced: list[tuple[tuple[int, int, int], asyncio.Future[int | None]]] = []
+        self._synced_task: asyncio.Task[None] | None = None
 
     # -- state file -------------------------------------------------------------------
 
@@ -117,6 +126,8 @@ class MdmLink:
 
     async def stop(self) -> None:
         tasks = [*self._tasks, *self._followers.values()]
+        if self._synced_task is not None:
+            tasks.append(self._synced_task)
         for task in tasks:
             task.cancel()
         for task in tasks:
@@ -161,7 +172,56 @@ class MdmLink:
 
     async def _report_synced(self, pool_id: int, pg: int, epoch: int) -> int | None:
         """Tell the MDM a PG's copy is done; the pool's map epoch that has it done, or
-        None when the MDM refused."""
+        None when the MDM refused. Reports made within ``SYNCED_BATCH_S`` of each
+        other go in one ``pgs-synced`` call."""
+        fut: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
+        self._synced.append(((pool_id, pg, epoch), fut))
+        if self._synced_task is None or self._synced_task.done():
+            self._synced_task = asyncio.create_task(self._send_synced(), name="pgs-synced")
+        return await fut
+
+    async def _send_synced(self) -> None:
+        while self._synced:
+            await asyncio.sleep(SYNCED_BATCH_S)
+            batch = self._synced[:MAX_SYNCED_REPORTS]
+            del self._synced[:MAX_SYNCED_REPORTS]
+            try:
+                results = await self._post_synced([report for report, _ in batch])
+            except Exception as exc:  # MDM unreachable: each job retries on its own
+                for _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(MdmUnavailable(str(exc)))
+                continue
+            for (_, fut), result in zip(batch, results, strict=True):
+                if not fut.done():
+                    fut.set_result(result)
+
+    async def _post_synced(self, reports: list[tuple[int, int, int]]) -> list[int | None]:
+        body = {"reports": [{"pool_id": p, "pg": g, "epoch": e} for p, g, e in reports]}
+        path = f"/api/v1/sds/{self._svc.sds_id}/pgs-synced"
+        status, doc = await self._call("POST", path, body)
+        if status in (404, 405):
+            # An MDM of an older release has no pgs-synced (or it does not know us, and
+            # each report is refused the same way): one call per PG.
+            return [await self._report_one(*report) for report in reports]
+        if status != 200:
+            raise MdmUnavailable(f"pgs-synced answered {status}")
+        out: list[int | None] = []
+        for (pool_id, pg, epoch), result in zip(reports, doc["results"], strict=True):
+            if result["accepted"]:
+                out.append(int(result["epoch"]))
+                continue
+            log.info(
+                "MDM refused PG %d/%d synced at epoch %d: %s",
+                pool_id,
+                pg,
+                epoch,
+                result.get("error"),
+            )
+            out.append(None)
+        return out
+
+    async def _report_one(self, pool_id: int, pg: int, epoch: int) -> int | None:
         body = {"pool_id": pool_id, "pg": pg, "epoch": epoch}
         status, doc = await self._call("POST", f"/api/v1/sds/{self._svc.sds_id}/pg-synced", body)
         if status == 200:

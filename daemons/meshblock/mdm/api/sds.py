@@ -27,7 +27,7 @@ from meshblock.mdm.api.common import (
     ts,
 )
 from meshblock.mdm.context import ctx
-from meshblock.mdm.errors import Conflict, Invalid, NotFound
+from meshblock.mdm.errors import ApiError, Conflict, Invalid, NotFound, error_body
 from meshblock.mdm.liveness import Liveness
 from meshblock.mdm.models import (
     Device,
@@ -484,6 +484,45 @@ async def pg_synced(request: web.Request, body: dict[str, Any]) -> web.Response:
             s, path_id(request), int(body["pool_id"]), int(body["pg"]), int(body["epoch"])
         )
     return json({"pool_id": body["pool_id"], "pg": body["pg"], "state": "clean", "epoch": epoch})
+
+
+class _NothingChanged(Exception):
+    """Rolls back a change that changed nothing (every report refused)."""
+
+    def __init__(self, results: list[int | ApiError]) -> None:
+        super().__init__("nothing changed")
+        self.results = results
+
+
+@routes.route(
+    "POST",
+    r"/api/v1/sds/{id:\d+}/pgs-synced",
+    role=Role.COMPONENT,
+    tag=TAG,
+    summary="A primary SDS reports several copies done at once: one map epoch per pool",
+    body=schemas.PGS_SYNCED,
+    response="PgsSynced",
+    errors=(404,),
+)
+async def pgs_synced(request: web.Request, body: dict[str, Any]) -> web.Response:
+    """Per report, as ``pg-synced`` answers it; the accepted ones commit together."""
+    reports = [(int(r["pool_id"]), int(r["pg"]), int(r["epoch"])) for r in body["reports"]]
+    try:
+        async with change(request) as s:
+            await get_or_404(s, Sds, path_id(request), "SDS")
+            results = await failures.mark_many_synced(s, path_id(request), reports)
+            if all(isinstance(r, ApiError) for r in results):
+                raise _NothingChanged(results)  # no epoch moves for nothing
+    except _NothingChanged as nothing:
+        results = nothing.results
+    out: list[dict[str, Any]] = []
+    for (pool_id, pg, _), result in zip(reports, results, strict=True):
+        if isinstance(result, ApiError):
+            err = error_body(result.code, result.message, result.details)["error"]
+            out.append({"pool_id": pool_id, "pg": pg, "accepted": False, "error": err})
+        else:
+            out.append({"pool_id": pool_id, "pg": pg, "accepted": True, "epoch": result})
+    return json({"results": out})
 
 
 async def _check_now(request: web.Request) -> None:
