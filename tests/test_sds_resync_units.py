@@ -175,7 +175,9 @@ def test_copies_are_throttled_per_source_device(tmp_path: Path) -> None:
                 gaps = [b - a for a, b in itertools.pairwise(times)]
                 assert len(times) == per_device and min(gaps) >= interval * 0.9, (dev_id, gaps)
             first = [min(t for t, d in sends if d == dev_id) for dev_id in PRIMARY_DEVICES]
-            assert max(first) - min(first) < interval / 2, first
+            # paced per SDS they would be an interval apart (each job lists the copy's
+            # chunks first, on the one peer connection: both lists come back together)
+            assert max(first) - min(first) < interval * 0.75, first
             for (volume, c), _ in chunk_device.items():
                 got = p.secondary.store.read(volume, c, 0, CHUNK_SIZE)
                 assert got is not None and bytes(got) == bytes([c % 251]) * CHUNK_SIZE

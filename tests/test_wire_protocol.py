@@ -37,12 +37,15 @@ from meshblock.wire import (
 from meshblock.wire.handshake import (
     CLIENT_HELLO,
     CLIENT_PROOF,
+    FEATURE_CHUNK_LIST,
+    SERVER_FEATURES,
     SERVER_HELLO,
     SERVER_RESULT,
     ClientHandshake,
     ServerHandshake,
 )
 from meshblock.wire.protocol import (
+    CHUNK_ENTRY,
     MAX_PAYLOAD,
     REPLY,
     REPLY_MAGIC,
@@ -327,6 +330,7 @@ def test_chunk_list_pages_through_one_pg(tmp_path: Path) -> None:
             want = {p: sorted(k for k in stored if pg(*k) == p) for p in range(PG_COUNT)}
             assert max(len(w) for w in want.values()) > 4  # several pages of 2
             peer = await WireClient.connect("127.0.0.1", server.port, SECRET, PeerRole.SDS_PEER)
+            assert peer.features & FEATURE_CHUNK_LIST  # announced in the handshake
             tool = await WireClient.connect("127.0.0.1", server.port, SECRET, PeerRole.TOOL)
             for p in range(PG_COUNT):
                 assert await peer.list_chunks(POOL, p, page=2) == want[p]
@@ -358,15 +362,17 @@ def test_chunk_list_pages_through_one_pg(tmp_path: Path) -> None:
 async def fake_server(
     behaviour: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Any],
     secret: str = SECRET,
+    features: int = SERVER_FEATURES,
 ) -> AsyncIterator[int]:
-    """A server that does the real handshake, then ``behaviour``."""
+    """A server that does the real handshake (announcing ``features``), then
+    ``behaviour``."""
     tasks: set[asyncio.Task[Any]] = set()
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
         tasks.add(task)
-        hs = ServerHandshake(secret.encode())
+        hs = ServerHandshake(secret.encode(), features)
         try:
             hello, _ = hs.on_hello(memoryview(await reader.readexactly(CLIENT_HELLO.size)))
             writer.write(hello)
@@ -512,17 +518,43 @@ def test_unreachable_server_raises_oserror() -> None:
     asyncio.run(main())
 
 
-def test_listing_from_an_sds_that_drops_the_unknown_operation() -> None:
-    """An SDS of an older release closes the connection on CHUNK_LIST (an opcode it does
-    not know): the peer connections go without the list (None) instead of failing."""
+def test_listing_needs_the_feature_and_a_sound_reply() -> None:
+    """A peer whose handshake lacks FEATURE_CHUNK_LIST (an SDS of the first release,
+    which would drop the connection on the opcode) is not asked: None. One that has
+    it and then drops the connection, or answers out of order (a cursor that would
+    never end), fails the listing: the copy job retries rather than skipping the trim."""
+    served: list[int] = []
 
     async def old_release(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        data = await reader.read(REQUEST.size)  # a request, or b"" when the client closes
+        if data:
+            served.append(len(data))
+
+    async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.readexactly(REQUEST.size)
 
+    async def same_page(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            r = Request(*REQUEST.unpack(await reader.readexactly(REQUEST.size)))
+            body = b"".join(CHUNK_ENTRY.pack(1, c) for c in (5, 9))
+            writer.write(REPLY.pack(REPLY_MAGIC, 0, 0, r.request_id, 1, len(body), 0) + body)
+
     async def main() -> None:
-        async with fake_server(old_release) as port:
+        async with fake_server(old_release, features=0) as port:
             peers = Peers(SECRET, 5.0)
             assert await peers.list_chunks(9, ("127.0.0.1", port), POOL, 0) is None
             await peers.close()
+        assert not served, "a request was sent to a release that does not know it"
+        async with fake_server(hang_up) as port:
+            peers = Peers(SECRET, 5.0)
+            with pytest.raises(ConnectionLost):
+                await peers.list_chunks(9, ("127.0.0.1", port), POOL, 0)
+            await peers.close()
+        async with fake_server(same_page) as port:
+            cl = await WireClient.connect("127.0.0.1", port, SECRET, PeerRole.SDS_PEER)
+            assert cl.features & FEATURE_CHUNK_LIST
+            with pytest.raises(ProtocolError, match="out of order"):
+                await cl.list_chunks(POOL, 0, page=2)
+            await cl.close()
 
     asyncio.run(main())

@@ -23,7 +23,7 @@
 from __future__ import annotations
 
 import asyncio
-import heapq
+import bisect
 import logging
 import time
 from collections.abc import Callable, Coroutine
@@ -106,8 +106,12 @@ class DataService:
             if ids is not None:
                 dev.mdm_id, dev.pool_id = ids
         self.dev_by_id = {d.mdm_id: d for d in self.store.devices if d.mdm_id is not None}
+        self.store.forget_pgs()  # indexed by pool: the devices' pools may have changed
+        for m in self.maps.maps.values():
+            self.store.index_pgs(m.pool_id, m.pg_count)
 
     def _map_changed(self, m: PgMap) -> None:
+        self.store.index_pgs(m.pool_id, m.pg_count)
         prev = self.seen_maps.get(m.pool_id)
         me = self.sds_id
         if prev is not None and me and prev.pg_count == m.pg_count:
@@ -336,15 +340,9 @@ class DataService:
         if pg >= m.pg_count or not most or hdr[11] > MAX_PAYLOAD or hdr[9] >= MAX_CHUNK_INDEX:
             self._reply(conn, hdr, t0, Status.INVALID)
             return
-        start, count = (hdr[8], hdr[9]), m.pg_count
-        keys = heapq.nsmallest(
-            most,
-            (
-                k
-                for k in self.store.chunk_ids_of_pool(hdr[5])
-                if k >= start and pg_of(k[0], k[1], count) == pg
-            ),
-        )
+        stored = self.store.chunks_of_pg(hdr[5], pg) or []  # indexed by the map's arrival
+        first = bisect.bisect_left(stored, (hdr[8], hdr[9]))
+        keys = stored[first : first + most]
         payload = b"".join(CHUNK_ENTRY.pack(v, c) for v, c in keys)
         conn.reply(hdr[4], _OK, m.epoch, 0, memoryview(payload))
         self.stats.record(hdr[1], len(payload), time.perf_counter() - t0, True)  # bytes sent

@@ -20,7 +20,7 @@ import logging
 
 from meshblock.sds.maps import PgMap
 from meshblock.wire.client import ConnectionLost, WireClient, WireError
-from meshblock.wire.handshake import HandshakeError
+from meshblock.wire.handshake import FEATURE_CHUNK_LIST, HandshakeError
 from meshblock.wire.protocol import PeerRole
 
 log = logging.getLogger(__name__)
@@ -72,6 +72,7 @@ class Peers:
         self._addresses: dict[int, tuple[str, int]] = {}
         self._connecting: dict[int, asyncio.Task[WireClient]] = {}
         self.dirty: set[int] = set()  # peers written to since the last flush
+        self._unlisted: set[int] = set()  # peers found unable to list their chunks
 
     def connected(self, sds_id: int, address: tuple[str, int]) -> WireClient | None:
         """The open connection to ``sds_id`` at ``address``, if there is one."""
@@ -98,13 +99,19 @@ class Peers:
 
     async def _connect(self, sds_id: int, address: tuple[str, int]) -> WireClient:
         try:
-            client = await self._connect_once(sds_id, address)
+            client = await WireClient.connect(
+                address[0],
+                address[1],
+                self._secret,
+                PeerRole.SDS_PEER,
+                request_timeout=self._timeout,
+            )
         except HandshakeError as exc:
             log.error("peer SDS %d at %s:%d refused us: %s", sds_id, *address, exc)
             raise
-        except ConnectionLost as exc:
-            log.warning("peer SDS %d at %s:%d: %s", sds_id, *address, exc)
-            raise
+        except (OSError, TimeoutError) as exc:
+            log.warning("cannot connect to peer SDS %d at %s:%d: %s", sds_id, *address, exc)
+            raise ConnectionLost(f"cannot connect to SDS {sds_id}: {exc}") from exc
         finally:
             self._connecting.pop(sds_id, None)
         log.info("connected to peer SDS %d at %s:%d", sds_id, *address)
@@ -136,35 +143,20 @@ class Peers:
     async def list_chunks(
         self, sds_id: int, address: tuple[str, int], pool: int, pg: int
     ) -> list[tuple[int, int]] | None:
-        """The chunks of ``pg`` that ``sds_id`` stores (CHUNK_LIST), on a connection of
-        its own: an SDS of an older release, which does not know the operation, drops
-        the connection that carries it, and the replication connection must not be
-        that one. None when it dropped it (the caller goes without the list); other
-        failures raise as on any connection."""
-        client = await self._connect_once(sds_id, address)
-        try:
-            return await client.list_chunks(pool, pg)
-        except ConnectionLost:
-            log.warning(
-                "SDS %d closed the connection on CHUNK_LIST (an older release?): "
-                "copies to it cannot remove chunks only it stores",
-                sds_id,
-            )
+        """The chunks of ``pg`` that ``sds_id`` stores (CHUNK_LIST). None when it is of
+        a release that cannot list them (its handshake lacks FEATURE_CHUNK_LIST);
+        failures raise as for any request."""
+        client = await self.get(sds_id, address)
+        if not client.features & FEATURE_CHUNK_LIST:
+            if sds_id not in self._unlisted:
+                self._unlisted.add(sds_id)
+                log.warning(
+                    "SDS %d cannot list its chunks (an older release): full copies to "
+                    "it cannot remove chunks only it stores",
+                    sds_id,
+                )
             return None
-        finally:
-            await client.close()
-
-    async def _connect_once(self, sds_id: int, address: tuple[str, int]) -> WireClient:
-        try:
-            return await WireClient.connect(
-                address[0],
-                address[1],
-                self._secret,
-                PeerRole.SDS_PEER,
-                request_timeout=self._timeout,
-            )
-        except (OSError, TimeoutError) as exc:
-            raise ConnectionLost(f"cannot connect to SDS {sds_id}: {exc!r}") from exc
+        return await client.list_chunks(pool, pg)
 
     async def close(self) -> None:
         for task in list(self._connecting.values()):

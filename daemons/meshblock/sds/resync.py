@@ -197,7 +197,12 @@ class Resync:
         self._missed[(pool, pg)] = set()  # copying: failed forwards are copied again
         if full:
             count = m.pg_count
-            mine = {k for k in svc.store.chunk_ids_of_pool(pool) if pg_of(*k, count) == pg}
+            indexed = svc.store.chunks_of_pg(pool, pg)
+            mine = (
+                set(indexed)
+                if indexed is not None
+                else {k for k in svc.store.chunk_ids_of_pool(pool) if pg_of(*k, count) == pg}
+            )
             # What the copy holds and we do not (trimmed here while no record was kept,
             # or left from an earlier placement there): trimmed there by the copy.
             chunks = sorted(mine | await self._listed(pool, pg))
@@ -273,7 +278,8 @@ class Resync:
             listed = await self.svc.peers.list_chunks(sec_id, address, pool, pg)
         except (WireError, HandshakeError, ProtocolError) as exc:
             raise ResyncAborted(f"cannot list the chunks of SDS {sec_id}: {exc}") from exc
-        return set(listed or ())
+        count = self.svc.maps.maps[pool].pg_count
+        return {k for k in listed or () if pg_of(*k, count) == pg}  # a PG's only
 
     def _target(self, pool: int, pg: int) -> tuple[int, tuple[str, int]]:
         """The SDS the job copies to and its address, as the newest map has them."""

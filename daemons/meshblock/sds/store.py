@@ -40,7 +40,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Final
 
-from meshblock.chunks import CHUNK_SIZE
+from meshblock.chunks import CHUNK_SIZE, pg_of
 
 log = logging.getLogger(__name__)
 
@@ -304,6 +304,10 @@ class ChunkStore:
         self._volume_chunks: dict[int, int] = {}
         self._generation = 0
         self._gens: dict[int, int] = {}  # generation of each chunk's entry, while loading
+        # Per pool whose PG count we were told (index_pgs): the chunk keys of each PG,
+        # kept as chunks are allocated and freed, so listing a PG does not scan the pool.
+        self._pg_counts: dict[int, int] = {}
+        self._by_pg: dict[tuple[int, int], set[int]] = {}
 
     # -- life cycle -------------------------------------------------------------------
 
@@ -413,6 +417,41 @@ class ChunkStore:
             if dev.pool_id == pool_id
         ]
 
+    def index_pgs(self, pool_id: int, pg_count: int) -> None:
+        """Keep the chunks of each PG of ``pool_id`` (its PG count is fixed at the
+        pool's creation) from now on; built from the index the first time."""
+        if self._pg_counts.get(pool_id) == pg_count:
+            return
+        for pool_pg in [k for k in self._by_pg if k[0] == pool_id]:
+            del self._by_pg[pool_pg]
+        self._pg_counts[pool_id] = pg_count
+        for key, (dev, _) in self._index.items():
+            if dev.pool_id == pool_id:
+                pg = pg_of(key >> 32, key & 0xFFFFFFFF, pg_count)
+                self._by_pg.setdefault((pool_id, pg), set()).add(key)
+
+    def forget_pgs(self) -> None:
+        """Drop the PG indexes (the devices' pools may have changed)."""
+        self._pg_counts.clear()
+        self._by_pg.clear()
+
+    def chunks_of_pg(self, pool_id: int, pg: int) -> list[tuple[int, int]] | None:
+        """``(volume, chunk)`` of every chunk of PG ``pg`` stored here, ascending;
+        None when the pool's PGs are not indexed (:meth:`index_pgs`)."""
+        if pool_id not in self._pg_counts:
+            return None
+        keys = sorted(self._by_pg.get((pool_id, pg), ()))
+        return [(key >> 32, key & 0xFFFFFFFF) for key in keys]
+
+    def _indexed(self, dev: Device, key: int) -> set[int] | None:
+        """The PG index set ``key`` belongs in, when its pool's PGs are indexed."""
+        pool = dev.pool_id
+        count = None if pool is None else self._pg_counts.get(pool)
+        if pool is None or count is None:
+            return None
+        pg = pg_of(key >> 32, key & 0xFFFFFFFF, count)
+        return self._by_pg.setdefault((pool, pg), set())
+
     def volume_chunks(self) -> dict[int, int]:
         """Chunks stored here per volume (for the MDM heartbeat)."""
         return {v: n for v, n in self._volume_chunks.items() if n}
@@ -467,6 +506,9 @@ class ChunkStore:
         self._index[key] = (dev, slot)
         dev.used += 1
         self._volume_chunks[volume] = self._volume_chunks.get(volume, 0) + 1
+        in_pg = self._indexed(dev, key)
+        if in_pg is not None:
+            in_pg.add(key)
 
     def zero(self, volume: int, chunk: int, offset: int, length: int) -> None:
         """WRITE_ZEROES / TRIM: the range reads as zeroes; a whole chunk frees its slot."""
@@ -479,6 +521,9 @@ class ChunkStore:
             # Entry first, then the zeroing; the slot is reused only after a sync.
             dev.write_entry(slot, _EMPTY_ENTRY)
             del self._index[key]
+            in_pg = self._indexed(dev, key)
+            if in_pg is not None:
+                in_pg.discard(key)
             dev.used -= 1
             self._volume_chunks[volume] -= 1
             dev.zero_slot_range(slot, 0, CHUNK_SIZE)

@@ -293,6 +293,9 @@ class WireClient:
     def __init__(self, protocol: _Protocol, address: str, request_timeout: float | None) -> None:
         self._p = protocol
         self.address = address
+        # the server's ServerHello feature bits (handshake.FEATURE_*): what it can do
+        # beyond the first release of protocol version 1
+        self.features = 0
         self._ids = itertools.count(1)
         self._timeout = request_timeout
         self._watchdog: asyncio.Task[None] | None = None
@@ -335,7 +338,9 @@ class WireClient:
         if sock is not None:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return cls(protocol, f"{host}:{port}", request_timeout)
+        client = cls(protocol, f"{host}:{port}", request_timeout)
+        client.features = handshake.features
+        return client
 
     # -- state ------------------------------------------------------------------------
 
@@ -466,6 +471,11 @@ class WireClient:
             if rest or n > page:
                 raise ProtocolError(f"CHUNK_LIST reply of {len(payload)} bytes")
             entries = [CHUNK_ENTRY.unpack_from(payload, i * size) for i in range(n)]
+            # ascending from the cursor on, or the paging would not end
+            if (entries and entries[0] < (volume, chunk)) or any(
+                a >= b for a, b in itertools.pairwise(entries)
+            ):
+                raise ProtocolError("CHUNK_LIST reply out of order")
             out.extend(entries)
             if n < page:
                 return out

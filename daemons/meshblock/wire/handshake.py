@@ -30,8 +30,13 @@ CLIENT_HELLO = struct.Struct(">IHBB32s")
 """ClientHello, 40 bytes: magic u32, version u16, role u8, reserved u8, nonce (32)."""
 
 SERVER_HELLO = struct.Struct(">IHBB32s32s")
-"""ServerHello, 72 bytes: magic u32, version u16, status u8, reserved u8, nonce (32),
+"""ServerHello, 72 bytes: magic u32, version u16, status u8, features u8, nonce (32),
 server proof (32)."""
+
+#: ServerHello ``features`` bits: operations added to version 1 after its first release
+#: (that release sent 0 there, and its clients ignore the byte).
+FEATURE_CHUNK_LIST: Final = 1
+SERVER_FEATURES: Final = FEATURE_CHUNK_LIST
 
 CLIENT_PROOF = struct.Struct(">I32s")
 """ClientProof, 36 bytes: magic u32, client proof (32)."""
@@ -71,13 +76,14 @@ class ClientHandshake:
         self._role = role
         self._nc = secrets.token_bytes(NONCE_SIZE)
         self._ns = b""
+        self.features = 0  # the server's, from its ServerHello
 
     def hello(self) -> bytes:
         return CLIENT_HELLO.pack(HELLO_MAGIC, PROTOCOL_VERSION, self._role, 0, self._nc)
 
     def on_server_hello(self, msg: memoryview) -> bytes:
         """Check the server's proof; return the ClientProof to send."""
-        magic, version, status, _, ns, ps = SERVER_HELLO.unpack(msg)
+        magic, version, status, features, ns, ps = SERVER_HELLO.unpack(msg)
         if magic != SERVER_HELLO_MAGIC:
             raise ProtocolError(f"bad server hello magic 0x{magic:08x}")
         if status != HandshakeStatus.OK:
@@ -88,6 +94,7 @@ class ClientHandshake:
         if not hmac.compare_digest(expected, ps):
             raise HandshakeError("the server does not hold the cluster secret")
         self._ns = ns
+        self.features = features
         pc = proof(self._secret, _CLIENT_LABEL, version, self._role, self._nc, ns)
         return CLIENT_PROOF.pack(PROOF_MAGIC, pc)
 
@@ -106,8 +113,9 @@ class ServerHandshake:
     ``on_proof`` returns the ServerResult and whether the client is authenticated.
     """
 
-    def __init__(self, secret: bytes) -> None:
+    def __init__(self, secret: bytes, features: int = SERVER_FEATURES) -> None:
         self._secret = secret
+        self._features = features  # sent in the ServerHello
         self._nc = b""
         self._ns = secrets.token_bytes(NONCE_SIZE)
         self.role: PeerRole | None = None
@@ -128,7 +136,7 @@ class ServerHandshake:
         self._nc = nc
         ps = proof(self._secret, _SERVER_LABEL, version, role, nc, self._ns)
         hello = SERVER_HELLO.pack(
-            SERVER_HELLO_MAGIC, PROTOCOL_VERSION, HandshakeStatus.OK, 0, self._ns, ps
+            SERVER_HELLO_MAGIC, PROTOCOL_VERSION, HandshakeStatus.OK, self._features, self._ns, ps
         )
         return hello, None
 
