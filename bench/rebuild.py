@@ -12,7 +12,9 @@ writes), then:
    until every PG of the pool is clean again is measured, from the kill and from the
    first PG in ``rebuilding``. The bytes rebuilt are the surviving SDSs'
    ``resync.bytes_total`` deltas (their health documents); the rate per surviving SDS
-   (total / 3) is compared with the target of 100 MiB/s per surviving SDS.
+   (total / 3) is compared with the target of 100 MiB/s per surviving SDS, and the
+   total with a peer measured in the same run: the same bytes written once to a file
+   on the devices' filesystem (fio, 1 MiB sequential writes, fsync at the end).
 2. **client IOPS during a rebuild**: the pool's throttles set back to their defaults;
    the same fio job (4k randrw 50/50, ``--iodepth``, ``--runtime`` s, fio's nbd
    engine) on the clean cluster (three SDSs), then during the rebuild that follows the
@@ -509,6 +511,35 @@ def machine() -> dict[str, Any]:
     }
 
 
+def disk_peer(workdir: Path, size: int) -> dict[str, Any]:
+    """The peer of the rebuild: the same bytes written once, sequentially in 1 MiB
+    writes, to a file on the filesystem that holds the SDSs' devices, then fsync'd:
+    what the disk gives a single writer. Timed from fio's start to its end (fsync
+    included). The rebuild writes each byte once too (on the new copy) and fsyncs per
+    PG, from several SDSs at once."""
+    path = workdir / "disk-peer.img"
+    size = max(size, 64 * MiB)
+    try:
+        t0 = time.monotonic()
+        run_fio(
+            [
+                "fio",
+                "--name=disk-peer",
+                f"--filename={path}",
+                "--rw=write",
+                "--bs=1M",
+                "--ioengine=psync",
+                f"--size={size}",
+                "--end_fsync=1",
+                "--output-format=json",
+            ]
+        )
+        seconds = time.monotonic() - t0
+    finally:
+        path.unlink(missing_ok=True)
+    return {"bytes": size, "seconds": round(seconds, 2), "mibps": round(size / MiB / seconds, 1)}
+
+
 def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     c = Cluster(workdir / "cluster", args.size, args.pg_count)
     try:
@@ -532,6 +563,12 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         fill_s = time.monotonic() - t0
         log(f"filled in {fill_s:.1f} s")
         p1 = phase1(c, args)
+        p1["disk_peer"] = disk_peer(workdir, p1["bytes_rebuilt"])
+        p1["ratio_to_disk"] = round(p1["mibps_total_from_first"] / p1["disk_peer"]["mibps"], 2)
+        log(
+            f"peer: the disk writes {p1['disk_peer']['mibps']} MiB/s with fsync; the rebuild "
+            f"ran at {p1['ratio_to_disk']}x of that"
+        )
         p2 = None if args.skip_client else phase2(c, args)
     finally:
         c.stop()
@@ -581,6 +618,9 @@ def render(r: dict[str, Any]) -> str:
         f"| per surviving SDS, from the kill | {p1['mibps_per_survivor_from_kill']} MiB/s |",
         f"| target per surviving SDS | {p1['target_mibps_per_survivor']:.0f} MiB/s: "
         f"{'met' if p1['target_met'] else 'MISSED'} |",
+        f"| peer: the same bytes written once with fsync, one writer (fio) "
+        f"| {p1['disk_peer']['mibps']} MiB/s |",
+        f"| rebuild total rate / peer | {p1['ratio_to_disk']}x |",
         "",
         "bytes per surviving SDS: "
         + ", ".join(f"{k} {v / MiB:.0f} MiB" for k, v in sorted(p1["bytes_per_sds"].items())),

@@ -13,7 +13,10 @@ starts moves for the PGs whose copies differ:
   (:mod:`meshblock.sds.resync`); when done it reports to the MDM, and the target
   replaces the copy that moves (:func:`meshblock.mdm.failures.mark_synced`). The PG
   has two in-sync copies throughout: a move never lowers redundancy.
-- a pool with PGs that are not clean waits: rebuild first.
+- a pool with PGs that are not clean waits: rebuild first. So does a pool with copies
+  on an SDS (in mode ``normal``) that has stopped heartbeating, until the failure
+  detector has made those PGs degraded: moves planned without it would be moves off
+  a dead SDS, undone by the rebuild that follows.
 - at most ``max(2, eligible devices)`` moves run per pool at a time; the SDSs pace the
   copies with the pool's rebuild throttles.
 - copies on devices of a ``draining`` SDS (``meshctl sds remove``) are moved first
@@ -72,7 +75,7 @@ class Rebalancer:
             ).scalars()
             started = 0
             for pool in list(pools):
-                started += await self._pool(s, pool, eligible)
+                started += await self._pool(s, pool, eligible, modes)
             if started:
                 epoch = await bump(s)
         if started:
@@ -80,7 +83,13 @@ class Rebalancer:
             self.moves_started += started
         return started
 
-    async def _pool(self, s: AsyncSession, pool: StoragePool, eligible: frozenset[int]) -> int:
+    async def _pool(
+        self,
+        s: AsyncSession,
+        pool: StoragePool,
+        eligible: frozenset[int],
+        modes: dict[int, SdsMode],
+    ) -> int:
         rows = (
             await s.execute(
                 select(
@@ -96,8 +105,22 @@ class Rebalancer:
         ).all()
         if not rows or any(r[3] != PgState.CLEAN for r in rows):
             return 0
+        members = await pool_devices(s, pool.id)
+        sds_of = {x.device_id: x.sds_id for x in members}
+        silent = {
+            sds_of[dev]
+            for r in rows
+            for dev in (r[1], r[2])
+            if dev in sds_of
+            and modes.get(sds_of[dev]) == SdsMode.NORMAL
+            and sds_of[dev] not in eligible
+        }
+        if silent:
+            # An SDS with copies here stopped heartbeating and the failure detector has
+            # not acted yet: its PGs are about to be rebuilt; moves now would be undone.
+            return 0
         in_flight = sum(1 for r in rows if r[4] is not None)
-        usable = [d for d in await pool_devices(s, pool.id) if d.sds_id in eligible]
+        usable = [d for d in members if d.sds_id in eligible]
         budget = max(2, len(usable)) - in_flight
         if budget <= 0 or len({failure_domain(x) for x in usable}) < 2:
             return 0
