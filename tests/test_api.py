@@ -1065,3 +1065,73 @@ def test_sds_link_reports_copies_together(api: Api, mdm: MdmDaemon, tmp_path: An
         store.close()
     assert results == [None, None, None]
     assert calls == ["pgs-synced", "pg-synced", "pg-synced", "pg-synced"], calls
+
+
+def test_rebalance_moves_copies_off_an_sds_that_never_heartbeated(tmp_path: Any) -> None:
+    """An SDS added but never started holds copies of a pool laid out before it had
+    data. The rebalancer waits for the failure detector only for SDSs that heartbeated
+    and stopped (the detector never acts on this one), so it moves these copies to the
+    live SDSs: their PGs get move targets. An MDM of its own, with the rebalancer on."""
+    daemon = MdmDaemon(
+        tmp_path,
+        f"sqlite+aiosqlite:///{tmp_path / 'mdm.db'}",
+        {"cluster": {"rebalance_interval_s": 0.5}},
+    )
+    daemon.start()
+    try:
+        a = Api(daemon.url, daemon.admin_token)
+        pd = ok(a("POST", "/api/v1/protection-domains", {"name": "pd1"}), 201)
+        pool = ok(
+            a(
+                "POST",
+                "/api/v1/pools",
+                {"name": "sp1", "protection_domain_id": pd["id"], "pg_count": 8},
+            ),
+            201,
+        )
+        ids = []
+        for i in range(3):
+            fs = ok(
+                a(
+                    "POST",
+                    "/api/v1/fault-sets",
+                    {"name": f"fs{i}", "protection_domain_id": pd["id"]},
+                ),
+                201,
+            )
+            body = {
+                "name": f"sds{i}",
+                "protection_domain_id": pd["id"],
+                "fault_set_id": fs["id"],
+                "address": f"127.0.0.{i + 1}",
+                "devices": [{"path": "/d", "capacity": "10GiB", "pool_id": pool["id"]}],
+            }
+            ids.append(ok(a("POST", "/api/v1/sds", body), 201))
+        ghost = ids[2]  # never heartbeats
+        gdev = ghost["devices"][0]["id"]
+
+        def pgmap() -> dict[str, Any]:
+            path = f"/api/v1/pools/{pool['id']}/pgmap"
+            return dict(ok(a("GET", path, token=daemon.cluster_secret)))
+
+        on_ghost = {
+            pg["pg"]
+            for pg in pgmap()["pgs"]
+            if gdev in (pg["primary"]["device_id"], pg["secondary"]["device_id"])
+        }
+        assert on_ghost, "the pool without data was laid out over the ghost's device too"
+        with Heartbeats(a, daemon.cluster_secret) as hb:
+            hb.ids.update(x["id"] for x in ids[:2])
+            hb.beat_now()
+            body = {"name": "v1", "pool_id": pool["id"], "size": "1GiB"}
+            ok(a("POST", "/api/v1/volumes", body), 201)
+            deadline = time.monotonic() + 20
+            while True:
+                moving = {pg["pg"] for pg in pgmap()["pgs"] if pg.get("target")}
+                if moving:
+                    break
+                assert time.monotonic() < deadline, f"no move off the ghost SDS: {pgmap()}"
+                time.sleep(0.3)
+        assert moving <= on_ghost, (moving, on_ghost)
+    finally:
+        daemon.stop()

@@ -122,11 +122,14 @@ def test_delta_resync_after_return(rs: Failover) -> None:
     print(f"delta resync: victim restarted and every PG clean in {took:.1f} s")
     doc = rs.pgmap()
     assert doc["epoch"] > down["epoch"]
-    # The primaries report PGs done together in pgs-synced calls, each one map epoch:
-    # far fewer epochs than PGs (one to make them resyncing, then one per call).
+    # The primaries report PGs done together in pgs-synced calls, each one map epoch
+    # (one to make them resyncing, then one per call; PG by PG it would be one per PG):
+    # here typically 3 for 21 PGs, but jobs ending more than 0.2 s apart on a loaded
+    # machine take a call each, so only "some calls carried several" is asserted.
     resynced = sum(1 for pg in down["pgs"] if pg["state"] != "clean")
     print(f"{resynced} PG(s) resynchronised in {doc['epoch'] - down['epoch']} map epoch(s)")
-    assert doc["epoch"] - down["epoch"] <= resynced // 2, (resynced, down["epoch"], doc["epoch"])
+    assert resynced >= 2
+    assert doc["epoch"] - down["epoch"] <= resynced, (resynced, down["epoch"], doc["epoch"])
     for d in others:
         counts = resync_counts(d)
         sid = rs.sds_id(d)

@@ -14,7 +14,7 @@ starts moves for the PGs whose copies differ:
   replaces the copy that moves (:func:`meshblock.mdm.failures.mark_synced`). The PG
   has two in-sync copies throughout: a move never lowers redundancy.
 - a pool with PGs that are not clean waits: rebuild first. So does a pool with copies
-  on an SDS (in mode ``normal``) that has stopped heartbeating, until the failure
+  on an SDS (in mode ``normal``) that heartbeated and stopped, until the failure
   detector has made those PGs degraded: moves planned without it would be moves off
   a dead SDS, undone by the rebuild that follows.
 - at most ``max(2, eligible devices)`` moves run per pool at a time; the SDSs pace the
@@ -51,6 +51,7 @@ class Rebalancer:
     def __init__(self, detector: FailureDetector) -> None:
         self.detector = detector
         self.moves_started = 0
+        self._waiting: set[int] = set()  # pools waiting for the failure detector (logged)
 
     def eligible_sds(self, modes: dict[int, SdsMode]) -> frozenset[int]:
         live = self.detector.liveness
@@ -107,18 +108,23 @@ class Rebalancer:
             return 0
         members = await pool_devices(s, pool.id)
         sds_of = {x.device_id: x.sds_id for x in members}
-        silent = {
-            sds_of[dev]
-            for r in rows
-            for dev in (r[1], r[2])
-            if dev in sds_of
-            and modes.get(sds_of[dev]) == SdsMode.NORMAL
-            and sds_of[dev] not in eligible
-        }
+        holders = {sds_of[dev] for r in rows for dev in (r[1], r[2]) if dev in sds_of}
+        normal = [i for i in holders if modes.get(i) == SdsMode.NORMAL]
+        silent = self.detector.down_sds(normal)
         if silent:
-            # An SDS with copies here stopped heartbeating and the failure detector has
-            # not acted yet: its PGs are about to be rebuilt; moves now would be undone.
+            # SDSs with copies here stopped heartbeating and the failure detector has
+            # not acted yet: their PGs are about to be rebuilt, moves now would be
+            # undone. (One never seen is not waited for: the detector never acts on
+            # it, and its copies are moved away as from any ineligible SDS.)
+            if pool.id not in self._waiting:
+                log.info(
+                    "pool %s: rebalance waits for the failure detector (SDSs %s silent)",
+                    pool.name,
+                    sorted(silent),
+                )
+            self._waiting.add(pool.id)
             return 0
+        self._waiting.discard(pool.id)
         in_flight = sum(1 for r in rows if r[4] is not None)
         usable = [d for d in members if d.sds_id in eligible]
         budget = max(2, len(usable)) - in_flight

@@ -172,8 +172,8 @@ class MdmLink:
 
     async def _report_synced(self, pool_id: int, pg: int, epoch: int) -> int | None:
         """Tell the MDM a PG's copy is done; the pool's map epoch that has it done, or
-        None when the MDM refused. Reports made within ``SYNCED_BATCH_S`` of each
-        other go in one ``pgs-synced`` call."""
+        None when the MDM refused. Reports made within ``SYNCED_BATCH_S`` of the
+        first waiting one go in one ``pgs-synced`` call."""
         fut: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
         self._synced.append(((pool_id, pg, epoch), fut))
         if self._synced_task is None or self._synced_task.done():
@@ -193,20 +193,35 @@ class MdmLink:
                         fut.set_exception(MdmUnavailable(str(exc)))
                 continue
             for (_, fut), result in zip(batch, results, strict=True):
-                if not fut.done():
+                if fut.done():
+                    continue
+                if isinstance(result, Exception):
+                    fut.set_exception(result)
+                else:
                     fut.set_result(result)
 
-    async def _post_synced(self, reports: list[tuple[int, int, int]]) -> list[int | None]:
+    async def _post_synced(
+        self, reports: list[tuple[int, int, int]]
+    ) -> list[int | Exception | None]:
+        """Per report: the map epoch that has it done, None (refused), or the error
+        that left it unanswered."""
         body = {"reports": [{"pool_id": p, "pg": g, "epoch": e} for p, g, e in reports]}
         path = f"/api/v1/sds/{self._svc.sds_id}/pgs-synced"
         status, doc = await self._call("POST", path, body)
         if status in (404, 405):
             # An MDM of an older release has no pgs-synced (or it does not know us, and
-            # each report is refused the same way): one call per PG.
-            return [await self._report_one(*report) for report in reports]
+            # each report is refused the same way): one call per PG, each answered on
+            # its own (one that fails does not undo those the MDM accepted).
+            one_by_one: list[int | Exception | None] = []
+            for report in reports:
+                try:
+                    one_by_one.append(await self._report_one(*report))
+                except MdmUnavailable as exc:
+                    one_by_one.append(exc)
+            return one_by_one
         if status != 200:
             raise MdmUnavailable(f"pgs-synced answered {status}")
-        out: list[int | None] = []
+        out: list[int | Exception | None] = []
         for (pool_id, pg, epoch), result in zip(reports, doc["results"], strict=True):
             if result["accepted"]:
                 out.append(int(result["epoch"]))
