@@ -100,6 +100,11 @@ def chunk_key(volume_id: int, chunk_index: int) -> int:
     return (volume_id << 32) | chunk_index
 
 
+def split_key(key: int) -> tuple[int, int]:
+    """``(volume, chunk)`` of an index key (the inverse of :func:`chunk_key`)."""
+    return key >> 32, key & 0xFFFFFFFF
+
+
 @dataclass(frozen=True)
 class DeviceSpec:
     path: str
@@ -407,15 +412,11 @@ class ChunkStore:
 
     def chunk_ids(self) -> list[tuple[int, int]]:
         """``(volume, chunk)`` of every chunk stored here."""
-        return [(key >> 32, key & 0xFFFFFFFF) for key in self._index]
+        return [split_key(key) for key in self._index]
 
     def chunk_ids_of_pool(self, pool_id: int) -> list[tuple[int, int]]:
         """``(volume, chunk)`` of every chunk stored on the devices of ``pool_id``."""
-        return [
-            (key >> 32, key & 0xFFFFFFFF)
-            for key, (dev, _) in self._index.items()
-            if dev.pool_id == pool_id
-        ]
+        return [split_key(key) for key, (dev, _) in self._index.items() if dev.pool_id == pool_id]
 
     def index_pgs(self, pool_id: int, pg_count: int) -> None:
         """Keep the chunks of each PG of ``pool_id`` (its PG count is fixed at the
@@ -427,7 +428,7 @@ class ChunkStore:
         self._pg_counts[pool_id] = pg_count
         for key, (dev, _) in self._index.items():
             if dev.pool_id == pool_id:
-                pg = pg_of(key >> 32, key & 0xFFFFFFFF, pg_count)
+                pg = pg_of(*split_key(key), pg_count)
                 self._by_pg.setdefault((pool_id, pg), set()).add(key)
 
     def forget_pgs(self) -> None:
@@ -441,7 +442,7 @@ class ChunkStore:
         if pool_id not in self._pg_counts:
             return None
         keys = sorted(self._by_pg.get((pool_id, pg), ()))
-        return [(key >> 32, key & 0xFFFFFFFF) for key in keys]
+        return [split_key(key) for key in keys]
 
     def _indexed(self, dev: Device, key: int) -> set[int] | None:
         """The PG index set ``key`` belongs in, when its pool's PGs are indexed."""
@@ -449,7 +450,7 @@ class ChunkStore:
         count = None if pool is None else self._pg_counts.get(pool)
         if pool is None or count is None:
             return None
-        pg = pg_of(key >> 32, key & 0xFFFFFFFF, count)
+        pg = pg_of(*split_key(key), count)
         return self._by_pg.setdefault((pool, pg), set())
 
     def volume_chunks(self) -> dict[int, int]:
