@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from meshblock.cli.client import MdmClient
+from meshblock.files import write_atomic
 from meshblock.sizes import format_size
 
 DIR_ENV = "MESHBLOCK_LAB_DIR"
@@ -295,9 +296,7 @@ class Lab:
         return doc
 
     def _save_state(self, doc: dict[str, Any]) -> None:
-        tmp = self.state_path.with_suffix(".tmp")
-        _write_private(tmp, json.dumps(doc, indent=2) + "\n")
-        os.replace(tmp, self.state_path)
+        write_atomic(self.state_path, json.dumps(doc, indent=2) + "\n")
 
     def running(self, state: Mapping[str, Any] | None = None) -> dict[str, int]:
         """name → pid of the lab's processes that are alive."""

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from meshblock.config import ConfigError
+from meshblock.files import write_atomic
 
 
 @dataclass(frozen=True)
@@ -132,9 +133,7 @@ def sdc_guid(config: SdcConfig) -> str:
     guid = str(uuid.uuid4())
     try:
         state.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(guid + "\n")
-        tmp.replace(path)
+        write_atomic(path, guid + "\n")
     except OSError as exc:
         raise ConfigError(f"cannot write {path}: {exc.strerror}") from None
     return guid

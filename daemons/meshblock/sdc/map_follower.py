@@ -21,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from meshblock.files import write_atomic
 from meshblock.sdc.maps import MapError, PoolMap, SdcMaps, parse_maps
 from meshblock.sdc.mdm_client import MdmClient, MdmRefused, MdmUnavailable, sleep_backoff
 
@@ -146,9 +147,7 @@ class MapFollower:
         path = self.state_dir / "maps.json"
         try:
             self.state_dir.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"guid": self.guid, "maps": doc}))
-            tmp.replace(path)
+            write_atomic(path, json.dumps({"guid": self.guid, "maps": doc}))
         except OSError as exc:
             log.warning("cannot save the maps to %s: %s", path, exc)
 

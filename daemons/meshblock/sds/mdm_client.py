@@ -9,7 +9,7 @@
 - One task per pool long-polls ``GET /api/v1/pools/{id}/pgmap?wait_epoch=N``.
 - Copies done (resync, rebuild, moves) are reported together: those that end within
   ``SYNCED_BATCH_S`` of each other in one ``POST /api/v1/sds/{id}/pgs-synced``.
-- Identity and maps are saved in ``state_dir/state.json`` (atomically), and loaded at
+- Identity and maps are saved in ``state_dir/state.json`` (by :func:`meshblock.files.write_atomic`), and loaded at
   the next start: with the MDM unreachable the SDS serves on its cached maps
   (invariant 5) and keeps retrying. Several MDM URLs are tried in turn.
 """
@@ -20,13 +20,13 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
+from meshblock.files import write_atomic
 from meshblock.sds.config import SdsConfig
 from meshblock.sds.io_path import DataService
 from meshblock.sds.maps import PgMap
@@ -107,14 +107,9 @@ class MdmLink:
             },
             "maps": {str(pid): m.doc for pid, m in svc.maps.maps.items()},
         }
-        tmp = self._state_path.with_suffix(".tmp")
         try:
             self._state_path.parent.mkdir(parents=True, exist_ok=True)
-            with open(tmp, "w") as f:
-                json.dump(state, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self._state_path)
+            write_atomic(self._state_path, json.dumps(state))
         except OSError as exc:
             log.warning("cannot save state to %s: %s", self._state_path, exc)
 
