@@ -17,7 +17,7 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import inspect, text
+from sqlalchemy import func, inspect, select, text
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -239,3 +239,111 @@ def test_upgrade_from_0001_keeps_data_and_marks_pgs_clean(empty_db: str) -> None
     assert [tuple(r) for r in rows] == [(0, "clean"), (1, "clean")]
     pools = run_sync(empty_db, lambda c: c.execute(text("SELECT name FROM storage_pools")).all())
     assert [r[0] for r in pools] == ["sp1"]
+
+
+def _add_one_of_each(conn: Connection) -> dict[str, int]:
+    """A row in each table whose id names data on an SDS or an SDC; their ids."""
+    from sqlalchemy.orm import Session
+
+    from meshblock.mdm.models import (
+        Device,
+        ProtectionDomain,
+        Sdc,
+        Sds,
+        StoragePool,
+        Volume,
+        VolumeType,
+    )
+
+    with Session(conn) as s:
+        pd = s.scalar(select(ProtectionDomain)) or ProtectionDomain(name="pd1")
+        s.add(pd)
+        s.flush()
+        n = s.scalar(select(func.count()).select_from(Volume)) or 0
+        n += s.scalar(select(func.max(Volume.id))) or 0
+        pool = StoragePool(
+            name=f"sp{n}", protection_domain_id=pd.id, allocation_granularity_bytes=2**30
+        )
+        sds = Sds(name=f"sds{n}", protection_domain_id=pd.id, address="127.0.0.1")
+        sdc = Sdc(guid=f"guid{n}", name=f"sdc{n}")
+        s.add_all([pool, sds, sdc])
+        s.flush()
+        dev = Device(sds_id=sds.id, pool_id=pool.id, path=f"/d{n}", capacity_bytes=2**30)
+        vol = Volume(name=f"v{n}", pool_id=pool.id, type=VolumeType.THIN, size_bytes=2**30)
+        s.add_all([dev, vol])
+        s.flush()
+        ids = {
+            "volumes": vol.id,
+            "devices": dev.id,
+            "sdss": sds.id,
+            "storage_pools": pool.id,
+            "sdcs": sdc.id,
+        }
+        s.commit()
+    return ids
+
+
+def _delete_rows(conn: Connection, ids: dict[str, int]) -> None:
+    for table in ("volumes", "devices", "sdss", "storage_pools", "sdcs"):
+        conn.execute(text(f"DELETE FROM {table} WHERE id = :id"), {"id": ids[table]})
+
+
+def test_ids_are_never_reused_across_restarts(empty_db: str) -> None:
+    """Deleting the newest volume, device, SDS, pool or SDC and creating another, on a
+    new engine (an MDM restart): the new one gets a new id, never the deleted one's
+    (SQLite without AUTOINCREMENT hands out max(id) + 1 again)."""
+    with_engine(empty_db, migrate)
+    first = run_sync(empty_db, _add_one_of_each)
+    run_sync(empty_db, lambda c: _delete_rows(c, first))
+    with_engine(empty_db, migrate)  # a restart: a new engine, the schema current
+    second = run_sync(empty_db, _add_one_of_each)
+    for table, old in first.items():
+        assert second[table] > old, f"{table}: id {old} was handed out again"
+
+
+def test_upgrade_from_0003_keeps_rows_and_ids_are_not_reused(empty_db: str) -> None:
+    """A database of the release before 0004 (SQLite tables without AUTOINCREMENT) with
+    a mapped volume and its usage: the upgrade keeps every row, the foreign keys hold,
+    and from then on a deleted id is not reused."""
+    from alembic import command
+
+    def to_0003(conn: Connection) -> dict[str, int]:
+        cfg = alembic_config()
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "0003")
+        ids = _add_one_of_each(conn)
+        conn.execute(
+            text(
+                "INSERT INTO mappings (volume_id, sdc_id, access_mode) "
+                "VALUES (:v, :s, 'read_write')"
+            ),
+            {"v": ids["volumes"], "s": ids["sdcs"]},
+        )
+        conn.execute(
+            text("INSERT INTO volume_usage (sds_id, volume_id, chunks) VALUES (:s, :v, 7)"),
+            {"v": ids["volumes"], "s": ids["sdss"]},
+        )
+        return ids
+
+    first = run_sync(empty_db, to_0003)
+    with_engine(empty_db, migrate)
+    assert run_sync(empty_db, current_revision) == head_revision()
+    kept = run_sync(
+        empty_db,
+        lambda c: (
+            c.execute(text("SELECT volume_id, sdc_id FROM mappings")).all(),
+            c.execute(text("SELECT sds_id, volume_id, chunks FROM volume_usage")).all(),
+        ),
+    )
+    assert [tuple(r) for r in kept[0]] == [(first["volumes"], first["sdcs"])]
+    assert [tuple(r) for r in kept[1]] == [(first["sdss"], first["volumes"], 7)]
+
+    def delete_all(conn: Connection) -> None:
+        conn.execute(text("DELETE FROM mappings"))
+        conn.execute(text("DELETE FROM volume_usage"))
+        _delete_rows(conn, first)
+
+    run_sync(empty_db, delete_all)
+    second = run_sync(empty_db, _add_one_of_each)
+    for table, old in first.items():
+        assert second[table] > old, f"{table}: id {old} was handed out again"

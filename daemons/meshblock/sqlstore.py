@@ -106,9 +106,32 @@ class Migrations:
         return current, head
 
     async def migrate(self, engine: AsyncEngine) -> None:
-        """Bring the schema to this release's head revision, or raise SchemaError."""
-        async with engine.begin() as conn:
-            before, head = await conn.run_sync(self._upgrade)
+        """Bring the schema to this release's head revision, or raise SchemaError.
+
+        On SQLite foreign keys are off while migrations run (a migration that recreates
+        a parent table must not cascade to, or be refused by, its children: Alembic's
+        batch mode) and checked before the transaction commits.
+        """
+        sqlite = engine.dialect.name == "sqlite"
+        async with engine.connect() as conn:
+            if sqlite:
+                # Outside any transaction: SQLite ignores this pragma inside one.
+                await conn.exec_driver_sql("PRAGMA foreign_keys = OFF")
+                await conn.commit()
+            try:
+                async with conn.begin():
+                    before, head = await conn.run_sync(self._upgrade)
+                    if sqlite:
+                        bad = (await conn.exec_driver_sql("PRAGMA foreign_key_check")).all()
+                        if bad:
+                            raise SchemaError(
+                                f"the migration of {self.owner}'s schema left rows whose "
+                                f"foreign keys point nowhere: {bad[:5]}; nothing was changed"
+                            )
+            finally:
+                if sqlite:
+                    await conn.exec_driver_sql("PRAGMA foreign_keys = ON")
+                    await conn.commit()
         if before != head:
             log.info("database schema upgraded from %s to %s", before or "empty", head)
         else:

@@ -30,6 +30,12 @@ from meshblock.orm import str_enum as _enum
 name_str = Annotated[str, mapped_column(String(64))]
 bytes_int = Annotated[int, mapped_column(BigInteger)]
 
+# Table options of every table whose id names something on an SDS or an SDC (a
+# volume's chunks, a device or an SDS in a PG map, a pool's map epochs, an SDC's
+# registration): the id is never handed out again. SQLite otherwise reuses the highest
+# id once its row is deleted; PostgreSQL's sequences never go back.
+NEVER_REUSED = {"sqlite_autoincrement": True}
+
 
 class Base(AsyncAttrs, DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
@@ -124,6 +130,7 @@ class StoragePool(Base):
     __table_args__ = (
         CheckConstraint("pg_count > 0", name="pg_count_positive"),
         CheckConstraint("spare_percent >= 0 AND spare_percent < 100", name="spare_range"),
+        NEVER_REUSED,
     )
 
     id: Mapped[intpk]
@@ -150,6 +157,7 @@ class StoragePool(Base):
 
 class Sds(Base):
     __tablename__ = "sdss"
+    __table_args__ = (NEVER_REUSED,)
 
     id: Mapped[intpk]
     name: Mapped[name_str] = mapped_column(unique=True)
@@ -176,6 +184,7 @@ class Device(Base):
     __table_args__ = (
         UniqueConstraint("sds_id", "path"),
         CheckConstraint("capacity_bytes > 0", name="capacity_positive"),
+        NEVER_REUSED,
     )
 
     id: Mapped[intpk]
@@ -193,6 +202,7 @@ class Device(Base):
 
 class Sdc(Base):
     __tablename__ = "sdcs"
+    __table_args__ = (NEVER_REUSED,)
 
     id: Mapped[intpk]
     guid: Mapped[str] = mapped_column(String(64), unique=True)
@@ -208,7 +218,7 @@ class Sdc(Base):
 
 class Volume(Base):
     __tablename__ = "volumes"
-    __table_args__ = (CheckConstraint("size_bytes > 0", name="size_positive"),)
+    __table_args__ = (CheckConstraint("size_bytes > 0", name="size_positive"), NEVER_REUSED)
 
     id: Mapped[intpk]
     name: Mapped[name_str] = mapped_column(unique=True)
