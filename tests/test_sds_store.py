@@ -300,19 +300,19 @@ class PowerLoss:
     PAGE = 4096
 
     def __init__(self, path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-        import meshblock.sds.store as store_mod
+        import meshblock.sds.device_io as dio
 
         self.path = path
         self.durable = bytearray(path.read_bytes())
         self.dirty: set[int] = set()
-        real_pwrite, real_fallocate = os.pwrite, store_mod._fallocate
-        real_fdatasync, real_fsync = os.fdatasync, os.fsync
+        real_pwrite, real_fallocate = dio.pwrite, dio.fallocate
+        real_fdatasync, real_fsync = dio.fdatasync, dio.fsync
 
         def mark(offset: int, length: int) -> None:
             first, last = offset // self.PAGE, (offset + max(length, 1) - 1) // self.PAGE
             self.dirty.update(range(first, last + 1))
 
-        def pwrite(fd: int, data: bytes, offset: int) -> int:
+        def pwrite(fd: int, data: bytes | memoryview, offset: int) -> int:
             mark(offset, len(data))
             return real_pwrite(fd, data, offset)
 
@@ -331,10 +331,10 @@ class PowerLoss:
 
             return run
 
-        monkeypatch.setattr(os, "pwrite", pwrite)
-        monkeypatch.setattr(store_mod, "_fallocate", fallocate)
-        monkeypatch.setattr(os, "fdatasync", sync(real_fdatasync))
-        monkeypatch.setattr(os, "fsync", sync(real_fsync))
+        monkeypatch.setattr(dio, "pwrite", pwrite)
+        monkeypatch.setattr(dio, "fallocate", fallocate)
+        monkeypatch.setattr(dio, "fdatasync", sync(real_fdatasync))
+        monkeypatch.setattr(dio, "fsync", sync(real_fsync))
 
     def crash_image(self, dest: Path, rng: random.Random) -> None:
         image = bytearray(self.durable)

@@ -10,6 +10,7 @@ from aiohttp import web
 
 from meshblock.config import ConfigError
 from meshblock.daemon import setup_logging
+from meshblock.sds import device_io
 from meshblock.sds.app import create_app
 from meshblock.sds.config import load
 from meshblock.sds.store import StoreError
@@ -39,6 +40,13 @@ def main(argv: list[str] | None = None) -> int:
         secret = config.secret()
     except ConfigError as exc:
         print(f"meshblock-sds: configuration error: {exc}", file=sys.stderr)
+        return 2
+    if config.test_faults and not device_io.enabled_by_env():
+        print(
+            "meshblock-sds: configuration error: test_faults is a test-only fault hook; "
+            f"it also needs {device_io.ENV_VAR}=1 in the environment (never in production)",
+            file=sys.stderr,
+        )
         return 2
     setup_logging(config.logging.level)
     if args.check_config:

@@ -3,7 +3,9 @@
 reverse, also when a later start step fails.
 
 Control port routes (open, read-only): ``GET /health`` (JSON: state, devices, map
-epochs) and ``GET /metrics`` (Prometheus text, the SDS's own registry).
+epochs) and ``GET /metrics`` (Prometheus text, the SDS's own registry). With the
+test-only fault hook enabled (``test_faults = true`` and ``MESHBLOCK_SDS_TEST_FAULTS=1``,
+see :mod:`meshblock.sds.device_io`) also ``GET``/``POST /test/faults``.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from dataclasses import dataclass
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from meshblock.sds import device_io
 from meshblock.sds.config import SdsConfig
 from meshblock.sds.io_path import DataService
 from meshblock.sds.maps import MapCache
@@ -40,6 +43,7 @@ class SdsRuntime:
 CONFIG = web.AppKey("meshblock_sds_config", SdsConfig)
 SECRET = web.AppKey("meshblock_sds_secret", str)
 RUNTIME = web.AppKey("meshblock_sds_runtime", SdsRuntime)
+FAULT_HOOK = web.AppKey("meshblock_sds_fault_hook", device_io.FaultHook)
 
 
 async def _runtime(app: web.Application) -> AsyncIterator[None]:
@@ -123,6 +127,48 @@ async def health(request: web.Request) -> web.Response:
     )
 
 
+async def faults_state(request: web.Request) -> web.Response:
+    hook = request.app[FAULT_HOOK]
+    return web.json_response(hook.state())
+
+
+async def faults_command(request: web.Request) -> web.Response:
+    """``POST /test/faults`` (test-only), a JSON object with ``action``:
+
+    - ``{"action": "power_cut", "lose": "all"|"random", "seed": 0}``: lose the pages
+      written since each device's last sync (all, or a random half) and die (SIGKILL);
+      no answer comes back;
+    - ``{"action": "fail", "device": PATH, "op": "pwrite"|"pread"|"fdatasync",
+      "count": N}``: the next N calls (``count`` absent or null: every call) fail EIO;
+    - ``{"action": "clear"}``: fail nothing any more;
+    - ``{"action": "evict"}``: pages a failed fdatasync marked clean read as on disk.
+    """
+    hook = request.app[FAULT_HOOK]
+    try:
+        body = await request.json()
+        action = body["action"]
+        if action == "power_cut":
+            lose = body.get("lose", "all")
+            if lose not in ("all", "random"):
+                raise ValueError("lose must be all or random")
+            hook.power_cut(lose, int(body.get("seed", 0)))
+        elif action == "fail":
+            devices = {d.path for d in request.app[RUNTIME].service.store.devices}
+            if body.get("device") not in devices:
+                raise ValueError(f"device must be one of {sorted(devices)}")
+            count = body.get("count")
+            hook.fail(body["device"], str(body.get("op")), None if count is None else int(count))
+        elif action == "clear":
+            hook.clear()
+        elif action == "evict":
+            hook.evict()
+        else:
+            raise ValueError("action must be power_cut, fail, clear or evict")
+    except (ValueError, KeyError, TypeError) as exc:
+        return web.json_response({"error": {"code": "invalid", "message": str(exc)}}, status=400)
+    return web.json_response(hook.state())
+
+
 async def metrics(request: web.Request) -> web.Response:
     body = generate_latest(request.app[RUNTIME].registry)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
@@ -137,4 +183,9 @@ def create_app(config: SdsConfig, secret: str) -> web.Application:
     app.cleanup_ctx.append(_mdm_link)
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
+    if config.test_faults and device_io.enabled_by_env():
+        # Before the store opens its devices: the hook must see every write.
+        app[FAULT_HOOK] = device_io.install_fault_hook()
+        app.router.add_get("/test/faults", faults_state)
+        app.router.add_post("/test/faults", faults_command)
     return app

@@ -70,6 +70,8 @@ class SdsConfig:
     control: ControlListen = field(default_factory=ControlListen)
     devices: tuple[DeviceConfig, ...] = ()
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    # Test-only fault hook (meshblock.sds.device_io); also needs MESHBLOCK_SDS_TEST_FAULTS=1.
+    test_faults: bool = False
 
     def __repr__(self) -> str:  # never print the secret
         return f"SdsConfig(name={self.name!r}, address={self.address!r}, cluster_secret=***)"

@@ -314,6 +314,13 @@ class DataService:
                 return d
         return self.store.devices[0]
 
+    def _target_device(self, dev: Device, volume: int, chunk: int) -> Device:
+        """The device a write of the chunk reaches: where the chunk already lives (the
+        map may name another device of ours, e.g. after a move), else ``dev``. FUA
+        syncs this one."""
+        loc = self.store.location(volume, chunk)
+        return dev if loc is None else loc[0]
+
     # -- reads ------------------------------------------------------------------------
 
     def _read(self, conn: DataConnection, hdr: Header, t0: float) -> None:
@@ -364,9 +371,10 @@ class DataService:
     ) -> None:
         if self.store.needs_reclaim(dev, hdr[8], hdr[9]):
             await self.store.reclaim(dev)
+        written = self._target_device(dev, hdr[8], hdr[9])
         status = self._apply(hdr[1], dev, hdr, payload)
         if status == _OK and hdr[2] & _FUA:
-            status = await self._sync([dev])
+            status = await self._sync([written])
         self._reply(conn, hdr, t0, status)
 
     def _apply(self, op: int, dev: Device, hdr: Header, payload: memoryview) -> int:
@@ -454,9 +462,10 @@ class DataService:
             tgt_fut, tgt_status = None, _OK
             if tgt_id:
                 tgt_fut, tgt_status = await self._to_target(m, pg, tgt_id, op, flags, hdr, payload)
+            written = self._target_device(dev, vol, chunk)
             status = self._apply(op, dev, hdr, payload)
             if status == _OK and flags & _FUA:
-                status = await self._sync([dev])
+                status = await self._sync([written])
             if tgt_fut is not None:
                 result = await self._peer_result(tgt_id, tgt_fut)
                 if result != _OK and not self.resync.missed(pool, pg, vol, chunk):

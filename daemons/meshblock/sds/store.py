@@ -19,7 +19,8 @@ generation (when a crash leaves two slots claiming one chunk, the newer wins). A
 an unclean stop every unreferenced slot is zeroed before use; a clean stop records
 that they already are.
 
-All IO here is synchronous ``os.pread``/``os.pwrite`` on the page cache, called from
+All IO here is synchronous ``pread``/``pwrite`` on the page cache (through
+:mod:`meshblock.sds.device_io`, where tests can inject faults), called from
 the event loop (measured faster than a thread hand-off for 4 KiB and 1 MiB, see
 ``docs/sds.md``); only fdatasync goes to a thread (:meth:`ChunkStore.sync`).
 """
@@ -28,7 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
-import ctypes.util
 import errno
 import logging
 import os
@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from meshblock.chunks import CHUNK_SIZE, pg_of
+from meshblock.sds import device_io as dio
 
 log = logging.getLogger(__name__)
 
@@ -81,10 +82,6 @@ WRITE_PIECE: Final = 64 * 1024
 
 _FALLOC_FL_KEEP_SIZE: Final = 0x01
 _FALLOC_FL_PUNCH_HOLE: Final = 0x02
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-_fallocate = _libc.fallocate
-_fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-_fallocate.restype = ctypes.c_int
 
 
 class StoreError(Exception):
@@ -128,11 +125,11 @@ def _pwrite(fd: int, data: bytes | memoryview, offset: int) -> None:
     """``os.pwrite`` in pieces of at most :data:`WRITE_PIECE` bytes."""
     n = len(data)
     if n <= WRITE_PIECE:
-        os.pwrite(fd, data, offset)
+        dio.pwrite(fd, data, offset)
         return
     view = memoryview(data)
     for pos in range(0, n, WRITE_PIECE):
-        os.pwrite(fd, view[pos : pos + WRITE_PIECE], offset + pos)
+        dio.pwrite(fd, view[pos : pos + WRITE_PIECE], offset + pos)
 
 
 def _entry(volume: int, chunk: int, generation: int) -> bytes:
@@ -173,9 +170,11 @@ class Device:
         path = self.path
         created = False
         try:
-            self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+            self.fd = dio.open_device(path, os.O_RDWR | os.O_CLOEXEC)
         except FileNotFoundError:
-            self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            self.fd = dio.open_device(
+                path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600
+            )
             created = True
         st = os.fstat(self.fd)
         self.is_file = stat.S_ISREG(st.st_mode)
@@ -185,7 +184,7 @@ class Device:
         # No readahead: chunks are read in pieces at random; large sequential reads
         # would fill the cache with large folios that slow small writes down.
         os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_RANDOM)
-        head = os.pread(self.fd, SUPER_SIZE, 0)
+        head = dio.pread(self.fd, SUPER_SIZE, 0)
         if created or not any(head):
             if self.is_file and size < self.capacity:
                 os.ftruncate(self.fd, self.capacity)  # sparse
@@ -202,7 +201,7 @@ class Device:
         index_end = INDEX_OFFSET + self.slot_count * ENTRY.size
         self._zero(INDEX_OFFSET, index_end - INDEX_OFFSET)
         self.write_super(clean=True)
-        os.fsync(self.fd)
+        dio.fsync(self.fd)
         log.info(
             "formatted %s: %d slots of 1 MiB, data at %d",
             self.path,
@@ -244,7 +243,7 @@ class Device:
             self.uuid,
             0,
         )[:-4]
-        os.pwrite(self.fd, body + struct.pack(">I", zlib.crc32(body)), 0)
+        dio.pwrite(self.fd, body + struct.pack(">I", zlib.crc32(body)), 0)
 
     def read_index(self) -> Iterable[tuple[int, int, int, int]]:
         """Yield ``(slot, volume, chunk, generation)`` of every valid entry."""
@@ -252,7 +251,7 @@ class Device:
         slot = 0
         while slot < self.slot_count:
             n = min(per_read, self.slot_count - slot)
-            raw = os.pread(self.fd, n * ENTRY.size, INDEX_OFFSET + slot * ENTRY.size)
+            raw = dio.pread(self.fd, n * ENTRY.size, INDEX_OFFSET + slot * ENTRY.size)
             raw = raw.ljust(n * ENTRY.size, b"\0")
             for i, (vol, chunk, gen, flags, crc) in enumerate(ENTRY.iter_unpack(raw)):
                 if not flags & ENTRY_USED:
@@ -272,14 +271,16 @@ class Device:
     # -- IO ---------------------------------------------------------------------------
 
     def write_entry(self, slot: int, entry: bytes) -> None:
-        os.pwrite(self.fd, entry, INDEX_OFFSET + slot * ENTRY.size)
+        dio.pwrite(self.fd, entry, INDEX_OFFSET + slot * ENTRY.size)
 
     def _zero(self, offset: int, length: int) -> None:
         """Make ``length`` bytes at ``offset`` read as zeroes (punch a hole if we can)."""
         if length <= 0:
             return
         if (offset | length) & 4095 == 0:
-            rc = _fallocate(self.fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length)
+            rc = dio.fallocate(
+                self.fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length
+            )
             if rc == 0:
                 return
             err = ctypes.get_errno()
@@ -287,7 +288,7 @@ class Device:
                 raise OSError(err, os.strerror(err), self.path)
         while length > 0:
             n = min(length, CHUNK_SIZE)
-            os.pwrite(self.fd, _ZERO_VIEW[:n], offset)
+            dio.pwrite(self.fd, _ZERO_VIEW[:n], offset)
             offset += n
             length -= n
 
@@ -375,7 +376,7 @@ class ChunkStore:
             i = j + 1
         dev.free = free[::-1]  # pop() hands out low slots first
         dev.write_super(clean=False)
-        os.fsync(dev.fd)  # the zeroing is durable before any slot is handed out
+        dio.fsync(dev.fd)  # the zeroing is durable before any slot is handed out
         log.info(
             "opened %s: %d of %d slots used (%s stop%s)",
             dev.path,
@@ -391,11 +392,11 @@ class ChunkStore:
             if dev.fd < 0:
                 continue
             try:
-                os.fdatasync(dev.fd)
+                dio.fdatasync(dev.fd)
                 dev.free.extend(dev.pending)
                 dev.pending.clear()
                 dev.write_super(clean=True)
-                os.fsync(dev.fd)
+                dio.fsync(dev.fd)
             finally:
                 dev.close()
 
@@ -470,7 +471,7 @@ class ChunkStore:
             return None
         dev, slot = loc
         buf = bytearray(length)
-        n = os.preadv(dev.fd, [buf], dev.slot_offset(slot) + offset)
+        n = dio.preadv(dev.fd, [buf], dev.slot_offset(slot) + offset)
         del n  # a short read is past the end of a sparse file: already zeroes
         return memoryview(buf)
 
@@ -546,7 +547,7 @@ class ChunkStore:
             dev.pending = []
         try:
             await asyncio.gather(
-                *(loop.run_in_executor(None, os.fdatasync, dev.fd) for dev in devs)
+                *(loop.run_in_executor(None, dio.fdatasync, dev.fd) for dev in devs)
             )
         except BaseException:
             for dev, batch in batches:

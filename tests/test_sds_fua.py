@@ -1,0 +1,105 @@
+"""FUA on an SDS with several devices: the write is durable on the device the bytes
+went to (where the chunk lives), also when the PG map names another device of the
+SDS. One real data service on loopback with two devices, the store's test fault hook
+(meshblock.sds.device_io) simulating the power cut."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from meshblock.chunks import CHUNK_SIZE, pg_of
+from meshblock.sds import device_io
+from meshblock.sds.io_path import DataService
+from meshblock.sds.maps import MapCache, PgMap
+from meshblock.sds.metrics import SdsStats
+from meshblock.sds.replication import Peers
+from meshblock.sds.server import DataServer
+from meshblock.sds.store import ChunkStore, DeviceSpec
+from meshblock.wire.protocol import Op, ReqFlag, Status
+
+pytestmark = pytest.mark.cluster
+
+SECRET = "fua-test-secret"
+POOL, PG_COUNT, VOLUME, CHUNK = 3, 4, 5, 7
+PRIMARY = (1, 10)
+ME, DEV_A, DEV_B = 2, 20, 21
+PAGE = 4096
+
+
+def _map(epoch: int, device: int, port: int) -> PgMap:
+    return PgMap(
+        pool_id=POOL,
+        epoch=epoch,
+        pg_count=PG_COUNT,
+        primary=(PRIMARY,) * PG_COUNT,
+        secondary=((ME, device),) * PG_COUNT,
+        sds={1: ("127.0.0.1", 1), ME: ("127.0.0.1", port)},
+        doc={},
+    )
+
+
+@pytest.fixture
+def fault_hook() -> device_io.FaultHook:
+    hook = device_io.install_fault_hook()
+    yield hook  # type: ignore[misc]
+    device_io.uninstall_fault_hook()
+
+
+def test_fua_write_survives_a_power_cut_on_the_device_the_chunk_lives_on(
+    tmp_path: Path, fault_hook: device_io.FaultHook
+) -> None:
+    """The chunk lives on device A; the map then names device B for its PG (a move
+    between two devices of this SDS). A replicated write with FUA is acknowledged;
+    after a power cut that loses every unsynced page, it reads back."""
+    paths = {str(tmp_path / f"dev{d}.img"): (d, POOL) for d in (DEV_A, DEV_B)}
+    pg = pg_of(VOLUME, CHUNK, PG_COUNT)
+    old, new = b"\x11" * CHUNK_SIZE, b"\x22" * PAGE
+
+    async def main() -> None:
+        store = ChunkStore([DeviceSpec(path, 64 << 20, "pool") for path in paths])
+        store.open()
+        svc = DataService(store, MapCache(), Peers(SECRET, 5.0), SdsStats())
+        svc.set_identity(ME, paths)
+        server = DataServer(svc, SECRET)
+        await server.start("127.0.0.1", 0)
+        client = Peers(SECRET, 5.0)
+        try:
+            svc.maps.update(_map(1, DEV_A, server.port))
+            peer = await client.get(ME, ("127.0.0.1", server.port))
+
+            async def write(epoch: int, data: bytes, flags: int) -> int:
+                fut = peer.submit(
+                    Op.REPL_WRITE, flags, POOL, pg, epoch, VOLUME, CHUNK, 0, len(data), data
+                )
+                return int((await fut)[0])
+
+            assert await write(1, old, 0) == Status.OK
+            await store.sync()  # the old contents are durable
+            loc = store.location(VOLUME, CHUNK)
+            assert loc is not None and loc[0].mdm_id == DEV_A
+
+            svc.maps.update(_map(2, DEV_B, server.port))
+            assert await write(2, new, int(ReqFlag.FUA)) == Status.OK
+            fault_hook.restore_unsynced("all")  # the power cut
+        finally:
+            await client.close()
+            await server.stop()
+            await svc.resync.close()
+            await svc.peers.close()
+        device_io.uninstall_fault_hook()  # the hook keeps its lock: nothing more gets through
+        for dev in store.devices:  # the process died: no clean close
+            dev.close()
+
+        after = ChunkStore([DeviceSpec(path, 64 << 20, "pool") for path in paths])
+        after.open()
+        try:
+            got = after.read(VOLUME, CHUNK, 0, 2 * PAGE)
+            assert got is not None
+            assert bytes(got) == new + old[:PAGE], "the FUA write was lost in the power cut"
+        finally:
+            after.close()
+
+    asyncio.run(main())
