@@ -884,8 +884,9 @@ def test_sds_failure_degrades_its_pgs(
     totals = ok(api("GET", "/health/metrics", token=None))
     assert totals["pgs_degraded"] == len(with_sds1)
     assert totals["volumes_degraded"] == 2  # both volumes span every PG of the pool
-    # sds1 returns: its copies are stale; its PGs are resynced (invariant 4), and are
-    # clean only when the primary reports the copy done, at a map that is still current.
+    # sds1 returns: its copies are stale; its PGs are resynced (docs/design.md,
+    # invariant 4), and are clean only when the primary reports the copy done, at a map
+    # that is still current.
     heartbeats.ids.add(ids[0])
     heartbeats.beat_now()
     deadline = time.monotonic() + 10

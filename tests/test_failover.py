@@ -1,4 +1,4 @@
-"""IO survives the loss of one SDS (DESIGN.md invariants 1, 3, 4; docs/mdm.md "Failures").
+"""IO survives the loss of one SDS (docs/design.md, invariants 1, 3, 4; docs/mdm.md "Failures").
 
 A real MDM with a short heartbeat timeout, three real SDSs in three fault sets and the
 real SDC. fio writes (and then verifies) a volume through NBD while one SDS is

@@ -1,5 +1,5 @@
-"""Real faults against a real cluster, with IO running through NBD (DESIGN.md
-"Failure handling", invariants 1, 2, 4 and 5; docs/mdm.md "Failures").
+"""Real faults against a real cluster, with IO running through NBD (docs/design.md,
+invariants 1, 2, 4 and 5; docs/mdm.md "Failures").
 
 Each test builds its own small cluster (a real MDM on SQLite with a 3 s heartbeat
 timeout, real SDSs, the real SDC) and drives IO with fio's nbd engine

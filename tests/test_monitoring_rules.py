@@ -3,11 +3,11 @@
 - ``promtool check config`` / ``check rules`` / ``test rules`` on the shipped files,
   and ``amtool check-config`` on the Alertmanager configuration (also with its
   commented example receivers switched on);
-- conventions of STYLE.md ("Prometheus rules"): names, ``for:``, severity, the three
-  annotations, a runbook section per alert, a ``...Down`` alert and a target-missing
-  alert per scrape job, and a promtool test per alert that shows it pending (not
-  firing) inside its ``for:`` window and firing after it with its full labels and
-  annotations;
+- the conventions of docs/monitoring.md ("Alert rules"): names, ``for:``, severity,
+  the three annotations, a runbook section per alert, a ``...Down`` alert and a
+  target-missing alert per scrape job, and a promtool test per alert that shows it
+  pending (not firing) inside its ``for:`` window and firing after it with its full
+  labels and annotations;
 - the inhibition (MeshblockSdsDown mutes MeshblockPgsDegraded in its protection
   domain) and the webhook contract (bearer token, resolved notifications) on a real
   Alertmanager posting to a webhook receiver in this test;

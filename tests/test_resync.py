@@ -1,5 +1,5 @@
-"""A returning SDS is resynchronised before its copies count again (DESIGN.md
-invariant 4; docs/mdm.md "Failures", docs/sds.md "Resync").
+"""A returning SDS is resynchronised before its copies count again (docs/design.md,
+invariant 4; docs/mdm.md "Failures", docs/sds.md "Copies").
 
 Real MDM (heartbeat timeout 3 s), three real SDSs in three fault sets, the real SDC.
 An SDS is SIGKILLed, new data is written through NBD while it is down, it comes back:

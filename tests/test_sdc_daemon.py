@@ -2,8 +2,9 @@
 
 What needs no SDS: registration, heartbeats, following the maps (a mapping becomes an
 export within a second, unmapping closes it), a read-only mapping, /health and
-/metrics, exit 0 on SIGTERM with no secret in the log, and invariant 5 (the MDM down:
-the SDC keeps its exports, also across its own restart, from cached maps).
+/metrics, exit 0 on SIGTERM with no secret in the log, and docs/design.md, invariant 5
+(the MDM down: the SDC keeps its exports, also across its own restart, from cached
+maps).
 The data path through real SDSs is in test_sdc_e2e.py.
 """
 
@@ -204,7 +205,8 @@ def test_health_and_metrics(sdc: SdcDaemon) -> None:
 def test_mdm_down_keeps_cached_exports(
     mdm_sqlite: MdmDaemon, pool_id: int, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
-    """Invariant 5: without the MDM, exports stay, also across an SDC restart."""
+    """docs/design.md, invariant 5: without the MDM, exports stay, also across an SDC
+    restart."""
     api = mdm_sqlite.api()
     sdc = SdcDaemon(tmp_path_factory.mktemp("sdc-cache"), mdm_sqlite)
     sdc.start()

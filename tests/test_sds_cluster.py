@@ -1,6 +1,6 @@
 """A real MDM and three real ``meshblock-sds`` processes on loopback, driven through
-the wire client: mirrored writes, the five IO invariants that concern the SDS, auth,
-malformed input, /health and /metrics.
+the wire client: mirrored writes, the IO invariants of docs/design.md that concern the
+SDS, auth, malformed input, /health and /metrics.
 
 The MDM runs on SQLite only: these tests are about the data plane.
 """
@@ -101,7 +101,8 @@ def test_map_has_primaries_and_secondaries_on_distinct_sds(cluster: Cluster) -> 
 
 
 def test_write_then_both_copies_hold_it(cluster: Cluster) -> None:
-    """Invariant 1: once a write is acknowledged, the secondary's copy has it."""
+    """docs/design.md, invariant 1: once a write is acknowledged, the secondary's copy
+    has it."""
     doc = cluster.pgmap()
     volume = 101
 
@@ -144,9 +145,9 @@ def test_unwritten_chunk_reads_as_zeroes(cluster: Cluster) -> None:
 
 
 def test_concurrent_overlapping_writes_leave_identical_copies(cluster: Cluster) -> None:
-    """Invariant 2: many overlapping writes from several connections at once, then
-    both copies of every chunk are byte-identical (and equal to what the primary
-    serves)."""
+    """docs/design.md, invariant 2: many overlapping writes from several connections
+    at once, then both copies of every chunk are byte-identical (and equal to what the
+    primary serves)."""
     doc = cluster.pgmap()
     volume = 103
     chunks = list(range(6))
@@ -452,7 +453,7 @@ def test_heartbeat_reports_usage_to_the_mdm(cluster: Cluster) -> None:
 
 
 def test_sds_keeps_serving_without_the_mdm(cluster: Cluster) -> None:
-    """Invariant 5: IO continues on cached maps while the MDM is down."""
+    """docs/design.md, invariant 5: IO continues on cached maps while the MDM is down."""
     doc = cluster.pgmap()
     volume = 107
     cluster.mdm.stop()
@@ -504,9 +505,9 @@ def test_sds_keeps_serving_without_the_mdm(cluster: Cluster) -> None:
 
 
 def test_stale_epoch_is_refused_after_a_map_change(cluster: Cluster) -> None:
-    """Invariant 3: a fourth SDS joins, the map moves on; requests with the old epoch
-    are refused with EPOCH_STALE and the reply tells the new epoch. Runs last: it
-    changes the cluster."""
+    """docs/design.md, invariant 3: a fourth SDS joins, the map moves on; requests
+    with the old epoch are refused with EPOCH_STALE and the reply tells the new epoch.
+    Runs last: it changes the cluster."""
     old = cluster.pgmap()
     volume, chunk = 108, 2
     r_old = route(cluster, old, volume, chunk)

@@ -379,7 +379,8 @@ def test_power_loss_never_exposes_another_chunks_data(
 ) -> None:
     """Power cuts at random points of a write/trim/sync workload, losing a random
     subset of the unsynced pages: after each, the index is consistent and no chunk
-    shows another chunk's bytes (invariant of docs/sds.md, "Crash safety")."""
+    shows another chunk's bytes (docs/design.md, invariant 6; docs/sds.md, "Crash
+    safety")."""
     capacity = 12 * MiB
     path = tmp_path / "dev.img"
     make_store(path, capacity).close()

@@ -1,10 +1,11 @@
 """``MdmClient``: the MDM's REST API over ``urllib.request``, with typed errors.
 
 The client takes one or more MDM base URLs. A request goes to the first address
-that accepts a connection (DESIGN.md: clients fail over between the addresses they
-are given) and follows a standby MDM's ``307``/``308`` redirect to the leader with
-the same method and body. Every error becomes a :class:`~meshblock.cli.errors.CliError`
-whose exit code tells scripts what happened; the token never appears in a message.
+that accepts a connection (clients fail over between the addresses they are given:
+docs/design.md, "Control flow") and follows a standby MDM's ``307``/``308`` redirect
+to the leader with the same method and body. Every error becomes a
+:class:`~meshblock.cli.errors.CliError` whose exit code tells scripts what happened;
+the token never appears in a message.
 """
 
 from __future__ import annotations

@@ -17,12 +17,12 @@ on an SDS whose state changed (see docs/mdm.md, "Failures"):
 | inactive | the primary's SDS is back | degraded (resyncing if the secondary's is up) |
 
 A degraded PG's secondary is stale: its primary writes alone and no client reads
-from it, even after its SDS returns, until it is resynchronised (invariant 4). While
-``resyncing`` the primary forwards new writes to the secondary again and copies what
-it missed (``meshblock.sds.resync``); when done it reports to the MDM
-(``POST /api/v1/sds/{id}/pg-synced``, :func:`mark_synced`), which makes the PG clean.
-Every change bumps the pool's map epoch, so SDCs and SDSs learn of it through their
-long-polls.
+from it, even after its SDS returns, until it is resynchronised (docs/design.md,
+invariant 4). While ``resyncing`` the primary forwards new writes to the secondary
+again and copies what it missed (``meshblock.sds.resync``); when done it reports to
+the MDM (``POST /api/v1/sds/{id}/pg-synced``, :func:`mark_synced`), which makes the PG
+clean. Every change bumps the pool's map epoch, so SDCs and SDSs learn of it through
+their long-polls.
 
 Nothing is declared down during the first ``heartbeat_timeout_s`` after the MDM
 starts: SDSs need that long to reach a restarted MDM, and their heartbeats from

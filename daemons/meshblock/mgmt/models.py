@@ -1,7 +1,8 @@
 """MGMT's tables, in SQLAlchemy 2.0's typed declarative ORM.
 
 - ``alert_history``: one row per alert occurrence that Alertmanager notified us of
-  (DESIGN.md's fields, plus ``fingerprint``: see :class:`AlertHistory`);
+  (the fields of docs/design.md, "Object model", plus ``fingerprint``: see
+  :class:`AlertHistory`);
 - ``alert_rules``: the alerting rules Prometheus has loaded, synced from its rules API;
 - ``users``, ``api_tokens``, ``sessions``: who may read and act.
 
@@ -110,7 +111,7 @@ class AlertHistory(Base):
     """One occurrence of an alert: a label set (``fingerprint``) that started firing at
     ``fired_at`` (Alertmanager's ``startsAt``).
 
-    ``fingerprint`` is not among DESIGN.md's fields: it is Alertmanager's hash of the
+    ``fingerprint`` is not among docs/design.md's fields: it is Alertmanager's hash of the
     alert's label set, and (fingerprint, fired_at) is the identity that makes the
     webhook idempotent. Finding a row by it must be an indexed column lookup on both
     SQLite and PostgreSQL, which a search inside ``details_json`` cannot be.

@@ -5,7 +5,7 @@ latest maps, following them with the MDM's long-poll so that a change reaches th
 as soon as the MDM commits it. The IO path asks for an immediate refresh
 (:meth:`MapFollower.refresh`) when an SDS refuses a request for a stale epoch.
 
-When no MDM can be reached, the SDC keeps serving IO on the maps it has (DESIGN.md
+When no MDM can be reached, the SDC keeps serving IO on the maps it has (docs/design.md,
 invariant 5); the maps are also kept in ``<state_dir>/maps.json`` so that an SDC
 restarted while the MDM is down still serves its volumes.
 """

@@ -2,7 +2,7 @@
 
 A map comes from the MDM (``GET /api/v1/pools/{id}/pgmap``, long-polled by
 :mod:`meshblock.sds.mdm_client`) or from the state file at start, so that the SDS
-keeps serving on its cached maps while the MDM is away (invariant 5).
+keeps serving on its cached maps while the MDM is away (docs/design.md, invariant 5).
 """
 
 from __future__ import annotations

@@ -11,8 +11,8 @@
   ``SYNCED_BATCH_S`` of each other in one ``POST /api/v1/sds/{id}/pgs-synced``.
 - Identity and maps are saved in ``state_dir/state.json`` (by
   :func:`meshblock.files.write_atomic`), and loaded at the next start: with the MDM
-  unreachable the SDS serves on its cached maps (invariant 5) and keeps retrying.
-  Several MDM URLs are tried in turn.
+  unreachable the SDS serves on its cached maps (docs/design.md, invariant 5) and keeps
+  retrying. Several MDM URLs are tried in turn.
 """
 
 from __future__ import annotations

@@ -2,14 +2,14 @@
 
 - :class:`RangeLocks` orders overlapping writes to one chunk: a write waits for every
   earlier write whose byte range overlaps its own to finish on both copies, so both
-  copies apply overlapping writes in the same order (invariant 2). Writes that do not
-  overlap run concurrently.
+  copies apply overlapping writes in the same order (docs/design.md, invariant 2).
+  Writes that do not overlap run concurrently.
 - :class:`Peers` keeps one persistent ``SDS_PEER`` data connection per peer SDS,
   opened on first use and again after it broke, and remembers which peers received
   writes since the last FLUSH.
 - :class:`DegradedWrites` remembers, per PG that this SDS serves alone (not
   ``clean``), which chunks it wrote meanwhile: what a delta resync of the stale
-  copy has to copy (invariant 4).
+  copy has to copy (docs/design.md, invariant 4).
 """
 
 from __future__ import annotations

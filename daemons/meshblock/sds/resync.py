@@ -4,7 +4,7 @@ One job per PG this SDS is primary of, whenever the map names a copy to fill
 (:meth:`meshblock.sds.maps.PgMap.copy_to`); new writes are forwarded to that copy
 meanwhile (io_path):
 
-- ``resyncing`` (the stale secondary's SDS is back, DESIGN.md invariant 4): the chunks
+- ``resyncing`` (the stale secondary's SDS is back, docs/design.md, invariant 4): the chunks
   in the PG's :class:`~meshblock.sds.replication.DegradedWrites` record when it is
   complete (this process saw the PG leave ``clean`` and the secondary did not change
   since): the delta; else every chunk of the PG this SDS holds: a full copy;

@@ -1,6 +1,6 @@
 """Prove that both copies of every chunk of a volume are byte-identical.
 
-DESIGN.md's invariant 2: once no write is in flight, the two replicas of a chunk are
+docs/design.md, invariant 2: once no write is in flight, the two replicas of a chunk are
 byte-identical. This checker reads, for every chunk of a volume, the copy on the PG's
 primary and the copy on its secondary straight from the two SDSs (``CHUNK_READ_RAW``
 over the data protocol, role ``TOOL``, authenticated with the cluster secret) and
