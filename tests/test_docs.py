@@ -4,9 +4,10 @@
   repository, and its ``#anchor`` to a heading of that file;
 - no file of the repository cites a document kept outside it (the design, style and
   performance notes the project started from);
-- every ``docs/<name>.md`` that a file names exists, every invariant cited as
-  ``docs/design.md, invariant N`` is one that docs/design.md states, and every test
-  that a document names as ``tests/test_x.py::test_y`` is defined there.
+- every ``docs/<name>.md`` that a file names exists, and so does a section it cites
+  (``docs/sds.md, "Crash safety"``); every invariant cited as
+  ``docs/design.md, invariant N`` is one that docs/design.md states; every test that a
+  document names as ``tests/test_x.py::test_y`` is defined there.
 """
 
 from __future__ import annotations
@@ -62,6 +63,10 @@ INVARIANT_CITATION = re.compile(
     r"docs/design\.md[,:]?\s+(?:#\s*)?invariants?\s+(\d+(?:(?:,\s*|\s+and\s+)\d+)*)"
 )
 DOC_PATH = re.compile(r"(?<![\w/.-])docs/([\w-]+)\.md\b")
+# docs/sds.md, "Crash safety" / [sds.md](sds.md), "Crash safety" / docs/performance.md, *Data path*
+SECTION_CITATION = re.compile(
+    r"(?:(?<![\w/.-])docs/|\]\()([\w-]+)\.md\)?,?\s+(?:\"([^\"]{1,80})\"|\*([^*]{1,80})\*)"
+)
 TEST_CITATION = re.compile(r"(tests/test_\w+\.py)::(\w+)")
 
 
@@ -77,7 +82,7 @@ def repository_files() -> Iterator[Path]:
                 yield path
 
 
-def prose_lines(path: Path) -> Iterator[tuple[int, str]]:
+def prose_lines(path: Path, keep_code_spans: bool = False) -> Iterator[tuple[int, str]]:
     """The lines of a Markdown file outside fenced code blocks, code spans removed."""
     fenced = False
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
@@ -85,7 +90,7 @@ def prose_lines(path: Path) -> Iterator[tuple[int, str]]:
             fenced = not fenced
             continue
         if not fenced:
-            yield number, CODE_SPAN.sub("", line)
+            yield number, line if keep_code_spans else CODE_SPAN.sub("", line)
 
 
 def slug(heading: str) -> str:
@@ -96,18 +101,28 @@ def slug(heading: str) -> str:
     return text.replace(" ", "-")
 
 
+def names_a_section(cited: str, heading: str) -> bool:
+    """A citation names a heading by its text or by its first words ("Copies" for
+    "Copies: resync, rebuild and rebalance moves")."""
+    cited, heading = " ".join(cited.split()).lower(), heading.lower()
+    return heading == cited or (heading.startswith(cited) and not heading[len(cited)].isalnum())
+
+
+def headings(path: Path) -> list[str]:
+    """The headings of a Markdown file as plain text (outside fenced code blocks)."""
+    result = []
+    for _, line in prose_lines(path, keep_code_spans=True):
+        if m := HEADING.match(line):
+            text = re.sub(r"\[([^\]]*)\]\([^)]*\)", r"\1", m.group(2)).replace("`", "")
+            result.append(" ".join(text.split()))
+    return result
+
+
 def anchors(path: Path) -> set[str]:
     seen: dict[str, int] = {}
     result = set()
-    fenced = False
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if FENCE.match(line):
-            fenced = not fenced
-            continue
-        m = HEADING.match(line)
-        if fenced or not m:
-            continue
-        base = slug(m.group(2))
+    for heading in headings(path):
+        base = slug(heading)
         n = seen.get(base, 0)
         seen[base] = n + 1
         result.add(base if n == 0 else f"{base}-{n}")
@@ -183,6 +198,18 @@ def test_every_cited_doc_and_invariant_exists() -> None:
             for number in map(int, re.findall(r"\d+", m.group(1))):
                 if number not in stated:
                     problems.append(f"{where}: cites invariant {number}, not in docs/design.md")
+    assert problems == []
+
+
+def test_every_cited_section_exists() -> None:
+    problems = []
+    for path in repository_files():
+        text = path.read_text(encoding="utf-8", errors="replace")
+        for m in SECTION_CITATION.finditer(text):
+            doc, cited = ROOT / "docs" / f"{m.group(1)}.md", m.group(2) or m.group(3)
+            if doc.exists() and not any(names_a_section(cited, h) for h in headings(doc)):
+                where = f"{path.relative_to(ROOT)}:{text.count(chr(10), 0, m.start()) + 1}"
+                problems.append(f"{where}: docs/{m.group(1)}.md has no section {cited!r}")
     assert problems == []
 
 
