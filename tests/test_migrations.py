@@ -8,7 +8,13 @@ schema that matches the ORM models exactly (Alembic's autogenerate finds no diff
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -17,7 +23,7 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import func, inspect, select, text
+from sqlalchemy import MetaData, func, inspect, select, text
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -25,6 +31,9 @@ from _mdm import MdmDaemon
 from conftest import BACKENDS, new_database_url
 from meshblock.mdm.db import SchemaError, alembic_config, create_engine, migrate
 from meshblock.mdm.models import Base
+from meshblock.mgmt.db import VERSION_TABLE as MGMT_VERSION_TABLE
+from meshblock.mgmt.db import migrate as mgmt_migrate
+from meshblock.sqlstore import KILL_AFTER_DDL_ENV
 
 T = TypeVar("T")
 
@@ -347,3 +356,98 @@ def test_upgrade_from_0003_keeps_rows_and_ids_are_not_reused(empty_db: str) -> N
     second = run_sync(empty_db, _add_one_of_each)
     for table, old in first.items():
         assert second[table] > old, f"{table}: id {old} was handed out again"
+
+
+# -- an upgrade is all-or-nothing ---------------------------------------------------------
+
+DAEMON_MIGRATIONS: dict[str, tuple[Callable[[AsyncEngine], Awaitable[None]], str]] = {
+    "mdm": (migrate, "alembic_version"),
+    "mgmt": (mgmt_migrate, MGMT_VERSION_TABLE),
+}
+
+
+def _migrate_and_get_killed(url: str, daemon: str, after_ddl: int) -> None:
+    """In a forked child: the daemon's migration with the kill hook armed."""
+    os.environ[KILL_AFTER_DDL_ENV] = str(after_ddl)
+    with_engine(url, DAEMON_MIGRATIONS[daemon][0])
+
+
+def drop_all_tables(conn: Connection) -> None:
+    tables = MetaData()
+    tables.reflect(conn)
+    tables.drop_all(conn)
+
+
+def revision_in(version_table: str) -> Callable[[Connection], str | None]:
+    def read(conn: Connection) -> str | None:
+        opts = {"version_table": version_table}
+        return MigrationContext.configure(conn, opts=opts).get_current_revision()
+
+    return read
+
+
+@pytest.mark.parametrize("daemon", ["mdm", "mgmt"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_killed_after_any_ddl_statement_the_next_start_reaches_head(
+    backend: str, daemon: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """The process is SIGKILLed right after the 1st, 2nd, ... DDL statement of the
+    upgrade from an empty database; the next start (the same migration code) brings
+    the database to the head revision with the schema of an uninterrupted upgrade."""
+    do_migrate, version_table = DAEMON_MIGRATIONS[daemon]
+    reference_url = new_database_url(backend, request, tmp_path / "reference")
+    with_engine(reference_url, do_migrate)
+    head = run_sync(reference_url, revision_in(version_table))
+    reference = run_sync(reference_url, schema_snapshot)
+
+    fork = multiprocessing.get_context("fork")
+    kills = 0
+    url = new_database_url(backend, request, tmp_path)
+    for after_ddl in itertools.count(1):
+        if backend == "sqlite":  # a new file is quicker than dropping every table
+            url = new_database_url(backend, request, tmp_path / str(after_ddl))
+        else:
+            run_sync(url, drop_all_tables)
+        child = fork.Process(target=_migrate_and_get_killed, args=(url, daemon, after_ddl))
+        child.start()
+        child.join(timeout=120)
+        if child.exitcode == 0:
+            break  # fewer DDL statements than after_ddl: the upgrade ran to its end
+        assert child.exitcode == -signal.SIGKILL, f"after DDL {after_ddl}: {child.exitcode}"
+        kills += 1
+        with_engine(url, do_migrate)
+        assert run_sync(url, revision_in(version_table)) == head, f"after DDL {after_ddl}"
+        assert run_sync(url, schema_snapshot) == reference, f"after DDL {after_ddl}"
+    # Every table is one DDL statement at least: the hook did cut each migration.
+    assert kills >= len(reference) - 1, kills
+
+
+def test_mdm_killed_in_its_first_migration_starts_and_serves(empty_db: str, tmp_path: Path) -> None:
+    """The issue's case with the real daemon: ``meshblock-mdm`` killed after the third
+    CREATE TABLE of its first start used to crash-loop on "table ... already exists"."""
+    daemon = MdmDaemon(tmp_path / "mdm", empty_db)
+    killed = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "meshblock.mdm",
+            "--config",
+            str(daemon.config_path),
+            "--migrate-only",
+        ],
+        env={**os.environ, KILL_AFTER_DDL_ENV: "3"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert run_sync(empty_db, current_revision) is None, "nothing of the upgrade is kept"
+    try:
+        daemon.start()
+        status, _ = daemon.api()("POST", "/api/v1/protection-domains", {"name": "pd1"})
+        assert status == 201
+        assert daemon.stop() == 0
+    finally:
+        daemon.kill()
+    assert run_sync(empty_db, current_revision) == head_revision()
+    assert "already exists" not in daemon.log_text()

@@ -1,18 +1,27 @@
 """The SQL store shared by the MDM and MGMT: engines, sessions, schema migrations.
 
-SQLite (``sqlite+aiosqlite``) runs in WAL mode with foreign keys enforced; PostgreSQL
-(``postgresql+asyncpg``) is the production engine. Each daemon has its own Alembic
-migrations (:class:`Migrations`) and version table, so that both may share one
-PostgreSQL database. On start a daemon brings an older schema up to date and refuses
-a schema newer than it knows (a downgrade of the software) with a message that says so.
+SQLite (``sqlite+aiosqlite``) runs in WAL mode with foreign keys enforced and
+``synchronous=FULL``: every commit is fsynced to the WAL before it is acknowledged, so a
+power cut never takes back a committed change (with ``NORMAL`` the last commits before
+the cut may vanish: a PG-map epoch that SDSs already saw could go backwards).
+PostgreSQL (``postgresql+asyncpg``) is the production engine.
+
+Each daemon has its own Alembic migrations (:class:`Migrations`) and version table, so
+that both may share one PostgreSQL database. On start a daemon brings an older schema
+up to date and refuses a schema newer than it knows (a downgrade of the software) with
+a message that says so. The upgrade is one transaction, DDL included, on both engines:
+a crash in the middle leaves the schema as it was before, and the next start runs the
+whole upgrade again.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+import os
+import signal
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +35,12 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.ext.asyncio import create_async_engine as _create_async_engine
 
 log = logging.getLogger(__name__)
+
+#: Test-only fault injection: with this set to N, the migration runner SIGKILLs its
+#: own process right after the N-th DDL statement of an upgrade, to show that the
+#: upgrade is all-or-nothing. Nobody sets a variable of this name by accident.
+KILL_AFTER_DDL_ENV = "MESHBLOCK_TEST_ONLY_SIGKILL_AFTER_DDL"
+_DDL_VERBS = frozenset({"CREATE", "ALTER", "DROP"})
 
 
 class SchemaError(Exception):
@@ -57,7 +72,7 @@ def create_engine(url: str, echo: bool = False, pool_size: int = 10) -> AsyncEng
 
 def _on_sqlite_connect(dbapi_conn: Any, _record: Any) -> None:
     cur = dbapi_conn.cursor()
-    for pragma in ("journal_mode=WAL", "synchronous=NORMAL", "foreign_keys=ON",
+    for pragma in ("journal_mode=WAL", "synchronous=FULL", "foreign_keys=ON",
                    "busy_timeout=30000"):  # fmt: skip
         cur.execute(f"PRAGMA {pragma}")
     cur.close()
@@ -105,6 +120,18 @@ class Migrations:
             command.upgrade(cfg, "head")
         return current, head
 
+    def _upgrade_in_one_transaction(self, conn: Connection) -> tuple[str | None, str]:
+        with _transactional_ddl(conn), _kill_after_ddl(conn), conn.begin():
+            revisions = self._upgrade(conn)
+            if conn.dialect.name == "sqlite":
+                bad = conn.exec_driver_sql("PRAGMA foreign_key_check").all()
+                if bad:
+                    raise SchemaError(
+                        f"the migration of {self.owner}'s schema left rows whose "
+                        f"foreign keys point nowhere: {bad[:5]}; nothing was changed"
+                    )
+            return revisions
+
     async def migrate(self, engine: AsyncEngine) -> None:
         """Bring the schema to this release's head revision, or raise SchemaError.
 
@@ -119,15 +146,7 @@ class Migrations:
                 await conn.exec_driver_sql("PRAGMA foreign_keys = OFF")
                 await conn.commit()
             try:
-                async with conn.begin():
-                    before, head = await conn.run_sync(self._upgrade)
-                    if sqlite:
-                        bad = (await conn.exec_driver_sql("PRAGMA foreign_key_check")).all()
-                        if bad:
-                            raise SchemaError(
-                                f"the migration of {self.owner}'s schema left rows whose "
-                                f"foreign keys point nowhere: {bad[:5]}; nothing was changed"
-                            )
+                before, head = await conn.run_sync(self._upgrade_in_one_transaction)
             finally:
                 if sqlite:
                     await conn.exec_driver_sql("PRAGMA foreign_keys = ON")
@@ -136,6 +155,70 @@ class Migrations:
             log.info("database schema upgraded from %s to %s", before or "empty", head)
         else:
             log.info("database schema is current (%s)", head)
+
+
+@contextmanager
+def _transactional_ddl(conn: Connection) -> Iterator[None]:
+    """Make the transactions of ``conn`` cover DDL on SQLite.
+
+    Python's sqlite3 driver (under aiosqlite too) opens a transaction only before
+    INSERT, UPDATE, DELETE and REPLACE: a CREATE TABLE runs in autocommit, so a crash
+    in the middle of a migration left some tables created and the revision not
+    recorded, and every later start failed on "table ... already exists". As
+    SQLAlchemy documents for pysqlite, the driver's own handling is switched off
+    (``isolation_level = None``) and SQLAlchemy's begin emits the BEGIN itself;
+    IMMEDIATE takes the write lock at once, so two daemons starting on one file
+    upgrade one after the other. The connection is set back afterwards.
+    """
+    if conn.dialect.name != "sqlite":
+        yield  # PostgreSQL: DDL is transactional, asyncpg begins before the first one
+        return
+    dbapi_conn: Any = conn.connection.dbapi_connection
+    previous = dbapi_conn.isolation_level
+
+    def begin(c: Connection) -> None:
+        c.exec_driver_sql("BEGIN IMMEDIATE")
+
+    dbapi_conn.isolation_level = None
+    event.listen(conn, "begin", begin)
+    try:
+        yield
+    finally:
+        event.remove(conn, "begin", begin)
+        dbapi_conn.isolation_level = previous
+
+
+@contextmanager
+def _kill_after_ddl(conn: Connection) -> Iterator[None]:
+    """The test-only hook of :data:`KILL_AFTER_DDL_ENV`; nothing when it is unset."""
+    raw = os.environ.get(KILL_AFTER_DDL_ENV)
+    if not raw:
+        yield
+        return
+    try:
+        limit = int(raw)
+    except ValueError:
+        limit = 0
+    if limit < 1:
+        log.warning("ignoring %s=%r: not a positive number", KILL_AFTER_DDL_ENV, raw)
+        yield
+        return
+    log.warning("%s=%d: this process kills itself during the migration", KILL_AFTER_DDL_ENV, limit)
+    count = 0
+
+    def after(c: Connection, _cursor: Any, statement: str, *_args: Any) -> None:
+        nonlocal count
+        words = statement.split(None, 1)
+        if words and words[0].upper() in _DDL_VERBS:
+            count += 1
+            if count == limit:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    event.listen(conn, "after_cursor_execute", after)
+    try:
+        yield
+    finally:
+        event.remove(conn, "after_cursor_execute", after)
 
 
 class WriteGate:
