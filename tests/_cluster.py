@@ -15,7 +15,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ import _http
 from _mdm import MdmDaemon
 from _sdc import SdcDaemon
 from _sds import PG_COUNT, POOL, SdsDaemon
+from _wait import wait_until
 from meshblock.chunks import pg_of
 
 LAB_PORTS = 9  # a lab uses ports BASE..BASE+8
@@ -53,17 +53,15 @@ class Cluster:
         return {i: s for i, port in ports.items() for s in self.sds if s.data_port == port}
 
     def wait_epoch_everywhere(self, epoch: int, timeout: float = 15.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if all(
-                s.proc is not None
-                and s.proc.poll() is None
-                and s.health()["maps"].get(str(self.pool_id), 0) >= epoch
+        wait_until(
+            lambda: all(
+                s.running() and s.health()["maps"].get(str(self.pool_id), 0) >= epoch
                 for s in self.sds
-            ):
-                return
-            time.sleep(0.05)
-        raise AssertionError(f"not every SDS reached map epoch {epoch}")
+            ),
+            timeout,
+            f"every SDS to reach map epoch {epoch}",
+            interval=0.05,
+        )
 
 
 @dataclass
@@ -245,12 +243,14 @@ class LabCluster:
         return dict(r.body)
 
     def wait_sdc(self, what: str, cond: Any, timeout: float = 15.0) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        while not cond(h := self.sdc_health()):
-            if time.monotonic() > deadline:
-                raise AssertionError(f"timed out waiting for {what}: {h}\n{self.logs_tail()}")
-            time.sleep(0.05)
-        return h
+        seen: list[dict[str, Any]] = [{}]
+
+        def holds() -> dict[str, Any] | None:
+            seen[0] = self.sdc_health()
+            return seen[0] if cond(seen[0]) else None
+
+        detail = lambda: f"health: {seen[0]}\n{self.logs_tail()}"  # noqa: E731
+        return wait_until(holds, timeout, what, interval=0.05, detail=detail)
 
 
 def process_running(pid: int) -> bool:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import http.cookiejar
 import json
-import os
 import re
 import secrets
 import subprocess
@@ -21,56 +20,37 @@ import sys
 import urllib.error
 import urllib.parse
 import urllib.request
-from pathlib import Path
 from typing import Any
 
 import _http
-from _mdm import dump_toml, merge
-from _monitoring import START_TIMEOUT_S, ServerError, ServerProcess
 from _ports import free_port
+from _process import HttpDaemon, ProcessError
 
 # -- MGMT ------------------------------------------------------------------------------
 
 
-class MgmtDaemon(ServerProcess):
-    """One MGMT process with its config, users and credentials."""
+class MgmtDaemon(HttpDaemon):
+    """``MgmtDaemon(workdir, db_url, overrides=None)``: MGMT, its users and tokens."""
 
-    name = "mgmt"
+    name = "MGMT"
+    module = "meshblock.mgmt"
+    ready_path = "/login"
 
-    def __init__(
-        self,
-        workdir: Path,
-        db_url: str,
-        overrides: dict[str, dict[str, Any]] | None = None,
-    ) -> None:
-        super().__init__(workdir)
-        self.host = "127.0.0.1"
-        self.port = free_port(self.host)
+    def initial_settings(self) -> dict[str, dict[str, Any]]:
+        self.admin_token = self.viewer_token = ""  # set by create_users()
         self.webhook_token = "whk-" + secrets.token_urlsafe(24)
         self.admin_password = "adm-" + secrets.token_urlsafe(12)
         self.viewer_password = "vw-" + secrets.token_urlsafe(12)
-        self.admin_token = ""  # set by create_users()
-        self.viewer_token = ""
-        self.config_path = workdir / "mgmt.toml"
         dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
-        self.settings: dict[str, dict[str, Any]] = {
+        return {
             "http": {"host": self.host, "port": self.port},
             "auth": {"webhook_token": self.webhook_token},
-            "database": {"url": db_url},
+            "database": {"url": self.db_url},
             "mdm": {"url": dead, "timeout_s": 2.0},
             "prometheus": {"url": dead, "timeout_s": 2.0, "rules_sync_interval_s": 3600.0},
             "alertmanager": {"url": dead, "timeout_s": 5.0},
             "logging": {"level": "INFO"},
         }
-        merge(self.settings, overrides or {})
-        self.write_config()
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
-
-    def write_config(self) -> None:
-        self.config_path.write_text(dump_toml(self.settings))
 
     def cli(self, *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
         """Run ``meshblock-mgmt --config mgmt.toml ARGS`` and return the result."""
@@ -101,21 +81,6 @@ class MgmtDaemon(ServerProcess):
         assert r.returncode == 0, f"token add: {r.stdout}{r.stderr}"
         return r.stdout.strip()
 
-    def start(self, timeout: float = START_TIMEOUT_S) -> None:
-        self._spawn(
-            [
-                sys.executable,
-                "-W",
-                "error",
-                "-m",
-                "meshblock.mgmt",
-                "--config",
-                str(self.config_path),
-            ],
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-        self._wait_ready(self.url + "/login", timeout)
-
     def api(self, token: str | None = None) -> _http.Api:
         return _http.Api(self.url, self.admin_token if token is None else token)
 
@@ -137,7 +102,7 @@ class MgmtDaemon(ServerProcess):
             self.viewer_token,
         ):
             if secret and secret in log:
-                raise ServerError(f"the MGMT log at {self.log_path} contains a secret")
+                raise ProcessError(f"the MGMT log at {self.log_path} contains a secret")
         if "Traceback" in log:
             raise self.fail("the MGMT log has a traceback")
 

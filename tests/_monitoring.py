@@ -1,8 +1,7 @@
-"""Prometheus and Alertmanager as subprocesses, for tests, and the process base class
-that the MGMT helper (``tests/_mgmt.py``) shares with them.
+"""Prometheus and Alertmanager as subprocesses, for tests.
 
-- :class:`ServerProcess`: a subprocess with its output in ``<name>.log``, started,
-  waited for (an HTTP URL answering 200) and stopped politely; failures carry the log.
+- They are :class:`_process.ServerProcess`es (the base class of every process the
+  tests start; ``ServerProcess`` and ``ServerError`` are re-exported from here).
 - :class:`PrometheusServer` and :class:`AlertmanagerServer` run the Debian packages'
   binaries on free loopback ports, with a configuration written into a working
   directory: a minimal one by default, or any other (the end-to-end test builds its
@@ -17,20 +16,19 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import signal
-import subprocess
-import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import yaml
 
 import _http
 from _ports import free_port
+from _process import START_TIMEOUT_S as START_TIMEOUT_S  # re-exported
+from _process import STOP_TIMEOUT_S as STOP_TIMEOUT_S
+from _process import ProcessError
+from _process import ServerProcess as ServerProcess
 
-START_TIMEOUT_S = 30.0
-STOP_TIMEOUT_S = 10.0
 INSTALL_HINT = "install it with `make deps` (as root: `apt-get install -y {pkg}`)"
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,90 +39,7 @@ class ToolMissing(RuntimeError):
     """A server binary the test needs is not installed."""
 
 
-class ServerError(AssertionError):
-    """A server did not start or stop as expected (the message has its log)."""
-
-
-class ServerProcess:
-    """A subprocess with its output in a log file, started and stopped politely."""
-
-    name = "server"
-
-    def __init__(self, workdir: Path) -> None:
-        self.workdir = workdir
-        workdir.mkdir(parents=True, exist_ok=True)
-        self.log_path = workdir / f"{self.name}.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-        self._log: IO[bytes] | None = None
-
-    def log_text(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-
-    def log_tail(self, chars: int = 6000) -> str:
-        return f"--- {self.log_path} ---\n{self.log_text()[-chars:]}"
-
-    def fail(self, what: str) -> ServerError:
-        return ServerError(f"{what}\n{self.log_tail()}")
-
-    def _spawn(self, argv: list[str], env: dict[str, str] | None = None) -> None:
-        assert self.proc is None or self.proc.poll() is not None, "already running"
-        self._close_log()
-        self._log = open(self.log_path, "ab")  # closed in _close_log()
-        self.proc = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            cwd=self.workdir,
-            env=env,
-        )
-
-    def _wait_ready(self, url: str, timeout: float = START_TIMEOUT_S) -> None:
-        assert self.proc is not None
-        deadline = time.monotonic() + timeout
-        last = "no answer"
-        while time.monotonic() < deadline:
-            rc = self.proc.poll()
-            if rc is not None:
-                self._close_log()
-                raise self.fail(f"{self.name} exited with code {rc} while starting")
-            try:
-                status = _http.request("GET", url, timeout=2).status
-                if status == 200:
-                    return
-                last = f"status {status}"
-            except OSError as exc:
-                last = repr(exc)
-            time.sleep(0.1)
-        self.kill()
-        raise self.fail(f"{self.name} was not ready after {timeout:.0f} s ({last})")
-
-    def stop(self, timeout: float = STOP_TIMEOUT_S) -> int:
-        if self.proc is None:
-            return 0
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            rc = self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            raise self.fail(f"{self.name} did not exit within {timeout:.0f} s of SIGTERM") from None
-        self._close_log()
-        return rc
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        self._close_log()
-
-    def _close_log(self) -> None:
-        if self._log is not None:
-            self._log.close()
-            self._log = None
+ServerError = ProcessError  # the name this module gave it first
 
 
 def find_binary(names: tuple[str, ...], package: str) -> str:
@@ -148,10 +63,30 @@ def _write_files(workdir: Path, files: Mapping[str, str]) -> list[Path]:
     return paths
 
 
+class _MonitoringServer(ServerProcess):
+    """A Prometheus-family server: ``binary`` on a free loopback port, its YAML
+    configuration ``doc`` written as ``<name>.yml`` in the working directory."""
+
+    def __init__(self, workdir: Path, binary: str, doc: Mapping[str, Any]) -> None:
+        super().__init__(workdir)
+        self.binary = binary
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.address = f"127.0.0.1:{self.port}"
+        self.config_path = workdir / f"{self.name}.yml"
+        self.config_path.write_text(yaml.safe_dump(dict(doc), sort_keys=False))
+
+    def start_with(self, *flags: str) -> None:
+        """Start with the config, the listen address and ``flags``; wait until ready."""
+        config = f"--config.file={self.config_path}"
+        self.spawn_argv([self.binary, config, f"--web.listen-address={self.address}", *flags])
+        self.wait_http(self.url + "/-/ready")
+
+
 # -- Alertmanager ----------------------------------------------------------------------
 
 
-class AlertmanagerServer(ServerProcess):
+class AlertmanagerServer(_MonitoringServer):
     """Alertmanager (Debian ``prometheus-alertmanager``).
 
     Without ``config`` it has a do-nothing receiver; otherwise ``config`` is the
@@ -167,36 +102,28 @@ class AlertmanagerServer(ServerProcess):
         config: Mapping[str, Any] | None = None,
         files: Mapping[str, str] | None = None,
     ) -> None:
-        super().__init__(workdir)
-        self.binary = find_binary(
-            ("prometheus-alertmanager", "alertmanager"), "prometheus-alertmanager"
-        )
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.address = f"127.0.0.1:{self.port}"
+        binary = find_binary(("prometheus-alertmanager", "alertmanager"), "prometheus-alertmanager")
         _write_files(workdir, files or {})
         doc = config or {"route": {"receiver": "nobody"}, "receivers": [{"name": "nobody"}]}
-        self.config_path = workdir / "alertmanager.yml"
-        self.config_path.write_text(yaml.safe_dump(dict(doc), sort_keys=False))
+        super().__init__(workdir, binary, doc)
 
     def start(self) -> None:
-        self._spawn(
-            [
-                self.binary,
-                f"--config.file={self.config_path}",
-                f"--storage.path={self.workdir / 'data'}",
-                f"--web.listen-address={self.address}",
-                "--cluster.listen-address=",  # no gossip: a single test instance
-                "--log.level=info",
-            ]
+        self.start_with(
+            f"--storage.path={self.workdir / 'data'}",
+            "--cluster.listen-address=",  # no gossip: a single test instance
+            "--log.level=info",
         )
-        self._wait_ready(self.url + "/-/ready")
 
     def silences(self) -> list[dict[str, Any]]:
         status, body = _http.request("GET", self.url + "/api/v2/silences")
         assert status == 200, body
         assert isinstance(body, list)
         return body
+
+    def post(self, alerts: list[dict[str, Any]]) -> None:
+        """Post alerts as Prometheus does (``POST /api/v2/alerts``)."""
+        r = _http.request("POST", self.url + "/api/v2/alerts", alerts)
+        assert r.status == 200, (r.status, r.body)
 
     def alerts(self) -> list[dict[str, Any]]:
         status, body = _http.request("GET", self.url + "/api/v2/alerts", timeout=5)
@@ -208,7 +135,7 @@ class AlertmanagerServer(ServerProcess):
 # -- Prometheus ------------------------------------------------------------------------
 
 
-class PrometheusServer(ServerProcess):
+class PrometheusServer(_MonitoringServer):
     """Prometheus (Debian ``prometheus``).
 
     ``files`` (name → text, relative to the working directory) are written first.
@@ -220,35 +147,18 @@ class PrometheusServer(ServerProcess):
     name = "prometheus"
 
     def __init__(
-        self,
-        workdir: Path,
-        files: Mapping[str, str],
-        config: Mapping[str, Any] | None = None,
+        self, workdir: Path, files: Mapping[str, str], config: Mapping[str, Any] | None = None
     ) -> None:
-        super().__init__(workdir)
-        self.binary = find_binary(("prometheus",), "prometheus")
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.address = f"127.0.0.1:{self.port}"
+        binary = find_binary(("prometheus",), "prometheus")
         paths = _write_files(workdir, files)
         doc = config or {
             "global": {"evaluation_interval": "1s"},
             "rule_files": [str(p) for p in paths],
         }
-        self.config_path = workdir / "prometheus.yml"
-        self.config_path.write_text(yaml.safe_dump(dict(doc), sort_keys=False))
+        super().__init__(workdir, binary, doc)
 
     def start(self) -> None:
-        self._spawn(
-            [
-                self.binary,
-                f"--config.file={self.config_path}",
-                f"--storage.tsdb.path={self.workdir / 'data'}",
-                f"--web.listen-address={self.address}",
-                "--web.enable-lifecycle",
-            ]
-        )
-        self._wait_ready(self.url + "/-/ready")
+        self.start_with(f"--storage.tsdb.path={self.workdir / 'data'}", "--web.enable-lifecycle")
 
     def reload(self) -> None:
         status, body = _http.request("POST", self.url + "/-/reload")

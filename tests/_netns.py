@@ -22,13 +22,9 @@ import itertools
 import os
 import random
 import subprocess
-import sys
-import time
-from pathlib import Path
 
-import _http
-from _mdm import MdmDaemon
 from _sds import SdsDaemon
+from _wait import wait_until
 
 _counter = itertools.count(1)
 SUBNET_PREFIX = "10.233"
@@ -97,11 +93,13 @@ class NetNs:
     def restore(self) -> None:
         """Plug the cable back; returns once the host routes to the namespace again."""
         _ip("link", "set", self.host_if, "up")
-        deadline = time.monotonic() + 10
-        while self.ns_ip.rsplit(".", 1)[0] not in _ip("-4", "route", "show", "dev", self.host_if):
-            if time.monotonic() > deadline:
-                raise AssertionError(f"no route on {self.host_if} after setting it up")
-            time.sleep(0.05)
+        subnet = self.ns_ip.rsplit(".", 1)[0]
+        wait_until(
+            lambda: subnet in _ip("-4", "route", "show", "dev", self.host_if),
+            10,
+            f"a route on {self.host_if} after setting it up",
+            interval=0.05,
+        )
 
     def is_cut(self) -> bool:
         flags = _ip("-o", "link", "show", self.host_if).split("<", 1)[1].split(">", 1)[0]
@@ -129,55 +127,6 @@ class NetNs:
         self.destroy()
 
 
-class AddressedSds(SdsDaemon):
-    """An SDS whose data and control ports listen on ``address`` (and which advertises
-    it), optionally run inside the network namespace ``netns``."""
-
-    def __init__(
-        self,
-        workdir: Path,
-        name: str,
-        mdm: MdmDaemon,
-        fault_set: str | None,
-        address: str,
-        netns: NetNs | None = None,
-    ) -> None:
-        super().__init__(workdir, name, mdm, fault_set)
-        self.address = address
-        self.netns = netns
-        text = self.config_path.read_text()
-        assert text.count('"127.0.0.1"') == 3, text  # address, [data] host, [control] host
-        self.config_path.write_text(text.replace('"127.0.0.1"', f'"{address}"'))
-
-    @property
-    def control_url(self) -> str:
-        return f"http://{self.address}:{self.control_port}"
-
-    def start(self) -> None:
-        assert self.proc is None or self.proc.poll() is not None
-        self._close_log()
-        self._log = open(self.log_path, "ab")  # closed in _close_log()
-        prefix = self.netns.exec_prefix() if self.netns is not None else []
-        # `ip netns exec` execs the program: the pid is the SDS's own (SIGKILL hits it)
-        self.proc = subprocess.Popen(
-            [
-                *prefix,
-                sys.executable,
-                "-W",
-                "error",
-                "-m",
-                "meshblock.sds",
-                "--config",
-                str(self.config_path),
-            ],
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-
-    def reachable(self, timeout: float = 1.0) -> bool:
-        try:
-            return _http.request("GET", self.control_url + "/health", timeout=timeout).status == 200
-        except OSError:
-            return False
+# An SDS whose data and control ports listen on another address (and which advertises
+# it), optionally run inside a network namespace: ``SdsDaemon(..., address, netns)``.
+AddressedSds = SdsDaemon

@@ -7,24 +7,23 @@ appended to ``sdc.log``, and waits for ``GET /health`` to answer.
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import _http
-from _mdm import MdmDaemon, dump_toml, merge
+from _mdm import MdmDaemon
 from _ports import free_port
+from _process import START_TIMEOUT_S, DaemonProcess
 
-START_TIMEOUT_S = 30.0
 
-
-class SdcDaemon:
+class SdcDaemon(DaemonProcess):
     """One ``python -m meshblock.sdc`` process with its config, state dir and log."""
+
+    name = "the SDC"
+    module = "meshblock.sdc"
+    ready_path = "/health"
+    stop_timeout = 15.0
 
     def __init__(
         self,
@@ -34,14 +33,11 @@ class SdcDaemon:
         *,
         secret_file: bool = False,
     ) -> None:
-        self.workdir = workdir
-        workdir.mkdir(parents=True, exist_ok=True)
+        super().__init__(workdir, log_name="sdc")
         self.mdm = mdm
         self.nbd_port = free_port()
         self.control_port = free_port()
         self.unix_socket = str(workdir / "nbd.sock")
-        self.config_path = workdir / "sdc.toml"
-        self.log_path = workdir / "sdc.log"
         mdm_table: dict[str, Any] = {
             "urls": [mdm.url],
             "heartbeat_interval_s": 0.5,
@@ -53,7 +49,7 @@ class SdcDaemon:
             mdm_table["cluster_secret_file"] = str(path)
         else:
             mdm_table["cluster_secret"] = mdm.cluster_secret
-        self.settings: dict[str, dict[str, Any]] = {
+        settings: dict[str, dict[str, Any]] = {
             "sdc": {"name": f"sdc-{workdir.name}", "state_dir": str(workdir / "state")},
             "mdm": mdm_table,
             "nbd": {"host": "127.0.0.1", "port": self.nbd_port, "unix_socket": self.unix_socket},
@@ -61,8 +57,7 @@ class SdcDaemon:
             "io": {"timeout_s": 20.0, "attempt_timeout_s": 5.0},
             "logging": {"level": "INFO"},
         }
-        merge(self.settings, overrides or {})
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.configure(settings, overrides)
 
     @property
     def url(self) -> str:
@@ -73,45 +68,11 @@ class SdcDaemon:
             return f"nbd+unix:///{export}?socket={self.unix_socket}"
         return f"nbd://127.0.0.1:{self.nbd_port}/{export}"
 
-    def log_text(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-
-    def start(self) -> None:
-        self.config_path.write_text(dump_toml(self.settings))
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-W",
-                    "error",
-                    "-m",
-                    "meshblock.sdc",
-                    "--config",
-                    str(self.config_path),
-                ],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=self.workdir,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            )
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(
-                    f"the SDC exited with {self.proc.returncode}:\n{self.log_text()}"
-                )
-            try:
-                if _http.request("GET", self.url + "/health", timeout=2).status == 200:
-                    return
-            except OSError:
-                pass
-            time.sleep(0.1)
-        self.kill()
-        raise AssertionError(f"the SDC did not answer /health:\n{self.log_text()}")
+    def start(self, timeout: float = START_TIMEOUT_S) -> None:
+        """Write the config (a test may have changed ``settings``), start, and wait
+        until ``GET /health`` answers 200."""
+        self.write_config()
+        super().start(timeout)
 
     def health(self) -> dict[str, Any]:
         resp = _http.request("GET", self.url + "/health", timeout=5)
@@ -127,38 +88,23 @@ class SdcDaemon:
     def wait_for(
         self, what: str, cond: Callable[[dict[str, Any]], bool], timeout: float = 10
     ) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        h = self.health()
-        while not cond(h):
-            if time.monotonic() > deadline:
-                raise AssertionError(
-                    f"timed out waiting for {what}; health: {h}\n{self.log_text()}"
-                )
-            time.sleep(0.05)
-            h = self.health()
-        return h
+        """Until ``cond(health)`` holds; return that health document."""
+        seen: list[dict[str, Any]] = [{}]
+
+        def holds() -> dict[str, Any] | None:
+            seen[0] = self.health()
+            return seen[0] if cond(seen[0]) else None
+
+        return self.wait(
+            holds,
+            timeout,
+            what,
+            interval=0.05,
+            detail=lambda: f"health: {seen[0]}\n{self.log_tail()}",
+        )
 
     def export_names(self) -> set[str]:
         return {e["name"] for e in self.health()["exports"]}
-
-    def stop(self) -> int:
-        if self.proc is None:
-            return 0
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            rc = self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            raise AssertionError(f"the SDC ignored SIGTERM:\n{self.log_text()}") from None
-        self.proc = None
-        return rc
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        self.proc = None
 
     def assert_clean_log(self) -> None:
         text = self.log_text()

@@ -8,41 +8,61 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
-from typing import IO, Any
+from typing import TYPE_CHECKING, Any
 
 import _http
-from _mdm import MdmDaemon, dump_toml
+from _mdm import MdmDaemon
 from _ports import free_port
+from _process import START_TIMEOUT_S, DaemonProcess, dump_toml
+from _wait import wait_until
+
+if TYPE_CHECKING:
+    from _netns import NetNs
 
 POOL = "pool1"
 PG_COUNT = 32
 DEVICE_BYTES = 128 * 1024 * 1024
-START_TIMEOUT_S = 30.0
 
 
-class SdsDaemon:
-    """One ``python -m meshblock.sds`` process with its config, device file and log."""
+class SdsDaemon(DaemonProcess):
+    """One ``python -m meshblock.sds`` process with its config, device file and log.
 
-    def __init__(self, workdir: Path, name: str, mdm: MdmDaemon, fault_set: str | None) -> None:
-        self.workdir = workdir
-        workdir.mkdir(parents=True, exist_ok=True)
+    Its data and control ports listen on ``address`` (which it advertises); with
+    ``netns`` it runs inside that network namespace (``tests/_netns.py``).
+    ``settings`` changes the config's top-level keys (a value of None removes one);
+    ``pool``, ``protection_domain`` and ``capacity`` describe its one device.
+    """
+
+    module = "meshblock.sds"
+    stop_timeout = 15.0
+
+    def __init__(
+        self,
+        workdir: Path,
+        name: str,
+        mdm: MdmDaemon,
+        fault_set: str | None,
+        address: str = "127.0.0.1",
+        netns: NetNs | None = None,
+        *,
+        pool: str = POOL,
+        protection_domain: str = "pd1",
+        capacity: int | str = DEVICE_BYTES,
+        settings: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(workdir, log_name="sds")
         self.name = name
         self.mdm = mdm
+        self.address = address
+        self.netns = netns
         self.data_port = free_port()
         self.control_port = free_port()
         self.device = workdir / "dev0.img"
-        self.config_path = workdir / "sds.toml"
-        self.log_path = workdir / "sds.log"
         top: dict[str, Any] = {
             "name": name,
-            "protection_domain": "pd1",
-            "address": "127.0.0.1",
+            "protection_domain": protection_domain,
+            "address": address,
             "mdm_urls": [mdm.url],
             "cluster_secret": mdm.cluster_secret,
             "state_dir": str(workdir / "state"),
@@ -52,93 +72,48 @@ class SdsDaemon:
         }
         if fault_set:
             top["fault_set"] = fault_set
+        top.update(settings or {})
+        top = {k: v for k, v in top.items() if v is not None}
         text = dump_toml({"__top__": top}).replace("[__top__]\n", "")
         text += dump_toml(
             {
-                "data": {"host": "127.0.0.1", "port": self.data_port},
-                "control": {"host": "127.0.0.1", "port": self.control_port},
+                "data": {"host": address, "port": self.data_port},
+                "control": {"host": address, "port": self.control_port},
                 "logging": {"level": "INFO"},
             }
         )
         text += dump_toml(
-            {"[devices]": {"path": str(self.device), "capacity": DEVICE_BYTES, "pool": POOL}}
+            {"[devices]": {"path": str(self.device), "capacity": capacity, "pool": pool}}
         )
         self.config_path.write_text(text)
-        self.proc: subprocess.Popen[bytes] | None = None
-        self._log: IO[bytes] | None = None
 
     @property
     def control_url(self) -> str:
-        return f"http://127.0.0.1:{self.control_port}"
+        return f"http://{self.address}:{self.control_port}"
 
-    def log_text(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-
-    def start(self) -> None:
-        assert self.proc is None or self.proc.poll() is not None
-        self._close_log()
-        self._log = open(self.log_path, "ab")  # closed in _close_log()
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-W",
-                "error",
-                "-m",
-                "meshblock.sds",
-                "--config",
-                str(self.config_path),
-            ],
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
+    def exec_prefix(self) -> list[str]:
+        # `ip netns exec` execs the program: the pid is the SDS's own (SIGKILL hits it)
+        return self.netns.exec_prefix() if self.netns is not None else []
 
     def wait_serving(self, timeout: float = START_TIMEOUT_S) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        last: Any = None
-        while time.monotonic() < deadline:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                raise AssertionError(
-                    f"{self.name} exited {self.proc.returncode}:\n{self.log_text()}"
-                )
-            try:
-                r = _http.request("GET", self.control_url + "/health", timeout=2)
-                last = r.body
-                if r.status == 200 and r.body["state"] == "serving":
-                    return dict(r.body)
-            except OSError as exc:
-                last = exc
-            time.sleep(0.05)
-        raise AssertionError(f"{self.name} not serving ({last}):\n{self.log_text()}")
+        """Until ``GET /health`` says ``serving``; return that health document."""
+
+        def serving() -> dict[str, Any] | None:
+            r = _http.request("GET", self.control_url + "/health", timeout=2)
+            return dict(r.body) if r.status == 200 and r.body["state"] == "serving" else None
+
+        return self.wait(serving, timeout, f"{self.name} to serve", interval=0.05)
 
     def health(self) -> dict[str, Any]:
         r = _http.request("GET", self.control_url + "/health", timeout=5)
         assert r.status == 200
         return dict(r.body)
 
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
-        if self.proc is None:
-            return 0
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
+    def reachable(self, timeout: float = 1.0) -> bool:
         try:
-            rc = self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            raise AssertionError(f"{self.name} ignored signal {sig}:\n{self.log_text()}") from None
-        self._close_log()
-        return rc
-
-    def _close_log(self) -> None:
-        if self._log is not None:
-            self._log.close()
-            self._log = None
+            return _http.request("GET", self.control_url + "/health", timeout=timeout).status == 200
+        except OSError:
+            return False
 
 
 def wait_copy_jobs_ended(daemons: list[SdsDaemon], timeout: float = 10.0) -> None:
@@ -149,11 +124,10 @@ def wait_copy_jobs_ended(daemons: list[SdsDaemon], timeout: float = 10.0) -> Non
     reported is still finishing (its counters and ``done`` record come with the answer).
     A job still running after ``timeout`` fails the test.
     """
-    deadline = time.monotonic() + timeout
-    while True:
-        running = {d.name: d.health()["resync"]["active"] for d in daemons}
-        if not any(running.values()):
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"copy jobs still running {timeout} s after clean: {running}")
-        time.sleep(0.1)
+    running: dict[str, Any] = {}
+
+    def ended() -> bool:
+        running.update({d.name: d.health()["resync"]["active"] for d in daemons})
+        return not any(running.values())
+
+    wait_until(ended, timeout, "the copy jobs to end", detail=lambda: f"still running: {running}")

@@ -22,6 +22,7 @@ import pytest
 from _http import Api
 from _mdm import MdmDaemon
 from _pg import PgServer, PgUnavailable
+from _process import started
 
 BACKENDS = [
     pytest.param("sqlite", id="sqlite"),
@@ -74,17 +75,9 @@ def mdm(
     """A running MDM on a fresh database; must exit 0 on SIGTERM and leak no secret."""
     workdir = tmp_path_factory.mktemp(f"mdm-{request.param}")
     url = new_database_url(request.param, request, workdir)
-    daemon = MdmDaemon(workdir, url, mdm_overrides)
-    daemon.start()
-    try:
+    with started(MdmDaemon(workdir, url, mdm_overrides)) as daemon:
         yield daemon
-    finally:
-        try:
-            rc = daemon.stop()
-        finally:
-            daemon.kill()
-        assert rc == 0, f"the MDM exited with code {rc} on SIGTERM:\n{daemon.log_text()}"
-        daemon.assert_no_secrets_in_log()
+    daemon.assert_no_secrets_in_log()
 
 
 @pytest.fixture(scope="module")

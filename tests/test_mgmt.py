@@ -26,6 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from _http import Api
 from _mgmt import MgmtDaemon, WebClient
+from _process import started
 from conftest import BACKENDS, new_database_url
 from meshblock.mgmt.db import VERSION_TABLE, create_engine, migrate
 from meshblock.mgmt.models import Base
@@ -102,16 +103,9 @@ def mgmt(
     workdir = tmp_path_factory.mktemp(f"mgmt-{request.param}")
     daemon = MgmtDaemon(workdir, new_database_url(request.param, request, workdir))
     daemon.create_users()
-    daemon.start()
-    try:
+    with started(daemon):
         yield daemon
-    finally:
-        try:
-            rc = daemon.stop()
-        finally:
-            daemon.kill()
-        assert rc == 0, f"MGMT exited with code {rc} on SIGTERM:\n{daemon.log_text()}"
-        daemon.assert_clean_log()
+    daemon.assert_clean_log()
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,7 @@ import pytest
 from _mdm import MdmDaemon
 from _mgmt import MgmtDaemon, WebClient
 from _monitoring import AlertmanagerServer, PrometheusServer, ToolMissing
+from _process import started
 from test_mgmt import alert, by_fingerprint, err, notification, ok
 
 RULES_V1 = """\
@@ -76,26 +77,14 @@ groups:
 """
 
 
-def started(server: Any) -> Any:
-    try:
-        server.start()
-    except ToolMissing as exc:
-        pytest.fail(str(exc), pytrace=False)
-    return server
-
-
 @pytest.fixture(scope="module")
 def alertmanager(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AlertmanagerServer]:
     try:
         server = AlertmanagerServer(tmp_path_factory.mktemp("alertmanager"))
     except ToolMissing as exc:
         pytest.fail(str(exc), pytrace=False)
-    started(server)
-    try:
+    with started(server, check_exit=False):
         yield server
-    finally:
-        server.stop()
-        server.kill()
 
 
 @pytest.fixture(scope="module")
@@ -106,26 +95,16 @@ def prometheus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrometheusS
         )
     except ToolMissing as exc:
         pytest.fail(str(exc), pytrace=False)
-    started(server)
-    try:
+    with started(server, check_exit=False):
         yield server
-    finally:
-        server.stop()
-        server.kill()
 
 
 @pytest.fixture(scope="module")
 def mdm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MdmDaemon]:
     workdir = tmp_path_factory.mktemp("mdm")
     daemon = MdmDaemon(workdir, f"sqlite+aiosqlite:///{workdir / 'mdm.db'}")
-    daemon.start()
-    try:
+    with started(daemon, check_exit=False):
         yield daemon
-    finally:
-        try:
-            daemon.stop()
-        finally:
-            daemon.kill()
 
 
 @pytest.fixture(scope="module")
@@ -146,16 +125,9 @@ def mgmt(
         },
     )
     daemon.create_users()
-    daemon.start()
-    try:
+    with started(daemon):
         yield daemon
-    finally:
-        try:
-            rc = daemon.stop()
-        finally:
-            daemon.kill()
-        assert rc == 0, f"MGMT exited with code {rc} on SIGTERM:\n{daemon.log_text()}"
-        daemon.assert_clean_log()
+    daemon.assert_clean_log()
 
 
 def parse(t: str) -> dt.datetime:

@@ -38,7 +38,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import _http
 from _mdm import MdmDaemon
-from _ports import free_port
+from _monitoring import AlertmanagerServer
+from _wait import wait_until
 
 REPO = Path(__file__).resolve().parent.parent
 PROMETHEUS_DIR = REPO / "monitoring" / "prometheus"
@@ -436,70 +437,6 @@ def webhook_sink() -> Iterator[WebhookSink]:
         sink.thread.join()
 
 
-class Alertmanager:
-    def __init__(self, workdir: Path, config: dict[str, Any]) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        (workdir / "alertmanager.yml").write_text(yaml.safe_dump(config))
-        self.log_path = workdir / "alertmanager.log"
-        self._log = self.log_path.open("wb")
-        self.proc = subprocess.Popen(
-            [
-                tool("prometheus-alertmanager"),
-                f"--config.file={workdir / 'alertmanager.yml'}",
-                f"--storage.path={workdir / 'data'}",
-                f"--web.listen-address=127.0.0.1:{self.port}",
-                "--cluster.listen-address=",
-                "--log.level=info",
-            ],
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-        )
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def wait_ready(self, timeout: float = 30) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, f"alertmanager exited:\n{self.log()}"
-            try:
-                if _http.request("GET", self.url + "/-/ready", timeout=2).status == 200:
-                    return
-            except OSError:
-                pass
-            time.sleep(0.1)
-        raise AssertionError(f"alertmanager not ready after {timeout} s:\n{self.log()}")
-
-    def post(self, alerts: list[dict[str, Any]]) -> None:
-        r = _http.request("POST", self.url + "/api/v2/alerts", alerts)
-        assert r.status == 200, (r.status, r.body)
-
-    def get_alerts(self) -> list[dict[str, Any]]:
-        r = _http.request("GET", self.url + "/api/v2/alerts")
-        assert r.status == 200, (r.status, r.body)
-        body: list[dict[str, Any]] = r.body
-        return body
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
-
-
-def wait_for(what: str, predicate: Any, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
-
-
 def am_alert(
     rule_name: str, labels: dict[str, str], starts: dt.datetime, ends: dt.datetime | None = None
 ) -> Any:
@@ -530,9 +467,9 @@ def test_alertmanager_inhibits_and_delivers_to_the_webhook(
     hook = receiver["webhook_configs"][0]
     hook["url"] = webhook_sink.url
     hook["http_config"]["authorization"]["credentials_file"] = str(token_file)
-    am = Alertmanager(tmp_path, cfg)
+    am = AlertmanagerServer(tmp_path, cfg)
     try:
-        am.wait_ready()
+        am.start()
         sds_down = {"sds": "sds1", "protection_domain": "pd1", "fault_set": "fs1"}
         # Started now, not earlier: Alertmanager flushes a new group at once (without
         # group_wait) when its alert started long ago, which could beat the inhibitor.
@@ -548,7 +485,7 @@ def test_alertmanager_inhibits_and_delivers_to_the_webhook(
         def states() -> dict[tuple[str, str], str]:
             return {
                 (a["labels"]["alertname"], a["labels"]["protection_domain"]): a["status"]["state"]
-                for a in am.get_alerts()
+                for a in am.alerts()
             }
 
         expected = {
@@ -556,12 +493,12 @@ def test_alertmanager_inhibits_and_delivers_to_the_webhook(
             ("MeshblockPgsDegraded", "pd1"): "suppressed",
             ("MeshblockPgsDegraded", "pd2"): "active",
         }
-        wait_for("the inhibition", lambda: states() == expected)
+        wait_until(lambda: states() == expected, 30, "the inhibition")
         wanted = {
             ("firing", "MeshblockSdsDown", "pd1"),
             ("firing", "MeshblockPgsDegraded", "pd2"),
         }
-        wait_for("the notifications", lambda: wanted <= set(webhook_sink.alerts()))
+        wait_until(lambda: wanted <= set(webhook_sink.alerts()), 30, "the notifications")
         time.sleep(3)  # a few group intervals: the muted alert must still not be sent
         assert set(webhook_sink.alerts()) == wanted
         assert webhook_sink.refused == 0
@@ -576,8 +513,7 @@ def test_alertmanager_inhibits_and_delivers_to_the_webhook(
         # The SDS comes back: the resolved notification reaches MGMT, and the degraded
         # PGs (still there while the rebuild runs) are no longer muted.
         am.post([am_alert("MeshblockSdsDown", sds_down, t0, ends=dt.datetime.now(dt.UTC))])
-        wait_for(
-            "the resolved notification and the unmuted alert",
+        wait_until(
             lambda: (
                 {
                     ("resolved", "MeshblockSdsDown", "pd1"),
@@ -585,6 +521,8 @@ def test_alertmanager_inhibits_and_delivers_to_the_webhook(
                 }
                 <= set(webhook_sink.alerts())
             ),
+            30,
+            "the resolved notification and the unmuted alert",
         )
     finally:
         am.stop()

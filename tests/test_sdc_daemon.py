@@ -22,6 +22,7 @@ import pytest
 
 import _http
 from _mdm import MdmDaemon
+from _process import started
 from _sdc import SdcDaemon
 from test_nbd_server import run, tool
 
@@ -29,16 +30,8 @@ from test_nbd_server import run, tool
 @pytest.fixture(scope="module")
 def mdm_sqlite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MdmDaemon]:
     workdir = tmp_path_factory.mktemp("mdm")
-    daemon = MdmDaemon(workdir, f"sqlite+aiosqlite:///{workdir / 'mdm.db'}")
-    daemon.start()
-    try:
+    with started(MdmDaemon(workdir, f"sqlite+aiosqlite:///{workdir / 'mdm.db'}")) as daemon:
         yield daemon
-    finally:
-        try:
-            rc = daemon.stop()
-        finally:
-            daemon.kill()
-        assert rc == 0, daemon.log_text()
 
 
 def ok(resp: _http.Response, status: int = 200) -> Any:
@@ -62,13 +55,9 @@ def pool_id(mdm_sqlite: MdmDaemon) -> int:
 @pytest.fixture(scope="module")
 def sdc(mdm_sqlite: MdmDaemon, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SdcDaemon]:
     daemon = SdcDaemon(tmp_path_factory.mktemp("sdc"), mdm_sqlite, secret_file=True)
-    daemon.start()
-    try:
+    with started(daemon):
         yield daemon
-    finally:
-        rc = daemon.stop()
-        assert rc == 0, f"the SDC exited with {rc} on SIGTERM:\n{daemon.log_text()}"
-        daemon.assert_clean_log()
+    daemon.assert_clean_log()
 
 
 def sdc_id_of(sdc: SdcDaemon) -> int:

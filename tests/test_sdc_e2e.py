@@ -8,7 +8,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,9 +15,10 @@ from typing import Any
 
 import pytest
 
-import _http
-from _mdm import MdmDaemon, toml_value
-from _ports import free_port
+import _sds
+from _mdm import MdmDaemon
+from _process import ProcessError
+from _wait import wait_until
 from test_nbd_server import qemu_io, run, sha256, tool
 from test_sdc_daemon import SdcDaemon, ok
 
@@ -27,84 +27,38 @@ POOL = "pool-e2e"
 PD = "pd-e2e"
 
 
-class SdsDaemon:
-    """One ``python -m meshblock.sds`` process with a file device."""
+class SdsDaemon(_sds.SdsDaemon):
+    """One ``python -m meshblock.sds`` process with a 2 GiB file device in this
+    module's pool; the SDS's own map-poll and peer timeouts."""
 
     def __init__(self, workdir: Path, mdm: MdmDaemon, name: str, fault_set: str) -> None:
-        self.workdir = workdir
-        workdir.mkdir(parents=True, exist_ok=True)
-        self.name = name
-        self.data_port = free_port()
-        self.control_port = free_port()
-        self.config_path = workdir / "sds.toml"
-        self.log_path = workdir / "sds.log"
-        top = {
-            "name": name,
-            "protection_domain": PD,
-            "fault_set": fault_set,
-            "address": "127.0.0.1",
-            "mdm_urls": [mdm.url],
-            "cluster_secret": mdm.cluster_secret,
-            "state_dir": str(workdir / "state"),
-            "heartbeat_interval_s": 0.5,
-        }
-        lines = [f"{k} = {toml_value(v)}" for k, v in top.items()]
-        lines += ["[data]", 'host = "127.0.0.1"', f"port = {self.data_port}"]
-        lines += ["[control]", 'host = "127.0.0.1"', f"port = {self.control_port}"]
-        lines += [
-            "[[devices]]",
-            f"path = {toml_value(str(workdir / 'dev0.img'))}",
-            'capacity = "2GiB"',
-            f"pool = {toml_value(POOL)}",
-        ]
-        self.config_path.write_text("\n".join(lines) + "\n")
-        self.proc: subprocess.Popen[bytes] | None = None
+        super().__init__(
+            workdir,
+            name,
+            mdm,
+            fault_set,
+            pool=POOL,
+            protection_domain=PD,
+            capacity="2GiB",
+            settings={
+                "heartbeat_interval_s": 0.5,
+                "map_poll_timeout_s": None,
+                "peer_timeout_s": None,
+            },
+        )
 
-    def start(self) -> None:
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-W",
-                    "error",
-                    "-m",
-                    "meshblock.sds",
-                    "--config",
-                    str(self.config_path),
-                ],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=self.workdir,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            )
-
-    def health(self) -> dict[str, Any] | None:
+    def health(self) -> dict[str, Any] | None:  # type: ignore[override]
         try:
-            resp = _http.request("GET", f"http://127.0.0.1:{self.control_port}/health", timeout=2)
-        except OSError:
+            return super().health()
+        except (OSError, AssertionError):
             return None
-        return resp.body if resp.status == 200 and isinstance(resp.body, dict) else None
 
-    def log_text(self) -> str:
+    def stop(self, sig: int = signal.SIGTERM, timeout: float | None = None) -> int:
+        """Like the base class, but a hanging SDS is killed and reported as -9."""
         try:
-            return self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-
-    def stop(self) -> int:
-        if self.proc is None:
-            return 0
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            rc = self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            rc = -9
-        self.proc = None
-        return rc
+            return super().stop(sig, timeout)
+        except ProcessError:
+            return -9
 
 
 class Cluster:
@@ -142,14 +96,12 @@ class Cluster:
 
 
 def wait_pg_map_complete(mdm: MdmDaemon, pool_id: int, timeout: float = 60) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while True:
-        doc = ok(mdm.api().get(f"/api/v1/pools/{pool_id}/pgmap"))
-        if doc["pgs"] and all(pg["primary"] and pg["secondary"] for pg in doc["pgs"]):
-            return doc  # type: ignore[no-any-return]
-        if time.monotonic() > deadline:
-            raise AssertionError(f"the PG map did not fill: {doc}")
-        time.sleep(0.2)
+    def complete() -> dict[str, Any] | None:
+        doc: dict[str, Any] = ok(mdm.api().get(f"/api/v1/pools/{pool_id}/pgmap"))
+        full = doc["pgs"] and all(pg["primary"] and pg["secondary"] for pg in doc["pgs"])
+        return doc if full else None
+
+    return wait_until(complete, timeout, "the PG map to fill", interval=0.2)
 
 
 @pytest.fixture(scope="module")
@@ -185,12 +137,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
             d = SdsDaemon(base / f"sds{i}", mdm, f"sds{i}", f"fs{i}")
             d.start()
             sds.append(d)
-        deadline = time.monotonic() + 60
         for d in sds:
-            while (h := d.health()) is None or h.get("state") != "serving":
-                if d.proc is None or d.proc.poll() is not None or time.monotonic() > deadline:
-                    raise AssertionError(f"SDS {d.name} is not serving: {h}\n{d.log_text()}")
-                time.sleep(0.1)
+            d.wait_serving(60)
         wait_pg_map_complete(mdm, pool["id"])
         sdc = SdcDaemon(base / "sdc", mdm)
         sdc.start()
@@ -338,11 +286,7 @@ def test_io_waits_out_an_sds_restart_without_errors(cluster: Cluster) -> None:
     assert reader.returncode == 0 and "failed" not in out.lower(), out
     # The IO may be done before the SDS is back (the SDC reports it unreachable and
     # the MDM fails its PGs over at once); the rest of the module wants it serving.
-    deadline = time.monotonic() + 60
-    while (h := victim.health()) is None or h.get("state") != "serving":
-        assert victim.proc is not None and victim.proc.poll() is None, victim.log_text()
-        assert time.monotonic() < deadline, f"{victim.name} not serving again: {h}"
-        time.sleep(0.1)
+    victim.wait_serving(60)
     qemu_io(uri, f"read -P 0x5c 0 {8 * MiB}", f"read -P 0x6d {8 * MiB} {8 * MiB}", read_only=True)
     text = cluster.sdc.metrics()
     assert 'meshblock_sdc_retries_total{reason="connect"}' in text or (
