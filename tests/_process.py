@@ -175,6 +175,10 @@ class ServerProcess:
             self.proc.kill()
             self.proc.wait()
 
+    def _close_log(self) -> None:
+        """Nothing to do: the log is closed on this side as soon as the child has it
+        (kept for subclasses written against the older helpers)."""
+
 
 def http_ok(url: str, timeout: float = 2.0) -> bool:
     """Whether ``GET url`` answers 200; :class:`NotReady` for another status (and
