@@ -1,13 +1,19 @@
 """The SDS chunk store: 1 MiB chunks in slots on local devices, with a crash-safe index.
 
 A device is a regular file (created sparse when absent) or a raw block device.
-Layout (see ``docs/sds.md`` for the reasoning)::
+Layout of format version 2 (see ``docs/sds.md``, "On-disk layout", for the reasoning
+and for what the reserved regions are for)::
 
-    0        4 KiB                              data_offset (1 MiB aligned)
-    +--------+--------------------------------+----------+----------+-----
-    | super  | index: one 32-byte entry/slot  | slot 0   | slot 1   | ...
-    | block  | (volume, chunk, generation)    | (1 MiB)  | (1 MiB)  |
-    +--------+--------------------------------+----------+----------+-----
+    0       4 KiB                     (4 KiB aligned)                 data_offset (1 MiB)
+    +-------+-------------------------+-----------------------------+---------+---------+--
+    | super | index: one 32-byte      | metadata area: tombstones,  | slot 0  | slot 1  |
+    | block | entry per slot          | slot extensions, write-     | (1 MiB) | (1 MiB) |
+    |       | (volume, chunk, gen)    | intent, checksums           |         |         |
+    +-------+-------------------------+-----------------------------+---------+---------+--
+
+The superblock holds a table of regions; a device upgraded from version 1 whose
+index leaves no room before its first slot has the metadata area after its last
+slot instead (:meth:`ChunkStore._upgrade`).
 
 Crash safety rests on one rule: **a slot is handed to a chunk only when it is
 durably zero and durably unreferenced.** Freed slots are zeroed (hole punched) at
@@ -17,7 +23,8 @@ point at a slot holding its own chunk's (old or new) bytes or zeroes, but never
 another chunk's. Entries carry a CRC (a torn entry reads as empty) and a store-wide
 generation (when a crash leaves two slots claiming one chunk, the newer wins). After
 an unclean stop every unreferenced slot is zeroed before use; a clean stop records
-that they already are.
+that they already are. Tombstones (deleted volumes) are kept in two alternating
+copies with a sequence number and a CRC, on every device.
 
 All IO here is synchronous ``pread``/``pwrite`` on the page cache (through
 :mod:`meshblock.sds.device_io`, where tests can inject faults), called from
@@ -30,13 +37,14 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import errno
+import itertools
 import logging
 import os
 import secrets
 import stat
 import struct
 import zlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Final
 
@@ -45,18 +53,54 @@ from meshblock.sds import device_io as dio
 
 log = logging.getLogger(__name__)
 
+#: Unchanged since version 1, so that a release that knows only version 1 refuses a
+#: newer device with "format version 2 is not supported" (its first check is the
+#: magic, and a wrong one would tell the operator to zero the device).
 SUPER_MAGIC: Final = b"MBSDSDV1"
-FORMAT_VERSION: Final = 1
+FORMAT_VERSION: Final = 2
 SUPER_SIZE: Final = 4096
 INDEX_OFFSET: Final = SUPER_SIZE
+PAGE: Final = 4096
 
 SUPERBLOCK = struct.Struct(">8sIIQQQQ16sI")
-"""Superblock at offset 0 (the rest of the first 4 KiB is zero)::
+"""Superblock header at offset 0, the same 72 bytes in versions 1 and 2::
 
     magic "MBSDSDV1" (8) | version u32 | flags u32 (CLEAN=1) | capacity u64 |
     slot_count u64 | index_offset u64 | data_offset u64 | device uuid (16) |
     crc32 u32 of everything before it
 """
+
+SUPER_V2 = struct.Struct(">QQII")
+"""Version 2 continues at byte 72::
+
+    incompat features u64 | compat features u64 | region count u32 | reserved u32 |
+    region count x REGION | crc32 u32 of bytes 0 .. the end of the table
+
+The whole superblock fits in the first 512-byte sector (written atomically). A reader
+refuses a device with an incompat feature bit it does not know and ignores unknown
+compat bits and regions of kinds it does not know.
+"""
+
+REGION = struct.Struct(">IIQQ")
+"""One row of the region table: kind u32 | reserved u32 | offset u64 | length u64."""
+
+MAX_REGIONS: Final = 8
+REGION_INDEX: Final = 1
+REGION_DATA: Final = 2
+REGION_TOMBSTONES: Final = 3
+REGION_SLOT_EXT: Final = 4  # reserved: snapshot trees (docs/sds.md)
+REGION_WRITE_INTENT: Final = 5  # reserved: write-intent record (docs/sds.md)
+REGION_CHECKSUMS: Final = 6  # reserved: per-4 KiB CRC32C of every slot (docs/sds.md)
+#: Incompat feature bits this release knows (it sets none of them). Reserved:
+#: 1 = checksums kept, 2 = write-intent kept, 4 = slot extensions (snapshot trees) used.
+KNOWN_INCOMPAT: Final = 0
+
+#: Bytes reserved per slot in the slot-extension region (snapshot trees).
+SLOT_EXT_SIZE: Final = 128
+#: Bytes reserved per slot in the checksum region: one CRC32C u32 per 4 KiB block.
+CHECKSUMS_PER_SLOT: Final = CHUNK_SIZE // PAGE * 4
+#: Header of the write-intent region; two bitmaps of one bit per slot follow.
+WRITE_INTENT_HEADER: Final = PAGE
 
 ENTRY = struct.Struct(">QQQII")
 """Index entry of one slot, 32 bytes, at ``index_offset + slot * 32``::
@@ -66,6 +110,23 @@ ENTRY = struct.Struct(">QQQII")
 
 All-zero (or a bad CRC) means: the slot is unreferenced.
 """
+
+TOMB_HEADER = struct.Struct(">8sQII")
+"""Head of one copy of the tombstone table::
+
+    magic "MBTOMBS1" (8) | sequence u64 | count u32 |
+    crc32 u32 of the 20 bytes before it and the ``count`` entries after it
+
+followed by ``count`` :data:`TOMB_ENTRY` rows, ascending by volume id. The region
+holds two copies of :data:`TOMB_COPY_SIZE` bytes; the valid copy with the higher
+sequence is the table (an update writes the other copy, then syncs).
+"""
+TOMB_ENTRY = struct.Struct(">QQ")
+"""One tombstone: volume id u64 | MDM epoch of the delete u64."""
+TOMB_MAGIC: Final = b"MBTOMBS1"
+TOMB_COPY_SIZE: Final = 64 * 1024
+#: How many tombstones a device holds (:meth:`ChunkStore.add_tombstones`).
+TOMBSTONE_CAPACITY: Final = (TOMB_COPY_SIZE - TOMB_HEADER.size) // TOMB_ENTRY.size
 
 FLAG_CLEAN: Final = 1
 ENTRY_USED: Final = 1
@@ -109,16 +170,63 @@ class DeviceSpec:
     pool: str
 
 
-def layout(capacity: int) -> tuple[int, int]:
-    """``(slot_count, data_offset)`` for a device of ``capacity`` bytes."""
+def _align(n: int, unit: int) -> int:
+    return (n + unit - 1) // unit * unit
+
+
+def layout_v1(capacity: int) -> tuple[int, int]:
+    """``(slot_count, data_offset)`` of a device formatted with version 1."""
     n = max(0, (capacity - INDEX_OFFSET) // (CHUNK_SIZE + ENTRY.size))
     while n > 0:
-        index_end = INDEX_OFFSET + n * ENTRY.size
-        data_offset = (index_end + CHUNK_SIZE - 1) // CHUNK_SIZE * CHUNK_SIZE
+        data_offset = _align(INDEX_OFFSET + n * ENTRY.size, CHUNK_SIZE)
         if data_offset + n * CHUNK_SIZE <= capacity:
             return n, data_offset
         n -= 1
     raise StoreError(f"a device of {capacity} bytes is too small for one chunk")
+
+
+def metadata_regions(slot_count: int, offset: int) -> dict[int, tuple[int, int]]:
+    """The regions of the metadata area of a device of ``slot_count`` slots, laid out
+    from ``offset`` (4 KiB aligned): kind → ``(offset, length)``."""
+    sizes = (
+        (REGION_TOMBSTONES, 2 * TOMB_COPY_SIZE),
+        (REGION_SLOT_EXT, _align(slot_count * SLOT_EXT_SIZE, PAGE)),
+        (REGION_WRITE_INTENT, WRITE_INTENT_HEADER + 2 * _align((slot_count + 7) // 8, PAGE)),
+        (REGION_CHECKSUMS, _align(slot_count * CHECKSUMS_PER_SLOT, PAGE)),
+    )
+    regions = {}
+    for kind, size in sizes:
+        regions[kind] = (offset, size)
+        offset += size
+    return regions
+
+
+def metadata_size(slot_count: int) -> int:
+    return sum(length for _, length in metadata_regions(slot_count, 0).values())
+
+
+def layout(capacity: int) -> tuple[int, int]:
+    """``(slot_count, data_offset)`` of a device formatted with version 2 (the
+    metadata area between the index and the first slot)."""
+    per_slot = CHUNK_SIZE + ENTRY.size + SLOT_EXT_SIZE + CHECKSUMS_PER_SLOT
+    n = max(0, (capacity - INDEX_OFFSET) // per_slot)
+    while n > 0:
+        meta = _align(INDEX_OFFSET + n * ENTRY.size, PAGE)
+        data_offset = _align(meta + metadata_size(n), CHUNK_SIZE)
+        if data_offset + n * CHUNK_SIZE <= capacity:
+            return n, data_offset
+        n -= 1
+    raise StoreError(f"a device of {capacity} bytes is too small for one chunk")
+
+
+def regions_of(slot_count: int, data_offset: int, meta_offset: int) -> dict[int, tuple[int, int]]:
+    """Every region of a version 2 device."""
+    regions = {
+        REGION_INDEX: (INDEX_OFFSET, slot_count * ENTRY.size),
+        REGION_DATA: (data_offset, slot_count * CHUNK_SIZE),
+    }
+    regions.update(metadata_regions(slot_count, meta_offset))
+    return regions
 
 
 def _pwrite(fd: int, data: bytes | memoryview, offset: int) -> None:
@@ -149,6 +257,8 @@ class Device:
         self.slot_count = 0
         self.data_offset = 0
         self.uuid = b""
+        self.version = FORMAT_VERSION
+        self.regions: dict[int, tuple[int, int]] = {}  # kind -> (offset, length)
         self.free: list[int] = []  # durably zero and unreferenced; pop() from the end
         self.pending: list[int] = []  # zeroed and unreferenced, not yet synced
         self.used = 0
@@ -196,15 +306,19 @@ class Device:
 
     def _format(self) -> None:
         self.slot_count, self.data_offset = layout(self.capacity)
+        self.version = FORMAT_VERSION
+        meta = _align(INDEX_OFFSET + self.slot_count * ENTRY.size, PAGE)
+        self.regions = regions_of(self.slot_count, self.data_offset, meta)
         self.uuid = secrets.token_bytes(16)
-        # The index region must read as zeroes (a reused block device may hold junk).
-        index_end = INDEX_OFFSET + self.slot_count * ENTRY.size
-        self._zero(INDEX_OFFSET, index_end - INDEX_OFFSET)
+        # The index and the metadata area must read as zeroes (a reused block device
+        # may hold junk): zero tombstone copies are an empty table.
+        self._zero(INDEX_OFFSET, self.data_offset - INDEX_OFFSET)
         self.write_super(clean=True)
         dio.fsync(self.fd)
         log.info(
-            "formatted %s: %d slots of 1 MiB, data at %d",
+            "formatted %s (format version %d): %d slots of 1 MiB, data at %d",
             self.path,
+            FORMAT_VERSION,
             self.slot_count,
             self.data_offset,
         )
@@ -220,21 +334,71 @@ class Device:
             )
         if zlib.crc32(head[: SUPERBLOCK.size - 4]) != crc:
             raise StoreError(f"{self.path}: superblock checksum mismatch")
-        if version != FORMAT_VERSION:
+        if version > FORMAT_VERSION:
+            raise StoreError(
+                f"{self.path}: format version {version} is newer than this release "
+                f"supports ({FORMAT_VERSION}); run the release that wrote it or a newer one"
+            )
+        if version not in (1, 2):
             raise StoreError(f"{self.path}: format version {version} is not supported")
         if capacity != self.capacity:
             raise StoreError(
                 f"{self.path}: formatted for {capacity} bytes, configured for {self.capacity}"
             )
-        if (slots, data_off) != layout(capacity) or index_off != INDEX_OFFSET or size < capacity:
+        if size < capacity or index_off != INDEX_OFFSET:
             raise StoreError(f"{self.path}: inconsistent geometry in the superblock")
+        if version == 1:
+            if (slots, data_off) != layout_v1(capacity):
+                raise StoreError(f"{self.path}: inconsistent geometry in the superblock")
+            regions = {
+                REGION_INDEX: (INDEX_OFFSET, slots * ENTRY.size),
+                REGION_DATA: (data_off, slots * CHUNK_SIZE),
+            }
+        else:
+            regions = self._load_regions(head, slots, data_off)
+        self.version = version
+        self.regions = regions
         self.slot_count, self.data_offset, self.uuid = slots, data_off, uuid
         return bool(flags & FLAG_CLEAN)
+
+    def _load_regions(self, head: bytes, slots: int, data_off: int) -> dict[int, tuple[int, int]]:
+        incompat, _compat, count, _ = SUPER_V2.unpack_from(head, SUPERBLOCK.size)
+        end = SUPERBLOCK.size + SUPER_V2.size + min(count, MAX_REGIONS) * REGION.size
+        (crc,) = struct.unpack_from(">I", head, end)
+        if count > MAX_REGIONS or zlib.crc32(head[:end]) != crc:
+            raise StoreError(f"{self.path}: superblock checksum mismatch (region table)")
+        if incompat & ~KNOWN_INCOMPAT:
+            raise StoreError(
+                f"{self.path}: uses on-disk features {incompat & ~KNOWN_INCOMPAT:#x} that "
+                "this release does not know; run the release that wrote it or a newer one"
+            )
+        regions: dict[int, tuple[int, int]] = {}
+        table = SUPERBLOCK.size + SUPER_V2.size
+        for i in range(count):
+            kind, _, off, length = REGION.unpack_from(head, table + i * REGION.size)
+            regions[kind] = (off, length)
+        needed = regions_of(slots, data_off, 0)
+        spans = []
+        for kind, (_, length) in needed.items():
+            if kind not in regions or regions[kind][1] < length:
+                raise StoreError(f"{self.path}: region {kind} missing or too small")
+            off, length = regions[kind]
+            if off % PAGE or off + length > self.capacity:
+                raise StoreError(f"{self.path}: region {kind} out of place")
+            spans.append((off, off + length))
+        spans.sort()
+        if spans[0][0] < SUPER_SIZE or any(a[1] > b[0] for a, b in itertools.pairwise(spans)):
+            raise StoreError(f"{self.path}: overlapping regions in the superblock")
+        if regions[REGION_INDEX][0] != INDEX_OFFSET or regions[REGION_DATA] != needed[REGION_DATA]:
+            raise StoreError(f"{self.path}: inconsistent geometry in the superblock")
+        if data_off % CHUNK_SIZE:
+            raise StoreError(f"{self.path}: inconsistent geometry in the superblock")
+        return regions
 
     def write_super(self, *, clean: bool) -> None:
         body = SUPERBLOCK.pack(
             SUPER_MAGIC,
-            FORMAT_VERSION,
+            self.version,
             FLAG_CLEAN if clean else 0,
             self.capacity,
             self.slot_count,
@@ -243,7 +407,44 @@ class Device:
             self.uuid,
             0,
         )[:-4]
-        dio.pwrite(self.fd, body + struct.pack(">I", zlib.crc32(body)), 0)
+        body += struct.pack(">I", zlib.crc32(body))
+        if self.version >= 2:
+            rows = sorted(self.regions.items())
+            body += SUPER_V2.pack(0, 0, len(rows), 0)
+            body += b"".join(REGION.pack(kind, 0, off, length) for kind, (off, length) in rows)
+            body += struct.pack(">I", zlib.crc32(body))
+        dio.pwrite(self.fd, body, 0)
+
+    # -- tombstones -------------------------------------------------------------------
+
+    def read_tombstones(self) -> tuple[int, dict[int, int]]:
+        """``(sequence, {volume: epoch})`` of the newer valid copy; ``(0, {})`` if none."""
+        if self.version < 2:
+            return 0, {}
+        offset, _ = self.regions[REGION_TOMBSTONES]
+        best: tuple[int, dict[int, int]] = (0, {})
+        for copy in range(2):
+            raw = dio.pread(self.fd, TOMB_COPY_SIZE, offset + copy * TOMB_COPY_SIZE)
+            raw = raw.ljust(TOMB_COPY_SIZE, b"\0")
+            magic, seq, count, crc = TOMB_HEADER.unpack_from(raw)
+            if magic != TOMB_MAGIC or count > TOMBSTONE_CAPACITY:
+                continue
+            end = TOMB_HEADER.size + count * TOMB_ENTRY.size
+            if zlib.crc32(raw[: TOMB_HEADER.size - 4] + raw[TOMB_HEADER.size : end]) != crc:
+                log.warning("%s: tombstone copy %d is torn, ignored", self.path, copy)
+                continue
+            if seq > best[0]:
+                rows = TOMB_ENTRY.iter_unpack(raw[TOMB_HEADER.size : end])
+                best = (seq, dict(rows))
+        return best
+
+    def write_tombstones(self, seq: int, table: Mapping[int, int]) -> None:
+        """Write ``table`` as sequence ``seq`` into copy ``seq % 2`` (not synced)."""
+        offset, _ = self.regions[REGION_TOMBSTONES]
+        head = TOMB_HEADER.pack(TOMB_MAGIC, seq, len(table), 0)[:-4]
+        rows = b"".join(TOMB_ENTRY.pack(v, table[v]) for v in sorted(table))
+        data = head + struct.pack(">I", zlib.crc32(head + rows)) + rows
+        dio.pwrite(self.fd, data, offset + (seq % 2) * TOMB_COPY_SIZE)
 
     def read_index(self) -> Iterable[tuple[int, int, int, int]]:
         """Yield ``(slot, volume, chunk, generation)`` of every valid entry."""
@@ -314,6 +515,13 @@ class ChunkStore:
         # kept as chunks are allocated and freed, so listing a PG does not scan the pool.
         self._pg_counts: dict[int, int] = {}
         self._by_pg: dict[tuple[int, int], set[int]] = {}
+        # Deleted volumes: volume id -> MDM epoch of the delete (docs/sds.md, "Tombstones").
+        self._tombstones: dict[int, int] = {}
+        self._tomb_seq = 0  # sequence of the newest table written (or being written)
+        self._tomb_changes = 0  # changes made in memory ...
+        self._tomb_durable = 0  # ... and how many of them are durable on every device
+        self._tomb_lock = asyncio.Lock()
+        self._tomb_keys: dict[int, list[int]] = {}  # chunk keys left to free, per volume
 
     # -- life cycle -------------------------------------------------------------------
 
@@ -323,6 +531,9 @@ class ChunkStore:
             for dev in self.devices:
                 clean = dev.open()
                 self._load(dev, clean)
+                if dev.version < FORMAT_VERSION:
+                    self._upgrade(dev)
+            self._load_tombstones()
         except BaseException:
             self._gens.clear()
             for dev in self.devices:
@@ -384,6 +595,97 @@ class ChunkStore:
             dev.slot_count,
             "clean" if clean else "unclean",
             f", {runs} runs of free slots zeroed" if runs else "",
+        )
+
+    def _load_tombstones(self) -> None:
+        """The newest tombstone table of any device is the store's; devices that lag
+        (a crash in the middle of an update, a device just upgraded) get it."""
+        tables = [(dev, *dev.read_tombstones()) for dev in self.devices]
+        seq, table = 0, {}
+        for _, dseq, dtable in tables:
+            if dseq > seq:
+                seq, table = dseq, dtable
+        self._tombstones = dict(table)
+        self._tomb_seq = seq
+        if not seq:
+            return
+        for dev, dseq, _ in tables:
+            if dseq != seq:
+                dev.write_tombstones(seq, table)
+                dio.fdatasync(dev.fd)
+                log.info("%s: tombstone table brought to sequence %d", dev.path, seq)
+
+    def _upgrade(self, dev: Device) -> None:
+        """Upgrade a loaded version 1 device to version 2 in place.
+
+        The metadata area goes between the index and the first slot when it fits
+        there, else after the last slot that remains, whose chunks are first moved to
+        free slots lower down. Every step leaves a valid version 1 device until the
+        single-sector superblock write that makes it version 2 (docs/sds.md, "Upgrade
+        from version 1").
+        """
+        n0 = dev.slot_count
+        meta = _align(INDEX_OFFSET + n0 * ENTRY.size, PAGE)
+        n = n0
+        if meta + metadata_size(n0) > dev.data_offset:
+            while n > 0 and dev.data_offset + n * CHUNK_SIZE + metadata_size(n) > dev.capacity:
+                n -= 1
+            meta = dev.data_offset + n * CHUNK_SIZE
+        movers = sorted(
+            (slot, key) for key, (d, slot) in self._index.items() if d is dev and slot >= n
+        )
+        targets = sorted(slot for slot in dev.free if slot < n)
+        if n == 0 or len(movers) > len(targets):
+            raise StoreError(
+                f"{dev.path}: upgrading to format version {FORMAT_VERSION} needs its last "
+                f"{n0 - n} slots for metadata and it has {n0 - dev.used} free; free "
+                f"{len(movers) - len(targets)} more chunks with the previous release "
+                "first (the device is still a valid version 1 device)"
+            )
+        moves = list(zip(movers, targets, strict=False))
+        # 1. Copy each chunk to a free (durably zero) slot, and make the copies durable
+        # before any entry names them: a crash after a new entry must find whole data.
+        for (src, _), dst in moves:
+            for pos in range(0, CHUNK_SIZE, WRITE_PIECE):
+                piece = dio.pread(dev.fd, WRITE_PIECE, dev.slot_offset(src) + pos)
+                if any(piece):
+                    dio.pwrite(dev.fd, piece, dev.slot_offset(dst) + pos)
+        if moves:
+            dio.fdatasync(dev.fd)
+        # 2. The new entries, with newer generations: after a crash here the two claims
+        # of a chunk are resolved at open, the newer (the copy) wins.
+        for (_, key), dst in moves:
+            self._generation += 1
+            dev.write_entry(dst, _entry(*split_key(key), self._generation))
+        if moves:
+            dio.fdatasync(dev.fd)
+        # 3. The old entries go; then the metadata area, the slots it covers and the
+        # index entries past the new slot count are zeroed, and all of it synced.
+        for (src, key), dst in moves:
+            dev.write_entry(src, _EMPTY_ENTRY)
+            self._index[key] = (dev, dst)
+        taken = {dst for _, dst in moves}
+        dev.free = [slot for slot in dev.free if slot < n and slot not in taken]
+        if n < n0:  # every region ends on a 4 KiB boundary, the rest is never read
+            dev._zero(meta, dev.capacity // PAGE * PAGE - meta)
+            tail = INDEX_OFFSET + n * ENTRY.size
+            dev._zero(tail, INDEX_OFFSET + n0 * ENTRY.size - tail)
+        else:
+            dev._zero(meta, metadata_size(n0))
+        dio.fdatasync(dev.fd)
+        # 4. The switch: one sector.
+        dev.version = FORMAT_VERSION
+        dev.slot_count = n
+        dev.regions = regions_of(n, dev.data_offset, meta)
+        dev.write_super(clean=False)
+        dio.fsync(dev.fd)
+        log.info(
+            "upgraded %s to format version %d: %d slots (%d before), %d chunks moved",
+            dev.path,
+            FORMAT_VERSION,
+            n,
+            n0,
+            len(moves),
         )
 
     def close(self) -> None:
@@ -467,7 +769,7 @@ class ChunkStore:
     def read(self, volume: int, chunk: int, offset: int, length: int) -> memoryview | None:
         """``length`` bytes at ``offset`` of the chunk, or None if it has no slot."""
         loc = self._index.get(chunk_key(volume, chunk))
-        if loc is None:
+        if loc is None or volume in self._tombstones:
             return None
         dev, slot = loc
         buf = bytearray(length)
@@ -485,8 +787,11 @@ class ChunkStore:
         """Write ``data`` at ``offset`` of the chunk; allocate a slot on ``dev`` if new.
 
         Raises :class:`NoSpace` when ``dev`` has no free slot (check
-        :meth:`needs_reclaim` first) and ``OSError`` on IO errors.
+        :meth:`needs_reclaim` first), :class:`StoreError` when the volume is
+        tombstoned and ``OSError`` on IO errors.
         """
+        if volume in self._tombstones:
+            raise self._deleted(volume)
         key = chunk_key(volume, chunk)
         loc = self._index.get(key)
         if loc is not None:
@@ -513,27 +818,132 @@ class ChunkStore:
             in_pg.add(key)
 
     def zero(self, volume: int, chunk: int, offset: int, length: int) -> None:
-        """WRITE_ZEROES / TRIM: the range reads as zeroes; a whole chunk frees its slot."""
+        """WRITE_ZEROES / TRIM: the range reads as zeroes; a whole chunk frees its slot.
+        :class:`StoreError` when the volume is tombstoned."""
+        if volume in self._tombstones:
+            raise self._deleted(volume)
         key = chunk_key(volume, chunk)
         loc = self._index.get(key)
         if loc is None:
             return  # already reads as zeroes
         dev, slot = loc
         if offset == 0 and length == CHUNK_SIZE:
-            # Entry first, then the zeroing; the slot is reused only after a sync.
-            dev.write_entry(slot, _EMPTY_ENTRY)
-            del self._index[key]
-            in_pg = self._indexed(dev, key)
-            if in_pg is not None:
-                in_pg.discard(key)
-            dev.used -= 1
-            self._volume_chunks[volume] -= 1
-            dev.zero_slot_range(slot, 0, CHUNK_SIZE)
-            dev.pending.append(slot)
-            if len(dev.pending) >= RECLAIM_BATCH and dev.reclaiming is None:
-                self._schedule_reclaim(dev)
+            self._free(key, dev, slot)
             return
         dev.zero_slot_range(slot, offset, length)
+
+    def _free(self, key: int, dev: Device, slot: int) -> None:
+        """Free a chunk: entry first, then the zeroing; the slot is reused only after
+        a sync."""
+        dev.write_entry(slot, _EMPTY_ENTRY)
+        del self._index[key]
+        in_pg = self._indexed(dev, key)
+        if in_pg is not None:
+            in_pg.discard(key)
+        dev.used -= 1
+        self._volume_chunks[key >> 32] -= 1
+        dev.zero_slot_range(slot, 0, CHUNK_SIZE)
+        dev.pending.append(slot)
+        if len(dev.pending) >= RECLAIM_BATCH and dev.reclaiming is None:
+            self._schedule_reclaim(dev)
+
+    def _deleted(self, volume: int) -> StoreError:
+        return StoreError(
+            f"volume {volume} is deleted (tombstone of epoch {self._tombstones[volume]})"
+        )
+
+    # -- tombstones (docs/sds.md, "Tombstones") --------------------------------------
+
+    def tombstones(self) -> dict[int, int]:
+        """Tombstoned volumes: volume id → MDM epoch of the delete."""
+        return dict(self._tombstones)
+
+    def is_tombstoned(self, volume_id: int) -> bool:
+        return volume_id in self._tombstones
+
+    def tombstone_chunks_left(self, volume_id: int) -> int:
+        """Chunks of ``volume_id`` still stored here."""
+        return self._volume_chunks.get(volume_id, 0)
+
+    async def add_tombstones(self, tombstones: Mapping[int, int]) -> None:
+        """Tombstone volumes (volume id → MDM epoch of the delete): from this call on
+        their chunks read as unwritten and writes to them fail; durable on every
+        device when it returns. An existing tombstone keeps its epoch. StoreError
+        (and nothing changed) when the table would exceed :data:`TOMBSTONE_CAPACITY`
+        or an id or epoch is not a u64."""
+        new: dict[int, int] = {}
+        for volume, epoch in tombstones.items():
+            if not (0 <= volume < 1 << 64 and 0 <= epoch < 1 << 64):
+                raise StoreError(f"tombstone {volume}: {epoch}: not a u64 id and epoch")
+            if volume not in self._tombstones:
+                new[volume] = epoch
+        if len(self._tombstones) + len(new) > TOMBSTONE_CAPACITY:
+            raise StoreError(
+                f"tombstone table full: {len(self._tombstones)} of {TOMBSTONE_CAPACITY} "
+                f"used, {len(new)} more asked; free and drop some first"
+            )
+        if new:
+            self._tombstones.update(new)
+            self._tomb_changes += 1
+        await self._persist_tombstones(self._tomb_changes)
+
+    async def free_tombstoned(self, volume_id: int, max_chunks: int) -> int:
+        """Free up to ``max_chunks`` chunks of a tombstoned volume through the
+        crash-safe free path; return how many (0: none left)."""
+        if volume_id not in self._tombstones:
+            raise StoreError(f"volume {volume_id} is not tombstoned")
+        keys = self._tomb_keys.get(volume_id)
+        if keys is None:
+            # Once, for the volume: no chunk can be added to it any more.
+            keys = [key for key in self._index if key >> 32 == volume_id]
+            self._tomb_keys[volume_id] = keys
+        freed = 0
+        while keys and freed < max_chunks:
+            key = keys.pop()
+            loc = self._index.get(key)
+            if loc is not None:
+                self._free(key, *loc)
+                freed += 1
+        return freed
+
+    async def drop_tombstones(self, volume_ids: Iterable[int]) -> None:
+        """Forget the tombstones of ``volume_ids`` (unknown ids are ignored); durable
+        when it returns. StoreError (and nothing changed) if one of the volumes still
+        has a chunk here. The frees of their chunks are made durable first: a
+        power cut must not bring a freed chunk back under a live id."""
+        ids = [v for v in set(volume_ids) if v in self._tombstones]
+        for volume in ids:
+            left = self._volume_chunks.get(volume, 0)
+            if left:
+                raise StoreError(f"volume {volume} still has {left} chunks here: free them first")
+        if not ids:
+            await self._persist_tombstones(self._tomb_changes)
+            return
+        async with self._tomb_lock:
+            await self.sync()
+            for volume in ids:
+                self._tombstones.pop(volume, None)
+                self._tomb_keys.pop(volume, None)
+            self._tomb_changes += 1
+        await self._persist_tombstones(self._tomb_changes)
+
+    async def _persist_tombstones(self, change: int) -> None:
+        """Return once the in-memory table as of ``change`` is durable everywhere."""
+        async with self._tomb_lock:
+            if self._tomb_durable >= change:
+                return
+            upto = self._tomb_changes
+            table = dict(self._tombstones)
+            self._tomb_seq += 1  # a failed attempt's sequence is never reused
+            seq = self._tomb_seq
+            for dev in self.devices:
+                dev.write_tombstones(seq, table)
+            loop = asyncio.get_running_loop()
+            await asyncio.gather(
+                *(loop.run_in_executor(None, dio.fdatasync, dev.fd) for dev in self.devices)
+            )
+            self._tomb_durable = upto
+            log.info("tombstone table %d written: %d volumes", seq, len(table))
 
     # -- durability -------------------------------------------------------------------
 
