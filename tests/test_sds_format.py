@@ -218,6 +218,41 @@ def test_v1_device_too_full_to_upgrade_is_refused_and_stays_v1(tmp_path: Path) -
     assert read_v1_device(path) == chunks
 
 
+def test_every_device_of_a_store_is_upgraded_or_none(tmp_path: Path) -> None:
+    """Two v1 devices: both upgraded, the tombstone table on both. And when one of
+    them cannot be upgraded, neither is (the previous release must still open all)."""
+    small, big = tmp_path / "small.img", tmp_path / "big.img"
+    slots, _ = v1_layout(BIG)
+    small_chunks = {(1, 0): 3}
+    big_chunks = {(2, i): slots - 1 - i for i in range(3)}
+    write_v1_device(small, 16 * MiB, small_chunks)
+    write_v1_device(big, BIG, big_chunks)
+    store = ChunkStore([DeviceSpec(str(small), 16 * MiB, "p"), DeviceSpec(str(big), BIG, "p")])
+    store.open()
+    try:
+        assert [d.version for d in store.devices] == [2, 2]
+        assert_chunks_intact_on(store, small_chunks | big_chunks)
+        asyncio.run(store.add_tombstones({5: 6}))
+        assert [d.read_tombstones() for d in store.devices] == [(1, {5: 6})] * 2
+    finally:
+        store.close()
+
+    full = {(5, i): i for i in range(slots)}
+    write_v1_device(small, 16 * MiB, small_chunks)
+    write_v1_device(big, BIG, full, with_data=False)
+    store = ChunkStore([DeviceSpec(str(small), 16 * MiB, "p"), DeviceSpec(str(big), BIG, "p")])
+    with pytest.raises(StoreError, match=f"{big}: upgrading to format version 2 needs"):
+        store.open()
+    assert read_v1_device(small) == small_chunks and read_v1_device(big) == full
+
+
+def assert_chunks_intact_on(store: ChunkStore, chunks: dict[tuple[int, int], int]) -> None:
+    assert sorted(store.chunk_ids()) == sorted(chunks)
+    for volume, chunk in chunks:
+        got = store.read(volume, chunk, CHUNK_DATA_OFFSET, 8192)
+        assert got is not None and bytes(got) == v1_chunk_bytes(volume, chunk)
+
+
 # -- power cuts during the upgrade -----------------------------------------------------
 
 

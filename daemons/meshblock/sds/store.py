@@ -531,8 +531,15 @@ class ChunkStore:
             for dev in self.devices:
                 clean = dev.open()
                 self._load(dev, clean)
-                if dev.version < FORMAT_VERSION:
-                    self._upgrade(dev)
+            # Every upgrade is planned before any starts: a device that cannot be
+            # upgraded leaves all of them to the previous release.
+            plans = [
+                (dev, self._plan_upgrade(dev))
+                for dev in self.devices
+                if dev.version < FORMAT_VERSION
+            ]
+            for dev, plan in plans:
+                self._upgrade(dev, *plan)
             self._load_tombstones()
         except BaseException:
             self._gens.clear()
@@ -615,15 +622,12 @@ class ChunkStore:
                 dio.fdatasync(dev.fd)
                 log.info("%s: tombstone table brought to sequence %d", dev.path, seq)
 
-    def _upgrade(self, dev: Device) -> None:
-        """Upgrade a loaded version 1 device to version 2 in place.
-
-        The metadata area goes between the index and the first slot when it fits
-        there, else after the last slot that remains, whose chunks are first moved to
-        free slots lower down. Every step leaves a valid version 1 device until the
-        single-sector superblock write that makes it version 2 (docs/sds.md, "Upgrade
-        from version 1").
-        """
+    def _plan_upgrade(self, dev: Device) -> tuple[int, int, list[tuple[int, int, int]]]:
+        """How a loaded version 1 device becomes version 2: ``(slot count, offset of
+        the metadata area, moves (key, from slot, to slot))``. The metadata area goes
+        between the index and the first slot when it fits there, else after the last
+        slot that remains, whose chunks must move to free slots lower down;
+        StoreError when there are not enough of them."""
         n0 = dev.slot_count
         meta = _align(INDEX_OFFSET + n0 * ENTRY.size, PAGE)
         n = n0
@@ -642,10 +646,18 @@ class ChunkStore:
                 f"{len(movers) - len(targets)} more chunks with the previous release "
                 "first (the device is still a valid version 1 device)"
             )
-        moves = list(zip(movers, targets, strict=False))
+        moves = [(key, src, dst) for (src, key), dst in zip(movers, targets, strict=False)]
+        return n, meta, moves
+
+    def _upgrade(self, dev: Device, n: int, meta: int, moves: list[tuple[int, int, int]]) -> None:
+        """Upgrade a loaded version 1 device to version 2 in place, as planned by
+        :meth:`_plan_upgrade`. Every step leaves a valid version 1 device until the
+        single-sector superblock write that makes it version 2 (docs/sds.md, "Upgrade
+        from version 1")."""
+        n0 = dev.slot_count
         # 1. Copy each chunk to a free (durably zero) slot, and make the copies durable
         # before any entry names them: a crash after a new entry must find whole data.
-        for (src, _), dst in moves:
+        for _, src, dst in moves:
             for pos in range(0, CHUNK_SIZE, WRITE_PIECE):
                 piece = dio.pread(dev.fd, WRITE_PIECE, dev.slot_offset(src) + pos)
                 if any(piece):
@@ -654,17 +666,17 @@ class ChunkStore:
             dio.fdatasync(dev.fd)
         # 2. The new entries, with newer generations: after a crash here the two claims
         # of a chunk are resolved at open, the newer (the copy) wins.
-        for (_, key), dst in moves:
+        for key, _, dst in moves:
             self._generation += 1
             dev.write_entry(dst, _entry(*split_key(key), self._generation))
         if moves:
             dio.fdatasync(dev.fd)
         # 3. The old entries go; then the metadata area, the slots it covers and the
         # index entries past the new slot count are zeroed, and all of it synced.
-        for (src, key), dst in moves:
+        for key, src, dst in moves:
             dev.write_entry(src, _EMPTY_ENTRY)
             self._index[key] = (dev, dst)
-        taken = {dst for _, dst in moves}
+        taken = {dst for _, _, dst in moves}
         dev.free = [slot for slot in dev.free if slot < n and slot not in taken]
         if n < n0:  # every region ends on a 4 KiB boundary, the rest is never read
             dev._zero(meta, dev.capacity // PAGE * PAGE - meta)
