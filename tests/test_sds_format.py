@@ -67,6 +67,12 @@ def assert_chunks_intact(store: ChunkStore, chunks: dict[tuple[int, int], int]) 
     assert store.devices[0].used == len(chunks)
 
 
+def slot_of(store: ChunkStore, key: tuple[int, int]) -> int:
+    loc = store.location(*key)
+    assert loc is not None, key
+    return loc[1]
+
+
 def assert_v1_chunks_intact(path: Path, chunks: dict[tuple[int, int], int]) -> None:
     """The device is a valid version 1 device whose index names every chunk, each
     in a slot holding its bytes."""
@@ -170,7 +176,7 @@ def test_small_v1_device_is_upgraded_in_place_without_moving_a_chunk(tmp_path: P
     try:
         dev = store.devices[0]
         assert dev.version == 2 and dev.slot_count == slots
-        assert {k: store.location(*k)[1] for k in chunks} == chunks  # type: ignore[index]
+        assert {k: slot_of(store, k) for k in chunks} == chunks
         assert_chunks_intact(store, chunks)
         asyncio.run(store.add_tombstones({9: 3}))
     finally:
@@ -195,7 +201,7 @@ def test_large_v1_device_gives_up_its_last_slots_and_moves_their_chunks(tmp_path
         assert dev.version == 2 and dev.slot_count < slots
         meta = dev.regions[REGION_TOMBSTONES][0]
         assert meta == dev.data_offset + dev.slot_count * MiB  # after the last slot
-        assert all(store.location(*k)[1] < dev.slot_count for k in chunks)  # type: ignore[index]
+        assert all(slot_of(store, k) < dev.slot_count for k in chunks)
         assert_chunks_intact(store, chunks)
         assert len(dev.free) + dev.used == dev.slot_count
     finally:
@@ -282,7 +288,7 @@ class SparsePowerLoss:
 
         def pwrite(fd: int, data: bytes | memoryview, offset: int) -> int:
             mark(offset, len(data))
-            return real_pwrite(fd, data, offset)
+            return int(real_pwrite(fd, data, offset))
 
         def fallocate(fd: int, mode: int, offset: int, length: int) -> int:
             mark(offset, length)
