@@ -24,13 +24,14 @@ PYTEST_ARGS ?=
 
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: help venv deps lab-deps lint test test-lab run stop clean
+.PHONY: help venv deps lab-deps lint test test-quick test-lab run stop clean
 
 help:
 	@echo "make venv   build .venv (python3 -m venv, pip install -e '.[test]')"
 	@echo "make deps   apt-get install what the tests need ($(APT_PACKAGES))"
 	@echo "make lint   ruff check, ruff format --check, mypy"
 	@echo "make test   deps + venv + lint, then every test (the host lab's included)"
+	@echo "make test-quick  the unit tier only (no subprocess, no socket), under 60 s: the inner loop"
 	@echo "make run    quick start: a whole cluster on loopback (meshctl lab up) and an NBD client on it"
 	@echo "make stop   stop the lab that 'make run' started (meshctl lab down)"
 	@echo "make clean  remove .venv, ./run/ and caches"
@@ -83,6 +84,11 @@ lint: venv
 # first use) included. Without the lab: make test PYTEST_ARGS=--ignore=tests/test_deploy_lab.py
 test: deps lab-deps venv lint
 	$(BIN)/pytest -W error --timeout=$(PYTEST_TIMEOUT) tests/ $(PYTEST_ARGS)
+
+# The unit tier (tests/conftest.py: in-process tests, no subprocess, no socket): about
+# 20 s, well under a minute; needs neither the Debian packages nor the lint.
+test-quick: venv
+	$(BIN)/pytest -W error --timeout=$(PYTEST_TIMEOUT) -m unit tests/ $(PYTEST_ARGS)
 
 # The host lab end to end: image, hosts, site.yml twice, units, the VM's block
 # device, an alert in MGMT, add_sds.yml and molecule per role (docs/hostlab.md).

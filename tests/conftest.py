@@ -9,6 +9,13 @@
   ``mdm_overrides`` fixture, e.g. ``{"cluster": {"heartbeat_timeout_s": 1.0}}``.
 - ``api`` (module): ``api(method, path, json=None, token=...) -> (status, body)``
   against ``mdm`` with the admin token by default.
+
+Every test belongs to exactly one tier, a marker registered in pyproject.toml and set
+per module (``pytestmark = pytest.mark.unit``): ``unit`` (in-process only: no
+subprocess, no socket), ``cluster`` (daemons, tools or servers on loopback) or
+``lab`` (the host lab). A collected test with no tier, or with two, fails the run
+(:func:`pytest_collection_modifyitems`): `make test-quick` runs ``-m unit``, and a test
+without a tier must not silently fall out of it.
 """
 
 from __future__ import annotations
@@ -24,10 +31,35 @@ from _mdm import MdmDaemon
 from _pg import PgServer, PgUnavailable
 from _process import started
 
+TIERS = ("unit", "cluster", "lab")
+
 BACKENDS = [
     pytest.param("sqlite", id="sqlite"),
     pytest.param("postgres", id="postgres", marks=pytest.mark.postgres),
 ]
+
+
+def tier_problems(items: list[pytest.Item]) -> list[str]:
+    """One line per test that has no tier marker, or more than one."""
+    problems = []
+    for item in items:
+        tiers = sorted({m.name for m in item.iter_markers() if m.name in TIERS})
+        if len(tiers) != 1:
+            has = f"has {' and '.join(tiers)}" if tiers else "has no tier"
+            problems.append(f"{item.nodeid}: {has}")
+    return problems
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects: every collected test counts
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    problems = tier_problems(items)
+    if problems:
+        shown = "\n  ".join(problems[:20]) + ("\n  ..." if len(problems) > 20 else "")
+        raise pytest.UsageError(
+            f"{len(problems)} tests need exactly one tier: start the module with "
+            f"`pytestmark = pytest.mark.unit` (no subprocess, no socket), "
+            f"`pytest.mark.cluster` or `pytest.mark.lab` (tests/conftest.py):\n  {shown}"
+        )
 
 
 @pytest.fixture(scope="session")

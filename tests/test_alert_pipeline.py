@@ -49,6 +49,9 @@ from _monitoring import (
 )
 from _sdc import SdcDaemon
 from _sds import PG_COUNT, POOL, SdsDaemon
+from _wait import wait_until
+
+pytestmark = pytest.mark.cluster
 
 HEARTBEAT_TIMEOUT_S = 3.0
 INTERVAL = "1s"  # Prometheus's scrape and evaluation interval
@@ -108,18 +111,7 @@ class Pipeline:
 
     def wait(self, what: str, probe: Callable[[], T | None], timeout: float) -> T:
         """Poll ``probe`` until it returns something truthy; fail after ``timeout``."""
-        deadline = time.monotonic() + timeout
-        last: Any = None
-        while time.monotonic() < deadline:
-            try:
-                last = probe()
-            except (OSError, AssertionError) as exc:  # a server between two states
-                last = exc
-            else:
-                if last:
-                    return last
-            time.sleep(0.25)
-        raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}; last: {last}")
+        return wait_until(probe, timeout, what, interval=0.25)  # type: ignore[return-value]
 
     @contextlib.contextmanager
     def explained(self) -> Iterator[None]:

@@ -32,6 +32,8 @@ from meshblock.sdc.config import cluster_secret as sdc_cluster_secret
 from meshblock.sds.config import SdsConfig
 from meshblock.sds.config import load as load_sds_config
 
+pytestmark = pytest.mark.cluster
+
 ROOT = Path(__file__).resolve().parent.parent
 ROLES_DIR = ROOT / "roles"
 PLAYBOOKS_DIR = ROOT / "playbooks"

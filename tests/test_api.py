@@ -21,6 +21,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from _http import Api
 from _mdm import MdmDaemon
+from _wait import wait_until
+
+pytestmark = pytest.mark.cluster
 
 GiB = 1 << 30
 
@@ -370,12 +373,13 @@ def test_thin_usage_from_heartbeats(api: Api, mdm: MdmDaemon, topo: dict[str, An
                 token=mdm.cluster_secret,
             )
         )
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:  # heartbeats are written once a second
-        v = ok(api("GET", f"/api/v1/volumes/{thin['id']}"))
-        if v["allocated_bytes"]:
-            break
-        time.sleep(0.2)
+
+    def allocated() -> dict[str, Any] | None:
+        v: dict[str, Any] = ok(api("GET", f"/api/v1/volumes/{thin['id']}"))
+        return v if v["allocated_bytes"] else None
+
+    # heartbeats are written once a second
+    v = wait_until(allocated, 5, "the volume's allocated bytes", interval=0.2)
     assert v["allocated_bytes"] == 10 << 20  # 5 chunks on each of two SDSs
     cap = ok(api("GET", f"/api/v1/pools/{topo['pool']['id']}"))["capacity"]
     assert cap["thin_used_bytes"] == 10 << 20
@@ -853,11 +857,8 @@ def test_sds_failure_degrades_its_pgs(
         if ids[0] in (pg["primary"]["sds_id"], pg["secondary"]["sds_id"])
     }
     heartbeats.ids.discard(ids[0])  # sds1 goes quiet
-    deadline = time.monotonic() + 20  # the fixture's heartbeat timeout is 5 s
-    while time.monotonic() < deadline:
-        if pg_states(api)["degraded"]:
-            break
-        time.sleep(0.5)
+    # the fixture's heartbeat timeout is 5 s
+    wait_until(lambda: pg_states(api)["degraded"], 20, "sds1's PGs degraded", interval=0.5)
     after = pgmap()
     assert after["epoch"] > before["epoch"]
     assert pg_states(api) == {
@@ -889,10 +890,13 @@ def test_sds_failure_degrades_its_pgs(
     # that is still current.
     heartbeats.ids.add(ids[0])
     heartbeats.beat_now()
-    deadline = time.monotonic() + 10
-    while pg_states(api)["resyncing"] < len(with_sds1):
-        assert time.monotonic() < deadline, pg_states(api)
-        time.sleep(0.2)
+    wait_until(
+        lambda: pg_states(api)["resyncing"] >= len(with_sds1),
+        10,
+        "sds1's PGs resyncing",
+        interval=0.2,
+        detail=lambda: str(pg_states(api)),
+    )
     back = pgmap()
     assert back["epoch"] > after["epoch"]
     for old, new in zip(after["pgs"], back["pgs"], strict=True):
@@ -1126,13 +1130,13 @@ def test_rebalance_moves_copies_off_an_sds_that_never_heartbeated(tmp_path: Any)
             hb.beat_now()
             body = {"name": "v1", "pool_id": pool["id"], "size": "1GiB"}
             ok(a("POST", "/api/v1/volumes", body), 201)
-            deadline = time.monotonic() + 20
-            while True:
-                moving = {pg["pg"] for pg in pgmap()["pgs"] if pg.get("target")}
-                if moving:
-                    break
-                assert time.monotonic() < deadline, f"no move off the ghost SDS: {pgmap()}"
-                time.sleep(0.3)
+            moving = wait_until(
+                lambda: {pg["pg"] for pg in pgmap()["pgs"] if pg.get("target")},
+                20,
+                "a move off the ghost SDS",
+                interval=0.3,
+                detail=lambda: str(pgmap()),
+            )
         assert moving <= on_ghost, (moving, on_ghost)
     finally:
         daemon.stop()

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from meshblock.chunks import CHUNK_SIZE, chunk_span, pg_of, pgs_of_volume
+
+pytestmark = pytest.mark.unit
 
 
 @given(st.integers(1, 2**31 - 1), st.integers(0, 2**30), st.integers(2, 16384))

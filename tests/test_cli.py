@@ -45,6 +45,8 @@ from meshblock.cli.settings import (
 )
 from meshblock.sizes import GiB, MiB, TiB
 
+pytestmark = pytest.mark.cluster
+
 # -- the command tree and its help ------------------------------------------------------
 
 

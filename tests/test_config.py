@@ -11,6 +11,8 @@ import pytest
 from meshblock.config import ConfigError, from_mapping, load
 from meshblock.mdm.config import MdmConfig
 
+pytestmark = pytest.mark.unit
+
 
 @dataclass(frozen=True)
 class Inner:

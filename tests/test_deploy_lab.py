@@ -25,11 +25,12 @@ import pytest
 import yaml
 
 from _hostlab import INVENTORY, ROOT, VENV_BIN, HostLab, PlayResult, lab_unavailable
+from _wait import wait_until
 
 # The image build (a few minutes on a fresh machine) happens in the first test's
 # setup, and a playbook on the emulated VM takes minutes: the suite's 300 s per test
 # is too short here.
-pytestmark = pytest.mark.timeout(1500)
+pytestmark = [pytest.mark.lab, pytest.mark.timeout(1500)]
 
 ARTIFACTS = ROOT / "artifacts" / "hostlab"
 SDS_HOSTS = ("sds1", "sds2", "sds3")
@@ -93,18 +94,6 @@ def _converged(result: PlayResult, what: str) -> dict[str, dict[str, int]]:
         f"{what} did not converge (exit {result.returncode}, {bad}):\n{result.tail()}"
     )
     return recap
-
-
-def _wait(what: str, check, timeout: float, interval: float = 3.0):
-    """Call check() until it returns something truthy; fail with its last value."""
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(interval)
-    pytest.fail(f"{what}: not within {timeout:.0f} s (last: {last!r})")
 
 
 # --- the lab itself -----------------------------------------------------------------
@@ -221,10 +210,11 @@ def test_units_are_active_and_listening(lab: HostLab) -> None:
 
 def test_meshctl_health_is_clean(lab: HostLab) -> None:
     """`meshctl health` (from the controller) exits 0: every SDS and SDC connected."""
-    result = _wait(
-        "meshctl health exits 0",
+    result = wait_until(
         lambda: (r := lab.meshctl("health")).returncode == 0 and r,
-        timeout=120,
+        120,
+        "meshctl health exits 0",
+        interval=3,
     )
     out = result.stdout
     for name in (*SDS_HOSTS, "sdc1", "sdcvm1"):
@@ -306,14 +296,14 @@ def test_stopped_sds_raises_the_alert_in_mgmt(lab: HostLab) -> None:
                 if a.get("status") == "active" and "sds3" in json.dumps(a)
             ]
 
-        alerts = _wait("MeshblockSdsDown for sds3 in MGMT", fired, timeout=420, interval=10)
+        alerts = wait_until(fired, 420, "MeshblockSdsDown for sds3 in MGMT", interval=10)
         assert alerts[0]["severity"] in ("warning", "error", "critical"), alerts[0]
     finally:
         _ok(lab.ssh("sds3", "systemctl start meshblock-sds.service"), "systemctl start")
-    _wait(
-        "the cluster healthy again",
+    wait_until(
         lambda: lab.meshctl("health").returncode == 0,
-        timeout=300,
+        300,
+        "the cluster healthy again",
         interval=5,
     )
 
@@ -349,7 +339,7 @@ def test_add_sds_rebalances_onto_the_new_sds(lab: HostLab) -> None:
         return (on_new, len(copies)) if on_new >= ideal - max(2, 0.05 * ideal) else None
 
     started = time.monotonic()
-    on_new, total = _wait("pool sp1 balanced onto sds4", balanced, timeout=900, interval=5)
+    on_new, total = wait_until(balanced, 900, "pool sp1 balanced onto sds4", interval=5)
     _record("rebalance_s", time.monotonic() - started)
     assert 0 < on_new < total, (on_new, total)
     _ok(lab.meshctl("health"), "meshctl health after the rebalance")

@@ -22,12 +22,15 @@ import pytest
 
 from _cluster import SmallCluster, small_cluster
 from _sds import PG_COUNT, SdsDaemon
+from _wait import wait_until
 from meshblock.chunks import CHUNK_SIZE, pg_of
 from meshblock.sds.maps import PgMap
 from meshblock.sds.replication import DegradedWrites
 from meshblock.tools.replica_check import check_volume
 from meshblock.wire import PeerRole, RequestError, Status, WireClient
 from test_nbd_server import qemu_io, tool
+
+pytestmark = pytest.mark.cluster
 
 HEARTBEAT_TIMEOUT_S = 3.0
 VOLUME = "fo1"
@@ -90,17 +93,16 @@ def fio_result(fo: Failover, proc: subprocess.Popen[str], timeout: float) -> str
 
 
 def wait_degraded(fo: Failover, dead: int, timeout: float = 20.0) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while True:
+    def degraded() -> dict[str, Any] | None:
         doc = fo.pgmap()
         touched = [
             pg for pg in doc["pgs"] if dead in (pg["primary"]["sds_id"], pg["secondary"]["sds_id"])
         ]
-        if touched and all(pg["state"] == "degraded" for pg in touched):
-            return doc
-        if time.monotonic() > deadline:
-            raise AssertionError(f"PGs of SDS {dead} not degraded: {doc}\n{fo.logs()}")
-        time.sleep(0.2)
+        return doc if touched and all(pg["state"] == "degraded" for pg in touched) else None
+
+    return wait_until(
+        degraded, timeout, f"the PGs of SDS {dead} degraded", interval=0.2, detail=fo.logs
+    )
 
 
 def test_one_sds_lost_and_back(fo: Failover) -> None:
@@ -149,10 +151,11 @@ def test_one_sds_lost_and_back(fo: Failover) -> None:
     # (b) The victim returns: its PGs stay degraded, nothing of it is read.
     victim.start()
     victim.wait_serving()
-    deadline = time.monotonic() + 10
-    while victim.health()["maps"].get(str(fo.pool_id), 0) < after["epoch"]:
-        assert time.monotonic() < deadline, victim.log_text()
-        time.sleep(0.1)
+    victim.wait(
+        lambda: victim.health()["maps"].get(str(fo.pool_id), 0) >= after["epoch"],
+        10,
+        f"{victim.name} to learn map epoch {after['epoch']}",
+    )
     time.sleep(HEARTBEAT_TIMEOUT_S)  # a failure check has seen it connected
     back = fo.pgmap()
     assert [pg["state"] for pg in back["pgs"]] == [pg["state"] for pg in after["pgs"]]

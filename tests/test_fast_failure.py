@@ -14,6 +14,8 @@ import pytest
 from _cluster import SmallCluster, small_cluster
 from test_nbd_server import qemu_io
 
+pytestmark = pytest.mark.cluster
+
 VOLUME = "ff1"
 MiB = 1024 * 1024
 HEARTBEAT_TIMEOUT_S = 60.0

@@ -39,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import operator
 import re
 import signal
 import subprocess
@@ -56,11 +57,14 @@ from _cluster import SmallCluster, meshctl_command, small_cluster
 from _fio import Fio
 from _netns import AddressedSds, NetNs, netns_unavailable
 from _sds import PG_COUNT, SdsDaemon, wait_copy_jobs_ended
+from _wait import wait_until
 from meshblock.chunks import CHUNK_SIZE, pg_of
 from meshblock.mdm.config import ClusterConfig
 from meshblock.mdm.placement import DeviceInfo, copy_tolerance, ideal_copies
 from meshblock.tools.replica_check import check_volume
 from test_nbd_server import qemu_io, tool
+
+pytestmark = pytest.mark.cluster
 
 MiB = 1024 * 1024
 HEARTBEAT_TIMEOUT_S = 3.0
@@ -419,16 +423,21 @@ def test_sds_network_cut_during_fio_is_rebuilt(
     # The cut-off SDS comes back with stale copies and old maps: the MDM sees it again,
     # it learns the new maps, and nothing it holds is served or counted as a replica.
     status: dict[str, Any] = {}
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        status = c.mdm.api().get(f"/api/v1/sds/{dead}").body
-        if status.get("state") == "connected" and victim.reachable():
-            h = victim.health()
-            if h["mdm_reachable"] and h["maps"].get(str(c.pool_id), 0) >= doc["epoch"]:
-                break
-        time.sleep(0.25)
-    else:
-        raise AssertionError(f"the SDS did not come back after the cut: {status}\n{c.logs()}")
+
+    def back() -> bool:
+        status.update(c.mdm.api().get(f"/api/v1/sds/{dead}").body)
+        if status.get("state") != "connected" or not victim.reachable():
+            return False
+        h = victim.health()
+        return bool(h["mdm_reachable"] and h["maps"].get(str(c.pool_id), 0) >= doc["epoch"])
+
+    wait_until(
+        back,
+        20,
+        "the SDS to come back after the cut",
+        interval=0.25,
+        detail=lambda: f"{status}\n{c.logs()}",
+    )
     # whatever the MDM does with the returning SDS (nothing, or a rebalance onto it),
     # the pool settles clean and the data verifies
     doc = wait_settled(c, "a settled pool after the return", 60)
@@ -558,10 +567,12 @@ def test_mdm_sigkill_during_io(build: ClusterBuilder, tmp_path: Path) -> None:
     t_back = time.monotonic()
     c.sdc.wait_for("the SDC to reach the MDM", lambda h: h["mdm_reachable"] is True, timeout=20)
     for d in c.sds:
-        deadline = time.monotonic() + 20
-        while not d.health()["mdm_reachable"]:
-            assert time.monotonic() < deadline, f"{d.name} did not reach the MDM\n{c.logs()}"
-            time.sleep(0.1)
+        wait_until(
+            lambda d=d: d.health()["mdm_reachable"],  # type: ignore[misc]
+            20,
+            f"{d.name} to reach the MDM",
+            detail=c.logs,
+        )
     # every component heartbeats again and nothing failed over, also once the MDM's
     # grace period (one heartbeat timeout) is over
     time.sleep(max(0.0, HEARTBEAT_TIMEOUT_S + 2.0 - (time.monotonic() - t_back)))
@@ -681,13 +692,19 @@ def test_added_sds_is_rebalanced(build: ClusterBuilder, tmp_path: Path) -> None:
     per_sds = Counter(
         sid for ch in stored for sid in copies(doc["pgs"][pg_of(c.volume_id, ch, PG_COUNT)])
     )
-    deadline = time.monotonic() + 10
-    while True:
+
+    def usage() -> tuple[dict[int, int], dict[int, int]]:
         used = {c.sds_id(d): sum(x["used_bytes"] for x in d.health()["devices"]) for d in c.sds}
-        want = {sid: per_sds[sid] * CHUNK_SIZE for sid in used}
-        if used == want or time.monotonic() > deadline:
-            break
-        time.sleep(0.5)
+        return used, {sid: per_sds[sid] * CHUNK_SIZE for sid in used}
+
+    wait_until(
+        lambda: operator.eq(*usage()),
+        10,
+        "each SDS's used bytes to be the chunks of its PGs",
+        interval=0.5,
+        detail=lambda: "used, chunks: {} {}".format(*usage()),
+    )
+    used, want = usage()
     assert used == want, f"used bytes per SDS {used}, the chunks of their PGs {want}"
     assert_no_tracebacks(c)
     print(f"test body: {time.monotonic() - t0:.1f} s")

@@ -28,6 +28,8 @@ from _sdc import SdcDaemon
 from _sds import POOL, SdsDaemon
 from test_nbd_server import qemu_io, run, sha256, tool
 
+pytestmark = pytest.mark.cluster
+
 MiB = 1024 * 1024
 
 

@@ -8,18 +8,21 @@ NBD, and that no process is left behind.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import stat
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from _cluster import LabCluster, process_running
+from _wait import WaitTimeout, wait_until
 from test_nbd_server import qemu_io, run, tool
+
+pytestmark = pytest.mark.cluster
 
 NAMES = ["mdm", "sds1", "sds2", "sds3", "sdc1"]
 
@@ -34,10 +37,14 @@ def lab(tmp_path: Path) -> Iterator[LabCluster]:
 
 
 def wait_gone(pids: list[int], timeout: float = 5.0) -> list[int]:
-    deadline = time.monotonic() + timeout
-    while (left := [p for p in pids if process_running(p)]) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return left
+    """The pids still running after at most ``timeout`` s (none, when all exited)."""
+
+    def left() -> list[int]:
+        return [p for p in pids if process_running(p)]
+
+    with contextlib.suppress(WaitTimeout):
+        wait_until(lambda: not left(), timeout, "the processes to exit", interval=0.05)
+    return left()
 
 
 def test_up_status_down(lab: LabCluster) -> None:

@@ -28,6 +28,8 @@ from _mgmt import MgmtDaemon
 from _monitoring import REPO, PrometheusServer, ToolMissing
 from test_mgmt import alert, notification, ok
 
+pytestmark = pytest.mark.cluster
+
 if TYPE_CHECKING:
     from playwright.sync_api import BrowserContext, Page
 

@@ -21,7 +21,10 @@ from _mdm import MdmDaemon
 from _mgmt import MgmtDaemon, WebClient
 from _monitoring import AlertmanagerServer, PrometheusServer, ToolMissing
 from _process import started
+from _wait import wait_until
 from test_mgmt import alert, by_fingerprint, err, notification, ok
+
+pytestmark = pytest.mark.cluster
 
 RULES_V1 = """\
 groups:
@@ -205,9 +208,8 @@ def rules_by_name(mgmt: MgmtDaemon) -> dict[str, dict[str, Any]]:
 def test_rules_are_synced_at_start_and_on_demand(
     mgmt: MgmtDaemon, prometheus: PrometheusServer
 ) -> None:
-    deadline = time.monotonic() + 20
-    while not rules_by_name(mgmt) and time.monotonic() < deadline:
-        time.sleep(0.2)  # the periodic sync runs once at start
+    # the periodic sync runs once at start
+    wait_until(lambda: rules_by_name(mgmt), 20, "the rules synced at start", interval=0.2)
     rules = rules_by_name(mgmt)
     assert set(rules) == {"MeshblockSdsDown", "MeshblockTestAlwaysQuiet", "MeshblockPoolNearFull"}
     sds = rules["MeshblockSdsDown"]
@@ -292,13 +294,12 @@ def test_charts_draw_prometheus_series(mgmt: MgmtDaemon, prometheus: PrometheusS
     prometheus.reload()
     web = WebClient(mgmt.url)
     web.login("viewer", mgmt.viewer_password)
-    deadline = time.monotonic() + 30
-    body = ""
-    while time.monotonic() < deadline:
-        body = web.get("/health").body
-        if 'data-series="read"' in body:
-            break
-        time.sleep(1)
+
+    def page() -> str | None:
+        body: str = web.get("/health").body
+        return body if 'data-series="read"' in body else None
+
+    body = wait_until(page, 30, "a read series on the health page", interval=1)
     assert 'data-series="read"' in body
     # rate() over a window that the young series only partly covers is below 1000 B/s.
     m = re.search(r"read: ([\d,.]+) B/s", body)

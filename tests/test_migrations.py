@@ -35,6 +35,8 @@ from meshblock.mgmt.db import VERSION_TABLE as MGMT_VERSION_TABLE
 from meshblock.mgmt.db import migrate as mgmt_migrate
 from meshblock.sqlstore import KILL_AFTER_DDL_ENV
 
+pytestmark = pytest.mark.cluster
+
 T = TypeVar("T")
 
 FUTURE_REVISION = "9999_from_the_future"

@@ -41,6 +41,8 @@ from _mdm import MdmDaemon
 from _monitoring import AlertmanagerServer
 from _wait import wait_until
 
+pytestmark = pytest.mark.cluster
+
 REPO = Path(__file__).resolve().parent.parent
 PROMETHEUS_DIR = REPO / "monitoring" / "prometheus"
 PROMETHEUS_CONFIG = PROMETHEUS_DIR / "prometheus.yml"

@@ -32,6 +32,8 @@ from meshblock.chunks import CHUNK_SIZE, pg_of
 from meshblock.wire import PeerRole, WireClient
 from test_nbd_server import qemu_io, run, tool
 
+pytestmark = pytest.mark.cluster
+
 MiB = 1024 * 1024
 GiB = 1024 * MiB
 VOLUME_SIZE = 3 * GiB

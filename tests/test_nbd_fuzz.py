@@ -14,11 +14,11 @@ import logging
 import random
 import socket
 import struct
-import time
 from collections.abc import Iterator
 
 import pytest
 
+from _wait import wait_until
 from meshblock.nbd.protocol import (
     MAX_OPTION_DATA,
     MAX_OPTIONS,
@@ -33,6 +33,8 @@ from meshblock.nbd.protocol import (
 )
 from meshblock.nbd.server import Export
 from test_nbd_server import MemoryBackend, ServerThread
+
+pytestmark = pytest.mark.cluster
 
 MiB = 1024 * 1024
 SIZE = 4 * MiB
@@ -157,9 +159,13 @@ def dropped(nbd: ServerThread, c: Client, caplog: pytest.LogCaptureFixture, reas
     """The server closed ``c`` and logged ``reason``."""
     assert c.closed_by_server(), "the server kept a connection that broke the protocol"
     c.close()
-    deadline = time.monotonic() + 2
-    while reason not in caplog.text and time.monotonic() < deadline:
-        time.sleep(0.02)
+    wait_until(
+        lambda: reason in caplog.text,
+        2,
+        f"the log to say {reason!r}",
+        interval=0.02,
+        detail=lambda: caplog.text,
+    )
     assert reason in caplog.text, caplog.text
 
 

@@ -20,7 +20,10 @@ from typing import Any, TypeVar
 
 import pytest
 
+from _wait import wait_until
 from meshblock.nbd.server import Chunk, Export, NbdServer
+
+pytestmark = pytest.mark.cluster
 
 T = TypeVar("T")
 MiB = 1024 * 1024
@@ -272,10 +275,7 @@ def test_removing_an_export_closes_its_connections(nbd: ServerThread) -> None:
         assert proc.stdin is not None
         proc.stdin.write("write -P 3 0 4096\n")
         proc.stdin.flush()
-        deadline = 50
-        while not nbd.server.exports["gone"].connections and deadline:
-            threading.Event().wait(0.1)
-            deadline -= 1
+        wait_until(lambda: nbd.server.exports["gone"].connections, 5, "qemu-io's connection")
         assert nbd.server.exports["gone"].connections
         nbd.remove("gone")
         proc.stdin.write("read -P 3 0 4096\nquit\n")

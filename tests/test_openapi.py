@@ -15,6 +15,8 @@ from _mdm import MdmDaemon
 from meshblock.mdm.app import create_app
 from meshblock.mdm.config import AuthConfig, MdmConfig
 
+pytestmark = pytest.mark.cluster
+
 METHODS = {"GET", "POST", "PUT", "PATCH", "DELETE"}
 
 

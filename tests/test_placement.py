@@ -21,6 +21,8 @@ from meshblock.mdm.placement import (
     validate_map,
 )
 
+pytestmark = pytest.mark.unit
+
 GiB = 1 << 30
 EPSILON = 1e-9  # ideal_copies is a float; the bounds are exact fractions
 

@@ -21,10 +21,13 @@ import pytest
 
 from _cluster import SmallCluster, meshctl_command, small_cluster
 from _sds import PG_COUNT
+from _wait import wait_until
 from meshblock.chunks import CHUNK_SIZE
 from meshblock.mdm.placement import copy_tolerance
 from meshblock.tools.replica_check import check_volume
 from test_nbd_server import qemu_io
+
+pytestmark = pytest.mark.cluster
 
 VOLUME = "rb1"
 CHUNKS = 48
@@ -58,15 +61,17 @@ def read_back(c: SmallCluster, expected: dict[int, int]) -> None:
 
 
 def wait_for(c: SmallCluster, what: str, cond: Any, timeout: float = WAIT_S) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while True:
-        doc = c.pgmap()
-        if cond(doc):
-            return doc
-        if time.monotonic() > deadline:
-            states = Counter(pg["state"] for pg in doc["pgs"])
-            raise AssertionError(f"timed out waiting for {what}: {dict(states)}\n{c.logs()}")
-        time.sleep(0.2)
+    """Until ``cond(pgmap)`` holds; return that map (a failure counts the PG states)."""
+    seen: list[dict[str, Any]] = [{"pgs": []}]
+
+    def holds() -> dict[str, Any] | None:
+        seen[0] = c.pgmap()
+        return seen[0] if cond(seen[0]) else None
+
+    def states() -> str:
+        return f"{dict(Counter(pg['state'] for pg in seen[0]['pgs']))}\n{c.logs()}"
+
+    return wait_until(holds, timeout, what, interval=0.2, detail=states)
 
 
 def all_clean(doc: dict[str, Any]) -> bool:

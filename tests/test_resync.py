@@ -27,6 +27,8 @@ from meshblock.tools.replica_check import check_volume
 from test_failover import HEARTBEAT_TIMEOUT_S, VOLUME, Failover, wait_degraded
 from test_nbd_server import qemu_io
 
+pytestmark = pytest.mark.cluster
+
 CLEAN_TIMEOUT_S = 30.0
 MiB = 1024 * 1024
 BASE_CHUNKS = set(range(16))  # written before any failure

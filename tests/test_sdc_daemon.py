@@ -26,6 +26,8 @@ from _process import started
 from _sdc import SdcDaemon
 from test_nbd_server import run, tool
 
+pytestmark = pytest.mark.cluster
+
 
 @pytest.fixture(scope="module")
 def mdm_sqlite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MdmDaemon]:

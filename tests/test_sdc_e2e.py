@@ -22,6 +22,8 @@ from _wait import wait_until
 from test_nbd_server import qemu_io, run, sha256, tool
 from test_sdc_daemon import SdcDaemon, ok
 
+pytestmark = pytest.mark.cluster
+
 MiB = 1024 * 1024
 POOL = "pool-e2e"
 PD = "pd-e2e"

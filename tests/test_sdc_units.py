@@ -28,6 +28,8 @@ from meshblock.sdc.metrics import SdcMetrics
 from meshblock.sdc.qos import TokenBucket
 from meshblock.sdc.volume_io import VolumeIO
 
+pytestmark = pytest.mark.cluster
+
 PG_COUNT = 8
 VOLUME = VolumeMapping(7, "v", 1, 64 * CHUNK_SIZE, False, None, None)
 

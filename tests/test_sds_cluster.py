@@ -23,6 +23,7 @@ import _http
 from _cluster import Cluster, route
 from _mdm import MdmDaemon
 from _sds import DEVICE_BYTES, PG_COUNT, POOL, SdsDaemon
+from _wait import wait_until
 from meshblock.chunks import CHUNK_SIZE
 from meshblock.wire import (
     ConnectionLost,
@@ -34,6 +35,8 @@ from meshblock.wire import (
 )
 from meshblock.wire.handshake import CLIENT_HELLO, HELLO_MAGIC
 from meshblock.wire.protocol import REQUEST, REQUEST_MAGIC, Op, pack_request
+
+pytestmark = pytest.mark.cluster
 
 
 @pytest.fixture(scope="module")
@@ -440,14 +443,12 @@ def test_health_and_metrics(cluster: Cluster) -> None:
 
 
 def test_heartbeat_reports_usage_to_the_mdm(cluster: Cluster) -> None:
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
+    def reported() -> int:
         status, body = cluster.mdm.api().get("/api/v1/sds")
         assert status == 200
-        used = sum(dev["used_bytes"] for s in body["sds"] for dev in s["devices"])
-        if used > 0:
-            break
-        time.sleep(0.2)
+        return sum(dev["used_bytes"] for s in body["sds"] for dev in s["devices"])
+
+    used = wait_until(reported, 10, "the MDM to report used bytes", interval=0.2)
     local = sum(s.health()["devices"][0]["used_bytes"] for s in cluster.sds)
     assert used > 0 and local > 0
 
@@ -498,9 +499,7 @@ def test_sds_keeps_serving_without_the_mdm(cluster: Cluster) -> None:
         run(after_restart())
     finally:
         cluster.mdm.start()
-    deadline = time.monotonic() + 10
-    while not cluster.sds[0].health()["mdm_reachable"] and time.monotonic() < deadline:
-        time.sleep(0.1)
+    wait_until(lambda: cluster.sds[0].health()["mdm_reachable"], 10, "sds1 to reach the MDM")
     assert cluster.sds[0].health()["mdm_reachable"]
 
 

@@ -8,10 +8,13 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 
+import pytest
+
+from _wait import wait_until_async
 from meshblock.chunks import CHUNK_SIZE, pg_of
 from meshblock.sds.io_path import DataService
 from meshblock.sds.maps import MapCache, PgMap
@@ -19,6 +22,8 @@ from meshblock.sds.metrics import SdsStats
 from meshblock.sds.replication import Peers
 from meshblock.sds.server import DataServer
 from meshblock.sds.store import ChunkStore, DeviceSpec
+
+pytestmark = pytest.mark.cluster
 
 SECRET = "resync-test-secret"
 POOL = 3
@@ -88,15 +93,6 @@ async def pair(tmp_path: Path) -> AsyncIterator[Pair]:
         yield p
 
 
-async def until(what: str, cond: Callable[[], bool]) -> None:
-    """Poll ``cond()`` every 10 ms, for at most 10 s."""
-    for _ in range(1000):
-        if cond():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"not {what} after 10 s")
-
-
 def test_a_map_older_than_the_accepted_report_starts_no_new_job(tmp_path: Path) -> None:
     """The MDM accepts PG 0's report at map epoch 7; a map of epoch 6 (made for another
     PG's report, in flight meanwhile) still shows PG 0 resyncing. It must not start
@@ -108,7 +104,9 @@ def test_a_map_older_than_the_accepted_report_starts_no_new_job(tmp_path: Path) 
             rs = p.primary.resync
             p.accept_at = 7
             p.deliver(5, {0, 1})
-            await until("both PGs reported", lambda: len(p.reports) == 2 and not rs.jobs)
+            await wait_until_async(
+                lambda: len(p.reports) == 2 and not rs.jobs, 10, "both PGs reported", interval=0.01
+            )
             assert sorted(p.reports) == [(POOL, 0, 5), (POOL, 1, 5)]
             assert rs.pgs_total == 2
 
@@ -122,7 +120,12 @@ def test_a_map_older_than_the_accepted_report_starts_no_new_job(tmp_path: Path) 
             assert not rs.active()
             p.accept_at = 9
             p.deliver(8, {0})  # the secondary failed and returned: a new resync
-            await until("the new resync reported", lambda: len(p.reports) == 3 and not rs.jobs)
+            await wait_until_async(
+                lambda: len(p.reports) == 3 and not rs.jobs,
+                10,
+                "the new resync reported",
+                interval=0.01,
+            )
             assert p.reports[-1] == (POOL, 0, 8) and rs.pgs_total == 3
 
     asyncio.run(main())
@@ -168,7 +171,12 @@ def test_copies_are_throttled_per_source_device(tmp_path: Path) -> None:
                 rebuild_bandwidth_mibps=mibps,
                 rebuild_concurrency=4,
             )
-            await until("every PG rebuilt", lambda: len(p.reports) == PG_COUNT and not rs.jobs)
+            await wait_until_async(
+                lambda: len(p.reports) == PG_COUNT and not rs.jobs,
+                10,
+                "every PG rebuilt",
+                interval=0.01,
+            )
             assert len(sends) == len(chunk_device), sends
             for dev_id in PRIMARY_DEVICES:
                 times = [t for t, d in sends if d == dev_id]
@@ -206,7 +214,12 @@ def test_a_full_copy_trims_what_only_the_copy_stores(tmp_path: Path) -> None:
             p.accept_at = 6
             p.deliver(5, {0})
             rs = p.primary.resync
-            await until("PG 0 resynchronised", lambda: len(p.reports) == 1 and not rs.jobs)
+            await wait_until_async(
+                lambda: len(p.reports) == 1 and not rs.jobs,
+                10,
+                "PG 0 resynchronised",
+                interval=0.01,
+            )
             done = rs.done[f"{POOL}/0"]
             assert done["full"] and done["chunks"] == 3, done
             assert sec.location(VOLUME, gone) is None

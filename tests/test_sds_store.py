@@ -27,6 +27,8 @@ from meshblock.sds.store import (
     layout,
 )
 
+pytestmark = pytest.mark.cluster
+
 MiB = 1024 * 1024
 
 

@@ -8,6 +8,8 @@ from hypothesis import strategies as st
 
 from meshblock.sizes import GiB, KiB, MiB, PiB, SizeError, TiB, format_size, parse_size
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.mark.parametrize(
     ("text", "expected"),

@@ -60,6 +60,8 @@ from meshblock.wire.protocol import (
     request_payload_length,
 )
 
+pytestmark = pytest.mark.cluster
+
 SECRET = "wire-test-secret"
 POOL, PG_COUNT, EPOCH = 5, 16, 3
 
