@@ -11,7 +11,7 @@ from aiohttp import web
 
 from meshblock.config import ConfigError, load
 from meshblock.daemon import setup_logging
-from meshblock.mdm import db
+from meshblock.mdm import backup, db
 from meshblock.mdm.app import create_app
 from meshblock.mdm.config import MdmConfig
 
@@ -24,7 +24,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description="meshblock metadata manager (MDM): the cluster's control plane. Serves "
         "the REST API, /health and /metrics on [api] host:port of the config file.",
         epilog="Example: meshblock-mdm --config /etc/meshblock/mdm.toml. "
-        "See docs/mdm.md for every configuration key.",
+        "Backup: meshblock-mdm -c mdm.toml backup /var/backups/mdm-$(date +%F).db; "
+        "restore (MDM stopped): meshblock-mdm -c mdm.toml restore FILE. "
+        "See docs/mdm.md for every configuration key and the order of operations.",
     )
     p.add_argument("--config", "-c", required=True, help="path of mdm.toml")
     p.add_argument(
@@ -33,6 +35,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--migrate-only", action="store_true", help="bring the database schema up to date and exit"
     )
+    backup.add_subcommands(p.add_subparsers(dest="command", metavar="{backup,restore}"))
     return p.parse_args(argv)
 
 
@@ -46,6 +49,13 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(config.logging.level)
     if args.check_config:
         print("configuration OK")
+        return 0
+    if args.command is not None:
+        try:
+            print(backup.run(args.command, args.path, config))
+        except backup.BackupError as exc:
+            print(f"meshblock-mdm {args.command}: {exc}", file=sys.stderr)
+            return 1
         return 0
     try:
         if args.migrate_only:

@@ -1,0 +1,292 @@
+"""``meshblock-mdm backup PATH`` and ``meshblock-mdm restore PATH``.
+
+- **SQLite**: the backup is a copy of the database file made through SQLite's online
+  backup API, one step under one read transaction: consistent while the MDM runs and
+  writes. Restore checks the copy, checkpoints the current database, keeps it as
+  ``<db>.pre-restore-<time>``, and renames the copy into place (fsynced).
+- **PostgreSQL**: ``pg_dump --format=custom`` of the MDM's tables (MGMT may share the
+  database: its tables are left alone); restore is ``pg_restore --clean --if-exists
+  --single-transaction``: all of it or nothing.
+
+Restore refuses while an MDM answers on the configured API address (it would keep
+serving, and writing, the state the restore replaces). Order of operations and what
+happens to SDSs and SDCs that saw newer epochs: docs/mdm.md, "Backup and restore".
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shutil
+import sqlite3
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from sqlalchemy.engine import URL, make_url
+
+from meshblock.files import fsync_directory
+from meshblock.mdm.config import MdmConfig
+from meshblock.mdm.models import Base
+
+SQLITE_MAGIC = b"SQLite format 3\x00"
+PG_CUSTOM_MAGIC = b"PGDMP"
+VERSION_TABLE = "alembic_version"
+PROBE_TIMEOUT_S = 2.0
+
+
+class BackupError(Exception):
+    """The backup or restore cannot be done; the message says why. Nothing changed."""
+
+
+def add_subcommands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    b = sub.add_parser(
+        "backup",
+        help="copy the metadata store to PATH (safe while the MDM runs)",
+        description="Copy the MDM's database to PATH, consistently, while the MDM runs. "
+        "SQLite: a database file made with SQLite's online backup API. PostgreSQL: a "
+        "pg_dump archive in custom format of the MDM's tables (pg_dump on PATH). PATH "
+        "must not exist.",
+    )
+    b.add_argument("path", type=Path, metavar="PATH", help="the backup file to create")
+    r = sub.add_parser(
+        "restore",
+        help="replace the metadata store with the backup at PATH (MDM stopped)",
+        description="Replace the MDM's database with the backup at PATH, made by "
+        "'meshblock-mdm backup' on the same engine. Stop the MDM first (refused while "
+        "it answers on [api] host:port), restore, start it. SQLite keeps the replaced "
+        "database as <db>.pre-restore-<time>; PostgreSQL restores in one transaction "
+        "(pg_restore on PATH). See docs/mdm.md, 'Backup and restore'.",
+    )
+    r.add_argument("path", type=Path, metavar="PATH", help="a file made by meshblock-mdm backup")
+
+
+def run(command: str, path: Path, config: MdmConfig) -> str:
+    """Do ``command`` (``backup`` or ``restore``); return a line for the operator."""
+    url = make_url(config.database.url)
+    engine = url.get_backend_name()
+    if engine not in ("sqlite", "postgresql"):
+        raise BackupError(f"database engine {engine!r} is not supported")
+    if command == "backup":
+        if path.exists() or path.is_symlink():
+            raise BackupError(f"{path} exists: give the name of a new file")
+        if not path.parent.is_dir():
+            raise BackupError(f"{path.parent} is not a directory")
+        if engine == "sqlite":
+            _sqlite_backup(_sqlite_path(url), path)
+        else:
+            _pg_backup(url, path)
+        return f"backup of the MDM's {engine} database written to {path}"
+    if not path.is_file():
+        raise BackupError(f"{path} is not a file")
+    kind = _backup_kind(path)
+    if kind != engine:
+        raise BackupError(
+            f"{path} is a {kind} backup, but [database] url of the configuration is "
+            f"{engine}: restore it into a {kind} database"
+        )
+    _refuse_if_mdm_answers(config)
+    if engine == "sqlite":
+        kept = _sqlite_restore(path, _sqlite_path(url))
+        where = f"; the replaced database is kept as {kept}" if kept else ""
+        return f"restored {path} into {_sqlite_path(url)}{where}; start the MDM"
+    _pg_restore(url, path)
+    return f"restored {path} into PostgreSQL database {url.database}; start the MDM"
+
+
+# -- SQLite -------------------------------------------------------------------------------
+
+
+def _sqlite_path(url: URL) -> Path:
+    if not url.database or url.database == ":memory:":
+        raise BackupError("an in-memory SQLite database has nothing to back up or restore")
+    return Path(url.database)
+
+
+def _sqlite_backup(db: Path, target: Path) -> None:
+    if not db.is_file():
+        raise BackupError(f"no database at {db}")
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        src = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
+        try:
+            dst = sqlite3.connect(tmp)
+            try:
+                src.backup(dst)  # one step: a consistent snapshot of the source
+                dst.execute("PRAGMA journal_mode=DELETE")  # a single self-contained file
+            finally:
+                dst.close()
+        finally:
+            src.close()
+        _check_sqlite_backup(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.link(tmp, target)  # fails if the target appeared meanwhile: never overwrite
+        fsync_directory(target.parent)
+    except sqlite3.Error as exc:
+        raise BackupError(f"cannot back up {db}: {exc}") from None
+    except FileExistsError:
+        raise BackupError(f"{target} exists: give the name of a new file") from None
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+
+
+def _check_sqlite_backup(path: Path) -> None:
+    """An intact SQLite file with the MDM's schema bookkeeping, or BackupError."""
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            (result,) = conn.execute("PRAGMA quick_check").fetchone()
+            tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
+        finally:
+            conn.close()
+    except sqlite3.Error as exc:
+        raise BackupError(f"{path} is not a usable SQLite database: {exc}") from None
+    if result != "ok":
+        raise BackupError(f"{path} is damaged: {result}")
+    if VERSION_TABLE not in tables or "volumes" not in tables:
+        raise BackupError(f"{path} is not an MDM database (no {VERSION_TABLE} or volumes)")
+
+
+def _sqlite_restore(backup: Path, db: Path) -> Path | None:
+    _check_sqlite_backup(backup)
+    db.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{db.name}.", suffix=".restore", dir=db.parent)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as out, open(backup, "rb") as src:
+            os.fchmod(out.fileno(), 0o600)
+            shutil.copyfileobj(src, out)
+            out.flush()
+            os.fsync(out.fileno())
+        kept: Path | None = None
+        if db.exists():
+            # Fold the WAL of the current database into it (its last connection then
+            # removes the WAL): a WAL left next to the restored file would be replayed
+            # onto it. The old database is kept whole for the operator.
+            try:
+                conn = sqlite3.connect(db, timeout=30)
+                try:
+                    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                finally:
+                    conn.close()
+            except sqlite3.Error as exc:
+                raise BackupError(f"cannot checkpoint the current database {db}: {exc}") from None
+            kept = db.with_name(f"{db.name}.pre-restore-{time.strftime('%Y%m%dT%H%M%S')}")
+            os.replace(db, kept)
+        for suffix in ("-wal", "-shm", "-journal"):
+            with contextlib.suppress(FileNotFoundError):
+                db.with_name(db.name + suffix).unlink()
+        os.replace(tmp, db)
+        fsync_directory(db.parent)
+        return kept
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+
+
+# -- PostgreSQL ---------------------------------------------------------------------------
+
+
+def _pg_tool(name: str) -> str:
+    exe = shutil.which(name)
+    if exe is None:
+        raise BackupError(f"{name} not found on PATH (install the PostgreSQL client tools)")
+    return exe
+
+
+def _pg_env(url: URL) -> dict[str, str]:
+    env = dict(os.environ)
+    for var, value in (
+        ("PGHOST", url.host),
+        ("PGPORT", str(url.port) if url.port else None),
+        ("PGUSER", url.username),
+        ("PGPASSWORD", url.password),
+        ("PGDATABASE", url.database),
+    ):
+        if value:
+            env[var] = value  # the password goes by environment, never on a command line
+    return env
+
+
+def _pg_run(argv: list[str], url: URL, what: str) -> None:
+    proc = subprocess.run(argv, env=_pg_env(url), capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise BackupError(f"{what} failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
+
+
+def _pg_backup(url: URL, target: Path) -> None:
+    tables = [*sorted(Base.metadata.tables), VERSION_TABLE]
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        argv = [_pg_tool("pg_dump"), "--format=custom", f"--file={tmp}", "--no-owner"]
+        argv += [f"--table=public.{t}" for t in tables]
+        _pg_run(argv, url, "pg_dump")
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.link(tmp, target)
+        fsync_directory(target.parent)
+    except FileExistsError:
+        raise BackupError(f"{target} exists: give the name of a new file") from None
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+
+
+def _pg_restore(url: URL, backup: Path) -> None:
+    argv = [
+        _pg_tool("pg_restore"),
+        "--clean",
+        "--if-exists",
+        "--single-transaction",
+        "--exit-on-error",
+        "--no-owner",
+        "--no-privileges",
+        f"--dbname={url.database}",
+        str(backup),
+    ]
+    _pg_run(argv, url, "pg_restore")
+
+
+# -- checks -------------------------------------------------------------------------------
+
+
+def _backup_kind(path: Path) -> str:
+    with open(path, "rb") as f:
+        head = f.read(len(SQLITE_MAGIC))
+    if head.startswith(SQLITE_MAGIC):
+        return "sqlite"
+    if head.startswith(PG_CUSTOM_MAGIC):
+        return "postgresql"
+    raise BackupError(f"{path} is not a backup made by meshblock-mdm backup")
+
+
+def _refuse_if_mdm_answers(config: MdmConfig) -> None:
+    host = config.api.host
+    if host in ("0.0.0.0", ""):
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    netloc = f"[{host}]" if ":" in host else host
+    url = f"http://{netloc}:{config.api.port}/health"
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never a proxy
+    try:
+        with opener.open(url, timeout=PROBE_TIMEOUT_S):
+            pass
+    except urllib.error.HTTPError:
+        pass  # something answers HTTP there: an MDM
+    except (urllib.error.URLError, OSError):
+        return  # nothing listens: the MDM is stopped
+    raise BackupError(
+        f"an MDM answers on {config.api.host}:{config.api.port}: stop it before restoring "
+        "(it would keep serving and writing the state the restore replaces)"
+    )
