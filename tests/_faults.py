@@ -16,6 +16,7 @@ from typing import Any
 import _http
 from _cluster import MakeSds
 from _mdm import MdmDaemon
+from _process import START_TIMEOUT_S
 from _sds import SdsDaemon
 from meshblock.sds.device_io import ENV_VAR
 
@@ -24,15 +25,13 @@ class FaultySds(SdsDaemon):
     """:class:`SdsDaemon` with ``test_faults = true`` and ``MESHBLOCK_SDS_TEST_FAULTS=1``."""
 
     def __init__(self, workdir: Path, name: str, mdm: MdmDaemon, fault_set: str | None) -> None:
-        super().__init__(workdir, name, mdm, fault_set)
-        # A top-level key: before the first table of the file.
-        self.config_path.write_text("test_faults = true\n" + self.config_path.read_text())
+        super().__init__(workdir, name, mdm, fault_set, settings={"test_faults": True})
 
-    def start(self) -> None:
+    def start(self, timeout: float = START_TIMEOUT_S) -> None:
         before = os.environ.get(ENV_VAR)
         os.environ[ENV_VAR] = "1"  # the child's environment only (copied at spawn)
         try:
-            super().start()
+            super().start(timeout)
         finally:
             if before is None:
                 del os.environ[ENV_VAR]
@@ -70,7 +69,6 @@ class FaultySds(SdsDaemon):
         assert self.proc is not None
         rc = self.proc.wait(30)
         assert rc == -signal.SIGKILL, f"{self.name} exited {rc} on a power cut:\n{self.log_text()}"
-        self._close_log()
 
 
 def make_faulty(names: set[str]) -> MakeSds:

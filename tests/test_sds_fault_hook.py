@@ -12,6 +12,7 @@ import pytest
 import _http
 from _cluster import SmallCluster, small_cluster
 from _faults import FaultySds, make_faulty
+from _sds import DEVICE_BYTES, POOL
 
 pytestmark = pytest.mark.cluster
 
@@ -63,3 +64,23 @@ def test_a_power_cut_kills_the_sds_at_once(fh: SmallCluster) -> None:
     assert "power cut" in sds.log_text()
     sds.start()  # and it comes back
     sds.wait_serving()
+
+
+def test_an_unknown_unclean_device_is_refused_and_changes_nothing(fh: SmallCluster) -> None:
+    sds = fh.sds[1]
+    api = fh.mdm.api(fh.mdm.cluster_secret)
+    before = fh.pgmap()
+    body = {
+        "name": sds.name,
+        "protection_domain": "pd1",
+        "fault_set": "fs2",
+        "address": "127.0.0.1",
+        "data_port": sds.data_port,
+        "control_port": sds.control_port,
+        "devices": [{"path": str(sds.device), "capacity": DEVICE_BYTES, "pool": POOL}],
+        "unclean_devices": [str(sds.device) + ".other"],
+    }
+    status, doc = api.post("/api/v1/sds/register", body)
+    assert status == 422, doc
+    assert "unclean_devices" in doc["error"]["message"]
+    assert fh.pgmap() == before

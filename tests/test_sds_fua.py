@@ -6,6 +6,7 @@ SDS. One real data service on loopback with two devices, the store's test fault 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -42,9 +43,9 @@ def _map(epoch: int, device: int, port: int) -> PgMap:
 
 
 @pytest.fixture
-def fault_hook() -> device_io.FaultHook:
+def fault_hook() -> Iterator[device_io.FaultHook]:
     hook = device_io.install_fault_hook()
-    yield hook  # type: ignore[misc]
+    yield hook
     device_io.uninstall_fault_hook()
 
 

@@ -127,6 +127,8 @@ SDS_REGISTER = obj(
                 ("path", "capacity", "pool"),
             ),
         },
+        # Devices whose superblock lacked CLEAN at start (docs/mdm.md, "Unclean starts").
+        "unclean_devices": {"type": "array", "maxItems": 64, "items": PATH},
     },
     ("name", "protection_domain", "address"),
 )

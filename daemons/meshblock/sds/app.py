@@ -14,10 +14,12 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from meshblock.files import write_atomic
 from meshblock.sds import device_io
 from meshblock.sds.config import SdsConfig
 from meshblock.sds.io_path import DataService
@@ -46,17 +48,53 @@ RUNTIME = web.AppKey("meshblock_sds_runtime", SdsRuntime)
 FAULT_HOOK = web.AppKey("meshblock_sds_fault_hook", device_io.FaultHook)
 
 
+BOOT_FILE = "boot_id"
+
+
+def _page_cache_lost(state_dir: Path) -> bool:
+    """Whether the machine restarted (so the page cache, and unflushed writes with
+    it, may be lost) since the previous start of this SDS; records this boot.
+    Unknown (no record yet) counts as restarted."""
+    now = device_io.boot_id()
+    path = state_dir / BOOT_FILE
+    try:
+        before: str | None = path.read_text().strip()
+    except OSError:
+        before = None
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, now)
+    except OSError as exc:
+        log.warning("cannot record the boot id in %s: %s", path, exc)
+    return before != now
+
+
 async def _runtime(app: web.Application) -> AsyncIterator[None]:
     config, secret = app[CONFIG], app[SECRET]
     store = ChunkStore(DeviceSpec(d.path, d.capacity_bytes, d.pool) for d in config.devices)
     await asyncio.to_thread(store.open)  # recovery may zero many slots
+    if not _page_cache_lost(Path(config.state_dir)) and store.unclean:
+        # Only the process died: the kernel still has every write it acknowledged.
+        log.info(
+            "unclean stop of the process only (same boot): no write lost on %s",
+            ", ".join(store.unclean),
+        )
+        store.unclean = []
     try:
         peers = Peers(secret, config.peer_timeout_s)
         service = DataService(store, MapCache(), peers, SdsStats())
         registry = CollectorRegistry(auto_describe=True)
         registry.register(SdsCollector(service))
         link = MdmLink(config, secret, service)
-        link.load_state()
+        if store.unclean:
+            # Our copies may lack writes acknowledged without FUA/FLUSH: serve nothing
+            # on cached maps; the MDM, told at registration, decides who serves.
+            log.warning(
+                "unclean stop of %s: not serving on cached maps until the MDM has registered it",
+                ", ".join(store.unclean),
+            )
+        else:
+            link.load_state()
         app[RUNTIME] = SdsRuntime(config, service, DataServer(service, secret), link, registry)
         yield
     finally:
@@ -185,7 +223,8 @@ def create_app(config: SdsConfig, secret: str) -> web.Application:
     app.router.add_get("/metrics", metrics)
     if config.test_faults and device_io.enabled_by_env():
         # Before the store opens its devices: the hook must see every write.
-        app[FAULT_HOOK] = device_io.install_fault_hook()
+        cuts = Path(config.state_dir) / "test_power_cuts"
+        app[FAULT_HOOK] = device_io.install_fault_hook(str(cuts))
         app.router.add_get("/test/faults", faults_state)
         app.router.add_post("/test/faults", faults_command)
     return app

@@ -15,7 +15,8 @@ The hook can:
   punched) since its device's last completed sync gets back the contents it had at
   that sync (all of them, or a random half), then the process kills itself with
   SIGKILL. What a power cut can lose, and nothing else: a page written before an
-  fdatasync that *completed* is kept.
+  fdatasync that *completed* is kept. The next start sees a new :func:`boot_id`, as
+  after a real power cut.
 - **fail calls with EIO** (:meth:`FaultHook.fail`): the next ``count`` (or every)
   ``pwrite`` / ``pread`` / ``fdatasync`` on a chosen device. An injected fdatasync
   failure does what Linux does: the pages it should have written are marked clean
@@ -64,16 +65,29 @@ fsync: Callable[[int], None] = os.fsync
 fallocate: Callable[[int, int, int, int], int] = _fallocate
 
 _hook: FaultHook | None = None
+_BOOT_ID: Final = "/proc/sys/kernel/random/boot_id"
 
 
 def enabled_by_env() -> bool:
     return os.environ.get(ENV_VAR) == "1"
 
 
-def install_fault_hook() -> FaultHook:
-    """Route the store's IO through a new :class:`FaultHook` (tests only)."""
+def boot_id() -> str:
+    """The kernel's boot id: it changes when the machine restarts (and with it the page
+    cache is gone); with the fault hook, each simulated power cut changes it too."""
+    try:
+        with open(_BOOT_ID) as f:
+            real = f.read().strip()
+    except OSError:
+        real = "unknown"
+    return real if _hook is None else _hook.boot_id(real)
+
+
+def install_fault_hook(cuts_file: str | None = None) -> FaultHook:
+    """Route the store's IO through a new :class:`FaultHook` (tests only).
+    ``cuts_file`` counts the simulated power cuts across restarts (:func:`boot_id`)."""
     global _hook, open_device, pwrite, pread, preadv, fdatasync, fsync, fallocate
-    hook = FaultHook()
+    hook = FaultHook(cuts_file)
     _hook = hook
     open_device, pwrite, pread, preadv = hook.open, hook.pwrite, hook.pread, hook.preadv
     fdatasync, fsync, fallocate = hook.fdatasync, hook.fsync, hook.fallocate
@@ -117,7 +131,8 @@ class _File:
 class FaultHook:
     """Power cuts and EIO on demand for the store's devices (see the module doc)."""
 
-    def __init__(self) -> None:
+    def __init__(self, cuts_file: str | None = None) -> None:
+        self._cuts_file = cuts_file
         self._lock = threading.Lock()
         self._files: dict[int, _File] = {}
         self._faults: dict[tuple[str, str], int] = {}  # (path, op) -> calls left (-1: all)
@@ -169,8 +184,28 @@ class FaultHook:
                 lost += 1
         return lost
 
+    def _cuts(self) -> int:
+        try:
+            with open(self._cuts_file or "") as f:
+                return int(f.read() or 0)
+        except (OSError, ValueError):
+            return 0
+
+    def boot_id(self, real: str) -> str:
+        """``real``, marked with the number of simulated power cuts: a power cut is a
+        new boot for whoever compares boot ids."""
+        n = self._cuts()
+        return f"{real}+{n}" if n else real
+
     def power_cut(self, lose: Literal["all", "random"] = "all", seed: int = 0) -> None:
         """Lose the unsynced pages and die at once (SIGKILL, no cleanup)."""
+        if self._cuts_file is not None:
+            fd = os.open(self._cuts_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                os.write(fd, str(self._cuts() + 1).encode())
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         lost = self.restore_unsynced(lose, seed)
         log.warning("test fault: power cut, %d unsynced page(s) lost", lost)
         for handler in logging.getLogger().handlers:

@@ -290,6 +290,9 @@ class MdmLink:
         }
         if cfg.fault_set:
             body["fault_set"] = cfg.fault_set
+        unclean = list(self._svc.store.unclean)
+        if unclean:
+            body["unclean_devices"] = unclean
         delay = 0.5
         while True:
             try:
@@ -305,7 +308,15 @@ class MdmLink:
             delay = min(delay * 2, 5.0)
         devices = {d["path"]: (int(d["id"]), int(d["pool_id"])) for d in doc["devices"]}
         self._svc.set_identity(int(doc["id"]), devices)
-        log.info("registered as SDS %d with %d device(s)", self._svc.sds_id, len(devices))
+        log.info(
+            "registered as SDS %d with %d device(s)%s",
+            self._svc.sds_id,
+            len(devices),
+            " (after an unclean stop: their copies are recopied)" if unclean else "",
+        )
+        # The MDM has made every PG with a copy on them copy it anew, in the same
+        # transaction: a later registration (the MDM forgot us) need not say it again.
+        self._svc.store.unclean = [p for p in self._svc.store.unclean if p not in unclean]
         self._save_state()
         self.registered.set()
         self._follow_pools()

@@ -522,6 +522,9 @@ class ChunkStore:
         self._tomb_durable = 0  # ... and how many of them are durable on every device
         self._tomb_lock = asyncio.Lock()
         self._tomb_keys: dict[int, list[int]] = {}  # chunk keys left to free, per volume
+        # Paths of the devices opened after an unclean stop (their superblock lacked
+        # CLEAN): told to the MDM at registration, which has their copies recopied.
+        self.unclean: list[str] = []
 
     # -- life cycle -------------------------------------------------------------------
 
@@ -531,6 +534,8 @@ class ChunkStore:
             for dev in self.devices:
                 clean = dev.open()
                 self._load(dev, clean)
+                if not clean:
+                    self.unclean.append(dev.path)
             # Every upgrade is planned before any starts: a device that cannot be
             # upgraded leaves all of them to the previous release.
             plans = [

@@ -14,7 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import selectinload
 
 from meshblock.auth import Role
-from meshblock.mdm import failures, pgmaps, schemas
+from meshblock.mdm import failures, pgmaps, schemas, unclean
 from meshblock.mdm.api import routes
 from meshblock.mdm.api.common import (
     change,
@@ -281,8 +281,23 @@ async def register_sds(request: web.Request, named: dict[str, Any]) -> web.Respo
             new = [d for d in body.get("devices", []) if d["path"] not in known]
             await _add_devices(s, sds, new, known)
         sds_id = sds.id
+        dirty = body.get("unclean_devices", [])
+        if dirty:
+            ids = await unclean.device_ids_of(s, sds_id, dirty)
+            if len(ids) != len(set(dirty)):
+                missing = sorted(set(dirty) - ids.keys())
+                raise Invalid(
+                    f"unclean_devices: SDS {sds.name!r} has no device {missing[0]!r}",
+                    {"field": "unclean_devices"},
+                )
+            await unclean.after_unclean_start(s, sds, set(ids.values()))
     live.beat("sds", sds_id)
-    log.info("SDS %s %s", named["name"], "registered" if created else "re-registered")
+    log.info(
+        "SDS %s %s%s",
+        named["name"],
+        "registered" if created else "re-registered",
+        f" after an unclean stop of {len(dirty)} device(s)" if dirty else "",
+    )
     async with reading(request) as s:
         return json(sds_doc(await _load(s, sds_id), live), 201 if created else 200)
 
