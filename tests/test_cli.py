@@ -587,9 +587,10 @@ def test_topology_tree_names_everything(meshctl: Meshctl, cluster: Built) -> Non
 
 def test_lists_and_shows(meshctl: Meshctl, cluster: Built) -> None:
     out = meshctl("volume", "list").stdout.splitlines()
-    assert out[0].split() == ["ID", "NAME", "POOL", "TYPE", "SIZE", "ALLOCATED", "MAPPED", "TO"]
+    header = ["ID", "NAME", "POOL", "TYPE", "SIZE", "ALLOCATED", "STATE", "MAPPED", "TO"]
+    assert out[0].split() == header
     row = next(line for line in out if f" {THIN} " in line)
-    assert re.search(rf"{THIN}\s+sp1\s+thin\s+16 GiB\s+0 B\s+{HOST}$", row)
+    assert re.search(rf"{THIN}\s+sp1\s+thin\s+16 GiB\s+0 B\s+active\s+{HOST}$", row)
     # Columns are aligned: every row is as wide as the widest.
     assert len({line.index(" sp1 ") for line in out[1:] if " sp1 " in line}) == 1
 

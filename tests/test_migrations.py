@@ -322,7 +322,23 @@ def test_upgrade_from_0003_keeps_rows_and_ids_are_not_reused(empty_db: str) -> N
         cfg = alembic_config()
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, "0003")
-        ids = _add_one_of_each(conn)
+        # The columns of revision 0003 (the models have more since).
+        for sql in (
+            "INSERT INTO protection_domains (name) VALUES ('pd1')",
+            "INSERT INTO storage_pools (name, protection_domain_id, pg_count, "
+            "allocation_granularity_bytes, spare_percent, rebuild_bandwidth_mibps, "
+            "rebuild_concurrency, rebalance_bandwidth_mibps, rebalance_concurrency, "
+            "capacity_alert_high_percent, capacity_alert_critical_percent, map_epoch) "
+            "VALUES ('sp0', 1, 2, 1073741824, 10, 0, 4, 50, 2, 80, 90, 3)",
+            "INSERT INTO sdss (name, protection_domain_id, address, data_port, control_port) "
+            "VALUES ('sds0', 1, '127.0.0.1', 7072, 7073)",
+            "INSERT INTO sdcs (guid, name) VALUES ('guid0', 'sdc0')",
+            "INSERT INTO devices (sds_id, pool_id, path, capacity_bytes, used_bytes) "
+            "VALUES (1, 1, '/d0', 1073741824, 0)",
+            "INSERT INTO volumes (name, pool_id, type, size_bytes) VALUES ('v0', 1, 'thin', 1)",
+        ):
+            conn.execute(text(sql))
+        ids = {t: 1 for t in ("volumes", "devices", "sdss", "storage_pools", "sdcs")}
         conn.execute(
             text(
                 "INSERT INTO mappings (volume_id, sdc_id, access_mode) "

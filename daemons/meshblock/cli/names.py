@@ -71,7 +71,17 @@ class Names:
         return find(self.sdc_list(), ref, "SDC", also=lambda s: s.get("guid") == ref)
 
     def volume(self, ref: str) -> JsonObject:
-        return find(self.volumes(), ref, "volume")
+        """An active volume by name (a deleting one gave its name up), any by id."""
+        vols = self.volumes()
+        active = [v for v in vols if v.get("state", "active") == "active"]
+        for v in vols:
+            if (
+                ref.isdigit()
+                and v.get("id") == int(ref)
+                and not any(a.get("name") == ref for a in active)
+            ):
+                return v
+        return find(active, ref, "volume")
 
     def fault_set(self, ref: str, pd_ref: str | None = None) -> JsonObject:
         """Fault set names are unique within a protection domain only."""

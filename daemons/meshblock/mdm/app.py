@@ -26,6 +26,7 @@ from meshblock.mdm.api import (  # noqa: F401
 )
 from meshblock.mdm.config import MdmConfig
 from meshblock.mdm.context import CTX, MdmContext
+from meshblock.mdm.deletion import Purger
 from meshblock.mdm.epochs import CLUSTER_ROW_ID, EpochNotifier
 from meshblock.mdm.errors import Forbidden, Handler, Unauthorized, error_middleware
 from meshblock.mdm.failures import FailureDetector
@@ -132,6 +133,9 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
         asyncio.create_task(detector.run(), name="failure-detector"),
         asyncio.create_task(
             rebalancer.run(c.config.cluster.rebalance_interval_s), name="rebalancer"
+        ),
+        asyncio.create_task(
+            Purger(c.sessions, c.write_gate, c.notifier, c.tombstones).run(), name="purger"
         ),
     ]
     yield

@@ -4,10 +4,11 @@
 - ``spare``: ``spare_percent`` of the total, held back so that the loss of an SDS can
   be rebuilt;
 - ``usable = total - spare``;
-- ``thick_reserved``: twice the size of every thick volume (two copies), reserved at
-  creation;
-- ``thin_used``: the chunks of thin volumes that SDSs report stored, every copy
-  counted, times the chunk size;
+- ``thick_reserved``: twice the size of every active thick volume (two copies),
+  reserved at creation;
+- ``thin_used``: the chunks of thin volumes, and of deleting volumes of either type
+  until the SDSs have freed them, that SDSs report stored, every copy counted, times
+  the chunk size;
 - ``free = usable - thick_reserved - thin_used`` (never below zero).
 
 A thick volume fits when twice its size is at most ``free``. Thin volumes may be
@@ -22,7 +23,14 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from meshblock.mdm.models import Device, StoragePool, Volume, VolumeType, VolumeUsage
+from meshblock.mdm.models import (
+    Device,
+    StoragePool,
+    Volume,
+    VolumeState,
+    VolumeType,
+    VolumeUsage,
+)
 
 CHUNK_BYTES = 1 << 20
 COPIES = 2
@@ -83,7 +91,11 @@ async def pool_capacities(
         (
             await session.execute(
                 select(Volume.pool_id, func.sum(Volume.size_bytes))
-                .where(Volume.pool_id.in_(ids), Volume.type == VolumeType.THICK)
+                .where(
+                    Volume.pool_id.in_(ids),
+                    Volume.type == VolumeType.THICK,
+                    Volume.state == VolumeState.ACTIVE,
+                )
                 .group_by(Volume.pool_id)
             )
         ).all()
@@ -93,7 +105,10 @@ async def pool_capacities(
             await session.execute(
                 select(Volume.pool_id, func.sum(VolumeUsage.chunks))
                 .join(VolumeUsage, VolumeUsage.volume_id == Volume.id)
-                .where(Volume.pool_id.in_(ids), Volume.type == VolumeType.THIN)
+                .where(
+                    Volume.pool_id.in_(ids),
+                    (Volume.type == VolumeType.THIN) | (Volume.state == VolumeState.DELETING),
+                )
                 .group_by(Volume.pool_id)
             )
         ).all()
@@ -112,7 +127,7 @@ async def pool_capacity(session: AsyncSession, pool_id: int) -> PoolCapacity:
 
 async def volume_allocated(session: AsyncSession, volumes: list[Volume]) -> dict[int, int]:
     """Bytes each volume takes in its pool (thick: reservation; thin: written copies)."""
-    thin_ids = [v.id for v in volumes if v.type == VolumeType.THIN]
+    thin_ids = [v.id for v in volumes if _by_chunks(v)]
     chunks: dict[int, int] = {}
     if thin_ids:
         chunks = {
@@ -126,8 +141,11 @@ async def volume_allocated(session: AsyncSession, volumes: list[Volume]) -> dict
             )
         }
     return {
-        v.id: COPIES * v.size_bytes
-        if v.type == VolumeType.THICK
-        else chunks.get(v.id, 0) * CHUNK_BYTES
+        v.id: chunks.get(v.id, 0) * CHUNK_BYTES if _by_chunks(v) else COPIES * v.size_bytes
         for v in volumes
     }
+
+
+def _by_chunks(v: Volume) -> bool:
+    """Counted by the chunks stored: thin volumes, and deleting ones until freed."""
+    return v.type == VolumeType.THIN or v.state == VolumeState.DELETING

@@ -10,6 +10,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from meshblock.auth import TokenTable
 from meshblock.mdm.config import MdmConfig
 from meshblock.mdm.db import WriteGate
+from meshblock.mdm.deletion import TombstoneReports
 from meshblock.mdm.epochs import EpochNotifier
 from meshblock.mdm.failures import FailureDetector
 from meshblock.mdm.liveness import Liveness
@@ -28,6 +29,7 @@ class MdmContext:
     write_gate: WriteGate
     map_cache: MapCache = field(default_factory=dict)
     progress: CopyProgress = field(default_factory=CopyProgress)
+    tombstones: TombstoneReports = field(default_factory=TombstoneReports)
     detector: FailureDetector | None = None  # set by the background tasks
 
 

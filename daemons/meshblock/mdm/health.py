@@ -31,6 +31,7 @@ from meshblock.mdm.models import (
     Sds,
     StoragePool,
     Volume,
+    VolumeState,
 )
 from meshblock.mdm.progress import KINDS
 
@@ -57,7 +58,10 @@ async def _counts(request: web.Request) -> dict[str, Any]:
             (Volume, "volumes"),
             (Mapping, "mappings"),
         ):
-            n[key] = (await s.execute(select(func.count()).select_from(model))).scalar_one()
+            q = select(func.count()).select_from(model)
+            if model is Volume:  # deleting ones are on their way out
+                q = q.where(Volume.state == VolumeState.ACTIVE)
+            n[key] = (await s.execute(q)).scalar_one()
         caps = await pool_capacities(s)
         pools = (
             await s.execute(
@@ -82,7 +86,13 @@ async def _counts(request: web.Request) -> dict[str, Any]:
         ).all()
         degraded_volumes: dict[int, int] = {}
         if bad_pgs:
-            vols = (await s.execute(select(Volume.id, Volume.pool_id, Volume.size_bytes))).all()
+            vols = (
+                await s.execute(
+                    select(Volume.id, Volume.pool_id, Volume.size_bytes).where(
+                        Volume.state == VolumeState.ACTIVE
+                    )
+                )
+            ).all()
             degraded_volumes = _degraded_volumes(
                 bad_pgs, vols, {p.id: p.pg_count for p, _ in pools}
             )

@@ -17,9 +17,11 @@ from sqlalchemy import (
     CheckConstraint,
     DateTime,
     ForeignKey,
+    Index,
     MetaData,
     String,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.ext.asyncio import AsyncAttrs
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -77,6 +79,15 @@ class SdsMode(enum.StrEnum):
     NORMAL = "normal"
     MAINTENANCE = "maintenance"
     DRAINING = "draining"
+
+
+class VolumeState(enum.StrEnum):
+    """``active``: a volume. ``deleting``: deleted by the operator; its id is tombstoned
+    in its pool's PG maps and the SDSs free its chunks; its name is free again. The
+    row goes (the id stays reserved) once every SDS of the pool reports none left."""
+
+    ACTIVE = "active"
+    DELETING = "deleting"
 
 
 class AccessMode(enum.StrEnum):
@@ -218,13 +229,31 @@ class Sdc(Base):
 
 class Volume(Base):
     __tablename__ = "volumes"
-    __table_args__ = (CheckConstraint("size_bytes > 0", name="size_positive"), NEVER_REUSED)
+    __table_args__ = (
+        CheckConstraint("size_bytes > 0", name="size_positive"),
+        # A name is unique among active volumes: a deleting one gives it up at once.
+        Index(
+            "uq_volumes_name_active",
+            "name",
+            unique=True,
+            sqlite_where=text("state = 'active'"),
+            postgresql_where=text("state = 'active'"),
+        ),
+        NEVER_REUSED,
+    )
 
     id: Mapped[intpk]
-    name: Mapped[name_str] = mapped_column(unique=True)
+    name: Mapped[name_str]
     pool_id: Mapped[int] = mapped_column(ForeignKey("storage_pools.id"))
     type: Mapped[VolumeType] = mapped_column(_enum(VolumeType, "volume_type"))
     size_bytes: Mapped[bytes_int]
+    state: Mapped[VolumeState] = mapped_column(
+        _enum(VolumeState, "volume_state"),
+        default=VolumeState.ACTIVE,
+        server_default=VolumeState.ACTIVE.value,
+    )
+    # The pool's map epoch that carries the volume's tombstone (deleting volumes).
+    deleted_epoch: Mapped[int | None] = mapped_column(BigInteger)
     created_at: Mapped[created_at]
 
     pool: Mapped[StoragePool] = relationship(back_populates="volumes", lazy="raise")

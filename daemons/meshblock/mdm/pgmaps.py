@@ -19,6 +19,7 @@ from sqlalchemy import bindparam, delete, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import aliased
 
+from meshblock.mdm.deletion import pool_tombstones
 from meshblock.mdm.epochs import current
 from meshblock.mdm.models import Device, PgState, PlacementGroup, Sds, StoragePool, Volume
 from meshblock.mdm.placement import DeviceInfo, PgAssignment, compute_map
@@ -230,6 +231,7 @@ async def _build(session: AsyncSession, pools: list[StoragePool]) -> dict[int, A
             entry["target"] = _copy(target, dev_sds)
             entry["moving"] = moving
         pgs[pool_id].append(entry)
+    tombstones = await pool_tombstones(session, ids)
     out: dict[int, Any] = {}
     for p in pools:
         members = [(d, sds) for d, sds, pool_id in dev_rows if pool_id == p.id]
@@ -250,6 +252,9 @@ async def _build(session: AsyncSession, pools: list[StoragePool]) -> dict[int, A
             "pgs": pgs[p.id],
             "devices": [{"device_id": d, "sds_id": sds} for d, sds in members],
             "sds": {k: v for k, v in sds_doc.items() if k in member_sds},
+            # Deleted volumes whose chunks the SDSs free: volume id -> map epoch of
+            # the delete (meshblock.mdm.deletion).
+            "tombstones": tombstones[p.id],
         }
     return out
 

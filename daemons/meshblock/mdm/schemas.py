@@ -175,6 +175,15 @@ SDS_HEARTBEAT = obj(
                 ("id", "chunks"),
             ),
         },
+        # Per tombstone this SDS holds (durably): the chunks of it still stored here.
+        "tombstones": {
+            "type": "array",
+            "maxItems": 100_000,
+            "items": obj(
+                {"id": ID, "chunks_left": {"type": "integer", "minimum": 0, "maximum": 2**40}},
+                ("id", "chunks_left"),
+            ),
+        },
         "copies": {
             "type": "array",
             "maxItems": 1024,
@@ -335,6 +344,9 @@ COMPONENTS: dict[str, dict[str, Any]] = {
             "size_bytes": _INT,
             "allocated_bytes": _INT,
             "mapped_sdc_ids": {"type": "array", "items": _INT},
+            "state": {"type": "string", "enum": ["active", "deleting"]},
+            "chunks_left": _INT,
+            "bytes_left": _INT,
             "created_at": _TS,
         }
     ),
@@ -360,6 +372,7 @@ COMPONENTS: dict[str, dict[str, Any]] = {
             "rebalance_bandwidth_mibps": _INT,
             "pgs": {"type": "array", "items": {"type": "object"}},
             "sds": {"type": "object"},
+            "tombstones": {"type": "object", "additionalProperties": _INT},
         }
     ),
     "SdcMaps": _resp(

@@ -41,6 +41,7 @@ _ERRNO = {
     Status.TOO_LARGE: Errno.EINVAL,
     Status.IO_ERROR: Errno.EIO,
     Status.NOT_PERMITTED: Errno.EIO,
+    Status.DELETED: Errno.EIO,
 }
 
 

@@ -104,11 +104,13 @@ async def _runtime(app: web.Application) -> AsyncIterator[None]:
 
 async def _data_server(app: web.Application) -> AsyncIterator[None]:
     rt = app[RUNTIME]
+    rt.service.tombstones.start()
     await rt.server.start(rt.config.data.host, rt.config.data.port)
     try:
         yield
     finally:
         await rt.server.stop()
+        await rt.service.tombstones.close()
         await rt.service.resync.close()
         await rt.service.peers.close()
 
@@ -153,6 +155,7 @@ async def health(request: web.Request) -> web.Response:
                 str(pool): {str(pg): n for pg, n in pgs.items()}
                 for pool, pgs in svc.degraded.counts().items()
             },
+            "tombstones": {str(t["id"]): t["chunks_left"] for t in svc.tombstones.report()},
             "resync": {
                 "active": svc.resync.active(),
                 "chunks_total": svc.resync.chunks_total,

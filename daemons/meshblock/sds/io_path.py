@@ -24,12 +24,14 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import itertools
 import logging
 import time
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any, Final
 
 from meshblock.chunks import CHUNK_SIZE, pg_of
+from meshblock.sds.deletion import Tombstones
 from meshblock.sds.maps import MapCache, PgMap
 from meshblock.sds.metrics import SdsStats
 from meshblock.sds.replication import DegradedWrites, Peers, RangeLocks
@@ -70,6 +72,7 @@ _PEER_STATUS: Final = {
     Status.MAP_PENDING: Status.MAP_PENDING,
     Status.NO_SPACE: Status.NO_SPACE,
     Status.SHUTTING_DOWN: Status.REPLICA_FAILED,
+    Status.DELETED: Status.DELETED,  # the secondary knew of the delete first
 }
 
 Header = tuple[Any, ...]  # magic, op, flags, reserved, id, pool, pg, epoch, vol, chunk, off, len
@@ -90,6 +93,7 @@ class DataService:
         self.seen_maps: dict[int, PgMap] = {}
         maps.listeners.append(self._map_changed)
         self.resync = Resync(self)  # after _map_changed: it sees the pruned records
+        self.tombstones = Tombstones(self)
         self.sds_id = 0  # 0 until registered (or loaded from the state file)
         self.dev_by_id: dict[int, Device] = {}
         self.stopping = False
@@ -131,6 +135,7 @@ class DataService:
                     self.degraded.untrack(m.pool_id, pg)
         self.seen_maps[m.pool_id] = m
         self.degraded.prune(m, me)
+        self.tombstones.map_changed(m.tombstones)
 
     def collect_garbage(self, m: PgMap) -> int:
         """Free the chunks of clean PGs that ``m``, a map fresh from the MDM, places on
@@ -151,8 +156,8 @@ class DataService:
         busy: set[int] = set()
         for volume, chunk in self.store.chunk_ids_of_pool(m.pool_id):
             pg = pg_of(volume, chunk, m.pg_count)
-            if pg in named:
-                continue
+            if pg in named or self.tombstones.deleted(volume):
+                continue  # a deleted volume's chunks: freed by the tombstones' worker
             if self.locks.busy(chunk_key(volume, chunk)):
                 busy.add(pg)  # a write from before the map changed: next time
                 continue
@@ -222,6 +227,10 @@ class DataService:
             return
         if op == Op.CHUNK_LIST:
             self._list(conn, hdr, t0)
+            return
+        if self.tombstones.deleted(hdr[8]):
+            # A deleted volume: nothing of it is read, written or copied any more.
+            self._reply(conn, hdr, t0, Status.DELETED)
             return
         length = hdr[11]
         if length > MAX_PAYLOAD:
@@ -349,7 +358,8 @@ class DataService:
             return
         stored = self.store.chunks_of_pg(hdr[5], pg) or []  # indexed by the map's arrival
         first = bisect.bisect_left(stored, (hdr[8], hdr[9]))
-        keys = stored[first : first + most]
+        deleted = self.tombstones.deleted
+        keys = list(itertools.islice((k for k in stored[first:] if not deleted(k[0])), most))
         payload = b"".join(CHUNK_ENTRY.pack(v, c) for v, c in keys)
         conn.reply(hdr[4], _OK, m.epoch, 0, memoryview(payload))
         self.stats.record(hdr[1], len(payload), time.perf_counter() - t0, True)  # bytes sent

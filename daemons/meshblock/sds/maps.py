@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 NO_COPY = (0, 0)  # (sds_id, device_id) of a PG copy that is not placed
@@ -45,6 +45,9 @@ class PgMap:
     rebuild_bandwidth_mibps: int = 0
     rebalance_concurrency: int = DEFAULT_REBUILD_CONCURRENCY
     rebalance_bandwidth_mibps: int = 0
+    # Deleted volumes of the pool (volume id -> map epoch of the delete): their chunks
+    # are refused and freed (meshblock.sds.deletion).
+    tombstones: dict[int, int] = field(default_factory=dict)
 
     def throttle(self, kind: str) -> tuple[int, int]:
         """(concurrent chunk copies, MiB/s or 0) for ``rebuild`` or ``rebalance``."""
@@ -121,6 +124,7 @@ class PgMap:
                 1, int(doc.get("rebalance_concurrency", DEFAULT_REBUILD_CONCURRENCY))
             ),
             rebalance_bandwidth_mibps=max(0, int(doc.get("rebalance_bandwidth_mibps", 0))),
+            tombstones={int(v): int(e) for v, e in doc.get("tombstones", {}).items()},
         )
 
 

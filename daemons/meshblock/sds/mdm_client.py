@@ -323,13 +323,17 @@ class MdmLink:
 
     async def _heartbeat(self) -> None:
         svc = self._svc
+        tombstones = svc.tombstones.report()
+        # A deleted volume's count until it reaches 0, so that the MDM sees it freed.
+        volumes = svc.store.volume_chunks() | {t["id"]: t["chunks_left"] for t in tombstones}
         body = {
             "devices": [
                 {"id": d.mdm_id, "used_bytes": d.used_bytes}
                 for d in svc.store.devices
                 if d.mdm_id is not None
             ],
-            "volumes": [{"id": v, "chunks": n} for v, n in svc.store.volume_chunks().items()],
+            "volumes": [{"id": v, "chunks": n} for v, n in volumes.items()],
+            "tombstones": tombstones,
             "copies": svc.resync.report(),
         }
         status, _ = await self._call("POST", f"/api/v1/sds/{svc.sds_id}/heartbeat", body)

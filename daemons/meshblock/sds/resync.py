@@ -208,6 +208,8 @@ class Resync:
             chunks = sorted(mine | await self._listed(pool, pg))
         else:
             chunks = sorted(svc.degraded.chunks(pool, pg))
+        # A deleted volume's chunks are never copied (each SDS frees its own).
+        chunks = [k for k in chunks if not svc.tombstones.deleted(k[0])]
         source = m.primary[pg][1]  # our device that holds the PG: the one throttled
         progress: list[int | str] = [len(chunks), 0, kind]
         self.progress[(pool, pg)] = progress
@@ -337,6 +339,8 @@ class Resync:
             try:
                 for earlier_write in earlier:
                     await earlier_write
+                if svc.tombstones.deleted(volume):
+                    return  # deleted since the job listed it: not copied
                 sec_id, address = self._target(pool, pg)
                 m = svc.maps.maps[pool]
                 data = svc.store.read(volume, chunk, 0, CHUNK_SIZE)
@@ -347,6 +351,8 @@ class Resync:
                 status = (await reply)[0]
             finally:
                 svc.locks.release(key, ticket)
+            if status == Status.DELETED:
+                return  # the copy knows the volume deleted before we do: nothing to copy
             if status == Status.OK:
                 svc.degraded.discard(pool, pg, volume, chunk)
                 self.chunks_total += 1

@@ -131,6 +131,7 @@ class Status(enum.IntEnum):
     MAP_PENDING = 9
     NOT_PERMITTED = 10
     SHUTTING_DOWN = 11
+    DELETED = 12
 
     @property
     def retriable(self) -> bool:

@@ -106,8 +106,17 @@ def register(root: Subparsers) -> None:
         sub,
         "delete",
         delete,
-        help="delete a volume and its data",
-        description="Refused (exit 5) while the volume is mapped: unmap it first.",
+        help="delete a volume and free its data",
+        description="""
+            Refused (exit 5) while the volume is mapped: unmap it first. When the
+            command returns, the volume is in state 'deleting': its data is unreadable
+            (every SDS refuses it before serving anything more of the volume), its name
+            may be used again at once, and it can no longer be mapped. The SDSs then
+            free its chunks in the background ('meshctl volume list' shows what is
+            left; the space counts as used until freed); an SDS that is down or in
+            maintenance frees its copies when it returns, before it serves anything of
+            that volume. Once every SDS of the pool has freed its copies the volume
+            disappears. Its id is never given to another volume.""",
         examples=["meshctl volume delete vol1"],
         aliases=["remove", "rm"],
     )
@@ -214,7 +223,7 @@ def list_(ctx: Context, args: Namespace) -> None:
 
     def human() -> str:
         return render_table(
-            ["ID", "NAME", "POOL", "TYPE", "SIZE", "ALLOCATED", "MAPPED TO"],
+            ["ID", "NAME", "POOL", "TYPE", "SIZE", "ALLOCATED", "STATE", "MAPPED TO"],
             [
                 [
                     v["id"],
@@ -223,6 +232,7 @@ def list_(ctx: Context, args: Namespace) -> None:
                     v.get("type"),
                     size(v.get("size_bytes")),
                     size(v.get("allocated_bytes")),
+                    _state(v),
                     _sdc_names(ctx, v),
                 ]
                 for v in vols
@@ -232,6 +242,13 @@ def list_(ctx: Context, args: Namespace) -> None:
         )
 
     ctx.emit(doc, human)
+
+
+def _state(v: JsonObject) -> str:
+    state = str(v.get("state", "active"))
+    if state == "deleting":
+        return f"deleting ({v.get('chunks_left', 0)} chunks, {size(v.get('bytes_left'))} left)"
+    return state
 
 
 def mappings_table(ctx: Context, mappings: list[JsonObject]) -> str:
@@ -264,6 +281,7 @@ def show(ctx: Context, args: Namespace) -> None:
                 ("type", vol.get("type")),
                 ("size", size(vol.get("size_bytes"))),
                 ("allocated", size(vol.get("allocated_bytes"))),
+                ("state", _state(vol)),
                 ("created", timestamp(vol.get("created_at"))),
             ]
         )
@@ -293,7 +311,10 @@ def extend(ctx: Context, args: Namespace) -> None:
 def delete(ctx: Context, args: Namespace) -> None:
     vol = ctx.names.volume(args.name)
     ctx.client.delete(f"{PATH}/{vol['id']}")
-    ctx.done(f"deleted volume {vol['name']!r}")
+    ctx.done(
+        f"deleted volume {vol['name']!r}: unreadable now, its name free; the SDSs free "
+        "its chunks in the background ('meshctl volume list' shows what is left)"
+    )
 
 
 def map_(ctx: Context, args: Namespace) -> None:

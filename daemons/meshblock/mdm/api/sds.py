@@ -480,6 +480,7 @@ async def sds_heartbeat(request: web.Request, body: dict[str, Any]) -> web.Respo
             await get_or_404(s, Sds, sds_id, "SDS")
     c.liveness.beat("sds", sds_id, body.get("devices"), body.get("volumes"))
     c.progress.report(sds_id, body.get("copies"))
+    c.tombstones.report(sds_id, body.get("tombstones"))
     return json({"state": "connected", "epoch": c.notifier.epoch})
 
 

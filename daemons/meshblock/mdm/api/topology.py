@@ -15,8 +15,8 @@ from meshblock.mdm.api.pools import pool_doc
 from meshblock.mdm.api.protection_domains import fs_doc, pd_doc
 from meshblock.mdm.api.sdc import sdc_doc
 from meshblock.mdm.api.sds import sds_doc
-from meshblock.mdm.api.volumes import mapping_doc, volume_doc
-from meshblock.mdm.capacity import pool_capacities, volume_allocated
+from meshblock.mdm.api.volumes import mapping_doc, volume_docs
+from meshblock.mdm.capacity import pool_capacities
 from meshblock.mdm.context import ctx
 from meshblock.mdm.epochs import CLUSTER_ROW_ID
 from meshblock.mdm.models import (
@@ -65,11 +65,11 @@ async def topology(request: web.Request) -> web.Response:
         )
         sdcs = list((await s.execute(select(Sdc).order_by(Sdc.id))).scalars())
         caps = await pool_capacities(s, [p.id for p in pools])
-        alloc = await volume_allocated(s, vols)
+        vdocs = {d["id"]: d for d in await volume_docs(s, vols)}
     sdc_names = {c.id: c.name for c in sdcs}
 
     def volume_tree(v: Volume) -> dict[str, Any]:
-        doc = volume_doc(v, alloc[v.id])
+        doc = dict(vdocs[v.id])
         doc["mappings"] = [
             mapping_doc(m) | {"sdc_name": sdc_names.get(m.sdc_id)}
             for m in sorted(v.mappings, key=lambda m: m.id)

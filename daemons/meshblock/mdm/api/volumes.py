@@ -6,7 +6,7 @@ import logging
 from typing import Any
 
 from aiohttp import web
-from sqlalchemy import delete, select
+from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import selectinload
 
@@ -23,7 +23,7 @@ from meshblock.mdm.api.common import (
     size_field,
     ts,
 )
-from meshblock.mdm.capacity import COPIES, pool_capacity, volume_allocated
+from meshblock.mdm.capacity import CHUNK_BYTES, COPIES, pool_capacity, volume_allocated
 from meshblock.mdm.errors import Conflict, InsufficientCapacity, Invalid, NotFound
 from meshblock.mdm.models import (
     AccessMode,
@@ -31,6 +31,7 @@ from meshblock.mdm.models import (
     Sdc,
     StoragePool,
     Volume,
+    VolumeState,
     VolumeType,
     VolumeUsage,
 )
@@ -43,7 +44,10 @@ TAG = "volumes"
 WITH_MAPPINGS = (selectinload(Volume.mappings),)
 
 
-def volume_doc(v: Volume, allocated: int) -> dict[str, Any]:
+def volume_doc(v: Volume, allocated: int, stored_chunks: int) -> dict[str, Any]:
+    """``chunks_left``/``bytes_left``: of a deleting volume, the copies of its chunks
+    that the SDSs still hold (every copy counted); 0 for an active one."""
+    deleting = v.state == VolumeState.DELETING
     return {
         "id": v.id,
         "name": v.name,
@@ -52,6 +56,9 @@ def volume_doc(v: Volume, allocated: int) -> dict[str, Any]:
         "size_bytes": v.size_bytes,
         "allocated_bytes": allocated,
         "mapped_sdc_ids": sorted(m.sdc_id for m in v.mappings),
+        "state": v.state.value,
+        "chunks_left": stored_chunks if deleting else 0,
+        "bytes_left": stored_chunks * CHUNK_BYTES if deleting else 0,
         "created_at": ts(v.created_at),
     }
 
@@ -68,9 +75,25 @@ def mapping_doc(m: Mapping) -> dict[str, Any]:
     }
 
 
-async def _docs(s: AsyncSession, volumes: list[Volume]) -> list[dict[str, Any]]:
+async def volume_docs(s: AsyncSession, volumes: list[Volume]) -> list[dict[str, Any]]:
     alloc = await volume_allocated(s, volumes)
-    return [volume_doc(v, alloc[v.id]) for v in volumes]
+    deleting = [v.id for v in volumes if v.state == VolumeState.DELETING]
+    stored: dict[int, int] = {}
+    if deleting:
+        rows = await s.execute(
+            select(VolumeUsage.volume_id, func.sum(VolumeUsage.chunks))
+            .where(VolumeUsage.volume_id.in_(deleting))
+            .group_by(VolumeUsage.volume_id)
+        )
+        stored = {vid: int(n or 0) for vid, n in rows}
+    return [volume_doc(v, alloc[v.id], stored.get(v.id, 0)) for v in volumes]
+
+
+async def _active_or_409(s: AsyncSession, vid: int, options: tuple[Any, ...] = ()) -> Volume:
+    v = await get_or_404(s, Volume, vid, "volume", options)
+    if v.state != VolumeState.ACTIVE:
+        raise Conflict(f"volume {v.name!r} (id {v.id}) is being deleted", {"state": v.state.value})
+    return v
 
 
 def _rounded(size: int, granularity: int) -> int:
@@ -107,7 +130,7 @@ async def list_volumes(request: web.Request) -> web.Response:
     if pool_id is not None:
         q = q.where(Volume.pool_id == pool_id)
     async with reading(request) as s:
-        return json({"volumes": await _docs(s, list((await s.execute(q)).scalars()))})
+        return json({"volumes": await volume_docs(s, list((await s.execute(q)).scalars()))})
 
 
 @routes.route(
@@ -135,7 +158,7 @@ async def create_volume(request: web.Request, body: dict[str, Any]) -> web.Respo
                 f"size: {size} bytes is more than the maximum of {MAX_VOLUME_BYTES}",
                 {"field": "size"},
             )
-        await name_free(s, Volume, body["name"], "volume")
+        await name_free(s, Volume, body["name"], "volume", state=VolumeState.ACTIVE)
         if vtype == VolumeType.THICK:
             await _ensure_fits(s, pool, size)
         v = Volume(name=body["name"], pool_id=pool.id, type=vtype, size_bytes=size)
@@ -143,7 +166,7 @@ async def create_volume(request: web.Request, body: dict[str, Any]) -> web.Respo
         await s.flush()
         v = await get_or_404(s, Volume, v.id, "volume", WITH_MAPPINGS)
         await s.refresh(v, ["created_at"])
-        (doc,) = await _docs(s, [v])
+        (doc,) = await volume_docs(s, [v])
     log.info("volume %s created: %s, %d bytes in pool %s", v.name, vtype.value, size, pool.name)
     return json(doc, 201)
 
@@ -160,7 +183,7 @@ async def create_volume(request: web.Request, body: dict[str, Any]) -> web.Respo
 async def get_volume(request: web.Request) -> web.Response:
     async with reading(request) as s:
         v = await get_or_404(s, Volume, path_id(request), "volume", WITH_MAPPINGS)
-        (doc,) = await _docs(s, [v])
+        (doc,) = await volume_docs(s, [v])
         return json(doc)
 
 
@@ -177,7 +200,7 @@ async def get_volume(request: web.Request) -> web.Response:
 async def update_volume(request: web.Request, body: dict[str, Any]) -> web.Response:
     new_size = size_field(body["size"], "size", MAX_VOLUME_BYTES) if "size" in body else None
     async with change(request) as s:
-        v = await get_or_404(s, Volume, path_id(request), "volume", WITH_MAPPINGS)
+        v = await _active_or_409(s, path_id(request), WITH_MAPPINGS)
         pool = await s.get(StoragePool, v.pool_id)
         assert pool is not None
         if new_size is not None:
@@ -193,12 +216,12 @@ async def update_volume(request: web.Request, body: dict[str, Any]) -> web.Respo
             if v.type == VolumeType.THICK:
                 await _ensure_fits(s, pool, new_size - v.size_bytes)
         if "name" in body:
-            await name_free(s, Volume, body["name"], "volume", v.id)
+            await name_free(s, Volume, body["name"], "volume", v.id, state=VolumeState.ACTIVE)
             v.name = body["name"]
         if new_size is not None:
             v.size_bytes = new_size
         await s.flush()
-        (doc,) = await _docs(s, [v])
+        (doc,) = await volume_docs(s, [v])
     return json(doc)
 
 
@@ -208,20 +231,38 @@ async def update_volume(request: web.Request, body: dict[str, Any]) -> web.Respo
     role=Role.ADMIN,
     tag=TAG,
     status=204,
-    summary="Delete an unmapped volume",
+    summary="Delete an unmapped volume: at once it is unreadable, its name free and its "
+    "state deleting; the SDSs free its chunks in the background, then it is gone",
     errors=(404, 409),
 )
 async def delete_volume(request: web.Request) -> web.Response:
+    """The volume's id is tombstoned in its pool's PG maps (a new map epoch): each SDS
+    makes the tombstone durable before it serves anything more of the volume, refuses
+    its IO and frees its chunks; an SDS down meanwhile does so when it returns. The
+    volume stays listed (state ``deleting``, ``chunks_left``) and its space counted as
+    used until every SDS of the pool has reported none left; its id is never reused.
+    Deleting a volume that is already deleting changes nothing."""
     async with change(request) as s:
         v = await get_or_404(s, Volume, path_id(request), "volume", WITH_MAPPINGS)
+        if v.state == VolumeState.DELETING:
+            return web.Response(status=204)
         if v.mappings:
             raise Conflict(
                 f"volume {v.name!r} is mapped to {len(v.mappings)} SDC(s); unmap it first",
                 {"mapped_sdc_ids": [m.sdc_id for m in v.mappings]},
             )
-        await s.execute(delete(VolumeUsage).where(VolumeUsage.volume_id == v.id))
-        await s.delete(v)
-    log.info("volume %s deleted", v.name)
+        pool = await s.get(StoragePool, v.pool_id)
+        assert pool is not None
+        pool.map_epoch += 1
+        v.state = VolumeState.DELETING
+        v.deleted_epoch = pool.map_epoch
+    log.info(
+        "volume %s (id %d) deleting: tombstoned in pool %d's map epoch %d",
+        v.name,
+        v.id,
+        v.pool_id,
+        v.deleted_epoch,
+    )
     return web.Response(status=204)
 
 
@@ -280,6 +321,7 @@ async def create_mapping(request: web.Request, body: dict[str, Any]) -> web.Resp
     _limits(body, m)
     async with change(request) as s:
         await must_exist(s, Volume, m.volume_id, "volume", "volume_id")
+        await _active_or_409(s, m.volume_id)
         await must_exist(s, Sdc, m.sdc_id, "SDC", "sdc_id")
         dup = (
             await s.execute(

@@ -15,6 +15,9 @@ SQLite cannot add ``AUTOINCREMENT`` to a table: each is recreated (Alembic's bat
 mode) inside the migration's transaction, with foreign keys off (see
 :meth:`meshblock.sqlstore.Migrations.migrate`), so that dropping a parent neither
 cascades to its children nor is refused; the keys are checked before the commit.
+A later migration that alters one of these tables in batch mode must pass
+``table_kwargs={"sqlite_autoincrement": True}``: SQLite's reflection does not carry it
+(tests/test_migrations.py catches a migration that loses it).
 """
 
 from collections.abc import Sequence

@@ -1,0 +1,128 @@
+"""Deleted volumes on an SDS: tombstones made durable, chunks freed in the background.
+
+The MDM tombstones a deleted volume in its pool's PG map (``tombstones``: volume id ->
+map epoch of the delete). From the moment a map carrying a tombstone arrives (from the
+MDM, or from the state file at start), :class:`~meshblock.sds.io_path.DataService`
+refuses every request about that volume (status ``DELETED``), whether a client's or a
+peer's, and resync, rebuild and moves skip its chunks. :class:`Tombstones` then:
+
+1. makes the tombstone durable on every device (``ChunkStore.add_tombstones``); until
+   it is, the volume is refused from memory and not reported to the MDM;
+2. frees the volume's chunks through the store's crash-safe free path, a batch at a
+   time, yielding to the event loop between batches;
+3. reports per tombstone the chunks left (heartbeat ``tombstones``), so the MDM shows
+   the progress and purges the volume once every SDS of the pool reports 0;
+4. drops a tombstone once its volume has no chunk left and no map from the MDM in
+   this process's life carries it any more.
+
+After a restart the store's tombstones are loaded before anything is served, so an
+interrupted free resumes and a freed chunk never comes back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import TYPE_CHECKING
+
+from meshblock.sds.store import StoreError
+
+if TYPE_CHECKING:
+    from meshblock.sds.io_path import DataService
+
+log = logging.getLogger(__name__)
+
+FREE_BATCH = 64  # chunks freed per step; the event loop runs between steps
+RECHECK_S = 5.0  # look again without a new map (a tombstone to drop, a failed step)
+
+
+class Tombstones:
+    """The background worker of one SDS's tombstones (see the module's docstring)."""
+
+    def __init__(self, service: DataService) -> None:
+        self.svc = service
+        self.pending: set[int] = set()  # in a map, not yet durable in the store
+        self.freed_total = 0
+        self._work = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    # -- what the data path asks ------------------------------------------------------
+
+    def deleted(self, volume: int) -> bool:
+        """Whether requests about ``volume`` are refused: tombstoned (or being so)."""
+        return volume in self.pending or self.svc.store.is_tombstoned(volume)
+
+    def map_changed(self, tombstones: dict[int, int]) -> None:
+        """A newer map arrived: its tombstones are refused from now on."""
+        store = self.svc.store
+        for volume in tombstones:
+            if not store.is_tombstoned(volume):
+                self.pending.add(volume)
+        self._work.set()
+
+    def report(self) -> list[dict[str, int]]:
+        """Per durable tombstone, the chunks of it still stored here (heartbeat)."""
+        store = self.svc.store
+        return [
+            {"id": v, "chunks_left": store.tombstone_chunks_left(v)}
+            for v in sorted(store.tombstones())
+            if v not in self.pending
+        ]
+
+    # -- the worker -------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._work.set()  # tombstones loaded from the store: resume their frees
+        self._task = asyncio.create_task(self._run(), name="tombstones")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _run(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(RECHECK_S):
+                    await self._work.wait()
+            self._work.clear()
+            try:
+                await self.step()
+            except (OSError, StoreError) as exc:
+                log.error("tombstones: %s; trying again in %.0f s", exc, RECHECK_S)
+
+    async def step(self) -> None:
+        """Make new tombstones durable, free what is left, drop what is done."""
+        svc, store = self.svc, self.svc.store
+        wanted: dict[int, int] = {}
+        for m in svc.maps.maps.values():
+            wanted.update(m.tombstones)
+        new = {v: e for v, e in wanted.items() if not store.is_tombstoned(v)}
+        if new:
+            await store.add_tombstones(new)
+            log.info("tombstoned volume(s) %s: durable; freeing their chunks", sorted(new))
+        self.pending -= {v for v in self.pending if store.is_tombstoned(v)}
+        for volume in sorted(store.tombstones()):
+            freed = 0
+            while n := await store.free_tombstoned(volume, FREE_BATCH):
+                freed += n
+                self.freed_total += n
+                await asyncio.sleep(0)  # let requests and heartbeats through
+            if freed:
+                log.info("deleted volume %d: freed %d chunk(s) here", volume, freed)
+        # Dropped once no map from the MDM in this life lists it (a cached map from the
+        # state file may be older than the purge, or than the delete).
+        fresh = svc.seen_maps
+        follows = {d.pool_id for d in store.devices if d.pool_id is not None}
+        if follows and follows <= fresh.keys():
+            listed = {v for m in fresh.values() for v in m.tombstones}
+            done = [
+                v
+                for v in store.tombstones()
+                if v not in listed and not store.tombstone_chunks_left(v)
+            ]
+            if done:
+                await store.drop_tombstones(done)
+                log.info("dropped the tombstone(s) of purged volume(s) %s", sorted(done))

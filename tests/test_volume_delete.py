@@ -1,0 +1,188 @@
+"""Deleting a volume frees it: nobody reads its bytes, its space comes back, its id is
+never reused (issue 10 item 1; docs/mdm.md "Deleting a volume", docs/sds.md
+"Tombstones").
+
+A real MDM, three real SDSs and the real SDC; IO through NBD with qemu-io.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from _cluster import SmallCluster, small_cluster
+from _wait import wait_until
+from meshblock.chunks import CHUNK_SIZE
+from test_nbd_server import qemu_io
+
+pytestmark = pytest.mark.cluster
+
+HEARTBEAT_TIMEOUT_S = 3.0
+PURGE_TIMEOUT_S = 30.0
+CHUNKS = 12  # written chunks of a test volume: spread over the three SDSs
+COPIES = 2
+
+
+@pytest.fixture(scope="module")
+def c(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SmallCluster]:
+    settings = {"cluster": {"heartbeat_timeout_s": HEARTBEAT_TIMEOUT_S}}
+    with small_cluster(tmp_path_factory.mktemp("delete"), "base", "64MiB", settings) as cl:
+        yield cl
+
+
+def allocated(c: SmallCluster) -> int:
+    status, pool = c.mdm.api().get(f"/api/v1/pools/{c.pool_id}")
+    assert status == 200, pool
+    return int(pool["capacity"]["allocated_bytes"])
+
+
+def sds_used(c: SmallCluster, count: int = 3) -> list[int]:
+    """Bytes used on the devices of the first ``count`` SDSs."""
+    return [sum(d["used_bytes"] for d in s.health()["devices"]) for s in c.sds[:count]]
+
+
+def volume(c: SmallCluster, vid: int) -> dict[str, Any] | None:
+    status, doc = c.mdm.api().get(f"/api/v1/volumes/{vid}")
+    if status == 404:
+        return None
+    assert status == 200, doc
+    return dict(doc)
+
+
+def create_mapped(c: SmallCluster, name: str) -> tuple[int, int]:
+    """Create a thin volume of 64 MiB mapped to the SDC; (volume id, mapping id)."""
+    api = c.mdm.api()
+    status, v = api.post("/api/v1/volumes", {"name": name, "pool_id": c.pool_id, "size": "64MiB"})
+    assert status == 201, v
+    sdc_id = c.sdc.health()["sdc_id"]
+    status, m = api.post("/api/v1/mappings", {"volume_id": v["id"], "sdc_id": sdc_id})
+    assert status == 201, m
+    c.sdc.wait_for(f"the export {name}", lambda h: name in {e["name"] for e in h["exports"]})
+    return int(v["id"]), int(m["id"])
+
+
+def unmap(c: SmallCluster, name: str, mapping_id: int) -> None:
+    status, body = c.mdm.api().delete(f"/api/v1/mappings/{mapping_id}")
+    assert status == 204, body
+    c.sdc.wait_for(f"{name} unexported", lambda h: name not in {e["name"] for e in h["exports"]})
+
+
+def write_chunks(c: SmallCluster, name: str, pattern: int) -> None:
+    """One 4 KiB block at the start of each of CHUNKS chunks, then a flush."""
+    qemu_io(
+        c.sdc.uri(name),
+        *[f"write -P {pattern:#x} {i * CHUNK_SIZE} 4k" for i in range(CHUNKS)],
+        "flush",
+    )
+
+
+def wait_purged(c: SmallCluster, vid: int, base_allocated: int) -> None:
+    wait_until(
+        lambda: volume(c, vid) is None,
+        PURGE_TIMEOUT_S,
+        f"volume {vid} purged once every SDS freed it",
+        detail=c.logs,
+    )
+    wait_until(
+        lambda: allocated(c) == base_allocated,
+        PURGE_TIMEOUT_S,
+        "the pool's allocated bytes back to their value before the writes",
+        detail=lambda: f"allocated {allocated(c)}, expected {base_allocated}",
+    )
+    # The SDSs freed the chunks (not only the MDM forgot them) and dropped the tombstone.
+    wait_until(
+        lambda: sds_used(c) == [0, 0, 0] and all(not s.health()["tombstones"] for s in c.sds),
+        PURGE_TIMEOUT_S,
+        "every SDS's devices empty and its tombstones dropped",
+        detail=lambda: (
+            f"used {sds_used(c)}, tombstones {[s.health()['tombstones'] for s in c.sds]}"
+        ),
+    )
+
+
+def test_deleted_volume_is_never_read_and_its_space_comes_back(c: SmallCluster) -> None:
+    """The issue's reproduction: tenantB written, unmapped, deleted; tenantC created and
+    mapped reads zeroes. The delete is visible at once (state deleting, name free,
+    mapping refused), the chunks are freed on every SDS and the volume disappears."""
+    api = c.mdm.api()
+    base = allocated(c)
+    b_id, b_map = create_mapped(c, "tenantB")
+    write_chunks(c, "tenantB", 0xAB)
+    wait_until(
+        lambda: allocated(c) == base + COPIES * CHUNKS * CHUNK_SIZE,
+        15,
+        "the SDSs' heartbeats to report tenantB's chunks",
+    )
+    unmap(c, "tenantB", b_map)
+    status, body = api.delete(f"/api/v1/volumes/{b_id}")
+    assert status == 204, body
+
+    doc = volume(c, b_id)
+    assert doc is not None and doc["state"] == "deleting", doc
+    sdc_id = c.sdc.health()["sdc_id"]
+    status, body = api.post("/api/v1/mappings", {"volume_id": b_id, "sdc_id": sdc_id})
+    assert status == 409, body
+    # The name is free at once.
+    status, again = api.post(
+        "/api/v1/volumes", {"name": "tenantB", "pool_id": c.pool_id, "size": "64MiB"}
+    )
+    assert status == 201, again
+    assert again["id"] > b_id
+
+    c_id, c_map = create_mapped(c, "tenantC")
+    assert c_id > again["id"]
+    qemu_io(c.sdc.uri("tenantC"), f"read -P 0 0 {CHUNKS * CHUNK_SIZE}", read_only=True)
+
+    unmap(c, "tenantC", c_map)
+    for vid in (c_id, again["id"]):
+        status, body = api.delete(f"/api/v1/volumes/{vid}")
+        assert status == 204, body
+    wait_purged(c, b_id, base)
+    for vid in (c_id, again["id"]):
+        wait_until(lambda v=vid: volume(c, v) is None, PURGE_TIMEOUT_S, f"volume {vid} purged")
+
+
+def test_sds_down_at_delete_frees_its_copies_when_it_returns(c: SmallCluster) -> None:
+    """An SDS killed before the delete holds the purge back (the volume stays
+    deleting, its space counted) until it returns and frees its copies."""
+    api = c.mdm.api()
+    base = allocated(c)
+    vid, mid = create_mapped(c, "down1")
+    write_chunks(c, "down1", 0x5A)
+    wait_until(
+        lambda: allocated(c) == base + COPIES * CHUNKS * CHUNK_SIZE,
+        15,
+        "the SDSs' heartbeats to report down1's chunks",
+    )
+    unmap(c, "down1", mid)
+    victim = c.sds[2]
+    victim_held = sds_used(c)[2]
+    assert victim_held > 0, "the victim SDS must hold copies of the volume"
+    victim.stop(signal.SIGKILL)
+    try:
+        status, body = api.delete(f"/api/v1/volumes/{vid}")
+        assert status == 204, body
+        # The live SDSs free their copies ...
+        wait_until(
+            lambda: sds_used(c, 2) == [0, 0],
+            PURGE_TIMEOUT_S,
+            "the two live SDSs to free their copies",
+        )
+        # ... the volume stays until the third returns, its copies counted as used.
+        doc = wait_until(
+            lambda: (d := volume(c, vid)) and d["bytes_left"] == victim_held and d,
+            15,
+            "the MDM to show the victim's copies as what is left",
+            detail=lambda: f"{volume(c, vid)}; victim held {victim_held}",
+        )
+        assert doc["state"] == "deleting", doc
+        assert doc["chunks_left"] * CHUNK_SIZE == doc["bytes_left"], doc
+        assert allocated(c) == base + victim_held
+        assert volume(c, vid) is not None, "purged while an SDS holding copies is down"
+    finally:
+        victim.start()
+    victim.wait_serving()
+    wait_purged(c, vid, base)
