@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
+from contextlib import AsyncExitStack
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ from meshblock.sds.metrics import SdsStats
 from meshblock.sds.replication import Peers
 from meshblock.sds.server import DataServer
 from meshblock.sds.store import ChunkStore, DeviceSpec
+from meshblock.wire.client import WireClient
 from meshblock.wire.protocol import Op, ReqFlag, Status
 
 pytestmark = pytest.mark.cluster
@@ -30,15 +32,22 @@ ME, DEV_A, DEV_B = 2, 20, 21
 PAGE = 4096
 
 
-def _map(epoch: int, device: int, port: int) -> PgMap:
+def _map(epoch: int, device: int, port: int, role: str) -> PgMap:
+    """As ``role`` of every PG, with ``device``: the secondary of clean PGs, or the
+    primary of degraded ones (it writes alone)."""
+    if role == "secondary":
+        primary, secondary, clean = PRIMARY, (ME, device), True
+    else:
+        primary, secondary, clean = (ME, device), (0, 0), False
     return PgMap(
         pool_id=POOL,
         epoch=epoch,
         pg_count=PG_COUNT,
-        primary=(PRIMARY,) * PG_COUNT,
-        secondary=((ME, device),) * PG_COUNT,
+        primary=(primary,) * PG_COUNT,
+        secondary=(secondary,) * PG_COUNT,
         sds={1: ("127.0.0.1", 1), ME: ("127.0.0.1", port)},
         doc={},
+        clean=(clean,) * PG_COUNT,
     )
 
 
@@ -49,12 +58,14 @@ def fault_hook() -> Iterator[device_io.FaultHook]:
     device_io.uninstall_fault_hook()
 
 
+@pytest.mark.parametrize("role", ["secondary", "primary"])
 def test_fua_write_survives_a_power_cut_on_the_device_the_chunk_lives_on(
-    tmp_path: Path, fault_hook: device_io.FaultHook
+    tmp_path: Path, fault_hook: device_io.FaultHook, role: str
 ) -> None:
     """The chunk lives on device A; the map then names device B for its PG (a move
-    between two devices of this SDS). A replicated write with FUA is acknowledged;
-    after a power cut that loses every unsynced page, it reads back."""
+    between two devices of this SDS). A write with FUA (replicated to us as the
+    secondary, or from a client to us as the primary) is acknowledged; after a power
+    cut that loses every unsynced page, it reads back."""
     paths = {str(tmp_path / f"dev{d}.img"): (d, POOL) for d in (DEV_A, DEV_B)}
     pg = pg_of(VOLUME, CHUNK, PG_COUNT)
     old, new = b"\x11" * CHUNK_SIZE, b"\x22" * PAGE
@@ -67,14 +78,18 @@ def test_fua_write_survives_a_power_cut_on_the_device_the_chunk_lives_on(
         server = DataServer(svc, SECRET)
         await server.start("127.0.0.1", 0)
         client = Peers(SECRET, 5.0)
+        stack = AsyncExitStack()
         try:
-            svc.maps.update(_map(1, DEV_A, server.port))
-            peer = await client.get(ME, ("127.0.0.1", server.port))
+            svc.maps.update(_map(1, DEV_A, server.port, role))
+            if role == "secondary":
+                peer = await client.get(ME, ("127.0.0.1", server.port))
+            else:
+                peer = await WireClient.connect("127.0.0.1", server.port, SECRET)
+                stack.push_async_callback(peer.close)
+            op = Op.REPL_WRITE if role == "secondary" else Op.WRITE
 
             async def write(epoch: int, data: bytes, flags: int) -> int:
-                fut = peer.submit(
-                    Op.REPL_WRITE, flags, POOL, pg, epoch, VOLUME, CHUNK, 0, len(data), data
-                )
+                fut = peer.submit(op, flags, POOL, pg, epoch, VOLUME, CHUNK, 0, len(data), data)
                 return int((await fut)[0])
 
             assert await write(1, old, 0) == Status.OK
@@ -82,10 +97,11 @@ def test_fua_write_survives_a_power_cut_on_the_device_the_chunk_lives_on(
             loc = store.location(VOLUME, CHUNK)
             assert loc is not None and loc[0].mdm_id == DEV_A
 
-            svc.maps.update(_map(2, DEV_B, server.port))
+            svc.maps.update(_map(2, DEV_B, server.port, role))
             assert await write(2, new, int(ReqFlag.FUA)) == Status.OK
             fault_hook.restore_unsynced("all")  # the power cut
         finally:
+            await stack.aclose()
             await client.close()
             await server.stop()
             await svc.resync.close()
