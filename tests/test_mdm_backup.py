@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -50,7 +51,26 @@ def test_backup_while_running_then_restore_brings_the_state_back(
     try:
         daemon.start()
         assert daemon.api().post("/api/v1/protection-domains", {"name": "pd1"}).status == 201
-        done = mdm_command(daemon, "backup", str(backup))
+        # The MDM keeps committing, one protection domain after the other, while the
+        # backup runs: the backup holds a prefix of them, with no gap.
+        stop = threading.Event()
+        written: list[str] = []
+
+        def writer() -> None:
+            while not stop.is_set():
+                name = f"w{len(written):04d}"
+                if daemon.api().post("/api/v1/protection-domains", {"name": name}).status != 201:
+                    return
+                written.append(name)
+
+        thread = threading.Thread(target=writer)
+        thread.start()
+        try:
+            wait_until(lambda: len(written) >= 3, 30, "the MDM taking writes")
+            done = mdm_command(daemon, "backup", str(backup))
+        finally:
+            stop.set()
+            thread.join()
         assert done.returncode == 0, done.stderr
         assert str(backup) in done.stdout
         assert daemon.api().post("/api/v1/protection-domains", {"name": "pd2"}).status == 201
@@ -61,14 +81,17 @@ def test_backup_while_running_then_restore_brings_the_state_back(
         refused = mdm_command(daemon, "restore", str(backup))
         assert refused.returncode == 1
         assert "stop it before restoring" in refused.stderr
-        assert pd_names(daemon) == ["pd1", "pd2"], "a refused restore changes nothing"
+        assert pd_names(daemon) == sorted(["pd1", "pd2", *written]), "refused: no change"
 
         assert daemon.stop() == 0
         restored = mdm_command(daemon, "restore", str(backup))
         assert restored.returncode == 0, restored.stderr
         daemon.start()
-        assert pd_names(daemon) == ["pd1"]
-        # The restored database takes writes (and, on SQLite, ids above the backup's).
+        names = pd_names(daemon)
+        assert names[0] == "pd1" and "pd2" not in names, names
+        kept = names[1:]
+        assert kept == written[: len(kept)], "the backup is a prefix of the commits"
+        # The restored database takes writes.
         status, pd = daemon.api().post("/api/v1/protection-domains", {"name": "pd3"})
         assert status == 201, pd
         assert daemon.stop() == 0
