@@ -252,6 +252,44 @@ def test_every_device_of_a_store_is_upgraded_or_none(tmp_path: Path) -> None:
     assert read_v1_device(small) == small_chunks and read_v1_device(big) == full
 
 
+def test_stale_claim_in_a_slot_given_up_by_the_upgrade_is_never_handed_out(
+    tmp_path: Path,
+) -> None:
+    """A crash of the v1 release between freeing a chunk on one device and rewriting
+    it on another leaves two claims; the older one, in a slot the upgrade turns into
+    metadata, is dropped at open. That slot must not come back after a sync: a chunk
+    written there would land in the metadata area, its entry past the index."""
+    big, other = tmp_path / "big.img", tmp_path / "other.img"
+    slots, _ = v1_layout(BIG)
+    write_v1_device(big, BIG, {(7, 0): slots - 1})  # generation 1, in the last slot
+    write_v1_device(other, 16 * MiB, {(1, 0): 0, (7, 0): 1})  # 7/0 has generation 2
+    specs = [DeviceSpec(str(big), BIG, "p"), DeviceSpec(str(other), 16 * MiB, "p")]
+    store = ChunkStore(specs)
+    store.open()
+    try:
+        dev = store.devices[0]
+        assert dev.version == 2 and dev.slot_count < slots
+        assert all(s < dev.slot_count for s in dev.free + dev.pending)
+        assert_chunks_intact_on(store, {(1, 0): 0, (7, 0): 1})
+        asyncio.run(store.sync())  # pending slots return to the free lists
+        assert all(s < dev.slot_count for s in dev.free)
+        for chunk in range(3):
+            store.write(dev, 8, chunk, 0, b"\x8b" * 4096)
+            assert slot_of(store, (8, chunk)) < dev.slot_count
+        assert len(dev.free) + len(dev.pending) + dev.used == dev.slot_count
+    finally:
+        store.close()
+    store = ChunkStore(specs)
+    store.open()
+    try:
+        assert sorted(store.chunk_ids()) == [(1, 0), (7, 0), (8, 0), (8, 1), (8, 2)]
+        for chunk in range(3):
+            got = store.read(8, chunk, 0, 4096)
+            assert got is not None and bytes(got) == b"\x8b" * 4096
+    finally:
+        store.close()
+
+
 def assert_chunks_intact_on(store: ChunkStore, chunks: dict[tuple[int, int], int]) -> None:
     assert sorted(store.chunk_ids()) == sorted(chunks)
     for volume, chunk in chunks:

@@ -683,6 +683,9 @@ class ChunkStore:
             self._index[key] = (dev, dst)
         taken = {dst for _, _, dst in moves}
         dev.free = [slot for slot in dev.free if slot < n and slot not in taken]
+        # A stale claim dropped at open (another device held a newer copy of its chunk)
+        # waits in pending: past the new slot count its slot is metadata now.
+        dev.pending = [slot for slot in dev.pending if slot < n]
         if n < n0:  # every region ends on a 4 KiB boundary, the rest is never read
             dev._zero(meta, dev.capacity // PAGE * PAGE - meta)
             tail = INDEX_OFFSET + n * ENTRY.size
@@ -818,6 +821,7 @@ class ChunkStore:
         if not dev.free:
             raise NoSpace(dev.path)
         slot = dev.free.pop()
+        assert slot < dev.slot_count, (dev.path, slot, dev.slot_count)
         try:
             # Data first, then the entry: the slot is durably zero, so a crash in
             # between leaves either nothing or this chunk's own bytes.
