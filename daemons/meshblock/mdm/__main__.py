@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is not None:
         try:
             print(backup.run(args.command, args.path, config))
-        except backup.BackupError as exc:
+        except (backup.BackupError, OSError) as exc:
             print(f"meshblock-mdm {args.command}: {exc}", file=sys.stderr)
             return 1
         return 0
