@@ -155,6 +155,8 @@ def test_restore_into_a_running_cluster(tmp_path: Path) -> None:
         qemu_io(c.sdc.uri("vol2"), "write -P 0xb2 0 2M", "flush")
 
         assert c.mdm.stop() == 0
+        # The order of operations of docs/mdm.md: IO goes on while the MDM is down.
+        qemu_io(c.sdc.uri("vol1"), "read -P 0xa1 0 2M", read_only=True)
         restored = mdm_command(c.mdm, "restore", str(backup))
         assert restored.returncode == 0, restored.stderr
         c.mdm.start()
