@@ -2,18 +2,24 @@
 never reused (issue 10 item 1; docs/mdm.md "Deleting a volume", docs/sds.md
 "Tombstones").
 
-A real MDM, three real SDSs and the real SDC; IO through NBD with qemu-io.
+A real MDM, three real SDSs and the real SDC; IO through NBD with qemu-io and fio.
 """
 
 from __future__ import annotations
 
+import json
 import signal
+import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from _cluster import SmallCluster, small_cluster
+from _cluster import SmallCluster, meshctl_command, small_cluster
+from _fio import fio_binary
+from _mdm import MdmDaemon
+from _sds import SdsDaemon
 from _wait import wait_until
 from meshblock.chunks import CHUNK_SIZE
 from test_nbd_server import qemu_io
@@ -186,3 +192,136 @@ def test_sds_down_at_delete_frees_its_copies_when_it_returns(c: SmallCluster) ->
         victim.start()
     victim.wait_serving()
     wait_purged(c, vid, base)
+
+
+# -- a large volume, freed in the background across restarts --------------------------
+
+BIG_CHUNKS = 100_000  # one 4 KiB block written in each: small on disk
+BIG_DEVICE = "128GiB"  # sparse; room for two copies of every chunk over three SDSs
+FREE_RATE = 4000  # chunks per second per SDS: the free takes long enough to restart
+
+
+def big_sds(workdir: Path, name: str, mdm: MdmDaemon, fault_set: str | None) -> SdsDaemon:
+    return SdsDaemon(
+        workdir,
+        name,
+        mdm,
+        fault_set,
+        capacity=BIG_DEVICE,
+        settings={"delete_free_rate": FREE_RATE},
+    )
+
+
+def meshctl_json(c: SmallCluster, *args: str) -> Any:
+    proc = subprocess.run(
+        [*meshctl_command(), "--json", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=c.mdm.env(),
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def test_large_volume_is_freed_in_the_background_across_restarts(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """100,000 written chunks: the delete returns at once (the name is reusable), the
+    progress shows in the API and meshctl, the MDM and an SDS (SIGKILLed) restart in the
+    middle of the free, and every chunk is freed all the same."""
+    settings = {"cluster": {"heartbeat_timeout_s": HEARTBEAT_TIMEOUT_S}}
+    root = tmp_path_factory.mktemp("bigdelete")
+    size = f"{BIG_CHUNKS}MiB"
+    with small_cluster(root, "big", size, settings, make_sds=big_sds) as c:
+        api = c.mdm.api()
+        base = allocated(c)
+        # One 4 KiB write at the start of every chunk: fio's sequential write with a
+        # skip of the rest of the chunk after each block.
+        fio = subprocess.run(
+            [
+                fio_binary(),
+                "--name=big",
+                "--ioengine=nbd",
+                f"--uri={c.sdc.uri('big')}",
+                "--rw=write:1020k",
+                "--bs=4k",
+                f"--size={BIG_CHUNKS * CHUNK_SIZE}",  # bytes: fio reads "MiB" as 10**6
+                f"--io_size={BIG_CHUNKS * 4096}",
+                "--iodepth=32",
+                "--output-format=json",
+                f"--output={root / 'fio.json'}",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            stdin=subprocess.DEVNULL,
+            check=False,
+        )
+        assert fio.returncode == 0, fio.stdout + fio.stderr
+        written = json.loads((root / "fio.json").read_text())["jobs"][0]["write"]["total_ios"]
+        assert written == BIG_CHUNKS
+        total = COPIES * BIG_CHUNKS * CHUNK_SIZE
+        wait_until(
+            lambda: allocated(c) == base + total,
+            30,
+            "the heartbeats to report every copy of the big volume",
+            detail=lambda: (
+                f"allocated {allocated(c)}; "
+                + str(
+                    [
+                        (d["used_bytes"], d["free_slots"])
+                        for s in c.sds
+                        for d in s.health()["devices"]
+                    ]
+                )
+                + str(c.mdm.api().get(f"/api/v1/volumes/{c.volume_id}"))
+            ),
+        )
+        status, maps = api.get(f"/api/v1/mappings?volume_id={c.volume_id}")
+        assert status == 200, maps
+        unmap(c, "big", maps["mappings"][0]["id"])
+
+        status, body = api.delete(f"/api/v1/volumes/{c.volume_id}")
+        assert status == 204, body
+        status, again = api.post(
+            "/api/v1/volumes", {"name": "big", "pool_id": c.pool_id, "size": "1GiB"}
+        )
+        assert status == 201, again
+
+        def in_progress() -> dict[str, Any] | None:
+            vols = meshctl_json(c, "volume", "list")["volumes"]
+            (v,) = [v for v in vols if v["id"] == c.volume_id]
+            return v if v["state"] == "deleting" and 0 < v["bytes_left"] < total else None
+
+        doc = wait_until(in_progress, 30, "meshctl volume list to show the free under way")
+        assert doc["chunks_left"] * CHUNK_SIZE == doc["bytes_left"]
+        assert allocated(c) >= base + doc["bytes_left"]  # counted as used until freed
+
+        # Restarts in the middle of the free.
+        c.mdm.restart()
+        victim = c.sds[0]
+        assert sum(d["used_bytes"] for d in victim.health()["devices"]) > 0, (
+            "the victim finished its free before the restart: slow FREE_RATE down"
+        )
+        victim.stop(signal.SIGKILL)
+        victim.start()
+        victim.wait_serving()
+
+        wait_until(
+            lambda: volume(c, c.volume_id) is None,
+            120,
+            "the big volume purged",
+            detail=c.logs,
+        )
+        wait_until(
+            lambda: allocated(c) == base,
+            30,
+            "the pool's allocated bytes back to their value before the writes",
+            detail=lambda: f"allocated {allocated(c)}, expected {base}",
+        )
+        assert sds_used(c) == [0, 0, 0]
+        status, body = api.delete(f"/api/v1/volumes/{again['id']}")
+        assert status == 204, body

@@ -85,6 +85,7 @@ async def _runtime(app: web.Application) -> AsyncIterator[None]:
         service = DataService(store, MapCache(), peers, SdsStats())
         registry = CollectorRegistry(auto_describe=True)
         registry.register(SdsCollector(service))
+        service.tombstones.rate = config.delete_free_rate
         link = MdmLink(config, secret, service)
         if store.unclean:
             # Our copies may lack writes acknowledged without FUA/FLUSH: serve nothing

@@ -66,6 +66,8 @@ class SdsConfig:
     heartbeat_interval_s: float = 2.0
     map_poll_timeout_s: float = 25.0
     peer_timeout_s: float = 10.0
+    # Chunks of deleted volumes freed per second at most (0: unlimited).
+    delete_free_rate: int = 20000
     data: DataListen = field(default_factory=DataListen)
     control: ControlListen = field(default_factory=ControlListen)
     devices: tuple[DeviceConfig, ...] = ()
@@ -81,6 +83,8 @@ class SdsConfig:
             raise ValueError("mdm_urls must name at least one MDM")
         if self.heartbeat_interval_s <= 0:
             raise ValueError("heartbeat_interval_s must be positive")
+        if self.delete_free_rate < 0:
+            raise ValueError("delete_free_rate must be 0 (unlimited) or positive")
         if not self.devices:
             raise ValueError("at least one [[devices]] entry is required")
         paths = [d.path for d in self.devices]

@@ -44,6 +44,7 @@ class Tombstones:
         self.svc = service
         self.pending: set[int] = set()  # in a map, not yet durable in the store
         self.freed_total = 0
+        self.rate = 0  # chunks freed per second at most (0: unlimited)
         self._work = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -109,7 +110,8 @@ class Tombstones:
             while n := await store.free_tombstoned(volume, FREE_BATCH):
                 freed += n
                 self.freed_total += n
-                await asyncio.sleep(0)  # let requests and heartbeats through
+                # Let requests and heartbeats through; at most ``rate`` chunks a second.
+                await asyncio.sleep(n / self.rate if self.rate else 0)
             if freed:
                 log.info("deleted volume %d: freed %d chunk(s) here", volume, freed)
         # Dropped once no map from the MDM in this life lists it (a cached map from the
