@@ -36,7 +36,7 @@ from meshblock.sds.maps import MapCache, PgMap
 from meshblock.sds.metrics import SdsStats
 from meshblock.sds.replication import DegradedWrites, Peers, RangeLocks
 from meshblock.sds.resync import Resync
-from meshblock.sds.store import ChunkStore, Device, NoSpace, chunk_key
+from meshblock.sds.store import ChunkStore, Device, NoSpace, VolumeDeleted, chunk_key
 from meshblock.wire.client import ConnectionLost, WireError
 from meshblock.wire.handshake import HandshakeError
 from meshblock.wire.protocol import (
@@ -396,6 +396,10 @@ class DataService:
                 self.store.zero(hdr[8], hdr[9], hdr[10], hdr[11])
         except NoSpace:
             return Status.NO_SPACE
+        except VolumeDeleted:
+            # Tombstoned while this request waited (for a free slot, the range lock):
+            # it passed the dispatch check before the delete reached us.
+            return Status.DELETED
         except OSError as exc:
             log.error("write of chunk %d/%d on %s failed: %s", hdr[8], hdr[9], dev.path, exc)
             return Status.IO_ERROR

@@ -149,6 +149,10 @@ class StoreError(Exception):
     """A device cannot be opened or used (wrong size, not formatted by us, ...)."""
 
 
+class VolumeDeleted(StoreError):
+    """The volume is tombstoned: nothing of it is written any more."""
+
+
 class NoSpace(Exception):
     """The device has no free slot for a new chunk."""
 
@@ -807,7 +811,7 @@ class ChunkStore:
         """Write ``data`` at ``offset`` of the chunk; allocate a slot on ``dev`` if new.
 
         Raises :class:`NoSpace` when ``dev`` has no free slot (check
-        :meth:`needs_reclaim` first), :class:`StoreError` when the volume is
+        :meth:`needs_reclaim` first), :class:`VolumeDeleted` when the volume is
         tombstoned and ``OSError`` on IO errors.
         """
         if volume in self._tombstones:
@@ -840,7 +844,7 @@ class ChunkStore:
 
     def zero(self, volume: int, chunk: int, offset: int, length: int) -> None:
         """WRITE_ZEROES / TRIM: the range reads as zeroes; a whole chunk frees its slot.
-        :class:`StoreError` when the volume is tombstoned."""
+        :class:`VolumeDeleted` when the volume is tombstoned."""
         if volume in self._tombstones:
             raise self._deleted(volume)
         key = chunk_key(volume, chunk)
@@ -868,8 +872,8 @@ class ChunkStore:
         if len(dev.pending) >= RECLAIM_BATCH and dev.reclaiming is None:
             self._schedule_reclaim(dev)
 
-    def _deleted(self, volume: int) -> StoreError:
-        return StoreError(
+    def _deleted(self, volume: int) -> VolumeDeleted:
+        return VolumeDeleted(
             f"volume {volume} is deleted (tombstone of epoch {self._tombstones[volume]})"
         )
 

@@ -1,0 +1,106 @@
+"""Requests about a volume deleted while they were in progress: the SDS's request
+handler (meshblock.sds.io_path.DataService) driven directly, with a real store, and
+the volume's tombstone added in the window between the dispatch check and the write
+(docs/sds.md, "Tombstones")."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import TYPE_CHECKING, cast
+
+import pytest
+
+from _wait import wait_until_async
+from meshblock.chunks import CHUNK_SIZE, pg_of
+from meshblock.sds.io_path import DataService
+from meshblock.sds.maps import MapCache, PgMap
+from meshblock.sds.metrics import SdsStats
+from meshblock.sds.replication import Peers
+from meshblock.sds.store import ChunkStore, DeviceSpec
+from meshblock.wire.protocol import REQUEST_MAGIC, Op, Status
+
+if TYPE_CHECKING:
+    from meshblock.sds.server import DataConnection
+
+pytestmark = pytest.mark.unit
+
+MiB = 1024 * 1024
+POOL, PG_COUNT, VOLUME = 3, 4, 5
+ME, DEVICE, OTHER = 2, 20, (1, 10)
+
+
+class Replies:
+    """Stands in for the client's connection: records each reply (request id, status)."""
+
+    allowed = frozenset(int(op) for op in Op)
+
+    def __init__(self) -> None:
+        self.got: list[tuple[int, int]] = []
+
+    def reply(
+        self, request_id: int, status: int, epoch: int, flags: int = 0, payload: object = None
+    ) -> None:
+        self.got.append((request_id, int(status)))
+
+
+def _map(role: str) -> PgMap:
+    """Us as the secondary of clean PGs, or the primary of degraded ones (alone)."""
+    if role == "secondary":
+        primary, secondary, clean = OTHER, (ME, DEVICE), True
+    else:
+        primary, secondary, clean = (ME, DEVICE), (0, 0), False
+    return PgMap(
+        pool_id=POOL,
+        epoch=1,
+        pg_count=PG_COUNT,
+        primary=(primary,) * PG_COUNT,
+        secondary=(secondary,) * PG_COUNT,
+        sds={1: ("127.0.0.1", 1), ME: ("127.0.0.1", 2)},
+        doc={},
+        clean=(clean,) * PG_COUNT,
+    )
+
+
+@pytest.mark.parametrize("role", ["secondary", "primary"])
+def test_write_waiting_for_a_free_slot_when_the_delete_lands_answers_deleted(
+    tmp_path: Path, role: str
+) -> None:
+    """A write of a new chunk passes the dispatch check, then waits for the sync that
+    frees a slot; meanwhile the volume's tombstone is added. The write must be
+    answered DELETED (not left without a reply until the peer's timeout) and
+    nothing of it stored."""
+
+    async def main() -> None:
+        path = str(tmp_path / "dev.img")
+        store = ChunkStore([DeviceSpec(path, 4 * MiB, "pool")])
+        store.open()
+        try:
+            svc = DataService(store, MapCache(), Peers("secret", 5.0), SdsStats())
+            svc.set_identity(ME, {path: (DEVICE, POOL)})
+            svc.maps.update(_map(role))
+            dev = store.devices[0]
+            full = dev.slot_count
+            for chunk in range(full):
+                store.write(dev, VOLUME, chunk, 0, b"\x01" * 4096)
+            store.zero(VOLUME, 0, 0, CHUNK_SIZE)  # its slot is free only after a sync
+            new = full  # a chunk with no slot yet
+            assert store.needs_reclaim(dev, VOLUME, new)
+
+            conn = Replies()
+            op = Op.REPL_WRITE if role == "secondary" else Op.WRITE
+            pg = pg_of(VOLUME, new, PG_COUNT)
+            hdr = (REQUEST_MAGIC, int(op), 0, 0, 77, POOL, pg, 1, VOLUME, new, 0, 4096)
+            svc.handle(cast("DataConnection", conn), hdr, memoryview(b"\x02" * 4096))
+            assert conn.got == []  # waiting for the reclaim
+            await store.add_tombstones({VOLUME: 2})  # the delete lands in the window
+
+            await wait_until_async(lambda: conn.got, 10, "the reply to the write")
+            assert conn.got == [(77, Status.DELETED)]
+            assert store.location(VOLUME, new) is None
+            assert store.tombstone_chunks_left(VOLUME) == full - 1
+            await svc.drain()
+        finally:
+            store.close()
+
+    asyncio.run(main())
