@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from meshblock.cli.commands import (
+    ca,
     cluster,
     config,
     fault_sets,
@@ -31,4 +32,5 @@ NOUNS: list[Callable[[Subparsers], None]] = [
     cluster.register,
     config.register,
     lab.register,
+    ca.register,
 ]
