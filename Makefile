@@ -29,8 +29,9 @@ SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 help:
 	@echo "make venv   build .venv (python3 -m venv, pip install -e '.[test]')"
 	@echo "make deps   apt-get install what the tests need ($(APT_PACKAGES))"
-	@echo "make lint   ruff check, ruff format --check, mypy"
-	@echo "make test   deps + venv + lint, then every test (the host lab's included)"
+	@echo "make lint   ruff check, ruff format --check, mypy (strict, on daemons/meshblock and tests/)"
+	@echo "make test   deps + venv + lint, then every test (the host lab's included); the unit"
+	@echo "           tier and IO-bound modules on two pytest-xdist workers, the rest one at a time"
 	@echo "make test-quick  the unit tier only (no subprocess, no socket), under 60 s: the inner loop"
 	@echo "make run    quick start: a whole cluster on loopback (meshctl lab up) and an NBD client on it"
 	@echo "make stop   stop the lab that 'make run' started (meshctl lab down)"
@@ -78,17 +79,28 @@ lab-deps:
 lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy daemons/meshblock
+	$(BIN)/mypy
 
 # Every test, the host lab's (tests/test_deploy_lab.py, which builds the lab image on
 # first use) included. Without the lab: make test PYTEST_ARGS=--ignore=tests/test_deploy_lab.py
+# Two runs (tests/conftest.py): the unit tier and the modules marked `parallel` (IO-bound,
+# independent of timing) on PYTEST_WORKERS pytest-xdist workers, a module per worker at a
+# time; then the timing-sensitive cluster tests and the lab one at a time. Both always
+# run; the target fails if either failed (exit code 5, nothing selected, is no failure).
+PYTEST_WORKERS ?= 2
+PYTEST := $(BIN)/pytest -W error --timeout=$(PYTEST_TIMEOUT)
 test: deps lab-deps venv lint
-	$(BIN)/pytest -W error --timeout=$(PYTEST_TIMEOUT) tests/ $(PYTEST_ARGS)
+	@rc=0; \
+	$(PYTEST) -n $(PYTEST_WORKERS) --dist loadfile -m "unit or parallel" tests/ $(PYTEST_ARGS) \
+		|| { r=$$?; [ $$r -eq 5 ] || rc=$$r; }; \
+	$(PYTEST) -m "not unit and not parallel" tests/ $(PYTEST_ARGS) \
+		|| { r=$$?; [ $$r -eq 5 ] || rc=$$r; }; \
+	exit $$rc
 
 # The unit tier (tests/conftest.py: in-process tests, no subprocess, no socket): about
 # 20 s, well under a minute; needs neither the Debian packages nor the lint.
 test-quick: venv
-	$(BIN)/pytest -W error --timeout=$(PYTEST_TIMEOUT) -m unit tests/ $(PYTEST_ARGS)
+	$(PYTEST) -m unit tests/ $(PYTEST_ARGS)
 
 # The host lab end to end: image, hosts, site.yml twice, units, the VM's block
 # device, an alert in MGMT, add_sds.yml and molecule per role (docs/hostlab.md).

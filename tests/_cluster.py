@@ -23,6 +23,7 @@ from typing import Any
 
 import _http
 from _mdm import MdmDaemon
+from _ports import worker_slice
 from _sdc import SdcDaemon
 from _sds import PG_COUNT, POOL, SdsDaemon
 from _wait import wait_until
@@ -98,8 +99,9 @@ def free_port_block(count: int = LAB_PORTS) -> int:
     Chosen at random below the ephemeral range (32768+), so that concurrent test runs
     and outgoing connections rarely collide; the lab refuses busy ports clearly.
     """
+    low, high = worker_slice(20000, 31999)  # each pytest-xdist worker its own slice
     for _ in range(200):
-        base = random.randrange(20000, 32000 - count, 10)
+        base = random.randrange(low, high + 1 - count, 10)
         socks: list[socket.socket] = []
         try:
             for port in range(base, base + count):

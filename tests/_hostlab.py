@@ -18,14 +18,17 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "lab" / "hostlab.py"
 INVENTORY = ROOT / "inventory" / "lab"
 VENV_BIN = Path(sys.executable).parent
 NETNS = "meshblock-lab"
+ARTIFACTS = ROOT / "artifacts" / "hostlab"
 
 # The tools the lab needs on this machine (`make deps` installs them).
 TOOLS = ("debootstrap", "systemd-nspawn", "qemu-system-x86_64", "qemu-img", "mkfs.ext4", "ip")
@@ -118,8 +121,9 @@ class HostLab:
     def wheelhouse(self) -> None:
         self._script("wheelhouse", "--python", sys.executable, timeout=600)
 
-    def status(self) -> dict:
-        return json.loads(self._script("status", check=False).stdout)
+    def status(self) -> dict[str, Any]:
+        doc: dict[str, Any] = json.loads(self._script("status", check=False).stdout)
+        return doc
 
     def smoke(self) -> subprocess.CompletedProcess[str]:
         return self._script("smoke", "--meshctl", str(VENV_BIN / "meshctl"), check=False)
@@ -171,7 +175,9 @@ class HostLab:
             (self.log_dir / f"{label}.log").write_text(output)
         return PlayResult(result.returncode, output, time.monotonic() - started)
 
-    def ansible(self, pattern: str, *args: str, timeout: float = 600):
+    def ansible(
+        self, pattern: str, *args: str, timeout: float = 600
+    ) -> subprocess.CompletedProcess[str]:
         return self.netns(
             str(VENV_BIN / "ansible"),
             "-i",
@@ -182,7 +188,9 @@ class HostLab:
             env=self.ansible_env(),
         )
 
-    def ssh(self, host: str, command: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    def ssh(
+        self, host: str, command: str, timeout: float = 300
+    ) -> subprocess.CompletedProcess[str]:
         result = subprocess.run(
             [sys.executable, str(SCRIPT), "ssh", host, command],
             capture_output=True,
@@ -191,7 +199,7 @@ class HostLab:
         )
         return result
 
-    def meshctl(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    def meshctl(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
         token_file = (
             Path(os.environ.get("MESHBLOCK_LAB_STATE", "/var/lib/meshblock-lab"))
             / "secrets"
@@ -202,3 +210,35 @@ class HostLab:
             "MESHCTL_TOKEN": token_file.read_text().strip(),
         }
         return self.netns(str(VENV_BIN / "meshctl"), *args, timeout=timeout, env=env)
+
+
+# -- one lab per test run ----------------------------------------------------------------
+
+timings: dict[str, float] = {}
+
+
+def record_timing(name: str, seconds: float) -> None:
+    """Add ``name`` to ``artifacts/hostlab/timings.json`` (one file for the run)."""
+    timings[name] = round(seconds, 1)
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    (ARTIFACTS / "timings.json").write_text(json.dumps(timings, indent=2) + "\n")
+
+
+def shared_lab() -> Iterator[HostLab]:
+    """The body of the session fixture ``host_lab`` (tests/conftest.py): the image, the
+    hosts and the wheelhouse, built once for every lab test of the run; a lab left
+    over by an interrupted run is removed first, and the lab is removed at the end."""
+    why = lab_unavailable()
+    if why is not None:
+        raise LabUnavailable(f"the host lab cannot run here: {why}")
+    hostlab = HostLab(log_dir=ARTIFACTS)
+    hostlab.down()  # a lab left over by an interrupted run: start afresh
+    try:
+        record_timing("image_s", hostlab.image())
+        record_timing("up_s", hostlab.up())
+        started = time.monotonic()
+        hostlab.wheelhouse()
+        record_timing("wheelhouse_s", time.monotonic() - started)
+        yield hostlab
+    finally:
+        hostlab.down()

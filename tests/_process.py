@@ -124,11 +124,13 @@ class ServerProcess:
         if rc is not None:
             raise WaitAborted(f"{self.name} exited with code {rc}\n{self.log_tail()}")
 
-    def wait(self, predicate: Callable[[], T], timeout: float, what: str, **options: Any) -> T:
+    def wait(
+        self, predicate: Callable[[], T | None], timeout: float, what: str, **options: Any
+    ) -> T:
         """:func:`_wait.wait_until` (``options``: ``interval``, ``detail``) that gives up
         as soon as the process exits; ``detail`` is the log's tail unless given."""
 
-        def alive_and(check: Callable[[], T] = predicate) -> T:
+        def alive_and(check: Callable[[], T | None] = predicate) -> T | None:
             self.check_alive()
             return check()
 
@@ -248,6 +250,7 @@ class DaemonProcess(ServerProcess):
         return self.spawn_module(self.module, self.config_path, self.exec_prefix())
 
     def start(self, timeout: float = START_TIMEOUT_S) -> None:
+        """Spawn; with ``ready_path``, wait up to ``timeout`` for it to answer 200."""
         self.spawn()
         if self.ready_path is not None:
             self.wait_http(self.url + self.ready_path, timeout)

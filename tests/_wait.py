@@ -32,7 +32,7 @@ class _Waiting(Generic[T]):
 
     def __init__(
         self,
-        predicate: Callable[[], T],
+        predicate: Callable[[], T | None],
         timeout: float,
         what: str,
         detail: Callable[[], str] | None,
@@ -66,7 +66,7 @@ class _Waiting(Generic[T]):
 
 
 def wait_until(
-    predicate: Callable[[], T],
+    predicate: Callable[[], T | None],
     timeout: float,
     what: str,
     *,
@@ -88,7 +88,7 @@ def wait_until(
 
 
 async def wait_until_async(
-    predicate: Callable[[], T],
+    predicate: Callable[[], T | None],
     timeout: float,  # noqa: ASYNC109 (the same signature as wait_until)
     what: str,
     *,

@@ -1,6 +1,7 @@
 """Fixtures shared by the test suite: a real PostgreSQL server, the real MDM daemon
 (on SQLite and on PostgreSQL) and a small HTTP client.
 
+- ``host_lab`` (session): the host lab, one per run for every ``lab`` module.
 - ``pg_server`` (session): a PostgreSQL cluster the tests start themselves;
   ``pg_server.create_database()`` returns the URL of a new empty database.
 - ``db_url`` (module, ``sqlite`` / ``postgres``): an empty database for one module.
@@ -13,7 +14,7 @@
 Every test belongs to exactly one tier, a marker registered in pyproject.toml and set
 per module (``pytestmark = pytest.mark.unit``): ``unit`` (in-process only: no
 subprocess, no socket), ``cluster`` (daemons, tools or servers on loopback) or
-``lab`` (the host lab). A collected test with no tier, or with two, fails the run
+``lab`` (the host lab). A collected test with no tier, or with two, fails
 (:func:`pytest_collection_modifyitems`): `make test-quick` runs ``-m unit``, and a test
 without a tier must not silently fall out of it.
 """
@@ -26,12 +27,14 @@ from typing import Any
 
 import pytest
 
+from _hostlab import HostLab, LabUnavailable, shared_lab
 from _http import Api
 from _mdm import MdmDaemon
 from _pg import PgServer, PgUnavailable
 from _process import started
 
 TIERS = ("unit", "cluster", "lab")
+TIER_PROBLEM = pytest.StashKey[str]()
 
 BACKENDS = [
     pytest.param("sqlite", id="sqlite"),
@@ -39,27 +42,58 @@ BACKENDS = [
 ]
 
 
+def tier_problem(item: pytest.Item) -> str | None:
+    """Why ``item`` has no single tier (None when it has one)."""
+    tiers = sorted({m.name for m in item.iter_markers() if m.name in TIERS})
+    if len(tiers) == 1:
+        return None
+    return f"{item.nodeid}: has {' and '.join(tiers)}" if tiers else f"{item.nodeid}: has no tier"
+
+
 def tier_problems(items: list[pytest.Item]) -> list[str]:
     """One line per test that has no tier marker, or more than one."""
-    problems = []
-    for item in items:
-        tiers = sorted({m.name for m in item.iter_markers() if m.name in TIERS})
-        if len(tiers) != 1:
-            has = f"has {' and '.join(tiers)}" if tiers else "has no tier"
-            problems.append(f"{item.nodeid}: {has}")
-    return problems
+    return [p for item in items if (p := tier_problem(item)) is not None]
+
+
+TIER_HELP = (
+    "every test needs exactly one tier: start the module with `pytestmark = "
+    "pytest.mark.unit` (no subprocess, no socket), `pytest.mark.cluster` or "
+    "`pytest.mark.lab` (tests/conftest.py)"
+)
 
 
 @pytest.hookimpl(tryfirst=True)  # before -m deselects: every collected test counts
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    problems = tier_problems(items)
-    if problems:
-        shown = "\n  ".join(problems[:20]) + ("\n  ..." if len(problems) > 20 else "")
-        raise pytest.UsageError(
-            f"{len(problems)} tests need exactly one tier: start the module with "
-            f"`pytestmark = pytest.mark.unit` (no subprocess, no socket), "
-            f"`pytest.mark.cluster` or `pytest.mark.lab` (tests/conftest.py):\n  {shown}"
-        )
+    """A test without a single tier is given every tier, so that any tier's run
+    selects it (`make test-quick` too), and fails in its setup, before its fixtures
+    (under pytest-xdist a collection error would only say that a worker crashed).
+    The lab's tests go last."""
+    for item in items:
+        problem = tier_problem(item)
+        if problem is not None:
+            item.stash[TIER_PROBLEM] = problem
+            for tier in TIERS:
+                item.add_marker(tier)
+    # The lab tests last (in file order): the one lab of the run (``host_lab``) is
+    # torn down when the session ends, so nothing else runs next to its hosts and VM.
+    items.sort(key=lambda item: item.get_closest_marker("lab") is not None)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    problem = item.stash.get(TIER_PROBLEM, None)
+    if problem is not None:
+        pytest.fail(f"{problem}; {TIER_HELP}", pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def host_lab() -> Iterator[HostLab]:
+    """The host lab (tests/_hostlab.py), built once per run for every ``lab`` test
+    that asks for it, and removed at the end of the run."""
+    try:
+        yield from shared_lab()
+    except LabUnavailable as exc:
+        pytest.fail(str(exc), pytrace=False)
 
 
 @pytest.fixture(scope="session")

@@ -47,6 +47,7 @@ from _monitoring import (
     repo_rule_files,
     target_files,
 )
+from _process import ServerProcess
 from _sdc import SdcDaemon
 from _sds import PG_COUNT, POOL, SdsDaemon
 from _wait import wait_until
@@ -111,7 +112,7 @@ class Pipeline:
 
     def wait(self, what: str, probe: Callable[[], T | None], timeout: float) -> T:
         """Poll ``probe`` until it returns something truthy; fail after ``timeout``."""
-        return wait_until(probe, timeout, what, interval=0.25)  # type: ignore[return-value]
+        return wait_until(probe, timeout, what, interval=0.25)
 
     @contextlib.contextmanager
     def explained(self) -> Iterator[None]:
@@ -154,6 +155,13 @@ def _build_cluster(
     stoppers.insert(0, ("sdc", sdc.stop))
     sdc.start()
     return sds, sdc
+
+
+def stop_and_kill(server: ServerProcess) -> int:
+    """SIGTERM's exit code; then a kill in case it hung."""
+    rc = server.stop()
+    server.kill()
+    return rc
 
 
 def _stop_all(stoppers: list[tuple[str, Callable[[], object]]]) -> dict[str, object]:
@@ -208,7 +216,7 @@ def _start_pipeline(
 ) -> Pipeline:
     """Start everything, adding to ``stoppers`` (newest first) what must be stopped."""
     mdm.start()
-    stoppers.append(("mdm", lambda: (mdm.stop(), mdm.kill())[0]))
+    stoppers.append(("mdm", lambda: stop_and_kill(mdm)))
     sds, sdc = _build_cluster(root, mdm, stoppers)
 
     token_file = root / "alertmanager" / "mgmt-webhook.token"
@@ -253,11 +261,11 @@ def _start_pipeline(
     mgmt.write_config()
 
     am.start()
-    stoppers.insert(0, ("alertmanager", lambda: (am.stop(), am.kill())[0]))
+    stoppers.insert(0, ("alertmanager", lambda: stop_and_kill(am)))
     prometheus.start()
-    stoppers.insert(0, ("prometheus", lambda: (prometheus.stop(), prometheus.kill())[0]))
+    stoppers.insert(0, ("prometheus", lambda: stop_and_kill(prometheus)))
     mgmt.start()
-    stoppers.insert(0, ("mgmt", lambda: (mgmt.stop(), mgmt.kill())[0]))
+    stoppers.insert(0, ("mgmt", lambda: stop_and_kill(mgmt)))
     return Pipeline(mdm, sds, sdc, prometheus, am, mgmt)
 
 

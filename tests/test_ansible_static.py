@@ -32,7 +32,7 @@ from meshblock.sdc.config import cluster_secret as sdc_cluster_secret
 from meshblock.sds.config import SdsConfig
 from meshblock.sds.config import load as load_sds_config
 
-pytestmark = pytest.mark.cluster
+pytestmark = [pytest.mark.cluster, pytest.mark.parallel]
 
 ROOT = Path(__file__).resolve().parent.parent
 ROLES_DIR = ROOT / "roles"
@@ -249,7 +249,7 @@ def iter_tasks(items: list[dict[str, Any]]) -> typing.Iterator[dict[str, Any]]:
 
 # -- rendering with ansible -------------------------------------------------------------
 
-RENDER_INVENTORY = {
+RENDER_INVENTORY: dict[str, Any] = {
     "all": {
         "vars": {"ansible_connection": "local", "ansible_python_interpreter": sys.executable},
         "children": {
@@ -422,7 +422,7 @@ def dataclass_keys(cls: type, prefix: str = "") -> set[str]:
     """Every key a TOML file of ``cls`` can hold, dotted (``api.port``)."""
     keys: set[str] = set()
     hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+    for f in dataclasses.fields(cls):
         hint = hints[f.name]
         if dataclasses.is_dataclass(hint):
             keys |= dataclass_keys(hint, f"{prefix}{f.name}.")  # type: ignore[arg-type]

@@ -45,7 +45,7 @@ from meshblock.cli.settings import (
 )
 from meshblock.sizes import GiB, MiB, TiB
 
-pytestmark = pytest.mark.cluster
+pytestmark = [pytest.mark.cluster, pytest.mark.parallel]
 
 # -- the command tree and its help ------------------------------------------------------
 

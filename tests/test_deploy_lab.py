@@ -1,6 +1,7 @@
 """The Ansible deployment on the host lab (lab/hostlab.py, docs/hostlab.md).
 
-One lab for the module: systemd-nspawn hosts ``mdm1``, ``sds1``..``sds4``, ``mgmt1``,
+One lab for the run (the session fixture ``host_lab``, shared with any other lab
+module): systemd-nspawn hosts ``mdm1``, ``sds1``..``sds4``, ``mgmt1``,
 ``sdc1`` and the QEMU VM ``sdcvm1`` (Debian's kernel, the real ``nbd`` module) on a
 bridge in network namespace ``meshblock-lab``; Ansible and meshctl run from inside the
 namespace. The tests run in file order and build on each other: the lab, then
@@ -17,14 +18,14 @@ import shlex
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 
-from _hostlab import INVENTORY, ROOT, VENV_BIN, HostLab, PlayResult, lab_unavailable
+from _hostlab import ARTIFACTS, INVENTORY, ROOT, VENV_BIN, HostLab, PlayResult, record_timing
 from _wait import wait_until
 
 # The image build (a few minutes on a fresh machine) happens in the first test's
@@ -32,7 +33,6 @@ from _wait import wait_until
 # is too short here.
 pytestmark = [pytest.mark.lab, pytest.mark.timeout(1500)]
 
-ARTIFACTS = ROOT / "artifacts" / "hostlab"
 SDS_HOSTS = ("sds1", "sds2", "sds3")
 # What each kind of host runs once site.yml has converged: unit -> TCP ports it listens
 # on (address, port); "*" is any address.
@@ -47,31 +47,13 @@ UNITS: dict[str, dict[str, list[tuple[str, int]]]] = {
         "prometheus-alertmanager.service": [("*", 9093)],
     },
 }
-timings: dict[str, float] = {}
-
-
-def _record(name: str, seconds: float) -> None:
-    timings[name] = round(seconds, 1)
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    (ARTIFACTS / "timings.json").write_text(json.dumps(timings, indent=2) + "\n")
+_record = record_timing
 
 
 @pytest.fixture(scope="module")
-def lab() -> Iterator[HostLab]:
-    why = lab_unavailable()
-    if why is not None:
-        pytest.fail(f"the host lab cannot run here: {why}", pytrace=False)
-    hostlab = HostLab(log_dir=ARTIFACTS)
-    hostlab.down()  # a lab left over by an interrupted run: start afresh
-    try:
-        _record("image_s", hostlab.image())
-        _record("up_s", hostlab.up())
-        started = time.monotonic()
-        hostlab.wheelhouse()
-        _record("wheelhouse_s", time.monotonic() - started)
-        yield hostlab
-    finally:
-        hostlab.down()
+def lab(host_lab: HostLab) -> HostLab:
+    """The run's one lab (the session fixture ``host_lab``, tests/conftest.py)."""
+    return host_lab
 
 
 def _ok(result: subprocess.CompletedProcess[str], what: str) -> str:
@@ -210,12 +192,12 @@ def test_units_are_active_and_listening(lab: HostLab) -> None:
 
 def test_meshctl_health_is_clean(lab: HostLab) -> None:
     """`meshctl health` (from the controller) exits 0: every SDS and SDC connected."""
-    result = wait_until(
-        lambda: (r := lab.meshctl("health")).returncode == 0 and r,
-        120,
-        "meshctl health exits 0",
-        interval=3,
-    )
+
+    def healthy() -> subprocess.CompletedProcess[str] | None:
+        r = lab.meshctl("health")
+        return r if r.returncode == 0 else None
+
+    result = wait_until(healthy, 120, "meshctl health exits 0", interval=3)
     out = result.stdout
     for name in (*SDS_HOSTS, "sdc1", "sdcvm1"):
         assert name in out, out
@@ -259,7 +241,7 @@ def test_vm_volume_holds_an_ext4_filesystem(lab: HostLab) -> None:
     assert out.count(": OK") == 3 and "roundtrip-ok" in out, out
 
 
-def _mgmt_alerts(lab: HostLab, token: str) -> list[dict]:
+def _mgmt_alerts(lab: HostLab, token: str) -> list[dict[str, Any]]:
     script = (
         "import json, sys, urllib.request\n"
         "req = urllib.request.Request('http://127.0.0.1:8080/api/alerts?limit=200',"
@@ -269,7 +251,8 @@ def _mgmt_alerts(lab: HostLab, token: str) -> list[dict]:
     result = lab.ssh("mgmt1", f"python3 -c {shlex.quote(script)}")
     if result.returncode != 0:
         return []
-    return json.loads(result.stdout).get("alerts", [])
+    alerts: list[dict[str, Any]] = json.loads(result.stdout).get("alerts", [])
+    return alerts
 
 
 def test_stopped_sds_raises_the_alert_in_mgmt(lab: HostLab) -> None:
@@ -288,7 +271,7 @@ def test_stopped_sds_raises_the_alert_in_mgmt(lab: HostLab) -> None:
     _ok(lab.ssh("sds3", "systemctl stop meshblock-sds.service"), "systemctl stop")
     try:
 
-        def fired() -> list[dict]:
+        def fired() -> list[dict[str, Any]]:
             return [
                 a
                 for a in _mgmt_alerts(lab, token)

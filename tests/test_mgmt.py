@@ -31,7 +31,7 @@ from conftest import BACKENDS, new_database_url
 from meshblock.mgmt.db import VERSION_TABLE, create_engine, migrate
 from meshblock.mgmt.models import Base
 
-pytestmark = pytest.mark.cluster
+pytestmark = [pytest.mark.cluster, pytest.mark.parallel]
 
 T0 = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
 _fingerprints = itertools.count(1)

@@ -24,7 +24,7 @@ from _process import started
 from _wait import wait_until
 from test_mgmt import alert, by_fingerprint, err, notification, ok
 
-pytestmark = pytest.mark.cluster
+pytestmark = [pytest.mark.cluster, pytest.mark.parallel]
 
 RULES_V1 = """\
 groups:

@@ -35,7 +35,7 @@ from meshblock.mgmt.db import VERSION_TABLE as MGMT_VERSION_TABLE
 from meshblock.mgmt.db import migrate as mgmt_migrate
 from meshblock.sqlstore import KILL_AFTER_DDL_ENV
 
-pytestmark = pytest.mark.cluster
+pytestmark = [pytest.mark.cluster, pytest.mark.parallel]
 
 T = TypeVar("T")
 

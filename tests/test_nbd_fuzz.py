@@ -34,7 +34,7 @@ from meshblock.nbd.protocol import (
 from meshblock.nbd.server import Export
 from test_nbd_server import MemoryBackend, ServerThread
 
-pytestmark = pytest.mark.cluster
+pytestmark = [pytest.mark.cluster, pytest.mark.parallel]
 
 MiB = 1024 * 1024
 SIZE = 4 * MiB

@@ -23,7 +23,7 @@ import pytest
 from _wait import wait_until
 from meshblock.nbd.server import Chunk, Export, NbdServer
 
-pytestmark = pytest.mark.cluster
+pytestmark = [pytest.mark.cluster, pytest.mark.parallel]
 
 T = TypeVar("T")
 MiB = 1024 * 1024

@@ -15,7 +15,7 @@ from _mdm import MdmDaemon
 from meshblock.mdm.app import create_app
 from meshblock.mdm.config import AuthConfig, MdmConfig
 
-pytestmark = pytest.mark.cluster
+pytestmark = [pytest.mark.cluster, pytest.mark.parallel]
 
 METHODS = {"GET", "POST", "PUT", "PATCH", "DELETE"}
 

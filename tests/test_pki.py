@@ -172,9 +172,8 @@ def test_the_identity_reads_the_same_from_the_der_and_from_getpeercert(
     mdm = cluster.issue("mdm:mdm1", sans=["::1"])
     cert = pki.load_cert(mdm.cert)
     assert pki.identity_of(cert) == pki.Identity(pki.Kind.MDM, "mdm1")
-    assert pki.identity_from_der(cert.public_bytes(pki.serialization.Encoding.DER)) == (
-        pki.Identity(pki.Kind.MDM, "mdm1")
-    )
+    der = cert.public_bytes(pki.serialization.Encoding.DER)  # type: ignore[attr-defined]
+    assert pki.identity_from_der(der) == (pki.Identity(pki.Kind.MDM, "mdm1"))
     peercert = {"subjectAltName": (("URI", "meshblock:mdm:mdm1"), ("IP Address", "::1"))}
     assert pki.identity_from_peercert(peercert) == pki.Identity(pki.Kind.MDM, "mdm1")
     with pytest.raises(pki.PkiError, match="no verified certificate"):

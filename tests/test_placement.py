@@ -113,7 +113,7 @@ def test_two_fault_sets_of_two_sdss_each() -> None:
     check(pg_map, devices)
     fault_set = {device.device_id: device.fault_set_id for device in devices}
     for primary, secondary in pg_map.values():
-        assert {fault_set[primary], fault_set[secondary]} == {7, 8}
+        assert {fault_set[primary], fault_set[secondary]} == {7, 8}  # type: ignore[index]
     assert copies_per_device(pg_map) == {10: 128, 20: 128, 30: 128, 40: 128}
 
 

@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+import _http
 from _cluster import SmallCluster, meshctl_command, small_cluster
 from _sds import PG_COUNT
 from _wait import wait_until
@@ -94,7 +95,7 @@ def copies_per_sds(doc: dict[str, Any]) -> Counter[int]:
     return n
 
 
-def api(c: SmallCluster, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+def api(c: SmallCluster, method: str, path: str, body: Any = None) -> _http.Response:
     a = c.mdm.api()
     if method == "GET":
         return a.get(path)

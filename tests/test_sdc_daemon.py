@@ -26,7 +26,7 @@ from _process import started
 from _sdc import SdcDaemon
 from test_nbd_server import run, tool
 
-pytestmark = pytest.mark.cluster
+pytestmark = [pytest.mark.cluster, pytest.mark.parallel]
 
 
 @pytest.fixture(scope="module")

@@ -18,9 +18,10 @@ import pytest
 import _sds
 from _mdm import MdmDaemon
 from _process import ProcessError
+from _sdc import SdcDaemon
 from _wait import wait_until
 from test_nbd_server import qemu_io, run, sha256, tool
-from test_sdc_daemon import SdcDaemon, ok
+from test_sdc_daemon import ok
 
 pytestmark = pytest.mark.cluster
 

@@ -11,6 +11,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -23,7 +24,7 @@ from meshblock.sds.replication import Peers
 from meshblock.sds.server import DataServer
 from meshblock.sds.store import ChunkStore, DeviceSpec
 
-pytestmark = pytest.mark.cluster
+pytestmark = [pytest.mark.cluster, pytest.mark.parallel]
 
 SECRET = "resync-test-secret"
 POOL = 3
@@ -48,7 +49,7 @@ class Pair:
         return self.accept_at
 
     def deliver(
-        self, epoch: int, resyncing: set[int], rebuilding: frozenset[int] = frozenset(), **kw: int
+        self, epoch: int, resyncing: set[int], rebuilding: frozenset[int] = frozenset(), **kw: Any
     ) -> None:
         """A map of ``epoch`` in which the PGs ``resyncing`` are resyncing and those in
         ``rebuilding`` rebuilding (``kw``: the pool's throttles), to both SDSs."""

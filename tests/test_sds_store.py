@@ -27,7 +27,7 @@ from meshblock.sds.store import (
     layout,
 )
 
-pytestmark = pytest.mark.cluster
+pytestmark = [pytest.mark.cluster, pytest.mark.parallel]
 
 MiB = 1024 * 1024
 

@@ -148,7 +148,11 @@ def test_deleted_volume_is_never_read_and_its_space_comes_back(c: SmallCluster) 
         assert status == 204, body
     wait_purged(c, b_id, base)
     for vid in (c_id, again["id"]):
-        wait_until(lambda v=vid: volume(c, v) is None, PURGE_TIMEOUT_S, f"volume {vid} purged")
+        wait_until(
+            lambda v=vid: volume(c, v) is None,  # type: ignore[misc]
+            PURGE_TIMEOUT_S,
+            f"volume {vid} purged",
+        )
 
 
 def test_sds_down_at_delete_frees_its_copies_when_it_returns(c: SmallCluster) -> None:

@@ -23,7 +23,7 @@ def test_returns_the_first_true_value() -> None:
 def test_exceptions_mean_not_yet() -> None:
     calls = iter([ConnectionRefusedError("not listening"), OSError("reset"), 42])
 
-    def probe() -> int:
+    def probe() -> object:
         value = next(calls)
         if isinstance(value, Exception):
             raise value
@@ -70,7 +70,7 @@ def test_the_async_variant_lets_the_loop_run_while_it_waits() -> None:
             seen.append("done")
 
         task = asyncio.create_task(later())
-        value = await wait_until_async(lambda: seen and seen[0], 5, "the task", interval=0.01)
+        value = await wait_until_async(lambda: seen[0] if seen else None, 5, "the task")
         await task
         with pytest.raises(WaitTimeout, match="waiting for nothing"):
             await wait_until_async(lambda: False, 0.05, "nothing", interval=0.01)

@@ -60,7 +60,7 @@ from meshblock.wire.protocol import (
     request_payload_length,
 )
 
-pytestmark = pytest.mark.cluster
+pytestmark = [pytest.mark.cluster, pytest.mark.parallel]
 
 SECRET = "wire-test-secret"
 POOL, PG_COUNT, EPOCH = 5, 16, 3
