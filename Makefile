@@ -97,8 +97,8 @@ test: deps lab-deps venv lint
 		|| { r=$$?; [ $$r -eq 5 ] || rc=$$r; }; \
 	exit $$rc
 
-# The unit tier (tests/conftest.py: in-process tests, no subprocess, no socket): about
-# 20 s, well under a minute; needs neither the Debian packages nor the lint.
+# The unit tier (tests/conftest.py: in-process tests, no subprocess, no socket): under
+# a minute; needs neither the Debian packages nor the lint.
 test-quick: venv
 	$(PYTEST) -m unit tests/ $(PYTEST_ARGS)
 
