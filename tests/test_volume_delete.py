@@ -329,3 +329,69 @@ def test_large_volume_is_freed_in_the_background_across_restarts(
         assert sds_used(c) == [0, 0, 0]
         status, body = api.delete(f"/api/v1/volumes/{again['id']}")
         assert status == 204, body
+
+
+# -- after a database restore -----------------------------------------------------------
+
+
+def test_restored_database_catches_up_with_the_cluster(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """The MDM's SQLite file is copied while the MDM is stopped; a volume is then
+    created and written, and a map epoch moves on; the old copy is put back. The MDM
+    raises its map epoch and cluster epoch above what the SDSs and the SDC have seen,
+    tombstones the volume it no longer knows (its chunks are freed) and never hands
+    out its id again: a new volume reads zeroes and the SDC follows the new maps."""
+    settings = {"cluster": {"heartbeat_timeout_s": HEARTBEAT_TIMEOUT_S}}
+    root = tmp_path_factory.mktemp("restore")
+    db = root / "mdm.db"
+    with small_cluster(root, "base", "64MiB", settings) as c:
+        api = c.mdm.api()
+        assert c.mdm.stop() == 0
+        backup = root / "backup.db"
+        backup.write_bytes(db.read_bytes())
+        c.mdm.start()
+
+        later, _ = create_mapped(c, "later")
+        write_chunks(c, "later", 0x77)
+        wait_until(lambda: sum(sds_used(c)) > 0, 15, "the SDSs to store the writes")
+        status, temp = api.post(
+            "/api/v1/volumes", {"name": "temp", "pool_id": c.pool_id, "size": "64MiB"}
+        )
+        assert status == 201, temp
+        status, body = api.delete(f"/api/v1/volumes/{temp['id']}")
+        assert status == 204, body
+        wait_until(lambda: volume(c, temp["id"]) is None, PURGE_TIMEOUT_S, "temp purged")
+        seen = max(s.health()["maps"][str(c.pool_id)] for s in c.sds)
+
+        assert c.mdm.stop() == 0
+        for suffix in ("-wal", "-shm"):
+            db.with_name(db.name + suffix).unlink(missing_ok=True)
+        db.write_bytes(backup.read_bytes())
+        c.mdm.start()
+
+        def pool_epoch() -> int:
+            status, pool = api.get(f"/api/v1/pools/{c.pool_id}")
+            assert status == 200, pool
+            return int(pool["map_epoch"])
+
+        wait_until(
+            lambda: (
+                pool_epoch() > seen
+                and all(s.health()["maps"][str(c.pool_id)] == pool_epoch() for s in c.sds)
+            ),
+            30,
+            f"the pool's map epoch above {seen}, the SDSs on it",
+            detail=c.logs,
+        )
+        # The volume written after the copy was taken: tombstoned, freed, purged.
+        wait_until(
+            lambda: sds_used(c) == [0, 0, 0],
+            PURGE_TIMEOUT_S,
+            "the chunks of the volume the restored database does not know freed",
+            detail=c.logs,
+        )
+        wait_until(lambda: volume(c, later) is None, PURGE_TIMEOUT_S, "the unknown volume purged")
+        fresh, _ = create_mapped(c, "fresh")  # the SDC follows the restored MDM's maps
+        assert fresh > later
+        qemu_io(c.sdc.uri("fresh"), f"read -P 0 0 {CHUNKS * CHUNK_SIZE}", read_only=True)

@@ -135,7 +135,8 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
             rebalancer.run(c.config.cluster.rebalance_interval_s), name="rebalancer"
         ),
         asyncio.create_task(
-            Purger(c.sessions, c.write_gate, c.notifier, c.tombstones).run(), name="purger"
+            Purger(c.sessions, c.write_gate, c.notifier, c.tombstones, c.reported).run(),
+            name="purger",
         ),
     ]
     yield

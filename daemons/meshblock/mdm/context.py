@@ -16,6 +16,7 @@ from meshblock.mdm.failures import FailureDetector
 from meshblock.mdm.liveness import Liveness
 from meshblock.mdm.pgmaps import MapCache
 from meshblock.mdm.progress import CopyProgress
+from meshblock.mdm.reconcile import Reported
 
 
 @dataclass
@@ -30,6 +31,7 @@ class MdmContext:
     map_cache: MapCache = field(default_factory=dict)
     progress: CopyProgress = field(default_factory=CopyProgress)
     tombstones: TombstoneReports = field(default_factory=TombstoneReports)
+    reported: Reported = field(default_factory=Reported)
     detector: FailureDetector | None = None  # set by the background tasks
 
 

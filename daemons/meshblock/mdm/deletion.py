@@ -22,6 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from meshblock.mdm.db import WriteGate
 from meshblock.mdm.epochs import EpochNotifier, bump
 from meshblock.mdm.models import Device, StoragePool, Volume, VolumeState, VolumeUsage
+from meshblock.mdm.reconcile import Reported, reconcile
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +95,8 @@ async def purge_freed(session: AsyncSession, reports: TombstoneReports) -> list[
 
 
 class Purger:
-    """Once a second, purges the deleting volumes whose chunks are all freed."""
+    """Once a second, purges the deleting volumes whose chunks are all freed (and
+    reconciles the store with what components report: :mod:`meshblock.mdm.reconcile`)."""
 
     def __init__(
         self,
@@ -102,17 +104,21 @@ class Purger:
         gate: WriteGate,
         notifier: EpochNotifier,
         reports: TombstoneReports,
+        reported: Reported,
     ) -> None:
         self._sessions = sessions
         self._gate = gate
         self._notifier = notifier
         self._reports = reports
+        self._reported = reported
 
     async def once(self) -> list[int]:
         epoch = 0
         async with self._gate(), self._sessions() as s, s.begin():
+            # What components report after a database restore first (its tombstones).
+            changed = await reconcile(s, self._reported)
             purged = await purge_freed(s, self._reports)
-            if purged:
+            if purged or changed:
                 epoch = await bump(s)
         if epoch:
             self._notifier.publish(epoch)

@@ -175,6 +175,15 @@ SDS_HEARTBEAT = obj(
                 ("id", "chunks"),
             ),
         },
+        # The epoch of each pool's map this SDS has (reconciled after a restore).
+        "map_epochs": {
+            "type": "array",
+            "maxItems": 1024,
+            "items": obj(
+                {"pool_id": ID, "epoch": {"type": "integer", "minimum": 0, "maximum": 2**63 - 1}},
+                ("pool_id", "epoch"),
+            ),
+        },
         # Per tombstone this SDS holds (durably): the chunks of it still stored here.
         "tombstones": {
             "type": "array",
@@ -207,7 +216,7 @@ SDC_CREATE = obj(
     ("guid", "name"),
 )
 SDC_UPDATE = obj({"name": NAME}, ("name",))
-SDC_HEARTBEAT = obj({})
+SDC_HEARTBEAT = obj({"epoch": {"type": "integer", "minimum": 0, "maximum": 2**63 - 1}})
 
 VOLUME_TYPE: dict[str, Any] = {"type": "string", "enum": ["thin", "thick"]}
 VOLUME_CREATE = obj(

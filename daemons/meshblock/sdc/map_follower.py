@@ -245,7 +245,7 @@ class MapFollower:
             if sdc_id is None or not self._registered.is_set():
                 continue
             try:
-                await self.client.heartbeat(sdc_id)
+                await self.client.heartbeat(sdc_id, self.epoch)
                 self._reachable(True)
             except MdmRefused as exc:
                 if exc.status == 404:

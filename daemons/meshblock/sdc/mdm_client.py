@@ -90,8 +90,10 @@ class MdmClient:
             raise MdmUnavailable("the MDM's registration answer has no id")
         return sdc_id
 
-    async def heartbeat(self, sdc_id: int) -> Any:
-        return await self._call("POST", f"/api/v1/sdc/{sdc_id}/heartbeat", {})
+    async def heartbeat(self, sdc_id: int, epoch: int = 0) -> Any:
+        """``epoch``: the cluster epoch of our maps (the MDM raises its own above it
+        after a database restore)."""
+        return await self._call("POST", f"/api/v1/sdc/{sdc_id}/heartbeat", {"epoch": epoch})
 
     async def report_unreachable(self, sds_id: int, reporter: str) -> Any:
         """Tell the MDM this SDC cannot reach SDS ``sds_id`` (it confirms first)."""

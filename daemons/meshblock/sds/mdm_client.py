@@ -334,6 +334,9 @@ class MdmLink:
             ],
             "volumes": [{"id": v, "chunks": n} for v, n in volumes.items()],
             "tombstones": tombstones,
+            "map_epochs": [
+                {"pool_id": p, "epoch": m.epoch} for p, m in sorted(svc.maps.maps.items())
+            ],
             "copies": svc.resync.report(),
         }
         status, _ = await self._call("POST", f"/api/v1/sds/{svc.sds_id}/heartbeat", body)

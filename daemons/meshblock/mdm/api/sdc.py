@@ -195,6 +195,7 @@ async def sdc_heartbeat(request: web.Request, body: dict[str, Any]) -> web.Respo
         async with reading(request) as s:
             await get_or_404(s, Sdc, sdc_id, "SDC")
     c.liveness.beat("sdc", sdc_id)
+    c.reported.sdc(body)
     return json({"state": "connected", "epoch": c.notifier.epoch})
 
 

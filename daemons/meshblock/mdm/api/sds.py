@@ -481,6 +481,7 @@ async def sds_heartbeat(request: web.Request, body: dict[str, Any]) -> web.Respo
     c.liveness.beat("sds", sds_id, body.get("devices"), body.get("volumes"))
     c.progress.report(sds_id, body.get("copies"))
     c.tombstones.report(sds_id, body.get("tombstones"))
+    c.reported.sds(sds_id, body)
     return json({"state": "connected", "epoch": c.notifier.epoch})
 
 

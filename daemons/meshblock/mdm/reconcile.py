@@ -1,0 +1,190 @@
+"""After a database restore: the MDM catches up with what the SDSs and SDCs have seen.
+
+An older copy of the MDM's database put back (``meshblock-mdm restore``, or a file
+copied back) knows fewer volumes and lower epochs than the cluster has seen. The
+components report what they hold: an SDS per heartbeat its map epochs, the volumes it
+stores chunks of and its tombstones; an SDC its cluster epoch. Once a second
+:func:`reconcile`, in the MDM's write transaction:
+
+- raises each pool's map epoch above the highest an SDS reports (an SDS ignores a map
+  older than its own, and would go on serving by the newer one it has);
+- raises the cluster epoch above the highest an SDC reports (the same for SDCs);
+- raises the volume id counter above every volume id reported, so no id that names
+  chunks anywhere is handed out again;
+- tombstones the volumes that SDSs store chunks of but the database does not know
+  (created after the copy was taken): they come back in state ``deleting``, named
+  ``unknown-<id>``, in the pool of the reporting SDS's device, and are freed and
+  purged like any deleted volume;
+- puts in state ``deleting`` a volume that an SDS holds a tombstone of (deleted after
+  the copy was taken: its data is being freed), and unmaps it.
+
+The reports are kept in memory; nothing is done while none disagrees with the store.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import delete, select, text, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from meshblock.mdm.epochs import CLUSTER_ROW_ID, current
+from meshblock.mdm.models import (
+    Cluster,
+    Device,
+    Mapping,
+    StoragePool,
+    Volume,
+    VolumeState,
+    VolumeType,
+)
+
+log = logging.getLogger(__name__)
+
+UNKNOWN_VOLUME_BYTES = 1 << 20
+
+
+@dataclass
+class Reported:
+    """The newest of what components reported, not yet reconciled."""
+
+    map_epochs: dict[int, int] = field(default_factory=dict)  # pool -> highest seen
+    cluster_epoch: int = 0
+    volumes: dict[int, int] = field(default_factory=dict)  # volume -> reporting SDS
+    tombstones: dict[int, int] = field(default_factory=dict)  # volume -> reporting SDS
+
+    def sds(self, sds_id: int, body: dict[str, Any]) -> None:
+        for m in body.get("map_epochs") or ():
+            pool, epoch = int(m["pool_id"]), int(m["epoch"])
+            self.map_epochs[pool] = max(epoch, self.map_epochs.get(pool, 0))
+        for v in body.get("volumes") or ():
+            if v["chunks"]:
+                self.volumes[int(v["id"])] = sds_id
+        for t in body.get("tombstones") or ():
+            self.tombstones[int(t["id"])] = sds_id
+
+    def sdc(self, body: dict[str, Any]) -> None:
+        self.cluster_epoch = max(self.cluster_epoch, int(body.get("epoch") or 0))
+
+
+async def reconcile(session: AsyncSession, r: Reported) -> bool:
+    """Apply ``r`` (see the module's docstring) and clear it; True if anything changed."""
+    changed = False
+    map_epochs, r.map_epochs = r.map_epochs, {}
+    cluster_epoch, r.cluster_epoch = r.cluster_epoch, 0
+    volumes, r.volumes = r.volumes, {}
+    tombstones, r.tombstones = r.tombstones, {}
+    pools = {p.id: p for p in (await session.execute(select(StoragePool))).scalars()}
+    for pool_id, seen in map_epochs.items():
+        pool = pools.get(pool_id)
+        if pool is not None and pool.map_epoch < seen:
+            log.warning(
+                "pool %s: map epoch raised from %d to %d, above the %d an SDS has seen "
+                "(the database was restored from an older copy?)",
+                pool.name,
+                pool.map_epoch,
+                seen + 1,
+                seen,
+            )
+            pool.map_epoch = seen + 1
+            changed = True
+    if cluster_epoch and await current(session) < cluster_epoch:
+        log.warning(
+            "cluster epoch raised to %d, above the %d an SDC has seen (database restored?)",
+            cluster_epoch + 1,
+            cluster_epoch,
+        )
+        await session.execute(
+            update(Cluster).where(Cluster.id == CLUSTER_ROW_ID).values(epoch=cluster_epoch)
+        )
+        changed = True
+    reported = set(volumes) | set(tombstones)
+    if not reported:
+        return changed
+    rows = await session.execute(select(Volume.id, Volume.state).where(Volume.id.in_(reported)))
+    known = dict(rows.all())
+    await _raise_id_counter(session, "volumes", max(reported))
+    for vid, sds_id in sorted(volumes.items()):
+        if vid in known:
+            continue
+        dev_pool = (
+            await session.execute(
+                select(Device.pool_id).where(Device.sds_id == sds_id).order_by(Device.id).limit(1)
+            )
+        ).scalar()
+        pool = pools.get(dev_pool) if dev_pool is not None else None
+        if pool is None:
+            continue
+        pool.map_epoch += 1
+        session.add(
+            Volume(
+                id=vid,
+                name=f"unknown-{vid}",
+                pool_id=pool.id,
+                type=VolumeType.THIN,
+                size_bytes=UNKNOWN_VOLUME_BYTES,
+                state=VolumeState.DELETING,
+                deleted_epoch=pool.map_epoch,
+            )
+        )
+        known[vid] = VolumeState.DELETING
+        log.warning(
+            "volume %d: SDS %d stores chunks of it, the database does not know it "
+            "(restored from an older copy?): tombstoned in pool %s at map epoch %d",
+            vid,
+            sds_id,
+            pool.name,
+            pool.map_epoch,
+        )
+        changed = True
+    for vid in sorted(tombstones):
+        if known.get(vid) == VolumeState.ACTIVE:
+            v = await session.get(Volume, vid)
+            assert v is not None
+            pool = pools[v.pool_id]
+            pool.map_epoch += 1
+            await session.execute(delete(Mapping).where(Mapping.volume_id == vid))
+            v.state = VolumeState.DELETING
+            v.deleted_epoch = pool.map_epoch
+            log.warning(
+                "volume %s (id %d): an SDS holds its tombstone, it was deleted after the "
+                "database's copy was taken: deleting it again",
+                v.name,
+                vid,
+            )
+            changed = True
+    await session.flush()
+    return changed
+
+
+async def _raise_id_counter(session: AsyncSession, table: str, value: int) -> None:
+    """Make the next id of ``table`` greater than ``value`` (never lower it)."""
+    conn = await session.connection()
+    if conn.dialect.name == "sqlite":
+        seq = (
+            await conn.execute(
+                text("SELECT seq FROM sqlite_sequence WHERE name = :t"), {"t": table}
+            )
+        ).scalar()
+        if seq is None:
+            await conn.execute(
+                text("INSERT INTO sqlite_sequence (name, seq) VALUES (:t, :v)"),
+                {"t": table, "v": value},
+            )
+        elif seq < value:
+            await conn.execute(
+                text("UPDATE sqlite_sequence SET seq = :v WHERE name = :t"),
+                {"t": table, "v": value},
+            )
+        return
+    name = (
+        await conn.execute(text("SELECT pg_get_serial_sequence(:t, 'id')"), {"t": table})
+    ).scalar()
+    if name is None:
+        return
+    last = (await conn.execute(text("SELECT last_value, is_called FROM " + str(name)))).one()
+    highest = int(last[0]) if last[1] else int(last[0]) - 1
+    if highest < value:
+        await conn.execute(text("SELECT setval(CAST(:s AS regclass), :v)"), {"s": name, "v": value})
