@@ -11,8 +11,10 @@ loses on one copy and not on the other)."""
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -147,3 +149,37 @@ def test_both_copies_lose_power(pc: SmallCluster) -> None:
     first.wait_serving()
     second.wait_serving()
     check_durable(pc, 0x30)
+
+
+def wait_up_not_serving(sds: FaultySds) -> None:
+    """Until its control port answers; it must not serve on its cached maps."""
+
+    def up() -> dict[str, Any] | None:
+        return sds.health() if sds.reachable() else None
+
+    health = sds.wait(up, 30.0, f"{sds.name} up")
+    assert health is not None
+    assert health["state"] == "starting", f"serves on cached maps: {health}"
+
+
+def test_restarts_before_the_mdm_heard_of_the_power_cut(pc: SmallCluster) -> None:
+    """The MDM is down when the SDS loses power, and the SDS restarts twice before it
+    returns: once killed (the same boot as its unclean start), once stopped cleanly
+    (which marks its devices CLEAN). Its copies still need a full copy: the fact is
+    kept until the MDM has accepted a registration that carries it."""
+    victim = faulty(pc, 0)
+    write_round(pc, 0x40)
+    assert pc.mdm.stop() == 0
+    assert power_cut(victim) > 0, "no unflushed write on the victim: the test proves nothing"
+    victim.start()  # unclean start; the MDM cannot hear of it
+    wait_up_not_serving(victim)
+    assert victim.stop(signal.SIGKILL) == -signal.SIGKILL
+    victim.start()  # the same boot as the unclean start
+    wait_up_not_serving(victim)
+    assert victim.stop() == 0  # a clean stop: CLEAN on its device
+    victim.start()
+    wait_up_not_serving(victim)
+    pc.mdm.start()
+    victim.wait_serving()
+    check_durable(pc, 0x40)
+    assert "after an unclean stop" in victim.log_text()

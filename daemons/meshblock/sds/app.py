@@ -24,11 +24,11 @@ from meshblock.sds import device_io
 from meshblock.sds.config import SdsConfig
 from meshblock.sds.io_path import DataService
 from meshblock.sds.maps import MapCache
-from meshblock.sds.mdm_client import MdmLink
+from meshblock.sds.mdm_client import MdmLink, pending_unclean, record_pending_unclean
 from meshblock.sds.metrics import SdsCollector, SdsStats
 from meshblock.sds.replication import Peers
 from meshblock.sds.server import DataServer
-from meshblock.sds.store import ChunkStore, DeviceSpec
+from meshblock.sds.store import ChunkStore, DeviceSpec, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -51,35 +51,70 @@ FAULT_HOOK = web.AppKey("meshblock_sds_fault_hook", device_io.FaultHook)
 BOOT_FILE = "boot_id"
 
 
-def _page_cache_lost(state_dir: Path) -> bool:
-    """Whether the machine restarted (so the page cache, and unflushed writes with
-    it, may be lost) since the previous start of this SDS; records this boot.
-    Unknown (no record yet) counts as restarted."""
-    now = device_io.boot_id()
+def needs_full_copy(
+    state_dir: Path, unclean: list[str], known: list[str], now: str | None
+) -> list[str]:
+    """The devices (of ``known``, in that order) whose copies need a full copy before
+    this SDS serves from them; made durable before this returns.
+
+    - those still pending from an earlier start: the MDM has not yet accepted a
+      registration that carried them (a restart meanwhile, killed or clean, must not
+      forget them: a clean stop marks the devices CLEAN);
+    - those of ``unclean`` (no CLEAN) when the machine restarted since the previous
+      start of this SDS: a new boot id ``now`` (:func:`device_io.boot_id`), no record
+      yet, or a boot id that cannot be read (None: counts as a restart, the safe
+      side). The same boot means only the process died: the kernel still has every
+      write it acknowledged.
+
+    The pending record (:func:`meshblock.sds.mdm_client.record_pending_unclean`) is
+    written before this boot's id, so no order of crashes loses the fact. Raises
+    :class:`StoreError` when the record cannot be written (the devices stay unclean)."""
     path = state_dir / BOOT_FILE
     try:
         before: str | None = path.read_text().strip()
     except OSError:
         before = None
     try:
-        state_dir.mkdir(parents=True, exist_ok=True)
-        write_atomic(path, now)
+        pending = pending_unclean(state_dir)
     except OSError as exc:
-        log.warning("cannot record the boot id in %s: %s", path, exc)
-    return before != now
+        log.warning("every device needs a full copy: the pending record is unreadable: %s", exc)
+        pending = [*known, ""]  # "" is no device: the record is written anew
+    lost = now is None or before != now
+    if unclean and not lost:
+        log.info(
+            "unclean stop of the process only (same boot): no write lost on %s", ", ".join(unclean)
+        )
+    forgotten = [p for p in pending if p and p not in known]
+    if forgotten:
+        log.warning(
+            "devices no longer configured, dropped from the pending full copies: %s",
+            ", ".join(forgotten),
+        )
+    need = [p for p in known if p in pending or (lost and p in unclean)]
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        if need != pending:
+            record_pending_unclean(state_dir, need)
+    except OSError as exc:
+        raise StoreError(
+            f"cannot record in {state_dir} that {', '.join(need)} need a full copy: {exc}"
+        ) from exc
+    if now is not None:
+        try:
+            write_atomic(path, now)
+        except OSError as exc:
+            log.warning("cannot record the boot id in %s: %s", path, exc)
+    return need
 
 
 async def _runtime(app: web.Application) -> AsyncIterator[None]:
     config, secret = app[CONFIG], app[SECRET]
     store = ChunkStore(DeviceSpec(d.path, d.capacity_bytes, d.pool) for d in config.devices)
     await asyncio.to_thread(store.open)  # recovery may zero many slots
-    if not _page_cache_lost(Path(config.state_dir)) and store.unclean:
-        # Only the process died: the kernel still has every write it acknowledged.
-        log.info(
-            "unclean stop of the process only (same boot): no write lost on %s",
-            ", ".join(store.unclean),
-        )
-        store.unclean = []
+    # Before the try: a device whose fact cannot be recorded is not closed (stays unclean).
+    store.unclean = needs_full_copy(
+        Path(config.state_dir), store.unclean, [d.path for d in store.devices], device_io.boot_id()
+    )
     try:
         peers = Peers(secret, config.peer_timeout_s)
         service = DataService(store, MapCache(), peers, SdsStats())
@@ -91,7 +126,7 @@ async def _runtime(app: web.Application) -> AsyncIterator[None]:
             # Our copies may lack writes acknowledged without FUA/FLUSH: serve nothing
             # on cached maps; the MDM, told at registration, decides who serves.
             log.warning(
-                "unclean stop of %s: not serving on cached maps until the MDM has registered it",
+                "%s need a full copy: not serving on cached maps until the MDM has registered it",
                 ", ".join(store.unclean),
             )
         else:

@@ -72,15 +72,16 @@ def enabled_by_env() -> bool:
     return os.environ.get(ENV_VAR) == "1"
 
 
-def boot_id() -> str:
+def boot_id(source: str = _BOOT_ID) -> str | None:
     """The kernel's boot id: it changes when the machine restarts (and with it the page
-    cache is gone); with the fault hook, each simulated power cut changes it too."""
+    cache is gone); with the fault hook, each simulated power cut changes it too.
+    None when it cannot be read (callers must take that as a restart)."""
     try:
-        with open(_BOOT_ID) as f:
-            real = f.read().strip()
+        with open(source) as f:
+            real: str | None = f.read().strip() or None
     except OSError:
-        real = "unknown"
-    return real if _hook is None else _hook.boot_id(real)
+        real = None
+    return real if _hook is None or real is None else _hook.boot_id(real)
 
 
 def install_fault_hook(cuts_file: str | None = None) -> FaultHook:

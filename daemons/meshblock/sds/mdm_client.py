@@ -12,7 +12,10 @@
 - Identity and maps are saved in ``state_dir/state.json`` (by
   :func:`meshblock.files.write_atomic`), and loaded at the next start: with the MDM
   unreachable the SDS serves on its cached maps (docs/design.md, invariant 5) and keeps
-  retrying. Several MDM URLs are tried in turn.
+  retrying. Several MDM URLs are tried in turn. The file is written in a thread (two
+  fsyncs), one save at a time, the newest state winning.
+- Devices that need a full copy after a power cut stay in ``state_dir/unclean.json``
+  until the MDM accepted a registration carrying them (docs/sds.md, "Power cuts").
 """
 
 from __future__ import annotations
@@ -21,13 +24,14 @@ import asyncio
 import contextlib
 import json
 import logging
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
-from meshblock.files import write_atomic
+from meshblock.files import fsync_directory, write_atomic
 from meshblock.sds.config import SdsConfig
 from meshblock.sds.io_path import DataService
 from meshblock.sds.maps import PgMap
@@ -35,6 +39,37 @@ from meshblock.sds.maps import PgMap
 log = logging.getLogger(__name__)
 
 STATE_FILE = "state.json"
+# Devices whose copies need a full copy, until the MDM accepts a registration that says
+# so (docs/sds.md, "Power cuts"): written at start, removed after that registration.
+UNCLEAN_FILE = "unclean.json"
+
+
+def pending_unclean(state_dir: Path) -> list[str]:
+    """The devices recorded by :func:`record_pending_unclean`; none without a record.
+    A record that cannot be read or parsed raises ``OSError`` (never taken as none)."""
+    path = state_dir / UNCLEAN_FILE
+    try:
+        doc = json.loads(path.read_text())
+    except FileNotFoundError:
+        return []
+    except ValueError as exc:
+        raise OSError(f"malformed {path}: {exc}") from exc
+    if not isinstance(doc, list) or not all(isinstance(p, str) for p in doc):
+        raise OSError(f"malformed {path}: not a list of device paths")
+    return doc
+
+
+def record_pending_unclean(state_dir: Path, paths: list[str]) -> None:
+    """Durably record that ``paths`` need a full copy (none: remove the record)."""
+    path = state_dir / UNCLEAN_FILE
+    if paths:
+        write_atomic(path, json.dumps(paths))
+        return
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return
+    fsync_directory(state_dir)
 
 
 REPORT_EVERY_S = 2.0  # a peer is reported unreachable at most this often
@@ -59,6 +94,9 @@ class MdmLink:
         self._followers: dict[int, asyncio.Task[None]] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._state_path = Path(config.state_dir) / STATE_FILE
+        self._state_lock = threading.Lock()  # one writer of the state file at a time
+        self._state_taken = 0  # states taken for saving (each numbered)
+        self._state_written = 0  # the newest of them in the file
         self.reachable = False
         self.registered = asyncio.Event()
         service.resync.reporter = self._report_synced
@@ -97,7 +135,10 @@ class MdmLink:
             self._state_path,
         )
 
-    def _save_state(self) -> None:
+    async def _save_state(self) -> None:
+        """Save identity and maps, in a thread (two fsyncs). The state is taken now; a
+        save that reaches the file after a newer one has is skipped, and one writes at
+        a time, so the newest state wins."""
         svc = self._svc
         state = {
             "sds_id": svc.sds_id,
@@ -108,11 +149,20 @@ class MdmLink:
             },
             "maps": {str(pid): m.doc for pid, m in svc.maps.maps.items()},
         }
-        try:
-            self._state_path.parent.mkdir(parents=True, exist_ok=True)
-            write_atomic(self._state_path, json.dumps(state))
-        except OSError as exc:
-            log.warning("cannot save state to %s: %s", self._state_path, exc)
+        self._state_taken += 1
+        await asyncio.to_thread(self._write_state, self._state_taken, json.dumps(state))
+
+    def _write_state(self, seq: int, data: str) -> None:
+        with self._state_lock:
+            if seq <= self._state_written:
+                return  # a newer state is in the file already
+            try:
+                self._state_path.parent.mkdir(parents=True, exist_ok=True)
+                write_atomic(self._state_path, data)
+            except OSError as exc:
+                log.warning("cannot save state to %s: %s", self._state_path, exc)
+                return
+            self._state_written = seq
 
     # -- life cycle -------------------------------------------------------------------
 
@@ -315,9 +365,17 @@ class MdmLink:
             " (after an unclean stop: their copies are recopied)" if unclean else "",
         )
         # The MDM has made every PG with a copy on them copy it anew, in the same
-        # transaction: a later registration (the MDM forgot us) need not say it again.
-        self._svc.store.unclean = [p for p in self._svc.store.unclean if p not in unclean]
-        self._save_state()
+        # transaction: a later registration (the MDM forgot us), or the next start,
+        # need not say it again.
+        store = self._svc.store
+        store.unclean = [p for p in store.unclean if p not in unclean]
+        if unclean:
+            state_dir = Path(self._config.state_dir)
+            try:
+                await asyncio.to_thread(record_pending_unclean, state_dir, store.unclean)
+            except OSError as exc:  # the next start says it again: one more full copy
+                log.warning("cannot clear the pending full copies in %s: %s", state_dir, exc)
+        await self._save_state()
         self.registered.set()
         self._follow_pools()
 
@@ -379,5 +437,5 @@ class MdmLink:
                 continue
             if maps.update(m):
                 log.info("pool %d: map epoch %d", pool_id, m.epoch)
-                self._save_state()
+                await self._save_state()
                 self._svc.collect_garbage(m)
