@@ -477,11 +477,17 @@ def load_cert(path: Path) -> x509.Certificate:
 
 
 def load_key(path: Path) -> ec.EllipticCurvePrivateKey:
-    """Load a private key, refusing one that others than its owner may read."""
+    """Load a private key, refusing one that every user of the host may read.
+
+    Group access is allowed: the deployment's convention is ``root:meshblock 0640``
+    for what the daemons' user must read and not write.
+    """
     data = _read(path, "key")
     mode = path.stat().st_mode & 0o777
-    if mode & 0o077:
-        raise PkiError(f"key {path} has mode {mode:04o}: others may read it; chmod 600 it")
+    if mode & 0o007:
+        raise PkiError(
+            f"key {path} has mode {mode:04o}: every user may read it; chmod 600 (or 640) it"
+        )
     try:
         key = serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError):

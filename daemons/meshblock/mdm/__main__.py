@@ -5,15 +5,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import ssl
 import sys
+from pathlib import Path
 
 from aiohttp import web
 
+from meshblock import pki
 from meshblock.config import ConfigError, load
 from meshblock.daemon import setup_logging
 from meshblock.mdm import backup, db
 from meshblock.mdm.app import create_app
-from meshblock.mdm.config import MdmConfig
+from meshblock.mdm.config import MdmConfig, TlsConfig
 
 log = logging.getLogger("meshblock.mdm")
 
@@ -47,6 +50,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"meshblock-mdm: configuration error: {exc}", file=sys.stderr)
         return 2
     setup_logging(config.logging.level)
+    ssl_context = None
+    if args.command is None:  # backup and restore serve nothing
+        try:
+            ssl_context = _ssl_context(config.tls)
+        except pki.PkiError as exc:
+            print(f"meshblock-mdm: configuration error: [tls] {exc}", file=sys.stderr)
+            return 2
     if args.check_config:
         print("configuration OK")
         return 0
@@ -61,11 +71,18 @@ def main(argv: list[str] | None = None) -> int:
         if args.migrate_only:
             asyncio.run(_migrate(config))
             return 0
-        log.info("MDM starting on %s:%d", config.api.host, config.api.port)
+        log.info(
+            "MDM starting on %s://%s:%d%s",
+            "https" if ssl_context else "http",
+            config.api.host,
+            config.api.port,
+            f" (client certificates {config.tls.client_certs})" if ssl_context else "",
+        )
         web.run_app(
             create_app(config),
             host=config.api.host,
             port=config.api.port,
+            ssl_context=ssl_context,
             print=None,
             access_log=None,
             shutdown_timeout=5,
@@ -75,6 +92,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"meshblock-mdm: {exc}", file=sys.stderr)
         return 3
     return 0
+
+
+def _ssl_context(tls: TlsConfig) -> ssl.SSLContext | None:
+    """The API's TLS context from ``[tls]``, or ``None`` when TLS is off."""
+    if not tls.enabled:
+        return None
+    return pki.server_context(
+        Path(tls.cert),
+        Path(tls.key),
+        Path(tls.ca),
+        crl=Path(tls.crl) if tls.crl else None,
+        client_certs=pki.ClientCerts(tls.client_certs),
+    )
 
 
 async def _migrate(config: MdmConfig) -> None:

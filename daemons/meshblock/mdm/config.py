@@ -65,6 +65,28 @@ class ClusterConfig:
 
 
 @dataclass(frozen=True)
+class TlsConfig:
+    """``[tls]``: serve the API over HTTPS (docs/security.md). Off while ``cert`` is empty.
+
+    ``cert`` and ``key`` are the MDM's own (``meshctl ca issue mdm:NAME``), ``ca`` the
+    cluster CA's certificate that client certificates are checked against, ``crl`` its
+    revocation list (optional). ``client_certs``: ``required`` refuses a client
+    without a CA-signed certificate in the handshake; ``optional`` verifies one if
+    sent and lets operators in with a bearer token alone.
+    """
+
+    cert: str = ""
+    key: str = ""
+    ca: str = ""
+    crl: str = ""
+    client_certs: str = "required"
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.cert)
+
+
+@dataclass(frozen=True)
 class LoggingConfig:
     """``[logging]``."""
 
@@ -78,8 +100,16 @@ class MdmConfig:
     database: DatabaseConfig = field(default_factory=DatabaseConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    tls: TlsConfig = field(default_factory=TlsConfig)
 
     def __post_init__(self) -> None:
+        t = self.tls
+        if (t.key or t.ca or t.crl) and not t.cert:
+            raise ValueError("tls.key, tls.ca and tls.crl need tls.cert (empty: no TLS)")
+        if t.cert and not (t.key and t.ca):
+            raise ValueError("tls.cert needs tls.key and tls.ca")
+        if t.client_certs not in ("required", "optional"):
+            raise ValueError("tls.client_certs must be required or optional")
         a = self.auth
         if not a.admin_token:
             raise ValueError("auth.admin_token must be set")
