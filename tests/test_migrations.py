@@ -257,7 +257,6 @@ def _add_one_of_each(conn: Connection) -> dict[str, int]:
     from sqlalchemy.orm import Session
 
     from meshblock.mdm.models import (
-        Device,
         ProtectionDomain,
         Sdc,
         Sds,
@@ -279,13 +278,21 @@ def _add_one_of_each(conn: Connection) -> dict[str, int]:
         sdc = Sdc(guid=f"guid{n}", name=f"sdc{n}")
         s.add_all([pool, sds, sdc])
         s.flush()
-        dev = Device(sds_id=sds.id, pool_id=pool.id, path=f"/d{n}", capacity_bytes=2**30)
+        # The device by the columns it had at 0003: later revisions add some (0005:
+        # its state), which the ORM would insert into a 0003 table too.
+        dev_id = s.execute(
+            text(
+                "INSERT INTO devices (sds_id, pool_id, path, capacity_bytes, used_bytes) "
+                "VALUES (:s, :p, :path, :c, 0) RETURNING id"
+            ),
+            {"s": sds.id, "p": pool.id, "path": f"/d{n}", "c": 2**30},
+        ).scalar_one()
         vol = Volume(name=f"v{n}", pool_id=pool.id, type=VolumeType.THIN, size_bytes=2**30)
-        s.add_all([dev, vol])
+        s.add(vol)
         s.flush()
         ids = {
             "volumes": vol.id,
-            "devices": dev.id,
+            "devices": int(dev_id),
             "sdss": sds.id,
             "storage_pools": pool.id,
             "sdcs": sdc.id,

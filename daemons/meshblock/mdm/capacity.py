@@ -1,6 +1,6 @@
 """Capacity accounting of storage pools.
 
-- ``total``: the capacity of the pool's devices;
+- ``total``: the capacity of the pool's devices (a failed device does not count);
 - ``spare``: ``spare_percent`` of the total, held back so that the loss of an SDS can
   be rebuilt;
 - ``usable = total - spare``;
@@ -25,6 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from meshblock.mdm.models import (
     Device,
+    DeviceState,
     StoragePool,
     Volume,
     VolumeState,
@@ -82,7 +83,7 @@ async def pool_capacities(
         (
             await session.execute(
                 select(Device.pool_id, func.sum(Device.capacity_bytes))
-                .where(Device.pool_id.in_(ids))
+                .where(Device.pool_id.in_(ids), Device.state != DeviceState.FAILED)
                 .group_by(Device.pool_id)
             )
         ).all()

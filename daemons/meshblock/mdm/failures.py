@@ -16,6 +16,11 @@ on an SDS whose state changed (see docs/mdm.md, "Failures"):
 | resyncing | the primary reports the copy done (``pg-synced``) | clean |
 | inactive | the primary's SDS is back | degraded (resyncing if the secondary's is up) |
 
+A copy on a **failed device** (its SDS reported an IO error on it: :func:`mark_failed`)
+counts as a copy on a down SDS, and as one on an SDS gone for good: it is stale at
+once and rebuilt on another device without waiting for ``rebuild_delay_s`` (the device
+will not come back). It is never chosen as a rebuild target.
+
 A degraded PG's secondary is stale: its primary writes alone and no client reads
 from it, even after its SDS returns, until it is resynchronised (docs/design.md,
 invariant 4). While ``resyncing`` the primary forwards new writes to the secondary
@@ -44,7 +49,15 @@ from meshblock.mdm.db import WriteGate
 from meshblock.mdm.epochs import EpochNotifier, bump
 from meshblock.mdm.errors import ApiError, Conflict, NotFound
 from meshblock.mdm.liveness import Liveness
-from meshblock.mdm.models import Device, PgState, PlacementGroup, Sds, SdsMode, StoragePool
+from meshblock.mdm.models import (
+    Device,
+    DeviceState,
+    PgState,
+    PlacementGroup,
+    Sds,
+    SdsMode,
+    StoragePool,
+)
 
 log = logging.getLogger(__name__)
 
@@ -135,13 +148,18 @@ class FailureDetector:
                 lost = self.down_sds(sds_ids)
             maintenance = frozenset(i for i, m in modes.items() if m == SdsMode.MAINTENANCE)
             down = lost | maintenance
+            failed = frozenset(
+                (
+                    await s.execute(select(Device.id).where(Device.state == DeviceState.FAILED))
+                ).scalars()
+            )
             now = time.monotonic()
             for i in list(self._down_since):
                 if i not in lost:
                     del self._down_since[i]
             for i in lost:
                 self._down_since.setdefault(i, now)
-            if down == self._last_down and not down and not await self._stale(s):
+            if down == self._last_down and not down and not await self._stale(s, failed):
                 return 0
             connected = self._settled(sds_ids) - maintenance
             # Rebuilt away from: lost long enough, not in maintenance (a planned outage
@@ -152,7 +170,7 @@ class FailureDetector:
             usable = frozenset(
                 i for i in sds_ids if i in connected and modes[i] != SdsMode.DRAINING
             )
-            changed = await self._apply(s, down, connected, gone, usable)
+            changed = await self._apply(s, down, connected, gone, usable, failed)
             if changed:
                 epoch = await bump(s)
         if changed:
@@ -178,13 +196,16 @@ class FailureDetector:
             self._connected_since.setdefault(i, now)
         return frozenset(i for i in up if now - self._connected_since[i] >= self.resync_delay_s)
 
-    async def _stale(self, s: AsyncSession) -> bool:
-        """Whether some PG is not clean or has a move in progress."""
+    async def _stale(self, s: AsyncSession, failed: frozenset[int]) -> bool:
+        """Whether some PG is not clean, has a move in progress or names a failed
+        device."""
         found = await s.execute(
             select(PlacementGroup.pg)
             .where(
                 (PlacementGroup.state != PgState.CLEAN)
                 | PlacementGroup.target_device_id.is_not(None)
+                | PlacementGroup.primary_device_id.in_(failed)
+                | PlacementGroup.secondary_device_id.in_(failed)
             )
             .limit(1)
         )
@@ -197,7 +218,10 @@ class FailureDetector:
         connected: frozenset[int],
         gone: frozenset[int],
         usable: frozenset[int],
+        failed: frozenset[int],
     ) -> int:
+        """``down``, ``connected``, ``gone``, ``usable``: sets of SDS ids; ``failed``:
+        failed devices (a copy there is down, and gone for good)."""
         dev_rows = (
             await s.execute(
                 select(
@@ -241,12 +265,15 @@ class FailureDetector:
             if p_dev is None and s_dev is None:
                 continue  # unplaced: nothing to fail over
             p_sds, s_sds = sds_of(p_dev), sds_of(s_dev)
-            p_up = None if p_sds is None else p_sds not in down
-            s_up = None if s_sds is None else s_sds not in down
-            swap, new_state = next_state(p_up, s_up, state, s_sds in connected)
+            p_up = None if p_sds is None else p_sds not in down and p_dev not in failed
+            s_up = None if s_sds is None else s_sds not in down and s_dev not in failed
+            s_connected = s_sds in connected and s_dev not in failed
+            swap, new_state = next_state(p_up, s_up, state, s_connected)
             new_p, new_s = (s_dev, p_dev) if swap else (p_dev, s_dev)
             new_t, new_moving = t_dev, moving
-            if t_dev is not None and (new_state != PgState.CLEAN or sds_of(t_dev) not in usable):
+            if t_dev is not None and (
+                new_state != PgState.CLEAN or sds_of(t_dev) not in usable or t_dev in failed
+            ):
                 # A move needs a clean PG and a reachable target: cancel it (the
                 # rebalancer starts it again later, from scratch).
                 new_t, new_moving = None, None
@@ -254,10 +281,10 @@ class FailureDetector:
             if (
                 new_state == PgState.DEGRADED
                 and new_p is not None
-                and (new_s is None or sds_of(new_s) in gone)
+                and (new_s is None or sds_of(new_s) in gone or new_s in failed)
             ):
-                # The stale copy's SDS is gone for good: a new copy elsewhere.
-                pick = self._rebuild_target(devices, copies, devices[new_p], usable)
+                # The stale copy's SDS (or device) is gone for good: a new copy elsewhere.
+                pick = self._rebuild_target(devices, copies, devices[new_p], usable, failed)
                 if pick is None:
                     no_room[pool_id] += 1
                 else:
@@ -299,7 +326,8 @@ class FailureDetector:
             pool.map_epoch += 1
             epochs[pool.id] = pool.map_epoch
             log.warning(
-                "pool %s: %d PG(s) changed state after SDS failures or returns (map epoch %d)%s",
+                "pool %s: %d PG(s) changed state after SDS or device failures or returns "
+                "(map epoch %d)%s",
                 pool.name,
                 pools[pool.id],
                 pool.map_epoch,
@@ -334,15 +362,21 @@ class FailureDetector:
 
     @staticmethod
     def _rebuild_target(
-        devices: dict[int, _Dev], copies: dict[int, int], primary: _Dev, usable: frozenset[int]
+        devices: dict[int, _Dev],
+        copies: dict[int, int],
+        primary: _Dev,
+        usable: frozenset[int],
+        failed: frozenset[int],
     ) -> int | None:
         """The device of the pool that takes a new copy next to ``primary``: on a
-        usable SDS outside the primary's failure domain, the least filled relative to
-        its capacity (so that rebuilds spread over every SDS: many-to-many)."""
+        usable SDS outside the primary's failure domain, not failed, the least filled
+        relative to its capacity (so that rebuilds spread over every SDS:
+        many-to-many)."""
         best: tuple[float, int] | None = None
         for d in devices.values():
             if (
-                d.pool_id != primary.pool_id
+                d.id in failed
+                or d.pool_id != primary.pool_id
                 or d.sds_id not in usable
                 or d.sds_id == primary.sds_id
                 or d.domain == primary.domain

@@ -90,6 +90,20 @@ class VolumeState(enum.StrEnum):
     DELETING = "deleting"
 
 
+class DeviceState(enum.StrEnum):
+    """What the MDM knows of a device (see docs/mdm.md, "Device states").
+
+    ``normal``: takes copies. ``failed``: its SDS reported an IO error on it (the SDS
+    fails a device for good at its first error: fail-stop). Its copies are stale at
+    once (their PGs degraded, the other copy primary) and rebuilt on other devices;
+    nothing is placed on it again and its capacity no longer counts. It stays failed
+    until the operator removes it (``meshctl sds device-remove``).
+    """
+
+    NORMAL = "normal"
+    FAILED = "failed"
+
+
 class AccessMode(enum.StrEnum):
     READ_WRITE = "read_write"
     READ_ONLY = "read_only"
@@ -205,6 +219,13 @@ class Device(Base):
     name: Mapped[str | None] = mapped_column(String(64))
     capacity_bytes: Mapped[bytes_int]
     used_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    state: Mapped[DeviceState] = mapped_column(
+        _enum(DeviceState, "device_state"),
+        default=DeviceState.NORMAL,
+        server_default=DeviceState.NORMAL.value,
+    )
+    failed_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    error: Mapped[str | None] = mapped_column(String(1024))
     created_at: Mapped[created_at]
 
     sds: Mapped[Sds] = relationship(back_populates="devices", lazy="raise")

@@ -21,18 +21,31 @@ from sqlalchemy.orm import aliased
 
 from meshblock.mdm.deletion import pool_tombstones
 from meshblock.mdm.epochs import current
-from meshblock.mdm.models import Device, PgState, PlacementGroup, Sds, StoragePool, Volume
+from meshblock.mdm.models import (
+    Device,
+    DeviceState,
+    PgState,
+    PlacementGroup,
+    Sds,
+    StoragePool,
+    Volume,
+)
 from meshblock.mdm.placement import DeviceInfo, PgAssignment, compute_map
 
 
-async def pool_devices(session: AsyncSession, pool_id: int) -> list[DeviceInfo]:
-    rows = await session.execute(
+async def pool_devices(
+    session: AsyncSession, pool_id: int, *, failed: bool = False
+) -> list[DeviceInfo]:
+    """The pool's devices that may take copies; with ``failed``, failed ones too."""
+    q = (
         select(Device.id, Device.sds_id, Sds.fault_set_id, Device.capacity_bytes)
         .join(Sds, Sds.id == Device.sds_id)
         .where(Device.pool_id == pool_id)
         .order_by(Device.id)
     )
-    return [DeviceInfo(d, s, f, c) for d, s, f, c in rows]
+    if not failed:
+        q = q.where(Device.state != DeviceState.FAILED)
+    return [DeviceInfo(d, s, f, c) for d, s, f, c in await session.execute(q)]
 
 
 async def recompute(session: AsyncSession, pool: StoragePool) -> bool:
@@ -50,7 +63,13 @@ async def recompute(session: AsyncSession, pool: StoragePool) -> bool:
     previous: dict[int, PgAssignment] = {pg: (p, s) for pg, p, s in rows}
     has_data = await _holds_volumes(session, pool.id)
     if has_data:
-        new = _fill_only(previous, compute_map(pool.pg_count, devices, previous), devices)
+        # A copy on a failed device stays where it is here: the failure detector
+        # fails it over (it alone knows which copy is in sync); nothing new goes there.
+        new = _fill_only(
+            previous,
+            compute_map(pool.pg_count, devices, previous),
+            await pool_devices(session, pool.id, failed=True),
+        )
     else:
         # Nothing to move yet: the map is laid out afresh, so that it is as balanced
         # and its copies' partners as spread as placement makes them, whatever the

@@ -211,6 +211,7 @@ SDS_HEARTBEAT = obj(
 SDS_MAINTENANCE = obj({"mode": {"type": "string", "enum": ["enter", "exit"]}}, ("mode",))
 SDS_DRAIN = obj({"cancel": {"type": "boolean"}})
 SDS_UNREACHABLE = obj({"reporter": {"type": "string", "maxLength": 128}})
+DEVICE_FAILED = obj({"error": {"type": "string", "maxLength": 1024}}, ("error",))
 SDC_CREATE = obj(
     {"guid": GUID, "name": NAME, "address": ADDRESS, "control_port": PORT, "nbd_port": PORT},
     ("guid", "name"),
@@ -313,6 +314,9 @@ COMPONENTS: dict[str, dict[str, Any]] = {
             "name": _NSTR,
             "capacity_bytes": _INT,
             "used_bytes": _INT,
+            "state": {"type": "string", "enum": ["normal", "failed"]},
+            "failed_at": _TS,
+            "error": _NSTR,
         }
     ),
     "Sds": _resp(

@@ -24,7 +24,12 @@ from meshblock.sds import device_io
 from meshblock.sds.config import SdsConfig
 from meshblock.sds.io_path import DataService
 from meshblock.sds.maps import MapCache
-from meshblock.sds.mdm_client import MdmLink, pending_unclean, record_pending_unclean
+from meshblock.sds.mdm_client import (
+    MdmLink,
+    pending_unclean,
+    record_pending_unclean,
+    saved_failed_devices,
+)
 from meshblock.sds.metrics import SdsCollector, SdsStats
 from meshblock.sds.replication import Peers
 from meshblock.sds.server import DataServer
@@ -109,7 +114,10 @@ def needs_full_copy(
 
 async def _runtime(app: web.Application) -> AsyncIterator[None]:
     config, secret = app[CONFIG], app[SECRET]
-    store = ChunkStore(DeviceSpec(d.path, d.capacity_bytes, d.pool) for d in config.devices)
+    store = ChunkStore(
+        (DeviceSpec(d.path, d.capacity_bytes, d.pool) for d in config.devices),
+        saved_failed_devices(config.state_dir),
+    )
     await asyncio.to_thread(store.open)  # recovery may zero many slots
     # Before the try: a device whose fact cannot be recorded is not closed (stays unclean).
     store.unclean = needs_full_copy(
@@ -167,7 +175,11 @@ async def health(request: web.Request) -> web.Response:
     serving = bool(svc.sds_id) and pools <= svc.maps.maps.keys()
     return web.json_response(
         {
-            "status": "ok" if serving and rt.link.reachable else "degraded",
+            "status": (
+                "ok"
+                if serving and rt.link.reachable and not svc.store.failed_devices()
+                else "degraded"
+            ),
             "state": "stopping" if svc.stopping else ("serving" if serving else "starting"),
             "name": rt.config.name,
             "sds_id": svc.sds_id or None,
@@ -183,6 +195,8 @@ async def health(request: web.Request) -> web.Response:
                     "used_bytes": d.used_bytes,
                     "slots": d.slot_count,
                     "free_slots": len(d.free) + len(d.pending),
+                    "state": "failed" if d.failed else "ok",
+                    "error": d.failed,
                 }
                 for d in svc.store.devices
             ],

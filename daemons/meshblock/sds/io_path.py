@@ -17,7 +17,12 @@
   already says that the PG is served by us alone, else refused (``REPLICA_FAILED``);
 - FLUSH syncs the local devices and REPL_FLUSHes the peers written to since; a peer
   that fails it and is no longer the in-sync secondary of any PG we are primary of
-  holds only stale copies and is dropped from the flush.
+  holds only stale copies and is dropped from the flush;
+- fail-stop on device errors (``docs/sds.md``, "Device errors"): a request whose copy
+  is on a failed device is answered ``DEVICE_FAILED`` (retriable: the MDM fails the
+  copy over), and a FLUSH fails the same way as long as our map names a failed device
+  as an in-sync copy; once it does not, that device's copies are stale and the flush
+  covers the working devices.
 """
 
 from __future__ import annotations
@@ -36,7 +41,14 @@ from meshblock.sds.maps import MapCache, PgMap
 from meshblock.sds.metrics import SdsStats
 from meshblock.sds.replication import DegradedWrites, Peers, RangeLocks
 from meshblock.sds.resync import Resync
-from meshblock.sds.store import ChunkStore, Device, NoSpace, VolumeDeleted, chunk_key
+from meshblock.sds.store import (
+    ChunkStore,
+    Device,
+    DeviceFailed,
+    NoSpace,
+    VolumeDeleted,
+    chunk_key,
+)
 from meshblock.wire.client import ConnectionLost, WireError
 from meshblock.wire.handshake import HandshakeError
 from meshblock.wire.protocol import (
@@ -59,6 +71,7 @@ _FUA: Final = int(ReqFlag.FUA)
 _HOLE: Final = int(ReplyFlag.HOLE)
 _WAIT: Final = -1  # check result: the request's epoch is ahead of our map
 _OK: Final = int(Status.OK)
+_FAILED: Final = int(Status.DEVICE_FAILED)
 _LOST: Final = -2  # peer result: the connection to the secondary was lost
 GC_RETRY_S: Final = 1.0  # garbage left because a write held it: looked at again after
 _REPL_OF: Final = {
@@ -101,6 +114,38 @@ class DataService:
         # Called with a peer SDS's id when it does not answer (set by the MDM link).
         self.peer_unreachable: Callable[[int], None] | None = None
         self._named: dict[int, frozenset[int]] = {}  # pool -> PGs placed on us (GC)
+        # Called with a device that just failed (set by the MDM link: report, persist).
+        self.device_failed: Callable[[Device], None] | None = None
+        store.on_failure = self._on_device_failure
+
+    def _on_device_failure(self, dev: Device) -> None:
+        if self.device_failed is not None:
+            self.device_failed(dev)
+
+    def failed_in_sync(self) -> list[Device]:
+        """Failed devices that a map still names as an in-sync copy (or a move's
+        target): their copies still count, so a FLUSH cannot succeed yet."""
+        devs = self.store.failed_devices()
+        me = self.sds_id
+        if not devs or not me:
+            return devs  # not registered: no map tells
+        failed = {d.mdm_id: d for d in devs if d.mdm_id is not None}
+        out: dict[int, Device] = {d.mdm_id or 0: d for d in devs if d.mdm_id is None}
+        for m in self.maps.maps.values():
+            for pg in range(m.pg_count):
+                p, sec, tgt = m.primary[pg], m.secondary[pg], m.target[pg]
+                if p[0] == me and p[1] in failed:
+                    out[p[1]] = failed[p[1]]
+                if sec[0] == me and sec[1] in failed and m.forwards(pg):
+                    out[sec[1]] = failed[sec[1]]
+                if tgt[0] == me and tgt[1] in failed:
+                    out[tgt[1]] = failed[tgt[1]]
+        return list(out.values())
+
+    def _unknown(self, pool: int) -> bool:
+        """Whether a device of ``pool`` failed before its index was loaded: a chunk
+        missing from the index may have been on it."""
+        return any(d.failed and not d.loaded and d.pool_id == pool for d in self.store.devices)
 
     def set_identity(self, sds_id: int, devices: dict[str, tuple[int, int]]) -> None:
         """Our SDS id and, per device path, ``(MDM device id, pool id)``."""
@@ -158,6 +203,9 @@ class DataService:
             pg = pg_of(volume, chunk, m.pg_count)
             if pg in named or self.tombstones.deleted(volume):
                 continue  # a deleted volume's chunks: freed by the tombstones' worker
+            loc = self.store.location(volume, chunk)
+            if loc is not None and loc[0].failed:
+                continue  # no IO on a failed device
             if self.locks.busy(chunk_key(volume, chunk)):
                 busy.add(pg)  # a write from before the map changed: next time
                 continue
@@ -335,11 +383,16 @@ class DataService:
     def _read(self, conn: DataConnection, hdr: Header, t0: float) -> None:
         try:
             data = self.store.read(hdr[8], hdr[9], hdr[10], hdr[11])
+        except DeviceFailed:
+            self._reply(conn, hdr, t0, _FAILED)
+            return
         except OSError as exc:
             log.error("read of chunk %d/%d failed: %s", hdr[8], hdr[9], exc)
             self._reply(conn, hdr, t0, Status.IO_ERROR)
             return
-        if data is None:
+        if data is None and self._unknown(hdr[5]):
+            self._reply(conn, hdr, t0, _FAILED)  # a hole here may be a lost chunk
+        elif data is None:
             self._reply(conn, hdr, t0, _OK, _HOLE)
         else:
             self._reply(conn, hdr, t0, _OK, 0, data)
@@ -371,6 +424,9 @@ class DataService:
     ) -> None:
         m = self.maps.maps[hdr[5]]
         dev = self._device(m, hdr[6], primary=False)
+        if dev.failed or self._target_device(dev, hdr[8], hdr[9]).failed:
+            self._reply(conn, hdr, t0, _FAILED)
+            return
         if hdr[2] & _FUA or self.store.needs_reclaim(dev, hdr[8], hdr[9]):
             self._spawn(self._replica_apply_async(conn, hdr, payload, t0, dev))
             return
@@ -380,7 +436,11 @@ class DataService:
         self, conn: DataConnection, hdr: Header, payload: memoryview, t0: float, dev: Device
     ) -> None:
         if self.store.needs_reclaim(dev, hdr[8], hdr[9]):
-            await self.store.reclaim(dev)
+            try:
+                await self.store.reclaim(dev)
+            except OSError:
+                self._reply(conn, hdr, t0, _FAILED if dev.failed else Status.IO_ERROR)
+                return
         written = self._target_device(dev, hdr[8], hdr[9])
         status = self._apply(hdr[1], dev, hdr, payload)
         if status == _OK and hdr[2] & _FUA:
@@ -400,6 +460,8 @@ class DataService:
             # Tombstoned while this request waited (for a free slot, the range lock):
             # it passed the dispatch check before the delete reached us.
             return Status.DELETED
+        except DeviceFailed:
+            return _FAILED
         except OSError as exc:
             log.error("write of chunk %d/%d on %s failed: %s", hdr[8], hdr[9], dev.path, exc)
             return Status.IO_ERROR
@@ -408,6 +470,8 @@ class DataService:
     async def _sync(self, devices: list[Device] | None) -> int:
         try:
             await self.store.sync(devices)
+        except DeviceFailed:
+            return _FAILED
         except OSError as exc:
             log.error("fdatasync failed: %s", exc)
             return Status.IO_ERROR
@@ -432,8 +496,15 @@ class DataService:
             m = self.maps.maps[pool]
             dev = self._device(m, pg, primary=True)
             store = self.store
+            if dev.failed or self._target_device(dev, vol, chunk).failed:
+                self._reply(conn, hdr, t0, _FAILED)
+                return
             if store.needs_reclaim(dev, vol, chunk):
-                await store.reclaim(dev)
+                try:
+                    await store.reclaim(dev)
+                except OSError:
+                    self._reply(conn, hdr, t0, _FAILED if dev.failed else Status.IO_ERROR)
+                    return
             if op == Op.WRITE and not dev.free and store.location(vol, chunk) is None:
                 self._reply(conn, hdr, t0, Status.NO_SPACE)
                 return
@@ -572,7 +643,12 @@ class DataService:
     # -- flush ------------------------------------------------------------------------
 
     async def _flush(self, conn: DataConnection, hdr: Header, t0: float, peers: bool) -> None:
-        status = await self._sync(None)
+        # A failed device is never synced again: its copies are covered only once no
+        # map names it as an in-sync copy (the MDM has failed them over); until then
+        # the FLUSH fails, retriably.
+        status = await self._sync([d for d in self.store.devices if not d.failed])
+        if status == _OK and self.failed_in_sync():
+            status = _FAILED
         if status == _OK and peers:
             failed = await self.peers.flush()
             if failed:

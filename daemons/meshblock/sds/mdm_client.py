@@ -9,7 +9,11 @@
 - One task per pool long-polls ``GET /api/v1/pools/{id}/pgmap?wait_epoch=N``.
 - Copies done (resync, rebuild, moves) are reported together: those that end within
   ``SYNCED_BATCH_S`` of each other in one ``POST /api/v1/sds/{id}/pgs-synced``.
-- Identity and maps are saved in ``state_dir/state.json`` (by
+- A device that fails (``meshblock.sds.store``, fail-stop) is reported at once
+  (``POST /api/v1/sds/{id}/devices/{device}/failed``), again until the MDM accepts it
+  and again after every registration; it is saved in the state file, so that it stays
+  failed after a restart (:func:`saved_failed_devices`) until the operator replaces it.
+- Identity, maps and failed devices are saved in ``state_dir/state.json`` (by
   :func:`meshblock.files.write_atomic`), and loaded at the next start: with the MDM
   unreachable the SDS serves on its cached maps (docs/design.md, invariant 5) and keeps
   retrying. Several MDM URLs are tried in turn. The file is written in a thread (two
@@ -35,6 +39,7 @@ from meshblock.files import fsync_directory, write_atomic
 from meshblock.sds.config import SdsConfig
 from meshblock.sds.io_path import DataService
 from meshblock.sds.maps import PgMap
+from meshblock.sds.store import Device
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +84,25 @@ SYNCED_BATCH_S = 0.2
 MAX_SYNCED_REPORTS = 1024  # per call, as the MDM accepts
 
 
+FAILURE_RETRY_S = 1.0  # a failed device's report is sent again this often until accepted
+
+
 class MdmUnavailable(Exception):
     """No MDM URL answered."""
+
+
+def saved_failed_devices(state_dir: str) -> dict[str, str]:
+    """Path -> hex uuid of the devices a previous run failed (from the state file)."""
+    try:
+        state = json.loads((Path(state_dir) / STATE_FILE).read_text())
+        failed = state.get("failed_devices", {})
+        return {str(path): str(doc["uuid"]) for path, doc in failed.items()}
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
+        # Unreadable: the store opens every device (and fails it again on its error).
+        log.warning("cannot read the failed devices from the state file: %s", exc)
+        return {}
 
 
 class MdmLink:
@@ -105,6 +127,16 @@ class MdmLink:
         # copies done, waiting for the next pgs-synced call, and the task that sends it
         self._synced: list[tuple[tuple[int, int, int], asyncio.Future[int | None]]] = []
         self._synced_task: asyncio.Task[None] | None = None
+        # Failed devices (path -> {"uuid", "error"}): saved, and reported to the MDM.
+        saved = saved_failed_devices(config.state_dir)
+        self._failures: dict[str, dict[str, str]] = {}
+        for dev in service.store.devices:
+            if dev.failed:
+                uuid = dev.uuid.hex() if dev.uuid else saved.get(dev.path, "")
+                self._failures[dev.path] = {"uuid": uuid, "error": dev.failed}
+        self._failures_reported: set[str] = set()
+        self._failure_task: asyncio.Task[None] | None = None
+        service.device_failed = self._device_failed
 
     # -- state file -------------------------------------------------------------------
 
@@ -148,6 +180,7 @@ class MdmLink:
                 if d.mdm_id is not None and d.pool_id is not None
             },
             "maps": {str(pid): m.doc for pid, m in svc.maps.maps.items()},
+            "failed_devices": self._failures,
         }
         self._state_taken += 1
         await asyncio.to_thread(self._write_state, self._state_taken, json.dumps(state))
@@ -174,6 +207,8 @@ class MdmLink:
         tasks = [*self._tasks, *self._followers.values()]
         if self._synced_task is not None:
             tasks.append(self._synced_task)
+        if self._failure_task is not None:
+            tasks.append(self._failure_task)
         for task in tasks:
             task.cancel()
         for task in tasks:
@@ -317,6 +352,55 @@ class MdmLink:
         if status == 200 and doc.get("confirmed"):
             log.warning("reported SDS %d unreachable; the MDM confirmed it", peer)
 
+    # -- failed devices ---------------------------------------------------------------
+
+    def _device_failed(self, dev: Device) -> None:
+        """A device just failed: save it (it stays failed after a restart) and report
+        it to the MDM now."""
+        self._failures[dev.path] = {"uuid": dev.uuid.hex(), "error": dev.failed or ""}
+        task = asyncio.create_task(self._save_state(), name=f"save-failed-{dev.path}")
+        self._tasks.append(task)
+        task.add_done_callback(self._tasks.remove)
+        self._report_failures()
+
+    def _report_failures(self) -> None:
+        if self._session is None or not self._svc.sds_id:
+            return  # reported after the registration
+        if self._failure_task is None or self._failure_task.done():
+            self._failure_task = asyncio.create_task(self._send_failures(), name="device-failures")
+
+    async def _send_failures(self) -> None:
+        while True:
+            todo = [
+                d
+                for d in self._svc.store.failed_devices()
+                if d.mdm_id is not None and d.path not in self._failures_reported
+            ]
+            if not todo:
+                return
+            for dev in todo:
+                if await self._send_failure(dev):
+                    self._failures_reported.add(dev.path)
+            if any(d.path not in self._failures_reported for d in todo):
+                await asyncio.sleep(FAILURE_RETRY_S)
+
+    async def _send_failure(self, dev: Device) -> bool:
+        """Report one failed device; True when the MDM has it (or will never take it)."""
+        path = f"/api/v1/sds/{self._svc.sds_id}/devices/{dev.mdm_id}/failed"
+        try:
+            status, doc = await self._call("POST", path, {"error": (dev.failed or "")[:1000]}, 5.0)
+        except MdmUnavailable as exc:
+            self._unreachable(exc)
+            return False
+        if status == 200:
+            log.warning("reported device %s (id %s) failed to the MDM", dev.path, dev.mdm_id)
+            return True
+        if status == 404:
+            log.error("the MDM does not know device %s (id %s): %s", dev.path, dev.mdm_id, doc)
+            return True
+        log.warning("report of failed device %s answered %d: %s", dev.path, status, doc)
+        return False
+
     def _unreachable(self, exc: Exception) -> None:
         if self.reachable:
             log.warning("MDM unreachable, serving on cached maps: %s", exc)
@@ -377,6 +461,8 @@ class MdmLink:
                 log.warning("cannot clear the pending full copies in %s: %s", state_dir, exc)
         await self._save_state()
         self.registered.set()
+        self._failures_reported.clear()  # the MDM may have been restored meanwhile
+        self._report_failures()
         self._follow_pools()
 
     async def _heartbeat(self) -> None:

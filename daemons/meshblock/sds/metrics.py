@@ -99,10 +99,16 @@ class SdsCollector(Collector):
         used = GaugeMetricFamily(
             "meshblock_sds_device_used_bytes", "Bytes in allocated chunk slots", labels=["device"]
         )
+        failed = GaugeMetricFamily(
+            "meshblock_sds_device_failed",
+            "1 when the device failed an IO and takes no more (fail-stop; docs/sds.md)",
+            labels=["device"],
+        )
         for dev in svc.store.devices:
             cap.add_metric([dev.path], dev.capacity)
             used.add_metric([dev.path], dev.used_bytes)
-        yield from (cap, used)
+            failed.add_metric([dev.path], 1 if dev.failed else 0)
+        yield from (cap, used, failed)
 
         epochs = GaugeMetricFamily(
             "meshblock_sds_map_epoch", "Epoch of the PG map in use", labels=["pool_id"]

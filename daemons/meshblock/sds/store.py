@@ -26,6 +26,15 @@ an unclean stop every unreferenced slot is zeroed before use; a clean stop recor
 that they already are. Tombstones (deleted volumes) are kept in two alternating
 copies with a sequence number and a CRC, on every device.
 
+Fail-stop: the first IO error of a device (``pwrite``, ``pread``, ``fdatasync``, a
+hole punch) fails it for good (:meth:`ChunkStore.fail`). After an fdatasync error the
+kernel has dropped the dirty pages it could not write and a later fdatasync of the
+same file may well succeed without them, so nothing about the device may be trusted
+again: no IO goes to it, every request that touches it raises :class:`DeviceFailed`,
+and :meth:`ChunkStore.sync` never succeeds for it. A read error fails the device too
+(what else it lost is unknown; its PGs are rebuilt from the other copy). See
+``docs/sds.md``, "Device errors".
+
 All IO here is synchronous ``pread``/``pwrite`` on the page cache (through
 :mod:`meshblock.sds.device_io`, where tests can inject faults), called from
 the event loop (measured faster than a thread hand-off for 4 KiB and 1 MiB, see
@@ -44,7 +53,7 @@ import secrets
 import stat
 import struct
 import zlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Final
 
@@ -151,6 +160,14 @@ class StoreError(Exception):
 
 class VolumeDeleted(StoreError):
     """The volume is tombstoned: nothing of it is written any more."""
+
+
+class DeviceFailed(OSError):
+    """The device failed an IO earlier (or just now): it takes no IO any more."""
+
+    def __init__(self, dev: Device) -> None:
+        super().__init__(errno.EIO, f"device failed: {dev.failed}", dev.path)
+        self.device = dev
 
 
 class NoSpace(Exception):
@@ -269,6 +286,9 @@ class Device:
         self.mdm_id: int | None = None  # the MDM's device id, once registered
         self.pool_id: int | None = None
         self.reclaiming: asyncio.Future[None] | None = None
+        # Why the device failed (fail-stop: no IO since), None while it works.
+        self.failed: str | None = None
+        self.loaded = False  # its index is in memory (False when it failed before)
 
     @property
     def used_bytes(self) -> int:
@@ -500,6 +520,25 @@ class Device:
     def zero_slot_range(self, slot: int, offset: int, length: int) -> None:
         self._zero(self.slot_offset(slot) + offset, length)
 
+    def identify(self) -> bytes | None:
+        """The uuid in the device's superblock (``b""`` when it holds none of ours);
+        None when it cannot be read. Read-only: for a device that failed before."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            head = os.pread(fd, SUPER_SIZE, 0)
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
+        if len(head) < SUPERBLOCK.size or head[:8] != SUPER_MAGIC:
+            return b""
+        if zlib.crc32(head[: SUPERBLOCK.size - 4]) != SUPERBLOCK.unpack_from(head)[-1]:
+            return b""
+        return bytes(SUPERBLOCK.unpack_from(head)[7])
+
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)
@@ -509,8 +548,17 @@ class Device:
 class ChunkStore:
     """Every device of one SDS, and the in-memory index chunk → (device, slot)."""
 
-    def __init__(self, specs: Iterable[DeviceSpec]) -> None:
+    def __init__(
+        self, specs: Iterable[DeviceSpec], failed: Mapping[str, str] | None = None
+    ) -> None:
+        """``failed``: path -> hex uuid of devices that failed in an earlier run; they
+        stay failed (not opened) unless the device there now has another uuid (the
+        operator replaced it, or zeroed its first 4 KiB)."""
         self.devices = [Device(s) for s in specs]
+        self._failed_before = dict(failed or {})
+        #: Called once per device that fails (after it is marked), from the event loop
+        #: or the thread that runs :meth:`open`.
+        self.on_failure: Callable[[Device], None] | None = None
         self._index: dict[int, tuple[Device, int]] = {}
         self._volume_chunks: dict[int, int] = {}
         self._generation = 0
@@ -536,16 +584,31 @@ class ChunkStore:
         """Open every device, load the index and recover from an unclean stop."""
         try:
             for dev in self.devices:
+                known = self._failed_before.get(dev.path)
+                if known is not None:
+                    found = dev.identify()
+                    if found is None or found.hex() == known:
+                        dev.failed = "failed in an earlier run" + (
+                            "" if found is not None else "; its superblock cannot be read"
+                        )
+                        log.error(
+                            "%s: failed in an earlier run, not opened (replace the device "
+                            "and remove it from the MDM: docs/runbook.md)",
+                            dev.path,
+                        )
+                        continue
+                    log.warning("%s: failed in an earlier run, replaced since: opened", dev.path)
                 clean = dev.open()
                 self._load(dev, clean)
                 if not clean:
                     self.unclean.append(dev.path)
+                dev.loaded = True
             # Every upgrade is planned before any starts: a device that cannot be
             # upgraded leaves all of them to the previous release.
             plans = [
                 (dev, self._plan_upgrade(dev))
                 for dev in self.devices
-                if dev.version < FORMAT_VERSION
+                if dev.version < FORMAT_VERSION and not dev.failed
             ]
             for dev, plan in plans:
                 self._upgrade(dev, *plan)
@@ -616,7 +679,7 @@ class ChunkStore:
     def _load_tombstones(self) -> None:
         """The newest tombstone table of any device is the store's; devices that lag
         (a crash in the middle of an update, a device just upgraded) get it."""
-        tables = [(dev, *dev.read_tombstones()) for dev in self.devices]
+        tables = [(dev, *dev.read_tombstones()) for dev in self.devices if not dev.failed]
         seq, table = 0, {}
         for _, dseq, dtable in tables:
             if dseq > seq:
@@ -717,6 +780,9 @@ class ChunkStore:
         for dev in self.devices:
             if dev.fd < 0:
                 continue
+            if dev.failed:
+                dev.close()  # never marked clean: its contents are not trusted
+                continue
             try:
                 dio.fdatasync(dev.fd)
                 dev.free.extend(dev.pending)
@@ -725,6 +791,35 @@ class ChunkStore:
                 dio.fsync(dev.fd)
             finally:
                 dev.close()
+
+    # -- failures ---------------------------------------------------------------------
+
+    def fail(self, dev: Device, reason: str) -> None:
+        """Fail ``dev`` for good (fail-stop); no IO goes to it from now on."""
+        if dev.failed:
+            return
+        dev.failed = reason
+        log.error(
+            "%s: IO error, device FAILED (no more IO; its PGs are rebuilt elsewhere): %s",
+            dev.path,
+            reason,
+        )
+        if self.on_failure is not None:
+            self.on_failure(dev)
+
+    def _io_error(self, dev: Device, what: str, exc: OSError) -> DeviceFailed:
+        """Fail ``dev`` after ``exc``; the exception to raise instead (from ``exc``)."""
+        if isinstance(exc, DeviceFailed):
+            return exc
+        self.fail(dev, f"{what}: {exc.strerror or exc}")
+        return DeviceFailed(dev)
+
+    def failed_devices(self) -> list[Device]:
+        return [d for d in self.devices if d.failed]
+
+    def working(self) -> list[Device]:
+        """The devices that are not failed."""
+        return [d for d in self.devices if not d.failed]
 
     # -- lookups ----------------------------------------------------------------------
 
@@ -796,8 +891,13 @@ class ChunkStore:
         if loc is None or volume in self._tombstones:
             return None
         dev, slot = loc
+        if dev.failed:
+            raise DeviceFailed(dev)
         buf = bytearray(length)
-        n = dio.preadv(dev.fd, [buf], dev.slot_offset(slot) + offset)
+        try:
+            n = dio.preadv(dev.fd, [buf], dev.slot_offset(slot) + offset)
+        except OSError as exc:
+            raise self._io_error(dev, "pread", exc) from exc
         del n  # a short read is past the end of a sparse file: already zeroes
         return memoryview(buf)
 
@@ -812,7 +912,8 @@ class ChunkStore:
 
         Raises :class:`NoSpace` when ``dev`` has no free slot (check
         :meth:`needs_reclaim` first), :class:`VolumeDeleted` when the volume is
-        tombstoned and ``OSError`` on IO errors.
+        tombstoned and :class:`DeviceFailed` on IO errors (the device where the bytes
+        go is failed, now or before).
         """
         if volume in self._tombstones:
             raise self._deleted(volume)
@@ -820,8 +921,15 @@ class ChunkStore:
         loc = self._index.get(key)
         if loc is not None:
             ldev, slot = loc
-            _pwrite(ldev.fd, data, ldev.slot_offset(slot) + offset)
+            if ldev.failed:
+                raise DeviceFailed(ldev)
+            try:
+                _pwrite(ldev.fd, data, ldev.slot_offset(slot) + offset)
+            except OSError as exc:
+                raise self._io_error(ldev, "pwrite", exc) from exc
             return
+        if dev.failed:
+            raise DeviceFailed(dev)
         if not dev.free:
             raise NoSpace(dev.path)
         slot = dev.free.pop()
@@ -832,6 +940,9 @@ class ChunkStore:
             _pwrite(dev.fd, data, dev.slot_offset(slot) + offset)
             self._generation += 1
             dev.write_entry(slot, _entry(volume, chunk, self._generation))
+        except OSError as exc:
+            dev.free.append(slot)
+            raise self._io_error(dev, "pwrite", exc) from exc
         except BaseException:
             dev.free.append(slot)
             raise
@@ -852,6 +963,16 @@ class ChunkStore:
         if loc is None:
             return  # already reads as zeroes
         dev, slot = loc
+        if dev.failed:
+            raise DeviceFailed(dev)
+        try:
+            self._zero_at(dev, slot, key, volume, offset, length)
+        except OSError as exc:
+            raise self._io_error(dev, "zeroing", exc) from exc
+
+    def _zero_at(
+        self, dev: Device, slot: int, key: int, volume: int, offset: int, length: int
+    ) -> None:
         if offset == 0 and length == CHUNK_SIZE:
             self._free(key, dev, slot)
             return
@@ -859,18 +980,24 @@ class ChunkStore:
 
     def _free(self, key: int, dev: Device, slot: int) -> None:
         """Free a chunk: entry first, then the zeroing; the slot is reused only after
-        a sync."""
-        dev.write_entry(slot, _EMPTY_ENTRY)
+        a sync. On a failed device: forgotten, no IO (it is never read again)."""
+        if not dev.failed:
+            dev.write_entry(slot, _EMPTY_ENTRY)
+        self._forget(key, dev)
+        if dev.failed:
+            return
+        dev.zero_slot_range(slot, 0, CHUNK_SIZE)
+        dev.pending.append(slot)
+        if len(dev.pending) >= RECLAIM_BATCH and dev.reclaiming is None:
+            self._schedule_reclaim(dev)
+
+    def _forget(self, key: int, dev: Device) -> None:
         del self._index[key]
         in_pg = self._indexed(dev, key)
         if in_pg is not None:
             in_pg.discard(key)
         dev.used -= 1
         self._volume_chunks[key >> 32] -= 1
-        dev.zero_slot_range(slot, 0, CHUNK_SIZE)
-        dev.pending.append(slot)
-        if len(dev.pending) >= RECLAIM_BATCH and dev.reclaiming is None:
-            self._schedule_reclaim(dev)
 
     def _deleted(self, volume: int) -> VolumeDeleted:
         return VolumeDeleted(
@@ -927,7 +1054,12 @@ class ChunkStore:
             key = keys.pop()
             loc = self._index.get(key)
             if loc is not None:
-                self._free(key, *loc)
+                try:
+                    self._free(key, *loc)
+                except OSError as exc:
+                    self._io_error(loc[0], "freeing", exc)  # failed now: forget it
+                    if key in self._index:
+                        self._forget(key, loc[0])
                 freed += 1
         return freed
 
@@ -945,7 +1077,7 @@ class ChunkStore:
             await self._persist_tombstones(self._tomb_changes)
             return
         async with self._tomb_lock:
-            await self.sync()
+            await self.sync(self.working())
             for volume in ids:
                 self._tombstones.pop(volume, None)
                 self._tomb_keys.pop(volume, None)
@@ -961,12 +1093,26 @@ class ChunkStore:
             table = dict(self._tombstones)
             self._tomb_seq += 1  # a failed attempt's sequence is never reused
             seq = self._tomb_seq
-            for dev in self.devices:
-                dev.write_tombstones(seq, table)
+            # On the working devices: a failed one is never read again.
+            devs = self.working()
+            for dev in devs:
+                try:
+                    dev.write_tombstones(seq, table)
+                except OSError as exc:
+                    self._io_error(dev, "pwrite", exc)
             loop = asyncio.get_running_loop()
-            await asyncio.gather(
-                *(loop.run_in_executor(None, dio.fdatasync, dev.fd) for dev in self.devices)
+            devs = self.working()
+            results = await asyncio.gather(
+                *(loop.run_in_executor(None, dio.fdatasync, dev.fd) for dev in devs),
+                return_exceptions=True,
             )
+            for dev, result in zip(devs, results, strict=True):
+                if isinstance(result, OSError):
+                    self._io_error(dev, "fdatasync", result)
+                elif isinstance(result, BaseException):
+                    raise result
+            if not self.working():
+                raise DeviceFailed(self.devices[0])
             self._tomb_durable = upto
             log.info("tombstone table %d written: %d volumes", seq, len(table))
 
@@ -974,22 +1120,39 @@ class ChunkStore:
 
     async def sync(self, devices: Iterable[Device] | None = None) -> None:
         """fdatasync ``devices`` (default: all) in threads; then return the slots that
-        were pending before the sync to the free lists."""
+        were pending before the sync to the free lists.
+
+        Raises :class:`DeviceFailed` when one of them is failed, now (its fdatasync
+        failed: the others are still synced) or before (nothing is synced then): a
+        failed device is never reported synced again."""
         loop = asyncio.get_running_loop()
         devs = list(self.devices if devices is None else devices)
+        for dev in devs:
+            if dev.failed:
+                raise DeviceFailed(dev)
         batches = [(dev, dev.pending) for dev in devs]
         for dev in devs:
             dev.pending = []
         try:
-            await asyncio.gather(
-                *(loop.run_in_executor(None, dio.fdatasync, dev.fd) for dev in devs)
+            results = await asyncio.gather(
+                *(loop.run_in_executor(None, dio.fdatasync, dev.fd) for dev in devs),
+                return_exceptions=True,
             )
         except BaseException:
             for dev, batch in batches:
                 dev.pending.extend(batch)
             raise
-        for dev, batch in batches:
-            dev.free.extend(batch)
+        error: BaseException | None = None
+        for (dev, batch), result in zip(batches, results, strict=True):
+            if result is None:
+                dev.free.extend(batch)
+                continue
+            dev.pending.extend(batch)
+            if isinstance(result, OSError):
+                result = self._io_error(dev, "fdatasync", result)
+            error = error or result
+        if error is not None:
+            raise error
 
     async def reclaim(self, dev: Device) -> None:
         """Wait until the pending slots of ``dev`` are free again (one sync at a time)."""

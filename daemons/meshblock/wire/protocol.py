@@ -132,6 +132,7 @@ class Status(enum.IntEnum):
     NOT_PERMITTED = 10
     SHUTTING_DOWN = 11
     DELETED = 12
+    DEVICE_FAILED = 13
 
     @property
     def retriable(self) -> bool:
@@ -147,6 +148,7 @@ RETRIABLE: Final = frozenset(
         Status.REPLICA_FAILED,
         Status.MAP_PENDING,
         Status.SHUTTING_DOWN,
+        Status.DEVICE_FAILED,
     }
 )
 

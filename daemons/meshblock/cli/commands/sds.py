@@ -164,7 +164,10 @@ def register(root: Subparsers) -> None:
         "device-remove",
         device_remove,
         help="remove a device from an SDS",
-        description="Refused (exit 5) while the device holds data.",
+        description="""Refused (exit 5) while the device holds data. A failed device
+            (state failed in `meshctl sds show`) is removed once its copies have been
+            rebuilt elsewhere, whatever it still holds: replace it, then add the new
+            one with device-add (docs/runbook.md, MeshblockDeviceFailed).""",
         examples=["meshctl sds device-remove sds1 /dev/sdd"],
     )
     p.add_argument("name", help="SDS name (or id)")
@@ -222,7 +225,7 @@ def list_(ctx: Context, args: Namespace) -> None:
                     ctx.names.name_of("fault_set", s.get("fault_set_id")),
                     f"{s.get('address')}:{s.get('data_port')}",
                     s.get("state"),
-                    len(devices),
+                    _devices_cell(devices),
                     size(sum(d.get("capacity_bytes", 0) for d in devices)),
                     size(sum(d.get("used_bytes", 0) for d in devices)),
                     timestamp(s.get("last_seen")),
@@ -237,6 +240,12 @@ def list_(ctx: Context, args: Namespace) -> None:
         )  # fmt: skip
 
     ctx.emit(doc, human)
+
+
+def _devices_cell(devices: list[JsonObject]) -> str:
+    """``3``, or ``3 (1 failed)``."""
+    failed = sum(1 for d in devices if d.get("state") == "failed")
+    return f"{len(devices)} ({failed} failed)" if failed else str(len(devices))
 
 
 def show(ctx: Context, args: Namespace) -> None:
@@ -262,15 +271,17 @@ def show(ctx: Context, args: Namespace) -> None:
             ]
         )
         devices = render_table(
-            ["ID", "NAME", "PATH", "POOL", "CAPACITY", "USED"],
+            ["ID", "NAME", "PATH", "POOL", "STATE", "CAPACITY", "USED", "ERROR"],
             [
                 [
                     d.get("id"),
                     d.get("name"),
                     d.get("path"),
                     ctx.names.name_of("pool", d.get("pool_id")),
+                    d.get("state", "normal"),
                     size(d.get("capacity_bytes")),
                     size(d.get("used_bytes")),
+                    d.get("error"),
                 ]
                 for d in sds.get("devices", [])
             ],

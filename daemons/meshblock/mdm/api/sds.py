@@ -28,9 +28,10 @@ from meshblock.mdm.api.common import (
 )
 from meshblock.mdm.context import ctx
 from meshblock.mdm.errors import ApiError, Conflict, Invalid, NotFound, error_body
-from meshblock.mdm.liveness import Liveness
+from meshblock.mdm.liveness import Liveness, utcnow
 from meshblock.mdm.models import (
     Device,
+    DeviceState,
     FaultSet,
     PgState,
     PlacementGroup,
@@ -58,6 +59,9 @@ def device_doc(d: Device) -> dict[str, Any]:
         "name": d.name,
         "capacity_bytes": d.capacity_bytes,
         "used_bytes": d.used_bytes,
+        "state": d.state.value,
+        "failed_at": ts(d.failed_at),
+        "error": d.error,
     }
 
 
@@ -442,16 +446,29 @@ async def add_device(request: web.Request, body: dict[str, Any]) -> web.Response
     role=Role.ADMIN,
     tag=TAG,
     status=204,
-    summary="Remove a device that holds no data",
+    summary="Remove a device that holds no data, or a failed one that no PG names",
     errors=(404, 409),
 )
 async def remove_device(request: web.Request) -> web.Response:
+    """A failed device's data no longer counts (its copies were rebuilt elsewhere):
+    it is removed once no PG names it, whatever it still holds."""
     sds_id, dev_id = path_id(request), path_id(request, "device_id")
     async with change(request) as s:
         sds = await _load(s, sds_id)
-        if dev_id not in {d.id for d in sds.devices}:
+        dev = next((d for d in sds.devices if d.id == dev_id), None)
+        if dev is None:
             raise NotFound(f"SDS {sds.name!r} has no device with id {dev_id}")
-        used = await _holds_data(s, sds.id, dev_id)
+        if dev.state == DeviceState.FAILED:
+            copies = await _copies_on(s, [dev_id])
+            if copies:
+                raise Conflict(
+                    f"failed device {dev_id} is still named by {copies} PG cop(ies): wait "
+                    "until they are rebuilt elsewhere (meshctl rebuild status)",
+                    {"pg_copies": copies},
+                )
+            used = 0
+        else:
+            used = await _holds_data(s, sds.id, dev_id)
         if used:
             raise Conflict(
                 f"device {dev_id} still holds {used} bytes of data", {"used_bytes": used}
@@ -483,6 +500,44 @@ async def sds_heartbeat(request: web.Request, body: dict[str, Any]) -> web.Respo
     c.tombstones.report(sds_id, body.get("tombstones"))
     c.reported.sds(sds_id, body)
     return json({"state": "connected", "epoch": c.notifier.epoch})
+
+
+@routes.route(
+    "POST",
+    r"/api/v1/sds/{id:\d+}/devices/{device_id:\d+}/failed",
+    role=Role.COMPONENT,
+    tag=TAG,
+    summary="An SDS reports that a device of its own failed an IO (fail-stop)",
+    body=schemas.DEVICE_FAILED,
+    response="Device",
+    errors=(404,),
+)
+async def device_failed(request: web.Request, body: dict[str, Any]) -> web.Response:
+    """The device becomes ``failed`` for good (until the operator removes it): the
+    copies on it are failed over to their other copy and rebuilt on other devices at
+    once. Repeating the report changes nothing."""
+    sds_id, dev_id = path_id(request), path_id(request, "device_id")
+    async with change(request) as s:
+        sds = await _load(s, sds_id)
+        dev = next((d for d in sds.devices if d.id == dev_id), None)
+        if dev is None:
+            raise NotFound(f"SDS {sds.name!r} has no device with id {dev_id}")
+        if dev.state != DeviceState.FAILED:
+            dev.state = DeviceState.FAILED
+            dev.failed_at = utcnow()
+            dev.error = body["error"]
+            log.error(
+                "device %d (%s) of SDS %s FAILED: %s; its copies are rebuilt elsewhere",
+                dev.id,
+                dev.path,
+                sds.name,
+                body["error"],
+            )
+        doc = device_doc(dev)
+    detector = ctx(request).detector
+    if detector is not None:
+        await detector.check()  # fail its copies over now, not at the next check
+    return json(doc)
 
 
 @routes.route(
