@@ -528,3 +528,60 @@ def test_meshctl_ca_commands_explain_themselves(
     code, out, _ = run(capsys, "ca", verb, "--help")
     assert code == 0
     assert "examples:\n  meshctl ca " + verb in out
+
+
+# --- rotation (docs/security.md, "Rotation") --------------------------------------
+
+
+def test_a_rotated_certificate_replaces_the_old_one_once_that_is_revoked(
+    cluster: Cluster,
+) -> None:
+    """Issue anew for the same identity, then revoke the old serial: the new one works
+    all along, the old one until it is revoked."""
+    server = cluster.issue("sds:sds1", sans=["127.0.0.1"])
+    old, new = cluster.issue("sdc:guid-1"), cluster.issue("sdc:guid-1")
+    assert old.serial != new.serial
+    for files in (old, new):
+        assert connect(server_ctx(server, cluster.ca), client_ctx(files, cluster.ca)).server == (
+            pki.Identity(pki.Kind.SDC, "guid-1")
+        )
+    cluster.ca.revoke(old.serial)
+    out = connect(server_ctx(server, cluster.ca), client_ctx(old, cluster.ca))
+    assert "certificate revoked" in out.server_refused()
+    assert connect(server_ctx(server, cluster.ca), client_ctx(new, cluster.ca)).server == (
+        pki.Identity(pki.Kind.SDC, "guid-1")
+    )
+
+
+def test_during_a_ca_rotation_components_trust_both_cas_and_both_crls(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """A ``ca.crt`` holding the old and the new CA and a ``crl.pem`` holding both lists:
+    certificates of either CA are accepted, a revoked one of either is refused."""
+    new_ca = pki.Ca.init(tmp_path / "new-ca", common_name="meshblock cluster CA 2027")
+    bundle, crls = tmp_path / "both-ca.crt", tmp_path / "both-crl.pem"
+
+    def write_bundles() -> None:
+        bundle.write_bytes(cluster.ca.cert_path.read_bytes() + new_ca.cert_path.read_bytes())
+        crls.write_bytes(cluster.ca.crl_path.read_bytes() + new_ca.crl_path.read_bytes())
+
+    write_bundles()
+    server = cluster.issue("sds:sds1", sans=["127.0.0.1"], ca_=new_ca)
+    old_sdc, new_sdc = cluster.issue("sdc:a"), cluster.issue("sdc:b", ca_=new_ca)
+    old_sds = cluster.issue("sds:sds2", sans=["127.0.0.1"])
+
+    def dial(srv: Files, cli: Files) -> Outcome:
+        return connect(
+            pki.server_context(srv.cert, srv.key, bundle, crl=crls),
+            pki.client_context(bundle, cert=cli.cert, key=cli.key, crl=crls),
+        )
+
+    assert dial(server, old_sdc).server == old_sdc.identity
+    assert dial(server, new_sdc).server == new_sdc.identity
+    assert dial(old_sds, new_sdc).client == old_sds.identity
+    cluster.ca.revoke(old_sdc.serial)
+    new_ca.revoke(new_sdc.serial)
+    write_bundles()
+    assert "certificate revoked" in dial(server, old_sdc).server_refused()
+    assert "certificate revoked" in dial(server, new_sdc).server_refused()
+    assert dial(old_sds, cluster.issue("sdc:c", ca_=new_ca)).client == old_sds.identity
