@@ -183,3 +183,29 @@ def test_restarts_before_the_mdm_heard_of_the_power_cut(pc: SmallCluster) -> Non
     victim.wait_serving()
     check_durable(pc, 0x40)
     assert "after an unclean stop" in victim.log_text()
+
+
+def test_a_power_cut_in_maintenance(pc: SmallCluster) -> None:
+    """The SDS is in maintenance (its PGs degraded, their primaries recording only
+    the writes made meanwhile) when it loses power: the delta resync on exit would
+    miss what it lost, so its copies are dropped at its registration and copied whole
+    elsewhere (docs/mdm.md, "Unclean starts")."""
+    victim = faulty(pc, 2)
+    vid = pc.sds_id(victim)
+    write_round(pc, 0x50)
+    api = pc.mdm.api()
+    status, doc = api.post(f"/api/v1/sds/{vid}/maintenance", {"mode": "enter"})
+    assert status == 200, doc
+    assert power_cut(victim) > 0, "no unflushed write on the victim: the test proves nothing"
+    uri = pc.sdc.uri(VOLUME)
+    qemu_io(uri, *[f"write -P 0x5f {n * MiB + DURING} 64k" for n in range(0, CHUNKS, 2)], "flush")
+    victim.start()
+    victim.wait_serving()
+    status, doc = api.post(f"/api/v1/sds/{vid}/maintenance", {"mode": "exit"})
+    assert status == 200, doc
+    check_durable(pc, 0x50)
+    qemu_io(
+        uri,
+        *[f"read -P 0x5f {n * MiB + DURING} 64k" for n in range(0, CHUNKS, 2)],
+        read_only=True,
+    )
