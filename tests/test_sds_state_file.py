@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from meshblock import files
 from meshblock.sds import mdm_client
 from meshblock.sds.config import DeviceConfig, SdsConfig
 from meshblock.sds.io_path import DataService
@@ -40,7 +41,7 @@ def link(state_dir: Path) -> mdm_client.MdmLink:
 
 def test_saved_in_a_thread(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     writers: list[threading.Thread] = []
-    real = mdm_client.write_atomic
+    real = files.write_atomic
 
     def spy(path: Path, data: bytes | str, *, mode: int = 0o600) -> None:
         writers.append(threading.current_thread())
