@@ -476,3 +476,28 @@ def test_mdm_killed_in_its_first_migration_starts_and_serves(empty_db: str, tmp_
         daemon.kill()
     assert run_sync(empty_db, current_revision) == head_revision()
     assert "already exists" not in daemon.log_text()
+
+
+def test_volume_id_counter_is_raised_never_lowered(empty_db: str) -> None:
+    """After a database restore the MDM raises the volume id counter above the ids the
+    SDSs report (meshblock.mdm.reconcile): the next volume gets a higher id; a lower
+    value changes nothing."""
+    from sqlalchemy.ext.asyncio import AsyncSession
+
+    from meshblock.mdm.reconcile import _raise_id_counter
+
+    with_engine(empty_db, migrate)
+    first = run_sync(empty_db, _add_one_of_each)["volumes"]
+
+    def raise_to(value: int) -> None:
+        async def go(engine: AsyncEngine) -> None:
+            async with AsyncSession(engine) as s, s.begin():
+                await _raise_id_counter(s, "volumes", value)
+
+        with_engine(empty_db, go)
+
+    raise_to(first + 100)
+    second = run_sync(empty_db, _add_one_of_each)["volumes"]
+    assert second == first + 101
+    raise_to(first + 50)
+    assert run_sync(empty_db, _add_one_of_each)["volumes"] == second + 1

@@ -2,13 +2,18 @@
 
 An older copy of the MDM's database put back (``meshblock-mdm restore``, or a file
 copied back) knows fewer volumes and lower epochs than the cluster has seen. The
-components report what they hold: an SDS per heartbeat its map epochs, the volumes it
-stores chunks of and its tombstones; an SDC its cluster epoch. Once a second
-:func:`reconcile`, in the MDM's write transaction:
+components report what they hold: an SDS per heartbeat the highest cluster epoch it
+was told, its map epochs, the volumes it stores chunks of and its tombstones; an SDC
+its cluster epoch. Once a second :func:`reconcile`, in the MDM's write transaction:
 
 - raises each pool's map epoch above the highest an SDS reports (an SDS ignores a map
   older than its own, and would go on serving by the newer one it has);
-- raises the cluster epoch above the highest an SDC reports (the same for SDCs);
+- raises the cluster epoch above the highest an SDS or SDC reports (an SDC ignores
+  older maps too).
+
+A reported epoch above the store's is the evidence of a restore; from then on, for
+the life of the process, it also:
+
 - raises the volume id counter above every volume id reported, so no id that names
   chunks anywhere is handed out again;
 - tombstones the volumes that SDSs store chunks of but the database does not know
@@ -54,8 +59,13 @@ class Reported:
     cluster_epoch: int = 0
     volumes: dict[int, int] = field(default_factory=dict)  # volume -> reporting SDS
     tombstones: dict[int, int] = field(default_factory=dict)  # volume -> reporting SDS
+    # Set for the process's life once a component reported an epoch above the store's:
+    # the database was restored from an older copy. Volumes are reconciled only then
+    # (a volume id that no row names is otherwise not evidence of anything).
+    restored: bool = False
 
     def sds(self, sds_id: int, body: dict[str, Any]) -> None:
+        self.sds_epoch(body)
         for m in body.get("map_epochs") or ():
             pool, epoch = int(m["pool_id"]), int(m["epoch"])
             self.map_epochs[pool] = max(epoch, self.map_epochs.get(pool, 0))
@@ -64,6 +74,9 @@ class Reported:
                 self.volumes[int(v["id"])] = sds_id
         for t in body.get("tombstones") or ():
             self.tombstones[int(t["id"])] = sds_id
+
+    def sds_epoch(self, body: dict[str, Any]) -> None:
+        self.cluster_epoch = max(self.cluster_epoch, int(body.get("epoch") or 0))
 
     def sdc(self, body: dict[str, Any]) -> None:
         self.cluster_epoch = max(self.cluster_epoch, int(body.get("epoch") or 0))
@@ -89,7 +102,7 @@ async def reconcile(session: AsyncSession, r: Reported) -> bool:
                 seen,
             )
             pool.map_epoch = seen + 1
-            changed = True
+            changed = r.restored = True
     if cluster_epoch and await current(session) < cluster_epoch:
         log.warning(
             "cluster epoch raised to %d, above the %d an SDC has seen (database restored?)",
@@ -99,9 +112,9 @@ async def reconcile(session: AsyncSession, r: Reported) -> bool:
         await session.execute(
             update(Cluster).where(Cluster.id == CLUSTER_ROW_ID).values(epoch=cluster_epoch)
         )
-        changed = True
+        changed = r.restored = True
     reported = set(volumes) | set(tombstones)
-    if not reported:
+    if not reported or not r.restored:
         return changed
     rows = await session.execute(select(Volume.id, Volume.state).where(Volume.id.in_(reported)))
     known = dict(rows.all())

@@ -175,6 +175,8 @@ SDS_HEARTBEAT = obj(
                 ("id", "chunks"),
             ),
         },
+        # The highest cluster epoch this SDS has been told (reconciled after a restore).
+        "epoch": {"type": "integer", "minimum": 0, "maximum": 2**63 - 1},
         # The epoch of each pool's map this SDS has (reconciled after a restore).
         "map_epochs": {
             "type": "array",

@@ -120,6 +120,9 @@ class MdmLink:
         self._state_taken = 0  # states taken for saving (each numbered)
         self._state_written = 0  # the newest of them in the file
         self.reachable = False
+        # The highest cluster epoch the MDM's heartbeat replies carried: reported back,
+        # so that an MDM restored from an older database sees it (mdm/reconcile.py).
+        self.cluster_epoch = 0
         self.registered = asyncio.Event()
         service.resync.reporter = self._report_synced
         service.peer_unreachable = self.report_unreachable
@@ -478,12 +481,15 @@ class MdmLink:
             ],
             "volumes": [{"id": v, "chunks": n} for v, n in volumes.items()],
             "tombstones": tombstones,
+            "epoch": self.cluster_epoch,
             "map_epochs": [
                 {"pool_id": p, "epoch": m.epoch} for p, m in sorted(svc.maps.maps.items())
             ],
             "copies": svc.resync.report(),
         }
-        status, _ = await self._call("POST", f"/api/v1/sds/{svc.sds_id}/heartbeat", body)
+        status, doc = await self._call("POST", f"/api/v1/sds/{svc.sds_id}/heartbeat", body)
+        if status == 200 and isinstance(doc, dict) and isinstance(doc.get("epoch"), int):
+            self.cluster_epoch = max(self.cluster_epoch, doc["epoch"])
         if status == 404:
             log.warning("the MDM does not know SDS %d any more; registering again", svc.sds_id)
             await self._register()
