@@ -170,8 +170,10 @@ def test_plain_http_gets_no_answer(required_mdm: TlsMdm) -> None:
         conn.close()
 
 
-def meshctl(mdm: TlsMdm, *argv: str, ca: Path | None) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "MESHCTL_MDM": mdm.url, "MESHCTL_TOKEN": mdm.admin_token}
+def meshctl(
+    mdm: TlsMdm, *argv: str, ca: Path | None, **extra: str
+) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "MESHCTL_MDM": mdm.url, "MESHCTL_TOKEN": mdm.admin_token, **extra}
     env.pop("SSL_CERT_FILE", None)
     if ca is not None:
         env["SSL_CERT_FILE"] = str(ca)
@@ -183,6 +185,30 @@ def meshctl(mdm: TlsMdm, *argv: str, ca: Path | None) -> subprocess.CompletedPro
         timeout=60,
         check=False,
     )
+
+
+def test_meshctl_presents_an_admin_certificate_and_trusts_the_cluster_ca(
+    required_mdm: TlsMdm, pkis: dict[str, Any]
+) -> None:
+    """MESHCTL_TLS_CA / MESHCTL_TLS_CERT / MESHCTL_TLS_KEY (docs/meshctl.md)."""
+    ca: pki.Ca = pkis["ca"]
+
+    def as_(who: str | None) -> subprocess.CompletedProcess[str]:
+        certs = {"MESHCTL_TLS_CA": str(ca.cert_path)}
+        if who is not None:
+            certs |= {
+                "MESHCTL_TLS_CERT": str(pkis[who]["cert"]),
+                "MESHCTL_TLS_KEY": str(pkis[who]["key"]),
+            }
+        return meshctl(required_mdm, "--json", "pd", "list", ca=None, **certs)
+
+    alice = as_("alice")
+    assert alice.returncode == 0, alice.stderr
+    assert json.loads(alice.stdout) == {"protection_domains": []}
+    for who in (None, "bob"):  # no certificate; a revoked one
+        refused = as_(who)
+        assert refused.returncode == 3, refused.stderr
+        assert "cannot reach the MDM" in refused.stderr
 
 
 def test_with_optional_client_certificates_meshctl_works_over_https_with_a_token(

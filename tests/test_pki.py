@@ -585,3 +585,15 @@ def test_during_a_ca_rotation_components_trust_both_cas_and_both_crls(
     assert "certificate revoked" in dial(server, old_sdc).server_refused()
     assert "certificate revoked" in dial(server, new_sdc).server_refused()
     assert dial(old_sds, cluster.issue("sdc:c", ca_=new_ca)).client == old_sds.identity
+
+
+def test_meshctl_refuses_half_a_client_certificate_or_a_missing_ca(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """MESHCTL_TLS_* (docs/meshctl.md): checked before any request is made."""
+    env = {"MESHCTL_TLS_CERT": str(tmp_path / "a.crt"), "HOME": str(tmp_path)}
+    assert main(["pd", "list"], env=env) == ExitCode.ERROR
+    assert "a client certificate needs its key" in capsys.readouterr().err
+    env = {"MESHCTL_TLS_CA": str(tmp_path / "none.crt"), "HOME": str(tmp_path)}
+    assert main(["pd", "list"], env=env) == ExitCode.ERROR
+    assert "none.crt does not exist" in capsys.readouterr().err

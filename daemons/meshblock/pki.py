@@ -732,6 +732,9 @@ class ClientCerts(enum.StrEnum):
 
 def _common(ctx: ssl.SSLContext, ca: Path, crl: Path | None) -> None:
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    for path in (ca, crl):
+        if path is not None and not path.is_file():
+            raise NotFound(f"{path} does not exist")
     try:
         ctx.load_verify_locations(cafile=str(ca))
         if crl is not None:
@@ -746,6 +749,8 @@ def _common(ctx: ssl.SSLContext, ca: Path, crl: Path | None) -> None:
 
 def _load_chain(ctx: ssl.SSLContext, cert: Path, key: Path) -> None:
     load_key(key)  # the permission check, and a clear error for a wrong file
+    if not cert.is_file():
+        raise NotFound(f"{cert} does not exist")
     try:
         ctx.load_cert_chain(certfile=str(cert), keyfile=str(key))
     except FileNotFoundError as exc:

@@ -7,14 +7,16 @@ exit codes listed in :mod:`meshblock.cli.errors`.
 from __future__ import annotations
 
 import os
+import ssl
 import sys
 from collections.abc import Mapping, Sequence
 
+from meshblock import pki
 from meshblock.cli.client import MdmClient
 from meshblock.cli.context import Context
 from meshblock.cli.errors import CliError, ExitCode
 from meshblock.cli.parser import PROG, build_parser
-from meshblock.cli.settings import resolve
+from meshblock.cli.settings import Settings, resolve
 
 
 def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> int:
@@ -39,10 +41,24 @@ def _run(argv: Sequence[str] | None, env: Mapping[str, str]) -> int:
     settings = resolve(mdm_flag=args.mdm, token_flag=args.token, config_flag=args.config, env=env)
     if args.timeout <= 0:
         raise CliError("--timeout must be positive")
-    client = MdmClient(settings.mdm_urls, settings.token, timeout=args.timeout)
+    client = MdmClient(
+        settings.mdm_urls, settings.token, timeout=args.timeout, tls=_tls_context(settings)
+    )
     ctx = Context(client=client, settings=settings, json=args.json)
     result = args.handler(ctx, args)
     return int(result or ExitCode.OK)
+
+
+def _tls_context(settings: Settings) -> ssl.SSLContext | None:
+    """The cluster CA to trust for https, and the admin certificate to present."""
+    if settings.tls_ca is None:
+        if settings.tls_cert is not None:
+            raise CliError("a client certificate (MESHCTL_TLS_CERT) needs MESHCTL_TLS_CA")
+        return None
+    try:
+        return pki.client_context(settings.tls_ca, cert=settings.tls_cert, key=settings.tls_key)
+    except pki.PkiError as exc:
+        raise CliError(str(exc)) from None
 
 
 if __name__ == "__main__":

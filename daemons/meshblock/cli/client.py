@@ -14,6 +14,7 @@ import http.client
 import ipaddress
 import json
 import socket
+import ssl
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -50,7 +51,13 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
 class MdmClient:
     """Calls the MDM at ``urls`` (tried in order) with bearer ``token``."""
 
-    def __init__(self, urls: Sequence[str], token: str | None, timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        urls: Sequence[str],
+        token: str | None,
+        timeout: float = 30.0,
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
         if not urls:
             raise ValueError("at least one MDM URL is needed")
         self.urls = [u.rstrip("/") for u in urls]
@@ -58,8 +65,13 @@ class MdmClient:
         self.timeout = timeout
         # Proxies from the environment (http_proxy, no_proxy) apply, except to an MDM
         # on loopback, which no proxy could reach.
-        self._opener = urllib.request.build_opener(_NoRedirect())
-        self._direct = urllib.request.build_opener(_NoRedirect(), urllib.request.ProxyHandler({}))
+        # ``tls``: the context for https (the cluster CA, an admin certificate);
+        # without it, urllib's default (the system's CAs).
+        https = [urllib.request.HTTPSHandler(context=tls)] if tls is not None else []
+        self._opener = urllib.request.build_opener(_NoRedirect(), *https)
+        self._direct = urllib.request.build_opener(
+            _NoRedirect(), urllib.request.ProxyHandler({}), *https
+        )
 
     def __repr__(self) -> str:  # the token stays out of tracebacks and logs
         return f"MdmClient(urls={self.urls!r}, token={'***' if self._token else None})"

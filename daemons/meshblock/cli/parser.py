@@ -31,7 +31,9 @@ connection (first found wins):
   MESHCTL_MDM / MESHCTL_TOKEN                 in the environment
   mdm = "..." / token = "..."                 in --config PATH, else
       $XDG_CONFIG_HOME/meshblock/meshctl.toml (~/.config/meshblock/meshctl.toml)
-  http://127.0.0.1:6611                       the default address (no default token)"""
+  http://127.0.0.1:6611                       the default address (no default token)
+  https by the cluster's CA: MESHCTL_TLS_CA (the CA to trust), MESHCTL_TLS_CERT and
+      MESHCTL_TLS_KEY (an admin certificate), or tls_ca, tls_cert, tls_key in the file"""
 
 
 def global_options(top: bool) -> argparse.ArgumentParser:

@@ -9,6 +9,11 @@ Each setting is taken from the first place that has it:
    the keys ``mdm`` and ``token``;
 4. the default address ``http://127.0.0.1:6611`` (there is no default token).
 
+For an MDM served over HTTPS by the cluster's own CA (docs/security.md), ``tls_ca``
+names the CA certificate to trust instead of the system's, and ``tls_cert`` with
+``tls_key`` an admin certificate to present (``meshctl ca issue admin:NAME``): from
+``MESHCTL_TLS_CA``, ``MESHCTL_TLS_CERT``, ``MESHCTL_TLS_KEY``, else the config file.
+
 ``mdm`` may name several MDMs, comma-separated (or a TOML list in the file); the
 client fails over between them in that order.
 """
@@ -30,6 +35,7 @@ DEFAULT_MDM = "http://127.0.0.1:6611"
 DEFAULT_PORT = 6611
 ENV_MDM = "MESHCTL_MDM"
 ENV_TOKEN = "MESHCTL_TOKEN"
+ENV_TLS = {"tls_ca": "MESHCTL_TLS_CA", "tls_cert": "MESHCTL_TLS_CERT", "tls_key": "MESHCTL_TLS_KEY"}
 
 
 @dataclass(frozen=True)
@@ -38,6 +44,9 @@ class ConfigFile:
 
     mdm: str | list[str] | None = None
     token: str | None = None
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
 
 
 @dataclass(frozen=True)
@@ -50,6 +59,9 @@ class Settings:
     token_source: str
     config_path: Path | None
     default_config_path: Path
+    tls_ca: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
 
     def __repr__(self) -> str:  # the token never reaches a log or a traceback
         return (
@@ -106,6 +118,16 @@ def resolve(
     else:
         token, token_source = None, "none"
 
+    tls: dict[str, Path | None] = {}
+    for key, var in ENV_TLS.items():
+        value = env.get(var) or getattr(file, key)
+        tls[key] = Path(value) if value else None
+    if (tls["tls_cert"] is None) != (tls["tls_key"] is None):
+        raise CliError(
+            f"a client certificate needs its key: set both {ENV_TLS['tls_cert']} and "
+            f"{ENV_TLS['tls_key']} (or tls_cert and tls_key in the config file)"
+        )
+
     return Settings(
         mdm_urls=parse_mdm_urls(mdm_value),
         token=token,
@@ -113,6 +135,7 @@ def resolve(
         token_source=token_source,
         config_path=path,
         default_config_path=default_path,
+        **tls,
     )
 
 

@@ -30,6 +30,8 @@ def show(ctx: Context, args: Namespace) -> None:
         "token_source": s.token_source,
         "config_file": str(s.config_path) if s.config_path else None,
         "default_config_file": str(s.default_config_path),
+        "tls_ca": str(s.tls_ca) if s.tls_ca else None,
+        "tls_cert": str(s.tls_cert) if s.tls_cert else None,
     }
     ctx.emit(
         doc,
@@ -40,6 +42,8 @@ def show(ctx: Context, args: Namespace) -> None:
                 ("token", "set" if s.token else "not set"),
                 ("token from", s.token_source),
                 ("config file", doc["config_file"] or f"none ({doc['default_config_file']})"),
+                ("tls ca", doc["tls_ca"] or "system"),
+                ("tls cert", doc["tls_cert"]),
             ]
         ),
     )
