@@ -464,7 +464,9 @@ def test_sds_config_loads(rendered: dict[str, Path], variant: str) -> None:
     assert config.fault_set == ("fs1" if variant == "sds" else None)
     assert config.address == ("10.9.0.11" if variant == "sds" else "10.9.0.12")
     keys = toml_keys({k: v for k, v in doc.items() if k != "devices"}) | {"devices"}
-    expected = dataclass_keys(SdsConfig) - {"cluster_secret"}
+    # test_faults enables the store's test-only fault hook: the role never writes it
+    assert "test_faults" not in keys
+    expected = dataclass_keys(SdsConfig) - {"cluster_secret", "test_faults"}
     if variant == "sds_block":
         expected -= {"fault_set"}  # written only when set
     assert keys == expected
