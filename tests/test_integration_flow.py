@@ -26,6 +26,7 @@ from _cluster import meshctl_command
 from _mdm import MdmDaemon
 from _sdc import SdcDaemon
 from _sds import POOL, SdsDaemon
+from _wait import wait_until
 from test_nbd_server import qemu_io, run, sha256, tool
 
 pytestmark = pytest.mark.cluster
@@ -205,7 +206,10 @@ def test_unmap_makes_the_export_disappear(flow: Flow) -> None:
 def test_delete_volumes(flow: Flow) -> None:
     for name in ("vol-thin", "vol-thick"):
         flow.meshctl("volume", "delete", name)
-    assert flow.json("volume", "list")["volumes"] == []
+    # a deleted volume is listed as deleting until every SDS has freed its chunks
+    listed = flow.json("volume", "list")["volumes"]
+    assert all(v["state"] == "deleting" for v in listed), listed
+    wait_until(lambda: flow.json("volume", "list")["volumes"] == [], 30, "both volumes purged")
     (cap,) = flow.json("capacity")["pools"]
     assert cap["thick_reserved_bytes"] == 0
     assert flow.meshctl("volume", "show", "vol-thin", check=False).returncode == 4
