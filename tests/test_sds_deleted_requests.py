@@ -17,7 +17,7 @@ from meshblock.sds.io_path import DataService
 from meshblock.sds.maps import MapCache, PgMap
 from meshblock.sds.metrics import SdsStats
 from meshblock.sds.replication import Peers
-from meshblock.sds.store import ChunkStore, DeviceSpec
+from meshblock.sds.store import TOMBSTONE_CAPACITY, ChunkStore, DeviceSpec
 from meshblock.wire.protocol import REQUEST_MAGIC, Op, Status
 
 if TYPE_CHECKING:
@@ -44,7 +44,7 @@ class Replies:
         self.got.append((request_id, int(status)))
 
 
-def _map(role: str) -> PgMap:
+def _map(role: str, epoch: int = 1, tombstones: dict[int, int] | None = None) -> PgMap:
     """Us as the secondary of clean PGs, or the primary of degraded ones (alone)."""
     if role == "secondary":
         primary, secondary, clean = OTHER, (ME, DEVICE), True
@@ -52,13 +52,14 @@ def _map(role: str) -> PgMap:
         primary, secondary, clean = (ME, DEVICE), (0, 0), False
     return PgMap(
         pool_id=POOL,
-        epoch=1,
+        epoch=epoch,
         pg_count=PG_COUNT,
         primary=(primary,) * PG_COUNT,
         secondary=(secondary,) * PG_COUNT,
         sds={1: ("127.0.0.1", 1), ME: ("127.0.0.1", 2)},
         doc={},
         clean=(clean,) * PG_COUNT,
+        tombstones=tombstones or {},
     )
 
 
@@ -100,6 +101,60 @@ def test_write_waiting_for_a_free_slot_when_the_delete_lands_answers_deleted(
             assert store.location(VOLUME, new) is None
             assert store.tombstone_chunks_left(VOLUME) == full - 1
             await svc.drain()
+        finally:
+            store.close()
+
+    asyncio.run(main())
+
+
+def test_a_full_tombstone_table_holds_back_neither_the_free_nor_later_deletes(
+    tmp_path: Path,
+) -> None:
+    """The store's table is full of durable tombstones (an SDS in maintenance while
+    thousands of volumes were deleted), the chunks of one of them not freed yet, and
+    the map carries two more deletes. The durable ones are freed all the same; the two
+    are refused meanwhile and made durable, the oldest delete first, as purges make
+    room; then their chunks are freed too."""
+
+    async def main() -> None:
+        path = str(tmp_path / "dev.img")
+        store = ChunkStore([DeviceSpec(path, 16 * MiB, "pool")])
+        store.open()
+        try:
+            svc = DataService(store, MapCache(), Peers("secret", 5.0), SdsStats())
+            svc.set_identity(ME, {path: (DEVICE, POOL)})
+            dev = store.devices[0]
+            for volume, chunks in ((1, 3), (9001, 2), (9002, 1)):
+                for chunk in range(chunks):
+                    store.write(dev, volume, chunk, 0, b"\x03" * 4096)
+            full = {v: 1 for v in range(1, TOMBSTONE_CAPACITY + 1)}
+            await store.add_tombstones(full)  # durable; volume 1's chunks still here
+            tomb = svc.tombstones
+
+            svc.maps.update(_map("secondary", 2, full | {9001: 9, 9002: 8}))
+            await tomb.step()
+            assert store.tombstone_chunks_left(1) == 0
+            assert tomb.waiting == 2 and tomb.deleted(9001) and tomb.deleted(9002)
+            assert not store.is_tombstoned(9001) and not store.is_tombstoned(9002)
+            conn = Replies()
+            hdr = (REQUEST_MAGIC, int(Op.READ), 0, 0, 5, POOL, pg_of(9001, 0, PG_COUNT), 2)
+            svc.handle(cast("DataConnection", conn), (*hdr, 9001, 0, 0, 4096), memoryview(b""))
+            assert conn.got == [(5, Status.DELETED)]
+            assert {t["id"] for t in tomb.report()} == set(full)  # not reported yet
+
+            # The MDM purged volume 1: room for one, the older delete (epoch 8).
+            del full[1]
+            svc.maps.update(_map("secondary", 3, full | {9001: 9, 9002: 8}))
+            await tomb.step()
+            assert not store.is_tombstoned(1) and not tomb.deleted(1)
+            assert store.is_tombstoned(9002) and store.tombstone_chunks_left(9002) == 0
+            assert not store.is_tombstoned(9001) and tomb.deleted(9001) and tomb.waiting == 1
+
+            del full[2]
+            svc.maps.update(_map("secondary", 4, full | {9001: 9, 9002: 8}))
+            await tomb.step()
+            assert store.is_tombstoned(9001) and store.tombstone_chunks_left(9001) == 0
+            assert tomb.waiting == 0 and dev.used == 0
         finally:
             store.close()
 

@@ -26,7 +26,7 @@ import contextlib
 import logging
 from typing import TYPE_CHECKING
 
-from meshblock.sds.store import StoreError
+from meshblock.sds.store import TOMBSTONE_CAPACITY, StoreError
 
 if TYPE_CHECKING:
     from meshblock.sds.io_path import DataService
@@ -43,6 +43,10 @@ class Tombstones:
     def __init__(self, service: DataService) -> None:
         self.svc = service
         self.pending: set[int] = set()  # in a map, not yet durable in the store
+        # Every volume refused: pending or tombstoned in the store (the request path
+        # tests membership here; changed in place, never replaced).
+        self.refused: set[int] = set()
+        self.waiting = 0  # tombstones that did not fit in the store's table yet
         self.freed_total = 0
         self.rate = 0  # chunks freed per second at most (0: unlimited)
         self._work = asyncio.Event()
@@ -52,12 +56,13 @@ class Tombstones:
 
     def deleted(self, volume: int) -> bool:
         """Whether requests about ``volume`` are refused: tombstoned (or being so)."""
-        return volume in self.pending or self.svc.store.is_tombstoned(volume)
+        return volume in self.refused
 
     def map_changed(self, tombstones: dict[int, int]) -> None:
         """A newer map arrived: its tombstones are refused from now on."""
         store = self.svc.store
         for volume in tombstones:
+            self.refused.add(volume)
             if not store.is_tombstoned(volume):
                 self.pending.add(volume)
         self._work.set()
@@ -74,6 +79,7 @@ class Tombstones:
     # -- the worker -------------------------------------------------------------------
 
     def start(self) -> None:
+        self.refused.update(self.svc.store.tombstones())
         self._work.set()  # tombstones loaded from the store: resume their frees
         self._task = asyncio.create_task(self._run(), name="tombstones")
 
@@ -95,16 +101,50 @@ class Tombstones:
                 log.error("tombstones: %s; trying again in %.0f s", exc, RECHECK_S)
 
     async def step(self) -> None:
-        """Make new tombstones durable, free what is left, drop what is done."""
+        """Make new tombstones durable (as many as the store's table has room for, the
+        oldest deletes first; the rest stay refused and wait for room), free what is
+        left, drop what is done, and add what waited if that made room. A tombstone
+        that cannot be added never holds back the free of those already durable."""
+        store = self.svc.store
+        self.refused.update(store.tombstones())
+        failed: OSError | StoreError | None = None
+        try:
+            await self._add_new()
+        except (OSError, StoreError) as exc:
+            failed = exc  # raised once the durable ones are freed
+        await self._free()
+        if await self._drop_done() and self.waiting and await self._add_new():
+            await self._free()
+        if failed is not None:
+            raise failed
+
+    async def _add_new(self) -> bool:
+        """Make the maps' new tombstones durable, as many as fit; whether any was."""
         svc, store = self.svc, self.svc.store
         wanted: dict[int, int] = {}
         for m in svc.maps.maps.values():
             wanted.update(m.tombstones)
-        new = {v: e for v, e in wanted.items() if not store.is_tombstoned(v)}
-        if new:
-            await store.add_tombstones(new)
-            log.info("tombstoned volume(s) %s: durable; freeing their chunks", sorted(new))
+        new = sorted((e, v) for v, e in wanted.items() if not store.is_tombstoned(v))
+        self.refused.update(v for _, v in new)  # also those of maps from before our start
+        room = max(0, TOMBSTONE_CAPACITY - len(store.tombstones()))
+        fits = {v: e for e, v in new[:room]}
+        if len(new) - len(fits) != self.waiting:
+            self.waiting = len(new) - len(fits)
+            if self.waiting:
+                log.warning(
+                    "tombstone table full (%d): %d deleted volume(s) refused, their "
+                    "chunks freed once purged volumes make room",
+                    TOMBSTONE_CAPACITY,
+                    self.waiting,
+                )
+        if fits:
+            await store.add_tombstones(fits)
+            log.info("tombstoned volume(s) %s: durable; freeing their chunks", sorted(fits))
         self.pending -= {v for v in self.pending if store.is_tombstoned(v)}
+        return bool(fits)
+
+    async def _free(self) -> None:
+        store = self.svc.store
         for volume in sorted(store.tombstones()):
             freed = 0
             while n := await store.free_tombstoned(volume, FREE_BATCH):
@@ -114,17 +154,24 @@ class Tombstones:
                 await asyncio.sleep(n / self.rate if self.rate else 0)
             if freed:
                 log.info("deleted volume %d: freed %d chunk(s) here", volume, freed)
+
+    async def _drop_done(self) -> bool:
         # Dropped once no map from the MDM in this life lists it (a cached map from the
         # state file may be older than the purge, or than the delete).
+        svc, store = self.svc, self.svc.store
         fresh = svc.seen_maps
         follows = {d.pool_id for d in store.devices if d.pool_id is not None}
-        if follows and follows <= fresh.keys():
-            listed = {v for m in fresh.values() for v in m.tombstones}
-            done = [
-                v
-                for v in store.tombstones()
-                if v not in listed and not store.tombstone_chunks_left(v)
-            ]
-            if done:
-                await store.drop_tombstones(done)
-                log.info("dropped the tombstone(s) of purged volume(s) %s", sorted(done))
+        if not follows or not follows <= fresh.keys():
+            return False
+        listed = {v for m in fresh.values() for v in m.tombstones}
+        done = [
+            v for v in store.tombstones() if v not in listed and not store.tombstone_chunks_left(v)
+        ]
+        if not done:
+            return False
+        await store.drop_tombstones(done)
+        log.info("dropped the tombstone(s) of purged volume(s) %s", sorted(done))
+        # Still refused if a map that arrived meanwhile lists it again.
+        listed = {v for m in svc.maps.maps.values() for v in m.tombstones}
+        self.refused.difference_update(v for v in done if v not in listed and v not in self.pending)
+        return True

@@ -107,6 +107,7 @@ class DataService:
         maps.listeners.append(self._map_changed)
         self.resync = Resync(self)  # after _map_changed: it sees the pruned records
         self.tombstones = Tombstones(self)
+        self._refused = self.tombstones.refused  # the one lookup on the request path
         self.sds_id = 0  # 0 until registered (or loaded from the state file)
         self.dev_by_id: dict[int, Device] = {}
         self.stopping = False
@@ -276,7 +277,7 @@ class DataService:
         if op == Op.CHUNK_LIST:
             self._list(conn, hdr, t0)
             return
-        if self.tombstones.deleted(hdr[8]):
+        if hdr[8] in self._refused:
             # A deleted volume: nothing of it is read, written or copied any more.
             self._reply(conn, hdr, t0, Status.DELETED)
             return
@@ -441,9 +442,10 @@ class DataService:
             except OSError:
                 self._reply(conn, hdr, t0, _FAILED if dev.failed else Status.IO_ERROR)
                 return
-        written = self._target_device(dev, hdr[8], hdr[9])
+        fua = hdr[2] & _FUA
+        written = self._target_device(dev, hdr[8], hdr[9]) if fua else dev
         status = self._apply(hdr[1], dev, hdr, payload)
-        if status == _OK and hdr[2] & _FUA:
+        if status == _OK and fua:
             status = await self._sync([written])
         self._reply(conn, hdr, t0, status)
 
@@ -547,7 +549,7 @@ class DataService:
             tgt_fut, tgt_status = None, _OK
             if tgt_id:
                 tgt_fut, tgt_status = await self._to_target(m, pg, tgt_id, op, flags, hdr, payload)
-            written = self._target_device(dev, vol, chunk)
+            written = self._target_device(dev, vol, chunk) if flags & _FUA else dev
             status = self._apply(op, dev, hdr, payload)
             if status == _OK and flags & _FUA:
                 status = await self._sync([written])
