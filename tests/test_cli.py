@@ -31,10 +31,10 @@ from _ports import free_port
 from meshblock.cli import values
 from meshblock.cli.__main__ import main
 from meshblock.cli.client import MdmClient, describe, error_from_response
+from meshblock.cli.commands import build_parser
 from meshblock.cli.commands.cluster import topology_tree, unhealthy_components
 from meshblock.cli.errors import ExitCode, InvalidInput
 from meshblock.cli.output import TreeNode, render_fields, render_table, render_tree
-from meshblock.cli.parser import build_parser
 from meshblock.cli.settings import (
     DEFAULT_MDM,
     Settings,

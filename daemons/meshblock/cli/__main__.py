@@ -13,9 +13,10 @@ from collections.abc import Mapping, Sequence
 
 from meshblock import pki
 from meshblock.cli.client import MdmClient
+from meshblock.cli.commands import build_parser
 from meshblock.cli.context import Context
 from meshblock.cli.errors import CliError, ExitCode
-from meshblock.cli.parser import PROG, build_parser
+from meshblock.cli.parser import PROG
 from meshblock.cli.settings import Settings, resolve
 
 

@@ -1,4 +1,5 @@
-"""The ``meshctl`` command tree: global options and the helper that adds a command.
+"""The ``meshctl`` command tree's building blocks: global options, the helpers that add
+a noun and a command (the tree itself is :func:`meshblock.cli.commands.build_parser`).
 
 Global options (``--json``, ``--mdm``, ``--token``, ``--config``, ``--timeout``) are
 accepted before the first word and after any subcommand: every parser gets them
@@ -83,10 +84,9 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
         super().__init__(prog, max_help_position=32, width=100)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from meshblock.cli.commands import NOUNS
-
-    parser = argparse.ArgumentParser(
+def root_parser() -> argparse.ArgumentParser:
+    """The top of the tree, without its nouns (the commands package adds them)."""
+    return argparse.ArgumentParser(
         prog=PROG,
         description=_DESCRIPTION,
         epilog=f"{_CONNECTION_HELP}\n\n{EXIT_CODES_HELP}\n\n"
@@ -94,10 +94,6 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=_Formatter,
         parents=[global_options(top=True)],
     )
-    sub = parser.add_subparsers(dest="noun", metavar="COMMAND", required=True)
-    for register in NOUNS:
-        register(sub)
-    return parser
 
 
 def add_noun(sub: Subparsers, name: str, help: str, aliases: Sequence[str] = ()) -> Subparsers:

@@ -1,7 +1,12 @@
-"""One module per noun of the command line; each has ``register(subparsers)``."""
+"""The ``meshctl`` command tree: one module per noun, each with ``register(subparsers)``.
+
+The building blocks are in :mod:`meshblock.cli.parser`, which imports nothing from
+here: the tree is assembled in this package, so the import graph has no circle.
+"""
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Callable
 
 from meshblock.cli.commands import (
@@ -18,7 +23,7 @@ from meshblock.cli.commands import (
     sds,
     volumes,
 )
-from meshblock.cli.parser import Subparsers
+from meshblock.cli.parser import Subparsers, root_parser
 
 NOUNS: list[Callable[[Subparsers], None]] = [
     protection_domains.register,
@@ -34,3 +39,12 @@ NOUNS: list[Callable[[Subparsers], None]] = [
     lab.register,
     ca.register,
 ]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole ``meshctl`` command line."""
+    parser = root_parser()
+    sub = parser.add_subparsers(dest="noun", metavar="COMMAND", required=True)
+    for register in NOUNS:
+        register(sub)
+    return parser

@@ -1,4 +1,4 @@
-"""``meshctl lab``: a whole cluster on this machine (``meshblock.lab``, docs/lab.md).
+"""``meshctl lab``: a whole cluster on this machine (``meshblock.cli.lab``, docs/lab.md).
 
 Unlike the other nouns it does not talk to an MDM that already runs: it starts one,
 with the SDSs and the SDC, and builds the topology through its API. Progress lines go
@@ -13,8 +13,7 @@ from argparse import Namespace
 from pathlib import Path
 from typing import Any
 
-from meshblock import lab
-from meshblock.cli import values
+from meshblock.cli import lab, values
 from meshblock.cli.context import Context
 from meshblock.cli.errors import CliError, Conflict, ExitCode, InvalidInput
 from meshblock.cli.output import render_table, to_json
