@@ -28,10 +28,11 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import aiohttp
 
@@ -42,6 +43,22 @@ from meshblock.sds.maps import PgMap
 from meshblock.sds.store import Device
 
 log = logging.getLogger(__name__)
+
+# Exit code of an SDS that cannot save that one of its devices failed (docs/sds.md).
+EXIT_FAILURE_NOT_SAVED = 4
+
+
+def fail_stop(message: str) -> NoReturn:
+    """Log ``message`` and end the process at once: no request in progress is answered,
+    no device is marked clean (the next start is an unclean one)."""
+    log.critical("%s", message)
+    for handler in logging.getLogger().handlers:
+        with contextlib.suppress(Exception):
+            handler.flush()
+    with contextlib.suppress(OSError):
+        os.write(2, f"meshblock-sds: {message}\n".encode())
+    os._exit(EXIT_FAILURE_NOT_SAVED)
+
 
 STATE_FILE = "state.json"
 # Devices whose copies need a full copy, until the MDM accepts a registration that says
@@ -170,10 +187,7 @@ class MdmLink:
             self._state_path,
         )
 
-    async def _save_state(self) -> None:
-        """Save identity and maps, in a thread (two fsyncs). The state is taken now; a
-        save that reaches the file after a newer one has is skipped, and one writes at
-        a time, so the newest state wins."""
+    def _state_doc(self) -> str:
         svc = self._svc
         state = {
             "sds_id": svc.sds_id,
@@ -185,10 +199,22 @@ class MdmLink:
             "maps": {str(pid): m.doc for pid, m in svc.maps.maps.items()},
             "failed_devices": self._failures,
         }
-        self._state_taken += 1
-        await asyncio.to_thread(self._write_state, self._state_taken, json.dumps(state))
+        return json.dumps(state)
 
-    def _write_state(self, seq: int, data: str) -> None:
+    async def _save_state(self) -> None:
+        """Save identity and maps, in a thread (two fsyncs). The state is taken now; a
+        save that reaches the file after a newer one has is skipped, and one writes at
+        a time, so the newest state wins."""
+        self._state_taken += 1
+        await asyncio.to_thread(self._write_state, self._state_taken, self._state_doc())
+
+    def _save_state_now(self) -> None:
+        """Save the state on the event loop, before returning: numbered like the saves
+        in threads (an older one still waiting is skipped). Raises ``OSError``."""
+        self._state_taken += 1
+        self._write_state(self._state_taken, self._state_doc(), fatal=True)
+
+    def _write_state(self, seq: int, data: str, *, fatal: bool = False) -> None:
         with self._state_lock:
             if seq <= self._state_written:
                 return  # a newer state is in the file already
@@ -196,6 +222,8 @@ class MdmLink:
                 self._state_path.parent.mkdir(parents=True, exist_ok=True)
                 write_atomic(self._state_path, data)
             except OSError as exc:
+                if fatal:
+                    raise
                 log.warning("cannot save state to %s: %s", self._state_path, exc)
                 return
             self._state_written = seq
@@ -358,12 +386,24 @@ class MdmLink:
     # -- failed devices ---------------------------------------------------------------
 
     def _device_failed(self, dev: Device) -> None:
-        """A device just failed: save it (it stays failed after a restart) and report
-        it to the MDM now."""
-        self._failures[dev.path] = {"uuid": dev.uuid.hex(), "error": dev.failed or ""}
-        task = asyncio.create_task(self._save_state(), name=f"save-failed-{dev.path}")
-        self._tasks.append(task)
-        task.add_done_callback(self._tasks.remove)
+        """A device just failed: save it (it stays failed after a restart) before the
+        request that hit the error is answered, and report it to the MDM now.
+
+        The save blocks the event loop (write_atomic: two fsyncs, and waiting for a
+        save in a thread to finish): a device failure is rare, and forgetting one is
+        worse. If it cannot be saved the whole SDS stops at once (fail-stop, exit code
+        :data:`EXIT_FAILURE_NOT_SAVED`), answering nothing more: restarted with the
+        device open and a cached map naming it in sync, it would serve stale copies."""
+        uuid = dev.uuid.hex() if dev.uuid else ""
+        self._failures[dev.path] = {"uuid": uuid, "error": dev.failed or ""}
+        try:
+            self._save_state_now()
+        except OSError as exc:
+            fail_stop(
+                f"device {dev.path} failed ({dev.failed}) and this cannot be saved to "
+                f"{self._state_path}: {exc}; stopping the SDS (exit code "
+                f"{EXIT_FAILURE_NOT_SAVED}) rather than risk serving it again after a restart"
+            )
         self._report_failures()
 
     def _report_failures(self) -> None:
