@@ -8,6 +8,12 @@
   database: its tables are left alone); restore is ``pg_restore --clean --if-exists
   --single-transaction``: all of it or nothing.
 
+Before the restored copy serves anything, restore makes it safe (:func:`make_safe`):
+it brings it to this release's schema, raises every id sequence of the tables whose
+ids name data by :data:`ID_MARGIN` and every epoch by :data:`EPOCH_MARGIN`, and writes
+the durable "restored" marker (table ``restore_pending``: the SDSs that have not
+reported since).
+
 Restore refuses while an MDM answers on the configured API address (it would keep
 serving, and writing, the state the restore replaces). Order of operations and what
 happens to SDSs and SDCs that saw newer epochs: docs/mdm.md, "Backup and restore".
@@ -16,6 +22,7 @@ happens to SDSs and SDCs that saw newer epochs: docs/mdm.md, "Backup and restore
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import os
 import shutil
@@ -27,16 +34,30 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from sqlalchemy import text
 from sqlalchemy.engine import URL, make_url
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from meshblock.files import fsync_directory
 from meshblock.mdm.config import MdmConfig
+from meshblock.mdm.db import SchemaError, create_engine, migrate
 from meshblock.mdm.models import Base
 
 SQLITE_MAGIC = b"SQLite format 3\x00"
 PG_CUSTOM_MAGIC = b"PGDMP"
 VERSION_TABLE = "alembic_version"
 PROBE_TIMEOUT_S = 2.0
+# How far a restore raises every id sequence above the copy's highest id: more objects
+# than a cluster creates between a backup and its restore, and small enough that ids
+# stay below the API's 2**31-1 (mdm/routing.py) and the wire's u32 pool id after
+# thousands of restores.
+ID_MARGIN = 1 << 20
+# How far a restore raises every map epoch and the cluster epoch: more changes than a
+# cluster makes between a backup and its restore, far below the 2**62 cap on epochs
+# components may report (mdm/schemas.py) and BIGINT's 2**63-1.
+EPOCH_MARGIN = 1 << 32
+# The tables whose ids name data on an SDS or an SDC (as in migration 0004).
+ID_TABLES = ("storage_pools", "sdss", "devices", "sdcs", "volumes")
 
 
 class BackupError(Exception):
@@ -95,7 +116,76 @@ def run(command: str, path: Path, config: MdmConfig) -> str:
         where = f"; the replaced database is kept as {kept}" if kept else ""
         return f"restored {path} into {_sqlite_path(url)}{where}; start the MDM"
     _pg_restore(url, path)
+    # pg_restore commits in one transaction, then this one; an MDM started in between
+    # would serve the copy unraised: it is refused above, and a failure here says so.
+    _make_safe_sync(config.database.url, "PostgreSQL database " + str(url.database))
     return f"restored {path} into PostgreSQL database {url.database}; start the MDM"
+
+
+# -- making a restored copy safe ----------------------------------------------------------
+
+
+def _make_safe_sync(url: str, what: str) -> None:
+    try:
+        asyncio.run(make_safe(url))
+    except (SchemaError, OSError) as exc:
+        raise BackupError(f"cannot prepare the restored copy in {what}: {exc}") from None
+    except Exception as exc:  # a database error: the message names it
+        raise BackupError(
+            f"cannot prepare the restored copy in {what}: {type(exc).__name__}: {exc}; "
+            "do not start the MDM on it: restore again"
+        ) from None
+
+
+async def make_safe(url: str) -> None:
+    """Bring the restored database at ``url`` to this release's schema; in one
+    transaction raise its id sequences by :data:`ID_MARGIN` and its epochs by
+    :data:`EPOCH_MARGIN`, and mark every SDS it knows as not yet reported since."""
+    engine = create_engine(url, pool_size=1)
+    try:
+        await migrate(engine)
+        async with engine.begin() as conn:
+            for table in ID_TABLES:
+                await _raise_sequence(conn, table)
+            await conn.execute(
+                text("UPDATE storage_pools SET map_epoch = map_epoch + :m"), {"m": EPOCH_MARGIN}
+            )
+            await conn.execute(text("UPDATE cluster SET epoch = epoch + :m"), {"m": EPOCH_MARGIN})
+            await conn.execute(text("DELETE FROM restore_pending"))
+            await conn.execute(text("INSERT INTO restore_pending (sds_id) SELECT id FROM sdss"))
+    finally:
+        await engine.dispose()
+
+
+async def _raise_sequence(conn: AsyncConnection, table: str) -> None:
+    """The next id of ``table``: above both its counter and its ids, plus the margin."""
+    top = int((await conn.execute(text(f"SELECT COALESCE(MAX(id), 0) FROM {table}"))).scalar_one())
+    if conn.dialect.name == "sqlite":
+        seq = (
+            await conn.execute(
+                text("SELECT seq FROM sqlite_sequence WHERE name = :t"), {"t": table}
+            )
+        ).scalar()
+        value = max(top, int(seq or 0)) + ID_MARGIN
+        if seq is None:
+            await conn.execute(
+                text("INSERT INTO sqlite_sequence (name, seq) VALUES (:t, :v)"),
+                {"t": table, "v": value},
+            )
+        else:
+            await conn.execute(
+                text("UPDATE sqlite_sequence SET seq = :v WHERE name = :t"),
+                {"t": table, "v": value},
+            )
+        return
+    name = (
+        await conn.execute(text("SELECT pg_get_serial_sequence(:t, 'id')"), {"t": table})
+    ).scalar()
+    if name is None:
+        return
+    last = int((await conn.execute(text("SELECT last_value FROM " + str(name)))).scalar_one())
+    value = max(top, last) + ID_MARGIN
+    await conn.execute(text("SELECT setval(CAST(:s AS regclass), :v)"), {"s": name, "v": value})
 
 
 # -- SQLite -------------------------------------------------------------------------------
@@ -166,6 +256,7 @@ def _sqlite_restore(backup: Path, db: Path) -> Path | None:
             shutil.copyfileobj(src, out)
             out.flush()
             os.fsync(out.fileno())
+        _make_safe_sync(f"sqlite+aiosqlite:///{tmp}", str(tmp))
         kept: Path | None = None
         if db.exists():
             # Fold the WAL of the current database into it (its last connection then
@@ -188,8 +279,9 @@ def _sqlite_restore(backup: Path, db: Path) -> Path | None:
         fsync_directory(db.parent)
         return kept
     finally:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
+        for leftover in (tmp, *(tmp.with_name(tmp.name + x) for x in ("-wal", "-shm"))):
+            with contextlib.suppress(OSError):
+                leftover.unlink()
 
 
 # -- PostgreSQL ---------------------------------------------------------------------------

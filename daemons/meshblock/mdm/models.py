@@ -329,3 +329,17 @@ class VolumeUsage(Base):
         ForeignKey("volumes.id", ondelete="CASCADE"), primary_key=True
     )
     chunks: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class RestorePending(Base):
+    """The durable marker of a restore (``meshblock-mdm restore``): one row per SDS
+    registered in the restored database that has not reported since. While any row is
+    left, the reconciliation acts on the volumes and tombstones SDSs report
+    (:mod:`meshblock.mdm.reconcile`); an SDS's row goes once its report is reconciled,
+    or with the SDS itself."""
+
+    __tablename__ = "restore_pending"
+
+    sds_id: Mapped[int] = mapped_column(
+        ForeignKey("sdss.id", ondelete="CASCADE"), primary_key=True, autoincrement=False
+    )

@@ -11,8 +11,11 @@ its cluster epoch. Once a second :func:`reconcile`, in the MDM's write transacti
 - raises the cluster epoch above the highest an SDS or SDC reports (an SDC ignores
   older maps too).
 
-A reported epoch above the store's is the evidence of a restore; from then on, for
-the life of the process, it also:
+The volumes are reconciled against an SDS's report while the database is marked
+restored: ``meshblock-mdm restore`` writes one ``restore_pending`` row per SDS the copy
+knows (and raises ids and epochs by a wide margin: mdm/backup.py); a reported epoch
+above the store's (a file copied back by hand) marks the database restored for the life
+of the process. Then, for the SDSs not yet reconciled, it:
 
 - raises the volume id counter above every volume id reported, so no id that names
   chunks anywhere is handed out again;
@@ -23,7 +26,8 @@ the life of the process, it also:
 - puts in state ``deleting`` a volume that an SDS holds a tombstone of (deleted after
   the copy was taken: its data is being freed), and unmaps it.
 
-The reports are kept in memory; nothing is done while none disagrees with the store.
+An SDS's ``restore_pending`` row goes once its report is reconciled; once none is
+left, the database has caught up. The reports are kept in memory.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from meshblock.mdm.models import (
     Cluster,
     Device,
     Mapping,
+    RestorePending,
     StoragePool,
     Volume,
     VolumeState,
@@ -57,8 +62,9 @@ class Reported:
 
     map_epochs: dict[int, int] = field(default_factory=dict)  # pool -> highest seen
     cluster_epoch: int = 0
-    volumes: dict[int, int] = field(default_factory=dict)  # volume -> reporting SDS
-    tombstones: dict[int, int] = field(default_factory=dict)  # volume -> reporting SDS
+    volumes: dict[int, set[int]] = field(default_factory=dict)  # volume -> reporting SDSs
+    tombstones: dict[int, set[int]] = field(default_factory=dict)  # volume -> reporting SDSs
+    reporters: set[int] = field(default_factory=set)  # SDSs whose report is in here
     # Set for the process's life once a component reported an epoch above the store's:
     # the database was restored from an older copy. Volumes are reconciled only then
     # (a volume id that no row names is otherwise not evidence of anything).
@@ -66,14 +72,15 @@ class Reported:
 
     def sds(self, sds_id: int, body: dict[str, Any]) -> None:
         self.sds_epoch(body)
+        self.reporters.add(sds_id)
         for m in body.get("map_epochs") or ():
             pool, epoch = int(m["pool_id"]), int(m["epoch"])
             self.map_epochs[pool] = max(epoch, self.map_epochs.get(pool, 0))
         for v in body.get("volumes") or ():
             if v["chunks"]:
-                self.volumes[int(v["id"])] = sds_id
+                self.volumes.setdefault(int(v["id"]), set()).add(sds_id)
         for t in body.get("tombstones") or ():
-            self.tombstones[int(t["id"])] = sds_id
+            self.tombstones.setdefault(int(t["id"]), set()).add(sds_id)
 
     def sds_epoch(self, body: dict[str, Any]) -> None:
         self.cluster_epoch = max(self.cluster_epoch, int(body.get("epoch") or 0))
@@ -89,6 +96,7 @@ async def reconcile(session: AsyncSession, r: Reported) -> bool:
     cluster_epoch, r.cluster_epoch = r.cluster_epoch, 0
     volumes, r.volumes = r.volumes, {}
     tombstones, r.tombstones = r.tombstones, {}
+    reporters, r.reporters = r.reporters, set()
     pools = {p.id: p for p in (await session.execute(select(StoragePool))).scalars()}
     for pool_id, seen in map_epochs.items():
         pool = pools.get(pool_id)
@@ -113,15 +121,29 @@ async def reconcile(session: AsyncSession, r: Reported) -> bool:
             update(Cluster).where(Cluster.id == CLUSTER_ROW_ID).values(epoch=cluster_epoch)
         )
         changed = r.restored = True
+    pending = set((await session.execute(select(RestorePending.sds_id))).scalars())
+    acting = set(reporters) if r.restored else reporters & pending
+    if acting & pending:
+        await session.execute(delete(RestorePending).where(RestorePending.sds_id.in_(acting)))
+        left = len(pending - acting)
+        log.warning(
+            "after the restore: reconciled the report of SDS %s; %d SDS(s) not yet reported",
+            ", ".join(str(i) for i in sorted(acting & pending)),
+            left,
+        )
+        changed = True
+    volumes = {v: s for v, s in volumes.items() if s & acting}
+    tombstones = {v: s for v, s in tombstones.items() if s & acting}
     reported = set(volumes) | set(tombstones)
-    if not reported or not r.restored:
+    if not reported:
         return changed
     rows = await session.execute(select(Volume.id, Volume.state).where(Volume.id.in_(reported)))
     known = dict(rows.all())
     await _raise_id_counter(session, "volumes", max(reported))
-    for vid, sds_id in sorted(volumes.items()):
+    for vid, by in sorted(volumes.items()):
         if vid in known:
             continue
+        sds_id = min(by & acting)
         dev_pool = (
             await session.execute(
                 select(Device.pool_id).where(Device.sds_id == sds_id).order_by(Device.id).limit(1)
@@ -156,6 +178,15 @@ async def reconcile(session: AsyncSession, r: Reported) -> bool:
         if known.get(vid) == VolumeState.ACTIVE:
             v = await session.get(Volume, vid)
             assert v is not None
+            holders = (
+                await session.execute(
+                    select(Device.id)
+                    .where(Device.pool_id == v.pool_id, Device.sds_id.in_(tombstones[vid] & acting))
+                    .limit(1)
+                )
+            ).scalar()
+            if holders is None:
+                continue  # only an SDS that stores the volume's pool may say it was deleted
             pool = pools[v.pool_id]
             pool.map_epoch += 1
             await session.execute(delete(Mapping).where(Mapping.volume_id == vid))
