@@ -485,6 +485,7 @@ class MdmLink:
             delay = min(delay * 2, 5.0)
         devices = {d["path"]: (int(d["id"]), int(d["pool_id"])) for d in doc["devices"]}
         self._svc.set_identity(int(doc["id"]), devices)
+        self._fail_as_the_mdm_says(doc["devices"])
         log.info(
             "registered as SDS %d with %d device(s)%s",
             self._svc.sds_id,
@@ -507,6 +508,21 @@ class MdmLink:
         self._failures_reported.clear()  # the MDM may have been restored meanwhile
         self._report_failures()
         self._follow_pools()
+
+    def _fail_as_the_mdm_says(self, docs: list[dict[str, Any]]) -> None:
+        """Fail the devices that the MDM holds as failed and we do not: our record of
+        the failure was lost (state.json not written, or replaced). Saved again at once
+        (:meth:`_device_failed`)."""
+        by_path = {d.path: d for d in self._svc.store.devices}
+        for doc in docs:
+            dev = by_path.get(doc["path"])
+            if doc.get("state") != "failed" or dev is None or dev.failed:
+                continue
+            log.error(
+                "%s: failed at the MDM but not in our state file: failing it again",
+                dev.path,
+            )
+            self._svc.store.fail(dev, f"failed at the MDM: {doc.get('error') or 'IO error'}")
 
     async def _heartbeat(self) -> None:
         svc = self._svc
