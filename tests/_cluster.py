@@ -27,6 +27,7 @@ from _ports import worker_slice
 from _sdc import SdcDaemon
 from _sds import PG_COUNT, POOL, SdsDaemon
 from _wait import wait_until
+from meshblock import pgmap_doc
 from meshblock.chunks import pg_of
 
 LAB_PORTS = 9  # a lab uses ports BASE..BASE+8
@@ -50,7 +51,7 @@ class Cluster:
         return dict(doc)
 
     def by_id(self, doc: dict[str, Any]) -> dict[int, SdsDaemon]:
-        ports = {int(k): v["data_port"] for k, v in doc["sds"].items()}
+        ports = {i: e.data_port for i, e in pgmap_doc.parse(doc).sds.items()}
         return {i: s for i, port in ports.items() for s in self.sds if s.data_port == port}
 
     def wait_epoch_everywhere(self, epoch: int, timeout: float = 15.0) -> None:
@@ -77,11 +78,13 @@ class Route:
 
 
 def route(c: Cluster, doc: dict[str, Any], volume: int, chunk: int) -> Route:
-    pg = pg_of(volume, chunk, doc["pg_count"])
-    entry = doc["pgs"][pg]
+    parsed = pgmap_doc.parse(doc)
+    pg = pg_of(volume, chunk, parsed.pg_count)
+    entry = parsed.pgs[pg]
+    assert entry.primary is not None and entry.secondary is not None, entry
     ids = c.by_id(doc)
-    p, s = ids[entry["primary"]["sds_id"]], ids[entry["secondary"]["sds_id"]]
-    return Route(pg, doc["epoch"], p, s, [d for d in c.sds if d not in (p, s)])
+    p, s = ids[entry.primary.sds_id], ids[entry.secondary.sds_id]
+    return Route(pg, parsed.epoch, p, s, [d for d in c.sds if d not in (p, s)])
 
 
 # -- the lab (``meshctl lab``) ---------------------------------------------------------

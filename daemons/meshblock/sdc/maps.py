@@ -10,16 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from meshblock import pgmap_doc
+from meshblock.pgmap_doc import SdsEndpoint as SdsEndpoint
+
 
 class MapError(ValueError):
     """The MDM sent a maps document this SDC cannot use."""
-
-
-@dataclass(frozen=True)
-class SdsEndpoint:
-    sds_id: int
-    address: str
-    data_port: int
 
 
 @dataclass(frozen=True)
@@ -72,55 +68,24 @@ def _req(doc: dict[str, Any], key: str) -> int:
     return value
 
 
-def _copy(value: Any) -> int | None:
-    if value is None:
-        return None
-    if not isinstance(value, dict):
-        raise MapError(f"a PG copy must be an object or null, got {value!r}")
-    return _req(value, "sds_id")
-
-
 def parse_pool(doc: Any) -> PoolMap:
-    if not isinstance(doc, dict):
-        raise MapError("a PG map must be an object")
-    pg_count = _req(doc, "pg_count")
-    if pg_count < 1:
-        raise MapError("pg_count must be positive")
-    primaries: list[int | None] = [None] * pg_count
-    secondaries: list[int | None] = [None] * pg_count
-    pgs = doc.get("pgs")
-    if not isinstance(pgs, list):
-        raise MapError("'pgs' must be a list")
-    for entry in pgs:
-        if not isinstance(entry, dict):
-            raise MapError("a PG entry must be an object")
-        pg = _req(entry, "pg")
-        if pg >= pg_count:
-            raise MapError(f"PG {pg} out of range (pg_count {pg_count})")
-        primaries[pg] = _copy(entry.get("primary"))
-        secondaries[pg] = _copy(entry.get("secondary"))
-    sds_doc = doc.get("sds", {})
-    if not isinstance(sds_doc, dict):
-        raise MapError("'sds' must be an object")
-    sds: dict[int, SdsEndpoint] = {}
-    for key, ep in sds_doc.items():
-        if not isinstance(ep, dict) or not isinstance(ep.get("address"), str):
-            raise MapError(f"SDS {key!r}: an endpoint needs an address")
-        try:
-            sds_id = int(key)
-        except ValueError:
-            raise MapError(f"SDS id {key!r} is not an integer") from None
-        sds[sds_id] = SdsEndpoint(sds_id, ep["address"], _req(ep, "data_port"))
+    """The SDC's view of a PG-map document (:mod:`meshblock.pgmap_doc`)."""
+    try:
+        parsed = pgmap_doc.parse(doc)
+    except pgmap_doc.PgMapError as exc:
+        raise MapError(str(exc)) from None
+    primaries = tuple(None if e.primary is None else e.primary.sds_id for e in parsed.pgs)
+    secondaries = tuple(None if e.secondary is None else e.secondary.sds_id for e in parsed.pgs)
     for s in primaries + secondaries:
-        if s is not None and s not in sds:
+        if s is not None and s not in parsed.sds:
             raise MapError(f"SDS {s} is in the PG map but has no endpoint")
     return PoolMap(
-        pool_id=_req(doc, "pool_id"),
-        epoch=_req(doc, "epoch"),
-        pg_count=pg_count,
-        primaries=tuple(primaries),
-        secondaries=tuple(secondaries),
-        sds=sds,
+        pool_id=parsed.pool_id,
+        epoch=parsed.epoch,
+        pg_count=parsed.pg_count,
+        primaries=primaries,
+        secondaries=secondaries,
+        sds=dict(parsed.sds),
     )
 
 

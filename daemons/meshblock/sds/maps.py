@@ -13,8 +13,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from meshblock import pgmap_doc
+
 NO_COPY = (0, 0)  # (sds_id, device_id) of a PG copy that is not placed
-CLEAN = "clean"  # the PG state of a map without ``state`` (state files of older versions)
+CLEAN = pgmap_doc.CLEAN  # the state of a PG without ``state`` (state files of older versions)
 RESYNCING = "resyncing"  # the primary forwards writes to the secondary and copies to it
 REBUILDING = "rebuilding"  # the same, to a new (empty) secondary: always a full copy
 DEFAULT_REBUILD_CONCURRENCY = 4  # a map without the pool's throttles (older MDM)
@@ -84,47 +86,35 @@ class PgMap:
 
     @classmethod
     def from_doc(cls, doc: dict[str, Any]) -> PgMap:
-        count = int(doc["pg_count"])
-        primary = [NO_COPY] * count
-        secondary = [NO_COPY] * count
-        clean = [True] * count
-        resyncing = [False] * count
-        rebuilding = [False] * count
-        target = [NO_COPY] * count
-        for pg in doc["pgs"]:
-            i = int(pg["pg"])
-            if not 0 <= i < count:
-                raise ValueError(f"PG {i} out of range in the map of pool {doc['pool_id']}")
-            for copies, key in ((primary, "primary"), (secondary, "secondary"), (target, "target")):
-                c = pg.get(key)
-                if c:
-                    copies[i] = (int(c["sds_id"]), int(c["device_id"]))
-            state = pg.get("state", CLEAN)
-            clean[i] = state == CLEAN
-            resyncing[i] = state == RESYNCING
-            rebuilding[i] = state == REBUILDING
-        sds = {int(k): (str(v["address"]), int(v["data_port"])) for k, v in doc["sds"].items()}
+        """The map of a PG-map document (:class:`meshblock.pgmap_doc.PgMapError`, a
+        ``ValueError``, if it is malformed); ``doc`` is kept for the state file."""
+        parsed = pgmap_doc.parse(doc)
+
+        def where(copy: pgmap_doc.PgCopy | None) -> tuple[int, int]:
+            return NO_COPY if copy is None else (copy.sds_id, copy.device_id)
+
+        def throttle(name: str, default: int, least: int) -> int:
+            value = parsed.throttle(name)
+            return max(least, default if value is None else value)
+
+        pgs = parsed.pgs
         return cls(
-            pool_id=int(doc["pool_id"]),
-            epoch=int(doc["epoch"]),
-            pg_count=count,
-            primary=tuple(primary),
-            secondary=tuple(secondary),
-            sds=sds,
+            pool_id=parsed.pool_id,
+            epoch=parsed.epoch,
+            pg_count=parsed.pg_count,
+            primary=tuple(where(e.primary) for e in pgs),
+            secondary=tuple(where(e.secondary) for e in pgs),
+            sds={i: (e.address, e.data_port) for i, e in parsed.sds.items()},
             doc=doc,
-            clean=tuple(clean),
-            resyncing=tuple(resyncing),
-            rebuilding=tuple(rebuilding),
-            target=tuple(target),
-            rebuild_concurrency=max(
-                1, int(doc.get("rebuild_concurrency", DEFAULT_REBUILD_CONCURRENCY))
-            ),
-            rebuild_bandwidth_mibps=max(0, int(doc.get("rebuild_bandwidth_mibps", 0))),
-            rebalance_concurrency=max(
-                1, int(doc.get("rebalance_concurrency", DEFAULT_REBUILD_CONCURRENCY))
-            ),
-            rebalance_bandwidth_mibps=max(0, int(doc.get("rebalance_bandwidth_mibps", 0))),
-            tombstones={int(v): int(e) for v, e in doc.get("tombstones", {}).items()},
+            clean=tuple(e.state == CLEAN for e in pgs),
+            resyncing=tuple(e.state == RESYNCING for e in pgs),
+            rebuilding=tuple(e.state == REBUILDING for e in pgs),
+            target=tuple(where(e.target) for e in pgs),
+            rebuild_concurrency=throttle("rebuild_concurrency", DEFAULT_REBUILD_CONCURRENCY, 1),
+            rebuild_bandwidth_mibps=throttle("rebuild_bandwidth_mibps", 0, 0),
+            rebalance_concurrency=throttle("rebalance_concurrency", DEFAULT_REBUILD_CONCURRENCY, 1),
+            rebalance_bandwidth_mibps=throttle("rebalance_bandwidth_mibps", 0, 0),
+            tombstones=dict(parsed.tombstones),
         )
 
 

@@ -35,13 +35,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from meshblock.chunks import CHUNK_SIZE, pg_of
+from meshblock.pgmap_doc import CLEAN, PgCopy, PgMapDoc
+from meshblock.pgmap_doc import parse as parse_pgmap
 from meshblock.wire import PeerRole, WireClient, WireError
 
 CONCURRENCY = 16  # chunks compared at once (two 1 MiB reads each)
 RECHECKS = 2
 RECHECK_PAUSE_S = 0.5
 COMPARE_BLOCK = 4096  # granularity at which the first difference is located
-CLEAN, DEGRADED, INACTIVE = "clean", "degraded", "inactive"
+DEGRADED, INACTIVE = "degraded", "inactive"
 
 _ZEROES = bytes(CHUNK_SIZE)
 
@@ -138,31 +140,26 @@ def _by_chunk(x: Difference | Unchecked) -> int:
     return x.chunk
 
 
-def copies_of(pgmap: Mapping[str, Any], names: Mapping[int, str]) -> list[tuple[Copy, Copy] | None]:
-    """For each PG of a map document, its (primary, secondary), or None if it lacks one."""
-    addresses = {int(k): v for k, v in pgmap["sds"].items()}
+def copies_of(pgmap: PgMapDoc, names: Mapping[int, str]) -> list[tuple[Copy, Copy] | None]:
+    """For each PG of a map, its (primary, secondary), or None if it lacks one."""
 
-    def copy(entry: Mapping[str, Any] | None) -> Copy | None:
-        if not entry:
-            return None
-        sds_id = int(entry["sds_id"])
-        where = addresses.get(sds_id)
+    def copy(entry: PgCopy | None) -> Copy | None:
+        where = None if entry is None else pgmap.sds.get(entry.sds_id)
         if where is None:
             return None
-        return Copy(
-            sds_id, names.get(sds_id, f"sds#{sds_id}"), where["address"], where["data_port"]
-        )
+        name = names.get(where.sds_id, f"sds#{where.sds_id}")
+        return Copy(where.sds_id, name, where.address, where.data_port)
 
     out: list[tuple[Copy, Copy] | None] = []
-    for pg in sorted(pgmap["pgs"], key=lambda e: int(e["pg"])):
-        p, s = copy(pg.get("primary")), copy(pg.get("secondary"))
+    for pg in pgmap.pgs:
+        p, s = copy(pg.primary), copy(pg.secondary)
         out.append((p, s) if p is not None and s is not None else None)
     return out
 
 
-def states_of(pgmap: Mapping[str, Any]) -> dict[int, str]:
-    """Each PG's state in a map document (``clean`` when the map has none)."""
-    return {int(pg["pg"]): str(pg.get("state", CLEAN)) for pg in pgmap["pgs"]}
+def states_of(pgmap: PgMapDoc) -> dict[int, str]:
+    """Each PG's state in a map (``clean`` when the document has none)."""
+    return {pg.pg: pg.state for pg in pgmap.pgs}
 
 
 def first_difference(a: bytes, b: bytes) -> tuple[int, int]:
@@ -216,13 +213,15 @@ async def check_volume(
     progress: Progress | None = None,
 ) -> Report:
     """Compare both copies of every chunk of ``volume`` (an API Volume document) using
-    ``pgmap`` (the API's PgMap document of the volume's pool)."""
+    ``pgmap`` (the API's PgMap document of the volume's pool; a malformed one raises
+    :class:`meshblock.pgmap_doc.PgMapError`)."""
+    parsed = parse_pgmap(pgmap)
     volume_id = int(volume["id"])
     chunks = -(-int(volume["size_bytes"]) // CHUNK_SIZE)
     report = Report(volume_id, str(volume.get("name", volume_id)), chunks)
-    pg_count = int(pgmap["pg_count"])
-    placement = copies_of(pgmap, sds_names or {})
-    states = states_of(pgmap)
+    pg_count = parsed.pg_count
+    placement = copies_of(parsed, sds_names or {})
+    states = states_of(parsed)
     # degraded or resyncing: one in-sync copy; the other is stale or being caught up
     report.degraded_pgs = sorted(pg for pg, st in states.items() if st not in (CLEAN, INACTIVE))
     report.inactive_pgs = sorted(pg for pg, st in states.items() if st == INACTIVE)

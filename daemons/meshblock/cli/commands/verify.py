@@ -20,6 +20,7 @@ from meshblock.cli.context import Context
 from meshblock.cli.errors import CliError, ExitCode, UsageError
 from meshblock.cli.output import render_table
 from meshblock.cli.parser import Subparsers, add_command
+from meshblock.pgmap_doc import PgMapError
 from meshblock.tools.replica_check import Report, check_volume
 
 SECRET_FILE_ENV = "MESHBLOCK_CLUSTER_SECRET_FILE"
@@ -110,11 +111,14 @@ def verify(ctx: Context, args: Namespace) -> int:
     pgmap = ctx.client.get(f"/api/v1/pools/{vol['pool_id']}/pgmap")
     names = {int(s["id"]): str(s["name"]) for s in ctx.names.sds_list()}
     bar = ProgressBar(f"verify {vol['name']}", sys.stderr)
-    report = asyncio.run(
-        check_volume(
-            vol, pgmap, secret, sds_names=names, concurrency=args.concurrency, progress=bar
+    try:
+        report = asyncio.run(
+            check_volume(
+                vol, pgmap, secret, sds_names=names, concurrency=args.concurrency, progress=bar
+            )
         )
-    )
+    except PgMapError as exc:
+        raise CliError(f"the MDM sent an unusable PG map: {exc}") from None
     ctx.emit(report.to_json(), lambda: _text(report))
     return int(ExitCode.OK if report.ok else ExitCode.ERROR)
 
