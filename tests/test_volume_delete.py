@@ -472,3 +472,88 @@ def test_meshblock_mdm_restore_makes_the_copy_safe_before_any_sds_reports(
         )
         qemu_io(c.sdc.uri("fresh"), "write -P 0x99 0 4k", "flush")
         qemu_io(c.sdc.uri("fresh"), "read -P 0x99 0 4k", read_only=True)
+
+
+def test_reported_epochs_above_the_cap_are_refused(c: SmallCluster) -> None:
+    """An SDS or SDC heartbeat with an epoch of 2^63-1 (the reconciliation would
+    overflow BIGINT raising above it) is refused with 422 and changes nothing."""
+    api = c.mdm.api()
+    status, pool = api.get(f"/api/v1/pools/{c.pool_id}")
+    assert status == 200, pool
+    sds_id = c.sds[0].health()["sds_id"]
+    top = 2**63 - 1
+    for body in (
+        {"epoch": top},
+        {"map_epochs": [{"pool_id": c.pool_id, "epoch": top}]},
+        {"tombstones": [{"id": 1, "chunks_left": 0, "epoch": top}]},
+    ):
+        status, doc = api.post(f"/api/v1/sds/{sds_id}/heartbeat", body, token=c.mdm.cluster_secret)
+        assert status == 422, (body, doc)
+    sdc_id = c.sdc.health()["sdc_id"]
+    status, doc = api.post(
+        f"/api/v1/sdc/{sdc_id}/heartbeat", {"epoch": top}, token=c.mdm.cluster_secret
+    )
+    assert status == 422, doc
+    status, after = api.get(f"/api/v1/pools/{c.pool_id}")
+    assert status == 200, after
+    assert after["map_epoch"] < 2**62, after
+    qemu_io(c.sdc.uri("base"), "read 0 4k", read_only=True)
+
+
+def test_a_tombstone_from_an_sds_outside_the_pool_deletes_nothing(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """After ``meshblock-mdm restore``, an SDS with no device in a live volume's pool
+    reports a tombstone of it (with an epoch newer than the backup): the volume stays
+    active and mapped."""
+    settings = {"cluster": {"heartbeat_timeout_s": HEARTBEAT_TIMEOUT_S}}
+    root = tmp_path_factory.mktemp("intruder")
+    with small_cluster(root, "base", "64MiB", settings) as c:
+        api = c.mdm.api()
+        status, pool = api.get(f"/api/v1/pools/{c.pool_id}")
+        assert status == 200, pool
+        status, intruder = api.post(
+            "/api/v1/sds",
+            {
+                "name": "intruder",
+                "protection_domain_id": pool["protection_domain_id"],
+                "address": "127.0.0.1",
+            },
+        )
+        assert status == 201, intruder
+        status, vols = api.get("/api/v1/volumes")
+        assert status == 200, vols
+        (base,) = [v for v in vols["volumes"] if v["name"] == "base"]
+        backup = root / "mdm.backup"
+        done = mdm_command(c.mdm, "backup", str(backup))
+        assert done.returncode == 0, done.stderr
+        assert c.mdm.stop() == 0
+        restored = mdm_command(c.mdm, "restore", str(backup))
+        assert restored.returncode == 0, restored.stderr
+        c.mdm.start()
+
+        status, pool = api.get(f"/api/v1/pools/{c.pool_id}")
+        assert status == 200, pool
+        # A map epoch above the pool's in the same report: seeing the pool's raised
+        # shows this report was reconciled (tombstone included).
+        above = int(pool["map_epoch"]) + 10
+        status, doc = api.post(
+            f"/api/v1/sds/{intruder['id']}/heartbeat",
+            {
+                "map_epochs": [{"pool_id": c.pool_id, "epoch": above}],
+                "tombstones": [{"id": base["id"], "chunks_left": 0, "epoch": above}],
+            },
+            token=c.mdm.cluster_secret,
+        )
+        assert status == 200, doc
+
+        def pool_epoch() -> int:
+            status, pool = api.get(f"/api/v1/pools/{c.pool_id}")
+            assert status == 200, pool
+            return int(pool["map_epoch"])
+
+        wait_until(lambda: pool_epoch() > above, 30, "the intruder's report reconciled")
+        after = volume(c, base["id"])
+        assert after is not None and after["state"] == "active", after
+        qemu_io(c.sdc.uri("base"), "write -P 0x42 0 4k", "flush")
+        qemu_io(c.sdc.uri("base"), "read -P 0x42 0 4k", read_only=True)

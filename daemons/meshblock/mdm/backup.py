@@ -147,6 +147,13 @@ async def make_safe(url: str) -> None:
         async with engine.begin() as conn:
             for table in ID_TABLES:
                 await _raise_sequence(conn, table)
+            await conn.execute(text("DELETE FROM restore_pool_epochs"))
+            await conn.execute(
+                text(
+                    "INSERT INTO restore_pool_epochs (pool_id, map_epoch) "
+                    "SELECT id, map_epoch FROM storage_pools"
+                )
+            )
             await conn.execute(
                 text("UPDATE storage_pools SET map_epoch = map_epoch + :m"), {"m": EPOCH_MARGIN}
             )

@@ -114,11 +114,17 @@ class Purger:
 
     async def once(self) -> list[int]:
         epoch = 0
+        # What components report after a database restore first (its tombstones), in
+        # its own transaction: a failure there never stops the purge.
+        try:
+            async with self._gate(), self._sessions() as s, s.begin():
+                if await reconcile(s, self._reported):
+                    epoch = await bump(s)
+        except Exception:
+            log.exception("could not reconcile what components report; retrying")
         async with self._gate(), self._sessions() as s, s.begin():
-            # What components report after a database restore first (its tombstones).
-            changed = await reconcile(s, self._reported)
             purged = await purge_freed(s, self._reports)
-            if purged or changed:
+            if purged:
                 epoch = await bump(s)
         if epoch:
             self._notifier.publish(epoch)

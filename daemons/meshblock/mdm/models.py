@@ -343,3 +343,15 @@ class RestorePending(Base):
     sds_id: Mapped[int] = mapped_column(
         ForeignKey("sdss.id", ondelete="CASCADE"), primary_key=True, autoincrement=False
     )
+
+
+class RestorePoolEpoch(Base):
+    """Each pool's map epoch in the backup, before ``meshblock-mdm restore`` raised it:
+    a tombstone an SDS reports is newer than the backup only if its epoch is above."""
+
+    __tablename__ = "restore_pool_epochs"
+
+    pool_id: Mapped[int] = mapped_column(
+        ForeignKey("storage_pools.id", ondelete="CASCADE"), primary_key=True, autoincrement=False
+    )
+    map_epoch: Mapped[int] = mapped_column(BigInteger)

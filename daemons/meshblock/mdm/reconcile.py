@@ -4,7 +4,8 @@ An older copy of the MDM's database put back (``meshblock-mdm restore``, or a fi
 copied back) knows fewer volumes and lower epochs than the cluster has seen. The
 components report what they hold: an SDS per heartbeat the highest cluster epoch it
 was told, its map epochs, the volumes it stores chunks of and its tombstones; an SDC
-its cluster epoch. Once a second :func:`reconcile`, in the MDM's write transaction:
+its cluster epoch. Once a second :func:`reconcile`, in a write transaction of its own (apart from the
+purge of deleted volumes, which a failure here never stops):
 
 - raises each pool's map epoch above the highest an SDS reports (an SDS ignores a map
   older than its own, and would go on serving by the newer one it has);
@@ -24,7 +25,9 @@ of the process. Then, for the SDSs not yet reconciled, it:
   ``unknown-<id>``, in the pool of the reporting SDS's device, and are freed and
   purged like any deleted volume;
 - puts in state ``deleting`` a volume that an SDS holds a tombstone of (deleted after
-  the copy was taken: its data is being freed), and unmaps it.
+  the copy was taken: its data is being freed), and unmaps it, only if that SDS has a
+  device in the volume's pool and the tombstone's epoch is above the pool's map epoch
+  in the copy (``restore_pool_epochs``, or the one before a reported epoch raised it).
 
 An SDS's ``restore_pending`` row goes once its report is reconciled; once none is
 left, the database has caught up. The reports are kept in memory.
@@ -45,6 +48,7 @@ from meshblock.mdm.models import (
     Device,
     Mapping,
     RestorePending,
+    RestorePoolEpoch,
     StoragePool,
     Volume,
     VolumeState,
@@ -63,12 +67,15 @@ class Reported:
     map_epochs: dict[int, int] = field(default_factory=dict)  # pool -> highest seen
     cluster_epoch: int = 0
     volumes: dict[int, set[int]] = field(default_factory=dict)  # volume -> reporting SDSs
-    tombstones: dict[int, set[int]] = field(default_factory=dict)  # volume -> reporting SDSs
+    # volume -> {reporting SDS: epoch of the delete it holds (0: not said)}
+    tombstones: dict[int, dict[int, int]] = field(default_factory=dict)
     reporters: set[int] = field(default_factory=set)  # SDSs whose report is in here
     # Set for the process's life once a component reported an epoch above the store's:
     # the database was restored from an older copy. Volumes are reconciled only then
     # (a volume id that no row names is otherwise not evidence of anything).
     restored: bool = False
+    # Each pool's map epoch before a reported epoch raised it (the hand-copied case).
+    pool_epochs_before: dict[int, int] = field(default_factory=dict)
 
     def sds(self, sds_id: int, body: dict[str, Any]) -> None:
         self.sds_epoch(body)
@@ -80,7 +87,7 @@ class Reported:
             if v["chunks"]:
                 self.volumes.setdefault(int(v["id"]), set()).add(sds_id)
         for t in body.get("tombstones") or ():
-            self.tombstones.setdefault(int(t["id"]), set()).add(sds_id)
+            self.tombstones.setdefault(int(t["id"]), {})[sds_id] = int(t.get("epoch") or 0)
 
     def sds_epoch(self, body: dict[str, Any]) -> None:
         self.cluster_epoch = max(self.cluster_epoch, int(body.get("epoch") or 0))
@@ -109,6 +116,7 @@ async def reconcile(session: AsyncSession, r: Reported) -> bool:
                 seen + 1,
                 seen,
             )
+            r.pool_epochs_before.setdefault(pool.id, pool.map_epoch)
             pool.map_epoch = seen + 1
             changed = r.restored = True
     if cluster_epoch and await current(session) < cluster_epoch:
@@ -133,11 +141,15 @@ async def reconcile(session: AsyncSession, r: Reported) -> bool:
         )
         changed = True
     volumes = {v: s for v, s in volumes.items() if s & acting}
-    tombstones = {v: s for v, s in tombstones.items() if s & acting}
+    tombstones = {v: {i: e for i, e in s.items() if i in acting} for v, s in tombstones.items()}
+    tombstones = {v: s for v, s in tombstones.items() if s}
     reported = set(volumes) | set(tombstones)
     if not reported:
         return changed
     rows = await session.execute(select(Volume.id, Volume.state).where(Volume.id.in_(reported)))
+    backup_epochs: dict[int, int] = dict(
+        (await session.execute(select(RestorePoolEpoch.pool_id, RestorePoolEpoch.map_epoch))).all()
+    )
     known = dict(rows.all())
     await _raise_id_counter(session, "volumes", max(reported))
     for vid, by in sorted(volumes.items()):
@@ -178,15 +190,29 @@ async def reconcile(session: AsyncSession, r: Reported) -> bool:
         if known.get(vid) == VolumeState.ACTIVE:
             v = await session.get(Volume, vid)
             assert v is not None
+            before = backup_epochs.get(v.pool_id, r.pool_epochs_before.get(v.pool_id))
+            if before is None:
+                continue  # no epoch of the backup to tell a newer delete by
+            # Only an SDS that stores the volume's pool may say it was deleted, and only
+            # a delete newer than the backup counts.
+            said = [i for i, epoch in tombstones[vid].items() if epoch > before]
             holders = (
                 await session.execute(
                     select(Device.id)
-                    .where(Device.pool_id == v.pool_id, Device.sds_id.in_(tombstones[vid] & acting))
+                    .where(Device.pool_id == v.pool_id, Device.sds_id.in_(said))
                     .limit(1)
                 )
             ).scalar()
             if holders is None:
-                continue  # only an SDS that stores the volume's pool may say it was deleted
+                log.warning(
+                    "volume %s (id %d): a tombstone reported by SDS %s ignored (no device "
+                    "in its pool, or not newer than the backup's map epoch %d)",
+                    v.name,
+                    vid,
+                    ", ".join(str(i) for i in sorted(tombstones[vid])),
+                    before,
+                )
+                continue
             pool = pools[v.pool_id]
             pool.map_epoch += 1
             await session.execute(delete(Mapping).where(Mapping.volume_id == vid))

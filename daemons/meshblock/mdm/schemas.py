@@ -20,6 +20,10 @@ NAME: dict[str, Any] = {
     "description": "1-64 characters: letters, digits, '.', '_', '-'; starts with a letter or digit",
 }
 ID: dict[str, Any] = {"type": "integer", "minimum": 1, "maximum": MAX_ID}
+#: An epoch a component reports: capped far below BIGINT's 2**63-1, so that raising
+#: above it (the reconciliation after a restore, mdm/reconcile.py) never overflows.
+MAX_REPORTED_EPOCH = 2**62
+EPOCH: dict[str, Any] = {"type": "integer", "minimum": 0, "maximum": MAX_REPORTED_EPOCH}
 PORT: dict[str, Any] = {"type": "integer", "minimum": 1, "maximum": 65535}
 ADDRESS: dict[str, Any] = {
     "type": "string",
@@ -136,7 +140,7 @@ PG_SYNCED = obj(
     {
         "pool_id": ID,
         "pg": {"type": "integer", "minimum": 0, "maximum": 16383},
-        "epoch": {"type": "integer", "minimum": 0, "maximum": 2**63 - 1},
+        "epoch": EPOCH,
     },
     ("pool_id", "pg", "epoch"),
 )
@@ -176,13 +180,13 @@ SDS_HEARTBEAT = obj(
             ),
         },
         # The highest cluster epoch this SDS has been told (reconciled after a restore).
-        "epoch": {"type": "integer", "minimum": 0, "maximum": 2**63 - 1},
+        "epoch": EPOCH,
         # The epoch of each pool's map this SDS has (reconciled after a restore).
         "map_epochs": {
             "type": "array",
             "maxItems": 1024,
             "items": obj(
-                {"pool_id": ID, "epoch": {"type": "integer", "minimum": 0, "maximum": 2**63 - 1}},
+                {"pool_id": ID, "epoch": EPOCH},
                 ("pool_id", "epoch"),
             ),
         },
@@ -191,7 +195,13 @@ SDS_HEARTBEAT = obj(
             "type": "array",
             "maxItems": 100_000,
             "items": obj(
-                {"id": ID, "chunks_left": {"type": "integer", "minimum": 0, "maximum": 2**40}},
+                {
+                    "id": ID,
+                    "chunks_left": {"type": "integer", "minimum": 0, "maximum": 2**40},
+                    # The MDM epoch of the delete (acted on after a restore only if
+                    # newer than the backup; absent from SDSs of older releases).
+                    "epoch": EPOCH,
+                },
                 ("id", "chunks_left"),
             ),
         },
@@ -219,7 +229,7 @@ SDC_CREATE = obj(
     ("guid", "name"),
 )
 SDC_UPDATE = obj({"name": NAME}, ("name",))
-SDC_HEARTBEAT = obj({"epoch": {"type": "integer", "minimum": 0, "maximum": 2**63 - 1}})
+SDC_HEARTBEAT = obj({"epoch": EPOCH})
 
 VOLUME_TYPE: dict[str, Any] = {"type": "string", "enum": ["thin", "thick"]}
 VOLUME_CREATE = obj(

@@ -71,8 +71,8 @@ class Tombstones:
         """Per durable tombstone, the chunks of it still stored here (heartbeat)."""
         store = self.svc.store
         return [
-            {"id": v, "chunks_left": store.tombstone_chunks_left(v)}
-            for v in sorted(store.tombstones())
+            {"id": v, "chunks_left": store.tombstone_chunks_left(v), "epoch": epoch}
+            for v, epoch in sorted(store.tombstones().items())
             if v not in self.pending
         ]
 
