@@ -4,8 +4,8 @@ An older copy of the MDM's database put back (``meshblock-mdm restore``, or a fi
 copied back) knows fewer volumes and lower epochs than the cluster has seen. The
 components report what they hold: an SDS per heartbeat the highest cluster epoch it
 was told, its map epochs, the volumes it stores chunks of and its tombstones; an SDC
-its cluster epoch. Once a second :func:`reconcile`, in a write transaction of its own (apart from the
-purge of deleted volumes, which a failure here never stops):
+its cluster epoch. Once a second :func:`reconcile`, in a write transaction of its
+own (apart from the purge of deleted volumes, which a failure here never stops):
 
 - raises each pool's map epoch above the highest an SDS reports (an SDS ignores a map
   older than its own, and would go on serving by the newer one it has);
