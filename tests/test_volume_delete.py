@@ -500,6 +500,40 @@ def test_reported_epochs_above_the_cap_are_refused(c: SmallCluster) -> None:
     qemu_io(c.sdc.uri("base"), "read 0 4k", read_only=True)
 
 
+def test_an_implausible_volume_id_does_not_exhaust_the_ids(c: SmallCluster) -> None:
+    """A heartbeat that marks the database restored (a map epoch above the MDM's) and
+    reports chunks of volume 2^31-1 (a broken SDS, a fuzzer) does not raise the volume
+    id counter there nor tombstone that id: the next volume gets an ordinary id. (The
+    API addresses ids up to 2^31-1: on PostgreSQL the counter at its end made every
+    create a 500; on SQLite the next volume got an id no URL can name.)"""
+    api = c.mdm.api()
+
+    def pool_epoch() -> int:
+        status, pool = api.get(f"/api/v1/pools/{c.pool_id}")
+        assert status == 200, pool
+        return int(pool["map_epoch"])
+
+    above = pool_epoch() + 5
+    sds_id = c.sds[0].health()["sds_id"]
+    body = {
+        "map_epochs": [{"pool_id": c.pool_id, "epoch": above}],
+        "volumes": [{"id": 2**31 - 1, "chunks": 1}],
+    }
+    status, doc = api.post(f"/api/v1/sds/{sds_id}/heartbeat", body, token=c.mdm.cluster_secret)
+    assert status == 200, doc
+    wait_until(lambda: pool_epoch() > above, 30, "the report reconciled")
+    status, listed = api.get("/api/v1/volumes")
+    assert status == 200, listed
+    assert all(v["id"] < 2**20 for v in listed["volumes"]), listed
+    status, v = api.post(
+        "/api/v1/volumes", {"name": "after", "pool_id": c.pool_id, "size": "64MiB"}
+    )
+    assert status == 201, v
+    assert v["id"] < 2**20, v
+    status, _ = api.delete(f"/api/v1/volumes/{v['id']}")
+    assert status == 204
+
+
 def test_a_tombstone_from_an_sds_outside_the_pool_deletes_nothing(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> None:

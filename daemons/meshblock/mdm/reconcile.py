@@ -58,6 +58,11 @@ from meshblock.mdm.models import (
 log = logging.getLogger(__name__)
 
 UNKNOWN_VOLUME_BYTES = 1 << 20
+#: A reported volume id more than this above the highest id the database has handed
+#: out is no evidence of a restore (no restore loses a million volumes): a broken or
+#: hostile SDS (or a fuzzer) reporting volume 2^31-1 would otherwise push the id counter
+#: to the end of what the API addresses, and every later create would fail.
+PLAUSIBLE_ID_GAP = 1 << 20
 
 
 @dataclass
@@ -146,6 +151,19 @@ async def reconcile(session: AsyncSession, r: Reported) -> bool:
     reported = set(volumes) | set(tombstones)
     if not reported:
         return changed
+    limit = await _id_counter(session, "volumes") + PLAUSIBLE_ID_GAP
+    implausible = {v for v in reported if v > limit}
+    if implausible:
+        log.warning(
+            "reported volume ids ignored, more than %d above the highest id handed out: %s",
+            PLAUSIBLE_ID_GAP,
+            ", ".join(str(v) for v in sorted(implausible)[:10]),
+        )
+        volumes = {v: s for v, s in volumes.items() if v not in implausible}
+        tombstones = {v: s for v, s in tombstones.items() if v not in implausible}
+        reported -= implausible
+        if not reported:
+            return changed
     rows = await session.execute(select(Volume.id, Volume.state).where(Volume.id.in_(reported)))
     backup_epochs: dict[int, int] = dict(
         (await session.execute(select(RestorePoolEpoch.pool_id, RestorePoolEpoch.map_epoch))).all()
@@ -229,6 +247,25 @@ async def reconcile(session: AsyncSession, r: Reported) -> bool:
     return changed
 
 
+async def _id_counter(session: AsyncSession, table: str) -> int:
+    """The highest id ``table``'s counter has handed out (0: none yet)."""
+    conn = await session.connection()
+    if conn.dialect.name == "sqlite":
+        seq = (
+            await conn.execute(
+                text("SELECT seq FROM sqlite_sequence WHERE name = :t"), {"t": table}
+            )
+        ).scalar()
+        return int(seq or 0)
+    name = (
+        await conn.execute(text("SELECT pg_get_serial_sequence(:t, 'id')"), {"t": table})
+    ).scalar()
+    if name is None:
+        return 0
+    last = (await conn.execute(text("SELECT last_value, is_called FROM " + str(name)))).one()
+    return int(last[0]) if last[1] else int(last[0]) - 1
+
+
 async def _raise_id_counter(session: AsyncSession, table: str, value: int) -> None:
     """Make the next id of ``table`` greater than ``value`` (never lower it)."""
     conn = await session.connection()
@@ -252,9 +289,5 @@ async def _raise_id_counter(session: AsyncSession, table: str, value: int) -> No
     name = (
         await conn.execute(text("SELECT pg_get_serial_sequence(:t, 'id')"), {"t": table})
     ).scalar()
-    if name is None:
-        return
-    last = (await conn.execute(text("SELECT last_value, is_called FROM " + str(name)))).one()
-    highest = int(last[0]) if last[1] else int(last[0]) - 1
-    if highest < value:
+    if name is not None and await _id_counter(session, table) < value:
         await conn.execute(text("SELECT setval(CAST(:s AS regclass), :v)"), {"s": name, "v": value})
