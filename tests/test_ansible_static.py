@@ -448,8 +448,12 @@ def test_mdm_config_loads(rendered: dict[str, Path]) -> None:
     assert config.auth.admin_token == SECRETS["mdm_admin_token"]
     assert config.auth.cluster_secret == SECRETS["mdm_cluster_secret"]
     assert config.api.port == 6611
-    # Every key of the daemon's configuration is set by a role variable.
-    assert toml_keys(doc) == dataclass_keys(MdmConfig)
+    # Every key of the daemon's configuration is set by a role variable, except the
+    # opt-in [tls] section: the SDSs, SDCs and MGMT cannot reach an HTTPS MDM yet, so
+    # the role does not offer it (docs/security.md, "Not built yet").
+    keys = toml_keys(doc)
+    assert not {k for k in keys if k.startswith("tls.")}
+    assert keys == {k for k in dataclass_keys(MdmConfig) if not k.startswith("tls.")}
 
 
 @pytest.mark.parametrize("variant", ["sds", "sds_block"])
