@@ -484,7 +484,7 @@ def test_volume_id_counter_is_raised_never_lowered(empty_db: str) -> None:
     value changes nothing."""
     from sqlalchemy.ext.asyncio import AsyncSession
 
-    from meshblock.mdm.reconcile import _raise_id_counter
+    from meshblock.mdm.idcounters import raise_id_counter
 
     with_engine(empty_db, migrate)
     first = run_sync(empty_db, _add_one_of_each)["volumes"]
@@ -492,7 +492,7 @@ def test_volume_id_counter_is_raised_never_lowered(empty_db: str) -> None:
     def raise_to(value: int) -> None:
         async def go(engine: AsyncEngine) -> None:
             async with AsyncSession(engine) as s, s.begin():
-                await _raise_id_counter(s, "volumes", value)
+                await raise_id_counter(await s.connection(), "volumes", value)
 
         with_engine(empty_db, go)
 

@@ -41,6 +41,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from meshblock.files import fsync_directory
 from meshblock.mdm.config import MdmConfig
 from meshblock.mdm.db import SchemaError, create_engine, migrate
+from meshblock.mdm.idcounters import highest_id, raise_id_counter
 from meshblock.mdm.models import Base
 
 SQLITE_MAGIC = b"SQLite format 3\x00"
@@ -167,32 +168,8 @@ async def make_safe(url: str) -> None:
 async def _raise_sequence(conn: AsyncConnection, table: str) -> None:
     """The next id of ``table``: above both its counter and its ids, plus the margin."""
     top = int((await conn.execute(text(f"SELECT COALESCE(MAX(id), 0) FROM {table}"))).scalar_one())
-    if conn.dialect.name == "sqlite":
-        seq = (
-            await conn.execute(
-                text("SELECT seq FROM sqlite_sequence WHERE name = :t"), {"t": table}
-            )
-        ).scalar()
-        value = max(top, int(seq or 0)) + ID_MARGIN
-        if seq is None:
-            await conn.execute(
-                text("INSERT INTO sqlite_sequence (name, seq) VALUES (:t, :v)"),
-                {"t": table, "v": value},
-            )
-        else:
-            await conn.execute(
-                text("UPDATE sqlite_sequence SET seq = :v WHERE name = :t"),
-                {"t": table, "v": value},
-            )
-        return
-    name = (
-        await conn.execute(text("SELECT pg_get_serial_sequence(:t, 'id')"), {"t": table})
-    ).scalar()
-    if name is None:
-        return
-    last = int((await conn.execute(text("SELECT last_value FROM " + str(name)))).scalar_one())
-    value = max(top, last) + ID_MARGIN
-    await conn.execute(text("SELECT setval(CAST(:s AS regclass), :v)"), {"s": name, "v": value})
+    value = max(top, await highest_id(conn, table)) + ID_MARGIN
+    await raise_id_counter(conn, table, value)
 
 
 # -- SQLite -------------------------------------------------------------------------------

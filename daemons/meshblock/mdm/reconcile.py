@@ -39,10 +39,11 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import delete, select, text, update
+from sqlalchemy import delete, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from meshblock.mdm.epochs import CLUSTER_ROW_ID, current
+from meshblock.mdm.idcounters import highest_id, raise_id_counter
 from meshblock.mdm.models import (
     Cluster,
     Device,
@@ -151,7 +152,8 @@ async def reconcile(session: AsyncSession, r: Reported) -> bool:
     reported = set(volumes) | set(tombstones)
     if not reported:
         return changed
-    limit = await _id_counter(session, "volumes") + PLAUSIBLE_ID_GAP
+    conn = await session.connection()
+    limit = await highest_id(conn, "volumes") + PLAUSIBLE_ID_GAP
     implausible = {v for v in reported if v > limit}
     if implausible:
         log.warning(
@@ -169,7 +171,7 @@ async def reconcile(session: AsyncSession, r: Reported) -> bool:
         (await session.execute(select(RestorePoolEpoch.pool_id, RestorePoolEpoch.map_epoch))).all()
     )
     known = dict(rows.all())
-    await _raise_id_counter(session, "volumes", max(reported))
+    await raise_id_counter(conn, "volumes", max(reported))
     for vid, by in sorted(volumes.items()):
         if vid in known:
             continue
@@ -245,49 +247,3 @@ async def reconcile(session: AsyncSession, r: Reported) -> bool:
             changed = True
     await session.flush()
     return changed
-
-
-async def _id_counter(session: AsyncSession, table: str) -> int:
-    """The highest id ``table``'s counter has handed out (0: none yet)."""
-    conn = await session.connection()
-    if conn.dialect.name == "sqlite":
-        seq = (
-            await conn.execute(
-                text("SELECT seq FROM sqlite_sequence WHERE name = :t"), {"t": table}
-            )
-        ).scalar()
-        return int(seq or 0)
-    name = (
-        await conn.execute(text("SELECT pg_get_serial_sequence(:t, 'id')"), {"t": table})
-    ).scalar()
-    if name is None:
-        return 0
-    last = (await conn.execute(text("SELECT last_value, is_called FROM " + str(name)))).one()
-    return int(last[0]) if last[1] else int(last[0]) - 1
-
-
-async def _raise_id_counter(session: AsyncSession, table: str, value: int) -> None:
-    """Make the next id of ``table`` greater than ``value`` (never lower it)."""
-    conn = await session.connection()
-    if conn.dialect.name == "sqlite":
-        seq = (
-            await conn.execute(
-                text("SELECT seq FROM sqlite_sequence WHERE name = :t"), {"t": table}
-            )
-        ).scalar()
-        if seq is None:
-            await conn.execute(
-                text("INSERT INTO sqlite_sequence (name, seq) VALUES (:t, :v)"),
-                {"t": table, "v": value},
-            )
-        elif seq < value:
-            await conn.execute(
-                text("UPDATE sqlite_sequence SET seq = :v WHERE name = :t"),
-                {"t": table, "v": value},
-            )
-        return
-    name = (
-        await conn.execute(text("SELECT pg_get_serial_sequence(:t, 'id')"), {"t": table})
-    ).scalar()
-    if name is not None and await _id_counter(session, table) < value:
-        await conn.execute(text("SELECT setval(CAST(:s AS regclass), :v)"), {"s": name, "v": value})

@@ -1,0 +1,53 @@
+"""The id counters of the MDM's tables, read and raised the same way on both engines.
+
+SQLite keeps them in ``sqlite_sequence`` (the tables are AUTOINCREMENT: migration 0004),
+PostgreSQL in each table's serial sequence. A counter is only ever raised: an id that
+named data anywhere is never handed out again (docs/design.md, invariant 12).
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+
+async def _sequence(conn: AsyncConnection, table: str) -> str | None:
+    name = (
+        await conn.execute(text("SELECT pg_get_serial_sequence(:t, 'id')"), {"t": table})
+    ).scalar()
+    return None if name is None else str(name)
+
+
+async def highest_id(conn: AsyncConnection, table: str) -> int:
+    """The highest id ``table``'s counter has handed out (0: none yet)."""
+    if conn.dialect.name == "sqlite":
+        seq = (
+            await conn.execute(
+                text("SELECT seq FROM sqlite_sequence WHERE name = :t"), {"t": table}
+            )
+        ).scalar()
+        return int(seq or 0)
+    name = await _sequence(conn, table)
+    if name is None:
+        return 0
+    last = (await conn.execute(text("SELECT last_value, is_called FROM " + name))).one()
+    return int(last[0]) if last[1] else int(last[0]) - 1
+
+
+async def raise_id_counter(conn: AsyncConnection, table: str, value: int) -> None:
+    """Make the next id of ``table`` greater than ``value`` (never lower it)."""
+    if await highest_id(conn, table) >= value:
+        return
+    if conn.dialect.name == "sqlite":
+        params = {"t": table, "v": value}
+        updated = await conn.execute(
+            text("UPDATE sqlite_sequence SET seq = :v WHERE name = :t"), params
+        )
+        if not updated.rowcount:
+            await conn.execute(
+                text("INSERT INTO sqlite_sequence (name, seq) VALUES (:t, :v)"), params
+            )
+        return
+    name = await _sequence(conn, table)
+    if name is not None:
+        await conn.execute(text("SELECT setval(CAST(:s AS regclass), :v)"), {"s": name, "v": value})
