@@ -32,13 +32,18 @@ MiB = 1024 * 1024
 
 _TOMBSTONE_WORKLOAD = textwrap.dedent(
     """
-    import asyncio, sys
+    import asyncio, os, sys
     from meshblock.sds.store import ChunkStore, DeviceSpec
 
     path, capacity, LAG = sys.argv[1], int(sys.argv[2]), 3
     store = ChunkStore([DeviceSpec(path, capacity, "pool")])
     store.open()
     dev = store.devices[0]
+
+    def report(word, vol):
+        # One write(2) per line: print() may write a line in pieces, and a SIGKILL
+        # between them leaves a torn line ("added 1" of "added 12").
+        os.write(1, b"%s %d\\n" % (word, vol))
 
     async def main():
         vol = 1
@@ -48,12 +53,12 @@ _TOMBSTONE_WORKLOAD = textwrap.dedent(
                     await store.reclaim(dev)
                 store.write(dev, vol, chunk, 0, bytes([vol % 251 + 1]) * 4096)
             await store.add_tombstones({vol: vol})
-            print("added", vol, flush=True)
+            report(b"added", vol)
             if vol > LAG:
                 while await store.free_tombstoned(vol - LAG, 1):
                     await asyncio.sleep(0)
                 await store.drop_tombstones([vol - LAG])
-                print("dropped", vol - LAG, flush=True)
+                report(b"dropped", vol - LAG)
             vol += 1
 
     asyncio.run(main())
@@ -79,8 +84,9 @@ def test_sigkill_keeps_acknowledged_tombstones_and_drops(tmp_path: Path) -> None
         proc.send_signal(signal.SIGKILL)
         out, err = proc.communicate()
         assert proc.returncode == -signal.SIGKILL, err.decode()
-        added = {int(line.split()[1]) for line in out.splitlines() if line.startswith(b"added")}
-        dropped = {int(line.split()[1]) for line in out.splitlines() if line.startswith(b"dropped")}
+        lines = [line.split() for line in out.splitlines(keepends=True) if line.endswith(b"\n")]
+        added = {int(vol) for word, vol in lines if word == b"added"}
+        dropped = {int(vol) for word, vol in lines if word == b"dropped"}
         assert added, err.decode()
         store = open_store(path, capacity=capacity)
         in_flight = {max(added) - 3, max(added) + 1}  # a drop, an add under way
