@@ -16,13 +16,13 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
-from meshblock.chunks import CHUNK_SIZE, chunk_span, pg_of
+from meshblock.chunks import CHUNK_SIZE, ChunkRef, chunk_span, pg_of
 from meshblock.config import ConfigError, from_mapping
 from meshblock.nbd.protocol import Errno, RequestError
 from meshblock.nbd.server import Chunk
 from meshblock.sdc.attach import NbdAttacher
 from meshblock.sdc.config import SdcConfig, cluster_secret, sdc_guid
-from meshblock.sdc.datapath import ChunkRef, DataPathError
+from meshblock.sdc.datapath import DataPathError
 from meshblock.sdc.maps import MapError, PoolMap, SdsEndpoint, VolumeMapping, parse_maps
 from meshblock.sdc.metrics import SdcMetrics
 from meshblock.sdc.qos import TokenBucket

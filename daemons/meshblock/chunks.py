@@ -10,6 +10,8 @@ PGs, so that their first chunks do not all crowd onto PG 0.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 CHUNK_SHIFT = 20
 CHUNK_SIZE = 1 << CHUNK_SHIFT  # 1 MiB
 _MASK64 = (1 << 64) - 1
@@ -45,3 +47,16 @@ def chunk_span(offset: int, length: int) -> list[tuple[int, int, int]]:
         out.append((index, start, n))
         offset += n
     return out
+
+
+class ChunkRef(NamedTuple):
+    """One chunk's address on the data path, from the SDC's router to the SDS's store:
+    the chunk (``volume_id``, ``chunk_index``), its pool and PG, and the epoch of the
+    pool's map it was routed by (an SDS refuses a request routed by a map older than
+    its own: ``docs/protocol.md``)."""
+
+    pool_id: int
+    pg: int
+    epoch: int
+    volume_id: int
+    chunk_index: int

@@ -10,21 +10,12 @@ trying again may succeed, ``reason`` is a short label for logs and metrics, and
 
 from __future__ import annotations
 
-from typing import NamedTuple, Protocol
+from typing import Protocol
 
+from meshblock.chunks import ChunkRef
 from meshblock.nbd.protocol import Errno
 from meshblock.nbd.server import Chunk
 from meshblock.sdc.maps import SdsEndpoint
-
-
-class ChunkRef(NamedTuple):
-    """Where a piece of IO goes: the chunk, its PG and the map epoch it was routed by."""
-
-    pool_id: int
-    pg: int
-    epoch: int
-    volume_id: int
-    chunk_index: int
 
 
 class DataPathError(Exception):

@@ -22,10 +22,10 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any, Protocol, TypeVar
 
-from meshblock.chunks import CHUNK_SHIFT, CHUNK_SIZE, chunk_span, pg_of
+from meshblock.chunks import CHUNK_SHIFT, CHUNK_SIZE, ChunkRef, chunk_span, pg_of
 from meshblock.nbd.protocol import Errno, RequestError
 from meshblock.nbd.server import Chunk, FastDone
-from meshblock.sdc.datapath import ChunkRef, DataPath, DataPathError
+from meshblock.sdc.datapath import DataPath, DataPathError
 from meshblock.sdc.maps import PoolMap, SdsEndpoint, VolumeMapping
 from meshblock.sdc.metrics import VolumeStats
 from meshblock.sdc.qos import Qos

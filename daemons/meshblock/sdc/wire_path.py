@@ -14,9 +14,10 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
+from meshblock.chunks import ChunkRef
 from meshblock.nbd.protocol import Errno
 from meshblock.nbd.server import Chunk
-from meshblock.sdc.datapath import ChunkRef, DataPathError
+from meshblock.sdc.datapath import DataPathError
 from meshblock.sdc.maps import SdsEndpoint
 from meshblock.wire import (
     ConnectionLost,
