@@ -11,30 +11,18 @@ from aiohttp import web
 from sqlalchemy import select
 
 from meshblock.auth import Role, TokenTable, bearer_token
-from meshblock.mdm import db, openapi
-
-# Importing the API modules registers their routes on ``routes``.
-from meshblock.mdm.api import (  # noqa: F401
-    pools,
-    protection_domains,
-    rebuild,
-    routes,
-    sdc,
-    sds,
-    topology,
-    volumes,
-)
+from meshblock.mdm import db, health, openapi
+from meshblock.mdm.api import pools, protection_domains, rebuild, sdc, sds, topology, volumes
 from meshblock.mdm.config import MdmConfig
 from meshblock.mdm.context import CTX, MdmContext
 from meshblock.mdm.deletion import Purger
 from meshblock.mdm.epochs import CLUSTER_ROW_ID, EpochNotifier
 from meshblock.mdm.errors import Forbidden, Handler, Unauthorized, error_middleware
 from meshblock.mdm.failures import FailureDetector
-from meshblock.mdm.health import setup_metrics
 from meshblock.mdm.liveness import Liveness
 from meshblock.mdm.models import Cluster
 from meshblock.mdm.rebalance import Rebalancer
-from meshblock.mdm.routing import spec_of
+from meshblock.mdm.routing import ApiRoutes, spec_of
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +95,7 @@ async def _store(app: web.Application) -> AsyncIterator[None]:
             liveness=liveness,
             write_gate=db.WriteGate(),
         )
-        setup_metrics(app)
+        health.setup_metrics(app)
         log.info("metadata store ready: %s (epoch %d)", db.redact_url(config.database.url), epoch)
         yield
     finally:
@@ -155,6 +143,19 @@ async def _end_long_polls(app: web.Application) -> None:
 
 CONFIG = web.AppKey("meshblock_mdm_config", MdmConfig)
 
+ROUTE_TABLES: tuple[ApiRoutes, ...] = (
+    pools.routes,
+    protection_domains.routes,
+    rebuild.routes,
+    sdc.routes,
+    sds.routes,
+    volumes.routes,
+    topology.routes,
+    health.routes,
+)
+"""Every route of the API, in the order the router tries them and the OpenAPI
+document lists them."""
+
 
 def create_app(config: MdmConfig) -> web.Application:
     app = web.Application(
@@ -165,8 +166,9 @@ def create_app(config: MdmConfig) -> web.Application:
     app.cleanup_ctx.append(_store)
     app.cleanup_ctx.append(_background)
     app.on_shutdown.append(_end_long_polls)
-    routes.add_to(app)
-    app[openapi.OPENAPI] = openapi.build(routes.specs)
+    for table in ROUTE_TABLES:
+        app.add_routes(table)
+    app[openapi.OPENAPI] = openapi.build([spec for table in ROUTE_TABLES for spec in table.specs])
     app.router.add_get("/api/v1/openapi.json", openapi.openapi_handler)
     return app
 

@@ -15,7 +15,6 @@ from sqlalchemy import func, select
 import meshblock
 from meshblock.auth import Role
 from meshblock.chunks import pgs_of_volume
-from meshblock.mdm.api import routes
 from meshblock.mdm.api.common import json, reading, ts
 from meshblock.mdm.capacity import PoolCapacity, pool_capacities
 from meshblock.mdm.context import CTX, MdmContext, ctx
@@ -34,7 +33,9 @@ from meshblock.mdm.models import (
     VolumeState,
 )
 from meshblock.mdm.progress import KINDS
+from meshblock.mdm.routing import ApiRoutes
 
+routes = ApiRoutes()
 TAG = "health"
 
 

@@ -1,16 +1,20 @@
 """The MDM's HTTP routes, declared once with everything the API needs to know.
 
-Each handler is registered with :meth:`ApiRoutes.route`, which records the role it
-requires, the JSON schema of its body, its query parameters and its response. The
-same records drive request validation, the auth middleware and the OpenAPI document
-(:mod:`meshblock.mdm.openapi`), so the three cannot drift apart.
+Each API module declares its handlers on its own :class:`ApiRoutes` table with
+:meth:`ApiRoutes.route`, which records the role a handler requires, the JSON schema of
+its body, its query parameters and its response. The same records drive request
+validation, the auth middleware and the OpenAPI document (:mod:`meshblock.mdm.openapi`),
+so the three cannot drift apart. A table iterates as aiohttp route definitions,
+as MGMT's ``web.RouteTableDef`` is: ``create_app`` adds each module's table with
+``app.add_routes`` (``mdm/app.py`` ``ROUTE_TABLES``); importing a module registers
+nothing anywhere else.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,10 +63,17 @@ SPEC_ATTR = "__meshblock_route__"
 
 
 class ApiRoutes:
-    """A collection of route specs; ``add_to(app)`` installs them."""
+    """One module's routes: their specs, and, iterated, the route definitions that
+    ``app.add_routes`` installs (in the order they were declared)."""
 
     def __init__(self) -> None:
         self.specs: list[RouteSpec] = []
+
+    def __iter__(self) -> Iterator[web.RouteDef]:
+        for spec in self.specs:
+            # A GET answers no HEAD: the API documents none (aiohttp adds one by default).
+            kwargs = {"allow_head": False} if spec.method == "GET" else {}
+            yield web.RouteDef(spec.method, spec.path, spec.handler, kwargs)
 
     def route(
         self,
@@ -108,10 +119,6 @@ class ApiRoutes:
             return handler
 
         return decorator
-
-    def add_to(self, app: web.Application) -> None:
-        for spec in self.specs:
-            app.router.add_route(spec.method, spec.path, spec.handler)
 
 
 def spec_of(request: web.Request) -> RouteSpec | None:

@@ -1,5 +1,2 @@
-"""The MDM's REST API, one module per resource; all register on :data:`routes`."""
-
-from meshblock.mdm.routing import ApiRoutes
-
-routes = ApiRoutes()
+"""The MDM's REST API, one module per resource, each with its own table of routes
+(``routes``, a :class:`meshblock.mdm.routing.ApiRoutes`) that ``create_app`` adds."""

@@ -10,7 +10,6 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from meshblock.auth import Role
 from meshblock.mdm import pgmaps, schemas
-from meshblock.mdm.api import routes
 from meshblock.mdm.api.common import (
     WAIT_PARAMS,
     change,
@@ -27,9 +26,10 @@ from meshblock.mdm.capacity import PoolCapacity, pool_capacities
 from meshblock.mdm.context import ctx
 from meshblock.mdm.errors import Conflict, Invalid
 from meshblock.mdm.models import Device, ProtectionDomain, StoragePool, Volume
-from meshblock.mdm.routing import QueryParam, path_id, query_int
+from meshblock.mdm.routing import ApiRoutes, QueryParam, path_id, query_int
 from meshblock.sizes import GiB, MiB, TiB
 
+routes = ApiRoutes()
 TAG = "storage pools"
 DEFAULT_PG_COUNT = 256
 DEFAULT_GRANULARITY = GiB

@@ -9,12 +9,12 @@ from sqlalchemy import func, select
 
 from meshblock.auth import Role
 from meshblock.mdm import schemas
-from meshblock.mdm.api import routes
 from meshblock.mdm.api.common import change, get_or_404, json, must_exist, name_free, reading, ts
 from meshblock.mdm.errors import Conflict
 from meshblock.mdm.models import FaultSet, ProtectionDomain, Sds, StoragePool
-from meshblock.mdm.routing import QueryParam, path_id, query_int
+from meshblock.mdm.routing import ApiRoutes, QueryParam, path_id, query_int
 
+routes = ApiRoutes()
 TAG = "protection domains"
 
 

@@ -8,12 +8,13 @@ from aiohttp import web
 from sqlalchemy import func, select
 
 from meshblock.auth import Role
-from meshblock.mdm.api import routes
 from meshblock.mdm.api.common import json
 from meshblock.mdm.context import MdmContext, ctx
 from meshblock.mdm.models import PgState, PlacementGroup, ProtectionDomain, StoragePool
 from meshblock.mdm.progress import KINDS
+from meshblock.mdm.routing import ApiRoutes
 
+routes = ApiRoutes()
 TAG = "rebuild"
 
 

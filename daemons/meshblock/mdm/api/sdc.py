@@ -11,7 +11,6 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from meshblock.auth import Role
 from meshblock.mdm import pgmaps, schemas
-from meshblock.mdm.api import routes
 from meshblock.mdm.api.common import (
     WAIT_PARAMS,
     change,
@@ -27,9 +26,10 @@ from meshblock.mdm.epochs import current
 from meshblock.mdm.errors import Conflict
 from meshblock.mdm.liveness import Liveness
 from meshblock.mdm.models import Mapping, Sdc, StoragePool, Volume
-from meshblock.mdm.routing import path_id
+from meshblock.mdm.routing import ApiRoutes, path_id
 
 log = logging.getLogger(__name__)
+routes = ApiRoutes()
 TAG = "SDC"
 
 

@@ -15,7 +15,6 @@ from sqlalchemy.orm import selectinload
 
 from meshblock.auth import Role
 from meshblock.mdm import failures, pgmaps, schemas, unclean
-from meshblock.mdm.api import routes
 from meshblock.mdm.api.common import (
     change,
     get_or_404,
@@ -41,11 +40,12 @@ from meshblock.mdm.models import (
     StoragePool,
     VolumeUsage,
 )
-from meshblock.mdm.routing import path_id
+from meshblock.mdm.routing import ApiRoutes, path_id
 from meshblock.mdm.schemas import MAX_DEVICE_BYTES
 from meshblock.sizes import MiB
 
 log = logging.getLogger(__name__)
+routes = ApiRoutes()
 TAG = "SDS"
 MIN_DEVICE_BYTES = 64 * MiB
 

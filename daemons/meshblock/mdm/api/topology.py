@@ -9,7 +9,6 @@ from sqlalchemy import select
 from sqlalchemy.orm import selectinload
 
 from meshblock.auth import Role
-from meshblock.mdm.api import routes
 from meshblock.mdm.api.common import json, reading
 from meshblock.mdm.api.pools import pool_doc
 from meshblock.mdm.api.protection_domains import fs_doc, pd_doc
@@ -28,7 +27,9 @@ from meshblock.mdm.models import (
     StoragePool,
     Volume,
 )
+from meshblock.mdm.routing import ApiRoutes
 
+routes = ApiRoutes()
 TAG = "topology"
 
 

@@ -12,7 +12,6 @@ from sqlalchemy.orm import selectinload
 
 from meshblock.auth import Role
 from meshblock.mdm import schemas
-from meshblock.mdm.api import routes
 from meshblock.mdm.api.common import (
     change,
     get_or_404,
@@ -35,11 +34,12 @@ from meshblock.mdm.models import (
     VolumeType,
     VolumeUsage,
 )
-from meshblock.mdm.routing import QueryParam, path_id, query_int
+from meshblock.mdm.routing import ApiRoutes, QueryParam, path_id, query_int
 from meshblock.mdm.schemas import MAX_VOLUME_BYTES
 from meshblock.sizes import format_size
 
 log = logging.getLogger(__name__)
+routes = ApiRoutes()
 TAG = "volumes"
 WITH_MAPPINGS = (selectinload(Volume.mappings),)
 
