@@ -1,15 +1,22 @@
-"""meshblock.config (TOML into frozen dataclasses) and the MDM's MdmConfig."""
+"""meshblock.config (TOML into frozen dataclasses, [logging], secret files) and the MDM's
+MdmConfig."""
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import pytest
 
-from meshblock.config import ConfigError, from_mapping, load
+from meshblock.config import ConfigError, LoggingConfig, from_mapping, load, read_secret_file
 from meshblock.mdm.config import MdmConfig
+from meshblock.mgmt.config import MgmtConfig
+from meshblock.sdc.config import SdcConfig
+from meshblock.sdc.config import cluster_secret as sdc_cluster_secret
+from meshblock.sds import config as sds_config
 
 pytestmark = pytest.mark.unit
 
@@ -170,6 +177,80 @@ def test_not_utf8(tmp_path: Path) -> None:
     p.write_bytes(b'name = "caf\xe9"\n')
     with pytest.raises(ConfigError, match="not valid TOML"):
         load(Sample, p)
+
+
+# -- what every daemon's configuration shares: [logging], secret files ------------------
+
+
+class HasLogging(Protocol):
+    @property
+    def logging(self) -> LoggingConfig: ...
+
+
+DAEMON_CONFIGS: dict[str, tuple[str, Callable[[Path], HasLogging]]] = {
+    # the least each daemon's file needs, and how the daemon loads it
+    "mdm": ('[auth]\nadmin_token = "a"\n', lambda p: load(MdmConfig, p)),
+    "mgmt": ("", lambda p: load(MgmtConfig, p)),
+    "sdc": ('[mdm]\ncluster_secret = "s"\n', lambda p: load(SdcConfig, p)),
+    "sds": (
+        'name = "s1"\nprotection_domain = "pd"\naddress = "127.0.0.1"\n'
+        'cluster_secret = "s"\n[[devices]]\npath = "/d"\ncapacity = "8MiB"\npool = "p"\n',
+        sds_config.load,
+    ),
+}
+
+
+@pytest.mark.parametrize("daemon", sorted(DAEMON_CONFIGS))
+def test_every_daemon_has_the_same_logging_table(daemon: str, tmp_path: Path) -> None:
+    text, loader = DAEMON_CONFIGS[daemon]
+    cfg = loader(write(tmp_path, text + '[logging]\nlevel = "debug"\n'))
+    assert isinstance(cfg.logging, LoggingConfig)
+    assert cfg.logging.level == "debug"
+    with pytest.raises(ConfigError) as exc:
+        loader(write(tmp_path, text + '[logging]\nlevel = "TRACE"\n'))
+    assert str(exc.value) == "logging: level must be DEBUG, INFO, WARNING or ERROR, got 'TRACE'"
+    with pytest.raises(ConfigError, match=r"unknown configuration key\(s\): logging.file"):
+        loader(write(tmp_path, text + '[logging]\nfile = "/x"\n'))
+
+
+def test_a_secret_file_is_read_without_surrounding_whitespace(tmp_path: Path) -> None:
+    secret = write(tmp_path, "\n  s3cret-value \n", "secret")
+    assert read_secret_file(secret, "cluster_secret_file") == "s3cret-value"
+    assert read_secret_file(str(secret), "cluster_secret_file") == "s3cret-value"
+
+
+def test_a_secret_file_that_cannot_be_used_is_a_config_error(tmp_path: Path) -> None:
+    missing = tmp_path / "missing"
+    with pytest.raises(ConfigError) as exc:
+        read_secret_file(missing, "cluster_secret_file")
+    assert str(exc.value) == f"cannot read cluster_secret_file {missing}: No such file or directory"
+    with pytest.raises(ConfigError, match=f"cannot read mdm.cluster_secret_file {tmp_path}: "):
+        read_secret_file(tmp_path, "mdm.cluster_secret_file")  # a directory
+    for blank in ("", " \n\t\n"):
+        empty = write(tmp_path, blank, "empty")
+        with pytest.raises(ConfigError) as exc:
+            read_secret_file(empty, "cluster_secret_file")
+        assert str(exc.value) == f"cluster_secret_file {empty} is empty"
+    binary = tmp_path / "binary"
+    binary.write_bytes(b"s3cret\xff\xfe")
+    with pytest.raises(ConfigError) as exc:
+        read_secret_file(binary, "cluster_secret_file")
+    assert str(exc.value) == f"cluster_secret_file {binary} is not UTF-8 text"
+
+
+def test_sds_and_sdc_read_their_secret_file_the_same_way(tmp_path: Path) -> None:
+    """Both daemons name their own key in the error, and read the same value."""
+    secret = write(tmp_path, "s3cret\n", "secret")
+    sds_text, _ = DAEMON_CONFIGS["sds"]
+    sds_text = sds_text.replace('cluster_secret = "s"', f'cluster_secret_file = "{secret}"')
+    sds = sds_config.load(write(tmp_path, sds_text))
+    sdc = load(SdcConfig, write(tmp_path, f'[mdm]\ncluster_secret_file = "{secret}"\n'))
+    assert sds.secret() == sdc_cluster_secret(sdc) == "s3cret"
+    secret.write_bytes(b"\xff")
+    with pytest.raises(ConfigError, match=r"^cluster_secret_file .* is not UTF-8 text$"):
+        sds.secret()
+    with pytest.raises(ConfigError, match=r"^mdm\.cluster_secret_file .* is not UTF-8 text$"):
+        sdc_cluster_secret(sdc)
 
 
 # -- MdmConfig --------------------------------------------------------------------------

@@ -3,7 +3,9 @@
 Every daemon describes its configuration as a frozen dataclass (nested dataclasses
 for TOML tables). :func:`load` reads a TOML file, rejects unknown keys and values of
 the wrong type with a :class:`ConfigError` that names the offending key, and fills
-in defaults for what the file leaves out.
+in defaults for what the file leaves out. What every daemon's configuration has the
+same way is here too: the ``[logging]`` table (:class:`LoggingConfig`) and the reading
+of a file that holds a secret (:func:`read_secret_file`).
 """
 
 from __future__ import annotations
@@ -21,6 +23,41 @@ T = TypeVar("T")
 
 class ConfigError(Exception):
     """The configuration file is missing, unreadable or invalid."""
+
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoggingConfig:
+    """``[logging]`` of every daemon: ``level`` is DEBUG, INFO, WARNING or ERROR, in any
+    case (DEBUG applies to meshblock's own loggers: :func:`meshblock.daemon.setup_logging`)."""
+
+    level: str = "INFO"
+
+    def __post_init__(self) -> None:
+        if self.level.upper() not in LOG_LEVELS:
+            raise ValueError(f"level must be DEBUG, INFO, WARNING or ERROR, got {self.level!r}")
+
+
+def read_secret_file(path: str | Path, key: str) -> str:
+    """The secret held in the file at ``path``, without surrounding whitespace.
+
+    ``key`` names the setting that gave the path (``cluster_secret_file``), for the
+    errors: a file that cannot be read (missing, not allowed, a directory), is not
+    UTF-8 text or holds nothing but whitespace is a :class:`ConfigError` naming
+    ``key`` and the path, never the content. The file's mode is not checked.
+    """
+    p = Path(path)
+    try:
+        value = p.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {key} {p}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{key} {p} is not UTF-8 text") from None
+    if not value:
+        raise ConfigError(f"{key} {p} is empty")
+    return value
 
 
 def _type_ok(value: Any, hint: Any) -> bool:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from meshblock.config import LoggingConfig
+
 
 @dataclass(frozen=True)
 class ApiConfig:
@@ -87,13 +89,6 @@ class TlsConfig:
 
 
 @dataclass(frozen=True)
-class LoggingConfig:
-    """``[logging]``."""
-
-    level: str = "INFO"
-
-
-@dataclass(frozen=True)
 class MdmConfig:
     api: ApiConfig = field(default_factory=ApiConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
@@ -117,8 +112,6 @@ class MdmConfig:
             [t for t in (a.admin_token, a.readonly_token, a.cluster_secret) if t]
         ):
             raise ValueError("auth.admin_token, readonly_token and cluster_secret must differ")
-        if self.logging.level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
-            raise ValueError("logging.level must be DEBUG, INFO, WARNING or ERROR")
         if self.cluster.longpoll_max_s <= 0:
             raise ValueError("cluster.longpoll_max_s must be positive")
         if self.cluster.resync_delay_s < 0:

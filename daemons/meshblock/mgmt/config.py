@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
+from meshblock.config import LoggingConfig
+
 
 @dataclass(frozen=True)
 class HttpConfig:
@@ -81,13 +83,6 @@ class AlertmanagerConfig:
     max_silence_duration_s: float = 30 * 86400.0
 
 
-@dataclass(frozen=True)
-class LoggingConfig:
-    """``[logging]``."""
-
-    level: str = "INFO"
-
-
 def _check_url(key: str, url: str) -> None:
     if not url:
         return
@@ -107,8 +102,6 @@ class MgmtConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def __post_init__(self) -> None:
-        if self.logging.level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
-            raise ValueError("logging.level must be DEBUG, INFO, WARNING or ERROR")
         if not 0 < self.http.port < 65536:
             raise ValueError("http.port must be between 1 and 65535")
         _check_url("mdm.url", self.mdm.url)

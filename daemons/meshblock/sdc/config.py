@@ -7,7 +7,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from meshblock.config import ConfigError
+from meshblock.config import ConfigError, LoggingConfig, read_secret_file
 from meshblock.files import write_atomic
 
 
@@ -70,11 +70,6 @@ class IoSettings:
 
 
 @dataclass(frozen=True)
-class LoggingConfig:
-    level: str = "INFO"
-
-
-@dataclass(frozen=True)
 class SdcConfig:
     sdc: SdcIdentity = field(default_factory=SdcIdentity)
     mdm: MdmLink = field(default_factory=MdmLink)
@@ -102,14 +97,7 @@ def cluster_secret(config: SdcConfig) -> str:
     """The cluster secret, from the config or from the file it names."""
     if config.mdm.cluster_secret:
         return config.mdm.cluster_secret
-    path = Path(config.mdm.cluster_secret_file)
-    try:
-        secret = path.read_text().strip()
-    except OSError as exc:
-        raise ConfigError(f"cannot read mdm.cluster_secret_file {path}: {exc.strerror}") from None
-    if not secret:
-        raise ConfigError(f"mdm.cluster_secret_file {path} is empty")
-    return secret
+    return read_secret_file(config.mdm.cluster_secret_file, "mdm.cluster_secret_file")
 
 
 def sdc_name(config: SdcConfig) -> str:

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from meshblock.config import ConfigError, from_mapping, read_toml
+from meshblock.config import ConfigError, LoggingConfig, from_mapping, read_secret_file, read_toml
 from meshblock.sizes import SizeError, parse_size
 
 
@@ -46,11 +46,6 @@ class DeviceConfig:
             raise ValueError(f"capacity: {exc}") from None
         if size < 2 * 1024 * 1024:
             raise ValueError(f"capacity of {self.path} must be at least 2MiB")
-
-
-@dataclass(frozen=True)
-class LoggingConfig:
-    level: str = "INFO"
 
 
 @dataclass(frozen=True)
@@ -98,15 +93,7 @@ class SdsConfig:
         if self.cluster_secret:
             return self.cluster_secret
         assert self.cluster_secret_file is not None
-        try:
-            value = Path(self.cluster_secret_file).read_text().strip()
-        except OSError as exc:
-            raise ConfigError(
-                f"cannot read cluster_secret_file {self.cluster_secret_file}: {exc.strerror}"
-            ) from None
-        if not value:
-            raise ConfigError(f"cluster_secret_file {self.cluster_secret_file} is empty")
-        return value
+        return read_secret_file(self.cluster_secret_file, "cluster_secret_file")
 
 
 def from_dict(data: dict[str, Any]) -> SdsConfig:

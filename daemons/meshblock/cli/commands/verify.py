@@ -20,6 +20,7 @@ from meshblock.cli.context import Context
 from meshblock.cli.errors import CliError, ExitCode, UsageError
 from meshblock.cli.output import render_table
 from meshblock.cli.parser import Subparsers, add_command
+from meshblock.config import ConfigError, read_secret_file
 from meshblock.pgmap_doc import PgMapError
 from meshblock.tools.replica_check import Report, check_volume
 
@@ -65,12 +66,9 @@ def cluster_secret(flag: Path | None, env: Mapping[str, str] = os.environ) -> st
     path = flag or (Path(env[SECRET_FILE_ENV]) if env.get(SECRET_FILE_ENV) else None)
     if path is not None:
         try:
-            secret = path.read_text().strip()
-        except OSError as exc:
-            raise CliError(f"cannot read the cluster secret from {path}: {exc.strerror}") from None
-        if not secret:
-            raise CliError(f"{path} is empty")
-        return secret
+            return read_secret_file(path, "the cluster secret file")
+        except ConfigError as exc:
+            raise CliError(str(exc)) from None
     if env.get(SECRET_ENV):
         return env[SECRET_ENV]
     raise UsageError(
