@@ -40,11 +40,14 @@ import asyncio
 import logging
 import time
 from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 
-from sqlalchemy import bindparam, select, update
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import aliased
 
+from meshblock.mdm import pgtable
 from meshblock.mdm.db import WriteGate
 from meshblock.mdm.epochs import EpochNotifier, bump
 from meshblock.mdm.errors import ApiError, Conflict, NotFound
@@ -58,10 +61,10 @@ from meshblock.mdm.models import (
     SdsMode,
     StoragePool,
 )
+from meshblock.mdm.pgtable import PgChange, PgRow
+from meshblock.mdm.placement import DeviceInfo, failure_domain
 
 log = logging.getLogger(__name__)
-
-Assignment = tuple[int | None, int | None, PgState]
 
 
 def next_state(
@@ -170,7 +173,8 @@ class FailureDetector:
             usable = frozenset(
                 i for i in sds_ids if i in connected and modes[i] != SdsMode.DRAINING
             )
-            changed = await self._apply(s, down, connected, gone, usable, failed)
+            seen = Conditions(down, connected, gone, usable, failed)
+            changed = await self._apply(s, seen)
             if changed:
                 epoch = await bump(s)
         if changed:
@@ -211,182 +215,33 @@ class FailureDetector:
         )
         return found.scalar() is not None
 
-    async def _apply(
-        self,
-        s: AsyncSession,
-        down: frozenset[int],
-        connected: frozenset[int],
-        gone: frozenset[int],
-        usable: frozenset[int],
-        failed: frozenset[int],
-    ) -> int:
-        """``down``, ``connected``, ``gone``, ``usable``: sets of SDS ids; ``failed``:
-        failed devices (a copy there is down, and gone for good)."""
-        dev_rows = (
-            await s.execute(
-                select(
-                    Device.id,
-                    Device.pool_id,
-                    Device.sds_id,
-                    Sds.fault_set_id,
-                    Device.capacity_bytes,
-                ).join(Sds, Sds.id == Device.sds_id)
-            )
-        ).all()
-        devices = {d: _Dev(d, pool, sds, fs, cap) for d, pool, sds, fs, cap in dev_rows}
-        rows = (
-            await s.execute(
-                select(
-                    PlacementGroup.pool_id,
-                    PlacementGroup.pg,
-                    PlacementGroup.primary_device_id,
-                    PlacementGroup.secondary_device_id,
-                    PlacementGroup.state,
-                    PlacementGroup.target_device_id,
-                    PlacementGroup.moving,
-                    PlacementGroup.epoch,
-                )
-            )
-        ).all()
-        copies: dict[int, int] = defaultdict(int)  # copies (and targets) per device
-        for row in rows:
-            for dev in (row[2], row[3], row[5]):
-                if dev is not None:
-                    copies[dev] += 1
-
-        def sds_of(dev: int | None) -> int | None:
-            return None if dev is None else devices[dev].sds_id
-
-        updates: list[dict[str, object]] = []
-        pools: dict[int, int] = defaultdict(int)
-        rebuilt: dict[int, int] = defaultdict(int)
-        no_room: dict[int, int] = defaultdict(int)
-        for pool_id, pg, p_dev, s_dev, state, t_dev, moving, old_epoch in rows:
-            if p_dev is None and s_dev is None:
-                continue  # unplaced: nothing to fail over
-            p_sds, s_sds = sds_of(p_dev), sds_of(s_dev)
-            p_up = None if p_sds is None else p_sds not in down and p_dev not in failed
-            s_up = None if s_sds is None else s_sds not in down and s_dev not in failed
-            s_connected = s_sds in connected and s_dev not in failed
-            swap, new_state = next_state(p_up, s_up, state, s_connected)
-            new_p, new_s = (s_dev, p_dev) if swap else (p_dev, s_dev)
-            new_t, new_moving = t_dev, moving
-            if t_dev is not None and (
-                new_state != PgState.CLEAN or sds_of(t_dev) not in usable or t_dev in failed
-            ):
-                # A move needs a clean PG and a reachable target: cancel it (the
-                # rebalancer starts it again later, from scratch).
-                new_t, new_moving = None, None
-                copies[t_dev] -= 1
-            if (
-                new_state == PgState.DEGRADED
-                and new_p is not None
-                and (new_s is None or sds_of(new_s) in gone or new_s in failed)
-            ):
-                # The stale copy's SDS (or device) is gone for good: a new copy elsewhere.
-                pick = self._rebuild_target(devices, copies, devices[new_p], usable, failed)
-                if pick is None:
-                    no_room[pool_id] += 1
-                else:
-                    if new_s is not None:
-                        copies[new_s] -= 1
-                    copies[pick] += 1
-                    new_s, new_state = pick, PgState.REBUILDING
-                    rebuilt[pool_id] += 1
-            if (new_p, new_s, new_state, new_t) == (p_dev, s_dev, state, t_dev):
-                continue
-            updates.append(
-                {
-                    "b_pool": pool_id,
-                    "b_pg": pg,
-                    "b_p": new_p,
-                    "b_s": new_s,
-                    "b_state": new_state,
-                    "b_t": new_t,
-                    "b_m": new_moving,
-                    "b_old": old_epoch,
-                }
-            )
-            pools[pool_id] += 1
-        if no_room != self._no_room:
-            for pool_id, n in sorted(no_room.items()):
+    async def _apply(self, s: AsyncSession, seen: Conditions) -> int:
+        """Load, decide (:func:`decide`), write; return how many PGs changed."""
+        devices = await load_devices(s)
+        plan = decide(await pgtable.load(s), devices, seen)
+        if plan.no_room != self._no_room:
+            for pool_id, n in sorted(plan.no_room.items()):
                 log.warning(
                     "pool %d: %d degraded PG(s) cannot be rebuilt: no connected SDS with a "
                     "device in the pool outside the surviving copy's fault set",
                     pool_id,
                     n,
                 )
-            self._no_room = no_room
-        if not updates:
+            self._no_room = plan.no_room
+        if not plan.changes:
             return 0
-        epochs = {}
-        for pool in (
-            await s.execute(select(StoragePool).where(StoragePool.id.in_(list(pools))))
-        ).scalars():
-            pool.map_epoch += 1
-            epochs[pool.id] = pool.map_epoch
+        for pool, changes in await pgtable.write_pools(s, plan.changes):
+            rebuilt = plan.rebuilt.get(pool.id, 0)
             log.warning(
                 "pool %s: %d PG(s) changed state after SDS or device failures or returns "
                 "(map epoch %d)%s",
                 pool.name,
-                pools[pool.id],
+                len(changes),
                 pool.map_epoch,
-                f"; {rebuilt[pool.id]} rebuilding on other SDSs" if rebuilt[pool.id] else "",
+                f"; {rebuilt} rebuilding on other SDSs" if rebuilt else "",
             )
-        self.rebuilds_started += sum(rebuilt.values())
-        for u in updates:
-            u["b_epoch"] = epochs[u["b_pool"]]  # type: ignore[index]
-        table = PlacementGroup.metadata.tables[PlacementGroup.__tablename__]
-        conn = await s.connection()
-        # Only where the PG is still as we read it (its epoch unchanged): a report or
-        # a rebalance committed meanwhile is not overwritten; the next check sees it.
-        await conn.execute(
-            update(table)
-            .where(
-                table.c.pool_id == bindparam("b_pool"),
-                table.c.pg == bindparam("b_pg"),
-                table.c.epoch == bindparam("b_old"),
-            )
-            .values(
-                primary_device_id=bindparam("b_p"),
-                secondary_device_id=bindparam("b_s"),
-                state=bindparam("b_state"),
-                epoch=bindparam("b_epoch"),
-                target_device_id=bindparam("b_t"),
-                moving=bindparam("b_m"),
-            ),
-            updates,
-        )
-        await s.flush()
-        return len(updates)
-
-    @staticmethod
-    def _rebuild_target(
-        devices: dict[int, _Dev],
-        copies: dict[int, int],
-        primary: _Dev,
-        usable: frozenset[int],
-        failed: frozenset[int],
-    ) -> int | None:
-        """The device of the pool that takes a new copy next to ``primary``: on a
-        usable SDS outside the primary's failure domain, not failed, the least filled
-        relative to its capacity (so that rebuilds spread over every SDS:
-        many-to-many)."""
-        best: tuple[float, int] | None = None
-        for d in devices.values():
-            if (
-                d.id in failed
-                or d.pool_id != primary.pool_id
-                or d.sds_id not in usable
-                or d.sds_id == primary.sds_id
-                or d.domain == primary.domain
-                or d.capacity <= 0
-            ):
-                continue
-            score = (copies[d.id] + 1) / d.capacity
-            if best is None or (score, d.id) < best:
-                best = (score, d.id)
-        return None if best is None else best[1]
+        self.rebuilds_started += sum(plan.rebuilt.values())
+        return len(plan.changes)
 
     async def run(self, interval_s: float = 1.0) -> None:
         while True:
@@ -397,17 +252,157 @@ class FailureDetector:
                 log.exception("failure check failed; trying again in %.0f s", interval_s)
 
 
-class _Dev:
-    __slots__ = ("capacity", "domain", "id", "pool_id", "sds_id")
+@dataclass(frozen=True)
+class PoolDevice(DeviceInfo):
+    """A device as the failure checks see it: placement's view and its pool."""
 
-    def __init__(
-        self, id_: int, pool_id: int, sds_id: int, fault_set_id: int | None, capacity: int
-    ) -> None:
-        self.id = id_
-        self.pool_id = pool_id
-        self.sds_id = sds_id
-        self.capacity = capacity
-        self.domain = ("fs", fault_set_id) if fault_set_id is not None else ("sds", sds_id)
+    pool_id: int
+
+
+async def load_devices(s: AsyncSession) -> dict[int, PoolDevice]:
+    """Every device (failed ones too), by id."""
+    rows = await s.execute(
+        select(
+            Device.id, Device.sds_id, Sds.fault_set_id, Device.capacity_bytes, Device.pool_id
+        ).join(Sds, Sds.id == Device.sds_id)
+    )
+    return {d: PoolDevice(d, sds, fs, cap, pool) for d, sds, fs, cap, pool in rows}
+
+
+@dataclass(frozen=True)
+class Conditions:
+    """What the failure checks know of the SDSs and devices at one check (ids)."""
+
+    down: frozenset[int] = frozenset()
+    """SDSs down or in maintenance: their copies are stale."""
+    connected: frozenset[int] = frozenset()
+    """SDSs heartbeating for ``resync_delay_s`` and not in maintenance: their stale
+    copies resync."""
+    gone: frozenset[int] = frozenset()
+    """SDSs lost for ``rebuild_delay_s`` (not in maintenance): rebuilt away from."""
+    usable: frozenset[int] = frozenset()
+    """SDSs that may take a new copy or a move: connected, in mode normal."""
+    failed: frozenset[int] = frozenset()
+    """Failed devices: a copy there is down, and gone for good."""
+
+    def up(self, dev: PoolDevice | None) -> bool | None:
+        """Whether a copy on ``dev`` is up; None: no such copy."""
+        if dev is None:
+            return None
+        return dev.sds_id not in self.down and dev.device_id not in self.failed
+
+    def lost(self, dev: PoolDevice | None) -> bool:
+        """No copy, or one that will not come back: rebuild it elsewhere."""
+        return dev is None or dev.sds_id in self.gone or dev.device_id in self.failed
+
+    def takes_copies(self, dev: PoolDevice) -> bool:
+        """Whether ``dev`` may take a new copy or a move's target."""
+        return dev.sds_id in self.usable and dev.device_id not in self.failed
+
+
+@dataclass
+class FailurePlan:
+    """What :func:`decide` makes of the PG rows: the changes, and per pool how many
+    PGs get a new secondary (``rebuilt``) or wait for room to get one (``no_room``)."""
+
+    changes: list[PgChange] = field(default_factory=list)
+    rebuilt: dict[int, int] = field(default_factory=dict)
+    no_room: dict[int, int] = field(default_factory=dict)
+
+
+def decide(
+    rows: Sequence[PgRow], devices: Mapping[int, PoolDevice], seen: Conditions
+) -> FailurePlan:
+    """The failure checks' decision, pure: per placed PG, its state after
+    :func:`next_state` (the secondary promoted when the primary is lost), its move
+    cancelled unless the PG stays clean and the target takes copies, and a new
+    secondary (:func:`rebuild_target`) for a degraded PG whose stale copy is lost for
+    good. Rows are taken in order; each rebuild counts towards the next choices."""
+    plan = FailurePlan()
+    copies: dict[int, int] = defaultdict(int)  # copies (and targets) per device
+    for row in rows:
+        for dev in row.copies:
+            copies[dev] += 1
+    for row in rows:
+        if row.primary is None and row.secondary is None:
+            continue  # unplaced: nothing to fail over
+        after = _fail_over(row, devices, seen)
+        if row.target is not None and after.target is None:
+            copies[row.target] -= 1
+        after = _rebuild(after, devices, copies, seen, plan)
+        if after != row:
+            plan.changes.append(PgChange(row, after))
+    return plan
+
+
+def _fail_over(row: PgRow, devices: Mapping[int, PoolDevice], seen: Conditions) -> PgRow:
+    """``row`` with the state :func:`next_state` gives it, and without its move when
+    the PG is no longer clean or the target may not take copies (the rebalancer starts
+    it again later, from scratch)."""
+    primary = None if row.primary is None else devices[row.primary]
+    secondary = None if row.secondary is None else devices[row.secondary]
+    s_connected = secondary is not None and (
+        secondary.sds_id in seen.connected and secondary.device_id not in seen.failed
+    )
+    swap, state = next_state(seen.up(primary), seen.up(secondary), row.state, s_connected)
+    p, s = (row.secondary, row.primary) if swap else (row.primary, row.secondary)
+    target, moving = row.target, row.moving
+    if target is not None and (state != PgState.CLEAN or not seen.takes_copies(devices[target])):
+        target, moving = None, None
+    return replace(row, primary=p, secondary=s, state=state, target=target, moving=moving)
+
+
+def _rebuild(
+    row: PgRow,
+    devices: Mapping[int, PoolDevice],
+    copies: dict[int, int],
+    seen: Conditions,
+    plan: FailurePlan,
+) -> PgRow:
+    """A degraded PG whose stale copy's SDS (or device) is gone for good gets a new
+    secondary elsewhere, ``rebuilding``; it stays degraded when none qualifies."""
+    if row.state != PgState.DEGRADED or row.primary is None:
+        return row
+    if not seen.lost(None if row.secondary is None else devices[row.secondary]):
+        return row
+    pick = rebuild_target(devices.values(), copies, devices[row.primary], seen)
+    if pick is None:
+        plan.no_room[row.pool_id] = plan.no_room.get(row.pool_id, 0) + 1
+        return row
+    if row.secondary is not None:
+        copies[row.secondary] -= 1
+    copies[pick] += 1
+    plan.rebuilt[row.pool_id] = plan.rebuilt.get(row.pool_id, 0) + 1
+    return replace(row, secondary=pick, state=PgState.REBUILDING)
+
+
+def rebuild_target(
+    devices: Iterable[PoolDevice],
+    copies: Mapping[int, int],
+    primary: PoolDevice,
+    seen: Conditions,
+) -> int | None:
+    """The device of the pool that takes a new copy next to ``primary``: one that
+    takes copies, on another SDS outside the primary's failure domain, the least
+    filled relative to its capacity (so that rebuilds spread over every SDS:
+    many-to-many); ties go to the lowest id."""
+    domain = failure_domain(primary)
+    candidates = [
+        d
+        for d in devices
+        if d.pool_id == primary.pool_id
+        and seen.takes_copies(d)
+        and d.sds_id != primary.sds_id
+        and failure_domain(d) != domain
+        and d.capacity_bytes > 0
+    ]
+    if not candidates:
+        return None
+    best = min(
+        candidates,
+        key=lambda d: ((copies.get(d.device_id, 0) + 1) / d.capacity_bytes, d.device_id),
+    )
+    return best.device_id
 
 
 async def mark_synced(s: AsyncSession, sds_id: int, pool_id: int, pg: int, epoch: int) -> int:

@@ -1,0 +1,207 @@
+"""The one gateway to the PG table (``placement_groups``): typed rows in, one
+compare-and-set writer out.
+
+A decision about PGs is made in three steps:
+
+1. **load**: :func:`load` reads the rows as :class:`PgRow` (named fields, never
+   positional indexes);
+2. **decide**: a pure function over those rows (no session, no clock, no liveness)
+   returns the changes to make (:class:`PgChange`): the failure checks
+   (:func:`meshblock.mdm.failures.decide`);
+3. **write**: :func:`write` (one pool) or :func:`write_pools` stores them.
+
+The writer's contract:
+
+- one call publishes one new map of a pool: the pool's ``map_epoch`` goes up by one
+  and every row written carries it as its ``epoch``;
+- compare-and-set: a row is updated only where its ``epoch`` is still the one the
+  decision read (``PgChange.before.epoch``). A change decided on a row that another
+  decision changed meanwhile is dropped without error, and the next decision starts
+  from the new row (docs/design.md, invariant 9). A change without ``before`` adds the
+  row (a new pool's map);
+- it runs in the caller's transaction; the caller bumps the cluster epoch
+  (:func:`meshblock.mdm.epochs.bump`) and publishes it after the commit.
+
+Rows are read and written as tuples with one executemany per kind of change: a pool
+of 4096 PGs costs no ORM object per PG.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Collection, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Table, bindparam, insert, or_, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from meshblock.mdm.models import PgState, PlacementGroup, StoragePool
+
+__all__ = ["PgChange", "PgRow", "load", "write", "write_pools"]
+
+
+@dataclass(frozen=True, slots=True)
+class PgRow:
+    """One PG of a pool's map, as stored.
+
+    ``primary``, ``secondary``, ``target``: device ids (None: no such copy);
+    ``target`` and ``moving`` (``"primary"`` or ``"secondary"``): a rebalance move in
+    progress; ``epoch``: the pool's map epoch that last changed the row.
+    """
+
+    pool_id: int
+    pg: int
+    primary: int | None
+    secondary: int | None
+    state: PgState
+    target: int | None = None
+    moving: str | None = None
+    epoch: int = 0
+
+    @property
+    def copies(self) -> tuple[int, ...]:
+        """The devices holding a copy or receiving one (the move's target)."""
+        return tuple(d for d in (self.primary, self.secondary, self.target) if d is not None)
+
+
+@dataclass(frozen=True, slots=True)
+class PgChange:
+    """What a decision makes of a row: ``before`` as it was read (None: a new row),
+    ``after`` as it is to be (its ``epoch`` is ignored: the writer stamps it)."""
+
+    before: PgRow | None
+    after: PgRow
+
+    @property
+    def pool_id(self) -> int:
+        return self.after.pool_id
+
+
+_COLUMNS = (
+    PlacementGroup.pool_id,
+    PlacementGroup.pg,
+    PlacementGroup.primary_device_id.label("primary"),
+    PlacementGroup.secondary_device_id.label("secondary"),
+    PlacementGroup.state,
+    PlacementGroup.target_device_id.label("target"),
+    PlacementGroup.moving,
+    PlacementGroup.epoch,
+)
+
+
+async def load(
+    s: AsyncSession,
+    *,
+    pool_id: int | None = None,
+    pgs: Collection[int] | None = None,
+    devices: Collection[int] | None = None,
+) -> list[PgRow]:
+    """The PG rows, in (pool, pg) order: every pool's, or ``pool_id``'s (only ``pgs``
+    of it when given); with ``devices``, only the rows naming one of those devices
+    (as primary, secondary or target)."""
+    q = select(*_COLUMNS).order_by(PlacementGroup.pool_id, PlacementGroup.pg)
+    if pool_id is not None:
+        q = q.where(PlacementGroup.pool_id == pool_id)
+    if pgs is not None:
+        q = q.where(PlacementGroup.pg.in_(list(pgs)))
+    if devices is not None:
+        ids = list(devices)
+        q = q.where(
+            or_(
+                PlacementGroup.primary_device_id.in_(ids),
+                PlacementGroup.secondary_device_id.in_(ids),
+                PlacementGroup.target_device_id.in_(ids),
+            )
+        )
+    return [PgRow(**row._asdict()) for row in await s.execute(q)]
+
+
+def _table() -> Table:
+    return PlacementGroup.metadata.tables[PlacementGroup.__tablename__]
+
+
+_VALUES: dict[str, Any] = {
+    "primary_device_id": bindparam("b_p"),
+    "secondary_device_id": bindparam("b_s"),
+    "state": bindparam("b_state"),
+    "target_device_id": bindparam("b_t"),
+    "moving": bindparam("b_m"),
+    "epoch": bindparam("b_epoch"),
+}
+
+
+def _params(change: PgChange, epoch: int) -> dict[str, Any]:
+    after = change.after
+    return {
+        "b_pool": after.pool_id,
+        "b_pg": after.pg,
+        "b_p": after.primary,
+        "b_s": after.secondary,
+        "b_state": after.state,
+        "b_t": after.target,
+        "b_m": after.moving,
+        "b_epoch": epoch,
+        "b_old": None if change.before is None else change.before.epoch,
+    }
+
+
+async def write(s: AsyncSession, pool: StoragePool, changes: Iterable[PgChange]) -> int:
+    """Publish a new map of ``pool`` with ``changes``: bump its ``map_epoch``, add the
+    new rows and update the others where their epoch is still ``before.epoch``
+    (compare-and-set). Returns the new map epoch. Every change must be of ``pool``
+    and keep its ``(pool_id, pg)``."""
+    pool.map_epoch += 1
+    epoch = pool.map_epoch
+    added: list[dict[str, Any]] = []
+    updated: list[dict[str, Any]] = []
+    for change in changes:
+        before, after = change.before, change.after
+        if after.pool_id != pool.id or (before is not None and before.pg != after.pg):
+            raise ValueError(f"change of PG {after.pool_id}/{after.pg} written to pool {pool.id}")
+        (added if before is None else updated).append(_params(change, epoch))
+    table = _table()
+    conn = await s.connection()
+    if added:
+        for row in added:
+            del row["b_old"]
+        await conn.execute(
+            insert(table).values(pool_id=bindparam("b_pool"), pg=bindparam("b_pg"), **_VALUES),
+            added,
+        )
+    if updated:
+        await conn.execute(
+            update(table)
+            .where(
+                table.c.pool_id == bindparam("b_pool"),
+                table.c.pg == bindparam("b_pg"),
+                table.c.epoch == bindparam("b_old"),
+            )
+            .values(**_VALUES),
+            updated,
+        )
+    await s.flush()
+    return epoch
+
+
+async def write_pools(
+    s: AsyncSession, changes: Iterable[PgChange]
+) -> list[tuple[StoragePool, list[PgChange]]]:
+    """:func:`write` for changes of several pools: one new map epoch per pool that has
+    changes (its ``map_epoch`` afterwards). Returns each pool with its changes, in
+    pool id order."""
+    per_pool: dict[int, list[PgChange]] = defaultdict(list)
+    for change in changes:
+        per_pool[change.pool_id].append(change)
+    if not per_pool:
+        return []
+    pools = (
+        await s.execute(
+            select(StoragePool).where(StoragePool.id.in_(list(per_pool))).order_by(StoragePool.id)
+        )
+    ).scalars()
+    out = []
+    for pool in list(pools):
+        await write(s, pool, per_pool[pool.id])
+        out.append((pool, per_pool[pool.id]))
+    return out

@@ -1,0 +1,262 @@
+"""The failure checks' decision (``meshblock.mdm.failures.decide``), pure: PG rows and
+what is known of the SDSs and devices in, the changes out; no database, no clock.
+
+The cases the cluster tests go through with real daemons (test_api, test_failover,
+test_rebuild, test_device_failure): a primary, a secondary or both lost, a return and
+its resync, a rebuild target chosen and spread, a failed device, maintenance, a
+draining SDS, and a rebalance move cancelled."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import replace
+
+import pytest
+
+from meshblock.mdm.failures import Conditions, PoolDevice, decide, next_state, rebuild_target
+from meshblock.mdm.models import PgState
+from meshblock.mdm.pgtable import PgRow
+
+pytestmark = pytest.mark.unit
+
+GiB = 1 << 30
+POOL = 1
+CLEAN, DEGRADED, INACTIVE = PgState.CLEAN, PgState.DEGRADED, PgState.INACTIVE
+RESYNCING, REBUILDING = PgState.RESYNCING, PgState.REBUILDING
+
+
+def cluster(*sds_ids: int, fault_sets: dict[int, int] | None = None) -> dict[int, PoolDevice]:
+    """One 100 GiB device per SDS, device id = 10 * SDS id, all in pool ``POOL``."""
+    fs = fault_sets or {}
+    return {10 * i: PoolDevice(10 * i, i, fs.get(i), 100 * GiB, POOL) for i in sds_ids}
+
+
+DEVICES = cluster(1, 2, 3, 4)
+EVERYONE = frozenset({1, 2, 3, 4})
+
+
+def up(*sds_ids: int, failed: Sequence[int] = (), gone: Sequence[int] = ()) -> Conditions:
+    """SDSs ``sds_ids`` connected and usable, the others down (``gone`` among them
+    lost for good); ``failed``: failed devices."""
+    live = frozenset(sds_ids)
+    return Conditions(
+        down=EVERYONE - live,
+        connected=live,
+        gone=frozenset(gone),
+        usable=live,
+        failed=frozenset(failed),
+    )
+
+
+def pg(n: int, primary: int | None, secondary: int | None, state: PgState = CLEAN) -> PgRow:
+    return PgRow(POOL, n, primary, secondary, state, epoch=7)
+
+
+def after(rows: Sequence[PgRow], seen: Conditions) -> dict[int, tuple[object, ...]]:
+    """PG -> (primary, secondary, state, target) of every PG the decision changes."""
+    plan = decide(rows, DEVICES, seen)
+    for change in plan.changes:
+        assert change.before in rows, "a change names the row it was decided on"
+        assert change.after.epoch == rows[0].epoch, "the writer stamps the epoch"
+    return {
+        c.after.pg: (c.after.primary, c.after.secondary, c.after.state, c.after.target)
+        for c in plan.changes
+    }
+
+
+def test_nothing_changes_while_every_copy_is_up() -> None:
+    rows = [pg(0, 10, 20), pg(1, 20, 30), pg(2, None, None)]
+    assert after(rows, up(1, 2, 3, 4)) == {}
+
+
+def test_a_lost_primary_promotes_the_secondary() -> None:
+    assert after([pg(0, 10, 20)], up(2, 3, 4)) == {0: (20, 10, DEGRADED, None)}
+
+
+def test_a_lost_secondary_degrades_the_pg() -> None:
+    assert after([pg(0, 10, 20)], up(1, 3, 4)) == {0: (10, 20, DEGRADED, None)}
+
+
+def test_both_copies_lost_make_the_pg_inactive_and_its_primary_stays() -> None:
+    assert after([pg(0, 10, 20)], up(3, 4)) == {0: (10, 20, INACTIVE, None)}
+
+
+def test_a_degraded_pg_whose_only_in_sync_copy_is_lost_is_inactive() -> None:
+    # the secondary's SDS is back, but its copy is stale: never promoted
+    assert after([pg(0, 10, 20, DEGRADED)], up(2, 3, 4)) == {0: (10, 20, INACTIVE, None)}
+
+
+def test_a_returning_secondary_resyncs_once_settled() -> None:
+    rows = [pg(0, 10, 20, DEGRADED)]
+    assert after(rows, up(1, 2, 3, 4)) == {0: (10, 20, RESYNCING, None)}
+    # heartbeating, but not for resync_delay_s yet: not connected in the decision's sense
+    not_settled = replace(up(1, 2, 3, 4), connected=frozenset({1, 3, 4}))
+    assert after(rows, not_settled) == {}
+
+
+def test_a_resyncing_pg_falls_back_when_a_copy_is_lost_again() -> None:
+    rows = [pg(0, 10, 20, RESYNCING), pg(1, 20, 10, RESYNCING)]
+    assert after(rows, up(1, 3, 4)) == {
+        0: (10, 20, DEGRADED, None),  # the secondary lost again
+        1: (20, 10, INACTIVE, None),  # the primary, its only in-sync copy, lost
+    }
+
+
+def test_an_inactive_pg_comes_back_with_its_primary() -> None:
+    rows = [pg(0, 10, 20, INACTIVE)]
+    assert after(rows, up(1, 3, 4)) == {0: (10, 20, DEGRADED, None)}
+    assert after(rows, up(1, 2, 3, 4)) == {0: (10, 20, RESYNCING, None)}
+    assert after(rows, up(2, 3, 4)) == {}, "the stale secondary does not bring it back"
+
+
+def test_a_secondary_gone_for_good_is_rebuilt_on_the_least_filled_device() -> None:
+    # device 30 holds two copies already, device 40 none: 40 takes the new copy
+    rows = [pg(0, 10, 20, DEGRADED), pg(1, 30, 10), pg(2, 30, 10)]
+    assert after(rows, up(1, 3, 4, gone=[2])) == {0: (10, 40, REBUILDING, None)}
+
+
+def test_a_lost_sds_is_rebuilt_on_every_other_sds() -> None:
+    """Many-to-many: each choice counts, so the new copies spread."""
+    rows = [pg(n, 10, 20) for n in range(6)]
+    plan = decide(rows, DEVICES, up(1, 3, 4, gone=[2]))
+    targets = [c.after.secondary for c in plan.changes]
+    assert all(c.after.state == REBUILDING for c in plan.changes)
+    assert targets == [30, 40, 30, 40, 30, 40]
+    assert plan.rebuilt == {POOL: 6} and plan.no_room == {}
+
+
+def test_a_sds_down_but_not_gone_keeps_its_copies() -> None:
+    assert after([pg(0, 10, 20, DEGRADED)], up(1, 3, 4)) == {}
+
+
+def test_maintenance_degrades_and_never_rebuilds() -> None:
+    # in maintenance: down for its PGs, never connected nor gone
+    seen = Conditions(
+        down=frozenset({2}), connected=frozenset({1, 3, 4}), usable=frozenset({1, 3, 4})
+    )
+    assert after([pg(0, 20, 10)], seen) == {0: (10, 20, DEGRADED, None)}
+    assert after([pg(0, 10, 20, DEGRADED)], seen) == {}
+
+
+def test_no_room_leaves_the_pg_degraded_and_counts_it() -> None:
+    devices = cluster(1, 2)
+    plan = decide([pg(0, 10, 20, DEGRADED)], devices, up(1, gone=[2]))
+    assert plan.changes == [] and plan.no_room == {POOL: 1} and plan.rebuilt == {}
+
+
+def test_a_rebuild_stays_out_of_the_primarys_fault_set_and_off_draining_sds() -> None:
+    devices = cluster(1, 2, 3, 4, fault_sets={1: 100, 3: 100})
+    # SDS 4 drains: connected but not usable
+    seen = replace(up(1, 3, 4, gone=[2]), usable=frozenset({1, 3}))
+    plan = decide([pg(0, 10, 20, DEGRADED)], devices, seen)
+    assert plan.changes == [] and plan.no_room == {POOL: 1}
+    seen = replace(seen, usable=frozenset({1, 3, 4}))
+    (change,) = decide([pg(0, 10, 20, DEGRADED)], devices, seen).changes
+    assert change.after.secondary == 40
+
+
+def test_a_failed_device_fails_over_and_is_rebuilt_at_once() -> None:
+    """Its SDS is up, but the copy is down and gone for good: the secondary is
+    promoted and a new one rebuilt in the same decision, without rebuild_delay_s."""
+    rows = [pg(0, 10, 20), pg(1, 30, 10), pg(2, 30, 40)]
+    assert after(rows, up(1, 2, 3, 4, failed=[10])) == {
+        0: (20, 40, REBUILDING, None),
+        1: (30, 20, REBUILDING, None),
+    }
+
+
+def test_a_failed_device_is_never_a_rebuild_target() -> None:
+    rows = [pg(0, 10, 20, DEGRADED), pg(1, 30, 10), pg(2, 30, 10)]
+    assert after(rows, up(1, 3, 4, gone=[2], failed=[40])) == {0: (10, 30, REBUILDING, None)}
+
+
+def test_a_secondary_on_a_failed_device_does_not_resync() -> None:
+    rows = [pg(0, 10, 20, DEGRADED)]
+    assert after(rows, up(1, 2, 3, 4, failed=[20])) == {0: (10, 30, REBUILDING, None)}
+
+
+def move(n: int, primary: int, secondary: int, target: int, moving: str) -> PgRow:
+    return replace(pg(n, primary, secondary), target=target, moving=moving)
+
+
+def test_a_move_carries_on_while_the_pg_is_clean_and_the_target_usable() -> None:
+    assert after([move(0, 10, 20, 30, "secondary")], up(1, 2, 3, 4)) == {}
+
+
+def test_a_move_is_cancelled_when_the_pg_degrades() -> None:
+    plan = decide([move(0, 10, 20, 30, "primary")], DEVICES, up(2, 3, 4))
+    (change,) = plan.changes
+    assert (change.after.primary, change.after.secondary) == (20, 10)
+    assert (change.after.state, change.after.target, change.after.moving) == (
+        DEGRADED,
+        None,
+        None,
+    )
+
+
+@pytest.mark.parametrize(
+    "seen",
+    [
+        up(1, 2, 4),  # the target's SDS is down
+        replace(up(1, 2, 3, 4), usable=frozenset({1, 2, 4})),  # draining
+        up(1, 2, 3, 4, failed=[30]),  # the target's device failed
+    ],
+    ids=["down", "draining", "failed"],
+)
+def test_a_move_is_cancelled_when_its_target_may_not_take_copies(seen: Conditions) -> None:
+    assert after([move(0, 10, 20, 30, "secondary")], seen) == {0: (10, 20, CLEAN, None)}
+
+
+def test_move_targets_count_as_copies_for_rebuild_choices() -> None:
+    # device 30 is the target of two moves: 40 is less filled
+    rows = [
+        pg(0, 10, 20, DEGRADED),
+        move(1, 10, 40, 30, "secondary"),
+        move(2, 40, 10, 30, "primary"),
+        pg(3, 10, 30),
+    ]
+    got = after(rows, up(1, 3, 4, gone=[2]))
+    assert got == {0: (10, 40, REBUILDING, None)}
+
+
+def test_a_cancelled_move_frees_its_target_for_a_rebuild() -> None:
+    # the move's PG degrades (SDS 2 lost): its target 30 no longer counts, so both
+    # rebuilds find 30 no fuller than 40 (counted, 30 would be full after the first)
+    rows = [move(0, 20, 10, 30, "primary"), pg(1, 10, 20, DEGRADED), pg(2, 40, 10)]
+    assert after(rows, up(1, 3, 4, gone=[2])) == {
+        0: (10, 30, REBUILDING, None),
+        1: (10, 30, REBUILDING, None),
+    }
+
+
+@pytest.mark.parametrize(
+    ("primary_up", "secondary_up", "state", "connected", "expected"),
+    [
+        (True, True, CLEAN, True, (False, CLEAN)),
+        (False, True, CLEAN, True, (True, DEGRADED)),
+        (True, False, CLEAN, False, (False, DEGRADED)),
+        (False, False, CLEAN, False, (False, INACTIVE)),
+        (True, None, CLEAN, False, (False, DEGRADED)),
+        (True, True, DEGRADED, True, (False, RESYNCING)),
+        (True, True, DEGRADED, False, (False, DEGRADED)),
+        (False, True, DEGRADED, True, (False, INACTIVE)),
+        (True, True, REBUILDING, True, (False, REBUILDING)),
+        (True, False, REBUILDING, False, (False, DEGRADED)),
+        (True, True, INACTIVE, True, (False, RESYNCING)),
+    ],
+)
+def test_next_state(
+    primary_up: bool | None,
+    secondary_up: bool | None,
+    state: PgState,
+    connected: bool,
+    expected: tuple[bool, PgState],
+) -> None:
+    assert next_state(primary_up, secondary_up, state, connected) == expected
+
+
+def test_rebuild_target_ties_go_to_the_lowest_id_and_other_pools_are_ignored() -> None:
+    devices = [*cluster(1, 2, 3).values(), PoolDevice(50, 5, None, 100 * GiB, POOL + 1)]
+    seen = Conditions(usable=frozenset({1, 2, 3, 5}))
+    assert rebuild_target(devices, {}, devices[0], seen) == 20
+    assert rebuild_target(devices, {20: 1}, devices[0], seen) == 30

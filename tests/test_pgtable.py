@@ -1,0 +1,135 @@
+"""The PG table's gateway (``meshblock.mdm.pgtable``) on SQLite and PostgreSQL: typed
+rows loaded, new rows added, and the compare-and-set writer that skips a row changed
+since it was read (docs/design.md, invariant 9)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
+
+import pytest
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from meshblock.mdm import pgtable
+from meshblock.mdm.db import create_engine, migrate, session_factory
+from meshblock.mdm.models import (
+    Device,
+    PgState,
+    ProtectionDomain,
+    Sds,
+    StoragePool,
+)
+from meshblock.mdm.pgtable import PgChange, PgRow
+
+pytestmark = [pytest.mark.cluster, pytest.mark.parallel]
+
+
+def in_session(url: str, fn: Callable[[AsyncSession], Awaitable[None]]) -> None:
+    """Run ``fn`` in one transaction on a migrated database ``url`` (the module's:
+    each test makes pools of its own names)."""
+
+    async def main() -> None:
+        engine = create_engine(url)
+        try:
+            await migrate(engine)
+            async with session_factory(engine)() as s, s.begin():
+                await fn(s)
+        finally:
+            await engine.dispose()
+
+    asyncio.run(main())
+
+
+async def new_pool(s: AsyncSession, name: str) -> tuple[StoragePool, list[int]]:
+    """A pool with a device on each of two SDSs; returns it and the device ids."""
+    pd = ProtectionDomain(name=f"pd-{name}")
+    s.add(pd)
+    await s.flush()
+    pool = StoragePool(
+        name=name, protection_domain_id=pd.id, pg_count=4, allocation_granularity_bytes=1 << 30
+    )
+    s.add(pool)
+    await s.flush()
+    devices = []
+    for n in range(2):
+        sds = Sds(name=f"{name}-sds{n}", protection_domain_id=pd.id, address="127.0.0.1")
+        s.add(sds)
+        await s.flush()
+        dev = Device(sds_id=sds.id, pool_id=pool.id, path="/d", capacity_bytes=1 << 30)
+        s.add(dev)
+        await s.flush()
+        devices.append(dev.id)
+    return pool, devices
+
+
+def test_added_rows_load_typed_in_pg_order_with_the_new_map_epoch(db_url: str) -> None:
+    async def go(s: AsyncSession) -> None:
+        pool, (a, b) = await new_pool(s, "added")
+        new = [PgRow(pool.id, n, a, b, PgState.CLEAN) for n in (3, 1, 0, 2)]
+        epoch = await pgtable.write(s, pool, [PgChange(None, row) for row in new])
+        assert epoch == pool.map_epoch == 1
+        rows = await pgtable.load(s, pool_id=pool.id)
+        assert rows == [PgRow(pool.id, n, a, b, PgState.CLEAN, epoch=1) for n in range(4)]
+        assert await pgtable.load(s, pool_id=pool.id, pgs=[2]) == [rows[2]]
+
+    in_session(db_url, go)
+
+
+def test_a_row_changed_since_it_was_read_is_not_overwritten(db_url: str) -> None:
+    async def go(s: AsyncSession) -> None:
+        pool, (a, b) = await new_pool(s, "cas")
+        await pgtable.write(
+            s, pool, [PgChange(None, PgRow(pool.id, n, a, b, PgState.CLEAN)) for n in range(4)]
+        )
+        read = await pgtable.load(s, pool_id=pool.id)
+        # another decision changes PG 0 meanwhile (a new map epoch)
+        await pgtable.write(s, pool, [PgChange(read[0], replace(read[0], state=PgState.DEGRADED))])
+        stale = [
+            PgChange(read[0], replace(read[0], primary=b, secondary=a)),  # read before
+            PgChange(read[1], replace(read[1], state=PgState.INACTIVE)),
+        ]
+        epoch = await pgtable.write(s, pool, stale)
+        assert epoch == 3
+        rows = {row.pg: row for row in await pgtable.load(s, pool_id=pool.id)}
+        assert rows[0] == replace(read[0], state=PgState.DEGRADED, epoch=2), "kept"
+        assert rows[1] == replace(read[1], state=PgState.INACTIVE, epoch=3), "written"
+        assert rows[2] == read[2], "untouched"
+        stored = select(StoragePool.map_epoch).where(StoragePool.id == pool.id)
+        assert (await s.execute(stored)).scalar_one() == 3
+
+    in_session(db_url, go)
+
+
+def test_load_by_device_finds_primaries_secondaries_and_targets(db_url: str) -> None:
+    async def go(s: AsyncSession) -> None:
+        pool, (a, b) = await new_pool(s, "bydev")
+        other, (c, d) = await new_pool(s, "bydev-other")
+        await pgtable.write_pools(
+            s,
+            [
+                PgChange(None, PgRow(pool.id, 0, a, b, PgState.CLEAN)),
+                PgChange(None, PgRow(pool.id, 1, b, None, PgState.DEGRADED)),
+                PgChange(None, PgRow(other.id, 0, c, d, PgState.CLEAN, target=a, moving="x")),
+                PgChange(None, PgRow(other.id, 1, d, c, PgState.CLEAN)),
+            ],
+        )
+        assert (pool.map_epoch, other.map_epoch) == (1, 1), "one new map per pool"
+        found = [(row.pool_id, row.pg) for row in await pgtable.load(s, devices=[a])]
+        assert found == [(pool.id, 0), (other.id, 0)]
+        every = {(row.pool_id, row.pg) for row in await pgtable.load(s)}
+        assert every >= {(pool.id, 0), (pool.id, 1), (other.id, 0), (other.id, 1)}
+
+    in_session(db_url, go)
+
+
+def test_a_change_of_another_pool_is_refused(db_url: str) -> None:
+    async def go(s: AsyncSession) -> None:
+        pool, (a, b) = await new_pool(s, "wrong")
+        with pytest.raises(ValueError, match="written to pool"):
+            await pgtable.write(
+                s, pool, [PgChange(None, PgRow(pool.id + 1, 0, a, b, PgState.CLEAN))]
+            )
+
+    in_session(db_url, go)
