@@ -28,7 +28,7 @@ from _sdc import SdcDaemon
 from _sds import PG_COUNT, POOL, SdsDaemon
 from _wait import wait_until
 from meshblock import pgmap_doc
-from meshblock.chunks import pg_of
+from meshblock.chunks import ChunkRef, pg_of
 
 LAB_PORTS = 9  # a lab uses ports BASE..BASE+8
 LAB_UP_TIMEOUT_S = 120.0
@@ -75,6 +75,7 @@ class Route:
     primary: SdsDaemon
     secondary: SdsDaemon
     others: list[SdsDaemon]
+    ref: ChunkRef  # the chunk's address on the wire, at the document's epoch
 
 
 def route(c: Cluster, doc: dict[str, Any], volume: int, chunk: int) -> Route:
@@ -84,7 +85,8 @@ def route(c: Cluster, doc: dict[str, Any], volume: int, chunk: int) -> Route:
     assert entry.primary is not None and entry.secondary is not None, entry
     ids = c.by_id(doc)
     p, s = ids[entry.primary.sds_id], ids[entry.secondary.sds_id]
-    return Route(pg, parsed.epoch, p, s, [d for d in c.sds if d not in (p, s)])
+    ref = ChunkRef(parsed.pool_id, pg, parsed.epoch, volume, chunk)
+    return Route(pg, parsed.epoch, p, s, [d for d in c.sds if d not in (p, s)], ref)
 
 
 # -- the lab (``meshctl lab``) ---------------------------------------------------------

@@ -23,7 +23,7 @@ import pytest
 from _cluster import SmallCluster, small_cluster
 from _sds import PG_COUNT, SdsDaemon
 from _wait import wait_until
-from meshblock.chunks import CHUNK_SIZE, pg_of
+from meshblock.chunks import CHUNK_SIZE, ChunkRef, pg_of
 from meshblock.sds.maps import PgMap
 from meshblock.sds.replication import DegradedWrites
 from meshblock.tools.replica_check import check_volume
@@ -239,19 +239,19 @@ async def old_epoch_refused(
     survivor = now["pgs"][pg]["primary"]["sds_id"]
     async with await WireClient.connect("127.0.0.1", ports[survivor], secret) as cl:
         with pytest.raises(RequestError) as e:
-            await cl.write(pool, pg, old, fo.volume_id, chunk, 0, data)
+            await cl.write(ChunkRef(pool, pg, old, fo.volume_id, chunk), 0, data)
         assert e.value.status == Status.EPOCH_STALE
         with pytest.raises(RequestError) as e:
-            await cl.read(pool, pg, old, fo.volume_id, chunk, 0, 4096)
+            await cl.read(ChunkRef(pool, pg, old, fo.volume_id, chunk), 0, 4096)
         assert e.value.status == Status.EPOCH_STALE
     # the victim, once primary of that PG, serves it at no epoch
     async with await WireClient.connect("127.0.0.1", victim.data_port, secret) as cl:
         for epoch, status in ((old, Status.EPOCH_STALE), (new, Status.NOT_PRIMARY)):
             with pytest.raises(RequestError) as e:
-                await cl.read(pool, pg, epoch, fo.volume_id, chunk, 0, 4096)
+                await cl.read(ChunkRef(pool, pg, epoch, fo.volume_id, chunk), 0, 4096)
             assert e.value.status == status
             with pytest.raises(RequestError) as e:
-                await cl.write(pool, pg, epoch, fo.volume_id, chunk, 0, data)
+                await cl.write(ChunkRef(pool, pg, epoch, fo.volume_id, chunk), 0, data)
             assert e.value.status == status
 
     # the stale secondary refuses replicated writes, at the old epoch and the current
@@ -261,7 +261,7 @@ async def old_epoch_refused(
     ) as peer:
         for epoch, status in ((old, Status.EPOCH_STALE), (new, Status.NOT_REPLICA)):
             with pytest.raises(RequestError) as e:
-                await peer.repl_write(pool, pg, epoch, fo.volume_id, chunk, 0, data)
+                await peer.repl_write(ChunkRef(pool, pg, epoch, fo.volume_id, chunk), 0, data)
             assert e.value.status == status
 
 

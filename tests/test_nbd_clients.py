@@ -28,7 +28,7 @@ from typing import Any
 import pytest
 
 from _cluster import LabCluster
-from meshblock.chunks import CHUNK_SIZE, pg_of
+from meshblock.chunks import CHUNK_SIZE, ChunkRef, pg_of
 from meshblock.wire import PeerRole, WireClient
 from test_nbd_server import qemu_io, run, tool
 
@@ -212,7 +212,9 @@ async def _corrupt_secondary(lab: LabCluster, chunk: int, offset: int, data: byt
         where["address"], where["data_port"], lab.secret, PeerRole.SDS_PEER
     )
     try:
-        await client.repl_write(vol["pool_id"], pg, pgmap["epoch"], vol["id"], chunk, offset, data)
+        await client.repl_write(
+            ChunkRef(vol["pool_id"], pg, pgmap["epoch"], vol["id"], chunk), offset, data
+        )
     finally:
         await client.close()
     status, sds = api.get(f"/api/v1/sds/{secondary}")

@@ -24,7 +24,7 @@ from _cluster import Cluster, route
 from _mdm import MdmDaemon
 from _sds import DEVICE_BYTES, PG_COUNT, POOL, SdsDaemon
 from _wait import wait_until
-from meshblock.chunks import CHUNK_SIZE
+from meshblock.chunks import CHUNK_SIZE, ChunkRef
 from meshblock.wire import (
     ConnectionLost,
     HandshakeError,
@@ -118,7 +118,7 @@ def test_write_then_both_copies_hold_it(cluster: Cluster) -> None:
                 await connect(r.secondary, cluster, PeerRole.TOOL) as sec,
                 await connect(r.primary, cluster, PeerRole.TOOL) as pri,
             ):
-                await cl.write(doc["pool_id"], r.pg, r.epoch, volume, chunk, 8192, data)
+                await cl.write(r.ref, 8192, data)
                 # right after the ack, with no flush and no delay:
                 raw = await sec.read_raw_chunk(volume, chunk)
                 assert raw.allocated
@@ -126,7 +126,7 @@ def test_write_then_both_copies_hold_it(cluster: Cluster) -> None:
                 assert bytes(raw.data[:8192]) == bytes(8192)
                 mine = await pri.read_raw_chunk(volume, chunk)
                 assert bytes(mine.data) == bytes(raw.data)
-                got = await cl.read(doc["pool_id"], r.pg, r.epoch, volume, chunk, 8192, 4096)
+                got = await cl.read(r.ref, 8192, 4096)
                 assert bytes(got) == data
                 # the third SDS holds no copy
                 async with await connect(r.others[0], cluster, PeerRole.TOOL) as other:
@@ -141,7 +141,7 @@ def test_unwritten_chunk_reads_as_zeroes(cluster: Cluster) -> None:
 
     async def main() -> None:
         async with await connect(r.primary, cluster) as cl:
-            got = await cl.read(doc["pool_id"], r.pg, r.epoch, 102, 7, 0, CHUNK_SIZE)
+            got = await cl.read(r.ref, 0, CHUNK_SIZE)
             assert len(got) == CHUNK_SIZE and not any(got)
 
     run(main())
@@ -165,13 +165,11 @@ def test_concurrent_overlapping_writes_leave_identical_copies(cluster: Cluster) 
             size = rng.choice([512, 4096, 16384, 65536])
             op = rng.random()
             if op < 0.8:
-                await cl.write(
-                    doc["pool_id"], r.pg, r.epoch, volume, chunk, off, rng.randbytes(size)
-                )
+                await cl.write(r.ref, off, rng.randbytes(size))
             elif op < 0.9:
-                await cl.write_zeroes(doc["pool_id"], r.pg, r.epoch, volume, chunk, off, size)
+                await cl.write_zeroes(r.ref, off, size)
             else:
-                await cl.trim(doc["pool_id"], r.pg, r.epoch, volume, chunk, off, size)
+                await cl.trim(r.ref, off, size)
 
     async def main() -> None:
         sets = [[await connect(d, cluster) for d in cluster.sds] for _ in range(4)]
@@ -189,9 +187,7 @@ def test_concurrent_overlapping_writes_leave_identical_copies(cluster: Cluster) 
                     )
                     assert ra.allocated == rb.allocated
                     assert bytes(ra.data) == bytes(rb.data), f"chunk {chunk} copies differ"
-                    served = await sets[0][cluster.sds.index(r.primary)].read(
-                        doc["pool_id"], r.pg, r.epoch, volume, chunk, 0, CHUNK_SIZE
-                    )
+                    served = await sets[0][cluster.sds.index(r.primary)].read(r.ref, 0, CHUNK_SIZE)
                     assert bytes(served) == bytes(ra.data)
         finally:
             for conns in sets:
@@ -211,11 +207,11 @@ def test_whole_chunk_trim_frees_the_slot_on_both_copies(cluster: Cluster) -> Non
             await connect(r.primary, cluster) as cl,
             await connect(r.secondary, cluster, PeerRole.TOOL) as sec,
         ):
-            await cl.write(doc["pool_id"], r.pg, r.epoch, volume, chunk, 0, b"x" * CHUNK_SIZE)
+            await cl.write(r.ref, 0, b"x" * CHUNK_SIZE)
             assert (await sec.read_raw_chunk(volume, chunk)).allocated
-            await cl.trim(doc["pool_id"], r.pg, r.epoch, volume, chunk, 0, CHUNK_SIZE)
+            await cl.trim(r.ref, 0, CHUNK_SIZE)
             assert not (await sec.read_raw_chunk(volume, chunk)).allocated
-            got = await cl.read(doc["pool_id"], r.pg, r.epoch, volume, chunk, 0, 4096)
+            got = await cl.read(r.ref, 0, 4096)
             assert not any(got)
             await cl.flush()
 
@@ -230,26 +226,26 @@ def test_not_primary_and_bad_pg_are_refused(cluster: Cluster) -> None:
     async def main() -> None:
         async with await connect(r.secondary, cluster) as cl:
             with pytest.raises(RequestError) as ei:
-                await cl.write(doc["pool_id"], r.pg, r.epoch, volume, chunk, 0, b"a" * 512)
+                await cl.write(r.ref, 0, b"a" * 512)
             assert ei.value.status == Status.NOT_PRIMARY and ei.value.retriable
             with pytest.raises(RequestError) as ei:
-                await cl.read(doc["pool_id"], r.pg, r.epoch, volume, chunk, 0, 512)
+                await cl.read(r.ref, 0, 512)
             assert ei.value.status == Status.NOT_PRIMARY
         async with await connect(r.primary, cluster) as cl:
             wrong_pg = (r.pg + 1) % PG_COUNT
             with pytest.raises(RequestError) as ei:
-                await cl.write(doc["pool_id"], wrong_pg, r.epoch, volume, chunk, 0, b"a")
+                await cl.write(ChunkRef(doc["pool_id"], wrong_pg, r.epoch, volume, chunk), 0, b"a")
             assert ei.value.status in (Status.INVALID, Status.NOT_PRIMARY)
             with pytest.raises(RequestError) as ei:
-                await cl.read(doc["pool_id"], r.pg, r.epoch, volume, chunk, CHUNK_SIZE - 1, 2)
+                await cl.read(r.ref, CHUNK_SIZE - 1, 2)
             assert ei.value.status == Status.INVALID and not ei.value.retriable
             # a client may not use replication ops, a tool may not write
             with pytest.raises(RequestError) as ei:
-                await cl.repl_write(doc["pool_id"], r.pg, r.epoch, volume, chunk, 0, b"a")
+                await cl.repl_write(r.ref, 0, b"a")
             assert ei.value.status == Status.NOT_PERMITTED
         async with await connect(r.primary, cluster, PeerRole.TOOL) as tool:
             with pytest.raises(RequestError) as ei:
-                await tool.write(doc["pool_id"], r.pg, r.epoch, volume, chunk, 0, b"a")
+                await tool.write(r.ref, 0, b"a")
             assert ei.value.status == Status.NOT_PERMITTED
             # nothing was written by any refused request
             assert not (await tool.read_raw_chunk(volume, chunk)).allocated
@@ -374,7 +370,7 @@ def test_fuzz_malformed_frames_drop_only_that_connection(cluster: Cluster) -> No
             # no partial write from the truncated/oversized frames, on either copy
             assert not (await tool.read_raw_chunk(volume, chunk)).allocated
             assert not (await sec.read_raw_chunk(volume, chunk)).allocated
-            await cl.write(doc["pool_id"], r.pg, r.epoch, volume, chunk, 0, b"ok" * 10)
+            await cl.write(r.ref, 0, b"ok" * 10)
 
     run(main())
     log = d.log_text()
@@ -469,8 +465,8 @@ def test_sds_keeps_serving_without_the_mdm(cluster: Cluster) -> None:
                     await connect(r.secondary, cluster, PeerRole.TOOL) as sec,
                 ):
                     data = os.urandom(4096)
-                    await cl.write(doc["pool_id"], r.pg, r.epoch, volume, chunk, 0, data, fua=True)
-                    got = await cl.read(doc["pool_id"], r.pg, r.epoch, volume, chunk, 0, 4096)
+                    await cl.write(r.ref, 0, data, fua=True)
+                    got = await cl.read(r.ref, 0, 4096)
                     assert bytes(got) == data
                     assert bytes((await sec.read_raw_chunk(volume, chunk, 0, 4096)).data) == data
                     await cl.flush()
@@ -488,9 +484,9 @@ def test_sds_keeps_serving_without_the_mdm(cluster: Cluster) -> None:
 
         async def after_restart() -> None:
             async with await connect(r.primary, cluster) as cl:
-                got = await cl.read(doc["pool_id"], r.pg, r.epoch, volume, 0, 0, 4096)
+                got = await cl.read(r.ref, 0, 4096)
                 data = os.urandom(512)
-                await cl.write(doc["pool_id"], r.pg, r.epoch, volume, 0, 4096, data)
+                await cl.write(r.ref, 4096, data)
             async with await connect(r.secondary, cluster, PeerRole.TOOL) as sec:
                 raw = await sec.read_raw_chunk(volume, 0, 0, 4096 + 512)
                 assert bytes(raw.data[:4096]) == bytes(got)
@@ -521,7 +517,7 @@ def test_stale_epoch_is_refused_after_a_map_change(cluster: Cluster) -> None:
     async def main() -> None:
         async with await connect(r_old.primary, cluster) as cl:
             with pytest.raises(RequestError) as ei:
-                await cl.write(old["pool_id"], r_old.pg, old["epoch"], volume, chunk, 0, b"s")
+                await cl.write(r_old.ref, 0, b"s")
             assert ei.value.status == Status.EPOCH_STALE
             assert ei.value.retriable and ei.value.epoch == new["epoch"]
         # the client refreshes and retries on the (possibly new) primary
@@ -530,7 +526,7 @@ def test_stale_epoch_is_refused_after_a_map_change(cluster: Cluster) -> None:
             await connect(r.primary, cluster) as cl,
             await connect(r.secondary, cluster, PeerRole.TOOL) as sec,
         ):
-            await cl.write(new["pool_id"], r.pg, new["epoch"], volume, chunk, 0, b"fresh")
+            await cl.write(r.ref, 0, b"fresh")
             assert bytes((await sec.read_raw_chunk(volume, chunk, 0, 5)).data) == b"fresh"
         # nothing of the refused write anywhere
         for d in cluster.sds:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from meshblock.chunks import CHUNK_SIZE, pg_of
+from meshblock.chunks import CHUNK_SIZE, ChunkRef, pg_of
 from meshblock.sds import device_io
 from meshblock.sds.io_path import DataService
 from meshblock.sds.maps import MapCache, PgMap
@@ -89,8 +89,8 @@ def test_fua_write_survives_a_power_cut_on_the_device_the_chunk_lives_on(
             op = Op.REPL_WRITE if role == "secondary" else Op.WRITE
 
             async def write(epoch: int, data: bytes, flags: int) -> int:
-                fut = peer.submit(op, flags, POOL, pg, epoch, VOLUME, CHUNK, 0, len(data), data)
-                return int((await fut)[0])
+                ref = ChunkRef(POOL, pg, epoch, VOLUME, CHUNK)
+                return (await peer.submit(op, flags, ref, 0, len(data), data, peer.future())).status
 
             assert await write(1, old, 0) == Status.OK
             await store.sync()  # the old contents are durable

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from meshblock.chunks import CHUNK_SIZE, pg_of
+from meshblock.chunks import CHUNK_SIZE, ChunkRef, pg_of
 from meshblock.sds.io_path import DataService
 from meshblock.sds.maps import MapCache, PgMap
 from meshblock.sds.metrics import SdsStats
@@ -34,6 +34,7 @@ from meshblock.wire import (
     Status,
     WireClient,
 )
+from meshblock.wire.client import Reply as ClientReply
 from meshblock.wire.handshake import (
     CLIENT_HELLO,
     CLIENT_PROOF,
@@ -222,6 +223,11 @@ def pg(volume: int, chunk: int) -> int:
     return pg_of(volume, chunk, PG_COUNT)
 
 
+def ref(volume: int, chunk: int, epoch: int = EPOCH) -> ChunkRef:
+    """The address of a chunk of pool POOL, routed at ``epoch``."""
+    return ChunkRef(POOL, pg(volume, chunk), epoch, volume, chunk)
+
+
 def test_client_pipelines_many_requests_from_many_tasks(tmp_path: Path) -> None:
     async def main() -> None:
         async with sds_server(tmp_path) as (server, service):
@@ -234,16 +240,16 @@ def test_client_pipelines_many_requests_from_many_tasks(tmp_path: Path) -> None:
                     chunk = w * 100 + i % 5
                     off = rng.randrange(0, 64) * 4096
                     data = rng.randbytes(rng.choice([512, 4096, 65536]))
-                    await cl.write(POOL, pg(9, chunk), EPOCH, 9, chunk, off, data)
-                    got = await cl.read(POOL, pg(9, chunk), EPOCH, 9, chunk, off, len(data))
+                    await cl.write(ref(9, chunk), off, data)
+                    got = await cl.read(ref(9, chunk), off, len(data))
                     assert bytes(got) == data
                     expected[(chunk, off)] = data
 
             await asyncio.gather(*(worker(w) for w in range(64)))
             assert service.stats.ops[Op.WRITE] == 64 * 40
             big = os.urandom(CHUNK_SIZE)
-            await cl.write(POOL, pg(9, 7), EPOCH, 9, 7, 0, big, fua=True)
-            assert bytes(await cl.read(POOL, pg(9, 7), EPOCH, 9, 7, 0, CHUNK_SIZE)) == big
+            await cl.write(ref(9, 7), 0, big, fua=True)
+            assert bytes(await cl.read(ref(9, 7), 0, CHUNK_SIZE)) == big
             await cl.flush()
             assert await cl.ping(POOL) == EPOCH
             assert cl.in_flight == 0
@@ -262,7 +268,7 @@ def test_client_limits_in_flight_requests(tmp_path: Path) -> None:
             async def one(i: int) -> None:
                 nonlocal peak
                 peak = max(peak, cl.in_flight)
-                await cl.write(POOL, pg(3, i), EPOCH, 3, i, 0, b"x" * 4096)
+                await cl.write(ref(3, i), 0, b"x" * 4096)
                 peak = max(peak, cl.in_flight)
 
             await asyncio.gather(*(one(i) for i in range(3 * MAX_IN_FLIGHT)))
@@ -277,14 +283,14 @@ def test_request_errors_keep_the_connection(tmp_path: Path) -> None:
         async with sds_server(tmp_path) as (server, _):
             cl = await WireClient.connect("127.0.0.1", server.port, SECRET)
             with pytest.raises(RequestError) as ei:
-                await cl.read(POOL, pg(1, 1), EPOCH - 1, 1, 1, 0, 512)
+                await cl.read(ref(1, 1, EPOCH - 1), 0, 512)
             assert ei.value.status == Status.EPOCH_STALE and ei.value.epoch == EPOCH
             assert ei.value.retriable
             with pytest.raises(RequestError) as ei:
-                await cl.read(POOL + 1, 0, 1, 1, 1, 0, 512)  # a pool we have no map of
+                await cl.read(ChunkRef(POOL + 1, 0, 1, 1, 1), 0, 512)  # a pool we have no map of
             assert ei.value.status == Status.MAP_PENDING and ei.value.retriable
             with pytest.raises(RequestError) as ei:
-                await cl.read(POOL, pg(1, 1), EPOCH, 1, 1, 0, CHUNK_SIZE + 1)
+                await cl.read(ref(1, 1), 0, CHUNK_SIZE + 1)
             assert ei.value.status == Status.TOO_LARGE and not ei.value.retriable
             assert await cl.ping() == 0
             await cl.close()
@@ -297,7 +303,7 @@ def test_not_primary_when_another_sds_is(tmp_path: Path) -> None:
         async with sds_server(tmp_path, sds_id=2) as (server, service):
             cl = await WireClient.connect("127.0.0.1", server.port, SECRET)
             with pytest.raises(RequestError) as ei:
-                await cl.write(POOL, pg(1, 1), EPOCH, 1, 1, 0, b"no")
+                await cl.write(ref(1, 1), 0, b"no")
             assert ei.value.status == Status.NOT_PRIMARY
             assert service.store.location(1, 1) is None
             await cl.close()
@@ -340,8 +346,9 @@ def test_chunk_list_pages_through_one_pg(tmp_path: Path) -> None:
             store.zero(*want[3][0], 0, CHUNK_SIZE)  # a whole chunk zeroed: not stored now
             assert await peer.list_chunks(POOL, 3, page=1) == want[3][1:]
             for bad_pg, length in ((PG_COUNT, 12), (0, 0), (0, 11)):
-                fut = peer.submit(Op.CHUNK_LIST, 0, POOL, bad_pg, 0, 0, 0, 0, length)
-                assert (await fut)[0] == Status.INVALID
+                cursor = ChunkRef(POOL, bad_pg, 0, 0, 0)
+                fut = peer.submit(Op.CHUNK_LIST, 0, cursor, 0, length, None, peer.future())
+                assert (await fut).status == Status.INVALID
             with pytest.raises(RequestError) as ei:
                 await peer.list_chunks(POOL + 1, 0)
             assert ei.value.status == Status.MAP_PENDING
@@ -412,10 +419,66 @@ def test_replies_out_of_order_reach_the_right_callers() -> None:
         async with fake_server(reverse) as port:
             cl = await WireClient.connect("127.0.0.1", port, SECRET)
             results = await asyncio.gather(
-                *(cl.read(1, 0, 1, 1, chunk, 0, 64) for chunk in range(20))
+                *(cl.read(ChunkRef(1, 0, 1, 1, chunk), 0, 64) for chunk in range(20))
             )
             for chunk, data in enumerate(results):
                 assert bytes(data) == struct.pack(">Q", chunk) * 8
+            await cl.close()
+
+    asyncio.run(main())
+
+
+class Waiter:
+    """A waiter of one's own (wire.client.ReplyWaiter): records what it is given."""
+
+    def __init__(self) -> None:
+        self.outcomes: list[ClientReply | BaseException] = []
+
+    def done(self) -> bool:
+        return bool(self.outcomes)
+
+    def set_result(self, reply: ClientReply) -> None:
+        self.outcomes.append(reply)
+
+    def set_exception(self, exc: BaseException) -> None:
+        self.outcomes.append(exc)
+
+
+def test_a_waiter_of_ones_own_gets_the_typed_reply_or_the_loss() -> None:
+    """submit() hands a reply to any waiter with a future's three methods, typed
+    (status, flags, epoch, payload, by name); a waiter still waiting when the
+    connection closes gets ConnectionLost; ``ready`` says whether a request would
+    leave without waiting for a slot."""
+
+    async def answer_first(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        r = Request(*REQUEST.unpack(await reader.readexactly(REQUEST.size)))
+        writer.write(REPLY.pack(REPLY_MAGIC, Status.EPOCH_STALE, 1, r.request_id, 9, 0, 0))
+        r = Request(*REQUEST.unpack(await reader.readexactly(REQUEST.size)))
+        writer.write(REPLY.pack(REPLY_MAGIC, 0, 0, r.request_id, 7, 3, 0) + b"abc")
+        await reader.readexactly(REQUEST.size)  # then hang up without answering
+
+    async def main() -> None:
+        async with fake_server(answer_first) as port:
+            cl = await WireClient.connect("127.0.0.1", port, SECRET)
+            assert cl.ready
+            stale, ok, lost = Waiter(), Waiter(), Waiter()
+            assert cl.submit(Op.READ, 0, ref(1, 2), 0, 3, None, stale) is stale
+            await asyncio.sleep(0.05)  # in order: the fake server reads one at a time
+            cl.submit(Op.READ, 0, ref(1, 3), 0, 3, None, ok)
+            await asyncio.sleep(0.05)
+            cl.submit(Op.READ, 0, ref(1, 4), 0, 3, None, lost)
+            await asyncio.sleep(0.2)
+            (reply,) = stale.outcomes
+            assert isinstance(reply, ClientReply)
+            assert (reply.status, reply.flags, reply.epoch) == (Status.EPOCH_STALE, 1, 9)
+            (reply,) = ok.outcomes
+            assert isinstance(reply, ClientReply)
+            assert (reply.status, reply.epoch, bytes(reply.payload)) == (0, 7, b"abc")
+            (exc,) = lost.outcomes
+            assert isinstance(exc, ConnectionLost) and exc.retriable
+            assert not cl.ready and cl.closed
+            with pytest.raises(ConnectionLost):
+                cl.submit(Op.READ, 0, ref(1, 5), 0, 3, None, Waiter())
             await cl.close()
 
     asyncio.run(main())
@@ -431,7 +494,7 @@ def test_closed_connection_fails_every_pending_request_with_its_cause() -> None:
         async with fake_server(hang_up) as port:
             cl = await WireClient.connect("127.0.0.1", port, SECRET)
             results = await asyncio.gather(
-                *(cl.read(1, 0, 1, 1, i, 0, 8) for i in range(5)), return_exceptions=True
+                *(cl.read(ChunkRef(1, 0, 1, 1, i), 0, 8) for i in range(5)), return_exceptions=True
             )
             for r in results:
                 assert isinstance(r, ConnectionLost) and r.retriable

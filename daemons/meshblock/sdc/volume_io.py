@@ -29,7 +29,8 @@ from meshblock.sdc.datapath import DataPath, DataPathError
 from meshblock.sdc.maps import PoolMap, SdsEndpoint, VolumeMapping
 from meshblock.sdc.metrics import VolumeStats
 from meshblock.sdc.qos import Qos
-from meshblock.wire.client import ZEROES, DirectReply, Reply
+from meshblock.sdc.wire_path import DirectReply
+from meshblock.wire.client import ZEROES, Reply
 from meshblock.wire.protocol import Op, ReplyFlag
 
 log = logging.getLogger(__name__)

@@ -28,13 +28,38 @@ from meshblock.wire import (
     WireClient,
     WireError,
 )
-from meshblock.wire.client import ZEROES, DirectReply, Reply
+from meshblock.wire.client import ZEROES, Reply
 from meshblock.wire.protocol import Op, ReplyFlag, ReqFlag
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 _HOLE = int(ReplyFlag.HOLE)
 ReplyFn = Callable[[Reply | None, BaseException | None], None]
+
+
+class DirectReply:
+    """Waits for a reply in the client's ``pending`` instead of a future: its reply,
+    or the connection's loss, is handed to ``fn(reply, None)`` / ``fn(None, exc)`` at
+    once, from the receive path (no callback scheduled, no extra event-loop pass).
+    ``fn`` may be replaced until then."""
+
+    __slots__ = ("_done", "fn")
+
+    def __init__(self, fn: ReplyFn) -> None:
+        self.fn = fn
+        self._done = False
+
+    def done(self) -> bool:
+        return self._done
+
+    def set_result(self, reply: Reply) -> None:
+        self._done = True
+        self.fn(reply, None)
+
+    def set_exception(self, exc: BaseException) -> None:
+        self._done = True
+        self.fn(None, exc)
+
 
 _ERRNO = {
     Status.NO_SPACE: Errno.ENOSPC,
@@ -124,9 +149,8 @@ class WireDataPath:
         client = self._clients.get((sds.address, sds.data_port))
         if client is None or client.closed:
             client = await self._client(sds)
-        pool, pg, epoch, volume, chunk = ref
         try:
-            return await client.read(pool, pg, epoch, volume, chunk, offset, length)
+            return await client.read(ref, offset, length)
         except WireError as exc:
             raise classify(exc) from exc
 
@@ -136,9 +160,8 @@ class WireDataPath:
         client = self._clients.get((sds.address, sds.data_port))
         if client is None or client.closed:
             client = await self._client(sds)
-        pool, pg, epoch, volume, chunk = ref
         try:
-            await client.write(pool, pg, epoch, volume, chunk, offset, data, fua=fua)
+            await client.write(ref, offset, data, fua=fua)
         except WireError as exc:
             raise classify(exc) from exc
 
@@ -150,43 +173,39 @@ class WireDataPath:
         self, sds: SdsEndpoint, ref: ChunkRef, offset: int, length: int, fn: ReplyFn
     ) -> DirectReply | None:
         client = self._clients.get((sds.address, sds.data_port))
-        if client is None or client.closed:
+        if client is None or not client.ready:
             return None
-        pool, pg, epoch, volume, chunk = ref
-        return client.submit_direct(
-            Op.READ, 0, pool, pg, epoch, volume, chunk, offset, length, None, fn
-        )
+        return client.submit(Op.READ, 0, ref, offset, length, None, DirectReply(fn))
 
     def submit_write(
         self, sds: SdsEndpoint, ref: ChunkRef, offset: int, data: memoryview, fua: bool, fn: ReplyFn
     ) -> DirectReply | None:
         client = self._clients.get((sds.address, sds.data_port))
-        if client is None or client.closed:
+        if client is None or not client.ready:
             return None
-        pool, pg, epoch, volume, chunk = ref
         flags = int(ReqFlag.FUA) if fua else 0
-        return client.submit_direct(
-            Op.WRITE, flags, pool, pg, epoch, volume, chunk, offset, len(data), data, fn
-        )
+        return client.submit(Op.WRITE, flags, ref, offset, len(data), data, DirectReply(fn))
 
     async def finish(self, op: Op, fut: asyncio.Future[Reply], length: int) -> Chunk:
         """What ``read`` (``op`` READ) or ``write`` would have returned or raised, given
         the outcome (``fut``) of a request started with ``submit_read`` / ``submit_write``."""
         try:
-            _, rflags, data = await WireClient.result(op, fut)
+            reply = await fut
         except WireError as exc:
             raise classify(exc) from exc
-        if op == Op.READ and rflags & _HOLE:
+        if reply.status:
+            raise classify(RequestError(op, reply.status, reply.epoch))
+        if op == Op.READ and reply.flags & _HOLE:
             return ZEROES[:length]
-        return data
+        return reply.payload
 
     async def write_zeroes(
         self, sds: SdsEndpoint, ref: ChunkRef, offset: int, length: int, *, fua: bool
     ) -> None:
-        await self._do(sds, lambda c: c.write_zeroes(*ref, offset, length, fua=fua))
+        await self._do(sds, lambda c: c.write_zeroes(ref, offset, length, fua=fua))
 
     async def trim(self, sds: SdsEndpoint, ref: ChunkRef, offset: int, length: int) -> None:
-        await self._do(sds, lambda c: c.trim(*ref, offset, length))
+        await self._do(sds, lambda c: c.trim(ref, offset, length))
 
     async def flush(self, sds: SdsEndpoint, pool_id: int, volume_id: int) -> None:
         await self._do(sds, lambda c: c.flush(pool_id, volume_id))

@@ -35,7 +35,7 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any, Final
 
-from meshblock.chunks import CHUNK_SIZE, pg_of
+from meshblock.chunks import CHUNK_SIZE, ChunkRef, pg_of
 from meshblock.sds.deletion import Tombstones
 from meshblock.sds.maps import MapCache, PgMap
 from meshblock.sds.metrics import SdsStats
@@ -49,7 +49,7 @@ from meshblock.sds.store import (
     VolumeDeleted,
     chunk_key,
 )
-from meshblock.wire.client import ConnectionLost, WireError
+from meshblock.wire.client import ConnectionLost, Reply, WireError
 from meshblock.wire.handshake import HandshakeError
 from meshblock.wire.protocol import (
     CHUNK_ENTRY,
@@ -526,8 +526,9 @@ class DataService:
                     peer = self.peers.connected(sec_id, address) or await self.peers.get(
                         sec_id, address
                     )
+                    ref = ChunkRef(pool, pg, epoch, vol, chunk)
                     peer_fut = peer.submit(
-                        _REPL_OF[op], flags, pool, pg, epoch, vol, chunk, off, length, payload
+                        _REPL_OF[op], flags, ref, off, length, payload, peer.future()
                     )
                 except ConnectionLost:
                     self.stats.peer_error(sec_id)
@@ -585,7 +586,7 @@ class DataService:
         flags: int,
         hdr: Header,
         payload: memoryview,
-    ) -> tuple[asyncio.Future[tuple[int, int, int, memoryview]] | None, int]:
+    ) -> tuple[asyncio.Future[Reply] | None, int]:
         """Forward a write to the PG's rebalance target: (the reply's future, or None
         and the status the client's write gets when it could not be sent). A failure
         does not fail the write while the move still copies (the PG's two copies have
@@ -596,17 +597,9 @@ class DataService:
             if address is None:
                 raise WireError(f"no address of SDS {tgt_id}")
             peer = self.peers.connected(tgt_id, address) or await self.peers.get(tgt_id, address)
+            ref = ChunkRef(hdr[5], hdr[6], hdr[7], hdr[8], hdr[9])
             fut = peer.submit(
-                _REPL_OF[Op(op)],
-                flags,
-                hdr[5],
-                hdr[6],
-                hdr[7],
-                hdr[8],
-                hdr[9],
-                hdr[10],
-                hdr[11],
-                payload,
+                _REPL_OF[Op(op)], flags, ref, hdr[10], hdr[11], payload, peer.future()
             )
         except (WireError, HandshakeError) as exc:
             self.stats.peer_error(tgt_id)
@@ -617,9 +610,7 @@ class DataService:
         self.peers.dirty.add(tgt_id)
         return fut, _OK
 
-    async def _peer_result(
-        self, sec_id: int, fut: asyncio.Future[tuple[int, int, int, memoryview]]
-    ) -> int:
+    async def _peer_result(self, sec_id: int, fut: asyncio.Future[Reply]) -> int:
         try:
             status = (await fut)[0]
         except ConnectionLost as exc:

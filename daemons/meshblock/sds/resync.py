@@ -40,7 +40,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
-from meshblock.chunks import CHUNK_SIZE, pg_of
+from meshblock.chunks import CHUNK_SIZE, ChunkRef, pg_of
 from meshblock.sds.maps import PgMap
 from meshblock.sds.store import chunk_key
 from meshblock.wire.client import WireError
@@ -346,7 +346,8 @@ class Resync:
                 data = svc.store.read(volume, chunk, 0, CHUNK_SIZE)
                 peer = svc.peers.connected(sec_id, address) or await svc.peers.get(sec_id, address)
                 op = Op.REPL_TRIM if data is None else Op.REPL_WRITE
-                reply = peer.submit(op, 0, pool, pg, m.epoch, volume, chunk, 0, CHUNK_SIZE, data)
+                ref = ChunkRef(pool, pg, m.epoch, volume, chunk)
+                reply = peer.submit(op, 0, ref, 0, CHUNK_SIZE, data, peer.future())
                 svc.peers.dirty.add(sec_id)
                 status = (await reply)[0]
             finally:

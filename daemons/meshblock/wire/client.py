@@ -1,13 +1,21 @@
 """The asyncio client of the data protocol, for the SDC, SDS peers and tools.
 
 >>> client = await WireClient.connect("10.0.0.5", 7072, secret, PeerRole.CLIENT)
->>> await client.write(pool, pg, epoch, volume, chunk, offset, data, fua=False)
->>> data = await client.read(pool, pg, epoch, volume, chunk, offset, length)
+>>> ref = ChunkRef(pool, pg, epoch, volume, chunk)  # meshblock.chunks
+>>> await client.write(ref, offset, data, fua=False)
+>>> data = await client.read(ref, offset, length)
 >>> await client.close()
 
 One connection carries many requests at once (up to ``MAX_IN_FLIGHT``; further
 callers wait for a free slot): call the methods from as many coroutines as you like.
 Replies arrive in any order and are matched by request id.
+
+Every request goes out through :meth:`WireClient.submit`, the one submit path: the
+coroutine methods wait for a free in-flight slot, submit, and raise a failed status;
+callers that must not wait (an SDS forwarding a write before doing its own part, the
+SDC's IO path) submit themselves and get the :class:`Reply`, status included, in an
+``asyncio.Future`` or in a waiter of their own (:class:`ReplyWaiter`) that the
+receive path completes at once.
 
 Sending is batched. Requests queued in one event-loop pass leave in one socket write;
 and a request without a large payload that finds earlier requests of the connection
@@ -47,10 +55,9 @@ import itertools
 import logging
 import socket
 import time
-from collections.abc import Callable
-from typing import Any, Final, NamedTuple
+from typing import Any, Final, NamedTuple, Protocol, TypeVar
 
-from meshblock.chunks import CHUNK_SIZE
+from meshblock.chunks import CHUNK_SIZE, ChunkRef
 from meshblock.wire.framing import BIG_PART, Buffer, FramedConnection
 from meshblock.wire.handshake import (
     SERVER_HELLO,
@@ -127,36 +134,35 @@ class RawChunk(NamedTuple):
     data: memoryview
 
 
-Reply = tuple[int, int, int, memoryview]  # status, reply flags, server epoch, payload
+class Reply(NamedTuple):
+    """A request's reply as the client hands it out (the payload is a view into the
+    connection's receive buffer)."""
+
+    status: int  # a Status; 0 (OK) for success
+    flags: int  # ReplyFlag bits
+    epoch: int  # the server's map epoch of the request's pool
+    payload: memoryview
 
 
-class DirectReply:
-    """Stands for a request in ``pending`` instead of a future: its reply, or the
-    connection's loss, is handed to ``fn(reply, None)`` / ``fn(None, exc)`` at once,
-    from the receive path (no callback scheduled, no extra event-loop pass). ``fn``
-    may be replaced until then. Exceptions from ``fn`` are logged, not raised."""
+class ReplyWaiter(Protocol):
+    """What waits for a submitted request's reply: an ``asyncio.Future[Reply]``, or any
+    object with the same three methods. The receive path calls ``set_result`` (the
+    reply) or ``set_exception`` (a :class:`ConnectionLost`) at once, at most once and
+    only while ``done()`` is False: a waiter of one's own is completed without a
+    callback scheduled or an extra event-loop pass. What they raise is logged."""
 
-    __slots__ = ("_done", "fn")
+    def done(self) -> bool: ...
 
-    def __init__(self, fn: Callable[[Reply | None, BaseException | None], None]) -> None:
-        self.fn = fn
-        self._done = False
+    def set_result(self, reply: Reply, /) -> None: ...
 
-    def done(self) -> bool:
-        return self._done
+    def set_exception(self, exc: BaseException, /) -> None: ...
 
-    def set_result(self, reply: Reply) -> None:
-        self._call(reply, None)
 
-    def set_exception(self, exc: BaseException) -> None:
-        self._call(None, exc)
-
-    def _call(self, reply: Reply | None, exc: BaseException | None) -> None:
-        self._done = True
-        try:
-            self.fn(reply, exc)
-        except Exception:
-            log.exception("error in a reply callback")
+_W = TypeVar("_W", bound=ReplyWaiter)
+#: Builds a Reply 90 ns faster than its class, whose ``__new__`` is a Python function.
+_new_tuple: Final = tuple.__new__
+#: The address of requests about no chunk (REPL_FLUSH).
+_NO_CHUNK: Final = ChunkRef(0, 0, 0, 0, 0)
 
 
 class _Protocol(FramedConnection):
@@ -167,7 +173,7 @@ class _Protocol(FramedConnection):
         self._handshake: ClientHandshake | None = handshake
         self._ready = ready
         self._fixed_need = SERVER_HELLO.size
-        self.pending: dict[int, asyncio.Future[Reply] | DirectReply] = {}
+        self.pending: dict[int, ReplyWaiter] = {}
         self.lost: ConnectionLost | None = None
         self.last_rx = time.monotonic()
         # callers waiting for a free in-flight slot
@@ -240,7 +246,10 @@ class _Protocol(FramedConnection):
         if self.waiters:
             self.wake_one()
         if not fut.done():  # a cancelled caller leaves a done future
-            fut.set_result((hdr[1], hdr[2], hdr[4], payload))
+            try:
+                fut.set_result(_new_tuple(Reply, (hdr[1], hdr[2], hdr[4], payload)))
+            except Exception:
+                log.exception("error in a reply waiter")
 
     def _on_broken(self, exc: Exception) -> None:
         log.warning("dropping data connection to %s: %s", self.peer, exc)
@@ -268,7 +277,10 @@ class _Protocol(FramedConnection):
             if not fut.done():
                 err = ConnectionLost(str(self.lost))
                 err.__cause__ = cause
-                fut.set_exception(err)
+                try:
+                    fut.set_exception(err)
+                except Exception:
+                    log.exception("error in a reply waiter")
         while self.waiters:
             self.wake_one()
 
@@ -283,9 +295,10 @@ class _Protocol(FramedConnection):
 class WireClient:
     """One authenticated data-protocol connection to one SDS.
 
-    Create it with :meth:`connect`. All methods are coroutines safe to call
-    concurrently from many tasks. ``pool``, ``pg`` and ``epoch`` come from the pool's
-    PG map (``GET /api/v1/pools/{id}/pgmap``); ``pg`` is
+    Create it with :meth:`connect`. The IO methods are coroutines safe to call
+    concurrently from many tasks. A chunk is addressed by a
+    :class:`~meshblock.chunks.ChunkRef`, whose ``pool_id`` and ``epoch`` come from the
+    pool's PG map (``GET /api/v1/pools/{id}/pgmap``) and whose ``pg`` is
     ``meshblock.chunks.pg_of(volume, chunk, pg_count)``; ``offset + length`` must stay
     within the chunk (``CHUNK_SIZE``; split IO with ``meshblock.chunks.chunk_span``).
     """
@@ -353,6 +366,13 @@ class WireClient:
     def in_flight(self) -> int:
         return len(self._p.pending)
 
+    @property
+    def ready(self) -> bool:
+        """True when a request submitted now leaves without waiting: the connection is
+        open, has a free in-flight slot and no caller waits for one."""
+        p = self._p
+        return p.lost is None and len(p.pending) < MAX_IN_FLIGHT and not p.waiters
+
     async def close(self) -> None:
         """Close the connection; outstanding calls fail with ConnectionLost."""
         if self._watchdog is not None:
@@ -377,68 +397,36 @@ class WireClient:
 
     # -- client IO (role CLIENT; READ also TOOL) --------------------------------------
 
-    async def read(
-        self, pool: int, pg: int, epoch: int, volume: int, chunk: int, offset: int, length: int
-    ) -> memoryview:
+    async def read(self, ref: ChunkRef, offset: int, length: int) -> memoryview:
         """``length`` bytes at ``offset`` of the chunk, from the PG's primary."""
-        _, flags, payload = await self._call(
-            Op.READ, 0, pool, pg, epoch, volume, chunk, offset, length, None
-        )
-        if flags & _HOLE:
+        reply = await self.call(Op.READ, 0, ref, offset, length)
+        if reply.flags & _HOLE:
             return ZEROES[:length]
-        return payload
+        return reply.payload
 
-    async def write(
-        self,
-        pool: int,
-        pg: int,
-        epoch: int,
-        volume: int,
-        chunk: int,
-        offset: int,
-        data: Buffer,
-        *,
-        fua: bool = False,
-    ) -> None:
+    async def write(self, ref: ChunkRef, offset: int, data: Buffer, *, fua: bool = False) -> None:
         """Write ``data`` at ``offset``; returns once both copies hold it (and are
         durable with ``fua``)."""
-        await self._call(
-            Op.WRITE, _FUA if fua else 0, pool, pg, epoch, volume, chunk, offset, len(data), data
-        )
+        await self.call(Op.WRITE, _FUA if fua else 0, ref, offset, len(data), data)
 
     async def write_zeroes(
-        self,
-        pool: int,
-        pg: int,
-        epoch: int,
-        volume: int,
-        chunk: int,
-        offset: int,
-        length: int,
-        *,
-        fua: bool = False,
+        self, ref: ChunkRef, offset: int, length: int, *, fua: bool = False
     ) -> None:
         """Zero a range on both copies (a whole chunk gives its slots back)."""
-        flags = _FUA if fua else 0
-        await self._call(
-            Op.WRITE_ZEROES, flags, pool, pg, epoch, volume, chunk, offset, length, None
-        )
+        await self.call(Op.WRITE_ZEROES, _FUA if fua else 0, ref, offset, length)
 
-    async def trim(
-        self, pool: int, pg: int, epoch: int, volume: int, chunk: int, offset: int, length: int
-    ) -> None:
+    async def trim(self, ref: ChunkRef, offset: int, length: int) -> None:
         """Discard a range on both copies; it reads as zeroes afterwards."""
-        await self._call(Op.TRIM, 0, pool, pg, epoch, volume, chunk, offset, length, None)
+        await self.call(Op.TRIM, 0, ref, offset, length)
 
     async def flush(self, pool: int = 0, volume: int = 0) -> None:
         """Make every write this SDS acknowledged so far durable, on its devices and on
         the peers it replicated them to. Send it to every SDS you wrote through."""
-        await self._call(Op.FLUSH, 0, pool, 0, 0, volume, 0, 0, 0, None)
+        await self.call(Op.FLUSH, 0, ChunkRef(pool, 0, 0, volume, 0), 0, 0)
 
     async def ping(self, pool: int = 0) -> int:
         """Round trip; returns the SDS's map epoch of ``pool`` (0 if it has none)."""
-        epoch, _, _ = await self._call(Op.PING, 0, pool, 0, 0, 0, 0, 0, 0, None)
-        return epoch
+        return (await self.call(Op.PING, 0, ChunkRef(pool, 0, 0, 0, 0), 0, 0)).epoch
 
     # -- tools and peers (roles TOOL / SDS_PEER) --------------------------------------
 
@@ -446,12 +434,11 @@ class WireClient:
         self, volume: int, chunk: int, offset: int = 0, length: int = CHUNK_SIZE
     ) -> RawChunk:
         """This SDS's own copy of a chunk, whether it is the primary or secondary."""
-        _, flags, payload = await self._call(
-            Op.CHUNK_READ_RAW, 0, 0, 0, 0, volume, chunk, offset, length, None
-        )
-        if flags & _HOLE:
+        ref = ChunkRef(0, 0, 0, volume, chunk)
+        reply = await self.call(Op.CHUNK_READ_RAW, 0, ref, offset, length)
+        if reply.flags & _HOLE:
             return RawChunk(False, ZEROES[:length])
-        return RawChunk(True, payload)
+        return RawChunk(True, reply.payload)
 
     async def list_chunks(
         self, pool: int, pg: int, *, page: int = LIST_PAGE
@@ -464,9 +451,8 @@ class WireClient:
         out: list[tuple[int, int]] = []
         volume = chunk = 0
         while True:
-            _, _, payload = await self._call(
-                Op.CHUNK_LIST, 0, pool, pg, 0, volume, chunk, 0, page * size, None
-            )
+            cursor = ChunkRef(pool, pg, 0, volume, chunk)
+            payload = (await self.call(Op.CHUNK_LIST, 0, cursor, 0, page * size)).payload
             n, rest = divmod(len(payload), size)
             if rest or n > page:
                 raise ProtocolError(f"CHUNK_LIST reply of {len(payload)} bytes")
@@ -483,174 +469,88 @@ class WireClient:
             volume, chunk = (volume, chunk + 1) if chunk + 1 < MAX_CHUNK_INDEX else (volume + 1, 0)
 
     async def repl_write(
-        self,
-        pool: int,
-        pg: int,
-        epoch: int,
-        volume: int,
-        chunk: int,
-        offset: int,
-        data: Buffer,
-        *,
-        fua: bool = False,
+        self, ref: ChunkRef, offset: int, data: Buffer, *, fua: bool = False
     ) -> None:
         """Primary → secondary: apply a write to the secondary copy."""
-        await self._call(
-            Op.REPL_WRITE,
-            _FUA if fua else 0,
-            pool,
-            pg,
-            epoch,
-            volume,
-            chunk,
-            offset,
-            len(data),
-            data,
-        )
+        await self.call(Op.REPL_WRITE, _FUA if fua else 0, ref, offset, len(data), data)
 
     async def repl_zero(
-        self,
-        op: Op,
-        pool: int,
-        pg: int,
-        epoch: int,
-        volume: int,
-        chunk: int,
-        offset: int,
-        length: int,
-        *,
-        fua: bool = False,
+        self, op: Op, ref: ChunkRef, offset: int, length: int, *, fua: bool = False
     ) -> None:
         """Primary → secondary: REPL_WRITE_ZEROES or REPL_TRIM."""
         assert op in (Op.REPL_WRITE_ZEROES, Op.REPL_TRIM)
-        flags = _FUA if fua else 0
-        await self._call(op, flags, pool, pg, epoch, volume, chunk, offset, length, None)
+        await self.call(op, _FUA if fua else 0, ref, offset, length)
 
     async def repl_flush(self) -> None:
         """Primary → secondary: fdatasync the secondary's devices."""
-        await self._call(Op.REPL_FLUSH, 0, 0, 0, 0, 0, 0, 0, 0, None)
+        await self.call(Op.REPL_FLUSH, 0, _NO_CHUNK, 0, 0)
+
+    # -- the one submit path ----------------------------------------------------------
+
+    def future(self) -> asyncio.Future[Reply]:
+        """A new future to wait for a reply with (see :meth:`submit`)."""
+        return self._p._loop.create_future()
 
     def submit(
         self,
         op: Op,
         flags: int,
-        pool: int,
-        pg: int,
-        epoch: int,
-        volume: int,
-        chunk: int,
-        offset: int,
-        length: int,
-        payload: Buffer | None = None,
-    ) -> asyncio.Future[tuple[int, int, int, memoryview]]:
-        """Queue a request now, without waiting; for SDS peers that must put a request
-        on the wire before doing their own part. The future's result is
-        ``(status, reply flags, server epoch, payload)``; statuses are not raised.
-        It does not wait for an in-flight slot (the server's back-pressure applies).
-        Raises :class:`ConnectionLost` when the connection is closed."""
-        p = self._p
-        if p.lost is not None:
-            raise ConnectionLost(str(p.lost)) from p.lost.__cause__
-        rid = next(self._ids)
-        if not p.pending:
-            p.last_rx = time.monotonic()
-        fut: asyncio.Future[tuple[int, int, int, memoryview]] = p._loop.create_future()
-        p.pending[rid] = fut
-        p.send_request(
-            REQUEST.pack(
-                REQUEST_MAGIC, op, flags, 0, rid, pool, pg, epoch, volume, chunk, offset, length
-            ),
-            payload if length else None,
-        )
-        return fut
-
-    def submit_direct(
-        self,
-        op: Op,
-        flags: int,
-        pool: int,
-        pg: int,
-        epoch: int,
-        volume: int,
-        chunk: int,
+        ref: ChunkRef,
         offset: int,
         length: int,
         payload: Buffer | None,
-        fn: Callable[[Reply | None, BaseException | None], None],
-    ) -> DirectReply | None:
-        """Queue a request whose reply goes to ``fn`` (see :class:`DirectReply`), for
-        callers that would otherwise await the method of ``op``: None (nothing sent)
-        when that method would wait for an in-flight slot or raise at once."""
-        p = self._p
-        if p.lost is not None or len(p.pending) >= MAX_IN_FLIGHT or p.waiters:
-            return None
-        rid = next(self._ids)
-        if not p.pending:
-            p.last_rx = time.monotonic()
-        reply = DirectReply(fn)
-        p.pending[rid] = reply
-        p.send_request(
-            REQUEST.pack(
-                REQUEST_MAGIC, op, flags, 0, rid, pool, pg, epoch, volume, chunk, offset, length
-            ),
-            payload if length else None,
-        )
-        return reply
-
-    @staticmethod
-    async def result(op: Op, fut: asyncio.Future[Reply]) -> tuple[int, int, memoryview]:
-        """``(server epoch, reply flags, payload)`` of a submitted request, raising as
-        the methods do (:class:`RequestError`, :class:`ConnectionLost`)."""
-        status, rflags, repoch, data = await fut
-        if status:
-            raise RequestError(op, status, repoch)
-        return repoch, rflags, data
-
-    # -- the engine -------------------------------------------------------------------
-
-    async def _call(
-        self,
-        op: Op,
-        flags: int,
-        pool: int,
-        pg: int,
-        epoch: int,
-        volume: int,
-        chunk: int,
-        offset: int,
-        length: int,
-        payload: Buffer | None,
-    ) -> tuple[int, int, memoryview]:
+        waiter: _W,
+    ) -> _W:
+        """Queue one request now; its :class:`Reply` (statuses are not raised) or the
+        connection's loss goes to ``waiter``, which is returned: a future
+        (:meth:`future`) to await, or a waiter of one's own (:class:`ReplyWaiter`). It
+        does not wait for an in-flight slot (see :attr:`ready`; beyond
+        ``MAX_IN_FLIGHT`` the server's back-pressure applies). Raises
+        :class:`ConnectionLost` when the connection is closed. ``payload`` (WRITE,
+        REPL_WRITE) is sent as it is: keep it unchanged until the reply."""
         p = self._p
         if p.lost is not None:
             raise ConnectionLost(str(p.lost)) from p.lost.__cause__
-        while len(p.pending) >= MAX_IN_FLIGHT:
-            waiter: asyncio.Future[None] = p._loop.create_future()
-            p.waiters.append(waiter)
-            try:
-                await waiter
-            finally:
-                if not waiter.done():
-                    waiter.cancel()
-            if p.lost is not None:
-                raise ConnectionLost(str(p.lost)) from p.lost.__cause__
         rid = next(self._ids)
         if not p.pending:  # the request timeout counts from now
             p.last_rx = time.monotonic()
-        fut: asyncio.Future[tuple[int, int, int, memoryview]] = p._loop.create_future()
-        p.pending[rid] = fut
+        p.pending[rid] = waiter
+        pool, pg, epoch, volume, chunk = ref  # twice as fast as pack(*ref)
         p.send_request(
             REQUEST.pack(
                 REQUEST_MAGIC, op, flags, 0, rid, pool, pg, epoch, volume, chunk, offset, length
             ),
             payload if length else None,
         )
+        return waiter
+
+    async def call(
+        self,
+        op: Op,
+        flags: int,
+        ref: ChunkRef,
+        offset: int,
+        length: int,
+        payload: Buffer | None = None,
+    ) -> Reply:
+        """Wait for a free in-flight slot, submit, and return the reply; a failed
+        status is raised (:class:`RequestError`)."""
+        p = self._p
+        while len(p.pending) >= MAX_IN_FLIGHT and p.lost is None:
+            slot: asyncio.Future[None] = p._loop.create_future()
+            p.waiters.append(slot)
+            try:
+                await slot
+            finally:
+                if not slot.done():
+                    slot.cancel()
         # A cancelled caller leaves its future in ``pending`` until the reply comes,
         # so that the reply is recognised and the slot stays counted meanwhile.
-        status, rflags, repoch, data = await fut
-        if status:
-            raise RequestError(op, status, repoch)
-        return repoch, rflags, data
+        fut: asyncio.Future[Reply] = p._loop.create_future()
+        reply = await self.submit(op, flags, ref, offset, length, payload, fut)
+        if reply.status:
+            raise RequestError(op, reply.status, reply.epoch)
+        return reply
 
     async def _watch(self, limit: float) -> None:
         p = self._p
