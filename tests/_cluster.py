@@ -310,6 +310,7 @@ def small_cluster(
     make_sds: MakeSds | None = None,
     sdc_settings: dict[str, dict[str, Any]] | None = None,
     mdm_host: str | None = None,
+    tls: bool = False,
 ) -> Iterator[SmallCluster]:
     """Start a :class:`SmallCluster` under ``root``; stop every process on the way out.
 
@@ -317,9 +318,10 @@ def small_cluster(
     ``fault_sets``, SDS ``sds<i>`` goes into ``fault_sets[i-1]`` (each distinct fault
     set is created). ``make_sds(workdir, name, mdm, fault_set)`` builds each SDS daemon
     (default :class:`SdsDaemon`), ``sdc_settings`` overrides the SDC's config and
-    ``mdm_host`` is the address the MDM's API listens on (default 127.0.0.1).
+    ``mdm_host`` is the address the MDM's API listens on (default 127.0.0.1). With
+    ``tls`` the control plane is HTTPS with client certificates (``tests/_tls.py``).
     """
-    mdm = MdmDaemon(root / "mdm", f"sqlite+aiosqlite:///{root / 'mdm.db'}", mdm_settings)
+    mdm = MdmDaemon(root / "mdm", f"sqlite+aiosqlite:///{root / 'mdm.db'}", mdm_settings, tls=tls)
     if mdm_host is not None:
         mdm.host = mdm_host
         mdm.settings["api"]["host"] = mdm_host

@@ -7,19 +7,36 @@
 Error statuses (4xx/5xx) are returned, not raised; JSON bodies are decoded, other
 bodies are returned as text and an empty body as ``None``. Proxies from the
 environment are ignored: the servers under test are on loopback.
+
+``https://`` URLs are called with ``context`` (an :class:`ssl.SSLContext`), by default
+as ``admin:tests`` of the test CA (``tests/_tls.py``); ``Api(url, token, context)``.
 """
 
 from __future__ import annotations
 
 import json as jsonlib
+import ssl
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+import _tls
+
 _DEFAULT: Final = object()
 
 _opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+_tls_openers: dict[int, tuple[ssl.SSLContext, urllib.request.OpenerDirector]] = {}
+
+
+def _opener_for(url: str, context: ssl.SSLContext | None) -> urllib.request.OpenerDirector:
+    if not url.startswith("https:"):
+        return _opener
+    ctx = context if context is not None else _tls.admin_context()
+    if id(ctx) not in _tls_openers:  # the context is kept: its id is not reused
+        handlers = (urllib.request.ProxyHandler({}), urllib.request.HTTPSHandler(context=ctx))
+        _tls_openers[id(ctx)] = (ctx, urllib.request.build_opener(*handlers))
+    return _tls_openers[id(ctx)][1]
 
 
 @dataclass(frozen=True)
@@ -49,6 +66,7 @@ def request(
     headers: dict[str, str] | None = None,
     data: bytes | None = None,
     timeout: float = 30.0,
+    context: ssl.SSLContext | None = None,
 ) -> Response:
     """Send one request and return its :class:`Response`, whatever the status."""
     hdrs = {"Accept": "application/json"}
@@ -60,7 +78,7 @@ def request(
     hdrs.update(headers or {})
     req = urllib.request.Request(url, data=data, headers=hdrs, method=method.upper())
     try:
-        with _opener.open(req, timeout=timeout) as resp:
+        with _opener_for(url, context).open(req, timeout=timeout) as resp:
             raw = resp.read()
             return Response(
                 resp.status, _decode(raw, resp.headers.get("Content-Type", "")), dict(resp.headers)
@@ -80,9 +98,12 @@ class Api:
     unpacks as ``(status, body)``. Pass ``token=None`` to send no token at all.
     """
 
-    def __init__(self, base_url: str, token: str | None = None) -> None:
+    def __init__(
+        self, base_url: str, token: str | None = None, context: ssl.SSLContext | None = None
+    ) -> None:
         self.base_url = base_url.rstrip("/")
         self.token = token
+        self.context = context
 
     def __call__(
         self,
@@ -104,6 +125,7 @@ class Api:
             headers=headers,
             data=data,
             timeout=timeout,
+            context=self.context,
         )
 
     def get(self, path: str, **kw: Any) -> Response:
@@ -120,4 +142,4 @@ class Api:
 
     def with_token(self, token: str | None) -> Api:
         """The same server with another default token."""
-        return Api(self.base_url, token)
+        return Api(self.base_url, token, self.context)

@@ -4,15 +4,21 @@
 ``python -m meshblock.mdm --config mdm.toml`` on a free loopback port with its
 output appended to ``mdm.log``, and waits for ``GET /health`` to answer 200. It can
 be stopped and started again on the same database, and tells how it exited.
+
+With ``tls=True`` it serves HTTPS with client certificates required, its identity
+from the test CA (``tests/_tls.py``); the harness then calls it as ``admin:tests``,
+and the SDSs and SDCs of ``tests/_sds.py`` and ``tests/_sdc.py`` present their own.
 """
 
 from __future__ import annotations
 
 import os
 import secrets
+from pathlib import Path
 from typing import Any
 
 import _http
+import _tls
 from _process import START_TIMEOUT_S as START_TIMEOUT_S  # re-exported
 from _process import STOP_TIMEOUT_S as STOP_TIMEOUT_S
 from _process import HttpDaemon, ProcessError
@@ -30,6 +36,27 @@ class MdmDaemon(HttpDaemon):
     name = "the MDM"
     module = "meshblock.mdm"
     ready_path = "/health"
+
+    def __init__(
+        self,
+        workdir: Path,
+        db_url: str,
+        overrides: dict[str, dict[str, Any]] | None = None,
+        *,
+        tls: bool = False,
+    ) -> None:
+        self.tls = tls
+        super().__init__(workdir, db_url, overrides)
+
+    @property
+    def url(self) -> str:
+        return f"{'https' if self.tls else 'http'}://{self.host}:{self.port}"
+
+    def write_config(self) -> None:
+        if self.tls:  # valid for the address it listens on (a test may change it)
+            files = _tls.mdm_identity(self.host)
+            self.settings["tls"] = {**files.settings(), "client_certs": "required"}
+        super().write_config()
 
     def initial_settings(self) -> dict[str, dict[str, Any]]:
         self.admin_token = "adm-" + secrets.token_urlsafe(24)
@@ -60,6 +87,8 @@ class MdmDaemon(HttpDaemon):
         env = dict(os.environ)
         env["MESHCTL_MDM"] = self.url
         env["MESHCTL_TOKEN"] = self.admin_token
+        if self.tls:
+            env.update(_tls.meshctl_env())
         return env
 
     def api(self, token: str | None = None) -> _http.Api:

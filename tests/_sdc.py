@@ -2,16 +2,19 @@
 
 :class:`SdcDaemon` writes an ``sdc.toml`` (NBD on a free loopback port and on a unix
 socket in its working directory), starts ``python -m meshblock.sdc`` with its output
-appended to ``sdc.log``, and waits for ``GET /health`` to answer.
+appended to ``sdc.log``, and waits for ``GET /health`` to answer. With an HTTPS MDM
+it has a GUID from the start and presents ``sdc:<guid>`` of the test CA.
 """
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import _http
+import _tls
 from _mdm import MdmDaemon
 from _ports import free_port
 from _process import START_TIMEOUT_S, DaemonProcess
@@ -67,6 +70,12 @@ class SdcDaemon(DaemonProcess):
         if transport == "unix":
             return f"nbd+unix:///{export}?socket={self.unix_socket}"
         return f"nbd://127.0.0.1:{self.nbd_port}/{export}"
+
+    def write_config(self) -> None:
+        if self.mdm.tls:  # the certificate names the GUID (a test may have set one)
+            guid = self.settings["sdc"].setdefault("guid", str(uuid.uuid4()))
+            self.settings["tls"] = _tls.identity(f"sdc:{guid}").settings()
+        super().write_config()
 
     def start(self, timeout: float = START_TIMEOUT_S) -> None:
         """Write the config (a test may have changed ``settings``), start, and wait

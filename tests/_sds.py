@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import _http
+import _tls
 from _mdm import MdmDaemon
 from _ports import free_port
 from _process import START_TIMEOUT_S, DaemonProcess, dump_toml
@@ -31,7 +32,8 @@ class SdsDaemon(DaemonProcess):
     Its data and control ports listen on ``address`` (which it advertises); with
     ``netns`` it runs inside that network namespace (``tests/_netns.py``).
     ``settings`` changes the config's top-level keys (a value of None removes one);
-    ``pool``, ``protection_domain`` and ``capacity`` describe its one device.
+    ``pool``, ``protection_domain`` and ``capacity`` describe its one device. With an
+    HTTPS MDM it presents ``sds:<name>`` of the test CA.
     """
 
     module = "meshblock.sds"
@@ -80,6 +82,7 @@ class SdsDaemon(DaemonProcess):
                 "data": {"host": address, "port": self.data_port},
                 "control": {"host": address, "port": self.control_port},
                 "logging": {"level": "INFO"},
+                **({"tls": _tls.identity(f"sds:{name}").settings()} if mdm.tls else {}),
             }
         )
         text += dump_toml(

@@ -114,7 +114,7 @@ def test_the_config_key_alone_does_not_start_the_sds(
     cfg = tmp_path / "sds.toml"
     cfg.write_text(
         'name = "s"\nprotection_domain = "pd"\naddress = "127.0.0.1"\n'
-        'cluster_secret = "x"\ntest_faults = true\n'
+        'cluster_secret = "x"\ntest_faults = true\nmdm_urls = ["http://127.0.0.1:6611"]\n'
         f'[[devices]]\npath = "{tmp_path}/d"\ncapacity = "8MiB"\npool = "p"\n'
     )
     monkeypatch.delenv(device_io.ENV_VAR, raising=False)

@@ -22,7 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from meshblock.config import ConfigError, load
 from meshblock.daemon import setup_logging
 from meshblock.mgmt import accounts, db
-from meshblock.mgmt.app import create_app
+from meshblock.mgmt.app import create_app, mdm_tls_of
 from meshblock.mgmt.config import MgmtConfig
 from meshblock.mgmt.errors import ApiError, Conflict
 from meshblock.mgmt.models import User, UserRole
@@ -139,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         config = load(MgmtConfig, args.config)
+        mdm_tls_of(config)  # the [tls] files, and the MDM URL's scheme
     except ConfigError as exc:
         print(f"meshblock-mgmt: configuration error: {exc}", file=sys.stderr)
         return EXIT_CONFIG

@@ -273,7 +273,7 @@ def public_counts(counts: dict[str, Any]) -> dict[str, Any]:
 async def health_summary(request: web.Request) -> web.Response:
     await require(request)
     c = ctx(request)
-    view = await cluster.read(c.http, c.config.mdm)
+    view = await cluster.read(c.mdm_http, c.config.mdm)
     summary: dict[str, Any] = {**view.health, "mdm_reachable": view.reachable}
     if not view.reachable:
         summary["status"] = "unknown"
@@ -291,7 +291,7 @@ async def health_summary(request: web.Request) -> web.Response:
 async def health_components(request: web.Request) -> web.Response:
     await require(request)
     c = ctx(request)
-    return web.json_response(await cluster.components(c.http, c.config.mdm))
+    return web.json_response(await cluster.components(c.mdm_http, c.config.mdm))
 
 
 @routes.get("/metrics")

@@ -11,12 +11,14 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
+from meshblock import pki
 from meshblock.auth import Role, TokenTable
 from meshblock.mgmt import api, db, pages, rules
 from meshblock.mgmt.config import MgmtConfig
 from meshblock.mgmt.context import CTX, MgmtContext
 from meshblock.mgmt.errors import error_middleware
 from meshblock.mgmt.metrics import MgmtMetrics
+from meshblock.tls import MdmTls, mdm_tls
 
 log = logging.getLogger(__name__)
 
@@ -25,19 +27,32 @@ CONFIG = web.AppKey("meshblock_mgmt_config", MgmtConfig)
 USER_AGENT = "meshblock-mgmt"
 
 
+def mdm_tls_of(config: MgmtConfig) -> MdmTls:
+    """How MGMT reaches the MDM; a certificate must name MGMT (``mgmt:<name>``).
+    :class:`meshblock.config.ConfigError` otherwise."""
+    return mdm_tls(config.tls, [config.mdm.url], pki.Kind.MGMT, key="mdm.url")
+
+
 async def _context(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
     engine = db.create_engine(config.database.url, config.database.echo)
+    link = mdm_tls_of(config)
     try:
         await db.migrate(engine)
-        async with aiohttp.ClientSession(
-            headers={"User-Agent": USER_AGENT}, trust_env=False
-        ) as http:
+        async with (
+            aiohttp.ClientSession(headers={"User-Agent": USER_AGENT}, trust_env=False) as http,
+            aiohttp.ClientSession(
+                headers={"User-Agent": USER_AGENT},
+                trust_env=False,
+                connector=aiohttp.TCPConnector(ssl=link.aiohttp_ssl()),
+            ) as mdm_http,
+        ):
             app[CTX] = MgmtContext(
                 config=config,
                 engine=engine,
                 sessions=db.session_factory(engine),
                 http=http,
+                mdm_http=mdm_http,
                 templates=pages.templates(),
                 metrics=MgmtMetrics(),
                 webhook_tokens=TokenTable({Role.ADMIN: config.auth.webhook_token}),

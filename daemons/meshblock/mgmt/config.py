@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from meshblock.config import LoggingConfig
+from meshblock.tls import TlsConfig
 
 
 @dataclass(frozen=True)
@@ -56,9 +57,10 @@ class DatabaseConfig:
 
 @dataclass(frozen=True)
 class MdmConfig:
-    """``[mdm]``: where the MDM's open ``/health`` endpoints are (empty: not shown)."""
+    """``[mdm]``: where the MDM's open ``/health`` endpoints are (empty: not shown);
+    ``https://`` with ``[tls]`` (meshblock.tls)."""
 
-    url: str = "http://127.0.0.1:6611"
+    url: str = "https://127.0.0.1:6611"
     timeout_s: float = 3.0
 
 
@@ -100,6 +102,7 @@ class MgmtConfig:
     prometheus: PrometheusConfig = field(default_factory=PrometheusConfig)
     alertmanager: AlertmanagerConfig = field(default_factory=AlertmanagerConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    tls: TlsConfig = field(default_factory=TlsConfig)  # HTTPS to the MDM (not served yet)
 
     def __post_init__(self) -> None:
         if not 0 < self.http.port < 65536:

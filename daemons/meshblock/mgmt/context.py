@@ -19,7 +19,8 @@ class MgmtContext:
     config: MgmtConfig
     engine: AsyncEngine
     sessions: async_sessionmaker[AsyncSession]
-    http: aiohttp.ClientSession  # to the MDM, Prometheus and Alertmanager
+    http: aiohttp.ClientSession  # to Prometheus and Alertmanager
+    mdm_http: aiohttp.ClientSession  # to the MDM: with [tls], its certificate and CA
     templates: jinja2.Environment
     metrics: MgmtMetrics
     webhook_tokens: TokenTable

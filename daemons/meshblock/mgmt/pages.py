@@ -202,7 +202,7 @@ async def dashboard(request: web.Request) -> web.Response:
     ident = await require(request)
     c = ctx(request)
     view, counts, chart_list = await asyncio.gather(
-        cluster.read(c.http, c.config.mdm), alert_counts(request), _charts(request)
+        cluster.read(c.mdm_http, c.config.mdm), alert_counts(request), _charts(request)
     )
     return render(
         request,

@@ -12,6 +12,7 @@ from meshblock.config import ConfigError, load
 from meshblock.daemon import setup_logging
 from meshblock.sdc.app import create_app
 from meshblock.sdc.config import SdcConfig, cluster_secret
+from meshblock.sdc.mdm_client import mdm_tls_of
 
 log = logging.getLogger("meshblock.sdc")
 
@@ -37,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load(SdcConfig, args.config)
         cluster_secret(config)  # a missing secret file is a configuration error
+        mdm_tls_of(config)  # the [tls] files, and the MDM URLs' schemes
     except ConfigError as exc:
         print(f"meshblock-sdc: configuration error: {exc}", file=sys.stderr)
         return 2

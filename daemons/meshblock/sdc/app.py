@@ -22,7 +22,7 @@ from meshblock.sdc.attach import NbdAttacher
 from meshblock.sdc.config import SdcConfig, cluster_secret, sdc_guid, sdc_name
 from meshblock.sdc.exports import ExportTable
 from meshblock.sdc.map_follower import MapFollower
-from meshblock.sdc.mdm_client import MdmClient
+from meshblock.sdc.mdm_client import MdmClient, mdm_tls_of
 from meshblock.sdc.metrics import SdcMetrics
 from meshblock.sdc.wire_path import WireDataPath
 
@@ -92,16 +92,22 @@ async def _run(app: web.Application) -> AsyncIterator[None]:
     state = app[STATE]
     config = state.config
     secret = cluster_secret(config)
-    guid = sdc_guid(config)
+    link = mdm_tls_of(config)
+    guid = sdc_guid(config, link.identity.name if link.identity else None)
     name = sdc_name(config)
     state.metrics.add_collector(_ScrapeCollector(state))
 
     nbd = NbdServer()
     state.nbd = nbd
     path = WireDataPath(secret, request_timeout=config.io.attempt_timeout_s * 3)
-    session = aiohttp.ClientSession()
+    session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=link.aiohttp_ssl()))
     follower = MapFollower(
-        MdmClient(session, config.mdm.urls, secret, request_timeout=config.mdm.request_timeout_s),
+        MdmClient(
+            session,
+            config.mdm.urls,
+            secret,
+            request_timeout=config.mdm.request_timeout_s,
+        ),
         guid=guid,
         name=name,
         address=config.sdc.address or config.nbd.host,

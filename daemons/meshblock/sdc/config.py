@@ -9,6 +9,7 @@ from pathlib import Path
 
 from meshblock.config import ConfigError, LoggingConfig, read_secret_file
 from meshblock.files import write_atomic
+from meshblock.tls import TlsConfig
 
 
 @dataclass(frozen=True)
@@ -29,7 +30,7 @@ class SdcIdentity:
 class MdmLink:
     """``[mdm]``: how to reach the MDM(s)."""
 
-    urls: list[str] = field(default_factory=lambda: ["http://127.0.0.1:6611"])
+    urls: list[str] = field(default_factory=lambda: ["https://127.0.0.1:6611"])
     cluster_secret: str = ""
     cluster_secret_file: str = ""
     heartbeat_interval_s: float = 2.0
@@ -77,6 +78,7 @@ class SdcConfig:
     control: ControlListen = field(default_factory=ControlListen)
     io: IoSettings = field(default_factory=IoSettings)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    tls: TlsConfig = field(default_factory=TlsConfig)  # meshblock.tls: HTTPS to the MDM
 
     def __post_init__(self) -> None:
         if not self.mdm.urls:
@@ -104,21 +106,35 @@ def sdc_name(config: SdcConfig) -> str:
     return config.sdc.name or socket.gethostname()
 
 
-def sdc_guid(config: SdcConfig) -> str:
-    """The configured GUID, or the one kept in the state directory (made on first use)."""
+def sdc_guid(config: SdcConfig, certified: str | None = None) -> str:
+    """The configured GUID, or the one kept in the state directory (made on first use).
+
+    With a certificate, ``certified`` is the GUID it names (``sdc:<guid>``): that is
+    the GUID, and neither ``[sdc] guid`` nor the state directory may name another
+    (the SDC would register as a new one, without its mappings).
+    """
     if config.sdc.guid:
+        if certified is not None and certified != config.sdc.guid:
+            raise ConfigError(
+                f"[tls] cert names sdc:{certified}, but [sdc] guid is {config.sdc.guid}"
+            )
         return config.sdc.guid
     state = Path(config.sdc.state_dir)
     path = state / "guid"
     try:
         guid = path.read_text().strip()
         if guid:
+            if certified is not None and certified != guid:
+                raise ConfigError(
+                    f"[tls] cert names sdc:{certified}, but this SDC is {guid} ({path}): "
+                    f"issue it a certificate for sdc:{guid}"
+                )
             return guid
     except FileNotFoundError:
         pass
     except OSError as exc:
         raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
-    guid = str(uuid.uuid4())
+    guid = certified or str(uuid.uuid4())
     try:
         state.mkdir(parents=True, exist_ok=True)
         write_atomic(path, guid + "\n")

@@ -1,4 +1,5 @@
-"""The SDC's client of the MDM's REST API (with the cluster secret as bearer token).
+"""The SDC's client of the MDM's REST API: HTTPS with its certificate (``[tls]``,
+meshblock.tls), or the cluster secret as bearer token.
 
 Several MDM URLs may be given: a call goes to the one that answered last and moves on
 to the next when it cannot be reached or answers 5xx.
@@ -12,7 +13,17 @@ from typing import Any
 
 import aiohttp
 
+from meshblock import pki
+from meshblock.sdc.config import SdcConfig
+from meshblock.tls import MdmTls, mdm_tls
+
 log = logging.getLogger(__name__)
+
+
+def mdm_tls_of(config: SdcConfig) -> MdmTls:
+    """How this SDC reaches the MDM; a certificate must name an SDC (``sdc:<guid>``).
+    :class:`meshblock.config.ConfigError` otherwise."""
+    return mdm_tls(config.tls, config.mdm.urls, pki.Kind.SDC, key="mdm.urls")
 
 
 class MdmUnavailable(Exception):

@@ -13,6 +13,7 @@ from meshblock.daemon import setup_logging
 from meshblock.sds import device_io
 from meshblock.sds.app import create_app
 from meshblock.sds.config import load
+from meshblock.sds.mdm_client import mdm_tls_of
 from meshblock.sds.store import StoreError
 
 log = logging.getLogger("meshblock.sds")
@@ -38,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load(args.config)
         secret = config.secret()
+        mdm_tls_of(config)  # the [tls] files, and the MDM URLs' schemes
     except ConfigError as exc:
         print(f"meshblock-sds: configuration error: {exc}", file=sys.stderr)
         return 2

@@ -8,6 +8,7 @@ from typing import Any
 
 from meshblock.config import ConfigError, LoggingConfig, from_mapping, read_secret_file, read_toml
 from meshblock.sizes import SizeError, parse_size
+from meshblock.tls import TlsConfig
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,7 @@ class SdsConfig:
     protection_domain: str
     address: str
     fault_set: str | None = None
-    mdm_urls: tuple[str, ...] = ("http://127.0.0.1:6611",)
+    mdm_urls: tuple[str, ...] = ("https://127.0.0.1:6611",)
     cluster_secret: str = ""
     cluster_secret_file: str | None = None
     state_dir: str = "/var/lib/meshblock/sds"
@@ -67,6 +68,7 @@ class SdsConfig:
     control: ControlListen = field(default_factory=ControlListen)
     devices: tuple[DeviceConfig, ...] = ()
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    tls: TlsConfig = field(default_factory=TlsConfig)  # meshblock.tls: HTTPS to the MDM
     # Test-only fault hook (meshblock.sds.device_io); also needs MESHBLOCK_SDS_TEST_FAULTS=1.
     test_faults: bool = False
 

@@ -36,11 +36,14 @@ from typing import Any, NoReturn
 
 import aiohttp
 
+from meshblock import pki
+from meshblock.config import ConfigError
 from meshblock.files import fsync_directory, write_atomic
 from meshblock.sds.config import SdsConfig
 from meshblock.sds.io_path import DataService
 from meshblock.sds.maps import PgMap
 from meshblock.sds.store import Device
+from meshblock.tls import MdmTls, mdm_tls
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +109,17 @@ FAILURE_RETRY_S = 1.0  # a failed device's report is sent again this often until
 
 class MdmUnavailable(Exception):
     """No MDM URL answered."""
+
+
+def mdm_tls_of(config: SdsConfig) -> MdmTls:
+    """How this SDS reaches the MDM (``[tls]``, meshblock.tls); its certificate must
+    name it (``sds:<name>``). :class:`ConfigError` otherwise."""
+    link = mdm_tls(config.tls, config.mdm_urls, pki.Kind.SDS, key="mdm_urls")
+    if link.identity is not None and link.identity.name != config.name:
+        raise ConfigError(
+            f"[tls] cert {config.tls.cert} names {link.identity}, but this SDS is sds:{config.name}"
+        )
+    return link
 
 
 def saved_failed_devices(state_dir: str) -> dict[str, str]:
@@ -231,7 +245,11 @@ class MdmLink:
     # -- life cycle -------------------------------------------------------------------
 
     async def start(self) -> None:
-        self._session = aiohttp.ClientSession(headers={"Authorization": f"Bearer {self._secret}"})
+        link = mdm_tls_of(self._config)
+        self._session = aiohttp.ClientSession(
+            headers={"Authorization": f"Bearer {self._secret}"},
+            connector=aiohttp.TCPConnector(ssl=link.aiohttp_ssl()),
+        )
         self._tasks.append(asyncio.create_task(self._main(), name="mdm-link"))
 
     async def stop(self) -> None:

@@ -1,0 +1,116 @@
+"""One cluster CA per test process, and the identities that test daemons present.
+
+The CA is made on first use in a temporary directory (removed when the process
+exits): issuing a certificate takes about a millisecond, so every daemon of a test
+gets its own identity (``sds:sds1``, ``sdc:<guid>``, ...) from the same CA, and the
+harness (``tests/_http.py``) calls an HTTPS MDM as ``admin:tests`` by default.
+
+>>> files = identity("sds:sds1")
+>>> files.settings()   # the [tls] table of a daemon's config
+>>> ctx = context("sdc:4f1c...")   # a client presenting that identity
+"""
+
+from __future__ import annotations
+
+import atexit
+import shutil
+import ssl
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from meshblock import pki
+
+ADMIN = "admin:tests"
+LOOPBACK_SANS = ("127.0.0.1", "localhost")
+
+
+@dataclass(frozen=True)
+class Files:
+    """An identity's certificate and key, with the CA's certificate and CRL."""
+
+    identity: pki.Identity
+    cert: Path
+    key: Path
+    ca: Path
+    crl: Path
+
+    def settings(self) -> dict[str, str]:
+        """The ``[tls]`` table of a daemon's config (the shape of meshblock.tls)."""
+        return {
+            "cert": str(self.cert),
+            "key": str(self.key),
+            "ca": str(self.ca),
+            "crl": str(self.crl),
+        }
+
+    def serial(self) -> int:
+        return pki.load_cert(self.cert).serial_number
+
+
+_root: Path | None = None
+_issued: dict[tuple[str, tuple[str, ...]], Files] = {}
+_contexts: dict[str | None, ssl.SSLContext] = {}
+
+
+def ca() -> pki.Ca:
+    """The process's cluster CA (made on first use)."""
+    global _root
+    if _root is None:
+        _root = Path(tempfile.mkdtemp(prefix="meshblock-tls-"))
+        atexit.register(shutil.rmtree, _root, True)
+        pki.Ca.init(_root / "ca", common_name="meshblock test CA")
+    return pki.Ca(_root / "ca")
+
+
+def identity(text: str, sans: Sequence[str] = ()) -> Files:
+    """Certificate and key of ``text`` (``kind:name``) with ``sans``, issued once."""
+    key = (text, tuple(sans))
+    if key not in _issued:
+        the_ca = ca()
+        ident = pki.Identity.parse(text)
+        cert, private = the_ca.issue(ident, sans=sans)
+        assert _root is not None
+        out = _root / "ids" / f"{len(_issued)}"
+        paths = pki.write_identity(out, ident, cert, private, the_ca.load()[0])
+        _issued[key] = Files(ident, paths["cert"], paths["key"], the_ca.cert_path, the_ca.crl_path)
+    return _issued[key]
+
+
+def fresh(text: str, sans: Sequence[str] = ()) -> Files:
+    """A new certificate for ``text`` (for a test that revokes it)."""
+    _issued.pop((text, tuple(sans)), None)
+    return identity(text, sans)
+
+
+def mdm_identity(host: str) -> Files:
+    """The MDM's identity, valid for loopback and ``host``."""
+    return identity("mdm:mdm1", tuple(dict.fromkeys((*LOOPBACK_SANS, host))))
+
+
+def context(text: str | None) -> ssl.SSLContext:
+    """A client context that trusts the CA (with its CRL) and presents ``text``'s
+    certificate (``None``: no certificate). Made anew for each call."""
+    the_ca = ca()
+    if text is None:
+        return pki.client_context(the_ca.cert_path, crl=the_ca.crl_path)
+    files = identity(text)
+    return pki.client_context(the_ca.cert_path, cert=files.cert, key=files.key, crl=files.crl)
+
+
+def admin_context() -> ssl.SSLContext:
+    """The context the harness uses for HTTPS by default: ``admin:tests`` (cached)."""
+    if ADMIN not in _contexts:
+        _contexts[ADMIN] = context(ADMIN)
+    return _contexts[ADMIN]
+
+
+def meshctl_env() -> dict[str, str]:
+    """``MESHCTL_TLS_*`` for meshctl as ``admin:tests``."""
+    files = identity(ADMIN)
+    return {
+        "MESHCTL_TLS_CA": str(files.ca),
+        "MESHCTL_TLS_CERT": str(files.cert),
+        "MESHCTL_TLS_KEY": str(files.key),
+    }
