@@ -7,7 +7,8 @@ A decision about PGs is made in three steps:
    positional indexes);
 2. **decide**: a pure function over those rows (no session, no clock, no liveness)
    returns the changes to make (:class:`PgChange`): the failure checks
-   (:func:`meshblock.mdm.failures.decide`);
+   (:func:`meshblock.mdm.failures.decide`) and rebalance moves
+   (:func:`meshblock.mdm.rebalance.plan_moves`);
 3. **write**: :func:`write` (one pool) or :func:`write_pools` stores them.
 
 The writer's contract:

@@ -31,16 +31,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
 
-from sqlalchemy import bindparam, select, update
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from meshblock.mdm import pgtable
 from meshblock.mdm.epochs import bump
 from meshblock.mdm.failures import FailureDetector
-from meshblock.mdm.models import PgState, PlacementGroup, Sds, SdsMode, StoragePool, Volume
+from meshblock.mdm.models import PgState, Sds, SdsMode, StoragePool, Volume
 from meshblock.mdm.pgmaps import pool_devices
-from meshblock.mdm.placement import DeviceInfo, compute_map, failure_domain
+from meshblock.mdm.pgtable import PgChange, PgRow
+from meshblock.mdm.placement import DeviceInfo, PgAssignment, compute_map, failure_domain
 
 log = logging.getLogger(__name__)
 
@@ -91,100 +94,46 @@ class Rebalancer:
         eligible: frozenset[int],
         modes: dict[int, SdsMode],
     ) -> int:
-        rows = (
-            await s.execute(
-                select(
-                    PlacementGroup.pg,
-                    PlacementGroup.primary_device_id,
-                    PlacementGroup.secondary_device_id,
-                    PlacementGroup.state,
-                    PlacementGroup.target_device_id,
-                    PlacementGroup.moving,
-                    PlacementGroup.epoch,
-                ).where(PlacementGroup.pool_id == pool.id)
-            )
-        ).all()
-        if not rows or any(r[3] != PgState.CLEAN for r in rows):
+        """Load, decide (:func:`plan_moves`), write; return how many moves started."""
+        rows = await pgtable.load(s, pool_id=pool.id)
+        if not all_clean(rows):
             return 0
         members = await pool_devices(s, pool.id)
-        sds_of = {x.device_id: x.sds_id for x in members}
-        holders = {sds_of[dev] for r in rows for dev in (r[1], r[2]) if dev in sds_of}
-        normal = [i for i in holders if modes.get(i) == SdsMode.NORMAL]
-        silent = self.detector.down_sds(normal)
-        if silent:
-            # SDSs with copies here stopped heartbeating and the failure detector has
-            # not acted yet: their PGs are about to be rebuilt, moves now would be
-            # undone. (One never seen is not waited for: the detector never acts on
-            # it, and its copies are moved away as from any ineligible SDS.)
-            if pool.id not in self._waiting:
-                log.info(
-                    "pool %s: rebalance waits for the failure detector (SDSs %s silent)",
-                    pool.name,
-                    sorted(silent),
-                )
-            self._waiting.add(pool.id)
+        normal = [i for i in copy_holders(rows, members) if modes.get(i) == SdsMode.NORMAL]
+        if self._waits(pool, self.detector.down_sds(normal)):
             return 0
-        self._waiting.discard(pool.id)
-        in_flight = sum(1 for r in rows if r[4] is not None)
         usable = [d for d in members if d.sds_id in eligible]
-        budget = max(2, len(usable)) - in_flight
-        if budget <= 0 or len({failure_domain(x) for x in usable}) < 2:
+        moves = plan_moves(pool.pg_count, rows, usable)
+        if not moves:
             return 0
-        info = {x.device_id: x for x in usable}
-        # The map as it will be once the moves in flight are done, without the copies
-        # on devices that are not eligible (those are refilled: moved away).
-        after: dict[int, tuple[int | None, int | None]] = {}
-        for pg, p, sec, _, t, moving, _ in rows:
-            if t is not None:
-                p, sec = (sec, t) if moving == "primary" else (p, t)
-            after[pg] = (p if p in info else None, sec if sec in info else None)
-        want = compute_map(pool.pg_count, usable, after)
-        updates: list[dict[str, Any]] = []
-        # Copies on devices that are not eligible first (a drain), then the rest.
-        order = sorted(
-            (r for r in rows if r[4] is None),
-            key=lambda r: (r[1] in info and r[2] in info, r[0]),
-        )
-        for pg, p, sec, _, _, _, epoch in order:
-            if len(updates) >= budget:
-                break
-            move = _one_move(p, sec, want.get(pg, (None, None)), info)
-            if move is None:
-                continue
-            target, moving = move
-            updates.append({"b_pg": pg, "b_t": target, "b_m": moving, "b_old": epoch})
-        if not updates:
-            return 0
-        pool.map_epoch += 1
-        for u in updates:
-            u["b_pool"] = pool.id
-            u["b_epoch"] = pool.map_epoch
-        table = PlacementGroup.metadata.tables[PlacementGroup.__tablename__]
-        conn = await s.connection()
-        await conn.execute(
-            update(table)
-            .where(
-                table.c.pool_id == bindparam("b_pool"),
-                table.c.pg == bindparam("b_pg"),
-                table.c.epoch == bindparam("b_old"),
-                table.c.target_device_id.is_(None),
-            )
-            .values(
-                target_device_id=bindparam("b_t"),
-                moving=bindparam("b_m"),
-                epoch=bindparam("b_epoch"),
-            ),
-            updates,
-        )
+        await pgtable.write(s, pool, moves)
         log.info(
             "pool %s: rebalance moves %d PG cop%s (%d in flight before; map epoch %d)",
             pool.name,
-            len(updates),
-            "y" if len(updates) == 1 else "ies",
-            in_flight,
+            len(moves),
+            "y" if len(moves) == 1 else "ies",
+            sum(1 for r in rows if r.target is not None),
             pool.map_epoch,
         )
-        return len(updates)
+        return len(moves)
+
+    def _waits(self, pool: StoragePool, silent: frozenset[int]) -> bool:
+        """Whether ``pool`` waits for the failure detector: SDSs with copies there
+        stopped heartbeating and the detector has not acted yet, so their PGs are about
+        to be rebuilt and moves now would be undone. (One never seen is not waited
+        for: the detector never acts on it, and its copies are moved away as from any
+        ineligible SDS.)"""
+        if not silent:
+            self._waiting.discard(pool.id)
+            return False
+        if pool.id not in self._waiting:
+            log.info(
+                "pool %s: rebalance waits for the failure detector (SDSs %s silent)",
+                pool.name,
+                sorted(silent),
+            )
+        self._waiting.add(pool.id)
+        return True
 
     async def run(self, interval_s: float) -> None:
         while True:
@@ -193,6 +142,67 @@ class Rebalancer:
                 await self.step()
             except Exception:
                 log.exception("rebalance step failed; trying again in %.0f s", interval_s)
+
+
+def all_clean(rows: Sequence[PgRow]) -> bool:
+    """Whether the pool has PGs and all are clean: moves start only then (rebuild
+    first)."""
+    return bool(rows) and all(r.state == PgState.CLEAN for r in rows)
+
+
+def copy_holders(rows: Sequence[PgRow], members: Sequence[DeviceInfo]) -> set[int]:
+    """The SDSs holding a copy (primary or secondary) of the pool's PGs, among the
+    SDSs of ``members``."""
+    sds_of = {x.device_id: x.sds_id for x in members}
+    return {sds_of[dev] for r in rows for dev in (r.primary, r.secondary) if dev in sds_of}
+
+
+def plan_moves(
+    pg_count: int, rows: Sequence[PgRow], usable: Sequence[DeviceInfo]
+) -> list[PgChange]:
+    """The moves to start in a pool, pure: a target for the PGs whose copies differ
+    from the balanced map :func:`~meshblock.mdm.placement.compute_map` computes over
+    the ``usable`` devices (those of eligible SDSs) from the map as it will be once
+    the moves in flight are done, without the copies on devices that are not usable.
+
+    Nothing moves unless every PG is clean, the usable devices span two failure
+    domains, and fewer than ``max(2, usable devices)`` moves are in flight (the rest
+    of that budget is started). Copies on devices that are not usable (a drain) go
+    first, then the rest by PG; one copy per PG (:func:`_one_move`), none in a PG
+    whose move is in flight."""
+    if not all_clean(rows):
+        return []
+    in_flight = sum(1 for r in rows if r.target is not None)
+    budget = max(2, len(usable)) - in_flight
+    if budget <= 0 or len({failure_domain(x) for x in usable}) < 2:
+        return []
+    info = {x.device_id: x for x in usable}
+    want = compute_map(pg_count, usable, _after_moves(rows, info))
+    order = sorted(
+        (r for r in rows if r.target is None),
+        key=lambda r: (r.primary in info and r.secondary in info, r.pg),
+    )
+    moves: list[PgChange] = []
+    for row in order:
+        if len(moves) >= budget:
+            break
+        move = _one_move(row.primary, row.secondary, want.get(row.pg, (None, None)), info)
+        if move is not None:
+            target, moving = move
+            moves.append(PgChange(row, replace(row, target=target, moving=moving)))
+    return moves
+
+
+def _after_moves(rows: Sequence[PgRow], info: Mapping[int, DeviceInfo]) -> dict[int, PgAssignment]:
+    """The map as it will be once the moves in flight are done, without the copies on
+    devices not in ``info`` (those are refilled: moved away)."""
+    after: dict[int, PgAssignment] = {}
+    for r in rows:
+        p, sec = r.primary, r.secondary
+        if r.target is not None:
+            p, sec = (sec, r.target) if r.moving == "primary" else (p, r.target)
+        after[r.pg] = (p if p in info else None, sec if sec in info else None)
+    return after
 
 
 def _one_move(
