@@ -253,6 +253,39 @@ def test_not_primary_and_bad_pg_are_refused(cluster: Cluster) -> None:
     run(main())
 
 
+def test_io_through_a_v2_and_a_v1_connection(cluster: Cluster) -> None:
+    """Real daemons: a client of this release speaks protocol version 2 to an SDS, one
+    that offers only version 1 (a client of the release before it) speaks 1; IO
+    through either is mirrored to the secondary (SDS to SDS, version 2) and reads
+    back through the other. docs/protocol.md §8."""
+    doc = cluster.pgmap()
+    volume = 109
+
+    async def main() -> None:
+        for chunk in range(3):
+            r = route(cluster, doc, volume, chunk)
+            port, secret = r.primary.data_port, cluster.secret
+            async with (
+                await WireClient.connect("127.0.0.1", port, secret) as v2,
+                await WireClient.connect("127.0.0.1", port, secret, max_version=1) as v1,
+                await connect(r.secondary, cluster, PeerRole.TOOL) as sec,
+            ):
+                assert (v2.version, v1.version, sec.version) == (2, 1, 2)
+                new, old = os.urandom(8192), os.urandom(4096)
+                await v2.write(r.ref, 0, new, fua=True)
+                await v1.write(r.ref, 65536, old)
+                assert bytes(await v1.read(r.ref, 0, 8192)) == new
+                assert bytes(await v2.read(r.ref, 65536, 4096)) == old
+                await v1.flush()
+                raw = await sec.read_raw_chunk(volume, chunk)
+                assert raw.allocated
+                assert bytes(raw.data[:8192]) == new
+                assert bytes(raw.data[65536 : 65536 + 4096]) == old
+                assert await v1.ping(doc["pool_id"]) == await v2.ping(doc["pool_id"]) >= 1
+
+    run(main())
+
+
 def test_wrong_secret_is_refused(cluster: Cluster) -> None:
     d = cluster.sds[0]
 
@@ -283,7 +316,7 @@ def _raw_session(d: SdsDaemon, secret: str) -> socket.socket:
     from meshblock.wire.handshake import ClientHandshake
 
     s = socket.create_connection(("127.0.0.1", d.data_port), timeout=5)
-    hs = ClientHandshake(secret.encode(), PeerRole.CLIENT)
+    hs = ClientHandshake(secret.encode(), PeerRole.CLIENT, version=1)  # v1 frames follow
     s.sendall(hs.hello())
     s.sendall(hs.on_server_hello(memoryview(_recv_exact(s, 72))))
     hs.on_result(memoryview(_recv_exact(s, 8)))

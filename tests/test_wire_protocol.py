@@ -17,13 +17,9 @@ from typing import Any
 
 import pytest
 
+from _wire import EPOCH, PG_COUNT, POOL, SECRET, exchange, sds_server
 from meshblock.chunks import CHUNK_SIZE, ChunkRef, pg_of
-from meshblock.sds.io_path import DataService
-from meshblock.sds.maps import MapCache, PgMap
-from meshblock.sds.metrics import SdsStats
 from meshblock.sds.replication import Peers
-from meshblock.sds.server import DataServer
-from meshblock.sds.store import ChunkStore, DeviceSpec
 from meshblock.wire import (
     MAX_IN_FLIGHT,
     ConnectionLost,
@@ -62,9 +58,6 @@ from meshblock.wire.protocol import (
 )
 
 pytestmark = [pytest.mark.cluster, pytest.mark.parallel]
-
-SECRET = "wire-test-secret"
-POOL, PG_COUNT, EPOCH = 5, 16, 3
 
 
 # -- structs ---------------------------------------------------------------------------
@@ -136,12 +129,9 @@ def test_retriable_statuses() -> None:
 def _run_handshake(client_secret: str, server_secret: str) -> tuple[bool, str | None]:
     client = ClientHandshake(client_secret.encode(), PeerRole.SDS_PEER)
     server = ServerHandshake(server_secret.encode())
-    hello, reason = server.on_hello(memoryview(client.hello()))
-    assert reason is None
-    proof = client.on_server_hello(memoryview(hello))
-    result, ok = server.on_proof(memoryview(proof))
-    client.on_result(memoryview(result))
-    return ok, server.role.name if server.role else None
+    reason, _ = exchange(client, server)
+    assert client.need == 0
+    return reason is None, server.role.name if server.role else None
 
 
 def test_handshake_with_the_same_secret() -> None:
@@ -153,11 +143,15 @@ def test_handshake_client_detects_a_server_without_the_secret() -> None:
         _run_handshake("k", "other")
 
 
-def test_handshake_server_detects_a_client_without_the_secret() -> None:
+@pytest.mark.parametrize("version", [1, 2])
+def test_handshake_server_detects_a_client_without_the_secret(version: int) -> None:
     server = ServerHandshake(b"k")
-    client = ClientHandshake(b"other", PeerRole.CLIENT)
-    hello, _ = server.on_hello(memoryview(client.hello()))
-    assert SERVER_HELLO.unpack(hello)[2] == 0  # the server goes on to the proof
+    client = ClientHandshake(b"other", PeerRole.CLIENT, version=version)
+    wire = client.hello()
+    hello, _ = server.feed(memoryview(wire[: CLIENT_HELLO.size]))
+    if version > 1:  # the HelloExt follows
+        hello, _ = server.feed(memoryview(wire[CLIENT_HELLO.size :]))
+    assert SERVER_HELLO.unpack(hello[: SERVER_HELLO.size])[2] == 0  # goes on to the proof
     forged = CLIENT_PROOF.pack(0x4D424850, os.urandom(32))  # cannot compute a proof
     result, ok = server.on_proof(memoryview(forged))
     assert not ok and result[4] == 1
@@ -166,7 +160,7 @@ def test_handshake_server_detects_a_client_without_the_secret() -> None:
 
 
 def test_handshake_refuses_other_versions_and_roles() -> None:
-    server = ServerHandshake(b"k")
+    server = ServerHandshake(b"k", max_version=1)  # as the release before version 2
     hello = CLIENT_HELLO.pack(0x4D424843, 2, 1, 0, os.urandom(32))
     reply, reason = server.on_hello(memoryview(hello))
     assert reason and "version 2" in reason and reply[6] == 2
@@ -180,43 +174,12 @@ def test_the_secret_never_crosses_the_wire() -> None:
     secret = "s3cr3t-value"
     client = ClientHandshake(secret.encode(), PeerRole.CLIENT)
     server = ServerHandshake(secret.encode())
-    wire = client.hello()
-    hello, _ = server.on_hello(memoryview(wire))
-    proof = client.on_server_hello(memoryview(hello))
-    result, _ = server.on_proof(memoryview(proof))
-    assert secret.encode() not in wire + hello + proof + result
+    reason, wire = exchange(client, server)
+    assert reason is None and len(wire) == 40 + 16 + 72 + 16 + 36 + 8  # all of version 2
+    assert secret.encode() not in wire
 
 
 # -- client against the real data server (in process) ---------------------------------
-
-
-@asynccontextmanager
-async def sds_server(
-    tmp_path: Path, sds_id: int = 1
-) -> AsyncIterator[tuple[DataServer, DataService]]:
-    store = ChunkStore([DeviceSpec(str(tmp_path / "dev.img"), 1 << 30, "pool")])  # sparse
-    store.open()
-    maps = MapCache()
-    maps.update(
-        PgMap(
-            pool_id=POOL,
-            epoch=EPOCH,
-            pg_count=PG_COUNT,
-            primary=((1, 10),) * PG_COUNT,
-            secondary=((0, 0),) * PG_COUNT,  # degraded: no secondary
-            sds={1: ("127.0.0.1", 0)},
-            doc={},
-        )
-    )
-    service = DataService(store, maps, Peers(SECRET, 5.0), SdsStats())
-    service.set_identity(sds_id, {str(tmp_path / "dev.img"): (10, POOL)})
-    server = DataServer(service, SECRET)
-    await server.start("127.0.0.1", 0)
-    try:
-        yield server, service
-    finally:
-        await server.stop()
-        store.close()
 
 
 def pg(volume: int, chunk: int) -> int:
@@ -372,21 +335,24 @@ async def fake_server(
     behaviour: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Any],
     secret: str = SECRET,
     features: int = SERVER_FEATURES,
+    version: int = 1,
 ) -> AsyncIterator[int]:
-    """A server that does the real handshake (announcing ``features``), then
-    ``behaviour``."""
+    """A server that does the real handshake (announcing ``features``, speaking
+    protocol versions up to ``version``: 1, the frames these tests write by hand),
+    then ``behaviour``."""
     tasks: set[asyncio.Task[Any]] = set()
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
         tasks.add(task)
-        hs = ServerHandshake(secret.encode(), features)
+        hs = ServerHandshake(secret.encode(), features, max_version=version)
         try:
-            hello, _ = hs.on_hello(memoryview(await reader.readexactly(CLIENT_HELLO.size)))
-            writer.write(hello)
-            result, _ = hs.on_proof(memoryview(await reader.readexactly(CLIENT_PROOF.size)))
-            writer.write(result)
+            while hs.need:
+                out, reason = hs.feed(memoryview(await reader.readexactly(hs.need)))
+                writer.write(out)
+                if reason is not None:
+                    return
             await behaviour(reader, writer)
         except (asyncio.IncompleteReadError, ConnectionError):
             pass

@@ -99,7 +99,11 @@ async def _run(app: web.Application) -> AsyncIterator[None]:
 
     nbd = NbdServer()
     state.nbd = nbd
-    path = WireDataPath(secret, request_timeout=config.io.attempt_timeout_s * 3)
+    path = WireDataPath(
+        secret,
+        request_timeout=config.io.attempt_timeout_s * 3,
+        min_version=config.io.wire_min_version,
+    )
     session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=link.aiohttp_ssl()))
     follower = MapFollower(
         MdmClient(

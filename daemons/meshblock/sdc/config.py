@@ -10,6 +10,7 @@ from pathlib import Path
 from meshblock.config import ConfigError, LoggingConfig, read_secret_file
 from meshblock.files import write_atomic
 from meshblock.tls import TlsConfig
+from meshblock.wire.protocol import check_wire_min_version
 
 
 @dataclass(frozen=True)
@@ -64,10 +65,12 @@ class ControlListen:
 
 @dataclass(frozen=True)
 class IoSettings:
-    """``[io]``: how long an IO may retry (map refreshes, failovers) before EIO."""
+    """``[io]``: how long an IO may retry (map refreshes, failovers) before EIO, and
+    the lowest data protocol version spoken to SDSs."""
 
     timeout_s: float = 45.0
     attempt_timeout_s: float = 10.0
+    wire_min_version: int = 1
 
 
 @dataclass(frozen=True)
@@ -89,6 +92,7 @@ class SdcConfig:
             raise ValueError("mdm.cluster_secret or mdm.cluster_secret_file must be set")
         if self.io.timeout_s <= 0 or self.io.attempt_timeout_s <= 0:
             raise ValueError("io.timeout_s and io.attempt_timeout_s must be positive")
+        check_wire_min_version(self.io.wire_min_version, "io.wire_min_version")
         if self.mdm.heartbeat_interval_s <= 0 or self.mdm.longpoll_timeout_s <= 0:
             raise ValueError("mdm intervals must be positive")
         if not 1 <= self.nbd.attach_connections <= 16:

@@ -85,11 +85,17 @@ def classify(exc: WireError) -> DataPathError:
 
 class WireDataPath:
     def __init__(
-        self, secret: str, *, connect_timeout: float = 3.0, request_timeout: float = 30.0
+        self,
+        secret: str,
+        *,
+        connect_timeout: float = 3.0,
+        request_timeout: float = 30.0,
+        min_version: int = 1,
     ) -> None:
         self._secret = secret
         self._connect_timeout = connect_timeout
         self._request_timeout = request_timeout
+        self._min_version = min_version  # [io] wire_min_version
         self._clients: dict[tuple[str, int], WireClient] = {}
         self._connecting: dict[tuple[str, int], asyncio.Future[WireClient]] = {}
 
@@ -118,6 +124,7 @@ class WireDataPath:
                 PeerRole.CLIENT,
                 connect_timeout=self._connect_timeout,
                 request_timeout=self._request_timeout,
+                min_version=self._min_version,
             )
         except HandshakeError as exc:
             raise DataPathError(

@@ -124,7 +124,7 @@ async def _runtime(app: web.Application) -> AsyncIterator[None]:
         Path(config.state_dir), store.unclean, [d.path for d in store.devices], device_io.boot_id()
     )
     try:
-        peers = Peers(secret, config.peer_timeout_s)
+        peers = Peers(secret, config.peer_timeout_s, min_version=config.wire_min_version)
         service = DataService(store, MapCache(), peers, SdsStats())
         registry = CollectorRegistry(auto_describe=True)
         registry.register(SdsCollector(service))
@@ -139,7 +139,8 @@ async def _runtime(app: web.Application) -> AsyncIterator[None]:
             )
         else:
             link.load_state()
-        app[RUNTIME] = SdsRuntime(config, service, DataServer(service, secret), link, registry)
+        server = DataServer(service, secret, min_version=config.wire_min_version)
+        app[RUNTIME] = SdsRuntime(config, service, server, link, registry)
         yield
     finally:
         store.close()

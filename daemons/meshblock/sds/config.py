@@ -9,6 +9,7 @@ from typing import Any
 from meshblock.config import ConfigError, LoggingConfig, from_mapping, read_secret_file, read_toml
 from meshblock.sizes import SizeError, parse_size
 from meshblock.tls import TlsConfig
+from meshblock.wire.protocol import check_wire_min_version
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,9 @@ class SdsConfig:
     peer_timeout_s: float = 10.0
     # Chunks of deleted volumes freed per second at most (0: unlimited).
     delete_free_rate: int = 20000
+    # The lowest data protocol version accepted from clients and peers and spoken to
+    # peers (docs/protocol.md §8).
+    wire_min_version: int = 1
     data: DataListen = field(default_factory=DataListen)
     control: ControlListen = field(default_factory=ControlListen)
     devices: tuple[DeviceConfig, ...] = ()
@@ -82,6 +86,7 @@ class SdsConfig:
             raise ValueError("heartbeat_interval_s must be positive")
         if self.delete_free_rate < 0:
             raise ValueError("delete_free_rate must be 0 (unlimited) or positive")
+        check_wire_min_version(self.wire_min_version, "wire_min_version")
         if not self.devices:
             raise ValueError("at least one [[devices]] entry is required")
         paths = [d.path for d in self.devices]

@@ -65,9 +65,10 @@ class RangeLocks:
 class Peers:
     """Persistent data connections to the other SDSs."""
 
-    def __init__(self, secret: str, request_timeout: float) -> None:
+    def __init__(self, secret: str, request_timeout: float, *, min_version: int = 1) -> None:
         self._secret = secret
         self._timeout = request_timeout
+        self._min_version = min_version  # wire_min_version
         self._clients: dict[int, WireClient] = {}
         self._addresses: dict[int, tuple[str, int]] = {}
         self._connecting: dict[int, asyncio.Task[WireClient]] = {}
@@ -105,6 +106,7 @@ class Peers:
                 self._secret,
                 PeerRole.SDS_PEER,
                 request_timeout=self._timeout,
+                min_version=self._min_version,
             )
         except HandshakeError as exc:
             log.error("peer SDS %d at %s:%d refused us: %s", sds_id, *address, exc)

@@ -1,7 +1,8 @@
 """The SDS's data-protocol listener and its connections (``docs/protocol.md``).
 
-A :class:`DataConnection` runs the server side of the handshake, then decodes
-requests and hands them to :class:`~meshblock.sds.io_path.DataService`. A peer that
+A :class:`DataConnection` runs the server side of the handshake, which negotiates
+the protocol version, then decodes requests in that version's format and hands them
+to :class:`~meshblock.sds.io_path.DataService`. A peer that
 breaks the protocol (bad magic, unknown opcode, oversized payload, a failed or slow
 handshake) gets its connection dropped with one log line saying why; nothing it sent
 in an incomplete frame is applied, and other connections carry on.
@@ -17,19 +18,16 @@ from typing import Any
 
 from meshblock.sds.io_path import DataService
 from meshblock.wire.framing import FramedConnection
-from meshblock.wire.handshake import CLIENT_HELLO, CLIENT_PROOF, ServerHandshake
+from meshblock.wire.handshake import ServerHandshake
 from meshblock.wire.protocol import (
     HANDSHAKE_TIMEOUT_S,
-    KNOWN_OPS,
     MAX_IN_FLIGHT,
-    MAX_PAYLOAD,
-    OPS_WITH_PAYLOAD,
-    REPLY,
-    REPLY_MAGIC,
-    REQUEST,
-    REQUEST_MAGIC,
+    MIN_PROTOCOL_VERSION,
+    PROTOCOL_VERSION,
     ROLE_OPS,
-    ProtocolError,
+    WIRE_FORMATS,
+    WIRE_V1,
+    WireFormat,
 )
 
 log = logging.getLogger(__name__)
@@ -38,16 +36,23 @@ log = logging.getLogger(__name__)
 class DataConnection(FramedConnection):
     """One client, peer or tool connected to the data port."""
 
-    header = REQUEST
-
     def __init__(
-        self, service: DataService, secret: bytes, connections: set[DataConnection]
+        self,
+        service: DataService,
+        secret: bytes,
+        connections: set[DataConnection],
+        *,
+        max_version: int = PROTOCOL_VERSION,
+        min_version: int = MIN_PROTOCOL_VERSION,
     ) -> None:
         super().__init__()
         self._svc = service
         self._connections = connections
-        self._hs: ServerHandshake | None = ServerHandshake(secret)
-        self._fixed_need = CLIENT_HELLO.size
+        self._hs: ServerHandshake | None = ServerHandshake(
+            secret, max_version=max_version, min_version=min_version
+        )
+        self._fixed_need = self._hs.need
+        self._use(WIRE_V1)  # until the handshake has chosen
         self.allowed: frozenset[int] = frozenset()
         self.role = "unauthenticated"
         self.in_flight = 0
@@ -113,46 +118,40 @@ class DataConnection(FramedConnection):
     def _on_message(self, msg: memoryview) -> None:
         hs = self._hs
         assert hs is not None
-        if self._fixed_need == CLIENT_HELLO.size:
-            hello, reason = hs.on_hello(msg)
-            self.send_now(hello)
-            if reason is not None:
-                self._fixed_need = 0
-                self._refuse(reason)
-                return
-            self._fixed_need = CLIENT_PROOF.size
+        out, reason = hs.feed(msg)
+        if out:
+            self.send_now(out)
+        self._fixed_need = hs.need
+        if reason is not None:
+            self._fixed_need = 0
+            self._refuse(reason)
             return
-        result, ok = hs.on_proof(msg)
-        self.send_now(result)
-        self._fixed_need = 0
-        if not ok:
-            self._refuse("wrong cluster secret (proof mismatch)")
+        if hs.need:
             return
         assert hs.role is not None
         self.allowed = ROLE_OPS[hs.role]
         self.role = hs.role.name.lower()
         self._hs = None
+        self._use(WIRE_FORMATS[hs.version])
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        log.debug("data connection from %s authenticated as %s", self.peer, self.role)
+        log.debug(
+            "data connection from %s authenticated as %s, protocol version %d",
+            self.peer,
+            self.role,
+            hs.version,
+        )
+
+    def _use(self, fmt: WireFormat) -> None:
+        """Frame with ``fmt`` from now on (chosen once per connection): requests are
+        unpacked and checked (``_payload_length``) and replies packed with it."""
+        self.version = fmt.version
+        self.header = fmt.request
+        self._payload_length = fmt.request_length
+        self._pack_reply = fmt.pack_reply
 
     # -- requests ---------------------------------------------------------------------
-
-    def _payload_length(self, hdr: tuple[Any, ...]) -> int:
-        # Inline version of protocol.request_payload_length (hot path).
-        if hdr[0] != REQUEST_MAGIC:
-            raise ProtocolError(f"bad request magic 0x{hdr[0]:08x}")
-        op = hdr[1]
-        if op not in KNOWN_OPS:
-            raise ProtocolError(f"unknown opcode {op}")
-        if hdr[3]:
-            raise ProtocolError("non-zero reserved field in a request header")
-        if op in OPS_WITH_PAYLOAD:
-            if hdr[11] > MAX_PAYLOAD:
-                raise ProtocolError(f"write payload of {hdr[11]} bytes exceeds {MAX_PAYLOAD}")
-            return int(hdr[11])
-        return 0
 
     def _on_frame(self, hdr: tuple[Any, ...], payload: memoryview) -> None:
         self.in_flight += 1
@@ -173,7 +172,7 @@ class DataConnection(FramedConnection):
         if self._closing:
             return
         n = len(payload) if payload is not None else 0
-        self.send(REPLY.pack(REPLY_MAGIC, status, flags, request_id, epoch, n, 0))
+        self.send(self._pack_reply(status, flags, request_id, epoch, n))
         if payload is not None and n:
             self.send(payload)
         if self._reading_paused:
@@ -206,9 +205,21 @@ class DataConnection(FramedConnection):
 class DataServer:
     """The listener on the data port and its open connections."""
 
-    def __init__(self, service: DataService, secret: str) -> None:
+    def __init__(
+        self,
+        service: DataService,
+        secret: str,
+        *,
+        min_version: int = MIN_PROTOCOL_VERSION,
+        max_version: int = PROTOCOL_VERSION,
+    ) -> None:
+        """``min_version``: the ``wire_min_version`` setting, clients offering an
+        older protocol version are refused; ``max_version``: the newest version
+        spoken (1: as a server of the release before version 2, for tests)."""
         self._svc = service
         self._secret = secret.encode()
+        self._min_version = min_version
+        self._max_version = max_version
         self._server: asyncio.Server | None = None
         self.connections: set[DataConnection] = set()
 
@@ -218,7 +229,13 @@ class DataServer:
         log.info("data protocol listening on %s:%d", host, port)
 
     def _make(self) -> DataConnection:
-        return DataConnection(self._svc, self._secret, self.connections)
+        return DataConnection(
+            self._svc,
+            self._secret,
+            self.connections,
+            max_version=self._max_version,
+            min_version=self._min_version,
+        )
 
     @property
     def port(self) -> int:

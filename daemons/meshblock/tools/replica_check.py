@@ -37,7 +37,7 @@ from typing import Any
 from meshblock.chunks import CHUNK_SIZE, pg_of
 from meshblock.pgmap_doc import CLEAN, PgCopy, PgMapDoc
 from meshblock.pgmap_doc import parse as parse_pgmap
-from meshblock.wire import PeerRole, WireClient, WireError
+from meshblock.wire import HandshakeError, PeerRole, WireClient, WireError
 
 CONCURRENCY = 16  # chunks compared at once (two 1 MiB reads each)
 RECHECKS = 2
@@ -181,8 +181,9 @@ def first_difference(a: bytes, b: bytes) -> tuple[int, int]:
 class _Connections:
     """One TOOL connection per SDS, opened on first use and shared by all chunks."""
 
-    def __init__(self, secret: str) -> None:
+    def __init__(self, secret: str, min_version: int) -> None:
         self._secret = secret
+        self._min_version = min_version
         self._clients: dict[tuple[str, int], asyncio.Task[WireClient]] = {}
 
     async def get(self, copy: Copy) -> WireClient:
@@ -190,7 +191,9 @@ class _Connections:
         task = self._clients.get(key)
         if task is None or (task.done() and (task.exception() or task.result().closed)):
             task = asyncio.ensure_future(
-                WireClient.connect(copy.host, copy.port, self._secret, PeerRole.TOOL)
+                WireClient.connect(
+                    copy.host, copy.port, self._secret, PeerRole.TOOL, min_version=self._min_version
+                )
             )
             self._clients[key] = task
         return await asyncio.shield(task)
@@ -211,10 +214,12 @@ async def check_volume(
     sds_names: Mapping[int, str] | None = None,
     concurrency: int = CONCURRENCY,
     progress: Progress | None = None,
+    wire_min_version: int = 1,
 ) -> Report:
     """Compare both copies of every chunk of ``volume`` (an API Volume document) using
     ``pgmap`` (the API's PgMap document of the volume's pool; a malformed one raises
-    :class:`meshblock.pgmap_doc.PgMapError`)."""
+    :class:`meshblock.pgmap_doc.PgMapError`). ``wire_min_version``: the lowest data
+    protocol version spoken to the SDSs (``docs/protocol.md`` §8)."""
     parsed = parse_pgmap(pgmap)
     volume_id = int(volume["id"])
     chunks = -(-int(volume["size_bytes"]) // CHUNK_SIZE)
@@ -225,7 +230,7 @@ async def check_volume(
     # degraded or resyncing: one in-sync copy; the other is stale or being caught up
     report.degraded_pgs = sorted(pg for pg, st in states.items() if st not in (CLEAN, INACTIVE))
     report.inactive_pgs = sorted(pg for pg, st in states.items() if st == INACTIVE)
-    conns = _Connections(secret)
+    conns = _Connections(secret, wire_min_version)
     done = 0
     next_chunk = iter(range(chunks))
 
@@ -253,6 +258,8 @@ async def check_volume(
         for attempt in range(RECHECKS + 1):
             try:
                 a, b = await asyncio.gather(read(primary, chunk), read(secondary, chunk))
+            except HandshakeError:
+                raise  # the secret or the version: no chunk can be read
             except (WireError, OSError, TimeoutError) as exc:
                 report.unchecked.append(Unchecked(chunk, pg, f"read failed: {exc}"))
                 return

@@ -35,7 +35,8 @@ Errors (every one has ``retriable``):
   retriable; ``__cause__`` is what closed it. Every later call raises it at once:
   connect again.
 - :class:`~meshblock.wire.handshake.HandshakeError` (from :meth:`WireClient.connect`):
-  wrong cluster secret, version or role; not retriable.
+  wrong cluster secret, version or role; not retriable. It is a :class:`WireError`
+  too, as every error above.
 - ``OSError`` / ``TimeoutError`` from :meth:`WireClient.connect`: the SDS cannot be
   reached; :class:`ConnectionLost` from it: the SDS accepted the connection, then
   closed it before the handshake completed.
@@ -59,29 +60,26 @@ from typing import Any, Final, NamedTuple, Protocol, TypeVar
 
 from meshblock.chunks import CHUNK_SIZE, ChunkRef
 from meshblock.wire.framing import BIG_PART, Buffer, FramedConnection
-from meshblock.wire.handshake import (
-    SERVER_HELLO,
-    SERVER_RESULT,
-    ClientHandshake,
-    HandshakeError,
-)
+from meshblock.wire.handshake import ClientHandshake, HandshakeError, VersionUnsupported
 from meshblock.wire.protocol import (
     CHUNK_ENTRY,
     HANDSHAKE_TIMEOUT_S,
     MAX_CHUNK_INDEX,
     MAX_IN_FLIGHT,
     MAX_PAYLOAD,
-    REPLY,
-    REPLY_MAGIC,
-    REQUEST,
-    REQUEST_MAGIC,
+    MIN_PROTOCOL_VERSION,
+    PROTOCOL_VERSION,
+    WIRE_FORMATS,
+    WIRE_V1,
     Op,
     PeerRole,
     ProtocolError,
     ReplyFlag,
     ReqFlag,
     Status,
+    WireFormat,
 )
+from meshblock.wire.protocol import WireError as WireError  # re-exported (its old home)
 
 log = logging.getLogger(__name__)
 
@@ -94,12 +92,6 @@ _FUA: Final = int(ReqFlag.FUA)
 COALESCE_S: Final = 0.0005
 #: Entries asked for per CHUNK_LIST request (the largest reply that fits MAX_PAYLOAD).
 LIST_PAGE: Final = MAX_PAYLOAD // CHUNK_ENTRY.size
-
-
-class WireError(Exception):
-    """Base of the client's errors; ``retriable`` says whether a retry may succeed."""
-
-    retriable = False
 
 
 class RequestError(WireError):
@@ -166,13 +158,12 @@ _NO_CHUNK: Final = ChunkRef(0, 0, 0, 0, 0)
 
 
 class _Protocol(FramedConnection):
-    header = REPLY
-
     def __init__(self, handshake: ClientHandshake, ready: asyncio.Future[None]) -> None:
         super().__init__()
         self._handshake: ClientHandshake | None = handshake
         self._ready = ready
-        self._fixed_need = SERVER_HELLO.size
+        self._fixed_need = handshake.need
+        self._use(WIRE_V1)  # until the handshake has chosen
         self.pending: dict[int, ReplyWaiter] = {}
         self.lost: ConnectionLost | None = None
         self.last_rx = time.monotonic()
@@ -221,25 +212,27 @@ class _Protocol(FramedConnection):
     def _on_message(self, msg: memoryview) -> None:
         hs = self._handshake
         assert hs is not None
-        if self._fixed_need == SERVER_HELLO.size:
-            self.send_now(hs.on_server_hello(msg))
-            self._fixed_need = SERVER_RESULT.size
-        else:
-            hs.on_result(msg)
-            self._fixed_need = 0
-            self._handshake = None
-            if not self._ready.done():
-                self._ready.set_result(None)
+        out = hs.feed(msg)
+        if out:
+            self.send_now(out)
+        self._fixed_need = hs.need
+        if hs.need:
+            return
+        self._handshake = None
+        self._use(WIRE_FORMATS[hs.version])
+        if not self._ready.done():
+            self._ready.set_result(None)
 
-    def _payload_length(self, hdr: tuple[Any, ...]) -> int:
-        # hdr: magic, status, flags, request_id, epoch, length, reserved
-        if hdr[0] != REPLY_MAGIC:
-            raise ProtocolError(f"bad reply magic 0x{hdr[0]:08x}")
-        if hdr[5] > MAX_PAYLOAD:
-            raise ProtocolError(f"reply payload of {hdr[5]} bytes exceeds {MAX_PAYLOAD}")
-        return int(hdr[5])
+    def _use(self, fmt: WireFormat) -> None:
+        """Frame with ``fmt`` from now on (chosen once per connection)."""
+        self.format = fmt
+        self.header = fmt.reply
+        self._payload_length = fmt.reply_length
+        self.pack_request = fmt.pack_request
 
     def _on_frame(self, hdr: tuple[Any, ...], payload: memoryview) -> None:
+        # hdr: magic, status, flags, request id, epoch, length (the same positions in
+        # every version), then the fields of the version
         fut = self.pending.pop(hdr[3], None)
         if fut is None:
             raise ProtocolError(f"reply to unknown request id {hdr[3]}")
@@ -252,7 +245,8 @@ class _Protocol(FramedConnection):
                 log.exception("error in a reply waiter")
 
     def _on_broken(self, exc: Exception) -> None:
-        log.warning("dropping data connection to %s: %s", self.peer, exc)
+        if not isinstance(exc, VersionUnsupported):  # connect() says it, and tries again
+            log.warning("dropping data connection to %s: %s", self.peer, exc)
         self._fail_all(exc)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -292,6 +286,23 @@ class _Protocol(FramedConnection):
                 return
 
 
+async def _open(
+    host: str, port: int, handshake: ClientHandshake
+) -> tuple[asyncio.BaseTransport, _Protocol]:
+    """A connection to ``host:port`` that has run ``handshake``."""
+    loop = asyncio.get_running_loop()
+    ready: asyncio.Future[None] = loop.create_future()
+    transport, protocol = await loop.create_connection(
+        lambda: _Protocol(handshake, ready), host, port
+    )
+    try:
+        await ready
+    except BaseException:
+        transport.close()
+        raise
+    return transport, protocol
+
+
 class WireClient:
     """One authenticated data-protocol connection to one SDS.
 
@@ -306,8 +317,11 @@ class WireClient:
     def __init__(self, protocol: _Protocol, address: str, request_timeout: float | None) -> None:
         self._p = protocol
         self.address = address
-        # the server's ServerHello feature bits (handshake.FEATURE_*): what it can do
-        # beyond the first release of protocol version 1
+        # the protocol version negotiated in the handshake
+        self.version = protocol.format.version
+        # the feature bits in effect (protocol.Feature): version 1, what the server
+        # announced it can do beyond the first release of version 1; version 2, what
+        # both sides support
         self.features = 0
         self._ids = itertools.count(1)
         self._timeout = request_timeout
@@ -327,26 +341,44 @@ class WireClient:
         *,
         connect_timeout: float = HANDSHAKE_TIMEOUT_S,
         request_timeout: float | None = 30.0,
+        min_version: int = MIN_PROTOCOL_VERSION,
+        max_version: int = PROTOCOL_VERSION,
     ) -> WireClient:
         """Connect, authenticate with the cluster ``secret`` and return the client.
 
         ``request_timeout``: when requests are outstanding and nothing has arrived
         for that long, the connection is declared dead (every pending call fails with
         :class:`ConnectionLost`, cause ``TimeoutError``). ``None``: wait forever.
+
+        The client offers protocol version ``max_version``; a server that refuses it
+        and speaks an older one no lower than ``min_version`` (the ``wire_min_version``
+        setting) is connected to again with that one (a server of version 1: one more
+        round trip per connection). Below ``min_version``: :class:`HandshakeError`.
         """
         key = secret.encode() if isinstance(secret, str) else secret
-        loop = asyncio.get_running_loop()
-        ready: asyncio.Future[None] = loop.create_future()
-        handshake = ClientHandshake(key, role)
+        offer = max_version
         async with asyncio.timeout(connect_timeout):
-            transport, protocol = await loop.create_connection(
-                lambda: _Protocol(handshake, ready), host, port
-            )
-            try:
-                await ready
-            except BaseException:
-                transport.close()
-                raise
+            while True:
+                handshake = ClientHandshake(key, role, version=offer, min_version=min_version)
+                try:
+                    transport, protocol = await _open(host, port, handshake)
+                    break
+                except VersionUnsupported as exc:
+                    older = exc.server_version
+                    if older >= offer:  # it wants a newer version (its wire_min_version)
+                        raise HandshakeError(f"SDS at {host}:{port}: {exc}") from exc
+                    if older < min_version:
+                        raise HandshakeError(
+                            f"SDS at {host}:{port} speaks protocol version {older}, below "
+                            f"wire_min_version {min_version}"
+                        ) from exc
+                    log.info(
+                        "SDS at %s:%d speaks protocol version %d: connecting with it",
+                        host,
+                        port,
+                        older,
+                    )
+                    offer = older
         sock = transport.get_extra_info("socket")
         if sock is not None:
             with contextlib.suppress(OSError):
@@ -517,9 +549,7 @@ class WireClient:
         p.pending[rid] = waiter
         pool, pg, epoch, volume, chunk = ref  # twice as fast as pack(*ref)
         p.send_request(
-            REQUEST.pack(
-                REQUEST_MAGIC, op, flags, 0, rid, pool, pg, epoch, volume, chunk, offset, length
-            ),
+            p.pack_request(op, flags, rid, pool, pg, epoch, volume, chunk, offset, length),
             payload if length else None,
         )
         return waiter

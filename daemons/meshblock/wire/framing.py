@@ -17,7 +17,9 @@
   one ``transport.write`` (small parts are joined; payloads of 64 KiB and more are
   written as they are, not copied).
 - **Handshake mode.** While ``_fixed_need`` is non-zero, fixed-size messages of that
-  size are delivered to ``_on_message`` instead of frames.
+  size are delivered to ``_on_message`` instead of frames. The handshake negotiates the
+  protocol version; the subclass then sets ``header`` and ``_payload_length`` to that
+  version's (:class:`~meshblock.wire.protocol.WireFormat`), once.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import asyncio
 import logging
 import struct
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from meshblock.wire.handshake import HandshakeError
@@ -50,7 +53,10 @@ Buffer = bytes | bytearray | memoryview
 class FramedConnection(asyncio.BufferedProtocol):
     """Arena receive buffer and batched sends; subclasses handle what arrives."""
 
+    #: The frame header, and the check of an unpacked one that returns the length of
+    #: the payload after it (raises ProtocolError): the negotiated version's.
     header: struct.Struct
+    _payload_length: Callable[[tuple[Any, ...]], int]
 
     def __init__(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -69,10 +75,6 @@ class FramedConnection(asyncio.BufferedProtocol):
         self._spares: list[bytearray] = []
 
     # -- subclass hooks ---------------------------------------------------------------
-
-    def _payload_length(self, hdr: tuple[Any, ...]) -> int:
-        """Check the header's framing, return its payload length (ProtocolError)."""
-        raise NotImplementedError
 
     def _on_frame(self, hdr: tuple[Any, ...], payload: memoryview) -> None:
         raise NotImplementedError
@@ -129,6 +131,8 @@ class FramedConnection(asyncio.BufferedProtocol):
                 msg = self._view[self._start : self._start + need]
                 self._start += need
                 self._on_message(msg)
+                header = self.header  # the handshake may have chosen the version's
+                hsize = header.size
                 continue
             if avail < hsize:
                 self._make_room(hsize)

@@ -23,6 +23,7 @@ from meshblock.cli.parser import Subparsers, add_command
 from meshblock.config import ConfigError, read_secret_file
 from meshblock.pgmap_doc import PgMapError
 from meshblock.tools.replica_check import Report, check_volume
+from meshblock.wire.protocol import MIN_PROTOCOL_VERSION, PROTOCOL_VERSION
 
 SECRET_FILE_ENV = "MESHBLOCK_CLUSTER_SECRET_FILE"
 SECRET_ENV = "MESHBLOCK_CLUSTER_SECRET"
@@ -59,6 +60,14 @@ def register(sub: Subparsers) -> None:
     )
     p.add_argument(
         "--concurrency", type=int, default=16, metavar="N", help="chunks compared at once"
+    )
+    p.add_argument(
+        "--wire-min-version",
+        type=int,
+        choices=range(MIN_PROTOCOL_VERSION, PROTOCOL_VERSION + 1),
+        default=MIN_PROTOCOL_VERSION,
+        metavar="N",
+        help="the lowest data protocol version spoken to the SDSs (docs/protocol.md)",
     )
 
 
@@ -112,7 +121,13 @@ def verify(ctx: Context, args: Namespace) -> int:
     try:
         report = asyncio.run(
             check_volume(
-                vol, pgmap, secret, sds_names=names, concurrency=args.concurrency, progress=bar
+                vol,
+                pgmap,
+                secret,
+                sds_names=names,
+                concurrency=args.concurrency,
+                progress=bar,
+                wire_min_version=args.wire_min_version,
             )
         )
     except PgMapError as exc:

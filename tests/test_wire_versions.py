@@ -1,0 +1,231 @@
+"""Protocol versions 1 and 2 over real sockets on loopback: the SDS's data server (in
+this process, on a real store file) and the asyncio client, each against a peer of
+the release before version 2 (a client whose bytes are written here by hand, the
+server forced to version 1) and against each other; the ``wire_min_version``
+setting; non-zero fields of version 2 that nothing negotiated. docs/protocol.md §8.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import logging
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+
+from _wire import EPOCH, PG_COUNT, POOL, SECRET, sds_server
+from meshblock.chunks import ChunkRef, pg_of
+from meshblock.wire import ConnectionLost, HandshakeError, PeerRole, ProtocolError, WireClient
+from meshblock.wire.handshake import (
+    CLIENT_HELLO,
+    CLIENT_PROOF,
+    FEATURE_CHUNK_LIST,
+    HELLO_MAGIC,
+    PROOF_MAGIC,
+    SERVER_HELLO,
+    SERVER_RESULT,
+    ClientHandshake,
+    ServerHandshake,
+)
+from meshblock.wire.protocol import (
+    REPLY,
+    REPLY_MAGIC,
+    REPLY_MAGIC_V2,
+    REPLY_V2,
+    REQUEST,
+    REQUEST_MAGIC,
+    REQUEST_V2,
+    Op,
+    Status,
+    pack_request,
+)
+
+pytestmark = [pytest.mark.cluster, pytest.mark.parallel]
+
+
+def pg(volume: int, chunk: int) -> int:
+    return pg_of(volume, chunk, PG_COUNT)
+
+
+def ref(volume: int, chunk: int) -> ChunkRef:
+    return ChunkRef(POOL, pg(volume, chunk), EPOCH, volume, chunk)
+
+
+def _v1_proof(label: bytes, nc: bytes, ns: bytes) -> bytes:
+    msg = label + (1).to_bytes(2, "big") + bytes([PeerRole.CLIENT]) + nc + ns
+    return hmac.new(SECRET.encode(), msg, hashlib.sha256).digest()
+
+
+def test_a_v1_client_written_by_hand_does_io_with_a_v2_server(tmp_path: Path) -> None:
+    """The bytes a client of the release before version 2 sends, and what it expects
+    back: the v1 handshake, then v1 request headers (56 bytes) and v1 replies (32)."""
+
+    async def main() -> None:
+        async with sds_server(tmp_path) as (server, _):
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            nc = os.urandom(32)
+            writer.write(CLIENT_HELLO.pack(HELLO_MAGIC, 1, PeerRole.CLIENT, 0, nc))
+            _, version, status, features, ns, ps = SERVER_HELLO.unpack(
+                await reader.readexactly(SERVER_HELLO.size)
+            )
+            assert (version, status, features) == (1, 0, FEATURE_CHUNK_LIST)
+            assert ps == _v1_proof(b"meshblock-wire-v1 server", nc, ns)
+            pc = _v1_proof(b"meshblock-wire-v1 client", nc, ns)
+            writer.write(CLIENT_PROOF.pack(PROOF_MAGIC, pc))
+            assert (await reader.readexactly(SERVER_RESULT.size))[4] == 0
+            data = os.urandom(4096)
+            where = dict(pool_id=POOL, pg=pg(4, 2), epoch=EPOCH, volume_id=4, chunk_index=2)
+            writer.write(pack_request(Op.WRITE, 1, offset=512, length=4096, **where) + data)
+            assert REPLY.unpack(await reader.readexactly(REPLY.size))[:6] == (
+                REPLY_MAGIC, Status.OK, 0, 1, EPOCH, 0
+            )  # fmt: skip
+            writer.write(pack_request(Op.READ, 2, offset=512, length=4096, **where))
+            writer.write(REQUEST.pack(REQUEST_MAGIC, Op.PING, 0, 0, 3, POOL, 0, 0, 0, 0, 0, 0))
+            replies = {}
+            for _ in range(2):
+                hdr = REPLY.unpack(await reader.readexactly(REPLY.size))
+                assert hdr[0] == REPLY_MAGIC and hdr[1] == Status.OK, hdr
+                replies[hdr[3]] = (hdr, await reader.readexactly(hdr[5]))
+            assert replies[2][1] == data
+            assert replies[3][0][4] == EPOCH  # PING answers the pool's epoch
+            writer.close()
+            await writer.wait_closed()
+
+    asyncio.run(main())
+
+
+def test_a_v2_client_falls_back_to_a_v1_server(tmp_path: Path) -> None:
+    """The server forced to version 1 refuses the offer of 2, as that release does;
+    the client connects again with 1, and IO and CHUNK_LIST (the v1 features byte)
+    work. With wire_min_version 2 the client does not fall back."""
+
+    async def main() -> None:
+        async with sds_server(tmp_path, max_version=1) as (server, service):
+            cl = await WireClient.connect("127.0.0.1", server.port, SECRET, PeerRole.TOOL)
+            assert cl.version == 1 and cl.features & FEATURE_CHUNK_LIST
+            service.store.write(service.store.devices[0], 6, 1, 0, b"stored")
+            assert await cl.list_chunks(POOL, pg(6, 1)) == [(6, 1)]
+            assert bytes(await cl.read(ref(6, 1), 0, 6)) == b"stored"
+            await cl.close()
+            assert service.stats.handshake_failures == 1  # the refused offer of 2
+            with pytest.raises(HandshakeError, match="wire_min_version"):
+                await WireClient.connect("127.0.0.1", server.port, SECRET, min_version=2)
+
+    asyncio.run(main())
+
+
+def test_wire_min_version_2_refuses_v1_clients(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def main() -> None:
+        async with sds_server(tmp_path, min_version=2) as (server, service):
+            with pytest.raises(HandshakeError, match="refused protocol version 1"):
+                await WireClient.connect("127.0.0.1", server.port, SECRET, max_version=1)
+            cl = await WireClient.connect("127.0.0.1", server.port, SECRET, min_version=2)
+            assert cl.version == 2 and await cl.ping(POOL) == EPOCH
+            await cl.close()
+            assert service.stats.handshake_failures == 1
+
+    with caplog.at_level(logging.WARNING, logger="meshblock.sds.server"):
+        asyncio.run(main())
+    assert "below wire_min_version 2" in caplog.text
+
+
+def test_v2_between_two_current_peers_and_its_unnegotiated_fields(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Two peers of this release speak version 2. A v2 request with a field that no
+    negotiated feature defines (here csum_type) is a protocol error: that connection
+    is dropped with the reason logged, nothing of it applied; others carry on."""
+
+    async def main() -> None:
+        async with sds_server(tmp_path) as (server, service):
+            cl = await WireClient.connect("127.0.0.1", server.port, SECRET)
+            assert cl.version == 2 and cl.features == FEATURE_CHUNK_LIST
+            data = os.urandom(65536)
+            await cl.write(ref(8, 0), 0, data, fua=True)
+            assert bytes(await cl.read(ref(8, 0), 0, 65536)) == data
+            await cl.flush()
+            # a hand-made v2 session
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            hs = ClientHandshake(SECRET.encode(), PeerRole.CLIENT)
+            writer.write(hs.hello())
+            while hs.need:
+                writer.write(hs.feed(memoryview(await reader.readexactly(hs.need))))
+            assert hs.version == 2
+            hdr = list(REQUEST_V2.unpack(pack_request(Op.WRITE, 1, length=8, version=2)))
+            hdr[4:11] = [1, POOL, pg(8, 1), EPOCH, 8, 1, 0]
+            good = REQUEST_V2.pack(*hdr) + b"applied!"
+            writer.write(good)
+            reply = REPLY_V2.unpack(await reader.readexactly(REPLY_V2.size))
+            assert reply[0] == REPLY_MAGIC_V2 and reply[1] == Status.OK and reply[6:] == (0,) * 5
+            hdr[3], hdr[6], hdr[12] = 0, pg(8, 2), 1  # csum_type 1: not negotiated
+            hdr[9] = 2
+            writer.write(REQUEST_V2.pack(*hdr) + b"never!!!")
+            assert await reader.read() == b""  # dropped
+            writer.close()
+            assert service.store.location(8, 1) is not None
+            assert service.store.location(8, 2) is None
+            assert service.stats.protocol_errors == 1
+            assert await cl.ping(POOL) == EPOCH  # the other connection lives on
+            await cl.close()
+
+    with caplog.at_level(logging.WARNING, logger="meshblock.sds.server"):
+        asyncio.run(main())
+    assert "checksums (type 1, shift 0) without the feature negotiated" in caplog.text
+
+
+@asynccontextmanager
+async def v2_server(
+    behaviour: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
+) -> AsyncIterator[int]:
+    """A hand-written server that does the real handshake of version 2, then
+    ``behaviour``."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        hs = ServerHandshake(SECRET.encode())
+        try:
+            while hs.need:
+                out, _ = hs.feed(memoryview(await reader.readexactly(hs.need)))
+                writer.write(out)
+            assert hs.version == 2
+            await behaviour(reader, writer)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(server.wait_closed(), 2)
+
+
+@pytest.mark.parametrize(("index", "value"), [(6, 4), (7, 1), (9, 1), (10, 0xDEAD)])
+def test_a_v2_reply_with_unnegotiated_fields_drops_the_connection(index: int, value: int) -> None:
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        rid = REQUEST_V2.unpack(await reader.readexactly(REQUEST_V2.size))[4]
+        fields = list(REPLY_V2.unpack(REPLY_V2.pack(REPLY_MAGIC_V2, 0, 0, rid, 1, 0, *[0] * 5)))
+        fields[index] = value
+        writer.write(REPLY_V2.pack(*fields))
+        await reader.read()
+
+    async def main() -> None:
+        async with v2_server(answer) as port:
+            cl = await WireClient.connect("127.0.0.1", port, SECRET)
+            with pytest.raises(ConnectionLost) as ei:
+                await cl.ping()
+            assert isinstance(ei.value.__cause__, ProtocolError)
+            assert "without" in str(ei.value.__cause__) or "reserved" in str(ei.value.__cause__)
+            await cl.close()
+
+    asyncio.run(main())
