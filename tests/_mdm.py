@@ -55,7 +55,7 @@ class MdmDaemon(HttpDaemon):
     def write_config(self) -> None:
         if self.tls:  # valid for the address it listens on (a test may change it)
             files = _tls.mdm_identity(self.host)
-            self.settings["tls"] = {**files.settings(), "client_certs": "required"}
+            self.settings.setdefault("tls", {"client_certs": "required"}).update(files.settings())
         super().write_config()
 
     def initial_settings(self) -> dict[str, dict[str, Any]]:

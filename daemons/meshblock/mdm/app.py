@@ -10,19 +10,20 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 from sqlalchemy import select
 
-from meshblock.auth import Role, TokenTable, bearer_token
+from meshblock.auth import Role, TokenTable
 from meshblock.mdm import db, health, openapi
 from meshblock.mdm.api import pools, protection_domains, rebuild, sdc, sds, topology, volumes
+from meshblock.mdm.authz import auth_middleware
 from meshblock.mdm.config import MdmConfig
 from meshblock.mdm.context import CTX, MdmContext
 from meshblock.mdm.deletion import Purger
 from meshblock.mdm.epochs import CLUSTER_ROW_ID, EpochNotifier
-from meshblock.mdm.errors import Forbidden, Handler, Unauthorized, error_middleware
+from meshblock.mdm.errors import Handler, error_middleware
 from meshblock.mdm.failures import FailureDetector
 from meshblock.mdm.liveness import Liveness
 from meshblock.mdm.models import Cluster
 from meshblock.mdm.rebalance import Rebalancer
-from meshblock.mdm.routing import ApiRoutes, spec_of
+from meshblock.mdm.routing import ApiRoutes
 
 log = logging.getLogger(__name__)
 
@@ -42,26 +43,6 @@ async def compression_middleware(request: web.Request, handler: Handler) -> web.
     ):
         resp.enable_compression()
     return resp
-
-
-@web.middleware
-async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    spec = spec_of(request)
-    if spec is None or spec.role == Role.NONE:
-        return await handler(request)
-    role = request.app[CTX].tokens.role_of(bearer_token(request.headers.get("Authorization")))
-    if role == Role.NONE:
-        raise Unauthorized("a valid 'Authorization: Bearer <token>' header is required")
-    allowed = (
-        role == Role.ADMIN
-        or (role == Role.READONLY and request.method == "GET" and spec.role <= Role.READONLY)
-        or (role == Role.COMPONENT and spec.role == Role.COMPONENT)
-    )
-    if not allowed:
-        raise Forbidden(
-            f"this token ({role.name.lower()}) may not {request.method} {spec.openapi_path}"
-        )
-    return await handler(request)
 
 
 async def _store(app: web.Application) -> AsyncIterator[None]:

@@ -33,6 +33,8 @@ class MdmContext:
     tombstones: TombstoneReports = field(default_factory=TombstoneReports)
     reported: Reported = field(default_factory=Reported)
     detector: FailureDetector | None = None  # set by the background tasks
+    # ("sds", id) -> name, ("sdc", id) -> GUID: whom a certificate may act as (authz.py)
+    owners: dict[tuple[str, int], str] = field(default_factory=dict)
 
 
 CTX = web.AppKey("meshblock_mdm_context", MdmContext)

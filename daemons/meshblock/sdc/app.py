@@ -109,7 +109,7 @@ async def _run(app: web.Application) -> AsyncIterator[None]:
         MdmClient(
             session,
             config.mdm.urls,
-            secret,
+            None if link.identity else secret,  # with a certificate, no token
             request_timeout=config.mdm.request_timeout_s,
         ),
         guid=guid,

@@ -43,13 +43,14 @@ class MdmClient:
         self,
         session: aiohttp.ClientSession,
         urls: list[str],
-        secret: str,
+        secret: str | None,
         *,
         request_timeout: float = 5.0,
     ) -> None:
         self._session = session
         self._urls = [u.rstrip("/") for u in urls]
-        self._headers = {"Authorization": f"Bearer {secret}"}
+        # None: the certificate speaks for the SDC, no bearer token is sent.
+        self._headers = {"Authorization": f"Bearer {secret}"} if secret is not None else {}
         self._current = 0
         self.request_timeout = request_timeout
 

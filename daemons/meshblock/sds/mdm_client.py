@@ -246,9 +246,10 @@ class MdmLink:
 
     async def start(self) -> None:
         link = mdm_tls_of(self._config)
+        # With a certificate the MDM goes by its identity: the secret stays at home.
+        headers = {} if link.identity else {"Authorization": f"Bearer {self._secret}"}
         self._session = aiohttp.ClientSession(
-            headers={"Authorization": f"Bearer {self._secret}"},
-            connector=aiohttp.TCPConnector(ssl=link.aiohttp_ssl()),
+            headers=headers, connector=aiohttp.TCPConnector(ssl=link.aiohttp_ssl())
         )
         self._tasks.append(asyncio.create_task(self._main(), name="mdm-link"))
 

@@ -10,7 +10,7 @@ from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from meshblock.auth import Role
-from meshblock.mdm import pgmaps, schemas
+from meshblock.mdm import authz, pgmaps, schemas
 from meshblock.mdm.api.common import (
     WAIT_PARAMS,
     change,
@@ -103,6 +103,7 @@ async def create_sdc(request: web.Request, body: dict[str, Any]) -> web.Response
     also=(201,),
 )
 async def register_sdc(request: web.Request, body: dict[str, Any]) -> web.Response:
+    authz.require_self(request, authz.Kind.SDC, body["guid"])
     live = ctx(request).liveness
     async with change(request) as s:
         c = (await s.execute(select(Sdc).where(Sdc.guid == body["guid"]))).scalar_one_or_none()

@@ -14,7 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import selectinload
 
 from meshblock.auth import Role
-from meshblock.mdm import failures, pgmaps, schemas, unclean
+from meshblock.mdm import authz, failures, pgmaps, schemas, unclean
 from meshblock.mdm.api.common import (
     change,
     get_or_404,
@@ -257,6 +257,7 @@ async def _resolve_names(s: AsyncSession, named: dict[str, Any]) -> dict[str, An
     also=(201,),
 )
 async def register_sds(request: web.Request, named: dict[str, Any]) -> web.Response:
+    authz.require_self(request, authz.Kind.SDS, named["name"])
     live = ctx(request).liveness
     async with change(request) as s:
         body = await _resolve_names(s, named)
