@@ -9,9 +9,11 @@ from pathlib import Path
 
 from meshblock.sds.io_path import DataService
 from meshblock.sds.maps import MapCache, PgMap
-from meshblock.sds.metrics import SdsStats
 from meshblock.sds.replication import Peers
+from meshblock.sds.resync import Resync
 from meshblock.sds.server import DataServer
+from meshblock.sds.state import SdsState
+from meshblock.sds.stats import SdsStats
 from meshblock.sds.store import ChunkStore, DeviceSpec
 from meshblock.wire.handshake import ClientHandshake, ServerHandshake
 from meshblock.wire.protocol import MIN_PROTOCOL_VERSION, PROTOCOL_VERSION
@@ -53,9 +55,10 @@ async def sds_server(
     *,
     max_version: int = PROTOCOL_VERSION,
     min_version: int = MIN_PROTOCOL_VERSION,
-) -> AsyncIterator[tuple[DataServer, DataService]]:
+) -> AsyncIterator[tuple[DataServer, SdsState]]:
     """The data server of SDS ``sds_id``, primary of every PG of pool ``POOL`` (no
-    secondary), speaking protocol versions ``min_version`` to ``max_version``."""
+    secondary), speaking protocol versions ``min_version`` to ``max_version``, and
+    its state."""
     store = ChunkStore([DeviceSpec(str(tmp_path / "dev.img"), 1 << 30, "pool")])  # sparse
     store.open()
     maps = MapCache()
@@ -70,12 +73,13 @@ async def sds_server(
             doc={},
         )
     )
-    service = DataService(store, maps, Peers(SECRET, 5.0), SdsStats())
-    service.set_identity(sds_id, {str(tmp_path / "dev.img"): (10, POOL)})
+    sds = SdsState(store, maps, Peers(SECRET, 5.0), SdsStats())
+    sds.set_identity(sds_id, {str(tmp_path / "dev.img"): (10, POOL)})
+    service = DataService(sds, Resync(sds))
     server = DataServer(service, SECRET, max_version=max_version, min_version=min_version)
     await server.start("127.0.0.1", 0)
     try:
-        yield server, service
+        yield server, sds
     finally:
         await server.stop()
         store.close()

@@ -1022,11 +1022,12 @@ def test_sds_link_reports_copies_together(api: Api, mdm: MdmDaemon, tmp_path: An
     import aiohttp
 
     from meshblock.sds.config import DeviceConfig, SdsConfig
-    from meshblock.sds.io_path import DataService
     from meshblock.sds.maps import MapCache
     from meshblock.sds.mdm_client import MdmLink
-    from meshblock.sds.metrics import SdsStats
     from meshblock.sds.replication import Peers
+    from meshblock.sds.resync import Resync
+    from meshblock.sds.state import SdsState
+    from meshblock.sds.stats import SdsStats
     from meshblock.sds.store import ChunkStore, DeviceSpec
 
     dev = DeviceConfig(str(tmp_path / "dev.img"), "64MiB", "sp1")
@@ -1041,12 +1042,13 @@ def test_sds_link_reports_copies_together(api: Api, mdm: MdmDaemon, tmp_path: An
     )
     store = ChunkStore([DeviceSpec(dev.path, dev.capacity_bytes, dev.pool)])
     store.open()
-    service = DataService(store, MapCache(), Peers(mdm.cluster_secret, 5.0), SdsStats())
-    service.sds_id = 10**6  # unknown to the MDM
+    sds = SdsState(store, MapCache(), Peers(mdm.cluster_secret, 5.0), SdsStats())
+    sds.sds_id = 10**6  # unknown to the MDM
+    resync = Resync(sds)
     calls: list[str] = []
 
     async def main() -> list[int | None]:
-        link = MdmLink(config, mdm.cluster_secret, service)
+        link = MdmLink(config, mdm.cluster_secret, sds, resync)
         # its HTTP session only: start() would register "ghost" with the MDM
         headers = {"Authorization": f"Bearer {mdm.cluster_secret}"}
         link._session = aiohttp.ClientSession(headers=headers)
@@ -1058,7 +1060,7 @@ def test_sds_link_reports_copies_together(api: Api, mdm: MdmDaemon, tmp_path: An
 
         link._call = counted  # type: ignore[method-assign]
         try:
-            reporter = service.resync.reporter
+            reporter = resync.reporter
             assert reporter is not None
             return list(await asyncio.gather(*(reporter(1, pg, 5) for pg in (3, 4, 5))))
         finally:

@@ -24,8 +24,11 @@ from meshblock.sds import device_io
 from meshblock.sds.device_io import FaultHook
 from meshblock.sds.io_path import DataService
 from meshblock.sds.maps import MapCache, PgMap
-from meshblock.sds.metrics import SdsCollector, SdsStats
+from meshblock.sds.metrics import SdsCollector
 from meshblock.sds.replication import Peers
+from meshblock.sds.resync import Resync
+from meshblock.sds.state import SdsState
+from meshblock.sds.stats import SdsStats
 from meshblock.sds.store import ChunkStore, Device, DeviceFailed, DeviceSpec
 from meshblock.wire.protocol import REQUEST_MAGIC, Op, Status
 
@@ -225,10 +228,12 @@ def test_requests_on_a_failed_device_are_refused_and_flush_waits_for_the_failove
     the map names the device as an in-sync copy, even once fdatasync would work
     again; reads and writes of its PGs too, those of the other device are served.
     Once the MDM's map has failed the PG over, FLUSH covers the working device."""
-    svc = DataService(store, MapCache(), Peers("secret", 5.0), SdsStats())
-    svc.set_identity(ME, {d.path: (DEV_IDS[i], POOL) for i, d in enumerate(store.devices)})
+    sds = SdsState(store, MapCache(), Peers("secret", 5.0), SdsStats())
+    sds.set_identity(ME, {d.path: (DEV_IDS[i], POOL) for i, d in enumerate(store.devices)})
+    resync = Resync(sds)
+    svc = DataService(sds, resync)
     reported: list[Device] = []
-    svc.device_failed = reported.append
+    sds.device_failed = reported.append
     conn = Conn()
     ids = iter(range(1, 1000))
     chunk_of = {pg_of(VOLUME, c, PG_COUNT): c for c in range(8)}
@@ -248,7 +253,7 @@ def test_requests_on_a_failed_device_are_refused_and_flush_waits_for_the_failove
         raise AssertionError(f"request {req} got no reply")
 
     async def main() -> None:
-        svc.maps.update(_pg_map(1, {0, 1}))
+        sds.maps.update(_pg_map(1, {0, 1}))
         for pg in (0, 1):
             assert await answer(request(Op.WRITE, 1, pg, b"w" * 4096)) == Status.OK
         assert await answer(request(Op.FLUSH, 1)) == Status.OK
@@ -270,14 +275,14 @@ def test_requests_on_a_failed_device_are_refused_and_flush_waits_for_the_failove
         assert await answer(request(Op.WRITE, 1, 1, b"y" * 4096)) == Status.OK
         assert Status.DEVICE_FAILED.retriable
 
-        svc.maps.update(_pg_map(2, {1}))  # the MDM failed PG 0 over to the other SDS
+        sds.maps.update(_pg_map(2, {1}))  # the MDM failed PG 0 over to the other SDS
         assert await answer(request(Op.FLUSH, 2)) == Status.OK
         assert faults.reached(bad) == before, "a failed device was used again"
         assert await answer(request(Op.READ, 2, 0)) == Status.NOT_PRIMARY
 
     asyncio.run(main())
     registry = CollectorRegistry()
-    registry.register(SdsCollector(svc))
+    registry.register(SdsCollector(sds, resync))
     for i, dev in enumerate(store.devices):
         value = registry.get_sample_value("meshblock_sds_device_failed", {"device": dev.path})
         assert value == (1.0 if i == 0 else 0.0), (dev.path, value)

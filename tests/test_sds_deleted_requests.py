@@ -15,8 +15,10 @@ from _wait import wait_until_async
 from meshblock.chunks import CHUNK_SIZE, pg_of
 from meshblock.sds.io_path import DataService
 from meshblock.sds.maps import MapCache, PgMap
-from meshblock.sds.metrics import SdsStats
 from meshblock.sds.replication import Peers
+from meshblock.sds.resync import Resync
+from meshblock.sds.state import SdsState
+from meshblock.sds.stats import SdsStats
 from meshblock.sds.store import TOMBSTONE_CAPACITY, ChunkStore, DeviceSpec
 from meshblock.wire.protocol import REQUEST_MAGIC, Op, Status
 
@@ -77,9 +79,10 @@ def test_write_waiting_for_a_free_slot_when_the_delete_lands_answers_deleted(
         store = ChunkStore([DeviceSpec(path, 4 * MiB, "pool")])
         store.open()
         try:
-            svc = DataService(store, MapCache(), Peers("secret", 5.0), SdsStats())
-            svc.set_identity(ME, {path: (DEVICE, POOL)})
-            svc.maps.update(_map(role))
+            sds = SdsState(store, MapCache(), Peers("secret", 5.0), SdsStats())
+            sds.set_identity(ME, {path: (DEVICE, POOL)})
+            sds.maps.update(_map(role))
+            svc = DataService(sds, Resync(sds))
             dev = store.devices[0]
             full = dev.slot_count
             for chunk in range(full):
@@ -121,17 +124,18 @@ def test_a_full_tombstone_table_holds_back_neither_the_free_nor_later_deletes(
         store = ChunkStore([DeviceSpec(path, 16 * MiB, "pool")])
         store.open()
         try:
-            svc = DataService(store, MapCache(), Peers("secret", 5.0), SdsStats())
-            svc.set_identity(ME, {path: (DEVICE, POOL)})
+            sds = SdsState(store, MapCache(), Peers("secret", 5.0), SdsStats())
+            sds.set_identity(ME, {path: (DEVICE, POOL)})
+            svc = DataService(sds, Resync(sds))
             dev = store.devices[0]
             for volume, chunks in ((1, 3), (9001, 2), (9002, 1)):
                 for chunk in range(chunks):
                     store.write(dev, volume, chunk, 0, b"\x03" * 4096)
             full = {v: 1 for v in range(1, TOMBSTONE_CAPACITY + 1)}
             await store.add_tombstones(full)  # durable; volume 1's chunks still here
-            tomb = svc.tombstones
+            tomb = sds.tombstones
 
-            svc.maps.update(_map("secondary", 2, full | {9001: 9, 9002: 8}))
+            sds.maps.update(_map("secondary", 2, full | {9001: 9, 9002: 8}))
             await tomb.step()
             assert store.tombstone_chunks_left(1) == 0
             assert tomb.waiting == 2 and tomb.deleted(9001) and tomb.deleted(9002)
@@ -144,14 +148,14 @@ def test_a_full_tombstone_table_holds_back_neither_the_free_nor_later_deletes(
 
             # The MDM purged volume 1: room for one, the older delete (epoch 8).
             del full[1]
-            svc.maps.update(_map("secondary", 3, full | {9001: 9, 9002: 8}))
+            sds.maps.update(_map("secondary", 3, full | {9001: 9, 9002: 8}))
             await tomb.step()
             assert not store.is_tombstoned(1) and not tomb.deleted(1)
             assert store.is_tombstoned(9002) and store.tombstone_chunks_left(9002) == 0
             assert not store.is_tombstoned(9001) and tomb.deleted(9001) and tomb.waiting == 1
 
             del full[2]
-            svc.maps.update(_map("secondary", 4, full | {9001: 9, 9002: 8}))
+            sds.maps.update(_map("secondary", 4, full | {9001: 9, 9002: 8}))
             await tomb.step()
             assert store.is_tombstoned(9001) and store.tombstone_chunks_left(9001) == 0
             assert tomb.waiting == 0 and dev.used == 0

@@ -16,9 +16,11 @@ from meshblock.chunks import CHUNK_SIZE, ChunkRef, pg_of
 from meshblock.sds import device_io
 from meshblock.sds.io_path import DataService
 from meshblock.sds.maps import MapCache, PgMap
-from meshblock.sds.metrics import SdsStats
 from meshblock.sds.replication import Peers
+from meshblock.sds.resync import Resync
 from meshblock.sds.server import DataServer
+from meshblock.sds.state import SdsState
+from meshblock.sds.stats import SdsStats
 from meshblock.sds.store import ChunkStore, DeviceSpec
 from meshblock.wire.client import WireClient
 from meshblock.wire.protocol import Op, ReqFlag, Status
@@ -73,14 +75,15 @@ def test_fua_write_survives_a_power_cut_on_the_device_the_chunk_lives_on(
     async def main() -> None:
         store = ChunkStore([DeviceSpec(path, 64 << 20, "pool") for path in paths])
         store.open()
-        svc = DataService(store, MapCache(), Peers(SECRET, 5.0), SdsStats())
-        svc.set_identity(ME, paths)
-        server = DataServer(svc, SECRET)
+        sds = SdsState(store, MapCache(), Peers(SECRET, 5.0), SdsStats())
+        sds.set_identity(ME, paths)
+        resync = Resync(sds)
+        server = DataServer(DataService(sds, resync), SECRET)
         await server.start("127.0.0.1", 0)
         client = Peers(SECRET, 5.0)
         stack = AsyncExitStack()
         try:
-            svc.maps.update(_map(1, DEV_A, server.port, role))
+            sds.maps.update(_map(1, DEV_A, server.port, role))
             if role == "secondary":
                 peer = await client.get(ME, ("127.0.0.1", server.port))
             else:
@@ -97,15 +100,15 @@ def test_fua_write_survives_a_power_cut_on_the_device_the_chunk_lives_on(
             loc = store.location(VOLUME, CHUNK)
             assert loc is not None and loc[0].mdm_id == DEV_A
 
-            svc.maps.update(_map(2, DEV_B, server.port, role))
+            sds.maps.update(_map(2, DEV_B, server.port, role))
             assert await write(2, new, int(ReqFlag.FUA)) == Status.OK
             fault_hook.restore_unsynced("all")  # the power cut
         finally:
             await stack.aclose()
             await client.close()
             await server.stop()
-            await svc.resync.close()
-            await svc.peers.close()
+            await resync.close()
+            await sds.peers.close()
         device_io.uninstall_fault_hook()  # the hook keeps its lock: nothing more gets through
         for dev in store.devices:  # the process died: no clean close
             dev.close()

@@ -19,9 +19,11 @@ from _wait import wait_until_async
 from meshblock.chunks import CHUNK_SIZE, pg_of
 from meshblock.sds.io_path import DataService
 from meshblock.sds.maps import MapCache, PgMap
-from meshblock.sds.metrics import SdsStats
 from meshblock.sds.replication import Peers
+from meshblock.sds.resync import Resync
 from meshblock.sds.server import DataServer
+from meshblock.sds.state import SdsState
+from meshblock.sds.stats import SdsStats
 from meshblock.sds.store import ChunkStore, DeviceSpec
 
 pytestmark = [pytest.mark.cluster, pytest.mark.parallel]
@@ -39,8 +41,11 @@ def primary_of(pg: int) -> tuple[int, int]:
 
 
 class Pair:
-    def __init__(self, primary: DataService, secondary: DataService, ports: dict[int, int]) -> None:
+    def __init__(
+        self, primary: SdsState, resync: Resync, secondary: SdsState, ports: dict[int, int]
+    ) -> None:
         self.primary, self.secondary, self.ports = primary, secondary, ports
+        self.resync = resync  # the primary's copy jobs
         self.reports: list[tuple[int, int, int]] = []
         self.accept_at: int | None = None  # the MDM's answer: the new map epoch, or refuse
 
@@ -66,31 +71,33 @@ class Pair:
             rebuilding=tuple(pg in rebuilding for pg in range(PG_COUNT)),
             **kw,
         )
-        for svc in (self.secondary, self.primary):
-            svc.maps.update(m)
+        for sds in (self.secondary, self.primary):
+            sds.maps.update(m)
 
 
 @asynccontextmanager
 async def pair(tmp_path: Path) -> AsyncIterator[Pair]:
     """The primary SDS (two devices in the pool) and the secondary (one)."""
     async with AsyncExitStack() as stack:
-        services, ports = [], {}
+        states, resyncs, ports = [], [], {}
         for sds_id, dev_ids in ((PRIMARY_SDS, list(PRIMARY_DEVICES)), (SECONDARY[0], [20])):
             paths = {str(tmp_path / f"dev{d}.img"): (d, POOL) for d in dev_ids}
             store = ChunkStore([DeviceSpec(path, 1 << 30, "pool") for path in paths])
             store.open()
             stack.callback(store.close)
-            svc = DataService(store, MapCache(), Peers(SECRET, 5.0), SdsStats())
-            svc.set_identity(sds_id, paths)
-            server = DataServer(svc, SECRET)
+            sds = SdsState(store, MapCache(), Peers(SECRET, 5.0), SdsStats())
+            sds.set_identity(sds_id, paths)
+            resync = Resync(sds)
+            server = DataServer(DataService(sds, resync), SECRET)
             await server.start("127.0.0.1", 0)
             stack.push_async_callback(server.stop)
-            stack.push_async_callback(svc.peers.close)
-            stack.push_async_callback(svc.resync.close)
-            services.append(svc)
+            stack.push_async_callback(sds.peers.close)
+            stack.push_async_callback(resync.close)
+            states.append(sds)
+            resyncs.append(resync)
             ports[sds_id] = server.port
-        p = Pair(services[0], services[1], ports)
-        p.primary.resync.reporter = p.report
+        p = Pair(states[0], resyncs[0], states[1], ports)
+        p.resync.reporter = p.report
         yield p
 
 
@@ -102,7 +109,7 @@ def test_a_map_older_than_the_accepted_report_starts_no_new_job(tmp_path: Path) 
 
     async def main() -> None:
         async with pair(tmp_path) as p:
-            rs = p.primary.resync
+            rs = p.resync
             p.accept_at = 7
             p.deliver(5, {0, 1})
             await wait_until_async(
@@ -141,7 +148,7 @@ def test_copies_are_throttled_per_source_device(tmp_path: Path) -> None:
 
     async def main() -> None:
         async with pair(tmp_path) as p:
-            rs = p.primary.resync
+            rs = p.resync
             store = p.primary.store
             wanted = {d: 0 for d in PRIMARY_DEVICES}
             chunk_device: dict[tuple[int, int], int] = {}
@@ -214,7 +221,7 @@ def test_a_full_copy_trims_what_only_the_copy_stores(tmp_path: Path) -> None:
                 sec.write(dev20, VOLUME, c, 0, bytes([fill]) * CHUNK_SIZE)
             p.accept_at = 6
             p.deliver(5, {0})
-            rs = p.primary.resync
+            rs = p.resync
             await wait_until_async(
                 lambda: len(p.reports) == 1 and not rs.jobs,
                 10,

@@ -17,10 +17,11 @@ import pytest
 from meshblock import files
 from meshblock.sds import mdm_client
 from meshblock.sds.config import DeviceConfig, SdsConfig
-from meshblock.sds.io_path import DataService
 from meshblock.sds.maps import MapCache
-from meshblock.sds.metrics import SdsStats
 from meshblock.sds.replication import Peers
+from meshblock.sds.resync import Resync
+from meshblock.sds.state import SdsState
+from meshblock.sds.stats import SdsStats
 from meshblock.sds.store import ChunkStore, DeviceSpec
 
 pytestmark = pytest.mark.unit
@@ -38,8 +39,8 @@ def link(state_dir: Path, store: ChunkStore | None = None) -> mdm_client.MdmLink
         devices=(device,),
         cluster_secret=SECRET,
     )
-    service = DataService(store or ChunkStore([]), MapCache(), Peers(SECRET, 1.0), SdsStats())
-    return mdm_client.MdmLink(config, SECRET, service)
+    sds = SdsState(store or ChunkStore([]), MapCache(), Peers(SECRET, 1.0), SdsStats())
+    return mdm_client.MdmLink(config, SECRET, sds, Resync(sds))
 
 
 def test_saved_in_a_thread(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -54,7 +55,7 @@ def test_saved_in_a_thread(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
 
     async def save() -> None:
         lk = link(tmp_path)
-        lk._svc.set_identity(7, {})
+        lk._sds.set_identity(7, {})
         await lk._save_state()
 
     asyncio.run(save())
@@ -82,7 +83,7 @@ def test_a_failed_device_is_saved_before_the_error_is_answered(tmp_path: Path) -
 
     async def run() -> None:
         lk = link(tmp_path, store)
-        lk._svc.set_identity(7, {})
+        lk._sds.set_identity(7, {})
         older = asyncio.create_task(lk._save_state())  # taken now, runs later
         await asyncio.sleep(0)
         store.fail(dev, "fdatasync: Input/output error")

@@ -30,9 +30,12 @@ from meshblock.sds.mdm_client import (
     record_pending_unclean,
     saved_failed_devices,
 )
-from meshblock.sds.metrics import SdsCollector, SdsStats
+from meshblock.sds.metrics import SdsCollector
 from meshblock.sds.replication import Peers
+from meshblock.sds.resync import Resync
 from meshblock.sds.server import DataServer
+from meshblock.sds.state import SdsState
+from meshblock.sds.stats import SdsStats
 from meshblock.sds.store import ChunkStore, DeviceSpec, StoreError
 
 log = logging.getLogger(__name__)
@@ -41,6 +44,8 @@ log = logging.getLogger(__name__)
 @dataclass
 class SdsRuntime:
     config: SdsConfig
+    state: SdsState
+    resync: Resync
     service: DataService
     server: DataServer
     link: MdmLink
@@ -125,11 +130,13 @@ async def _runtime(app: web.Application) -> AsyncIterator[None]:
     )
     try:
         peers = Peers(secret, config.peer_timeout_s, min_version=config.wire_min_version)
-        service = DataService(store, MapCache(), peers, SdsStats())
+        state = SdsState(store, MapCache(), peers, SdsStats())
+        resync = Resync(state)
+        service = DataService(state, resync)
         registry = CollectorRegistry(auto_describe=True)
-        registry.register(SdsCollector(service))
-        service.tombstones.rate = config.delete_free_rate
-        link = MdmLink(config, secret, service)
+        registry.register(SdsCollector(state, resync))
+        state.tombstones.rate = config.delete_free_rate
+        link = MdmLink(config, secret, state, resync)
         if store.unclean:
             # Our copies may lack writes acknowledged without FUA/FLUSH: serve nothing
             # on cached maps; the MDM, told at registration, decides who serves.
@@ -140,7 +147,7 @@ async def _runtime(app: web.Application) -> AsyncIterator[None]:
         else:
             link.load_state()
         server = DataServer(service, secret, min_version=config.wire_min_version)
-        app[RUNTIME] = SdsRuntime(config, service, server, link, registry)
+        app[RUNTIME] = SdsRuntime(config, state, resync, service, server, link, registry)
         yield
     finally:
         store.close()
@@ -149,15 +156,15 @@ async def _runtime(app: web.Application) -> AsyncIterator[None]:
 
 async def _data_server(app: web.Application) -> AsyncIterator[None]:
     rt = app[RUNTIME]
-    rt.service.tombstones.start()
+    rt.state.tombstones.start()
     await rt.server.start(rt.config.data.host, rt.config.data.port)
     try:
         yield
     finally:
         await rt.server.stop()
-        await rt.service.tombstones.close()
-        await rt.service.resync.close()
-        await rt.service.peers.close()
+        await rt.state.tombstones.close()
+        await rt.resync.close()
+        await rt.state.peers.close()
 
 
 async def _mdm_link(app: web.Application) -> AsyncIterator[None]:
@@ -171,22 +178,22 @@ async def _mdm_link(app: web.Application) -> AsyncIterator[None]:
 
 async def health(request: web.Request) -> web.Response:
     rt = request.app[RUNTIME]
-    svc = rt.service
-    pools = {d.pool_id for d in svc.store.devices if d.pool_id is not None}
-    serving = bool(svc.sds_id) and pools <= svc.maps.maps.keys()
+    sds, resync = rt.state, rt.resync
+    pools = {d.pool_id for d in sds.store.devices if d.pool_id is not None}
+    serving = bool(sds.sds_id) and pools <= sds.maps.maps.keys()
     return web.json_response(
         {
             "status": (
                 "ok"
-                if serving and rt.link.reachable and not svc.store.failed_devices()
+                if serving and rt.link.reachable and not sds.store.failed_devices()
                 else "degraded"
             ),
-            "state": "stopping" if svc.stopping else ("serving" if serving else "starting"),
+            "state": "stopping" if sds.stopping else ("serving" if serving else "starting"),
             "name": rt.config.name,
-            "sds_id": svc.sds_id or None,
+            "sds_id": sds.sds_id or None,
             "mdm_reachable": rt.link.reachable,
             "data_port": rt.config.data.port,
-            "connections": svc.stats.connections,
+            "connections": sds.stats.connections,
             "devices": [
                 {
                     "path": d.path,
@@ -199,21 +206,21 @@ async def health(request: web.Request) -> web.Response:
                     "state": "failed" if d.failed else "ok",
                     "error": d.failed,
                 }
-                for d in svc.store.devices
+                for d in sds.store.devices
             ],
-            "maps": {str(pid): m.epoch for pid, m in sorted(svc.maps.maps.items())},
+            "maps": {str(pid): m.epoch for pid, m in sorted(sds.maps.maps.items())},
             "degraded_writes": {
                 str(pool): {str(pg): n for pg, n in pgs.items()}
-                for pool, pgs in svc.degraded.counts().items()
+                for pool, pgs in sds.degraded.counts().items()
             },
-            "tombstones": {str(t["id"]): t["chunks_left"] for t in svc.tombstones.report()},
+            "tombstones": {str(t["id"]): t["chunks_left"] for t in sds.tombstones.report()},
             "resync": {
-                "active": svc.resync.active(),
-                "chunks_total": svc.resync.chunks_total,
-                "bytes_total": svc.resync.bytes_total,
-                "pgs_total": svc.resync.pgs_total,
-                "full_total": svc.resync.full_total,
-                "done": svc.resync.done,
+                "active": resync.active(),
+                "chunks_total": resync.chunks_total,
+                "bytes_total": resync.bytes_total,
+                "pgs_total": resync.pgs_total,
+                "full_total": resync.full_total,
+                "done": resync.done,
             },
         }
     )
@@ -245,7 +252,7 @@ async def faults_command(request: web.Request) -> web.Response:
                 raise ValueError("lose must be all or random")
             hook.power_cut(lose, int(body.get("seed", 0)))
         elif action == "fail":
-            devices = {d.path for d in request.app[RUNTIME].service.store.devices}
+            devices = {d.path for d in request.app[RUNTIME].state.store.devices}
             if body.get("device") not in devices:
                 raise ValueError(f"device must be one of {sorted(devices)}")
             count = body.get("count")

@@ -2,9 +2,10 @@
 
 The MDM tombstones a deleted volume in its pool's PG map (``tombstones``: volume id ->
 map epoch of the delete). From the moment a map carrying a tombstone arrives (from the
-MDM, or from the state file at start), :class:`~meshblock.sds.io_path.DataService`
-refuses every request about that volume (status ``DELETED``), whether a client's or a
-peer's, and resync, rebuild and moves skip its chunks. :class:`Tombstones` then:
+MDM, or from the state file at start), the request handler
+(:class:`~meshblock.sds.io_path.DataService`) refuses every request about that volume
+(status ``DELETED``), whether a client's or a peer's, and resync, rebuild and moves
+skip its chunks. :class:`Tombstones` then:
 
 1. makes the tombstone durable on every device (``ChunkStore.add_tombstones``); until
    it is, the volume is refused from memory and not reported to the MDM;
@@ -24,12 +25,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import TYPE_CHECKING
 
-from meshblock.sds.store import TOMBSTONE_CAPACITY, StoreError
-
-if TYPE_CHECKING:
-    from meshblock.sds.io_path import DataService
+from meshblock.sds.maps import MapCache, PgMap
+from meshblock.sds.store import TOMBSTONE_CAPACITY, ChunkStore, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -38,10 +36,15 @@ RECHECK_S = 5.0  # look again without a new map (a tombstone to drop, a failed s
 
 
 class Tombstones:
-    """The background worker of one SDS's tombstones (see the module's docstring)."""
+    """The background worker of one SDS's tombstones (see the module's docstring).
 
-    def __init__(self, service: DataService) -> None:
-        self.svc = service
+    ``seen_maps``: the last map of each pool received from the MDM in this process's
+    life (kept up to date by the SDS's state, :class:`meshblock.sds.state.SdsState`)."""
+
+    def __init__(self, store: ChunkStore, maps: MapCache, seen_maps: dict[int, PgMap]) -> None:
+        self._store = store
+        self._maps = maps
+        self._seen_maps = seen_maps
         self.pending: set[int] = set()  # in a map, not yet durable in the store
         # Every volume refused: pending or tombstoned in the store (the request path
         # tests membership here; changed in place, never replaced).
@@ -60,7 +63,7 @@ class Tombstones:
 
     def map_changed(self, tombstones: dict[int, int]) -> None:
         """A newer map arrived: its tombstones are refused from now on."""
-        store = self.svc.store
+        store = self._store
         for volume in tombstones:
             self.refused.add(volume)
             if not store.is_tombstoned(volume):
@@ -69,7 +72,7 @@ class Tombstones:
 
     def report(self) -> list[dict[str, int]]:
         """Per durable tombstone, the chunks of it still stored here (heartbeat)."""
-        store = self.svc.store
+        store = self._store
         return [
             {"id": v, "chunks_left": store.tombstone_chunks_left(v), "epoch": epoch}
             for v, epoch in sorted(store.tombstones().items())
@@ -79,7 +82,7 @@ class Tombstones:
     # -- the worker -------------------------------------------------------------------
 
     def start(self) -> None:
-        self.refused.update(self.svc.store.tombstones())
+        self.refused.update(self._store.tombstones())
         self._work.set()  # tombstones loaded from the store: resume their frees
         self._task = asyncio.create_task(self._run(), name="tombstones")
 
@@ -105,7 +108,7 @@ class Tombstones:
         oldest deletes first; the rest stay refused and wait for room), free what is
         left, drop what is done, and add what waited if that made room. A tombstone
         that cannot be added never holds back the free of those already durable."""
-        store = self.svc.store
+        store = self._store
         self.refused.update(store.tombstones())
         failed: OSError | StoreError | None = None
         try:
@@ -120,9 +123,9 @@ class Tombstones:
 
     async def _add_new(self) -> bool:
         """Make the maps' new tombstones durable, as many as fit; whether any was."""
-        svc, store = self.svc, self.svc.store
+        store = self._store
         wanted: dict[int, int] = {}
-        for m in svc.maps.maps.values():
+        for m in self._maps.maps.values():
             wanted.update(m.tombstones)
         new = sorted((e, v) for v, e in wanted.items() if not store.is_tombstoned(v))
         self.refused.update(v for _, v in new)  # also those of maps from before our start
@@ -144,7 +147,7 @@ class Tombstones:
         return bool(fits)
 
     async def _free(self) -> None:
-        store = self.svc.store
+        store = self._store
         for volume in sorted(store.tombstones()):
             freed = 0
             while n := await store.free_tombstoned(volume, FREE_BATCH):
@@ -158,8 +161,8 @@ class Tombstones:
     async def _drop_done(self) -> bool:
         # Dropped once no map from the MDM in this life lists it (a cached map from the
         # state file may be older than the purge, or than the delete).
-        svc, store = self.svc, self.svc.store
-        fresh = svc.seen_maps
+        store = self._store
+        fresh = self._seen_maps
         follows = {d.pool_id for d in store.devices if d.pool_id is not None}
         if not follows or not follows <= fresh.keys():
             return False
@@ -172,6 +175,6 @@ class Tombstones:
         await store.drop_tombstones(done)
         log.info("dropped the tombstone(s) of purged volume(s) %s", sorted(done))
         # Still refused if a map that arrived meanwhile lists it again.
-        listed = {v for m in svc.maps.maps.values() for v in m.tombstones}
+        listed = {v for m in self._maps.maps.values() for v in m.tombstones}
         self.refused.difference_update(v for v in done if v not in listed and v not in self.pending)
         return True

@@ -1,7 +1,11 @@
 """The SDS's IO path: what each data-protocol request does.
 
 :class:`DataService` gets every decoded request from a connection
-(:mod:`meshblock.sds.server`) and answers it with exactly one reply:
+(:mod:`meshblock.sds.server`) and answers it with exactly one reply. It is only the
+request handler: what it serves from (store, maps, peers, locks, the degraded record,
+tombstones, identity) is the SDS's state, :class:`~meshblock.sds.state.SdsState`,
+which it shares with the copy jobs, the metrics and the MDM link; it holds nothing
+but the tasks of the requests in progress.
 
 - the checks of ``docs/protocol.md`` §3: range, epoch against the pool's map
   (``EPOCH_STALE`` for older, a short wait then ``MAP_PENDING`` for newer), the role
@@ -32,23 +36,14 @@ import bisect
 import itertools
 import logging
 import time
-from collections.abc import Callable, Coroutine
-from typing import TYPE_CHECKING, Any, Final
+from collections.abc import Coroutine
+from typing import Any, Final, Protocol
 
 from meshblock.chunks import CHUNK_SIZE, ChunkRef, pg_of
-from meshblock.sds.deletion import Tombstones
-from meshblock.sds.maps import MapCache, PgMap
-from meshblock.sds.metrics import SdsStats
-from meshblock.sds.replication import DegradedWrites, Peers, RangeLocks
+from meshblock.sds.maps import PgMap
 from meshblock.sds.resync import Resync
-from meshblock.sds.store import (
-    ChunkStore,
-    Device,
-    DeviceFailed,
-    NoSpace,
-    VolumeDeleted,
-    chunk_key,
-)
+from meshblock.sds.state import SdsState
+from meshblock.sds.store import Device, DeviceFailed, NoSpace, VolumeDeleted, chunk_key
 from meshblock.wire.client import ConnectionLost, Reply, WireError
 from meshblock.wire.handshake import HandshakeError
 from meshblock.wire.protocol import (
@@ -62,9 +57,6 @@ from meshblock.wire.protocol import (
     Status,
 )
 
-if TYPE_CHECKING:
-    from meshblock.sds.server import DataConnection
-
 log = logging.getLogger(__name__)
 
 _FUA: Final = int(ReqFlag.FUA)
@@ -73,7 +65,6 @@ _WAIT: Final = -1  # check result: the request's epoch is ahead of our map
 _OK: Final = int(Status.OK)
 _FAILED: Final = int(Status.DEVICE_FAILED)
 _LOST: Final = -2  # peer result: the connection to the secondary was lost
-GC_RETRY_S: Final = 1.0  # garbage left because a write held it: looked at again after
 _REPL_OF: Final = {
     Op.WRITE: Op.REPL_WRITE,
     Op.WRITE_ZEROES: Op.REPL_WRITE_ZEROES,
@@ -91,181 +82,43 @@ _PEER_STATUS: Final = {
 Header = tuple[Any, ...]  # magic, op, flags, reserved, id, pool, pg, epoch, vol, chunk, off, len
 
 
+class Connection(Protocol):
+    """What the handler needs of a connection (:class:`meshblock.sds.server.DataConnection`)."""
+
+    allowed: frozenset[int]  # the opcodes its role may send
+
+    def reply(
+        self, request_id: int, status: int, epoch: int, flags: int, payload: memoryview | None
+    ) -> None: ...
+
+
 class DataService:
-    """Request semantics of one SDS: store, maps, peers and statistics."""
+    """The request handler of one SDS: what each request does, on the SDS's state
+    (:class:`~meshblock.sds.state.SdsState`); the copy jobs (:class:`Resync`) are told
+    of the forwarded writes a move target missed."""
 
-    def __init__(self, store: ChunkStore, maps: MapCache, peers: Peers, stats: SdsStats) -> None:
-        self.store = store
-        self.maps = maps
-        self.peers = peers
-        self.stats = stats
-        self.locks = RangeLocks()
-        self.degraded = DegradedWrites()
-        # The last map of each pool received in this process's life (not from the
-        # state file): a PG leaving clean between two of them starts a complete record.
-        self.seen_maps: dict[int, PgMap] = {}
-        maps.listeners.append(self._map_changed)
-        self.resync = Resync(self)  # after _map_changed: it sees the pruned records
-        self.tombstones = Tombstones(self)
-        self._refused = self.tombstones.refused  # the one lookup on the request path
-        self.sds_id = 0  # 0 until registered (or loaded from the state file)
-        self.dev_by_id: dict[int, Device] = {}
-        self.stopping = False
+    def __init__(self, state: SdsState, resync: Resync) -> None:
+        self._state = state
+        self._resync = resync
+        self._maps = state.maps
+        self._store = state.store
+        self.stats = state.stats  # also bumped by the connections (server.py)
+        self._peers = state.peers
+        self._locks = state.locks
+        self._degraded = state.degraded
+        self._refused = state.tombstones.refused  # the one lookup on the request path
         self._tasks: set[asyncio.Task[None]] = set()
-        # Called with a peer SDS's id when it does not answer (set by the MDM link).
-        self.peer_unreachable: Callable[[int], None] | None = None
-        self._named: dict[int, frozenset[int]] = {}  # pool -> PGs placed on us (GC)
-        # Called with a device that just failed (set by the MDM link: report, persist).
-        self.device_failed: Callable[[Device], None] | None = None
-        store.on_failure = self._on_device_failure
-
-    def _on_device_failure(self, dev: Device) -> None:
-        if self.device_failed is not None:
-            self.device_failed(dev)
-
-    def failed_in_sync(self) -> list[Device]:
-        """Failed devices that a map still names as an in-sync copy (or a move's
-        target): their copies still count, so a FLUSH cannot succeed yet."""
-        devs = self.store.failed_devices()
-        me = self.sds_id
-        if not devs or not me:
-            return devs  # not registered: no map tells
-        failed = {d.mdm_id: d for d in devs if d.mdm_id is not None}
-        out: dict[int, Device] = {d.mdm_id or 0: d for d in devs if d.mdm_id is None}
-        for m in self.maps.maps.values():
-            for pg in range(m.pg_count):
-                p, sec, tgt = m.primary[pg], m.secondary[pg], m.target[pg]
-                if p[0] == me and p[1] in failed:
-                    out[p[1]] = failed[p[1]]
-                if sec[0] == me and sec[1] in failed and m.forwards(pg):
-                    out[sec[1]] = failed[sec[1]]
-                if tgt[0] == me and tgt[1] in failed:
-                    out[tgt[1]] = failed[tgt[1]]
-        return list(out.values())
-
-    def _unknown(self, pool: int) -> bool:
-        """Whether a device of ``pool`` failed before its index was loaded: a chunk
-        missing from the index may have been on it."""
-        return any(d.failed and not d.loaded and d.pool_id == pool for d in self.store.devices)
-
-    def set_identity(self, sds_id: int, devices: dict[str, tuple[int, int]]) -> None:
-        """Our SDS id and, per device path, ``(MDM device id, pool id)``."""
-        self.sds_id = sds_id
-        for dev in self.store.devices:
-            ids = devices.get(dev.path)
-            if ids is not None:
-                dev.mdm_id, dev.pool_id = ids
-        self.dev_by_id = {d.mdm_id: d for d in self.store.devices if d.mdm_id is not None}
-        self.store.forget_pgs()  # indexed by pool: the devices' pools may have changed
-        for m in self.maps.maps.values():
-            self.store.index_pgs(m.pool_id, m.pg_count)
-
-    def _map_changed(self, m: PgMap) -> None:
-        self.store.index_pgs(m.pool_id, m.pg_count)
-        prev = self.seen_maps.get(m.pool_id)
-        me = self.sds_id
-        if prev is not None and me and prev.pg_count == m.pg_count:
-            for pg in range(m.pg_count):
-                if (
-                    not m.clean[pg]
-                    and m.primary[pg][0] == me
-                    and prev.clean[pg]
-                    and me in (prev.primary[pg][0], prev.secondary[pg][0])
-                ):
-                    self.degraded.track(m.pool_id, pg)
-                if m.primary[pg][0] == me and m.secondary[pg] not in (
-                    prev.primary[pg],
-                    prev.secondary[pg],
-                ):
-                    # A new secondary: what we recorded is not what it missed.
-                    self.degraded.untrack(m.pool_id, pg)
-        self.seen_maps[m.pool_id] = m
-        self.degraded.prune(m, me)
-        self.tombstones.map_changed(m.tombstones)
-
-    def collect_garbage(self, m: PgMap) -> int:
-        """Free the chunks of clean PGs that ``m``, a map fresh from the MDM, places on
-        other SDSs only: copies rebuilt or moved elsewhere (we were down, or drained).
-        The MDM never places a PG on a device again without a full copy to it, so they
-        are garbage. Runs when a PG left us since the last map; returns chunks freed."""
-        me = self.sds_id
-        if not me:
-            return 0
-        # Kept: PGs placed on us, and PGs not clean (until two in-sync copies exist
-        # elsewhere, a stale copy here is the last resort of a manual recovery).
-        named = frozenset(pg for pg in range(m.pg_count) if m.names(pg, me) or not m.clean[pg])
-        before = self._named.get(m.pool_id)
-        self._named[m.pool_id] = named
-        if before is not None and before <= named:
-            return 0
-        freed = 0
-        busy: set[int] = set()
-        for volume, chunk in self.store.chunk_ids_of_pool(m.pool_id):
-            pg = pg_of(volume, chunk, m.pg_count)
-            if pg in named or self.tombstones.deleted(volume):
-                continue  # a deleted volume's chunks: freed by the tombstones' worker
-            loc = self.store.location(volume, chunk)
-            if loc is not None and loc[0].failed:
-                continue  # no IO on a failed device
-            if self.locks.busy(chunk_key(volume, chunk)):
-                busy.add(pg)  # a write from before the map changed: next time
-                continue
-            try:
-                self.store.zero(volume, chunk, 0, CHUNK_SIZE)
-            except OSError as exc:
-                log.error("cannot free chunk %d/%d: %s", volume, chunk, exc)
-                continue
-            freed += 1
-        if busy:
-            # Counted as still ours until a pass frees them: try again in a second.
-            self._named[m.pool_id] = named | busy
-            asyncio.get_running_loop().call_later(GC_RETRY_S, self._collect_again, m.pool_id)
-        if freed:
-            log.info(
-                "pool %d: freed %d chunk(s) of PGs now placed on other SDSs (map epoch %d)",
-                m.pool_id,
-                freed,
-                m.epoch,
-            )
-        return freed
-
-    def _collect_again(self, pool: int) -> None:
-        m = self.maps.maps.get(pool)
-        if m is not None and not self.stopping:
-            self.collect_garbage(m)
-
-    def _alone(self, pool: int, pg: int) -> bool:
-        """Whether our newest map of ``pool`` has us as the whole acting set of ``pg``:
-        ``degraded`` (or ``inactive``), we primary. Not while resyncing or rebuilding:
-        the copy being filled may be a clean copy in the MDM's next map already, so a
-        write it missed must fail (and be retried) rather than be acknowledged."""
-        m = self.maps.maps.get(pool)
-        return (
-            m is not None
-            and bool(self.sds_id)
-            and not m.forwards(pg)
-            and m.primary[pg][0] == self.sds_id
-        )
-
-    def _replicates_to(self, peer: int) -> bool:
-        """Whether ``peer`` is the in-sync secondary of some PG we are primary of."""
-        me = self.sds_id
-        for m in self.maps.maps.values():
-            for pg in range(m.pg_count):
-                if m.secondary[pg][0] == peer and m.primary[pg][0] == me and m.clean[pg]:
-                    return True
-        return False
 
     # -- dispatch ---------------------------------------------------------------------
 
-    def handle(self, conn: DataConnection, hdr: Header, payload: memoryview) -> None:
+    def handle(self, conn: Connection, hdr: Header, payload: memoryview) -> None:
         """Answer one request (now, or from a task)."""
         t0 = time.perf_counter()
         op = hdr[1]
         if op not in conn.allowed:
             self._reply(conn, hdr, t0, Status.NOT_PERMITTED)
             return
-        if self.stopping:
+        if self._state.stopping:
             self._reply(conn, hdr, t0, Status.SHUTTING_DOWN)
             return
         if op == Op.PING:
@@ -300,7 +153,7 @@ class DataService:
         else:
             self._checked(conn, hdr, payload, t0)
 
-    def _checked(self, conn: DataConnection, hdr: Header, payload: memoryview, t0: float) -> None:
+    def _checked(self, conn: Connection, hdr: Header, payload: memoryview, t0: float) -> None:
         op = hdr[1]
         if op == Op.READ:
             self._read(conn, hdr, t0)
@@ -311,7 +164,7 @@ class DataService:
 
     def _check(self, hdr: Header, primary: bool) -> int:
         """0 when this SDS may serve the request now; a status; or ``_WAIT``."""
-        m = self.maps.maps.get(hdr[5])
+        m = self._maps.maps.get(hdr[5])
         epoch = hdr[7]
         if m is None or epoch > m.epoch:
             return _WAIT
@@ -320,18 +173,19 @@ class DataService:
         pg = hdr[6]
         if pg >= m.pg_count or pg != pg_of(hdr[8], hdr[9], m.pg_count):
             return Status.INVALID
+        me = self._state.sds_id
         if primary:
-            return _OK if self.sds_id and m.primary[pg][0] == self.sds_id else Status.NOT_PRIMARY
-        if self.sds_id and m.secondary[pg][0] == self.sds_id and m.forwards(pg):
+            return _OK if me and m.primary[pg][0] == me else Status.NOT_PRIMARY
+        if me and m.secondary[pg][0] == me and m.forwards(pg):
             return _OK
-        if self.sds_id and m.target[pg][0] == self.sds_id:
+        if me and m.target[pg][0] == me:
             return _OK  # a rebalance move to us: forwarded writes and the copy
         return Status.NOT_REPLICA
 
     async def _after_map(
-        self, conn: DataConnection, hdr: Header, payload: memoryview, t0: float, primary: bool
+        self, conn: Connection, hdr: Header, payload: memoryview, t0: float, primary: bool
     ) -> None:
-        await self.maps.wait_for(hdr[5], hdr[7], MAP_WAIT_S)
+        await self._maps.wait_for(hdr[5], hdr[7], MAP_WAIT_S)
         status = self._check(hdr, primary)
         if status == _WAIT:
             self._reply(conn, hdr, t0, Status.MAP_PENDING)
@@ -347,43 +201,21 @@ class DataService:
 
     def _reply(
         self,
-        conn: DataConnection,
+        conn: Connection,
         hdr: Header,
         t0: float,
         status: int,
         flags: int = 0,
         payload: memoryview | None = None,
     ) -> None:
-        conn.reply(hdr[4], status, self.maps.epoch(hdr[5]), flags, payload)
+        conn.reply(hdr[4], status, self._maps.epoch(hdr[5]), flags, payload)
         self.stats.record(hdr[1], hdr[11], time.perf_counter() - t0, status == _OK)
-
-    def _device(self, m: PgMap, pg: int, primary: bool) -> Device:
-        if primary:
-            dev_id = m.primary[pg][1]
-        elif m.target[pg][0] == self.sds_id and m.secondary[pg][0] != self.sds_id:
-            dev_id = m.target[pg][1]
-        else:
-            dev_id = m.secondary[pg][1]
-        dev = self.dev_by_id.get(dev_id)
-        if dev is not None:
-            return dev
-        for d in self.store.devices:  # the map names a device we do not know: any in the pool
-            if d.pool_id == m.pool_id:
-                return d
-        return self.store.devices[0]
-
-    def _target_device(self, dev: Device, volume: int, chunk: int) -> Device:
-        """The device a write of the chunk reaches: where the chunk already lives (the
-        map may name another device of ours, e.g. after a move), else ``dev``. FUA
-        syncs this one."""
-        loc = self.store.location(volume, chunk)
-        return dev if loc is None else loc[0]
 
     # -- reads ------------------------------------------------------------------------
 
-    def _read(self, conn: DataConnection, hdr: Header, t0: float) -> None:
+    def _read(self, conn: Connection, hdr: Header, t0: float) -> None:
         try:
-            data = self.store.read(hdr[8], hdr[9], hdr[10], hdr[11])
+            data = self._store.read(hdr[8], hdr[9], hdr[10], hdr[11])
         except DeviceFailed:
             self._reply(conn, hdr, t0, _FAILED)
             return
@@ -391,18 +223,18 @@ class DataService:
             log.error("read of chunk %d/%d failed: %s", hdr[8], hdr[9], exc)
             self._reply(conn, hdr, t0, Status.IO_ERROR)
             return
-        if data is None and self._unknown(hdr[5]):
+        if data is None and self._state.unknown(hdr[5]):
             self._reply(conn, hdr, t0, _FAILED)  # a hole here may be a lost chunk
         elif data is None:
             self._reply(conn, hdr, t0, _OK, _HOLE)
         else:
             self._reply(conn, hdr, t0, _OK, 0, data)
 
-    def _list(self, conn: DataConnection, hdr: Header, t0: float) -> None:
+    def _list(self, conn: Connection, hdr: Header, t0: float) -> None:
         """CHUNK_LIST: the chunks of PG ``hdr[6]`` of pool ``hdr[5]`` this SDS stores,
         from the key (volume ``hdr[8]``, chunk ``hdr[9]``) on, ascending, at most
         ``length // CHUNK_ENTRY.size`` of them. Whatever this SDS's role in the PG."""
-        m = self.maps.maps.get(hdr[5])
+        m = self._maps.maps.get(hdr[5])
         if m is None:
             self._reply(conn, hdr, t0, Status.MAP_PENDING)
             return
@@ -410,9 +242,9 @@ class DataService:
         if pg >= m.pg_count or not most or hdr[11] > MAX_PAYLOAD or hdr[9] >= MAX_CHUNK_INDEX:
             self._reply(conn, hdr, t0, Status.INVALID)
             return
-        stored = self.store.chunks_of_pg(hdr[5], pg) or []  # indexed by the map's arrival
+        stored = self._store.chunks_of_pg(hdr[5], pg) or []  # indexed by the map's arrival
         first = bisect.bisect_left(stored, (hdr[8], hdr[9]))
-        deleted = self.tombstones.deleted
+        deleted = self._state.tombstones.deleted
         keys = list(itertools.islice((k for k in stored[first:] if not deleted(k[0])), most))
         payload = b"".join(CHUNK_ENTRY.pack(v, c) for v, c in keys)
         conn.reply(hdr[4], _OK, m.epoch, 0, memoryview(payload))
@@ -420,30 +252,28 @@ class DataService:
 
     # -- writes on the secondary ------------------------------------------------------
 
-    def _replica_apply(
-        self, conn: DataConnection, hdr: Header, payload: memoryview, t0: float
-    ) -> None:
-        m = self.maps.maps[hdr[5]]
-        dev = self._device(m, hdr[6], primary=False)
-        if dev.failed or self._target_device(dev, hdr[8], hdr[9]).failed:
+    def _replica_apply(self, conn: Connection, hdr: Header, payload: memoryview, t0: float) -> None:
+        m = self._maps.maps[hdr[5]]
+        dev = self._state.device(m, hdr[6], primary=False)
+        if dev.failed or self._state.target_device(dev, hdr[8], hdr[9]).failed:
             self._reply(conn, hdr, t0, _FAILED)
             return
-        if hdr[2] & _FUA or self.store.needs_reclaim(dev, hdr[8], hdr[9]):
+        if hdr[2] & _FUA or self._store.needs_reclaim(dev, hdr[8], hdr[9]):
             self._spawn(self._replica_apply_async(conn, hdr, payload, t0, dev))
             return
         self._reply(conn, hdr, t0, self._apply(hdr[1], dev, hdr, payload))
 
     async def _replica_apply_async(
-        self, conn: DataConnection, hdr: Header, payload: memoryview, t0: float, dev: Device
+        self, conn: Connection, hdr: Header, payload: memoryview, t0: float, dev: Device
     ) -> None:
-        if self.store.needs_reclaim(dev, hdr[8], hdr[9]):
+        if self._store.needs_reclaim(dev, hdr[8], hdr[9]):
             try:
-                await self.store.reclaim(dev)
+                await self._store.reclaim(dev)
             except OSError:
                 self._reply(conn, hdr, t0, _FAILED if dev.failed else Status.IO_ERROR)
                 return
         fua = hdr[2] & _FUA
-        written = self._target_device(dev, hdr[8], hdr[9]) if fua else dev
+        written = self._state.target_device(dev, hdr[8], hdr[9]) if fua else dev
         status = self._apply(hdr[1], dev, hdr, payload)
         if status == _OK and fua:
             status = await self._sync([written])
@@ -453,9 +283,9 @@ class DataService:
         """Apply a write / write-zeroes / trim to the local copy; return the status."""
         try:
             if op == Op.WRITE or op == Op.REPL_WRITE:
-                self.store.write(dev, hdr[8], hdr[9], hdr[10], payload)
+                self._store.write(dev, hdr[8], hdr[9], hdr[10], payload)
             else:
-                self.store.zero(hdr[8], hdr[9], hdr[10], hdr[11])
+                self._store.zero(hdr[8], hdr[9], hdr[10], hdr[11])
         except NoSpace:
             return Status.NO_SPACE
         except VolumeDeleted:
@@ -471,7 +301,7 @@ class DataService:
 
     async def _sync(self, devices: list[Device] | None) -> int:
         try:
-            await self.store.sync(devices)
+            await self._store.sync(devices)
         except DeviceFailed:
             return _FAILED
         except OSError as exc:
@@ -482,11 +312,11 @@ class DataService:
     # -- writes on the primary --------------------------------------------------------
 
     async def _primary_write(
-        self, conn: DataConnection, hdr: Header, payload: memoryview, t0: float
+        self, conn: Connection, hdr: Header, payload: memoryview, t0: float
     ) -> None:
         op, flags, pool, pg, epoch, vol, chunk, off, length = hdr[1:3] + hdr[5:12]
         key = chunk_key(vol, chunk)
-        ticket, earlier = self.locks.acquire(key, off, off + length)
+        ticket, earlier = self._locks.acquire(key, off, off + length)
         try:
             for fut in earlier:
                 await fut
@@ -495,10 +325,10 @@ class DataService:
             if status:
                 self._reply(conn, hdr, t0, Status.EPOCH_STALE if status == _WAIT else status)
                 return
-            m = self.maps.maps[pool]
-            dev = self._device(m, pg, primary=True)
-            store = self.store
-            if dev.failed or self._target_device(dev, vol, chunk).failed:
+            m = self._maps.maps[pool]
+            dev = self._state.device(m, pg, primary=True)
+            store = self._store
+            if dev.failed or self._state.target_device(dev, vol, chunk).failed:
                 self._reply(conn, hdr, t0, _FAILED)
                 return
             if store.needs_reclaim(dev, vol, chunk):
@@ -514,7 +344,7 @@ class DataService:
                 sec_id = m.secondary[pg][0]
             else:  # the secondary is stale: we are the acting set
                 sec_id = 0
-                self.degraded.record(pool, pg, vol, chunk)
+                self._degraded.record(pool, pg, vol, chunk)
             peer_fut = None
             if sec_id:
                 address = m.sds.get(sec_id)
@@ -523,7 +353,7 @@ class DataService:
                     self._reply(conn, hdr, t0, Status.REPLICA_FAILED)
                     return
                 try:
-                    peer = self.peers.connected(sec_id, address) or await self.peers.get(
+                    peer = self._peers.connected(sec_id, address) or await self._peers.get(
                         sec_id, address
                     )
                     ref = ChunkRef(pool, pg, epoch, vol, chunk)
@@ -532,31 +362,31 @@ class DataService:
                     )
                 except ConnectionLost:
                     self.stats.peer_error(sec_id)
-                    if self.peer_unreachable is not None:
-                        self.peer_unreachable(sec_id)
-                    if not self._alone(pool, pg):
+                    if self._state.peer_unreachable is not None:
+                        self._state.peer_unreachable(sec_id)
+                    if not self._state.alone(pool, pg):
                         self._reply(conn, hdr, t0, Status.REPLICA_FAILED)
                         return
-                    self.degraded.record(pool, pg, vol, chunk)  # the map moved on meanwhile
+                    self._degraded.record(pool, pg, vol, chunk)  # the map moved on meanwhile
                 except (WireError, HandshakeError):
                     self.stats.peer_error(sec_id)
-                    if self.peer_unreachable is not None:
-                        self.peer_unreachable(sec_id)
+                    if self._state.peer_unreachable is not None:
+                        self._state.peer_unreachable(sec_id)
                     self._reply(conn, hdr, t0, Status.REPLICA_FAILED)
                     return
                 else:
-                    self.peers.dirty.add(sec_id)
+                    self._peers.dirty.add(sec_id)
             tgt_id = m.target[pg][0]
             tgt_fut, tgt_status = None, _OK
             if tgt_id:
                 tgt_fut, tgt_status = await self._to_target(m, pg, tgt_id, op, flags, hdr, payload)
-            written = self._target_device(dev, vol, chunk) if flags & _FUA else dev
+            written = self._state.target_device(dev, vol, chunk) if flags & _FUA else dev
             status = self._apply(op, dev, hdr, payload)
             if status == _OK and flags & _FUA:
                 status = await self._sync([written])
             if tgt_fut is not None:
                 result = await self._peer_result(tgt_id, tgt_fut)
-                if result != _OK and not self.resync.missed(pool, pg, vol, chunk):
+                if result != _OK and not self._resync.missed(pool, pg, vol, chunk):
                     # The move is past its last copy: the target must have it.
                     tgt_status = Status.REPLICA_FAILED if result == _LOST else result
             if status == _OK:
@@ -566,8 +396,8 @@ class DataService:
                 if peer_status == _LOST:
                     # The secondary went away. If the MDM has meanwhile made us the
                     # PG's only in-sync copy, our local write is the whole acting set.
-                    if self._alone(pool, pg):
-                        self.degraded.record(pool, pg, vol, chunk)
+                    if self._state.alone(pool, pg):
+                        self._degraded.record(pool, pg, vol, chunk)
                         peer_status = _OK
                     else:
                         peer_status = Status.REPLICA_FAILED
@@ -575,7 +405,7 @@ class DataService:
                     status = peer_status
             self._reply(conn, hdr, t0, status)
         finally:
-            self.locks.release(key, ticket)
+            self._locks.release(key, ticket)
 
     async def _to_target(
         self,
@@ -596,18 +426,18 @@ class DataService:
         try:
             if address is None:
                 raise WireError(f"no address of SDS {tgt_id}")
-            peer = self.peers.connected(tgt_id, address) or await self.peers.get(tgt_id, address)
+            peer = self._peers.connected(tgt_id, address) or await self._peers.get(tgt_id, address)
             ref = ChunkRef(hdr[5], hdr[6], hdr[7], hdr[8], hdr[9])
             fut = peer.submit(
                 _REPL_OF[Op(op)], flags, ref, hdr[10], hdr[11], payload, peer.future()
             )
         except (WireError, HandshakeError) as exc:
             self.stats.peer_error(tgt_id)
-            if self.resync.missed(m.pool_id, pg, hdr[8], hdr[9]):
+            if self._resync.missed(m.pool_id, pg, hdr[8], hdr[9]):
                 log.info("write to move target SDS %d failed (copied again): %s", tgt_id, exc)
                 return None, _OK
             return None, Status.REPLICA_FAILED
-        self.peers.dirty.add(tgt_id)
+        self._peers.dirty.add(tgt_id)
         return fut, _OK
 
     async def _peer_result(self, sec_id: int, fut: asyncio.Future[Reply]) -> int:
@@ -616,8 +446,8 @@ class DataService:
         except ConnectionLost as exc:
             log.warning("replication to SDS %d failed: %s", sec_id, exc)
             self.stats.peer_error(sec_id)
-            if self.peer_unreachable is not None:
-                self.peer_unreachable(sec_id)
+            if self._state.peer_unreachable is not None:
+                self._state.peer_unreachable(sec_id)
             return _LOST
         except WireError as exc:
             log.warning("replication to SDS %d failed: %s", sec_id, exc)
@@ -635,22 +465,22 @@ class DataService:
 
     # -- flush ------------------------------------------------------------------------
 
-    async def _flush(self, conn: DataConnection, hdr: Header, t0: float, peers: bool) -> None:
+    async def _flush(self, conn: Connection, hdr: Header, t0: float, peers: bool) -> None:
         # A failed device is never synced again: its copies are covered only once no
         # map names it as an in-sync copy (the MDM has failed them over); until then
         # the FLUSH fails, retriably.
-        status = await self._sync([d for d in self.store.devices if not d.failed])
-        if status == _OK and self.failed_in_sync():
+        status = await self._sync([d for d in self._store.devices if not d.failed])
+        if status == _OK and self._state.failed_in_sync():
             status = _FAILED
         if status == _OK and peers:
-            failed = await self.peers.flush()
+            failed = await self._peers.flush()
             if failed:
                 # A peer that is no longer the in-sync secondary of any PG of ours
                 # holds only stale copies: what it missed does not count.
-                stale = {i for i in failed if not self._replicates_to(i)}
+                stale = {i for i in failed if not self._state.replicates_to(i)}
                 if stale:
                     log.info("not flushing SDS(s) %s: they hold only stale copies", sorted(stale))
-                    self.peers.dirty.difference_update(stale)
+                    self._peers.dirty.difference_update(stale)
                 if len(stale) < len(failed):
                     status = Status.REPLICA_FAILED
         self._reply(conn, hdr, t0, status)
@@ -659,7 +489,7 @@ class DataService:
 
     async def drain(self, grace_s: float = 5.0) -> None:
         """Refuse new requests and wait for those in progress (then cancel them)."""
-        self.stopping = True
+        self._state.stopping = True
         if not self._tasks:
             return
         _, pending = await asyncio.wait(set(self._tasks), timeout=grace_s)

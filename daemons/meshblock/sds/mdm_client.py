@@ -40,8 +40,9 @@ from meshblock import pki
 from meshblock.config import ConfigError
 from meshblock.files import fsync_directory, write_atomic
 from meshblock.sds.config import SdsConfig
-from meshblock.sds.io_path import DataService
 from meshblock.sds.maps import PgMap
+from meshblock.sds.resync import Resync
+from meshblock.sds.state import SdsState
 from meshblock.sds.store import Device
 from meshblock.tls import MdmTls, mdm_tls
 
@@ -137,10 +138,11 @@ def saved_failed_devices(state_dir: str) -> dict[str, str]:
 
 
 class MdmLink:
-    def __init__(self, config: SdsConfig, secret: str, service: DataService) -> None:
+    def __init__(self, config: SdsConfig, secret: str, sds: SdsState, resync: Resync) -> None:
         self._config = config
         self._secret = secret
-        self._svc = service
+        self._sds = sds
+        self._resync = resync
         self._urls = [u.rstrip("/") for u in config.mdm_urls]
         self._cur = 0
         self._session: aiohttp.ClientSession | None = None
@@ -155,8 +157,8 @@ class MdmLink:
         # so that an MDM restored from an older database sees it (mdm/reconcile.py).
         self.cluster_epoch = 0
         self.registered = asyncio.Event()
-        service.resync.reporter = self._report_synced
-        service.peer_unreachable = self.report_unreachable
+        resync.reporter = self._report_synced
+        sds.peer_unreachable = self.report_unreachable
         self._reported: dict[int, float] = {}  # peer SDS -> when we last reported it
         # copies done, waiting for the next pgs-synced call, and the task that sends it
         self._synced: list[tuple[tuple[int, int, int], asyncio.Future[int | None]]] = []
@@ -164,13 +166,13 @@ class MdmLink:
         # Failed devices (path -> {"uuid", "error"}): saved, and reported to the MDM.
         saved = saved_failed_devices(config.state_dir)
         self._failures: dict[str, dict[str, str]] = {}
-        for dev in service.store.devices:
+        for dev in sds.store.devices:
             if dev.failed:
                 uuid = dev.uuid.hex() if dev.uuid else saved.get(dev.path, "")
                 self._failures[dev.path] = {"uuid": uuid, "error": dev.failed}
         self._failures_reported: set[str] = set()
         self._failure_task: asyncio.Task[None] | None = None
-        service.device_failed = self._device_failed
+        sds.device_failed = self._device_failed
 
     # -- state file -------------------------------------------------------------------
 
@@ -185,32 +187,32 @@ class MdmLink:
             return
         try:
             devices = {p: (int(v[0]), int(v[1])) for p, v in state["devices"].items()}
-            self._svc.set_identity(int(state["sds_id"]), devices)
+            self._sds.set_identity(int(state["sds_id"]), devices)
             for doc in state["maps"].values():
-                self._svc.maps.update(PgMap.from_doc(doc))
+                self._sds.maps.update(PgMap.from_doc(doc))
             # A cached map may be older than writes we made alone before we stopped:
             # it must not make a record look complete (resync falls back to full).
-            self._svc.seen_maps.clear()
+            self._sds.seen_maps.clear()
         except (KeyError, TypeError, ValueError) as exc:
             log.warning("ignoring malformed state file %s: %s", self._state_path, exc)
             return
         log.info(
             "loaded cached identity (SDS %d) and %d map(s) from %s",
-            self._svc.sds_id,
-            len(self._svc.maps.maps),
+            self._sds.sds_id,
+            len(self._sds.maps.maps),
             self._state_path,
         )
 
     def _state_doc(self) -> str:
-        svc = self._svc
+        sds = self._sds
         state = {
-            "sds_id": svc.sds_id,
+            "sds_id": sds.sds_id,
             "devices": {
                 d.path: [d.mdm_id, d.pool_id]
-                for d in svc.store.devices
+                for d in sds.store.devices
                 if d.mdm_id is not None and d.pool_id is not None
             },
-            "maps": {str(pid): m.doc for pid, m in svc.maps.maps.items()},
+            "maps": {str(pid): m.doc for pid, m in sds.maps.maps.items()},
             "failed_devices": self._failures,
         }
         return json.dumps(state)
@@ -268,7 +270,7 @@ class MdmLink:
             await self._session.close()
 
     async def _main(self) -> None:
-        if self._svc.sds_id:
+        if self._sds.sds_id:
             self._follow_pools()  # serve and follow on cached identity meanwhile
         await self._register()
         interval = self._config.heartbeat_interval_s
@@ -337,7 +339,7 @@ class MdmLink:
         """Per report: the map epoch that has it done, None (refused), or the error
         that left it unanswered."""
         body = {"reports": [{"pool_id": p, "pg": g, "epoch": e} for p, g, e in reports]}
-        path = f"/api/v1/sds/{self._svc.sds_id}/pgs-synced"
+        path = f"/api/v1/sds/{self._sds.sds_id}/pgs-synced"
         status, doc = await self._call("POST", path, body)
         if status in (404, 405):
             # An MDM of an older release has no pgs-synced (or it does not know us, and
@@ -369,7 +371,7 @@ class MdmLink:
 
     async def _report_one(self, pool_id: int, pg: int, epoch: int) -> int | None:
         body = {"pool_id": pool_id, "pg": pg, "epoch": epoch}
-        status, doc = await self._call("POST", f"/api/v1/sds/{self._svc.sds_id}/pg-synced", body)
+        status, doc = await self._call("POST", f"/api/v1/sds/{self._sds.sds_id}/pg-synced", body)
         if status == 200:
             return int(doc["epoch"])
         if status in (404, 409):
@@ -393,7 +395,7 @@ class MdmLink:
         task.add_done_callback(self._tasks.remove)
 
     async def _send_unreachable(self, peer: int) -> None:
-        body = {"reporter": f"sds:{self._svc.sds_id}"}
+        body = {"reporter": f"sds:{self._sds.sds_id}"}
         try:
             status, doc = await self._call("POST", f"/api/v1/sds/{peer}/unreachable", body, 5.0)
         except MdmUnavailable as exc:
@@ -426,7 +428,7 @@ class MdmLink:
         self._report_failures()
 
     def _report_failures(self) -> None:
-        if self._session is None or not self._svc.sds_id:
+        if self._session is None or not self._sds.sds_id:
             return  # reported after the registration
         if self._failure_task is None or self._failure_task.done():
             self._failure_task = asyncio.create_task(self._send_failures(), name="device-failures")
@@ -435,7 +437,7 @@ class MdmLink:
         while True:
             todo = [
                 d
-                for d in self._svc.store.failed_devices()
+                for d in self._sds.store.failed_devices()
                 if d.mdm_id is not None and d.path not in self._failures_reported
             ]
             if not todo:
@@ -448,7 +450,7 @@ class MdmLink:
 
     async def _send_failure(self, dev: Device) -> bool:
         """Report one failed device; True when the MDM has it (or will never take it)."""
-        path = f"/api/v1/sds/{self._svc.sds_id}/devices/{dev.mdm_id}/failed"
+        path = f"/api/v1/sds/{self._sds.sds_id}/devices/{dev.mdm_id}/failed"
         try:
             status, doc = await self._call("POST", path, {"error": (dev.failed or "")[:1000]}, 5.0)
         except MdmUnavailable as exc:
@@ -486,7 +488,7 @@ class MdmLink:
         }
         if cfg.fault_set:
             body["fault_set"] = cfg.fault_set
-        unclean = list(self._svc.store.unclean)
+        unclean = list(self._sds.store.unclean)
         if unclean:
             body["unclean_devices"] = unclean
         delay = 0.5
@@ -503,18 +505,18 @@ class MdmLink:
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
         devices = {d["path"]: (int(d["id"]), int(d["pool_id"])) for d in doc["devices"]}
-        self._svc.set_identity(int(doc["id"]), devices)
+        self._sds.set_identity(int(doc["id"]), devices)
         self._fail_as_the_mdm_says(doc["devices"])
         log.info(
             "registered as SDS %d with %d device(s)%s",
-            self._svc.sds_id,
+            self._sds.sds_id,
             len(devices),
             " (after an unclean stop: their copies are recopied)" if unclean else "",
         )
         # The MDM has made every PG with a copy on them copy it anew, in the same
         # transaction: a later registration (the MDM forgot us), or the next start,
         # need not say it again.
-        store = self._svc.store
+        store = self._sds.store
         store.unclean = [p for p in store.unclean if p not in unclean]
         if unclean:
             state_dir = Path(self._config.state_dir)
@@ -532,7 +534,7 @@ class MdmLink:
         """Fail the devices that the MDM holds as failed and we do not: our record of
         the failure was lost (state.json not written, or replaced). Saved again at once
         (:meth:`_device_failed`)."""
-        by_path = {d.path: d for d in self._svc.store.devices}
+        by_path = {d.path: d for d in self._sds.store.devices}
         for doc in docs:
             dev = by_path.get(doc["path"])
             if doc.get("state") != "failed" or dev is None or dev.failed:
@@ -541,32 +543,32 @@ class MdmLink:
                 "%s: failed at the MDM but not in our state file: failing it again",
                 dev.path,
             )
-            self._svc.store.fail(dev, f"failed at the MDM: {doc.get('error') or 'IO error'}")
+            self._sds.store.fail(dev, f"failed at the MDM: {doc.get('error') or 'IO error'}")
 
     async def _heartbeat(self) -> None:
-        svc = self._svc
-        tombstones = svc.tombstones.report()
+        sds = self._sds
+        tombstones = sds.tombstones.report()
         # A deleted volume's count until it reaches 0, so that the MDM sees it freed.
-        volumes = svc.store.volume_chunks() | {t["id"]: t["chunks_left"] for t in tombstones}
+        volumes = sds.store.volume_chunks() | {t["id"]: t["chunks_left"] for t in tombstones}
         body = {
             "devices": [
                 {"id": d.mdm_id, "used_bytes": d.used_bytes}
-                for d in svc.store.devices
+                for d in sds.store.devices
                 if d.mdm_id is not None
             ],
             "volumes": [{"id": v, "chunks": n} for v, n in volumes.items()],
             "tombstones": tombstones,
             "epoch": self.cluster_epoch,
             "map_epochs": [
-                {"pool_id": p, "epoch": m.epoch} for p, m in sorted(svc.maps.maps.items())
+                {"pool_id": p, "epoch": m.epoch} for p, m in sorted(sds.maps.maps.items())
             ],
-            "copies": svc.resync.report(),
+            "copies": self._resync.report(),
         }
-        status, doc = await self._call("POST", f"/api/v1/sds/{svc.sds_id}/heartbeat", body)
+        status, doc = await self._call("POST", f"/api/v1/sds/{sds.sds_id}/heartbeat", body)
         if status == 200 and isinstance(doc, dict) and isinstance(doc.get("epoch"), int):
             self.cluster_epoch = max(self.cluster_epoch, doc["epoch"])
         if status == 404:
-            log.warning("the MDM does not know SDS %d any more; registering again", svc.sds_id)
+            log.warning("the MDM does not know SDS %d any more; registering again", sds.sds_id)
             await self._register()
         elif status != 200:
             log.warning("heartbeat refused with status %d", status)
@@ -574,14 +576,14 @@ class MdmLink:
     # -- maps -------------------------------------------------------------------------
 
     def _follow_pools(self) -> None:
-        pools = {d.pool_id for d in self._svc.store.devices if d.pool_id is not None}
+        pools = {d.pool_id for d in self._sds.store.devices if d.pool_id is not None}
         for pool_id in pools - self._followers.keys():
             self._followers[pool_id] = asyncio.create_task(
                 self._follow(pool_id), name=f"pgmap-{pool_id}"
             )
 
     async def _follow(self, pool_id: int) -> None:
-        maps = self._svc.maps
+        maps = self._sds.maps
         poll = self._config.map_poll_timeout_s
         while True:
             epoch = maps.epoch(pool_id)
@@ -605,4 +607,4 @@ class MdmLink:
             if maps.update(m):
                 log.info("pool %d: map epoch %d", pool_id, m.epoch)
                 await self._save_state()
-                self._svc.collect_garbage(m)
+                self._sds.collect_garbage(m)

@@ -1,15 +1,16 @@
-"""The SDS's Prometheus metrics, kept as plain counters and read on scrape.
+"""The SDS's Prometheus metrics, read on scrape.
 
-The IO path only bumps integers in :class:`SdsStats` (a few list stores per request,
-no locks); :class:`SdsCollector` turns them, the store's usage and the map epochs
-into metric families when ``/metrics`` is scraped.
+The IO path only bumps integers in :class:`~meshblock.sds.stats.SdsStats`;
+:class:`SdsCollector` turns them, the store's usage, the map epochs and the copy
+jobs' counters into metric families when ``/metrics`` is scraped. It reads the SDS's
+state (:class:`~meshblock.sds.state.SdsState`) and the copy jobs
+(:class:`~meshblock.sds.resync.Resync`), never the request handler.
 """
 
 from __future__ import annotations
 
-import bisect
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING
 
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -19,51 +20,22 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from meshblock.sds.stats import BOUNDS
 from meshblock.wire.protocol import Op
 
 if TYPE_CHECKING:
-    from meshblock.sds.io_path import DataService
-
-#: Upper bounds (seconds) of the latency histogram's buckets (+Inf is implied).
-BOUNDS: Final = (
-    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-)  # fmt: skip
-_N_OPS: Final = 64
-
-
-class SdsStats:
-    """Counters the IO path bumps; indexed by opcode."""
-
-    def __init__(self) -> None:
-        self.ops = [0] * _N_OPS
-        self.bytes = [0] * _N_OPS
-        self.errors = [0] * _N_OPS
-        self.seconds = [0.0] * _N_OPS
-        self.buckets = [[0] * (len(BOUNDS) + 1) for _ in range(_N_OPS)]
-        self.peer_errors: dict[int, int] = {}
-        self.protocol_errors = 0
-        self.handshake_failures = 0
-        self.connections = 0
-
-    def record(self, op: int, nbytes: int, seconds: float, ok: bool) -> None:
-        self.ops[op] += 1
-        self.bytes[op] += nbytes
-        self.seconds[op] += seconds
-        self.buckets[op][bisect.bisect_left(BOUNDS, seconds)] += 1
-        if not ok:
-            self.errors[op] += 1
-
-    def peer_error(self, sds_id: int) -> None:
-        self.peer_errors[sds_id] = self.peer_errors.get(sds_id, 0) + 1
+    from meshblock.sds.resync import Resync
+    from meshblock.sds.state import SdsState
 
 
 class SdsCollector(Collector):
-    def __init__(self, service: DataService) -> None:
-        self._svc = service
+    def __init__(self, state: SdsState, resync: Resync) -> None:
+        self._state = state
+        self._resync = resync
 
     def collect(self) -> Iterator[Metric]:
-        svc = self._svc
-        st = svc.stats
+        state = self._state
+        st = state.stats
         ops = CounterMetricFamily(
             "meshblock_sds_ops", "Requests served, by operation", labels=["op"]
         )
@@ -104,7 +76,7 @@ class SdsCollector(Collector):
             "1 when the device failed an IO and takes no more (fail-stop; docs/sds.md)",
             labels=["device"],
         )
-        for dev in svc.store.devices:
+        for dev in state.store.devices:
             cap.add_metric([dev.path], dev.capacity)
             used.add_metric([dev.path], dev.used_bytes)
             failed.add_metric([dev.path], 1 if dev.failed else 0)
@@ -113,7 +85,7 @@ class SdsCollector(Collector):
         epochs = GaugeMetricFamily(
             "meshblock_sds_map_epoch", "Epoch of the PG map in use", labels=["pool_id"]
         )
-        for pool_id, m in sorted(svc.maps.maps.items()):
+        for pool_id, m in sorted(state.maps.maps.items()):
             epochs.add_metric([str(pool_id)], m.epoch)
         yield epochs
 
@@ -136,7 +108,7 @@ class SdsCollector(Collector):
         yield GaugeMetricFamily(
             "meshblock_sds_connections", "Open data-protocol connections", value=st.connections
         )
-        rs = svc.resync
+        rs = self._resync
         yield CounterMetricFamily(
             "meshblock_sds_resync_chunks",
             "Chunks copied to resynchronising secondaries (written or trimmed)",

@@ -38,17 +38,14 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
 
 from meshblock.chunks import CHUNK_SIZE, ChunkRef, pg_of
 from meshblock.sds.maps import PgMap
+from meshblock.sds.state import SdsState
 from meshblock.sds.store import chunk_key
 from meshblock.wire.client import WireError
 from meshblock.wire.handshake import HandshakeError
 from meshblock.wire.protocol import Op, ProtocolError, Status
-
-if TYPE_CHECKING:
-    from meshblock.sds.io_path import DataService
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +63,8 @@ class ResyncAborted(Exception):
 class Resync:
     """The resync jobs of the PGs this SDS is primary of, and their counters."""
 
-    def __init__(self, service: DataService) -> None:
-        self.svc = service
+    def __init__(self, state: SdsState) -> None:
+        self._state = state
         self.reporter: Reporter | None = None
         self.jobs: dict[tuple[int, int], tuple[int, asyncio.Task[bool]]] = {}
         self._dest: dict[tuple[int, int], tuple[tuple[int, int], bool]] = {}  # per job
@@ -88,10 +85,10 @@ class Resync:
         self.full_total = 0  # of which were full copies (no complete record)
         # the last completed resync of each PG: chunks, full, target SDS, seconds
         self.done: dict[str, dict[str, int | float | bool | str]] = {}
-        service.maps.listeners.append(self.map_changed)
+        state.maps.listeners.append(self.map_changed)
 
     def map_changed(self, m: PgMap) -> None:
-        me = self.svc.sds_id
+        me = self._state.sds_id
         for pg in range(m.pg_count):
             key = (m.pool_id, pg)
             settled = self._settled.get(key)
@@ -166,7 +163,7 @@ class Resync:
         asyncio.get_running_loop().call_later(RESTART_S, self._restart, pool)
 
     def _restart(self, pool: int) -> None:
-        m = self.svc.maps.maps.get(pool)
+        m = self._state.maps.maps.get(pool)
         if m is not None:
             self.map_changed(m)
 
@@ -186,30 +183,30 @@ class Resync:
 
     async def _job(self, pool: int, pg: int, epoch: int) -> bool:
         """Copy, then report; True once the MDM accepted the report."""
-        svc = self.svc
-        m = svc.maps.maps[pool]
+        st = self._state
+        m = st.maps.maps[pool]
         dest = m.copy_to(pg)
         assert dest is not None
         moving = bool(m.target[pg][0])
         kind = "rebalance" if moving else "rebuild"
         what = "move" if moving else ("rebuild" if m.rebuilding[pg] else "resync")
-        full = moving or m.rebuilding[pg] or not svc.degraded.complete(pool, pg)
+        full = moving or m.rebuilding[pg] or not st.degraded.complete(pool, pg)
         self._missed[(pool, pg)] = set()  # copying: failed forwards are copied again
         if full:
             count = m.pg_count
-            indexed = svc.store.chunks_of_pg(pool, pg)
+            indexed = st.store.chunks_of_pg(pool, pg)
             mine = (
                 set(indexed)
                 if indexed is not None
-                else {k for k in svc.store.chunk_ids_of_pool(pool) if pg_of(*k, count) == pg}
+                else {k for k in st.store.chunk_ids_of_pool(pool) if pg_of(*k, count) == pg}
             )
             # What the copy holds and we do not (trimmed here while no record was kept,
             # or left from an earlier placement there): trimmed there by the copy.
             chunks = sorted(mine | await self._listed(pool, pg))
         else:
-            chunks = sorted(svc.degraded.chunks(pool, pg))
+            chunks = sorted(st.degraded.chunks(pool, pg))
         # A deleted volume's chunks are never copied (each SDS frees its own).
-        chunks = [k for k in chunks if not svc.tombstones.deleted(k[0])]
+        chunks = [k for k in chunks if not st.tombstones.deleted(k[0])]
         source = m.primary[pg][1]  # our device that holds the PG: the one throttled
         progress: list[int | str] = [len(chunks), 0, kind]
         self.progress[(pool, pg)] = progress
@@ -238,7 +235,7 @@ class Resync:
             # forward the target misses fails the client's write instead.
             self._missed.pop((pool, pg), None)
             sec_id, address = self._target(pool, pg)
-            client = await svc.peers.get(sec_id, address)
+            client = await st.peers.get(sec_id, address)
             await client.repl_flush()
         except (WireError, HandshakeError) as exc:
             raise ResyncAborted(f"secondary unreachable: {exc}") from exc
@@ -250,7 +247,7 @@ class Resync:
                 await asyncio.sleep(1.0)
                 continue
             if settled is not None:
-                if svc.maps.epoch(pool) < settled:
+                if st.maps.epoch(pool) < settled:
                     self._settled[(pool, pg)] = settled
                 self.pgs_total += 1
                 self.full_total += full
@@ -277,16 +274,16 @@ class Resync:
         release that cannot list them)."""
         sec_id, address = self._target(pool, pg)
         try:
-            listed = await self.svc.peers.list_chunks(sec_id, address, pool, pg)
+            listed = await self._state.peers.list_chunks(sec_id, address, pool, pg)
         except (WireError, HandshakeError, ProtocolError) as exc:
             raise ResyncAborted(f"cannot list the chunks of SDS {sec_id}: {exc}") from exc
-        count = self.svc.maps.maps[pool].pg_count
+        count = self._state.maps.maps[pool].pg_count
         return {k for k in listed or () if pg_of(*k, count) == pg}  # a PG's only
 
     def _target(self, pool: int, pg: int) -> tuple[int, tuple[str, int]]:
         """The SDS the job copies to and its address, as the newest map has them."""
-        m = self.svc.maps.maps[pool]
-        me = self.svc.sds_id
+        m = self._state.maps.maps[pool]
+        me = self._state.sds_id
         dest = m.copy_to(pg) if m.primary[pg][0] == me else None
         want = self._dest.get((pool, pg))
         if dest is None or want is None or want[0] != dest:
@@ -307,7 +304,7 @@ class Resync:
     ) -> None:
         kind = str(progress[2])
         slot = (device, kind)
-        while self._slots.get(slot, 0) >= self.svc.maps.maps[pool].throttle(kind)[0]:
+        while self._slots.get(slot, 0) >= self._state.maps.maps[pool].throttle(kind)[0]:
             self._slot_freed.clear()
             await self._slot_freed.wait()
         self._slots[slot] = self._slots.get(slot, 0) + 1
@@ -322,7 +319,7 @@ class Resync:
             self._slot_freed.set()
 
     async def _pace(self, pool: int, device: int, kind: str) -> None:
-        mibps = self.svc.maps.maps[pool].throttle(kind)[1]
+        mibps = self._state.maps.maps[pool].throttle(kind)[1]
         if not mibps:
             return
         now = time.monotonic()
@@ -332,30 +329,30 @@ class Resync:
             await asyncio.sleep(start - now)
 
     async def _copy(self, pool: int, pg: int, volume: int, chunk: int) -> None:
-        svc = self.svc
+        st = self._state
         key = chunk_key(volume, chunk)
         while True:
-            ticket, earlier = svc.locks.acquire(key, 0, CHUNK_SIZE)
+            ticket, earlier = st.locks.acquire(key, 0, CHUNK_SIZE)
             try:
                 for earlier_write in earlier:
                     await earlier_write
-                if svc.tombstones.deleted(volume):
+                if st.tombstones.deleted(volume):
                     return  # deleted since the job listed it: not copied
                 sec_id, address = self._target(pool, pg)
-                m = svc.maps.maps[pool]
-                data = svc.store.read(volume, chunk, 0, CHUNK_SIZE)
-                peer = svc.peers.connected(sec_id, address) or await svc.peers.get(sec_id, address)
+                m = st.maps.maps[pool]
+                data = st.store.read(volume, chunk, 0, CHUNK_SIZE)
+                peer = st.peers.connected(sec_id, address) or await st.peers.get(sec_id, address)
                 op = Op.REPL_TRIM if data is None else Op.REPL_WRITE
                 ref = ChunkRef(pool, pg, m.epoch, volume, chunk)
                 reply = peer.submit(op, 0, ref, 0, CHUNK_SIZE, data, peer.future())
-                svc.peers.dirty.add(sec_id)
+                st.peers.dirty.add(sec_id)
                 status = (await reply)[0]
             finally:
-                svc.locks.release(key, ticket)
+                st.locks.release(key, ticket)
             if status == Status.DELETED:
                 return  # the copy knows the volume deleted before we do: nothing to copy
             if status == Status.OK:
-                svc.degraded.discard(pool, pg, volume, chunk)
+                st.degraded.discard(pool, pg, volume, chunk)
                 self.chunks_total += 1
                 self.bytes_total += 0 if data is None else CHUNK_SIZE
                 return
