@@ -15,12 +15,11 @@ import sys
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
-from aiohttp import web
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from meshblock.config import ConfigError, load
-from meshblock.daemon import setup_logging
+from meshblock import daemon
+from meshblock.config import load
 from meshblock.mgmt import accounts, db
 from meshblock.mgmt.app import create_app, mdm_tls_of
 from meshblock.mgmt.config import MgmtConfig
@@ -31,24 +30,11 @@ log = logging.getLogger("meshblock.mgmt")
 
 T = TypeVar("T")
 
-EXIT_CONFIG = 2
 EXIT_SCHEMA = 3
 EXIT_REFUSED = 4  # a user or token command was refused (exists, bad name, ...)
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="meshblock-mgmt",
-        description="meshblock management service (MGMT): the web dashboard, the alert "
-        "history and Alertmanager's webhook, on [http] host:port of the config file. "
-        "With a command, manage its users and API tokens instead.",
-        epilog="See docs/mgmt.md for every configuration key.",
-    )
-    p.add_argument("--config", "-c", required=True, help="path of mgmt.toml")
-    p.add_argument("--check-config", action="store_true", help="validate the configuration")
-    p.add_argument(
-        "--migrate-only", action="store_true", help="bring the database schema up to date and exit"
-    )
+def _arguments(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     user = sub.add_parser("user", help="manage users").add_subparsers(
@@ -75,7 +61,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     tadd = token.add_parser("add", help="create an API token for a user and print it once")
     tadd.add_argument("user")
     tadd.add_argument("name", help="a name for the token, e.g. the script that uses it")
-    return p.parse_args(argv)
 
 
 def read_password(path: str | None) -> str:
@@ -135,47 +120,48 @@ def run_command(args: argparse.Namespace, config: MgmtConfig) -> int:
     raise AssertionError(f"unhandled command {args.command} {args.action}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        config = load(MgmtConfig, args.config)
-        mdm_tls_of(config)  # the [tls] files, and the MDM URL's scheme
-    except ConfigError as exc:
-        print(f"meshblock-mgmt: configuration error: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
-    setup_logging(config.logging.level)
-    if args.check_config:
-        print("configuration OK")
-        return 0
-    try:
-        if args.command is not None:
-            return run_command(args, config)
-        if args.migrate_only:
-            asyncio.run(_with_session(config, _nothing))
-            return 0
-        if not config.auth.webhook_token:
-            log.warning("auth.webhook_token is empty: every webhook call will be refused")
-        log.info("MGMT starting on %s:%d", config.http.host, config.http.port)
-        web.run_app(
-            create_app(config),
-            host=config.http.host,
-            port=config.http.port,
-            print=None,
-            access_log=None,
-            shutdown_timeout=5,
-        )
-    except ApiError as exc:
-        print(f"meshblock-mgmt: {exc.message}", file=sys.stderr)
-        return EXIT_REFUSED
-    except db.SchemaError as exc:
-        log.error("%s", exc)
-        print(f"meshblock-mgmt: {exc}", file=sys.stderr)
-        return EXIT_SCHEMA
-    return 0
+def _server(config: MgmtConfig) -> daemon.Server:
+    if not config.auth.webhook_token:
+        log.warning("auth.webhook_token is empty: every webhook call will be refused")
+    log.info("MGMT starting on %s:%d", config.http.host, config.http.port)
+    return daemon.Server(create_app(config), config.http.host, config.http.port)
+
+
+def _load(args: argparse.Namespace) -> MgmtConfig:
+    config = load(MgmtConfig, args.config)
+    mdm_tls_of(config)  # the [tls] files, and the MDM URL's scheme
+    return config
+
+
+async def _migrate(config: MgmtConfig) -> None:
+    await _with_session(config, _nothing)
 
 
 async def _nothing(_s: AsyncSession) -> None:
     return None
+
+
+MGMT = daemon.Daemon(
+    name="mgmt",
+    description="meshblock management service (MGMT): the web dashboard, the alert "
+    "history and Alertmanager's webhook, on [http] host:port of the config file. "
+    "With a command, manage its users and API tokens instead.",
+    epilog="See docs/mgmt.md for every configuration key.",
+    check_config_help="validate the configuration",
+    load=_load,
+    server=_server,
+    arguments=_arguments,
+    command=run_command,
+    migrate=_migrate,
+    fatal=(
+        daemon.Fatal(ApiError, EXIT_REFUSED, log=None),
+        daemon.Fatal(db.SchemaError, EXIT_SCHEMA),
+    ),
+)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return daemon.main(MGMT, argv)
 
 
 if __name__ == "__main__":
