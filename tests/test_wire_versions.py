@@ -21,6 +21,10 @@ import pytest
 
 from _wire import EPOCH, PG_COUNT, POOL, SECRET, sds_server
 from meshblock.chunks import ChunkRef, pg_of
+from meshblock.pgmap_doc import SdsEndpoint
+from meshblock.sdc.datapath import DataPathError
+from meshblock.sdc.wire_path import WireDataPath
+from meshblock.sds.replication import Peers
 from meshblock.wire import ConnectionLost, HandshakeError, PeerRole, ProtocolError, WireClient
 from meshblock.wire.handshake import (
     CLIENT_HELLO,
@@ -227,5 +231,62 @@ def test_a_v2_reply_with_unnegotiated_fields_drops_the_connection(index: int, va
             assert isinstance(ei.value.__cause__, ProtocolError)
             assert "without" in str(ei.value.__cause__) or "reserved" in str(ei.value.__cause__)
             await cl.close()
+
+    asyncio.run(main())
+
+
+@asynccontextmanager
+async def tampered_server(offset: int, value: bytes) -> AsyncIterator[int]:
+    """A server whose answer to the ClientHello of version 2 (its ServerHello and
+    HelloExt, 88 bytes) has ``value`` written at ``offset``."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        hs = ServerHandshake(SECRET.encode())
+        try:
+            hs.feed(memoryview(await reader.readexactly(hs.need)))
+            answer = bytearray(hs.feed(memoryview(await reader.readexactly(hs.need)))[0])
+            answer[offset : offset + len(value)] = value
+            writer.write(answer)
+            await reader.read()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(server.wait_closed(), 2)
+
+
+EXT = SERVER_HELLO.size  # where the server's HelloExt starts in its answer
+
+
+@pytest.mark.parametrize(
+    ("offset", "value", "reason"),
+    [(EXT, b"XXXX", "extension magic"), (EXT + 4, b"\0\0\0\1", "reserved")],
+)
+def test_a_server_breaking_the_v2_handshake_is_a_handshake_error_for_every_caller(
+    offset: int, value: bytes, reason: str
+) -> None:
+    """A server (or whoever sits in the middle) whose HelloExt breaks the protocol:
+    the client refuses it, and the connect fails with a HandshakeError (a WireError,
+    what the SDC, the SDS's peer connections and resyncs catch), its cause the
+    ProtocolError, not with a ProtocolError that escapes them all."""
+
+    async def main() -> None:
+        async with tampered_server(offset, value) as port:
+            with pytest.raises(HandshakeError, match=reason) as ei:
+                await WireClient.connect("127.0.0.1", port, SECRET)
+            assert isinstance(ei.value.__cause__, ProtocolError) and not ei.value.retriable
+            with pytest.raises(HandshakeError):
+                await Peers(SECRET, 5.0).get(2, ("127.0.0.1", port))
+            path = WireDataPath(SECRET)
+            with pytest.raises(DataPathError) as dp:
+                await path.read(SdsEndpoint(2, "127.0.0.1", port), ref(1, 0), 0, 512)
+            assert dp.value.reason == "handshake" and not dp.value.retriable
 
     asyncio.run(main())

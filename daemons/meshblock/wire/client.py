@@ -35,8 +35,9 @@ Errors (every one has ``retriable``):
   retriable; ``__cause__`` is what closed it. Every later call raises it at once:
   connect again.
 - :class:`~meshblock.wire.handshake.HandshakeError` (from :meth:`WireClient.connect`):
-  wrong cluster secret, version or role; not retriable. It is a :class:`WireError`
-  too, as every error above.
+  wrong cluster secret, version or role, or a server that broke the handshake's
+  protocol (``__cause__``: the :class:`~meshblock.wire.protocol.ProtocolError`); not
+  retriable. It is a :class:`WireError` too, as every error above.
 - ``OSError`` / ``TimeoutError`` from :meth:`WireClient.connect`: the SDS cannot be
   reached; :class:`ConnectionLost` from it: the SDS accepted the connection, then
   closed it before the handshake completed.
@@ -262,8 +263,14 @@ class _Protocol(FramedConnection):
             lost.__cause__ = cause
             self.lost = lost
         if not self._ready.done():
-            if isinstance(cause, HandshakeError | ProtocolError):
+            if isinstance(cause, HandshakeError):
                 self._ready.set_exception(cause)
+            elif isinstance(cause, ProtocolError):
+                # The peer broke the handshake: for the callers of connect() that is a
+                # failed handshake (a WireError), not a ProtocolError none of them catch.
+                failed = HandshakeError(f"SDS at {self.peer} broke the handshake: {cause}")
+                failed.__cause__ = cause
+                self._ready.set_exception(failed)
             else:
                 self._ready.set_exception(self.lost)
         pending, self.pending = self.pending, {}
