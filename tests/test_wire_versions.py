@@ -18,13 +18,17 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
+from prometheus_client import CollectorRegistry
 
+from _wait import wait_until_async
 from _wire import EPOCH, PG_COUNT, POOL, SECRET, sds_server
 from meshblock.chunks import ChunkRef, pg_of
 from meshblock.pgmap_doc import SdsEndpoint
 from meshblock.sdc.datapath import DataPathError
 from meshblock.sdc.wire_path import WireDataPath
+from meshblock.sds.metrics import SdsCollector
 from meshblock.sds.replication import Peers
+from meshblock.sds.resync import Resync
 from meshblock.wire import ConnectionLost, HandshakeError, PeerRole, ProtocolError, WireClient
 from meshblock.wire.handshake import (
     CLIENT_HELLO,
@@ -288,5 +292,56 @@ def test_a_server_breaking_the_v2_handshake_is_a_handshake_error_for_every_calle
             with pytest.raises(DataPathError) as dp:
                 await path.read(SdsEndpoint(2, "127.0.0.1", port), ref(1, 0), 0, 512)
             assert dp.value.reason == "handshake" and not dp.value.retriable
+
+    asyncio.run(main())
+
+
+def test_data_connections_and_handshakes_are_counted_by_protocol_version(
+    tmp_path: Path,
+) -> None:
+    """What an operator checks before setting wire_min_version = 2:
+    meshblock_sds_data_connections{version, role} (authenticated connections open now,
+    every series present, 0 included) and meshblock_sds_handshakes_total{version,
+    role} (for the short-lived connections of tools). A refused handshake counts in
+    neither."""
+
+    async def main() -> None:
+        async with sds_server(tmp_path) as (server, state):
+            registry = CollectorRegistry()
+            registry.register(SdsCollector(state, Resync(state)))
+
+            def value(name: str, version: int, role: str) -> float | None:
+                labels = {"version": str(version), "role": role}
+                return registry.get_sample_value(f"meshblock_sds_{name}", labels)
+
+            port = server.port
+            v2 = await WireClient.connect("127.0.0.1", port, SECRET, PeerRole.CLIENT)
+            tools = [
+                await WireClient.connect("127.0.0.1", port, SECRET, PeerRole.TOOL, max_version=1)
+                for _ in range(2)
+            ]
+            with pytest.raises(HandshakeError):
+                await WireClient.connect("127.0.0.1", port, "another secret", PeerRole.TOOL)
+            await wait_until_async(
+                lambda: state.stats.handshake_failures == 1, 5, "the refusal counted"
+            )
+            assert value("data_connections", 2, "client") == 1
+            assert value("data_connections", 1, "tool") == 2
+            assert value("data_connections", 2, "tool") == 0
+            assert value("data_connections", 1, "sds_peer") == 0
+            assert value("handshakes_total", 1, "tool") == 2
+            assert value("handshakes_total", 2, "client") == 1
+            assert value("handshakes_total", 2, "tool") == 0  # the refused one
+            for cl in tools:
+                await cl.close()
+            await wait_until_async(
+                lambda: value("data_connections", 1, "tool") == 0, 5, "the v1 tools gone"
+            )
+            assert value("handshakes_total", 1, "tool") == 2  # a counter stays
+            assert value("data_connections", 2, "client") == 1
+            await v2.close()
+            await wait_until_async(
+                lambda: value("data_connections", 2, "client") == 0, 5, "the v2 client gone"
+            )
 
     asyncio.run(main())

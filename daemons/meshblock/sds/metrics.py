@@ -20,8 +20,8 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from meshblock.sds.stats import BOUNDS
-from meshblock.wire.protocol import Op
+from meshblock.sds.stats import BOUNDS, SdsStats
+from meshblock.wire.protocol import MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, Op, PeerRole
 
 if TYPE_CHECKING:
     from meshblock.sds.resync import Resync
@@ -108,6 +108,7 @@ class SdsCollector(Collector):
         yield GaugeMetricFamily(
             "meshblock_sds_connections", "Open data-protocol connections", value=st.connections
         )
+        yield from _by_version(st)
         rs = self._resync
         yield CounterMetricFamily(
             "meshblock_sds_resync_chunks",
@@ -125,3 +126,26 @@ class SdsCollector(Collector):
         yield GaugeMetricFamily(
             "meshblock_sds_resyncs_active", "PG resyncs in progress", value=len(rs.jobs)
         )
+
+
+def _by_version(st: SdsStats) -> Iterator[Metric]:
+    """Authenticated connections open and handshakes done, by negotiated protocol
+    version and role: every series, 0 included, so that "no version 1 peer left"
+    (before ``wire_min_version = 2``, docs/protocol.md §8) is a value, not an absence."""
+    labels = ["version", "role"]
+    conns = GaugeMetricFamily(
+        "meshblock_sds_data_connections",
+        "Authenticated data-protocol connections open, by negotiated protocol version and role",
+        labels=labels,
+    )
+    shakes = CounterMetricFamily(
+        "meshblock_sds_handshakes",
+        "Data-protocol handshakes that succeeded, by negotiated protocol version and role",
+        labels=labels,
+    )
+    for version in range(MIN_PROTOCOL_VERSION, PROTOCOL_VERSION + 1):
+        for role in PeerRole:
+            key = (version, role.name.lower())
+            conns.add_metric([str(version), key[1]], st.data_connections.get(key, 0))
+            shakes.add_metric([str(version), key[1]], st.handshakes.get(key, 0))
+    yield from (conns, shakes)

@@ -93,6 +93,8 @@ class DataConnection(FramedConnection):
         if self._timer is not None:
             self._timer.cancel()
         self._svc.stats.connections -= 1
+        if self._hs is None:  # authenticated: counted by version
+            self._svc.stats.authenticated_closed(self.version, self.role)
         self._connections.discard(self)
         if exc is not None:
             log.debug("connection from %s lost: %s", self.peer, exc)
@@ -133,6 +135,7 @@ class DataConnection(FramedConnection):
         self.role = hs.role.name.lower()
         self._hs = None
         self._use(WIRE_FORMATS[hs.version])
+        self._svc.stats.authenticated(self.version, self.role)
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None

@@ -30,6 +30,10 @@ class SdsStats:
         self.protocol_errors = 0
         self.handshake_failures = 0
         self.connections = 0
+        # Authenticated data connections open now, and handshakes that succeeded, by
+        # (negotiated protocol version, role name): bumped once per connection.
+        self.data_connections: dict[tuple[int, str], int] = {}
+        self.handshakes: dict[tuple[int, str], int] = {}
 
     def record(self, op: int, nbytes: int, seconds: float, ok: bool) -> None:
         self.ops[op] += 1
@@ -38,6 +42,16 @@ class SdsStats:
         self.buckets[op][bisect.bisect_left(BOUNDS, seconds)] += 1
         if not ok:
             self.errors[op] += 1
+
+    def authenticated(self, version: int, role: str) -> None:
+        """A connection's handshake succeeded with ``version`` for ``role``."""
+        key = (version, role)
+        self.handshakes[key] = self.handshakes.get(key, 0) + 1
+        self.data_connections[key] = self.data_connections.get(key, 0) + 1
+
+    def authenticated_closed(self, version: int, role: str) -> None:
+        """A connection counted by :meth:`authenticated` closed."""
+        self.data_connections[(version, role)] -= 1
 
     def peer_error(self, sds_id: int) -> None:
         self.peer_errors[sds_id] = self.peer_errors.get(sds_id, 0) + 1
