@@ -365,3 +365,37 @@ def test_wire_min_version_settings_name_a_version_spoken() -> None:
             sds_config.from_dict({**sds, "wire_min_version": bad})
         with pytest.raises(ConfigError, match=r"io\.wire_min_version must be between 1 and 2"):
             from_mapping(SdcConfig, {**sdc, "io": {"wire_min_version": bad}})
+
+
+def test_the_v1_features_byte_carries_only_the_bits_of_version_1() -> None:
+    """The bits of version 2's feature word beyond CHUNK_LIST (checksums, header CRC,
+    sessions) mean nothing on a connection of version 1, whose headers have no room
+    for them: a server that supports them does not announce them in the v1 byte, and
+    a client speaking version 1 does not take them from it."""
+    every = Feature.CHUNK_LIST | Feature.CSUM_CRC32C | Feature.HDR_CRC32C | Feature.SESSION_BOUND
+    s = ServerHandshake(SECRET, every)
+    c = ClientHandshake(SECRET, PeerRole.CLIENT, version=1)
+    reason, wire = exchange(c, s)
+    assert reason is None and c.version == s.version == 1
+    assert SERVER_HELLO.unpack(wire[CLIENT_HELLO.size : CLIENT_HELLO.size + 72])[3] == 1
+    assert c.features == s.features == Feature.CHUNK_LIST
+    # a server announcing more in the byte (0xFF): the client keeps bit 0 only
+    c = ClientHandshake(SECRET, PeerRole.TOOL, version=1)
+    nc = CLIENT_HELLO.unpack(c.hello())[4]
+    ns = os.urandom(32)
+    ps = _hmac(b"meshblock-wire-v1 server", struct.pack(">HB", 1, PeerRole.TOOL), nc, ns)
+    c.feed(memoryview(SERVER_HELLO.pack(SERVER_HELLO_MAGIC, 1, 0, 0xFF, ns, ps)))
+    assert c.features == Feature.CHUNK_LIST
+
+
+def test_a_v2_server_hello_with_a_features_byte_is_a_protocol_error() -> None:
+    """In version 2 the features are in the HelloExt and the ServerHello's byte is 0;
+    like every field no feature defines, a non-zero one is refused, never ignored."""
+    c, s = ClientHandshake(SECRET, PeerRole.CLIENT), ServerHandshake(SECRET)
+    wire = c.hello()
+    s.feed(memoryview(wire[: CLIENT_HELLO.size]))
+    answer = bytearray(s.feed(memoryview(wire[CLIENT_HELLO.size :]))[0])
+    assert answer[7] == 0
+    answer[7] = 1
+    with pytest.raises(ProtocolError, match="features byte"):
+        c.feed(memoryview(bytes(answer[: SERVER_HELLO.size])))

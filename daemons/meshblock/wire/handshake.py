@@ -64,6 +64,9 @@ client's follows its ClientHello, the server's its ServerHello."""
 #: clients ignore the byte).
 FEATURE_CHUNK_LIST: Final = int(Feature.CHUNK_LIST)
 SERVER_FEATURES: Final = SUPPORTED_FEATURES
+#: The bits that version 1's byte may carry: the others are features of version 2's
+#: headers, which version 1 has no room for.
+V1_FEATURES: Final = FEATURE_CHUNK_LIST
 
 CLIENT_PROOF = struct.Struct(">I32s")
 """ClientProof, 36 bytes: magic u32, client proof (32)."""
@@ -207,13 +210,15 @@ class ClientHandshake:
             raise HandshakeError(f"server answered protocol version {version}, not offered")
         if version < self._min:
             raise HandshakeError(f"server speaks protocol version {version}, below {self._min}")
+        if version >= 2 and features:
+            raise ProtocolError(f"features byte 0x{features:02x} in a server hello of version 2")
         self.version = version
         self._ns = ns
         if version == 1:
             expected = proof(self._secret, _SERVER_LABEL, version, self._role, self._nc, ns)
             if not hmac.compare_digest(expected, ps):
                 raise HandshakeError("the server does not hold the cluster secret")
-            self.features = features
+            self.features = features & V1_FEATURES
             pc = proof(self._secret, _CLIENT_LABEL, version, self._role, self._nc, ns)
             return self._proof_sent(pc)
         self._ps = ps
@@ -322,7 +327,7 @@ class ServerHandshake:
             self._step = self.on_hello_ext
             return b"", None
         self.version = 1
-        self.features = self._features & 0xFF
+        self.features = self._features & V1_FEATURES
         ps = proof(self._secret, _SERVER_LABEL, 1, role, nc, self._ns)
         return self._hello(self.features, ps), None
 
