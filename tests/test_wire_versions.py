@@ -345,3 +345,33 @@ def test_data_connections_and_handshakes_are_counted_by_protocol_version(
             )
 
     asyncio.run(main())
+
+
+def test_a_request_pipelined_with_the_client_proof_is_framed_in_version_2(
+    tmp_path: Path,
+) -> None:
+    """A client may send its first requests in the same write as its ClientProof,
+    without waiting for the ServerResult: they arrive in one read with the end of the
+    handshake, and the server frames them in the version just negotiated (64-byte
+    headers), not in the one it used until then."""
+
+    async def main() -> None:
+        async with sds_server(tmp_path) as (server, state):
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            try:
+                hs = ClientHandshake(SECRET.encode(), PeerRole.CLIENT)
+                writer.write(hs.hello())
+                proof = hs.feed(memoryview(await reader.readexactly(SERVER_HELLO.size)))
+                proof += hs.feed(memoryview(await reader.readexactly(hs.need)))
+                pings = [pack_request(Op.PING, rid, pool_id=POOL, version=2) for rid in (7, 8)]
+                writer.write(b"".join([proof, *pings]))  # one write: one read on loopback
+                hs.feed(memoryview(await reader.readexactly(SERVER_RESULT.size)))
+                assert hs.need == 0 and hs.version == 2
+                for rid in (7, 8):
+                    reply = REPLY_V2.unpack(await reader.readexactly(REPLY_V2.size))
+                    assert reply[:5] == (REPLY_MAGIC_V2, Status.OK, 0, rid, EPOCH)
+            finally:
+                writer.close()
+            assert state.stats.protocol_errors == 0
+
+    asyncio.run(main())
