@@ -10,11 +10,15 @@ import hashlib
 import hmac
 import os
 import struct
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
 from _wire import exchange
+from meshblock.cli.commands import build_parser
+from meshblock.cli.commands import verify as verify_command
+from meshblock.cli.errors import CliError, ExitCode
 from meshblock.config import ConfigError, from_mapping
 from meshblock.sdc.config import SdcConfig
 from meshblock.sds import config as sds_config
@@ -399,3 +403,33 @@ def test_a_v2_server_hello_with_a_features_byte_is_a_protocol_error() -> None:
     answer[7] = 1
     with pytest.raises(ProtocolError, match="features byte"):
         c.feed(memoryview(bytes(answer[: SERVER_HELLO.size])))
+
+
+def test_meshctl_verify_reports_a_refused_handshake_as_an_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``meshctl volume verify --wire-min-version 2`` against an SDS that speaks only 1
+    (or with a wrong secret): one error line and exit 1, not a traceback."""
+
+    async def refused(*args: Any, **kwargs: Any) -> Any:
+        assert kwargs["wire_min_version"] == 2
+        raise HandshakeError("SDS at 10.0.0.5:7072 speaks protocol version 1, below 2")
+
+    class Names:
+        def volume(self, name: str) -> dict[str, Any]:
+            return {"id": 1, "name": name, "pool_id": 1}
+
+        def sds_list(self) -> list[dict[str, Any]]:
+            return []
+
+    class Client:
+        def get(self, path: str) -> dict[str, Any]:
+            return {}
+
+    ctx = SimpleNamespace(names=Names(), client=Client())
+    monkeypatch.setattr(verify_command, "check_volume", refused)
+    monkeypatch.setenv(verify_command.SECRET_ENV, "k")
+    args = build_parser().parse_args(["volume", "verify", "v1", "--wire-min-version", "2"])
+    with pytest.raises(CliError, match="below 2") as ei:
+        verify_command.verify(ctx, args)  # type: ignore[arg-type]
+    assert ei.value.exit_code == ExitCode.ERROR

@@ -23,6 +23,7 @@ from meshblock.cli.parser import Subparsers, add_command
 from meshblock.config import ConfigError, read_secret_file
 from meshblock.pgmap_doc import PgMapError
 from meshblock.tools.replica_check import Report, check_volume
+from meshblock.wire.handshake import HandshakeError
 from meshblock.wire.protocol import MIN_PROTOCOL_VERSION, PROTOCOL_VERSION
 
 SECRET_FILE_ENV = "MESHBLOCK_CLUSTER_SECRET_FILE"
@@ -132,6 +133,8 @@ def verify(ctx: Context, args: Namespace) -> int:
         )
     except PgMapError as exc:
         raise CliError(f"the MDM sent an unusable PG map: {exc}") from None
+    except HandshakeError as exc:  # the secret, or --wire-min-version above an SDS's
+        raise CliError(f"an SDS refused the data protocol's handshake: {exc}") from None
     ctx.emit(report.to_json(), lambda: _text(report))
     return int(ExitCode.OK if report.ok else ExitCode.ERROR)
 
