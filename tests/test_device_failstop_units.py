@@ -30,7 +30,7 @@ from meshblock.sds.resync import Resync
 from meshblock.sds.state import SdsState
 from meshblock.sds.stats import SdsStats
 from meshblock.sds.store import ChunkStore, Device, DeviceFailed, DeviceSpec
-from meshblock.wire.protocol import REQUEST_MAGIC, Op, Status
+from meshblock.wire.protocol import REQUEST_MAGIC, Op, Request, Status
 
 pytestmark = pytest.mark.unit
 
@@ -241,8 +241,10 @@ def test_requests_on_a_failed_device_are_refused_and_flush_waits_for_the_failove
     def request(op: Op, epoch: int, pg: int = 0, data: bytes = b"") -> int:
         req = next(ids)
         length = len(data) or (4096 if op == Op.READ else 0)
-        hdr = (REQUEST_MAGIC, op, 0, 0, req, POOL, pg, epoch, VOLUME, chunk_of[pg], 0, length)
-        svc.handle(conn, hdr, memoryview(data))  # type: ignore[arg-type]
+        hdr = Request(
+            REQUEST_MAGIC, op, 0, 0, req, POOL, pg, epoch, VOLUME, chunk_of[pg], 0, length
+        )
+        svc.handle(conn, hdr, memoryview(data))
         return req
 
     async def answer(req: int) -> int:

@@ -295,9 +295,9 @@ def test_map_state_parsed_absent_is_clean() -> None:
 
 def test_degraded_writes_recorded_until_clean() -> None:
     d = DegradedWrites()
-    d.record(7, 2, 100, 5)
-    d.record(7, 2, 100, 5)
-    d.record(7, 3, 100, 6)
+    d.record(ChunkRef(7, 2, 3, 100, 5))
+    d.record(ChunkRef(7, 2, 4, 100, 5))  # the same chunk, at another epoch
+    d.record(ChunkRef(7, 3, 3, 100, 6))
     assert d.counts() == {7: {2: 1, 3: 1}}
     d.prune(PgMap.from_doc(_doc(["clean", "clean", "degraded", "clean"])), 1)
     assert d.chunks(7, 2) == {(100, 5)} and d.counts() == {7: {2: 1}}

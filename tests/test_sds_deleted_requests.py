@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from typing import TYPE_CHECKING, cast
 
 import pytest
 
@@ -20,10 +19,7 @@ from meshblock.sds.resync import Resync
 from meshblock.sds.state import SdsState
 from meshblock.sds.stats import SdsStats
 from meshblock.sds.store import TOMBSTONE_CAPACITY, ChunkStore, DeviceSpec
-from meshblock.wire.protocol import REQUEST_MAGIC, Op, Status
-
-if TYPE_CHECKING:
-    from meshblock.sds.server import DataConnection
+from meshblock.wire.protocol import REQUEST_MAGIC, Op, Request, Status
 
 pytestmark = pytest.mark.unit
 
@@ -94,8 +90,8 @@ def test_write_waiting_for_a_free_slot_when_the_delete_lands_answers_deleted(
             conn = Replies()
             op = Op.REPL_WRITE if role == "secondary" else Op.WRITE
             pg = pg_of(VOLUME, new, PG_COUNT)
-            hdr = (REQUEST_MAGIC, int(op), 0, 0, 77, POOL, pg, 1, VOLUME, new, 0, 4096)
-            svc.handle(cast("DataConnection", conn), hdr, memoryview(b"\x02" * 4096))
+            req = Request(REQUEST_MAGIC, int(op), 0, 0, 77, POOL, pg, 1, VOLUME, new, 0, 4096)
+            svc.handle(conn, req, memoryview(b"\x02" * 4096))
             assert conn.got == []  # waiting for the reclaim
             await store.add_tombstones({VOLUME: 2})  # the delete lands in the window
 
@@ -142,7 +138,7 @@ def test_a_full_tombstone_table_holds_back_neither_the_free_nor_later_deletes(
             assert not store.is_tombstoned(9001) and not store.is_tombstoned(9002)
             conn = Replies()
             hdr = (REQUEST_MAGIC, int(Op.READ), 0, 0, 5, POOL, pg_of(9001, 0, PG_COUNT), 2)
-            svc.handle(cast("DataConnection", conn), (*hdr, 9001, 0, 0, 4096), memoryview(b""))
+            svc.handle(conn, Request(*hdr, 9001, 0, 0, 4096), memoryview(b""))
             assert conn.got == [(5, Status.DELETED)]
             assert {t["id"] for t in tomb.report()} == set(full)  # not reported yet
 

@@ -54,6 +54,7 @@ from meshblock.wire.protocol import (
     Op,
     ReplyFlag,
     ReqFlag,
+    Request,
     Status,
 )
 
@@ -65,11 +66,14 @@ _WAIT: Final = -1  # check result: the request's epoch is ahead of our map
 _OK: Final = int(Status.OK)
 _FAILED: Final = int(Status.DEVICE_FAILED)
 _LOST: Final = -2  # peer result: the connection to the secondary was lost
-_REPL_OF: Final = {
+_REPL_OF: Final[dict[int, Op]] = {
     Op.WRITE: Op.REPL_WRITE,
     Op.WRITE_ZEROES: Op.REPL_WRITE_ZEROES,
     Op.TRIM: Op.REPL_TRIM,
 }
+# A request's chunk address: Request's fields 5 to 9 are ChunkRef's, in its order
+# (tests/test_sds_requests.py), so _chunk_ref(req[5:10]) makes one with a slice.
+_chunk_ref: Final = ChunkRef._make
 # What a secondary's answer becomes in the reply to the client.
 _PEER_STATUS: Final = {
     Status.EPOCH_STALE: Status.EPOCH_STALE,
@@ -79,13 +83,13 @@ _PEER_STATUS: Final = {
     Status.DELETED: Status.DELETED,  # the secondary knew of the delete first
 }
 
-Header = tuple[Any, ...]  # magic, op, flags, reserved, id, pool, pg, epoch, vol, chunk, off, len
-
 
 class Connection(Protocol):
     """What the handler needs of a connection (:class:`meshblock.sds.server.DataConnection`)."""
 
-    allowed: frozenset[int]  # the opcodes its role may send
+    @property
+    def allowed(self) -> frozenset[int]:
+        """The opcodes its role may send."""
 
     def reply(
         self, request_id: int, status: int, epoch: int, flags: int, payload: memoryview | None
@@ -100,7 +104,8 @@ class DataService:
     def __init__(self, state: SdsState, resync: Resync) -> None:
         self._state = state
         self._resync = resync
-        self._maps = state.maps
+        self._cache = state.maps
+        self._maps = state.maps.maps  # pool id -> newest map
         self._store = state.store
         self.stats = state.stats  # also bumped by the connections (server.py)
         self._peers = state.peers
@@ -111,67 +116,67 @@ class DataService:
 
     # -- dispatch ---------------------------------------------------------------------
 
-    def handle(self, conn: Connection, hdr: Header, payload: memoryview) -> None:
+    def handle(self, conn: Connection, req: Request, payload: memoryview) -> None:
         """Answer one request (now, or from a task)."""
         t0 = time.perf_counter()
-        op = hdr[1]
+        op = req.opcode
         if op not in conn.allowed:
-            self._reply(conn, hdr, t0, Status.NOT_PERMITTED)
+            self._reply(conn, req, t0, Status.NOT_PERMITTED)
             return
         if self._state.stopping:
-            self._reply(conn, hdr, t0, Status.SHUTTING_DOWN)
+            self._reply(conn, req, t0, Status.SHUTTING_DOWN)
             return
         if op == Op.PING:
-            self._reply(conn, hdr, t0, _OK)
+            self._reply(conn, req, t0, _OK)
             return
         if op == Op.FLUSH or op == Op.REPL_FLUSH:
-            self._spawn(self._flush(conn, hdr, t0, op == Op.FLUSH))
+            self._spawn(self._flush(conn, req, t0, op == Op.FLUSH))
             return
         if op == Op.CHUNK_LIST:
-            self._list(conn, hdr, t0)
+            self._list(conn, req, t0)
             return
-        if hdr[8] in self._refused:
+        if req.volume_id in self._refused:
             # A deleted volume: nothing of it is read, written or copied any more.
-            self._reply(conn, hdr, t0, Status.DELETED)
+            self._reply(conn, req, t0, Status.DELETED)
             return
-        length = hdr[11]
+        length = req.length
         if length > MAX_PAYLOAD:
-            self._reply(conn, hdr, t0, Status.TOO_LARGE)
+            self._reply(conn, req, t0, Status.TOO_LARGE)
             return
-        if hdr[10] + length > CHUNK_SIZE or hdr[9] >= MAX_CHUNK_INDEX:
-            self._reply(conn, hdr, t0, Status.INVALID)
+        if req.offset + length > CHUNK_SIZE or req.chunk_index >= MAX_CHUNK_INDEX:
+            self._reply(conn, req, t0, Status.INVALID)
             return
         if op == Op.CHUNK_READ_RAW:
-            self._read(conn, hdr, t0)
+            self._read(conn, req, t0)
             return
         primary = op in _REPL_OF or op == Op.READ
-        status = self._check(hdr, primary)
+        status = self._check(req, primary)
         if status == _WAIT:
-            self._spawn(self._after_map(conn, hdr, payload, t0, primary))
+            self._spawn(self._after_map(conn, req, payload, t0, primary))
         elif status:
-            self._reply(conn, hdr, t0, status)
+            self._reply(conn, req, t0, status)
         else:
-            self._checked(conn, hdr, payload, t0)
+            self._checked(conn, req, payload, t0)
 
-    def _checked(self, conn: Connection, hdr: Header, payload: memoryview, t0: float) -> None:
-        op = hdr[1]
+    def _checked(self, conn: Connection, req: Request, payload: memoryview, t0: float) -> None:
+        op = req.opcode
         if op == Op.READ:
-            self._read(conn, hdr, t0)
+            self._read(conn, req, t0)
         elif op in _REPL_OF:
-            self._spawn(self._primary_write(conn, hdr, payload, t0))
+            self._spawn(self._primary_write(conn, req, payload, t0))
         else:
-            self._replica_apply(conn, hdr, payload, t0)
+            self._replica_apply(conn, req, payload, t0)
 
-    def _check(self, hdr: Header, primary: bool) -> int:
+    def _check(self, req: Request, primary: bool) -> int:
         """0 when this SDS may serve the request now; a status; or ``_WAIT``."""
-        m = self._maps.maps.get(hdr[5])
-        epoch = hdr[7]
+        m = self._maps.get(req.pool_id)
+        epoch = req.epoch
         if m is None or epoch > m.epoch:
             return _WAIT
         if epoch < m.epoch:
             return Status.EPOCH_STALE
-        pg = hdr[6]
-        if pg >= m.pg_count or pg != pg_of(hdr[8], hdr[9], m.pg_count):
+        pg = req.pg
+        if pg >= m.pg_count or pg != pg_of(req.volume_id, req.chunk_index, m.pg_count):
             return Status.INVALID
         me = self._state.sds_id
         if primary:
@@ -183,16 +188,16 @@ class DataService:
         return Status.NOT_REPLICA
 
     async def _after_map(
-        self, conn: Connection, hdr: Header, payload: memoryview, t0: float, primary: bool
+        self, conn: Connection, req: Request, payload: memoryview, t0: float, primary: bool
     ) -> None:
-        await self._maps.wait_for(hdr[5], hdr[7], MAP_WAIT_S)
-        status = self._check(hdr, primary)
+        await self._cache.wait_for(req.pool_id, req.epoch, MAP_WAIT_S)
+        status = self._check(req, primary)
         if status == _WAIT:
-            self._reply(conn, hdr, t0, Status.MAP_PENDING)
+            self._reply(conn, req, t0, Status.MAP_PENDING)
         elif status:
-            self._reply(conn, hdr, t0, status)
+            self._reply(conn, req, t0, status)
         else:
-            self._checked(conn, hdr, payload, t0)
+            self._checked(conn, req, payload, t0)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -202,90 +207,94 @@ class DataService:
     def _reply(
         self,
         conn: Connection,
-        hdr: Header,
+        req: Request,
         t0: float,
         status: int,
         flags: int = 0,
         payload: memoryview | None = None,
     ) -> None:
-        conn.reply(hdr[4], status, self._maps.epoch(hdr[5]), flags, payload)
-        self.stats.record(hdr[1], hdr[11], time.perf_counter() - t0, status == _OK)
+        conn.reply(req.request_id, status, self._cache.epoch(req.pool_id), flags, payload)
+        self.stats.record(req.opcode, req.length, time.perf_counter() - t0, status == _OK)
 
     # -- reads ------------------------------------------------------------------------
 
-    def _read(self, conn: Connection, hdr: Header, t0: float) -> None:
+    def _read(self, conn: Connection, req: Request, t0: float) -> None:
         try:
-            data = self._store.read(hdr[8], hdr[9], hdr[10], hdr[11])
+            data = self._store.read(req.volume_id, req.chunk_index, req.offset, req.length)
         except DeviceFailed:
-            self._reply(conn, hdr, t0, _FAILED)
+            self._reply(conn, req, t0, _FAILED)
             return
         except OSError as exc:
-            log.error("read of chunk %d/%d failed: %s", hdr[8], hdr[9], exc)
-            self._reply(conn, hdr, t0, Status.IO_ERROR)
+            log.error("read of chunk %d/%d failed: %s", req.volume_id, req.chunk_index, exc)
+            self._reply(conn, req, t0, Status.IO_ERROR)
             return
-        if data is None and self._state.unknown(hdr[5]):
-            self._reply(conn, hdr, t0, _FAILED)  # a hole here may be a lost chunk
+        if data is None and self._state.unknown(req.pool_id):
+            self._reply(conn, req, t0, _FAILED)  # a hole here may be a lost chunk
         elif data is None:
-            self._reply(conn, hdr, t0, _OK, _HOLE)
+            self._reply(conn, req, t0, _OK, _HOLE)
         else:
-            self._reply(conn, hdr, t0, _OK, 0, data)
+            self._reply(conn, req, t0, _OK, 0, data)
 
-    def _list(self, conn: Connection, hdr: Header, t0: float) -> None:
-        """CHUNK_LIST: the chunks of PG ``hdr[6]`` of pool ``hdr[5]`` this SDS stores,
-        from the key (volume ``hdr[8]``, chunk ``hdr[9]``) on, ascending, at most
+    def _list(self, conn: Connection, req: Request, t0: float) -> None:
+        """CHUNK_LIST: the chunks of PG ``pg`` of pool ``pool_id`` this SDS stores, from
+        the key (``volume_id``, ``chunk_index``) on, ascending, at most
         ``length // CHUNK_ENTRY.size`` of them. Whatever this SDS's role in the PG."""
-        m = self._maps.maps.get(hdr[5])
+        m = self._maps.get(req.pool_id)
         if m is None:
-            self._reply(conn, hdr, t0, Status.MAP_PENDING)
+            self._reply(conn, req, t0, Status.MAP_PENDING)
             return
-        pg, most = hdr[6], hdr[11] // CHUNK_ENTRY.size
-        if pg >= m.pg_count or not most or hdr[11] > MAX_PAYLOAD or hdr[9] >= MAX_CHUNK_INDEX:
-            self._reply(conn, hdr, t0, Status.INVALID)
+        pg, length, start = req.pg, req.length, (req.volume_id, req.chunk_index)
+        most = length // CHUNK_ENTRY.size
+        if pg >= m.pg_count or not most or length > MAX_PAYLOAD or start[1] >= MAX_CHUNK_INDEX:
+            self._reply(conn, req, t0, Status.INVALID)
             return
-        stored = self._store.chunks_of_pg(hdr[5], pg) or []  # indexed by the map's arrival
-        first = bisect.bisect_left(stored, (hdr[8], hdr[9]))
+        stored = self._store.chunks_of_pg(req.pool_id, pg) or []  # indexed by the map's arrival
+        first = bisect.bisect_left(stored, start)
         deleted = self._state.tombstones.deleted
         keys = list(itertools.islice((k for k in stored[first:] if not deleted(k[0])), most))
         payload = b"".join(CHUNK_ENTRY.pack(v, c) for v, c in keys)
-        conn.reply(hdr[4], _OK, m.epoch, 0, memoryview(payload))
-        self.stats.record(hdr[1], len(payload), time.perf_counter() - t0, True)  # bytes sent
+        conn.reply(req.request_id, _OK, m.epoch, 0, memoryview(payload))
+        self.stats.record(req.opcode, len(payload), time.perf_counter() - t0, True)  # bytes sent
 
     # -- writes on the secondary ------------------------------------------------------
 
-    def _replica_apply(self, conn: Connection, hdr: Header, payload: memoryview, t0: float) -> None:
-        m = self._maps.maps[hdr[5]]
-        dev = self._state.device(m, hdr[6], primary=False)
-        if dev.failed or self._state.target_device(dev, hdr[8], hdr[9]).failed:
-            self._reply(conn, hdr, t0, _FAILED)
+    def _replica_apply(
+        self, conn: Connection, req: Request, payload: memoryview, t0: float
+    ) -> None:
+        m = self._maps[req.pool_id]
+        dev = self._state.device(m, req.pg, primary=False)
+        if dev.failed or self._state.target_device(dev, req.volume_id, req.chunk_index).failed:
+            self._reply(conn, req, t0, _FAILED)
             return
-        if hdr[2] & _FUA or self._store.needs_reclaim(dev, hdr[8], hdr[9]):
-            self._spawn(self._replica_apply_async(conn, hdr, payload, t0, dev))
+        if req.flags & _FUA or self._store.needs_reclaim(dev, req.volume_id, req.chunk_index):
+            self._spawn(self._replica_apply_async(conn, req, payload, t0, dev))
             return
-        self._reply(conn, hdr, t0, self._apply(hdr[1], dev, hdr, payload))
+        self._reply(conn, req, t0, self._apply(dev, req, payload))
 
     async def _replica_apply_async(
-        self, conn: Connection, hdr: Header, payload: memoryview, t0: float, dev: Device
+        self, conn: Connection, req: Request, payload: memoryview, t0: float, dev: Device
     ) -> None:
-        if self._store.needs_reclaim(dev, hdr[8], hdr[9]):
+        if self._store.needs_reclaim(dev, req.volume_id, req.chunk_index):
             try:
                 await self._store.reclaim(dev)
             except OSError:
-                self._reply(conn, hdr, t0, _FAILED if dev.failed else Status.IO_ERROR)
+                self._reply(conn, req, t0, _FAILED if dev.failed else Status.IO_ERROR)
                 return
-        fua = hdr[2] & _FUA
-        written = self._state.target_device(dev, hdr[8], hdr[9]) if fua else dev
-        status = self._apply(hdr[1], dev, hdr, payload)
+        fua = req.flags & _FUA
+        written = self._state.target_device(dev, req.volume_id, req.chunk_index) if fua else dev
+        status = self._apply(dev, req, payload)
         if status == _OK and fua:
             status = await self._sync([written])
-        self._reply(conn, hdr, t0, status)
+        self._reply(conn, req, t0, status)
 
-    def _apply(self, op: int, dev: Device, hdr: Header, payload: memoryview) -> int:
+    def _apply(self, dev: Device, req: Request, payload: memoryview) -> int:
         """Apply a write / write-zeroes / trim to the local copy; return the status."""
+        op = req.opcode
         try:
             if op == Op.WRITE or op == Op.REPL_WRITE:
-                self._store.write(dev, hdr[8], hdr[9], hdr[10], payload)
+                self._store.write(dev, req.volume_id, req.chunk_index, req.offset, payload)
             else:
-                self._store.zero(hdr[8], hdr[9], hdr[10], hdr[11])
+                self._store.zero(req.volume_id, req.chunk_index, req.offset, req.length)
         except NoSpace:
             return Status.NO_SPACE
         except VolumeDeleted:
@@ -295,7 +304,13 @@ class DataService:
         except DeviceFailed:
             return _FAILED
         except OSError as exc:
-            log.error("write of chunk %d/%d on %s failed: %s", hdr[8], hdr[9], dev.path, exc)
+            log.error(
+                "write of chunk %d/%d on %s failed: %s",
+                req.volume_id,
+                req.chunk_index,
+                dev.path,
+                exc,
+            )
             return Status.IO_ERROR
         return _OK
 
@@ -312,81 +327,88 @@ class DataService:
     # -- writes on the primary --------------------------------------------------------
 
     async def _primary_write(
-        self, conn: Connection, hdr: Header, payload: memoryview, t0: float
+        self, conn: Connection, req: Request, payload: memoryview, t0: float
     ) -> None:
-        op, flags, pool, pg, epoch, vol, chunk, off, length = hdr[1:3] + hdr[5:12]
+        ref = _chunk_ref(req[5:10])
+        pool, pg, vol, chunk, off = req.pool_id, req.pg, req.volume_id, req.chunk_index, req.offset
         key = chunk_key(vol, chunk)
-        ticket, earlier = self._locks.acquire(key, off, off + length)
+        ticket, earlier = self._locks.acquire(key, off, off + req.length)
         try:
             for fut in earlier:
                 await fut
             # The map may have moved on while we waited.
-            status = self._check(hdr, True)
+            status = self._check(req, True)
             if status:
-                self._reply(conn, hdr, t0, Status.EPOCH_STALE if status == _WAIT else status)
+                self._reply(conn, req, t0, Status.EPOCH_STALE if status == _WAIT else status)
                 return
-            m = self._maps.maps[pool]
+            m = self._maps[pool]
             dev = self._state.device(m, pg, primary=True)
             store = self._store
             if dev.failed or self._state.target_device(dev, vol, chunk).failed:
-                self._reply(conn, hdr, t0, _FAILED)
+                self._reply(conn, req, t0, _FAILED)
                 return
             if store.needs_reclaim(dev, vol, chunk):
                 try:
                     await store.reclaim(dev)
                 except OSError:
-                    self._reply(conn, hdr, t0, _FAILED if dev.failed else Status.IO_ERROR)
+                    self._reply(conn, req, t0, _FAILED if dev.failed else Status.IO_ERROR)
                     return
-            if op == Op.WRITE and not dev.free and store.location(vol, chunk) is None:
-                self._reply(conn, hdr, t0, Status.NO_SPACE)
+            if req.opcode == Op.WRITE and not dev.free and store.location(vol, chunk) is None:
+                self._reply(conn, req, t0, Status.NO_SPACE)
                 return
             if m.forwards(pg):  # clean, or resyncing: the secondary takes new writes
                 sec_id = m.secondary[pg][0]
             else:  # the secondary is stale: we are the acting set
                 sec_id = 0
-                self._degraded.record(pool, pg, vol, chunk)
+                self._degraded.record(ref)
             peer_fut = None
             if sec_id:
                 address = m.sds.get(sec_id)
                 if address is None:
                     self.stats.peer_error(sec_id)
-                    self._reply(conn, hdr, t0, Status.REPLICA_FAILED)
+                    self._reply(conn, req, t0, Status.REPLICA_FAILED)
                     return
                 try:
                     peer = self._peers.connected(sec_id, address) or await self._peers.get(
                         sec_id, address
                     )
-                    ref = ChunkRef(pool, pg, epoch, vol, chunk)
                     peer_fut = peer.submit(
-                        _REPL_OF[op], flags, ref, off, length, payload, peer.future()
+                        _REPL_OF[req.opcode],
+                        req.flags,
+                        ref,
+                        off,
+                        req.length,
+                        payload,
+                        peer.future(),
                     )
                 except ConnectionLost:
                     self.stats.peer_error(sec_id)
                     if self._state.peer_unreachable is not None:
                         self._state.peer_unreachable(sec_id)
                     if not self._state.alone(pool, pg):
-                        self._reply(conn, hdr, t0, Status.REPLICA_FAILED)
+                        self._reply(conn, req, t0, Status.REPLICA_FAILED)
                         return
-                    self._degraded.record(pool, pg, vol, chunk)  # the map moved on meanwhile
+                    self._degraded.record(ref)  # the map moved on meanwhile
                 except (WireError, HandshakeError):
                     self.stats.peer_error(sec_id)
                     if self._state.peer_unreachable is not None:
                         self._state.peer_unreachable(sec_id)
-                    self._reply(conn, hdr, t0, Status.REPLICA_FAILED)
+                    self._reply(conn, req, t0, Status.REPLICA_FAILED)
                     return
                 else:
                     self._peers.dirty.add(sec_id)
             tgt_id = m.target[pg][0]
             tgt_fut, tgt_status = None, _OK
             if tgt_id:
-                tgt_fut, tgt_status = await self._to_target(m, pg, tgt_id, op, flags, hdr, payload)
-            written = self._state.target_device(dev, vol, chunk) if flags & _FUA else dev
-            status = self._apply(op, dev, hdr, payload)
-            if status == _OK and flags & _FUA:
+                tgt_fut, tgt_status = await self._to_target(m, tgt_id, req, ref, payload)
+            fua = req.flags & _FUA
+            written = self._state.target_device(dev, vol, chunk) if fua else dev
+            status = self._apply(dev, req, payload)
+            if status == _OK and fua:
                 status = await self._sync([written])
             if tgt_fut is not None:
                 result = await self._peer_result(tgt_id, tgt_fut)
-                if result != _OK and not self._resync.missed(pool, pg, vol, chunk):
+                if result != _OK and not self._resync.missed(ref):
                     # The move is past its last copy: the target must have it.
                     tgt_status = Status.REPLICA_FAILED if result == _LOST else result
             if status == _OK:
@@ -397,25 +419,18 @@ class DataService:
                     # The secondary went away. If the MDM has meanwhile made us the
                     # PG's only in-sync copy, our local write is the whole acting set.
                     if self._state.alone(pool, pg):
-                        self._degraded.record(pool, pg, vol, chunk)
+                        self._degraded.record(ref)
                         peer_status = _OK
                     else:
                         peer_status = Status.REPLICA_FAILED
                 if status == _OK:
                     status = peer_status
-            self._reply(conn, hdr, t0, status)
+            self._reply(conn, req, t0, status)
         finally:
             self._locks.release(key, ticket)
 
     async def _to_target(
-        self,
-        m: PgMap,
-        pg: int,
-        tgt_id: int,
-        op: int,
-        flags: int,
-        hdr: Header,
-        payload: memoryview,
+        self, m: PgMap, tgt_id: int, req: Request, ref: ChunkRef, payload: memoryview
     ) -> tuple[asyncio.Future[Reply] | None, int]:
         """Forward a write to the PG's rebalance target: (the reply's future, or None
         and the status the client's write gets when it could not be sent). A failure
@@ -427,13 +442,12 @@ class DataService:
             if address is None:
                 raise WireError(f"no address of SDS {tgt_id}")
             peer = self._peers.connected(tgt_id, address) or await self._peers.get(tgt_id, address)
-            ref = ChunkRef(hdr[5], hdr[6], hdr[7], hdr[8], hdr[9])
             fut = peer.submit(
-                _REPL_OF[Op(op)], flags, ref, hdr[10], hdr[11], payload, peer.future()
+                _REPL_OF[req.opcode], req.flags, ref, req.offset, req.length, payload, peer.future()
             )
         except (WireError, HandshakeError) as exc:
             self.stats.peer_error(tgt_id)
-            if self._resync.missed(m.pool_id, pg, hdr[8], hdr[9]):
+            if self._resync.missed(ref):
                 log.info("write to move target SDS %d failed (copied again): %s", tgt_id, exc)
                 return None, _OK
             return None, Status.REPLICA_FAILED
@@ -465,7 +479,7 @@ class DataService:
 
     # -- flush ------------------------------------------------------------------------
 
-    async def _flush(self, conn: Connection, hdr: Header, t0: float, peers: bool) -> None:
+    async def _flush(self, conn: Connection, req: Request, t0: float, peers: bool) -> None:
         # A failed device is never synced again: its copies are covered only once no
         # map names it as an in-sync copy (the MDM has failed them over); until then
         # the FLUSH fails, retriably.
@@ -483,7 +497,7 @@ class DataService:
                     self._peers.dirty.difference_update(stale)
                 if len(stale) < len(failed):
                     status = Status.REPLICA_FAILED
-        self._reply(conn, hdr, t0, status)
+        self._reply(conn, req, t0, status)
 
     # -- shutdown ---------------------------------------------------------------------
 

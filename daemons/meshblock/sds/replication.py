@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import logging
 
+from meshblock.chunks import ChunkRef
 from meshblock.sds.maps import PgMap
 from meshblock.wire.client import ConnectionLost, WireClient, WireError
 from meshblock.wire.handshake import FEATURE_CHUNK_LIST, HandshakeError
@@ -199,16 +200,19 @@ class DegradedWrites:
         """The record no longer describes what the secondary missed: a full copy."""
         self._tracked.discard((pool_id, pg))
 
-    def discard(self, pool_id: int, pg: int, volume: int, chunk: int) -> None:
-        chunks = self._pgs.get((pool_id, pg))
+    def discard(self, ref: ChunkRef) -> None:
+        """The chunk was copied to the secondary: it no longer misses it."""
+        chunks = self._pgs.get((ref.pool_id, ref.pg))
         if chunks is not None:
-            chunks.discard((volume, chunk))
+            chunks.discard((ref.volume_id, ref.chunk_index))
 
-    def record(self, pool_id: int, pg: int, volume: int, chunk: int) -> None:
-        chunks = self._pgs.get((pool_id, pg))
+    def record(self, ref: ChunkRef) -> None:
+        """The chunk was written while we served its PG alone."""
+        key = (ref.pool_id, ref.pg)
+        chunks = self._pgs.get(key)
         if chunks is None:
-            chunks = self._pgs[(pool_id, pg)] = set()
-        chunks.add((volume, chunk))
+            chunks = self._pgs[key] = set()
+        chunks.add((ref.volume_id, ref.chunk_index))
 
     def chunks(self, pool_id: int, pg: int) -> frozenset[tuple[int, int]]:
         return frozenset(self._pgs.get((pool_id, pg), ()))

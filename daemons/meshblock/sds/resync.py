@@ -109,14 +109,14 @@ class Resync:
                 self._start(m.pool_id, pg, m.epoch)
                 self._dest[key] = want
 
-    def missed(self, pool: int, pg: int, volume: int, chunk: int) -> bool:
+    def missed(self, ref: ChunkRef) -> bool:
         """A forwarded write did not reach the PG's move target: copy it again, if the
         PG's job is still copying (True). False once the job is past its last copy
         (flushing, reporting, done): the caller must fail the client's write."""
-        chunks = self._missed.get((pool, pg))
+        chunks = self._missed.get((ref.pool_id, ref.pg))
         if chunks is None:
             return False
-        chunks.add((volume, chunk))
+        chunks.add((ref.volume_id, ref.chunk_index))
         return True
 
     def report(self) -> list[dict[str, int | str]]:
@@ -352,7 +352,7 @@ class Resync:
             if status == Status.DELETED:
                 return  # the copy knows the volume deleted before we do: nothing to copy
             if status == Status.OK:
-                st.degraded.discard(pool, pg, volume, chunk)
+                st.degraded.discard(ref)
                 self.chunks_total += 1
                 self.bytes_total += 0 if data is None else CHUNK_SIZE
                 return

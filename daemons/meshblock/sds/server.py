@@ -152,6 +152,7 @@ class DataConnection(FramedConnection):
         self.version = fmt.version
         self.header = fmt.request
         self._payload_length = fmt.request_length
+        self._typed = fmt.typed_request
         self._pack_reply = fmt.pack_reply
 
     # -- requests ---------------------------------------------------------------------
@@ -160,7 +161,7 @@ class DataConnection(FramedConnection):
         self.in_flight += 1
         if self.in_flight >= MAX_IN_FLIGHT:
             self._update_reading()
-        self._svc.handle(self, hdr, payload)
+        self._svc.handle(self, self._typed(hdr), payload)
 
     def reply(
         self,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import abc
 import enum
 import functools
+import operator
 import struct
 from collections.abc import Callable
 from typing import Any, Final, NamedTuple
@@ -379,6 +380,17 @@ epoch, volume id, chunk index, offset, length; magic, status, flags, request id,
 epoch, length."""
 
 
+#: Builds a Request from a tuple of its 16 fields without the class's ``__new__`` (a
+#: Python function) and its length check.
+_new_request: Final = tuple.__new__
+#: Version 1's header lacks the fields of version 2 (ext_len, csum_type, csum_shift,
+#: hdr_crc): 0.
+_V1_REQUEST_TAIL: Final = (0, 0, 0, 0)
+#: A version 2 header (REQUEST_V2's order) in Request's field order: its reserved u16
+#: is field 14, ext_len field 3.
+_V2_REQUEST_ORDER: Final = operator.itemgetter(0, 1, 2, 14, *range(4, 12), 3, 12, 13, 15)
+
+
 class WireFormat(abc.ABC):
     """How one protocol version frames requests and replies. A connection takes the
     negotiated version's (:data:`WIRE_FORMATS`) once, after the handshake, and binds
@@ -392,7 +404,9 @@ class WireFormat(abc.ABC):
       length)`` / ``pack_reply(status, flags, request_id, epoch, length)``: a header
       as this release sends it, every field that no feature uses 0 (one Struct pack,
       no Python frame: the partial of a Struct whose unused fields are padding);
-    - ``decode_request`` / ``decode_reply``: a :class:`Request` / :class:`Reply`.
+    - ``decode_request`` / ``decode_reply``: a :class:`Request` / :class:`Reply`;
+    - ``typed_request(hdr)``: the :class:`Request` of a header as ``request`` unpacks
+      it (the SDS types each request it receives so, once).
     """
 
     version: int
@@ -433,6 +447,9 @@ class WireFormat(abc.ABC):
 
     @abc.abstractmethod
     def decode_reply(self, buf: bytes | bytearray | memoryview) -> Reply: ...
+
+    @abc.abstractmethod
+    def typed_request(self, hdr: Header) -> Request: ...
 
     def _bad_request(self, hdr: Header) -> ProtocolError:
         """Why a header that failed the quick check of ``request_length`` is refused."""
@@ -511,6 +528,9 @@ class _WireV1(WireFormat):
     def decode_request(self, buf: bytes | bytearray | memoryview) -> Request:
         return Request(*REQUEST.unpack(buf))
 
+    def typed_request(self, hdr: Header) -> Request:
+        return _new_request(Request, hdr + _V1_REQUEST_TAIL)
+
     def decode_reply(self, buf: bytes | bytearray | memoryview) -> Reply:
         return Reply(*REPLY.unpack(buf))
 
@@ -572,6 +592,9 @@ class _WireV2(WireFormat):
          csum_type, csum_shift, reserved, hdr_crc) = REQUEST_V2.unpack(buf)  # fmt: skip
         return Request(magic, op, flags, reserved, rid, pool, pg, epoch, vol, chunk, off, length,
                        ext_len, csum_type, csum_shift, hdr_crc)  # fmt: skip
+
+    def typed_request(self, hdr: Header) -> Request:
+        return _new_request(Request, _V2_REQUEST_ORDER(hdr))
 
     def decode_reply(self, buf: bytes | bytearray | memoryview) -> Reply:
         (magic, status, flags, rid, epoch, length,
