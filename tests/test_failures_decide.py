@@ -4,7 +4,9 @@ what is known of the SDSs and devices in, the changes out; no database, no clock
 The cases the cluster tests go through with real daemons (test_api, test_failover,
 test_rebuild, test_device_failure): a primary, a secondary or both lost, a return and
 its resync, a rebuild target chosen and spread, a failed device, maintenance, a
-draining SDS, and a rebalance move cancelled."""
+draining SDS, and a rebalance move cancelled. Then the copy reports
+(``decide_synced``): accepted from the primary only, for a PG still being copied and
+unchanged since the report's map epoch."""
 
 from __future__ import annotations
 
@@ -13,7 +15,15 @@ from dataclasses import replace
 
 import pytest
 
-from meshblock.mdm.failures import Conditions, PoolDevice, decide, next_state, rebuild_target
+from meshblock.mdm.errors import ApiError, Conflict, NotFound
+from meshblock.mdm.failures import (
+    Conditions,
+    PoolDevice,
+    decide,
+    decide_synced,
+    next_state,
+    rebuild_target,
+)
 from meshblock.mdm.models import PgState
 from meshblock.mdm.pgtable import PgRow
 
@@ -260,3 +270,64 @@ def test_rebuild_target_ties_go_to_the_lowest_id_and_other_pools_are_ignored() -
     seen = Conditions(usable=frozenset({1, 2, 3, 5}))
     assert rebuild_target(devices, {}, devices[0], seen) == 20
     assert rebuild_target(devices, {20: 1}, devices[0], seen) == 30
+
+
+# -- copy reports (decide_synced) -------------------------------------------------------
+
+SDS_OF = {10: 1, 20: 2, 30: 3, 40: 4}  # device -> SDS
+MAP_EPOCH = 9
+
+
+def synced(
+    reports: list[tuple[int, int, int]], rows: Sequence[PgRow], sds_id: int = 1
+) -> tuple[list[int | ApiError], dict[int, PgRow]]:
+    """Results, and PG -> row after of every PG changed."""
+    results, changes = decide_synced(sds_id, reports, rows, SDS_OF, {POOL: MAP_EPOCH})
+    for change in changes:
+        assert change.before in rows
+    return results, {c.after.pg: c.after for c in changes}
+
+
+@pytest.mark.parametrize("state", [RESYNCING, REBUILDING])
+def test_a_report_from_the_primary_makes_the_pg_clean(state: PgState) -> None:
+    results, done = synced([(POOL, 0, 7)], [pg(0, 10, 20, state)])
+    assert results == [MAP_EPOCH + 1]
+    assert done == {0: replace(pg(0, 10, 20), epoch=MAP_EPOCH + 1)}
+
+
+def test_a_finished_move_puts_the_target_in_place_of_the_copy_that_moved() -> None:
+    rows = [move(0, 10, 20, 30, "secondary"), move(1, 10, 20, 30, "primary")]
+    results, done = synced([(POOL, 0, 7), (POOL, 1, 8)], rows)
+    assert results == [MAP_EPOCH + 1, MAP_EPOCH + 1], "one new map epoch for the pool"
+    assert (done[0].primary, done[0].secondary, done[0].target) == (10, 30, None)
+    assert (done[1].primary, done[1].secondary, done[1].moving) == (20, 30, None)
+    assert done[0].state == done[1].state == CLEAN
+
+
+def conflict(result: int | ApiError) -> dict[str, object]:
+    assert isinstance(result, Conflict), result
+    return result.details or {}
+
+
+def test_reports_not_from_the_primary_from_an_old_map_or_of_a_clean_pg_are_refused() -> None:
+    rows = [pg(0, 10, 20, RESYNCING), pg(1, 10, 20, RESYNCING), pg(2, 10, 20)]
+    results, done = synced([(POOL, 0, 7)], rows, sds_id=2)
+    assert conflict(results[0]) == {"state": "resyncing", "pg_epoch": 7, "map_epoch": MAP_EPOCH}
+    results, done = synced([(POOL, 1, 6), (POOL, 2, 7)], rows)
+    assert conflict(results[0])["pg_epoch"] == 7, "copy started before the PG changed"
+    assert conflict(results[1])["state"] == "clean"
+    assert done == {}
+
+
+def test_a_second_report_of_a_pg_in_one_call_is_refused() -> None:
+    results, done = synced([(POOL, 0, 7), (POOL, 0, 7)], [pg(0, 10, 20, RESYNCING)])
+    assert results[0] == MAP_EPOCH + 1
+    new = MAP_EPOCH + 1
+    assert conflict(results[1]) == {"state": "clean", "pg_epoch": new, "map_epoch": new}
+    assert list(done) == [0]
+
+
+def test_unknown_pools_and_pgs_are_not_found() -> None:
+    results, done = synced([(POOL + 1, 0, 7), (POOL, 5, 7)], [pg(0, 10, 20, RESYNCING)])
+    assert [type(r) for r in results] == [NotFound, NotFound]
+    assert done == {}

@@ -218,7 +218,7 @@ def _check_sqlite_backup(path: Path) -> None:
         conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
         try:
             (result,) = conn.execute("PRAGMA quick_check").fetchone()
-            tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
+            tables = {name for (name,) in conn.execute("SELECT name FROM sqlite_master")}
         finally:
             conn.close()
     except sqlite3.Error as exc:

@@ -70,7 +70,7 @@ async def purge_freed(session: AsyncSession, reports: TombstoneReports) -> list[
         return []
     members: dict[int, set[int]] = {}
     for pool_id, sds_id in await session.execute(
-        select(Device.pool_id, Device.sds_id).where(Device.pool_id.in_({r[1] for r in rows}))
+        select(Device.pool_id, Device.sds_id).where(Device.pool_id.in_({r.pool_id for r in rows}))
     ):
         members.setdefault(pool_id, set()).add(sds_id)
     done = [

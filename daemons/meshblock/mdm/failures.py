@@ -45,7 +45,6 @@ from dataclasses import dataclass, field, replace
 
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
-from sqlalchemy.orm import aliased
 
 from meshblock.mdm import pgtable
 from meshblock.mdm.db import WriteGate
@@ -429,61 +428,109 @@ async def mark_many_synced(
     """:func:`mark_synced` for several ``(pool, pg, epoch)`` reports at once: per report
     the new map epoch, or the error that refused it (the others still apply). Each
     pool's map epoch moves once for all its PGs made clean here, so the SDSs and SDCs
-    fetch one new map for them, not one per PG."""
-    pools: dict[int, StoragePool | None] = {}
-    bumped: set[int] = set()
+    fetch one new map for them, not one per PG. Load, decide (:func:`decide_synced`),
+    write."""
+    wanted: dict[int, set[int]] = defaultdict(set)
+    for pool_id, pg, _ in reports:
+        wanted[pool_id].add(pg)
+    pools = {
+        pool.id: pool
+        for pool in (
+            await s.execute(select(StoragePool).where(StoragePool.id.in_(list(wanted))))
+        ).scalars()
+    }
+    rows = [
+        row
+        for pool_id in sorted(pools)
+        for row in await pgtable.load(s, pool_id=pool_id, pgs=wanted[pool_id])
+    ]
+    primaries = {row.primary for row in rows if row.primary is not None}
+    sds_of = dict(
+        (await s.execute(select(Device.id, Device.sds_id).where(Device.id.in_(primaries)))).all()
+    )
+    map_epochs = {pool_id: pool.map_epoch for pool_id, pool in pools.items()}
+    results, changes = decide_synced(sds_id, reports, rows, sds_of, map_epochs)
+    for pool, done in await pgtable.write_pools(s, changes):
+        for change in done:
+            log.info(
+                "pool %s: PG %d %s done, clean (map epoch %d)",
+                pool.name,
+                change.after.pg,
+                _copy_done(change),
+                pool.map_epoch,
+            )
+    return results
+
+
+def decide_synced(
+    sds_id: int,
+    reports: Sequence[tuple[int, int, int]],
+    rows: Sequence[PgRow],
+    sds_of: Mapping[int, int],
+    map_epochs: Mapping[int, int],
+) -> tuple[list[int | ApiError], list[PgChange]]:
+    """What copy reports of ``sds_id`` make of the PGs, pure: per report the pool's new
+    map epoch (its ``map_epochs`` value + 1) or the error that refuses it, and the
+    changes. ``rows``: the reported PGs; ``sds_of``: the SDS of each primary device.
+    Reports are taken in order: a PG made clean by one is not being copied for the
+    next."""
+    current = {(row.pool_id, row.pg): row for row in rows}
+    before = dict(current)
+    accepted: set[int] = set()  # pools with a report accepted: their epoch moves
     out: list[int | ApiError] = []
-    primary = aliased(Device)
     for pool_id, pg, epoch in reports:
-        if pool_id not in pools:
-            pools[pool_id] = await s.get(StoragePool, pool_id)
-        pool = pools[pool_id]
-        if pool is None:
+        if pool_id not in map_epochs:
             out.append(NotFound(f"no storage pool with id {pool_id}"))
             continue
-        row = (
-            await s.execute(
-                select(PlacementGroup, primary.sds_id)
-                .outerjoin(primary, primary.id == PlacementGroup.primary_device_id)
-                .where(PlacementGroup.pool_id == pool_id, PlacementGroup.pg == pg)
-            )
-        ).one_or_none()
+        new_epoch = map_epochs[pool_id] + 1
+        row = current.get((pool_id, pg))
         if row is None:
             out.append(NotFound(f"no PG {pg} in storage pool {pool_id}"))
-            continue
-        pgrow, primary_sds = row
-        copying = pgrow.state in (PgState.RESYNCING, PgState.REBUILDING) or (
-            pgrow.state == PgState.CLEAN and pgrow.target_device_id is not None
-        )
-        if not copying or primary_sds != sds_id or pgrow.epoch > int(epoch):
+        elif not _copying(row) or _sds(row.primary, sds_of) != sds_id or row.epoch > epoch:
             out.append(
                 Conflict(
                     f"PG {pool_id}/{pg} is not being copied from SDS {sds_id} "
                     f"since map epoch {epoch}",
                     {
-                        "state": pgrow.state.value,
-                        "pg_epoch": pgrow.epoch,
-                        "map_epoch": pool.map_epoch,
+                        "state": row.state.value,
+                        "pg_epoch": row.epoch,
+                        "map_epoch": new_epoch if pool_id in accepted else map_epochs[pool_id],
                     },
                 )
             )
-            continue
-        if pool_id not in bumped:
-            pool.map_epoch += 1
-            bumped.add(pool_id)
-        what = pgrow.state.value
-        if pgrow.state == PgState.CLEAN:
-            what = f"move of its {pgrow.moving} to device {pgrow.target_device_id}"
-            if pgrow.moving == "primary":
-                pgrow.primary_device_id = pgrow.secondary_device_id
-            pgrow.secondary_device_id = pgrow.target_device_id
-            pgrow.target_device_id = None
-            pgrow.moving = None
-        pgrow.state = PgState.CLEAN
-        pgrow.epoch = pool.map_epoch
-        await s.flush()
-        log.info(
-            "pool %s: PG %d %s done, clean (map epoch %d)", pool.name, pg, what, pool.map_epoch
-        )
-        out.append(pool.map_epoch)
-    return out
+        else:
+            accepted.add(pool_id)
+            current[(pool_id, pg)] = replace(_synced(row), epoch=new_epoch)
+            out.append(new_epoch)
+    changes = [PgChange(before[key], row) for key, row in current.items() if row != before[key]]
+    return out, changes
+
+
+def _copying(row: PgRow) -> bool:
+    """Whether the PG's primary is copying it: a resync, a rebuild or a move."""
+    return row.state in (PgState.RESYNCING, PgState.REBUILDING) or (
+        row.state == PgState.CLEAN and row.target is not None
+    )
+
+
+def _synced(row: PgRow) -> PgRow:
+    """The PG once its copy is done: clean; after a move, the target in place of the
+    copy that moved (the secondary promoted if that was the primary)."""
+    if row.target is None:
+        return replace(row, state=PgState.CLEAN)
+    primary = row.secondary if row.moving == "primary" else row.primary
+    return replace(
+        row, primary=primary, secondary=row.target, state=PgState.CLEAN, target=None, moving=None
+    )
+
+
+def _sds(device: int | None, sds_of: Mapping[int, int]) -> int | None:
+    return None if device is None else sds_of.get(device)
+
+
+def _copy_done(change: PgChange) -> str:
+    """What was copied, for the log."""
+    before = change.before or change.after
+    if before.state != PgState.CLEAN:
+        return before.state.value
+    return f"move of its {before.moving} to device {before.target}"

@@ -2,8 +2,10 @@
 
 :func:`recompute` runs inside the transaction of a change of the pool's membership
 (an SDS or a device joining or leaving, the pool created). It hands the pool's devices
-and its current map to :func:`meshblock.mdm.placement.compute_map`, writes the PGs
-that changed and bumps the pool's ``map_epoch``: the membership is part of the map.
+and its current map to :func:`meshblock.mdm.placement.compute_map` (through the pure
+:func:`plan_map`) and writes the PGs that changed through the PG table's gateway
+(:mod:`meshblock.mdm.pgtable`) in a new ``map_epoch`` of the pool, changed or not: the
+membership is part of the map.
 
 Data safety: once a pool has volumes, a copy that is in place is never moved by a
 recompute, because moving it means moving its data, which is the job of rebalance
@@ -13,12 +15,15 @@ pool without volumes holds no data: its map is laid out afresh each time.
 
 from __future__ import annotations
 
+from collections.abc import Collection, Sequence
+from dataclasses import replace
 from typing import Any
 
-from sqlalchemy import bindparam, delete, insert, select, update
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import aliased
 
+from meshblock.mdm import pgtable
 from meshblock.mdm.deletion import pool_tombstones
 from meshblock.mdm.epochs import current
 from meshblock.mdm.models import (
@@ -30,13 +35,15 @@ from meshblock.mdm.models import (
     StoragePool,
     Volume,
 )
+from meshblock.mdm.pgtable import PgChange, PgRow
 from meshblock.mdm.placement import DeviceInfo, PgAssignment, compute_map
 
 
 async def pool_devices(
-    session: AsyncSession, pool_id: int, *, failed: bool = False
+    session: AsyncSession, pool_id: int, *, failed: bool = False, without: Collection[int] = ()
 ) -> list[DeviceInfo]:
-    """The pool's devices that may take copies; with ``failed``, failed ones too."""
+    """The pool's devices that may take copies; with ``failed``, failed ones too;
+    never those of ``without`` (being removed)."""
     q = (
         select(Device.id, Device.sds_id, Sds.fault_set_id, Device.capacity_bytes)
         .join(Sds, Sds.id == Device.sds_id)
@@ -45,77 +52,84 @@ async def pool_devices(
     )
     if not failed:
         q = q.where(Device.state != DeviceState.FAILED)
+    if without:
+        q = q.where(Device.id.not_in(list(without)))
     return [DeviceInfo(d, s, f, c) for d, s, f, c in await session.execute(q)]
 
 
-async def recompute(session: AsyncSession, pool: StoragePool) -> bool:
-    """Recompute and store ``pool``'s map; True when an assignment changed.
-
-    Rows are read as tuples and written with one executemany per kind of change:
-    a pool of 4096 PGs is recomputed without building 4096 ORM objects.
-    """
-    devices = await pool_devices(session, pool.id)
-    rows = await session.execute(
-        select(
-            PlacementGroup.pg, PlacementGroup.primary_device_id, PlacementGroup.secondary_device_id
-        ).where(PlacementGroup.pool_id == pool.id)
-    )
-    previous: dict[int, PgAssignment] = {pg: (p, s) for pg, p, s in rows}
+async def recompute(
+    session: AsyncSession, pool: StoragePool, *, without: Collection[int] = ()
+) -> bool:
+    """Recompute and store ``pool``'s map, in a new map epoch; True when a PG changed.
+    ``without``: devices being removed, taken out of every PG first. Load, decide
+    (:func:`plan_map`), write."""
+    devices = await pool_devices(session, pool.id, without=without)
+    rows = await pgtable.load(session, pool_id=pool.id)
     has_data = await _holds_volumes(session, pool.id)
+    # Every device that may keep its copies, failed ones too: the failure detector
+    # fails a failed one over (it alone knows which copy is in sync).
+    keeping = await pool_devices(session, pool.id, failed=True, without=without)
+    changes = plan_map(pool.id, pool.pg_count, rows, devices, keeping, has_data=has_data)
+    await pgtable.write(session, pool, changes)
+    return bool(changes)
+
+
+def plan_map(
+    pool_id: int,
+    pg_count: int,
+    rows: Sequence[PgRow],
+    devices: Sequence[DeviceInfo],
+    keeping: Sequence[DeviceInfo],
+    *,
+    has_data: bool,
+) -> list[PgChange]:
+    """The changes that give a pool the map placement computes over ``devices`` (those
+    that may take copies), pure. Copies on devices not in ``keeping`` (removed) are
+    dropped first, with a move towards one. A pool that holds data keeps every other
+    copy and only fills the missing ones (the filled PGs become ``rebuilding``); one
+    without data is laid out afresh, so that it is as balanced and its copies'
+    partners as spread as placement makes them, whatever the order in which the SDSs
+    joined. A PG missing from ``rows`` is added."""
+    present = {d.device_id for d in keeping}
+    by_pg = {row.pg: _without_removed(row, present) for row in rows}
+    previous: dict[int, PgAssignment] = {n: (r.primary, r.secondary) for n, r in by_pg.items()}
     if has_data:
-        # A copy on a failed device stays where it is here: the failure detector
-        # fails it over (it alone knows which copy is in sync); nothing new goes there.
-        new = _fill_only(
-            previous,
-            compute_map(pool.pg_count, devices, previous),
-            await pool_devices(session, pool.id, failed=True),
-        )
+        new = _fill_only(previous, compute_map(pg_count, devices, previous), keeping)
     else:
-        # Nothing to move yet: the map is laid out afresh, so that it is as balanced
-        # and its copies' partners as spread as placement makes them, whatever the
-        # order in which the SDSs joined.
-        new = compute_map(pool.pg_count, devices)
+        new = compute_map(pg_count, devices)
     # A copy placed anew next to one holding data is empty: the primary rebuilds it.
     filled_state = PgState.REBUILDING if has_data else PgState.CLEAN
-    next_epoch = pool.map_epoch + 1
-    added, moved = [], []
-    for n in range(pool.pg_count):
-        primary, secondary = new.get(n, (None, None))
-        row = {
-            "b_pool": pool.id,
-            "b_pg": n,
-            "b_p": primary,
-            "b_s": secondary,
-            "b_e": next_epoch,
-            "b_state": filled_state if n in previous else PgState.CLEAN,
-        }
-        if n not in previous:
-            added.append(row)
-        elif previous[n] != (primary, secondary):
-            moved.append(row)
-    table = PlacementGroup.metadata.tables[PlacementGroup.__tablename__]
-    conn = await session.connection()
-    values: dict[str, Any] = {
-        "primary_device_id": bindparam("b_p"),
-        "secondary_device_id": bindparam("b_s"),
-        "epoch": bindparam("b_e"),
-        "state": bindparam("b_state"),
-    }
-    if added:
-        await conn.execute(
-            insert(table).values(pool_id=bindparam("b_pool"), pg=bindparam("b_pg"), **values),
-            added,
-        )
-    if moved:
-        await conn.execute(
-            update(table)
-            .where(table.c.pool_id == bindparam("b_pool"), table.c.pg == bindparam("b_pg"))
-            .values(**values),
-            moved,
-        )
-    pool.map_epoch = next_epoch
-    await session.flush()
-    return bool(added or moved)
+    changes = []
+    for row in rows:
+        if row.pg >= pg_count:
+            continue
+        after = by_pg[row.pg]
+        primary, secondary = new.get(row.pg, (None, None))
+        if (primary, secondary) != previous[row.pg]:
+            after = replace(after, primary=primary, secondary=secondary, state=filled_state)
+        if after != row:
+            changes.append(PgChange(row, after))
+    for n in range(pg_count):
+        if n not in by_pg:
+            primary, secondary = new.get(n, (None, None))
+            changes.append(PgChange(None, PgRow(pool_id, n, primary, secondary, PgState.CLEAN)))
+    return changes
+
+
+def _without_removed(row: PgRow, present: Collection[int]) -> PgRow:
+    """``row`` without the copies (and the move) on devices not ``present``."""
+
+    def kept(device: int | None) -> int | None:
+        return device if device in present else None
+
+    target, moving = (row.target, row.moving) if row.target in present else (None, None)
+    return replace(
+        row,
+        primary=kept(row.primary),
+        secondary=kept(row.secondary),
+        target=target,
+        moving=moving,
+    )
 
 
 async def _holds_volumes(session: AsyncSession, pool_id: int) -> bool:
@@ -126,7 +140,7 @@ async def _holds_volumes(session: AsyncSession, pool_id: int) -> bool:
 def _fill_only(
     previous: dict[int, PgAssignment],
     proposed: dict[int, PgAssignment],
-    devices: list[DeviceInfo],
+    devices: Sequence[DeviceInfo],
 ) -> dict[int, PgAssignment]:
     """Keep every copy in place; fill a missing copy from ``proposed`` where legal."""
     info = {d.device_id: d for d in devices}
@@ -153,10 +167,6 @@ def _fill_only(
         else:
             out[pg] = (p, s)
     return out
-
-
-async def drop(session: AsyncSession, pool_id: int) -> None:
-    await session.execute(delete(PlacementGroup).where(PlacementGroup.pool_id == pool_id))
 
 
 MapCache = dict[int, tuple[tuple[int, int], dict[str, Any]]]

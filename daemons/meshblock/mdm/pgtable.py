@@ -1,15 +1,20 @@
 """The one gateway to the PG table (``placement_groups``): typed rows in, one
 compare-and-set writer out.
 
-A decision about PGs is made in three steps:
+Every write of a PG row goes through this module, and every decision about PGs is
+made in three steps:
 
 1. **load**: :func:`load` reads the rows as :class:`PgRow` (named fields, never
    positional indexes);
 2. **decide**: a pure function over those rows (no session, no clock, no liveness)
    returns the changes to make (:class:`PgChange`): the failure checks
-   (:func:`meshblock.mdm.failures.decide`) and rebalance moves
-   (:func:`meshblock.mdm.rebalance.plan_moves`);
-3. **write**: :func:`write` (one pool) or :func:`write_pools` stores them.
+   (:func:`meshblock.mdm.failures.decide`), copy reports
+   (:func:`meshblock.mdm.failures.decide_synced`), rebalance moves
+   (:func:`meshblock.mdm.rebalance.plan_moves`), an unclean start
+   (:func:`meshblock.mdm.unclean.decide`) and a membership change
+   (:func:`meshblock.mdm.pgmaps.plan_map`);
+3. **write**: :func:`write` (one pool) or :func:`write_pools` stores them; :func:`drop`
+   deletes a pool's rows with the pool.
 
 The writer's contract:
 
@@ -34,12 +39,12 @@ from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Table, bindparam, insert, or_, select, update
+from sqlalchemy import Table, bindparam, delete, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from meshblock.mdm.models import PgState, PlacementGroup, StoragePool
 
-__all__ = ["PgChange", "PgRow", "load", "write", "write_pools"]
+__all__ = ["PgChange", "PgRow", "drop", "load", "write", "write_pools"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,3 +211,8 @@ async def write_pools(
         await write(s, pool, per_pool[pool.id])
         out.append((pool, per_pool[pool.id]))
     return out
+
+
+async def drop(s: AsyncSession, pool_id: int) -> None:
+    """Delete a pool's map, with the pool (which has no device left)."""
+    await s.execute(delete(PlacementGroup).where(PlacementGroup.pool_id == pool_id))

@@ -35,79 +35,68 @@ docs/sds.md, "Power cuts").
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
+from collections.abc import Collection, Sequence
+from dataclasses import replace
 
-from sqlalchemy import or_, select
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from meshblock.mdm.models import Device, PgState, PlacementGroup, Sds, SdsMode, StoragePool
+from meshblock.mdm import pgtable
+from meshblock.mdm.models import Device, PgState, Sds, SdsMode
+from meshblock.mdm.pgtable import PgChange, PgRow
 
 log = logging.getLogger(__name__)
 
 
 async def after_unclean_start(s: AsyncSession, sds: Sds, device_ids: set[int]) -> int:
     """Make every PG with a copy on ``device_ids`` (devices of ``sds`` that started
-    uncleanly) get a full copy from its other copy; return how many PGs changed."""
+    uncleanly) get a full copy from its other copy; return how many PGs changed.
+    Load, decide (:func:`decide`), write."""
     if not device_ids:
         return 0
-    ids = list(device_ids)
-    pgs = (
-        (
-            await s.execute(
-                select(PlacementGroup).where(
-                    or_(
-                        PlacementGroup.primary_device_id.in_(ids),
-                        PlacementGroup.secondary_device_id.in_(ids),
-                        PlacementGroup.target_device_id.in_(ids),
-                    )
-                )
-            )
-        )
-        .scalars()
-        .all()
-    )
-    changed: dict[int, list[PlacementGroup]] = defaultdict(list)
-    for pg in pgs:
-        before = (pg.primary_device_id, pg.secondary_device_id, pg.state, pg.target_device_id)
-        if pg.target_device_id in device_ids:
-            pg.target_device_id, pg.moving = None, None
-        if pg.secondary_device_id in device_ids:
-            if sds.mode == SdsMode.MAINTENANCE:
-                pg.secondary_device_id = None  # rebuilt elsewhere by the failure checks
-                pg.state = PgState.DEGRADED
-            elif pg.state != PgState.INACTIVE:
-                pg.state = PgState.REBUILDING
-        elif (
-            pg.primary_device_id in device_ids
-            and pg.state == PgState.CLEAN
-            and pg.secondary_device_id is not None
-        ):
-            pg.primary_device_id, pg.secondary_device_id = (
-                pg.secondary_device_id,
-                pg.primary_device_id,
-            )
-            pg.state = PgState.REBUILDING
-        if pg.state != PgState.CLEAN and pg.target_device_id is not None:
-            pg.target_device_id, pg.moving = None, None  # a move needs a clean PG
-        after = (pg.primary_device_id, pg.secondary_device_id, pg.state, pg.target_device_id)
-        if after != before:
-            changed[pg.pool_id].append(pg)
-    for pool_id, rows in sorted(changed.items()):
-        pool = await s.get(StoragePool, pool_id)
-        assert pool is not None
-        pool.map_epoch += 1
-        for pg in rows:
-            pg.epoch = pool.map_epoch
+    rows = await pgtable.load(s, devices=device_ids)
+    changes = decide(rows, device_ids, in_maintenance=sds.mode == SdsMode.MAINTENANCE)
+    for pool, pool_changes in await pgtable.write_pools(s, changes):
         log.warning(
             "pool %s: SDS %s started after an unclean stop: %d PG(s) get a full copy "
             "from their other copy (map epoch %d)",
             pool.name,
             sds.name,
-            len(rows),
+            len(pool_changes),
             pool.map_epoch,
         )
-    await s.flush()
-    return sum(len(rows) for rows in changed.values())
+    return len(changes)
+
+
+def decide(rows: Sequence[PgRow], unclean: Collection[int], in_maintenance: bool) -> list[PgChange]:
+    """The changes that give every PG with a copy on the ``unclean`` devices a full
+    copy from its other copy (the rules above), pure. ``in_maintenance``: the SDS of
+    those devices is in maintenance (its unclean secondaries are dropped)."""
+    changes = []
+    for row in rows:
+        after = _full_copy(row, unclean, in_maintenance)
+        if after != row:
+            changes.append(PgChange(row, after))
+    return changes
+
+
+def _full_copy(row: PgRow, unclean: Collection[int], in_maintenance: bool) -> PgRow:
+    primary, secondary, state = row.primary, row.secondary, row.state
+    target, moving = row.target, row.moving
+    if target in unclean:
+        target, moving = None, None
+    if secondary in unclean:
+        if in_maintenance:
+            secondary, state = None, PgState.DEGRADED  # rebuilt elsewhere by the failure checks
+        elif state != PgState.INACTIVE:
+            state = PgState.REBUILDING
+    elif primary in unclean and state == PgState.CLEAN and secondary is not None:
+        primary, secondary, state = secondary, primary, PgState.REBUILDING
+    if state != PgState.CLEAN and target is not None:
+        target, moving = None, None  # a move needs a clean PG
+    return replace(
+        row, primary=primary, secondary=secondary, state=state, target=target, moving=moving
+    )
 
 
 async def device_ids_of(s: AsyncSession, sds_id: int, paths: list[str]) -> dict[str, int]:

@@ -9,7 +9,7 @@ from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from meshblock.auth import Role
-from meshblock.mdm import pgmaps, schemas
+from meshblock.mdm import pgmaps, pgtable, schemas
 from meshblock.mdm.api.common import (
     WAIT_PARAMS,
     change,
@@ -213,7 +213,7 @@ async def delete_pool(request: web.Request) -> web.Response:
                     f"storage pool {pool.name!r} still has {n} {what}(s)",
                     {"dependents": what, "count": n},
                 )
-        await pgmaps.drop(s, pool.id)
+        await pgtable.drop(s, pool.id)
         await s.delete(pool)
     return web.Response(status=204)
 

@@ -8,13 +8,13 @@ import logging
 from typing import Any, cast
 
 from aiohttp import web
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import delete, func, select
 from sqlalchemy.engine import CursorResult
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import selectinload
 
 from meshblock.auth import Role
-from meshblock.mdm import authz, failures, pgmaps, schemas, unclean
+from meshblock.mdm import authz, failures, pgmaps, pgtable, schemas, unclean
 from meshblock.mdm.api.common import (
     change,
     get_or_404,
@@ -355,35 +355,21 @@ async def _copies_on(s: AsyncSession, device_ids: list[int]) -> int:
 
 
 async def _release_devices(s: AsyncSession, device_ids: list[int]) -> int:
-    """Take devices out of every PG, delete them, then refill the maps; return how
-    many were deleted (fewer than asked when a concurrent request deleted some)."""
+    """Take devices out of every PG and refill the maps (one new map epoch per pool),
+    then delete them; return how many were deleted (fewer than asked when a concurrent
+    request deleted some)."""
     pool_ids = set(
         (await s.execute(select(Device.pool_id).where(Device.id.in_(device_ids)))).scalars()
     )
-    await s.execute(
-        update(PlacementGroup)
-        .where(PlacementGroup.primary_device_id.in_(device_ids))
-        .values(primary_device_id=None)
-    )
-    await s.execute(
-        update(PlacementGroup)
-        .where(PlacementGroup.secondary_device_id.in_(device_ids))
-        .values(secondary_device_id=None)
-    )
-    await s.execute(
-        update(PlacementGroup)
-        .where(PlacementGroup.target_device_id.in_(device_ids))
-        .values(target_device_id=None, moving=None)
-    )
+    for pool_id in sorted(pool_ids):
+        pool = await s.get(StoragePool, pool_id)
+        if pool is not None:
+            await pgmaps.recompute(s, pool, without=device_ids)
     # One statement, whose row count tells a device deleted meanwhile (its SDS removed
     # by another request) from one deleted here.
     result = await s.execute(delete(Device).where(Device.id.in_(device_ids)))
     deleted = cast("CursorResult[Any]", result).rowcount
     await s.flush()
-    for pool_id in pool_ids:
-        pool = await s.get(StoragePool, pool_id)
-        if pool is not None:
-            await pgmaps.recompute(s, pool)
     return int(deleted or 0)
 
 
@@ -674,30 +660,20 @@ async def _pgs_without_other_copy(
         return []
     dev_sds = dict((await s.execute(select(Device.id, Device.sds_id))).all())
     modes = dict((await s.execute(select(Sds.id, Sds.mode))).all())
-    rows = await s.execute(
-        select(
-            PlacementGroup.pool_id,
-            PlacementGroup.pg,
-            PlacementGroup.primary_device_id,
-            PlacementGroup.secondary_device_id,
-            PlacementGroup.state,
-        ).where(
-            PlacementGroup.primary_device_id.in_(dev_ids)
-            | PlacementGroup.secondary_device_id.in_(dev_ids)
-        )
-    )
     out = []
-    for pool_id, pg, p, sec, state in rows:
-        other = sec if p in dev_ids else p
+    for row in await pgtable.load(s, devices=dev_ids):
+        if row.primary not in dev_ids and row.secondary not in dev_ids:
+            continue  # a move towards the SDS only
+        other = row.secondary if row.primary in dev_ids else row.primary
         other_sds = dev_sds.get(other) if other is not None else None
         if (
-            state != PgState.CLEAN
+            row.state != PgState.CLEAN
             or other_sds is None
             or modes.get(other_sds) != SdsMode.NORMAL
             or live.state("sds", other_sds) != "connected"
         ):
-            out.append((pool_id, pg))
-    return sorted(out)
+            out.append((row.pool_id, row.pg))
+    return out
 
 
 @routes.route(
@@ -752,7 +728,7 @@ async def _check_room_without(s: AsyncSession, sds: Sds) -> None:
             )
         ).all()
         need = sum(used for sid, _, _, _, used in rows if sid == sds.id)
-        others = [r for r in rows if r[0] != sds.id and r[2] == SdsMode.NORMAL]
+        others = [r for r in rows if r.sds_id != sds.id and r.mode == SdsMode.NORMAL]
         domains = {("fs", fs) if fs is not None else ("sds", sid) for sid, fs, *_ in others}
         if len(domains) < 2:
             raise Conflict(

@@ -1,0 +1,107 @@
+"""A pool's map after a change of its membership (``meshblock.mdm.pgmaps.plan_map``),
+pure: the PG rows, the devices that take copies and those that keep theirs in, the
+changes out; no database.
+
+What the cluster tests do through the API (test_api's joins and removals, test_rebuild's
+drain and remove, test_device_failure's device-remove): a new pool laid out, a pool
+without data laid out afresh, a pool with data only filled, a removed device taken out
+of every PG (its moves too), a failed device's copies left to the failure checks."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import replace
+
+import pytest
+
+from meshblock.mdm.models import PgState
+from meshblock.mdm.pgmaps import plan_map
+from meshblock.mdm.pgtable import PgChange, PgRow
+from meshblock.mdm.placement import DeviceInfo, compute_map, validate_map
+
+pytestmark = pytest.mark.unit
+
+GiB = 1 << 30
+POOL = 2
+PGS = 16
+
+
+def devices(*sds_ids: int) -> list[DeviceInfo]:
+    return [DeviceInfo(10 * i, i, None, 100 * GiB) for i in sds_ids]
+
+
+def rows_of(members: Sequence[DeviceInfo]) -> list[PgRow]:
+    return [
+        PgRow(POOL, n, p, s, PgState.CLEAN, epoch=3)
+        for n, (p, s) in compute_map(PGS, members).items()
+    ]
+
+
+def applied(rows: Sequence[PgRow], changes: list[PgChange]) -> dict[int, PgRow]:
+    out = {r.pg: r for r in rows}
+    for change in changes:
+        assert change.before is None or out[change.before.pg] == change.before
+        out[change.after.pg] = change.after
+    return out
+
+
+def test_a_new_pool_gets_every_pg_clean_and_valid() -> None:
+    members = devices(1, 2, 3)
+    changes = plan_map(POOL, PGS, [], members, members, has_data=False)
+    assert [c.before for c in changes] == [None] * PGS
+    new = {c.after.pg: (c.after.primary, c.after.secondary) for c in changes}
+    assert sorted(new) == list(range(PGS))
+    assert validate_map(new, members) == []
+    assert {c.after.state for c in changes} == {PgState.CLEAN}
+
+
+def test_a_pool_without_data_is_laid_out_afresh() -> None:
+    members = devices(1, 2, 3, 4)
+    rows = rows_of(devices(1, 2, 3))
+    after = applied(rows, plan_map(POOL, PGS, rows, members, members, has_data=False))
+    assert {(r.primary, r.secondary) for r in after.values()} == set(
+        compute_map(PGS, members).values()
+    )
+    assert {r.state for r in after.values()} == {PgState.CLEAN}
+
+
+def test_a_pool_with_data_keeps_its_copies_when_a_device_joins() -> None:
+    members = devices(1, 2, 3, 4)
+    rows = rows_of(devices(1, 2, 3))
+    assert plan_map(POOL, PGS, rows, members, members, has_data=True) == []
+
+
+def test_a_removed_device_leaves_every_pg_and_its_copies_are_refilled() -> None:
+    rows = rows_of(devices(1, 2, 3, 4))
+    rows[0] = replace(rows[0], target=40, moving="secondary")
+    if 40 in (rows[0].primary, rows[0].secondary):
+        rows[0] = replace(rows[0], target=None, moving=None)
+    left = devices(1, 2, 3)
+    changes = plan_map(POOL, PGS, rows, left, left, has_data=True)
+    after = applied(rows, changes)
+    for before in rows:
+        row = after[before.pg]
+        assert 40 not in (row.primary, row.secondary, row.target)
+        if 40 in (before.primary, before.secondary):
+            assert row.state == PgState.REBUILDING, "a refilled copy is empty: rebuilt"
+            kept = before.secondary if before.primary == 40 else before.primary
+            assert kept in (row.primary, row.secondary), "the copy with data stays"
+        elif before.target is None:
+            assert row == before
+    assert after[0].target is None and after[0].moving is None
+
+
+def test_a_removed_device_without_room_is_still_taken_out() -> None:
+    rows = rows_of(devices(1, 2))
+    left = devices(1)
+    changes = plan_map(POOL, PGS, rows, left, left, has_data=True)
+    assert len(changes) == PGS, "every PG named device 20"
+    for change in changes:
+        assert (change.after.primary, change.after.secondary) == (10, None)
+
+
+def test_a_failed_device_keeps_its_copies_for_the_failure_checks() -> None:
+    rows = rows_of(devices(1, 2, 3))
+    every = devices(1, 2, 3)
+    usable = devices(1, 2)  # device 30 failed: takes no copy, keeps its own
+    assert plan_map(POOL, PGS, rows, usable, every, has_data=True) == []
