@@ -79,12 +79,12 @@ def all_clean(doc: dict[str, Any]) -> bool:
     return all(pg["state"] == "clean" and "target" not in pg for pg in doc["pgs"])
 
 
-def verify(c: SmallCluster, doc: dict[str, Any]) -> None:
-    vol = {"id": c.volume_id, "name": VOLUME, "size_bytes": CHUNKS * CHUNK_SIZE}
+def verify(c: SmallCluster, doc: dict[str, Any], chunks: int = CHUNKS) -> None:
+    vol = {"id": c.volume_id, "name": VOLUME, "size_bytes": chunks * CHUNK_SIZE}
     report = asyncio.run(check_volume(vol, doc, c.mdm.cluster_secret))
     out = report.to_json()
     assert report.ok and report.fully_redundant, out
-    assert out["identical"] == CHUNKS, out
+    assert out["identical"] == chunks, out
 
 
 def copies_per_sds(doc: dict[str, Any]) -> Counter[int]:
@@ -232,8 +232,12 @@ def test_mdm_killed_during_a_rebuild_which_then_finishes(
     the rebuild runs and applies at once."""
     settings = {"cluster": {"heartbeat_timeout_s": 5.0, "rebuild_delay_s": 0.0}}
     root = tmp_path_factory.mktemp("rebuild-restart")
-    with small_cluster(root, VOLUME, f"{CHUNKS}MiB", settings) as c:
-        write(c, list(range(CHUNKS)), 0x44)
+    # Twice the other tests' chunks: the throttled rebuild would take about 34 s, far
+    # from the about 17 s the unthrottled one takes on a loaded machine (failure
+    # detection, the MDM's death and restart included), so the check below has room.
+    chunks = 2 * CHUNKS
+    with small_cluster(root, VOLUME, f"{chunks}MiB", settings) as c:
+        write(c, list(range(chunks)), 0x44)
         # Slow copies (1 MiB/s per copying SDS), so the rebuild spans the MDM's death.
         status, pool = c.mdm.api().patch(
             f"/api/v1/pools/{c.pool_id}", {"rebuild_bandwidth_mibps": 1}
@@ -269,5 +273,5 @@ def test_mdm_killed_during_a_rebuild_which_then_finishes(
             "the new throttle did not apply"
         )
         assert "rebuild done" in "".join(d.log_text() for d in survivors), c.logs()
-        verify(c, doc)
-        read_back(c, {0: 0x44, 17: 0x44, CHUNKS - 1: 0x44})
+        verify(c, doc, chunks)
+        read_back(c, {0: 0x44, 17: 0x44, chunks - 1: 0x44})
