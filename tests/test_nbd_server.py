@@ -14,14 +14,15 @@ import os
 import shutil
 import subprocess
 import threading
-from collections.abc import Coroutine, Iterator, Sequence
+from collections.abc import Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
 
 from _wait import wait_until
-from meshblock.nbd.server import Chunk, Export, NbdServer
+from meshblock.nbd.protocol import Cmd, CmdFlag
+from meshblock.nbd.server import Export, IoRequest, NbdServer
 
 pytestmark = [pytest.mark.cluster, pytest.mark.parallel]
 
@@ -49,7 +50,8 @@ def run(*args: str, check: bool = True, timeout: float = 60) -> subprocess.Compl
 
 
 class MemoryBackend:
-    """A volume in memory: what the storage would hold (test-only stand-in)."""
+    """A volume in memory: what the storage would hold (test-only stand-in). Every
+    request is answered at once, from ``submit``."""
 
     def __init__(self, size: int, fill: int = 0) -> None:
         self.data = bytearray([fill]) * size
@@ -57,22 +59,21 @@ class MemoryBackend:
         self.fua_writes = 0
         self.writes = 0
 
-    async def read(self, offset: int, length: int) -> Sequence[Chunk]:
-        return [bytes(self.data[offset : offset + length])]
-
-    async def write(self, offset: int, data: memoryview, *, fua: bool) -> None:
-        self.data[offset : offset + len(data)] = data
-        self.writes += 1
-        self.fua_writes += fua
-
-    async def write_zeroes(self, offset: int, length: int, *, punch_hole: bool, fua: bool) -> None:
-        self.data[offset : offset + length] = bytes(length)
-
-    async def trim(self, offset: int, length: int, *, fua: bool) -> None:
-        self.data[offset : offset + length] = bytes(length)
-
-    async def flush(self) -> None:
-        self.flushes += 1
+    def submit(self, req: IoRequest) -> None:
+        start, end = req.offset, req.offset + req.length
+        if req.cmd == Cmd.READ:
+            req.reply([bytes(self.data[start:end])])
+            return
+        if req.cmd == Cmd.WRITE:
+            assert req.data is not None
+            self.data[start:end] = req.data
+            self.writes += 1
+            self.fua_writes += bool(req.flags & CmdFlag.FUA)
+        elif req.cmd in (Cmd.WRITE_ZEROES, Cmd.TRIM):
+            self.data[start:end] = bytes(req.length)
+        elif req.cmd == Cmd.FLUSH:
+            self.flushes += 1
+        req.reply()
 
 
 class ServerThread:

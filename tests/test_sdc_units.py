@@ -8,7 +8,7 @@ import logging
 import os
 import stat
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Coroutine, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -18,11 +18,11 @@ from prometheus_client import CollectorRegistry
 
 from meshblock.chunks import CHUNK_SIZE, ChunkRef, chunk_span, pg_of
 from meshblock.config import ConfigError, from_mapping
-from meshblock.nbd.protocol import Errno, RequestError
-from meshblock.nbd.server import Chunk
+from meshblock.nbd.protocol import Cmd, CmdFlag, Errno, RequestError
+from meshblock.nbd.server import Chunk, IoRequest
 from meshblock.sdc.attach import NbdAttacher
 from meshblock.sdc.config import SdcConfig, cluster_secret, sdc_guid
-from meshblock.sdc.datapath import DataPathError
+from meshblock.sdc.datapath import DataPathError, Op, Piece, Reply, ReplyWaiter
 from meshblock.sdc.maps import MapError, PoolMap, SdsEndpoint, VolumeMapping, parse_maps
 from meshblock.sdc.metrics import SdcMetrics
 from meshblock.sdc.qos import TokenBucket
@@ -53,6 +53,7 @@ class Maps:
         self.current = current
         self.after_refresh: PoolMap | None = None
         self.refreshes = 0
+        self.unreachable: list[int] = []
 
     def pool(self, pool_id: int) -> PoolMap | None:
         return self.current
@@ -62,9 +63,23 @@ class Maps:
         if self.after_refresh is not None:
             self.current, self.after_refresh = self.after_refresh, None
 
+    def report_unreachable(self, sds_id: int) -> None:
+        self.unreachable.append(sds_id)
+
+
+NAMES = {
+    Op.READ: "read",
+    Op.WRITE: "write",
+    Op.WRITE_ZEROES: "write_zeroes",
+    Op.TRIM: "trim",
+    Op.FLUSH: "flush",
+}
+
 
 class Faulty:
-    """A data path that stores chunks in memory and fails as the test injects."""
+    """A data path that stores chunks in memory and fails as the test injects. What
+    it sends at once (``submit``) is answered in the next pass of the event loop, as
+    an SDS's reply would be; a fault reaches the waiter as its exception."""
 
     def __init__(self) -> None:
         self.chunks: dict[int, bytearray] = {}
@@ -72,48 +87,114 @@ class Faulty:
         self.faults: list[DataPathError | str] = []  # next failures, in order; "hang"
         self.failing_sds: dict[int, DataPathError] = {}
 
-    async def _enter(
-        self, op: str, sds: SdsEndpoint, ref: ChunkRef | None, off: int, n: int
-    ) -> None:
-        self.calls.append((op, sds.sds_id, ref, off, n))
-        await asyncio.sleep(0)
+    def _record(self, sds: SdsEndpoint, piece: Piece) -> DataPathError | str | None:
+        """Note the request; the fault it meets, if any."""
+        op, _, ref, off, n, _ = piece
+        self.calls.append((NAMES[op], sds.sds_id, None if op == Op.FLUSH else ref, off, n))
         if sds.sds_id in self.failing_sds:
-            raise self.failing_sds[sds.sds_id]
-        if self.faults:
-            fault = self.faults.pop(0)
-            if fault == "hang":
-                await asyncio.sleep(3600)
-            assert isinstance(fault, DataPathError)
-            raise fault
+            return self.failing_sds[sds.sds_id]
+        return self.faults.pop(0) if self.faults else None
 
     def _chunk(self, idx: int) -> bytearray:
         return self.chunks.setdefault(idx, bytearray(CHUNK_SIZE))
 
-    async def read(self, sds: SdsEndpoint, ref: ChunkRef, offset: int, length: int) -> Chunk:
-        await self._enter("read", sds, ref, offset, length)
-        return bytes(self._chunk(ref.chunk_index)[offset : offset + length])
+    def _apply(self, piece: Piece) -> Reply:
+        op, _, ref, offset, length, payload = piece
+        chunk, end = self._chunk(ref.chunk_index), offset + length
+        data = memoryview(b"")
+        if op == Op.READ:
+            data = memoryview(bytes(chunk[offset:end]))
+        elif op == Op.WRITE:
+            assert payload is not None and len(payload) == length
+            chunk[offset:end] = payload
+        elif op in (Op.WRITE_ZEROES, Op.TRIM):
+            chunk[offset:end] = bytes(length)
+        return Reply(0, 0, ref.epoch, data)
 
-    async def write(
-        self, sds: SdsEndpoint, ref: ChunkRef, offset: int, data: memoryview, *, fua: bool
-    ) -> None:
-        await self._enter("write", sds, ref, offset, len(data))
-        self._chunk(ref.chunk_index)[offset : offset + len(data)] = data
+    def submit(self, sds: SdsEndpoint, piece: Piece, waiter: ReplyWaiter) -> bool:
+        fault = self._record(sds, piece)
 
-    async def write_zeroes(
-        self, sds: SdsEndpoint, ref: ChunkRef, offset: int, length: int, *, fua: bool
-    ) -> None:
-        await self._enter("write_zeroes", sds, ref, offset, length)
-        self._chunk(ref.chunk_index)[offset : offset + length] = bytes(length)
+        def reply() -> None:
+            if waiter.done():
+                return
+            if isinstance(fault, DataPathError):
+                waiter.set_exception(fault)
+            else:
+                waiter.set_result(self._apply(piece))
 
-    async def trim(self, sds: SdsEndpoint, ref: ChunkRef, offset: int, length: int) -> None:
-        await self._enter("trim", sds, ref, offset, length)
-        self._chunk(ref.chunk_index)[offset : offset + length] = bytes(length)
+        if fault != "hang":
+            asyncio.get_running_loop().call_soon(reply)
+        return True
 
-    async def flush(self, sds: SdsEndpoint, pool_id: int, volume_id: int) -> None:
-        await self._enter("flush", sds, None, 0, 0)
+    async def call(self, sds: SdsEndpoint, piece: Piece) -> Reply:
+        fault = self._record(sds, piece)
+        await asyncio.sleep(0)
+        if fault == "hang":
+            await asyncio.sleep(3600)
+        if isinstance(fault, DataPathError):
+            raise fault
+        return self._apply(piece)
+
+    def error(self, op: Op, outcome: Reply | BaseException) -> DataPathError:
+        assert isinstance(outcome, DataPathError), outcome
+        return outcome
 
     async def close(self) -> None:
         pass
+
+
+class Owner:
+    """Stands for the NBD connection (meshblock.nbd.server.RequestOwner): the answer
+    to one request, as its result or the exception of the task that finished it."""
+
+    def __init__(self) -> None:
+        self.answered: asyncio.Future[Sequence[Chunk]] = asyncio.get_running_loop().create_future()
+        self.task: asyncio.Task[None] | None = None
+
+    def answer(self, req: IoRequest, chunks: Sequence[Chunk]) -> None:
+        self.answered.set_result(chunks)
+
+    def run(self, req: IoRequest, work: Coroutine[Any, Any, Sequence[Chunk] | None]) -> None:
+        async def finish() -> None:
+            try:
+                self.answered.set_result((await work) or ())
+            except Exception as exc:
+                self.answered.set_exception(exc)
+
+        self.task = asyncio.get_running_loop().create_task(finish())
+
+
+async def serve(
+    io: VolumeIO, cmd: Cmd, offset: int, length: int, data: bytes = b"", flags: int = 0
+) -> Sequence[Chunk]:
+    """One NBD request through the backend's one path, as the NBD server sends it."""
+    owner = Owner()
+    payload = bytearray(data) if cmd == Cmd.WRITE else None
+    io.submit(IoRequest(owner, cmd, flags, 0, offset, length, payload))
+    return await owner.answered
+
+
+async def read(io: VolumeIO, offset: int, length: int) -> Sequence[Chunk]:
+    return await serve(io, Cmd.READ, offset, length)
+
+
+async def write(io: VolumeIO, offset: int, data: bytes, *, fua: bool) -> None:
+    await serve(io, Cmd.WRITE, offset, len(data), data, CmdFlag.FUA if fua else 0)
+
+
+async def write_zeroes(
+    io: VolumeIO, offset: int, length: int, *, punch_hole: bool, fua: bool
+) -> None:
+    flags = (0 if punch_hole else CmdFlag.NO_HOLE) | (CmdFlag.FUA if fua else 0)
+    await serve(io, Cmd.WRITE_ZEROES, offset, length, flags=flags)
+
+
+async def trim(io: VolumeIO, offset: int, length: int, *, fua: bool) -> None:
+    await serve(io, Cmd.TRIM, offset, length, flags=CmdFlag.FUA if fua else 0)
+
+
+async def flush(io: VolumeIO) -> None:
+    await serve(io, Cmd.FLUSH, 0, 0)
 
 
 def make_io(
@@ -142,7 +223,7 @@ def test_io_is_split_by_chunk_and_routed_to_primaries() -> None:
     maps, path = Maps(pool_map(5)), Faulty()
     io, _ = make_io(maps, path)
     offset, payload = CHUNK_SIZE - 100, os.urandom(2 * CHUNK_SIZE + 300)
-    run(io.write(offset, memoryview(payload), fua=False))
+    run(write(io, offset, payload, fua=False))
     pieces = chunk_span(offset, len(payload))
     assert len(path.calls) == len(pieces) == 4
     for (op, sds_id, ref, off, n), (idx, poff, pn) in zip(
@@ -151,7 +232,7 @@ def test_io_is_split_by_chunk_and_routed_to_primaries() -> None:
         pg = pg_of(VOLUME.id, idx, PG_COUNT)
         assert op == "write" and ref == ChunkRef(1, pg, 5, VOLUME.id, idx)
         assert sds_id == pg % 3 and (off, n) == (poff, pn)
-    got = run(io.read(offset, len(payload)))
+    got = run(read(io, offset, len(payload)))
     assert b"".join(bytes(c) for c in got) == payload
 
 
@@ -160,7 +241,7 @@ def test_epoch_stale_refreshes_the_map_and_retries_on_the_new_primary() -> None:
     io, metrics = make_io(maps, path)
     maps.after_refresh = pool_map(6, shift=1)
     path.faults = [DataPathError("epoch_stale", "stale", retriable=True)]
-    run(io.write(0, memoryview(b"x" * 10), fua=True))
+    run(write(io, 0, b"x" * 10, fua=True))
     first, second = path.calls
     assert first[2] is not None and first[2].epoch == 5
     assert second[2] is not None and second[2].epoch == 6
@@ -174,7 +255,7 @@ def test_connection_failures_are_retried_until_they_clear() -> None:
     io, metrics = make_io(maps, path)
     lost = DataPathError("connection", "lost", retriable=True)
     path.faults = [lost, lost, lost]
-    assert b"".join(bytes(c) for c in run(io.read(4096, 512))) == bytes(512)
+    assert b"".join(bytes(c) for c in run(read(io, 4096, 512))) == bytes(512)
     assert len(path.calls) == 4 and maps.refreshes == 3
     assert retries(metrics, "connection") == 3
 
@@ -184,7 +265,7 @@ def test_a_pg_without_primary_waits_for_the_map() -> None:
     maps, path = Maps(empty), Faulty()
     io, metrics = make_io(maps, path)
     maps.after_refresh = pool_map(6)
-    run(io.write(0, memoryview(b"y"), fua=False))
+    run(write(io, 0, b"y", fua=False))
     assert retries(metrics, "no_primary") == 1 and len(path.calls) == 1
 
 
@@ -193,7 +274,7 @@ def test_errors_no_retry_can_fix_are_answered_at_once() -> None:
     io, metrics = make_io(maps, path)
     path.faults = [DataPathError("no_space", "full", retriable=False, errno=Errno.ENOSPC)]
     with pytest.raises(RequestError) as err:
-        run(io.write(0, memoryview(b"z" * 4096), fua=False))
+        run(write(io, 0, b"z" * 4096, fua=False))
     assert err.value.errno == Errno.ENOSPC
     assert len(path.calls) == 1 and maps.refreshes == 0
     errors = metrics.registry.get_sample_value("meshblock_sdc_io_errors_total", {"op": "write"})
@@ -206,7 +287,7 @@ def test_gives_up_with_eio_after_the_io_timeout() -> None:
     path.failing_sds = {s: DataPathError("connection", "refused", retriable=True) for s in range(3)}
     t0 = time.monotonic()
     with pytest.raises(RequestError) as err:
-        run(io.read(0, 4096))
+        run(read(io, 0, 4096))
     assert err.value.errno == Errno.EIO and "connection" in str(err.value)
     assert 0.45 <= time.monotonic() - t0 < 2.0
     assert len(path.calls) > 3
@@ -216,7 +297,7 @@ def test_a_hung_sds_times_out_and_is_retried() -> None:
     maps, path = Maps(pool_map(5)), Faulty()
     io, metrics = make_io(maps, path)
     path.faults = ["hang"]
-    run(io.write(0, memoryview(b"h"), fua=False))
+    run(write(io, 0, b"h", fua=False))
     assert retries(metrics, "timeout") == 1 and len(path.calls) == 2
 
 
@@ -230,7 +311,7 @@ def test_flush_reaches_every_holder_and_retries_only_the_failed_one() -> None:
         del path.failing_sds[2]
 
     async def main() -> None:
-        await asyncio.gather(io.flush(), heal())
+        await asyncio.gather(flush(io), heal())
 
     asyncio.run(main())
     flushed = [c[1] for c in path.calls if c[0] == "flush"]
@@ -242,13 +323,13 @@ def test_flush_reaches_every_holder_and_retries_only_the_failed_one() -> None:
 def test_write_zeroes_no_hole_writes_zeroes_and_trim_with_fua_flushes() -> None:
     maps, path = Maps(pool_map(5)), Faulty()
     io, _ = make_io(maps, path)
-    run(io.write_zeroes(100, CHUNK_SIZE, punch_hole=False, fua=False))
+    run(write_zeroes(io, 100, CHUNK_SIZE, punch_hole=False, fua=False))
     assert {c[0] for c in path.calls} == {"write"}
     path.calls.clear()
-    run(io.write_zeroes(100, CHUNK_SIZE, punch_hole=True, fua=False))
+    run(write_zeroes(io, 100, CHUNK_SIZE, punch_hole=True, fua=False))
     assert {c[0] for c in path.calls} == {"write_zeroes"}
     path.calls.clear()
-    run(io.trim(0, 3 * CHUNK_SIZE, fua=True))
+    run(trim(io, 0, 3 * CHUNK_SIZE, fua=True))
     ops = [c[0] for c in path.calls]
     assert ops.count("trim") == 3 and ops.count("flush") == 3
 
@@ -256,7 +337,7 @@ def test_write_zeroes_no_hole_writes_zeroes_and_trim_with_fua_flushes() -> None:
 def test_many_pieces_are_bounded_in_parallel() -> None:
     maps, path = Maps(pool_map(5)), Faulty()
     io, _ = make_io(maps, path, volume=replace(VOLUME, size_bytes=200 * CHUNK_SIZE))
-    run(io.trim(0, 100 * CHUNK_SIZE, fua=False))
+    run(trim(io, 0, 100 * CHUNK_SIZE, fua=False))
     assert len(path.calls) == 100
 
 
@@ -265,8 +346,53 @@ def test_unmapped_volume_refuses_io() -> None:
     io, _ = make_io(maps, path)
     io.close()
     with pytest.raises(RequestError) as err:
-        run(io.read(0, 1))
+        run(read(io, 0, 1))
     assert err.value.errno == Errno.ESHUTDOWN
+
+
+def test_one_chunk_io_needs_no_task_unless_it_must_wait_or_retry() -> None:
+    """The one path: a one-chunk READ or WRITE is sent from submit and answered from
+    its reply's callback, without a task; one whose first attempt fails goes on in a
+    task (retried on the newer map, the SDS that did not answer reported); a QoS
+    limit or several chunks take the task from the start. Each request is counted
+    once."""
+    maps, path = Maps(pool_map(5)), Faulty()
+    io, metrics = make_io(maps, path)
+
+    async def submit(cmd: Cmd, offset: int, length: int, data: bytes = b"") -> Owner:
+        owner = Owner()
+        payload = bytearray(data) if cmd == Cmd.WRITE else None
+        io.submit(IoRequest(owner, cmd, 0, 7, offset, length, payload))
+        await owner.answered
+        return owner
+
+    async def main() -> None:
+        owner = await submit(Cmd.WRITE, 4096, 512, b"w" * 512)
+        assert owner.task is None and owner.answered.result() == ()
+        owner = await submit(Cmd.READ, 4096, 512)
+        assert owner.task is None and bytes(owner.answered.result()[0]) == b"w" * 512
+        assert [c[0] for c in path.calls] == ["write", "read"]
+
+        path.calls.clear()
+        maps.after_refresh = pool_map(6, shift=1)
+        path.faults = [DataPathError("connection", "lost", retriable=True)]
+        owner = await submit(Cmd.READ, 4096, 512)
+        assert owner.task is not None and bytes(owner.answered.result()[0]) == b"w" * 512
+        (_, first, ref1, _, _), (_, second, ref2, _, _) = path.calls
+        assert ref1 is not None and ref1.epoch == 5 and ref2 is not None and ref2.epoch == 6
+        assert maps.unreachable == [first] and second == (first + 1) % 3
+
+        owner = await submit(Cmd.WRITE, CHUNK_SIZE - 1, 2, b"xy")  # two chunks
+        assert owner.task is not None
+        io.update(replace(VOLUME, iops_limit=1000))
+        owner = await submit(Cmd.READ, 0, 512)
+        assert owner.task is not None
+
+    asyncio.run(main())
+    assert retries(metrics, "connection") == 1
+    ops = metrics.registry.get_sample_value
+    assert ops("meshblock_sdc_ops_total", {"volume": "v", "op": "read"}) == 3
+    assert ops("meshblock_sdc_ops_total", {"volume": "v", "op": "write"}) == 2
 
 
 def test_token_bucket_paces_and_changes_rate() -> None:
@@ -483,13 +609,8 @@ def test_an_sds_dying_during_the_handshake_is_a_retriable_connect_failure() -> N
         try:
             for _ in range(3):
                 with pytest.raises(DataPathError) as err:
-                    await path.write(
-                        SdsEndpoint(1, "127.0.0.1", port),
-                        ChunkRef(1, 0, 1, 7, 0),
-                        0,
-                        memoryview(b"x" * 4096),
-                        fua=False,
-                    )
+                    piece = Piece(Op.WRITE, 0, ChunkRef(1, 0, 1, 7, 0), 0, 4096, b"x" * 4096)
+                    await path.call(SdsEndpoint(1, "127.0.0.1", port), piece)
                 assert err.value.retriable
                 assert err.value.reason == "connect"
         finally:

@@ -24,7 +24,7 @@ from _wait import wait_until_async
 from _wire import EPOCH, PG_COUNT, POOL, SECRET, sds_server
 from meshblock.chunks import ChunkRef, pg_of
 from meshblock.pgmap_doc import SdsEndpoint
-from meshblock.sdc.datapath import DataPathError
+from meshblock.sdc.datapath import DataPathError, Piece
 from meshblock.sdc.wire_path import WireDataPath
 from meshblock.sds.metrics import SdsCollector
 from meshblock.sds.replication import Peers
@@ -290,7 +290,9 @@ def test_a_server_breaking_the_v2_handshake_is_a_handshake_error_for_every_calle
                 await Peers(SECRET, 5.0).get(2, ("127.0.0.1", port))
             path = WireDataPath(SECRET)
             with pytest.raises(DataPathError) as dp:
-                await path.read(SdsEndpoint(2, "127.0.0.1", port), ref(1, 0), 0, 512)
+                await path.call(
+                    SdsEndpoint(2, "127.0.0.1", port), Piece(Op.READ, 0, ref(1, 0), 0, 512)
+                )
             assert dp.value.reason == "handshake" and not dp.value.retriable
 
     asyncio.run(main())

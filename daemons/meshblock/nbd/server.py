@@ -7,13 +7,14 @@ payloads are received directly into their own buffer (no intermediate copy). Eve
 length is checked against the export size and :data:`~protocol.MAX_REQUEST_SIZE`
 before any payload is read.
 
-Requests are served concurrently and answered out of order, as the protocol allows.
-Each runs in a task of its own, except READs and WRITEs that a backend offering
-:class:`FastBackend` can start at once: those are answered from a callback, without
-a task, unless the backend hands back a coroutine to finish them the slow way. All
-replies that become ready in one event-loop pass leave in one ``writelines`` call.
-Reading pauses while too many requests or bytes are in flight, or while the socket's
-send buffer is full.
+Every command in transmission takes one path: the parser makes it an
+:class:`IoRequest` and hands it to the export's :class:`Backend` (``submit``), which
+answers it exactly once, either at once or later from a callback
+(:meth:`IoRequest.reply`: no task, no future), or by finishing it in a task
+(:meth:`IoRequest.run`), which the connection runs and answers. Requests are served
+concurrently and answered out of order, as the protocol allows. All replies that
+become ready in one event-loop pass leave in one socket write. Reading pauses while
+too many requests or bytes are in flight, or while the socket's send buffer is full.
 
 Two kinds of failure:
 
@@ -34,7 +35,7 @@ import socket
 import stat
 import sys
 from collections.abc import Callable, Coroutine, Sequence
-from typing import Any, Protocol
+from typing import Any, Final, NamedTuple, Protocol
 
 from meshblock.nbd.protocol import (
     ALLOWED_FLAGS,
@@ -59,7 +60,6 @@ from meshblock.nbd.protocol import (
     U32,
     ClientFlag,
     Cmd,
-    CmdFlag,
     Errno,
     HandshakeFlag,
     Info,
@@ -113,45 +113,55 @@ DEFAULT_EXPORT_FLAGS = (
 )
 
 _WRITES = (Cmd.WRITE, Cmd.TRIM, Cmd.WRITE_ZEROES)
+#: Builds an IoRequest faster than its class, whose ``__new__`` is a Python function.
+_new_tuple: Final = tuple.__new__
+
+
+class IoRequest(NamedTuple):
+    """One NBD command in transmission, from the parser to its reply: what a
+    :class:`Backend` serves.
+
+    ``cmd`` is a :class:`Cmd` (READ, WRITE, WRITE_ZEROES, TRIM or FLUSH), ``flags`` its
+    :class:`CmdFlag` bits, ``offset`` and ``length`` are checked against the export
+    already, and ``data`` is a WRITE's payload (None for the others): it is not
+    looked at again once the request is answered, and must not be kept past that.
+    The request is answered exactly once, by :meth:`reply` or through :meth:`run`.
+    """
+
+    owner: RequestOwner  # where the answer goes
+    cmd: int
+    flags: int
+    handle: int  # the client's, echoed in the reply
+    offset: int
+    length: int
+    data: bytearray | None
+
+    def reply(self, chunks: Sequence[Chunk] = ()) -> None:
+        """Answer success now (from any callback): a READ with buffers that together
+        hold exactly ``length`` bytes, handed to the socket as they are."""
+        self.owner.answer(self, chunks)
+
+    def run(self, work: Coroutine[Any, Any, Sequence[Chunk] | None]) -> None:
+        """Finish the request in a task: what ``work`` returns answers it (a READ's
+        buffers, as for :meth:`reply`); a :class:`RequestError` it raises is answered
+        with its errno, any other exception is logged and answered with EIO."""
+        self.owner.run(self, work)
+
+
+class RequestOwner(Protocol):
+    """Where a request's answer goes (an :class:`NbdConnection`)."""
+
+    def answer(self, req: IoRequest, chunks: Sequence[Chunk]) -> None: ...
+
+    def run(self, req: IoRequest, work: Coroutine[Any, Any, Sequence[Chunk] | None]) -> None: ...
 
 
 class Backend(Protocol):
-    """The storage behind one export. Offsets and lengths are already bounds-checked.
+    """The storage behind one export."""
 
-    Failures are raised as :class:`RequestError` (any other exception is logged and
-    answered with EIO).
-    """
-
-    async def read(self, offset: int, length: int) -> Sequence[Chunk]: ...
-
-    async def write(self, offset: int, data: memoryview, *, fua: bool) -> None: ...
-
-    async def write_zeroes(
-        self, offset: int, length: int, *, punch_hole: bool, fua: bool
-    ) -> None: ...
-
-    async def trim(self, offset: int, length: int, *, fua: bool) -> None: ...
-
-    async def flush(self) -> None: ...
-
-
-#: What a :class:`FastBackend` calls once a request it started is done: with the
-#: read's buffers (``()`` for a write) and ``None``; or with ``()`` and a coroutine
-#: that finishes the request (its result or exception is the backend call's own).
-FastDone = Callable[[Sequence[Chunk], Coroutine[Any, Any, Any] | None], None]
-
-
-class FastBackend(Backend, Protocol):
-    """A backend that can start simple READs and WRITEs without a task.
-
-    ``start_read`` / ``start_write`` return False when they cannot (the request is
-    then served the ordinary way); otherwise ``done`` is called exactly once, later,
-    never from within the call.
-    """
-
-    def start_read(self, offset: int, length: int, done: FastDone) -> bool: ...
-
-    def start_write(self, offset: int, data: memoryview, fua: bool, done: FastDone) -> bool: ...
+    def submit(self, req: IoRequest) -> None:
+        """Serve ``req`` (every command but DISC): answer it exactly once, now or
+        later (:meth:`IoRequest.reply`, :meth:`IoRequest.run`). It must not raise."""
 
 
 class Export:
@@ -274,14 +284,14 @@ class NbdServer:
         conns = list(self.connections)
         for conn in conns:
             conn.stop_reading()
-        pending: list[asyncio.Future[Any]] = [t for conn in conns for t in conn.tasks]
-        pending += [conn.fast_idle() for conn in conns if conn.fast_inflight]
-        if pending:
-            _, late = await asyncio.wait(pending, timeout=grace_s)
-            for task in late:
+        busy = [conn.idle() for conn in conns if conn.inflight]
+        if busy:
+            _, late = await asyncio.wait(busy, timeout=grace_s)
+            tasks = [task for conn in conns for task in conn.tasks] if late else []
+            for task in tasks:
                 task.cancel()
-            if late:
-                await asyncio.wait(late)
+            if tasks:
+                await asyncio.wait(tasks)
         for conn in conns:
             conn.close("server shutting down")
 
@@ -302,12 +312,12 @@ class NbdConnection(asyncio.BufferedProtocol):
         self.server = server
         self.export: Export | None = None
         self.peer = "?"
+        #: Requests handed to the backend and not answered yet, with or without a task.
+        self.inflight = 0
+        #: The tasks of the requests the backend finishes in one (IoRequest.run).
         self.tasks: set[asyncio.Task[None]] = set()
-        #: Requests started by a FastBackend and not answered yet (no task).
-        self.fast_inflight = 0
-        self._fast_idle: asyncio.Future[None] | None = None
-        self._fast_read: Callable[[int, int, FastDone], bool] | None = None
-        self._fast_write: Callable[[int, memoryview, bool, FastDone], bool] | None = None
+        self._idle: asyncio.Future[None] | None = None
+        self._submit: Callable[[IoRequest], None] = _not_in_transmission
         self._transport: asyncio.Transport | None = None
         self._loop = asyncio.get_running_loop()
         self._rbuf = bytearray(RECV_BUFFER_SIZE)
@@ -569,8 +579,7 @@ class NbdConnection(asyncio.BufferedProtocol):
         self.export = export
         self._size = export.size
         self._read_only = export.read_only
-        self._fast_read = getattr(export.backend, "start_read", None)
-        self._fast_write = getattr(export.backend, "start_write", None)
+        self._submit = export.backend.submit
         export.connections.add(self)
         self._expect(_TX_HEADER, REQUEST.size)
         log.info("NBD connection from %s uses export %r", self.peer, export.name)
@@ -665,167 +674,95 @@ class NbdConnection(asyncio.BufferedProtocol):
     def _start(
         self, cmd: int, flags: int, handle: int, offset: int, length: int, data: bytearray | None
     ) -> None:
-        weight = length if cmd in (Cmd.READ, Cmd.WRITE) else 0
-        self._inflight_bytes += weight
-        if cmd == Cmd.READ and self._fast_read is not None:
-            if self._fast_read(
-                offset,
-                length,
-                lambda chunks, slow: self._fast_done(
-                    cmd, flags, handle, offset, length, None, chunks, slow
-                ),
-            ):
-                self.fast_inflight += 1
-                self._update_reading()
-                return
-        elif cmd == Cmd.WRITE and self._fast_write is not None:
-            assert data is not None
-            if self._fast_write(
-                offset,
-                memoryview(data),
-                bool(flags & CmdFlag.FUA),
-                lambda chunks, slow: self._fast_done(
-                    cmd, flags, handle, offset, length, data, chunks, slow
-                ),
-            ):
-                self.fast_inflight += 1
-                self._update_reading()
-                return
-        self._spawn(self._serve(cmd, flags, handle, offset, length, data))
-
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = self._loop.create_task(coro)
-        self.tasks.add(task)
-        task.add_done_callback(self._task_done)
+        if cmd == Cmd.READ or cmd == Cmd.WRITE:
+            self._inflight_bytes += length
+        self.inflight += 1
+        req = _new_tuple(IoRequest, (self, cmd, flags, handle, offset, length, data))
+        try:
+            self._submit(req)
+        except Exception as exc:  # a backend bug: answer this request, keep the connection
+            self.answer(req, (), self._failed(req, exc))
         self._update_reading()
 
-    def _fast_done(
-        self,
-        cmd: int,
-        flags: int,
-        handle: int,
-        offset: int,
-        length: int,
-        data: bytearray | None,
-        chunks: Sequence[Chunk],
-        slow: Coroutine[Any, Any, Any] | None,
-    ) -> None:
-        """A request started by a FastBackend is done, or goes on in a task (``slow``)."""
-        if slow is not None:
-            if self._state == _CLOSED:
-                slow.close()  # nobody to answer: do not retry for it
-                self._inflight_bytes -= length if cmd in (Cmd.READ, Cmd.WRITE) else 0
-            else:
-                self._spawn(self._serve(cmd, flags, handle, offset, length, data, slow))
-        else:
-            self._inflight_bytes -= length
+    def answer(self, req: IoRequest, chunks: Sequence[Chunk], err: Errno = Errno.OK) -> None:
+        """The reply to ``req`` (:class:`RequestOwner`)."""
+        if req.cmd == Cmd.READ:
+            self._inflight_bytes -= req.length
             if (
-                cmd == Cmd.READ
-                and (len(chunks[0]) if len(chunks) == 1 else sum(map(len, chunks))) != length
+                not err
+                and (len(chunks[0]) if len(chunks) == 1 else sum(map(len, chunks))) != req.length
             ):
-                # As _serve answers a short read (it cannot happen with a FastBackend
-                # that keeps its promise).
-                self._spawn(self._serve(cmd, flags, handle, offset, length, data, _short(chunks)))
-            else:
-                self._send(SIMPLE_REPLY.pack(Magic.SIMPLE_REPLY, Errno.OK, handle), *chunks)
-                self._retire_payload(data)
-        self.fast_inflight -= 1
-        if not self.fast_inflight and self._fast_idle is not None:
-            if not self._fast_idle.done():
-                self._fast_idle.set_result(None)
-            self._fast_idle = None
-        if self._disconnecting and not self.tasks and not self.fast_inflight:
-            self._finish()
-        else:
-            self._update_reading()
+                exc = RuntimeError(f"backend returned a short read at {req.offset}+{req.length}")
+                err, chunks = self._failed(req, exc), ()
+        elif req.cmd == Cmd.WRITE:
+            self._inflight_bytes -= req.length
+        self._send(SIMPLE_REPLY.pack(Magic.SIMPLE_REPLY, err, req.handle), *chunks)
+        self._retire_payload(req.data)
+        self._settled()
 
-    def fast_idle(self) -> asyncio.Future[None]:
-        """A future done once no request started by a FastBackend is in flight."""
-        if not self.fast_inflight:
-            idle: asyncio.Future[None] = self._loop.create_future()
-            idle.set_result(None)
-            return idle
-        if self._fast_idle is None:
-            self._fast_idle = self._loop.create_future()
-        return self._fast_idle
-
-    def _task_done(self, task: asyncio.Task[None]) -> None:
-        self.tasks.discard(task)
-        if self._disconnecting and not self.tasks and not self.fast_inflight:
-            self._finish()
-        else:
-            self._update_reading()
+    def run(self, req: IoRequest, work: Coroutine[Any, Any, Sequence[Chunk] | None]) -> None:
+        """Finish ``req`` in a task (:class:`RequestOwner`)."""
+        if self._state == _CLOSED:
+            work.close()  # nobody to answer: do not retry for it
+            self._forget(req)
+            return
+        task = self._loop.create_task(self._serve(req, work))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
 
     async def _serve(
-        self,
-        cmd: int,
-        flags: int,
-        handle: int,
-        offset: int,
-        length: int,
-        data: bytearray | None,
-        slow: Coroutine[Any, Any, Any] | None = None,
+        self, req: IoRequest, work: Coroutine[Any, Any, Sequence[Chunk] | None]
     ) -> None:
-        export = self.export
-        assert export is not None
-        backend = export.backend
-        weight = length if cmd in (Cmd.READ, Cmd.WRITE) else 0
         chunks: Sequence[Chunk] = ()
         err = Errno.OK
         try:
-            if slow is not None:  # a request a FastBackend started
-                result = await slow
-                if cmd == Cmd.READ:
-                    chunks = result
-                    got = len(chunks[0]) if len(chunks) == 1 else sum(map(len, chunks))
-                    if got != length:
-                        raise RuntimeError(f"backend returned a short read at {offset}+{length}")
-            elif cmd == Cmd.READ:
-                chunks = await backend.read(offset, length)
-                got = len(chunks[0]) if len(chunks) == 1 else sum(map(len, chunks))
-                if got != length:
-                    raise RuntimeError(f"backend returned a short read at {offset}+{length}")
-            elif cmd == Cmd.WRITE:
-                assert data is not None
-                await backend.write(offset, memoryview(data), fua=bool(flags & CmdFlag.FUA))
-            elif cmd == Cmd.FLUSH:
-                await backend.flush()
-            elif cmd == Cmd.TRIM:
-                await backend.trim(offset, length, fua=bool(flags & CmdFlag.FUA))
-            elif cmd == Cmd.WRITE_ZEROES:
-                await backend.write_zeroes(
-                    offset,
-                    length,
-                    punch_hole=not flags & CmdFlag.NO_HOLE,
-                    fua=bool(flags & CmdFlag.FUA),
-                )
-        except RequestError as exc:
-            err = exc.errno
-            chunks = ()
-            log.warning(
-                "NBD %s export %r: command %s at %d+%d failed: %s",
-                self.peer,
-                export.name,
-                Cmd(cmd).name,
-                offset,
-                length,
-                exc,
-            )
-        except Exception:
-            err = Errno.EIO
-            chunks = ()
-            log.exception(
-                "NBD %s export %r: command %s at %d+%d failed",
-                self.peer,
-                export.name,
-                Cmd(cmd).name,
-                offset,
-                length,
-            )
-        finally:
-            self._inflight_bytes -= weight
-        self._send(SIMPLE_REPLY.pack(Magic.SIMPLE_REPLY, err, handle), *chunks)
-        self._retire_payload(data)
+            result = await work
+            if req.cmd == Cmd.READ:
+                chunks = () if result is None else result
+        except Exception as exc:
+            err = self._failed(req, exc)
+        except BaseException:  # cancelled: the server stops
+            self._forget(req)
+            raise
+        self.answer(req, chunks, err)
+
+    def _failed(self, req: IoRequest, exc: Exception) -> Errno:
+        """Log why ``req`` failed; the errno it is answered with."""
+        export = self.export.name if self.export is not None else "?"
+        what = (self.peer, export, Cmd(req.cmd).name, req.offset, req.length)
+        if isinstance(exc, RequestError):
+            log.warning("NBD %s export %r: command %s at %d+%d failed: %s", *what, exc)
+            return exc.errno
+        log.error("NBD %s export %r: command %s at %d+%d failed", *what, exc_info=exc)
+        return Errno.EIO
+
+    def _forget(self, req: IoRequest) -> None:
+        """``req`` will not be answered (the connection is closed or closing)."""
+        if req.cmd == Cmd.READ or req.cmd == Cmd.WRITE:
+            self._inflight_bytes -= req.length
+        self._settled()
+
+    def _settled(self) -> None:
+        """One request fewer in flight."""
+        self.inflight -= 1
+        if not self.inflight and self._idle is not None:
+            if not self._idle.done():
+                self._idle.set_result(None)
+            self._idle = None
+        if self._disconnecting and not self.inflight:
+            self._finish()
+        else:
+            self._update_reading()
+
+    def idle(self) -> asyncio.Future[None]:
+        """A future done once no request is in flight."""
+        if not self.inflight:
+            idle: asyncio.Future[None] = self._loop.create_future()
+            idle.set_result(None)
+            return idle
+        if self._idle is None:
+            self._idle = self._loop.create_future()
+        return self._idle
 
     # -- output, flow control, closing ----------------------------------------------
 
@@ -866,7 +803,7 @@ class NbdConnection(asyncio.BufferedProtocol):
         if t is None or t.is_closing():
             return
         busy = (
-            len(self.tasks) + self.fast_inflight >= MAX_INFLIGHT_REQUESTS
+            self.inflight >= MAX_INFLIGHT_REQUESTS
             or self._inflight_bytes >= MAX_INFLIGHT_BYTES
             or self._paused_by_writer
             or self._disconnecting
@@ -887,7 +824,7 @@ class NbdConnection(asyncio.BufferedProtocol):
         """NBD_CMD_DISC: finish what is in flight, then close."""
         log.debug("NBD %s: disconnect requested", self.peer)
         self.stop_reading()
-        if not self.tasks and not self.fast_inflight:
+        if not self.inflight:
             self._finish()
 
     def _finish(self) -> None:
@@ -913,5 +850,5 @@ class NbdConnection(asyncio.BufferedProtocol):
             self._transport.abort()
 
 
-async def _short(chunks: Sequence[Chunk]) -> Sequence[Chunk]:
-    return chunks
+def _not_in_transmission(req: IoRequest) -> None:
+    raise AssertionError("a request before transmission")

@@ -2,20 +2,53 @@
 
 :class:`DataPath` is the narrow interface :mod:`meshblock.sdc.volume_io` is written
 against; :mod:`meshblock.sdc.wire_path` implements it with the data protocol's
-client. Failures are :class:`DataPathError`, classified once here so that the
-retry logic never parses messages: ``retriable`` says whether refreshing the map and
-trying again may succeed, ``reason`` is a short label for logs and metrics, and
-``errno`` is what the NBD client gets when the IO finally fails.
+client. A request to one chunk is a :class:`Piece`: an operation of the data
+protocol, its flags, the chunk's :class:`~meshblock.chunks.ChunkRef`, a range of the
+chunk and a WRITE's payload; its answer is the data protocol's typed :class:`Reply`
+(status, flags, epoch, payload), handed on as it is. There are two ways to send one:
+
+- :meth:`DataPath.submit` sends it now or not at all, and hands its reply (or the
+  connection's loss) to a :class:`ReplyWaiter`, an object with a future's
+  ``done`` / ``set_result`` / ``set_exception``, called later from the receive path:
+  the IO path's first attempt, which needs no task;
+- :meth:`DataPath.call` connects and waits for a free slot as needed, then awaits
+  the reply: the attempts that have a task.
+
+Failures are :class:`DataPathError`, classified once here so that the retry logic
+never parses messages: ``retriable`` says whether refreshing the map and trying again
+may succeed, ``reason`` is a short label for logs and metrics, and ``errno`` is what
+the NBD client gets when the IO finally fails. :meth:`DataPath.call` raises them;
+:meth:`DataPath.error` makes one of what a submitted piece's waiter got instead of a
+reply with status OK.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Final, NamedTuple, Protocol
 
 from meshblock.chunks import ChunkRef
 from meshblock.nbd.protocol import Errno
-from meshblock.nbd.server import Chunk
 from meshblock.sdc.maps import SdsEndpoint
+from meshblock.wire.client import Reply, ReplyWaiter
+from meshblock.wire.framing import Buffer
+from meshblock.wire.protocol import Op, ReplyFlag, ReqFlag
+
+__all__ = [
+    "FUA",
+    "HOLE",
+    "Buffer",
+    "DataPath",
+    "DataPathError",
+    "Op",
+    "Piece",
+    "Reply",
+    "ReplyWaiter",
+]
+
+#: Request flag: the write is durable on both copies before the reply.
+FUA: Final = int(ReqFlag.FUA)
+#: Reply flag: the range is not allocated and reads as zeroes (no payload came).
+HOLE: Final = int(ReplyFlag.HOLE)
 
 
 class DataPathError(Exception):
@@ -28,19 +61,29 @@ class DataPathError(Exception):
         self.errno = errno
 
 
+class Piece(NamedTuple):
+    """One request to one chunk."""
+
+    op: Op
+    flags: int  # the data protocol's request flags (FUA)
+    ref: ChunkRef
+    offset: int  # in the chunk
+    length: int
+    payload: Buffer | None = None  # a WRITE's data
+
+
 class DataPath(Protocol):
-    async def read(self, sds: SdsEndpoint, ref: ChunkRef, offset: int, length: int) -> Chunk: ...
+    def submit(self, sds: SdsEndpoint, piece: Piece, waiter: ReplyWaiter) -> bool:
+        """Send ``piece`` to ``sds`` now if its connection is open and has a free
+        in-flight slot: its outcome goes to ``waiter`` later (never from within this
+        call). False: nothing was sent."""
 
-    async def write(
-        self, sds: SdsEndpoint, ref: ChunkRef, offset: int, data: memoryview, *, fua: bool
-    ) -> None: ...
+    async def call(self, sds: SdsEndpoint, piece: Piece) -> Reply:
+        """Send ``piece`` (connecting and waiting for a slot as needed) and return its
+        reply, whose status is OK; anything else raises :class:`DataPathError`."""
 
-    async def write_zeroes(
-        self, sds: SdsEndpoint, ref: ChunkRef, offset: int, length: int, *, fua: bool
-    ) -> None: ...
-
-    async def trim(self, sds: SdsEndpoint, ref: ChunkRef, offset: int, length: int) -> None: ...
-
-    async def flush(self, sds: SdsEndpoint, pool_id: int, volume_id: int) -> None: ...
+    def error(self, op: Op, outcome: Reply | BaseException) -> DataPathError:
+        """What a submitted piece's failure means: the reply with a status other than
+        OK, or the exception its waiter got."""
 
     async def close(self) -> None: ...

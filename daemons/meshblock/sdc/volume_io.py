@@ -1,13 +1,21 @@
 """IO on one mapped volume: the NBD backend of its export.
 
-An NBD request is cut into chunk pieces (:func:`meshblock.chunks.chunk_span`); each
-piece goes to the primary of its PG (:func:`meshblock.chunks.pg_of`) with the pool's
-map epoch, all pieces of a request at once. A piece that fails in a retriable way
-(``EPOCH_STALE``, ``NOT_PRIMARY``, a lost connection, a PG without a primary, ...)
-makes the SDC ask the MDM for fresh maps right away and try again, with a growing
-pause while the map does not change, for up to ``io.timeout_s``; only then does the
-NBD client see an error (EIO). Errors that no retry can fix (no space, a device IO
-error, an invalid range) are answered at once.
+Every NBD request takes one path, :meth:`VolumeIO.submit`. It is cut into chunk
+pieces (:func:`meshblock.chunks.chunk_span`); each piece goes to the primary of its
+PG (:func:`meshblock.chunks.pg_of`) with the pool's map epoch, all pieces of a request
+at once. A one-chunk READ or WRITE (most IO) whose first attempt needs no wait (no
+QoS limit, a primary in the map, an open connection to it with a free slot) is sent
+from ``submit`` itself and answered from its reply's callback, without a task or a
+future (:class:`_Attempt`). Everything else is finished in a task
+(:meth:`VolumeIO._serve`): other commands, several chunks, a QoS wait, no connection
+yet, and a first attempt that fails or gets no reply within its budget, which the
+task takes as its own attempt (same start, so same deadlines) and goes on from.
+
+A piece that fails in a retriable way (``EPOCH_STALE``, ``NOT_PRIMARY``, a lost
+connection, a PG without a primary, ...) makes the SDC ask the MDM for fresh maps
+right away and try again, with a growing pause while the map does not change, for up
+to ``io.timeout_s``; only then does the NBD client see an error (EIO). Errors that no
+retry can fix (no space, a device IO error, an invalid range) are answered at once.
 
 FLUSH reaches every SDS that holds a copy of some PG of the volume's pool (the
 distinct primaries and secondaries of its map); each SDS makes its devices durable
@@ -19,19 +27,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
-from typing import Any, Protocol, TypeVar
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Final, Protocol, TypeVar, cast
 
-from meshblock.chunks import CHUNK_SHIFT, CHUNK_SIZE, ChunkRef, chunk_span, pg_of
-from meshblock.nbd.protocol import Errno, RequestError
-from meshblock.nbd.server import Chunk, FastDone
-from meshblock.sdc.datapath import DataPath, DataPathError
+from meshblock.chunks import CHUNK_SHIFT, CHUNK_SIZE, ChunkRef, chunk_span, pgs_of_volume
+from meshblock.nbd.protocol import Cmd, CmdFlag, Errno, RequestError
+from meshblock.nbd.server import Chunk, IoRequest
+from meshblock.sdc.datapath import FUA, HOLE, Buffer, DataPath, DataPathError, Op, Piece, Reply
 from meshblock.sdc.maps import PoolMap, SdsEndpoint, VolumeMapping
 from meshblock.sdc.metrics import VolumeStats
 from meshblock.sdc.qos import Qos
-from meshblock.sdc.wire_path import DirectReply
-from meshblock.wire.client import ZEROES, Reply
-from meshblock.wire.protocol import Op, ReplyFlag
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -41,55 +46,63 @@ MAX_PARALLEL_PIECES = 32
 #: Pause between attempts while the map has not changed: doubles from the first value.
 BACKOFF_FIRST_S = 0.02
 BACKOFF_MAX_S = 1.0
-
-_ZEROES = memoryview(bytes(CHUNK_SIZE))
-_IN_CHUNK = CHUNK_SIZE - 1
-_HOLE = int(ReplyFlag.HOLE)
 #: The attempt timer checks the deadlines of the attempts in flight this often (at
 #: most), so an attempt is given up between its deadline and one tick later.
 TIMER_TICK_S = 0.1
 
+_ZEROES = memoryview(bytes(CHUNK_SIZE))
+_IN_CHUNK = CHUNK_SIZE - 1
+_READ: Final = int(Cmd.READ)
+_WRITE: Final = int(Cmd.WRITE)
+_TRIM: Final = int(Cmd.TRIM)
+_FLUSH: Final = int(Cmd.FLUSH)
+_NBD_FUA: Final = int(CmdFlag.FUA)
+_NO_HOLE: Final = int(CmdFlag.NO_HOLE)
+#: The label of each command in the metrics and logs.
+_WHAT: Final[dict[int, str]] = {
+    Cmd.READ: "read",
+    Cmd.WRITE: "write",
+    Cmd.WRITE_ZEROES: "write_zeroes",
+    Cmd.TRIM: "trim",
+    Cmd.FLUSH: "flush",
+}
+#: Builds a ChunkRef or a Piece 100 ns faster than its class, whose ``__new__`` is a
+#: Python function.
+_new_tuple: Final = tuple.__new__
+
+# DataPathError reasons that say the SDS itself did not answer (reported to the MDM).
+UNREACHABLE_REASONS = frozenset({"connect", "connection"})
+
+
+def _read_data(reply: Reply, length: int) -> Chunk:
+    """What a READ's reply holds; an unallocated range reads as zeroes."""
+    return _ZEROES[:length] if reply.flags & HOLE else reply.payload
+
 
 class AttemptTimer:
-    """Cancels the attempts that outlive their budget.
+    """Gives up the attempts that outlive their budget.
 
     One periodic timer checks every attempt in flight, instead of one timer handle
     per attempt: ``asyncio.timeout`` cost about 7 us per IO on the benchmark machine
-    (docs/performance.md). The timer runs only while
-    attempts are in flight. As with ``asyncio.timeout``, an attempt it cancelled ends
-    in a timeout unless its task was also cancelled from elsewhere.
+    (docs/performance.md). The timer runs only while attempts are in flight. An
+    attempt awaited in a task (:meth:`start`) is cancelled: as with ``asyncio.timeout``,
+    it ends in a timeout unless its task was also cancelled from elsewhere. An attempt
+    sent without a task (:meth:`watch`) is expired. Deadlines are ``time.monotonic()``.
     """
 
     def __init__(self, tick_s: float) -> None:
         self.tick_s = tick_s
         self._deadlines: dict[asyncio.Task[Any], float] = {}
         self._expired: set[asyncio.Task[Any]] = set()
+        self._watched: set[_Attempt] = set()
         self._handle: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        # Attempts started without a task (VolumeIO.start_read / start_write), by
-        # the tick they were started in: those still in flight one tick later are
-        # handed to a task (their callable), whose own deadline then applies.
-        self._young: dict[DirectReply, Callable[[], None]] = {}
-        self._old: dict[DirectReply, Callable[[], None]] = {}
 
     def start(self, loop: asyncio.AbstractEventLoop, task: asyncio.Task[Any], when: float) -> None:
-        """Watch ``task``'s attempt until :meth:`stop`; cancel it at ``loop.time() >= when``."""
+        """Watch ``task``'s attempt until :meth:`stop`; cancel it once ``when`` is past."""
         self._deadlines[task] = when
         if self._handle is None or self._loop is not loop:
-            self._loop = loop
-            self._handle = loop.call_later(self.tick_s, self._sweep)
-
-    def watch(self, reply: DirectReply, to_task: Callable[[], None]) -> None:
-        """Call ``to_task`` if ``reply`` is still watched at the second tick from now."""
-        self._young[reply] = to_task
-        if self._handle is None:
-            loop = asyncio.get_running_loop()
-            self._loop = loop
-            self._handle = loop.call_later(self.tick_s, self._sweep)
-
-    def unwatch(self, reply: DirectReply) -> None:
-        if self._young.pop(reply, None) is None:
-            self._old.pop(reply, None)
+            self._arm(loop)
 
     def stop(self, task: asyncio.Task[Any]) -> bool:
         """Stop watching ``task``; True when its attempt was cancelled for its deadline."""
@@ -99,24 +112,34 @@ class AttemptTimer:
             return True
         return False
 
+    def watch(self, attempt: _Attempt) -> None:
+        """Call ``attempt.expire()`` once its ``deadline`` is past, unless unwatched."""
+        self._watched.add(attempt)
+        if self._handle is None or self._loop is None or self._loop.is_closed():
+            self._arm(asyncio.get_running_loop())
+
+    def unwatch(self, attempt: _Attempt) -> None:
+        self._watched.discard(attempt)
+
+    def _arm(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._handle = loop.call_later(self.tick_s, self._sweep)
+
     def _sweep(self) -> None:
         self._handle = None
         loop = self._loop
-        old, self._old, self._young = self._old, self._young, {}
-        for to_task in old.values():
-            to_task()
-        if not (self._deadlines or self._old) or loop is None or loop.is_closed():
+        if not (self._deadlines or self._watched) or loop is None or loop.is_closed():
             return
-        now = loop.time()
+        now = time.monotonic()
+        if self._watched:
+            for attempt in [a for a in self._watched if a.deadline <= now]:
+                self._watched.discard(attempt)
+                attempt.expire()
         for task, when in self._deadlines.items():
             if when <= now and task not in self._expired:
                 self._expired.add(task)
                 task.cancel()
-        self._handle = loop.call_later(self.tick_s, self._sweep)
-
-
-# DataPathError reasons that say the SDS itself did not answer (reported to the MDM).
-UNREACHABLE_REASONS = frozenset({"connect", "connection"})
+        self._arm(loop)
 
 
 class MapSource(Protocol):
@@ -125,6 +148,55 @@ class MapSource(Protocol):
     def pool(self, pool_id: int) -> PoolMap | None: ...
 
     async def refresh(self) -> None: ...
+
+    def report_unreachable(self, sds_id: int) -> None:
+        """The SDS did not answer (refused or lost connections): tell the MDM."""
+
+
+class _Attempt:
+    """The first attempt of a one-chunk READ or WRITE, sent without a task: the waiter
+    of its reply (:class:`~meshblock.sdc.datapath.ReplyWaiter`). A reply with status
+    OK answers the request from the receive path; a failure, or no reply by
+    ``deadline``, hands the request to the task path, which goes on from there."""
+
+    __slots__ = ("_done", "deadline", "io", "req", "sds_id", "started")
+
+    def __init__(self, io: VolumeIO, req: IoRequest, sds_id: int, started: float) -> None:
+        self.io = io
+        self.req = req
+        self.sds_id = sds_id
+        self.started = started
+        self.deadline = started + io.first_budget
+        self._done = False
+
+    def done(self) -> bool:
+        return self._done
+
+    def set_result(self, reply: Reply) -> None:
+        self._done = True
+        io = self.io
+        io._timer.unwatch(self)
+        req = self.req
+        if reply.status:
+            io._go_on(self, io.path.error(Op.READ if req.cmd == _READ else Op.WRITE, reply))
+        elif req.cmd == _READ:
+            io.stats.done("read", req.length, self.started, True)
+            req.reply((_read_data(reply, req.length),))
+        else:
+            io.stats.done("write", req.length, self.started, True)
+            req.reply()
+
+    def set_exception(self, exc: BaseException) -> None:
+        self._done = True
+        io = self.io
+        io._timer.unwatch(self)
+        io._go_on(self, io.path.error(Op.READ if self.req.cmd == _READ else Op.WRITE, exc))
+
+    def expire(self) -> None:
+        """No reply within the attempt's budget (the timer no longer watches it)."""
+        self._done = True
+        budget = self.io.first_budget
+        self.io._go_on(self, DataPathError("timeout", f"no reply in {budget:g} s", retriable=True))
 
 
 class VolumeIO:
@@ -146,11 +218,15 @@ class VolumeIO:
         self.stats = stats
         self.timeout_s = timeout_s
         self.attempt_timeout_s = attempt_timeout_s
+        #: The budget of a request's first attempt.
+        self.first_budget = min(attempt_timeout_s, max(timeout_s, 0.001))
         self.qos = Qos(volume.iops_limit, volume.bandwidth_limit_bps)
         self.closed = False
         self._timer = AttemptTimer(min(TIMER_TICK_S, max(attempt_timeout_s / 4, 0.005)))
         self._last_retry_log = 0.0
-        self._loop: asyncio.AbstractEventLoop | None = None
+        # The pool map routes were last taken from, and the volume's first PG in it.
+        self._pool: PoolMap | None = None
+        self._first_pg = 0
 
     def update(self, volume: VolumeMapping) -> None:
         """The mapping changed (size, QoS limits)."""
@@ -160,285 +236,119 @@ class VolumeIO:
     def close(self) -> None:
         self.closed = True
 
-    # -- the NBD backend -------------------------------------------------------------
+    # -- the one path -------------------------------------------------------------------
 
-    async def read(self, offset: int, length: int) -> Sequence[Chunk]:
-        started = time.monotonic()
-        ok = False
-        path = self.path
-        try:
-            self._check_open()
-            if self.qos.limited:
-                await self.qos.admit(length)
-            out: list[Chunk]
+    def submit(self, req: IoRequest) -> None:
+        """Serve one NBD request (see the module doc)."""
+        cmd = req.cmd
+        if (cmd == _READ or cmd == _WRITE) and not (self.closed or self.qos.limited):
+            offset = req.offset
+            length = req.length
             if length and offset >> CHUNK_SHIFT == (offset + length - 1) >> CHUNK_SHIFT:
-                # One chunk (most IO): no piece list, no gather.
-                off = offset & _IN_CHUNK
-                out = [
-                    await self._route(
-                        offset >> CHUNK_SHIFT,
-                        lambda sds, ref: path.read(sds, ref, off, length),
-                        "read",
-                    )
-                ]
-            else:
-                out = await self._each(
-                    offset,
-                    length,
-                    lambda idx, off, n, _pos: self._route(
-                        idx, lambda sds, ref: path.read(sds, ref, off, n), "read"
-                    ),
-                )
-            ok = True
-            return out
-        finally:
-            self.stats.done("read", length, started, ok)
+                if self._send_first(req, offset, length):
+                    return
+        req.run(self._serve(req, time.monotonic()))
 
-    async def write(self, offset: int, data: memoryview, *, fua: bool) -> None:
-        started = time.monotonic()
-        ok = False
-        path = self.path
-        length = len(data)
-        try:
-            self._check_open()
-            if self.qos.limited:
-                await self.qos.admit(length)
-            if length and offset >> CHUNK_SHIFT == (offset + length - 1) >> CHUNK_SHIFT:
-                off = offset & _IN_CHUNK
-                await self._route(
-                    offset >> CHUNK_SHIFT,
-                    lambda sds, ref: path.write(sds, ref, off, data, fua=fua),
-                    "write",
-                )
-            else:
-                await self._each(
-                    offset,
-                    length,
-                    lambda idx, off, n, pos: self._route(
-                        idx,
-                        lambda sds, ref: path.write(sds, ref, off, data[pos : pos + n], fua=fua),
-                        "write",
-                    ),
-                )
-            ok = True
-        finally:
-            self.stats.done("write", length, started, ok)
-
-    # -- READ and WRITE without a task (meshblock.nbd.server.FastBackend) -------------
-    #
-    # The first attempt of a one-chunk READ or WRITE, when nothing has to wait (no QoS
-    # limit, a primary in the map, an open connection with a free slot), is sent at
-    # once and answered from the reply's callback. Any other outcome goes on in a task
-    # exactly as ``read`` / ``write`` would have: an attempt that failed, or is still
-    # in flight at the attempt timer's second tick, becomes the first attempt of
-    # ``_route`` (started when it was), which waits for it, classifies its error and
-    # retries.
-
-    def _first_attempt(self, offset: int, length: int) -> tuple[SdsEndpoint, ChunkRef] | None:
-        if (
-            self.closed
-            or self.qos.limited
-            or not length
-            or offset >> CHUNK_SHIFT != (offset + length - 1) >> CHUNK_SHIFT
-        ):
-            return None
+    def _send_first(self, req: IoRequest, offset: int, length: int) -> bool:
+        """Send a one-chunk READ or WRITE's first attempt now, if nothing has to wait."""
         pool = self.maps.pool(self.volume.pool_id)
         if pool is None:
-            return None
-        volume_id = self.volume.id
-        chunk = offset >> CHUNK_SHIFT
-        pg = pg_of(volume_id, chunk, pool.pg_count)
+            return False
+        target = self._target(pool, offset >> CHUNK_SHIFT)
+        if target is None:
+            return False
+        sds_id, ref = target
+        if req.cmd == _READ:
+            op, flags = Op.READ, 0
+        else:
+            op, flags = Op.WRITE, (FUA if req.flags & _NBD_FUA else 0)
+        piece = _new_tuple(Piece, (op, flags, ref, offset & _IN_CHUNK, length, req.data))
+        attempt = _Attempt(self, req, sds_id, time.monotonic())
+        if not self.path.submit(pool.sds[sds_id], piece, attempt):
+            return False
+        self._timer.watch(attempt)
+        return True
+
+    def _go_on(self, attempt: _Attempt, failure: DataPathError) -> None:
+        """A first attempt sent without a task failed: the task path goes on from it."""
+        attempt.req.run(self._serve(attempt.req, attempt.started, failure, attempt.sds_id))
+
+    def _target(self, pool: PoolMap, chunk_index: int) -> tuple[int, ChunkRef] | None:
+        """The primary of the chunk's PG in ``pool`` and the chunk's address, or None
+        when the PG has no primary."""
+        if pool is not self._pool:
+            self._pool = pool
+            self._first_pg = pgs_of_volume(self.volume.id, CHUNK_SIZE, pool.pg_count)[0]
+        pg = (self._first_pg + chunk_index) % pool.pg_count  # = pg_of(volume, chunk, count)
         sds_id = pool.primaries[pg]
         if sds_id is None:
             return None
-        return pool.sds[sds_id], ChunkRef(pool.pool_id, pg, pool.epoch, volume_id, chunk)
+        volume_id = self.volume.id
+        return sds_id, _new_tuple(ChunkRef, (pool.pool_id, pg, pool.epoch, volume_id, chunk_index))
 
-    def start_read(self, offset: int, length: int, done: FastDone) -> bool:
-        submit: Any = getattr(self.path, "submit_read", None)
-        target = self._first_attempt(offset, length) if submit is not None else None
-        if target is None:
-            return False
-        return self._start(submit, target, Op.READ, "read", offset, length, None, False, done)
-
-    def start_write(self, offset: int, data: memoryview, fua: bool, done: FastDone) -> bool:
-        submit: Any = getattr(self.path, "submit_write", None)
-        length = len(data)
-        target = self._first_attempt(offset, length) if submit is not None else None
-        if target is None:
-            return False
-        return self._start(submit, target, Op.WRITE, "write", offset, length, data, fua, done)
-
-    def _start(
+    async def _serve(
         self,
-        submit: Any,
-        target: tuple[SdsEndpoint, ChunkRef],
-        op: Op,
-        what: str,
-        offset: int,
-        length: int,
-        data: memoryview | None,
-        fua: bool,
-        done: FastDone,
-    ) -> bool:
-        loop = self._loop
-        if loop is None or loop.is_closed():  # get_running_loop() costs a getpid() on 3.11
-            loop = self._loop = asyncio.get_running_loop()
-        started = time.monotonic()
-        first = loop.time()
-        timer = self._timer
-        reply: DirectReply | None = None
-
-        def slow(res: Reply | None, exc: BaseException | None) -> Coroutine[Any, Any, Any]:
-            fut: asyncio.Future[Reply] = loop.create_future()
-            if exc is not None:
-                fut.set_exception(exc)
-                fut.exception()  # retrieved: _finish raises it, unless it never runs
-            else:
-                assert res is not None
-                fut.set_result(res)
-            return self._finish(fut, op, what, offset, length, data, fua, started, first)
-
-        def replied(res: Reply | None, exc: BaseException | None) -> None:
-            assert reply is not None
-            timer.unwatch(reply)
-            if res is None or res[0]:
-                done((), slow(res, exc))
-                return
-            self.stats.done(what, length, started, True)
-            if data is None:
-                done((ZEROES[:length] if res[1] & _HOLE else res[3],), None)
-            else:
-                done((), None)
-
-        sds, ref = target
-        if data is None:
-            reply = submit(sds, ref, offset & _IN_CHUNK, length, replied)
-        else:
-            reply = submit(sds, ref, offset & _IN_CHUNK, data, fua, replied)
-        if reply is None:
-            return False
-
-        def to_task() -> None:
-            assert reply is not None
-            if reply.done():
-                return
-            fut: asyncio.Future[Reply] = loop.create_future()
-
-            def forward(res: Reply | None, exc: BaseException | None) -> None:
-                if fut.done():  # cancelled: the attempt timed out
-                    return
-                if exc is not None:
-                    fut.set_exception(exc)
-                else:
-                    assert res is not None
-                    fut.set_result(res)
-
-            reply.fn = forward
-            done((), self._finish(fut, op, what, offset, length, data, fua, started, first))
-
-        timer.watch(reply, to_task)
-        return True
-
-    async def _finish(
-        self,
-        fut: asyncio.Future[Reply],
-        op: Op,
-        what: str,
-        offset: int,
-        length: int,
-        data: memoryview | None,
-        fua: bool,
+        req: IoRequest,
         started: float,
-        first: float,
-    ) -> Any:
-        """The rest of ``read`` / ``write`` after a first attempt sent without a task."""
-        ok = False
-        path = self.path
-        finish: Callable[..., Awaitable[Any]] = getattr(path, "finish")  # noqa: B009
-        submitted: list[asyncio.Future[Reply]] = [fut]
-        off = offset & _IN_CHUNK
-
-        def call(sds: SdsEndpoint, ref: ChunkRef) -> Awaitable[Any]:
-            if submitted:  # the attempt already sent
-                return finish(op, submitted.pop(), length)
-            if data is None:
-                return path.read(sds, ref, off, length)
-            return path.write(sds, ref, off, data, fua=fua)
-
-        try:
-            result = await self._route(offset >> CHUNK_SHIFT, call, what, first)
-            ok = True
-            return [result] if data is None else None
-        finally:
-            self.stats.done(what, length, started, ok)
-
-    async def write_zeroes(self, offset: int, length: int, *, punch_hole: bool, fua: bool) -> None:
-        started = time.monotonic()
+        failed: DataPathError | None = None,
+        failed_sds: int = 0,
+    ) -> Sequence[Chunk] | None:
+        """Finish ``req`` in a task; a READ's data. ``failed``: how its first attempt,
+        sent without a task to SDS ``failed_sds`` at ``started``, failed."""
+        cmd = req.cmd
+        nbytes = 0 if cmd == _FLUSH else req.length
         ok = False
         try:
-            await self._admit(0)
-            if punch_hole:
-                await self._each(
-                    offset,
-                    length,
-                    lambda idx, off, n, _pos: self._route(
-                        idx,
-                        lambda sds, ref: self.path.write_zeroes(sds, ref, off, n, fua=fua),
-                        "write_zeroes",
-                    ),
-                )
-            else:
-                # NO_HOLE: the range must stay allocated, so write real zeroes.
-                await self._each(
-                    offset,
-                    length,
-                    lambda idx, off, n, _pos: self._route(
-                        idx,
-                        lambda sds, ref: self.path.write(sds, ref, off, _ZEROES[:n], fua=fua),
-                        "write_zeroes",
-                    ),
-                )
-            ok = True
-        finally:
-            self.stats.done("write_zeroes", length, started, ok)
-
-    async def trim(self, offset: int, length: int, *, fua: bool) -> None:
-        started = time.monotonic()
-        ok = False
-        try:
-            await self._admit(0)
-            await self._each(
-                offset,
-                length,
-                lambda idx, off, n, _pos: self._route(
-                    idx, lambda sds, ref: self.path.trim(sds, ref, off, n), "trim"
-                ),
-            )
-            if fua:
+            if cmd == _FLUSH:
                 await self._flush()
+                result = None
+            else:
+                if failed is None:
+                    self._check_open()
+                    if self.qos.limited:
+                        await self.qos.admit(nbytes if cmd == _READ or cmd == _WRITE else 0)
+                result = await self._pieces(req, started, failed, failed_sds)
             ok = True
+            return result
         finally:
-            self.stats.done("trim", length, started, ok)
+            self.stats.done(_WHAT[cmd], nbytes, started, ok)
 
-    async def flush(self) -> None:
-        started = time.monotonic()
-        ok = False
-        try:
+    async def _pieces(
+        self, req: IoRequest, started: float, failed: DataPathError | None, failed_sds: int
+    ) -> Sequence[Chunk] | None:
+        """Every chunk piece of a READ, WRITE, WRITE_ZEROES or TRIM, with retries."""
+        cmd = req.cmd
+        what = _WHAT[cmd]
+        fua = FUA if req.flags & _NBD_FUA else 0
+        data = None if req.data is None else memoryview(req.data)
+        if cmd == _READ:
+            op, flags = Op.READ, 0
+        elif cmd == _WRITE:
+            op, flags = Op.WRITE, fua
+        elif cmd == _TRIM:
+            op, flags = Op.TRIM, 0
+        elif req.flags & _NO_HOLE:  # the range must stay allocated: write real zeroes
+            op, flags = Op.WRITE, fua
+        else:
+            op, flags = Op.WRITE_ZEROES, fua
+
+        def piece(idx: int, off: int, n: int, pos: int) -> Awaitable[Chunk | None]:
+            if data is not None:
+                payload: Buffer | None = data[pos : pos + n]
+            else:
+                payload = _ZEROES[:n] if op == Op.WRITE else None
+            return self._route(op, flags, idx, off, n, payload, what, started, failed, failed_sds)
+
+        out = await self._each(req.offset, req.length, piece)
+        if cmd == _TRIM and fua:
             await self._flush()
-            ok = True
-        finally:
-            self.stats.done("flush", 0, started, ok)
+        return cast(list[Chunk], out) if cmd == _READ else None  # a READ's pieces have data
 
     # -- routing and retries ---------------------------------------------------------
 
     def _check_open(self) -> None:
         if self.closed:
             raise RequestError(Errno.ESHUTDOWN, f"volume {self.volume.name!r} is unmapped")
-
-    async def _admit(self, nbytes: int) -> None:
-        self._check_open()
-        if self.qos.limited:
-            await self.qos.admit(nbytes)
 
     async def _each(
         self,
@@ -477,66 +387,75 @@ class VolumeIO:
 
     async def _route(
         self,
+        op: Op,
+        flags: int,
         chunk_index: int,
-        call: Callable[[SdsEndpoint, ChunkRef], Awaitable[T]],
+        offset: int,
+        length: int,
+        payload: Buffer | None,
         what: str,
-        started: float | None = None,
-    ) -> T:
-        """Send one piece to its PG's primary, retrying as the module doc says.
-        ``started``: the loop time its first attempt began, when that was earlier."""
-        loop = asyncio.get_running_loop()
-        task = asyncio.current_task(loop)
+        started: float,
+        failed: DataPathError | None = None,
+        failed_sds: int = 0,
+    ) -> Chunk | None:
+        """Send one piece to its PG's primary, retrying as the module doc says; a READ's
+        data. ``started``: when the IO began; ``failed``: its first attempt, sent
+        without a task to SDS ``failed_sds``, failed so."""
+        task = asyncio.current_task()
         assert task is not None
+        loop = task.get_loop()
         timer = self._timer
-        now = loop.time() if started is None else started
-        deadline = now + self.timeout_s
+        deadline = started + self.timeout_s
         attempt = 0
         while True:
             pool = self.maps.pool(self.volume.pool_id)
             if self.closed:
                 raise RequestError(Errno.ESHUTDOWN, f"volume {self.volume.name!r} is unmapped")
-            if pool is None:
+            target = None if pool is None else self._target(pool, chunk_index)
+            if failed is not None:
+                reason = self._failure(failed, failed_sds, what)
+                failed = None
+            elif pool is None:
                 reason = "no_map"
+            elif target is None:
+                reason = "no_primary"
             else:
-                volume_id = self.volume.id
-                pg = pg_of(volume_id, chunk_index, pool.pg_count)
-                sds_id = pool.primaries[pg]
-                if sds_id is None:
-                    reason = "no_primary"
-                else:
-                    ref = ChunkRef(pool.pool_id, pg, pool.epoch, volume_id, chunk_index)
-                    if attempt:
-                        now = loop.time()
-                    budget = min(self.attempt_timeout_s, max(deadline - now, 0.001))
-                    cancelling = task.cancelling()
-                    timer.start(loop, task, now + budget)
-                    try:
-                        return await call(pool.sds[sds_id], ref)
-                    except DataPathError as exc:
-                        if not exc.retriable:
-                            raise RequestError(exc.errno, f"{what}: {exc}") from exc
-                        reason = exc.reason
-                        if reason in UNREACHABLE_REASONS:
-                            report = getattr(self.maps, "report_unreachable", None)
-                            if report is not None:
-                                report(sds_id)
-                    except asyncio.CancelledError:
-                        if not (timer.stop(task) and task.uncancel() <= cancelling):
-                            raise
-                        reason = "timeout"
-                    finally:
-                        timer.stop(task)
+                sds_id, ref = target
+                now = time.monotonic() if attempt else started
+                budget = min(self.attempt_timeout_s, max(deadline - now, 0.001))
+                cancelling = task.cancelling()
+                timer.start(loop, task, now + budget)
+                try:
+                    piece = Piece(op, flags, ref, offset, length, payload)
+                    reply = await self.path.call(pool.sds[sds_id], piece)
+                    return _read_data(reply, length) if op == Op.READ else None
+                except DataPathError as exc:
+                    reason = self._failure(exc, sds_id, what)
+                except asyncio.CancelledError:
+                    if not (timer.stop(task) and task.uncancel() <= cancelling):
+                        raise
+                    reason = "timeout"
+                finally:
+                    timer.stop(task)
             attempt += 1
             await self._before_retry(pool, reason, attempt, deadline, what)
+
+    def _failure(self, exc: DataPathError, sds_id: int, what: str) -> str:
+        """Why an attempt on SDS ``sds_id`` is retried; RequestError when no retry can
+        fix it."""
+        if not exc.retriable:
+            raise RequestError(exc.errno, f"{what}: {exc}") from exc
+        if exc.reason in UNREACHABLE_REASONS:
+            self.maps.report_unreachable(sds_id)
+        return exc.reason
 
     async def _before_retry(
         self, pool: PoolMap | None, reason: str, attempt: int, deadline: float, what: str
     ) -> None:
         """Count the retry, refresh the maps, pause if they did not change; EIO when
         the IO timeout is spent."""
-        loop = asyncio.get_running_loop()
         self.stats.retry(reason)
-        now = loop.time()
+        now = time.monotonic()
         if now - self._last_retry_log >= 1.0:
             self._last_retry_log = now
             log.warning(
@@ -558,12 +477,11 @@ class VolumeIO:
         after = self.maps.pool(self.volume.pool_id)
         if after is None or after.epoch == before:
             pause = min(BACKOFF_FIRST_S * 2 ** (attempt - 1), BACKOFF_MAX_S)
-            await asyncio.sleep(min(pause, max(deadline - loop.time(), 0)))
+            await asyncio.sleep(min(pause, max(deadline - time.monotonic(), 0)))
 
     async def _flush(self) -> None:
         """FLUSH on every SDS holding a copy of some PG of the pool, retrying failures."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.timeout_s
+        deadline = time.monotonic() + self.timeout_s
         done: set[int] = set()
         attempt = 0
         while True:
@@ -574,7 +492,7 @@ class VolumeIO:
                 reason = "no_map"
             else:
                 todo = sorted(pool.holders() - done)
-                budget = min(self.attempt_timeout_s, max(deadline - loop.time(), 0.001))
+                budget = min(self.attempt_timeout_s, max(deadline - time.monotonic(), 0.001))
                 results = await asyncio.gather(
                     *(self._flush_one(pool, pool.sds[s], budget) for s in todo),
                     return_exceptions=True,
@@ -606,5 +524,6 @@ class VolumeIO:
             await self._before_retry(pool, reason, attempt, deadline, "flush")
 
     async def _flush_one(self, pool: PoolMap, sds: SdsEndpoint, budget: float) -> None:
+        ref = ChunkRef(pool.pool_id, 0, 0, self.volume.id, 0)  # FLUSH names no chunk
         async with asyncio.timeout(budget):
-            await self.path.flush(sds, pool.pool_id, self.volume.id)
+            await self.path.call(sds, Piece(Op.FLUSH, 0, ref, 0, 0))

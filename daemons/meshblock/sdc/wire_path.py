@@ -11,13 +11,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
-from typing import TypeVar
 
-from meshblock.chunks import ChunkRef
 from meshblock.nbd.protocol import Errno
-from meshblock.nbd.server import Chunk
-from meshblock.sdc.datapath import DataPathError
+from meshblock.sdc.datapath import DataPathError, Op, Piece, Reply, ReplyWaiter
 from meshblock.sdc.maps import SdsEndpoint
 from meshblock.wire import (
     ConnectionLost,
@@ -28,38 +24,8 @@ from meshblock.wire import (
     WireClient,
     WireError,
 )
-from meshblock.wire.client import ZEROES, Reply
-from meshblock.wire.protocol import Op, ReplyFlag, ReqFlag
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
-_HOLE = int(ReplyFlag.HOLE)
-ReplyFn = Callable[[Reply | None, BaseException | None], None]
-
-
-class DirectReply:
-    """Waits for a reply in the client's ``pending`` instead of a future: its reply,
-    or the connection's loss, is handed to ``fn(reply, None)`` / ``fn(None, exc)`` at
-    once, from the receive path (no callback scheduled, no extra event-loop pass).
-    ``fn`` may be replaced until then."""
-
-    __slots__ = ("_done", "fn")
-
-    def __init__(self, fn: ReplyFn) -> None:
-        self.fn = fn
-        self._done = False
-
-    def done(self) -> bool:
-        return self._done
-
-    def set_result(self, reply: Reply) -> None:
-        self._done = True
-        self.fn(reply, None)
-
-    def set_exception(self, exc: BaseException) -> None:
-        self._done = True
-        self.fn(None, exc)
-
 
 _ERRNO = {
     Status.NO_SPACE: Errno.ENOSPC,
@@ -142,80 +108,33 @@ class WireDataPath:
         self._clients[key] = client
         return client
 
-    async def _do(self, sds: SdsEndpoint, op: Callable[[WireClient], Awaitable[T]]) -> T:
-        client = await self._client(sds)
-        try:
-            return await op(client)
-        except WireError as exc:
-            raise classify(exc) from exc
+    # The IO path's two ways to send (meshblock.sdc.datapath.DataPath). Both look the
+    # open connection up without a coroutine.
 
-    # READ and WRITE are the hot path: the open connection is looked up without an
-    # extra coroutine, and the call is awaited directly.
+    def submit(self, sds: SdsEndpoint, piece: Piece, waiter: ReplyWaiter) -> bool:
+        client = self._clients.get((sds.address, sds.data_port))
+        if client is None or not client.ready:
+            return False
+        op, flags, ref, offset, length, payload = piece  # faster than submit(*piece)
+        client.submit(op, flags, ref, offset, length, payload, waiter)
+        return True
 
-    async def read(self, sds: SdsEndpoint, ref: ChunkRef, offset: int, length: int) -> Chunk:
+    async def call(self, sds: SdsEndpoint, piece: Piece) -> Reply:
         client = self._clients.get((sds.address, sds.data_port))
         if client is None or client.closed:
             client = await self._client(sds)
+        op, flags, ref, offset, length, payload = piece
         try:
-            return await client.read(ref, offset, length)
+            return await client.call(op, flags, ref, offset, length, payload)
         except WireError as exc:
             raise classify(exc) from exc
 
-    async def write(
-        self, sds: SdsEndpoint, ref: ChunkRef, offset: int, data: memoryview, *, fua: bool
-    ) -> None:
-        client = self._clients.get((sds.address, sds.data_port))
-        if client is None or client.closed:
-            client = await self._client(sds)
-        try:
-            await client.write(ref, offset, data, fua=fua)
-        except WireError as exc:
-            raise classify(exc) from exc
-
-    # Starting READ and WRITE without awaiting (VolumeIO.start_read / start_write):
-    # the reply goes to ``fn`` (meshblock.wire.client.DirectReply); None when the
-    # connection is not open or has no free slot.
-
-    def submit_read(
-        self, sds: SdsEndpoint, ref: ChunkRef, offset: int, length: int, fn: ReplyFn
-    ) -> DirectReply | None:
-        client = self._clients.get((sds.address, sds.data_port))
-        if client is None or not client.ready:
-            return None
-        return client.submit(Op.READ, 0, ref, offset, length, None, DirectReply(fn))
-
-    def submit_write(
-        self, sds: SdsEndpoint, ref: ChunkRef, offset: int, data: memoryview, fua: bool, fn: ReplyFn
-    ) -> DirectReply | None:
-        client = self._clients.get((sds.address, sds.data_port))
-        if client is None or not client.ready:
-            return None
-        flags = int(ReqFlag.FUA) if fua else 0
-        return client.submit(Op.WRITE, flags, ref, offset, len(data), data, DirectReply(fn))
-
-    async def finish(self, op: Op, fut: asyncio.Future[Reply], length: int) -> Chunk:
-        """What ``read`` (``op`` READ) or ``write`` would have returned or raised, given
-        the outcome (``fut``) of a request started with ``submit_read`` / ``submit_write``."""
-        try:
-            reply = await fut
-        except WireError as exc:
-            raise classify(exc) from exc
-        if reply.status:
-            raise classify(RequestError(op, reply.status, reply.epoch))
-        if op == Op.READ and reply.flags & _HOLE:
-            return ZEROES[:length]
-        return reply.payload
-
-    async def write_zeroes(
-        self, sds: SdsEndpoint, ref: ChunkRef, offset: int, length: int, *, fua: bool
-    ) -> None:
-        await self._do(sds, lambda c: c.write_zeroes(ref, offset, length, fua=fua))
-
-    async def trim(self, sds: SdsEndpoint, ref: ChunkRef, offset: int, length: int) -> None:
-        await self._do(sds, lambda c: c.trim(ref, offset, length))
-
-    async def flush(self, sds: SdsEndpoint, pool_id: int, volume_id: int) -> None:
-        await self._do(sds, lambda c: c.flush(pool_id, volume_id))
+    def error(self, op: Op, outcome: Reply | BaseException) -> DataPathError:
+        if isinstance(outcome, WireError):
+            return classify(outcome)
+        if isinstance(outcome, BaseException):
+            return DataPathError("wire", repr(outcome), retriable=False)
+        return classify(RequestError(op, outcome.status, outcome.epoch))
 
     async def close(self) -> None:
         for fut in list(self._connecting.values()):

@@ -410,7 +410,9 @@ class WireClient:
         """True when a request submitted now leaves without waiting: the connection is
         open, has a free in-flight slot and no caller waits for one."""
         p = self._p
-        return p.lost is None and len(p.pending) < MAX_IN_FLIGHT and not p.waiters
+        return (
+            p.lost is None and not p._closing and len(p.pending) < MAX_IN_FLIGHT and not p.waiters
+        )
 
     async def close(self) -> None:
         """Close the connection; outstanding calls fail with ConnectionLost."""
@@ -438,7 +440,7 @@ class WireClient:
 
     async def read(self, ref: ChunkRef, offset: int, length: int) -> memoryview:
         """``length`` bytes at ``offset`` of the chunk, from the PG's primary."""
-        reply = await self.call(Op.READ, 0, ref, offset, length)
+        reply = await self.call(Op.READ, 0, ref, offset, length, None)
         if reply.flags & _HOLE:
             return ZEROES[:length]
         return reply.payload
@@ -452,20 +454,20 @@ class WireClient:
         self, ref: ChunkRef, offset: int, length: int, *, fua: bool = False
     ) -> None:
         """Zero a range on both copies (a whole chunk gives its slots back)."""
-        await self.call(Op.WRITE_ZEROES, _FUA if fua else 0, ref, offset, length)
+        await self.call(Op.WRITE_ZEROES, _FUA if fua else 0, ref, offset, length, None)
 
     async def trim(self, ref: ChunkRef, offset: int, length: int) -> None:
         """Discard a range on both copies; it reads as zeroes afterwards."""
-        await self.call(Op.TRIM, 0, ref, offset, length)
+        await self.call(Op.TRIM, 0, ref, offset, length, None)
 
     async def flush(self, pool: int = 0, volume: int = 0) -> None:
         """Make every write this SDS acknowledged so far durable, on its devices and on
         the peers it replicated them to. Send it to every SDS you wrote through."""
-        await self.call(Op.FLUSH, 0, ChunkRef(pool, 0, 0, volume, 0), 0, 0)
+        await self.call(Op.FLUSH, 0, ChunkRef(pool, 0, 0, volume, 0), 0, 0, None)
 
     async def ping(self, pool: int = 0) -> int:
         """Round trip; returns the SDS's map epoch of ``pool`` (0 if it has none)."""
-        return (await self.call(Op.PING, 0, ChunkRef(pool, 0, 0, 0, 0), 0, 0)).epoch
+        return (await self.call(Op.PING, 0, ChunkRef(pool, 0, 0, 0, 0), 0, 0, None)).epoch
 
     # -- tools and peers (roles TOOL / SDS_PEER) --------------------------------------
 
@@ -474,7 +476,7 @@ class WireClient:
     ) -> RawChunk:
         """This SDS's own copy of a chunk, whether it is the primary or secondary."""
         ref = ChunkRef(0, 0, 0, volume, chunk)
-        reply = await self.call(Op.CHUNK_READ_RAW, 0, ref, offset, length)
+        reply = await self.call(Op.CHUNK_READ_RAW, 0, ref, offset, length, None)
         if reply.flags & _HOLE:
             return RawChunk(False, ZEROES[:length])
         return RawChunk(True, reply.payload)
@@ -491,7 +493,7 @@ class WireClient:
         volume = chunk = 0
         while True:
             cursor = ChunkRef(pool, pg, 0, volume, chunk)
-            payload = (await self.call(Op.CHUNK_LIST, 0, cursor, 0, page * size)).payload
+            payload = (await self.call(Op.CHUNK_LIST, 0, cursor, 0, page * size, None)).payload
             n, rest = divmod(len(payload), size)
             if rest or n > page:
                 raise ProtocolError(f"CHUNK_LIST reply of {len(payload)} bytes")
@@ -518,11 +520,11 @@ class WireClient:
     ) -> None:
         """Primary → secondary: REPL_WRITE_ZEROES or REPL_TRIM."""
         assert op in (Op.REPL_WRITE_ZEROES, Op.REPL_TRIM)
-        await self.call(op, _FUA if fua else 0, ref, offset, length)
+        await self.call(op, _FUA if fua else 0, ref, offset, length, None)
 
     async def repl_flush(self) -> None:
         """Primary → secondary: fdatasync the secondary's devices."""
-        await self.call(Op.REPL_FLUSH, 0, _NO_CHUNK, 0, 0)
+        await self.call(Op.REPL_FLUSH, 0, _NO_CHUNK, 0, 0, None)
 
     # -- the one submit path ----------------------------------------------------------
 
@@ -562,13 +564,7 @@ class WireClient:
         return waiter
 
     async def call(
-        self,
-        op: Op,
-        flags: int,
-        ref: ChunkRef,
-        offset: int,
-        length: int,
-        payload: Buffer | None = None,
+        self, op: Op, flags: int, ref: ChunkRef, offset: int, length: int, payload: Buffer | None
     ) -> Reply:
         """Wait for a free in-flight slot, submit, and return the reply; a failed
         status is raised (:class:`RequestError`)."""
