@@ -45,7 +45,6 @@ from meshblock.sds.resync import Resync
 from meshblock.sds.state import SdsState
 from meshblock.sds.store import Device, DeviceFailed, NoSpace, VolumeDeleted, chunk_key
 from meshblock.wire.client import ConnectionLost, Reply, WireError
-from meshblock.wire.handshake import HandshakeError
 from meshblock.wire.protocol import (
     CHUNK_ENTRY,
     MAP_WAIT_S,
@@ -65,7 +64,7 @@ _HOLE: Final = int(ReplyFlag.HOLE)
 _WAIT: Final = -1  # check result: the request's epoch is ahead of our map
 _OK: Final = int(Status.OK)
 _FAILED: Final = int(Status.DEVICE_FAILED)
-_LOST: Final = -2  # peer result: the connection to the secondary was lost
+_LOST: Final = -2  # a forward's outcome: the connection to the peer is lost
 _REPL_OF: Final[dict[int, Op]] = {
     Op.WRITE: Op.REPL_WRITE,
     Op.WRITE_ZEROES: Op.REPL_WRITE_ZEROES,
@@ -356,126 +355,128 @@ class DataService:
             if req.opcode == Op.WRITE and not dev.free and store.location(vol, chunk) is None:
                 self._reply(conn, req, t0, Status.NO_SPACE)
                 return
-            if m.forwards(pg):  # clean, or resyncing: the secondary takes new writes
-                sec_id = m.secondary[pg][0]
-            else:  # the secondary is stale: we are the acting set
-                sec_id = 0
+            # The copies besides ours: the secondary (not while the PG is not clean:
+            # its copy is stale, we are the acting set) and a move's target.
+            sec = m.secondary[pg][0] if m.forwards(pg) else 0
+            if not sec:
                 self._degraded.record(ref)
-            peer_fut = None
-            if sec_id:
-                address = m.sds.get(sec_id)
-                if address is None:
-                    self.stats.peer_error(sec_id)
-                    self._reply(conn, req, t0, Status.REPLICA_FAILED)
-                    return
-                try:
-                    peer = self._peers.connected(sec_id, address) or await self._peers.get(
-                        sec_id, address
-                    )
-                    peer_fut = peer.submit(
-                        _REPL_OF[req.opcode],
-                        req.flags,
-                        ref,
-                        off,
-                        req.length,
-                        payload,
-                        peer.future(),
-                    )
-                except ConnectionLost:
-                    self.stats.peer_error(sec_id)
-                    if self._state.peer_unreachable is not None:
-                        self._state.peer_unreachable(sec_id)
-                    if not self._state.alone(pool, pg):
-                        self._reply(conn, req, t0, Status.REPLICA_FAILED)
+            sec_fut = tgt_fut = None
+            if sec:
+                sec_fut = await self._forward(m, sec, req, ref, payload)
+                if sec_fut.done():  # not sent: not written here either, unless we are alone
+                    status = self._secondary_outcome(ref, await self._forwarded(sec, sec_fut))
+                    if status != _OK:
+                        self._reply(conn, req, t0, status)
                         return
-                    self._degraded.record(ref)  # the map moved on meanwhile
-                except (WireError, HandshakeError):
-                    self.stats.peer_error(sec_id)
-                    if self._state.peer_unreachable is not None:
-                        self._state.peer_unreachable(sec_id)
-                    self._reply(conn, req, t0, Status.REPLICA_FAILED)
-                    return
-                else:
-                    self._peers.dirty.add(sec_id)
-            tgt_id = m.target[pg][0]
-            tgt_fut, tgt_status = None, _OK
-            if tgt_id:
-                tgt_fut, tgt_status = await self._to_target(m, tgt_id, req, ref, payload)
+                    sec_fut = None
+            tgt = m.target[pg][0]
+            if tgt:
+                tgt_fut = await self._forward(m, tgt, req, ref, payload)
             fua = req.flags & _FUA
             written = self._state.target_device(dev, vol, chunk) if fua else dev
             status = self._apply(dev, req, payload)
             if status == _OK and fua:
                 status = await self._sync([written])
             if tgt_fut is not None:
-                result = await self._peer_result(tgt_id, tgt_fut)
-                if result != _OK and not self._resync.missed(ref):
-                    # The move is past its last copy: the target must have it.
-                    tgt_status = Status.REPLICA_FAILED if result == _LOST else result
-            if status == _OK:
-                status = tgt_status
-            if peer_fut is not None:
-                peer_status = await self._peer_result(sec_id, peer_fut)
-                if peer_status == _LOST:
-                    # The secondary went away. If the MDM has meanwhile made us the
-                    # PG's only in-sync copy, our local write is the whole acting set.
-                    if self._state.alone(pool, pg):
-                        self._degraded.record(ref)
-                        peer_status = _OK
-                    else:
-                        peer_status = Status.REPLICA_FAILED
+                tgt_status = self._target_outcome(ref, await self._forwarded(tgt, tgt_fut))
                 if status == _OK:
-                    status = peer_status
+                    status = tgt_status
+            if sec_fut is not None:
+                sec_status = self._secondary_outcome(ref, await self._forwarded(sec, sec_fut))
+                if status == _OK:
+                    status = sec_status
             self._reply(conn, req, t0, status)
         finally:
             self._locks.release(key, ticket)
 
-    async def _to_target(
-        self, m: PgMap, tgt_id: int, req: Request, ref: ChunkRef, payload: memoryview
-    ) -> tuple[asyncio.Future[Reply] | None, int]:
-        """Forward a write to the PG's rebalance target: (the reply's future, or None
-        and the status the client's write gets when it could not be sent). A failure
-        does not fail the write while the move still copies (the PG's two copies have
-        it, and the move copies the chunk again, :meth:`Resync.missed`); once the move
-        is past its last copy it does, and the client retries on the newer map."""
-        address = m.sds.get(tgt_id)
-        try:
-            if address is None:
-                raise WireError(f"no address of SDS {tgt_id}")
-            peer = self._peers.connected(tgt_id, address) or await self._peers.get(tgt_id, address)
-            fut = peer.submit(
-                _REPL_OF[req.opcode], req.flags, ref, req.offset, req.length, payload, peer.future()
-            )
-        except (WireError, HandshakeError) as exc:
-            self.stats.peer_error(tgt_id)
-            if self._resync.missed(ref):
-                log.info("write to move target SDS %d failed (copied again): %s", tgt_id, exc)
-                return None, _OK
-            return None, Status.REPLICA_FAILED
-        self._peers.dirty.add(tgt_id)
-        return fut, _OK
+    # -- forwarding to the secondary and to a move's target -------------------------
 
-    async def _peer_result(self, sec_id: int, fut: asyncio.Future[Reply]) -> int:
+    async def _forward(
+        self, m: PgMap, peer: int, req: Request, ref: ChunkRef, payload: memoryview
+    ) -> asyncio.Future[Reply]:
+        """Put a client's write on the wire to ``peer``, the PG's secondary or a move's
+        target, as its REPL op (same flags, chunk address with the routing epoch,
+        range and payload) on the persistent peer connection, connecting first if
+        there is none; the peer is then flushed by the next FLUSH. Returns the
+        reply's future at once: the caller writes its own copy meanwhile. A failure
+        to send (no address in the map, no connection, a refused handshake) is that
+        future's exception, set at once (the future is done), so that
+        :meth:`_forwarded` handles it as it handles the failures of the reply."""
         try:
-            status = (await fut)[0]
+            address = m.sds.get(peer)
+            if address is None:
+                raise WireError(f"no address of SDS {peer} in map epoch {m.epoch}")
+            client = self._peers.connected(peer, address) or await self._peers.get(peer, address)
+            op = _REPL_OF[req.opcode]
+            fut = client.submit(
+                op, req.flags, ref, req.offset, req.length, payload, client.future()
+            )
+        except WireError as exc:
+            fut = asyncio.get_running_loop().create_future()
+            fut.set_exception(exc)
+            return fut
+        self._peers.dirty.add(peer)
+        return fut
+
+    async def _forwarded(self, peer: int, fut: asyncio.Future[Reply]) -> int:
+        """The outcome of a forward (:meth:`_forward`), secondary and move target alike:
+        OK; ``_LOST`` when the connection to the peer is lost or cannot be made (the
+        peer is reported to the MDM, which probes it: ``peer_unreachable``);
+        ``REPLICA_FAILED`` for any other failure to send or to answer; a refusal as
+        ``_PEER_STATUS`` maps it. Every failure is logged and counted
+        (``meshblock_sds_peer_errors_total``)."""
+        try:
+            status = (await fut).status
         except ConnectionLost as exc:
-            log.warning("replication to SDS %d failed: %s", sec_id, exc)
-            self.stats.peer_error(sec_id)
+            log.warning("forward to SDS %d failed: %s", peer, exc)
+            self.stats.peer_error(peer)
             if self._state.peer_unreachable is not None:
-                self._state.peer_unreachable(sec_id)
+                self._state.peer_unreachable(peer)
             return _LOST
         except WireError as exc:
-            log.warning("replication to SDS %d failed: %s", sec_id, exc)
-            self.stats.peer_error(sec_id)
+            log.warning("forward to SDS %d failed: %s", peer, exc)
+            self.stats.peer_error(peer)
             return Status.REPLICA_FAILED
         if status == _OK:
             return _OK
-        self.stats.peer_error(sec_id)
+        self.stats.peer_error(peer)
         try:
             mapped = _PEER_STATUS.get(Status(status), Status.REPLICA_FAILED)
         except ValueError:
             mapped = Status.REPLICA_FAILED
-        log.warning("SDS %d refused a replicated write: status %d", sec_id, status)
+        log.warning("SDS %d refused a forwarded write: status %d", peer, status)
         return mapped
+
+    def _secondary_outcome(self, ref: ChunkRef, status: int) -> int:
+        """What the secondary's outcome makes of the client's write. A lost connection:
+        done, as a write made alone (recorded for the resync), when our newest map
+        already has us as the PG's whole acting set (the MDM declared the secondary
+        down meanwhile); else ``REPLICA_FAILED``, which the client retries."""
+        if status != _LOST:
+            return status
+        if self._state.alone(ref.pool_id, ref.pg):
+            self._degraded.record(ref)
+            return _OK
+        return Status.REPLICA_FAILED
+
+    def _target_outcome(self, ref: ChunkRef, status: int) -> int:
+        """What a move target's outcome makes of the client's write. A failure does not
+        fail it while the move still copies (the PG's two in-sync copies have it, and
+        the move copies the chunk again: :meth:`Resync.missed`); once the move is past
+        its last copy it does (``REPLICA_FAILED``, or the target's refusal) and the
+        client retries on the newer map."""
+        if status == _OK:
+            return _OK
+        if self._resync.missed(ref):
+            log.info(
+                "chunk %d/%d of PG %d/%d: copied to the move's target again",
+                ref.volume_id,
+                ref.chunk_index,
+                ref.pool_id,
+                ref.pg,
+            )
+            return _OK
+        return Status.REPLICA_FAILED if status == _LOST else status
 
     # -- flush ------------------------------------------------------------------------
 
