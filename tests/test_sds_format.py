@@ -319,10 +319,22 @@ class SparsePowerLoss:
         self.dirty: set[int] = set()
         self.syncs = 0
         real_pwrite, real_fallocate = dio.pwrite, dio.fallocate
+        real_pwrite_durable = dio.pwrite_durable
+
+        def pages(offset: int, length: int) -> range:
+            return range(offset // self.PAGE, (offset + max(length, 1) - 1) // self.PAGE + 1)
 
         def mark(offset: int, length: int) -> None:
-            first, last = offset // self.PAGE, (offset + max(length, 1) - 1) // self.PAGE
-            self.dirty.update(range(first, last + 1))
+            self.dirty.update(pages(offset, length))
+
+        def pwrite_durable(fd: int, data: bytes | memoryview, offset: int) -> int:
+            n = int(real_pwrite_durable(fd, data, offset))
+            with open(self.path, "rb") as f:
+                for page in pages(offset, len(data)):
+                    f.seek(page * self.PAGE)
+                    self.durable[page] = f.read(self.PAGE).ljust(self.PAGE, b"\0")
+                    self.dirty.discard(page)
+            return n
 
         def pwrite(fd: int, data: bytes | memoryview, offset: int) -> int:
             mark(offset, len(data))
@@ -343,6 +355,7 @@ class SparsePowerLoss:
             self.dirty.clear()
 
         mp.setattr(dio, "pwrite", pwrite)
+        mp.setattr(dio, "pwrite_durable", pwrite_durable)
         mp.setattr(dio, "fallocate", fallocate)
         mp.setattr(dio, "fdatasync", sync)
         mp.setattr(dio, "fsync", sync)

@@ -12,6 +12,7 @@ loses on one copy and not on the other)."""
 from __future__ import annotations
 
 import signal
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -85,7 +86,8 @@ def power_cut(sds: FaultySds, lose: str = "all", seed: int = 0) -> int:
 
 def check_durable(c: SmallCluster, seq: int) -> None:
     """Both copies identical; the flushed and the FUA regions of round ``seq`` read
-    back (the unflushed one may hold either its new or its old bytes)."""
+    back (the unflushed one may hold either its new or its old bytes); no SDS found a
+    block that does not match its checksum (docs/sds.md, "Checksums")."""
     wait_settled(c, "every PG clean after the power cut", SETTLE_TIMEOUT_S)
     replicas_identical(c)  # every chunk compared: identical
     qemu_io(
@@ -95,6 +97,11 @@ def check_durable(c: SmallCluster, seq: int) -> None:
         read_only=True,
     )
     assert_no_tracebacks(c)
+    for sds in c.sds:
+        with urllib.request.urlopen(sds.control_url + "/metrics", timeout=5) as r:
+            lines = r.read().decode().splitlines()
+        counts = [x for x in lines if x.startswith("meshblock_sds_checksum_errors_total{")]
+        assert counts and all(x.endswith(" 0.0") for x in counts), (sds.name, counts)
 
 
 def test_a_short_power_cut_the_mdm_never_saw(pc: SmallCluster) -> None:

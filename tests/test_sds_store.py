@@ -294,8 +294,9 @@ class PowerLoss:
 
     Every write and hole punch of the store goes to the real file (the page cache)
     and marks its 4 KiB pages dirty; fdatasync/fsync copy the dirty pages into a
-    *durable* image. :meth:`crash_image` builds what a disk could hold after a power
-    cut: the durable image, with each page dirtied since the last sync taken from the
+    *durable* image, and so does a durable write (``pwrite_durable``) for its pages.
+    :meth:`crash_image` builds what a disk could hold after a power cut: the durable
+    image, with each page dirtied since the last sync taken from the
     page cache or not, at random (pages reach the disk in any order).
     """
 
@@ -309,10 +310,22 @@ class PowerLoss:
         self.dirty: set[int] = set()
         real_pwrite, real_fallocate = dio.pwrite, dio.fallocate
         real_fdatasync, real_fsync = dio.fdatasync, dio.fsync
+        real_pwrite_durable = dio.pwrite_durable
+
+        def pages(offset: int, length: int) -> range:
+            return range(offset // self.PAGE, (offset + max(length, 1) - 1) // self.PAGE + 1)
 
         def mark(offset: int, length: int) -> None:
-            first, last = offset // self.PAGE, (offset + max(length, 1) - 1) // self.PAGE
-            self.dirty.update(range(first, last + 1))
+            self.dirty.update(pages(offset, length))
+
+        def pwrite_durable(fd: int, data: bytes | memoryview, offset: int) -> int:
+            n = real_pwrite_durable(fd, data, offset)
+            with open(self.path, "rb") as f:
+                for page in pages(offset, len(data)):
+                    f.seek(page * self.PAGE)
+                    self.durable[page * self.PAGE : (page + 1) * self.PAGE] = f.read(self.PAGE)
+                    self.dirty.discard(page)
+            return n
 
         def pwrite(fd: int, data: bytes | memoryview, offset: int) -> int:
             mark(offset, len(data))
@@ -334,6 +347,7 @@ class PowerLoss:
             return run
 
         monkeypatch.setattr(dio, "pwrite", pwrite)
+        monkeypatch.setattr(dio, "pwrite_durable", pwrite_durable)
         monkeypatch.setattr(dio, "fallocate", fallocate)
         monkeypatch.setattr(dio, "fdatasync", sync(real_fdatasync))
         monkeypatch.setattr(dio, "fsync", sync(real_fsync))

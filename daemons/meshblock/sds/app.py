@@ -20,7 +20,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from meshblock.files import write_atomic
-from meshblock.sds import device_io
+from meshblock.sds import checksums, device_io
 from meshblock.sds.config import SdsConfig
 from meshblock.sds.io_path import DataService
 from meshblock.sds.maps import MapCache
@@ -122,7 +122,10 @@ async def _runtime(app: web.Application) -> AsyncIterator[None]:
     store = ChunkStore(
         (DeviceSpec(d.path, d.capacity_bytes, d.pool) for d in config.devices),
         saved_failed_devices(config.state_dir),
+        checksums=config.store.checksums,
     )
+    if config.store.checksums and not checksums.HARDWARE:
+        log.warning("CRC32C without the CPU's instruction here: block checksums cost ~10x more CPU")
     await asyncio.to_thread(store.open)  # recovery may zero many slots
     # Before the try: a device whose fact cannot be recorded is not closed (stays unclean).
     store.unclean = needs_full_copy(

@@ -29,6 +29,15 @@ class ControlListen:
 
 
 @dataclass(frozen=True)
+class StoreConfig:
+    """``[store]``: how the chunk store keeps its devices (docs/sds.md)."""
+
+    # A CRC32C of every 4 KiB block, kept and checked on every read (docs/sds.md,
+    # "Checksums"); false only to measure what they cost.
+    checksums: bool = True
+
+
+@dataclass(frozen=True)
 class DeviceConfig:
     """One ``[[devices]]`` entry: a file (created sparse if absent) or a block device."""
 
@@ -70,6 +79,7 @@ class SdsConfig:
     wire_min_version: int = 1
     data: DataListen = field(default_factory=DataListen)
     control: ControlListen = field(default_factory=ControlListen)
+    store: StoreConfig = field(default_factory=StoreConfig)
     devices: tuple[DeviceConfig, ...] = ()
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     tls: TlsConfig = field(default_factory=TlsConfig)  # meshblock.tls: HTTPS to the MDM

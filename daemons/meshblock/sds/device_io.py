@@ -24,6 +24,10 @@ The hook can:
   are lost at a power cut, or at once with :meth:`FaultHook.evict` (the kernel
   dropping them from its cache).
 
+:func:`pwrite_durable` is a write that is on the disk when it returns (``RWF_DSYNC``:
+the range written is flushed, not the file's other dirty pages): the store's
+write-intent marks. The hook treats its pages as synced.
+
 The durable contents of a page are read from the file just before the first write
 to it after a sync: the hook must be installed before the store opens its devices.
 """
@@ -54,9 +58,26 @@ _fallocate = _libc.fallocate
 _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 _fallocate.restype = ctypes.c_int
 
+
+def _pwrite_durable(fd: int, data: bytes | memoryview, offset: int) -> int:
+    """``pwrite`` that returns once the bytes are on stable storage: ``RWF_DSYNC``
+    flushes the range written (and the device's cache), not the file's other dirty
+    pages. pwrite + fdatasync where the kernel does not know the flag."""
+    try:
+        return os.pwritev(fd, [data], offset, os.RWF_DSYNC)
+    except OSError as exc:
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+            raise
+    n = os.pwrite(fd, data, offset)
+    os.fdatasync(fd)
+    return n
+
+
 # The store's IO calls. Rebound only by install_fault_hook / uninstall_fault_hook.
 open_device: Callable[..., int] = os.open
 pwrite: Callable[[int, bytes | memoryview, int], int] = os.pwrite
+#: A write that is durable when it returns (:func:`_pwrite_durable`).
+pwrite_durable: Callable[[int, bytes | memoryview, int], int] = _pwrite_durable
 pread: Callable[[int, int, int], bytes] = os.pread
 preadv: Callable[[int, Sequence[bytearray], int], int] = os.preadv
 fdatasync: Callable[[int], None] = os.fdatasync
@@ -87,10 +108,11 @@ def boot_id(source: str = _BOOT_ID) -> str | None:
 def install_fault_hook(cuts_file: str | None = None) -> FaultHook:
     """Route the store's IO through a new :class:`FaultHook` (tests only).
     ``cuts_file`` counts the simulated power cuts across restarts (:func:`boot_id`)."""
-    global _hook, open_device, pwrite, pread, preadv, fdatasync, fsync, fallocate
+    global _hook, open_device, pwrite, pwrite_durable, pread, preadv, fdatasync, fsync, fallocate
     hook = FaultHook(cuts_file)
     _hook = hook
     open_device, pwrite, pread, preadv = hook.open, hook.pwrite, hook.pread, hook.preadv
+    pwrite_durable = hook.pwrite_durable
     fdatasync, fsync, fallocate = hook.fdatasync, hook.fsync, hook.fallocate
     log.warning("TEST FAULT HOOK INSTALLED: device IO can be failed and power-cut on demand")
     return hook
@@ -98,9 +120,10 @@ def install_fault_hook(cuts_file: str | None = None) -> FaultHook:
 
 def uninstall_fault_hook() -> None:
     """Bind the plain functions again (for in-process tests)."""
-    global _hook, open_device, pwrite, pread, preadv, fdatasync, fsync, fallocate
+    global _hook, open_device, pwrite, pwrite_durable, pread, preadv, fdatasync, fsync, fallocate
     _hook = None
     open_device, pwrite, pread, preadv = os.open, os.pwrite, os.pread, os.preadv
+    pwrite_durable = _pwrite_durable
     fdatasync, fsync, fallocate = os.fdatasync, os.fsync, _fallocate
 
 
@@ -270,6 +293,21 @@ class FaultHook:
             self._check(fd, "pwrite")
             self._record(fd, offset, len(data))
             return os.pwrite(fd, data, offset)
+
+    def pwrite_durable(self, fd: int, data: bytes | memoryview, offset: int) -> int:
+        """A durable write: its pages (whole, with what earlier writes put in them)
+        are on the disk, whatever happens to the other unsynced pages."""
+        with self._lock:
+            self._check(fd, "pwrite")
+            n = _pwrite_durable(fd, data, offset)
+            f = self._files.get(fd)
+            if f is not None:
+                for page in range(offset // PAGE, (offset + max(len(data), 1) - 1) // PAGE + 1):
+                    f.unsynced.pop(page, None)
+                    f.dropped.pop(page, None)
+                    for _, pages in f.syncing:
+                        pages.pop(page, None)
+            return n
 
     def fallocate(self, fd: int, mode: int, offset: int, length: int) -> int:
         with self._lock:

@@ -76,11 +76,17 @@ class SdsCollector(Collector):
             "1 when the device failed an IO and takes no more (fail-stop; docs/sds.md)",
             labels=["device"],
         )
+        csum = CounterMetricFamily(
+            "meshblock_sds_checksum_errors",
+            "4 KiB blocks read that did not match their checksums (docs/sds.md)",
+            labels=["device"],
+        )
         for dev in state.store.devices:
             cap.add_metric([dev.path], dev.capacity)
             used.add_metric([dev.path], dev.used_bytes)
             failed.add_metric([dev.path], 1 if dev.failed else 0)
-        yield from (cap, used, failed)
+            csum.add_metric([dev.path], dev.checksum_errors)
+        yield from (cap, used, failed, csum)
 
         epochs = GaugeMetricFamily(
             "meshblock_sds_map_epoch", "Epoch of the PG map in use", labels=["pool_id"]

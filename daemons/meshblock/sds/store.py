@@ -35,6 +35,13 @@ and :meth:`ChunkStore.sync` never succeeds for it. A read error fails the device
 (what else it lost is unknown; its PGs are rebuilt from the other copy). See
 ``docs/sds.md``, "Device errors".
 
+Checksums (``docs/sds.md``, "Checksums"; :mod:`meshblock.sds.checksums`): unless the
+store is opened with ``checksums=False``, every 4 KiB block has a CRC32C in the
+device's checksum region, written with its data and checked on every read
+(:class:`ChecksumError`); a slot's bit in the write-intent region is durable before
+its data or checksums change, and the checksums of the slots whose bit is set are
+recomputed at the next start, so a power cut never leaves them disagreeing.
+
 All IO here is synchronous ``pread``/``pwrite`` on the page cache (through
 :mod:`meshblock.sds.device_io`, where tests can inject faults), called from
 the event loop (measured faster than a thread hand-off for 4 KiB and 1 MiB, see
@@ -52,6 +59,7 @@ import os
 import secrets
 import stat
 import struct
+import time
 import zlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -59,6 +67,25 @@ from typing import Final
 
 from meshblock.chunks import CHUNK_SIZE, pg_of
 from meshblock.sds import device_io as dio
+from meshblock.sds.checksums import (
+    BLOCK,
+    BLOCK_SHIFT,
+    MARK_AHEAD,
+    ROW_SIZE,
+    ROWS,
+    WI_BITMAP,
+    ZERO_BLOCK_CRC,
+    ZERO_ROW,
+    ChecksumError,
+    WriteIntent,
+    bad_blocks,
+    block_crcs,
+    marked_slots,
+    slot_crcs,
+    wi_header,
+    wi_header_valid,
+)
+from meshblock.sds.checksums import crc as crc32c
 
 log = logging.getLogger(__name__)
 
@@ -98,16 +125,21 @@ REGION_INDEX: Final = 1
 REGION_DATA: Final = 2
 REGION_TOMBSTONES: Final = 3
 REGION_SLOT_EXT: Final = 4  # reserved: snapshot trees (docs/sds.md)
-REGION_WRITE_INTENT: Final = 5  # reserved: write-intent record (docs/sds.md)
-REGION_CHECKSUMS: Final = 6  # reserved: per-4 KiB CRC32C of every slot (docs/sds.md)
-#: Incompat feature bits this release knows (it sets none of them). Reserved:
-#: 1 = checksums kept, 2 = write-intent kept, 4 = slot extensions (snapshot trees) used.
-KNOWN_INCOMPAT: Final = 0
+REGION_WRITE_INTENT: Final = 5  # write-intent record (docs/sds.md, "Checksums")
+REGION_CHECKSUMS: Final = 6  # per-4 KiB CRC32C of every slot (docs/sds.md, "Checksums")
+#: Incompat feature bit: the checksum region is kept (every non-zero value is right).
+INCOMPAT_CHECKSUMS: Final = 1
+#: Incompat feature bit: the write-intent record is kept (set with INCOMPAT_CHECKSUMS).
+INCOMPAT_WRITE_INTENT: Final = 2
+#: Incompat feature bits this release knows. Reserved: 4 = slot extensions (snapshot
+#: trees) used.
+KNOWN_INCOMPAT: Final = INCOMPAT_CHECKSUMS | INCOMPAT_WRITE_INTENT
+_CHECKSUM_FEATURES: Final = INCOMPAT_CHECKSUMS | INCOMPAT_WRITE_INTENT
 
 #: Bytes reserved per slot in the slot-extension region (snapshot trees).
 SLOT_EXT_SIZE: Final = 128
-#: Bytes reserved per slot in the checksum region: one CRC32C u32 per 4 KiB block.
-CHECKSUMS_PER_SLOT: Final = CHUNK_SIZE // PAGE * 4
+#: Bytes per slot in the checksum region: one CRC32C u32 per 4 KiB block.
+CHECKSUMS_PER_SLOT: Final = ROW_SIZE
 #: Header of the write-intent region; two bitmaps of one bit per slot follow.
 WRITE_INTENT_HEADER: Final = PAGE
 
@@ -279,9 +311,18 @@ class Device:
         self.data_offset = 0
         self.uuid = b""
         self.version = FORMAT_VERSION
+        self.incompat = 0  # the superblock's incompat feature bits
         self.regions: dict[int, tuple[int, int]] = {}  # kind -> (offset, length)
         self.free: list[int] = []  # durably zero and unreferenced; pop() from the end
         self.pending: list[int] = []  # zeroed and unreferenced, not yet synced
+        # Pending slots zeroed only after the next sync (their entries' clearing durable
+        # first), when checksums are kept: see ChunkStore._free.
+        self.unpunched: set[int] = set()
+        # Checksums kept (docs/sds.md, "Checksums"): where, and the write-intent record.
+        self.checksums = False
+        self.csum_offset = 0
+        self.intent: WriteIntent | None = None
+        self.checksum_errors = 0  # blocks found not matching their checksums
         self.used = 0
         self.mdm_id: int | None = None  # the MDM's device id, once registered
         self.pool_id: int | None = None
@@ -296,6 +337,10 @@ class Device:
 
     def slot_offset(self, slot: int) -> int:
         return self.data_offset + slot * CHUNK_SIZE
+
+    def row_offset(self, slot: int) -> int:
+        """Where the checksums of ``slot`` are (while :attr:`checksums`)."""
+        return self.csum_offset + slot * ROW_SIZE
 
     # -- open / format ----------------------------------------------------------------
 
@@ -396,6 +441,7 @@ class Device:
                 f"{self.path}: uses on-disk features {incompat & ~KNOWN_INCOMPAT:#x} that "
                 "this release does not know; run the release that wrote it or a newer one"
             )
+        self.incompat = incompat
         regions: dict[int, tuple[int, int]] = {}
         table = SUPERBLOCK.size + SUPER_V2.size
         for i in range(count):
@@ -434,7 +480,7 @@ class Device:
         body += struct.pack(">I", zlib.crc32(body))
         if self.version >= 2:
             rows = sorted(self.regions.items())
-            body += SUPER_V2.pack(0, 0, len(rows), 0)
+            body += SUPER_V2.pack(self.incompat, 0, len(rows), 0)
             body += b"".join(REGION.pack(kind, 0, off, length) for kind, (off, length) in rows)
             body += struct.pack(">I", zlib.crc32(body))
         dio.pwrite(self.fd, body, 0)
@@ -520,6 +566,12 @@ class Device:
     def zero_slot_range(self, slot: int, offset: int, length: int) -> None:
         self._zero(self.slot_offset(slot) + offset, length)
 
+    def zero_slots(self, first: int, count: int) -> None:
+        """Zero ``count`` slots from ``first`` on, and their checksums (none recorded)."""
+        self._zero(self.slot_offset(first), count * CHUNK_SIZE)
+        if REGION_CHECKSUMS in self.regions:
+            self._zero(self.regions[REGION_CHECKSUMS][0] + first * ROW_SIZE, count * ROW_SIZE)
+
     def identify(self) -> bytes | None:
         """The uuid in the device's superblock (``b""`` when it holds none of ours);
         None when it cannot be read. Read-only: for a device that failed before."""
@@ -549,12 +601,21 @@ class ChunkStore:
     """Every device of one SDS, and the in-memory index chunk → (device, slot)."""
 
     def __init__(
-        self, specs: Iterable[DeviceSpec], failed: Mapping[str, str] | None = None
+        self,
+        specs: Iterable[DeviceSpec],
+        failed: Mapping[str, str] | None = None,
+        *,
+        checksums: bool = True,
     ) -> None:
         """``failed``: path -> hex uuid of devices that failed in an earlier run; they
         stay failed (not opened) unless the device there now has another uuid (the
-        operator replaced it, or zeroed its first 4 KiB)."""
+        operator replaced it, or zeroed its first 4 KiB). ``checksums``: keep and check
+        a CRC32C of every 4 KiB block (``[store] checksums``; docs/sds.md, "Checksums")."""
         self.devices = [Device(s) for s in specs]
+        self.checksums = checksums
+        #: Write-intent marks written durably in the event loop (a write that did not
+        #: wait in :meth:`reclaim` for its mark).
+        self.marks_in_loop = 0
         self._failed_before = dict(failed or {})
         #: Called once per device that fails (after it is marked), from the event loop
         #: or the thread that runs :meth:`open`.
@@ -612,6 +673,9 @@ class ChunkStore:
             ]
             for dev, plan in plans:
                 self._upgrade(dev, *plan)
+            for dev in self.devices:
+                if dev.loaded:
+                    self._open_checksums(dev)
             self._load_tombstones()
         except BaseException:
             self._gens.clear()
@@ -643,7 +707,7 @@ class ChunkStore:
                     owners.discard(oslot)
                     dropped.append(oslot)
                 else:
-                    odev.zero_slot_range(oslot, 0, CHUNK_SIZE)
+                    odev.zero_slots(oslot, 1)
                     odev.pending.append(oslot)
                 log.warning("%s: stale claim of chunk %d/%d dropped", odev.path, vol, chunk)
             self._index[key] = (dev, slot)
@@ -654,16 +718,7 @@ class ChunkStore:
         free = [s for s in range(dev.slot_count) if s not in owners]
         # After an unclean stop an unreferenced slot may hold bytes of an unflushed
         # write or of a freed chunk whose zeroing did not reach the disk: zero them.
-        dirty = free if not clean else sorted(dropped)
-        runs = 0
-        i = 0
-        while i < len(dirty):
-            j = i
-            while j + 1 < len(dirty) and dirty[j + 1] == dirty[j] + 1:
-                j += 1
-            dev.zero_slot_range(dirty[i], 0, (j - i + 1) * CHUNK_SIZE)
-            runs += 1
-            i = j + 1
+        runs = self._punch(dev, free if not clean else sorted(dropped))
         dev.free = free[::-1]  # pop() hands out low slots first
         dev.write_super(clean=False)
         dio.fsync(dev.fd)  # the zeroing is durable before any slot is handed out
@@ -674,6 +729,86 @@ class ChunkStore:
             dev.slot_count,
             "clean" if clean else "unclean",
             f", {runs} runs of free slots zeroed" if runs else "",
+        )
+
+    @staticmethod
+    def _punch(dev: Device, slots: list[int]) -> int:
+        """Zero ``slots`` (ascending) and their checksums, in runs; return how many runs."""
+        runs = 0
+        i = 0
+        while i < len(slots):
+            j = i
+            while j + 1 < len(slots) and slots[j + 1] == slots[j] + 1:
+                j += 1
+            dev.zero_slots(slots[i], j - i + 1)
+            runs += 1
+            i = j + 1
+        return runs
+
+    def _open_checksums(self, dev: Device) -> None:
+        """Keep checksums on ``dev`` from now on (or stop keeping them, when told not
+        to). A device that did not keep them (new, upgraded, or run with checksums
+        off) starts with none: whatever its checksum region holds may be stale. One
+        that did gets the checksums of the slots in its write-intent record
+        recomputed: they were being changed when it stopped (docs/sds.md, "Checksums")."""
+        kept = dev.incompat & _CHECKSUM_FEATURES == _CHECKSUM_FEATURES
+        if not self.checksums:
+            if dev.incompat & _CHECKSUM_FEATURES:
+                dev.incompat &= ~_CHECKSUM_FEATURES
+                dev.write_super(clean=False)
+                dio.fsync(dev.fd)
+                log.warning("%s: checksums off: the ones it kept are dropped", dev.path)
+            return
+        csum_offset, csum_length = dev.regions[REGION_CHECKSUMS]
+        intent = WriteIntent(dev.regions[REGION_WRITE_INTENT][0], dev.slot_count)
+        dev.csum_offset = csum_offset
+        if kept:
+            self._recover_marks(dev, intent)
+        else:
+            # Zero first, then the feature bits: a crash in between starts over.
+            dev._zero(csum_offset, csum_length)
+            dev._zero(intent.offset, WI_BITMAP + _align(len(intent.bits), PAGE))
+            dio.pwrite(dev.fd, wi_header(), intent.offset)
+            dio.fdatasync(dev.fd)
+            dev.incompat |= _CHECKSUM_FEATURES
+            dev.write_super(clean=False)
+            dio.fsync(dev.fd)
+            log.info(
+                "%s: block checksums kept from now on (chunks written before get them "
+                "when they are next written)",
+                dev.path,
+            )
+        dev.intent = intent
+        dev.checksums = True
+
+    def _recover_marks(self, dev: Device, intent: WriteIntent) -> None:
+        """Recompute the checksums of the slots marked in the write-intent record: their
+        data and checksums may disagree (a power cut, a kill between the two writes).
+        A record that cannot be read marks every slot."""
+        raw = dio.pread(dev.fd, WI_BITMAP + len(intent.bits), intent.offset)
+        if wi_header_valid(raw):
+            slots = marked_slots(raw[WI_BITMAP:], dev.slot_count)
+        else:
+            log.warning("%s: write-intent record unreadable: every checksum recomputed", dev.path)
+            dio.pwrite(dev.fd, wi_header(), intent.offset)
+            slots = list(range(dev.slot_count))
+        if not slots:
+            return
+        owned = {slot for d, slot in self._index.values() if d is dev}
+        data = bytearray(CHUNK_SIZE)
+        for slot in slots:
+            if slot in owned:
+                data[:] = _ZEROES
+                dio.preadv(dev.fd, [data], dev.slot_offset(slot))
+                dio.pwrite(dev.fd, slot_crcs(data), dev.row_offset(slot))
+            else:
+                dio.pwrite(dev.fd, bytes(ROW_SIZE), dev.row_offset(slot))
+        dio.pwrite(dev.fd, bytes(len(intent.bits)), intent.offset + WI_BITMAP)
+        dio.fsync(dev.fd)
+        log.warning(
+            "%s: checksums of %d slot(s) being written at the last stop recomputed from their data",
+            dev.path,
+            len([s for s in slots if s in owned]),
         )
 
     def _load_tombstones(self) -> None:
@@ -785,6 +920,14 @@ class ChunkStore:
                 continue
             try:
                 dio.fdatasync(dev.fd)
+                if dev.unpunched or dev.intent is not None:
+                    # Every write and free is durable: zero what the frees left, forget
+                    # the marks; durable before CLEAN says so.
+                    self._punch(dev, sorted(dev.unpunched))
+                    if dev.intent is not None:
+                        offset, bits = dev.intent.clear_all()
+                        dio.pwrite(dev.fd, bits, offset)
+                    dio.fdatasync(dev.fd)
                 dev.free.extend(dev.pending)
                 dev.pending.clear()
                 dev.write_super(clean=True)
@@ -886,24 +1029,60 @@ class ChunkStore:
     # -- IO ---------------------------------------------------------------------------
 
     def read(self, volume: int, chunk: int, offset: int, length: int) -> memoryview | None:
-        """``length`` bytes at ``offset`` of the chunk, or None if it has no slot."""
+        """``length`` bytes at ``offset`` of the chunk, or None if it has no slot.
+
+        With checksums kept, the whole 4 KiB blocks the range touches are read and
+        checked: :class:`ChecksumError` (an ``OSError``, EIO) when one does not match."""
         loc = self._index.get(chunk_key(volume, chunk))
         if loc is None or volume in self._tombstones:
             return None
         dev, slot = loc
         if dev.failed:
             raise DeviceFailed(dev)
-        buf = bytearray(length)
+        if not dev.checksums or not length:
+            buf = bytearray(length)
+            try:
+                dio.preadv(dev.fd, [buf], dev.slot_offset(slot) + offset)
+            except OSError as exc:
+                raise self._io_error(dev, "pread", exc) from exc
+            # a short read is past the end of a sparse file: already zeroes
+            return memoryview(buf)
+        first = offset >> BLOCK_SHIFT
+        count = ((offset + length + BLOCK - 1) >> BLOCK_SHIFT) - first
+        start = first << BLOCK_SHIFT
+        buf = bytearray(count << BLOCK_SHIFT)
         try:
-            n = dio.preadv(dev.fd, [buf], dev.slot_offset(slot) + offset)
+            dio.preadv(dev.fd, [buf], dev.slot_offset(slot) + start)
+            row = dio.pread(dev.fd, count * 4, dev.row_offset(slot) + first * 4)
         except OSError as exc:
             raise self._io_error(dev, "pread", exc) from exc
-        del n  # a short read is past the end of a sparse file: already zeroes
-        return memoryview(buf)
+        view = memoryview(buf)
+        bad = bad_blocks(view, row.ljust(count * 4, b"\0"), first)
+        if bad:
+            raise self._checksum_error(dev, slot, volume, chunk, bad)
+        return view[offset - start : offset - start + length]
 
     def needs_reclaim(self, dev: Device, volume: int, chunk: int) -> bool:
-        """True when writing this chunk needs a slot that only a sync can free."""
-        return not dev.free and bool(dev.pending) and chunk_key(volume, chunk) not in self._index
+        """True when a write, WRITE_ZEROES or TRIM of this chunk must wait for
+        :meth:`reclaim` first: it needs a slot that only a sync can free, or (checksums
+        kept) the write-intent mark of its slot is not durable yet (asked for here;
+        :meth:`reclaim` writes the marks asked for since the last one, at once)."""
+        loc = self._index.get(chunk_key(volume, chunk))
+        if loc is None:
+            if not dev.free:
+                return bool(dev.pending)
+            intent = dev.intent
+            if intent is None or dev.failed or dev.free[-1] in intent.marks:
+                return False
+            # The next slots to be handed out, marked together.
+            intent.wanted.update(s for s in dev.free[-MARK_AHEAD:] if s not in intent.marks)
+            return True
+        ldev, slot = loc
+        intent = ldev.intent
+        if intent is None or ldev.failed or slot in intent.marks:
+            return False
+        intent.wanted.add(slot)
+        return True
 
     def write(
         self, dev: Device, volume: int, chunk: int, offset: int, data: bytes | memoryview
@@ -912,8 +1091,9 @@ class ChunkStore:
 
         Raises :class:`NoSpace` when ``dev`` has no free slot (check
         :meth:`needs_reclaim` first), :class:`VolumeDeleted` when the volume is
-        tombstoned and :class:`DeviceFailed` on IO errors (the device where the bytes
-        go is failed, now or before).
+        tombstoned, :class:`DeviceFailed` on IO errors (the device where the bytes
+        go is failed, now or before) and :class:`ChecksumError` (nothing written)
+        when a block the write covers in part does not match its checksum.
         """
         if volume in self._tombstones:
             raise self._deleted(volume)
@@ -924,7 +1104,12 @@ class ChunkStore:
             if ldev.failed:
                 raise DeviceFailed(ldev)
             try:
-                _pwrite(ldev.fd, data, ldev.slot_offset(slot) + offset)
+                if ldev.checksums:
+                    self._write_checked(ldev, slot, offset, data, key)
+                else:
+                    _pwrite(ldev.fd, data, ldev.slot_offset(slot) + offset)
+            except ChecksumError:
+                raise
             except OSError as exc:
                 raise self._io_error(ldev, "pwrite", exc) from exc
             return
@@ -937,7 +1122,10 @@ class ChunkStore:
         try:
             # Data first, then the entry: the slot is durably zero, so a crash in
             # between leaves either nothing or this chunk's own bytes.
-            _pwrite(dev.fd, data, dev.slot_offset(slot) + offset)
+            if dev.checksums:
+                self._write_checked(dev, slot, offset, data, None)
+            else:
+                _pwrite(dev.fd, data, dev.slot_offset(slot) + offset)
             self._generation += 1
             dev.write_entry(slot, _entry(volume, chunk, self._generation))
         except OSError as exc:
@@ -955,7 +1143,9 @@ class ChunkStore:
 
     def zero(self, volume: int, chunk: int, offset: int, length: int) -> None:
         """WRITE_ZEROES / TRIM: the range reads as zeroes; a whole chunk frees its slot.
-        :class:`VolumeDeleted` when the volume is tombstoned."""
+        :class:`VolumeDeleted` when the volume is tombstoned, :class:`ChecksumError`
+        (nothing zeroed) when a block the range covers in part does not match its
+        checksum."""
         if volume in self._tombstones:
             raise self._deleted(volume)
         key = chunk_key(volume, chunk)
@@ -966,27 +1156,189 @@ class ChunkStore:
         if dev.failed:
             raise DeviceFailed(dev)
         try:
-            self._zero_at(dev, slot, key, volume, offset, length)
+            self._zero_at(dev, slot, key, offset, length)
+        except ChecksumError:
+            raise
         except OSError as exc:
             raise self._io_error(dev, "zeroing", exc) from exc
 
-    def _zero_at(
-        self, dev: Device, slot: int, key: int, volume: int, offset: int, length: int
-    ) -> None:
+    def _zero_at(self, dev: Device, slot: int, key: int, offset: int, length: int) -> None:
         if offset == 0 and length == CHUNK_SIZE:
             self._free(key, dev, slot)
+        elif dev.checksums:
+            self._changing(dev, slot, False)
+            first, crcs = self._crcs(dev, slot, offset, length, None, key)
+            dev.zero_slot_range(slot, offset, length)
+            self._write_row(dev, slot, first, crcs, False)
+        else:
+            dev.zero_slot_range(slot, offset, length)
+
+    # -- checksums (docs/sds.md, "Checksums") -----------------------------------------
+
+    def _write_checked(
+        self, dev: Device, slot: int, offset: int, data: bytes | memoryview, key: int | None
+    ) -> None:
+        """Write ``data`` into ``slot`` and the checksums of the blocks it touches;
+        ``key`` None: the slot is new (durably zero)."""
+        view = data if isinstance(data, memoryview) else memoryview(data)
+        new = key is None
+        self._changing(dev, slot, new)
+        first, crcs = self._crcs(dev, slot, offset, len(view), view, key)
+        _pwrite(dev.fd, view, dev.slot_offset(slot) + offset)
+        self._write_row(dev, slot, first, crcs, new)
+
+    def _changing(self, dev: Device, slot: int, new: bool) -> None:
+        """``slot``'s data and checksums are about to change: its write-intent mark must
+        be durable first. Written here (and waited for, in the event loop) when the
+        write did not wait for it in :meth:`reclaim`; for a new chunk the next free
+        slots are marked with it."""
+        intent = dev.intent
+        assert intent is not None
+        if slot in intent.marks:
+            intent.touched[slot] = time.monotonic()
             return
-        dev.zero_slot_range(slot, offset, length)
+        slots = [slot]
+        if new:
+            slots += [s for s in dev.free[-MARK_AHEAD:] if s not in intent.marks]
+        offset, bits = intent.set(slots)
+        dio.pwrite_durable(dev.fd, bits, offset)
+        intent.marked(slots)
+        self.marks_in_loop += 1
+
+    def _crcs(
+        self,
+        dev: Device,
+        slot: int,
+        offset: int,
+        length: int,
+        view: memoryview | None,
+        key: int | None,
+    ) -> tuple[int, list[int]]:
+        """``(first block, checksums)`` of the blocks that ``length`` bytes of ``view``
+        (None: zeroes) written at ``offset`` of ``slot`` touch. A block covered in part
+        is its old bytes (read back and checked; zeroes when ``key`` is None: a new
+        slot) with the new ones in."""
+        if not length:
+            return 0, []
+        end = offset + length
+        first, last = offset >> BLOCK_SHIFT, (end - 1) >> BLOCK_SHIFT
+        head = bool(offset & (BLOCK - 1)) or end < (first + 1) << BLOCK_SHIFT
+        tail = last != first and bool(end & (BLOCK - 1))
+        lo, hi = first + head, last + 1 - tail  # the blocks covered whole
+        if view is None:
+            whole = [ZERO_BLOCK_CRC] * (hi - lo)
+        else:
+            whole = block_crcs(view[(lo << BLOCK_SHIFT) - offset : (hi << BLOCK_SHIFT) - offset])
+        if not head and not tail:
+            return first, whole
+        parts = [b for b, part in ((first, head), (last, tail)) if part]
+        old = self._old_blocks(dev, slot, parts, key)
+        crcs = []
+        for b in parts:
+            bstart = b << BLOCK_SHIFT
+            a, z = max(offset, bstart), min(end, bstart + BLOCK)
+            block = bytearray(old[b])
+            block[a - bstart : z - bstart] = (
+                bytes(z - a) if view is None else view[a - offset : z - offset]
+            )
+            crcs.append(crc32c(block))
+        return first, (crcs[:1] if head else []) + whole + (crcs[-1:] if tail else [])
+
+    def _old_blocks(
+        self, dev: Device, slot: int, blocks: list[int], key: int | None
+    ) -> dict[int, bytes]:
+        """The bytes of ``blocks`` of ``slot``, checked against their checksums
+        (:class:`ChecksumError` if one does not match); ``key`` None: a new slot."""
+        if key is None:
+            return {b: _ZEROES[:BLOCK] for b in blocks}
+        lo, n = blocks[0], blocks[-1] - blocks[0] + 1
+        row = dio.pread(dev.fd, 4 * n, dev.row_offset(slot) + 4 * lo).ljust(4 * n, b"\0")
+        stored = ROWS[n].unpack(row)
+        old, bad = {}, []
+        for b in blocks:
+            raw = dio.pread(dev.fd, BLOCK, dev.slot_offset(slot) + (b << BLOCK_SHIFT))
+            old[b] = raw = raw.ljust(BLOCK, b"\0")
+            if stored[b - lo] and crc32c(raw) != stored[b - lo]:
+                bad.append(b)
+        if bad:
+            raise self._checksum_error(dev, slot, *split_key(key), bad)
+        return old
+
+    @staticmethod
+    def _write_row(dev: Device, slot: int, first: int, crcs: list[int], new: bool) -> None:
+        if new:  # the whole row: every other block of a new slot is zeroes
+            row = bytearray(ZERO_ROW)
+            ROWS[len(crcs)].pack_into(row, 4 * first, *crcs)
+            dio.pwrite(dev.fd, memoryview(row), dev.row_offset(slot))
+        elif crcs:
+            dio.pwrite(dev.fd, ROWS[len(crcs)].pack(*crcs), dev.row_offset(slot) + 4 * first)
+
+    def _checksum_error(
+        self, dev: Device, slot: int, volume: int, chunk: int, bad: list[int]
+    ) -> ChecksumError:
+        """Count and log blocks found not matching their checksums; the error to raise."""
+        dev.checksum_errors += len(bad)
+        error = ChecksumError(dev.path, volume, chunk, slot, bad)
+        log.error("%s: %s", dev.path, error.strerror)
+        return error
+
+    async def _marks_durable(self) -> None:
+        """Return once the write-intent marks asked for so far are durable (one write
+        of the bitmap per device for all of them, in a thread)."""
+        for dev in self.devices:
+            intent = dev.intent
+            if intent is None:
+                continue
+            need = intent.wanted | intent.inflight
+            while need - intent.marks:
+                if dev.failed:
+                    raise DeviceFailed(dev)
+                if intent.marking is None:
+                    if not intent.wanted:
+                        break  # cleared meanwhile: the write marks it itself
+                    self._start_marking(dev, intent)
+                assert intent.marking is not None
+                await asyncio.shield(intent.marking)
+
+    def _start_marking(self, dev: Device, intent: WriteIntent) -> None:
+        slots = frozenset(intent.wanted)
+        intent.wanted = set()
+        offset, bits = intent.set(slots)
+        intent.inflight = slots
+        loop = asyncio.get_running_loop()
+
+        async def run() -> None:
+            try:
+                await loop.run_in_executor(None, dio.pwrite_durable, dev.fd, bits, offset)
+            except OSError as exc:
+                raise self._io_error(dev, "pwrite", exc) from exc
+            else:
+                intent.marked(slots)
+            finally:
+                intent.inflight = frozenset()
+                intent.marking = None
+
+        task = loop.create_task(run(), name=f"mark-{dev.path}")
+        intent.marking = task
+        task.add_done_callback(_log_failure)
 
     def _free(self, key: int, dev: Device, slot: int) -> None:
         """Free a chunk: entry first, then the zeroing; the slot is reused only after
-        a sync. On a failed device: forgotten, no IO (it is never read again)."""
+        a sync. On a failed device: forgotten, no IO (it is never read again).
+
+        With checksums kept the slot is zeroed only after the next sync (:meth:`sync`):
+        until the cleared entry is durable the chunk may come back after a power cut,
+        and then its data and checksums must still agree (no write-intent mark needed).
+        It is handed out again after the sync that follows."""
         if not dev.failed:
             dev.write_entry(slot, _EMPTY_ENTRY)
         self._forget(key, dev)
         if dev.failed:
             return
-        dev.zero_slot_range(slot, 0, CHUNK_SIZE)
+        if dev.checksums:
+            dev.unpunched.add(slot)
+        else:
+            dev.zero_slot_range(slot, 0, CHUNK_SIZE)
         dev.pending.append(slot)
         if len(dev.pending) >= RECLAIM_BATCH and dev.reclaiming is None:
             self._schedule_reclaim(dev)
@@ -1120,7 +1472,9 @@ class ChunkStore:
 
     async def sync(self, devices: Iterable[Device] | None = None) -> None:
         """fdatasync ``devices`` (default: all) in threads; then return the slots that
-        were pending before the sync to the free lists.
+        were pending before the sync to the free lists (those freed with checksums
+        kept are zeroed now and wait for the next sync), and clear the write-intent
+        marks of slots idle since before it.
 
         Raises :class:`DeviceFailed` when one of them is failed, now (its fdatasync
         failed: the others are still synced) or before (nothing is synced then): a
@@ -1133,6 +1487,7 @@ class ChunkStore:
         batches = [(dev, dev.pending) for dev in devs]
         for dev in devs:
             dev.pending = []
+        started = time.monotonic()
         try:
             results = await asyncio.gather(
                 *(loop.run_in_executor(None, dio.fdatasync, dev.fd) for dev in devs),
@@ -1145,8 +1500,11 @@ class ChunkStore:
         error: BaseException | None = None
         for (dev, batch), result in zip(batches, results, strict=True):
             if result is None:
-                dev.free.extend(batch)
-                continue
+                try:
+                    self._synced(dev, batch, started)
+                    continue
+                except OSError as exc:
+                    result = exc
             dev.pending.extend(batch)
             if isinstance(result, OSError):
                 result = self._io_error(dev, "fdatasync", result)
@@ -1154,12 +1512,33 @@ class ChunkStore:
         if error is not None:
             raise error
 
+    def _synced(self, dev: Device, batch: list[int], started: float) -> None:
+        """After a sync of ``dev`` that started at ``started``: ``batch`` (pending then)
+        is durably unreferenced."""
+        unpunched = [slot for slot in batch if slot in dev.unpunched]
+        if unpunched:
+            dev.unpunched.difference_update(unpunched)
+            self._punch(dev, sorted(unpunched))
+            dev.pending.extend(unpunched)  # durably zero after the next sync
+            zeroed = set(unpunched)
+            batch = [slot for slot in batch if slot not in zeroed]
+        dev.free.extend(batch)
+        cleared = None if dev.intent is None else dev.intent.idle(started)
+        if cleared is not None:
+            dio.pwrite(dev.fd, cleared[1], cleared[0])
+
     async def reclaim(self, dev: Device) -> None:
-        """Wait until the pending slots of ``dev`` are free again (one sync at a time)."""
-        if dev.reclaiming is None:
-            self._schedule_reclaim(dev)
-        assert dev.reclaiming is not None
-        await asyncio.shield(dev.reclaiming)
+        """Wait until a write that :meth:`needs_reclaim` held back can go: the pending
+        slots of ``dev`` free again (one sync at a time; two for slots freed with
+        checksums kept), and the write-intent marks asked for durable."""
+        while dev.reclaiming is not None or (not dev.free and dev.pending):
+            if dev.reclaiming is None:
+                self._schedule_reclaim(dev)
+            assert dev.reclaiming is not None
+            await asyncio.shield(dev.reclaiming)
+            if dev.free:
+                break
+        await self._marks_durable()
 
     def _schedule_reclaim(self, dev: Device) -> None:
         loop = asyncio.get_running_loop()
@@ -1167,6 +1546,8 @@ class ChunkStore:
         async def run() -> None:
             try:
                 await self.sync([dev])
+                if any(slot not in dev.unpunched for slot in dev.pending):
+                    await self.sync([dev])  # the slots it zeroed: durable, free
             finally:
                 dev.reclaiming = None
 
@@ -1177,4 +1558,4 @@ class ChunkStore:
 
 def _log_failure(task: asyncio.Task[None]) -> None:
     if not task.cancelled() and task.exception() is not None:
-        log.error("sync of freed slots failed: %s", task.exception())
+        log.error("sync of freed slots or write of write-intent marks failed: %s", task.exception())

@@ -1,0 +1,435 @@
+"""Block checksums of the SDS's chunk store (docs/sds.md, "Checksums"): a CRC32C per
+4 KiB block, kept on every write, WRITE_ZEROES and TRIM and checked on every read; a
+corrupted block is an error (ChecksumError, IO_ERROR on the wire, counted per device);
+blocks written before checksums were kept are unknown, not errors; and a power cut
+never makes data and checksums disagree (the write-intent record)."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import random
+import struct
+import zlib
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+import meshblock.sds.checksums as checksums
+from _sds_v1 import CHUNK_DATA_OFFSET, v1_chunk_bytes, write_v1_device
+from meshblock.chunks import CHUNK_SIZE, pg_of
+from meshblock.sds.checksums import BLOCK, ROW_SIZE, WI_BITMAP, ChecksumError, slot_crcs
+from meshblock.sds.io_path import DataService
+from meshblock.sds.maps import MapCache
+from meshblock.sds.metrics import SdsCollector
+from meshblock.sds.replication import Peers
+from meshblock.sds.resync import Resync
+from meshblock.sds.state import SdsState
+from meshblock.sds.stats import SdsStats
+from meshblock.sds.store import (
+    ENTRY,
+    INCOMPAT_CHECKSUMS,
+    INCOMPAT_WRITE_INTENT,
+    INDEX_OFFSET,
+    REGION_CHECKSUMS,
+    REGION_WRITE_INTENT,
+    SUPER_V2,
+    SUPERBLOCK,
+    ChunkStore,
+    DeviceSpec,
+    NoSpace,
+)
+from meshblock.wire.protocol import REQUEST_MAGIC, Op, Request, Status
+from test_device_failstop_units import DEV_IDS, ME, PG_COUNT, POOL, Conn, _pg_map
+from test_sds_store import PowerLoss
+
+pytestmark = pytest.mark.unit
+
+MiB = 1024 * 1024
+VOL = 5
+
+
+def open_store(path: Path, capacity: int = 16 * MiB, checksums: bool = True) -> ChunkStore:
+    store = ChunkStore([DeviceSpec(str(path), capacity, "pool")], checksums=checksums)
+    store.open()
+    return store
+
+
+def flip(path: Path, offset: int) -> None:
+    """Flip the bits of one byte of the device file (behind the store's back)."""
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ 0xFF]))
+
+
+def data_offset(store: ChunkStore, volume: int, chunk: int, offset: int) -> int:
+    """Where byte ``offset`` of the chunk is on its device, from the store's index."""
+    loc = store.location(volume, chunk)
+    assert loc is not None, (volume, chunk)
+    dev, slot = loc
+    return dev.slot_offset(slot) + offset
+
+
+def stored_row(store: ChunkStore, path: Path, volume: int, chunk: int) -> bytes:
+    loc = store.location(volume, chunk)
+    assert loc is not None
+    dev, slot = loc
+    with open(path, "rb") as f:
+        f.seek(dev.regions[REGION_CHECKSUMS][0] + slot * ROW_SIZE)
+        return f.read(ROW_SIZE)
+
+
+def incompat(path: Path) -> int:
+    with open(path, "rb") as f:
+        return int(SUPER_V2.unpack_from(f.read(512), SUPERBLOCK.size)[0])
+
+
+def test_a_flipped_byte_is_found_on_read_and_counted(tmp_path: Path) -> None:
+    path = tmp_path / "dev.img"
+    store = open_store(path)
+    dev = store.devices[0]
+    rng = random.Random(1)
+    data = rng.randbytes(4 * BLOCK)
+    try:
+        store.write(dev, VOL, 1, 0, data)
+        got = store.read(VOL, 1, 0, 4 * BLOCK)
+        assert got is not None and bytes(got) == data
+        flip(path, data_offset(store, VOL, 1, 2 * BLOCK + 7))  # block 2
+        with pytest.raises(ChecksumError) as caught:
+            store.read(VOL, 1, 0, CHUNK_SIZE)
+        err = caught.value
+        assert (err.errno, err.device, err.volume, err.chunk, err.blocks) == (
+            errno.EIO,
+            dev.path,
+            VOL,
+            1,
+            [2],
+        )
+        assert dev.checksum_errors == 1
+        with pytest.raises(ChecksumError):  # unaligned, touching block 2 only in part
+            store.read(VOL, 1, 2 * BLOCK + 4000, 200)
+        assert dev.checksum_errors == 2
+        got = store.read(VOL, 1, 100, 2 * BLOCK - 100)  # blocks 0 and 1 are fine
+        assert got is not None and bytes(got) == data[100 : 2 * BLOCK]
+        # A write into part of the bad block would bless it: refused, nothing written.
+        before = path.read_bytes()
+        with pytest.raises(ChecksumError):
+            store.write(dev, VOL, 1, 2 * BLOCK + 10, b"z" * 10)
+        with pytest.raises(ChecksumError):
+            store.zero(VOL, 1, 2 * BLOCK + 10, 10)
+        assert path.read_bytes() == before
+        assert dev.checksum_errors == 4 and not dev.failed
+        store.write(dev, VOL, 1, 2 * BLOCK, b"n" * BLOCK)  # the whole block: rewritten
+        got = store.read(VOL, 1, 0, 4 * BLOCK)
+        want = data[: 2 * BLOCK] + b"n" * BLOCK + data[3 * BLOCK :]
+        assert got is not None and bytes(got) == want
+    finally:
+        store.close()
+
+
+def test_a_corrupted_read_is_an_io_error_on_the_wire_and_in_the_metrics(tmp_path: Path) -> None:
+    """Through the request handler: READ of a corrupted block answers IO_ERROR (no
+    bytes), the device keeps serving, and meshblock_sds_checksum_errors_total moves."""
+    store = ChunkStore([DeviceSpec(str(tmp_path / f"dev{i}.img"), 16 * MiB, "p") for i in (0, 1)])
+    store.open()
+    sds = SdsState(store, MapCache(), Peers("secret", 5.0), SdsStats())
+    sds.set_identity(ME, {d.path: (DEV_IDS[i], POOL) for i, d in enumerate(store.devices)})
+    resync = Resync(sds)
+    svc = DataService(sds, resync)
+    conn = Conn()
+    chunk = next(c for c in range(64) if pg_of(VOL, c, PG_COUNT) == 0)
+    registry = CollectorRegistry()
+    registry.register(SdsCollector(sds, resync))
+
+    def request(req: int, op: Op, data: bytes = b"") -> None:
+        length = len(data) or BLOCK
+        hdr = Request(REQUEST_MAGIC, op, 0, 0, req, POOL, 0, 1, VOL, chunk, 0, length)
+        svc.handle(conn, hdr, memoryview(data))
+
+    async def answer(req: int) -> tuple[int, memoryview | None]:
+        for _ in range(500):
+            if req in conn.replies:
+                return conn.replies[req]
+            await asyncio.sleep(0.01)
+        raise AssertionError(f"request {req} got no reply")
+
+    async def main() -> None:
+        sds.maps.update(_pg_map(1, {0, 1}))
+        request(1, Op.WRITE, b"q" * BLOCK)
+        assert (await answer(1))[0] == Status.OK
+        dev = store.devices[0]
+        flip(Path(dev.path), data_offset(store, VOL, chunk, 5))
+        request(2, Op.READ)
+        assert await answer(2) == (Status.IO_ERROR, None)
+        request(3, Op.WRITE, b"r" * BLOCK)  # the whole block again: repaired
+        assert (await answer(3))[0] == Status.OK
+        request(4, Op.READ)
+        status, payload = await answer(4)
+        assert status == Status.OK and payload is not None and bytes(payload) == b"r" * BLOCK
+
+    try:
+        asyncio.run(main())
+        counts = [
+            registry.get_sample_value("meshblock_sds_checksum_errors_total", {"device": d.path})
+            for d in store.devices
+        ]
+        assert counts == [1.0, 0.0]
+        assert not store.failed_devices()
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_writes_zeroes_and_trims_keep_every_checksum_right(tmp_path: Path, seed: int) -> None:
+    """Random writes (aligned, unaligned, partial blocks, whole chunks), partial
+    WRITE_ZEROES, whole-chunk TRIMs, syncs and restarts against a model of the chunks:
+    every read matches the model and every chunk's stored checksums are those of its
+    bytes."""
+    path = tmp_path / "dev.img"
+    rng = random.Random(seed)
+    model: dict[int, bytearray] = {}
+    sizes = [1, 100, BLOCK - 1, BLOCK, BLOCK + 1, 3 * BLOCK + 5, 65536, 300_000, CHUNK_SIZE]
+
+    async def run(store: ChunkStore, steps: int) -> None:
+        dev = store.devices[0]
+        for step in range(steps):
+            chunk = rng.randrange(5)
+            offset = rng.choice([rng.randrange(CHUNK_SIZE), rng.randrange(256) * BLOCK, 0])
+            length = min(rng.choice(sizes), CHUNK_SIZE - offset)
+            r = rng.random()
+            if store.needs_reclaim(dev, VOL, chunk):
+                await store.reclaim(dev)
+            if r < 0.55:
+                data = rng.randbytes(length)
+                store.write(dev, VOL, chunk, offset, data)
+                model.setdefault(chunk, bytearray(CHUNK_SIZE))[offset : offset + length] = data
+            elif r < 0.8:
+                store.zero(VOL, chunk, offset, length)
+                if chunk in model:
+                    model[chunk][offset : offset + length] = bytes(length)
+                if length == CHUNK_SIZE:
+                    model.pop(chunk, None)
+            elif r < 0.9:
+                store.zero(VOL, chunk, 0, CHUNK_SIZE)
+                model.pop(chunk, None)
+            else:
+                await store.sync()
+            got = store.read(VOL, chunk, offset, length)
+            want = model.get(chunk)
+            assert (None if got is None else bytes(got)) == (
+                None if want is None else bytes(want[offset : offset + length])
+            ), (step, chunk, offset, length)
+            if step % 20 == 0:
+                check_rows(store)
+
+    def check_rows(store: ChunkStore) -> None:
+        assert sorted(c for _, c in store.chunk_ids()) == sorted(model)
+        for chunk, want in model.items():
+            assert stored_row(store, path, VOL, chunk) == slot_crcs(want), chunk
+            got = store.read(VOL, chunk, 0, CHUNK_SIZE)
+            assert got is not None and bytes(got) == want
+
+    for _restart in range(3):
+        store = open_store(path)
+        try:
+            asyncio.run(run(store, 120))
+            check_rows(store)
+        finally:
+            store.close()
+    assert store.devices[0].checksum_errors == 0
+
+
+def test_chunks_written_without_checksums_are_unknown_until_rewritten(tmp_path: Path) -> None:
+    """A device of the release before (checksum region zero, no feature bit), and one
+    run with checksums off meanwhile: its chunks read without a check, a corruption in
+    them is not an error, their blocks get checksums as they are written."""
+    path = tmp_path / "dev.img"
+    rng = random.Random(2)
+    old = rng.randbytes(CHUNK_SIZE)
+    store = open_store(path, checksums=False)
+    store.write(store.devices[0], VOL, 0, 0, old)
+    store.close()
+    assert incompat(path) == 0
+    store = open_store(path)
+    dev = store.devices[0]
+    try:
+        assert incompat(path) == INCOMPAT_CHECKSUMS | INCOMPAT_WRITE_INTENT
+        assert stored_row(store, path, VOL, 0) == bytes(ROW_SIZE)  # unknown
+        flip(path, data_offset(store, VOL, 0, 7 * BLOCK + 1))
+        got = store.read(VOL, 0, 0, CHUNK_SIZE)  # not checked: returned as it is
+        assert got is not None and bytes(got[: 7 * BLOCK]) == old[: 7 * BLOCK]
+        store.write(dev, VOL, 0, 3 * BLOCK + 100, b"p" * 50)  # block 3 gets a checksum
+        row = struct.unpack(">256I", stored_row(store, path, VOL, 0))
+        assert [i for i, v in enumerate(row) if v] == [3]
+        flip(path, data_offset(store, VOL, 0, 3 * BLOCK + 2000))
+        with pytest.raises(ChecksumError):
+            store.read(VOL, 0, 3 * BLOCK, BLOCK)
+        assert dev.checksum_errors == 1
+    finally:
+        store.close()
+
+    # Checksums off for a while: what is written then has stale checksums, which
+    # turning them on again must not trust.
+    store = open_store(path, checksums=False)
+    store.write(store.devices[0], VOL, 0, 3 * BLOCK, b"s" * BLOCK)
+    store.close()
+    assert incompat(path) == 0
+    store = open_store(path)
+    try:
+        got = store.read(VOL, 0, 3 * BLOCK, BLOCK)
+        assert got is not None and bytes(got) == b"s" * BLOCK
+        assert store.devices[0].checksum_errors == 0
+    finally:
+        store.close()
+
+
+def test_a_version_1_device_is_upgraded_with_its_chunks_unknown(tmp_path: Path) -> None:
+    path = tmp_path / "v1.img"
+    chunks = {(1, 0): 0, (1, 1): 5}
+    write_v1_device(path, 16 * MiB, chunks)
+    store = open_store(path)
+    try:
+        assert incompat(path) == INCOMPAT_CHECKSUMS | INCOMPAT_WRITE_INTENT
+        for volume, chunk in chunks:
+            want = v1_chunk_bytes(volume, chunk)
+            got = store.read(volume, chunk, CHUNK_DATA_OFFSET, len(want))
+            assert got is not None and bytes(got) == want
+        assert store.devices[0].checksum_errors == 0
+    finally:
+        store.close()
+
+
+def test_writes_that_waited_in_reclaim_find_their_marks_durable(tmp_path: Path) -> None:
+    """The request path asks needs_reclaim before every write: the marks it asks for
+    are written in one durable write off the event loop, and the writes then mark
+    nothing in the loop; new chunks find the next free slots marked ahead."""
+    store = open_store(path := tmp_path / "dev.img")
+    dev = store.devices[0]
+
+    async def main() -> None:
+        for chunk in range(4):
+            if store.needs_reclaim(dev, VOL, chunk):
+                await store.reclaim(dev)
+            store.write(dev, VOL, chunk, 0, b"a" * BLOCK)
+        assert store.marks_in_loop == 0
+        assert dev.intent is not None and len(dev.intent.marks) >= 4
+
+    try:
+        asyncio.run(main())
+    finally:
+        store.close()
+    assert path.exists()
+
+
+# -- power cuts ------------------------------------------------------------------------
+
+COLD = 9  # a volume written and synced before the workload, never touched by it
+
+
+def assert_marked_before_changed(store: ChunkStore, power: PowerLoss) -> None:
+    """Every slot with a data page not yet synced is marked in the write-intent
+    record as the disk holds it, unless no index entry can name it after a power cut
+    (neither the one on the disk nor the one in memory)."""
+    dev = store.devices[0]
+    bitmap = dev.regions[REGION_WRITE_INTENT][0] + WI_BITMAP
+    owned = {loc[1] for v, c in store.chunk_ids() if (loc := store.location(v, c))}
+    for page in power.dirty:
+        if page * PowerLoss.PAGE < dev.data_offset:
+            continue
+        slot = (page * PowerLoss.PAGE - dev.data_offset) // CHUNK_SIZE
+        at = INDEX_OFFSET + slot * ENTRY.size
+        raw = bytes(power.durable[at : at + ENTRY.size])
+        *_, flags, crc = ENTRY.unpack(raw)
+        on_disk = flags & 1 and zlib.crc32(raw[:-4]) == crc
+        if on_disk or slot in owned:
+            assert power.durable[bitmap + (slot >> 3)] >> (slot & 7) & 1, (
+                f"slot {slot} changed before its write-intent mark was durable"
+            )
+
+
+async def _workload(
+    store: ChunkStore, rng: random.Random, ops: int, power: PowerLoss | None = None
+) -> None:
+    dev = store.devices[0]
+    for _ in range(ops):
+        vol, chunk = rng.randrange(1, 3), rng.randrange(0, 6)
+        r = rng.random()
+        offset = rng.choice([rng.randrange(CHUNK_SIZE - 9000), rng.randrange(250) * BLOCK])
+        length = rng.choice([1, 700, BLOCK, 2 * BLOCK + 3, 9000])
+        if store.needs_reclaim(dev, vol, chunk):
+            await store.reclaim(dev)
+        if r < 0.6:
+            try:
+                store.write(dev, vol, chunk, offset, rng.randbytes(length))
+            except NoSpace:
+                pass
+        elif r < 0.75:
+            store.zero(vol, chunk, offset, length)
+        elif r < 0.85:
+            store.zero(vol, chunk, 0, CHUNK_SIZE)
+        else:
+            await store.sync()
+        if power is not None:
+            assert_marked_before_changed(store, power)
+
+
+def test_power_cuts_never_show_a_checksum_error_and_keep_checking_the_rest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Power cuts at random points of a write/zero/trim/sync workload, losing a random
+    subset of the pages written since the last sync (data and checksums each reach
+    the disk or not): after each, every chunk reads without a checksum error, its
+    stored checksums are those of its bytes, and a corruption of a chunk synced
+    before (not being written: not in the write-intent record) is still found."""
+    monkeypatch.setattr(checksums, "MARK_LINGER_S", 0.0)  # clear marks at every sync
+    monkeypatch.setattr(checksums, "CLEAR_EVERY_S", 0.0)
+    capacity = 14 * MiB
+    path = tmp_path / "dev.img"
+    store = open_store(path, capacity)
+    cold = {c: random.Random(c).randbytes(CHUNK_SIZE) for c in range(3)}
+    for chunk, data in cold.items():
+        store.write(store.devices[0], COLD, chunk, 0, data)
+    store.close()
+    rng = random.Random(17)
+    marked = 0
+    for round_ in range(10):
+        with monkeypatch.context() as mp:
+            power = PowerLoss(path, mp)
+            store = open_store(path, capacity)
+            asyncio.run(store.sync())  # the marks of the cold chunks' writes cleared
+            asyncio.run(_workload(store, rng, rng.randrange(40, 200), power))
+            crashed = tmp_path / f"crash{round_}.img"
+            power.crash_image(crashed, rng)
+            victim = round_ % 3
+            bad = data_offset(store, COLD, victim, rng.randrange(CHUNK_SIZE))
+            intent = store.devices[0].intent
+            assert intent is not None
+            marked += len(intent.marks)
+            for dev in store.devices:  # the process "dies": no clean close
+                dev.close()
+        flip(crashed, bad)
+        store = open_store(crashed, capacity)
+        try:
+            dev = store.devices[0]
+            for volume, chunk in store.chunk_ids():
+                if volume == COLD:
+                    continue
+                got = store.read(volume, chunk, 0, CHUNK_SIZE)  # no ChecksumError
+                assert got is not None
+                assert stored_row(store, crashed, volume, chunk) == slot_crcs(got)
+            for chunk, data in cold.items():
+                if chunk == victim:
+                    with pytest.raises(ChecksumError):
+                        store.read(COLD, chunk, 0, CHUNK_SIZE)
+                else:
+                    got = store.read(COLD, chunk, 0, CHUNK_SIZE)
+                    assert got is not None and bytes(got) == data
+            assert dev.checksum_errors == 1
+        finally:
+            store.close()
+        flip(crashed, bad)  # undo the corruption and go on from the crashed state
+        path.write_bytes(crashed.read_bytes())
+    assert marked > 0, "nothing was being written at the cuts: the test proves nothing"
