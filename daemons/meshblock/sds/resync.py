@@ -22,29 +22,34 @@ REPL_TRIM. Copies run ``rebuild_concurrency`` (moves: ``rebalance_concurrency``)
 time per source device (the PG's primary device here) and are paced per source device
 to ``rebuild_bandwidth_mibps`` (moves: ``rebalance_bandwidth_mibps``; 0: unlimited),
 read from the pool's newest map, so a change of the pool's settings applies to the
-next chunk. When every chunk is copied the
-secondary is flushed and the MDM told (``POST /api/v1/sds/{id}/pg-synced``), which
-makes the PG clean at a new map epoch.
+next chunk. When every chunk is copied the secondary is flushed and the MDM told
+(``POST /api/v1/sds/{id}/pgs-synced``), which makes the PG clean at a new map epoch.
 
 A full copy also trims on the copy every chunk of the PG that the copy stores and we
 do not (``CHUNK_LIST`` of its chunks first): chunks trimmed or zeroed here while no
 record was kept, or left there from an earlier placement, would read there as stale
 data once it serves the PG.
+
+A job runs in three steps: its plan (:func:`plan_copy`, a pure function of the map,
+the record, what we hold and what the copy lists: :class:`CopyPlan`), the copy
+(:meth:`Resync._copy_all`: the chunks, then those forwards missed meanwhile, then a
+flush of the copy) and the report to the MDM (:meth:`Resync._report`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
 
 from meshblock.chunks import CHUNK_SIZE, ChunkRef, pg_of
 from meshblock.sds.maps import PgMap
 from meshblock.sds.state import SdsState
 from meshblock.sds.store import chunk_key
 from meshblock.wire.client import WireError
-from meshblock.wire.handshake import HandshakeError
 from meshblock.wire.protocol import Op, ProtocolError, Status
 
 log = logging.getLogger(__name__)
@@ -58,6 +63,78 @@ Reporter = Callable[[int, int, int], Awaitable[int | None]]
 
 class ResyncAborted(Exception):
     """The PG is no longer ours to resync at this map (or the secondary is gone)."""
+
+
+@dataclass(frozen=True)
+class CopyPlan:
+    """What one copy job copies (:func:`plan_copy`)."""
+
+    pool: int
+    pg: int
+    epoch: int  # the map epoch the job started at: reported with the copy done
+    dest: int  # the SDS copied to
+    what: str  # "resync", "rebuild" or "move"
+    full: bool  # every chunk of the PG, not the record of the writes made alone
+    source: int  # our device that holds the PG: the copies are throttled per source
+    chunks: tuple[tuple[int, int], ...]  # (volume, chunk), ascending
+
+    @property
+    def kind(self) -> str:
+        """Its throttle and progress: ``rebalance`` for a move, else ``rebuild``."""
+        return "rebalance" if self.what == "move" else "rebuild"
+
+
+def copy_kind(m: PgMap, pg: int, record_complete: bool) -> tuple[str, bool]:
+    """What the copy of ``pg`` that ``m`` names is (``move``, ``rebuild`` or
+    ``resync``), and whether it copies every chunk of the PG: a move and a rebuild
+    (a new, empty copy) always do, a resync when the PG's record of the writes made
+    alone is not complete."""
+    if m.target[pg][0]:
+        return "move", True
+    if m.rebuilding[pg]:
+        return "rebuild", True
+    return "resync", not record_complete
+
+
+def plan_copy(
+    m: PgMap,
+    pg: int,
+    epoch: int,
+    *,
+    record: Iterable[tuple[int, int]] | None,
+    held: Iterable[tuple[int, int]] = (),
+    listed: Iterable[tuple[int, int]] = (),
+    deleted: Callable[[int], bool] = lambda volume: False,
+) -> CopyPlan:
+    """The plan of the copy of ``pg`` that ``m`` names, started at map ``epoch``; a
+    pure function (no store, no socket).
+
+    ``record``: the PG's record of the writes made alone when it is complete, else
+    None. ``held``: the chunks this SDS stores (of the PG, or more: only the PG's
+    count); ``listed``: those the copy's SDS stores (CHUNK_LIST), likewise. A delta
+    copies the record; a full copy what we hold and what the copy holds (trimmed
+    there, as we hold no slot for it: zeroed or trimmed here while no record was
+    kept, or left there from an earlier placement). A chunk of a ``deleted`` volume
+    is never copied. :class:`ValueError` when ``m`` names no copy of the PG."""
+    dest = m.copy_to(pg)
+    if dest is None:
+        raise ValueError(f"map epoch {m.epoch} names no copy of PG {m.pool_id}/{pg}")
+    what, full = copy_kind(m, pg, record is not None)
+    if full:
+        count = m.pg_count
+        chunks = {k for k in itertools.chain(held, listed) if pg_of(k[0], k[1], count) == pg}
+    else:
+        chunks = set(record or ())
+    return CopyPlan(
+        pool=m.pool_id,
+        pg=pg,
+        epoch=epoch,
+        dest=dest[0],
+        what=what,
+        full=full,
+        source=m.primary[pg][1],
+        chunks=tuple(sorted(k for k in chunks if not deleted(k[0]))),
+    )
 
 
 class Resync:
@@ -182,103 +259,102 @@ class Resync:
     # -- one PG -----------------------------------------------------------------------
 
     async def _job(self, pool: int, pg: int, epoch: int) -> bool:
-        """Copy, then report; True once the MDM accepted the report."""
-        st = self._state
-        m = st.maps.maps[pool]
-        dest = m.copy_to(pg)
-        assert dest is not None
-        moving = bool(m.target[pg][0])
-        kind = "rebalance" if moving else "rebuild"
-        what = "move" if moving else ("rebuild" if m.rebuilding[pg] else "resync")
-        full = moving or m.rebuilding[pg] or not st.degraded.complete(pool, pg)
-        self._missed[(pool, pg)] = set()  # copying: failed forwards are copied again
-        if full:
-            count = m.pg_count
-            indexed = st.store.chunks_of_pg(pool, pg)
-            mine = (
-                set(indexed)
-                if indexed is not None
-                else {k for k in st.store.chunk_ids_of_pool(pool) if pg_of(*k, count) == pg}
-            )
-            # What the copy holds and we do not (trimmed here while no record was kept,
-            # or left from an earlier placement there): trimmed there by the copy.
-            chunks = sorted(mine | await self._listed(pool, pg))
-        else:
-            chunks = sorted(st.degraded.chunks(pool, pg))
-        # A deleted volume's chunks are never copied (each SDS frees its own).
-        chunks = [k for k in chunks if not st.tombstones.deleted(k[0])]
-        source = m.primary[pg][1]  # our device that holds the PG: the one throttled
-        progress: list[int | str] = [len(chunks), 0, kind]
+        """Plan, copy, then report; True once the MDM accepted the report."""
+        plan = await self._plan(pool, pg, epoch)
+        progress: list[int | str] = [len(plan.chunks), 0, plan.kind]
         self.progress[(pool, pg)] = progress
         log.info(
             "%s of PG %d/%d to SDS %d: %s copy of %d chunk(s)",
-            what,
+            plan.what,
             pool,
             pg,
-            dest[0],
-            "full" if full else "delta",
-            len(chunks),
+            plan.dest,
+            "full" if plan.full else "delta",
+            len(plan.chunks),
         )
         t0 = time.monotonic()
+        await self._copy_all(plan, progress)
+        return await self._report(plan, int(progress[0]), t0)
+
+    async def _plan(self, pool: int, pg: int, epoch: int) -> CopyPlan:
+        """The job's plan (:func:`plan_copy`) from the newest map, the record of the
+        writes made alone, and for a full copy what we hold and what the copy's SDS
+        lists. From here on, forwards the target misses are copied again."""
+        st = self._state
+        m = st.maps.maps[pool]
+        complete = st.degraded.complete(pool, pg)
+        self._missed[(pool, pg)] = set()
+        deleted = st.tombstones.deleted
+        if not copy_kind(m, pg, complete)[1]:
+            return plan_copy(m, pg, epoch, record=st.degraded.chunks(pool, pg), deleted=deleted)
+        held = st.store.chunks_of_pg(pool, pg)
+        if held is None:  # not indexed: the pool's chunks (the plan keeps the PG's)
+            held = st.store.chunk_ids_of_pool(pool)
+        listed = await self._listed(pool, pg)
+        return plan_copy(m, pg, epoch, record=None, held=held, listed=listed, deleted=deleted)
+
+    async def _copy_all(self, plan: CopyPlan, progress: list[int | str]) -> None:
+        """Copy the plan's chunks, then those that forwarded writes missed meanwhile,
+        until none is left; then flush the copy's SDS. :class:`ResyncAborted` when it
+        cannot be reached or no longer is the copy."""
+        key = (plan.pool, plan.pg)
         try:
-            await asyncio.gather(
-                *(self._copy_limited(pool, pg, source, v, c, progress) for v, c in chunks)
-            )
-            while self._missed.get((pool, pg)):
-                again = sorted(self._missed[(pool, pg)])
-                self._missed[(pool, pg)] = set()
-                progress[0] = int(progress[0]) + len(again)
-                await asyncio.gather(
-                    *(self._copy_limited(pool, pg, source, v, c, progress) for v, c in again)
-                )
+            chunks = plan.chunks
+            while chunks:
+                await asyncio.gather(*(self._copy_limited(plan, v, c, progress) for v, c in chunks))
+                chunks = tuple(sorted(self._missed.get(key, ())))
+                self._missed[key] = set()
+                progress[0] = int(progress[0]) + len(chunks)
             # Past the last copy (no await since the loop's test): from here on a
             # forward the target misses fails the client's write instead.
-            self._missed.pop((pool, pg), None)
-            sec_id, address = self._target(pool, pg)
-            client = await st.peers.get(sec_id, address)
+            self._missed.pop(key, None)
+            sec_id, address = self._target(plan.pool, plan.pg)
+            client = await self._state.peers.get(sec_id, address)
             await client.repl_flush()
-        except (WireError, HandshakeError) as exc:
+        except WireError as exc:
             raise ResyncAborted(f"secondary unreachable: {exc}") from exc
+
+    async def _report(self, plan: CopyPlan, copied: int, t0: float) -> bool:
+        """Tell the MDM that the copy is done, again while it cannot be reached; True
+        once it accepted (the PG is done at the map epoch it answers), False when it
+        refused."""
+        pool, pg = plan.pool, plan.pg
         while self.reporter is not None:
             try:
-                settled = await self.reporter(pool, pg, epoch)
+                settled = await self.reporter(pool, pg, plan.epoch)
             except Exception as exc:  # MDM unreachable: keep trying, the copy stands
                 log.warning("cannot report PG %d/%d synced: %s", pool, pg, exc)
                 await asyncio.sleep(1.0)
                 continue
-            if settled is not None:
-                if st.maps.epoch(pool) < settled:
-                    self._settled[(pool, pg)] = settled
-                self.pgs_total += 1
-                self.full_total += full
-                self.done[f"{pool}/{pg}"] = {
-                    "chunks": int(progress[0]),
-                    "full": full,
-                    "kind": what,
-                    "target": dest[0],
-                    "seconds": round(time.monotonic() - t0, 3),
-                }
-                log.info(
-                    "PG %d/%d %s done (%d chunk(s) in %.2f s)",
-                    pool,
-                    pg,
-                    what,
-                    int(progress[0]),
-                    time.monotonic() - t0,
-                )
-            return settled is not None
+            if settled is None:
+                return False
+            if self._state.maps.epoch(pool) < settled:
+                self._settled[(pool, pg)] = settled
+            self.pgs_total += 1
+            self.full_total += plan.full
+            seconds = time.monotonic() - t0
+            self.done[f"{pool}/{pg}"] = {
+                "chunks": copied,
+                "full": plan.full,
+                "kind": plan.what,
+                "target": plan.dest,
+                "seconds": round(seconds, 3),
+            }
+            log.info(
+                "PG %d/%d %s done (%d chunk(s) in %.2f s)", pool, pg, plan.what, copied, seconds
+            )
+            return True
         return False
 
-    async def _listed(self, pool: int, pg: int) -> set[tuple[int, int]]:
-        """The chunks of the PG that the SDS we copy to stores (empty if it is of a
+    async def _listed(self, pool: int, pg: int) -> list[tuple[int, int]]:
+        """The chunks of the PG that the SDS we copy to stores (none if it is of a
         release that cannot list them)."""
         sec_id, address = self._target(pool, pg)
         try:
             listed = await self._state.peers.list_chunks(sec_id, address, pool, pg)
-        except (WireError, HandshakeError, ProtocolError) as exc:
+        except (WireError, ProtocolError) as exc:
             raise ResyncAborted(f"cannot list the chunks of SDS {sec_id}: {exc}") from exc
-        count = self._state.maps.maps[pool].pg_count
-        return {k for k in listed or () if pg_of(*k, count) == pg}  # a PG's only
+        return listed or []
 
     def _target(self, pool: int, pg: int) -> tuple[int, tuple[str, int]]:
         """The SDS the job copies to and its address, as the newest map has them."""
@@ -294,15 +370,11 @@ class Resync:
         return dest[0], address
 
     async def _copy_limited(
-        self,
-        pool: int,
-        pg: int,
-        device: int,
-        volume: int,
-        chunk: int,
-        progress: list[int | str],
+        self, plan: CopyPlan, volume: int, chunk: int, progress: list[int | str]
     ) -> None:
-        kind = str(progress[2])
+        """Copy one chunk within the pool's throttle of the plan's kind, per source
+        device: a free slot among its concurrent copies, and its turn at its pace."""
+        pool, kind, device = plan.pool, plan.kind, plan.source
         slot = (device, kind)
         while self._slots.get(slot, 0) >= self._state.maps.maps[pool].throttle(kind)[0]:
             self._slot_freed.clear()
@@ -310,9 +382,9 @@ class Resync:
         self._slots[slot] = self._slots.get(slot, 0) + 1
         try:
             await self._pace(pool, device, kind)
-            await self._copy(pool, pg, volume, chunk)
+            await self._copy(pool, plan.pg, volume, chunk)
             progress[1] = int(progress[1]) + 1
-            key = (pool, str(progress[2]))
+            key = (pool, kind)
             self.copied_bytes[key] = self.copied_bytes.get(key, 0) + CHUNK_SIZE
         finally:
             self._slots[slot] -= 1
