@@ -259,6 +259,7 @@ class Cluster:
         cluster: dict[str, Any] | None = None,
         names: tuple[str, str, str] = (POOL, PD, VOLUME),
         log_level: str = "WARNING",
+        checksums: bool = True,
     ) -> None:
         self.workdir = workdir
         self.size = size
@@ -269,6 +270,7 @@ class Cluster:
         self.cluster_settings = {"name": "bench", "heartbeat_timeout_s": 10.0, **(cluster or {})}
         self.pool_name, self.pd_name, self.volume = names
         self.log_level = log_level
+        self.checksums = checksums  # the SDSs' [store] checksums
         self.pool_id = 0
         self.pool: dict[str, Any] = {}
         self.admin = "adm-" + secrets.token_urlsafe(16)
@@ -332,6 +334,7 @@ class Cluster:
                     "data": {"host": "127.0.0.1", "port": data_port},
                     "control": {"host": "127.0.0.1", "port": control_port},
                     "logging": {"level": self.log_level},
+                    "store": {"checksums": self.checksums},
                     "[[devices]]": {
                         "path": str(d / "dev0.img"),
                         "capacity": self.capacity,
@@ -575,7 +578,9 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             pids: dict[str, int] = {}
         else:
             log("starting the cluster (MDM, 3 SDSs, SDC) ...")
-            cluster = Cluster(workdir / "cluster", args.size, args.pg_count)
+            cluster = Cluster(
+                workdir / "cluster", args.size, args.pg_count, checksums=args.checksums == "on"
+            )
             cluster.start()
             mesh_uri = cluster.uri
             pids = cluster.pids()
@@ -664,6 +669,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             "repeat": args.repeat,
             "uri": args.uri or "(own cluster)",
             "pg_count": args.pg_count,
+            "checksums": args.checksums if not args.uri else "(as the export's SDSs run)",
         },
         "fio_common": " ".join(fio_args("<uri>", "<job>", "<rw>", "<bs>", 0, args.size)[1:])
         + f" --runtime={args.runtime} --time_based --ramp_time={args.ramp}",
@@ -702,7 +708,8 @@ def render(r: dict[str, Any]) -> str:
         f"machine: {m['cpus']} CPUs ({m['cpu_model']}), kernel {m['kernel']}, "
         f"Python {m['python']}, {m['fio']}, {m['nbdkit']}; every process on this machine",
         f"volume and nbdkit file: {o['size_bytes'] // MiB} MiB; {o['runtime_s']} s per job "
-        f"after {o['ramp_s']} s ramp; median of {o['repeat']} run(s); meshblock: {o['uri']}",
+        f"after {o['ramp_s']} s ramp; median of {o['repeat']} run(s); meshblock: {o['uri']}, "
+        f"block checksums {o.get('checksums', 'on')}",
         "",
         "| job | meshblock IOPS | MiB/s | mean µs | p99 µs | nbdkit IOPS | MiB/s | mean µs "
         "| p99 µs | ratio | target | |",
@@ -762,6 +769,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--profile", metavar="DIR", help="py-spy the cluster's processes per job")
     ap.add_argument("--json", action="store_true", help="print the results as JSON")
     ap.add_argument("--workdir", help="keep configs, logs and data here (default: a temp dir)")
+    ap.add_argument(
+        "--checksums",
+        choices=["on", "off"],
+        default="on",
+        help="the SDSs' block checksums ([store] checksums in sds.toml; default on, as "
+        "deployed): run once with each to see their cost",
+    )
     args = ap.parse_args(argv)
     if args.repeat < 1 or args.runtime < 1:
         ap.error("--repeat and --runtime must be at least 1")
