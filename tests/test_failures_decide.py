@@ -304,6 +304,16 @@ def test_a_finished_move_puts_the_target_in_place_of_the_copy_that_moved() -> No
     assert done[0].state == done[1].state == CLEAN
 
 
+def test_a_report_of_a_rebuild_makes_the_pg_clean_without_finishing_its_move() -> None:
+    """Only a clean PG's report finishes a move: a rebuilding PG that still names a
+    target (a move it should have lost) keeps its copies, the target does not replace
+    the primary that holds the data."""
+    row = replace(pg(0, 20, 30, REBUILDING), target=40, moving="primary")
+    results, done = synced([(POOL, 0, 7)], [row], sds_id=2)
+    assert results == [MAP_EPOCH + 1]
+    assert done == {0: replace(row, state=CLEAN, epoch=MAP_EPOCH + 1)}
+
+
 def conflict(result: int | ApiError) -> dict[str, object]:
     assert isinstance(result, Conflict), result
     return result.details or {}

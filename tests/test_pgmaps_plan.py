@@ -91,6 +91,20 @@ def test_a_removed_device_leaves_every_pg_and_its_copies_are_refilled() -> None:
     assert after[0].target is None and after[0].moving is None
 
 
+def test_a_pg_refilled_after_a_removal_loses_its_move() -> None:
+    """A move needs a clean PG: one whose copy is refilled (rebuilding) drops it, as
+    the failure checks and an unclean start do."""
+    rows = rows_of(devices(1, 2, 3, 4, 5))
+    n, row = next((n, r) for n, r in enumerate(rows) if r.primary == 50)
+    spare = next(d for d in (10, 20, 30, 40) if d != row.secondary)
+    rows[n] = replace(row, target=spare, moving="secondary")
+    left = devices(1, 2, 3, 4)
+    after = applied(rows, plan_map(POOL, PGS, rows, left, left, has_data=True))
+    assert after[row.pg].primary == row.secondary, "the copy with data stays primary"
+    assert after[row.pg].state == PgState.REBUILDING
+    assert (after[row.pg].target, after[row.pg].moving) == (None, None)
+
+
 def test_a_removed_device_without_room_is_still_taken_out() -> None:
     rows = rows_of(devices(1, 2))
     left = devices(1)

@@ -514,9 +514,10 @@ def _copying(row: PgRow) -> bool:
 
 
 def _synced(row: PgRow) -> PgRow:
-    """The PG once its copy is done: clean; after a move, the target in place of the
-    copy that moved (the secondary promoted if that was the primary)."""
-    if row.target is None:
+    """The PG once its copy is done: clean; after a move (a clean PG's target), the
+    target in place of the copy that moved (the secondary promoted if that was the
+    primary). A resync or rebuild finishes no move, even one the PG still names."""
+    if row.state != PgState.CLEAN or row.target is None:
         return replace(row, state=PgState.CLEAN)
     primary = row.secondary if row.moving == "primary" else row.primary
     return replace(

@@ -89,7 +89,8 @@ def plan_map(
     copy and only fills the missing ones (the filled PGs become ``rebuilding``); one
     without data is laid out afresh, so that it is as balanced and its copies'
     partners as spread as placement makes them, whatever the order in which the SDSs
-    joined. A PG missing from ``rows`` is added."""
+    joined. A PG whose copies change loses its move (a move needs a clean PG with the
+    copies it was planned on). A PG missing from ``rows`` is added."""
     present = {d.device_id for d in keeping}
     by_pg = {row.pg: _without_removed(row, present) for row in rows}
     previous: dict[int, PgAssignment] = {n: (r.primary, r.secondary) for n, r in by_pg.items()}
@@ -106,7 +107,15 @@ def plan_map(
         after = by_pg[row.pg]
         primary, secondary = new.get(row.pg, (None, None))
         if (primary, secondary) != previous[row.pg]:
-            after = replace(after, primary=primary, secondary=secondary, state=filled_state)
+            # A move needs a clean PG with the copies it was planned on: it goes.
+            after = replace(
+                after,
+                primary=primary,
+                secondary=secondary,
+                state=filled_state,
+                target=None,
+                moving=None,
+            )
         if after != row:
             changes.append(PgChange(row, after))
     for n in range(pg_count):
