@@ -9,8 +9,8 @@ state (:class:`~meshblock.sds.state.SdsState`) and the copy jobs
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Final
 
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -21,11 +21,52 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from meshblock.sds.stats import BOUNDS, SdsStats
+from meshblock.sds.store import Device
 from meshblock.wire.protocol import MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, Op, PeerRole
 
 if TYPE_CHECKING:
     from meshblock.sds.resync import Resync
     from meshblock.sds.state import SdsState
+
+
+# Per opcode: the counter's name, its help, the field of SdsStats it reads.
+_OP_COUNTERS: Final = (
+    ("meshblock_sds_ops", "Requests served, by operation", "ops"),
+    ("meshblock_sds_bytes", "Payload bytes read or written, by operation", "bytes"),
+    ("meshblock_sds_op_errors", "Requests answered with an error status", "errors"),
+)
+# Per device: the family, its name and help, and its value of a device.
+_DeviceMetric = tuple[
+    type[GaugeMetricFamily | CounterMetricFamily], str, str, Callable[[Device], int]
+]
+# One value: the family, its name and help, the value.
+_Scalar = tuple[type[GaugeMetricFamily | CounterMetricFamily], str, str, int]
+_DEVICE_METRICS: Final[tuple[_DeviceMetric, ...]] = (
+    (
+        GaugeMetricFamily,
+        "meshblock_sds_device_capacity_bytes",
+        "Configured capacity",
+        lambda dev: dev.capacity,
+    ),
+    (
+        GaugeMetricFamily,
+        "meshblock_sds_device_used_bytes",
+        "Bytes in allocated chunk slots",
+        lambda dev: dev.used_bytes,
+    ),
+    (
+        GaugeMetricFamily,
+        "meshblock_sds_device_failed",
+        "1 when the device failed an IO and takes no more (fail-stop; docs/sds.md)",
+        lambda dev: 1 if dev.failed else 0,
+    ),
+    (
+        CounterMetricFamily,
+        "meshblock_sds_checksum_errors",
+        "4 KiB blocks read that did not match their checksums (docs/sds.md)",
+        lambda dev: dev.checksum_errors,
+    ),
+)
 
 
 class SdsCollector(Collector):
@@ -36,15 +77,10 @@ class SdsCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         state = self._state
         st = state.stats
-        ops = CounterMetricFamily(
-            "meshblock_sds_ops", "Requests served, by operation", labels=["op"]
-        )
-        nbytes = CounterMetricFamily(
-            "meshblock_sds_bytes", "Payload bytes read or written, by operation", labels=["op"]
-        )
-        errors = CounterMetricFamily(
-            "meshblock_sds_op_errors", "Requests answered with an error status", labels=["op"]
-        )
+        by_op = [
+            (CounterMetricFamily(name, doc, labels=["op"]), getattr(st, field))
+            for name, doc, field in _OP_COUNTERS
+        ]
         hist = HistogramMetricFamily(
             "meshblock_sds_op_duration_seconds",
             "Time from a request's arrival to its reply",
@@ -54,39 +90,22 @@ class SdsCollector(Collector):
             if not st.ops[op]:
                 continue
             name = op.name.lower()
-            ops.add_metric([name], st.ops[op])
-            nbytes.add_metric([name], st.bytes[op])
-            errors.add_metric([name], st.errors[op])
+            for family, counts in by_op:
+                family.add_metric([name], counts[op])
             cumulative = 0
             buckets = []
             for bound, count in zip((*BOUNDS, float("inf")), st.buckets[op], strict=True):
                 cumulative += count
                 buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
             hist.add_metric([name], buckets, st.seconds[op])
-        yield from (ops, nbytes, errors, hist)
+        yield from (family for family, _ in by_op)
+        yield hist
 
-        cap = GaugeMetricFamily(
-            "meshblock_sds_device_capacity_bytes", "Configured capacity", labels=["device"]
-        )
-        used = GaugeMetricFamily(
-            "meshblock_sds_device_used_bytes", "Bytes in allocated chunk slots", labels=["device"]
-        )
-        failed = GaugeMetricFamily(
-            "meshblock_sds_device_failed",
-            "1 when the device failed an IO and takes no more (fail-stop; docs/sds.md)",
-            labels=["device"],
-        )
-        csum = CounterMetricFamily(
-            "meshblock_sds_checksum_errors",
-            "4 KiB blocks read that did not match their checksums (docs/sds.md)",
-            labels=["device"],
-        )
-        for dev in state.store.devices:
-            cap.add_metric([dev.path], dev.capacity)
-            used.add_metric([dev.path], dev.used_bytes)
-            failed.add_metric([dev.path], 1 if dev.failed else 0)
-            csum.add_metric([dev.path], dev.checksum_errors)
-        yield from (cap, used, failed, csum)
+        for kind, name, doc, value in _DEVICE_METRICS:
+            per_device = kind(name, doc, labels=["device"])
+            for dev in state.store.devices:
+                per_device.add_metric([dev.path], value(dev))
+            yield per_device
 
         epochs = GaugeMetricFamily(
             "meshblock_sds_map_epoch", "Epoch of the PG map in use", labels=["pool_id"]
@@ -101,37 +120,60 @@ class SdsCollector(Collector):
         for sds_id, n in sorted(st.peer_errors.items()):
             peers.add_metric([str(sds_id)], n)
         yield peers
-        yield CounterMetricFamily(
-            "meshblock_sds_protocol_errors",
-            "Connections dropped because the peer broke the protocol",
-            value=st.protocol_errors,
-        )
-        yield CounterMetricFamily(
-            "meshblock_sds_handshake_failures",
-            "Connections refused in the handshake (wrong secret, version, role)",
-            value=st.handshake_failures,
-        )
-        yield GaugeMetricFamily(
-            "meshblock_sds_connections", "Open data-protocol connections", value=st.connections
+        yield from _scalars(
+            (
+                CounterMetricFamily,
+                "meshblock_sds_protocol_errors",
+                "Connections dropped because the peer broke the protocol",
+                st.protocol_errors,
+            ),
+            (
+                CounterMetricFamily,
+                "meshblock_sds_handshake_failures",
+                "Connections refused in the handshake (wrong secret, version, role)",
+                st.handshake_failures,
+            ),
+            (
+                GaugeMetricFamily,
+                "meshblock_sds_connections",
+                "Open data-protocol connections",
+                st.connections,
+            ),
         )
         yield from _by_version(st)
         rs = self._resync
-        yield CounterMetricFamily(
-            "meshblock_sds_resync_chunks",
-            "Chunks copied to resynchronising secondaries (written or trimmed)",
-            value=rs.chunks_total,
+        yield from _scalars(
+            (
+                CounterMetricFamily,
+                "meshblock_sds_resync_chunks",
+                "Chunks copied to resynchronising secondaries (written or trimmed)",
+                rs.chunks_total,
+            ),
+            (
+                CounterMetricFamily,
+                "meshblock_sds_resync_bytes",
+                "Bytes copied by resyncs",
+                rs.bytes_total,
+            ),
+            (
+                CounterMetricFamily,
+                "meshblock_sds_resync_pgs",
+                "PGs resynchronised (accepted by the MDM)",
+                rs.pgs_total,
+            ),
+            (
+                GaugeMetricFamily,
+                "meshblock_sds_resyncs_active",
+                "PG resyncs in progress",
+                len(rs.jobs),
+            ),
         )
-        yield CounterMetricFamily(
-            "meshblock_sds_resync_bytes", "Bytes copied by resyncs", value=rs.bytes_total
-        )
-        yield CounterMetricFamily(
-            "meshblock_sds_resync_pgs",
-            "PGs resynchronised (accepted by the MDM)",
-            value=rs.pgs_total,
-        )
-        yield GaugeMetricFamily(
-            "meshblock_sds_resyncs_active", "PG resyncs in progress", value=len(rs.jobs)
-        )
+
+
+def _scalars(*rows: _Scalar) -> Iterator[Metric]:
+    """One family of one value per row."""
+    for family, name, text, value in rows:
+        yield family(name, text, value=value)
 
 
 def _by_version(st: SdsStats) -> Iterator[Metric]:
