@@ -27,7 +27,7 @@ from _ports import worker_slice
 from _sdc import SdcDaemon
 from _sds import PG_COUNT, POOL, SdsDaemon
 from _wait import wait_until
-from meshblock import pgmap_doc
+from meshblock import pgmap_doc, pki
 from meshblock.chunks import ChunkRef, pg_of
 
 LAB_PORTS = 9  # a lab uses ports BASE..BASE+8
@@ -147,6 +147,10 @@ class LabCluster:
             env["MESHCTL_MDM"] = state["mdm_url"]
             env["MESHCTL_TOKEN"] = state["admin_token"]
             env["MESHBLOCK_CLUSTER_SECRET_FILE"] = str(self.root / "cluster.secret")
+            if state.get("tls"):  # the lab's admin certificate, as its env file says
+                env["MESHCTL_TLS_CA"] = state["tls"]["ca"]
+                env["MESHCTL_TLS_CERT"] = state["tls"]["cert"]
+                env["MESHCTL_TLS_KEY"] = state["tls"]["key"]
         return env
 
     def meshctl(
@@ -239,9 +243,16 @@ class LabCluster:
         return (self.root / "cluster.secret").read_text().strip()
 
     def api(self) -> _http.Api:
+        """The lab's MDM as its admin (over HTTPS with the lab's admin certificate)."""
         state = self.state()
         assert state is not None
-        return _http.Api(state["mdm_url"], state["admin_token"])
+        tls = state.get("tls")
+        context = None
+        if tls:
+            context = pki.client_context(
+                Path(tls["ca"]), cert=Path(tls["cert"]), key=Path(tls["key"]), crl=Path(tls["crl"])
+            )
+        return _http.Api(state["mdm_url"], state["admin_token"], context)
 
     def sdc_health(self) -> dict[str, Any]:
         port = self.info["processes"][-1]["ports"]["control"]
@@ -310,7 +321,7 @@ def small_cluster(
     make_sds: MakeSds | None = None,
     sdc_settings: dict[str, dict[str, Any]] | None = None,
     mdm_host: str | None = None,
-    tls: bool = False,
+    tls: bool = True,
 ) -> Iterator[SmallCluster]:
     """Start a :class:`SmallCluster` under ``root``; stop every process on the way out.
 
@@ -318,8 +329,9 @@ def small_cluster(
     ``fault_sets``, SDS ``sds<i>`` goes into ``fault_sets[i-1]`` (each distinct fault
     set is created). ``make_sds(workdir, name, mdm, fault_set)`` builds each SDS daemon
     (default :class:`SdsDaemon`), ``sdc_settings`` overrides the SDC's config and
-    ``mdm_host`` is the address the MDM's API listens on (default 127.0.0.1). With
-    ``tls`` the control plane is HTTPS with client certificates (``tests/_tls.py``).
+    ``mdm_host`` is the address the MDM's API listens on (default 127.0.0.1). The
+    control plane is HTTPS with client certificates required (``tests/_tls.py``)
+    unless ``tls=False``.
     """
     mdm = MdmDaemon(root / "mdm", f"sqlite+aiosqlite:///{root / 'mdm.db'}", mdm_settings, tls=tls)
     if mdm_host is not None:

@@ -3,7 +3,8 @@
 :class:`SdcDaemon` writes an ``sdc.toml`` (NBD on a free loopback port and on a unix
 socket in its working directory), starts ``python -m meshblock.sdc`` with its output
 appended to ``sdc.log``, and waits for ``GET /health`` to answer. With an HTTPS MDM
-it has a GUID from the start and presents ``sdc:<guid>`` of the test CA.
+it presents ``sdc:<guid>`` of the test CA, and takes its GUID from it unless the
+config sets one.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ class SdcDaemon(DaemonProcess):
     ) -> None:
         super().__init__(workdir, log_name="sdc")
         self.mdm = mdm
+        self.cert_guid = str(uuid.uuid4())  # the GUID of its certificate, unless set
         self.nbd_port = free_port()
         self.control_port = free_port()
         self.unix_socket = str(workdir / "nbd.sock")
@@ -72,8 +74,8 @@ class SdcDaemon(DaemonProcess):
         return f"nbd://127.0.0.1:{self.nbd_port}/{export}"
 
     def write_config(self) -> None:
-        if self.mdm.tls:  # the certificate names the GUID (a test may have set one)
-            guid = self.settings["sdc"].setdefault("guid", str(uuid.uuid4()))
+        if self.mdm.tls:  # the SDC takes its GUID from the certificate, unless set
+            guid = self.settings["sdc"].get("guid") or self.cert_guid
             self.settings["tls"] = _tls.identity(f"sdc:{guid}").settings()
         super().write_config()
 

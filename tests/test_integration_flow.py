@@ -70,7 +70,7 @@ class Flow:
 @pytest.fixture(scope="module")
 def flow(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Flow]:
     root = tmp_path_factory.mktemp("flow")
-    mdm = MdmDaemon(root / "mdm", f"sqlite+aiosqlite:///{root / 'mdm.db'}")
+    mdm = MdmDaemon(root / "mdm", f"sqlite+aiosqlite:///{root / 'mdm.db'}", tls=True)
     mdm.start()
     f = Flow(mdm, root)
     try:

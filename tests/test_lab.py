@@ -13,13 +13,16 @@ import json
 import os
 import signal
 import stat
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+import _http
 from _cluster import LabCluster, process_running
 from _wait import WaitTimeout, wait_until
+from meshblock import pki
 from test_nbd_server import qemu_io, run, tool
 
 pytestmark = pytest.mark.cluster
@@ -67,6 +70,27 @@ def test_up_status_down(lab: LabCluster) -> None:
     assert len(secret) >= 24 and secret in (root / "config" / "mdm.toml").read_text()
     env_text = (root / "env").read_text()
     assert "MESHCTL_MDM=" in env_text and "MESHCTL_TOKEN=" in env_text
+
+    # The control plane is HTTPS with client certificates of the lab's own CA: every
+    # daemon has its [tls], meshctl its admin certificate, every key is private.
+    state = lab.state()
+    assert state is not None and state["mdm_url"] == f"https://127.0.0.1:{lab.base_port}"
+    configs = {p.stem: tomllib.loads(p.read_text()) for p in (root / "config").glob("*.toml")}
+    assert configs["mdm"]["tls"]["client_certs"] == "required"
+    assert all(c["tls"]["ca"] == str(root / "ca" / "ca.crt") for c in configs.values())
+    assert configs["sds1"]["mdm_urls"] == [state["mdm_url"]]
+    assert configs["sdc1"]["mdm"]["urls"] == [state["mdm_url"]]
+    for key in [root / "ca" / "ca.key", *sorted((root / "tls").glob("*.key"))]:
+        assert stat.S_IMODE(key.stat().st_mode) == 0o600, key
+    for var in ("MESHCTL_TLS_CA=", "MESHCTL_TLS_CERT=", "MESHCTL_TLS_KEY="):
+        assert var in env_text
+    plain = f"http://127.0.0.1:{lab.base_port}/health"
+    with pytest.raises(OSError):  # plain HTTP gets no answer
+        _http.request("GET", plain, timeout=5)
+    with pytest.raises(OSError):  # nor HTTPS without a certificate
+        _http.request("GET", state["mdm_url"] + "/health", timeout=5,
+                      context=pki.client_context(root / "ca" / "ca.crt"))  # fmt: skip
+    assert lab.api().get("/health").status == 200
 
     # status: every process alive and healthy, exit 0.
     rc, doc = lab.status()

@@ -32,7 +32,9 @@ pytestmark = [pytest.mark.cluster, pytest.mark.parallel]
 @pytest.fixture(scope="module")
 def mdm_sqlite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MdmDaemon]:
     workdir = tmp_path_factory.mktemp("mdm")
-    with started(MdmDaemon(workdir, f"sqlite+aiosqlite:///{workdir / 'mdm.db'}")) as daemon:
+    with started(
+        MdmDaemon(workdir, f"sqlite+aiosqlite:///{workdir / 'mdm.db'}", tls=True)
+    ) as daemon:
         yield daemon
 
 

@@ -110,7 +110,7 @@ def wait_pg_map_complete(mdm: MdmDaemon, pool_id: int, timeout: float = 60) -> d
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     base = tmp_path_factory.mktemp("e2e")
-    mdm = MdmDaemon(base / "mdm", f"sqlite+aiosqlite:///{base / 'mdm' / 'mdm.db'}")
+    mdm = MdmDaemon(base / "mdm", f"sqlite+aiosqlite:///{base / 'mdm' / 'mdm.db'}", tls=True)
     mdm.start()
     sds: list[SdsDaemon] = []
     sdc: SdcDaemon | None = None

@@ -19,10 +19,13 @@ it checks the MDM's certificate and still sends the cluster secret.
 from __future__ import annotations
 
 import ssl
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
+
+import aiohttp
 
 from meshblock import pki
 from meshblock.config import ConfigError
@@ -55,6 +58,23 @@ class MdmTls:
     def aiohttp_ssl(self) -> ssl.SSLContext | bool:
         """What aiohttp's ``ssl=`` takes: the context, or ``True`` (its default)."""
         return self.context if self.context is not None else True
+
+    def connector(self) -> aiohttp.TCPConnector:
+        """A connector for an aiohttp session to the MDM.
+
+        Before CPython 3.12.8 (gh-118950), a TLS connection whose peer does not finish
+        the TLS shutdown (an MDM killed or restarted, a long-poll cancelled at stop)
+        never closes its socket; aiohttp's ``enable_cleanup_closed`` aborts such
+        sockets, at the latest when the session closes, so none outlives the daemon's
+        event loop (a ResourceWarning: unclosed transport).
+        """
+        return aiohttp.TCPConnector(
+            ssl=self.aiohttp_ssl(),
+            enable_cleanup_closed=self.context is not None and _SSL_SHUTDOWN_LEAKS,
+        )
+
+
+_SSL_SHUTDOWN_LEAKS = sys.version_info < (3, 12, 8) or (3, 13, 0) <= sys.version_info < (3, 13, 1)
 
 
 def mdm_tls(

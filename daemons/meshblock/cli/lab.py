@@ -6,11 +6,17 @@ builds protection domain ``pd1``, fault sets ``fs1``..``fs3`` and pool ``sp1`` t
 the MDM's API, lets the SDSs register themselves from their configs, creates volume
 ``vol1`` and maps it to the SDC, and waits until the SDC serves it over NBD.
 
+Its control plane is HTTPS with client certificates required (docs/security.md): a
+new lab makes a CA and a certificate for the MDM, each SDS, the SDC, MGMT and an
+admin, and the daemons and meshctl (``DIR/env``) present their own.
+
 Everything lives under one directory (``docs/lab.md``)::
 
     DIR/lab.json            what runs: ports, pids, names (mode 0600)
     DIR/env                 ". DIR/env" sets MESHCTL_MDM, MESHCTL_TOKEN, ... (0600)
     DIR/cluster.secret      the cluster secret (0600)
+    DIR/ca/                 the lab's CA (meshblock.pki: ca.crt, ca.key 0600, crl.pem)
+    DIR/tls/                KIND-NAME.crt and .key (0600) of each identity, ca.crt
     DIR/config/*.toml       generated daemon configs (0600)
     DIR/data/               mdm.db, sdsN/dev0.img (sparse), sdsN/state, sdc1/
     DIR/logs/*.log          one log per daemon
@@ -29,16 +35,19 @@ import secrets
 import shutil
 import signal
 import socket
+import ssl
 import sys
 import time
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from meshblock import pki
 from meshblock.cli.client import MdmClient
 from meshblock.files import write_atomic
 from meshblock.sizes import format_size
@@ -54,6 +63,8 @@ VOLUME = "vol1"
 SDC_NAME = "sdc1"
 SDS_COUNT = 3
 HOST = "127.0.0.1"
+ADMIN = "admin:lab"  # the identity meshctl presents (DIR/env)
+MGMT = "mgmt:mgmt"  # issued for a MGMT pointed at the lab; the lab runs none
 
 DEFAULT_VOLUME_SIZE = 4 * 1024**3
 DEFAULT_DEVICE_SIZE = 64 * 1024**3
@@ -216,9 +227,13 @@ def spawn(daemon: Daemon) -> int:
     )
 
 
-def get_json(url: str, timeout: float = 2.0) -> tuple[int, Any]:
-    """``GET url`` without proxies; (status, JSON body or None). OSError if unreachable."""
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+def get_json(
+    url: str, timeout: float = 2.0, context: ssl.SSLContext | None = None
+) -> tuple[int, Any]:
+    """``GET url`` without proxies (``context`` for https); (status, JSON body or None).
+    OSError if unreachable."""
+    https = [urllib.request.HTTPSHandler(context=context)] if context is not None else []
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), *https)
     try:
         with opener.open(url, timeout=timeout) as resp:
             status, raw = resp.status, resp.read()
@@ -246,6 +261,9 @@ class Lab:
         self.data_dir = self.root / "data"
         self.logs_dir = self.root / "logs"
         self.nbd_socket = self.root / "nbd.sock"
+        self.ca_dir = self.root / "ca"
+        self.tls_dir = self.root / "tls"
+        self._tls: ssl.SSLContext | None = None
 
     # -- description ---------------------------------------------------------------
 
@@ -381,6 +399,7 @@ class Lab:
         """Never write into (or later purge) a directory that holds something else."""
         if self.root.exists() and any(self.root.iterdir()):
             known = {STATE_FILE, "env", "cluster.secret", "config", "data", "logs", "nbd.sock"}
+            known |= {"ca", "tls"}
             others = sorted(p.name for p in self.root.iterdir() if p.name not in known)
             if others:
                 raise LabError(
@@ -394,13 +413,17 @@ class Lab:
         """Write the configs, credentials and state file of a new lab."""
         if len(str(self.nbd_socket)) > _UNIX_PATH_MAX:
             raise LabError(f"{self.root} is too long a path for a unix socket; use a shorter --dir")
-        progress(f"writing a new lab to {self.root} (fresh tokens and cluster secret)")
+        progress(
+            f"writing a new lab to {self.root} (fresh tokens, cluster secret, CA and certificates)"
+        )
         for d in (self.root, self.config_dir, self.data_dir, self.logs_dir):
             d.mkdir(parents=True, exist_ok=True)
         os.chmod(self.root, 0o700)
         admin, readonly, secret = (secrets.token_urlsafe(24) for _ in range(3))
         _write_private(self.secret_path, secret + "\n")
-        mdm_url = f"http://{HOST}:{ports.mdm}"
+        guid = str(uuid.uuid4())
+        tls = self._make_pki(guid)
+        mdm_url = f"https://{HOST}:{ports.mdm}"
         _write_private(
             self.config_dir / "mdm.toml",
             _toml(
@@ -414,6 +437,7 @@ class Lab:
                     "database": {"url": f"sqlite+aiosqlite:///{self.data_dir / 'mdm.db'}"},
                     "cluster": {"name": "lab"},
                     "logging": {"level": "INFO"},
+                    "tls": {**tls["mdm"], "client_certs": "required"},
                 },
                 header="meshctl lab: the MDM",
             ),
@@ -437,6 +461,7 @@ class Lab:
                         "data": {"host": HOST, "port": data},
                         "control": {"host": HOST, "port": control},
                         "logging": {"level": "INFO"},
+                        "tls": tls[f"sds{i}"],
                         "[devices]": {
                             "path": str(sds_dir / "dev0.img"),
                             "capacity": device_size,
@@ -453,7 +478,12 @@ class Lab:
             self.config_dir / f"{SDC_NAME}.toml",
             _toml(
                 {
-                    "sdc": {"name": SDC_NAME, "address": HOST, "state_dir": str(sdc_dir)},
+                    "sdc": {
+                        "name": SDC_NAME,
+                        "guid": guid,
+                        "address": HOST,
+                        "state_dir": str(sdc_dir),
+                    },
                     "mdm": {"urls": [mdm_url], "cluster_secret_file": str(self.secret_path)},
                     "nbd": {
                         "host": HOST,
@@ -462,6 +492,7 @@ class Lab:
                     },
                     "control": {"host": HOST, "port": ports.sdc_control},
                     "logging": {"level": "INFO"},
+                    "tls": tls[SDC_NAME],
                 },
                 header="meshctl lab: the SDC",
             ),
@@ -471,6 +502,9 @@ class Lab:
             f"# meshctl against the lab in {self.root}: . {self.env_path}\n"
             f"export MESHCTL_MDM={_sh(mdm_url)}\n"
             f"export MESHCTL_TOKEN={_sh(admin)}\n"
+            f"export MESHCTL_TLS_CA={_sh(tls['admin']['ca'])}\n"
+            f"export MESHCTL_TLS_CERT={_sh(tls['admin']['cert'])}\n"
+            f"export MESHCTL_TLS_KEY={_sh(tls['admin']['key'])}\n"
             f"export MESHBLOCK_CLUSTER_SECRET_FILE={_sh(str(self.secret_path))}\n"
             f"export {DIR_ENV}={_sh(str(self.root))}\n"
             f'export PATH={_sh(str(Path(sys.executable).parent))}:"$PATH"\n',
@@ -481,12 +515,62 @@ class Lab:
             "ports": ports.to_json(),
             "mdm_url": mdm_url,
             "admin_token": admin,
+            "tls": tls["admin"],
             "volume": {"name": VOLUME, "size_bytes": volume_size},
             "device_size_bytes": device_size,
             "pids": {},
         }
         self._save_state(state)
         return state
+
+    def _make_pki(self, guid: str) -> dict[str, dict[str, str]]:
+        """A CA in DIR/ca and, in DIR/tls, a certificate for the MDM, each SDS, the SDC
+        (``sdc:<guid>``), MGMT and the admin: each one's ``[tls]`` table by lab name."""
+        ca = pki.Ca.init(self.ca_dir, common_name="meshblock lab CA", force=True)
+        ca_cert = ca.load()[0]
+        who = {
+            "mdm": "mdm:mdm",
+            **{f"sds{i}": f"sds:sds{i}" for i in range(1, SDS_COUNT + 1)},
+            SDC_NAME: f"sdc:{guid}",
+            "mgmt": MGMT,
+            "admin": ADMIN,
+        }
+        tables = {}
+        for name, text in who.items():
+            ident = pki.Identity.parse(text)
+            sans = () if ident.kind == pki.Kind.ADMIN else (HOST, "localhost")
+            cert, key = ca.issue(ident, sans=sans)
+            paths = pki.write_identity(self.tls_dir, ident, cert, key, ca_cert, force=True)
+            tables[name] = {
+                "cert": str(paths["cert"]),
+                "key": str(paths["key"]),
+                "ca": str(ca.cert_path),
+                "crl": str(ca.crl_path),
+            }
+        return tables
+
+    def client_tls(self, state: Mapping[str, Any]) -> ssl.SSLContext | None:
+        """The admin's TLS context for the lab's MDM (None: a lab made before TLS)."""
+        files = state.get("tls")
+        if not files:
+            return None
+        if self._tls is None:
+            try:
+                self._tls = pki.client_context(
+                    Path(files["ca"]),
+                    cert=Path(files["cert"]),
+                    key=Path(files["key"]),
+                    crl=Path(files["crl"]),
+                )
+            except pki.PkiError as exc:
+                raise LabError(f"cannot use the lab's certificates: {exc}") from None
+        return self._tls
+
+    def health(self, d: Daemon, state: Mapping[str, Any]) -> tuple[int, Any]:
+        """``GET /health`` of ``d``: the MDM's over HTTPS as the admin (if TLS)."""
+        if d.kind == "mdm":
+            return get_json(state["mdm_url"] + "/health", context=self.client_tls(state))
+        return get_json(d.health_url)
 
     def _start(self, state: dict[str, Any], ports: Ports, progress: Progress) -> None:
         mdm, *sds, sdc = self.daemons(ports)
@@ -496,10 +580,13 @@ class Lab:
             state["pids"][d.name] = spawn(d)
             self._save_state(state)
 
-        progress(f"starting the MDM on {state['mdm_url']} (SQLite in {self.data_dir})")
+        certs = "client certificates required, " if state.get("tls") else ""
+        progress(f"starting the MDM on {state['mdm_url']} ({certs}SQLite in {self.data_dir})")
         launch(mdm)
         self._wait(mdm, state, deadline, lambda s, _: s == 200, "healthy")
-        api = MdmClient([state["mdm_url"]], state["admin_token"], timeout=10)
+        api = MdmClient(
+            [state["mdm_url"]], state["admin_token"], timeout=10, tls=self.client_tls(state)
+        )
 
         progress(f"creating protection domain {PROTECTION_DOMAIN}, fault sets, pool {POOL}")
         pd = _ensure(api, "/api/v1/protection-domains", "protection_domains", PROTECTION_DOMAIN, {})
@@ -588,7 +675,7 @@ class Lab:
                     f"{d.name} exited while starting; its log {d.log} ends with:\n{_tail(d.log)}"
                 )
             try:
-                status, body = get_json(d.health_url)
+                status, body = self.health(d, state)
                 if ready(status, body):
                     return body
                 last = f"HTTP {status}: {json.dumps(body)[:300]}"
@@ -629,6 +716,9 @@ class Lab:
             "nbd": self.uris(state),
             "env": str(self.env_path),
             "logs": str(self.logs_dir),
+            "tls": {"ca": str(self.ca_dir), "certificates": str(self.tls_dir)}
+            if state.get("tls")
+            else None,
             "processes": [
                 {"name": d.name, "pid": state["pids"].get(d.name), "ports": d.ports}
                 for d in self.daemons(ports)
@@ -651,7 +741,7 @@ class Lab:
             state_text = "stopped"
             if alive:
                 try:
-                    status, body = get_json(d.health_url)
+                    status, body = self.health(d, state)
                     health = body
                     state_text = _health_word(d.kind, status, body)
                 except OSError as exc:

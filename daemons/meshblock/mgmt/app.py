@@ -44,7 +44,7 @@ async def _context(app: web.Application) -> AsyncIterator[None]:
             aiohttp.ClientSession(
                 headers={"User-Agent": USER_AGENT},
                 trust_env=False,
-                connector=aiohttp.TCPConnector(ssl=link.aiohttp_ssl()),
+                connector=link.connector(),
             ) as mdm_http,
         ):
             app[CTX] = MgmtContext(

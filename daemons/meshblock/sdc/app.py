@@ -104,7 +104,7 @@ async def _run(app: web.Application) -> AsyncIterator[None]:
         request_timeout=config.io.attempt_timeout_s * 3,
         min_version=config.io.wire_min_version,
     )
-    session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=link.aiohttp_ssl()))
+    session = aiohttp.ClientSession(connector=link.connector())
     follower = MapFollower(
         MdmClient(
             session,

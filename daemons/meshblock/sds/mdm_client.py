@@ -250,9 +250,7 @@ class MdmLink:
         link = mdm_tls_of(self._config)
         # With a certificate the MDM goes by its identity: the secret stays at home.
         headers = {} if link.identity else {"Authorization": f"Bearer {self._secret}"}
-        self._session = aiohttp.ClientSession(
-            headers=headers, connector=aiohttp.TCPConnector(ssl=link.aiohttp_ssl())
-        )
+        self._session = aiohttp.ClientSession(headers=headers, connector=link.connector())
         self._tasks.append(asyncio.create_task(self._main(), name="mdm-link"))
 
     async def stop(self) -> None:

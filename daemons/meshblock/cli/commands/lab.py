@@ -137,6 +137,7 @@ def _up_text(the_lab: lab.Lab, doc: dict[str, Any]) -> str:
     name = vol["name"]
     flag = _dir_flag(the_lab)
     logs = ", ".join(f"{p['name']}.log" for p in doc["processes"])
+    tls = _tls_text(doc)
     return f"""
 The lab is up in {doc["dir"]}.
 
@@ -152,10 +153,20 @@ Use it with any NBD client, e.g.:
   qemu-img convert -n -O raw disk.qcow2 {tcp}
 
 meshctl against the lab:  . {doc["env"]}
-  meshctl topology; meshctl volume verify {name}   # are both copies of every chunk equal?
+  meshctl topology; meshctl volume verify {name}   # are both copies of every chunk equal?{tls}
 Logs:    {doc["logs"]}/ ({logs})
 Status:  meshctl lab status{flag}
 Stop:    meshctl lab down{flag}   (add --purge to remove the data)""".lstrip("\n")
+
+
+def _tls_text(doc: dict[str, Any]) -> str:
+    tls = doc.get("tls")
+    if not tls:
+        return ""
+    return (
+        "\nControl plane: HTTPS, every daemon and meshctl with a certificate of its own\n"
+        f"  (the CA in {tls['ca']}, the certificates in {tls['certificates']})"
+    )
 
 
 def status(ctx: Context, args: Namespace) -> int:
