@@ -26,7 +26,7 @@ from meshblock.sdc.datapath import DataPathError, Op, Piece, Reply, ReplyWaiter
 from meshblock.sdc.maps import MapError, PoolMap, SdsEndpoint, VolumeMapping, parse_maps
 from meshblock.sdc.metrics import SdcMetrics
 from meshblock.sdc.qos import TokenBucket
-from meshblock.sdc.volume_io import VolumeIO
+from meshblock.sdc.volume_io import MAX_PARALLEL_PIECES, VolumeIO
 
 pytestmark = [pytest.mark.cluster, pytest.mark.parallel]
 
@@ -198,11 +198,20 @@ async def flush(io: VolumeIO) -> None:
 
 
 def make_io(
-    maps: Maps, path: Faulty, timeout_s: float = 2.0, volume: VolumeMapping = VOLUME
+    maps: Maps,
+    path: Faulty,
+    timeout_s: float = 2.0,
+    volume: VolumeMapping = VOLUME,
+    attempt_timeout_s: float = 0.2,
 ) -> tuple[VolumeIO, SdcMetrics]:
     metrics = SdcMetrics(CollectorRegistry())
     io = VolumeIO(
-        volume, maps, path, metrics.volume(volume.name), timeout_s=timeout_s, attempt_timeout_s=0.2
+        volume,
+        maps,
+        path,
+        metrics.volume(volume.name),
+        timeout_s=timeout_s,
+        attempt_timeout_s=attempt_timeout_s,
     )
     return io, metrics
 
@@ -339,6 +348,60 @@ def test_many_pieces_are_bounded_in_parallel() -> None:
     io, _ = make_io(maps, path, volume=replace(VOLUME, size_bytes=200 * CHUNK_SIZE))
     run(trim(io, 0, 100 * CHUNK_SIZE, fua=False))
     assert len(path.calls) == 100
+
+
+def test_a_qos_wait_does_not_count_against_the_io_timeout() -> None:
+    """The IO timeout is the time a piece may spend retrying: it starts when the piece
+    is sent, not while the request waited for its QoS tokens (a throttled volume is
+    slow, not failing)."""
+    maps, path = Maps(pool_map(5)), Faulty()
+    io, metrics = make_io(maps, path, timeout_s=0.3, volume=replace(VOLUME, iops_limit=2))
+
+    async def main() -> None:
+        await read(io, 0, 512)  # takes the bucket's one token
+        path.faults = [DataPathError("connection", "lost", retriable=True)]
+        t0 = time.monotonic()
+        await read(io, 0, 512)  # waits 0.5 s for its token, then is retried once
+        assert time.monotonic() - t0 >= 0.4
+
+    asyncio.run(main())
+    assert retries(metrics, "connection") == 1 and len(path.calls) == 3
+
+
+class Gated(Faulty):
+    """Each piece's call waits until the test opens the gate of its chunk's batch:
+    chunks 0-31 (the first MAX_PARALLEL_PIECES) or the others."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gates = (asyncio.Event(), asyncio.Event())
+
+    async def call(self, sds: SdsEndpoint, piece: Piece) -> Reply:
+        await self.gates[piece.ref.chunk_index >= MAX_PARALLEL_PIECES].wait()
+        return await super().call(sds, piece)
+
+
+def test_pieces_waiting_for_their_turn_get_the_whole_io_timeout() -> None:
+    """A request of more than MAX_PARALLEL_PIECES pieces: those sent once earlier
+    ones are done have the whole IO timeout from when they are sent."""
+    maps = Maps(pool_map(5))
+    volume = replace(VOLUME, size_bytes=200 * CHUNK_SIZE)
+
+    async def main() -> Gated:
+        path = Gated()
+        io, _ = make_io(maps, path, timeout_s=1.0, volume=volume, attempt_timeout_s=5.0)
+        trimming = asyncio.ensure_future(
+            trim(io, 0, 2 * MAX_PARALLEL_PIECES * CHUNK_SIZE, fua=False)
+        )
+        await asyncio.sleep(0.6)
+        path.gates[0].set()  # the first batch is answered within its timeout
+        await asyncio.sleep(0.6)
+        path.gates[1].set()  # the second, 0.6 s after it was sent
+        await trimming
+        return path
+
+    path = asyncio.run(main())
+    assert len(path.calls) == 2 * MAX_PARALLEL_PIECES
 
 
 def test_unmapped_volume_refuses_io() -> None:

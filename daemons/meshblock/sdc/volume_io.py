@@ -399,12 +399,16 @@ class VolumeIO:
         failed_sds: int = 0,
     ) -> Chunk | None:
         """Send one piece to its PG's primary, retrying as the module doc says; a READ's
-        data. ``started``: when the IO began; ``failed``: its first attempt, sent
-        without a task to SDS ``failed_sds``, failed so."""
+        data. ``failed``: its first attempt, sent without a task to SDS ``failed_sds``
+        at ``started``, failed so; the piece's deadlines count from then. Otherwise
+        they count from now: a wait for QoS tokens or for a turn among the pieces of
+        a large request is not spent retrying."""
         task = asyncio.current_task()
         assert task is not None
         loop = task.get_loop()
         timer = self._timer
+        if failed is None:
+            started = time.monotonic()
         deadline = started + self.timeout_s
         attempt = 0
         while True:
