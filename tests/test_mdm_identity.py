@@ -263,3 +263,22 @@ def test_with_optional_certificates_a_token_alone_acts_as_before(tmp_path: Path)
             as_(mdm, "sds:sds2").post("/api/v1/sds/register", registration("sds1", 7200)), mdm, ""
         )
         assert as_(mdm, None).get("/api/v1/sds").status == 401
+
+
+def test_an_sds_reports_a_peer_unreachable_only_as_itself(
+    mdm: MdmDaemon, sds_ids: dict[str, int]
+) -> None:
+    sds1, sds2 = sds_ids["sds1"], sds_ids["sds2"]
+    thief = as_(mdm, "sds:sds2")
+    path = f"/api/v1/sds/{sds1}/unreachable"
+    for forged in ("sds1", "sds:sds1", f"sds:{sds1}", f"sdc:{GUID_A}", "sds:999999"):
+        refused(thief.post(path, {"reporter": forged}), mdm, f"POST {path} from sds:sds2")
+        assert f"not as {forged!r}" in mdm.log_text()
+    # As itself, in each form: its identity, its name, its id (what an SDS sends).
+    for own in ("sds:sds2", "sds2", f"sds:{sds2}"):
+        assert ok(thief.post(path, {"reporter": own}))["sds_id"] == sds1
+    # An SDC certificate likewise, and the admin may name anyone.
+    sdc = as_(mdm, f"sdc:{GUID_B}")
+    refused(sdc.post(path, {"reporter": f"sdc:{GUID_A}"}), mdm, f"POST {path} from sdc:{GUID_B}")
+    assert ok(sdc.post(path, {"reporter": f"sdc:{GUID_B}"}))["sds_id"] == sds1
+    assert ok(as_(mdm, "admin:alice").post(path, {"reporter": "sds:sds1"}))["sds_id"] == sds1

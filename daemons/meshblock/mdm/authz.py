@@ -58,7 +58,8 @@ class Binding:
     which must be the caller's own (checked here, before the handler). ``body``: the
     body field naming it, checked by the handler with :func:`require_self` (the body
     is read and validated there). Neither: any component of those kinds (a report
-    about another SDS, a map read).
+    about another SDS, whose reporter the handler checks with :func:`require_reporter`;
+    a map read).
     """
 
     kinds: frozenset[Kind]
@@ -79,7 +80,8 @@ BINDINGS: dict[tuple[str, str], Binding] = {
     ("POST", "/api/v1/sds/{id}/devices/{device_id}/failed"): _bind(Kind.SDS, path="id"),
     ("POST", "/api/v1/sds/{id}/pg-synced"): _bind(Kind.SDS, path="id"),
     ("POST", "/api/v1/sds/{id}/pgs-synced"): _bind(Kind.SDS, path="id"),
-    # A peer reports another SDS; the MDM checks for itself before it acts.
+    # A peer reports another SDS (its ``reporter`` must be itself: require_reporter);
+    # the MDM checks for itself before it acts.
     ("POST", "/api/v1/sds/{id}/unreachable"): _bind(Kind.SDS, Kind.SDC),
     ("GET", "/api/v1/pools/{id}/pgmap"): _bind(Kind.SDS),
     ("POST", "/api/v1/sdc/register"): _bind(Kind.SDC, body="guid"),
@@ -171,6 +173,23 @@ async def _owner(request: web.Request, kind: Kind, id_: int) -> str | None:
     if found is not None:
         c.owners[key] = str(found)
     return None if found is None else str(found)
+
+
+async def require_reporter(request: web.Request, reporter: str | None) -> None:
+    """For a report a component makes about another (an SDS unreachable): a
+    certificate caller of kind SDS or SDC may name as its ``reporter`` only itself:
+    its identity (``sds:NAME``), its bare name, or its id (``sds:ID``, which is what an
+    SDS sends). Callers with a token, or with an admin certificate, pass."""
+    ident = request.get(CALLER)
+    if ident is None or reporter is None or CERT_ROLES[ident.kind] != Role.COMPONENT:
+        return
+    if reporter in (str(ident), ident.name):
+        return
+    kind, _, id_ = reporter.partition(":")
+    if kind == ident.kind.value and id_.isdigit():
+        if await _owner(request, ident.kind, int(id_)) == ident.name:
+            return
+    raise _refuse(request, ident, f"{ident} may report only as itself, not as {reporter!r}")
 
 
 def require_self(request: web.Request, kind: Kind, name: str) -> None:

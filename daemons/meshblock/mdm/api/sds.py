@@ -763,6 +763,7 @@ async def sds_unreachable(request: web.Request, body: dict[str, Any]) -> web.Res
     declared down at once instead of after the heartbeat timeout."""
     c = ctx(request)
     sds_id = path_id(request)
+    await authz.require_reporter(request, body.get("reporter"))
     async with reading(request) as s:
         sds = await get_or_404(s, Sds, sds_id, "SDS")
         address, port, name = sds.address, sds.data_port, sds.name
@@ -772,7 +773,7 @@ async def sds_unreachable(request: web.Request, body: dict[str, Any]) -> web.Res
         log.warning(
             "SDS %s reported unreachable by %s and not reachable from the MDM: down now",
             name,
-            body.get("reporter", "a peer"),
+            request.get(authz.CALLER) or body.get("reporter", "a peer"),
         )
         c.liveness.mark_down("sds", sds_id)
         if c.detector is not None:
