@@ -282,3 +282,30 @@ def test_an_sds_reports_a_peer_unreachable_only_as_itself(
     refused(sdc.post(path, {"reporter": f"sdc:{GUID_A}"}), mdm, f"POST {path} from sdc:{GUID_B}")
     assert ok(sdc.post(path, {"reporter": f"sdc:{GUID_B}"}))["sds_id"] == sds1
     assert ok(as_(mdm, "admin:alice").post(path, {"reporter": "sds:sds1"}))["sds_id"] == sds1
+
+
+def test_an_sds_reads_only_the_maps_of_pools_it_has_devices_in(
+    mdm: MdmDaemon, sds_ids: dict[str, int]
+) -> None:
+    admin = mdm.api()
+    pool1 = ok(admin.get(f"/api/v1/sds/{sds_ids['sds1']}"))["devices"][0]["pool_id"]
+    pd = ok(admin.get("/api/v1/protection-domains"))["protection_domains"][0]["id"]
+    status, other = admin.post(
+        "/api/v1/pools", {"name": "p-elsewhere", "protection_domain_id": pd, "pg_count": 8}
+    )
+    assert status == 201, other
+    thief = as_(mdm, "sds:sds2")
+    assert ok(thief.get(f"/api/v1/pools/{pool1}/pgmap"))["epoch"] >= 1
+    for pool in (other["id"], 999999):
+        path = f"/api/v1/pools/{pool}/pgmap"
+        refused(thief.get(path), mdm, f"GET {path} from sds:sds2")
+        assert f"sds:sds2 has no device in pool {pool}" in mdm.log_text()
+    # An SDS that registered no device reads no map; the admin and MGMT read any.
+    ok(
+        as_(mdm, "sds:sds3").post(
+            "/api/v1/sds/register", {**registration("sds3", 7300), "devices": []}
+        ),
+        201,
+    )
+    refused(as_(mdm, "sds:sds3").get(f"/api/v1/pools/{pool1}/pgmap"), mdm, "")
+    assert ok(as_(mdm, "mgmt:mgmt1").get(f"/api/v1/pools/{other['id']}/pgmap"))["epoch"] >= 1

@@ -33,7 +33,7 @@ from meshblock import pki
 from meshblock.auth import Role, bearer_token
 from meshblock.mdm.context import CTX
 from meshblock.mdm.errors import Forbidden, Handler, Unauthorized
-from meshblock.mdm.models import Sdc, Sds
+from meshblock.mdm.models import Device, Sdc, Sds
 from meshblock.mdm.routing import MAX_ID, RouteSpec, spec_of
 
 log = logging.getLogger(__name__)
@@ -57,18 +57,22 @@ class Binding:
     ``path``: the path parameter holding the id of the SDS or SDC the call acts for,
     which must be the caller's own (checked here, before the handler). ``body``: the
     body field naming it, checked by the handler with :func:`require_self` (the body
-    is read and validated there). Neither: any component of those kinds (a report
-    about another SDS, whose reporter the handler checks with :func:`require_reporter`;
-    a map read).
+    is read and validated there). ``pool``: the path parameter holding a pool id; an
+    SDS may call it only for a pool it has a device in (checked here). None of them:
+    any component of those kinds (a report about another SDS, whose reporter the
+    handler checks with :func:`require_reporter`).
     """
 
     kinds: frozenset[Kind]
     path: str | None = None
     body: str | None = None
+    pool: str | None = None
 
 
-def _bind(*kinds: Kind, path: str | None = None, body: str | None = None) -> Binding:
-    return Binding(frozenset(kinds), path, body)
+def _bind(
+    *kinds: Kind, path: str | None = None, body: str | None = None, pool: str | None = None
+) -> Binding:
+    return Binding(frozenset(kinds), path, body, pool)
 
 
 #: Every route of role COMPONENT, by (method, OpenAPI path). A component route missing
@@ -83,7 +87,10 @@ BINDINGS: dict[tuple[str, str], Binding] = {
     # A peer reports another SDS (its ``reporter`` must be itself: require_reporter);
     # the MDM checks for itself before it acts.
     ("POST", "/api/v1/sds/{id}/unreachable"): _bind(Kind.SDS, Kind.SDC),
-    ("GET", "/api/v1/pools/{id}/pgmap"): _bind(Kind.SDS),
+    # An SDS follows the maps of the pools it has devices in, and only those (its
+    # copies and replicas are all in PGs of those pools); an SDC reads its pools'
+    # maps through its own /maps.
+    ("GET", "/api/v1/pools/{id}/pgmap"): _bind(Kind.SDS, pool="id"),
     ("POST", "/api/v1/sdc/register"): _bind(Kind.SDC, body="guid"),
     ("POST", "/api/v1/sdc/{id}/heartbeat"): _bind(Kind.SDC, path="id"),
     ("GET", "/api/v1/sdc/{id}/maps"): _bind(Kind.SDC, path="id"),
@@ -146,6 +153,10 @@ async def _check_binding(request: web.Request, spec: RouteSpec, ident: pki.Ident
     binding = BINDINGS.get((spec.method, spec.openapi_path))
     if binding is None or ident.kind not in binding.kinds:
         raise _refuse(request, ident, f"{ident} may not {request.method} {spec.openapi_path}")
+    if binding.pool is not None:
+        pool_id = int(request.match_info[binding.pool])
+        if not await _has_device_in(request, ident.name, pool_id):
+            raise _refuse(request, ident, f"{ident} has no device in pool {pool_id}")
     if binding.path is None:
         return
     owner = await _owner(request, ident.kind, int(request.match_info[binding.path]))
@@ -173,6 +184,21 @@ async def _owner(request: web.Request, kind: Kind, id_: int) -> str | None:
     if found is not None:
         c.owners[key] = str(found)
     return None if found is None else str(found)
+
+
+async def _has_device_in(request: web.Request, sds_name: str, pool_id: int) -> bool:
+    """Whether the SDS named ``sds_name`` has a device in pool ``pool_id`` now (not
+    cached: devices come and go)."""
+    if not 1 <= pool_id <= MAX_ID:
+        return False
+    async with request.app[CTX].sessions() as s:
+        found = await s.execute(
+            select(Device.id)
+            .join(Sds, Sds.id == Device.sds_id)
+            .where(Sds.name == sds_name, Device.pool_id == pool_id)
+            .limit(1)
+        )
+        return found.first() is not None
 
 
 async def require_reporter(request: web.Request, reporter: str | None) -> None:

@@ -592,6 +592,12 @@ class MdmLink:
                 self._unreachable(exc)
                 await asyncio.sleep(1.0)
                 continue
+            if status == 403:
+                # With a certificate, the MDM gives the map only of a pool this SDS
+                # has a device in (a device removed from it since): ask again rarely.
+                log.warning("map of pool %d refused (no device of this SDS in it?)", pool_id)
+                await asyncio.sleep(max(poll, 1.0))
+                continue
             if status != 200:
                 log.warning("map of pool %d: status %d", pool_id, status)
                 await asyncio.sleep(1.0)
