@@ -46,6 +46,7 @@ class MdmDaemon(HttpDaemon):
         tls: bool = False,
     ) -> None:
         self.tls = tls
+        self.crl: Path | None = None  # with tls: a CRL file other than the test CA's
         super().__init__(workdir, db_url, overrides)
 
     @property
@@ -56,6 +57,8 @@ class MdmDaemon(HttpDaemon):
         if self.tls:  # valid for the address it listens on (a test may change it)
             files = _tls.mdm_identity(self.host)
             self.settings.setdefault("tls", {"client_certs": "required"}).update(files.settings())
+            if self.crl is not None:
+                self.settings["tls"]["crl"] = str(self.crl)
         super().write_config()
 
     def initial_settings(self) -> dict[str, dict[str, Any]]:

@@ -18,14 +18,23 @@ it checks the MDM's certificate and still sends the cluster secret.
 
 from __future__ import annotations
 
+import asyncio
+import datetime as dt
+import logging
 import ssl
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from meshblock import pki
 from meshblock.config import ConfigError
@@ -120,3 +129,217 @@ def mdm_tls(
             f"[tls] cert {tls.cert} names {identity}, not an identity of kind {kind.value}"
         )
     return MdmTls(context, identity)
+
+
+# --- a server's CRL, reloaded without a restart ------------------------------------
+
+
+def _crls_in(pem: bytes) -> list[x509.CertificateRevocationList]:
+    """Every CRL of a PEM file (during a CA rotation it holds both CAs' lists)."""
+    marker = b"-----BEGIN X509 CRL-----"
+    blocks = [marker + part for part in pem.split(marker)[1:]]
+    if not blocks:
+        raise pki.PkiError("it holds no PEM CRL")
+    try:
+        return [x509.load_pem_x509_crl(block) for block in blocks]
+    except ValueError as exc:
+        raise pki.PkiError(f"it holds a CRL that cannot be parsed: {exc}") from None
+
+
+def _issuer_of(
+    crl: x509.CertificateRevocationList, cas: Sequence[x509.Certificate]
+) -> x509.Certificate:
+    for ca in cas:
+        public = ca.public_key()
+        if (
+            crl.issuer == ca.subject
+            and isinstance(public, ec.EllipticCurvePublicKey)
+            and crl.is_signature_valid(public)
+        ):
+            return ca
+    raise pki.PkiError(f"its CRL of {crl.issuer.rfc4514_string()} is not signed by the CA")
+
+
+@dataclass(frozen=True)
+class CrlState:
+    """What the CRL in force says: its numbers (by issuer), when the first of its lists
+    expires, and the serials it revokes."""
+
+    numbers: dict[str, int]
+    next_update: dt.datetime | None
+    revoked: frozenset[int]
+
+    @classmethod
+    def check(
+        cls,
+        pem: bytes,
+        cas: Sequence[x509.Certificate],
+        previous: CrlState | None,
+        now: dt.datetime,
+    ) -> CrlState:
+        """The state of the CRLs in ``pem`` if each is signed by one of ``cas``, not
+        expired, and not older (a lower CRL number) than the one in force for its CA;
+        otherwise :class:`pki.PkiError`."""
+        numbers: dict[str, int] = {}
+        revoked: set[int] = set()
+        ends: list[dt.datetime] = []
+        for crl in _crls_in(pem):
+            issuer = _issuer_of(crl, cas).subject.rfc4514_string()
+            end = crl.next_update_utc
+            if end is None or end <= now:
+                raise pki.PkiError(f"its CRL of {issuer} has expired (next update {end})")
+            number = pki.crl_number(crl)
+            before = previous.numbers.get(issuer) if previous is not None else None
+            if before is not None and number < before:
+                raise pki.PkiError(
+                    f"its CRL of {issuer} is number {number}, older than the {before} in force"
+                )
+            numbers[issuer] = number
+            ends.append(end)
+            revoked.update(r.serial_number for r in crl)
+        return cls(numbers, min(ends), frozenset(revoked))
+
+
+class ServerTls:
+    """A TLS server context whose CRL is read again without a restart.
+
+    The server is given :attr:`context` once. Its SNI callback (which OpenSSL calls in
+    every handshake, also when the client sends no server name) hands each new
+    connection the context built from the newest CRL that passed the checks of
+    :meth:`CrlState.check`: so after a reload, a new connection with a revoked
+    certificate is refused in the handshake. A CRL that cannot be read, parsed or
+    verified keeps the one in force (an error in the log, and
+    :attr:`reload_failures`). Connections already open keep their handshake; a server
+    refuses their requests with :meth:`revoked_peer`.
+
+    :meth:`watch` re-reads the file when its modification time, size or inode
+    changes; :meth:`reload` does it at once (SIGHUP).
+    """
+
+    def __init__(
+        self,
+        cert: Path,
+        key: Path,
+        ca: Path,
+        crl: Path | None,
+        client_certs: pki.ClientCerts,
+        *,
+        log: logging.Logger,
+    ) -> None:
+        self._build = partial(pki.server_context, cert, key, ca, client_certs=client_certs)
+        self._ca = ca
+        self._crl = crl
+        self._log = log
+        self.context = self._build(crl=crl)
+        self._current = self.context
+        self.state: CrlState | None = None
+        self.reloads = 0
+        self.reload_failures = 0
+        self.last_reload_ok = True
+        self._stamp: tuple[int, int, int] | None = None
+        if crl is not None:
+            self._stamp = self._stat()
+            try:
+                self.state = CrlState.check(crl.read_bytes(), self._cas(), None, _utcnow())
+            except (OSError, pki.PkiError) as exc:  # OpenSSL loaded it: it decides
+                log.warning("the CRL %s in force: %s", crl, exc)
+            self.context.sni_callback = self._choose
+
+    def _choose(self, conn: ssl.SSLObject, _name: str | None, ctx: ssl.SSLContext) -> None:
+        if ctx is not self._current:
+            conn.context = self._current
+
+    def _cas(self) -> list[x509.Certificate]:
+        return x509.load_pem_x509_certificates(self._ca.read_bytes())
+
+    def _stat(self) -> tuple[int, int, int] | None:
+        assert self._crl is not None
+        try:
+            st = self._crl.stat()
+        except OSError:
+            return None
+        return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+    def reload(self, why: str) -> bool:
+        """Read the CRL again; True if the new one is in force."""
+        if self._crl is None:
+            return False
+        self._stamp = self._stat()
+        try:
+            state = CrlState.check(self._crl.read_bytes(), self._cas(), self.state, _utcnow())
+            context = self._build(crl=self._crl)
+        except (OSError, ValueError, pki.PkiError) as exc:
+            self.reload_failures += 1
+            self.last_reload_ok = False
+            self._log.error(
+                "CRL %s not reloaded (%s), keeping the one in force: %s", self._crl, why, exc
+            )
+            return False
+        self._current = context
+        self.state = state
+        self.reloads += 1
+        self.last_reload_ok = True
+        self._log.info(
+            "CRL %s reloaded (%s): number %s, %d revoked, next update %s",
+            self._crl,
+            why,
+            ",".join(str(n) for n in state.numbers.values()),
+            len(state.revoked),
+            state.next_update.isoformat() if state.next_update else "none",
+        )
+        return True
+
+    def check(self) -> bool:
+        """Reload if the file changed since it was last read; True if reloaded."""
+        if self._crl is None or self._stat() == self._stamp:
+            return False
+        return self.reload("the file changed")
+
+    async def watch(self, interval_s: float) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            self.check()
+
+    def revoked_peer(self, peercert: Mapping[str, Any] | None) -> bool:
+        """Whether a connection's certificate (``getpeercert()``) is revoked by the CRL
+        in force (a connection opened before the reload)."""
+        if not peercert or self.state is None:
+            return False
+        serial = peercert.get("serialNumber")
+        return isinstance(serial, str) and int(serial, 16) in self.state.revoked
+
+    def collector(self, prefix: str) -> Collector:
+        """Prometheus metrics of the CRL, named ``<prefix>_crl_...``."""
+        return _CrlCollector(self, prefix)
+
+
+def _utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+class _CrlCollector(Collector):
+    def __init__(self, tls: ServerTls, prefix: str) -> None:
+        self._tls = tls
+        self._prefix = prefix
+
+    def collect(self) -> Iterator[Metric]:
+        p, t = self._prefix, self._tls
+        if t.state is not None and t.state.next_update is not None:
+            yield GaugeMetricFamily(
+                f"{p}_crl_next_update_timestamp_seconds",
+                "When the CRL in force expires (every client is refused after it)",
+                value=t.state.next_update.timestamp(),
+            )
+        yield CounterMetricFamily(
+            f"{p}_crl_reloads", "CRL reloads that took effect", value=t.reloads
+        )
+        yield CounterMetricFamily(
+            f"{p}_crl_reload_failures",
+            "CRL reloads refused (unreadable, unparsable, unverified, expired or older)",
+            value=t.reload_failures,
+        )
+        yield GaugeMetricFamily(
+            f"{p}_crl_last_reload_ok",
+            "1 if the last CRL reload (or the start) took effect, 0 if it was refused",
+            value=1 if t.last_reload_ok else 0,
+        )

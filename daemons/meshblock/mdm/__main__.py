@@ -3,16 +3,24 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import logging
-import ssl
+import signal
 import sys
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+
+from aiohttp import web
 
 from meshblock import daemon, pki
 from meshblock.config import ConfigError, load
 from meshblock.mdm import backup, db
 from meshblock.mdm.app import create_app
 from meshblock.mdm.config import MdmConfig, TlsConfig
+from meshblock.mdm.context import SERVER_TLS
+from meshblock.mdm.health import REGISTRY
+from meshblock.tls import ServerTls
 
 log = logging.getLogger("meshblock.mdm")
 
@@ -42,17 +50,40 @@ def _backup_or_restore(args: argparse.Namespace, config: MdmConfig) -> int:
     return 0
 
 
-def _ssl_context(tls: TlsConfig) -> ssl.SSLContext | None:
+def _ssl_context(tls: TlsConfig) -> ServerTls | None:
     """The API's TLS context from ``[tls]``, or ``None`` when TLS is off."""
     if not tls.enabled:
         return None
-    return pki.server_context(
+    return ServerTls(
         Path(tls.cert),
         Path(tls.key),
         Path(tls.ca),
-        crl=Path(tls.crl) if tls.crl else None,
-        client_certs=pki.ClientCerts(tls.client_certs),
+        Path(tls.crl) if tls.crl else None,
+        pki.ClientCerts(tls.client_certs),
+        log=log,
     )
+
+
+def _reload_crl(
+    server_tls: ServerTls, interval_s: float
+) -> Callable[[web.Application], AsyncIterator[None]]:
+    """The app's cleanup context that reloads the CRL: every ``interval_s`` if the file
+    changed, and at once on SIGHUP; and its metrics."""
+
+    async def run(app: web.Application) -> AsyncIterator[None]:
+        app[REGISTRY].register(server_tls.collector("meshblock_mdm_tls"))
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGHUP, server_tls.reload, "SIGHUP")
+        task = asyncio.create_task(server_tls.watch(interval_s), name="crl-reload")
+        try:
+            yield
+        finally:
+            loop.remove_signal_handler(signal.SIGHUP)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    return run
 
 
 async def _migrate(config: MdmConfig) -> None:
@@ -64,15 +95,21 @@ async def _migrate(config: MdmConfig) -> None:
 
 
 def _server(config: MdmConfig) -> daemon.Server:
-    ssl_context = _ssl_context(config.tls)  # checked by _load: a PkiError here is a bug
+    server_tls = _ssl_context(config.tls)  # checked by _load: a PkiError here is a bug
     log.info(
         "MDM starting on %s://%s:%d%s",
-        "https" if ssl_context else "http",
+        "https" if server_tls else "http",
         config.api.host,
         config.api.port,
-        f" (client certificates {config.tls.client_certs})" if ssl_context else "",
+        f" (client certificates {config.tls.client_certs})" if server_tls else "",
     )
-    return daemon.Server(create_app(config), config.api.host, config.api.port, ssl_context)
+    app = create_app(config)
+    if server_tls is None:
+        return daemon.Server(app, config.api.host, config.api.port)
+    app[SERVER_TLS] = server_tls
+    if config.tls.crl:
+        app.cleanup_ctx.append(_reload_crl(server_tls, config.tls.crl_reload_s))
+    return daemon.Server(app, config.api.host, config.api.port, server_tls.context)
 
 
 MDM = daemon.Daemon(

@@ -31,8 +31,8 @@ from sqlalchemy import select
 
 from meshblock import pki
 from meshblock.auth import Role, bearer_token
-from meshblock.mdm.context import CTX
-from meshblock.mdm.errors import Forbidden, Handler, Unauthorized
+from meshblock.mdm.context import CTX, SERVER_TLS
+from meshblock.mdm.errors import Forbidden, Handler, Revoked, Unauthorized
 from meshblock.mdm.models import Device, Sdc, Sds
 from meshblock.mdm.routing import MAX_ID, RouteSpec, spec_of
 
@@ -107,6 +107,15 @@ def certificate_identity(request: web.Request) -> pki.Identity | None:
     peercert = transport.get_extra_info("peercert") if transport is not None else None
     if not peercert:
         return None
+    server_tls = request.app.get(SERVER_TLS)
+    if server_tls is not None and server_tls.revoked_peer(peercert):
+        # A connection opened before the CRL that revokes it was reloaded (keep-alive):
+        # refused, and closed after this answer.
+        serial = peercert.get("serialNumber")
+        log.warning(
+            "refused %s %s: certificate %s is revoked", request.method, request.path, serial
+        )
+        raise Revoked("the client certificate has been revoked")
     try:
         return pki.identity_from_peercert(peercert)
     except pki.PkiError as exc:

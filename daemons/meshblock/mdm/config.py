@@ -82,6 +82,8 @@ class TlsConfig:
     ca: str = ""
     crl: str = ""
     client_certs: str = "required"
+    # How often the CRL file is looked at; read again when it changed (and on SIGHUP).
+    crl_reload_s: float = 10.0
 
     @property
     def enabled(self) -> bool:
@@ -103,6 +105,8 @@ class MdmConfig:
             raise ValueError("tls.key, tls.ca and tls.crl need tls.cert (empty: no TLS)")
         if t.cert and not (t.key and t.ca):
             raise ValueError("tls.cert needs tls.key and tls.ca")
+        if not t.crl_reload_s > 0:
+            raise ValueError("tls.crl_reload_s must be > 0")
         if t.client_certs not in ("required", "optional"):
             raise ValueError("tls.client_certs must be required or optional")
         a = self.auth

@@ -17,6 +17,7 @@ from meshblock.mdm.liveness import Liveness
 from meshblock.mdm.pgmaps import MapCache
 from meshblock.mdm.progress import CopyProgress
 from meshblock.mdm.reconcile import Reported
+from meshblock.tls import ServerTls
 
 
 @dataclass
@@ -38,6 +39,8 @@ class MdmContext:
 
 
 CTX = web.AppKey("meshblock_mdm_context", MdmContext)
+# The API's TLS with its CRL (set by __main__ with [tls]; absent: plain HTTP, or tests).
+SERVER_TLS = web.AppKey("meshblock_mdm_server_tls", ServerTls)
 
 
 def ctx(request: web.Request) -> MdmContext:

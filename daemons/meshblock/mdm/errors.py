@@ -35,6 +35,7 @@ __all__ = [
     "InsufficientCapacity",
     "Invalid",
     "NotFound",
+    "Revoked",
     "Unauthorized",
     "error_body",
     "error_middleware",
@@ -47,6 +48,11 @@ class InsufficientCapacity(Conflict):
     code = "insufficient_capacity"
 
 
+class Revoked(Forbidden):
+    """The connection's client certificate was revoked after its handshake: refused,
+    and the connection closed after the answer."""
+
+
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -56,9 +62,12 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return await handler(request)
     except ApiError as exc:
         headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
-        return web.json_response(
+        resp = web.json_response(
             error_body(exc.code, exc.message, exc.details), status=exc.status, headers=headers
         )
+        if isinstance(exc, Revoked):
+            resp.force_close()
+        return resp
     except IntegrityError:
         # A concurrent request won a race that the handler's own checks could not
         # see (two creates of one name at once): the transaction rolled back.
