@@ -383,7 +383,9 @@ def test_power_cuts_never_show_a_checksum_error_and_keep_checking_the_rest(
     subset of the pages written since the last sync (data and checksums each reach
     the disk or not): after each, every chunk reads without a checksum error, its
     stored checksums are those of its bytes, and a corruption of a chunk synced
-    before (not being written: not in the write-intent record) is still found."""
+    before (not being written: not in the write-intent record) is still found; in
+    every other round the chunks are read before the background pass recomputed
+    their checksums (each recomputed as it is read), in the others after it."""
     monkeypatch.setattr(checksums, "MARK_LINGER_S", 0.0)  # clear marks at every sync
     monkeypatch.setattr(checksums, "CLEAR_EVERY_S", 0.0)
     capacity = 14 * MiB
@@ -394,7 +396,7 @@ def test_power_cuts_never_show_a_checksum_error_and_keep_checking_the_rest(
         store.write(store.devices[0], COLD, chunk, 0, data)
     store.close()
     rng = random.Random(17)
-    marked = 0
+    marked = unverified = 0
     for round_ in range(10):
         with monkeypatch.context() as mp:
             power = PowerLoss(path, mp)
@@ -414,6 +416,10 @@ def test_power_cuts_never_show_a_checksum_error_and_keep_checking_the_rest(
         store = open_store(crashed, capacity)
         try:
             dev = store.devices[0]
+            unverified += len(dev.unverified)
+            if round_ % 2:  # the background pass first; else each recomputed as read
+                asyncio.run(store.verify_marked(batch=3))
+                assert not dev.unverified
             for volume, chunk in store.chunk_ids():
                 if volume == COLD:
                     continue
@@ -433,3 +439,119 @@ def test_power_cuts_never_show_a_checksum_error_and_keep_checking_the_rest(
         flip(crashed, bad)  # undo the corruption and go on from the crashed state
         path.write_bytes(crashed.read_bytes())
     assert marked > 0, "nothing was being written at the cuts: the test proves nothing"
+    assert unverified > 0, "no slot was left to recompute at a start: the test proves nothing"
+
+
+# -- the slots marked at start: recomputed lazily --------------------------------------
+
+
+def crash_with_marks(
+    path: Path, capacity: int, chunks: int, length: int = 2 * BLOCK
+) -> list[bytes]:
+    """Write ``length`` bytes at the start of chunks 0..chunks-1 of VOL, then "die"
+    (no clean close): every written slot is still marked in the write-intent record.
+    The bytes written, per chunk."""
+    store = open_store(path, capacity)
+    rng = random.Random(chunks)
+    written = [rng.randbytes(length) for _ in range(chunks)]
+    for chunk, data in enumerate(written):
+        store.write(store.devices[0], VOL, chunk, 0, data)
+    for dev in store.devices:
+        dev.close()
+    return written
+
+
+def row_at(path: Path, store: ChunkStore, slot: int) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(store.devices[0].row_offset(slot))
+        return f.read(ROW_SIZE)
+
+
+def marked_on_disk(path: Path, store: ChunkStore) -> set[int]:
+    dev = store.devices[0]
+    with open(path, "rb") as f:
+        f.seek(dev.regions[REGION_WRITE_INTENT][0] + WI_BITMAP)
+        return set(checksums.marked_slots(f.read((dev.slot_count + 7) >> 3), dev.slot_count))
+
+
+def test_a_start_after_a_crash_recomputes_no_checksum_until_a_slot_is_used(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After an unclean stop under writes the store opens without recomputing the
+    checksums of its marked slots (a start after a crash under heavy writes took tens
+    of seconds): a read or write of one recomputes its row first (a stale row is never
+    trusted: no checksum error), the background pass the rest, and only then are the
+    marks cleared on the disk."""
+    path = tmp_path / "dev.img"
+    written = crash_with_marks(path, 64 * MiB, 40)
+    recomputed: list[int] = []
+
+    def counting(data: bytes | bytearray | memoryview) -> bytes:
+        recomputed.append(len(data))
+        return slot_crcs(data)
+
+    monkeypatch.setattr("meshblock.sds.store.slot_crcs", counting)
+    # The new data of chunks 0 and 1 (slots 0 and 1) reached the disk, not their rows.
+    probe = ChunkStore([DeviceSpec(str(path), 64 * MiB, "pool")])
+    probe.devices[0].open()
+    rows = probe.devices[0].regions[REGION_CHECKSUMS][0]
+    probe.devices[0].close()
+    with open(path, "r+b") as f:
+        f.seek(rows)
+        f.write(b"\x5a" * 2 * ROW_SIZE)
+    store = open_store(path, 64 * MiB)
+    try:
+        dev = store.devices[0]
+        assert recomputed == [], "checksums recomputed at open"
+        assert sorted(dev.unverified) == list(range(40))
+        got = store.read(VOL, 0, 0, 2 * BLOCK)  # its row stale: recomputed first, no error
+        assert got is not None and bytes(got) == written[0]
+        assert len(recomputed) == 1 and len(dev.unverified) == 39
+        store.write(dev, VOL, 1, 100, b"x" * 10)  # a block covered in part: checked first
+        assert len(recomputed) == 2
+        assert dev.checksum_errors == 0
+        asyncio.run(store.verify_marked(batch=7))
+        assert not dev.unverified
+        for chunk, data in enumerate(written):
+            loc = store.location(VOL, chunk)
+            assert loc is not None
+            if chunk == 1:
+                data = data[:100] + b"x" * 10 + data[110:]
+            assert row_at(path, store, loc[1]) == slot_crcs(data.ljust(CHUNK_SIZE, b"\0"))
+        # Synced, then cleared: every change made before that sync is durable.
+        assert marked_on_disk(path, store) == set()
+    finally:
+        store.close()
+
+
+def test_slots_not_recomputed_stay_marked_across_a_crash_and_a_clean_stop(
+    tmp_path: Path,
+) -> None:
+    """The marks of slots whose checksums are not recomputed yet are kept on the disk,
+    through another crash and through a clean stop, so the next start does the same;
+    those of free slots are cleared at open."""
+    path = tmp_path / "dev.img"
+    crash_with_marks(path, 64 * MiB, 10)
+    store = open_store(path, 64 * MiB)
+    dev = store.devices[0]
+    owned = set(dev.unverified)
+    assert len(owned) == 10
+    assert marked_on_disk(path, store) == owned  # the 54 free ones marked ahead: cleared
+    for d in store.devices:  # dies again before the background pass
+        d.close()
+    store = open_store(path, 64 * MiB)
+    assert set(store.devices[0].unverified) == owned
+    store.close()  # a clean stop keeps them
+    store = open_store(path, 64 * MiB)
+    try:
+        assert set(store.devices[0].unverified) == owned
+        assert marked_on_disk(path, store) == owned
+        asyncio.run(store.verify_marked())
+        assert marked_on_disk(path, store) == set()
+    finally:
+        store.close()
+    store = open_store(path, 64 * MiB)
+    try:
+        assert not store.devices[0].unverified
+    finally:
+        store.close()

@@ -11,6 +11,7 @@ see :mod:`meshblock.sds.device_io`) also ``GET``/``POST /test/faults``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -131,6 +132,7 @@ async def _runtime(app: web.Application) -> AsyncIterator[None]:
     store.unclean = needs_full_copy(
         Path(config.state_dir), store.unclean, [d.path for d in store.devices], device_io.boot_id()
     )
+    verify: asyncio.Task[None] | None = None
     try:
         peers = Peers(secret, config.peer_timeout_s, min_version=config.wire_min_version)
         state = SdsState(store, MapCache(), peers, SdsStats())
@@ -151,8 +153,14 @@ async def _runtime(app: web.Application) -> AsyncIterator[None]:
             link.load_state()
         server = DataServer(service, secret, min_version=config.wire_min_version)
         app[RUNTIME] = SdsRuntime(config, state, resync, service, server, link, registry)
+        # Checksums of the slots marked at start: recomputed off the event loop.
+        verify = asyncio.create_task(store.verify_marked(), name="verify-marked")
         yield
     finally:
+        if verify is not None:
+            verify.cancel()
+            with contextlib.suppress(BaseException):
+                await verify
         store.close()
         log.info("chunk store closed cleanly")
 
@@ -206,6 +214,7 @@ async def health(request: web.Request) -> web.Response:
                     "used_bytes": d.used_bytes,
                     "slots": d.slot_count,
                     "free_slots": len(d.free) + len(d.pending),
+                    "checksum_unverified_slots": len(d.unverified),
                     "state": "failed" if d.failed else "ok",
                     "error": d.failed,
                 }

@@ -8,8 +8,9 @@ a block whose CRC32C happens to be 0 is stored unchecked too (one in 2^32).
 
 The write-intent record (:class:`WriteIntent`) makes the checksums safe across a power
 cut: a slot's bit is durable on the device before its data or checksums change, and
-is cleared only once those changes are durable; after an unclean stop the checksums
-of the slots whose bit is set are recomputed from their data.
+is cleared only once those changes are durable; at start the checksums of the slots
+whose bit is set are recomputed from their data: each before it is first read or
+written, the rest by a background pass (``ChunkStore.verify_marked``).
 
 This module computes and compares; :mod:`meshblock.sds.store` does the IO. CRC32C is
 the ``crc32c`` package's C extension (the SSE 4.2 ``crc32`` instruction where the CPU
@@ -22,7 +23,7 @@ import errno
 import struct
 import time
 import zlib
-from collections.abc import Iterable
+from collections.abc import Collection, Container, Iterable
 from typing import TYPE_CHECKING, Final
 
 import crc32c as _crc32c
@@ -168,17 +169,22 @@ class WriteIntent:
             self.marks.add(s)
             self.touched[s] = now
 
-    def idle(self, synced_from: float) -> tuple[int, bytes] | None:
+    def idle(
+        self, synced_from: float, keep: Container[int], *, at_once: bool = False
+    ) -> tuple[int, bytes] | None:
         """Clear the marks of the slots not changed since before ``synced_from`` (the
-        start of a sync that completed) nor for :data:`MARK_LINGER_S`; the bitmap
-        bytes to write (no sync needed: a clear may be lost), or None."""
+        start of a sync that completed) nor for :data:`MARK_LINGER_S`, except those in
+        ``keep`` (checksums not recomputed yet); the bitmap bytes to write (no sync
+        needed: a clear may be lost), or None. ``at_once``: no linger, and not limited
+        to one look per :data:`CLEAR_EVERY_S` (the sync is what makes a clear safe;
+        the linger only spares slots being written a new durable mark)."""
         now = time.monotonic()
-        if now - self.last_clear < CLEAR_EVERY_S:
+        if now - self.last_clear < CLEAR_EVERY_S and not at_once:
             return None
         self.last_clear = now
-        before = min(synced_from, now - MARK_LINGER_S)
+        before = synced_from if at_once else min(synced_from, now - MARK_LINGER_S)
         touched = self.touched
-        idle = [s for s in self.marks if touched.get(s, 0.0) < before]
+        idle = [s for s in self.marks if touched.get(s, 0.0) < before and s not in keep]
         if not idle:
             return None
         lo, hi = len(self.bits), 0
@@ -191,9 +197,12 @@ class WriteIntent:
             lo, hi = min(lo, i), max(hi, i + 1)
         return self.offset + WI_BITMAP + lo, bytes(bits[lo:hi])
 
-    def clear_all(self) -> tuple[int, bytes]:
-        """Forget every mark (everything is durable): the whole bitmap to write."""
+    def clear_all(self, keep: Collection[int] = ()) -> tuple[int, bytes]:
+        """Forget every mark but those of ``keep`` (everything is durable, but the
+        checksums of ``keep`` are not recomputed yet): the whole bitmap to write."""
         self.marks.clear()
         self.touched.clear()
         self.bits = bytearray(len(self.bits))
+        self.set(keep)
+        self.marks.update(keep)
         return self.offset + WI_BITMAP, bytes(self.bits)

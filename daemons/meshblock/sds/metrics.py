@@ -66,6 +66,12 @@ _DEVICE_METRICS: Final[tuple[_DeviceMetric, ...]] = (
         "4 KiB blocks read that did not match their checksums (docs/sds.md)",
         lambda dev: dev.checksum_errors,
     ),
+    (
+        GaugeMetricFamily,
+        "meshblock_sds_checksum_unverified_slots",
+        "Slots marked at start whose checksums are not recomputed yet (docs/sds.md)",
+        lambda dev: len(dev.unverified),
+    ),
 )
 
 

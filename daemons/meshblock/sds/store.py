@@ -40,7 +40,9 @@ store is opened with ``checksums=False``, every 4 KiB block has a CRC32C in the
 device's checksum region, written with its data and checked on every read
 (:class:`ChecksumError`); a slot's bit in the write-intent region is durable before
 its data or checksums change, and the checksums of the slots whose bit is set are
-recomputed at the next start, so a power cut never leaves them disagreeing.
+recomputed after the next start (each before it is first read or written, the rest
+by :meth:`ChunkStore.verify_marked` in the background), so a power cut never leaves
+them disagreeing.
 
 All IO here is synchronous ``pread``/``pwrite`` on the page cache (through
 :mod:`meshblock.sds.device_io`, where tests can inject faults), called from
@@ -51,6 +53,7 @@ the event loop (measured faster than a thread hand-off for 4 KiB and 1 MiB, see
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import errno
 import itertools
@@ -59,9 +62,10 @@ import os
 import secrets
 import stat
 import struct
+import threading
 import time
 import zlib
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Final
 
@@ -176,6 +180,9 @@ _ZEROES: Final = bytes(CHUNK_SIZE)
 _ZERO_VIEW: Final = memoryview(_ZEROES)
 #: Freed slots waiting for a sync before they are handed out again; more triggers one.
 RECLAIM_BATCH: Final = 64
+#: Slots whose checksums :meth:`ChunkStore.verify_marked` recomputes per thread call
+#: (64 MiB read; a stop waits for at most one slot).
+VERIFY_BATCH: Final = 64
 #: Larger writes go to the page cache in pieces of this size. One ``pwrite`` of 1 MiB
 #: makes the kernel cache that range in 1 MiB folios, and every later 4 KiB overwrite
 #: in it then walks the whole folio: measured here 15-26 us per 4 KiB overwrite after
@@ -322,6 +329,9 @@ class Device:
         self.checksums = False
         self.csum_offset = 0
         self.intent: WriteIntent | None = None
+        # Slots (-> their chunk key) marked at start whose checksums are not recomputed
+        # yet: recomputed before they are first read or written, or by verify_marked.
+        self.unverified: dict[int, int] = {}
         self.checksum_errors = 0  # blocks found not matching their checksums
         self.used = 0
         self.mdm_id: int | None = None  # the MDM's device id, once registered
@@ -735,14 +745,9 @@ class ChunkStore:
     def _punch(dev: Device, slots: list[int]) -> int:
         """Zero ``slots`` (ascending) and their checksums, in runs; return how many runs."""
         runs = 0
-        i = 0
-        while i < len(slots):
-            j = i
-            while j + 1 < len(slots) and slots[j + 1] == slots[j] + 1:
-                j += 1
-            dev.zero_slots(slots[i], j - i + 1)
+        for first, count in _runs(slots):
+            dev.zero_slots(first, count)
             runs += 1
-            i = j + 1
         return runs
 
     def _open_checksums(self, dev: Device) -> None:
@@ -782,9 +787,12 @@ class ChunkStore:
         dev.checksums = True
 
     def _recover_marks(self, dev: Device, intent: WriteIntent) -> None:
-        """Recompute the checksums of the slots marked in the write-intent record: their
-        data and checksums may disagree (a power cut, a kill between the two writes).
-        A record that cannot be read marks every slot."""
+        """Take the slots marked in the write-intent record: their data and checksums
+        may disagree (a power cut, a kill between the two writes). Those that hold a
+        chunk stay marked and become :attr:`Device.unverified` (their checksums are
+        recomputed later, not here: a start after a crash under heavy writes would
+        recompute tens of thousands); the checksums of free ones are zeroed and their
+        marks cleared. A record that cannot be read marks every slot."""
         raw = dio.pread(dev.fd, WI_BITMAP + len(intent.bits), intent.offset)
         if wi_header_valid(raw):
             slots = marked_slots(raw[WI_BITMAP:], dev.slot_count)
@@ -794,22 +802,85 @@ class ChunkStore:
             slots = list(range(dev.slot_count))
         if not slots:
             return
-        owned = {slot for d, slot in self._index.values() if d is dev}
-        data = bytearray(CHUNK_SIZE)
-        for slot in slots:
-            if slot in owned:
-                data[:] = _ZEROES
-                dio.preadv(dev.fd, [data], dev.slot_offset(slot))
-                dio.pwrite(dev.fd, slot_crcs(data), dev.row_offset(slot))
-            else:
-                dio.pwrite(dev.fd, bytes(ROW_SIZE), dev.row_offset(slot))
-        dio.pwrite(dev.fd, bytes(len(intent.bits)), intent.offset + WI_BITMAP)
+        owned = {slot: key for key, (d, slot) in self._index.items() if d is dev}
+        unverified = {s: owned[s] for s in slots if s in owned}
+        free = [s for s in slots if s not in owned]
+        for first, count in _runs(free):
+            dev._zero(dev.row_offset(first), count * ROW_SIZE)
+        offset, bits = intent.clear_all(unverified)
+        dio.pwrite(dev.fd, bits, offset)
         dio.fsync(dev.fd)
-        log.warning(
-            "%s: checksums of %d slot(s) being written at the last stop recomputed from their data",
-            dev.path,
-            len([s for s in slots if s in owned]),
-        )
+        dev.unverified = unverified
+        if unverified:
+            log.warning(
+                "%s: %d slot(s) were being written at the last stop: their checksums are "
+                "recomputed from their data in the background (each before it is used)",
+                dev.path,
+                len(unverified),
+            )
+
+    def _verify(self, dev: Device, slot: int) -> None:
+        """Recompute the checksums of unverified ``slot`` from its data, in the event
+        loop: it is about to be read or written."""
+        data = bytearray(CHUNK_SIZE)
+        try:
+            dio.preadv(dev.fd, [data], dev.slot_offset(slot))
+            dio.pwrite(dev.fd, slot_crcs(data), dev.row_offset(slot))
+        except OSError as exc:
+            raise self._io_error(dev, "recomputing checksums", exc) from exc
+        self._verified(dev, slot)
+
+    @staticmethod
+    def _verified(dev: Device, slot: int) -> None:
+        del dev.unverified[slot]
+        assert dev.intent is not None
+        # An ordinary mark from now on: its row just changed, cleared after a sync.
+        dev.intent.touched[slot] = time.monotonic()
+
+    async def verify_marked(self, batch: int = VERIFY_BATCH) -> None:
+        """Recompute the checksums of every unverified slot (``batch`` slots at a time
+        read and checksummed in a thread, the rows written in the event loop: a slot
+        read or written meanwhile was recomputed there first, and its result is
+        dropped), then sync and clear their marks. Cancelled: returns once the thread
+        has stopped (at the next slot), so the store may be closed."""
+        for dev in self.devices:
+            if dev.unverified:
+                try:
+                    await self._verify_device(dev, batch)
+                except DeviceFailed:
+                    continue  # failed and logged: its slots are never read again
+
+    async def _verify_device(self, dev: Device, batch: int) -> None:
+        loop = asyncio.get_running_loop()
+        stop = threading.Event()
+        while dev.unverified and not dev.failed:
+            slots = list(itertools.islice(dev.unverified, batch))
+            work = loop.run_in_executor(None, _slot_rows, dev, slots, stop)
+            try:
+                rows = await asyncio.shield(work)
+            except asyncio.CancelledError:
+                stop.set()
+                with contextlib.suppress(BaseException):
+                    await work
+                raise
+            except OSError as exc:
+                raise self._io_error(dev, "recomputing checksums", exc) from exc
+            for slot, row in rows:
+                if slot not in dev.unverified or dev.failed:
+                    continue  # recomputed in the event loop meanwhile (or freed)
+                try:
+                    dio.pwrite(dev.fd, row, dev.row_offset(slot))
+                except OSError as exc:
+                    raise self._io_error(dev, "recomputing checksums", exc) from exc
+                self._verified(dev, slot)
+        if dev.intent is None or dev.failed:
+            return
+        started = time.monotonic()
+        await self.sync([dev])
+        cleared = dev.intent.idle(started, dev.unverified, at_once=True)
+        if cleared is not None:
+            dio.pwrite(dev.fd, cleared[1], cleared[0])
+        log.info("%s: checksums of the slots marked at start all recomputed", dev.path)
 
     def _load_tombstones(self) -> None:
         """The newest tombstone table of any device is the store's; devices that lag
@@ -925,7 +996,8 @@ class ChunkStore:
                     # the marks; durable before CLEAN says so.
                     self._punch(dev, sorted(dev.unpunched))
                     if dev.intent is not None:
-                        offset, bits = dev.intent.clear_all()
+                        # Those not recomputed yet stay marked for the next start.
+                        offset, bits = dev.intent.clear_all(dev.unverified)
                         dio.pwrite(dev.fd, bits, offset)
                     dio.fdatasync(dev.fd)
                 dev.free.extend(dev.pending)
@@ -1047,6 +1119,8 @@ class ChunkStore:
                 raise self._io_error(dev, "pread", exc) from exc
             # a short read is past the end of a sparse file: already zeroes
             return memoryview(buf)
+        if dev.unverified and slot in dev.unverified:
+            self._verify(dev, slot)
         first = offset >> BLOCK_SHIFT
         count = ((offset + length + BLOCK - 1) >> BLOCK_SHIFT) - first
         start = first << BLOCK_SHIFT
@@ -1166,6 +1240,8 @@ class ChunkStore:
         if offset == 0 and length == CHUNK_SIZE:
             self._free(key, dev, slot)
         elif dev.checksums:
+            if dev.unverified and slot in dev.unverified:
+                self._verify(dev, slot)
             self._changing(dev, slot, False)
             first, crcs = self._crcs(dev, slot, offset, length, None, key)
             dev.zero_slot_range(slot, offset, length)
@@ -1182,6 +1258,8 @@ class ChunkStore:
         ``key`` None: the slot is new (durably zero)."""
         view = data if isinstance(data, memoryview) else memoryview(data)
         new = key is None
+        if dev.unverified and slot in dev.unverified:
+            self._verify(dev, slot)
         self._changing(dev, slot, new)
         first, crcs = self._crcs(dev, slot, offset, len(view), view, key)
         _pwrite(dev.fd, view, dev.slot_offset(slot) + offset)
@@ -1332,6 +1410,10 @@ class ChunkStore:
         It is handed out again after the sync that follows."""
         if not dev.failed:
             dev.write_entry(slot, _EMPTY_ENTRY)
+        if dev.unverified and slot in dev.unverified:
+            # Its data and checksums are zeroed after the sync; until then its mark
+            # stays (the entry may come back after a power cut, and be recomputed).
+            self._verified(dev, slot)
         self._forget(key, dev)
         if dev.failed:
             return
@@ -1523,7 +1605,7 @@ class ChunkStore:
             zeroed = set(unpunched)
             batch = [slot for slot in batch if slot not in zeroed]
         dev.free.extend(batch)
-        cleared = None if dev.intent is None else dev.intent.idle(started)
+        cleared = None if dev.intent is None else dev.intent.idle(started, dev.unverified)
         if cleared is not None:
             dio.pwrite(dev.fd, cleared[1], cleared[0])
 
@@ -1554,6 +1636,31 @@ class ChunkStore:
         task = loop.create_task(run(), name=f"reclaim-{dev.path}")
         dev.reclaiming = task
         task.add_done_callback(_log_failure)
+
+
+def _runs(slots: list[int]) -> Iterator[tuple[int, int]]:
+    """``(first, count)`` of each run of consecutive slots in ``slots`` (ascending)."""
+    i = 0
+    while i < len(slots):
+        j = i
+        while j + 1 < len(slots) and slots[j + 1] == slots[j] + 1:
+            j += 1
+        yield slots[i], j - i + 1
+        i = j + 1
+
+
+def _slot_rows(dev: Device, slots: list[int], stop: threading.Event) -> list[tuple[int, bytes]]:
+    """The checksum rows of ``slots`` computed from their data (in a thread); stops
+    early when ``stop`` is set."""
+    data = bytearray(CHUNK_SIZE)
+    rows = []
+    for slot in slots:
+        if stop.is_set():
+            break
+        data[:] = _ZEROES
+        dio.preadv(dev.fd, [data], dev.slot_offset(slot))
+        rows.append((slot, slot_crcs(data)))
+    return rows
 
 
 def _log_failure(task: asyncio.Task[None]) -> None:
