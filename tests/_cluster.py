@@ -13,6 +13,7 @@ import os
 import random
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -246,17 +247,26 @@ class LabCluster:
         """The lab's MDM as its admin (over HTTPS with the lab's admin certificate)."""
         state = self.state()
         assert state is not None
+        return _http.Api(state["mdm_url"], state["admin_token"], self._context(state))
+
+    @staticmethod
+    def _context(state: dict[str, Any]) -> ssl.SSLContext | None:
+        """The lab's admin certificate (None: the lab runs without TLS)."""
         tls = state.get("tls")
-        context = None
-        if tls:
-            context = pki.client_context(
-                Path(tls["ca"]), cert=Path(tls["cert"]), key=Path(tls["key"]), crl=Path(tls["crl"])
-            )
-        return _http.Api(state["mdm_url"], state["admin_token"], context)
+        if not tls:
+            return None
+        return pki.client_context(
+            Path(tls["ca"]), cert=Path(tls["cert"]), key=Path(tls["key"]), crl=Path(tls["crl"])
+        )
 
     def sdc_health(self) -> dict[str, Any]:
         port = self.info["processes"][-1]["ports"]["control"]
-        r = _http.request("GET", f"http://127.0.0.1:{port}/health", timeout=5)
+        state = self.state()
+        assert state is not None
+        scheme = "https" if state.get("tls") else "http"  # the SDC's [tls], as the lab's
+        r = _http.request(
+            "GET", f"{scheme}://127.0.0.1:{port}/health", timeout=5, context=self._context(state)
+        )
         assert r.status == 200, r
         return dict(r.body)
 

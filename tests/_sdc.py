@@ -66,7 +66,8 @@ class SdcDaemon(DaemonProcess):
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.control_port}"
+        # With [tls] the control port is HTTPS with the SDC's certificate.
+        return f"{'https' if self.mdm.tls else 'http'}://127.0.0.1:{self.control_port}"
 
     def uri(self, export: str, transport: str = "tcp") -> str:
         if transport == "unix":
@@ -76,7 +77,7 @@ class SdcDaemon(DaemonProcess):
     def write_config(self) -> None:
         if self.mdm.tls:  # the SDC takes its GUID from the certificate, unless set
             guid = self.settings["sdc"].get("guid") or self.cert_guid
-            self.settings["tls"] = _tls.identity(f"sdc:{guid}").settings()
+            self.settings["tls"] = _tls.component_identity(f"sdc:{guid}").settings()
         super().write_config()
 
     def start(self, timeout: float = START_TIMEOUT_S) -> None:

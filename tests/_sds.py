@@ -82,7 +82,11 @@ class SdsDaemon(DaemonProcess):
                 "data": {"host": address, "port": self.data_port},
                 "control": {"host": address, "port": self.control_port},
                 "logging": {"level": "INFO"},
-                **({"tls": _tls.identity(f"sds:{name}").settings()} if mdm.tls else {}),
+                **(
+                    {"tls": _tls.component_identity(f"sds:{name}", address).settings()}
+                    if mdm.tls
+                    else {}
+                ),
             }
         )
         text += dump_toml(
@@ -92,7 +96,10 @@ class SdsDaemon(DaemonProcess):
 
     @property
     def control_url(self) -> str:
-        return f"http://{self.address}:{self.control_port}"
+        # With [tls] the control port is HTTPS with the SDS's certificate (for loopback
+        # and its address); the harness checks it against the test CA.
+        scheme = "https" if self.mdm.tls else "http"
+        return f"{scheme}://{self.address}:{self.control_port}"
 
     def exec_prefix(self) -> list[str]:
         # `ip netns exec` execs the program: the pid is the SDS's own (SIGKILL hits it)

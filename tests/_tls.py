@@ -84,6 +84,12 @@ def fresh(text: str, sans: Sequence[str] = ()) -> Files:
     return identity(text, sans)
 
 
+def component_identity(text: str, host: str = "127.0.0.1") -> Files:
+    """An SDS's or SDC's identity, valid for loopback and ``host`` (its control port
+    serves HTTPS with it)."""
+    return identity(text, tuple(dict.fromkeys((*LOOPBACK_SANS, host))))
+
+
 def mdm_identity(host: str) -> Files:
     """The MDM's identity, valid for loopback and ``host``."""
     return identity("mdm:mdm1", tuple(dict.fromkeys((*LOOPBACK_SANS, host))))

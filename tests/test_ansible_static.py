@@ -583,6 +583,10 @@ def test_prometheus_config_checks(rendered: dict[str, Path]) -> None:
     assert config["global"]["external_labels"] == {"cluster": "meshblock"}
     jobs = {c["job_name"] for c in config["scrape_configs"]}
     assert jobs == set(SCRAPE_JOBS)
+    # The roles render no [tls] (test_*_config_loads), so the MDM's API and the SDSs'
+    # and SDCs' control ports are plain HTTP there: so is every scrape.
+    assert {c.get("scheme", "http") for c in config["scrape_configs"]} == {"http"}
+    assert not any("tls_config" in c for c in config["scrape_configs"])
     sds = read_yaml(out / "targets" / "meshblock_sds.yml")
     assert sds == [
         {

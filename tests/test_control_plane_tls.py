@@ -4,6 +4,9 @@ meshblock.tls), and nothing reaches it without one."""
 
 from __future__ import annotations
 
+import http.client
+import socket
+import ssl
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,6 +17,7 @@ import _tls
 from _cluster import SmallCluster, small_cluster
 from _mgmt import MgmtDaemon
 from _process import started
+from meshblock import pki
 
 pytestmark = pytest.mark.cluster
 
@@ -77,3 +81,53 @@ def test_mgmt_reads_the_mdm_over_https_with_its_certificate(
     with started(mgmt(tmp_path / "b", ca_only)) as daemon:
         summary = mgmt_components(daemon)
         assert summary["mdm_reachable"] is False and summary["status"] == "unknown", summary
+
+
+def control_get(port: int, ctx: ssl.SSLContext, path: str = "/metrics") -> tuple[int, str, Any]:
+    """``GET path`` on a control port over TLS with ``ctx``: status, body, the server's
+    certificate (as ``getpeercert()``)."""
+    conn = http.client.HTTPSConnection("127.0.0.1", port, context=ctx, timeout=10)
+    try:
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        assert conn.sock is not None
+        peer = conn.sock.getpeercert()
+        return resp.status, resp.read().decode(), peer
+    finally:
+        conn.close()
+
+
+def plain_http_answers(port: int) -> bool:
+    """Whether the port answers a plain-HTTP request with an HTTP response."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        try:
+            return s.recv(16).startswith(b"HTTP/1.1 200")
+        except ConnectionError:
+            return False
+
+
+def test_the_sds_and_sdc_control_ports_are_https_with_their_own_certificates(
+    cluster: SmallCluster, tmp_path: Path
+) -> None:
+    """With [tls] cert, /health and /metrics are served over TLS with the component's
+    certificate; a scraper with the CA alone (no client certificate) reads them, a
+    client certificate of another CA is refused, plain HTTP gets no answer."""
+    ca = _tls.ca()
+    scraper = pki.client_context(ca.cert_path)  # Prometheus: the CA, no certificate
+    ports = {f"sds:{d.name}": d.control_port for d in cluster.sds}
+    ports[f"sdc:{cluster.sdc.health()['guid']}"] = cluster.sdc.control_port
+    other = pki.Ca.init(tmp_path / "other")
+    ident = pki.Identity.parse("admin:mallory")
+    cert, key = other.issue(ident)
+    paths = pki.write_identity(tmp_path / "id", ident, cert, key, other.load()[0])
+    foreign = pki.client_context(ca.cert_path, cert=paths["cert"], key=paths["key"])
+    for who, port in ports.items():
+        status, body, peer = control_get(port, scraper)
+        assert status == 200 and "# TYPE" in body, (who, status)
+        assert str(pki.identity_from_peercert(peer)) == who
+        assert control_get(port, scraper, "/health")[0] == 200
+        assert control_get(port, _tls.context("sds:sds1"), "/health")[0] == 200
+        with pytest.raises((ssl.SSLError, ConnectionError)):
+            control_get(port, foreign, "/health")
+        assert not plain_http_answers(port), who

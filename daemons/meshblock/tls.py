@@ -131,6 +131,26 @@ def mdm_tls(
     return MdmTls(context, identity)
 
 
+def control_context(tls: TlsConfig) -> ssl.SSLContext | None:
+    """The TLS context of an SDS's or SDC's control port (``/health``, ``/metrics``):
+    with a certificate in ``[tls]``, HTTPS with it (TLS 1.3); ``None`` (plain HTTP)
+    without one. Client certificates are optional there (checked against the CA if
+    sent), so that Prometheus can scrape with the CA's certificate alone; nothing on
+    the port changes anything. A :class:`ConfigError` if the files cannot be used."""
+    if not tls.cert:
+        return None
+    try:
+        return pki.server_context(
+            Path(tls.cert),
+            Path(tls.key),
+            Path(tls.ca),
+            crl=Path(tls.crl) if tls.crl else None,
+            client_certs=pki.ClientCerts.OPTIONAL,
+        )
+    except pki.PkiError as exc:
+        raise ConfigError(f"[tls] {exc}") from None
+
+
 # --- a server's CRL, reloaded without a restart ------------------------------------
 
 

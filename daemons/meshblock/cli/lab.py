@@ -567,9 +567,13 @@ class Lab:
         return self._tls
 
     def health(self, d: Daemon, state: Mapping[str, Any]) -> tuple[int, Any]:
-        """``GET /health`` of ``d``: the MDM's over HTTPS as the admin (if TLS)."""
+        """``GET /health`` of ``d``: over HTTPS as the admin if the lab has TLS (the
+        MDM's API, and the SDSs' and SDC's control ports with their [tls])."""
         if d.kind == "mdm":
             return get_json(state["mdm_url"] + "/health", context=self.client_tls(state))
+        if state.get("tls"):
+            url = d.health_url.replace("http://", "https://", 1)
+            return get_json(url, context=self.client_tls(state))
         return get_json(d.health_url)
 
     def _start(self, state: dict[str, Any], ports: Ports, progress: Progress) -> None:

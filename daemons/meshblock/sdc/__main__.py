@@ -11,6 +11,7 @@ from meshblock.config import ConfigError, load
 from meshblock.sdc.app import create_app
 from meshblock.sdc.config import SdcConfig, cluster_secret
 from meshblock.sdc.mdm_client import mdm_tls_of
+from meshblock.tls import control_context
 
 log = logging.getLogger("meshblock.sdc")
 
@@ -21,12 +22,19 @@ def _load(args: argparse.Namespace) -> SdcConfig:
     config = load(SdcConfig, args.config)
     cluster_secret(config)  # a missing secret file is a configuration error
     mdm_tls_of(config)  # the [tls] files, and the MDM URLs' schemes
+    control_context(config.tls)
     return config
 
 
 def _server(config: SdcConfig) -> daemon.Server:
-    log.info("SDC starting; control port %s:%d", config.control.host, config.control.port)
-    return daemon.Server(create_app(config), config.control.host, config.control.port)
+    control_tls = control_context(config.tls)
+    log.info(
+        "SDC starting; control port %s://%s:%d",
+        "https" if control_tls else "http",
+        config.control.host,
+        config.control.port,
+    )
+    return daemon.Server(create_app(config), config.control.host, config.control.port, control_tls)
 
 
 SDC = daemon.Daemon(

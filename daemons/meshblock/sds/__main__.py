@@ -13,6 +13,7 @@ from meshblock.sds.app import create_app
 from meshblock.sds.config import SdsConfig, load
 from meshblock.sds.mdm_client import mdm_tls_of
 from meshblock.sds.store import StoreError
+from meshblock.tls import control_context
 
 log = logging.getLogger("meshblock.sds")
 
@@ -23,6 +24,7 @@ def _load(args: argparse.Namespace) -> SdsConfig:
     config = load(args.config)
     config.secret()  # a secret file that cannot be read is a configuration error
     mdm_tls_of(config)  # the [tls] files, and the MDM URLs' schemes
+    control_context(config.tls)
     if config.test_faults and not device_io.enabled_by_env():
         raise ConfigError(
             "test_faults is a test-only fault hook; "
@@ -32,16 +34,18 @@ def _load(args: argparse.Namespace) -> SdsConfig:
 
 
 def _server(config: SdsConfig) -> daemon.Server:
+    control_tls = control_context(config.tls)
     log.info(
-        "SDS %s starting: data %s:%d, control %s:%d",
+        "SDS %s starting: data %s:%d, control %s://%s:%d",
         config.name,
         config.data.host,
         config.data.port,
+        "https" if control_tls else "http",
         config.control.host,
         config.control.port,
     )
     app = create_app(config, config.secret())
-    return daemon.Server(app, config.control.host, config.control.port)
+    return daemon.Server(app, config.control.host, config.control.port, control_tls)
 
 
 SDS = daemon.Daemon(
