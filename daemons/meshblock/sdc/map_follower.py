@@ -107,7 +107,8 @@ class MapFollower:
 
     async def _send_unreachable(self, sds_id: int) -> None:
         try:
-            doc = await self.client.report_unreachable(sds_id, f"sdc:{self.name}")
+            # Its identity (sdc:GUID): what its certificate names, if it has one.
+            doc = await self.client.report_unreachable(sds_id, f"sdc:{self.guid}")
         except (MdmUnavailable, MdmRefused) as exc:
             log.info("cannot report SDS %d unreachable: %s", sds_id, exc)
             return
