@@ -22,11 +22,14 @@ from meshblock.nbd.protocol import Cmd, CmdFlag, Errno, RequestError
 from meshblock.nbd.server import Chunk, IoRequest
 from meshblock.sdc.attach import NbdAttacher
 from meshblock.sdc.config import SdcConfig, cluster_secret, sdc_guid
-from meshblock.sdc.datapath import DataPathError, Op, Piece, Reply, ReplyWaiter
+from meshblock.sdc.datapath import FUA, DataPathError, Op, Piece, Reply, ReplyWaiter
 from meshblock.sdc.maps import MapError, PoolMap, SdsEndpoint, VolumeMapping, parse_maps
 from meshblock.sdc.metrics import SdcMetrics
 from meshblock.sdc.qos import TokenBucket
 from meshblock.sdc.volume_io import MAX_PARALLEL_PIECES, VolumeIO
+from meshblock.sdc.wire_path import classify
+from meshblock.wire import RequestError as WireRequestError
+from meshblock.wire import Status
 
 pytestmark = [pytest.mark.cluster, pytest.mark.parallel]
 
@@ -79,18 +82,22 @@ NAMES = {
 class Faulty:
     """A data path that stores chunks in memory and fails as the test injects. What
     it sends at once (``submit``) is answered in the next pass of the event loop, as
-    an SDS's reply would be; a fault reaches the waiter as its exception."""
+    an SDS's reply would be; a fault reaches the waiter as its exception, a refusal
+    (a Status) as a reply with that status, classified as the wire path does."""
 
     def __init__(self) -> None:
         self.chunks: dict[int, bytearray] = {}
         self.calls: list[tuple[str, int, ChunkRef | None, int, int]] = []
-        self.faults: list[DataPathError | str] = []  # next failures, in order; "hang"
+        self.flags: list[int] = []  # each request's, as self.calls
+        # next failures, in order: an exception, a refusal, or "hang"
+        self.faults: list[DataPathError | Status | str] = []
         self.failing_sds: dict[int, DataPathError] = {}
 
-    def _record(self, sds: SdsEndpoint, piece: Piece) -> DataPathError | str | None:
+    def _record(self, sds: SdsEndpoint, piece: Piece) -> DataPathError | Status | str | None:
         """Note the request; the fault it meets, if any."""
-        op, _, ref, off, n, _ = piece
+        op, flags, ref, off, n, _ = piece
         self.calls.append((NAMES[op], sds.sds_id, None if op == Op.FLUSH else ref, off, n))
+        self.flags.append(flags)
         if sds.sds_id in self.failing_sds:
             return self.failing_sds[sds.sds_id]
         return self.faults.pop(0) if self.faults else None
@@ -117,7 +124,9 @@ class Faulty:
         def reply() -> None:
             if waiter.done():
                 return
-            if isinstance(fault, DataPathError):
+            if isinstance(fault, Status):
+                waiter.set_result(Reply(fault, 0, piece.ref.epoch, memoryview(b"")))
+            elif isinstance(fault, DataPathError):
                 waiter.set_exception(fault)
             else:
                 waiter.set_result(self._apply(piece))
@@ -131,11 +140,15 @@ class Faulty:
         await asyncio.sleep(0)
         if fault == "hang":
             await asyncio.sleep(3600)
+        if isinstance(fault, Status):
+            raise classify(WireRequestError(piece.op, fault, piece.ref.epoch))
         if isinstance(fault, DataPathError):
             raise fault
         return self._apply(piece)
 
     def error(self, op: Op, outcome: Reply | BaseException) -> DataPathError:
+        if isinstance(outcome, Reply):
+            return classify(WireRequestError(op, outcome.status, outcome.epoch))
         assert isinstance(outcome, DataPathError), outcome
         return outcome
 
@@ -348,6 +361,54 @@ def test_many_pieces_are_bounded_in_parallel() -> None:
     io, _ = make_io(maps, path, volume=replace(VOLUME, size_bytes=200 * CHUNK_SIZE))
     run(trim(io, 0, 100 * CHUNK_SIZE, fua=False))
     assert len(path.calls) == 100
+
+
+def test_a_refusal_in_the_reply_of_a_first_attempt_is_never_acknowledged() -> None:
+    """A one-chunk WRITE sent without a task whose reply carries a status other than
+    OK is not answered as written: EPOCH_STALE is retried on the newer map, NO_SPACE
+    is answered ENOSPC; the same in the task's attempts."""
+    maps, path = Maps(pool_map(5)), Faulty()
+    io, metrics = make_io(maps, path)
+
+    async def main() -> None:
+        maps.after_refresh = pool_map(6, shift=1)
+        path.faults = [Status.EPOCH_STALE]
+        await write(io, 4096, b"a" * 512, fua=False)
+        (_, _, ref1, _, _), (_, _, ref2, _, _) = path.calls
+        assert ref1 is not None and ref1.epoch == 5 and ref2 is not None and ref2.epoch == 6
+        assert retries(metrics, "epoch_stale") == 1
+        for first in (Status.NO_SPACE, Status.NOT_PRIMARY):  # then NO_SPACE in the task
+            path.calls.clear()
+            path.faults = [first, Status.NO_SPACE]
+            with pytest.raises(RequestError) as err:
+                await write(io, 4096, b"b" * 512, fua=False)
+            assert err.value.errno == Errno.ENOSPC
+            assert len(path.calls) == (1 if first == Status.NO_SPACE else 2)
+        assert bytes(path.chunks[0][4096 : 4096 + 512]) == b"a" * 512
+
+    asyncio.run(main())
+
+
+def test_fua_reaches_the_wire_on_every_path() -> None:
+    """NBD FUA is the data protocol's FUA on each piece of a WRITE or WRITE_ZEROES:
+    sent without a task (one chunk), from the task (several chunks, a retry)."""
+    maps, path = Maps(pool_map(5)), Faulty()
+    io, _ = make_io(maps, path)
+
+    async def main() -> None:
+        await write(io, 0, b"f" * 512, fua=True)
+        await write(io, 0, b"n" * 512, fua=False)
+        assert path.flags == [FUA, 0]
+        path.flags.clear()
+        path.faults = [DataPathError("connection", "lost", retriable=True)]
+        await write(io, 0, b"r" * 512, fua=True)  # retried from the task
+        await write(io, CHUNK_SIZE - 1, b"xy", fua=True)
+        await write_zeroes(io, 0, 2 * CHUNK_SIZE, punch_hole=False, fua=True)
+        await write_zeroes(io, 0, 2 * CHUNK_SIZE, punch_hole=True, fua=True)
+        await read(io, 0, 512)
+        assert path.flags == [FUA] * 8 + [0]
+
+    asyncio.run(main())
 
 
 def test_a_qos_wait_does_not_count_against_the_io_timeout() -> None:
