@@ -14,12 +14,12 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
-import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
+import _http
 from _cluster import small_cluster
 from _sds import PG_COUNT, SdsDaemon, wait_copy_jobs_ended
 from meshblock.chunks import CHUNK_SIZE, pg_of
@@ -146,8 +146,9 @@ def test_delta_resync_after_return(rs: Failover) -> None:
     qemu_io(rs.sdc.uri(VOLUME), *reads, read_only=True)
     # the metric says the same
     d = others[0]
-    with urllib.request.urlopen(d.control_url + "/metrics", timeout=5) as r:
-        text = r.read().decode()
+    r = _http.request("GET", d.control_url + "/metrics", timeout=5)  # HTTPS with [tls]
+    assert r.status == 200, r.body
+    text = str(r.body)
     want = f"meshblock_sds_resync_chunks_total {float(resync_counts(d)['chunks_total'])}"
     assert want in text, text
 

@@ -12,13 +12,13 @@ loses on one copy and not on the other)."""
 from __future__ import annotations
 
 import signal
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+import _http
 from _cluster import SmallCluster, small_cluster
 from _faults import FaultySds, make_faulty
 from _fio import fio_binary
@@ -98,8 +98,9 @@ def check_durable(c: SmallCluster, seq: int) -> None:
     )
     assert_no_tracebacks(c)
     for sds in c.sds:
-        with urllib.request.urlopen(sds.control_url + "/metrics", timeout=5) as r:
-            lines = r.read().decode().splitlines()
+        r = _http.request("GET", sds.control_url + "/metrics", timeout=5)
+        assert r.status == 200, r.body
+        lines = str(r.body).splitlines()
         counts = [x for x in lines if x.startswith("meshblock_sds_checksum_errors_total{")]
         assert counts and all(x.endswith(" 0.0") for x in counts), (sds.name, counts)
 
