@@ -33,13 +33,15 @@ def test_sigterm_during_the_background_recompute_stops_the_sds_promptly(tmp_path
     sds.start()
     try:
         # It answers with the pass under way (before the fix: the start recomputed
-        # every slot before anything, and SIGTERM waited for it).
+        # every slot before anything, and SIGTERM waited for it). Waits until the pass
+        # has done some slots and not all: stopped before its first batch, nothing
+        # would be left to tell a stop in the middle from one before the start.
         left = sds.wait(
-            lambda: n if sds.reachable() and 0 < (n := unverified(sds)) else None,
+            lambda: n if sds.reachable() and 0 < (n := unverified(sds)) < CHUNKS else None,
             30,
-            "the SDS to answer",
+            "the SDS to answer with the background pass under way",
         )
-        assert 0 < left <= CHUNKS
+        assert 0 < left < CHUNKS
         rc = sds.stop(timeout=5.0)
         assert rc == 0, sds.log_tail()
     finally:
