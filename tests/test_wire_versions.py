@@ -190,6 +190,20 @@ def test_v2_between_two_current_peers_and_its_unnegotiated_fields(
 
 
 @asynccontextmanager
+async def loopback_server(
+    handle: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
+) -> AsyncIterator[int]:
+    """A server on a free loopback port running ``handle`` per connection; its port."""
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(server.wait_closed(), 2)
+
+
+@asynccontextmanager
 async def v2_server(
     behaviour: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
 ) -> AsyncIterator[int]:
@@ -209,13 +223,8 @@ async def v2_server(
         finally:
             writer.close()
 
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    try:
-        yield server.sockets[0].getsockname()[1]
-    finally:
-        server.close()
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(server.wait_closed(), 2)
+    async with loopback_server(handle) as port:
+        yield port
 
 
 @pytest.mark.parametrize(("index", "value"), [(6, 4), (7, 1), (9, 1), (10, 0xDEAD)])
@@ -257,13 +266,8 @@ async def tampered_server(offset: int, value: bytes) -> AsyncIterator[int]:
         finally:
             writer.close()
 
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    try:
-        yield server.sockets[0].getsockname()[1]
-    finally:
-        server.close()
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(server.wait_closed(), 2)
+    async with loopback_server(handle) as port:
+        yield port
 
 
 EXT = SERVER_HELLO.size  # where the server's HelloExt starts in its answer
