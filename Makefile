@@ -14,7 +14,7 @@ STAMP := $(VENV)/.meshblock-installed
 # with the binaries under /usr/lib/postgresql/*/bin (no system cluster is used).
 # iproute2: the fault tests cut an SDS off in a network namespace of their own;
 # systemd: systemd-analyze verifies the Ansible roles' units.
-APT_PACKAGES := postgresql qemu-utils libnbd-bin nbdkit fio prometheus prometheus-alertmanager chromium iproute2 systemd
+APT_PACKAGES := postgresql qemu-utils libnbd-bin nbdkit fio prometheus prometheus-alertmanager chromium iproute2 nftables systemd
 # The host lab (lab/hostlab.py, docs/hostlab.md): images, containers, the VM, ssh.
 LAB_APT_PACKAGES := debootstrap systemd-container qemu-system-x86 iproute2 e2fsprogs openssh-client
 
