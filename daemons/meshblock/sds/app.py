@@ -215,6 +215,9 @@ async def health(request: web.Request) -> web.Response:
                     "slots": d.slot_count,
                     "free_slots": len(d.free) + len(d.pending),
                     "checksum_unverified_slots": len(d.unverified),
+                    "checksum_errors": d.checksum_errors,
+                    "checksum_repaired": d.checksum_repaired,
+                    "checksum_unrepairable": d.checksum_unrepairable,
                     "state": "failed" if d.failed else "ok",
                     "error": d.failed,
                 }

@@ -40,6 +40,8 @@ from collections.abc import Coroutine
 from typing import Any, Final, Protocol
 
 from meshblock.chunks import CHUNK_SIZE, ChunkRef, pg_of
+from meshblock.sds.checksums import ChecksumError
+from meshblock.sds.heal import repair_from_peer
 from meshblock.sds.maps import PgMap
 from meshblock.sds.resync import Resync
 from meshblock.sds.state import SdsState
@@ -217,11 +219,19 @@ class DataService:
 
     # -- reads ------------------------------------------------------------------------
 
-    def _read(self, conn: Connection, req: Request, t0: float) -> None:
+    def _read(self, conn: Connection, req: Request, t0: float, heal: bool = True) -> None:
         try:
             data = self._store.read(req.volume_id, req.chunk_index, req.offset, req.length)
         except DeviceFailed:
             self._reply(conn, req, t0, _FAILED)
+            return
+        except ChecksumError as exc:
+            # Healed from another copy (heal.py), unless a peer asks: it is itself
+            # repairing from us, and our copy being bad is its answer.
+            if heal and Op.REPL_FLUSH not in conn.allowed:
+                self._spawn(self._heal_read(conn, req, t0, exc.blocks))
+            else:
+                self._reply(conn, req, t0, Status.IO_ERROR)
             return
         except OSError as exc:
             log.error("read of chunk %d/%d failed: %s", req.volume_id, req.chunk_index, exc)
@@ -233,6 +243,24 @@ class DataService:
             self._reply(conn, req, t0, _OK, _HOLE)
         else:
             self._reply(conn, req, t0, _OK, 0, data)
+
+    async def _heal_read(
+        self, conn: Connection, req: Request, t0: float, blocks: list[int]
+    ) -> None:
+        """A read that found bad blocks: repair them from another copy, then read
+        again; ``IO_ERROR`` (EIO at the client) when no copy could, never wrong bytes."""
+        try:
+            left = await repair_from_peer(self._state, req.volume_id, req.chunk_index, blocks)
+        except DeviceFailed:
+            self._reply(conn, req, t0, _FAILED)
+            return
+        except OSError as exc:
+            log.error("repair of chunk %d/%d failed: %s", req.volume_id, req.chunk_index, exc)
+            left = blocks
+        if left:
+            self._reply(conn, req, t0, Status.IO_ERROR)
+        else:
+            self._read(conn, req, t0, heal=False)
 
     def _list(self, conn: Connection, req: Request, t0: float) -> None:
         """CHUNK_LIST: the chunks of PG ``pg`` of pool ``pool_id`` this SDS stores, from

@@ -67,6 +67,18 @@ _DEVICE_METRICS: Final[tuple[_DeviceMetric, ...]] = (
         lambda dev: dev.checksum_errors,
     ),
     (
+        CounterMetricFamily,
+        "meshblock_sds_checksum_repaired",
+        "Bad 4 KiB blocks rewritten from another copy of their PG (docs/sds.md, Healing)",
+        lambda dev: dev.checksum_repaired,
+    ),
+    (
+        CounterMetricFamily,
+        "meshblock_sds_checksum_unrepairable",
+        "Bad 4 KiB blocks that no other copy could repair: their reads fail with EIO",
+        lambda dev: dev.checksum_unrepairable,
+    ),
+    (
         GaugeMetricFamily,
         "meshblock_sds_checksum_unverified_slots",
         "Slots marked at start whose checksums are not recomputed yet (docs/sds.md)",

@@ -333,6 +333,8 @@ class Device:
         # yet: recomputed before they are first read or written, or by verify_marked.
         self.unverified: dict[int, int] = {}
         self.checksum_errors = 0  # blocks found not matching their checksums
+        self.checksum_repaired = 0  # bad blocks rewritten from another copy (heal.py)
+        self.checksum_unrepairable = 0  # bad blocks no other copy could repair
         self.used = 0
         self.mdm_id: int | None = None  # the MDM's device id, once registered
         self.pool_id: int | None = None
@@ -1341,6 +1343,55 @@ class ChunkStore:
         if bad:
             raise self._checksum_error(dev, slot, *split_key(key), bad)
         return old
+
+    def stored_crcs(self, volume: int, chunk: int, first: int, count: int) -> tuple[int, ...]:
+        """The checksums recorded for ``count`` blocks of the chunk from block ``first``
+        on (0: none recorded); all 0 when the chunk has no slot or checksums are off."""
+        loc = self._index.get(chunk_key(volume, chunk))
+        if loc is None or not loc[0].checksums or loc[0].failed:
+            return (0,) * count
+        dev, slot = loc
+        if dev.unverified and slot in dev.unverified:
+            self._verify(dev, slot)
+        try:
+            row = dio.pread(dev.fd, 4 * count, dev.row_offset(slot) + 4 * first)
+        except OSError as exc:
+            raise self._io_error(dev, "pread", exc) from exc
+        return tuple(ROWS[count].unpack(row.ljust(4 * count, b"\0")))
+
+    def rewrite_bad(
+        self, volume: int, chunk: int, blocks: Mapping[int, bytes | memoryview]
+    ) -> list[int]:
+        """Repair: write each of ``blocks`` (block number -> its 4 KiB from another
+        copy) over the chunk's block if that block still does not match its checksum,
+        with its new checksum (the write-intent mark first, as any write). A block
+        that matches now was rewritten meanwhile by a write, whose bytes are newer:
+        it is left alone. Returns the blocks rewritten (not synced)."""
+        loc = self._index.get(chunk_key(volume, chunk))
+        if loc is None or not blocks:
+            return []
+        dev, slot = loc
+        if dev.failed:
+            raise DeviceFailed(dev)
+        if not dev.checksums:
+            return []
+        if dev.unverified and slot in dev.unverified:
+            self._verify(dev, slot)
+        key = chunk_key(volume, chunk)
+        done = []
+        try:
+            for b in sorted(blocks):
+                (want,) = self.stored_crcs(volume, chunk, b, 1)
+                raw = dio.pread(dev.fd, BLOCK, dev.slot_offset(slot) + (b << BLOCK_SHIFT))
+                if not want or crc32c(raw.ljust(BLOCK, b"\0")) == want:
+                    continue
+                self._write_checked(dev, slot, b << BLOCK_SHIFT, blocks[b], key)
+                done.append(b)
+        except ChecksumError:
+            raise
+        except OSError as exc:
+            raise self._io_error(dev, "pwrite", exc) from exc
+        return done
 
     @staticmethod
     def _write_row(dev: Device, slot: int, first: int, crcs: list[int], new: bool) -> None:

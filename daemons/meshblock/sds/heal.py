@@ -1,0 +1,178 @@
+"""Reads that heal: a block found not matching its checksum is rewritten from another
+copy of its PG (``docs/sds.md``, "Healing").
+
+:func:`repair_from_peer` is the one primitive: every reader that finds bad blocks
+calls it (a client READ on the primary, a tool's CHUNK_READ_RAW such as ``meshctl
+volume verify``, the copy jobs' source reads, the scrub). It fetches the bad blocks'
+range from the PG's other copies with CHUNK_READ_RAW on the SDS peer connection (the
+peer reads its own copy and checks it against its own checksums: a bad block there
+answers ``IO_ERROR``, never bytes), accepts a block when it can be trusted, rewrites
+ours with it (the write-intent mark first, then the data and its checksum), syncs
+the device, and counts what it repaired and what it could not.
+
+A fetched block is trusted when
+
+- its CRC32C is the one we recorded for that block: the bytes that were written
+  here (whichever copy it came from, even a stale one: the resync's destination, a
+  move's target), or
+- it comes from a copy that is in sync with ours (the primary, or the secondary of a
+  ``clean`` PG): then it also repairs a block whose checksum, not its data, went bad.
+
+The repair runs under the chunk's range lock (the one client writes and the copy
+jobs take on the primary), and rewrites a block only if it still does not match its
+checksum at that moment (:meth:`ChunkStore.rewrite_bad`, in one event-loop step): a
+write that replaced the block meanwhile (on a secondary, forwarded writes take no
+range lock) holds newer bytes, and wins.
+
+Healing is done by the SDS that finds the error, not by the SDC: one path for client
+reads, copy sources, verify and scrub, and for clients of either wire version. The
+SDC reads from the primary only, so a bad block on the secondary is found by what
+reads the secondary's own copy (``meshctl volume verify``, the scrub) or, once the
+secondary is made primary, by the client's read, and is healed the same way.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Collection, Sequence
+from typing import TYPE_CHECKING, Final
+
+from meshblock.chunks import pg_of
+from meshblock.sds.checksums import BLOCK, BLOCK_SHIFT, crc
+from meshblock.sds.store import chunk_key
+from meshblock.wire.client import WireError
+from meshblock.wire.protocol import ProtocolError
+
+if TYPE_CHECKING:
+    from meshblock.sds.maps import PgMap
+    from meshblock.sds.state import SdsState
+
+log = logging.getLogger(__name__)
+
+#: What a failure to fetch from a peer may raise (logged, the next copy is asked).
+_FETCH_ERRORS: Final = (WireError, ProtocolError, OSError, TimeoutError)
+
+
+def other_copies(m: PgMap, pg: int, me: int) -> list[tuple[int, bool]]:
+    """``(sds id, in sync)`` of every copy of ``pg`` that ``m`` names besides ours,
+    those in sync with ours first: the primary (when we are not it), the secondary
+    (in sync in a ``clean`` PG), a move's target (never: it is being filled)."""
+    seen = {0, me}
+    out: list[tuple[int, bool]] = []
+    for sds, in_sync in (
+        (m.primary[pg][0], True),
+        (m.secondary[pg][0], bool(m.clean[pg])),
+        (m.target[pg][0], False),
+    ):
+        if sds not in seen:
+            seen.add(sds)
+            out.append((sds, in_sync))
+    return sorted(out, key=lambda c: not c[1])
+
+
+async def repair_from_peer(
+    state: SdsState,
+    volume: int,
+    chunk: int,
+    blocks: Sequence[int],
+    *,
+    locked: bool = False,
+    exclude: Collection[int] = (),
+) -> list[int]:
+    """Repair the bad ``blocks`` (4 KiB block numbers) of our copy of a chunk from the
+    PG's other copies; return those still bad (empty: all repaired, or rewritten
+    meanwhile by a write). ``locked``: the caller holds the chunk's range lock over
+    the blocks (a copy job); ``exclude``: SDS ids not to ask. The repaired blocks are
+    durable when it returns. Raises :class:`DeviceFailed` when our device fails."""
+    store = state.store
+    loc = store.location(volume, chunk)
+    if loc is None or not blocks:
+        return []
+    dev = loc[0]
+    m = None if dev.pool_id is None else state.maps.get(dev.pool_id)
+    bad = sorted(set(blocks))
+    lo, hi = bad[0], bad[-1] + 1
+    key = chunk_key(volume, chunk)
+    ticket = None
+    if not locked:
+        ticket, earlier = state.locks.acquire(key, lo << BLOCK_SHIFT, hi << BLOCK_SHIFT)
+    try:
+        if ticket is not None:
+            for fut in earlier:
+                await fut
+        left = set(bad)
+        repaired: list[int] = []
+        copies = (
+            [] if m is None else other_copies(m, pg_of(volume, chunk, m.pg_count), state.sds_id)
+        )
+        for sds, in_sync in copies:
+            if not left or sds in exclude:
+                continue
+            assert m is not None
+            good = await _fetch(state, m, sds, in_sync, volume, chunk, lo, hi, left)
+            if not good:
+                continue
+            if store.needs_reclaim(dev, volume, chunk):
+                await store.reclaim(dev)  # the write-intent mark, off the event loop
+            repaired += store.rewrite_bad(volume, chunk, good)
+            left.difference_update(good)
+        if repaired:
+            await store.sync([dev])
+        dev.checksum_repaired += len(repaired)
+        dev.checksum_unrepairable += len(left)
+        if repaired:
+            log.warning(
+                "%s: chunk %d/%d: 4 KiB block(s) %s repaired from another copy",
+                dev.path,
+                volume,
+                chunk,
+                ", ".join(map(str, repaired)),
+            )
+        if left:
+            log.error(
+                "%s: chunk %d/%d: 4 KiB block(s) %s bad and no copy could repair them "
+                "(reads of them fail with EIO)",
+                dev.path,
+                volume,
+                chunk,
+                ", ".join(map(str, sorted(left))),
+            )
+        return sorted(left)
+    finally:
+        if ticket is not None:
+            state.locks.release(key, ticket)
+
+
+async def _fetch(
+    state: SdsState,
+    m: PgMap,
+    sds: int,
+    in_sync: bool,
+    volume: int,
+    chunk: int,
+    lo: int,
+    hi: int,
+    wanted: Collection[int],
+) -> dict[int, bytes]:
+    """The blocks of ``wanted`` that SDS ``sds``'s copy gives and that can be trusted
+    (see the module's doc): block -> its bytes."""
+    address = m.sds.get(sds)
+    if address is None:
+        return {}
+    try:
+        client = state.peers.connected(sds, address) or await state.peers.get(sds, address)
+        raw = await client.read_raw_chunk(
+            volume, chunk, lo << BLOCK_SHIFT, (hi - lo) << BLOCK_SHIFT
+        )
+    except _FETCH_ERRORS as exc:
+        log.warning("chunk %d/%d: SDS %d could not give its copy: %s", volume, chunk, sds, exc)
+        return {}
+    expected = state.store.stored_crcs(volume, chunk, lo, hi - lo)
+    good: dict[int, bytes] = {}
+    for b in wanted:
+        block = bytes(raw.data[(b - lo) << BLOCK_SHIFT : (b - lo + 1) << BLOCK_SHIFT])
+        if len(block) != BLOCK:
+            continue
+        if crc(block) == expected[b - lo] or (in_sync and raw.allocated):
+            good[b] = block
+    return good
