@@ -278,6 +278,16 @@ def test_bad_input(api: Api, mdm: MdmDaemon, topo: dict[str, Any]) -> None:
     )
 
 
+def test_deeply_nested_json_is_a_400(api: Api, mdm: MdmDaemon) -> None:
+    """A body nested 10,000 arrays deep (the decoder's recursion limit) or 100 objects
+    deep (decodable, over the 64 levels allowed) is refused with a clear 400, not a 500."""
+    for raw in (b"[" * 10_000 + b"]" * 10_000, b'{"name": ' * 100 + b'"pd"' + b"}" * 100):
+        post = api("POST", "/api/v1/protection-domains", data=raw)
+        e = unchanged(api, post, 400, "bad_request")
+        assert "nested deeper than 64 levels" in e["message"], e
+    assert "Traceback" not in mdm.log_text()
+
+
 def test_volumes_and_capacity(api: Api, topo: dict[str, Any]) -> None:
     pool_id = topo["pool"]["id"]
     thin = ok(

@@ -228,6 +228,16 @@ def test_webhook_refuses_a_malformed_notification_whole(
     assert snapshot(api) == before
 
 
+def test_webhook_refuses_deeply_nested_json(mgmt: MgmtDaemon, api: Api) -> None:
+    before = snapshot(api)
+    webhook = Api(mgmt.url, mgmt.webhook_token)
+    for raw in (b"[" * 10_000, b'{"alerts": ' * 100 + b"[]" + b"}" * 100):
+        resp = webhook("POST", "/api/alerts/webhook", data=raw)
+        e = err(resp, 400, "bad_request")
+        assert "nested deeper than 64 levels" in e["message"], e
+    assert snapshot(api) == before
+
+
 def test_webhook_is_idempotent(mgmt: MgmtDaemon, api: Api) -> None:
     a = alert(sds="sds-idem", summary="SDS down", description="sds-idem missed heartbeats")
     a["startsAt"] = "2026-01-01T00:00:00.123456789Z"  # Go's nanoseconds
@@ -467,7 +477,14 @@ def test_login_form_needs_its_csrf_token_and_redirects_only_locally(mgmt: MgmtDa
     )
     assert resp.status == 403 and 'data-code="csrf"' in resp.body
     assert web.cookie("meshblock_mgmt_session") is None
-    for evil in ("//evil.example/", "https://evil.example/", "/\\evil.example"):
+    for evil in (
+        "//evil.example/",
+        "https://evil.example/",
+        "/\\evil.example",
+        "/\t/evil.example",
+        "/\t\\evil.example",
+        "/\n/evil.example",
+    ):
         resp = WebClient(mgmt.url).login("admin", mgmt.admin_password, next_=evil)
         assert resp.status == 303 and resp.headers["Location"] == "/health"
 

@@ -22,6 +22,7 @@ import jsonschema_rs
 from aiohttp import web
 
 from meshblock.auth import Role
+from meshblock.json_body import read_object
 from meshblock.mdm.errors import BadRequest, Invalid, NotFound
 
 MAX_BODY_BYTES = 1 << 20
@@ -127,20 +128,7 @@ def spec_of(request: web.Request) -> RouteSpec | None:
 
 
 async def _validated_body(request: web.Request, validator: Any, schema: Any) -> dict[str, Any]:
-    if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
-        raise BadRequest(f"request body larger than {MAX_BODY_BYTES} bytes")
-    raw = await request.content.read(MAX_BODY_BYTES + 1)
-    if len(raw) > MAX_BODY_BYTES:
-        raise BadRequest(f"request body larger than {MAX_BODY_BYTES} bytes")
-    if not raw.strip():
-        data: Any = {}
-    else:
-        try:
-            data = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise BadRequest(f"request body is not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise BadRequest("request body must be a JSON object")
+    data = await read_object(request, MAX_BODY_BYTES)
     errors = list(validator.iter_errors(data))
     if errors:
         err = errors[0]

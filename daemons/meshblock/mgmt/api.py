@@ -7,7 +7,6 @@ and a session must also send its CSRF token in ``X-CSRF-Token``.
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import Any
 
@@ -17,6 +16,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from meshblock.auth import Role, bearer_token
+from meshblock.json_body import read_object
 from meshblock.mgmt import alertmanager, alerts, cluster, rules
 from meshblock.mgmt.context import ctx
 from meshblock.mgmt.errors import ApiError, BadRequest, Invalid, NotFound, Unauthorized
@@ -35,21 +35,9 @@ MAX_LIMIT = 1000
 
 
 async def read_json(request: web.Request, limit: int = MAX_BODY_BYTES) -> dict[str, Any]:
-    """The request's JSON object body (``{}`` when empty); 400 when it is not one."""
-    if request.content_length is not None and request.content_length > limit:
-        raise BadRequest(f"request body larger than {limit} bytes")
-    raw = await request.content.read(limit + 1)
-    if len(raw) > limit:
-        raise BadRequest(f"request body larger than {limit} bytes")
-    if not raw.strip():
-        return {}
-    try:
-        data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise BadRequest(f"request body is not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise BadRequest("request body must be a JSON object")
-    return data
+    """The request's JSON object body (``{}`` when empty); 400 when it is not one, or
+    is nested too deep (meshblock.json_body)."""
+    return await read_object(request, limit)
 
 
 def path_id(request: web.Request) -> int:

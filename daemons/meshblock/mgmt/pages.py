@@ -13,7 +13,7 @@ import datetime as dt
 import logging
 import time
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urlsplit
 
 import jinja2
 from aiohttp import web
@@ -118,8 +118,19 @@ def redirect(location: str) -> web.Response:
 
 
 def safe_next(target: str | None) -> str:
-    """A local path to go to after login (never another site)."""
-    if not target or not target.startswith("/") or target.startswith("//") or "\\" in target:
+    """A local path to go to after login, never another site: it starts with one
+    ``/``, and holds no backslash and no control character. Browsers drop TAB, CR and
+    LF from a URL and read ``\\`` as ``/``, so ``/<TAB>/evil.example`` and
+    ``/\\evil.example`` would be ``//evil.example``, another host; anything else
+    goes to ``/health``."""
+    if (
+        not target
+        or not target.startswith("/")
+        or target.startswith("//")
+        or "\\" in target
+        or any(ord(ch) < 0x20 or 0x7F <= ord(ch) <= 0x9F for ch in target)
+        or urlsplit(target).netloc
+    ):
         return "/health"
     return target
 
