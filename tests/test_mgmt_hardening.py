@@ -1,14 +1,23 @@
 """MGMT's defences that need no running service: where ``next=`` may send a browser
-after login, and the depth limit of the JSON bodies of MGMT's and the MDM's APIs
-(meshblock.json_body). The same defences are tested through the running services in
-``test_mgmt.py`` and ``test_api.py``."""
+after login, the depth limit of the JSON bodies of MGMT's and the MDM's APIs
+(meshblock.json_body), and the password hashes (argon2id; an earlier release's scrypt
+replaced at login) on an SQLite file. The same defences are tested through the running
+services in ``test_mgmt.py`` and ``test_api.py``."""
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import hashlib
+from pathlib import Path
+
 import pytest
+from sqlalchemy import select
 
 from meshblock.http_errors import BadRequest
 from meshblock.json_body import MAX_DEPTH, parse_object, too_deep
+from meshblock.mgmt import accounts, db
+from meshblock.mgmt.models import User, UserRole
 from meshblock.mgmt.pages import safe_next
 
 pytestmark = pytest.mark.unit
@@ -61,3 +70,63 @@ def test_json_depth_limit() -> None:
     with pytest.raises(BadRequest, match="not valid JSON"):
         parse_object(b"{nope")
     assert parse_object(b"  ") == {}
+
+
+def scrypt_hash(password: str, salt: bytes = b"0123456789abcdef") -> str:
+    """A hash as releases before argon2id stored it (scrypt, N=2^14, r=8, p=1)."""
+    key = hashlib.scrypt(password.encode(), salt=salt, n=2**14, r=8, p=1, dklen=32)
+
+    def b64(raw: bytes) -> str:
+        return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+    return f"scrypt$16384$8$1${b64(salt)}${b64(key)}"
+
+
+def test_password_hashes_are_argon2id() -> None:
+    stored = accounts.hash_password("correct horse")
+    assert stored.startswith("$argon2id$v=19$m=65536,t=3,p=4$"), stored
+    assert accounts.verify_password("correct horse", stored)
+    assert not accounts.verify_password("correct horsE", stored)
+    assert not accounts.needs_rehash(stored)
+    weaker = stored.replace("m=65536,t=3", "m=65536,t=2")  # another setting: re-hashed
+    assert accounts.needs_rehash(weaker)
+    legacy = scrypt_hash("correct horse")
+    assert accounts.verify_password("correct horse", legacy)
+    assert not accounts.verify_password("correct horsE", legacy)
+    assert accounts.needs_rehash(legacy)
+    for junk in ("", "scrypt$x", "$argon2id$nope", "plain"):
+        assert not accounts.verify_password("correct horse", junk)
+
+
+def test_a_scrypt_hash_is_replaced_by_argon2id_at_the_next_login(tmp_path: Path) -> None:
+    async def main() -> tuple[str, str, str, bool]:
+        engine = db.create_engine(f"sqlite+aiosqlite:///{tmp_path / 'mgmt.db'}")
+        sessions = db.session_factory(engine)
+
+        async def stored() -> str:
+            async with sessions() as s:
+                return str((await s.execute(select(User.password_hash))).scalar_one())
+
+        try:
+            await db.migrate(engine)
+            async with sessions() as s, s.begin():
+                s.add(
+                    User(name="old", password_hash=scrypt_hash("pw-of-2025"), role=UserRole.ADMIN)
+                )
+            async with sessions() as s:  # a wrong password changes nothing
+                assert await accounts.authenticate(s, "old", "wrong password") is None
+            before = await stored()
+            async with sessions() as s:
+                user = await accounts.authenticate(s, "old", "pw-of-2025")
+                assert user is not None and user.name == "old"
+            after = await stored()
+            async with sessions() as s:
+                again = await accounts.authenticate(s, "old", "pw-of-2025") is not None
+            return before, after, await stored(), again
+        finally:
+            await engine.dispose()
+
+    before, after, last, again = asyncio.run(main())
+    assert before.startswith("scrypt$")
+    assert after.startswith("$argon2id$v=19$m=65536,t=3,p=4$"), after
+    assert again and last == after  # verified as argon2id, not re-hashed again

@@ -1,9 +1,16 @@
-"""Users, their passwords (scrypt) and their API tokens.
+"""Users, their passwords (argon2id) and their API tokens.
 
-A password hash is ``scrypt$<n>$<r>$<p>$<salt>$<key>`` (salt and key in unpadded
-base64), so that the cost can be raised later without breaking stored hashes. An API
-token is ``mbt_`` followed by 32 random bytes; only its SHA-256 is stored, and it acts
-with its user's role.
+A password hash is argon2id in the PHC string format that the reference
+implementation writes (``$argon2id$v=19$m=65536,t=3,p=4$<salt>$<hash>``), made and
+checked by argon2-cffi: 64 MiB of memory, 3 passes, 4 lanes, a 16-byte salt and a
+32-byte hash (RFC 9106's second recommended setting, argon2-cffi's default). The
+parameters are in the string, so raising them later keeps old hashes valid; a hash
+made with other parameters, or a ``scrypt$<n>$<r>$<p>$<salt>$<key>`` hash of an
+earlier release, still verifies and is replaced by an argon2id hash of this release's
+parameters at the user's next successful login (:func:`authenticate`).
+
+An API token is ``mbt_`` followed by 32 random bytes; only its SHA-256 is stored, and
+it acts with its user's role.
 """
 
 from __future__ import annotations
@@ -13,55 +20,82 @@ import base64
 import functools
 import hashlib
 import hmac
+import logging
 import re
 import secrets
 from dataclasses import dataclass
 
+import argon2
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from meshblock.mgmt.errors import Conflict, Invalid, NotFound
 from meshblock.mgmt.models import ApiToken, User, UserRole, utcnow
 
-SCRYPT_N = 2**14
-SCRYPT_R = 8
-SCRYPT_P = 1
-KEY_BYTES = 32
+log = logging.getLogger(__name__)
+
+ARGON2_TIME_COST = 3
+ARGON2_MEMORY_KIB = 64 * 1024
+ARGON2_PARALLELISM = 4
+ARGON2_HASH_BYTES = 32
+ARGON2_SALT_BYTES = 16
+HASHER = argon2.PasswordHasher(
+    time_cost=ARGON2_TIME_COST,
+    memory_cost=ARGON2_MEMORY_KIB,
+    parallelism=ARGON2_PARALLELISM,
+    hash_len=ARGON2_HASH_BYTES,
+    salt_len=ARGON2_SALT_BYTES,
+    type=argon2.Type.ID,
+)
+SCRYPT_PREFIX = "scrypt$"  # hashes of releases before argon2id: verified, then replaced
 MIN_PASSWORD_CHARS = 8
 MAX_PASSWORD_CHARS = 1024
 TOKEN_PREFIX = "mbt_"
 USER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
 
 
-def _b64(raw: bytes) -> str:
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-
 def _unb64(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
-def _scrypt(password: str, salt: bytes, n: int, r: int, p: int) -> bytes:
-    return hashlib.scrypt(
-        password.encode(), salt=salt, n=n, r=r, p=p, dklen=KEY_BYTES, maxmem=64 << 20
-    )
-
-
 def hash_password(password: str) -> str:
-    salt = secrets.token_bytes(16)
-    key = _scrypt(password, salt, SCRYPT_N, SCRYPT_R, SCRYPT_P)
-    return f"scrypt${SCRYPT_N}${SCRYPT_R}${SCRYPT_P}${_b64(salt)}${_b64(key)}"
+    return HASHER.hash(password)
+
+
+def _verify_scrypt(password: str, stored: str) -> bool:
+    _scheme, n, r, p, salt, key = stored.split("$")
+    got = hashlib.scrypt(
+        password.encode(),
+        salt=_unb64(salt),
+        n=int(n),
+        r=int(r),
+        p=int(p),
+        dklen=len(_unb64(key)),
+        maxmem=64 << 20,
+    )
+    return hmac.compare_digest(got, _unb64(key))
 
 
 def verify_password(password: str, stored: str) -> bool:
+    """Whether ``password`` matches ``stored`` (argon2id, or an earlier release's scrypt)."""
     try:
-        scheme, n, r, p, salt, key = stored.split("$")
-        if scheme != "scrypt":
-            return False
-        got = _scrypt(password, _unb64(salt), int(n), int(r), int(p))
-    except ValueError:
+        if stored.startswith(SCRYPT_PREFIX):
+            return _verify_scrypt(password, stored)
+        return HASHER.verify(stored, password)
+    except (argon2.exceptions.VerificationError, argon2.exceptions.InvalidHashError):
         return False
-    return hmac.compare_digest(got, _unb64(key))
+    except ValueError:  # a malformed scrypt string
+        return False
+
+
+def needs_rehash(stored: str) -> bool:
+    """Whether ``stored`` is not argon2id with this release's parameters."""
+    if stored.startswith(SCRYPT_PREFIX):
+        return True
+    try:
+        return HASHER.check_needs_rehash(stored)
+    except argon2.exceptions.InvalidHashError:
+        return True
 
 
 @functools.cache
@@ -105,7 +139,13 @@ async def authenticate(session: AsyncSession, name: str, password: str) -> User 
     user = (await session.execute(select(User).where(User.name == name))).scalar_one_or_none()
     stored = user.password_hash if user is not None else _dummy_hash()
     ok = await asyncio.to_thread(verify_password, password, stored)
-    return user if ok and user is not None else None
+    if not ok or user is None:
+        return None
+    if needs_rehash(stored):
+        user.password_hash = await asyncio.to_thread(hash_password, password)
+        await session.commit()
+        log.info("the password hash of user %s was replaced by argon2id", user.name)
+    return user
 
 
 def token_hash(token: str) -> str:
