@@ -28,8 +28,10 @@ from meshblock.sdc.metrics import SdcMetrics
 from meshblock.sdc.qos import TokenBucket
 from meshblock.sdc.volume_io import MAX_PARALLEL_PIECES, VolumeIO
 from meshblock.sdc.wire_path import classify
+from meshblock.timeouts import LatencyBudgets
 from meshblock.wire import RequestError as WireRequestError
 from meshblock.wire import Status
+from meshblock.wire.protocol import ReqFlag
 
 pytestmark = [pytest.mark.cluster, pytest.mark.parallel]
 
@@ -321,6 +323,84 @@ def test_a_hung_sds_times_out_and_is_retried() -> None:
     path.faults = ["hang"]
     run(write(io, 0, b"h", fua=False))
     assert retries(metrics, "timeout") == 1 and len(path.calls) == 2
+
+
+def clean_map(epoch: int) -> PoolMap:
+    return replace(pool_map(epoch), clean=(True,) * PG_COUNT)
+
+
+def budgeted_io(maps: Maps, path: Faulty) -> tuple[VolumeIO, SdcMetrics]:
+    """Attempts may take 5 s at most, but the SDSs' budgets start at 0.2 s."""
+    metrics = SdcMetrics(CollectorRegistry())
+    budgets = LatencyBudgets(floor=0.2, factor=4.0, ceiling=5.0)
+    io = VolumeIO(
+        VOLUME,
+        maps,
+        path,
+        metrics.volume(VOLUME.name),
+        timeout_s=10.0,
+        attempt_timeout_s=5.0,
+        budgets=budgets,
+    )
+    return io, metrics
+
+
+@pytest.mark.parametrize("fault", ["hang", "connection"])
+def test_a_read_the_primary_does_not_answer_is_read_from_the_clean_secondary(fault: str) -> None:
+    maps, path = Maps(clean_map(5)), Faulty()
+    io, metrics = budgeted_io(maps, path)
+    run(write(io, 4096, b"r" * 512, fua=False))
+    path.calls.clear()
+    path.flags.clear()
+    path.faults = ["hang" if fault == "hang" else DataPathError(fault, "lost", retriable=True)]
+    t0 = time.monotonic()
+    got = run(read(io, 4096, 512))
+    took = time.monotonic() - t0
+    assert b"".join(bytes(c) for c in got) == b"r" * 512
+    (_, first, ref, _, _), (op, second, ref2, off, n) = path.calls
+    assert ref is not None
+    assert first == ref.pg % 3 and second == (ref.pg + 1) % 3  # primary, then secondary
+    assert (op, ref2, off, n) == ("read", ref, 4096, 512)
+    assert path.flags == [0, int(ReqFlag.REPLICA)]
+    assert maps.unreachable == [first]  # reported to the MDM
+    assert maps.refreshes == 0  # no wait for a new map
+    assert retries(metrics, "replica_read") == 1
+    assert took < 2.0, f"the read took {took:.2f} s (the primary's budget is 0.2 s, not 5 s)"
+
+
+def test_no_replica_read_in_a_pg_that_is_not_clean() -> None:
+    degraded = replace(clean_map(5), clean=(False,) * PG_COUNT)
+    maps, path = Maps(degraded), Faulty()
+    io, metrics = budgeted_io(maps, path)
+    path.faults = ["hang"]
+    run(read(io, 0, 4096))
+    primary = pg_of(VOLUME.id, 0, PG_COUNT) % 3
+    assert [c[1] for c in path.calls] == [primary] * 2  # the primary again, after its budget
+    assert path.flags == [0, 0] and retries(metrics, "replica_read") == 0
+    assert retries(metrics, "timeout") == 1 and maps.unreachable == [primary]
+
+
+def test_a_write_to_a_hung_primary_is_given_up_after_its_budget_and_reported() -> None:
+    maps, path = Maps(clean_map(5)), Faulty()
+    io, metrics = budgeted_io(maps, path)
+    maps.after_refresh = clean_map(6)
+    path.faults = ["hang"]
+    t0 = time.monotonic()
+    run(write(io, 0, b"w" * 4096, fua=False))
+    took = time.monotonic() - t0
+    primary = pg_of(VOLUME.id, 0, PG_COUNT) % 3
+    assert [c[1] for c in path.calls] == [primary] * 2  # a write never goes to the secondary
+    assert retries(metrics, "timeout") == 1 and maps.unreachable == [primary]
+    assert took < 2.0, f"the write took {took:.2f} s (budget 0.2 s, attempt_timeout_s 5 s)"
+
+
+def test_the_budget_follows_the_sds_latency() -> None:
+    maps, path = Maps(clean_map(5)), Faulty()
+    io, _ = budgeted_io(maps, path)
+    for _ in range(40):
+        io.budgets.record(1, 0.3)  # a slow SDS: p99 0.3 s
+    assert io.budgets.budget(1) == pytest.approx(1.2)
+    assert io.budgets.budget(0) == pytest.approx(0.2)
 
 
 def test_flush_reaches_every_holder_and_retries_only_the_failed_one() -> None:

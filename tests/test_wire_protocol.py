@@ -19,6 +19,7 @@ import pytest
 
 from _wire import EPOCH, PG_COUNT, POOL, SECRET, exchange, sds_server
 from meshblock.chunks import CHUNK_SIZE, ChunkRef, pg_of
+from meshblock.sds.maps import PgMap
 from meshblock.sds.replication import Peers
 from meshblock.wire import (
     MAX_IN_FLIGHT,
@@ -51,6 +52,7 @@ from meshblock.wire.protocol import (
     RETRIABLE,
     Op,
     Reply,
+    ReqFlag,
     Request,
     pack_request,
     reply_payload_length,
@@ -269,6 +271,50 @@ def test_not_primary_when_another_sds_is(tmp_path: Path) -> None:
                 await cl.write(ref(1, 1), 0, b"no")
             assert ei.value.status == Status.NOT_PRIMARY
             assert service.store.location(1, 1) is None
+            await cl.close()
+
+    asyncio.run(main())
+
+
+def test_a_replica_read_is_served_by_the_secondary_of_a_clean_pg_only(tmp_path: Path) -> None:
+    """READ with the REPLICA flag (an SDC whose primary did not answer): the secondary
+    of a clean PG serves it; not without the flag, not a write, not in a PG that is
+    not clean (its copy may be stale)."""
+
+    async def main() -> None:
+        async with sds_server(tmp_path, sds_id=2) as (server, state):
+            dev = state.store.devices[0]
+            state.store.write(dev, 1, 1, 0, b"copy")
+
+            def as_secondary(epoch: int, clean: bool) -> None:
+                state.maps.update(
+                    PgMap(
+                        pool_id=POOL,
+                        epoch=epoch,
+                        pg_count=PG_COUNT,
+                        primary=((1, 10),) * PG_COUNT,
+                        secondary=((2, 10),) * PG_COUNT,
+                        sds={1: ("127.0.0.1", 0), 2: ("127.0.0.1", 0)},
+                        doc={},
+                        clean=(clean,) * PG_COUNT,
+                    )
+                )
+
+            as_secondary(EPOCH + 1, clean=True)
+            cl = await WireClient.connect("127.0.0.1", server.port, SECRET)
+            at = ref(1, 1, EPOCH + 1)
+            reply = await cl.call(Op.READ, ReqFlag.REPLICA, at, 0, 4, None)
+            assert bytes(reply.payload) == b"copy"
+            with pytest.raises(RequestError) as ei:
+                await cl.read(at, 0, 4)  # no flag: the primary only
+            assert ei.value.status == Status.NOT_PRIMARY
+            with pytest.raises(RequestError) as ei:
+                await cl.call(Op.WRITE, ReqFlag.REPLICA, at, 0, 2, b"no")
+            assert ei.value.status == Status.NOT_PRIMARY
+            as_secondary(EPOCH + 2, clean=False)
+            with pytest.raises(RequestError) as ei:
+                await cl.call(Op.READ, ReqFlag.REPLICA, ref(1, 1, EPOCH + 2), 0, 4, None)
+            assert ei.value.status == Status.NOT_PRIMARY
             await cl.close()
 
     asyncio.run(main())

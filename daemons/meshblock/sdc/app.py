@@ -25,6 +25,7 @@ from meshblock.sdc.map_follower import MapFollower
 from meshblock.sdc.mdm_client import MdmClient, mdm_tls_of
 from meshblock.sdc.metrics import SdcMetrics
 from meshblock.sdc.wire_path import WireDataPath
+from meshblock.timeouts import LatencyBudgets
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,7 @@ class SdcState:
     nbd: NbdServer | None = None
     follower: MapFollower | None = None
     exports: ExportTable | None = None
+    budgets: LatencyBudgets | None = None  # per SDS, the budget of one IO attempt
     nbd_addresses: list[str] = field(default_factory=list)
 
 
@@ -81,6 +83,14 @@ class _ScrapeCollector(Collector):
             for pool_id, pm in sorted(f.maps.pools.items()):
                 pools.add_metric([str(pool_id)], pm.epoch)
         yield pools
+        budgets = GaugeMetricFamily(
+            "meshblock_sdc_attempt_timeout_seconds",
+            "The budget of one IO attempt per SDS, adapted to its latency",
+            labels=["sds_id"],
+        )
+        for sds_id, budget in (s.budgets.budgets() if s.budgets else {}).items():
+            budgets.add_metric([str(sds_id)], budget)
+        yield budgets
         yield GaugeMetricFamily(
             "meshblock_sdc_nbd_protocol_errors",
             "NBD connections dropped for a protocol error since start",
@@ -99,6 +109,11 @@ async def _run(app: web.Application) -> AsyncIterator[None]:
 
     nbd = NbdServer()
     state.nbd = nbd
+    state.budgets = LatencyBudgets(
+        floor=config.io.attempt_timeout_min_s,
+        factor=config.io.attempt_timeout_factor,
+        ceiling=config.io.attempt_timeout_s,
+    )
     path = WireDataPath(
         secret,
         request_timeout=config.io.attempt_timeout_s * 3,
@@ -143,6 +158,7 @@ async def _run(app: web.Application) -> AsyncIterator[None]:
         state.metrics,
         timeout_s=config.io.timeout_s,
         attempt_timeout_s=config.io.attempt_timeout_s,
+        budgets=state.budgets,
         multi_conn=config.nbd.multi_conn,
         attacher=attacher,
     )
@@ -207,6 +223,9 @@ async def health(request: web.Request) -> web.Response:
             ),
             "nbd": s.nbd_addresses,
             "exports": sorted(exports, key=lambda e: str(e["name"])),
+            "attempt_timeouts": (
+                {str(k): round(v, 3) for k, v in s.budgets.budgets().items()} if s.budgets else {}
+            ),
         }
     )
 

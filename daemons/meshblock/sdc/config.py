@@ -69,7 +69,9 @@ class IoSettings:
     the lowest data protocol version spoken to SDSs."""
 
     timeout_s: float = 45.0
-    attempt_timeout_s: float = 10.0
+    attempt_timeout_s: float = 10.0  # the longest an attempt may take (the budgets' ceiling)
+    attempt_timeout_min_s: float = 1.5  # the shortest budget of an attempt
+    attempt_timeout_factor: float = 4.0  # budget: this x the SDS's p99 latency
     wire_min_version: int = 1
 
 
@@ -90,8 +92,13 @@ class SdcConfig:
             raise ValueError("set mdm.cluster_secret or mdm.cluster_secret_file, not both")
         if not self.mdm.cluster_secret and not self.mdm.cluster_secret_file:
             raise ValueError("mdm.cluster_secret or mdm.cluster_secret_file must be set")
-        if self.io.timeout_s <= 0 or self.io.attempt_timeout_s <= 0:
-            raise ValueError("io.timeout_s and io.attempt_timeout_s must be positive")
+        io = self.io
+        if min(io.timeout_s, io.attempt_timeout_s, io.attempt_timeout_min_s) <= 0:
+            raise ValueError(
+                "io.timeout_s, io.attempt_timeout_s and io.attempt_timeout_min_s must be positive"
+            )
+        if io.attempt_timeout_factor <= 0:
+            raise ValueError("io.attempt_timeout_factor must be positive")
         check_wire_min_version(self.io.wire_min_version, "io.wire_min_version")
         if self.mdm.heartbeat_interval_s <= 0 or self.mdm.longpoll_timeout_s <= 0:
             raise ValueError("mdm intervals must be positive")

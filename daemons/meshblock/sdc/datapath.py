@@ -36,6 +36,7 @@ from meshblock.wire.protocol import Op, ReplyFlag, ReqFlag
 __all__ = [
     "FUA",
     "HOLE",
+    "REPLICA",
     "Buffer",
     "DataPath",
     "DataPathError",
@@ -47,6 +48,8 @@ __all__ = [
 
 #: Request flag: the write is durable on both copies before the reply.
 FUA: Final = int(ReqFlag.FUA)
+#: Request flag of a READ: the PG's secondary may serve it when the PG is clean.
+REPLICA: Final = int(ReqFlag.REPLICA)
 #: Reply flag: the range is not allocated and reads as zeroes (no payload came).
 HOLE: Final = int(ReplyFlag.HOLE)
 

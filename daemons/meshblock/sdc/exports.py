@@ -26,6 +26,7 @@ from meshblock.sdc.datapath import DataPath
 from meshblock.sdc.maps import SdcMaps, VolumeMapping
 from meshblock.sdc.metrics import SdcMetrics
 from meshblock.sdc.volume_io import MapSource, VolumeIO
+from meshblock.timeouts import LatencyBudgets
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,7 @@ class ExportTable:
         *,
         timeout_s: float,
         attempt_timeout_s: float,
+        budgets: LatencyBudgets | None = None,
         multi_conn: bool = True,
         attacher: NbdAttacher | None = None,
     ) -> None:
@@ -49,6 +51,7 @@ class ExportTable:
         self.metrics = metrics
         self.timeout_s = timeout_s
         self.attempt_timeout_s = attempt_timeout_s
+        self.budgets = budgets  # per SDS, shared by every volume
         self.multi_conn = multi_conn
         self.attacher = attacher
         self.volumes: dict[int, tuple[VolumeIO, Export]] = {}
@@ -89,6 +92,7 @@ class ExportTable:
             self.metrics.volume(vm.name),
             timeout_s=self.timeout_s,
             attempt_timeout_s=self.attempt_timeout_s,
+            budgets=self.budgets,
         )
         export = Export(
             vm.name,

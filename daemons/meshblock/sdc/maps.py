@@ -20,7 +20,8 @@ class MapError(ValueError):
 
 @dataclass(frozen=True)
 class PoolMap:
-    """One pool's PG map: ``primaries[pg]`` / ``secondaries[pg]`` are SDS ids or None."""
+    """One pool's PG map: ``primaries[pg]`` / ``secondaries[pg]`` are SDS ids or None;
+    ``clean[pg]``: both copies in sync (empty: unknown, as none)."""
 
     pool_id: int
     epoch: int
@@ -28,6 +29,14 @@ class PoolMap:
     primaries: tuple[int | None, ...]
     secondaries: tuple[int | None, ...]
     sds: dict[int, SdsEndpoint]
+    clean: tuple[bool, ...] = ()
+
+    def replica(self, pg: int) -> int | None:
+        """The SDS that may serve a READ of ``pg`` besides its primary: the secondary
+        of a clean PG (it holds every acknowledged write), else None."""
+        if pg < len(self.clean) and self.clean[pg]:
+            return self.secondaries[pg]
+        return None
 
     def holders(self) -> set[int]:
         """Every SDS that holds a copy of some PG of the pool."""
@@ -86,6 +95,7 @@ def parse_pool(doc: Any) -> PoolMap:
         primaries=primaries,
         secondaries=secondaries,
         sds=dict(parsed.sds),
+        clean=tuple(e.state == pgmap_doc.CLEAN for e in parsed.pgs),
     )
 
 

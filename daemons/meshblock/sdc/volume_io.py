@@ -33,10 +33,21 @@ from typing import Any, Final, Protocol, TypeVar, cast
 from meshblock.chunks import CHUNK_SHIFT, CHUNK_SIZE, ChunkRef, chunk_span, pgs_of_volume
 from meshblock.nbd.protocol import Cmd, CmdFlag, Errno, RequestError
 from meshblock.nbd.server import Chunk, IoRequest
-from meshblock.sdc.datapath import FUA, HOLE, Buffer, DataPath, DataPathError, Op, Piece, Reply
+from meshblock.sdc.datapath import (
+    FUA,
+    HOLE,
+    REPLICA,
+    Buffer,
+    DataPath,
+    DataPathError,
+    Op,
+    Piece,
+    Reply,
+)
 from meshblock.sdc.maps import PoolMap, SdsEndpoint, VolumeMapping
 from meshblock.sdc.metrics import VolumeStats
 from meshblock.sdc.qos import Qos
+from meshblock.timeouts import LatencyBudgets
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -70,8 +81,9 @@ _WHAT: Final[dict[int, str]] = {
 #: Python function.
 _new_tuple: Final = tuple.__new__
 
-# DataPathError reasons that say the SDS itself did not answer (reported to the MDM).
-UNREACHABLE_REASONS = frozenset({"connect", "connection"})
+# DataPathError reasons that say the SDS itself did not answer (reported to the MDM):
+# a READ that failed so is sent at once to the PG's other copy when the PG is clean.
+UNREACHABLE_REASONS = frozenset({"connect", "connection", "timeout"})
 
 
 def _read_data(reply: Reply, length: int) -> Chunk:
@@ -166,7 +178,7 @@ class _Attempt:
         self.req = req
         self.sds_id = sds_id
         self.started = started
-        self.deadline = started + io.first_budget
+        self.deadline = started + io.budgets.budget(sds_id)
         self._done = False
 
     def done(self) -> bool:
@@ -179,7 +191,9 @@ class _Attempt:
         req = self.req
         if reply.status:
             io._go_on(self, io.path.error(Op.READ if req.cmd == _READ else Op.WRITE, reply))
-        elif req.cmd == _READ:
+            return
+        io.budgets.record(self.sds_id, time.monotonic() - self.started)
+        if req.cmd == _READ:
             io.stats.done("read", req.length, self.started, True)
             req.reply((_read_data(reply, req.length),))
         else:
@@ -195,7 +209,7 @@ class _Attempt:
     def expire(self) -> None:
         """No reply within the attempt's budget (the timer no longer watches it)."""
         self._done = True
-        budget = self.io.first_budget
+        budget = self.deadline - self.started
         self.io._go_on(self, DataPathError("timeout", f"no reply in {budget:g} s", retriable=True))
 
 
@@ -211,6 +225,7 @@ class VolumeIO:
         *,
         timeout_s: float,
         attempt_timeout_s: float,
+        budgets: LatencyBudgets | None = None,
     ) -> None:
         self.volume = volume
         self.maps = maps
@@ -218,11 +233,16 @@ class VolumeIO:
         self.stats = stats
         self.timeout_s = timeout_s
         self.attempt_timeout_s = attempt_timeout_s
-        #: The budget of a request's first attempt.
-        self.first_budget = min(attempt_timeout_s, max(timeout_s, 0.001))
+        #: Per SDS, the budget of one attempt, adapted to its latency (shared by the
+        #: SDC's volumes); without one, every attempt may take ``attempt_timeout_s``.
+        ceiling = min(attempt_timeout_s, max(timeout_s, 0.001))
+        if budgets is None:
+            budgets = LatencyBudgets(floor=ceiling, factor=1.0, ceiling=ceiling)
+        self.budgets = budgets
         self.qos = Qos(volume.iops_limit, volume.bandwidth_limit_bps)
         self.closed = False
-        self._timer = AttemptTimer(min(TIMER_TICK_S, max(attempt_timeout_s / 4, 0.005)))
+        shortest = min(budgets.floor, budgets.ceiling, ceiling)
+        self._timer = AttemptTimer(min(TIMER_TICK_S, max(shortest / 4, 0.005)))
         self._last_retry_log = 0.0
         # The pool map routes were last taken from, and the volume's first PG in it.
         self._pool: PoolMap | None = None
@@ -405,8 +425,6 @@ class VolumeIO:
         a large request is not spent retrying."""
         task = asyncio.current_task()
         assert task is not None
-        loop = task.get_loop()
-        timer = self._timer
         if failed is None:
             started = time.monotonic()
         deadline = started + self.timeout_s
@@ -416,9 +434,10 @@ class VolumeIO:
             if self.closed:
                 raise RequestError(Errno.ESHUTDOWN, f"volume {self.volume.name!r} is unmapped")
             target = None if pool is None else self._target(pool, chunk_index)
+            tried = 0  # the SDS whose attempt failed
             if failed is not None:
                 reason = self._failure(failed, failed_sds, what)
-                failed = None
+                tried, failed = failed_sds, None
             elif pool is None:
                 reason = "no_map"
             elif target is None:
@@ -426,23 +445,76 @@ class VolumeIO:
             else:
                 sds_id, ref = target
                 now = time.monotonic() if attempt else started
-                budget = min(self.attempt_timeout_s, max(deadline - now, 0.001))
-                cancelling = task.cancelling()
-                timer.start(loop, task, now + budget)
                 try:
                     piece = Piece(op, flags, ref, offset, length, payload)
-                    reply = await self.path.call(pool.sds[sds_id], piece)
+                    reply = await self._attempt(task, pool, sds_id, piece, now, deadline)
                     return _read_data(reply, length) if op == Op.READ else None
                 except DataPathError as exc:
                     reason = self._failure(exc, sds_id, what)
-                except asyncio.CancelledError:
-                    if not (timer.stop(task) and task.uncancel() <= cancelling):
-                        raise
-                    reason = "timeout"
-                finally:
-                    timer.stop(task)
+                    tried = sds_id
+            if op == Op.READ and reason in UNREACHABLE_REASONS and pool and target:
+                ref = target[1]
+                data = await self._read_replica(task, pool, ref, tried, offset, length, deadline)
+                if data is not None:
+                    return data
             attempt += 1
             await self._before_retry(pool, reason, attempt, deadline, what)
+
+    async def _attempt(
+        self,
+        task: asyncio.Task[Any],
+        pool: PoolMap,
+        sds_id: int,
+        piece: Piece,
+        now: float,
+        deadline: float,
+    ) -> Reply:
+        """One attempt on SDS ``sds_id`` started at ``now``, given up after the SDS's
+        budget (:class:`~meshblock.timeouts.LatencyBudgets`): DataPathError
+        ``timeout``. An answered attempt's time feeds the SDS's budget."""
+        timer = self._timer
+        budget = min(self.budgets.budget(sds_id), max(deadline - now, 0.001))
+        cancelling = task.cancelling()
+        timer.start(task.get_loop(), task, now + budget)
+        try:
+            reply = await self.path.call(pool.sds[sds_id], piece)
+        except asyncio.CancelledError:
+            if not (timer.stop(task) and task.uncancel() <= cancelling):
+                raise
+            raise DataPathError(
+                "timeout", f"no reply from SDS {sds_id} in {budget:.3g} s", retriable=True
+            ) from None
+        finally:
+            timer.stop(task)
+        self.budgets.record(sds_id, time.monotonic() - now)
+        return reply
+
+    async def _read_replica(
+        self,
+        task: asyncio.Task[Any],
+        pool: PoolMap,
+        ref: ChunkRef,
+        tried: int,
+        offset: int,
+        length: int,
+        deadline: float,
+    ) -> Chunk | None:
+        """A READ whose attempt on SDS ``tried`` got no answer (timeout, lost or
+        refused connection), sent at once to the other copy of a clean PG with the
+        REPLICA flag: that copy holds every acknowledged write (docs/sdc.md). Its data,
+        or None when the PG has no such copy or it failed too (then the usual retry)."""
+        other = pool.replica(ref.pg)
+        if other is None or other == tried or other not in pool.sds:
+            return None
+        self.stats.retry("replica_read")
+        piece = Piece(Op.READ, REPLICA, ref, offset, length)
+        try:
+            reply = await self._attempt(task, pool, other, piece, time.monotonic(), deadline)
+        except DataPathError as exc:
+            if exc.reason in UNREACHABLE_REASONS:
+                self.maps.report_unreachable(other)
+            return None
+        return _read_data(reply, length)
 
     def _failure(self, exc: DataPathError, sds_id: int, what: str) -> str:
         """Why an attempt on SDS ``sds_id`` is retried; RequestError when no retry can

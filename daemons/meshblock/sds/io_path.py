@@ -62,6 +62,7 @@ from meshblock.wire.protocol import (
 log = logging.getLogger(__name__)
 
 _FUA: Final = int(ReqFlag.FUA)
+_REPLICA: Final = int(ReqFlag.REPLICA)
 _HOLE: Final = int(ReplyFlag.HOLE)
 _WAIT: Final = -1  # check result: the request's epoch is ahead of our map
 _OK: Final = int(Status.OK)
@@ -181,7 +182,19 @@ class DataService:
             return Status.INVALID
         me = self._state.sds_id
         if primary:
-            return _OK if me and m.primary[pg][0] == me else Status.NOT_PRIMARY
+            if me and m.primary[pg][0] == me:
+                return _OK
+            if (
+                req.flags & _REPLICA
+                and req.opcode == Op.READ
+                and me
+                and m.secondary[pg][0] == me
+                and m.clean[pg]
+            ):
+                # A clean PG's secondary holds every write acknowledged (both copies
+                # are written before the ack): a READ that failed over may read it.
+                return _OK
+            return Status.NOT_PRIMARY
         if me and m.secondary[pg][0] == me and m.forwards(pg):
             return _OK
         if me and m.target[pg][0] == me:

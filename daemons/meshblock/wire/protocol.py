@@ -199,6 +199,9 @@ class ReqFlag(enum.IntFlag):
 
     NONE = 0
     FUA = 1  # the data is durable on every copy before the reply
+    # READ: the PG's secondary may serve it too, when its map (at the request's epoch)
+    # says the PG is clean; an SDS of an older release answers NOT_PRIMARY
+    REPLICA = 2
 
 
 class ReplyFlag(enum.IntFlag):
