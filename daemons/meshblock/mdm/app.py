@@ -39,6 +39,7 @@ async def compression_middleware(request: web.Request, handler: Handler) -> web.
         isinstance(resp, web.Response)
         and resp.body is not None
         and len(resp.body) > COMPRESS_ABOVE  # type: ignore[arg-type]
+        and "Content-Encoding" not in resp.headers
         and "gzip" in request.headers.get("Accept-Encoding", "")
     ):
         resp.enable_compression()

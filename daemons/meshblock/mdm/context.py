@@ -29,7 +29,7 @@ class MdmContext:
     notifier: EpochNotifier
     liveness: Liveness
     write_gate: WriteGate
-    map_cache: MapCache = field(default_factory=dict)
+    map_cache: MapCache = field(default_factory=MapCache)
     progress: CopyProgress = field(default_factory=CopyProgress)
     tombstones: TombstoneReports = field(default_factory=TombstoneReports)
     reported: Reported = field(default_factory=Reported)

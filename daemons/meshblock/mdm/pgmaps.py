@@ -15,17 +15,17 @@ pool without volumes holds no data: its map is laid out afresh each time.
 
 from __future__ import annotations
 
+import gzip
+import json
 from collections.abc import Collection, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import Select, bindparam, select
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlalchemy.orm import aliased
 
 from meshblock.mdm import pgtable
 from meshblock.mdm.deletion import pool_tombstones
-from meshblock.mdm.epochs import current
 from meshblock.mdm.models import (
     Device,
     DeviceState,
@@ -178,69 +178,141 @@ def _fill_only(
     return out
 
 
-MapCache = dict[int, tuple[tuple[int, int], dict[str, Any]]]
+@dataclass
+class MapDocument:
+    """One pool's PG map document at one map epoch, encoded once and shared by every
+    request and long-poll that serves that epoch (``body``: its JSON; the gzip of it
+    made once, on the first request that accepts gzip)."""
+
+    epoch: int
+    doc: dict[str, Any]
+    body: bytes
+    _gzipped: bytes | None = None
+
+    def gzipped(self) -> bytes:
+        if self._gzipped is None:
+            self._gzipped = gzip.compress(self.body, GZIP_LEVEL)
+        return self._gzipped
+
+
+GZIP_LEVEL = 6
+
+
+class MapCache:
+    """The newest document of each pool, keyed by its map epoch.
+
+    A pool's ``map_epoch`` goes up with every change of what its document holds (its
+    PGs, members, member SDSs' endpoints, throttles, tombstones: docs/api.md, PgMap),
+    in the transaction of the change, so a document built at one map epoch stays right
+    for as long as the pool is at that epoch, whatever else changes in the cluster
+    (volumes, mappings: the cluster epoch). A newer epoch read from the store replaces
+    the entry; another MDM sharing the database bumps the same column."""
+
+    def __init__(self) -> None:
+        self._docs: dict[int, MapDocument] = {}
+        self.builds = 0  # documents built (a hit costs none)
+
+    def get(self, pool_id: int, map_epoch: int) -> MapDocument | None:
+        hit = self._docs.get(pool_id)
+        return hit if hit is not None and hit.epoch == map_epoch else None
+
+    def put(self, pool_id: int, document: MapDocument) -> None:
+        old = self._docs.get(pool_id)
+        if old is None or old.epoch <= document.epoch:
+            self._docs[pool_id] = document
 
 
 async def map_documents(
     session: AsyncSession, pools: list[StoragePool], cache: MapCache | None = None
-) -> dict[int, Any]:
-    """The PG map documents of ``pools`` (see docs/api.md, PgMap).
+) -> dict[int, MapDocument]:
+    """The PG map documents of ``pools`` (see docs/api.md, PgMap), at the map epoch
+    each ``pools`` row carries.
 
-    With ``cache``, a document is built once per (map epoch, cluster epoch): a thousand
-    SDSs fetching a changed map cost one build, not a thousand. The cluster epoch is
-    part of the key because an SDS's address may change without a new map epoch.
+    With ``cache``, a document is built once per map epoch: a thousand SDSs fetching a
+    changed map, and every SDC maps request meanwhile, cost one build, not a thousand.
+    A document is cached only when the pool's map epoch read again after the build is
+    still the one it was built for: on SQLite the statements of one read see the
+    store as of each statement, and a change committed between them would otherwise be
+    cached under the older epoch.
     """
     if not pools:
         return {}
-    out: dict[int, Any] = {}
-    missing = pools
-    if cache is not None:
-        cluster_epoch = await current(session)
-        missing = []
-        for p in pools:
-            hit = cache.get(p.id)
-            if hit is not None and hit[0] == (p.map_epoch, cluster_epoch):
-                out[p.id] = hit[1]
-            else:
-                missing.append(p)
+    out: dict[int, MapDocument] = {}
+    missing = []
+    for p in pools:
+        hit = cache.get(p.id, p.map_epoch) if cache is not None else None
+        if hit is not None:
+            out[p.id] = hit
+        else:
+            missing.append(p)
     if missing:
         built = await _build(session, missing)
-        out.update(built)
         if cache is not None:
-            for p in missing:
-                cache[p.id] = ((p.map_epoch, cluster_epoch), built[p.id])
+            cache.builds += len(missing)
+            now = dict(
+                (
+                    await session.execute(
+                        select(StoragePool.id, StoragePool.map_epoch).where(
+                            StoragePool.id.in_([p.id for p in missing])
+                        )
+                    )
+                ).all()
+            )
+        for p in missing:
+            document = MapDocument(p.map_epoch, built[p.id], encode(built[p.id]))
+            out[p.id] = document
+            if cache is not None and now.get(p.id) == p.map_epoch:
+                cache.put(p.id, document)
     return out
+
+
+def encode(doc: Any) -> bytes:
+    """JSON as the API serves it (aiohttp's ``json_response`` encoder)."""
+    return json.dumps(doc).encode()
+
+
+def _pg_rows_query() -> Select[Any]:
+    """The PGs of some pools (expanding ``pool_ids``), each copy with its SDS: one
+    statement built once, so that its compiled form is cached."""
+    pg = PlacementGroup.__table__
+    dev = Device.__table__
+    pdev, sdev, tdev = dev.alias("pdev"), dev.alias("sdev"), dev.alias("tdev")
+    return (
+        select(
+            pg.c.pool_id,
+            pg.c.pg,
+            pg.c.primary_device_id,
+            pg.c.secondary_device_id,
+            pg.c.state,
+            pg.c.target_device_id,
+            pg.c.moving,
+            pdev.c.sds_id,
+            sdev.c.sds_id,
+            tdev.c.sds_id,
+        )
+        .select_from(
+            pg.outerjoin(pdev, pdev.c.id == pg.c.primary_device_id)
+            .outerjoin(sdev, sdev.c.id == pg.c.secondary_device_id)
+            .outerjoin(tdev, tdev.c.id == pg.c.target_device_id)
+        )
+        .where(pg.c.pool_id.in_(bindparam("pool_ids", expanding=True)))
+        .order_by(pg.c.pool_id, pg.c.pg)
+    )
+
+
+_PG_ROWS = _pg_rows_query()
 
 
 async def _build(session: AsyncSession, pools: list[StoragePool]) -> dict[int, Any]:
     ids = [p.id for p in pools]
+    conn = await session.connection()
     # PGs first, with the SDS of each copy from the same statement; members and
     # addresses after. On SQLite two SELECTs of one transaction may see different
     # snapshots: read in this order, every device and SDS a PG names is there.
-    pdev, sdev, tdev = aliased(Device), aliased(Device), aliased(Device)
-    rows = (
-        await session.execute(
-            select(
-                PlacementGroup.pool_id,
-                PlacementGroup.pg,
-                PlacementGroup.primary_device_id,
-                PlacementGroup.secondary_device_id,
-                PlacementGroup.state,
-                PlacementGroup.target_device_id,
-                PlacementGroup.moving,
-                pdev.sds_id,
-                sdev.sds_id,
-                tdev.sds_id,
-            )
-            .outerjoin(pdev, pdev.id == PlacementGroup.primary_device_id)
-            .outerjoin(sdev, sdev.id == PlacementGroup.secondary_device_id)
-            .outerjoin(tdev, tdev.id == PlacementGroup.target_device_id)
-            .where(PlacementGroup.pool_id.in_(ids))
-            .order_by(PlacementGroup.pool_id, PlacementGroup.pg)
-        )
-    ).all()
+    # Core rows (tuples), not ORM entities: 4096 PGs cost no object each.
+    rows = (await conn.execute(_PG_ROWS, {"pool_ids": ids})).all()
     dev_rows = (
-        await session.execute(
+        await conn.execute(
             select(Device.id, Device.sds_id, Device.pool_id)
             .where(Device.pool_id.in_(ids))
             .order_by(Device.id)
@@ -252,21 +324,32 @@ async def _build(session: AsyncSession, pools: list[StoragePool]) -> dict[int, A
             if dev is not None and sds is not None:
                 dev_sds.setdefault(dev, sds)
     sds_rows = (
-        await session.execute(
+        await conn.execute(
             select(Sds.id, Sds.address, Sds.data_port).where(Sds.id.in_(set(dev_sds.values())))
         )
     ).all()
     sds_doc = {str(i): {"address": a, "data_port": p} for i, a, p in sds_rows}
     pgs: dict[int, list[dict[str, Any]]] = {i: [] for i in ids}
+    copies: dict[int, dict[str, int] | None] = {}
+
+    def copy(device_id: int | None) -> dict[str, int] | None:
+        # one dict per device, shared by the PGs naming it (read-only: encoded once)
+        if device_id is None:
+            return None
+        c = copies.get(device_id)
+        if c is None:
+            c = copies[device_id] = _copy(device_id, dev_sds)
+        return c
+
     for pool_id, pg, primary, secondary, state, target, moving, *_ in rows:
         entry: dict[str, Any] = {
             "pg": pg,
-            "primary": _copy(primary, dev_sds),
-            "secondary": _copy(secondary, dev_sds),
+            "primary": copy(primary),
+            "secondary": copy(secondary),
             "state": state.value,
         }
         if target is not None:
-            entry["target"] = _copy(target, dev_sds)
+            entry["target"] = copy(target)
             entry["moving"] = moving
         pgs[pool_id].append(entry)
     tombstones = await pool_tombstones(session, ids)

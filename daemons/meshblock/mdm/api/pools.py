@@ -13,6 +13,7 @@ from meshblock.mdm import pgmaps, pgtable, schemas
 from meshblock.mdm.api.common import (
     WAIT_PARAMS,
     change,
+    encoded_json,
     get_or_404,
     json,
     long_poll,
@@ -237,5 +238,5 @@ async def get_pgmap(request: web.Request) -> web.Response:
     await long_poll(request, map_epoch)
     async with reading(request) as s:
         pool = await get_or_404(s, StoragePool, pool_id, "storage pool")
-        docs = await pgmaps.map_documents(s, [pool], ctx(request).map_cache)
-    return json(docs[pool.id])
+        doc = (await pgmaps.map_documents(s, [pool], ctx(request).map_cache))[pool.id]
+    return encoded_json(request, doc.body, doc.gzipped)

@@ -161,6 +161,18 @@ async def list_sds(request: web.Request) -> web.Response:
         return json({"sds": [sds_doc(x, live) for x in rows]})
 
 
+async def _publish_endpoint(s: AsyncSession, sds: Sds) -> None:
+    """An SDS's address or data port changes: a new map epoch of each pool it has a
+    device in, whose document names it, so that its peers and the SDCs, which follow
+    those maps, learn where it is now (and no document cached for the old epoch is
+    served with the old endpoint)."""
+    pool_ids = sorted({d.pool_id for d in sds.devices})
+    if pool_ids:
+        pools = await s.execute(select(StoragePool).where(StoragePool.id.in_(pool_ids)))
+        for pool in pools.scalars():
+            await pgtable.write(s, pool, [])
+
+
 async def _endpoint_free(s: AsyncSession, address: str, port: int, exclude_id: int | None) -> None:
     q = select(Sds.name).where(Sds.address == address, Sds.data_port == port)
     if exclude_id is not None:
@@ -278,9 +290,11 @@ async def register_sds(request: web.Request, named: dict[str, Any]) -> web.Respo
                     f"SDS {sds.name!r} is registered in another fault set",
                     {"field": "fault_set_id"},
                 )
-            await _endpoint_free(s, body["address"], body.get("data_port", sds.data_port), sds.id)
-            sds.address = body["address"]
-            sds.data_port = body.get("data_port", sds.data_port)
+            endpoint = (body["address"], body.get("data_port", sds.data_port))
+            await _endpoint_free(s, *endpoint, sds.id)
+            if endpoint != (sds.address, sds.data_port):
+                await _publish_endpoint(s, sds)
+            sds.address, sds.data_port = endpoint
             sds.control_port = body.get("control_port", sds.control_port)
             known = {d.path for d in sds.devices}
             new = [d for d in body.get("devices", []) if d["path"] not in known]

@@ -1,0 +1,125 @@
+"""PG-map documents built once per map epoch (``meshblock.mdm.pgmaps.MapCache``),
+in process on SQLite: a second request at the same map epoch costs no build, a change
+of the cluster alone (a volume) keeps the document, a new map epoch replaces it, and a
+document whose pool moved on while it was built is served but not kept."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from sqlalchemy import update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from meshblock.mdm import pgmaps, pgtable
+from meshblock.mdm.db import create_engine, migrate, session_factory
+from meshblock.mdm.models import (
+    Device,
+    PgState,
+    ProtectionDomain,
+    Sds,
+    StoragePool,
+    Volume,
+    VolumeType,
+)
+from meshblock.mdm.pgmaps import MapCache, MapDocument
+from meshblock.mdm.pgtable import PgChange, PgRow
+
+pytestmark = pytest.mark.unit
+
+
+def in_session(tmp: Path, fn: Callable[[AsyncSession], Awaitable[None]]) -> None:
+    async def main() -> None:
+        engine = create_engine(f"sqlite+aiosqlite:///{tmp / 'mdm.db'}")
+        try:
+            await migrate(engine)
+            async with session_factory(engine)() as s, s.begin():
+                await fn(s)
+        finally:
+            await engine.dispose()
+
+    asyncio.run(main())
+
+
+async def new_pool(s: AsyncSession) -> tuple[StoragePool, list[int]]:
+    """A pool of 4 PGs over a device on each of two SDSs."""
+    pd = ProtectionDomain(name="pd")
+    s.add(pd)
+    await s.flush()
+    pool = StoragePool(
+        name="p", protection_domain_id=pd.id, pg_count=4, allocation_granularity_bytes=1 << 30
+    )
+    s.add(pool)
+    await s.flush()
+    devices = []
+    for n in range(2):
+        sds = Sds(
+            name=f"sds{n}", protection_domain_id=pd.id, address="127.0.0.1", data_port=7000 + n
+        )
+        s.add(sds)
+        await s.flush()
+        dev = Device(sds_id=sds.id, pool_id=pool.id, path="/d", capacity_bytes=1 << 30)
+        s.add(dev)
+        await s.flush()
+        devices.append(dev.id)
+    a, b = devices
+    await pgtable.write(
+        s, pool, [PgChange(None, PgRow(pool.id, n, a, b, PgState.CLEAN)) for n in range(4)]
+    )
+    return pool, devices
+
+
+def test_a_document_is_built_once_per_map_epoch(tmp_path: Path) -> None:
+    async def go(s: AsyncSession) -> None:
+        pool, _ = await new_pool(s)
+        cache = MapCache()
+        first = (await pgmaps.map_documents(s, [pool], cache))[pool.id]
+        assert first.epoch == pool.map_epoch == first.doc["epoch"]
+        assert pgmaps.encode(first.doc) == first.body
+        # a change of the cluster that is not one of the map: same document
+        s.add(Volume(name="v", pool_id=pool.id, type=VolumeType.THIN, size_bytes=1 << 30))
+        await s.flush()
+        again = (await pgmaps.map_documents(s, [pool], cache))[pool.id]
+        assert again is first and cache.builds == 1
+        # a new map epoch: a new document, with the change
+        rows = await pgtable.load(s, pool_id=pool.id)
+        await pgtable.write(s, pool, [PgChange(rows[2], replace(rows[2], state=PgState.DEGRADED))])
+        new = (await pgmaps.map_documents(s, [pool], cache))[pool.id]
+        assert cache.builds == 2
+        assert new.epoch == first.epoch + 1 == new.doc["epoch"]
+        assert [pg["state"] for pg in new.doc["pgs"]] == ["clean", "clean", "degraded", "clean"]
+        assert cache.get(pool.id, first.epoch) is None
+        assert cache.get(pool.id, new.epoch) is new
+
+    in_session(tmp_path, go)
+
+
+def test_a_document_whose_pool_moved_on_while_it_was_built_is_not_kept(tmp_path: Path) -> None:
+    async def go(s: AsyncSession) -> None:
+        pool, _ = await new_pool(s)
+        read_at = pool.map_epoch
+        # another transaction publishes a new map after this request read the pool
+        await s.execute(
+            update(StoragePool)
+            .where(StoragePool.id == pool.id)
+            .values(map_epoch=StoragePool.map_epoch + 1)
+            .execution_options(synchronize_session=False)
+        )
+        cache = MapCache()
+        served = (await pgmaps.map_documents(s, [pool], cache))[pool.id]
+        assert served.epoch == read_at
+        assert cache.get(pool.id, read_at) is None
+
+    in_session(tmp_path, go)
+
+
+def test_an_older_document_never_replaces_a_newer_one() -> None:
+    cache = MapCache()
+    newer = MapDocument(5, {"epoch": 5}, b'{"epoch": 5}')
+    cache.put(1, newer)
+    cache.put(1, MapDocument(4, {"epoch": 4}, b'{"epoch": 4}'))
+    assert cache.get(1, 5) is newer and cache.get(1, 4) is None
+    assert newer.gzipped() is newer.gzipped()  # compressed once
