@@ -555,3 +555,43 @@ def test_slots_not_recomputed_stay_marked_across_a_crash_and_a_clean_stop(
         assert not store.devices[0].unverified
     finally:
         store.close()
+
+
+def test_blocks_marked_bad_read_as_errors_until_rewritten_even_after_a_crash(
+    tmp_path: Path,
+) -> None:
+    """REPL_MARK_BAD's store side (docs/sds.md, "Healing"): the marked blocks read as
+    a checksum error (not the zeroes stored there), the others as written; the copy
+    job's salvage read gives zeroes in their place and names them; an unclean stop
+    right after (the slot marked in the write-intent record, its checksums recomputed
+    from its data at the next start) keeps them bad; a whole-block write replaces one."""
+    path = tmp_path / "dev.img"
+    store = open_store(path)
+    data = random.Random(7).randbytes(CHUNK_SIZE)
+    store.write(store.devices[0], VOL, 3, 0, data)
+    store.mark_bad(VOL, 3, 4 * BLOCK, 2 * BLOCK)
+    with pytest.raises(ChecksumError) as caught:
+        store.read(VOL, 3, 0, CHUNK_SIZE)
+    assert caught.value.blocks == [4, 5]
+    got, bad = store.read_salvage(VOL, 3)
+    assert bad == [4, 5] and got is not None
+    assert bytes(got) == data[: 4 * BLOCK] + bytes(2 * BLOCK) + data[6 * BLOCK :]
+    for dev in store.devices:  # a crash: the slot stays marked
+        dev.close()
+    store = open_store(path)
+    try:
+        assert store.devices[0].unverified, "the slot is not marked: the test proves nothing"
+        with pytest.raises(ChecksumError):
+            store.read(VOL, 3, 5 * BLOCK, 10)  # recomputed first: still bad
+        asyncio.run(store.verify_marked())
+        with pytest.raises(ChecksumError):
+            store.read(VOL, 3, 4 * BLOCK, 10)
+        got = store.read(VOL, 3, 6 * BLOCK, BLOCK)
+        assert got is not None and bytes(got) == data[6 * BLOCK : 7 * BLOCK]
+        store.write(store.devices[0], VOL, 3, 4 * BLOCK, b"w" * BLOCK)
+        got = store.read(VOL, 3, 4 * BLOCK, BLOCK)
+        assert got is not None and bytes(got) == b"w" * BLOCK
+        with pytest.raises(ChecksumError):
+            store.read(VOL, 3, 5 * BLOCK, BLOCK)
+    finally:
+        store.close()

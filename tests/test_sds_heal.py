@@ -18,13 +18,16 @@ import pytest
 
 import _http
 from _cluster import SmallCluster, small_cluster
-from _sds import DEVICE_BYTES, POOL, SdsDaemon
+from _sds import DEVICE_BYTES, POOL, SdsDaemon, wait_copy_jobs_ended
 from meshblock import pgmap_doc
 from meshblock.chunks import CHUNK_SIZE, pg_of
 from meshblock.sds.checksums import BLOCK
 from meshblock.sds.store import SUPER_SIZE, Device, DeviceSpec
 from meshblock.tools.replica_check import check_volume
+from meshblock.wire import PeerRole, RequestError, Status, WireClient
+from test_failover import HEARTBEAT_TIMEOUT_S, wait_degraded
 from test_nbd_server import qemu_io, run, tool
+from test_resync import wait_clean
 
 pytestmark = pytest.mark.cluster
 
@@ -34,8 +37,19 @@ MiB = 1024 * 1024
 
 @pytest.fixture(scope="module")
 def hc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SmallCluster]:
-    with small_cluster(tmp_path_factory.mktemp("heal"), VOLUME, "64MiB", {}) as c:
+    settings = {"cluster": {"heartbeat_timeout_s": HEARTBEAT_TIMEOUT_S}}
+    with small_cluster(tmp_path_factory.mktemp("heal"), VOLUME, "64MiB", settings) as c:
         yield c
+
+
+_IDS: dict[str, int] = {}
+
+
+def sds_id(c: SmallCluster, d: SdsDaemon) -> int:
+    """The SDS's id (asked once: it is also needed while the SDS is stopped)."""
+    if d.name not in _IDS:
+        _IDS[d.name] = c.sds_id(d)
+    return _IDS[d.name]
 
 
 def copies(c: SmallCluster, chunk: int) -> tuple[SdsDaemon, SdsDaemon]:
@@ -43,7 +57,7 @@ def copies(c: SmallCluster, chunk: int) -> tuple[SdsDaemon, SdsDaemon]:
     doc = pgmap_doc.parse(c.pgmap())
     entry = doc.pgs[pg_of(c.volume_id, chunk, doc.pg_count)]
     assert entry.primary is not None and entry.secondary is not None, entry
-    by_id = {c.sds_id(d): d for d in c.sds}
+    by_id = {sds_id(c, d): d for d in c.sds}
     return by_id[entry.primary.sds_id], by_id[entry.secondary.sds_id]
 
 
@@ -163,3 +177,82 @@ def test_a_block_bad_on_both_copies_reads_as_eio_and_nothing_else_fails(
     assert after["unrepairable"] >= before["unrepairable"] + 1, (before, after)
     assert after["repaired"] == before["repaired"], (before, after)
     assert metric(primary, "meshblock_sds_checksum_unrepairable_total") == after["unrepairable"]
+
+
+def read_eio(c: SmallCluster, offset: int, length: int) -> str:
+    """qemu-io's output of a read through NBD that must fail with EIO."""
+    uri = c.sdc.uri(VOLUME)
+    proc = run(
+        tool("qemu-io"), "-f", "raw", "-r", "-c", f"read {offset} {length}", uri, check=False
+    )
+    out = proc.stdout + proc.stderr
+    assert "Input/output error" in out, out
+    return out
+
+
+async def raw_blocks(c: SmallCluster, sds: SdsDaemon, chunk: int) -> list[bytes | int]:
+    """Each 4 KiB block of the SDS's own copy of the chunk (CHUNK_READ_RAW, as a tool),
+    or the status it was refused with."""
+    out: list[bytes | int] = []
+    async with await WireClient.connect(
+        "127.0.0.1", sds.data_port, c.mdm.cluster_secret, PeerRole.TOOL
+    ) as cl:
+        for b in range(CHUNK_SIZE // BLOCK):
+            try:
+                out.append(
+                    bytes((await cl.read_raw_chunk(c.volume_id, chunk, b * BLOCK, BLOCK)).data)
+                )
+            except RequestError as exc:
+                out.append(int(exc.status))
+    return out
+
+
+def test_a_resync_heals_its_source_and_marks_bad_what_no_copy_has(hc: SmallCluster) -> None:
+    """A stale secondary comes back; its primaries copy what they wrote alone. Chunk
+    ``healed`` has a bad block that was not written since: the primary repairs it from
+    the stale copy (its bytes are the ones recorded) and copies it. Chunk ``lost`` has
+    a bad block written while the secondary was away: no copy has its bytes, so the
+    copy gets it marked bad (EIO there, not zeroes or the stale bytes); the rest of
+    the chunk is copied and the resync completes."""
+    victim = copies(hc, 4)[1]
+    dead = sds_id(hc, victim)
+    healed, lost = [c for c in range(4, 64) if copies(hc, c)[1] is victim][:2]
+    for chunk in (healed, lost):
+        write_chunk(hc, chunk, 0x21)
+    assert victim.stop() == 0
+    wait_degraded(hc, dead)
+    qemu_io(
+        hc.sdc.uri(VOLUME),
+        f"write -P 0x42 {healed * MiB} 4k",
+        f"write -P 0x42 {lost * MiB} 4k",
+        "flush",
+    )
+    p_healed, p_lost = copies(hc, healed)[0], copies(hc, lost)[0]
+    where_healed = block_offset(p_healed, hc.volume_id, healed, 10)
+    flip(p_healed, where_healed + 1)
+    flip(p_lost, block_offset(p_lost, hc.volume_id, lost, 0) + 1)
+    before = {d.name: counters(d) for d in (p_healed, p_lost)}
+
+    victim.start()
+    victim.wait_serving()
+    wait_clean(hc)
+    wait_copy_jobs_ended(hc.sds)
+
+    assert block_bytes(p_healed, where_healed) == b"\x21" * BLOCK
+    after = counters(p_healed)
+    assert after["repaired"] >= before[p_healed.name]["repaired"] + 1, (before, after)
+    want = [b"\x42" * BLOCK] + [b"\x21" * BLOCK] * (CHUNK_SIZE // BLOCK - 1)
+    assert asyncio.run(raw_blocks(hc, victim, healed)) == want
+    got = asyncio.run(raw_blocks(hc, victim, lost))
+    assert got[0] == Status.IO_ERROR, got[0]
+    assert got[1:] == want[1:]
+    assert counters(p_lost)["unrepairable"] > before[p_lost.name]["unrepairable"]
+    assert p_lost.health()["resync"]["marked_bad_blocks_total"] >= 1
+    qemu_io(
+        hc.sdc.uri(VOLUME),
+        f"read -P 0x42 {healed * MiB} 4k",
+        f"read -P 0x21 {healed * MiB + BLOCK} 1020k",
+        f"read -P 0x21 {lost * MiB + BLOCK} 1020k",
+        read_only=True,
+    )
+    read_eio(hc, lost * MiB, BLOCK)

@@ -31,6 +31,7 @@ from meshblock.wire.handshake import (
     HELLO_MAGIC,
     PROOF_MAGIC,
     RESULT_MAGIC,
+    SERVER_FEATURES,
     SERVER_HELLO,
     SERVER_HELLO_MAGIC,
     SERVER_RESULT,
@@ -286,7 +287,8 @@ def test_the_v2_proofs_are_not_the_v1_proofs() -> None:
     s.feed(memoryview(wire[: CLIENT_HELLO.size]))
     answer, _ = s.feed(memoryview(wire[CLIENT_HELLO.size :]))
     _, _, _, _, ns, ps = SERVER_HELLO.unpack(answer[: SERVER_HELLO.size])
-    fields = struct.pack(">HHBQQ", 2, 2, PeerRole.CLIENT, 1, 1)
+    # the client's features and the server's (it announces the peer ones to everyone)
+    fields = struct.pack(">HHBQQ", 2, 2, PeerRole.CLIENT, 1, SERVER_FEATURES)
     assert ps == _hmac(b"meshblock-wire-v2 server", fields, nc, ns)
     assert ps != _hmac(b"meshblock-wire-v1 server", struct.pack(">HB", 2, 1), nc, ns)
     v1_proof = _hmac(b"meshblock-wire-v1 client", struct.pack(">HB", 2, 1), nc, ns)

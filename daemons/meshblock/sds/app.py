@@ -235,6 +235,7 @@ async def health(request: web.Request) -> web.Response:
                 "bytes_total": resync.bytes_total,
                 "pgs_total": resync.pgs_total,
                 "full_total": resync.full_total,
+                "marked_bad_blocks_total": resync.marked_bad_total,
                 "done": resync.done,
             },
         }

@@ -45,6 +45,10 @@ ROW_SIZE: Final = BLOCKS * 4
 ZERO_BLOCK_CRC: Final = crc(bytes(BLOCK))
 #: ``ROWS[n]`` packs and unpacks ``n`` checksums.
 ROWS: Final = tuple(struct.Struct(f">{n}I") for n in range(BLOCKS + 1))
+#: The checksum of a block marked bad (its data zeroes): never the zero block's, never
+#: 0 (unchecked), so every read of it is a checksum error until a write replaces it
+#: whole (docs/sds.md, "Healing": a copy job's unrepairable blocks).
+BAD_BLOCK_CRC: Final = ZERO_BLOCK_CRC ^ 0xFFFFFFFF
 #: The row of a slot that reads as zeroes: every block has the zero block's checksum.
 ZERO_ROW: Final = ROWS[BLOCKS].pack(*[ZERO_BLOCK_CRC] * BLOCKS)
 
@@ -109,6 +113,23 @@ def bad_blocks(view: memoryview, row: bytes, first: int) -> list[int]:
 def slot_crcs(data: bytes | bytearray | memoryview) -> bytes:
     """The row of a whole slot's bytes."""
     return ROWS[BLOCKS].pack(*block_crcs(memoryview(data)))
+
+
+_BAD_PACKED: Final = struct.pack(">I", BAD_BLOCK_CRC)
+
+
+def keep_marked_bad(row: bytes, old: bytes) -> bytes:
+    """A slot's ``row`` recomputed from its data (after an unclean stop), given the
+    ``old`` row on the device: a block marked bad there (:data:`BAD_BLOCK_CRC`) whose
+    data is still the zeroes it was marked with stays marked bad."""
+    if _BAD_PACKED not in old:
+        return row
+    was = ROWS[BLOCKS].unpack(old.ljust(ROW_SIZE, b"\0"))
+    now = list(ROWS[BLOCKS].unpack(row))
+    for i, (w, n) in enumerate(zip(was, now, strict=True)):
+        if w == BAD_BLOCK_CRC and n == ZERO_BLOCK_CRC:
+            now[i] = BAD_BLOCK_CRC
+    return ROWS[BLOCKS].pack(*now)
 
 
 def wi_header() -> bytes:

@@ -164,6 +164,8 @@ class DataService:
         op = req.opcode
         if op == Op.READ:
             self._read(conn, req, t0)
+        elif op == Op.REPL_MARK_BAD:
+            self._mark_bad(conn, req, t0)
         elif op in _REPL_OF:
             self._spawn(self._primary_write(conn, req, payload, t0))
         else:
@@ -310,6 +312,23 @@ class DataService:
             self._spawn(self._replica_apply_async(conn, req, payload, t0, dev))
             return
         self._reply(conn, req, t0, self._apply(dev, req, payload))
+
+    def _mark_bad(self, conn: Connection, req: Request, t0: float) -> None:
+        """REPL_MARK_BAD from a copy job whose source has no good bytes for these
+        blocks: they read as EIO here from now on (docs/sds.md, "Healing")."""
+        try:
+            self._store.mark_bad(req.volume_id, req.chunk_index, req.offset, req.length)
+        except DeviceFailed:
+            self._reply(conn, req, t0, _FAILED)
+            return
+        except ValueError:
+            self._reply(conn, req, t0, Status.INVALID)
+            return
+        except OSError as exc:
+            log.error("REPL_MARK_BAD of chunk %d/%d: %s", req.volume_id, req.chunk_index, exc)
+            self._reply(conn, req, t0, Status.IO_ERROR)
+            return
+        self._reply(conn, req, t0, _OK)
 
     async def _replica_apply_async(
         self, conn: Connection, req: Request, payload: memoryview, t0: float, dev: Device

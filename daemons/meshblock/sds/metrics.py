@@ -180,6 +180,12 @@ class SdsCollector(Collector):
                 rs.pgs_total,
             ),
             (
+                CounterMetricFamily,
+                "meshblock_sds_resync_marked_bad_blocks",
+                "4 KiB blocks copied as bad: no copy had good bytes for them (docs/sds.md)",
+                rs.marked_bad_total,
+            ),
+            (
                 GaugeMetricFamily,
                 "meshblock_sds_resyncs_active",
                 "PG resyncs in progress",

@@ -46,10 +46,13 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
 from meshblock.chunks import CHUNK_SIZE, ChunkRef, pg_of
+from meshblock.sds.checksums import BLOCK_SHIFT, ChecksumError
+from meshblock.sds.heal import repair_from_peer
 from meshblock.sds.maps import PgMap
 from meshblock.sds.state import SdsState
 from meshblock.sds.store import chunk_key
 from meshblock.wire.client import WireError
+from meshblock.wire.handshake import FEATURE_MARK_BAD
 from meshblock.wire.protocol import Op, ProtocolError, Status
 
 log = logging.getLogger(__name__)
@@ -160,6 +163,7 @@ class Resync:
         self.bytes_total = 0
         self.pgs_total = 0  # PGs resynchronised (the MDM accepted the report)
         self.full_total = 0  # of which were full copies (no complete record)
+        self.marked_bad_total = 0  # 4 KiB blocks copied as bad (no good copy of them)
         # the last completed resync of each PG: chunks, full, target SDS, seconds
         self.done: dict[str, dict[str, int | float | bool | str]] = {}
         state.maps.listeners.append(self.map_changed)
@@ -412,13 +416,24 @@ class Resync:
                     return  # deleted since the job listed it: not copied
                 sec_id, address = self._target(pool, pg)
                 m = st.maps.maps[pool]
-                data = st.store.read(volume, chunk, 0, CHUNK_SIZE)
+                data, bad = await self._source(volume, chunk)
                 peer = st.peers.connected(sec_id, address) or await st.peers.get(sec_id, address)
+                if bad and not peer.features & FEATURE_MARK_BAD:
+                    raise ResyncAborted(
+                        f"chunk {volume}/{chunk} has blocks no copy could repair and SDS "
+                        f"{sec_id} cannot mark them bad (an older release)"
+                    )
                 op = Op.REPL_TRIM if data is None else Op.REPL_WRITE
                 ref = ChunkRef(pool, pg, m.epoch, volume, chunk)
                 reply = peer.submit(op, 0, ref, 0, CHUNK_SIZE, data, peer.future())
                 st.peers.dirty.add(sec_id)
                 status = (await reply)[0]
+                for first, count in _runs(bad):
+                    if status != Status.OK:
+                        break
+                    at, n = first << BLOCK_SHIFT, count << BLOCK_SHIFT
+                    mark = peer.submit(Op.REPL_MARK_BAD, 0, ref, at, n, None, peer.future())
+                    status = (await mark)[0]
             finally:
                 st.locks.release(key, ticket)
             if status == Status.DELETED:
@@ -431,3 +446,37 @@ class Resync:
             if status not in (Status.MAP_PENDING, Status.EPOCH_STALE, Status.NOT_REPLICA):
                 raise ResyncAborted(f"SDS {sec_id} refused chunk {volume}/{chunk}: {status}")
             await asyncio.sleep(RETRY_S)  # its map or ours is behind: try again
+
+    async def _source(self, volume: int, chunk: int) -> tuple[memoryview | None, list[int]]:
+        """What to copy of a chunk (None: we hold no slot), and its blocks to mark bad
+        on the copy. Read checked under the chunk's lock: a bad block is repaired from
+        another copy of the PG first (heal.py: the copy we fill too, whose stale block
+        still serves when it is the one we recorded); one that none could repair is
+        sent as zeroes and marked bad there, so that it reads as EIO and not as
+        zeroes or stale bytes (docs/sds.md, "Healing")."""
+        st = self._state
+        try:
+            return st.store.read(volume, chunk, 0, CHUNK_SIZE), []
+        except ChecksumError as exc:
+            await repair_from_peer(st, volume, chunk, exc.blocks, locked=True)
+        data, bad = st.store.read_salvage(volume, chunk)
+        if bad:
+            self.marked_bad_total += len(bad)
+            log.error(
+                "chunk %d/%d: 4 KiB block(s) %s copied as bad (no good copy of them)",
+                volume,
+                chunk,
+                ", ".join(map(str, bad)),
+            )
+        return data, bad
+
+
+def _runs(blocks: list[int]) -> list[tuple[int, int]]:
+    """``(first, count)`` of each run of consecutive numbers in ``blocks`` (ascending)."""
+    runs: list[tuple[int, int]] = []
+    for b in blocks:
+        if runs and runs[-1][0] + runs[-1][1] == b:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((b, 1))
+    return runs

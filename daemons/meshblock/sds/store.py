@@ -72,6 +72,7 @@ from typing import Final
 from meshblock.chunks import CHUNK_SIZE, pg_of
 from meshblock.sds import device_io as dio
 from meshblock.sds.checksums import (
+    BAD_BLOCK_CRC,
     BLOCK,
     BLOCK_SHIFT,
     MARK_AHEAD,
@@ -84,6 +85,7 @@ from meshblock.sds.checksums import (
     WriteIntent,
     bad_blocks,
     block_crcs,
+    keep_marked_bad,
     marked_slots,
     slot_crcs,
     wi_header,
@@ -827,7 +829,8 @@ class ChunkStore:
         data = bytearray(CHUNK_SIZE)
         try:
             dio.preadv(dev.fd, [data], dev.slot_offset(slot))
-            dio.pwrite(dev.fd, slot_crcs(data), dev.row_offset(slot))
+            old = dio.pread(dev.fd, ROW_SIZE, dev.row_offset(slot))
+            dio.pwrite(dev.fd, keep_marked_bad(slot_crcs(data), old), dev.row_offset(slot))
         except OSError as exc:
             raise self._io_error(dev, "recomputing checksums", exc) from exc
         self._verified(dev, slot)
@@ -1393,6 +1396,62 @@ class ChunkStore:
             raise self._io_error(dev, "pwrite", exc) from exc
         return done
 
+    def read_salvage(self, volume: int, chunk: int) -> tuple[memoryview | None, list[int]]:
+        """The whole chunk for a copy job: its bytes with zeroes in place of the blocks
+        that do not match their checksums, and those blocks (None: no slot here).
+        Nothing is counted: the checked read that found them did."""
+        loc = self._index.get(chunk_key(volume, chunk))
+        if loc is None or volume in self._tombstones:
+            return None, []
+        dev, slot = loc
+        if dev.failed:
+            raise DeviceFailed(dev)
+        if dev.unverified and slot in dev.unverified:
+            self._verify(dev, slot)
+        data = bytearray(CHUNK_SIZE)
+        try:
+            dio.preadv(dev.fd, [data], dev.slot_offset(slot))
+            row = dio.pread(dev.fd, ROW_SIZE, dev.row_offset(slot)) if dev.checksums else b""
+        except OSError as exc:
+            raise self._io_error(dev, "pread", exc) from exc
+        bad = bad_blocks(memoryview(data), row.ljust(ROW_SIZE, b"\0"), 0) if row else []
+        for b in bad:
+            data[b << BLOCK_SHIFT : (b + 1) << BLOCK_SHIFT] = _ZEROES[:BLOCK]
+        return memoryview(data), bad
+
+    def mark_bad(self, volume: int, chunk: int, offset: int, length: int) -> None:
+        """Mark the 4 KiB blocks of ``[offset, offset + length)`` (whole blocks) of
+        the chunk bad: zeroes with :data:`BAD_BLOCK_CRC`, so that reading them is a
+        checksum error (EIO) until a write replaces them whole; for a copy job whose
+        source could not give good bytes for them (REPL_MARK_BAD). The chunk must have
+        a slot here and checksums be kept: else ``OSError`` (EIO), nothing changed."""
+        if offset & (BLOCK - 1) or length & (BLOCK - 1) or not length:
+            raise ValueError(f"not whole 4 KiB blocks: {offset}+{length}")
+        loc = self._index.get(chunk_key(volume, chunk))
+        if loc is None or not loc[0].checksums:
+            why = "no slot" if loc is None else "checksums off"
+            raise OSError(errno.EIO, f"cannot mark blocks of chunk {volume}/{chunk} bad: {why}")
+        dev, slot = loc
+        if dev.failed:
+            raise DeviceFailed(dev)
+        if dev.unverified and slot in dev.unverified:
+            self._verify(dev, slot)
+        first, n = offset >> BLOCK_SHIFT, length >> BLOCK_SHIFT
+        try:
+            self._changing(dev, slot, False)
+            dev.zero_slot_range(slot, offset, length)
+            self._write_row(dev, slot, first, [BAD_BLOCK_CRC] * n, False)
+        except OSError as exc:
+            raise self._io_error(dev, "pwrite", exc) from exc
+        log.warning(
+            "%s: chunk %d/%d: 4 KiB block(s) %d..%d marked bad (no good copy to take them from)",
+            dev.path,
+            volume,
+            chunk,
+            first,
+            first + n - 1,
+        )
+
     @staticmethod
     def _write_row(dev: Device, slot: int, first: int, crcs: list[int], new: bool) -> None:
         if new:  # the whole row: every other block of a new slot is zeroes
@@ -1710,7 +1769,8 @@ def _slot_rows(dev: Device, slots: list[int], stop: threading.Event) -> list[tup
             break
         data[:] = _ZEROES
         dio.preadv(dev.fd, [data], dev.slot_offset(slot))
-        rows.append((slot, slot_crcs(data)))
+        old = dio.pread(dev.fd, ROW_SIZE, dev.row_offset(slot))
+        rows.append((slot, keep_marked_bad(slot_crcs(data), old)))
     return rows
 
 

@@ -32,6 +32,7 @@ from typing import Final
 
 from meshblock.wire.protocol import (
     MIN_PROTOCOL_VERSION,
+    PEER_FEATURES,
     PROTOCOL_VERSION,
     SUPPORTED_FEATURES,
     Feature,
@@ -63,7 +64,8 @@ client's follows its ClientHello, the server's its ServerHello."""
 #: added to version 1 after its first release (that release sent 0 there, and its
 #: clients ignore the byte).
 FEATURE_CHUNK_LIST: Final = int(Feature.CHUNK_LIST)
-SERVER_FEATURES: Final = SUPPORTED_FEATURES
+FEATURE_MARK_BAD: Final = int(Feature.MARK_BAD)
+SERVER_FEATURES: Final = SUPPORTED_FEATURES | PEER_FEATURES
 #: The bits that version 1's byte may carry: the others are features of version 2's
 #: headers, which version 1 has no room for.
 V1_FEATURES: Final = FEATURE_CHUNK_LIST
@@ -155,9 +157,11 @@ class ClientHandshake:
         *,
         version: int = PROTOCOL_VERSION,
         min_version: int = MIN_PROTOCOL_VERSION,
-        features: int = SUPPORTED_FEATURES,
+        features: int | None = None,
     ) -> None:
         _check_versions(min_version, version)
+        if features is None:  # what this release supports, for the role
+            features = SUPPORTED_FEATURES | (PEER_FEATURES if role == PeerRole.SDS_PEER else 0)
         self._secret = secret
         self._role = role
         self._offered = version

@@ -150,17 +150,22 @@ the same room as the request's (all 0 until a feature defines them).
 class Feature(enum.IntFlag):
     """Feature bits negotiated in the handshake (version 2: a u64 from each side,
     the connection uses what both have). Bit 0 is also version 1's ``features``
-    byte. Only :attr:`CHUNK_LIST` is advertised by this release; the others are
-    reserved for the work that will define them."""
+    byte. This release advertises :attr:`CHUNK_LIST`, and :attr:`MARK_BAD` between
+    SDSs (:data:`PEER_FEATURES`); the others are reserved for the work that will
+    define them."""
 
     CHUNK_LIST = 1  # the server answers CHUNK_LIST
     CSUM_CRC32C = 2  # per-block CRC32C checksums of payloads (csum_type, csum_shift)
     HDR_CRC32C = 4  # a CRC32C of every header (hdr_crc)
     SESSION_BOUND = 8  # requests bound to an authenticated identity's session
+    MARK_BAD = 16  # the server answers REPL_MARK_BAD (a copy's unrepairable blocks)
 
 
 #: The features this release supports (and advertises).
 SUPPORTED_FEATURES: Final = int(Feature.CHUNK_LIST)
+#: Features of SDS-to-SDS operations: announced by servers and by SDS peers (an SDC or
+#: a tool never sends those operations, so it does not announce them).
+PEER_FEATURES: Final = int(Feature.MARK_BAD)
 
 
 CHUNK_ENTRY = struct.Struct(">QI")
@@ -180,6 +185,7 @@ class Op(enum.IntEnum):
     REPL_WRITE_ZEROES = 17
     REPL_TRIM = 18
     REPL_FLUSH = 19
+    REPL_MARK_BAD = 20
     CHUNK_READ_RAW = 32
     CHUNK_LIST = 33
 
@@ -265,6 +271,7 @@ ROLE_OPS: Final[dict[PeerRole, frozenset[int]]] = {
             Op.REPL_WRITE_ZEROES,
             Op.REPL_TRIM,
             Op.REPL_FLUSH,
+            Op.REPL_MARK_BAD,
             Op.CHUNK_READ_RAW,
             Op.CHUNK_LIST,
             Op.PING,
