@@ -21,7 +21,7 @@ from _sds_v1 import CHUNK_DATA_OFFSET, v1_chunk_bytes, write_v1_device
 from meshblock.chunks import CHUNK_SIZE, pg_of
 from meshblock.sds.checksums import BLOCK, ROW_SIZE, WI_BITMAP, ChecksumError, slot_crcs
 from meshblock.sds.io_path import DataService
-from meshblock.sds.maps import MapCache
+from meshblock.sds.maps import MapCache, PgMap
 from meshblock.sds.metrics import SdsCollector
 from meshblock.sds.replication import Peers
 from meshblock.sds.resync import Resync
@@ -40,7 +40,7 @@ from meshblock.sds.store import (
     DeviceSpec,
     NoSpace,
 )
-from meshblock.wire.protocol import REQUEST_MAGIC, Op, Request, Status
+from meshblock.wire.protocol import REQUEST_MAGIC, ROLE_OPS, Op, PeerRole, ReqFlag, Request, Status
 from test_device_failstop_units import DEV_IDS, ME, PG_COUNT, POOL, Conn, _pg_map
 from test_sds_store import PowerLoss
 
@@ -593,5 +593,53 @@ def test_blocks_marked_bad_read_as_errors_until_rewritten_even_after_a_crash(
         assert got is not None and bytes(got) == b"w" * BLOCK
         with pytest.raises(ChecksumError):
             store.read(VOL, 3, 5 * BLOCK, BLOCK)
+    finally:
+        store.close()
+
+
+def test_a_bad_block_no_copy_repairs_is_eio_or_back_to_the_primary(tmp_path: Path) -> None:
+    """Reads that heal (docs/sds.md, "Healing"), with no other copy to heal from (the
+    primary has no address in our map): a tool's CHUNK_READ_RAW is IO_ERROR and
+    counted unrepairable; a client's READ sent to us, the secondary of a clean PG,
+    with the REPLICA flag (its primary did not answer the SDC) is NOT_PRIMARY, which
+    sends the SDC back to the primary that may hold the good bytes, not EIO."""
+    store = open_store(tmp_path / "dev.img")
+    sds = SdsState(store, MapCache(), Peers("secret", 5.0), SdsStats())
+    sds.set_identity(ME, {store.devices[0].path: (DEV_IDS[0], POOL)})
+    svc = DataService(sds, Resync(sds))
+    chunk = 1
+    pg = pg_of(VOL, chunk, PG_COUNT)
+    theirs, mine = (ME + 1, 20), (ME, DEV_IDS[0])
+    m = PgMap(
+        POOL, 1, PG_COUNT, (theirs,) * PG_COUNT, (mine,) * PG_COUNT, {ME: ("127.0.0.1", 1)}, {}
+    )
+    conns = {role: Conn() for role in (PeerRole.CLIENT, PeerRole.TOOL)}
+    for role, conn in conns.items():
+        conn.allowed = frozenset(Op(op) for op in ROLE_OPS[role])
+
+    def request(role: PeerRole, req: int, op: Op, flags: int) -> None:
+        hdr = Request(REQUEST_MAGIC, op, flags, 0, req, POOL, pg, 1, VOL, chunk, 0, BLOCK)
+        svc.handle(conns[role], hdr, memoryview(b""))
+
+    async def answer(role: PeerRole, req: int) -> int:
+        for _ in range(500):
+            if req in conns[role].replies:
+                return conns[role].replies[req][0]
+            await asyncio.sleep(0.01)
+        raise AssertionError(f"request {req} got no reply")
+
+    async def main() -> None:
+        sds.maps.update(m)
+        store.write(store.devices[0], VOL, chunk, 0, b"a" * BLOCK)
+        flip(tmp_path / "dev.img", data_offset(store, VOL, chunk, 9))
+        request(PeerRole.TOOL, 1, Op.CHUNK_READ_RAW, 0)
+        assert await answer(PeerRole.TOOL, 1) == Status.IO_ERROR
+        request(PeerRole.CLIENT, 2, Op.READ, ReqFlag.REPLICA)
+        assert await answer(PeerRole.CLIENT, 2) == Status.NOT_PRIMARY
+
+    try:
+        asyncio.run(main())
+        dev = store.devices[0]
+        assert (dev.checksum_errors, dev.checksum_repaired, dev.checksum_unrepairable) == (2, 0, 2)
     finally:
         store.close()

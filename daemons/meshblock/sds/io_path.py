@@ -272,7 +272,11 @@ class DataService:
         except OSError as exc:
             log.error("repair of chunk %d/%d failed: %s", req.volume_id, req.chunk_index, exc)
             left = blocks
-        if left:
+        if left and req.opcode == Op.READ and req.flags & _REPLICA:
+            # The SDC came to us, the secondary, because the primary did not answer;
+            # it may hold the good bytes: NOT_PRIMARY sends the SDC back to it.
+            self._reply(conn, req, t0, Status.NOT_PRIMARY)
+        elif left:
             self._reply(conn, req, t0, Status.IO_ERROR)
         else:
             self._read(conn, req, t0, heal=False)
