@@ -27,6 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from _http import Api
 from _mgmt import MgmtDaemon, WebClient
 from _process import started
+from _wait import wait_until
 from conftest import BACKENDS, new_database_url
 from meshblock.mgmt.db import VERSION_TABLE, create_engine, migrate
 from meshblock.mgmt.models import Base
@@ -487,6 +488,42 @@ def test_login_form_needs_its_csrf_token_and_redirects_only_locally(mgmt: MgmtDa
     ):
         resp = WebClient(mgmt.url).login("admin", mgmt.admin_password, next_=evil)
         assert resp.status == 303 and resp.headers["Location"] == "/health"
+
+
+def test_logins_are_throttled_per_account_and_address(tmp_path: Path) -> None:
+    """After 3 failures (this daemon's login_max_failures) a login is a 429 with
+    Retry-After, even with the right password, until the backoff (2 s, then 4 s) has
+    passed; a successful login clears the record."""
+    daemon = MgmtDaemon(
+        tmp_path,
+        f"sqlite+aiosqlite:///{tmp_path / 'mgmt.db'}",
+        {"auth": {"login_max_failures": 3, "login_backoff_s": 2.0, "login_max_backoff_s": 4.0}},
+    )
+    daemon.create_users()
+    with started(daemon):
+        web = WebClient(daemon.url)
+
+        def fail_three_times() -> None:
+            for _ in range(3):
+                assert web.login("admin", "wrong password").status == 401
+
+        fail_three_times()
+        refused = web.login("admin", daemon.admin_password)
+        assert refused.status == 429 and refused.headers["Retry-After"] == "2", refused
+        assert "Too many failed logins" in refused.body
+        assert web.cookie("meshblock_mgmt_session") is None
+        # the address is locked too: another account from here is refused as well
+        assert web.login("viewer", daemon.viewer_password).status == 429
+        wait_until(lambda: web.login("admin", daemon.admin_password).status == 303, 30, "login")
+        # cleared by the success: three more failures lock it for 2 s again, not 4 s
+        fail_three_times()
+        again = web.login("admin", daemon.admin_password)
+        assert again.status == 429 and again.headers["Retry-After"] == "2", again
+        status, text = Api(daemon.url, None).get("/metrics")
+        assert status == 200
+        throttled = re.search(r'meshblock_mgmt_logins_total\{outcome="throttled"\} (\S+)', text)
+        assert throttled is not None and float(throttled.group(1)) >= 3, text
+        assert "too many failures" in daemon.log_text()
 
 
 def test_forms_acknowledge_with_csrf_and_role(mgmt: MgmtDaemon, api: Api) -> None:

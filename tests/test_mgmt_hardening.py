@@ -19,6 +19,7 @@ from meshblock.json_body import MAX_DEPTH, parse_object, too_deep
 from meshblock.mgmt import accounts, db
 from meshblock.mgmt.models import User, UserRole
 from meshblock.mgmt.pages import safe_next
+from meshblock.mgmt.throttle import Limit, LoginThrottle, retry_after_header
 
 pytestmark = pytest.mark.unit
 
@@ -130,3 +131,54 @@ def test_a_scrypt_hash_is_replaced_by_argon2id_at_the_next_login(tmp_path: Path)
     assert before.startswith("scrypt$")
     assert after.startswith("$argon2id$v=19$m=65536,t=3,p=4$"), after
     assert again and last == after  # verified as argon2id, not re-hashed again
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_login_throttle_backs_off_per_account_and_per_address() -> None:
+    clock = Clock()
+    t = LoginThrottle(Limit(5, 300.0, 60.0, 3600.0), clock)
+    for _ in range(4):
+        assert t.failed("admin", "10.0.0.1") == 0
+        clock.now += 10
+    assert t.retry_after("admin", "10.0.0.1") == 0
+    assert t.failed("admin", "10.0.0.1") == 60  # the fifth in 5 minutes
+    assert t.retry_after("admin", "10.0.0.1") == 60
+    assert t.retry_after("ADMIN", "10.0.0.9") == 60  # the account, from anywhere
+    assert t.retry_after("viewer", "10.0.0.1") == 60  # the address, for any account
+    assert t.retry_after("viewer", "10.0.0.9") == 0
+    clock.now += 60
+    assert t.retry_after("admin", "10.0.0.1") == 0
+    waits = []
+    for _ in range(3):  # each lock after the first doubles
+        for _ in range(5):
+            wait = t.failed("admin", "10.0.0.1")
+        waits.append(wait)
+        clock.now += wait
+    assert waits == [120, 240, 480]
+    t.succeeded("admin", "10.0.0.1")  # a success clears account and address
+    assert [t.failed("admin", "10.0.0.1") for _ in range(5)][-1] == 60
+
+
+def test_login_throttle_forgets_old_failures_and_caps_the_backoff() -> None:
+    clock = Clock()
+    t = LoginThrottle(Limit(3, 300.0, 60.0, 100.0), clock)
+    for _ in range(10):  # one failure every 2 minutes never makes 3 in 5 minutes
+        assert t.failed("admin", "10.0.0.1") == 0
+        clock.now += 151
+    waits = []
+    for _ in range(4):
+        for _ in range(3):
+            wait = t.failed("admin", "10.0.0.1")
+        waits.append(wait)
+        clock.now += wait
+    assert waits == [60, 100, 100, 100]
+    clock.now += 300 + 100 + 1  # left alone longer than window and longest backoff
+    assert [t.failed("admin", "10.0.0.1") for _ in range(3)][-1] == 60
+    assert retry_after_header(0.2) == "1" and retry_after_header(59.1) == "60"

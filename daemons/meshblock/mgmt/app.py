@@ -18,6 +18,7 @@ from meshblock.mgmt.config import MgmtConfig
 from meshblock.mgmt.context import CTX, MgmtContext
 from meshblock.mgmt.errors import error_middleware
 from meshblock.mgmt.metrics import MgmtMetrics
+from meshblock.mgmt.throttle import Limit, LoginThrottle
 from meshblock.tls import MdmTls, mdm_tls
 
 log = logging.getLogger(__name__)
@@ -31,6 +32,13 @@ def mdm_tls_of(config: MgmtConfig) -> MdmTls:
     """How MGMT reaches the MDM; a certificate must name MGMT (``mgmt:<name>``).
     :class:`meshblock.config.ConfigError` otherwise."""
     return mdm_tls(config.tls, [config.mdm.url], pki.Kind.MGMT, key="mdm.url")
+
+
+def login_throttle(config: MgmtConfig) -> LoginThrottle:
+    a = config.auth
+    return LoginThrottle(
+        Limit(a.login_max_failures, a.login_window_s, a.login_backoff_s, a.login_max_backoff_s)
+    )
 
 
 async def _context(app: web.Application) -> AsyncIterator[None]:
@@ -56,6 +64,7 @@ async def _context(app: web.Application) -> AsyncIterator[None]:
                 templates=pages.templates(),
                 metrics=MgmtMetrics(),
                 webhook_tokens=TokenTable({Role.ADMIN: config.auth.webhook_token}),
+                logins=login_throttle(config),
             )
             log.info("alert history ready: %s", db.redact_url(config.database.url))
             yield

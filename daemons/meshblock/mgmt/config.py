@@ -24,17 +24,25 @@ class AuthConfig:
     ``webhook_token`` is the bearer token Alertmanager presents on
     ``POST /api/alerts/webhook``; empty refuses every webhook call.
     ``secure_cookies`` marks the session cookie ``Secure`` (set it when MGMT is
-    served over HTTPS, directly or behind a proxy).
+    served over HTTPS, directly or behind a proxy). ``login_*``: the login throttle
+    (meshblock.mgmt.throttle), per account and per client address.
     """
 
     webhook_token: str = ""
     session_ttl_s: float = 12 * 3600.0
     secure_cookies: bool = False
+    login_max_failures: int = 5
+    login_window_s: float = 300.0
+    login_backoff_s: float = 60.0
+    login_max_backoff_s: float = 3600.0
 
     def __repr__(self) -> str:  # never print secrets, even in a traceback
         return (
             f"AuthConfig(webhook_token=***, session_ttl_s={self.session_ttl_s}, "
-            f"secure_cookies={self.secure_cookies})"
+            f"secure_cookies={self.secure_cookies}, "
+            f"login_max_failures={self.login_max_failures}, "
+            f"login_window_s={self.login_window_s}, login_backoff_s={self.login_backoff_s}, "
+            f"login_max_backoff_s={self.login_max_backoff_s})"
         )
 
 
@@ -112,6 +120,10 @@ class MgmtConfig:
         _check_url("alertmanager.url", self.alertmanager.url)
         for key, value in (
             ("auth.session_ttl_s", self.auth.session_ttl_s),
+            ("auth.login_max_failures", self.auth.login_max_failures),
+            ("auth.login_window_s", self.auth.login_window_s),
+            ("auth.login_backoff_s", self.auth.login_backoff_s),
+            ("auth.login_max_backoff_s", self.auth.login_max_backoff_s),
             ("mdm.timeout_s", self.mdm.timeout_s),
             ("prometheus.timeout_s", self.prometheus.timeout_s),
             ("prometheus.rules_sync_interval_s", self.prometheus.rules_sync_interval_s),
@@ -123,6 +135,8 @@ class MgmtConfig:
         ):
             if value <= 0:
                 raise ValueError(f"{key} must be positive")
+        if self.auth.login_backoff_s > self.auth.login_max_backoff_s:
+            raise ValueError("auth.login_backoff_s must not exceed auth.login_max_backoff_s")
         if self.prometheus.chart_range_s / self.prometheus.chart_step_s > 11000:
             raise ValueError(
                 "prometheus.chart_range_s / chart_step_s must be at most 11000 points "

@@ -12,6 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from meshblock.auth import TokenTable
 from meshblock.mgmt.config import MgmtConfig
 from meshblock.mgmt.metrics import MgmtMetrics
+from meshblock.mgmt.throttle import LoginThrottle
 
 
 @dataclass
@@ -24,6 +25,7 @@ class MgmtContext:
     templates: jinja2.Environment
     metrics: MgmtMetrics
     webhook_tokens: TokenTable
+    logins: LoginThrottle
 
 
 CTX = web.AppKey("meshblock_mgmt_context", MgmtContext)

@@ -69,7 +69,7 @@ class MgmtMetrics:
         )
         self.logins = Counter(
             "meshblock_mgmt_logins",
-            "Login attempts, by outcome (ok, failed)",
+            "Login attempts, by outcome (ok, failed, throttled)",
             ["outcome"],
             registry=r,
         )
@@ -77,5 +77,5 @@ class MgmtMetrics:
             self.webhook_requests.labels(outcome)
         for outcome in ("ok", "error"):
             self.rule_syncs.labels(outcome)
-        for outcome in ("ok", "failed"):
+        for outcome in ("ok", "failed", "throttled"):
             self.logins.labels(outcome)

@@ -42,12 +42,14 @@ from meshblock.mgmt.sessions import (
     require,
     start_session,
 )
+from meshblock.mgmt.throttle import retry_after_header
 
 log = logging.getLogger(__name__)
 
 routes = web.RouteTableDef()
 
 PAGE_SIZE = 50
+MAX_NAME_CHARS = 64  # a longer user name cannot exist (accounts.USER_NAME)
 RECENT_WINDOW = dt.timedelta(days=7)
 
 
@@ -165,18 +167,40 @@ async def login(request: web.Request) -> web.StreamResponse:
     form = await form_of(request)
     check_login_csrf(request, form)
     c = ctx(request)
-    name = form.get("username", "").strip()
+    name = form.get("username", "").strip()[:MAX_NAME_CHARS]
+    address = request.remote or "unknown"
+    wait = c.logins.retry_after(name, address)
+    if wait > 0:
+        c.metrics.logins.labels("throttled").inc()
+        log.warning("login for %r from %s refused: too many failures", name, address)
+        return _throttled(request, form.get("next"), wait)
     async with c.sessions() as s:
         user = await authenticate(s, name, form.get("password", "")) if name else None
     if user is None:
         c.metrics.logins.labels("failed").inc()
-        log.info("failed login for %r from %s", name[:64], request.remote)
+        log.info("failed login for %r from %s", name, address)
+        wait = c.logins.failed(name, address)
+        if wait > 0:
+            log.warning("logins for %r or from %s locked for %.0f s", name, address, wait)
         return _login_page(request, form.get("next"), "Wrong user name or password.", 401)
+    c.logins.succeeded(name, address)
     c.metrics.logins.labels("ok").inc()
     resp = redirect(safe_next(form.get("next")))
     await start_session(request, resp, user)
     log.info("user %s logged in from %s", user.name, request.remote)
     return resp
+
+
+def _throttled(request: web.Request, next_: str | None, wait_s: float) -> web.Response:
+    retry = retry_after_header(wait_s)
+    page = _login_page(
+        request,
+        next_,
+        f"Too many failed logins for this user or from this address; try again in {retry} s.",
+        429,
+    )
+    page.headers["Retry-After"] = retry
+    return page
 
 
 @routes.post("/logout")
