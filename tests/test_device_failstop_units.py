@@ -193,10 +193,17 @@ class Conn:
 
     def __init__(self) -> None:
         self.allowed = frozenset(Op)
+        self.role = "client"
         self.replies: dict[int, tuple[int, memoryview | None]] = {}
 
     def reply(
-        self, req_id: int, status: int, epoch: int, flags: int, payload: memoryview | None
+        self,
+        req_id: int,
+        status: int,
+        epoch: int,
+        flags: int,
+        payload: memoryview | None,
+        sums: bytes | None = None,
     ) -> None:
         self.replies[req_id] = (status, payload)
 

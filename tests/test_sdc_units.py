@@ -26,7 +26,7 @@ from meshblock.sdc.datapath import FUA, DataPathError, Op, Piece, Reply, ReplyWa
 from meshblock.sdc.maps import MapError, PoolMap, SdsEndpoint, VolumeMapping, parse_maps
 from meshblock.sdc.metrics import SdcMetrics
 from meshblock.sdc.qos import TokenBucket
-from meshblock.sdc.volume_io import MAX_PARALLEL_PIECES, VolumeIO
+from meshblock.sdc.volume_io import CHECKSUM_ATTEMPTS, MAX_PARALLEL_PIECES, VolumeIO
 from meshblock.sdc.wire_path import classify
 from meshblock.timeouts import LatencyBudgets
 from meshblock.wire import RequestError as WireRequestError
@@ -820,5 +820,38 @@ def test_an_sds_dying_during_the_handshake_is_a_retriable_connect_failure() -> N
         finally:
             server.close()
             await server.wait_closed()
+
+    asyncio.run(main())
+
+
+def test_a_checksum_mismatch_is_retried_a_bounded_number_of_times() -> None:
+    """CHECKSUM_MISMATCH (a payload damaged between the SDC and the SDS, either way)
+    is sent again; a piece that meets it CHECKSUM_ATTEMPTS times fails with EIO, long
+    before the IO timeout, and nothing is acknowledged as written."""
+    maps, path = Maps(pool_map(5)), Faulty()
+    io, metrics = make_io(maps, path, timeout_s=30.0)
+
+    async def main() -> None:
+        path.faults = [Status.CHECKSUM_MISMATCH] * (CHECKSUM_ATTEMPTS - 1)
+        await write(io, 8192, b"c" * 4096, fua=False)
+        assert len(path.calls) == CHECKSUM_ATTEMPTS
+        assert bytes(path.chunks[0][8192 : 8192 + 4096]) == b"c" * 4096
+        path.faults = [Status.CHECKSUM_MISMATCH] * (CHECKSUM_ATTEMPTS - 1)
+        (got,) = await read(io, 8192, 4096)
+        assert bytes(got) == b"c" * 4096
+        assert retries(metrics, "checksum_mismatch") == 2 * (CHECKSUM_ATTEMPTS - 1)
+        for op in ("write", "read"):
+            path.calls.clear()
+            path.faults = [Status.CHECKSUM_MISMATCH] * (CHECKSUM_ATTEMPTS + 2)
+            started = time.monotonic()
+            with pytest.raises(RequestError) as err:
+                if op == "write":
+                    await write(io, 8192, b"d" * 4096, fua=False)
+                else:
+                    await read(io, 8192, 4096)
+            assert err.value.errno == Errno.EIO and "checksums" in str(err.value)
+            assert len(path.calls) == CHECKSUM_ATTEMPTS
+            assert time.monotonic() - started < 10.0  # not the 30 s IO timeout
+        assert bytes(path.chunks[0][8192 : 8192 + 4096]) == b"c" * 4096
 
     asyncio.run(main())

@@ -32,12 +32,19 @@ class Replies:
     """Stands in for the client's connection: records each reply (request id, status)."""
 
     allowed = frozenset(int(op) for op in Op)
+    role = "client"
 
     def __init__(self) -> None:
         self.got: list[tuple[int, int]] = []
 
     def reply(
-        self, request_id: int, status: int, epoch: int, flags: int = 0, payload: object = None
+        self,
+        request_id: int,
+        status: int,
+        epoch: int,
+        flags: int = 0,
+        payload: object = None,
+        sums: bytes | None = None,
     ) -> None:
         self.got.append((request_id, int(status)))
 

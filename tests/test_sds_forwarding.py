@@ -79,12 +79,19 @@ class FakePeers(Peers):
 
 class Replies:
     allowed = frozenset(int(op) for op in Op)
+    role = "client"
 
     def __init__(self) -> None:
         self.got: dict[int, int] = {}
 
     def reply(
-        self, request_id: int, status: int, epoch: int, flags: int, payload: memoryview | None
+        self,
+        request_id: int,
+        status: int,
+        epoch: int,
+        flags: int,
+        payload: memoryview | None,
+        sums: bytes | None = None,
     ) -> None:
         self.got[request_id] = int(status)
 

@@ -195,13 +195,13 @@ def test_v2_client_and_server_agree_on_version_2_and_shared_features() -> None:
     assert c.features == s.features == Feature.CHUNK_LIST  # what both have
 
 
-def test_this_release_advertises_only_chunk_list() -> None:
+def test_this_release_advertises_chunk_list_and_checksums() -> None:
     c, s = ClientHandshake(SECRET, PeerRole.CLIENT), ServerHandshake(SECRET)
     wire = c.hello()
     assert len(wire) == CLIENT_HELLO.size + HELLO_EXT.size
-    assert HELLO_EXT.unpack(wire[CLIENT_HELLO.size :]) == (HELLO_EXT_MAGIC, 0, 1)
+    assert HELLO_EXT.unpack(wire[CLIENT_HELLO.size :]) == (HELLO_EXT_MAGIC, 0, 3)
     exchange(c, s)
-    assert c.features == s.features == Feature.CHUNK_LIST
+    assert c.features == s.features == Feature.CHUNK_LIST | Feature.CSUM_CRC32C
 
 
 def test_a_v1_client_written_by_hand_gets_exactly_the_v1_exchange() -> None:
@@ -288,7 +288,7 @@ def test_the_v2_proofs_are_not_the_v1_proofs() -> None:
     answer, _ = s.feed(memoryview(wire[CLIENT_HELLO.size :]))
     _, _, _, _, ns, ps = SERVER_HELLO.unpack(answer[: SERVER_HELLO.size])
     # the client's features and the server's (it announces the peer ones to everyone)
-    fields = struct.pack(">HHBQQ", 2, 2, PeerRole.CLIENT, 1, SERVER_FEATURES)
+    fields = struct.pack(">HHBQQ", 2, 2, PeerRole.CLIENT, 3, SERVER_FEATURES)
     assert ps == _hmac(b"meshblock-wire-v2 server", fields, nc, ns)
     assert ps != _hmac(b"meshblock-wire-v1 server", struct.pack(">HB", 2, 1), nc, ns)
     v1_proof = _hmac(b"meshblock-wire-v1 client", struct.pack(">HB", 2, 1), nc, ns)

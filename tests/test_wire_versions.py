@@ -49,6 +49,7 @@ from meshblock.wire.protocol import (
     REQUEST,
     REQUEST_MAGIC,
     REQUEST_V2,
+    Feature,
     Op,
     Status,
     pack_request,
@@ -155,18 +156,19 @@ def test_v2_between_two_current_peers_and_its_unnegotiated_fields(
     async def main() -> None:
         async with sds_server(tmp_path) as (server, service):
             cl = await WireClient.connect("127.0.0.1", server.port, SECRET)
-            assert cl.version == 2 and cl.features == FEATURE_CHUNK_LIST
+            assert cl.version == 2 and cl.features == FEATURE_CHUNK_LIST | Feature.CSUM_CRC32C
             data = os.urandom(65536)
             await cl.write(ref(8, 0), 0, data, fua=True)
             assert bytes(await cl.read(ref(8, 0), 0, 65536)) == data
             await cl.flush()
             # a hand-made v2 session
             reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
-            hs = ClientHandshake(SECRET.encode(), PeerRole.CLIENT)
+            # (without CSUM_CRC32C: the checksum fields are not negotiated)
+            hs = ClientHandshake(SECRET.encode(), PeerRole.CLIENT, features=FEATURE_CHUNK_LIST)
             writer.write(hs.hello())
             while hs.need:
                 writer.write(hs.feed(memoryview(await reader.readexactly(hs.need))))
-            assert hs.version == 2
+            assert hs.version == 2 and hs.features == FEATURE_CHUNK_LIST
             hdr = list(REQUEST_V2.unpack(pack_request(Op.WRITE, 1, length=8, version=2)))
             hdr[4:11] = [1, POOL, pg(8, 1), EPOCH, 8, 1, 0]
             good = REQUEST_V2.pack(*hdr) + b"applied!"
@@ -207,11 +209,11 @@ async def loopback_server(
 async def v2_server(
     behaviour: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
 ) -> AsyncIterator[int]:
-    """A hand-written server that does the real handshake of version 2, then
-    ``behaviour``."""
+    """A hand-written server that does the real handshake of version 2 (announcing
+    CHUNK_LIST only, as the release before CSUM_CRC32C), then ``behaviour``."""
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        hs = ServerHandshake(SECRET.encode())
+        hs = ServerHandshake(SECRET.encode(), FEATURE_CHUNK_LIST)
         try:
             while hs.need:
                 out, _ = hs.feed(memoryview(await reader.readexactly(hs.need)))

@@ -57,6 +57,10 @@ MAX_PARALLEL_PIECES = 32
 #: Pause between attempts while the map has not changed: doubles from the first value.
 BACKOFF_FIRST_S = 0.02
 BACKOFF_MAX_S = 1.0
+#: Attempts of one piece answered CHECKSUM_MISMATCH (its payload damaged on the way,
+#: the SDS's or ours: docs/sdc.md, "Checksums") before the request fails with EIO.
+CHECKSUM_ATTEMPTS = 4
+_MISMATCH: Final = "checksum_mismatch"
 #: The attempt timer checks the deadlines of the attempts in flight this often (at
 #: most), so an attempt is given up between its deadline and one tick later.
 TIMER_TICK_S = 0.1
@@ -428,7 +432,7 @@ class VolumeIO:
         if failed is None:
             started = time.monotonic()
         deadline = started + self.timeout_s
-        attempt = 0
+        attempt = mismatches = 0
         while True:
             pool = self.maps.pool(self.volume.pool_id)
             if self.closed:
@@ -457,6 +461,14 @@ class VolumeIO:
                 data = await self._read_replica(task, pool, ref, tried, offset, length, deadline)
                 if data is not None:
                     return data
+            if reason == _MISMATCH:
+                mismatches += 1
+                if mismatches >= CHECKSUM_ATTEMPTS:
+                    raise RequestError(
+                        Errno.EIO,
+                        f"volume {self.volume.name!r}: {what} failed: the payload did not match "
+                        f"its checksums in {mismatches} attempts",
+                    )
             attempt += 1
             await self._before_retry(pool, reason, attempt, deadline, what)
 

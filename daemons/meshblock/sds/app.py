@@ -138,6 +138,9 @@ async def _runtime(app: web.Application) -> AsyncIterator[None]:
         state = SdsState(store, MapCache(), peers, SdsStats())
         resync = Resync(state)
         service = DataService(state, resync)
+        hook = device_io.installed_hook()
+        if hook is not None:
+            service.corrupt_payload = hook.corrupt_payload
         registry = CollectorRegistry(auto_describe=True)
         registry.register(SdsCollector(state, resync))
         state.tombstones.rate = config.delete_free_rate
@@ -255,6 +258,9 @@ async def faults_command(request: web.Request) -> web.Response:
       no answer comes back;
     - ``{"action": "fail", "device": PATH, "op": "pwrite"|"pread"|"fdatasync",
       "count": N}``: the next N calls (``count`` absent or null: every call) fail EIO;
+    - ``{"action": "flip_payload", "count": N}``: flip a byte of each of the next N
+      (default 1) write payloads received on the data port (WRITE, REPL_WRITE), before
+      anything checks them: a payload damaged between its sender and this SDS;
     - ``{"action": "clear"}``: fail nothing any more;
     - ``{"action": "evict"}``: pages a failed fdatasync marked clean read as on disk.
     """
@@ -273,12 +279,14 @@ async def faults_command(request: web.Request) -> web.Response:
                 raise ValueError(f"device must be one of {sorted(devices)}")
             count = body.get("count")
             hook.fail(body["device"], str(body.get("op")), None if count is None else int(count))
+        elif action == "flip_payload":
+            hook.flip_payloads(int(body.get("count", 1)))
         elif action == "clear":
             hook.clear()
         elif action == "evict":
             hook.evict()
         else:
-            raise ValueError("action must be power_cut, fail, clear or evict")
+            raise ValueError("action must be power_cut, fail, flip_payload, clear or evict")
     except (ValueError, KeyError, TypeError) as exc:
         return web.json_response({"error": {"code": "invalid", "message": str(exc)}}, status=400)
     return web.json_response(hook.state())

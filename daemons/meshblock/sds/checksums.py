@@ -99,11 +99,11 @@ def block_crcs(view: memoryview) -> list[int]:
     return [crc(view[i : i + BLOCK]) for i in range(0, len(view), BLOCK)]
 
 
-def bad_blocks(view: memoryview, row: bytes, first: int) -> list[int]:
-    """The blocks of ``view`` (whole blocks from block ``first`` on) that do not match
-    their checksums in ``row`` (one u32 per block; 0 is not checked)."""
+def bad_blocks(got: list[int], row: bytes, first: int) -> list[int]:
+    """The blocks (from block ``first`` on) whose checksums ``got`` (:func:`block_crcs`
+    of their bytes) do not match those in ``row`` (one u32 per block; 0 is not
+    checked)."""
     stored = ROWS[len(row) >> 2].unpack(row)
-    got = block_crcs(view)
     if tuple(got) == stored:
         return []
     pairs = enumerate(zip(stored, got, strict=True))

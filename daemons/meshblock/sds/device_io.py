@@ -162,6 +162,27 @@ class FaultHook:
         self._faults: dict[tuple[str, str], int] = {}  # (path, op) -> calls left (-1: all)
         self._seq = 0
         self.injected: dict[str, dict[str, int]] = {}  # path -> op -> EIOs raised
+        self._flips = 0  # write payloads still to damage
+        self.flipped = 0  # write payloads damaged
+
+    def flip_payloads(self, count: int = 1) -> None:
+        """Flip one byte of each of the next ``count`` write payloads the SDS receives
+        (:meth:`corrupt_payload`, called by the IO path before it checks them)."""
+        if count < 1:
+            raise ValueError("count must be at least 1")
+        with self._lock:
+            self._flips = count
+        log.warning("test fault: the next %d write payload(s) get a byte flipped", count)
+
+    def corrupt_payload(self, payload: memoryview) -> None:
+        """Flip the first byte of ``payload`` (in the receive buffer) if armed."""
+        with self._lock:
+            if not self._flips:
+                return
+            self._flips -= 1
+            self.flipped += 1
+        payload[0] ^= 0xFF
+        log.warning("test fault: a byte of a received write payload flipped")
 
     # -- control ----------------------------------------------------------------------
 
@@ -180,6 +201,7 @@ class FaultHook:
         """Stop failing calls (pages already dropped stay dropped)."""
         with self._lock:
             self._faults.clear()
+            self._flips = 0
 
     def state(self) -> dict[str, object]:
         with self._lock:
@@ -191,6 +213,7 @@ class FaultHook:
                     for (p, op), n in sorted(self._faults.items())
                 ],
                 "injected": {p: dict(ops) for p, ops in self.injected.items()},
+                "payload_flips": {"armed": self._flips, "flipped": self.flipped},
             }
 
     def restore_unsynced(self, lose: Literal["all", "random"] = "all", seed: int = 0) -> int:

@@ -36,7 +36,7 @@ import bisect
 import itertools
 import logging
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, Final, Protocol
 
 from meshblock.chunks import CHUNK_SIZE, ChunkRef, pg_of
@@ -46,6 +46,7 @@ from meshblock.sds.maps import PgMap
 from meshblock.sds.resync import Resync
 from meshblock.sds.state import SdsState
 from meshblock.sds.store import Device, DeviceFailed, NoSpace, VolumeDeleted, chunk_key
+from meshblock.wire import csum
 from meshblock.wire.client import ConnectionLost, Reply, WireError
 from meshblock.wire.protocol import (
     CHUNK_ENTRY,
@@ -67,6 +68,7 @@ _HOLE: Final = int(ReplyFlag.HOLE)
 _WAIT: Final = -1  # check result: the request's epoch is ahead of our map
 _OK: Final = int(Status.OK)
 _FAILED: Final = int(Status.DEVICE_FAILED)
+_MISMATCH: Final = int(Status.CHECKSUM_MISMATCH)
 _LOST: Final = -2  # a forward's outcome: the connection to the peer is lost
 _REPL_OF: Final[dict[int, Op]] = {
     Op.WRITE: Op.REPL_WRITE,
@@ -83,6 +85,8 @@ _PEER_STATUS: Final = {
     Status.NO_SPACE: Status.NO_SPACE,
     Status.SHUTTING_DOWN: Status.REPLICA_FAILED,
     Status.DELETED: Status.DELETED,  # the secondary knew of the delete first
+    # the forwarded payload arrived damaged: the client sends it again
+    Status.CHECKSUM_MISMATCH: Status.CHECKSUM_MISMATCH,
 }
 
 
@@ -93,8 +97,18 @@ class Connection(Protocol):
     def allowed(self) -> frozenset[int]:
         """The opcodes its role may send."""
 
+    @property
+    def role(self) -> str:
+        """What the peer is (``client``, ``sds_peer``, ``tool``)."""
+
     def reply(
-        self, request_id: int, status: int, epoch: int, flags: int, payload: memoryview | None
+        self,
+        request_id: int,
+        status: int,
+        epoch: int,
+        flags: int,
+        payload: memoryview | None,
+        sums: bytes | None = None,
     ) -> None: ...
 
 
@@ -115,6 +129,8 @@ class DataService:
         self._degraded = state.degraded
         self._refused = state.tombstones.refused  # the one lookup on the request path
         self._tasks: set[asyncio.Task[None]] = set()
+        #: Test-only (the fault hook, docs/sds.md): damages a received write payload.
+        self.corrupt_payload: Callable[[memoryview], None] | None = None
 
     # -- dispatch ---------------------------------------------------------------------
 
@@ -127,6 +143,11 @@ class DataService:
             return
         if self._state.stopping:
             self._reply(conn, req, t0, Status.SHUTTING_DOWN)
+            return
+        if self.corrupt_payload is not None and payload:
+            self.corrupt_payload(payload)
+        if req.csum_type and payload and not self._payload_intact(conn, req, payload):
+            self._reply(conn, req, t0, _MISMATCH)  # nothing written, nothing forwarded
             return
         if op == Op.PING:
             self._reply(conn, req, t0, _OK)
@@ -159,6 +180,27 @@ class DataService:
             self._reply(conn, req, t0, status)
         else:
             self._checked(conn, req, payload, t0)
+
+    def _payload_intact(self, conn: Connection, req: Request, payload: memoryview) -> bool:
+        """Whether a WRITE's or REPL_WRITE's payload matches the checksums that follow
+        it (CSUM_CRC32C; docs/protocol.md §8.6); a mismatch is logged and counted."""
+        n = req.length
+        bad = csum.bad_units(payload[:n], payload[n:], req.offset)
+        if not bad:
+            return True
+        self.stats.wire_checksum_mismatch(conn.role)
+        log.warning(
+            "%s payload of chunk %d/%d (offset %d, %d bytes) from a %s does not match its "
+            "checksums (4 KiB unit(s) %s): refused, nothing written",
+            Op(req.opcode).name,
+            req.volume_id,
+            req.chunk_index,
+            req.offset,
+            n,
+            conn.role,
+            ", ".join(map(str, bad[:8])),
+        )
+        return False
 
     def _checked(self, conn: Connection, req: Request, payload: memoryview, t0: float) -> None:
         op = req.opcode
@@ -228,15 +270,22 @@ class DataService:
         status: int,
         flags: int = 0,
         payload: memoryview | None = None,
+        sums: bytes | None = None,
     ) -> None:
-        conn.reply(req.request_id, status, self._cache.epoch(req.pool_id), flags, payload)
+        epoch = self._cache.epoch(req.pool_id)
+        if sums is None:
+            conn.reply(req.request_id, status, epoch, flags, payload)
+        else:
+            conn.reply(req.request_id, status, epoch, flags, payload, sums)
         self.stats.record(req.opcode, req.length, time.perf_counter() - t0, status == _OK)
 
     # -- reads ------------------------------------------------------------------------
 
     def _read(self, conn: Connection, req: Request, t0: float, heal: bool = True) -> None:
+        # A READ with csum_type asks for its payload's checksums (CSUM_CRC32C).
+        sums: list[int] | None = [] if req.csum_type else None
         try:
-            data = self._store.read(req.volume_id, req.chunk_index, req.offset, req.length)
+            data = self._store.read(req.volume_id, req.chunk_index, req.offset, req.length, sums)
         except DeviceFailed:
             self._reply(conn, req, t0, _FAILED)
             return
@@ -256,8 +305,10 @@ class DataService:
             self._reply(conn, req, t0, _FAILED)  # a hole here may be a lost chunk
         elif data is None:
             self._reply(conn, req, t0, _OK, _HOLE)
-        else:
+        elif sums is None:
             self._reply(conn, req, t0, _OK, 0, data)
+        else:
+            self._reply(conn, req, t0, _OK, 0, data, csum.pack(sums))
 
     async def _heal_read(
         self, conn: Connection, req: Request, t0: float, blocks: list[int]
@@ -354,7 +405,12 @@ class DataService:
         """Apply a write / write-zeroes / trim to the local copy; return the status."""
         op = req.opcode
         try:
-            if op == Op.WRITE or op == Op.REPL_WRITE:
+            if req.csum_type:  # the payload's checksums follow it, checked on arrival
+                n = req.length
+                self._store.write(
+                    dev, req.volume_id, req.chunk_index, req.offset, payload[:n], payload[n:]
+                )
+            elif op == Op.WRITE or op == Op.REPL_WRITE:
                 self._store.write(dev, req.volume_id, req.chunk_index, req.offset, payload)
             else:
                 self._store.zero(req.volume_id, req.chunk_index, req.offset, req.length)
@@ -472,9 +528,13 @@ class DataService:
                 raise WireError(f"no address of SDS {peer} in map epoch {m.epoch}")
             client = self._peers.connected(peer, address) or await self._peers.get(peer, address)
             op = _REPL_OF[req.opcode]
-            fut = client.submit(
-                op, req.flags, ref, req.offset, req.length, payload, client.future()
-            )
+            n = req.length
+            if req.csum_type:  # the client's checksums go on unchanged
+                fut = client.submit(
+                    op, req.flags, ref, req.offset, n, payload[:n], client.future(), payload[n:]
+                )
+            else:
+                fut = client.submit(op, req.flags, ref, req.offset, n, payload, client.future())
         except WireError as exc:
             fut = asyncio.get_running_loop().create_future()
             fut.set_exception(exc)

@@ -138,6 +138,15 @@ class SdsCollector(Collector):
         for sds_id, n in sorted(st.peer_errors.items()):
             peers.add_metric([str(sds_id)], n)
         yield peers
+        mismatches = CounterMetricFamily(
+            "meshblock_sds_wire_checksum_mismatches",
+            "Write payloads refused (CHECKSUM_MISMATCH) for not matching the checksums "
+            "they came with, by the sender's role",
+            labels=["role"],
+        )
+        for role, n in sorted(st.wire_checksum_mismatches.items()):
+            mismatches.add_metric([role], n)
+        yield mismatches
         yield from _scalars(
             (
                 CounterMetricFamily,

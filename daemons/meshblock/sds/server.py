@@ -17,6 +17,7 @@ import socket
 from typing import Any
 
 from meshblock.sds.io_path import DataService
+from meshblock.wire.csum import CSUM_CRC32C, CSUM_SHIFT
 from meshblock.wire.framing import FramedConnection
 from meshblock.wire.handshake import ServerHandshake
 from meshblock.wire.protocol import (
@@ -25,9 +26,9 @@ from meshblock.wire.protocol import (
     MIN_PROTOCOL_VERSION,
     PROTOCOL_VERSION,
     ROLE_OPS,
-    WIRE_FORMATS,
     WIRE_V1,
     WireFormat,
+    wire_format,
 )
 
 log = logging.getLogger(__name__)
@@ -134,7 +135,7 @@ class DataConnection(FramedConnection):
         self.allowed = ROLE_OPS[hs.role]
         self.role = hs.role.name.lower()
         self._hs = None
-        self._use(WIRE_FORMATS[hs.version])
+        self._use(wire_format(hs.version, hs.features))
         self._svc.stats.authenticated(self.version, self.role)
         if self._timer is not None:
             self._timer.cancel()
@@ -154,6 +155,8 @@ class DataConnection(FramedConnection):
         self._payload_length = fmt.request_length
         self._typed = fmt.typed_request
         self._pack_reply = fmt.pack_reply
+        if fmt.csum:
+            self._pack_reply_csum = fmt.pack_reply_csum
 
     # -- requests ---------------------------------------------------------------------
 
@@ -170,15 +173,24 @@ class DataConnection(FramedConnection):
         epoch: int,
         flags: int = 0,
         payload: memoryview | None = None,
+        sums: bytes | None = None,
     ) -> None:
-        """Queue the reply to ``request_id`` (dropped if the connection is gone)."""
+        """Queue the reply to ``request_id`` (dropped if the connection is gone);
+        ``sums``: the payload's packed checksums (a READ that asked for them, on a
+        connection with ``CSUM_CRC32C``), sent after it."""
         self.in_flight -= 1
         if self._closing:
             return
         n = len(payload) if payload is not None else 0
-        self.send(self._pack_reply(status, flags, request_id, epoch, n))
-        if payload is not None and n:
+        if sums is not None and payload is not None and n:
+            pack = self._pack_reply_csum
+            self.send(pack(status, flags, request_id, epoch, n, CSUM_CRC32C, CSUM_SHIFT))
             self.send(payload)
+            self.send(sums)
+        else:
+            self.send(self._pack_reply(status, flags, request_id, epoch, n))
+            if payload is not None and n:
+                self.send(payload)
         if self._reading_paused:
             self._update_reading()
 

@@ -34,6 +34,9 @@ class SdsStats:
         # (negotiated protocol version, role name): bumped once per connection.
         self.data_connections: dict[tuple[int, str], int] = {}
         self.handshakes: dict[tuple[int, str], int] = {}
+        # Write payloads refused for not matching the checksums they came with
+        # (CSUM_CRC32C), by the sender's role: an SDC's WRITE, a primary's REPL_WRITE.
+        self.wire_checksum_mismatches: dict[str, int] = {"client": 0, "sds_peer": 0}
 
     def record(self, op: int, nbytes: int, seconds: float, ok: bool) -> None:
         self.ops[op] += 1
@@ -52,6 +55,10 @@ class SdsStats:
     def authenticated_closed(self, version: int, role: str) -> None:
         """A connection counted by :meth:`authenticated` closed."""
         self.data_connections[(version, role)] -= 1
+
+    def wire_checksum_mismatch(self, role: str) -> None:
+        counts = self.wire_checksum_mismatches
+        counts[role] = counts.get(role, 0) + 1
 
     def peer_error(self, sds_id: int) -> None:
         self.peer_errors[sds_id] = self.peer_errors.get(sds_id, 0) + 1

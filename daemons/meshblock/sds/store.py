@@ -92,6 +92,7 @@ from meshblock.sds.checksums import (
     wi_header_valid,
 )
 from meshblock.sds.checksums import crc as crc32c
+from meshblock.wire.csum import unit_crcs
 
 log = logging.getLogger(__name__)
 
@@ -1105,11 +1106,17 @@ class ChunkStore:
 
     # -- IO ---------------------------------------------------------------------------
 
-    def read(self, volume: int, chunk: int, offset: int, length: int) -> memoryview | None:
+    def read(
+        self, volume: int, chunk: int, offset: int, length: int, sums: list[int] | None = None
+    ) -> memoryview | None:
         """``length`` bytes at ``offset`` of the chunk, or None if it has no slot.
 
         With checksums kept, the whole 4 KiB blocks the range touches are read and
-        checked: :class:`ChecksumError` (an ``OSError``, EIO) when one does not match."""
+        checked: :class:`ChecksumError` (an ``OSError``, EIO) when one does not match.
+        ``sums``: the CRC32C of each 4 KiB unit of the bytes returned, from their first
+        byte (a READ reply's checksums, docs/protocol.md §8.6), are appended to it: for
+        a read at a block boundary those checked against the stored ones (computed
+        here only for a short last unit), else computed."""
         loc = self._index.get(chunk_key(volume, chunk))
         if loc is None or volume in self._tombstones:
             return None
@@ -1123,6 +1130,8 @@ class ChunkStore:
             except OSError as exc:
                 raise self._io_error(dev, "pread", exc) from exc
             # a short read is past the end of a sparse file: already zeroes
+            if sums is not None:
+                sums += unit_crcs(buf)
             return memoryview(buf)
         if dev.unverified and slot in dev.unverified:
             self._verify(dev, slot)
@@ -1136,10 +1145,20 @@ class ChunkStore:
         except OSError as exc:
             raise self._io_error(dev, "pread", exc) from exc
         view = memoryview(buf)
-        bad = bad_blocks(view, row.ljust(count * 4, b"\0"), first)
+        got = block_crcs(view)
+        bad = bad_blocks(got, row.ljust(count * 4, b"\0"), first)
         if bad:
             raise self._checksum_error(dev, slot, volume, chunk, bad)
-        return view[offset - start : offset - start + length]
+        out = view[offset - start : offset - start + length]
+        if sums is not None:
+            if offset == start:
+                whole = length >> BLOCK_SHIFT
+                sums += got[:whole]
+                if length & (BLOCK - 1):
+                    sums.append(crc32c(out[whole << BLOCK_SHIFT :]))
+            else:
+                sums += unit_crcs(out)
+        return out
 
     def needs_reclaim(self, dev: Device, volume: int, chunk: int) -> bool:
         """True when a write, WRITE_ZEROES or TRIM of this chunk must wait for
@@ -1164,9 +1183,19 @@ class ChunkStore:
         return True
 
     def write(
-        self, dev: Device, volume: int, chunk: int, offset: int, data: bytes | memoryview
+        self,
+        dev: Device,
+        volume: int,
+        chunk: int,
+        offset: int,
+        data: bytes | memoryview,
+        sums: bytes | memoryview | None = None,
     ) -> None:
         """Write ``data`` at ``offset`` of the chunk; allocate a slot on ``dev`` if new.
+
+        ``sums``: the checksums ``data`` came with, checked (docs/protocol.md §8.6: one
+        packed u32 per 4 KiB block of the chunk that the range touches): the blocks it
+        covers whole keep them as they are, instead of computing their own.
 
         Raises :class:`NoSpace` when ``dev`` has no free slot (check
         :meth:`needs_reclaim` first), :class:`VolumeDeleted` when the volume is
@@ -1184,7 +1213,7 @@ class ChunkStore:
                 raise DeviceFailed(ldev)
             try:
                 if ldev.checksums:
-                    self._write_checked(ldev, slot, offset, data, key)
+                    self._write_checked(ldev, slot, offset, data, key, sums)
                 else:
                     _pwrite(ldev.fd, data, ldev.slot_offset(slot) + offset)
             except ChecksumError:
@@ -1202,7 +1231,7 @@ class ChunkStore:
             # Data first, then the entry: the slot is durably zero, so a crash in
             # between leaves either nothing or this chunk's own bytes.
             if dev.checksums:
-                self._write_checked(dev, slot, offset, data, None)
+                self._write_checked(dev, slot, offset, data, None, sums)
             else:
                 _pwrite(dev.fd, data, dev.slot_offset(slot) + offset)
             self._generation += 1
@@ -1257,16 +1286,22 @@ class ChunkStore:
     # -- checksums (docs/sds.md, "Checksums") -----------------------------------------
 
     def _write_checked(
-        self, dev: Device, slot: int, offset: int, data: bytes | memoryview, key: int | None
+        self,
+        dev: Device,
+        slot: int,
+        offset: int,
+        data: bytes | memoryview,
+        key: int | None,
+        sums: bytes | memoryview | None = None,
     ) -> None:
         """Write ``data`` into ``slot`` and the checksums of the blocks it touches;
-        ``key`` None: the slot is new (durably zero)."""
+        ``key`` None: the slot is new (durably zero); ``sums``: see :meth:`write`."""
         view = data if isinstance(data, memoryview) else memoryview(data)
         new = key is None
         if dev.unverified and slot in dev.unverified:
             self._verify(dev, slot)
         self._changing(dev, slot, new)
-        first, crcs = self._crcs(dev, slot, offset, len(view), view, key)
+        first, crcs = self._crcs(dev, slot, offset, len(view), view, key, sums)
         _pwrite(dev.fd, view, dev.slot_offset(slot) + offset)
         self._write_row(dev, slot, first, crcs, new)
 
@@ -1296,11 +1331,14 @@ class ChunkStore:
         length: int,
         view: memoryview | None,
         key: int | None,
+        sums: bytes | memoryview | None = None,
     ) -> tuple[int, list[int]]:
         """``(first block, checksums)`` of the blocks that ``length`` bytes of ``view``
         (None: zeroes) written at ``offset`` of ``slot`` touch. A block covered in part
         is its old bytes (read back and checked; zeroes when ``key`` is None: a new
-        slot) with the new ones in."""
+        slot) with the new ones in. A block covered whole has its checksum from
+        ``sums`` (one per block touched, checked against ``view`` by the caller) when
+        given, else computed."""
         if not length:
             return 0, []
         end = offset + length
@@ -1310,6 +1348,8 @@ class ChunkStore:
         lo, hi = first + head, last + 1 - tail  # the blocks covered whole
         if view is None:
             whole = [ZERO_BLOCK_CRC] * (hi - lo)
+        elif sums is not None:
+            whole = list(ROWS[last + 1 - first].unpack(sums)[lo - first : hi - first])
         else:
             whole = block_crcs(view[(lo << BLOCK_SHIFT) - offset : (hi << BLOCK_SHIFT) - offset])
         if not head and not tail:
@@ -1414,7 +1454,7 @@ class ChunkStore:
             row = dio.pread(dev.fd, ROW_SIZE, dev.row_offset(slot)) if dev.checksums else b""
         except OSError as exc:
             raise self._io_error(dev, "pread", exc) from exc
-        bad = bad_blocks(memoryview(data), row.ljust(ROW_SIZE, b"\0"), 0) if row else []
+        bad = bad_blocks(block_crcs(memoryview(data)), row.ljust(ROW_SIZE, b"\0"), 0) if row else []
         for b in bad:
             data[b << BLOCK_SHIFT : (b + 1) << BLOCK_SHIFT] = _ZEROES[:BLOCK]
         return memoryview(data), bad

@@ -60,7 +60,8 @@ import time
 from typing import Any, Final, NamedTuple, Protocol, TypeVar
 
 from meshblock.chunks import CHUNK_SIZE, ChunkRef
-from meshblock.wire.framing import BIG_PART, Buffer, FramedConnection
+from meshblock.wire import csum
+from meshblock.wire.framing import BIG_PART, EMPTY, Buffer, FramedConnection
 from meshblock.wire.handshake import ClientHandshake, HandshakeError, VersionUnsupported
 from meshblock.wire.protocol import (
     CHUNK_ENTRY,
@@ -70,7 +71,6 @@ from meshblock.wire.protocol import (
     MAX_PAYLOAD,
     MIN_PROTOCOL_VERSION,
     PROTOCOL_VERSION,
-    WIRE_FORMATS,
     WIRE_V1,
     Op,
     PeerRole,
@@ -79,6 +79,7 @@ from meshblock.wire.protocol import (
     ReqFlag,
     Status,
     WireFormat,
+    wire_format,
 )
 from meshblock.wire.protocol import WireError as WireError  # re-exported (its old home)
 
@@ -88,6 +89,10 @@ log = logging.getLogger(__name__)
 ZEROES: Final = memoryview(bytes(CHUNK_SIZE))
 _HOLE: Final = int(ReplyFlag.HOLE)
 _FUA: Final = int(ReqFlag.FUA)
+_READ: Final = int(Op.READ)
+_MISMATCH: Final = int(Status.CHECKSUM_MISMATCH)
+_CSUM: Final = csum.CSUM_CRC32C
+_SHIFT: Final = csum.CSUM_SHIFT
 #: The longest a small request waits for a reply to leave with (the event loop's
 #: timers resolve to about 1 ms, so in practice up to that).
 COALESCE_S: Final = 0.0005
@@ -172,13 +177,20 @@ class _Protocol(FramedConnection):
         self.waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         self._unsent = 0  # requests queued in _out, not written yet
         self._coalesce: asyncio.TimerHandle | None = None
+        # Replies whose payload did not match its checksums (answered CHECKSUM_MISMATCH)
+        self.checksum_mismatches = 0
 
-    def send_request(self, header: bytes, payload: Buffer | None) -> None:
-        """Queue one request (already in ``pending``); see the module doc on batching."""
+    def send_request(
+        self, header: bytes, payload: Buffer | None, sums: Buffer | None = None
+    ) -> None:
+        """Queue one request (already in ``pending``); see the module doc on batching.
+        ``sums``: the payload's checksums (CSUM_CRC32C), sent after it."""
         out = self._out
         out.append(header)
         if payload is not None:
             out.append(payload)
+            if sums is not None:
+                out.append(sums)
         self._unsent += 1
         if self._flush_pending:
             return
@@ -220,7 +232,7 @@ class _Protocol(FramedConnection):
         if hs.need:
             return
         self._handshake = None
-        self._use(WIRE_FORMATS[hs.version])
+        self._use(wire_format(hs.version, hs.features))
         if not self._ready.done():
             self._ready.set_result(None)
 
@@ -230,6 +242,9 @@ class _Protocol(FramedConnection):
         self.header = fmt.reply
         self._payload_length = fmt.reply_length
         self.pack_request = fmt.pack_request
+        self.csum = fmt.csum
+        if fmt.csum:
+            self.pack_request_csum = fmt.pack_request_csum
 
     def _on_frame(self, hdr: tuple[Any, ...], payload: memoryview) -> None:
         # hdr: magic, status, flags, request id, epoch, length (the same positions in
@@ -239,9 +254,25 @@ class _Protocol(FramedConnection):
             raise ProtocolError(f"reply to unknown request id {hdr[3]}")
         if self.waiters:
             self.wake_one()
+        status = hdr[1]
+        if self.csum and hdr[7]:  # the payload's checksums follow it: check them
+            length = hdr[5]
+            sums, payload = payload[length:], payload[:length]
+            bad = csum.bad_units(payload, sums)
+            if bad:
+                self.checksum_mismatches += 1
+                log.warning(
+                    "reply from %s: payload does not match its checksums (4 KiB unit(s) %s of "
+                    "%d bytes): answered as %s",
+                    self.peer,
+                    ", ".join(map(str, bad[:8])),
+                    length,
+                    Status.CHECKSUM_MISMATCH.name,
+                )
+                status, payload = _MISMATCH, EMPTY
         if not fut.done():  # a cancelled caller leaves a done future
             try:
-                fut.set_result(_new_tuple(Reply, (hdr[1], hdr[2], hdr[4], payload)))
+                fut.set_result(_new_tuple(Reply, (status, hdr[2], hdr[4], payload)))
             except Exception:
                 log.exception("error in a reply waiter")
 
@@ -541,6 +572,7 @@ class WireClient:
         length: int,
         payload: Buffer | None,
         waiter: _W,
+        sums: Buffer | None = None,
     ) -> _W:
         """Queue one request now; its :class:`Reply` (statuses are not raised) or the
         connection's loss goes to ``waiter``, which is returned: a future
@@ -548,7 +580,13 @@ class WireClient:
         does not wait for an in-flight slot (see :attr:`ready`; beyond
         ``MAX_IN_FLIGHT`` the server's back-pressure applies). Raises
         :class:`ConnectionLost` when the connection is closed. ``payload`` (WRITE,
-        REPL_WRITE) is sent as it is: keep it unchanged until the reply."""
+        REPL_WRITE) is sent as it is: keep it unchanged until the reply.
+
+        With ``CSUM_CRC32C`` negotiated (docs/protocol.md §8.6), a payload leaves with
+        its checksums: ``sums`` (packed, as received from a client: an SDS forwarding
+        a write) or computed here from ``payload``; a READ asks for its reply's
+        checksums, and a reply whose payload does not match them is answered
+        ``CHECKSUM_MISMATCH`` (retriable) by the receive path."""
         p = self._p
         if p.lost is not None:
             raise ConnectionLost(str(p.lost)) from p.lost.__cause__
@@ -557,6 +595,17 @@ class WireClient:
             p.last_rx = time.monotonic()
         p.pending[rid] = waiter
         pool, pg, epoch, volume, chunk = ref  # twice as fast as pack(*ref)
+        if p.csum and (op == _READ or (length and payload is not None)):
+            if op != _READ:
+                assert payload is not None
+                if sums is None:
+                    sums = csum.trailer(payload, offset)
+            pack = p.pack_request_csum
+            header = pack(
+                op, flags, rid, pool, pg, epoch, volume, chunk, offset, length, _CSUM, _SHIFT
+            )
+            p.send_request(header, payload if length else None, sums)
+            return waiter
         p.send_request(
             p.pack_request(op, flags, rid, pool, pg, epoch, volume, chunk, offset, length),
             payload if length else None,

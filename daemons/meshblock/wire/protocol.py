@@ -21,6 +21,7 @@ from collections.abc import Callable
 from typing import Any, Final, NamedTuple
 
 from meshblock.chunks import CHUNK_SIZE
+from meshblock.wire.csum import CSUM_CRC32C, CSUM_SHIFT, reply_units, request_units
 
 #: The highest protocol version this release speaks (it speaks every one from 1 on).
 PROTOCOL_VERSION: Final = 2
@@ -150,9 +151,9 @@ the same room as the request's (all 0 until a feature defines them).
 class Feature(enum.IntFlag):
     """Feature bits negotiated in the handshake (version 2: a u64 from each side,
     the connection uses what both have). Bit 0 is also version 1's ``features``
-    byte. This release advertises :attr:`CHUNK_LIST`, and :attr:`MARK_BAD` between
-    SDSs (:data:`PEER_FEATURES`); the others are reserved for the work that will
-    define them."""
+    byte. This release advertises :attr:`CHUNK_LIST` and :attr:`CSUM_CRC32C`, and
+    :attr:`MARK_BAD` between SDSs (:data:`PEER_FEATURES`); the others are reserved
+    for the work that will define them."""
 
     CHUNK_LIST = 1  # the server answers CHUNK_LIST
     CSUM_CRC32C = 2  # per-block CRC32C checksums of payloads (csum_type, csum_shift)
@@ -162,7 +163,7 @@ class Feature(enum.IntFlag):
 
 
 #: The features this release supports (and advertises).
-SUPPORTED_FEATURES: Final = int(Feature.CHUNK_LIST)
+SUPPORTED_FEATURES: Final = int(Feature.CHUNK_LIST | Feature.CSUM_CRC32C)
 #: Features of SDS-to-SDS operations: announced by servers and by SDS peers (an SDC or
 #: a tool never sends those operations, so it does not announce them).
 PEER_FEATURES: Final = int(Feature.MARK_BAD)
@@ -234,6 +235,7 @@ class Status(enum.IntEnum):
     SHUTTING_DOWN = 11
     DELETED = 12
     DEVICE_FAILED = 13
+    CHECKSUM_MISMATCH = 14
 
     @property
     def retriable(self) -> bool:
@@ -250,6 +252,7 @@ RETRIABLE: Final = frozenset(
         Status.MAP_PENDING,
         Status.SHUTTING_DOWN,
         Status.DEVICE_FAILED,
+        Status.CHECKSUM_MISMATCH,
     }
 )
 
@@ -428,6 +431,14 @@ class WireFormat(abc.ABC):
     #: magic, pad bytes (0) for the rest.
     _request_out: struct.Struct
     _reply_out: struct.Struct
+
+    #: Whether requests and replies may carry per-unit checksums (``CSUM_CRC32C``
+    #: negotiated): then ``pack_request_csum`` / ``pack_reply_csum`` take
+    #: ``csum_type`` and ``csum_shift`` after the arguments of ``pack_request`` /
+    #: ``pack_reply``.
+    csum = False
+    pack_request_csum: Callable[..., bytes]
+    pack_reply_csum: Callable[..., bytes]
 
     def __init__(self) -> None:
         assert self._request_out.size == self.request.size
@@ -613,7 +624,75 @@ class _WireV2(WireFormat):
                      ext_len, csum_type, csum_shift, hdr_crc)  # fmt: skip
 
 
+def _bad_csum(csum_type: int, csum_shift: int, op: int) -> ProtocolError:
+    return ProtocolError(
+        f"checksums (type {csum_type}, shift {csum_shift}) on opcode {op}: only CRC32C of "
+        f"4 KiB units ({CSUM_CRC32C}, {CSUM_SHIFT}) on WRITE, REPL_WRITE and READ"
+    )
+
+
+class _WireV2Csum(_WireV2):
+    """Version 2 with ``CSUM_CRC32C`` negotiated (docs/protocol.md §8.6): a WRITE or
+    REPL_WRITE whose ``csum_type`` / ``csum_shift`` are 1 / 12 is followed by its
+    payload and then by one u32 CRC32C per 4 KiB unit of the chunk's grid that it
+    touches; a READ with them asks for the reply's checksums; a reply with them has
+    one u32 per 4 KiB of its payload after it. 0 / 0: no checksums (any opcode)."""
+
+    csum = True
+    _request_csum_out = struct.Struct(">IBB2xQIIQQQIIBB6x")
+    _reply_csum_out = struct.Struct(">IHHQQI2xBB8x")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pack_request_csum = functools.partial(self._request_csum_out.pack, self.request_magic)
+        self.pack_reply_csum = functools.partial(self._reply_csum_out.pack, self.reply_magic)
+
+    def request_length(self, hdr: Header) -> int:
+        op = hdr[1]
+        if hdr[0] != REQUEST_MAGIC_V2 or op not in KNOWN_OPS or hdr[3] or hdr[14] or hdr[15]:
+            raise self._bad_request(hdr)
+        csum = hdr[12] or hdr[13]
+        if csum and (hdr[12] != CSUM_CRC32C or hdr[13] != CSUM_SHIFT):
+            raise _bad_csum(hdr[12], hdr[13], op)
+        if op not in OPS_WITH_PAYLOAD:
+            if csum and op != Op.READ:
+                raise _bad_csum(hdr[12], hdr[13], op)
+            return 0
+        length = hdr[11]
+        if length > MAX_PAYLOAD:
+            raise _too_large(length)
+        return int(length) + 4 * request_units(hdr[10], length) if csum else int(length)
+
+    def reply_length(self, hdr: Header) -> int:
+        if hdr[0] != REPLY_MAGIC_V2:
+            raise ProtocolError(f"bad reply magic 0x{hdr[0]:08x}")
+        if hdr[6] or hdr[9] or hdr[10]:
+            raise _unnegotiated(hdr[6], 0, 0, hdr[9], hdr[10])
+        length = hdr[5]
+        if length > MAX_PAYLOAD:
+            raise _reply_too_large(length)
+        if hdr[7] or hdr[8]:
+            if hdr[7] != CSUM_CRC32C or hdr[8] != CSUM_SHIFT:
+                raise _bad_csum(hdr[7], hdr[8], 0)
+            return int(length) + 4 * reply_units(length)
+        return int(length)
+
+    def _bad_fields(self, hdr: Header) -> ProtocolError:
+        return _unnegotiated(hdr[3], 0, 0, hdr[14], hdr[15])
+
+    def __repr__(self) -> str:
+        return "<wire format version 2 with CSUM_CRC32C>"
+
+
 WIRE_V1: Final[WireFormat] = _WireV1()
 WIRE_V2: Final[WireFormat] = _WireV2()
-#: The wire format of each protocol version.
+WIRE_V2_CSUM: Final[WireFormat] = _WireV2Csum()
+#: The wire format of each protocol version (without features that change framing).
 WIRE_FORMATS: Final[dict[int, WireFormat]] = {1: WIRE_V1, 2: WIRE_V2}
+
+
+def wire_format(version: int, features: int) -> WireFormat:
+    """The wire format of a connection that negotiated ``version`` and ``features``."""
+    if version >= 2 and features & Feature.CSUM_CRC32C:
+        return WIRE_V2_CSUM
+    return WIRE_FORMATS[version]

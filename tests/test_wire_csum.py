@@ -1,0 +1,258 @@
+"""Checksums of payloads on the wire (feature CSUM_CRC32C, docs/protocol.md §8.6), in
+memory: the units on the chunk's 4 KiB grid, the framing of requests and replies
+that carry them, which connections use it (version 2 with the bit on both sides
+only), and the store keeping a client's checksums of the blocks a write covers
+whole and giving a read's checksums back."""
+
+from __future__ import annotations
+
+import random
+import struct
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from _wire import exchange
+from meshblock.sds.checksums import BLOCK, ROW_SIZE
+from meshblock.sds.store import REGION_CHECKSUMS, ChunkStore, DeviceSpec
+from meshblock.wire import csum
+from meshblock.wire.handshake import ClientHandshake, ServerHandshake
+from meshblock.wire.protocol import (
+    MAX_PAYLOAD,
+    REPLY_MAGIC_V2,
+    REPLY_V2,
+    REQUEST_MAGIC_V2,
+    REQUEST_V2,
+    WIRE_V1,
+    WIRE_V2,
+    WIRE_V2_CSUM,
+    Feature,
+    Op,
+    PeerRole,
+    ProtocolError,
+    Status,
+    wire_format,
+)
+
+pytestmark = pytest.mark.unit
+
+SECRET = b"wire-csum-secret"
+VOL = 9
+
+
+def request(
+    op: int, offset: int, length: int, csum_type: int = 0, shift: int = 0
+) -> tuple[Any, ...]:
+    return REQUEST_V2.unpack(
+        REQUEST_V2.pack(
+            REQUEST_MAGIC_V2, op, 0, 0, 1, 2, 3, 4, VOL, 1, offset, length, csum_type, shift, 0, 0
+        )
+    )
+
+
+def reply(length: int, csum_type: int = 0, shift: int = 0) -> tuple[Any, ...]:
+    return REPLY_V2.unpack(
+        REPLY_V2.pack(REPLY_MAGIC_V2, 0, 0, 1, 2, length, 0, csum_type, shift, 0, 0)
+    )
+
+
+# -- units --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("offset", "length", "units"),
+    [
+        (0, 4096, 1),
+        (0, MAX_PAYLOAD, 256),
+        (4096, 8192, 2),
+        (100, 4096, 2),  # 3996 bytes of block 0, 100 of block 1
+        (100, 3996, 1),  # up to the end of block 0
+        (4095, 2, 2),
+        (512, MAX_PAYLOAD - 512, 256),
+        (0, 1, 1),
+        (0, 0, 0),
+    ],
+)
+def test_request_units_are_the_chunks_blocks_the_range_touches(
+    offset: int, length: int, units: int
+) -> None:
+    assert csum.request_units(offset, length) == units
+    data = random.Random(offset + length).randbytes(length)
+    crcs = csum.unit_crcs(data, offset)
+    assert len(crcs) == units
+    # each unit is the part of the payload inside one 4 KiB block of the chunk
+    pos, want = 0, []
+    for block in range(offset // BLOCK, (offset + length + BLOCK - 1) // BLOCK):
+        end = min(offset + length, (block + 1) * BLOCK) - offset
+        want.append(csum.crc(data[pos:end]))
+        pos = end
+    assert crcs == want
+
+
+def test_reply_units_start_at_the_payload() -> None:
+    data = random.Random(3).randbytes(3 * BLOCK + 5)
+    assert csum.reply_units(len(data)) == 4
+    crcs = csum.unit_crcs(data)
+    assert crcs == [csum.crc(data[i : i + BLOCK]) for i in range(0, len(data), BLOCK)]
+    assert csum.bad_units(data, csum.pack(crcs)) == []
+    bad = bytearray(data)
+    bad[2 * BLOCK + 1] ^= 1
+    assert csum.bad_units(bad, csum.pack(crcs)) == [2]
+
+
+# -- framing ------------------------------------------------------------------------------
+
+
+def test_a_write_with_checksums_is_followed_by_one_u32_per_unit() -> None:
+    fmt = WIRE_V2_CSUM
+    assert fmt.request_length(request(Op.WRITE, 0, 8192, 1, 12)) == 8192 + 8
+    assert fmt.request_length(request(Op.REPL_WRITE, 100, 4096, 1, 12)) == 4096 + 8
+    assert fmt.request_length(request(Op.WRITE, 0, MAX_PAYLOAD, 1, 12)) == MAX_PAYLOAD + 1024
+    # without them (a sender may leave them out): the payload alone, as in version 2
+    assert fmt.request_length(request(Op.WRITE, 0, 8192)) == 8192
+    # a READ asks for its reply's checksums: no payload
+    assert fmt.request_length(request(Op.READ, 0, 8192, 1, 12)) == 0
+    assert fmt.reply_length(reply(8192, 1, 12)) == 8192 + 8
+    assert fmt.reply_length(reply(5000, 1, 12)) == 5000 + 8
+    assert fmt.reply_length(reply(8192)) == 8192
+
+
+def test_the_packed_headers_carry_the_checksum_fields() -> None:
+    hdr = REQUEST_V2.unpack(
+        WIRE_V2_CSUM.pack_request_csum(Op.WRITE, 1, 7, 1, 2, 3, VOL, 4, 100, 4096, 1, 12)
+    )
+    assert hdr[0] == REQUEST_MAGIC_V2 and hdr[10:16] == (100, 4096, 1, 12, 0, 0)
+    assert WIRE_V2_CSUM.request_length(hdr) == 4096 + 8
+    rep = REPLY_V2.unpack(WIRE_V2_CSUM.pack_reply_csum(0, 0, 7, 3, 4096, 1, 12))
+    assert rep == (REPLY_MAGIC_V2, 0, 0, 7, 3, 4096, 0, 1, 12, 0, 0)
+
+
+@pytest.mark.parametrize(
+    ("op", "csum_type", "shift"),
+    [
+        (Op.WRITE, 2, 12),  # another checksum type
+        (Op.WRITE, 1, 16),  # another unit
+        (Op.WRITE, 0, 12),
+        (Op.TRIM, 1, 12),  # no payload, not a READ
+        (Op.WRITE_ZEROES, 1, 12),
+        (Op.CHUNK_READ_RAW, 1, 12),
+    ],
+)
+def test_other_checksum_fields_are_protocol_errors(op: int, csum_type: int, shift: int) -> None:
+    with pytest.raises(ProtocolError, match="checksums"):
+        WIRE_V2_CSUM.request_length(request(op, 0, 4096, csum_type, shift))
+
+
+def test_a_reply_with_other_checksum_fields_is_a_protocol_error() -> None:
+    with pytest.raises(ProtocolError, match="checksums"):
+        WIRE_V2_CSUM.reply_length(reply(4096, 1, 9))
+
+
+def test_without_the_feature_checksum_fields_stay_protocol_errors() -> None:
+    """Version 2 without CSUM_CRC32C (a peer of the release before it, or one that
+    does not announce it) frames as before: the fields are not negotiated."""
+    with pytest.raises(ProtocolError, match="without the feature negotiated"):
+        WIRE_V2.request_length(request(Op.WRITE, 0, 4096, 1, 12))
+    with pytest.raises(ProtocolError, match="without the feature negotiated"):
+        WIRE_V2.reply_length(reply(4096, 1, 12))
+
+
+@pytest.mark.parametrize(
+    ("client", "server", "expect"),
+    [
+        (Feature.CHUNK_LIST | Feature.CSUM_CRC32C, Feature.CHUNK_LIST | Feature.CSUM_CRC32C, True),
+        (Feature.CHUNK_LIST, Feature.CHUNK_LIST | Feature.CSUM_CRC32C, False),
+        (Feature.CHUNK_LIST | Feature.CSUM_CRC32C, Feature.CHUNK_LIST, False),
+    ],
+)
+def test_checksums_are_used_only_when_both_sides_announce_them(
+    client: int, server: int, expect: bool
+) -> None:
+    c = ClientHandshake(SECRET, PeerRole.CLIENT, features=client)
+    s = ServerHandshake(SECRET, server)
+    reason, _ = exchange(c, s)
+    assert reason is None and c.features == s.features
+    fmt = wire_format(c.version, c.features)
+    assert fmt.csum is expect
+    assert fmt is (WIRE_V2_CSUM if expect else WIRE_V2)
+
+
+def test_version_1_never_carries_checksums() -> None:
+    c = ClientHandshake(SECRET, PeerRole.CLIENT, version=1)
+    s = ServerHandshake(SECRET)
+    reason, _ = exchange(c, s)
+    assert reason is None and c.version == 1 and c.features == Feature.CHUNK_LIST
+    assert wire_format(1, Feature.CHUNK_LIST | Feature.CSUM_CRC32C) is WIRE_V1
+
+
+def test_checksum_mismatch_is_a_retriable_status() -> None:
+    assert int(Status.CHECKSUM_MISMATCH) == 14 and Status.CHECKSUM_MISMATCH.retriable
+
+
+# -- the store ----------------------------------------------------------------------------
+
+
+def open_store(path: Path, checksums: bool = True) -> ChunkStore:
+    store = ChunkStore([DeviceSpec(str(path), 16 << 20, "pool")], checksums=checksums)
+    store.open()
+    return store
+
+
+def row(store: ChunkStore, path: Path, chunk: int) -> tuple[int, ...]:
+    loc = store.location(VOL, chunk)
+    assert loc is not None
+    dev, slot = loc
+    with open(path, "rb") as f:
+        f.seek(dev.regions[REGION_CHECKSUMS][0] + slot * ROW_SIZE)
+        return struct.unpack(">256I", f.read(ROW_SIZE))
+
+
+def test_the_store_keeps_the_clients_checksums_of_whole_blocks(tmp_path: Path) -> None:
+    """The checksums a write came with are kept as they are for the blocks it covers
+    whole (marked here by one the store could not have computed: a value of the
+    caller's); a block it covers in part gets its own, from its old and new bytes."""
+    path = tmp_path / "dev.img"
+    store = open_store(path)
+    dev = store.devices[0]
+    rng = random.Random(5)
+    try:
+        old = rng.randbytes(4 * BLOCK)
+        store.write(dev, VOL, 1, 0, old)
+        data = rng.randbytes(2 * BLOCK)
+        offset = BLOCK + 100  # 3996 bytes of block 1, block 2 whole, 100 bytes of block 3
+        sums = csum.unit_crcs(data, offset)
+        assert len(sums) == 3
+        sums[1] = 0x12345678  # what the store keeps for block 2: this, unchanged
+        store.write(dev, VOL, 1, offset, data, csum.pack(sums))
+        new = bytearray(old)
+        new[offset : offset + len(data)] = data
+        stored = row(store, path, 1)
+        assert stored[2] == 0x12345678
+        assert stored[1] == csum.crc(new[BLOCK : 2 * BLOCK])
+        assert stored[3] == csum.crc(new[3 * BLOCK : 4 * BLOCK])
+        assert stored[0] == csum.crc(new[:BLOCK])
+        # a new chunk, aligned: every block's checksum is the client's
+        data = rng.randbytes(3 * BLOCK)
+        sums = csum.unit_crcs(data, 0)
+        store.write(dev, VOL, 2, 0, data, csum.pack(sums))
+        assert list(row(store, path, 2)[:3]) == sums
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("checksums", [True, False])
+@pytest.mark.parametrize(("offset", "length"), [(0, 3 * BLOCK), (0, 5000), (100, 9000), (0, 0)])
+def test_a_read_gives_the_checksums_of_its_bytes(
+    tmp_path: Path, checksums: bool, offset: int, length: int
+) -> None:
+    path = tmp_path / "dev.img"
+    store = open_store(path, checksums)
+    try:
+        store.write(store.devices[0], VOL, 1, 0, random.Random(2).randbytes(4 * BLOCK))
+        sums: list[int] = []
+        got = store.read(VOL, 1, offset, length, sums)
+        assert got is not None and len(got) == length
+        assert sums == csum.unit_crcs(got)
+    finally:
+        store.close()
