@@ -236,3 +236,36 @@ def test_a_full_copy_trims_what_only_the_copy_stores(tmp_path: Path) -> None:
                 assert got is not None and bytes(got) == bytes([fill]) * CHUNK_SIZE, c
 
     asyncio.run(main())
+
+
+def test_a_copy_does_not_report_to_a_copy_a_forward_lost_meanwhile(tmp_path: Path) -> None:
+    """A forward to the copy's SDS lost its connection while the job copied (the copy
+    may have missed a write, and the SDS could not be reached then): the job does
+    not report its copy done even though the final flush gets through; it starts
+    over (a full copy again, its record being incomplete) and reports then."""
+    chunks = 6
+
+    async def main() -> None:
+        async with pair(tmp_path) as p:
+            rs = p.resync
+            store = p.primary.store
+            ours = [c for c in range(400) if pg_of(VOLUME, c, PG_COUNT) == 0][:chunks]
+            dev = store.device_by_mdm_id(primary_of(0)[1])
+            assert dev is not None
+            for c in ours:
+                store.write(dev, VOLUME, c, 0, b"z" * 4096)
+            p.accept_at = 6
+            p.deliver(5, {0}, rebuild_bandwidth_mibps=8, rebuild_concurrency=1)
+            await wait_until_async(
+                lambda: rs.chunks_total >= 1, 10, "the first chunk copied", interval=0.01
+            )
+            rs.lost(SECONDARY[0])  # as io_path does when a forward loses its connection
+            await wait_until_async(
+                lambda: bool(p.reports) and not rs.jobs, 20, "the report", interval=0.01
+            )
+            assert p.reports == [(POOL, 0, 5)]
+            # the job under way at the loss did not report: a second one copied again
+            assert rs.chunks_total == 2 * chunks, rs.chunks_total
+            assert rs.pgs_total == 1
+
+    asyncio.run(main())

@@ -320,6 +320,34 @@ def test_a_replica_read_is_served_by_the_secondary_of_a_clean_pg_only(tmp_path: 
     asyncio.run(main())
 
 
+def test_a_peer_that_answers_nothing_is_dropped_after_its_short_budget(tmp_path: Path) -> None:
+    """An SDS's connection to a peer with a forward outstanding and nothing received
+    for the peer's budget (0.3 s here; peer_timeout_s 10 s is only the ceiling) is
+    dropped: the forward fails as a lost connection. Answered forwards raise the
+    budget of a slow peer."""
+
+    async def main() -> None:
+        async with sds_server(tmp_path) as (server, _):
+            peers = Peers(SECRET, 10.0, timeout_min=0.3, timeout_factor=4.0)
+            client = await peers.get(2, ("127.0.0.1", server.port))
+            assert client.request_timeout == pytest.approx(0.3)
+            # a newer epoch than the server's map: it waits 2 s before MAP_PENDING
+            t0 = asyncio.get_running_loop().time()
+            with pytest.raises(ConnectionLost) as ei:
+                await client.repl_write(ref(1, 1, EPOCH + 5), 0, b"late")
+            took = asyncio.get_running_loop().time() - t0
+            assert isinstance(ei.value.__cause__, TimeoutError), ei.value
+            assert took < 1.5, f"dropped after {took:.2f} s"
+            # a slow peer: answers in 0.5 s make its budget 2 s, on the next connection too
+            for _ in range(40):
+                peers.answered(2, 0.5)
+            client = await peers.get(2, ("127.0.0.1", server.port))
+            assert client.request_timeout == pytest.approx(2.0)
+            await peers.close()
+
+    asyncio.run(main())
+
+
 def test_connect_with_wrong_secret_fails_and_is_not_retriable(tmp_path: Path) -> None:
     async def main() -> None:
         async with sds_server(tmp_path) as (server, service):

@@ -134,7 +134,13 @@ async def _runtime(app: web.Application) -> AsyncIterator[None]:
     )
     verify: asyncio.Task[None] | None = None
     try:
-        peers = Peers(secret, config.peer_timeout_s, min_version=config.wire_min_version)
+        peers = Peers(
+            secret,
+            config.peer_timeout_s,
+            min_version=config.wire_min_version,
+            timeout_min=config.peer_timeout_min_s,
+            timeout_factor=config.peer_timeout_factor,
+        )
         state = SdsState(store, MapCache(), peers, SdsStats())
         resync = Resync(state)
         service = DataService(state, resync)
@@ -232,6 +238,9 @@ async def health(request: web.Request) -> web.Response:
                 for pool, pgs in sds.degraded.counts().items()
             },
             "tombstones": {str(t["id"]): t["chunks_left"] for t in sds.tombstones.report()},
+            "peer_timeouts": {
+                str(peer): round(budget, 3) for peer, budget in sds.peers.budgets.budgets().items()
+            },
             "resync": {
                 "active": resync.active(),
                 "chunks_total": resync.chunks_total,

@@ -71,7 +71,9 @@ class SdsConfig:
     state_dir: str = "/var/lib/meshblock/sds"
     heartbeat_interval_s: float = 2.0
     map_poll_timeout_s: float = 25.0
-    peer_timeout_s: float = 10.0
+    peer_timeout_s: float = 10.0  # the longest a peer may answer nothing (the ceiling)
+    peer_timeout_min_s: float = 1.5  # the shortest: budget max(this, factor x p99)
+    peer_timeout_factor: float = 4.0
     # Chunks of deleted volumes freed per second at most (0: unlimited).
     delete_free_rate: int = 20000
     # The lowest data protocol version accepted from clients and peers and spoken to
@@ -94,6 +96,10 @@ class SdsConfig:
             raise ValueError("mdm_urls must name at least one MDM")
         if self.heartbeat_interval_s <= 0:
             raise ValueError("heartbeat_interval_s must be positive")
+        if min(self.peer_timeout_s, self.peer_timeout_min_s, self.peer_timeout_factor) <= 0:
+            raise ValueError(
+                "peer_timeout_s, peer_timeout_min_s and peer_timeout_factor must be positive"
+            )
         if self.delete_free_rate < 0:
             raise ValueError("delete_free_rate must be 0 (unlimited) or positive")
         check_wire_min_version(self.wire_min_version, "wire_min_version")

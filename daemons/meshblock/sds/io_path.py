@@ -484,7 +484,7 @@ class DataService:
             if sec:
                 sec_fut = await self._forward(m, sec, req, ref, payload)
                 if sec_fut.done():  # not sent: not written here either, unless we are alone
-                    status = self._secondary_outcome(ref, await self._forwarded(sec, sec_fut))
+                    status = self._secondary_outcome(ref, await self._forwarded(sec, sec_fut, t0))
                     if status != _OK:
                         self._reply(conn, req, t0, status)
                         return
@@ -498,11 +498,11 @@ class DataService:
             if status == _OK and fua:
                 status = await self._sync([written])
             if tgt_fut is not None:
-                tgt_status = self._target_outcome(ref, await self._forwarded(tgt, tgt_fut))
+                tgt_status = self._target_outcome(ref, await self._forwarded(tgt, tgt_fut, t0))
                 if status == _OK:
                     status = tgt_status
             if sec_fut is not None:
-                sec_status = self._secondary_outcome(ref, await self._forwarded(sec, sec_fut))
+                sec_status = self._secondary_outcome(ref, await self._forwarded(sec, sec_fut, t0))
                 if status == _OK:
                     status = sec_status
             self._reply(conn, req, t0, status)
@@ -542,9 +542,11 @@ class DataService:
         self._peers.dirty.add(peer)
         return fut
 
-    async def _forwarded(self, peer: int, fut: asyncio.Future[Reply]) -> int:
-        """The outcome of a forward (:meth:`_forward`), secondary and move target alike:
-        OK; ``_LOST`` when the connection to the peer is lost or cannot be made (the
+    async def _forwarded(self, peer: int, fut: asyncio.Future[Reply], t0: float) -> int:
+        """The outcome of a forward (:meth:`_forward`) of the request that arrived at
+        ``t0``, secondary and move target alike: OK (the time since ``t0`` feeds the
+        peer's budget: :meth:`Peers.answered`); ``_LOST`` when the connection to the
+        peer is lost, cannot be made or answers nothing for the peer's budget (the
         peer is reported to the MDM, which probes it: ``peer_unreachable``);
         ``REPLICA_FAILED`` for any other failure to send or to answer; a refusal as
         ``_PEER_STATUS`` maps it. Every failure is logged and counted
@@ -554,6 +556,7 @@ class DataService:
         except ConnectionLost as exc:
             log.warning("forward to SDS %d failed: %s", peer, exc)
             self.stats.peer_error(peer)
+            self._resync.lost(peer)
             if self._state.peer_unreachable is not None:
                 self._state.peer_unreachable(peer)
             return _LOST
@@ -562,6 +565,7 @@ class DataService:
             self.stats.peer_error(peer)
             return Status.REPLICA_FAILED
         if status == _OK:
+            self._peers.answered(peer, time.perf_counter() - t0)
             return _OK
         self.stats.peer_error(peer)
         try:

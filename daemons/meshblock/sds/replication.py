@@ -6,7 +6,10 @@
   Writes that do not overlap run concurrently.
 - :class:`Peers` keeps one persistent ``SDS_PEER`` data connection per peer SDS,
   opened on first use and again after it broke, and remembers which peers received
-  writes since the last FLUSH.
+  writes since the last FLUSH. A connection with requests outstanding that receives
+  nothing for the peer's budget (:class:`~meshblock.timeouts.LatencyBudgets`: short,
+  adapted to the latency of the peer's answered forwards) is dropped: the forwards
+  on it fail as a lost connection, and the peer is reported.
 - :class:`DegradedWrites` remembers, per PG that this SDS serves alone (not
   ``clean``), which chunks it wrote meanwhile: what a delta resync of the stale
   copy has to copy (docs/design.md, invariant 4).
@@ -20,9 +23,10 @@ import logging
 
 from meshblock.chunks import ChunkRef
 from meshblock.sds.maps import PgMap
+from meshblock.timeouts import LatencyBudgets
 from meshblock.wire.client import ConnectionLost, WireClient, WireError
 from meshblock.wire.handshake import FEATURE_CHUNK_LIST, HandshakeError
-from meshblock.wire.protocol import PeerRole
+from meshblock.wire.protocol import HANDSHAKE_TIMEOUT_S, PeerRole
 
 log = logging.getLogger(__name__)
 
@@ -66,15 +70,38 @@ class RangeLocks:
 class Peers:
     """Persistent data connections to the other SDSs."""
 
-    def __init__(self, secret: str, request_timeout: float, *, min_version: int = 1) -> None:
+    def __init__(
+        self,
+        secret: str,
+        request_timeout: float,
+        *,
+        min_version: int = 1,
+        timeout_min: float | None = None,
+        timeout_factor: float = 4.0,
+    ) -> None:
         self._secret = secret
-        self._timeout = request_timeout
+        #: Per peer, how long a connection with forwards outstanding may receive
+        #: nothing: ``request_timeout`` at most, ``timeout_min`` at least (without it:
+        #: always ``request_timeout``).
+        self.budgets = LatencyBudgets(
+            floor=request_timeout if timeout_min is None else timeout_min,
+            factor=timeout_factor,
+            ceiling=request_timeout,
+        )
         self._min_version = min_version  # wire_min_version
         self._clients: dict[int, WireClient] = {}
         self._addresses: dict[int, tuple[str, int]] = {}
         self._connecting: dict[int, asyncio.Task[WireClient]] = {}
         self.dirty: set[int] = set()  # peers written to since the last flush
         self._unlisted: set[int] = set()  # peers found unable to list their chunks
+
+    def answered(self, sds_id: int, seconds: float) -> None:
+        """A forward to ``sds_id`` was answered after ``seconds``: its budget follows."""
+        budgets = self.budgets
+        budgets.record(sds_id, seconds)
+        client = self._clients.get(sds_id)
+        if client is not None:
+            client.request_timeout = budgets.budget(sds_id)
 
     def connected(self, sds_id: int, address: tuple[str, int]) -> WireClient | None:
         """The open connection to ``sds_id`` at ``address``, if there is one."""
@@ -100,13 +127,15 @@ class Peers:
         return await asyncio.shield(task)
 
     async def _connect(self, sds_id: int, address: tuple[str, int]) -> WireClient:
+        budget = self.budgets.budget(sds_id)
         try:
             client = await WireClient.connect(
                 address[0],
                 address[1],
                 self._secret,
                 PeerRole.SDS_PEER,
-                request_timeout=self._timeout,
+                connect_timeout=min(HANDSHAKE_TIMEOUT_S, max(budget, 1.0)),
+                request_timeout=budget,
                 min_version=self._min_version,
             )
         except HandshakeError as exc:

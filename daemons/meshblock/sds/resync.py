@@ -166,6 +166,9 @@ class Resync:
         self.marked_bad_total = 0  # 4 KiB blocks copied as bad (no good copy of them)
         # the last completed resync of each PG: chunks, full, target SDS, seconds
         self.done: dict[str, dict[str, int | float | bool | str]] = {}
+        # per peer SDS, when a forwarded write to it last lost its connection (or got no
+        # answer in the peer's budget): a job copying to it since then does not report
+        self._lost: dict[int, float] = {}
         state.maps.listeners.append(self.map_changed)
 
     def map_changed(self, m: PgMap) -> None:
@@ -199,6 +202,11 @@ class Resync:
             return False
         chunks.add((ref.volume_id, ref.chunk_index))
         return True
+
+    def lost(self, peer: int) -> None:
+        """A forward to ``peer`` lost its connection: no job that copies to it and was
+        under way then may report its copy done (it could not reach the copy)."""
+        self._lost[peer] = time.monotonic()
 
     def report(self) -> list[dict[str, int | str]]:
         """Per pool and kind, bytes left to copy and copied since start (heartbeats)."""
@@ -277,7 +285,7 @@ class Resync:
             len(plan.chunks),
         )
         t0 = time.monotonic()
-        await self._copy_all(plan, progress)
+        await self._copy_all(plan, progress, t0)
         return await self._report(plan, int(progress[0]), t0)
 
     async def _plan(self, pool: int, pg: int, epoch: int) -> CopyPlan:
@@ -297,10 +305,13 @@ class Resync:
         listed = await self._listed(pool, pg)
         return plan_copy(m, pg, epoch, record=None, held=held, listed=listed, deleted=deleted)
 
-    async def _copy_all(self, plan: CopyPlan, progress: list[int | str]) -> None:
+    async def _copy_all(self, plan: CopyPlan, progress: list[int | str], t0: float) -> None:
         """Copy the plan's chunks, then those that forwarded writes missed meanwhile,
-        until none is left; then flush the copy's SDS. :class:`ResyncAborted` when it
-        cannot be reached or no longer is the copy."""
+        until none is left; then flush the copy's SDS: the round trip that shows it
+        reachable now, also with no chunk to copy (the peer connection gives up after
+        the peer's short budget). :class:`ResyncAborted` when it cannot be reached,
+        could not be at some moment since the job started at ``t0`` (a forward to it
+        lost its connection), or no longer is the copy."""
         key = (plan.pool, plan.pg)
         try:
             chunks = plan.chunks
@@ -317,6 +328,8 @@ class Resync:
             await client.repl_flush()
         except WireError as exc:
             raise ResyncAborted(f"secondary unreachable: {exc}") from exc
+        if self._lost.get(plan.dest, t0 - 1.0) >= t0:
+            raise ResyncAborted(f"a forward to SDS {plan.dest} lost its connection meanwhile")
 
     async def _report(self, plan: CopyPlan, copied: int, t0: float) -> bool:
         """Tell the MDM that the copy is done, again while it cannot be reached; True

@@ -362,11 +362,13 @@ class WireClient:
         # both sides support
         self.features = 0
         self._ids = itertools.count(1)
-        self._timeout = request_timeout
+        #: The request timeout (see :meth:`connect`); may be changed while it runs (an
+        #: SDS adapts its peers' to their latency), read at each check.
+        self.request_timeout = request_timeout
         self._watchdog: asyncio.Task[None] | None = None
         if request_timeout is not None:
             self._watchdog = asyncio.get_running_loop().create_task(
-                self._watch(request_timeout), name=f"wire-watchdog-{address}"
+                self._watch(), name=f"wire-watchdog-{address}"
             )
 
     @classmethod
@@ -634,11 +636,13 @@ class WireClient:
             raise RequestError(op, reply.status, reply.epoch)
         return reply
 
-    async def _watch(self, limit: float) -> None:
+    async def _watch(self) -> None:
         p = self._p
         while p.lost is None:
+            limit = self.request_timeout or 30.0
             await asyncio.sleep(min(1.0, limit / 4))
+            limit = self.request_timeout or 30.0
             if p.pending and time.monotonic() - p.last_rx > limit:
-                exc = TimeoutError(f"no reply from {self.address} for {limit:.0f} s")
+                exc = TimeoutError(f"no reply from {self.address} for {limit:.3g} s")
                 p._fail_all(exc)
                 p.abort()
