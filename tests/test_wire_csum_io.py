@@ -237,3 +237,22 @@ def test_a_server_without_the_bit_gets_writes_without_checksums(tmp_path: Path) 
         assert seen and seen[0][12:16] == (0, 0, 0, 0)
 
     asyncio.run(main())
+
+
+def test_ops_without_payload_never_carry_checksums(tmp_path: Path) -> None:
+    """A primary forwards WRITE_ZEROES and TRIM with an empty payload view: they leave
+    without checksum fields (a peer drops a REPL_TRIM with them), answered as before."""
+
+    async def main() -> None:
+        async with sds_server(tmp_path) as (server, state):
+            cl = await WireClient.connect("127.0.0.1", server.port, SECRET, PeerRole.SDS_PEER)
+            assert cl.features & Feature.CSUM_CRC32C
+            empty = memoryview(b"")
+            for op in (Op.REPL_TRIM, Op.REPL_WRITE_ZEROES):
+                with pytest.raises(RequestError) as ei:  # not this PG's secondary
+                    await cl.call(op, 0, ref(1), 0, 4096, empty)
+                assert ei.value.status == Status.NOT_REPLICA
+            assert state.stats.protocol_errors == 0
+            await cl.close()
+
+    asyncio.run(main())

@@ -70,6 +70,7 @@ from meshblock.wire.protocol import (
     MAX_IN_FLIGHT,
     MAX_PAYLOAD,
     MIN_PROTOCOL_VERSION,
+    OPS_WITH_PAYLOAD,
     PROTOCOL_VERSION,
     WIRE_V1,
     Op,
@@ -90,6 +91,9 @@ ZEROES: Final = memoryview(bytes(CHUNK_SIZE))
 _HOLE: Final = int(ReplyFlag.HOLE)
 _FUA: Final = int(ReqFlag.FUA)
 _READ: Final = int(Op.READ)
+#: The opcodes whose payload carries checksums (a forwarder hands every op a payload
+#: view, empty for WRITE_ZEROES and TRIM).
+_WITH_PAYLOAD: Final = frozenset(int(op) for op in OPS_WITH_PAYLOAD)
 _MISMATCH: Final = int(Status.CHECKSUM_MISMATCH)
 _CSUM: Final = csum.CSUM_CRC32C
 _SHIFT: Final = csum.CSUM_SHIFT
@@ -597,7 +601,7 @@ class WireClient:
             p.last_rx = time.monotonic()
         p.pending[rid] = waiter
         pool, pg, epoch, volume, chunk = ref  # twice as fast as pack(*ref)
-        if p.csum and (op == _READ or (length and payload is not None)):
+        if p.csum and (op == _READ or (op in _WITH_PAYLOAD and length)):
             if op != _READ:
                 assert payload is not None
                 if sums is None:
