@@ -311,6 +311,9 @@ def test_volumes_and_capacity(api: Api, topo: dict[str, Any]) -> None:
     )
     assert thick["size_bytes"] == 10 * GiB
     assert thick["allocated_bytes"] == 20 * GiB
+    # What a create answers is the volume as shown afterwards, created_at included.
+    for created in (thin, thick):
+        assert ok(api("GET", f"/api/v1/volumes/{created['id']}")) == created
     cap = ok(api("GET", f"/api/v1/pools/{pool_id}"))["capacity"]
     assert cap["thick_reserved_bytes"] == 20 * GiB
     assert cap["free_bytes"] == 250 * GiB

@@ -55,6 +55,8 @@ class Rebalancer:
         self.detector = detector
         self.moves_started = 0
         self._waiting: set[int] = set()  # pools waiting for the failure detector (logged)
+        # pool -> the inputs of its last plan, when that plan moved nothing
+        self._settled: dict[int, tuple[object, ...]] = {}
 
     def eligible_sds(self, modes: dict[int, SdsMode]) -> frozenset[int]:
         live = self.detector.liveness
@@ -65,57 +67,84 @@ class Rebalancer:
         )
 
     async def step(self) -> int:
-        """Start the moves that are due; return how many were started."""
+        """Start the moves that are due; return how many were started.
+
+        Decided outside the write gate, written under it: the pools' rows are read
+        and the moves planned (placement's CPU-heavy balanced map) while API changes
+        and heartbeats are written; then, under the gate, a pool's moves are written
+        only if its map epoch and the SDSs' modes are still those the plan was made
+        on (else it is planned again at the next step), so that what is written is
+        what deciding under the gate would have written. A pool whose rows and
+        eligible devices are those of a plan that found nothing to move is not
+        planned again (:meth:`_settled_key`)."""
         d = self.detector
-        async with d._lock, d.gate(), d.sessions() as s, s.begin():
-            modes = dict((await s.execute(select(Sds.id, Sds.mode))).all())
-            eligible = self.eligible_sds(modes)
-            pools = (
-                await s.execute(
-                    select(StoragePool).where(
-                        select(Volume.id).where(Volume.pool_id == StoragePool.id).exists()
+        async with d._lock:
+            async with d.sessions() as s, s.begin():
+                modes = dict((await s.execute(select(Sds.id, Sds.mode))).all())
+                eligible = self.eligible_sds(modes)
+                pools = (
+                    await s.execute(
+                        select(StoragePool).where(
+                            select(Volume.id).where(Volume.pool_id == StoragePool.id).exists()
+                        )
                     )
-                )
-            ).scalars()
+                ).scalars()
+                plans = []
+                for pool in list(pools):
+                    moves = await self._plan(s, pool, eligible, modes)
+                    if moves:
+                        plans.append((pool.id, pool.map_epoch, moves))
+            if not plans:
+                return 0
             started = 0
-            for pool in list(pools):
-                started += await self._pool(s, pool, eligible, modes)
-            if started:
-                epoch = await bump(s)
+            async with d.gate(), d.sessions() as s, s.begin():
+                if dict((await s.execute(select(Sds.id, Sds.mode))).all()) != modes:
+                    return 0  # a drain or maintenance meanwhile: plan again
+                for pool_id, map_epoch, moves in plans:
+                    now = await s.get(StoragePool, pool_id)
+                    if now is None or now.map_epoch != map_epoch:
+                        continue  # its map changed meanwhile: plan again
+                    await pgtable.write(s, now, moves)
+                    started += len(moves)
+                    log.info(
+                        "pool %s: rebalance moves %d PG cop%s (map epoch %d)",
+                        now.name,
+                        len(moves),
+                        "y" if len(moves) == 1 else "ies",
+                        now.map_epoch,
+                    )
+                if started:
+                    epoch = await bump(s)
         if started:
             d.notifier.publish(epoch)
             self.moves_started += started
         return started
 
-    async def _pool(
+    async def _plan(
         self,
         s: AsyncSession,
         pool: StoragePool,
         eligible: frozenset[int],
         modes: dict[int, SdsMode],
-    ) -> int:
-        """Load, decide (:func:`plan_moves`), write; return how many moves started."""
+    ) -> list[PgChange]:
+        """Load and decide (:func:`plan_moves`): the moves to start in ``pool``."""
         rows = await pgtable.load(s, pool_id=pool.id)
         if not all_clean(rows):
-            return 0
+            return []
         members = await pool_devices(s, pool.id)
         normal = [i for i in copy_holders(rows, members) if modes.get(i) == SdsMode.NORMAL]
         if self._waits(pool, self.detector.down_sds(normal)):
-            return 0
+            return []
         usable = [d for d in members if d.sds_id in eligible]
+        key = _settled_key(pool, rows, usable)
+        if self._settled.get(pool.id) == key:
+            return []
         moves = plan_moves(pool.pg_count, rows, usable)
-        if not moves:
-            return 0
-        await pgtable.write(s, pool, moves)
-        log.info(
-            "pool %s: rebalance moves %d PG cop%s (%d in flight before; map epoch %d)",
-            pool.name,
-            len(moves),
-            "y" if len(moves) == 1 else "ies",
-            sum(1 for r in rows if r.target is not None),
-            pool.map_epoch,
-        )
-        return len(moves)
+        if moves:
+            self._settled.pop(pool.id, None)
+        else:
+            self._settled[pool.id] = key
+        return moves
 
     def _waits(self, pool: StoragePool, silent: frozenset[int]) -> bool:
         """Whether ``pool`` waits for the failure detector: SDSs with copies there
@@ -142,6 +171,16 @@ class Rebalancer:
                 await self.step()
             except Exception:
                 log.exception("rebalance step failed; trying again in %.0f s", interval_s)
+
+
+def _settled_key(
+    pool: StoragePool, rows: Sequence[PgRow], usable: Sequence[DeviceInfo]
+) -> tuple[object, ...]:
+    """What :func:`plan_moves` decides on, in a form cheap to compare: the usable
+    devices, and the rows by their number and highest epoch. Every write of a row
+    stamps it with a new map epoch of its pool, above every epoch a row of the pool
+    had (pgtable's contract), so the rows are the same while those two are."""
+    return (pool.pg_count, len(rows), max(r.epoch for r in rows), tuple(usable))
 
 
 def all_clean(rows: Sequence[PgRow]) -> bool:
