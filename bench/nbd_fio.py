@@ -259,7 +259,7 @@ class Cluster:
         cluster: dict[str, Any] | None = None,
         names: tuple[str, str, str] = (POOL, PD, VOLUME),
         log_level: str = "WARNING",
-        checksums: bool = True,
+        checksums: bool | None = True,
     ) -> None:
         self.workdir = workdir
         self.size = size
@@ -270,7 +270,8 @@ class Cluster:
         self.cluster_settings = {"name": "bench", "heartbeat_timeout_s": 10.0, **(cluster or {})}
         self.pool_name, self.pd_name, self.volume = names
         self.log_level = log_level
-        self.checksums = checksums  # the SDSs' [store] checksums
+        # The SDSs' [store] checksums; None: no [store] table (a release before them).
+        self.checksums = checksums
         self.pool_id = 0
         self.pool: dict[str, Any] = {}
         self.admin = "adm-" + secrets.token_urlsafe(16)
@@ -334,7 +335,7 @@ class Cluster:
                     "data": {"host": "127.0.0.1", "port": data_port},
                     "control": {"host": "127.0.0.1", "port": control_port},
                     "logging": {"level": self.log_level},
-                    "store": {"checksums": self.checksums},
+                    **({} if self.checksums is None else {"store": {"checksums": self.checksums}}),
                     "[[devices]]": {
                         "path": str(d / "dev0.img"),
                         "capacity": self.capacity,
