@@ -1,6 +1,8 @@
 """Fast failure reports (docs/mdm.md, "Failures"): a peer that cannot reach an SDS
 reports it, the MDM confirms by connecting to the SDS itself, and only then fails it,
-long before the heartbeat timeout. Real MDM (heartbeat timeout 60 s, so the timeout
+long before the heartbeat timeout. Such an SDS is held down until the MDM and a peer
+have reached its data port for ``hold_down_s`` (docs/mdm.md, "Hold-down and
+flapping"): its heartbeats alone do not bring it back. Real MDM (heartbeat timeout 60 s, so the timeout
 cannot be what acts), three real SDSs, the real SDC; IO through NBD with qemu-io."""
 
 from __future__ import annotations
@@ -8,10 +10,12 @@ from __future__ import annotations
 import signal
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
 from _cluster import SmallCluster, small_cluster
+from _wait import wait_until
 from test_nbd_server import qemu_io
 
 pytestmark = pytest.mark.cluster
@@ -19,11 +23,12 @@ pytestmark = pytest.mark.cluster
 VOLUME = "ff1"
 MiB = 1024 * 1024
 HEARTBEAT_TIMEOUT_S = 60.0
+HOLD_DOWN_S = 6.0
 
 
 @pytest.fixture(scope="module")
 def ff(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SmallCluster]:
-    settings = {"cluster": {"heartbeat_timeout_s": HEARTBEAT_TIMEOUT_S}}
+    settings = {"cluster": {"heartbeat_timeout_s": HEARTBEAT_TIMEOUT_S, "hold_down_s": HOLD_DOWN_S}}
     with small_cluster(tmp_path_factory.mktemp("fastfail"), VOLUME, "64MiB", settings) as c:
         yield c
 
@@ -58,3 +63,44 @@ def test_killed_sds_is_failed_on_report_not_after_the_timeout(ff: SmallCluster) 
     assert "not reachable from the MDM: down now" in ff.mdm.log_text(), ff.logs()
     qemu_io(ff.sdc.uri(VOLUME), *[f"read -P 0x6b {n * MiB} 64k" for n in range(32)], read_only=True)
     print(f"failover on report: writes done {elapsed:.1f} s after the kill")
+
+
+def sds_doc(ff: SmallCluster, name: str) -> dict[str, Any]:
+    status, doc = ff.mdm.api().get("/api/v1/sds")
+    assert status == 200, doc
+    return next(s for s in doc["sds"] if s["name"] == name)
+
+
+def test_a_reported_sds_returns_only_once_probes_prove_it_up(ff: SmallCluster) -> None:
+    """The SDS of the previous test, declared down on a report, restarts: it registers
+    and heartbeats at once, yet stays disconnected (held down) until the MDM's and its
+    peers' pings have answered for ``hold_down_s``; then it is connected and its PGs
+    resync to clean."""
+    victim = ff.sds[1]
+    if sds_doc(ff, victim.name)["state"] == "connected":  # run alone: fail it first
+        test_killed_sds_is_failed_on_report_not_after_the_timeout(ff)
+    before = sds_doc(ff, victim.name)
+    assert before["held_down"] and not before["flapping"], before
+    victim.start()
+    victim.wait_serving()
+    samples: list[dict[str, Any]] = []
+
+    def returned() -> bool:
+        doc = sds_doc(ff, victim.name)
+        samples.append(doc)
+        return doc["state"] == "connected"
+
+    wait_until(returned, 60, f"{victim.name} to be proven up", interval=0.2, detail=ff.logs)
+    # It heartbeated while it was held: a last_seen newer than before, still disconnected.
+    held = [d for d in samples if d["held_down"] and d["last_seen"] != before["last_seen"]]
+    assert held and all(d["state"] == "disconnected" for d in held), samples
+    assert not samples[-1]["held_down"], samples[-1]
+    assert "proven up" in ff.mdm.log_text(), ff.logs()
+    # Each SDS was asked to probe it, and did (a peer's report is part of the proof).
+    assert any("asks us to probe" in d.log_text() for d in ff.sds if d is not victim)
+    wait_until(
+        lambda: all(pg["state"] == "clean" for pg in ff.pgmap()["pgs"]),
+        60,
+        "every PG clean after the resync",
+        detail=ff.logs,
+    )

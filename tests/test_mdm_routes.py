@@ -62,6 +62,7 @@ ROUTES = [
     ("GET", r"/api/v1/sds/(?P<id>\d+)/pg\-copies"),
     ("POST", r"/api/v1/sds/(?P<id>\d+)/maintenance"),
     ("POST", r"/api/v1/sds/(?P<id>\d+)/drain"),
+    ("POST", r"/api/v1/sds/(?P<id>\d+)/clear\-flapping"),
     ("POST", r"/api/v1/sds/(?P<id>\d+)/unreachable"),
     ("GET", "/api/v1/volumes"),
     ("POST", "/api/v1/volumes"),
@@ -84,7 +85,7 @@ ROUTES = [
 ]
 
 # sha256 of the document as served (json.dumps, keys in their order), version blanked.
-OPENAPI_SHA256 = "f0608cc57d5df5ab3288ca443bb28c06c71bf3b14c320439925286731166b12f"
+OPENAPI_SHA256 = "ae054fbb4dbcb0789f67a13d9c30ab26b5e7511affdd56925f0ca0cb6f105bc5"
 
 
 def _app() -> web.Application:

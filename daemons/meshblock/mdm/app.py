@@ -20,8 +20,9 @@ from meshblock.mdm.deletion import Purger
 from meshblock.mdm.epochs import CLUSTER_ROW_ID, EpochNotifier
 from meshblock.mdm.errors import Handler, error_middleware
 from meshblock.mdm.failures import FailureDetector
+from meshblock.mdm.holddown import Prober, probe
 from meshblock.mdm.liveness import Liveness
-from meshblock.mdm.models import Cluster
+from meshblock.mdm.models import Cluster, Sds
 from meshblock.mdm.rebalance import Rebalancer
 from meshblock.mdm.routing import ApiRoutes
 
@@ -59,7 +60,7 @@ async def _store(app: web.Application) -> AsyncIterator[None]:
                 s.add(cluster)
                 await s.flush()
             epoch = cluster.epoch
-            liveness = Liveness(config.cluster.heartbeat_timeout_s)
+            liveness = Liveness(config.cluster.heartbeat_timeout_s, config.cluster.knobs())
             await liveness.load(s)
         a = config.auth
         app[CTX] = MdmContext(
@@ -98,9 +99,30 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
     )
     c.detector = detector
     rebalancer = Rebalancer(detector)
+    secret = c.config.auth.cluster_secret
+
+    async def addresses(ids: list[int]) -> dict[int, tuple[str, int]]:
+        async with c.sessions() as s:
+            rows = await s.execute(
+                select(Sds.id, Sds.address, Sds.data_port).where(Sds.id.in_(ids))
+            )
+            return {i: (a, p) for i, a, p in rows}
+
+    async def probe_sds(address: str, port: int) -> bool:
+        return await probe(address, port, secret)
+
+    prober = Prober(
+        c.liveness.holds,
+        addresses,
+        c.liveness.connected_sds,
+        c.liveness.release,
+        detector.check,
+        probe_sds,
+    )
     tasks = [
         asyncio.create_task(c.liveness.run(c.sessions, c.write_gate), name="heartbeat-writer"),
         asyncio.create_task(detector.run(), name="failure-detector"),
+        asyncio.create_task(prober.run(), name="hold-down-prober"),
         asyncio.create_task(
             rebalancer.run(c.config.cluster.rebalance_interval_s), name="rebalancer"
         ),

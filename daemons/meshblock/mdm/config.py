@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from meshblock.config import LoggingConfig
+from meshblock.mdm.holddown import Knobs
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,16 @@ class ClusterConfig:
     # How often the rebalancer looks for PG copies to move (after an SDS or a device
     # is added, or while an SDS drains).
     rebalance_interval_s: float = 2.0
+    # An SDS declared down on a failure report returns only once the MDM and a peer
+    # have reached its data port (a PING over the data protocol) for this long.
+    hold_down_s: float = 5.0
+    # An SDS that goes down more than flap_count times within flap_window_s is
+    # flapping: kept out until `meshctl sds clear-flapping`.
+    flap_count: int = 3
+    flap_window_s: float = 600.0
+
+    def knobs(self) -> Knobs:
+        return Knobs(self.hold_down_s, self.flap_count, self.flap_window_s)
 
 
 @dataclass(frozen=True)
@@ -126,3 +137,9 @@ class MdmConfig:
             raise ValueError("cluster.rebalance_interval_s must be positive")
         if self.cluster.heartbeat_timeout_s <= 0:
             raise ValueError("cluster.heartbeat_timeout_s must be positive")
+        if self.cluster.hold_down_s < 0:
+            raise ValueError("cluster.hold_down_s must not be negative")
+        if self.cluster.flap_count < 1:
+            raise ValueError("cluster.flap_count must be at least 1")
+        if self.cluster.flap_window_s <= 0:
+            raise ValueError("cluster.flap_window_s must be positive")

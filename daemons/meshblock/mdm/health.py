@@ -263,6 +263,25 @@ class ClusterCollector(Collector):
         for _, name, pd, fs, up in n["_sds"]:
             g.add_metric([name, pd, fs or ""], 1 if up else 0)
         yield g
+        holds = self.ctx.liveness.holds
+        for metric, text, of in (
+            (
+                "meshblock_sds_held_down",
+                "1 while the SDS, declared down on a failure report, has not been proven up "
+                "(probes over the data protocol for [cluster] hold_down_s)",
+                holds.held,
+            ),
+            (
+                "meshblock_sds_flapping",
+                "1 while the SDS is kept out for flapping (more than [cluster] flap_count "
+                "downs within flap_window_s), until meshctl sds clear-flapping",
+                holds.flapping,
+            ),
+        ):
+            g = GaugeMetricFamily(metric, text, labels=["sds", "protection_domain", "fault_set"])
+            for sds_id, name, pd, fs, _ in n["_sds"]:
+                g.add_metric([name, pd, fs or ""], 1 if of(sds_id) else 0)
+            yield g
         g = GaugeMetricFamily(
             "meshblock_sdc_connected",
             "1 while the SDC sends heartbeats in time, 0 when it is disconnected",

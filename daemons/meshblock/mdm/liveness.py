@@ -20,6 +20,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from meshblock.mdm.db import WriteGate
+from meshblock.mdm.holddown import HoldDowns, Knobs
 from meshblock.mdm.models import Device, Sdc, Sds, Volume, VolumeUsage
 
 log = logging.getLogger(__name__)
@@ -39,13 +40,19 @@ class _Pending:
 
 
 class Liveness:
-    def __init__(self, timeout_s: float) -> None:
+    def __init__(self, timeout_s: float, knobs: Knobs | None = None) -> None:
         self.timeout = dt.timedelta(seconds=timeout_s)
         self.last_seen: dict[tuple[Kind, int], dt.datetime] = {}
         self._pending = _Pending()
         self.heartbeats_total = 0
-        # Declared down on a confirmed report (mark_down) and not heard from since.
-        self.reported_down: set[tuple[Kind, int]] = set()
+        # SDSs declared down on a confirmed report (mark_down) and not proven up since
+        # (docs/mdm.md, "Hold-down and flapping"; meshblock.mdm.holddown).
+        self.holds = HoldDowns(knobs or Knobs())
+
+    @property
+    def reported_down(self) -> set[tuple[Kind, int]]:
+        """SDSs held down: declared down on a report, not proven up since."""
+        return {("sds", i) for i in self.holds.held_ids()}
 
     async def load(self, session: AsyncSession) -> None:
         for kind, model in (("sds", Sds), ("sdc", Sdc)):
@@ -64,7 +71,6 @@ class Liveness:
         now = utcnow()
         self.heartbeats_total += 1
         self.last_seen[(kind, id_)] = now
-        self.reported_down.discard((kind, id_))
         self._pending.seen[(kind, id_)] = now
         for d in devices or ():
             self._pending.device_used[(id_, d["id"])] = d["used_bytes"]
@@ -74,18 +80,32 @@ class Liveness:
     def forget(self, kind: Kind, id_: int) -> None:
         self.last_seen.pop((kind, id_), None)
         self._pending.seen.pop((kind, id_), None)
+        if kind == "sds":
+            self.holds.forget(id_)
 
-    def mark_down(self, kind: Kind, id_: int) -> None:
-        """Declare a component down now (a peer's report, confirmed by the MDM): as if
-        its last heartbeat were older than the timeout. Its next heartbeat, if any,
-        brings it back."""
-        self.last_seen[(kind, id_)] = utcnow() - self.timeout - dt.timedelta(seconds=1)
-        self.reported_down.add((kind, id_))
+    def mark_down(self, id_: int) -> None:
+        """Declare an SDS down now (a peer's report, confirmed by the MDM): as if its
+        last heartbeat were older than the timeout, and held down: its heartbeats do
+        not bring it back, only probes that reach it for ``hold_down_s``
+        (:meth:`release`)."""
+        self.last_seen[("sds", id_)] = utcnow() - self.timeout - dt.timedelta(seconds=1)
+        self.holds.down(id_)
+
+    def release(self, id_: int) -> None:
+        """A held SDS proven up: connected again from its next heartbeat on."""
+        self.holds.release(id_)
+
+    def connected_sds(self) -> list[int]:
+        return [
+            i for (k, i) in self.last_seen if k == "sds" and self.state("sds", i) == "connected"
+        ]
 
     def seen(self, kind: Kind, id_: int) -> dt.datetime | None:
         return self.last_seen.get((kind, id_))
 
     def state(self, kind: Kind, id_: int) -> str:
+        if kind == "sds" and self.holds.held(id_):
+            return "disconnected"
         seen = self.last_seen.get((kind, id_))
         if seen is not None and utcnow() - seen <= self.timeout:
             return "connected"

@@ -205,6 +205,16 @@ SDS_HEARTBEAT = obj(
                 ("id", "chunks_left"),
             ),
         },
+        # How long this SDS has reached each held SDS the MDM named (``probe``) without
+        # a break, in seconds (0: its last ping failed).
+        "probes": {
+            "type": "array",
+            "maxItems": 1024,
+            "items": obj(
+                {"sds_id": ID, "reachable_s": {"type": "number", "minimum": 0, "maximum": 2**31}},
+                ("sds_id", "reachable_s"),
+            ),
+        },
         "copies": {
             "type": "array",
             "maxItems": 1024,
@@ -341,6 +351,8 @@ COMPONENTS: dict[str, dict[str, Any]] = {
             "data_port": _INT,
             "control_port": _INT,
             "state": _STATE,
+            "held_down": {"type": "boolean"},
+            "flapping": {"type": "boolean"},
             "mode": {"type": "string", "enum": ["normal", "maintenance", "draining"]},
             "last_seen": _TS,
             "devices": {"type": "array", "items": {"$ref": "#/components/schemas/Device"}},
@@ -409,6 +421,22 @@ COMPONENTS: dict[str, dict[str, Any]] = {
         }
     ),
     "Heartbeat": _resp({"state": _STATE, "epoch": _INT}),
+    "SdsHeartbeat": _resp(
+        {
+            "state": _STATE,
+            "epoch": _INT,
+            # Held SDSs this SDS should ping and report on in its heartbeats' probes
+            # (docs/mdm.md, "Hold-down and flapping")
+            "probe": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": ["sds_id", "address", "data_port"],
+                    "properties": {"sds_id": _INT, "address": _STR, "data_port": _INT},
+                },
+            },
+        }
+    ),
     "Rebuild": _resp(
         {"pools": {"type": "array", "items": {"$ref": "#/components/schemas/PoolRebuild"}}}
     ),

@@ -41,6 +41,7 @@ from meshblock.config import ConfigError
 from meshblock.files import fsync_directory, write_atomic
 from meshblock.sds.config import SdsConfig
 from meshblock.sds.maps import PgMap
+from meshblock.sds.peer_probe import PeerProbes, wire_pinger
 from meshblock.sds.resync import Resync
 from meshblock.sds.state import SdsState
 from meshblock.sds.store import Device
@@ -173,6 +174,8 @@ class MdmLink:
         self._failures_reported: set[str] = set()
         self._failure_task: asyncio.Task[None] | None = None
         sds.device_failed = self._device_failed
+        # SDSs held down by the MDM that it asks us to ping (docs/mdm.md, hold-down)
+        self.peer_probes = PeerProbes(wire_pinger(secret, config.wire_min_version))
 
     # -- state file -------------------------------------------------------------------
 
@@ -264,6 +267,7 @@ class MdmLink:
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        await self.peer_probes.stop()
         if self._session is not None:
             await self._session.close()
 
@@ -562,9 +566,15 @@ class MdmLink:
             ],
             "copies": self._resync.report(),
         }
+        probes = self.peer_probes.report()
+        if probes:
+            body["probes"] = probes
         status, doc = await self._call("POST", f"/api/v1/sds/{sds.sds_id}/heartbeat", body)
         if status == 200 and isinstance(doc, dict) and isinstance(doc.get("epoch"), int):
             self.cluster_epoch = max(self.cluster_epoch, doc["epoch"])
+        if status == 200 and isinstance(doc, dict):
+            # absent from an MDM of an older release
+            self.peer_probes.set_targets(doc.get("probe") or ())
         if status == 404:
             log.warning("the MDM does not know SDS %d any more; registering again", sds.sds_id)
             await self._register()

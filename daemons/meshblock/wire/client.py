@@ -650,3 +650,34 @@ class WireClient:
                 exc = TimeoutError(f"no reply from {self.address} for {limit:.3g} s")
                 p._fail_all(exc)
                 p.abort()
+
+
+async def answers_ping(
+    host: str,
+    port: int,
+    secret: str | bytes,
+    role: PeerRole,
+    limit_s: float,
+    min_version: int = MIN_PROTOCOL_VERSION,
+) -> bool:
+    """Whether the SDS at ``host:port`` serves the data protocol: a new connection
+    authenticated with ``secret`` as ``role``, and a PING answered, all within
+    ``limit_s`` (the MDM's and the SDSs' probes of a held SDS: docs/mdm.md)."""
+    try:
+        async with asyncio.timeout(limit_s):
+            client = await WireClient.connect(
+                host,
+                port,
+                secret,
+                role,
+                connect_timeout=limit_s,
+                request_timeout=None,
+                min_version=min_version,
+            )
+            try:
+                await client.ping()
+            finally:
+                await client.close()
+    except Exception:  # refused, reset, timed out, refused in the handshake: not served
+        return False
+    return True

@@ -141,6 +141,22 @@ def register(root: Subparsers) -> None:
 
     p = add_command(
         sub,
+        "clear-flapping",
+        clear_flapping,
+        help="let a flapping SDS return once it proves itself up",
+        description="""
+            An SDS that went down more than [cluster] flap_count times within
+            flap_window_s (STATE 'disconnected (flapping)' in 'sds list') is kept out
+            until this command: its downs are forgotten, and it returns once the MDM
+            and a peer have reached its data port for [cluster] hold_down_s. Find
+            and fix why it flapped first (docs/runbook.md, MeshblockSdsFlapping).
+            Exit 5 when it is not flapping.""",
+        examples=["meshctl sds clear-flapping sds2"],
+    )
+    p.add_argument("name", help="SDS name (or id)")
+
+    p = add_command(
+        sub,
         "device-add",
         device_add,
         help="add a device to an SDS",
@@ -224,7 +240,7 @@ def list_(ctx: Context, args: Namespace) -> None:
                     ctx.names.name_of("protection_domain", s.get("protection_domain_id")),
                     ctx.names.name_of("fault_set", s.get("fault_set_id")),
                     f"{s.get('address')}:{s.get('data_port')}",
-                    s.get("state"),
+                    state_cell(s),
                     _devices_cell(devices),
                     size(sum(d.get("capacity_bytes", 0) for d in devices)),
                     size(sum(d.get("used_bytes", 0) for d in devices)),
@@ -240,6 +256,17 @@ def list_(ctx: Context, args: Namespace) -> None:
         )  # fmt: skip
 
     ctx.emit(doc, human)
+
+
+def state_cell(sds: JsonObject) -> str:
+    """``connected``, ``disconnected``, ``disconnected (held)`` (down on a failure
+    report, not proven up yet) or ``disconnected (flapping)``."""
+    state = str(sds.get("state"))
+    if sds.get("flapping"):
+        return f"{state} (flapping)"
+    if sds.get("held_down"):
+        return f"{state} (held)"
+    return state
 
 
 def _devices_cell(devices: list[JsonObject]) -> str:
@@ -265,6 +292,8 @@ def show(ctx: Context, args: Namespace) -> None:
                 ("data port", sds.get("data_port")),
                 ("control port", sds.get("control_port")),
                 ("state", sds.get("state")),
+                ("held down", sds.get("held_down")),
+                ("flapping", sds.get("flapping")),
                 ("mode", sds.get("mode")),
                 ("last seen", timestamp(sds.get("last_seen"))),
                 ("created", timestamp(sds.get("created_at"))),
@@ -343,6 +372,16 @@ def drain(ctx: Context, args: Namespace) -> None:
             f"SDS {sds['name']!r} is draining; 'meshctl rebuild status --watch' follows it",
             doc,
         )
+
+
+def clear_flapping(ctx: Context, args: Namespace) -> None:
+    sds = ctx.names.sds(args.name)
+    doc = ctx.client.post(f"{PATH}/{sds['id']}/clear-flapping", {})
+    ctx.done(
+        f"SDS {sds['name']!r}: flapping cleared; it returns once the MDM and a peer "
+        "have reached it for the hold-down period",
+        doc,
+    )
 
 
 def maintenance(ctx: Context, args: Namespace) -> None:

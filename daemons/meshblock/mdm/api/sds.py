@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 from typing import Any, cast
 
@@ -14,7 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import selectinload
 
 from meshblock.auth import Role
-from meshblock.mdm import authz, failures, pgmaps, pgtable, schemas, unclean
+from meshblock.mdm import authz, failures, holddown, pgmaps, pgtable, schemas, unclean
 from meshblock.mdm.api.common import (
     change,
     get_or_404,
@@ -76,6 +74,8 @@ def sds_doc(s: Sds, live: Liveness) -> dict[str, Any]:
         "data_port": s.data_port,
         "control_port": s.control_port,
         "state": live.state("sds", s.id),
+        "held_down": live.holds.held(s.id),
+        "flapping": live.holds.flapping(s.id),
         "mode": s.mode.value,
         "last_seen": ts(seen),
         "devices": [device_doc(d) for d in s.devices],
@@ -486,7 +486,7 @@ async def remove_device(request: web.Request) -> web.Response:
     tag=TAG,
     summary="SDS heartbeat with device and volume usage",
     body=schemas.SDS_HEARTBEAT,
-    response="Heartbeat",
+    response="SdsHeartbeat",
     errors=(404,),
 )
 async def sds_heartbeat(request: web.Request, body: dict[str, Any]) -> web.Response:
@@ -500,7 +500,15 @@ async def sds_heartbeat(request: web.Request, body: dict[str, Any]) -> web.Respo
     c.progress.report(sds_id, body.get("copies"))
     c.tombstones.report(sds_id, body.get("tombstones"))
     c.reported.sds(sds_id, body)
-    return json({"state": "connected", "epoch": c.notifier.epoch})
+    holds = c.liveness.holds
+    holds.report(sds_id, body.get("probes") or ())
+    return json(
+        {
+            "state": c.liveness.state("sds", sds_id),
+            "epoch": c.notifier.epoch,
+            "probe": holds.probe_list(sds_id),
+        }
+    )
 
 
 @routes.route(
@@ -763,6 +771,30 @@ async def _check_room_without(s: AsyncSession, sds: Sds) -> None:
 
 @routes.route(
     "POST",
+    r"/api/v1/sds/{id:\d+}/clear-flapping",
+    role=Role.ADMIN,
+    tag=TAG,
+    summary="Let a flapping SDS return (once probes prove it up for the hold-down period)",
+    response="Sds",
+    errors=(404, 409),
+)
+async def sds_clear_flapping(request: web.Request) -> web.Response:
+    """An SDS that went down more than ``[cluster] flap_count`` times within
+    ``flap_window_s`` stays out until this: its downs are forgotten, and it returns
+    once the MDM and a peer have reached its data port for ``hold_down_s`` (409 when it
+    is not flapping)."""
+    live = ctx(request).liveness
+    async with reading(request) as s:
+        sds = await _load(s, path_id(request))
+        if not live.holds.flapping(sds.id):
+            raise Conflict(f"SDS {sds.name!r} is not flapping")
+        live.holds.clear(sds.id)
+        log.warning("SDS %s: flapping cleared by the operator; it returns once proven up", sds.name)
+        return json(sds_doc(sds, live))
+
+
+@routes.route(
+    "POST",
     r"/api/v1/sds/{id:\d+}/unreachable",
     role=Role.COMPONENT,
     tag=TAG,
@@ -789,7 +821,7 @@ async def sds_unreachable(request: web.Request, body: dict[str, Any]) -> web.Res
             name,
             request.get(authz.CALLER) or body.get("reporter", "a peer"),
         )
-        c.liveness.mark_down("sds", sds_id)
+        c.liveness.mark_down(sds_id)
         if c.detector is not None:
             await c.detector.check()
     return json(
@@ -801,12 +833,4 @@ UNREACHABLE_PROBE_S = 1.0
 
 
 async def _reachable(address: str, port: int) -> bool:
-    try:
-        async with asyncio.timeout(UNREACHABLE_PROBE_S):
-            _, writer = await asyncio.open_connection(address, port)
-    except (OSError, TimeoutError):
-        return False
-    writer.close()
-    with contextlib.suppress(OSError):
-        await writer.wait_closed()
-    return True
+    return await holddown.connects(address, port, UNREACHABLE_PROBE_S)

@@ -1,0 +1,309 @@
+"""Down means down until proven up; an SDS that flaps stays out.
+
+An SDS declared down on a failure report (a peer could not reach it and neither
+could the MDM: ``POST /api/v1/sds/{id}/unreachable``) is **held down**: its
+heartbeats alone do not bring it back, since a gray failure (its data port
+unreachable, its heartbeats still flowing) would otherwise bring it back within a
+second, to be reported again: down, up, down, a new map epoch each time. It returns
+when, for ``[cluster] hold_down_s`` without a break,
+
+- the MDM reaches its data port with a probe over the data protocol (a connection
+  authenticated with the cluster secret and a PING answered), once a second, and
+- at least one other connected SDS does the same: the MDM names the held SDSs in its
+  heartbeat replies (``probe``), every SDS pings them once a second and reports in
+  its heartbeats how long each has answered without a break (``probes``). When no
+  other SDS is connected the MDM's view suffices.
+
+An SDS **goes down** each time a report about it is confirmed, and each time a probe
+of it fails after one that succeeded while it is held (a return attempt that
+failed: a flap). One that goes down more than ``flap_count`` times within
+``flap_window_s`` is **flapping**: it stays held, whatever the probes say, until an
+operator clears it (``meshctl sds clear-flapping NAME``); then it must prove itself
+up like any held SDS.
+
+The decisions are pure functions of a :class:`Record` (load, decide, write, as in
+:mod:`meshblock.mdm.failures`); :class:`HoldDowns` keeps one record per SDS in
+memory (an MDM restart forgets them: a held SDS then returns on its heartbeat) and
+:class:`Prober` runs the MDM's probes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass, field, replace
+
+from meshblock.wire.client import answers_ping
+from meshblock.wire.protocol import PeerRole
+
+log = logging.getLogger(__name__)
+
+#: A peer's report (a heartbeat's ``probes``) counts for this long after it arrived.
+PEER_REPORT_FRESH_S = 6.0
+#: The MDM's probe of a held SDS: connect, authenticate and PING within this.
+PROBE_TIMEOUT_S = 1.0
+
+
+@dataclass(frozen=True)
+class Knobs:
+    """``[cluster] hold_down_s``, ``flap_count`` and ``flap_window_s``."""
+
+    hold_down_s: float = 5.0
+    flap_count: int = 3
+    flap_window_s: float = 600.0
+
+
+@dataclass(frozen=True)
+class Record:
+    """What the MDM knows of one SDS's downs and return (times: monotonic seconds)."""
+
+    downs: tuple[float, ...] = ()
+    """When it went down, within the last ``flap_window_s``."""
+    held: bool = False
+    """Declared down on a report and not proven up since."""
+    flapping: bool = False
+    """Went down more than ``flap_count`` times in ``flap_window_s``: held until cleared."""
+    reachable_since: float | None = None
+    """The MDM's probes have succeeded since then without a break (None: the last failed)."""
+
+
+def went_down(rec: Record, now: float, knobs: Knobs) -> Record:
+    """``rec`` after the SDS goes down at ``now``: held, this down counted, flapping
+    once the window holds more than ``flap_count`` downs."""
+    downs = (*(t for t in rec.downs if now - t < knobs.flap_window_s), now)
+    return Record(
+        downs=downs,
+        held=True,
+        flapping=rec.flapping or len(downs) > knobs.flap_count,
+        reachable_since=None,
+    )
+
+
+def probed(rec: Record, now: float, ok: bool, knobs: Knobs) -> Record:
+    """``rec`` after a probe by the MDM at ``now``. A failure of a held SDS after a
+    success is a flap: it counts as going down."""
+    if not rec.held:
+        return rec
+    if ok:
+        return rec if rec.reachable_since is not None else replace(rec, reachable_since=now)
+    if rec.reachable_since is not None:
+        return went_down(rec, now, knobs)
+    return rec
+
+
+def proven_up(
+    rec: Record, now: float, peer_reachable_s: Iterable[float], peers: bool, knobs: Knobs
+) -> bool:
+    """Whether a held SDS returns now: not flapping, the MDM's probes have succeeded for
+    ``hold_down_s``, and so have one peer's (``peer_reachable_s``: what the other
+    connected SDSs reported in fresh heartbeats) unless ``peers`` is False (no other
+    SDS is connected to ask)."""
+    if not rec.held or rec.flapping or rec.reachable_since is None:
+        return False
+    if now - rec.reachable_since < knobs.hold_down_s:
+        return False
+    return not peers or any(s >= knobs.hold_down_s for s in peer_reachable_s)
+
+
+def cleared(rec: Record) -> Record:
+    """``rec`` after ``clear-flapping``: its downs forgotten, still held until proven up."""
+    return Record(held=rec.held, reachable_since=rec.reachable_since)
+
+
+@dataclass
+class PeerReport:
+    reachable_s: float
+    received: float
+
+
+@dataclass
+class HoldDowns:
+    """One :class:`Record` per SDS id, and the peers' probe reports."""
+
+    knobs: Knobs = field(default_factory=Knobs)
+    records: dict[int, Record] = field(default_factory=dict)
+    # held SDS -> reporting SDS -> its last report
+    peer_reports: dict[int, dict[int, PeerReport]] = field(default_factory=dict)
+    # held SDS -> its data address (host, port), for the heartbeat replies' ``probe``
+    addresses: dict[int, tuple[str, int]] = field(default_factory=dict)
+
+    def record(self, sds_id: int) -> Record:
+        return self.records.get(sds_id, Record())
+
+    def held(self, sds_id: int) -> bool:
+        return self.record(sds_id).held
+
+    def held_ids(self) -> list[int]:
+        return sorted(i for i, r in self.records.items() if r.held)
+
+    def flapping(self, sds_id: int) -> bool:
+        return self.record(sds_id).flapping
+
+    def down(self, sds_id: int, now: float | None = None) -> Record:
+        now = time.monotonic() if now is None else now
+        rec = went_down(self.record(sds_id), now, self.knobs)
+        self._set(sds_id, rec)
+        return rec
+
+    def probed(self, sds_id: int, ok: bool, now: float | None = None) -> Record:
+        now = time.monotonic() if now is None else now
+        before = self.record(sds_id)
+        rec = probed(before, now, ok, self.knobs)
+        self._set(sds_id, rec)
+        if rec.flapping and not before.flapping:
+            log.error(
+                "SDS %d went down %d times within %.0f s: flapping, kept out until "
+                "'meshctl sds clear-flapping'",
+                sds_id,
+                len(rec.downs),
+                self.knobs.flap_window_s,
+            )
+        return rec
+
+    def clear(self, sds_id: int) -> None:
+        self._set(sds_id, cleared(self.record(sds_id)))
+
+    def release(self, sds_id: int) -> None:
+        """Proven up: no longer held (its downs still count towards flapping)."""
+        rec = self.record(sds_id)
+        self._set(sds_id, replace(rec, held=False, reachable_since=None))
+        self.peer_reports.pop(sds_id, None)
+        self.addresses.pop(sds_id, None)
+
+    def forget(self, sds_id: int) -> None:
+        self.records.pop(sds_id, None)
+        self.peer_reports.pop(sds_id, None)
+        self.addresses.pop(sds_id, None)
+        for reports in self.peer_reports.values():
+            reports.pop(sds_id, None)
+
+    def report(
+        self, reporter: int, probes: Iterable[Mapping[str, float]], now: float | None = None
+    ) -> None:
+        """A heartbeat's ``probes``: how long ``reporter`` has reached each held SDS."""
+        now = time.monotonic() if now is None else now
+        for p in probes:
+            target = int(p["sds_id"])
+            if target != reporter and self.held(target):
+                self.peer_reports.setdefault(target, {})[reporter] = PeerReport(
+                    float(p["reachable_s"]), now
+                )
+
+    def peer_view(self, sds_id: int, reporters: Iterable[int], now: float) -> list[float]:
+        """What the given reporters said of ``sds_id`` in fresh reports."""
+        got = self.peer_reports.get(sds_id, {})
+        return [
+            r.reachable_s
+            for i in reporters
+            if (r := got.get(i)) is not None and now - r.received <= PEER_REPORT_FRESH_S
+        ]
+
+    def probe_list(self, asker: int) -> list[dict[str, object]]:
+        """For a heartbeat reply to SDS ``asker``: the held SDSs it should ping."""
+        return [
+            {"sds_id": i, "address": a, "data_port": p}
+            for i, (a, p) in sorted(self.addresses.items())
+            if i != asker and i in self.records and not self.records[i].flapping
+        ]
+
+    def to_probe(self) -> list[int]:
+        """Held SDSs that are not flapping: the ones worth probing."""
+        return sorted(i for i, r in self.records.items() if r.held and not r.flapping)
+
+    def _set(self, sds_id: int, rec: Record) -> None:
+        if rec == Record():
+            self.records.pop(sds_id, None)
+        else:
+            self.records[sds_id] = rec
+
+
+async def probe(address: str, port: int, secret: str, limit_s: float = PROBE_TIMEOUT_S) -> bool:
+    """Whether the SDS at ``address:port`` answers the data protocol: a connection
+    authenticated with ``secret`` and a PING answered, within ``limit_s``. Without a
+    secret (an MDM whose components authenticate with certificates only) a TCP
+    connection is all it can check."""
+    if secret:
+        return await answers_ping(address, port, secret, PeerRole.TOOL, limit_s)
+    return await connects(address, port, limit_s)
+
+
+async def connects(address: str, port: int, limit_s: float) -> bool:
+    """Whether a TCP connection to ``address:port`` opens within ``limit_s``."""
+    try:
+        async with asyncio.timeout(limit_s):
+            _, writer = await asyncio.open_connection(address, port)
+    except (OSError, TimeoutError):
+        return False
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+    return True
+
+
+Probe = Callable[[str, int], Awaitable[bool]]
+"""``probe(address, port)``: what the prober calls (:func:`probe` with the secret)."""
+
+
+class Prober:
+    """Once a second, probes every held SDS that is not flapping (:func:`probe`), applies
+    the results and releases those proven up (:func:`proven_up`), then calls
+    ``returned`` (the failure detector's check) so that their PGs resync."""
+
+    def __init__(
+        self,
+        holds: HoldDowns,
+        addresses: Callable[[list[int]], Awaitable[dict[int, tuple[str, int]]]],
+        connected: Callable[[], Iterable[int]],
+        release: Callable[[int], None],
+        returned: Callable[[], Awaitable[object]],
+        probe_fn: Probe,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._clock = clock
+        self.holds = holds
+        self._addresses = addresses
+        self._connected = connected
+        self._release = release
+        self._returned = returned
+        self._probe = probe_fn
+
+    async def tick(self) -> list[int]:
+        """Probe once; return the SDSs released."""
+        ids = self.holds.to_probe()
+        if not ids:
+            self.holds.addresses.clear()
+            return []
+        where = await self._addresses(ids)
+        self.holds.addresses = {i: where[i] for i in ids if i in where}
+        targets = sorted(self.holds.addresses.items())
+        results = await asyncio.gather(*(self._probe(a, p) for _, (a, p) in targets))
+        now = self._clock()
+        connected = set(self._connected())
+        released = []
+        for (sds_id, _), ok in zip(targets, results, strict=True):
+            rec = self.holds.probed(sds_id, ok, now)
+            peers = connected - {sds_id} - set(self.holds.held_ids())
+            view = self.holds.peer_view(sds_id, peers, now)
+            if proven_up(rec, now, view, bool(peers), self.holds.knobs):
+                log.warning(
+                    "SDS %d proven up: its data port answered the MDM%s for %.1f s: back",
+                    sds_id,
+                    " and a peer" if peers else "",
+                    now - (rec.reachable_since or now),
+                )
+                self._release(sds_id)
+                released.append(sds_id)
+        if released:
+            await self._returned()
+        return released
+
+    async def run(self, interval_s: float = 1.0) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                await self.tick()
+            except Exception:
+                log.exception("hold-down probes failed; trying again in %.0f s", interval_s)
