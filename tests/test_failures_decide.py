@@ -112,6 +112,21 @@ def test_a_resyncing_pg_falls_back_when_a_copy_is_lost_again() -> None:
     }
 
 
+def test_a_rebuilding_pg_whose_new_copy_is_lost_rebuilds_it_whole_elsewhere() -> None:
+    """The copy being filled holds part of the PG (or, after an unclean start, misses
+    writes no record lists): it is dropped, never resynced with a delta on its return.
+    Another SDS takes a new copy at once, or, with no room, the PG stays degraded
+    without a secondary until one is usable."""
+    rows = [pg(0, 10, 20, REBUILDING), pg(1, 30, 10), pg(2, 30, 10)]
+    assert after(rows, up(1, 3, 4)) == {0: (10, 40, REBUILDING, None)}
+    alone = cluster(1, 2)
+    plan = decide([pg(0, 10, 20, REBUILDING)], alone, replace(up(1), down=frozenset({2})))
+    assert [(c.after.secondary, c.after.state) for c in plan.changes] == [(None, DEGRADED)]
+    assert plan.no_room == {POOL: 1}
+    back = decide([plan.changes[0].after], alone, up(1, 2))
+    assert [(c.after.secondary, c.after.state) for c in back.changes] == [(20, REBUILDING)]
+
+
 def test_an_inactive_pg_comes_back_with_its_primary() -> None:
     rows = [pg(0, 10, 20, INACTIVE)]
     assert after(rows, up(1, 3, 4)) == {0: (10, 20, DEGRADED, None)}

@@ -2,8 +2,9 @@
 reports it, the MDM confirms by connecting to the SDS itself, and only then fails it,
 long before the heartbeat timeout. Such an SDS is held down until the MDM and a peer
 have reached its data port for ``hold_down_s`` (docs/mdm.md, "Hold-down and
-flapping"): its heartbeats alone do not bring it back. Real MDM (heartbeat timeout 60 s, so the timeout
-cannot be what acts), three real SDSs, the real SDC; IO through NBD with qemu-io."""
+flapping"): its heartbeats alone do not bring it back. Real MDM (heartbeat timeout
+60 s, so the timeout cannot be what acts), three real SDSs, the real SDC; IO through
+NBD with qemu-io."""
 
 from __future__ import annotations
 

@@ -11,6 +11,7 @@ on an SDS whose state changed (see docs/mdm.md, "Failures"):
 | clean | both SDSs are down | inactive |
 | degraded | the primary's (the only in-sync copy's) SDS is down | inactive |
 | degraded | the secondary's SDS heartbeats again | resyncing |
+| rebuilding | the secondary's SDS is down | degraded, without that partial copy |
 | resyncing | the secondary's SDS is down again | degraded |
 | resyncing | the primary's SDS is down | inactive |
 | resyncing | the primary reports the copy done (``pg-synced``) | clean |
@@ -328,6 +329,8 @@ def decide(
         after = _fail_over(row, devices, seen)
         if row.target is not None and after.target is None:
             copies[row.target] -= 1
+        if row.secondary is not None and row.secondary not in (after.primary, after.secondary):
+            copies[row.secondary] -= 1
         after = _rebuild(after, devices, copies, seen, plan)
         if after != row:
             plan.changes.append(PgChange(row, after))
@@ -345,6 +348,12 @@ def _fail_over(row: PgRow, devices: Mapping[int, PoolDevice], seen: Conditions) 
     )
     swap, state = next_state(seen.up(primary), seen.up(secondary), row.state, s_connected)
     p, s = (row.secondary, row.primary) if swap else (row.primary, row.secondary)
+    if row.state == PgState.REBUILDING and state == PgState.DEGRADED:
+        # The copy being filled is down: it holds part of the PG (a new copy, or one
+        # that needs a full copy after an unclean start), and a resync on its return
+        # would copy only what was written meanwhile. It is dropped: _rebuild gives
+        # the PG a new secondary, filled whole.
+        s = None
     target, moving = row.target, row.moving
     if target is not None and (state != PgState.CLEAN or not seen.takes_copies(devices[target])):
         target, moving = None, None
