@@ -89,7 +89,7 @@ def test_a_reported_sds_returns_only_once_probes_prove_it_up(ff: SmallCluster) -
     def returned() -> bool:
         doc = sds_doc(ff, victim.name)
         samples.append(doc)
-        return doc["state"] == "connected"
+        return bool(doc["state"] == "connected")
 
     wait_until(returned, 60, f"{victim.name} to be proven up", interval=0.2, detail=ff.logs)
     # It heartbeated while it was held: a last_seen newer than before, still disconnected.

@@ -92,16 +92,18 @@ def test_a_flapping_sds_stays_out_until_cleared(fc: SmallCluster) -> None:
     victim.wait_serving()
 
     # Frozen and thawed every 3 s: never 5 s of answers in a row.
+    proc = victim.proc
+    assert proc is not None
     cycles = 0
     try:
         while cycles < 20 and not sds_doc(fc, victim.name)["flapping"]:
             time.sleep(CYCLE_S)
-            victim.proc.send_signal(signal.SIGSTOP)
+            proc.send_signal(signal.SIGSTOP)
             time.sleep(CYCLE_S)
-            victim.proc.send_signal(signal.SIGCONT)
+            proc.send_signal(signal.SIGCONT)
             cycles += 1
     finally:
-        victim.proc.send_signal(signal.SIGCONT)
+        proc.send_signal(signal.SIGCONT)
     doc = sds_doc(fc, victim.name)
     assert doc["flapping"] and doc["held_down"] and doc["state"] == "disconnected", doc
     print(f"flapping after {cycles} freeze-thaw cycles")
