@@ -12,7 +12,16 @@ from sqlalchemy import select
 
 from meshblock.auth import Role, TokenTable
 from meshblock.mdm import db, health, openapi
-from meshblock.mdm.api import pools, protection_domains, rebuild, sdc, sds, topology, volumes
+from meshblock.mdm.api import (
+    pools,
+    protection_domains,
+    rebuild,
+    scrub,
+    sdc,
+    sds,
+    topology,
+    volumes,
+)
 from meshblock.mdm.authz import auth_middleware
 from meshblock.mdm.config import MdmConfig
 from meshblock.mdm.context import CTX, MdmContext
@@ -130,6 +139,7 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
             Purger(c.sessions, c.write_gate, c.notifier, c.tombstones, c.reported).run(),
             name="purger",
         ),
+        asyncio.create_task(scrub.run(c), name="scrub-schedule"),
     ]
     yield
     for task in tasks:
@@ -151,6 +161,7 @@ ROUTE_TABLES: tuple[ApiRoutes, ...] = (
     pools.routes,
     protection_domains.routes,
     rebuild.routes,
+    scrub.routes,
     sdc.routes,
     sds.routes,
     volumes.routes,

@@ -78,6 +78,21 @@ class ClusterConfig:
 
 
 @dataclass(frozen=True)
+class ScrubConfig:
+    """``[scrub]``: the background scrub of every pool (docs/mdm.md, "Scrub").
+
+    A pool's pass starts ``period_s`` after the previous one started (every chunk
+    checked once a week by default), the first one ``start_delay_s`` after the MDM
+    starts; the SDSs scrub at most ``bandwidth_mibps`` MiB/s per source device
+    (0: unlimited), as ``rebuild_bandwidth_mibps`` paces rebuilds.
+    """
+
+    period_s: float = 7 * 24 * 3600.0
+    bandwidth_mibps: int = 20
+    start_delay_s: float = 600.0
+
+
+@dataclass(frozen=True)
 class TlsConfig:
     """``[tls]``: serve the API over HTTPS (docs/security.md). Off while ``cert`` is empty.
 
@@ -109,6 +124,7 @@ class MdmConfig:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     tls: TlsConfig = field(default_factory=TlsConfig)
+    scrub: ScrubConfig = field(default_factory=ScrubConfig)
 
     def __post_init__(self) -> None:
         t = self.tls
@@ -143,3 +159,7 @@ class MdmConfig:
             raise ValueError("cluster.flap_count must be at least 1")
         if self.cluster.flap_window_s <= 0:
             raise ValueError("cluster.flap_window_s must be positive")
+        if self.scrub.period_s <= 0 or self.scrub.start_delay_s < 0:
+            raise ValueError("scrub.period_s must be positive, scrub.start_delay_s not negative")
+        if not 0 <= self.scrub.bandwidth_mibps <= 100_000:
+            raise ValueError("scrub.bandwidth_mibps must be 0..100000")

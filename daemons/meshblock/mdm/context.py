@@ -17,6 +17,7 @@ from meshblock.mdm.liveness import Liveness
 from meshblock.mdm.pgmaps import MapCache
 from meshblock.mdm.progress import CopyProgress
 from meshblock.mdm.reconcile import Reported
+from meshblock.mdm.scrub import ScrubSchedule
 from meshblock.tls import ServerTls
 
 
@@ -34,6 +35,7 @@ class MdmContext:
     tombstones: TombstoneReports = field(default_factory=TombstoneReports)
     reported: Reported = field(default_factory=Reported)
     detector: FailureDetector | None = None  # set by the background tasks
+    scrub: ScrubSchedule | None = None  # set by the background tasks
     # ("sds", id) -> name, ("sdc", id) -> GUID: whom a certificate may act as (authz.py)
     owners: dict[tuple[str, int], str] = field(default_factory=dict)
 

@@ -3,6 +3,7 @@ and the Prometheus ``/metrics`` page."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -15,6 +16,7 @@ from sqlalchemy import func, select
 import meshblock
 from meshblock.auth import Role
 from meshblock.chunks import pgs_of_volume
+from meshblock.mdm import scrub
 from meshblock.mdm.api.common import json, reading, ts
 from meshblock.mdm.capacity import PoolCapacity, pool_capacities
 from meshblock.mdm.context import CTX, MdmContext, ctx
@@ -364,6 +366,12 @@ class ClusterCollector(Collector):
         yield from sizes.values()
         yield from (pgs, epochs, used, high, critical, degraded)
         yield from copy_metrics.values()
+        yield from scrub.metric_families(
+            self.ctx.scrub,
+            [(pool.id, [pool.name, pd]) for pool, pd, _, _ in n["_pools"]],
+            time.time(),
+            time.monotonic(),
+        )
         yield CounterMetricFamily(
             "meshblock_mdm_heartbeats",
             "Heartbeats received",

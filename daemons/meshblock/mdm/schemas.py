@@ -158,6 +158,44 @@ PGS_SYNCED = obj(
     ("reports",),
 )
 
+_COUNT: dict[str, Any] = {"type": "integer", "minimum": 0, "maximum": 2**62}
+#: An SDS's scrub report (docs/mdm.md, "Scrub"): per pool the pass it works on, the
+#: PGs it scrubbed in it and its counters; its findings the MDM has not taken yet.
+SCRUB_REPORT = obj(
+    {
+        # the SDS process's: its findings are numbered from 1 in each
+        "instance": {"type": "string", "maxLength": 64},
+        "pools": {
+            "type": "array",
+            "maxItems": 1024,
+            "items": obj(
+                {
+                    "pool_id": ID,
+                    "pass": _COUNT,
+                    "pgs_done": {
+                        "type": "array",
+                        "maxItems": 65536,
+                        "items": {"type": "integer", "minimum": 0, "maximum": 2**31},
+                    },
+                    "chunks": _COUNT,
+                    "bytes": _COUNT,
+                    "errors": {"type": "object", "additionalProperties": _COUNT},
+                    "repaired": _COUNT,
+                },
+                ("pool_id", "pass", "pgs_done", "chunks", "bytes", "repaired"),
+            ),
+        },
+        "findings": {
+            "type": "array",
+            "maxItems": 1024,
+            "items": {
+                "type": "object",
+                "required": ["seq", "pool_id", "kind"],
+                "properties": {"seq": _COUNT, "pool_id": ID, "kind": {"type": "string"}},
+            },
+        },
+    }
+)
 SDS_HEARTBEAT = obj(
     {
         "devices": {
@@ -228,6 +266,7 @@ SDS_HEARTBEAT = obj(
                 ("pool_id", "kind", "remaining_bytes", "copied_bytes"),
             ),
         },
+        "scrub": SCRUB_REPORT,
     }
 )
 SDS_MAINTENANCE = obj({"mode": {"type": "string", "enum": ["enter", "exit"]}}, ("mode",))
@@ -435,6 +474,35 @@ COMPONENTS: dict[str, dict[str, Any]] = {
                     "properties": {"sds_id": _INT, "address": _STR, "data_port": _INT},
                 },
             },
+            # every pool's scrub order, and the newest of this SDS's findings taken
+            "scrub": _resp(
+                {
+                    "orders": {"type": "array", "items": {"type": "object"}},
+                    "findings_acked": _INT,
+                }
+            ),
+        }
+    ),
+    "Scrub": _resp(
+        {
+            "pool_id": _INT,
+            "name": _STR,
+            "state": {"type": "string", "enum": ["idle", "running", "paused", "held"]},
+            "pass": _INT,
+            "pgs_total": _INT,
+            "pgs_done": _INT,
+            "progress_percent": {"type": "number"},
+            "pass_started_at": {"type": ["number", "null"]},
+            "last_complete_at": {"type": ["number", "null"]},
+            "next_pass_at": {"type": ["number", "null"]},
+            "passes_completed": _INT,
+            "period_s": {"type": "number"},
+            "bandwidth_mibps": _INT,
+            "chunks_scrubbed": _INT,
+            "bytes_scrubbed": _INT,
+            "errors": {"type": "object", "additionalProperties": _INT},
+            "repaired_blocks": _INT,
+            "findings": {"type": "array", "items": {"type": "object"}},
         }
     ),
     "Rebuild": _resp(
@@ -511,5 +579,6 @@ for _key, _item, _name in (
     ("sdc", "Sdc", "SdcList"),
     ("volumes", "Volume", "VolumeList"),
     ("mappings", "Mapping", "MappingList"),
+    ("pools", "Scrub", "ScrubList"),
 ):
     COMPONENTS[_name] = list_of(_key, _item)

@@ -34,6 +34,7 @@ from meshblock.sds.mdm_client import (
 from meshblock.sds.metrics import SdsCollector
 from meshblock.sds.replication import Peers
 from meshblock.sds.resync import Resync
+from meshblock.sds.scrub import Scrubber
 from meshblock.sds.server import DataServer
 from meshblock.sds.state import SdsState
 from meshblock.sds.stats import SdsStats
@@ -151,6 +152,7 @@ async def _runtime(app: web.Application) -> AsyncIterator[None]:
         registry.register(SdsCollector(state, resync))
         state.tombstones.rate = config.delete_free_rate
         link = MdmLink(config, secret, state, resync)
+        link.scrubber = Scrubber(state)
         if store.unclean:
             # Our copies may lack writes acknowledged without FUA/FLUSH: serve nothing
             # on cached maps; the MDM, told at registration, decides who serves.
@@ -184,6 +186,8 @@ async def _data_server(app: web.Application) -> AsyncIterator[None]:
         await rt.server.stop()
         await rt.state.tombstones.close()
         await rt.resync.close()
+        if rt.link.scrubber is not None:
+            await rt.link.scrubber.close()
         await rt.state.peers.close()
 
 

@@ -110,6 +110,16 @@ def bad_blocks(got: list[int], row: bytes, first: int) -> list[int]:
     return [first + i for i, (want, have) in pairs if want and want != have]
 
 
+def bad_in_rows(stored: bytes, computed: bytes) -> list[int]:
+    """The blocks whose checksum in ``stored`` (a row; 0: none recorded) is not the
+    one in ``computed`` (the row of the bytes read)."""
+    if stored == computed:
+        return []
+    n = len(stored) >> 2
+    pairs = zip(ROWS[n].unpack(stored), ROWS[n].unpack(computed), strict=True)
+    return [b for b, (want, have) in enumerate(pairs) if want and want != have]
+
+
 def slot_crcs(data: bytes | bytearray | memoryview) -> bytes:
     """The row of a whole slot's bytes."""
     return ROWS[BLOCKS].pack(*block_crcs(memoryview(data)))

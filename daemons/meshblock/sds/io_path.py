@@ -40,7 +40,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any, Final, Protocol
 
 from meshblock.chunks import CHUNK_SIZE, ChunkRef, pg_of
-from meshblock.sds.checksums import ChecksumError
+from meshblock.sds.checksums import ChecksumError, bad_in_rows
 from meshblock.sds.heal import repair_from_peer
 from meshblock.sds.maps import PgMap
 from meshblock.sds.resync import Resync
@@ -65,6 +65,8 @@ log = logging.getLogger(__name__)
 _FUA: Final = int(ReqFlag.FUA)
 _REPLICA: Final = int(ReqFlag.REPLICA)
 _HOLE: Final = int(ReplyFlag.HOLE)
+_HEAL: Final = int(ReqFlag.HEAL)
+_NO_SLOT: Final = (b"", b"")  # CHUNK_CSUMS of a chunk without a slot here
 _WAIT: Final = -1  # check result: the request's epoch is ahead of our map
 _OK: Final = int(Status.OK)
 _FAILED: Final = int(Status.DEVICE_FAILED)
@@ -171,6 +173,9 @@ class DataService:
             return
         if op == Op.CHUNK_READ_RAW:
             self._read(conn, req, t0)
+            return
+        if op == Op.CHUNK_CSUMS:
+            self._csums(conn, req, t0)
             return
         primary = op in _REPL_OF or op == Op.READ
         status = self._check(req, primary)
@@ -331,6 +336,59 @@ class DataService:
             self._reply(conn, req, t0, Status.IO_ERROR)
         else:
             self._read(conn, req, t0, heal=False)
+
+    def _csums(self, conn: Connection, req: Request, t0: float) -> None:
+        """CHUNK_CSUMS: this SDS's copy of the chunk checked against its checksums
+        (the stored row, then the row of its bytes), whatever its role in the PG; HOLE
+        when it holds no slot for it. With HEAL, bad blocks are first repaired from
+        the PG's other copies (heal.py) and the rows read again (``docs/sds.md``,
+        "Scrub"); the bad blocks a HEAL request finds were counted by the look that
+        made the caller ask (CHUNK_CSUMS without HEAL), not again."""
+        rows = self._checksum_rows(conn, req, t0, count=not req.flags & _HEAL)
+        if rows is None:
+            return
+        bad = bad_in_rows(*rows) if rows != _NO_SLOT and req.flags & _HEAL else []
+        if bad:
+            self._spawn(self._csums_healed(conn, req, t0, bad))
+        else:
+            self._csums_reply(conn, req, t0, rows)
+
+    def _checksum_rows(
+        self, conn: Connection, req: Request, t0: float, *, count: bool = True
+    ) -> tuple[bytes, bytes] | None:
+        """The copy's rows, ``_NO_SLOT``; None once an error was answered."""
+        try:
+            rows = self._store.checksum_rows(req.volume_id, req.chunk_index, count=count)
+        except DeviceFailed:
+            self._reply(conn, req, t0, _FAILED)
+            return None
+        except OSError as exc:
+            log.error("scrub of chunk %d/%d failed: %s", req.volume_id, req.chunk_index, exc)
+            self._reply(conn, req, t0, Status.IO_ERROR)
+            return None
+        return _NO_SLOT if rows is None else rows
+
+    async def _csums_healed(
+        self, conn: Connection, req: Request, t0: float, bad: list[int]
+    ) -> None:
+        try:
+            await repair_from_peer(self._state, req.volume_id, req.chunk_index, bad)
+        except DeviceFailed:
+            self._reply(conn, req, t0, _FAILED)
+            return
+        except OSError as exc:
+            log.error("repair of chunk %d/%d failed: %s", req.volume_id, req.chunk_index, exc)
+        rows = self._checksum_rows(conn, req, t0, count=False)
+        if rows is not None:
+            self._csums_reply(conn, req, t0, rows)
+
+    def _csums_reply(
+        self, conn: Connection, req: Request, t0: float, rows: tuple[bytes, bytes]
+    ) -> None:
+        if rows == _NO_SLOT:
+            self._reply(conn, req, t0, _OK, _HOLE)
+        else:
+            self._reply(conn, req, t0, _OK, 0, memoryview(rows[0] + rows[1]))
 
     def _list(self, conn: Connection, req: Request, t0: float) -> None:
         """CHUNK_LIST: the chunks of PG ``pg`` of pool ``pool_id`` this SDS stores, from

@@ -43,6 +43,7 @@ from meshblock.sds.config import SdsConfig
 from meshblock.sds.maps import PgMap
 from meshblock.sds.peer_probe import PeerProbes, wire_pinger
 from meshblock.sds.resync import Resync
+from meshblock.sds.scrub import Scrubber
 from meshblock.sds.state import SdsState
 from meshblock.sds.store import Device
 from meshblock.tls import MdmTls, mdm_tls
@@ -144,6 +145,7 @@ class MdmLink:
         self._secret = secret
         self._sds = sds
         self._resync = resync
+        self.scrubber: Scrubber | None = None  # the background scrub (set by the app)
         self._urls = [u.rstrip("/") for u in config.mdm_urls]
         self._cur = 0
         self._session: aiohttp.ClientSession | None = None
@@ -569,12 +571,17 @@ class MdmLink:
         probes = self.peer_probes.report()
         if probes:
             body["probes"] = probes
+        if self.scrubber is not None:
+            body["scrub"] = self.scrubber.report()
         status, doc = await self._call("POST", f"/api/v1/sds/{sds.sds_id}/heartbeat", body)
         if status == 200 and isinstance(doc, dict) and isinstance(doc.get("epoch"), int):
             self.cluster_epoch = max(self.cluster_epoch, doc["epoch"])
         if status == 200 and isinstance(doc, dict):
             # absent from an MDM of an older release
             self.peer_probes.set_targets(doc.get("probe") or ())
+            scrub = doc.get("scrub")
+            if self.scrubber is not None and isinstance(scrub, dict):
+                self.scrubber.order(scrub.get("orders"), scrub.get("findings_acked"))
         if status == 404:
             log.warning("the MDM does not know SDS %d any more; registering again", sds.sds_id)
             await self._register()

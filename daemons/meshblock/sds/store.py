@@ -84,6 +84,7 @@ from meshblock.sds.checksums import (
     ChecksumError,
     WriteIntent,
     bad_blocks,
+    bad_in_rows,
     block_crcs,
     keep_marked_bad,
     marked_slots,
@@ -1159,6 +1160,40 @@ class ChunkStore:
             else:
                 sums += unit_crcs(out)
         return out
+
+    def checksum_rows(
+        self, volume: int, chunk: int, *, count: bool = True
+    ) -> tuple[bytes, bytes] | None:
+        """The chunk's copy here checked against its checksums, for a scrub
+        (``docs/sds.md``, "Scrub"): ``(stored, computed)``, the checksum row kept for
+        its slot and the row of the bytes it holds (a stored 0: none recorded; all
+        zeroes without checksums kept); None when it has no slot. Blocks that do not
+        match are counted and logged as any read's (:attr:`Device.checksum_errors`;
+        not with ``count`` False), not raised."""
+        loc = self._index.get(chunk_key(volume, chunk))
+        if loc is None or volume in self._tombstones:
+            return None
+        dev, slot = loc
+        if dev.failed:
+            raise DeviceFailed(dev)
+        if dev.checksums and dev.unverified and slot in dev.unverified:
+            self._verify(dev, slot)
+        buf = bytearray(CHUNK_SIZE)
+        try:
+            dio.preadv(dev.fd, [buf], dev.slot_offset(slot))
+            stored = (
+                dio.pread(dev.fd, ROW_SIZE, dev.row_offset(slot)).ljust(ROW_SIZE, b"\0")
+                if dev.checksums
+                else bytes(ROW_SIZE)
+            )
+        except OSError as exc:
+            raise self._io_error(dev, "pread", exc) from exc
+        computed = slot_crcs(buf)
+        if count and stored != computed:
+            bad = bad_in_rows(stored, computed)
+            if bad:
+                self._checksum_error(dev, slot, volume, chunk, bad)
+        return stored, computed
 
     def needs_reclaim(self, dev: Device, volume: int, chunk: int) -> bool:
         """True when a write, WRITE_ZEROES or TRIM of this chunk must wait for

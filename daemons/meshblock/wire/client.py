@@ -518,6 +518,26 @@ class WireClient:
             return RawChunk(False, ZEROES[:length])
         return RawChunk(True, reply.payload)
 
+    async def chunk_csums(
+        self, volume: int, chunk: int, *, heal: bool = False
+    ) -> tuple[bytes, bytes] | None:
+        """This SDS's own copy of a chunk checked against its checksums (CHUNK_CSUMS):
+        ``(stored, computed)``, the checksum row it keeps for the chunk and the one of
+        the bytes it holds (1 KiB each: a big-endian u32 per 4 KiB block; a stored 0 is
+        "none recorded"); None when it holds no slot for the chunk (zeroes). ``heal``:
+        the SDS first repairs the blocks of its copy that do not match their checksums
+        from the PG's other copies; the rows are then those after the repair."""
+        ref = ChunkRef(0, 0, 0, volume, chunk)
+        flags = int(ReqFlag.HEAL) if heal else 0
+        reply = await self.call(Op.CHUNK_CSUMS, flags, ref, 0, 0, None)
+        if reply.flags & _HOLE:
+            return None
+        payload = bytes(reply.payload)
+        half = len(payload) // 2
+        if len(payload) != 2 * (CHUNK_SIZE // 4096) * 4:
+            raise ProtocolError(f"CHUNK_CSUMS reply of {len(payload)} bytes")
+        return payload[:half], payload[half:]
+
     async def list_chunks(
         self, pool: int, pg: int, *, page: int = LIST_PAGE
     ) -> list[tuple[int, int]]:

@@ -35,6 +35,7 @@ from meshblock.wire.protocol import (
     PEER_FEATURES,
     PROTOCOL_VERSION,
     SUPPORTED_FEATURES,
+    TOOL_FEATURES,
     Feature,
     PeerRole,
     ProtocolError,
@@ -66,6 +67,7 @@ client's follows its ClientHello, the server's its ServerHello."""
 FEATURE_CHUNK_LIST: Final = int(Feature.CHUNK_LIST)
 FEATURE_MARK_BAD: Final = int(Feature.MARK_BAD)
 SERVER_FEATURES: Final = SUPPORTED_FEATURES | PEER_FEATURES
+FEATURE_CHUNK_CSUMS: Final = int(Feature.CHUNK_CSUMS)
 #: The bits that version 1's byte may carry: the others are features of version 2's
 #: headers, which version 1 has no room for.
 V1_FEATURES: Final = FEATURE_CHUNK_LIST
@@ -161,7 +163,8 @@ class ClientHandshake:
     ) -> None:
         _check_versions(min_version, version)
         if features is None:  # what this release supports, for the role
-            features = SUPPORTED_FEATURES | (PEER_FEATURES if role == PeerRole.SDS_PEER else 0)
+            extra = {PeerRole.SDS_PEER: PEER_FEATURES, PeerRole.TOOL: TOOL_FEATURES}
+            features = SUPPORTED_FEATURES | extra.get(role, 0)
         self._secret = secret
         self._role = role
         self._offered = version

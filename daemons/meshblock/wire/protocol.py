@@ -152,21 +152,25 @@ class Feature(enum.IntFlag):
     """Feature bits negotiated in the handshake (version 2: a u64 from each side,
     the connection uses what both have). Bit 0 is also version 1's ``features``
     byte. This release advertises :attr:`CHUNK_LIST` and :attr:`CSUM_CRC32C`, and
-    :attr:`MARK_BAD` between SDSs (:data:`PEER_FEATURES`); the others are reserved
-    for the work that will define them."""
+    :attr:`MARK_BAD` and :attr:`CHUNK_CSUMS` between SDSs (:data:`PEER_FEATURES`; a
+    tool announces :attr:`CHUNK_CSUMS` too); the others are reserved for the work that
+    will define them."""
 
     CHUNK_LIST = 1  # the server answers CHUNK_LIST
     CSUM_CRC32C = 2  # per-block CRC32C checksums of payloads (csum_type, csum_shift)
     HDR_CRC32C = 4  # a CRC32C of every header (hdr_crc)
     SESSION_BOUND = 8  # requests bound to an authenticated identity's session
     MARK_BAD = 16  # the server answers REPL_MARK_BAD (a copy's unrepairable blocks)
+    CHUNK_CSUMS = 32  # the server answers CHUNK_CSUMS (scrub, verify)
 
 
 #: The features this release supports (and advertises).
 SUPPORTED_FEATURES: Final = int(Feature.CHUNK_LIST | Feature.CSUM_CRC32C)
 #: Features of SDS-to-SDS operations: announced by servers and by SDS peers (an SDC or
 #: a tool never sends those operations, so it does not announce them).
-PEER_FEATURES: Final = int(Feature.MARK_BAD)
+PEER_FEATURES: Final = int(Feature.MARK_BAD | Feature.CHUNK_CSUMS)
+#: Features a tool announces (``meshctl volume verify`` sends CHUNK_CSUMS).
+TOOL_FEATURES: Final = int(Feature.CHUNK_CSUMS)
 
 
 CHUNK_ENTRY = struct.Struct(">QI")
@@ -189,6 +193,7 @@ class Op(enum.IntEnum):
     REPL_MARK_BAD = 20
     CHUNK_READ_RAW = 32
     CHUNK_LIST = 33
+    CHUNK_CSUMS = 34  # a chunk's stored checksums and those of its bytes (scrub)
 
 
 #: Opcodes whose request carries ``length`` bytes of payload.
@@ -209,6 +214,7 @@ class ReqFlag(enum.IntFlag):
     # READ: the PG's secondary may serve it too, when its map (at the request's epoch)
     # says the PG is clean; an SDS of an older release answers NOT_PRIMARY
     REPLICA = 2
+    HEAL = 4  # CHUNK_CSUMS: repair this copy's bad blocks from another copy first
 
 
 class ReplyFlag(enum.IntFlag):
@@ -277,10 +283,11 @@ ROLE_OPS: Final[dict[PeerRole, frozenset[int]]] = {
             Op.REPL_MARK_BAD,
             Op.CHUNK_READ_RAW,
             Op.CHUNK_LIST,
+            Op.CHUNK_CSUMS,
             Op.PING,
         }
     ),
-    PeerRole.TOOL: frozenset({Op.READ, Op.CHUNK_READ_RAW, Op.CHUNK_LIST, Op.PING}),
+    PeerRole.TOOL: frozenset({Op.READ, Op.CHUNK_READ_RAW, Op.CHUNK_LIST, Op.CHUNK_CSUMS, Op.PING}),
 }
 
 

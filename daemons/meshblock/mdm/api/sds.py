@@ -13,6 +13,7 @@ from sqlalchemy.orm import selectinload
 
 from meshblock.auth import Role
 from meshblock.mdm import authz, failures, holddown, pgmaps, pgtable, schemas, unclean
+from meshblock.mdm.api import scrub
 from meshblock.mdm.api.common import (
     change,
     get_or_404,
@@ -507,6 +508,7 @@ async def sds_heartbeat(request: web.Request, body: dict[str, Any]) -> web.Respo
             "state": c.liveness.state("sds", sds_id),
             "epoch": c.notifier.epoch,
             "probe": holds.probe_list(sds_id),
+            "scrub": scrub.heartbeat(c, sds_id, body.get("scrub")),
         }
     )
 

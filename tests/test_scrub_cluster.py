@@ -1,0 +1,174 @@
+"""Background scrub in a whole cluster (docs/sds.md and docs/mdm.md, "Scrub"): an
+MDM, three SDSs, the SDC and fio through NBD. Bytes are flipped behind the SDSs'
+backs in their device files (each chunk found through the store's own index), on
+primaries' and secondaries' copies, on several SDSs; one block is changed on one copy
+with its checksum rewritten to match (a divergence, not corruption). ``meshctl scrub
+start`` runs a pass while fio writes and verifies another region: the pass finds
+every planted bad block and repairs it from the other copy, reports the divergence
+without touching it, and fio sees no error; the region read back afterwards (fio's
+verify) is right everywhere. ``meshctl scrub pause`` and ``start`` drive the pool's
+state.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from _cluster import SmallCluster, meshctl_command, small_cluster
+from _fio import Fio
+from _wait import wait_until
+from meshblock.chunks import CHUNK_SIZE, pg_of
+from meshblock.sds.checksums import ROW_SIZE, crc
+from meshblock.sds.store import REGION_CHECKSUMS, SUPER_SIZE, SUPERBLOCK, Device, DeviceSpec
+
+pytestmark = pytest.mark.cluster
+
+VOLUME = "sc1"
+REGION = 16 * 1024 * 1024  # fio's region: chunks 0..15 (corrupted), then 32 MiB.. (load)
+LOAD_OFFSET = 32 * 1024 * 1024
+WAIT_S = 120.0
+SETTINGS = {
+    "cluster": {"heartbeat_timeout_s": 5.0, "rebuild_delay_s": 600.0},
+    # no pass of its own during the test; paced, as deployed, but faster
+    "scrub": {"start_delay_s": 3600.0, "bandwidth_mibps": 64},
+}
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[SmallCluster]:
+    with small_cluster(tmp_path / "c", VOLUME, "64MiB", SETTINGS) as c:
+        yield c
+
+
+def meshctl(c: SmallCluster, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*meshctl_command(), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=c.mdm.env(),
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def located(path: Path, volume: int, chunk: int) -> tuple[int, int]:
+    """(offset of the chunk's slot, offset of its checksum row) in a live SDS's
+    device file, from the store's own index (read only: the SDS keeps running)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        head = os.pread(fd, SUPER_SIZE, 0)
+        capacity = SUPERBLOCK.unpack_from(head)[3]
+        dev = Device(DeviceSpec(str(path), capacity, "pool1"))
+        dev.fd = fd
+        dev._load_super(head, os.fstat(fd).st_size)
+        for slot, v, ch, _ in dev.read_index():
+            if (v, ch) == (volume, chunk):
+                return dev.slot_offset(slot), dev.regions[REGION_CHECKSUMS][0] + slot * ROW_SIZE
+    finally:
+        os.close(fd)
+    raise AssertionError(f"chunk {volume}/{chunk} not in {path}'s index")
+
+
+def flip(path: Path, offset: int, fix_row_at: int | None = None) -> None:
+    """Flip one byte; with ``fix_row_at`` (the block's checksum's offset) also store
+    the checksum of the changed block: the copy then matches its own checksums."""
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ 0xFF]))
+        if fix_row_at is not None:
+            start = offset - offset % 4096
+            f.seek(start)
+            block = f.read(4096)
+            f.seek(fix_row_at)
+            f.write(crc(block).to_bytes(4, "big"))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def scrub_doc(c: SmallCluster) -> dict[str, Any]:
+    status, doc = c.mdm.api().get(f"/api/v1/pools/{c.pool_id}/scrub")
+    assert status == 200, doc
+    return dict(doc)
+
+
+def test_a_scrub_pass_finds_and_repairs_planted_corruption_under_fio_load(
+    cluster: SmallCluster, tmp_path: Path
+) -> None:
+    c = cluster
+    uri = c.sdc.uri(VOLUME)
+    Fio(uri, "fill", tmp_path / "fio", offset=0, size="16M", bs="64k").start().result(
+        timeout=WAIT_S
+    ).assert_clean(c.logs())
+    pgmap = c.pgmap()
+    by_id = {c.sds_id(d): d for d in c.sds}
+    planted: dict[str, int] = {"primary": 0, "secondary": 0}
+    victims = set()
+    for i, chunk in enumerate(range(0, REGION // CHUNK_SIZE, 2)):
+        pg = pgmap["pgs"][pg_of(c.volume_id, chunk, pgmap["pg_count"])]
+        role = ("primary", "secondary")[i % 2]
+        victim = by_id[pg[role]["sds_id"]]
+        slot_at, _ = located(victim.device, c.volume_id, chunk)
+        block = (i * 37) % 256
+        flip(victim.device, slot_at + block * 4096 + 100)
+        planted[role] += 1
+        victims.add(victim.name)
+    assert len(victims) >= 2, victims
+    # One divergence: a block changed on a secondary with its checksum to match.
+    chunk = 1
+    pg = pgmap["pgs"][pg_of(c.volume_id, chunk, pgmap["pg_count"])]
+    victim = by_id[pg["secondary"]["sds_id"]]
+    slot_at, row_at = located(victim.device, c.volume_id, chunk)
+    flip(victim.device, slot_at + 9 * 4096 + 5, fix_row_at=row_at + 9 * 4)
+
+    load = Fio(uri, "load", tmp_path / "fio", offset=LOAD_OFFSET, size="16M", rate_iops=400).start()
+    out = meshctl(c, "scrub", "start", "pool1")
+    assert out.returncode == 0, out.stderr
+    wait_until(
+        lambda: scrub_doc(c)["passes_completed"] >= 1, WAIT_S, "a complete scrub pass", interval=0.5
+    )
+    doc = scrub_doc(c)
+    load.result(timeout=WAIT_S).assert_clean(c.logs())
+    errors = doc["errors"]
+    assert errors["primary"] == planted["primary"], (doc, planted)
+    assert errors["secondary"] == planted["secondary"], (doc, planted)
+    assert errors["unrecoverable"] == 0 and errors["divergent"] == 1, doc
+    assert doc["repaired_blocks"] == sum(planted.values()), doc
+    assert doc["last_complete_at"] is not None and doc["state"] == "idle"
+    divergent = [f for f in doc["findings"] if f["kind"] == "divergent"]
+    assert [(f["chunk"], f["blocks"], f["repaired"]) for f in divergent] == [(1, [9], False)]
+    # Every block reads back right: the primaries' bad blocks would be EIO otherwise.
+    Fio(
+        uri, "fill", tmp_path / "fio", offset=0, size="16M", bs="64k", verify_only=True
+    ).start().result(timeout=WAIT_S).assert_clean(c.logs())
+    # A second pass finds nothing new but the divergence, still there.
+    assert meshctl(c, "scrub", "start", "pool1").returncode == 0
+    wait_until(lambda: scrub_doc(c)["passes_completed"] >= 2, WAIT_S, "a second pass", interval=0.5)
+    again = scrub_doc(c)["errors"]
+    assert again == {**errors, "divergent": 2}, again
+    text = meshctl(c, "scrub", "status")
+    assert text.returncode == 0 and "divergent" in text.stdout, text.stdout
+
+
+def test_meshctl_scrub_pause_and_start(cluster: SmallCluster) -> None:
+    c = cluster
+    out = meshctl(c, "--json", "scrub", "pause", "pool1")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["state"] == "paused"
+    status = json.loads(meshctl(c, "--json", "scrub", "status").stdout)
+    assert [p["state"] for p in status["pools"]] == ["paused"]
+    out = meshctl(c, "--json", "scrub", "start", "pool1")
+    assert json.loads(out.stdout)["state"] in ("running", "idle"), out.stdout
+    watched = meshctl(c, "--json", "scrub", "status", "--watch", "--interval", "0.5")
+    assert watched.returncode == 0, watched.stderr
+    (pool,) = json.loads(watched.stdout)["pools"]
+    assert pool["state"] == "idle" and pool["passes_completed"] == 1, pool
+    assert meshctl(c, "scrub", "pause", "nosuchpool").returncode != 0
