@@ -97,6 +97,17 @@ class MdmDaemon(HttpDaemon):
     def api(self, token: str | None = None) -> _http.Api:
         return _http.Api(self.url, self.admin_token if token is None else token)
 
+    def create_pool(self, pd_name: str, name: str, pg_count: int) -> dict[str, Any]:
+        """A new protection domain and a pool of ``pg_count`` PGs in it (the pool's doc)."""
+        api = self.api()
+        status, pd = api.post("/api/v1/protection-domains", {"name": pd_name})
+        assert status == 201, pd
+        status, pool = api.post(
+            "/api/v1/pools", {"name": name, "protection_domain_id": pd["id"], "pg_count": pg_count}
+        )
+        assert status == 201, pool
+        return dict(pool)
+
     def restart(self) -> None:
         rc = self.stop()
         if rc != 0:

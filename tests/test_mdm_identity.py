@@ -49,13 +49,7 @@ def mdm(tmp_path_factory: pytest.TempPathFactory, revoked: _tls.Files) -> Iterat
     """An HTTPS MDM (its CRL read at start, after ``revoked``), with pool ``p1``."""
     workdir = tmp_path_factory.mktemp("mdm-identity")
     with started(MdmDaemon(workdir, f"sqlite+aiosqlite:///{workdir}/mdm.db", tls=True)) as d:
-        api = d.api()
-        status, pd = api.post("/api/v1/protection-domains", {"name": "pd1"})
-        assert status == 201, pd
-        status, pool = api.post(
-            "/api/v1/pools", {"name": "p1", "protection_domain_id": pd["id"], "pg_count": 8}
-        )
-        assert status == 201, pool
+        d.create_pool("pd1", "p1", 8)
         yield d
 
 

@@ -305,3 +305,19 @@ def test_charts_draw_prometheus_series(mgmt: MgmtDaemon, prometheus: PrometheusS
     m = re.search(r"read: ([\d,.]+) B/s", body)
     assert m is not None and 0 < float(m.group(1).replace(",", "")) <= 1010, m
     assert re.search(r'<polyline class="series" data-series="read"[^>]* points="[\d., ]+"', body)
+
+
+def test_the_dashboard_shows_each_pools_scrub(mgmt: MgmtDaemon, mdm: MdmDaemon) -> None:
+    """The MDM's /health/metrics carries each pool's scrub in short; the dashboard
+    shows it, and a pool paused by the operator as paused."""
+    pool = mdm.create_pool("pd-scrub", "sp-scrub", 8)
+    status, doc = mdm.api().post(f"/api/v1/pools/{pool['id']}/scrub/pause", {})
+    assert status == 200 and doc["state"] == "paused", doc
+    web = WebClient(mgmt.url)
+    web.login("viewer", mgmt.viewer_password)
+    page = web.get("/health")
+    assert page.status == 200 and 'id="scrub-table"' in page.body
+    row = re.search(
+        r'<tr class="scrub state-paused" data-state="paused">\s*<td>sp-scrub</td>', page.body
+    )
+    assert row is not None, page.body

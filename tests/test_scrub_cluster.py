@@ -53,7 +53,7 @@ def meshctl(c: SmallCluster, *args: str) -> subprocess.CompletedProcess[str]:
         capture_output=True,
         text=True,
         timeout=120,
-        env=c.mdm.env(),
+        env={**c.mdm.env(), "MESHBLOCK_CLUSTER_SECRET": c.mdm.cluster_secret},
         stdin=subprocess.DEVNULL,
     )
 
@@ -100,16 +100,20 @@ def scrub_doc(c: SmallCluster) -> dict[str, Any]:
     return dict(doc)
 
 
+def filled(c: SmallCluster, tmp_path: Path, size: str) -> tuple[dict[str, Any], dict[int, Any]]:
+    """Write the volume's first ``size`` bytes with fio; the PG map and the SDSs by id."""
+    Fio(c.sdc.uri(VOLUME), "fill", tmp_path / "fio", offset=0, size=size, bs="64k").start().result(
+        timeout=WAIT_S
+    ).assert_clean(c.logs())
+    return c.pgmap(), {c.sds_id(d): d for d in c.sds}
+
+
 def test_a_scrub_pass_finds_and_repairs_planted_corruption_under_fio_load(
     cluster: SmallCluster, tmp_path: Path
 ) -> None:
     c = cluster
     uri = c.sdc.uri(VOLUME)
-    Fio(uri, "fill", tmp_path / "fio", offset=0, size="16M", bs="64k").start().result(
-        timeout=WAIT_S
-    ).assert_clean(c.logs())
-    pgmap = c.pgmap()
-    by_id = {c.sds_id(d): d for d in c.sds}
+    pgmap, by_id = filled(c, tmp_path, "16M")
     planted: dict[str, int] = {"primary": 0, "secondary": 0}
     victims = set()
     for i, chunk in enumerate(range(0, REGION // CHUNK_SIZE, 2)):
@@ -172,3 +176,49 @@ def test_meshctl_scrub_pause_and_start(cluster: SmallCluster) -> None:
     (pool,) = json.loads(watched.stdout)["pools"]
     assert pool["state"] == "idle" and pool["passes_completed"] == 1, pool
     assert meshctl(c, "scrub", "pause", "nosuchpool").returncode != 0
+
+
+def verify(c: SmallCluster, *extra: str) -> tuple[int, dict[str, Any]]:
+    out = meshctl(c, "--json", "volume", "verify", VOLUME, *extra)
+    assert out.returncode in (0, 1), out.stderr
+    return out.returncode, json.loads(out.stdout)
+
+
+def test_volume_verify_says_which_copy_is_right_and_repairs_it(
+    cluster: SmallCluster, tmp_path: Path
+) -> None:
+    c = cluster
+    pgmap, by_id = filled(c, tmp_path, "8M")
+    names = {c.sds_id(d): d.name for d in c.sds}
+    expected = []
+    for chunk, role, block in ((2, "primary", 5), (4, "secondary", 250)):
+        pg = pgmap["pgs"][pg_of(c.volume_id, chunk, pgmap["pg_count"])]
+        victim = by_id[pg[role]["sds_id"]]
+        other = pg["secondary" if role == "primary" else "primary"]["sds_id"]
+        slot_at, _ = located(victim.device, c.volume_id, chunk)
+        flip(victim.device, slot_at + block * 4096 + 1)
+        expected.append((chunk, [block], victim.name, names[other]))
+    pg = pgmap["pgs"][pg_of(c.volume_id, 6, pgmap["pg_count"])]
+    victim = by_id[pg["secondary"]["sds_id"]]
+    slot_at, row_at = located(victim.device, c.volume_id, 6)
+    flip(victim.device, slot_at + 3 * 4096, fix_row_at=row_at + 3 * 4)  # divergent
+
+    def found(doc: dict[str, Any]) -> list[tuple[Any, ...]]:
+        return [
+            (b["chunk"], b["blocks"], b["bad_copy"], b["right_copy"]) for b in doc["bad_blocks"]
+        ]
+
+    # Without --repair: reported with the right copy, nothing changed (twice the same).
+    for _ in range(2):
+        rc, doc = verify(c)
+        assert rc == 1 and found(doc) == [tuple(e) for e in expected], doc
+        assert not any(b["repaired"] for b in doc["bad_blocks"]), doc
+        assert [(d["chunk"], d["judged"]) for d in doc["differences"]] == [(6, "divergent")]
+    rc, doc = verify(c, "--repair")
+    assert found(doc) == [tuple(e) for e in expected], doc
+    assert all(b["repaired"] for b in doc["bad_blocks"]), doc
+    assert rc == 1 and [d["chunk"] for d in doc["differences"]] == [6]  # still divergent
+    rc, doc = verify(c)
+    assert doc["bad_blocks"] == [] and [d["chunk"] for d in doc["differences"]] == [6], doc
+    text = meshctl(c, "volume", "verify", VOLUME).stdout
+    assert "divergent" in text, text

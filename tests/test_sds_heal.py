@@ -134,7 +134,10 @@ def test_a_bad_block_on_the_secondary_is_healed_by_volume_verify(hc: SmallCluste
     before = counters(secondary)
     flip(secondary, where + 4095)
     vol = {"id": hc.volume_id, "name": VOLUME, "size_bytes": 4 * CHUNK_SIZE}
-    report = asyncio.run(check_volume(vol, hc.pgmap(), hc.mdm.cluster_secret)).to_json()
+    # verify names the bad copy and, asked to repair (--repair), has it healed
+    report = asyncio.run(
+        check_volume(vol, hc.pgmap(), hc.mdm.cluster_secret, repair=True)
+    ).to_json()
     assert report["ok"] and report["identical"] == 4, report
     assert block_bytes(secondary, where) == b"\x6b" * BLOCK
     after = counters(secondary)

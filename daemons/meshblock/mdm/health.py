@@ -236,7 +236,12 @@ async def components(request: web.Request) -> web.Response:
 )
 async def health_metrics(request: web.Request) -> web.Response:
     n = await _counts(request)
-    return json({k: v for k, v in n.items() if not k.startswith("_")})
+    doc = {k: v for k, v in n.items() if not k.startswith("_")}
+    # each pool's scrub in short, for MGMT's dashboard (the whole: GET /api/v1/scrub)
+    doc["scrub"] = scrub.summaries(
+        ctx(request).scrub, [(pool.id, pool.name) for pool, _, _, _ in n["_pools"]]
+    )
+    return json(doc)
 
 
 class ClusterCollector(Collector):

@@ -18,6 +18,8 @@ clock is passed in); the schedule is kept in memory: a restarted MDM starts over
 
 from __future__ import annotations
 
+import datetime as dt
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -249,3 +251,30 @@ def metric_families(
         running.add_metric(lv, 1 if doc["state"] == RUNNING else 0)
         progress.add_metric(lv, doc["progress_percent"] / 100)
     return [chunks, errors, repaired, last, running, progress]
+
+
+def summaries(schedule: ScrubSchedule | None, pools: list[tuple[int, str]]) -> list[dict[str, Any]]:
+    """Each pool's scrub in short (``/health/metrics``' ``scrub``, MGMT's dashboard)."""
+    now, wall = time.monotonic(), time.time()
+    s = schedule or ScrubSchedule(1.0, 0, 0.0, now)
+    out = []
+    for pool_id, name in pools:
+        doc = s.status(pool_id, wall, now)
+        out.append(
+            {
+                "pool": name,
+                "state": doc["state"],
+                "pass": doc["pass"],
+                "progress_percent": doc["progress_percent"],
+                "last_complete_at": (
+                    None
+                    if doc["last_complete_at"] is None
+                    else dt.datetime.fromtimestamp(doc["last_complete_at"], dt.UTC).isoformat()
+                ),
+                "bad_blocks": sum(doc["errors"].values()) - doc["errors"]["divergent"],
+                "repaired_blocks": doc["repaired_blocks"],
+                "unrecoverable": doc["errors"]["unrecoverable"],
+                "divergent": doc["errors"]["divergent"],
+            }
+        )
+    return out

@@ -7,6 +7,14 @@ over the data protocol, role ``TOOL``, authenticated with the cluster secret) an
 compares them. The operator runs it as ``meshctl volume verify VOLUME``
 (``docs/meshctl.md``); :func:`check_volume` is the library entry.
 
+- Each chunk's block checksums are compared first (``CHUNK_CSUMS``, when both SDSs
+  have it; ``meshblock.sds.scrub.classify``): blocks that do not match their
+  checksums on one copy are reported with the copy that is right
+  (:class:`BadBlocks`) and the chunk's bytes are not read (the SDS's read would
+  repair them); with ``repair`` the bad copy's SDS rewrites them from the right one
+  (``CHUNK_CSUMS`` with ``HEAL``) and the bytes are compared after. A difference
+  whose copies each match their own checksums is ``divergent``: which is right is
+  not known.
 - A chunk that neither SDS stores (never written, or trimmed) is identical: both read
   as zeroes. A chunk stored on one copy only is compared as zeroes on the other and
   counted in ``allocation_mismatches`` (informational: the bytes are what matter).
@@ -37,7 +45,10 @@ from typing import Any
 from meshblock.chunks import CHUNK_SIZE, pg_of
 from meshblock.pgmap_doc import CLEAN, PgCopy, PgMapDoc
 from meshblock.pgmap_doc import parse as parse_pgmap
+from meshblock.sds.checksums import bad_in_rows
+from meshblock.sds.scrub import BOTH_BAD, DIVERGENT, PRIMARY_BAD, Rows, classify
 from meshblock.wire import HandshakeError, PeerRole, WireClient, WireError
+from meshblock.wire.handshake import FEATURE_CHUNK_CSUMS
 
 CONCURRENCY = 16  # chunks compared at once (two 1 MiB reads each)
 RECHECKS = 2
@@ -68,6 +79,9 @@ class Difference:
     secondary: str
     offset: int  # first differing byte within the chunk
     differing_bytes: int
+    # what the checksums say: "divergent" (each copy matches its own: which is right
+    # is not known), None when they were not compared (a peer without CHUNK_CSUMS)
+    judged: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -78,6 +92,30 @@ class Difference:
             "offset_in_chunk": self.offset,
             "volume_offset": self.chunk * CHUNK_SIZE + self.offset,
             "differing_bytes": self.differing_bytes,
+            "judged": self.judged,
+        }
+
+
+@dataclass
+class BadBlocks:
+    """4 KiB blocks of one copy of a chunk that do not match their checksums, judged
+    against the other copy's (``meshblock.sds.scrub.classify``)."""
+
+    chunk: int
+    pg: int
+    blocks: list[int]
+    bad: str  # the copy whose blocks are bad ("both": no copy is right)
+    right: str | None  # the copy that is right, None when neither is
+    repaired: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "chunk": self.chunk,
+            "pg": self.pg,
+            "blocks": self.blocks,
+            "bad_copy": self.bad,
+            "right_copy": self.right,
+            "repaired": self.repaired,
         }
 
 
@@ -101,6 +139,7 @@ class Report:
     stored_on_neither: int = 0
     allocation_mismatches: list[int] = field(default_factory=list)
     differences: list[Difference] = field(default_factory=list)
+    bad_blocks: list[BadBlocks] = field(default_factory=list)
     unchecked: list[Unchecked] = field(default_factory=list)
     degraded_pgs: list[int] = field(default_factory=list)  # of the pool, from the map
     inactive_pgs: list[int] = field(default_factory=list)
@@ -109,8 +148,11 @@ class Report:
 
     @property
     def ok(self) -> bool:
-        """True when every chunk was compared and both copies are identical."""
-        return not self.differences and not self.unchecked
+        """True when every chunk was compared, both copies are identical and no block
+        is left that does not match its checksum."""
+        return (
+            not self.differences and not self.unchecked and all(b.repaired for b in self.bad_blocks)
+        )
 
     @property
     def fully_redundant(self) -> bool:
@@ -128,6 +170,7 @@ class Report:
             "stored_on_neither": self.stored_on_neither,
             "allocation_mismatches": sorted(self.allocation_mismatches),
             "differences": [d.to_json() for d in sorted(self.differences, key=_by_chunk)],
+            "bad_blocks": [b.to_json() for b in sorted(self.bad_blocks, key=_by_chunk)],
             "unchecked": [u.to_json() for u in sorted(self.unchecked, key=_by_chunk)],
             "degraded_pgs": sorted(self.degraded_pgs),
             "inactive_pgs": sorted(self.inactive_pgs),
@@ -136,7 +179,7 @@ class Report:
         }
 
 
-def _by_chunk(x: Difference | Unchecked) -> int:
+def _by_chunk(x: Difference | Unchecked | BadBlocks) -> int:
     return x.chunk
 
 
@@ -215,11 +258,19 @@ async def check_volume(
     concurrency: int = CONCURRENCY,
     progress: Progress | None = None,
     wire_min_version: int = 1,
+    repair: bool = False,
 ) -> Report:
     """Compare both copies of every chunk of ``volume`` (an API Volume document) using
     ``pgmap`` (the API's PgMap document of the volume's pool; a malformed one raises
     :class:`meshblock.pgmap_doc.PgMapError`). ``wire_min_version``: the lowest data
-    protocol version spoken to the SDSs (``docs/protocol.md`` §8)."""
+    protocol version spoken to the SDSs (``docs/protocol.md`` §8).
+
+    Each chunk's checksums are compared first (CHUNK_CSUMS, when both SDSs have it):
+    blocks that do not match their checksums are reported with the copy that is
+    right (:class:`BadBlocks`), and the chunk's bytes are not read (a read heals, and
+    without ``repair`` nothing is changed). With ``repair`` the SDS of the bad copy
+    rewrites them from the other copy (CHUNK_CSUMS with HEAL), then the bytes are
+    compared as usual."""
     parsed = parse_pgmap(pgmap)
     volume_id = int(volume["id"])
     chunks = -(-int(volume["size_bytes"]) // CHUNK_SIZE)
@@ -240,6 +291,37 @@ async def check_volume(
         raw = await client.read_raw_chunk(volume_id, chunk)
         return bytes(raw.data) if raw.allocated else None
 
+    async def judge(primary: Copy, secondary: Copy, chunk: int, pg: int) -> tuple[bool, str | None]:
+        """The chunk's checksums on both copies: (whether to go on and compare its
+        bytes, ``divergent`` when its copies differ each matching its checksums)."""
+        cp, cs = await asyncio.gather(conns.get(primary), conns.get(secondary))
+        if not cp.features & cs.features & FEATURE_CHUNK_CSUMS:
+            return True, None  # an SDS of an older release: the bytes alone
+        rows: list[Rows | None] = list(
+            await asyncio.gather(cp.chunk_csums(volume_id, chunk), cs.chunk_csums(volume_id, chunk))
+        )
+        found = classify(rows[0], rows[1])
+        by_kind: dict[str, list[int]] = {}
+        for block, kind in found:
+            by_kind.setdefault(kind, []).append(block)
+        divergent = DIVERGENT if by_kind.pop(DIVERGENT, None) else None
+        left = False
+        for kind, blocks in sorted(by_kind.items()):
+            if kind == BOTH_BAD:
+                entry = BadBlocks(chunk, pg, blocks, "both", None)
+            elif kind == PRIMARY_BAD:
+                entry = BadBlocks(chunk, pg, blocks, primary.name, secondary.name)
+            else:
+                entry = BadBlocks(chunk, pg, blocks, secondary.name, primary.name)
+            if repair and kind != BOTH_BAD:
+                client = cp if kind == PRIMARY_BAD else cs
+                healed = await client.chunk_csums(volume_id, chunk, heal=True)
+                still = set() if healed is None else set(bad_in_rows(*healed))
+                entry.repaired = not still.intersection(blocks)
+            report.bad_blocks.append(entry)
+            left = left or not entry.repaired
+        return not left, divergent
+
     async def compare(chunk: int) -> None:
         pg = pg_of(volume_id, chunk, pg_count)
         state = states.get(pg, CLEAN)
@@ -255,6 +337,15 @@ async def check_volume(
             report.unchecked.append(Unchecked(chunk, pg, "the PG has fewer than two copies"))
             return
         primary, secondary = pair
+        try:
+            go_on, judged = await judge(primary, secondary, chunk, pg)
+        except HandshakeError:
+            raise
+        except (WireError, OSError, TimeoutError) as exc:
+            report.unchecked.append(Unchecked(chunk, pg, f"checksums not read: {exc}"))
+            return
+        if not go_on:
+            return
         for attempt in range(RECHECKS + 1):
             try:
                 a, b = await asyncio.gather(read(primary, chunk), read(secondary, chunk))
@@ -270,7 +361,7 @@ async def check_volume(
         else:
             offset, count = first_difference(a or _ZEROES, b or _ZEROES)
             report.differences.append(
-                Difference(chunk, pg, primary.name, secondary.name, offset, count)
+                Difference(chunk, pg, primary.name, secondary.name, offset, count, judged)
             )
             return
         report.identical += 1

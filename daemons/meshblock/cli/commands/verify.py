@@ -45,12 +45,24 @@ def register(sub: Subparsers) -> None:
             secondary is stale). Exits 0 when all compared copies are identical, 1 when some differ
             or could not be read. A chunk that differs is read again before it is
             reported, but for a clean proof run it while nobody writes the volume.
+            Each chunk's block checksums are compared first: a 4 KiB block that does
+            not match its checksum on one copy is reported with the copy that is right
+            (and the chunk's bytes are not read, which would repair it); with
+            --repair the SDS of the bad copy rewrites it from the right one. Copies
+            that differ while each matches its own checksums are reported
+            "divergent": which is right is not known (docs/mdm.md, Scrub).
             The cluster secret comes from --secret-file, ${SECRET_FILE_ENV} or
             ${SECRET_ENV} (the lab's env file sets the first).""",
         examples=[
             "meshctl volume verify vol1",
             "meshctl volume verify vol1 --secret-file /etc/meshblock/cluster.secret --json",
+            "meshctl volume verify vol1 --repair",
         ],
+    )
+    p.add_argument(
+        "--repair",
+        action="store_true",
+        help="rewrite blocks that do not match their checksums from the right copy",
     )
     p.add_argument("name", help="volume name (or id)")
     p.add_argument(
@@ -129,6 +141,7 @@ def verify(ctx: Context, args: Namespace) -> int:
                 concurrency=args.concurrency,
                 progress=bar,
                 wire_min_version=args.wire_min_version,
+                repair=args.repair,
             )
         )
     except PgMapError as exc:
@@ -152,16 +165,51 @@ def _text(r: Report) -> str:
     if r.differences:
         lines += ["", f"DIFFERENT: {len(r.differences)} chunk(s) whose copies differ:"]
         rows: list[list[Any]] = [
-            [d.chunk, d.pg, d.primary, d.secondary, d.offset, d.differing_bytes]
+            [d.chunk, d.pg, d.primary, d.secondary, d.offset, d.differing_bytes, d.judged or "-"]
             for d in sorted(r.differences, key=lambda d: d.chunk)[:_SHOWN]
         ]
         lines.append(
             render_table(
-                ["CHUNK", "PG", "PRIMARY", "SECONDARY", "FIRST DIFF AT", "BYTES DIFFER"],
+                [
+                    "CHUNK",
+                    "PG",
+                    "PRIMARY",
+                    "SECONDARY",
+                    "FIRST DIFF AT",
+                    "BYTES DIFFER",
+                    "CHECKSUMS",
+                ],
                 rows,
                 right={"CHUNK", "PG", "FIRST DIFF AT", "BYTES DIFFER"},
             )
         )
+        if any(d.judged == "divergent" for d in r.differences):
+            lines.append(
+                "divergent: each copy matches its own checksums, so which is right is not "
+                "known; clients read the primary's (docs/mdm.md, Scrub)"
+            )
+    if r.bad_blocks:
+        left = [b for b in r.bad_blocks if not b.repaired]
+        lines += [
+            "",
+            f"BAD BLOCKS: {sum(len(b.blocks) for b in r.bad_blocks)} block(s) in "
+            f"{len(r.bad_blocks)} copy(ies) of chunks do not match their checksums"
+            + (f", {sum(len(b.blocks) for b in left)} not repaired" if left else ", repaired"),
+        ]
+        rows = [
+            [b.chunk, b.pg, ",".join(map(str, b.blocks)), b.bad, b.right or "none",
+             "yes" if b.repaired else "no"]
+            for b in sorted(r.bad_blocks, key=lambda b: b.chunk)[:_SHOWN]
+        ]  # fmt: skip
+        lines.append(
+            render_table(
+                ["CHUNK", "PG", "BLOCKS", "BAD COPY", "RIGHT COPY", "REPAIRED"],
+                rows,
+                right={"CHUNK", "PG"},
+            )
+        )
+        if left and any(b.right for b in left):
+            lines.append("run with --repair to rewrite them from the right copy")
     if r.unchecked:
         lines += ["", f"UNCHECKED: {len(r.unchecked)} chunk(s) could not be compared:"]
         rows = [[u.chunk, u.pg, u.reason] for u in sorted(r.unchecked, key=lambda u: u.chunk)]
