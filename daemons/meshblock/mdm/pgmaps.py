@@ -15,13 +15,14 @@ pool without volumes holds no data: its map is laid out afresh each time.
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import json
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from sqlalchemy import Select, bindparam, select
+from sqlalchemy import Select, bindparam, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from meshblock.mdm import pgtable
@@ -189,9 +190,11 @@ class MapDocument:
     body: bytes
     _gzipped: bytes | None = None
 
-    def gzipped(self) -> bytes:
+    async def gzipped(self) -> bytes:
+        """The gzip of ``body``, compressed once, in a thread (zlib lets the event
+        loop run meanwhile: half a megabyte takes 10-15 ms)."""
         if self._gzipped is None:
-            self._gzipped = gzip.compress(self.body, GZIP_LEVEL)
+            self._gzipped = await asyncio.to_thread(gzip.compress, self.body, GZIP_LEVEL)
         return self._gzipped
 
 
@@ -211,6 +214,10 @@ class MapCache:
     def __init__(self) -> None:
         self._docs: dict[int, MapDocument] = {}
         self.builds = 0  # documents built (a hit costs none)
+        # pool -> its PGs' part of the document, reused by the next build while the
+        # PG rows are the same (a tombstone or a member's endpoint changes the map
+        # epoch, not the rows)
+        self.pg_parts: dict[int, PgPart] = {}
 
     def get(self, pool_id: int, map_epoch: int) -> MapDocument | None:
         hit = self._docs.get(pool_id)
@@ -246,7 +253,7 @@ async def map_documents(
         else:
             missing.append(p)
     if missing:
-        built = await _build(session, missing)
+        built = await _build(session, missing, cache.pg_parts if cache is not None else None)
         if cache is not None:
             cache.builds += len(missing)
             now = dict(
@@ -259,7 +266,7 @@ async def map_documents(
                 ).all()
             )
         for p in missing:
-            document = MapDocument(p.map_epoch, built[p.id], encode(built[p.id]))
+            document = MapDocument(p.map_epoch, *built[p.id])
             out[p.id] = document
             if cache is not None and now.get(p.id) == p.map_epoch:
                 cache.put(p.id, document)
@@ -303,14 +310,57 @@ def _pg_rows_query() -> Select[Any]:
 _PG_ROWS = _pg_rows_query()
 
 
-async def _build(session: AsyncSession, pools: list[StoragePool]) -> dict[int, Any]:
+_PG_KEYS = (
+    select(
+        PlacementGroup.__table__.c.pool_id,
+        func.count(),
+        func.max(PlacementGroup.__table__.c.epoch),
+    )
+    .where(PlacementGroup.__table__.c.pool_id.in_(bindparam("pool_ids", expanding=True)))
+    .group_by(PlacementGroup.__table__.c.pool_id)
+)
+
+
+@dataclass(frozen=True)
+class PgPart:
+    """A pool's PGs as its document lists them (``pgs``, encoded: ``body``; ``sds``:
+    the SDSs they name), with what identifies the rows they were built from: their
+    number and their highest epoch. Every write of a PG row stamps it with a new map
+    epoch of its pool, above every epoch a row of the pool had (:mod:`pgtable`), so
+    while both are the same the rows are too, and the part is reused."""
+
+    key: tuple[int, int]
+    pgs: list[dict[str, Any]]
+    body: bytes
+    sds: frozenset[int]
+
+
+async def _build(
+    session: AsyncSession, pools: list[StoragePool], parts: dict[int, PgPart] | None = None
+) -> dict[int, tuple[dict[str, Any], bytes]]:
+    """Each pool's document and its JSON; with ``parts``, the PGs' part of a pool
+    whose rows did not change since it was built is reused (and ``parts`` updated)."""
     ids = [p.id for p in pools]
     conn = await session.connection()
-    # PGs first, with the SDS of each copy from the same statement; members and
-    # addresses after. On SQLite two SELECTs of one transaction may see different
-    # snapshots: read in this order, every device and SDS a PG names is there.
-    # Core rows (tuples), not ORM entities: 4096 PGs cost no object each.
-    rows = (await conn.execute(_PG_ROWS, {"pool_ids": ids})).all()
+    # The rows' keys first, the PGs next (with the SDS of each copy from the same
+    # statement), members and addresses after. On SQLite two SELECTs of one
+    # transaction may see different snapshots: read in this order, a part is never
+    # kept under a key newer than its rows, and every device and SDS a PG names is
+    # there (a device leaves the PGs, a new key, before it is deleted).
+    keys = {
+        i: (int(n), int(top or 0)) for i, n, top in await conn.execute(_PG_KEYS, {"pool_ids": ids})
+    }
+    have = parts if parts is not None else {}
+    reused = {i: have[i] for i in ids if i in have and have[i].key == keys.get(i, (0, 0))}
+    stale = [i for i in ids if i not in reused]
+    built = _pg_parts(
+        (await conn.execute(_PG_ROWS, {"pool_ids": stale})).all() if stale else [],
+        stale,
+        keys,
+    )
+    if parts is not None:
+        parts.update(built)
+    pg_parts = reused | built
     dev_rows = (
         await conn.execute(
             select(Device.id, Device.sds_id, Device.pool_id)
@@ -318,18 +368,49 @@ async def _build(session: AsyncSession, pools: list[StoragePool]) -> dict[int, A
             .order_by(Device.id)
         )
     ).all()
-    dev_sds = {d: sds for d, sds, _ in dev_rows}
+    named = {sds for _, sds, _ in dev_rows}.union(*(part.sds for part in pg_parts.values()))
+    sds_rows = (
+        await conn.execute(select(Sds.id, Sds.address, Sds.data_port).where(Sds.id.in_(named)))
+    ).all()
+    sds_doc = {i: {"address": a, "data_port": p} for i, a, p in sorted(sds_rows)}
+    tombstones = await pool_tombstones(session, ids)
+    out: dict[int, tuple[dict[str, Any], bytes]] = {}
+    for p in pools:
+        part = pg_parts[p.id]
+        members = [(d, sds) for d, sds, pool_id in dev_rows if pool_id == p.id]
+        member_sds = {sds for _, sds in members} | part.sds
+        head = {
+            "pool_id": p.id,
+            "epoch": p.map_epoch,
+            "pg_count": p.pg_count,
+            "rebuild_concurrency": p.rebuild_concurrency,
+            "rebuild_bandwidth_mibps": p.rebuild_bandwidth_mibps,
+            "rebalance_concurrency": p.rebalance_concurrency,
+            "rebalance_bandwidth_mibps": p.rebalance_bandwidth_mibps,
+        }
+        tail = {
+            "devices": [{"device_id": d, "sds_id": sds} for d, sds in members],
+            "sds": {str(k): v for k, v in sds_doc.items() if k in member_sds},
+            # Deleted volumes whose chunks the SDSs free: volume id -> map epoch of
+            # the delete (meshblock.mdm.deletion).
+            "tombstones": tombstones[p.id],
+        }
+        # The PGs' part spliced in as encoded: the same bytes as encoding it all.
+        body = encode(head)[:-1] + b', "pgs": ' + part.body + b", " + encode(tail)[1:]
+        out[p.id] = ({**head, "pgs": part.pgs, **tail}, body)
+    return out
+
+
+def _pg_parts(
+    rows: Sequence[Any], pool_ids: list[int], keys: dict[int, tuple[int, int]]
+) -> dict[int, PgPart]:
+    """The PGs' parts of ``pool_ids`` from their rows (``_PG_ROWS``), pure."""
+    dev_sds: dict[int, int] = {}
     for _, _, primary, secondary, _, target, _, p_sds, s_sds, t_sds in rows:
         for dev, sds in ((primary, p_sds), (secondary, s_sds), (target, t_sds)):
             if dev is not None and sds is not None:
                 dev_sds.setdefault(dev, sds)
-    sds_rows = (
-        await conn.execute(
-            select(Sds.id, Sds.address, Sds.data_port).where(Sds.id.in_(set(dev_sds.values())))
-        )
-    ).all()
-    sds_doc = {str(i): {"address": a, "data_port": p} for i, a, p in sds_rows}
-    pgs: dict[int, list[dict[str, Any]]] = {i: [] for i in ids}
+    pgs: dict[int, list[dict[str, Any]]] = {i: [] for i in pool_ids}
     copies: dict[int, dict[str, int] | None] = {}
 
     def copy(device_id: int | None) -> dict[str, int] | None:
@@ -352,32 +433,20 @@ async def _build(session: AsyncSession, pools: list[StoragePool]) -> dict[int, A
             entry["target"] = copy(target)
             entry["moving"] = moving
         pgs[pool_id].append(entry)
-    tombstones = await pool_tombstones(session, ids)
-    out: dict[int, Any] = {}
-    for p in pools:
-        members = [(d, sds) for d, sds, pool_id in dev_rows if pool_id == p.id]
-        member_sds = {str(sds) for _, sds in members} | {
-            str(c["sds_id"])
-            for entry in pgs[p.id]
-            for c in (entry["primary"], entry["secondary"], entry.get("target"))
-            if c
-        }
-        out[p.id] = {
-            "pool_id": p.id,
-            "epoch": p.map_epoch,
-            "pg_count": p.pg_count,
-            "rebuild_concurrency": p.rebuild_concurrency,
-            "rebuild_bandwidth_mibps": p.rebuild_bandwidth_mibps,
-            "rebalance_concurrency": p.rebalance_concurrency,
-            "rebalance_bandwidth_mibps": p.rebalance_bandwidth_mibps,
-            "pgs": pgs[p.id],
-            "devices": [{"device_id": d, "sds_id": sds} for d, sds in members],
-            "sds": {k: v for k, v in sds_doc.items() if k in member_sds},
-            # Deleted volumes whose chunks the SDSs free: volume id -> map epoch of
-            # the delete (meshblock.mdm.deletion).
-            "tombstones": tombstones[p.id],
-        }
-    return out
+    return {
+        i: PgPart(
+            keys.get(i, (0, 0)),
+            pgs[i],
+            encode(pgs[i]),
+            frozenset(
+                c["sds_id"]
+                for entry in pgs[i]
+                for c in (entry["primary"], entry["secondary"], entry.get("target"))
+                if c
+            ),
+        )
+        for i in pool_ids
+    }
 
 
 def _copy(device_id: int | None, dev_sds: dict[int, int]) -> dict[str, int] | None:

@@ -115,15 +115,17 @@ def json(data: Any, status: int = 200) -> web.Response:
     return web.json_response(data, status=status)
 
 
-def encoded_json(
-    request: web.Request, body: bytes, gzipped: Callable[[], bytes] | None = None
+async def encoded_json(
+    request: web.Request, body: bytes, gzipped: Callable[[], Awaitable[bytes]] | None = None
 ) -> web.Response:
     """A JSON document encoded already (a cached PG map); with ``gzipped``, its gzip,
     sent as such to a client that accepts gzip (the compression middleware leaves a
     response with a ``Content-Encoding`` alone)."""
     if gzipped is not None and "gzip" in request.headers.get("Accept-Encoding", ""):
         return web.Response(
-            body=gzipped(), content_type="application/json", headers={"Content-Encoding": "gzip"}
+            body=await gzipped(),
+            content_type="application/json",
+            headers={"Content-Encoding": "gzip"},
         )
     return web.Response(body=body, content_type="application/json")
 

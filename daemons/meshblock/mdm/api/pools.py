@@ -239,4 +239,4 @@ async def get_pgmap(request: web.Request) -> web.Response:
     async with reading(request) as s:
         pool = await get_or_404(s, StoragePool, pool_id, "storage pool")
         doc = (await pgmaps.map_documents(s, [pool], ctx(request).map_cache))[pool.id]
-    return encoded_json(request, doc.body, doc.gzipped)
+    return await encoded_json(request, doc.body, doc.gzipped)

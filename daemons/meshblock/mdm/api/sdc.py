@@ -253,4 +253,4 @@ async def sdc_maps(request: web.Request) -> web.Response:
     # epoch), not encoded again for every SDC.
     pools_json = b",".join(b'"%d": %s' % (k, d.body) for k, d in sorted(maps.items()))
     body = pgmaps.encode(head)[:-1] + b', "pools": {' + pools_json + b"}}"
-    return encoded_json(request, body)
+    return await encoded_json(request, body)
