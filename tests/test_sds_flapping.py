@@ -9,21 +9,32 @@ heartbeat timeout). It never answers for ``hold_down_s`` in a row, so it never
 returns; each thaw-freeze is a flap, and it ends flapping: kept out however well it
 answers afterwards, the metric the alert reads at 1, the pool's map changed once for
 the whole episode. ``meshctl sds clear-flapping`` lets it prove itself up; its PGs
-resync and both copies of every chunk are identical."""
+resync and both copies of every chunk are identical.
+
+The second test is the gray flap of issue 21: the SDS's data and control ports
+dropped and restored every 3 s for a minute with nftables inside its own network
+namespace (``tests/_nft.py``; never in the root namespace), its heartbeats flowing,
+under fio write and verify."""
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import re
 import signal
 import subprocess
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from _cluster import SmallCluster, meshctl_command, small_cluster
+from _fio import Fio
+from _netns import NetNs, netns_unavailable
+from _nft import Nft, nft_unavailable
+from _sds import SdsDaemon
 from _wait import wait_until
 from test_faults import replicas_identical
 from test_nbd_server import qemu_io
@@ -146,3 +157,99 @@ def test_a_flapping_sds_stays_out_until_cleared(fc: SmallCluster) -> None:
     )
     qemu_io(uri, *[f"read -P 0x22 {n * MiB} 64k" for n in range(32)], read_only=True)
     replicas_identical(fc)
+
+
+# -- a gray flap: the data and control ports dropped and restored, heartbeats flowing --
+
+
+@pytest.fixture
+def ns() -> Iterator[NetNs]:
+    """A network namespace of this test for the victim SDS, removed even on failure."""
+    why = netns_unavailable() or nft_unavailable()
+    assert why is None, why
+    netns = NetNs()
+    try:
+        netns.create()
+        yield netns
+    finally:
+        netns.destroy()
+
+
+def test_ports_dropped_and_restored_every_3_s_end_flapping(
+    ns: NetNs, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """sds2 runs in a namespace of its own; an nftables table there drops every packet
+    to and from its data and control ports for 3 s, then none for 3 s, for a minute,
+    while its heartbeats (its own connections out to the MDM) flow, under fio write and
+    verify. A failure report takes it down once; its flaps take it out (flapping) with
+    the pool's map changed at most twice; ``clear-flapping`` brings it back once the
+    ports stay open; resync, fio clean, replicas identical."""
+
+    def make(workdir: Path, name: str, mdm: Any, fs: str | None) -> SdsDaemon:
+        inside = name == "sds2"
+        return SdsDaemon(
+            workdir, name, mdm, fs, ns.ns_ip if inside else ns.host_ip, ns if inside else None
+        )
+
+    settings = {
+        "cluster": {
+            "heartbeat_timeout_s": 60.0,
+            "hold_down_s": HOLD_DOWN_S,
+            "flap_count": FLAP_COUNT,
+            "flap_window_s": 600.0,
+            "rebuild_delay_s": 600.0,
+        }
+    }
+    root = tmp_path_factory.mktemp("grayflap")
+    with small_cluster(root, VOLUME, "64MiB", settings, make_sds=make, mdm_host=ns.host_ip) as c:
+        victim = c.sds[1]
+        assert victim.netns is ns
+        nft = Nft(ns)
+        job = Fio(c.sdc.uri(VOLUME), "gray", root / "fio", size="16M", iodepth=16, rate_iops=150)
+        epoch0 = c.pgmap()["epoch"]
+        job.start()
+        epochs = {epoch0}
+        cycles = 0
+        try:
+            while cycles < 10:  # a minute
+                nft.drop_ports([victim.data_port, victim.control_port])
+                time.sleep(CYCLE_S)
+                nft.restore()
+                time.sleep(CYCLE_S)
+                epochs.add(c.pgmap()["epoch"])
+                cycles += 1
+        finally:
+            nft.restore()
+        doc = sds_doc(c, victim.name)
+        assert doc["flapping"] and doc["state"] == "disconnected", (doc, c.logs())
+        assert flapping_gauge(c, victim.name) == 1.0  # MeshblockSdsFlapping's expression
+        # Its heartbeats flowed throughout: it is kept out on its data path alone.
+        seen = dt.datetime.fromisoformat(doc["last_seen"])
+        assert (dt.datetime.now(dt.UTC) - seen).total_seconds() < 10, doc
+        epochs.add(c.pgmap()["epoch"])
+        assert max(epochs) - epoch0 <= 2, sorted(epochs)  # at most 2 map epochs
+        result = job.result(timeout=180)
+        result.assert_clean("through the flaps")
+        worst = max(j["write"]["lat_ns"]["max"] for j in result.jobs) / 1e9
+        print(
+            f"fio: {result.summary()}; largest write latency {worst:.1f} s; epochs {sorted(epochs)}"
+        )
+
+        out = meshctl(c, "sds", "clear-flapping", victim.name)
+        assert out.returncode == 0, out
+        wait_until(
+            lambda: sds_doc(c, victim.name)["state"] == "connected",
+            60,
+            f"{victim.name} proven up after clear-flapping",
+            detail=c.logs,
+        )
+        wait_until(
+            lambda: all(pg["state"] == "clean" for pg in c.pgmap()["pgs"]),
+            90,
+            "every PG clean after the resync",
+            detail=c.logs,
+        )
+        Fio(c.sdc.uri(VOLUME), "gray", root / "fio", size="16M", verify_only=True).run(
+            timeout=120
+        ).assert_clean("verified after the return")
+        replicas_identical(c)
