@@ -72,6 +72,13 @@ class FioResult:
     def read(self) -> int:
         return sum(int(j["read"]["io_bytes"]) for j in self.jobs)
 
+    def max_latency_s(self, op: str) -> float:
+        """The longest completion latency of ``op`` (``read`` or ``write``) over every
+        job, from fio's ``clat_ns`` max: the longest any one IO waited."""
+        return max(
+            (j[op]["clat_ns"]["max"] / 1e9 for j in self.jobs if j[op]["total_ios"]), default=0.0
+        )
+
     def summary(self) -> str:
         return (
             f"fio {self.name}: exit {self.returncode}, job errors {self.job_errors}, "

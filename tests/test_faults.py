@@ -228,12 +228,14 @@ def degraded_around(dead: int) -> Callable[[dict[str, Any]], bool]:
     return cond
 
 
-def replicas_identical(c: SmallCluster) -> dict[str, Any]:
-    """The replica checker over the whole volume: every chunk compared, identical.
+def replicas_identical(c: SmallCluster, volume_id: int | None = None) -> dict[str, Any]:
+    """The replica checker over the whole volume (the cluster's, or ``volume_id``):
+    every chunk compared, identical.
 
     Judged on a map that did not change while the check ran (a move that completes
     meanwhile frees copies the check may be reading); retried otherwise."""
-    status, vol = c.mdm.api().get(f"/api/v1/volumes/{c.volume_id}")
+    vid = c.volume_id if volume_id is None else volume_id
+    status, vol = c.mdm.api().get(f"/api/v1/volumes/{vid}")
     assert status == 200, vol
     for _ in range(10):
         doc = c.pgmap()

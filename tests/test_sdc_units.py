@@ -325,8 +325,8 @@ def test_a_hung_sds_times_out_and_is_retried() -> None:
     assert retries(metrics, "timeout") == 1 and len(path.calls) == 2
 
 
-def clean_map(epoch: int) -> PoolMap:
-    return replace(pool_map(epoch), clean=(True,) * PG_COUNT)
+def clean_map(epoch: int, shift: int = 0) -> PoolMap:
+    return replace(pool_map(epoch, shift), clean=(True,) * PG_COUNT)
 
 
 def budgeted_io(maps: Maps, path: Faulty) -> tuple[VolumeIO, SdcMetrics]:
@@ -392,6 +392,27 @@ def test_a_write_to_a_hung_primary_is_given_up_after_its_budget_and_reported() -
     assert [c[1] for c in path.calls] == [primary] * 2  # a write never goes to the secondary
     assert retries(metrics, "timeout") == 1 and maps.unreachable == [primary]
     assert took < 2.0, f"the write took {took:.2f} s (budget 0.2 s, attempt_timeout_s 5 s)"
+
+
+def test_an_sds_that_timed_out_gets_no_new_attempt_for_its_budget() -> None:
+    """After one attempt on SDS X timed out, the next write routed to X is not sent
+    to it (it would wait its budget too): it waits for the map that fails X over."""
+    maps, path = Maps(clean_map(5)), Faulty()
+    io, metrics = budgeted_io(maps, path)
+    path.faults = ["hang"]
+    primary = pg_of(VOLUME.id, 0, PG_COUNT) % 3
+
+    async def both() -> None:
+        first = asyncio.ensure_future(write(io, 0, b"a" * 4096, fua=False))
+        await asyncio.sleep(0.3)  # the first attempt timed out (0.2 s), X is silent
+        maps.after_refresh = clean_map(6, shift=1)  # the MDM failed X over
+        await write(io, 4096, b"b" * 4096, fua=False)
+        await first
+
+    run(both())
+    sent_to = [c[1] for c in path.calls]
+    assert sent_to.count(primary) == 1, sent_to  # only the attempt that hung
+    assert retries(metrics, "silent") >= 1
 
 
 def test_the_budget_follows_the_sds_latency() -> None:

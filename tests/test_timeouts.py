@@ -50,3 +50,11 @@ def test_budgets_follow_the_recent_window_per_key() -> None:
 def test_bad_knobs_are_refused() -> None:
     with pytest.raises(ValueError):
         LatencyBudgets(floor=0, factor=4.0, ceiling=10.0)
+
+
+def test_a_silent_key_is_left_alone_for_its_budget() -> None:
+    b = LatencyBudgets(floor=1.5, factor=4.0, ceiling=10.0)
+    b.silence(3, now=100.0)
+    assert b.silent(3, 101.4) and not b.silent(4, 101.4)
+    assert not b.silent(3, 101.6)
+    assert b.silent_until == {}  # forgotten once over

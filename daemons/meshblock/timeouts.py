@@ -69,6 +69,9 @@ class LatencyBudgets:
         self.ceiling = ceiling
         self.window = window
         self._peers: dict[int, _Peer] = {}
+        #: Per key found silent (no answer within its budget, a lost connection): until
+        #: when (``time.monotonic()``) it is not sent new requests.
+        self.silent_until: dict[int, float] = {}
 
     def budget(self, key: int) -> float:
         """How long one request to ``key`` may take before it is given up."""
@@ -90,6 +93,20 @@ class LatencyBudgets:
             peer.budget = adaptive_timeout(
                 samples, floor=self.floor, factor=self.factor, ceiling=self.ceiling
             )
+
+    def silence(self, key: int, now: float) -> None:
+        """``key`` did not answer: leave it alone for its budget from ``now``."""
+        self.silent_until[key] = now + self.budget(key)
+
+    def silent(self, key: int, now: float) -> bool:
+        """Whether ``key`` is still being left alone (:meth:`silence`)."""
+        until = self.silent_until.get(key)
+        if until is None:
+            return False
+        if until > now:
+            return True
+        del self.silent_until[key]
+        return False
 
     def budgets(self) -> dict[int, float]:
         """Every key's budget now (for /health)."""

@@ -87,7 +87,11 @@ _new_tuple: Final = tuple.__new__
 
 # DataPathError reasons that say the SDS itself did not answer (reported to the MDM):
 # a READ that failed so is sent at once to the PG's other copy when the PG is clean.
+# An SDS that let an attempt time out gets no new one for its budget (``silent``: the
+# IO waits for a newer map instead, or reads the other copy), so that each IO does not
+# wait its whole budget for it again.
 UNREACHABLE_REASONS = frozenset({"connect", "connection", "timeout"})
+FAILOVER_REASONS = UNREACHABLE_REASONS | {"silent"}
 
 
 def _read_data(reply: Reply, length: int) -> Chunk:
@@ -282,6 +286,8 @@ class VolumeIO:
         if target is None:
             return False
         sds_id, ref = target
+        if self.budgets.silent_until and self.budgets.silent(sds_id, time.monotonic()):
+            return False
         if req.cmd == _READ:
             op, flags = Op.READ, 0
         else:
@@ -446,6 +452,8 @@ class VolumeIO:
                 reason = "no_map"
             elif target is None:
                 reason = "no_primary"
+            elif self.budgets.silent(target[0], time.monotonic()):
+                reason, tried = "silent", target[0]
             else:
                 sds_id, ref = target
                 now = time.monotonic() if attempt else started
@@ -456,7 +464,7 @@ class VolumeIO:
                 except DataPathError as exc:
                     reason = self._failure(exc, sds_id, what)
                     tried = sds_id
-            if op == Op.READ and reason in UNREACHABLE_REASONS and pool and target:
+            if op == Op.READ and reason in FAILOVER_REASONS and pool and target:
                 ref = target[1]
                 data = await self._read_replica(task, pool, ref, tried, offset, length, deadline)
                 if data is not None:
@@ -518,6 +526,8 @@ class VolumeIO:
         other = pool.replica(ref.pg)
         if other is None or other == tried or other not in pool.sds:
             return None
+        if self.budgets.silent(other, time.monotonic()):
+            return None
         self.stats.retry("replica_read")
         piece = Piece(Op.READ, REPLICA, ref, offset, length)
         try:
@@ -525,6 +535,8 @@ class VolumeIO:
         except DataPathError as exc:
             if exc.reason in UNREACHABLE_REASONS:
                 self.maps.report_unreachable(other)
+                if exc.reason == "timeout":
+                    self.budgets.silence(other, time.monotonic())
             return None
         return _read_data(reply, length)
 
@@ -535,6 +547,8 @@ class VolumeIO:
             raise RequestError(exc.errno, f"{what}: {exc}") from exc
         if exc.reason in UNREACHABLE_REASONS:
             self.maps.report_unreachable(sds_id)
+            if exc.reason == "timeout":
+                self.budgets.silence(sds_id, time.monotonic())
         return exc.reason
 
     async def _before_retry(

@@ -615,6 +615,7 @@ class DataService:
             log.warning("forward to SDS %d failed: %s", peer, exc)
             self.stats.peer_error(peer)
             self._resync.lost(peer)
+            self._peers.lost(peer)
             if self._state.peer_unreachable is not None:
                 self._state.peer_unreachable(peer)
             return _LOST

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 
 from meshblock.chunks import ChunkRef
 from meshblock.sds.maps import PgMap
@@ -110,13 +111,23 @@ class Peers:
             return None
         return client
 
+    def lost(self, sds_id: int) -> None:
+        """A forward to ``sds_id`` lost its connection: for the peer's budget, a forward
+        that would connect to it again fails at once instead of waiting for a connect
+        that will likely time out (its client retries on the MDM's newer map)."""
+        self.budgets.silence(sds_id, time.monotonic())
+
     async def get(self, sds_id: int, address: tuple[str, int]) -> WireClient:
-        """A connection to ``sds_id``; connects (once, for all callers) when needed."""
+        """A connection to ``sds_id``; connects (once, for all callers) when needed;
+        :class:`ConnectionLost` at once while the peer was found silent lately
+        (:meth:`lost`)."""
         client = self.connected(sds_id, address)
         if client is not None:
             return client
         task = self._connecting.get(sds_id)
         if task is None:
+            if self.budgets.silent(sds_id, time.monotonic()):
+                raise ConnectionLost(f"SDS {sds_id} did not answer lately: not connected to yet")
             old = self._clients.pop(sds_id, None)
             if old is not None:
                 await old.close()
@@ -142,7 +153,8 @@ class Peers:
             log.error("peer SDS %d at %s:%d refused us: %s", sds_id, *address, exc)
             raise
         except (OSError, TimeoutError) as exc:
-            log.warning("cannot connect to peer SDS %d at %s:%d: %s", sds_id, *address, exc)
+            log.warning("cannot connect to peer SDS %d at %s:%d: %r", sds_id, *address, exc)
+            self.lost(sds_id)
             raise ConnectionLost(f"cannot connect to SDS {sds_id}: {exc}") from exc
         finally:
             self._connecting.pop(sds_id, None)
