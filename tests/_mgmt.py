@@ -20,37 +20,67 @@ import sys
 import urllib.error
 import urllib.parse
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 import _http
+import _tls
 from _ports import free_port
 from _process import HttpDaemon, ProcessError
 
 # -- MGMT ------------------------------------------------------------------------------
 
+MGMT_IDENTITY = "mgmt:mgmt"
+
 
 class MgmtDaemon(HttpDaemon):
-    """``MgmtDaemon(workdir, db_url, overrides=None)``: MGMT, its users and tokens."""
+    """``MgmtDaemon(workdir, db_url, overrides=None, tls=True)``: MGMT, its users and
+    tokens. With ``tls`` (the default, as MGMT's own) it serves HTTPS with a
+    certificate of the test CA for ``mgmt:mgmt`` (valid for loopback; ``[tls]``, which
+    also makes it reach the MDM over HTTPS: give it an MDM with TLS); without, it
+    serves plain HTTP (``[http] plain_http``) and has no ``[tls]`` unless the
+    overrides give one."""
 
     name = "MGMT"
     module = "meshblock.mgmt"
     ready_path = "/login"
+
+    def __init__(
+        self,
+        workdir: Path,
+        db_url: str,
+        overrides: dict[str, dict[str, Any]] | None = None,
+        *,
+        tls: bool = True,
+    ) -> None:
+        self.tls = tls
+        super().__init__(workdir, db_url, overrides)
+
+    @property
+    def url(self) -> str:
+        return f"{'https' if self.tls else 'http'}://{self.host}:{self.port}"
 
     def initial_settings(self) -> dict[str, dict[str, Any]]:
         self.admin_token = self.viewer_token = ""  # set by create_users()
         self.webhook_token = "whk-" + secrets.token_urlsafe(24)
         self.admin_password = "adm-" + secrets.token_urlsafe(12)
         self.viewer_password = "vw-" + secrets.token_urlsafe(12)
+        scheme = "https" if self.tls else "http"
         dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
-        return {
+        settings: dict[str, dict[str, Any]] = {
             "http": {"host": self.host, "port": self.port},
             "auth": {"webhook_token": self.webhook_token},
             "database": {"url": self.db_url},
-            "mdm": {"url": dead, "timeout_s": 2.0},
+            "mdm": {"url": f"{scheme}://127.0.0.1:{free_port()}", "timeout_s": 2.0},
             "prometheus": {"url": dead, "timeout_s": 2.0, "rules_sync_interval_s": 3600.0},
             "alertmanager": {"url": dead, "timeout_s": 5.0},
             "logging": {"level": "INFO"},
         }
+        if self.tls:
+            settings["tls"] = _tls.component_identity(MGMT_IDENTITY, self.host).settings()
+        else:
+            settings["http"]["plain_http"] = True
+        return settings
 
     def cli(self, *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
         """Run ``meshblock-mgmt --config mgmt.toml ARGS`` and return the result."""
@@ -120,6 +150,7 @@ class WebClient:
         self.jar = http.cookiejar.CookieJar()
         self.opener = urllib.request.build_opener(
             urllib.request.ProxyHandler({}),
+            urllib.request.HTTPSHandler(context=_tls.context(None)),  # trusts the test CA
             urllib.request.HTTPCookieProcessor(self.jar),
             _NoRedirect(),
         )

@@ -183,7 +183,9 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pipeline]:
         f"sqlite+aiosqlite:///{root / 'mdm' / 'mdm.db'}",
         {"cluster": {"name": "pipeline", "heartbeat_timeout_s": HEARTBEAT_TIMEOUT_S}},
     )
-    mgmt = MgmtDaemon(root / "mgmt", f"sqlite+aiosqlite:///{root / 'mgmt' / 'mgmt.db'}")
+    # Plain HTTP ([http] plain_http), as this MDM serves and Alertmanager posts as
+    # shipped; MGMT over HTTPS is test_mgmt.py's and test_mgmt_browser.py's.
+    mgmt = MgmtDaemon(root / "mgmt", f"sqlite+aiosqlite:///{root / 'mgmt' / 'mgmt.db'}", tls=False)
     stoppers: list[tuple[str, Callable[[], object]]] = []
     # The user and token commands (two Python start-ups) run while the cluster starts.
     with ThreadPoolExecutor(max_workers=1) as background:

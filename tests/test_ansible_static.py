@@ -505,6 +505,8 @@ def test_mgmt_config_loads(rendered: dict[str, Path]) -> None:
     assert config.mdm.url == "http://10.9.0.10:6611"
     assert config.prometheus.url == "http://10.9.0.31:9090"
     assert config.alertmanager.url == "http://10.9.0.31:9093"
+    # no certificates from the roles yet: plain HTTP, written out (docs/deployment.md, TLS)
+    assert config.http.plain_http is True
     assert toml_keys(doc) == without_tls(dataclass_keys(MgmtConfig))
 
 

@@ -61,11 +61,13 @@ def test_mgmt_reads_the_mdm_over_https_with_its_certificate(
             workdir,
             f"sqlite+aiosqlite:///{workdir / 'mgmt.db'}",
             {"mdm": {"url": cluster.mdm.url}, "tls": tls},
+            tls="cert" in tls,  # MGMT serves HTTPS with its certificate, else plain HTTP
         )
         daemon.create_users(viewer=False)
         return daemon
 
-    with started(mgmt(tmp_path / "a", _tls.identity("mgmt:mgmt1").settings())) as daemon:
+    mgmt1 = _tls.component_identity("mgmt:mgmt1")  # it serves HTTPS with it too
+    with started(mgmt(tmp_path / "a", mgmt1.settings())) as daemon:
         summary = mgmt_components(daemon)
         assert summary["mdm_reachable"] is True, summary
         assert summary["status"] in ("ok", "degraded")

@@ -205,7 +205,8 @@ pool = "p"
 DAEMONS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     # main, the least config that passes --check-config ({secret}: a secret file)
     "mdm": (mdm_main, '[auth]\nadmin_token = "a"\n'),
-    "mgmt": (mgmt_main, '[mdm]\nurl = "http://127.0.0.1:6611"\n'),
+    # (MGMT serves HTTPS with a [tls] certificate, or plain HTTP when told to)
+    "mgmt": (mgmt_main, '[http]\nplain_http = true\n[mdm]\nurl = "http://127.0.0.1:6611"\n'),
     "sdc": (
         sdc_main,
         '[mdm]\nurls = ["http://127.0.0.1:6611"]\ncluster_secret_file = "{secret}"\n',

@@ -15,6 +15,7 @@ import datetime as dt
 import itertools
 import re
 import urllib.parse
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -443,7 +444,7 @@ def test_login_and_logout(mgmt: MgmtDaemon) -> None:
     set_cookie = resp.headers["Set-Cookie"]
     assert "meshblock_mgmt_session=" in set_cookie
     assert "HttpOnly" in set_cookie and "SameSite=Lax" in set_cookie
-    assert "Secure" not in set_cookie  # auth.secure_cookies is off here
+    assert "Secure" in set_cookie  # served over HTTPS
     page = web.get("/alerts")
     assert page.status == 200 and 'id="current-user" data-role="admin"' in page.body
 
@@ -456,6 +457,31 @@ def test_login_and_logout(mgmt: MgmtDaemon) -> None:
     out = web.post("/logout", {"csrf_token": token})
     assert out.status == 303 and out.headers["Location"] == "/login"
     assert web.get("/alerts").status == 303
+
+
+def test_https_by_default_plain_http_only_when_configured(mgmt: MgmtDaemon, tmp_path: Path) -> None:
+    assert mgmt.url.startswith("https://")
+    assert f"MGMT starting on https://127.0.0.1:{mgmt.port}" in mgmt.log_text()
+    with pytest.raises(OSError):  # plain HTTP to the HTTPS port: no answer
+        urllib.request.urlopen(f"http://127.0.0.1:{mgmt.port}/login", timeout=10)
+    # Neither [tls] nor [http] plain_http: refused at start, saying what to set.
+    plain = MgmtDaemon(tmp_path, f"sqlite+aiosqlite:///{tmp_path / 'mgmt.db'}", tls=False)
+    plain.settings["http"]["plain_http"] = False
+    plain.write_config()
+    check = plain.cli("--check-config")
+    assert check.returncode == 2, check
+    assert "MGMT serves HTTPS: set [tls] cert" in check.stderr
+    assert "[http] plain_http = true" in check.stderr
+    # Plain HTTP, as configured: cookies are Secure only with auth.secure_cookies.
+    plain.settings["http"]["plain_http"] = True
+    plain.write_config()
+    plain.create_users(viewer=False)
+    with started(plain):
+        resp = WebClient(plain.url).login("admin", plain.admin_password)
+        assert resp.status == 303, resp
+        assert "Secure" not in resp.headers["Set-Cookie"]
+        assert "HttpOnly" in resp.headers["Set-Cookie"]
+    assert "MGMT starting on http://127.0.0.1" in plain.log_text()
 
 
 def test_a_stolen_cookie_dies_with_logout(mgmt: MgmtDaemon) -> None:

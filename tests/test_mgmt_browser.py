@@ -14,7 +14,9 @@ browser that Playwright downloads: the test fails, and does not skip, without it
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
+import hashlib
 import os
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -22,9 +24,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
+import _tls
 from _mdm import MdmDaemon
-from _mgmt import MgmtDaemon
+from _mgmt import MGMT_IDENTITY, MgmtDaemon
 from _monitoring import REPO, PrometheusServer, ToolMissing
 from test_mgmt import alert, notification, ok
 
@@ -52,7 +57,10 @@ TIMEOUT_MS = 15_000
 @pytest.fixture(scope="module")
 def mgmt(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MgmtDaemon]:
     root = tmp_path_factory.mktemp("mgmt-browser")
-    mdm = MdmDaemon(root / "mdm", f"sqlite+aiosqlite:///{root / 'mdm' / 'mdm.db'}")
+    # MGMT's [tls] makes it reach the MDM over HTTPS; Prometheus scrapes it with a
+    # certificate of its own (docs/monitoring.md, "Scraping over HTTPS").
+    mdm = MdmDaemon(root / "mdm", f"sqlite+aiosqlite:///{root / 'mdm' / 'mdm.db'}", tls=True)
+    scraper = _tls.identity("mgmt:prometheus")
     try:
         prometheus = PrometheusServer(
             root / "prometheus",
@@ -62,6 +70,12 @@ def mgmt(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MgmtDaemon]:
                 "scrape_configs": [
                     {
                         "job_name": "meshblock_mdm",
+                        "scheme": "https",
+                        "tls_config": {
+                            "ca_file": str(scraper.ca),
+                            "cert_file": str(scraper.cert),
+                            "key_file": str(scraper.key),
+                        },
                         "static_configs": [{"targets": [f"127.0.0.1:{mdm.port}"]}],
                     }
                 ],
@@ -117,7 +131,7 @@ def browser(tmp_path: Path) -> Iterator[BrowserContext]:
             str(tmp_path / "chromium-profile"),
             executable_path=str(CHROMIUM),
             headless=True,
-            args=CHROMIUM_ARGS,
+            args=[*CHROMIUM_ARGS, f"--ignore-certificate-errors-spki-list={mgmt_spki()}"],
             viewport={"width": 1400, "height": 900},
         )
         context.set_default_timeout(TIMEOUT_MS)
@@ -125,6 +139,19 @@ def browser(tmp_path: Path) -> Iterator[BrowserContext]:
             yield context
         finally:
             context.close()
+
+
+def mgmt_spki() -> str:
+    """The base64 SHA-256 of the public key MGMT serves with (``tests/_mgmt.py``).
+
+    Chromium on Linux takes its trusted CAs from an NSS database, which nothing here
+    can write (no ``certutil``) short of a system-wide policy; so it is told to accept
+    this one key instead (``--ignore-certificate-errors-spki-list``, honoured with a
+    profile directory of its own). Every other certificate is still checked: the
+    browser trusts exactly the server under test, not "any certificate"."""
+    cert = x509.load_pem_x509_certificate(_tls.component_identity(MGMT_IDENTITY).cert.read_bytes())
+    der = cert.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+    return base64.b64encode(hashlib.sha256(der).digest()).decode()
 
 
 def screenshot(page: Page, name: str) -> Path:

@@ -9,17 +9,23 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import ssl
 from pathlib import Path
 
 import pytest
 from sqlalchemy import select
 
+import _tls
+from meshblock.config import ConfigError
 from meshblock.http_errors import BadRequest
 from meshblock.json_body import MAX_DEPTH, parse_object, too_deep
 from meshblock.mgmt import accounts, db
+from meshblock.mgmt.app import server_tls
+from meshblock.mgmt.config import AuthConfig, HttpConfig, MgmtConfig
 from meshblock.mgmt.models import User, UserRole
 from meshblock.mgmt.pages import safe_next
 from meshblock.mgmt.throttle import Limit, LoginThrottle, retry_after_header
+from meshblock.tls import TlsConfig
 
 pytestmark = pytest.mark.unit
 
@@ -182,3 +188,23 @@ def test_login_throttle_forgets_old_failures_and_caps_the_backoff() -> None:
     clock.now += 300 + 100 + 1  # left alone longer than window and longest backoff
     assert [t.failed("admin", "10.0.0.1") for _ in range(3)][-1] == 60
     assert retry_after_header(0.2) == "1" and retry_after_header(59.1) == "60"
+
+
+def test_mgmt_serves_https_unless_plain_http_is_set() -> None:
+    files = _tls.component_identity("mgmt:mgmt")
+    tls = TlsConfig(cert=str(files.cert), key=str(files.key), ca=str(files.ca))
+    https = MgmtConfig(tls=tls)
+    context = server_tls(https)
+    assert context is not None and context.verify_mode == ssl.CERT_NONE  # no client certs
+    assert https.secure_cookies
+    assert MgmtConfig(tls=tls, auth=AuthConfig(secure_cookies=False)).secure_cookies
+    with pytest.raises(ConfigError, match=r"MGMT serves HTTPS: set \[tls\] cert"):
+        server_tls(MgmtConfig())
+    with pytest.raises(ConfigError, match=r"MGMT serves HTTPS: set \[tls\] cert"):
+        server_tls(MgmtConfig(tls=TlsConfig(ca=str(files.ca))))  # the CA alone
+    plain = MgmtConfig(http=HttpConfig(plain_http=True))
+    assert server_tls(plain) is None and not plain.secure_cookies
+    behind_proxy = MgmtConfig(
+        http=HttpConfig(plain_http=True), auth=AuthConfig(secure_cookies=True)
+    )
+    assert server_tls(behind_proxy) is None and behind_proxy.secure_cookies

@@ -105,7 +105,8 @@ def prometheus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrometheusS
 @pytest.fixture(scope="module")
 def mdm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MdmDaemon]:
     workdir = tmp_path_factory.mktemp("mdm")
-    daemon = MdmDaemon(workdir, f"sqlite+aiosqlite:///{workdir / 'mdm.db'}")
+    # with TLS, as MGMT's [tls] (its HTTPS) makes it reach the MDM over HTTPS
+    daemon = MdmDaemon(workdir, f"sqlite+aiosqlite:///{workdir / 'mdm.db'}", tls=True)
     with started(daemon, check_exit=False):
         yield daemon
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import logging
 import sys
 from collections.abc import Awaitable, Callable
@@ -21,7 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from meshblock import daemon
 from meshblock.config import load
 from meshblock.mgmt import accounts, db
-from meshblock.mgmt.app import create_app, mdm_tls_of
+from meshblock.mgmt.app import create_app, mdm_tls_of, server_tls
 from meshblock.mgmt.config import MgmtConfig
 from meshblock.mgmt.errors import ApiError, Conflict
 from meshblock.mgmt.models import User, UserRole
@@ -123,13 +124,29 @@ def run_command(args: argparse.Namespace, config: MgmtConfig) -> int:
 def _server(config: MgmtConfig) -> daemon.Server:
     if not config.auth.webhook_token:
         log.warning("auth.webhook_token is empty: every webhook call will be refused")
-    log.info("MGMT starting on %s:%d", config.http.host, config.http.port)
-    return daemon.Server(create_app(config), config.http.host, config.http.port)
+    context = server_tls(config)  # checked by _load
+    scheme = "https" if context is not None else "http"
+    log.info("MGMT starting on %s://%s:%d", scheme, config.http.host, config.http.port)
+    if context is None and not _loopback(config.http.host):
+        log.warning(
+            "[http] plain_http on %s, not a loopback address: passwords and session "
+            "cookies cross the network in clear text",
+            config.http.host,
+        )
+    return daemon.Server(create_app(config), config.http.host, config.http.port, context)
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def _load(args: argparse.Namespace) -> MgmtConfig:
     config = load(MgmtConfig, args.config)
     mdm_tls_of(config)  # the [tls] files, and the MDM URL's scheme
+    server_tls(config)  # HTTPS unless [http] plain_http
     return config
 
 

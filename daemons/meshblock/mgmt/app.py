@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from aiohttp import web
 
 from meshblock import pki
 from meshblock.auth import Role, TokenTable
+from meshblock.config import ConfigError
 from meshblock.mgmt import api, db, pages, rules
 from meshblock.mgmt.config import MgmtConfig
 from meshblock.mgmt.context import CTX, MgmtContext
@@ -32,6 +34,29 @@ def mdm_tls_of(config: MgmtConfig) -> MdmTls:
     """How MGMT reaches the MDM; a certificate must name MGMT (``mgmt:<name>``).
     :class:`meshblock.config.ConfigError` otherwise."""
     return mdm_tls(config.tls, [config.mdm.url], pki.Kind.MGMT, key="mdm.url")
+
+
+def server_tls(config: MgmtConfig) -> ssl.SSLContext | None:
+    """The TLS context MGMT serves with: its ``[tls]`` certificate (``None``: plain HTTP
+    by ``[http] plain_http``). Browsers send no client certificate and are asked for
+    none. :class:`meshblock.config.ConfigError` if the section cannot serve."""
+    if config.http.plain_http:
+        return None
+    tls = config.tls
+    if not tls.cert:
+        raise ConfigError(
+            "MGMT serves HTTPS: set [tls] cert, key and ca (meshctl ca issue mgmt:NAME, "
+            "with the names users reach it by as --san), or [http] plain_http = true "
+            "behind a reverse proxy on this host that serves HTTPS"
+        )
+    try:
+        context = pki.server_context(
+            Path(tls.cert), Path(tls.key), Path(tls.ca), client_certs=pki.ClientCerts.OPTIONAL
+        )
+    except pki.PkiError as exc:
+        raise ConfigError(f"[tls] {exc}") from None
+    context.verify_mode = ssl.CERT_NONE  # users log in; no certificate is asked for
+    return context
 
 
 def login_throttle(config: MgmtConfig) -> LoginThrottle:

@@ -11,10 +11,15 @@ from meshblock.tls import TlsConfig
 
 @dataclass(frozen=True)
 class HttpConfig:
-    """``[http]``: where the dashboard, the API and the webhook listen."""
+    """``[http]``: where the dashboard, the API and the webhook listen.
+
+    MGMT serves HTTPS with the certificate of ``[tls]``; ``plain_http = true`` serves
+    plain HTTP instead, for a reverse proxy on the same host that terminates TLS.
+    """
 
     host: str = "127.0.0.1"
     port: int = 8080
+    plain_http: bool = False
 
 
 @dataclass(frozen=True)
@@ -23,8 +28,8 @@ class AuthConfig:
 
     ``webhook_token`` is the bearer token Alertmanager presents on
     ``POST /api/alerts/webhook``; empty refuses every webhook call.
-    ``secure_cookies`` marks the session cookie ``Secure`` (set it when MGMT is
-    served over HTTPS, directly or behind a proxy). ``login_*``: the login throttle
+    ``secure_cookies`` marks the cookies ``Secure`` with ``[http] plain_http`` (set it
+    behind a proxy that serves HTTPS); MGMT's own HTTPS always does. ``login_*``: the login throttle
     (meshblock.mgmt.throttle), per account and per client address.
     """
 
@@ -110,7 +115,12 @@ class MgmtConfig:
     prometheus: PrometheusConfig = field(default_factory=PrometheusConfig)
     alertmanager: AlertmanagerConfig = field(default_factory=AlertmanagerConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
-    tls: TlsConfig = field(default_factory=TlsConfig)  # HTTPS to the MDM (not served yet)
+    tls: TlsConfig = field(default_factory=TlsConfig)  # served HTTPS, and HTTPS to the MDM
+
+    @property
+    def secure_cookies(self) -> bool:
+        """Whether cookies are ``Secure``: always over HTTPS, behind a proxy if set."""
+        return not self.http.plain_http or self.auth.secure_cookies
 
     def __post_init__(self) -> None:
         if not 0 < self.http.port < 65536:

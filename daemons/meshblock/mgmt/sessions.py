@@ -1,9 +1,10 @@
 """Who is calling: a login session (web pages) or an API token (scripts).
 
 A login creates a ``sessions`` row whose id is the SHA-256 of a random secret; the
-secret goes to the browser in an HttpOnly, SameSite=Lax cookie (``Secure`` when
-``auth.secure_cookies``). Each session holds a CSRF synchronizer token: every unsafe
-request authenticated by the cookie must present it, as the form field
+secret goes to the browser in an HttpOnly, SameSite=Lax cookie (``Secure`` when MGMT
+serves HTTPS, or with ``auth.secure_cookies`` behind a proxy). Each session holds a
+CSRF synchronizer token: every unsafe request authenticated by the cookie must
+present it, as the form field
 ``csrf_token`` or the header ``X-CSRF-Token``. The login form itself, made before
 any session exists, is protected by a double-submit cookie.
 
@@ -122,7 +123,7 @@ async def start_session(request: web.Request, response: web.StreamResponse, user
         path="/",
         httponly=True,
         samesite="Lax",
-        secure=c.config.auth.secure_cookies,
+        secure=c.config.secure_cookies,
     )
 
 
@@ -144,7 +145,7 @@ def login_csrf(request: web.Request, response: web.StreamResponse) -> str:
             path="/login",
             httponly=True,
             samesite="Strict",
-            secure=ctx(request).config.auth.secure_cookies,
+            secure=ctx(request).config.secure_cookies,
         )
     return token
 
