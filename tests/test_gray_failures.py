@@ -10,6 +10,9 @@ one IO waited (fio's completion latency max, reads and writes) under 5 s. While 
 SDS is broken, no PG with a copy on it is made clean again after it was declared
 down (a copy job never reports a copy it could not reach, docs/sds.md "Copies").
 
+- ``test_gray_failure_ports_dropped_while_it_heartbeats``: the SDS runs in a network
+  namespace of the test (tests/_netns.py); nftables there (tests/_nft.py) drops every
+  packet to or from its data and control ports while its heartbeats to the MDM go on.
 - ``test_hung_sds_sigstop``: the SDS is SIGSTOPped, then SIGCONTed.
 
 The figures printed are what docs/performance.md ("Faults") reports.
@@ -28,6 +31,8 @@ import pytest
 import test_faults
 from _cluster import SmallCluster
 from _fio import Fio, FioResult
+from _netns import NetNs
+from _nft import Nft, nft_unavailable
 from _sds import SdsDaemon, wait_copy_jobs_ended
 from test_faults import (
     NO_REBUILD_S,
@@ -37,14 +42,16 @@ from test_faults import (
     cluster_settings,
     copies,
     describe,
+    netns_cluster,
     replicas_identical,
     wait_map,
 )
 
 pytestmark = pytest.mark.cluster
 
-# the fault tests' fixture: a fresh cluster per test
+# the fault tests' fixtures: a fresh cluster per test, a network namespace
 build = test_faults.build
+netns = test_faults.netns
 
 MAX_WAIT_S = 5.0  # the target: no client IO waits longer for one failed SDS
 FAULT_S = 30.0
@@ -131,6 +138,33 @@ def through_a_fault(
         f"an IO waited longer than {MAX_WAIT_S:g} s: {worst}"
     )
     return worst
+
+
+@pytest.fixture
+def nft_ready() -> None:
+    why = nft_unavailable()
+    if why:
+        pytest.skip(why)
+
+
+def test_gray_failure_ports_dropped_while_it_heartbeats(
+    build: Any, netns: NetNs, nft_ready: None, tmp_path: Path
+) -> None:
+    c = netns_cluster(build, netns, cluster_settings(NO_REBUILD_S))
+    victim = c.sds[1]
+    assert victim.netns is netns
+    nft = Nft(netns)
+    try:
+        through_a_fault(
+            c,
+            tmp_path,
+            victim,
+            lambda: nft.drop_ports([victim.data_port, victim.control_port]),
+            nft.restore,
+        )
+    finally:
+        nft.restore()
+    assert victim.proc is not None and victim.proc.poll() is None, "the SDS died"
 
 
 def test_hung_sds_sigstop(build: Any, tmp_path: Path) -> None:
