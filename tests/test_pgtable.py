@@ -133,3 +133,22 @@ def test_a_change_of_another_pool_is_refused(db_url: str) -> None:
             )
 
     in_session(db_url, go)
+
+
+def test_row_keys_change_with_every_write_of_a_row_and_only_then(db_url: str) -> None:
+    async def go(s: AsyncSession) -> None:
+        pool, (a, b) = await new_pool(s, "keys")
+        assert await pgtable.row_keys(s, [pool.id]) == {}
+        await pgtable.write(
+            s, pool, [PgChange(None, PgRow(pool.id, n, a, b, PgState.CLEAN)) for n in range(4)]
+        )
+        first = await pgtable.row_keys(s, [pool.id])
+        assert first == {pool.id: (4, pool.map_epoch)}
+        read = await pgtable.load(s, pool_id=pool.id)
+        await pgtable.write(s, pool, [])  # a new map epoch, no row written
+        assert await pgtable.row_keys(s, [pool.id]) == first
+        await pgtable.write(s, pool, [PgChange(read[2], replace(read[2], state=PgState.DEGRADED))])
+        assert await pgtable.row_keys(s, [pool.id]) == {pool.id: (4, pool.map_epoch)}
+        assert pool.map_epoch > first[pool.id][1]
+
+    in_session(db_url, go)

@@ -150,7 +150,17 @@ def test_a_settled_pool_is_not_planned_again_until_its_rows_change(
         assert await r.step() > 0
         calls = counting_plans(monkeypatch)
         assert await r.step() == 0 and len(calls) == 1
+        loads: list[int] = []
+        load = pgtable.load
+
+        async def counted_load(*args: Any, **kw: Any) -> list[PgRow]:
+            loads.append(1)
+            return await load(*args, **kw)
+
+        monkeypatch.setattr(pgtable, "load", counted_load)
         assert await r.step() == 0 and len(calls) == 1  # same rows: not computed again
+        assert loads == []  # nor even loaded
+        monkeypatch.setattr(pgtable, "load", load)
         # a move ends (its row changes): the pool is planned again
         async with sessions() as s, s.begin():
             rows = await pgtable.load(s, pool_id=pool_id)

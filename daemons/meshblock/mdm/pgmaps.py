@@ -22,7 +22,7 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from sqlalchemy import Select, bindparam, func, select
+from sqlalchemy import Select, bindparam, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from meshblock.mdm import pgtable
@@ -310,24 +310,12 @@ def _pg_rows_query() -> Select[Any]:
 _PG_ROWS = _pg_rows_query()
 
 
-_PG_KEYS = (
-    select(
-        PlacementGroup.__table__.c.pool_id,
-        func.count(),
-        func.max(PlacementGroup.__table__.c.epoch),
-    )
-    .where(PlacementGroup.__table__.c.pool_id.in_(bindparam("pool_ids", expanding=True)))
-    .group_by(PlacementGroup.__table__.c.pool_id)
-)
-
-
 @dataclass(frozen=True)
 class PgPart:
     """A pool's PGs as its document lists them (``pgs``, encoded: ``body``; ``sds``:
     the SDSs they name), with what identifies the rows they were built from: their
-    number and their highest epoch. Every write of a PG row stamps it with a new map
-    epoch of its pool, above every epoch a row of the pool had (:mod:`pgtable`), so
-    while both are the same the rows are too, and the part is reused."""
+    number and their highest epoch (:func:`meshblock.mdm.pgtable.row_keys`): while
+    both are the same the rows are too, and the part is reused."""
 
     key: tuple[int, int]
     pgs: list[dict[str, Any]]
@@ -347,9 +335,7 @@ async def _build(
     # transaction may see different snapshots: read in this order, a part is never
     # kept under a key newer than its rows, and every device and SDS a PG names is
     # there (a device leaves the PGs, a new key, before it is deleted).
-    keys = {
-        i: (int(n), int(top or 0)) for i, n, top in await conn.execute(_PG_KEYS, {"pool_ids": ids})
-    }
+    keys = await pgtable.row_keys(session, ids)
     have = parts if parts is not None else {}
     reused = {i: have[i] for i in ids if i in have and have[i].key == keys.get(i, (0, 0))}
     stale = [i for i in ids if i not in reused]

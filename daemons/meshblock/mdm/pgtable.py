@@ -39,12 +39,12 @@ from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Table, bindparam, delete, insert, or_, select, update
+from sqlalchemy import Table, bindparam, delete, func, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from meshblock.mdm.models import PgState, PlacementGroup, StoragePool
 
-__all__ = ["PgChange", "PgRow", "drop", "load", "write", "write_pools"]
+__all__ = ["PgChange", "PgRow", "drop", "load", "row_keys", "write", "write_pools"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +121,20 @@ async def load(
             )
         )
     return [PgRow(**row._asdict()) for row in await s.execute(q)]
+
+
+async def row_keys(s: AsyncSession, pool_ids: Collection[int]) -> dict[int, tuple[int, int]]:
+    """Per pool of ``pool_ids`` that has rows: their number and their highest
+    ``epoch``. :func:`write` stamps every row it writes with a new map epoch of its
+    pool, above every epoch a row of the pool had, so a pool's rows are the same as
+    long as this is: what a cache of something computed from them keys on."""
+    table = _table()
+    rows = await s.execute(
+        select(table.c.pool_id, func.count(), func.max(table.c.epoch))
+        .where(table.c.pool_id.in_(list(pool_ids)))
+        .group_by(table.c.pool_id)
+    )
+    return {pool_id: (int(n), int(top or 0)) for pool_id, n, top in rows}
 
 
 def _table() -> Table:

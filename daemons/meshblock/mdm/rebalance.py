@@ -74,9 +74,9 @@ class Rebalancer:
         and heartbeats are written; then, under the gate, a pool's moves are written
         only if its map epoch and the SDSs' modes are still those the plan was made
         on (else it is planned again at the next step), so that what is written is
-        what deciding under the gate would have written. A pool whose rows and
-        eligible devices are those of a plan that found nothing to move is not
-        planned again (:meth:`_settled_key`)."""
+        what deciding under the gate would have written. A pool whose rows (their
+        number and highest epoch: :func:`pgtable.row_keys`) and usable devices are
+        those of a plan that found nothing to move is settled: not planned again."""
         d = self.detector
         async with d._lock:
             async with d.sessions() as s, s.begin():
@@ -127,17 +127,19 @@ class Rebalancer:
         eligible: frozenset[int],
         modes: dict[int, SdsMode],
     ) -> list[PgChange]:
-        """Load and decide (:func:`plan_moves`): the moves to start in ``pool``."""
+        """Load and decide (:func:`plan_moves`): the moves to start in ``pool``. A
+        settled pool (:meth:`step`) costs two small reads: its rows are not loaded."""
+        members = await pool_devices(s, pool.id)
+        usable = [d for d in members if d.sds_id in eligible]
+        rows_key = (await pgtable.row_keys(s, [pool.id])).get(pool.id, (0, 0))
+        key = (pool.pg_count, rows_key, tuple(usable))
+        if self._settled.get(pool.id) == key:
+            return []
         rows = await pgtable.load(s, pool_id=pool.id)
         if not all_clean(rows):
             return []
-        members = await pool_devices(s, pool.id)
         normal = [i for i in copy_holders(rows, members) if modes.get(i) == SdsMode.NORMAL]
         if self._waits(pool, self.detector.down_sds(normal)):
-            return []
-        usable = [d for d in members if d.sds_id in eligible]
-        key = _settled_key(pool, rows, usable)
-        if self._settled.get(pool.id) == key:
             return []
         moves = plan_moves(pool.pg_count, rows, usable)
         if moves:
@@ -171,16 +173,6 @@ class Rebalancer:
                 await self.step()
             except Exception:
                 log.exception("rebalance step failed; trying again in %.0f s", interval_s)
-
-
-def _settled_key(
-    pool: StoragePool, rows: Sequence[PgRow], usable: Sequence[DeviceInfo]
-) -> tuple[object, ...]:
-    """What :func:`plan_moves` decides on, in a form cheap to compare: the usable
-    devices, and the rows by their number and highest epoch. Every write of a row
-    stamps it with a new map epoch of its pool, above every epoch a row of the pool
-    had (pgtable's contract), so the rows are the same while those two are."""
-    return (pool.pg_count, len(rows), max(r.epoch for r in rows), tuple(usable))
 
 
 def all_clean(rows: Sequence[PgRow]) -> bool:
