@@ -62,6 +62,7 @@ import os
 import secrets
 import stat
 import struct
+import sys
 import threading
 import time
 import zlib
@@ -182,6 +183,11 @@ ENTRY_USED: Final = 1
 _EMPTY_ENTRY: Final = bytes(ENTRY.size)
 _ZEROES: Final = bytes(CHUNK_SIZE)
 _ZERO_VIEW: Final = memoryview(_ZEROES)
+#: Whole-chunk read buffers a store keeps for reuse (:meth:`ChunkStore._chunk_buffer`).
+READ_BUFFERS: Final = 16
+#: References to a kept read buffer that nobody else holds: the list, the loop
+#: variable and ``sys.getrefcount``'s argument.
+_UNSHARED_REFS: Final = 3
 #: Freed slots waiting for a sync before they are handed out again; more triggers one.
 RECLAIM_BATCH: Final = 64
 #: Slots whose checksums :meth:`ChunkStore.verify_marked` recomputes per thread call
@@ -651,6 +657,7 @@ class ChunkStore:
         self._tomb_durable = 0  # ... and how many of them are durable on every device
         self._tomb_lock = asyncio.Lock()
         self._tomb_keys: dict[int, list[int]] = {}  # chunk keys left to free, per volume
+        self._read_buffers: list[bytearray] = []  # kept for reads of a whole chunk
         # Paths of the devices opened after an unclean stop (their superblock lacked
         # CLEAN): told to the MDM at registration, which has their copies recopied.
         self.unclean: list[str] = []
@@ -1125,12 +1132,13 @@ class ChunkStore:
         if dev.failed:
             raise DeviceFailed(dev)
         if not dev.checksums or not length:
-            buf = bytearray(length)
+            buf = self._read_buffer(length)
             try:
-                dio.preadv(dev.fd, [buf], dev.slot_offset(slot) + offset)
+                n = dio.preadv(dev.fd, [buf], dev.slot_offset(slot) + offset)
             except OSError as exc:
                 raise self._io_error(dev, "pread", exc) from exc
-            # a short read is past the end of a sparse file: already zeroes
+            if n < length:  # past the end of a sparse file: zeroes
+                buf[n:] = _ZERO_VIEW[: length - n]
             if sums is not None:
                 sums += unit_crcs(buf)
             return memoryview(buf)
@@ -1139,12 +1147,15 @@ class ChunkStore:
         first = offset >> BLOCK_SHIFT
         count = ((offset + length + BLOCK - 1) >> BLOCK_SHIFT) - first
         start = first << BLOCK_SHIFT
-        buf = bytearray(count << BLOCK_SHIFT)
+        size = count << BLOCK_SHIFT
+        buf = self._read_buffer(size)
         try:
-            dio.preadv(dev.fd, [buf], dev.slot_offset(slot) + start)
+            n = dio.preadv(dev.fd, [buf], dev.slot_offset(slot) + start)
             row = dio.pread(dev.fd, count * 4, dev.row_offset(slot) + first * 4)
         except OSError as exc:
             raise self._io_error(dev, "pread", exc) from exc
+        if n < size:  # past the end of a sparse file: zeroes
+            buf[n:] = _ZERO_VIEW[: size - n]
         view = memoryview(buf)
         got = block_crcs(view)
         bad = bad_blocks(got, row.ljust(count * 4, b"\0"), first)
@@ -1194,6 +1205,24 @@ class ChunkStore:
             if bad:
                 self._checksum_error(dev, slot, volume, chunk, bad)
         return stored, computed
+
+    def _read_buffer(self, size: int) -> bytearray:
+        """A buffer for a read of ``size`` bytes, which the read overwrites whole. A
+        whole chunk's is one of the store's kept buffers that no view (a reply being
+        sent, a copy in flight) refers to any more, so that a 1 MiB read neither zeroes
+        fresh memory nor faults its pages in (docs/performance.md); smaller reads, and
+        whole-chunk reads while every kept buffer is in use, get a new one."""
+        if size != CHUNK_SIZE:
+            return bytearray(size)
+        kept = self._read_buffers
+        for i in range(len(kept)):  # not enumerate(): its result tuple holds a reference
+            buf = kept[i]
+            if sys.getrefcount(buf) <= _UNSHARED_REFS:
+                return buf
+        buf = bytearray(size)
+        if len(kept) < READ_BUFFERS:
+            kept.append(buf)
+        return buf
 
     def needs_reclaim(self, dev: Device, volume: int, chunk: int) -> bool:
         """True when a write, WRITE_ZEROES or TRIM of this chunk must wait for
