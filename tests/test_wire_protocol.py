@@ -331,6 +331,7 @@ def test_a_peer_that_answers_nothing_is_dropped_after_its_short_budget(tmp_path:
             peers = Peers(SECRET, 10.0, timeout_min=0.3, timeout_factor=4.0)
             client = await peers.get(2, ("127.0.0.1", server.port))
             assert client.request_timeout == pytest.approx(0.3)
+            assert client.sync_timeout == pytest.approx(10.0)  # REPL_FLUSH, FUA: the ceiling
             # a newer epoch than the server's map: it waits 2 s before MAP_PENDING
             t0 = asyncio.get_running_loop().time()
             with pytest.raises(ConnectionLost) as ei:

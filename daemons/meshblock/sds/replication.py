@@ -9,7 +9,9 @@
   writes since the last FLUSH. A connection with requests outstanding that receives
   nothing for the peer's budget (:class:`~meshblock.timeouts.LatencyBudgets`: short,
   adapted to the latency of the peer's answered forwards) is dropped: the forwards
-  on it fail as a lost connection, and the peer is reported.
+  on it fail as a lost connection, and the peer is reported. Requests that wait for
+  a device sync on the peer (REPL_FLUSH, FUA forwards) count only against the
+  ceiling (``peer_timeout_s``) while no ordinary forward is outstanding.
 - :class:`DegradedWrites` remembers, per PG that this SDS serves alone (not
   ``clean``), which chunks it wrote meanwhile: what a delta resync of the stale
   copy has to copy (docs/design.md, invariant 4).
@@ -158,6 +160,9 @@ class Peers:
             raise ConnectionLost(f"cannot connect to SDS {sds_id}: {exc}") from exc
         finally:
             self._connecting.pop(sds_id, None)
+        # REPL_FLUSH and FUA forwards wait for a whole-device fdatasync on the peer,
+        # which may take seconds on a healthy one: those alone get the ceiling
+        client.sync_timeout = self.budgets.ceiling
         log.info("connected to peer SDS %d at %s:%d", sds_id, *address)
         self._clients[sds_id] = client
         self._addresses[sds_id] = address

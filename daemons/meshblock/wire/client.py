@@ -90,6 +90,8 @@ log = logging.getLogger(__name__)
 ZEROES: Final = memoryview(bytes(CHUNK_SIZE))
 _HOLE: Final = int(ReplyFlag.HOLE)
 _FUA: Final = int(ReqFlag.FUA)
+#: The opcodes whose reply waits for a whole-device sync (as does any FUA request).
+_SYNC_OPS: Final = frozenset({int(Op.FLUSH), int(Op.REPL_FLUSH)})
 _READ: Final = int(Op.READ)
 #: The opcodes whose payload carries checksums (a forwarder hands every op a payload
 #: view, empty for WRITE_ZEROES and TRIM).
@@ -369,6 +371,14 @@ class WireClient:
         #: The request timeout (see :meth:`connect`); may be changed while it runs (an
         #: SDS adapts its peers' to their latency), read at each check.
         self.request_timeout = request_timeout
+        #: How long a connection whose outstanding requests all wait for a device sync
+        #: (FLUSH, REPL_FLUSH, FUA: an fdatasync of a whole device may take seconds) may
+        #: receive nothing; None: ``request_timeout``. Never shorter than that.
+        self.sync_timeout: float | None = None
+        # ids of the sync requests sent (those answered are pruned when looked at)
+        self._syncs: set[int] = set()
+        # when the first ordinary request went out while only syncs were outstanding
+        self._ordinary_since = 0.0
         self._watchdog: asyncio.Task[None] | None = None
         if request_timeout is not None:
             self._watchdog = asyncio.get_running_loop().create_task(
@@ -619,6 +629,8 @@ class WireClient:
         rid = next(self._ids)
         if not p.pending:  # the request timeout counts from now
             p.last_rx = time.monotonic()
+        if self._syncs or flags & _FUA or op in _SYNC_OPS:
+            self._note_sync(op, flags, rid)
         p.pending[rid] = waiter
         pool, pg, epoch, volume, chunk = ref  # twice as fast as pack(*ref)
         if p.csum and (op == _READ or (op in _WITH_PAYLOAD and length)):
@@ -660,13 +672,46 @@ class WireClient:
             raise RequestError(op, reply.status, reply.epoch)
         return reply
 
+    def _live_syncs(self) -> set[int]:
+        """The ids of the sync requests still outstanding."""
+        syncs, pending = self._syncs, self._p.pending
+        for rid in [rid for rid in syncs if rid not in pending]:
+            syncs.discard(rid)
+        return syncs
+
+    def _note_sync(self, op: int, flags: int, rid: int) -> None:
+        """Before request ``rid`` is added to ``pending``: remember it when it waits
+        for a device sync; an ordinary one sent while only syncs are outstanding
+        starts the clock of the ordinary requests (:meth:`_watch`)."""
+        syncs = self._live_syncs()
+        if flags & _FUA or op in _SYNC_OPS:
+            syncs.add(rid)
+        elif len(self._p.pending) == len(syncs):
+            self._ordinary_since = time.monotonic()
+
+    def _idle_limit(self) -> tuple[float, float]:
+        """How long the connection has received nothing that counts, and how long it
+        may. An ordinary request outstanding (a write is answered in milliseconds):
+        ``request_timeout``, counted from the last byte received or from when the
+        first of them left, whichever is later. Only syncs outstanding (a healthy SDS
+        may take seconds to sync a device): ``sync_timeout``."""
+        p = self._p
+        limit = self.request_timeout or 30.0
+        syncs = self._live_syncs()
+        now = time.monotonic()
+        if len(p.pending) > len(syncs):
+            return now - max(p.last_rx, self._ordinary_since), limit
+        return now - p.last_rx, max(limit, self.sync_timeout or limit)
+
     async def _watch(self) -> None:
         p = self._p
         while p.lost is None:
             limit = self.request_timeout or 30.0
             await asyncio.sleep(min(1.0, limit / 4))
-            limit = self.request_timeout or 30.0
-            if p.pending and time.monotonic() - p.last_rx > limit:
+            if not p.pending:
+                continue
+            idle, limit = self._idle_limit()
+            if idle > limit:
                 exc = TimeoutError(f"no reply from {self.address} for {limit:.3g} s")
                 p._fail_all(exc)
                 p.abort()
