@@ -415,6 +415,25 @@ def test_an_sds_that_timed_out_gets_no_new_attempt_for_its_budget() -> None:
     assert retries(metrics, "silent") >= 1
 
 
+def test_a_flush_does_not_wait_for_a_silent_primary() -> None:
+    """A FLUSH while SDS X is silent (an attempt on it timed out) is not sent to X:
+    it waits for the map in which X holds no PG, not for attempt_timeout_s (5 s)."""
+    maps, path = Maps(clean_map(5)), Faulty()
+    io, _ = budgeted_io(maps, path)
+    x = 1
+    io.budgets.silence(x, time.monotonic())
+    without_x = replace(
+        clean_map(6),
+        primaries=tuple(2 if p == x else p for p in clean_map(6).primaries),
+        secondaries=tuple(0 if s == x else s for s in clean_map(6).secondaries),
+    )
+    maps.after_refresh = without_x
+    t0 = time.monotonic()
+    run(flush(io))
+    assert time.monotonic() - t0 < 2.0
+    assert x not in [c[1] for c in path.calls], path.calls
+
+
 def test_the_budget_follows_the_sds_latency() -> None:
     maps, path = Maps(clean_map(5)), Faulty()
     io, _ = budgeted_io(maps, path)

@@ -626,6 +626,11 @@ class VolumeIO:
             await self._before_retry(pool, reason, attempt, deadline, "flush")
 
     async def _flush_one(self, pool: PoolMap, sds: SdsEndpoint, budget: float) -> None:
+        """FLUSH one SDS within ``budget``; an SDS left alone since an attempt on it
+        timed out (silent) is not sent one: it fails as a timeout at once, so that the
+        flush waits for the map that fails it over rather than ``budget``."""
+        if self.budgets.silent(sds.sds_id, time.monotonic()):
+            raise TimeoutError(f"SDS {sds.sds_id} did not answer lately")
         ref = ChunkRef(pool.pool_id, 0, 0, self.volume.id, 0)  # FLUSH names no chunk
         async with asyncio.timeout(budget):
             await self.path.call(sds, Piece(Op.FLUSH, 0, ref, 0, 0))
