@@ -3,12 +3,14 @@ copy of its PG (``docs/sds.md``, "Healing").
 
 :func:`repair_from_peer` is the one primitive: every reader that finds bad blocks
 calls it (a client READ on the primary, a tool's CHUNK_READ_RAW such as ``meshctl
-volume verify``, the copy jobs' source reads, the scrub). It fetches the bad blocks'
-range from the PG's other copies with CHUNK_READ_RAW on the SDS peer connection (the
-peer reads its own copy and checks it against its own checksums: a bad block there
-answers ``IO_ERROR``, never bytes), accepts a block when it can be trusted, rewrites
-ours with it (the write-intent mark first, then the data and its checksum), syncs
-the device, and counts what it repaired and what it could not.
+volume verify``, the copy jobs' source reads, the scrub). It fetches the bad blocks
+from the PG's other copies with CHUNK_READ_RAW on the SDS peer connection, a run of
+consecutive bad blocks at a time (the peer reads its own copy and checks it against
+its own checksums: a bad block there answers ``IO_ERROR`` for the whole range, never
+bytes, and the run is then asked again block by block), accepts a block when it
+can be trusted, rewrites ours with it (the write-intent mark first, then the data
+and its checksum), syncs the device, and counts what it repaired and what it could
+not.
 
 A fetched block is trusted when
 
@@ -40,8 +42,8 @@ from typing import TYPE_CHECKING, Final
 from meshblock.chunks import pg_of
 from meshblock.sds.checksums import BLOCK, BLOCK_SHIFT, crc
 from meshblock.sds.store import chunk_key
-from meshblock.wire.client import WireError
-from meshblock.wire.protocol import ProtocolError
+from meshblock.wire.client import RequestError, WireError
+from meshblock.wire.protocol import ProtocolError, Status
 
 if TYPE_CHECKING:
     from meshblock.sds.maps import PgMap
@@ -109,7 +111,7 @@ async def repair_from_peer(
             if not left or sds in exclude:
                 continue
             assert m is not None
-            good = await _fetch(state, m, sds, in_sync, volume, chunk, lo, hi, left)
+            good = await _fetch(state, m, sds, in_sync, volume, chunk, left)
             if not good:
                 continue
             if store.needs_reclaim(dev, volume, chunk):
@@ -143,6 +145,18 @@ async def repair_from_peer(
             state.locks.release(key, ticket)
 
 
+def runs(blocks: Collection[int]) -> list[tuple[int, int]]:
+    """The runs of consecutive block numbers in ``blocks``: ``[lo, hi)`` each,
+    ascending."""
+    out: list[tuple[int, int]] = []
+    for b in sorted(blocks):
+        if out and out[-1][1] == b:
+            out[-1] = (out[-1][0], b + 1)
+        else:
+            out.append((b, b + 1))
+    return out
+
+
 async def _fetch(
     state: SdsState,
     m: PgMap,
@@ -150,29 +164,49 @@ async def _fetch(
     in_sync: bool,
     volume: int,
     chunk: int,
-    lo: int,
-    hi: int,
     wanted: Collection[int],
 ) -> dict[int, bytes]:
     """The blocks of ``wanted`` that SDS ``sds``'s copy gives and that can be trusted
-    (see the module's doc): block -> its bytes."""
+    (see the module's doc): block -> its bytes.
+
+    Each run of consecutive wanted blocks is fetched on its own, and a run the peer
+    refuses (``IO_ERROR``: a block of it is bad there too) is asked again block by
+    block: the peer's checked read fails a whole range for one bad block in it, and
+    a block bad here and there must not cost the blocks the peer holds good."""
     address = m.sds.get(sds)
     if address is None:
         return {}
-    try:
-        client = state.peers.connected(sds, address) or await state.peers.get(sds, address)
-        raw = await client.read_raw_chunk(
-            volume, chunk, lo << BLOCK_SHIFT, (hi - lo) << BLOCK_SHIFT
-        )
-    except _FETCH_ERRORS as exc:
-        log.warning("chunk %d/%d: SDS %d could not give its copy: %s", volume, chunk, sds, exc)
-        return {}
-    expected = state.store.stored_crcs(volume, chunk, lo, hi - lo)
     good: dict[int, bytes] = {}
-    for b in wanted:
-        block = bytes(raw.data[(b - lo) << BLOCK_SHIFT : (b - lo + 1) << BLOCK_SHIFT])
-        if len(block) != BLOCK:
+    todo = runs(wanted)
+    while todo:
+        lo, hi = todo.pop(0)
+        try:
+            client = state.peers.connected(sds, address) or await state.peers.get(sds, address)
+            raw = await client.read_raw_chunk(
+                volume, chunk, lo << BLOCK_SHIFT, (hi - lo) << BLOCK_SHIFT
+            )
+        except RequestError as exc:
+            if exc.status == Status.IO_ERROR and hi - lo > 1:
+                todo[:0] = [(b, b + 1) for b in range(lo, hi)]
+                continue
+            log.warning(
+                "chunk %d/%d: SDS %d could not give blocks %d-%d of its copy: %s",
+                volume,
+                chunk,
+                sds,
+                lo,
+                hi - 1,
+                exc,
+            )
             continue
-        if crc(block) == expected[b - lo] or (in_sync and raw.allocated):
-            good[b] = block
+        except _FETCH_ERRORS as exc:
+            log.warning("chunk %d/%d: SDS %d could not give its copy: %s", volume, chunk, sds, exc)
+            return good
+        expected = state.store.stored_crcs(volume, chunk, lo, hi - lo)
+        for b in range(lo, hi):
+            block = bytes(raw.data[(b - lo) << BLOCK_SHIFT : (b - lo + 1) << BLOCK_SHIFT])
+            if len(block) != BLOCK:
+                continue
+            if crc(block) == expected[b - lo] or (in_sync and raw.allocated):
+                good[b] = block
     return good

@@ -1,0 +1,105 @@
+"""Reads that heal (docs/sds.md, "Healing"), in process: the SDS's store on a file,
+the PG's other copy a fake peer connection that serves its own copy the way an SDS's
+checked CHUNK_READ_RAW does (a range with a block bad there is ``IO_ERROR``, never
+bytes)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Collection
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from meshblock.chunks import CHUNK_SIZE
+from meshblock.sds.checksums import BLOCK, BLOCK_SHIFT
+from meshblock.sds.heal import repair_from_peer, runs
+from meshblock.sds.maps import MapCache, PgMap
+from meshblock.sds.replication import Peers
+from meshblock.sds.state import SdsState
+from meshblock.sds.stats import SdsStats
+from meshblock.wire.client import RawChunk, RequestError
+from meshblock.wire.protocol import Op, Status
+from test_device_failstop_units import DEV_IDS, ME, PG_COUNT, POOL
+from test_sds_checksums import VOL, data_offset, flip, open_store
+
+pytestmark = pytest.mark.unit
+
+PEER = ME + 1
+
+
+class PeerCopy:
+    """The other copy of a chunk as a peer SDS's connection gives it: ``data`` (the
+    whole chunk), ``bad`` the blocks that do not match their checksums there."""
+
+    def __init__(self, data: bytes, bad: Collection[int] = ()) -> None:
+        self.data = data
+        self.bad = set(bad)
+        self.asked: list[tuple[int, int]] = []
+
+    async def read_raw_chunk(
+        self, volume: int, chunk: int, offset: int = 0, length: int = CHUNK_SIZE
+    ) -> RawChunk:
+        lo, hi = offset >> BLOCK_SHIFT, (offset + length) >> BLOCK_SHIFT
+        self.asked.append((lo, hi))
+        if self.bad.intersection(range(lo, hi)):
+            raise RequestError(Op.CHUNK_READ_RAW, Status.IO_ERROR, 1)
+        return RawChunk(True, memoryview(self.data[offset : offset + length]))
+
+
+def state_with_peer(tmp_path: Path, peer: PeerCopy, monkeypatch: pytest.MonkeyPatch) -> SdsState:
+    """Our store, the secondary of every PG of a clean map whose primary is ``PEER``,
+    reached through ``peer``."""
+    store = open_store(tmp_path / "dev.img")
+    sds = SdsState(store, MapCache(), Peers("secret", 5.0), SdsStats())
+    sds.set_identity(ME, {store.devices[0].path: (DEV_IDS[0], POOL)})
+    theirs, mine = (PEER, 20), (ME, DEV_IDS[0])
+    addresses = {ME: ("127.0.0.1", 1), PEER: ("127.0.0.1", 2)}
+    m = PgMap(POOL, 1, PG_COUNT, (theirs,) * PG_COUNT, (mine,) * PG_COUNT, addresses, {})
+    sds.maps.update(m)
+
+    def connected(sds_id: int, address: Any) -> Any:
+        assert sds_id == PEER
+        return peer
+
+    monkeypatch.setattr(sds.peers, "connected", connected)
+    return sds
+
+
+def pattern() -> bytes:
+    return b"".join(bytes([b % 251 + 1]) * BLOCK for b in range(CHUNK_SIZE // BLOCK))
+
+
+def test_runs_of_blocks() -> None:
+    assert runs([]) == []
+    assert runs([7, 3, 4, 9, 5]) == [(3, 6), (7, 8), (9, 10)]
+
+
+def test_blocks_bad_here_are_healed_though_the_peer_has_another_bad_block(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ours bad at 10, 11 and 200, the peer's at 11 and 100: 10 and 200 are repaired
+    (the peer holds them good), 11 is bad on both and stays bad. Fetching the range
+    10-200 at once repaired nothing (the peer's IO_ERROR for its block 100)."""
+    data = pattern()
+    peer = PeerCopy(data, bad={11, 100})
+    sds = state_with_peer(tmp_path, peer, monkeypatch)
+    store = sds.store
+    chunk = 1
+    try:
+        store.write(store.devices[0], VOL, chunk, 0, data)
+        for b in (10, 11, 200):
+            flip(tmp_path / "dev.img", data_offset(store, VOL, chunk, b * BLOCK + 5))
+        left = asyncio.run(repair_from_peer(sds, VOL, chunk, [10, 11, 200]))
+        assert left == [11]
+        assert peer.asked == [(10, 12), (10, 11), (11, 12), (200, 201)]
+        got = store.read(VOL, chunk, 0, 10 * BLOCK)
+        assert got is not None and bytes(got) == data[: 10 * BLOCK]
+        for b in (10, 200):
+            got = store.read(VOL, chunk, b * BLOCK, BLOCK)
+            assert got is not None and bytes(got) == data[b * BLOCK : (b + 1) * BLOCK]
+        dev = store.devices[0]
+        assert (dev.checksum_repaired, dev.checksum_unrepairable) == (2, 1)
+    finally:
+        store.close()
