@@ -148,6 +148,9 @@ class Faulty:
             raise fault
         return self._apply(piece)
 
+    def progress(self, sds: SdsEndpoint) -> float:
+        return 0.0  # nothing received: an attempt is given up after its budget
+
     def error(self, op: Op, outcome: Reply | BaseException) -> DataPathError:
         if isinstance(outcome, Reply):
             return classify(WireRequestError(op, outcome.status, outcome.epoch))

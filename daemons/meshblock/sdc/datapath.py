@@ -85,6 +85,12 @@ class DataPath(Protocol):
         """Send ``piece`` (connecting and waiting for a slot as needed) and return its
         reply, whose status is OK; anything else raises :class:`DataPathError`."""
 
+    def progress(self, sds: SdsEndpoint) -> float:
+        """When (``time.monotonic()``) the connection to ``sds`` last received
+        anything, or last started waiting for a reply with nothing outstanding; 0.0
+        without a connection. An attempt is given up only when this is older than
+        its budget (docs/sdc.md)."""
+
     def error(self, op: Op, outcome: Reply | BaseException) -> DataPathError:
         """What a submitted piece's failure means: the reply with a status other than
         OK, or the exception its waiter got."""

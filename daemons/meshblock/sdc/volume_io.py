@@ -113,27 +113,40 @@ class AttemptTimer:
     def __init__(self, tick_s: float) -> None:
         self.tick_s = tick_s
         self._deadlines: dict[asyncio.Task[Any], float] = {}
+        # per task, how to tell whether its attempt may go on past its deadline
+        self._extend: dict[asyncio.Task[Any], Callable[[], float]] = {}
         self._expired: set[asyncio.Task[Any]] = set()
         self._watched: set[_Attempt] = set()
         self._handle: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
-    def start(self, loop: asyncio.AbstractEventLoop, task: asyncio.Task[Any], when: float) -> None:
-        """Watch ``task``'s attempt until :meth:`stop`; cancel it once ``when`` is past."""
+    def start(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        task: asyncio.Task[Any],
+        when: float,
+        extend: Callable[[], float] | None = None,
+    ) -> None:
+        """Watch ``task``'s attempt until :meth:`stop`; cancel it once ``when`` is past,
+        unless ``extend()`` then gives a later deadline (the SDS is making progress)."""
         self._deadlines[task] = when
+        if extend is not None:
+            self._extend[task] = extend
         if self._handle is None or self._loop is not loop:
             self._arm(loop)
 
     def stop(self, task: asyncio.Task[Any]) -> bool:
         """Stop watching ``task``; True when its attempt was cancelled for its deadline."""
         self._deadlines.pop(task, None)
+        self._extend.pop(task, None)
         if task in self._expired:
             self._expired.discard(task)
             return True
         return False
 
     def watch(self, attempt: _Attempt) -> None:
-        """Call ``attempt.expire()`` once its ``deadline`` is past, unless unwatched."""
+        """Call ``attempt.expire()`` once its ``deadline`` is past and
+        ``attempt.extended()`` gives no later one, unless unwatched."""
         self._watched.add(attempt)
         if self._handle is None or self._loop is None or self._loop.is_closed():
             self._arm(asyncio.get_running_loop())
@@ -153,10 +166,18 @@ class AttemptTimer:
         now = time.monotonic()
         if self._watched:
             for attempt in [a for a in self._watched if a.deadline <= now]:
+                later = attempt.extended()
+                if later > now:
+                    attempt.deadline = later
+                    continue
                 self._watched.discard(attempt)
                 attempt.expire()
-        for task, when in self._deadlines.items():
+        for task, when in list(self._deadlines.items()):
             if when <= now and task not in self._expired:
+                extend = self._extend.get(task)
+                if extend is not None and (later := extend()) > now:
+                    self._deadlines[task] = later
+                    continue
                 self._expired.add(task)
                 task.cancel()
         self._arm(loop)
@@ -179,15 +200,24 @@ class _Attempt:
     OK answers the request from the receive path; a failure, or no reply by
     ``deadline``, hands the request to the task path, which goes on from there."""
 
-    __slots__ = ("_done", "deadline", "io", "req", "sds_id", "started")
+    __slots__ = ("_done", "budget", "deadline", "io", "req", "sds", "sds_id", "started")
 
-    def __init__(self, io: VolumeIO, req: IoRequest, sds_id: int, started: float) -> None:
+    def __init__(
+        self, io: VolumeIO, req: IoRequest, sds: SdsEndpoint, started: float, flags: int
+    ) -> None:
         self.io = io
         self.req = req
-        self.sds_id = sds_id
+        self.sds = sds
+        self.sds_id = sds_id = sds.sds_id
         self.started = started
-        self.deadline = started + io.budgets.budget(sds_id)
+        self.budget = budget = io._budget(sds_id, flags)
+        self.deadline = started + budget
         self._done = False
+
+    def extended(self) -> float:
+        """Its deadline now, by what its SDS's connection received (VolumeIO._alive)."""
+        io = self.io
+        return io._alive(self.sds, self.started, self.budget, self.started + io.ceiling)
 
     def done(self) -> bool:
         return self._done
@@ -217,8 +247,12 @@ class _Attempt:
     def expire(self) -> None:
         """No reply within the attempt's budget (the timer no longer watches it)."""
         self._done = True
-        budget = self.deadline - self.started
-        self.io._go_on(self, DataPathError("timeout", f"no reply in {budget:g} s", retriable=True))
+        self.io._go_on(
+            self,
+            DataPathError(
+                "timeout", f"nothing received from the SDS for {self.budget:.3g} s", retriable=True
+            ),
+        )
 
 
 class VolumeIO:
@@ -243,7 +277,8 @@ class VolumeIO:
         self.attempt_timeout_s = attempt_timeout_s
         #: Per SDS, the budget of one attempt, adapted to its latency (shared by the
         #: SDC's volumes); without one, every attempt may take ``attempt_timeout_s``.
-        ceiling = min(attempt_timeout_s, max(timeout_s, 0.001))
+        #: The longest one attempt may take, even on a connection that makes progress.
+        self.ceiling = ceiling = min(attempt_timeout_s, max(timeout_s, 0.001))
         if budgets is None:
             budgets = LatencyBudgets(floor=ceiling, factor=1.0, ceiling=ceiling)
         self.budgets = budgets
@@ -293,7 +328,7 @@ class VolumeIO:
         else:
             op, flags = Op.WRITE, (FUA if req.flags & _NBD_FUA else 0)
         piece = _new_tuple(Piece, (op, flags, ref, offset & _IN_CHUNK, length, req.data))
-        attempt = _Attempt(self, req, sds_id, time.monotonic())
+        attempt = _Attempt(self, req, pool.sds[sds_id], time.monotonic(), flags)
         if not self.path.submit(pool.sds[sds_id], piece, attempt):
             return False
         self._timer.watch(attempt)
@@ -489,15 +524,17 @@ class VolumeIO:
         now: float,
         deadline: float,
     ) -> Reply:
-        """One attempt on SDS ``sds_id`` started at ``now``, given up after the SDS's
-        budget (:class:`~meshblock.timeouts.LatencyBudgets`): DataPathError
+        """One attempt on SDS ``sds_id`` started at ``now``, given up once its connection
+        has received nothing for the SDS's budget (:meth:`_alive`): DataPathError
         ``timeout``. An answered attempt's time feeds the SDS's budget."""
         timer = self._timer
-        budget = min(self.budgets.budget(sds_id), max(deadline - now, 0.001))
+        budget = min(self._budget(sds_id, piece.flags), max(deadline - now, 0.001))
+        cap = min(now + self.ceiling, deadline)
+        sds = pool.sds[sds_id]
         cancelling = task.cancelling()
-        timer.start(task.get_loop(), task, now + budget)
+        timer.start(task.get_loop(), task, now + budget, lambda: self._alive(sds, now, budget, cap))
         try:
-            reply = await self.path.call(pool.sds[sds_id], piece)
+            reply = await self.path.call(sds, piece)
         except asyncio.CancelledError:
             if not (timer.stop(task) and task.uncancel() <= cancelling):
                 raise
@@ -508,6 +545,19 @@ class VolumeIO:
             timer.stop(task)
         self.budgets.record(sds_id, time.monotonic() - now)
         return reply
+
+    def _budget(self, sds_id: int, flags: int) -> float:
+        """How long an attempt on ``sds_id`` may receive nothing: its budget, the
+        ceiling for a FUA write (it waits for a device sync, which may take seconds)."""
+        return self.ceiling if flags & FUA else self.budgets.budget(sds_id)
+
+    def _alive(self, sds: SdsEndpoint, started: float, budget: float, cap: float) -> float:
+        """The deadline of an attempt on ``sds`` started at ``started``: ``budget``
+        after the later of its start and the last byte its connection received, and
+        ``cap`` at the latest. A healthy SDS under load answers the requests ahead of
+        this one (a wait for an in-flight slot, for 1 MiB payloads queued before it)
+        and its attempts go on; a hung one answers nothing and they are given up."""
+        return min(cap, max(started, self.path.progress(sds)) + budget)
 
     async def _read_replica(
         self,

@@ -129,6 +129,10 @@ class WireDataPath:
         except WireError as exc:
             raise classify(exc) from exc
 
+    def progress(self, sds: SdsEndpoint) -> float:
+        client = self._clients.get((sds.address, sds.data_port))
+        return 0.0 if client is None else client.last_rx
+
     def error(self, op: Op, outcome: Reply | BaseException) -> DataPathError:
         if isinstance(outcome, WireError):
             return classify(outcome)

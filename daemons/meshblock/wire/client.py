@@ -672,6 +672,12 @@ class WireClient:
             raise RequestError(op, reply.status, reply.epoch)
         return reply
 
+    @property
+    def last_rx(self) -> float:
+        """When (``time.monotonic()``) the connection last received anything, or a
+        request left with nothing outstanding before it."""
+        return self._p.last_rx
+
     def _live_syncs(self) -> set[int]:
         """The ids of the sync requests still outstanding."""
         syncs, pending = self._syncs, self._p.pending
