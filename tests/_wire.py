@@ -55,11 +55,13 @@ async def sds_server(
     *,
     max_version: int = PROTOCOL_VERSION,
     min_version: int = MIN_PROTOCOL_VERSION,
+    checksums: bool = True,
 ) -> AsyncIterator[tuple[DataServer, SdsState]]:
     """The data server of SDS ``sds_id``, primary of every PG of pool ``POOL`` (no
     secondary), speaking protocol versions ``min_version`` to ``max_version``, and
-    its state."""
-    store = ChunkStore([DeviceSpec(str(tmp_path / "dev.img"), 1 << 30, "pool")])  # sparse
+    its state; ``checksums``: the store's ``[store] checksums``."""
+    spec = DeviceSpec(str(tmp_path / "dev.img"), 1 << 30, "pool")  # sparse
+    store = ChunkStore([spec], checksums=checksums)
     store.open()
     maps = MapCache()
     maps.update(

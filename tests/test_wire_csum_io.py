@@ -94,6 +94,22 @@ def test_writes_and_reads_carry_checksums_end_to_end(tmp_path: Path) -> None:
     asyncio.run(main())
 
 
+def test_an_sds_that_keeps_no_checksums_announces_none(tmp_path: Path) -> None:
+    """``[store] checksums = false``: the data server leaves CSUM_CRC32C out of its
+    features, so neither side computes wire checksums it could not store."""
+
+    async def main() -> None:
+        async with sds_server(tmp_path, checksums=False) as (server, _):
+            cl = await WireClient.connect("127.0.0.1", server.port, SECRET)
+            assert cl.features == FEATURE_CHUNK_LIST
+            data = os.urandom(2 * 4096 + 100)
+            await cl.write(ref(2), 300, data)
+            assert bytes(await cl.read(ref(2), 300, len(data))) == data
+            await cl.close()
+
+    asyncio.run(main())
+
+
 def test_a_damaged_write_payload_is_refused_and_nothing_is_stored(tmp_path: Path) -> None:
     async def main() -> None:
         async with sds_server(tmp_path) as (server, state):

@@ -134,6 +134,11 @@ class DataService:
         #: Test-only (the fault hook, docs/sds.md): damages a received write payload.
         self.corrupt_payload: Callable[[memoryview], None] | None = None
 
+    @property
+    def store_checksums(self) -> bool:
+        """Whether the store keeps block checksums (``[store] checksums``)."""
+        return self._store.checksums
+
     # -- dispatch ---------------------------------------------------------------------
 
     def handle(self, conn: Connection, req: Request, payload: memoryview) -> None:

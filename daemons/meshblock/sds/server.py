@@ -19,7 +19,7 @@ from typing import Any
 from meshblock.sds.io_path import DataService
 from meshblock.wire.csum import CSUM_CRC32C, CSUM_SHIFT
 from meshblock.wire.framing import FramedConnection
-from meshblock.wire.handshake import ServerHandshake
+from meshblock.wire.handshake import SERVER_FEATURES, ServerHandshake
 from meshblock.wire.protocol import (
     HANDSHAKE_TIMEOUT_S,
     MAX_IN_FLIGHT,
@@ -27,6 +27,7 @@ from meshblock.wire.protocol import (
     PROTOCOL_VERSION,
     ROLE_OPS,
     WIRE_V1,
+    Feature,
     WireFormat,
     wire_format,
 )
@@ -43,6 +44,7 @@ class DataConnection(FramedConnection):
         secret: bytes,
         connections: set[DataConnection],
         *,
+        features: int = SERVER_FEATURES,
         max_version: int = PROTOCOL_VERSION,
         min_version: int = MIN_PROTOCOL_VERSION,
     ) -> None:
@@ -50,7 +52,7 @@ class DataConnection(FramedConnection):
         self._svc = service
         self._connections = connections
         self._hs: ServerHandshake | None = ServerHandshake(
-            secret, max_version=max_version, min_version=min_version
+            secret, features, max_version=max_version, min_version=min_version
         )
         self._fixed_need = self._hs.need
         self._use(WIRE_V1)  # until the handshake has chosen
@@ -231,8 +233,16 @@ class DataServer:
     ) -> None:
         """``min_version``: the ``wire_min_version`` setting, clients offering an
         older protocol version are refused; ``max_version``: the newest version
-        spoken (1: as a server of the release before version 2, for tests)."""
+        spoken (1: as a server of the release before version 2, for tests).
+
+        The features announced are this release's, less ``CSUM_CRC32C`` when the
+        store keeps no checksums (``[store] checksums = false``): with nothing on disk
+        to check a payload against, the wire's checksums would only cost CPU on both
+        sides, and that setting exists to measure what checksums cost."""
         self._svc = service
+        self._features = SERVER_FEATURES
+        if not service.store_checksums:
+            self._features &= ~int(Feature.CSUM_CRC32C)
         self._secret = secret.encode()
         self._min_version = min_version
         self._max_version = max_version
@@ -249,6 +259,7 @@ class DataServer:
             self._svc,
             self._secret,
             self.connections,
+            features=self._features,
             max_version=self._max_version,
             min_version=self._min_version,
         )
