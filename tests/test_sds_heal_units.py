@@ -1,27 +1,31 @@
-"""Reads that heal (docs/sds.md, "Healing"), in process: the SDS's store on a file,
-the PG's other copy a fake peer connection that serves its own copy the way an SDS's
-checked CHUNK_READ_RAW does (a range with a block bad there is ``IO_ERROR``, never
-bytes)."""
+"""Reads and writes that heal (docs/sds.md, "Healing"), in process: the SDS's store on
+a file, the PG's other copy a fake peer connection that serves its own copy the way
+an SDS's checked CHUNK_READ_RAW does (a range with a block bad there is
+``IO_ERROR``, never bytes) and takes forwarded writes."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Collection
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
-from meshblock.chunks import CHUNK_SIZE
+from _wait import wait_until_async
+from meshblock.chunks import CHUNK_SIZE, pg_of
 from meshblock.sds.checksums import BLOCK, BLOCK_SHIFT
 from meshblock.sds.heal import repair_from_peer, runs
+from meshblock.sds.io_path import DataService
 from meshblock.sds.maps import MapCache, PgMap
 from meshblock.sds.replication import Peers
+from meshblock.sds.resync import Resync
 from meshblock.sds.state import SdsState
 from meshblock.sds.stats import SdsStats
 from meshblock.wire.client import RawChunk, RequestError
-from meshblock.wire.protocol import Op, Status
-from test_device_failstop_units import DEV_IDS, ME, PG_COUNT, POOL
+from meshblock.wire.protocol import REQUEST_MAGIC, ROLE_OPS, Op, PeerRole, Request, Status
+from test_device_failstop_units import DEV_IDS, ME, PG_COUNT, POOL, Conn
 from test_sds_checksums import VOL, data_offset, flip, open_store
 
 pytestmark = pytest.mark.unit
@@ -37,6 +41,28 @@ class PeerCopy:
         self.data = data
         self.bad = set(bad)
         self.asked: list[tuple[int, int]] = []
+        self.writes: list[tuple[int, int]] = []
+
+    def future(self) -> asyncio.Future[Any]:
+        return asyncio.get_running_loop().create_future()
+
+    def submit(
+        self,
+        op: Op,
+        flags: int,
+        ref: Any,
+        offset: int,
+        length: int,
+        payload: memoryview,
+        fut: asyncio.Future[Any],
+        sums: Any = None,
+    ) -> asyncio.Future[Any]:
+        """A forwarded write: applied to this copy at once, answered OK."""
+        assert op == Op.REPL_WRITE, op
+        self.writes.append((offset, length))
+        self.data = self.data[:offset] + bytes(payload[:length]) + self.data[offset + length :]
+        fut.set_result(SimpleNamespace(status=Status.OK))
+        return fut
 
     async def read_raw_chunk(
         self, volume: int, chunk: int, offset: int = 0, length: int = CHUNK_SIZE
@@ -48,15 +74,18 @@ class PeerCopy:
         return RawChunk(True, memoryview(self.data[offset : offset + length]))
 
 
-def state_with_peer(tmp_path: Path, peer: PeerCopy, monkeypatch: pytest.MonkeyPatch) -> SdsState:
-    """Our store, the secondary of every PG of a clean map whose primary is ``PEER``,
-    reached through ``peer``."""
+def state_with_peer(
+    tmp_path: Path, peer: PeerCopy, monkeypatch: pytest.MonkeyPatch, *, primary: bool = False
+) -> SdsState:
+    """Our store, the secondary (``primary``: the primary) of every PG of a clean map
+    whose other copy is ``PEER``'s, reached through ``peer``."""
     store = open_store(tmp_path / "dev.img")
     sds = SdsState(store, MapCache(), Peers("secret", 5.0), SdsStats())
     sds.set_identity(ME, {store.devices[0].path: (DEV_IDS[0], POOL)})
     theirs, mine = (PEER, 20), (ME, DEV_IDS[0])
     addresses = {ME: ("127.0.0.1", 1), PEER: ("127.0.0.1", 2)}
-    m = PgMap(POOL, 1, PG_COUNT, (theirs,) * PG_COUNT, (mine,) * PG_COUNT, addresses, {})
+    first, second = (mine, theirs) if primary else (theirs, mine)
+    m = PgMap(POOL, 1, PG_COUNT, (first,) * PG_COUNT, (second,) * PG_COUNT, addresses, {})
     sds.maps.update(m)
 
     def connected(sds_id: int, address: Any) -> Any:
@@ -101,5 +130,61 @@ def test_blocks_bad_here_are_healed_though_the_peer_has_another_bad_block(
             assert got is not None and bytes(got) == data[b * BLOCK : (b + 1) * BLOCK]
         dev = store.devices[0]
         assert (dev.checksum_repaired, dev.checksum_unrepairable) == (2, 1)
+    finally:
+        store.close()
+
+
+def partial_write(
+    svc: DataService, conn: Conn, req_id: int, op: Op, offset: int, data: bytes
+) -> None:
+    """Send a WRITE / REPL_WRITE of ``data`` at ``offset`` of chunk 1 without checksums."""
+    pg = pg_of(VOL, 1, PG_COUNT)
+    hdr = Request(REQUEST_MAGIC, op, 0, 0, req_id, POOL, pg, 1, VOL, 1, offset, len(data))
+    svc.handle(conn, hdr, memoryview(data))
+
+
+async def answer(conn: Conn, req_id: int) -> int:
+    await wait_until_async(
+        lambda: req_id in conn.replies, 10, f"the reply to {req_id}", interval=0.01
+    )
+    return conn.replies[req_id][0]
+
+
+@pytest.mark.parametrize("primary", [False, True], ids=["on-the-secondary", "on-the-primary"])
+def test_a_write_of_part_of_a_bad_block_heals_it_then_writes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, primary: bool
+) -> None:
+    """A write of 100 bytes into a 4 KiB block bad on our copy: the block is repaired
+    from the other copy (the primary's for a forwarded write on the secondary, the
+    secondary's for a client's write on the primary, which has the forward or not),
+    then written: OK, and both copies hold the same bytes. It was IO_ERROR (nothing
+    written here; on the primary the secondary had already written its copy)."""
+    data = pattern()
+    peer = PeerCopy(data)
+    sds = state_with_peer(tmp_path, peer, monkeypatch, primary=primary)
+    store = sds.store
+    svc = DataService(sds, Resync(sds))
+    conn = Conn()
+    role = PeerRole.CLIENT if primary else PeerRole.SDS_PEER
+    conn.allowed = frozenset(Op(op) for op in ROLE_OPS[role])
+    op = Op.WRITE if primary else Op.REPL_WRITE
+    offset, new = 20 * BLOCK + 1000, b"w" * 100
+    want = data[:offset] + new + data[offset + len(new) :]
+
+    async def main() -> None:
+        store.write(store.devices[0], VOL, 1, 0, data)
+        flip(tmp_path / "dev.img", data_offset(store, VOL, 1, 20 * BLOCK + 3000))
+        partial_write(svc, conn, 1, op, offset, new)
+        assert await answer(conn, 1) == Status.OK
+        if not primary:
+            peer.data = want  # the primary wrote its copy
+
+    try:
+        asyncio.run(main())
+        got = store.read(VOL, 1, 0, CHUNK_SIZE)
+        assert got is not None and bytes(got) == want
+        assert peer.data == want
+        dev = store.devices[0]
+        assert dev.checksum_repaired == 1
     finally:
         store.close()

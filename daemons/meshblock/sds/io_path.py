@@ -429,7 +429,12 @@ class DataService:
         if req.flags & _FUA or self._store.needs_reclaim(dev, req.volume_id, req.chunk_index):
             self._spawn(self._replica_apply_async(conn, req, payload, t0, dev))
             return
-        self._reply(conn, req, t0, self._apply(dev, req, payload))
+        bad: list[int] = []
+        status = self._apply(dev, req, payload, bad)
+        if bad:  # a block written in part is bad here: healed, then written
+            self._spawn(self._replica_apply_async(conn, req, payload, t0, dev, bad))
+        else:
+            self._reply(conn, req, t0, status)
 
     def _mark_bad(self, conn: Connection, req: Request, t0: float) -> None:
         """REPL_MARK_BAD from a copy job whose source has no good bytes for these
@@ -449,7 +454,13 @@ class DataService:
         self._reply(conn, req, t0, _OK)
 
     async def _replica_apply_async(
-        self, conn: Connection, req: Request, payload: memoryview, t0: float, dev: Device
+        self,
+        conn: Connection,
+        req: Request,
+        payload: memoryview,
+        t0: float,
+        dev: Device,
+        bad: list[int] | None = None,
     ) -> None:
         if self._store.needs_reclaim(dev, req.volume_id, req.chunk_index):
             try:
@@ -459,13 +470,18 @@ class DataService:
                 return
         fua = req.flags & _FUA
         written = self._state.target_device(dev, req.volume_id, req.chunk_index) if fua else dev
-        status = self._apply(dev, req, payload)
+        status = await self._apply_healing(dev, req, payload, locked=False, bad=bad)
         if status == _OK and fua:
             status = await self._sync([written])
         self._reply(conn, req, t0, status)
 
-    def _apply(self, dev: Device, req: Request, payload: memoryview) -> int:
-        """Apply a write / write-zeroes / trim to the local copy; return the status."""
+    def _apply(
+        self, dev: Device, req: Request, payload: memoryview, bad: list[int] | None = None
+    ) -> int:
+        """Apply a write / write-zeroes / trim to the local copy; return the status.
+        A block the request covers in part that fails its checksum refuses it
+        (``IO_ERROR``, nothing written); ``bad`` is then given those blocks, for
+        :meth:`_apply_healing`."""
         op = req.opcode
         try:
             if req.csum_type:  # the payload's checksums follow it, checked on arrival
@@ -485,6 +501,12 @@ class DataService:
             return Status.DELETED
         except DeviceFailed:
             return _FAILED
+        except ChecksumError as exc:
+            if bad is None:
+                log.error("write of chunk %d/%d refused: %s", req.volume_id, req.chunk_index, exc)
+            else:
+                bad.extend(exc.blocks)
+            return Status.IO_ERROR
         except OSError as exc:
             log.error(
                 "write of chunk %d/%d on %s failed: %s",
@@ -495,6 +517,45 @@ class DataService:
             )
             return Status.IO_ERROR
         return _OK
+
+    async def _apply_healing(
+        self,
+        dev: Device,
+        req: Request,
+        payload: memoryview,
+        *,
+        locked: bool,
+        bad: list[int] | None = None,
+    ) -> int:
+        """:meth:`_apply`, and when a block the request covers only in part fails its
+        checksum, that block repaired from the PG's other copies first (heal.py) and
+        the request applied again; ``IO_ERROR`` when no copy could repair it.
+        ``locked``: the caller (the primary's write) holds the chunk's range lock.
+
+        On the primary, the copy it heals from is the secondary (or a move's
+        target), which has this write's forward or not: either way the block's
+        bytes outside the write are the ones both copies had, and the write is
+        applied on top. On the secondary, it is the primary, whose range lock held
+        for this write does not delay the fetch (CHUNK_READ_RAW takes no range lock),
+        so this cannot wait on the write it serves. ``bad``: the blocks an
+        :meth:`_apply` already refused the request for."""
+        if not bad:
+            bad = []
+            status = self._apply(dev, req, payload, bad)
+            if not bad:
+                return status
+        try:
+            left = await repair_from_peer(
+                self._state, req.volume_id, req.chunk_index, bad, locked=locked
+            )
+        except DeviceFailed:
+            return _FAILED
+        except OSError as exc:
+            log.error("repair of chunk %d/%d failed: %s", req.volume_id, req.chunk_index, exc)
+            return Status.IO_ERROR
+        if left:
+            return Status.IO_ERROR
+        return self._apply(dev, req, payload)
 
     async def _sync(self, devices: list[Device] | None) -> int:
         try:
@@ -557,7 +618,7 @@ class DataService:
                 tgt_fut = await self._forward(m, tgt, req, ref, payload)
             fua = req.flags & _FUA
             written = self._state.target_device(dev, vol, chunk) if fua else dev
-            status = self._apply(dev, req, payload)
+            status = await self._apply_healing(dev, req, payload, locked=True)
             if status == _OK and fua:
                 status = await self._sync([written])
             if tgt_fut is not None:
