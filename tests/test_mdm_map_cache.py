@@ -27,7 +27,7 @@ from meshblock.mdm.models import (
     VolumeState,
     VolumeType,
 )
-from meshblock.mdm.pgmaps import MapCache, MapDocument
+from meshblock.mdm.pgmaps import MapCache, MapDocument, MapEpochs
 from meshblock.mdm.pgtable import PgChange, PgRow
 
 pytestmark = pytest.mark.unit
@@ -161,3 +161,34 @@ def test_an_older_document_never_replaces_a_newer_one() -> None:
 
     first, second = asyncio.run(twice())
     assert first is second and gzip.decompress(first) == newer.body  # compressed once
+
+
+def test_map_epochs_are_read_once_per_cluster_epoch_for_every_long_poll(tmp_path: Path) -> None:
+    """A change wakes every SDS following a map: the first long-poll reads every
+    pool's map epoch, the others at that cluster epoch take its answer; a newer
+    cluster epoch reads again and sees the new map epoch."""
+
+    async def main() -> None:
+        engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'mdm.db'}")
+        try:
+            await migrate(engine)
+            sessions = session_factory(engine)
+            async with sessions() as s, s.begin():
+                pool, _ = await new_pool(s)
+                pool_id, before = pool.id, pool.map_epoch
+            epochs = MapEpochs()
+            seen = await asyncio.gather(*(epochs.get(sessions, 7) for _ in range(50)))
+            assert all(e == {pool_id: before} for e in seen) and epochs.reads == 1
+            async with sessions() as s, s.begin():
+                await s.execute(
+                    update(StoragePool)
+                    .where(StoragePool.id == pool_id)
+                    .values(map_epoch=StoragePool.map_epoch + 1)
+                )
+            assert await epochs.get(sessions, 7) == {pool_id: before}  # same cluster epoch
+            assert await epochs.get(sessions, 8) == {pool_id: before + 1}
+            assert epochs.reads == 2
+        finally:
+            await engine.dispose()
+
+    asyncio.run(main())

@@ -14,7 +14,7 @@ from meshblock.mdm.deletion import TombstoneReports
 from meshblock.mdm.epochs import EpochNotifier
 from meshblock.mdm.failures import FailureDetector
 from meshblock.mdm.liveness import Liveness
-from meshblock.mdm.pgmaps import MapCache
+from meshblock.mdm.pgmaps import MapCache, MapEpochs
 from meshblock.mdm.progress import CopyProgress
 from meshblock.mdm.reconcile import Reported
 from meshblock.mdm.scrub import ScrubSchedule
@@ -31,6 +31,7 @@ class MdmContext:
     liveness: Liveness
     write_gate: WriteGate
     map_cache: MapCache = field(default_factory=MapCache)
+    map_epochs: MapEpochs = field(default_factory=MapEpochs)
     progress: CopyProgress = field(default_factory=CopyProgress)
     tombstones: TombstoneReports = field(default_factory=TombstoneReports)
     reported: Reported = field(default_factory=Reported)

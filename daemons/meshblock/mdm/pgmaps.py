@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from sqlalchemy import Select, bindparam, select
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from meshblock.mdm import pgtable
 from meshblock.mdm.deletion import pool_tombstones
@@ -227,6 +227,34 @@ class MapCache:
         old = self._docs.get(pool_id)
         if old is None or old.epoch <= document.epoch:
             self._docs[pool_id] = document
+
+
+class MapEpochs:
+    """Every pool's map epoch as of a cluster epoch, read once for all the map
+    long-polls that wake at that cluster epoch: a change wakes every SDS following a
+    map (a thousand long-polls), and each asked the store for its pool's map epoch;
+    now the first reads them all in one query and the others take its answer."""
+
+    def __init__(self) -> None:
+        self._at = -1  # the cluster epoch the store was read at (or after)
+        self._epochs: dict[int, int] = {}
+        self._lock = asyncio.Lock()
+        self.reads = 0
+
+    async def get(
+        self, sessions: async_sessionmaker[AsyncSession], cluster_epoch: int
+    ) -> dict[int, int]:
+        """Pool id -> map epoch, read at or after ``cluster_epoch`` (the epoch the
+        caller has seen published: every change up to it is committed)."""
+        if self._at < cluster_epoch:
+            async with self._lock:
+                if self._at < cluster_epoch:
+                    async with sessions() as s:
+                        rows = await s.execute(select(StoragePool.id, StoragePool.map_epoch))
+                        self._epochs = {i: int(e) for i, e in rows}
+                    self._at = cluster_epoch
+                    self.reads += 1
+        return self._epochs
 
 
 async def map_documents(

@@ -231,12 +231,17 @@ async def delete_pool(request: web.Request) -> web.Response:
 )
 async def get_pgmap(request: web.Request) -> web.Response:
     pool_id = path_id(request)
+    c = ctx(request)
 
     async def map_epoch(s: AsyncSession) -> int:
+        # shared by every long-poll woken at this cluster epoch: one read for all
+        known = (await c.map_epochs.get(c.sessions, c.notifier.epoch)).get(pool_id)
+        if known is not None:
+            return known
         return (await get_or_404(s, StoragePool, pool_id, "storage pool")).map_epoch
 
     await long_poll(request, map_epoch)
     async with reading(request) as s:
         pool = await get_or_404(s, StoragePool, pool_id, "storage pool")
-        doc = (await pgmaps.map_documents(s, [pool], ctx(request).map_cache))[pool.id]
+        doc = (await pgmaps.map_documents(s, [pool], c.map_cache))[pool.id]
     return await encoded_json(request, doc.body, doc.gzipped)
