@@ -231,6 +231,8 @@ class _Attempt:
             io._go_on(self, io.path.error(Op.READ if req.cmd == _READ else Op.WRITE, reply))
             return
         io.budgets.record(self.sds_id, time.monotonic() - self.started)
+        if reply.epoch > io.epoch_seen:
+            io.epoch_seen = reply.epoch
         if req.cmd == _READ:
             io.stats.done("read", req.length, self.started, True)
             req.reply((_read_data(reply, req.length),))
@@ -290,6 +292,9 @@ class VolumeIO:
         # The pool map routes were last taken from, and the volume's first PG in it.
         self._pool: PoolMap | None = None
         self._first_pg = 0
+        #: The highest map epoch of the volume's pool that an answered request carried
+        #: back: a REPLICA read is never sent stamped below it (:meth:`_read_replica`).
+        self.epoch_seen = 0
 
     def update(self, volume: VolumeMapping) -> None:
         """The mapping changed (size, QoS limits)."""
@@ -544,6 +549,8 @@ class VolumeIO:
         finally:
             timer.stop(task)
         self.budgets.record(sds_id, time.monotonic() - now)
+        if reply.epoch > self.epoch_seen:
+            self.epoch_seen = reply.epoch
         return reply
 
     def _budget(self, sds_id: int, flags: int) -> float:
@@ -573,6 +580,12 @@ class VolumeIO:
         refused connection), sent at once to the other copy of a clean PG with the
         REPLICA flag: that copy holds every acknowledged write (docs/sdc.md). Its data,
         or None when the PG has no such copy or it failed too (then the usual retry)."""
+        if pool.epoch < self.epoch_seen:
+            # An SDS answered at a newer map than ours: the PG may no longer be clean
+            # (a write of ours acknowledged by its primary alone, the secondary
+            # missing it, possibly stalled at our epoch and still serving it). No
+            # failover read before our map has caught up: the retry refreshes it.
+            return None
         other = pool.replica(ref.pg)
         if other is None or other == tried or other not in pool.sds:
             return None
