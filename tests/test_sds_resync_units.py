@@ -141,9 +141,11 @@ def test_a_map_older_than_the_accepted_report_starts_no_new_job(tmp_path: Path) 
 
 def test_copies_are_throttled_per_source_device(tmp_path: Path) -> None:
     """The pool's rebuild throttle holds for each device that copies, not for the
-    SDS: two devices of the primary each send their chunks 1 MiB / (10 MiB/s) apart,
-    and side by side (their first chunks go together, not 100 ms apart)."""
-    mibps, per_device = 10, 4
+    SDS: two devices of the primary each send their chunks 1 MiB / (2 MiB/s) apart,
+    and side by side (their first chunks go together, not 500 ms apart). The slow rate
+    leaves room for a busy machine's scheduling delays in the "together" check (at 10
+    MiB/s its margin was 75 ms, and it failed under load)."""
+    mibps, per_device = 2, 4
     interval = 1.0 / mibps
 
     async def main() -> None:
