@@ -24,7 +24,7 @@ from meshblock.sds.resync import Resync
 from meshblock.sds.state import SdsState
 from meshblock.sds.stats import SdsStats
 from meshblock.wire.client import RawChunk, RequestError
-from meshblock.wire.protocol import REQUEST_MAGIC, ROLE_OPS, Op, PeerRole, Request, Status
+from meshblock.wire.protocol import REQUEST_MAGIC, ROLE_OPS, Op, PeerRole, ReqFlag, Request, Status
 from test_device_failstop_units import DEV_IDS, ME, PG_COUNT, POOL, Conn
 from test_sds_checksums import VOL, data_offset, flip, open_store
 
@@ -186,5 +186,39 @@ def test_a_write_of_part_of_a_bad_block_heals_it_then_writes(
         assert peer.data == want
         dev = store.devices[0]
         assert dev.checksum_repaired == 1
+    finally:
+        store.close()
+
+
+def test_a_failover_read_does_not_heal_from_the_primary_it_came_around(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A READ with the REPLICA flag (the SDC came to us, the secondary, because the
+    primary did not answer it) of a block bad here does not ask the primary for it:
+    that could take longer than the SDC waits for us. NOT_PRIMARY at once, the block
+    left bad for a read that reaches the primary. It fetched from the primary."""
+    data = pattern()
+    peer = PeerCopy(data)
+    sds = state_with_peer(tmp_path, peer, monkeypatch)
+    store = sds.store
+    svc = DataService(sds, Resync(sds))
+    conn = Conn()
+    conn.allowed = frozenset(Op(op) for op in ROLE_OPS[PeerRole.CLIENT])
+
+    async def main() -> None:
+        store.write(store.devices[0], VOL, 1, 0, data)
+        flip(tmp_path / "dev.img", data_offset(store, VOL, 1, 30 * BLOCK + 7))
+        pg = pg_of(VOL, 1, PG_COUNT)
+        hdr = Request(
+            REQUEST_MAGIC, Op.READ, ReqFlag.REPLICA, 0, 1, POOL, pg, 1, VOL, 1, 0, CHUNK_SIZE
+        )
+        svc.handle(conn, hdr, memoryview(b""))
+        assert await answer(conn, 1) == Status.NOT_PRIMARY
+
+    try:
+        asyncio.run(main())
+        assert peer.asked == []
+        dev = store.devices[0]
+        assert (dev.checksum_repaired, dev.checksum_unrepairable) == (0, 1)
     finally:
         store.close()

@@ -324,16 +324,23 @@ class DataService:
         self, conn: Connection, req: Request, t0: float, blocks: list[int]
     ) -> None:
         """A read that found bad blocks: repair them from another copy, then read
-        again; ``IO_ERROR`` (EIO at the client) when no copy could, never wrong bytes."""
+        again; ``IO_ERROR`` (EIO at the client) when no copy could, never wrong bytes.
+        A failover read (``REPLICA``) does not ask the primary, which the SDC has just
+        given up on: waiting for it would outlast the SDC's budget for us."""
+        failover = req.opcode == Op.READ and req.flags & _REPLICA
+        m = self._maps.get(req.pool_id) if failover else None
+        exclude = (m.primary[req.pg][0],) if m is not None and req.pg < m.pg_count else ()
         try:
-            left = await repair_from_peer(self._state, req.volume_id, req.chunk_index, blocks)
+            left = await repair_from_peer(
+                self._state, req.volume_id, req.chunk_index, blocks, exclude=exclude
+            )
         except DeviceFailed:
             self._reply(conn, req, t0, _FAILED)
             return
         except OSError as exc:
             log.error("repair of chunk %d/%d failed: %s", req.volume_id, req.chunk_index, exc)
             left = blocks
-        if left and req.opcode == Op.READ and req.flags & _REPLICA:
+        if left and failover:
             # The SDC came to us, the secondary, because the primary did not answer;
             # it may hold the good bytes: NOT_PRIMARY sends the SDC back to it.
             self._reply(conn, req, t0, Status.NOT_PRIMARY)
