@@ -349,6 +349,33 @@ def test_a_peer_that_answers_nothing_is_dropped_after_its_short_budget(tmp_path:
     asyncio.run(main())
 
 
+def test_a_peer_syncing_its_device_longer_than_the_budget_is_not_dropped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A peer whose fdatasync takes 1.2 s answers REPL_FLUSH then: with a 0.3 s budget
+    (peer_timeout_s 10 s) the connection is kept and the flush succeeds (before: the
+    connection was dropped after 0.3 s and the flush failed as a lost connection)."""
+
+    async def main() -> None:
+        async with sds_server(tmp_path) as (server, state):
+            real = state.store.sync
+
+            async def slow_sync(devices: Any = None) -> None:
+                await asyncio.sleep(1.2)
+                await real(devices)
+
+            monkeypatch.setattr(state.store, "sync", slow_sync)
+            peers = Peers(SECRET, 10.0, timeout_min=0.3, timeout_factor=4.0)
+            client = await peers.get(2, ("127.0.0.1", server.port))
+            t0 = asyncio.get_running_loop().time()
+            await client.repl_flush()
+            assert asyncio.get_running_loop().time() - t0 >= 1.2
+            assert not client.closed
+            await peers.close()
+
+    asyncio.run(main())
+
+
 def test_connect_with_wrong_secret_fails_and_is_not_retriable(tmp_path: Path) -> None:
     async def main() -> None:
         async with sds_server(tmp_path) as (server, service):
