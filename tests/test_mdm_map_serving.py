@@ -10,6 +10,7 @@ import json
 import threading
 import time
 import urllib.request
+import zlib
 from typing import Any
 
 import pytest
@@ -134,13 +135,23 @@ def test_an_sds_moving_to_another_port_is_a_new_map_epoch(
 def test_a_client_that_accepts_gzip_gets_the_same_document_gzipped(
     api: Api, mdm: MdmDaemon, topo: dict[str, Any]
 ) -> None:
-    plain = pgmap(api, mdm, topo["pool"]["id"])
-    req = urllib.request.Request(
-        f"{mdm.url}/api/v1/pools/{topo['pool']['id']}/pgmap",
-        headers={"Authorization": f"Bearer {mdm.cluster_secret}", "Accept-Encoding": "gzip"},
-    )
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    with opener.open(req, timeout=30) as resp:
-        assert resp.headers["Content-Encoding"] == "gzip"
-        assert resp.headers["Content-Type"].startswith("application/json")
-        assert json.loads(gzip.decompress(resp.read())) == plain
+    """The pool map, and the SDC maps, whose gzip splices each pool's deflated
+    document (compressed once) between pieces compressed per request."""
+    for path in (
+        f"/api/v1/pools/{topo['pool']['id']}/pgmap",
+        f"/api/v1/sdc/{topo['sdc']['id']}/maps",
+    ):
+        plain = ok(api("GET", path, token=mdm.cluster_secret))
+        req = urllib.request.Request(
+            mdm.url + path,
+            headers={"Authorization": f"Bearer {mdm.cluster_secret}", "Accept-Encoding": "gzip"},
+        )
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        with opener.open(req, timeout=30) as resp:
+            assert resp.headers["Content-Encoding"] == "gzip"
+            assert resp.headers["Content-Type"].startswith("application/json")
+            raw = resp.read()
+        assert json.loads(gzip.decompress(raw)) == plain
+        inflate = zlib.decompressobj(31)  # one gzip member, nothing after it
+        assert json.loads(inflate.decompress(raw) + inflate.flush()) == plain
+        assert inflate.eof and not inflate.unused_data

@@ -18,6 +18,8 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
+import struct
+import zlib
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -189,6 +191,16 @@ class MapDocument:
     doc: dict[str, Any]
     body: bytes
     _gzipped: bytes | None = None
+    _deflated: bytes | None = None
+
+    def deflated(self) -> bytes:
+        """``body`` as raw deflate blocks ending at a byte boundary (a full flush,
+        not the last block), made once: spliced into another gzip stream
+        (:func:`gzip_pieces`), as ``GET /sdc/{id}/maps`` does with each pool's map."""
+        if self._deflated is None:
+            c = zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, -zlib.MAX_WBITS)
+            self._deflated = c.compress(self.body) + c.flush(zlib.Z_FULL_FLUSH)
+        return self._deflated
 
     async def gzipped(self) -> bytes:
         """The gzip of ``body``, compressed once, in a thread (zlib lets the event
@@ -199,6 +211,33 @@ class MapDocument:
 
 
 GZIP_LEVEL = 6
+_GZIP_HEADER = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"  # deflate, no name, no time
+
+
+def gzip_pieces(pieces: Sequence[bytes | MapDocument]) -> tuple[bytes, bytes]:
+    """The concatenation of ``pieces`` (bytes, and map documents' bodies) and its
+    gzip, one member, in which each document's deflated body (:meth:`MapDocument.
+    deflated`, compressed once) is spliced as it is and only the bytes between them
+    are compressed here. Each piece is compressed on its own and ends at a byte
+    boundary (a full flush), so no back-reference crosses from one into another, and
+    the stream is one valid deflate stream; the CRC-32 and length are the whole's."""
+    deflate: list[bytes] = [_GZIP_HEADER]
+    plain: list[bytes] = []
+    crc = 0
+    for piece in pieces:
+        if isinstance(piece, MapDocument):
+            data, packed = piece.body, piece.deflated()
+        else:
+            c = zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, -zlib.MAX_WBITS)
+            data, packed = piece, c.compress(piece) + c.flush(zlib.Z_FULL_FLUSH)
+        crc = zlib.crc32(data, crc)
+        plain.append(data)
+        deflate.append(packed)
+    body = b"".join(plain)
+    # the last block: empty, final
+    end = zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, -zlib.MAX_WBITS).flush(zlib.Z_FINISH)
+    deflate.append(end + struct.pack("<II", crc, len(body) & 0xFFFFFFFF))
+    return body, b"".join(deflate)
 
 
 class MapCache:

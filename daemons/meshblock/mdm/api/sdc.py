@@ -251,6 +251,15 @@ async def sdc_maps(request: web.Request) -> web.Response:
     }
     # The pools' documents are spliced in as the cache encoded them (once per map
     # epoch), not encoded again for every SDC.
-    pools_json = b",".join(b'"%d": %s' % (k, d.body) for k, d in sorted(maps.items()))
-    body = pgmaps.encode(head)[:-1] + b', "pools": {' + pools_json + b"}}"
-    return await encoded_json(request, body)
+    # and gzipped the same way: each pool's document deflated once per map epoch,
+    # only the bytes around them compressed per request
+    pieces: list[bytes | pgmaps.MapDocument] = [pgmaps.encode(head)[:-1] + b', "pools": {']
+    for n, (k, d) in enumerate(sorted(maps.items())):
+        pieces += [b'%s"%d": ' % (b"," if n else b"", k), d]
+    pieces.append(b"}}")
+    body = b"".join(p.body if isinstance(p, pgmaps.MapDocument) else p for p in pieces)
+
+    async def compressed() -> bytes:
+        return pgmaps.gzip_pieces(pieces)[1]
+
+    return await encoded_json(request, body, compressed)
