@@ -42,6 +42,7 @@ class PeerCopy:
         self.bad = set(bad)
         self.asked: list[tuple[int, int]] = []
         self.writes: list[tuple[int, int]] = []
+        self.refuse = Status.OK  # what a forwarded write is answered (not OK: not applied)
 
     def future(self) -> asyncio.Future[Any]:
         return asyncio.get_running_loop().create_future()
@@ -60,6 +61,10 @@ class PeerCopy:
         """A forwarded write: applied to this copy at once, answered OK."""
         assert op == Op.REPL_WRITE, op
         self.writes.append((offset, length))
+        if self.refuse != Status.OK:  # answered after the primary wrote its copy
+            reply = SimpleNamespace(status=self.refuse)
+            asyncio.get_running_loop().call_soon(fut.set_result, reply)
+            return fut
         self.data = self.data[:offset] + bytes(payload[:length]) + self.data[offset + length :]
         fut.set_result(SimpleNamespace(status=Status.OK))
         return fut
@@ -220,5 +225,76 @@ def test_a_failover_read_does_not_heal_from_the_primary_it_came_around(
         assert peer.asked == []
         dev = store.devices[0]
         assert (dev.checksum_repaired, dev.checksum_unrepairable) == (0, 1)
+    finally:
+        store.close()
+
+
+def clean_map(epoch: int, primary: bool) -> PgMap:
+    """Every PG clean, ours the primary's copy (``primary``) or the secondary's."""
+    theirs, mine = (PEER, 20), (ME, DEV_IDS[0])
+    first, second = (mine, theirs) if primary else (theirs, mine)
+    addresses = {ME: ("127.0.0.1", 1), PEER: ("127.0.0.1", 2)}
+    return PgMap(POOL, epoch, PG_COUNT, (first,) * PG_COUNT, (second,) * PG_COUNT, addresses, {})
+
+
+def test_a_primary_that_lost_its_role_while_it_waited_does_not_write_its_copy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client's write whose forward had to connect to the secondary first, during
+    which a map came that makes us the secondary: our copy is left as it was and the
+    write refused (EPOCH_STALE: the client retries on the newer map). The role was
+    checked once, before the waits, and the stale primary wrote its copy."""
+    data = pattern()
+    peer = PeerCopy(data)
+    sds = state_with_peer(tmp_path, peer, monkeypatch, primary=True)
+    store = sds.store
+    svc = DataService(sds, Resync(sds))
+    conn = Conn()
+    conn.allowed = frozenset(Op(op) for op in ROLE_OPS[PeerRole.CLIENT])
+
+    async def get(sds_id: int, address: Any) -> Any:
+        sds.maps.update(clean_map(2, primary=False))  # demoted while connecting
+        return peer
+
+    monkeypatch.setattr(sds.peers, "connected", lambda sds_id, address: None)
+    monkeypatch.setattr(sds.peers, "get", get)
+
+    async def main() -> None:
+        store.write(store.devices[0], VOL, 1, 0, data)
+        partial_write(svc, conn, 1, Op.WRITE, 0, b"n" * BLOCK)
+        assert await answer(conn, 1) == Status.EPOCH_STALE
+
+    try:
+        asyncio.run(main())
+        got = store.read(VOL, 1, 0, BLOCK)
+        assert got is not None and bytes(got) == data[:BLOCK]
+    finally:
+        store.close()
+
+
+def test_a_write_the_secondary_refused_after_ours_is_recorded_for_the_resync(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The secondary refuses a forwarded write (NOT_REPLICA: its map is newer) that we
+    wrote to our copy meanwhile: the client gets the refusal, and the chunk is in the
+    record of writes the secondary lacks, which a delta resync copies. It was recorded
+    nowhere: a write the client gave up on left the copies different for good."""
+    data = pattern()
+    peer = PeerCopy(data)
+    peer.refuse = Status.NOT_REPLICA
+    sds = state_with_peer(tmp_path, peer, monkeypatch, primary=True)
+    store = sds.store
+    svc = DataService(sds, Resync(sds))
+    conn = Conn()
+    conn.allowed = frozenset(Op(op) for op in ROLE_OPS[PeerRole.CLIENT])
+
+    async def main() -> None:
+        store.write(store.devices[0], VOL, 1, 0, data)
+        partial_write(svc, conn, 1, Op.WRITE, 0, b"n" * BLOCK)
+        assert await answer(conn, 1) != Status.OK
+
+    try:
+        asyncio.run(main())
+        assert sds.degraded.chunks(POOL, pg_of(VOL, 1, PG_COUNT)) == {(VOL, 1)}
     finally:
         store.close()

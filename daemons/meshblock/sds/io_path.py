@@ -623,6 +623,17 @@ class DataService:
             tgt = m.target[pg][0]
             if tgt:
                 tgt_fut = await self._forward(m, tgt, req, ref, payload)
+            # Checked again right before our copy changes: the waits above (the
+            # write-intent mark, a connect to a peer) may have outlasted our role.
+            # (The role only: a newer map that keeps us the primary, e.g. with the
+            # PG degraded, lets the write go on as before.)
+            newest = self._maps.get(pool)
+            if newest is None or newest.primary[pg][0] != self._state.sds_id:
+                for peer, sent in ((sec, sec_fut), (tgt, tgt_fut)):
+                    if sent is not None:
+                        await self._forwarded(peer, sent, t0)
+                self._reply(conn, req, t0, Status.EPOCH_STALE)
+                return
             fua = req.flags & _FUA
             written = self._state.target_device(dev, vol, chunk) if fua else dev
             status = await self._apply_healing(dev, req, payload, locked=True)
@@ -634,6 +645,10 @@ class DataService:
                     status = tgt_status
             if sec_fut is not None:
                 sec_status = self._secondary_outcome(ref, await self._forwarded(sec, sec_fut, t0))
+                if status == _OK and sec_status != _OK:
+                    # Our copy has the write, the secondary's has not: recorded, so
+                    # that a delta resync copies the chunk if the client gives up.
+                    self._degraded.record(ref)
                 if status == _OK:
                     status = sec_status
             self._reply(conn, req, t0, status)
