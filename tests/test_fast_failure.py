@@ -1,6 +1,7 @@
 """Fast failure reports (docs/mdm.md, "Failures"): a peer that cannot reach an SDS
-reports it, the MDM confirms by connecting to the SDS itself, and only then fails it,
-long before the heartbeat timeout. Such an SDS is held down until the MDM and a peer
+reports it, the MDM confirms by probing the SDS itself (an authenticated connection and
+a PING over the data protocol), and only then fails it, long before the heartbeat
+timeout. Such an SDS is held down until the MDM and a peer
 have reached its data port for ``hold_down_s`` (docs/mdm.md, "Hold-down and
 flapping"): its heartbeats alone do not bring it back. Real MDM (heartbeat timeout
 60 s, so the timeout cannot be what acts), three real SDSs, the real SDC; IO through
@@ -99,6 +100,47 @@ def test_a_reported_sds_returns_only_once_probes_prove_it_up(ff: SmallCluster) -
     assert "proven up" in ff.mdm.log_text(), ff.logs()
     # Each SDS was asked to probe it, and did (a peer's report is part of the proof).
     assert any("asks us to probe" in d.log_text() for d in ff.sds if d is not victim)
+    wait_until(
+        lambda: all(pg["state"] == "clean" for pg in ff.pgmap()["pgs"]),
+        60,
+        "every PG clean after the resync",
+        detail=ff.logs,
+    )
+
+
+def test_a_report_about_a_hung_sds_is_confirmed_at_once(ff: SmallCluster) -> None:
+    """A SIGSTOPped SDS still accepts TCP connections (the kernel completes them), so
+    only the data-protocol probe (authenticated connection and PING answered within
+    1 s) tells the MDM that it does not serve: the report is confirmed within a couple
+    of seconds, not after the 60 s heartbeat timeout. Thawed, it is proven up again."""
+    victim = ff.sds[2]
+    sid = ff.sds_id(victim)
+    assert sds_doc(ff, victim.name)["state"] == "connected"
+    proc = victim.proc
+    assert proc is not None
+    api = ff.mdm.api(ff.mdm.cluster_secret)
+    proc.send_signal(signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        status, doc = api.post(f"/api/v1/sds/{sid}/unreachable", {"reporter": "test"})
+        elapsed = time.monotonic() - t0
+        assert status == 200, doc
+        assert doc == {"sds_id": sid, "confirmed": True, "state": "disconnected"}, doc
+        # the probe's 1 s limit plus the MDM's work; generous for a loaded machine
+        assert elapsed < 5.0, f"the report took {elapsed:.1f} s to confirm"
+        for pg in ff.pgmap()["pgs"]:
+            if sid in (pg["primary"]["sds_id"], pg["secondary"]["sds_id"]):
+                assert pg["state"] == "degraded" and pg["primary"]["sds_id"] != sid, pg
+        print(f"hung SDS confirmed down {elapsed:.2f} s after the report")
+    finally:
+        proc.send_signal(signal.SIGCONT)
+    wait_until(
+        lambda: sds_doc(ff, victim.name)["state"] == "connected",
+        60,
+        f"{victim.name} to be proven up after the thaw",
+        interval=0.2,
+        detail=ff.logs,
+    )
     wait_until(
         lambda: all(pg["state"] == "clean" for pg in ff.pgmap()["pgs"]),
         60,

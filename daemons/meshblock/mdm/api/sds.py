@@ -806,9 +806,12 @@ async def sds_clear_flapping(request: web.Request) -> web.Response:
     errors=(404,),
 )
 async def sds_unreachable(request: web.Request, body: dict[str, Any]) -> web.Response:
-    """Fast failure detection. The MDM confirms before it acts: it connects to the
-    SDS's data port itself (``UNREACHABLE_PROBE_S``); when that fails too the SDS is
-    declared down at once instead of after the heartbeat timeout."""
+    """Fast failure detection. The MDM confirms before it acts: it probes the SDS's
+    data port itself over the data protocol (an authenticated connection and a PING
+    answered within ``UNREACHABLE_PROBE_S``: :func:`meshblock.mdm.holddown.probe`, the
+    hold-down's probe); when that fails too (refused, no route, or a hung SDS whose
+    kernel still accepts the connection) the SDS is declared down at once instead of
+    after the heartbeat timeout."""
     c = ctx(request)
     sds_id = path_id(request)
     await authz.require_reporter(request, body.get("reporter"))
@@ -816,7 +819,8 @@ async def sds_unreachable(request: web.Request, body: dict[str, Any]) -> web.Res
         sds = await get_or_404(s, Sds, sds_id, "SDS")
         address, port, name = sds.address, sds.data_port, sds.name
     confirmed = False
-    if c.liveness.state("sds", sds_id) == "connected" and not await _reachable(address, port):
+    secret = c.config.auth.cluster_secret
+    if c.liveness.state("sds", sds_id) == "connected" and not await _answers(address, port, secret):
         confirmed = True
         log.warning(
             "SDS %s reported unreachable by %s and not reachable from the MDM: down now",
@@ -831,8 +835,8 @@ async def sds_unreachable(request: web.Request, body: dict[str, Any]) -> web.Res
     )
 
 
-UNREACHABLE_PROBE_S = 1.0
+UNREACHABLE_PROBE_S = holddown.PROBE_TIMEOUT_S
 
 
-async def _reachable(address: str, port: int) -> bool:
-    return await holddown.connects(address, port, UNREACHABLE_PROBE_S)
+async def _answers(address: str, port: int, secret: str) -> bool:
+    return await holddown.probe(address, port, secret, UNREACHABLE_PROBE_S)
