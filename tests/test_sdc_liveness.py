@@ -9,16 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Coroutine, Sequence
 from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
 
+from _owner import Owner
 from _wait import wait_until_async
 from meshblock.chunks import CHUNK_SIZE
 from meshblock.nbd.protocol import Cmd, CmdFlag, Errno, RequestError
-from meshblock.nbd.server import Chunk, IoRequest
+from meshblock.nbd.server import IoRequest
 from meshblock.sdc.datapath import DataPathError, Op, Piece, Reply, ReplyWaiter
 from meshblock.sdc.maps import PoolMap, SdsEndpoint, VolumeMapping
 from meshblock.sdc.metrics import SdcMetrics
@@ -93,25 +93,6 @@ class Slow:
 
     async def close(self) -> None:
         pass
-
-
-class Owner:
-    """Stands for the NBD connection: the answer to one request."""
-
-    def __init__(self) -> None:
-        self.answered: asyncio.Future[Sequence[Chunk]] = asyncio.get_running_loop().create_future()
-
-    def answer(self, req: IoRequest, chunks: Sequence[Chunk]) -> None:
-        self.answered.set_result(chunks)
-
-    def run(self, req: IoRequest, work: Coroutine[Any, Any, Sequence[Chunk] | None]) -> None:
-        async def finish() -> None:
-            try:
-                self.answered.set_result((await work) or ())
-            except Exception as exc:
-                self.answered.set_exception(exc)
-
-        asyncio.get_running_loop().create_task(finish())
 
 
 def make_io(path: Slow, maps: Maps, *, attempt_timeout_s: float = 5.0) -> tuple[VolumeIO, Any]:

@@ -10,12 +10,12 @@ would serve the bytes from before the write."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import pytest
 from prometheus_client import CollectorRegistry
 
+from _owner import Owner
 from meshblock.chunks import CHUNK_SIZE
 from meshblock.nbd.protocol import Cmd
 from meshblock.nbd.server import Chunk, IoRequest
@@ -109,23 +109,6 @@ class Cluster:
 
     async def close(self) -> None:
         pass
-
-
-class Owner:
-    def __init__(self) -> None:
-        self.answered: asyncio.Future[Sequence[Chunk]] = asyncio.get_running_loop().create_future()
-
-    def answer(self, req: IoRequest, chunks: Sequence[Chunk]) -> None:
-        self.answered.set_result(chunks)
-
-    def run(self, req: IoRequest, work: Coroutine[Any, Any, Sequence[Chunk] | None]) -> None:
-        async def finish() -> None:
-            try:
-                self.answered.set_result((await work) or ())
-            except Exception as exc:
-                self.answered.set_exception(exc)
-
-        asyncio.get_running_loop().create_task(finish())
 
 
 async def serve(io: VolumeIO, cmd: Cmd, data: bytes = b"") -> Sequence[Chunk]:

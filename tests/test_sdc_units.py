@@ -8,7 +8,7 @@ import logging
 import os
 import stat
 import time
-from collections.abc import Awaitable, Coroutine, Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
+from _owner import Owner
 from meshblock.chunks import CHUNK_SIZE, ChunkRef, chunk_span, pg_of
 from meshblock.config import ConfigError, from_mapping
 from meshblock.nbd.protocol import Cmd, CmdFlag, Errno, RequestError
@@ -159,27 +160,6 @@ class Faulty:
 
     async def close(self) -> None:
         pass
-
-
-class Owner:
-    """Stands for the NBD connection (meshblock.nbd.server.RequestOwner): the answer
-    to one request, as its result or the exception of the task that finished it."""
-
-    def __init__(self) -> None:
-        self.answered: asyncio.Future[Sequence[Chunk]] = asyncio.get_running_loop().create_future()
-        self.task: asyncio.Task[None] | None = None
-
-    def answer(self, req: IoRequest, chunks: Sequence[Chunk]) -> None:
-        self.answered.set_result(chunks)
-
-    def run(self, req: IoRequest, work: Coroutine[Any, Any, Sequence[Chunk] | None]) -> None:
-        async def finish() -> None:
-            try:
-                self.answered.set_result((await work) or ())
-            except Exception as exc:
-                self.answered.set_exception(exc)
-
-        self.task = asyncio.get_running_loop().create_task(finish())
 
 
 async def serve(

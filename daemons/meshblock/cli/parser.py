@@ -14,6 +14,7 @@ import textwrap
 from collections.abc import Callable, Sequence
 from typing import Any, TypeAlias
 
+from meshblock.cli import values
 from meshblock.cli.errors import EXIT_CODES_HELP
 
 Handler = Callable[[Any, argparse.Namespace], int | None]
@@ -136,3 +137,18 @@ def add_command(
     )
     parser.set_defaults(handler=handler)
     return parser
+
+
+def add_watch_options(parser: argparse.ArgumentParser, watch_help: str) -> None:
+    """``--watch`` (help ``watch_help``), ``--interval`` and ``--max-wait``: a status
+    command that can poll until its work is done."""
+    parser.add_argument("--watch", action="store_true", help=watch_help)
+    parser.add_argument(
+        "--interval", type=values.positive_float, default=2.0, help="seconds between polls"
+    )
+    parser.add_argument(
+        "--max-wait",
+        type=values.positive_float,
+        default=None,
+        help="with --watch: give up after this many seconds (exit 1)",
+    )

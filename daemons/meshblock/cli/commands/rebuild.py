@@ -6,11 +6,10 @@ import time
 from argparse import Namespace
 from typing import Any
 
-from meshblock.cli import values
 from meshblock.cli.context import Context
 from meshblock.cli.errors import CliError
 from meshblock.cli.output import rate, render_table, size
-from meshblock.cli.parser import Subparsers, add_command, add_noun
+from meshblock.cli.parser import Subparsers, add_command, add_noun, add_watch_options
 from meshblock.cli.progress import ProgressBar, eta_text
 
 PATH = "/api/v1/rebuild"
@@ -35,16 +34,7 @@ def register(root: Subparsers) -> None:
             "meshctl --json rebuild status",
         ],
     )
-    p.add_argument("--watch", action="store_true", help="wait until every copy is done")
-    p.add_argument(
-        "--interval", type=values.positive_float, default=2.0, help="seconds between polls"
-    )
-    p.add_argument(
-        "--max-wait",
-        type=values.positive_float,
-        default=None,
-        help="with --watch: give up after this many seconds (exit 1)",
-    )
+    add_watch_options(p, "wait until every copy is done")
 
 
 def busy(pool: dict[str, Any]) -> bool:

@@ -6,11 +6,10 @@ import time
 from argparse import Namespace
 from typing import Any
 
-from meshblock.cli import values
 from meshblock.cli.context import Context
 from meshblock.cli.errors import CliError
 from meshblock.cli.output import render_table
-from meshblock.cli.parser import Subparsers, add_command, add_noun
+from meshblock.cli.parser import Subparsers, add_command, add_noun, add_watch_options
 from meshblock.cli.progress import ProgressBar
 
 PATH = "/api/v1/scrub"
@@ -37,16 +36,7 @@ def register(root: Subparsers) -> None:
             "meshctl --json scrub status",
         ],
     )
-    p.add_argument("--watch", action="store_true", help="wait until no pass is running")
-    p.add_argument(
-        "--interval", type=values.positive_float, default=2.0, help="seconds between polls"
-    )
-    p.add_argument(
-        "--max-wait",
-        type=values.positive_float,
-        default=None,
-        help="with --watch: give up after this many seconds (exit 1)",
-    )
+    add_watch_options(p, "wait until no pass is running")
     for verb, fn, text in (
         ("start", start, "start a scrub pass of the pool now (or resume a paused one)"),
         ("pause", pause, "pause the pool's scrub: no pass runs until it is started again"),
