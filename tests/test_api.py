@@ -231,6 +231,22 @@ def test_unknown_ids_404(api: Api, topo: dict[str, Any]) -> None:
     )
 
 
+def test_scrub_and_flapping_refusals_change_nothing(api: Api, topo: dict[str, Any]) -> None:
+    """The scrub's start/pause of an unknown pool and clear-flapping of an unknown SDS
+    are 404s; clear-flapping of an SDS that is not flapping is a 409; none moves the
+    epoch, and the real pool's scrub is not started by them."""
+    for verb in ("start", "pause"):
+        unchanged(
+            api, lambda v=verb: api("POST", f"/api/v1/pools/9999/scrub/{v}"), 404, "not_found"
+        )
+    unchanged(api, lambda: api("POST", "/api/v1/sds/9999/clear-flapping"), 404, "not_found")
+    sds_id = topo["sds"][0]["id"]
+    e = unchanged(api, lambda: api("POST", f"/api/v1/sds/{sds_id}/clear-flapping"), 409, "conflict")
+    assert "not flapping" in e["message"]
+    pool = ok(api("GET", f"/api/v1/pools/{topo['pool']['id']}/scrub"))
+    assert pool["state"] != "running", pool
+
+
 def test_bad_input(api: Api, mdm: MdmDaemon, topo: dict[str, Any]) -> None:
     pool_id = topo["pool"]["id"]
     for body, field in (
