@@ -67,18 +67,23 @@ def _client() -> tuple[WireClient, _Wire]:
 
 
 def _send(client: WireClient, op: Op, flags: int = 0) -> asyncio.Future[Reply]:
-    length = 0 if op == Op.REPL_FLUSH else 4096
-    payload = None if op == Op.REPL_FLUSH else bytes(length)
+    length = 0 if op in (Op.REPL_FLUSH, Op.CHUNK_CSUMS) else 4096
+    payload = None if not length else bytes(length)
     return client.submit(op, flags, REF, 0, length, payload, client.future())
 
 
 def test_a_flush_outstanding_longer_than_the_budget_is_not_dropped() -> None:
-    """A REPL_FLUSH (and a FUA forward) the peer answers nothing to for 5 budgets:
-    the connection stays (before: dropped after 0.2 s, the forwards failed as lost
-    and the healthy peer was reported)."""
+    """A REPL_FLUSH (and a FUA forward, and a scrub's CHUNK_CSUMS with HEAL, which
+    the peer answers after repairing and syncing) the peer answers nothing to for 5
+    budgets: the connection stays (before: dropped after 0.2 s, the forwards failed
+    as lost and the healthy peer was reported)."""
 
     async def main() -> None:
-        for op, flags in ((Op.REPL_FLUSH, 0), (Op.REPL_WRITE, int(ReqFlag.FUA))):
+        for op, flags in (
+            (Op.REPL_FLUSH, 0),
+            (Op.REPL_WRITE, int(ReqFlag.FUA)),
+            (Op.CHUNK_CSUMS, int(ReqFlag.HEAL)),
+        ):
             client, wire = _client()
             fut = _send(client, op, flags)
             await asyncio.sleep(5 * BUDGET)

@@ -92,6 +92,9 @@ _HOLE: Final = int(ReplyFlag.HOLE)
 _FUA: Final = int(ReqFlag.FUA)
 #: The opcodes whose reply waits for a whole-device sync (as does any FUA request).
 _SYNC_OPS: Final = frozenset({int(Op.FLUSH), int(Op.REPL_FLUSH)})
+#: Request flags whose reply waits for a device sync: FUA, and HEAL (defined for
+#: CHUNK_CSUMS only: the peer repairs its bad blocks and syncs before it answers).
+_SYNC_FLAGS: Final = int(ReqFlag.FUA) | int(ReqFlag.HEAL)
 _READ: Final = int(Op.READ)
 #: The opcodes whose payload carries checksums (a forwarder hands every op a payload
 #: view, empty for WRITE_ZEROES and TRIM).
@@ -629,7 +632,7 @@ class WireClient:
         rid = next(self._ids)
         if not p.pending:  # the request timeout counts from now
             p.last_rx = time.monotonic()
-        if self._syncs or flags & _FUA or op in _SYNC_OPS:
+        if self._syncs or flags & _SYNC_FLAGS or op in _SYNC_OPS:
             self._note_sync(op, flags, rid)
         p.pending[rid] = waiter
         pool, pg, epoch, volume, chunk = ref  # twice as fast as pack(*ref)
@@ -690,7 +693,7 @@ class WireClient:
         for a device sync; an ordinary one sent while only syncs are outstanding
         starts the clock of the ordinary requests (:meth:`_watch`)."""
         syncs = self._live_syncs()
-        if flags & _FUA or op in _SYNC_OPS:
+        if flags & _SYNC_FLAGS or op in _SYNC_OPS:
             syncs.add(rid)
         elif len(self._p.pending) == len(syncs):
             self._ordinary_since = time.monotonic()
