@@ -23,6 +23,7 @@ from meshblock.sds.replication import Peers
 from meshblock.sds.resync import Resync
 from meshblock.sds.state import SdsState
 from meshblock.sds.stats import SdsStats
+from meshblock.wire import csum
 from meshblock.wire.client import RawChunk, RequestError
 from meshblock.wire.protocol import REQUEST_MAGIC, ROLE_OPS, Op, PeerRole, ReqFlag, Request, Status
 from test_device_failstop_units import DEV_IDS, ME, PG_COUNT, POOL, Conn
@@ -298,3 +299,38 @@ def test_a_write_the_secondary_refused_after_ours_is_recorded_for_the_resync(
         assert sds.degraded.chunks(POOL, pg_of(VOL, 1, PG_COUNT)) == {(VOL, 1)}
     finally:
         store.close()
+
+
+@pytest.mark.parametrize("client_sums", [False, True], ids=["no-checksums", "checksums"])
+def test_a_secondary_checksum_mismatch_reaches_only_a_client_that_sent_checksums(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, client_sums: bool
+) -> None:
+    """The secondary answers a forwarded write CHECKSUM_MISMATCH (the forward was
+    damaged between the SDSs: the primary checksums its forwards on a connection
+    with CSUM_CRC32C whatever its client sent). A client that sent checksums gets
+    it (it sends the write again); one that did not (version 1, or no CSUM_CRC32C)
+    may not know status 14 and gets REPLICA_FAILED, which it retries. It got 14."""
+    peer = PeerCopy(pattern())
+    peer.refuse = Status.CHECKSUM_MISMATCH
+    sds = state_with_peer(tmp_path, peer, monkeypatch, primary=True)
+    svc = DataService(sds, Resync(sds))
+    conn = Conn()
+    conn.allowed = frozenset(Op(op) for op in ROLE_OPS[PeerRole.CLIENT])
+    data = b"c" * BLOCK
+    sums = csum.trailer(data) if client_sums else b""
+    pg = pg_of(VOL, 1, PG_COUNT)
+    hdr = Request(
+        REQUEST_MAGIC, Op.WRITE, 0, 0, 1, POOL, pg, 1, VOL, 1, 0, len(data), 0,
+        csum.CSUM_CRC32C if client_sums else 0, csum.CSUM_SHIFT if client_sums else 0,
+    )  # fmt: skip
+
+    async def main() -> int:
+        svc.handle(conn, hdr, memoryview(data + sums))
+        return await answer(conn, 1)
+
+    try:
+        status = asyncio.run(main())
+        want = Status.CHECKSUM_MISMATCH if client_sums else Status.REPLICA_FAILED
+        assert status == want
+    finally:
+        sds.store.close()

@@ -651,6 +651,10 @@ class DataService:
                     self._degraded.record(ref)
                 if status == _OK:
                     status = sec_status
+            if status == _MISMATCH and not req.csum_type:
+                # A peer found our forward damaged (we checksum forwards ourselves):
+                # a client that sent no checksums may not know the status (§8.6).
+                status = Status.REPLICA_FAILED
             self._reply(conn, req, t0, status)
         finally:
             self._locks.release(key, ticket)
