@@ -46,6 +46,7 @@ class Pair:
     ) -> None:
         self.primary, self.secondary, self.ports = primary, secondary, ports
         self.resync = resync  # the primary's copy jobs
+        self.secondary_service: DataService | None = None
         self.reports: list[tuple[int, int, int]] = []
         self.accept_at: int | None = None  # the MDM's answer: the new map epoch, or refuse
 
@@ -79,7 +80,7 @@ class Pair:
 async def pair(tmp_path: Path) -> AsyncIterator[Pair]:
     """The primary SDS (two devices in the pool) and the secondary (one)."""
     async with AsyncExitStack() as stack:
-        states, resyncs, ports = [], [], {}
+        states, resyncs, services, ports = [], [], [], {}
         for sds_id, dev_ids in ((PRIMARY_SDS, list(PRIMARY_DEVICES)), (SECONDARY[0], [20])):
             paths = {str(tmp_path / f"dev{d}.img"): (d, POOL) for d in dev_ids}
             store = ChunkStore([DeviceSpec(path, 1 << 30, "pool") for path in paths])
@@ -88,7 +89,9 @@ async def pair(tmp_path: Path) -> AsyncIterator[Pair]:
             sds = SdsState(store, MapCache(), Peers(SECRET, 5.0), SdsStats())
             sds.set_identity(sds_id, paths)
             resync = Resync(sds)
-            server = DataServer(DataService(sds, resync), SECRET)
+            service = DataService(sds, resync)
+            services.append(service)
+            server = DataServer(service, SECRET)
             await server.start("127.0.0.1", 0)
             stack.push_async_callback(server.stop)
             stack.push_async_callback(sds.peers.close)
@@ -97,6 +100,7 @@ async def pair(tmp_path: Path) -> AsyncIterator[Pair]:
             resyncs.append(resync)
             ports[sds_id] = server.port
         p = Pair(states[0], resyncs[0], states[1], ports)
+        p.secondary_service = services[1]
         p.resync.reporter = p.report
         yield p
 
@@ -269,5 +273,44 @@ def test_a_copy_does_not_report_to_a_copy_a_forward_lost_meanwhile(tmp_path: Pat
             # the job under way at the loss did not report: a second one copied again
             assert rs.chunks_total == 2 * chunks, rs.chunks_total
             assert rs.pgs_total == 1
+
+    asyncio.run(main())
+
+
+def test_a_chunk_damaged_on_the_wire_is_sent_again_not_the_job_aborted(tmp_path: Path) -> None:
+    """The copy's SDS finds the third chunk's REPL_WRITE damaged (a byte flipped in
+    its receive buffer, through the test-only hook) and answers CHECKSUM_MISMATCH:
+    the chunk is sent again and the job goes on, each chunk copied once, one report,
+    the copy's bytes right. The whole job was aborted and started over (8 chunks
+    copied for 6)."""
+    chunks = 6
+
+    async def main() -> None:
+        async with pair(tmp_path) as p:
+            rs = p.resync
+            store = p.primary.store
+            ours = [c for c in range(400) if pg_of(VOLUME, c, PG_COUNT) == 0][:chunks]
+            dev = store.device_by_mdm_id(primary_of(0)[1])
+            assert dev is not None
+            for c in ours:
+                store.write(dev, VOLUME, c, 0, bytes([c % 250 + 1]) * 4096)
+            seen = itertools.count()
+
+            def damage(payload: memoryview) -> None:
+                if len(payload) > 4096 and next(seen) == 2:
+                    payload[100] ^= 0xFF
+
+            assert p.secondary_service is not None
+            p.secondary_service.corrupt_payload = damage
+            p.accept_at = 6
+            p.deliver(5, {0}, rebuild_concurrency=1)
+            await wait_until_async(
+                lambda: bool(p.reports) and not rs.jobs, 20, "the report", interval=0.01
+            )
+            assert p.reports == [(POOL, 0, 5)]
+            assert (rs.chunks_total, rs.mismatches_total) == (chunks, 1)
+            for c in ours:
+                got = p.secondary.store.read(VOLUME, c, 0, 4096)
+                assert got is not None and bytes(got) == bytes([c % 250 + 1]) * 4096
 
     asyncio.run(main())

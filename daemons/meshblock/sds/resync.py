@@ -59,6 +59,9 @@ log = logging.getLogger(__name__)
 
 RESTART_S = 1.0  # pause before restarting a PG's resync that did not finish
 RETRY_S = 0.5  # pause before retrying a chunk the secondary refused (map not there yet)
+#: Times a chunk is sent again after the copy found it damaged on the wire
+#: (CHECKSUM_MISMATCH) before the job gives up (and starts over).
+MISMATCH_RETRIES = 4
 # Tells the MDM a PG is synced: (pool, pg, epoch) -> the pool's new map epoch, at
 # which the copy is done, or None (refused).
 Reporter = Callable[[int, int, int], Awaitable[int | None]]
@@ -164,6 +167,7 @@ class Resync:
         self.pgs_total = 0  # PGs resynchronised (the MDM accepted the report)
         self.full_total = 0  # of which were full copies (no complete record)
         self.marked_bad_total = 0  # 4 KiB blocks copied as bad (no good copy of them)
+        self.mismatches_total = 0  # chunks sent again: the copy found them damaged
         # the last completed resync of each PG: chunks, full, target SDS, seconds
         self.done: dict[str, dict[str, int | float | bool | str]] = {}
         # per peer SDS, when a forwarded write to it last lost its connection (or got no
@@ -420,6 +424,7 @@ class Resync:
     async def _copy(self, pool: int, pg: int, volume: int, chunk: int) -> None:
         st = self._state
         key = chunk_key(volume, chunk)
+        mismatches = 0
         while True:
             ticket, earlier = st.locks.acquire(key, 0, CHUNK_SIZE)
             try:
@@ -456,6 +461,17 @@ class Resync:
                 self.chunks_total += 1
                 self.bytes_total += 0 if data is None else CHUNK_SIZE
                 return
+            if status == Status.CHECKSUM_MISMATCH and mismatches < MISMATCH_RETRIES:
+                # damaged on the wire (nothing of it written there): sent again at once
+                mismatches += 1
+                self.mismatches_total += 1
+                log.warning(
+                    "SDS %d found chunk %d/%d damaged on the wire: sent again",
+                    sec_id,
+                    volume,
+                    chunk,
+                )
+                continue
             if status not in (Status.MAP_PENDING, Status.EPOCH_STALE, Status.NOT_REPLICA):
                 raise ResyncAborted(f"SDS {sec_id} refused chunk {volume}/{chunk}: {status}")
             await asyncio.sleep(RETRY_S)  # its map or ours is behind: try again
