@@ -44,8 +44,10 @@ LOGGER = "meshblock.nbd.server"
 class Client:
     """A hand-written NBD client that can also misbehave."""
 
-    def __init__(self, port: int) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+    def __init__(self, port: int, source: str | None = None) -> None:
+        self.sock: socket.socket = socket.create_connection(
+            ("127.0.0.1", port), timeout=5, source_address=(source, 0) if source else None
+        )
 
     def close(self) -> None:
         self.sock.close()

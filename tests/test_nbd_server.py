@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 import pytest
 
 from _wait import wait_until
+from meshblock.nbd.access import ListenPolicy
 from meshblock.nbd.protocol import Cmd, CmdFlag
 from meshblock.nbd.server import Export, IoRequest, NbdServer
 
@@ -79,16 +80,22 @@ class MemoryBackend:
 class ServerThread:
     """An NbdServer on its own event loop in a thread, on TCP and a unix socket."""
 
-    def __init__(self, sock_dir: Path, handshake_timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        sock_dir: Path,
+        handshake_timeout: float = 30.0,
+        tcp_policy: ListenPolicy | None = None,
+    ) -> None:
         self.loop = asyncio.new_event_loop()
         self.server = NbdServer(handshake_timeout=handshake_timeout)
         self.unix_path = str(sock_dir / "nbd.sock")
         self.port = 0
+        self.tcp_policy = tcp_policy
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
 
     def start(self) -> None:
         self._thread.start()
-        addrs = self.call(self.server.listen_tcp("127.0.0.1", 0))
+        addrs = self.call(self.server.listen_tcp("127.0.0.1", 0, self.tcp_policy))
         self.port = addrs[0][1]
         self.call(self.server.listen_unix(self.unix_path))
 

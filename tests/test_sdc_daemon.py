@@ -24,7 +24,10 @@ import _http
 from _mdm import MdmDaemon
 from _process import started
 from _sdc import SdcDaemon
+from test_nbd_fuzz import Client
 from test_nbd_server import run, tool
+from test_nbd_tls import CLIENT_ID, gnutls_dir, starttls
+from test_nbd_tls import listed as listed_names
 
 pytestmark = [pytest.mark.cluster, pytest.mark.parallel]
 
@@ -253,3 +256,67 @@ def test_bad_config_exits_2(tmp_path: Path) -> None:
         text=True,
     )
     assert proc.returncode == 2 and "cluster_secret_file" in proc.stderr
+
+
+def test_nbd_tls_and_allow_list(
+    mdm_sqlite: MdmDaemon, pool_id: int, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """``[nbd] tls`` and ``tcp_allow``: the SDC's TCP listener requires TLS with its
+    certificate (nbdinfo over ``nbds://`` with a client certificate lists and opens
+    the export; plain NBD is refused), refuses an address outside the allow list,
+    and lists to an address whose rule names other exports nothing."""
+    certs = gnutls_dir(tmp_path_factory.mktemp("gnutls"), CLIENT_ID)
+    overrides = {"nbd": {"tls": True, "tcp_allow": ["127.0.0.1/32", "127.0.0.3/32 other-*"]}}
+    sdc = SdcDaemon(tmp_path_factory.mktemp("sdc-tls"), mdm_sqlite, overrides)
+    api = mdm_sqlite.api()
+    with started(sdc):
+        vol = ok(
+            api.post(
+                "/api/v1/volumes",
+                {"name": "vol-tls", "pool_id": pool_id, "size": "1GiB", "type": "thin"},
+            ),
+            201,
+        )
+        ok(api.post("/api/v1/mappings", {"volume_id": vol["id"], "sdc_id": sdc_id_of(sdc)}), 201)
+        sdc.wait_for("export", lambda h: any(e["name"] == "vol-tls" for e in h["exports"]))
+        base = f"nbds://127.0.0.1:{sdc.nbd_port}"
+        listed = run(tool("nbdinfo"), "--list", "--json", f"{base}/?tls-certificates={certs}")
+        assert {x["export-name"] for x in json.loads(listed.stdout)["exports"]} == {"vol-tls"}
+        info = run(tool("nbdinfo"), "--json", f"{base}/vol-tls?tls-certificates={certs}")
+        assert json.loads(info.stdout)["exports"][0]["export-size"] == vol["size_bytes"]
+        assert run(tool("nbdinfo"), "--list", sdc.uri(""), check=False).returncode != 0
+        # 127.0.0.3 may open only other-*: after TLS, the list is empty.
+        c = Client(sdc.nbd_port, source="127.0.0.3")
+        c.greeting()
+        starttls(c)
+        assert listed_names(c) == set()
+        c.close()
+        # 127.0.0.2 is not in the allow list: disconnected before the greeting.
+        c = Client(sdc.nbd_port, source="127.0.0.2")
+        with pytest.raises(OSError):
+            c.recv(1)
+        c.close()
+        assert "meshblock_sdc_nbd_refused_connections 1.0" in sdc.metrics()
+        # The unix socket is not the TCP listener: plain NBD, every export.
+        by_unix = json.loads(run(tool("nbdinfo"), "--list", "--json", sdc.uri("", "unix")).stdout)
+        assert {x["export-name"] for x in by_unix["exports"]} == {"vol-tls"}
+    assert "refusing NBD connection from 127.0.0.2" in sdc.log_text()
+    sdc.assert_clean_log()
+
+
+def test_bad_nbd_config_exits_2(tmp_path: Path) -> None:
+    cfg = tmp_path / "sdc.toml"
+    for nbd, words in (
+        ("tls = true", "nbd.tls needs [tls] cert"),
+        ('tcp_allow = ["10.0.0.1/8"]', "nbd.tcp_allow"),
+        ('tls_client_certs = "maybe"', "nbd.tls_client_certs"),
+    ):
+        cfg.write_text(
+            f'[mdm]\ncluster_secret = "s"\nurls = ["http://127.0.0.1:1"]\n[nbd]\n{nbd}\n'
+        )
+        proc = subprocess.run(
+            [sys.executable, "-m", "meshblock.sdc", "--config", str(cfg), "--check-config"],
+            capture_output=True,
+            text=True,
+        )
+        assert proc.returncode == 2 and words in proc.stderr, (nbd, proc.stderr)

@@ -32,11 +32,15 @@ import contextlib
 import logging
 import os
 import socket
+import ssl
 import stat
 import sys
 from collections.abc import Callable, Coroutine, Sequence
+from functools import partial
 from typing import Any, Final, NamedTuple, Protocol
 
+from meshblock import pki
+from meshblock.nbd.access import AccessRule, ListenPolicy, peer_address
 from meshblock.nbd.protocol import (
     ALLOWED_FLAGS,
     CLIENT_FLAGS,
@@ -113,6 +117,8 @@ DEFAULT_EXPORT_FLAGS = (
 )
 
 _WRITES = (Cmd.WRITE, Cmd.TRIM, Cmd.WRITE_ZEROES)
+#: Options answered before NBD_OPT_STARTTLS on a listener that requires TLS.
+_BEFORE_TLS = (Opt.STARTTLS, Opt.ABORT)
 #: Builds an IoRequest faster than its class, whose ``__new__`` is a Python function.
 _new_tuple: Final = tuple.__new__
 
@@ -213,6 +219,8 @@ class NbdServer:
         self.connections: set[NbdConnection] = set()
         self.handshake_timeout = handshake_timeout
         self.protocol_errors = 0
+        #: TCP connections refused because no allow-list rule covers their address.
+        self.refused_connections = 0
         self._servers: list[asyncio.Server] = []
         self._unix_paths: list[str] = []
         self._closing = False
@@ -246,25 +254,37 @@ class NbdServer:
 
     # -- listeners ---------------------------------------------------------------------
 
-    def _protocol(self) -> NbdConnection:
-        return NbdConnection(self)
-
-    async def listen_tcp(self, host: str, port: int) -> list[tuple[str, int]]:
-        """Listen on ``host:port``; return the bound addresses (port 0 picks one)."""
+    async def listen_tcp(
+        self, host: str, port: int, policy: ListenPolicy | None = None
+    ) -> list[tuple[str, int]]:
+        """Listen on ``host:port``; return the bound addresses (port 0 picks one).
+        ``policy``: the TLS required and the allow list (default: neither)."""
+        policy = policy or ListenPolicy()
         loop = asyncio.get_running_loop()
-        server = await loop.create_server(self._protocol, host, port, reuse_address=True)
+        server = await loop.create_server(
+            partial(NbdConnection, self, policy), host, port, reuse_address=True
+        )
         self._servers.append(server)
         addrs = [s.getsockname()[:2] for s in server.sockets]
-        log.info("NBD listening on %s", ", ".join(f"{h}:{p}" for h, p in addrs))
+        log.info(
+            "NBD listening on %s (%s; %s)",
+            ", ".join(f"{h}:{p}" for h, p in addrs),
+            "TLS required" if policy.tls is not None else "no TLS",
+            "allowed: " + ", ".join(map(str, policy.allow))
+            if policy.allow is not None
+            else "no allow list",
+        )
         return addrs
 
-    async def listen_unix(self, path: str) -> None:
+    async def listen_unix(self, path: str, policy: ListenPolicy | None = None) -> None:
         """Listen on a unix socket at ``path`` (a stale socket there is replaced)."""
         with contextlib.suppress(FileNotFoundError):
             if stat.S_ISSOCK(os.stat(path).st_mode):
                 os.unlink(path)
         loop = asyncio.get_running_loop()
-        server = await loop.create_unix_server(self._protocol, path)
+        server = await loop.create_unix_server(
+            partial(NbdConnection, self, policy or ListenPolicy()), path
+        )
         self._servers.append(server)
         self._unix_paths.append(path)
         log.info("NBD listening on unix:%s", path)
@@ -308,10 +328,18 @@ _CLOSED = 5
 class NbdConnection(asyncio.BufferedProtocol):
     """One client connection, from the greeting to the disconnect."""
 
-    def __init__(self, server: NbdServer) -> None:
+    def __init__(self, server: NbdServer, policy: ListenPolicy) -> None:
         self.server = server
+        self.policy = policy
         self.export: Export | None = None
         self.peer = "?"
+        #: The allow-list rules that cover this client (None: no allow list).
+        self.rules: tuple[AccessRule, ...] | None = None
+        #: Whether the connection is TLS (after NBD_OPT_STARTTLS), and the identity its
+        #: client certificate names (None: none sent).
+        self.tls = False
+        self.identity: pki.Identity | None = None
+        self._tls_pending = False
         #: Requests handed to the backend and not answered yet, with or without a task.
         self.inflight = 0
         #: The tasks of the requests the backend finishes in one (IoRequest.run).
@@ -358,6 +386,14 @@ class NbdConnection(asyncio.BufferedProtocol):
         if self.server._closing:
             transport.abort()
             return
+        if isinstance(peer, tuple):
+            self.rules = self.policy.rules_for(peer_address(str(peer[0])))
+            if self.rules is not None and not self.rules:
+                self.server.refused_connections += 1
+                log.warning("refusing NBD connection from %s: not in the allow list", self.peer)
+                self._state = _CLOSED
+                transport.abort()
+                return
         self.server.connections.add(self)
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER, low=WRITE_LOW_WATER)
         sock = transport.get_extra_info("socket")
@@ -431,7 +467,7 @@ class NbdConnection(asyncio.BufferedProtocol):
 
     def _parse(self) -> None:
         buf = self._rbuf
-        while self._state != _CLOSED and not self._disconnecting:
+        while self._state != _CLOSED and not self._disconnecting and not self._tls_pending:
             avail = self._rend - self._rpos
             if self._state == _TX_PAYLOAD:
                 if avail == 0:
@@ -492,12 +528,19 @@ class NbdConnection(asyncio.BufferedProtocol):
 
     def _option(self, opt: int, data: bytes) -> None:
         self._expect(_OPT_HEADER, OPTION_HEADER.size)
+        if self.policy.tls is not None and not self.tls and opt not in _BEFORE_TLS:
+            if opt == Opt.EXPORT_NAME:  # it has no error reply
+                raise ProtocolError("NBD_OPT_EXPORT_NAME before NBD_OPT_STARTTLS (TLS required)")
+            self._opt_reply(opt, Rep.ERR_TLS_REQD, b"TLS is required: send NBD_OPT_STARTTLS")
+            return
         if opt == Opt.GO or opt == Opt.INFO:
             self._opt_info(opt, data)
         elif opt == Opt.EXPORT_NAME:
             self._opt_export_name(data)
         elif opt == Opt.LIST:
             self._opt_list(data)
+        elif opt == Opt.STARTTLS:
+            self._opt_starttls(data)
         elif opt == Opt.ABORT:
             self._opt_reply(opt, Rep.ACK)
             self._finish()
@@ -514,6 +557,8 @@ class NbdConnection(asyncio.BufferedProtocol):
             self._opt_reply(Opt.LIST, Rep.ERR_INVALID, b"NBD_OPT_LIST takes no data")
             return
         for export in list(self.server.exports.values()):
+            if not self.may_open(export):
+                continue
             name = export.name.encode()
             self._opt_reply(
                 Opt.LIST, Rep.SERVER, U32.pack(len(name)) + name + export.description.encode()
@@ -539,6 +584,9 @@ class NbdConnection(asyncio.BufferedProtocol):
             return
         infos = {U16.unpack_from(data, 4 + name_len + 2 + 2 * i)[0] for i in range(n_infos)}
         export = self.server.lookup(name)
+        if export is not None and not self.may_open(export):
+            log.warning("NBD %s may not open export %r (allow list)", self.peer, export.name)
+            export = None  # answered as an unknown name: it does not tell what exists
         if export is None:
             self._opt_reply(opt, Rep.ERR_UNKNOWN, f"no export named {name!r}".encode()[:MAX_STRING])
             return
@@ -565,12 +613,77 @@ class NbdConnection(asyncio.BufferedProtocol):
         except UnicodeDecodeError:
             raise ProtocolError("NBD_OPT_EXPORT_NAME with a name that is not UTF-8") from None
         export = self.server.lookup(name)
-        if export is None:
+        if export is None or not self.may_open(export):
             raise ProtocolError(f"NBD_OPT_EXPORT_NAME for unknown export {name!r}")
         self._send(EXPORT_NAME_REPLY.pack(export.size, export.flags))
         if not self._no_zeroes:
             self._send(EXPORT_NAME_ZEROES)
         self._enter_transmission(export)
+
+    def may_open(self, export: Export) -> bool:
+        """Whether this client may open ``export`` (and see it in NBD_OPT_LIST)."""
+        if self.policy.tls is not None and not self.tls:
+            return False
+        return self.rules is None or any(r.allows(export.name) for r in self.rules)
+
+    def _opt_starttls(self, data: bytes) -> None:
+        if self.policy.tls is None:
+            self._opt_reply(Opt.STARTTLS, Rep.ERR_UNSUP, b"no TLS on this listener")
+        elif self.tls:
+            self._opt_reply(Opt.STARTTLS, Rep.ERR_INVALID, b"TLS is on already")
+        elif data:
+            self._opt_reply(Opt.STARTTLS, Rep.ERR_INVALID, b"NBD_OPT_STARTTLS takes no data")
+        else:
+            self._opt_reply(Opt.STARTTLS, Rep.ACK)
+            self._flush_out()
+            self._tls_pending = True  # parse nothing more until the handshake is done
+            task = self._loop.create_task(self._start_tls(self.policy.tls))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+
+    async def _start_tls(self, context: ssl.SSLContext) -> None:
+        if self._rend > self._rpos:
+            self._protocol_error("data after NBD_OPT_STARTTLS before the TLS handshake")
+            return
+        assert self._transport is not None
+        try:
+            transport = await self._loop.start_tls(
+                self._transport,
+                self,
+                context,
+                server_side=True,
+                ssl_handshake_timeout=self.server.handshake_timeout,
+            )
+        except OSError as exc:  # ssl.SSLError, ConnectionError and TimeoutError too
+            if self._state != _CLOSED:
+                self._protocol_error(f"TLS handshake failed: {exc}")
+            self.connection_lost(None)  # asyncio does not tell a handshake's failure
+            return
+        if self._state == _CLOSED or transport is None:
+            return
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER, low=WRITE_LOW_WATER)
+        self.tls = True
+        obj = transport.get_extra_info("ssl_object")
+        der = obj.getpeercert(binary_form=True) if obj is not None else None
+        if der:
+            try:
+                self.identity = pki.identity_from_der(der)
+            except pki.PkiError as exc:
+                self._protocol_error(f"its certificate names no identity: {exc}")
+                return
+        log.info(
+            "NBD connection from %s: TLS %s, client %s",
+            self.peer,
+            obj.version() if obj is not None else "?",
+            self.identity or "without a certificate",
+        )
+        self._tls_pending = False
+        try:
+            self._parse()
+        except ProtocolError as exc:
+            self._protocol_error(str(exc))
 
     def _enter_transmission(self, export: Export) -> None:
         if self._handshake_timer is not None:

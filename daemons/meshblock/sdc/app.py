@@ -19,7 +19,7 @@ from prometheus_client.registry import Collector
 
 from meshblock.nbd.server import NbdServer
 from meshblock.sdc.attach import NbdAttacher
-from meshblock.sdc.config import SdcConfig, cluster_secret, sdc_guid, sdc_name
+from meshblock.sdc.config import SdcConfig, cluster_secret, nbd_tcp_policy, sdc_guid, sdc_name
 from meshblock.sdc.exports import ExportTable
 from meshblock.sdc.map_follower import MapFollower
 from meshblock.sdc.mdm_client import MdmClient, mdm_tls_of
@@ -96,6 +96,11 @@ class _ScrapeCollector(Collector):
             "NBD connections dropped for a protocol error since start",
             value=s.nbd.protocol_errors if s.nbd else 0,
         )
+        yield GaugeMetricFamily(
+            "meshblock_sdc_nbd_refused_connections",
+            "NBD TCP connections refused since start: no rule of [nbd] tcp_allow covers them",
+            value=s.nbd.refused_connections if s.nbd else 0,
+        )
 
 
 async def _run(app: web.Application) -> AsyncIterator[None]:
@@ -165,7 +170,8 @@ async def _run(app: web.Application) -> AsyncIterator[None]:
     state.exports = exports
     follower.listeners.append(exports.apply)
     try:
-        for host, port in await nbd.listen_tcp(config.nbd.host, config.nbd.port):
+        policy = nbd_tcp_policy(config)
+        for host, port in await nbd.listen_tcp(config.nbd.host, config.nbd.port, policy):
             state.nbd_addresses.append(f"{host}:{port}")
         if config.nbd.unix_socket:
             await nbd.listen_unix(config.nbd.unix_socket)

@@ -7,8 +7,10 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from meshblock import pki
 from meshblock.config import ConfigError, LoggingConfig, read_secret_file
 from meshblock.files import write_atomic
+from meshblock.nbd.access import ListenPolicy, parse_rules
 from meshblock.tls import TlsConfig
 from meshblock.wire.protocol import check_wire_min_version
 
@@ -44,10 +46,19 @@ class MdmLink:
 
 @dataclass(frozen=True)
 class NbdListen:
-    """``[nbd]``: where volumes are exported, and whether to attach them locally."""
+    """``[nbd]``: where volumes are exported, and whether to attach them locally.
+
+    ``tls``: the TCP listener offers NBD_OPT_STARTTLS with ``[tls] cert`` and requires
+    it; ``tls_client_certs`` says whether a client must present a certificate of the
+    cluster CA. ``tcp_allow``: the TCP clients' allow list, entries
+    ``"CIDR [EXPORT-PATTERN ...]"`` (:mod:`meshblock.nbd.access`).
+    """
 
     host: str = "127.0.0.1"
     port: int = 10809
+    tls: bool = False
+    tls_client_certs: str = "required"
+    tcp_allow: list[str] = field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])
     unix_socket: str = ""
     multi_conn: bool = True
     attach_nbd: bool = False
@@ -104,6 +115,34 @@ class SdcConfig:
             raise ValueError("mdm intervals must be positive")
         if not 1 <= self.nbd.attach_connections <= 16:
             raise ValueError("nbd.attach_connections must be between 1 and 16")
+        if self.nbd.tls_client_certs not in tuple(pki.ClientCerts):
+            raise ValueError("nbd.tls_client_certs must be 'required' or 'optional'")
+        if self.nbd.tls and not self.tls.cert:
+            raise ValueError("nbd.tls needs [tls] cert and key: the SDC's certificate")
+        try:
+            parse_rules(self.nbd.tcp_allow)
+        except ValueError as exc:
+            raise ValueError(f"nbd.tcp_allow: {exc}") from None
+
+
+def nbd_tcp_policy(config: SdcConfig) -> ListenPolicy:
+    """What the NBD TCP listener asks of its clients: TLS with the SDC's certificate
+    (``[nbd] tls``) and the allow list. A :class:`ConfigError` if the files cannot be
+    used."""
+    context = None
+    if config.nbd.tls:
+        tls = config.tls
+        try:
+            context = pki.server_context(
+                Path(tls.cert),
+                Path(tls.key),
+                Path(tls.ca),
+                crl=Path(tls.crl) if tls.crl else None,
+                client_certs=pki.ClientCerts(config.nbd.tls_client_certs),
+            )
+        except pki.PkiError as exc:
+            raise ConfigError(f"[tls] for [nbd] tls: {exc}") from None
+    return ListenPolicy(tls=context, allow=parse_rules(config.nbd.tcp_allow))
 
 
 def cluster_secret(config: SdcConfig) -> str:

@@ -1,0 +1,225 @@
+"""NBD over TLS (NBD_OPT_STARTTLS) and the allow list of a TCP listener.
+
+The server runs in a thread of the test process (as in test_nbd_server) with its
+TCP listener requiring TLS with an SDC's certificate from the test CA, and client
+certificates required. The clients: nbdinfo (``nbds://``), qemu-io (a
+``tls-creds-x509`` object and ``--image-opts``), both GnuTLS, and a hand-written
+client for what they would not do (options before STARTTLS, a second STARTTLS).
+The allow list is checked from other loopback addresses (127.0.0.2, 127.0.0.3).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import ssl
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import _tls
+from _wait import wait_until
+from meshblock import pki
+from meshblock.nbd.access import AccessRule, ListenPolicy, parse_rules
+from meshblock.nbd.protocol import Opt, Rep
+from meshblock.nbd.server import Export
+from test_nbd_fuzz import Client
+from test_nbd_server import MemoryBackend, ServerThread, run, tool
+
+pytestmark = [pytest.mark.cluster, pytest.mark.parallel]
+
+MiB = 1024 * 1024
+SIZE = 8 * MiB
+SERVER_ID = "sdc:nbd-tls-test"
+CLIENT_ID = "admin:nbd-tls-client"
+LOGGER = "meshblock.nbd.server"
+#: 127.0.0.1 may open every export; 127.0.0.3 only "disk"; nobody else may connect.
+ALLOW = ("127.0.0.1/32", "127.0.0.3/32 disk")
+
+
+def gnutls_dir(root: Path, client: str | None) -> Path:
+    """A directory in the layout of GnuTLS clients (libnbd's ``tls-certificates``,
+    qemu's ``tls-creds-x509 dir=``): ``ca-cert.pem`` and, with ``client``, that
+    identity's ``client-cert.pem`` and ``client-key.pem``."""
+    out = root / (client or "no-cert").replace(":", "-")
+    out.mkdir()
+    shutil.copy(_tls.ca().cert_path, out / "ca-cert.pem")
+    if client is not None:
+        files = _tls.identity(client)
+        shutil.copy(files.cert, out / "client-cert.pem")
+        shutil.copy(files.key, out / "client-key.pem")
+    return out
+
+
+@pytest.fixture(scope="module")
+def nbd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
+    files = _tls.component_identity(SERVER_ID)
+    context = pki.server_context(
+        files.cert, files.key, files.ca, crl=files.crl, client_certs=pki.ClientCerts.REQUIRED
+    )
+    policy = ListenPolicy(tls=context, allow=parse_rules(ALLOW))
+    srv = ServerThread(tmp_path_factory.mktemp("nbdtls"), handshake_timeout=5.0, tcp_policy=policy)
+    srv.start()
+    srv.add(Export("disk", MemoryBackend(SIZE), SIZE))
+    srv.add(Export("secret", MemoryBackend(SIZE, fill=0x5E), SIZE, read_only=True))
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return gnutls_dir(tmp_path_factory.mktemp("gnutls"), CLIENT_ID)
+
+
+def nbds(nbd: ServerThread, export: str, certs: Path) -> str:
+    return f"nbds://127.0.0.1:{nbd.port}/{export}?tls-certificates={certs}"
+
+
+def test_nbdinfo_over_tls_lists_and_opens(nbd: ServerThread, certs: Path) -> None:
+    out = run(tool("nbdinfo"), "--list", "--json", nbds(nbd, "", certs)).stdout
+    assert {e["export-name"] for e in json.loads(out)["exports"]} == {"disk", "secret"}
+    info = json.loads(run(tool("nbdinfo"), "--json", nbds(nbd, "secret", certs)).stdout)
+    (e,) = info["exports"]
+    assert e["export-size"] == SIZE and e["is_read_only"] is True
+    assert info["TLS"] is True
+
+
+def test_qemu_io_over_tls(nbd: ServerThread, certs: Path) -> None:
+    opts = (
+        f"driver=raw,file.driver=nbd,file.server.type=inet,file.server.host=127.0.0.1,"
+        f"file.server.port={nbd.port},file.export=disk,file.tls-creds=tls0"
+    )
+    tls = f"tls-creds-x509,id=tls0,endpoint=client,dir={certs}"
+
+    def io(*commands: str) -> str:
+        args = [tool("qemu-io"), "--object", tls, "--image-opts"]
+        for c in commands:
+            args += ["-c", c]
+        proc = run(*args, opts)
+        out = proc.stdout + proc.stderr
+        assert "failed" not in out.lower(), out
+        return out
+
+    io("write -P 0x3c 4097 65536")
+    backend = nbd.server.exports["disk"].backend
+    assert isinstance(backend, MemoryBackend)
+    assert backend.data[4097 : 4097 + 65536] == b"\x3c" * 65536
+    assert "verification failed" not in io("read -P 0x3c 4097 65536")
+
+
+def test_plain_nbd_is_refused_with_tls_reqd(
+    nbd: ServerThread, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A real client without TLS gets nothing.
+    plain = run(tool("nbdinfo"), "--list", f"nbd://127.0.0.1:{nbd.port}", check=False)
+    assert plain.returncode != 0
+    assert "disk" not in plain.stdout and "secret" not in plain.stdout
+    # Every option but STARTTLS and ABORT before TLS: NBD_REP_ERR_TLS_REQD.
+    c = Client(nbd.port)
+    c.greeting()
+    c.option(Opt.LIST)
+    opt, rep, _ = c.reply()
+    assert (opt, rep) == (Opt.LIST, Rep.ERR_TLS_REQD)
+    go = struct.pack(">I", 4) + b"disk" + b"\x00\x00"
+    for option in (Opt.GO, Opt.INFO):
+        c.option(option, go)
+        assert c.reply()[:2] == (option, Rep.ERR_TLS_REQD)
+    c.option(Opt.STRUCTURED_REPLY)
+    assert c.reply()[:2] == (Opt.STRUCTURED_REPLY, Rep.ERR_TLS_REQD)
+    # NBD_OPT_EXPORT_NAME has no error reply: the connection is dropped.
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        c.option(Opt.EXPORT_NAME, b"disk")
+        assert c.closed_by_server()
+    assert "NBD_OPT_EXPORT_NAME before NBD_OPT_STARTTLS" in caplog.text
+    c.close()
+
+
+def starttls(c: Client, client: str | None = CLIENT_ID) -> None:
+    """NBD_OPT_STARTTLS, then the TLS handshake on the client's socket."""
+    c.option(Opt.STARTTLS)
+    assert c.reply()[:2] == (Opt.STARTTLS, Rep.ACK)
+    c.sock = _tls.context(client).wrap_socket(c.sock, server_hostname="127.0.0.1")
+
+
+def listed(c: Client) -> set[str]:
+    c.option(Opt.LIST)
+    names: set[str] = set()
+    while True:
+        _, rep, data = c.reply()
+        if rep == Rep.ACK:
+            return names
+        assert rep == Rep.SERVER, rep
+        (n,) = struct.unpack(">I", data[:4])
+        names.add(data[4 : 4 + n].decode())
+
+
+def test_hand_client_over_tls(nbd: ServerThread) -> None:
+    c = Client(nbd.port)
+    c.greeting()
+    starttls(c)
+    c.option(Opt.STARTTLS)
+    assert c.reply()[:2] == (Opt.STARTTLS, Rep.ERR_INVALID)
+    assert listed(c) == {"disk", "secret"}
+    assert c.go("secret") == (SIZE, nbd.server.exports["secret"].flags)
+    assert c.read(0, 4096) == b"\x5e" * 4096
+    conn = next(x for x in list(nbd.server.connections) if x.tls and x.export is not None)
+    assert str(conn.identity) == CLIENT_ID
+    c.close()
+
+
+def test_client_without_certificate_is_refused(
+    nbd: ServerThread, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    no_cert = gnutls_dir(tmp_path, None)
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        proc = run(tool("nbdinfo"), "--list", nbds(nbd, "", no_cert), check=False)
+        assert proc.returncode != 0
+        assert "disk" not in proc.stdout
+        wait_until(lambda: "TLS handshake failed" in caplog.text, 10, "the refusal logged")
+    c = Client(nbd.port)
+    c.greeting()
+    with pytest.raises((ssl.SSLError, ConnectionError)):
+        starttls(c, None)
+        listed(c)  # TLS 1.3: the server's refusal arrives after the client's handshake
+    c.close()
+
+
+def test_allow_list_refuses_other_addresses(
+    nbd: ServerThread, caplog: pytest.LogCaptureFixture
+) -> None:
+    before = nbd.server.refused_connections
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        c = Client(nbd.port, source="127.0.0.2")
+        # Closed before the greeting: not one byte of the protocol.
+        with pytest.raises((ConnectionError, OSError)):
+            c.recv(1)
+        c.close()
+    assert "refusing NBD connection from 127.0.0.2" in caplog.text
+    assert nbd.server.refused_connections == before + 1
+
+
+def test_allow_list_rule_limits_exports(nbd: ServerThread) -> None:
+    c = Client(nbd.port, source="127.0.0.3")
+    c.greeting()
+    starttls(c)
+    assert listed(c) == {"disk"}  # "secret" is not even listed
+    go = struct.pack(">I", 6) + b"secret" + b"\x00\x00"
+    c.option(Opt.GO, go)
+    opt, rep, msg = c.reply()
+    assert (opt, rep) == (Opt.GO, Rep.ERR_UNKNOWN) and b"secret" in msg
+    assert c.go("disk")[0] == SIZE
+    c.close()
+
+
+def test_access_rules_parse() -> None:
+    rule = AccessRule.parse("10.1.0.0/16 db-* web1")
+    assert rule.allows("db-7") and rule.allows("web1") and not rule.allows("web2")
+    assert AccessRule.parse("::1/128").allows("anything")
+    for bad in ("", "10.1.0.1/16", "nonsense", "10.0.0.0/33 x"):
+        with pytest.raises(ValueError):
+            AccessRule.parse(bad)
