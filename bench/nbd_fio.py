@@ -376,7 +376,12 @@ class Cluster:
                 {
                     "sdc": {"name": "bench-sdc", "state_dir": str(sdc_dir / "state")},
                     "mdm": {"urls": [self.mdm_url], "cluster_secret": self.secret},
-                    "nbd": {"host": "127.0.0.1", "port": self.nbd_port},
+                    "nbd": {
+                        "tcp": True,
+                        "host": "127.0.0.1",
+                        "port": self.nbd_port,
+                        "unix_socket": str(sdc_dir / "nbd.sock"),
+                    },
                     "control": {"host": "127.0.0.1", "port": control_port},
                     "logging": {"level": self.log_level},
                 }

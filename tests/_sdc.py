@@ -57,7 +57,12 @@ class SdcDaemon(DaemonProcess):
         settings: dict[str, dict[str, Any]] = {
             "sdc": {"name": f"sdc-{workdir.name}", "state_dir": str(workdir / "state")},
             "mdm": mdm_table,
-            "nbd": {"host": "127.0.0.1", "port": self.nbd_port, "unix_socket": self.unix_socket},
+            "nbd": {
+                "tcp": True,  # the tests use both listeners
+                "host": "127.0.0.1",
+                "port": self.nbd_port,
+                "unix_socket": self.unix_socket,
+            },
             "control": {"host": "127.0.0.1", "port": self.control_port},
             "io": {"timeout_s": 20.0, "attempt_timeout_s": 5.0},
             "logging": {"level": "INFO"},

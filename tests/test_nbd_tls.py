@@ -1,4 +1,5 @@
-"""NBD over TLS (NBD_OPT_STARTTLS) and the allow list of a TCP listener.
+"""NBD over TLS (NBD_OPT_STARTTLS) and the allow list of a TCP listener; the unix
+socket listener's mode, group and peer credentials.
 
 The server runs in a thread of the test process (as in test_nbd_server) with its
 TCP listener requiring TLS with an SDC's certificate from the test CA, and client
@@ -10,10 +11,14 @@ The allow list is checked from other loopback addresses (127.0.0.2, 127.0.0.3).
 
 from __future__ import annotations
 
+import grp
 import json
 import logging
+import os
 import shutil
+import socket
 import ssl
+import stat
 import struct
 from collections.abc import Iterator
 from pathlib import Path
@@ -223,3 +228,33 @@ def test_access_rules_parse() -> None:
     for bad in ("", "10.1.0.1/16", "nonsense", "10.0.0.0/33 x"):
         with pytest.raises(ValueError):
             AccessRule.parse(bad)
+
+
+def test_unix_socket_mode_group_and_peer_credentials(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The unix listener's file is mode 0660 of the group given, whatever the umask,
+    and each connection logs the peer's pid, uid and gid (SO_PEERCRED)."""
+    gid = grp.getgrnam("nogroup").gr_gid
+    assert gid != os.getgid()
+    srv = ServerThread(tmp_path)
+    srv.start()
+    path = tmp_path / "g.sock"
+    try:
+        srv.call(srv.server.listen_unix(str(path), gid=gid))
+        st = os.stat(path)
+        assert stat.S_ISSOCK(st.st_mode)
+        assert (st.st_mode & 0o777, st.st_gid) == (0o660, gid)
+        srv.add(Export("disk", MemoryBackend(SIZE), SIZE))
+        with caplog.at_level(logging.INFO, logger=LOGGER):
+            out = run(tool("nbdinfo"), "--list", "--json", f"nbd+unix:///?socket={path}")
+            assert {e["export-name"] for e in json.loads(out.stdout)["exports"]} == {"disk"}
+            c = socket.socket(socket.AF_UNIX)
+            c.connect(str(path))
+            me = f"unix(pid={os.getpid()},uid={os.getuid()},gid={os.getgid()})"
+            wait_until(lambda: f"NBD connection from {me}" in caplog.text, 10, "the peer logged")
+            c.close()
+        assert "NBD connection from unix(pid=" in caplog.text.replace(me, "")  # nbdinfo's
+    finally:
+        srv.stop()
+    assert not path.exists()

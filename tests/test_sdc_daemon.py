@@ -10,7 +10,10 @@ The data path through real SDSs is in test_sdc_e2e.py.
 
 from __future__ import annotations
 
+import grp
 import json
+import os
+import socket
 import subprocess
 import sys
 import time
@@ -24,6 +27,7 @@ import _http
 from _mdm import MdmDaemon
 from _process import started
 from _sdc import SdcDaemon
+from _wait import wait_until
 from test_nbd_fuzz import Client
 from test_nbd_server import run, tool
 from test_nbd_tls import CLIENT_ID, gnutls_dir, starttls
@@ -310,6 +314,8 @@ def test_bad_nbd_config_exits_2(tmp_path: Path) -> None:
         ("tls = true", "nbd.tls needs [tls] cert"),
         ('tcp_allow = ["10.0.0.1/8"]', "nbd.tcp_allow"),
         ('tls_client_certs = "maybe"', "nbd.tls_client_certs"),
+        ('unix_socket = ""', "no listener"),
+        ('unix_socket = ""\ntcp = true\nattach_nbd = true', "attach_nbd needs nbd.unix_socket"),
     ):
         cfg.write_text(
             f'[mdm]\ncluster_secret = "s"\nurls = ["http://127.0.0.1:1"]\n[nbd]\n{nbd}\n'
@@ -320,3 +326,39 @@ def test_bad_nbd_config_exits_2(tmp_path: Path) -> None:
             text=True,
         )
         assert proc.returncode == 2 and words in proc.stderr, (nbd, proc.stderr)
+
+
+def test_nbd_defaults_to_the_unix_socket(
+    mdm_sqlite: MdmDaemon, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Without ``[nbd] tcp`` the SDC serves NBD on its unix socket only: mode 0660 of
+    ``socket_group``, the peer's uid logged; nothing listens on the TCP port."""
+    gid = grp.getgrnam("nogroup").gr_gid
+    sdc = SdcDaemon(tmp_path_factory.mktemp("sdc-unix"), mdm_sqlite)
+    del sdc.settings["nbd"]["tcp"]  # the daemon's default
+    sdc.settings["nbd"]["socket_group"] = "nogroup"
+    sdc.write_config()
+    with started(sdc):
+        assert sdc.health()["nbd"] == [f"unix:{sdc.unix_socket}"]
+        st = os.stat(sdc.unix_socket)
+        assert (st.st_mode & 0o777, st.st_gid) == (0o660, gid)
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", sdc.nbd_port), timeout=5).close()
+        run(tool("nbdinfo"), "--list", sdc.uri("", "unix"))
+        wait_until(lambda: "NBD connection from unix(pid=" in sdc.log_text(), 10, "the peer logged")
+        assert f"uid={os.getuid()}," in sdc.log_text()
+    sdc.assert_clean_log()
+
+
+def test_unknown_socket_group_exits_2(tmp_path: Path) -> None:
+    cfg = tmp_path / "sdc.toml"
+    cfg.write_text(
+        '[mdm]\ncluster_secret = "s"\nurls = ["http://127.0.0.1:1"]\n'
+        '[nbd]\nsocket_group = "no-such-group-here"\n'
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "meshblock.sdc", "--config", str(cfg), "--check-config"],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2 and "no-such-group-here" in proc.stderr, proc.stderr

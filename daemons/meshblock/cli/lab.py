@@ -486,6 +486,9 @@ class Lab:
                     },
                     "mdm": {"urls": [mdm_url], "cluster_secret_file": str(self.secret_path)},
                     "nbd": {
+                        # the socket (0660, the user's group) and, for the clients
+                        # and tests that use TCP, loopback TCP: what docs/lab.md says
+                        "tcp": True,
                         "host": HOST,
                         "port": ports.sdc_nbd,
                         "unix_socket": str(self.nbd_socket),

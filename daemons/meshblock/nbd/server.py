@@ -34,6 +34,7 @@ import os
 import socket
 import ssl
 import stat
+import struct
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from functools import partial
@@ -107,6 +108,9 @@ WRITE_HIGH_WATER = 2 * 1024 * 1024
 WRITE_LOW_WATER = 512 * 1024
 #: Reply buffers at least this large are written on their own, not joined.
 DIRECT_SEND_THRESHOLD = 16 * 1024
+#: The mode of a unix socket listener: its owner and group may connect.
+SOCKET_MODE = 0o660
+_PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 DEFAULT_EXPORT_FLAGS = (
     TransmissionFlag.HAS_FLAGS
@@ -276,18 +280,45 @@ class NbdServer:
         )
         return addrs
 
-    async def listen_unix(self, path: str, policy: ListenPolicy | None = None) -> None:
-        """Listen on a unix socket at ``path`` (a stale socket there is replaced)."""
+    async def listen_unix(
+        self,
+        path: str,
+        policy: ListenPolicy | None = None,
+        *,
+        mode: int = SOCKET_MODE,
+        gid: int | None = None,
+    ) -> None:
+        """Listen on a unix socket at ``path`` (a stale socket there is replaced) of
+        file mode ``mode`` and group ``gid`` (None: the process's), both set before
+        it listens: no client connects before they are in force."""
         with contextlib.suppress(FileNotFoundError):
             if stat.S_ISSOCK(os.stat(path).st_mode):
                 os.unlink(path)
-        loop = asyncio.get_running_loop()
-        server = await loop.create_unix_server(
-            partial(NbdConnection, self, policy or ListenPolicy()), path
-        )
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            umask = os.umask(0o777 & ~mode)  # the socket file is made with this mode
+            try:
+                sock.bind(path)
+            finally:
+                os.umask(umask)
+            os.chmod(path, mode)
+            if gid is not None:
+                os.chown(path, -1, gid)
+            loop = asyncio.get_running_loop()
+            server = await loop.create_unix_server(
+                partial(NbdConnection, self, policy or ListenPolicy()), sock=sock
+            )
+        except BaseException:
+            sock.close()
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            raise
         self._servers.append(server)
         self._unix_paths.append(path)
-        log.info("NBD listening on unix:%s", path)
+        st = os.stat(path)
+        log.info(
+            "NBD listening on unix:%s (mode %04o, gid %d)", path, st.st_mode & 0o777, st.st_gid
+        )
 
     async def close(self, grace_s: float = 10.0) -> None:
         """Stop listening, let in-flight requests finish (up to ``grace_s``), disconnect."""
@@ -386,6 +417,12 @@ class NbdConnection(asyncio.BufferedProtocol):
         if self.server._closing:
             transport.abort()
             return
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family == socket.AF_UNIX:
+            creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
+            pid, uid, gid = _PEERCRED.unpack(creds)
+            self.peer = f"unix(pid={pid},uid={uid},gid={gid})"
+            log.info("NBD connection from %s", self.peer)
         if isinstance(peer, tuple):
             self.rules = self.policy.rules_for(peer_address(str(peer[0])))
             if self.rules is not None and not self.rules:
@@ -396,7 +433,6 @@ class NbdConnection(asyncio.BufferedProtocol):
                 return
         self.server.connections.add(self)
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER, low=WRITE_LOW_WATER)
-        sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._handshake_timer = self._loop.call_later(

@@ -19,7 +19,14 @@ from prometheus_client.registry import Collector
 
 from meshblock.nbd.server import NbdServer
 from meshblock.sdc.attach import NbdAttacher
-from meshblock.sdc.config import SdcConfig, cluster_secret, nbd_tcp_policy, sdc_guid, sdc_name
+from meshblock.sdc.config import (
+    SdcConfig,
+    cluster_secret,
+    nbd_socket_gid,
+    nbd_tcp_policy,
+    sdc_guid,
+    sdc_name,
+)
 from meshblock.sdc.exports import ExportTable
 from meshblock.sdc.map_follower import MapFollower
 from meshblock.sdc.mdm_client import MdmClient, mdm_tls_of
@@ -146,8 +153,6 @@ async def _run(app: web.Application) -> AsyncIterator[None]:
     if config.nbd.attach_nbd:
         attacher = NbdAttacher(
             nbd_client=config.nbd.nbd_client,
-            host=config.nbd.host,
-            port=config.nbd.port,
             unix_socket=config.nbd.unix_socket,
             connections=config.nbd.attach_connections,
         )
@@ -170,11 +175,13 @@ async def _run(app: web.Application) -> AsyncIterator[None]:
     state.exports = exports
     follower.listeners.append(exports.apply)
     try:
-        policy = nbd_tcp_policy(config)
-        for host, port in await nbd.listen_tcp(config.nbd.host, config.nbd.port, policy):
-            state.nbd_addresses.append(f"{host}:{port}")
+        if config.nbd.tcp:
+            policy = nbd_tcp_policy(config)
+            for host, port in await nbd.listen_tcp(config.nbd.host, config.nbd.port, policy):
+                state.nbd_addresses.append(f"{host}:{port}")
         if config.nbd.unix_socket:
-            await nbd.listen_unix(config.nbd.unix_socket)
+            Path(config.nbd.unix_socket).parent.mkdir(parents=True, exist_ok=True)
+            await nbd.listen_unix(config.nbd.unix_socket, gid=nbd_socket_gid(config))
             state.nbd_addresses.append(f"unix:{config.nbd.unix_socket}")
         follower.load_cached()
         follower.start()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import grp
 import socket
 import uuid
 from dataclasses import dataclass, field
@@ -48,18 +49,22 @@ class MdmLink:
 class NbdListen:
     """``[nbd]``: where volumes are exported, and whether to attach them locally.
 
-    ``tls``: the TCP listener offers NBD_OPT_STARTTLS with ``[tls] cert`` and requires
-    it; ``tls_client_certs`` says whether a client must present a certificate of the
-    cluster CA. ``tcp_allow``: the TCP clients' allow list, entries
-    ``"CIDR [EXPORT-PATTERN ...]"`` (:mod:`meshblock.nbd.access`).
+    Local clients use the unix socket ``unix_socket`` (mode 0660, group
+    ``socket_group``: empty, the daemon's); the TCP listener on ``host:port`` runs
+    only with ``tcp = true``. ``tls``: the TCP listener offers NBD_OPT_STARTTLS with
+    ``[tls] cert`` and requires it; ``tls_client_certs`` says whether a client must
+    present a certificate of the cluster CA. ``tcp_allow``: the TCP clients' allow
+    list, entries ``"CIDR [EXPORT-PATTERN ...]"`` (:mod:`meshblock.nbd.access`).
     """
 
+    unix_socket: str = "/run/meshblock-sdc/nbd.sock"
+    socket_group: str = ""
+    tcp: bool = False
     host: str = "127.0.0.1"
     port: int = 10809
     tls: bool = False
     tls_client_certs: str = "required"
     tcp_allow: list[str] = field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])
-    unix_socket: str = ""
     multi_conn: bool = True
     attach_nbd: bool = False
     nbd_client: str = "nbd-client"
@@ -115,6 +120,10 @@ class SdcConfig:
             raise ValueError("mdm intervals must be positive")
         if not 1 <= self.nbd.attach_connections <= 16:
             raise ValueError("nbd.attach_connections must be between 1 and 16")
+        if not self.nbd.tcp and not self.nbd.unix_socket:
+            raise ValueError("nbd: no listener: set nbd.unix_socket, or nbd.tcp = true")
+        if self.nbd.attach_nbd and not self.nbd.unix_socket:
+            raise ValueError("nbd.attach_nbd needs nbd.unix_socket: nbd-client attaches by it")
         if self.nbd.tls_client_certs not in tuple(pki.ClientCerts):
             raise ValueError("nbd.tls_client_certs must be 'required' or 'optional'")
         if self.nbd.tls and not self.tls.cert:
@@ -143,6 +152,20 @@ def nbd_tcp_policy(config: SdcConfig) -> ListenPolicy:
         except pki.PkiError as exc:
             raise ConfigError(f"[tls] for [nbd] tls: {exc}") from None
     return ListenPolicy(tls=context, allow=parse_rules(config.nbd.tcp_allow))
+
+
+def nbd_socket_gid(config: SdcConfig) -> int | None:
+    """The group of the NBD unix socket (``[nbd] socket_group``, a name or a number;
+    None: the daemon's own); a :class:`ConfigError` for a group that does not exist."""
+    group = config.nbd.socket_group
+    if not group:
+        return None
+    if group.isdigit():
+        return int(group)
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise ConfigError(f"nbd.socket_group: no group named {group!r}") from None
 
 
 def cluster_secret(config: SdcConfig) -> str:
