@@ -10,7 +10,8 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 from sqlalchemy import select
 
-from meshblock.auth import Role, TokenTable
+from meshblock import audit, pki
+from meshblock.auth import Role, TokenTable, bearer_token
 from meshblock.mdm import db, health, openapi
 from meshblock.mdm.api import (
     pools,
@@ -22,7 +23,7 @@ from meshblock.mdm.api import (
     topology,
     volumes,
 )
-from meshblock.mdm.authz import auth_middleware
+from meshblock.mdm.authz import CALLER, auth_middleware
 from meshblock.mdm.config import MdmConfig
 from meshblock.mdm.context import CTX, MdmContext
 from meshblock.mdm.deletion import Purger
@@ -54,6 +55,38 @@ async def compression_middleware(request: web.Request, handler: Handler) -> web.
     ):
         resp.enable_compression()
     return resp
+
+
+TOKEN_NAMES = {Role.ADMIN: "admin", Role.READONLY: "readonly", Role.COMPONENT: "cluster_secret"}
+
+
+def _who(request: web.Request) -> dict[str, str]:
+    """Who called, for the audit log: the client certificate's identity (also of a
+    refused request, whose identity authz did not keep), or without one the bearer
+    token's name."""
+    who: dict[str, str] = {}
+    ident = request.get(CALLER)
+    if ident is None:
+        transport = request.transport
+        peercert = transport.get_extra_info("peercert") if transport is not None else None
+        if peercert:
+            try:
+                ident = pki.identity_from_peercert(peercert)
+            except pki.PkiError:
+                who["identity"] = "(none named)"
+    if ident is not None:
+        who["identity"] = str(ident)  # a token sent along is not looked at (authz)
+        return who
+    header = request.headers.get("Authorization")
+    if header and CTX in request.app:
+        role = request.app[CTX].tokens.role_of(bearer_token(header))
+        who["token"] = TOKEN_NAMES.get(role, "invalid")
+    return who
+
+
+def _quiet(request: web.Request, status: int) -> bool:
+    """A successful heartbeat changes nothing worth an audit entry."""
+    return status < 400 and request.method == "POST" and request.path.endswith("/heartbeat")
 
 
 async def _store(app: web.Application) -> AsyncIterator[None]:
@@ -174,10 +207,16 @@ document lists them."""
 
 def create_app(config: MdmConfig) -> web.Application:
     app = web.Application(
-        middlewares=[compression_middleware, error_middleware, auth_middleware],
+        middlewares=[
+            compression_middleware,
+            error_middleware,
+            audit.middleware(_who, _quiet),
+            auth_middleware,
+        ],
         client_max_size=1 << 20,
     )
     app[CONFIG] = config
+    audit.install(app, "mdm", config.audit)
     app.cleanup_ctx.append(_store)
     app.cleanup_ctx.append(_background)
     app.on_shutdown.append(_end_long_polls)

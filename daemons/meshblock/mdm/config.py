@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from meshblock.audit import AuditConfig
 from meshblock.config import LoggingConfig
 from meshblock.mdm.holddown import Knobs
 
@@ -125,6 +126,7 @@ class MdmConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     tls: TlsConfig = field(default_factory=TlsConfig)
     scrub: ScrubConfig = field(default_factory=ScrubConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
 
     def __post_init__(self) -> None:
         t = self.tls

@@ -177,8 +177,8 @@ async def create_token(session: AsyncSession, user_name: str, token_name: str) -
     return NewToken(row.id, token_name, user.name, secret)
 
 
-async def user_of_token(session: AsyncSession, token: str) -> User | None:
-    """The user an API token belongs to (and note its use), or None."""
+async def user_of_token(session: AsyncSession, token: str) -> tuple[User, str] | None:
+    """The user an API token belongs to and the token's name (and note its use), or None."""
     if not token.startswith(TOKEN_PREFIX):
         return None
     row = (
@@ -192,4 +192,4 @@ async def user_of_token(session: AsyncSession, token: str) -> User | None:
         return None
     api_token, user = row
     api_token.last_used_at = utcnow()
-    return user
+    return user, api_token.name

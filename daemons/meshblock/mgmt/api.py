@@ -15,6 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
+from meshblock import audit
 from meshblock.auth import Role, bearer_token
 from meshblock.json_body import read_object
 from meshblock.mgmt import alertmanager, alerts, cluster, rules
@@ -71,6 +72,7 @@ async def webhook(request: web.Request) -> web.Response:
     if c.webhook_tokens.role_of(bearer_token(request.headers.get("Authorization"))) == Role.NONE:
         m.webhook_requests.labels("unauthorized").inc()
         raise Unauthorized("the webhook needs 'Authorization: Bearer <auth.webhook_token>'")
+    audit.identify(request, token="webhook")
     try:
         incoming = alerts.parse_notification(await read_json(request, MAX_WEBHOOK_BYTES))
     except ApiError:

@@ -12,7 +12,7 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
-from meshblock import pki
+from meshblock import audit, pki
 from meshblock.auth import Role, TokenTable
 from meshblock.config import ConfigError
 from meshblock.mgmt import api, db, pages, rules
@@ -111,9 +111,22 @@ async def _rule_sync(app: web.Application) -> AsyncIterator[None]:
             await task
 
 
+def _who(_request: web.Request) -> dict[str, str]:
+    """Who called, before a handler found the user (sessions.identify tells the log)."""
+    return {}
+
+
+def _quiet(_request: web.Request, _status: int) -> bool:
+    return False
+
+
 def create_app(config: MgmtConfig) -> web.Application:
-    app = web.Application(middlewares=[error_middleware(pages.error_page)], client_max_size=1 << 20)
+    app = web.Application(
+        middlewares=[error_middleware(pages.error_page), audit.middleware(_who, _quiet)],
+        client_max_size=1 << 20,
+    )
     app[CONFIG] = config
+    audit.install(app, "mgmt", config.audit)
     app.cleanup_ctx.append(_context)
     app.cleanup_ctx.append(_rule_sync)
     app.add_routes(api.routes)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
+from meshblock.audit import AuditConfig
 from meshblock.config import LoggingConfig
 from meshblock.tls import TlsConfig
 
@@ -116,6 +117,7 @@ class MgmtConfig:
     alertmanager: AlertmanagerConfig = field(default_factory=AlertmanagerConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     tls: TlsConfig = field(default_factory=TlsConfig)  # served HTTPS, and HTTPS to the MDM
+    audit: AuditConfig = field(default_factory=AuditConfig)
 
     @property
     def secure_cookies(self) -> bool:

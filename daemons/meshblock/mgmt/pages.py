@@ -20,6 +20,7 @@ from aiohttp import web
 from sqlalchemy import func, select
 
 import meshblock
+from meshblock import audit
 from meshblock.mgmt import alerts, charts, cluster, prometheus
 from meshblock.mgmt.accounts import authenticate
 from meshblock.mgmt.api import (
@@ -173,17 +174,21 @@ async def login(request: web.Request) -> web.StreamResponse:
     if wait > 0:
         c.metrics.logins.labels("throttled").inc()
         log.warning("login for %r from %s refused: too many failures", name, address)
+        audit.note(request, "login_throttled", user_tried=name, reason="too many failed logins")
         return _throttled(request, form.get("next"), wait)
     async with c.sessions() as s:
         user = await authenticate(s, name, form.get("password", "")) if name else None
     if user is None:
         c.metrics.logins.labels("failed").inc()
         log.info("failed login for %r from %s", name, address)
+        audit.note(request, "login_failed", user_tried=name, reason="wrong user name or password")
         wait = c.logins.failed(name, address)
         if wait > 0:
             log.warning("logins for %r or from %s locked for %.0f s", name, address, wait)
         return _login_page(request, form.get("next"), "Wrong user name or password.", 401)
     c.logins.succeeded(name, address)
+    audit.note(request, "login")
+    audit.identify(request, user=user.name)
     c.metrics.logins.labels("ok").inc()
     resp = redirect(safe_next(form.get("next")))
     await start_session(request, resp, user)

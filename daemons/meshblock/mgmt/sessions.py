@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from aiohttp import web
 from sqlalchemy import delete, select
 
+from meshblock import audit
 from meshblock.auth import bearer_token
 from meshblock.mgmt.accounts import token_hash, user_of_token
 from meshblock.mgmt.context import ctx
@@ -54,9 +55,11 @@ async def identify(request: web.Request) -> Identity | None:
     token = bearer_token(request.headers.get("Authorization"))
     if token is not None:
         async with c.sessions() as s, s.begin():
-            user = await user_of_token(s, token)
-        if user is None:
+            found = await user_of_token(s, token)
+        if found is None:
             raise Unauthorized("the API token is not valid")
+        user, token_name = found
+        audit.identify(request, user=user.name, token=token_name)
         return Identity(user.id, user.name, user.role)
     cookie = request.cookies.get(SESSION_COOKIE)
     if not cookie:
@@ -73,6 +76,7 @@ async def identify(request: web.Request) -> Identity | None:
     if row is None:
         return None
     session, user = row
+    audit.identify(request, user=user.name)
     return Identity(user.id, user.name, user.role, session.id, session.csrf_token)
 
 

@@ -11,6 +11,7 @@ from sqlalchemy.engine import CursorResult
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import selectinload
 
+from meshblock import audit
 from meshblock.auth import Role
 from meshblock.mdm import authz, failures, holddown, pgmaps, pgtable, schemas, unclean
 from meshblock.mdm.api import scrub
@@ -294,6 +295,7 @@ async def register_sds(request: web.Request, named: dict[str, Any]) -> web.Respo
             endpoint = (body["address"], body.get("data_port", sds.data_port))
             await _endpoint_free(s, *endpoint, sds.id)
             if endpoint != (sds.address, sds.data_port):
+                audit.note(request, previous_endpoint=f"{sds.address}:{sds.data_port}")
                 await _publish_endpoint(s, sds)
             sds.address, sds.data_port = endpoint
             sds.control_port = body.get("control_port", sds.control_port)
@@ -312,6 +314,14 @@ async def register_sds(request: web.Request, named: dict[str, Any]) -> web.Respo
                 )
             await unclean.after_unclean_start(s, sds, set(ids.values()))
     live.beat("sds", sds_id)
+    audit.note(
+        request,
+        "sds_register" if created else "sds_reregister",
+        sds=named["name"],
+        sds_id=sds_id,
+        address=body["address"],
+        data_port=body.get("data_port"),
+    )
     log.info(
         "SDS %s %s%s",
         named["name"],
