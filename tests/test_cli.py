@@ -33,7 +33,7 @@ from meshblock.cli.__main__ import main
 from meshblock.cli.client import MdmClient, describe, error_from_response
 from meshblock.cli.commands import build_parser
 from meshblock.cli.commands.cluster import topology_tree, unhealthy_components
-from meshblock.cli.errors import ExitCode, InvalidInput
+from meshblock.cli.errors import CliError, ExitCode, InvalidInput
 from meshblock.cli.output import TreeNode, render_fields, render_table, render_tree
 from meshblock.cli.settings import (
     DEFAULT_MDM,
@@ -430,6 +430,43 @@ def test_the_token_is_never_shown(tmp_path: Path, capsys: pytest.CaptureFixture[
         assert main(["--token", secret, *args], env={"HOME": str(tmp_path)}) == 0
         out = capsys.readouterr().out
         assert secret not in out and "--token" in out
+
+
+def test_a_token_on_the_command_line_warns_and_a_token_file_does_not(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """argv is readable by every user of the host: --token warns and names the better
+    places; --token-file (mode 600) reads the token from a file and does not warn."""
+    secret = "tok-3c9e1d"
+    s = settings({"HOME": str(tmp_path)}, token=secret)
+    err = capsys.readouterr().err
+    assert s.token == secret and "warning: --token puts the token in the command line" in err
+    assert "MESHCTL_TOKEN" in err and "--token-file" in err and secret not in err
+    path = tmp_path / "token"
+    path.write_text(secret + "\n")
+    path.chmod(0o600)
+    s = resolve(mdm_flag=None, token_flag=None, config_flag=None, env={}, token_file_flag=str(path))
+    assert (s.token, s.token_source) == (secret, str(path))
+    assert capsys.readouterr().err == ""
+    assert main(["--token-file", str(path), "config", "show"], env={"HOME": str(tmp_path)}) == 0
+    out, err = capsys.readouterr()
+    assert err == "" and secret not in out and str(path) in out
+    path.chmod(0o644)  # readable by others: warned, still used
+    assert (
+        resolve(
+            mdm_flag=None, token_flag=None, config_flag=None, env={}, token_file_flag=str(path)
+        ).token
+        == secret
+    )
+    assert "readable by other users" in capsys.readouterr().err
+    with pytest.raises(CliError, match="--token-file"):
+        resolve(
+            mdm_flag=None,
+            token_flag=None,
+            config_flag=None,
+            env={},
+            token_file_flag=str(tmp_path / "missing"),
+        )
 
 
 def test_world_readable_config_with_a_token_warns(

@@ -39,7 +39,13 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
 
 def _run(argv: Sequence[str] | None, env: Mapping[str, str]) -> int:
     args = build_parser().parse_args(argv)
-    settings = resolve(mdm_flag=args.mdm, token_flag=args.token, config_flag=args.config, env=env)
+    settings = resolve(
+        mdm_flag=args.mdm,
+        token_flag=args.token,
+        config_flag=args.config,
+        env=env,
+        token_file_flag=args.token_file,
+    )
     if args.timeout <= 0:
         raise CliError("--timeout must be positive")
     client = MdmClient(

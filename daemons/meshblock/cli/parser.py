@@ -29,7 +29,7 @@ Objects are named by name; ids are accepted where no object has that name."""
 
 _CONNECTION_HELP = """\
 connection (first found wins):
-  --mdm URL / --token T                       on the command line
+  --mdm URL / --token T or --token-file PATH  on the command line
   MESHCTL_MDM / MESHCTL_TOKEN                 in the environment
   mdm = "..." / token = "..."                 in --config PATH, else
       $XDG_CONFIG_HOME/meshblock/meshctl.toml (~/.config/meshblock/meshctl.toml)
@@ -59,7 +59,17 @@ def global_options(top: bool) -> argparse.ArgumentParser:
         help="MDM address(es), comma-separated (env MESHCTL_MDM; default http://127.0.0.1:6611)",
     )
     group.add_argument(
-        "--token", metavar="T", default=default(None), help="API bearer token (env MESHCTL_TOKEN)"
+        "--token",
+        metavar="T",
+        default=default(None),
+        help="API bearer token; other users see it in the process list: prefer "
+        "MESHCTL_TOKEN or --token-file",
+    )
+    group.add_argument(
+        "--token-file",
+        metavar="PATH",
+        default=default(None),
+        help="read the API bearer token from this file (chmod 600)",
     )
     group.add_argument(
         "--config",

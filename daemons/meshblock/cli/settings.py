@@ -2,7 +2,9 @@
 
 Each setting is taken from the first place that has it:
 
-1. the command line: ``--mdm URL`` and ``--token T``;
+1. the command line: ``--mdm URL`` and ``--token T`` or ``--token-file PATH`` (``--token``
+   puts the token where every user of the host can read it, the process list: meshctl
+   warns and names the better places);
 2. the environment: ``MESHCTL_MDM`` and ``MESHCTL_TOKEN``;
 3. the config file: ``--config PATH``, else ``$XDG_CONFIG_HOME/meshblock/meshctl.toml``
    (``~/.config/meshblock/meshctl.toml`` when ``XDG_CONFIG_HOME`` is unset), with
@@ -29,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from meshblock.cli.errors import CliError
-from meshblock.config import ConfigError, load
+from meshblock.config import ConfigError, load, read_secret_file
 
 DEFAULT_MDM = "http://127.0.0.1:6611"
 DEFAULT_PORT = 6611
@@ -86,6 +88,7 @@ def resolve(
     token_flag: str | None,
     config_flag: str | None,
     env: Mapping[str, str],
+    token_file_flag: str | None = None,
 ) -> Settings:
     """Combine flags, environment and config file into :class:`Settings`."""
     default_path = default_config_path(env)
@@ -111,6 +114,9 @@ def resolve(
     token: str | None
     if token_flag:
         token, token_source = token_flag, "--token"
+        print(ARGV_WARNING, file=sys.stderr)
+    elif token_file_flag:
+        token, token_source = _token_file(Path(token_file_flag)), token_file_flag
     elif env.get(ENV_TOKEN):
         token, token_source = env[ENV_TOKEN], ENV_TOKEN
     elif file.token:
@@ -164,18 +170,37 @@ def normalize_url(value: str) -> str:
     return urllib.parse.urlunsplit((parsed.scheme, netloc, parsed.path.rstrip("/"), "", ""))
 
 
+ARGV_WARNING = (
+    "meshctl: warning: --token puts the token in the command line, which every user of "
+    f"this host can read (ps, /proc/PID/cmdline); set {ENV_TOKEN}, or keep it in a file "
+    "of mode 600 given with --token-file PATH or as token = in the config file"
+)
+
+
+def _warn_if_readable(path: Path) -> None:
+    if sys.platform != "win32" and path.stat().st_mode & (stat.S_IRGRP | stat.S_IROTH):
+        print(
+            f"meshctl: warning: {path} holds a token and is readable by other users; "
+            f"chmod 600 {path}",
+            file=sys.stderr,
+        )
+
+
+def _token_file(path: Path) -> str:
+    try:
+        token = read_secret_file(path, "--token-file")
+    except ConfigError as exc:
+        raise CliError(str(exc)) from None
+    _warn_if_readable(path)
+    return token
+
+
 def _read(path: Path) -> ConfigFile:
     try:
         config = load(ConfigFile, path)
     except ConfigError as exc:
         message = str(exc)
         raise CliError(message if str(path) in message else f"{path}: {message}") from None
-    if config.token and sys.platform != "win32":
-        mode = path.stat().st_mode
-        if mode & (stat.S_IRGRP | stat.S_IROTH):
-            print(
-                f"meshctl: warning: {path} holds a token and is readable by other users; "
-                f"chmod 600 {path}",
-                file=sys.stderr,
-            )
+    if config.token:
+        _warn_if_readable(path)
     return config
