@@ -10,6 +10,7 @@ import asyncio
 import base64
 import hashlib
 import ssl
+import threading
 from pathlib import Path
 
 import pytest
@@ -24,7 +25,7 @@ from meshblock.mgmt.app import server_tls
 from meshblock.mgmt.config import AuthConfig, HttpConfig, MgmtConfig
 from meshblock.mgmt.models import User, UserRole
 from meshblock.mgmt.pages import safe_next
-from meshblock.mgmt.throttle import Limit, LoginThrottle, retry_after_header
+from meshblock.mgmt.throttle import Limit, LoginThrottle, PasswordChecks, retry_after_header
 from meshblock.tls import TlsConfig
 
 pytestmark = pytest.mark.unit
@@ -145,6 +146,54 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
+
+
+def test_concurrent_logins_run_at_most_max_password_checks_argon2_checks_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Twelve logins at once (right and wrong passwords, a user that does not exist)
+    with a limit of 2: never more than 2 argon2id checks (64 MiB each) run, and every
+    login gets its answer. Unbounded, they ran as many as the thread pool's threads."""
+    limit = 2
+    running = peak = 0
+    lock = threading.Lock()
+    real_verify = accounts.verify_password
+
+    def counting_verify(password: str, stored: str) -> bool:
+        nonlocal running, peak
+        with lock:
+            running += 1
+            peak = max(peak, running)
+        try:
+            return real_verify(password, stored)
+        finally:
+            with lock:
+                running -= 1
+
+    monkeypatch.setattr(accounts, "verify_password", counting_verify)
+
+    async def main() -> tuple[list[bool], PasswordChecks]:
+        engine = db.create_engine(f"sqlite+aiosqlite:///{tmp_path / 'mgmt.db'}")
+        sessions = db.session_factory(engine)
+        checks = PasswordChecks(limit)
+        try:
+            await db.migrate(engine)
+            async with sessions() as s, s.begin():
+                await accounts.create_user(s, "alice", "right password", UserRole.ADMIN)
+
+            async def login(name: str, password: str) -> bool:
+                async with sessions() as s:
+                    return await accounts.authenticate(s, name, password, checks) is not None
+
+            tries = [("alice", "right password"), ("alice", "wrong"), ("nobody", "x")] * 4
+            return list(await asyncio.gather(*(login(n, p) for n, p in tries))), checks
+        finally:
+            await engine.dispose()
+
+    answers, checks = asyncio.run(main())
+    assert answers == [True, False, False] * 4
+    assert peak == limit == checks.peak, (peak, checks.peak)
+    assert checks.running == 0
 
 
 def test_login_throttle_backs_off_per_account_and_per_address() -> None:

@@ -15,7 +15,6 @@ it acts with its user's role.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import functools
 import hashlib
@@ -31,6 +30,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from meshblock.mgmt.errors import Conflict, Invalid, NotFound
 from meshblock.mgmt.models import ApiToken, User, UserRole, utcnow
+from meshblock.mgmt.throttle import PasswordChecks
 
 log = logging.getLogger(__name__)
 
@@ -119,30 +119,41 @@ def check_user_name(name: str) -> None:
         )
 
 
-async def create_user(session: AsyncSession, name: str, password: str, role: UserRole) -> User:
+#: Used where no MGMT app runs (the user commands): one check at a time.
+SOLO = PasswordChecks(1)
+
+
+async def create_user(
+    session: AsyncSession,
+    name: str,
+    password: str,
+    role: UserRole,
+    checks: PasswordChecks = SOLO,
+) -> User:
     check_user_name(name)
     check_password_rules(password)
     if (await session.execute(select(User.id).where(User.name == name))).scalar() is not None:
         raise Conflict(f"user {name!r} already exists")
-    user = User(
-        name=name, password_hash=await asyncio.to_thread(hash_password, password), role=role
-    )
+    user = User(name=name, password_hash=await checks.run(hash_password, password), role=role)
     session.add(user)
     await session.flush()
     return user
 
 
-async def authenticate(session: AsyncSession, name: str, password: str) -> User | None:
-    """The user with this name and password, or None (in about constant time)."""
+async def authenticate(
+    session: AsyncSession, name: str, password: str, checks: PasswordChecks = SOLO
+) -> User | None:
+    """The user with this name and password, or None (in about constant time). The
+    hashing runs in ``checks`` (at most its limit at once)."""
     if len(password) > MAX_PASSWORD_CHARS:
         return None
     user = (await session.execute(select(User).where(User.name == name))).scalar_one_or_none()
     stored = user.password_hash if user is not None else _dummy_hash()
-    ok = await asyncio.to_thread(verify_password, password, stored)
+    ok = await checks.run(verify_password, password, stored)
     if not ok or user is None:
         return None
     if needs_rehash(stored):
-        user.password_hash = await asyncio.to_thread(hash_password, password)
+        user.password_hash = await checks.run(hash_password, password)
         await session.commit()
         log.info("the password hash of user %s was replaced by argon2id", user.name)
     return user

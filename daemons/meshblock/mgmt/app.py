@@ -20,7 +20,7 @@ from meshblock.mgmt.config import MgmtConfig
 from meshblock.mgmt.context import CTX, MgmtContext
 from meshblock.mgmt.errors import error_middleware
 from meshblock.mgmt.metrics import MgmtMetrics
-from meshblock.mgmt.throttle import Limit, LoginThrottle
+from meshblock.mgmt.throttle import Limit, LoginThrottle, PasswordChecks
 from meshblock.tls import MdmTls, mdm_tls
 
 log = logging.getLogger(__name__)
@@ -90,6 +90,7 @@ async def _context(app: web.Application) -> AsyncIterator[None]:
                 metrics=MgmtMetrics(),
                 webhook_tokens=TokenTable({Role.ADMIN: config.auth.webhook_token}),
                 logins=login_throttle(config),
+                password_checks=PasswordChecks(config.auth.max_password_checks),
             )
             log.info("alert history ready: %s", db.redact_url(config.database.url))
             yield

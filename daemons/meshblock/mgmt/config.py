@@ -41,6 +41,8 @@ class AuthConfig:
     login_window_s: float = 300.0
     login_backoff_s: float = 60.0
     login_max_backoff_s: float = 3600.0
+    # argon2id password checks (64 MiB each) that run at once; more logins wait.
+    max_password_checks: int = 2
 
     def __repr__(self) -> str:  # never print secrets, even in a traceback
         return (
@@ -48,7 +50,8 @@ class AuthConfig:
             f"secure_cookies={self.secure_cookies}, "
             f"login_max_failures={self.login_max_failures}, "
             f"login_window_s={self.login_window_s}, login_backoff_s={self.login_backoff_s}, "
-            f"login_max_backoff_s={self.login_max_backoff_s})"
+            f"login_max_backoff_s={self.login_max_backoff_s}, "
+            f"max_password_checks={self.max_password_checks})"
         )
 
 
@@ -136,6 +139,7 @@ class MgmtConfig:
             ("auth.login_window_s", self.auth.login_window_s),
             ("auth.login_backoff_s", self.auth.login_backoff_s),
             ("auth.login_max_backoff_s", self.auth.login_max_backoff_s),
+            ("auth.max_password_checks", self.auth.max_password_checks),
             ("mdm.timeout_s", self.mdm.timeout_s),
             ("prometheus.timeout_s", self.prometheus.timeout_s),
             ("prometheus.rules_sync_interval_s", self.prometheus.rules_sync_interval_s),

@@ -12,7 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from meshblock.auth import TokenTable
 from meshblock.mgmt.config import MgmtConfig
 from meshblock.mgmt.metrics import MgmtMetrics
-from meshblock.mgmt.throttle import LoginThrottle
+from meshblock.mgmt.throttle import LoginThrottle, PasswordChecks
 
 
 @dataclass
@@ -26,6 +26,7 @@ class MgmtContext:
     metrics: MgmtMetrics
     webhook_tokens: TokenTable
     logins: LoginThrottle
+    password_checks: PasswordChecks
 
 
 CTX = web.AppKey("meshblock_mgmt_context", MgmtContext)

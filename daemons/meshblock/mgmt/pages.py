@@ -177,7 +177,8 @@ async def login(request: web.Request) -> web.StreamResponse:
         audit.note(request, "login_throttled", user_tried=name, reason="too many failed logins")
         return _throttled(request, form.get("next"), wait)
     async with c.sessions() as s:
-        user = await authenticate(s, name, form.get("password", "")) if name else None
+        password = form.get("password", "")
+        user = await authenticate(s, name, password, c.password_checks) if name else None
     if user is None:
         c.metrics.logins.labels("failed").inc()
         log.info("failed login for %r from %s", name, address)

@@ -14,11 +14,15 @@ long are dropped.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 MAX_RECORDS = 100_000  # above this, records that no longer matter are dropped
 
@@ -101,3 +105,31 @@ class LoginThrottle:
 def retry_after_header(wait_s: float) -> str:
     """``Retry-After`` in whole seconds, at least 1."""
     return str(max(1, math.ceil(wait_s)))
+
+
+class PasswordChecks:
+    """At most ``limit`` password hashes computed at once (``[auth]
+    max_password_checks``).
+
+    An argon2id check takes 64 MiB of memory and about a tenth of a second of a core
+    (meshblock.mgmt.accounts): unbounded, a burst of logins (or of guesses, before
+    the throttle locks their account or address) would run as many at once as the
+    default thread pool has threads and take memory in proportion. The checks beyond
+    ``limit`` wait their turn, in order; ``running`` and ``peak`` say how many run.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._slots = asyncio.Semaphore(limit)
+        self.running = 0
+        self.peak = 0
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` in a worker thread, once a slot is free."""
+        async with self._slots:
+            self.running += 1
+            self.peak = max(self.peak, self.running)
+            try:
+                return await asyncio.to_thread(fn, *args)
+            finally:
+                self.running -= 1
