@@ -203,7 +203,7 @@ class Conn:
         epoch: int,
         flags: int,
         payload: memoryview | None,
-        sums: bytes | None = None,
+        length: int = -1,
     ) -> None:
         self.replies[req_id] = (status, payload)
 

@@ -23,7 +23,15 @@ from meshblock.nbd.protocol import Cmd, CmdFlag, Errno, RequestError
 from meshblock.nbd.server import Chunk, IoRequest
 from meshblock.sdc.attach import NbdAttacher
 from meshblock.sdc.config import SdcConfig, cluster_secret, sdc_guid
-from meshblock.sdc.datapath import FUA, DataPathError, Op, Piece, Reply, ReplyWaiter
+from meshblock.sdc.datapath import (
+    CLIENT_CHECKS,
+    FUA,
+    DataPathError,
+    Op,
+    Piece,
+    Reply,
+    ReplyWaiter,
+)
 from meshblock.sdc.maps import MapError, PoolMap, SdsEndpoint, VolumeMapping, parse_maps
 from meshblock.sdc.metrics import SdcMetrics
 from meshblock.sdc.qos import TokenBucket
@@ -344,7 +352,7 @@ def test_a_read_the_primary_does_not_answer_is_read_from_the_clean_secondary(fau
     assert ref is not None
     assert first == ref.pg % 3 and second == (ref.pg + 1) % 3  # primary, then secondary
     assert (op, ref2, off, n) == ("read", ref, 4096, 512)
-    assert path.flags == [0, int(ReqFlag.REPLICA)]
+    assert path.flags == [CLIENT_CHECKS, int(ReqFlag.REPLICA)]
     assert maps.unreachable == [first]  # reported to the MDM
     assert maps.refreshes == 0  # no wait for a new map
     assert retries(metrics, "replica_read") == 1
@@ -359,7 +367,7 @@ def test_no_replica_read_in_a_pg_that_is_not_clean() -> None:
     run(read(io, 0, 4096))
     primary = pg_of(VOLUME.id, 0, PG_COUNT) % 3
     assert [c[1] for c in path.calls] == [primary] * 2  # the primary again, after its budget
-    assert path.flags == [0, 0] and retries(metrics, "replica_read") == 0
+    assert path.flags == [CLIENT_CHECKS] * 2 and retries(metrics, "replica_read") == 0
     assert retries(metrics, "timeout") == 1 and maps.unreachable == [primary]
 
 
@@ -509,7 +517,7 @@ def test_fua_reaches_the_wire_on_every_path() -> None:
         await write_zeroes(io, 0, 2 * CHUNK_SIZE, punch_hole=False, fua=True)
         await write_zeroes(io, 0, 2 * CHUNK_SIZE, punch_hole=True, fua=True)
         await read(io, 0, 512)
-        assert path.flags == [FUA] * 8 + [0]
+        assert path.flags == [FUA] * 8 + [CLIENT_CHECKS]
 
     asyncio.run(main())
 
@@ -843,6 +851,35 @@ def test_an_sds_dying_during_the_handshake_is_a_retriable_connect_failure() -> N
         finally:
             server.close()
             await server.wait_closed()
+
+    asyncio.run(main())
+
+
+def test_a_read_lets_the_sds_skip_its_check_and_asks_for_it_after_a_mismatch() -> None:
+    """A READ goes with CLIENT_CHECKS (the SDS may send its stored checksums
+    unchecked: ours is the check). Answered CHECKSUM_MISMATCH it is sent again at
+    once without the flag, so that the SDS checks its copy and heals it: no map
+    refresh, no pause in between. Writes never carry the flag."""
+    maps, path = Maps(pool_map(5)), Faulty()
+    io, metrics = make_io(maps, path, timeout_s=30.0)
+
+    async def main() -> None:
+        await write(io, 8192, b"r" * 4096, fua=False)
+        (got,) = await read(io, 8192, 4096)  # first attempt, sent without a task
+        assert bytes(got) == b"r" * 4096
+        assert path.flags == [0, CLIENT_CHECKS]
+        path.flags.clear()
+        path.faults = [Status.CHECKSUM_MISMATCH]
+        (got,) = await read(io, 8192, 4096)
+        assert bytes(got) == b"r" * 4096
+        assert path.flags == [CLIENT_CHECKS, 0]
+        assert maps.refreshes == 0
+        assert retries(metrics, "checksum_mismatch") == 1
+        path.flags.clear()
+        path.faults = [Status.CHECKSUM_MISMATCH]  # a piece of a read of two chunks
+        got2 = await read(io, CHUNK_SIZE - 4096, 8192)
+        assert len(got2) == 2
+        assert sorted(path.flags) == [0, CLIENT_CHECKS, CLIENT_CHECKS]
 
     asyncio.run(main())
 

@@ -44,7 +44,7 @@ class Replies:
         epoch: int,
         flags: int = 0,
         payload: object = None,
-        sums: bytes | None = None,
+        length: int = -1,
     ) -> None:
         self.got.append((request_id, int(status)))
 

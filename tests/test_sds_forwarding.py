@@ -91,7 +91,7 @@ class Replies:
         epoch: int,
         flags: int,
         payload: memoryview | None,
-        sums: bytes | None = None,
+        length: int = -1,
     ) -> None:
         self.got[request_id] = int(status)
 

@@ -241,18 +241,53 @@ def test_the_store_keeps_the_clients_checksums_of_whole_blocks(tmp_path: Path) -
         store.close()
 
 
+@pytest.mark.parametrize("check", [True, False])
 @pytest.mark.parametrize("checksums", [True, False])
 @pytest.mark.parametrize(("offset", "length"), [(0, 3 * BLOCK), (0, 5000), (100, 9000), (0, 0)])
 def test_a_read_gives_the_checksums_of_its_bytes(
-    tmp_path: Path, checksums: bool, offset: int, length: int
+    tmp_path: Path, checksums: bool, offset: int, length: int, check: bool
 ) -> None:
     path = tmp_path / "dev.img"
     store = open_store(path, checksums)
     try:
         store.write(store.devices[0], VOL, 1, 0, random.Random(2).randbytes(4 * BLOCK))
-        sums: list[int] = []
-        got = store.read(VOL, 1, offset, length, sums)
-        assert got is not None and len(got) == length
-        assert sums == csum.unit_crcs(got)
+        reply = store.read_reply(VOL, 1, offset, length, check=check)
+        assert reply is not None and len(reply) == length + 4 * csum.reply_units(length)
+        got = reply[:length]
+        assert bytes(reply[length:]) == csum.trailer(got)
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("check", [True, False])
+def test_blocks_without_a_stored_checksum_get_one_computed_in_a_reply(
+    tmp_path: Path, check: bool
+) -> None:
+    """Blocks written while the store kept no checksums have none recorded (0): a
+    READ reply's checksums of them are computed from their bytes, checked read or
+    not; the blocks written since have the stored ones."""
+    path = tmp_path / "dev.img"
+    store = open_store(path, False)
+    rng = random.Random(4)
+    old = rng.randbytes(4 * BLOCK)
+    try:
+        store.write(store.devices[0], VOL, 1, 0, old)
+    finally:
+        store.close()
+    store = open_store(path, True)
+    try:
+        new = rng.randbytes(BLOCK)
+        store.write(store.devices[0], VOL, 1, BLOCK, new)
+        stored = row(store, path, 1)
+        assert (stored[0], stored[1], stored[2]) == (0, csum.crc(new), 0)
+        reply = store.read_reply(VOL, 1, 0, 3 * BLOCK + 10, check=check)
+        assert reply is not None
+        want = old[:BLOCK] + new + old[2 * BLOCK : 3 * BLOCK + 10]
+        assert bytes(reply[: len(want)]) == want
+        sums = struct.unpack(">4I", reply[len(want) :])
+        assert sums[0] == csum.crc(want[:BLOCK])
+        assert sums[1] == csum.crc(new)
+        assert sums[2] == csum.crc(want[2 * BLOCK : 3 * BLOCK])
+        assert sums[3] == csum.crc(want[3 * BLOCK :])  # a short last unit: its own
     finally:
         store.close()

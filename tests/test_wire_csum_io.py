@@ -14,10 +14,11 @@ from pathlib import Path
 import pytest
 
 from _wire import EPOCH, PG_COUNT, POOL, SECRET, sds_server
-from meshblock.chunks import ChunkRef, pg_of
+from meshblock.chunks import CHUNK_SIZE, ChunkRef, pg_of
 from meshblock.pgmap_doc import SdsEndpoint
 from meshblock.sdc.datapath import DataPathError, Piece
 from meshblock.sdc.wire_path import WireDataPath
+from meshblock.sds.checksums import BLOCK
 from meshblock.wire import RequestError, WireClient, csum
 from meshblock.wire.handshake import (
     FEATURE_CHUNK_LIST,
@@ -33,8 +34,10 @@ from meshblock.wire.protocol import (
     Feature,
     Op,
     PeerRole,
+    ReqFlag,
     Status,
 )
+from test_sds_checksums import data_offset, flip
 
 pytestmark = [pytest.mark.cluster, pytest.mark.parallel]
 
@@ -169,6 +172,36 @@ def test_a_payload_damaged_on_arrival_is_retriable_for_the_sdc(tmp_path: Path) -
             assert bytes(reply.payload) == data
             assert state.stats.wire_checksum_mismatches["client"] == 2
             await path.close()
+
+    asyncio.run(main())
+
+
+def test_a_read_the_client_checks_gets_the_stored_checksums_unchecked(tmp_path: Path) -> None:
+    """READ with CLIENT_CHECKS (docs/sds.md, "Checksums"): the SDS sends the checksums
+    it keeps without checking the bytes against them, the client's check covering
+    that and more. A block flipped on the device reaches the client with its stored
+    checksum, which the client refuses (CHECKSUM_MISMATCH), and the SDS has counted
+    nothing; the same READ without the flag is checked by the SDS, which finds the
+    block bad and counts it (no other copy here to heal it from: IO_ERROR)."""
+
+    async def main() -> None:
+        async with sds_server(tmp_path) as (server, state):
+            store = state.store
+            cl = await WireClient.connect("127.0.0.1", server.port, SECRET)
+            data = os.urandom(CHUNK_SIZE)
+            await cl.write(ref(5), 0, data)
+            reply = await cl.call(Op.READ, ReqFlag.CLIENT_CHECKS, ref(5), 0, CHUNK_SIZE, None)
+            assert bytes(reply.payload) == data
+            flip(tmp_path / "dev.img", data_offset(store, VOL, 5, 7 * BLOCK + 9))
+            with pytest.raises(RequestError) as ei:
+                await cl.call(Op.READ, ReqFlag.CLIENT_CHECKS, ref(5), 0, CHUNK_SIZE, None)
+            assert ei.value.status == Status.CHECKSUM_MISMATCH
+            assert store.devices[0].checksum_errors == 0
+            with pytest.raises(RequestError) as ei:
+                await cl.call(Op.READ, 0, ref(5), 0, CHUNK_SIZE, None)
+            assert ei.value.status == Status.IO_ERROR
+            assert store.devices[0].checksum_errors == 1
+            await cl.close()
 
     asyncio.run(main())
 

@@ -34,6 +34,7 @@ from meshblock.wire.framing import Buffer
 from meshblock.wire.protocol import Op, ReplyFlag, ReqFlag
 
 __all__ = [
+    "CLIENT_CHECKS",
     "FUA",
     "HOLE",
     "REPLICA",
@@ -50,6 +51,11 @@ __all__ = [
 FUA: Final = int(ReqFlag.FUA)
 #: Request flag of a READ: the PG's secondary may serve it when the PG is clean.
 REPLICA: Final = int(ReqFlag.REPLICA)
+#: Request flag of a READ: we check the reply's bytes against its checksums (the wire
+#: client does, when the connection has them), so the SDS may send its stored ones
+#: unchecked; a READ answered CHECKSUM_MISMATCH is sent again without it, and the
+#: SDS then checks its copy and heals it (docs/sdc.md, "Checksums").
+CLIENT_CHECKS: Final = int(ReqFlag.CLIENT_CHECKS)
 #: Reply flag: the range is not allocated and reads as zeroes (no payload came).
 HOLE: Final = int(ReplyFlag.HOLE)
 

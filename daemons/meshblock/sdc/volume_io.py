@@ -34,6 +34,7 @@ from meshblock.chunks import CHUNK_SHIFT, CHUNK_SIZE, ChunkRef, chunk_span, pgs_
 from meshblock.nbd.protocol import Cmd, CmdFlag, Errno, RequestError
 from meshblock.nbd.server import Chunk, IoRequest
 from meshblock.sdc.datapath import (
+    CLIENT_CHECKS,
     FUA,
     HOLE,
     REPLICA,
@@ -329,7 +330,7 @@ class VolumeIO:
         if self.budgets.silent_until and self.budgets.silent(sds_id, time.monotonic()):
             return False
         if req.cmd == _READ:
-            op, flags = Op.READ, 0
+            op, flags = Op.READ, CLIENT_CHECKS
         else:
             op, flags = Op.WRITE, (FUA if req.flags & _NBD_FUA else 0)
         piece = _new_tuple(Piece, (op, flags, ref, offset & _IN_CHUNK, length, req.data))
@@ -392,7 +393,7 @@ class VolumeIO:
         fua = FUA if req.flags & _NBD_FUA else 0
         data = None if req.data is None else memoryview(req.data)
         if cmd == _READ:
-            op, flags = Op.READ, 0
+            op, flags = Op.READ, CLIENT_CHECKS
         elif cmd == _WRITE:
             op, flags = Op.WRITE, fua
         elif cmd == _TRIM:
@@ -517,6 +518,13 @@ class VolumeIO:
                         f"volume {self.volume.name!r}: {what} failed: the payload did not match "
                         f"its checksums in {mismatches} attempts",
                     )
+                if flags & CLIENT_CHECKS:
+                    # The SDS sent its stored checksums unchecked: read again at once,
+                    # checked there (a bad copy is healed before the answer).
+                    flags &= ~CLIENT_CHECKS
+                    self.stats.retry(reason)
+                    attempt += 1
+                    continue
             attempt += 1
             await self._before_retry(pool, reason, attempt, deadline, what)
 

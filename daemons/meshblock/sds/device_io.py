@@ -79,7 +79,7 @@ pwrite: Callable[[int, bytes | memoryview, int], int] = os.pwrite
 #: A write that is durable when it returns (:func:`_pwrite_durable`).
 pwrite_durable: Callable[[int, bytes | memoryview, int], int] = _pwrite_durable
 pread: Callable[[int, int, int], bytes] = os.pread
-preadv: Callable[[int, Sequence[bytearray], int], int] = os.preadv
+preadv: Callable[[int, Sequence[bytearray | memoryview], int], int] = os.preadv
 fdatasync: Callable[[int], None] = os.fdatasync
 fsync: Callable[[int], None] = os.fsync
 #: ``fallocate(2)``: returns 0, or -1 with the error in ``ctypes.get_errno()``.
@@ -347,7 +347,7 @@ class FaultHook:
             self._check(fd, "pread")
         return os.pread(fd, length, offset)
 
-    def preadv(self, fd: int, buffers: Sequence[bytearray], offset: int) -> int:
+    def preadv(self, fd: int, buffers: Sequence[bytearray | memoryview], offset: int) -> int:
         with self._lock:
             self._check(fd, "pread")
         return os.preadv(fd, buffers, offset)

@@ -66,6 +66,7 @@ _FUA: Final = int(ReqFlag.FUA)
 _REPLICA: Final = int(ReqFlag.REPLICA)
 _HOLE: Final = int(ReplyFlag.HOLE)
 _HEAL: Final = int(ReqFlag.HEAL)
+_CLIENT_CHECKS: Final = int(ReqFlag.CLIENT_CHECKS)
 _NO_SLOT: Final = (b"", b"")  # CHUNK_CSUMS of a chunk without a slot here
 _WAIT: Final = -1  # check result: the request's epoch is ahead of our map
 _OK: Final = int(Status.OK)
@@ -110,8 +111,9 @@ class Connection(Protocol):
         epoch: int,
         flags: int,
         payload: memoryview | None,
-        sums: bytes | None = None,
-    ) -> None: ...
+        length: int = -1,
+    ) -> None:
+        """``length`` > 0: ``payload`` is that many bytes, then their checksums."""
 
 
 class DataService:
@@ -280,22 +282,33 @@ class DataService:
         status: int,
         flags: int = 0,
         payload: memoryview | None = None,
-        sums: bytes | None = None,
+        length: int = -1,
     ) -> None:
         epoch = self._cache.epoch(req.pool_id)
-        if sums is None:
+        if length < 0:
             conn.reply(req.request_id, status, epoch, flags, payload)
         else:
-            conn.reply(req.request_id, status, epoch, flags, payload, sums)
+            conn.reply(req.request_id, status, epoch, flags, payload, length)
         self.stats.record(req.opcode, req.length, time.perf_counter() - t0, status == _OK)
 
     # -- reads ------------------------------------------------------------------------
 
     def _read(self, conn: Connection, req: Request, t0: float, heal: bool = True) -> None:
-        # A READ with csum_type asks for its payload's checksums (CSUM_CRC32C).
-        sums: list[int] | None = [] if req.csum_type else None
+        store = self._store
+        # A READ with csum_type asks for its payload's checksums (CSUM_CRC32C): they
+        # follow its bytes in one buffer. With CLIENT_CHECKS the client checks the
+        # bytes against them, a check that covers ours (docs/sds.md, "Checksums"):
+        # the stored ones are sent unchecked, and a mismatch brings the READ back
+        # without the flag, checked and healed here.
+        summed = req.csum_type and req.length
         try:
-            data = self._store.read(req.volume_id, req.chunk_index, req.offset, req.length, sums)
+            if summed:
+                check = not req.flags & _CLIENT_CHECKS
+                data = store.read_reply(
+                    req.volume_id, req.chunk_index, req.offset, req.length, check=check
+                )
+            else:
+                data = store.read(req.volume_id, req.chunk_index, req.offset, req.length)
         except DeviceFailed:
             self._reply(conn, req, t0, _FAILED)
             return
@@ -315,10 +328,10 @@ class DataService:
             self._reply(conn, req, t0, _FAILED)  # a hole here may be a lost chunk
         elif data is None:
             self._reply(conn, req, t0, _OK, _HOLE)
-        elif sums is None:
-            self._reply(conn, req, t0, _OK, 0, data)
+        elif summed:
+            self._reply(conn, req, t0, _OK, 0, data, req.length)
         else:
-            self._reply(conn, req, t0, _OK, 0, data, csum.pack(sums))
+            self._reply(conn, req, t0, _OK, 0, data)
 
     async def _heal_read(
         self, conn: Connection, req: Request, t0: float, blocks: list[int]

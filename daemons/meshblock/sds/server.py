@@ -175,21 +175,21 @@ class DataConnection(FramedConnection):
         epoch: int,
         flags: int = 0,
         payload: memoryview | None = None,
-        sums: bytes | None = None,
+        length: int = -1,
     ) -> None:
-        """Queue the reply to ``request_id`` (dropped if the connection is gone);
-        ``sums``: the payload's packed checksums (a READ that asked for them, on a
-        connection with ``CSUM_CRC32C``), sent after it."""
+        """Queue the reply to ``request_id`` (dropped if the connection is gone).
+        ``length`` (a READ that asked for its checksums, on a connection with
+        ``CSUM_CRC32C``): ``payload`` is that many bytes followed by their packed
+        checksums, in one buffer, so that they leave in one write."""
         self.in_flight -= 1
         if self._closing:
             return
-        n = len(payload) if payload is not None else 0
-        if sums is not None and payload is not None and n:
+        if length > 0 and payload is not None:
             pack = self._pack_reply_csum
-            self.send(pack(status, flags, request_id, epoch, n, CSUM_CRC32C, CSUM_SHIFT))
+            self.send(pack(status, flags, request_id, epoch, length, CSUM_CRC32C, CSUM_SHIFT))
             self.send(payload)
-            self.send(sums)
         else:
+            n = len(payload) if payload is not None else 0
             self.send(self._pack_reply(status, flags, request_id, epoch, n))
             if payload is not None and n:
                 self.send(payload)

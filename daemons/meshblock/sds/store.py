@@ -94,7 +94,7 @@ from meshblock.sds.checksums import (
     wi_header_valid,
 )
 from meshblock.sds.checksums import crc as crc32c
-from meshblock.wire.csum import unit_crcs
+from meshblock.wire.csum import trailer
 
 log = logging.getLogger(__name__)
 
@@ -185,6 +185,10 @@ _ZEROES: Final = bytes(CHUNK_SIZE)
 _ZERO_VIEW: Final = memoryview(_ZEROES)
 #: Whole-chunk read buffers a store keeps for reuse (:meth:`ChunkStore._chunk_buffer`).
 READ_BUFFERS: Final = 16
+#: The size of a kept read buffer: a chunk, and the checksums of a READ's reply to it.
+_KEPT_SIZE: Final = CHUNK_SIZE + ROW_SIZE
+#: Four zero bytes: where a row has none, every block in it has a checksum recorded.
+_NO_CRC: Final = bytes(4)
 #: References to a kept read buffer that nobody else holds: the list, the loop
 #: variable and ``sys.getrefcount``'s argument.
 _UNSHARED_REFS: Final = 3
@@ -1114,17 +1118,11 @@ class ChunkStore:
 
     # -- IO ---------------------------------------------------------------------------
 
-    def read(
-        self, volume: int, chunk: int, offset: int, length: int, sums: list[int] | None = None
-    ) -> memoryview | None:
+    def read(self, volume: int, chunk: int, offset: int, length: int) -> memoryview | None:
         """``length`` bytes at ``offset`` of the chunk, or None if it has no slot.
 
         With checksums kept, the whole 4 KiB blocks the range touches are read and
-        checked: :class:`ChecksumError` (an ``OSError``, EIO) when one does not match.
-        ``sums``: the CRC32C of each 4 KiB unit of the bytes returned, from their first
-        byte (a READ reply's checksums, docs/protocol.md §8.6), are appended to it: for
-        a read at a block boundary those checked against the stored ones (computed
-        here only for a short last unit), else computed."""
+        checked: :class:`ChecksumError` (an ``OSError``, EIO) when one does not match."""
         loc = self._index.get(chunk_key(volume, chunk))
         if loc is None or volume in self._tombstones:
             return None
@@ -1133,44 +1131,104 @@ class ChunkStore:
             raise DeviceFailed(dev)
         if not dev.checksums or not length:
             buf = self._read_buffer(length)
-            try:
-                n = dio.preadv(dev.fd, [buf], dev.slot_offset(slot) + offset)
-            except OSError as exc:
-                raise self._io_error(dev, "pread", exc) from exc
-            if n < length:  # past the end of a sparse file: zeroes
-                buf[n:] = _ZERO_VIEW[: length - n]
-            if sums is not None:
-                sums += unit_crcs(buf)
-            return memoryview(buf)
-        if dev.unverified and slot in dev.unverified:
-            self._verify(dev, slot)
+            self._pread(dev, buf, dev.slot_offset(slot) + offset)
+            return buf
         first = offset >> BLOCK_SHIFT
         count = ((offset + length + BLOCK - 1) >> BLOCK_SHIFT) - first
         start = first << BLOCK_SHIFT
+        buf = self._read_buffer(count << BLOCK_SHIFT)
+        self._read_checked(dev, slot, volume, chunk, first, buf)
+        return buf[offset - start : offset - start + length]
+
+    def read_reply(
+        self, volume: int, chunk: int, offset: int, length: int, *, check: bool = True
+    ) -> memoryview | None:
+        """A READ reply's payload and its checksums (docs/protocol.md §8.6): ``length``
+        bytes at ``offset`` of the chunk followed, in the same buffer, by one packed
+        CRC32C per 4 KiB of them from their first byte, so that the reply leaves in
+        one write; None if the chunk has no slot.
+
+        ``check``: the blocks are checked as :meth:`read` checks them, and the reply's
+        checksums are the stored ones they matched. Not ``check`` (a READ whose client
+        checks the bytes against the checksums itself: ``CLIENT_CHECKS``, docs/sds.md
+        "Checksums"), for a read at a block boundary: the stored checksums are sent
+        as they are and nothing is checked here; only the checksums of blocks that
+        have none recorded and of a short last unit are computed. A read not at a
+        block boundary, or of a device that keeps no checksums, computes them all."""
+        loc = self._index.get(chunk_key(volume, chunk))
+        if loc is None or volume in self._tombstones:
+            return None
+        dev, slot = loc
+        if dev.failed:
+            raise DeviceFailed(dev)
+        if not dev.checksums or offset & (BLOCK - 1) or not length:
+            data = self.read(volume, chunk, offset, length)
+            assert data is not None
+            packed = trailer(data)
+            out = self._read_buffer(length + len(packed))
+            out[:length] = data
+            out[length:] = packed
+            return out
+        first = offset >> BLOCK_SHIFT
+        count = (length + BLOCK - 1) >> BLOCK_SHIFT
         size = count << BLOCK_SHIFT
-        buf = self._read_buffer(size)
+        buf = self._read_buffer(size + 4 * count)
+        data = buf[:size]
+        got: list[int] | None = None
+        if check:
+            got, row = self._read_checked(dev, slot, volume, chunk, first, data)
+        else:
+            if dev.unverified and slot in dev.unverified:
+                self._verify(dev, slot)
+            self._pread(dev, data, dev.slot_offset(slot) + offset)
+            row = self._row(dev, slot, first, count)
+        short = length & (BLOCK - 1)
+        if short or _NO_CRC in row:
+            # Blocks without a recorded checksum, and a last unit shorter than its
+            # block: their checksums from the bytes.
+            sums = list(ROWS[count].unpack(row))
+            for i, want in enumerate(sums):
+                if not want:
+                    at = i << BLOCK_SHIFT
+                    sums[i] = got[i] if got else crc32c(data[at : at + BLOCK])
+            if short:
+                sums[-1] = crc32c(data[length - short : length])
+            row = ROWS[count].pack(*sums)
+        buf[length : length + 4 * count] = row
+        return buf[: length + 4 * count]
+
+    def _pread(self, dev: Device, buf: memoryview, offset: int) -> None:
+        """Fill ``buf`` from ``offset`` of ``dev`` (zeroes past the end of a sparse file)."""
         try:
-            n = dio.preadv(dev.fd, [buf], dev.slot_offset(slot) + start)
-            row = dio.pread(dev.fd, count * 4, dev.row_offset(slot) + first * 4)
+            n = dio.preadv(dev.fd, [buf], offset)
         except OSError as exc:
             raise self._io_error(dev, "pread", exc) from exc
-        if n < size:  # past the end of a sparse file: zeroes
-            buf[n:] = _ZERO_VIEW[: size - n]
-        view = memoryview(buf)
-        got = block_crcs(view)
-        bad = bad_blocks(got, row.ljust(count * 4, b"\0"), first)
+        if n < len(buf):
+            buf[n:] = _ZERO_VIEW[: len(buf) - n]
+
+    def _row(self, dev: Device, slot: int, first: int, count: int) -> bytes:
+        """The stored checksums of ``count`` blocks of ``slot`` from block ``first`` on."""
+        try:
+            row = dio.pread(dev.fd, 4 * count, dev.row_offset(slot) + 4 * first)
+        except OSError as exc:
+            raise self._io_error(dev, "pread", exc) from exc
+        return row if len(row) == 4 * count else row.ljust(4 * count, b"\0")
+
+    def _read_checked(
+        self, dev: Device, slot: int, volume: int, chunk: int, first: int, buf: memoryview
+    ) -> tuple[list[int], bytes]:
+        """Fill ``buf`` with whole blocks of ``slot`` from block ``first`` on, checked
+        against their stored checksums (:class:`ChecksumError`); their CRC32Cs and the
+        stored ones (packed)."""
+        if dev.unverified and slot in dev.unverified:
+            self._verify(dev, slot)
+        self._pread(dev, buf, dev.slot_offset(slot) + (first << BLOCK_SHIFT))
+        got = block_crcs(buf)
+        row = self._row(dev, slot, first, len(got))
+        bad = bad_blocks(got, row, first)
         if bad:
             raise self._checksum_error(dev, slot, volume, chunk, bad)
-        out = view[offset - start : offset - start + length]
-        if sums is not None:
-            if offset == start:
-                whole = length >> BLOCK_SHIFT
-                sums += got[:whole]
-                if length & (BLOCK - 1):
-                    sums.append(crc32c(out[whole << BLOCK_SHIFT :]))
-            else:
-                sums += unit_crcs(out)
-        return out
+        return got, row
 
     def checksum_rows(
         self, volume: int, chunk: int, *, count: bool = True
@@ -1206,23 +1264,24 @@ class ChunkStore:
                 self._checksum_error(dev, slot, volume, chunk, bad)
         return stored, computed
 
-    def _read_buffer(self, size: int) -> bytearray:
-        """A buffer for a read of ``size`` bytes, which the read overwrites whole. A
-        whole chunk's is one of the store's kept buffers that no view (a reply being
-        sent, a copy in flight) refers to any more, so that a 1 MiB read neither zeroes
-        fresh memory nor faults its pages in (docs/performance.md); smaller reads, and
-        whole-chunk reads while every kept buffer is in use, get a new one."""
-        if size != CHUNK_SIZE:
-            return bytearray(size)
+    def _read_buffer(self, size: int) -> memoryview:
+        """A buffer for a read of ``size`` bytes, which the read overwrites whole. One
+        of a whole chunk (with its reply's checksums: :meth:`read_reply`) is a view
+        of one of the store's kept buffers that no view (a reply being sent, a copy in
+        flight) refers to any more, so that a 1 MiB read neither zeroes fresh memory
+        nor faults its pages in (docs/performance.md); smaller reads, and whole-chunk
+        reads while every kept buffer is in use, get a new one."""
+        if size < CHUNK_SIZE:
+            return memoryview(bytearray(size))
         kept = self._read_buffers
         for i in range(len(kept)):  # not enumerate(): its result tuple holds a reference
             buf = kept[i]
             if sys.getrefcount(buf) <= _UNSHARED_REFS:
-                return buf
-        buf = bytearray(size)
+                return memoryview(buf)[:size]
+        buf = bytearray(_KEPT_SIZE)
         if len(kept) < READ_BUFFERS:
             kept.append(buf)
-        return buf
+        return memoryview(buf)[:size]
 
     def needs_reclaim(self, dev: Device, volume: int, chunk: int) -> bool:
         """True when a write, WRITE_ZEROES or TRIM of this chunk must wait for

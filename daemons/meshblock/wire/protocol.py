@@ -215,6 +215,10 @@ class ReqFlag(enum.IntFlag):
     # says the PG is clean; an SDS of an older release answers NOT_PRIMARY
     REPLICA = 2
     HEAL = 4  # CHUNK_CSUMS: repair this copy's bad blocks from another copy first
+    # READ with csum_type: the client checks the reply's bytes against its checksums
+    # and reads again without this flag on a mismatch, so the server may send the
+    # stored checksums as they are, unchecked (docs/protocol.md §8.6)
+    CLIENT_CHECKS = 8
 
 
 class ReplyFlag(enum.IntFlag):
