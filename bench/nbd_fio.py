@@ -18,7 +18,7 @@ SDC and SDS processes during every meshblock job and summarises where their time
 
     .venv/bin/python bench/nbd_fio.py                              # ~2 minutes
     .venv/bin/python bench/nbd_fio.py --repeat 3 --runtime 5
-    .venv/bin/python bench/nbd_fio.py --uri nbd://127.0.0.1:10809/vol1 --size 1GiB
+    .venv/bin/python bench/nbd_fio.py --uri 'nbd+unix:///vol1?socket=run/lab/nbd.sock' --size 1GiB
     .venv/bin/python bench/nbd_fio.py --profile /tmp/prof --jobs randwrite-qd32
 
 Every process (fio, nbdkit, the MDM, the SDSs, the SDC) runs on this machine and they

@@ -51,7 +51,9 @@ else
     "$MESHCTL" lab up ${MESHBLOCK_BASE_PORT:+--base-port "$MESHBLOCK_BASE_PORT"}
 fi
 
-URI="$("$MESHCTL" lab status --json | "$VENV/bin/python" -c 'import json, sys; print(json.load(sys.stdin)["nbd"]["tcp"])')"
+NBD="$("$MESHCTL" lab status --json | "$VENV/bin/python" -c 'import json, sys; d = json.load(sys.stdin)["nbd"]; print(d["unix"]); print(d["tcp"])')"
+URI="$(sed -n 1p <<<"$NBD")"      # the unix socket (qemu-io 7.2 has no nbds:// URI)
+TLS_URI="$(sed -n 2p <<<"$NBD")"  # TCP on loopback, TLS with the lab's client certificate
 
 say "qemu-io writes two patterns into the volume over NBD ($URI), one at unaligned offsets across a chunk boundary"
 show qemu-io -f raw -c 'write -P 0x5a 0 4M' -c 'write -P 0xc3 1048000 5000' -c 'flush' "$URI"
@@ -60,8 +62,8 @@ say "qemu-io reads them back and verifies every byte (it fails on any mismatch)"
 show qemu-io -f raw -r -c 'read -P 0x5a 0 1048000' -c 'read -P 0xc3 1048000 5000' \
     -c 'read -P 0x5a 1053000 3141304' "$URI"
 
-say "nbdinfo describes the export"
-show nbdinfo "$URI"
+say "nbdinfo describes the export, over TCP with TLS"
+show nbdinfo "$TLS_URI"
 
 cat <<EOF
 

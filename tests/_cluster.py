@@ -233,11 +233,20 @@ class LabCluster:
     # -- what it runs --------------------------------------------------------------
 
     def uri(self, transport: str = "tcp", volume: str = "vol1") -> str:
-        ports = self.info["processes"][-1]["ports"] if self.info else None
         if transport == "unix":
             return f"nbd+unix:///{volume}?socket={self.root / 'nbd.sock'}"
-        assert ports is not None
-        return f"nbd://127.0.0.1:{ports['nbd']}/{volume}"
+        # TCP: TLS with the lab's client certificate (libnbd's URI)
+        return f"nbds://127.0.0.1:{self.nbd_port}/{volume}?tls-certificates={self.nbd_tls}"
+
+    @property
+    def nbd_port(self) -> int:
+        assert self.info
+        return int(self.info["processes"][-1]["ports"]["nbd"])
+
+    @property
+    def nbd_tls(self) -> Path:
+        """The GnuTLS client directory of NBD over TLS (ca-cert.pem, client-*.pem)."""
+        return self.root / "nbd-tls"
 
     @property
     def secret(self) -> str:

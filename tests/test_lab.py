@@ -24,6 +24,7 @@ from _cluster import LabCluster, process_running
 from _wait import WaitTimeout, wait_until
 from meshblock import pki
 from test_nbd_server import qemu_io, run, tool
+from test_nbd_tls import qemu_io_tls
 
 pytestmark = pytest.mark.cluster
 
@@ -121,6 +122,10 @@ def test_up_status_down(lab: LabCluster) -> None:
     (export,) = json.loads(run(tool("nbdinfo"), "--json", lab.uri("tcp")).stdout)["exports"]
     assert export["export-size"] == 2 * 1024**3
     qemu_io(lab.uri("unix"), "write -P 0x3c 4095 70000")
+    # What the lab exposes: the socket 0660; TCP only with TLS and a client certificate.
+    assert stat.S_IMODE(os.stat(root / "nbd.sock").st_mode) == 0o660
+    refused = run(tool("nbdinfo"), f"nbd://127.0.0.1:{lab.nbd_port}/vol1", check=False)
+    assert refused.returncode != 0 and "export-size" not in refused.stdout, refused.stdout
 
     # A second `up` is refused clearly while the lab runs.
     again = lab.lab("up", "--base-port", str(lab.base_port), check=False)
@@ -152,7 +157,14 @@ def test_up_status_down(lab: LabCluster) -> None:
     lab.up()
     rc, doc = lab.status()
     assert rc == 0, doc
-    qemu_io(lab.uri("tcp"), "read -P 0x3c 4095 70000", "read -P 0 74095 4096", read_only=True)
+    qemu_io_tls(
+        lab.nbd_port,
+        "vol1",
+        lab.nbd_tls,
+        "read -P 0x3c 4095 70000",
+        "read -P 0 74095 4096",
+        read_only=True,
+    )
 
     # down --purge: nothing left, not even the directory; a second down is no error.
     pids = [p["pid"] for p in doc["processes"]]

@@ -31,6 +31,7 @@ from _cluster import LabCluster
 from meshblock.chunks import CHUNK_SIZE, ChunkRef, pg_of
 from meshblock.wire import PeerRole, WireClient
 from test_nbd_server import qemu_io, run, tool
+from test_nbd_tls import qemu_io_tls
 
 pytestmark = pytest.mark.cluster
 
@@ -79,9 +80,13 @@ def sha256_of(path: Path, length: int) -> str:
 @pytest.mark.parametrize("transport", ["tcp", "unix"])
 def test_qemu_io_patterns_at_unaligned_offsets(lab: LabCluster, transport: str) -> None:
     base = QEMU_BASE + (32 * MiB if transport == "unix" else 0)
-    uri = lab.uri(transport)
-    qemu_io(
-        uri,
+
+    def io(*commands: str, read_only: bool = False) -> str:
+        if transport == "unix":
+            return qemu_io(lab.uri("unix"), *commands, read_only=read_only)
+        return qemu_io_tls(lab.nbd_port, "vol1", lab.nbd_tls, *commands, read_only=read_only)
+
+    io(
         f"write -P 0xa1 {base} 64k",
         f"write -P 0xb2 {base + 4097} 12345",  # unaligned, inside the first write
         f"write -P 0xc3 {base + MiB - 999} 3001",  # across a chunk boundary (two PGs)
@@ -91,8 +96,7 @@ def test_qemu_io_patterns_at_unaligned_offsets(lab: LabCluster, transport: str) 
         f"discard {base + 24 * MiB + 512} {MiB}",
         "flush",
     )
-    qemu_io(
-        uri,
+    io(
         f"read -P 0xa1 {base} 4097",
         f"read -P 0xb2 {base + 4097} 12345",
         f"read -P 0xa1 {base + 4097 + 12345} {65536 - 4097 - 12345}",
@@ -131,11 +135,10 @@ def test_nbdinfo_list(lab: LabCluster) -> None:
 
 
 def fio(lab: LabCluster, *args: str, timeout: float = 300) -> dict[str, Any]:
-    port = lab.uri("tcp").split(":")[2].split("/")[0]
     proc = run(
         tool("fio"),
         "--ioengine=nbd",
-        f"--uri=nbd://127.0.0.1:{port}/vol1",
+        f"--uri={lab.uri('unix')}",  # fio's libnbd may not read tls-certificates
         "--output-format=json",
         "--verify_state_save=0",  # no state file in the working directory
         *args,
@@ -226,7 +229,7 @@ def test_checker_reports_a_corrupted_replica(lab: LabCluster) -> None:
     """Negative control: the checker does fail when one copy differs."""
     base = OVERLAP_BASE + OVERLAP_SIZE + 4 * MiB
     chunk, offset = base // CHUNK_SIZE + 1, 12345
-    qemu_io(lab.uri("tcp"), f"write -P 0x77 {base} {3 * MiB}", "flush")
+    qemu_io(lab.uri("unix"), f"write -P 0x77 {base} {3 * MiB}", "flush")
     rc, report = verify(lab)
     assert rc == 0, report
 
@@ -241,9 +244,9 @@ def test_checker_reports_a_corrupted_replica(lab: LabCluster) -> None:
     human = lab.meshctl("volume", "verify", "vol1", check=False)
     assert human.returncode == 1 and "DIFFERENT: 1 chunk" in human.stdout, human.stdout
     # Reads come from the primary: the client still sees its data.
-    qemu_io(lab.uri("tcp"), f"read -P 0x77 {base} {3 * MiB}", read_only=True)
+    qemu_io(lab.uri("unix"), f"read -P 0x77 {base} {3 * MiB}", read_only=True)
 
     # Rewriting the range through the SDC writes both copies: identical again.
-    qemu_io(lab.uri("tcp"), f"write -P 0x78 {chunk * CHUNK_SIZE} {CHUNK_SIZE}", "flush")
+    qemu_io(lab.uri("unix"), f"write -P 0x78 {chunk * CHUNK_SIZE} {CHUNK_SIZE}", "flush")
     rc, report = verify(lab)
     assert rc == 0, report

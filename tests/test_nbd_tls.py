@@ -81,6 +81,26 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return gnutls_dir(tmp_path_factory.mktemp("gnutls"), CLIENT_ID)
 
 
+def qemu_io_tls(
+    port: int, export: str, certs: Path, *commands: str, read_only: bool = False
+) -> str:
+    """qemu-io on ``export`` at 127.0.0.1:``port`` over TLS with the GnuTLS
+    directory ``certs``: a tls-creds-x509 object and --image-opts (qemu-io 7.2 has no
+    ``nbds://`` URI)."""
+    opts = (
+        f"driver=raw,file.driver=nbd,file.server.type=inet,file.server.host=127.0.0.1,"
+        f"file.server.port={port},file.export={export},file.tls-creds=tls0"
+    )
+    args = [tool("qemu-io"), "--object", f"tls-creds-x509,id=tls0,endpoint=client,dir={certs}"]
+    args += ["--image-opts", *(["-r"] if read_only else [])]
+    for c in commands:
+        args += ["-c", c]
+    proc = run(*args, opts)
+    out = proc.stdout + proc.stderr
+    assert "failed" not in out.lower(), out
+    return out
+
+
 def nbds(nbd: ServerThread, export: str, certs: Path) -> str:
     return f"nbds://127.0.0.1:{nbd.port}/{export}?tls-certificates={certs}"
 
@@ -95,26 +115,11 @@ def test_nbdinfo_over_tls_lists_and_opens(nbd: ServerThread, certs: Path) -> Non
 
 
 def test_qemu_io_over_tls(nbd: ServerThread, certs: Path) -> None:
-    opts = (
-        f"driver=raw,file.driver=nbd,file.server.type=inet,file.server.host=127.0.0.1,"
-        f"file.server.port={nbd.port},file.export=disk,file.tls-creds=tls0"
-    )
-    tls = f"tls-creds-x509,id=tls0,endpoint=client,dir={certs}"
-
-    def io(*commands: str) -> str:
-        args = [tool("qemu-io"), "--object", tls, "--image-opts"]
-        for c in commands:
-            args += ["-c", c]
-        proc = run(*args, opts)
-        out = proc.stdout + proc.stderr
-        assert "failed" not in out.lower(), out
-        return out
-
-    io("write -P 0x3c 4097 65536")
+    qemu_io_tls(nbd.port, "disk", certs, "write -P 0x3c 4097 65536")
     backend = nbd.server.exports["disk"].backend
     assert isinstance(backend, MemoryBackend)
     assert backend.data[4097 : 4097 + 65536] == b"\x3c" * 65536
-    assert "verification failed" not in io("read -P 0x3c 4097 65536")
+    qemu_io_tls(nbd.port, "disk", certs, "read -P 0x3c 4097 65536", read_only=True)
 
 
 def test_plain_nbd_is_refused_with_tls_reqd(

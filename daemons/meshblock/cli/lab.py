@@ -20,7 +20,8 @@ Everything lives under one directory (``docs/lab.md``)::
     DIR/config/*.toml       generated daemon configs (0600)
     DIR/data/               mdm.db, sdsN/dev0.img (sparse), sdsN/state, sdc1/
     DIR/logs/*.log          one log per daemon
-    DIR/nbd.sock            the SDC's NBD unix socket
+    DIR/nbd.sock            the SDC's NBD unix socket (0660)
+    DIR/nbd-tls/            ca-cert.pem, client-cert.pem, client-key.pem: NBD over TLS
 
 A pid counts as the lab's only while ``/proc/PID/cmdline`` still names the lab's
 config file for it, so a reused pid is never signalled.
@@ -263,6 +264,7 @@ class Lab:
         self.nbd_socket = self.root / "nbd.sock"
         self.ca_dir = self.root / "ca"
         self.tls_dir = self.root / "tls"
+        self.nbd_tls_dir = self.root / "nbd-tls"
         self._tls: ssl.SSLContext | None = None
 
     # -- description ---------------------------------------------------------------
@@ -332,8 +334,11 @@ class Lab:
     def uris(self, state: Mapping[str, Any]) -> dict[str, str]:
         ports = Ports.from_json(state["ports"])
         volume = state.get("volume", {}).get("name", VOLUME)
+        tls = state.get("nbd_tls")  # a lab made before NBD over TLS: plain
         return {
-            "tcp": f"nbd://{HOST}:{ports.sdc_nbd}/{volume}",
+            "tcp": f"nbds://{HOST}:{ports.sdc_nbd}/{volume}?tls-certificates={tls}"
+            if tls
+            else f"nbd://{HOST}:{ports.sdc_nbd}/{volume}",
             "unix": f"nbd+unix:///{volume}?socket={self.nbd_socket}",
         }
 
@@ -399,7 +404,7 @@ class Lab:
         """Never write into (or later purge) a directory that holds something else."""
         if self.root.exists() and any(self.root.iterdir()):
             known = {STATE_FILE, "env", "cluster.secret", "config", "data", "logs", "nbd.sock"}
-            known |= {"ca", "tls"}
+            known |= {"ca", "tls", "nbd-tls"}
             others = sorted(p.name for p in self.root.iterdir() if p.name not in known)
             if others:
                 raise LabError(
@@ -486,9 +491,10 @@ class Lab:
                     },
                     "mdm": {"urls": [mdm_url], "cluster_secret_file": str(self.secret_path)},
                     "nbd": {
-                        # the socket (0660, the user's group) and, for the clients
-                        # and tests that use TCP, loopback TCP: what docs/lab.md says
+                        # the socket (0660, the user's group) and loopback TCP with
+                        # TLS and client certificates required: what docs/lab.md says
                         "tcp": True,
+                        "tls": True,
                         "host": HOST,
                         "port": ports.sdc_nbd,
                         "unix_socket": str(self.nbd_socket),
@@ -519,6 +525,7 @@ class Lab:
             "mdm_url": mdm_url,
             "admin_token": admin,
             "tls": tls["admin"],
+            "nbd_tls": str(self.nbd_tls_dir),
             "volume": {"name": VOLUME, "size_bytes": volume_size},
             "device_size_bytes": device_size,
             "pids": {},
@@ -550,6 +557,15 @@ class Lab:
                 "ca": str(ca.cert_path),
                 "crl": str(ca.crl_path),
             }
+        # NBD clients over TLS (GnuTLS: nbdinfo, nbdcopy, qemu) read a directory of
+        # ca-cert.pem, client-cert.pem and client-key.pem: the admin's certificate.
+        self.nbd_tls_dir.mkdir(mode=0o700, exist_ok=True)
+        for src, dst in (
+            (tables["admin"]["ca"], "ca-cert.pem"),
+            (tables["admin"]["cert"], "client-cert.pem"),
+            (tables["admin"]["key"], "client-key.pem"),
+        ):
+            shutil.copy(src, self.nbd_tls_dir / dst)  # the key keeps its mode 0600
         return tables
 
     def client_tls(self, state: Mapping[str, Any]) -> ssl.SSLContext | None:

@@ -146,11 +146,11 @@ Volume {name} ({format_size(vol["size_bytes"])}, thin, two copies) is served ove
   {unix}
 
 Use it with any NBD client, e.g.:
-  qemu-io -f raw -c 'write -P 0xab 0 1M' -c 'read -P 0xab 0 1M' {tcp}
-  nbdinfo {tcp}
-  nbdcopy disk.img {tcp}
+  qemu-io -f raw -c 'write -P 0xab 0 1M' -c 'read -P 0xab 0 1M' '{unix}'
+  nbdinfo '{tcp}'
+  nbdcopy disk.img '{tcp}'
   nbdcopy '{unix}' copy.img
-  qemu-img convert -n -O raw disk.qcow2 {tcp}
+  qemu-img convert -n -O raw disk.qcow2 '{unix}'
 
 meshctl against the lab:  . {doc["env"]}
   meshctl topology; meshctl volume verify {name}   # are both copies of every chunk equal?{tls}
