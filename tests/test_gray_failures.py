@@ -54,12 +54,20 @@ build = test_faults.build
 netns = test_faults.netns
 
 MAX_WAIT_S = 5.0  # the target: no client IO waits longer for one failed SDS
+MAX_EPOCHS = 2  # map epochs while one SDS is failing (no flapping in and out of the map)
 FAULT_S = 30.0
 FAULT_AFTER_S = 3.0
 SECOND_VOLUME = "flt2"
 FIO_SIZE = "48M"  # 12288 writes of 4 KiB per volume ...
 FIO_RATE_IOPS = 600  # ... ~20 s of writes, then the verify pass: IO all through the fault
 QD = 16
+
+
+def down_sds(c: SmallCluster) -> list[int]:
+    """The SDSs the MDM says are not connected."""
+    status, doc = c.mdm.api().get("/api/v1/sds")
+    assert status == 200, doc
+    return sorted(int(d["id"]) for d in doc["sds"] if d["state"] != "connected")
 
 
 def add_volume(c: SmallCluster, name: str) -> int:
@@ -99,10 +107,15 @@ def through_a_fault(
     fault()
     declared_at: float | None = None
     cleaned: list[str] = []
+    epoch_before = c.pgmap()["epoch"]
+    epochs = epoch_before
+    downs: list[int] = []
     try:
         t_fault = time.monotonic()
         while time.monotonic() - t_fault < FAULT_S:
             doc = c.pgmap()
+            epochs = doc["epoch"]
+            downs += [i for i in down_sds(c) if i not in downs]
             on = [pg for pg in doc["pgs"] if dead in copies(pg)]
             if declared_at is None:
                 if on and all(pg["state"] != "clean" for pg in on):
@@ -121,7 +134,12 @@ def through_a_fault(
     worst = {op: max(res.max_latency_s(op) for res in results) for op in ("read", "write")}
     print(
         f"SDS {dead} declared down {declared_at} s into the fault; longest waits: "
-        f"read {worst['read']:.2f} s, write {worst['write']:.2f} s"
+        f"read {worst['read']:.2f} s, write {worst['write']:.2f} s; "
+        f"{epochs - epoch_before} map epoch(s) during the fault; SDSs down: {downs}"
+    )
+    assert downs == [dead], f"SDSs declared down during the fault: {downs}, not [{dead}]"
+    assert epochs - epoch_before <= MAX_EPOCHS, (
+        f"{epochs - epoch_before} map epochs during one failure (at most {MAX_EPOCHS})\n{context}"
     )
     assert declared_at is not None, f"SDS {dead}'s PGs were never all degraded\n{context}"
     assert not cleaned, (
@@ -182,3 +200,30 @@ def test_hung_sds_sigstop(build: Any, tmp_path: Path) -> None:
     finally:
         cont()
     assert proc.poll() is None, "the SDS died"
+
+
+def test_one_sided_partition_peers_unreachable(
+    build: Any, netns: NetNs, nft_ready: None, tmp_path: Path
+) -> None:
+    """The SDS's own connections to its peers' data ports are dropped (what it sends
+    them and what they answer), while the SDC and the MDM reach it and its heartbeats
+    go on: it cannot mirror a write it is primary for. The MDM must take it for the
+    faulty one (it reports every peer while the MDM reaches them), never a healthy
+    peer on its word."""
+    c = netns_cluster(build, netns, cluster_settings(NO_REBUILD_S))
+    victim = c.sds[1]
+    assert victim.netns is netns
+    peers = "{ " + ", ".join(str(d.data_port) for d in c.sds if d is not victim) + " }"
+    nft = Nft(netns)
+
+    def cut_from_peers() -> None:
+        nft.apply(
+            outbound=[f"ip daddr {netns.host_ip} tcp dport {peers} drop"],
+            inbound=[f"ip saddr {netns.host_ip} tcp sport {peers} drop"],
+        )
+
+    try:
+        through_a_fault(c, tmp_path, victim, cut_from_peers, nft.restore)
+    finally:
+        nft.restore()
+    assert victim.proc is not None and victim.proc.poll() is None, "the SDS died"

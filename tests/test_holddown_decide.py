@@ -15,8 +15,11 @@ from meshblock.mdm.holddown import (
     Prober,
     Record,
     cleared,
+    from_stored,
+    isolated_sds,
     probed,
     proven_up,
+    to_stored,
     went_down,
 )
 from meshblock.mdm.liveness import Liveness
@@ -264,3 +267,78 @@ def test_an_sds_probes_the_sdss_the_mdm_names_and_reports_how_long_they_answered
         await probes.stop()
 
     asyncio.run(scenario())
+
+
+# -- one-sided partitions: the SDS cut off from its peers ----------------------------
+
+
+def test_an_sds_reporting_the_peers_it_forwards_to_is_the_isolated_one() -> None:
+    # SDS 2 forwards to 3 only and reported it; the MDM reached 3
+    assert isolated_sds({2: {3: 10.0}}, {2: {3}}, [1, 2, 3], 11.0) == 2
+    # it forwards to 1 and 3 and reported only 3: one peer down is no isolation
+    assert isolated_sds({2: {3: 10.0}}, {2: {1, 3}}, [1, 2, 3], 11.0) is None
+    assert isolated_sds({2: {1: 10.0, 3: 10.5}}, {2: {1, 3}}, [1, 2, 3], 11.0) == 2
+    # needs unknown: weighed against every other connected SDS
+    assert isolated_sds({2: {1: 10.0, 3: 10.5}}, {}, [1, 2, 3], 11.0) == 2
+    # reports older than the window, or of SDSs not connected, do not count
+    assert isolated_sds({2: {3: 0.0}}, {2: {3}}, [1, 2, 3], 11.0) is None
+    assert isolated_sds({2: {3: 10.0}}, {2: {3}}, [1, 2], 11.0) is None
+
+
+def test_of_two_sds_reporting_each_other_the_one_others_report_too_is_isolated() -> None:
+    both = {2: {3: 10.0}, 3: {2: 10.0}}
+    assert isolated_sds(both, {2: {3}, 3: {2}}, [1, 2, 3], 11.0) is None  # a tie
+    assert isolated_sds(both, {2: {3}, 3: {2}}, [2, 3], 11.0) is None  # two SDSs: a tie
+    more = {**both, 1: {2: 10.0}}
+    assert isolated_sds(more, {2: {3}, 3: {2}, 1: {2, 3}}, [1, 2, 3], 11.0) == 2
+
+
+def test_an_isolated_reporter_goes_down_never_the_peer_it_named() -> None:
+    live = Liveness(10.0, Knobs(hold_down_s=2.0, flap_count=3, flap_window_s=600.0))
+    beat_all(live, (1, 2, 3))
+    holds = live.holds
+    assert holds.not_confirmed(2, 1, {1, 3}, live.connected_sds(), 100.0) is None
+    assert holds.not_confirmed(2, 3, {1, 3}, live.connected_sds(), 101.0) == 2
+    # a held SDS is left out: its reports name no one else afterwards
+    live.mark_down(2, isolated=True)
+    assert holds.record(2).isolated and holds.held(2)
+    assert holds.not_confirmed(1, 2, {2}, live.connected_sds(), 102.0) is None
+
+
+def test_an_isolated_sds_returns_only_once_it_reaches_a_peer_itself() -> None:
+    live = Liveness(10.0, Knobs(hold_down_s=2.0, flap_count=3, flap_window_s=600.0))
+    fake = Fake()
+    clock = Clock()
+    p = prober(live, fake, clock)
+    beat_all(live, (1, 2, 3))
+    live.mark_down(2, isolated=True)
+    fake.reachable[2] = True
+    assert asyncio.run(p.tick()) == []
+    # it is told to probe its connected peers; they are told to probe it
+    assert [e["sds_id"] for e in live.holds.probe_list(2)] == [1, 3]
+    assert [e["sds_id"] for e in live.holds.probe_list(1)] == [2]
+    clock.now += 3.0
+    beat_all(live, (1, 2, 3))
+    live.holds.report(1, [{"sds_id": 2, "reachable_s": 3.0}], clock.now)
+    live.holds.report(2, [{"sds_id": 1, "reachable_s": 0.0}, {"sds_id": 3, "reachable_s": 0.0}])
+    assert asyncio.run(p.tick()) == []  # the MDM and a peer reach it; it reaches no one
+    clock.now += 3.0
+    live.holds.report(1, [{"sds_id": 2, "reachable_s": 6.0}], clock.now)
+    live.holds.report(2, [{"sds_id": 3, "reachable_s": 2.5}], clock.now)
+    assert asyncio.run(p.tick()) == [2]
+    assert not live.holds.record(2).isolated and live.holds.probe_list(2) == []
+
+
+def test_a_stored_record_reads_back_with_its_downs_and_flags() -> None:
+    rec = Record()
+    for t in (100.0, 110.0, 120.0, 130.0):
+        rec = went_down(rec, t, K, isolated=True)
+    assert rec.flapping and rec.isolated
+    text = to_stored(rec, 200.0, 5000.0)
+    assert text is not None
+    # read back by a new process whose monotonic clock reads 7 when the wall clock reads 5010
+    back = from_stored(text, 7.0, 5010.0)
+    assert back.flapping and back.held and back.isolated and back.reachable_since is None
+    assert [round(t, 3) for t in back.downs] == [-103.0, -93.0, -83.0, -73.0]
+    assert to_stored(Record(), 1.0, 1.0) is None
+    assert from_stored("not json", 1.0, 1.0) == Record()

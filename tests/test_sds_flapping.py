@@ -137,6 +137,20 @@ def test_a_flapping_sds_stays_out_until_cleared(fc: SmallCluster) -> None:
     )
     assert "flapping, kept out" in fc.mdm.log_text(), fc.logs()
 
+    # An MDM restart keeps it out: the hold is in the store (sdss.hold_state).
+    fc.mdm.restart()
+    wait_until(
+        lambda: sds_doc(fc, fc.sds[0].name)["state"] == "connected",
+        60,
+        "the SDSs heartbeating the restarted MDM",
+        detail=fc.logs,
+    )
+    victim.wait_serving()
+    time.sleep(HOLD_DOWN_S + 3.0)
+    doc = sds_doc(fc, victim.name)
+    assert doc["flapping"] and doc["held_down"] and doc["state"] == "disconnected", doc
+    assert fc.pgmap()["epoch"] == epoch_flapping
+
     out = meshctl(fc, "--json", "sds", "clear-flapping", victim.name)
     assert out.returncode == 0, out
     assert json.loads(out.stdout)["flapping"] is False, out.stdout

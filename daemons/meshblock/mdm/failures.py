@@ -252,6 +252,33 @@ class FailureDetector:
                 log.exception("failure check failed; trying again in %.0f s", interval_s)
 
 
+async def forward_peers(s: AsyncSession, sds_id: int) -> frozenset[int]:
+    """The SDSs that ``sds_id`` forwards writes to: the secondaries of the PGs it is
+    primary of, when the primary forwards (clean, resyncing, rebuilding), and their
+    move targets (what :func:`meshblock.mdm.holddown.isolated_sds` weighs its reports
+    against)."""
+    owner = dict((await s.execute(select(Device.id, Device.sds_id))).all())
+    mine = [d for d, o in owner.items() if o == sds_id]
+    rows = await s.execute(
+        select(
+            PlacementGroup.state,
+            PlacementGroup.secondary_device_id,
+            PlacementGroup.target_device_id,
+        ).where(PlacementGroup.primary_device_id.in_(mine))
+    )
+    out: set[int] = set()
+    for state, sec, tgt in rows:
+        if sec is not None and state in _FORWARDING:
+            out.add(owner[sec])
+        if tgt is not None:
+            out.add(owner[tgt])
+    out.discard(sds_id)
+    return frozenset(out)
+
+
+_FORWARDING = (PgState.CLEAN, PgState.RESYNCING, PgState.REBUILDING)
+
+
 @dataclass(frozen=True)
 class PoolDevice(DeviceInfo):
     """A device as the failure checks see it: placement's view and its pool."""

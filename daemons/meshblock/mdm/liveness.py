@@ -4,6 +4,10 @@ A heartbeat must be cheap: a thousand SDSs send one a second. It only records th
 time (and the usage an SDS reports) in memory; a background task writes what changed
 to the database once a second in one transaction. A component's state is derived:
 ``connected`` while its last heartbeat is younger than ``heartbeat_timeout_s``.
+
+The hold-downs (:mod:`meshblock.mdm.holddown`) go the same way: a record that
+changed is written with the next batch (``sdss.hold_state``) and read back at start,
+so that an SDS held down or flapping stays out across an MDM restart.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -20,7 +25,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from meshblock.mdm.db import WriteGate
-from meshblock.mdm.holddown import HoldDowns, Knobs
+from meshblock.mdm.holddown import HoldDowns, Knobs, from_stored, to_stored
 from meshblock.mdm.models import Device, Sdc, Sds, Volume, VolumeUsage
 
 log = logging.getLogger(__name__)
@@ -37,6 +42,7 @@ class _Pending:
     seen: dict[tuple[Kind, int], dt.datetime] = field(default_factory=dict)
     device_used: dict[tuple[int, int], int] = field(default_factory=dict)  # (sds, device)
     volume_chunks: dict[tuple[int, int], int] = field(default_factory=dict)
+    holds: dict[int, str | None] = field(default_factory=dict)  # sds -> hold_state
 
 
 class Liveness:
@@ -60,6 +66,20 @@ class Liveness:
             for id_, seen in rows:
                 if seen is not None:
                     self.last_seen[(kind, id_)] = _aware(seen)  # type: ignore[index]
+        mono, wall = time.monotonic(), time.time()
+        stored = await session.execute(
+            select(Sds.id, Sds.hold_state).where(Sds.hold_state.is_not(None))
+        )
+        records = {i: from_stored(text, mono, wall) for i, text in stored}
+        self.holds.load(records)
+        for i, rec in sorted(records.items()):
+            if rec.held:
+                log.warning(
+                    "SDS %d is held down%s since before the restart: it returns once proven up%s",
+                    i,
+                    " (flapping)" if rec.flapping else "",
+                    " after 'meshctl sds clear-flapping'" if rec.flapping else "",
+                )
 
     def beat(
         self,
@@ -83,13 +103,14 @@ class Liveness:
         if kind == "sds":
             self.holds.forget(id_)
 
-    def mark_down(self, id_: int) -> None:
-        """Declare an SDS down now (a peer's report, confirmed by the MDM): as if its
-        last heartbeat were older than the timeout, and held down: its heartbeats do
-        not bring it back, only probes that reach it for ``hold_down_s``
+    def mark_down(self, id_: int, isolated: bool = False) -> None:
+        """Declare an SDS down now (a peer's report, confirmed by the MDM; or, with
+        ``isolated``, its own reports of peers the MDM reaches): as if its last
+        heartbeat were older than the timeout, and held down: its heartbeats do not
+        bring it back, only probes that reach it for ``hold_down_s``
         (:meth:`release`)."""
         self.last_seen[("sds", id_)] = utcnow() - self.timeout - dt.timedelta(seconds=1)
-        self.holds.down(id_)
+        self.holds.down(id_, isolated=isolated)
 
     def release(self, id_: int) -> None:
         """A held SDS proven up: connected again from its next heartbeat on."""
@@ -112,8 +133,9 @@ class Liveness:
         return "disconnected"
 
     async def flush(self, sessions: async_sessionmaker[AsyncSession], gate: WriteGate) -> None:
+        self._take_holds()
         pending, self._pending = self._pending, _Pending()
-        if not (pending.seen or pending.device_used or pending.volume_chunks):
+        if not (pending.seen or pending.device_used or pending.volume_chunks or pending.holds):
             return
         try:
             async with gate(), sessions() as session, session.begin():
@@ -127,6 +149,15 @@ class Liveness:
                 self._pending.device_used.setdefault(dk, dv)
             for vk, vv in pending.volume_chunks.items():
                 self._pending.volume_chunks.setdefault(vk, vv)
+            for hk, hv in pending.holds.items():
+                self._pending.holds.setdefault(hk, hv)
+
+    def _take_holds(self) -> None:
+        """The hold-down records that changed, as the store keeps them."""
+        changed, self.holds.changed = self.holds.changed, set()
+        mono, wall = time.monotonic(), time.time()
+        for i in changed:
+            self._pending.holds[i] = to_stored(self.holds.record(i), mono, wall)
 
     async def run(self, sessions: async_sessionmaker[AsyncSession], gate: WriteGate) -> None:
         while True:
@@ -140,6 +171,8 @@ async def _write(session: AsyncSession, p: _Pending) -> None:
     conn = await session.connection()
     if sds_rows:
         await _bulk_set(session, Sds, sds_rows)
+    if p.holds:
+        await _bulk_set(session, Sds, [{"id": i, "hold_state": h} for i, h in p.holds.items()])
     if sdc_rows:
         await _bulk_set(session, Sdc, sdc_rows)
     if p.device_used:

@@ -20,6 +20,7 @@ from sqlalchemy import (
     Index,
     MetaData,
     String,
+    Text,
     UniqueConstraint,
     text,
 )
@@ -195,6 +196,8 @@ class Sds(Base):
         _enum(SdsMode, "sds_mode"), default=SdsMode.NORMAL, server_default=SdsMode.NORMAL.value
     )
     last_seen: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    # Held down or flapping (meshblock.mdm.holddown.to_stored); NULL: nothing to keep
+    hold_state: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[created_at]
 
     protection_domain: Mapped[ProtectionDomain] = relationship(back_populates="sdss", lazy="raise")

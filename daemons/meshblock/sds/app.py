@@ -32,6 +32,7 @@ from meshblock.sds.mdm_client import (
     saved_failed_devices,
 )
 from meshblock.sds.metrics import SdsCollector
+from meshblock.sds.peer_probe import SelfFence, peers_needed, wire_pinger
 from meshblock.sds.replication import Peers
 from meshblock.sds.resync import Resync
 from meshblock.sds.scrub import Scrubber
@@ -143,6 +144,11 @@ async def _runtime(app: web.Application) -> AsyncIterator[None]:
             timeout_factor=config.peer_timeout_factor,
         )
         state = SdsState(store, MapCache(), peers, SdsStats())
+        peers.fence = SelfFence(
+            config.self_fence_after_s,
+            wire_pinger(secret, config.wire_min_version),
+            lambda: peers_needed(state.maps.maps.values(), state.sds_id),
+        )
         resync = Resync(state)
         service = DataService(state, resync)
         hook = device_io.installed_hook()
@@ -188,6 +194,7 @@ async def _data_server(app: web.Application) -> AsyncIterator[None]:
         await rt.resync.close()
         if rt.link.scrubber is not None:
             await rt.link.scrubber.close()
+        await rt.state.peers.fence.stop()
         await rt.state.peers.close()
 
 

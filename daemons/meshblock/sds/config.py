@@ -74,6 +74,9 @@ class SdsConfig:
     peer_timeout_s: float = 10.0  # the longest a peer may answer nothing (the ceiling)
     peer_timeout_min_s: float = 1.5  # the shortest: budget max(this, factor x p99)
     peer_timeout_factor: float = 4.0
+    # Refuse writes we would have to mirror once no peer has answered (and no MDM
+    # probe reached us) for this long (0: never); docs/sds.md "Self-fencing".
+    self_fence_after_s: float = 6.0
     # Chunks of deleted volumes freed per second at most (0: unlimited).
     delete_free_rate: int = 20000
     # The lowest data protocol version accepted from clients and peers and spoken to
@@ -100,6 +103,8 @@ class SdsConfig:
             raise ValueError(
                 "peer_timeout_s, peer_timeout_min_s and peer_timeout_factor must be positive"
             )
+        if self.self_fence_after_s < 0:
+            raise ValueError("self_fence_after_s must be 0 (never) or positive")
         if self.delete_free_rate < 0:
             raise ValueError("delete_free_rate must be 0 (unlimited) or positive")
         check_wire_min_version(self.wire_min_version, "wire_min_version")

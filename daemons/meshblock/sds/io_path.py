@@ -159,6 +159,8 @@ class DataService:
             self._reply(conn, req, t0, _MISMATCH)  # nothing written, nothing forwarded
             return
         if op == Op.PING:
+            if conn.role == "tool":  # the MDM's data-path probe (or a tool's)
+                self._peers.fence.mdm_probed()
             self._reply(conn, req, t0, _OK)
             return
         if op == Op.FLUSH or op == Op.REPL_FLUSH:
@@ -622,6 +624,9 @@ class DataService:
             # The copies besides ours: the secondary (not while the PG is not clean:
             # its copy is stale, we are the acting set) and a move's target.
             sec = m.secondary[pg][0] if m.forwards(pg) else 0
+            if (sec or m.target[pg][0]) and self._peers.fence.fenced():
+                self._reply(conn, req, t0, Status.NOT_PRIMARY)  # docs/sds.md Self-fencing
+                return
             if not sec:
                 self._degraded.record(ref)
             sec_fut = tgt_fut = None

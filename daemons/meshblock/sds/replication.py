@@ -11,7 +11,9 @@
   adapted to the latency of the peer's answered forwards) is dropped: the forwards
   on it fail as a lost connection, and the peer is reported. Requests that wait for
   a device sync on the peer (REPL_FLUSH, FUA forwards) count only against the
-  ceiling (``peer_timeout_s``) while no ordinary forward is outstanding.
+  ceiling (``peer_timeout_s``) while no ordinary forward is outstanding. Its
+  :class:`~meshblock.sds.peer_probe.SelfFence` (``fence``) hears of every forward
+  answered and every peer lost.
 - :class:`DegradedWrites` remembers, per PG that this SDS serves alone (not
   ``clean``), which chunks it wrote meanwhile: what a delta resync of the stale
   copy has to copy (docs/design.md, invariant 4).
@@ -26,6 +28,7 @@ import time
 
 from meshblock.chunks import ChunkRef
 from meshblock.sds.maps import PgMap
+from meshblock.sds.peer_probe import SelfFence
 from meshblock.timeouts import LatencyBudgets
 from meshblock.wire.client import ConnectionLost, WireClient, WireError
 from meshblock.wire.handshake import FEATURE_CHUNK_LIST, HandshakeError
@@ -97,11 +100,15 @@ class Peers:
         self._connecting: dict[int, asyncio.Task[WireClient]] = {}
         self.dirty: set[int] = set()  # peers written to since the last flush
         self._unlisted: set[int] = set()  # peers found unable to list their chunks
+        # Whether this SDS has fenced itself (no peer answers); never, until the SDS
+        # sets one with its [self_fence_after_s] (meshblock.sds.app).
+        self.fence = SelfFence(0.0)
 
     def answered(self, sds_id: int, seconds: float) -> None:
         """A forward to ``sds_id`` was answered after ``seconds``: its budget follows."""
         budgets = self.budgets
         budgets.record(sds_id, seconds)
+        self.fence.peer_ok()
         client = self._clients.get(sds_id)
         if client is not None:
             client.request_timeout = budgets.budget(sds_id)
@@ -118,6 +125,7 @@ class Peers:
         that would connect to it again fails at once instead of waiting for a connect
         that will likely time out (its client retries on the MDM's newer map)."""
         self.budgets.silence(sds_id, time.monotonic())
+        self.fence.peer_failed()
 
     async def get(self, sds_id: int, address: tuple[str, int]) -> WireClient:
         """A connection to ``sds_id``; connects (once, for all callers) when needed;

@@ -25,7 +25,7 @@ from meshblock.mdm.api.common import (
     size_field,
     ts,
 )
-from meshblock.mdm.context import ctx
+from meshblock.mdm.context import MdmContext, ctx
 from meshblock.mdm.errors import ApiError, Conflict, Invalid, NotFound, error_body
 from meshblock.mdm.liveness import Liveness, utcnow
 from meshblock.mdm.models import (
@@ -840,12 +840,45 @@ async def sds_unreachable(request: web.Request, body: dict[str, Any]) -> web.Res
         c.liveness.mark_down(sds_id)
         if c.detector is not None:
             await c.detector.check()
+    elif c.liveness.state("sds", sds_id) == "connected":
+        log.info(
+            "SDS %s reported unreachable by %s; the MDM reaches it: not confirmed",
+            name,
+            body.get("reporter", "a peer"),
+        )
+        await _isolated(c, sds_id, body.get("reporter"))
     return json(
         {"sds_id": sds_id, "confirmed": confirmed, "state": c.liveness.state("sds", sds_id)}
     )
 
 
 UNREACHABLE_PROBE_S = holddown.PROBE_TIMEOUT_S
+
+
+async def _isolated(c: MdmContext, target: int, reporter: object) -> None:
+    """An SDS's report the MDM did not confirm (it reached ``target``): the reporter may
+    be the one cut off from its peers (:meth:`meshblock.mdm.holddown.HoldDowns.
+    not_confirmed`); if so it goes down, held as isolated, never the peer it named."""
+    if not (isinstance(reporter, str) and reporter.startswith("sds:")):
+        return
+    try:
+        who = int(reporter[4:])
+    except ValueError:
+        return
+    live = c.liveness
+    async with c.sessions() as s:
+        needs = await failures.forward_peers(s, who)
+    cut_off = live.holds.not_confirmed(who, target, needs, live.connected_sds())
+    if cut_off is None:
+        return
+    log.warning(
+        "SDS %d reported most of its peers unreachable while the MDM reaches them: it is "
+        "the one cut off from them; down now, held until it reaches its peers again",
+        cut_off,
+    )
+    live.mark_down(cut_off, isolated=True)
+    if c.detector is not None:
+        await c.detector.check()
 
 
 async def _answers(address: str, port: int, secret: str) -> bool:
