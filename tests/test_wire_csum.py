@@ -101,6 +101,23 @@ def test_reply_units_start_at_the_payload() -> None:
     assert csum.bad_units(bad, csum.pack(crcs)) == [2]
 
 
+@pytest.mark.parametrize(
+    ("offset", "length"), [(0, 4096), (100, 3996), (4095, 1), (0, 7), (100, 4096)]
+)
+def test_trailer_and_check_of_one_unit_or_more_agree_with_the_units(
+    offset: int, length: int
+) -> None:
+    """A payload within one block (a 4 KiB write) takes one call each way; the
+    trailer is the packed units all the same, and a flipped byte is found."""
+    data = bytearray(random.Random(length).randbytes(length))
+    sums = csum.trailer(data, offset)
+    assert sums == csum.pack(csum.unit_crcs(data, offset))
+    assert csum.bad_units(data, sums, offset) == []
+    data[-1] ^= 0x10
+    last = csum.request_units(offset, length) - 1
+    assert csum.bad_units(data, sums, offset) == [last]
+
+
 # -- framing ------------------------------------------------------------------------------
 
 
@@ -232,11 +249,18 @@ def test_the_store_keeps_the_clients_checksums_of_whole_blocks(tmp_path: Path) -
         assert stored[1] == csum.crc(new[BLOCK : 2 * BLOCK])
         assert stored[3] == csum.crc(new[3 * BLOCK : 4 * BLOCK])
         assert stored[0] == csum.crc(new[:BLOCK])
-        # a new chunk, aligned: every block's checksum is the client's
+        # a new chunk, aligned: every block's checksum is the client's, the others
+        # the zero block's
         data = rng.randbytes(3 * BLOCK)
         sums = csum.unit_crcs(data, 0)
         store.write(dev, VOL, 2, 0, data, csum.pack(sums))
         assert list(row(store, path, 2)[:3]) == sums
+        assert set(row(store, path, 2)[3:]) == {csum.crc(bytes(BLOCK))}
+        # aligned whole blocks of a chunk that exists: the client's, as they came
+        sums = [0x0BAD0BAD, 0x600D600D]
+        store.write(dev, VOL, 2, 4 * BLOCK, rng.randbytes(2 * BLOCK), csum.pack(sums))
+        assert list(row(store, path, 2)[4:6]) == sums
+        assert list(row(store, path, 2)[:3]) == csum.unit_crcs(data, 0)
     finally:
         store.close()
 

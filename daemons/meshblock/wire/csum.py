@@ -67,6 +67,8 @@ def pack(crcs: list[int]) -> bytes:
 
 def trailer(data: Buffer, offset: int = 0) -> bytes:
     """The packed checksums of ``data`` at ``offset`` (see :func:`unit_crcs`)."""
+    if 0 < len(data) <= UNIT - (offset & _MASK):  # one unit (a 4 KiB write): one call
+        return crc(data).to_bytes(4, "big")
     crcs = unit_crcs(data, offset)
     return PACK[len(crcs)].pack(*crcs)
 
@@ -74,6 +76,8 @@ def trailer(data: Buffer, offset: int = 0) -> bytes:
 def bad_units(data: Buffer, sums: Buffer, offset: int = 0) -> list[int]:
     """The units of ``data`` at ``offset`` whose checksum is not the one in ``sums``
     (packed, one u32 per unit; its length is checked by the framing)."""
+    if len(data) <= UNIT - (offset & _MASK):  # one unit (a 4 KiB write): one call
+        return [] if crc(data) == int.from_bytes(sums, "big") else [0]
     got = unit_crcs(data, offset)
     want = PACK[len(got)].unpack(sums)
     if tuple(got) == want:
