@@ -256,15 +256,25 @@ class Scrubber:
         device = m.primary[pg][1]
         for i, (volume, chunk) in enumerate(chunks):
             ps.current = (pg, i, len(chunks))
-            if not self._runs(pool) or st.maps.maps[pool].primary[pg][0] != st.sds_id:
+            if not self._still_ours(pool, pg, sec):
                 return False
             await self._pace(pool, device)
             if st.tombstones.deleted(volume):
                 continue
-            await self._scrub_chunk(pool, pg, volume, chunk)
+            if not await self._scrub_chunk(pool, pg, sec, volume, chunk):
+                return False
             ps.chunks += 1
             ps.bytes += CHUNK_SIZE
         return True
+
+    def _still_ours(self, pool: int, pg: int, sec: int) -> bool:
+        """Whether the pass still runs and the PG is still ours to scrub as it was
+        when its scrub began: clean, this SDS its primary, ``sec`` its secondary."""
+        if not self._runs(pool):
+            return False
+        m = self._state.maps.maps[pool]
+        clean = not m.clean or m.clean[pg]
+        return clean and m.primary[pg][0] == self._state.sds_id and m.secondary[pg][0] == sec
 
     def _secondary(self, m: PgMap, pg: int) -> tuple[int, tuple[str, int]]:
         sec = m.secondary[pg][0]
@@ -283,21 +293,31 @@ class Scrubber:
         if start > now:
             await asyncio.sleep(start - now)
 
-    async def _scrub_chunk(self, pool: int, pg: int, volume: int, chunk: int) -> None:
+    async def _scrub_chunk(self, pool: int, pg: int, sec: int, volume: int, chunk: int) -> bool:
+        """Scrub one chunk under its range lock; False when the PG stopped being ours
+        to scrub (:meth:`_still_ours`) before its copies were compared, or while they
+        were: nothing is judged then (a write the PG took while it was not clean, or
+        from another primary, would make the copies differ for no fault of theirs)."""
         st = self._state
         key = chunk_key(volume, chunk)
         ticket, earlier = st.locks.acquire(key, 0, CHUNK_SIZE)
         try:
             for write in earlier:
                 await write
-            m = st.maps.maps[pool]
-            sec, address = self._secondary(m, pg)
+            # Checked again under the lock: the map may have moved while we waited
+            # for the pace and for the writes in flight.
+            if not self._still_ours(pool, pg, sec):
+                return False
+            _, address = self._secondary(st.maps.maps[pool], pg)
             local = st.store.checksum_rows(volume, chunk)
             peer = st.peers.connected(sec, address) or await st.peers.get(sec, address)
             remote = await peer.chunk_csums(volume, chunk)
+            if not self._still_ours(pool, pg, sec):
+                return False  # and while the secondary answered
             found = classify(local, remote)
             if found:
                 await self._found(pool, pg, volume, chunk, sec, found)
+            return True
         finally:
             st.locks.release(key, ticket)
 
