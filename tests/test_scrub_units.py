@@ -14,7 +14,9 @@ from meshblock.sds.scrub import (
     PRIMARY_BAD,
     SECONDARY_BAD,
     classify,
+    fixed,
     is_busy,
+    to_checksum,
 )
 
 pytestmark = pytest.mark.unit
@@ -65,6 +67,31 @@ def test_a_block_without_a_checksum_is_judged_by_the_copy_that_has_one() -> None
     assert classify(good, old) == [(5, SECONDARY_BAD)]
     both_old = (ROWS[BLOCKS].pack(*unchecked), good[1])
     assert classify(old, both_old) == [(5, DIVERGENT)]
+
+
+def test_blocks_without_checksums_alike_on_both_copies_are_to_be_given_one() -> None:
+    good = rows(DATA)
+    values = list(ROWS[BLOCKS].unpack(good[0]))
+    for b in (1, 2, 9):
+        values[b] = 0
+    old = (ROWS[BLOCKS].pack(*values), good[1])  # 1, 2, 9 unchecked, bytes right
+    assert to_checksum(good, good) == ([], [])
+    assert to_checksum(old, good) == ([1, 2, 9], [])
+    assert to_checksum(good, old) == ([], [1, 2, 9])
+    assert to_checksum(old, old) == ([1, 2, 9], [1, 2, 9])
+    # unlike the other copy (classify's: bad or divergent): not given one
+    other = (old[0], slot_crcs(corrupt(DATA, 9)))
+    assert to_checksum(other, good) == ([1, 2], [])
+    assert to_checksum(other, old) == ([1, 2], [1, 2])
+    # no slot (zeroes) on one side: its blocks get nothing, the other's zero blocks do
+    zero = bytes(1 << 20)
+    assert to_checksum(None, (bytes(1024), slot_crcs(zero))) == ([], list(range(BLOCKS)))
+    assert to_checksum(old, None) == ([], [])  # DATA is not zeroes
+    # right now: recorded, matching its bytes and the other copy's
+    assert fixed(good, good, [1, 9]) == [1, 9]
+    assert fixed(old, good, [1, 9]) == []
+    assert fixed(good, other, [1, 9]) == [1]
+    assert fixed(None, good, [1]) == []
 
 
 class _Map:
@@ -158,3 +185,11 @@ def test_counters_add_up_across_sds_restarts_and_findings_are_taken_once() -> No
     assert [f["kind"] for f in s.pools[1].findings] == ["primary", "secondary"]
     status = s.status(1, 1000.0, 0.0)
     assert status["errors"]["primary"] == 1 and status["findings"][0]["reported_by"] == 3
+    # blocks given a checksum (upgrade) add up apart from the errors and repairs; an
+    # SDS of an older release does not send the counter
+    up = report(1, 1, [])
+    up["pools"][0]["checksummed"] = 40  # type: ignore[index]
+    s.report(4, up)
+    s.report(4, report(1, 1, []))
+    status = s.status(1, 1000.0, 0.0)
+    assert status["checksummed_blocks"] == 40 and status["repaired_blocks"] == 2

@@ -19,7 +19,7 @@ from prometheus_client import CollectorRegistry
 import meshblock.sds.checksums as checksums
 from _sds_v1 import CHUNK_DATA_OFFSET, v1_chunk_bytes, write_v1_device
 from meshblock.chunks import CHUNK_SIZE, pg_of
-from meshblock.sds.checksums import BLOCK, ROW_SIZE, WI_BITMAP, ChecksumError, slot_crcs
+from meshblock.sds.checksums import BLOCK, ROW_SIZE, WI_BITMAP, ChecksumError, crc, slot_crcs
 from meshblock.sds.io_path import DataService
 from meshblock.sds.maps import MapCache, PgMap
 from meshblock.sds.metrics import SdsCollector
@@ -261,9 +261,20 @@ def test_chunks_written_without_checksums_are_unknown_until_rewritten(tmp_path: 
         flip(path, data_offset(store, VOL, 0, 7 * BLOCK + 1))
         got = store.read(VOL, 0, 0, CHUNK_SIZE)  # not checked: returned as it is
         assert got is not None and bytes(got[: 7 * BLOCK]) == old[: 7 * BLOCK]
-        store.write(dev, VOL, 0, 3 * BLOCK + 100, b"p" * 50)  # block 3 gets a checksum
+        # Writes of part of a block give it the checksum of its whole bytes, its old
+        # ones with the new in: block 3, blocks 9 and 10 (one write across both),
+        # block 20 (a WRITE_ZEROES of 100 bytes); the others stay unknown.
+        store.write(dev, VOL, 0, 3 * BLOCK + 100, b"p" * 50)
+        store.write(dev, VOL, 0, 10 * BLOCK - 10, b"q" * 20)
+        store.zero(VOL, 0, 20 * BLOCK + 5, 100)
+        want = bytearray(old)
+        want[3 * BLOCK + 100 : 3 * BLOCK + 150] = b"p" * 50
+        want[10 * BLOCK - 10 : 10 * BLOCK + 10] = b"q" * 20
+        want[20 * BLOCK + 5 : 20 * BLOCK + 105] = bytes(100)
         row = struct.unpack(">256I", stored_row(store, path, VOL, 0))
-        assert [i for i, v in enumerate(row) if v] == [3]
+        assert [i for i, v in enumerate(row) if v] == [3, 9, 10, 20]
+        for b in (3, 9, 10, 20):
+            assert row[b] == crc(bytes(want[b * BLOCK : (b + 1) * BLOCK])), b
         flip(path, data_offset(store, VOL, 0, 3 * BLOCK + 2000))
         with pytest.raises(ChecksumError):
             store.read(VOL, 0, 3 * BLOCK, BLOCK)

@@ -12,9 +12,10 @@ import pytest
 
 from _wait import wait_until_async
 from meshblock.chunks import CHUNK_SIZE, pg_of
+from meshblock.sds.checksums import BLOCK, BLOCKS, ROWS, slot_crcs
 from meshblock.sds.maps import PgMap
 from meshblock.sds.scrub import Scrubber
-from meshblock.sds.store import chunk_key
+from meshblock.sds.store import ChunkStore, chunk_key
 from test_sds_resync_units import PG_COUNT, POOL, SECONDARY, VOLUME, Pair, pair, primary_of
 
 pytestmark = [pytest.mark.cluster, pytest.mark.parallel]
@@ -79,5 +80,128 @@ def test_a_pg_that_leaves_clean_while_a_chunk_waits_for_its_lock_is_not_judged(
                 assert not scrub.findings and PG not in ps.done
             finally:
                 await scrub.close()
+
+    asyncio.run(main())
+
+
+def forget_checksums(store: ChunkStore, chunk: int, blocks: range | list[int]) -> None:
+    """Zero the stored checksums of ``blocks`` of the chunk (in its device file): what
+    a store written before checksums were kept, or with them off, holds."""
+    loc = store.location(VOLUME, chunk)
+    assert loc is not None
+    dev, slot = loc
+    with open(dev.path, "r+b") as f:
+        for b in blocks:
+            f.seek(dev.row_offset(slot) + 4 * b)
+            f.write(bytes(4))
+
+
+def stored(store: ChunkStore, chunk: int = CHUNK) -> tuple[int, ...]:
+    rows = store.checksum_rows(VOLUME, chunk, count=False)
+    assert rows is not None
+    return ROWS[BLOCKS].unpack(rows[0])
+
+
+def change_block(store: ChunkStore, chunk: int, block: int) -> None:
+    """Change one byte of ``block`` behind the store's back (its checksum kept)."""
+    loc = store.location(VOLUME, chunk)
+    assert loc is not None
+    dev, slot = loc
+    with open(dev.path, "r+b") as f:
+        at = dev.slot_offset(slot) + block * BLOCK + 9
+        f.seek(at)
+        b = f.read(1)
+        f.seek(at)
+        f.write(bytes([b[0] ^ 0x5A]))
+
+
+async def one_pass(p: Pair) -> Scrubber:
+    """A scrub pass over every PG of the primary, to its end."""
+    p.deliver(5, set())
+    scrub = Scrubber(p.primary)
+    scrub.order([RUN])
+    try:
+        await wait_until_async(
+            lambda: set(range(PG_COUNT)) <= scrub.pools[POOL].done, 20, "the pass", interval=0.02
+        )
+    finally:
+        await scrub.close()
+    return scrub
+
+
+def test_blocks_without_checksums_alike_on_both_copies_are_given_one(tmp_path: Any) -> None:
+    """Upgrade: a chunk whose blocks 0-99 have no checksum on the primary and 50-199
+    none on the secondary, the bytes alike: the scrub stores the CRC32C of each on
+    the copy that lacked it, counts 200 blocks checksummed, no error, nothing
+    repaired. Nothing was stored (the blocks stayed unchecked for good)."""
+
+    async def main() -> None:
+        async with pair(tmp_path) as p:
+            data = bytes(range(256)) * (CHUNK_SIZE // 256)
+            both_write(p, data)
+            forget_checksums(p.primary.store, CHUNK, range(100))
+            forget_checksums(p.secondary.store, CHUNK, range(50, 200))
+            scrub = await one_pass(p)
+            want = ROWS[BLOCKS].unpack(slot_crcs(data))
+            assert stored(p.primary.store) == want
+            assert stored(p.secondary.store) == want
+            ps = scrub.pools[POOL]
+            assert (ps.checksummed, ps.repaired) == (100 + 150, 0)
+            assert ps.errors == dict.fromkeys(ps.errors, 0) and not scrub.findings
+            assert scrub.report()["pools"][0]["checksummed"] == 250
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("where", ["primary", "secondary"])
+def test_a_block_without_checksum_unlike_the_good_copy_is_really_repaired(
+    tmp_path: Any, where: str
+) -> None:
+    """Block 7 has no checksum on one copy and other bytes than the other copy's,
+    which match their checksum: that copy is bad, and is rewritten from the good one
+    with its checksum; reported repaired once the rows read back say so. The scrub
+    reported it repaired while nothing was rewritten (the repair skips blocks with
+    no checksum)."""
+
+    async def main() -> None:
+        async with pair(tmp_path) as p:
+            data = bytes(range(256)) * (CHUNK_SIZE // 256)
+            both_write(p, data)
+            bad = p.primary if where == "primary" else p.secondary
+            forget_checksums(bad.store, CHUNK, [7])
+            change_block(bad.store, CHUNK, 7)
+            scrub = await one_pass(p)
+            for sds in (p.primary, p.secondary):
+                got = sds.store.read(VOLUME, CHUNK, 0, CHUNK_SIZE)
+                assert got is not None and bytes(got) == data, where
+                assert stored(sds.store) == ROWS[BLOCKS].unpack(slot_crcs(data))
+            ps = scrub.pools[POOL]
+            assert ps.errors[where] == 1 and ps.repaired == 1, (ps.errors, ps.repaired)
+            assert [f["repaired"] for f in scrub.findings] == [True]
+
+    asyncio.run(main())
+
+
+def test_blocks_without_checksums_that_differ_are_divergent_and_left_alone(
+    tmp_path: Any,
+) -> None:
+    """Block 3 has no checksum on either copy and the copies differ: divergent,
+    reported not repaired, neither copy changed nor given a checksum."""
+
+    async def main() -> None:
+        async with pair(tmp_path) as p:
+            data = bytes(range(256)) * (CHUNK_SIZE // 256)
+            both_write(p, data)
+            for sds in (p.primary, p.secondary):
+                forget_checksums(sds.store, CHUNK, [3])
+            change_block(p.secondary.store, CHUNK, 3)
+            before = bytes(p.secondary.store.read(VOLUME, CHUNK, 0, CHUNK_SIZE) or b"")
+            scrub = await one_pass(p)
+            ps = scrub.pools[POOL]
+            assert ps.errors["divergent"] == 1 and (ps.repaired, ps.checksummed) == (0, 0)
+            assert [(f["kind"], f["repaired"]) for f in scrub.findings] == [("divergent", False)]
+            assert stored(p.primary.store)[3] == stored(p.secondary.store)[3] == 0
+            after = p.secondary.store.read(VOLUME, CHUNK, 0, CHUNK_SIZE)
+            assert after is not None and bytes(after) == before
 
     asyncio.run(main())

@@ -181,6 +181,7 @@ SCRUB_REPORT = obj(
                     "bytes": _COUNT,
                     "errors": {"type": "object", "additionalProperties": _COUNT},
                     "repaired": _COUNT,
+                    "checksummed": _COUNT,
                 },
                 ("pool_id", "pass", "pgs_done", "chunks", "bytes", "repaired"),
             ),
@@ -502,6 +503,7 @@ COMPONENTS: dict[str, dict[str, Any]] = {
             "bytes_scrubbed": _INT,
             "errors": {"type": "object", "additionalProperties": _INT},
             "repaired_blocks": _INT,
+            "checksummed_blocks": _INT,
             "findings": {"type": "array", "items": {"type": "object"}},
         }
     ),

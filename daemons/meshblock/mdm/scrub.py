@@ -48,6 +48,7 @@ class PoolScrub:
     bytes: int = 0
     errors: dict[str, int] = field(default_factory=lambda: dict.fromkeys(KINDS, 0))
     repaired: int = 0
+    checksummed: int = 0  # blocks without a checksum given one (upgrade; not errors)
     passes_completed: int = 0
     completed_pass: int = 0  # the number of the last complete pass
     findings: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=FINDINGS_KEPT))
@@ -140,6 +141,7 @@ class ScrubSchedule:
                 int(p["bytes"]),
                 *(int(errors.get(k, 0)) for k in KINDS),
                 int(p["repaired"]),
+                int(p.get("checksummed", 0)),  # an SDS of an older release: none
             )
             key = (sds_id, int(p["pool_id"]))
             before = self._last.get(key)
@@ -153,7 +155,8 @@ class ScrubSchedule:
             ps.bytes += delta[1]
             for i, k in enumerate(KINDS):
                 ps.errors[k] += delta[2 + i]
-            ps.repaired += delta[-1]
+            ps.repaired += delta[-2]
+            ps.checksummed += delta[-1]
         instance = str(doc.get("instance", ""))
         last, seen = self._seen.get(sds_id, (instance, 0))
         if last != instance:
@@ -197,6 +200,7 @@ class ScrubSchedule:
             "bytes_scrubbed": ps.bytes,
             "errors": dict(ps.errors),
             "repaired_blocks": ps.repaired,
+            "checksummed_blocks": ps.checksummed,
             "findings": list(ps.findings),
         }
 
@@ -224,6 +228,12 @@ def metric_families(
         "4 KiB blocks the scrub rewrote from the good copy",
         labels=labels,
     )
+    checksummed = CounterMetricFamily(
+        "meshblock_scrub_checksummed_blocks",
+        "4 KiB blocks without a checksum (written before checksums were kept) that the "
+        "scrub gave one, both copies holding the same bytes",
+        labels=labels,
+    )
     last = GaugeMetricFamily(
         "meshblock_scrub_last_complete_timestamp_seconds",
         "When the pool's last complete scrub pass ended (0: none since the MDM started)",
@@ -247,10 +257,11 @@ def metric_families(
         for kind in KINDS:
             errors.add_metric([*lv, kind], doc["errors"][kind])
         repaired.add_metric(lv, doc["repaired_blocks"])
+        checksummed.add_metric(lv, doc["checksummed_blocks"])
         last.add_metric(lv, doc["last_complete_at"] or 0)
         running.add_metric(lv, 1 if doc["state"] == RUNNING else 0)
         progress.add_metric(lv, doc["progress_percent"] / 100)
-    return [chunks, errors, repaired, last, running, progress]
+    return [chunks, errors, repaired, checksummed, last, running, progress]
 
 
 def summaries(schedule: ScrubSchedule | None, pools: list[tuple[int, str]]) -> list[dict[str, Any]]:

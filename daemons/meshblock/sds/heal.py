@@ -80,12 +80,16 @@ async def repair_from_peer(
     *,
     locked: bool = False,
     exclude: Collection[int] = (),
+    unchecked: Collection[int] = (),
 ) -> list[int]:
     """Repair the bad ``blocks`` (4 KiB block numbers) of our copy of a chunk from the
     PG's other copies; return those still bad (empty: all repaired, or rewritten
     meanwhile by a write). ``locked``: the caller holds the chunk's range lock over
-    the blocks (a copy job); ``exclude``: SDS ids not to ask. The repaired blocks are
-    durable when it returns. Raises :class:`DeviceFailed` when our device fails."""
+    the blocks (a copy job); ``exclude``: SDS ids not to ask; ``unchecked``: blocks of
+    ``blocks`` that have no checksum recorded and are to be replaced all the same
+    (the scrub found them differing from a copy that matches its checksums). The
+    repaired blocks are durable when it returns. Raises :class:`DeviceFailed` when
+    our device fails."""
     store = state.store
     loc = store.location(volume, chunk)
     if loc is None or not blocks:
@@ -116,7 +120,7 @@ async def repair_from_peer(
                 continue
             if store.needs_reclaim(dev, volume, chunk):
                 await store.reclaim(dev)  # the write-intent mark, off the event loop
-            repaired += store.rewrite_bad(volume, chunk, good)
+            repaired += store.rewrite_bad(volume, chunk, good, unchecked)
             left.difference_update(good)
         if repaired:
             await store.sync([dev])

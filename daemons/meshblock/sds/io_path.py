@@ -44,6 +44,7 @@ from meshblock.sds.checksums import ChecksumError, bad_in_rows
 from meshblock.sds.heal import repair_from_peer
 from meshblock.sds.maps import PgMap
 from meshblock.sds.resync import Resync
+from meshblock.sds.scrub import crcs_of, unchecked_in
 from meshblock.sds.state import SdsState
 from meshblock.sds.store import Device, DeviceFailed, NoSpace, VolumeDeleted, chunk_key
 from meshblock.wire import csum
@@ -67,6 +68,7 @@ _REPLICA: Final = int(ReqFlag.REPLICA)
 _HOLE: Final = int(ReplyFlag.HOLE)
 _HEAL: Final = int(ReqFlag.HEAL)
 _CLIENT_CHECKS: Final = int(ReqFlag.CLIENT_CHECKS)
+_ADOPT: Final = int(ReqFlag.ADOPT)
 _NO_SLOT: Final = (b"", b"")  # CHUNK_CSUMS of a chunk without a slot here
 _WAIT: Final = -1  # check result: the request's epoch is ahead of our map
 _OK: Final = int(Status.OK)
@@ -370,13 +372,31 @@ class DataService:
         when it holds no slot for it. With HEAL, bad blocks are first repaired from
         the PG's other copies (heal.py) and the rows read again (``docs/sds.md``,
         "Scrub"); the bad blocks a HEAL request finds were counted by the look that
-        made the caller ask (CHUNK_CSUMS without HEAL), not again."""
-        rows = self._checksum_rows(conn, req, t0, count=not req.flags & _HEAL)
+        made the caller ask (CHUNK_CSUMS without HEAL), not again. The blocks of the
+        range (offset, length) that have no checksum recorded are, with ADOPT, given
+        the CRC32C of their bytes, and with HEAL repaired as bad ones."""
+        flags = req.flags
+        rows = self._checksum_rows(conn, req, t0, count=not flags & (_HEAL | _ADOPT))
         if rows is None:
             return
-        bad = bad_in_rows(*rows) if rows != _NO_SLOT and req.flags & _HEAL else []
-        if bad:
-            self._spawn(self._csums_healed(conn, req, t0, bad))
+        unknown: list[int] = []
+        if rows != _NO_SLOT and req.length:
+            unknown = unchecked_in(rows[0], req.offset >> 12, req.length >> 12)
+        if unknown and flags & _ADOPT:
+            try:
+                self._store.adopt_checksums(
+                    req.volume_id, req.chunk_index, crcs_of(rows[1], unknown)
+                )
+            except OSError as exc:
+                failed = isinstance(exc, DeviceFailed)
+                self._reply(conn, req, t0, _FAILED if failed else Status.IO_ERROR)
+                return
+            rows = self._checksum_rows(conn, req, t0, count=False)
+            if rows is None:
+                return
+        bad = bad_in_rows(*rows) if rows != _NO_SLOT and flags & _HEAL else []
+        if bad or (unknown and flags & _HEAL):
+            self._spawn(self._csums_healed(conn, req, t0, bad, unknown))
         else:
             self._csums_reply(conn, req, t0, rows)
 
@@ -396,10 +416,12 @@ class DataService:
         return _NO_SLOT if rows is None else rows
 
     async def _csums_healed(
-        self, conn: Connection, req: Request, t0: float, bad: list[int]
+        self, conn: Connection, req: Request, t0: float, bad: list[int], unknown: list[int]
     ) -> None:
         try:
-            await repair_from_peer(self._state, req.volume_id, req.chunk_index, bad)
+            await repair_from_peer(
+                self._state, req.volume_id, req.chunk_index, bad + unknown, unchecked=unknown
+            )
         except DeviceFailed:
             self._reply(conn, req, t0, _FAILED)
             return

@@ -17,7 +17,12 @@ rewritten from the other by the SDS that holds it (:meth:`Scrubber.repair`, with
 ``heal.repair_from_peer``); bad on both it is reported
 ``unrecoverable``; two copies that each match their own checksums but differ from
 each other are a ``divergent`` block: reported, not repaired (nothing says which is
-right). The PGs done in the pass, the counters and the findings go to the MDM in the
+right). A block without a checksum recorded (upgrade: written before checksums were
+kept) that both copies hold alike is given the CRC32C of its bytes where it lacks one
+(:func:`to_checksum`, :meth:`Scrubber._give_checksums`), counted as ``checksummed``
+and not as an error; one that differs from the other copy's good block is bad and
+really rewritten. A repair is counted once the rows read back show it (:func:`fixed`).
+The PGs done in the pass, the counters and the findings go to the MDM in the
 heartbeats (:meth:`Scrubber.report`). A pool that is rebuilding, resyncing or moving
 a PG is not scrubbed (its map says so); a pass paused or held stops at the next chunk
 and goes on with the PG it was in, from its first chunk, when it runs again.
@@ -34,8 +39,8 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from meshblock.chunks import CHUNK_SIZE, pg_of
-from meshblock.sds.checksums import BLOCKS, ROWS, ZERO_ROW, bad_in_rows
-from meshblock.sds.heal import repair_from_peer
+from meshblock.sds.checksums import BLOCKS, ROWS, ZERO_ROW
+from meshblock.sds.heal import repair_from_peer, runs
 from meshblock.sds.maps import PgMap
 from meshblock.sds.state import SdsState
 from meshblock.sds.store import chunk_key
@@ -56,6 +61,7 @@ IDLE_S: Final = 1.0  # how often an SDS with nothing to scrub looks at its order
 RETRY_S: Final = 2.0  # pause after a PG's scrub failed (peer unreachable, map moved)
 
 Rows = tuple[bytes, bytes]  # (stored, computed) checksum rows of one copy of a chunk
+At = tuple[int, int, int, int]  # a chunk of a PG: pool, PG, volume, chunk
 
 
 def classify(primary: Rows | None, secondary: Rows | None) -> list[tuple[int, str]]:
@@ -93,6 +99,57 @@ def classify(primary: Rows | None, secondary: Rows | None) -> list[tuple[int, st
     return out
 
 
+def unchecked_in(stored: bytes, first: int, count: int) -> list[int]:
+    """The blocks from ``first`` on (``count`` of them) that have no checksum in the
+    row ``stored``."""
+    values = ROWS[BLOCKS].unpack(stored)
+    return [b for b in range(first, min(first + count, BLOCKS)) if not values[b]]
+
+
+def crcs_of(row: bytes, blocks: list[int]) -> dict[int, int]:
+    """``blocks``' values in ``row``: block -> CRC32C."""
+    values = ROWS[BLOCKS].unpack(row)
+    return {b: values[b] for b in blocks}
+
+
+def to_checksum(primary: Rows | None, secondary: Rows | None) -> tuple[list[int], list[int]]:
+    """Upgrade: the blocks of each copy (the primary's, the secondary's) that have no
+    checksum recorded and hold the same bytes as the other copy, whose block matches
+    its own checksum or has none: they are given the CRC32C of their bytes. A copy
+    without a slot (zeroes) is given nothing. Blocks whose copies differ are
+    :func:`classify`'s."""
+    if primary is None and secondary is None:
+        return [], []
+    p_stored, p_data = primary if primary is not None else (ZERO_ROW, ZERO_ROW)
+    s_stored, s_data = secondary if secondary is not None else (ZERO_ROW, ZERO_ROW)
+    unpack = ROWS[BLOCKS].unpack
+    ps, ss = unpack(p_stored), unpack(s_stored)
+    if 0 not in ps and 0 not in ss:
+        return [], []
+    pd, sd = unpack(p_data), unpack(s_data)
+    mine: list[int] = []
+    theirs: list[int] = []
+    for b in range(BLOCKS):
+        if pd[b] != sd[b] or (ps[b] and ps[b] != pd[b]) or (ss[b] and ss[b] != sd[b]):
+            continue
+        if not ps[b] and primary is not None:
+            mine.append(b)
+        if not ss[b] and secondary is not None:
+            theirs.append(b)
+    return mine, theirs
+
+
+def fixed(copy: Rows | None, other: Rows | None, blocks: list[int]) -> list[int]:
+    """The blocks of ``blocks`` that are right on ``copy`` now: a checksum recorded,
+    its bytes matching it, and the same bytes as ``other`` (None: zeroes)."""
+    if copy is None:
+        return []
+    unpack = ROWS[BLOCKS].unpack
+    stored, data = unpack(copy[0]), unpack(copy[1])
+    theirs = unpack(other[1] if other is not None else ZERO_ROW)
+    return [b for b in blocks if stored[b] and stored[b] == data[b] == theirs[b]]
+
+
 @dataclass
 class Order:
     """The MDM's order for one pool (from a heartbeat reply)."""
@@ -116,6 +173,7 @@ class PoolScrub:
     bytes: int = 0
     errors: dict[str, int] = field(default_factory=lambda: dict.fromkeys(KINDS, 0))
     repaired: int = 0  # blocks rewritten from the other copy
+    checksummed: int = 0  # blocks without a checksum given one (upgrade; not errors)
     current: tuple[int, int, int] | None = None  # (pg, chunks done, chunks) in progress
 
 
@@ -171,6 +229,7 @@ class Scrubber:
                     "bytes": ps.bytes,
                     "errors": dict(ps.errors),
                     "repaired": ps.repaired,
+                    "checksummed": ps.checksummed,
                 }
                 for pool, ps in sorted(self.pools.items())
             ],
@@ -316,15 +375,76 @@ class Scrubber:
                 return False  # and while the secondary answered
             found = classify(local, remote)
             if found:
-                await self._found(pool, pg, volume, chunk, sec, found)
+                await self._found(pool, pg, volume, chunk, sec, found, local, remote)
+            mine, theirs = to_checksum(local, remote)
+            if mine or theirs:
+                await self._give_checksums(pool, pg, volume, chunk, mine, theirs, local, remote)
             return True
         finally:
             st.locks.release(key, ticket)
 
-    async def _found(
-        self, pool: int, pg: int, volume: int, chunk: int, sec: int, found: list[tuple[int, str]]
+    async def _give_checksums(
+        self,
+        pool: int,
+        pg: int,
+        volume: int,
+        chunk: int,
+        mine: list[int],
+        theirs: list[int],
+        local: Rows | None,
+        remote: Rows | None,
     ) -> None:
-        """Count, log and repair what :func:`classify` found (under the chunk's lock)."""
+        """Upgrade (under the chunk's lock): the blocks without a checksum that both
+        copies hold alike (:func:`to_checksum`) get the CRC32C of their bytes, ours
+        here, the secondary's with CHUNK_CSUMS ``ADOPT`` (one request per run); counted
+        as ``checksummed`` once the rows read back show it."""
+        st = self._state
+        done = 0
+        try:
+            if mine:
+                now = st.store.checksum_rows(volume, chunk, count=False)
+                if now is not None:
+                    st.store.adopt_checksums(volume, chunk, crcs_of(now[1], mine))
+                    done += len(
+                        fixed(st.store.checksum_rows(volume, chunk, count=False), remote, mine)
+                    )
+            if theirs:
+                rows = await self._secondary_csums((pool, pg, volume, chunk), theirs, False)
+                done += len(fixed(rows, local, theirs))
+        except (WireError, ProtocolError, OSError) as exc:
+            log.warning("scrub could not give chunk %d/%d checksums: %s", volume, chunk, exc)
+        self.pools[pool].checksummed += done
+        if done:
+            log.debug("scrub: chunk %d/%d: %d block(s) given a checksum", volume, chunk, done)
+
+    async def _secondary_csums(self, at: At, blocks: list[int], heal: bool) -> Rows | None:
+        """CHUNK_CSUMS to the PG's secondary with HEAL (``heal``) or ADOPT over
+        ``blocks`` (one request per run of them); the rows of its last answer."""
+        pool, pg, volume, chunk = at
+        sec, address = self._secondary(self._state.maps.maps[pool], pg)
+        st = self._state
+        peer = st.peers.connected(sec, address) or await st.peers.get(sec, address)
+        rows = None
+        for lo, hi in runs(blocks) or [(0, 0)]:
+            rows = await peer.chunk_csums(
+                volume, chunk, heal=heal, adopt=not heal, blocks=(lo, hi - lo)
+            )
+        return rows
+
+    async def _found(
+        self,
+        pool: int,
+        pg: int,
+        volume: int,
+        chunk: int,
+        sec: int,
+        found: list[tuple[int, str]],
+        local: Rows | None,
+        remote: Rows | None,
+    ) -> None:
+        """Count, log and repair what :func:`classify` found (under the chunk's lock).
+        A block counts as repaired once the rows read back after the repair show it
+        right (:func:`fixed`), not because the repair said so."""
         ps = self.pools[pool]
         by_kind: dict[str, list[int]] = {}
         for block, kind in found:
@@ -334,12 +454,14 @@ class Scrubber:
             repaired = False
             if kind in (PRIMARY_BAD, SECONDARY_BAD):
                 try:
-                    left = await self.repair(pool, pg, volume, chunk, blocks, kind == PRIMARY_BAD)
+                    after = await self.repair(
+                        pool, pg, volume, chunk, blocks, kind == PRIMARY_BAD, (local, remote)
+                    )
                 except (WireError, ProtocolError, OSError) as exc:
                     log.error("scrub could not repair chunk %d/%d: %s", volume, chunk, exc)
-                    left = blocks
-                repaired = not left
-                ps.repaired += len(blocks) - len(left)
+                    after = []
+                repaired = len(after) == len(blocks)
+                ps.repaired += len(after)
             me = self._state.sds_id
             self._seq += 1
             finding = {
@@ -373,17 +495,29 @@ class Scrubber:
             )
 
     async def repair(
-        self, pool: int, pg: int, volume: int, chunk: int, blocks: list[int], primary_bad: bool
+        self,
+        pool: int,
+        pg: int,
+        volume: int,
+        chunk: int,
+        blocks: list[int],
+        primary_bad: bool,
+        rows: tuple[Rows | None, Rows | None],
     ) -> list[int]:
         """Have the SDS whose copy is bad (us when ``primary_bad``, else the secondary)
         rewrite ``blocks`` from the PG's other copy (``heal.repair_from_peer``; the
-        secondary runs it when asked with CHUNK_CSUMS and HEAL). The caller holds the
-        chunk's range lock. Returns the blocks still bad."""
+        secondary runs it when asked with CHUNK_CSUMS and HEAL). A bad block without a
+        checksum recorded (it differs from the other copy, which matches its own) is
+        named to be replaced all the same: ``unchecked`` here, the request's range on
+        the secondary. ``rows``: both copies' rows as the scrub read them. The caller
+        holds the chunk's range lock. Returns the blocks that the rows read back show
+        right on that copy (:func:`fixed`)."""
         st = self._state
+        local, remote = rows
+        bad = local if primary_bad else remote
+        unknown = [] if bad is None else sorted(set(blocks) & set(unchecked_in(bad[0], 0, BLOCKS)))
         if primary_bad:
-            return await repair_from_peer(st, volume, chunk, blocks, locked=True)
-        sec, address = self._secondary(st.maps.maps[pool], pg)
-        peer = st.peers.connected(sec, address) or await st.peers.get(sec, address)
-        rows = await peer.chunk_csums(volume, chunk, heal=True)
-        still = set() if rows is None else set(bad_in_rows(*rows))
-        return sorted(still.intersection(blocks))
+            await repair_from_peer(st, volume, chunk, blocks, locked=True, unchecked=unknown)
+            return fixed(st.store.checksum_rows(volume, chunk, count=False), remote, blocks)
+        after = await self._secondary_csums((pool, pg, volume, chunk), unknown, True)
+        return fixed(after, local, blocks)

@@ -66,7 +66,7 @@ import sys
 import threading
 import time
 import zlib
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Container, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Final
 
@@ -76,6 +76,7 @@ from meshblock.sds.checksums import (
     BAD_BLOCK_CRC,
     BLOCK,
     BLOCK_SHIFT,
+    BLOCKS,
     MARK_AHEAD,
     ROW_SIZE,
     ROWS,
@@ -1533,13 +1534,19 @@ class ChunkStore:
         return tuple(ROWS[count].unpack(row.ljust(4 * count, b"\0")))
 
     def rewrite_bad(
-        self, volume: int, chunk: int, blocks: Mapping[int, bytes | memoryview]
+        self,
+        volume: int,
+        chunk: int,
+        blocks: Mapping[int, bytes | memoryview],
+        unchecked: Container[int] = (),
     ) -> list[int]:
         """Repair: write each of ``blocks`` (block number -> its 4 KiB from another
         copy) over the chunk's block if that block still does not match its checksum,
         with its new checksum (the write-intent mark first, as any write). A block
         that matches now was rewritten meanwhile by a write, whose bytes are newer:
-        it is left alone. Returns the blocks rewritten (not synced)."""
+        it is left alone. A block with no checksum recorded is rewritten only when in
+        ``unchecked`` (the scrub found it differing from a copy that matches its
+        checksum; docs/sds.md, "Scrub"). Returns the blocks rewritten (not synced)."""
         loc = self._index.get(chunk_key(volume, chunk))
         if loc is None or not blocks:
             return []
@@ -1556,12 +1563,35 @@ class ChunkStore:
             for b in sorted(blocks):
                 (want,) = self.stored_crcs(volume, chunk, b, 1)
                 raw = dio.pread(dev.fd, BLOCK, dev.slot_offset(slot) + (b << BLOCK_SHIFT))
-                if not want or crc32c(raw.ljust(BLOCK, b"\0")) == want:
+                if (not want and b not in unchecked) or crc32c(raw.ljust(BLOCK, b"\0")) == want:
                     continue
                 self._write_checked(dev, slot, b << BLOCK_SHIFT, blocks[b], key)
                 done.append(b)
         except ChecksumError:
             raise
+        except OSError as exc:
+            raise self._io_error(dev, "pwrite", exc) from exc
+        return done
+
+    def adopt_checksums(self, volume: int, chunk: int, crcs: Mapping[int, int]) -> list[int]:
+        """Upgrade (docs/sds.md, "Checksums"): store ``crcs`` (block -> the CRC32C of
+        its bytes, as :meth:`checksum_rows` just computed them) for those blocks that
+        still have no checksum recorded; returns them. The data does not change, so no
+        write-intent mark is needed: a row write lost to a power cut leaves 0."""
+        loc = self._index.get(chunk_key(volume, chunk))
+        if loc is None or not loc[0].checksums or not crcs:
+            return []
+        dev, slot = loc
+        if dev.failed:
+            raise DeviceFailed(dev)
+        try:
+            stored = ROWS[BLOCKS].unpack(
+                dio.pread(dev.fd, ROW_SIZE, dev.row_offset(slot)).ljust(ROW_SIZE, b"\0")
+            )
+            done = [b for b, c in sorted(crcs.items()) if c and not stored[b]]
+            for first, n in _runs(done):
+                row = ROWS[n].pack(*(crcs[b] for b in range(first, first + n)))
+                dio.pwrite(dev.fd, row, dev.row_offset(slot) + 4 * first)
         except OSError as exc:
             raise self._io_error(dev, "pwrite", exc) from exc
         return done

@@ -532,17 +532,26 @@ class WireClient:
         return RawChunk(True, reply.payload)
 
     async def chunk_csums(
-        self, volume: int, chunk: int, *, heal: bool = False
+        self,
+        volume: int,
+        chunk: int,
+        *,
+        heal: bool = False,
+        adopt: bool = False,
+        blocks: tuple[int, int] = (0, 0),
     ) -> tuple[bytes, bytes] | None:
         """This SDS's own copy of a chunk checked against its checksums (CHUNK_CSUMS):
         ``(stored, computed)``, the checksum row it keeps for the chunk and the one of
         the bytes it holds (1 KiB each: a big-endian u32 per 4 KiB block; a stored 0 is
         "none recorded"); None when it holds no slot for the chunk (zeroes). ``heal``:
         the SDS first repairs the blocks of its copy that do not match their checksums
-        from the PG's other copies; the rows are then those after the repair."""
+        from the PG's other copies, and those of ``blocks`` (first, count) that have
+        no checksum recorded; ``adopt``: it first gives the blocks of ``blocks`` that
+        have none the CRC32C of their bytes. The rows are then those after."""
         ref = ChunkRef(0, 0, 0, volume, chunk)
-        flags = int(ReqFlag.HEAL) if heal else 0
-        reply = await self.call(Op.CHUNK_CSUMS, flags, ref, 0, 0, None)
+        flags = (int(ReqFlag.HEAL) if heal else 0) | (int(ReqFlag.ADOPT) if adopt else 0)
+        first, count = blocks
+        reply = await self.call(Op.CHUNK_CSUMS, flags, ref, first << 12, count << 12, None)
         if reply.flags & _HOLE:
             return None
         payload = bytes(reply.payload)

@@ -219,6 +219,9 @@ class ReqFlag(enum.IntFlag):
     # and reads again without this flag on a mismatch, so the server may send the
     # stored checksums as they are, unchecked (docs/protocol.md §8.6)
     CLIENT_CHECKS = 8
+    # CHUNK_CSUMS: give the blocks of the range (offset, length) that have no checksum
+    # recorded the CRC32C of their bytes first (docs/sds.md, "Scrub")
+    ADOPT = 16
 
 
 class ReplyFlag(enum.IntFlag):
