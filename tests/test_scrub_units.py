@@ -193,3 +193,27 @@ def test_counters_add_up_across_sds_restarts_and_findings_are_taken_once() -> No
     s.report(4, report(1, 1, []))
     status = s.status(1, 1000.0, 0.0)
     assert status["checksummed_blocks"] == 40 and status["repaired_blocks"] == 2
+
+
+def test_the_kept_schedule_resumes_with_another_clock() -> None:
+    """What is saved of a pool's schedule (times as wall clock) and restored by an
+    MDM whose monotonic clock starts elsewhere: the same pass, state, PGs done, start
+    and due time; changes mark the pool to save."""
+    s = ScrubSchedule(period_s=100.0, bandwidth_mibps=0, start_delay_s=10.0, now=0.0)
+    s.tick(1.0, {1: (20, False), 2: (4, False)})
+    assert s.dirty == {1, 2}  # new pools: their due time is kept
+    s.dirty.clear()
+    s.start(1, 5.0)
+    s.report(3, report(1, 1, [0, 3, 17]))
+    assert s.dirty == {1}
+    rows = [s.saved(p, 1000.0, 6.0) for p in (1, 2)]
+    assert rows[0]["started_at"] == 999.0 and rows[1]["due_at"] == 1004.0
+    t = ScrubSchedule(period_s=100.0, bandwidth_mibps=0, start_delay_s=10.0, now=500.0)
+    t.restore(rows, 1100.0, 506.0)  # 100 s later, another monotonic base
+    one, two = t.pools[1], t.pools[2]
+    assert (one.pass_, one.state, one.done, one.started_at) == (1, RUNNING, {0, 3, 17}, 405.0)
+    assert (two.state, two.due) == (IDLE, 410.0)
+    t.tick(409.0, {1: (20, False), 2: (4, False)})
+    assert two.state == IDLE  # not due yet (its own due time, not the new start's)
+    t.tick(410.0, {1: (20, False), 2: (4, False)})
+    assert two.state == RUNNING and one.pass_ == 1

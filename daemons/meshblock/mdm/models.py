@@ -16,8 +16,10 @@ from sqlalchemy import (
     BigInteger,
     CheckConstraint,
     DateTime,
+    Float,
     ForeignKey,
     Index,
+    LargeBinary,
     MetaData,
     String,
     Text,
@@ -358,3 +360,25 @@ class RestorePoolEpoch(Base):
         ForeignKey("storage_pools.id", ondelete="CASCADE"), primary_key=True, autoincrement=False
     )
     map_epoch: Mapped[int] = mapped_column(BigInteger)
+
+
+class ScrubState(Base):
+    """A pool's background scrub schedule (:mod:`meshblock.mdm.scrub`), kept so that a
+    restarted MDM resumes it: the pass, its state, when it started, the PGs done in it
+    (a bitmap: bit ``pg & 7`` of byte ``pg >> 3``), the last complete pass and when
+    the next one is due. Times are seconds since the epoch. The counters and findings
+    are not kept (since the MDM started)."""
+
+    __tablename__ = "scrub_state"
+
+    pool_id: Mapped[int] = mapped_column(
+        ForeignKey("storage_pools.id", ondelete="CASCADE"), primary_key=True, autoincrement=False
+    )
+    pass_number: Mapped[int] = mapped_column(BigInteger)
+    state: Mapped[str] = mapped_column(String(16))
+    due_at: Mapped[float] = mapped_column(Float)
+    started_at: Mapped[float | None] = mapped_column(Float)
+    completed_at: Mapped[float | None] = mapped_column(Float)
+    completed_pass: Mapped[int] = mapped_column(BigInteger)
+    passes_completed: Mapped[int] = mapped_column(BigInteger)
+    pgs_done: Mapped[bytes] = mapped_column(LargeBinary)

@@ -12,8 +12,12 @@ asks; it is complete once every PG of the pool was reported scrubbed in it. Whil
 the pool rebuilds, resyncs or moves a PG the pass is ``held`` (the SDSs stop at the
 next chunk); ``meshctl scrub pause`` pauses it, and keeps further passes from
 starting, until ``start``. :class:`ScrubSchedule` is this logic without IO (the
-clock is passed in); the schedule is kept in memory: a restarted MDM starts over
-(see docs/mdm.md).
+clock is passed in). What a restart must not lose (each pool's pass, state, start,
+PGs done, last complete pass, next due time) is kept in the MDM's database
+(``scrub_state``, :meth:`ScrubSchedule.saved` / :meth:`ScrubSchedule.restore`; the
+pools changed since the last save are :attr:`ScrubSchedule.dirty`), so a restarted
+MDM resumes each pool's period and pass; the counters and findings count from the
+MDM's start (see docs/mdm.md).
 """
 
 from __future__ import annotations
@@ -71,6 +75,8 @@ class ScrubSchedule:
         # (sds, pool) -> the SDS's last counters (chunks, bytes, errors..., repaired)
         self._last: dict[tuple[int, int], tuple[int, ...]] = {}
         self._seen: dict[int, tuple[str, int]] = {}  # sds -> (instance, newest finding taken)
+        self.dirty: set[int] = set()  # pools whose kept schedule changed since saved
+        self.loaded = False  # the kept schedules were restored (api/scrub.py)
 
     def tick(self, now: float, pools: dict[int, tuple[int, bool]]) -> None:
         """Start and complete passes; ``pools``: every pool's (PG count, busy)."""
@@ -80,6 +86,7 @@ class ScrubSchedule:
             ps = self.pools.get(pool_id)
             if ps is None:
                 ps = self.pools[pool_id] = PoolScrub(due=self.first_due)
+                self.dirty.add(pool_id)  # its first due time is kept too
             ps.pg_count, ps.busy = pg_count, busy
             if ps.state == RUNNING and ps.done >= set(range(pg_count)):
                 ps.state = IDLE
@@ -87,8 +94,10 @@ class ScrubSchedule:
                 ps.completed_pass = ps.pass_
                 ps.passes_completed += 1
                 ps.due = (ps.started_at or now) + self.period_s
+                self.dirty.add(pool_id)
             if ps.state == IDLE and now >= ps.due:
                 self._begin(ps, now)
+                self.dirty.add(pool_id)
 
     @staticmethod
     def _begin(ps: PoolScrub, now: float) -> None:
@@ -104,13 +113,60 @@ class ScrubSchedule:
             ps.state = RUNNING
         elif ps.state != RUNNING:
             self._begin(ps, now)
+        self.dirty.add(pool_id)
         return ps
 
     def pause(self, pool_id: int) -> PoolScrub:
         """``meshctl scrub pause``: the pass stops at the next chunk; none starts."""
         ps = self.pools.setdefault(pool_id, PoolScrub(due=self.first_due))
         ps.state = PAUSED
+        self.dirty.add(pool_id)
         return ps
+
+    # -- kept across restarts (the ``scrub_state`` table) --------------------------------
+
+    def saved(self, pool_id: int, now_wall: float, now: float) -> dict[str, Any]:
+        """What is kept of a pool's schedule: a ``scrub_state`` row's values (times as
+        seconds since the epoch: ``now_wall`` is the one that corresponds to ``now``)."""
+        ps = self.pools[pool_id]
+
+        def wall(t: float | None) -> float | None:
+            return None if t is None else now_wall - (now - t)
+
+        bits = bytearray((max(ps.done, default=-1) >> 3) + 1)
+        for pg in ps.done:
+            bits[pg >> 3] |= 1 << (pg & 7)
+        return {
+            "pool_id": pool_id,
+            "pass_number": ps.pass_,
+            "state": ps.state,
+            "due_at": wall(ps.due),
+            "started_at": wall(ps.started_at),
+            "completed_at": wall(ps.completed_at),
+            "completed_pass": ps.completed_pass,
+            "passes_completed": ps.passes_completed,
+            "pgs_done": bytes(bits),
+        }
+
+    def restore(self, rows: list[dict[str, Any]], now_wall: float, now: float) -> None:
+        """Take the kept schedules (:meth:`saved`'s) back, at a start."""
+
+        def mono(t: float | None) -> float | None:
+            return None if t is None else now - (now_wall - t)
+
+        for row in rows:
+            bits = bytes(row["pgs_done"])
+            done = {i for i in range(len(bits) * 8) if bits[i >> 3] >> (i & 7) & 1}
+            self.pools[int(row["pool_id"])] = PoolScrub(
+                pass_=int(row["pass_number"]),
+                state=str(row["state"]),
+                due=mono(float(row["due_at"])) or 0.0,
+                started_at=mono(row["started_at"]),
+                completed_at=mono(row["completed_at"]),
+                done=done,
+                passes_completed=int(row["passes_completed"]),
+                completed_pass=int(row["completed_pass"]),
+            )
 
     def orders(self) -> list[dict[str, Any]]:
         """What every SDS is told (a heartbeat reply's ``scrub.orders``)."""
@@ -134,7 +190,10 @@ class ScrubSchedule:
             if ps is None:
                 continue
             if int(p["pass"]) == ps.pass_ and ps.state in (RUNNING, PAUSED):
+                before_done = len(ps.done)
                 ps.done.update(int(pg) for pg in p["pgs_done"] if 0 <= int(pg) < ps.pg_count)
+                if len(ps.done) != before_done:
+                    self.dirty.add(int(p["pool_id"]))
             errors = p.get("errors", {})
             now = (
                 int(p["chunks"]),

@@ -17,14 +17,15 @@ from meshblock.auth import Role
 from meshblock.mdm.api.common import get_or_404, json, reading
 from meshblock.mdm.api.rebuild import rebuild_status
 from meshblock.mdm.context import MdmContext, ctx
-from meshblock.mdm.models import StoragePool
+from meshblock.mdm.models import ScrubState, StoragePool
 from meshblock.mdm.routing import ApiRoutes, path_id
 from meshblock.mdm.scrub import ScrubSchedule
 
 log = logging.getLogger(__name__)
 routes = ApiRoutes()
 TAG = "scrub"
-TICK_S = 1.0  # how often passes are started and completed
+TICK_S = 1.0  # how often passes are started and completed (and the schedule saved)
+_COLUMNS = tuple(ScrubState.__table__.columns.keys())
 
 
 def _schedule(c: MdmContext) -> ScrubSchedule:
@@ -34,8 +35,41 @@ def _schedule(c: MdmContext) -> ScrubSchedule:
     return c.scrub
 
 
+async def _load(c: MdmContext, s: ScrubSchedule) -> None:
+    """Take back the schedules kept in the database (once, before the first tick)."""
+    async with c.sessions() as session, session.begin():
+        rows = (await session.execute(select(ScrubState))).scalars().all()
+        kept = [{col: getattr(r, col) for col in _COLUMNS} for r in rows]
+    if not s.loaded:
+        s.restore(kept, time.time(), time.monotonic())
+        s.loaded = True
+        if kept:
+            log.info("scrub schedule of %d pool(s) resumed from the database", len(kept))
+
+
+async def save(c: MdmContext) -> None:
+    """Keep the schedules of the pools changed since the last save in the database."""
+    s = _schedule(c)
+    ids = sorted(p for p in s.dirty if p in s.pools)
+    s.dirty.clear()
+    if not ids:
+        return
+    wall, now = time.time(), time.monotonic()
+    rows = [s.saved(pool_id, wall, now) for pool_id in ids]
+    try:
+        async with c.sessions() as session, session.begin():
+            for row in rows:
+                await session.merge(ScrubState(**row))
+    except BaseException:
+        s.dirty.update(ids)  # the next tick tries again (a pool deleted meanwhile: dropped)
+        raise
+
+
 async def tick(c: MdmContext) -> None:
     """Start and complete passes from the pools' PG states now."""
+    s = _schedule(c)
+    if not s.loaded:
+        await _load(c, s)
     pools = {
         int(p["pool_id"]): (
             sum(p["pgs"].values()),
@@ -43,7 +77,8 @@ async def tick(c: MdmContext) -> None:
         )
         for p in await rebuild_status(c)
     }
-    _schedule(c).tick(time.monotonic(), pools)
+    s.tick(time.monotonic(), pools)
+    await save(c)
 
 
 async def run(c: MdmContext) -> None:
@@ -122,6 +157,7 @@ async def start_scrub(request: web.Request) -> web.Response:
     c = ctx(request)
     await tick(c)  # the pool is known to the schedule with its PG count
     _schedule(c).start(pool_id, time.monotonic())
+    await save(c)
     log.info("scrub of pool %d started by the operator", pool_id)
     return json(await _pool_status(request, pool_id))
 
@@ -138,6 +174,10 @@ async def start_scrub(request: web.Request) -> web.Response:
 async def pause_scrub(request: web.Request) -> web.Response:
     pool_id = path_id(request)
     await _pool_status(request, pool_id)
-    _schedule(ctx(request)).pause(pool_id)
+    c = ctx(request)
+    if not _schedule(c).loaded:
+        await _load(c, _schedule(c))
+    _schedule(c).pause(pool_id)
+    await save(c)
     log.info("scrub of pool %d paused by the operator", pool_id)
     return json(await _pool_status(request, pool_id))
