@@ -263,3 +263,29 @@ def test_unix_socket_mode_group_and_peer_credentials(
     finally:
         srv.stop()
     assert not path.exists()
+
+
+def test_revoked_client_certificate_is_refused(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``[tls] crl`` applies to NBD clients: a certificate of the CA that the CRL
+    revokes fails the handshake, while another one of the same CA gets in."""
+    victim = "admin:nbd-tls-revoked"
+    _tls.ca().revoke(_tls.fresh(victim).serial())
+    files = _tls.component_identity(SERVER_ID)
+    context = pki.server_context(files.cert, files.key, files.ca, crl=files.crl)
+    srv = ServerThread(tmp_path, tcp_policy=ListenPolicy(tls=context))
+    srv.start()
+    try:
+        srv.add(Export("disk", MemoryBackend(SIZE), SIZE))
+        uri = f"nbds://127.0.0.1:{srv.port}/?tls-certificates="
+        good = run(tool("nbdinfo"), "--list", uri + str(gnutls_dir(tmp_path, CLIENT_ID)))
+        assert 'export="disk"' in good.stdout
+        with caplog.at_level(logging.WARNING, logger=LOGGER):
+            bad = run(
+                tool("nbdinfo"), "--list", uri + str(gnutls_dir(tmp_path, victim)), check=False
+            )
+            assert bad.returncode != 0 and "disk" not in bad.stdout
+            wait_until(lambda: "revoked" in caplog.text, 10, "the revocation logged")
+    finally:
+        srv.stop()
