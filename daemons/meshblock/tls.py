@@ -19,11 +19,14 @@ it checks the MDM's certificate and still sends the cluster secret.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import logging
+import signal
 import ssl
 import sys
-from collections.abc import Iterator, Mapping, Sequence
+import weakref
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -31,10 +34,11 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
+from aiohttp import web
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
+from prometheus_client.registry import Collector, CollectorRegistry
 
 from meshblock import pki
 from meshblock.config import ConfigError
@@ -48,8 +52,12 @@ class TlsConfig:
     key: str = ""
     ca: str = ""
     crl: str = ""
+    # How often the CRL file is looked at; read again when it changed (and on SIGHUP).
+    crl_reload_s: float = 10.0
 
     def __post_init__(self) -> None:
+        if not self.crl_reload_s > 0:
+            raise ValueError("tls.crl_reload_s must be > 0")
         if bool(self.cert) != bool(self.key):
             raise ValueError("tls.cert and tls.key go together: set both or neither")
         if (self.cert or self.crl) and not self.ca:
@@ -128,7 +136,7 @@ def mdm_tls(
         raise ConfigError(
             f"[tls] cert {tls.cert} names {identity}, not an identity of kind {kind.value}"
         )
-    return MdmTls(context, identity)
+    return MdmTls(follow_crl(context, tls), identity)
 
 
 def control_context(tls: TlsConfig) -> ssl.SSLContext | None:
@@ -140,7 +148,7 @@ def control_context(tls: TlsConfig) -> ssl.SSLContext | None:
     if not tls.cert:
         return None
     try:
-        return pki.server_context(
+        context = pki.server_context(
             Path(tls.cert),
             Path(tls.key),
             Path(tls.ca),
@@ -149,6 +157,7 @@ def control_context(tls: TlsConfig) -> ssl.SSLContext | None:
         )
     except pki.PkiError as exc:
         raise ConfigError(f"[tls] {exc}") from None
+    return follow_crl(context, tls)
 
 
 # --- a server's CRL, reloaded without a restart ------------------------------------
@@ -220,88 +229,70 @@ class CrlState:
         return cls(numbers, min(ends), frozenset(revoked))
 
 
-class ServerTls:
-    """A TLS server context whose CRL is read again without a restart.
-
-    The server is given :attr:`context` once. Its SNI callback (which OpenSSL calls in
-    every handshake, also when the client sends no server name) hands each new
-    connection the context built from the newest CRL that passed the checks of
-    :meth:`CrlState.check`: so after a reload, a new connection with a revoked
-    certificate is refused in the handshake. A CRL that cannot be read, parsed or
-    verified keeps the one in force (an error in the log, and
-    :attr:`reload_failures`). Connections already open keep their handshake; a server
-    refuses their requests with :meth:`revoked_peer`.
+class CrlFile:
+    """A CRL file read again without a restart: what the list in force says
+    (:attr:`state`), and the counts of its reloads.
 
     :meth:`watch` re-reads the file when its modification time, size or inode
-    changes; :meth:`reload` does it at once (SIGHUP).
+    changes; :meth:`reload` does it at once (SIGHUP). A new list is taken only if
+    :meth:`CrlState.check` passes (signed by the CA, not expired, not older) and
+    :meth:`apply` can put it in force; otherwise the one in force stays (an error in
+    the log, and :attr:`reload_failures`). Subclasses say how a list is put in force.
     """
 
-    def __init__(
-        self,
-        cert: Path,
-        key: Path,
-        ca: Path,
-        crl: Path | None,
-        client_certs: pki.ClientCerts,
-        *,
-        log: logging.Logger,
-    ) -> None:
-        self._build = partial(pki.server_context, cert, key, ca, client_certs=client_certs)
-        self._ca = ca
-        self._crl = crl
+    def __init__(self, crl: Path | None, ca: Path, log: logging.Logger) -> None:
+        self.crl = crl
+        self.ca = ca
         self._log = log
-        self.context = self._build(crl=crl)
-        self._current = self.context
         self.state: CrlState | None = None
         self.reloads = 0
         self.reload_failures = 0
         self.last_reload_ok = True
-        self._stamp: tuple[int, int, int] | None = None
-        if crl is not None:
-            self._stamp = self._stat()
-            try:
-                self.state = CrlState.check(crl.read_bytes(), self._cas(), None, _utcnow())
-            except (OSError, pki.PkiError) as exc:  # OpenSSL loaded it: it decides
-                log.warning("the CRL %s in force: %s", crl, exc)
-            self.context.sni_callback = self._choose
+        self._stamp = self._stat()
+        if crl is None:  # nothing to reload
+            return
+        try:
+            self.state = CrlState.check(crl.read_bytes(), self._cas(), None, _utcnow())
+        except (OSError, pki.PkiError) as exc:  # OpenSSL loaded it: it decides
+            log.warning("the CRL %s in force: %s", crl, exc)
 
-    def _choose(self, conn: ssl.SSLObject, _name: str | None, ctx: ssl.SSLContext) -> None:
-        if ctx is not self._current:
-            conn.context = self._current
+    def apply(self) -> None:
+        """Put the list now in the file in force (raises what it cannot use)."""
+        raise NotImplementedError
 
     def _cas(self) -> list[x509.Certificate]:
-        return x509.load_pem_x509_certificates(self._ca.read_bytes())
+        return x509.load_pem_x509_certificates(self.ca.read_bytes())
 
     def _stat(self) -> tuple[int, int, int] | None:
-        assert self._crl is not None
+        if self.crl is None:
+            return None
         try:
-            st = self._crl.stat()
+            st = self.crl.stat()
         except OSError:
             return None
         return (st.st_mtime_ns, st.st_size, st.st_ino)
 
     def reload(self, why: str) -> bool:
         """Read the CRL again; True if the new one is in force."""
-        if self._crl is None:
+        if self.crl is None:
             return False
         self._stamp = self._stat()
         try:
-            state = CrlState.check(self._crl.read_bytes(), self._cas(), self.state, _utcnow())
-            context = self._build(crl=self._crl)
+            state = CrlState.check(self.crl.read_bytes(), self._cas(), self.state, _utcnow())
+            self.apply()
         except (OSError, ValueError, pki.PkiError) as exc:
             self.reload_failures += 1
             self.last_reload_ok = False
             self._log.error(
-                "CRL %s not reloaded (%s), keeping the one in force: %s", self._crl, why, exc
+                "CRL %s not reloaded (%s), keeping the one in force: %s", self.crl, why, exc
             )
             return False
-        self._current = context
         self.state = state
         self.reloads += 1
         self.last_reload_ok = True
         self._log.info(
             "CRL %s reloaded (%s): number %s, %d revoked, next update %s",
-            self._crl,
+            self.crl,
             why,
             ",".join(str(n) for n in state.numbers.values()),
             len(state.revoked),
@@ -311,7 +302,7 @@ class ServerTls:
 
     def check(self) -> bool:
         """Reload if the file changed since it was last read; True if reloaded."""
-        if self._crl is None or self._stat() == self._stamp:
+        if self.crl is None or self._stat() == self._stamp:
             return False
         return self.reload("the file changed")
 
@@ -333,12 +324,142 @@ class ServerTls:
         return _CrlCollector(self, prefix)
 
 
+class ServerTls(CrlFile):
+    """A TLS server context whose CRL is read again without a restart.
+
+    The server is given :attr:`context` once. Its SNI callback (which OpenSSL calls in
+    every handshake, also when the client sends no server name) hands each new
+    connection the context built from the newest CRL that passed the checks of
+    :class:`CrlFile`: so after a reload, a new connection with a revoked certificate
+    is refused in the handshake. Connections already open keep their handshake; a
+    server refuses their requests with :meth:`revoked_peer`.
+    """
+
+    def __init__(
+        self,
+        cert: Path,
+        key: Path,
+        ca: Path,
+        crl: Path | None,
+        client_certs: pki.ClientCerts,
+        *,
+        log: logging.Logger,
+    ) -> None:
+        self._build = partial(pki.server_context, cert, key, ca, client_certs=client_certs)
+        self.context = self._build(crl=crl)
+        self._current = self.context
+        super().__init__(crl, ca, log)
+        if crl is not None:
+            self.context.sni_callback = self._choose
+
+    def _choose(self, conn: ssl.SSLObject, _name: str | None, ctx: ssl.SSLContext) -> None:
+        if ctx is not self._current:
+            conn.context = self._current
+
+    def apply(self) -> None:
+        self._current = self._build(crl=self.crl)
+
+
+class CrlReloader(CrlFile):
+    """The CRL of every TLS context of a process that loaded one file: the SDS's, the
+    SDC's and MGMT's contexts to the MDM, their control ports', and any other a
+    component builds (:func:`crl_reloader`, then :meth:`add`).
+
+    A reload loads the new list into each context in place (``load_verify_locations``):
+    OpenSSL then holds both and checks each handshake against the one issued last, so
+    a new connection to or from a revoked certificate is refused without the context
+    being replaced (an aiohttp connector, a server, keep theirs). Connections already
+    open keep their handshake. Two lists issued within the same second are not told
+    apart: re-sign the CRL a second later if that happens.
+    """
+
+    def __init__(self, crl: Path, ca: Path, log: logging.Logger) -> None:
+        super().__init__(crl, ca, log)
+        self._contexts: weakref.WeakSet[ssl.SSLContext] = weakref.WeakSet()
+
+    def add(self, context: ssl.SSLContext) -> ssl.SSLContext:
+        """Reload ``context`` (built with this CRL) too, as long as it is in use."""
+        self._contexts.add(context)
+        return context
+
+    def apply(self) -> None:
+        contexts = list(self._contexts)
+        try:
+            for context in contexts:
+                context.load_verify_locations(cafile=str(self.crl))
+        except ssl.SSLError as exc:
+            raise pki.PkiError(f"OpenSSL cannot load it: {exc.reason}") from None
+
+
+_RELOADERS: dict[Path, CrlReloader] = {}
+_log = logging.getLogger("meshblock.tls")
+
+
+def crl_reloader(tls: TlsConfig) -> CrlReloader | None:
+    """The reloader of ``[tls] crl`` (one per file and process); None without one."""
+    if not tls.crl:
+        return None
+    key = Path(tls.crl).absolute()
+    reloader = _RELOADERS.get(key)
+    if reloader is None:
+        reloader = _RELOADERS[key] = CrlReloader(Path(tls.crl), Path(tls.ca), _log)
+    return reloader
+
+
+def follow_crl(context: ssl.SSLContext, tls: TlsConfig) -> ssl.SSLContext:
+    """``context``, built with ``[tls] crl``, kept up to date with it from now on (by
+    :func:`crl_reload`'s task): every TLS context a component builds with its CRL goes
+    through here (the MDM link, the control port, the data path)."""
+    reloader = crl_reloader(tls)
+    return reloader.add(context) if reloader is not None else context
+
+
+def crl_reload(
+    tls: TlsConfig,
+    daemon: str,
+    registry: Callable[[web.Application], CollectorRegistry] | None = None,
+) -> Callable[[web.Application], AsyncIterator[None]]:
+    """An app's cleanup context that keeps ``[tls] crl`` in force in every context of
+    the process built from it: read again every ``crl_reload_s`` when the file
+    changed, and at once on SIGHUP (in the main thread only; elsewhere, the polling
+    alone), with ``meshblock_<daemon>_tls_crl_*`` metrics in ``registry(app)``.
+    Nothing without a CRL."""
+
+    async def run(app: web.Application) -> AsyncIterator[None]:
+        reloader = crl_reloader(tls)
+        if reloader is None:
+            yield
+            return
+        metrics = reloader.collector(f"meshblock_{daemon}_tls")
+        if registry is not None:
+            registry(app).register(metrics)
+        loop = asyncio.get_running_loop()
+        try:
+            loop.add_signal_handler(signal.SIGHUP, reloader.reload, "SIGHUP")
+            hup = True
+        except (RuntimeError, ValueError):  # not the main thread's loop
+            hup = False
+        task = asyncio.create_task(reloader.watch(tls.crl_reload_s), name="crl-reload")
+        try:
+            yield
+        finally:
+            if registry is not None:
+                registry(app).unregister(metrics)
+            if hup:
+                loop.remove_signal_handler(signal.SIGHUP)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    return run
+
+
 def _utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
 class _CrlCollector(Collector):
-    def __init__(self, tls: ServerTls, prefix: str) -> None:
+    def __init__(self, tls: CrlFile, prefix: str) -> None:
         self._tls = tls
         self._prefix = prefix
 

@@ -21,7 +21,7 @@ from meshblock.mgmt.context import CTX, MgmtContext
 from meshblock.mgmt.errors import error_middleware
 from meshblock.mgmt.metrics import MgmtMetrics
 from meshblock.mgmt.throttle import Limit, LoginThrottle, PasswordChecks
-from meshblock.tls import MdmTls, mdm_tls
+from meshblock.tls import MdmTls, crl_reload, mdm_tls
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +130,7 @@ def create_app(config: MgmtConfig) -> web.Application:
     audit.install(app, "mgmt", config.audit)
     app.cleanup_ctx.append(_context)
     app.cleanup_ctx.append(_rule_sync)
+    app.cleanup_ctx.append(crl_reload(config.tls, "mgmt", lambda a: a[CTX].metrics.registry))
     app.add_routes(api.routes)
     app.add_routes(pages.routes)
     app.router.add_static("/static/", STATIC_DIR, name="static")

@@ -33,6 +33,7 @@ from meshblock.sdc.mdm_client import MdmClient, mdm_tls_of
 from meshblock.sdc.metrics import SdcMetrics
 from meshblock.sdc.wire_path import WireDataPath
 from meshblock.timeouts import LatencyBudgets
+from meshblock.tls import crl_reload
 
 log = logging.getLogger(__name__)
 
@@ -252,6 +253,7 @@ def create_app(config: SdcConfig) -> web.Application:
     app = web.Application()
     app[STATE] = SdcState(config)
     app.cleanup_ctx.append(_run)
+    app.cleanup_ctx.append(crl_reload(config.tls, "sdc", lambda a: a[STATE].metrics.registry))
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
     return app

@@ -12,7 +12,7 @@ from meshblock import pki
 from meshblock.config import ConfigError, LoggingConfig, read_secret_file
 from meshblock.files import write_atomic
 from meshblock.nbd.access import ListenPolicy, parse_rules
-from meshblock.tls import TlsConfig
+from meshblock.tls import TlsConfig, follow_crl
 from meshblock.wire.protocol import check_wire_min_version
 
 
@@ -151,6 +151,7 @@ def nbd_tcp_policy(config: SdcConfig) -> ListenPolicy:
             )
         except pki.PkiError as exc:
             raise ConfigError(f"[tls] for [nbd] tls: {exc}") from None
+        follow_crl(context, tls)  # a revoked NBD client is refused after a reload
     return ListenPolicy(tls=context, allow=parse_rules(config.nbd.tcp_allow))
 
 

@@ -40,6 +40,7 @@ from meshblock.sds.server import DataServer
 from meshblock.sds.state import SdsState
 from meshblock.sds.stats import SdsStats
 from meshblock.sds.store import ChunkStore, DeviceSpec, StoreError
+from meshblock.tls import crl_reload
 
 log = logging.getLogger(__name__)
 
@@ -324,6 +325,7 @@ def create_app(config: SdsConfig, secret: str) -> web.Application:
     app.cleanup_ctx.append(_runtime)
     app.cleanup_ctx.append(_data_server)
     app.cleanup_ctx.append(_mdm_link)
+    app.cleanup_ctx.append(crl_reload(config.tls, "sds", lambda a: a[RUNTIME].registry))
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
     if config.test_faults and device_io.enabled_by_env():
