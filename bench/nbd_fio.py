@@ -245,7 +245,8 @@ class Daemon:
 class Cluster:
     """MDM + ``sds_count`` SDSs (one fault set each; 3: the lab's shape) + SDC, one thin
     volume mapped. ``capacity``: each SDS's device (default: its share of two copies
-    with room to spare); ``cluster``: MDM ``[cluster]`` settings; names of the pool,
+    with room to spare); ``cluster``: MDM ``[cluster]`` settings; ``mdm``: more tables
+    of mdm.toml (e.g. ``[scrub]``); names of the pool,
     protection domain and volume and the daemons' log level can be changed too."""
 
     def __init__(
@@ -260,6 +261,7 @@ class Cluster:
         names: tuple[str, str, str] = (POOL, PD, VOLUME),
         log_level: str = "WARNING",
         checksums: bool | None = True,
+        mdm: dict[str, dict[str, Any]] | None = None,
     ) -> None:
         self.workdir = workdir
         self.size = size
@@ -272,6 +274,7 @@ class Cluster:
         self.log_level = log_level
         # The SDSs' [store] checksums; None: no [store] table (a release before them).
         self.checksums = checksums
+        self.mdm_tables = mdm or {}  # more tables of mdm.toml (e.g. [scrub])
         self.pool_id = 0
         self.pool: dict[str, Any] = {}
         self.admin = "adm-" + secrets.token_urlsafe(16)
@@ -309,6 +312,7 @@ class Cluster:
                     "database": {"url": f"sqlite+aiosqlite:///{mdm_dir / 'mdm.db'}"},
                     "cluster": self.cluster_settings,
                     "logging": {"level": self.log_level},
+                    **self.mdm_tables,
                 }
             ),
             self.mdm_url + "/health",
