@@ -30,12 +30,10 @@ Linux only. It does not measure throughput: that is ``nbd_fio.py``'s on a quiet 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -49,6 +47,7 @@ from nbd_fio import (
     log,
     parse_size,
     run_fio,
+    run_main,
 )
 
 MiB = 1024 * 1024
@@ -211,18 +210,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="cpu-per-io-"))
-    workdir.mkdir(parents=True, exist_ok=True)
-    try:
-        result = run(args, workdir)
-    except BenchError as exc:
-        log(f"error: {exc}; work directory kept: {workdir}")
-        return 1
-    if not args.workdir:
-        shutil.rmtree(workdir, ignore_errors=True)
-    print(json.dumps(result, indent=2) if args.json else render(result))
-    return 0
+    return run_main(parse_args(argv), run, render, "cpu-per-io-")
 
 
 if __name__ == "__main__":

@@ -45,6 +45,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -673,17 +674,24 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     return {
         "machine": machine_info(),
         "options": {
-            "size_bytes": args.size,
-            "runtime_s": args.runtime,
-            "ramp_s": args.ramp,
-            "repeat": args.repeat,
+            **fio_options_doc(args),
             "uri": args.uri or "(own cluster)",
-            "pg_count": args.pg_count,
             "checksums": args.checksums if not args.uri else "(as the export's SDSs run)",
         },
         "fio_common": " ".join(fio_args("<uri>", "<job>", "<rw>", "<bs>", 0, args.size)[1:])
         + f" --runtime={args.runtime} --time_based --ramp_time={args.ramp}",
         "jobs": results,
+    }
+
+
+def fio_options_doc(args: argparse.Namespace) -> dict[str, Any]:
+    """The options of :func:`fio_options`, for a report."""
+    return {
+        "size_bytes": args.size,
+        "runtime_s": args.runtime,
+        "ramp_s": args.ramp,
+        "repeat": args.repeat,
+        "pg_count": args.pg_count,
     }
 
 
@@ -762,6 +770,48 @@ def render(r: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def fio_options(ap: argparse.ArgumentParser, runtime: int, ramp: int) -> None:
+    """The options of the fio-job benchmarks: ``--size``, ``--runtime``, ``--ramp``,
+    ``--repeat``, ``--pg-count`` (checked by :func:`check_fio_options`)."""
+    ap.add_argument("--size", type=parse_size, default=GiB, help="volume size (default 1GiB)")
+    ap.add_argument(
+        "--runtime", type=int, default=runtime, help=f"seconds per job (default {runtime})"
+    )
+    ap.add_argument(
+        "--ramp", type=int, default=ramp, help=f"fio ramp_time seconds (default {ramp})"
+    )
+    ap.add_argument("--repeat", type=int, default=1, help="runs of each job; medians reported")
+    ap.add_argument("--pg-count", type=int, default=32, help="PGs of the benchmark's pool")
+
+
+def check_fio_options(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.repeat < 1 or args.runtime < 1:
+        ap.error("--repeat and --runtime must be at least 1")
+    if shutil.which("fio") is None:
+        ap.error("fio is not installed (apt-get install fio)")
+
+
+def run_main(
+    args: argparse.Namespace,
+    run: Callable[[argparse.Namespace, Path], dict[str, Any]],
+    render: Callable[[dict[str, Any]], str],
+    prefix: str,
+) -> int:
+    """Run a benchmark in ``--workdir`` (kept) or a new temporary directory (removed,
+    unless the run fails) and print its report, or its figures as JSON (``--json``)."""
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix=prefix))
+    workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        result = run(args, workdir)
+    except BenchError as exc:
+        log(f"error: {exc}; work directory kept: {workdir}")
+        return 1
+    if not args.workdir:
+        shutil.rmtree(workdir, ignore_errors=True)
+    print(json.dumps(result, indent=2) if args.json else render(result))
+    return 0
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument(
@@ -769,11 +819,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="use this NBD export instead of starting a cluster (its first --size bytes "
         "are overwritten by the prefill and the write jobs)",
     )
-    ap.add_argument("--size", type=parse_size, default=GiB, help="volume size (default 1GiB)")
-    ap.add_argument("--runtime", type=int, default=5, help="seconds per job (default 5)")
-    ap.add_argument("--ramp", type=int, default=1, help="fio ramp_time seconds (default 1)")
-    ap.add_argument("--repeat", type=int, default=1, help="runs of each job; medians reported")
-    ap.add_argument("--pg-count", type=int, default=32, help="PGs of the benchmark's pool")
+    fio_options(ap, runtime=5, ramp=1)
     ap.add_argument("--jobs", nargs="+", choices=[j.name for j in JOBS], help="run only these jobs")
     ap.add_argument("--no-prefill", action="store_true", help="skip the prefill pass")
     ap.add_argument("--profile", metavar="DIR", help="py-spy the cluster's processes per job")
@@ -787,12 +833,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "deployed): run once with each to see their cost",
     )
     args = ap.parse_args(argv)
-    if args.repeat < 1 or args.runtime < 1:
-        ap.error("--repeat and --runtime must be at least 1")
+    check_fio_options(ap, args)
     if args.profile and args.uri:
         ap.error("--profile needs the benchmark's own cluster (no --uri)")
-    if shutil.which("fio") is None:
-        ap.error("fio is not installed (apt-get install fio)")
     return args
 
 

@@ -34,10 +34,7 @@ machine's CPUs: compare the ratio of one run, measured on a quiet machine.
 from __future__ import annotations
 
 import argparse
-import json
-import shutil
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -49,16 +46,18 @@ from nbd_fio import (
     JOBS,
     BenchError,
     Cluster,
-    GiB,
     MiB,
+    check_fio_options,
     cpu_seconds,
     figures,
     fio_args,
+    fio_options,
+    fio_options_doc,
     log,
     machine_info,
     median_figures,
-    parse_size,
     run_fio,
+    run_main,
 )
 
 JOB_NAMES = ("randwrite-qd32", "seqread-qd8")
@@ -212,11 +211,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     return {
         "machine": machine_info(),
         "options": {
-            "size_bytes": args.size,
-            "runtime_s": args.runtime,
-            "ramp_s": args.ramp,
-            "repeat": args.repeat,
-            "pg_count": args.pg_count,
+            **fio_options_doc(args),
             "scrub_bandwidth_mibps": bandwidth,
             "sds_devices": cluster.sds_count,
         },
@@ -265,11 +260,7 @@ def render(r: dict[str, Any]) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--size", type=parse_size, default=GiB, help="volume size (default 1GiB)")
-    ap.add_argument("--runtime", type=int, default=15, help="seconds per job (default 15)")
-    ap.add_argument("--ramp", type=int, default=2, help="fio ramp_time seconds (default 2)")
-    ap.add_argument("--repeat", type=int, default=1, help="runs of each job; medians reported")
-    ap.add_argument("--pg-count", type=int, default=32, help="PGs of the benchmark's pool")
+    fio_options(ap, runtime=15, ramp=2)
     ap.add_argument(
         "--jobs", nargs="+", choices=list(JOB_NAMES), help="run only these jobs (default both)"
     )
@@ -281,26 +272,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--json", action="store_true", help="print the results as JSON")
     ap.add_argument("--workdir", help="keep configs, logs and data here (default: a temp dir)")
     args = ap.parse_args(argv)
-    if args.repeat < 1 or args.runtime < 1:
-        ap.error("--repeat and --runtime must be at least 1")
-    if shutil.which("fio") is None:
-        ap.error("fio is not installed (apt-get install fio)")
+    check_fio_options(ap, args)
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="scrub-cost-"))
-    workdir.mkdir(parents=True, exist_ok=True)
-    try:
-        result = run(args, workdir)
-    except BenchError as exc:
-        log(f"error: {exc}; work directory kept: {workdir}")
-        return 1
-    if not args.workdir:
-        shutil.rmtree(workdir, ignore_errors=True)
-    print(json.dumps(result, indent=2) if args.json else render(result))
-    return 0
+    return run_main(parse_args(argv), run, render, "scrub-cost-")
 
 
 if __name__ == "__main__":

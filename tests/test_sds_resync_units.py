@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -244,6 +244,17 @@ def test_a_full_copy_trims_what_only_the_copy_stores(tmp_path: Path) -> None:
     asyncio.run(main())
 
 
+def fill_pg0(p: Pair, chunks: int, data: Callable[[int], bytes]) -> list[int]:
+    """Write ``data(chunk)`` into the first ``chunks`` chunks of PG 0 on the primary."""
+    store = p.primary.store
+    ours = [c for c in range(400) if pg_of(VOLUME, c, PG_COUNT) == 0][:chunks]
+    dev = store.device_by_mdm_id(primary_of(0)[1])
+    assert dev is not None
+    for c in ours:
+        store.write(dev, VOLUME, c, 0, data(c))
+    return ours
+
+
 def test_a_copy_does_not_report_to_a_copy_a_forward_lost_meanwhile(tmp_path: Path) -> None:
     """A forward to the copy's SDS lost its connection while the job copied (the copy
     may have missed a write, and the SDS could not be reached then): the job does
@@ -254,12 +265,7 @@ def test_a_copy_does_not_report_to_a_copy_a_forward_lost_meanwhile(tmp_path: Pat
     async def main() -> None:
         async with pair(tmp_path) as p:
             rs = p.resync
-            store = p.primary.store
-            ours = [c for c in range(400) if pg_of(VOLUME, c, PG_COUNT) == 0][:chunks]
-            dev = store.device_by_mdm_id(primary_of(0)[1])
-            assert dev is not None
-            for c in ours:
-                store.write(dev, VOLUME, c, 0, b"z" * 4096)
+            fill_pg0(p, chunks, lambda c: b"z" * 4096)
             p.accept_at = 6
             p.deliver(5, {0}, rebuild_bandwidth_mibps=8, rebuild_concurrency=1)
             await wait_until_async(
@@ -288,12 +294,7 @@ def test_a_chunk_damaged_on_the_wire_is_sent_again_not_the_job_aborted(tmp_path:
     async def main() -> None:
         async with pair(tmp_path) as p:
             rs = p.resync
-            store = p.primary.store
-            ours = [c for c in range(400) if pg_of(VOLUME, c, PG_COUNT) == 0][:chunks]
-            dev = store.device_by_mdm_id(primary_of(0)[1])
-            assert dev is not None
-            for c in ours:
-                store.write(dev, VOLUME, c, 0, bytes([c % 250 + 1]) * 4096)
+            ours = fill_pg0(p, chunks, lambda c: bytes([c % 250 + 1]) * 4096)
             seen = itertools.count()
 
             def damage(payload: memoryview) -> None:
