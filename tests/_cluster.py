@@ -30,6 +30,7 @@ from _sds import PG_COUNT, POOL, SdsDaemon
 from _wait import wait_until
 from meshblock import pgmap_doc, pki
 from meshblock.chunks import ChunkRef, pg_of
+from meshblock.wire import tls as wire_tls
 
 LAB_PORTS = 9  # a lab uses ports BASE..BASE+8
 LAB_UP_TIMEOUT_S = 120.0
@@ -267,6 +268,20 @@ class LabCluster:
         return pki.client_context(
             Path(tls["ca"]), cert=Path(tls["cert"]), key=Path(tls["key"]), crl=Path(tls["crl"])
         )
+
+    def data_tls(self, cert: str = "") -> ssl.SSLContext | None:
+        """A context for dialling the lab's data ports with the admin certificate, or
+        with the lab's certificate ``cert`` (``sds-sds1``: DIR/tls/sds-sds1.crt);
+        None: the lab runs without TLS."""
+        state = self.state()
+        assert state is not None
+        tls = state.get("tls")
+        if not tls:
+            return None
+        if not cert:
+            return wire_tls.dial_context(tls["ca"], tls["cert"], tls["key"], tls["crl"])
+        base = self.root / "tls" / cert
+        return wire_tls.dial_context(tls["ca"], f"{base}.crt", f"{base}.key", tls["crl"])
 
     def sdc_health(self) -> dict[str, Any]:
         port = self.info["processes"][-1]["ports"]["control"]

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import ssl
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -100,6 +101,11 @@ class SdsDaemon(DaemonProcess):
         # and its address); the harness checks it against the test CA.
         scheme = "https" if self.mdm.tls else "http"
         return f"{scheme}://{self.address}:{self.control_port}"
+
+    def data_tls(self, text: str = _tls.ADMIN) -> ssl.SSLContext | None:
+        """A context for dialling this SDS's data port as ``text`` (None: the port is
+        plain TCP, the SDS having no certificate as its MDM serves plain HTTP)."""
+        return _tls.data_context(self.mdm.tls, text)
 
     def exec_prefix(self) -> list[str]:
         # `ip netns exec` execs the program: the pid is the SDS's own (SIGKILL hits it)

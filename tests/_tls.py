@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from meshblock import pki
+from meshblock.wire import tls as wire_tls
 
 ADMIN = "admin:tests"
 LOOPBACK_SANS = ("127.0.0.1", "localhost")
@@ -110,6 +111,19 @@ def admin_context() -> ssl.SSLContext:
     if ADMIN not in _contexts:
         _contexts[ADMIN] = context(ADMIN)
     return _contexts[ADMIN]
+
+
+def data_context(enabled: bool = True, text: str = ADMIN) -> ssl.SSLContext | None:
+    """A context for dialling the data ports of test SDSs as ``text`` (``admin:tests``
+    by default), for TLS data ports (the harness's SDSs with ``enabled``: their MDM
+    serves TLS, so they have certificates); ``None`` (plain TCP) otherwise."""
+    if not enabled:
+        return None
+    key = f"data {text}"
+    if key not in _contexts:
+        files = identity(text)
+        _contexts[key] = wire_tls.dial_context(files.ca, files.cert, files.key, files.crl)
+    return _contexts[key]
 
 
 def meshctl_env() -> dict[str, str]:

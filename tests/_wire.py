@@ -3,6 +3,7 @@ data server in this process on a real store file."""
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -56,6 +57,7 @@ async def sds_server(
     max_version: int = PROTOCOL_VERSION,
     min_version: int = MIN_PROTOCOL_VERSION,
     checksums: bool = True,
+    tls: ssl.SSLContext | None = None,
 ) -> AsyncIterator[tuple[DataServer, SdsState]]:
     """The data server of SDS ``sds_id``, primary of every PG of pool ``POOL`` (no
     secondary), speaking protocol versions ``min_version`` to ``max_version``, and
@@ -78,7 +80,7 @@ async def sds_server(
     sds = SdsState(store, maps, Peers(SECRET, 5.0), SdsStats())
     sds.set_identity(sds_id, {str(tmp_path / "dev.img"): (10, POOL)})
     service = DataService(sds, Resync(sds))
-    server = DataServer(service, SECRET, max_version=max_version, min_version=min_version)
+    server = DataServer(service, SECRET, max_version=max_version, min_version=min_version, tls=tls)
     await server.start("127.0.0.1", 0)
     try:
         yield server, sds

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+import _tls
 from _cluster import SmallCluster, small_cluster
 from _sds import PG_COUNT, wait_copy_jobs_ended
 from _wait import wait_until
@@ -131,7 +132,9 @@ def test_resync_after_a_return_never_copies_a_volume_deleted_meanwhile(c: SmallC
         detail=c.logs,
     )
     vol = {"id": c.volume_id, "name": LIVE, "size_bytes": 64 * CHUNK_SIZE}
-    report = asyncio.run(check_volume(vol, doc, c.mdm.cluster_secret))
+    report = asyncio.run(
+        check_volume(vol, doc, c.mdm.cluster_secret, tls=_tls.data_context(c.mdm.tls))
+    )
     out = report.to_json()
     assert report.ok and report.fully_redundant, out
     assert out["identical"] == out["chunks"] == 64, out  # unwritten chunks: absent on both

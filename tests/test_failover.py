@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 
+import _tls
 from _cluster import SmallCluster, small_cluster
 from _sds import PG_COUNT, SdsDaemon
 from _wait import wait_until
@@ -171,7 +172,9 @@ def test_one_sds_lost_and_back(fo: Failover) -> None:
 
     # The replica checker compares the clean PGs only and reports the degraded ones.
     vol = {"id": fo.volume_id, "name": VOLUME, "size_bytes": 64 * CHUNK_SIZE}
-    report = asyncio.run(check_volume(vol, back, fo.mdm.cluster_secret))
+    report = asyncio.run(
+        check_volume(vol, back, fo.mdm.cluster_secret, tls=_tls.data_context(fo.mdm.tls))
+    )
     doc = report.to_json()
     assert report.ok and not report.fully_redundant, doc
     assert doc["degraded_pgs"] == sorted(int(pg) for pg in degraded_pgs), doc
@@ -188,6 +191,7 @@ async def stale_copies_are_stale(fo: Failover, victim: SdsDaemon, doc: dict[str,
     victim) did not get it, checked with CHUNK_READ_RAW on both copies."""
     pgs = {pg["pg"]: pg for pg in doc["pgs"]}
     ports = {int(k): v["data_port"] for k, v in doc["sds"].items()}
+    tls = victim.data_tls()
     n = 0
     for chunk in list(range(8)) + list(range(24, 32)):
         pg = pgs[pg_of(fo.volume_id, chunk, doc["pg_count"])]
@@ -198,10 +202,10 @@ async def stale_copies_are_stale(fo: Failover, victim: SdsDaemon, doc: dict[str,
         primary_port = ports[pg["primary"]["sds_id"]]
         async with (
             await WireClient.connect(
-                "127.0.0.1", primary_port, fo.mdm.cluster_secret, PeerRole.TOOL
+                "127.0.0.1", primary_port, fo.mdm.cluster_secret, PeerRole.TOOL, tls=tls
             ) as p,
             await WireClient.connect(
-                "127.0.0.1", victim.data_port, fo.mdm.cluster_secret, PeerRole.TOOL
+                "127.0.0.1", victim.data_port, fo.mdm.cluster_secret, PeerRole.TOOL, tls=tls
             ) as s,
         ):
             mine = await p.read_raw_chunk(fo.volume_id, chunk)
@@ -237,7 +241,8 @@ async def old_epoch_refused(
 
     chunk, pg = promoted
     survivor = now["pgs"][pg]["primary"]["sds_id"]
-    async with await WireClient.connect("127.0.0.1", ports[survivor], secret) as cl:
+    tls = victim.data_tls()
+    async with await WireClient.connect("127.0.0.1", ports[survivor], secret, tls=tls) as cl:
         with pytest.raises(RequestError) as e:
             await cl.write(ChunkRef(pool, pg, old, fo.volume_id, chunk), 0, data)
         assert e.value.status == Status.EPOCH_STALE
@@ -245,7 +250,7 @@ async def old_epoch_refused(
             await cl.read(ChunkRef(pool, pg, old, fo.volume_id, chunk), 0, 4096)
         assert e.value.status == Status.EPOCH_STALE
     # the victim, once primary of that PG, serves it at no epoch
-    async with await WireClient.connect("127.0.0.1", victim.data_port, secret) as cl:
+    async with await WireClient.connect("127.0.0.1", victim.data_port, secret, tls=tls) as cl:
         for epoch, status in ((old, Status.EPOCH_STALE), (new, Status.NOT_PRIMARY)):
             with pytest.raises(RequestError) as e:
                 await cl.read(ChunkRef(pool, pg, epoch, fo.volume_id, chunk), 0, 4096)
@@ -257,7 +262,7 @@ async def old_epoch_refused(
     # the stale secondary refuses replicated writes, at the old epoch and the current
     chunk, pg = stale_sec
     async with await WireClient.connect(
-        "127.0.0.1", victim.data_port, secret, PeerRole.SDS_PEER
+        "127.0.0.1", victim.data_port, secret, PeerRole.SDS_PEER, tls=tls
     ) as peer:
         for epoch, status in ((old, Status.EPOCH_STALE), (new, Status.NOT_REPLICA)):
             with pytest.raises(RequestError) as e:

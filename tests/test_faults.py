@@ -53,6 +53,7 @@ from typing import Any
 import pytest
 
 import _http
+import _tls
 from _cluster import SmallCluster, meshctl_command, small_cluster
 from _fio import Fio
 from _netns import AddressedSds, NetNs, netns_unavailable
@@ -239,7 +240,9 @@ def replicas_identical(c: SmallCluster, volume_id: int | None = None) -> dict[st
     assert status == 200, vol
     for _ in range(10):
         doc = c.pgmap()
-        report = asyncio.run(check_volume(vol, doc, c.mdm.cluster_secret))
+        report = asyncio.run(
+            check_volume(vol, doc, c.mdm.cluster_secret, tls=_tls.data_context(c.mdm.tls))
+        )
         if c.pgmap()["epoch"] == doc["epoch"]:
             break
         time.sleep(1)

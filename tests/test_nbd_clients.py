@@ -212,7 +212,7 @@ async def _corrupt_secondary(lab: LabCluster, chunk: int, offset: int, data: byt
     secondary = pgmap["pgs"][pg]["secondary"]["sds_id"]
     where = pgmap["sds"][str(secondary)]
     client = await WireClient.connect(
-        where["address"], where["data_port"], lab.secret, PeerRole.SDS_PEER
+        where["address"], where["data_port"], lab.secret, PeerRole.SDS_PEER, tls=lab.data_tls()
     )
     try:
         await client.repl_write(

@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 import _http
+import _tls
 from _cluster import SmallCluster, meshctl_command, small_cluster
 from _sds import PG_COUNT
 from _wait import wait_until
@@ -81,7 +82,9 @@ def all_clean(doc: dict[str, Any]) -> bool:
 
 def verify(c: SmallCluster, doc: dict[str, Any], chunks: int = CHUNKS) -> None:
     vol = {"id": c.volume_id, "name": VOLUME, "size_bytes": chunks * CHUNK_SIZE}
-    report = asyncio.run(check_volume(vol, doc, c.mdm.cluster_secret))
+    report = asyncio.run(
+        check_volume(vol, doc, c.mdm.cluster_secret, tls=_tls.data_context(c.mdm.tls))
+    )
     out = report.to_json()
     assert report.ok and report.fully_redundant, out
     assert out["identical"] == chunks, out

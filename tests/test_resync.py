@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 import _http
+import _tls
 from _cluster import small_cluster
 from _sds import PG_COUNT, SdsDaemon, wait_copy_jobs_ended
 from meshblock.chunks import CHUNK_SIZE, pg_of
@@ -67,7 +68,9 @@ def write_chunks(rs: Failover, chunks: list[int], pattern: int) -> None:
 
 def verify(rs: Failover, doc: dict[str, Any]) -> dict[str, Any]:
     vol = {"id": rs.volume_id, "name": VOLUME, "size_bytes": 64 * CHUNK_SIZE}
-    report = asyncio.run(check_volume(vol, doc, rs.mdm.cluster_secret))
+    report = asyncio.run(
+        check_volume(vol, doc, rs.mdm.cluster_secret, tls=_tls.data_context(rs.mdm.tls))
+    )
     out = report.to_json()
     assert report.ok and report.fully_redundant, out
     assert out["identical"] == 64, out

@@ -84,7 +84,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 
 
 async def connect(d: SdsDaemon, c: Cluster, role: PeerRole = PeerRole.CLIENT) -> WireClient:
-    return await WireClient.connect("127.0.0.1", d.data_port, c.secret, role)
+    return await WireClient.connect("127.0.0.1", d.data_port, c.secret, role, tls=d.data_tls())
 
 
 def run(coro: Any) -> Any:
@@ -265,9 +265,10 @@ def test_io_through_a_v2_and_a_v1_connection(cluster: Cluster) -> None:
         for chunk in range(3):
             r = route(cluster, doc, volume, chunk)
             port, secret = r.primary.data_port, cluster.secret
+            tls = r.primary.data_tls()
             async with (
-                await WireClient.connect("127.0.0.1", port, secret) as v2,
-                await WireClient.connect("127.0.0.1", port, secret, max_version=1) as v1,
+                await WireClient.connect("127.0.0.1", port, secret, tls=tls) as v2,
+                await WireClient.connect("127.0.0.1", port, secret, max_version=1, tls=tls) as v1,
                 await connect(r.secondary, cluster, PeerRole.TOOL) as sec,
             ):
                 assert (v2.version, v1.version, sec.version) == (2, 1, 2)
@@ -291,7 +292,7 @@ def test_wrong_secret_is_refused(cluster: Cluster) -> None:
 
     async def main() -> None:
         with pytest.raises(HandshakeError):
-            await WireClient.connect("127.0.0.1", d.data_port, "not-the-secret")
+            await WireClient.connect("127.0.0.1", d.data_port, "not-the-secret", tls=d.data_tls())
         # still serving the right secret
         async with await connect(d, cluster) as cl:
             assert await cl.ping(cluster.pool_id) >= 1
@@ -300,9 +301,22 @@ def test_wrong_secret_is_refused(cluster: Cluster) -> None:
     assert "refusing data connection" in d.log_text()
 
 
+def test_data_port_serves_tls_only(cluster: Cluster) -> None:
+    """The harness's SDSs have certificates (as the lab's), so their data ports serve
+    only TLS: a plain-TCP client is told so at once."""
+    d = cluster.sds[0]
+
+    async def main() -> None:
+        with pytest.raises(HandshakeError, match="TLS_REQUIRED"):
+            await WireClient.connect("127.0.0.1", d.data_port, cluster.secret)
+
+    run(main())
+    assert "a plain-TCP client: this data port serves only TLS" in d.log_text()
+
+
 def test_raw_handshake_with_bad_proof_is_refused(cluster: Cluster) -> None:
     d = cluster.sds[1]
-    with socket.create_connection(("127.0.0.1", d.data_port), timeout=5) as s:
+    with raw_connect(d) as s:
         s.sendall(CLIENT_HELLO.pack(HELLO_MAGIC, 1, PeerRole.CLIENT, 0, os.urandom(32)))
         s.recv(72)
         s.sendall(struct.pack(">I32s", 0x4D424850, os.urandom(32)))
@@ -315,12 +329,20 @@ def _raw_session(d: SdsDaemon, secret: str) -> socket.socket:
     """A socket past the handshake, for sending hand-made frames."""
     from meshblock.wire.handshake import ClientHandshake
 
-    s = socket.create_connection(("127.0.0.1", d.data_port), timeout=5)
+    s = raw_connect(d)
     hs = ClientHandshake(secret.encode(), PeerRole.CLIENT, version=1)  # v1 frames follow
     s.sendall(hs.hello())
     s.sendall(hs.on_server_hello(memoryview(_recv_exact(s, 72))))
     hs.on_result(memoryview(_recv_exact(s, 8)))
     return s
+
+
+def raw_connect(d: SdsDaemon) -> socket.socket:
+    """A socket to the SDS's data port, inside TLS as the harness's admin when the port
+    serves TLS."""
+    s = socket.create_connection(("127.0.0.1", d.data_port), timeout=5)
+    tls = d.data_tls()
+    return s if tls is None else tls.wrap_socket(s, server_hostname="127.0.0.1")
 
 
 def _recv_exact(s: socket.socket, n: int) -> bytes:
@@ -389,7 +411,7 @@ def test_fuzz_malformed_frames_drop_only_that_connection(cluster: Cluster) -> No
             assert _closed(s), f"connection survived {case[:16]!r}"
     # random bytes before/instead of the handshake
     for _ in range(10):
-        with socket.create_connection(("127.0.0.1", d.data_port), timeout=5) as s:
+        with raw_connect(d) as s:
             s.sendall(rng.randbytes(rng.randrange(40, 200)))
             assert _closed(s)
 

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 import pytest
 
 import _http
+import _tls
 from _cluster import SmallCluster, small_cluster
 from _sds import DEVICE_BYTES, POOL, SdsDaemon, wait_copy_jobs_ended
 from meshblock import pgmap_doc
@@ -136,7 +137,9 @@ def test_a_bad_block_on_the_secondary_is_healed_by_volume_verify(hc: SmallCluste
     vol = {"id": hc.volume_id, "name": VOLUME, "size_bytes": 4 * CHUNK_SIZE}
     # verify names the bad copy and, asked to repair (--repair), has it healed
     report = asyncio.run(
-        check_volume(vol, hc.pgmap(), hc.mdm.cluster_secret, repair=True)
+        check_volume(
+            vol, hc.pgmap(), hc.mdm.cluster_secret, repair=True, tls=_tls.data_context(hc.mdm.tls)
+        )
     ).to_json()
     assert report["ok"] and report["identical"] == 4, report
     assert block_bytes(secondary, where) == b"\x6b" * BLOCK
@@ -198,7 +201,7 @@ async def raw_blocks(c: SmallCluster, sds: SdsDaemon, chunk: int) -> list[bytes 
     or the status it was refused with."""
     out: list[bytes | int] = []
     async with await WireClient.connect(
-        "127.0.0.1", sds.data_port, c.mdm.cluster_secret, PeerRole.TOOL
+        "127.0.0.1", sds.data_port, c.mdm.cluster_secret, PeerRole.TOOL, tls=sds.data_tls()
     ) as cl:
         for b in range(CHUNK_SIZE // BLOCK):
             try:

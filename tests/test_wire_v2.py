@@ -428,7 +428,8 @@ def test_meshctl_verify_reports_a_refused_handshake_as_an_error(
         def get(self, path: str) -> dict[str, Any]:
             return {}
 
-    ctx = SimpleNamespace(names=Names(), client=Client())
+    no_tls = SimpleNamespace(tls_ca=None, tls_cert=None, tls_key=None)
+    ctx = SimpleNamespace(names=Names(), client=Client(), settings=no_tls)
     monkeypatch.setattr(verify_command, "check_volume", refused)
     monkeypatch.setenv(verify_command.SECRET_ENV, "k")
     args = build_parser().parse_args(["volume", "verify", "v1", "--wire-min-version", "2"])

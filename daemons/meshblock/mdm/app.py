@@ -35,6 +35,7 @@ from meshblock.mdm.liveness import Liveness
 from meshblock.mdm.models import Cluster, Sds
 from meshblock.mdm.rebalance import Rebalancer
 from meshblock.mdm.routing import ApiRoutes
+from meshblock.wire import tls as wire_tls
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +143,7 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
     c.detector = detector
     rebalancer = Rebalancer(detector)
     secret = c.config.auth.cluster_secret
+    probe_tls = wire_tls.cached_client_context(c.config.tls)  # the MDM's certificate
 
     async def addresses(ids: list[int]) -> dict[int, tuple[str, int]]:
         async with c.sessions() as s:
@@ -151,7 +153,7 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
             return {i: (a, p) for i, a, p in rows}
 
     async def probe_sds(address: str, port: int) -> bool:
-        return await probe(address, port, secret)
+        return await probe(address, port, secret, tls=probe_tls)
 
     prober = Prober(
         c.liveness.holds,

@@ -48,6 +48,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import ssl
 import time
 from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field, replace
@@ -392,14 +393,28 @@ def _fresh(got: Mapping[int, PeerReport], ids: Iterable[int], now: float) -> lis
     ]
 
 
-async def probe(address: str, port: int, secret: str, limit_s: float = PROBE_TIMEOUT_S) -> bool:
+async def probe(
+    address: str,
+    port: int,
+    secret: str,
+    limit_s: float = PROBE_TIMEOUT_S,
+    tls: ssl.SSLContext | None = None,
+) -> bool:
     """Whether the SDS at ``address:port`` answers the data protocol: a connection
     authenticated with ``secret`` and a PING answered, within ``limit_s``. Without a
     secret (an MDM whose components authenticate with certificates only) a TCP
-    connection is all it can check."""
-    if secret:
-        return await answers_ping(address, port, secret, PeerRole.TOOL, limit_s)
-    return await connects(address, port, limit_s)
+    connection is all it can check. ``tls``: over TLS with the MDM's certificate; a
+    data port refusing it at once (plain TCP: an SDS without a certificate) is asked
+    again in plain TCP within what is left of ``limit_s``."""
+    if not secret:
+        return await connects(address, port, limit_s)
+    start = time.monotonic()
+    if await answers_ping(address, port, secret, PeerRole.TOOL, limit_s, tls=tls):
+        return True
+    left = limit_s - (time.monotonic() - start)
+    if tls is None or left < limit_s / 2:  # a hung SDS: the first one timed out
+        return False
+    return await answers_ping(address, port, secret, PeerRole.TOOL, left)
 
 
 async def connects(address: str, port: int, limit_s: float) -> bool:

@@ -34,6 +34,7 @@ from meshblock.sdc.metrics import SdcMetrics
 from meshblock.sdc.wire_path import WireDataPath
 from meshblock.timeouts import LatencyBudgets
 from meshblock.tls import crl_reload
+from meshblock.wire import tls as wire_tls
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +132,7 @@ async def _run(app: web.Application) -> AsyncIterator[None]:
         secret,
         request_timeout=config.io.attempt_timeout_s * 3,
         min_version=config.io.wire_min_version,
+        tls=wire_tls.client_context(config.tls, config.io.tls),
     )
     session = aiohttp.ClientSession(connector=link.connector())
     follower = MapFollower(

@@ -89,6 +89,9 @@ class IoSettings:
     attempt_timeout_min_s: float = 1.5  # the shortest budget of an attempt
     attempt_timeout_factor: float = 4.0  # budget: this x the SDS's p99 latency
     wire_min_version: int = 1
+    # With a certificate in [tls]: dial the SDSs' data ports over TLS with it
+    # (meshblock.wire.tls); false: plain TCP.
+    tls: bool = True
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 
 from meshblock.nbd.protocol import Errno
 from meshblock.sdc.datapath import DataPathError, Op, Piece, Reply, ReplyWaiter
@@ -57,11 +58,13 @@ class WireDataPath:
         connect_timeout: float = 3.0,
         request_timeout: float = 30.0,
         min_version: int = 1,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self._secret = secret
         self._connect_timeout = connect_timeout
         self._request_timeout = request_timeout
         self._min_version = min_version  # [io] wire_min_version
+        self._tls = tls  # [io] tls with a certificate: meshblock.wire.tls
         self._clients: dict[tuple[str, int], WireClient] = {}
         self._connecting: dict[tuple[str, int], asyncio.Future[WireClient]] = {}
 
@@ -91,10 +94,13 @@ class WireDataPath:
                 connect_timeout=self._connect_timeout,
                 request_timeout=self._request_timeout,
                 min_version=self._min_version,
+                tls=self._tls,
             )
         except HandshakeError as exc:
             raise DataPathError(
-                "handshake", f"SDS {sds.sds_id} at {key[0]}:{key[1]}: {exc}", retriable=False
+                "handshake",
+                f"SDS {sds.sds_id} at {key[0]}:{key[1]}: {exc}",
+                retriable=exc.retriable,
             ) from exc
         except (OSError, TimeoutError, ConnectionLost) as exc:
             # ConnectionLost: the SDS accepted, then closed or reset the connection

@@ -41,6 +41,7 @@ from meshblock.sds.state import SdsState
 from meshblock.sds.stats import SdsStats
 from meshblock.sds.store import ChunkStore, DeviceSpec, StoreError
 from meshblock.tls import crl_reload
+from meshblock.wire import tls as wire_tls
 
 log = logging.getLogger(__name__)
 
@@ -143,11 +144,12 @@ async def _runtime(app: web.Application) -> AsyncIterator[None]:
             min_version=config.wire_min_version,
             timeout_min=config.peer_timeout_min_s,
             timeout_factor=config.peer_timeout_factor,
+            tls=wire_tls.client_context(config.tls, config.data.tls),
         )
         state = SdsState(store, MapCache(), peers, SdsStats())
         peers.fence = SelfFence(
             config.self_fence_after_s,
-            wire_pinger(secret, config.wire_min_version),
+            wire_pinger(secret, config.wire_min_version, peers.tls),
             lambda: peers_needed(state.maps.maps.values(), state.sds_id),
         )
         resync = Resync(state)
@@ -169,7 +171,12 @@ async def _runtime(app: web.Application) -> AsyncIterator[None]:
             )
         else:
             link.load_state()
-        server = DataServer(service, secret, min_version=config.wire_min_version)
+        server = DataServer(
+            service,
+            secret,
+            min_version=config.wire_min_version,
+            tls=wire_tls.server_context(config.tls, config.data.tls),
+        )
         app[RUNTIME] = SdsRuntime(config, state, resync, service, server, link, registry)
         # Checksums of the slots marked at start: recomputed off the event loop.
         verify = asyncio.create_task(store.verify_marked(), name="verify-marked")

@@ -18,6 +18,9 @@ class DataListen:
 
     host: str = "0.0.0.0"
     port: int = 7072
+    # With a certificate in [tls]: the port serves only TLS with client certificates,
+    # and peers are dialled over TLS (meshblock.wire.tls); false: plain TCP.
+    tls: bool = True
 
 
 @dataclass(frozen=True)

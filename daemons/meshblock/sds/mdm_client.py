@@ -177,7 +177,7 @@ class MdmLink:
         self._failure_task: asyncio.Task[None] | None = None
         sds.device_failed = self._device_failed
         # SDSs held down by the MDM that it asks us to ping (docs/mdm.md, hold-down)
-        self.peer_probes = PeerProbes(wire_pinger(secret, config.wire_min_version))
+        self.peer_probes = PeerProbes(wire_pinger(secret, config.wire_min_version, sds.peers.tls))
 
     # -- state file -------------------------------------------------------------------
 

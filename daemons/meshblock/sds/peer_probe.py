@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
@@ -87,12 +88,12 @@ class PeerProbes:
             self._task = None
 
 
-def wire_pinger(secret: str, min_version: int) -> Pinger:
+def wire_pinger(secret: str, min_version: int, tls: ssl.SSLContext | None = None) -> Pinger:
     """A connection as an ``SDS_PEER`` and a PING, within :data:`PROBE_TIMEOUT_S`."""
 
     async def ping(address: str, port: int) -> bool:
         return await answers_ping(
-            address, port, secret, PeerRole.SDS_PEER, PROBE_TIMEOUT_S, min_version
+            address, port, secret, PeerRole.SDS_PEER, PROBE_TIMEOUT_S, min_version, tls
         )
 
     return ping

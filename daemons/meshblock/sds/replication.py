@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 import time
 
 from meshblock.chunks import ChunkRef
@@ -84,8 +85,10 @@ class Peers:
         min_version: int = 1,
         timeout_min: float | None = None,
         timeout_factor: float = 4.0,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self._secret = secret
+        self.tls = tls  # dial peers over TLS with it (meshblock.wire.tls); None: plain TCP
         #: Per peer, how long a connection with forwards outstanding may receive
         #: nothing: ``request_timeout`` at most, ``timeout_min`` at least (without it:
         #: always ``request_timeout``).
@@ -158,6 +161,7 @@ class Peers:
                 connect_timeout=min(HANDSHAKE_TIMEOUT_S, max(budget, 1.0)),
                 request_timeout=budget,
                 min_version=self._min_version,
+                tls=self.tls,
             )
         except HandshakeError as exc:
             log.error("peer SDS %d at %s:%d refused us: %s", sds_id, *address, exc)

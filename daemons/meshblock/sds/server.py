@@ -6,6 +6,13 @@ to :class:`~meshblock.sds.io_path.DataService`. A peer that
 breaks the protocol (bad magic, unknown opcode, oversized payload, a failed or slow
 handshake) gets its connection dropped with one log line saying why; nothing it sent
 in an incomplete frame is applied, and other connections carry on.
+
+With a TLS context the port serves only TLS with client
+certificates of the cluster CA (:mod:`meshblock.wire.tls`): :class:`DataServer`
+accepts each connection itself, looks at its first bytes (a plain client gets the
+``TLS_REQUIRED`` refusal), runs the TLS handshake and logs a refused one with the
+client's address and reason; each :class:`DataConnection` knows the
+:class:`~meshblock.pki.Identity` its client's certificate names.
 """
 
 from __future__ import annotations
@@ -14,12 +21,14 @@ import asyncio
 import contextlib
 import logging
 import socket
+import ssl
 from typing import Any
 
+from meshblock import pki
 from meshblock.sds.io_path import DataService
 from meshblock.wire.csum import CSUM_CRC32C, CSUM_SHIFT
 from meshblock.wire.framing import FramedConnection
-from meshblock.wire.handshake import SERVER_FEATURES, ServerHandshake
+from meshblock.wire.handshake import SERVER_FEATURES, ServerHandshake, tls_required
 from meshblock.wire.protocol import (
     HANDSHAKE_TIMEOUT_S,
     MAX_IN_FLIGHT,
@@ -31,6 +40,7 @@ from meshblock.wire.protocol import (
     WireFormat,
     wire_format,
 )
+from meshblock.wire.tls import is_tls_record, is_wire_hello
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +68,8 @@ class DataConnection(FramedConnection):
         self._use(WIRE_V1)  # until the handshake has chosen
         self.allowed: frozenset[int] = frozenset()
         self.role = "unauthenticated"
+        #: The identity of the client's certificate (None: a plain-TCP data port).
+        self.identity: pki.Identity | None = None
         self.in_flight = 0
         self._reading_paused = False
         self._writing_paused = False
@@ -74,6 +86,11 @@ class DataConnection(FramedConnection):
         self._timer = self._loop.call_later(HANDSHAKE_TIMEOUT_S, self._handshake_timeout)
         self._svc.stats.connections += 1
         self._connections.add(self)
+        if transport.get_extra_info("ssl_object") is not None:
+            try:
+                self.identity = pki.identity_from_peercert(transport.get_extra_info("peercert"))
+            except pki.PkiError as exc:
+                self._refuse(f"its certificate names no identity: {exc}")
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._hs is not None and not self._closing and not self.bytes_received:
@@ -123,6 +140,13 @@ class DataConnection(FramedConnection):
     def _on_message(self, msg: memoryview) -> None:
         hs = self._hs
         assert hs is not None
+        if hs.role is None and is_tls_record(msg):
+            self._fixed_need = 0
+            self._refuse(
+                "the client speaks TLS, but this data port is plain TCP (no certificate "
+                "in [tls], or [data] tls = false)"
+            )
+            return
         out, reason = hs.feed(msg)
         if out:
             self.send_now(out)
@@ -143,8 +167,9 @@ class DataConnection(FramedConnection):
             self._timer.cancel()
             self._timer = None
         log.debug(
-            "data connection from %s authenticated as %s, protocol version %d",
+            "data connection from %s (%s) authenticated as %s, protocol version %d",
             self.peer,
+            self.identity or "no certificate",
             self.role,
             hs.version,
         )
@@ -230,8 +255,10 @@ class DataServer:
         *,
         min_version: int = MIN_PROTOCOL_VERSION,
         max_version: int = PROTOCOL_VERSION,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
-        """``min_version``: the ``wire_min_version`` setting, clients offering an
+        """``tls``: serve TLS only, with client certificates required (None: plain
+        TCP); ``min_version``: the ``wire_min_version`` setting, clients offering an
         older protocol version are refused; ``max_version``: the newest version
         spoken (1: as a server of the release before version 2, for tests).
 
@@ -247,12 +274,92 @@ class DataServer:
         self._min_version = min_version
         self._max_version = max_version
         self._server: asyncio.Server | None = None
+        self.tls = tls
+        self._listener: socket.socket | None = None
+        self._accepting: asyncio.Task[None] | None = None
+        self._admitting: set[asyncio.Task[None]] = set()
         self.connections: set[DataConnection] = set()
 
     async def start(self, host: str, port: int) -> None:
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(self._make, host, port, reuse_address=True)
-        log.info("data protocol listening on %s:%d", host, port)
+        if self.tls is None:
+            self._server = await loop.create_server(self._make, host, port, reuse_address=True)
+            log.info("data protocol listening on %s:%d (plain TCP)", host, port)
+            return
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family, kind, proto, _, address = infos[0]
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(address)
+            sock.listen(128)
+            sock.setblocking(False)
+        except OSError:
+            sock.close()
+            raise
+        self._listener = sock
+        self._accepting = loop.create_task(self._accept(sock), name="data-accept")
+        log.info("data protocol listening on %s:%d (TLS, client certificates required)", host, port)
+
+    async def _accept(self, listener: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, address = await loop.sock_accept(listener)
+            except OSError as exc:  # EMFILE and the like: do not spin
+                log.error("data port: accept failed: %s", exc)
+                await asyncio.sleep(0.1)
+                continue
+            task = loop.create_task(self._admit(conn, address))
+            self._admitting.add(task)
+            task.add_done_callback(self._admitting.discard)
+
+    async def _admit(self, conn: socket.socket, address: Any) -> None:
+        """Look at the first bytes of a new connection, then run the TLS handshake."""
+        assert self.tls is not None
+        peer = f"{address[0]}:{address[1]}" if isinstance(address, tuple) else str(address)
+        conn.setblocking(False)
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(HANDSHAKE_TIMEOUT_S):
+                head = await _peek(conn, 4)
+                if not head:  # a port probe: connected and left
+                    conn.close()
+                    return
+                if is_wire_hello(head):
+                    with contextlib.suppress(OSError):
+                        conn.send(tls_required(self._max_version))
+                    conn.close()
+                    self._refused(peer, "a plain-TCP client: this data port serves only TLS")
+                    return
+                await loop.connect_accepted_socket(
+                    self._make,
+                    conn,
+                    ssl=self.tls,
+                    ssl_handshake_timeout=HANDSHAKE_TIMEOUT_S,
+                )
+        except ssl.SSLCertVerificationError as exc:
+            conn.close()
+            self._refused(peer, f"its certificate was refused: {exc.verify_message}")
+        except ssl.SSLError as exc:
+            conn.close()
+            if exc.reason == "PEER_DID_NOT_RETURN_A_CERTIFICATE":
+                self._refused(peer, "it presented no certificate (one of the cluster CA's needed)")
+            else:
+                self._refused(peer, f"TLS handshake failed: {exc.reason or exc}")
+        except TimeoutError:
+            conn.close()
+            self._refused(peer, f"no TLS handshake within {HANDSHAKE_TIMEOUT_S:.0f} s")
+        except OSError as exc:
+            conn.close()
+            log.debug("data connection from %s lost during the TLS handshake: %s", peer, exc)
+        except asyncio.CancelledError:  # the server stops
+            conn.close()
+            raise
+
+    def _refused(self, peer: str, reason: str) -> None:
+        log.warning("refusing data connection from %s: %s", peer, reason)
+        self._svc.stats.handshake_failures += 1
 
     def _make(self) -> DataConnection:
         return DataConnection(
@@ -266,6 +373,9 @@ class DataServer:
 
     @property
     def port(self) -> int:
+        if self._listener is not None:
+            bound: int = self._listener.getsockname()[1]
+            return bound
         assert self._server is not None
         port: int = self._server.sockets[0].getsockname()[1]
         return port
@@ -274,6 +384,18 @@ class DataServer:
         """Stop listening, let requests in progress finish, close every connection."""
         if self._server is not None:
             self._server.close()
+        if self._accepting is not None:
+            self._accepting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._accepting
+            self._accepting = None
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+        for task in list(self._admitting):
+            task.cancel()
+        if self._admitting:
+            await asyncio.gather(*self._admitting, return_exceptions=True)
         await self._svc.drain()
         for conn in list(self.connections):
             conn.close()
@@ -281,3 +403,25 @@ class DataServer:
         if self._server is not None:
             await self._server.wait_closed()
             self._server = None
+
+
+async def _peek(conn: socket.socket, n: int) -> bytes:
+    """Up to ``n`` bytes of what ``conn`` received, left in its queue (b"": closed)."""
+    loop = asyncio.get_running_loop()
+    fd = conn.fileno()
+    while True:
+        try:
+            return conn.recv(n, socket.MSG_PEEK)
+        except (BlockingIOError, InterruptedError):
+            pass
+        readable: asyncio.Future[None] = loop.create_future()
+        loop.add_reader(fd, _set_once, readable)
+        try:
+            await readable
+        finally:
+            loop.remove_reader(fd)
+
+
+def _set_once(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -224,8 +225,9 @@ def first_difference(a: bytes, b: bytes) -> tuple[int, int]:
 class _Connections:
     """One TOOL connection per SDS, opened on first use and shared by all chunks."""
 
-    def __init__(self, secret: str, min_version: int) -> None:
+    def __init__(self, secret: str, min_version: int, tls: ssl.SSLContext | None) -> None:
         self._secret = secret
+        self._tls = tls
         self._min_version = min_version
         self._clients: dict[tuple[str, int], asyncio.Task[WireClient]] = {}
 
@@ -235,7 +237,12 @@ class _Connections:
         if task is None or (task.done() and (task.exception() or task.result().closed)):
             task = asyncio.ensure_future(
                 WireClient.connect(
-                    copy.host, copy.port, self._secret, PeerRole.TOOL, min_version=self._min_version
+                    copy.host,
+                    copy.port,
+                    self._secret,
+                    PeerRole.TOOL,
+                    min_version=self._min_version,
+                    tls=self._tls,
                 )
             )
             self._clients[key] = task
@@ -258,12 +265,14 @@ async def check_volume(
     concurrency: int = CONCURRENCY,
     progress: Progress | None = None,
     wire_min_version: int = 1,
+    tls: ssl.SSLContext | None = None,
     repair: bool = False,
 ) -> Report:
     """Compare both copies of every chunk of ``volume`` (an API Volume document) using
     ``pgmap`` (the API's PgMap document of the volume's pool; a malformed one raises
     :class:`meshblock.pgmap_doc.PgMapError`). ``wire_min_version``: the lowest data
-    protocol version spoken to the SDSs (``docs/protocol.md`` §8).
+    protocol version spoken to the SDSs (``docs/protocol.md`` §8); ``tls``: dial their
+    data ports over TLS with it (an admin certificate: ``meshblock.wire.tls``).
 
     Each chunk's checksums are compared first (CHUNK_CSUMS, when both SDSs have it):
     blocks that do not match their checksums are reported with the copy that is
@@ -281,7 +290,7 @@ async def check_volume(
     # degraded or resyncing: one in-sync copy; the other is stale or being caught up
     report.degraded_pgs = sorted(pg for pg, st in states.items() if st not in (CLEAN, INACTIVE))
     report.inactive_pgs = sorted(pg for pg, st in states.items() if st == INACTIVE)
-    conns = _Connections(secret, wire_min_version)
+    conns = _Connections(secret, wire_min_version, tls)
     done = 0
     next_chunk = iter(range(chunks))
 

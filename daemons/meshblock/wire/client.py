@@ -56,9 +56,11 @@ import contextlib
 import itertools
 import logging
 import socket
+import ssl
 import time
 from typing import Any, Final, NamedTuple, Protocol, TypeVar
 
+from meshblock import pki
 from meshblock.chunks import CHUNK_SIZE, ChunkRef
 from meshblock.wire import csum
 from meshblock.wire.framing import BIG_PART, EMPTY, Buffer, FramedConnection
@@ -83,6 +85,7 @@ from meshblock.wire.protocol import (
     wire_format,
 )
 from meshblock.wire.protocol import WireError as WireError  # re-exported (its old home)
+from meshblock.wire.tls import check_server
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +129,13 @@ class RequestError(WireError):
     @property
     def retriable(self) -> bool:  # type: ignore[override]
         return isinstance(self.status, Status) and self.status.retriable
+
+
+class TlsRefused(HandshakeError):
+    """The SDS closed a TLS connection before the data protocol's handshake: it
+    refused our certificate, or it stopped just then (hence retriable)."""
+
+    retriable = True
 
 
 class ConnectionLost(WireError):
@@ -294,6 +304,11 @@ class _Protocol(FramedConnection):
         self._closing = True
         self._fail_all(exc or ConnectionResetError("connection closed by the server"))
 
+    def _tls_silent(self) -> bool:
+        """A TLS connection on which the server sent nothing of the data protocol."""
+        t = self.transport
+        return t is not None and bool(t.get_extra_info("ssl_object")) and not self.bytes_received
+
     def _fail_all(self, cause: BaseException) -> None:
         if self._coalesce is not None:
             self._coalesce.cancel()
@@ -311,6 +326,16 @@ class _Protocol(FramedConnection):
                 failed = HandshakeError(f"SDS at {self.peer} broke the handshake: {cause}")
                 failed.__cause__ = cause
                 self._ready.set_exception(failed)
+            elif self._tls_silent():
+                # TLS 1.3: the server checks our certificate after our side of the TLS
+                # handshake is done; it closes without a word when it refuses it.
+                refused = TlsRefused(
+                    f"SDS at {self.peer} closed the connection after the TLS handshake, "
+                    "before the data protocol's: it refused our certificate (none, another "
+                    f"CA's, or revoked: its log says which), or it stopped just then ({cause})"
+                )
+                refused.__cause__ = cause
+                self._ready.set_exception(refused)
             else:
                 self._ready.set_exception(self.lost)
         pending, self.pending = self.pending, {}
@@ -334,14 +359,33 @@ class _Protocol(FramedConnection):
 
 
 async def _open(
-    host: str, port: int, handshake: ClientHandshake
+    host: str, port: int, handshake: ClientHandshake, tls: ssl.SSLContext | None
 ) -> tuple[asyncio.BaseTransport, _Protocol]:
-    """A connection to ``host:port`` that has run ``handshake``."""
+    """A connection to ``host:port`` that has run ``handshake`` (inside TLS with
+    ``tls``, the server's certificate naming an SDS: :mod:`meshblock.wire.tls`)."""
     loop = asyncio.get_running_loop()
     ready: asyncio.Future[None] = loop.create_future()
-    transport, protocol = await loop.create_connection(
-        lambda: _Protocol(handshake, ready), host, port
-    )
+    if tls is None:
+        transport, protocol = await loop.create_connection(
+            lambda: _Protocol(handshake, ready), host, port
+        )
+    else:
+        try:
+            transport, protocol = await loop.create_connection(
+                lambda: _Protocol(handshake, ready), host, port, ssl=tls, server_hostname=host
+            )
+        except (ssl.SSLError, ConnectionResetError) as exc:
+            raise HandshakeError(
+                f"TLS handshake with SDS at {host}:{port} failed: {exc} (does it serve its "
+                "data port in plain TCP, without [tls] or with [data] tls = false? is its "
+                "certificate from this cluster's CA?)"
+            ) from exc
+        try:
+            check_server(transport.get_extra_info("ssl_object"))
+        except pki.PkiError as exc:
+            ready.cancel()  # nobody waits for the data protocol's handshake
+            transport.abort()
+            raise HandshakeError(f"SDS at {host}:{port}: {exc}") from exc
     try:
         await ready
     except BaseException:
@@ -400,8 +444,13 @@ class WireClient:
         request_timeout: float | None = 30.0,
         min_version: int = MIN_PROTOCOL_VERSION,
         max_version: int = PROTOCOL_VERSION,
+        tls: ssl.SSLContext | None = None,
     ) -> WireClient:
         """Connect, authenticate with the cluster ``secret`` and return the client.
+
+        ``tls``: connect over TLS with this context (:func:`meshblock.wire.tls.
+        client_context`), plain TCP without it; a TLS handshake that fails, or a
+        server whose certificate names no SDS, is a :class:`HandshakeError`.
 
         ``request_timeout``: when requests are outstanding and nothing has arrived
         for that long, the connection is declared dead (every pending call fails with
@@ -418,7 +467,7 @@ class WireClient:
             while True:
                 handshake = ClientHandshake(key, role, version=offer, min_version=min_version)
                 try:
-                    transport, protocol = await _open(host, port, handshake)
+                    transport, protocol = await _open(host, port, handshake, tls)
                     break
                 except VersionUnsupported as exc:
                     older = exc.server_version
@@ -472,7 +521,13 @@ class WireClient:
                 await self._watchdog
             self._watchdog = None
         p = self._p
-        if not p._closing:
+        tls = p.transport is not None and p.transport.get_extra_info("ssl_object") is not None
+        if tls:
+            # Nothing queued matters once closed (every call fails), and a TLS close
+            # waits for the server's close_notify, leaking the socket before CPython
+            # 3.12.8 (gh-118950) if the loop ends first.
+            p.abort()
+        elif not p._closing:
             p.close()
         if p.transport is not None and p.transport.get_write_buffer_size():
             p.abort()  # the peer reads nothing: do not wait for it
@@ -742,6 +797,7 @@ async def answers_ping(
     role: PeerRole,
     limit_s: float,
     min_version: int = MIN_PROTOCOL_VERSION,
+    tls: ssl.SSLContext | None = None,
 ) -> bool:
     """Whether the SDS at ``host:port`` serves the data protocol: a new connection
     authenticated with ``secret`` as ``role``, and a PING answered, all within
@@ -756,6 +812,7 @@ async def answers_ping(
                 connect_timeout=limit_s,
                 request_timeout=None,
                 min_version=min_version,
+                tls=tls,
             )
             try:
                 await client.ping()

@@ -90,6 +90,7 @@ class HandshakeStatus(enum.IntEnum):
     AUTH_FAILED = 1
     VERSION_UNSUPPORTED = 2
     BAD_ROLE = 3
+    TLS_REQUIRED = 4  # a plain-TCP client at a data port that serves only TLS
 
 
 class HandshakeError(WireError):
@@ -200,6 +201,11 @@ class ClientHandshake:
             raise VersionUnsupported(
                 f"server refused protocol version {self._offered} (it speaks up to {version})",
                 version,
+            )
+        if status == HandshakeStatus.TLS_REQUIRED:
+            raise HandshakeError(
+                "server refused the handshake: TLS_REQUIRED (its data port serves only TLS: "
+                "give this side a certificate in [tls], and leave its data path's tls on)"
             )
         if status != HandshakeStatus.OK:
             raise HandshakeError(f"server refused the handshake: {_status_name(status)}")
@@ -388,6 +394,13 @@ class ServerHandshake:
         # The version field of a refusal is the highest version this server speaks.
         self.need = 0
         return SERVER_HELLO.pack(SERVER_HELLO_MAGIC, self._max, status, 0, _ZERO32, _ZERO32)
+
+
+def tls_required(max_version: int = PROTOCOL_VERSION) -> bytes:
+    """The ServerHello of a TLS data port to a client that sent its ClientHello in
+    clear text: status ``TLS_REQUIRED`` (``meshblock.wire.tls``)."""
+    status = HandshakeStatus.TLS_REQUIRED
+    return SERVER_HELLO.pack(SERVER_HELLO_MAGIC, max_version, status, 0, _ZERO32, _ZERO32)
 
 
 def _status_name(status: int) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import ssl
 import sys
 import time
 from argparse import Namespace
@@ -16,6 +17,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TextIO
 
+from meshblock import pki
 from meshblock.cli.context import Context
 from meshblock.cli.errors import CliError, ExitCode, UsageError
 from meshblock.cli.output import render_table
@@ -23,6 +25,7 @@ from meshblock.cli.parser import Subparsers, add_command
 from meshblock.config import ConfigError, read_secret_file
 from meshblock.pgmap_doc import PgMapError
 from meshblock.tools.replica_check import Report, check_volume
+from meshblock.wire import tls as wire_tls
 from meshblock.wire.handshake import HandshakeError
 from meshblock.wire.protocol import MIN_PROTOCOL_VERSION, PROTOCOL_VERSION
 
@@ -141,6 +144,7 @@ def verify(ctx: Context, args: Namespace) -> int:
                 concurrency=args.concurrency,
                 progress=bar,
                 wire_min_version=args.wire_min_version,
+                tls=_data_tls(ctx),
                 repair=args.repair,
             )
         )
@@ -150,6 +154,18 @@ def verify(ctx: Context, args: Namespace) -> int:
         raise CliError(f"an SDS refused the data protocol's handshake: {exc}") from None
     ctx.emit(report.to_json(), lambda: _text(report))
     return int(ExitCode.OK if report.ok else ExitCode.ERROR)
+
+
+def _data_tls(ctx: Context) -> ssl.SSLContext | None:
+    """The SDSs' data ports are dialled over TLS with the admin certificate
+    (MESHCTL_TLS_CERT), in plain TCP without one."""
+    s = ctx.settings
+    if s.tls_ca is None or s.tls_cert is None or s.tls_key is None:
+        return None
+    try:
+        return wire_tls.dial_context(s.tls_ca, s.tls_cert, s.tls_key)
+    except pki.PkiError as exc:
+        raise CliError(str(exc)) from None
 
 
 def _text(r: Report) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import ssl
 from typing import Any, cast
 
 from aiohttp import web
@@ -43,6 +44,7 @@ from meshblock.mdm.models import (
 from meshblock.mdm.routing import ApiRoutes, path_id
 from meshblock.mdm.schemas import MAX_DEVICE_BYTES
 from meshblock.sizes import MiB
+from meshblock.wire import tls as wire_tls
 
 log = logging.getLogger(__name__)
 routes = ApiRoutes()
@@ -830,7 +832,10 @@ async def sds_unreachable(request: web.Request, body: dict[str, Any]) -> web.Res
         address, port, name = sds.address, sds.data_port, sds.name
     confirmed = False
     secret = c.config.auth.cluster_secret
-    if c.liveness.state("sds", sds_id) == "connected" and not await _answers(address, port, secret):
+    tls = wire_tls.cached_client_context(c.config.tls)  # the MDM's certificate, if any
+    if c.liveness.state("sds", sds_id) == "connected" and not await _answers(
+        address, port, secret, tls
+    ):
         confirmed = True
         log.warning(
             "SDS %s reported unreachable by %s and not reachable from the MDM: down now",
@@ -881,5 +886,5 @@ async def _isolated(c: MdmContext, target: int, reporter: object) -> None:
         await c.detector.check()
 
 
-async def _answers(address: str, port: int, secret: str) -> bool:
-    return await holddown.probe(address, port, secret, UNREACHABLE_PROBE_S)
+async def _answers(address: str, port: int, secret: str, tls: ssl.SSLContext | None) -> bool:
+    return await holddown.probe(address, port, secret, UNREACHABLE_PROBE_S, tls=tls)
