@@ -315,7 +315,11 @@ VARIANTS: dict[str, tuple[str, list[str], list[str], dict[str, Any]]] = {
         "sdc1",
         ["common", "sdc"],
         ["sdc.toml.j2", "meshblock-sdc.service.j2"],
-        {"__sdc_nbd_module": {"stat": {"exists": True}}, "sdc_nbd_unix_socket": "/run/x/nbd"},
+        {
+            "__sdc_nbd_module": {"stat": {"exists": True}},
+            "sdc_nbd_unix_socket": "/run/x/nbd",
+            "sdc_nbd_socket_group": "nbdusers",
+        },
     ),
     "mgmt": ("mgmt1", ["common", "mgmt"], ["mgmt.toml.j2", "meshblock-mgmt.service.j2"], {}),
     "prometheus": (
@@ -556,8 +560,12 @@ def test_unit_verifies_and_is_hardened(rendered: dict[str, Path], variant: str, 
     if variant == "sdc_attach":  # the documented exception: NBD needs CAP_SYS_ADMIN
         assert s["AmbientCapabilities"] == ["CAP_SYS_ADMIN"]
         assert s["DeviceAllow"] == ["block-nbd rw"]
+        assert sorted(s["SupplementaryGroups"]) == ["disk", "nbdusers"]  # and the socket's
+        assert "-/run/x" in s["ReadWritePaths"]
     else:
         assert s["CapabilityBoundingSet"] == [""], f"{unit} keeps capabilities"
+    if variant == "sdc":  # the NBD socket's default directory
+        assert s["RuntimeDirectory"] == ["meshblock-sdc"]
     if variant == "sds_block":
         assert s["DeviceAllow"] == ["/dev/vdb rw", "/dev/vdc rw"]
     if variant == "sds":
