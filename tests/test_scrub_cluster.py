@@ -94,6 +94,16 @@ def flip(path: Path, offset: int, fix_row_at: int | None = None) -> None:
         os.fsync(f.fileno())
 
 
+def forget(path: Path, row_at: int) -> None:
+    """Zero one block's stored checksum (at ``row_at``): none recorded, as a store
+    written before checksums (or with them off) leaves it."""
+    with open(path, "r+b") as f:
+        f.seek(row_at)
+        f.write(bytes(4))
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def scrub_doc(c: SmallCluster) -> dict[str, Any]:
     status, doc = c.mdm.api().get(f"/api/v1/pools/{c.pool_id}/scrub")
     assert status == 200, doc
@@ -198,6 +208,14 @@ def test_volume_verify_says_which_copy_is_right_and_repairs_it(
         slot_at, _ = located(victim.device, c.volume_id, chunk)
         flip(victim.device, slot_at + block * 4096 + 1)
         expected.append((chunk, [block], victim.name, names[other]))
+    # A block without a checksum whose bytes differ from the other copy's good ones:
+    # that copy is the bad one, and --repair must really replace it.
+    pg = pgmap["pgs"][pg_of(c.volume_id, 7, pgmap["pg_count"])]
+    victim = by_id[pg["secondary"]["sds_id"]]
+    slot_at, row_at = located(victim.device, c.volume_id, 7)
+    flip(victim.device, slot_at + 77 * 4096 + 9)
+    forget(victim.device, row_at + 77 * 4)
+    expected.append((7, [77], victim.name, names[pg["primary"]["sds_id"]]))
     pg = pgmap["pgs"][pg_of(c.volume_id, 6, pgmap["pg_count"])]
     victim = by_id[pg["secondary"]["sds_id"]]
     slot_at, row_at = located(victim.device, c.volume_id, 6)

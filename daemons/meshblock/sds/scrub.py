@@ -44,6 +44,7 @@ from meshblock.sds.heal import repair_from_peer, runs
 from meshblock.sds.maps import PgMap
 from meshblock.sds.state import SdsState
 from meshblock.sds.store import chunk_key
+from meshblock.wire.client import WireClient
 from meshblock.wire.handshake import FEATURE_CHUNK_CSUMS
 from meshblock.wire.protocol import ProtocolError, WireError
 
@@ -148,6 +149,25 @@ def fixed(copy: Rows | None, other: Rows | None, blocks: list[int]) -> list[int]
     stored, data = unpack(copy[0]), unpack(copy[1])
     theirs = unpack(other[1] if other is not None else ZERO_ROW)
     return [b for b in blocks if stored[b] and stored[b] == data[b] == theirs[b]]
+
+
+def unchecked_of(rows: Rows | None, blocks: list[int]) -> list[int]:
+    """The blocks of ``blocks`` that have no checksum recorded in ``rows`` (a copy's)."""
+    return [] if rows is None else sorted(set(blocks) & set(unchecked_in(rows[0], 0, BLOCKS)))
+
+
+async def ask_csums(
+    client: WireClient, volume: int, chunk: int, blocks: list[int], heal: bool
+) -> Rows | None:
+    """CHUNK_CSUMS to ``client``'s SDS with HEAL (``heal``; ``blocks``: those without a
+    checksum to replace too) or ADOPT (``blocks``: those to give one), one request per
+    run of ``blocks`` (one without a range when there are none); its last answer."""
+    rows = None
+    for lo, hi in runs(blocks) or [(0, 0)]:
+        rows = await client.chunk_csums(
+            volume, chunk, heal=heal, adopt=not heal, blocks=(lo, hi - lo)
+        )
+    return rows
 
 
 @dataclass
@@ -418,18 +438,12 @@ class Scrubber:
             log.debug("scrub: chunk %d/%d: %d block(s) given a checksum", volume, chunk, done)
 
     async def _secondary_csums(self, at: At, blocks: list[int], heal: bool) -> Rows | None:
-        """CHUNK_CSUMS to the PG's secondary with HEAL (``heal``) or ADOPT over
-        ``blocks`` (one request per run of them); the rows of its last answer."""
+        """:func:`ask_csums` of the PG's secondary."""
         pool, pg, volume, chunk = at
         sec, address = self._secondary(self._state.maps.maps[pool], pg)
         st = self._state
         peer = st.peers.connected(sec, address) or await st.peers.get(sec, address)
-        rows = None
-        for lo, hi in runs(blocks) or [(0, 0)]:
-            rows = await peer.chunk_csums(
-                volume, chunk, heal=heal, adopt=not heal, blocks=(lo, hi - lo)
-            )
-        return rows
+        return await ask_csums(peer, volume, chunk, blocks, heal)
 
     async def _found(
         self,
@@ -514,8 +528,7 @@ class Scrubber:
         right on that copy (:func:`fixed`)."""
         st = self._state
         local, remote = rows
-        bad = local if primary_bad else remote
-        unknown = [] if bad is None else sorted(set(blocks) & set(unchecked_in(bad[0], 0, BLOCKS)))
+        unknown = unchecked_of(local if primary_bad else remote, blocks)
         if primary_bad:
             await repair_from_peer(st, volume, chunk, blocks, locked=True, unchecked=unknown)
             return fixed(st.store.checksum_rows(volume, chunk, count=False), remote, blocks)

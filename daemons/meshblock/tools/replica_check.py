@@ -46,8 +46,16 @@ from typing import Any
 from meshblock.chunks import CHUNK_SIZE, pg_of
 from meshblock.pgmap_doc import CLEAN, PgCopy, PgMapDoc
 from meshblock.pgmap_doc import parse as parse_pgmap
-from meshblock.sds.checksums import bad_in_rows
-from meshblock.sds.scrub import BOTH_BAD, DIVERGENT, PRIMARY_BAD, Rows, classify
+from meshblock.sds.scrub import (
+    BOTH_BAD,
+    DIVERGENT,
+    PRIMARY_BAD,
+    Rows,
+    ask_csums,
+    classify,
+    fixed,
+    unchecked_of,
+)
 from meshblock.wire import HandshakeError, PeerRole, WireClient, WireError
 from meshblock.wire.handshake import FEATURE_CHUNK_CSUMS
 
@@ -323,10 +331,14 @@ async def check_volume(
             else:
                 entry = BadBlocks(chunk, pg, blocks, secondary.name, primary.name)
             if repair and kind != BOTH_BAD:
-                client = cp if kind == PRIMARY_BAD else cs
-                healed = await client.chunk_csums(volume_id, chunk, heal=True)
-                still = set() if healed is None else set(bad_in_rows(*healed))
-                entry.repaired = not still.intersection(blocks)
+                # Judged by the rows after: a block without a checksum is replaced too,
+                # and counts as repaired once it has one and the other copy's bytes.
+                ours = kind == PRIMARY_BAD
+                bad, other = (rows[0], rows[1]) if ours else (rows[1], rows[0])
+                client = cp if ours else cs
+                unknown = unchecked_of(bad, blocks)
+                healed = await ask_csums(client, volume_id, chunk, unknown, True)
+                entry.repaired = fixed(healed, other, blocks) == blocks
             report.bad_blocks.append(entry)
             left = left or not entry.repaired
         return not left, divergent
