@@ -4,8 +4,9 @@ backs in their device files (each chunk found through the store's own index), on
 primaries' and secondaries' copies, on several SDSs; one block is changed on one copy
 with its checksum rewritten to match (a divergence, not corruption). ``meshctl scrub
 start`` runs a pass while fio writes and verifies another region: the pass finds
-every planted bad block and repairs it from the other copy, reports the divergence
-without touching it, and fio sees no error; the region read back afterwards (fio's
+every planted bad block and repairs it from the other copy (each SDS that held bad
+blocks counts them in meshblock_sds_checksum_errors_total), reports the divergence
+without touching it, ends while fio still runs, and fio sees no error; the region read back afterwards (fio's
 verify) is right everywhere. ``meshctl scrub pause`` and ``start`` drive the pool's
 state.
 """
@@ -21,6 +22,7 @@ from typing import Any
 
 import pytest
 
+import _http
 from _cluster import SmallCluster, meshctl_command, small_cluster
 from _fio import Fio
 from _wait import wait_until
@@ -104,6 +106,17 @@ def forget(path: Path, row_at: int) -> None:
         os.fsync(f.fileno())
 
 
+def checksum_errors(sds: Any) -> float:
+    """An SDS's meshblock_sds_checksum_errors_total, all devices."""
+    r = _http.request("GET", sds.control_url + "/metrics", timeout=5)
+    assert r.status == 200, r.body
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in str(r.body).splitlines()
+        if line.startswith("meshblock_sds_checksum_errors_total{")
+    )
+
+
 def scrub_doc(c: SmallCluster) -> dict[str, Any]:
     status, doc = c.mdm.api().get(f"/api/v1/pools/{c.pool_id}/scrub")
     assert status == 200, doc
@@ -125,7 +138,7 @@ def test_a_scrub_pass_finds_and_repairs_planted_corruption_under_fio_load(
     uri = c.sdc.uri(VOLUME)
     pgmap, by_id = filled(c, tmp_path, "16M")
     planted: dict[str, int] = {"primary": 0, "secondary": 0}
-    victims = set()
+    victims: dict[str, Any] = {}
     for i, chunk in enumerate(range(0, REGION // CHUNK_SIZE, 2)):
         pg = pgmap["pgs"][pg_of(c.volume_id, chunk, pgmap["pg_count"])]
         role = ("primary", "secondary")[i % 2]
@@ -134,7 +147,7 @@ def test_a_scrub_pass_finds_and_repairs_planted_corruption_under_fio_load(
         block = (i * 37) % 256
         flip(victim.device, slot_at + block * 4096 + 100)
         planted[role] += 1
-        victims.add(victim.name)
+        victims[victim.name] = victim
     assert len(victims) >= 2, victims
     # One divergence: a block changed on a secondary with its checksum to match.
     chunk = 1
@@ -150,7 +163,12 @@ def test_a_scrub_pass_finds_and_repairs_planted_corruption_under_fio_load(
         lambda: scrub_doc(c)["passes_completed"] >= 1, WAIT_S, "a complete scrub pass", interval=0.5
     )
     doc = scrub_doc(c)
+    under_load = load.running()  # fio still writing or verifying when the pass ended
     load.result(timeout=WAIT_S).assert_clean(c.logs())
+    assert under_load, "fio ended before the scrub pass: the pass ran without load"
+    # each SDS whose copy had bad blocks counted them (meshblock_sds_checksum_errors_total)
+    for name, victim in victims.items():
+        assert checksum_errors(victim) > 0, name
     errors = doc["errors"]
     assert errors["primary"] == planted["primary"], (doc, planted)
     assert errors["secondary"] == planted["secondary"], (doc, planted)
