@@ -6,9 +6,9 @@ with its checksum rewritten to match (a divergence, not corruption). ``meshctl s
 start`` runs a pass while fio writes and verifies another region: the pass finds
 every planted bad block and repairs it from the other copy (each SDS that held bad
 blocks counts them in meshblock_sds_checksum_errors_total), reports the divergence
-without touching it, ends while fio still runs, and fio sees no error; the region read back afterwards (fio's
-verify) is right everywhere. ``meshctl scrub pause`` and ``start`` drive the pool's
-state.
+without touching it, ends while fio still runs, and fio sees no error; the region
+read back afterwards (fio's verify) is right everywhere. ``meshctl scrub pause`` and
+``start`` drive the pool's state.
 """
 
 from __future__ import annotations
