@@ -249,14 +249,22 @@ def _start_pipeline(
         }
     )
     prom_dir = root / "prometheus"
+    # The MDM's /metrics needs its read-only token: the file the job's
+    # credentials_file names, as the Ansible role writes it.
+    read_token = {"mdm_read_token": mdm.readonly_token + "\n"}
     prometheus = PrometheusServer(
-        prom_dir, {**repo_rule_files(FOR_FACTOR), **targets}, repo_prometheus_config(INTERVAL)
+        prom_dir,
+        {**repo_rule_files(FOR_FACTOR), **targets, **read_token},
+        repo_prometheus_config(INTERVAL),
     )
     # Prometheus scrapes itself too: its port is chosen when the object is made.
     (prom_dir / "targets" / "prometheus.yml").write_text(
         json.dumps([{"targets": [prometheus.address]}])
     )
     mgmt.settings["mdm"]["url"] = mdm.url
+    mdm_token_file = root / "mgmt" / "mdm-read-token"  # as the Ansible role writes it
+    mdm_token_file.write_text(mdm.readonly_token + "\n")
+    mgmt.settings["mdm"]["token_file"] = str(mdm_token_file)
     mgmt.settings["prometheus"]["url"] = prometheus.url
     mgmt.settings["alertmanager"]["url"] = am.url
     users.result()

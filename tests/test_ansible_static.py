@@ -574,8 +574,9 @@ def test_unit_verifies_and_is_hardened(rendered: dict[str, Path], variant: str, 
 
 def promtool_check_config(out: Path) -> None:
     """promtool check config on the rendered prometheus.yml in ``out``, with the repo's
-    rules beside it."""
+    rules beside it, and the MDM's read-only token file that the role writes there."""
     shutil.copytree(ROOT / "monitoring" / "prometheus" / "rules", out / "rules")
+    (out / "mdm_read_token").write_text("a-read-token\n")
     proc = subprocess.run(
         [tool("promtool"), "check", "config", str(out / "prometheus.yml")],
         capture_output=True,

@@ -792,7 +792,7 @@ def test_topology_document(api: Api, topo: dict[str, Any]) -> None:
 
 
 def test_health_components_and_metrics(api: Api, topo: dict[str, Any]) -> None:
-    comps = ok(api("GET", "/health/components", token=None))["components"]
+    comps = ok(api("GET", "/health/components"))["components"]
     types = [c["component_type"] for c in comps]
     assert types.count("mdm") == 1 and types.count("sds") == 3 and types.count("sdc") == 1
     for c in comps:
@@ -805,10 +805,10 @@ def test_health_components_and_metrics(api: Api, topo: dict[str, Any]) -> None:
             "state",
             "last_seen",
         } <= set(c)
-    m = ok(api("GET", "/health/metrics", token=None))
+    m = ok(api("GET", "/health/metrics"))
     assert m["sds_total"] == 3 and m["pools"] == 1 and m["volumes"] == 2
     assert m["capacity_total_bytes"] == 300 * GiB
-    status, text = api("GET", "/metrics", token=None)
+    status, text = api("GET", "/metrics")
     assert status == 200
     samples = {
         (smp.name, tuple(sorted(smp.labels.items()))): smp.value
@@ -845,7 +845,7 @@ def test_health_components_and_metrics(api: Api, topo: dict[str, Any]) -> None:
 
 
 def pg_states(api: Api) -> dict[str, float]:
-    _, text = api("GET", "/metrics", token=None)
+    _, text = api("GET", "/metrics")
     return {
         smp.labels["state"]: smp.value
         for fam in text_string_to_metric_families(text)
@@ -911,7 +911,7 @@ def test_sds_failure_degrades_its_pgs(
     assert ok(api("GET", f"/api/v1/sds/{ids[0]}"))["state"] == "disconnected"
     health = ok(api("GET", "/health", token=None))
     assert health["status"] == "degraded"
-    totals = ok(api("GET", "/health/metrics", token=None))
+    totals = ok(api("GET", "/health/metrics"))
     assert totals["pgs_degraded"] == len(with_sds1)
     assert totals["volumes_degraded"] == 2  # both volumes span every PG of the pool
     # sds1 returns: its copies are stale; its PGs are resynced (docs/design.md,

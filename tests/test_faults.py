@@ -581,7 +581,7 @@ def test_mdm_sigkill_during_io(build: ClusterBuilder, tmp_path: Path) -> None:
     # every component heartbeats again and nothing failed over, also once the MDM's
     # grace period (one heartbeat timeout) is over
     time.sleep(max(0.0, HEARTBEAT_TIMEOUT_S + 2.0 - (time.monotonic() - t_back)))
-    r = _http.request("GET", c.mdm.url + "/health/components", timeout=5)
+    r = _http.request("GET", c.mdm.url + "/health/components", timeout=5, token=c.mdm.admin_token)
     assert r.status == 200, r
     states = json.dumps(r.body)
     assert "disconnected" not in states, r.body

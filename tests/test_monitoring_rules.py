@@ -318,11 +318,18 @@ def test_scrape_targets_come_from_file_sd() -> None:
     (am,) = cfg["alerting"]["alertmanagers"]
     assert am["file_sd_configs"] == [{"files": ["targets/alertmanager.yml"]}]
     for name, job in scrape_jobs().items():
-        assert set(job) == {"job_name", "file_sd_configs"}, f"{name}: {sorted(job)}"
+        # The MDM's /metrics needs its read-only token (the file the role writes).
+        extra = {"authorization"} if name == "meshblock_mdm" else set()
+        assert set(job) == {"job_name", "file_sd_configs"} | extra, f"{name}: {sorted(job)}"
         assert job["file_sd_configs"] == [{"files": [f"targets/{name}.yml"]}]
         groups = load(PROMETHEUS_DIR / "targets" / f"{name}.yml")
         targets = [t for g in groups for t in g["targets"]]
         assert targets == [f"127.0.0.1:{JOBS[name]}"], (name, targets)
+    assert scrape_jobs()["meshblock_mdm"]["authorization"] == {
+        "type": "Bearer",
+        "credentials_file": "mdm_read_token",
+    }
+    assert (PROMETHEUS_DIR / "mdm_read_token").is_file()
     (sds,) = load(PROMETHEUS_DIR / "targets" / "meshblock_sds.yml")
     assert set(sds["labels"]) == {"sds", "protection_domain", "fault_set"}
     (sdc,) = load(PROMETHEUS_DIR / "targets" / "meshblock_sdc.yml")
@@ -547,9 +554,9 @@ def documented_metrics(doc: str) -> set[str]:
     return set(re.findall(r"\bmeshblock_[a-z0-9_]+", (REPO / "docs" / doc).read_text()))
 
 
-def scrape(url: str) -> dict[str, list[dict[str, str]]]:
+def scrape(url: str, token: str | None = None) -> dict[str, list[dict[str, str]]]:
     """Sample names of a /metrics page → the label sets of their samples."""
-    r = _http.request("GET", url)
+    r = _http.request("GET", url, token=token)
     assert r.status == 200, r.status
     out: dict[str, list[dict[str, str]]] = {}
     for family in text_string_to_metric_families(r.body):
@@ -587,7 +594,7 @@ def test_mdm_exposes_the_metrics_the_rules_read(mdm: MdmDaemon) -> None:
     status, sdc = api("POST", "/api/v1/sdc/register", body, token=mdm.cluster_secret)
     assert status in (200, 201), sdc
 
-    exposed = scrape(mdm.url + "/metrics")
+    exposed = scrape(mdm.url + "/metrics", mdm.readonly_token)
     sds_names = documented_metrics("sds.md")
     sdc_names = documented_metrics("sdc.md")
     for metric, alerts in sorted(referenced_metrics().items()):

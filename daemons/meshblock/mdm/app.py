@@ -220,6 +220,10 @@ def create_app(config: MdmConfig) -> web.Application:
     app[CONFIG] = config
     audit.install(app, "mdm", config.audit)
     app.cleanup_ctx.append(_store)
+    if config.api.metrics_port:
+        app.cleanup_ctx.append(
+            health.open_listener(config.api.metrics_host, config.api.metrics_port)
+        )
     app.cleanup_ctx.append(_background)
     app.on_shutdown.append(_end_long_polls)
     for table in ROUTE_TABLES:

@@ -17,7 +17,7 @@ in the handshake: another CA's, a revoked or an expired one), or, with
   GUID. ``mdm:`` (peer MDMs, not built yet) may call nothing but the open routes.
 
 A refusal is a 403 before the handler runs (nothing changes) and a warning in the log
-naming the identity. Routes with :attr:`Role.NONE` (``/health``, ``/metrics``) stay
+naming the identity. Routes with :attr:`Role.NONE` (``/health``, liveness) stay
 open to every client the handshake let in.
 """
 

@@ -15,6 +15,10 @@ class ApiConfig:
 
     host: str = "127.0.0.1"
     port: int = 6611
+    # An open listener for /health, /health/components, /health/metrics and /metrics
+    # only (plain HTTP, no credential); 0: none, those need a read credential.
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = 0
 
 
 @dataclass(frozen=True)
@@ -129,6 +133,10 @@ class MdmConfig:
     audit: AuditConfig = field(default_factory=AuditConfig)
 
     def __post_init__(self) -> None:
+        if not 0 <= self.api.metrics_port < 65536:
+            raise ValueError("api.metrics_port must be between 0 (off) and 65535")
+        if self.api.metrics_port and self.api.metrics_port == self.api.port:
+            raise ValueError("api.metrics_port must differ from api.port")
         t = self.tls
         if (t.key or t.ca or t.crl) and not t.cert:
             raise ValueError("tls.key, tls.ca and tls.crl need tls.cert (empty: no TLS)")

@@ -1,10 +1,18 @@
-"""Open health endpoints (``/health``, ``/health/components``, ``/health/metrics``)
-and the Prometheus ``/metrics`` page."""
+"""Health endpoints and the Prometheus ``/metrics`` page.
+
+``/health`` (liveness: up, and one word of status) is open to every client. What
+tells more, ``/health/components`` (every component's address and state),
+``/health/metrics`` (totals) and ``/metrics``, needs a read credential on the API: the
+read-only or admin token, or a certificate of an identity that may read (``mgmt:``,
+``admin:``). ``[api] metrics_host`` and ``metrics_port`` serve all four, and only
+them, openly on a listener of their own (plain HTTP; bind it to an address only the
+monitoring reaches): :func:`open_listener`.
+"""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 from aiohttp import web
@@ -176,7 +184,7 @@ async def health(request: web.Request) -> web.Response:
 @routes.route(
     "GET",
     "/health/components",
-    role=Role.NONE,
+    role=Role.READONLY,
     tag=TAG,
     response="Components",
     summary="Every MDM, SDS and SDC with address, ports, state and last-seen time",
@@ -229,7 +237,7 @@ async def components(request: web.Request) -> web.Response:
 @routes.route(
     "GET",
     "/health/metrics",
-    role=Role.NONE,
+    role=Role.READONLY,
     tag=TAG,
     response="HealthMetrics",
     summary="Cluster totals: components, capacity, volumes",
@@ -388,6 +396,34 @@ METRICS = web.AppKey("meshblock_mdm_metrics", ClusterCollector)
 REGISTRY = web.AppKey("meshblock_mdm_registry", CollectorRegistry)
 
 
+def open_app(api: web.Application) -> web.Application:
+    """The application of the open listener: the health routes of ``api``, sharing
+    its state, with no authorisation (``[api] metrics_port``)."""
+    from meshblock.mdm.errors import error_middleware
+
+    side = web.Application(middlewares=[error_middleware])
+    side[CTX] = api[CTX]
+    side[REGISTRY] = api[REGISTRY]
+    side[METRICS] = api[METRICS]
+    side.add_routes(routes)
+    return side
+
+
+def open_listener(host: str, port: int) -> Callable[[web.Application], AsyncIterator[None]]:
+    """The API app's cleanup context that serves :func:`open_app` on ``host:port``."""
+
+    async def run(app: web.Application) -> AsyncIterator[None]:
+        runner = web.AppRunner(open_app(app), access_log=None)
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, host, port).start()
+            yield
+        finally:
+            await runner.cleanup()
+
+    return run
+
+
 def setup_metrics(app: web.Application) -> None:
     registry = CollectorRegistry()
     collector = ClusterCollector(app[CTX])
@@ -399,7 +435,7 @@ def setup_metrics(app: web.Application) -> None:
 @routes.route(
     "GET",
     "/metrics",
-    role=Role.NONE,
+    role=Role.READONLY,
     tag=TAG,
     summary="Prometheus metrics (text exposition format)",
 )

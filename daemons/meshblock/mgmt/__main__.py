@@ -22,7 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from meshblock import daemon
 from meshblock.config import load
 from meshblock.mgmt import accounts, db
-from meshblock.mgmt.app import create_app, mdm_tls_of, server_tls
+from meshblock.mgmt.app import create_app, mdm_headers, mdm_tls_of, server_tls
 from meshblock.mgmt.config import MgmtConfig
 from meshblock.mgmt.errors import ApiError, Conflict
 from meshblock.mgmt.models import User, UserRole
@@ -145,7 +145,7 @@ def _loopback(host: str) -> bool:
 
 def _load(args: argparse.Namespace) -> MgmtConfig:
     config = load(MgmtConfig, args.config)
-    mdm_tls_of(config)  # the [tls] files, and the MDM URL's scheme
+    mdm_headers(config, mdm_tls_of(config))  # the [tls] files, the URL, the token file
     server_tls(config)  # HTTPS unless [http] plain_http
     return config
 

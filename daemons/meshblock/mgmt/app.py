@@ -14,7 +14,7 @@ from aiohttp import web
 
 from meshblock import audit, pki
 from meshblock.auth import Role, TokenTable
-from meshblock.config import ConfigError
+from meshblock.config import ConfigError, read_secret_file
 from meshblock.mgmt import api, db, pages, rules
 from meshblock.mgmt.config import MgmtConfig
 from meshblock.mgmt.context import CTX, MgmtContext
@@ -34,6 +34,17 @@ def mdm_tls_of(config: MgmtConfig) -> MdmTls:
     """How MGMT reaches the MDM; a certificate must name MGMT (``mgmt:<name>``).
     :class:`meshblock.config.ConfigError` otherwise."""
     return mdm_tls(config.tls, [config.mdm.url], pki.Kind.MGMT, key="mdm.url")
+
+
+def mdm_headers(config: MgmtConfig, link: MdmTls) -> dict[str, str]:
+    """The headers of MGMT's calls to the MDM: its read-only token (``[mdm]
+    token_file``) when it has no certificate to go by. A :class:`ConfigError` if the
+    file cannot be read."""
+    headers = {"User-Agent": USER_AGENT}
+    if config.mdm.token_file and link.identity is None:
+        token = read_secret_file(config.mdm.token_file, "mdm.token_file")
+        headers["Authorization"] = f"Bearer {token}"
+    return headers
 
 
 def server_tls(config: MgmtConfig) -> ssl.SSLContext | None:
@@ -75,7 +86,7 @@ async def _context(app: web.Application) -> AsyncIterator[None]:
         async with (
             aiohttp.ClientSession(headers={"User-Agent": USER_AGENT}, trust_env=False) as http,
             aiohttp.ClientSession(
-                headers={"User-Agent": USER_AGENT},
+                headers=mdm_headers(config, link),
                 trust_env=False,
                 connector=link.connector(),
             ) as mdm_http,

@@ -74,11 +74,15 @@ class DatabaseConfig:
 
 @dataclass(frozen=True)
 class MdmConfig:
-    """``[mdm]``: where the MDM's open ``/health`` endpoints are (empty: not shown);
-    ``https://`` with ``[tls]`` (meshblock.tls)."""
+    """``[mdm]``: where the MDM's ``/health`` endpoints are (empty: not shown);
+    ``https://`` with ``[tls]`` (meshblock.tls). MGMT reads them with its certificate,
+    or with the read-only token of ``token_file``."""
 
     url: str = "https://127.0.0.1:6611"
     timeout_s: float = 3.0
+    # A file holding the MDM's read-only token, sent when MGMT has no certificate
+    # ([tls] cert): /health/components and /health/metrics need a read credential.
+    token_file: str = ""
 
 
 @dataclass(frozen=True)
