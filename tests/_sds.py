@@ -18,6 +18,7 @@ from _mdm import MdmDaemon
 from _ports import free_port
 from _process import START_TIMEOUT_S, DaemonProcess, dump_toml
 from _wait import wait_until
+from meshblock.wire.protocol import PeerRole
 
 if TYPE_CHECKING:
     from _netns import NetNs
@@ -102,9 +103,11 @@ class SdsDaemon(DaemonProcess):
         scheme = "https" if self.mdm.tls else "http"
         return f"{scheme}://{self.address}:{self.control_port}"
 
-    def data_tls(self, text: str = _tls.ADMIN) -> ssl.SSLContext | None:
-        """A context for dialling this SDS's data port as ``text`` (None: the port is
-        plain TCP, the SDS having no certificate as its MDM serves plain HTTP)."""
+    def data_tls(self, who: str | PeerRole = _tls.ADMIN) -> ssl.SSLContext | None:
+        """A context for dialling this SDS's data port as ``who`` (an identity, or the
+        tests' identity of a role: ``_tls.ROLE_IDENTITY``); None: the port is plain
+        TCP, the SDS having no certificate as its MDM serves plain HTTP."""
+        text = _tls.ROLE_IDENTITY[who] if isinstance(who, PeerRole) else who
         return _tls.data_context(self.mdm.tls, text)
 
     def exec_prefix(self) -> list[str]:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from meshblock import pki
 from meshblock.wire import tls as wire_tls
+from meshblock.wire.protocol import PeerRole
 
 ADMIN = "admin:tests"
 LOOPBACK_SANS = ("127.0.0.1", "localhost")
@@ -111,6 +112,16 @@ def admin_context() -> ssl.SSLContext:
     if ADMIN not in _contexts:
         _contexts[ADMIN] = context(ADMIN)
     return _contexts[ADMIN]
+
+
+#: The identity the tests present on a data port for each role of the data protocol
+#: (an SDS takes client IO only from an SDC, replica writes only from an SDS, raw
+#: reads from an admin or an SDS): wire.tls.KIND_OPS.
+ROLE_IDENTITY = {
+    PeerRole.CLIENT: "sdc:tests-client",
+    PeerRole.SDS_PEER: "sds:tests-peer",
+    PeerRole.TOOL: ADMIN,
+}
 
 
 def data_context(enabled: bool = True, text: str = ADMIN) -> ssl.SSLContext | None:

@@ -241,7 +241,7 @@ async def old_epoch_refused(
 
     chunk, pg = promoted
     survivor = now["pgs"][pg]["primary"]["sds_id"]
-    tls = victim.data_tls()
+    tls = victim.data_tls(PeerRole.CLIENT)
     async with await WireClient.connect("127.0.0.1", ports[survivor], secret, tls=tls) as cl:
         with pytest.raises(RequestError) as e:
             await cl.write(ChunkRef(pool, pg, old, fo.volume_id, chunk), 0, data)
@@ -262,7 +262,11 @@ async def old_epoch_refused(
     # the stale secondary refuses replicated writes, at the old epoch and the current
     chunk, pg = stale_sec
     async with await WireClient.connect(
-        "127.0.0.1", victim.data_port, secret, PeerRole.SDS_PEER, tls=tls
+        "127.0.0.1",
+        victim.data_port,
+        secret,
+        PeerRole.SDS_PEER,
+        tls=victim.data_tls(PeerRole.SDS_PEER),
     ) as peer:
         for epoch, status in ((old, Status.EPOCH_STALE), (new, Status.NOT_REPLICA)):
             with pytest.raises(RequestError) as e:

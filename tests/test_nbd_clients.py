@@ -211,8 +211,12 @@ async def _corrupt_secondary(lab: LabCluster, chunk: int, offset: int, data: byt
     pg = pg_of(vol["id"], chunk, pgmap["pg_count"])
     secondary = pgmap["pgs"][pg]["secondary"]["sds_id"]
     where = pgmap["sds"][str(secondary)]
+    # as the PG's primary (its certificate from the lab's): the only SDS whose replica
+    # writes the secondary takes
+    primary = pgmap["sds"][str(pgmap["pgs"][pg]["primary"]["sds_id"])]["name"]
+    tls = lab.data_tls(f"sds-{primary}")
     client = await WireClient.connect(
-        where["address"], where["data_port"], lab.secret, PeerRole.SDS_PEER, tls=lab.data_tls()
+        where["address"], where["data_port"], lab.secret, PeerRole.SDS_PEER, tls=tls
     )
     try:
         await client.repl_write(

@@ -84,7 +84,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 
 
 async def connect(d: SdsDaemon, c: Cluster, role: PeerRole = PeerRole.CLIENT) -> WireClient:
-    return await WireClient.connect("127.0.0.1", d.data_port, c.secret, role, tls=d.data_tls())
+    return await WireClient.connect("127.0.0.1", d.data_port, c.secret, role, tls=d.data_tls(role))
 
 
 def run(coro: Any) -> Any:
@@ -265,7 +265,7 @@ def test_io_through_a_v2_and_a_v1_connection(cluster: Cluster) -> None:
         for chunk in range(3):
             r = route(cluster, doc, volume, chunk)
             port, secret = r.primary.data_port, cluster.secret
-            tls = r.primary.data_tls()
+            tls = r.primary.data_tls(PeerRole.CLIENT)
             async with (
                 await WireClient.connect("127.0.0.1", port, secret, tls=tls) as v2,
                 await WireClient.connect("127.0.0.1", port, secret, max_version=1, tls=tls) as v1,
@@ -341,7 +341,7 @@ def raw_connect(d: SdsDaemon) -> socket.socket:
     """A socket to the SDS's data port, inside TLS as the harness's admin when the port
     serves TLS."""
     s = socket.create_connection(("127.0.0.1", d.data_port), timeout=5)
-    tls = d.data_tls()
+    tls = d.data_tls(PeerRole.CLIENT)
     return s if tls is None else tls.wrap_socket(s, server_hostname="127.0.0.1")
 
 

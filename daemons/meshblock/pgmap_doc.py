@@ -85,6 +85,7 @@ class SdsEndpoint:
     sds_id: int
     address: str
     data_port: int
+    name: str = ""  # its name (sds:NAME in its certificate); "" from an older MDM
 
 
 @dataclass(frozen=True)
@@ -195,7 +196,10 @@ def _endpoints(value: Any, where: str) -> dict[int, SdsEndpoint]:
         address = ep.get("address")
         if not isinstance(address, str) or not address:
             raise PgMapError(f"{at}: an endpoint needs an address, got {address!r}")
-        out[sds_id] = SdsEndpoint(sds_id, address, _count(ep, "data_port", at))
+        name = ep.get("name", "")
+        if not isinstance(name, str):
+            raise PgMapError(f"{at}: a name must be a string, got {name!r}")
+        out[sds_id] = SdsEndpoint(sds_id, address, _count(ep, "data_port", at), name)
     return out
 
 

@@ -423,9 +423,12 @@ async def _build(
     ).all()
     named = {sds for _, sds, _ in dev_rows}.union(*(part.sds for part in pg_parts.values()))
     sds_rows = (
-        await conn.execute(select(Sds.id, Sds.address, Sds.data_port).where(Sds.id.in_(named)))
+        await conn.execute(
+            select(Sds.id, Sds.address, Sds.data_port, Sds.name).where(Sds.id.in_(named))
+        )
     ).all()
-    sds_doc = {i: {"address": a, "data_port": p} for i, a, p in sorted(sds_rows)}
+    # the name: an SDS checks a peer's certificate (sds:NAME) against the map
+    sds_doc = {i: {"address": a, "data_port": p, "name": n} for i, a, p, n in sorted(sds_rows)}
     tombstones = await pool_tombstones(session, ids)
     out: dict[int, tuple[dict[str, Any], bytes]] = {}
     for p in pools:

@@ -189,7 +189,9 @@ class DataService:
             self._csums(conn, req, t0)
             return
         primary = op in _REPL_OF or op == Op.READ
-        status = self._check(req, primary)
+        # a replica write's sender: the SDS its certificate names (None: no TLS)
+        sender = None if primary else getattr(conn, "peer_sds", None)
+        status = self._check(req, primary, sender)
         if status == _WAIT:
             self._spawn(self._after_map(conn, req, payload, t0, primary))
         elif status:
@@ -229,7 +231,7 @@ class DataService:
         else:
             self._replica_apply(conn, req, payload, t0)
 
-    def _check(self, req: Request, primary: bool) -> int:
+    def _check(self, req: Request, primary: bool, sender: str | None = None) -> int:
         """0 when this SDS may serve the request now; a status; or ``_WAIT``."""
         m = self._maps.get(req.pool_id)
         epoch = req.epoch
@@ -256,16 +258,26 @@ class DataService:
                 return _OK
             return Status.NOT_PRIMARY
         if me and m.secondary[pg][0] == me and m.forwards(pg):
-            return _OK
+            return self._from_primary(m, pg, sender)
         if me and m.target[pg][0] == me:
-            return _OK  # a rebalance move to us: forwarded writes and the copy
+            # a rebalance move to us: forwarded writes and the copy
+            return self._from_primary(m, pg, sender)
         return Status.NOT_REPLICA
+
+    @staticmethod
+    def _from_primary(m: PgMap, pg: int, sender: str | None) -> int:
+        """OK for a replica write or copy from the PG's primary (``sender``: the name of
+        the SDS whose certificate the connection has; None: no TLS), NOT_PERMITTED from
+        another SDS of the map's."""
+        if sender is None or not m.sds_names or m.sds_names.get(sender) == m.primary[pg][0]:
+            return _OK
+        return Status.NOT_PERMITTED
 
     async def _after_map(
         self, conn: Connection, req: Request, payload: memoryview, t0: float, primary: bool
     ) -> None:
         await self._cache.wait_for(req.pool_id, req.epoch, MAP_WAIT_S)
-        status = self._check(req, primary)
+        status = self._check(req, primary, None if primary else getattr(conn, "peer_sds", None))
         if status == _WAIT:
             self._reply(conn, req, t0, Status.MAP_PENDING)
         elif status:

@@ -50,6 +50,9 @@ class PgMap:
     # Deleted volumes of the pool (volume id -> map epoch of the delete): their chunks
     # are refused and freed (meshblock.sds.deletion).
     tombstones: dict[int, int] = field(default_factory=dict)
+    # SDS name -> id (the map's sds entries; empty from an MDM that sends no names): whose
+    # certificate (sds:NAME) is which SDS of the map
+    sds_names: dict[str, int] = field(default_factory=dict)
 
     def throttle(self, kind: str) -> tuple[int, int]:
         """(concurrent chunk copies, MiB/s or 0) for ``rebuild`` or ``rebalance``."""
@@ -105,6 +108,7 @@ class PgMap:
             primary=tuple(where(e.primary) for e in pgs),
             secondary=tuple(where(e.secondary) for e in pgs),
             sds={i: (e.address, e.data_port) for i, e in parsed.sds.items()},
+            sds_names={e.name: i for i, e in parsed.sds.items() if e.name},
             doc=doc,
             clean=tuple(e.state == CLEAN for e in pgs),
             resyncing=tuple(e.state == RESYNCING for e in pgs),

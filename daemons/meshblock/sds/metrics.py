@@ -157,8 +157,15 @@ class SdsCollector(Collector):
             (
                 CounterMetricFamily,
                 "meshblock_sds_handshake_failures",
-                "Connections refused in the handshake (wrong secret, version, role)",
+                "Connections refused in the handshake (wrong secret, version, role, TLS)",
                 st.handshake_failures,
+            ),
+            (
+                CounterMetricFamily,
+                "meshblock_sds_refused_requests",
+                "Requests answered NOT_PERMITTED: not an operation of the client's identity "
+                "or role, or a replica write from an SDS that is not the PG's primary",
+                st.refused_requests,
             ),
             (
                 GaugeMetricFamily,

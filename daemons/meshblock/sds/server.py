@@ -34,15 +34,21 @@ from meshblock.wire.protocol import (
     MAX_IN_FLIGHT,
     MIN_PROTOCOL_VERSION,
     PROTOCOL_VERSION,
-    ROLE_OPS,
     WIRE_V1,
     Feature,
+    Op,
+    Request,
+    Status,
     WireFormat,
     wire_format,
 )
-from meshblock.wire.tls import is_tls_record, is_wire_hello
+from meshblock.wire.tls import allowed_ops, is_tls_record, is_wire_hello
 
 log = logging.getLogger(__name__)
+
+#: The refused requests of a connection logged one by one (then every thousandth).
+LOGGED_REFUSALS = 10
+_NOT_PERMITTED = int(Status.NOT_PERMITTED)
 
 
 class DataConnection(FramedConnection):
@@ -70,6 +76,11 @@ class DataConnection(FramedConnection):
         self.role = "unauthenticated"
         #: The identity of the client's certificate (None: a plain-TCP data port).
         self.identity: pki.Identity | None = None
+        self.refusals = 0  # requests answered NOT_PERMITTED
+        self._refusing = False
+        #: The name of the SDS the client's certificate names (None: not an SDS, or no
+        #: TLS): a replica write is taken only from the PG's primary (io_path).
+        self.peer_sds: str | None = None
         self.in_flight = 0
         self._reading_paused = False
         self._writing_paused = False
@@ -91,6 +102,9 @@ class DataConnection(FramedConnection):
                 self.identity = pki.identity_from_peercert(transport.get_extra_info("peercert"))
             except pki.PkiError as exc:
                 self._refuse(f"its certificate names no identity: {exc}")
+            else:
+                if self.identity.kind == pki.Kind.SDS:
+                    self.peer_sds = self.identity.name
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._hs is not None and not self._closing and not self.bytes_received:
@@ -158,7 +172,7 @@ class DataConnection(FramedConnection):
         if hs.need:
             return
         assert hs.role is not None
-        self.allowed = ROLE_OPS[hs.role]
+        self.allowed = allowed_ops(self.identity, hs.role)
         self.role = hs.role.name.lower()
         self._hs = None
         self._use(wire_format(hs.version, hs.features))
@@ -191,7 +205,38 @@ class DataConnection(FramedConnection):
         self.in_flight += 1
         if self.in_flight >= MAX_IN_FLIGHT:
             self._update_reading()
-        self._svc.handle(self, self._typed(hdr), payload)
+        req = self._typed(hdr)
+        if req.opcode not in self.allowed:
+            self.refuse(req, f"not an operation of {self.identity or 'its'} role {self.role}")
+            return
+        self._svc.handle(self, req, payload)
+
+    def refuse(self, req: Request, why: str) -> None:
+        """Answer ``req`` NOT_PERMITTED (nothing done), logged with the identity."""
+        try:
+            op = Op(req.opcode).name
+        except ValueError:
+            op = f"opcode {req.opcode}"
+        self._log_refusal(f"{op} (volume {req.volume_id} chunk {req.chunk_index})", why)
+        self._refusing = True
+        self.reply(req.request_id, _NOT_PERMITTED, 0)
+        self._refusing = False
+
+    def _log_refusal(self, what: str, why: str) -> None:
+        """Count a refused request, and log it with the identity: the first
+        :data:`LOGGED_REFUSALS` of the connection, then every thousandth."""
+        self.refusals += 1
+        self._svc.stats.refused_requests += 1
+        n = self.refusals
+        if n <= LOGGED_REFUSALS or n % 1000 == 0:
+            log.warning(
+                "refused %s from %s at %s (refusal %d of this connection): %s",
+                what,
+                self.identity or f"a plain-TCP {self.role}",
+                self.peer,
+                n,
+                why,
+            )
 
     def reply(
         self,
@@ -207,6 +252,12 @@ class DataConnection(FramedConnection):
         ``CSUM_CRC32C``): ``payload`` is that many bytes followed by their packed
         checksums, in one buffer, so that they leave in one write."""
         self.in_flight -= 1
+        if status == _NOT_PERMITTED and not self._refusing:
+            self._log_refusal(
+                f"request {request_id}",
+                "a replica write or copy from an SDS "
+                "that is not the PG's primary in this SDS's map",
+            )
         if self._closing:
             return
         if length > 0 and payload is not None:

@@ -29,6 +29,7 @@ class SdsStats:
         self.peer_errors: dict[int, int] = {}
         self.protocol_errors = 0
         self.handshake_failures = 0
+        self.refused_requests = 0  # NOT_PERMITTED: not the identity's or role's to send
         self.connections = 0
         # Authenticated data connections open now, and handshakes that succeeded, by
         # (negotiated protocol version, role name): bumped once per connection.

@@ -35,6 +35,28 @@ from typing import Final, Protocol
 from meshblock import pki
 from meshblock.config import ConfigError
 from meshblock.tls import TlsConfig, follow_crl
+from meshblock.wire.protocol import ROLE_OPS, Op, PeerRole
+
+_PING: Final = frozenset({int(Op.PING)})
+#: What each kind of identity may send on a data port, whatever role it claims in the
+#: data protocol's handshake: client IO only from an SDC; replica writes, copies,
+#: raw reads, chunk lists and checksums only from an SDS or (reading) an admin; the
+#: MDM only pings (its probes). Intersected with the role's operations.
+KIND_OPS: Final[dict[pki.Kind, frozenset[int]]] = {
+    pki.Kind.SDC: ROLE_OPS[PeerRole.CLIENT],
+    pki.Kind.SDS: ROLE_OPS[PeerRole.SDS_PEER],
+    pki.Kind.ADMIN: ROLE_OPS[PeerRole.TOOL] - {int(Op.READ)},
+    pki.Kind.MDM: _PING,
+    pki.Kind.MGMT: _PING,
+}
+
+
+def allowed_ops(identity: pki.Identity | None, role: PeerRole) -> frozenset[int]:
+    """The opcodes a connection may send: its role's, and, over TLS, its identity's
+    kind's (:data:`KIND_OPS`); ``None``: a plain-TCP connection (the role alone)."""
+    ops = ROLE_OPS[role]
+    return ops if identity is None else ops & KIND_OPS.get(identity.kind, _PING)
+
 
 #: The first byte of a TLS handshake record (a ClientHello).
 TLS_HANDSHAKE_RECORD: Final = 0x16

@@ -1,0 +1,187 @@
+"""An attacker on the data path (issue 13): a stolen SDC certificate, a stolen SDS
+certificate, and none, each with the cluster secret, against a cluster whose data
+protocol runs over TLS with client certificates (the harness's default).
+
+Every attack is refused with a clear status (or in the TLS handshake), logged by the
+SDS with the identity, and changes nothing: ``meshctl volume verify``'s checker finds
+both copies of every chunk identical and the PG map's epoch has not moved.
+
+- as the SDC: CHUNK_READ_RAW of a volume (claiming the TOOL role), a REPL_WRITE to a
+  chunk's secondary (claiming SDS_PEER);
+- as an SDS that is not the chunk's primary: a REPL_WRITE to its secondary, and client
+  IO (a WRITE, claiming CLIENT);
+- without a certificate: the TLS handshake is refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import _tls
+from _cluster import SmallCluster, small_cluster
+from _sds import PG_COUNT, SdsDaemon
+from meshblock import pki
+from meshblock.chunks import CHUNK_SIZE, ChunkRef, pg_of
+from meshblock.tools.replica_check import check_volume
+from meshblock.wire import tls as wire_tls
+from meshblock.wire.client import RequestError, WireClient
+from meshblock.wire.handshake import HandshakeError
+from meshblock.wire.protocol import PeerRole, Status
+from test_nbd_server import qemu_io
+
+pytestmark = pytest.mark.cluster
+
+VOLUME = "attacked"
+MiB = 1024 * 1024
+CHUNK = 3  # a chunk the test writes through the SDC first
+
+
+@pytest.fixture(scope="module")
+def ac(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SmallCluster]:
+    root = tmp_path_factory.mktemp("attacks")
+    with small_cluster(root, VOLUME, "64MiB", {"cluster": {"heartbeat_timeout_s": 30.0}}) as c:
+        qemu_io(c.sdc.uri(VOLUME), f"write -P 0x42 {CHUNK * CHUNK_SIZE} 64k", "flush")
+        yield c
+
+
+def stolen(identity: str) -> ssl.SSLContext:
+    files = _tls.component_identity(identity)
+    return wire_tls.dial_context(files.ca, files.cert, files.key, files.crl)
+
+
+def sdc_identity(c: SmallCluster) -> str:
+    return f"sdc:{c.sdc.settings['sdc'].get('guid') or c.sdc.cert_guid}"
+
+
+def roles(c: SmallCluster, doc: dict[str, Any]) -> tuple[ChunkRef, SdsDaemon, SdsDaemon, SdsDaemon]:
+    """The chunk's ref, its primary's, its secondary's and the third SDS's daemons."""
+    pg = pg_of(c.volume_id, CHUNK, PG_COUNT)
+    entry = doc["pgs"][pg]
+    by_id = {c.sds_id(d): d for d in c.sds}
+    primary = by_id[entry["primary"]["sds_id"]]
+    secondary = by_id[entry["secondary"]["sds_id"]]
+    (third,) = [d for d in c.sds if d not in (primary, secondary)]
+    ref = ChunkRef(c.pool_id, pg, doc["epoch"], c.volume_id, CHUNK)
+    return ref, primary, secondary, third
+
+
+async def refused(d: SdsDaemon, secret: str, tls: ssl.SSLContext, role: PeerRole, op: Any) -> None:
+    """``op(client)`` on a connection to ``d`` as ``role`` is refused NOT_PERMITTED."""
+    async with await WireClient.connect("127.0.0.1", d.data_port, secret, role, tls=tls) as client:
+        with pytest.raises(RequestError) as info:
+            await op(client)
+        assert info.value.status == Status.NOT_PERMITTED
+
+
+def refusal_logged(d: SdsDaemon, what: str, identity: str) -> bool:
+    """Whether ``d`` logged a refused request ``what...`` from ``identity``."""
+    return any(
+        f"refused {what}" in line and f"from {identity} at" in line
+        for line in d.log_text().splitlines()
+    )
+
+
+def unchanged(c: SmallCluster, epoch: int) -> None:
+    doc = c.pgmap()
+    assert doc["epoch"] == epoch
+    vol = {"id": c.volume_id, "name": VOLUME, "size_bytes": 64 * MiB}
+    report = asyncio.run(
+        check_volume(vol, doc, c.mdm.cluster_secret, tls=_tls.data_context(c.mdm.tls))
+    )
+    assert report.ok and report.fully_redundant, report.to_json()
+    # the chunk still reads as written (qemu_io fails on a pattern mismatch)
+    qemu_io(c.sdc.uri(VOLUME), f"read -P 0x42 {CHUNK * CHUNK_SIZE} 64k", read_only=True)
+
+
+def test_stolen_sdc_certificate_reads_no_raw_chunk_and_writes_no_replica(ac: SmallCluster) -> None:
+    doc = ac.pgmap()
+    ref, primary, secondary, _ = roles(ac, doc)
+    sdc = sdc_identity(ac)
+    tls = stolen(sdc)
+    secret = ac.mdm.cluster_secret
+
+    async def main() -> None:
+        await refused(
+            primary, secret, tls, PeerRole.TOOL, lambda cl: cl.read_raw_chunk(ac.volume_id, CHUNK)
+        )
+        await refused(
+            secondary,
+            secret,
+            tls,
+            PeerRole.SDS_PEER,
+            lambda cl: cl.repl_write(ref, 0, b"\xee" * 4096),
+        )
+
+    asyncio.run(main())
+    assert refusal_logged(primary, f"CHUNK_READ_RAW (volume {ac.volume_id} chunk {CHUNK})", sdc)
+    assert refusal_logged(secondary, f"REPL_WRITE (volume {ac.volume_id} chunk {CHUNK})", sdc)
+    unchanged(ac, doc["epoch"])
+
+
+def test_stolen_sds_certificate_does_no_client_io(ac: SmallCluster) -> None:
+    doc = ac.pgmap()
+    ref, primary, _, third = roles(ac, doc)
+    tls = stolen(f"sds:{third.name}")
+
+    async def main() -> None:
+        await refused(
+            primary,
+            ac.mdm.cluster_secret,
+            tls,
+            PeerRole.CLIENT,
+            lambda cl: cl.write(ref, 0, b"\xee" * 4096),
+        )
+
+    asyncio.run(main())
+    assert refusal_logged(primary, "WRITE (volume", f"sds:{third.name}")
+    unchanged(ac, doc["epoch"])
+
+
+def test_stolen_sds_certificate_writes_no_replica_of_a_pg_it_is_not_primary_of(
+    ac: SmallCluster,
+) -> None:
+    """The SDS that is neither the chunk's primary nor its secondary, and the secondary
+    itself, send REPL_WRITE to the secondary: refused, only the primary's are taken."""
+    doc = ac.pgmap()
+    ref, _, secondary, third = roles(ac, doc)
+    secret = ac.mdm.cluster_secret
+
+    async def main() -> None:
+        for thief in (third, secondary):
+            await refused(
+                secondary,
+                secret,
+                stolen(f"sds:{thief.name}"),
+                PeerRole.SDS_PEER,
+                lambda cl: cl.repl_write(ref, 0, b"\xee" * 4096),
+            )
+
+    asyncio.run(main())
+    for thief in (third, secondary):
+        assert refusal_logged(secondary, "request", f"sds:{thief.name}")
+    assert "not the PG's primary" in secondary.log_text()
+    unchanged(ac, doc["epoch"])
+
+
+def test_no_certificate_is_refused_in_the_handshake(ac: SmallCluster, tmp_path: Path) -> None:
+    doc = ac.pgmap()
+    _, primary, _, _ = roles(ac, doc)
+    ca = _tls.ca()
+    bare = pki.client_context(ca.cert_path, crl=ca.crl_path)
+    bare.check_hostname = False
+
+    async def main() -> None:
+        with pytest.raises(HandshakeError):
+            await WireClient.connect(
+                "127.0.0.1", primary.data_port, ac.mdm.cluster_secret, PeerRole.SDS_PEER, tls=bare
+            )
+
+    asyncio.run(main())
+    assert "it presented no certificate" in primary.log_text()
+    unchanged(ac, doc["epoch"])
