@@ -119,7 +119,9 @@ def one_run(
 def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     job = next(j for j in JOBS if j.name == args.job)
     checksums = {"on": True, "off": False, "absent": None}[args.checksums]
-    cluster = Cluster(workdir / "cluster", args.size, args.pg_count, checksums=checksums)
+    cluster = Cluster(
+        workdir / "cluster", args.size, args.pg_count, checksums=checksums, tls=args.tls == "on"
+    )
     runs: list[dict[str, float]] = []
     profile: dict[str, Any] = {}
     try:
@@ -151,6 +153,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         "job": job.label,
         "python": sys.executable,
         "checksums": args.checksums,
+        "tls": args.tls,
         "gib_per_run": args.loops * args.size / GiB,
         "idle_cpu_s_per_s": idle,
         "cpu_s_per_gib_median": median,
@@ -161,7 +164,8 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
 
 def render(r: dict[str, Any]) -> str:
     lines = [
-        f"{r['job']}, checksums {r['checksums']}, {len(r['runs'])} runs of "
+        f"{r['job']}, checksums {r['checksums']}, TLS {r.get('tls', 'off')}, "
+        f"{len(r['runs'])} runs of "
         f"{r['gib_per_run']:g} GiB ({r['python']})",
         f"{'process':<10} {'CPU s/GiB (median)':>18}   runs",
     ]
@@ -197,6 +201,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=["on", "off", "absent"],
         default="on",
         help="the SDSs' [store] checksums; absent: no [store] table, for a tree before them",
+    )
+    ap.add_argument(
+        "--tls",
+        choices=["on", "off"],
+        default="off",
+        help="the data protocol on TLS 1.3 (every component with a certificate; nbd_fio.py's "
+        "--tls); default off",
     )
     ap.add_argument("--profile", metavar="DIR", help="py-spy one more run into DIR")
     ap.add_argument("--json", action="store_true", help="print the results as JSON")

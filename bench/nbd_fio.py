@@ -38,6 +38,7 @@ import secrets
 import shutil
 import signal
 import socket
+import ssl
 import statistics
 import subprocess
 import sys
@@ -45,6 +46,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -143,6 +145,15 @@ def cpu_seconds(pid: int) -> float:
 # -- HTTP -------------------------------------------------------------------------------
 
 _opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def trust(ca: Path) -> None:
+    """Call HTTPS URLs trusting the CA certificate ``ca`` (a cluster with --tls on)."""
+    global _opener
+    ctx = ssl.create_default_context(cafile=str(ca))
+    _opener = urllib.request.build_opener(
+        urllib.request.ProxyHandler({}), urllib.request.HTTPSHandler(context=ctx)
+    )
 
 
 def http(method: str, url: str, body: Any = None, token: str | None = None) -> tuple[int, Any]:
@@ -263,6 +274,7 @@ class Cluster:
         log_level: str = "WARNING",
         checksums: bool | None = True,
         mdm: dict[str, dict[str, Any]] | None = None,
+        tls: bool = False,
     ) -> None:
         self.workdir = workdir
         self.size = size
@@ -276,16 +288,20 @@ class Cluster:
         # The SDSs' [store] checksums; None: no [store] table (a release before them).
         self.checksums = checksums
         self.mdm_tables = mdm or {}  # more tables of mdm.toml (e.g. [scrub])
+        # Every component with a certificate of a CA of the benchmark's own: the MDM on
+        # HTTPS, the data protocol (SDC-SDS, SDS-SDS) on TLS 1.3 (docs/protocol.md 1.1).
+        self.tls = tls
         self.pool_id = 0
         self.pool: dict[str, Any] = {}
         self.admin = "adm-" + secrets.token_urlsafe(16)
         self.secret = "cs-" + secrets.token_urlsafe(16)
         self.mdm_port = free_port()
-        self.mdm_url = f"http://127.0.0.1:{self.mdm_port}"
+        self.mdm_url = f"{'https' if tls else 'http'}://127.0.0.1:{self.mdm_port}"
         self.daemons: list[Daemon] = []
         self.sds: list[Daemon] = []
         self.sdc: Daemon | None = None
         self.nbd_port = 0
+        self.sdc_guid = ""
 
     @property
     def uri(self) -> str:
@@ -297,7 +313,46 @@ class Cluster:
     def pgmap(self) -> dict[str, Any]:
         return dict(self.api("GET", f"/api/v1/pools/{self.pool_id}/pgmap"))
 
+    def _make_pki(self) -> None:
+        """A CA in WORKDIR/ca and a certificate per component in WORKDIR/tls, made with
+        this tree's ``meshctl ca`` (valid for 127.0.0.1)."""
+        ca, out = self.workdir / "ca", self.workdir / "tls"
+        meshctl = [sys.executable, "-m", "meshblock.cli"]
+        subprocess.run([*meshctl, "ca", "init", str(ca)], check=True, stdout=subprocess.DEVNULL)
+        self.sdc_guid = str(uuid.uuid4())
+        names = ["mdm:mdm1", *(f"sds:sds{i}" for i in range(self.sds_count))]
+        for ident in [*names, f"sdc:{self.sdc_guid}"]:
+            issue = ["ca", "issue", ident, "--ca", str(ca), "--out", str(out)]
+            subprocess.run(
+                [*meshctl, *issue, "--san", "127.0.0.1"],
+                check=True,
+                stdout=subprocess.DEVNULL,
+            )
+        trust(ca / "ca.crt")
+
+    def tls_table(self, identity: str) -> dict[str, dict[str, Any]]:
+        """The ``[tls]`` table of ``identity`` (``kind:name``), none without --tls on."""
+        if not self.tls:
+            return {}
+        kind, name = identity.split(":", 1)
+        base = self.workdir / "tls" / f"{kind}-{name}"
+        return {
+            "tls": {
+                "cert": f"{base}.crt",
+                "key": f"{base}.key",
+                "ca": str(self.workdir / "ca" / "ca.crt"),
+                "crl": str(self.workdir / "ca" / "crl.pem"),
+            }
+        }
+
     def start(self) -> None:
+        scheme = "http"
+        if self.tls:
+            self._make_pki()
+            scheme = "https"
+        mdm_tls = self.tls_table("mdm:mdm1")
+        if mdm_tls:  # operators keep their bearer token: the admin calls below
+            mdm_tls["tls"]["client_certs"] = "optional"
         mdm_dir = self.workdir / "mdm"
         mdm = Daemon(
             mdm_dir,
@@ -314,6 +369,7 @@ class Cluster:
                     "cluster": self.cluster_settings,
                     "logging": {"level": self.log_level},
                     **self.mdm_tables,
+                    **mdm_tls,
                 }
             ),
             self.mdm_url + "/health",
@@ -341,6 +397,7 @@ class Cluster:
                     "control": {"host": "127.0.0.1", "port": control_port},
                     "logging": {"level": self.log_level},
                     **({} if self.checksums is None else {"store": {"checksums": self.checksums}}),
+                    **self.tls_table(f"sds:sds{i}"),
                     "[[devices]]": {
                         "path": str(d / "dev0.img"),
                         "capacity": self.capacity,
@@ -357,7 +414,7 @@ class Cluster:
                     "state_dir": str(d / "state"),
                 },
             )
-            sds = Daemon(d, "sds", config, f"http://127.0.0.1:{control_port}/health")
+            sds = Daemon(d, "sds", config, f"{scheme}://127.0.0.1:{control_port}/health")
             self.daemons.append(sds)
             self.sds.append(sds)
             sds.start()
@@ -389,9 +446,10 @@ class Cluster:
                     },
                     "control": {"host": "127.0.0.1", "port": control_port},
                     "logging": {"level": self.log_level},
+                    **self.tls_table(f"sdc:{self.sdc_guid}"),
                 }
             ),
-            f"http://127.0.0.1:{control_port}/health",
+            f"{scheme}://127.0.0.1:{control_port}/health",
         )
         self.daemons.append(self.sdc)
         self.sdc.start()
@@ -590,7 +648,11 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         else:
             log("starting the cluster (MDM, 3 SDSs, SDC) ...")
             cluster = Cluster(
-                workdir / "cluster", args.size, args.pg_count, checksums=args.checksums == "on"
+                workdir / "cluster",
+                args.size,
+                args.pg_count,
+                checksums=args.checksums == "on",
+                tls=args.tls == "on",
             )
             cluster.start()
             mesh_uri = cluster.uri
@@ -677,6 +739,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             **fio_options_doc(args),
             "uri": args.uri or "(own cluster)",
             "checksums": args.checksums if not args.uri else "(as the export's SDSs run)",
+            "tls": args.tls if not args.uri else "(as the export's cluster runs)",
         },
         "fio_common": " ".join(fio_args("<uri>", "<job>", "<rw>", "<bs>", 0, args.size)[1:])
         + f" --runtime={args.runtime} --time_based --ramp_time={args.ramp}",
@@ -727,7 +790,7 @@ def render(r: dict[str, Any]) -> str:
         f"Python {m['python']}, {m['fio']}, {m['nbdkit']}; every process on this machine",
         f"volume and nbdkit file: {o['size_bytes'] // MiB} MiB; {o['runtime_s']} s per job "
         f"after {o['ramp_s']} s ramp; median of {o['repeat']} run(s); meshblock: {o['uri']}, "
-        f"block checksums {o.get('checksums', 'on')}",
+        f"block checksums {o.get('checksums', 'on')}, data protocol TLS {o.get('tls', 'off')}",
         "",
         "| job | meshblock IOPS | MiB/s | mean µs | p99 µs | nbdkit IOPS | MiB/s | mean µs "
         "| p99 µs | ratio | target | |",
@@ -831,6 +894,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="on",
         help="the SDSs' block checksums ([store] checksums in sds.toml; default on, as "
         "deployed): run once with each to see their cost",
+    )
+    ap.add_argument(
+        "--tls",
+        choices=["on", "off"],
+        default="off",
+        help="give every component a certificate of a CA of the benchmark's own, so the "
+        "data protocol runs on TLS 1.3 (and the MDM on HTTPS); default off, plain TCP as "
+        "the Ansible roles deploy: run once with each to see TLS's cost",
     )
     args = ap.parse_args(argv)
     check_fio_options(ap, args)
