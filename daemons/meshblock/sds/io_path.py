@@ -44,7 +44,7 @@ from meshblock.sds.checksums import ChecksumError, bad_in_rows
 from meshblock.sds.heal import repair_from_peer
 from meshblock.sds.maps import PgMap
 from meshblock.sds.resync import Resync
-from meshblock.sds.scrub import crcs_of, unchecked_in
+from meshblock.sds.scrub import crcs_of, unchecked_in, with_adopted
 from meshblock.sds.state import SdsState
 from meshblock.sds.store import Device, DeviceFailed, NoSpace, VolumeDeleted, chunk_key
 from meshblock.wire import csum
@@ -396,16 +396,14 @@ class DataService:
             unknown = unchecked_in(rows[0], req.offset >> 12, req.length >> 12)
         if unknown and flags & _ADOPT:
             try:
-                self._store.adopt_checksums(
+                given = self._store.adopt_checksums(
                     req.volume_id, req.chunk_index, crcs_of(rows[1], unknown)
                 )
             except OSError as exc:
                 failed = isinstance(exc, DeviceFailed)
                 self._reply(conn, req, t0, _FAILED if failed else Status.IO_ERROR)
                 return
-            rows = self._checksum_rows(conn, req, t0, count=False)
-            if rows is None:
-                return
+            rows = with_adopted(rows, given)
         bad = bad_in_rows(*rows) if rows != _NO_SLOT and flags & _HEAL else []
         if bad or (unknown and flags & _HEAL):
             self._spawn(self._csums_healed(conn, req, t0, bad, unknown))

@@ -151,6 +151,17 @@ def fixed(copy: Rows | None, other: Rows | None, blocks: list[int]) -> list[int]
     return [b for b in blocks if stored[b] and stored[b] == data[b] == theirs[b]]
 
 
+def with_adopted(rows: Rows, blocks: list[int]) -> Rows:
+    """``rows`` once ``blocks`` were given the checksums of their bytes
+    (:meth:`ChunkStore.adopt_checksums`): their stored values are the computed ones."""
+    if not blocks:
+        return rows
+    stored = bytearray(rows[0])
+    for b in blocks:
+        stored[4 * b : 4 * b + 4] = rows[1][4 * b : 4 * b + 4]
+    return bytes(stored), rows[1]
+
+
 def unchecked_of(rows: Rows | None, blocks: list[int]) -> list[int]:
     """The blocks of ``blocks`` that have no checksum recorded in ``rows`` (a copy's)."""
     return [] if rows is None else sorted(set(blocks) & set(unchecked_in(rows[0], 0, BLOCKS)))
@@ -421,13 +432,11 @@ class Scrubber:
         st = self._state
         done = 0
         try:
-            if mine:
+            if mine and st.store.checksums:  # none to give with [store] checksums off
                 now = st.store.checksum_rows(volume, chunk, count=False)
                 if now is not None:
-                    st.store.adopt_checksums(volume, chunk, crcs_of(now[1], mine))
-                    done += len(
-                        fixed(st.store.checksum_rows(volume, chunk, count=False), remote, mine)
-                    )
+                    given = st.store.adopt_checksums(volume, chunk, crcs_of(now[1], mine))
+                    done += len(fixed(with_adopted(now, given), remote, mine))
             if theirs:
                 rows = await self._secondary_csums((pool, pg, volume, chunk), theirs, False)
                 done += len(fixed(rows, local, theirs))
