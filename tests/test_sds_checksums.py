@@ -40,6 +40,7 @@ from meshblock.sds.store import (
     DeviceSpec,
     NoSpace,
 )
+from meshblock.wire import csum
 from meshblock.wire.protocol import REQUEST_MAGIC, ROLE_OPS, Op, PeerRole, ReqFlag, Request, Status
 from test_device_failstop_units import DEV_IDS, ME, PG_COUNT, POOL, Conn, _pg_map
 from test_sds_store import PowerLoss
@@ -476,6 +477,31 @@ def row_at(path: Path, store: ChunkStore, slot: int) -> bytes:
     with open(path, "rb") as f:
         f.seek(store.devices[0].row_offset(slot))
         return f.read(ROW_SIZE)
+
+
+def test_a_read_the_client_checks_recomputes_a_stale_row_first(tmp_path: Path) -> None:
+    """A READ whose checksums the SDS sends unchecked (CLIENT_CHECKS) of a slot marked
+    at an unclean stop: its row is recomputed from its data first, as for any read,
+    so the client gets the checksums of the bytes, never the stale row."""
+    path = tmp_path / "dev.img"
+    written = crash_with_marks(path, 64 * MiB, 40)
+    probe = ChunkStore([DeviceSpec(str(path), 64 * MiB, "pool")])
+    probe.devices[0].open()
+    rows = probe.devices[0].regions[REGION_CHECKSUMS][0]
+    probe.devices[0].close()
+    with open(path, "r+b") as f:  # chunk 0 (slot 0): its row stale
+        f.seek(rows)
+        f.write(b"\x5a" * ROW_SIZE)
+    store = open_store(path, 64 * MiB)
+    try:
+        assert 0 in store.devices[0].unverified
+        got = store.read_reply(VOL, 0, 0, 2 * BLOCK, check=False)
+        assert got is not None
+        assert bytes(got[: 2 * BLOCK]) == written[0][: 2 * BLOCK]
+        assert bytes(got[2 * BLOCK :]) == csum.trailer(written[0][: 2 * BLOCK])
+        assert 0 not in store.devices[0].unverified
+    finally:
+        store.close()
 
 
 def marked_on_disk(path: Path, store: ChunkStore) -> set[int]:
