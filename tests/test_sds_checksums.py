@@ -680,3 +680,31 @@ def test_a_bad_block_no_copy_repairs_is_eio_or_back_to_the_primary(tmp_path: Pat
         assert (dev.checksum_errors, dev.checksum_repaired, dev.checksum_unrepairable) == (2, 0, 2)
     finally:
         store.close()
+
+
+def test_a_client_checked_read_with_a_short_last_unit_is_checked_by_the_sds(
+    tmp_path: Path,
+) -> None:
+    """A READ with CLIENT_CHECKS sends the stored checksums unchecked, for the SDC
+    checks the bytes against them; but the checksum of a short last unit is made
+    from the bytes read, so a damaged last block would pass the SDC's check: such a
+    read is checked by the SDS (ChecksumError, counted), never sent."""
+    path = tmp_path / "dev.img"
+    store = open_store(path)
+    dev = store.devices[0]
+    data = random.Random(9).randbytes(4 * BLOCK)
+    try:
+        store.write(dev, VOL, 1, 0, data)
+        flip(path, data_offset(store, VOL, 1, BLOCK + 7))  # block 1
+        # Whole blocks: the stored checksum goes out as it is and exposes the damage.
+        reply = store.read_reply(VOL, 1, 0, 2 * BLOCK, check=False)
+        assert reply is not None
+        assert struct.unpack(">2I", reply[2 * BLOCK :])[1] == crc(data[BLOCK : 2 * BLOCK])
+        assert crc(bytes(reply[BLOCK : 2 * BLOCK])) != crc(data[BLOCK : 2 * BLOCK])
+        assert dev.checksum_errors == 0
+        # The damaged block is the short last unit: the SDS checks it.
+        with pytest.raises(ChecksumError):
+            store.read_reply(VOL, 1, 0, BLOCK + 512, check=False)
+        assert dev.checksum_errors == 1
+    finally:
+        store.close()

@@ -1152,9 +1152,11 @@ class ChunkStore:
         ``check``: the blocks are checked as :meth:`read` checks them, and the reply's
         checksums are the stored ones they matched. Not ``check`` (a READ whose client
         checks the bytes against the checksums itself: ``CLIENT_CHECKS``, docs/sds.md
-        "Checksums"), for a read at a block boundary: the stored checksums are sent
-        as they are and nothing is checked here; only the checksums of blocks that
-        have none recorded and of a short last unit are computed. A read not at a
+        "Checksums"), for a read at a block boundary of whole blocks: the stored
+        checksums are sent as they are and nothing is checked here; only the
+        checksums of blocks that have none recorded are computed. A read whose last
+        unit is short is checked here all the same: its last checksum is made from
+        the bytes read, so the client's check of them would prove nothing. A read not at a
         block boundary, or of a device that keeps no checksums, computes them all."""
         loc = self._index.get(chunk_key(volume, chunk))
         if loc is None or volume in self._tombstones:
@@ -1162,6 +1164,10 @@ class ChunkStore:
         dev, slot = loc
         if dev.failed:
             raise DeviceFailed(dev)
+        if not check and length & (BLOCK - 1):
+            # A short last unit's checksum is made here from the bytes read, so the
+            # client's check of it proves nothing about them: the SDS checks.
+            check = True
         if not dev.checksums or offset & (BLOCK - 1) or not length:
             data = self.read(volume, chunk, offset, length)
             assert data is not None
