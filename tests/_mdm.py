@@ -47,6 +47,7 @@ class MdmDaemon(HttpDaemon):
     ) -> None:
         self.tls = tls
         self.crl: Path | None = None  # with tls: a CRL file other than the test CA's
+        self._join_token: str | None = None
         super().__init__(workdir, db_url, overrides)
 
     @property
@@ -96,6 +97,19 @@ class MdmDaemon(HttpDaemon):
 
     def api(self, token: str | None = None) -> _http.Api:
         return _http.Api(self.url, self.admin_token if token is None else token)
+
+    def join_token(self) -> str:
+        """A join token for the test's SDSs (docs/security.md, "Joining the
+        cluster"): made once per MDM (a million uses, a year), with the admin token.
+        The SDSs of an HTTPS MDM join by their certificates and need none."""
+        if self._join_token is None:
+            status, doc = self.api().post(
+                "/api/v1/sds/join-tokens",
+                {"uses": 1_000_000, "ttl_s": 365 * 24 * 3600, "description": "tests"},
+            )
+            assert status == 201, doc
+            self._join_token = str(doc["token"])
+        return self._join_token
 
     def create_pool(self, pd_name: str, name: str, pg_count: int) -> dict[str, Any]:
         """A new protection domain and a pool of ``pg_count`` PGs in it (the pool's doc)."""

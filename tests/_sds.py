@@ -76,6 +76,8 @@ class SdsDaemon(DaemonProcess):
         }
         if fault_set:
             top["fault_set"] = fault_set
+        if not mdm.tls:  # with TLS it joins by its certificate
+            top["join_token"] = mdm.join_token()
         top.update(settings or {})
         top = {k: v for k, v in top.items() if v is not None}
         text = dump_toml({"__top__": top}).replace("[__top__]\n", "")

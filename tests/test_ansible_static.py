@@ -213,7 +213,8 @@ def test_example_inventory_keeps_secrets_out() -> None:
 SECRET_VARS = re.compile(
     r"\b(mdm_admin_token|mdm_readonly_token|mdm_cluster_secret|sds_cluster_secret"
     r"|sdc_cluster_secret|mgmt_webhook_token|mgmt_admin_password|alertmanager_webhook_token"
-    r"|mdm_database_url|mgmt_database_url|_mdm_meshctl_env|day2_meshctl_env)\b"
+    r"|mdm_database_url|mgmt_database_url|_mdm_meshctl_env|day2_meshctl_env"
+    r"|sds_join_admin_token)\b"
 )
 
 
@@ -480,7 +481,12 @@ def test_sds_config_loads(rendered: dict[str, Path], variant: str) -> None:
     keys = toml_keys({k: v for k, v in doc.items() if k != "devices"}) | {"devices"}
     # test_faults enables the store's test-only fault hook: the role never writes it
     assert "test_faults" not in keys
-    expected = without_tls(dataclass_keys(SdsConfig)) - {"cluster_secret", "test_faults"}
+    # join_token: the role writes join_token_file instead (as for the cluster secret)
+    expected = without_tls(dataclass_keys(SdsConfig)) - {
+        "cluster_secret",
+        "join_token",
+        "test_faults",
+    }
     if variant == "sds_block":
         expected -= {"fault_set"}  # written only when set
     assert keys == expected

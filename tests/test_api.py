@@ -570,6 +570,7 @@ def test_sds_join_recomputes_map_and_wakes_long_poll(
                 "devices": [
                     {"path": "/var/lib/meshblock/dev4", "capacity": "100GiB", "pool": "sp1"}
                 ],
+                "join_token": mdm.join_token(),
             },
             token=mdm.cluster_secret,
         ),

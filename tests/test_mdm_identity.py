@@ -238,7 +238,8 @@ def test_revoked_foreign_and_missing_certificates_are_refused(
 
 def test_with_optional_certificates_a_token_alone_acts_as_before(tmp_path: Path) -> None:
     """``client_certs = "optional"``: no certificate, the token decides (the cluster
-    secret for any SDS, as without TLS); a certificate sent still binds."""
+    secret for any SDS, as without TLS, a new one with a join token); a certificate
+    sent still binds."""
     mdm = MdmDaemon(tmp_path, f"sqlite+aiosqlite:///{tmp_path}/mdm.db", tls=True)
     mdm.settings["tls"]["client_certs"] = "optional"
     mdm.write_config()
@@ -252,7 +253,8 @@ def test_with_optional_certificates_a_token_alone_acts_as_before(tmp_path: Path)
             201,
         )
         secret = as_(mdm, None, token=mdm.cluster_secret)
-        ok(secret.post("/api/v1/sds/register", registration("sds1", 7100)), 201)
+        joining = registration("sds1", 7100) | {"join_token": mdm.join_token()}
+        ok(secret.post("/api/v1/sds/register", joining), 201)
         refused(
             as_(mdm, "sds:sds2").post("/api/v1/sds/register", registration("sds1", 7200)), mdm, ""
         )

@@ -68,6 +68,13 @@ ROUTES = [
     ("POST", r"/api/v1/sds/(?P<id>\d+)/drain"),
     ("POST", r"/api/v1/sds/(?P<id>\d+)/clear\-flapping"),
     ("POST", r"/api/v1/sds/(?P<id>\d+)/unreachable"),
+    ("POST", "/api/v1/sds/join-tokens"),
+    ("GET", "/api/v1/sds/join-tokens"),
+    ("DELETE", r"/api/v1/sds/join\-tokens/(?P<id>\d+)"),
+    ("GET", "/api/v1/sds/join-requests"),
+    ("POST", r"/api/v1/sds/join\-requests/(?P<id>\d+)/approve"),
+    ("POST", r"/api/v1/sds/join\-requests/(?P<id>\d+)/reject"),
+    ("DELETE", r"/api/v1/sds/join\-requests/(?P<id>\d+)"),
     ("GET", "/api/v1/volumes"),
     ("POST", "/api/v1/volumes"),
     ("GET", r"/api/v1/volumes/(?P<id>\d+)"),
@@ -89,7 +96,7 @@ ROUTES = [
 ]
 
 # sha256 of the document as served (json.dumps, keys in their order), version blanked.
-OPENAPI_SHA256 = "53be023fd47c8643ae9c720256e260bfd543b02d80ae8a394c06329d0d2e71c9"
+OPENAPI_SHA256 = "14449911186ede11f093e2812e8b35d8ba9f140fa1ea68aabba89b0dd6e0b1ba"
 
 
 def _app() -> web.Application:

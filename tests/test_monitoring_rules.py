@@ -588,6 +588,7 @@ def test_mdm_exposes_the_metrics_the_rules_read(mdm: MdmDaemon) -> None:
         }
         if fault_set:
             body["fault_set"] = fault_set
+        body["join_token"] = mdm.join_token()
         status, sds = api("POST", "/api/v1/sds/register", body, token=mdm.cluster_secret)
         assert status in (200, 201), sds
     body = {"guid": "guid-mon", "name": "host-mon", "address": "127.0.0.1", "nbd_port": 10809}

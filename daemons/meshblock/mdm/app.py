@@ -14,6 +14,7 @@ from meshblock import audit, pki
 from meshblock.auth import Role, TokenTable, bearer_token
 from meshblock.mdm import db, health, openapi
 from meshblock.mdm.api import (
+    join,
     pools,
     protection_domains,
     rebuild,
@@ -199,6 +200,7 @@ ROUTE_TABLES: tuple[ApiRoutes, ...] = (
     scrub.routes,
     sdc.routes,
     sds.routes,
+    join.routes,
     volumes.routes,
     topology.routes,
     health.routes,

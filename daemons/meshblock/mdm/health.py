@@ -38,6 +38,7 @@ from meshblock.mdm.models import (
     ProtectionDomain,
     Sdc,
     Sds,
+    SdsJoinRequest,
     StoragePool,
     Volume,
     VolumeState,
@@ -216,6 +217,22 @@ async def components(request: web.Request) -> web.Response:
                     "data_port": x.data_port,
                     "state": c.liveness.state("sds", x.id),
                     "last_seen": ts(c.liveness.seen("sds", x.id) or x.last_seen),
+                }
+            )
+        # SDSs waiting to join (docs/security.md): state pending, approved or rejected,
+        # so that MGMT's components view shows them; they have no SDS id yet.
+        waiting = await s.execute(select(SdsJoinRequest).order_by(SdsJoinRequest.id))
+        for r in waiting.scalars():
+            out.append(
+                {
+                    "component_id": f"sds-request-{r.id}",
+                    "component_type": "sds",
+                    "name": r.name,
+                    "address": r.address,
+                    "control_port": r.control_port,
+                    "data_port": r.data_port,
+                    "state": r.state.value,
+                    "last_seen": ts(r.last_seen),
                 }
             )
         for y in (await s.execute(select(Sdc).order_by(Sdc.id))).scalars():

@@ -382,3 +382,69 @@ class ScrubState(Base):
     completed_pass: Mapped[int] = mapped_column(BigInteger)
     passes_completed: Mapped[int] = mapped_column(BigInteger)
     pgs_done: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class JoinToken(Base):
+    """A join token (``meshctl sds join-token create``): lets new SDSs register,
+    ``max_uses`` of them, until ``expires_at``. The token is ``TOKEN_ID.SECRET``; only
+    the SHA-256 of the secret is stored (the secret is 160 random bits: a slow hash
+    would add nothing), so that the store, a backup or a read of this table does not
+    hand it out."""
+
+    __tablename__ = "join_tokens"
+    __table_args__ = (
+        CheckConstraint("max_uses > 0", name="max_uses_positive"),
+        CheckConstraint("uses >= 0 AND uses <= max_uses", name="uses_range"),
+    )
+
+    id: Mapped[intpk]
+    token_id: Mapped[str] = mapped_column(String(16), unique=True)
+    secret_sha256: Mapped[str] = mapped_column(String(64))
+    description: Mapped[str | None] = mapped_column(String(255))
+    max_uses: Mapped[int]
+    uses: Mapped[int] = mapped_column(default=0)
+    expires_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+    created_by: Mapped[str | None] = mapped_column(String(128))
+    last_used_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    last_used_by: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[created_at]
+
+
+class JoinState(enum.StrEnum):
+    """Where a request to join stands. ``pending``: an SDS without a join token asked;
+    it is placed on nothing until an admin decides. ``approved``: its next registration
+    from the same address and data port creates it. ``rejected``: its registrations
+    are refused until the request is deleted."""
+
+    PENDING = "pending"
+    APPROVED = "approved"
+    REJECTED = "rejected"
+
+
+class SdsJoinRequest(Base):
+    """A new SDS that registered without a join token or a certificate of its name:
+    held here, not in ``sdss`` (it has no id, no devices, no PGs), until an admin
+    approves or rejects it (``meshctl sds approve|reject``)."""
+
+    __tablename__ = "sds_join_requests"
+
+    id: Mapped[intpk]
+    name: Mapped[name_str] = mapped_column(unique=True)
+    protection_domain: Mapped[name_str]
+    fault_set: Mapped[str | None] = mapped_column(String(64))
+    address: Mapped[str] = mapped_column(String(255))
+    data_port: Mapped[int]
+    control_port: Mapped[int]
+    devices: Mapped[int] = mapped_column(default=0)
+    capacity_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    state: Mapped[JoinState] = mapped_column(
+        _enum(JoinState, "join_state"),
+        default=JoinState.PENDING,
+        server_default=JoinState.PENDING.value,
+    )
+    # who asked (the caller's identity, or "cluster secret") and from where
+    caller: Mapped[str] = mapped_column(String(128))
+    remote: Mapped[str | None] = mapped_column(String(255))
+    decided_by: Mapped[str | None] = mapped_column(String(128))
+    last_seen: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[created_at]

@@ -65,6 +65,13 @@ def _operation(spec: RouteSpec) -> dict[str, Any]:
     responses: dict[str, Any] = {str(spec.status): ok}
     for extra in spec.also:
         responses[str(extra)] = dict(ok, description="Created" if extra == 201 else "OK")
+    if 202 in spec.also:  # a new SDS's registration, held pending an admin's approval
+        responses["202"] = {
+            "description": "Accepted: held as a request to join, pending an admin's approval",
+            "content": {
+                "application/json": {"schema": {"$ref": "#/components/schemas/SdsJoinRequest"}}
+            },
+        }
     codes = set(spec.errors)
     if spec.body is not None:
         codes |= {400, 422}

@@ -133,8 +133,28 @@ SDS_REGISTER = obj(
         },
         # Devices whose superblock lacked CLEAN at start (docs/mdm.md, "Unclean starts").
         "unclean_devices": {"type": "array", "maxItems": 64, "items": PATH},
+        # A new SDS without a certificate of its name joins with a join token
+        # (docs/security.md, "Joining the cluster"); ignored for an SDS already known.
+        "join_token": {"type": "string", "maxLength": 128},
     },
     ("name", "protection_domain", "address"),
+)
+JOIN_TOKEN_CREATE = obj(
+    {
+        "ttl_s": {
+            "type": "integer",
+            "minimum": 1,
+            "maximum": 365 * 24 * 3600,
+            "description": "seconds until it expires (default 86400, at most a year)",
+        },
+        "uses": {
+            "type": "integer",
+            "minimum": 1,
+            "maximum": 1_000_000,
+            "description": "how many new SDSs may join with it (default 1)",
+        },
+        "description": {"type": "string", "maxLength": 255},
+    }
 )
 PG_SYNCED = obj(
     {
@@ -399,6 +419,40 @@ COMPONENTS: dict[str, dict[str, Any]] = {
             "created_at": _TS,
         }
     ),
+    "JoinToken": _resp(
+        {
+            "id": _INT,
+            "token_id": _STR,
+            "description": _NSTR,
+            "uses": _INT,
+            "max_uses": _INT,
+            "expires_at": _TS,
+            "state": {"type": "string", "enum": ["valid", "expired", "used up"]},
+            "created_by": _NSTR,
+            "last_used_at": _TS,
+            "last_used_by": _NSTR,
+            "created_at": _TS,
+        }
+    ),
+    "SdsJoinRequest": _resp(
+        {
+            "id": _INT,
+            "name": _STR,
+            "state": {"type": "string", "enum": ["pending", "approved", "rejected"]},
+            "protection_domain": _STR,
+            "fault_set": _NSTR,
+            "address": _STR,
+            "data_port": _INT,
+            "control_port": _INT,
+            "devices": _INT,
+            "capacity_bytes": _INT,
+            "caller": _STR,
+            "remote": _NSTR,
+            "decided_by": _NSTR,
+            "last_seen": _TS,
+            "created_at": _TS,
+        }
+    ),
     "Sdc": _resp(
         {
             "id": _INT,
@@ -578,9 +632,16 @@ for _key, _item, _name in (
     ("fault_sets", "FaultSet", "FaultSetList"),
     ("pools", "Pool", "PoolList"),
     ("sds", "Sds", "SdsList"),
+    ("join_tokens", "JoinToken", "JoinTokenList"),
+    ("join_requests", "SdsJoinRequest", "SdsJoinRequestList"),
     ("sdc", "Sdc", "SdcList"),
     ("volumes", "Volume", "VolumeList"),
     ("mappings", "Mapping", "MappingList"),
     ("pools", "Scrub", "ScrubList"),
 ):
     COMPONENTS[_name] = list_of(_key, _item)
+COMPONENTS["JoinTokenCreated"] = {
+    "type": "object",
+    "properties": {**COMPONENTS["JoinToken"]["properties"], "token": _STR},
+    "required": [*COMPONENTS["JoinToken"]["required"], "token"],
+}

@@ -23,6 +23,7 @@ EXIT_DEVICE = 3  # a device cannot be used (not ours, wrong size, a newer format
 def _load(args: argparse.Namespace) -> SdsConfig:
     config = load(args.config)
     config.secret()  # a secret file that cannot be read is a configuration error
+    config.token()
     mdm_tls_of(config)  # the [tls] files, and the MDM URLs' schemes
     control_context(config.tls)
     if config.test_faults and not device_io.enabled_by_env():

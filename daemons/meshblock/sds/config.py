@@ -71,6 +71,11 @@ class SdsConfig:
     mdm_urls: tuple[str, ...] = ("https://127.0.0.1:6611",)
     cluster_secret: str = ""
     cluster_secret_file: str | None = None
+    # The join token a new SDS registers with (docs/security.md,
+    # "Joining the cluster"); not needed once it is registered, nor with a
+    # certificate of its name.
+    join_token: str = ""
+    join_token_file: str | None = None
     state_dir: str = "/var/lib/meshblock/sds"
     heartbeat_interval_s: float = 2.0
     map_poll_timeout_s: float = 25.0
@@ -118,6 +123,8 @@ class SdsConfig:
             raise ValueError("a device path appears twice")
         if bool(self.cluster_secret) == bool(self.cluster_secret_file):
             raise ValueError("set exactly one of cluster_secret and cluster_secret_file")
+        if self.join_token and self.join_token_file:
+            raise ValueError("set at most one of join_token and join_token_file")
 
     def secret(self) -> str:
         """The cluster secret, read from ``cluster_secret_file`` when that is set."""
@@ -125,6 +132,16 @@ class SdsConfig:
             return self.cluster_secret
         assert self.cluster_secret_file is not None
         return read_secret_file(self.cluster_secret_file, "cluster_secret_file")
+
+    def token(self) -> str | None:
+        """The join token, read from ``join_token_file`` when that is set; None: none
+        (a ``join_token_file`` that does not exist is none: an SDS registered already
+        needs no token, and the file may go once it has joined)."""
+        if self.join_token_file:
+            if not Path(self.join_token_file).exists():
+                return None
+            return read_secret_file(self.join_token_file, "join_token_file")
+        return self.join_token or None
 
 
 def from_dict(data: dict[str, Any]) -> SdsConfig:

@@ -496,7 +496,18 @@ class MdmLink:
         if unclean:
             body["unclean_devices"] = unclean
         delay = 0.5
+        pending = False
         while True:
+            # A new SDS's admission (docs/security.md), read at each attempt (a pending
+            # SDS may be given one meanwhile); the MDM ignores it for a known SDS.
+            try:
+                token = cfg.token()
+            except ConfigError as exc:
+                log.warning("registering without a join token: %s", exc)
+                token = None
+            body.pop("join_token", None)
+            if token:
+                body["join_token"] = token
             try:
                 status, doc = await self._call("POST", "/api/v1/sds/register", body)
             except MdmUnavailable as exc:
@@ -504,8 +515,18 @@ class MdmLink:
             else:
                 if status in (200, 201):
                     break
-                message = doc.get("error", {}).get("message") if isinstance(doc, dict) else doc
-                log.error("the MDM refused our registration (%d): %s", status, message)
+                if status == 202:  # held until an admin approves us; ask again
+                    if not pending:
+                        log.warning(
+                            "the MDM holds SDS %s as pending until an admin approves it "
+                            "(meshctl sds approve %s); asking again every few seconds",
+                            cfg.name,
+                            cfg.name,
+                        )
+                    pending = True
+                else:
+                    message = doc.get("error", {}).get("message") if isinstance(doc, dict) else doc
+                    log.error("the MDM refused our registration (%d): %s", status, message)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
         devices = {d["path"]: (int(d["id"]), int(d["pool_id"])) for d in doc["devices"]}

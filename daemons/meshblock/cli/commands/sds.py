@@ -7,6 +7,7 @@ from argparse import Namespace
 
 from meshblock.cli import values
 from meshblock.cli.client import JsonObject
+from meshblock.cli.commands import sds_join
 from meshblock.cli.context import Context
 from meshblock.cli.errors import CliError, NotFound
 from meshblock.cli.output import render_fields, render_table, size, timestamp
@@ -59,7 +60,11 @@ def register(root: Subparsers) -> None:
         sub,
         "list",
         list_,
-        help="list SDSs with their state and capacity",
+        help="list SDSs with their state and capacity, and those waiting to join",
+        description="""
+            Below the SDSs, those that asked to join without a join token or a
+            certificate of their name (STATE pending, approved or rejected): see
+            'meshctl sds approve'. With --json, under "join_requests".""",
         examples=["meshctl sds list"],
         aliases=["ls"],
     )
@@ -85,11 +90,13 @@ def register(root: Subparsers) -> None:
             the other SDSs cannot hold its data (too little free capacity after the
             pool's spare, or fewer than two fault domains left). If the wait is cut
             short (Ctrl-C, --max-wait) the SDS keeps draining: run the command again
-            to wait, or 'meshctl sds drain NAME --cancel' to stop.""",
+            to wait, or 'meshctl sds drain NAME --cancel' to stop. For an SDS
+            waiting to join (pending or rejected), deletes its request.""",
         examples=[
             "meshctl sds remove sds4",
             "meshctl sds remove sds4 --max-wait 3600",
             "meshctl sds remove sds4 --no-wait   # start the drain and return",
+            "meshctl sds remove evil   # a pending or rejected SDS: deletes its request",
         ],
         aliases=["delete", "rm"],
     )
@@ -188,6 +195,7 @@ def register(root: Subparsers) -> None:
     )
     p.add_argument("name", help="SDS name (or id)")
     p.add_argument("device", metavar="PATH", help="device path (or its name or id)")
+    sds_join.register(sub)
 
 
 def device_body(ctx: Context, spec: values.DeviceSpec, name: str | None = None) -> JsonObject:
@@ -228,6 +236,7 @@ def add(ctx: Context, args: Namespace) -> None:
 def list_(ctx: Context, args: Namespace) -> None:
     doc = ctx.client.get(PATH)
     servers = doc["sds"]
+    doc["join_requests"] = waiting = sds_join.requests(ctx)
 
     def human() -> str:
         rows = []
@@ -247,13 +256,17 @@ def list_(ctx: Context, args: Namespace) -> None:
                     timestamp(s.get("last_seen")),
                 ]
             )
-        return render_table(
+        table = render_table(
             ["ID", "NAME", "PD", "FAULT SET", "ADDRESS", "STATE", "DEVICES", "CAPACITY", "USED",
              "LAST SEEN"],
             rows,
             right={"ID", "DEVICES", "CAPACITY", "USED"},
             empty="no SDSs",
         )  # fmt: skip
+        if waiting:
+            table += "\n\nwaiting to join (meshctl sds approve NAME):\n"
+            table += sds_join.requests_table(waiting)
+        return table
 
     ctx.emit(doc, human)
 
@@ -323,7 +336,14 @@ def show(ctx: Context, args: Namespace) -> None:
 
 
 def remove(ctx: Context, args: Namespace) -> None:
-    sds = ctx.names.sds(args.name)
+    try:
+        sds = ctx.names.sds(args.name)
+    except NotFound:  # perhaps one waiting to join: its request goes
+        waiting = [r for r in sds_join.requests(ctx) if r["name"] == args.name]
+        if not waiting:
+            raise
+        sds_join.delete_request(ctx, waiting[0])
+        return
     path = f"{PATH}/{sds['id']}"
     used = sum(int(d.get("used_bytes") or 0) for d in sds.get("devices", []))
     if _copies_left(ctx, path) == 0 and not used:  # holds nothing: no drain needed

@@ -15,7 +15,7 @@ from sqlalchemy.orm import selectinload
 from meshblock import audit
 from meshblock.auth import Role
 from meshblock.mdm import authz, failures, holddown, pgmaps, pgtable, schemas, unclean
-from meshblock.mdm.api import scrub
+from meshblock.mdm.api import join, scrub
 from meshblock.mdm.api.common import (
     change,
     get_or_404,
@@ -27,7 +27,7 @@ from meshblock.mdm.api.common import (
     ts,
 )
 from meshblock.mdm.context import MdmContext, ctx
-from meshblock.mdm.errors import ApiError, Conflict, Invalid, NotFound, error_body
+from meshblock.mdm.errors import ApiError, Conflict, Forbidden, Invalid, NotFound, error_body
 from meshblock.mdm.liveness import Liveness, utcnow
 from meshblock.mdm.models import (
     Device,
@@ -186,10 +186,14 @@ async def _endpoint_free(s: AsyncSession, address: str, port: int, exclude_id: i
         raise Conflict(f"SDS {other!r} already serves {address}:{port}", {"field": "data_port"})
 
 
-async def _create(s: AsyncSession, body: dict[str, Any]) -> Sds:
+async def _check_new(s: AsyncSession, body: dict[str, Any]) -> None:
     await name_free(s, Sds, body["name"], "SDS")
     await _endpoint_free(s, body["address"], body.get("data_port", 7072), None)
     await _check_placement(s, body["protection_domain_id"], body.get("fault_set_id"))
+
+
+async def _create(s: AsyncSession, body: dict[str, Any]) -> Sds:
+    await _check_new(s, body)
     sds = Sds(
         name=body["name"],
         protection_domain_id=body["protection_domain_id"],
@@ -270,68 +274,111 @@ async def _resolve_names(s: AsyncSession, named: dict[str, Any]) -> dict[str, An
     body=schemas.SDS_REGISTER,
     response="Sds",
     errors=(404, 409),
-    also=(201,),
+    also=(201, 202),
 )
 async def register_sds(request: web.Request, named: dict[str, Any]) -> web.Response:
+    """A name the MDM does not know is a new SDS: created when admitted (a join token,
+    its own certificate, an admin, or an admin's approval: :mod:`.join`), else held
+    as a request to join, pending (202, nothing placed on it). A known SDS changes its
+    address or data port only with its own certificate (or an admin's credential)."""
     authz.require_self(request, authz.Kind.SDS, named["name"])
     live = ctx(request).liveness
-    async with change(request) as s:
-        body = await _resolve_names(s, named)
-        sds = (
-            await s.execute(select(Sds).where(Sds.name == body["name"]).options(*WITH_DEVICES))
-        ).scalar_one_or_none()
-        created = sds is None
-        if sds is None:
-            sds = await _create(s, body)
-        else:
-            if sds.protection_domain_id != body["protection_domain_id"]:
-                raise Conflict(
-                    f"SDS {sds.name!r} is registered in another protection domain",
-                    {"field": "protection_domain_id"},
-                )
-            if "fault_set_id" in body and body["fault_set_id"] != sds.fault_set_id:
-                raise Conflict(
-                    f"SDS {sds.name!r} is registered in another fault set",
-                    {"field": "fault_set_id"},
-                )
-            endpoint = (body["address"], body.get("data_port", sds.data_port))
-            await _endpoint_free(s, *endpoint, sds.id)
-            if endpoint != (sds.address, sds.data_port):
-                audit.note(request, previous_endpoint=f"{sds.address}:{sds.data_port}")
-                await _publish_endpoint(s, sds)
-            sds.address, sds.data_port = endpoint
-            sds.control_port = body.get("control_port", sds.control_port)
-            known = {d.path for d in sds.devices}
-            new = [d for d in body.get("devices", []) if d["path"] not in known]
-            await _add_devices(s, sds, new, known)
-        sds_id = sds.id
-        dirty = body.get("unclean_devices", [])
-        if dirty:
-            ids = await unclean.device_ids_of(s, sds_id, dirty)
-            if len(ids) != len(set(dirty)):
-                missing = sorted(set(dirty) - ids.keys())
-                raise Invalid(
-                    f"unclean_devices: SDS {sds.name!r} has no device {missing[0]!r}",
-                    {"field": "unclean_devices"},
-                )
-            await unclean.after_unclean_start(s, sds, set(ids.values()))
+    try:
+        async with change(request) as s:
+            sds_id, created, dirty, how = await _register(request, s, named)
+    except join.Pending:
+        return json(await join.hold(request, named), 202)
     live.beat("sds", sds_id)
     audit.note(
         request,
         "sds_register" if created else "sds_reregister",
         sds=named["name"],
         sds_id=sds_id,
-        address=body["address"],
-        data_port=body.get("data_port"),
+        address=named["address"],
+        data_port=named.get("data_port"),
+        **({"admitted": how} if how else {}),
     )
     log.info(
-        "SDS %s %s%s",
+        "SDS %s %s%s%s",
         named["name"],
         "registered" if created else "re-registered",
+        f" ({how})" if how else "",
         f" after an unclean stop of {len(dirty)} device(s)" if dirty else "",
     )
     async with reading(request) as s:
         return json(sds_doc(await _load(s, sds_id), live), 201 if created else 200)
+
+
+def _may_move(request: web.Request, sds: Sds, endpoint: tuple[str, int]) -> None:
+    """An SDS's new address or data port is taken only from its own certificate or an
+    admin: the cluster secret alone could otherwise send its peers' and the SDCs' IO
+    to another host (403, logged)."""
+    ident = request.get(authz.CALLER)
+    if join.is_admin(request) or (ident is not None and ident.kind == authz.Kind.SDS):
+        return  # authz.require_self checked that a certificate names this SDS
+    why = (
+        f"SDS {sds.name!r} serves at {sds.address}:{sds.data_port}; only its own "
+        f"certificate (sds:{sds.name}) or an admin may move it to {endpoint[0]}:{endpoint[1]}"
+    )
+    log.warning(
+        "refused the re-registration of SDS %s from %s (%s): %s",
+        sds.name,
+        join.caller_of(request),
+        request.remote or "?",
+        why,
+    )
+    raise Forbidden(why)
+
+
+async def _register(
+    request: web.Request, s: AsyncSession, named: dict[str, Any]
+) -> tuple[int, bool, list[str], str]:
+    """Create or update the SDS; (its id, whether created, its unclean devices, how
+    a new one was admitted)."""
+    how = ""
+    body = await _resolve_names(s, named)
+    sds = (
+        await s.execute(select(Sds).where(Sds.name == body["name"]).options(*WITH_DEVICES))
+    ).scalar_one_or_none()
+    created = sds is None
+    if sds is None:
+        await _check_new(s, body)
+        how = await join.admit(request, s, named)
+        sds = await _create(s, body)
+    else:
+        if sds.protection_domain_id != body["protection_domain_id"]:
+            raise Conflict(
+                f"SDS {sds.name!r} is registered in another protection domain",
+                {"field": "protection_domain_id"},
+            )
+        if "fault_set_id" in body and body["fault_set_id"] != sds.fault_set_id:
+            raise Conflict(
+                f"SDS {sds.name!r} is registered in another fault set",
+                {"field": "fault_set_id"},
+            )
+        endpoint = (body["address"], body.get("data_port", sds.data_port))
+        await _endpoint_free(s, *endpoint, sds.id)
+        if endpoint != (sds.address, sds.data_port):
+            audit.note(request, previous_endpoint=f"{sds.address}:{sds.data_port}")
+            _may_move(request, sds, endpoint)
+            await _publish_endpoint(s, sds)
+        sds.address, sds.data_port = endpoint
+        sds.control_port = body.get("control_port", sds.control_port)
+        known = {d.path for d in sds.devices}
+        new = [d for d in body.get("devices", []) if d["path"] not in known]
+        await _add_devices(s, sds, new, known)
+    sds_id = sds.id
+    dirty = body.get("unclean_devices", [])
+    if dirty:
+        ids = await unclean.device_ids_of(s, sds_id, dirty)
+        if len(ids) != len(set(dirty)):
+            missing = sorted(set(dirty) - ids.keys())
+            raise Invalid(
+                f"unclean_devices: SDS {sds.name!r} has no device {missing[0]!r}",
+                {"field": "unclean_devices"},
+            )
+        await unclean.after_unclean_start(s, sds, set(ids.values()))
+    return sds_id, created, dirty, how
 
 
 @routes.route(
