@@ -195,6 +195,44 @@ def test_counters_add_up_across_sds_restarts_and_findings_are_taken_once() -> No
     assert status["checksummed_blocks"] == 40 and status["repaired_blocks"] == 2
 
 
+def test_a_restarted_mdm_acknowledges_no_finding_of_a_pool_it_does_not_know_yet() -> None:
+    """Heartbeats that reach a restarted MDM while it reads its kept schedule (before
+    its first tick): a finding of a pool not known yet is neither taken nor
+    acknowledged, so the SDS sends it again; once every pool is known it is taken,
+    once, and one of a pool deleted since is acknowledged (it would hold up the rest)."""
+    s = ScrubSchedule(period_s=100.0, bandwidth_mibps=0, start_delay_s=0.0, now=0.0)
+    bad = {"seq": 1, "pool_id": 1, "kind": "unrecoverable"}
+    doc = {"instance": "a", "findings": [bad]}
+    assert s.report(3, doc) == 0  # not loaded: the SDS keeps the finding
+    assert not s.pools
+    # loaded: the kept schedule has pool 1 only (pool 2's first save never happened)
+    s.restore([kept_row(1)], 1000.0, 1.0)
+    later = [
+        {"seq": 2, "pool_id": 2, "kind": "primary"},
+        {"seq": 3, "pool_id": 1, "kind": "secondary"},
+    ]
+    doc = {"instance": "a", "findings": [bad, *later]}
+    assert s.report(3, doc) == 1  # up to pool 2's, which waits (and those after it)
+    assert [f["seq"] for f in s.pools[1].findings] == [1]
+    s.tick(2.0, {1: (4, False), 2: (4, False)})
+    assert s.report(3, doc) == 3
+    assert [f["seq"] for f in s.pools[1].findings] == [1, 3]  # each once
+    assert [f["seq"] for f in s.pools[2].findings] == [2]
+    assert s.pools[1].findings[0]["kind"] == "unrecoverable"
+    s.tick(3.0, {1: (4, False)})  # pool 2 deleted
+    gone = {"seq": 4, "pool_id": 2, "kind": "primary"}
+    assert s.report(3, {"instance": "a", "findings": [gone]}) == 4
+
+
+def kept_row(pool_id: int) -> dict[str, object]:
+    """A ``scrub_state`` row of an idle pool that never ran a pass."""
+    return {
+        "pool_id": pool_id, "pass_number": 0, "state": IDLE, "due_at": 2000.0,
+        "started_at": None, "completed_at": None, "completed_pass": 0,
+        "passes_completed": 0, "pgs_done": b"",
+    }  # fmt: skip
+
+
 def test_the_kept_schedule_resumes_with_another_clock() -> None:
     """What is saved of a pool's schedule (times as wall clock) and restored by an
     MDM whose monotonic clock starts elsewhere: the same pass, state, PGs done, start

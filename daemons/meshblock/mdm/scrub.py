@@ -77,9 +77,13 @@ class ScrubSchedule:
         self._seen: dict[int, tuple[str, int]] = {}  # sds -> (instance, newest finding taken)
         self.dirty: set[int] = set()  # pools whose kept schedule changed since saved
         self.loaded = False  # the kept schedules were restored (api/scrub.py)
+        # tick() had every pool (api/scrub.py ticks only once loaded): until then a
+        # finding of a pool not in self.pools is kept waiting, not taken nor acknowledged
+        self.pools_known = False
 
     def tick(self, now: float, pools: dict[int, tuple[int, bool]]) -> None:
         """Start and complete passes; ``pools``: every pool's (PG count, busy)."""
+        self.pools_known = True
         for pool_id in [p for p in self.pools if p not in pools]:
             del self.pools[pool_id]
         for pool_id, (pg_count, busy) in pools.items():
@@ -220,15 +224,18 @@ class ScrubSchedule:
         last, seen = self._seen.get(sds_id, (instance, 0))
         if last != instance:
             seen = 0  # the SDS restarted: its findings are numbered from 1 again
-        findings = doc.get("findings", ())
-        for f in findings:
+        # In order, up to the first of a pool not known yet (a restarted MDM before its
+        # first tick): that one and the later ones come again, the acknowledgement
+        # stopping before them. Once every pool is known, a pool not known was deleted.
+        for f in sorted(doc.get("findings", ()), key=lambda f: int(f["seq"])):
             if int(f["seq"]) <= seen:
                 continue
             ps = self.pools.get(int(f["pool_id"]))
             if ps is not None:
                 ps.findings.append({**f, "reported_by": sds_id})
-        if findings:
-            seen = max(seen, max(int(f["seq"]) for f in findings))
+            elif not self.pools_known:
+                break
+            seen = int(f["seq"])
         self._seen[sds_id] = (instance, seen)
         return seen
 
