@@ -21,6 +21,7 @@ from meshblock.mdm.failures import (
     PoolDevice,
     decide,
     decide_synced,
+    inactive_without,
     next_state,
     rebuild_target,
 )
@@ -356,3 +357,24 @@ def test_unknown_pools_and_pgs_are_not_found() -> None:
     results, done = synced([(POOL + 1, 0, 7), (POOL, 5, 7)], [pg(0, 10, 20, RESYNCING)])
     assert [type(r) for r in results] == [NotFound, NotFound]
     assert done == {}
+
+
+def test_an_sds_whose_down_would_leave_a_pg_with_no_serving_copy_is_named() -> None:
+    """The guard of the isolation rule (finding 3): SDS 1 is primary of a PG resyncing
+    to SDS 2 and of one rebuilding on SDS 3; taken down, both would be inactive (only
+    the primary may serve them). Its clean PG (the secondary takes over) and a PG it
+    is the stale secondary of are no reason to keep it up."""
+    rows = [
+        pg(0, 10, 20, RESYNCING),
+        pg(1, 10, 30, REBUILDING),
+        pg(2, 10, 20),
+        pg(3, 30, 10, DEGRADED),
+        pg(4, 20, 30, INACTIVE),
+    ]
+    everyone = up(1, 2, 3, 4)
+    assert [r.pg for r in inactive_without(rows, DEVICES, everyone, 1)] == [0, 1]
+    assert inactive_without(rows[2:], DEVICES, everyone, 1) == []
+    # its clean PG whose other copy is down already: it is the last copy
+    assert [r.pg for r in inactive_without([pg(2, 10, 20)], DEVICES, up(1, 3, 4), 1)] == [2]
+    # what is inactive already is not counted
+    assert inactive_without([pg(4, 10, 20, INACTIVE)], DEVICES, up(1, 3, 4), 1) == []

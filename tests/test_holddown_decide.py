@@ -7,10 +7,16 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterable
+from types import SimpleNamespace
+from typing import cast
 
 import pytest
 
+from meshblock.mdm import holddown
+from meshblock.mdm.api import sds as sds_api
+from meshblock.mdm.context import MdmContext
 from meshblock.mdm.holddown import (
+    ISOLATION_SETTLE_S,
     Knobs,
     Prober,
     Record,
@@ -23,6 +29,8 @@ from meshblock.mdm.holddown import (
     went_down,
 )
 from meshblock.mdm.liveness import Liveness
+from meshblock.mdm.models import PgState
+from meshblock.mdm.pgtable import PgRow
 from meshblock.sds.peer_probe import PeerProbes
 
 pytestmark = pytest.mark.unit
@@ -273,36 +281,84 @@ def test_an_sds_probes_the_sdss_the_mdm_names_and_reports_how_long_they_answered
 
 
 def test_an_sds_reporting_the_peers_it_forwards_to_is_the_isolated_one() -> None:
-    # SDS 2 forwards to 3 only and reported it; the MDM reached 3
-    assert isolated_sds({2: {3: 10.0}}, {2: {3}}, [1, 2, 3], 11.0) == 2
-    # it forwards to 1 and 3 and reported only 3: one peer down is no isolation
+    # SDS 2 forwards to 1 and 3 and reported only 3: one peer down is no isolation
     assert isolated_sds({2: {3: 10.0}}, {2: {1, 3}}, [1, 2, 3], 11.0) is None
     assert isolated_sds({2: {1: 10.0, 3: 10.5}}, {2: {1, 3}}, [1, 2, 3], 11.0) == 2
     # needs unknown: weighed against every other connected SDS
     assert isolated_sds({2: {1: 10.0, 3: 10.5}}, {}, [1, 2, 3], 11.0) == 2
+    # it forwards to 1 and 3 only, of 4 others: those two are more than half
+    assert isolated_sds({2: {1: 10.0, 3: 10.5}}, {2: {1, 3}}, [1, 2, 3, 4, 5], 11.0) == 2
     # reports older than the window, or of SDSs not connected, do not count
-    assert isolated_sds({2: {3: 0.0}}, {2: {3}}, [1, 2, 3], 11.0) is None
-    assert isolated_sds({2: {3: 10.0}}, {2: {3}}, [1, 2], 11.0) is None
+    assert isolated_sds({2: {1: 0.0, 3: 10.0}}, {2: {1, 3}}, [1, 2, 3], 11.0) is None
+    assert isolated_sds({2: {1: 10.0, 3: 10.0}}, {2: {1, 3}}, [1, 2], 11.0) is None
+
+
+def test_one_slow_peer_is_no_isolation_of_the_sds_reporting_it() -> None:
+    """Finding 1: A's forwards to B time out (B's disk is slow), the MDM's PING to B
+    answers, and A's PGs mirror only to B: one report named "more than half" of A's
+    peers and A went down. A needs two distinct peers named, and two connected
+    peers, before it is the isolated one."""
+    assert isolated_sds({1: {2: 10.0}}, {1: {2}}, [1, 2], 11.0) is None  # two SDSs
+    assert isolated_sds({1: {2: 10.0}}, {1: {2}}, [1, 2, 3], 11.0) is None  # mirrors to B only
+    assert isolated_sds({1: {2: 10.0}}, {1: set()}, [1, 2, 3], 11.0) is None  # needs empty
+    # a third SDS held: A and B are all that is connected
+    assert isolated_sds({1: {2: 10.0, 3: 10.0}}, {1: {2}}, [1, 2], 11.0) is None
 
 
 def test_of_two_sds_reporting_each_other_the_one_others_report_too_is_isolated() -> None:
     both = {2: {3: 10.0}, 3: {2: 10.0}}
     assert isolated_sds(both, {2: {3}, 3: {2}}, [1, 2, 3], 11.0) is None  # a tie
     assert isolated_sds(both, {2: {3}, 3: {2}}, [2, 3], 11.0) is None  # two SDSs: a tie
-    more = {**both, 1: {2: 10.0}}
-    assert isolated_sds(more, {2: {3}, 3: {2}, 1: {2, 3}}, [1, 2, 3], 11.0) == 2
+    # SDS 2 cut off from the data network: it reports 1 and 3, they both report it
+    cut = {2: {1: 10.0, 3: 10.0}, 1: {2: 10.0}, 3: {2: 10.0}}
+    assert isolated_sds(cut, {2: {1, 3}, 1: {2}, 3: {2}}, [1, 2, 3], 11.0) == 2
+    # two suspects, each named by one other: a tie, no one goes down
+    two = {1: {3: 10.0, 4: 10.0}, 2: {3: 10.0, 4: 10.0}, 3: {1: 10.0}, 4: {2: 10.0}}
+    assert isolated_sds(two, {1: {3, 4}, 2: {3, 4}}, [1, 2, 3, 4], 11.0) is None
+
+
+def test_the_reports_of_a_round_are_decided_together_not_the_first_alone() -> None:
+    """Finding 2: the first report decided, and the SDS it came from went down before
+    any other report was weighed. SDS 1 cut off from the data network: 2 and 3 report
+    it (each forwards to 1 only), 1 reports 2 and 3. Decided once at the end of the
+    round, 1 goes down, never 2 (whose report arrived first)."""
+    live = Liveness(10.0, Knobs(hold_down_s=2.0, flap_count=3, flap_window_s=600.0))
+    beat_all(live, (1, 2, 3))
+    holds = live.holds
+    assert holds.not_confirmed(2, 1, {1}, 100.0)  # the first: starts a round
+    assert holds.settle_at == 100.0 + ISOLATION_SETTLE_S
+    assert not holds.not_confirmed(3, 1, {1}, 100.1)
+    assert not holds.not_confirmed(1, 2, {2, 3}, 100.2)
+    assert not holds.not_confirmed(1, 3, {2, 3}, 100.3)
+    assert holds.settle(live.connected_sds(), 100.0 + ISOLATION_SETTLE_S) == 1
+    assert holds.settle_at is None
+    # the next report starts the next round
+    assert holds.not_confirmed(2, 3, {3}, 102.0)
+
+
+def test_a_two_sds_partition_takes_neither_down() -> None:
+    """Finding 2, two SDSs cut off from each other: whichever report came first lost."""
+    live = Liveness(10.0, Knobs(hold_down_s=2.0, flap_count=3, flap_window_s=600.0))
+    beat_all(live, (1, 2))
+    holds = live.holds
+    assert holds.not_confirmed(1, 2, {2}, 100.0)
+    assert not holds.not_confirmed(2, 1, {1}, 100.1)
+    assert holds.settle(live.connected_sds(), 101.0) is None
 
 
 def test_an_isolated_reporter_goes_down_never_the_peer_it_named() -> None:
     live = Liveness(10.0, Knobs(hold_down_s=2.0, flap_count=3, flap_window_s=600.0))
     beat_all(live, (1, 2, 3))
     holds = live.holds
-    assert holds.not_confirmed(2, 1, {1, 3}, live.connected_sds(), 100.0) is None
-    assert holds.not_confirmed(2, 3, {1, 3}, live.connected_sds(), 101.0) == 2
+    holds.not_confirmed(2, 1, {1, 3}, 100.0)
+    assert holds.settle(live.connected_sds(), 101.0) is None  # one peer: not yet
+    holds.not_confirmed(2, 3, {1, 3}, 101.5)
+    assert holds.settle(live.connected_sds(), 102.5) == 2
     # a held SDS is left out: its reports name no one else afterwards
     live.mark_down(2, isolated=True)
     assert holds.record(2).isolated and holds.held(2)
-    assert holds.not_confirmed(1, 2, {2}, live.connected_sds(), 102.0) is None
+    holds.not_confirmed(1, 2, {2}, 103.0)
+    assert holds.settle(live.connected_sds(), 104.0) is None
 
 
 def test_an_isolated_sds_returns_only_once_it_reaches_a_peer_itself() -> None:
@@ -342,3 +398,40 @@ def test_a_stored_record_reads_back_with_its_downs_and_flags() -> None:
     assert [round(t, 3) for t in back.downs] == [-103.0, -93.0, -83.0, -73.0]
     assert to_stored(Record(), 1.0, 1.0) is None
     assert from_stored("not json", 1.0, 1.0) == Record()
+
+
+class FakeDetector:
+    """What taking an SDS down would strand (:meth:`FailureDetector.leaves_inactive`)."""
+
+    def __init__(self, stranded: list[PgRow]) -> None:
+        self.stranded = stranded
+        self.checks = 0
+
+    async def leaves_inactive(self, sds_id: int) -> list[PgRow]:
+        return self.stranded
+
+    async def check(self) -> int:
+        self.checks += 1
+        return 0
+
+
+@pytest.mark.parametrize("resyncing_from_it", [False, True])
+def test_the_isolated_sds_stays_up_when_its_down_would_leave_a_pg_inactive(
+    monkeypatch: pytest.MonkeyPatch, resyncing_from_it: bool
+) -> None:
+    """Finding 3: SDS 2 reports both its peers (one loaded by a resync from it); the
+    reports make it the isolated one, but a PG resyncing off it would have no serving
+    copy once it is down: it stays up. Without such a PG it goes down."""
+    monkeypatch.setattr(holddown, "ISOLATION_SETTLE_S", 0.0)
+    live = Liveness(10.0, Knobs(hold_down_s=2.0, flap_count=3, flap_window_s=600.0))
+    beat_all(live, (1, 2, 3))
+    stranded = [PgRow(1, 5, 20, 30, PgState.RESYNCING)] if resyncing_from_it else []
+    detector = FakeDetector(stranded)
+    c = cast(MdmContext, SimpleNamespace(liveness=live, detector=detector))
+    live.holds.not_confirmed(2, 1, {1, 3})
+    live.holds.not_confirmed(2, 3, {1, 3})
+    asyncio.run(sds_api._settle(c))
+    assert live.holds.held(2) is not resyncing_from_it
+    assert live.state("sds", 2) == ("connected" if resyncing_from_it else "disconnected")
+    assert detector.checks == (0 if resyncing_from_it else 1)
+    assert not live.holds.held(1) and not live.holds.held(3)

@@ -139,23 +139,40 @@ class FailureDetector:
         async with self._lock:
             return await self._check()
 
+    async def _down_now(
+        self, s: AsyncSession
+    ) -> tuple[dict[int, SdsMode], frozenset[int], frozenset[int], frozenset[int]]:
+        """Every SDS's mode, the SDSs lost, those in maintenance, the failed devices."""
+        modes = dict((await s.execute(select(Sds.id, Sds.mode))).all())
+        sds_ids = list(modes)
+        if time.monotonic() - self.started < self.grace_s:
+            # SDSs may not have reached a restarted MDM yet: only a confirmed
+            # report (the MDM could not connect either) counts as down now.
+            lost = frozenset(i for i in sds_ids if ("sds", i) in self.liveness.reported_down)
+        else:
+            lost = self.down_sds(sds_ids)
+        maintenance = frozenset(i for i, m in modes.items() if m == SdsMode.MAINTENANCE)
+        failed = frozenset(
+            (await s.execute(select(Device.id).where(Device.state == DeviceState.FAILED))).scalars()
+        )
+        return modes, lost, maintenance, failed
+
+    async def leaves_inactive(self, sds_id: int) -> list[PgRow]:
+        """The PGs that taking ``sds_id`` down now would leave with no serving copy
+        (:func:`inactive_without`), as the next check would decide them."""
+        async with self.sessions() as s:
+            _, lost, maintenance, failed = await self._down_now(s)
+            rows = await pgtable.load(s)
+            devices = await load_devices(s)
+        return inactive_without(
+            rows, devices, Conditions(lost | maintenance, failed=failed), sds_id
+        )
+
     async def _check(self) -> int:
         async with self.gate(), self.sessions() as s, s.begin():
-            modes = dict((await s.execute(select(Sds.id, Sds.mode))).all())
+            modes, lost, maintenance, failed = await self._down_now(s)
             sds_ids = list(modes)
-            if time.monotonic() - self.started < self.grace_s:
-                # SDSs may not have reached a restarted MDM yet: only a confirmed
-                # report (the MDM could not connect either) counts as down now.
-                lost = frozenset(i for i in sds_ids if ("sds", i) in self.liveness.reported_down)
-            else:
-                lost = self.down_sds(sds_ids)
-            maintenance = frozenset(i for i, m in modes.items() if m == SdsMode.MAINTENANCE)
             down = lost | maintenance
-            failed = frozenset(
-                (
-                    await s.execute(select(Device.id).where(Device.state == DeviceState.FAILED))
-                ).scalars()
-            )
             now = time.monotonic()
             for i in list(self._down_since):
                 if i not in lost:
@@ -362,6 +379,26 @@ def decide(
         if after != row:
             plan.changes.append(PgChange(row, after))
     return plan
+
+
+def inactive_without(
+    rows: Sequence[PgRow], devices: Mapping[int, PoolDevice], seen: Conditions, sds_id: int
+) -> list[PgRow]:
+    """The PGs, not inactive now, that :func:`decide` would make inactive (no serving
+    copy) were ``sds_id`` down too, besides ``seen.down``: a PG resyncing or rebuilding
+    from it, or whose other copy is down already, pure."""
+    worse = replace(
+        seen,
+        down=seen.down | {sds_id},
+        connected=seen.connected - {sds_id},
+        usable=seen.usable - {sds_id},
+    )
+    return [
+        ch.after
+        for ch in decide(rows, devices, worse).changes
+        if ch.after.state == PgState.INACTIVE
+        and (ch.before is None or ch.before.state != PgState.INACTIVE)
+    ]
 
 
 def _fail_over(row: PgRow, devices: Mapping[int, PoolDevice], seen: Conditions) -> PgRow:

@@ -24,12 +24,16 @@ up like any held SDS.
 An SDS **cut off from its peers** while the MDM and the SDCs still reach it (a
 one-sided partition) reports its peers unreachable, and the MDM reaches every one of
 them: those reports are not confirmed, and no healthy peer goes down on its word.
-The MDM keeps the unconfirmed reports of each SDS for :data:`ISOLATION_WINDOW_S`;
-an SDS whose unconfirmed reports name more than half of the connected peers it
-forwards writes to (the secondaries and move targets of the PGs it is primary of) is
-the faulty one (:func:`isolated_sds`; when several qualify, the one most peers
-reported too, and none on a tie, as the two halves of a two-SDS cluster reporting
-each other are) and goes down, held, as
+The MDM keeps the unconfirmed reports of each SDS for :data:`ISOLATION_WINDOW_S` and
+decides on them in rounds: the first report of a round waits :data:`ISOLATION_SETTLE_S`
+(:meth:`HoldDowns.not_confirmed`), then every report kept is weighed at once
+(:meth:`HoldDowns.settle`). An SDS whose reports name at least
+:data:`ISOLATION_MIN_PEERS` distinct connected peers and more than half of the
+connected peers it forwards writes to (the secondaries and move targets of the PGs it
+is primary of), with at least :data:`ISOLATION_MIN_PEERS` others connected, is the
+faulty one (:func:`isolated_sds`; when several qualify, the one most peers reported
+too, and none on a tie) and, unless that would leave a PG with no serving copy
+(:func:`meshblock.mdm.failures.inactive_without`), goes down, held, as
 **isolated**: besides the MDM's and a peer's probes of it, it returns only once its
 own probes reach a peer for ``hold_down_s`` (the MDM names its connected peers in
 its heartbeat replies' ``probe``, and its ``probes`` say how long each answered).
@@ -66,6 +70,14 @@ PROBE_TIMEOUT_S = 1.0
 #: An SDS's report that a peer is unreachable, not confirmed (the MDM reached the
 #: peer), counts towards finding the SDS isolated for this long.
 ISOLATION_WINDOW_S = 10.0
+#: The first unconfirmed report of a round starts this wait; the MDM then decides once,
+#: on every report gathered (:meth:`HoldDowns.settle`), so that a second SDS's reports
+#: are weighed too and the first report to arrive does not decide alone.
+ISOLATION_SETTLE_S = 1.0
+#: An SDS is found isolated only when its reports name at least this many distinct
+#: peers, and at least this many other SDSs are connected: one slow or unreachable peer
+#: (the only one a PG mirrors to, or the other half of a two-SDS cluster) is no isolation.
+ISOLATION_MIN_PEERS = 2
 
 
 @dataclass(frozen=True)
@@ -157,9 +169,11 @@ def isolated_sds(
     per reporting SDS, the peers it reported unreachable (and when) that the MDM
     reached; ``needs``: per SDS, the peers it forwards writes to (all the others when
     unknown); ``connected``: the SDSs heartbeating and not held. An SDS whose reports
-    of the last ``window_s`` name more than half of its connected peers is suspect;
-    of several suspects, the one the most others reported; none on a tie (two SDSs
-    that each report only the other: which one is cut off cannot be told)."""
+    of the last ``window_s`` name at least :data:`ISOLATION_MIN_PEERS` distinct
+    connected peers and more than half of the connected peers it forwards to, while at
+    least :data:`ISOLATION_MIN_PEERS` other SDSs are connected, is suspect; of several
+    suspects, the one the most others reported; none on a tie (two SDSs that each
+    report only the other: which one is cut off cannot be told)."""
     live = set(connected)
     named: dict[int, set[int]] = {
         r: {t for t, at in got.items() if t in live - {r} and now - at <= window_s}
@@ -168,8 +182,10 @@ def isolated_sds(
     }
     suspects = []
     for r, targets in sorted(named.items()):
+        if len(targets) < ISOLATION_MIN_PEERS or len(live - {r}) < ISOLATION_MIN_PEERS:
+            continue
         wanted = set(needs.get(r, live)) & (live - {r}) | targets
-        if targets and 2 * len(targets) > len(wanted):
+        if 2 * len(targets) > len(wanted):
             suspects.append(r)
     if len(suspects) <= 1:
         return suspects[0] if suspects else None
@@ -242,6 +258,8 @@ class HoldDowns:
     unconfirmed: dict[int, dict[int, float]] = field(default_factory=dict)
     # reporter -> the peers it forwards writes to, as of its last unconfirmed report
     needs: dict[int, frozenset[int]] = field(default_factory=dict)
+    # when the round of unconfirmed reports in progress is decided (None: no round)
+    settle_at: float | None = None
     # SDSs whose record changed since the store last saw it (meshblock.mdm.liveness)
     changed: set[int] = field(default_factory=set)
 
@@ -265,20 +283,27 @@ class HoldDowns:
         return rec
 
     def not_confirmed(
-        self,
-        reporter: int,
-        target: int,
-        needs: Collection[int],
-        connected: Collection[int],
-        now: float | None = None,
-    ) -> int | None:
+        self, reporter: int, target: int, needs: Collection[int], now: float | None = None
+    ) -> bool:
         """``reporter`` (which forwards writes to ``needs``) reported ``target``
         unreachable and the MDM reached it: kept for :data:`ISOLATION_WINDOW_S`.
-        Returns the SDS the reports show cut off from its peers (:func:`isolated_sds`
-        over ``connected``, held SDSs left out), if any."""
+        Nothing is decided on one report: True when this report starts a round, to be
+        decided by :meth:`settle` :data:`ISOLATION_SETTLE_S` later on every report
+        gathered by then; False when a round is already waiting."""
         now = time.monotonic() if now is None else now
         self.unconfirmed.setdefault(reporter, {})[target] = now
         self.needs[reporter] = frozenset(needs)
+        if self.settle_at is not None:
+            return False
+        self.settle_at = now + ISOLATION_SETTLE_S
+        return True
+
+    def settle(self, connected: Collection[int], now: float | None = None) -> int | None:
+        """Ends the round: the one SDS the reports gathered show cut off from its peers
+        (:func:`isolated_sds` over ``connected``, held SDSs left out), if any; at most
+        one per round."""
+        now = time.monotonic() if now is None else now
+        self.settle_at = None
         for got in self.unconfirmed.values():
             for t, at in list(got.items()):
                 if now - at > ISOLATION_WINDOW_S:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import ssl
 from typing import Any, cast
@@ -908,21 +909,53 @@ UNREACHABLE_PROBE_S = holddown.PROBE_TIMEOUT_S
 
 
 async def _isolated(c: MdmContext, target: int, reporter: object) -> None:
-    """An SDS's report the MDM did not confirm (it reached ``target``): the reporter may
-    be the one cut off from its peers (:meth:`meshblock.mdm.holddown.HoldDowns.
-    not_confirmed`); if so it goes down, held as isolated, never the peer it named."""
+    """An SDS's report the MDM did not confirm (it reached ``target``): kept
+    (:meth:`meshblock.mdm.holddown.HoldDowns.not_confirmed`); the first of a round
+    starts :func:`_settle`, which decides on every report gathered by then."""
     if not (isinstance(reporter, str) and reporter.startswith("sds:")):
         return
     try:
         who = int(reporter[4:])
     except ValueError:
         return
-    live = c.liveness
     async with c.sessions() as s:
         needs = await failures.forward_peers(s, who)
-    cut_off = live.holds.not_confirmed(who, target, needs, live.connected_sds())
+    if c.liveness.holds.not_confirmed(who, target, needs):
+        task = asyncio.create_task(_settle(c), name="isolation-settle")
+        _SETTLING.add(task)
+        task.add_done_callback(_SETTLING.discard)
+
+
+_SETTLING: set[asyncio.Task[None]] = set()
+
+
+async def _settle(c: MdmContext) -> None:
+    """After :data:`meshblock.mdm.holddown.ISOLATION_SETTLE_S`, the one SDS the
+    unconfirmed reports show cut off from its peers, if any, goes down, held as
+    isolated, never a peer it named; unless that would leave a PG with no serving copy
+    (:meth:`meshblock.mdm.failures.FailureDetector.leaves_inactive`)."""
+    await asyncio.sleep(holddown.ISOLATION_SETTLE_S)
+    live = c.liveness
+    cut_off = live.holds.settle(live.connected_sds())
     if cut_off is None:
         return
+    if c.detector is not None:
+        try:
+            stranded = await c.detector.leaves_inactive(cut_off)
+        except Exception:
+            log.exception("cannot tell what taking SDS %d down would do: left up", cut_off)
+            return
+        if stranded:
+            log.warning(
+                "SDS %d reports most of its peers unreachable while the MDM reaches them, "
+                "but taking it down would leave %d PG(s) with no serving copy (e.g. pool "
+                "%d PG %d): left up",
+                cut_off,
+                len(stranded),
+                stranded[0].pool_id,
+                stranded[0].pg,
+            )
+            return
     log.warning(
         "SDS %d reported most of its peers unreachable while the MDM reaches them: it is "
         "the one cut off from them; down now, held until it reaches its peers again",
