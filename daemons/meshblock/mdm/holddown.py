@@ -27,10 +27,11 @@ them: those reports are not confirmed, and no healthy peer goes down on its word
 The MDM keeps the unconfirmed reports of each SDS for :data:`ISOLATION_WINDOW_S` and
 decides on them in rounds: the first report of a round waits :data:`ISOLATION_SETTLE_S`
 (:meth:`HoldDowns.not_confirmed`), then every report kept is weighed at once
-(:meth:`HoldDowns.settle`). An SDS whose reports name at least
-:data:`ISOLATION_MIN_PEERS` distinct connected peers and more than half of the
-connected peers it forwards writes to (the secondaries and move targets of the PGs it
-is primary of), with at least :data:`ISOLATION_MIN_PEERS` others connected, is the
+(:meth:`HoldDowns.settle`). An SDS whose reports name more than half of the connected
+peers it forwards writes to (the secondaries and move targets of the PGs it is primary
+of; all of them when none), and at least :data:`ISOLATION_MIN_PEERS` distinct ones
+unless it forwards to one only, with at least :data:`ISOLATION_MIN_PEERS` others
+connected, is the
 faulty one (:func:`isolated_sds`; when several qualify, the one most peers reported
 too, and none on a tie) and, unless that would leave a PG with no serving copy
 (:func:`meshblock.mdm.failures.inactive_without`), goes down, held, as
@@ -74,9 +75,9 @@ ISOLATION_WINDOW_S = 10.0
 #: on every report gathered (:meth:`HoldDowns.settle`), so that a second SDS's reports
 #: are weighed too and the first report to arrive does not decide alone.
 ISOLATION_SETTLE_S = 1.0
-#: An SDS is found isolated only when its reports name at least this many distinct
-#: peers, and at least this many other SDSs are connected: one slow or unreachable peer
-#: (the only one a PG mirrors to, or the other half of a two-SDS cluster) is no isolation.
+#: An SDS is found isolated only when at least this many other SDSs are connected (the
+#: other half of a two-SDS cluster is no isolation), and its reports name at least this
+#: many distinct peers, unless it forwards writes to one connected peer only.
 ISOLATION_MIN_PEERS = 2
 
 
@@ -168,10 +169,11 @@ def isolated_sds(
     """The SDS cut off from its peers, if the reports say so, pure. ``unconfirmed``:
     per reporting SDS, the peers it reported unreachable (and when) that the MDM
     reached; ``needs``: per SDS, the peers it forwards writes to (all the others when
-    unknown); ``connected``: the SDSs heartbeating and not held. An SDS whose reports
-    of the last ``window_s`` name at least :data:`ISOLATION_MIN_PEERS` distinct
-    connected peers and more than half of the connected peers it forwards to, while at
-    least :data:`ISOLATION_MIN_PEERS` other SDSs are connected, is suspect; of several
+    unknown or none); ``connected``: the SDSs heartbeating and not held. An SDS whose
+    reports of the last ``window_s`` name more than half of the connected peers it
+    forwards to, and at least :data:`ISOLATION_MIN_PEERS` distinct ones (or the one it
+    forwards to, when it forwards to one only), while at least
+    :data:`ISOLATION_MIN_PEERS` other SDSs are connected, is suspect; of several
     suspects, the one the most others reported; none on a tie (two SDSs that each
     report only the other: which one is cut off cannot be told)."""
     live = set(connected)
@@ -182,10 +184,13 @@ def isolated_sds(
     }
     suspects = []
     for r, targets in sorted(named.items()):
-        if len(targets) < ISOLATION_MIN_PEERS or len(live - {r}) < ISOLATION_MIN_PEERS:
+        others = live - {r}
+        if len(others) < ISOLATION_MIN_PEERS:
             continue
-        wanted = set(needs.get(r, live)) & (live - {r}) | targets
-        if 2 * len(targets) > len(wanted):
+        forwards = set(needs.get(r, ())) & others or others
+        if len(targets) < min(ISOLATION_MIN_PEERS, len(forwards)):
+            continue
+        if 2 * len(targets) > len(forwards | targets):
             suspects.append(r)
     if len(suspects) <= 1:
         return suspects[0] if suspects else None
