@@ -51,7 +51,7 @@ from meshblock.mdm import pgtable
 from meshblock.mdm.db import WriteGate
 from meshblock.mdm.epochs import EpochNotifier, bump
 from meshblock.mdm.errors import ApiError, Conflict, NotFound
-from meshblock.mdm.liveness import Liveness
+from meshblock.mdm.liveness import Liveness, write_holds
 from meshblock.mdm.models import (
     Device,
     DeviceState,
@@ -169,7 +169,19 @@ class FailureDetector:
         )
 
     async def _check(self) -> int:
+        # The holds changed since the last heartbeat batch go in this transaction: a
+        # map that takes an SDS down on a report is never committed without its hold
+        # (an MDM crash in between would let its next heartbeat bring it back).
+        holds = self.liveness.take_holds()
+        try:
+            return await self._check_writing(holds)
+        except BaseException:
+            self.liveness.untake_holds(holds)
+            raise
+
+    async def _check_writing(self, holds: dict[int, str | None]) -> int:
         async with self.gate(), self.sessions() as s, s.begin():
+            await write_holds(s, holds)
             modes, lost, maintenance, failed = await self._down_now(s)
             sds_ids = list(modes)
             down = lost | maintenance

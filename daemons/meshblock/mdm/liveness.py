@@ -6,8 +6,10 @@ to the database once a second in one transaction. A component's state is derived
 ``connected`` while its last heartbeat is younger than ``heartbeat_timeout_s``.
 
 The hold-downs (:mod:`meshblock.mdm.holddown`) go the same way: a record that
-changed is written with the next batch (``sdss.hold_state``) and read back at start,
-so that an SDS held down or flapping stays out across an MDM restart.
+changed is written with the next batch (``sdss.hold_state``), or sooner, in the
+transaction of the failure check that changes the map for it
+(:meth:`meshblock.mdm.failures.FailureDetector.check`), and read back at start, so
+that an SDS held down or flapping stays out across an MDM restart.
 """
 
 from __future__ import annotations
@@ -153,11 +155,19 @@ class Liveness:
                 self._pending.holds.setdefault(hk, hv)
 
     def _take_holds(self) -> None:
-        """The hold-down records that changed, as the store keeps them."""
+        """The hold-down records that changed, for the next batch."""
+        self._pending.holds.update(self.take_holds())
+
+    def take_holds(self) -> dict[int, str | None]:
+        """The hold-down records changed since last taken, as the store keeps them
+        (:func:`write_holds`); :meth:`untake_holds` when they could not be written."""
         changed, self.holds.changed = self.holds.changed, set()
         mono, wall = time.monotonic(), time.time()
-        for i in changed:
-            self._pending.holds[i] = to_stored(self.holds.record(i), mono, wall)
+        return {i: to_stored(self.holds.record(i), mono, wall) for i in changed}
+
+    def untake_holds(self, taken: dict[int, str | None]) -> None:
+        """Records :meth:`take_holds` gave that were not written: taken again later."""
+        self.holds.changed.update(taken)
 
     async def run(self, sessions: async_sessionmaker[AsyncSession], gate: WriteGate) -> None:
         while True:
@@ -171,8 +181,7 @@ async def _write(session: AsyncSession, p: _Pending) -> None:
     conn = await session.connection()
     if sds_rows:
         await _bulk_set(session, Sds, sds_rows)
-    if p.holds:
-        await _bulk_set(session, Sds, [{"id": i, "hold_state": h} for i, h in p.holds.items()])
+    await write_holds(session, p.holds)
     if sdc_rows:
         await _bulk_set(session, Sdc, sdc_rows)
     if p.device_used:
@@ -209,6 +218,12 @@ async def _write(session: AsyncSession, p: _Pending) -> None:
                 index_elements=["sds_id", "volume_id"], set_={"chunks": ins.excluded.chunks}
             )
             await conn.execute(stmt, rows)
+
+
+async def write_holds(session: AsyncSession, holds: dict[int, str | None]) -> None:
+    """``sdss.hold_state`` of the SDSs in ``holds`` (:meth:`Liveness.take_holds`)."""
+    if holds:
+        await _bulk_set(session, Sds, [{"id": i, "hold_state": h} for i, h in holds.items()])
 
 
 async def _bulk_set(session: AsyncSession, model: Any, rows: list[dict[str, Any]]) -> None:
