@@ -163,6 +163,8 @@ class Liveness:
         (:func:`write_holds`); :meth:`untake_holds` when they could not be written."""
         changed, self.holds.changed = self.holds.changed, set()
         mono, wall = time.monotonic(), time.time()
+        for i in changed:
+            self._pending.holds.pop(i, None)  # an older value a failed batch kept
         return {i: to_stored(self.holds.record(i), mono, wall) for i in changed}
 
     def untake_holds(self, taken: dict[int, str | None]) -> None:
