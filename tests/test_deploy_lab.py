@@ -40,7 +40,8 @@ UNITS: dict[str, dict[str, list[tuple[str, int]]]] = {
     "mdm1": {"meshblock-mdm.service": [("*", 6611)]},
     **{h: {"meshblock-sds.service": [("*", 7072), ("*", 7073)]} for h in SDS_HOSTS},
     "sdc1": {"meshblock-sdc.service": [("*", 7074), ("127.0.0.1", 10809)]},
-    "sdcvm1": {"meshblock-sdc.service": [("*", 7074), ("127.0.0.1", 10809)]},
+    # sdcvm1 keeps the role's default: NBD on the unix socket only, no TCP listener.
+    "sdcvm1": {"meshblock-sdc.service": [("*", 7074)]},
     "mgmt1": {
         "meshblock-mgmt.service": [("*", 8080)],
         "prometheus.service": [("*", 9090)],
@@ -188,6 +189,15 @@ def test_units_are_active_and_listening(lab: HostLab) -> None:
                 if not want & listening:
                     problems.append(f"{host}: {unit} does not listen on {address}:{port}")
     assert not problems, "\n".join(problems)
+
+
+def test_sdc_serves_nbd_on_its_socket_only_by_default(lab: HostLab) -> None:
+    """The sdc role's default (sdcvm1): NBD on /run/meshblock-sdc/nbd.sock, a socket
+    of mode 0660, and no NBD TCP listener (docs/security.md, NBD exposure)."""
+    out = lab.ssh("sdcvm1", "stat -c '%F %a' /run/meshblock-sdc/nbd.sock; ss -Htln").stdout
+    first, *listening = out.splitlines()
+    assert first == "socket 660", out
+    assert not [line for line in listening if ":10809" in line], out
 
 
 def test_meshctl_health_is_clean(lab: HostLab) -> None:
