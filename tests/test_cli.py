@@ -815,7 +815,10 @@ def test_health_exit_code_follows_components(
     meshctl: Meshctl, mdm: MdmDaemon, cluster: Built
 ) -> None:
     # Nothing heartbeats yet: every SDS and the SDC are disconnected.
-    proc = meshctl("health", expect=1, MESHCTL_TOKEN="")  # health needs no token
+    # Components are read with a read credential: none is an authentication error.
+    refused = meshctl("health", expect=6, MESHCTL_TOKEN="")
+    assert "Authorization" in refused.stderr and not refused.stdout
+    proc = meshctl("health", expect=1, MESHCTL_TOKEN=mdm.readonly_token)
     assert "UNHEALTHY" in proc.stdout and "sds1 (disconnected)" in proc.stdout
     doc = json.loads(meshctl("health", "--json", expect=1).stdout)
     assert doc["status"] == "degraded"

@@ -208,7 +208,7 @@ def test_without_a_token_an_sds_waits_pending_until_approved(c: Cluster, mdm: Md
     as_json = json.loads(c.meshctl("sds", "list", "--json").stdout)
     assert [r["name"] for r in as_json["join_requests"]] == ["sds-p"]
     # ...and in the components MGMT's health page lists.
-    components = ok(c.api("GET", "/health/components", token=None))["components"]
+    components = ok(c.api("GET", "/health/components", token=mdm.readonly_token))["components"]
     (shown,) = [x for x in components if x["name"] == "sds-p"]
     assert (shown["component_type"], shown["state"], shown["data_port"]) == (
         "sds",
