@@ -51,9 +51,14 @@ def install(crl: Path) -> None:
 
 
 def revoke(files: _tls.Files) -> None:
-    # Issued a few seconds on, so that it cannot share its issue time with the list
-    # in force (OpenSSL prefers the later of two lists of one CA).
-    _tls.ca().revoke(files.serial(), now=dt.datetime.now(dt.UTC) + dt.timedelta(seconds=5))
+    # Issued in a later second than the list in force (OpenSSL checks a handshake
+    # against the later of two lists of one CA) and not in the future: a list issued
+    # ahead of the clock is not yet valid, and one test's future list, copied as the
+    # next test's list in force, kept that test's revocation out for seconds.
+    ca = _tls.ca()
+    after = ca.crl().last_update_utc + dt.timedelta(seconds=1)
+    wait_until(lambda: dt.datetime.now(dt.UTC) >= after, 5, "a new second", interval=0.05)
+    ca.revoke(files.serial())
 
 
 def status_with(host: str, port: int, ctx: ssl.SSLContext) -> int | None:

@@ -28,7 +28,9 @@ def unverified(sds: SdsDaemon) -> int:
 def test_sigterm_during_the_background_recompute_stops_the_sds_promptly(tmp_path: Path) -> None:
     # The SDS answers /health without its MDM: none is started.
     mdm = MdmDaemon(tmp_path / "mdm", f"sqlite+aiosqlite:///{tmp_path / 'mdm.db'}")
-    sds = SdsDaemon(tmp_path / "sds", "sds1", mdm, None, capacity=CAPACITY)
+    sds = SdsDaemon(
+        tmp_path / "sds", "sds1", mdm, None, capacity=CAPACITY, settings={"join_token": None}
+    )
     crash_with_marks(sds.device, CAPACITY, CHUNKS, length=512)
     sds.start()
     try:
