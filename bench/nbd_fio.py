@@ -388,6 +388,16 @@ class Cluster:
             {"name": self.pool_name, "protection_domain_id": pd["id"], "pg_count": self.pg_count},
         )
         self.pool, self.pool_id = pool, int(pool["id"])
+        # Without certificates a new SDS joins with a join token (docs/security.md,
+        # "Joining the cluster"); with them, by its sds: certificate.
+        join: dict[str, str] = {}
+        if not self.tls:
+            token = self.api(
+                "POST",
+                "/api/v1/sds/join-tokens",
+                {"uses": self.sds_count, "ttl_s": 3600, "description": "benchmark"},
+            )
+            join["join_token"] = str(token["token"])
         for i in range(self.sds_count):
             d = self.workdir / f"sds{i}"
             data_port, control_port = free_port(), free_port()
@@ -412,6 +422,7 @@ class Cluster:
                     "mdm_urls": [self.mdm_url],
                     "cluster_secret": self.secret,
                     "state_dir": str(d / "state"),
+                    **join,
                 },
             )
             sds = Daemon(d, "sds", config, f"{scheme}://127.0.0.1:{control_port}/health")
