@@ -95,6 +95,13 @@ _PEER_STATUS: Final = {
 }
 
 
+def _sender(conn: Connection, primary: bool) -> str | None:
+    """The SDS a replica request comes from, by its certificate's name (None for a
+    request to the primary, or on a connection without TLS): what _check compares
+    with the PG's primary."""
+    return None if primary else getattr(conn, "peer_sds", None)
+
+
 class Connection(Protocol):
     """What the handler needs of a connection (:class:`meshblock.sds.server.DataConnection`)."""
 
@@ -190,8 +197,7 @@ class DataService:
             return
         primary = op in _REPL_OF or op == Op.READ
         # a replica write's sender: the SDS its certificate names (None: no TLS)
-        sender = None if primary else getattr(conn, "peer_sds", None)
-        status = self._check(req, primary, sender)
+        status = self._check(req, primary, _sender(conn, primary))
         if status == _WAIT:
             self._spawn(self._after_map(conn, req, payload, t0, primary))
         elif status:
@@ -277,7 +283,7 @@ class DataService:
         self, conn: Connection, req: Request, payload: memoryview, t0: float, primary: bool
     ) -> None:
         await self._cache.wait_for(req.pool_id, req.epoch, MAP_WAIT_S)
-        status = self._check(req, primary, None if primary else getattr(conn, "peer_sds", None))
+        status = self._check(req, primary, _sender(conn, primary))
         if status == _WAIT:
             self._reply(conn, req, t0, Status.MAP_PENDING)
         elif status:
