@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from _wire import exchange
 from meshblock.sds.checksums import BLOCK, ROW_SIZE
@@ -116,6 +118,97 @@ def test_trailer_and_check_of_one_unit_or_more_agree_with_the_units(
     data[-1] ^= 0x10
     last = csum.request_units(offset, length) - 1
     assert csum.bad_units(data, sums, offset) == [last]
+
+
+# -- the check of several units in one pass -----------------------------------------------
+
+# A payload of 1 .. 256 units, its last unit 1 .. 4096 bytes long, bytes from a seed.
+PAYLOADS = st.tuples(st.integers(1, 256), st.integers(1, BLOCK), st.integers(0, 2**32))
+ONE_PASS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def payload(units: int, last: int, seed: int) -> tuple[bytearray, bytes]:
+    """A payload of ``units`` units (the last ``last`` bytes long) and its checksums."""
+    data = bytearray(random.Random(seed).randbytes((units - 1) * BLOCK + last))
+    return data, csum.trailer(data)
+
+
+@ONE_PASS
+@given(PAYLOADS)
+def test_one_pass_accepts_a_payload_with_its_units_checksums(
+    case: tuple[int, int, int],
+) -> None:
+    """The one-pass check (the stored checksums folded into one crc32c call over the
+    payload) says yes to every block count and last unit length, and leaves the payload
+    as it found it."""
+    data, sums = payload(*case)
+    before = bytes(data)
+    units, last, _ = case
+    assert csum._one_pass(data, sums) is (units > 1 and last >= 4)
+    assert csum.bad_units(data, sums) == []
+    assert csum.bad_units(memoryview(data), memoryview(sums)) == []
+    assert data == before
+
+
+@ONE_PASS
+@given(PAYLOADS, st.data())
+def test_a_flipped_bit_anywhere_is_found_and_its_unit_named(
+    case: tuple[int, int, int], draw: st.DataObject
+) -> None:
+    """One flipped bit of the payload fails the one-pass check, and the unit by unit
+    check that follows names the unit it is in; the payload keeps the flipped bit and
+    nothing else changes."""
+    data, sums = payload(*case)
+    bit = draw.draw(st.integers(0, 8 * len(data) - 1))
+    data[bit >> 3] ^= 1 << (bit & 7)
+    before = bytes(data)
+    units, last, _ = case
+    if units > 1 and last >= 4:
+        assert csum._one_pass(data, sums) is False
+    assert csum.bad_units(data, sums) == [(bit >> 3) // BLOCK]
+    assert data == before
+
+
+@ONE_PASS
+@given(PAYLOADS, st.data())
+def test_a_flipped_bit_in_the_checksums_is_found_and_its_unit_named(
+    case: tuple[int, int, int], draw: st.DataObject
+) -> None:
+    data, sums = payload(*case)
+    bit = draw.draw(st.integers(0, 8 * len(sums) - 1))
+    bad = bytearray(sums)
+    bad[bit >> 3] ^= 1 << (bit & 7)
+    units, last, _ = case
+    if units > 1 and last >= 4:
+        assert csum._one_pass(data, bad) is False
+    assert csum.bad_units(data, bad) == [(bit >> 3) // 4]
+
+
+def test_several_bad_units_are_all_named_and_read_only_payloads_checked_unit_by_unit() -> None:
+    data, sums = payload(256, BLOCK, 7)
+    for unit in (0, 17, 255):
+        data[unit * BLOCK + 100] ^= 0x80
+    assert csum.bad_units(data, sums) == [0, 17, 255]
+    # a payload it may not alter in place (bytes) is checked the old way, same answers
+    assert csum._one_pass(bytes(data), sums) is False
+    assert csum.bad_units(bytes(data), sums) == [0, 17, 255]
+    data, sums = payload(256, BLOCK, 8)
+    assert csum.bad_units(bytes(data), sums) == []
+    # a write at a 4 KiB offset has its units on the same grid: one pass too
+    assert csum.bad_units(data, sums, 8 * BLOCK) == []
+    data[5 * BLOCK] ^= 1
+    assert csum.bad_units(data, sums, 8 * BLOCK) == [5]
+
+
+def test_the_one_pass_reads_the_checksums_before_it_alters_the_payload() -> None:
+    """A reply's checksums follow its payload in the same buffer (as the framing hands
+    them over): the check alters only payload bytes and reads the checksums first."""
+    data, sums = payload(9, 1000, 9)
+    buf = bytearray(data + sums)
+    view = memoryview(buf)
+    n = len(data)
+    assert csum._one_pass(view[:n], view[n:]) is True
+    assert buf == data + sums
 
 
 # -- framing ------------------------------------------------------------------------------

@@ -15,10 +15,16 @@ payload. Units are 4 KiB (``csum_shift`` 12) and lie on a grid:
 
 CRC32C is the ``crc32c`` package's C extension (the SSE 4.2 instruction where the CPU
 has it), called on ``memoryview`` slices: no byte is copied to be checksummed.
+
+A payload of several units on the grid (a reply, a write at a 4 KiB offset) is checked
+in one ``crc32c`` pass over all its bytes (:func:`_one_pass`), not one call per unit:
+256 calls per MiB cost more than twice the pass, in call overhead. Only when that
+check fails are the units' checksums computed one by one, to name the bad ones.
 """
 
 from __future__ import annotations
 
+import functools
 import struct
 from typing import Final
 
@@ -75,11 +81,87 @@ def trailer(data: Buffer, offset: int = 0) -> bytes:
 
 def bad_units(data: Buffer, sums: Buffer, offset: int = 0) -> list[int]:
     """The units of ``data`` at ``offset`` whose checksum is not the one in ``sums``
-    (packed, one u32 per unit; its length is checked by the framing)."""
+    (packed, one u32 per unit; its length is checked by the framing). Several units
+    on the grid are checked in one pass (:func:`_one_pass`) and computed one by one
+    only if that finds a difference."""
     if len(data) <= UNIT - (offset & _MASK):  # one unit (a 4 KiB write): one call
         return [] if crc(data) == int.from_bytes(sums, "big") else [0]
+    if len(data) > _ONE_PASS_OVER and not offset & _MASK and _one_pass(data, sums):
+        return []
     got = unit_crcs(data, offset)
     want = PACK[len(got)].unpack(sums)
     if tuple(got) == want:
         return []
     return [i for i, (a, b) in enumerate(zip(got, want, strict=True)) if a != b]
+
+
+# -- the check of several units in one pass -------------------------------------------
+#
+# CRC32C is linear over GF(2). Let raw(M) be the CRC register after M from a register
+# of 0 (no initial value, no final xor). Then crc(M) = raw(M) ^ zero(len M), where
+# zero(L) is the CRC32C of L zero bytes, and the raw CRC of a concatenation is
+# raw(A || B) = shift(raw(A), len B) ^ raw(B), shift(r, L) being the register r after
+# L more zero bytes. XORing a 4-byte word w (little-endian: the CRC is reflected) into
+# a message at byte p changes its raw CRC by shift(w, len M - p), exactly as a unit
+# ending at p contributes shift(raw(unit), len M - p). So if every unit but the last
+# has the first word of the unit after it XORed with the raw CRC it should have
+# (stored ^ zero(4096)), the raw CRC of the whole payload so altered is the last
+# unit's raw CRC when all units match, and differs from it by
+# XOR shift(got_i ^ stored_i, len M - end_i) otherwise: nonzero whenever exactly one
+# unit differs (shift is invertible), and for several bad units missed only if their
+# differences cancel (one chance in 2**32 for unrelated damage, the odds of a unit's
+# own CRC32C missing it). The words are XORed in place, the payload hashed in one
+# call and put back as it was before anything else runs.
+
+_RAW: Final = 0xFFFFFFFF  # crc32c's ``value`` that starts its register at 0
+#: Payloads longer than this are checked in one pass: its fixed cost (about 1.5 µs)
+#: is more than the calls it saves up to 5 units (8 KiB: 1.4 µs unit by unit, 2.0 µs
+#: in one pass; 32 KiB: 3.8 and 3.2 µs).
+_ONE_PASS_OVER: Final = 5 * UNIT
+_WORDS_PER_UNIT: Final = UNIT >> 2
+
+
+@functools.cache
+def _zero(length: int) -> int:
+    """The CRC32C of ``length`` zero bytes (a unit's raw CRC is its CRC XOR this)."""
+    return crc(bytes(length))
+
+
+@functools.cache
+def _fill(words: int) -> int:
+    """``zero(4096)`` in each of ``words`` u32: the whole units' CRC-to-raw constant."""
+    return int.from_bytes(_zero(UNIT).to_bytes(4, "little") * words, "little")
+
+
+def _one_pass(data: Buffer, sums: Buffer) -> bool:
+    """Whether each 4 KiB unit of ``data`` (from its first byte) has the checksum in
+    ``sums``, in one ``crc32c`` call over ``data`` (see above). False also when it
+    cannot tell (``data`` read-only, not bytes, or its last unit under 4 bytes): the
+    caller then checks unit by unit."""
+    view = data if isinstance(data, memoryview) else memoryview(data)
+    n = len(view)
+    whole = (n - 1) >> CSUM_SHIFT  # units before the last
+    last = n - (whole << CSUM_SHIFT)
+    if (
+        not whole
+        or last < 4
+        or len(sums) != 4 * (whole + 1)
+        or view.readonly
+        or view.format != "B"
+        or not view.c_contiguous
+    ):
+        return False
+    # the first word of units whole .. 1, in this order: the packed checksums of units
+    # 0 .. whole - 1 read big-endian then line up with them read little-endian
+    spots = view[: (whole << CSUM_SHIFT) + 4].cast("I")[
+        whole * _WORDS_PER_UNIT : 0 : -_WORDS_PER_UNIT
+    ]
+    saved = spots.tobytes()
+    stored = int.from_bytes(sums, "big")
+    mixed = int.from_bytes(saved, "little") ^ (stored >> 32) ^ _fill(whole)
+    spots[:] = memoryview(mixed.to_bytes(4 * whole, "little")).cast("I")
+    try:
+        raw = crc(view, _RAW) ^ _RAW
+    finally:
+        spots[:] = memoryview(saved).cast("I")
+    return raw == (stored & 0xFFFFFFFF) ^ _zero(last)
