@@ -6,8 +6,11 @@ Every attack is refused with a clear status (or in the TLS handshake), logged by
 SDS with the identity, and changes nothing: ``meshctl volume verify``'s checker finds
 both copies of every chunk identical and the PG map's epoch has not moved.
 
-- as the SDC: CHUNK_READ_RAW of a volume (claiming the TOOL role), a REPL_WRITE to a
-  chunk's secondary (claiming SDS_PEER);
+- as the SDC: CHUNK_READ_RAW, CHUNK_CSUMS and CHUNK_LIST of a volume (claiming the
+  TOOL role), a REPL_WRITE to a chunk's secondary (claiming SDS_PEER); client IO to a
+  volume not mapped to it, to a volume id that does not exist, and writes to a volume
+  mapped to it read-only (the SDS checks client IO against the mappings the MDM
+  publishes: sds/access.py);
 - as an SDS that is not the chunk's primary: a REPL_WRITE to its secondary, and client
   IO (a WRITE, claiming CLIENT);
 - without a certificate: the TLS handshake is refused.
@@ -17,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +29,7 @@ import pytest
 import _tls
 from _cluster import SmallCluster, small_cluster
 from _sds import PG_COUNT, SdsDaemon
+from _wait import wait_until
 from meshblock import pki
 from meshblock.chunks import CHUNK_SIZE, ChunkRef, pg_of
 from meshblock.tools.replica_check import check_volume
@@ -107,9 +111,12 @@ def test_stolen_sdc_certificate_reads_no_raw_chunk_and_writes_no_replica(ac: Sma
     secret = ac.mdm.cluster_secret
 
     async def main() -> None:
-        await refused(
-            primary, secret, tls, PeerRole.TOOL, lambda cl: cl.read_raw_chunk(ac.volume_id, CHUNK)
-        )
+        for op in (
+            lambda cl: cl.read_raw_chunk(ac.volume_id, CHUNK),
+            lambda cl: cl.chunk_csums(ac.volume_id, CHUNK),
+            lambda cl: cl.list_chunks(ac.pool_id, ref.pg),
+        ):
+            await refused(primary, secret, tls, PeerRole.TOOL, op)
         await refused(
             secondary,
             secret,
@@ -120,6 +127,8 @@ def test_stolen_sdc_certificate_reads_no_raw_chunk_and_writes_no_replica(ac: Sma
 
     asyncio.run(main())
     assert refusal_logged(primary, f"CHUNK_READ_RAW (volume {ac.volume_id} chunk {CHUNK})", sdc)
+    assert refusal_logged(primary, f"CHUNK_CSUMS (volume {ac.volume_id} chunk {CHUNK})", sdc)
+    assert refusal_logged(primary, "CHUNK_LIST (volume 0 chunk 0)", sdc)
     assert refusal_logged(secondary, f"REPL_WRITE (volume {ac.volume_id} chunk {CHUNK})", sdc)
     unchanged(ac, doc["epoch"])
 
@@ -185,3 +194,161 @@ def test_no_certificate_is_refused_in_the_handshake(ac: SmallCluster, tmp_path: 
     asyncio.run(main())
     assert "it presented no certificate" in primary.log_text()
     unchanged(ac, doc["epoch"])
+
+
+# -- client IO checked against the mappings (sds/access.py) -------------------------
+
+
+Op = Callable[[WireClient], Awaitable[Any]]
+
+
+def volume(c: SmallCluster, name: str, access_mode: str | None) -> int:
+    """A new volume of the pool, mapped to the SDC with ``access_mode`` (None: not
+    mapped); its id."""
+    api = c.mdm.api()
+    status, vol = api.post(
+        "/api/v1/volumes", {"name": name, "pool_id": c.pool_id, "size": "64MiB", "type": "thin"}
+    )
+    assert status == 201, vol
+    if access_mode is not None:
+        sdc_id = c.sdc.health()["sdc_id"]
+        body = {"volume_id": vol["id"], "sdc_id": sdc_id, "access_mode": access_mode}
+        status, m = api.post("/api/v1/mappings", body)
+        assert status == 201, m
+    return int(vol["id"])
+
+
+def chunk_route(
+    c: SmallCluster, doc: dict[str, Any], vol: int, chunk: int
+) -> tuple[ChunkRef, SdsDaemon]:
+    """The chunk's ref and its primary's daemon."""
+    pg = pg_of(vol, chunk, PG_COUNT)
+    by_id = {c.sds_id(d): d for d in c.sds}
+    primary = by_id[doc["pgs"][pg]["primary"]["sds_id"]]
+    return ChunkRef(c.pool_id, pg, doc["epoch"], vol, chunk), primary
+
+
+def as_sdc(c: SmallCluster, d: SdsDaemon) -> Any:
+    """A client connection to ``d`` with the SDC's stolen certificate."""
+    return WireClient.connect(
+        "127.0.0.1", d.data_port, c.mdm.cluster_secret, PeerRole.CLIENT, tls=stolen(sdc_identity(c))
+    )
+
+
+def stored_nowhere(c: SmallCluster, vol: int, chunk: int) -> None:
+    """No SDS holds a slot of the chunk (read raw with the admin certificate)."""
+
+    async def main() -> None:
+        for d in c.sds:
+            tls = _tls.data_context(c.mdm.tls)
+            async with await WireClient.connect(
+                "127.0.0.1", d.data_port, c.mdm.cluster_secret, PeerRole.TOOL, tls=tls
+            ) as cl:
+                assert not (await cl.read_raw_chunk(vol, chunk)).allocated, d.name
+
+    asyncio.run(main())
+
+
+def test_stolen_sdc_certificate_does_no_io_to_a_volume_not_mapped_to_it(ac: SmallCluster) -> None:
+    vol = volume(ac, "unmapped", None)
+    doc = ac.pgmap()
+    ref, primary = chunk_route(ac, doc, vol, 0)
+    ops: dict[str, Op] = {
+        "WRITE": lambda cl: cl.write(ref, 0, b"\xee" * 4096),
+        "READ": lambda cl: cl.read(ref, 0, 4096),
+        "TRIM": lambda cl: cl.trim(ref, 0, 4096),
+        "WRITE_ZEROES": lambda cl: cl.write_zeroes(ref, 0, 4096),
+    }
+
+    async def main() -> None:
+        async with await as_sdc(ac, primary) as cl:
+            for op in ops.values():
+                with pytest.raises(RequestError) as info:
+                    await op(cl)
+                assert info.value.status == Status.NOT_PERMITTED
+
+    asyncio.run(main())
+    for name in ops:
+        assert refusal_logged(primary, f"{name} (volume {vol} chunk 0)", sdc_identity(ac))
+    assert "is not mapped to it" in primary.log_text()
+    stored_nowhere(ac, vol, 0)
+    unchanged(ac, doc["epoch"])
+
+
+def test_stolen_sdc_certificate_does_no_io_to_a_volume_that_does_not_exist(
+    ac: SmallCluster,
+) -> None:
+    doc = ac.pgmap()
+    vol = 999_999
+    ref, primary = chunk_route(ac, doc, vol, 0)
+
+    async def main() -> None:
+        async with await as_sdc(ac, primary) as cl:
+            with pytest.raises(RequestError) as info:
+                await cl.write(ref, 0, b"\xee" * 4096)
+            assert info.value.status == Status.NOT_PERMITTED
+
+    asyncio.run(main())
+    assert refusal_logged(primary, f"WRITE (volume {vol} chunk 0)", sdc_identity(ac))
+    stored_nowhere(ac, vol, 0)
+    unchanged(ac, doc["epoch"])
+
+
+def test_stolen_sdc_certificate_does_not_write_a_volume_mapped_to_it_read_only(
+    ac: SmallCluster,
+) -> None:
+    vol = volume(ac, "readonly", "read_only")
+    doc = ac.pgmap()
+    ref, primary = chunk_route(ac, doc, vol, 0)
+    writes: dict[str, Op] = {
+        "WRITE": lambda cl: cl.write(ref, 0, b"\xee" * 4096),
+        "TRIM": lambda cl: cl.trim(ref, 0, 4096),
+        "WRITE_ZEROES": lambda cl: cl.write_zeroes(ref, 0, 4096),
+    }
+
+    async def main() -> None:
+        async with await as_sdc(ac, primary) as cl:
+            assert bytes(await cl.read(ref, 0, 4096)) == bytes(4096)  # reads are served
+            for op in writes.values():
+                with pytest.raises(RequestError) as info:
+                    await op(cl)
+                assert info.value.status == Status.NOT_PERMITTED
+
+    asyncio.run(main())
+    for name in writes:
+        assert refusal_logged(primary, f"{name} (volume {vol} chunk 0)", sdc_identity(ac))
+    assert f"volume {vol} is mapped to it read-only" in primary.log_text()
+    stored_nowhere(ac, vol, 0)
+    unchanged(ac, doc["epoch"])
+
+
+def test_io_right_after_map_is_served_and_after_unmap_refused(ac: SmallCluster) -> None:
+    """The SDC's first IO after the map call returned is served even if the SDS has
+    not had the new mappings yet (it fetches them once before refusing); after the
+    unmap call returns the SDS refuses the SDC within the long-poll's answer."""
+    vol = volume(ac, "mapped-now", "read_write")  # IO at once, no wait for the SDS
+    doc = ac.pgmap()
+    ref, primary = chunk_route(ac, doc, vol, 0)
+
+    async def write() -> None:
+        async with await as_sdc(ac, primary) as cl:
+            await cl.write(ref, 0, b"\x5a" * 4096)
+
+    asyncio.run(write())
+    api = ac.mdm.api()
+    status, found = api.get(f"/api/v1/mappings?volume_id={vol}")
+    assert status == 200, found
+    (mapping,) = found["mappings"]
+    status, _ = api.delete(f"/api/v1/mappings/{mapping['id']}")
+    assert status == 204
+
+    async def refused_write() -> bool:
+        async with await as_sdc(ac, primary) as cl:
+            try:
+                await cl.write(ref, 0, b"\xa5" * 4096)
+            except RequestError as exc:
+                return exc.status == Status.NOT_PERMITTED
+        return False
+
+    wait_until(lambda: asyncio.run(refused_write()), 5.0, "the unmapped volume's write refused")
+    assert "is not mapped to it" in primary.log_text()

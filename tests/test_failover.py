@@ -241,7 +241,9 @@ async def old_epoch_refused(
 
     chunk, pg = promoted
     survivor = now["pgs"][pg]["primary"]["sds_id"]
-    tls = victim.data_tls(PeerRole.CLIENT)
+    # as the cluster's SDC, to which the volume is mapped (the SDS checks client IO
+    # against the mappings)
+    tls = victim.data_tls(f"sdc:{fo.sdc.settings['sdc'].get('guid') or fo.sdc.cert_guid}")
     async with await WireClient.connect("127.0.0.1", ports[survivor], secret, tls=tls) as cl:
         with pytest.raises(RequestError) as e:
             await cl.write(ChunkRef(pool, pg, old, fo.volume_id, chunk), 0, data)

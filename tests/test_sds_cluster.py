@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 import _http
+import _tls
 from _cluster import Cluster, route
 from _mdm import MdmDaemon
 from _sds import DEVICE_BYTES, PG_COUNT, POOL, SdsDaemon
@@ -63,6 +64,10 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         for d in daemons:
             d.start()
         c = Cluster(mdm, daemons, pool["id"], root)
+        # The tests' client identity (sdc:tests-client) as an SDC: the SDSs serve its
+        # client IO only to volumes mapped to it (mapped_volume).
+        status, body = api.post("/api/v1/sdc", {"guid": CLIENT_GUID, "name": "tests-client"})
+        assert status == 201, body
         for d in daemons:
             d.wait_serving()
         c.wait_epoch_everywhere(c.pgmap()["epoch"])
@@ -81,6 +86,23 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 
 
 # -- helpers -------------------------------------------------------------------------
+
+CLIENT_GUID = _tls.ROLE_IDENTITY[PeerRole.CLIENT].removeprefix("sdc:")
+
+
+def mapped_volume(c: Cluster, name: str) -> int:
+    """A new volume of the pool mapped to the tests' client identity; its id."""
+    api = c.mdm.api()
+    status, vol = api.post(
+        "/api/v1/volumes", {"name": name, "pool_id": c.pool_id, "size": "1GiB", "type": "thin"}
+    )
+    assert status == 201, vol
+    status, sdcs = api.get("/api/v1/sdc")
+    assert status == 200, sdcs
+    (sdc_id,) = [x["id"] for x in sdcs["sdc"] if x["guid"] == CLIENT_GUID]
+    status, m = api.post("/api/v1/mappings", {"volume_id": vol["id"], "sdc_id": sdc_id})
+    assert status == 201, m
+    return int(vol["id"])
 
 
 async def connect(d: SdsDaemon, c: Cluster, role: PeerRole = PeerRole.CLIENT) -> WireClient:
@@ -107,7 +129,7 @@ def test_write_then_both_copies_hold_it(cluster: Cluster) -> None:
     """docs/design.md, invariant 1: once a write is acknowledged, the secondary's copy
     has it."""
     doc = cluster.pgmap()
-    volume = 101
+    volume = mapped_volume(cluster, "v101")
 
     async def main() -> None:
         for chunk in range(4):
@@ -137,7 +159,7 @@ def test_write_then_both_copies_hold_it(cluster: Cluster) -> None:
 
 def test_unwritten_chunk_reads_as_zeroes(cluster: Cluster) -> None:
     doc = cluster.pgmap()
-    r = route(cluster, doc, 102, 7)
+    r = route(cluster, doc, mapped_volume(cluster, "v102"), 7)
 
     async def main() -> None:
         async with await connect(r.primary, cluster) as cl:
@@ -152,7 +174,7 @@ def test_concurrent_overlapping_writes_leave_identical_copies(cluster: Cluster) 
     at once, then both copies of every chunk are byte-identical (and equal to what the
     primary serves)."""
     doc = cluster.pgmap()
-    volume = 103
+    volume = mapped_volume(cluster, "v103")
     chunks = list(range(6))
     rng = random.Random(1234)
 
@@ -199,7 +221,7 @@ def test_concurrent_overlapping_writes_leave_identical_copies(cluster: Cluster) 
 
 def test_whole_chunk_trim_frees_the_slot_on_both_copies(cluster: Cluster) -> None:
     doc = cluster.pgmap()
-    volume, chunk = 104, 0
+    volume, chunk = mapped_volume(cluster, "v104"), 0
     r = route(cluster, doc, volume, chunk)
 
     async def main() -> None:
@@ -220,7 +242,7 @@ def test_whole_chunk_trim_frees_the_slot_on_both_copies(cluster: Cluster) -> Non
 
 def test_not_primary_and_bad_pg_are_refused(cluster: Cluster) -> None:
     doc = cluster.pgmap()
-    volume, chunk = 105, 3
+    volume, chunk = mapped_volume(cluster, "v105"), 3
     r = route(cluster, doc, volume, chunk)
 
     async def main() -> None:
@@ -259,7 +281,7 @@ def test_io_through_a_v2_and_a_v1_connection(cluster: Cluster) -> None:
     through either is mirrored to the secondary (SDS to SDS, version 2) and reads
     back through the other. docs/protocol.md §8."""
     doc = cluster.pgmap()
-    volume = 109
+    volume = mapped_volume(cluster, "v109")
 
     async def main() -> None:
         for chunk in range(3):
@@ -370,7 +392,7 @@ def test_fuzz_malformed_frames_drop_only_that_connection(cluster: Cluster) -> No
     connection with a logged reason, keeps serving others and applies no partial
     write."""
     doc = cluster.pgmap()
-    volume, chunk = 106, 1
+    volume, chunk = mapped_volume(cluster, "v106"), 1
     r = route(cluster, doc, volume, chunk)
     d = r.primary
     rng = random.Random(99)
@@ -507,7 +529,7 @@ def test_heartbeat_reports_usage_to_the_mdm(cluster: Cluster) -> None:
 def test_sds_keeps_serving_without_the_mdm(cluster: Cluster) -> None:
     """docs/design.md, invariant 5: IO continues on cached maps while the MDM is down."""
     doc = cluster.pgmap()
-    volume = 107
+    volume = mapped_volume(cluster, "v107")
     cluster.mdm.stop()
     try:
         time.sleep(1.5)  # at least one failed heartbeat
@@ -559,7 +581,7 @@ def test_stale_epoch_is_refused_after_a_map_change(cluster: Cluster) -> None:
     with the old epoch are refused with EPOCH_STALE and the reply tells the new epoch.
     Runs last: it changes the cluster."""
     old = cluster.pgmap()
-    volume, chunk = 108, 2
+    volume, chunk = mapped_volume(cluster, "v108"), 2
     r_old = route(cluster, old, volume, chunk)
     fourth = SdsDaemon(cluster.workdir / "sds4", "sds4", cluster.mdm, "fs4")
     fourth.start()

@@ -91,6 +91,8 @@ BINDINGS: dict[tuple[str, str], Binding] = {
     # copies and replicas are all in PGs of those pools); an SDC reads its pools'
     # maps through its own /maps.
     ("GET", "/api/v1/pools/{id}/pgmap"): _bind(Kind.SDS, pool="id"),
+    # and the mappings of those pools' volumes, to check its clients' IO by
+    ("GET", "/api/v1/pools/{id}/mappings"): _bind(Kind.SDS, pool="id"),
     ("POST", "/api/v1/sdc/register"): _bind(Kind.SDC, body="guid"),
     ("POST", "/api/v1/sdc/{id}/heartbeat"): _bind(Kind.SDC, path="id"),
     ("GET", "/api/v1/sdc/{id}/maps"): _bind(Kind.SDC, path="id"),

@@ -156,7 +156,11 @@ async def make_safe(url: str) -> None:
                 )
             )
             await conn.execute(
-                text("UPDATE storage_pools SET map_epoch = map_epoch + :m"), {"m": EPOCH_MARGIN}
+                text(
+                    "UPDATE storage_pools SET map_epoch = map_epoch + :m, "
+                    "mappings_epoch = mappings_epoch + :m"
+                ),
+                {"m": EPOCH_MARGIN},
             )
             await conn.execute(text("UPDATE cluster SET epoch = epoch + :m"), {"m": EPOCH_MARGIN})
             await conn.execute(text("DELETE FROM restore_pending"))

@@ -14,6 +14,7 @@ from meshblock.mdm.deletion import TombstoneReports
 from meshblock.mdm.epochs import EpochNotifier
 from meshblock.mdm.failures import FailureDetector
 from meshblock.mdm.liveness import Liveness
+from meshblock.mdm.mappings import MappingDocs
 from meshblock.mdm.pgmaps import MapCache, MapEpochs
 from meshblock.mdm.progress import CopyProgress
 from meshblock.mdm.reconcile import Reported
@@ -32,6 +33,7 @@ class MdmContext:
     write_gate: WriteGate
     map_cache: MapCache = field(default_factory=MapCache)
     map_epochs: MapEpochs = field(default_factory=MapEpochs)
+    mapping_docs: MappingDocs = field(default_factory=MappingDocs)
     progress: CopyProgress = field(default_factory=CopyProgress)
     tombstones: TombstoneReports = field(default_factory=TombstoneReports)
     reported: Reported = field(default_factory=Reported)

@@ -176,6 +176,9 @@ class StoragePool(Base):
     capacity_alert_high_percent: Mapped[int] = mapped_column(default=80)
     capacity_alert_critical_percent: Mapped[int] = mapped_column(default=90)
     map_epoch: Mapped[int] = mapped_column(BigInteger, default=0)
+    # Moved by every change of the mappings of the pool's volumes: what the SDSs follow
+    # them by (GET /api/v1/pools/{id}/mappings, meshblock.mdm.mappings).
+    mappings_epoch: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     created_at: Mapped[created_at]
 
     protection_domain: Mapped[ProtectionDomain] = relationship(back_populates="pools", lazy="raise")

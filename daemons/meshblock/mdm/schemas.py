@@ -514,6 +514,13 @@ COMPONENTS: dict[str, dict[str, Any]] = {
             "pools": {"type": "object"},
         }
     ),
+    "PoolMappings": _resp(
+        {
+            "pool_id": _INT,
+            "epoch": _INT,
+            "volumes": {"type": "array", "items": {"type": "object"}},
+        }
+    ),
     "Heartbeat": _resp({"state": _STATE, "epoch": _INT}),
     "SdsHeartbeat": _resp(
         {

@@ -37,9 +37,10 @@ import itertools
 import logging
 import time
 from collections.abc import Callable, Coroutine
-from typing import Any, Final, Protocol
+from typing import Any, Final, Protocol, cast
 
 from meshblock.chunks import CHUNK_SIZE, ChunkRef, pg_of
+from meshblock.sds.access import SdcAccess
 from meshblock.sds.checksums import ChecksumError, bad_in_rows
 from meshblock.sds.heal import repair_from_peer
 from meshblock.sds.maps import PgMap
@@ -80,6 +81,9 @@ _REPL_OF: Final[dict[int, Op]] = {
     Op.WRITE_ZEROES: Op.REPL_WRITE_ZEROES,
     Op.TRIM: Op.REPL_TRIM,
 }
+# Client IO checked against the mappings, and those of it that write (sds/access.py).
+_VOLUME_IO: Final = frozenset({int(Op.READ), int(Op.WRITE), int(Op.WRITE_ZEROES), int(Op.TRIM)})
+_READ: Final = int(Op.READ)
 # A request's chunk address: Request's fields 5 to 9 are ChunkRef's, in its order
 # (tests/test_sds_requests.py), so _chunk_ref(req[5:10]) makes one with a slice.
 _chunk_ref: Final = ChunkRef._make
@@ -125,6 +129,17 @@ class Connection(Protocol):
         """``length`` > 0: ``payload`` is that many bytes, then their checksums."""
 
 
+class SdcConnection(Connection, Protocol):
+    """A connection whose client's certificate names an SDC (``sdc_guid``)."""
+
+    @property
+    def sdc_guid(self) -> str | None:
+        """The GUID of the SDC the client's certificate names."""
+
+    def refuse(self, req: Request, why: str) -> None:
+        """Answer ``req`` NOT_PERMITTED, logged with the identity and counted."""
+
+
 class DataService:
     """The request handler of one SDS: what each request does, on the SDS's state
     (:class:`~meshblock.sds.state.SdsState`); the copy jobs (:class:`Resync`) are told
@@ -141,6 +156,7 @@ class DataService:
         self._locks = state.locks
         self._degraded = state.degraded
         self._refused = state.tombstones.refused  # the one lookup on the request path
+        self._access: SdcAccess = state.access
         self._tasks: set[asyncio.Task[None]] = set()
         #: Test-only (the fault hook, docs/sds.md): damages a received write payload.
         self.corrupt_payload: Callable[[memoryview], None] | None = None
@@ -159,6 +175,29 @@ class DataService:
         if op not in conn.allowed:
             self._reply(conn, req, t0, Status.NOT_PERMITTED)
             return
+        # An SDC's certificate: client IO only to a volume mapped to it (sds/access.py).
+        guid = getattr(conn, "sdc_guid", None)
+        if guid is not None and op in _VOLUME_IO:
+            if self._access.refusal(req.pool_id, req.volume_id, guid, op != _READ) is not None:
+                sdc = cast(SdcConnection, conn)
+                self._spawn(self._mapped_after_refresh(sdc, guid, req, payload, t0))
+                return
+        self._serve(conn, req, payload, t0)
+
+    async def _mapped_after_refresh(
+        self, conn: SdcConnection, guid: str, req: Request, payload: memoryview, t0: float
+    ) -> None:
+        """A client IO that the newest mappings refuse: served if the pool's mappings
+        fetched after it arrived allow it (mapped since), else refused NOT_PERMITTED."""
+        await self._access.refreshed(req.pool_id, time.monotonic())
+        why = self._access.refusal(req.pool_id, req.volume_id, guid, req.opcode != _READ)
+        if why is None:
+            self._serve(conn, req, payload, t0)
+        else:
+            conn.refuse(req, why)
+
+    def _serve(self, conn: Connection, req: Request, payload: memoryview, t0: float) -> None:
+        op = req.opcode
         if self._state.stopping:
             self._reply(conn, req, t0, Status.SHUTTING_DOWN)
             return

@@ -6,7 +6,10 @@
 - Every ``heartbeat_interval_s`` it reports device usage and chunks per volume
   (``POST /api/v1/sds/{id}/heartbeat``); an MDM that no longer knows it makes it
   register again.
-- One task per pool long-polls ``GET /api/v1/pools/{id}/pgmap?wait_epoch=N``.
+- One task per pool long-polls ``GET /api/v1/pools/{id}/pgmap?wait_epoch=N``, and
+  one its mappings (``GET /api/v1/pools/{id}/mappings?wait_epoch=N``: which SDC may do
+  client IO to which volume, :mod:`meshblock.sds.access`), which are also fetched
+  at once when a client's IO to a volume they do not map to it arrives.
 - Copies done (resync, rebuild, moves) are reported together: those that end within
   ``SYNCED_BATCH_S`` of each other in one ``POST /api/v1/sds/{id}/pgs-synced``.
 - A device that fails (``meshblock.sds.store``, fail-stop) is reported at once
@@ -150,6 +153,7 @@ class MdmLink:
         self._cur = 0
         self._session: aiohttp.ClientSession | None = None
         self._followers: dict[int, asyncio.Task[None]] = {}
+        self._mappings_followers: dict[int, asyncio.Task[None]] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._state_path = Path(config.state_dir) / STATE_FILE
         self._state_lock = threading.Lock()  # one writer of the state file at a time
@@ -176,6 +180,7 @@ class MdmLink:
         self._failures_reported: set[str] = set()
         self._failure_task: asyncio.Task[None] | None = None
         sds.device_failed = self._device_failed
+        sds.access.fetcher = self._fetch_mappings
         # SDSs held down by the MDM that it asks us to ping (docs/mdm.md, hold-down)
         self.peer_probes = PeerProbes(wire_pinger(secret, config.wire_min_version, sds.peers.tls))
 
@@ -195,6 +200,8 @@ class MdmLink:
             self._sds.set_identity(int(state["sds_id"]), devices)
             for doc in state["maps"].values():
                 self._sds.maps.update(PgMap.from_doc(doc))
+            for doc in (state.get("mappings") or {}).values():
+                self._sds.access.update(doc)
             # A cached map may be older than writes we made alone before we stopped:
             # it must not make a record look complete (resync falls back to full).
             self._sds.seen_maps.clear()
@@ -218,6 +225,7 @@ class MdmLink:
                 if d.mdm_id is not None and d.pool_id is not None
             },
             "maps": {str(pid): m.doc for pid, m in sds.maps.maps.items()},
+            "mappings": sds.access.docs(),
             "failed_devices": self._failures,
         }
         return json.dumps(state)
@@ -259,7 +267,8 @@ class MdmLink:
         self._tasks.append(asyncio.create_task(self._main(), name="mdm-link"))
 
     async def stop(self) -> None:
-        tasks = [*self._tasks, *self._followers.values()]
+        tasks = [*self._tasks, *self._followers.values(), *self._mappings_followers.values()]
+        self._sds.access.stop()
         if self._synced_task is not None:
             tasks.append(self._synced_task)
         if self._failure_task is not None:
@@ -613,6 +622,10 @@ class MdmLink:
 
     def _follow_pools(self) -> None:
         pools = {d.pool_id for d in self._sds.store.devices if d.pool_id is not None}
+        for pool_id in pools - self._mappings_followers.keys():
+            self._mappings_followers[pool_id] = asyncio.create_task(
+                self._follow_mappings(pool_id), name=f"mappings-{pool_id}"
+            )
         for pool_id in pools - self._followers.keys():
             self._followers[pool_id] = asyncio.create_task(
                 self._follow(pool_id), name=f"pgmap-{pool_id}"
@@ -650,3 +663,46 @@ class MdmLink:
                 log.info("pool %d: map epoch %d", pool_id, m.epoch)
                 await self._save_state()
                 self._sds.collect_garbage(m)
+
+    # -- mappings (sds/access.py) -----------------------------------------------------
+
+    async def _follow_mappings(self, pool_id: int) -> None:
+        """Long-poll the pool's mappings document, keeping each newer one (saved)."""
+        access = self._sds.access
+        poll = self._config.map_poll_timeout_s
+        while True:
+            epoch = access.epoch(pool_id)
+            wait = f"?wait_epoch={epoch}&timeout={poll:g}" if epoch >= 0 else ""
+            try:
+                status, doc = await self._call(
+                    "GET", f"/api/v1/pools/{pool_id}/mappings{wait}", wait_s=poll + 10
+                )
+            except MdmUnavailable as exc:
+                self._unreachable(exc)
+                await asyncio.sleep(1.0)
+                continue
+            if status != 200:
+                log.warning("mappings of pool %d: status %d", pool_id, status)
+                await asyncio.sleep(max(poll, 1.0) if status == 403 else 1.0)
+                continue
+            try:
+                newer = access.update(doc)
+            except ValueError as exc:
+                log.error("mappings of pool %d: %s", pool_id, exc)
+                await asyncio.sleep(1.0)
+                continue
+            if newer:
+                log.info("pool %d: mappings epoch %d", pool_id, access.epoch(pool_id))
+                await self._save_state()
+
+    async def _fetch_mappings(self, pool_id: int) -> dict[str, Any] | None:
+        """The pool's mappings document now (None: the MDM did not give it)."""
+        try:
+            status, doc = await self._call("GET", f"/api/v1/pools/{pool_id}/mappings", wait_s=5.0)
+        except MdmUnavailable as exc:
+            self._unreachable(exc)
+            return None
+        if status != 200 or not isinstance(doc, dict):
+            log.warning("mappings of pool %d: status %d", pool_id, status)
+            return None
+        return doc

@@ -81,6 +81,9 @@ class DataConnection(FramedConnection):
         #: The name of the SDS the client's certificate names (None: not an SDS, or no
         #: TLS): a replica write is taken only from the PG's primary (io_path).
         self.peer_sds: str | None = None
+        #: The GUID of the SDC the client's certificate names (None: not an SDC, or no
+        #: TLS): its client IO is checked against the mappings (io_path, sds/access.py).
+        self.sdc_guid: str | None = None
         self.in_flight = 0
         self._reading_paused = False
         self._writing_paused = False
@@ -105,6 +108,8 @@ class DataConnection(FramedConnection):
             else:
                 if self.identity.kind == pki.Kind.SDS:
                     self.peer_sds = self.identity.name
+                elif self.identity.kind == pki.Kind.SDC:
+                    self.sdc_guid = self.identity.name
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._hs is not None and not self._closing and not self.bytes_received:

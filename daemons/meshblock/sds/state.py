@@ -26,6 +26,7 @@ from collections.abc import Callable
 from typing import Final
 
 from meshblock.chunks import CHUNK_SIZE, pg_of
+from meshblock.sds.access import SdcAccess
 from meshblock.sds.deletion import Tombstones
 from meshblock.sds.maps import MapCache, PgMap
 from meshblock.sds.replication import DegradedWrites, Peers, RangeLocks
@@ -54,6 +55,8 @@ class SdsState:
         # records pruned.
         maps.listeners.append(self._map_changed)
         self.tombstones = Tombstones(store, maps, self.seen_maps)
+        # Which SDC may do client IO to which volume (the MDM's mappings documents).
+        self.access = SdcAccess()
         self.sds_id = 0  # 0 until registered (or loaded from the state file)
         self.dev_by_id: dict[int, Device] = {}
         self.stopping = False  # requests are refused, no more garbage is collected

@@ -11,11 +11,14 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import selectinload
 
 from meshblock.auth import Role
-from meshblock.mdm import schemas
+from meshblock.mdm import mappings, schemas
 from meshblock.mdm.api.common import (
+    WAIT_PARAMS,
     change,
+    encoded_json,
     get_or_404,
     json,
+    long_poll,
     must_exist,
     name_free,
     reading,
@@ -23,6 +26,7 @@ from meshblock.mdm.api.common import (
     ts,
 )
 from meshblock.mdm.capacity import CHUNK_BYTES, COPIES, pool_capacity, volume_allocated
+from meshblock.mdm.context import ctx
 from meshblock.mdm.errors import Conflict, InsufficientCapacity, Invalid, NotFound
 from meshblock.mdm.models import (
     AccessMode,
@@ -334,6 +338,7 @@ async def create_mapping(request: web.Request, body: dict[str, Any]) -> web.Resp
         if dup is not None:
             raise Conflict("the volume is already mapped to this SDC", {"mapping_id": dup})
         s.add(m)
+        await mappings.touch(s, m.volume_id)
         await s.flush()
         await s.refresh(m)
     return json(mapping_doc(m), 201)
@@ -367,6 +372,7 @@ async def update_mapping(request: web.Request, body: dict[str, Any]) -> web.Resp
     async with change(request) as s:
         m = await get_or_404(s, Mapping, path_id(request), "mapping")
         _limits(body, m)
+        await mappings.touch(s, m.volume_id)
     return json(mapping_doc(m))
 
 
@@ -383,4 +389,35 @@ async def delete_mapping(request: web.Request) -> web.Response:
     async with change(request) as s:
         m = await get_or_404(s, Mapping, path_id(request), "mapping")
         await s.delete(m)
+        await mappings.touch(s, m.volume_id)
     return web.Response(status=204)
+
+
+@routes.route(
+    "GET",
+    r"/api/v1/pools/{id:\d+}/mappings",
+    role=Role.COMPONENT,
+    tag=TAG,
+    summary="Which SDCs the pool's volumes are mapped to, read-only or not (what the "
+    "SDSs check client IO by); with wait_epoch, waits for a change of them",
+    response="PoolMappings",
+    query=WAIT_PARAMS,
+    errors=(404,),
+)
+async def pool_mappings(request: web.Request) -> web.Response:
+    pool_id = path_id(request)
+    c = ctx(request)
+    docs = c.mapping_docs
+
+    async def mappings_epoch(s: AsyncSession) -> int:
+        # read once for every long-poll woken at this cluster epoch
+        known = await docs.epoch(c.sessions, c.notifier.epoch, pool_id)
+        if known is not None:
+            return known
+        return (await get_or_404(s, StoragePool, pool_id, "storage pool")).mappings_epoch
+
+    await long_poll(request, mappings_epoch)
+    async with reading(request) as s:
+        pool = await get_or_404(s, StoragePool, pool_id, "storage pool")
+        body = await docs.document(s, pool)
+    return await encoded_json(request, body)

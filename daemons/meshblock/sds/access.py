@@ -1,0 +1,157 @@
+"""Which SDC may do client IO to which volume: the mappings the MDM publishes.
+
+With TLS identities on the data path, the SDS serves a client's READ, WRITE,
+WRITE_ZEROES and TRIM only when the volume is mapped to the SDC its certificate
+names (``sdc:GUID``), and the writes only when that mapping is not read-only
+(docs/security.md, "The data protocol"). The mappings come per pool from the MDM
+(``GET /api/v1/pools/{id}/mappings``, :mod:`meshblock.mdm.mappings`), long-polled by
+the MDM link like the PG maps, and are kept in the state file with them, so that a
+restarted SDS serves its clients while the MDM is away.
+
+A volume the newest document does not map to the SDC (not mapped to it, or no such
+volume) is not refused at once: the mapping may have been made after that document
+left the MDM (``meshctl volume map`` returned, the SDC's first IO arrived here before
+the long-poll's answer). The SDS fetches the pool's document once more, a fetch that
+starts after the request arrived, and refuses only if that one does not map it
+either (or the MDM does not answer). Fetches are shared by the requests waiting, at
+most one per pool at a time and one per :data:`REFRESH_EVERY_S`, so a client that
+sends IO to volumes not mapped to it costs the MDM little.
+
+An unmap takes effect when the long-poll brings the new document: at once (the MDM
+answers the waiting long-poll on the commit), or, with the MDM unreachable, once the
+SDS reaches it again; until then the SDS serves by the document it has.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, Final
+
+log = logging.getLogger(__name__)
+
+#: Fetches of one pool's document that a refused request starts are this far apart.
+REFRESH_EVERY_S: Final = 0.2
+#: A fetch that takes longer than this is given up: the request is refused.
+REFRESH_TIMEOUT_S: Final = 5.0
+
+Fetch = Callable[[int], Awaitable[dict[str, Any] | None]]
+
+
+class MappingsError(ValueError):
+    """A malformed mappings document."""
+
+
+def parse(doc: Any) -> tuple[int, int, dict[tuple[int, str], bool]]:
+    """``(pool_id, epoch, {(volume id, SDC GUID): read-only})`` of a document."""
+    try:
+        pool_id = int(doc["pool_id"])
+        epoch = int(doc["epoch"])
+        table = {
+            (int(v["id"]), str(s["guid"])): bool(s["read_only"])
+            for v in doc["volumes"]
+            for s in v["sdcs"]
+        }
+    except (KeyError, TypeError, ValueError) as exc:
+        raise MappingsError(f"malformed mappings document: {exc!r}") from None
+    return pool_id, epoch, table
+
+
+class _Pool:
+    """One pool's newest document and its shared fetch."""
+
+    __slots__ = ("doc", "epoch", "fetch", "started", "table")
+
+    def __init__(self) -> None:
+        self.epoch = -1  # none received yet
+        self.table: dict[tuple[int, str], bool] = {}
+        self.doc: dict[str, Any] | None = None
+        self.fetch: asyncio.Task[None] | None = None
+        self.started = 0.0  # when the newest fetch started (time.monotonic)
+
+
+class SdcAccess:
+    """The mappings of each pool, as the MDM's newest documents say."""
+
+    def __init__(self) -> None:
+        self._pools: dict[int, _Pool] = {}
+        #: Fetches a pool's document now, without waiting (set by the MDM link).
+        self.fetcher: Fetch | None = None
+        self.refreshes = 0
+
+    def _pool(self, pool_id: int) -> _Pool:
+        p = self._pools.get(pool_id)
+        if p is None:
+            p = self._pools[pool_id] = _Pool()
+        return p
+
+    def epoch(self, pool_id: int) -> int:
+        """The epoch of the pool's newest document (-1: none yet)."""
+        p = self._pools.get(pool_id)
+        return -1 if p is None else p.epoch
+
+    def update(self, doc: dict[str, Any]) -> bool:
+        """Keep ``doc`` if it is newer than the pool's; whether it was
+        (:class:`MappingsError` if it is malformed)."""
+        pool_id, epoch, table = parse(doc)
+        p = self._pool(pool_id)
+        if epoch <= p.epoch:
+            return False
+        p.epoch, p.table, p.doc = epoch, table, doc
+        return True
+
+    def docs(self) -> dict[str, dict[str, Any]]:
+        """Every pool's newest document, for the state file."""
+        return {str(i): p.doc for i, p in self._pools.items() if p.doc is not None}
+
+    def refusal(self, pool_id: int, volume_id: int, guid: str, write: bool) -> str | None:
+        """Why the newest document refuses SDC ``guid`` this IO to ``volume_id`` (None:
+        it does not)."""
+        p = self._pools.get(pool_id)
+        read_only = None if p is None else p.table.get((volume_id, guid))
+        if read_only is None:
+            return f"volume {volume_id} of pool {pool_id} is not mapped to it (or no such volume)"
+        if write and read_only:
+            return f"volume {volume_id} is mapped to it read-only"
+        return None
+
+    async def refreshed(self, pool_id: int, since: float) -> None:
+        """Return once a fetch of the pool's document that started at or after ``since``
+        (``time.monotonic()``) has ended, started now if there is none; fetches are
+        shared and at least :data:`REFRESH_EVERY_S` apart."""
+        p = self._pool(pool_id)
+        while True:
+            task = p.fetch
+            if task is not None:
+                await asyncio.wait({task})
+                if p.started >= since:
+                    return
+                continue
+            if self.fetcher is None:
+                return
+            wait = p.started + REFRESH_EVERY_S - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+                continue
+            p.started = time.monotonic()
+            p.fetch = asyncio.get_running_loop().create_task(self._fetch(p, pool_id, self.fetcher))
+
+    async def _fetch(self, p: _Pool, pool_id: int, fetcher: Fetch) -> None:
+        self.refreshes += 1
+        try:
+            async with asyncio.timeout(REFRESH_TIMEOUT_S):
+                doc = await fetcher(pool_id)
+            if doc is not None:
+                self.update(doc)
+        except Exception as exc:  # the MDM away, a malformed answer: refused then
+            log.warning("fetching the mappings of pool %d failed: %r", pool_id, exc)
+        finally:
+            p.fetch = None
+
+    def stop(self) -> None:
+        """Cancel the fetches in progress."""
+        for p in self._pools.values():
+            if p.fetch is not None:
+                p.fetch.cancel()

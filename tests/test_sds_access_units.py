@@ -1,0 +1,91 @@
+"""The SDS's check of client IO against the mappings (meshblock.sds.access): what a
+document allows, and the fetch once more before a refusal, shared and started only
+after the IO arrived."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import pytest
+
+from meshblock.sds.access import MappingsError, SdcAccess
+
+pytestmark = pytest.mark.unit
+
+GUID = "0f0e0d0c-0000-4000-8000-000000000001"
+
+
+def doc(epoch: int, *volumes: tuple[int, bool], pool: int = 1) -> dict[str, Any]:
+    return {
+        "pool_id": pool,
+        "epoch": epoch,
+        "volumes": [{"id": v, "sdcs": [{"guid": GUID, "read_only": ro}]} for v, ro in volumes],
+    }
+
+
+def test_a_document_allows_only_its_mappings_and_reads_on_read_only_ones() -> None:
+    a = SdcAccess()
+    assert a.update(doc(3, (7, False), (8, True)))
+    assert a.refusal(1, 7, GUID, write=True) is None
+    assert a.refusal(1, 8, GUID, write=False) is None
+    assert a.refusal(1, 8, GUID, write=True) == "volume 8 is mapped to it read-only"
+    assert "not mapped to it" in str(a.refusal(1, 9, GUID, write=False))  # no such volume
+    assert a.refusal(1, 7, "another-guid", write=False) is not None
+    assert a.refusal(2, 7, GUID, write=False) is not None  # the volume is of pool 1
+    # an older document is not taken; a newer one unmaps
+    assert not a.update(doc(2))
+    assert a.update(doc(4, (8, True)))
+    assert a.refusal(1, 7, GUID, write=False) is not None
+    assert a.docs() == {"1": doc(4, (8, True))}
+    with pytest.raises(MappingsError):
+        a.update({"pool_id": 1, "epoch": 5, "volumes": [{"id": 7}]})
+
+
+def test_a_refused_io_waits_for_a_fetch_that_started_after_it_shared_by_all() -> None:
+    """A mapping made after the SDS's document: the fetch that the IO starts sees it.
+    IOs arriving together share one fetch; one arriving while an older fetch runs waits
+    for that one and then for a fetch of its own."""
+    a = SdcAccess()
+    a.update(doc(1))
+    served: list[int] = []  # the epoch of each document the MDM gave
+    release = asyncio.Event()
+
+    async def fetch(pool: int) -> dict[str, Any] | None:
+        await release.wait()
+        served.append(len(served) + 2)
+        return doc(served[-1], (7, False))
+
+    a.fetcher = fetch
+
+    async def main() -> None:
+        since = time.monotonic()
+        waiting = [asyncio.create_task(a.refreshed(1, since)) for _ in range(5)]
+        await asyncio.sleep(0.01)
+        later = asyncio.create_task(a.refreshed(1, time.monotonic() + 0.001))
+        await asyncio.sleep(0.01)
+        assert served == [] and a.refreshes == 1
+        release.set()
+        await asyncio.gather(*waiting)
+        assert a.refusal(1, 7, GUID, write=True) is None
+        await later
+        assert a.refreshes == 2  # the later IO did not take the older fetch's answer
+        assert served == [2, 3] and a.epoch(1) == 3
+
+    asyncio.run(main())
+
+
+def test_a_failed_fetch_leaves_the_io_refused() -> None:
+    a = SdcAccess()
+
+    async def fetch(pool: int) -> dict[str, Any] | None:
+        raise OSError("the MDM is away")
+
+    a.fetcher = fetch
+
+    async def main() -> None:
+        await a.refreshed(1, time.monotonic())
+
+    asyncio.run(main())
+    assert a.refreshes == 1 and a.refusal(1, 7, GUID, write=False) is not None
