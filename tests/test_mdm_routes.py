@@ -85,6 +85,7 @@ ROUTES = [
     ("GET", r"/api/v1/mappings/(?P<id>\d+)"),
     ("PATCH", r"/api/v1/mappings/(?P<id>\d+)"),
     ("DELETE", r"/api/v1/mappings/(?P<id>\d+)"),
+    ("GET", r"/api/v1/pools/(?P<id>\d+)/mappings"),
     ("GET", "/api/v1/topology"),
     ("GET", "/api/v1/capacity"),
     ("GET", "/health"),
@@ -96,7 +97,7 @@ ROUTES = [
 ]
 
 # sha256 of the document as served (json.dumps, keys in their order), version blanked.
-OPENAPI_SHA256 = "14449911186ede11f093e2812e8b35d8ba9f140fa1ea68aabba89b0dd6e0b1ba"
+OPENAPI_SHA256 = "c9af14643335708e0e37cc62419dc41e2f9b06b08d2273450ff4b6f76c55d713"
 
 
 def _app() -> web.Application:
