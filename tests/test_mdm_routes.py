@@ -97,7 +97,7 @@ ROUTES = [
 ]
 
 # sha256 of the document as served (json.dumps, keys in their order), version blanked.
-OPENAPI_SHA256 = "c9af14643335708e0e37cc62419dc41e2f9b06b08d2273450ff4b6f76c55d713"
+OPENAPI_SHA256 = "b851e30b79674c9fe0b1008a005863c526b8e7611350e3ad01bb1df3568894d5"
 
 
 def _app() -> web.Application:

@@ -20,13 +20,14 @@ import gzip
 import json
 import struct
 import zlib
-from collections.abc import Collection, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
 from sqlalchemy import Select, bindparam, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from meshblock import pgmap_delta
 from meshblock.mdm import pgtable
 from meshblock.mdm.deletion import pool_tombstones
 from meshblock.mdm.models import (
@@ -211,6 +212,14 @@ class MapDocument:
 
 
 GZIP_LEVEL = 6
+GZIP_ABOVE = 16 * 1024  # a smaller document is sent as it is
+
+
+def gzip_if_large(document: MapDocument) -> Callable[[], Awaitable[bytes]] | None:
+    """``document``'s :meth:`MapDocument.gzipped` when it is worth compressing."""
+    return document.gzipped if len(document.body) > GZIP_ABOVE else None
+
+
 _GZIP_HEADER = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"  # deflate, no name, no time
 
 
@@ -240,8 +249,26 @@ def gzip_pieces(pieces: Sequence[bytes | MapDocument]) -> tuple[bytes, bytes]:
     return body, b"".join(deflate)
 
 
+#: Map epochs of a pool whose deltas the MDM keeps: a caller whose map is older than
+#: the last this many epochs the MDM served (or of an epoch it never served, or from
+#: before its start) gets the whole document (docs/mdm.md, "PG-map deltas").
+DELTA_WINDOW = 64
+
+
+@dataclass
+class _Deltas:
+    """A pool's deltas: ``steps[e]`` makes the next kept epoch's map of epoch ``e``'s
+    (oldest first, at most :data:`DELTA_WINDOW`); ``digest``: of the newest document;
+    ``answers``: the deltas from an epoch to the newest, encoded, made once each."""
+
+    digest: int
+    steps: dict[int, dict[str, Any]]
+    answers: dict[int, MapDocument]
+
+
 class MapCache:
-    """The newest document of each pool, keyed by its map epoch.
+    """The newest document of each pool, keyed by its map epoch, and the deltas that
+    lead to it from the epochs served before (:meth:`delta`).
 
     A pool's ``map_epoch`` goes up with every change of what its document holds (its
     PGs, members, member SDSs' endpoints, throttles, tombstones: docs/api.md, PgMap),
@@ -252,7 +279,9 @@ class MapCache:
 
     def __init__(self) -> None:
         self._docs: dict[int, MapDocument] = {}
+        self._deltas: dict[int, _Deltas] = {}
         self.builds = 0  # documents built (a hit costs none)
+        self.delta_builds = 0  # delta answers encoded (each shared by its callers)
         # pool -> its PGs' part of the document, reused by the next build while the
         # PG rows are the same (a tombstone or a member's endpoint changes the map
         # epoch, not the rows)
@@ -264,8 +293,59 @@ class MapCache:
 
     def put(self, pool_id: int, document: MapDocument) -> None:
         old = self._docs.get(pool_id)
-        if old is None or old.epoch <= document.epoch:
-            self._docs[pool_id] = document
+        if old is not None and old.epoch >= document.epoch:
+            return
+        self._docs[pool_id] = document
+        kept = self._deltas.get(pool_id)
+        try:
+            if old is None or kept is None:
+                raise ValueError("no earlier map")
+            step = pgmap_delta.diff(old.doc, document.doc)
+        except ValueError:
+            # the first map (or one that cannot follow the last): deltas start here
+            digest = pgmap_delta.digest(document.doc)
+            self._deltas[pool_id] = _Deltas(digest, {}, {})
+            return
+        kept.digest = pgmap_delta.digest_after(kept.digest, old.doc, step)
+        step["digest"] = pgmap_delta.digest_hex(kept.digest)
+        kept.steps[old.epoch] = step
+        while len(kept.steps) > DELTA_WINDOW:
+            del kept.steps[next(iter(kept.steps))]
+        kept.answers = {}
+
+    def delta(self, pool_id: int, since: int, document: MapDocument) -> MapDocument | None:
+        """The delta from the pool's map at epoch ``since`` to ``document`` (the pool's
+        newest), made once per ``since`` and shared; None when there is none: an epoch
+        not served within the last :data:`DELTA_WINDOW` (or not by this MDM), or a
+        ``document`` of another epoch than the newest one kept."""
+        kept = self._deltas.get(pool_id)
+        newest = self._docs.get(pool_id)
+        # (``document`` may be another build of the same epoch, made concurrently)
+        if kept is None or newest is None or newest.epoch != document.epoch:
+            return None
+        document = newest
+        hit = kept.answers.get(since)
+        if hit is not None:
+            return hit
+        if since == document.epoch:
+            answer = {k: v for k, v in document.doc.items() if k not in pgmap_delta.COLLECTIONS}
+            answer |= {
+                "from_epoch": since,
+                "pgs": [],
+                "digest": pgmap_delta.digest_hex(kept.digest),
+            }
+            for key in pgmap_delta.KEYED:
+                answer |= {key: {}, key + "_removed": []}
+        elif since in kept.steps:
+            epochs = list(kept.steps)
+            answer = kept.steps[since]
+            for e in epochs[epochs.index(since) + 1 :]:
+                answer = pgmap_delta.compose(answer, kept.steps[e])
+        else:
+            return None
+        self.delta_builds += 1
+        hit = kept.answers[since] = MapDocument(document.epoch, answer, encode(answer))
+        return hit
 
 
 class MapEpochs:

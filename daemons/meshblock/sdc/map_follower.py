@@ -21,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from meshblock import pgmap_delta
 from meshblock.files import write_atomic
 from meshblock.sdc.maps import MapError, PoolMap, SdcMaps, parse_maps
 from meshblock.sdc.mdm_client import MdmClient, MdmRefused, MdmUnavailable, sleep_backoff
@@ -65,6 +66,9 @@ class MapFollower:
         self._last_refresh = 0.0
         self._tasks: list[asyncio.Task[None]] = []
         self._reported: dict[int, float] = {}  # SDS -> when we last reported it
+        self._doc: dict[str, Any] | None = None  # the maps document of self.maps, whole
+        self._whole = False  # ask for whole maps (a delta did not make the MDM's)
+        self.deltas_applied = 0  # pools' maps updated by a delta
 
     # -- MapSource ----------------------------------------------------------------
 
@@ -86,7 +90,7 @@ class MapFollower:
     async def _refresh_once(self) -> None:
         try:
             if self.sdc_id is not None:
-                self._apply(await self.client.maps(self.sdc_id))
+                self._apply(await self.client.maps(self.sdc_id, map_epochs=self._map_epochs()))
                 self._reachable(True)
         except (MdmUnavailable, MdmRefused, MapError) as exc:
             self._reachable(False, str(exc))
@@ -126,19 +130,54 @@ class MapFollower:
             log.warning("MDM unreachable, serving from cached maps: %s", why)
         self.mdm_reachable = ok
 
+    def _map_epochs(self) -> dict[int, int] | None:
+        """Pool -> the map epoch we have whole, for the MDM to answer deltas from."""
+        if self._whole or self._doc is None or self.maps is None:
+            return None
+        return {p: m.epoch for p, m in self.maps.pools.items()}
+
+    def _whole_maps(self, doc: Any) -> Any:
+        """``doc`` with each pool's delta applied to the map we have (MapError if one
+        does not make the MDM's map: we ask for whole maps next)."""
+        pools = doc.get("pools") if isinstance(doc, dict) else None
+        if not isinstance(pools, dict) or not any(map(pgmap_delta.is_delta, pools.values())):
+            self._whole = False
+            return doc
+        had = (self._doc or {}).get("pools", {})
+        whole: dict[str, Any] = {}
+        for key, pool in pools.items():
+            if not pgmap_delta.is_delta(pool):
+                whole[key] = pool
+                continue
+            old = had.get(key)
+            if old is not None and pool.get("epoch") == old.get("epoch"):
+                whole[key] = old  # unchanged
+                continue
+            try:
+                whole[key] = pgmap_delta.apply(old or {}, pool)
+                self.deltas_applied += 1
+            except ValueError as exc:
+                self._whole = True
+                raise MapError(f"pool {key}: {exc}") from None
+        self._whole = False
+        return {**doc, "pools": whole}
+
     def _apply(self, doc: Any) -> None:
+        doc = self._whole_maps(doc)
         maps = parse_maps(doc)
         current = self.maps
         if current is not None and maps.epoch < current.epoch:
             return  # an older answer overtaken by a newer one
+        self._doc = doc
         if maps == current:
             return
         self.maps = maps
         self.sdc_id = maps.sdc_id
         log.info(
-            "maps updated to epoch %d: %d volume(s) mapped",
+            "maps updated to epoch %d: %d volume(s) mapped (%d pool map(s) by delta so far)",
             maps.epoch,
             len(maps.volumes),
+            self.deltas_applied,
         )
         self._save(doc)
         for listener in self.listeners:
@@ -221,7 +260,7 @@ class MapFollower:
             assert self.sdc_id is not None
             try:
                 wait = self.epoch if self.maps is not None else None
-                doc = await self.client.maps(self.sdc_id, wait, self.longpoll_s)
+                doc = await self.client.maps(self.sdc_id, wait, self.longpoll_s, self._map_epochs())
                 self._apply(doc)
                 self._reachable(True)
                 attempt = 0
@@ -234,6 +273,9 @@ class MapFollower:
                     await sleep_backoff(attempt)
                     attempt += 1
             except (MdmUnavailable, MapError) as exc:
+                if self._whole and isinstance(exc, MapError):
+                    log.warning("%s; fetching the whole maps", exc)
+                    continue
                 self._reachable(False, str(exc))
                 await sleep_backoff(attempt)
                 attempt += 1

@@ -111,11 +111,25 @@ class MdmClient:
         """Tell the MDM this SDC cannot reach SDS ``sds_id`` (it confirms first)."""
         return await self._call("POST", f"/api/v1/sds/{sds_id}/unreachable", {"reporter": reporter})
 
-    async def maps(self, sdc_id: int, wait_epoch: int | None = None, wait_s: float = 0) -> Any:
-        """The SDC's maps; with ``wait_epoch``, long-poll until the epoch passes it."""
-        path = f"/api/v1/sdc/{sdc_id}/maps"
+    async def maps(
+        self,
+        sdc_id: int,
+        wait_epoch: int | None = None,
+        wait_s: float = 0,
+        map_epochs: dict[int, int] | None = None,
+    ) -> Any:
+        """The SDC's maps; with ``wait_epoch``, long-poll until the epoch passes it; with
+        ``map_epochs`` (pool -> the map epoch we have), a pool's map may come as a delta
+        from it (:mod:`meshblock.pgmap_delta`)."""
+        query = []
         if wait_epoch is not None:
-            path += f"?wait_epoch={wait_epoch}&timeout={wait_s:g}"
+            query.append(f"wait_epoch={wait_epoch}&timeout={wait_s:g}")
+        if map_epochs:
+            query.append(
+                "map_epochs=" + ",".join(f"{p}:{e}" for p, e in sorted(map_epochs.items()))
+            )
+        path = f"/api/v1/sdc/{sdc_id}/maps" + ("?" + "&".join(query) if query else "")
+        if wait_epoch is not None:
             return await self._call("GET", path, limit_s=wait_s + self.request_timeout)
         return await self._call("GET", path)
 

@@ -39,7 +39,7 @@ from typing import Any, NoReturn
 
 import aiohttp
 
-from meshblock import pki
+from meshblock import pgmap_delta, pki
 from meshblock.config import ConfigError
 from meshblock.files import fsync_directory, write_atomic
 from meshblock.sds.config import SdsConfig
@@ -634,9 +634,13 @@ class MdmLink:
     async def _follow(self, pool_id: int) -> None:
         maps = self._sds.maps
         poll = self._config.map_poll_timeout_s
+        whole = False  # ask for the whole map (a delta did not make the MDM's)
         while True:
             epoch = maps.epoch(pool_id)
             path = f"/api/v1/pools/{pool_id}/pgmap?wait_epoch={epoch}&timeout={poll:g}"
+            have = maps.get(pool_id)
+            if have is not None and not whole:
+                path += f"&since={have.epoch}"  # the changes since, when the MDM has them
             try:
                 status, doc = await self._call("GET", path, wait_s=poll + 10)
             except MdmUnavailable as exc:
@@ -653,6 +657,17 @@ class MdmLink:
                 log.warning("map of pool %d: status %d", pool_id, status)
                 await asyncio.sleep(1.0)
                 continue
+            whole = False
+            delta = pgmap_delta.is_delta(doc)
+            if delta:
+                if have is None or doc.get("epoch") == have.epoch:
+                    continue  # no change (the long-poll's timeout)
+                try:
+                    doc = pgmap_delta.apply(have.doc, doc)
+                except ValueError as exc:
+                    log.warning("pool %d: %s; fetching the whole map", pool_id, exc)
+                    whole = True
+                    continue
             try:
                 m = PgMap.from_doc(doc)
             except (KeyError, TypeError, ValueError) as exc:
@@ -660,7 +675,9 @@ class MdmLink:
                 await asyncio.sleep(1.0)
                 continue
             if maps.update(m):
-                log.info("pool %d: map epoch %d", pool_id, m.epoch)
+                log.info(
+                    "pool %d: map epoch %d%s", pool_id, m.epoch, " by a delta" if delta else ""
+                )
                 await self._save_state()
                 self._sds.collect_garbage(m)
 

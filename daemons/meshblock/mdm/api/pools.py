@@ -224,13 +224,24 @@ async def delete_pool(request: web.Request) -> web.Response:
     r"/api/v1/pools/{id:\d+}/pgmap",
     role=Role.COMPONENT,
     tag=TAG,
-    summary="The pool's PG map; with wait_epoch, waits for a newer one",
+    summary="The pool's PG map; with wait_epoch, waits for a newer one; with since, "
+    "the changes since that map epoch when the MDM has them",
     response="PgMap",
-    query=WAIT_PARAMS,
+    query=(
+        *WAIT_PARAMS,
+        QueryParam(
+            "since",
+            "the map epoch the caller has: answer a delta from it (PgMapDelta) when the "
+            "MDM has one, else the whole map",
+            minimum=0,
+            maximum=2**62,
+        ),
+    ),
     errors=(404,),
 )
 async def get_pgmap(request: web.Request) -> web.Response:
     pool_id = path_id(request)
+    since = query_int(request, "since", minimum=0, maximum=2**62)
     c = ctx(request)
 
     async def map_epoch(s: AsyncSession) -> int:
@@ -244,4 +255,7 @@ async def get_pgmap(request: web.Request) -> web.Response:
     async with reading(request) as s:
         pool = await get_or_404(s, StoragePool, pool_id, "storage pool")
         doc = (await pgmaps.map_documents(s, [pool], c.map_cache))[pool.id]
+    delta = None if since is None else c.map_cache.delta(pool.id, since, doc)
+    if delta is not None:
+        return await encoded_json(request, delta.body, pgmaps.gzip_if_large(delta))
     return await encoded_json(request, doc.body, doc.gzipped)

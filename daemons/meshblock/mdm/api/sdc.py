@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 from aiohttp import web
@@ -24,10 +25,10 @@ from meshblock.mdm.api.common import (
 )
 from meshblock.mdm.context import ctx
 from meshblock.mdm.epochs import current
-from meshblock.mdm.errors import Conflict
+from meshblock.mdm.errors import BadRequest, Conflict
 from meshblock.mdm.liveness import Liveness
 from meshblock.mdm.models import Mapping, Sdc, StoragePool, Volume
-from meshblock.mdm.routing import ApiRoutes, path_id
+from meshblock.mdm.routing import ApiRoutes, QueryParam, path_id
 
 log = logging.getLogger(__name__)
 routes = ApiRoutes()
@@ -209,11 +210,22 @@ async def sdc_heartbeat(request: web.Request, body: dict[str, Any]) -> web.Respo
     summary="The volumes mapped to an SDC and the PG maps of their pools; "
     "with wait_epoch, waits for a change",
     response="SdcMaps",
-    query=WAIT_PARAMS,
-    errors=(404,),
+    query=(
+        *WAIT_PARAMS,
+        QueryParam(
+            "map_epochs",
+            "the map epoch of each pool the caller has, as POOL:EPOCH,...: each such pool's "
+            "map is a delta from it (PgMapDelta) when the MDM has one",
+            type="string",
+            minimum=None,
+            maximum=None,
+        ),
+    ),
+    errors=(400, 404),
 )
 async def sdc_maps(request: web.Request) -> web.Response:
     sdc_id = path_id(request)
+    have = _map_epochs(request.query.get("map_epochs"))
     async with reading(request) as s:
         await get_or_404(s, Sdc, sdc_id, "SDC")
     await long_poll(request, current)
@@ -254,8 +266,11 @@ async def sdc_maps(request: web.Request) -> web.Response:
     # and gzipped the same way: each pool's document deflated once per map epoch,
     # only the bytes around them compressed per request
     pieces: list[bytes | pgmaps.MapDocument] = [pgmaps.encode(head)[:-1] + b', "pools": {']
+    cache = ctx(request).map_cache
     for n, (k, d) in enumerate(sorted(maps.items())):
-        pieces += [b'%s"%d": ' % (b"," if n else b"", k), d]
+        since = have.get(k)
+        delta = None if since is None else cache.delta(k, since, d)
+        pieces += [b'%s"%d": ' % (b"," if n else b"", k), d if delta is None else delta]
     pieces.append(b"}}")
     body = b"".join(p.body if isinstance(p, pgmaps.MapDocument) else p for p in pieces)
 
@@ -263,3 +278,16 @@ async def sdc_maps(request: web.Request) -> web.Response:
         return pgmaps.gzip_pieces(pieces)[1]
 
     return await encoded_json(request, body, compressed)
+
+
+def _map_epochs(raw: str | None) -> dict[int, int]:
+    """``POOL:EPOCH,...`` (the ``map_epochs`` query parameter) as pool -> map epoch."""
+    out: dict[int, int] = {}
+    for part in (raw or "").split(","):
+        if not part:
+            continue
+        if not re.fullmatch(r"[0-9]{1,10}:[0-9]{1,18}", part):
+            raise BadRequest(f"map_epochs: {part[:40]!r} is not POOL:EPOCH")
+        pool, _, epoch = part.partition(":")
+        out[int(pool)] = int(epoch)
+    return out
