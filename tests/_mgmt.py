@@ -23,6 +23,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import _control
 import _http
 import _tls
 from _ports import free_port
@@ -75,6 +76,7 @@ class MgmtDaemon(HttpDaemon):
             "prometheus": {"url": dead, "timeout_s": 2.0, "rules_sync_interval_s": 3600.0},
             "alertmanager": {"url": dead, "timeout_s": 5.0},
             "logging": {"level": "INFO"},
+            "metrics": {"token_file": _control.token_file(self.workdir)},
         }
         if self.tls:
             settings["tls"] = _tls.component_identity(MGMT_IDENTITY, self.host).settings()

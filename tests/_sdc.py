@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import _control
 import _http
 import _tls
 from _mdm import MdmDaemon
@@ -64,6 +65,7 @@ class SdcDaemon(DaemonProcess):
                 "unix_socket": self.unix_socket,
             },
             "control": {"host": "127.0.0.1", "port": self.control_port},
+            "metrics": {"token_file": _control.token_file(workdir)},
             "io": {"timeout_s": 20.0, "attempt_timeout_s": 5.0},
             "logging": {"level": "INFO"},
         }
@@ -91,14 +93,18 @@ class SdcDaemon(DaemonProcess):
         self.write_config()
         super().start(timeout)
 
+    def control_get(self, path: str, timeout: float = 5.0) -> _http.Response:
+        """``GET`` on the control port with a read credential (``tests/_control.py``)."""
+        return _control.get(self.url, path, timeout)
+
     def health(self) -> dict[str, Any]:
-        resp = _http.request("GET", self.url + "/health", timeout=5)
+        resp = self.control_get("/health")
         assert resp.status == 200
         body: dict[str, Any] = resp.body
         return body
 
     def metrics(self) -> str:
-        resp = _http.request("GET", self.url + "/metrics", timeout=5)
+        resp = self.control_get("/metrics")
         assert resp.status == 200
         return str(resp.body)
 

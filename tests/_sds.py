@@ -12,6 +12,7 @@ import ssl
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import _control
 import _http
 import _tls
 from _mdm import MdmDaemon
@@ -34,8 +35,9 @@ class SdsDaemon(DaemonProcess):
     Its data and control ports listen on ``address`` (which it advertises); with
     ``netns`` it runs inside that network namespace (``tests/_netns.py``).
     ``settings`` changes the config's top-level keys (a value of None removes one);
-    ``pool``, ``protection_domain`` and ``capacity`` describe its one device. With an
-    HTTPS MDM it presents ``sds:<name>`` of the test CA.
+    ``pool``, ``protection_domain`` and ``capacity`` describe its one device;
+    ``metrics`` adds to its ``[metrics]`` (the read token of ``tests/_control.py``).
+    With an HTTPS MDM it presents ``sds:<name>`` of the test CA.
     """
 
     module = "meshblock.sds"
@@ -54,6 +56,7 @@ class SdsDaemon(DaemonProcess):
         protection_domain: str = "pd1",
         capacity: int | str = DEVICE_BYTES,
         settings: dict[str, Any] | None = None,
+        metrics: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(workdir, log_name="sds")
         self.name = name
@@ -87,6 +90,7 @@ class SdsDaemon(DaemonProcess):
             {
                 "data": {"host": address, "port": self.data_port},
                 "control": {"host": address, "port": self.control_port},
+                "metrics": {"token_file": _control.token_file(workdir), **(metrics or {})},
                 "logging": {"level": "INFO"},
                 **(
                     {"tls": _tls.component_identity(f"sds:{name}", address).settings()}
@@ -122,15 +126,24 @@ class SdsDaemon(DaemonProcess):
         """Until ``GET /health`` says ``serving``; return that health document."""
 
         def serving() -> dict[str, Any] | None:
-            r = _http.request("GET", self.control_url + "/health", timeout=2)
+            r = self.control_get("/health", timeout=2)
             return dict(r.body) if r.status == 200 and r.body["state"] == "serving" else None
 
         return self.wait(serving, timeout, f"{self.name} to serve", interval=0.05)
 
+    def control_get(self, path: str, timeout: float = 5.0) -> _http.Response:
+        """``GET`` on the control port with a read credential (``tests/_control.py``)."""
+        return _control.get(self.control_url, path, timeout)
+
     def health(self) -> dict[str, Any]:
-        r = _http.request("GET", self.control_url + "/health", timeout=5)
+        r = self.control_get("/health")
         assert r.status == 200
         return dict(r.body)
+
+    def metrics(self) -> str:
+        r = self.control_get("/metrics")
+        assert r.status == 200, r
+        return str(r.body)
 
     def reachable(self, timeout: float = 1.0) -> bool:
         try:

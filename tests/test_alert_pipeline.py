@@ -36,6 +36,7 @@ from typing import Any, TypeVar
 
 import pytest
 
+import _control
 from _mdm import MdmDaemon
 from _mgmt import MgmtDaemon
 from _monitoring import (
@@ -251,7 +252,11 @@ def _start_pipeline(
     prom_dir = root / "prometheus"
     # The MDM's /metrics needs its read-only token: the file the job's
     # credentials_file names, as the Ansible role writes it.
-    read_token = {"mdm_read_token": mdm.readonly_token + "\n"}
+    # The SDSs', the SDC's and MGMT's need the read token of their [metrics] token_file.
+    read_token = {
+        "mdm_read_token": mdm.readonly_token + "\n",
+        "metrics_read_token": _control.METRICS_TOKEN + "\n",
+    }
     prometheus = PrometheusServer(
         prom_dir,
         {**repo_rule_files(FOR_FACTOR), **targets, **read_token},

@@ -59,6 +59,7 @@ SPEC_TYPES: dict[str, tuple[type, ...]] = {
 SECRETS = {
     "mdm_admin_token": "admin-token-0123456789abcdef",
     "mdm_readonly_token": "readonly-token-0123456789abcdef",
+    "metrics_read_token": "metrics-token-0123456789abcdef",
     "mdm_cluster_secret": "cluster-secret-0123456789abcdef",
     "sds_cluster_secret": "cluster-secret-0123456789abcdef",
     "sdc_cluster_secret": "cluster-secret-0123456789abcdef",
@@ -580,9 +581,10 @@ def test_unit_verifies_and_is_hardened(rendered: dict[str, Path], variant: str, 
 
 def promtool_check_config(out: Path) -> None:
     """promtool check config on the rendered prometheus.yml in ``out``, with the repo's
-    rules beside it, and the MDM's read-only token file that the role writes there."""
+    rules beside it, and the token files that the role writes there."""
     shutil.copytree(ROOT / "monitoring" / "prometheus" / "rules", out / "rules")
     (out / "mdm_read_token").write_text("a-read-token\n")
+    (out / "metrics_read_token").write_text("a-metrics-token\n")
     proc = subprocess.run(
         [tool("promtool"), "check", "config", str(out / "prometheus.yml")],
         capture_output=True,

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+import _control
 import _tls
 from _cluster import SmallCluster, small_cluster
 from _mgmt import MgmtDaemon
@@ -85,12 +86,15 @@ def test_mgmt_reads_the_mdm_over_https_with_its_certificate(
         assert summary["mdm_reachable"] is False and summary["status"] == "unknown", summary
 
 
-def control_get(port: int, ctx: ssl.SSLContext, path: str = "/metrics") -> tuple[int, str, Any]:
-    """``GET path`` on a control port over TLS with ``ctx``: status, body, the server's
-    certificate (as ``getpeercert()``)."""
+def control_get(
+    port: int, ctx: ssl.SSLContext, path: str = "/metrics", token: str | None = None
+) -> tuple[int, str, Any]:
+    """``GET path`` on a control port over TLS with ``ctx`` (and the bearer ``token``):
+    status, body, the server's certificate (as ``getpeercert()``)."""
     conn = http.client.HTTPSConnection("127.0.0.1", port, context=ctx, timeout=10)
     try:
-        conn.request("GET", path)
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        conn.request("GET", path, headers=headers)
         resp = conn.getresponse()
         assert conn.sock is not None
         peer = conn.sock.getpeercert()
@@ -113,8 +117,9 @@ def test_the_sds_and_sdc_control_ports_are_https_with_their_own_certificates(
     cluster: SmallCluster, tmp_path: Path
 ) -> None:
     """With [tls] cert, /health and /metrics are served over TLS with the component's
-    certificate; a scraper with the CA alone (no client certificate) reads them, a
-    client certificate of another CA is refused, plain HTTP gets no answer."""
+    certificate; a scraper with the CA alone (no client certificate) reads them with
+    the read token, a client certificate of another CA is refused, plain HTTP gets no
+    answer."""
     ca = _tls.ca()
     scraper = pki.client_context(ca.cert_path)  # Prometheus: the CA, no certificate
     ports = {f"sds:{d.name}": d.control_port for d in cluster.sds}
@@ -125,7 +130,7 @@ def test_the_sds_and_sdc_control_ports_are_https_with_their_own_certificates(
     paths = pki.write_identity(tmp_path / "id", ident, cert, key, other.load()[0])
     foreign = pki.client_context(ca.cert_path, cert=paths["cert"], key=paths["key"])
     for who, port in ports.items():
-        status, body, peer = control_get(port, scraper)
+        status, body, peer = control_get(port, scraper, token=_control.METRICS_TOKEN)
         assert status == 200 and "# TYPE" in body, (who, status)
         assert str(pki.identity_from_peercert(peer)) == who
         assert control_get(port, scraper, "/health")[0] == 200

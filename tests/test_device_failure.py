@@ -25,7 +25,6 @@ from typing import Any
 
 import pytest
 
-import _http
 from _cluster import SmallCluster, meshctl_command, small_cluster
 from _faults import FaultySds, make_faulty
 from _fio import Fio
@@ -134,7 +133,7 @@ def test_device_error_fails_the_device_and_no_client_sees_it(
         "the MDM to mark the device failed",
     )
     assert op in (dev["error"] or ""), dev
-    metrics = str(_http.request("GET", victim.control_url + "/metrics", timeout=10).body)
+    metrics = victim.metrics()
     assert f'meshblock_sds_device_failed{{device="{victim.device}"}} 1.0' in metrics, metrics
 
     # Its PGs rebuilt from the other copy onto other devices, never onto it again.

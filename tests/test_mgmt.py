@@ -25,6 +25,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from prometheus_client.parser import text_string_to_metric_families
 
+import _control
 from _http import Api
 from _mgmt import MgmtDaemon, WebClient
 from _process import started
@@ -545,7 +546,7 @@ def test_logins_are_throttled_per_account_and_address(tmp_path: Path) -> None:
         fail_three_times()
         again = web.login("admin", daemon.admin_password)
         assert again.status == 429 and again.headers["Retry-After"] == "2", again
-        status, text = Api(daemon.url, None).get("/metrics")
+        status, text = _control.get(daemon.url, "/metrics")
         assert status == 200
         throttled = re.search(r'meshblock_mgmt_logins_total\{outcome="throttled"\} (\S+)', text)
         assert throttled is not None and float(throttled.group(1)) >= 3, text
@@ -647,7 +648,7 @@ def test_errors_are_json_under_api_and_html_elsewhere(mgmt: MgmtDaemon, api: Api
 
 
 def test_metrics(mgmt: MgmtDaemon, api: Api) -> None:
-    status, text = Api(mgmt.url, None).get("/metrics")
+    status, text = _control.get(mgmt.url, "/metrics")
     assert status == 200
     families = {f.name: f for f in text_string_to_metric_families(text)}
     samples = families["meshblock_mgmt_alerts"].samples

@@ -318,8 +318,8 @@ def test_scrape_targets_come_from_file_sd() -> None:
     (am,) = cfg["alerting"]["alertmanagers"]
     assert am["file_sd_configs"] == [{"files": ["targets/alertmanager.yml"]}]
     for name, job in scrape_jobs().items():
-        # The MDM's /metrics needs its read-only token (the file the role writes).
-        extra = {"authorization"} if name == "meshblock_mdm" else set()
+        # The daemons' /metrics need a read token (the files the role writes).
+        extra = {"authorization"} if name.startswith("meshblock_") else set()
         assert set(job) == {"job_name", "file_sd_configs"} | extra, f"{name}: {sorted(job)}"
         assert job["file_sd_configs"] == [{"files": [f"targets/{name}.yml"]}]
         groups = load(PROMETHEUS_DIR / "targets" / f"{name}.yml")
@@ -330,6 +330,12 @@ def test_scrape_targets_come_from_file_sd() -> None:
         "credentials_file": "mdm_read_token",
     }
     assert (PROMETHEUS_DIR / "mdm_read_token").is_file()
+    for component_job in ("meshblock_sds", "meshblock_sdc", "meshblock_mgmt"):
+        assert scrape_jobs()[component_job]["authorization"] == {
+            "type": "Bearer",
+            "credentials_file": "metrics_read_token",
+        }, component_job
+    assert (PROMETHEUS_DIR / "metrics_read_token").is_file()
     (sds,) = load(PROMETHEUS_DIR / "targets" / "meshblock_sds.yml")
     assert set(sds["labels"]) == {"sds", "protection_domain", "fault_set"}
     (sdc,) = load(PROMETHEUS_DIR / "targets" / "meshblock_sdc.yml")

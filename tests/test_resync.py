@@ -19,7 +19,6 @@ from typing import Any
 
 import pytest
 
-import _http
 import _tls
 from _cluster import small_cluster
 from _sds import PG_COUNT, SdsDaemon, wait_copy_jobs_ended
@@ -149,7 +148,7 @@ def test_delta_resync_after_return(rs: Failover) -> None:
     qemu_io(rs.sdc.uri(VOLUME), *reads, read_only=True)
     # the metric says the same
     d = others[0]
-    r = _http.request("GET", d.control_url + "/metrics", timeout=5)  # HTTPS with [tls]
+    r = d.control_get("/metrics")  # HTTPS with [tls]
     assert r.status == 200, r.body
     text = str(r.body)
     want = f"meshblock_sds_resync_chunks_total {float(resync_counts(d)['chunks_total'])}"

@@ -22,7 +22,6 @@ from typing import Any
 
 import pytest
 
-import _http
 from _cluster import SmallCluster, meshctl_command, small_cluster
 from _fio import Fio
 from _wait import wait_until
@@ -108,7 +107,7 @@ def forget(path: Path, row_at: int) -> None:
 
 def checksum_errors(sds: Any) -> float:
     """An SDS's meshblock_sds_checksum_errors_total, all devices."""
-    r = _http.request("GET", sds.control_url + "/metrics", timeout=5)
+    r = sds.control_get("/metrics")
     assert r.status == 200, r.body
     return sum(
         float(line.rsplit(" ", 1)[1])

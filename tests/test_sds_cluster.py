@@ -19,7 +19,6 @@ from typing import Any
 
 import pytest
 
-import _http
 import _tls
 from _cluster import Cluster, route
 from _mdm import MdmDaemon
@@ -505,7 +504,7 @@ def test_health_and_metrics(cluster: Cluster) -> None:
     assert h["maps"][str(cluster.pool_id)] >= 1
     (dev,) = h["devices"]
     assert dev["capacity_bytes"] == DEVICE_BYTES and dev["pool_id"] == cluster.pool_id
-    r = _http.request("GET", d.control_url + "/metrics")
+    r = d.control_get("/metrics")
     assert r.status == 200
     text = r.body
     assert re.search(r'meshblock_sds_ops_total\{op="(write|repl_write|read|ping)"\} [1-9]', text)

@@ -16,7 +16,6 @@ from collections.abc import Iterator
 
 import pytest
 
-import _http
 import _tls
 from _cluster import SmallCluster, small_cluster
 from _sds import DEVICE_BYTES, POOL, SdsDaemon, wait_copy_jobs_ended
@@ -98,7 +97,7 @@ def counters(sds: SdsDaemon) -> dict[str, int]:
 
 def metric(sds: SdsDaemon, name: str) -> float:
     """One device's value of a per-device counter in the SDS's /metrics."""
-    text = str(_http.request("GET", sds.control_url + "/metrics", timeout=5).body)
+    text = sds.metrics()
     for line in text.splitlines():
         if line.startswith(name + "{"):
             return float(line.rsplit(" ", 1)[1])

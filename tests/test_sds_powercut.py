@@ -18,7 +18,6 @@ from typing import Any
 
 import pytest
 
-import _http
 from _cluster import SmallCluster, small_cluster
 from _faults import FaultySds, make_faulty
 from _fio import fio_binary
@@ -98,7 +97,7 @@ def check_durable(c: SmallCluster, seq: int) -> None:
     )
     assert_no_tracebacks(c)
     for sds in c.sds:
-        r = _http.request("GET", sds.control_url + "/metrics", timeout=5)
+        r = sds.control_get("/metrics")
         assert r.status == 200, r.body
         lines = str(r.body).splitlines()
         counts = [x for x in lines if x.startswith("meshblock_sds_checksum_errors_total{")]

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 
-import _http
 from _cluster import SmallCluster, small_cluster
 from _faults import FaultySds, make_faulty
 from test_faults import assert_no_tracebacks, replicas_identical, wait_settled
@@ -41,7 +40,7 @@ def sample(text: str, name: str) -> float:
 
 
 def sds_metrics(sds: FaultySds) -> str:
-    r = _http.request("GET", sds.control_url + "/metrics", timeout=5)
+    r = sds.control_get("/metrics")
     assert r.status == 200, r.body
     return str(r.body)
 

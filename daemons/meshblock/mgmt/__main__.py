@@ -21,6 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from meshblock import daemon
 from meshblock.config import load
+from meshblock.metrics_access import ReadAccess
 from meshblock.mgmt import accounts, db
 from meshblock.mgmt.app import create_app, mdm_headers, mdm_tls_of, server_tls
 from meshblock.mgmt.config import MgmtConfig
@@ -147,6 +148,7 @@ def _load(args: argparse.Namespace) -> MgmtConfig:
     config = load(MgmtConfig, args.config)
     mdm_headers(config, mdm_tls_of(config))  # the [tls] files, the URL, the token file
     server_tls(config)  # HTTPS unless [http] plain_http
+    ReadAccess.of(config.metrics)  # [metrics] token_file
     return config
 
 

@@ -1,7 +1,8 @@
 """MGMT's JSON API: the Alertmanager webhook, alerts, rules, cluster health, /metrics.
 
-Every route but the webhook (its own bearer token) and ``/metrics`` (open, like the
-other daemons') needs a login session or an API token; changes need the admin role,
+Every route but the webhook (its own bearer token) and ``/metrics`` (also the read
+token of ``[metrics] token_file``, meshblock.metrics_access) needs a login session or
+an API token; changes need the admin role,
 and a session must also send its CSRF token in ``X-CSRF-Token``.
 """
 
@@ -15,14 +16,14 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
-from meshblock import audit
+from meshblock import audit, metrics_access
 from meshblock.auth import Role, bearer_token
 from meshblock.json_body import read_object
 from meshblock.mgmt import alertmanager, alerts, cluster, rules
 from meshblock.mgmt.context import ctx
 from meshblock.mgmt.errors import ApiError, BadRequest, Invalid, NotFound, Unauthorized
 from meshblock.mgmt.models import AlertRule, UserRole
-from meshblock.mgmt.sessions import Identity, require
+from meshblock.mgmt.sessions import Identity, identify, require
 
 log = logging.getLogger(__name__)
 
@@ -286,6 +287,13 @@ async def health_components(request: web.Request) -> web.Response:
 
 @routes.get("/metrics")
 async def metrics(request: web.Request) -> web.Response:
+    """MGMT's own metrics: for the read token of ``[metrics] token_file``, any user
+    (session or API token), or anyone on the open listener (``[metrics] port``)."""
+    try:
+        request.app[metrics_access.ACCESS].check(request)
+    except metrics_access.Refused as exc:
+        if await identify(request) is None:  # a bad API token is a 401 there
+            raise Unauthorized(exc.reason) from None
     m = ctx(request).metrics
     m.alerts.snapshot = (await alert_counts(request))["_matrix"]
     return web.Response(

@@ -12,7 +12,7 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
-from meshblock import audit, pki
+from meshblock import audit, metrics_access, pki
 from meshblock.auth import Role, TokenTable
 from meshblock.config import ConfigError, read_secret_file
 from meshblock.mgmt import api, db, pages, rules
@@ -132,6 +132,10 @@ def _quiet(_request: web.Request, _status: int) -> bool:
     return False
 
 
+def _share_ctx(app: web.Application, side: web.Application) -> None:
+    side[CTX] = app[CTX]
+
+
 def create_app(config: MgmtConfig) -> web.Application:
     app = web.Application(
         middlewares=[error_middleware(pages.error_page), audit.middleware(_who, _quiet)],
@@ -142,6 +146,10 @@ def create_app(config: MgmtConfig) -> web.Application:
     app.cleanup_ctx.append(_context)
     app.cleanup_ctx.append(_rule_sync)
     app.cleanup_ctx.append(crl_reload(config.tls, "mgmt", lambda a: a[CTX].metrics.registry))
+    app[metrics_access.ACCESS] = metrics_access.ReadAccess.of(config.metrics)
+    if config.metrics.port:
+        routes = (("/metrics", api.metrics),)
+        app.cleanup_ctx.append(metrics_access.open_listener(config.metrics, routes, _share_ctx))
     app.add_routes(api.routes)
     app.add_routes(pages.routes)
     app.router.add_static("/static/", STATIC_DIR, name="static")

@@ -7,6 +7,7 @@ from urllib.parse import urlsplit
 
 from meshblock.audit import AuditConfig
 from meshblock.config import LoggingConfig
+from meshblock.metrics_access import MetricsConfig
 from meshblock.tls import TlsConfig
 
 
@@ -125,6 +126,7 @@ class MgmtConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     tls: TlsConfig = field(default_factory=TlsConfig)  # served HTTPS, and HTTPS to the MDM
     audit: AuditConfig = field(default_factory=AuditConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)  # meshblock.metrics_access
 
     @property
     def secure_cookies(self) -> bool:
@@ -134,6 +136,8 @@ class MgmtConfig:
     def __post_init__(self) -> None:
         if not 0 < self.http.port < 65536:
             raise ValueError("http.port must be between 1 and 65535")
+        if self.metrics.port == self.http.port:
+            raise ValueError("metrics.port must differ from http.port")
         _check_url("mdm.url", self.mdm.url)
         _check_url("prometheus.url", self.prometheus.url)
         _check_url("alertmanager.url", self.alertmanager.url)

@@ -8,6 +8,7 @@ import sys
 
 from meshblock import daemon
 from meshblock.config import ConfigError, load
+from meshblock.metrics_access import ReadAccess
 from meshblock.sdc.app import create_app
 from meshblock.sdc.config import SdcConfig, cluster_secret, nbd_socket_gid, nbd_tcp_policy
 from meshblock.sdc.mdm_client import mdm_tls_of
@@ -23,6 +24,7 @@ def _load(args: argparse.Namespace) -> SdcConfig:
     cluster_secret(config)  # a missing secret file is a configuration error
     mdm_tls_of(config)  # the [tls] files, and the MDM URLs' schemes
     control_context(config.tls)
+    ReadAccess.of(config.metrics)  # [metrics] token_file
     nbd_tcp_policy(config)  # [nbd] tls: the certificate's files
     nbd_socket_gid(config)
     return config

@@ -1,6 +1,9 @@
 """The SDC's aiohttp application: control port (/health, /metrics) and, in its
 cleanup context, everything the SDC runs: the NBD server, the data path, the exports
-and the MDM follower."""
+and the MDM follower.
+
+``/health`` tells anyone the state; its details and ``/metrics`` need a read
+credential or the open listener of ``[metrics] port`` (meshblock.metrics_access)."""
 
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
+from meshblock import metrics_access
 from meshblock.nbd.server import NbdServer
 from meshblock.sdc.attach import NbdAttacher
 from meshblock.sdc.config import (
@@ -198,17 +202,20 @@ async def _run(app: web.Application) -> AsyncIterator[None]:
         await session.close()
 
 
-async def health(request: web.Request) -> web.Response:
-    s = request.app[STATE]
+def _state(s: SdcState) -> str:
     f = s.follower
-    registered = f is not None and f.sdc_id is not None
+    if f is None or f.sdc_id is None:
+        return "starting"
+    return "ok" if f.mdm_reachable else "degraded"
+
+
+async def health(request: web.Request) -> web.Response:
+    """Liveness (the state) for anyone; the details for a caller that may read."""
+    s = request.app[STATE]
+    if not request.app[metrics_access.ACCESS].reads(request):
+        return web.json_response({"state": _state(s)})
+    f = s.follower
     reachable = f is not None and f.mdm_reachable
-    if not registered:
-        status = "starting"
-    elif reachable:
-        status = "ok"
-    else:
-        status = "degraded"
     exports = []
     if s.exports is not None:
         for io, export in s.exports.volumes.values():
@@ -227,7 +234,7 @@ async def health(request: web.Request) -> web.Response:
     maps = f.maps if f is not None else None
     return web.json_response(
         {
-            "state": status,
+            "state": _state(s),
             "sdc_id": f.sdc_id if f is not None else None,
             "guid": f.guid if f is not None else None,
             "name": f.name if f is not None else None,
@@ -246,9 +253,14 @@ async def health(request: web.Request) -> web.Response:
     )
 
 
+@metrics_access.guarded
 async def metrics(request: web.Request) -> web.Response:
     body = generate_latest(request.app[STATE].metrics.registry)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def _share_state(app: web.Application, side: web.Application) -> None:
+    side[STATE] = app[STATE]
 
 
 def create_app(config: SdcConfig) -> web.Application:
@@ -256,6 +268,10 @@ def create_app(config: SdcConfig) -> web.Application:
     app[STATE] = SdcState(config)
     app.cleanup_ctx.append(_run)
     app.cleanup_ctx.append(crl_reload(config.tls, "sdc", lambda a: a[STATE].metrics.registry))
+    metrics_access.install(app, "sdc", config.metrics, config.audit)
+    if config.metrics.port:
+        routes = (("/health", health), ("/metrics", metrics))
+        app.cleanup_ctx.append(metrics_access.open_listener(config.metrics, routes, _share_state))
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
     return app

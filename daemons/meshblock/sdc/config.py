@@ -9,8 +9,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from meshblock import pki
+from meshblock.audit import AuditConfig
 from meshblock.config import ConfigError, LoggingConfig, read_secret_file
 from meshblock.files import write_atomic
+from meshblock.metrics_access import MetricsConfig
 from meshblock.nbd.access import ListenPolicy, parse_rules
 from meshblock.tls import TlsConfig, follow_crl
 from meshblock.wire.protocol import check_wire_min_version
@@ -103,6 +105,8 @@ class SdcConfig:
     io: IoSettings = field(default_factory=IoSettings)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     tls: TlsConfig = field(default_factory=TlsConfig)  # meshblock.tls: HTTPS to the MDM
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)  # meshblock.metrics_access
+    audit: AuditConfig = field(default_factory=AuditConfig)  # refused reads
 
     def __post_init__(self) -> None:
         if not self.mdm.urls:
@@ -121,6 +125,8 @@ class SdcConfig:
         check_wire_min_version(self.io.wire_min_version, "io.wire_min_version")
         if self.mdm.heartbeat_interval_s <= 0 or self.mdm.longpoll_timeout_s <= 0:
             raise ValueError("mdm intervals must be positive")
+        if self.metrics.port and self.metrics.port == self.control.port:
+            raise ValueError("metrics.port must differ from control.port")
         if not 1 <= self.nbd.attach_connections <= 16:
             raise ValueError("nbd.attach_connections must be between 1 and 16")
         if not self.nbd.tcp and not self.nbd.unix_socket:

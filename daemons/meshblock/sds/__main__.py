@@ -8,6 +8,7 @@ import sys
 
 from meshblock import daemon
 from meshblock.config import ConfigError
+from meshblock.metrics_access import ReadAccess
 from meshblock.sds import device_io
 from meshblock.sds.app import create_app
 from meshblock.sds.config import SdsConfig, load
@@ -26,6 +27,7 @@ def _load(args: argparse.Namespace) -> SdsConfig:
     config.token()
     mdm_tls_of(config)  # the [tls] files, and the MDM URLs' schemes
     control_context(config.tls)
+    ReadAccess.of(config.metrics)  # [metrics] token_file
     if config.test_faults and not device_io.enabled_by_env():
         raise ConfigError(
             "test_faults is a test-only fault hook; "

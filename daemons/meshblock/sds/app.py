@@ -2,8 +2,10 @@
 ``cleanup_ctx`` (store, data server, MDM link), started in that order and stopped in
 reverse, also when a later start step fails.
 
-Control port routes (open, read-only): ``GET /health`` (JSON: state, devices, map
-epochs) and ``GET /metrics`` (Prometheus text, the SDS's own registry). With the
+Control port routes (read-only): ``GET /health`` (JSON: status and state for anyone;
+devices, map epochs and the rest for a caller that may read) and ``GET /metrics``
+(Prometheus text, the SDS's own registry; a read credential, meshblock.metrics_access,
+or the open listener of ``[metrics] port``). With the
 test-only fault hook enabled (``test_faults = true`` and ``MESHBLOCK_SDS_TEST_FAULTS=1``,
 see :mod:`meshblock.sds.device_io`) also ``GET``/``POST /test/faults``.
 """
@@ -20,6 +22,7 @@ from pathlib import Path
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from meshblock import metrics_access
 from meshblock.files import write_atomic
 from meshblock.sds import checksums, device_io
 from meshblock.sds.config import SdsConfig
@@ -215,19 +218,28 @@ async def _mdm_link(app: web.Application) -> AsyncIterator[None]:
         await rt.link.stop()
 
 
-async def health(request: web.Request) -> web.Response:
-    rt = request.app[RUNTIME]
-    sds, resync = rt.state, rt.resync
+def _liveness(rt: SdsRuntime) -> dict[str, str]:
+    """What ``/health`` tells anyone: up, one word of status and the state."""
+    sds = rt.state
     pools = {d.pool_id for d in sds.store.devices if d.pool_id is not None}
     serving = bool(sds.sds_id) and pools <= sds.maps.maps.keys()
+    return {
+        "status": (
+            "ok" if serving and rt.link.reachable and not sds.store.failed_devices() else "degraded"
+        ),
+        "state": "stopping" if sds.stopping else ("serving" if serving else "starting"),
+    }
+
+
+async def health(request: web.Request) -> web.Response:
+    """Liveness for anyone; the details for a caller that may read the metrics."""
+    rt = request.app[RUNTIME]
+    sds, resync = rt.state, rt.resync
+    if not request.app[metrics_access.ACCESS].reads(request):
+        return web.json_response(_liveness(rt))
     return web.json_response(
         {
-            "status": (
-                "ok"
-                if serving and rt.link.reachable and not sds.store.failed_devices()
-                else "degraded"
-            ),
-            "state": "stopping" if sds.stopping else ("serving" if serving else "starting"),
+            **_liveness(rt),
             "name": rt.config.name,
             "sds_id": sds.sds_id or None,
             "mdm_reachable": rt.link.reachable,
@@ -320,9 +332,14 @@ async def faults_command(request: web.Request) -> web.Response:
     return web.json_response(hook.state())
 
 
+@metrics_access.guarded
 async def metrics(request: web.Request) -> web.Response:
     body = generate_latest(request.app[RUNTIME].registry)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def _share_runtime(app: web.Application, side: web.Application) -> None:
+    side[RUNTIME] = app[RUNTIME]
 
 
 def create_app(config: SdsConfig, secret: str) -> web.Application:
@@ -333,6 +350,10 @@ def create_app(config: SdsConfig, secret: str) -> web.Application:
     app.cleanup_ctx.append(_data_server)
     app.cleanup_ctx.append(_mdm_link)
     app.cleanup_ctx.append(crl_reload(config.tls, "sds", lambda a: a[RUNTIME].registry))
+    metrics_access.install(app, "sds", config.metrics, config.audit)
+    if config.metrics.port:
+        routes = (("/health", health), ("/metrics", metrics))
+        app.cleanup_ctx.append(metrics_access.open_listener(config.metrics, routes, _share_runtime))
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
     if config.test_faults and device_io.enabled_by_env():

@@ -6,7 +6,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from meshblock.audit import AuditConfig
 from meshblock.config import ConfigError, LoggingConfig, from_mapping, read_secret_file, read_toml
+from meshblock.metrics_access import MetricsConfig
 from meshblock.sizes import SizeError, parse_size
 from meshblock.tls import TlsConfig
 from meshblock.wire.protocol import check_wire_min_version
@@ -96,6 +98,8 @@ class SdsConfig:
     devices: tuple[DeviceConfig, ...] = ()
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     tls: TlsConfig = field(default_factory=TlsConfig)  # meshblock.tls: HTTPS to the MDM
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)  # meshblock.metrics_access
+    audit: AuditConfig = field(default_factory=AuditConfig)  # refused reads, /test/faults
     # Test-only fault hook (meshblock.sds.device_io); also needs MESHBLOCK_SDS_TEST_FAULTS=1.
     test_faults: bool = False
 
@@ -125,6 +129,8 @@ class SdsConfig:
             raise ValueError("set exactly one of cluster_secret and cluster_secret_file")
         if self.join_token and self.join_token_file:
             raise ValueError("set at most one of join_token and join_token_file")
+        if self.metrics.port and self.metrics.port in (self.control.port, self.data.port):
+            raise ValueError("metrics.port must differ from control.port and data.port")
 
     def secret(self) -> str:
         """The cluster secret, read from ``cluster_secret_file`` when that is set."""
