@@ -12,7 +12,8 @@ both copies of every chunk identical and the PG map's epoch has not moved.
   mapped to it read-only (the SDS checks client IO against the mappings the MDM
   publishes: sds/access.py);
 - as an SDS that is not the chunk's primary: a REPL_WRITE to its secondary, and client
-  IO (a WRITE, claiming CLIENT);
+  IO (a WRITE, claiming CLIENT); as one holding no copy of the chunk's PG, a raw read,
+  the checksums and the PG's chunk list from its primary;
 - without a certificate: the TLS handshake is refused.
 """
 
@@ -44,6 +45,7 @@ pytestmark = pytest.mark.cluster
 VOLUME = "attacked"
 MiB = 1024 * 1024
 CHUNK = 3  # a chunk the test writes through the SDC first
+Op = Callable[[WireClient], Awaitable[Any]]  # a request on a connection
 
 
 @pytest.fixture(scope="module")
@@ -178,6 +180,42 @@ def test_stolen_sds_certificate_writes_no_replica_of_a_pg_it_is_not_primary_of(
     unchanged(ac, doc["epoch"])
 
 
+def test_stolen_sds_certificate_reads_nothing_of_a_pg_it_holds_no_copy_of(
+    ac: SmallCluster,
+) -> None:
+    """The SDS that holds no copy of the chunk's PG asks its primary for the chunk's
+    bytes, checksums and the PG's chunk list: refused; the secondary (which heals
+    from the primary) is served."""
+    doc = ac.pgmap()
+    ref, primary, secondary, third = roles(ac, doc)
+    secret = ac.mdm.cluster_secret
+    reads: list[Op] = [
+        lambda cl: cl.read_raw_chunk(ac.volume_id, CHUNK),
+        lambda cl: cl.chunk_csums(ac.volume_id, CHUNK),
+        lambda cl: cl.list_chunks(ac.pool_id, ref.pg),
+    ]
+
+    async def main() -> None:
+        thief = stolen(f"sds:{third.name}")
+        for op in reads:
+            await refused(primary, secret, thief, PeerRole.SDS_PEER, op)
+        mate = stolen(f"sds:{secondary.name}")
+        async with await WireClient.connect(
+            "127.0.0.1", primary.data_port, secret, PeerRole.SDS_PEER, tls=mate
+        ) as cl:
+            assert bytes((await cl.read_raw_chunk(ac.volume_id, CHUNK, 0, 4096)).data) == (
+                b"\x42" * 4096
+            )
+
+    asyncio.run(main())
+    ident = f"sds:{third.name}"
+    assert refusal_logged(primary, f"CHUNK_READ_RAW (volume {ac.volume_id} chunk {CHUNK})", ident)
+    assert refusal_logged(primary, f"CHUNK_CSUMS (volume {ac.volume_id} chunk {CHUNK})", ident)
+    assert refusal_logged(primary, "CHUNK_LIST (volume 0 chunk 0)", ident)
+    assert "holds no copy of the chunk's PG" in primary.log_text()
+    unchanged(ac, doc["epoch"])
+
+
 def test_no_certificate_is_refused_in_the_handshake(ac: SmallCluster, tmp_path: Path) -> None:
     doc = ac.pgmap()
     _, primary, _, _ = roles(ac, doc)
@@ -197,9 +235,6 @@ def test_no_certificate_is_refused_in_the_handshake(ac: SmallCluster, tmp_path: 
 
 
 # -- client IO checked against the mappings (sds/access.py) -------------------------
-
-
-Op = Callable[[WireClient], Awaitable[Any]]
 
 
 def volume(c: SmallCluster, name: str, access_mode: str | None) -> int:

@@ -84,6 +84,8 @@ _REPL_OF: Final[dict[int, Op]] = {
 # Client IO checked against the mappings, and those of it that write (sds/access.py).
 _VOLUME_IO: Final = frozenset({int(Op.READ), int(Op.WRITE), int(Op.WRITE_ZEROES), int(Op.TRIM)})
 _READ: Final = int(Op.READ)
+# What an SDS peer reads of a PG's copy here: only a peer holding a copy of the PG may.
+_PEER_READS: Final = frozenset({int(Op.CHUNK_READ_RAW), int(Op.CHUNK_CSUMS), int(Op.CHUNK_LIST)})
 # A request's chunk address: Request's fields 5 to 9 are ChunkRef's, in its order
 # (tests/test_sds_requests.py), so _chunk_ref(req[5:10]) makes one with a slice.
 _chunk_ref: Final = ChunkRef._make
@@ -129,12 +131,17 @@ class Connection(Protocol):
         """``length`` > 0: ``payload`` is that many bytes, then their checksums."""
 
 
-class SdcConnection(Connection, Protocol):
-    """A connection whose client's certificate names an SDC (``sdc_guid``)."""
+class IdentifiedConnection(Connection, Protocol):
+    """A connection whose client's certificate names an SDC (``sdc_guid``) or an SDS
+    (``peer_sds``)."""
 
     @property
     def sdc_guid(self) -> str | None:
         """The GUID of the SDC the client's certificate names."""
+
+    @property
+    def peer_sds(self) -> str | None:
+        """The name of the SDS the client's certificate names."""
 
     def refuse(self, req: Request, why: str) -> None:
         """Answer ``req`` NOT_PERMITTED, logged with the identity and counted."""
@@ -179,13 +186,55 @@ class DataService:
         guid = getattr(conn, "sdc_guid", None)
         if guid is not None and op in _VOLUME_IO:
             if self._access.refusal(req.pool_id, req.volume_id, guid, op != _READ) is not None:
-                sdc = cast(SdcConnection, conn)
+                sdc = cast(IdentifiedConnection, conn)
                 self._spawn(self._mapped_after_refresh(sdc, guid, req, payload, t0))
+                return
+        elif op in _PEER_READS:
+            sds = getattr(conn, "peer_sds", None)
+            if sds is not None and self._copy_holder(req, sds) is not None:
+                peer = cast(IdentifiedConnection, conn)
+                self._spawn(self._held_after_map(peer, sds, req, payload, t0))
                 return
         self._serve(conn, req, payload, t0)
 
+    def _copy_holder(self, req: Request, sds: str) -> int | None:
+        """None when the SDS named ``sds`` may read what ``req`` asks (a raw read, the
+        checksums or the chunk list of a PG): our map of the PG's pool names it as a
+        copy of the PG or its move target, or the chunk has no slot here (nothing to
+        read), or we have no map of the pool or one that names no SDS (an older MDM).
+        Else the pool whose newer map may name it."""
+        if req.opcode == Op.CHUNK_LIST:
+            pool = req.pool_id
+            m = self._maps.get(pool)
+            pg = req.pg
+        else:
+            loc = self._store.location(req.volume_id, req.chunk_index)
+            if loc is None or loc[0].pool_id is None:
+                return None
+            pool = loc[0].pool_id
+            m = self._maps.get(pool)
+            pg = 0 if m is None else pg_of(req.volume_id, req.chunk_index, m.pg_count)
+        if m is None or not m.sds_names or pg >= m.pg_count:
+            return None  # answered as before: MAP_PENDING, INVALID
+        sds_id = m.sds_names.get(sds)
+        return None if sds_id is not None and m.names(pg, sds_id) else pool
+
+    async def _held_after_map(
+        self, conn: IdentifiedConnection, sds: str, req: Request, payload: memoryview, t0: float
+    ) -> None:
+        """A peer's read of a PG that our map does not make it hold: served if a newer
+        map (within MAP_WAIT_S) does, else refused NOT_PERMITTED."""
+        pool = self._copy_holder(req, sds)
+        if pool is not None:
+            await self._cache.wait_for(pool, self._cache.epoch(pool) + 1, MAP_WAIT_S)
+            pool = self._copy_holder(req, sds)
+        if pool is None:
+            self._serve(conn, req, payload, t0)
+        else:
+            conn.refuse(req, f"sds:{sds} holds no copy of the chunk's PG in this SDS's map")
+
     async def _mapped_after_refresh(
-        self, conn: SdcConnection, guid: str, req: Request, payload: memoryview, t0: float
+        self, conn: IdentifiedConnection, guid: str, req: Request, payload: memoryview, t0: float
     ) -> None:
         """A client IO that the newest mappings refuse: served if the pool's mappings
         fetched after it arrived allow it (mapped since), else refused NOT_PERMITTED."""
