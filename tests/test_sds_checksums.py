@@ -17,6 +17,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 import meshblock.sds.checksums as checksums
+import meshblock.sds.store as store_mod
 from _sds_v1 import CHUNK_DATA_OFFSET, v1_chunk_bytes, write_v1_device
 from meshblock.chunks import CHUNK_SIZE, pg_of
 from meshblock.sds.checksums import BLOCK, ROW_SIZE, WI_BITMAP, ChecksumError, crc, slot_crcs
@@ -127,6 +128,63 @@ def test_a_flipped_byte_is_found_on_read_and_counted(tmp_path: Path) -> None:
         got = store.read(VOL, 1, 0, 4 * BLOCK)
         want = data[: 2 * BLOCK] + b"n" * BLOCK + data[3 * BLOCK :]
         assert got is not None and bytes(got) == want
+    finally:
+        store.close()
+
+
+def test_checked_reads_of_many_blocks_take_one_pass_and_still_name_a_bad_block(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A checked read, a scrub's and a copy's read of more than 5 blocks that all have
+    a checksum recorded are checked in one crc32c pass (wire.csum.one_pass): no
+    CRC per block is computed unless that pass fails, and then the blocks are
+    checked one by one and the bad one named as before; a read of 5 blocks or fewer
+    goes block by block."""
+    per_block: list[int] = []
+    real = checksums.block_crcs
+
+    def counting(view: memoryview) -> list[int]:
+        per_block.append(len(view) // BLOCK)
+        return real(view)
+
+    monkeypatch.setattr(store_mod, "block_crcs", counting)
+    monkeypatch.setattr(
+        store_mod, "slot_crcs", lambda d: struct.pack(">256I", *counting(memoryview(d)))
+    )
+    path = tmp_path / "dev.img"
+    store = open_store(path)
+    dev = store.devices[0]
+    data = random.Random(4).randbytes(CHUNK_SIZE)
+    try:
+        store.write(dev, VOL, 1, 0, data)  # computes its checksums block by block
+        per_block.clear()
+        got = store.read(VOL, 1, 0, CHUNK_SIZE)
+        assert got is not None and bytes(got) == data
+        reply = store.read_reply(VOL, 1, 0, CHUNK_SIZE)
+        assert reply is not None and bytes(reply) == data + csum.trailer(data)
+        rows = store.checksum_rows(VOL, 1)
+        assert rows is not None and rows[0] == rows[1] == csum.trailer(data)
+        salvaged, bad = store.read_salvage(VOL, 1)
+        assert salvaged is not None and bytes(salvaged) == data and bad == []
+        assert per_block == []  # all in one pass each
+        got = store.read(VOL, 1, 8 * BLOCK, 5 * BLOCK)
+        assert got is not None and bytes(got) == data[8 * BLOCK : 13 * BLOCK]
+        assert per_block == [5]
+        flip(path, data_offset(store, VOL, 1, 37 * BLOCK + 1234))
+        per_block.clear()
+        with pytest.raises(ChecksumError) as caught:
+            store.read(VOL, 1, 0, CHUNK_SIZE)
+        assert caught.value.blocks == [37]
+        with pytest.raises(ChecksumError) as caught:
+            store.read_reply(VOL, 1, 32 * BLOCK, 16 * BLOCK)
+        assert caught.value.blocks == [37]
+        salvaged, bad = store.read_salvage(VOL, 1)
+        assert bad == [37] and salvaged is not None
+        assert bytes(salvaged[37 * BLOCK : 38 * BLOCK]) == bytes(BLOCK)
+        rows = store.checksum_rows(VOL, 1, count=False)
+        assert rows is not None and rows[0] == csum.trailer(data) != rows[1]
+        assert per_block == [256, 16, 256, 256]  # the pass failed: block by block
+        assert dev.checksum_errors == 2
     finally:
         store.close()
 

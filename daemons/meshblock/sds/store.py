@@ -95,7 +95,7 @@ from meshblock.sds.checksums import (
     wi_header_valid,
 )
 from meshblock.sds.checksums import crc as crc32c
-from meshblock.wire.csum import trailer
+from meshblock.wire.csum import ONE_PASS_OVER, one_pass, trailer
 
 log = logging.getLogger(__name__)
 
@@ -190,6 +190,17 @@ READ_BUFFERS: Final = 16
 _KEPT_SIZE: Final = CHUNK_SIZE + ROW_SIZE
 #: Four zero bytes: where a row has none, every block in it has a checksum recorded.
 _NO_CRC: Final = bytes(4)
+
+
+def _intact(buf: bytearray | memoryview, row: bytes) -> bool:
+    """Whether the whole blocks in ``buf`` all match their checksums in ``row`` (one
+    u32 each), checked in one ``crc32c`` pass over them (``wire.csum.one_pass``): for
+    more than 5 blocks that all have a checksum recorded. False says only that the
+    blocks must be checked one by one (which finds the bad ones, or none: a row with
+    a block without a recorded checksum, a read-only or short buffer)."""
+    return len(buf) > ONE_PASS_OVER and _NO_CRC not in row and one_pass(buf, row)
+
+
 #: References to a kept read buffer that nobody else holds: the list, the loop
 #: variable and ``sys.getrefcount``'s argument.
 _UNSHARED_REFS: Final = 3
@@ -1223,15 +1234,17 @@ class ChunkStore:
 
     def _read_checked(
         self, dev: Device, slot: int, volume: int, chunk: int, first: int, buf: memoryview
-    ) -> tuple[list[int], bytes]:
+    ) -> tuple[list[int] | None, bytes]:
         """Fill ``buf`` with whole blocks of ``slot`` from block ``first`` on, checked
-        against their stored checksums (:class:`ChecksumError`); their CRC32Cs and the
-        stored ones (packed)."""
+        against their stored checksums (:class:`ChecksumError`); their CRC32Cs (None
+        when checked in one pass: :func:`_intact`) and the stored ones (packed)."""
         if dev.unverified and slot in dev.unverified:
             self._verify(dev, slot)
         self._pread(dev, buf, dev.slot_offset(slot) + (first << BLOCK_SHIFT))
+        row = self._row(dev, slot, first, len(buf) >> BLOCK_SHIFT)
+        if _intact(buf, row):
+            return None, row
         got = block_crcs(buf)
-        row = self._row(dev, slot, first, len(got))
         bad = bad_blocks(got, row, first)
         if bad:
             raise self._checksum_error(dev, slot, volume, chunk, bad)
@@ -1264,7 +1277,7 @@ class ChunkStore:
             )
         except OSError as exc:
             raise self._io_error(dev, "pread", exc) from exc
-        computed = slot_crcs(buf)
+        computed = stored if _intact(buf, stored) else slot_crcs(buf)
         if count and stored != computed:
             bad = bad_in_rows(stored, computed)
             if bad:
@@ -1620,7 +1633,12 @@ class ChunkStore:
             row = dio.pread(dev.fd, ROW_SIZE, dev.row_offset(slot)) if dev.checksums else b""
         except OSError as exc:
             raise self._io_error(dev, "pread", exc) from exc
-        bad = bad_blocks(block_crcs(memoryview(data)), row.ljust(ROW_SIZE, b"\0"), 0) if row else []
+        row = row.ljust(ROW_SIZE, b"\0") if row else b""
+        bad = (
+            []
+            if not row or _intact(data, row)
+            else bad_blocks(block_crcs(memoryview(data)), row, 0)
+        )
         for b in bad:
             data[b << BLOCK_SHIFT : (b + 1) << BLOCK_SHIFT] = _ZEROES[:BLOCK]
         return memoryview(data), bad

@@ -17,7 +17,7 @@ CRC32C is the ``crc32c`` package's C extension (the SSE 4.2 instruction where th
 has it), called on ``memoryview`` slices: no byte is copied to be checksummed.
 
 A payload of several units on the grid (a reply, a write at a 4 KiB offset) is checked
-in one ``crc32c`` pass over all its bytes (:func:`_one_pass`), not one call per unit:
+in one ``crc32c`` pass over all its bytes (:func:`one_pass`), not one call per unit:
 256 calls per MiB cost more than twice the pass, in call overhead. Only when that
 check fails are the units' checksums computed one by one, to name the bad ones.
 """
@@ -82,11 +82,11 @@ def trailer(data: Buffer, offset: int = 0) -> bytes:
 def bad_units(data: Buffer, sums: Buffer, offset: int = 0) -> list[int]:
     """The units of ``data`` at ``offset`` whose checksum is not the one in ``sums``
     (packed, one u32 per unit; its length is checked by the framing). Several units
-    on the grid are checked in one pass (:func:`_one_pass`) and computed one by one
+    on the grid are checked in one pass (:func:`one_pass`) and computed one by one
     only if that finds a difference."""
     if len(data) <= UNIT - (offset & _MASK):  # one unit (a 4 KiB write): one call
         return [] if crc(data) == int.from_bytes(sums, "big") else [0]
-    if len(data) > _ONE_PASS_OVER and not offset & _MASK and _one_pass(data, sums):
+    if len(data) > ONE_PASS_OVER and not offset & _MASK and one_pass(data, sums):
         return []
     got = unit_crcs(data, offset)
     want = PACK[len(got)].unpack(sums)
@@ -117,7 +117,7 @@ _RAW: Final = 0xFFFFFFFF  # crc32c's ``value`` that starts its register at 0
 #: Payloads longer than this are checked in one pass: its fixed cost (about 1.5 µs)
 #: is more than the calls it saves up to 5 units (8 KiB: 1.4 µs unit by unit, 2.0 µs
 #: in one pass; 32 KiB: 3.8 and 3.2 µs).
-_ONE_PASS_OVER: Final = 5 * UNIT
+ONE_PASS_OVER: Final = 5 * UNIT
 _WORDS_PER_UNIT: Final = UNIT >> 2
 
 
@@ -133,7 +133,7 @@ def _fill(words: int) -> int:
     return int.from_bytes(_zero(UNIT).to_bytes(4, "little") * words, "little")
 
 
-def _one_pass(data: Buffer, sums: Buffer) -> bool:
+def one_pass(data: Buffer, sums: Buffer) -> bool:
     """Whether each 4 KiB unit of ``data`` (from its first byte) has the checksum in
     ``sums``, in one ``crc32c`` call over ``data`` (see above). False also when it
     cannot tell (``data`` read-only, not bytes, or its last unit under 4 bytes): the
