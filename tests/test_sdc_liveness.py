@@ -88,6 +88,9 @@ class Slow:
     def progress(self, sds: SdsEndpoint) -> float:
         return time.monotonic() if self.busy else self.begun
 
+    def connects(self, sds: SdsEndpoint) -> int:
+        return 1
+
     def error(self, op: Op, outcome: Reply | BaseException) -> DataPathError:
         return DataPathError("wire", repr(outcome), retriable=False)
 

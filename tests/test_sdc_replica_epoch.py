@@ -104,6 +104,9 @@ class Cluster:
     def progress(self, sds: SdsEndpoint) -> float:
         return 0.0
 
+    def connects(self, sds: SdsEndpoint) -> int:
+        return 1
+
     def error(self, op: Op, outcome: Reply | BaseException) -> DataPathError:
         return DataPathError("not_primary", "not primary", retriable=True)
 

@@ -103,6 +103,7 @@ class Faulty:
         # next failures, in order: an exception, a refusal, or "hang"
         self.faults: list[DataPathError | Status | str] = []
         self.failing_sds: dict[int, DataPathError] = {}
+        self.connections: dict[int, int] = {}  # per SDS, connects() (1 unless set)
 
     def _record(self, sds: SdsEndpoint, piece: Piece) -> DataPathError | Status | str | None:
         """Note the request; the fault it meets, if any."""
@@ -159,6 +160,9 @@ class Faulty:
 
     def progress(self, sds: SdsEndpoint) -> float:
         return 0.0  # nothing received: an attempt is given up after its budget
+
+    def connects(self, sds: SdsEndpoint) -> int:
+        return self.connections.get(sds.sds_id, 1)
 
     def error(self, op: Op, outcome: Reply | BaseException) -> DataPathError:
         if isinstance(outcome, Reply):
@@ -412,6 +416,8 @@ def test_a_flush_does_not_wait_for_a_silent_primary() -> None:
     maps, path = Maps(clean_map(5)), Faulty()
     io, _ = budgeted_io(maps, path)
     x = 1
+    run(write(io, chunk_on(clean_map(5), x) * CHUNK_SIZE, b"w" * 4096, fua=False))
+    path.calls.clear()
     io.budgets.silence(x, time.monotonic())
     without_x = replace(
         clean_map(6),
@@ -434,9 +440,19 @@ def test_the_budget_follows_the_sds_latency() -> None:
     assert io.budgets.budget(0) == pytest.approx(0.2)
 
 
+def chunk_on(pool: PoolMap, sds_id: int) -> int:
+    """The first chunk of VOLUME whose PG has ``sds_id`` as primary."""
+    return next(c for c in range(64) if pool.primaries[pg_of(VOLUME.id, c, PG_COUNT)] == sds_id)
+
+
+def flushed_to(path: Faulty) -> list[int]:
+    return [c[1] for c in path.calls if c[0] == "flush"]
+
+
 def test_flush_reaches_every_holder_and_retries_only_the_failed_one() -> None:
     maps, path = Maps(pool_map(5)), Faulty()
     io, metrics = make_io(maps, path)
+    run(write(io, 0, b"w" * 3 * CHUNK_SIZE, fua=False))  # one chunk on each SDS
     path.failing_sds = {2: DataPathError("connection", "lost", retriable=True)}
 
     async def heal() -> None:
@@ -451,6 +467,109 @@ def test_flush_reaches_every_holder_and_retries_only_the_failed_one() -> None:
     assert set(flushed) == {0, 1, 2}
     assert flushed.count(0) == 1 and flushed.count(1) == 1 and flushed.count(2) >= 2
     assert retries(metrics, "connection") >= 1
+
+
+def test_flush_goes_only_to_the_sdss_written_to_since_the_last_one() -> None:
+    """Writes acknowledged by SDSs 0 and 2: the FLUSH reaches both and only them; a
+    FLUSH with nothing written since (or only FUA writes) is answered at once."""
+    pool = pool_map(5)
+    maps, path = Maps(pool), Faulty()
+    io, _ = make_io(maps, path)
+
+    async def main() -> None:
+        await flush(io)
+        assert path.calls == []
+        await write(io, chunk_on(pool, 0) * CHUNK_SIZE, b"a" * 4096, fua=False)
+        await write(io, chunk_on(pool, 2) * CHUNK_SIZE + 8192, b"b" * 100, fua=False)
+        await write(io, chunk_on(pool, 1) * CHUNK_SIZE, b"c" * 4096, fua=True)
+        await flush(io)
+        assert sorted(flushed_to(path)) == [0, 2]
+        path.calls.clear()
+        await flush(io)
+        await write(io, chunk_on(pool, 1) * CHUNK_SIZE, b"d" * 4096, fua=True)
+        await flush(io)
+        assert path.calls[1:] == [] and flushed_to(path) == []
+        # a multi-chunk WRITE_ZEROES and a TRIM count too
+        await write_zeroes(io, 0, 2 * CHUNK_SIZE, punch_hole=True, fua=False)
+        await flush(io)
+        expected = {pool.primaries[pg_of(VOLUME.id, c, PG_COUNT)] for c in (0, 1)}
+        assert set(flushed_to(path)) == expected and len(flushed_to(path)) == len(expected)
+
+    run(main())
+
+
+class FlushGate(Faulty):
+    """FLUSHes wait until ``gate`` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = asyncio.Event()
+
+    async def call(self, sds: SdsEndpoint, piece: Piece) -> Reply:
+        if piece.op == Op.FLUSH:
+            self._record(sds, piece)
+            await self.gate.wait()
+            return Reply(0, 0, 0, memoryview(b""))
+        return await super().call(sds, piece)
+
+
+def test_a_write_acked_during_a_flush_is_covered_by_the_next() -> None:
+    """FLUSH 1 covers SDS 0's write; SDS 1's write is acknowledged while FLUSH 1 is in
+    progress: FLUSH 2, begun meanwhile, flushes SDS 1 and SDS 0 again (FLUSH 1 is not
+    done) and is not answered before; FLUSH 3, after both, reaches SDS 1 only if it
+    acknowledged a write after FLUSH 2 began."""
+    pool = pool_map(5)
+    maps, path = Maps(pool), FlushGate()
+    io, _ = make_io(maps, path, timeout_s=30.0, attempt_timeout_s=30.0)
+
+    async def main() -> None:
+        await write(io, chunk_on(pool, 0) * CHUNK_SIZE, b"a" * 4096, fua=False)
+        first = asyncio.ensure_future(flush(io))
+        await asyncio.sleep(0.01)
+        assert flushed_to(path) == [0]
+        await write(io, chunk_on(pool, 1) * CHUNK_SIZE, b"b" * 4096, fua=False)
+        second = asyncio.ensure_future(flush(io))
+        await asyncio.sleep(0.01)
+        assert sorted(flushed_to(path)) == [0, 0, 1]
+        assert not first.done() and not second.done()
+        path.gate.set()
+        await asyncio.gather(first, second)
+        path.calls.clear()
+        await flush(io)
+        assert flushed_to(path) == []
+        await write(io, chunk_on(pool, 1) * CHUNK_SIZE, b"c" * 4096, fua=False)
+        await flush(io)
+        assert flushed_to(path) == [1]
+
+    run(main())
+
+
+def test_a_failed_flush_is_retried_on_every_holder_of_the_new_map() -> None:
+    """SDS 0 acknowledged a write, then fails (its PGs failed over to 1 and 2): the
+    FLUSH goes to the holders of the new map, which hold the write now. A written-to
+    SDS connected to again since (it may have restarted, forgetting its peers) makes
+    the FLUSH go to every holder at once."""
+    pool = pool_map(5)
+    maps, path = Maps(pool), Faulty()
+    io, _ = make_io(maps, path)
+    run(write(io, chunk_on(pool, 0) * CHUNK_SIZE, b"a" * 4096, fua=False))
+    path.failing_sds = {0: DataPathError("connection", "lost", retriable=True)}
+    maps.after_refresh = replace(
+        pool_map(6),
+        primaries=tuple(1 if p == 0 else p for p in pool.primaries),
+        secondaries=tuple(2 if s == 0 else s for s in pool.secondaries),
+    )
+    run(flush(io))
+    assert set(flushed_to(path)) == {0, 1, 2}
+
+    path.calls.clear()
+    path.failing_sds = {}
+    new = maps.current
+    assert new is not None
+    run(write(io, chunk_on(new, 1) * CHUNK_SIZE, b"b" * 4096, fua=False))
+    path.connections[1] = 2
+    run(flush(io))
+    assert sorted(flushed_to(path)) == [1, 2]
 
 
 def test_write_zeroes_no_hole_writes_zeroes_and_trim_with_fua_flushes() -> None:

@@ -97,6 +97,10 @@ class DataPath(Protocol):
         without a connection. An attempt is given up only when this is older than
         its budget (docs/sdc.md)."""
 
+    def connects(self, sds: SdsEndpoint) -> int:
+        """How many connections to ``sds`` were opened so far: a FLUSH goes to every
+        holder when it changed since the SDS acknowledged a write (docs/sdc.md)."""
+
     def error(self, op: Op, outcome: Reply | BaseException) -> DataPathError:
         """What a submitted piece's failure means: the reply with a status other than
         OK, or the exception its waiter got."""

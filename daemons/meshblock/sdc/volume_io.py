@@ -17,9 +17,13 @@ right away and try again, with a growing pause while the map does not change, fo
 to ``io.timeout_s``; only then does the NBD client see an error (EIO). Errors that no
 retry can fix (no space, a device IO error, an invalid range) are answered at once.
 
-FLUSH reaches every SDS that holds a copy of some PG of the volume's pool (the
-distinct primaries and secondaries of its map); each SDS makes its devices durable
-and flushes the peers it replicated to.
+FLUSH reaches the SDSs that acknowledged a write (without FUA) of the volume since
+the last FLUSH began, on any connection to the export (:attr:`VolumeIO.written`),
+and those of the FLUSHes still in progress; none at all when there are none. Each
+makes the devices it wrote durable and flushes the peers it replicated to. When one
+of them fails, the FLUSH goes to every SDS of the pool's current map, until every
+primary answered: a write acknowledged by an SDS that failed over since is made
+durable by whoever holds its PG now.
 """
 
 from __future__ import annotations
@@ -72,6 +76,9 @@ _READ: Final = int(Cmd.READ)
 _WRITE: Final = int(Cmd.WRITE)
 _TRIM: Final = int(Cmd.TRIM)
 _FLUSH: Final = int(Cmd.FLUSH)
+#: In VolumeIO.written: the SDS's connection is to be taken as new (a FLUSH that
+#: failed): the next FLUSH goes to every holder.
+_RECONNECTED: Final = -1
 _NBD_FUA: Final = int(CmdFlag.FUA)
 _NO_HOLE: Final = int(CmdFlag.NO_HOLE)
 #: The label of each command in the metrics and logs.
@@ -238,6 +245,8 @@ class _Attempt:
             io.stats.done("read", req.length, self.started, True)
             req.reply((_read_data(reply, req.length),))
         else:
+            if not req.flags & _NBD_FUA and self.sds_id not in io.written:
+                io.written[self.sds_id] = io.path.connects(self.sds)
             io.stats.done("write", req.length, self.started, True)
             req.reply()
 
@@ -296,6 +305,14 @@ class VolumeIO:
         #: The highest map epoch of the volume's pool that an answered request carried
         #: back: a REPLICA read is never sent stamped below it (:meth:`_read_replica`).
         self.epoch_seen = 0
+        #: The SDSs that acknowledged a write without FUA since the last FLUSH began,
+        #: each with the number of its connection then (DataPath.connects): the next
+        #: FLUSH goes to them (:meth:`_flush`).
+        self.written: dict[int, int] = {}
+        # Per FLUSH in progress, the SDSs it flushes: a FLUSH that begins meanwhile
+        # flushes them too (the writes they acknowledged before it are not durable
+        # until that FLUSH is done).
+        self._flushing: dict[object, dict[int, int]] = {}
 
     def update(self, volume: VolumeMapping) -> None:
         """The mapping changed (size, QoS limits)."""
@@ -501,7 +518,11 @@ class VolumeIO:
                 try:
                     piece = Piece(op, flags, ref, offset, length, payload)
                     reply = await self._attempt(task, pool, sds_id, piece, now, deadline)
-                    return _read_data(reply, length) if op == Op.READ else None
+                    if op == Op.READ:
+                        return _read_data(reply, length)
+                    if not flags & FUA and sds_id not in self.written:
+                        self.written[sds_id] = self.path.connects(pool.sds[sds_id])
+                    return None
                 except DataPathError as exc:
                     reason = self._failure(exc, sds_id, what)
                     tried = sds_id
@@ -653,7 +674,42 @@ class VolumeIO:
             await asyncio.sleep(min(pause, max(deadline - time.monotonic(), 0)))
 
     async def _flush(self) -> None:
-        """FLUSH on every SDS holding a copy of some PG of the pool, retrying failures."""
+        """FLUSH: every write acknowledged before it durable (the module doc). The
+        SDSs it goes to leave :attr:`written` now: a write acknowledged from here on
+        is the next FLUSH's; they go back to it if this one fails."""
+        targets = self.written
+        self.written = {}
+        for earlier in self._flushing.values():
+            for sds_id, conn in earlier.items():
+                if targets.setdefault(sds_id, conn) != conn:
+                    targets[sds_id] = _RECONNECTED
+        if not targets:
+            return
+        token = object()
+        self._flushing[token] = targets
+        done = False
+        try:
+            pool = self.maps.pool(self.volume.pool_id)
+            # An SDS connected to again since it acknowledged a write may have
+            # restarted (a new process knows nothing of the peers it forwarded
+            # to): every holder is flushed then.
+            wide = pool is None or any(
+                s not in pool.sds or self.path.connects(pool.sds[s]) != c
+                for s, c in targets.items()
+            )
+            await self._flush_to(set(targets), wide)
+            done = True
+        finally:
+            del self._flushing[token]
+            if not done:
+                self.written.update(dict.fromkeys(targets, _RECONNECTED))
+
+    async def _flush_to(self, targets: set[int], widened: bool) -> None:
+        """FLUSH ``targets``, retrying failures. Once one fails (or from the start,
+        ``widened``), every SDS holding a copy of some PG of the pool's current map
+        is flushed too, and a failed one that is primary of no PG counts as done: the
+        primaries' REPL_FLUSH reaches its in-sync copies (those of the PGs it failed
+        over), and a stale one needs none."""
         deadline = time.monotonic() + self.timeout_s
         done: set[int] = set()
         attempt = 0
@@ -664,10 +720,10 @@ class VolumeIO:
             if pool is None:
                 reason = "no_map"
             else:
-                todo = sorted(pool.holders() - done)
+                todo = sorted((targets | pool.holders() if widened else targets) - done)
                 budget = min(self.attempt_timeout_s, max(deadline - time.monotonic(), 0.001))
                 results = await asyncio.gather(
-                    *(self._flush_one(pool, pool.sds[s], budget) for s in todo),
+                    *(self._flush_one(pool, s, budget) for s in todo),
                     return_exceptions=True,
                 )
                 reason = ""
@@ -675,33 +731,36 @@ class VolumeIO:
                 for sds_id, result in zip(todo, results, strict=True):
                     if result is None:
                         done.add(sds_id)
-                    elif isinstance(result, DataPathError):
+                        continue
+                    if isinstance(result, DataPathError):
                         if not result.retriable:
                             raise RequestError(result.errno, f"flush: {result}") from result
-                        if sds_id not in primaries:
-                            # Primary of no PG: the primaries' REPL_FLUSH reaches its
-                            # in-sync copies, and a stale (failed) one needs none.
-                            done.add(sds_id)
-                            continue
-                        reason = result.reason
-                    elif isinstance(result, TimeoutError):
-                        if sds_id not in primaries:
-                            done.add(sds_id)
-                            continue
-                        reason = "timeout"
-                    elif isinstance(result, BaseException):
+                    elif not isinstance(result, TimeoutError):
                         raise result
+                    widened = True
+                    if sds_id not in primaries:
+                        done.add(sds_id)
+                    elif isinstance(result, DataPathError):
+                        reason = result.reason
+                    else:
+                        reason = "timeout"
                 if not reason:
-                    return
+                    if not widened or not (pool.holders() - done):
+                        return
+                    continue  # the holders not flushed yet, at once
             attempt += 1
             await self._before_retry(pool, reason, attempt, deadline, "flush")
 
-    async def _flush_one(self, pool: PoolMap, sds: SdsEndpoint, budget: float) -> None:
-        """FLUSH one SDS within ``budget``; an SDS left alone since an attempt on it
-        timed out (silent) is not sent one: it fails as a timeout at once, so that the
-        flush waits for the map that fails it over rather than ``budget``."""
-        if self.budgets.silent(sds.sds_id, time.monotonic()):
-            raise TimeoutError(f"SDS {sds.sds_id} did not answer lately")
+    async def _flush_one(self, pool: PoolMap, sds_id: int, budget: float) -> None:
+        """FLUSH SDS ``sds_id`` within ``budget``; an SDS left alone since an attempt
+        on it timed out (silent) is not sent one: it fails as a timeout at once, so
+        that the flush waits for the map that fails it over rather than ``budget``.
+        One no longer in the map fails at once too."""
+        sds = pool.sds.get(sds_id)
+        if sds is None:
+            raise DataPathError("no_map", f"SDS {sds_id} is not in the map", retriable=True)
+        if self.budgets.silent(sds_id, time.monotonic()):
+            raise TimeoutError(f"SDS {sds_id} did not answer lately")
         ref = ChunkRef(pool.pool_id, 0, 0, self.volume.id, 0)  # FLUSH names no chunk
         async with asyncio.timeout(budget):
             await self.path.call(sds, Piece(Op.FLUSH, 0, ref, 0, 0))

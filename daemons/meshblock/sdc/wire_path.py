@@ -67,6 +67,7 @@ class WireDataPath:
         self._tls = tls  # [io] tls with a certificate: meshblock.wire.tls
         self._clients: dict[tuple[str, int], WireClient] = {}
         self._connecting: dict[tuple[str, int], asyncio.Future[WireClient]] = {}
+        self._connects: dict[tuple[str, int], int] = {}  # connections opened, per SDS
 
     async def _client(self, sds: SdsEndpoint) -> WireClient:
         key = (sds.address, sds.data_port)
@@ -112,6 +113,7 @@ class WireDataPath:
             ) from exc
         log.info("connected to SDS %d at %s:%d", sds.sds_id, *key)
         self._clients[key] = client
+        self._connects[key] = self._connects.get(key, 0) + 1
         return client
 
     # The IO path's two ways to send (meshblock.sdc.datapath.DataPath). Both look the
@@ -138,6 +140,9 @@ class WireDataPath:
     def progress(self, sds: SdsEndpoint) -> float:
         client = self._clients.get((sds.address, sds.data_port))
         return 0.0 if client is None else client.last_rx
+
+    def connects(self, sds: SdsEndpoint) -> int:
+        return self._connects.get((sds.address, sds.data_port), 0)
 
     def error(self, op: Op, outcome: Reply | BaseException) -> DataPathError:
         if isinstance(outcome, WireError):

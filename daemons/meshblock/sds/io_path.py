@@ -706,8 +706,16 @@ class DataService:
         return self._apply(dev, req, payload)
 
     async def _sync(self, devices: list[Device] | None) -> int:
+        return await self._synced(self._store.sync(devices))
+
+    async def _sync_dirty(self, devices: list[Device]) -> int:
+        return await self._synced(self._store.sync_dirty(devices))
+
+    @staticmethod
+    async def _synced(sync: Coroutine[Any, Any, None]) -> int:
+        """The status of a sync of the store."""
         try:
-            await self._store.sync(devices)
+            await sync
         except DeviceFailed:
             return _FAILED
         except OSError as exc:
@@ -860,6 +868,9 @@ class DataService:
             self.stats.peer_error(peer)
             return Status.REPLICA_FAILED
         if status == _OK:
+            # (Again: a FLUSH that began between the send and now took the peer out
+            # of the set; the write it acknowledged is flushed by the next one.)
+            self._peers.dirty.add(peer)
             self._peers.answered(peer, time.perf_counter() - t0)
             return _OK
         self.stats.peer_error(peer)
@@ -904,14 +915,21 @@ class DataService:
     # -- flush ------------------------------------------------------------------------
 
     async def _flush(self, conn: Connection, req: Request, t0: float, peers: bool) -> None:
+        """FLUSH (``peers``) or REPL_FLUSH: every write acknowledged so far durable.
+        The devices written since their last sync are synced (ChunkStore.sync_dirty),
+        and for a FLUSH the peers forwarded to since the last one are REPL_FLUSHed at
+        the same time: the two copies sync in parallel."""
         # A failed device is never synced again: its copies are covered only once no
         # map names it as an in-sync copy (the MDM has failed them over); until then
         # the FLUSH fails, retriably.
-        status = await self._sync([d for d in self._store.devices if not d.failed])
+        local = self._sync_dirty([d for d in self._store.devices if not d.failed])
+        if peers and self._peers.unflushed:
+            status, failed = await asyncio.gather(local, self._peers.flush())
+        else:
+            status, failed = await local, []
         if status == _OK and self._state.failed_in_sync():
             status = _FAILED
-        if status == _OK and peers:
-            failed = await self._peers.flush()
+        if status == _OK:
             if failed:
                 # A peer that is no longer the in-sync secondary of any PG of ours
                 # holds only stale copies: what it missed does not count.

@@ -84,6 +84,12 @@ _DEVICE_METRICS: Final[tuple[_DeviceMetric, ...]] = (
         "Slots marked at start whose checksums are not recomputed yet (docs/sds.md)",
         lambda dev: len(dev.unverified),
     ),
+    (
+        CounterMetricFamily,
+        "meshblock_sds_device_syncs",
+        "fdatasyncs of the device (FLUSH, FUA, slot reclaim); a FLUSH skips a clean one",
+        lambda dev: dev.syncs,
+    ),
 )
 
 

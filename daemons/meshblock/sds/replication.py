@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import ssl
 import time
@@ -102,6 +103,8 @@ class Peers:
         self._addresses: dict[int, tuple[str, int]] = {}
         self._connecting: dict[int, asyncio.Task[WireClient]] = {}
         self.dirty: set[int] = set()  # peers written to since the last flush
+        # Per peer, its REPL_FLUSH in progress (Peers.flush).
+        self._flushing: dict[int, asyncio.Task[bool]] = {}
         self._unlisted: set[int] = set()  # peers found unable to list their chunks
         # Whether this SDS has fenced itself (no peer answers); never, until the SDS
         # sets one with its [self_fence_after_s] (meshblock.sds.app).
@@ -180,26 +183,47 @@ class Peers:
         self._addresses[sds_id] = address
         return client
 
+    @property
+    def unflushed(self) -> bool:
+        """Whether a FLUSH has peers to flush or to wait for (:meth:`flush`)."""
+        return bool(self.dirty or self._flushing)
+
     async def flush(self) -> list[int]:
-        """REPL_FLUSH every peer written to since the last flush; return the ids of
-        those that failed (they stay dirty)."""
+        """REPL_FLUSH every peer written to since the last flush, and wait for the
+        REPL_FLUSHes of an earlier flush still in progress (they cover what it took
+        out of :attr:`dirty`); return the ids of the peers that failed (they stay
+        dirty)."""
         dirty, self.dirty = self.dirty, set()
-        failed: list[int] = []
+        loop = asyncio.get_running_loop()
+        flushing = self._flushing
+        waits = {i: t for i, t in flushing.items() if i not in dirty}
+        for sds_id in dirty:
+            task = loop.create_task(self._flush_peer(sds_id), name=f"repl-flush-{sds_id}")
+            flushing[sds_id] = waits[sds_id] = task
+            task.add_done_callback(functools.partial(self._flushed, sds_id))
+        if not waits:
+            return []
+        ids = list(waits)
+        results = await asyncio.gather(*(asyncio.shield(waits[i]) for i in ids))
+        return [i for i, ok in zip(ids, results, strict=True) if not ok]
 
-        async def one(sds_id: int) -> None:
-            address = self._addresses.get(sds_id)
-            try:
-                if address is None:
-                    raise ConnectionLost(f"no address of SDS {sds_id}")
-                client = await self.get(sds_id, address)
-                await client.repl_flush()
-            except (WireError, HandshakeError) as exc:
-                log.warning("flush of peer SDS %d failed: %s", sds_id, exc)
-                failed.append(sds_id)
+    async def _flush_peer(self, sds_id: int) -> bool:
+        """REPL_FLUSH one peer; False (and dirty again) when it failed."""
+        address = self._addresses.get(sds_id)
+        try:
+            if address is None:
+                raise ConnectionLost(f"no address of SDS {sds_id}")
+            client = await self.get(sds_id, address)
+            await client.repl_flush()
+        except (WireError, HandshakeError) as exc:
+            log.warning("flush of peer SDS %d failed: %s", sds_id, exc)
+            self.dirty.add(sds_id)
+            return False
+        return True
 
-        await asyncio.gather(*(one(i) for i in dirty))
-        self.dirty.update(failed)
-        return failed
+    def _flushed(self, sds_id: int, task: asyncio.Task[bool]) -> None:
+        if self._flushing.get(sds_id) is task:
+            del self._flushing[sds_id]
 
     async def list_chunks(
         self, sds_id: int, address: tuple[str, int], pool: int, pg: int

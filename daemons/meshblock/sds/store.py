@@ -368,6 +368,12 @@ class Device:
         # Why the device failed (fail-stop: no IO since), None while it works.
         self.failed: str | None = None
         self.loaded = False  # its index is in memory (False when it failed before)
+        # Written since the start of its last sync (ChunkStore.sync): a FLUSH syncs it
+        # (ChunkStore.sync_dirty). True at first: the first FLUSH after a start also
+        # covers whatever an earlier process left in the page cache.
+        self.dirty = True
+        self.syncing: asyncio.Future[None] | None = None  # the fdatasync started last
+        self.syncs = 0  # fdatasyncs completed by ChunkStore.sync
 
     @property
     def used_bytes(self) -> int:
@@ -552,6 +558,7 @@ class Device:
         head = TOMB_HEADER.pack(TOMB_MAGIC, seq, len(table), 0)[:-4]
         rows = b"".join(TOMB_ENTRY.pack(v, table[v]) for v in sorted(table))
         data = head + struct.pack(">I", zlib.crc32(head + rows)) + rows
+        self.dirty = True
         dio.pwrite(self.fd, data, offset + (seq % 2) * TOMB_COPY_SIZE)
 
     def read_index(self) -> Iterable[tuple[int, int, int, int]]:
@@ -580,12 +587,14 @@ class Device:
     # -- IO ---------------------------------------------------------------------------
 
     def write_entry(self, slot: int, entry: bytes) -> None:
+        self.dirty = True
         dio.pwrite(self.fd, entry, INDEX_OFFSET + slot * ENTRY.size)
 
     def _zero(self, offset: int, length: int) -> None:
         """Make ``length`` bytes at ``offset`` read as zeroes (punch a hole if we can)."""
         if length <= 0:
             return
+        self.dirty = True
         if (offset | length) & 4095 == 0:
             rc = dio.fallocate(
                 self.fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length
@@ -855,6 +864,7 @@ class ChunkStore:
         try:
             dio.preadv(dev.fd, [data], dev.slot_offset(slot))
             old = dio.pread(dev.fd, ROW_SIZE, dev.row_offset(slot))
+            dev.dirty = True
             dio.pwrite(dev.fd, keep_marked_bad(slot_crcs(data), old), dev.row_offset(slot))
         except OSError as exc:
             raise self._io_error(dev, "recomputing checksums", exc) from exc
@@ -898,6 +908,7 @@ class ChunkStore:
             for slot, row in rows:
                 if slot not in dev.unverified or dev.failed:
                     continue  # recomputed in the event loop meanwhile (or freed)
+                dev.dirty = True
                 try:
                     dio.pwrite(dev.fd, row, dev.row_offset(slot))
                 except OSError as exc:
@@ -1354,6 +1365,7 @@ class ChunkStore:
             ldev, slot = loc
             if ldev.failed:
                 raise DeviceFailed(ldev)
+            ldev.dirty = True
             try:
                 if ldev.checksums:
                     self._write_checked(ldev, slot, offset, data, key, sums)
@@ -1370,6 +1382,7 @@ class ChunkStore:
             raise NoSpace(dev.path)
         slot = dev.free.pop()
         assert slot < dev.slot_count, (dev.path, slot, dev.slot_count)
+        dev.dirty = True
         try:
             # Data first, then the entry: the slot is durably zero, so a crash in
             # between leaves either nothing or this chunk's own bytes.
@@ -1441,6 +1454,7 @@ class ChunkStore:
         ``key`` None: the slot is new (durably zero); ``sums``: see :meth:`write`."""
         view = data if isinstance(data, memoryview) else memoryview(data)
         new = key is None
+        dev.dirty = True
         if dev.unverified and slot in dev.unverified:
             self._verify(dev, slot)
         self._changing(dev, slot, new)
@@ -1608,6 +1622,7 @@ class ChunkStore:
                 dio.pread(dev.fd, ROW_SIZE, dev.row_offset(slot)).ljust(ROW_SIZE, b"\0")
             )
             done = [b for b, c in sorted(crcs.items()) if c and not stored[b]]
+            dev.dirty = True
             for first, n in _runs(done):
                 row = ROWS[n].pack(*(crcs[b] for b in range(first, first + n)))
                 dio.pwrite(dev.fd, row, dev.row_offset(slot) + 4 * first)
@@ -1678,6 +1693,7 @@ class ChunkStore:
 
     @staticmethod
     def _write_row(dev: Device, slot: int, first: int, crcs: list[int], new: bool) -> None:
+        dev.dirty = True
         if new:  # the whole row: every other block of a new slot is zeroes
             row = bytearray(ZERO_ROW)
             ROWS[len(crcs)].pack_into(row, 4 * first, *crcs)
@@ -1691,6 +1707,7 @@ class ChunkStore:
     ) -> None:
         """:meth:`_write_row` of checksums already packed (a write's, from the wire)."""
         at = 4 * first
+        dev.dirty = True
         if new:
             row = bytearray(ZERO_ROW)
             row[at : at + len(packed)] = packed
@@ -1914,32 +1931,80 @@ class ChunkStore:
             if dev.failed:
                 raise DeviceFailed(dev)
         batches = [(dev, dev.pending) for dev in devs]
+        started = time.monotonic()
+        syncs = []
         for dev in devs:
             dev.pending = []
-        started = time.monotonic()
+            # Clean from here on: a write from now on marks it again (the fdatasync
+            # below starts after every write before this point).
+            dev.dirty = False
+            dev.syncing = fut = loop.run_in_executor(None, dio.fdatasync, dev.fd)
+            syncs.append(fut)
         try:
-            results = await asyncio.gather(
-                *(loop.run_in_executor(None, dio.fdatasync, dev.fd) for dev in devs),
-                return_exceptions=True,
-            )
+            results = await asyncio.gather(*syncs, return_exceptions=True)
         except BaseException:
             for dev, batch in batches:
                 dev.pending.extend(batch)
+                dev.dirty = True
             raise
+        finally:
+            for dev, fut in zip(devs, syncs, strict=True):
+                if dev.syncing is fut:
+                    dev.syncing = None
         error: BaseException | None = None
         for (dev, batch), result in zip(batches, results, strict=True):
             if result is None:
+                dev.syncs += 1
                 try:
                     self._synced(dev, batch, started)
                     continue
                 except OSError as exc:
                     result = exc
             dev.pending.extend(batch)
+            dev.dirty = True
             if isinstance(result, OSError):
                 result = self._io_error(dev, "fdatasync", result)
             error = error or result
         if error is not None:
             raise error
+
+    async def sync_dirty(self, devices: Iterable[Device]) -> None:
+        """What a FLUSH needs of ``devices``: every write made to them so far durable.
+        Syncs (:meth:`sync`) only those written since the start of their last sync,
+        or with freed slots waiting for one; of the others, waits for the sync in
+        progress, if any (it started after their last write); the rest, clean, are
+        left alone. Raises :class:`DeviceFailed` as :meth:`sync` does."""
+        devs = list(devices)
+        for dev in devs:
+            if dev.failed:
+                raise DeviceFailed(dev)
+        dirty = [dev for dev in devs if dev.dirty or dev.pending]
+        waits = [
+            self._sync_of(dev, dev.syncing)
+            for dev in devs
+            if dev.syncing is not None and not (dev.dirty or dev.pending)
+        ]
+        if not waits:
+            if dirty:
+                await self.sync(dirty)
+            return
+        results = await asyncio.gather(
+            *([self.sync(dirty)] if dirty else []), *waits, return_exceptions=True
+        )
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+
+    @staticmethod
+    async def _sync_of(dev: Device, fut: asyncio.Future[None]) -> None:
+        """Wait for the fdatasync of ``dev`` started by another :meth:`sync`; that
+        caller fails the device if it failed."""
+        try:
+            await asyncio.shield(fut)
+        except OSError:
+            raise DeviceFailed(dev) from None
+        if dev.failed:
+            raise DeviceFailed(dev)
 
     def _synced(self, dev: Device, batch: list[int], started: float) -> None:
         """After a sync of ``dev`` that started at ``started``: ``batch`` (pending then)
