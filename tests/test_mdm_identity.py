@@ -29,6 +29,7 @@ pytestmark = pytest.mark.cluster
 
 GUID_A = "0d5d2c8e-8a7e-4a54-9d3b-6f1e2a3b4c5d"
 GUID_B = "7e1f3a9b-2c4d-4e6f-8a0b-1c2d3e4f5a6b"
+GUID_M = "5a5a5a5a-0000-4000-8000-00000000abcd"
 REVOKED = "sds:sds9"
 
 
@@ -305,3 +306,39 @@ def test_an_sds_reads_only_the_maps_of_pools_it_has_devices_in(
     )
     refused(as_(mdm, "sds:sds3").get(f"/api/v1/pools/{pool1}/pgmap"), mdm, "")
     assert ok(as_(mdm, "mgmt:mgmt1").get(f"/api/v1/pools/{other['id']}/pgmap"))["epoch"] >= 1
+
+
+def test_an_sds_reads_the_mappings_of_its_pools_and_an_sdc_none(
+    mdm: MdmDaemon, sds_ids: dict[str, int]
+) -> None:
+    """GET /api/v1/pools/{id}/mappings: which SDC each mapped volume of the pool is
+    mapped to and whether read-only, with an epoch that only mappings move; an SDS
+    with a device in the pool reads it, an SDC or another SDS may not."""
+    admin = mdm.api()
+    pool = ok(admin.get("/api/v1/pools"))["pools"][0]["id"]
+    path = f"/api/v1/pools/{pool}/mappings"
+    sdc = ok(admin.post("/api/v1/sdc", {"guid": GUID_M, "name": "mapped-sdc"}), 201)
+    vol = ok(
+        admin.post("/api/v1/volumes", {"name": "m1", "pool_id": pool, "size": "1GiB"}),
+        201,
+    )
+    reader = as_(mdm, "sds:sds1")
+    start = ok(reader.get(path))
+    assert start["pool_id"] == pool and start["volumes"] == []
+    body = {"volume_id": vol["id"], "sdc_id": sdc["id"], "access_mode": "read_only"}
+    mapping = ok(admin.post("/api/v1/mappings", body), 201)
+    mapped = ok(reader.get(f"{path}?wait_epoch={start['epoch']}&timeout=5"))
+    assert mapped["epoch"] == start["epoch"] + 1
+    assert mapped["volumes"] == [{"id": vol["id"], "sdcs": [{"guid": GUID_M, "read_only": True}]}]
+    # another volume, unmapped, moves nothing; a wait for a change times out unchanged
+    ok(admin.post("/api/v1/volumes", {"name": "m2", "pool_id": pool, "size": "1GiB"}), 201)
+    assert ok(reader.get(f"{path}?wait_epoch={mapped['epoch']}&timeout=0.3")) == mapped
+    ok(admin.patch(f"/api/v1/mappings/{mapping['id']}", {"access_mode": "read_write"}))
+    rw = ok(reader.get(path))
+    assert rw["epoch"] == mapped["epoch"] + 1
+    assert rw["volumes"][0]["sdcs"] == [{"guid": GUID_M, "read_only": False}]
+    assert admin.delete(f"/api/v1/mappings/{mapping['id']}").status == 204
+    gone = ok(reader.get(path))
+    assert gone["epoch"] == rw["epoch"] + 1 and gone["volumes"] == []
+    refused(as_(mdm, f"sdc:{GUID_M}").get(path), mdm, f"GET {path} from sdc:{GUID_M}")
+    refused(as_(mdm, "sds:sds7").get(path), mdm, f"GET {path} from sds:sds7")
