@@ -230,7 +230,10 @@ def test_no_certificate_is_refused_in_the_handshake(ac: SmallCluster, tmp_path: 
             )
 
     asyncio.run(main())
-    assert "it presented no certificate" in primary.log_text()
+    # logged once the SDS has closed the connection, which the client may see first
+    wait_until(
+        lambda: "it presented no certificate" in primary.log_text(), 10.0, "the refusal logged"
+    )
     unchanged(ac, doc["epoch"])
 
 
@@ -317,14 +320,20 @@ def test_stolen_sdc_certificate_does_no_io_to_a_volume_that_does_not_exist(
     vol = 999_999
     ref, primary = chunk_route(ac, doc, vol, 0)
 
+    # and a pool id the SDS has no map of: refused without asking the MDM
+    no_pool = ref._replace(pool_id=4242)
+
     async def main() -> None:
         async with await as_sdc(ac, primary) as cl:
-            with pytest.raises(RequestError) as info:
-                await cl.write(ref, 0, b"\xee" * 4096)
-            assert info.value.status == Status.NOT_PERMITTED
+            for r in (ref, no_pool):
+                with pytest.raises(RequestError) as info:
+                    await cl.write(r, 0, b"\xee" * 4096)
+                assert info.value.status == Status.NOT_PERMITTED
 
     asyncio.run(main())
     assert refusal_logged(primary, f"WRITE (volume {vol} chunk 0)", sdc_identity(ac))
+    assert "volume 999999 of pool 4242 is not mapped" in primary.log_text()
+    assert "/api/v1/pools/4242/mappings" not in ac.mdm.log_text()
     stored_nowhere(ac, vol, 0)
     unchanged(ac, doc["epoch"])
 

@@ -237,8 +237,11 @@ class DataService:
         self, conn: IdentifiedConnection, guid: str, req: Request, payload: memoryview, t0: float
     ) -> None:
         """A client IO that the newest mappings refuse: served if the pool's mappings
-        fetched after it arrived allow it (mapped since), else refused NOT_PERMITTED."""
-        await self._access.refreshed(req.pool_id, time.monotonic())
+        fetched after it arrived allow it (mapped since), else refused NOT_PERMITTED.
+        Only for a pool we have a map of: a pool id of the client's choosing costs the
+        MDM no fetch and us no memory."""
+        if req.pool_id in self._maps:
+            await self._access.refreshed(req.pool_id, time.monotonic())
         why = self._access.refusal(req.pool_id, req.volume_id, guid, req.opcode != _READ)
         if why is None:
             self._serve(conn, req, payload, t0)
