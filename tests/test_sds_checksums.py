@@ -20,7 +20,15 @@ import meshblock.sds.checksums as checksums
 import meshblock.sds.store as store_mod
 from _sds_v1 import CHUNK_DATA_OFFSET, v1_chunk_bytes, write_v1_device
 from meshblock.chunks import CHUNK_SIZE, pg_of
-from meshblock.sds.checksums import BLOCK, ROW_SIZE, WI_BITMAP, ChecksumError, crc, slot_crcs
+from meshblock.sds.checksums import (
+    BLOCK,
+    ROW_SIZE,
+    WI_BITMAP,
+    ChecksumError,
+    bad_in_rows,
+    crc,
+    slot_crcs,
+)
 from meshblock.sds.io_path import DataService
 from meshblock.sds.maps import MapCache, PgMap
 from meshblock.sds.metrics import SdsCollector
@@ -45,6 +53,7 @@ from meshblock.wire import csum
 from meshblock.wire.protocol import REQUEST_MAGIC, ROLE_OPS, Op, PeerRole, ReqFlag, Request, Status
 from test_device_failstop_units import DEV_IDS, ME, PG_COUNT, POOL, Conn, _pg_map
 from test_sds_store import PowerLoss
+from test_wire_csum import CANCELLING_MARKS, cancelling_write
 
 pytestmark = pytest.mark.unit
 
@@ -135,11 +144,11 @@ def test_a_flipped_byte_is_found_on_read_and_counted(tmp_path: Path) -> None:
 def test_checked_reads_of_many_blocks_take_one_pass_and_still_name_a_bad_block(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A checked read, a scrub's and a copy's read of more than 5 blocks that all have
-    a checksum recorded are checked in one crc32c pass (wire.csum.one_pass): no
-    CRC per block is computed unless that pass fails, and then the blocks are
-    checked one by one and the bad one named as before; a read of 5 blocks or fewer
-    goes block by block."""
+    """A checked read and a copy's read of more than 5 blocks that all have a checksum
+    recorded are checked in one crc32c pass (wire.csum.one_pass): no CRC per block is
+    computed unless that pass fails, and then the blocks are checked one by one and
+    the bad one named as before; a read of 5 blocks or fewer goes block by block, and
+    so does the scrub's (its computed row must be the bytes' own)."""
     per_block: list[int] = []
     real = checksums.block_crcs
 
@@ -166,7 +175,8 @@ def test_checked_reads_of_many_blocks_take_one_pass_and_still_name_a_bad_block(
         assert rows is not None and rows[0] == rows[1] == csum.trailer(data)
         salvaged, bad = store.read_salvage(VOL, 1)
         assert salvaged is not None and bytes(salvaged) == data and bad == []
-        assert per_block == []  # all in one pass each
+        assert per_block == [256]  # the scrub's; the others in one pass each
+        per_block.clear()
         got = store.read(VOL, 1, 8 * BLOCK, 5 * BLOCK)
         assert got is not None and bytes(got) == data[8 * BLOCK : 13 * BLOCK]
         assert per_block == [5]
@@ -185,6 +195,52 @@ def test_checked_reads_of_many_blocks_take_one_pass_and_still_name_a_bad_block(
         assert rows is not None and rows[0] == csum.trailer(data) != rows[1]
         assert per_block == [256, 16, 256, 256]  # the pass failed: block by block
         assert dev.checksum_errors == 2
+    finally:
+        store.close()
+
+
+def test_blocks_marked_bad_whose_differences_cancel_in_one_pass_still_read_as_errors(
+    tmp_path: Path,
+) -> None:
+    """Blocks marked bad all differ from their zeroes by the same value, and some sets
+    of them cancel in one pass: a row holding the mark is checked block by block, so
+    the chunk still reads as a checksum error (not zeroes), a copy's salvage read and
+    the scrub name every marked block."""
+    path = tmp_path / "dev.img"
+    store = open_store(path)
+    dev = store.devices[0]
+    data = random.Random(9).randbytes(CHUNK_SIZE)
+    marks = list(CANCELLING_MARKS)
+    try:
+        store.write(dev, VOL, 1, 0, data)
+        for b in marks:
+            store.mark_bad(VOL, 1, b * BLOCK, BLOCK)
+        with pytest.raises(ChecksumError) as caught:
+            store.read(VOL, 1, 0, CHUNK_SIZE)
+        assert caught.value.blocks == marks
+        with pytest.raises(ChecksumError) as caught:
+            store.read_reply(VOL, 1, 0, CHUNK_SIZE)
+        assert caught.value.blocks == marks
+        salvaged, bad = store.read_salvage(VOL, 1)
+        assert bad == marks and salvaged is not None
+        rows = store.checksum_rows(VOL, 1, count=False)
+        assert rows is not None and bad_in_rows(*rows) == marks
+    finally:
+        store.close()
+
+
+def test_the_scrub_reports_the_crcs_of_the_bytes_not_the_row_kept(tmp_path: Path) -> None:
+    """Rows a sender's built checksums planted (stored as they came, differences that
+    cancel in one pass): the scrub's computed row is the bytes' own, so the mismatch
+    of both blocks is seen."""
+    path = tmp_path / "dev.img"
+    store = open_store(path)
+    data, sums = cancelling_write(6)
+    try:
+        store.write(store.devices[0], VOL, 1, 0, data, sums)
+        rows = store.checksum_rows(VOL, 1, count=False)
+        assert rows is not None and rows == (sums, csum.trailer(data))
+        assert bad_in_rows(*rows) == [10, 11]
     finally:
         store.close()
 

@@ -9,14 +9,15 @@ from __future__ import annotations
 import random
 import struct
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from _wire import exchange
-from meshblock.sds.checksums import BLOCK, ROW_SIZE
+from meshblock.chunks import CHUNK_SIZE
+from meshblock.sds.checksums import BAD_BLOCK_CRC, BLOCK, ROW_SIZE
 from meshblock.sds.store import REGION_CHECKSUMS, ChunkStore, DeviceSpec
 from meshblock.wire import csum
 from meshblock.wire.handshake import ClientHandshake, ServerHandshake
@@ -209,6 +210,60 @@ def test_the_one_pass_reads_the_checksums_before_it_alters_the_payload() -> None
     n = len(data)
     assert csum.one_pass(view[:n], view[n:]) is True
     assert buf == data + sums
+
+
+def cancelling_write(seed: int, unit: int = 10, delta: int = 0x12345678) -> tuple[bytes, bytes]:
+    """1 MiB and checksums a sender built so that two units disagree with them yet
+    their differences cancel in one pass: ``delta`` XORed into the checksum of
+    ``unit`` and, little-endian, into the first 4 bytes of the unit after it."""
+    data, sums = payload(256, BLOCK, seed)
+    packed = bytearray(sums)
+    at = 4 * unit
+    packed[at : at + 4] = (int.from_bytes(packed[at : at + 4], "big") ^ delta).to_bytes(4, "big")
+    word = (unit + 1) * BLOCK
+    data[word : word + 4] = bytes(
+        a ^ b for a, b in zip(data[word : word + 4], delta.to_bytes(4, "little"), strict=True)
+    )
+    return bytes(data), bytes(packed)
+
+
+#: Blocks of a chunk whose differences cancel in one pass when all are marked bad
+#: (each marked block differs from its zeroes by 0xFFFFFFFF, shifted by its place).
+CANCELLING_MARKS: Final = (12, 37, 156, 181, 210, 222)
+
+
+def test_a_check_whose_checksums_are_stored_is_exact_where_one_pass_is_fooled() -> None:
+    """Checksums chosen with the bytes can cancel in one pass (the fold's limit): a
+    check whose checksums are then stored (``exact``, the SDS's of a WRITE) goes unit
+    by unit and names both units."""
+    data, sums = cancelling_write(3)
+    assert csum.one_pass(bytearray(data), sums) is True  # what the fold cannot see
+    assert csum.bad_units(bytearray(data), sums, 0, exact=True) == [10, 11]
+    assert csum.bad_units(bytearray(data), sums, 0) == []  # a reply's check: one pass
+    good, good_sums = payload(256, BLOCK, 3)
+    assert csum.bad_units(good, good_sums, 0, exact=True) == []
+
+
+def test_checksums_with_a_sentinel_are_never_checked_in_one_pass() -> None:
+    """Zeroes with the marked-bad CRC in a set of blocks whose differences cancel
+    (and a 0, "none recorded"): one_pass cannot tell, every unit is checked."""
+    marked = (csum.crc(bytes(BLOCK)) ^ 0xFFFFFFFF).to_bytes(4, "big")
+    assert csum.SENTINELS == (bytes(4), marked) and marked == BAD_BLOCK_CRC.to_bytes(4, "big")
+    zero = csum.crc(bytes(BLOCK)).to_bytes(4, "big")
+    row = [marked if b in CANCELLING_MARKS else zero for b in range(256)]
+    data = bytearray(CHUNK_SIZE)
+    assert csum.one_pass(data, b"".join(row)) is False
+    assert csum.bad_units(data, b"".join(row)) == list(CANCELLING_MARKS)
+    good, sums = payload(8, BLOCK, 4)
+    unchecked = bytearray(sums)
+    unchecked[8:12] = bytes(4)
+    assert csum.one_pass(good, bytes(unchecked)) is False
+    assert csum.bad_units(good, bytes(unchecked)) == [2]
+
+
+def test_an_empty_payload_is_not_one_pass_and_not_an_error() -> None:
+    assert csum.one_pass(bytearray(), b"") is False
+    assert csum.one_pass(memoryview(bytearray()), memoryview(b"")) is False
 
 
 # -- framing ------------------------------------------------------------------------------

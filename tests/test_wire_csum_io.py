@@ -38,6 +38,7 @@ from meshblock.wire.protocol import (
     Status,
 )
 from test_sds_checksums import data_offset, flip
+from test_wire_csum import cancelling_write
 
 pytestmark = [pytest.mark.cluster, pytest.mark.parallel]
 
@@ -133,6 +134,26 @@ def test_a_damaged_write_payload_is_refused_and_nothing_is_stored(tmp_path: Path
             writer.close()
             got = state.store.read(VOL, 3, 4096, len(data))
             assert got is not None and bytes(got) == bytes(data)
+
+    asyncio.run(main())
+
+
+def test_a_write_whose_checksums_were_built_to_cancel_is_refused(tmp_path: Path) -> None:
+    """A sender that chose the checksums with the bytes so that two units' differences
+    cancel in one pass (a checksum and the next unit's first word XORed with the same
+    value): the SDS checks the write unit by unit, refuses it and stores nothing,
+    rather than keep checksums that disagree with the data."""
+
+    async def main() -> None:
+        async with sds_server(tmp_path) as (server, state):
+            reader, writer = await session(server.port)
+            data, sums = cancelling_write(5)
+            writer.write(write_header(1, 4, 0, len(data)) + data + sums)
+            hdr = REPLY_V2.unpack(await reader.readexactly(REPLY_V2.size))
+            assert hdr[1] == Status.CHECKSUM_MISMATCH and hdr[5] == 0
+            assert state.store.location(VOL, 4) is None  # nothing written
+            assert state.stats.wire_checksum_mismatches == {"client": 1, "sds_peer": 0}
+            writer.close()
 
     asyncio.run(main())
 

@@ -298,9 +298,13 @@ class DataService:
 
     def _payload_intact(self, conn: Connection, req: Request, payload: memoryview) -> bool:
         """Whether a WRITE's or REPL_WRITE's payload matches the checksums that follow
-        it (CSUM_CRC32C; docs/protocol.md §8.6); a mismatch is logged and counted."""
+        it (CSUM_CRC32C; docs/protocol.md §8.6); a mismatch is logged and counted.
+        Unit by unit (``exact``), never in one pass: the checksums of the blocks it
+        covers whole are stored as they came, and the sender chose them with the bytes
+        (differences built to cancel in one pass would leave rows that disagree with
+        the data on both copies)."""
         n = req.length
-        bad = csum.bad_units(payload[:n], payload[n:], req.offset)
+        bad = csum.bad_units(payload[:n], payload[n:], req.offset, exact=True)
         if not bad:
             return True
         self.stats.wire_checksum_mismatch(conn.role)

@@ -190,15 +190,27 @@ READ_BUFFERS: Final = 16
 _KEPT_SIZE: Final = CHUNK_SIZE + ROW_SIZE
 #: Four zero bytes: where a row has none, every block in it has a checksum recorded.
 _NO_CRC: Final = bytes(4)
+#: A block marked bad in a row (:data:`BAD_BLOCK_CRC`, packed).
+_BAD_PACKED: Final = BAD_BLOCK_CRC.to_bytes(4, "big")
 
 
 def _intact(buf: bytearray | memoryview, row: bytes) -> bool:
     """Whether the whole blocks in ``buf`` all match their checksums in ``row`` (one
     u32 each), checked in one ``crc32c`` pass over them (``wire.csum.one_pass``): for
-    more than 5 blocks that all have a checksum recorded. False says only that the
-    blocks must be checked one by one (which finds the bad ones, or none: a row with
-    a block without a recorded checksum, a read-only or short buffer)."""
-    return len(buf) > ONE_PASS_OVER and _NO_CRC not in row and one_pass(buf, row)
+    more than 5 blocks that all have a checksum recorded and none marked bad
+    (:data:`BAD_BLOCK_CRC`: marked blocks' differences could cancel). False says only
+    that the blocks must be checked one by one (which finds the bad ones, or none: a
+    row with a block without a recorded checksum or marked bad, a read-only or short
+    buffer). For reads only, where the row comes from this store and the bytes from
+    the device. ``buf`` is altered while the pass runs: the caller must own it alone
+    (a fresh or unshared kept buffer, in the event loop's thread; no send of it
+    pending)."""
+    return (
+        len(buf) > ONE_PASS_OVER
+        and _NO_CRC not in row
+        and _BAD_PACKED not in row
+        and one_pass(buf, row)
+    )
 
 
 #: References to a kept read buffer that nobody else holds: the list, the loop
@@ -1288,7 +1300,9 @@ class ChunkStore:
             )
         except OSError as exc:
             raise self._io_error(dev, "pread", exc) from exc
-        computed = stored if _intact(buf, stored) else slot_crcs(buf)
+        # block by block, never the one pass: the scrub is there to find rows that
+        # disagree with the bytes, so its computed row must be the bytes' own
+        computed = slot_crcs(buf)
         if count and stored != computed:
             bad = bad_in_rows(stored, computed)
             if bad:

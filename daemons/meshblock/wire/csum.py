@@ -16,10 +16,13 @@ payload. Units are 4 KiB (``csum_shift`` 12) and lie on a grid:
 CRC32C is the ``crc32c`` package's C extension (the SSE 4.2 instruction where the CPU
 has it), called on ``memoryview`` slices: no byte is copied to be checksummed.
 
-A payload of several units on the grid (a reply, a write at a 4 KiB offset) is checked
-in one ``crc32c`` pass over all its bytes (:func:`one_pass`), not one call per unit:
-256 calls per MiB cost more than twice the pass, in call overhead. Only when that
-check fails are the units' checksums computed one by one, to name the bad ones.
+A reply of several units (a READ's payload, whose checksums the SDS read from its own
+store) is checked in one ``crc32c`` pass over all its bytes (:func:`one_pass`), not one
+call per unit: 256 calls per MiB cost more than twice the pass, in call overhead. Only
+when that check fails are the units' checksums computed one by one, to name the bad
+ones. A check whose checksums are then stored (the SDS's of a WRITE or REPL_WRITE:
+``exact``) goes unit by unit: there one sender chooses both the bytes and the
+checksums, and could build differences that cancel in the pass.
 """
 
 from __future__ import annotations
@@ -79,14 +82,16 @@ def trailer(data: Buffer, offset: int = 0) -> bytes:
     return PACK[len(crcs)].pack(*crcs)
 
 
-def bad_units(data: Buffer, sums: Buffer, offset: int = 0) -> list[int]:
+def bad_units(data: Buffer, sums: Buffer, offset: int = 0, *, exact: bool = False) -> list[int]:
     """The units of ``data`` at ``offset`` whose checksum is not the one in ``sums``
     (packed, one u32 per unit; its length is checked by the framing). Several units
     on the grid are checked in one pass (:func:`one_pass`) and computed one by one
-    only if that finds a difference."""
+    only if that finds a difference; ``exact``: always one by one, for a check whose
+    ``sums`` are then stored as they came (a sender that chooses both the bytes and
+    the checksums can make their differences cancel in one pass)."""
     if len(data) <= UNIT - (offset & _MASK):  # one unit (a 4 KiB write): one call
         return [] if crc(data) == int.from_bytes(sums, "big") else [0]
-    if len(data) > ONE_PASS_OVER and not offset & _MASK and one_pass(data, sums):
+    if not exact and len(data) > ONE_PASS_OVER and not offset & _MASK and one_pass(data, sums):
         return []
     got = unit_crcs(data, offset)
     want = PACK[len(got)].unpack(sums)
@@ -110,8 +115,16 @@ def bad_units(data: Buffer, sums: Buffer, offset: int = 0) -> list[int]:
 # XOR shift(got_i ^ stored_i, len M - end_i) otherwise: nonzero whenever exactly one
 # unit differs (shift is invertible), and for several bad units missed only if their
 # differences cancel (one chance in 2**32 for unrelated damage, the odds of a unit's
-# own CRC32C missing it). The words are XORed in place, the payload hashed in one
-# call and put back as it was before anything else runs.
+# own CRC32C missing it). Differences with structure do cancel: a delta XORed into
+# one unit's checksum and, little-endian, into the first word of the next unit, or
+# the same delta in the checksums of a set of blocks (a block marked bad differs
+# from the zeroes it holds by 0xFFFFFFFF; some sets of 6 of 256 cancel). So the pass
+# is used only where the bytes and the checksums come from different sources (a
+# READ's reply: the SDS's stored checksums, the bytes from its disk), never on
+# checksums with a sentinel value (0: none recorded; the marked-bad CRC), and never
+# where a sender's checksums are checked to be stored (``bad_units(exact=True)``).
+# The words are XORed in place, the payload hashed in one call and put back as it
+# was before anything else runs.
 
 _RAW: Final = 0xFFFFFFFF  # crc32c's ``value`` that starts its register at 0
 #: Payloads longer than this are checked in one pass: its fixed cost (about 1.5 µs)
@@ -133,19 +146,36 @@ def _fill(words: int) -> int:
     return int.from_bytes(_zero(UNIT).to_bytes(4, "little") * words, "little")
 
 
+#: Checksum values that are sentinels, not CRCs, where checksums are kept: 0 (the SDS's
+#: "none recorded") and the CRC of a block marked bad (``sds.checksums.BAD_BLOCK_CRC``:
+#: the zero block's, inverted). Checksums holding either are checked unit by unit.
+SENTINELS: Final = (bytes(4), (_zero(UNIT) ^ 0xFFFFFFFF).to_bytes(4, "big"))
+
+
 def one_pass(data: Buffer, sums: Buffer) -> bool:
     """Whether each 4 KiB unit of ``data`` (from its first byte) has the checksum in
     ``sums``, in one ``crc32c`` call over ``data`` (see above). False also when it
-    cannot tell (``data`` read-only, not bytes, or its last unit under 4 bytes): the
-    caller then checks unit by unit."""
+    cannot tell (``data`` empty, one unit, read-only, not bytes, or its last unit
+    under 4 bytes; ``sums`` holding a :data:`SENTINELS` value): the caller then
+    checks unit by unit. Not for checksums a sender chose with the bytes to have
+    them stored (see above).
+
+    ``data`` is altered while the pass runs (the first 4 bytes of every unit but
+    the first) and put back before it returns, on every path. The caller must own
+    the buffer exclusively for that time: no other thread may read or write it (the
+    ``crc32c`` call releases the GIL from 32 KiB on), and no pending send, kept
+    transport buffer or cache may refer to it."""
     view = data if isinstance(data, memoryview) else memoryview(data)
     n = len(view)
     whole = (n - 1) >> CSUM_SHIFT  # units before the last
     last = n - (whole << CSUM_SHIFT)
+    if whole <= 0 or last < 4:
+        return False
+    packed = sums if isinstance(sums, bytes) else bytes(sums)
     if (
-        not whole
-        or last < 4
-        or len(sums) != 4 * (whole + 1)
+        SENTINELS[0] in packed  # substrings: one that straddles two sums only
+        or SENTINELS[1] in packed  # costs the per-unit path
+        or len(packed) != 4 * (whole + 1)
         or view.readonly
         or view.format != "B"
         or not view.c_contiguous
@@ -157,7 +187,7 @@ def one_pass(data: Buffer, sums: Buffer) -> bool:
         whole * _WORDS_PER_UNIT : 0 : -_WORDS_PER_UNIT
     ]
     saved = spots.tobytes()
-    stored = int.from_bytes(sums, "big")
+    stored = int.from_bytes(packed, "big")
     mixed = int.from_bytes(saved, "little") ^ (stored >> 32) ^ _fill(whole)
     spots[:] = memoryview(mixed.to_bytes(4 * whole, "little")).cast("I")
     try:
