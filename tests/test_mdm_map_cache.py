@@ -130,6 +130,33 @@ def test_the_pgs_part_is_reused_while_the_pg_rows_are_the_same(tmp_path: Path) -
     in_session(tmp_path, go)
 
 
+def test_changed_pg_rows_are_patched_into_the_previous_part(tmp_path: Path) -> None:
+    """A new map epoch that changed some PG rows reads only those rows and patches
+    them into the previous PGs' part: the other entries are the same objects, and the
+    document is the one a build from scratch makes (and its body that one's JSON)."""
+
+    async def go(s: AsyncSession) -> None:
+        pool, (a, b) = await new_pool(s)
+        cache = MapCache()
+        first = (await pgmaps.map_documents(s, [pool], cache))[pool.id]
+        rows = await pgtable.load(s, pool_id=pool.id)
+        changes = [
+            PgChange(rows[1], replace(rows[1], state=PgState.DEGRADED)),
+            PgChange(rows[3], replace(rows[3], primary=b, secondary=a, target=a, moving="primary")),
+        ]
+        await pgtable.write(s, pool, changes)
+        patched = (await pgmaps.map_documents(s, [pool], cache))[pool.id]
+        fresh = (await pgmaps.map_documents(s, [pool]))[pool.id]
+        assert patched.doc == fresh.doc and patched.body == fresh.body == pgmaps.encode(fresh.doc)
+        assert patched.doc["pgs"][1]["state"] == "degraded"
+        assert patched.doc["pgs"][3]["moving"] == "primary"
+        for n in (0, 2):  # unchanged: shared with the previous document
+            assert patched.doc["pgs"][n] is first.doc["pgs"][n]
+        assert patched.doc["pgs"][1] is not first.doc["pgs"][1]
+
+    in_session(tmp_path, go)
+
+
 def test_a_document_whose_pool_moved_on_while_it_was_built_is_not_kept(tmp_path: Path) -> None:
     async def go(s: AsyncSession) -> None:
         pool, _ = await new_pool(s)

@@ -21,7 +21,7 @@ import json
 import struct
 import zlib
 from collections.abc import Awaitable, Callable, Collection, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from sqlalchemy import Select, bindparam, select
@@ -190,9 +190,18 @@ class MapDocument:
 
     epoch: int
     doc: dict[str, Any]
-    body: bytes
+    encoded: bytes | None = None  # ``body`` if given; else made by ``make`` when asked
+    make: Callable[[], bytes] | None = field(default=None, repr=False)
     _gzipped: bytes | None = None
     _deflated: bytes | None = None
+
+    @property
+    def body(self) -> bytes:
+        """The document's JSON, encoded once, when first asked for: a document that
+        only deltas are served from (:meth:`MapCache.delta`) is never encoded whole."""
+        if self.encoded is None:
+            self.encoded = self.make() if self.make is not None else encode(self.doc)
+        return self.encoded
 
     def deflated(self) -> bytes:
         """``body`` as raw deflate blocks ending at a byte boundary (a full flush,
@@ -413,7 +422,8 @@ async def map_documents(
                 ).all()
             )
         for p in missing:
-            document = MapDocument(p.map_epoch, *built[p.id])
+            doc, body = built[p.id]
+            document = MapDocument(p.map_epoch, doc, make=body)
             out[p.id] = document
             if cache is not None and now.get(p.id) == p.map_epoch:
                 cache.put(p.id, document)
@@ -426,8 +436,8 @@ def encode(doc: Any) -> bytes:
 
 
 def _pg_rows_query() -> Select[Any]:
-    """The PGs of some pools (expanding ``pool_ids``), each copy with its SDS: one
-    statement built once, so that its compiled form is cached."""
+    """PGs, each copy with its SDS, in (pool, PG) order: the statements below are
+    built once, so that their compiled forms are cached."""
     pg = PlacementGroup.__table__
     dev = Device.__table__
     pdev, sdev, tdev = dev.alias("pdev"), dev.alias("sdev"), dev.alias("tdev")
@@ -449,32 +459,46 @@ def _pg_rows_query() -> Select[Any]:
             .outerjoin(sdev, sdev.c.id == pg.c.secondary_device_id)
             .outerjoin(tdev, tdev.c.id == pg.c.target_device_id)
         )
-        .where(pg.c.pool_id.in_(bindparam("pool_ids", expanding=True)))
         .order_by(pg.c.pool_id, pg.c.pg)
     )
 
 
-_PG_ROWS = _pg_rows_query()
+_PG_ROWS = _pg_rows_query().where(
+    PlacementGroup.__table__.c.pool_id.in_(bindparam("pool_ids", expanding=True))
+)
+# one pool's rows written after a map epoch (``since``)
+_PG_ROWS_SINCE = _pg_rows_query().where(
+    PlacementGroup.__table__.c.pool_id == bindparam("pool_id"),
+    PlacementGroup.__table__.c.epoch > bindparam("since"),
+)
 
 
-@dataclass(frozen=True)
+@dataclass
 class PgPart:
-    """A pool's PGs as its document lists them (``pgs``, encoded: ``body``; ``sds``:
-    the SDSs they name), with what identifies the rows they were built from: their
-    number and their highest epoch (:func:`meshblock.mdm.pgtable.row_keys`): while
-    both are the same the rows are too, and the part is reused."""
+    """A pool's PGs as its document lists them (``pgs``; ``sds``: the SDSs they
+    name; :meth:`body`: encoded, once), with what identifies the rows they were built
+    from: their number and their highest epoch (:func:`meshblock.mdm.pgtable.row_keys`):
+    while both are the same the rows are too, and the part is reused; when only the
+    highest epoch moved, the rows changed since are read and patched in (the other
+    entries shared with the older part)."""
 
     key: tuple[int, int]
     pgs: list[dict[str, Any]]
-    body: bytes
     sds: frozenset[int]
+    _body: bytes | None = None
+
+    def body(self) -> bytes:
+        if self._body is None:
+            self._body = encode(self.pgs)
+        return self._body
 
 
 async def _build(
     session: AsyncSession, pools: list[StoragePool], parts: dict[int, PgPart] | None = None
-) -> dict[int, tuple[dict[str, Any], bytes]]:
-    """Each pool's document and its JSON; with ``parts``, the PGs' part of a pool
-    whose rows did not change since it was built is reused (and ``parts`` updated)."""
+) -> dict[int, tuple[dict[str, Any], Callable[[], bytes]]]:
+    """Each pool's document and what encodes it; with ``parts``, the PGs' part of a
+    pool whose rows did not change since it was built is reused, one whose rows
+    changed patched (and ``parts`` updated)."""
     ids = [p.id for p in pools]
     conn = await session.connection()
     # The rows' keys first, the PGs next (with the SDS of each copy from the same
@@ -485,8 +509,17 @@ async def _build(
     keys = await pgtable.row_keys(session, ids)
     have = parts if parts is not None else {}
     reused = {i: have[i] for i in ids if i in have and have[i].key == keys.get(i, (0, 0))}
-    stale = [i for i in ids if i not in reused]
-    built = _pg_parts(
+    built: dict[int, PgPart] = {}
+    for i in ids:
+        # the same number of rows, some newer: only those are read
+        old = have.get(i)
+        if i not in reused and old is not None and old.key[0] == keys.get(i, (0, 0))[0]:
+            since = (await conn.execute(_PG_ROWS_SINCE, {"pool_id": i, "since": old.key[1]})).all()
+            patched = _patched(old, since, keys[i])
+            if patched is not None:
+                built[i] = patched
+    stale = [i for i in ids if i not in reused and i not in built]
+    built |= _pg_parts(
         (await conn.execute(_PG_ROWS, {"pool_ids": stale})).all() if stale else [],
         stale,
         keys,
@@ -510,7 +543,7 @@ async def _build(
     # the name: an SDS checks a peer's certificate (sds:NAME) against the map
     sds_doc = {i: {"address": a, "data_port": p, "name": n} for i, a, p, n in sorted(sds_rows)}
     tombstones = await pool_tombstones(session, ids)
-    out: dict[int, tuple[dict[str, Any], bytes]] = {}
+    out: dict[int, tuple[dict[str, Any], Callable[[], bytes]]] = {}
     for p in pools:
         part = pg_parts[p.id]
         members = [(d, sds) for d, sds, pool_id in dev_rows if pool_id == p.id]
@@ -531,22 +564,27 @@ async def _build(
             # the delete (meshblock.mdm.deletion).
             "tombstones": tombstones[p.id],
         }
-        # The PGs' part spliced in as encoded: the same bytes as encoding it all.
-        body = encode(head)[:-1] + b', "pgs": ' + part.body + b", " + encode(tail)[1:]
-        out[p.id] = ({**head, "pgs": part.pgs, **tail}, body)
+        out[p.id] = ({**head, "pgs": part.pgs, **tail}, _splicer(head, part, tail))
     return out
 
 
-def _pg_parts(
-    rows: Sequence[Any], pool_ids: list[int], keys: dict[int, tuple[int, int]]
-) -> dict[int, PgPart]:
-    """The PGs' parts of ``pool_ids`` from their rows (``_PG_ROWS``), pure."""
+def _splicer(head: dict[str, Any], part: PgPart, tail: dict[str, Any]) -> Callable[[], bytes]:
+    """The document's JSON, made when first asked for: the PGs' part spliced in as
+    encoded (once per part), the same bytes as encoding it all."""
+
+    def body() -> bytes:
+        return encode(head)[:-1] + b', "pgs": ' + part.body() + b", " + encode(tail)[1:]
+
+    return body
+
+
+def _entries(rows: Sequence[Any]) -> list[tuple[int, dict[str, Any]]]:
+    """(pool id, PG entry) of each of ``rows`` (``_PG_ROWS``), pure."""
     dev_sds: dict[int, int] = {}
     for _, _, primary, secondary, _, target, _, p_sds, s_sds, t_sds in rows:
         for dev, sds in ((primary, p_sds), (secondary, s_sds), (target, t_sds)):
             if dev is not None and sds is not None:
                 dev_sds.setdefault(dev, sds)
-    pgs: dict[int, list[dict[str, Any]]] = {i: [] for i in pool_ids}
     copies: dict[int, dict[str, int] | None] = {}
 
     def copy(device_id: int | None) -> dict[str, int] | None:
@@ -558,6 +596,7 @@ def _pg_parts(
             c = copies[device_id] = _copy(device_id, dev_sds)
         return c
 
+    out = []
     for pool_id, pg, primary, secondary, state, target, moving, *_ in rows:
         entry: dict[str, Any] = {
             "pg": pg,
@@ -568,21 +607,41 @@ def _pg_parts(
         if target is not None:
             entry["target"] = copy(target)
             entry["moving"] = moving
+        out.append((pool_id, entry))
+    return out
+
+
+def _named(pgs: list[dict[str, Any]]) -> frozenset[int]:
+    """The SDSs that PG entries name."""
+    return frozenset(
+        c["sds_id"]
+        for entry in pgs
+        for c in (entry["primary"], entry["secondary"], entry.get("target"))
+        if c
+    )
+
+
+def _pg_parts(
+    rows: Sequence[Any], pool_ids: list[int], keys: dict[int, tuple[int, int]]
+) -> dict[int, PgPart]:
+    """The PGs' parts of ``pool_ids`` from their rows (``_PG_ROWS``), pure."""
+    pgs: dict[int, list[dict[str, Any]]] = {i: [] for i in pool_ids}
+    for pool_id, entry in _entries(rows):
         pgs[pool_id].append(entry)
-    return {
-        i: PgPart(
-            keys.get(i, (0, 0)),
-            pgs[i],
-            encode(pgs[i]),
-            frozenset(
-                c["sds_id"]
-                for entry in pgs[i]
-                for c in (entry["primary"], entry["secondary"], entry.get("target"))
-                if c
-            ),
-        )
-        for i in pool_ids
-    }
+    return {i: PgPart(keys.get(i, (0, 0)), pgs[i], _named(pgs[i])) for i in pool_ids}
+
+
+def _patched(old: PgPart, rows: Sequence[Any], key: tuple[int, int]) -> PgPart | None:
+    """``old`` with the entries of ``rows`` (``_PG_ROWS_SINCE``: the rows written since
+    ``old`` was built) in place of theirs, the others shared; None if a row is of a PG
+    ``old`` does not list where its number says (build the part anew), pure."""
+    pgs = list(old.pgs)
+    for _, entry in _entries(rows):
+        n = entry["pg"]
+        if not (0 <= n < len(pgs) and pgs[n]["pg"] == n):
+            return None
+        pgs[n] = entry
+    return PgPart(key, pgs, _named(pgs))
 
 
 def _copy(device_id: int | None, dev_sds: dict[int, int]) -> dict[str, int] | None:
