@@ -8,7 +8,8 @@ secret, ``--volumes`` thin and thick volumes, a few SDCs with mapped volumes), t
 ``--duration`` seconds:
 
 - a heartbeat process makes every simulated SDS send ``POST /api/v1/sds/{id}/heartbeat``
-  once a second (device usage and a few volume chunk counts), like the SDS daemon;
+  once a second (device usage and a few volume chunk counts: all of them first, then
+  those that changed), like the SDS daemon;
 - this process issues a mix of API requests at a fixed rate (open loop: a slow answer
   does not slow the offered load down): volume reads, creates and deletes, pool and
   SDS reads, PG maps and SDC maps.
@@ -189,7 +190,11 @@ class Mdm:
                     },
                     "database": {"url": db_url},
                     # long enough that SDSs registered early stay connected through the setup
-                    "cluster": {"name": "bench", "heartbeat_timeout_s": 600.0},
+                    "cluster": {
+                        "name": "bench",
+                        "heartbeat_interval_s": HEARTBEAT_INTERVAL_S,  # the simulator's
+                        "heartbeat_timeout_s": 600.0,
+                    },
                     "logging": {"level": log_level},
                 }
             )
@@ -352,6 +357,11 @@ async def _heartbeats(
             nonlocal missed
             path = f"{url}/api/v1/sds/{s.id}/heartbeat"
             due = start + HEARTBEAT_INTERVAL_S * i / n
+            # Like the SDS daemon (meshblock.sds.heartbeat): the whole state first and
+            # whenever the MDM asks for it, else what changed since the state of the
+            # last heartbeat the MDM acknowledged.
+            seq = time.time_ns() // 1000
+            acked: tuple[int, int, dict[int, int]] | None = None  # seq, used, volumes
             while not done.is_set():
                 delay = due - time.monotonic()
                 if delay > 0:
@@ -362,16 +372,34 @@ async def _heartbeats(
                 s.used_bytes += MiB * rng.randint(0, 2)
                 for v in s.volumes:
                     v[1] += rng.randint(0, 1)
-                body = {
-                    "devices": [{"id": s.device_id, "used_bytes": s.used_bytes}],
-                    "volumes": [{"id": v, "chunks": c} for v, c in s.volumes],
-                }
+                seq += 1
+                chunks = {v: c for v, c in s.volumes}
+                device = [{"id": s.device_id, "used_bytes": s.used_bytes}]
+                body: dict[str, Any]
+                if acked is None:
+                    body = {
+                        "seq": seq,
+                        "full": True,
+                        "devices": device,
+                        "volumes": [{"id": v, "chunks": c} for v, c in chunks.items()],
+                    }
+                else:
+                    body = {"seq": seq, "base": acked[0]}
+                    if s.used_bytes != acked[1]:
+                        body["devices"] = device
+                    moved = [
+                        {"id": v, "chunks": c} for v, c in chunks.items() if acked[2].get(v) != c
+                    ]
+                    if moved:
+                        body["volumes"] = moved
                 t0 = time.monotonic()
                 try:
                     async with session.post(path, json=body, headers=headers) as r:
-                        await r.read()
+                        doc = await r.json(content_type=None)
                         status = r.status
-                except (aiohttp.ClientError, OSError) as exc:
+                    if status == 200:
+                        acked = None if doc.get("send_full") else (seq, s.used_bytes, chunks)
+                except (aiohttp.ClientError, OSError, ValueError) as exc:
                     status = 0
                     errors[type(exc).__name__] += 1
                 samples.append((t0, time.monotonic() - t0, status))

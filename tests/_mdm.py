@@ -79,6 +79,8 @@ class MdmDaemon(HttpDaemon):
             # check the degraded state that precedes a rebuild.
             "cluster": {
                 "name": "test",
+                # the test SDSs' own interval, told to every SDS and SDC
+                "heartbeat_interval_s": 1.0,
                 "heartbeat_timeout_s": 5.0,
                 "rebuild_delay_s": 3600.0,
                 "rebalance_interval_s": 3600.0,

@@ -111,3 +111,20 @@ class LatencyBudgets:
     def budgets(self) -> dict[int, float]:
         """Every key's budget now (for /health)."""
         return {key: peer.budget for key, peer in sorted(self._peers.items())}
+
+
+#: The heartbeat intervals an MDM may set for the SDSs and SDCs; others are ignored.
+MIN_HEARTBEAT_INTERVAL_S: Final = 0.05
+MAX_HEARTBEAT_INTERVAL_S: Final = 300.0
+
+
+def heartbeat_interval(said: object, current: float) -> float:
+    """The interval an MDM's heartbeat answer sets (``heartbeat_interval_s``, its
+    ``[cluster]`` setting), or ``current`` when it says none or one out of range."""
+    if (
+        isinstance(said, int | float)
+        and not isinstance(said, bool)
+        and MIN_HEARTBEAT_INTERVAL_S <= said <= MAX_HEARTBEAT_INTERVAL_S
+    ):
+        return float(said)
+    return current

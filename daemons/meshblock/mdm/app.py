@@ -104,7 +104,7 @@ async def _store(app: web.Application) -> AsyncIterator[None]:
                 s.add(cluster)
                 await s.flush()
             epoch = cluster.epoch
-            liveness = Liveness(config.cluster.heartbeat_timeout_s, config.cluster.knobs())
+            liveness = Liveness(config.cluster.timeout_s, config.cluster.knobs())
             await liveness.load(s)
         a = config.auth
         app[CTX] = MdmContext(
@@ -136,7 +136,7 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
         c.sessions,
         c.liveness,
         c.notifier,
-        c.config.cluster.heartbeat_timeout_s,
+        c.config.cluster.timeout_s,
         c.write_gate,
         c.config.cluster.resync_delay_s,
         c.config.cluster.rebuild_delay_s,

@@ -55,12 +55,20 @@ class DatabaseConfig:
         return f"DatabaseConfig(url={redact_url(self.url)!r}, echo={self.echo})"
 
 
+HEARTBEAT_INTERVAL_S = 2.0  # [cluster] heartbeat_interval_s unless set
+HEARTBEAT_MISSES = 5  # heartbeat_timeout_s unless set: this many intervals
+
+
 @dataclass(frozen=True)
 class ClusterConfig:
     """``[cluster]``: failure detection and long-poll settings."""
 
     name: str = "meshblock"
-    heartbeat_timeout_s: float = 10.0
+    # How often SDSs and SDCs heartbeat (the MDM tells them in its replies). Unset:
+    # 2 s, or a fifth of heartbeat_timeout_s when only that is set and it is shorter.
+    heartbeat_interval_s: float | None = None
+    # A component silent this long is down. Unset: HEARTBEAT_MISSES intervals.
+    heartbeat_timeout_s: float | None = None
     longpoll_max_s: float = 30.0
     # A returning SDS must heartbeat this long before its stale copies are resynced.
     resync_delay_s: float = 0.0
@@ -77,6 +85,35 @@ class ClusterConfig:
     # flapping: kept out until `meshctl sds clear-flapping`.
     flap_count: int = 3
     flap_window_s: float = 600.0
+
+    def __post_init__(self) -> None:
+        interval, timeout = self.heartbeat_interval_s, self.heartbeat_timeout_s
+        if timeout is not None and not timeout > 0:
+            raise ValueError("cluster.heartbeat_timeout_s must be positive")
+        if interval is not None and not interval > 0:
+            raise ValueError("cluster.heartbeat_interval_s must be positive")
+        if interval is None:
+            interval = HEARTBEAT_INTERVAL_S
+            if timeout is not None:
+                interval = min(interval, timeout / HEARTBEAT_MISSES)
+        if timeout is None:
+            timeout = interval * HEARTBEAT_MISSES
+        if not timeout > interval:
+            raise ValueError("cluster.heartbeat_timeout_s must be longer than heartbeat_interval_s")
+        object.__setattr__(self, "heartbeat_interval_s", float(interval))
+        object.__setattr__(self, "heartbeat_timeout_s", float(timeout))
+
+    @property
+    def interval_s(self) -> float:
+        """``heartbeat_interval_s``, as set or derived."""
+        assert self.heartbeat_interval_s is not None
+        return self.heartbeat_interval_s
+
+    @property
+    def timeout_s(self) -> float:
+        """``heartbeat_timeout_s``, as set or derived."""
+        assert self.heartbeat_timeout_s is not None
+        return self.heartbeat_timeout_s
 
     def knobs(self) -> Knobs:
         return Knobs(self.hold_down_s, self.flap_count, self.flap_window_s)
@@ -161,8 +198,6 @@ class MdmConfig:
             raise ValueError("cluster.rebuild_delay_s must not be negative")
         if self.cluster.rebalance_interval_s <= 0:
             raise ValueError("cluster.rebalance_interval_s must be positive")
-        if self.cluster.heartbeat_timeout_s <= 0:
-            raise ValueError("cluster.heartbeat_timeout_s must be positive")
         if self.cluster.hold_down_s < 0:
             raise ValueError("cluster.hold_down_s must not be negative")
         if self.cluster.flap_count < 1:

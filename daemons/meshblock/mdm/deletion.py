@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Mapping
 
 from sqlalchemy import delete, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from meshblock.mdm.db import WriteGate
 from meshblock.mdm.epochs import EpochNotifier, bump
+from meshblock.mdm.heartbeats import Tombstone
 from meshblock.mdm.models import Device, StoragePool, Volume, VolumeState, VolumeUsage
 from meshblock.mdm.reconcile import Reported, reconcile
 
@@ -38,6 +40,10 @@ class TombstoneReports:
     def report(self, sds_id: int, tombstones: list[dict[str, int]] | None) -> None:
         if tombstones is not None:
             self.by_sds[sds_id] = {int(t["id"]): int(t["chunks_left"]) for t in tombstones}
+
+    def report_view(self, sds_id: int, tombstones: Mapping[int, Tombstone]) -> None:
+        """An SDS's whole set of tombstones, as its heartbeats left it."""
+        self.by_sds[sds_id] = {v: t.chunks_left for v, t in tombstones.items()}
 
     def freed_by(self, sds_id: int, volume_id: int) -> bool:
         return self.by_sds.get(sds_id, {}).get(volume_id) == 0

@@ -18,6 +18,7 @@ import asyncio
 import datetime as dt
 import logging
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -87,17 +88,23 @@ class Liveness:
         self,
         kind: Kind,
         id_: int,
-        devices: list[dict[str, Any]] | None = None,
-        volumes: list[dict[str, Any]] | None = None,
+        devices: Iterable[tuple[int, int]] = (),
+        volumes: Iterable[tuple[int, int]] = (),
     ) -> None:
+        """A heartbeat of ``id_``, with the (device, used bytes) and (volume, chunks)
+        that changed, written with the next batch."""
         now = utcnow()
         self.heartbeats_total += 1
         self.last_seen[(kind, id_)] = now
         self._pending.seen[(kind, id_)] = now
-        for d in devices or ():
-            self._pending.device_used[(id_, d["id"])] = d["used_bytes"]
-        for v in volumes or ():
-            self._pending.volume_chunks[(id_, v["id"])] = v["chunks"]
+        if devices:
+            used = self._pending.device_used
+            for d, n in devices:
+                used[(id_, d)] = n
+        if volumes:
+            chunks = self._pending.volume_chunks
+            for v, n in volumes:
+                chunks[(id_, v)] = n
 
     def forget(self, kind: Kind, id_: int) -> None:
         self.last_seen.pop((kind, id_), None)

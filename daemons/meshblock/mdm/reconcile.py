@@ -37,12 +37,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any
 
 from sqlalchemy import delete, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from meshblock.mdm.epochs import CLUSTER_ROW_ID, current
+from meshblock.mdm.heartbeats import SdsView
 from meshblock.mdm.idcounters import highest_id, raise_id_counter
 from meshblock.mdm.models import (
     Cluster,
@@ -72,10 +72,10 @@ class Reported:
 
     map_epochs: dict[int, int] = field(default_factory=dict)  # pool -> highest seen
     cluster_epoch: int = 0
-    volumes: dict[int, set[int]] = field(default_factory=dict)  # volume -> reporting SDSs
-    # volume -> {reporting SDS: epoch of the delete it holds (0: not said)}
-    tombstones: dict[int, dict[int, int]] = field(default_factory=dict)
-    reporters: set[int] = field(default_factory=set)  # SDSs whose report is in here
+    reporters: set[int] = field(default_factory=set)  # SDSs that reported since
+    # What each SDS holds, as its heartbeats told (mdm/heartbeats.py): its volumes and
+    # tombstones are read from here for the SDSs being reconciled.
+    views: dict[int, SdsView] = field(default_factory=dict)
     # Set for the process's life once a component reported an epoch above the store's:
     # the database was restored from an older copy. Volumes are reconciled only then
     # (a volume id that no row names is otherwise not evidence of anything).
@@ -83,23 +83,35 @@ class Reported:
     # Each pool's map epoch before a reported epoch raised it (the hand-copied case).
     pool_epochs_before: dict[int, int] = field(default_factory=dict)
 
-    def sds(self, sds_id: int, body: dict[str, Any]) -> None:
-        self.sds_epoch(body)
+    def sds(self, sds_id: int, epoch: int | None, map_epochs: list[tuple[int, int]]) -> None:
+        """An SDS's heartbeat: the epochs it reported (those that changed, in a
+        heartbeat that carries what changed); its state is in :attr:`views`."""
+        self.epoch(epoch)
         self.reporters.add(sds_id)
-        for m in body.get("map_epochs") or ():
-            pool, epoch = int(m["pool_id"]), int(m["epoch"])
-            self.map_epochs[pool] = max(epoch, self.map_epochs.get(pool, 0))
-        for v in body.get("volumes") or ():
-            if v["chunks"]:
-                self.volumes.setdefault(int(v["id"]), set()).add(sds_id)
-        for t in body.get("tombstones") or ():
-            self.tombstones.setdefault(int(t["id"]), {})[sds_id] = int(t.get("epoch") or 0)
+        for pool, e in map_epochs:
+            if e > self.map_epochs.get(pool, 0):
+                self.map_epochs[pool] = e
 
-    def sds_epoch(self, body: dict[str, Any]) -> None:
-        self.cluster_epoch = max(self.cluster_epoch, int(body.get("epoch") or 0))
+    def epoch(self, epoch: int | None) -> None:
+        """An SDS's or SDC's cluster epoch."""
+        if epoch is not None and epoch > self.cluster_epoch:
+            self.cluster_epoch = epoch
 
-    def sdc(self, body: dict[str, Any]) -> None:
-        self.cluster_epoch = max(self.cluster_epoch, int(body.get("epoch") or 0))
+    def held_by(self, sds_ids: set[int]) -> tuple[dict[int, set[int]], dict[int, dict[int, int]]]:
+        """Of these SDSs: volume -> the SDSs storing chunks of it; volume -> {SDS:
+        epoch of the delete whose tombstone it holds (0: not said)}."""
+        volumes: dict[int, set[int]] = {}
+        tombstones: dict[int, dict[int, int]] = {}
+        for sds_id in sds_ids:
+            view = self.views.get(sds_id)
+            if view is None:
+                continue
+            for v, n in view.volumes.items():
+                if n:
+                    volumes.setdefault(v, set()).add(sds_id)
+            for v, t in view.tombstones.items():
+                tombstones.setdefault(v, {})[sds_id] = t.epoch
+        return volumes, tombstones
 
 
 async def reconcile(session: AsyncSession, r: Reported) -> bool:
@@ -107,8 +119,6 @@ async def reconcile(session: AsyncSession, r: Reported) -> bool:
     changed = False
     map_epochs, r.map_epochs = r.map_epochs, {}
     cluster_epoch, r.cluster_epoch = r.cluster_epoch, 0
-    volumes, r.volumes = r.volumes, {}
-    tombstones, r.tombstones = r.tombstones, {}
     reporters, r.reporters = r.reporters, set()
     pools = {p.id: p for p in (await session.execute(select(StoragePool))).scalars()}
     for pool_id, seen in map_epochs.items():
@@ -146,9 +156,7 @@ async def reconcile(session: AsyncSession, r: Reported) -> bool:
             left,
         )
         changed = True
-    volumes = {v: s for v, s in volumes.items() if s & acting}
-    tombstones = {v: {i: e for i, e in s.items() if i in acting} for v, s in tombstones.items()}
-    tombstones = {v: s for v, s in tombstones.items() if s}
+    volumes, tombstones = r.held_by(acting)
     reported = set(volumes) | set(tombstones)
     if not reported:
         return changed

@@ -217,8 +217,16 @@ SCRUB_REPORT = obj(
         },
     }
 )
+_GONE: dict[str, Any] = {"type": "array", "maxItems": 100_000, "items": ID}
 SDS_HEARTBEAT = obj(
     {
+        # Heartbeats that carry what changed (docs/mdm.md, "Heartbeats"): this one's
+        # number, whether it carries the SDS's whole state, and, when it does not, the
+        # number of the last one the MDM acknowledged, whose state it changes. None of
+        # the three: an SDS of an earlier release, whose heartbeats carry everything.
+        "seq": EPOCH,
+        "full": {"type": "boolean"},
+        "base": EPOCH,
         "devices": {
             "type": "array",
             "maxItems": 64,
@@ -238,6 +246,8 @@ SDS_HEARTBEAT = obj(
                 ("id", "chunks"),
             ),
         },
+        # Volumes this SDS no longer stores chunks of (in a heartbeat that is not full)
+        "volumes_gone": _GONE,
         # The highest cluster epoch this SDS has been told (reconciled after a restore).
         "epoch": EPOCH,
         # The epoch of each pool's map this SDS has (reconciled after a restore).
@@ -264,6 +274,8 @@ SDS_HEARTBEAT = obj(
                 ("id", "chunks_left"),
             ),
         },
+        # Tombstones this SDS no longer holds (in a heartbeat that is not full)
+        "tombstones_gone": _GONE,
         # How long this SDS has reached each held SDS the MDM named (``probe``) without
         # a break, in seconds (0: its last ping failed).
         "probes": {
@@ -332,6 +344,7 @@ MAPPING_UPDATE = obj(
 
 _TS = {"type": ["string", "null"], "format": "date-time"}
 _INT = {"type": "integer"}
+_NUM = {"type": "number"}
 _NINT = {"type": ["integer", "null"]}
 _STR = {"type": "string"}
 _NSTR = {"type": ["string", "null"]}
@@ -521,11 +534,15 @@ COMPONENTS: dict[str, dict[str, Any]] = {
             "volumes": {"type": "array", "items": {"type": "object"}},
         }
     ),
-    "Heartbeat": _resp({"state": _STATE, "epoch": _INT}),
+    "Heartbeat": _resp({"state": _STATE, "epoch": _INT, "heartbeat_interval_s": _NUM}),
     "SdsHeartbeat": _resp(
         {
             "state": _STATE,
             "epoch": _INT,
+            # how often to heartbeat ([cluster] heartbeat_interval_s)
+            "heartbeat_interval_s": _NUM,
+            # the MDM has not the state this heartbeat changes: send the whole of it next
+            "send_full": {"type": "boolean"},
             # Held SDSs this SDS should ping and report on in its heartbeats' probes
             # (docs/mdm.md, "Hold-down and flapping")
             "probe": {

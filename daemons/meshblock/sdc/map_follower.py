@@ -25,6 +25,7 @@ from meshblock import pgmap_delta
 from meshblock.files import write_atomic
 from meshblock.sdc.maps import MapError, PoolMap, SdcMaps, parse_maps
 from meshblock.sdc.mdm_client import MdmClient, MdmRefused, MdmUnavailable, sleep_backoff
+from meshblock.timeouts import heartbeat_interval
 
 log = logging.getLogger(__name__)
 
@@ -280,6 +281,13 @@ class MapFollower:
                 await sleep_backoff(attempt)
                 attempt += 1
 
+    def _set_interval(self, said: object) -> None:
+        """The heartbeat interval the cluster sets (absent from an older MDM's answer)."""
+        interval = heartbeat_interval(said, self.heartbeat_interval_s)
+        if interval != self.heartbeat_interval_s:
+            log.info("heartbeat interval %g s, as the MDM says", interval)
+            self.heartbeat_interval_s = interval
+
     async def _heartbeats(self) -> None:
         await self._registered.wait()
         while True:
@@ -288,8 +296,10 @@ class MapFollower:
             if sdc_id is None or not self._registered.is_set():
                 continue
             try:
-                await self.client.heartbeat(sdc_id, self.epoch)
+                doc = await self.client.heartbeat(sdc_id, self.epoch)
                 self._reachable(True)
+                if isinstance(doc, dict):
+                    self._set_interval(doc.get("heartbeat_interval_s"))
             except MdmRefused as exc:
                 if exc.status == 404:
                     self._registered.clear()

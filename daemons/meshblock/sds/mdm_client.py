@@ -3,9 +3,11 @@
 - At start the SDS registers by the names in its config
   (``POST /api/v1/sds/register``), retrying with back-off until the MDM answers, and
   learns its id and its devices' ids and pools.
-- Every ``heartbeat_interval_s`` it reports device usage and chunks per volume
-  (``POST /api/v1/sds/{id}/heartbeat``); an MDM that no longer knows it makes it
-  register again.
+- Every heartbeat interval (the MDM's ``[cluster] heartbeat_interval_s``, the
+  config's ``heartbeat_interval_s`` until it answers) it reports device usage and
+  chunks per volume, what changed since the MDM's last acknowledgement
+  (``POST /api/v1/sds/{id}/heartbeat``, :mod:`meshblock.sds.heartbeat`); an MDM that
+  no longer knows it makes it register again.
 - One task per pool long-polls ``GET /api/v1/pools/{id}/pgmap?wait_epoch=N``, and
   one its mappings (``GET /api/v1/pools/{id}/mappings?wait_epoch=N``: which SDC may do
   client IO to which volume, :mod:`meshblock.sds.access`), which are also fetched
@@ -43,12 +45,14 @@ from meshblock import pgmap_delta, pki
 from meshblock.config import ConfigError
 from meshblock.files import fsync_directory, write_atomic
 from meshblock.sds.config import SdsConfig
+from meshblock.sds.heartbeat import Heartbeats, Snapshot
 from meshblock.sds.maps import PgMap
 from meshblock.sds.peer_probe import PeerProbes, wire_pinger
 from meshblock.sds.resync import Resync
 from meshblock.sds.scrub import Scrubber
 from meshblock.sds.state import SdsState
 from meshblock.sds.store import Device
+from meshblock.timeouts import heartbeat_interval
 from meshblock.tls import MdmTls, mdm_tls
 
 log = logging.getLogger(__name__)
@@ -183,6 +187,9 @@ class MdmLink:
         sds.access.fetcher = self._fetch_mappings
         # SDSs held down by the MDM that it asks us to ping (docs/mdm.md, hold-down)
         self.peer_probes = PeerProbes(wire_pinger(secret, config.wire_min_version, sds.peers.tls))
+        self.beats = Heartbeats()
+        # The config's until the MDM says otherwise (its heartbeat answers).
+        self.heartbeat_interval_s = config.heartbeat_interval_s
 
     # -- state file -------------------------------------------------------------------
 
@@ -286,9 +293,8 @@ class MdmLink:
         if self._sds.sds_id:
             self._follow_pools()  # serve and follow on cached identity meanwhile
         await self._register()
-        interval = self._config.heartbeat_interval_s
         while True:
-            await asyncio.sleep(interval)
+            await asyncio.sleep(self.heartbeat_interval_s)
             try:
                 await self._heartbeat()
             except MdmUnavailable as exc:
@@ -579,31 +585,35 @@ class MdmLink:
             )
             self._sds.store.fail(dev, f"failed at the MDM: {doc.get('error') or 'IO error'}")
 
-    async def _heartbeat(self) -> None:
+    def _snapshot(self) -> Snapshot:
         sds = self._sds
         tombstones = sds.tombstones.report()
         # A deleted volume's count until it reaches 0, so that the MDM sees it freed.
         volumes = sds.store.volume_chunks() | {t["id"]: t["chunks_left"] for t in tombstones}
-        body = {
-            "devices": [
-                {"id": d.mdm_id, "used_bytes": d.used_bytes}
-                for d in sds.store.devices
-                if d.mdm_id is not None
-            ],
-            "volumes": [{"id": v, "chunks": n} for v, n in volumes.items()],
-            "tombstones": tombstones,
-            "epoch": self.cluster_epoch,
-            "map_epochs": [
-                {"pool_id": p, "epoch": m.epoch} for p, m in sorted(sds.maps.maps.items())
-            ],
-            "copies": self._resync.report(),
-        }
+        return Snapshot(
+            devices={d.mdm_id: d.used_bytes for d in sds.store.devices if d.mdm_id is not None},
+            volumes=volumes,
+            tombstones={t["id"]: (t["chunks_left"], t["epoch"]) for t in tombstones},
+            map_epochs={p: m.epoch for p, m in sorted(sds.maps.maps.items())},
+            epoch=self.cluster_epoch,
+            copies=self._resync.report(),
+            scrub=self.scrubber.report() if self.scrubber is not None else None,
+        )
+
+    async def _heartbeat(self) -> None:
+        """One heartbeat: what changed since the state the MDM acknowledged, or
+        everything (:mod:`meshblock.sds.heartbeat`); then what the MDM answers."""
+        sds = self._sds
+        body = self.beats.body(self._snapshot())
         probes = self.peer_probes.report()
         if probes:
             body["probes"] = probes
-        if self.scrubber is not None:
-            body["scrub"] = self.scrubber.report()
-        status, doc = await self._call("POST", f"/api/v1/sds/{sds.sds_id}/heartbeat", body)
+        try:
+            status, doc = await self._call("POST", f"/api/v1/sds/{sds.sds_id}/heartbeat", body)
+        except MdmUnavailable:
+            self.beats.answered(0, None)
+            raise
+        self.beats.answered(status, doc)
         if status == 200 and isinstance(doc, dict) and isinstance(doc.get("epoch"), int):
             self.cluster_epoch = max(self.cluster_epoch, doc["epoch"])
         if status == 200 and isinstance(doc, dict):
@@ -612,11 +622,19 @@ class MdmLink:
             scrub = doc.get("scrub")
             if self.scrubber is not None and isinstance(scrub, dict):
                 self.scrubber.order(scrub.get("orders"), scrub.get("findings_acked"))
+            self._set_interval(doc.get("heartbeat_interval_s"))
         if status == 404:
             log.warning("the MDM does not know SDS %d any more; registering again", sds.sds_id)
             await self._register()
         elif status != 200:
             log.warning("heartbeat refused with status %d", status)
+
+    def _set_interval(self, said: object) -> None:
+        """The heartbeat interval the cluster sets ([cluster] heartbeat_interval_s)."""
+        interval = heartbeat_interval(said, self.heartbeat_interval_s)
+        if interval != self.heartbeat_interval_s:
+            log.info("heartbeat interval %g s, as the MDM says", interval)
+            self.heartbeat_interval_s = interval
 
     # -- maps -------------------------------------------------------------------------
 

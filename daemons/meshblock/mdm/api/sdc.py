@@ -11,7 +11,7 @@ from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from meshblock.auth import Role
-from meshblock.mdm import authz, pgmaps, schemas
+from meshblock.mdm import authz, heartbeats, pgmaps, schemas
 from meshblock.mdm.api.common import (
     WAIT_PARAMS,
     change,
@@ -25,7 +25,7 @@ from meshblock.mdm.api.common import (
 )
 from meshblock.mdm.context import ctx
 from meshblock.mdm.epochs import current
-from meshblock.mdm.errors import BadRequest, Conflict
+from meshblock.mdm.errors import BadRequest, Conflict, NotFound
 from meshblock.mdm.liveness import Liveness
 from meshblock.mdm.models import Mapping, Sdc, StoragePool, Volume
 from meshblock.mdm.routing import ApiRoutes, QueryParam, path_id
@@ -188,18 +188,27 @@ async def delete_sdc(request: web.Request) -> web.Response:
     tag=TAG,
     summary="SDC heartbeat",
     body=schemas.SDC_HEARTBEAT,
+    decode=heartbeats.decode_sdc,
     response="Heartbeat",
     errors=(404,),
 )
-async def sdc_heartbeat(request: web.Request, body: dict[str, Any]) -> web.Response:
+async def sdc_heartbeat(request: web.Request, epoch: int | None) -> web.Response:
     c = ctx(request)
     sdc_id = path_id(request)
     if c.liveness.seen("sdc", sdc_id) is None:
         async with reading(request) as s:
-            await get_or_404(s, Sdc, sdc_id, "SDC")
+            found = (await s.execute(select(Sdc.id).where(Sdc.id == sdc_id))).scalar()
+        if found is None:
+            raise NotFound(f"no SDC with id {sdc_id}")
     c.liveness.beat("sdc", sdc_id)
-    c.reported.sdc(body)
-    return json({"state": "connected", "epoch": c.notifier.epoch})
+    c.reported.epoch(epoch)
+    return json(
+        {
+            "state": "connected",
+            "epoch": c.notifier.epoch,
+            "heartbeat_interval_s": c.config.cluster.interval_s,
+        }
+    )
 
 
 @routes.route(

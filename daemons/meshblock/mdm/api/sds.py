@@ -15,7 +15,16 @@ from sqlalchemy.orm import selectinload
 
 from meshblock import audit
 from meshblock.auth import Role
-from meshblock.mdm import authz, failures, holddown, pgmaps, pgtable, schemas, unclean
+from meshblock.mdm import (
+    authz,
+    failures,
+    heartbeats,
+    holddown,
+    pgmaps,
+    pgtable,
+    schemas,
+    unclean,
+)
 from meshblock.mdm.api import join, scrub
 from meshblock.mdm.api.common import (
     change,
@@ -479,6 +488,7 @@ async def delete_sds(request: web.Request) -> web.Response:
         await _release_devices(s, [d.id for d in sds.devices])
         await s.delete(sds)
         ctx(request).liveness.forget("sds", sds.id)
+        ctx(request).reported.views.pop(sds.id, None)
         log.info("SDS %s removed", sds.name)
     return web.Response(status=204)
 
@@ -545,32 +555,50 @@ async def remove_device(request: web.Request) -> web.Response:
     r"/api/v1/sds/{id:\d+}/heartbeat",
     role=Role.COMPONENT,
     tag=TAG,
-    summary="SDS heartbeat with device and volume usage",
+    summary="SDS heartbeat with device and volume usage (what changed, or everything)",
     body=schemas.SDS_HEARTBEAT,
+    decode=heartbeats.decode_sds,
     response="SdsHeartbeat",
     errors=(404,),
 )
-async def sds_heartbeat(request: web.Request, body: dict[str, Any]) -> web.Response:
+async def sds_heartbeat(request: web.Request, beat: heartbeats.SdsBeat) -> web.Response:
+    """No ORM object on the way (docs/mdm.md, "Heartbeats"): the body is decoded by
+    type, the state the SDS reports kept in memory (:mod:`meshblock.mdm.heartbeats`),
+    what changed written with the next batch (:mod:`meshblock.mdm.liveness`)."""
     c = ctx(request)
     sds_id = path_id(request)
-    if c.liveness.seen("sds", sds_id) is None:
+    live = c.liveness
+    if live.seen("sds", sds_id) is None:
         # Unknown to memory: either never seen since start or not registered at all.
-        async with reading(request) as s:
-            await get_or_404(s, Sds, sds_id, "SDS")
-    c.liveness.beat("sds", sds_id, body.get("devices"), body.get("volumes"))
-    c.progress.report(sds_id, body.get("copies"))
-    c.tombstones.report(sds_id, body.get("tombstones"))
-    c.reported.sds(sds_id, body)
-    holds = c.liveness.holds
-    holds.report(sds_id, body.get("probes") or ())
-    return json(
-        {
-            "state": c.liveness.state("sds", sds_id),
-            "epoch": c.notifier.epoch,
-            "probe": holds.probe_list(sds_id),
-            "scrub": scrub.heartbeat(c, sds_id, body.get("scrub")),
-        }
-    )
+        await _must_be_registered(request, sds_id)
+    applied = heartbeats.apply(c.reported.views, sds_id, beat)
+    if applied is None:  # a delta onto a state this MDM does not have
+        live.beat("sds", sds_id)
+    else:
+        live.beat("sds", sds_id, applied.devices, applied.volumes)
+        if beat.legacy or beat.copies is not None:
+            c.progress.report(sds_id, beat.copies)
+        if applied.tombstones is not None:
+            c.tombstones.report_view(sds_id, applied.tombstones)
+        c.reported.sds(sds_id, beat.epoch, beat.map_epochs)
+        if beat.probes:
+            live.holds.report(sds_id, beat.probes)
+    reply = {
+        "state": live.state("sds", sds_id),
+        "epoch": c.notifier.epoch,
+        "heartbeat_interval_s": c.config.cluster.interval_s,
+        "send_full": applied is None,
+        "probe": live.holds.probe_list(sds_id),
+        "scrub": scrub.heartbeat(c, sds_id, beat.scrub if applied is not None else None),
+    }
+    return json(reply)
+
+
+async def _must_be_registered(request: web.Request, sds_id: int) -> None:
+    async with reading(request) as s:
+        found = (await s.execute(select(Sds.id).where(Sds.id == sds_id))).scalar()
+    if found is None:
+        raise NotFound(f"no SDS with id {sds_id}")
 
 
 @routes.route(

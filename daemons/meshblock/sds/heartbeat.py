@@ -1,0 +1,118 @@
+"""What an SDS's heartbeats carry: its whole state when the MDM needs it, else only
+what changed (docs/mdm.md, "Heartbeats").
+
+Each heartbeat is numbered (``seq``, from the wall clock at start, so that a new
+process numbers above an older one). The first one after the SDS starts, and the next
+one after the MDM answered ``send_full`` (it restarted, or lost the state a delta
+would change), is ``full``: every device's usage, every volume's chunk count, every
+tombstone, map epoch, copy and the scrub report. Later ones carry what differs from
+the state of the last heartbeat the MDM acknowledged (``base``), volumes and
+tombstones gone included; a heartbeat whose answer was lost is therefore covered by
+the next one. An MDM of an earlier release refuses the new fields (422): then every
+heartbeat carries everything, as before.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Snapshot:
+    """The state one heartbeat reports."""
+
+    devices: dict[int, int] = field(default_factory=dict)  # device id -> used bytes
+    volumes: dict[int, int] = field(default_factory=dict)  # volume id -> chunks
+    tombstones: dict[int, tuple[int, int]] = field(default_factory=dict)  # (left, epoch)
+    map_epochs: dict[int, int] = field(default_factory=dict)
+    epoch: int = 0
+    copies: list[dict[str, Any]] = field(default_factory=list)
+    scrub: dict[str, Any] | None = None
+
+
+def _tombstones(t: dict[int, tuple[int, int]]) -> list[dict[str, int]]:
+    return [{"id": v, "chunks_left": n, "epoch": e} for v, (n, e) in t.items()]
+
+
+def _changed(now: dict[int, Any], before: dict[int, Any]) -> dict[int, Any]:
+    return {k: v for k, v in now.items() if before.get(k) != v}
+
+
+class Heartbeats:
+    def __init__(self) -> None:
+        self.seq = time.time_ns() // 1000
+        self.legacy = False  # the MDM is of an earlier release: everything, every time
+        self._acked: tuple[int, Snapshot] | None = None  # the MDM has this state
+        self._sent: tuple[int, Snapshot] | None = None
+
+    def body(self, snap: Snapshot) -> dict[str, Any]:
+        """The body of the next heartbeat reporting ``snap``."""
+        self.seq += 1
+        self._sent = (self.seq, snap)
+        acked = self._acked
+        if self.legacy or acked is None:
+            body: dict[str, Any] = {
+                "devices": [{"id": d, "used_bytes": n} for d, n in snap.devices.items()],
+                "volumes": [{"id": v, "chunks": n} for v, n in snap.volumes.items()],
+                "tombstones": _tombstones(snap.tombstones),
+                "epoch": snap.epoch,
+                "map_epochs": [{"pool_id": p, "epoch": e} for p, e in snap.map_epochs.items()],
+                "copies": snap.copies,
+            }
+            if snap.scrub is not None:
+                body["scrub"] = snap.scrub
+            if not self.legacy:
+                body |= {"seq": self.seq, "full": True}
+            return body
+        base, old = acked
+        body = {"seq": self.seq, "base": base}
+        devices = _changed(snap.devices, old.devices)
+        if devices:
+            body["devices"] = [{"id": d, "used_bytes": n} for d, n in devices.items()]
+        volumes = _changed(snap.volumes, old.volumes)
+        if volumes:
+            body["volumes"] = [{"id": v, "chunks": n} for v, n in volumes.items()]
+        gone = [v for v in old.volumes if v not in snap.volumes]
+        if gone:
+            body["volumes_gone"] = gone
+        tombstones = _changed(snap.tombstones, old.tombstones)
+        if tombstones:
+            body["tombstones"] = _tombstones(tombstones)
+        gone = [v for v in old.tombstones if v not in snap.tombstones]
+        if gone:
+            body["tombstones_gone"] = gone
+        if snap.epoch != old.epoch:
+            body["epoch"] = snap.epoch
+        map_epochs = _changed(snap.map_epochs, old.map_epochs)
+        if map_epochs:
+            body["map_epochs"] = [{"pool_id": p, "epoch": e} for p, e in map_epochs.items()]
+        if snap.copies != old.copies:
+            body["copies"] = snap.copies
+        # Findings go again until the MDM has taken them (its answer says how far).
+        if snap.scrub is not None and (snap.scrub != old.scrub or snap.scrub.get("findings")):
+            body["scrub"] = snap.scrub
+        return body
+
+    def answered(self, status: int, doc: Any) -> None:
+        """The MDM's answer to the last :meth:`body` (none: not answered)."""
+        sent, self._sent = self._sent, None
+        if status == 200 and sent is not None:
+            if isinstance(doc, dict) and doc.get("send_full"):
+                log.info("the MDM asks for our whole state: it goes with the next heartbeat")
+                self._acked = None
+            else:
+                self._acked = sent
+        elif status == 422 and not self.legacy:
+            log.warning(
+                "the MDM refused a heartbeat that carries what changed (%s): an MDM of an "
+                "earlier release? Every heartbeat carries everything from now on",
+                doc.get("error", {}).get("message") if isinstance(doc, dict) else doc,
+            )
+            self.legacy = True
+        elif status == 404:
+            self._acked = None  # registering again: the next one carries everything

@@ -1,0 +1,245 @@
+"""Heartbeats that carry what changed, in process (docs/mdm.md, "Heartbeats"): the
+MDM's typed decoding (as strict as the schema that documents it), the state it keeps
+per SDS (deltas applied, volumes gone, a delta onto a state it does not have), the
+SDS's sender (full first, then what changed, full again when asked, the older
+protocol for an older MDM), and the interval the cluster sets."""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+from typing import Any
+
+import jsonschema_rs
+import pytest
+
+from meshblock.config import ConfigError, load
+from meshblock.mdm import heartbeats, schemas
+from meshblock.mdm.config import MdmConfig
+from meshblock.mdm.errors import Invalid
+from meshblock.mdm.liveness import Liveness
+from meshblock.mdm.reconcile import Reported
+from meshblock.sds.heartbeat import Heartbeats, Snapshot
+from meshblock.timeouts import heartbeat_interval
+
+pytestmark = pytest.mark.unit
+
+FULL: dict[str, Any] = {
+    "seq": 5,
+    "full": True,
+    "devices": [{"id": 1, "used_bytes": 10}],
+    "volumes": [{"id": 1, "chunks": 3}, {"id": 2, "chunks": 4}],
+    "tombstones": [{"id": 9, "chunks_left": 2, "epoch": 7}],
+    "epoch": 12,
+    "map_epochs": [{"pool_id": 1, "epoch": 3}],
+    "probes": [{"sds_id": 2, "reachable_s": 1.5}],
+    "copies": [{"pool_id": 1, "kind": "rebuild", "remaining_bytes": 0, "copied_bytes": 5}],
+    "scrub": {"instance": "x", "pools": [], "findings": []},
+}
+DELTA: dict[str, Any] = {
+    "seq": 6,
+    "base": 5,
+    "volumes": [{"id": 1, "chunks": 8}],
+    "volumes_gone": [2],
+    "tombstones_gone": [9],
+}
+ODD = [None, True, -1, 0, 1, 2**63, 1.5, "x", "", [], [1], {}, {"id": 1}, [{"id": 1}]]
+
+
+def _mutants(doc: Any, rng: random.Random, n: int) -> list[Any]:
+    """``doc`` with one value, somewhere in it, replaced by an odd one (or a key added)."""
+    out = []
+    for _ in range(n):
+        d = copy.deepcopy(doc)
+        node = d
+        while True:
+            keys = list(node) if isinstance(node, dict) else list(range(len(node)))
+            if not keys:
+                break
+            k = rng.choice(keys)
+            if isinstance(node[k], dict | list) and node[k] and rng.random() < 0.6:
+                node = node[k]
+                continue
+            if isinstance(node, dict) and rng.random() < 0.1:
+                node["unexpected"] = 1
+            else:
+                node[k] = rng.choice(ODD)
+            break
+        out.append(d)
+    return out
+
+
+def test_the_decoder_refuses_whatever_the_schema_refuses() -> None:
+    """Every body the documented schema refuses is refused by the typed decoding too
+    (it may refuse more: a delta without ``base``)."""
+    validator = jsonschema_rs.validator_for(schemas.SDS_HEARTBEAT)
+    rng = random.Random(16)
+    refused = 0
+    for doc in _mutants(FULL, rng, 1500) + _mutants(DELTA, rng, 500):
+        if validator.is_valid(doc):
+            continue
+        refused += 1
+        with pytest.raises(Invalid):
+            heartbeats.decode_sds(doc)
+    assert refused > 1000
+    for doc in (FULL, DELTA, {}, {"epoch": 3}):
+        assert validator.is_valid(doc)
+        heartbeats.decode_sds(doc)
+
+
+def test_the_sdc_decoder() -> None:
+    assert heartbeats.decode_sdc({}) is None
+    assert heartbeats.decode_sdc({"epoch": 4}) == 4
+    for bad in ({"epoch": -1}, {"epoch": "4"}, {"epoch": None}, {"x": 1}, {"epoch": 2**63}):
+        with pytest.raises(Invalid):
+            heartbeats.decode_sdc(bad)
+
+
+def test_deltas_apply_onto_the_acknowledged_state_only() -> None:
+    views: dict[int, heartbeats.SdsView] = {}
+    applied = heartbeats.apply(views, 3, heartbeats.decode_sds(FULL))
+    assert applied is not None and applied.volumes == [(1, 3), (2, 4)]
+    assert applied.tombstones == {9: heartbeats.Tombstone(2, 7)}
+    applied = heartbeats.apply(views, 3, heartbeats.decode_sds(DELTA))
+    assert applied is not None
+    # a count moved, a volume is gone (written as 0 chunks), the tombstone is gone
+    assert applied.volumes == [(1, 8), (2, 0)]
+    assert applied.tombstones == {}
+    assert views[3].volumes == {1: 8} and views[3].seq == 6
+    # the same delta again: its base (5) is no longer the state the MDM has (6)
+    assert heartbeats.apply(views, 3, heartbeats.decode_sds(DELTA)) is None
+    assert views[3].volumes == {1: 8}
+    # an SDS the MDM knows no state of (it restarted)
+    assert heartbeats.apply(views, 4, heartbeats.decode_sds(DELTA)) is None
+    # a full state after a delta: what it no longer has is gone
+    full = dict(FULL, seq=7, volumes=[{"id": 5, "chunks": 1}])
+    applied = heartbeats.apply(views, 3, heartbeats.decode_sds(full))
+    assert applied is not None and applied.volumes == [(5, 1), (1, 0)]
+    assert views[3].volumes == {5: 1}
+
+
+def test_an_older_sds_is_merged_as_before() -> None:
+    views: dict[int, heartbeats.SdsView] = {}
+    heartbeats.apply(views, 1, heartbeats.decode_sds({"volumes": [{"id": 1, "chunks": 2}]}))
+    second = heartbeats.decode_sds({"volumes": [{"id": 2, "chunks": 1}]})
+    applied = heartbeats.apply(views, 1, second)
+    assert applied is not None and applied.volumes == [(2, 1)]
+    assert views[1].volumes == {1: 2, 2: 1}
+    # and its next heartbeat, were it upgraded meanwhile, is full
+    assert heartbeats.apply(views, 1, heartbeats.decode_sds(DELTA)) is None
+
+
+def test_reconcile_reads_the_kept_state() -> None:
+    """What a restore's reconciliation sees of an SDS is its whole state, not the
+    last delta."""
+    r = Reported()
+    heartbeats.apply(r.views, 3, heartbeats.decode_sds(FULL))
+    heartbeats.apply(r.views, 3, heartbeats.decode_sds(dict(DELTA, tombstones_gone=[])))
+    volumes, tombstones = r.held_by({3})
+    assert volumes == {1: {3}} and tombstones == {9: {3: 7}}
+
+
+def test_the_writer_gets_only_what_changed() -> None:
+    live = Liveness(10.0)
+    live.beat("sds", 3, [(1, 10)], [(1, 8), (2, 0)])
+    assert live._pending.volume_chunks == {(3, 1): 8, (3, 2): 0}
+    assert live._pending.device_used == {(3, 1): 10}
+
+
+def _snap(**volumes: int) -> Snapshot:
+    return Snapshot(
+        devices={1: 100},
+        volumes={int(k[1:]): v for k, v in volumes.items()},
+        map_epochs={1: 4},
+        epoch=9,
+    )
+
+
+def test_the_sds_sends_its_state_then_what_changed() -> None:
+    hb = Heartbeats()
+    first = hb.body(_snap(v1=1, v2=2))
+    assert first["full"] is True and len(first["volumes"]) == 2 and first["epoch"] == 9
+    hb.answered(200, {"send_full": False})
+    second = hb.body(_snap(v1=1, v2=3, v3=1))
+    assert second == {
+        "seq": first["seq"] + 1,
+        "base": first["seq"],
+        "volumes": [{"id": 2, "chunks": 3}, {"id": 3, "chunks": 1}],
+    }
+    # unanswered: the next one is still computed from the first's state
+    hb.answered(0, None)
+    third = hb.body(_snap(v2=3))
+    assert third["base"] == first["seq"] and third["volumes_gone"] == [1]
+    hb.answered(200, {})
+    assert hb.body(_snap(v2=3)) == {"seq": third["seq"] + 1, "base": third["seq"]}
+    # the MDM lost our state: everything again
+    hb.answered(200, {"send_full": True})
+    assert hb.body(_snap(v2=3))["full"] is True
+
+
+def test_the_sds_speaks_the_older_protocol_to_an_older_mdm() -> None:
+    hb = Heartbeats()
+    hb.body(_snap(v1=1))
+    hb.answered(422, {"error": {"message": "Additional properties are not allowed"}})
+    body = hb.body(_snap(v1=1))
+    assert "seq" not in body and "full" not in body and body["volumes"]
+    hb.answered(200, {})
+    assert hb.body(_snap(v1=1))["volumes"] == [{"id": 1, "chunks": 1}]
+
+
+def test_scrub_findings_go_again_until_taken() -> None:
+    hb = Heartbeats()
+    snap = _snap(v1=1)
+    snap.scrub = {"instance": "i", "pools": [], "findings": [{"seq": 1, "pool_id": 1}]}
+    hb.body(snap)
+    hb.answered(200, {})
+    assert "scrub" in hb.body(snap)  # not taken yet (still in the report)
+    hb.answered(200, {})
+    taken = Snapshot(**{**snap.__dict__, "scrub": {"instance": "i", "pools": [], "findings": []}})
+    assert "scrub" in hb.body(taken)  # changed
+    hb.answered(200, {})
+    assert "scrub" not in hb.body(taken)
+
+
+def _cluster(tmp_path: Any, text: str) -> Any:
+    path = tmp_path / "mdm.toml"
+    path.write_text(f'[auth]\nadmin_token = "a"\n[cluster]\n{text}\n')
+    return load(MdmConfig, path).cluster
+
+
+@pytest.mark.parametrize(
+    ("text", "interval", "timeout"),
+    [
+        ("", 2.0, 10.0),
+        ("heartbeat_interval_s = 4", 4.0, 20.0),
+        ("heartbeat_timeout_s = 3", 0.6, 3.0),
+        ("heartbeat_timeout_s = 60", 2.0, 60.0),
+        ("heartbeat_interval_s = 1\nheartbeat_timeout_s = 3", 1.0, 3.0),
+    ],
+)
+def test_the_interval_and_the_scaled_timeout(
+    tmp_path: Any, text: str, interval: float, timeout: float
+) -> None:
+    c = _cluster(tmp_path, text)
+    assert (c.interval_s, c.timeout_s) == (interval, timeout)
+    assert (c.heartbeat_interval_s, c.heartbeat_timeout_s) == (interval, timeout)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "heartbeat_interval_s = 0",
+        "heartbeat_interval_s = -1",
+        "heartbeat_interval_s = 5\nheartbeat_timeout_s = 5",
+    ],
+)
+def test_bad_intervals(tmp_path: Any, text: str) -> None:
+    with pytest.raises(ConfigError, match="heartbeat_"):
+        _cluster(tmp_path, text)
+
+
+def test_components_take_the_interval_the_mdm_says() -> None:
+    assert heartbeat_interval(0.5, 2.0) == 0.5
+    for odd in (None, "1", True, 0, -1, 1e9, json.loads("NaN")):
+        assert heartbeat_interval(odd, 2.0) == 2.0
