@@ -10,7 +10,12 @@ own (apart from the purge of deleted volumes, which a failure here never stops):
 - raises each pool's map epoch above the highest an SDS reports (an SDS ignores a map
   older than its own, and would go on serving by the newer one it has);
 - raises the cluster epoch above the highest an SDS or SDC reports (an SDC ignores
-  older maps too).
+  older maps too);
+- the first time either shows the database restored, raises every pool's mappings
+  epoch by :data:`~meshblock.mdm.backup.EPOCH_MARGIN`, as ``meshblock-mdm restore``
+  does: an SDS keeps only a mappings document newer than its own (sds/access.py), and
+  the mappings made after the copy was taken moved the epochs it holds past the copy's,
+  so a mapping made now would not reach it and its client IO would be refused.
 
 The volumes are reconciled against an SDS's report while the database is marked
 restored: ``meshblock-mdm restore`` writes one ``restore_pending`` row per SDS the copy
@@ -41,6 +46,7 @@ from dataclasses import dataclass, field
 from sqlalchemy import delete, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from meshblock.mdm.backup import EPOCH_MARGIN
 from meshblock.mdm.epochs import CLUSTER_ROW_ID, current
 from meshblock.mdm.heartbeats import SdsView
 from meshblock.mdm.idcounters import highest_id, raise_id_counter
@@ -117,6 +123,7 @@ class Reported:
 async def reconcile(session: AsyncSession, r: Reported) -> bool:
     """Apply ``r`` (see the module's docstring) and clear it; True if anything changed."""
     changed = False
+    was_restored = r.restored
     map_epochs, r.map_epochs = r.map_epochs, {}
     cluster_epoch, r.cluster_epoch = r.cluster_epoch, 0
     reporters, r.reporters = r.reporters, set()
@@ -145,6 +152,10 @@ async def reconcile(session: AsyncSession, r: Reported) -> bool:
             update(Cluster).where(Cluster.id == CLUSTER_ROW_ID).values(epoch=cluster_epoch)
         )
         changed = r.restored = True
+    if r.restored and not was_restored:
+        log.warning("every pool's mappings epoch raised by %d (database restored)", EPOCH_MARGIN)
+        for pool in pools.values():
+            pool.mappings_epoch += EPOCH_MARGIN
     pending = set((await session.execute(select(RestorePending.sds_id))).scalars())
     acting = set(reporters) if r.restored else reporters & pending
     if acting & pending:
