@@ -470,13 +470,17 @@ def test_flush_reaches_every_holder_and_retries_only_the_failed_one() -> None:
 
 
 def test_flush_goes_only_to_the_sdss_written_to_since_the_last_one() -> None:
-    """Writes acknowledged by SDSs 0 and 2: the FLUSH reaches both and only them; a
-    FLUSH with nothing written since (or only FUA writes) is answered at once."""
+    """The first FLUSH goes to every holder; then, writes acknowledged by SDSs 0 and
+    2: the FLUSH reaches both and only them; a FLUSH with nothing written since (or
+    only FUA writes) is answered at once."""
     pool = pool_map(5)
     maps, path = Maps(pool), Faulty()
     io, _ = make_io(maps, path)
 
     async def main() -> None:
+        await flush(io)
+        assert sorted(flushed_to(path)) == sorted(pool.holders())
+        path.calls.clear()
         await flush(io)
         assert path.calls == []
         await write(io, chunk_on(pool, 0) * CHUNK_SIZE, b"a" * 4096, fua=False)
@@ -521,6 +525,7 @@ def test_a_write_acked_during_a_flush_is_covered_by_the_next() -> None:
     pool = pool_map(5)
     maps, path = Maps(pool), FlushGate()
     io, _ = make_io(maps, path, timeout_s=30.0, attempt_timeout_s=30.0)
+    io.flush_all = False  # as after its first FLUSH (the test below)
 
     async def main() -> None:
         await write(io, chunk_on(pool, 0) * CHUNK_SIZE, b"a" * 4096, fua=False)
@@ -552,6 +557,7 @@ def test_a_failed_flush_is_retried_on_every_holder_of_the_new_map() -> None:
     pool = pool_map(5)
     maps, path = Maps(pool), Faulty()
     io, _ = make_io(maps, path)
+    io.flush_all = False  # as after its first FLUSH (test_a_new_volume_io_flushes_all)
     run(write(io, chunk_on(pool, 0) * CHUNK_SIZE, b"a" * 4096, fua=False))
     path.failing_sds = {0: DataPathError("connection", "lost", retriable=True)}
     maps.after_refresh = replace(
@@ -570,6 +576,57 @@ def test_a_failed_flush_is_retried_on_every_holder_of_the_new_map() -> None:
     path.connections[1] = 2
     run(flush(io))
     assert sorted(flushed_to(path)) == [1, 2]
+
+
+def test_a_new_volume_io_flushes_all() -> None:
+    """A VolumeIO made anew (an SDC restart, a re-created export) knows nothing of the
+    writes acknowledged before it, which the FLUSH of an NBD client that reconnected
+    covers too: its first FLUSH goes to every holder, and so does the next one when
+    that one failed. (Before: sent nowhere.)"""
+    pool = pool_map(5)
+    maps, path = Maps(pool), Faulty()
+    io, _ = make_io(maps, path)
+    path.failing_sds = {2: DataPathError("io", "device failed", retriable=False)}
+    with pytest.raises(RequestError):
+        run(flush(io))
+    assert sorted(set(flushed_to(path))) == [0, 1, 2]
+    path.calls.clear()
+    path.failing_sds = {}
+    run(flush(io))
+    assert sorted(flushed_to(path)) == [0, 1, 2]
+    path.calls.clear()
+    run(flush(io))
+    assert flushed_to(path) == []
+
+
+class ReconnectOnFlush(Faulty):
+    """SDS 0 restarted after it acknowledged a write, and nothing was sent to it since:
+    the FLUSH itself finds the connection closed and opens a new one (connects + 1),
+    as WireDataPath.call does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.restarted = False
+
+    async def call(self, sds: SdsEndpoint, piece: Piece) -> Reply:
+        if self.restarted and sds.sds_id == 0:
+            self.connections[0] = self.connections.get(0, 1) + 1
+            self.restarted = False
+        return await super().call(sds, piece)
+
+
+def test_a_flush_that_reconnects_to_a_restarted_sds_goes_to_every_holder() -> None:
+    """The restarted SDS 0 does not know that its predecessor forwarded the write to
+    its secondary: the FLUSH, which reached the new process on a new connection, goes
+    to every holder. (Before: to SDS 0 only.)"""
+    pool = pool_map(5)
+    maps, path = Maps(pool), ReconnectOnFlush()
+    io, _ = make_io(maps, path)
+    io.flush_all = False  # as after its first FLUSH
+    run(write(io, chunk_on(pool, 0) * CHUNK_SIZE, b"a" * 4096, fua=False))
+    path.restarted = True
+    run(flush(io))
+    assert sorted(set(flushed_to(path))) == [0, 1, 2], flushed_to(path)
 
 
 def test_write_zeroes_no_hole_writes_zeroes_and_trim_with_fua_flushes() -> None:

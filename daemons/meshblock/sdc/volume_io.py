@@ -19,7 +19,8 @@ retry can fix (no space, a device IO error, an invalid range) are answered at on
 
 FLUSH reaches the SDSs that acknowledged a write (without FUA) of the volume since
 the last FLUSH began, on any connection to the export (:attr:`VolumeIO.written`),
-and those of the FLUSHes still in progress; none at all when there are none. Each
+and those of the FLUSHes still in progress; none at all when there are none, but
+the first FLUSH of a VolumeIO goes to every holder (:attr:`VolumeIO.flush_all`). Each
 makes the devices it wrote durable and flushes the peers it replicated to. When one
 of them fails, the FLUSH goes to every SDS of the pool's current map, until every
 primary answered: a write acknowledged by an SDS that failed over since is made
@@ -313,6 +314,12 @@ class VolumeIO:
         # flushes them too (the writes they acknowledged before it are not durable
         # until that FLUSH is done).
         self._flushing: dict[object, dict[int, int]] = {}
+        #: The next FLUSH goes to every holder of the pool's map whatever
+        #: :attr:`written` says: at first (a VolumeIO made anew, at an SDC start or
+        #: for a re-created export, knows nothing of the writes acknowledged before
+        #: it, which a reconnected NBD client's FLUSH covers too) and after a FLUSH
+        #: that failed while it was so.
+        self.flush_all = True
 
     def update(self, volume: VolumeMapping) -> None:
         """The mapping changed (size, QoS limits)."""
@@ -683,7 +690,8 @@ class VolumeIO:
             for sds_id, conn in earlier.items():
                 if targets.setdefault(sds_id, conn) != conn:
                     targets[sds_id] = _RECONNECTED
-        if not targets:
+        flush_all, self.flush_all = self.flush_all, False
+        if not targets and not flush_all:
             return
         token = object()
         self._flushing[token] = targets
@@ -693,23 +701,31 @@ class VolumeIO:
             # An SDS connected to again since it acknowledged a write may have
             # restarted (a new process knows nothing of the peers it forwarded
             # to): every holder is flushed then.
-            wide = pool is None or any(
-                s not in pool.sds or self.path.connects(pool.sds[s]) != c
-                for s, c in targets.items()
+            wide = (
+                flush_all
+                or pool is None
+                or any(
+                    s not in pool.sds or self.path.connects(pool.sds[s]) != c
+                    for s, c in targets.items()
+                )
             )
-            await self._flush_to(set(targets), wide)
+            await self._flush_to(targets, wide)
             done = True
         finally:
             del self._flushing[token]
             if not done:
                 self.written.update(dict.fromkeys(targets, _RECONNECTED))
+                self.flush_all = self.flush_all or flush_all
 
-    async def _flush_to(self, targets: set[int], widened: bool) -> None:
-        """FLUSH ``targets``, retrying failures. Once one fails (or from the start,
-        ``widened``), every SDS holding a copy of some PG of the pool's current map
-        is flushed too, and a failed one that is primary of no PG counts as done: the
-        primaries' REPL_FLUSH reaches its in-sync copies (those of the PGs it failed
-        over), and a stale one needs none."""
+    async def _flush_to(self, conns: dict[int, int], widened: bool) -> None:
+        """FLUSH the SDSs of ``conns``, retrying failures. Once one fails, or was
+        connected to again since its write (``conns``: its DataPath.connects then),
+        even by this FLUSH itself, or from the start (``widened``), every SDS holding
+        a copy of some PG of the pool's current map is flushed too, and a failed one
+        that is primary of no PG counts as done: the primaries' REPL_FLUSH reaches
+        its in-sync copies (those of the PGs it failed over), and a stale one needs
+        none."""
+        targets = set(conns)
         deadline = time.monotonic() + self.timeout_s
         done: set[int] = set()
         attempt = 0
@@ -744,6 +760,11 @@ class VolumeIO:
                         reason = result.reason
                     else:
                         reason = "timeout"
+                # The FLUSH itself may have found the connection closed and opened a
+                # new one (the SDS restarted since its write, and forgot its peers).
+                widened = widened or any(
+                    s in pool.sds and self.path.connects(pool.sds[s]) != c for s, c in conns.items()
+                )
                 if not reason:
                     if not widened or not (pool.holders() - done):
                         return
