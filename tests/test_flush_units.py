@@ -17,13 +17,14 @@ from prometheus_client import CollectorRegistry
 from meshblock.chunks import CHUNK_SIZE
 from meshblock.sds import device_io
 from meshblock.sds.io_path import DataService
-from meshblock.sds.maps import MapCache
+from meshblock.sds.maps import MapCache, PgMap
 from meshblock.sds.metrics import SdsCollector
 from meshblock.sds.replication import Peers
 from meshblock.sds.resync import Resync
 from meshblock.sds.state import SdsState
 from meshblock.sds.stats import SdsStats
 from meshblock.sds.store import ChunkStore, DeviceSpec
+from meshblock.wire.client import ConnectionLost
 from meshblock.wire.protocol import REQUEST_MAGIC, Op, Request, Status
 
 pytestmark = pytest.mark.unit
@@ -75,15 +76,7 @@ def test_only_devices_written_since_their_last_sync_are_synced(store: ChunkStore
         ]
 
     async def flush() -> int:
-        conn = Conn()
-        svc.handle(
-            conn, Request(REQUEST_MAGIC, Op.FLUSH, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0), memoryview(b"")
-        )
-        for _ in range(500):
-            if conn.status is not None:
-                return conn.status
-            await asyncio.sleep(0.01)
-        raise AssertionError("FLUSH got no reply")
+        return await _flush_of(svc)
 
     async def main() -> None:
         assert await flush() == Status.OK
@@ -234,5 +227,130 @@ def test_the_local_sync_and_the_peers_flush_run_at_once(
                 break
             await asyncio.sleep(0.01)
         assert conn.status == Status.OK
+
+    asyncio.run(main())
+
+
+ME = 1
+OTHER = 3
+
+
+def _map_with_peer() -> PgMap:
+    """PG 0: we are primary, PEER the secondary; PG 1: OTHER is primary, we are its
+    secondary (nothing for us to flush)."""
+    return PgMap(
+        pool_id=1,
+        epoch=5,
+        pg_count=2,
+        primary=((ME, 10), (OTHER, 30)),
+        secondary=((PEER, 20), (ME, 10)),
+        sds={ME: ("127.0.0.1", 1), PEER: ("127.0.0.1", 2), OTHER: ("127.0.0.1", 3)},
+        doc={},
+    )
+
+
+async def _flush_of(svc: DataService) -> int:
+    conn = Conn()
+    svc.handle(
+        conn, Request(REQUEST_MAGIC, Op.FLUSH, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0), memoryview(b"")
+    )
+    for _ in range(500):
+        if conn.status is not None:
+            return conn.status
+        await asyncio.sleep(0.01)
+    raise AssertionError("FLUSH got no reply")
+
+
+def test_the_first_flush_of_a_new_process_flushes_every_secondary(store: ChunkStore) -> None:
+    """A new SDS process does not know which peers its predecessor forwarded writes
+    to that no REPL_FLUSH covered since: its first FLUSH REPL_FLUSHes the secondary
+    of every PG it is primary of, though it forwarded nothing itself; the next one,
+    with nothing forwarded, none. (Before: none at all.)"""
+    peer = FakePeer()
+    peer.release.set()
+    cache = MapCache()
+    cache.update(_map_with_peer())
+    sds = SdsState(store, cache, _peers_with(peer), SdsStats())
+    sds.set_identity(ME, {d.path: (10 + i, 1) for i, d in enumerate(store.devices)})
+    svc = DataService(sds, Resync(sds))
+
+    async def main() -> None:
+        assert await _flush_of(svc) == Status.OK
+        assert peer.flushes == 1
+        assert OTHER not in sds.peers.dirty
+        assert await _flush_of(svc) == Status.OK
+        assert peer.flushes == 1
+
+    asyncio.run(main())
+
+
+class FailingPeer(FakePeer):
+    """A peer whose REPL_FLUSH fails once released: lost, or with ``error``."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__()
+        self.error = error
+
+    async def repl_flush(self) -> None:
+        await super().repl_flush()
+        raise self.error
+
+
+def test_a_failed_repl_flush_keeps_a_mark_made_since_it_began() -> None:
+    """The REPL_FLUSH to a stale peer fails; a forward to it was acknowledged meanwhile
+    (it may be in sync by the next FLUSH): dropping the stale peer keeps that mark.
+    With no mark since, it is dropped. (Before: dropped in both cases.)"""
+    peer = FailingPeer(ConnectionLost("reset"))
+    peers = _peers_with(peer)
+
+    async def main() -> None:
+        peers.mark(PEER)
+        first = asyncio.ensure_future(peers.flush())
+        await peer.started.wait()
+        peers.mark(PEER)  # a forward acknowledged during the REPL_FLUSH
+        peer.release.set()
+        assert await first == [PEER]
+        assert peers.drop_unmarked([PEER]) == set()
+        assert PEER in peers.dirty
+        assert await peers.flush() == [PEER]
+        assert peers.drop_unmarked([PEER]) == {PEER}
+        assert not peers.dirty
+
+    asyncio.run(main())
+
+
+def test_a_repl_flush_that_raises_anything_keeps_the_mark() -> None:
+    """An unexpected exception in a peer's REPL_FLUSH fails the FLUSH and keeps the
+    peer marked. (Before: it reached the FLUSH task, which ended with no reply.)"""
+    peer = FailingPeer(RuntimeError("a bug"))
+    peer.release.set()
+    peers = _peers_with(peer)
+
+    async def main() -> None:
+        peers.mark(PEER)
+        assert await peers.flush() == [PEER]
+        assert PEER in peers.dirty
+
+    asyncio.run(main())
+
+
+def test_a_flush_waiting_for_a_cancelled_sync_syncs_afresh(
+    store: ChunkStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sync a FLUSH waits for (the device was clean) is cancelled (a drain): the
+    FLUSH syncs the device itself. (Before: CancelledError, the FLUSH got no reply.)"""
+    dev = store.devices[0]
+    slow = SlowSync(monkeypatch)
+
+    async def main() -> None:
+        first = asyncio.ensure_future(store.sync([dev]))
+        await asyncio.get_running_loop().run_in_executor(None, slow.started.wait, 5)
+        second = asyncio.ensure_future(store.sync_dirty([dev]))
+        await asyncio.sleep(0.05)
+        first.cancel()
+        await asyncio.sleep(0.05)
+        slow.release.set()
+        await asyncio.wait_for(second, 10)
+        assert slow.calls == 2 and not dev.dirty
 
     asyncio.run(main())

@@ -165,6 +165,9 @@ class DataService:
         self._refused = state.tombstones.refused  # the one lookup on the request path
         self._access: SdcAccess = state.access
         self._tasks: set[asyncio.Task[None]] = set()
+        # Until the first FLUSH (with maps): this process does not know which peers
+        # an earlier one forwarded to (:meth:`_mark_every_peer`).
+        self._peers_unknown = True
         #: Test-only (the fault hook, docs/sds.md): damages a received write payload.
         self.corrupt_payload: Callable[[memoryview], None] | None = None
 
@@ -848,7 +851,7 @@ class DataService:
             fut = asyncio.get_running_loop().create_future()
             fut.set_exception(exc)
             return fut
-        self._peers.dirty.add(peer)
+        self._peers.mark(peer)
         return fut
 
     async def _forwarded(self, peer: int, fut: asyncio.Future[Reply], t0: float) -> int:
@@ -877,7 +880,7 @@ class DataService:
         if status == _OK:
             # (Again: a FLUSH that began between the send and now took the peer out
             # of the set; the write it acknowledged is flushed by the next one.)
-            self._peers.dirty.add(peer)
+            self._peers.mark(peer)
             self._peers.answered(peer, time.perf_counter() - t0)
             return _OK
         self.stats.peer_error(peer)
@@ -929,6 +932,8 @@ class DataService:
         # A failed device is never synced again: its copies are covered only once no
         # map names it as an in-sync copy (the MDM has failed them over); until then
         # the FLUSH fails, retriably.
+        if peers and self._peers_unknown:
+            self._mark_every_peer()
         local = self._sync_dirty([d for d in self._store.devices if not d.failed])
         if peers and self._peers.unflushed:
             status, failed = await asyncio.gather(local, self._peers.flush())
@@ -940,13 +945,33 @@ class DataService:
             if failed:
                 # A peer that is no longer the in-sync secondary of any PG of ours
                 # holds only stale copies: what it missed does not count.
+                # Its mark stays if a forward to it was acknowledged since its
+                # REPL_FLUSH began (it may be in sync by the next FLUSH).
                 stale = {i for i in failed if not self._state.replicates_to(i)}
                 if stale:
                     log.info("not flushing SDS(s) %s: they hold only stale copies", sorted(stale))
-                    self._peers.dirty.difference_update(stale)
+                    self._peers.drop_unmarked(stale)
                 if len(stale) < len(failed):
                     status = Status.REPLICA_FAILED
         self._reply(conn, req, t0, status)
+
+    def _mark_every_peer(self) -> None:
+        """At the first FLUSH of this process (once it has maps): the peers an earlier
+        process may have forwarded to without their REPL_FLUSH since, which it did
+        not tell us (the secondary and the move target of every PG we are primary
+        of), are REPL_FLUSHed as if written to, as every device starts dirty."""
+        me = self._state.sds_id
+        if not self._maps or not me:
+            return
+        self._peers_unknown = False
+        for m in self._maps.values():
+            for pg in range(m.pg_count):
+                if m.primary[pg][0] != me:
+                    continue
+                for peer in (m.secondary[pg][0], m.target[pg][0]):
+                    address = m.sds.get(peer)
+                    if peer and peer != me and address is not None:
+                        self._peers.mark(peer, address)
 
     # -- shutdown ---------------------------------------------------------------------
 

@@ -27,6 +27,7 @@ import functools
 import logging
 import ssl
 import time
+from collections.abc import Iterable
 
 from meshblock.chunks import ChunkRef
 from meshblock.sds.maps import PgMap
@@ -102,7 +103,12 @@ class Peers:
         self._clients: dict[int, WireClient] = {}
         self._addresses: dict[int, tuple[str, int]] = {}
         self._connecting: dict[int, asyncio.Task[WireClient]] = {}
-        self.dirty: set[int] = set()  # peers written to since the last flush
+        self.dirty: set[int] = set()  # peers written to since the last flush (mark)
+        # Per peer, how many times it was marked (:meth:`mark`), and that count when
+        # its last REPL_FLUSH began: a mark since then is not for that REPL_FLUSH to
+        # drop (:meth:`drop_unmarked`).
+        self._marks: dict[int, int] = {}
+        self._marks_at_flush: dict[int, int] = {}
         # Per peer, its REPL_FLUSH in progress (Peers.flush).
         self._flushing: dict[int, asyncio.Task[bool]] = {}
         self._unlisted: set[int] = set()  # peers found unable to list their chunks
@@ -183,6 +189,26 @@ class Peers:
         self._addresses[sds_id] = address
         return client
 
+    def mark(self, sds_id: int, address: tuple[str, int] | None = None) -> None:
+        """``sds_id`` was written to (a forward sent or acknowledged): the next flush
+        REPL_FLUSHes it. ``address``: where to reach it if not connected to yet."""
+        self.dirty.add(sds_id)
+        self._marks[sds_id] = self._marks.get(sds_id, 0) + 1
+        if address is not None:
+            self._addresses.setdefault(sds_id, address)
+
+    def drop_unmarked(self, ids: Iterable[int]) -> set[int]:
+        """Take out of :attr:`dirty` those of ``ids`` (peers whose REPL_FLUSH failed)
+        not marked since their last REPL_FLUSH began; return them. One marked since
+        stays: a forward it acknowledged meanwhile is owed to the next flush."""
+        dropped = {
+            i
+            for i in ids
+            if self._marks.get(i, 0) == self._marks_at_flush.get(i, -1) and i not in self._flushing
+        }
+        self.dirty.difference_update(dropped)
+        return dropped
+
     @property
     def unflushed(self) -> bool:
         """Whether a FLUSH has peers to flush or to wait for (:meth:`flush`)."""
@@ -198,6 +224,7 @@ class Peers:
         flushing = self._flushing
         waits = {i: t for i, t in flushing.items() if i not in dirty}
         for sds_id in dirty:
+            self._marks_at_flush[sds_id] = self._marks.get(sds_id, 0)
             task = loop.create_task(self._flush_peer(sds_id), name=f"repl-flush-{sds_id}")
             flushing[sds_id] = waits[sds_id] = task
             task.add_done_callback(functools.partial(self._flushed, sds_id))
@@ -217,6 +244,10 @@ class Peers:
             await client.repl_flush()
         except (WireError, HandshakeError) as exc:
             log.warning("flush of peer SDS %d failed: %s", sds_id, exc)
+            self.dirty.add(sds_id)
+            return False
+        except Exception:  # a bug: the peer stays marked and the FLUSH fails
+            log.exception("flush of peer SDS %d failed", sds_id)
             self.dirty.add(sds_id)
             return False
         return True

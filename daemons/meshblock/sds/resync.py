@@ -444,7 +444,7 @@ class Resync:
                 op = Op.REPL_TRIM if data is None else Op.REPL_WRITE
                 ref = ChunkRef(pool, pg, m.epoch, volume, chunk)
                 reply = peer.submit(op, 0, ref, 0, CHUNK_SIZE, data, peer.future())
-                st.peers.dirty.add(sec_id)
+                st.peers.mark(sec_id)
                 status = (await reply)[0]
                 for first, count in _runs(bad):
                     if status != Status.OK:

@@ -2009,14 +2009,20 @@ class ChunkStore:
             if isinstance(result, BaseException):
                 raise result
 
-    @staticmethod
-    async def _sync_of(dev: Device, fut: asyncio.Future[None]) -> None:
+    async def _sync_of(self, dev: Device, fut: asyncio.Future[None]) -> None:
         """Wait for the fdatasync of ``dev`` started by another :meth:`sync`; that
-        caller fails the device if it failed."""
+        caller fails the device if it failed. When that caller was cancelled (its
+        wait for the fdatasync with it; the device is dirty again), ``dev`` is synced
+        afresh."""
         try:
             await asyncio.shield(fut)
         except OSError:
             raise DeviceFailed(dev) from None
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if not fut.cancelled() or (task is not None and task.cancelling()):
+                raise  # we are cancelled ourselves
+            await self.sync([dev])
         if dev.failed:
             raise DeviceFailed(dev)
 
