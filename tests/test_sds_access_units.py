@@ -5,12 +5,13 @@ after the IO arrived."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from typing import Any
 
 import pytest
 
-from meshblock.sds.access import MappingsError, SdcAccess
+from meshblock.sds.access import REFRESH_ANY_EVERY_S, MappingsError, SdcAccess
 
 pytestmark = pytest.mark.unit
 
@@ -89,3 +90,59 @@ def test_a_failed_fetch_leaves_the_io_refused() -> None:
 
     asyncio.run(main())
     assert a.refreshes == 1 and a.refusal(1, 7, GUID, write=False) is not None
+
+
+def test_an_io_waits_for_the_end_of_the_fetch_it_relies_on() -> None:
+    """Two IOs that arrived during a fetch started before them: on its end the first
+    woken starts a newer fetch; the second waits for that one's end too, instead of
+    taking its start for the end (it returned with the older document: refused)."""
+    a = SdcAccess()
+    a.update(doc(1))
+    answers: list[asyncio.Event] = []
+
+    async def fetch(pool: int) -> dict[str, Any] | None:
+        answers.append(asyncio.Event())
+        n = len(answers)
+        await answers[-1].wait()
+        return doc(n + 1, *([(7, False)] if n > 1 else []))  # mapped during the first
+
+    a.fetcher = fetch
+
+    async def main() -> None:
+        first = asyncio.create_task(a.refreshed(1, time.monotonic()))
+        await asyncio.sleep(0.01)
+        since = time.monotonic()
+        ios = [asyncio.create_task(a.refreshed(1, since)) for _ in range(2)]
+        await asyncio.sleep(0.3)  # longer than REFRESH_EVERY_S: the next starts at once
+        answers[0].set()
+        await first
+        await asyncio.sleep(0.05)
+        assert len(answers) == 2
+        assert not any(t.done() for t in ios), "an IO returned before its fetch ended"
+        answers[1].set()
+        await asyncio.gather(*ios)
+        assert a.refusal(1, 7, GUID, write=True) is None
+
+    asyncio.run(main())
+
+
+def test_fetches_of_different_pools_are_spaced_too() -> None:
+    """The fetches that refused IOs start are spaced across the SDS's pools, not only
+    per pool: ten pools cost the MDM at most one request per REFRESH_ANY_EVERY_S."""
+    a = SdcAccess()
+    starts: list[float] = []
+
+    async def fetch(pool: int) -> dict[str, Any] | None:
+        starts.append(time.monotonic())
+        return doc(1, pool=pool)
+
+    a.fetcher = fetch
+
+    async def main() -> None:
+        since = time.monotonic()
+        await asyncio.gather(*(a.refreshed(p, since) for p in range(1, 11)))
+
+    asyncio.run(main())
+    assert len(starts) == 10
+    gaps = [b - a for a, b in itertools.pairwise(starts)]
+    assert min(gaps) >= REFRESH_ANY_EVERY_S * 0.9, gaps

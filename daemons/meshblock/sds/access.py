@@ -14,8 +14,10 @@ left the MDM (``meshctl volume map`` returned, the SDC's first IO arrived here b
 the long-poll's answer). The SDS fetches the pool's document once more, a fetch that
 starts after the request arrived, and refuses only if that one does not map it
 either (or the MDM does not answer). Fetches are shared by the requests waiting, at
-most one per pool at a time and one per :data:`REFRESH_EVERY_S`, so a client that
-sends IO to volumes not mapped to it costs the MDM little.
+most one per pool at a time and one per :data:`REFRESH_EVERY_S`, and one for any
+pool per :data:`REFRESH_ANY_EVERY_S`; only for a pool this SDS has a map of (the I/O
+path refuses the others at once), so a client that sends IO to volumes not mapped to
+it costs the MDM little.
 
 An unmap takes effect when the long-poll brings the new document: at once (the MDM
 answers the waiting long-poll on the commit), or, with the MDM unreachable, once the
@@ -34,6 +36,9 @@ log = logging.getLogger(__name__)
 
 #: Fetches of one pool's document that a refused request starts are this far apart.
 REFRESH_EVERY_S: Final = 0.2
+#: Fetches of any pools' documents that refused requests start are this far apart
+#: (the SDS's pools together: at most 20 such requests a second reach the MDM).
+REFRESH_ANY_EVERY_S: Final = 0.05
 #: A fetch that takes longer than this is given up: the request is refused.
 REFRESH_TIMEOUT_S: Final = 5.0
 
@@ -80,6 +85,7 @@ class SdcAccess:
         #: Fetches a pool's document now, without waiting (set by the MDM link).
         self.fetcher: Fetch | None = None
         self.refreshes = 0
+        self._last_start = -REFRESH_ANY_EVERY_S  # the newest fetch's start, of any pool
 
     def _pool(self, pool_id: int) -> _Pool:
         p = self._pools.get(pool_id)
@@ -125,17 +131,21 @@ class SdcAccess:
         while True:
             task = p.fetch
             if task is not None:
+                # The start of the fetch awaited: another waiter may start a newer
+                # one (p.started) before this one runs again, not ended yet.
+                started = p.started
                 await asyncio.wait({task})
-                if p.started >= since:
+                if started >= since:
                     return
                 continue
             if self.fetcher is None:
                 return
-            wait = p.started + REFRESH_EVERY_S - time.monotonic()
+            now = time.monotonic()
+            wait = max(p.started + REFRESH_EVERY_S, self._last_start + REFRESH_ANY_EVERY_S) - now
             if wait > 0:
                 await asyncio.sleep(wait)
                 continue
-            p.started = time.monotonic()
+            p.started = self._last_start = now
             p.fetch = asyncio.get_running_loop().create_task(self._fetch(p, pool_id, self.fetcher))
 
     async def _fetch(self, p: _Pool, pool_id: int, fetcher: Fetch) -> None:
