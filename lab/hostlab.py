@@ -799,9 +799,20 @@ def build_wheelhouse(python: str, project: Path, out: Path) -> None:
 
 
 def meshctl_env() -> dict[str, str]:
+    """meshctl's environment for the lab's MDM: HTTPS with the controller's admin
+    certificate once site.yml has made the CA (the roles' default, inventory/lab), plain
+    HTTP with the admin token otherwise."""
     mdm = find_host("mdm1")
-    token = (STATE / "secrets" / "admin_token").read_text().strip()
-    return {**os.environ, "MESHCTL_MDM": f"http://{mdm.address}:6611", "MESHCTL_TOKEN": token}
+    env = {**os.environ, "MESHCTL_TOKEN": (STATE / "secrets" / "admin_token").read_text().strip()}
+    admin = STATE / "pki" / "admin"
+    if not (admin / "admin-ansible.crt").exists():
+        return {**env, "MESHCTL_MDM": f"http://{mdm.address}:6611"}
+    tls = {"CA": "ca.crt", "CERT": "admin-ansible.crt", "KEY": "admin-ansible.key"}
+    return {
+        **env,
+        "MESHCTL_MDM": f"https://{mdm.address}:6611",
+        **{f"MESHCTL_TLS_{k}": str(admin / name) for k, name in tls.items()},
+    }
 
 
 def smoke(meshctl: str, volume: str = "smoke", timeout: float = 60.0) -> None:

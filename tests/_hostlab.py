@@ -29,6 +29,8 @@ INVENTORY = ROOT / "inventory" / "lab"
 VENV_BIN = Path(sys.executable).parent
 NETNS = "meshblock-lab"
 ARTIFACTS = ROOT / "artifacts" / "hostlab"
+# The lab's state (lab/hostlab.py): its secrets, and the CA that site.yml makes.
+STATE = Path(os.environ.get("MESHBLOCK_LAB_STATE", "/var/lib/meshblock-lab"))
 
 # The tools the lab needs on this machine (`make deps` installs them).
 TOOLS = ("debootstrap", "systemd-nspawn", "qemu-system-x86_64", "qemu-img", "mkfs.ext4", "ip")
@@ -199,15 +201,21 @@ class HostLab:
         )
         return result
 
+    @property
+    def pki(self) -> Path:
+        """The controller's CA and certificates that site.yml made (inventory/lab)."""
+        return STATE / "pki"
+
     def meshctl(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        token_file = (
-            Path(os.environ.get("MESHBLOCK_LAB_STATE", "/var/lib/meshblock-lab"))
-            / "secrets"
-            / "admin_token"
-        )
+        """meshctl as the admin: HTTPS with the controller's admin certificate (the
+        roles deploy TLS everywhere)."""
+        admin = self.pki / "admin"
         env = {
-            "MESHCTL_MDM": f"http://{self.hosts['mdm1'].address}:6611",
-            "MESHCTL_TOKEN": token_file.read_text().strip(),
+            "MESHCTL_MDM": f"https://{self.hosts['mdm1'].address}:6611",
+            "MESHCTL_TOKEN": (STATE / "secrets" / "admin_token").read_text().strip(),
+            "MESHCTL_TLS_CA": str(admin / "ca.crt"),
+            "MESHCTL_TLS_CERT": str(admin / "admin-ansible.crt"),
+            "MESHCTL_TLS_KEY": str(admin / "admin-ansible.key"),
         }
         return self.netns(str(VENV_BIN / "meshctl"), *args, timeout=timeout, env=env)
 

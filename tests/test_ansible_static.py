@@ -18,12 +18,14 @@ import subprocess
 import sys
 import tomllib
 import typing
+import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
+from meshblock import pki
 from meshblock.config import load as load_config
 from meshblock.mdm.config import MdmConfig
 from meshblock.mgmt.config import MgmtConfig
@@ -67,6 +69,14 @@ SECRETS = {
     "mgmt_admin_password": "admin-password-0123",
     "alertmanager_webhook_token": "webhook-token-0123456789abcdef",
 }
+
+# The SDC's identity when neither sdc_guid nor a kept GUID is there: Ansible's to_uuid
+# of its inventory name (roles/sdc/vars/main.yml).
+SDC1_GUID = str(uuid.uuid5(uuid.UUID("361E6D51-FAEC-444A-9079-341386DA8E2E"), "sdc1"))
+# The certificates the roles install on each host (common's tls.yml), made for the
+# render by a CA of the test's own: the daemons' config loaders read them.
+TLS_IDENTITIES = ("mdm:mdm1", "sds:sds1", "sds:sds2", f"sdc:{SDC1_GUID}", "mgmt:mgmt1")
+PROMETHEUS_ID = "mgmt:prometheus-mon1"
 
 DAEMON_BINARIES = ["meshblock-mdm", "meshblock-sds", "meshblock-sdc", "meshblock-mgmt", "meshctl"]
 
@@ -312,6 +322,16 @@ VARIANTS: dict[str, tuple[str, list[str], list[str], dict[str, Any]]] = {
             ]
         },
     ),
+    # common_tls false: the opt-out renders no [tls] and plain URLs.
+    "sds_plain": (
+        "sds1",
+        ["common", "sds"],
+        ["sds.toml.j2"],
+        {
+            "common_tls": False,
+            "sds_devices": [{"path": "/srv/dev0.img", "capacity": "8GiB", "pool": "sp1"}],
+        },
+    ),
     "sdc": ("sdc1", ["common", "sdc"], ["sdc.toml.j2", "meshblock-sdc.service.j2"], {}),
     "sdc_attach": (
         "sdc1",
@@ -324,6 +344,7 @@ VARIANTS: dict[str, tuple[str, list[str], list[str], dict[str, Any]]] = {
         },
     ),
     "mgmt": ("mgmt1", ["common", "mgmt"], ["mgmt.toml.j2", "meshblock-mgmt.service.j2"], {}),
+    "mgmt_plain": ("mgmt1", ["common", "mgmt"], ["mgmt.toml.j2"], {"common_tls": False}),
     "prometheus": (
         "mon1",
         ["prometheus"],
@@ -399,6 +420,9 @@ def rendered(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
                     "common_config_dir": str(tmp / "etc"),
                     "sds_cluster_secret_file": str(tmp / "etc" / "sds-cluster.secret"),
                     "sdc_cluster_secret_file": str(tmp / "etc" / "sdc-cluster.secret"),
+                    "common_tls_dir": str(tmp / "etc" / "tls"),
+                    # Prometheus's certificate (promtool checks that the files exist)
+                    "prometheus_config_dir": str(tmp / "prometheus"),
                     "prometheus_monitoring_dir": str(ROOT / "monitoring"),
                     "alertmanager_monitoring_dir": str(ROOT / "monitoring"),
                 },
@@ -406,6 +430,7 @@ def rendered(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
             }
         )
     (tmp / "etc").mkdir()
+    make_tls(tmp / "etc" / "tls", tmp / "prometheus" / "meshblock-tls")
     for daemon in ("sds", "sdc"):
         (tmp / "etc" / f"{daemon}-cluster.secret").write_text(SECRETS["sds_cluster_secret"])
     (tmp / "render.yml").write_text(yaml.safe_dump(plays, sort_keys=False))
@@ -422,6 +447,18 @@ def rendered(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return {name: tmp / name for name in VARIANTS}
+
+
+def make_tls(out: Path, prometheus: Path) -> None:
+    """A CA, its CRL and each daemon's certificate in ``out``, Prometheus's in
+    ``prometheus``, named as the roles name them."""
+    ca = pki.Ca.init(out / "ca")
+    ca_cert = ca.load()[0]
+    for text, where in [(t, out) for t in TLS_IDENTITIES] + [(PROMETHEUS_ID, prometheus)]:
+        identity = pki.Identity.parse(text)
+        cert, key = ca.issue(identity)
+        pki.write_identity(where, identity, cert, key, ca_cert)
+    shutil.copy(ca.crl_path, out / "crl.pem")
 
 
 def dataclass_keys(cls: type, prefix: str = "") -> set[str]:
@@ -454,17 +491,26 @@ def test_mdm_config_loads(rendered: dict[str, Path]) -> None:
     assert config.auth.admin_token == SECRETS["mdm_admin_token"]
     assert config.auth.cluster_secret == SECRETS["mdm_cluster_secret"]
     assert config.api.port == 6611
-    # Every key of the daemon's configuration is set by a role variable, except the
-    # [tls] section (here and in the SDS's, SDC's and MGMT's configs): the roles do not
-    # make or distribute certificates yet, so a deployed cluster's control plane is
-    # plain HTTP (docs/deployment.md, "TLS"; docs/security.md, "Not built yet").
-    keys = toml_keys(doc)
-    assert not {k for k in keys if k.startswith("tls.")}
-    assert keys == without_tls(dataclass_keys(MdmConfig))
+    # Every key of the daemon's configuration is set by a role variable, [tls] included
+    # (here and in the SDS's, SDC's and MGMT's configs): the roles deploy TLS everywhere,
+    # each daemon with the certificate of its own identity (docs/deployment.md, "TLS").
+    assert toml_keys(doc) == dataclass_keys(MdmConfig)
+    assert_tls(config.tls, "mdm-mdm1")
+    assert config.tls.client_certs == "required"
+
+
+def assert_tls(tls: Any, stem: str) -> None:
+    """``[tls]`` names the host's certificate and key, the CA and the CRL that common's
+    tls.yml installs, and the certificate names the identity."""
+    base = Path(tls.cert).parent
+    assert (tls.cert, tls.key) == (str(base / f"{stem}.crt"), str(base / f"{stem}.key"))
+    assert (tls.ca, tls.crl) == (str(base / "ca.crt"), str(base / "crl.pem"))
+    identity = pki.identity_of(pki.load_cert(Path(tls.cert)))
+    assert str(identity) == stem.replace("-", ":", 1)
 
 
 def without_tls(keys: set[str]) -> set[str]:
-    """The keys but those of [tls], which no role renders (test_mdm_config_loads)."""
+    """The keys but those of [tls], which the roles leave out with common_tls false."""
     return {k for k in keys if not k.startswith("tls.")}
 
 
@@ -474,7 +520,9 @@ def test_sds_config_loads(rendered: dict[str, Path], variant: str) -> None:
     doc = tomllib.loads(path.read_text())
     config = load_sds_config(path)
     assert config.secret() == SECRETS["sds_cluster_secret"]
-    assert config.mdm_urls == ("http://10.9.0.10:6611",)
+    assert config.mdm_urls == ("https://10.9.0.10:6611",)
+    assert config.data.tls is True
+    assert_tls(config.tls, "sds-sds1" if variant == "sds" else "sds-sds2")
     assert config.protection_domain == "pd1"
     assert config.name == ("sds1" if variant == "sds" else "sds2")
     assert config.fault_set == ("fs1" if variant == "sds" else None)
@@ -483,7 +531,7 @@ def test_sds_config_loads(rendered: dict[str, Path], variant: str) -> None:
     # test_faults enables the store's test-only fault hook: the role never writes it
     assert "test_faults" not in keys
     # join_token: the role writes join_token_file instead (as for the cluster secret)
-    expected = without_tls(dataclass_keys(SdsConfig)) - {
+    expected = dataclass_keys(SdsConfig) - {
         "cluster_secret",
         "join_token",
         "test_faults",
@@ -496,16 +544,32 @@ def test_sds_config_loads(rendered: dict[str, Path], variant: str) -> None:
     )
 
 
+def test_tls_opt_out_renders_plain_configs(rendered: dict[str, Path]) -> None:
+    """common_tls false: no [tls], plain http:// MDM URLs, MGMT on plain HTTP without
+    Secure cookies (a lab behind a proxy; docs/deployment.md, "TLS")."""
+    path = rendered["sds_plain"] / "sds.toml"
+    config = load_sds_config(path)
+    assert config.mdm_urls == ("http://10.9.0.10:6611",)
+    assert not {k for k in toml_keys(tomllib.loads(path.read_text())) if k.startswith("tls.")}
+    path = rendered["mgmt_plain"] / "mgmt.toml"
+    mgmt = load_config(MgmtConfig, path)
+    assert mgmt.mdm.url == "http://10.9.0.10:6611"
+    assert mgmt.http.plain_http is True and mgmt.auth.secure_cookies is False
+    assert toml_keys(tomllib.loads(path.read_text())) == without_tls(dataclass_keys(MgmtConfig))
+
+
 @pytest.mark.parametrize("variant", ["sdc", "sdc_attach"])
 def test_sdc_config_loads(rendered: dict[str, Path], variant: str) -> None:
     path = rendered[variant] / "sdc.toml"
     doc = tomllib.loads(path.read_text())
     config = load_config(SdcConfig, path)
     assert sdc_cluster_secret(config) == SECRETS["sdc_cluster_secret"]
-    assert config.mdm.urls == ["http://10.9.0.10:6611"]
+    assert config.mdm.urls == ["https://10.9.0.10:6611"]
     assert config.nbd.attach_nbd is (variant == "sdc_attach")
     assert config.sdc.name == "sdc1"
-    assert toml_keys(doc) == without_tls(dataclass_keys(SdcConfig)) - {"mdm.cluster_secret"}
+    assert config.io.tls is True
+    assert_tls(config.tls, f"sdc-{SDC1_GUID}")
+    assert toml_keys(doc) == dataclass_keys(SdcConfig) - {"mdm.cluster_secret"}
 
 
 def test_mgmt_config_loads(rendered: dict[str, Path]) -> None:
@@ -513,12 +577,14 @@ def test_mgmt_config_loads(rendered: dict[str, Path]) -> None:
     doc = tomllib.loads(path.read_text())
     config = load_config(MgmtConfig, path)
     assert config.auth.webhook_token == SECRETS["mgmt_webhook_token"]
-    assert config.mdm.url == "http://10.9.0.10:6611"
+    assert config.mdm.url == "https://10.9.0.10:6611"
     assert config.prometheus.url == "http://10.9.0.31:9090"
     assert config.alertmanager.url == "http://10.9.0.31:9093"
-    # no certificates from the roles yet: plain HTTP, written out (docs/deployment.md, TLS)
-    assert config.http.plain_http is True
-    assert toml_keys(doc) == without_tls(dataclass_keys(MgmtConfig))
+    # HTTPS with its own certificate (which it also presents to the MDM), Secure cookies
+    assert config.http.plain_http is False
+    assert config.auth.secure_cookies is True
+    assert_tls(config.tls, "mgmt-mgmt1")
+    assert toml_keys(doc) == dataclass_keys(MgmtConfig)
 
 
 UNITS = [
@@ -618,10 +684,22 @@ def test_prometheus_config_checks(rendered: dict[str, Path]) -> None:
     assert config["global"]["external_labels"] == {"cluster": "meshblock"}
     jobs = {c["job_name"] for c in config["scrape_configs"]}
     assert jobs == set(SCRAPE_JOBS)
-    # The roles render no [tls] (test_*_config_loads), so the MDM's API and the SDSs'
-    # and SDCs' control ports are plain HTTP there: so is every scrape.
-    assert {c.get("scheme", "http") for c in config["scrape_configs"]} == {"http"}
-    assert not any("tls_config" in c for c in config["scrape_configs"])
+    # The MDM, SDSs, SDCs and MGMT serve HTTPS (test_*_config_loads): Prometheus scrapes
+    # them so, checks them against the cluster CA and presents its own certificate (the
+    # MDM requires one); Prometheus and Alertmanager themselves stay plain HTTP.
+    tls_dir = str(out.parent / "prometheus" / "meshblock-tls")
+    for job in config["scrape_configs"]:
+        if job["job_name"].startswith("meshblock_"):
+            assert job["scheme"] == "https", job
+            assert job["tls_config"] == {
+                "ca_file": f"{tls_dir}/ca.crt",
+                "cert_file": f"{tls_dir}/mgmt-prometheus-mon1.crt",
+                "key_file": f"{tls_dir}/mgmt-prometheus-mon1.key",
+            }, job
+        else:
+            assert job.get("scheme", "http") == "http" and "tls_config" not in job, job
+    mdm_job = next(j for j in config["scrape_configs"] if j["job_name"] == "meshblock_mdm")
+    assert mdm_job["authorization"]["credentials_file"] == "mdm_read_token"
     sds = read_yaml(out / "targets" / "meshblock_sds.yml")
     assert sds == [
         {
@@ -652,7 +730,10 @@ def test_alertmanager_config_checks(rendered: dict[str, Path]) -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
     receiver = next(r for r in read_yaml(path)["receivers"] if r["name"] == "meshblock-mgmt")
     webhook = receiver["webhook_configs"][0]
-    assert webhook["url"] == "http://10.9.0.30:8080/api/alerts/webhook"
+    assert webhook["url"] == "https://10.9.0.30:8080/api/alerts/webhook"
+    assert webhook["http_config"]["tls_config"] == {
+        "ca_file": "/etc/prometheus/meshblock-alertmanager-tls/ca.crt"
+    }
     assert webhook["http_config"]["authorization"]["credentials_file"] == (
         "/etc/prometheus/meshblock-mgmt-webhook.token"
     )

@@ -213,6 +213,77 @@ def test_meshctl_health_is_clean(lab: HostLab) -> None:
         assert name in out, out
 
 
+# Run on the controller inside the namespace: what a client of each endpoint meets.
+TLS_PROBE = r"""
+import json, socket, ssl, sys, urllib.request
+from meshblock import pki
+pki_dir, mdm, sds, mgmt = sys.argv[1:5]
+ca = pki_dir + "/ca/ca.crt"
+admin = (pki_dir + "/admin/admin-ansible.crt", pki_dir + "/admin/admin-ansible.key")
+out = {}
+
+def plain_http(host, port):
+    try:
+        with socket.create_connection((host, port), timeout=10) as s:
+            s.sendall(b"GET /health HTTP/1.0\r\nHost: x\r\n\r\n")
+            return s.recv(64).decode("latin-1")
+    except OSError as exc:
+        return "error: " + type(exc).__name__
+
+def tls(host, port, request=b"GET /health HTTP/1.0\r\nHost: x\r\n\r\n", cert=None):
+    ctx = ssl.create_default_context(cafile=ca)
+    if cert:
+        ctx.load_cert_chain(*cert)
+    try:
+        with socket.create_connection((host, port), timeout=10) as raw:
+            with ctx.wrap_socket(raw, server_hostname=host) as s:
+                who = str(pki.identity_from_der(s.getpeercert(binary_form=True)))
+                s.sendall(request)
+                return who, s.recv(64).decode("latin-1")
+    except (OSError, ssl.SSLError) as exc:
+        return None, "error: " + str(exc)
+
+out["mdm_plain"] = plain_http(mdm, 6611)
+out["mdm_no_cert"] = tls(mdm, 6611)
+out["mdm_admin"] = tls(mdm, 6611, cert=admin)
+out["sds_plain"] = plain_http(sds, 7072)
+out["sds_no_cert"] = tls(sds, 7072, request=b"\0" * 16)
+out["sds_control"] = tls(sds, 7073)
+out["mgmt_plain"] = plain_http(mgmt, 8080)
+out["mgmt"] = tls(mgmt, 8080, request=b"GET /login HTTP/1.0\r\nHost: x\r\n\r\n")
+print(json.dumps(out))
+"""
+
+
+def test_cluster_is_tls_everywhere(lab: HostLab) -> None:
+    """site.yml deployed TLS with one identity per component (docs/deployment.md,
+    "TLS"): the MDM's API serves only TLS, with its mdm: certificate of the cluster CA,
+    and requires a client certificate (none: refused, so no component route is reached
+    without one; the admin's: answered); an SDS's data port serves only TLS with its
+    sds: certificate and requires a client certificate, its control port HTTPS; MGMT
+    serves HTTPS with its mgmt: certificate. Plain HTTP gets no HTTP answer anywhere."""
+    result = lab.netns(
+        sys.executable,
+        "-c",
+        TLS_PROBE,
+        str(lab.pki),
+        lab.hosts["mdm1"].address,
+        lab.hosts["sds1"].address,
+        lab.hosts["mgmt1"].address,
+    )
+    seen = json.loads(_ok(result, "the TLS probe"))
+    for key in ("mdm_plain", "sds_plain", "mgmt_plain"):
+        assert not seen[key].startswith("HTTP/"), (key, seen)
+    assert seen["mdm_admin"][0] == "mdm:mdm1" and " 200 " in seen["mdm_admin"][1], seen
+    for key in ("mdm_no_cert", "sds_no_cert"):
+        assert "certificate required" in seen[key][1] or seen[key][1] == "", (key, seen)
+    assert seen["sds_control"][0] == "sds:sds1" and " 200 " in seen["sds_control"][1], seen
+    assert seen["mgmt"][0] == "mgmt:mgmt1" and " 200 " in seen["mgmt"][1], seen
+    # The host's certificate key is the daemon group's only (0640 root:meshblock).
+    out = _ok(lab.ssh("sds1", "stat -c '%a %U %G' /etc/meshblock/tls/sds-sds1.key"), "stat")
+    assert out.split() == ["640", "root", "meshblock"], out
+
+
 def test_smoke_workload_on_sdc1(lab: HostLab) -> None:
     """`make lab`'s smoke workload: a volume created and mapped with meshctl, written
     and read back verified by qemu-io over sdc1's NBD export."""
@@ -253,10 +324,11 @@ def test_vm_volume_holds_an_ext4_filesystem(lab: HostLab) -> None:
 
 def _mgmt_alerts(lab: HostLab, token: str) -> list[dict[str, Any]]:
     script = (
-        "import json, sys, urllib.request\n"
-        "req = urllib.request.Request('http://127.0.0.1:8080/api/alerts?limit=200',"
+        "import json, ssl, sys, urllib.request\n"
+        "ctx = ssl.create_default_context(cafile='/etc/meshblock/tls/ca.crt')\n"
+        "req = urllib.request.Request('https://127.0.0.1:8080/api/alerts?limit=200',"
         f" headers={{'Authorization': 'Bearer {token}'}})\n"
-        "print(urllib.request.urlopen(req, timeout=10).read().decode())\n"
+        "print(urllib.request.urlopen(req, timeout=10, context=ctx).read().decode())\n"
     )
     result = lab.ssh("mgmt1", f"python3 -c {shlex.quote(script)}")
     if result.returncode != 0:
