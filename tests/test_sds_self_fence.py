@@ -10,17 +10,21 @@ from pathlib import Path
 
 import pytest
 
+from meshblock import pki
 from meshblock.sds.checksums import BLOCK
 from meshblock.sds.io_path import DataService
 from meshblock.sds.maps import PgMap
 from meshblock.sds.peer_probe import SelfFence, peers_needed
 from meshblock.sds.resync import Resync
-from meshblock.wire.protocol import ROLE_OPS, Op, PeerRole, Status
+from meshblock.wire.protocol import ROLE_OPS, Op, PeerRole, Request, Status
+from meshblock.wire.tls import allowed_ops
 from test_device_failstop_units import Conn
 from test_sds_checksums import VOL
 from test_sds_heal_units import PEER, PeerCopy, answer, partial_write, pattern, state_with_peer
 
 pytestmark = pytest.mark.unit
+
+EMPTY = memoryview(b"")
 
 
 class Clock:
@@ -174,3 +178,46 @@ def test_a_primary_not_fenced_writes_and_forwards(
         assert not sds.peers.fence.fenced()  # the forward answered: unfenced
     finally:
         store.close()
+
+
+@pytest.mark.parametrize(
+    ("identity", "counts"),
+    [
+        (pki.Identity(pki.Kind.SDC, "0f0e0d0c-0000-4000-8000-000000000001"), False),
+        (pki.Identity(pki.Kind.SDS, "sds2"), False),
+        (pki.Identity(pki.Kind.MDM, "mdm1"), True),
+        (None, True),  # a plain-TCP port: the cluster secret is all there is
+    ],
+)
+def test_only_the_mdm_s_ping_counts_as_its_probe(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    identity: pki.Identity | None,
+    counts: bool,
+) -> None:
+    """A PING on a TOOL connection keeps a cut-off primary unfenced only from an mdm:
+    certificate (or on a plain port): a stolen SDC or SDS key pinging it every 4 s
+    must not keep it acknowledging writes alone after the MDM failed its PGs over."""
+    sds = state_with_peer(tmp_path, PeerCopy(pattern()), monkeypatch, primary=True)
+    clock = Clock()
+    sds.peers.fence = SelfFence(5.0, clock=clock)
+    svc = DataService(sds, Resync(sds))
+    conn = Conn()
+    conn.role = "tool"
+    conn.identity = identity  # type: ignore[attr-defined]
+    ops = allowed_ops(identity, PeerRole.TOOL) if identity else frozenset(Op)
+    conn.allowed = frozenset(Op(o) for o in ops)
+
+    async def main() -> None:
+        sds.peers.lost(PEER)
+        for n in range(5):
+            clock.now += 4.0
+            svc.handle(conn, Request(0, int(Op.PING), 0, 0, n + 1, 0, 0, 0, 0, 0, 0, 0), EMPTY)
+            assert await answer(conn, n + 1) == Status.OK
+        clock.now += 1.0
+
+    try:
+        asyncio.run(main())
+        assert sds.peers.fence.fenced() is not counts
+    finally:
+        sds.store.close()

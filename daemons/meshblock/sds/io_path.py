@@ -39,6 +39,7 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any, Final, Protocol, cast
 
+from meshblock import pki
 from meshblock.chunks import CHUNK_SIZE, ChunkRef, pg_of
 from meshblock.sds.access import SdcAccess
 from meshblock.sds.checksums import ChecksumError, bad_in_rows
@@ -145,6 +146,19 @@ class IdentifiedConnection(Connection, Protocol):
 
     def refuse(self, req: Request, why: str) -> None:
         """Answer ``req`` NOT_PERMITTED, logged with the identity and counted."""
+
+
+def _is_mdm_probe(conn: Connection) -> bool:
+    """Whether a PING on ``conn`` is the MDM's data-path probe, which keeps a primary
+    cut off from its peers from fencing itself (docs/sds.md, "Self-fencing"): on a TLS
+    data port only from an ``mdm:`` certificate (any identity may PING on a TOOL
+    connection: a stolen SDC key must not keep a cut-off SDS unfenced); on a plain-TCP
+    port, which names no identity, a TOOL connection's, as the cluster secret is all
+    there is to tell the MDM by there (docs/security.md)."""
+    if conn.role != "tool":
+        return False
+    identity = getattr(conn, "identity", None)
+    return identity is None or getattr(identity, "kind", None) == pki.Kind.MDM
 
 
 class DataService:
@@ -262,7 +276,7 @@ class DataService:
             self._reply(conn, req, t0, _MISMATCH)  # nothing written, nothing forwarded
             return
         if op == Op.PING:
-            if conn.role == "tool":  # the MDM's data-path probe (or a tool's)
+            if _is_mdm_probe(conn):
                 self._peers.fence.mdm_probed()
             self._reply(conn, req, t0, _OK)
             return
