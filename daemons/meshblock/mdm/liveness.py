@@ -22,7 +22,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -209,10 +209,10 @@ async def _write(session: AsyncSession, p: _Pending) -> None:
             if owner.get(d) == sds
         ]
         if rows:
-            await session.execute(update(Device), rows)
+            await _bulk_set(session, Device, rows)
     if p.volume_chunks:
-        existing_sds = set((await session.execute(select(Sds.id))).scalars())
-        existing_vol = set((await session.execute(select(Volume.id))).scalars())
+        existing_sds = await _existing(session, Sds, {s for s, _ in p.volume_chunks})
+        existing_vol = await _existing(session, Volume, {v for _, v in p.volume_chunks})
         rows = [
             {"sds_id": s, "volume_id": v, "chunks": c}
             for (s, v), c in p.volume_chunks.items()
@@ -235,13 +235,35 @@ async def write_holds(session: AsyncSession, holds: dict[int, str | None]) -> No
         await _bulk_set(session, Sds, [{"id": i, "hold_state": h} for i, h in holds.items()])
 
 
+#: Ids asked for in one ``IN`` list (far below any engine's parameter limit).
+IN_BATCH = 500
+
+
+async def _existing(session: AsyncSession, model: Any, ids: set[int]) -> set[int]:
+    """Those of ``ids`` that ``model`` has a row of (a few ``IN`` lists, or one scan of
+    the ids when there are many)."""
+    if len(ids) > 8 * IN_BATCH:
+        return set((await session.execute(select(model.id))).scalars()) & ids
+    found: set[int] = set()
+    batch = sorted(ids)
+    for i in range(0, len(batch), IN_BATCH):
+        part = batch[i : i + IN_BATCH]
+        found.update((await session.execute(select(model.id).where(model.id.in_(part)))).scalars())
+    return found
+
+
 async def _bulk_set(session: AsyncSession, model: Any, rows: list[dict[str, Any]]) -> None:
-    """ORM bulk UPDATE by primary key: one executemany for all rows still present."""
-    ids = [r["id"] for r in rows]
-    present = set((await session.execute(select(model.id).where(model.id.in_(ids)))).scalars())
-    rows = [r for r in rows if r["id"] in present]
-    if rows:
-        await session.execute(update(model), rows)
+    """``UPDATE ... WHERE id = ?`` of ``rows`` (each ``{"id", column: value}``, the same
+    columns in each), one executemany through the core (no ORM state per row); a row
+    whose id is gone meanwhile updates nothing."""
+    table = model.__table__
+    columns = [k for k in rows[0] if k != "id"]
+    stmt = (
+        update(table)
+        .where(table.c.id == bindparam("row_id"))
+        .values({c: bindparam(c) for c in columns})
+    )
+    await session.execute(stmt, [{"row_id": r["id"], **{c: r[c] for c in columns}} for r in rows])
 
 
 def _aware(t: dt.datetime) -> dt.datetime:
