@@ -70,6 +70,8 @@ class MapFollower:
         self._doc: dict[str, Any] | None = None  # the maps document of self.maps, whole
         self._whole = False  # ask for whole maps (a delta did not make the MDM's)
         self.deltas_applied = 0  # pools' maps updated by a delta
+        # pool key -> (its document in self._doc, that document's digest)
+        self._digests: dict[str, tuple[Any, str]] = {}
 
     # -- MapSource ----------------------------------------------------------------
 
@@ -91,7 +93,12 @@ class MapFollower:
     async def _refresh_once(self) -> None:
         try:
             if self.sdc_id is not None:
-                self._apply(await self.client.maps(self.sdc_id, map_epochs=self._map_epochs()))
+                try:
+                    self._apply(await self.client.maps(self.sdc_id, map_epochs=self._map_epochs()))
+                except MapError:
+                    if not self._whole:
+                        raise
+                    self._apply(await self.client.maps(self.sdc_id))  # once, whole
                 self._reachable(True)
         except (MdmUnavailable, MdmRefused, MapError) as exc:
             self._reachable(False, str(exc))
@@ -137,9 +144,19 @@ class MapFollower:
             return None
         return {p: m.epoch for p, m in self.maps.pools.items()}
 
+    def _digest(self, key: str, pool: Any) -> str:
+        """The digest of ``pool``, our map of pool ``key`` (computed once per map)."""
+        known = self._digests.get(key)
+        if known is not None and known[0] is pool:
+            return known[1]
+        value = pgmap_delta.digest_hex(pgmap_delta.digest(pool))
+        self._digests[key] = (pool, value)
+        return value
+
     def _whole_maps(self, doc: Any) -> Any:
         """``doc`` with each pool's delta applied to the map we have (MapError if one
-        does not make the MDM's map: we ask for whole maps next)."""
+        does not make the MDM's map: we ask for whole maps next). An answer at the
+        epoch we have is checked too: its digest must be that of our map."""
         pools = doc.get("pools") if isinstance(doc, dict) else None
         if not isinstance(pools, dict) or not any(map(pgmap_delta.is_delta, pools.values())):
             self._whole = False
@@ -151,11 +168,22 @@ class MapFollower:
                 whole[key] = pool
                 continue
             old = had.get(key)
-            if old is not None and pool.get("epoch") == old.get("epoch"):
+            if (
+                old is not None
+                and pool.get("epoch") == old.get("epoch")
+                and pool.get("from_epoch") == old.get("epoch")
+            ):
+                if pool.get("digest") != self._digest(key, old):
+                    self._whole = True
+                    raise MapError(
+                        f"pool {key}: our map at epoch {old.get('epoch')} is not the MDM's "
+                        f"(digest {self._digest(key, old)}, the MDM's {pool.get('digest')})"
+                    )
                 whole[key] = old  # unchanged
                 continue
             try:
                 whole[key] = pgmap_delta.apply(old or {}, pool)
+                self._digests[key] = (whole[key], pool["digest"])
                 self.deltas_applied += 1
             except ValueError as exc:
                 self._whole = True
@@ -170,6 +198,8 @@ class MapFollower:
         if current is not None and maps.epoch < current.epoch:
             return  # an older answer overtaken by a newer one
         self._doc = doc
+        pools = doc.get("pools") or {}
+        self._digests = {k: v for k, v in self._digests.items() if pools.get(k) is v[0]}
         if maps == current:
             return
         self.maps = maps
@@ -260,7 +290,8 @@ class MapFollower:
                 await self._register()
             assert self.sdc_id is not None
             try:
-                wait = self.epoch if self.maps is not None else None
+                # after a delta that did not make the MDM's map, the whole maps at once
+                wait = self.epoch if self.maps is not None and not self._whole else None
                 doc = await self.client.maps(self.sdc_id, wait, self.longpoll_s, self._map_epochs())
                 self._apply(doc)
                 self._reachable(True)

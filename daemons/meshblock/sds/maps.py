@@ -137,10 +137,14 @@ class MapCache:
         m = self.maps.get(pool_id)
         return m.epoch if m is not None else 0
 
-    def update(self, m: PgMap) -> bool:
-        """Keep ``m`` if it is newer than what we have; return whether it was."""
+    def update(self, m: PgMap, *, same_epoch: bool = False) -> bool:
+        """Keep ``m`` if it is newer than what we have (``same_epoch``: or at our epoch
+        with another document, ours having been found not the MDM's); return whether
+        it was."""
         old = self.maps.get(m.pool_id)
-        if old is not None and old.epoch >= m.epoch:
+        if old is not None and (
+            old.epoch > m.epoch or (old.epoch == m.epoch and (not same_epoch or old.doc == m.doc))
+        ):
             return False
         self.maps[m.pool_id] = m
         for listener in self.listeners:

@@ -652,13 +652,16 @@ class MdmLink:
     async def _follow(self, pool_id: int) -> None:
         maps = self._sds.maps
         poll = self._config.map_poll_timeout_s
-        whole = False  # ask for the whole map (a delta did not make the MDM's)
+        whole = False  # ask for the whole map at once (a delta did not make the MDM's)
+        held: tuple[PgMap, str] | None = None  # our map and its digest
         while True:
             epoch = maps.epoch(pool_id)
-            path = f"/api/v1/pools/{pool_id}/pgmap?wait_epoch={epoch}&timeout={poll:g}"
+            path = f"/api/v1/pools/{pool_id}/pgmap"
             have = maps.get(pool_id)
-            if have is not None and not whole:
-                path += f"&since={have.epoch}"  # the changes since, when the MDM has them
+            if not whole:
+                path += f"?wait_epoch={epoch}&timeout={poll:g}"
+                if have is not None:
+                    path += f"&since={have.epoch}"  # the changes since, when the MDM has them
             try:
                 status, doc = await self._call("GET", path, wait_s=poll + 10)
             except MdmUnavailable as exc:
@@ -675,11 +678,27 @@ class MdmLink:
                 log.warning("map of pool %d: status %d", pool_id, status)
                 await asyncio.sleep(1.0)
                 continue
-            whole = False
+            same_epoch, whole = whole, False
             delta = pgmap_delta.is_delta(doc)
             if delta:
-                if have is None or doc.get("epoch") == have.epoch:
-                    continue  # no change (the long-poll's timeout)
+                if have is None:
+                    continue
+                if doc.get("epoch") == have.epoch and doc.get("from_epoch") == have.epoch:
+                    # no change (the long-poll's timeout), if ours is the MDM's map
+                    if held is None or held[0] is not have:
+                        held = (have, pgmap_delta.digest_hex(pgmap_delta.digest(have.doc)))
+                    if doc.get("digest") == held[1]:
+                        continue
+                    log.warning(
+                        "pool %d: our map at epoch %d is not the MDM's (digest %s, the MDM's "
+                        "%s); fetching the whole map",
+                        pool_id,
+                        have.epoch,
+                        held[1],
+                        doc.get("digest"),
+                    )
+                    whole = True
+                    continue
                 try:
                     doc = pgmap_delta.apply(have.doc, doc)
                 except ValueError as exc:
@@ -692,7 +711,7 @@ class MdmLink:
                 log.error("malformed map of pool %d: %s", pool_id, exc)
                 await asyncio.sleep(1.0)
                 continue
-            if maps.update(m):
+            if maps.update(m, same_epoch=same_epoch):
                 log.info(
                     "pool %d: map epoch %d%s", pool_id, m.epoch, " by a delta" if delta else ""
                 )
