@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import weakref
 from typing import Any
 
 from aiohttp import web
@@ -26,6 +27,10 @@ routes = ApiRoutes()
 TAG = "scrub"
 TICK_S = 1.0  # how often passes are started and completed (and the schedule saved)
 _COLUMNS = tuple(ScrubState.__table__.columns.keys())
+# One save at a time per schedule: the tick's and an operator's start/pause may both
+# insert a pool's first row (session.merge reads, then inserts: two at once, a UNIQUE
+# violation answered 409).
+_SAVING: weakref.WeakKeyDictionary[ScrubSchedule, asyncio.Lock] = weakref.WeakKeyDictionary()
 
 
 def _schedule(c: MdmContext) -> ScrubSchedule:
@@ -50,19 +55,20 @@ async def _load(c: MdmContext, s: ScrubSchedule) -> None:
 async def save(c: MdmContext) -> None:
     """Keep the schedules of the pools changed since the last save in the database."""
     s = _schedule(c)
-    ids = sorted(p for p in s.dirty if p in s.pools)
-    s.dirty.clear()
-    if not ids:
-        return
-    wall, now = time.time(), time.monotonic()
-    rows = [s.saved(pool_id, wall, now) for pool_id in ids]
-    try:
-        async with c.sessions() as session, session.begin():
-            for row in rows:
-                await session.merge(ScrubState(**row))
-    except BaseException:
-        s.dirty.update(ids)  # the next tick tries again (a pool deleted meanwhile: dropped)
-        raise
+    async with _SAVING.setdefault(s, asyncio.Lock()):
+        ids = sorted(p for p in s.dirty if p in s.pools)
+        s.dirty.clear()
+        if not ids:
+            return
+        wall, now = time.time(), time.monotonic()
+        rows = [s.saved(pool_id, wall, now) for pool_id in ids]
+        try:
+            async with c.sessions() as session, session.begin():
+                for row in rows:
+                    await session.merge(ScrubState(**row))
+        except BaseException:
+            s.dirty.update(ids)  # the next tick tries again (a pool deleted meanwhile: dropped)
+            raise
 
 
 async def tick(c: MdmContext) -> None:
