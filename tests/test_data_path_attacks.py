@@ -216,6 +216,32 @@ def test_stolen_sds_certificate_reads_nothing_of_a_pg_it_holds_no_copy_of(
     unchanged(ac, doc["epoch"])
 
 
+def test_stolen_secondary_certificate_gets_no_checksums_or_chunk_list_of_the_primary(
+    ac: SmallCluster,
+) -> None:
+    """Only a PG's primary asks for a copy's checksums (its scrub) and chunk list (its
+    copy jobs): the secondary's certificate asking the primary for them is refused,
+    its raw read (it heals from the primary) still served."""
+    doc = ac.pgmap()
+    ref, primary, secondary, _ = roles(ac, doc)
+    mate = stolen(f"sds:{secondary.name}")
+    reads: list[Op] = [
+        lambda cl: cl.chunk_csums(ac.volume_id, CHUNK),
+        lambda cl: cl.list_chunks(ac.pool_id, ref.pg),
+    ]
+
+    async def main() -> None:
+        for op in reads:
+            await refused(primary, ac.mdm.cluster_secret, mate, PeerRole.SDS_PEER, op)
+
+    asyncio.run(main())
+    ident = f"sds:{secondary.name}"
+    assert refusal_logged(primary, f"CHUNK_CSUMS (volume {ac.volume_id} chunk {CHUNK})", ident)
+    assert refusal_logged(primary, "CHUNK_LIST (volume 0 chunk 0)", ident)
+    assert "is not the primary of the chunk's PG" in primary.log_text()
+    unchanged(ac, doc["epoch"])
+
+
 def test_no_certificate_is_refused_in_the_handshake(ac: SmallCluster, tmp_path: Path) -> None:
     doc = ac.pgmap()
     _, primary, _, _ = roles(ac, doc)

@@ -87,6 +87,7 @@ _VOLUME_IO: Final = frozenset({int(Op.READ), int(Op.WRITE), int(Op.WRITE_ZEROES)
 _READ: Final = int(Op.READ)
 # What an SDS peer reads of a PG's copy here: only a peer holding a copy of the PG may.
 _PEER_READS: Final = frozenset({int(Op.CHUNK_READ_RAW), int(Op.CHUNK_CSUMS), int(Op.CHUNK_LIST)})
+_PRIMARY_READS: Final = frozenset({int(Op.CHUNK_CSUMS), int(Op.CHUNK_LIST)})
 # A request's chunk address: Request's fields 5 to 9 are ChunkRef's, in its order
 # (tests/test_sds_requests.py), so _chunk_ref(req[5:10]) makes one with a slice.
 _chunk_ref: Final = ChunkRef._make
@@ -217,9 +218,11 @@ class DataService:
     def _copy_holder(self, req: Request, sds: str) -> int | None:
         """None when the SDS named ``sds`` may read what ``req`` asks (a raw read, the
         checksums or the chunk list of a PG): our map of the PG's pool names it as a
-        copy of the PG or its move target, or the chunk has no slot here (nothing to
-        read), or we have no map of the pool or one that names no SDS (an older MDM).
-        Else the pool whose newer map may name it."""
+        copy of the PG or its move target (for the checksums and the chunk list, which
+        only the PG's primary asks for, by its scrub and its copy jobs: as its primary),
+        or the chunk has no slot here (nothing to read), or we have no map of the pool
+        or one that names no SDS (an older MDM). Else the pool whose newer map may name
+        it."""
         if req.opcode == Op.CHUNK_LIST:
             pool = req.pool_id
             m = self._maps.get(pool)
@@ -234,7 +237,11 @@ class DataService:
         if m is None or not m.sds_names or pg >= m.pg_count:
             return None  # answered as before: MAP_PENDING, INVALID
         sds_id = m.sds_names.get(sds)
-        return None if sds_id is not None and m.names(pg, sds_id) else pool
+        if sds_id is None:
+            return pool
+        if req.opcode in _PRIMARY_READS:  # only the PG's primary scrubs and copies it
+            return None if m.primary[pg][0] == sds_id else pool
+        return None if m.names(pg, sds_id) else pool
 
     async def _held_after_map(
         self, conn: IdentifiedConnection, sds: str, req: Request, payload: memoryview, t0: float
@@ -248,7 +255,8 @@ class DataService:
         if pool is None:
             self._serve(conn, req, payload, t0)
         else:
-            conn.refuse(req, f"sds:{sds} holds no copy of the chunk's PG in this SDS's map")
+            why = "is not the primary of" if req.opcode in _PRIMARY_READS else "holds no copy of"
+            conn.refuse(req, f"sds:{sds} {why} the chunk's PG in this SDS's map")
 
     async def _mapped_after_refresh(
         self, conn: IdentifiedConnection, guid: str, req: Request, payload: memoryview, t0: float
