@@ -9,10 +9,12 @@ import json
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, cast
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
 from meshblock import pgmap_delta
+from meshblock.mdm.api.sdc import _map_epochs as mdm_map_epochs
 from meshblock.mdm.pgmaps import MapCache, MapDocument
 from meshblock.sdc.map_follower import MapFollower
 from meshblock.sdc.maps import MapError
@@ -201,3 +203,28 @@ def test_sds_same_epoch_answer_with_our_digest_keeps_our_map() -> None:
     got, paths = sds_follow(pool_doc(7, 1), [same_epoch_answer(pool_doc(7, 1))])
     assert all("since=7" in p for p in paths)
     assert got.primary[0] == (1, 1)
+
+
+@pytest.mark.parametrize("pools", [3, 600, 5000])
+def test_sdc_map_epochs_query_stays_short_whatever_its_pools(pools: int) -> None:
+    # 600 pools with 10-digit epochs (after a restore) made a 9,599-character request
+    # line, which the MDM's HTTP server refuses (400) past about 8 KB: every maps
+    # request failed from then on.
+    have = {p: 4294967296 + p for p in range(1, pools + 1)}
+    client = MdmClient.__new__(MdmClient)
+    client.request_timeout = 10.0
+    paths: list[str] = []
+
+    async def call(method: str, path: str, body: Any = None, **kw: Any) -> Any:
+        paths.append(path)
+        return {}
+
+    client._call = call  # type: ignore[method-assign]
+    asyncio.run(client.maps(1, 41, 30.0, have))
+    (path,) = paths
+    assert len(path) < 4096 + 100
+    query = parse_qs(urlsplit(path).query)
+    assert query["wait_epoch"] == ["41"]
+    sent = mdm_map_epochs(query["map_epochs"][0])  # as the MDM reads it
+    assert sent == {p: have[p] for p in range(1, len(sent) + 1)}  # the first pools
+    assert len(sent) == pools or len(sent) > 200  # the others come whole

@@ -19,6 +19,24 @@ from meshblock.tls import MdmTls, mdm_tls
 
 log = logging.getLogger(__name__)
 
+#: The longest ``map_epochs`` query value sent: the pools beyond come whole (the MDM's
+#: HTTP server refuses a request line longer than about 8 KB with a 400).
+MAX_MAP_EPOCHS_QUERY = 4096
+
+
+def map_epochs_query(map_epochs: dict[int, int]) -> str:
+    """``POOL:E,...`` for as many pools (in pool order) as fit in
+    :data:`MAX_MAP_EPOCHS_QUERY` characters."""
+    parts: list[str] = []
+    length = 0
+    for pool, epoch in sorted(map_epochs.items()):
+        part = f"{pool}:{epoch}"
+        length += len(part) + (1 if parts else 0)
+        if length > MAX_MAP_EPOCHS_QUERY:
+            break
+        parts.append(part)
+    return ",".join(parts)
+
 
 def mdm_tls_of(config: SdcConfig) -> MdmTls:
     """How this SDC reaches the MDM; a certificate must name an SDC (``sdc:<guid>``).
@@ -120,14 +138,13 @@ class MdmClient:
     ) -> Any:
         """The SDC's maps; with ``wait_epoch``, long-poll until the epoch passes it; with
         ``map_epochs`` (pool -> the map epoch we have), a pool's map may come as a delta
-        from it (:mod:`meshblock.pgmap_delta`)."""
+        from it (:mod:`meshblock.pgmap_delta`; only the pools whose epochs fit in
+        :data:`MAX_MAP_EPOCHS_QUERY` characters, the others come whole)."""
         query = []
         if wait_epoch is not None:
             query.append(f"wait_epoch={wait_epoch}&timeout={wait_s:g}")
         if map_epochs:
-            query.append(
-                "map_epochs=" + ",".join(f"{p}:{e}" for p, e in sorted(map_epochs.items()))
-            )
+            query.append("map_epochs=" + map_epochs_query(map_epochs))
         path = f"/api/v1/sdc/{sdc_id}/maps" + ("?" + "&".join(query) if query else "")
         if wait_epoch is not None:
             return await self._call("GET", path, limit_s=wait_s + self.request_timeout)
