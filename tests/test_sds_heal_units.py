@@ -334,3 +334,46 @@ def test_a_secondary_checksum_mismatch_reaches_only_a_client_that_sent_checksums
         assert status == want
     finally:
         sds.store.close()
+
+
+def test_a_peer_read_waits_for_the_map_it_was_sent_by(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A new copy holder's raw read sent by map 4 reaches us at map 2: the map after
+    ours (3) does not name it yet; we wait on for 4, which does, and serve it (we
+    refused it at 3 before: its heal took the refusal for a copy with no good block)."""
+    data = pattern()
+    sds = state_with_peer(tmp_path, PeerCopy(data), monkeypatch, primary=True)
+    store = sds.store
+    svc = DataService(sds, Resync(sds))
+    new = PEER + 1
+    names = {"peer": PEER, "new": new}
+    addresses = {ME: ("127.0.0.1", 1), PEER: ("127.0.0.1", 2), new: ("127.0.0.1", 3)}
+    mine = ((ME, DEV_IDS[0]),) * PG_COUNT
+
+    def pgmap(epoch: int, secondary: int) -> PgMap:
+        second = ((secondary, 30),) * PG_COUNT
+        return PgMap(POOL, epoch, PG_COUNT, mine, second, addresses, {}, sds_names=names)
+
+    sds.maps.update(pgmap(2, PEER))
+    conn = Conn()
+    conn.peer_sds = "new"  # type: ignore[attr-defined]
+    refused = lambda r, why: conn.reply(r.request_id, Status.NOT_PERMITTED, 0, 0, None)  # noqa: E731
+    conn.refuse = refused  # type: ignore[attr-defined]
+    conn.allowed = frozenset(Op(op) for op in ROLE_OPS[PeerRole.SDS_PEER])
+    pg = pg_of(VOL, 1, PG_COUNT)
+    req = Request(REQUEST_MAGIC, int(Op.CHUNK_READ_RAW), 0, 0, 7, POOL, pg, 4, VOL, 1, 0, BLOCK)
+
+    async def main() -> None:
+        store.write(store.devices[0], VOL, 1, 0, data)
+        svc.handle(conn, req, memoryview(b""))
+        await asyncio.sleep(0.1)
+        sds.maps.update(pgmap(3, PEER))
+        await asyncio.sleep(0.2)
+        sds.maps.update(pgmap(4, new))
+        assert await answer(conn, 7) == Status.OK
+
+    try:
+        asyncio.run(main())
+    finally:
+        store.close()

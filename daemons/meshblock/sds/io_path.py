@@ -247,10 +247,17 @@ class DataService:
         self, conn: IdentifiedConnection, sds: str, req: Request, payload: memoryview, t0: float
     ) -> None:
         """A peer's read of a PG that our map does not make it hold: served if a newer
-        map (within MAP_WAIT_S) does, else refused NOT_PERMITTED."""
+        map (within MAP_WAIT_S; up to the epoch the request was sent by, through the
+        maps in between) does, else refused NOT_PERMITTED."""
         pool = self._copy_holder(req, sds)
-        if pool is not None:
-            await self._cache.wait_for(pool, self._cache.epoch(pool) + 1, MAP_WAIT_S)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + MAP_WAIT_S
+        while pool is not None:
+            # the next map, or the one the request was sent by (it may take several)
+            epoch = max(self._cache.epoch(pool) + 1, req.epoch)
+            left = deadline - loop.time()
+            if left <= 0 or await self._cache.wait_for(pool, epoch, left) is None:
+                break
             pool = self._copy_holder(req, sds)
         if pool is None:
             self._serve(conn, req, payload, t0)
