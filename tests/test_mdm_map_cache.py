@@ -10,6 +10,7 @@ import gzip
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 from sqlalchemy import update
@@ -188,6 +189,21 @@ def test_an_older_document_never_replaces_a_newer_one() -> None:
 
     first, second = asyncio.run(twice())
     assert first is second and gzip.decompress(first) == newer.body  # compressed once
+
+
+def test_a_deleted_pool_is_forgotten() -> None:
+    cache = MapCache()
+    for epoch in (4, 5):
+        doc = {"pool_id": 1, "epoch": epoch, "pg_count": 1, "pgs": [{"pg": 0, "e": epoch}]}
+        cache.put(1, MapDocument(epoch, doc))
+    kept = MapDocument(3, {"pool_id": 2, "epoch": 3, "pg_count": 1, "pgs": []})
+    cache.put(2, kept)
+    cache.pg_parts[1] = cache.pg_parts[2] = cast(Any, "a PG part")
+    assert cache.delta(1, 4, MapDocument(5, {})) is not None
+    cache.forget(1)
+    assert cache.get(1, 5) is None and cache.delta(1, 4, MapDocument(5, {})) is None
+    assert cache._docs.keys() == cache._deltas.keys() == {2}
+    assert cache.get(2, 3) is kept and cache.pg_parts.keys() == {2}
 
 
 def test_map_epochs_are_read_once_per_cluster_epoch_for_every_long_poll(tmp_path: Path) -> None:

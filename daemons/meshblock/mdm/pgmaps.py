@@ -322,6 +322,12 @@ class MapCache:
             del kept.steps[next(iter(kept.steps))]
         kept.answers = {}
 
+    def forget(self, pool_id: int) -> None:
+        """Drop what is kept of a deleted pool (its document, deltas and PG part)."""
+        self._docs.pop(pool_id, None)
+        self._deltas.pop(pool_id, None)
+        self.pg_parts.pop(pool_id, None)
+
     def delta(self, pool_id: int, since: int, document: MapDocument) -> MapDocument | None:
         """The delta from the pool's map at epoch ``since`` to ``document`` (the pool's
         newest), made once per ``since`` and shared; None when there is none: an epoch

@@ -216,6 +216,7 @@ async def delete_pool(request: web.Request) -> web.Response:
                 )
         await pgtable.drop(s, pool.id)
         await s.delete(pool)
+    ctx(request).map_cache.forget(pool.id)  # ids are never reused
     return web.Response(status=204)
 
 
