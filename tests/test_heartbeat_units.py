@@ -6,10 +6,13 @@ protocol for an older MDM), and the interval the cluster sets."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import copy
 import json
 import random
-from typing import Any
+from collections.abc import AsyncIterator
+from typing import Any, cast
 
 import jsonschema_rs
 import pytest
@@ -17,6 +20,7 @@ import pytest
 from meshblock.config import ConfigError, load
 from meshblock.mdm import heartbeats, schemas
 from meshblock.mdm.config import MdmConfig
+from meshblock.mdm.deletion import Purger
 from meshblock.mdm.errors import Invalid
 from meshblock.mdm.liveness import Liveness
 from meshblock.mdm.reconcile import Reported
@@ -243,3 +247,45 @@ def test_components_take_the_interval_the_mdm_says() -> None:
     assert heartbeat_interval(0.5, 2.0) == 0.5
     for odd in (None, "1", True, 0, -1, 1e9, json.loads("NaN")):
         assert heartbeat_interval(odd, 2.0) == 2.0
+
+
+class _FailingSession:
+    """A session whose every statement fails, as in a database blip."""
+
+    def begin(self) -> _FailingSession:
+        return self
+
+    async def __aenter__(self) -> _FailingSession:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+    async def execute(self, *args: object, **kwargs: object) -> object:
+        raise OSError("connection lost")
+
+
+def test_a_failed_reconcile_pass_keeps_the_reported_epochs() -> None:
+    """SDSs report their map epochs only when they change: a pass that fails gives back
+    what it took, and the next one still raises the pools' epochs."""
+    r = Reported()
+    r.sds(3, 40, [(1, 900)])
+    was = r.taken()
+
+    @contextlib.asynccontextmanager
+    async def gate() -> AsyncIterator[None]:
+        yield
+
+    purger = Purger(
+        cast(Any, _FailingSession),
+        cast(Any, gate),
+        cast(Any, None),
+        cast(Any, None),
+        r,
+    )
+    with pytest.raises(OSError):  # the purge's own transaction fails too
+        asyncio.run(purger.once())
+    r.sds(4, None, [(2, 5)])  # a report that came meanwhile is kept as well
+    assert r.map_epochs == {1: 900, 2: 5}
+    assert r.cluster_epoch == 40 and r.reporters == {3, 4}
+    assert not r.restored and was.map_epochs == {1: 900}

@@ -122,11 +122,17 @@ class Purger:
         epoch = 0
         # What components report after a database restore first (its tombstones), in
         # its own transaction: a failure there never stops the purge.
+        # What the pass takes goes back if it fails (Reported.give_back): nothing awaits
+        # between the copy and reconcile() taking it.
+        taken: Reported | None = None
         try:
             async with self._gate(), self._sessions() as s, s.begin():
+                taken = self._reported.taken()
                 if await reconcile(s, self._reported):
                     epoch = await bump(s)
         except Exception:
+            if taken is not None:
+                self._reported.give_back(taken)
             log.exception("could not reconcile what components report; retrying")
         async with self._gate(), self._sessions() as s, s.begin():
             purged = await purge_freed(s, self._reports)

@@ -35,7 +35,9 @@ of the process. Then, for the SDSs not yet reconciled, it:
   in the copy (``restore_pool_epochs``, or the one before a reported epoch raised it).
 
 An SDS's ``restore_pending`` row goes once its report is reconciled; once none is
-left, the database has caught up. The reports are kept in memory.
+left, the database has caught up. The reports are kept in memory; a pass that fails
+(its transaction does not commit) gives back what it took (:meth:`Reported.give_back`):
+an SDS reports its epochs only when they change, so they would not come again.
 """
 
 from __future__ import annotations
@@ -97,6 +99,30 @@ class Reported:
         for pool, e in map_epochs:
             if e > self.map_epochs.get(pool, 0):
                 self.map_epochs[pool] = e
+
+    def taken(self) -> Reported:
+        """A copy of what :func:`reconcile` takes (and clears) when it starts: for
+        :meth:`give_back` if its pass fails (an SDS reports its epochs only when they
+        change, so a report lost with a failed pass would never come again)."""
+        return Reported(
+            map_epochs=dict(self.map_epochs),
+            cluster_epoch=self.cluster_epoch,
+            reporters=set(self.reporters),
+            restored=self.restored,
+            pool_epochs_before=dict(self.pool_epochs_before),
+        )
+
+    def give_back(self, taken: Reported) -> None:
+        """Undo a failed pass that started from ``taken``: its reports join those that
+        came since, and what the pass set in memory (``restored``, the pools' epochs
+        before it raised them) is as it was, since its transaction did not commit."""
+        for pool, e in taken.map_epochs.items():
+            if e > self.map_epochs.get(pool, 0):
+                self.map_epochs[pool] = e
+        self.epoch(taken.cluster_epoch)
+        self.reporters |= taken.reporters
+        self.restored = taken.restored
+        self.pool_epochs_before = taken.pool_epochs_before
 
     def epoch(self, epoch: int | None) -> None:
         """An SDS's or SDC's cluster epoch."""
