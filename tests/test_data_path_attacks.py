@@ -239,6 +239,15 @@ def test_stolen_secondary_certificate_gets_no_checksums_or_chunk_list_of_the_pri
     assert refusal_logged(primary, f"CHUNK_CSUMS (volume {ac.volume_id} chunk {CHUNK})", ident)
     assert refusal_logged(primary, "CHUNK_LIST (volume 0 chunk 0)", ident)
     assert "is not the primary of the chunk's PG" in primary.log_text()
+    # and in its audit log, summarised per caller (sds/refusals.py)
+    wait_until(
+        lambda: any(
+            '"event":"data_refused"' in line and f'"who":"{ident}"' in line
+            for line in primary.log_text().splitlines()
+        ),
+        10,
+        "the refusals in the audit log",
+    )
     unchanged(ac, doc["epoch"])
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from meshblock import metrics_access
+from meshblock import audit, metrics_access
 from meshblock.files import write_atomic
 from meshblock.sds import checksums, device_io
 from meshblock.sds.config import SdsConfig
@@ -36,6 +36,7 @@ from meshblock.sds.mdm_client import (
 )
 from meshblock.sds.metrics import SdsCollector
 from meshblock.sds.peer_probe import SelfFence, peers_needed, wire_pinger
+from meshblock.sds.refusals import RefusalAudit
 from meshblock.sds.replication import Peers
 from meshblock.sds.resync import Resync
 from meshblock.sds.scrub import Scrubber
@@ -140,6 +141,7 @@ async def _runtime(app: web.Application) -> AsyncIterator[None]:
         Path(config.state_dir), store.unclean, [d.path for d in store.devices], device_io.boot_id()
     )
     verify: asyncio.Task[None] | None = None
+    refusals: RefusalAudit | None = None
     try:
         peers = Peers(
             secret,
@@ -180,11 +182,14 @@ async def _runtime(app: web.Application) -> AsyncIterator[None]:
             min_version=config.wire_min_version,
             tls=wire_tls.server_context(config.tls, config.data.tls),
         )
+        service.refusal_audit = refusals = RefusalAudit(app.get(audit.AUDIT))
         app[RUNTIME] = SdsRuntime(config, state, resync, service, server, link, registry)
         # Checksums of the slots marked at start: recomputed off the event loop.
         verify = asyncio.create_task(store.verify_marked(), name="verify-marked")
         yield
     finally:
+        if refusals is not None:
+            refusals.close()
         if verify is not None:
             verify.cancel()
             with contextlib.suppress(BaseException):

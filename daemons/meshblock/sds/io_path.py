@@ -45,6 +45,7 @@ from meshblock.sds.access import SdcAccess
 from meshblock.sds.checksums import ChecksumError, bad_in_rows
 from meshblock.sds.heal import repair_from_peer
 from meshblock.sds.maps import PgMap
+from meshblock.sds.refusals import RefusalAudit
 from meshblock.sds.resync import Resync
 from meshblock.sds.scrub import crcs_of, unchecked_in, with_adopted
 from meshblock.sds.state import SdsState
@@ -169,6 +170,8 @@ class DataService:
 
     def __init__(self, state: SdsState, resync: Resync) -> None:
         self._state = state
+        #: Where refusals are summarised for the audit log (set by the app).
+        self.refusal_audit: RefusalAudit | None = None
         self._resync = resync
         self._cache = state.maps
         self._maps = state.maps.maps  # pool id -> newest map
@@ -198,7 +201,11 @@ class DataService:
         t0 = time.perf_counter()
         op = req.opcode
         if op not in conn.allowed:
-            self._reply(conn, req, t0, Status.NOT_PERMITTED)
+            refuse = getattr(conn, "refuse", None)
+            if refuse is not None:  # with its reason, not the replica writes' one
+                refuse(req, f"not an operation its connection ({conn.role}) may send")
+            else:
+                self._reply(conn, req, t0, Status.NOT_PERMITTED)
             return
         # An SDC's certificate: client IO only to a volume mapped to it (sds/access.py).
         guid = getattr(conn, "sdc_guid", None)

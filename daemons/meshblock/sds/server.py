@@ -222,14 +222,19 @@ class DataConnection(FramedConnection):
             op = Op(req.opcode).name
         except ValueError:
             op = f"opcode {req.opcode}"
-        self._log_refusal(f"{op} (volume {req.volume_id} chunk {req.chunk_index})", why)
+        self._log_refusal(f"{op} (volume {req.volume_id} chunk {req.chunk_index})", why, op, req)
         self._refusing = True
         self.reply(req.request_id, _NOT_PERMITTED, 0)
         self._refusing = False
 
-    def _log_refusal(self, what: str, why: str) -> None:
+    def _log_refusal(self, what: str, why: str, op: str, req: Request | None) -> None:
         """Count a refused request, and log it with the identity: the first
-        :data:`LOGGED_REFUSALS` of the connection, then every thousandth."""
+        :data:`LOGGED_REFUSALS` of the connection, then every thousandth; every one
+        goes to the audit log, summarised (sds/refusals.py)."""
+        audit = self._svc.refusal_audit
+        if audit is not None:
+            who = str(self.identity or f"a plain-TCP {self.role}")
+            audit.note(who, str(self.peer), op, None if req is None else req.volume_id, why)
         self.refusals += 1
         self._svc.stats.refused_requests += 1
         n = self.refusals
@@ -262,6 +267,8 @@ class DataConnection(FramedConnection):
                 f"request {request_id}",
                 "a replica write or copy from an SDS "
                 "that is not the PG's primary in this SDS's map",
+                "replica write, copy or mark",
+                None,
             )
         if self._closing:
             return
