@@ -78,7 +78,14 @@ SDC1_GUID = str(uuid.uuid5(uuid.UUID("361E6D51-FAEC-444A-9079-341386DA8E2E"), "s
 TLS_IDENTITIES = ("mdm:mdm1", "sds:sds1", "sds:sds2", f"sdc:{SDC1_GUID}", "mgmt:mgmt1")
 PROMETHEUS_ID = "mgmt:prometheus-mon1"
 
-DAEMON_BINARIES = ["meshblock-mdm", "meshblock-sds", "meshblock-sdc", "meshblock-mgmt", "meshctl"]
+DAEMON_BINARIES = [
+    "meshblock-mdm",
+    "meshblock-sds",
+    "meshblock-sdc",
+    "meshblock-mgmt",
+    "meshblock-nbd-helper",
+    "meshctl",
+]
 
 
 def ansible_env() -> dict[str, str]:
@@ -336,7 +343,12 @@ VARIANTS: dict[str, tuple[str, list[str], list[str], dict[str, Any]]] = {
     "sdc_attach": (
         "sdc1",
         ["common", "sdc"],
-        ["sdc.toml.j2", "meshblock-sdc.service.j2"],
+        [
+            "sdc.toml.j2",
+            "meshblock-sdc.service.j2",
+            "meshblock-nbd-helper.socket.j2",
+            "meshblock-nbd-helper@.service.j2",
+        ],
         {
             "__sdc_nbd_module": {"stat": {"exists": True}},
             "sdc_nbd_unix_socket": "/run/x/nbd",
@@ -566,6 +578,9 @@ def test_sdc_config_loads(rendered: dict[str, Path], variant: str) -> None:
     assert sdc_cluster_secret(config) == SECRETS["sdc_cluster_secret"]
     assert config.mdm.urls == ["https://10.9.0.10:6611"]
     assert config.nbd.attach_nbd is (variant == "sdc_attach")
+    # where it attaches, through the privileged helper's socket (not CAP_SYS_ADMIN)
+    helper = "/run/meshblock-nbd-helper.sock" if variant == "sdc_attach" else ""
+    assert config.nbd.attach_helper == helper
     assert config.sdc.name == "sdc1"
     assert config.io.tls is True
     assert_tls(config.tls, f"sdc-{SDC1_GUID}")
@@ -630,35 +645,75 @@ def test_unit_verifies_and_is_hardened(rendered: dict[str, Path], variant: str, 
     daemon = unit.split("-")[1].split(".")[0]
     assert f"/var/lib/meshblock/{daemon}" in s["ReadWritePaths"]
     assert path.read_text().startswith("#"), "the unit starts with ansible_managed"
-    # Issue 13 item 6 (docs/deployment.md, the scores); not yet where nbd-client runs
-    # in the SDC's unit
-    hardened = (
+    # Issue 13 item 6: in every unit (docs/deployment.md, the scores)
+    for key, value in (
         ("ProtectProc", "invisible"),
         ("PrivateMounts", "yes"),
         ("RemoveIPC", "yes"),
         ("MemoryDenyWriteExecute", "yes"),
         ("SystemCallFilter", "@system-service"),
         ("SystemCallErrorNumber", "EPERM"),
-    )
-    for key, value in hardened:
-        want = None if variant == "sdc_attach" else [value]
-        assert s.get(key) == want, f"{unit}: {key}={s.get(key)}"
+        ("CapabilityBoundingSet", ""),
+    ):
+        assert s.get(key) == [value], f"{unit}: {key}={s.get(key)}"
     # the SDS reads /proc/sys/kernel/random/boot_id: not in ProcSubset=pid's /proc
-    procsubset = daemon == "sds" or variant == "sdc_attach"
-    assert s.get("ProcSubset") == (None if procsubset else ["pid"]), unit
-    if variant == "sdc_attach":  # the documented exception: NBD needs CAP_SYS_ADMIN
-        assert s["AmbientCapabilities"] == ["CAP_SYS_ADMIN"]
-        assert s["DeviceAllow"] == ["block-nbd rw"]
-        assert sorted(s["SupplementaryGroups"]) == ["disk", "nbdusers"]  # and the socket's
+    assert s.get("ProcSubset") == (None if daemon == "sds" else ["pid"]), unit
+    if daemon == "sdc":  # no devices and no capability, with or without attach_nbd
+        assert s["PrivateDevices"] == ["yes"] and "AmbientCapabilities" in s
+        assert s["AmbientCapabilities"] == [""] and "DeviceAllow" not in s
+        assert s["RestrictAddressFamilies"] == ["AF_UNIX AF_INET AF_INET6"]
+    if variant == "sdc_attach":
+        assert s["SupplementaryGroups"] == ["nbdusers"]  # the socket's group only
         assert "-/run/x" in s["ReadWritePaths"]
-    else:
-        assert s["CapabilityBoundingSet"] == [""], f"{unit} keeps capabilities"
     if variant == "sdc":  # the NBD socket's default directory
         assert s["RuntimeDirectory"] == ["meshblock-sdc"]
     if variant == "sds_block":
         assert s["DeviceAllow"] == ["/dev/vdb rw", "/dev/vdc rw"]
     if variant == "sds":
         assert "/srv/meshblock" in s["ReadWritePaths"]
+
+
+def test_attach_helper_units(rendered: dict[str, Path]) -> None:
+    """sdc_attach: the helper's socket (root, the SDC's group, one process per
+    connection) and its service (CAP_SYS_ADMIN only, nbd devices only, no IP), which
+    points nbd-client at the SDC's own NBD socket; systemd-analyze verifies both."""
+    out = rendered["sdc_attach"]
+    socket_unit, service = (
+        out / "meshblock-nbd-helper.socket",
+        out / "meshblock-nbd-helper@.service",
+    )
+    proc = subprocess.run(
+        [tool("systemd-analyze"), "verify", "--man=no", str(socket_unit), str(service)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    problems = [line for line in (proc.stdout + proc.stderr).splitlines() if str(out) in line]
+    assert proc.returncode == 0 and not problems, proc.stdout + proc.stderr
+    sock = unit_settings(socket_unit)
+    assert sock["ListenStream"] == ["/run/meshblock-nbd-helper.sock"]
+    assert sock["Accept"] == ["yes"] and sock["SocketMode"] == ["0660"]
+    assert sock["SocketUser"] == ["root"] and sock["SocketGroup"] == ["meshblock"]
+    s = unit_settings(service)
+    assert "User" not in s  # root, but with one capability
+    assert s["CapabilityBoundingSet"] == ["CAP_SYS_ADMIN"] and "AmbientCapabilities" not in s
+    assert s["ExecStart"][0].split()[1:] == [
+        "--nbd-socket", "/run/x/nbd", "--user", "meshblock", "--nbd-client", "nbd-client",
+    ]  # fmt: skip
+    assert s["StandardInput"] == ["socket"]
+    assert s["SupplementaryGroups"] == ["nbdusers"]  # to open the SDC's 0660 socket
+    for key, value in (
+        ("NoNewPrivileges", "yes"),
+        ("ProtectSystem", "strict"),
+        ("DevicePolicy", "closed"),
+        ("DeviceAllow", "block-nbd rw"),
+        ("RestrictAddressFamilies", "AF_UNIX AF_NETLINK"),
+        ("SystemCallFilter", "@system-service"),
+        ("MemoryDenyWriteExecute", "yes"),
+        ("ProtectProc", "invisible"),
+        ("PrivateMounts", "yes"),
+    ):
+        assert s.get(key) == [value], f"{key}={s.get(key)}"
 
 
 def promtool_check_config(out: Path) -> None:

@@ -161,6 +161,7 @@ async def _run(app: web.Application) -> AsyncIterator[None]:
         attacher = NbdAttacher(
             nbd_client=config.nbd.nbd_client,
             unix_socket=config.nbd.unix_socket,
+            helper_socket=config.nbd.attach_helper,
             connections=config.nbd.attach_connections,
         )
         if not attacher.kernel_supported():

@@ -71,6 +71,9 @@ class NbdListen:
     attach_nbd: bool = False
     nbd_client: str = "nbd-client"
     attach_connections: int = 1
+    # The privileged attach helper's unix socket (meshblock.sdc.nbd_helper); empty:
+    # the SDC runs nbd_client itself (it then needs CAP_SYS_ADMIN).
+    attach_helper: str = ""
 
 
 @dataclass(frozen=True)
@@ -133,6 +136,8 @@ class SdcConfig:
             raise ValueError("nbd: no listener: set nbd.unix_socket, or nbd.tcp = true")
         if self.nbd.attach_nbd and not self.nbd.unix_socket:
             raise ValueError("nbd.attach_nbd needs nbd.unix_socket: nbd-client attaches by it")
+        if self.nbd.attach_helper and not self.nbd.attach_helper.startswith("/"):
+            raise ValueError("nbd.attach_helper must be an absolute path (or empty)")
         if self.nbd.tls_client_certs not in tuple(pki.ClientCerts):
             raise ValueError("nbd.tls_client_certs must be 'required' or 'optional'")
         if self.nbd.tls and not self.tls.cert:
