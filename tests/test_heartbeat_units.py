@@ -243,6 +243,31 @@ def test_bad_intervals(tmp_path: Any, text: str) -> None:
         _cluster(tmp_path, text)
 
 
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        # below what the SDSs and SDCs follow: they would keep 2 s and all be down
+        ("heartbeat_interval_s = 0.01", r"interval_s \(set: 0.01 s\) must be between 0.05 and 300"),
+        ("heartbeat_timeout_s = 0.2", r"interval_s \(derived from heartbeat_timeout_s: 0.04 s\)"),
+        ("heartbeat_interval_s = 400", r"interval_s \(set: 400 s\) must be between"),
+        # one hiccup would flap the component
+        (
+            "heartbeat_interval_s = 2\nheartbeat_timeout_s = 2.1",
+            r"timeout_s \(2.1 s\) must be at least 3",
+        ),
+        (
+            "heartbeat_interval_s = 2\nheartbeat_timeout_s = 5.9",
+            r"at least 3 heartbeat intervals \(6 s\)",
+        ),
+    ],
+)
+def test_intervals_the_components_would_not_follow(tmp_path: Any, text: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        _cluster(tmp_path, text)
+    _cluster(tmp_path, "heartbeat_interval_s = 0.1\nheartbeat_timeout_s = 0.3")  # at the bounds
+    _cluster(tmp_path, "heartbeat_interval_s = 300\nheartbeat_timeout_s = 900")
+
+
 def test_components_take_the_interval_the_mdm_says() -> None:
     assert heartbeat_interval(0.5, 2.0) == 0.5
     for odd in (None, "1", True, 0, -1, 1e9, json.loads("NaN")):

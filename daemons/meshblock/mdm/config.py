@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from meshblock.audit import AuditConfig
 from meshblock.config import LoggingConfig
 from meshblock.mdm.holddown import Knobs
+from meshblock.timeouts import MAX_HEARTBEAT_INTERVAL_S, MIN_HEARTBEAT_INTERVAL_S
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,9 @@ class DatabaseConfig:
 
 HEARTBEAT_INTERVAL_S = 2.0  # [cluster] heartbeat_interval_s unless set
 HEARTBEAT_MISSES = 5  # heartbeat_timeout_s unless set: this many intervals
+# heartbeat_timeout_s is at least this many intervals: a heartbeat's period is the
+# interval plus its round trip, so a timeout barely above it flaps at one hiccup.
+HEARTBEAT_MIN_MISSES = 3
 
 
 @dataclass(frozen=True)
@@ -98,8 +102,25 @@ class ClusterConfig:
                 interval = min(interval, timeout / HEARTBEAT_MISSES)
         if timeout is None:
             timeout = interval * HEARTBEAT_MISSES
-        if not timeout > interval:
-            raise ValueError("cluster.heartbeat_timeout_s must be longer than heartbeat_interval_s")
+        if not MIN_HEARTBEAT_INTERVAL_S <= interval <= MAX_HEARTBEAT_INTERVAL_S:
+            # the SDSs and SDCs ignore any other interval and keep their own: the MDM
+            # would declare every one of them down
+            how = (
+                "set"
+                if self.heartbeat_interval_s is not None
+                else "derived from heartbeat_timeout_s"
+            )
+            raise ValueError(
+                f"cluster.heartbeat_interval_s ({how}: {interval:g} s) must be between "
+                f"{MIN_HEARTBEAT_INTERVAL_S:g} and {MAX_HEARTBEAT_INTERVAL_S:g} s, "
+                "the range the SDSs and SDCs follow"
+            )
+        if timeout < interval * HEARTBEAT_MIN_MISSES * (1 - 1e-9):  # 0.1 * 3 > 0.3
+            least = interval * HEARTBEAT_MIN_MISSES
+            raise ValueError(
+                f"cluster.heartbeat_timeout_s ({timeout:g} s) must be at least "
+                f"{HEARTBEAT_MIN_MISSES} heartbeat intervals ({least:g} s)"
+            )
         object.__setattr__(self, "heartbeat_interval_s", float(interval))
         object.__setattr__(self, "heartbeat_timeout_s", float(timeout))
 
