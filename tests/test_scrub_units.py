@@ -255,3 +255,22 @@ def test_the_kept_schedule_resumes_with_another_clock() -> None:
     assert two.state == IDLE  # not due yet (its own due time, not the new start's)
     t.tick(410.0, {1: (20, False), 2: (4, False)})
     assert two.state == RUNNING and one.pass_ == 1
+
+
+def test_a_report_that_comes_before_the_schedules_are_loaded_is_asked_for_again() -> None:
+    """After an MDM start, a report taken before the kept schedules are back is
+    dropped; an SDS sends it again only when it changes, so the answer asks for its
+    whole state (send_full) until the schedule can take it, and the pass completes."""
+    s = ScrubSchedule(period_s=100.0, bandwidth_mibps=0, start_delay_s=0.0, now=0.0)
+    done = report(1, 1, [0, 1, 2, 3])
+    assert s.unready_for(done)
+    s.report(11, done)  # dropped: no pool yet
+    assert not s.unready_for(None) and not s.unready_for({"pools": []})
+    s.loaded = True  # the kept schedules: pass 1 of pool 1 running
+    assert s.unready_for(done)  # not ticked yet
+    s.tick(1.0, {1: (4, False)})
+    assert s.pools[1].state == RUNNING and s.pools[1].pass_ == 1
+    assert not s.unready_for(done)
+    s.report(11, done)  # the full heartbeat asked for
+    s.tick(2.0, {1: (4, False)})
+    assert s.pools[1].state == IDLE and s.pools[1].passes_completed == 1

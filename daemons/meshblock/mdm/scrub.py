@@ -184,6 +184,13 @@ class ScrubSchedule:
             for pool_id, ps in sorted(self.pools.items())
         ]
 
+    def unready_for(self, doc: dict[str, Any] | None) -> bool:
+        """Whether :meth:`report` would drop this report's pools (``pgs_done``) for want
+        of the kept schedules: before they are loaded and the first tick had every pool,
+        after an MDM start. An SDS sends its report again only when it changes, so the
+        heartbeat's answer asks it for its whole state again (``send_full``)."""
+        return bool(doc and doc.get("pools")) and not (self.loaded and self.pools_known)
+
     def report(self, sds_id: int, doc: dict[str, Any] | None) -> int:
         """Take an SDS's heartbeat ``scrub``; return the newest finding taken from it
         (sent back as ``findings_acked``)."""

@@ -98,6 +98,12 @@ async def run(c: MdmContext) -> None:
         await asyncio.sleep(TICK_S)
 
 
+def unready_for(c: MdmContext, doc: dict[str, Any] | None) -> bool:
+    """Whether an SDS heartbeat's ``scrub`` comes too early to be taken
+    (:meth:`ScrubSchedule.unready_for`): its answer says ``send_full``."""
+    return _schedule(c).unready_for(doc)
+
+
 def heartbeat(c: MdmContext, sds_id: int, doc: dict[str, Any] | None) -> dict[str, Any]:
     """An SDS heartbeat's ``scrub`` in; the reply's ``scrub`` (orders) out."""
     s = _schedule(c)

@@ -583,13 +583,16 @@ async def sds_heartbeat(request: web.Request, beat: heartbeats.SdsBeat) -> web.R
         c.reported.sds(sds_id, beat.epoch, beat.map_epochs)
         if beat.probes:
             live.holds.report(sds_id, beat.probes)
+    taken = beat.scrub if applied is not None else None
     reply = {
         "state": live.state("sds", sds_id),
         "epoch": c.notifier.epoch,
         "heartbeat_interval_s": c.config.cluster.interval_s,
-        "send_full": applied is None,
+        # also while the scrub schedules are not loaded (after a start): the SDS sends
+        # its scrub report again only when it changes, and this one is dropped
+        "send_full": applied is None or scrub.unready_for(c, taken),
         "probe": live.holds.probe_list(sds_id),
-        "scrub": scrub.heartbeat(c, sds_id, beat.scrub if applied is not None else None),
+        "scrub": scrub.heartbeat(c, sds_id, taken),
     }
     return json(reply)
 
