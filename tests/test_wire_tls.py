@@ -94,7 +94,10 @@ def chunk_written(sds: SdsState) -> bool:
 
 @synchronous
 async def test_client_with_a_cluster_certificate_writes_and_reads(tmp_path: Path) -> None:
-    async with tls_server(tmp_path) as (server, _sds):
+    async with tls_server(tmp_path) as (server, sds):
+        # the volume mapped to this SDC, as the MDM's mappings document would say
+        volumes = [{"id": VOLUME, "sdcs": [{"guid": "tls-good", "read_only": False}]}]
+        sds.access.update({"pool_id": POOL, "epoch": 1, "volumes": volumes})
         client = await connect(server, dial("sdc:tls-good"))
         try:
             await client.write(REF, 0, b"a" * 8192)
