@@ -52,11 +52,12 @@ def install(crl: Path) -> None:
 
 def revoke(files: _tls.Files) -> None:
     # Issued in a later second than the list in force (OpenSSL checks a handshake
-    # against the later of two lists of one CA) and not in the future: a list issued
-    # ahead of the clock is not yet valid, and one test's future list, copied as the
-    # next test's list in force, kept that test's revocation out for seconds.
+    # against the later of two lists of one CA; two of the same second, either) and
+    # not in the future: a list issued ahead of the clock is not yet valid, and one
+    # test's future list, copied as the next test's list in force, kept that test's
+    # revocation out for seconds. A list says it was issued CLOCK_SKEW before it was.
     ca = _tls.ca()
-    after = ca.crl().last_update_utc + dt.timedelta(seconds=1)
+    after = ca.crl().last_update_utc + pki.CLOCK_SKEW + dt.timedelta(seconds=1)
     wait_until(lambda: dt.datetime.now(dt.UTC) >= after, 5, "a new second", interval=0.05)
     ca.revoke(files.serial())
 
