@@ -190,10 +190,13 @@ class BenchError(Exception):
 class Daemon:
     """One ``python -m meshblock.<kind>`` process with its config and log."""
 
-    def __init__(self, workdir: Path, kind: str, config: str, health_url: str) -> None:
+    def __init__(
+        self, workdir: Path, kind: str, config: str, health_url: str, token: str | None = None
+    ) -> None:
         self.workdir = workdir
         self.kind = kind
         self.health_url = health_url
+        self.token = token  # the read token of its [metrics] token_file
         workdir.mkdir(parents=True, exist_ok=True)
         self.config_path = workdir / f"{kind}.toml"
         self.config_path.write_text(config)
@@ -219,7 +222,7 @@ class Daemon:
 
     def health(self) -> dict[str, Any] | None:
         try:
-            status, body = http("GET", self.health_url)
+            status, body = http("GET", self.health_url, token=self.token)
         except (OSError, ValueError):
             return None
         return body if status == 200 and isinstance(body, dict) else None
@@ -295,6 +298,12 @@ class Cluster:
         self.pool: dict[str, Any] = {}
         self.admin = "adm-" + secrets.token_urlsafe(16)
         self.secret = "cs-" + secrets.token_urlsafe(16)
+        # the SDSs' and SDC's [metrics] token_file: their /health details need it
+        self.read_token = "rd-" + secrets.token_urlsafe(16)
+        self.read_token_file = workdir / "metrics_token"
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.read_token_file.write_text(self.read_token + "\n")
+        self.read_token_file.chmod(0o600)
         self.mdm_port = free_port()
         self.mdm_url = f"{'https' if tls else 'http'}://127.0.0.1:{self.mdm_port}"
         self.daemons: list[Daemon] = []
@@ -405,6 +414,7 @@ class Cluster:
                 {
                     "data": {"host": "127.0.0.1", "port": data_port},
                     "control": {"host": "127.0.0.1", "port": control_port},
+                    "metrics": {"token_file": str(self.read_token_file)},
                     "logging": {"level": self.log_level},
                     **({} if self.checksums is None else {"store": {"checksums": self.checksums}}),
                     **self.tls_table(f"sds:sds{i}"),
@@ -425,7 +435,8 @@ class Cluster:
                     **join,
                 },
             )
-            sds = Daemon(d, "sds", config, f"{scheme}://127.0.0.1:{control_port}/health")
+            health = f"{scheme}://127.0.0.1:{control_port}/health"
+            sds = Daemon(d, "sds", config, health, self.read_token)
             self.daemons.append(sds)
             self.sds.append(sds)
             sds.start()
@@ -456,11 +467,13 @@ class Cluster:
                         "unix_socket": str(sdc_dir / "nbd.sock"),
                     },
                     "control": {"host": "127.0.0.1", "port": control_port},
+                    "metrics": {"token_file": str(self.read_token_file)},
                     "logging": {"level": self.log_level},
                     **self.tls_table(f"sdc:{self.sdc_guid}"),
                 }
             ),
             f"{scheme}://127.0.0.1:{control_port}/health",
+            self.read_token,
         )
         self.daemons.append(self.sdc)
         self.sdc.start()
