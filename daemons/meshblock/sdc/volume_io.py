@@ -246,8 +246,8 @@ class _Attempt:
             io.stats.done("read", req.length, self.started, True)
             req.reply((_read_data(reply, req.length),))
         else:
-            if not req.flags & _NBD_FUA and self.sds_id not in io.written:
-                io.written[self.sds_id] = io.path.connects(self.sds)
+            if not req.flags & _NBD_FUA:
+                io.wrote(self.sds_id, self.sds)
             io.stats.done("write", req.length, self.started, True)
             req.reply()
 
@@ -527,8 +527,8 @@ class VolumeIO:
                     reply = await self._attempt(task, pool, sds_id, piece, now, deadline)
                     if op == Op.READ:
                         return _read_data(reply, length)
-                    if not flags & FUA and sds_id not in self.written:
-                        self.written[sds_id] = self.path.connects(pool.sds[sds_id])
+                    if not flags & FUA:
+                        self.wrote(sds_id, pool.sds[sds_id])
                     return None
                 except DataPathError as exc:
                     reason = self._failure(exc, sds_id, what)
@@ -679,6 +679,12 @@ class VolumeIO:
         if after is None or after.epoch == before:
             pause = min(BACKOFF_FIRST_S * 2 ** (attempt - 1), BACKOFF_MAX_S)
             await asyncio.sleep(min(pause, max(deadline - time.monotonic(), 0)))
+
+    def wrote(self, sds_id: int, sds: SdsEndpoint) -> None:
+        """SDS ``sds_id`` acknowledged a write without FUA: the next FLUSH goes to it,
+        noted with the number of its connection now (:attr:`written`)."""
+        if sds_id not in self.written:
+            self.written[sds_id] = self.path.connects(sds)
 
     async def _flush(self) -> None:
         """FLUSH: every write acknowledged before it durable (the module doc). The
