@@ -87,13 +87,14 @@ lint: venv
 # independent of timing) on PYTEST_WORKERS pytest-xdist workers, a module per worker at a
 # time; then the timing-sensitive cluster tests and the lab one at a time. Both always
 # run; the target fails if either failed (exit code 5, nothing selected, is no failure).
+# The serial run prints its 30 slowest tests: it is most of the time of the whole target.
 PYTEST_WORKERS ?= 2
 PYTEST := $(BIN)/pytest -W error --timeout=$(PYTEST_TIMEOUT)
 test: deps lab-deps venv lint
 	@rc=0; \
 	$(PYTEST) -n $(PYTEST_WORKERS) --dist loadfile -m "unit or parallel" tests/ $(PYTEST_ARGS) \
 		|| { r=$$?; [ $$r -eq 5 ] || rc=$$r; }; \
-	$(PYTEST) -m "not unit and not parallel" tests/ $(PYTEST_ARGS) \
+	$(PYTEST) --durations=30 -m "not unit and not parallel" tests/ $(PYTEST_ARGS) \
 		|| { r=$$?; [ $$r -eq 5 ] || rc=$$r; }; \
 	exit $$rc
 
