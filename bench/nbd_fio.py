@@ -1,28 +1,36 @@
 #!/usr/bin/env python3
-"""Benchmark of the data path: fio's nbd engine against a meshblock export and nbdkit.
+"""Benchmark of the data path: fio against a meshblock export, nbdkit and Ceph RBD.
 
 Brings up a whole cluster on loopback (an MDM on SQLite, three SDSs in three fault
 sets with file devices, one SDC, a thin volume mapped to it), or uses an export that
-is already served (``--uri``), and in the same run starts ``nbdkit file`` on a file of
-the same size. Both are prefilled by one sequential 1 MiB write pass (so that reads
-hit written chunks), then every job runs against each of them in turn with the same
-fio options (``--invalidate=0``: the page cache of file-backed targets stays warm):
+is already served (``--uri``), and in the same run its peers: ``nbdkit file`` on a file
+of the same size (``--peer nbdkit``, the default: one copy, one hop) and, with ``--peer
+ceph``, a Ceph cluster from the distribution's packages on loopback (1 mon, 1 mgr, 3
+BlueStore OSDs on files, a pool of two copies, librbd cache off; ``ceph_peer.py``),
+removed at the end. Each target is prefilled by one sequential 1 MiB write pass (so
+that reads hit written data), then every job runs against each in turn with the same
+fio options (fio's nbd engine, its rbd engine for Ceph; ``--invalidate=0``):
 
-    4k randread QD1, 4k randread QD32, 4k randwrite QD1, 4k randwrite QD32,
-    1M seq read QD8, 1M seq write QD8
+    buffered: 4k randread QD1, 4k randwrite QD1, 4k randread QD32, 4k randwrite QD32,
+              1M read QD8, 1M write QD8
+    sync:     4k randwrite QD1 fsync=1, 4k randwrite QD32 fsync=32, 1M write QD8 fsync=8
 
-It prints IOPS, MiB/s, mean and p99 latency of each, the ratio meshblock / nbdkit, and
-the targets of issue 3 marked met or missed. ``--repeat N`` takes the median of N runs;
-``--json`` prints the figures as JSON; ``--profile DIR`` records py-spy profiles of the
-SDC and SDS processes during every meshblock job and summarises where their time goes.
+(``--matrix buffered|sync|both``). It prints issue 15's table: per job and target IOPS
+(MiB/s for 1 MiB jobs) with the mean latency and the CPU per IO of the target's own
+processes in brackets, the ratios meshblock / peer, then the details (p99, CPU per IO
+of each process) and a line per target of issue 15, met or missed by how much.
+``--repeat N`` takes the median of N runs; ``--json`` prints the figures as JSON;
+``--profile DIR`` records py-spy profiles of the SDC and SDS processes during every
+meshblock job and summarises where their time goes.
 
-    .venv/bin/python bench/nbd_fio.py                              # ~2 minutes
-    .venv/bin/python bench/nbd_fio.py --repeat 3 --runtime 5
+    .venv/bin/python bench/nbd_fio.py                              # ~3 minutes
+    .venv/bin/python bench/nbd_fio.py --repeat 2 --runtime 5 --peer nbdkit ceph
     .venv/bin/python bench/nbd_fio.py --uri 'nbd+unix:///vol1?socket=run/lab/nbd.sock' --size 1GiB
     .venv/bin/python bench/nbd_fio.py --profile /tmp/prof --jobs randwrite-qd32
 
-Every process (fio, nbdkit, the MDM, the SDSs, the SDC) runs on this machine and they
-share its CPUs, which the report says. Linux only (reads /proc for CPU times).
+Every process (fio, nbdkit, Ceph's daemons, the MDM, the SDSs, the SDC) runs on this
+machine and they share its CPUs, which the report says. Linux only (reads /proc for
+CPU times).
 """
 
 from __future__ import annotations
@@ -67,33 +75,59 @@ class Job:
     bs: str
     iodepth: int
     label: str
+    fsync: int = 0  # fio --fsync: a FLUSH (fsync) every N writes; 0: none
+
+    @property
+    def mib(self) -> bool:
+        """Whether the report gives MiB/s rather than IOPS (the 1 MiB jobs)."""
+        return self.bs == "1M"
 
 
+#: The buffered matrix (issue 15's first six rows).
 JOBS = (
     Job("randread-qd1", "randread", "4k", 1, "4k randread QD1"),
-    Job("randread-qd32", "randread", "4k", 32, "4k randread QD32"),
     Job("randwrite-qd1", "randwrite", "4k", 1, "4k randwrite QD1"),
+    Job("randread-qd32", "randread", "4k", 32, "4k randread QD32"),
     Job("randwrite-qd32", "randwrite", "4k", 32, "4k randwrite QD32"),
-    Job("seqread-qd8", "read", "1M", 8, "1M seq read QD8"),
-    Job("seqwrite-qd8", "write", "1M", 8, "1M seq write QD8"),
+    Job("seqread-qd8", "read", "1M", 8, "1M read QD8"),
+    Job("seqwrite-qd8", "write", "1M", 8, "1M write QD8"),
 )
+#: The sync matrix: writes with a FLUSH every N, as a journaling filesystem or a database.
+SYNC_JOBS = (
+    Job("randwrite-qd1-fsync1", "randwrite", "4k", 1, "4k randwrite QD1, fsync=1", 1),
+    Job("randwrite-qd32-fsync32", "randwrite", "4k", 32, "4k randwrite QD32, fsync=32", 32),
+    Job("seqwrite-qd8-fsync8", "write", "1M", 8, "1M write QD8, fsync=8", 8),
+)
+ALL_JOBS = JOBS + SYNC_JOBS
+MATRICES = {"buffered": JOBS, "sync": SYNC_JOBS, "both": ALL_JOBS}
+PEERS = ("nbdkit", "ceph")
+PEER_TITLES = {"meshblock": "meshblock", "nbdkit": "nbdkit", "ceph": "Ceph RBD size 2"}
 
 
 @dataclass(frozen=True)
-class Target:
-    metric: str  # "iops" (higher is better) or "lat_mean" (lower is better)
-    ratio: float
-    text: str
+class Goal:
+    """One of issue 15's targets for one job. ``kind``: ``iops`` (meshblock / ``peer``
+    of IOPS at least ``limit``), ``lat`` (of mean latency at most ``limit``) or ``cpu``
+    (CPU µs per IO of all meshblock processes at most ``limit``)."""
+
+    number: int
+    job: str
+    kind: str
+    limit: float
+    peer: str = ""
 
 
-#: Issue 3's targets, against nbdkit's single copy on the same machine.
-TARGETS = {
-    "randread-qd1": Target("lat_mean", 1.5, "mean latency <= 1.5x"),
-    "randread-qd32": Target("iops", 1.0, ">= 1.0x"),
-    "randwrite-qd32": Target("iops", 0.5, ">= 0.5x (two copies)"),
-    "seqread-qd8": Target("iops", 1.0, ">= 1.0x"),
-    "seqwrite-qd8": Target("iops", 0.4, ">= 0.4x"),
-}
+def issue15_goals() -> list[Goal]:
+    """Issue 15's targets 1-4 (5, rebuild, is bench/rebuild.py's; 6, cores, a design)."""
+    goals = [Goal(1, j.name, "iops", 2.0, "ceph") for j in ALL_JOBS]
+    goals += [Goal(2, j.name, "iops", 0.5, "nbdkit") for j in ALL_JOBS if j.iodepth == 32 or j.mib]
+    goals += [Goal(3, name, "lat", 3.0, "nbdkit") for name in ("randread-qd1", "randwrite-qd1")]
+    goals += [
+        Goal(4, "randread-qd32", "cpu", 20.0),
+        Goal(4, "randwrite-qd32", "cpu", 60.0),
+        Goal(4, "seqwrite-qd8", "cpu", 800.0),
+    ]
+    return goals
 
 
 def log(msg: str) -> None:
@@ -133,13 +167,49 @@ def toml_text(tables: dict[str, dict[str, Any]], top: dict[str, Any] | None = No
     return "\n".join(lines) + "\n"
 
 
+def stat_cpu_seconds(stat: str, tick: int) -> float:
+    """User + system CPU seconds from the text of ``/proc/PID/stat`` (``utime`` and
+    ``stime``, fields 14 and 15, in ``tick``s; the name in brackets may hold spaces
+    and brackets itself, so fields are counted after its last ``)``)."""
+    fields = stat.rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / tick
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process (0 when it is gone)."""
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return stat_cpu_seconds(stat, os.sysconf("SC_CLK_TCK"))
+
+
+def cpu_figures(
+    before: dict[str, float], after: dict[str, float], seconds: float, iops: float
+) -> dict[str, float]:
+    """What each process used over ``seconds`` of a job at ``iops``, from its CPU
+    seconds ``before`` and ``after``: ``cpu_NAME_pct`` (share of one core),
+    ``cpu_NAME_us_io`` (CPU µs per IO) and ``cpu_us_io``, all of them together."""
+    out: dict[str, float] = {}
+    total = 0.0
+    for name, t0 in before.items():
+        used = max(0.0, after.get(name, t0) - t0)
+        total += used
+        out[f"cpu_{name}_pct"] = 100 * used / seconds if seconds > 0 else 0.0
+        out[f"cpu_{name}_us_io"] = 1e6 * used / (iops * seconds) if iops and seconds else 0.0
+    if before:
+        out["cpu_us_io"] = 1e6 * total / (iops * seconds) if iops and seconds else 0.0
+    return out
+
+
+def process_cpu(fig: dict[str, float]) -> dict[str, float]:
+    """``{process: CPU µs per IO}`` from the figures of :func:`cpu_figures`."""
+    out = {}
+    for key, value in fig.items():
+        m = re.fullmatch(r"cpu_(.+)_us_io", key)
+        if m:
+            out[m.group(1)] = value
+    return out
 
 
 # -- HTTP -------------------------------------------------------------------------------
@@ -547,30 +617,47 @@ class Nbdkit:
 # -- fio ------------------------------------------------------------------------------------
 
 
-def fio_args(uri: str, name: str, rw: str, bs: str, iodepth: int, size: int) -> list[str]:
-    """The fio options shared by both targets."""
+def engine_args(uri: str) -> list[str]:
+    """fio's engine options for a target: ``rbd:POOL/IMAGE`` is an RBD image through
+    fio's rbd engine (librbd, as ``client.admin``; it reads $CEPH_CONF), anything else
+    an NBD URI through its nbd engine."""
+    if uri.startswith("rbd:"):
+        pool, _, image = uri[4:].partition("/")
+        return ["--ioengine=rbd", "--clientname=admin", f"--pool={pool}", f"--rbdname={image}"]
+    return ["--ioengine=nbd", f"--uri={uri}"]
+
+
+def fio_args(
+    uri: str, name: str, rw: str, bs: str, iodepth: int, size: int, *, fsync: int = 0
+) -> list[str]:
+    """The fio options shared by every target (``fsync``: ``--fsync=N``, a FLUSH every
+    N writes)."""
     return [
         "fio",
         f"--name={name}",
-        "--ioengine=nbd",
-        f"--uri={uri}",
+        *engine_args(uri),
         f"--rw={rw}",
         f"--bs={bs}",
         f"--iodepth={iodepth}",
         f"--size={size}",
+        *([f"--fsync={fsync}"] if fsync else []),
         "--invalidate=0",
         "--lat_percentiles=1",
         "--output-format=json",
     ]
 
 
-def run_fio(args: list[str]) -> dict[str, Any]:
-    proc = subprocess.run(args, capture_output=True, text=True, check=False)
+def fio_json(stdout: str) -> dict[str, Any]:
+    """fio's JSON document (fio may print notes before it)."""
+    doc: dict[str, Any] = json.loads(stdout[stdout.index("{") :])
+    return doc
+
+
+def run_fio(args: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
+    proc = subprocess.run(args, capture_output=True, text=True, check=False, env=env)
     if proc.returncode != 0:
         raise BenchError(f"fio failed ({proc.returncode}): {' '.join(args)}\n{proc.stderr}")
-    # fio may print notes before the JSON document.
-    doc: dict[str, Any] = json.loads(proc.stdout[proc.stdout.index("{") :])
-    return doc
+    return fio_json(proc.stdout)
 
 
 def figures(doc: dict[str, Any], rw: str) -> dict[str, float]:
@@ -578,13 +665,21 @@ def figures(doc: dict[str, Any], rw: str) -> dict[str, float]:
     side = job["write" if "write" in rw else "read"]
     lat = side["lat_ns"]
     pct = lat.get("percentile", {})
-    return {
-        "iops": float(side["iops"]),
+    iops = float(side["iops"])
+    fio_cpu = float(job["usr_cpu"]) + float(job["sys_cpu"])
+    out = {
+        "iops": iops,
         "mib_s": side["bw_bytes"] / MiB,
         "lat_mean_us": lat["mean"] / 1000,
         "lat_p99_us": float(pct.get("99.000000", 0)) / 1000,
-        "fio_cpu_pct": float(job["usr_cpu"]) + float(job["sys_cpu"]),
+        "fio_cpu_pct": fio_cpu,
+        # fio's own CPU (for Ceph, librbd runs in it: the client side of an RBD IO)
+        "fio_cpu_us_io": 1e6 * fio_cpu / 100 / iops if iops else 0.0,
     }
+    sync = job.get("sync", {}).get("lat_ns", {})
+    if sync.get("N"):  # --fsync: the FLUSHes' own latency, apart from the writes'
+        out["sync_lat_mean_us"] = sync["mean"] / 1000
+    return out
 
 
 class Profiler:
@@ -661,14 +756,52 @@ def summarize_profile(path: Path, expected: int) -> dict[str, Any]:
 # -- the run ---------------------------------------------------------------------------------
 
 
+@dataclass
+class Endpoint:
+    """One target of the fio jobs: its URI (``rbd:POOL/IMAGE`` for Ceph), the processes
+    whose CPU the report charges to it, and fio's environment (None: the benchmark's)."""
+
+    name: str
+    uri: str
+    pids: dict[str, int]
+    env: dict[str, str] | None = None
+
+
+def one_job(
+    ep: Endpoint, job: Job, args: argparse.Namespace, prof: Profiler | None
+) -> tuple[dict[str, float], dict[str, Any] | None]:
+    """Run ``job`` once against ``ep``: its figures, with the CPU each of the target's
+    processes used from the end of the ramp to fio's exit (per IO: over fio's IO rate),
+    and py-spy's summary when ``prof`` is given."""
+    cmd = fio_args(ep.uri, job.name, job.rw, job.bs, job.iodepth, args.size, fsync=job.fsync)
+    cmd += [f"--runtime={args.runtime}", "--time_based", f"--ramp_time={args.ramp}"]
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ep.env
+    )
+    time.sleep(args.ramp)  # the measured part starts after the ramp
+    cpu0 = {p: cpu_seconds(pid) for p, pid in ep.pids.items()}
+    t0 = time.monotonic()
+    if prof is not None:
+        prof.start(job.name)
+    out, err = proc.communicate()
+    seconds = time.monotonic() - t0
+    cpu1 = {p: cpu_seconds(pid) for p, pid in ep.pids.items()}
+    if proc.returncode != 0:
+        raise BenchError(f"fio failed ({proc.returncode}): {' '.join(cmd)}\n{err}")
+    fig = figures(fio_json(out), job.rw)
+    fig.update(cpu_figures(cpu0, cpu1, seconds, fig["iops"]))
+    return fig, prof.finish() if prof is not None else None
+
+
 def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     cluster: Cluster | None = None
-    nbdkit = Nbdkit(workdir, args.size)
+    nbdkit: Nbdkit | None = None
+    ceph: Any = None  # ceph_peer.CephCluster, imported only with --peer ceph
     profiles: dict[str, Any] = {}
+    eps: list[Endpoint] = []
     try:
         if args.uri:
-            mesh_uri = args.uri
-            pids: dict[str, int] = {}
+            eps.append(Endpoint("meshblock", args.uri, {}))
         else:
             log("starting the cluster (MDM, 3 SDSs, SDC) ...")
             cluster = Cluster(
@@ -679,96 +812,156 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                 tls=args.tls == "on",
             )
             cluster.start()
-            mesh_uri = cluster.uri
-            pids = cluster.pids()
-            log(f"cluster up: {mesh_uri}")
-        nbdkit.start()
-        pids_nbdkit = {"nbdkit": nbdkit.proc.pid} if nbdkit.proc else {}
-        targets = {"meshblock": (mesh_uri, pids), "nbdkit": (nbdkit.uri, pids_nbdkit)}
+            eps.append(Endpoint("meshblock", cluster.uri, cluster.pids()))
+            log(f"cluster up: {cluster.uri}")
+        if "nbdkit" in args.peer:
+            nbdkit = Nbdkit(workdir, args.size)
+            nbdkit.start()
+            assert nbdkit.proc is not None
+            eps.append(Endpoint("nbdkit", nbdkit.uri, {"nbdkit": nbdkit.proc.pid}))
+        if "ceph" in args.peer:
+            import ceph_peer
 
-        for name, (uri, _) in targets.items():
+            try:
+                ceph_peer.ensure_installed()
+                ceph = ceph_peer.CephCluster(workdir / "ceph", args.size, args.pg_count)
+                log("starting Ceph (1 mon, 1 mgr, 3 BlueStore OSDs on files, pool size 2) ...")
+                ceph.start()
+            except ceph_peer.CephError as exc:
+                raise BenchError(f"Ceph: {exc}") from exc
+            eps.append(Endpoint("ceph", ceph.uri, ceph.pids(), ceph.env))
+            log(f"Ceph up: {ceph.uri} ({', '.join(ceph.pids())})")
+
+        for ep in eps:
             if args.no_prefill:
                 break
-            log(f"prefilling {name} ({args.size // MiB} MiB, 1M sequential writes)")
-            run_fio(fio_args(uri, "prefill", "write", "1M", 8, args.size))
+            log(f"prefilling {ep.name} ({args.size // MiB} MiB, 1M sequential writes)")
+            run_fio(fio_args(ep.uri, "prefill", "write", "1M", 8, args.size), ep.env)
 
-        jobs = [j for j in JOBS if not args.jobs or j.name in args.jobs]
+        jobs = selected_jobs(args)
         samples: dict[str, dict[str, list[dict[str, float]]]] = {
-            j.name: {t: [] for t in targets} for j in jobs
+            j.name: {ep.name: [] for ep in eps} for j in jobs
         }
         for rep in range(args.repeat):
             for job in jobs:
-                order = list(targets) if rep % 2 == 0 else list(targets)[::-1]
-                for tname in order:
-                    uri, tpids = targets[tname]
-                    cmd = fio_args(uri, job.name, job.rw, job.bs, job.iodepth, args.size)
-                    cmd += [f"--runtime={args.runtime}", "--time_based", f"--ramp_time={args.ramp}"]
+                for ep in eps if rep % 2 == 0 else eps[::-1]:
                     prof = None
-                    if args.profile and tname == "meshblock" and rep == 0 and tpids:
-                        prof = Profiler(Path(args.profile), tpids, args.runtime)
-                    cpu0 = {p: cpu_seconds(pid) for p, pid in tpids.items()}
-                    t0 = time.monotonic()
-                    if prof is not None:
-                        # Start sampling after the ramp, so that it covers the measured part.
-                        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
-                        time.sleep(args.ramp)
-                        prof.start(job.name)
-                        out, _ = proc.communicate()
-                        if proc.returncode != 0:
-                            raise BenchError(f"fio failed: {' '.join(cmd)}")
-                        doc = json.loads(out[out.index("{") :])
-                        profiles[job.name] = prof.finish()
-                    else:
-                        doc = run_fio(cmd)
-                    wall = time.monotonic() - t0
-                    fig = figures(doc, job.rw)
-                    for p, pid in tpids.items():
-                        fig[f"cpu_{p}_pct"] = 100 * (cpu_seconds(pid) - cpu0[p]) / wall
-                    samples[job.name][tname].append(fig)
+                    if args.profile and ep.name == "meshblock" and rep == 0 and ep.pids:
+                        prof = Profiler(Path(args.profile), ep.pids, args.runtime)
+                    fig, summary = one_job(ep, job, args, prof)
+                    if summary is not None:
+                        profiles[job.name] = summary
+                    samples[job.name][ep.name].append(fig)
+                    cpu = f" CPU {fig['cpu_us_io']:>7.0f} us/IO" if "cpu_us_io" in fig else ""
                     log(
-                        f"run {rep + 1}/{args.repeat} {job.label:<18} {tname:<9} "
+                        f"run {rep + 1}/{args.repeat} {job.label:<27} {ep.name:<9} "
                         f"{fig['iops']:>9.0f} IOPS {fig['mib_s']:>8.1f} MiB/s "
-                        f"mean {fig['lat_mean_us']:>8.1f} us p99 {fig['lat_p99_us']:>8.1f} us"
+                        f"mean {fig['lat_mean_us']:>8.1f} us p99 {fig['lat_p99_us']:>8.1f} us" + cpu
                     )
     finally:
-        nbdkit.stop()
+        if ceph is not None:
+            ceph.stop(keep_logs=bool(args.workdir))
+        if nbdkit is not None:
+            nbdkit.stop()
         if cluster is not None:
             cluster.stop()
 
     results: dict[str, Any] = {}
     for job in jobs:
-        med = {t: median_figures(samples[job.name][t]) for t in targets}
-        m, k = med["meshblock"], med["nbdkit"]
         entry: dict[str, Any] = {
             "label": job.label,
-            "meshblock": m,
-            "nbdkit": k,
-            "ratio_iops": m["iops"] / k["iops"] if k["iops"] else None,
-            "ratio_lat_mean": m["lat_mean_us"] / k["lat_mean_us"] if k["lat_mean_us"] else None,
-            "runs": {t: samples[job.name][t] for t in targets},
+            "fio": {"rw": job.rw, "bs": job.bs, "iodepth": job.iodepth, "fsync": job.fsync},
         }
-        target = TARGETS.get(job.name)
-        if target is not None:
-            ratio = entry["ratio_iops"] if target.metric == "iops" else entry["ratio_lat_mean"]
-            met = ratio is not None and (
-                ratio >= target.ratio if target.metric == "iops" else ratio <= target.ratio
-            )
-            entry["target"] = {"text": target.text, "metric": target.metric, "met": met}
+        for ep in eps:
+            entry[ep.name] = median_figures(samples[job.name][ep.name])
+        entry["ratios"] = job_ratios(entry, [ep.name for ep in eps[1:]])
+        entry["runs"] = {ep.name: samples[job.name][ep.name] for ep in eps}
         if job.name in profiles:
             entry["profile"] = profiles[job.name]
         results[job.name] = entry
+    machine = machine_info()
+    if ceph is not None:
+        import ceph_peer
+
+        machine["ceph"] = ceph_peer.version()
     return {
-        "machine": machine_info(),
+        "machine": machine,
         "options": {
             **fio_options_doc(args),
             "uri": args.uri or "(own cluster)",
             "checksums": args.checksums if not args.uri else "(as the export's SDSs run)",
             "tls": args.tls if not args.uri else "(as the export's cluster runs)",
+            "peers": [ep.name for ep in eps[1:]],
         },
         "fio_common": " ".join(fio_args("<uri>", "<job>", "<rw>", "<bs>", 0, args.size)[1:])
         + f" --runtime={args.runtime} --time_based --ramp_time={args.ramp}",
         "jobs": results,
+        "goals": evaluate_goals(results),
     }
+
+
+def selected_jobs(args: argparse.Namespace) -> list[Job]:
+    """``--jobs`` in the table's order, or else the jobs of ``--matrix``."""
+    if args.jobs:
+        return [j for j in ALL_JOBS if j.name in args.jobs]
+    return list(MATRICES[args.matrix])
+
+
+def job_ratios(entry: dict[str, Any], peers: list[str]) -> dict[str, dict[str, float | None]]:
+    """meshblock / each peer, of IOPS and of mean latency (None where the peer has 0)."""
+    m = entry["meshblock"]
+    out: dict[str, dict[str, float | None]] = {}
+    for peer in peers:
+        k = entry[peer]
+        out[peer] = {
+            "iops": m["iops"] / k["iops"] if k["iops"] else None,
+            "lat_mean": m["lat_mean_us"] / k["lat_mean_us"] if k["lat_mean_us"] else None,
+        }
+    return out
+
+
+def goal_verdict(goal: Goal, entry: dict[str, Any]) -> tuple[bool, str] | None:
+    """Whether ``goal`` is met by the figures of its job, and the report's line (None
+    when they are missing: the peer was not run, or no CPU figures with ``--uri``)."""
+    label = entry["label"]
+    if goal.kind == "cpu":
+        value = entry["meshblock"].get("cpu_us_io")
+        if value is None:
+            return None
+        met = value <= goal.limit
+        head = f"{goal.number}. {label}: CPU {value:,.0f} µs per IO, at most {goal.limit:,.0f}"
+        miss = f"{value - goal.limit:,.0f} µs: {100 * (1 - goal.limit / value):.0f}% less CPU"
+    else:
+        ratio = entry.get("ratios", {}).get(goal.peer, {}).get(goal.kind.replace("lat", "lat_mean"))
+        if ratio is None:
+            return None
+        title = PEER_TITLES[goal.peer]
+        if goal.kind == "iops":
+            met = ratio >= goal.limit
+            head = f"{goal.number}. {label}: {ratio:.2f}x {title}, at least {goal.limit:g}x"
+            need = f"{goal.limit / ratio:.2f}x the IOPS" if ratio else "any IO at all"
+            miss = f"{goal.limit - ratio:.2f}x: {need}"
+        else:
+            met = ratio <= goal.limit
+            head = (
+                f"{goal.number}. {label}: mean latency {ratio:.2f}x {title}'s, "
+                f"at most {goal.limit:g}x"
+            )
+            miss = f"{ratio - goal.limit:.2f}x: {100 * (1 - goal.limit / ratio):.0f}% less latency"
+    return met, f"{head}: " + ("met" if met else f"MISSED by {miss} needed")
+
+
+def evaluate_goals(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Issue 15's targets for the jobs that ran, with their verdicts."""
+    out = []
+    for goal in issue15_goals():
+        entry = results.get(goal.job)
+        verdict = goal_verdict(goal, entry) if entry is not None else None
+        if verdict is not None:
+            out.append(
+                {"number": goal.number, "job": goal.job, "met": verdict[0], "line": verdict[1]}
+            )
+    return out
 
 
 def fio_options_doc(args: argparse.Namespace) -> dict[str, Any]:
@@ -806,44 +999,82 @@ def machine_info() -> dict[str, Any]:
     }
 
 
+def fmt_num(value: float) -> str:
+    """A figure of the table: ``4,322``."""
+    return f"{value:,.0f}"
+
+
+def table_cell(fig: dict[str, float], mib: bool) -> str:
+    """Issue 15's cell: IOPS (MiB/s for a 1 MiB job), then in brackets the mean latency
+    µs and the CPU µs per IO of the target's own processes: ``4,322 (233, 209)``."""
+    main = fmt_num(fig["mib_s"] if mib else fig["iops"])
+    cpu = fmt_num(fig["cpu_us_io"]) if "cpu_us_io" in fig else "-"
+    return f"{main} ({fmt_num(fig['lat_mean_us'])}, {cpu})"
+
+
+def ratio_cell(ratio: float | None, bold: bool = False) -> str:
+    if ratio is None:
+        return "-"
+    text = f"{ratio:.2f}x"
+    return f"**{text}**" if bold else text
+
+
+def render_table(r: dict[str, Any]) -> list[str]:
+    """Issue 15's table: a column per target, the ratios meshblock / peer (in bold
+    below 1: meshblock behind)."""
+    peers: list[str] = r["options"].get("peers", ["nbdkit"])
+    names = ["meshblock", *peers]
+    head = "| job | " + " | ".join(PEER_TITLES[n] for n in names)
+    head += "".join(f" | meshblock / {PEER_TITLES[p].split()[0]}" for p in peers) + " |"
+    out = [head, "|---|" + "---:|" * (len(names) + len(peers))]
+    for entry in r["jobs"].values():
+        mib = entry["fio"]["bs"] == "1M"
+        cells = [table_cell(entry[n], mib) for n in names]
+        for p in peers:
+            ratio = entry["ratios"][p]["iops"]
+            cells.append(ratio_cell(ratio, bold=ratio is not None and ratio < 1))
+        label = entry["label"] + (" (MiB/s)" if mib else "")
+        out.append(f"| {label} | " + " | ".join(cells) + " |")
+    return out
+
+
 def render(r: dict[str, Any]) -> str:
     m = r["machine"]
     o = r["options"]
+    peers = o.get("peers", ["nbdkit"])
+    tools = f"{m['fio']}, {m['nbdkit']}" + (f", {m['ceph']}" if m.get("ceph") else "")
     out = [
         f"machine: {m['cpus']} CPUs ({m['cpu_model']}), kernel {m['kernel']}, "
-        f"Python {m['python']}, {m['fio']}, {m['nbdkit']}; every process on this machine",
-        f"volume and nbdkit file: {o['size_bytes'] // MiB} MiB; {o['runtime_s']} s per job "
-        f"after {o['ramp_s']} s ramp; median of {o['repeat']} run(s); meshblock: {o['uri']}, "
-        f"block checksums {o.get('checksums', 'on')}, data protocol TLS {o.get('tls', 'off')}",
+        f"Python {m['python']}, {tools}; every process on this machine",
+        f"volume, nbdkit file and RBD image: {o['size_bytes'] // MiB} MiB; {o['runtime_s']} s "
+        f"per job after {o['ramp_s']} s ramp; median of {o['repeat']} run(s); meshblock: "
+        f"{o['uri']}, block checksums {o.get('checksums', 'on')}, data protocol TLS "
+        f"{o.get('tls', 'off')}; peers: {', '.join(peers) or 'none'}",
+        "IOPS (MiB/s for 1 MiB jobs), in brackets mean latency µs and CPU µs per IO of the "
+        "target's own processes (Ceph's client, librbd, runs in fio: not counted)",
         "",
-        "| job | meshblock IOPS | MiB/s | mean µs | p99 µs | nbdkit IOPS | MiB/s | mean µs "
-        "| p99 µs | ratio | target | |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
+        *render_table(r),
+        "",
+        "| job | target | IOPS | MiB/s | mean µs | p99 µs | FLUSH mean µs | CPU µs/IO "
+        "| per process (µs/IO) | fio µs/IO |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|---:|",
     ]
     for entry in r["jobs"].values():
-        mb, k = entry["meshblock"], entry["nbdkit"]
-        target = entry.get("target")
-        if target is not None and target["metric"] == "lat_mean":
-            ratio = f"{entry['ratio_lat_mean']:.2f}x lat"
-        else:
-            ratio = f"{entry['ratio_iops']:.2f}x" if entry["ratio_iops"] is not None else "-"
-        verdict = ("met" if target["met"] else "MISSED") if target else ""
-        out.append(
-            f"| {entry['label']} | {mb['iops']:.0f} | {mb['mib_s']:.1f} | {mb['lat_mean_us']:.0f} "
-            f"| {mb['lat_p99_us']:.0f} | {k['iops']:.0f} | {k['mib_s']:.1f} "
-            f"| {k['lat_mean_us']:.0f} | {k['lat_p99_us']:.0f} | {ratio} "
-            f"| {target['text'] if target else ''} | {verdict} |"
-        )
-    cpu_lines = []
-    for entry in r["jobs"].values():
-        cpus = {k[4:-4]: v for k, v in entry["meshblock"].items() if k.startswith("cpu_")}
-        if cpus:
-            parts = ", ".join(f"{k} {v:.0f}%" for k, v in sorted(cpus.items()))
-            cpu_lines.append(
-                f"  {entry['label']:<18} {parts}, fio {entry['meshblock']['fio_cpu_pct']:.0f}%"
+        for name in ["meshblock", *peers]:
+            f = entry[name]
+            per = ", ".join(f"{k} {v:,.0f}" for k, v in process_cpu(f).items())
+            flush = f"{f['sync_lat_mean_us']:,.0f}" if "sync_lat_mean_us" in f else ""
+            cpu = fmt_num(f["cpu_us_io"]) if "cpu_us_io" in f else "-"
+            out.append(
+                f"| {entry['label']} | {name} | {f['iops']:,.0f} | {f['mib_s']:,.1f} "
+                f"| {f['lat_mean_us']:,.0f} | {f['lat_p99_us']:,.0f} | {flush} | {cpu} "
+                f"| {per} | {f.get('fio_cpu_us_io', 0.0):,.0f} |"
             )
-    if cpu_lines:
-        out += ["", "CPU of one core used during the meshblock runs:", *cpu_lines]
+    goals = r.get("goals", [])
+    if goals:
+        met = sum(1 for g in goals if g["met"])
+        out += ["", f"Issue 15's targets: {met} of {len(goals)} met"]
+        out += [f"  {g['line']}" for g in goals]
     for entry in r["jobs"].values():
         prof = entry.get("profile")
         if not prof:
@@ -907,7 +1138,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "are overwritten by the prefill and the write jobs)",
     )
     fio_options(ap, runtime=5, ramp=1)
-    ap.add_argument("--jobs", nargs="+", choices=[j.name for j in JOBS], help="run only these jobs")
+    ap.add_argument(
+        "--matrix",
+        choices=list(MATRICES),
+        default="both",
+        help="buffered: the six jobs without fsync; sync: the three with --fsync=N; "
+        "both (default): the whole table",
+    )
+    ap.add_argument(
+        "--jobs",
+        nargs="+",
+        choices=[j.name for j in ALL_JOBS],
+        help="run only these jobs (of either matrix; instead of --matrix)",
+    )
+    ap.add_argument(
+        "--peer",
+        nargs="*",
+        choices=PEERS,
+        default=["nbdkit"],
+        help="the peers to run the same jobs against: nbdkit (nbdkit file, the default) "
+        "and/or ceph (a Ceph cluster from the distribution's packages on loopback, "
+        "installed with apt-get if missing, removed at the end); none: --peer alone",
+    )
     ap.add_argument("--no-prefill", action="store_true", help="skip the prefill pass")
     ap.add_argument("--profile", metavar="DIR", help="py-spy the cluster's processes per job")
     ap.add_argument("--json", action="store_true", help="print the results as JSON")
