@@ -15,12 +15,13 @@ import pytest
 
 from _wait import wait_until_async
 from meshblock.chunks import CHUNK_SIZE, pg_of
+from meshblock.sds import heal
 from meshblock.sds.checksums import BLOCK, BLOCK_SHIFT
 from meshblock.sds.heal import repair_from_peer, runs
 from meshblock.sds.io_path import DataService
 from meshblock.sds.maps import MapCache, PgMap
 from meshblock.sds.replication import Peers
-from meshblock.sds.resync import Resync
+from meshblock.sds.resync import Resync, ResyncAborted
 from meshblock.sds.state import SdsState
 from meshblock.sds.stats import SdsStats
 from meshblock.wire import csum
@@ -44,6 +45,10 @@ class PeerCopy:
         self.asked: list[tuple[int, int]] = []
         self.writes: list[tuple[int, int]] = []
         self.refuse = Status.OK  # what a forwarded write is answered (not OK: not applied)
+        # Raw reads sent by a map below this epoch are refused NOT_PERMITTED: this
+        # copy's map does not name the reader yet (it lags, or the reader's does).
+        self.names_us_from = 0
+        self.epochs: list[int] = []  # the map epoch each raw read was sent by
 
     def future(self) -> asyncio.Future[Any]:
         return asyncio.get_running_loop().create_future()
@@ -71,8 +76,11 @@ class PeerCopy:
         return fut
 
     async def read_raw_chunk(
-        self, volume: int, chunk: int, offset: int = 0, length: int = CHUNK_SIZE
+        self, volume: int, chunk: int, offset: int = 0, length: int = CHUNK_SIZE, epoch: int = 0
     ) -> RawChunk:
+        self.epochs.append(epoch)
+        if epoch < self.names_us_from:
+            raise RequestError(Op.CHUNK_READ_RAW, Status.NOT_PERMITTED, 1)
         lo, hi = offset >> BLOCK_SHIFT, (offset + length) >> BLOCK_SHIFT
         self.asked.append((lo, hi))
         if self.bad.intersection(range(lo, hi)):
@@ -375,5 +383,60 @@ def test_a_peer_read_waits_for_the_map_it_was_sent_by(
 
     try:
         asyncio.run(main())
+    finally:
+        store.close()
+
+
+def test_a_copy_that_refuses_us_for_map_lag_is_asked_again_at_our_next_map(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Our block 5 is bad; the peer's map does not name us at the epoch our read
+    carries (1) and refuses NOT_PERMITTED: that is no answer about its block. Once
+    our map moves to 2 the repair asks again, with epoch 2, and heals the block
+    (before: the refusal was taken like a bad block there, and the block stayed bad)."""
+    data = pattern()
+    peer = PeerCopy(data)
+    peer.names_us_from = 2
+    sds = state_with_peer(tmp_path, peer, monkeypatch)
+    store = sds.store
+    m1 = sds.maps.maps[POOL]
+
+    async def main() -> list[int]:
+        repair = asyncio.create_task(repair_from_peer(sds, VOL, 1, [5]))
+        await wait_until_async(lambda: peer.epochs == [1], 10, "the first raw read")
+        sds.maps.update(PgMap(POOL, 2, PG_COUNT, m1.primary, m1.secondary, m1.sds, {}))
+        return await repair
+
+    try:
+        store.write(store.devices[0], VOL, 1, 0, data)
+        flip(tmp_path / "dev.img", data_offset(store, VOL, 1, 5 * BLOCK + 5))
+        assert asyncio.run(main()) == []
+        assert peer.epochs == [1, 2]
+        got = store.read(VOL, 1, 5 * BLOCK, BLOCK)
+        assert got is not None and bytes(got) == data[5 * BLOCK : 6 * BLOCK]
+    finally:
+        store.close()
+
+
+def test_a_copy_job_does_not_mark_bad_what_a_lagging_copy_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The copy job's source read finds block 5 bad and the only other copy refuses
+    NOT_PERMITTED (its map lags; ours does not move): the chunk is not copied now
+    (ResyncAborted: the job starts again later) and nothing is marked bad; before, the
+    block was sent as zeroes and marked bad on the target for good."""
+    monkeypatch.setattr(heal, "MAP_WAIT_S", 0.05)
+    data = pattern()
+    peer = PeerCopy(data)
+    peer.names_us_from = 99
+    sds = state_with_peer(tmp_path, peer, monkeypatch, primary=True)
+    store = sds.store
+    resync = Resync(sds)
+    try:
+        store.write(store.devices[0], VOL, 1, 0, data)
+        flip(tmp_path / "dev.img", data_offset(store, VOL, 1, 5 * BLOCK + 5))
+        with pytest.raises(ResyncAborted, match="refused us"):
+            asyncio.run(resync._source(VOL, 1))
+        assert resync.marked_bad_total == 0 and peer.epochs == [1]
     finally:
         store.close()

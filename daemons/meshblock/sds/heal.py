@@ -20,6 +20,14 @@ A fetched block is trusted when
 - it comes from a copy that is in sync with ours (the primary, or the secondary of a
   ``clean`` PG): then it also repairs a block whose checksum, not its data, went bad.
 
+A copy that refuses us ``NOT_PERMITTED`` (its map does not name us a holder of the
+PG: its map or ours lags; it has already waited, within ``MAP_WAIT_S``, for the map
+epoch our request carried) has not said its blocks are bad: the repair waits, within
+``MAP_WAIT_S``, for our map of the pool to change and asks the copies of the newer
+map once more. Blocks still left then are not "bad on every copy": the caller learns
+which copies refused (``lagging``), and a copy job tries the chunk again later rather
+than marking them bad on its target (resync.py).
+
 The repair runs under the chunk's range lock (the one client writes and the copy
 jobs take on the primary), and rewrites a block only if it still does not match its
 checksum at that moment (:meth:`ChunkStore.rewrite_bad`, in one event-loop step): a
@@ -43,7 +51,7 @@ from meshblock.chunks import pg_of
 from meshblock.sds.checksums import BLOCK, BLOCK_SHIFT, crc
 from meshblock.sds.store import chunk_key
 from meshblock.wire.client import RequestError, WireError
-from meshblock.wire.protocol import ProtocolError, Status
+from meshblock.wire.protocol import MAP_WAIT_S, ProtocolError, Status
 
 if TYPE_CHECKING:
     from meshblock.sds.maps import PgMap
@@ -81,15 +89,17 @@ async def repair_from_peer(
     locked: bool = False,
     exclude: Collection[int] = (),
     unchecked: Collection[int] = (),
+    lagging: set[int] | None = None,
 ) -> list[int]:
     """Repair the bad ``blocks`` (4 KiB block numbers) of our copy of a chunk from the
     PG's other copies; return those still bad (empty: all repaired, or rewritten
     meanwhile by a write). ``locked``: the caller holds the chunk's range lock over
     the blocks (a copy job); ``exclude``: SDS ids not to ask; ``unchecked``: blocks of
     ``blocks`` that have no checksum recorded and are to be replaced all the same
-    (the scrub found them differing from a copy that matches its checksums). The
-    repaired blocks are durable when it returns. Raises :class:`DeviceFailed` when
-    our device fails."""
+    (the scrub found them differing from a copy that matches its checksums);
+    ``lagging``: gets the SDS ids of the copies that refused us NOT_PERMITTED at our
+    newest map (a map lags: their blocks are not known bad). The repaired blocks are
+    durable when it returns. Raises :class:`DeviceFailed` when our device fails."""
     store = state.store
     loc = store.location(volume, chunk)
     if loc is None or not blocks:
@@ -108,20 +118,29 @@ async def repair_from_peer(
                 await fut
         left = set(bad)
         repaired: list[int] = []
-        copies = (
-            [] if m is None else other_copies(m, pg_of(volume, chunk, m.pg_count), state.sds_id)
-        )
-        for sds, in_sync in copies:
-            if not left or sds in exclude:
-                continue
-            assert m is not None
-            good = await _fetch(state, m, sds, in_sync, volume, chunk, left)
-            if not good:
-                continue
-            if store.needs_reclaim(dev, volume, chunk):
-                await store.reclaim(dev)  # the write-intent mark, off the event loop
-            repaired += store.rewrite_bad(volume, chunk, good, unchecked)
-            left.difference_update(good)
+        refused: set[int] = set()
+        while m is not None:
+            pg = pg_of(volume, chunk, m.pg_count)
+            for sds, in_sync in other_copies(m, pg, state.sds_id):
+                if not left or sds in exclude:
+                    continue
+                good = await _fetch(state, m, sds, in_sync, volume, chunk, left, refused)
+                if not good:
+                    continue
+                if store.needs_reclaim(dev, volume, chunk):
+                    await store.reclaim(dev)  # the write-intent mark, off the event loop
+                repaired += store.rewrite_bad(volume, chunk, good, unchecked)
+                left.difference_update(good)
+            if not left or not refused or dev.pool_id is None:
+                break
+            # A copy's map or ours lags: once more with our next map, if it comes.
+            newer = await state.maps.wait_for(dev.pool_id, m.epoch + 1, MAP_WAIT_S)
+            if newer is None:
+                break
+            m = newer
+            refused.clear()
+        if lagging is not None and left:
+            lagging.update(refused)
         if repaired:
             await store.sync([dev])
         dev.checksum_repaired += len(repaired)
@@ -169,6 +188,7 @@ async def _fetch(
     volume: int,
     chunk: int,
     wanted: Collection[int],
+    refused: set[int],
 ) -> dict[int, bytes]:
     """The blocks of ``wanted`` that SDS ``sds``'s copy gives and that can be trusted
     (see the module's doc): block -> its bytes.
@@ -176,7 +196,9 @@ async def _fetch(
     Each run of consecutive wanted blocks is fetched on its own, and a run the peer
     refuses (``IO_ERROR``: a block of it is bad there too) is asked again block by
     block: the peer's checked read fails a whole range for one bad block in it, and
-    a block bad here and there must not cost the blocks the peer holds good."""
+    a block bad here and there must not cost the blocks the peer holds good. A peer
+    that refuses NOT_PERMITTED (its map does not name us yet) is added to ``refused``
+    and asked nothing more."""
     address = m.sds.get(sds)
     if address is None:
         return {}
@@ -187,12 +209,23 @@ async def _fetch(
         try:
             client = state.peers.connected(sds, address) or await state.peers.get(sds, address)
             raw = await client.read_raw_chunk(
-                volume, chunk, lo << BLOCK_SHIFT, (hi - lo) << BLOCK_SHIFT
+                volume, chunk, lo << BLOCK_SHIFT, (hi - lo) << BLOCK_SHIFT, m.epoch
             )
         except RequestError as exc:
             if exc.status == Status.IO_ERROR and hi - lo > 1:
                 todo[:0] = [(b, b + 1) for b in range(lo, hi)]
                 continue
+            if exc.status == Status.NOT_PERMITTED:
+                log.warning(
+                    "chunk %d/%d: SDS %d's map does not name us a holder of the PG "
+                    "(ours is at epoch %d): not asked for now",
+                    volume,
+                    chunk,
+                    sds,
+                    m.epoch,
+                )
+                refused.add(sds)
+                return good
             log.warning(
                 "chunk %d/%d: SDS %d could not give blocks %d-%d of its copy: %s",
                 volume,

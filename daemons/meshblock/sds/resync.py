@@ -482,13 +482,23 @@ class Resync:
         another copy of the PG first (heal.py: the copy we fill too, whose stale block
         still serves when it is the one we recorded); one that none could repair is
         sent as zeroes and marked bad there, so that it reads as EIO and not as
-        zeroes or stale bytes (docs/sds.md, "Healing")."""
+        zeroes or stale bytes (docs/sds.md, "Healing"). Not when a copy refused our
+        repair NOT_PERMITTED (a map lags): its blocks may be good, so the chunk is not
+        copied now (:class:`ResyncAborted`: the job starts again after RESTART_S, from
+        the newest map) and nothing is marked bad for it."""
         st = self._state
+        lagging: set[int] = set()
         try:
             return st.store.read(volume, chunk, 0, CHUNK_SIZE), []
         except ChecksumError as exc:
-            await repair_from_peer(st, volume, chunk, exc.blocks, locked=True)
+            await repair_from_peer(st, volume, chunk, exc.blocks, locked=True, lagging=lagging)
         data, bad = st.store.read_salvage(volume, chunk)
+        if bad and lagging:
+            raise ResyncAborted(
+                f"chunk {volume}/{chunk} has blocks to repair that SDS(s) "
+                f"{', '.join(map(str, sorted(lagging)))} refused us (their map or ours "
+                "lags): copied later, nothing marked bad"
+            )
         if bad:
             self.marked_bad_total += len(bad)
             log.error(

@@ -577,10 +577,12 @@ class WireClient:
     # -- tools and peers (roles TOOL / SDS_PEER) --------------------------------------
 
     async def read_raw_chunk(
-        self, volume: int, chunk: int, offset: int = 0, length: int = CHUNK_SIZE
+        self, volume: int, chunk: int, offset: int = 0, length: int = CHUNK_SIZE, epoch: int = 0
     ) -> RawChunk:
-        """This SDS's own copy of a chunk, whether it is the primary or secondary."""
-        ref = ChunkRef(0, 0, 0, volume, chunk)
+        """This SDS's own copy of a chunk, whether it is the primary or secondary.
+        ``epoch``: the map epoch of the caller's pool map (an SDS peer's heal), which
+        an SDS whose map does not name the caller yet waits for before refusing."""
+        ref = ChunkRef(0, 0, epoch, volume, chunk)
         reply = await self.call(Op.CHUNK_READ_RAW, 0, ref, offset, length, None)
         if reply.flags & _HOLE:
             return RawChunk(False, ZEROES[:length])
