@@ -235,3 +235,25 @@ def test_map_epochs_are_read_once_per_cluster_epoch_for_every_long_poll(tmp_path
             await engine.dispose()
 
     asyncio.run(main())
+
+
+def test_rows_since_a_map_epoch_are_read_through_the_pool_epoch_index(tmp_path: Path) -> None:
+    """The rows a new map epoch patches in (``_PG_ROWS_SINCE``) and each pool's highest
+    row epoch (``pgtable.row_keys``) are searched by (pool_id, epoch), the index of
+    migration 0013, not by scanning every row of the pool."""
+
+    async def go(s: AsyncSession) -> None:
+        conn = await s.connection()
+
+        async def plan(stmt: Any) -> str:
+            sql = stmt.compile(dialect=conn.dialect, compile_kwargs={"literal_binds": True})
+            rows = await conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {sql}")
+            return " | ".join(str(r[-1]) for r in rows)
+
+        since = await plan(pgmaps._PG_ROWS_SINCE.params(pool_id=1, since=5))
+        assert "placement_groups USING INDEX ix_placement_groups_pool_epoch" in since, since
+        assert "(pool_id=? AND epoch>?)" in since, since
+        keys = await plan(pgtable.row_keys_query([1, 2]))
+        assert "ix_placement_groups_pool_epoch" in keys, keys
+
+    in_session(tmp_path, go)

@@ -314,6 +314,9 @@ class PlacementGroup(Base):
     """
 
     __tablename__ = "placement_groups"
+    # A pool's rows written after a map epoch (pgmaps._PG_ROWS_SINCE) and its highest
+    # row epoch (pgtable.row_keys), read at every new map epoch of the pool.
+    __table_args__ = (Index("ix_placement_groups_pool_epoch", "pool_id", "epoch"),)
 
     pool_id: Mapped[int] = mapped_column(ForeignKey("storage_pools.id"), primary_key=True)
     pg: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)

@@ -39,7 +39,7 @@ from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Table, bindparam, delete, func, insert, or_, select, update
+from sqlalchemy import Select, Table, bindparam, delete, func, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from meshblock.mdm.models import PgState, PlacementGroup, StoragePool
@@ -128,13 +128,18 @@ async def row_keys(s: AsyncSession, pool_ids: Collection[int]) -> dict[int, tupl
     ``epoch``. :func:`write` stamps every row it writes with a new map epoch of its
     pool, above every epoch a row of the pool had, so a pool's rows are the same as
     long as this is: what a cache of something computed from them keys on."""
+    rows = await s.execute(row_keys_query(pool_ids))
+    return {pool_id: (int(n), int(top or 0)) for pool_id, n, top in rows}
+
+
+def row_keys_query(pool_ids: Collection[int]) -> Select[Any]:
+    """The statement of :func:`row_keys` (through the (pool_id, epoch) index)."""
     table = _table()
-    rows = await s.execute(
+    return (
         select(table.c.pool_id, func.count(), func.max(table.c.epoch))
         .where(table.c.pool_id.in_(list(pool_ids)))
         .group_by(table.c.pool_id)
     )
-    return {pool_id: (int(n), int(top or 0)) for pool_id, n, top in rows}
 
 
 def _table() -> Table:
