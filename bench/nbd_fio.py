@@ -1046,7 +1046,7 @@ def render(r: dict[str, Any]) -> str:
     out = [
         f"machine: {m['cpus']} CPUs ({m['cpu_model']}), kernel {m['kernel']}, "
         f"Python {m['python']}, {tools}; every process on this machine",
-        f"volume, nbdkit file and RBD image: {o['size_bytes'] // MiB} MiB; {o['runtime_s']} s "
+        f"each target's volume: {o['size_bytes'] // MiB} MiB; {o['runtime_s']} s "
         f"per job after {o['ramp_s']} s ramp; median of {o['repeat']} run(s); meshblock: "
         f"{o['uri']}, block checksums {o.get('checksums', 'on')}, data protocol TLS "
         f"{o.get('tls', 'off')}; peers: {', '.join(peers) or 'none'}",

@@ -211,3 +211,30 @@ def test_pgs_clean_needs_three_osds_and_every_pg_clean() -> None:
     assert not ceph_peer.pgs_clean(status(3, {}))
     nested = {"osdmap": {"osdmap": {"num_up_osds": 3, "num_in_osds": 3}}}
     assert ceph_peer.pgs_clean({**nested, "pgmap": status(3, {"active+clean": 8})["pgmap"]})
+
+
+def test_render_prints_table_details_and_targets() -> None:
+    mesh = {**target(14666, 2182), **nbd_fio.cpu_figures({"sdc": 0.0}, {"sdc": 0.6}, 5.0, 5000)}
+    e = entry("4k randwrite QD32", "4k", mesh, nbdkit=target(23572, 1357))
+    e["meshblock"]["sync_lat_mean_us"] = 3000.0
+    jobs = {"randwrite-qd32": e}
+    result = {
+        "machine": {
+            "cpus": 2,
+            "cpu_model": "x",
+            "kernel": "6",
+            "python": "3.11",
+            "fio": "fio-3.33",
+            "nbdkit": "nbdkit 1",
+        },
+        "options": {"size_bytes": 2**30, "runtime_s": 5, "ramp_s": 1, "repeat": 2, "uri": "u"},
+        "jobs": jobs,
+        "goals": nbd_fio.evaluate_goals(jobs),
+    }
+    text = nbd_fio.render(result)
+    assert "| 4k randwrite QD32 | 14,666 (2,182, 24) | 23,572 (1,357, -) | **0.62x** |" in text
+    assert (
+        "| 4k randwrite QD32 | meshblock | 14,666 | 0.0 | 2,182 | 4,364 | 3,000 | 24 | sdc 24 |"
+        in text
+    )
+    assert "Issue 15's targets: 2 of 2 met" in text
