@@ -257,3 +257,37 @@ def test_rows_since_a_map_epoch_are_read_through_the_pool_epoch_index(tmp_path: 
         assert "ix_placement_groups_pool_epoch" in keys, keys
 
     in_session(tmp_path, go)
+
+
+def test_a_delta_larger_than_half_the_whole_map_is_answered_whole() -> None:
+    """A delta that replaces most of a large map (a rebalance that moved most PGs) is
+    not served: the caller gets the whole document, which is smaller; a small delta
+    of the same pool, and any delta below DELTA_ALWAYS_BELOW, still is."""
+    cache = MapCache()
+    pgs = [{"pg": n, "primary": 1, "secondary": 2, "state": "clean"} for n in range(400)]
+
+    def put(epoch: int, changed: range) -> MapDocument:
+        for n in changed:
+            pgs[n] = {**pgs[n], "primary": epoch}
+        doc = {"pool_id": 1, "epoch": epoch, "pg_count": 400, "pgs": list(pgs)}
+        document = MapDocument(epoch, doc)
+        cache.put(1, document)
+        return document
+
+    put(1, range(0))
+    two = put(2, range(1))  # one PG
+    assert cache.delta(1, 1, two) is not None
+    three = put(3, range(300))  # most PGs
+    assert len(pgmaps.encode(three.doc)) > 4 * pgmaps.DELTA_ALWAYS_BELOW
+    assert cache.delta(1, 2, three) is None and cache.delta(1, 1, three) is None
+    assert cache.delta(1, 2, three) is None  # the verdict is kept
+    four = put(4, range(1))
+    small = cache.delta(1, 3, four)
+    assert small is not None and len(small.body) < len(four.body) // 10
+    assert cache.delta(1, 2, four) is None  # steps 2-3 and 3-4 composed: still most PGs
+    # a small pool: a delta replacing every PG is served (a few hundred bytes)
+    tiny = MapCache()
+    for epoch in (1, 2):
+        doc = {"pool_id": 2, "epoch": epoch, "pg_count": 2, "pgs": [{"pg": 0, "e": epoch}]}
+        tiny.put(2, MapDocument(epoch, doc))
+    assert tiny.delta(2, 1, MapDocument(2, {})) is not None

@@ -262,17 +262,25 @@ def gzip_pieces(pieces: Sequence[bytes | MapDocument]) -> tuple[bytes, bytes]:
 #: the last this many epochs the MDM served (or of an epoch it never served, or from
 #: before its start) gets the whole document (docs/mdm.md, "PG-map deltas").
 DELTA_WINDOW = 64
+#: A delta whose JSON is larger than this fraction of the whole document's is not
+#: served: the caller gets the whole document (smaller to send, and no slower to take
+#: than a delta that replaces most of it).
+DELTA_MAX_FRACTION = 0.5
+#: A delta of at most this many bytes is served whatever the whole document's size,
+#: which is then not encoded to compare (a small pool's whole map is a few KB).
+DELTA_ALWAYS_BELOW = 4096
 
 
 @dataclass
 class _Deltas:
     """A pool's deltas: ``steps[e]`` makes the next kept epoch's map of epoch ``e``'s
     (oldest first, at most :data:`DELTA_WINDOW`); ``digest``: of the newest document;
-    ``answers``: the deltas from an epoch to the newest, encoded, made once each."""
+    ``answers``: the deltas from an epoch to the newest, encoded, made once each (None:
+    too large, the caller gets the whole document)."""
 
     digest: int
     steps: dict[int, dict[str, Any]]
-    answers: dict[int, MapDocument]
+    answers: dict[int, MapDocument | None]
 
 
 class MapCache:
@@ -331,17 +339,18 @@ class MapCache:
     def delta(self, pool_id: int, since: int, document: MapDocument) -> MapDocument | None:
         """The delta from the pool's map at epoch ``since`` to ``document`` (the pool's
         newest), made once per ``since`` and shared; None when there is none: an epoch
-        not served within the last :data:`DELTA_WINDOW` (or not by this MDM), or a
-        ``document`` of another epoch than the newest one kept."""
+        not served within the last :data:`DELTA_WINDOW` (or not by this MDM), a
+        ``document`` of another epoch than the newest one kept, or a delta larger than
+        :data:`DELTA_MAX_FRACTION` of the whole document (and than
+        :data:`DELTA_ALWAYS_BELOW`)."""
         kept = self._deltas.get(pool_id)
         newest = self._docs.get(pool_id)
         # (``document`` may be another build of the same epoch, made concurrently)
         if kept is None or newest is None or newest.epoch != document.epoch:
             return None
         document = newest
-        hit = kept.answers.get(since)
-        if hit is not None:
-            return hit
+        if since in kept.answers:
+            return kept.answers[since]
         if since == document.epoch:
             answer = {k: v for k, v in document.doc.items() if k not in pgmap_delta.COLLECTIONS}
             answer |= {
@@ -359,7 +368,11 @@ class MapCache:
         else:
             return None
         self.delta_builds += 1
-        hit = kept.answers[since] = MapDocument(document.epoch, answer, encode(answer))
+        body = encode(answer)
+        too_large = len(body) > DELTA_ALWAYS_BELOW and len(body) > DELTA_MAX_FRACTION * len(
+            document.body
+        )
+        hit = kept.answers[since] = None if too_large else MapDocument(document.epoch, answer, body)
         return hit
 
 
