@@ -333,6 +333,13 @@ def test_an_sds_reads_the_mappings_of_its_pools_and_an_sdc_none(
     # another volume, unmapped, moves nothing; a wait for a change times out unchanged
     ok(admin.post("/api/v1/volumes", {"name": "m2", "pool_id": pool, "size": "1GiB"}), 201)
     assert ok(reader.get(f"{path}?wait_epoch={mapped['epoch']}&timeout=0.3")) == mapped
+    # since= the epoch the caller has: "unchanged", without the volumes (also at a
+    # long-poll's timeout); since an older one: the whole document
+    same = {"pool_id": pool, "epoch": mapped["epoch"], "unchanged": True}
+    assert ok(reader.get(f"{path}?since={mapped['epoch']}")) == same
+    waited = f"{path}?wait_epoch={mapped['epoch']}&timeout=0.3&since={mapped['epoch']}"
+    assert ok(reader.get(waited)) == same
+    assert ok(reader.get(f"{path}?since={start['epoch']}")) == mapped
     ok(admin.patch(f"/api/v1/mappings/{mapping['id']}", {"access_mode": "read_write"}))
     rw = ok(reader.get(path))
     assert rw["epoch"] == mapped["epoch"] + 1

@@ -527,13 +527,17 @@ COMPONENTS: dict[str, dict[str, Any]] = {
             "pools": {"type": "object"},
         }
     ),
-    "PoolMappings": _resp(
-        {
+    # "unchanged" (asked with since= at the caller's epoch): no volumes
+    "PoolMappings": {
+        "type": "object",
+        "required": ["pool_id", "epoch"],
+        "properties": {
             "pool_id": _INT,
             "epoch": _INT,
             "volumes": {"type": "array", "items": {"type": "object"}},
-        }
-    ),
+            "unchanged": {"type": "boolean"},
+        },
+    },
     "Heartbeat": _resp({"state": _STATE, "epoch": _INT, "heartbeat_interval_s": _NUM}),
     "SdsHeartbeat": _resp(
         {

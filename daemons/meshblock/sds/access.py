@@ -16,8 +16,10 @@ starts after the request arrived, and refuses only if that one does not map it
 either (or the MDM does not answer). Fetches are shared by the requests waiting, at
 most one per pool at a time and one per :data:`REFRESH_EVERY_S`, and one for any
 pool per :data:`REFRESH_ANY_EVERY_S`; only for a pool this SDS has a map of (the I/O
-path refuses the others at once), so a client that sends IO to volumes not mapped to
-it costs the MDM little.
+path refuses the others at once, and nothing is kept for them); and they name the
+epoch of the document we have (``?since=E``), which the MDM answers "unchanged" in a
+few bytes unless a mapping changed. So a client that sends IO to volumes not mapped
+to it costs the MDM little.
 
 An unmap takes effect when the long-poll brings the new document: at once (the MDM
 answers the waiting long-poll on the commit), or, with the MDM unreachable, once the

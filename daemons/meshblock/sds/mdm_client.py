@@ -146,6 +146,11 @@ def saved_failed_devices(state_dir: str) -> dict[str, str]:
         return {}
 
 
+def unchanged(doc: Any) -> bool:
+    """Whether a mappings answer says "no change since the epoch you have" (``since=``)."""
+    return isinstance(doc, dict) and doc.get("unchanged") is True
+
+
 class MdmLink:
     def __init__(self, config: SdsConfig, secret: str, sds: SdsState, resync: Resync) -> None:
         self._config = config
@@ -726,7 +731,8 @@ class MdmLink:
         poll = self._config.map_poll_timeout_s
         while True:
             epoch = access.epoch(pool_id)
-            wait = f"?wait_epoch={epoch}&timeout={poll:g}" if epoch >= 0 else ""
+            # at a timeout with nothing changed, "unchanged" rather than the document
+            wait = f"?wait_epoch={epoch}&timeout={poll:g}&since={epoch}" if epoch >= 0 else ""
             try:
                 status, doc = await self._call(
                     "GET", f"/api/v1/pools/{pool_id}/mappings{wait}", wait_s=poll + 10
@@ -740,7 +746,7 @@ class MdmLink:
                 await asyncio.sleep(max(poll, 1.0) if status == 403 else 1.0)
                 continue
             try:
-                newer = access.update(doc)
+                newer = not unchanged(doc) and access.update(doc)
             except ValueError as exc:
                 log.error("mappings of pool %d: %s", pool_id, exc)
                 await asyncio.sleep(1.0)
@@ -750,13 +756,18 @@ class MdmLink:
                 await self._save_state()
 
     async def _fetch_mappings(self, pool_id: int) -> dict[str, Any] | None:
-        """The pool's mappings document now (None: the MDM did not give it)."""
+        """The pool's mappings document now if it changed since the one we have (None:
+        unchanged, or the MDM did not give it)."""
+        epoch = self._sds.access.epoch(pool_id)
+        since = f"?since={epoch}" if epoch >= 0 else ""
         try:
-            status, doc = await self._call("GET", f"/api/v1/pools/{pool_id}/mappings", wait_s=5.0)
+            status, doc = await self._call(
+                "GET", f"/api/v1/pools/{pool_id}/mappings{since}", wait_s=5.0
+            )
         except MdmUnavailable as exc:
             self._unreachable(exc)
             return None
         if status != 200 or not isinstance(doc, dict):
             log.warning("mappings of pool %d: status %d", pool_id, status)
             return None
-        return doc
+        return None if unchanged(doc) else doc
