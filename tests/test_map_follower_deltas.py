@@ -228,3 +228,66 @@ def test_sdc_map_epochs_query_stays_short_whatever_its_pools(pools: int) -> None
     sent = mdm_map_epochs(query["map_epochs"][0])  # as the MDM reads it
     assert sent == {p: have[p] for p in range(1, len(sent) + 1)}  # the first pools
     assert len(sent) == pools or len(sent) > 200  # the others come whole
+
+
+def delta_chain(epochs: range) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Pool 1's map at the first epoch and the MDM's deltas to each next one (the
+    primary of every PG alternating between SDS 1 and SDS 2)."""
+    cache = MapCache()
+    first = pool_doc(epochs[0], 1)
+    cache.put(1, MapDocument(epochs[0], first))
+    deltas = []
+    for e in epochs[1:]:
+        document = MapDocument(e, pool_doc(e, 1 + e % 2))
+        cache.put(1, document)
+        answer = cache.delta(1, e - 1, document)
+        assert answer is not None
+        deltas.append(json.loads(answer.body))
+    return first, deltas
+
+
+def count_whole_digests(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """Each whole-map digest computed from now on: True when on the calling thread of
+    the test (the event loop's), False in a worker thread."""
+    import threading
+
+    calls: list[bool] = []
+    whole = pgmap_delta.digest
+    main = threading.get_ident()
+
+    def counted(doc: Any) -> int:
+        calls.append(threading.get_ident() == main)
+        return whole(doc)
+
+    monkeypatch.setattr(pgmap_delta, "digest", counted)
+    return calls
+
+
+def test_sds_updates_its_map_digest_per_delta_off_the_loop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The SDS digests the map it took whole once, in a thread; each delta after it
+    updates that digest from the PGs it changes (about 20 ms of CPU a delta for a map
+    of 4096 PGs before)."""
+    first, deltas = delta_chain(range(7, 11))
+    calls = count_whole_digests(monkeypatch)
+    got, paths = sds_follow(first, deltas)
+    assert got.epoch == 10 and got.primary[0] == (1, 1)
+    assert [p.rsplit("since=", 1)[1] for p in paths] == ["7", "8", "9", "10"]
+    assert calls == [False]
+
+
+def test_sdc_updates_its_map_digest_per_delta_off_the_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first, deltas = delta_chain(range(7, 11))
+    client = FakeClient([sdc_doc(101 + n, {1: d}) for n, d in enumerate(deltas)])
+    f = follower(tmp_path, client)
+    f._apply(sdc_doc(100, {1: first}))
+    calls = count_whole_digests(monkeypatch)
+    for _ in deltas:
+        asyncio.run(f._refresh_once())
+    assert f.mdm_reachable and client.asked == [{1: 7}, {1: 8}, {1: 9}]
+    assert f.deltas_applied == 3 and primary_of_pg0(f) == 1
+    assert f._doc is not None and f._doc["pools"]["1"]["epoch"] == 10
+    assert calls == [False]

@@ -144,6 +144,20 @@ def test_a_delta_applied_to_an_old_map_makes_the_newest(
         assert sent["from_epoch"] == old["epoch"] and sent["epoch"] == newest["epoch"]
         assert pgmap_delta.apply(as_sent(old), sent) == as_sent(newest)
         assert sent["digest"] == pgmap_delta.digest_hex(pgmap_delta.digest(as_sent(newest)))
+        # the caller's digest updated from the items the delta changes is the MDM's
+        held = pgmap_delta.digest(as_sent(old))
+        made, value = pgmap_delta.apply_digested(as_sent(old), sent, held)
+        assert made == as_sent(newest) and pgmap_delta.digest_hex(value) == sent["digest"]
+        # and a map that is not the MDM's at that epoch is found out as when the
+        # digest is computed afresh (or made right, when the delta replaces what differs)
+        wrong = {**changed(rng, as_sent(old), ["pg", "sds"]), "epoch": old["epoch"]}
+        outcomes: list[dict[str, Any] | None] = []
+        for held_digest in (None, pgmap_delta.digest(wrong)):
+            try:
+                outcomes.append(pgmap_delta.apply_digested(wrong, sent, held_digest)[0])
+            except PgMapError:
+                outcomes.append(None)
+        assert outcomes[0] == outcomes[1] and outcomes[0] in (None, as_sent(newest))
         # only what changed travels
         before = {e["pg"]: e for e in old["pgs"]}
         assert {e["pg"] for e in sent["pgs"]} == {

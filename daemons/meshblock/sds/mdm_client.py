@@ -658,7 +658,9 @@ class MdmLink:
         maps = self._sds.maps
         poll = self._config.map_poll_timeout_s
         whole = False  # ask for the whole map at once (a delta did not make the MDM's)
-        held: tuple[PgMap, str] | None = None  # our map and its digest
+        # our map and its digest: computed once (off the event loop) for a map taken
+        # whole, then updated by each delta from the items it changes
+        held: tuple[PgMap, int] | None = None
         while True:
             epoch = maps.epoch(pool_id)
             path = f"/api/v1/pools/{pool_id}/pgmap"
@@ -685,27 +687,29 @@ class MdmLink:
                 continue
             same_epoch, whole = whole, False
             delta = pgmap_delta.is_delta(doc)
+            digest: int | None = None  # of ``doc``, once it is whole
             if delta:
                 if have is None:
                     continue
+                if held is None or held[0] is not have:
+                    held = (have, await asyncio.to_thread(pgmap_delta.digest, have.doc))
                 if doc.get("epoch") == have.epoch and doc.get("from_epoch") == have.epoch:
                     # no change (the long-poll's timeout), if ours is the MDM's map
-                    if held is None or held[0] is not have:
-                        held = (have, pgmap_delta.digest_hex(pgmap_delta.digest(have.doc)))
-                    if doc.get("digest") == held[1]:
+                    ours = pgmap_delta.digest_hex(held[1])
+                    if doc.get("digest") == ours:
                         continue
                     log.warning(
                         "pool %d: our map at epoch %d is not the MDM's (digest %s, the MDM's "
                         "%s); fetching the whole map",
                         pool_id,
                         have.epoch,
-                        held[1],
+                        ours,
                         doc.get("digest"),
                     )
                     whole = True
                     continue
                 try:
-                    doc = pgmap_delta.apply(have.doc, doc)
+                    doc, digest = pgmap_delta.apply_digested(have.doc, doc, held[1])
                 except ValueError as exc:
                     log.warning("pool %d: %s; fetching the whole map", pool_id, exc)
                     whole = True
@@ -717,6 +721,8 @@ class MdmLink:
                 await asyncio.sleep(1.0)
                 continue
             if maps.update(m, same_epoch=same_epoch):
+                if digest is not None:
+                    held = (m, digest)
                 log.info(
                     "pool %d: map epoch %d%s", pool_id, m.epoch, " by a delta" if delta else ""
                 )
