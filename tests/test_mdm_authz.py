@@ -9,7 +9,7 @@ import pytest
 
 from meshblock.auth import Role
 from meshblock.mdm.app import ROUTE_TABLES
-from meshblock.mdm.authz import BINDINGS, CERT_ROLES
+from meshblock.mdm.authz import BINDINGS, CERT_ROLES, NOT_FOR_SECRET
 from meshblock.pki import Kind
 
 pytestmark = pytest.mark.unit
@@ -40,3 +40,11 @@ def test_a_binding_names_a_path_parameter_or_body_field_of_its_route(
 def test_only_admin_certificates_change_the_topology() -> None:
     assert {k for k, r in CERT_ROLES.items() if r == Role.ADMIN} == {Kind.ADMIN}
     assert set(CERT_ROLES) == set(Kind)
+
+
+def test_the_routes_refused_to_the_cluster_secret_are_component_routes_sdss_read() -> None:
+    """The mappings are an SDS certificate's (docs/security.md): the cluster secret,
+    on every SDC host, may not read them."""
+    assert ("GET", "/api/v1/pools/{id}/mappings") in NOT_FOR_SECRET
+    for key in NOT_FOR_SECRET:
+        assert SPECS[key].role == Role.COMPONENT and BINDINGS[key].kinds == {Kind.SDS}

@@ -138,15 +138,16 @@ def test_a_client_that_accepts_gzip_gets_the_same_document_gzipped(
 ) -> None:
     """The pool map, and the SDC maps, whose gzip splices each pool's deflated
     document (compressed once) between pieces compressed per request."""
-    for path in (
-        f"/api/v1/pools/{topo['pool']['id']}/pgmap",
-        f"/api/v1/sdc/{topo['sdc']['id']}/maps",
-        f"/api/v1/pools/{topo['pool']['id']}/mappings",  # compressed once per epoch too
+    mappings = f"/api/v1/pools/{topo['pool']['id']}/mappings"
+    for path, token in (
+        (f"/api/v1/pools/{topo['pool']['id']}/pgmap", mdm.cluster_secret),
+        (f"/api/v1/sdc/{topo['sdc']['id']}/maps", mdm.cluster_secret),
+        (mappings, mdm.admin_token),  # compressed once per epoch too
     ):
-        plain = ok(api("GET", path, token=mdm.cluster_secret))
+        plain = ok(api("GET", path, token=token))
         req = urllib.request.Request(
             mdm.url + path,
-            headers={"Authorization": f"Bearer {mdm.cluster_secret}", "Accept-Encoding": "gzip"},
+            headers={"Authorization": f"Bearer {token}", "Accept-Encoding": "gzip"},
         )
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
         with opener.open(req, timeout=30) as resp:
@@ -157,3 +158,7 @@ def test_a_client_that_accepts_gzip_gets_the_same_document_gzipped(
         inflate = zlib.decompressobj(31)  # one gzip member, nothing after it
         assert json.loads(inflate.decompress(raw) + inflate.flush()) == plain
         assert inflate.eof and not inflate.unused_data
+    # The mappings (every mapped volume and its SDCs' GUIDs) are not the cluster
+    # secret's to read: only an SDS's certificate and an admin credential read them.
+    code, body = api("GET", mappings, token=mdm.cluster_secret)
+    assert code == 403 and "the cluster secret may not" in str(body), body

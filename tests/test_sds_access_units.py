@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from meshblock.sds.access import REFRESH_ANY_EVERY_S, MappingsError, SdcAccess
+from meshblock.sds.store import ChunkStore, DeviceSpec
 from test_sds_state_file import link
 
 pytestmark = pytest.mark.unit
@@ -191,3 +192,31 @@ def test_the_mdm_link_asks_for_changes_since_the_epoch_it_has(tmp_path: Path) ->
     assert paths[:2] == ["/api/v1/pools/1/mappings", "/api/v1/pools/1/mappings?since=3"]
     assert all("since=3" in p and "wait_epoch=3" in p for p in paths[2:]), paths
     assert access.epoch(1) == 3 and access.refusal(1, 7, GUID, write=True) is None
+
+
+def test_an_sds_without_a_certificate_does_not_follow_the_mappings(tmp_path: Path) -> None:
+    """Without a certificate the SDS's data port has no identities to check IO by, and
+    the MDM refuses the mappings to the cluster secret: no mappings long-poll is started
+    (it would be refused 403 and retried forever); the PG maps are followed as ever."""
+    store = ChunkStore([DeviceSpec(str(tmp_path / "dev0.img"), 64 << 20, "p1")])
+    store.open()
+    lk = link(tmp_path, store)
+    lk._sds.set_identity(7, {store.devices[0].path: (3, 1)})
+    started: list[str] = []
+
+    async def call(method: str, path: str, body: Any = None, wait_s: float = 10.0) -> Any:
+        started.append(path.split("?")[0])
+        await asyncio.Event().wait()
+
+    lk._call = call  # type: ignore[method-assign]
+
+    async def main() -> None:
+        lk._follow_pools()
+        await asyncio.sleep(0.05)
+        await lk.stop()
+
+    try:
+        asyncio.run(main())
+    finally:
+        store.close()
+    assert started == ["/api/v1/pools/1/pgmap"]

@@ -7,7 +7,8 @@ in the handshake: another CA's, a revoked or an expired one), or, with
 
 - **Without a certificate** (plain HTTP, or none sent) the bearer token decides, as
   it always has: the admin token anything, the read-only token the reads, the cluster
-  secret the component routes, for any SDS or SDC.
+  secret the component routes, for any SDS or SDC, but those of
+  :data:`NOT_FOR_SECRET` (the mappings: only an SDS's certificate uses them).
 - **With a certificate**, its identity (``meshblock:KIND:NAME``, meshblock.pki)
   decides and a bearer token sent along is not looked at: it can neither widen nor
   narrow what the identity may do. ``admin:`` may do what the admin token may;
@@ -98,6 +99,13 @@ BINDINGS: dict[tuple[str, str], Binding] = {
     ("GET", "/api/v1/sdc/{id}/maps"): _bind(Kind.SDC, path="id"),
 }
 
+#: Component routes the cluster secret may not call: only a certificate's identity
+#: needs them. The mappings (every volume id of a pool and the GUIDs of the SDCs it is
+#: mapped to) are what an SDS checks its clients' IO by, which it does only with TLS
+#: identities, reading them with its certificate; an SDS without a certificate does
+#: not follow them (sds/mdm_client.py), and the secret is on every SDC host.
+NOT_FOR_SECRET: frozenset[tuple[str, str]] = frozenset({("GET", "/api/v1/pools/{id}/mappings")})
+
 CALLER = web.RequestKey("meshblock_mdm_caller", pki.Identity)
 
 
@@ -147,6 +155,12 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
         role = request.app[CTX].tokens.role_of(bearer_token(request.headers.get("Authorization")))
         if role == Role.NONE:
             raise Unauthorized("a valid 'Authorization: Bearer <token>' header is required")
+        if role == Role.COMPONENT and (spec.method, spec.openapi_path) in NOT_FOR_SECRET:
+            log.warning("refused %s %s to the cluster secret", request.method, request.path)
+            raise Forbidden(
+                f"the cluster secret may not {request.method} {spec.openapi_path}: "
+                "an SDS's certificate or an admin credential may"
+            )
         if not _allowed(role, request.method, spec):
             raise Forbidden(
                 f"this token ({role.name.lower()}) may not {request.method} {spec.openapi_path}"

@@ -8,10 +8,11 @@
   chunks per volume, what changed since the MDM's last acknowledgement
   (``POST /api/v1/sds/{id}/heartbeat``, :mod:`meshblock.sds.heartbeat`); an MDM that
   no longer knows it makes it register again.
-- One task per pool long-polls ``GET /api/v1/pools/{id}/pgmap?wait_epoch=N``, and
-  one its mappings (``GET /api/v1/pools/{id}/mappings?wait_epoch=N``: which SDC may do
-  client IO to which volume, :mod:`meshblock.sds.access`), which are also fetched
-  at once when a client's IO to a volume they do not map to it arrives.
+- One task per pool long-polls ``GET /api/v1/pools/{id}/pgmap?wait_epoch=N``, and,
+  with a certificate (the MDM refuses them to the cluster secret), one its mappings
+  (``GET /api/v1/pools/{id}/mappings?wait_epoch=N&since=N``: which SDC may do client
+  IO to which volume, :mod:`meshblock.sds.access`), which are also fetched at once
+  when a client's IO to a volume they do not map to it arrives.
 - Copies done (resync, rebuild, moves) are reported together: those that end within
   ``SYNCED_BATCH_S`` of each other in one ``POST /api/v1/sds/{id}/pgs-synced``.
 - A device that fails (``meshblock.sds.store``, fail-stop) is reported at once
@@ -163,6 +164,10 @@ class MdmLink:
         self._session: aiohttp.ClientSession | None = None
         self._followers: dict[int, asyncio.Task[None]] = {}
         self._mappings_followers: dict[int, asyncio.Task[None]] = {}
+        # Only an SDS with a certificate checks client IO against the mappings (its
+        # data port has TLS identities), and the MDM gives them only to its certificate
+        # (docs/security.md): without one they are not followed.
+        self._follows_mappings = bool(config.tls.cert)
         self._tasks: list[asyncio.Task[None]] = []
         self._state_path = Path(config.state_dir) / STATE_FILE
         self._state_lock = threading.Lock()  # one writer of the state file at a time
@@ -645,7 +650,7 @@ class MdmLink:
 
     def _follow_pools(self) -> None:
         pools = {d.pool_id for d in self._sds.store.devices if d.pool_id is not None}
-        for pool_id in pools - self._mappings_followers.keys():
+        for pool_id in pools - self._mappings_followers.keys() if self._follows_mappings else ():
             self._mappings_followers[pool_id] = asyncio.create_task(
                 self._follow_mappings(pool_id), name=f"mappings-{pool_id}"
             )
