@@ -314,3 +314,86 @@ def test_a_failed_reconcile_pass_keeps_the_reported_epochs() -> None:
     assert r.map_epochs == {1: 900, 2: 5}
     assert r.cluster_epoch == 40 and r.reporters == {3, 4}
     assert not r.restored and was.map_epochs == {1: 900}
+
+
+def test_after_a_restart_a_full_heartbeat_zeroes_the_volumes_it_does_not_name(
+    tmp_path: Any,
+) -> None:
+    """A volume an SDS dropped (a deleting volume's chunks freed, a move completed)
+    while the MDM was restarting: the SDS's full heartbeat to the new MDM omits it and
+    the MDM has no earlier state to name it gone, so its count stayed in volume_usage
+    (the deleting volume's chunks_left, a thin volume's allocated bytes) until the SDS
+    held it again. Now its full heartbeat's volumes are its whole set (review of the
+    delta heartbeats, M2)."""
+    from sqlalchemy import select
+    from sqlalchemy.orm import selectinload
+
+    from meshblock.mdm.api.volumes import volume_docs
+    from meshblock.mdm.db import WriteGate, create_engine, migrate, session_factory
+    from meshblock.mdm.models import (
+        ProtectionDomain,
+        Sds,
+        StoragePool,
+        Volume,
+        VolumeState,
+        VolumeType,
+        VolumeUsage,
+    )
+
+    async def main() -> None:
+        engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'mdm.db'}")
+        try:
+            await migrate(engine)
+            sessions, gate = session_factory(engine), WriteGate()
+            async with sessions() as s, s.begin():
+                pd = ProtectionDomain(name="pd")
+                s.add(pd)
+                await s.flush()
+                pool = StoragePool(
+                    name="p", protection_domain_id=pd.id, allocation_granularity_bytes=1 << 20
+                )
+                a, b = (Sds(name=n, protection_domain_id=pd.id, address="h") for n in "ab")
+                s.add_all([pool, a, b])
+                await s.flush()
+                v1, v2 = (
+                    Volume(name=n, pool_id=pool.id, type=VolumeType.THIN, size_bytes=1 << 30)
+                    for n in ("v1", "v2")
+                )
+                s.add_all([v1, v2])
+                await s.flush()
+                ids = a.id, b.id, v1.id, v2.id
+            sa, sb, i1, i2 = ids
+            before = Liveness(10.0)  # the MDM before its restart
+            before.beat("sds", sa, (), [(i1, 5), (i2, 3)], whole=True)
+            before.beat("sds", sb, (), [(i2, 2)], whole=True)
+            await before.flush(sessions, gate)
+            async with sessions() as s, s.begin():  # v2 deleted; SDS a frees its chunks
+                vol = await s.get(Volume, i2)
+                assert vol is not None
+                vol.state = VolumeState.DELETING
+            # the restarted MDM: no views; SDS a's full heartbeat holds v1 only, then a
+            # delta in the same batch
+            views: dict[int, heartbeats.SdsView] = {}
+            live = Liveness(10.0)
+            for beat in (
+                dict(seq=1, full=True, volumes=[{"id": i1, "chunks": 5}]),
+                dict(seq=2, base=1, volumes=[{"id": i1, "chunks": 6}]),
+            ):
+                applied = heartbeats.apply(views, sa, heartbeats.decode_sds(beat))
+                assert applied is not None
+                live.beat("sds", sa, applied.devices, applied.volumes, whole=applied.whole)
+            await live.flush(sessions, gate)
+            async with sessions() as s:
+                usage = {
+                    (r.sds_id, r.volume_id): r.chunks
+                    for r in (await s.execute(select(VolumeUsage))).scalars()
+                }
+                vol = await s.get(Volume, i2, options=[selectinload(Volume.mappings)])
+                assert vol is not None
+                (doc,) = await volume_docs(s, [vol])
+            assert usage == {(sa, i1): 6, (sa, i2): 0, (sb, i2): 2}
+            assert doc["chunks_left"] == 2  # SDS b's; 5 with SDS a's stale count
+        finally:
+            await engine.dispose()
+
+    asyncio.run(main())

@@ -83,6 +83,11 @@ class Applied:
     devices: list[tuple[int, int]]
     volumes: list[tuple[int, int]]  # a volume gone: 0 chunks
     tombstones: dict[int, Tombstone] | None  # the SDS's whole set, when it changed
+    # ``volumes`` are every volume the SDS holds (a full heartbeat): any other volume
+    # the store counts chunks of on that SDS has none left. An MDM that knows no
+    # earlier state (it restarted, or the SDS came from another MDM) cannot name the
+    # volumes gone, and the SDS sends no zero counts.
+    whole: bool = False
 
 
 def apply(views: dict[int, SdsView], sds_id: int, beat: SdsBeat) -> Applied | None:
@@ -112,6 +117,7 @@ def apply(views: dict[int, SdsView], sds_id: int, beat: SdsBeat) -> Applied | No
             beat.devices,
             beat.volumes + [(v, 0) for v in gone],
             view.tombstones if beat.tombstones is not None else None,
+            whole=not beat.legacy,
         )
     if view is None or view.seq is None or view.seq != beat.base:
         return None

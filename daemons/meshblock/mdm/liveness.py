@@ -46,6 +46,9 @@ class _Pending:
     device_used: dict[tuple[int, int], int] = field(default_factory=dict)  # (sds, device)
     volume_chunks: dict[tuple[int, int], int] = field(default_factory=dict)
     holds: dict[int, str | None] = field(default_factory=dict)  # sds -> hold_state
+    # SDSs whose reported volumes are all they hold (a full heartbeat): their other
+    # volume_usage rows are written as 0 chunks
+    whole: set[int] = field(default_factory=set)
 
 
 class Liveness:
@@ -90,9 +93,12 @@ class Liveness:
         id_: int,
         devices: Iterable[tuple[int, int]] = (),
         volumes: Iterable[tuple[int, int]] = (),
+        *,
+        whole: bool = False,
     ) -> None:
         """A heartbeat of ``id_``, with the (device, used bytes) and (volume, chunks)
-        that changed, written with the next batch."""
+        that changed, written with the next batch; with ``whole``, ``volumes`` are
+        every volume the SDS holds: the others it has a count of are written as 0."""
         now = utcnow()
         self.heartbeats_total += 1
         self.last_seen[(kind, id_)] = now
@@ -105,6 +111,8 @@ class Liveness:
             chunks = self._pending.volume_chunks
             for v, n in volumes:
                 chunks[(id_, v)] = n
+        if whole:
+            self._pending.whole.add(id_)
 
     def forget(self, kind: Kind, id_: int) -> None:
         self.last_seen.pop((kind, id_), None)
@@ -144,7 +152,13 @@ class Liveness:
     async def flush(self, sessions: async_sessionmaker[AsyncSession], gate: WriteGate) -> None:
         self._take_holds()
         pending, self._pending = self._pending, _Pending()
-        if not (pending.seen or pending.device_used or pending.volume_chunks or pending.holds):
+        if not (
+            pending.seen
+            or pending.device_used
+            or pending.volume_chunks
+            or pending.holds
+            or pending.whole
+        ):
             return
         try:
             async with gate(), sessions() as session, session.begin():
@@ -160,6 +174,7 @@ class Liveness:
                 self._pending.volume_chunks.setdefault(vk, vv)
             for hk, hv in pending.holds.items():
                 self._pending.holds.setdefault(hk, hv)
+            self._pending.whole |= pending.whole
 
     def _take_holds(self) -> None:
         """The hold-down records that changed, for the next batch."""
@@ -210,6 +225,11 @@ async def _write(session: AsyncSession, p: _Pending) -> None:
         ]
         if rows:
             await _bulk_set(session, Device, rows)
+    if p.whole:
+        # the volumes a full heartbeat did not name (nor a later one since): none left
+        for (s, v), c in (await _counted(session, p.whole)).items():
+            if c and (s, v) not in p.volume_chunks:
+                p.volume_chunks[(s, v)] = 0
     if p.volume_chunks:
         existing_sds = await _existing(session, Sds, {s for s, _ in p.volume_chunks})
         existing_vol = await _existing(session, Volume, {v for _, v in p.volume_chunks})
@@ -250,6 +270,20 @@ async def _existing(session: AsyncSession, model: Any, ids: set[int]) -> set[int
         part = batch[i : i + IN_BATCH]
         found.update((await session.execute(select(model.id).where(model.id.in_(part)))).scalars())
     return found
+
+
+async def _counted(session: AsyncSession, sds_ids: set[int]) -> dict[tuple[int, int], int]:
+    """(sds, volume) -> chunks of every volume_usage row of ``sds_ids``."""
+    out: dict[tuple[int, int], int] = {}
+    batch = sorted(sds_ids)
+    for i in range(0, len(batch), IN_BATCH):
+        rows = await session.execute(
+            select(VolumeUsage.sds_id, VolumeUsage.volume_id, VolumeUsage.chunks).where(
+                VolumeUsage.sds_id.in_(batch[i : i + IN_BATCH])
+            )
+        )
+        out.update(((s, v), int(c)) for s, v, c in rows)
+    return out
 
 
 async def _bulk_set(session: AsyncSession, model: Any, rows: list[dict[str, Any]]) -> None:

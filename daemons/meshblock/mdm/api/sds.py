@@ -575,7 +575,7 @@ async def sds_heartbeat(request: web.Request, beat: heartbeats.SdsBeat) -> web.R
     if applied is None:  # a delta onto a state this MDM does not have
         live.beat("sds", sds_id)
     else:
-        live.beat("sds", sds_id, applied.devices, applied.volumes)
+        live.beat("sds", sds_id, applied.devices, applied.volumes, whole=applied.whole)
         if beat.legacy or beat.copies is not None:
             c.progress.report(sds_id, beat.copies)
         if applied.tombstones is not None:
