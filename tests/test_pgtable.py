@@ -1,6 +1,6 @@
 """The PG table's gateway (``meshblock.mdm.pgtable``) on SQLite and PostgreSQL: typed
-rows loaded, new rows added, and the compare-and-set writer that skips a row changed
-since it was read (docs/design.md, invariant 9)."""
+rows loaded, new rows added, the compare-and-set writer that refuses a decision made on
+a row changed since it was read (docs/design.md, invariant 9)."""
 
 from __future__ import annotations
 
@@ -78,6 +78,9 @@ def test_added_rows_load_typed_in_pg_order_with_the_new_map_epoch(db_url: str) -
 
 
 def test_a_row_changed_since_it_was_read_is_not_overwritten(db_url: str) -> None:
+    """A decision made on a row that changed meanwhile is refused whole (StaleRows),
+    not only for that row: the update matched one row fewer than it was given."""
+
     async def go(s: AsyncSession) -> None:
         pool, (a, b) = await new_pool(s, "cas")
         await pgtable.write(
@@ -90,14 +93,22 @@ def test_a_row_changed_since_it_was_read_is_not_overwritten(db_url: str) -> None
             PgChange(read[0], replace(read[0], primary=b, secondary=a)),  # read before
             PgChange(read[1], replace(read[1], state=PgState.INACTIVE)),
         ]
-        epoch = await pgtable.write(s, pool, stale)
-        assert epoch == 3
+        with pytest.raises(pgtable.StaleRows, match="1 of 2 PG row"):
+            async with s.begin_nested():  # the caller's transaction, rolled back
+                await pgtable.write(s, pool, stale)
+        await s.refresh(pool)  # expired by the rollback
         rows = {row.pg: row for row in await pgtable.load(s, pool_id=pool.id)}
         assert rows[0] == replace(read[0], state=PgState.DEGRADED, epoch=2), "kept"
-        assert rows[1] == replace(read[1], state=PgState.INACTIVE, epoch=3), "written"
+        assert rows[1] == read[1], "not written either: the decision is refused whole"
         assert rows[2] == read[2], "untouched"
         stored = select(StoragePool.map_epoch).where(StoragePool.id == pool.id)
-        assert (await s.execute(stored)).scalar_one() == 3
+        assert (await s.execute(stored)).scalar_one() == 2
+        # decided again on the rows as they are now, it is written
+        again = await pgtable.load(s, pool_id=pool.id)
+        redo = [PgChange(again[n], replace(again[n], state=PgState.INACTIVE)) for n in (0, 1)]
+        assert await pgtable.write(s, pool, redo) == 3
+        rows = {row.pg: row for row in await pgtable.load(s, pool_id=pool.id)}
+        assert rows[1] == replace(read[1], state=PgState.INACTIVE, epoch=3), "written"
 
     in_session(db_url, go)
 

@@ -22,9 +22,11 @@ The writer's contract:
   and every row written carries it as its ``epoch``;
 - compare-and-set: a row is updated only where its ``epoch`` is still the one the
   decision read (``PgChange.before.epoch``). A change decided on a row that another
-  decision changed meanwhile is dropped without error, and the next decision starts
-  from the new row (docs/design.md, invariant 9). A change without ``before`` adds the
-  row (a new pool's map);
+  decision changed meanwhile matches no row: the writer counts the rows it updated
+  and raises :class:`StaleRows` when one is missing, so the caller's transaction rolls
+  back whole (no part of a decision made on changed rows is committed, docs/design.md,
+  invariant 9) and the next decision starts from the new rows. A change without
+  ``before`` adds the row (a new pool's map);
 - it runs in the caller's transaction; the caller bumps the cluster epoch
   (:func:`meshblock.mdm.epochs.bump`) and publishes it after the commit.
 
@@ -42,9 +44,27 @@ from typing import Any
 from sqlalchemy import Select, Table, bindparam, delete, func, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from meshblock.http_errors import Conflict
 from meshblock.mdm.models import PgState, PlacementGroup, StoragePool
 
-__all__ = ["PgChange", "PgRow", "drop", "load", "row_keys", "write", "write_pools"]
+__all__ = [
+    "PgChange",
+    "PgRow",
+    "StaleRows",
+    "drop",
+    "load",
+    "row_keys",
+    "write",
+    "write_pools",
+]
+
+
+class StaleRows(Conflict):
+    """A compare-and-set write matched fewer rows than it was given: a row changed
+    since the decision read it. Raised out of the caller's transaction, which rolls
+    back; the decision is made again on the new rows."""
+
+    code = "stale_pg_rows"
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,8 +194,8 @@ def _params(change: PgChange, epoch: int) -> dict[str, Any]:
 async def write(s: AsyncSession, pool: StoragePool, changes: Iterable[PgChange]) -> int:
     """Publish a new map of ``pool`` with ``changes``: bump its ``map_epoch``, add the
     new rows and update the others where their epoch is still ``before.epoch``
-    (compare-and-set). Returns the new map epoch. Every change must be of ``pool``
-    and keep its ``(pool_id, pg)``."""
+    (compare-and-set: :class:`StaleRows` when a row's epoch changed). Returns the new
+    map epoch. Every change must be of ``pool`` and keep its ``(pool_id, pg)``."""
     pool.map_epoch += 1
     epoch = pool.map_epoch
     added: list[dict[str, Any]] = []
@@ -195,7 +215,7 @@ async def write(s: AsyncSession, pool: StoragePool, changes: Iterable[PgChange])
             added,
         )
     if updated:
-        await conn.execute(
+        result = await conn.execute(
             update(table)
             .where(
                 table.c.pool_id == bindparam("b_pool"),
@@ -205,8 +225,44 @@ async def write(s: AsyncSession, pool: StoragePool, changes: Iterable[PgChange])
             .values(**_VALUES),
             updated,
         )
+        sane = conn.dialect.supports_sane_multi_rowcount
+        await _check_matched(s, sane, result.rowcount, pool, epoch, updated)
     await s.flush()
     return epoch
+
+
+async def _check_matched(
+    s: AsyncSession,
+    sane_rowcount: bool,
+    rowcount: int,
+    pool: StoragePool,
+    epoch: int,
+    updated: list[dict[str, Any]],
+) -> None:
+    """Raise :class:`StaleRows` unless the update matched every row of ``updated``.
+
+    SQLite's driver counts the rows of an executemany; asyncpg's does not, so there
+    the rows now carrying the new map ``epoch`` among those of ``updated`` are counted
+    (only this write stamps it: it is above every epoch the pool's rows had)."""
+    if not sane_rowcount:
+        table = _table()
+        rowcount = int(
+            (
+                await s.execute(
+                    select(func.count()).where(
+                        table.c.pool_id == pool.id,
+                        table.c.epoch == epoch,
+                        table.c.pg.in_([row["b_pg"] for row in updated]),
+                    )
+                )
+            ).scalar_one()
+        )
+    if rowcount != len(updated):
+        raise StaleRows(
+            f"pool {pool.id}: {len(updated) - rowcount} of {len(updated)} PG row(s) changed "
+            "since they were read; nothing was written, the decision is made again",
+            {"pool": pool.id, "stale": len(updated) - rowcount},
+        )
 
 
 async def write_pools(
