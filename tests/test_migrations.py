@@ -501,3 +501,55 @@ def test_volume_id_counter_is_raised_never_lowered(empty_db: str) -> None:
     assert second == first + 101
     raise_to(first + 50)
     assert run_sync(empty_db, _add_one_of_each)["volumes"] == second + 1
+
+
+def test_upgrade_to_volume_trees_makes_every_volume_its_own_tree(empty_db: str) -> None:
+    """0015 (docs/snapshots.md): every volume of the revision before it, active or
+    deleting, with gaps in the ids, gets vtree_id = its id, so placement (which hashes
+    the tree id) leaves each where it was; a volume created after the upgrade is its
+    own tree too."""
+    from alembic import command
+
+    before = ScriptDirectory.from_config(alembic_config()).get_revision("0015").down_revision
+    assert isinstance(before, str)
+
+    def to_before(conn: Connection) -> None:
+        cfg = alembic_config()
+        cfg.attributes["connection"] = conn
+        command.downgrade(cfg, before)  # (an empty head: its down path only)
+        conn.execute(text("INSERT INTO protection_domains (name) VALUES ('pd1')"))
+        conn.execute(
+            text(
+                "INSERT INTO storage_pools (name, protection_domain_id, pg_count, "
+                "allocation_granularity_bytes, spare_percent, rebuild_bandwidth_mibps, "
+                "rebuild_concurrency, rebalance_bandwidth_mibps, rebalance_concurrency, "
+                "capacity_alert_high_percent, capacity_alert_critical_percent, map_epoch) "
+                "VALUES ('sp1', 1, 2, 1073741824, 10, 0, 4, 50, 2, 80, 90, 3)"
+            )
+        )
+        for name in ("v1", "v2", "v3", "v4"):
+            conn.execute(
+                text(
+                    "INSERT INTO volumes (name, pool_id, type, size_bytes) "
+                    "VALUES (:n, 1, 'thin', 1073741824)"
+                ),
+                {"n": name},
+            )
+        conn.execute(text("DELETE FROM volumes WHERE name = 'v2'"))
+        conn.execute(text("UPDATE volumes SET state = 'deleting' WHERE name = 'v3'"))
+
+    with_engine(empty_db, migrate)
+    run_sync(empty_db, to_before)
+    assert run_sync(empty_db, current_revision) == before
+    with_engine(empty_db, migrate)
+    assert run_sync(empty_db, current_revision) == head_revision()
+    ids = run_sync(empty_db, _add_one_of_each)  # through the ORM, after the upgrade
+
+    def trees(conn: Connection) -> list[tuple[str, int, int]]:
+        rows = conn.execute(text("SELECT name, id, vtree_id FROM volumes ORDER BY id"))
+        return [(r[0], r[1], r[2]) for r in rows]
+
+    rows = run_sync(empty_db, trees)
+    assert [name for name, _, _ in rows[:3]] == ["v1", "v3", "v4"]
+    assert rows[3][1] == ids["volumes"]
+    assert all(vtree == vid for _, vid, vtree in rows), rows

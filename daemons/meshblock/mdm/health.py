@@ -98,14 +98,8 @@ async def _counts(request: web.Request) -> dict[str, Any]:
         ).all()
         degraded_volumes: dict[int, int] = {}
         if bad_pgs:
-            vols = (
-                await s.execute(
-                    select(Volume.id, Volume.pool_id, Volume.size_bytes).where(
-                        Volume.state == VolumeState.ACTIVE
-                    )
-                )
-            ).all()
-            degraded_volumes = _degraded_volumes(
+            vols = (await s.execute(ACTIVE_VOLUME_PLACEMENT)).all()
+            degraded_volumes = degraded_volumes_of(
                 bad_pgs, vols, {p.id: p.pg_count for p, _ in pools}
             )
         epoch = await current(s)
@@ -135,20 +129,27 @@ async def _counts(request: web.Request) -> dict[str, Any]:
     }
 
 
-def _degraded_volumes(
+# What places each active volume's chunks (chunks.pgs_of_volume): its tree, pool, size.
+ACTIVE_VOLUME_PLACEMENT = select(Volume.vtree_id, Volume.pool_id, Volume.size_bytes).where(
+    Volume.state == VolumeState.ACTIVE
+)
+
+
+def degraded_volumes_of(
     bad_pgs: Sequence[Any], volumes: Sequence[Any], pg_counts: dict[int, int]
 ) -> dict[int, int]:
-    """Per pool, the volumes with a chunk in a PG that is not clean."""
+    """Per pool, the volumes with a chunk in a PG that is not clean. ``volumes`` are
+    ``(vtree_id, pool_id, size_bytes)``: a volume's chunks are placed by its tree."""
     bad: dict[int, set[int]] = {}
     for pool_id, pg in bad_pgs:
         bad.setdefault(pool_id, set()).add(pg)
     out: dict[int, int] = {}
-    for vid, pool_id, size in volumes:
+    for vtree_id, pool_id, size in volumes:
         pgs = bad.get(pool_id)
         if not pgs:
             continue
         count = pg_counts[pool_id]
-        first, n = pgs_of_volume(vid, size, count)
+        first, n = pgs_of_volume(vtree_id, size, count)
         if n == count or any((pg - first) % count < n for pg in pgs):
             out[pool_id] = out.get(pool_id, 0) + 1
     return out

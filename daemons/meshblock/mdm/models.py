@@ -24,10 +24,20 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    event,
     text,
+    update,
 )
+from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncAttrs
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.orm import (
+    DeclarativeBase,
+    Mapped,
+    Mapper,
+    attributes,
+    mapped_column,
+    relationship,
+)
 
 from meshblock.orm import NAMING_CONVENTION, created_at, intpk
 from meshblock.orm import str_enum as _enum
@@ -283,10 +293,24 @@ class Volume(Base):
     )
     # The pool's map epoch that carries the volume's tombstone (deleting volumes).
     deleted_epoch: Mapped[int | None] = mapped_column(BigInteger)
+    # The volume tree it belongs to (docs/snapshots.md): its chunks are placed by it
+    # (chunks.pg_of). The id of the tree's first volume, so a volume that is not a
+    # snapshot or a clone has its own id: set by the INSERT's own flush (below), never
+    # NULL once the transaction that created the volume commits.
+    vtree_id: Mapped[int] = mapped_column(BigInteger, nullable=True, index=True)
     created_at: Mapped[created_at]
 
     pool: Mapped[StoragePool] = relationship(back_populates="volumes", lazy="raise")
     mappings: Mapped[list[Mapping]] = relationship(back_populates="volume", lazy="raise")
+
+
+@event.listens_for(Volume, "after_insert")
+def _volume_starts_its_tree(_mapper: Mapper[Volume], conn: Connection, volume: Volume) -> None:
+    """A volume inserted without a tree starts its own: ``vtree_id`` = its id, which
+    the INSERT has just returned (one UPDATE by primary key, in the same flush)."""
+    if volume.vtree_id is None:
+        conn.execute(update(Volume).where(Volume.id == volume.id).values(vtree_id=volume.id))
+        attributes.set_committed_value(volume, "vtree_id", volume.id)
 
 
 class Mapping(Base):
