@@ -6,7 +6,7 @@ an SDS's checked CHUNK_READ_RAW does (a range with a block bad there is
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -15,7 +15,7 @@ import pytest
 
 from _wait import wait_until_async
 from meshblock.chunks import CHUNK_SIZE, pg_of
-from meshblock.sds import heal
+from meshblock.sds import heal, io_path
 from meshblock.sds.checksums import BLOCK, BLOCK_SHIFT
 from meshblock.sds.heal import repair_from_peer, runs
 from meshblock.sds.io_path import DataService
@@ -344,19 +344,19 @@ def test_a_secondary_checksum_mismatch_reaches_only_a_client_that_sent_checksums
         sds.store.close()
 
 
-def test_a_peer_read_waits_for_the_map_it_was_sent_by(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A new copy holder's raw read sent by map 4 reaches us at map 2: the map after
-    ours (3) does not name it yet; we wait on for 4, which does, and serve it (we
-    refused it at 3 before: its heal took the refusal for a copy with no good block)."""
-    data = pattern()
-    sds = state_with_peer(tmp_path, PeerCopy(data), monkeypatch, primary=True)
-    store = sds.store
+NEW = PEER + 1  # a new copy holder that reads from us
+
+
+def held_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, epoch: int
+) -> tuple[SdsState, DataService, Conn, Request, Callable[[int, int], PgMap]]:
+    """We are the primary of every PG at map 2, whose secondary is ``PEER``; ``NEW``'s
+    raw read of block 0 of chunk 1, sent by its map ``epoch``, on a peer connection;
+    and the maps of our pool (epoch, secondary) that may come next."""
+    sds = state_with_peer(tmp_path, PeerCopy(pattern()), monkeypatch, primary=True)
     svc = DataService(sds, Resync(sds))
-    new = PEER + 1
-    names = {"peer": PEER, "new": new}
-    addresses = {ME: ("127.0.0.1", 1), PEER: ("127.0.0.1", 2), new: ("127.0.0.1", 3)}
+    names = {"peer": PEER, "new": NEW}
+    addresses = {ME: ("127.0.0.1", 1), PEER: ("127.0.0.1", 2), NEW: ("127.0.0.1", 3)}
     mine = ((ME, DEV_IDS[0]),) * PG_COUNT
 
     def pgmap(epoch: int, secondary: int) -> PgMap:
@@ -370,21 +370,72 @@ def test_a_peer_read_waits_for_the_map_it_was_sent_by(
     conn.refuse = refused  # type: ignore[attr-defined]
     conn.allowed = frozenset(Op(op) for op in ROLE_OPS[PeerRole.SDS_PEER])
     pg = pg_of(VOL, 1, PG_COUNT)
-    req = Request(REQUEST_MAGIC, int(Op.CHUNK_READ_RAW), 0, 0, 7, POOL, pg, 4, VOL, 1, 0, BLOCK)
+    req = Request(REQUEST_MAGIC, int(Op.CHUNK_READ_RAW), 0, 0, 7, POOL, pg, epoch, VOL, 1, 0, BLOCK)
+    sds.store.write(sds.store.devices[0], VOL, 1, 0, pattern())
+    return sds, svc, conn, req, pgmap
+
+
+def test_a_peer_read_waits_for_the_map_it_was_sent_by(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A new copy holder's raw read sent by map 4 reaches us at map 2: the map after
+    ours (3) does not name it yet; we wait on for 4, which does, and serve it (we
+    refused it at 3 before: its heal took the refusal for a copy with no good block)."""
+    sds, svc, conn, req, pgmap = held_read(tmp_path, monkeypatch, 4)
 
     async def main() -> None:
-        store.write(store.devices[0], VOL, 1, 0, data)
         svc.handle(conn, req, memoryview(b""))
         await asyncio.sleep(0.1)
         sds.maps.update(pgmap(3, PEER))
         await asyncio.sleep(0.2)
-        sds.maps.update(pgmap(4, new))
+        sds.maps.update(pgmap(4, NEW))
         assert await answer(conn, 7) == Status.OK
 
     try:
         asyncio.run(main())
     finally:
-        store.close()
+        sds.store.close()
+
+
+def test_a_peer_read_is_served_at_a_map_before_the_one_it_was_sent_by(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A raw read sent by map 5 reaches us at map 2; our map 3 names the reader and
+    map 5 never comes: served at 3. Before, we waited for 5 alone, never looked at 3,
+    and refused NOT_PERMITTED at the deadline with no last look at our map."""
+    monkeypatch.setattr(io_path, "MAP_WAIT_S", 60.0)
+    sds, svc, conn, req, pgmap = held_read(tmp_path, monkeypatch, 5)
+
+    async def main() -> None:
+        svc.handle(conn, req, memoryview(b""))
+        await asyncio.sleep(0.1)
+        assert 7 not in conn.replies  # waiting for a map that names the reader
+        sds.maps.update(pgmap(3, NEW))
+        assert await answer(conn, 7) == Status.OK
+
+    try:
+        asyncio.run(main())
+    finally:
+        sds.store.close()
+
+
+@pytest.mark.parametrize("epoch", [1, 2])
+def test_a_peer_read_sent_by_an_older_map_than_ours_is_refused_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, epoch: int
+) -> None:
+    """A raw read sent by map 2 (or 1) whose reader our map 2 does not name: the
+    reader's map is the one that lags, so it is refused at once, not after MAP_WAIT_S."""
+    monkeypatch.setattr(io_path, "MAP_WAIT_S", 60.0)
+    sds, svc, conn, req, _ = held_read(tmp_path, monkeypatch, epoch)
+
+    async def main() -> int:
+        svc.handle(conn, req, memoryview(b""))
+        return await answer(conn, 7)
+
+    try:
+        assert asyncio.run(main()) == Status.NOT_PERMITTED
+    finally:
+        sds.store.close()
 
 
 def test_a_copy_that_refuses_us_for_map_lag_is_asked_again_at_our_next_map(

@@ -254,18 +254,21 @@ class DataService:
         self, conn: IdentifiedConnection, sds: str, req: Request, payload: memoryview, t0: float
     ) -> None:
         """A peer's read of a PG that our map does not make it hold: served if a newer
-        map (within MAP_WAIT_S; up to the epoch the request was sent by, through the
-        maps in between) does, else refused NOT_PERMITTED."""
+        map within MAP_WAIT_S does (each map that comes is checked, and ours once more
+        at the deadline), else refused NOT_PERMITTED. The epoch the request was sent
+        by (0: unknown) only refuses early: once our map is at it or past it, the
+        reader's map is the one that lags and no map of ours will name it sooner."""
         pool = self._copy_holder(req, sds)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + MAP_WAIT_S
         while pool is not None:
-            # the next map, or the one the request was sent by (it may take several)
-            epoch = max(self._cache.epoch(pool) + 1, req.epoch)
+            ours = self._cache.epoch(pool)
             left = deadline - loop.time()
-            if left <= 0 or await self._cache.wait_for(pool, epoch, left) is None:
+            if left <= 0 or 0 < req.epoch <= ours:
                 break
-            pool = self._copy_holder(req, sds)
+            # the next map, not the request's: a map in between may name the reader
+            await self._cache.wait_for(pool, ours + 1, left)
+            pool = self._copy_holder(req, sds)  # also the last check at the deadline
         if pool is None:
             self._serve(conn, req, payload, t0)
         else:
