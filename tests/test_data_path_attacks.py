@@ -175,7 +175,7 @@ def test_stolen_sds_certificate_writes_no_replica_of_a_pg_it_is_not_primary_of(
 
     asyncio.run(main())
     for thief in (third, secondary):
-        assert refusal_logged(secondary, "request", f"sds:{thief.name}")
+        assert refusal_logged(secondary, "REPL_WRITE (volume", f"sds:{thief.name}")
     assert "not the PG's primary" in secondary.log_text()
     unchanged(ac, doc["epoch"])
 

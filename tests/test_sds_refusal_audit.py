@@ -9,7 +9,16 @@ from pathlib import Path
 import pytest
 
 from meshblock.audit import AuditLog
+from meshblock.chunks import pg_of
+from meshblock.sds.checksums import BLOCK
+from meshblock.sds.io_path import DataService
+from meshblock.sds.maps import PgMap
 from meshblock.sds.refusals import MAX_VOLUMES, RefusalAudit
+from meshblock.sds.resync import Resync
+from meshblock.wire.protocol import REQUEST_MAGIC, ROLE_OPS, Op, PeerRole, Request, Status
+from test_device_failstop_units import ME, PG_COUNT, POOL, Conn
+from test_sds_checksums import VOL
+from test_sds_heal_units import PEER, PeerCopy, answer, pattern, state_with_peer
 
 pytestmark = pytest.mark.unit
 
@@ -55,3 +64,44 @@ def test_what_is_pending_is_written_on_close(tmp_path: Path) -> None:
     log.close()
     (entry,) = map(json.loads, path.read_text().splitlines())
     assert entry["refused"] == 1 and entry["volumes"] == [9] and audit.written == 1
+
+
+def test_a_replica_write_from_an_sds_that_is_not_the_primary_is_refused_with_why(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A REPL_WRITE to us, the secondary, from an SDS the map does not make the PG's
+    primary goes through the connection's refusal (logged, counted and audited with its
+    volume) naming the sender and the PG; before, it was answered NOT_PERMITTED past
+    it, summarised with no volume and a fixed reason."""
+    sds = state_with_peer(tmp_path, PeerCopy(pattern()), monkeypatch)
+    svc = DataService(sds, Resync(sds))
+    addresses = {ME: ("127.0.0.1", 1), PEER: ("127.0.0.1", 2), PEER + 1: ("127.0.0.1", 3)}
+    m = sds.maps.maps[POOL]
+    names = {"peer": PEER, "me": ME, "thief": PEER + 1}
+    sds.maps.update(
+        PgMap(POOL, 2, PG_COUNT, m.primary, m.secondary, addresses, {}, sds_names=names)
+    )
+    conn = Conn()
+    conn.peer_sds = "thief"  # type: ignore[attr-defined]
+    refused: list[tuple[int, str]] = []
+
+    def refuse(req: Request, why: str) -> None:
+        refused.append((req.volume_id, why))
+        conn.reply(req.request_id, Status.NOT_PERMITTED, 0, 0, None)
+
+    conn.refuse = refuse  # type: ignore[attr-defined]
+    conn.allowed = frozenset(Op(op) for op in ROLE_OPS[PeerRole.SDS_PEER])
+    pg = pg_of(VOL, 1, PG_COUNT)
+    req = Request(REQUEST_MAGIC, int(Op.REPL_WRITE), 0, 0, 9, POOL, pg, 2, VOL, 1, 0, BLOCK)
+
+    async def main() -> None:
+        svc.handle(conn, req, memoryview(bytes(BLOCK)))
+        assert await answer(conn, 9) == Status.NOT_PERMITTED
+
+    try:
+        asyncio.run(main())
+    finally:
+        sds.store.close()
+    assert refused == [
+        (VOL, f"sds:thief is not the PG's primary in this SDS's map (PG {POOL}/{pg}, epoch 2)")
+    ]

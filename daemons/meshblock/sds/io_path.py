@@ -334,7 +334,7 @@ class DataService:
         if status == _WAIT:
             self._spawn(self._after_map(conn, req, payload, t0, primary))
         elif status:
-            self._reply(conn, req, t0, status)
+            self._refuse_or_reply(conn, req, t0, status)
         else:
             self._checked(conn, req, payload, t0)
 
@@ -407,6 +407,20 @@ class DataService:
             return self._from_primary(m, pg, sender)
         return Status.NOT_REPLICA
 
+    def _refuse_or_reply(self, conn: Connection, req: Request, t0: float, status: int) -> None:
+        """Answer ``status``, a NOT_PERMITTED (:meth:`_from_primary`) as the connection's
+        refusal: logged, counted and audited with its reason and volume."""
+        refuse = getattr(conn, "refuse", None)
+        if status != Status.NOT_PERMITTED or refuse is None:
+            self._reply(conn, req, t0, status)
+            return
+        m = self._maps.get(req.pool_id)
+        refuse(
+            req,
+            f"sds:{getattr(conn, 'peer_sds', None)} is not the PG's primary in this SDS's "
+            f"map (PG {req.pool_id}/{req.pg}, epoch {-1 if m is None else m.epoch})",
+        )
+
     @staticmethod
     def _from_primary(m: PgMap, pg: int, sender: str | None) -> int:
         """OK for a replica write or copy from the PG's primary (``sender``: the name of
@@ -424,7 +438,7 @@ class DataService:
         if status == _WAIT:
             self._reply(conn, req, t0, Status.MAP_PENDING)
         elif status:
-            self._reply(conn, req, t0, status)
+            self._refuse_or_reply(conn, req, t0, status)
         else:
             self._checked(conn, req, payload, t0)
 
