@@ -491,3 +491,35 @@ def test_a_copy_job_does_not_mark_bad_what_a_lagging_copy_refused(
         assert resync.marked_bad_total == 0 and peer.epochs == [1]
     finally:
         store.close()
+
+
+def test_a_read_whose_good_copy_refuses_us_for_map_lag_is_retried_not_eio(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client READ on the primary finds block 30 bad; the only other copy refuses
+    NOT_PERMITTED (its map does not name us yet) and our map does not move: answered
+    EPOCH_STALE, which the SDC retries after a map refresh (before: IO_ERROR, EIO at
+    the application though that copy may hold the block good)."""
+    monkeypatch.setattr(heal, "MAP_WAIT_S", 0.05)
+    data = pattern()
+    peer = PeerCopy(data)
+    peer.names_us_from = 99
+    sds = state_with_peer(tmp_path, peer, monkeypatch, primary=True)
+    store = sds.store
+    svc = DataService(sds, Resync(sds))
+    conn = Conn()
+    conn.allowed = frozenset(Op(op) for op in ROLE_OPS[PeerRole.CLIENT])
+    pg = pg_of(VOL, 1, PG_COUNT)
+    req = Request(REQUEST_MAGIC, Op.READ, 0, 0, 1, POOL, pg, 1, VOL, 1, 0, CHUNK_SIZE)
+
+    async def main() -> int:
+        svc.handle(conn, req, memoryview(b""))
+        return await answer(conn, 1)
+
+    try:
+        store.write(store.devices[0], VOL, 1, 0, data)
+        flip(tmp_path / "dev.img", data_offset(store, VOL, 1, 30 * BLOCK + 7))
+        assert asyncio.run(main()) == Status.EPOCH_STALE
+        assert peer.epochs == [1]
+    finally:
+        store.close()

@@ -516,9 +516,15 @@ class DataService:
         failover = req.opcode == Op.READ and req.flags & _REPLICA
         m = self._maps.get(req.pool_id) if failover else None
         exclude = (m.primary[req.pg][0],) if m is not None and req.pg < m.pg_count else ()
+        lagging: set[int] = set()
         try:
             left = await repair_from_peer(
-                self._state, req.volume_id, req.chunk_index, blocks, exclude=exclude
+                self._state,
+                req.volume_id,
+                req.chunk_index,
+                blocks,
+                exclude=exclude,
+                lagging=lagging,
             )
         except DeviceFailed:
             self._reply(conn, req, t0, _FAILED)
@@ -531,7 +537,9 @@ class DataService:
             # it may hold the good bytes: NOT_PRIMARY sends the SDC back to it.
             self._reply(conn, req, t0, Status.NOT_PRIMARY)
         elif left:
-            self._reply(conn, req, t0, Status.IO_ERROR)
+            # A copy that refused us for a lagging map may hold them good: the SDC
+            # refreshes its map and retries (EPOCH_STALE) rather than answer EIO.
+            self._reply(conn, req, t0, Status.EPOCH_STALE if lagging else Status.IO_ERROR)
         else:
             self._read(conn, req, t0, heal=False)
 
@@ -755,9 +763,10 @@ class DataService:
             status = self._apply(dev, req, payload, bad)
             if not bad:
                 return status
+        lagging: set[int] = set()
         try:
             left = await repair_from_peer(
-                self._state, req.volume_id, req.chunk_index, bad, locked=locked
+                self._state, req.volume_id, req.chunk_index, bad, locked=locked, lagging=lagging
             )
         except DeviceFailed:
             return _FAILED
@@ -765,7 +774,8 @@ class DataService:
             log.error("repair of chunk %d/%d failed: %s", req.volume_id, req.chunk_index, exc)
             return Status.IO_ERROR
         if left:
-            return Status.IO_ERROR
+            # a client's write whose good copy refused us for map lag: retried by the SDC
+            return Status.EPOCH_STALE if lagging and req.opcode == Op.WRITE else Status.IO_ERROR
         return self._apply(dev, req, payload)
 
     async def _sync(self, devices: list[Device] | None) -> int:
