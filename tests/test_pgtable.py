@@ -1,6 +1,7 @@
 """The PG table's gateway (``meshblock.mdm.pgtable``) on SQLite and PostgreSQL: typed
 rows loaded, new rows added, the compare-and-set writer that refuses a decision made on
-a row changed since it was read (docs/design.md, invariant 9)."""
+a row changed since it was read (docs/design.md, invariant 9), and its fence: a deposed
+leader's write is refused."""
 
 from __future__ import annotations
 
@@ -9,13 +10,15 @@ from collections.abc import Awaitable, Callable
 from dataclasses import replace
 
 import pytest
-from sqlalchemy import select
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy import select, update
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from meshblock.mdm import pgtable
 from meshblock.mdm.db import create_engine, migrate, session_factory
+from meshblock.mdm.leader import FENCE, Lease, NotLeader
 from meshblock.mdm.models import (
     Device,
+    MdmLeader,
     PgState,
     ProtectionDomain,
     Sds,
@@ -163,3 +166,63 @@ def test_row_keys_change_with_every_write_of_a_row_and_only_then(db_url: str) ->
         assert pool.map_epoch > first[pool.id][1]
 
     in_session(db_url, go)
+
+
+def test_a_deposed_or_expired_leaders_write_is_refused(db_url: str) -> None:
+    """Two MDMs' gateways on one database (docs/mdm.md, "High availability"): the
+    writes of the one whose term was taken over, or whose lease expired on the
+    database's clock, fail the fence in their transaction and write nothing."""
+
+    async def main() -> None:
+        engine = create_engine(db_url)
+        try:
+            await migrate(engine)
+            plain = session_factory(engine)
+            first = Lease(plain, "fence-first", 30.0)
+            assert await first.try_acquire(force=True)
+            second = Lease(plain, "fence-second", 30.0)
+            assert not await second.try_acquire(), "held by the first, not expired"
+            assert second.seen is not None and second.seen[1] == "fence-first"
+            mine = session_factory(engine, {FENCE: first.fence})
+            async with mine() as s, s.begin():
+                pool, (a, b) = await new_pool(s, "fence")
+                new = [PgChange(None, PgRow(pool.id, n, a, b, PgState.CLEAN)) for n in range(4)]
+                await pgtable.write(s, pool, new)
+            pool_id = pool.id
+
+            async def degrade(sessions: async_sessionmaker[AsyncSession], pg: int) -> None:
+                async with sessions() as s, s.begin():
+                    now = await s.get(StoragePool, pool_id)
+                    assert now is not None
+                    (row,) = await pgtable.load(s, pool_id=pool_id, pgs=[pg])
+                    await pgtable.write(
+                        s, now, [PgChange(row, replace(row, state=PgState.DEGRADED))]
+                    )
+
+            await degrade(mine, 0)
+            assert await second.try_acquire(force=True)
+            assert second.term == first.term + 1
+            with pytest.raises(NotLeader, match="fence-first"):
+                await degrade(mine, 1)
+            theirs = session_factory(engine, {FENCE: second.fence})
+            await degrade(theirs, 2)
+            # the second's lease expires on the database's clock: its writes stop too
+            async with plain() as s, s.begin():
+                await s.execute(update(MdmLeader).values(expires_at=MdmLeader.renewed_at - 1))
+            with pytest.raises(NotLeader):
+                await degrade(theirs, 3)
+            assert not await first.renew(), "deposed: the row names another term"
+            async with plain() as s:
+                rows = await pgtable.load(s, pool_id=pool_id)
+                stored = await s.get(StoragePool, pool_id)
+                assert stored is not None and stored.map_epoch == 3
+            assert [row.state for row in rows] == [
+                PgState.DEGRADED,
+                PgState.CLEAN,
+                PgState.DEGRADED,
+                PgState.CLEAN,
+            ]
+        finally:
+            await engine.dispose()
+
+    asyncio.run(main())

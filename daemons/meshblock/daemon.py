@@ -80,6 +80,9 @@ class Server:
     host: str
     port: int
     ssl_context: ssl.SSLContext | None = None
+    # The exit code once the server has stopped (None: 0); a daemon that stops itself
+    # on an error (an MDM that lost its leadership) says so here.
+    exit_code: Callable[[], int] | None = None
 
 
 def _no_arguments(_parser: argparse.ArgumentParser) -> None:
@@ -169,4 +172,4 @@ def _run(daemon: Daemon[C], args: argparse.Namespace, config: C) -> int:
         access_log=None,
         shutdown_timeout=5,
     )
-    return EXIT_OK
+    return EXIT_OK if server.exit_code is None else server.exit_code()

@@ -78,8 +78,11 @@ def _on_sqlite_connect(dbapi_conn: Any, _record: Any) -> None:
     cur.close()
 
 
-def session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
-    return async_sessionmaker(engine, expire_on_commit=False)
+def session_factory(
+    engine: AsyncEngine, info: dict[str, Any] | None = None
+) -> async_sessionmaker[AsyncSession]:
+    """Sessions of ``engine``; each starts with a copy of ``info`` as its ``info``."""
+    return async_sessionmaker(engine, expire_on_commit=False, info=info)
 
 
 class Migrations:
@@ -237,7 +240,8 @@ class WriteGate:
       would take row locks in the opposite order to an SDS removal (a deadlock).
 
     The gate orders the writers of one MDM process; several MDMs on one PostgreSQL
-    need the leadership of the roadmap (docs/mdm.md), under which only one writes.
+    share the leader lease of the MDM (mdm/leader.py, docs/mdm.md), under which only
+    one writes.
     """
 
     def __init__(self) -> None:

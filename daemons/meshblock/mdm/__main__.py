@@ -15,16 +15,18 @@ from aiohttp import web
 
 from meshblock import daemon, pki
 from meshblock.config import ConfigError, load
-from meshblock.mdm import backup, db
+from meshblock.mdm import backup, db, leader
 from meshblock.mdm.app import create_app
 from meshblock.mdm.config import MdmConfig, TlsConfig
-from meshblock.mdm.context import SERVER_TLS
+from meshblock.mdm.context import CTX, ON_DEPOSED, SERVER_TLS
 from meshblock.mdm.health import REGISTRY
 from meshblock.tls import ServerTls
 
 log = logging.getLogger("meshblock.mdm")
 
 EXIT_SCHEMA = 3  # the database schema is newer than this release
+EXIT_HELD = 4  # another MDM runs on the SQLite database
+EXIT_DEPOSED = 5  # this MDM lost its leadership (leader.py): it starts again as a candidate
 
 
 def _arguments(p: argparse.ArgumentParser) -> None:
@@ -104,12 +106,19 @@ def _server(config: MdmConfig) -> daemon.Server:
         f" (client certificates {config.tls.client_certs})" if server_tls else "",
     )
     app = create_app(config)
+    app[ON_DEPOSED] = lambda: signal.raise_signal(signal.SIGTERM)  # a graceful stop
+
+    def exit_code() -> int:
+        return EXIT_DEPOSED if CTX in app and app[CTX].deposed else 0
+
     if server_tls is None:
-        return daemon.Server(app, config.api.host, config.api.port)
+        return daemon.Server(app, config.api.host, config.api.port, exit_code=exit_code)
     app[SERVER_TLS] = server_tls
     if config.tls.crl:
         app.cleanup_ctx.append(_reload_crl(server_tls, config.tls.crl_reload_s))
-    return daemon.Server(app, config.api.host, config.api.port, server_tls.context)
+    return daemon.Server(
+        app, config.api.host, config.api.port, server_tls.context, exit_code=exit_code
+    )
 
 
 MDM = daemon.Daemon(
@@ -125,7 +134,10 @@ MDM = daemon.Daemon(
     arguments=_arguments,
     command=_backup_or_restore,
     migrate=_migrate,
-    fatal=(daemon.Fatal(db.SchemaError, EXIT_SCHEMA),),
+    fatal=(
+        daemon.Fatal(db.SchemaError, EXIT_SCHEMA),
+        daemon.Fatal(leader.LeaderError, EXIT_HELD),
+    ),
 )
 
 

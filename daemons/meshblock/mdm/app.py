@@ -5,14 +5,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 from collections.abc import AsyncIterator
 
 from aiohttp import web
 from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from meshblock import audit, pki
 from meshblock.auth import Role, TokenTable, bearer_token
-from meshblock.mdm import db, health, openapi
+from meshblock.mdm import db, health, leader, openapi
 from meshblock.mdm.api import (
     join,
     pools,
@@ -26,12 +28,13 @@ from meshblock.mdm.api import (
 )
 from meshblock.mdm.authz import CALLER, auth_middleware
 from meshblock.mdm.config import MdmConfig
-from meshblock.mdm.context import CTX, MdmContext
+from meshblock.mdm.context import CTX, ON_DEPOSED, MdmContext
 from meshblock.mdm.deletion import Purger
 from meshblock.mdm.epochs import CLUSTER_ROW_ID, EpochNotifier
 from meshblock.mdm.errors import Handler, error_middleware
 from meshblock.mdm.failures import FailureDetector
 from meshblock.mdm.holddown import Prober, probe
+from meshblock.mdm.leader import Lease
 from meshblock.mdm.liveness import Liveness
 from meshblock.mdm.models import Cluster, Sds
 from meshblock.mdm.rebalance import Rebalancer
@@ -91,12 +94,35 @@ def _quiet(request: web.Request, status: int) -> bool:
     return status < 400 and request.method == "POST" and request.path.endswith("/heartbeat")
 
 
+async def _lead(config: MdmConfig, engine: AsyncEngine) -> Lease:
+    """Take the leader lease (leader.py): at once on SQLite, whose file this MDM holds
+    (:func:`leader.sqlite_lock`); on PostgreSQL once no other MDM holds it."""
+    holder = config.ha.name or socket.gethostname()
+    if engine.dialect.name == "sqlite":
+        lease = Lease(db.session_factory(engine), holder, None)
+        if not await lease.try_acquire(force=True):
+            raise leader.LeaderError("could not take the leader lease on the SQLite database")
+        log.info("leading as %r in term %d (SQLite: the only MDM)", holder, lease.term)
+    else:
+        lease = Lease(db.session_factory(engine), holder, config.ha.lease_s)
+        await lease.acquire(config.ha.renew_interval_s)
+    return lease
+
+
 async def _store(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
+    with leader.sqlite_lock(config.database.url):
+        async for _ in _open_store(app, config):
+            yield
+
+
+async def _open_store(app: web.Application, config: MdmConfig) -> AsyncIterator[None]:
     engine = db.create_engine(config.database.url, config.database.echo)
     try:
         await db.migrate(engine)
-        sessions = db.session_factory(engine)
+        lease = await _lead(config, engine)
+        # every session carries the fence its PG-table writes check (pgtable.py)
+        sessions = db.session_factory(engine, {leader.FENCE: lease.fence})
         async with sessions() as s, s.begin():
             cluster = await s.get(Cluster, CLUSTER_ROW_ID)
             if cluster is None:
@@ -121,6 +147,7 @@ async def _store(app: web.Application) -> AsyncIterator[None]:
             notifier=EpochNotifier(epoch),
             liveness=liveness,
             write_gate=db.WriteGate(),
+            lease=lease,
         )
         health.setup_metrics(app)
         log.info("metadata store ready: %s (epoch %d)", db.redact_url(config.database.url), epoch)
@@ -177,6 +204,23 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
         ),
         asyncio.create_task(scrub.run(c), name="scrub-schedule"),
     ]
+    if c.lease is not None and c.lease.lease_s is not None:
+        acting = list(tasks)
+
+        def step_down(reason: str) -> None:
+            # self-fencing: no failure detection, planning or write from here on
+            log.critical("this MDM lost its leadership (%s): it stops acting and exits", reason)
+            c.deposed = reason
+            for task in acting:
+                task.cancel()
+            if ON_DEPOSED in app:
+                app[ON_DEPOSED]()
+
+        tasks.append(
+            asyncio.create_task(
+                c.lease.run(c.config.ha.renew_interval_s, step_down), name="leader-lease"
+            )
+        )
     yield
     for task in tasks:
         task.cancel()

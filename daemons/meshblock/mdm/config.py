@@ -156,6 +156,21 @@ class ScrubConfig:
 
 
 @dataclass(frozen=True)
+class HaConfig:
+    """``[ha]``: the leader lease of the MDMs sharing one database (docs/mdm.md, "High
+    availability (in progress)").
+
+    ``name``: this MDM's name in the lease (empty: the host name), one process per
+    name; a leader that cannot renew its lease within ``lease_s`` (on PostgreSQL)
+    stops leading; it renews every ``renew_interval_s``, at most half the lease.
+    """
+
+    name: str = ""
+    lease_s: float = 10.0
+    renew_interval_s: float = 2.0
+
+
+@dataclass(frozen=True)
 class TlsConfig:
     """``[tls]``: serve the API over HTTPS (docs/security.md). Off while ``cert`` is empty.
 
@@ -189,6 +204,7 @@ class MdmConfig:
     tls: TlsConfig = field(default_factory=TlsConfig)
     scrub: ScrubConfig = field(default_factory=ScrubConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
+    ha: HaConfig = field(default_factory=HaConfig)
 
     def __post_init__(self) -> None:
         if not 0 <= self.api.metrics_port < 65536:
@@ -229,3 +245,13 @@ class MdmConfig:
             raise ValueError("scrub.period_s must be positive, scrub.start_delay_s not negative")
         if not 0 <= self.scrub.bandwidth_mibps <= 100_000:
             raise ValueError("scrub.bandwidth_mibps must be 0..100000")
+        ha = self.ha
+        if not 1.0 <= ha.lease_s <= 600.0:
+            raise ValueError("ha.lease_s must be between 1 and 600 s")
+        if not 0.1 <= ha.renew_interval_s <= ha.lease_s / 2:
+            raise ValueError(
+                "ha.renew_interval_s must be at least 0.1 s and at most half of ha.lease_s "
+                "(a leader gets two tries to renew before its lease expires)"
+            )
+        if len(ha.name) > 255:
+            raise ValueError("ha.name must be at most 255 characters")

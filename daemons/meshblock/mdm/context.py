@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from aiohttp import web
@@ -13,6 +14,7 @@ from meshblock.mdm.db import WriteGate
 from meshblock.mdm.deletion import TombstoneReports
 from meshblock.mdm.epochs import EpochNotifier
 from meshblock.mdm.failures import FailureDetector
+from meshblock.mdm.leader import Lease
 from meshblock.mdm.liveness import Liveness
 from meshblock.mdm.mappings import MappingDocs
 from meshblock.mdm.pgmaps import MapCache, MapEpochs
@@ -41,11 +43,16 @@ class MdmContext:
     scrub: ScrubSchedule | None = None  # set by the background tasks
     # ("sds", id) -> name, ("sdc", id) -> GUID: whom a certificate may act as (authz.py)
     owners: dict[tuple[str, int], str] = field(default_factory=dict)
+    lease: Lease | None = None  # the leader lease this MDM holds (leader.py)
+    deposed: str | None = None  # why this MDM lost its leadership, once it has
 
 
 CTX = web.AppKey("meshblock_mdm_context", MdmContext)
 # The API's TLS with its CRL (set by __main__ with [tls]; absent: plain HTTP, or tests).
 SERVER_TLS = web.AppKey("meshblock_mdm_server_tls", ServerTls)
+# Called once this MDM has lost its leadership and stopped acting (set by __main__ to
+# stop the process; absent: tests).
+ON_DEPOSED: web.AppKey[Callable[[], None]] = web.AppKey("meshblock_mdm_on_deposed")
 
 
 def ctx(request: web.Request) -> MdmContext:

@@ -478,3 +478,19 @@ class SdsJoinRequest(Base):
     decided_by: Mapped[str | None] = mapped_column(String(128))
     last_seen: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
     created_at: Mapped[created_at]
+
+
+class MdmLeader(Base):
+    """The leader lease (one row, ``id`` 1; :mod:`meshblock.mdm.leader`): which MDM
+    leads (``holder``, its ``[ha] name``) in which ``term``, until ``expires_at``. Times
+    are seconds since the epoch on the database's clock, never an MDM's; on SQLite,
+    where one MDM holds the file, ``expires_at`` is NULL (no expiry)."""
+
+    __tablename__ = "mdm_leader"
+
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    term: Mapped[int] = mapped_column(BigInteger)
+    holder: Mapped[str] = mapped_column(String(255))
+    acquired_at: Mapped[float] = mapped_column(Float)
+    renewed_at: Mapped[float] = mapped_column(Float)
+    expires_at: Mapped[float | None] = mapped_column(Float)

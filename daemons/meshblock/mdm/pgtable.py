@@ -27,6 +27,11 @@ The writer's contract:
   back whole (no part of a decision made on changed rows is committed, docs/design.md,
   invariant 9) and the next decision starts from the new rows. A change without
   ``before`` adds the row (a new pool's map);
+- fenced: in an MDM, whose sessions carry the leader's :class:`Fence`
+  (``session.info[FENCE]``, :mod:`meshblock.mdm.leader`), every write first checks in
+  the same transaction that the lease row still names this leader's term and has not
+  expired on the database's clock, and raises :class:`~meshblock.mdm.leader.NotLeader`
+  otherwise: a deposed leader changes no PG row, even while it believes it leads;
 - it runs in the caller's transaction; the caller bumps the cluster epoch
   (:func:`meshblock.mdm.epochs.bump`) and publishes it after the commit.
 
@@ -45,6 +50,7 @@ from sqlalchemy import Select, Table, bindparam, delete, func, insert, or_, sele
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from meshblock.http_errors import Conflict
+from meshblock.mdm.leader import check_fence
 from meshblock.mdm.models import PgState, PlacementGroup, StoragePool
 
 __all__ = [
@@ -196,6 +202,7 @@ async def write(s: AsyncSession, pool: StoragePool, changes: Iterable[PgChange])
     new rows and update the others where their epoch is still ``before.epoch``
     (compare-and-set: :class:`StaleRows` when a row's epoch changed). Returns the new
     map epoch. Every change must be of ``pool`` and keep its ``(pool_id, pg)``."""
+    await check_fence(s)
     pool.map_epoch += 1
     epoch = pool.map_epoch
     added: list[dict[str, Any]] = []
@@ -290,4 +297,5 @@ async def write_pools(
 
 async def drop(s: AsyncSession, pool_id: int) -> None:
     """Delete a pool's map, with the pool (which has no device left)."""
+    await check_fence(s)
     await s.execute(delete(PlacementGroup).where(PlacementGroup.pool_id == pool_id))
