@@ -818,7 +818,7 @@ def meshctl_env() -> dict[str, str]:
 def smoke(meshctl: str, volume: str = "smoke", timeout: float = 60.0) -> None:
     """A volume created and mapped to sdc1 with meshctl (from the controller, inside
     the namespace), then written and read back verified by qemu-io on sdc1 over the
-    SDC's NBD export on its loopback."""
+    SDC's NBD unix socket (its TCP export is TLS only, for other lab hosts)."""
     env = meshctl_env()
     for args in (
         ["volume", "create", volume, "--pool", "sp1", "--size", "1GiB"],
@@ -829,7 +829,7 @@ def smoke(meshctl: str, volume: str = "smoke", timeout: float = 60.0) -> None:
             raise LabError(f"meshctl {' '.join(args)}: {result.stderr.strip()}")
         log(f"meshctl {' '.join(args)}: {'done' if result.returncode == 0 else 'exists'}")
     pattern = f"0x{secrets.randbelow(255) + 1:02x}"
-    uri = f"nbd://127.0.0.1:10809/{volume}"
+    uri = f"nbd+unix:///{volume}?socket=/run/meshblock-sdc/nbd.sock"
     io = [
         *("qemu-io", "-f", "raw"),
         *("-c", f"write -P {pattern} 1048064 2M"),  # across a chunk boundary, unaligned

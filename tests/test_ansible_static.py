@@ -29,7 +29,7 @@ from meshblock import pki
 from meshblock.config import load as load_config
 from meshblock.mdm.config import MdmConfig
 from meshblock.mgmt.config import MgmtConfig
-from meshblock.sdc.config import SdcConfig
+from meshblock.sdc.config import SdcConfig, nbd_tcp_policy
 from meshblock.sdc.config import cluster_secret as sdc_cluster_secret
 from meshblock.sds.config import SdsConfig
 from meshblock.sds.config import load as load_sds_config
@@ -72,6 +72,7 @@ SECRETS = {
 
 # The SDC's identity when neither sdc_guid nor a kept GUID is there: Ansible's to_uuid
 # of its inventory name (roles/sdc/vars/main.yml).
+SDC_SOCKET = "/run/meshblock-sdc/nbd.sock"
 SDC1_GUID = str(uuid.uuid5(uuid.UUID("361E6D51-FAEC-444A-9079-341386DA8E2E"), "sdc1"))
 # The certificates the roles install on each host (common's tls.yml), made for the
 # render by a CA of the test's own: the daemons' config loaders read them.
@@ -355,6 +356,17 @@ VARIANTS: dict[str, tuple[str, list[str], list[str], dict[str, Any]]] = {
             "sdc_nbd_socket_group": "nbdusers",
         },
     ),
+    # NBD over TCP opted in: TLS with the SDC's certificate (sdc_nbd_tls follows common_tls).
+    "sdc_tcp": (
+        "sdc1",
+        ["common", "sdc"],
+        ["sdc.toml.j2"],
+        {
+            "sdc_nbd_tcp": True,
+            "sdc_nbd_host": "0.0.0.0",
+            "sdc_nbd_tcp_allow": ["127.0.0.0/8", "10.9.0.0/24 db-*"],
+        },
+    ),
     "mgmt": ("mgmt1", ["common", "mgmt"], ["mgmt.toml.j2", "meshblock-mgmt.service.j2"], {}),
     "mgmt_plain": ("mgmt1", ["common", "mgmt"], ["mgmt.toml.j2"], {"common_tls": False}),
     "prometheus": (
@@ -570,7 +582,7 @@ def test_tls_opt_out_renders_plain_configs(rendered: dict[str, Path]) -> None:
     assert toml_keys(tomllib.loads(path.read_text())) == without_tls(dataclass_keys(MgmtConfig))
 
 
-@pytest.mark.parametrize("variant", ["sdc", "sdc_attach"])
+@pytest.mark.parametrize("variant", ["sdc", "sdc_attach", "sdc_tcp"])
 def test_sdc_config_loads(rendered: dict[str, Path], variant: str) -> None:
     path = rendered[variant] / "sdc.toml"
     doc = tomllib.loads(path.read_text())
@@ -585,6 +597,17 @@ def test_sdc_config_loads(rendered: dict[str, Path], variant: str) -> None:
     assert config.io.tls is True
     assert_tls(config.tls, f"sdc-{SDC1_GUID}")
     assert toml_keys(doc) == dataclass_keys(SdcConfig) - {"mdm.cluster_secret"}
+    # NBD: the unix socket only by default; TCP, where opted in, is TLS with an allow list.
+    assert config.nbd.unix_socket == ("/run/x/nbd" if variant == "sdc_attach" else SDC_SOCKET)
+    assert (config.nbd.tcp, config.nbd.tls) == (
+        (True, True) if variant == "sdc_tcp" else (False, False)
+    )
+    if variant == "sdc_tcp":
+        assert config.nbd.host == "0.0.0.0"
+        assert config.nbd.tls_client_certs == "required"
+        policy = nbd_tcp_policy(config)  # the SDC's certificate, key and CA load
+        assert policy.tls is not None and policy.allow is not None
+        assert [str(r.network) for r in policy.allow] == ["127.0.0.0/8", "10.9.0.0/24"]
 
 
 def test_mgmt_config_loads(rendered: dict[str, Path]) -> None:
