@@ -1174,10 +1174,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument(
         "--tls",
         choices=["on", "off"],
-        default="off",
+        default="on",
         help="give every component a certificate of a CA of the benchmark's own, so the "
-        "data protocol runs on TLS 1.3 (and the MDM on HTTPS); default off, plain TCP as "
-        "the Ansible roles deploy: run once with each to see TLS's cost",
+        "data protocol runs on TLS 1.3 (and the MDM on HTTPS); default on, as site.yml "
+        "and make run deploy; off: plain TCP. Run once with each to see TLS's cost",
     )
     args = ap.parse_args(argv)
     check_fio_options(ap, args)
