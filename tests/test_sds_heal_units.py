@@ -523,3 +523,82 @@ def test_a_read_whose_good_copy_refuses_us_for_map_lag_is_retried_not_eio(
         assert peer.epochs == [1]
     finally:
         store.close()
+
+
+def test_the_waits_for_our_next_map_end_one_map_wait_after_the_first_refusal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Block 5 is bad here; the only other copy refuses NOT_PERMITTED at every map,
+    and our map moves on after each refusal (a rebuild whose finished PGs move the
+    pool's epoch). The repair asks again at the newer maps, but stops one MAP_WAIT_S
+    (0.3 s here) after the first refusal: it holds the chunk's range lock all along.
+    Before, it went on for as long as the map moved (here for ever: it did not
+    return within 10 s)."""
+    monkeypatch.setattr(heal, "MAP_WAIT_S", 0.3)
+    data = pattern()
+    peer = PeerCopy(data)
+    peer.names_us_from = 1 << 30
+    sds = state_with_peer(tmp_path, peer, monkeypatch)
+    store = sds.store
+    m1 = sds.maps.maps[POOL]
+    read_raw = peer.read_raw_chunk
+
+    async def refused_then_a_new_map(*args: Any) -> RawChunk:
+        epoch = sds.maps.epoch(POOL) + 1
+        new = PgMap(POOL, epoch, PG_COUNT, m1.primary, m1.secondary, m1.sds, {})
+        asyncio.get_running_loop().call_later(0.02, sds.maps.update, new)
+        return await read_raw(*args)
+
+    monkeypatch.setattr(peer, "read_raw_chunk", refused_then_a_new_map)
+
+    async def main() -> tuple[list[int], set[int]]:
+        lagging: set[int] = set()
+        async with asyncio.timeout(10):
+            left = await repair_from_peer(sds, VOL, 1, [5], lagging=lagging)
+        return left, lagging
+
+    try:
+        store.write(store.devices[0], VOL, 1, 0, data)
+        flip(tmp_path / "dev.img", data_offset(store, VOL, 1, 5 * BLOCK + 5))
+        assert asyncio.run(main()) == ([5], {PEER})
+        assert len(peer.epochs) > 1 and peer.epochs == sorted(set(peer.epochs))
+        assert not sds.locks, "the range lock is free again"
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("io", [Op.READ, Op.WRITE], ids=["read", "write"])
+def test_a_clients_io_whose_copy_refuses_us_for_map_lag_does_not_wait_for_our_map(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, io: Op
+) -> None:
+    """A client READ of chunk 1, or a WRITE into part of its block 30, on the primary:
+    block 30 is bad here and the only other copy refuses NOT_PERMITTED. Answered
+    EPOCH_STALE at once (the SDC refreshes its map and retries), the copy asked once;
+    the chunk's range lock is not held while we wait for our next map (MAP_WAIT_S is
+    60 s here: before, the answer came only at its end)."""
+    monkeypatch.setattr(heal, "MAP_WAIT_S", 60.0)
+    data = pattern()
+    peer = PeerCopy(data)
+    peer.names_us_from = 99
+    sds = state_with_peer(tmp_path, peer, monkeypatch, primary=True)
+    store = sds.store
+    svc = DataService(sds, Resync(sds))
+    conn = Conn()
+    conn.allowed = frozenset(Op(op) for op in ROLE_OPS[PeerRole.CLIENT])
+    pg = pg_of(VOL, 1, PG_COUNT)
+
+    async def main() -> int:
+        if io == Op.READ:
+            req = Request(REQUEST_MAGIC, Op.READ, 0, 0, 1, POOL, pg, 1, VOL, 1, 0, CHUNK_SIZE)
+            svc.handle(conn, req, memoryview(b""))
+        else:
+            partial_write(svc, conn, 1, Op.WRITE, 30 * BLOCK + 100, b"w" * 100)
+        return await answer(conn, 1)
+
+    try:
+        store.write(store.devices[0], VOL, 1, 0, data)
+        flip(tmp_path / "dev.img", data_offset(store, VOL, 1, 30 * BLOCK + 7))
+        assert asyncio.run(main()) == Status.EPOCH_STALE
+        assert peer.epochs == [1]
+    finally:
+        store.close()

@@ -22,11 +22,15 @@ A fetched block is trusted when
 
 A copy that refuses us ``NOT_PERMITTED`` (its map does not name us a holder of the
 PG: its map or ours lags; it has already waited, within ``MAP_WAIT_S``, for the map
-epoch our request carried) has not said its blocks are bad: the repair waits, within
-``MAP_WAIT_S``, for our map of the pool to change and asks the copies of the newer
-map once more. Blocks still left then are not "bad on every copy": the caller learns
-which copies refused (``lagging``), and a copy job tries the chunk again later rather
-than marking them bad on its target (resync.py).
+epoch our request carried) has not said its blocks are bad: the repair waits for our
+map of the pool to change and asks the copies of the newer map once more, map after
+map, but all within one ``MAP_WAIT_S`` from the first refusal, as the chunk's range
+lock is held all along (a pool whose map keeps moving, e.g. in a rebuild, would
+otherwise hold it for as long as it moves). A client's READ or write does not wait
+at all (``wait=False``): the SDC retries after refreshing its map (``EPOCH_STALE``),
+and the lock is free meanwhile. Blocks still left then are not "bad on every copy":
+the caller learns which copies refused (``lagging``), and a copy job tries the chunk
+again later rather than marking them bad on its target (resync.py).
 
 The repair runs under the chunk's range lock (the one client writes and the copy
 jobs take on the primary), and rewrites a block only if it still does not match its
@@ -43,6 +47,7 @@ secondary is made primary, by the client's read, and is healed the same way.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Collection, Sequence
 from typing import TYPE_CHECKING, Final
@@ -90,6 +95,7 @@ async def repair_from_peer(
     exclude: Collection[int] = (),
     unchecked: Collection[int] = (),
     lagging: set[int] | None = None,
+    wait: bool = True,
 ) -> list[int]:
     """Repair the bad ``blocks`` (4 KiB block numbers) of our copy of a chunk from the
     PG's other copies; return those still bad (empty: all repaired, or rewritten
@@ -98,8 +104,10 @@ async def repair_from_peer(
     ``blocks`` that have no checksum recorded and are to be replaced all the same
     (the scrub found them differing from a copy that matches its checksums);
     ``lagging``: gets the SDS ids of the copies that refused us NOT_PERMITTED at our
-    newest map (a map lags: their blocks are not known bad). The repaired blocks are
-    durable when it returns. Raises :class:`DeviceFailed` when our device fails."""
+    newest map (a map lags: their blocks are not known bad); ``wait``: after such a
+    refusal, ask again at our newer maps within ``MAP_WAIT_S`` of the first refusal
+    (False: not at all, the caller answers a retryable status). The repaired blocks
+    are durable when it returns. Raises :class:`DeviceFailed` when our device fails."""
     store = state.store
     loc = store.location(volume, chunk)
     if loc is None or not blocks:
@@ -119,6 +127,7 @@ async def repair_from_peer(
         left = set(bad)
         repaired: list[int] = []
         refused: set[int] = set()
+        deadline: float | None = None  # of the waits for our next map, under the lock
         while m is not None:
             pg = pg_of(volume, chunk, m.pg_count)
             for sds, in_sync in other_copies(m, pg, state.sds_id):
@@ -131,10 +140,16 @@ async def repair_from_peer(
                     await store.reclaim(dev)  # the write-intent mark, off the event loop
                 repaired += store.rewrite_bad(volume, chunk, good, unchecked)
                 left.difference_update(good)
-            if not left or not refused or dev.pool_id is None:
+            if not left or not refused or dev.pool_id is None or not wait:
                 break
-            # A copy's map or ours lags: once more with our next map, if it comes.
-            newer = await state.maps.wait_for(dev.pool_id, m.epoch + 1, MAP_WAIT_S)
+            # A copy's map or ours lags: once more with our next map, if it comes soon.
+            loop = asyncio.get_running_loop()
+            if deadline is None:
+                deadline = loop.time() + MAP_WAIT_S
+            wait_s = deadline - loop.time()
+            if wait_s <= 0:
+                break
+            newer = await state.maps.wait_for(dev.pool_id, m.epoch + 1, wait_s)
             if newer is None:
                 break
             m = newer

@@ -57,6 +57,7 @@ from meshblock.wire.protocol import (
     MAP_WAIT_S,
     MAX_CHUNK_INDEX,
     MAX_PAYLOAD,
+    PRIMARY_OPS,
     Op,
     ReplyFlag,
     ReqFlag,
@@ -512,7 +513,9 @@ class DataService:
         """A read that found bad blocks: repair them from another copy, then read
         again; ``IO_ERROR`` (EIO at the client) when no copy could, never wrong bytes.
         A failover read (``REPLICA``) does not ask the primary, which the SDC has just
-        given up on: waiting for it would outlast the SDC's budget for us."""
+        given up on: waiting for it would outlast the SDC's budget for us. Nor does a
+        client's READ wait for our next map when a copy refuses us for map lag: it is
+        answered at once (``EPOCH_STALE``), not after waits under the range lock."""
         failover = req.opcode == Op.READ and req.flags & _REPLICA
         m = self._maps.get(req.pool_id) if failover else None
         exclude = (m.primary[req.pg][0],) if m is not None and req.pg < m.pg_count else ()
@@ -525,6 +528,7 @@ class DataService:
                 blocks,
                 exclude=exclude,
                 lagging=lagging,
+                wait=req.opcode != Op.READ,
             )
         except DeviceFailed:
             self._reply(conn, req, t0, _FAILED)
@@ -757,16 +761,25 @@ class DataService:
         applied on top. On the secondary, it is the primary, whose range lock held
         for this write does not delay the fetch (CHUNK_READ_RAW takes no range lock),
         so this cannot wait on the write it serves. ``bad``: the blocks an
-        :meth:`_apply` already refused the request for."""
+        :meth:`_apply` already refused the request for. A client's write whose
+        repair a copy refused for map lag is answered ``EPOCH_STALE`` at once (the
+        SDC retries), without waiting for our next map under the range lock."""
         if not bad:
             bad = []
             status = self._apply(dev, req, payload, bad)
             if not bad:
                 return status
         lagging: set[int] = set()
+        client = req.opcode in PRIMARY_OPS
         try:
             left = await repair_from_peer(
-                self._state, req.volume_id, req.chunk_index, bad, locked=locked, lagging=lagging
+                self._state,
+                req.volume_id,
+                req.chunk_index,
+                bad,
+                locked=locked,
+                lagging=lagging,
+                wait=not client,
             )
         except DeviceFailed:
             return _FAILED
@@ -775,7 +788,7 @@ class DataService:
             return Status.IO_ERROR
         if left:
             # a client's write whose good copy refused us for map lag: retried by the SDC
-            return Status.EPOCH_STALE if lagging and req.opcode == Op.WRITE else Status.IO_ERROR
+            return Status.EPOCH_STALE if lagging and client else Status.IO_ERROR
         return self._apply(dev, req, payload)
 
     async def _sync(self, devices: list[Device] | None) -> int:
