@@ -247,6 +247,52 @@ def test_scrub_and_flapping_refusals_change_nothing(api: Api, topo: dict[str, An
     assert pool["state"] != "running", pool
 
 
+def test_ok_to_stop(api: Api, mdm: MdmDaemon, topo: dict[str, Any]) -> None:
+    """Every PG has its copies in two of the three fault sets: one SDS may stop (its
+    PGs keep one copy), two may not (the PGs with both copies on them would have
+    none). Unknown names are a 404 naming them; read-only, for the read-only token."""
+    one = ok(api("GET", "/api/v1/sds/ok-to-stop?names=sds1"))
+    assert one["safe"] is True, one
+    assert one["unavailable"]["count"] == 0
+    assert one["single_copy"]["count"] == one["pgs_with_copy"] > 0
+    assert [s["name"] for s in one["sds"]] == ["sds1"]
+    two = ok(api("GET", "/api/v1/sds/ok-to-stop?names=sds1,sds2", token=mdm.readonly_token))
+    assert two["safe"] is False, two
+    assert two["unavailable"]["count"] > 0
+    assert {p["pool"] for p in two["unavailable"]["pgs"]} == {"sp1"}
+    e = err(api("GET", "/api/v1/sds/ok-to-stop?names=sds1,nosuch,sds9"), 404, "not_found")
+    assert e["details"]["unknown"] == ["nosuch", "sds9"]
+    err(api("GET", "/api/v1/sds/ok-to-stop"), 400, "bad_request")
+    err(api("GET", "/api/v1/sds/ok-to-stop?names=sds1", token=mdm.cluster_secret), 403, "forbidden")
+
+
+def test_dry_runs_change_nothing(api: Api, topo: dict[str, Any]) -> None:
+    """A dry run of maintenance, drain, removal and pool settings answers what would
+    change, from the handler's own checks, and changes nothing: the epoch, the SDS's
+    mode and the pool's settings and map epoch stay as they were."""
+    sds = f"/api/v1/sds/{topo['sds'][0]['id']}"
+    pool = f"/api/v1/pools/{topo['pool']['id']}"
+    before = (epoch(api), ok(api("GET", sds))["mode"], ok(api("GET", pool)))
+    plan = ok(api("POST", f"{sds}/maintenance?dry_run=true", {"mode": "enter"}))
+    assert (plan["dry_run"], plan["action"], plan["target"]) == (True, "maintenance_enter", "sds1")
+    assert plan["single_copy"]["count"] > 0 and plan["unavailable"]["count"] == 0
+    assert plan["bytes_to_copy"] == 0
+    plan = ok(api("POST", f"{sds}/drain?dry_run=1", {}))
+    assert plan["action"] == "drain"
+    (sp1,) = plan["pools"]
+    assert sp1["pg_copies_to_move"] > 0 and sp1["throttle"] == "rebalance"
+    assert sp1["bandwidth_mibps"] == topo["pool"]["rebalance_bandwidth_mibps"]
+    plan = ok(
+        api("PATCH", f"{pool}?dry_run=true", {"spare_percent": 20, "rebuild_bandwidth_mibps": 7})
+    )
+    assert plan["changes"]["spare_percent"] == {"from": 10, "to": 20}
+    assert plan["changes"]["rebuild_bandwidth_mibps"]["to"] == 7
+    # the real removal's refusal, from the same code
+    err(api("DELETE", f"{sds}?dry_run=true"), 409, "conflict")
+    err(api("PATCH", f"{pool}?dry_run=maybe", {"spare_percent": 20}), 400, "bad_request")
+    assert (epoch(api), ok(api("GET", sds))["mode"], ok(api("GET", pool))) == before
+
+
 def test_bad_input(api: Api, mdm: MdmDaemon, topo: dict[str, Any]) -> None:
     pool_id = topo["pool"]["id"]
     for body, field in (

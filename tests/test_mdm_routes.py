@@ -63,6 +63,7 @@ ROUTES = [
     ("POST", r"/api/v1/sds/(?P<id>\d+)/devices/(?P<device_id>\d+)/failed"),
     ("POST", r"/api/v1/sds/(?P<id>\d+)/pg\-synced"),
     ("POST", r"/api/v1/sds/(?P<id>\d+)/pgs\-synced"),
+    ("GET", "/api/v1/sds/ok-to-stop"),
     ("GET", r"/api/v1/sds/(?P<id>\d+)/pg\-copies"),
     ("POST", r"/api/v1/sds/(?P<id>\d+)/maintenance"),
     ("POST", r"/api/v1/sds/(?P<id>\d+)/drain"),
@@ -97,7 +98,7 @@ ROUTES = [
 ]
 
 # sha256 of the document as served (json.dumps, keys in their order), version blanked.
-OPENAPI_SHA256 = "a574a537bb0223220d4827dfcce434aadc67502c6de1fcca3ac2c82261aaa6ab"
+OPENAPI_SHA256 = "732d019b0cf2aa0b12cfe172b3a8f85fb68929cec2db1bbd8f4bb42c3ec93eb7"
 
 
 def _app() -> web.Application:

@@ -60,11 +60,12 @@ def _operation(spec: RouteSpec) -> dict[str, Any]:
         }
     elif spec.path == "/metrics":
         ok["content"] = {"text/plain": {"schema": {"type": "string"}}}
-    if spec.status == 204:
+    with_content = ok
+    if spec.status == 204:  # its response schema is that of the other statuses (a dry run)
         ok = {"description": "Done, no content"}
     responses: dict[str, Any] = {str(spec.status): ok}
     for extra in spec.also:
-        responses[str(extra)] = dict(ok, description="Created" if extra == 201 else "OK")
+        responses[str(extra)] = dict(with_content, description="Created" if extra == 201 else "OK")
     if 202 in spec.also:  # a new SDS's registration, held pending an admin's approval
         responses["202"] = {
             "description": "Accepted: held as a request to join, pending an admin's approval",

@@ -615,6 +615,76 @@ COMPONENTS: dict[str, dict[str, Any]] = {
         }
     ),
     "PgCopies": _resp({"sds_id": _INT, "mode": _STR, "pg_copies": _INT}),
+    "PgImpact": _resp(
+        {
+            "count": _INT,
+            "pgs": {
+                "type": "array",
+                "items": _resp(
+                    {
+                        "pool_id": _INT,
+                        "pool": _STR,
+                        "pg": _INT,
+                        "copies_now": _INT,
+                        "already": {"type": "boolean"},
+                    }
+                ),
+            },
+        }
+    ),
+    "OkToStop": _resp(
+        {
+            "safe": {"type": "boolean"},
+            "sds": {
+                "type": "array",
+                "items": _resp({"id": _INT, "name": _STR, "state": _STATE, "mode": _STR}),
+            },
+            "pgs_with_copy": _INT,
+            "unavailable": {"$ref": "#/components/schemas/PgImpact"},
+            "single_copy": {"$ref": "#/components/schemas/PgImpact"},
+            "volumes_unavailable": {"type": "array", "items": _STR},
+            "volumes_single_copy": {"type": "array", "items": _STR},
+            "already_unavailable": _INT,
+            "already_single_copy": _INT,
+        }
+    ),
+    "DryRun": {
+        "type": "object",
+        "required": [
+            "dry_run",
+            "action",
+            "target",
+            "unavailable",
+            "single_copy",
+            "volumes_unavailable",
+            "volumes_single_copy",
+            "bytes_to_copy",
+            "estimated_seconds",
+            "pools",
+            "estimate",
+        ],
+        "properties": {
+            "dry_run": {"const": True},
+            "action": _STR,
+            "target": _STR,
+            "unavailable": {"$ref": "#/components/schemas/PgImpact"},
+            "single_copy": {"$ref": "#/components/schemas/PgImpact"},
+            "volumes_unavailable": {"type": "array", "items": _STR},
+            "volumes_single_copy": {"type": "array", "items": _STR},
+            "bytes_to_copy": _NINT,
+            "estimated_seconds": {"type": ["number", "null"]},
+            "pools": {"type": "array", "items": {"type": "object"}},
+            "estimate": _STR,
+            "changes": {"type": "object"},
+            "copies_in_progress": {"type": "array", "items": {"type": "object"}},
+        },
+    },
+    "SdsOrDryRun": {
+        "anyOf": [{"$ref": "#/components/schemas/Sds"}, {"$ref": "#/components/schemas/DryRun"}]
+    },
+    "PoolOrDryRun": {
+        "anyOf": [{"$ref": "#/components/schemas/Pool"}, {"$ref": "#/components/schemas/DryRun"}]
+    },
     "Unreachable": _resp({"sds_id": _INT, "confirmed": {"type": "boolean"}, "state": _STATE}),
     "PgSynced": _resp({"pool_id": _INT, "pg": _INT, "state": _STR, "epoch": _INT}),
     "PgsSynced": _resp(

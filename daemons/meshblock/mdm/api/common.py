@@ -14,7 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from meshblock.mdm.context import ctx
 from meshblock.mdm.epochs import bump, current
-from meshblock.mdm.errors import Conflict, Invalid, NotFound
+from meshblock.mdm.errors import BadRequest, Conflict, Invalid, NotFound
 from meshblock.mdm.routing import QueryParam, query_float, query_int
 from meshblock.sizes import SizeError, parse_size
 
@@ -155,3 +155,32 @@ async def long_poll(
         if remaining <= 0 or c.notifier.closing:
             return
         await c.notifier.wait_beyond(seen, remaining, reload)
+
+
+DRY_RUN = QueryParam(
+    "dry_run",
+    "true: check and answer what the change would do (a DryRun document) without changing anything",
+    type="boolean",
+    minimum=None,
+    maximum=None,
+)
+
+
+def dry_run(request: web.Request) -> bool:
+    """The ``dry_run`` query parameter: ``true``/``1`` or ``false``/``0`` (absent)."""
+    raw = request.query.get("dry_run")
+    if raw is None or raw in ("false", "0"):
+        return False
+    if raw in ("true", "1"):
+        return True
+    raise BadRequest(f"query parameter dry_run must be true or false, got {raw!r}")
+
+
+class DryRunDone(Exception):
+    """Raised inside a :func:`change` with the dry run's answer: the transaction rolls
+    back whole (nothing the request's own code did is committed, the epoch does not
+    move) and the handler answers ``doc``."""
+
+    def __init__(self, doc: dict[str, Any]) -> None:
+        super().__init__("dry run")
+        self.doc = doc

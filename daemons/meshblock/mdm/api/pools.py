@@ -9,10 +9,13 @@ from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from meshblock.auth import Role
-from meshblock.mdm import pgmaps, pgtable, schemas
+from meshblock.mdm import pgmaps, pgtable, schemas, stopcheck
 from meshblock.mdm.api.common import (
+    DRY_RUN,
     WAIT_PARAMS,
+    DryRunDone,
     change,
+    dry_run,
     encoded_json,
     get_or_404,
     json,
@@ -170,12 +173,24 @@ REBUILD_THROTTLES = (
     tag=TAG,
     summary="Rename a storage pool or change its settings (throttles, spare, alerts)",
     body=schemas.POOL_UPDATE,
-    response="Pool",
+    response="PoolOrDryRun",
+    query=(DRY_RUN,),
     errors=(404, 409),
 )
 async def update_pool(request: web.Request, body: dict[str, Any]) -> web.Response:
+    """With ``dry_run=true`` the change is made and checked in a transaction that is
+    rolled back; the answer (a DryRun document) is the settings it would change and
+    how long the copies in progress would take at the old and new throttles."""
+    try:
+        return await _update_pool(request, body, dry_run(request))
+    except DryRunDone as done:
+        return json(done.doc)
+
+
+async def _update_pool(request: web.Request, body: dict[str, Any], dry: bool) -> web.Response:
     async with change(request) as s:
         pool = await get_or_404(s, StoragePool, path_id(request), "storage pool")
+        before = {k: getattr(pool, k) for k in ("name", *SETTINGS)}
         throttles = {k: getattr(pool, k) for k in REBUILD_THROTTLES}
         if "name" in body:
             await name_free(s, StoragePool, body["name"], "storage pool", pool.id)
@@ -187,6 +202,11 @@ async def update_pool(request: web.Request, body: dict[str, Any]) -> web.Respons
             pool.map_epoch += 1  # the map document carries them to the SDSs
         _check_thresholds(pool.capacity_alert_high_percent, pool.capacity_alert_critical_percent)
         await s.flush()
+        if dry:
+            after = {k: getattr(pool, k) for k in before}
+            raise DryRunDone(
+                await stopcheck.pool_update_plan(s, pool, before, after, ctx(request).progress)
+            )
         cap = (await pool_capacities(s, [pool.id]))[pool.id]
     return json(pool_doc(pool, cap))
 

@@ -23,11 +23,15 @@ from meshblock.mdm import (
     pgmaps,
     pgtable,
     schemas,
+    stopcheck,
     unclean,
 )
 from meshblock.mdm.api import join, scrub
 from meshblock.mdm.api.common import (
+    DRY_RUN,
+    DryRunDone,
     change,
+    dry_run,
     get_or_404,
     json,
     must_exist,
@@ -37,7 +41,15 @@ from meshblock.mdm.api.common import (
     ts,
 )
 from meshblock.mdm.context import MdmContext, ctx
-from meshblock.mdm.errors import ApiError, Conflict, Forbidden, Invalid, NotFound, error_body
+from meshblock.mdm.errors import (
+    ApiError,
+    BadRequest,
+    Conflict,
+    Forbidden,
+    Invalid,
+    NotFound,
+    error_body,
+)
 from meshblock.mdm.liveness import Liveness, utcnow
 from meshblock.mdm.models import (
     Device,
@@ -51,7 +63,7 @@ from meshblock.mdm.models import (
     StoragePool,
     VolumeUsage,
 )
-from meshblock.mdm.routing import ApiRoutes, path_id
+from meshblock.mdm.routing import ApiRoutes, QueryParam, path_id
 from meshblock.mdm.schemas import MAX_DEVICE_BYTES
 from meshblock.sizes import MiB
 from meshblock.wire import tls as wire_tls
@@ -464,9 +476,21 @@ async def _release_devices(s: AsyncSession, device_ids: list[int]) -> int:
     tag=TAG,
     status=204,
     summary="Remove an SDS that holds no data (or a drained one)",
+    response="DryRun",
+    query=(DRY_RUN,),
+    also=(200,),
     errors=(404, 409),
 )
 async def delete_sds(request: web.Request) -> web.Response:
+    """With ``dry_run=true``: the same checks, then 200 with what the removal would
+    do (a DryRun document; nothing to copy) instead of removing it."""
+    try:
+        return await _delete_sds(request, dry_run(request))
+    except DryRunDone as done:
+        return json(done.doc)
+
+
+async def _delete_sds(request: web.Request, dry: bool) -> web.Response:
     async with change(request) as s:
         sds = await _load(s, path_id(request))
         copies = await _copies_on(s, [d.id for d in sds.devices])
@@ -485,6 +509,8 @@ async def delete_sds(request: web.Request) -> web.Response:
                     f"({copies} PG copies); drain it first (meshctl sds remove drains)",
                     {"used_bytes": used, "pg_copies": copies},
                 )
+        if dry:
+            raise DryRunDone(await stopcheck.drain_plan(s, sds, "remove"))
         await _release_devices(s, [d.id for d in sds.devices])
         await s.delete(sds)
         ctx(request).liveness.forget("sds", sds.id)
@@ -706,6 +732,54 @@ async def _check_now(request: web.Request) -> None:
         await detector.check()
 
 
+MAX_OK_TO_STOP = 256
+
+
+@routes.route(
+    "GET",
+    "/api/v1/sds/ok-to-stop",
+    role=Role.READONLY,
+    tag=TAG,
+    summary="Whether stopping these SDSs together leaves every PG with an up-to-date copy",
+    response="OkToStop",
+    query=(
+        QueryParam(
+            "names",
+            "the SDSs to stop together, by name, comma-separated (required)",
+            type="string",
+            minimum=None,
+            maximum=None,
+        ),
+    ),
+    errors=(404,),
+)
+async def sds_ok_to_stop(request: web.Request) -> web.Response:
+    """Read-only (:mod:`meshblock.mdm.stopcheck`): ``safe`` is false when a PG with a
+    copy on them would be left with no up-to-date copy (``unavailable``, with the
+    volumes it holds data of); PGs left with one copy are listed as ``single_copy``.
+    SDSs already down or in maintenance, failed devices and PGs already degraded
+    count as they are. An unknown name is a 404 naming every unknown one."""
+    names = [n.strip() for n in request.query.get("names", "").split(",") if n.strip()]
+    if not names:
+        raise BadRequest("query parameter names: give one SDS name or more, comma-separated")
+    if len(names) > MAX_OK_TO_STOP:
+        raise BadRequest(f"query parameter names: at most {MAX_OK_TO_STOP} SDSs")
+    async with reading(request) as s:
+        found = {
+            x.name: x
+            for x in (
+                await s.execute(select(Sds).where(Sds.name.in_(names)).options(*WITH_DEVICES))
+            ).scalars()
+        }
+        unknown = [n for n in dict.fromkeys(names) if n not in found]
+        if unknown:
+            raise NotFound(
+                f"no SDS named {', '.join(repr(n) for n in unknown)}", {"unknown": unknown}
+            )
+        sds = [found[n] for n in dict.fromkeys(names)]
+        return json(await stopcheck.stop_report(s, ctx(request).liveness, sds))
+
+
 @routes.route(
     "GET",
     r"/api/v1/sds/{id:\d+}/pg-copies",
@@ -729,7 +803,8 @@ async def sds_pg_copies(request: web.Request) -> web.Response:
     tag=TAG,
     summary="Enter or exit maintenance mode (a planned outage with a delta resync on exit)",
     body=schemas.SDS_MAINTENANCE,
-    response="Sds",
+    response="SdsOrDryRun",
+    query=(DRY_RUN,),
     errors=(404, 409),
 )
 async def sds_maintenance(request: web.Request, body: dict[str, Any]) -> web.Response:
@@ -737,7 +812,16 @@ async def sds_maintenance(request: web.Request, body: dict[str, Any]) -> web.Res
     other copy, which records what changes) and nothing is rebuilt away from it.
     Refused when a PG with a copy on it is not clean, or its other copy is not on a
     connected SDS in mode normal: that PG would be left without a copy. ``exit``: its
-    copies are resynchronised (only what changed meanwhile) and the PGs become clean."""
+    copies are resynchronised (only what changed meanwhile) and the PGs become clean.
+    With ``dry_run=true``: the same checks (and refusals), then what it would do (a
+    DryRun document: the PGs left with one copy) instead of doing it."""
+    try:
+        return await _maintenance(request, body, dry_run(request))
+    except DryRunDone as done:
+        return json(done.doc)
+
+
+async def _maintenance(request: web.Request, body: dict[str, Any], dry: bool) -> web.Response:
     live = ctx(request).liveness
     async with change(request) as s:
         sds = await _load(s, path_id(request))
@@ -756,10 +840,14 @@ async def sds_maintenance(request: web.Request, body: dict[str, Any]) -> web.Res
                     "in maintenance or draining)",
                     {"pgs": [f"{pool}/{pg}" for pool, pg in at_risk[:20]], "count": len(at_risk)},
                 )
+            if dry:
+                raise DryRunDone(await stopcheck.maintenance_plan(s, live, sds, enter=True))
             sds.mode = SdsMode.MAINTENANCE
         else:
             if sds.mode != SdsMode.MAINTENANCE:
                 raise Conflict(f"SDS {sds.name!r} is not in maintenance (mode {sds.mode.value})")
+            if dry:
+                raise DryRunDone(await stopcheck.maintenance_plan(s, live, sds, enter=False))
             sds.mode = SdsMode.NORMAL
         log.info("SDS %s: maintenance %s", sds.name, body["mode"])
     await _check_now(request)
@@ -799,28 +887,46 @@ async def _pgs_without_other_copy(
     status=202,
     summary="Drain an SDS (rebalance moves its copies away) or cancel a drain",
     body=schemas.SDS_DRAIN,
-    response="Sds",
+    response="SdsOrDryRun",
+    query=(DRY_RUN,),
+    also=(200,),
     errors=(404, 409),
 )
 async def sds_drain(request: web.Request, body: dict[str, Any]) -> web.Response:
     """Refused when the other SDSs of a pool cannot hold the data: fewer than two
     fault domains would be left, or their free capacity (less the pool's spare
     percentage) is smaller than what the SDS holds. Progress: ``GET /api/v1/rebuild``
-    (``rebalance``), and ``pg_copies`` of the 409 that ``DELETE`` answers meanwhile."""
+    (``rebalance``), and ``pg_copies`` of the 409 that ``DELETE`` answers meanwhile.
+    With ``dry_run=true``: the same checks (and refusals), then 200 with what the
+    drain would copy and how long that takes at the pools' rebalance throttles (a
+    DryRun document) instead of starting it."""
+    try:
+        return await _drain(request, body, dry_run(request))
+    except DryRunDone as done:
+        return json(done.doc)
+
+
+async def _drain(request: web.Request, body: dict[str, Any], dry: bool) -> web.Response:
     live = ctx(request).liveness
     async with change(request) as s:
         sds = await _load(s, path_id(request))
         if body.get("cancel"):
             if sds.mode != SdsMode.DRAINING:
                 raise Conflict(f"SDS {sds.name!r} is not draining")
+            if dry:
+                raise DryRunDone(await stopcheck.drain_plan(s, sds, "drain_cancel"))
             sds.mode = SdsMode.NORMAL
             log.info("SDS %s: drain cancelled", sds.name)
         elif sds.mode != SdsMode.DRAINING:
             if sds.mode == SdsMode.MAINTENANCE:
                 raise Conflict(f"SDS {sds.name!r} is in maintenance; exit maintenance first")
             await _check_room_without(s, sds)
+            if dry:
+                raise DryRunDone(await stopcheck.drain_plan(s, sds, "drain"))
             sds.mode = SdsMode.DRAINING
             log.info("SDS %s: draining", sds.name)
+        elif dry:  # draining already: what is left to move
+            raise DryRunDone(await stopcheck.drain_plan(s, sds, "drain"))
     async with reading(request) as s:
         return json(sds_doc(await _load(s, sds.id), live), 202)
 
