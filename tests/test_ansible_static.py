@@ -14,6 +14,7 @@ import json
 import os
 import re
 import shutil
+import ssl
 import subprocess
 import sys
 import tomllib
@@ -356,7 +357,8 @@ VARIANTS: dict[str, tuple[str, list[str], list[str], dict[str, Any]]] = {
             "sdc_nbd_socket_group": "nbdusers",
         },
     ),
-    # NBD over TCP opted in: TLS with the SDC's certificate (sdc_nbd_tls follows common_tls).
+    # NBD over TCP opted in: TLS with the SDC's certificate (sdc_nbd_tls follows common_tls),
+    # TLS 1.2 admitted for nbd-client.
     "sdc_tcp": (
         "sdc1",
         ["common", "sdc"],
@@ -365,6 +367,7 @@ VARIANTS: dict[str, tuple[str, list[str], list[str], dict[str, Any]]] = {
             "sdc_nbd_tcp": True,
             "sdc_nbd_host": "0.0.0.0",
             "sdc_nbd_tcp_allow": ["127.0.0.0/8", "10.9.0.0/24 db-*"],
+            "sdc_nbd_tls_min_version": "1.2",
         },
     ),
     "mgmt": ("mgmt1", ["common", "mgmt"], ["mgmt.toml.j2", "meshblock-mgmt.service.j2"], {}),
@@ -602,11 +605,13 @@ def test_sdc_config_loads(rendered: dict[str, Path], variant: str) -> None:
     assert (config.nbd.tcp, config.nbd.tls) == (
         (True, True) if variant == "sdc_tcp" else (False, False)
     )
+    assert config.nbd.tls_min_version == ("1.2" if variant == "sdc_tcp" else "1.3")
     if variant == "sdc_tcp":
         assert config.nbd.host == "0.0.0.0"
         assert config.nbd.tls_client_certs == "required"
         policy = nbd_tcp_policy(config)  # the SDC's certificate, key and CA load
         assert policy.tls is not None and policy.allow is not None
+        assert policy.tls.minimum_version == ssl.TLSVersion.TLSv1_2
         assert [str(r.network) for r in policy.allow] == ["127.0.0.0/8", "10.9.0.0/24"]
 
 

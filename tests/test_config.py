@@ -253,6 +253,24 @@ def test_sds_and_sdc_read_their_secret_file_the_same_way(tmp_path: Path) -> None
         sdc_cluster_secret(sdc)
 
 
+def test_sdc_nbd_tls_min_version_is_1_3_or_1_2(tmp_path: Path) -> None:
+    """``[nbd] tls_min_version``: "1.3" by default, "1.2" admitted; anything else is
+    an error naming the key."""
+    text = '[mdm]\ncluster_secret = "s"\n[nbd]\n'
+    assert load(SdcConfig, write(tmp_path, text)).nbd.tls_min_version == "1.3"
+    config = load(SdcConfig, write(tmp_path, text + 'tls_min_version = "1.2"\n'))
+    assert config.nbd.tls_min_version == "1.2"
+    for bad in ('"1.1"', '"1.0"', '"TLSv1.2"', '"1.4"', '""'):
+        with pytest.raises(ConfigError) as exc:
+            load(SdcConfig, write(tmp_path, text + f"tls_min_version = {bad}\n"))
+        assert str(exc.value) == (
+            'config: nbd.tls_min_version must be "1.3" (the default) or "1.2" (TLS 1.2 '
+            f"admitted too, for nbd-client), not {bad[1:-1]!r}"
+        )
+    with pytest.raises(ConfigError, match=r"^nbd\.tls_min_version: expected str, got float 1\.2$"):
+        load(SdcConfig, write(tmp_path, text + "tls_min_version = 1.2\n"))
+
+
 # -- MdmConfig --------------------------------------------------------------------------
 
 ADMIN = "admin-Secret-1"

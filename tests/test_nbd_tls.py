@@ -3,9 +3,12 @@ socket listener's mode, group and peer credentials.
 
 The server runs in a thread of the test process (as in test_nbd_server) with its
 TCP listener requiring TLS with an SDC's certificate from the test CA, and client
-certificates required. The clients: nbdinfo (``nbds://``), qemu-io (a
-``tls-creds-x509`` object and ``--image-opts``), both GnuTLS, and a hand-written
-client for what they would not do (options before STARTTLS, a second STARTTLS).
+certificates required, as the SDC builds it from its ``[nbd]`` and ``[tls]``; a second
+listener of the same server admits TLS 1.2 too (``[nbd] tls_min_version = "1.2"``).
+The clients: nbdinfo (``nbds://``), qemu-io (a ``tls-creds-x509`` object and
+``--image-opts``; with ``priority=`` it offers what Debian 12's nbd-client 3.24 does),
+both GnuTLS, and a hand-written client for what they would not do (options before
+STARTTLS, a second STARTTLS, TLS 1.2 with CBC suites only).
 The allow list is checked from other loopback addresses (127.0.0.2, 127.0.0.3).
 """
 
@@ -28,9 +31,12 @@ import pytest
 import _tls
 from _wait import wait_until
 from meshblock import pki
-from meshblock.nbd.access import AccessRule, ListenPolicy, parse_rules
+from meshblock.config import from_mapping
+from meshblock.nbd.access import AccessRule, ListenPolicy
 from meshblock.nbd.protocol import Opt, Rep
 from meshblock.nbd.server import Export
+from meshblock.nbd.tls import TLS12_CIPHERS
+from meshblock.sdc.config import SdcConfig, nbd_tcp_policy
 from test_nbd_fuzz import Client
 from test_nbd_server import MemoryBackend, ServerThread, run, tool
 
@@ -43,6 +49,14 @@ CLIENT_ID = "admin:nbd-tls-client"
 LOGGER = "meshblock.nbd.server"
 #: 127.0.0.1 may open every export; 127.0.0.3 only "disk"; nobody else may connect.
 ALLOW = ("127.0.0.1/32", "127.0.0.3/32 disk")
+#: The GnuTLS priority Debian 12's nbd-client 3.24 fixes: TLS 1.2 only.
+NBD_CLIENT_PRIORITY = "NORMAL:-VERS-TLS-ALL:+VERS-TLS1.2"
+#: TLS 1.2 suites the listener must refuse: CBC (with SHA-2, and SHA-1 MACs).
+CBC_SUITES = (
+    "ECDHE-ECDSA-AES128-SHA256:ECDHE-ECDSA-AES256-SHA384:ECDHE-ECDSA-AES128-SHA:"
+    "ECDHE-ECDSA-AES256-SHA"
+)
+REVOKED_12 = "admin:nbd-tls12-revoked"
 
 
 def gnutls_dir(root: Path, client: str | None) -> Path:
@@ -59,13 +73,23 @@ def gnutls_dir(root: Path, client: str | None) -> Path:
     return out
 
 
+def sdc_policy(**nbd: object) -> ListenPolicy:
+    """The TCP listener's policy as the SDC builds it from ``[nbd]`` (TLS on, and the
+    settings given) and ``[tls]`` (an SDC's identity of the test CA, the CRL)."""
+    config = from_mapping(
+        SdcConfig,
+        {
+            "mdm": {"cluster_secret": "s"},
+            "tls": _tls.component_identity(SERVER_ID).settings(),
+            "nbd": {"tcp": True, "tls": True, **nbd},
+        },
+    )
+    return nbd_tcp_policy(config)
+
+
 @pytest.fixture(scope="module")
 def nbd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
-    files = _tls.component_identity(SERVER_ID)
-    context = pki.server_context(
-        files.cert, files.key, files.ca, crl=files.crl, client_certs=pki.ClientCerts.REQUIRED
-    )
-    policy = ListenPolicy(tls=context, allow=parse_rules(ALLOW))
+    policy = sdc_policy(tcp_allow=list(ALLOW))  # tls_min_version: the default
     srv = ServerThread(tmp_path_factory.mktemp("nbdtls"), handshake_timeout=5.0, tcp_policy=policy)
     srv.start()
     srv.add(Export("disk", MemoryBackend(SIZE), SIZE))
@@ -82,22 +106,33 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def qemu_io_tls(
-    port: int, export: str, certs: Path, *commands: str, read_only: bool = False
+    port: int,
+    export: str,
+    certs: Path,
+    *commands: str,
+    read_only: bool = False,
+    priority: str = "",
+    check: bool = True,
 ) -> str:
     """qemu-io on ``export`` at 127.0.0.1:``port`` over TLS with the GnuTLS
-    directory ``certs``: a tls-creds-x509 object and --image-opts (qemu-io 7.2 has no
-    ``nbds://`` URI)."""
+    directory ``certs``: a tls-creds-x509 object (with the GnuTLS ``priority`` given)
+    and --image-opts (qemu-io 7.2 has no ``nbds://`` URI). With ``check``, it must
+    succeed; without, it must fail."""
     opts = (
         f"driver=raw,file.driver=nbd,file.server.type=inet,file.server.host=127.0.0.1,"
         f"file.server.port={port},file.export={export},file.tls-creds=tls0"
     )
-    args = [tool("qemu-io"), "--object", f"tls-creds-x509,id=tls0,endpoint=client,dir={certs}"]
+    creds = f"tls-creds-x509,id=tls0,endpoint=client,dir={certs}"
+    args = [tool("qemu-io"), "--object", creds + (f",priority={priority}" if priority else "")]
     args += ["--image-opts", *(["-r"] if read_only else [])]
     for c in commands:
         args += ["-c", c]
-    proc = run(*args, opts)
+    proc = run(*args, opts, check=check)
     out = proc.stdout + proc.stderr
-    assert "failed" not in out.lower(), out
+    if check:
+        assert "failed" not in out.lower(), out
+    else:
+        assert proc.returncode != 0 and "failed" in out.lower(), out
     return out
 
 
@@ -149,11 +184,25 @@ def test_plain_nbd_is_refused_with_tls_reqd(
     c.close()
 
 
-def starttls(c: Client, client: str | None = CLIENT_ID) -> None:
-    """NBD_OPT_STARTTLS, then the TLS handshake on the client's socket."""
+def starttls(
+    c: Client, client: str | None = CLIENT_ID, context: ssl.SSLContext | None = None
+) -> None:
+    """NBD_OPT_STARTTLS, then the TLS handshake on the client's socket (with
+    ``context``, else TLS 1.3 as ``client``)."""
     c.option(Opt.STARTTLS)
     assert c.reply()[:2] == (Opt.STARTTLS, Rep.ACK)
-    c.sock = _tls.context(client).wrap_socket(c.sock, server_hostname="127.0.0.1")
+    context = context or _tls.context(client)
+    c.sock = context.wrap_socket(c.sock, server_hostname="127.0.0.1")
+
+
+def tls12(client: str | None = CLIENT_ID, ciphers: str = "") -> ssl.SSLContext:
+    """A client context that offers TLS 1.2 only (with ``ciphers``: those suites)."""
+    context = _tls.context(client)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.maximum_version = ssl.TLSVersion.TLSv1_2
+    if ciphers:
+        context.set_ciphers(ciphers)
+    return context
 
 
 def listed(c: Client) -> set[str]:
@@ -289,3 +338,103 @@ def test_revoked_client_certificate_is_refused(
             wait_until(lambda: "revoked" in caplog.text, 10, "the revocation logged")
     finally:
         srv.stop()
+
+
+# -- [nbd] tls_min_version: TLS 1.2 for Debian 12's nbd-client ----------------------------
+
+
+@pytest.fixture(scope="module")
+def tls12_port(nbd: ServerThread) -> int:
+    """A second TCP listener of the module's server, with ``tls_min_version = "1.2"``
+    (127.0.0.1 may open every export); ``REVOKED_12``'s certificate is revoked first."""
+    _tls.ca().revoke(_tls.fresh(REVOKED_12).serial())
+    policy = sdc_policy(tls_min_version="1.2", tcp_allow=["127.0.0.1/32"])
+    return nbd.call(nbd.server.listen_tcp("127.0.0.1", 0, policy))[0][1]
+
+
+def test_tls12_is_refused_by_default(
+    nbd: ServerThread, certs: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The default listener is TLS 1.3 only: a client offering only TLS 1.2 (Python's
+    ssl, and GnuTLS with nbd-client's priority) fails the handshake."""
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        c = Client(nbd.port)
+        c.greeting()
+        with pytest.raises((ssl.SSLError, ConnectionError)):
+            starttls(c, context=tls12())
+        c.close()
+        wait_until(lambda: "unsupported protocol" in caplog.text, 10, "the refusal logged")
+    qemu_io_tls(nbd.port, "disk", certs, "read 0 4k", priority=NBD_CLIENT_PRIORITY, check=False)
+
+
+def test_tls12_admitted_with_the_setting(
+    nbd: ServerThread, tls12_port: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With ``tls_min_version = "1.2"`` a TLS 1.2 client with its certificate
+    negotiates an ECDHE AEAD suite, then NBD as over TLS 1.3; TLS 1.3 still works."""
+    with caplog.at_level(logging.INFO, logger=LOGGER):
+        c = Client(tls12_port)
+        c.greeting()
+        starttls(c, context=tls12())
+        assert isinstance(c.sock, ssl.SSLSocket)
+        assert c.sock.version() == "TLSv1.2"
+        cipher = c.sock.cipher()
+        assert cipher is not None and cipher[0] in TLS12_CIPHERS, cipher
+        assert listed(c) == {"disk", "secret"}
+        assert c.go("secret") == (SIZE, nbd.server.exports["secret"].flags)
+        assert c.read(0, 4096) == b"\x5e" * 4096
+        c.close()
+        assert f"TLS TLSv1.2, client {CLIENT_ID}" in caplog.text
+    c = Client(tls12_port)
+    c.greeting()
+    starttls(c)
+    assert isinstance(c.sock, ssl.SSLSocket) and c.sock.version() == "TLSv1.3"
+    assert listed(c) == {"disk", "secret"}
+    c.close()
+
+
+def test_nbd_clients_gnutls_priority_with_the_setting(tls12_port: int, certs: Path) -> None:
+    """GnuTLS offering what Debian 12's nbd-client 3.24 offers (qemu-io's
+    tls-creds-x509 ``priority``) writes and reads back over the TLS 1.2 listener."""
+    args = (tls12_port, "disk", certs)
+    qemu_io_tls(*args, "write -P 0x12 8192 65536", priority=NBD_CLIENT_PRIORITY)
+    qemu_io_tls(*args, "read -P 0x12 8192 65536", priority=NBD_CLIENT_PRIORITY, read_only=True)
+
+
+@pytest.mark.parametrize(
+    ("client", "ciphers", "logged"),
+    [
+        (CLIENT_ID, CBC_SUITES, "no shared cipher"),
+        (None, "", "peer did not return a certificate"),
+        (REVOKED_12, "", "certificate revoked"),
+    ],
+    ids=["cbc-suites", "no-certificate", "revoked"],
+)
+def test_tls12_refuses_cbc_and_unchecked_clients(
+    tls12_port: int,
+    caplog: pytest.LogCaptureFixture,
+    client: str | None,
+    ciphers: str,
+    logged: str,
+) -> None:
+    """On the TLS 1.2 listener: a client offering only CBC suites, one without a
+    certificate and one whose certificate the CRL revokes fail the handshake."""
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        c = Client(tls12_port)
+        c.greeting()
+        with pytest.raises((ssl.SSLError, ConnectionError)):
+            starttls(c, context=tls12(client, ciphers))
+        c.close()
+        wait_until(lambda: logged in caplog.text, 10, f"{logged!r} logged")
+
+
+def test_tls12_context_offers_only_ecdhe_aead_suites() -> None:
+    """What the TLS 1.2 context would negotiate: ECDHE key exchange and an AEAD
+    cipher, nothing else; the default context has no TLS 1.2 at all."""
+    policy = sdc_policy(tls_min_version="1.2")
+    assert policy.tls is not None and policy.tls.minimum_version == ssl.TLSVersion.TLSv1_2
+    suites = [c for c in policy.tls.get_ciphers() if c["protocol"] == "TLSv1.2"]
+    assert sorted(c["name"] for c in suites) == sorted(TLS12_CIPHERS)
+    assert all(c["aead"] and c["kea"] == "kx-ecdhe" for c in suites), suites
+    default = sdc_policy().tls
+    assert default is not None and default.minimum_version == ssl.TLSVersion.TLSv1_3

@@ -215,6 +215,15 @@ class Export:
             conn.close(reason)
 
 
+def _tls_required(context: ssl.SSLContext | None) -> str:
+    """How a listener's log line names its TLS."""
+    if context is None:
+        return "no TLS"
+    if context.minimum_version == ssl.TLSVersion.TLSv1_2:
+        return "TLS 1.2 or 1.3 required"
+    return "TLS 1.3 required"
+
+
 class NbdServer:
     """Serves a set of exports on TCP and/or unix-socket listeners."""
 
@@ -273,7 +282,7 @@ class NbdServer:
         log.info(
             "NBD listening on %s (%s; %s)",
             ", ".join(f"{h}:{p}" for h, p in addrs),
-            "TLS required" if policy.tls is not None else "no TLS",
+            _tls_required(policy.tls),
             "allowed: " + ", ".join(map(str, policy.allow))
             if policy.allow is not None
             else "no allow list",

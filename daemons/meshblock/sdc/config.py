@@ -13,6 +13,7 @@ from meshblock.audit import AuditConfig
 from meshblock.config import ConfigError, LoggingConfig, read_secret_file
 from meshblock.files import write_atomic
 from meshblock.metrics_access import MetricsConfig
+from meshblock.nbd import tls as nbd_tls
 from meshblock.nbd.access import ListenPolicy, parse_rules
 from meshblock.tls import TlsConfig, follow_crl
 from meshblock.wire.protocol import check_wire_min_version
@@ -55,8 +56,9 @@ class NbdListen:
     ``socket_group``: empty, the daemon's); the TCP listener on ``host:port`` runs
     only with ``tcp = true``. ``tls``: the TCP listener offers NBD_OPT_STARTTLS with
     ``[tls] cert`` and requires it; ``tls_client_certs`` says whether a client must
-    present a certificate of the cluster CA. ``tcp_allow``: the TCP clients' allow
-    list, entries ``"CIDR [EXPORT-PATTERN ...]"`` (:mod:`meshblock.nbd.access`).
+    present a certificate of the cluster CA; ``tls_min_version`` whether TLS 1.2 is
+    admitted besides 1.3 (:mod:`meshblock.nbd.tls`). ``tcp_allow``: the TCP clients'
+    allow list, entries ``"CIDR [EXPORT-PATTERN ...]"`` (:mod:`meshblock.nbd.access`).
     """
 
     unix_socket: str = "/run/meshblock-sdc/nbd.sock"
@@ -66,6 +68,7 @@ class NbdListen:
     port: int = 10809
     tls: bool = False
     tls_client_certs: str = "required"
+    tls_min_version: str = "1.3"
     tcp_allow: list[str] = field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])
     multi_conn: bool = True
     attach_nbd: bool = False
@@ -140,6 +143,11 @@ class SdcConfig:
             raise ValueError("nbd.attach_helper must be an absolute path (or empty)")
         if self.nbd.tls_client_certs not in tuple(pki.ClientCerts):
             raise ValueError("nbd.tls_client_certs must be 'required' or 'optional'")
+        if self.nbd.tls_min_version not in nbd_tls.TLS_MIN_VERSIONS:
+            raise ValueError(
+                'nbd.tls_min_version must be "1.3" (the default) or "1.2" (TLS 1.2 admitted '
+                f"too, for nbd-client), not {self.nbd.tls_min_version!r}"
+            )
         if self.nbd.tls and not self.tls.cert:
             raise ValueError("nbd.tls needs [tls] cert and key: the SDC's certificate")
         try:
@@ -150,18 +158,19 @@ class SdcConfig:
 
 def nbd_tcp_policy(config: SdcConfig) -> ListenPolicy:
     """What the NBD TCP listener asks of its clients: TLS with the SDC's certificate
-    (``[nbd] tls``) and the allow list. A :class:`ConfigError` if the files cannot be
-    used."""
+    (``[nbd] tls``, from ``tls_min_version`` on) and the allow list. A
+    :class:`ConfigError` if the files cannot be used."""
     context = None
     if config.nbd.tls:
         tls = config.tls
         try:
-            context = pki.server_context(
+            context = nbd_tls.server_context(
                 Path(tls.cert),
                 Path(tls.key),
                 Path(tls.ca),
                 crl=Path(tls.crl) if tls.crl else None,
                 client_certs=pki.ClientCerts(config.nbd.tls_client_certs),
+                min_version=config.nbd.tls_min_version,
             )
         except pki.PkiError as exc:
             raise ConfigError(f"[tls] for [nbd] tls: {exc}") from None
