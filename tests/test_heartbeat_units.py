@@ -277,6 +277,9 @@ def test_components_take_the_interval_the_mdm_says() -> None:
 class _FailingSession:
     """A session whose every statement fails, as in a database blip."""
 
+    def __init__(self) -> None:
+        self.info: dict[str, object] = {}  # no fence (a tool's session)
+
     def begin(self) -> _FailingSession:
         return self
 

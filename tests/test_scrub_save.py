@@ -15,6 +15,7 @@ from sqlalchemy import delete, func, select
 
 from meshblock.mdm.api.scrub import save
 from meshblock.mdm.context import MdmContext
+from meshblock.mdm.db import WriteGate
 from meshblock.mdm.models import ScrubState
 from meshblock.mdm.rebalance import Rebalancer
 from meshblock.mdm.scrub import ScrubSchedule
@@ -27,7 +28,9 @@ def test_two_saves_of_a_new_pool_at_once_keep_one_row(tmp_path: Path) -> None:
     async def go(sessions: Sessions, r: Rebalancer, pool_id: int) -> None:
         schedule = ScrubSchedule(3600.0, 10, 0.0, time.monotonic())
         schedule.tick(time.monotonic(), {pool_id: (16, False)})  # a pool not kept yet
-        c = cast(MdmContext, SimpleNamespace(sessions=sessions, scrub=schedule))
+        c = cast(
+            MdmContext, SimpleNamespace(sessions=sessions, scrub=schedule, write_gate=WriteGate())
+        )
         for _ in range(5):
             first = asyncio.ensure_future(save(c))
             await asyncio.sleep(0)

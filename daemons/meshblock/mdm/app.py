@@ -124,6 +124,7 @@ async def _open_store(app: web.Application, config: MdmConfig) -> AsyncIterator[
         # every session carries the fence its PG-table writes check (pgtable.py)
         sessions = db.session_factory(engine, {leader.FENCE: lease.fence})
         async with sessions() as s, s.begin():
+            await leader.check_fence(s)
             cluster = await s.get(Cluster, CLUSTER_ROW_ID)
             if cluster is None:
                 cluster = Cluster(id=CLUSTER_ROW_ID, name=config.cluster.name, epoch=1)

@@ -23,6 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from meshblock.mdm.db import WriteGate
 from meshblock.mdm.epochs import EpochNotifier, bump
 from meshblock.mdm.heartbeats import Tombstone
+from meshblock.mdm.leader import writing
 from meshblock.mdm.models import Device, StoragePool, Volume, VolumeState, VolumeUsage
 from meshblock.mdm.reconcile import Reported, reconcile
 
@@ -126,7 +127,7 @@ class Purger:
         # between the copy and reconcile() taking it.
         taken: Reported | None = None
         try:
-            async with self._gate(), self._sessions() as s, s.begin():
+            async with writing(self._gate, self._sessions) as s:
                 taken = self._reported.taken()
                 if await reconcile(s, self._reported):
                     epoch = await bump(s)
@@ -134,7 +135,7 @@ class Purger:
             if taken is not None:
                 self._reported.give_back(taken)
             log.exception("could not reconcile what components report; retrying")
-        async with self._gate(), self._sessions() as s, s.begin():
+        async with writing(self._gate, self._sessions) as s:
             purged = await purge_freed(s, self._reports)
             if purged:
                 epoch = await bump(s)

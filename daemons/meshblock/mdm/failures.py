@@ -51,6 +51,7 @@ from meshblock.mdm import pgtable
 from meshblock.mdm.db import WriteGate
 from meshblock.mdm.epochs import EpochNotifier, bump
 from meshblock.mdm.errors import ApiError, Conflict, NotFound
+from meshblock.mdm.leader import writing
 from meshblock.mdm.liveness import Liveness, write_holds
 from meshblock.mdm.models import (
     Device,
@@ -180,7 +181,7 @@ class FailureDetector:
             raise
 
     async def _check_writing(self, holds: dict[int, str | None]) -> int:
-        async with self.gate(), self.sessions() as s, s.begin():
+        async with writing(self.gate, self.sessions) as s:
             await write_holds(s, holds)
             modes, lost, maintenance, failed = await self._down_now(s)
             sds_ids = list(modes)

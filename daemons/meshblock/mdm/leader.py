@@ -16,12 +16,15 @@ MDMs whose clocks disagree still agree on who leads.
   deadline always comes first. When that deadline passes without a renewal (the
   database unreachable, the MDM paused), or the row names another term (it was
   deposed), it gives up leadership on its own (self-fencing): the caller stops acting.
-- **Fencing** (:func:`check_fence`): every write transaction of the PG-table gateway
-  (:mod:`meshblock.mdm.pgtable`) first updates the lease row where it still names this
-  leader's term and holder and has not expired on the database's clock. A deposed or
-  expired leader's write matches no row and fails with :class:`NotLeader`; on
-  PostgreSQL the update locks the row to the commit, so a new leader's taking waits
-  for a write in flight and the write is ordered before the new term.
+- **Fencing** (:func:`check_fence`): every write transaction of the MDM (API changes,
+  the heartbeat writer, the failure detector, the rebalancer, the purger, the scrub
+  schedule) is opened by :func:`writing`, which takes the write gate's turn and first
+  updates the lease row where it still names this leader's term and holder and has not
+  expired on the database's clock. A deposed or expired leader's write matches no row
+  and fails with :class:`NotLeader` before it writes anything; on PostgreSQL the update
+  locks the row to the commit, so a new leader's taking waits for a write in flight and
+  the write is ordered before the new term. The PG-table gateway
+  (:mod:`meshblock.mdm.pgtable`) checks too (once per transaction).
 - **SQLite** serves one MDM: :func:`sqlite_lock` holds an exclusive lock on a file next
   to the database for the MDM's lifetime (released by the kernel when the process
   dies) and a second MDM is refused at start. The lease is taken at once (a new term
@@ -36,7 +39,7 @@ import fcntl
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 
 from sqlalchemy import ColumnElement, Float, Table, cast, func, insert, or_, select, update
@@ -46,6 +49,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from meshblock.http_errors import ApiError
 from meshblock.mdm.models import MdmLeader
+from meshblock.sqlstore import WriteGate
 
 __all__ = [
     "FENCE",
@@ -56,12 +60,14 @@ __all__ = [
     "check_fence",
     "db_now",
     "sqlite_lock",
+    "writing",
 ]
 
 log = logging.getLogger(__name__)
 
 LEASE_ROW = 1
 FENCE = "meshblock.mdm.fence"  # the key of a session's Fence in ``session.info``
+_CHECKED = "meshblock.mdm.fenced"  # the transaction whose fence was checked
 _UNIX_JULIAN_DAY = 2440587.5  # julianday('1970-01-01')
 
 
@@ -103,9 +109,13 @@ async def _dialect(s: AsyncSession) -> str:
 async def check_fence(s: AsyncSession) -> None:
     """In ``s``'s transaction: raise :class:`NotLeader` unless the lease still names the
     session's :class:`Fence` (``s.info[FENCE]``) and has not expired. A session without
-    a fence (tools, tests) is not checked."""
+    a fence (tools, tests) is not checked. Checked once per transaction: the row stays
+    locked to its end on PostgreSQL."""
     fence = s.info.get(FENCE)
     if fence is None:
+        return
+    transaction = s.get_transaction()
+    if transaction is not None and s.info.get(_CHECKED) is transaction:
         return
     table = _table()
     result = await s.execute(
@@ -123,6 +133,19 @@ async def check_fence(s: AsyncSession) -> None:
             f"this MDM ({fence.holder}) no longer leads (its term {fence.term} was taken "
             "over or its lease expired): nothing was written"
         )
+    s.info[_CHECKED] = transaction
+
+
+@contextlib.asynccontextmanager
+async def writing(
+    gate: WriteGate, sessions: async_sessionmaker[AsyncSession]
+) -> AsyncIterator[AsyncSession]:
+    """The one way into an MDM's write transaction: its turn at ``gate``, then a
+    transaction of ``sessions`` that passes the fence (:func:`check_fence`) before
+    anything else; committed when the block ends, rolled back on an exception."""
+    async with gate(), sessions() as s, s.begin():
+        await check_fence(s)
+        yield s
 
 
 class Lease:

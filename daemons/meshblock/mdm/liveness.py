@@ -29,6 +29,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from meshblock.mdm.db import WriteGate
 from meshblock.mdm.holddown import HoldDowns, Knobs, from_stored, to_stored
+from meshblock.mdm.leader import NotLeader, writing
 from meshblock.mdm.models import Device, Sdc, Sds, Volume, VolumeUsage
 
 log = logging.getLogger(__name__)
@@ -161,10 +162,13 @@ class Liveness:
         ):
             return
         try:
-            async with gate(), sessions() as session, session.begin():
+            async with writing(gate, sessions) as session:
                 await _write(session, pending)
-        except Exception:
-            log.exception("could not record heartbeats; retrying next second")
+        except Exception as exc:
+            if isinstance(exc, NotLeader):  # deposed: kept until this MDM steps down
+                log.warning("heartbeats not recorded: %s", exc)
+            else:
+                log.exception("could not record heartbeats; retrying next second")
             # keep what we could not write, unless newer values arrived meanwhile
             for k, v in pending.seen.items():
                 self._pending.seen.setdefault(k, v)

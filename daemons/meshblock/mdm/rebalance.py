@@ -40,6 +40,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from meshblock.mdm import pgtable
 from meshblock.mdm.epochs import bump
 from meshblock.mdm.failures import FailureDetector
+from meshblock.mdm.leader import writing
 from meshblock.mdm.models import PgState, Sds, SdsMode, StoragePool, Volume
 from meshblock.mdm.pgmaps import pool_devices
 from meshblock.mdm.pgtable import PgChange, PgRow
@@ -97,7 +98,7 @@ class Rebalancer:
             if not plans:
                 return 0
             started = 0
-            async with d.gate(), d.sessions() as s, s.begin():
+            async with writing(d.gate, d.sessions) as s:
                 if dict((await s.execute(select(Sds.id, Sds.mode))).all()) != modes:
                     return 0  # a drain or maintenance meanwhile: plan again
                 for pool_id, map_epoch, moves in plans:

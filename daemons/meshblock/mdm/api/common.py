@@ -15,6 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from meshblock.mdm.context import ctx
 from meshblock.mdm.epochs import bump, current
 from meshblock.mdm.errors import BadRequest, Conflict, Invalid, NotFound
+from meshblock.mdm.leader import writing
 from meshblock.mdm.routing import QueryParam, query_float, query_int
 from meshblock.sizes import SizeError, parse_size
 
@@ -41,11 +42,10 @@ M = TypeVar("M")
 async def change(request: web.Request) -> AsyncIterator[AsyncSession]:
     """A transaction that bumps the cluster epoch and wakes long-polls on commit."""
     c = ctx(request)
-    async with c.write_gate(), c.sessions() as session:
-        async with session.begin():
-            yield session
-            epoch = await bump(session)
-        c.notifier.publish(epoch)
+    async with writing(c.write_gate, c.sessions) as session:
+        yield session
+        epoch = await bump(session)
+    c.notifier.publish(epoch)
 
 
 @asynccontextmanager

@@ -40,6 +40,7 @@ from meshblock.mdm import authz, schemas
 from meshblock.mdm.api.common import change, get_or_404, json, reading, ts
 from meshblock.mdm.context import ctx
 from meshblock.mdm.errors import Conflict, Forbidden
+from meshblock.mdm.leader import writing
 from meshblock.mdm.liveness import utcnow
 from meshblock.mdm.models import JoinState, JoinToken, SdsJoinRequest
 from meshblock.mdm.routing import ApiRoutes, path_id
@@ -219,7 +220,7 @@ async def hold(request: web.Request, named: dict[str, Any]) -> dict[str, Any]:
     name = named["name"]
     endpoint = (named["address"], named.get("data_port", 7072))
     devices = named.get("devices", [])
-    async with c.write_gate(), c.sessions() as s, s.begin():
+    async with writing(c.write_gate, c.sessions) as s:
         req = (
             await s.execute(select(SdsJoinRequest).where(SdsJoinRequest.name == name))
         ).scalar_one_or_none()

@@ -18,6 +18,7 @@ from meshblock.auth import Role
 from meshblock.mdm.api.common import get_or_404, json, reading
 from meshblock.mdm.api.rebuild import rebuild_status
 from meshblock.mdm.context import MdmContext, ctx
+from meshblock.mdm.leader import writing
 from meshblock.mdm.models import ScrubState, StoragePool
 from meshblock.mdm.routing import ApiRoutes, path_id
 from meshblock.mdm.scrub import ScrubSchedule
@@ -63,7 +64,7 @@ async def save(c: MdmContext) -> None:
         wall, now = time.time(), time.monotonic()
         rows = [s.saved(pool_id, wall, now) for pool_id in ids]
         try:
-            async with c.sessions() as session, session.begin():
+            async with writing(c.write_gate, c.sessions) as session:
                 for row in rows:
                     await session.merge(ScrubState(**row))
         except BaseException:
