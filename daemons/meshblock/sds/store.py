@@ -95,6 +95,15 @@ from meshblock.sds.checksums import (
     wi_header_valid,
 )
 from meshblock.sds.checksums import crc as crc32c
+from meshblock.sds.versions import (
+    ALL_BLOCKS,
+    ENTRY_EXT,
+    EXT_ENTRY,
+    INCOMPAT_SLOT_EXT,
+    block_masks,
+    pack_ext,
+    unpack_ext,
+)
 from meshblock.wire.csum import ONE_PASS_OVER, one_pass, trailer
 
 log = logging.getLogger(__name__)
@@ -134,16 +143,16 @@ MAX_REGIONS: Final = 8
 REGION_INDEX: Final = 1
 REGION_DATA: Final = 2
 REGION_TOMBSTONES: Final = 3
-REGION_SLOT_EXT: Final = 4  # reserved: snapshot trees (docs/sds.md)
+REGION_SLOT_EXT: Final = 4  # versions of snapshot trees (meshblock.sds.versions)
 REGION_WRITE_INTENT: Final = 5  # write-intent record (docs/sds.md, "Checksums")
 REGION_CHECKSUMS: Final = 6  # per-4 KiB CRC32C of every slot (docs/sds.md, "Checksums")
 #: Incompat feature bit: the checksum region is kept (every non-zero value is right).
 INCOMPAT_CHECKSUMS: Final = 1
 #: Incompat feature bit: the write-intent record is kept (set with INCOMPAT_CHECKSUMS).
 INCOMPAT_WRITE_INTENT: Final = 2
-#: Incompat feature bits this release knows. Reserved: 4 = slot extensions (snapshot
-#: trees) used.
-KNOWN_INCOMPAT: Final = INCOMPAT_CHECKSUMS | INCOMPAT_WRITE_INTENT
+#: Incompat feature bits this release knows; 4 = slot extensions (snapshot trees) in
+#: use (:data:`meshblock.sds.versions.INCOMPAT_SLOT_EXT`).
+KNOWN_INCOMPAT: Final = INCOMPAT_CHECKSUMS | INCOMPAT_WRITE_INTENT | INCOMPAT_SLOT_EXT
 _CHECKSUM_FEATURES: Final = INCOMPAT_CHECKSUMS | INCOMPAT_WRITE_INTENT
 
 #: Bytes reserved per slot in the slot-extension region (snapshot trees).
@@ -156,8 +165,11 @@ WRITE_INTENT_HEADER: Final = PAGE
 ENTRY = struct.Struct(">QQQII")
 """Index entry of one slot, 32 bytes, at ``index_offset + slot * 32``::
 
-    volume id u64 | chunk index u64 | generation u64 | flags u32 (USED=1) |
+    volume id u64 | chunk index u64 | generation u64 | flags u32 (USED=1, EXT=2) |
     crc32 u32 of the 28 bytes before it
+
+EXT (:data:`meshblock.sds.versions.ENTRY_EXT`): the slot holds the version (and the
+blocks) that its extension entry names; without it, version 0 of the chunk, whole.
 
 All-zero (or a bad CRC) means: the slot is unreferenced.
 """
@@ -251,6 +263,11 @@ class NoSpace(Exception):
     """The device has no free slot for a new chunk."""
 
 
+#: While loading, the key of a version slot is its chunk's key with the version above.
+_VERSION_SHIFT: Final = 96
+_BASE_MASK: Final = (1 << _VERSION_SHIFT) - 1
+
+
 def chunk_key(volume_id: int, chunk_index: int) -> int:
     """The index key of a chunk (``chunk_index`` < 2^32)."""
     return (volume_id << 32) | chunk_index
@@ -338,8 +355,8 @@ def _pwrite(fd: int, data: bytes | memoryview, offset: int) -> None:
         dio.pwrite(fd, view[pos : pos + WRITE_PIECE], offset + pos)
 
 
-def _entry(volume: int, chunk: int, generation: int) -> bytes:
-    body = struct.pack(">QQQI", volume, chunk, generation, ENTRY_USED)
+def _entry(volume: int, chunk: int, generation: int, flags: int = ENTRY_USED) -> bytes:
+    body = struct.pack(">QQQI", volume, chunk, generation, flags)
     return body + struct.pack(">I", zlib.crc32(body))
 
 
@@ -386,6 +403,11 @@ class Device:
         self.dirty = True
         self.syncing: asyncio.Future[None] | None = None  # the fdatasync started last
         self.syncs = 0  # fdatasyncs completed by ChunkStore.sync
+        # Version slots whose extension (and index) entries are to be written after
+        # the next data sync (the holds-bit sync rule: meshblock.sds.versions).
+        self.ext_pending: dict[int, VersionSlot] = {}
+        # Incompat feature bit 4 is durable in the superblock.
+        self.ext_feature = False
 
     @property
     def used_bytes(self) -> int:
@@ -393,6 +415,10 @@ class Device:
 
     def slot_offset(self, slot: int) -> int:
         return self.data_offset + slot * CHUNK_SIZE
+
+    def ext_offset(self, slot: int) -> int:
+        """Where the extension entry of ``slot`` is."""
+        return self.regions[REGION_SLOT_EXT][0] + slot * EXT_ENTRY.size
 
     def row_offset(self, slot: int) -> int:
         """Where the checksums of ``slot`` are (while :attr:`checksums`)."""
@@ -498,6 +524,7 @@ class Device:
                 "this release does not know; run the release that wrote it or a newer one"
             )
         self.incompat = incompat
+        self.ext_feature = bool(incompat & INCOMPAT_SLOT_EXT)
         regions: dict[int, tuple[int, int]] = {}
         table = SUPERBLOCK.size + SUPER_V2.size
         for i in range(count):
@@ -574,7 +601,14 @@ class Device:
         dio.pwrite(self.fd, data, offset + (seq % 2) * TOMB_COPY_SIZE)
 
     def read_index(self) -> Iterable[tuple[int, int, int, int]]:
-        """Yield ``(slot, volume, chunk, generation)`` of every valid entry."""
+        """Yield ``(slot, volume, chunk, generation)`` of every valid entry of a plain
+        chunk (version 0, no extension entry)."""
+        for slot, vol, chunk, gen, flags in self.read_entries():
+            if not flags & ENTRY_EXT:
+                yield slot, vol, chunk, gen
+
+    def read_entries(self) -> Iterable[tuple[int, int, int, int, int]]:
+        """Yield ``(slot, volume, chunk, generation, flags)`` of every valid entry."""
         per_read = 32768  # entries per read (1 MiB)
         slot = 0
         while slot < self.slot_count:
@@ -588,7 +622,7 @@ class Device:
                 if zlib.crc32(raw[off : off + ENTRY.size - 4]) != crc:
                     log.warning("%s: slot %d has a torn index entry, ignored", self.path, slot + i)
                     continue
-                yield slot + i, vol, chunk, gen
+                yield slot + i, vol, chunk, gen, flags
             slot += n
         # Drop the index region from the page cache: small entry writes into large
         # cached folios are slow (docs/sds.md).
@@ -656,6 +690,27 @@ class Device:
             self.fd = -1
 
 
+@dataclass(eq=False, slots=True)
+class VersionSlot:
+    """The slot of one version (>= 1) of a tree's chunk, in memory
+    (:mod:`meshblock.sds.versions`)."""
+
+    dev: Device
+    slot: int
+    tree: int
+    chunk: int
+    version: int
+    generation: int
+    #: Blocks held, as reads see them (set by a write at once).
+    holds: int = 0
+    #: Blocks in the extension entry last written to the device (durable after the
+    #: sync that follows it); only grows.
+    written: int = 0
+    #: Its index entry (with :data:`ENTRY_EXT`) is written.
+    entered: bool = False
+    freed: bool = False
+
+
 class ChunkStore:
     """Every device of one SDS, and the in-memory index chunk → (device, slot)."""
 
@@ -683,6 +738,9 @@ class ChunkStore:
         self._volume_chunks: dict[int, int] = {}
         self._generation = 0
         self._gens: dict[int, int] = {}  # generation of each chunk's entry, while loading
+        # Version slots (>= 1; docs/snapshots.md): chunk key -> version -> its slot.
+        self._versions: dict[int, dict[int, VersionSlot]] = {}
+        self._load_holds: dict[tuple[Device, int], int] = {}  # while loading
         # Per pool whose PG count we were told (index_pgs): the chunk keys of each PG,
         # kept as chunks are allocated and freed, so listing a PG does not scan the pool.
         self._pg_counts: dict[int, int] = {}
@@ -736,6 +794,7 @@ class ChunkStore:
             for dev in self.devices:
                 if dev.loaded:
                     self._open_checksums(dev)
+            self._take_versions()
             self._load_tombstones()
         except BaseException:
             self._gens.clear()
@@ -747,9 +806,18 @@ class ChunkStore:
     def _load(self, dev: Device, clean: bool) -> None:
         owners: set[int] = set()  # slots of this device that hold a chunk
         dropped: list[int] = []  # slots whose entry lost to a newer one
-        for slot, vol, chunk, gen in dev.read_index():
-            key = chunk_key(vol, chunk)
+        for slot, vol, chunk, gen, flags in dev.read_entries():
             self._generation = max(self._generation, gen)
+            key = chunk_key(vol, chunk)
+            if flags & ENTRY_EXT:
+                version = self._load_ext(dev, slot, gen)
+                if version is None:
+                    dev.write_entry(slot, _EMPTY_ENTRY)
+                    dropped.append(slot)
+                    continue
+                # Loaded with the version chunks (one resolution of two claims), then
+                # moved to the version table (_take_versions).
+                key |= version << _VERSION_SHIFT
             old = self._index.get(key)
             if old is not None:
                 # Only a crash between freeing a chunk and rewriting it elsewhere leaves
@@ -790,6 +858,42 @@ class ChunkStore:
             "clean" if clean else "unclean",
             f", {runs} runs of free slots zeroed" if runs else "",
         )
+
+    def _load_ext(self, dev: Device, slot: int, generation: int) -> int | None:
+        """The version of ``slot``, whose index entry says it has an extension entry
+        (its blocks kept in :attr:`_load_holds`); None when that entry is not the
+        index entry's (a power cut before both were synced: the slot is dropped, as
+        the unsynced write it is)."""
+        if not dev.ext_feature:
+            raise StoreError(
+                f"{dev.path}: slot {slot} has an extension entry but the superblock "
+                f"lacks feature {INCOMPAT_SLOT_EXT}"
+            )
+        ext = unpack_ext(dio.pread(dev.fd, EXT_ENTRY.size, dev.ext_offset(slot)))
+        if ext is None or ext[1] != generation or not ext[0]:
+            log.warning("%s: slot %d: torn extension entry, slot dropped", dev.path, slot)
+            return None
+        self._load_holds[(dev, slot)] = ext[2]
+        return ext[0]
+
+    def _take_versions(self) -> None:
+        """Move the version slots (>= 1) loaded with the chunks to their own table."""
+        for key in [k for k in self._index if k >> _VERSION_SHIFT]:
+            dev, slot = self._index.pop(key)
+            base = key & _BASE_MASK
+            holds = self._load_holds.pop((dev, slot))
+            vs = VersionSlot(
+                dev,
+                slot,
+                *split_key(base),
+                key >> _VERSION_SHIFT,
+                self._gens[key],
+                holds,
+                holds,
+                True,
+            )
+            self._versions.setdefault(base, {})[vs.version] = vs
+        self._load_holds.clear()
 
     @staticmethod
     def _punch(dev: Device, slots: list[int]) -> int:
@@ -1044,6 +1148,15 @@ class ChunkStore:
                 continue
             try:
                 dio.fdatasync(dev.fd)
+                batch = self._take_ext_pending(dev)
+                if batch:  # the holds-bit sync rule, as in _sync_with_entries
+                    if not dev.ext_feature:
+                        dev.incompat |= INCOMPAT_SLOT_EXT
+                        dev.write_super(clean=False)
+                        dio.fsync(dev.fd)
+                        dev.ext_feature = True
+                    self._write_ext_entries(dev, batch)
+                    dio.fdatasync(dev.fd)
                 if dev.unpunched or dev.intent is not None:
                     # Every write and free is durable: zero what the frees left, forget
                     # the marks; durable before CLEAN says so.
@@ -1335,14 +1448,7 @@ class ChunkStore:
         :meth:`reclaim` writes the marks asked for since the last one, at once)."""
         loc = self._index.get(chunk_key(volume, chunk))
         if loc is None:
-            if not dev.free:
-                return bool(dev.pending)
-            intent = dev.intent
-            if intent is None or dev.failed or dev.free[-1] in intent.marks:
-                return False
-            # The next slots to be handed out, marked together.
-            intent.wanted.update(s for s in dev.free[-MARK_AHEAD:] if s not in intent.marks)
-            return True
+            return self._needs_free_slot(dev)
         ldev, slot = loc
         intent = ldev.intent
         if intent is None or ldev.failed or slot in intent.marks:
@@ -1452,6 +1558,234 @@ class ChunkStore:
             self._write_row(dev, slot, first, crcs, False)
         else:
             dev.zero_slot_range(slot, offset, length)
+
+    def _needs_free_slot(self, dev: Device) -> bool:
+        """:meth:`needs_reclaim` of a write that takes a new slot of ``dev``."""
+        if not dev.free:
+            return bool(dev.pending)
+        intent = dev.intent
+        if intent is None or dev.failed or dev.free[-1] in intent.marks:
+            return False
+        # The next slots to be handed out, marked together.
+        intent.wanted.update(s for s in dev.free[-MARK_AHEAD:] if s not in intent.marks)
+        return True
+
+    # -- versions of snapshot trees (docs/snapshots.md, meshblock.sds.versions) -------
+
+    def version_slot(self, tree: int, chunk: int, version: int) -> VersionSlot | None:
+        """The slot of ``version`` (>= 1) of the tree's chunk, if it has one."""
+        of_chunk = self._versions.get(chunk_key(tree, chunk))
+        return None if of_chunk is None else of_chunk.get(version)
+
+    def versions(self, tree: int, chunk: int) -> dict[int, int]:
+        """The versions of the tree's chunk that have a slot here: version -> the
+        bitmap of the 4 KiB blocks it holds (bit b: block b), as reads see it.
+        Version 0 (every block) when the chunk has its plain slot."""
+        key = chunk_key(tree, chunk)
+        held = {v: vs.holds for v, vs in self._versions.get(key, {}).items()}
+        if key in self._index:
+            held[0] = ALL_BLOCKS
+        return dict(sorted(held.items()))
+
+    def needs_reclaim_version(self, dev: Device, tree: int, chunk: int, version: int) -> bool:
+        """:meth:`needs_reclaim` for :meth:`write_version`."""
+        if not version:
+            return self.needs_reclaim(dev, tree, chunk)
+        vs = self.version_slot(tree, chunk, version)
+        if vs is None:
+            return self._needs_free_slot(dev)
+        intent = vs.dev.intent
+        if intent is None or vs.dev.failed or vs.slot in intent.marks:
+            return False
+        intent.wanted.add(vs.slot)
+        return True
+
+    def write_version(
+        self,
+        dev: Device,
+        tree: int,
+        chunk: int,
+        version: int,
+        offset: int,
+        data: bytes | memoryview,
+        sums: bytes | memoryview | None = None,
+    ) -> None:
+        """Write ``data`` at ``offset`` of the slot of ``version`` of the tree's chunk
+        (allocated on ``dev`` if it has none); the blocks it touches are held by the
+        version from now on. Version 0 is :meth:`write`. A block the version does not
+        hold yet must be written whole (ValueError, nothing written): its other bytes
+        are those the view reads from an ancestor, merged by the caller.
+
+        Reads see the holds bits at once; they reach the disk (the extension entry,
+        and the index entry of a new slot) only after a data sync that covered the
+        write (:meth:`sync`). Raises as :meth:`write` does."""
+        if not version:
+            self.write(dev, tree, chunk, offset, data, sums)
+            return
+        if tree in self._tombstones:
+            raise self._deleted(tree)
+        touched, whole = block_masks(offset, len(data))
+        vs = self.version_slot(tree, chunk, version)
+        held = 0 if vs is None else vs.holds
+        if touched & ~whole & ~held:
+            raise ValueError(
+                f"chunk {tree}/{chunk} version {version}: a write of {len(data)} bytes at "
+                f"{offset} covers part of a block the version does not hold"
+            )
+        if vs is None:
+            vs = self._new_version_slot(dev, tree, chunk, version)
+            new = True
+        else:
+            new = False
+        vdev, slot = vs.dev, vs.slot
+        if vdev.failed:
+            raise DeviceFailed(vdev)
+        vdev.dirty = True
+        try:
+            if vdev.checksums:
+                self._write_checked(
+                    vdev, slot, offset, data, None if new else chunk_key(tree, chunk), sums
+                )
+            else:
+                _pwrite(vdev.fd, data, vdev.slot_offset(slot) + offset)
+        except OSError as exc:
+            if new:
+                self._drop_new_version_slot(vs)
+            if isinstance(exc, ChecksumError):
+                raise
+            raise self._io_error(vdev, "pwrite", exc) from exc
+        except BaseException:
+            if new:
+                self._drop_new_version_slot(vs)
+            raise
+        vs.holds |= touched
+        if new or vs.holds & ~vs.written:
+            vdev.ext_pending[slot] = vs
+
+    def _new_version_slot(self, dev: Device, tree: int, chunk: int, version: int) -> VersionSlot:
+        if dev.failed:
+            raise DeviceFailed(dev)
+        if not dev.free:
+            raise NoSpace(dev.path)
+        slot = dev.free.pop()
+        self._generation += 1
+        vs = VersionSlot(dev, slot, tree, chunk, version, self._generation)
+        self._versions.setdefault(chunk_key(tree, chunk), {})[version] = vs
+        dev.used += 1
+        self._volume_chunks[tree] = self._volume_chunks.get(tree, 0) + 1
+        return vs
+
+    def _drop_new_version_slot(self, vs: VersionSlot) -> None:
+        """Undo :meth:`_new_version_slot` (its first write failed: nothing of it is
+        on the disk but that write's bytes, in a slot that goes back to free)."""
+        self._unlist_version(vs)
+        vs.freed = True
+        if vs.dev.failed:
+            return
+        vs.dev.free.append(vs.slot)
+
+    def _unlist_version(self, vs: VersionSlot) -> None:
+        key = chunk_key(vs.tree, vs.chunk)
+        of_chunk = self._versions[key]
+        del of_chunk[vs.version]
+        if not of_chunk:
+            del self._versions[key]
+        vs.dev.used -= 1
+        self._volume_chunks[vs.tree] -= 1
+        vs.dev.ext_pending.pop(vs.slot, None)
+
+    def read_version(
+        self, tree: int, chunk: int, version: int, offset: int, length: int
+    ) -> memoryview | None:
+        """``length`` bytes at ``offset`` of the slot of ``version`` of the tree's
+        chunk, checked as :meth:`read` checks them; None if it has no slot. Blocks
+        the version does not hold (:meth:`versions`) read as zeroes or as bytes of a
+        write whose holds bit did not survive a power cut: a view reads them from an
+        ancestor. Version 0 is :meth:`read`."""
+        if not version:
+            return self.read(tree, chunk, offset, length)
+        vs = self.version_slot(tree, chunk, version)
+        if vs is None or tree in self._tombstones:
+            return None
+        dev = vs.dev
+        if dev.failed:
+            raise DeviceFailed(dev)
+        first = offset >> BLOCK_SHIFT
+        start = first << BLOCK_SHIFT
+        buf = self._read_buffer(_align(offset + length, BLOCK) - start)
+        if dev.checksums:
+            self._read_checked(dev, vs.slot, tree, chunk, first, buf)
+        else:
+            self._pread(dev, buf, dev.slot_offset(vs.slot) + start)
+        return buf[offset - start : offset - start + length]
+
+    def free_version(self, tree: int, chunk: int, version: int) -> bool:
+        """Free the slot of ``version`` (>= 1) of the tree's chunk through the
+        crash-safe free path (its index entry cleared first); whether it had one."""
+        vs = self.version_slot(tree, chunk, version)
+        if vs is None:
+            return False
+        try:
+            self._free_version(vs)
+        except OSError as exc:
+            raise self._io_error(vs.dev, "freeing", exc) from exc
+        return True
+
+    def _free_version(self, vs: VersionSlot) -> None:
+        dev = vs.dev
+        if vs.entered and not dev.failed:
+            dev.write_entry(vs.slot, _EMPTY_ENTRY)
+        self._unlist_version(vs)
+        vs.freed = True
+        self._release(dev, vs.slot)
+
+    def _write_ext_entries(self, dev: Device, batch: list[tuple[VersionSlot, int]]) -> None:
+        """Write the extension entries of ``batch`` (each slot with the blocks whose
+        data a completed sync covered), and the index entries of new slots; not
+        synced. The device has feature bit 4 durably."""
+        for vs, holds in batch:
+            if vs.freed:
+                continue
+            bits = vs.written | holds
+            dio.pwrite(dev.fd, pack_ext(vs.version, vs.generation, bits), dev.ext_offset(vs.slot))
+            vs.written = bits
+            if not vs.entered:
+                entry = _entry(vs.tree, vs.chunk, vs.generation, ENTRY_USED | ENTRY_EXT)
+                dio.pwrite(dev.fd, entry, INDEX_OFFSET + vs.slot * ENTRY.size)
+                vs.entered = True
+
+    @staticmethod
+    def _take_ext_pending(dev: Device) -> list[tuple[VersionSlot, int]]:
+        """The version slots of ``dev`` with entries to write, each with the blocks
+        it holds now (covered by a sync that starts after this call)."""
+        batch = [(vs, vs.holds) for vs in dev.ext_pending.values()]
+        dev.ext_pending = {}
+        return batch
+
+    async def _sync_with_entries(self, dev: Device, batch: list[tuple[VersionSlot, int]]) -> None:
+        """fdatasync ``dev``; then the entries of ``batch`` (feature bit 4 first, made
+        durable, on the first), and fdatasync again: the holds-bit sync rule."""
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(None, dio.fdatasync, dev.fd)
+            if any(not vs.freed for vs, _ in batch):
+                await self._ext_feature(dev)
+                self._write_ext_entries(dev, batch)
+                await loop.run_in_executor(None, dio.fdatasync, dev.fd)
+        except BaseException:
+            for vs, _ in batch:
+                if not vs.freed:
+                    dev.ext_pending.setdefault(vs.slot, vs)
+            raise
+
+    async def _ext_feature(self, dev: Device) -> None:
+        if dev.ext_feature:
+            return
+        dev.incompat |= INCOMPAT_SLOT_EXT
+        dev.write_super(clean=False)
+        await asyncio.get_running_loop().run_in_executor(None, dio.fsync, dev.fd)
+        dev.ext_feature = True
+        log.info("%s: feature %d (snapshot versions) in use", dev.path, INCOMPAT_SLOT_EXT)
 
     # -- checksums (docs/sds.md, "Checksums") -----------------------------------------
 
@@ -1788,11 +2122,15 @@ class ChunkStore:
         It is handed out again after the sync that follows."""
         if not dev.failed:
             dev.write_entry(slot, _EMPTY_ENTRY)
+        self._forget(key, dev)
+        self._release(dev, slot)
+
+    def _release(self, dev: Device, slot: int) -> None:
+        """The rest of :meth:`_free`, once ``slot``'s entry is cleared."""
         if dev.unverified and slot in dev.unverified:
             # Its data and checksums are zeroed after the sync; until then its mark
             # stays (the entry may come back after a power cut, and be recomputed).
             self._verified(dev, slot)
-        self._forget(key, dev)
         if dev.failed:
             return
         if dev.checksums:
@@ -1860,10 +2198,17 @@ class ChunkStore:
         if keys is None:
             # Once, for the volume: no chunk can be added to it any more.
             keys = [key for key in self._index if key >> 32 == volume_id]
+            keys += [key for key in self._versions if key >> 32 == volume_id]
             self._tomb_keys[volume_id] = keys
         freed = 0
         while keys and freed < max_chunks:
             key = keys.pop()
+            for vs in list(self._versions.get(key, {}).values()):
+                try:
+                    self._free_version(vs)
+                except OSError as exc:
+                    self._io_error(vs.dev, "freeing", exc)  # failed now: forgotten
+                freed += 1
             loc = self._index.get(key)
             if loc is not None:
                 try:
@@ -1952,7 +2297,12 @@ class ChunkStore:
             # Clean from here on: a write from now on marks it again (the fdatasync
             # below starts after every write before this point).
             dev.dirty = False
-            dev.syncing = fut = loop.run_in_executor(None, dio.fdatasync, dev.fd)
+            fut: asyncio.Future[None]
+            if dev.ext_pending:  # and then the entries of version slots, synced too
+                fut = loop.create_task(self._sync_with_entries(dev, self._take_ext_pending(dev)))
+            else:
+                fut = loop.run_in_executor(None, dio.fdatasync, dev.fd)
+            dev.syncing = fut
             syncs.append(fut)
         try:
             results = await asyncio.gather(*syncs, return_exceptions=True)

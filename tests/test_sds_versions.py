@@ -1,0 +1,403 @@
+"""Versions of a chunk in the SDS store (docs/snapshots.md, Decision 3; docs/sds.md,
+"Versions of a chunk"): extension entries, incompat feature bit 4, the holds-bit sync
+rule, with a power cut at every sync of a workload of version writes."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import struct
+from pathlib import Path
+
+import pytest
+
+import meshblock.sds.device_io as dio
+import meshblock.sds.store as store_mod
+from meshblock.chunks import CHUNK_SIZE
+from meshblock.sds.store import (
+    ENTRY,
+    INDEX_OFFSET,
+    SUPER_V2,
+    SUPERBLOCK,
+    ChunkStore,
+    DeviceSpec,
+    NoSpace,
+    StoreError,
+    VolumeDeleted,
+)
+from meshblock.sds.versions import (
+    ALL_BLOCKS,
+    ENTRY_EXT,
+    EXT_ENTRY,
+    INCOMPAT_SLOT_EXT,
+    block_masks,
+    pack_ext,
+    unpack_ext,
+)
+from test_sds_format import PowerCut, SparsePowerLoss
+from test_sds_format import _sparse_copy as sparse_copy
+
+pytestmark = pytest.mark.unit
+
+MiB = 1024 * 1024
+BLOCK = 4096
+CAPACITY = 16 * MiB
+TREE = 5
+
+
+def open_store(path: Path, *, checksums: bool = True) -> ChunkStore:
+    store = ChunkStore([DeviceSpec(str(path), CAPACITY, "pool")], checksums=checksums)
+    store.open()
+    return store
+
+
+def incompat(path: Path) -> int:
+    with open(path, "rb") as f:
+        return int(SUPER_V2.unpack_from(f.read(512), SUPERBLOCK.size)[0])
+
+
+def on_disk(store: ChunkStore, slot: int) -> tuple[bytes, bytes]:
+    """The index entry and the extension entry of ``slot`` as the device file has them."""
+    dev = store.devices[0]
+    with open(dev.path, "rb") as f:
+        f.seek(INDEX_OFFSET + slot * ENTRY.size)
+        entry = f.read(ENTRY.size)
+        f.seek(dev.ext_offset(slot))
+        return entry, f.read(EXT_ENTRY.size)
+
+
+def tagged(chunk: int, version: int, block: int, seq: int, length: int = BLOCK) -> bytes:
+    """A block's bytes: its identity and sequence, then filler of its identity."""
+    head = struct.pack(">QQQQQ", TREE, chunk, version, block, seq)
+    return (head + bytes([(chunk * 7 + version * 3 + block) % 251 + 1]) * BLOCK)[:length]
+
+
+def test_block_masks_and_entry_round_trip() -> None:
+    assert block_masks(0, CHUNK_SIZE) == (ALL_BLOCKS, ALL_BLOCKS)
+    assert block_masks(BLOCK, 2 * BLOCK) == (0b110, 0b110)
+    assert block_masks(100, BLOCK) == (0b11, 0)
+    assert block_masks(BLOCK + 1, 3 * BLOCK) == (0b11110, 0b1100)
+    raw = pack_ext(3, 99, 1 << 255 | 5)
+    assert len(raw) == EXT_ENTRY.size == 128
+    assert unpack_ext(raw) == (3, 99, 1 << 255 | 5)
+    torn = bytearray(raw)
+    torn[20] ^= 1
+    assert unpack_ext(bytes(torn)) is None
+    assert unpack_ext(bytes(128)) is None
+
+
+@pytest.mark.parametrize("checksums", [True, False])
+def test_versions_are_written_read_and_kept_across_a_restart(
+    tmp_path: Path, checksums: bool
+) -> None:
+    path = tmp_path / "dev.img"
+    store = open_store(path, checksums=checksums)
+    dev = store.devices[0]
+    store.write(dev, TREE, 2, 0, tagged(2, 0, 0, 1) * 3)
+    store.write_version(dev, TREE, 2, 1, 1 * BLOCK, tagged(2, 1, 1, 2) + tagged(2, 1, 2, 2))
+    store.write_version(dev, TREE, 2, 3, 200 * BLOCK, tagged(2, 3, 200, 3))
+    store.write_version(dev, TREE, 2, 1, 2 * BLOCK + 512, b"x" * 512)  # a held block
+    assert store.versions(TREE, 2) == {0: ALL_BLOCKS, 1: 0b110, 3: 1 << 200}
+    assert store.versions(TREE, 9) == {}
+    assert store.chunk_ids() == [(TREE, 2)]  # versions are not plain chunks
+    assert store.volume_chunks() == {TREE: 3}
+    assert dev.used == 3
+    with pytest.raises(ValueError, match="part of a block the version does not hold"):
+        store.write_version(dev, TREE, 2, 1, 3 * BLOCK, b"y" * 512)
+    assert store.versions(TREE, 2)[1] == 0b110
+
+    def check(s: ChunkStore) -> None:
+        got = s.read_version(TREE, 2, 1, BLOCK, 2 * BLOCK)
+        want = tagged(2, 1, 1, 2) + tagged(2, 1, 2, 2)[:512] + b"x" * 512
+        assert got is not None and bytes(got) == want + tagged(2, 1, 2, 2)[1024:]
+        got = s.read_version(TREE, 2, 3, 200 * BLOCK + 8, 16)
+        assert got is not None and bytes(got) == tagged(2, 3, 200, 3)[8:24]
+        got = s.read_version(TREE, 2, 0, 0, BLOCK)  # version 0 is the plain chunk
+        assert got is not None and bytes(got) == tagged(2, 0, 0, 1)
+        assert s.read_version(TREE, 2, 2, 0, BLOCK) is None
+        assert s.versions(TREE, 2) == {0: ALL_BLOCKS, 1: 0b110, 3: 1 << 200}
+
+    check(store)
+    store.close()
+    assert incompat(path) & INCOMPAT_SLOT_EXT
+    store = open_store(path, checksums=checksums)
+    try:
+        check(store)
+        assert store.devices[0].used == 3
+        assert store.free_version(TREE, 2, 3) and not store.free_version(TREE, 2, 3)
+        assert store.versions(TREE, 2) == {0: ALL_BLOCKS, 1: 0b110}
+    finally:
+        store.close()
+    store = open_store(path, checksums=checksums)
+    try:
+        assert store.versions(TREE, 2) == {0: ALL_BLOCKS, 1: 0b110}
+        assert store.devices[0].used == 2
+    finally:
+        store.close()
+
+
+def test_entries_wait_for_a_data_sync_and_bit_4_comes_first(tmp_path: Path) -> None:
+    """The holds-bit sync rule: nothing of a version slot's entries is written before
+    a sync covered its data; then feature bit 4 (durable), the entries, a sync."""
+    path = tmp_path / "dev.img"
+    store = open_store(path)
+    dev = store.devices[0]
+    syncs: list[str] = []
+    real = dio.fdatasync, dio.fsync
+
+    async def run() -> None:
+        store.write(dev, TREE, 0, 0, b"plain")
+        await store.sync()
+        assert not incompat(path) & INCOMPAT_SLOT_EXT  # version 0 needs no feature
+        store.write_version(dev, TREE, 0, 1, 0, tagged(0, 1, 0, 1))
+        vs = store.version_slot(TREE, 0, 1)
+        assert vs is not None
+        assert on_disk(store, vs.slot) == (bytes(ENTRY.size), bytes(EXT_ENTRY.size))
+        with pytest.MonkeyPatch.context() as mp:
+
+            def fdatasync(fd: int) -> None:
+                entry, _ = on_disk(store, vs.slot)
+                syncs.append("data" if not any(entry) else "entries")
+                real[0](fd)
+
+            def fsync(fd: int) -> None:
+                syncs.append(f"super {bool(incompat(path) & INCOMPAT_SLOT_EXT)}")
+                real[1](fd)
+
+            mp.setattr(dio, "fdatasync", fdatasync)
+            mp.setattr(dio, "fsync", fsync)
+            await store.sync()
+            entry, ext = on_disk(store, vs.slot)
+            flags = struct.unpack_from(">I", entry, 24)[0]
+            assert flags & ENTRY_EXT and unpack_ext(ext) == (1, vs.generation, 1)
+            # A held bit more: only the extension entry is rewritten, after a sync.
+            store.write_version(dev, TREE, 0, 1, BLOCK, tagged(0, 1, 1, 2))
+            assert unpack_ext(on_disk(store, vs.slot)[1]) == (1, vs.generation, 1)
+            await store.sync()
+            assert unpack_ext(on_disk(store, vs.slot)[1]) == (1, vs.generation, 0b11)
+            await store.sync()  # nothing pending: one sync
+
+    asyncio.run(run())
+    assert syncs == ["data", "super True", "entries", "entries", "entries", "entries"]
+    store.close()
+
+
+def test_a_release_without_bit_4_refuses_the_device(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "dev.img"
+    store = open_store(path)
+    store.write_version(store.devices[0], TREE, 0, 1, 0, tagged(0, 1, 0, 1))
+    store.close()
+    before = path.read_bytes()
+    monkeypatch.setattr(store_mod, "KNOWN_INCOMPAT", 3)  # the previous release's
+    with pytest.raises(StoreError, match="features 0x4 that this release does not know"):
+        open_store(path)
+    assert path.read_bytes() == before
+
+
+def test_a_torn_extension_entry_drops_its_slot(tmp_path: Path) -> None:
+    path = tmp_path / "dev.img"
+    store = open_store(path)
+    dev = store.devices[0]
+    store.write_version(dev, TREE, 0, 1, 0, tagged(0, 1, 0, 1))
+    store.write_version(dev, TREE, 0, 2, 0, tagged(0, 2, 0, 1))
+    vs = store.version_slot(TREE, 0, 2)
+    assert vs is not None
+    slot, gen = vs.slot, vs.generation
+    store.close()
+    with open(path, "r+b") as f:  # the entry of an older use of the slot
+        f.seek(dev.ext_offset(slot))
+        f.write(pack_ext(2, gen + 7, 1))
+    store = open_store(path)
+    try:
+        assert store.versions(TREE, 0) == {1: 1}
+        assert store.devices[0].used == 1 and slot in store.devices[0].free
+    finally:
+        store.close()
+
+
+def test_a_tombstone_frees_the_versions_of_its_tree(tmp_path: Path) -> None:
+    path = tmp_path / "dev.img"
+    store = open_store(path)
+    dev = store.devices[0]
+
+    async def run() -> None:
+        store.write(dev, TREE, 0, 0, b"v0")
+        store.write_version(dev, TREE, 0, 1, 0, tagged(0, 1, 0, 1))
+        store.write_version(dev, TREE, 1, 2, 0, tagged(1, 2, 0, 1))
+        await store.add_tombstones({TREE: 9})
+        with pytest.raises(VolumeDeleted):
+            store.write_version(dev, TREE, 0, 1, 0, tagged(0, 1, 0, 2))
+        assert store.read_version(TREE, 0, 1, 0, 8) is None
+        assert store.tombstone_chunks_left(TREE) == 3
+        while await store.free_tombstoned(TREE, 1):
+            pass
+        assert store.tombstone_chunks_left(TREE) == 0 and dev.used == 0
+        await store.drop_tombstones([TREE])
+
+    asyncio.run(run())
+    store.close()
+    store = open_store(path)
+    try:
+        assert store.versions(TREE, 0) == {} and store.versions(TREE, 1) == {}
+    finally:
+        store.close()
+
+
+def test_no_space_for_a_version_slot(tmp_path: Path) -> None:
+    path = tmp_path / "dev.img"
+    store = open_store(path)
+    dev = store.devices[0]
+    try:
+        for v in range(1, dev.slot_count + 1):
+            store.write_version(dev, TREE, 0, v, 0, tagged(0, v, 0, 1))
+        with pytest.raises(NoSpace):
+            store.write_version(dev, TREE, 0, 99, 0, tagged(0, 99, 0, 1))
+        assert 99 not in store.versions(TREE, 0) and dev.used == dev.slot_count
+    finally:
+        store.close()
+
+
+# -- a power cut at every sync ----------------------------------------------------------
+
+Key = tuple[int, int, int]  # chunk, version, block
+
+
+class Model:
+    """What was written and what a completed sync made durable."""
+
+    def __init__(self) -> None:
+        self.written: dict[Key, set[int]] = {}  # every sequence ever written
+        self.now: dict[Key, int] = {}  # the newest
+        self.durable: dict[Key, int] = {}  # the newest as of the last completed sync
+
+    def wrote(self, key: Key, seq: int) -> None:
+        self.written.setdefault(key, set()).add(seq)
+        self.now[key] = seq
+
+    def freed(self, chunk: int, version: int) -> None:
+        for key in [k for k in self.now if k[:2] == (chunk, version)]:
+            del self.now[key]
+            self.durable.pop(key, None)  # a free promises nothing until synced
+
+    def synced(self) -> None:
+        self.durable = dict(self.now)
+
+
+async def version_workload(store: ChunkStore, model: Model, rng: random.Random) -> None:
+    """Whole-block writes of versions 0..3 of three chunks, sector writes into held
+    blocks, frees of versions, and syncs (FLUSH): the same for every seed."""
+    dev = store.devices[0]
+    for seq in range(1, 70):
+        chunk, version = rng.randrange(3), rng.randrange(4)
+        r = rng.random()
+        if r < 0.15:
+            await store.sync()
+            model.synced()
+            continue
+        if r < 0.2 and version:
+            store.free_version(TREE, chunk, version)
+            model.freed(chunk, version)
+            continue
+        held = [b for (c, v, b) in model.now if (c, v) == (chunk, version)]
+        if r < 0.35 and held:  # one sector of a held block
+            block = rng.choice(held)
+            blocks, data, at = [block], tagged(chunk, version, block, seq, 512), block * BLOCK
+        else:
+            first = rng.choice([0, 1, 5, 100, 254])
+            blocks = list(range(first, first + rng.randrange(1, 3)))
+            data = b"".join(tagged(chunk, version, b, seq) for b in blocks)
+            at = first * BLOCK
+        if store.needs_reclaim_version(dev, TREE, chunk, version):
+            await store.reclaim(dev)
+        store.write_version(dev, TREE, chunk, version, at, data)
+        for b in blocks:
+            model.wrote((chunk, version, b), seq)
+
+
+def check_after_cut(store: ChunkStore, model: Model) -> None:
+    """Every block a version holds reads a write made to that very block (never
+    zeroes: no holds bit without its data, never another block's bytes); every block
+    synced before the cut is held, with its synced write or a newer one."""
+    for chunk in range(3):
+        held = store.versions(TREE, chunk)
+        for version, holds in held.items():
+            data = store.read_version(TREE, chunk, version, 0, CHUNK_SIZE)
+            assert data is not None
+            for block in range(256):
+                if not holds >> block & 1:
+                    continue
+                got = data[block * BLOCK : (block + 1) * BLOCK]
+                ident = struct.unpack_from(">QQQQQ", got)
+                key = (chunk, version, block)
+                if version == 0 and ident == (0, 0, 0, 0, 0):
+                    assert key not in model.durable, f"{key}: synced, reads zeroes"
+                    continue
+                assert ident[:4] == (TREE, *key), f"{key} reads {ident}"
+                assert bytes(got) == tagged(*key, ident[4]), f"{key}: torn"
+                assert ident[4] in model.written.get(key, ()), f"{key}: seq {ident[4]}"
+                if key in model.durable:
+                    assert ident[4] >= model.durable[key], f"{key}: older than synced"
+        for (c, v, b), seq in model.durable.items():
+            if c == chunk:
+                assert v in held and held[v] >> b & 1, f"{(c, v, b)} synced ({seq}), lost"
+
+
+def run_until_cut(
+    path: Path, crashed: Path, mp: pytest.MonkeyPatch, cut_at: int, model: Model, rng: random.Random
+) -> bool:
+    """Open the store and run the workload with the power cut at sync ``cut_at``;
+    whether it was cut (``crashed`` then holds what the disk kept)."""
+    power = SparsePowerLoss(path, mp, cut_at)
+    cut_sync = dio.fdatasync
+
+    def after_cut(fd: int) -> None:
+        if power.syncs >= cut_at:  # the power stays off
+            raise PowerCut
+        cut_sync(fd)
+
+    mp.setattr(dio, "fdatasync", after_cut)
+    mp.setattr(dio, "fsync", after_cut)
+
+    async def run() -> bool:
+        store = ChunkStore([DeviceSpec(str(path), CAPACITY, "pool")])
+        try:
+            store.open()
+            await version_workload(store, model, random.Random(3))
+        except PowerCut:
+            power.crash_image(crashed, rng)  # at once: nothing more reaches it
+            return True
+        finally:
+            for dev in store.devices:
+                dev.close()
+        return False
+
+    return asyncio.run(run())
+
+
+def test_a_power_cut_at_every_sync_never_leaves_a_holds_bit_without_its_data(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A power cut at each sync in turn (the store's open included), losing a random
+    half of the pages written since the last completed sync: every block synced is
+    there, and no block a version holds reads anything but a write to it."""
+    path = tmp_path / "dev.img"
+    crashed = tmp_path / "crashed.img"
+    fresh = tmp_path / "fresh.img"
+    open_store(fresh).close()
+    rng = random.Random(17)
+    cut_at = 1
+    while True:
+        sparse_copy(fresh, path)
+        model = Model()
+        with monkeypatch.context() as mp:
+            if not run_until_cut(path, crashed, mp, cut_at, model, rng):
+                break
+        store = open_store(crashed)
+        try:
+            check_after_cut(store, model)
+        finally:
+            store.close()
+        cut_at += 1
+    assert cut_at > 15  # the workload synced data and entries that many times
