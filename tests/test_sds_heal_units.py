@@ -8,24 +8,23 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Collection
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
 from _wait import wait_until_async
 from meshblock.chunks import CHUNK_SIZE, pg_of
-from meshblock.sds import heal, io_path
+from meshblock.sds import heal, io_path, resync
 from meshblock.sds.checksums import BLOCK, BLOCK_SHIFT
 from meshblock.sds.heal import repair_from_peer, runs
 from meshblock.sds.io_path import DataService
 from meshblock.sds.maps import MapCache, PgMap
 from meshblock.sds.replication import Peers
-from meshblock.sds.resync import Resync, ResyncAborted
+from meshblock.sds.resync import Resync, ResyncAborted, SourceLagging
 from meshblock.sds.state import SdsState
 from meshblock.sds.stats import SdsStats
 from meshblock.wire import csum
-from meshblock.wire.client import RawChunk, RequestError
+from meshblock.wire.client import RawChunk, Reply, RequestError
 from meshblock.wire.protocol import REQUEST_MAGIC, ROLE_OPS, Op, PeerRole, ReqFlag, Request, Status
 from test_device_failstop_units import DEV_IDS, ME, PG_COUNT, POOL, Conn
 from test_sds_checksums import VOL, data_offset, flip, open_store
@@ -48,6 +47,7 @@ class PeerCopy:
         # Raw reads sent by a map below this epoch are refused NOT_PERMITTED: this
         # copy's map does not name the reader yet (it lags, or the reader's does).
         self.names_us_from = 0
+        self.refusals = 0  # the next raw reads refused NOT_PERMITTED all the same
         self.epochs: list[int] = []  # the map epoch each raw read was sent by
 
     def future(self) -> asyncio.Future[Any]:
@@ -64,22 +64,23 @@ class PeerCopy:
         fut: asyncio.Future[Any],
         sums: Any = None,
     ) -> asyncio.Future[Any]:
-        """A forwarded write: applied to this copy at once, answered OK."""
+        """A forwarded write (or a copy job's): applied to this copy at once, answered OK."""
         assert op == Op.REPL_WRITE, op
         self.writes.append((offset, length))
         if self.refuse != Status.OK:  # answered after the primary wrote its copy
-            reply = SimpleNamespace(status=self.refuse)
+            reply = Reply(self.refuse, 0, 0, memoryview(b""))
             asyncio.get_running_loop().call_soon(fut.set_result, reply)
             return fut
         self.data = self.data[:offset] + bytes(payload[:length]) + self.data[offset + length :]
-        fut.set_result(SimpleNamespace(status=Status.OK))
+        fut.set_result(Reply(Status.OK, 0, 0, memoryview(b"")))
         return fut
 
     async def read_raw_chunk(
         self, volume: int, chunk: int, offset: int = 0, length: int = CHUNK_SIZE, epoch: int = 0
     ) -> RawChunk:
         self.epochs.append(epoch)
-        if epoch < self.names_us_from:
+        if epoch < self.names_us_from or self.refusals:
+            self.refusals = max(0, self.refusals - 1)
             raise RequestError(Op.CHUNK_READ_RAW, Status.NOT_PERMITTED, 1)
         lo, hi = offset >> BLOCK_SHIFT, (offset + length) >> BLOCK_SHIFT
         self.asked.append((lo, hi))
@@ -600,5 +601,55 @@ def test_a_clients_io_whose_copy_refuses_us_for_map_lag_does_not_wait_for_our_ma
         flip(tmp_path / "dev.img", data_offset(store, VOL, 1, 30 * BLOCK + 7))
         assert asyncio.run(main()) == Status.EPOCH_STALE
         assert peer.epochs == [1]
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("refusals", [2, 99], ids=["for-a-while", "for-long"])
+def test_a_copy_job_tries_a_chunk_again_while_a_copy_refuses_its_repair(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, refusals: int
+) -> None:
+    """A resync of chunk 1, whose block 5 is bad on us, the primary: the resync's
+    target (the only other copy) refuses our repair NOT_PERMITTED (its map lags) for
+    a while. The chunk is tried again RETRY_S apart, its range lock free in between:
+    after two refusals the block is repaired and the chunk copied whole, and the job
+    goes on; a copy that keeps refusing stops the job after LAG_RETRIES more tries
+    (SourceLagging), nothing sent. Before, the first refusal stopped the job, which
+    started over after RESTART_S, listed and copied its chunks again."""
+    monkeypatch.setattr(heal, "MAP_WAIT_S", 0.05)
+    monkeypatch.setattr(resync, "RETRY_S", 0.01)
+    data = pattern()
+    peer = PeerCopy(data)
+    peer.refusals = refusals
+    sds = state_with_peer(tmp_path, peer, monkeypatch, primary=True)
+    store = sds.store
+    m1 = sds.maps.maps[POOL]
+    not_clean = (False,) * PG_COUNT
+    m2 = PgMap(
+        POOL, 2, PG_COUNT, m1.primary, m1.secondary, m1.sds, {}, not_clean, (True,) * PG_COUNT
+    )
+    sds.maps.update(m2)  # PG resyncing, before the Resync listens: no job of its own
+    rs = Resync(sds)
+    pg = pg_of(VOL, 1, PG_COUNT)
+    rs._dest[(POOL, pg)] = (m2.secondary[pg], False)
+    tries = resync.LAG_RETRIES + 1
+
+    async def main() -> None:
+        await rs._copy(POOL, pg, VOL, 1)
+
+    try:
+        store.write(store.devices[0], VOL, 1, 0, data)
+        flip(tmp_path / "dev.img", data_offset(store, VOL, 1, 5 * BLOCK + 5))
+        if refusals < tries:
+            asyncio.run(main())
+            assert peer.epochs == [2] * (refusals + 1)
+            assert (rs.chunks_total, rs.marked_bad_total) == (1, 0)
+            assert peer.writes == [(0, CHUNK_SIZE)] and peer.data == data
+        else:
+            with pytest.raises(SourceLagging, match="refused us"):
+                asyncio.run(main())
+            assert peer.epochs == [2] * tries
+            assert (rs.chunks_total, rs.marked_bad_total, peer.writes) == (0, 0, [])
+        assert not sds.locks
     finally:
         store.close()

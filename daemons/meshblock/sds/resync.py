@@ -42,8 +42,9 @@ import asyncio
 import itertools
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from meshblock.chunks import CHUNK_SIZE, ChunkRef, pg_of
 from meshblock.sds.checksums import BLOCK_SHIFT, ChecksumError
@@ -58,10 +59,18 @@ from meshblock.wire.protocol import Op, ProtocolError, Status
 log = logging.getLogger(__name__)
 
 RESTART_S = 1.0  # pause before restarting a PG's resync that did not finish
+#: ... doubled after each further job of the PG that did not finish, up to this
+RESTART_MAX_S = 16.0
 RETRY_S = 0.5  # pause before retrying a chunk the secondary refused (map not there yet)
+#: Times a chunk is tried again (RETRY_S apart, its lock released) when a copy refused
+#: the repair of its bad blocks for map lag, before the job gives up (and starts over).
+LAG_RETRIES = 4
 #: Times a chunk is sent again after the copy found it damaged on the wire
 #: (CHECKSUM_MISMATCH) before the job gives up (and starts over).
 MISMATCH_RETRIES = 4
+#: The copy a job makes: (sds id, device id) and whether it is a new copy (a rebuild
+#: or a move) rather than a resync.
+_Copy = tuple[tuple[int, int], bool]
 # Tells the MDM a PG is synced: (pool, pg, epoch) -> the pool's new map epoch, at
 # which the copy is done, or None (refused).
 Reporter = Callable[[int, int, int], Awaitable[int | None]]
@@ -69,6 +78,10 @@ Reporter = Callable[[int, int, int], Awaitable[int | None]]
 
 class ResyncAborted(Exception):
     """The PG is no longer ours to resync at this map (or the secondary is gone)."""
+
+
+class SourceLagging(ResyncAborted):
+    """A chunk's bad blocks could not be repaired now: a copy refused us for map lag."""
 
 
 @dataclass(frozen=True)
@@ -150,7 +163,7 @@ class Resync:
         self._state = state
         self.reporter: Reporter | None = None
         self.jobs: dict[tuple[int, int], tuple[int, asyncio.Task[bool]]] = {}
-        self._dest: dict[tuple[int, int], tuple[tuple[int, int], bool]] = {}  # per job
+        self._dest: dict[tuple[int, int], _Copy] = {}  # per job
         self._missed: dict[tuple[int, int], set[tuple[int, int]]] = {}
         # PGs whose report the MDM accepted -> the map epoch that has them done; a map
         # older than that (in flight meanwhile) still names the copy: no new job for it
@@ -173,6 +186,10 @@ class Resync:
         # per peer SDS, when a forwarded write to it last lost its connection (or got no
         # answer in the peer's budget): a job copying to it since then does not report
         self._lost: dict[int, float] = {}
+        # PGs whose job did not finish, waiting for its restart: the copy it made (the
+        # map names the same one: no new job before the pause ends) and the timer
+        self._held: dict[tuple[int, int], tuple[_Copy, asyncio.TimerHandle]] = {}
+        self._failures: dict[tuple[int, int], int] = {}  # jobs in a row that did not finish
         state.maps.listeners.append(self.map_changed)
 
     def map_changed(self, m: PgMap) -> None:
@@ -186,9 +203,17 @@ class Resync:
                 del self._settled[key]
             dest = m.copy_to(pg) if me and m.primary[pg][0] == me else None
             want = None if dest is None else (dest, m.rebuilding[pg] or bool(m.target[pg][0]))
+            held = self._held.get(key)
+            if held is not None:
+                if held[0] == want:
+                    continue  # the same copy: restarted when its pause ends
+                held[1].cancel()  # another copy (or none): a fresh start
+                del self._held[key]
+                self._failures.pop(key, None)
             job = self.jobs.get(key)
             if job is not None and self._dest.get(key) != want:
                 job[1].cancel()
+                self._failures.pop(key, None)
                 del self.jobs[key]
                 self._dest.pop(key, None)
                 self.progress.pop(key, None)
@@ -239,23 +264,34 @@ class Resync:
         task.add_done_callback(lambda t: self._done(pool, pg, t))
 
     def _done(self, pool: int, pg: int, task: asyncio.Task[bool]) -> None:
-        job = self.jobs.get((pool, pg))
+        key = (pool, pg)
+        job = self.jobs.get(key)
+        want = None
         if job is not None and job[1] is task:
-            del self.jobs[(pool, pg)]
-            self._dest.pop((pool, pg), None)
-            self.progress.pop((pool, pg), None)
-            self._missed.pop((pool, pg), None)
+            del self.jobs[key]
+            want = self._dest.pop(key, None)
+            self.progress.pop(key, None)
+            self._missed.pop(key, None)
         if task.cancelled():
             return
         if task.exception() is not None:
             log.warning("resync of PG %d/%d stopped: %s", pool, pg, task.exception())
         if not task.exception() and task.result():
+            self._failures.pop(key, None)
             return
+        if want is None:
+            return  # no longer the PG's job: the map that replaced it decided
         # Still resyncing (the copy failed, or the MDM refused an old epoch): again
-        # from the newest map, after a pause.
-        asyncio.get_running_loop().call_later(RESTART_S, self._restart, pool)
+        # from the newest map, after a pause that grows while jobs keep failing (a
+        # copy that refuses us for long) and that maps naming the same copy do not cut.
+        failures = self._failures.get(key, 0)
+        self._failures[key] = failures + 1
+        pause = min(RESTART_S * 2**failures, RESTART_MAX_S)
+        timer = asyncio.get_running_loop().call_later(pause, self._restart, pool, pg)
+        self._held[key] = (want, timer)
 
-    def _restart(self, pool: int) -> None:
+    def _restart(self, pool: int, pg: int) -> None:
+        self._held.pop((pool, pg), None)
         m = self._state.maps.maps.get(pool)
         if m is not None:
             self.map_changed(m)
@@ -267,6 +303,9 @@ class Resync:
         tasks = [t for _, t in self.jobs.values()]
         self.jobs.clear()
         self._dest.clear()
+        for _, timer in self._held.values():
+            timer.cancel()
+        self._held.clear()
         for t in tasks:
             t.cancel()
         if tasks:
@@ -315,12 +354,13 @@ class Resync:
         reachable now, also with no chunk to copy (the peer connection gives up after
         the peer's short budget). :class:`ResyncAborted` when it cannot be reached,
         could not be at some moment since the job started at ``t0`` (a forward to it
-        lost its connection), or no longer is the copy."""
+        lost its connection), or no longer is the copy; the other chunks' copies are
+        cancelled first, so none goes on beside the job that starts over."""
         key = (plan.pool, plan.pg)
         try:
             chunks = plan.chunks
             while chunks:
-                await asyncio.gather(*(self._copy_limited(plan, v, c, progress) for v, c in chunks))
+                await _all_or_none(self._copy_limited(plan, v, c, progress) for v, c in chunks)
                 chunks = tuple(sorted(self._missed.get(key, ())))
                 self._missed[key] = set()
                 progress[0] = int(progress[0]) + len(chunks)
@@ -424,8 +464,12 @@ class Resync:
     async def _copy(self, pool: int, pg: int, volume: int, chunk: int) -> None:
         st = self._state
         key = chunk_key(volume, chunk)
-        mismatches = 0
+        mismatches = lagged = 0
+        pause = False
         while True:
+            if pause:  # a copy refused our repair of the chunk's bad blocks (map lag)
+                await asyncio.sleep(RETRY_S)  # the chunk's lock free meanwhile
+                pause = False
             ticket, earlier = st.locks.acquire(key, 0, CHUNK_SIZE)
             try:
                 for earlier_write in earlier:
@@ -434,7 +478,14 @@ class Resync:
                     return  # deleted since the job listed it: not copied
                 sec_id, address = self._target(pool, pg)
                 m = st.maps.maps[pool]
-                data, bad = await self._source(volume, chunk)
+                try:
+                    data, bad = await self._source(volume, chunk)
+                except SourceLagging:
+                    if lagged == LAG_RETRIES:
+                        raise
+                    lagged += 1
+                    pause = True
+                    continue  # the lock released (finally), then tried again
                 peer = st.peers.connected(sec_id, address) or await st.peers.get(sec_id, address)
                 if bad and not peer.features & FEATURE_MARK_BAD:
                     raise ResyncAborted(
@@ -484,17 +535,20 @@ class Resync:
         sent as zeroes and marked bad there, so that it reads as EIO and not as
         zeroes or stale bytes (docs/sds.md, "Healing"). Not when a copy refused our
         repair NOT_PERMITTED (a map lags): its blocks may be good, so the chunk is not
-        copied now (:class:`ResyncAborted`: the job starts again after RESTART_S, from
-        the newest map) and nothing is marked bad for it."""
+        copied now (:class:`SourceLagging`: :meth:`_copy` tries it again later, with
+        the lock released meanwhile, rather than wait for our next map under it) and
+        nothing is marked bad for it."""
         st = self._state
         lagging: set[int] = set()
         try:
             return st.store.read(volume, chunk, 0, CHUNK_SIZE), []
         except ChecksumError as exc:
-            await repair_from_peer(st, volume, chunk, exc.blocks, locked=True, lagging=lagging)
+            await repair_from_peer(
+                st, volume, chunk, exc.blocks, locked=True, lagging=lagging, wait=False
+            )
         data, bad = st.store.read_salvage(volume, chunk)
         if bad and lagging:
-            raise ResyncAborted(
+            raise SourceLagging(
                 f"chunk {volume}/{chunk} has blocks to repair that SDS(s) "
                 f"{', '.join(map(str, sorted(lagging)))} refused us (their map or ours "
                 "lags): copied later, nothing marked bad"
@@ -508,6 +562,17 @@ class Resync:
                 ", ".join(map(str, bad)),
             )
         return data, bad
+
+
+async def _all_or_none(coros: Iterable[Coroutine[Any, Any, None]]) -> None:
+    """Run ``coros`` side by side; the first to raise cancels the others (waited for:
+    none runs on past this) and is raised as it is (not in an exception group)."""
+    try:
+        async with asyncio.TaskGroup() as group:
+            for coro in coros:
+                group.create_task(coro)
+    except BaseExceptionGroup as exc:
+        raise exc.exceptions[0] from None
 
 
 def _runs(blocks: list[int]) -> list[tuple[int, int]]:
