@@ -30,6 +30,7 @@ from meshblock.sds.versions import (
     ENTRY_EXT,
     EXT_ENTRY,
     INCOMPAT_SLOT_EXT,
+    VersionTree,
     block_masks,
     pack_ext,
     unpack_ext,
@@ -401,3 +402,130 @@ def test_a_power_cut_at_every_sync_never_leaves_a_holds_bit_without_its_data(
             store.close()
         cut_at += 1
     assert cut_at > 15  # the workload synced data and entries that many times
+
+
+# -- block maps: reading a view through its ancestors ----------------------------------
+
+#: The tree of docs/snapshots.md ("A tree"): db wrote v0, v1, now v2; test (a clone of
+#: db-mon, view v0) wrote v3, now v4.
+DOC_TREE = {0: None, 1: 0, 2: 1, 3: 0, 4: 3}
+
+
+def test_version_tree_numbers_ancestors_whatever_the_depth() -> None:
+    vt = VersionTree(DOC_TREE)
+    assert vt.is_ancestor(0, 4) and vt.is_ancestor(1, 2) and vt.is_ancestor(2, 2)
+    assert not vt.is_ancestor(1, 4) and not vt.is_ancestor(3, 2) and not vt.is_ancestor(2, 1)
+    chain = VersionTree({v: (v - 1 if v else None) for v in range(1001)})
+    assert chain.is_ancestor(0, 1000) and chain.is_ancestor(999, 1000)
+    assert not chain.is_ancestor(1000, 999)
+    assert VersionTree(DOC_TREE).serial != vt.serial
+    with pytest.raises(ValueError, match="not a version"):
+        VersionTree({0: None, 2: 1})
+    with pytest.raises(ValueError, match="cycle"):
+        VersionTree({0: None, 1: 2, 2: 1})
+
+
+def test_block_maps_of_the_documented_tree(tmp_path: Path) -> None:
+    """Chunk 12 of tree 7 in docs/snapshots.md: each view reads each block from the
+    nearest of its versions that holds it."""
+    store = open_store(tmp_path / "dev.img")
+    dev = store.devices[0]
+    vt = VersionTree(DOC_TREE)
+    try:
+        store.write(dev, TREE, 12, 0, b"".join(tagged(12, 0, b, 1) for b in range(256)))
+        for version, blocks in ((1, (3, 4)), (2, (4,)), (3, (200,))):
+            for b in blocks:
+                store.write_version(dev, TREE, 12, version, b * BLOCK, tagged(12, version, b, 2))
+        want = {
+            2: {4: 2, 3: 1},  # db: 4 -> v2, 3 -> v1, every other block -> v0
+            1: {3: 1, 4: 1},  # db-tue
+            4: {200: 3},  # test (v4 wrote nothing here)
+            3: {200: 3},  # test-a
+            0: {},  # db-mon
+        }
+        for view, special in want.items():
+            got = store.read_view(vt, TREE, 12, view, 0, CHUNK_SIZE)
+            assert got is not None
+            for b in range(256):
+                v = special.get(b, 0)
+                assert bytes(got[b * BLOCK : (b + 1) * BLOCK]) == tagged(12, v, b, 1 + bool(v))
+            runs = store.view_map(vt, TREE, 12, view)
+            assert sum(n for _, n, _ in runs) == 256
+            assert len(runs) == {2: 4, 1: 3, 4: 3, 3: 3, 0: 1}[view]  # one read per run
+        # a range inside one block, and one across slots
+        got = store.read_view(vt, TREE, 12, 2, 3 * BLOCK + 8, BLOCK)
+        assert got is not None
+        assert bytes(got) == tagged(12, 1, 3, 2)[8:] + tagged(12, 2, 4, 2)[:8]
+        assert store.read_view(vt, TREE, 13, 2, 0, BLOCK) is None  # nothing anywhere
+    finally:
+        store.close()
+
+
+def test_a_read_through_a_deep_chain_costs_what_a_volume_read_costs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A view 100 versions below the only one that wrote the chunk reads it with the
+    reads a plain read makes; a version in between that wrote one block adds a run."""
+    store = open_store(tmp_path / "dev.img")
+    dev = store.devices[0]
+    chain = VersionTree({v: (v - 1 if v else None) for v in range(101)})
+    calls: list[str] = []
+    for name in ("pread", "preadv"):
+        real = getattr(dio, name)
+
+        def counted(*a: object, _real: object = real, _name: str = name) -> object:
+            calls.append(_name)
+            return _real(*a)  # type: ignore[operator]
+
+        monkeypatch.setattr(dio, name, counted)
+    try:
+        data = b"".join(tagged(0, 0, b, 1) for b in range(256))
+        store.write(dev, TREE, 0, 0, data)
+        store.read(TREE, 0, 0, CHUNK_SIZE)
+        plain = list(calls)
+        calls.clear()
+        got = store.read_view(chain, TREE, 0, 100, 0, CHUNK_SIZE)
+        assert got is not None and bytes(got) == data
+        calls.clear()
+        got = store.read_view(chain, TREE, 0, 100, 0, CHUNK_SIZE)  # its map is kept
+        assert calls == plain
+        store.write_version(dev, TREE, 0, 50, 7 * BLOCK, tagged(0, 50, 7, 2))
+        calls.clear()
+        got = store.read_view(chain, TREE, 0, 100, 0, CHUNK_SIZE)
+        assert got is not None and bytes(got[7 * BLOCK : 8 * BLOCK]) == tagged(0, 50, 7, 2)
+        assert len(calls) == 3 * len(plain)  # runs 0-6 and 8-255 of v0, block 7 of v50
+        got = store.read_view(chain, TREE, 0, 49, 7 * BLOCK, BLOCK)  # above v50: v0's
+        assert got is not None and bytes(got) == tagged(0, 0, 7, 1)
+    finally:
+        store.close()
+
+
+def test_a_partial_write_of_a_block_the_head_does_not_hold_merges_the_view(
+    tmp_path: Path,
+) -> None:
+    store = open_store(tmp_path / "dev.img")
+    dev = store.devices[0]
+    vt = VersionTree(DOC_TREE)
+    try:
+        store.write(dev, TREE, 1, 0, tagged(1, 0, 0, 1) * 2)
+        store.write_version(dev, TREE, 1, 1, BLOCK, tagged(1, 1, 1, 2))
+        # head v2: 100 bytes across blocks 0 (v0's) and 1 (v1's)
+        store.write_view(dev, vt, TREE, 1, 2, BLOCK - 50, b"n" * 100)
+        assert store.versions(TREE, 1)[2] == 0b11
+        got = store.read_view(vt, TREE, 1, 2, 0, 2 * BLOCK)
+        want = tagged(1, 0, 0, 1)[:-50] + b"n" * 100 + tagged(1, 1, 1, 2)[50:]
+        assert got is not None and bytes(got) == want
+        for view, first in ((1, tagged(1, 0, 0, 1)), (0, tagged(1, 0, 0, 1))):
+            got = store.read_view(vt, TREE, 1, view, 0, BLOCK)  # the ancestors unchanged
+            assert got is not None and bytes(got) == first
+        store.write_view(dev, vt, TREE, 1, 2, 10, b"m")  # a held block: in place
+        got = store.read_view(vt, TREE, 1, 2, 0, 12)
+        assert got is not None and bytes(got) == tagged(1, 0, 0, 1)[:10] + b"m" + b"\0"
+        store.write_view(dev, vt, TREE, 1, 4, 0, b"z" * 10)  # v4: nothing below but v0
+        got = store.read_view(vt, TREE, 1, 4, 0, BLOCK)
+        assert got is not None and bytes(got) == b"z" * 10 + tagged(1, 0, 0, 1)[10:]
+        assert store.free_version(TREE, 1, 2)  # its map drops the freed slot
+        got = store.read_view(vt, TREE, 1, 2, BLOCK, BLOCK)
+        assert got is not None and bytes(got) == tagged(1, 1, 1, 2)
+    finally:
+        store.close()

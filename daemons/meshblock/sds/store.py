@@ -100,6 +100,9 @@ from meshblock.sds.versions import (
     ENTRY_EXT,
     EXT_ENTRY,
     INCOMPAT_SLOT_EXT,
+    Run,
+    VersionTree,
+    block_map,
     block_masks,
     pack_ext,
     unpack_ext,
@@ -228,6 +231,10 @@ def _intact(buf: bytearray | memoryview, row: bytes) -> bool:
 #: References to a kept read buffer that nobody else holds: the list, the loop
 #: variable and ``sys.getrefcount``'s argument.
 _UNSHARED_REFS: Final = 3
+#: Chunks whose block maps (:meth:`ChunkStore.view_map`) a store keeps, at most.
+MAP_CACHE: Final = 4096
+#: A slot as a block map names it: ``(device, slot)``.
+Where = tuple["Device", int]
 #: Freed slots waiting for a sync before they are handed out again; more triggers one.
 RECLAIM_BATCH: Final = 64
 #: Slots whose checksums :meth:`ChunkStore.verify_marked` recomputes per thread call
@@ -741,6 +748,10 @@ class ChunkStore:
         # Version slots (>= 1; docs/snapshots.md): chunk key -> version -> its slot.
         self._versions: dict[int, dict[int, VersionSlot]] = {}
         self._load_holds: dict[tuple[Device, int], int] = {}  # while loading
+        # Block maps: chunk key -> view -> (the tree's serial, the plain slot's location
+        # then, the runs); dropped when a version slot of the chunk gains a block or
+        # goes, and not used once the tree or the plain slot changed.
+        self._maps: dict[int, dict[int, tuple[int, object, list[Run[Where]]]]] = {}
         # Per pool whose PG count we were told (index_pgs): the chunk keys of each PG,
         # kept as chunks are allocated and freed, so listing a PG does not scan the pool.
         self._pg_counts: dict[int, int] = {}
@@ -1658,6 +1669,8 @@ class ChunkStore:
             if new:
                 self._drop_new_version_slot(vs)
             raise
+        if new or touched & ~held:
+            self._maps.pop(chunk_key(tree, chunk), None)
         vs.holds |= touched
         if new or vs.holds & ~vs.written:
             vdev.ext_pending[slot] = vs
@@ -1690,6 +1703,7 @@ class ChunkStore:
         del of_chunk[vs.version]
         if not of_chunk:
             del self._versions[key]
+        self._maps.pop(key, None)
         vs.dev.used -= 1
         self._volume_chunks[vs.tree] -= 1
         vs.dev.ext_pending.pop(vs.slot, None)
@@ -1718,6 +1732,91 @@ class ChunkStore:
         else:
             self._pread(dev, buf, dev.slot_offset(vs.slot) + start)
         return buf[offset - start : offset - start + length]
+
+    def view_map(self, vtree: VersionTree, tree: int, chunk: int, view: int) -> list[Run[Where]]:
+        """The block map of ``view`` (a version of ``vtree``) over the tree's chunk:
+        runs of blocks and the slot each is read from (None: zeroes). Computed from
+        the chunk's slots on first use and kept (:data:`MAP_CACHE` chunks), so a read
+        costs one lookup whatever the depth of the view (docs/snapshots.md, Decision 3)."""
+        key = chunk_key(tree, chunk)
+        plain = self._index.get(key)
+        maps = self._maps.get(key)
+        got = None if maps is None else maps.get(view)
+        if got is not None and got[0] == vtree.serial and got[1] is plain:
+            return got[2]
+        held: dict[int, tuple[Where, int]] = {
+            v: ((vs.dev, vs.slot), vs.holds) for v, vs in self._versions.get(key, {}).items()
+        }
+        if plain is not None:
+            held[0] = (plain, ALL_BLOCKS)
+        runs = block_map(vtree, view, held)
+        if maps is None:
+            if len(self._maps) >= MAP_CACHE:
+                del self._maps[next(iter(self._maps))]
+            maps = self._maps[key] = {}
+        maps[view] = (vtree.serial, plain, runs)
+        return runs
+
+    def read_view(
+        self, vtree: VersionTree, tree: int, chunk: int, view: int, offset: int, length: int
+    ) -> memoryview | None:
+        """``length`` bytes at ``offset`` of the tree's chunk as ``view`` reads it:
+        each block from the slot its block map names, one read (checked as
+        :meth:`read` checks) per run of blocks of one slot in the range; None when
+        no slot holds a block of it for the view (it reads as zeroes)."""
+        runs = self.view_map(vtree, tree, chunk, view)
+        if (len(runs) == 1 and runs[0][2] is None) or tree in self._tombstones:
+            return None
+        first, last = offset >> BLOCK_SHIFT, (offset + length + BLOCK - 1) >> BLOCK_SHIFT
+        buf = self._read_buffer((last - first) << BLOCK_SHIFT)
+        for b0, n, where in runs:
+            lo, hi = max(b0, first), min(b0 + n, last)
+            if lo >= hi:
+                continue
+            piece = buf[(lo - first) << BLOCK_SHIFT : (hi - first) << BLOCK_SHIFT]
+            if where is None:
+                piece[:] = _ZERO_VIEW[: len(piece)]
+                continue
+            dev, slot = where
+            if dev.failed:
+                raise DeviceFailed(dev)
+            if dev.checksums:
+                self._read_checked(dev, slot, tree, chunk, lo, piece)
+            else:
+                self._pread(dev, piece, dev.slot_offset(slot) + (lo << BLOCK_SHIFT))
+        at = offset - (first << BLOCK_SHIFT)
+        return buf[at : at + length]
+
+    def write_view(
+        self,
+        dev: Device,
+        vtree: VersionTree,
+        tree: int,
+        chunk: int,
+        head: int,
+        offset: int,
+        data: bytes | memoryview,
+        sums: bytes | memoryview | None = None,
+    ) -> None:
+        """Write ``data`` at ``offset`` of the tree's chunk for the volume whose head
+        is ``head``: into the head's slot (:meth:`write_version`; version 0 is
+        :meth:`write`). A block the write covers in part and the head does not hold
+        is read through the head's block map and written whole with the new bytes
+        in (a 4 KiB read-modify-write, once per block: docs/snapshots.md, Decision 1)."""
+        if not head:
+            self.write(dev, tree, chunk, offset, data, sums)
+            return
+        touched, whole = block_masks(offset, len(data))
+        vs = self.version_slot(tree, chunk, head)
+        if not touched & ~whole & ~(0 if vs is None else vs.holds):
+            self.write_version(dev, tree, chunk, head, offset, data, sums)
+            return
+        start = offset & ~(BLOCK - 1)
+        size = _align(offset + len(data), BLOCK) - start
+        old = self.read_view(vtree, tree, chunk, head, start, size)
+        merged = bytearray(size) if old is None else bytearray(old)
+        merged[offset - start : offset - start + len(data)] = data
+        self.write_version(dev, tree, chunk, head, start, memoryview(merged))
 
     def free_version(self, tree: int, chunk: int, version: int) -> bool:
         """Free the slot of ``version`` (>= 1) of the tree's chunk through the

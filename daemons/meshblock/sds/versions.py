@@ -23,9 +23,11 @@ memory is :class:`meshblock.sds.store.VersionSlot`.
 
 from __future__ import annotations
 
+import itertools
 import struct
 import zlib
-from typing import Final
+from collections.abc import Mapping
+from typing import Final, TypeVar
 
 from meshblock.sds.checksums import BLOCK_SHIFT, BLOCKS
 
@@ -39,6 +41,7 @@ EXT_VALID: Final = 1
 #: Every block of a chunk.
 ALL_BLOCKS: Final = (1 << BLOCKS) - 1
 _RESERVED: Final = bytes(72)
+_T = TypeVar("_T")
 
 
 def pack_ext(version: int, generation: int, holds: int) -> bytes:
@@ -69,3 +72,82 @@ def block_masks(offset: int, length: int) -> tuple[int, int]:
     lo, hi = (offset + (1 << BLOCK_SHIFT) - 1) >> BLOCK_SHIFT, (offset + length) >> BLOCK_SHIFT
     whole = ((1 << (hi - lo)) - 1) << lo if hi > lo else 0
     return touched, whole
+
+
+class VersionTree:
+    """The versions of one tree with their parents (the MDM's, carried by the maps
+    from Step 3 on), numbered by a depth-first walk: *u* is an ancestor of *v* (or
+    *v* itself) when *u*'s interval contains *v*'s, an O(1) test whatever the depth
+    (docs/snapshots.md, Decision 3). Immutable; a tree that gains or loses a version
+    is a new object (another :attr:`serial`), which drops the block maps computed
+    with the old one."""
+
+    _serials = itertools.count(1)
+
+    def __init__(self, parents: Mapping[int, int | None]) -> None:
+        """``parents``: every version -> its parent (None for a root, version 0)."""
+        children: dict[int | None, list[int]] = {}
+        for version, parent in parents.items():
+            if parent is not None and parent not in parents:
+                raise ValueError(f"version {version}: parent {parent} is not a version")
+            children.setdefault(parent, []).append(version)
+        self.enter: dict[int, int] = {}
+        self.exit: dict[int, int] = {}
+        count = 0
+        stack: list[tuple[int, bool]] = [(v, False) for v in sorted(children.get(None, ()))]
+        while stack:
+            version, done = stack.pop()
+            count += 1
+            if done:
+                self.exit[version] = count
+                continue
+            self.enter[version] = count
+            stack.append((version, True))
+            stack.extend((c, False) for c in sorted(children.get(version, ()), reverse=True))
+        if len(self.enter) != len(parents):
+            raise ValueError("the versions' parents form a cycle")
+        self.serial = next(self._serials)
+
+    def __contains__(self, version: object) -> bool:
+        return version in self.enter
+
+    def is_ancestor(self, u: int, v: int) -> bool:
+        """Whether ``u`` is ``v`` or an ancestor of it."""
+        enter = self.enter
+        return enter[u] <= enter[v] and self.exit[v] <= self.exit[u]
+
+
+#: One run of a block map: ``(first block, count, slot holding them or None: zeroes)``.
+Run = tuple[int, int, _T | None]
+
+
+def block_map(tree: VersionTree, view: int, held: Mapping[int, tuple[_T, int]]) -> list[Run[_T]]:
+    """The block map of ``view`` over one chunk, as runs of consecutive blocks held by
+    the same slot: ``held`` is every version of the chunk with a slot -> (the slot,
+    its holds bitmap). Each block comes from the nearest slot whose version is the
+    view or an ancestor of it (nearest first: the larger depth-first entry number);
+    a block none holds reads zeroes."""
+    mine = sorted(
+        (v for v in held if v in tree and tree.is_ancestor(v, view)),
+        key=tree.enter.__getitem__,
+        reverse=True,
+    )
+    owner: list[_T | None] = [None] * BLOCKS
+    left = ALL_BLOCKS
+    for version in mine:
+        where, holds = held[version]
+        take = holds & left
+        left &= ~take
+        while take:
+            low = take & -take
+            owner[low.bit_length() - 1] = where
+            take ^= low
+        if not left:
+            break
+    runs: list[Run[_T]] = []
+    first = 0
+    for block in range(1, BLOCKS + 1):
+        if block == BLOCKS or owner[block] is not owner[first]:
+            runs.append((first, block - first, owner[first]))
+            first = block
+    return runs
