@@ -31,7 +31,7 @@ from _ports import free_port
 from meshblock.cli import values
 from meshblock.cli.__main__ import main
 from meshblock.cli.client import MdmClient, describe, error_from_response
-from meshblock.cli.commands import build_parser
+from meshblock.cli.commands import build_parser, impact
 from meshblock.cli.commands.cluster import topology_tree, unhealthy_components
 from meshblock.cli.errors import CliError, ExitCode, InvalidInput
 from meshblock.cli.output import TreeNode, render_fields, render_table, render_tree
@@ -73,7 +73,7 @@ VERBS = {
     "pd": ["create", "list", "show", "rename", "delete"],
     "faultset": ["create", "list", "show", "delete"],
     "pool": ["create", "set", "list", "show", "delete", "pgmap"],
-    "sds": ["add", "list", "show", "remove", "device-add", "device-remove"],
+    "sds": ["add", "list", "show", "remove", "device-add", "device-remove", "ok-to-stop"],
     "sdc": ["add", "list", "show", "rename", "remove", "maps"],
     "volume": ["create", "list", "show", "rename", "extend", "delete", "map", "unmap",
                "set-limits", "set-access"],
@@ -290,6 +290,49 @@ def error_doc(code: str, message: str, details: dict[str, Any] | None = None) ->
     if details:
         err["details"] = details
     return json.dumps({"error": err}).encode()
+
+
+def test_ok_to_stop_renders_and_exits_by_safety() -> None:
+    """Exit 0 when safe, 8 when not; the PGs listed by pool/PG, those with as many
+    copies before the stop marked."""
+    pg = {"pool_id": 1, "pool": "sp1", "pg": 3, "copies_now": 2, "already": False}
+    lost = dict(pg, pg=5, copies_now=0, already=True)
+    safe = {
+        "safe": True,
+        "sds": [{"id": 1, "name": "sds1", "state": "connected", "mode": "normal"}],
+        "pgs_with_copy": 1,
+        "unavailable": {"count": 0, "pgs": []},
+        "single_copy": {"count": 1, "pgs": [pg]},
+        "volumes_unavailable": [],
+        "volumes_single_copy": ["vol1"],
+        "already_unavailable": 0,
+        "already_single_copy": 2,
+    }
+    text = impact.render_stop(safe)
+    assert text.startswith("safe to stop sds1: ")
+    assert "1 PG(s) left with a single copy: sp1/3\n  volumes with data in them: vol1" in text
+    assert "2 PG(s) elsewhere have one copy already" in text
+    unsafe = dict(safe, safe=False, unavailable={"count": 1, "pgs": [lost]})
+    assert impact.render_stop(unsafe).startswith("NOT safe to stop sds1: 1 PG(s) would have")
+    assert "with no up-to-date copy: sp1/5*" in impact.render_stop(unsafe)
+
+    class Client:
+        doc: Any = safe
+
+        def get(self, path: str, query: Any = None) -> Any:
+            assert (path, query) == ("/api/v1/sds/ok-to-stop", {"names": "sds1"})
+            return self.doc
+
+    class Names:
+        def sds(self, ref: str) -> Any:
+            return {"name": ref}
+
+    ctx = argparse.Namespace(names=Names(), client=Client(), emit=lambda doc, human: None)
+    args = argparse.Namespace(names=["sds1"], fault_sets=[], pd=None)
+    assert impact.ok_to_stop(ctx, args) == ExitCode.OK  # type: ignore[arg-type]
+    Client.doc = unsafe
+    assert impact.ok_to_stop(ctx, args) == ExitCode.NOT_SAFE  # type: ignore[arg-type]
+    assert int(ExitCode.NOT_SAFE) == 8  # documented in docs/meshctl.md
 
 
 @pytest.mark.parametrize(
@@ -518,7 +561,8 @@ class Meshctl:
                 f"{proc.stdout}{proc.stderr}"
             )
         if proc.returncode != 0:
-            assert proc.stderr.startswith("meshctl: error: ") or proc.returncode == 1
+            # exit 1 (health) and 8 (ok-to-stop) are answers on stdout, not errors
+            assert proc.stderr.startswith("meshctl: error: ") or proc.returncode in (1, 8)
         return proc
 
     def json(self, *args: str, **kw: Any) -> Any:
@@ -724,6 +768,41 @@ def test_insufficient_capacity_exit_5_with_sizes(meshctl: Meshctl, cluster: Buil
                    expect=5)  # fmt: skip
     assert re.search(r"\(requested 2 TiB, free \d+(\.\d)? GiB, usable 54 GiB\)$", proc.stderr)
     meshctl("volume", "show", "huge", expect=4)  # a refused request changes nothing
+
+
+def test_ok_to_stop_exit_codes_and_dry_runs(meshctl: Meshctl, cluster: Built) -> None:
+    """No SDS of this cluster heartbeats: every PG has no serving copy already, so
+    stopping any SDS is not safe (exit 8, the PGs marked as so already). Unknown names
+    exit 4. The dry runs print the plan and change nothing; a refused change is
+    refused by its dry run too (maintenance of a disconnected SDS: exit 5)."""
+    proc = meshctl("sds", "ok-to-stop", "sds1", expect=8)
+    assert proc.stdout.startswith("NOT safe to stop sds1 (disconnected): "), proc.stdout
+    doc = json.loads(meshctl("sds", "ok-to-stop", "sds1", "--json", expect=8).stdout)
+    assert doc["safe"] is False
+    assert doc["unavailable"]["count"] == doc["pgs_with_copy"] > 0
+    assert all(g["already"] for g in doc["unavailable"]["pgs"])
+    assert set(doc["volumes_unavailable"]) >= {THIN, THICK}
+    doc = json.loads(meshctl("sds", "ok-to-stop", "--fault-set", "fs2", "--json", expect=8).stdout)
+    assert [s["name"] for s in doc["sds"]] == ["sds2"]
+    missing = meshctl("sds", "ok-to-stop", "sds1", "nosuch", expect=4)
+    assert missing.stderr == "meshctl: error: no SDS named 'nosuch'\n"
+    meshctl("sds", "ok-to-stop", expect=2)
+
+    before = meshctl.json("pool", "show", "sp1"), meshctl.json("sds", "show", "sds1")
+    rebalance = before[0]["rebalance_bandwidth_mibps"]
+    plan = meshctl.json("pool", "set", "sp1", "--spare-percent", "20", "--dry-run")
+    assert (plan["dry_run"], plan["changes"]) == (True, {"spare_percent": {"from": 10, "to": 20}})
+    out = meshctl("pool", "set", "sp1", "--rebalance-bandwidth", "7", "--dry-run").stdout
+    assert out.startswith("dry run: change pool sp1; nothing was changed\n"), out
+    assert f"rebalance_bandwidth_mibps: {rebalance} -> 7" in out
+    plan = meshctl.json("sds", "remove", "sds1", "--dry-run")
+    assert plan["action"] == "drain" and plan["bytes_to_copy"] > 0, plan
+    assert plan["pools"][0]["bandwidth_mibps"] == rebalance
+    out = meshctl("sds", "remove", "sds1", "--dry-run").stdout
+    assert "bytes to copy: " in out and "estimate: " in out
+    refused = meshctl("sds", "maintenance", "enter", "sds1", "--dry-run", expect=5)
+    assert "disconnected" in refused.stderr
+    assert (meshctl.json("pool", "show", "sp1"), meshctl.json("sds", "show", "sds1")) == before
 
 
 def test_invalid_input_exit_7(meshctl: Meshctl, cluster: Built) -> None:

@@ -19,6 +19,7 @@ class ExitCode(enum.IntEnum):
     CONFLICT = 5
     AUTH = 6
     INVALID = 7
+    NOT_SAFE = 8  # `meshctl sds ok-to-stop`: stopping them would leave a PG without a copy
 
 
 EXIT_CODES_HELP = """\
@@ -30,7 +31,8 @@ exit codes:
   4  not found (no object with that name or id)
   5  conflict (duplicate name, object in use, shrinking, insufficient capacity)
   6  authentication or authorisation refused (401/403): check the token
-  7  invalid input (bad size, value out of range; HTTP 400/422)"""
+  7  invalid input (bad size, value out of range; HTTP 400/422)
+  8  not safe: `meshctl sds ok-to-stop` found a PG that would have no copy left"""
 
 
 class CliError(Exception):

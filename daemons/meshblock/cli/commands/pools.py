@@ -9,6 +9,7 @@ from typing import Any
 
 from meshblock.cli import values
 from meshblock.cli.client import JsonObject
+from meshblock.cli.commands import impact
 from meshblock.cli.context import Context
 from meshblock.cli.errors import UsageError
 from meshblock.cli.output import percent, render_fields, render_table, size, timestamp
@@ -90,9 +91,17 @@ def register(root: Subparsers) -> None:
         examples=[
             "meshctl pool set sp1 --spare-percent 15",
             "meshctl pool set sp1 --rebuild-bandwidth 400MiB/s --rebuild-concurrency 4",
+            "meshctl pool set sp1 --rebalance-bandwidth 20 --dry-run",
         ],
+        description="""
+            A settings change moves no data. With --dry-run nothing changes: the MDM
+            checks the change as it would make it and prints each setting that would
+            change, and for the copies in progress (rebuilds and resyncs, rebalance
+            moves) the bytes left and the estimated time at the old and the new
+            throttle.""",
     )
     p.add_argument("name", help="pool name (or id)")
+    p.add_argument("--dry-run", action="store_true", help=impact.DRY_RUN_HELP)
     _add_settings(p)
 
     p = add_command(
@@ -163,6 +172,9 @@ def set_(ctx: Context, args: Namespace) -> None:
     if not body:
         raise UsageError("nothing to change: give at least one setting (see --help)")
     pool = ctx.names.pool(args.name)
+    if args.dry_run:
+        impact.dry_run(ctx, "PATCH", f"{PATH}/{pool['id']}", body)
+        return
     updated = ctx.client.patch(f"{PATH}/{pool['id']}", body)
     changed = ", ".join(f"{k}={updated.get(k)}" for k in body)
     ctx.done(f"updated pool {updated['name']!r}: {changed}", updated)

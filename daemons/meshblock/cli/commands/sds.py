@@ -7,7 +7,7 @@ from argparse import Namespace
 
 from meshblock.cli import values
 from meshblock.cli.client import JsonObject
-from meshblock.cli.commands import sds_join
+from meshblock.cli.commands import impact, sds_join
 from meshblock.cli.context import Context
 from meshblock.cli.errors import CliError, NotFound
 from meshblock.cli.output import render_fields, render_table, size, timestamp
@@ -97,10 +97,12 @@ def register(root: Subparsers) -> None:
             "meshctl sds remove sds4 --max-wait 3600",
             "meshctl sds remove sds4 --no-wait   # start the drain and return",
             "meshctl sds remove evil   # a pending or rejected SDS: deletes its request",
+            "meshctl sds remove sds4 --dry-run   # bytes to move, time at the rebalance throttle",
         ],
         aliases=["delete", "rm"],
     )
     p.add_argument("name", help="SDS name (or id)")
+    p.add_argument("--dry-run", action="store_true", help=impact.DRY_RUN_HELP)
     p.add_argument("--no-wait", action="store_true", help="start the drain and return (exit 0)")
     p.add_argument(
         "--max-wait",
@@ -137,14 +139,17 @@ def register(root: Subparsers) -> None:
             on it would be left without a copy (not clean, or its other copy is
             down, in maintenance or draining). exit: only what changed meanwhile is
             copied back (a delta resync), then its PGs are clean again; follow it
-            with 'meshctl rebuild status --watch'.""",
+            with 'meshctl rebuild status --watch'. Ask 'meshctl sds ok-to-stop NAME'
+            first; --dry-run lists the PGs that would be left with one copy.""",
         examples=[
+            "meshctl sds maintenance enter sds2 --dry-run",
             "meshctl sds maintenance enter sds2",
             "meshctl sds maintenance exit sds2",
         ],
     )
     p.add_argument("action", choices=["enter", "exit"], help="enter or exit maintenance")
     p.add_argument("name", help="SDS name (or id)")
+    p.add_argument("--dry-run", action="store_true", help=impact.DRY_RUN_HELP)
 
     p = add_command(
         sub,
@@ -195,6 +200,7 @@ def register(root: Subparsers) -> None:
     )
     p.add_argument("name", help="SDS name (or id)")
     p.add_argument("device", metavar="PATH", help="device path (or its name or id)")
+    impact.register(sub)
     sds_join.register(sub)
 
 
@@ -342,11 +348,21 @@ def remove(ctx: Context, args: Namespace) -> None:
         waiting = [r for r in sds_join.requests(ctx) if r["name"] == args.name]
         if not waiting:
             raise
+        if args.dry_run:
+            ctx.done(f"dry run: would delete the request to join of {args.name!r}")
+            return
         sds_join.delete_request(ctx, waiting[0])
         return
     path = f"{PATH}/{sds['id']}"
     used = sum(int(d.get("used_bytes") or 0) for d in sds.get("devices", []))
-    if _copies_left(ctx, path) == 0 and not used:  # holds nothing: no drain needed
+    empty = _copies_left(ctx, path) == 0 and not used
+    if args.dry_run:  # the removal's own checks when it holds nothing, else the drain's
+        if empty:
+            impact.dry_run(ctx, "DELETE", path)
+        else:
+            impact.dry_run(ctx, "POST", f"{path}/drain", {})
+        return
+    if empty:  # holds nothing: no drain needed
         ctx.client.delete(path)
         ctx.done(f"removed SDS {sds['name']!r}")
         return
@@ -406,6 +422,9 @@ def clear_flapping(ctx: Context, args: Namespace) -> None:
 
 def maintenance(ctx: Context, args: Namespace) -> None:
     sds = ctx.names.sds(args.name)
+    if args.dry_run:
+        impact.dry_run(ctx, "POST", f"{PATH}/{sds['id']}/maintenance", {"mode": args.action})
+        return
     doc = ctx.client.post(f"{PATH}/{sds['id']}/maintenance", {"mode": args.action})
     if args.action == "enter":
         ctx.done(f"SDS {sds['name']!r} is in maintenance: it may be stopped now", doc)
