@@ -5,8 +5,10 @@ rule, with a power cut at every sync of a workload of version writes."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import random
 import struct
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -346,9 +348,14 @@ def check_after_cut(store: ChunkStore, model: Model) -> None:
 
 
 def run_until_cut(
-    path: Path, crashed: Path, mp: pytest.MonkeyPatch, cut_at: int, model: Model, rng: random.Random
+    path: Path,
+    crashed: Path,
+    mp: pytest.MonkeyPatch,
+    cut_at: int,
+    workload: Callable[[ChunkStore], Awaitable[None]],
+    rng: random.Random,
 ) -> bool:
-    """Open the store and run the workload with the power cut at sync ``cut_at``;
+    """Open the store and run ``workload`` with the power cut at sync ``cut_at``;
     whether it was cut (``crashed`` then holds what the disk kept)."""
     power = SparsePowerLoss(path, mp, cut_at)
     cut_sync = dio.fdatasync
@@ -365,7 +372,7 @@ def run_until_cut(
         store = ChunkStore([DeviceSpec(str(path), CAPACITY, "pool")])
         try:
             store.open()
-            await version_workload(store, model, random.Random(3))
+            await workload(store)
         except PowerCut:
             power.crash_image(crashed, rng)  # at once: nothing more reaches it
             return True
@@ -393,7 +400,8 @@ def test_a_power_cut_at_every_sync_never_leaves_a_holds_bit_without_its_data(
         sparse_copy(fresh, path)
         model = Model()
         with monkeypatch.context() as mp:
-            if not run_until_cut(path, crashed, mp, cut_at, model, rng):
+            workload = functools.partial(version_workload, model=model, rng=random.Random(3))
+            if not run_until_cut(path, crashed, mp, cut_at, workload, rng):
                 break
         store = open_store(crashed)
         try:
@@ -529,3 +537,161 @@ def test_a_partial_write_of_a_block_the_head_does_not_hold_merges_the_view(
         assert got is not None and bytes(got) == tagged(1, 1, 1, 2)
     finally:
         store.close()
+
+
+# -- the garbage pass ------------------------------------------------------------------
+
+#: A tree with two heads (5 and 4) and the blocks each version wrote, per chunk; chunk 0
+#: of version 0 is written whole.
+GC_TREE = {0: None, 1: 0, 2: 1, 3: 0, 4: 3, 5: 2}
+GC_WRITES = {
+    0: {1: {3, 4, 10}, 2: {4, 11}, 3: {200, 3}, 4: {3}, 5: {10, 11, 12}},
+    1: {1: {0}, 2: {0, 1}, 5: {1}},
+}
+
+
+def write_gc_tree(store: ChunkStore) -> None:
+    dev = store.devices[0]
+    store.write(dev, TREE, 0, 0, b"".join(tagged(0, 0, b, 1) for b in range(256)))
+    for chunk, by_version in GC_WRITES.items():
+        for version, blocks in by_version.items():
+            for b in sorted(blocks):
+                store.write_version(
+                    dev, TREE, chunk, version, b * BLOCK, tagged(chunk, version, b, 1)
+                )
+
+
+def expected_view(vt: VersionTree, view: int, chunk: int) -> bytes:
+    """What ``view`` reads of the chunk: each block from the nearest version that wrote it."""
+    out = []
+    for b in range(256):
+        writers = [v for v, blocks in GC_WRITES[chunk].items() if b in blocks]
+        if chunk == 0:
+            writers.append(0)
+        mine = [v for v in writers if vt.is_ancestor(v, view)]
+        if mine:
+            v = max(mine, key=vt.enter.__getitem__)
+            out.append(tagged(chunk, v, b, 1))
+        else:
+            out.append(bytes(BLOCK))
+    return b"".join(out)
+
+
+def assert_views(store: ChunkStore, vt: VersionTree, live: set[int]) -> None:
+    for view in live:
+        for chunk in GC_WRITES:
+            got = store.read_view(vt, TREE, chunk, view, 0, CHUNK_SIZE)
+            want = expected_view(vt, view, chunk)
+            assert (bytes(got) if got is not None else bytes(CHUNK_SIZE)) == want, (view, chunk)
+
+
+def test_the_garbage_pass_frees_exactly_what_no_live_view_reads(tmp_path: Path) -> None:
+    path = tmp_path / "dev.img"
+    store = open_store(path)
+    dev = store.devices[0]
+    vt = VersionTree(GC_TREE)
+    live = set(GC_TREE)
+    try:
+        write_gc_tree(store)
+        assert store.tree_chunks(TREE) == [0, 1]
+        steps: list[tuple[set[int], dict[int, int], dict[int, int]]] = [
+            (set(), {}, {}),
+            # view 1 goes: what views 2 and 5 read of it through 2 stays
+            ({1}, {1: 1 << 4}, {1: 0b1}),
+            ({5}, {5: 0b111 << 10}, {5: 0b10}),  # head 5: its own slots only
+            ({2}, {2: 1 << 4 | 1 << 11, 1: 1 << 3 | 1 << 10}, {2: 0b11}),
+            ({0, 3}, {0: 1 << 3 | 1 << 200, 3: 1 << 3}, {}),  # only head 4 left
+        ]
+        for gone, chunk0, chunk1 in steps:
+            live -= gone
+            got = {c: store.collect_garbage(vt, live, TREE, c) for c in (0, 1)}
+            assert got == {0: chunk0, 1: chunk1}, gone
+            assert_views(store, vt, live)
+        assert store.versions(TREE, 0) == {0: ALL_BLOCKS, 4: 1 << 3, 3: 1 << 200}
+        assert store.versions(TREE, 1) == {}
+        raw = store.read(TREE, 0, 3 * BLOCK, BLOCK)  # punched in version 0's slot
+        assert raw is not None and not any(raw)
+        assert_views(store, vt, live)
+        store.close()
+        store = open_store(path)
+        assert store.versions(TREE, 0) == {0: ALL_BLOCKS, 4: 1 << 3, 3: 1 << 200}
+        assert_views(store, vt, live)
+        assert store.collect_garbage(vt, set(), TREE, 0) == {
+            0: ALL_BLOCKS,
+            3: 1 << 200,
+            4: 1 << 3,
+        }
+        assert store.tree_chunks(TREE) == [] and store.devices[0].used == 0
+    finally:
+        store.close()
+    del dev
+
+
+def test_cleared_holds_bits_persist_and_views_read_through(tmp_path: Path) -> None:
+    """A block of a dead version that a nearer version shadows for every live view
+    is garbage: zeroed and its bit cleared, on the disk too."""
+    path = tmp_path / "dev.img"
+    store = open_store(path)
+    dev = store.devices[0]
+    vt = VersionTree({0: None, 1: 0, 2: 1})
+    try:
+        for version, blocks in ((1, (3, 4)), (2, (4,))):
+            for b in blocks:
+                store.write_version(dev, TREE, 0, version, b * BLOCK, tagged(0, version, b, 1))
+        asyncio.run(store.sync())
+        assert store.collect_garbage(vt, {2}, TREE, 0) == {1: 1 << 4}
+        assert store.versions(TREE, 0) == {1: 1 << 3, 2: 1 << 4}
+        got = store.read_version(TREE, 0, 1, 4 * BLOCK, BLOCK)
+        assert got is not None and not any(got)
+    finally:
+        store.close()
+    store = open_store(path)
+    try:
+        assert store.versions(TREE, 0) == {1: 1 << 3, 2: 1 << 4}
+        got = store.read_view(vt, TREE, 0, 2, 3 * BLOCK, 2 * BLOCK)
+        assert got is not None and bytes(got) == tagged(0, 1, 3, 1) + tagged(0, 2, 4, 1)
+    finally:
+        store.close()
+
+
+GC_ORDER = [1, 0, 5, 2, 3, 4]
+
+
+def test_a_power_cut_at_every_sync_of_the_garbage_pass_keeps_every_live_view(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Views go one by one, each followed by the garbage pass over the tree's chunks
+    and a sync; a power cut at each sync in turn: every view still live reads what it
+    read before, and the pass run again after the restart finishes the job."""
+    fresh = tmp_path / "fresh.img"
+    store = open_store(fresh)
+    write_gc_tree(store)
+    store.close()
+    path, crashed = tmp_path / "dev.img", tmp_path / "crashed.img"
+    vt = VersionTree(GC_TREE)
+    rng = random.Random(5)
+    cut_at = 1
+    while True:
+        sparse_copy(fresh, path)
+        live = set(GC_TREE)
+
+        async def passes(store: ChunkStore, live: set[int] = live) -> None:
+            for view in GC_ORDER:
+                live.discard(view)
+                for chunk in store.tree_chunks(TREE):
+                    store.collect_garbage(vt, live, TREE, chunk)
+                await store.sync()
+
+        with monkeypatch.context() as mp:
+            if not run_until_cut(path, crashed, mp, cut_at, passes, rng):
+                break
+        store = open_store(crashed)
+        try:
+            assert_views(store, vt, live)
+            for chunk in store.tree_chunks(TREE):
+                store.collect_garbage(vt, live, TREE, chunk)
+            assert_views(store, vt, live)
+        finally:
+            store.close()
+        cut_at += 1
+    assert cut_at > 6

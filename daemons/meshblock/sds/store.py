@@ -1818,6 +1818,91 @@ class ChunkStore:
         merged[offset - start : offset - start + len(data)] = data
         self.write_version(dev, tree, chunk, head, start, memoryview(merged))
 
+    def tree_chunks(self, tree: int) -> list[int]:
+        """The chunks of ``tree`` with a slot here (of any version), ascending."""
+        keys = {k for k in self._versions if k >> 32 == tree}
+        keys.update(k for k in self._index if k >> 32 == tree)
+        return sorted(k & 0xFFFFFFFF for k in keys)
+
+    def collect_garbage(
+        self, vtree: VersionTree, live_views: Iterable[int], tree: int, chunk: int
+    ) -> dict[int, int]:
+        """The garbage pass of one chunk (docs/snapshots.md, Decision 5): a block of a
+        slot that no live view reads through its block map is freed (zeroed, its
+        checksum the zero block's, its holds bit cleared); a slot left with no block
+        used is freed whole through the crash-safe free path. ``vtree`` has every
+        version that still has slots (dead ones included), ``live_views`` the views
+        of the tree's volumes. Returns version -> the blocks freed.
+
+        No live view reads a block freed here, so the order in which the zeroes, the
+        cleared bits and the freed entries reach the disk does not matter: after a
+        power cut the pass finds what is left and frees it again."""
+        key = chunk_key(tree, chunk)
+        slots = dict(self._versions.get(key, {}))
+        held = {v: (v, vs.holds) for v, vs in slots.items()}
+        plain = self._index.get(key)
+        if plain is not None:
+            held[0] = (0, ALL_BLOCKS)
+        used = dict.fromkeys(held, 0)
+        for view in set(live_views):
+            if view not in vtree:
+                continue
+            for first, n, version in block_map(vtree, view, held):
+                if version is not None:
+                    used[version] |= ((1 << n) - 1) << first
+        freed = {}
+        for version, (_, holds) in held.items():
+            garbage = holds & ~used[version]
+            if not garbage:
+                continue
+            freed[version] = garbage
+            if version:
+                dev, slot = slots[version].dev, slots[version].slot
+            else:
+                assert plain is not None
+                dev, slot = plain
+            if dev.failed:
+                raise DeviceFailed(dev)
+            try:
+                if garbage == holds and not version:
+                    self._free(key, dev, slot)
+                elif garbage == holds:
+                    self._free_version(slots[version])
+                else:
+                    self._zero_blocks(dev, slot, garbage)
+                    if version:
+                        self._clear_bits(slots[version], garbage)
+            except OSError as exc:
+                raise self._io_error(dev, "freeing", exc) from exc
+        if freed:
+            self._maps.pop(key, None)
+        return freed
+
+    def _zero_blocks(self, dev: Device, slot: int, blocks: int) -> None:
+        """Zero ``blocks`` (a bitmap) of ``slot``, with the zero block's checksums."""
+        if dev.checksums:
+            if dev.unverified and slot in dev.unverified:
+                self._verify(dev, slot)
+            self._changing(dev, slot, False)
+        runs = [b for b in range(BLOCKS) if blocks >> b & 1]
+        for first, n in _runs(runs):
+            dev.zero_slot_range(slot, first << BLOCK_SHIFT, n << BLOCK_SHIFT)
+            if dev.checksums:
+                self._write_row(dev, slot, first, [ZERO_BLOCK_CRC] * n, False)
+
+    @staticmethod
+    def _clear_bits(vs: VersionSlot, blocks: int) -> None:
+        """Clear holds bits of blocks no live view reads: in memory and in the entry
+        on the device at once (the extension entry is written whole; with nothing to
+        order it after, an entry not written yet is left to the next sync)."""
+        vs.holds &= ~blocks
+        vs.written &= ~blocks
+        if vs.entered:
+            dev = vs.dev
+            dev.dirty = True
+            entry = pack_ext(vs.version, vs.generation, vs.written)
+            dio.pwrite(dev.fd, entry, dev.ext_offset(vs.slot))
+
     def free_version(self, tree: int, chunk: int, version: int) -> bool:
         """Free the slot of ``version`` (>= 1) of the tree's chunk through the
         crash-safe free path (its index entry cleared first); whether it had one."""
@@ -1845,7 +1930,7 @@ class ChunkStore:
         for vs, holds in batch:
             if vs.freed:
                 continue
-            bits = vs.written | holds
+            bits = (vs.written | holds) & vs.holds  # less the bits cleared since
             dio.pwrite(dev.fd, pack_ext(vs.version, vs.generation, bits), dev.ext_offset(vs.slot))
             vs.written = bits
             if not vs.entered:
