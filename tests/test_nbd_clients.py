@@ -12,7 +12,11 @@ Each test uses its own region of ``vol1`` (3 GiB):
     [0, 1 GiB)             nbdcopy
     [1 GiB, +64 MiB)       qemu-io patterns
     [1.25 GiB, +128 MiB)   fio verify
-    [2 GiB, +32 MiB)       concurrent overlapping writes, then the corruption
+    [2 GiB, +32 MiB)       concurrent overlapping writes
+
+The negative control corrupts a volume of its own, ``vol2`` (thin, mapped to the
+lab's SDC, 3 MiB written): the checker reads every stored chunk of the volume it
+checks, and it checks that volume four times (vol1 holds 1.2 GiB by then).
 """
 
 from __future__ import annotations
@@ -58,9 +62,9 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabCluster]:
         assert at < 0, f"{log.name} has a traceback:\n{text[max(0, at - 2000) : at + 6000]}"
 
 
-def verify(lab: LabCluster) -> tuple[int, dict[str, Any]]:
-    """``meshctl volume verify vol1 --json``: (exit code, report)."""
-    proc = lab.meshctl("volume", "verify", "vol1", "--json", check=False, timeout=300)
+def verify(lab: LabCluster, volume: str = "vol1") -> tuple[int, dict[str, Any]]:
+    """``meshctl volume verify VOLUME --json``: (exit code, report)."""
+    proc = lab.meshctl("volume", "verify", volume, "--json", check=False, timeout=300)
     assert proc.returncode in (0, 1), proc
     report: dict[str, Any] = json.loads(proc.stdout)
     return proc.returncode, report
@@ -199,13 +203,15 @@ def test_replicas_identical_after_concurrent_overlapping_writes(lab: LabCluster)
     assert report["stored_on_both"] >= OVERLAP_SIZE // CHUNK_SIZE
 
 
-async def _corrupt_secondary(lab: LabCluster, chunk: int, offset: int, data: bytes) -> str:
+async def _corrupt_secondary(
+    lab: LabCluster, volume: str, chunk: int, offset: int, data: bytes
+) -> str:
     """Write ``data`` into the secondary copy only, as its primary would replicate it
     (an injected fault: REPL_WRITE with the SDS_PEER role); returns the SDS's name."""
     api = lab.api()
     status, vols = api.get("/api/v1/volumes")
     assert status == 200
-    (vol,) = [v for v in vols["volumes"] if v["name"] == "vol1"]
+    (vol,) = [v for v in vols["volumes"] if v["name"] == volume]
     status, pgmap = api.get(f"/api/v1/pools/{vol['pool_id']}/pgmap")
     assert status == 200
     pg = pg_of(vol["id"], chunk, pgmap["pg_count"])
@@ -229,28 +235,38 @@ async def _corrupt_secondary(lab: LabCluster, chunk: int, offset: int, data: byt
     return str(sds["name"])
 
 
+CHECKED = "vol2"
+
+
 def test_checker_reports_a_corrupted_replica(lab: LabCluster) -> None:
     """Negative control: the checker does fail when one copy differs."""
-    base = OVERLAP_BASE + OVERLAP_SIZE + 4 * MiB
+    lab.meshctl("volume", "create", CHECKED, "--pool", "sp1", "--size", "1GiB")
+    lab.meshctl("volume", "map", CHECKED, "--sdc", "sdc1")
+    lab.wait_sdc(
+        f"the SDC to export {CHECKED}", lambda h: CHECKED in {e["name"] for e in h["exports"]}
+    )
+    uri = lab.uri("unix", volume=CHECKED)
+    base = 4 * MiB
     chunk, offset = base // CHUNK_SIZE + 1, 12345
-    qemu_io(lab.uri("unix"), f"write -P 0x77 {base} {3 * MiB}", "flush")
-    rc, report = verify(lab)
+    qemu_io(uri, f"write -P 0x77 {base} {3 * MiB}", "flush")
+    rc, report = verify(lab, CHECKED)
     assert rc == 0, report
+    assert report["stored_on_both"] == 3, report  # the chunks written just now
 
-    name = asyncio.run(_corrupt_secondary(lab, chunk, offset, b"\x88" * 100))
-    rc, report = verify(lab)
+    name = asyncio.run(_corrupt_secondary(lab, CHECKED, chunk, offset, b"\x88" * 100))
+    rc, report = verify(lab, CHECKED)
     assert rc == 1
     assert report["ok"] is False
     (diff,) = report["differences"]
     assert diff["chunk"] == chunk and diff["secondary"] == name
     assert diff["offset_in_chunk"] == offset and diff["differing_bytes"] == 100
     assert diff["volume_offset"] == chunk * CHUNK_SIZE + offset
-    human = lab.meshctl("volume", "verify", "vol1", check=False)
+    human = lab.meshctl("volume", "verify", CHECKED, check=False)
     assert human.returncode == 1 and "DIFFERENT: 1 chunk" in human.stdout, human.stdout
     # Reads come from the primary: the client still sees its data.
-    qemu_io(lab.uri("unix"), f"read -P 0x77 {base} {3 * MiB}", read_only=True)
+    qemu_io(uri, f"read -P 0x77 {base} {3 * MiB}", read_only=True)
 
     # Rewriting the range through the SDC writes both copies: identical again.
-    qemu_io(lab.uri("unix"), f"write -P 0x78 {chunk * CHUNK_SIZE} {CHUNK_SIZE}", "flush")
-    rc, report = verify(lab)
+    qemu_io(uri, f"write -P 0x78 {chunk * CHUNK_SIZE} {CHUNK_SIZE}", "flush")
+    rc, report = verify(lab, CHECKED)
     assert rc == 0, report
