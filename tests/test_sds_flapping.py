@@ -12,9 +12,9 @@ the whole episode. ``meshctl sds clear-flapping`` lets it prove itself up; its P
 resync and both copies of every chunk are identical.
 
 The second test is the gray flap of issue 21: the SDS's data and control ports
-dropped and restored every 3 s for a minute with nftables inside its own network
-namespace (``tests/_nft.py``; never in the root namespace), its heartbeats flowing,
-under fio write and verify."""
+dropped and restored every 3 s with nftables inside its own network namespace
+(``tests/_nft.py``; never in the root namespace), its heartbeats flowing, under fio
+write and verify, until two cycles after it is flapping (a minute at most)."""
 
 from __future__ import annotations
 
@@ -46,6 +46,8 @@ MiB = 1024 * 1024
 HOLD_DOWN_S = 5.0
 FLAP_COUNT = 3
 CYCLE_S = 3.0
+FIO_SIZE = "8M"  # the gray flap's fio region
+KEEP_FLAPPING = 2  # drop-restore cycles of the gray flap once the SDS is flapping
 
 
 @pytest.fixture(scope="module")
@@ -193,11 +195,12 @@ def test_ports_dropped_and_restored_every_3_s_end_flapping(
     ns: NetNs, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     """sds2 runs in a namespace of its own; an nftables table there drops every packet
-    to and from its data and control ports for 3 s, then none for 3 s, for a minute,
-    while its heartbeats (its own connections out to the MDM) flow, under fio write and
-    verify. A failure report takes it down once; its flaps take it out (flapping) with
-    the pool's map changed at most twice; ``clear-flapping`` brings it back once the
-    ports stay open; resync, fio clean, replicas identical."""
+    to and from its data and control ports for 3 s, then none for 3 s, until two
+    cycles after it is flapping (a minute at most), while its heartbeats (its own
+    connections out to the MDM) flow, under fio write and verify. A failure report
+    takes it down once; its flaps take it out (flapping) with the pool's map changed at
+    most twice; ``clear-flapping`` brings it back once the ports stay open; resync, fio
+    clean, replicas identical."""
 
     def make(workdir: Path, name: str, mdm: Any, fs: str | None) -> SdsDaemon:
         inside = name == "sds2"
@@ -219,21 +222,28 @@ def test_ports_dropped_and_restored_every_3_s_end_flapping(
         victim = c.sds[1]
         assert victim.netns is ns
         nft = Nft(ns)
-        job = Fio(c.sdc.uri(VOLUME), "gray", root / "fio", size="16M", iodepth=16, rate_iops=150)
+        # 2048 writes, then as many reads, at 150/s: IO for the ~30 s of the cycles below
+        job = Fio(c.sdc.uri(VOLUME), "gray", root / "fio", size=FIO_SIZE, iodepth=16, rate_iops=150)
         epoch0 = c.pgmap()["epoch"]
         job.start()
         epochs = {epoch0}
         cycles = 0
+        flapping_at: int | None = None
         try:
-            while cycles < 10:  # a minute
+            # Until it is flapping, then KEEP_FLAPPING more (it stays out while
+            # its ports go on flapping); a minute at most.
+            while cycles < 10 and (flapping_at is None or cycles < flapping_at + KEEP_FLAPPING):
                 nft.drop_ports([victim.data_port, victim.control_port])
                 time.sleep(CYCLE_S)
                 nft.restore()
                 time.sleep(CYCLE_S)
                 epochs.add(c.pgmap()["epoch"])
                 cycles += 1
+                if flapping_at is None and sds_doc(c, victim.name)["flapping"]:
+                    flapping_at = cycles
         finally:
             nft.restore()
+        print(f"flapping after {flapping_at} drop-restore cycles of {cycles}")
         doc = sds_doc(c, victim.name)
         assert doc["flapping"] and doc["state"] == "disconnected", (doc, c.logs())
         assert flapping_gauge(c, victim.name) == 1.0  # MeshblockSdsFlapping's expression
@@ -263,7 +273,7 @@ def test_ports_dropped_and_restored_every_3_s_end_flapping(
             "every PG clean after the resync",
             detail=c.logs,
         )
-        Fio(c.sdc.uri(VOLUME), "gray", root / "fio", size="16M", verify_only=True).run(
+        Fio(c.sdc.uri(VOLUME), "gray", root / "fio", size=FIO_SIZE, verify_only=True).run(
             timeout=120
         ).assert_clean("verified after the return")
         replicas_identical(c)
