@@ -23,7 +23,7 @@ from _mdm import MdmDaemon
 from _mgmt import MgmtDaemon, WebClient
 from _process import started
 
-pytestmark = pytest.mark.cluster
+pytestmark = [pytest.mark.cluster, pytest.mark.parallel]
 
 Entry = dict[str, Any]
 

@@ -20,7 +20,7 @@ from _mgmt import MgmtDaemon
 from _process import started
 from meshblock import pki
 
-pytestmark = pytest.mark.cluster
+pytestmark = [pytest.mark.cluster, pytest.mark.parallel]
 
 
 @pytest.fixture(scope="module")

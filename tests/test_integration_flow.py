@@ -29,7 +29,7 @@ from _sds import POOL, SdsDaemon
 from _wait import wait_until
 from test_nbd_server import qemu_io, run, sha256, tool
 
-pytestmark = pytest.mark.cluster
+pytestmark = [pytest.mark.cluster, pytest.mark.parallel]
 
 MiB = 1024 * 1024
 

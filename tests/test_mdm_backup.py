@@ -24,7 +24,7 @@ from _wait import wait_until
 from conftest import BACKENDS, new_database_url
 from test_nbd_server import qemu_io
 
-pytestmark = pytest.mark.cluster
+pytestmark = [pytest.mark.cluster, pytest.mark.parallel]
 
 
 def mdm_command(daemon: MdmDaemon, *args: str) -> subprocess.CompletedProcess[str]:

@@ -25,7 +25,7 @@ from _mdm import MdmDaemon
 from _process import started
 from meshblock import pki
 
-pytestmark = pytest.mark.cluster
+pytestmark = [pytest.mark.cluster, pytest.mark.parallel]
 
 GUID_A = "0d5d2c8e-8a7e-4a54-9d3b-6f1e2a3b4c5d"
 GUID_B = "7e1f3a9b-2c4d-4e6f-8a0b-1c2d3e4f5a6b"

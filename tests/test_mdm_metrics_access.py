@@ -21,7 +21,7 @@ from _mgmt import MgmtDaemon
 from _ports import free_port
 from _process import started
 
-pytestmark = pytest.mark.cluster
+pytestmark = [pytest.mark.cluster, pytest.mark.parallel]
 
 GUARDED = ("/health/components", "/health/metrics", "/metrics")
 

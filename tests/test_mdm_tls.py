@@ -27,7 +27,7 @@ from _mdm import MdmDaemon
 from _process import started
 from meshblock import pki
 
-pytestmark = pytest.mark.cluster
+pytestmark = [pytest.mark.cluster, pytest.mark.parallel]
 
 
 class TlsMdm(MdmDaemon):

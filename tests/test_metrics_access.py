@@ -29,7 +29,7 @@ from _sdc import SdcDaemon
 from _sds import SdsDaemon
 from _wait import wait_until
 
-pytestmark = pytest.mark.cluster
+pytestmark = [pytest.mark.cluster, pytest.mark.parallel]
 
 WRONG = "mtk-not-the-token"
 

@@ -41,7 +41,7 @@ from _mdm import MdmDaemon
 from _monitoring import AlertmanagerServer
 from _wait import wait_until
 
-pytestmark = pytest.mark.cluster
+pytestmark = [pytest.mark.cluster, pytest.mark.parallel]
 
 REPO = Path(__file__).resolve().parent.parent
 PROMETHEUS_DIR = REPO / "monitoring" / "prometheus"

@@ -24,7 +24,7 @@ import pytest
 from meshblock.sdc.attach import NbdAttacher
 from meshblock.sdc.nbd_helper import Helper, Refused
 
-pytestmark = pytest.mark.cluster
+pytestmark = [pytest.mark.cluster, pytest.mark.parallel]
 
 
 class Recorder:

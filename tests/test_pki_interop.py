@@ -23,7 +23,7 @@ from _ports import free_port
 from _process import ServerProcess
 from meshblock import pki
 
-pytestmark = pytest.mark.cluster
+pytestmark = [pytest.mark.cluster, pytest.mark.parallel]
 
 
 def meshctl(*argv: str | Path) -> subprocess.CompletedProcess[str]:

@@ -25,7 +25,7 @@ from meshblock.sds.store import ChunkStore, DeviceSpec
 from meshblock.wire.client import WireClient
 from meshblock.wire.protocol import Op, ReqFlag, Status
 
-pytestmark = pytest.mark.cluster
+pytestmark = [pytest.mark.cluster, pytest.mark.parallel]
 
 SECRET = "fua-test-secret"
 POOL, PG_COUNT, VOLUME, CHUNK = 3, 4, 5, 7
