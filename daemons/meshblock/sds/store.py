@@ -1878,6 +1878,63 @@ class ChunkStore:
             self._maps.pop(key, None)
         return freed
 
+    async def collapse(self, vtree: VersionTree, dead: int, tree: int, chunk: int) -> str:
+        """Collapse (docs/snapshots.md, Decision 5): merge the chunk's slot of the dead
+        version ``dead``, which has exactly one child in ``vtree``, into the child's.
+        Without a slot of the child, ``dead``'s slot becomes the child's (its entries
+        rewritten, no data moved: ``"relabelled"``); with one, the blocks the child does
+        not hold are copied into the child's slot, and once its entries are durable
+        the dead slot is freed (``"merged"``); ``"none"`` when ``dead`` has no slot.
+        Durable when it returns (it syncs the devices it changed): the MDM may then
+        drop ``dead`` from the tree once every chunk is done. A power cut before
+        leaves the chunk readable through ``dead`` as before."""
+        kids = vtree.children.get(dead, [])
+        if dead not in vtree or len(kids) != 1:
+            raise ValueError(f"version {dead} of tree {tree} has {len(kids)} children, not 1")
+        child = kids[0]
+        key = chunk_key(tree, chunk)
+        src = self.version_slot(tree, chunk, dead) if dead else None
+        plain = None if dead else self._index.get(key)
+        if src is None and plain is None:
+            return "none"
+        dst = self.version_slot(tree, chunk, child)
+        if dst is None:
+            vs = src if src is not None else self._plain_to_version(key, tree, chunk)
+            self._versions[key].pop(vs.version, None)
+            vs.version = child
+            self._versions[key][child] = vs
+            vs.dev.ext_pending[vs.slot] = vs  # the entry under its new version
+            vs.dev.dirty = True
+            self._maps.pop(key, None)
+            await self.sync([vs.dev])
+            return "relabelled"
+        holds = ALL_BLOCKS if src is None else src.holds
+        for first, n in _runs([b for b in range(BLOCKS) if (holds & ~dst.holds) >> b & 1]):
+            data = self.read_version(tree, chunk, dead, first << BLOCK_SHIFT, n << BLOCK_SHIFT)
+            assert data is not None
+            self.write_version(dst.dev, tree, chunk, child, first << BLOCK_SHIFT, bytes(data))
+        await self.sync([dst.dev])  # the child holds them durably: the dead slot may go
+        if src is not None:
+            self.free_version(tree, chunk, dead)
+        elif plain is not None and self._index.get(key) is plain:
+            self._free(key, *plain)
+        self._maps.pop(key, None)
+        return "merged"
+
+    def _plain_to_version(self, key: int, tree: int, chunk: int) -> VersionSlot:
+        """Make the chunk's plain slot (version 0) a version slot holding every block,
+        its entries (the extension entry, then the index entry with EXT under a new
+        generation) written by the next sync; until then the disk still has the
+        plain chunk."""
+        dev, slot = self._index.pop(key)
+        in_pg = self._indexed(dev, key)
+        if in_pg is not None:
+            in_pg.discard(key)
+        self._generation += 1
+        vs = VersionSlot(dev, slot, tree, chunk, 0, self._generation, ALL_BLOCKS)
+        self._versions.setdefault(key, {})[0] = vs
+        return vs
+
     def _zero_blocks(self, dev: Device, slot: int, blocks: int) -> None:
         """Zero ``blocks`` (a bitmap) of ``slot``, with the zero block's checksums."""
         if dev.checksums:

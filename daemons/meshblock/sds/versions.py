@@ -107,6 +107,10 @@ class VersionTree:
         if len(self.enter) != len(parents):
             raise ValueError("the versions' parents form a cycle")
         self.serial = next(self._serials)
+        self.parents = dict(parents)
+        self.children: dict[int, list[int]] = {
+            v: sorted(c) for v, c in children.items() if v is not None
+        }
 
     def __contains__(self, version: object) -> bool:
         return version in self.enter
