@@ -37,7 +37,7 @@ from meshblock.wire import PeerRole, WireClient
 from test_nbd_server import qemu_io, run, tool
 from test_nbd_tls import qemu_io_tls
 
-pytestmark = pytest.mark.cluster
+pytestmark = [pytest.mark.cluster, pytest.mark.parallel]
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB
