@@ -267,6 +267,10 @@ def test_no_space_for_a_version_slot(tmp_path: Path) -> None:
 Key = tuple[int, int, int]  # chunk, version, block
 
 
+#: Versions 1..3 are heads over version 0.
+FLAT = VersionTree({0: None, 1: 0, 2: 0, 3: 0})
+
+
 class Model:
     """What was written and what a completed sync made durable."""
 
@@ -303,7 +307,18 @@ async def version_workload(store: ChunkStore, model: Model, rng: random.Random) 
             store.free_version(TREE, chunk, version)
             model.freed(chunk, version)
             continue
-        held = [b for (c, v, b) in model.now if (c, v) == (chunk, version)]
+        if r < 0.25 and version:  # WRITE_ZEROES of whole blocks through the head
+            first = rng.choice([0, 1, 5, 100, 254])
+            blocks = list(range(first, first + rng.randrange(1, 3)))
+            plain = any(k[:2] == (chunk, 0) for k in model.now)
+            if store.needs_reclaim_version(dev, TREE, chunk, version):
+                await store.reclaim(dev)
+            store.zero_view(FLAT, dev, TREE, chunk, version, first * BLOCK, len(blocks) * BLOCK)
+            for b in blocks:
+                if plain or (chunk, version, b) in model.now:
+                    model.wrote((chunk, version, b), -seq)  # held as zeroes
+            continue
+        held = [b for (c, v, b), x in model.now.items() if (c, v) == (chunk, version) and x > 0]
         if r < 0.35 and held:  # one sector of a held block
             block = rng.choice(held)
             blocks, data, at = [block], tagged(chunk, version, block, seq, 512), block * BLOCK
@@ -320,9 +335,10 @@ async def version_workload(store: ChunkStore, model: Model, rng: random.Random) 
 
 
 def check_after_cut(store: ChunkStore, model: Model) -> None:
-    """Every block a version holds reads a write made to that very block (never
-    zeroes: no holds bit without its data, never another block's bytes); every block
-    synced before the cut is held, with its synced write or a newer one."""
+    """Every block a version holds reads a write made to that very block, or zeroes
+    it was given (never zeroes otherwise: no holds bit without its data; never another
+    block's bytes); every block synced before the cut is held, with its synced write
+    or a newer one."""
     for chunk in range(3):
         held = store.versions(TREE, chunk)
         for version, holds in held.items():
@@ -337,11 +353,15 @@ def check_after_cut(store: ChunkStore, model: Model) -> None:
                 if version == 0 and ident == (0, 0, 0, 0, 0):
                     assert key not in model.durable, f"{key}: synced, reads zeroes"
                     continue
+                floor = abs(model.durable.get(key, 0))
+                if version and not any(got):  # held as zeroes
+                    zeroed = [-x for x in model.written.get(key, ()) if x < 0]
+                    assert zeroed and max(zeroed) >= floor, f"{key}: zeroes, never zeroed"
+                    continue
                 assert ident[:4] == (TREE, *key), f"{key} reads {ident}"
                 assert bytes(got) == tagged(*key, ident[4]), f"{key}: torn"
                 assert ident[4] in model.written.get(key, ()), f"{key}: seq {ident[4]}"
-                if key in model.durable:
-                    assert ident[4] >= model.durable[key], f"{key}: older than synced"
+                assert ident[4] >= floor, f"{key}: older than synced"
         for (c, v, b), seq in model.durable.items():
             if c == chunk:
                 assert v in held and held[v] >> b & 1, f"{(c, v, b)} synced ({seq}), lost"
@@ -838,3 +858,36 @@ def test_a_power_cut_at_every_sync_of_collapses_keeps_the_live_view(
             store.close()
         cut_at += 1
     assert cut_at > 6
+
+
+def test_zeroes_through_a_head_are_held_where_an_ancestor_holds_the_block(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "dev.img"
+    store = open_store(path)
+    dev = store.devices[0]
+    vt = VersionTree({0: None, 1: 0})
+    try:
+        store.write(dev, TREE, 0, 0, b"".join(tagged(0, 0, b, 1) for b in range(4)))
+        store.write_version(dev, TREE, 0, 1, 3 * BLOCK, tagged(0, 1, 3, 2))
+        store.zero_view(vt, dev, TREE, 0, 1, BLOCK, 2 * BLOCK + 100)  # 1, 2 and part of 3
+        assert store.versions(TREE, 0)[1] == 0b1110
+        got = store.read_view(vt, TREE, 0, 1, 0, 4 * BLOCK)
+        want = tagged(0, 0, 0, 1) + bytes(2 * BLOCK + 100) + tagged(0, 1, 3, 2)[100:]
+        assert got is not None and bytes(got) == want
+        got = store.read_view(vt, TREE, 0, 0, 0, 4 * BLOCK)  # the ancestor unchanged
+        assert got is not None and bytes(got) == b"".join(tagged(0, 0, b, 1) for b in range(4))
+        store.zero_view(vt, dev, TREE, 7, 1, 0, CHUNK_SIZE)  # nobody holds chunk 7
+        assert store.versions(TREE, 7) == {}
+        store.write_version(dev, TREE, 7, 1, 0, tagged(7, 1, 0, 1))
+        store.zero_view(vt, dev, TREE, 7, 1, 0, CHUNK_SIZE)  # only the head: freed
+        assert store.versions(TREE, 7) == {} and dev.used == 2
+    finally:
+        store.close()
+    store = open_store(path)
+    try:
+        assert store.versions(TREE, 0)[1] == 0b1110
+        got = store.read_view(vt, TREE, 0, 1, BLOCK, BLOCK)
+        assert got is not None and not any(got)
+    finally:
+        store.close()

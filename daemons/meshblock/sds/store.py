@@ -1818,6 +1818,62 @@ class ChunkStore:
         merged[offset - start : offset - start + len(data)] = data
         self.write_version(dev, tree, chunk, head, start, memoryview(merged))
 
+    def zero_view(
+        self,
+        vtree: VersionTree,
+        dev: Device,
+        tree: int,
+        chunk: int,
+        head: int,
+        offset: int,
+        length: int,
+    ) -> None:
+        """WRITE_ZEROES / TRIM of ``length`` bytes at ``offset`` of the tree's chunk
+        for the volume whose head is ``head`` (version 0 is :meth:`zero`; ``dev``: where
+        a new slot of the head goes). A block the range covers whole that an ancestor
+        holds for the head's view is held by the head as zeroes (zeroed in its slot,
+        its bit set under the sync rule of writes); one the head holds is zeroed in
+        place; one nobody holds is left (it reads zeroes). Blocks covered in part get
+        zeroes through :meth:`write_view`. A whole chunk that no ancestor holds for
+        the view frees the head's slot (docs/snapshots.md, Decision 1, "Zeroes")."""
+        if not head:
+            self.zero(tree, chunk, offset, length)
+            return
+        if tree in self._tombstones:
+            raise self._deleted(tree)
+        touched, whole = block_masks(offset, length)
+        vs = self.version_slot(tree, chunk, head)
+        mine = None if vs is None else (vs.dev, vs.slot)
+        ancestors = 0
+        for first, n, where in self.view_map(vtree, tree, chunk, head):
+            if where is not None and where != mine:
+                ancestors |= ((1 << n) - 1) << first
+        if vs is not None and not ancestors and whole == ALL_BLOCKS:
+            self.free_version(tree, chunk, head)
+            return
+        ancestors &= whole
+        if vs is None and ancestors:
+            vs = self._new_version_slot(dev, tree, chunk, head)
+        if vs is not None and whole & (vs.holds | ancestors):
+            if vs.dev.failed:
+                raise DeviceFailed(vs.dev)
+            try:
+                self._zero_blocks(vs.dev, vs.slot, whole & (vs.holds | ancestors))
+            except OSError as exc:
+                raise self._io_error(vs.dev, "zeroing", exc) from exc
+            if ancestors & ~vs.holds:
+                self._maps.pop(chunk_key(tree, chunk), None)
+                vs.holds |= ancestors
+                vs.dev.ext_pending[vs.slot] = vs
+        end = offset + length
+        parts = {
+            (offset, min(end, _align(offset + 1, BLOCK))),
+            (max(offset, (end - 1) & ~(BLOCK - 1)), end),
+        }
+        for lo, hi in sorted(parts):
+            if (touched & ~whole) >> (lo >> BLOCK_SHIFT) & 1:
+                self.write_view(dev, vtree, tree, chunk, head, lo, bytes(hi - lo))
+
     def tree_chunks(self, tree: int) -> list[int]:
         """The chunks of ``tree`` with a slot here (of any version), ascending."""
         keys = {k for k in self._versions if k >> 32 == tree}
