@@ -1808,6 +1808,17 @@ class ChunkStore:
             return
         touched, whole = block_masks(offset, len(data))
         vs = self.version_slot(tree, chunk, head)
+        fresh = vs is None and touched == whole and dev.ext_feature
+        if fresh and self._nobody_holds(vtree, tree, chunk, head, touched):
+            # The first write of a version's slot to blocks no ancestor holds: they read
+            # zeroes without the bits as with them, and the new slot was durably zero,
+            # so the entries need not wait for a sync of the data (one sync, not two).
+            self.write_version(dev, tree, chunk, head, offset, data, sums)
+            vs = self.version_slot(tree, chunk, head)
+            assert vs is not None
+            if vs.dev.ext_pending.pop(vs.slot, None) is not None:
+                self._write_ext_entries(vs.dev, [(vs, vs.holds)])
+            return
         if not touched & ~whole & ~(0 if vs is None else vs.holds):
             self.write_version(dev, tree, chunk, head, offset, data, sums)
             return
@@ -1817,6 +1828,15 @@ class ChunkStore:
         merged = bytearray(size) if old is None else bytearray(old)
         merged[offset - start : offset - start + len(data)] = data
         self.write_version(dev, tree, chunk, head, start, memoryview(merged))
+
+    def _nobody_holds(
+        self, vtree: VersionTree, tree: int, chunk: int, view: int, blocks: int
+    ) -> bool:
+        """Whether no slot holds any of ``blocks`` for ``view`` (they read zeroes)."""
+        for first, n, where in self.view_map(vtree, tree, chunk, view):
+            if where is not None and blocks >> first & ((1 << n) - 1):
+                return False
+        return True
 
     def zero_view(
         self,
