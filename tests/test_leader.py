@@ -16,7 +16,7 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from meshblock.mdm import leader
+from meshblock.mdm import backup, leader
 from meshblock.mdm.app import create_app
 from meshblock.mdm.config import AuthConfig, DatabaseConfig, HaConfig, MdmConfig, ScrubConfig
 from meshblock.mdm.db import create_engine, migrate, session_factory
@@ -159,3 +159,27 @@ def test_a_second_mdm_on_one_sqlite_database_is_refused(tmp_path: Path) -> None:
 def test_bad_ha_settings_are_refused(ha: HaConfig) -> None:
     with pytest.raises(ValueError, match=r"ha\."):
         MdmConfig(auth=AUTH, ha=ha)
+
+
+def test_a_restore_raises_the_term_above_every_term_seen(tmp_path: Path) -> None:
+    """As it raises the epochs (docs/mdm.md, "Backup and restore"): SDSs and SDCs refuse
+    maps of a term older than one they saw, so the restored MDM leads in a term above
+    any they can have seen; a copy without the lease row gets one."""
+
+    async def main() -> None:
+        async with database(tmp_path / "mdm.db") as sessions:
+            assert await Lease(sessions, "mdm1", None).try_acquire(force=True)
+        await backup.make_safe(url_of(tmp_path / "mdm.db"))
+        async with database(tmp_path / "mdm.db") as sessions:
+            assert await lease_row(sessions) == (1 + backup.EPOCH_MARGIN, "mdm1")
+            again = Lease(sessions, "mdm1", None)
+            assert await again.try_acquire(force=True)
+            assert again.term == 2 + backup.EPOCH_MARGIN
+        await backup.make_safe(url_of(tmp_path / "empty.db"))
+        async with database(tmp_path / "empty.db") as sessions:
+            assert await lease_row(sessions) == (backup.EPOCH_MARGIN, "")
+            first = Lease(sessions, "mdm2", 30.0)
+            assert await first.try_acquire(), "the row a restore adds is expired"
+            assert first.term == 1 + backup.EPOCH_MARGIN
+
+    asyncio.run(main())

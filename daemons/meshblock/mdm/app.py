@@ -36,7 +36,9 @@ from meshblock.mdm.failures import FailureDetector
 from meshblock.mdm.holddown import Prober, probe
 from meshblock.mdm.leader import Lease
 from meshblock.mdm.liveness import Liveness
+from meshblock.mdm.mappings import MappingDocs
 from meshblock.mdm.models import Cluster, Sds
+from meshblock.mdm.pgmaps import MapCache
 from meshblock.mdm.rebalance import Rebalancer
 from meshblock.mdm.routing import ApiRoutes
 from meshblock.wire import tls as wire_tls
@@ -149,6 +151,9 @@ async def _open_store(app: web.Application, config: MdmConfig) -> AsyncIterator[
             liveness=liveness,
             write_gate=db.WriteGate(),
             lease=lease,
+            # every map, mappings document and heartbeat answer carries the term
+            map_cache=MapCache(lease.term),
+            mapping_docs=MappingDocs(lease.term),
         )
         health.setup_metrics(app)
         log.info("metadata store ready: %s (epoch %d)", db.redact_url(config.database.url), epoch)

@@ -140,8 +140,8 @@ def _make_safe_sync(url: str, what: str) -> None:
 
 async def make_safe(url: str) -> None:
     """Bring the restored database at ``url`` to this release's schema; in one
-    transaction raise its id sequences by :data:`ID_MARGIN` and its epochs by
-    :data:`EPOCH_MARGIN`, and mark every SDS it knows as not yet reported since."""
+    transaction raise its id sequences by :data:`ID_MARGIN`, its epochs and the leader
+    term by :data:`EPOCH_MARGIN`, and mark every SDS it knows as not yet reported since."""
     engine = create_engine(url, pool_size=1)
     try:
         await migrate(engine)
@@ -163,10 +163,28 @@ async def make_safe(url: str) -> None:
                 {"m": EPOCH_MARGIN},
             )
             await conn.execute(text("UPDATE cluster SET epoch = epoch + :m"), {"m": EPOCH_MARGIN})
+            await _raise_term(conn)
             await conn.execute(text("DELETE FROM restore_pending"))
             await conn.execute(text("INSERT INTO restore_pending (sds_id) SELECT id FROM sdss"))
     finally:
         await engine.dispose()
+
+
+async def _raise_term(conn: AsyncConnection) -> None:
+    """Raise the leader term by :data:`EPOCH_MARGIN`, above every term SDSs and SDCs
+    saw (they refuse maps and orders of an older one): the next MDM to lead takes the
+    one above. A copy without the lease row gets one, expired."""
+    raised = await conn.execute(
+        text("UPDATE mdm_leader SET term = term + :m WHERE id = 1"), {"m": EPOCH_MARGIN}
+    )
+    if raised.rowcount == 0:
+        await conn.execute(
+            text(
+                "INSERT INTO mdm_leader (id, term, holder, acquired_at, renewed_at, expires_at) "
+                "VALUES (1, :m, '', 0, 0, 0)"
+            ),
+            {"m": EPOCH_MARGIN},
+        )
 
 
 async def _raise_sequence(conn: AsyncConnection, table: str) -> None:

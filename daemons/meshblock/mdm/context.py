@@ -46,6 +46,11 @@ class MdmContext:
     lease: Lease | None = None  # the leader lease this MDM holds (leader.py)
     deposed: str | None = None  # why this MDM lost its leadership, once it has
 
+    @property
+    def term(self) -> int:
+        """This MDM's leader term, which its maps and answers carry (0: no lease)."""
+        return self.lease.term if self.lease is not None else 0
+
 
 CTX = web.AppKey("meshblock_mdm_context", MdmContext)
 # The API's TLS with its CRL (set by __main__ with [tls]; absent: plain HTTP, or tests).

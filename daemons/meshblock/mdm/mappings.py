@@ -69,7 +69,8 @@ class MappingDocs:
     every pool's mappings epoch as of a cluster epoch, read in one query for all the
     long-polls that a change wakes (a thousand SDSs follow their pools' documents)."""
 
-    def __init__(self) -> None:
+    def __init__(self, term: int = 0) -> None:
+        self.term = term  # this MDM's leader term, in every document (0: none)
         self._docs: dict[int, MapDocument] = {}  # pool -> its document at its epoch
         self._read_at = -1  # the cluster epoch the epochs were read at (or after)
         self._epochs: dict[int, int] = {}
@@ -100,6 +101,8 @@ class MappingDocs:
         if cached is not None and cached.epoch == epoch:
             return cached
         doc = await build(session, pool.id, epoch)
+        if self.term:
+            doc["term"] = self.term
         made = MapDocument(epoch, doc, json.dumps(doc, separators=(",", ":")).encode())
         self.builds += 1
         again = await session.execute(

@@ -294,7 +294,10 @@ class MapCache:
     (volumes, mappings: the cluster epoch). A newer epoch read from the store replaces
     the entry; another MDM sharing the database bumps the same column."""
 
-    def __init__(self) -> None:
+    def __init__(self, term: int = 0) -> None:
+        # the leader term of this MDM (leader.py): in every document's head, so in the
+        # deltas and their digests too (0: none, as documents of older MDMs)
+        self.term = term
         self._docs: dict[int, MapDocument] = {}
         self._deltas: dict[int, _Deltas] = {}
         self.builds = 0  # documents built (a hit costs none)
@@ -428,7 +431,12 @@ async def map_documents(
         else:
             missing.append(p)
     if missing:
-        built = await _build(session, missing, cache.pg_parts if cache is not None else None)
+        built = await _build(
+            session,
+            missing,
+            cache.pg_parts if cache is not None else None,
+            cache.term if cache is not None else 0,
+        )
         if cache is not None:
             cache.builds += len(missing)
             now = dict(
@@ -513,7 +521,10 @@ class PgPart:
 
 
 async def _build(
-    session: AsyncSession, pools: list[StoragePool], parts: dict[int, PgPart] | None = None
+    session: AsyncSession,
+    pools: list[StoragePool],
+    parts: dict[int, PgPart] | None = None,
+    term: int = 0,
 ) -> dict[int, tuple[dict[str, Any], Callable[[], bytes]]]:
     """Each pool's document and what encodes it; with ``parts``, the PGs' part of a
     pool whose rows did not change since it was built is reused, one whose rows
@@ -576,6 +587,8 @@ async def _build(
             "rebalance_concurrency": p.rebalance_concurrency,
             "rebalance_bandwidth_mibps": p.rebalance_bandwidth_mibps,
         }
+        if term:
+            head["term"] = term
         tail = {
             "devices": [{"device_id": d, "sds_id": sds} for d, sds in members],
             "sds": {str(k): v for k, v in sds_doc.items() if k in member_sds},

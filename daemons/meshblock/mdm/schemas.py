@@ -509,6 +509,7 @@ COMPONENTS: dict[str, dict[str, Any]] = {
         {
             "pool_id": _INT,
             "epoch": _INT,
+            "term": _INT,
             "pg_count": _INT,
             "rebuild_concurrency": _INT,
             "rebuild_bandwidth_mibps": _INT,
@@ -522,6 +523,7 @@ COMPONENTS: dict[str, dict[str, Any]] = {
     "SdcMaps": _resp(
         {
             "epoch": _INT,
+            "term": _INT,
             "sdc_id": _INT,
             "volumes": {"type": "array", "items": {"type": "object"}},
             "pools": {"type": "object"},
@@ -534,15 +536,19 @@ COMPONENTS: dict[str, dict[str, Any]] = {
         "properties": {
             "pool_id": _INT,
             "epoch": _INT,
+            "term": _INT,
             "volumes": {"type": "array", "items": {"type": "object"}},
             "unchanged": {"type": "boolean"},
         },
     },
-    "Heartbeat": _resp({"state": _STATE, "epoch": _INT, "heartbeat_interval_s": _NUM}),
+    "Heartbeat": _resp(
+        {"state": _STATE, "epoch": _INT, "term": _INT, "heartbeat_interval_s": _NUM}
+    ),
     "SdsHeartbeat": _resp(
         {
             "state": _STATE,
             "epoch": _INT,
+            "term": _INT,
             # how often to heartbeat ([cluster] heartbeat_interval_s)
             "heartbeat_interval_s": _NUM,
             # the MDM has not the state this heartbeat changes: send the whole of it next

@@ -16,7 +16,7 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
@@ -88,6 +88,16 @@ class _ScrapeCollector(Collector):
             "meshblock_sdc_maps_epoch",
             "Cluster epoch of the maps in use",
             value=f.epoch if f else 0,
+        )
+        yield GaugeMetricFamily(
+            "meshblock_sdc_mdm_term",
+            "The highest MDM leader term seen",
+            value=f.terms.highest if f else 0,
+        )
+        yield CounterMetricFamily(
+            "meshblock_sdc_mdm_term_refused",
+            "Maps and heartbeat answers of an older MDM leader term refused",
+            value=f.terms.refused if f else 0,
         )
         pools = GaugeMetricFamily(
             "meshblock_sdc_pool_map_epoch", "PG map epoch in use per pool", labels=["pool_id"]

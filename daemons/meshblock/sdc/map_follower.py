@@ -25,6 +25,7 @@ from meshblock import pgmap_delta
 from meshblock.files import write_atomic
 from meshblock.sdc.maps import MapError, PoolMap, SdcMaps, parse_maps
 from meshblock.sdc.mdm_client import MdmClient, MdmRefused, MdmUnavailable, sleep_backoff
+from meshblock.terms import Terms
 from meshblock.timeouts import heartbeat_interval
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,9 @@ class MapFollower:
         # pool key -> (its document in self._doc, that document's digest): computed once
         # (off the event loop) for a map taken whole, then updated by each delta
         self._digests: dict[str, tuple[Any, int]] = {}
+        # the highest MDM leader term seen: maps and answers of an older one (a deposed
+        # MDM's) are refused (meshblock.terms)
+        self.terms = Terms()
 
     # -- MapSource ----------------------------------------------------------------
 
@@ -212,6 +216,8 @@ class MapFollower:
         return {**doc, "pools": whole}
 
     def _apply(self, doc: Any) -> None:
+        if not self.terms.admit(doc, "the maps"):
+            raise MapError("the maps of an older MDM leader term (a deposed MDM's) refused")
         doc = self._whole_maps(doc)
         maps = parse_maps(doc)
         current = self.maps
@@ -350,7 +356,7 @@ class MapFollower:
             try:
                 doc = await self.client.heartbeat(sdc_id, self.epoch)
                 self._reachable(True)
-                if isinstance(doc, dict):
+                if isinstance(doc, dict) and self.terms.admit(doc, "a heartbeat answer"):
                     self._set_interval(doc.get("heartbeat_interval_s"))
             except MdmRefused as exc:
                 if exc.status == 404:

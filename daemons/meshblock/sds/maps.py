@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from meshblock import pgmap_doc
+from meshblock.terms import Terms
 
 NO_COPY = (0, 0)  # (sds_id, device_id) of a PG copy that is not placed
 CLEAN = pgmap_doc.CLEAN  # the state of a PG without ``state`` (state files of older versions)
@@ -129,6 +130,9 @@ class MapCache:
         self.maps: dict[int, PgMap] = {}
         self._changed = asyncio.Event()
         self.listeners: list[Callable[[PgMap], None]] = []  # called with each newer map
+        # the highest MDM leader term seen (maps, mappings, heartbeat answers): a map or
+        # an order of an older term is a deposed MDM's, refused (meshblock.terms)
+        self.terms = Terms()
 
     def get(self, pool_id: int) -> PgMap | None:
         return self.maps.get(pool_id)
@@ -140,7 +144,9 @@ class MapCache:
     def update(self, m: PgMap, *, same_epoch: bool = False) -> bool:
         """Keep ``m`` if it is newer than what we have (``same_epoch``: or at our epoch
         with another document, ours having been found not the MDM's); return whether
-        it was."""
+        it was. A map of an older MDM leader term than one seen is refused."""
+        if not self.terms.admit(m.doc, f"the map of pool {m.pool_id} at epoch {m.epoch}"):
+            return False
         old = self.maps.get(m.pool_id)
         if old is not None and (
             old.epoch > m.epoch or (old.epoch == m.epoch and (not same_epoch or old.doc == m.doc))

@@ -218,6 +218,7 @@ class MdmLink:
             for doc in state["maps"].values():
                 self._sds.maps.update(PgMap.from_doc(doc))
             for doc in (state.get("mappings") or {}).values():
+                self._sds.maps.terms.saw(doc)
                 self._sds.access.update(doc)
             # A cached map may be older than writes we made alone before we stopped:
             # it must not make a record look complete (resync falls back to full).
@@ -623,6 +624,9 @@ class MdmLink:
         except MdmUnavailable:
             self.beats.answered(0, None)
             raise
+        if status == 200 and not sds.maps.terms.admit(doc, "a heartbeat answer"):
+            self.beats.answered(0, None)  # a deposed MDM's: as if unanswered
+            return
         self.beats.answered(status, doc)
         if status == 200 and isinstance(doc, dict) and isinstance(doc.get("epoch"), int):
             self.cluster_epoch = max(self.cluster_epoch, doc["epoch"])
@@ -690,6 +694,9 @@ class MdmLink:
                 log.warning("map of pool %d: status %d", pool_id, status)
                 await asyncio.sleep(1.0)
                 continue
+            if not maps.terms.admit(doc, f"the map of pool {pool_id}"):
+                await asyncio.sleep(1.0)  # a deposed MDM's: until another answers
+                continue
             same_epoch, whole = whole, False
             delta = pgmap_delta.is_delta(doc)
             digest: int | None = None  # of ``doc``, once it is whole
@@ -756,6 +763,9 @@ class MdmLink:
                 log.warning("mappings of pool %d: status %d", pool_id, status)
                 await asyncio.sleep(max(poll, 1.0) if status == 403 else 1.0)
                 continue
+            if not self._sds.maps.terms.admit(doc, f"the mappings of pool {pool_id}"):
+                await asyncio.sleep(1.0)
+                continue
             try:
                 newer = not unchanged(doc) and access.update(doc)
             except ValueError as exc:
@@ -780,5 +790,7 @@ class MdmLink:
             return None
         if status != 200 or not isinstance(doc, dict):
             log.warning("mappings of pool %d: status %d", pool_id, status)
+            return None
+        if not self._sds.maps.terms.admit(doc, f"the mappings of pool {pool_id}"):
             return None
         return None if unchanged(doc) else doc

@@ -137,6 +137,20 @@ class SdsCollector(Collector):
         for pool_id, m in sorted(state.maps.maps.items()):
             epochs.add_metric([str(pool_id)], m.epoch)
         yield epochs
+        yield from _scalars(
+            (
+                GaugeMetricFamily,
+                "meshblock_sds_mdm_term",
+                "The highest MDM leader term seen",
+                state.maps.terms.highest,
+            ),
+            (
+                CounterMetricFamily,
+                "meshblock_sds_mdm_term_refused",
+                "Maps, mappings and heartbeat answers of an older MDM leader term refused",
+                state.maps.terms.refused,
+            ),
+        )
 
         peers = CounterMetricFamily(
             "meshblock_sds_peer_errors", "Failed replication requests, by peer", labels=["peer"]

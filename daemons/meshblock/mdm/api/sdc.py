@@ -206,6 +206,7 @@ async def sdc_heartbeat(request: web.Request, epoch: int | None) -> web.Response
         {
             "state": "connected",
             "epoch": c.notifier.epoch,
+            "term": c.term,
             "heartbeat_interval_s": c.config.cluster.interval_s,
         }
     )
@@ -256,6 +257,7 @@ async def sdc_maps(request: web.Request) -> web.Response:
         maps = await pgmaps.map_documents(s, pools, ctx(request).map_cache)
     head = {
         "epoch": epoch,
+        "term": ctx(request).term,
         "sdc_id": sdc_id,
         "volumes": [
             {

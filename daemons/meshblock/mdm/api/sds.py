@@ -613,6 +613,7 @@ async def sds_heartbeat(request: web.Request, beat: heartbeats.SdsBeat) -> web.R
     reply = {
         "state": live.state("sds", sds_id),
         "epoch": c.notifier.epoch,
+        "term": c.term,
         "heartbeat_interval_s": c.config.cluster.interval_s,
         # also while the scrub schedules are not loaded (after a start): the SDS sends
         # its scrub report again only when it changes, and this one is dropped

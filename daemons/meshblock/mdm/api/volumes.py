@@ -433,6 +433,6 @@ async def pool_mappings(request: web.Request) -> web.Response:
         if since is not None and pool.mappings_epoch == since:
             # what an SDS's refresh after a refused IO, and a long-poll's timeout,
             # mostly get: a few bytes instead of the document (up to ~870 KB)
-            return json({"pool_id": pool_id, "epoch": since, "unchanged": True})
+            return json({"pool_id": pool_id, "epoch": since, "unchanged": True, "term": docs.term})
         doc = await docs.document(s, pool)
     return await encoded_json(request, doc.body, doc.gzipped)
