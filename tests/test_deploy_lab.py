@@ -40,7 +40,8 @@ SDS_HOSTS = ("sds1", "sds2", "sds3")
 UNITS: dict[str, dict[str, list[tuple[str, int]]]] = {
     "mdm1": {"meshblock-mdm.service": [("*", 6611)]},
     **{h: {"meshblock-sds.service": [("*", 7072), ("*", 7073)]} for h in SDS_HOSTS},
-    "sdc1": {"meshblock-sdc.service": [("*", 7074), ("127.0.0.1", 10809)]},
+    # sdc1 opts in to NBD over TCP (inventory/lab/host_vars/sdc1.yml): TLS, an allow list.
+    "sdc1": {"meshblock-sdc.service": [("*", 7074), ("*", 10809)]},
     # sdcvm1 keeps the role's default: NBD on the unix socket only, no TCP listener.
     "sdcvm1": {"meshblock-sdc.service": [("*", 7074)]},
     "mgmt1": {
@@ -349,6 +350,187 @@ def test_vm_attach_runs_in_the_helper_and_the_sdc_has_no_capability(lab: HostLab
     wait_until(lambda: lab.ssh("sdcvm1", gone).returncode == 0, 120, f"{device} detached")
     after = lab.ssh("sdcvm1", "journalctl --no-pager -o cat -u 'meshblock-nbd-helper@*'")
     assert f"disconnect /dev/{device} for 'vmvol' done" in after.stdout, after.stdout
+
+
+# An NBD client in Python's ssl (OpenSSL 3, TLS 1.3), run on sdcvm1: NBD_OPT_STARTTLS,
+# the TLS handshake with the client certificate in DIR (mode "cert") or none, then
+# NBD_OPT_LIST and NBD_OPT_GO, and 3 MiB of random bytes written at 1 MiB - 4 KiB
+# (across chunk boundaries), flushed and read back; it prints their SHA-256, which
+# Debian 12's nbd-client 3.24 then reads through /dev/nbdN over TLS 1.2 (its GnuTLS
+# priority is fixed to TLS 1.2: sdc1 sets sdc_nbd_tls_min_version "1.2").
+VM_NBD_CLIENT = r"""
+import hashlib, os, socket, ssl, struct, sys
+
+host, export, tlsdir, mode = sys.argv[1:5]
+OPT, REPLY = b"IHAVEOPT", 0x3E889045565A9
+
+
+def exact(s, n):
+    buf = b""
+    while len(buf) < n:
+        more = s.recv(n - len(buf))
+        if not more:
+            raise EOFError("closed by the server")
+        buf += more
+    return buf
+
+
+def option(s, opt, data=b""):
+    s.sendall(OPT + struct.pack(">II", opt, len(data)) + data)
+    replies = []
+    while True:
+        magic, got, kind, n = struct.unpack(">QIII", exact(s, 20))
+        assert magic == REPLY and got == opt, (magic, got)
+        body = exact(s, n)
+        if kind == 1:  # ACK
+            return replies
+        if kind >= 2**31:
+            raise RuntimeError(f"option {opt}: error {kind - 2**31}")
+        replies.append((kind, body))
+
+
+raw = socket.create_connection((host, 10809), timeout=20)
+assert exact(raw, 16) == b"NBDMAGICIHAVEOPT"
+exact(raw, 2)
+raw.sendall(struct.pack(">I", 3))  # FIXED_NEWSTYLE | NO_ZEROES
+option(raw, 5)  # STARTTLS
+ctx = ssl.create_default_context(cafile=f"{tlsdir}/ca.crt")
+if mode == "cert":
+    ctx.load_cert_chain(f"{tlsdir}/client.crt", f"{tlsdir}/client.key")
+try:
+    s = ctx.wrap_socket(raw, server_hostname="sdc1")
+    listed = [b[4 : 4 + int.from_bytes(b[:4])].decode() for _, b in option(s, 3)]  # LIST
+except (OSError, EOFError) as exc:
+    print(f"refused: {type(exc).__name__}: {exc}")
+    sys.exit(3)
+print("listed:", " ".join(listed), "TLS:", s.version())
+name = export.encode()
+infos = option(s, 7, struct.pack(">I", len(name)) + name + struct.pack(">H", 0))  # GO
+size = next(struct.unpack(">HQH", b[:12])[1] for k, b in infos if k == 3 and b[:2] == b"\0\0")
+data, off = os.urandom(3 << 20), (1 << 20) - 4096
+
+
+def cmd(kind, offset, length, payload=b""):
+    s.sendall(struct.pack(">IHHQQI", 0x25609513, 0, kind, 7, offset, length) + payload)
+    if kind == 2:
+        return b""
+    magic, err, _ = struct.unpack(">IIQ", exact(s, 16))
+    assert magic == 0x67446698 and err == 0, (magic, err)
+    return exact(s, length) if kind == 0 else b""
+
+
+cmd(1, off, len(data), data)
+cmd(3, 0, 0)
+back = cmd(0, off, len(data))
+cmd(2, 0, 0)
+print("size", size, "roundtrip", "ok" if back == data else "MISMATCH")
+print("written sha256", hashlib.sha256(data).hexdigest())
+"""
+
+VM_NBD_TLS_SCRIPT = r"""
+set -u
+d=/root/nbd-tls
+nbd-client -V 2>&1 | head -1
+echo "== cert"
+for i in $(seq 1 20); do
+  python3 $d/client.py {host} {volume} $d cert > $d/out 2>&1 && break
+  sleep 1
+done
+cat $d/out
+echo "== nbd-client"
+dev=
+for n in 15 14 13 12 11 10; do [ -e /sys/block/nbd$n/pid ] || {{ dev=/dev/nbd$n; break; }}; done
+if timeout 60 nbd-client {host} 10809 $dev -N {volume} -certfile $d/client.crt \
+    -keyfile $d/client.key -cacertfile $d/ca.crt -tlshostname sdc1 2>&1; then
+  dd if=$dev bs=4096 skip=255 count=768 iflag=direct 2>/dev/null | sha256sum \
+    | sed 's/ .*//; s/^/nbd-client sha256 /'
+  nbd-client -d $dev
+fi
+echo "== nocert"
+python3 $d/client.py {host} {volume} $d nocert 2>&1
+echo "nocert exit $?"
+"""
+
+# Run on the controller (10.231.0.1, not in sdc1's allow list): what it reads from
+# sdc1's NBD port before the connection ends (nothing: no greeting).
+NOT_ALLOWED_PROBE = r"""
+import socket, sys
+with socket.create_connection((sys.argv[1], 10809), timeout=10) as s:
+    try:
+        print(repr(s.recv(64)))
+    except ConnectionResetError:
+        print("reset")
+"""
+
+
+def test_vm_nbd_over_tls_to_sdc1(lab: HostLab) -> None:
+    """sdc1 opts in to NBD over TCP (inventory/lab/host_vars/sdc1.yml): the sdc role
+    makes it TLS with sdc1's certificate of the cluster CA, and its allow list lets
+    loopback and sdcvm1 connect, sdcvm1 opening only volumes named nbdtls*. From
+    sdcvm1, with a client certificate of the CA issued here (`meshctl ca issue`): an
+    NBD client over TLS 1.3 lists only nbdtls1, opens it, and 3 MiB written read back
+    the same; Debian's nbd-client 3.24 with -certfile, which offers TLS 1.2 only,
+    attaches it as /dev/nbdN over TLS 1.2 (sdc1 sets sdc_nbd_tls_min_version "1.2")
+    and reads the same 3 MiB; without a client certificate the handshake is refused;
+    the controller's address is disconnected before NBD's greeting."""
+    started = time.monotonic()
+    volume = "nbdtls1"
+    identity = "sdc:nbd-client-sdcvm1"
+    out = lab.pki / "nbd-client"
+    _ok(
+        subprocess.run(
+            [
+                *(str(VENV_BIN / "meshctl"), "ca", "issue", identity, "--ca", str(lab.pki / "ca")),
+                *("--out", str(out), "--usage", "client", "--days", "2", "--force"),
+            ],
+            capture_output=True,
+            text=True,
+        ),
+        "meshctl ca issue",
+    )
+    for args in (
+        ("volume", "create", volume, "--pool", "sp1", "--size", "1GiB"),
+        ("volume", "map", volume, "--sdc", "sdc1"),
+    ):
+        _ok(lab.meshctl(*args), f"meshctl {' '.join(args)}")
+    stem = identity.replace(":", "-")
+    files = {
+        "ca.crt": (out / "ca.crt").read_text(),
+        "client.crt": (out / f"{stem}.crt").read_text(),
+        "client.key": (out / f"{stem}.key").read_text(),
+        "client.py": VM_NBD_CLIENT,
+    }
+    install = "umask 077 && mkdir -p /root/nbd-tls && " + " && ".join(
+        f"printf %s {shlex.quote(text)} > /root/nbd-tls/{name}" for name, text in files.items()
+    )
+    sdc1 = lab.hosts["sdc1"].address
+    script = install + "\n" + VM_NBD_TLS_SCRIPT.format(host=sdc1, volume=volume)
+    result = lab.ssh("sdcvm1", script, timeout=300)  # one ssh: each costs seconds on TCG
+    seen = result.stdout + result.stderr
+    assert result.returncode == 0, seen
+    assert "nbd 3.24" in seen, seen
+    cert, rest = seen.split("== cert", 1)[1].split("== nbd-client", 1)
+    nbd_client, nocert = rest.split("== nocert", 1)
+    assert f"listed: {volume} TLS: TLSv1.3" in cert, seen  # not the smoke volume
+    assert "roundtrip ok" in cert, seen
+    written = cert.split("written sha256 ", 1)[1].split()[0]
+    assert f"nbd-client sha256 {written}" in nbd_client, seen
+    assert "refused:" in nocert and "nocert exit 3" in nocert, seen
+    probe = _ok(lab.netns(sys.executable, "-c", NOT_ALLOWED_PROBE, sdc1), "the allow-list probe")
+    assert probe.strip() in ("b''", "reset"), probe
+    journal = _ok(
+        lab.ssh("sdc1", "journalctl --no-pager -o cat -u meshblock-sdc.service"), "journal"
+    ).splitlines()
+
+    def logged(*words: str) -> list[str]:
+        return [line for line in journal if all(w in line for w in words)]
+
+    vm, tail = lab.hosts["sdcvm1"].address, "\n".join(journal[-40:])
+    assert logged(vm, "TLS TLSv1.3, client " + identity), tail
+    assert logged(vm, "TLS TLSv1.2, client " + identity), f"{nbd_client}\n{tail}"
+    assert logged(vm, "PEER_DID_NOT_RETURN_A_CERTIFICATE"), tail
+    assert logged("10.231.0.1:", "not in the allow list"), tail
+    _record("nbd_tls_vm_s", time.monotonic() - started)
 
 
 def test_unit_exposure_scores_on_the_hosts(lab: HostLab) -> None:
