@@ -154,6 +154,11 @@ class HostLab:
             "ANSIBLE_NOCOLOR": "1",
             "ANSIBLE_FORCE_COLOR": "0",
             "ANSIBLE_HOST_KEY_CHECKING": "False",
+            # Each task's time on each host, for artifacts/hostlab/junit/ (the
+            # lab's run time is most of `make test`'s).
+            "ANSIBLE_CALLBACKS_ENABLED": "ansible.builtin.junit",
+            "JUNIT_OUTPUT_DIR": str(ARTIFACTS / "junit"),
+            "JUNIT_TASK_CLASS": "true",
             "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '')}",
         }
 

@@ -293,31 +293,6 @@ def test_dry_runs_change_nothing(api: Api, topo: dict[str, Any]) -> None:
     assert (epoch(api), ok(api("GET", sds))["mode"], ok(api("GET", pool))) == before
 
 
-def test_dry_run_elsewhere_is_refused_and_dry_runs_are_marked_in_the_audit(
-    api: Api, mdm: MdmDaemon, topo: dict[str, Any]
-) -> None:
-    """A route that does not take ``dry_run`` refuses it (400, naming it) rather than
-    make the change; a dry run's audit entry says ``dry_run: true``, the real change's
-    does not."""
-    pd = f"/api/v1/protection-domains/{topo['pd']['id']}"
-    before = epoch(api)
-    e = err(api("PATCH", f"{pd}?dry_run=true", {"name": "pd-renamed"}), 400, "bad_request")
-    assert "dry_run is not supported" in e["message"], e
-    err(api("GET", f"{pd}?dry_run=false"), 400, "bad_request")
-    assert ok(api("GET", pd))["name"] == "pd1" and epoch(api) == before
-    pool = topo["pool"]
-    path = f"/api/v1/pools/{pool['id']}"
-    ok(api("PATCH", f"{path}?dry_run=true", {"spare_percent": 20}))
-    ok(api("PATCH", path, {"spare_percent": pool["spare_percent"]}))  # a real, no-op change
-    entries = [
-        json.loads(line.split("meshblock.audit: ", 1)[1])
-        for line in mdm.log_text().splitlines()
-        if "meshblock.audit: " in line
-    ]
-    patches = [e for e in entries if (e["method"], e["path"]) == ("PATCH", path)]
-    assert [e.get("dry_run") for e in patches[-2:]] == [True, None], patches
-
-
 def test_bad_input(api: Api, mdm: MdmDaemon, topo: dict[str, Any]) -> None:
     pool_id = topo["pool"]["id"]
     for body, field in (

@@ -43,8 +43,6 @@ from meshblock.cli.settings import (
     parse_mdm_urls,
     resolve,
 )
-from meshblock.mdm import openapi
-from meshblock.mdm.app import ROUTE_TABLES
 from meshblock.sizes import GiB, MiB, TiB
 
 pytestmark = [pytest.mark.cluster, pytest.mark.parallel]
@@ -292,42 +290,6 @@ def error_doc(code: str, message: str, details: dict[str, Any] | None = None) ->
     if details:
         err["details"] = details
     return json.dumps({"error": err}).encode()
-
-
-def test_dry_run_asks_the_mdm_first_and_checks_its_answer() -> None:
-    """--dry-run sends nothing to an MDM whose OpenAPI document does not list
-    ``dry_run`` on the route (an older MDM would make the change), and fails when the
-    answer is not a dry run (the change may have been made)."""
-    doc = openapi.build([spec for table in ROUTE_TABLES for spec in table.specs])
-    assert impact.supports_dry_run(doc, "POST", "/api/v1/sds/3/maintenance")
-    assert impact.supports_dry_run(doc, "DELETE", "/api/v1/sds/3")
-    assert impact.supports_dry_run(doc, "PATCH", "/api/v1/pools/12")
-    assert not impact.supports_dry_run(doc, "DELETE", "/api/v1/volumes/3")
-    assert not impact.supports_dry_run(doc, "GET", "/api/v1/sds/3")
-    old = json.loads(json.dumps(doc))
-    for ops in old["paths"].values():
-        for op in ops.values():
-            op["parameters"] = [p for p in op.get("parameters", []) if p["name"] != "dry_run"]
-    sent: list[tuple[str, str, Any]] = []
-
-    class Client:
-        document: Any = old
-        answer: Any = None
-
-        def request(self, method: str, path: str, query: Any = None, body: Any = None) -> Any:
-            sent.append((method, path, query))
-            return self.document if path == impact.OPENAPI else self.answer
-
-    ctx = argparse.Namespace(client=Client(), emit=lambda doc, human: None)
-    with pytest.raises(CliError, match="does not support dry runs"):
-        impact.dry_run(ctx, "DELETE", "/api/v1/sds/3")  # type: ignore[arg-type]
-    assert sent == [("GET", impact.OPENAPI, None)]
-    Client.document = doc
-    with pytest.raises(CliError, match="may have applied the change"):
-        impact.dry_run(ctx, "DELETE", "/api/v1/sds/3")  # type: ignore[arg-type]
-    assert sent[-1] == ("DELETE", "/api/v1/sds/3", {"dry_run": "true"})
-    Client.answer = {"dry_run": True, "action": "remove", "target": "sds3"}
-    impact.dry_run(ctx, "DELETE", "/api/v1/sds/3")  # type: ignore[arg-type]
 
 
 def test_ok_to_stop_renders_and_exits_by_safety() -> None:

@@ -18,10 +18,9 @@ from _pg import PgServer
 from meshblock.mdm.app import create_app
 from meshblock.mdm.config import AuthConfig, DatabaseConfig, HaConfig, MdmConfig, ScrubConfig
 from meshblock.mdm.context import CTX
-from meshblock.mdm.db import create_engine, migrate, session_factory
-from meshblock.mdm.leader import FENCE, Lease, writing
+from meshblock.mdm.db import create_engine, session_factory
+from meshblock.mdm.leader import Lease
 from meshblock.mdm.models import Cluster, ProtectionDomain, Sdc
-from meshblock.sqlstore import WriteGate
 
 pytestmark = [pytest.mark.cluster, pytest.mark.parallel]
 
@@ -84,44 +83,5 @@ def test_a_deposed_leader_writes_nothing_anywhere(
                 assert seen is None, "the deposed MDM's heartbeat writer wrote"
             finally:
                 await engine.dispose()
-
-    asyncio.run(main())
-
-
-def test_the_renewal_does_not_wait_for_a_fenced_write_but_a_takeover_does(
-    pg_server: PgServer,
-) -> None:
-    """A write transaction of the leader that passed the fence stays open: the leader's
-    own renewal completes meanwhile (before, the fence's UPDATE of the lease row held
-    the row's lock to the commit and the renewal waited: a write longer than the lease
-    made the leader step down), while another MDM's takeover waits for the write to
-    commit, and then takes the lease in the next term."""
-    url = pg_server.create_database()
-
-    async def main() -> None:
-        engine = create_engine(url)
-        try:
-            await migrate(engine)
-            plain = session_factory(engine)
-            lease = Lease(plain, "fence-long", 600.0)
-            assert await lease.try_acquire()
-            other = Lease(plain, "fence-next", 600.0)
-            fenced = session_factory(engine, {FENCE: lease.fence})
-            async with writing(WriteGate(), fenced) as s:
-                s.add(ProtectionDomain(name="during"))
-                await s.flush()
-                async with asyncio.timeout(20):
-                    assert await lease.renew(), "renewed while the write is open"
-                takeover = asyncio.create_task(other.try_acquire(force=True))
-                await asyncio.sleep(1.0)  # generous: it must still be waiting
-                assert not takeover.done(), "the takeover waits for the write in flight"
-            async with asyncio.timeout(20):
-                assert await takeover
-            assert other.term == lease.term + 1
-            async with plain() as s:
-                names = (await s.execute(select(ProtectionDomain.name))).scalars().all()
-            assert list(names) == ["during"]
-        finally:
-            await engine.dispose()
 
     asyncio.run(main())

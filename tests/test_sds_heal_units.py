@@ -653,33 +653,3 @@ def test_a_copy_job_tries_a_chunk_again_while_a_copy_refuses_its_repair(
         assert not sds.locks
     finally:
         store.close()
-
-
-def test_a_repair_a_lagging_copy_refused_is_not_counted_unrepairable(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    """Block 5 is bad here and the only other copy refuses NOT_PERMITTED (its map
-    lags): the block is left, but as a deferred repair (INFO), not counted in
-    checksum_unrepairable (which pages "data lost") nor logged "reads of them fail
-    with EIO". Before, each such attempt counted and logged as unrepairable. A copy
-    that holds the block bad too still counts."""
-    monkeypatch.setattr(heal, "MAP_WAIT_S", 0.05)
-    data = pattern()
-    peer = PeerCopy(data)
-    peer.names_us_from = 99
-    sds = state_with_peer(tmp_path, peer, monkeypatch)
-    store = sds.store
-    dev = store.devices[0]
-    try:
-        store.write(dev, VOL, 1, 0, data)
-        flip(tmp_path / "dev.img", data_offset(store, VOL, 1, 5 * BLOCK + 5))
-        with caplog.at_level("INFO", logger=heal.log.name):
-            assert asyncio.run(repair_from_peer(sds, VOL, 1, [5])) == [5]
-        assert (dev.checksum_repaired, dev.checksum_unrepairable) == (0, 0)
-        assert not [r for r in caplog.records if r.levelname == "ERROR"]
-        assert any("deferred" in r.getMessage() for r in caplog.records)
-        peer.names_us_from, peer.bad = 0, {5}
-        assert asyncio.run(repair_from_peer(sds, VOL, 1, [5])) == [5]
-        assert dev.checksum_unrepairable == 1
-    finally:
-        store.close()

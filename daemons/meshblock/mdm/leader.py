@@ -21,12 +21,9 @@ MDMs whose clocks disagree still agree on who leads.
   schedule) is opened by :func:`writing`, which takes the write gate's turn and first
   updates the lease row where it still names this leader's term and holder and has not
   expired on the database's clock. A deposed or expired leader's write matches no row
-  and fails with :class:`NotLeader` before it writes anything. On PostgreSQL the check
-  is a ``SELECT ... FOR KEY SHARE`` of the row, held to the commit: the renewal (an
-  UPDATE of no key column, FOR NO KEY UPDATE) does not wait for it, so a long write
-  does not make the leader step down, while a new leader's taking (``SELECT ... FOR
-  UPDATE`` first) waits for a write in flight and the write is ordered before the new
-  term. On SQLite the check updates the row (nobody else takes the lease). The PG-table gateway
+  and fails with :class:`NotLeader` before it writes anything; on PostgreSQL the update
+  locks the row to the commit, so a new leader's taking waits for a write in flight and
+  the write is ordered before the new term. The PG-table gateway
   (:mod:`meshblock.mdm.pgtable`) checks too (once per transaction).
 - **SQLite** serves one MDM: :func:`sqlite_lock` holds an exclusive lock on a file next
   to the database for the MDM's lifetime (released by the kernel when the process
@@ -113,7 +110,7 @@ async def check_fence(s: AsyncSession) -> None:
     """In ``s``'s transaction: raise :class:`NotLeader` unless the lease still names the
     session's :class:`Fence` (``s.info[FENCE]``) and has not expired. A session without
     a fence (tools, tests) is not checked. Checked once per transaction: the row stays
-    locked (FOR KEY SHARE) to its end on PostgreSQL."""
+    locked to its end on PostgreSQL."""
     fence = s.info.get(FENCE)
     if fence is None:
         return
@@ -121,26 +118,17 @@ async def check_fence(s: AsyncSession) -> None:
     if transaction is not None and s.info.get(_CHECKED) is transaction:
         return
     table = _table()
-    dialect = await _dialect(s)
-    ours = (
-        table.c.id == LEASE_ROW,
-        table.c.term == fence.term,
-        table.c.holder == fence.holder,
-        or_(table.c.expires_at.is_(None), table.c.expires_at > db_now(dialect)),
+    result = await s.execute(
+        update(table)
+        .where(
+            table.c.id == LEASE_ROW,
+            table.c.term == fence.term,
+            table.c.holder == fence.holder,
+            or_(table.c.expires_at.is_(None), table.c.expires_at > db_now(await _dialect(s))),
+        )
+        .values(term=table.c.term)
     )
-    if dialect == "postgresql":
-        # FOR KEY SHARE: the renewal's UPDATE (no key column: FOR NO KEY UPDATE) goes
-        # through while we write; a takeover's SELECT ... FOR UPDATE waits for us.
-        found = (
-            await s.execute(
-                select(table.c.id).where(*ours).with_for_update(read=True, key_share=True)
-            )
-        ).all()
-        matched = len(found)
-    else:  # SQLite: the update takes the database's write lock at once, as before
-        result = await s.execute(update(table).where(*ours).values(term=table.c.term))
-        matched = result.rowcount  # type: ignore[attr-defined]
-    if matched != 1:
+    if result.rowcount != 1:  # type: ignore[attr-defined]
         raise NotLeader(
             f"this MDM ({fence.holder}) no longer leads (its term {fence.term} was taken "
             "over or its lease expired): nothing was written"

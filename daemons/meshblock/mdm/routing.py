@@ -21,13 +21,11 @@ from typing import Any
 import jsonschema_rs
 from aiohttp import web
 
-from meshblock import audit
 from meshblock.auth import Role
 from meshblock.json_body import read_object
 from meshblock.mdm.errors import BadRequest, Invalid, NotFound
 
 MAX_BODY_BYTES = 1 << 20
-DRY_RUN_PARAM = "dry_run"  # refused (400) by every route that does not declare it
 MAX_ID = 2**31 - 1
 
 Handler = Callable[..., Awaitable[web.StreamResponse]]
@@ -99,16 +97,12 @@ class ApiRoutes:
         :class:`Invalid` as strictly as the schema would (a hot route's typed
         decoding: mdm/heartbeats.py)."""
 
-        dry_runs = any(q.name == DRY_RUN_PARAM for q in query)
-
         def decorator(fn: Handler) -> Handler:
             validator = (
                 jsonschema_rs.validator_for(body) if body is not None and decode is None else None
             )
 
             async def handler(request: web.Request) -> web.StreamResponse:
-                if DRY_RUN_PARAM in request.query:
-                    _check_dry_run(request, dry_runs)
                 if decode is not None:
                     return await fn(request, decode(await read_object(request, MAX_BODY_BYTES)))
                 if validator is not None:
@@ -136,19 +130,6 @@ class ApiRoutes:
             return handler
 
         return decorator
-
-
-def _check_dry_run(request: web.Request, declared: bool) -> None:
-    """A route that does not declare ``dry_run`` refuses it (400) rather than ignore it:
-    ignored, the dry run would be the real change. A declared dry run that is asked for
-    is marked in the request's audit entry (``dry_run: true``)."""
-    if not declared:
-        raise BadRequest(
-            f"query parameter {DRY_RUN_PARAM} is not supported by "
-            f"{request.method} {request.path}: nothing was changed"
-        )
-    if request.query[DRY_RUN_PARAM] in ("true", "1"):
-        audit.note(request, dry_run=True)
 
 
 def spec_of(request: web.Request) -> RouteSpec | None:

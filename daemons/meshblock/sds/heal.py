@@ -159,11 +159,7 @@ async def repair_from_peer(
         if repaired:
             await store.sync([dev])
         dev.checksum_repaired += len(repaired)
-        # A copy that refused us for map lag may hold the blocks left good: the repair
-        # is deferred (the caller answers a retryable status or tries again), not lost.
-        deferred = bool(refused) and bool(left)
-        if not deferred:
-            dev.checksum_unrepairable += len(left)
+        dev.checksum_unrepairable += len(left)
         if repaired:
             log.warning(
                 "%s: chunk %d/%d: 4 KiB block(s) %s repaired from another copy",
@@ -172,17 +168,7 @@ async def repair_from_peer(
                 chunk,
                 ", ".join(map(str, repaired)),
             )
-        if deferred:
-            log.info(
-                "%s: chunk %d/%d: repair of 4 KiB block(s) %s deferred: the map of SDS "
-                "%s lags (it refused us; asked again later)",
-                dev.path,
-                volume,
-                chunk,
-                ", ".join(map(str, sorted(left))),
-                ", ".join(map(str, sorted(refused))),
-            )
-        elif left:
+        if left:
             log.error(
                 "%s: chunk %d/%d: 4 KiB block(s) %s bad and no copy could repair them "
                 "(reads of them fail with EIO)",

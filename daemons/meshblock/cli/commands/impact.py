@@ -4,13 +4,12 @@ docs/api.md, "Ok to stop" and "Dry runs")."""
 
 from __future__ import annotations
 
-import re
 from argparse import Namespace
 from typing import Any
 
 from meshblock.cli.client import JsonObject
 from meshblock.cli.context import Context
-from meshblock.cli.errors import CliError, ExitCode, NotFound, UsageError
+from meshblock.cli.errors import ExitCode, NotFound, UsageError
 from meshblock.cli.output import render_table, size
 from meshblock.cli.parser import Subparsers, add_command
 
@@ -136,39 +135,10 @@ def _pgs(doc: JsonObject, key: str) -> list[JsonObject]:
     return list((doc.get(key) or {}).get("pgs") or [])
 
 
-OPENAPI = "/api/v1/openapi.json"
-
-
 def dry_run(ctx: Context, method: str, path: str, body: JsonObject | None = None) -> None:
-    """Send the change with ``?dry_run=true`` and print the MDM's plan, once the MDM's
-    OpenAPI document says the route takes ``dry_run``: an MDM that does not know the
-    parameter would make the change for real."""
-    if not supports_dry_run(ctx.client.request("GET", OPENAPI), method, path):
-        raise CliError(
-            f"the MDM does not support dry runs of {method} {path} (an older version?): "
-            "nothing was sent and nothing was changed"
-        )
+    """Send the change with ``?dry_run=true`` and print the MDM's plan."""
     plan = ctx.client.request(method, path, query={"dry_run": "true"}, body=body)
-    if not isinstance(plan, dict) or plan.get("dry_run") is not True:
-        raise CliError(
-            f"the MDM did not answer {method} {path} with a dry run: "
-            "it may have applied the change; check its state before anything else"
-        )
     ctx.emit(plan, lambda: render_plan(plan))
-
-
-def supports_dry_run(doc: Any, method: str, path: str) -> bool:
-    """Whether the OpenAPI document ``doc`` declares the query parameter ``dry_run`` on
-    ``method`` of the route template that ``path`` (ids filled in) matches."""
-    paths = doc.get("paths") if isinstance(doc, dict) else None
-    for template, ops in (paths or {}).items():
-        pattern = re.sub(r"\\\{\w+\\\}", "[^/]+", re.escape(template))
-        if not re.fullmatch(pattern, path) or not isinstance(ops, dict):
-            continue
-        params = (ops.get(method.lower()) or {}).get("parameters") or []
-        if any(p.get("name") == "dry_run" and p.get("in") == "query" for p in params):
-            return True
-    return False
 
 
 ACTIONS = {
