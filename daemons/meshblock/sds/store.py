@@ -715,6 +715,9 @@ class VersionSlot:
     written: int = 0
     #: Its index entry (with :data:`ENTRY_EXT`) is written.
     entered: bool = False
+    #: A plain slot made this version's by a collapse: the plain index entry stays on
+    #: the device until the extension entry is durable (then the EXT one replaces it).
+    relabelled: bool = False
     freed: bool = False
 
 
@@ -1166,7 +1169,10 @@ class ChunkStore:
                         dev.write_super(clean=False)
                         dio.fsync(dev.fd)
                         dev.ext_feature = True
-                    self._write_ext_entries(dev, batch)
+                    new = self._write_ext_entries(dev, batch)
+                    if any(vs.relabelled for vs in new):
+                        dio.fdatasync(dev.fd)
+                    self._write_index_entries(dev, new)
                     dio.fdatasync(dev.fd)
                 if dev.unpunched or dev.intent is not None:
                     # Every write and free is durable: zero what the frees left, forget
@@ -1817,7 +1823,10 @@ class ChunkStore:
             vs = self.version_slot(tree, chunk, head)
             assert vs is not None
             if vs.dev.ext_pending.pop(vs.slot, None) is not None:
-                self._write_ext_entries(vs.dev, [(vs, vs.holds)])
+                # a new slot, never a plain one: both entries at once (a power cut
+                # that keeps only the index entry drops the slot, an unsynced write)
+                new = self._write_ext_entries(vs.dev, [(vs, vs.holds)])
+                self._write_index_entries(vs.dev, new)
             return
         if not touched & ~whole & ~(0 if vs is None else vs.holds):
             self.write_version(dev, tree, chunk, head, offset, data, sums)
@@ -1910,6 +1919,11 @@ class ChunkStore:
         version that still has slots (dead ones included), ``live_views`` the views
         of the tree's volumes. Returns version -> the blocks freed.
 
+        A tree that lags the chunk (a map older than a snapshot or clone a client
+        has already written through) frees nothing it does not know: a version with
+        a slot here but not in ``vtree`` keeps its slot whole, and a live view not
+        in ``vtree`` is refused (ValueError) before anything is freed.
+
         No live view reads a block freed here, so the order in which the zeroes, the
         cleared bits and the freed entries reach the disk does not matter: after a
         power cut the pass finds what is left and frees it again."""
@@ -1919,10 +1933,12 @@ class ChunkStore:
         plain = self._index.get(key)
         if plain is not None:
             held[0] = (0, ALL_BLOCKS)
-        used = dict.fromkeys(held, 0)
-        for view in set(live_views):
-            if view not in vtree:
-                continue
+        views = set(live_views)
+        unknown = sorted(v for v in views if v not in vtree)
+        if unknown:
+            raise ValueError(f"live views {unknown} of tree {tree} are not in its version tree")
+        used = {v: 0 if v in vtree else ALL_BLOCKS for v in held}  # unknown: kept
+        for view in views:
             for first, n, version in block_map(vtree, view, held):
                 if version is not None:
                     used[version] |= ((1 << n) - 1) << first
@@ -1999,15 +2015,16 @@ class ChunkStore:
 
     def _plain_to_version(self, key: int, tree: int, chunk: int) -> VersionSlot:
         """Make the chunk's plain slot (version 0) a version slot holding every block,
-        its entries (the extension entry, then the index entry with EXT under a new
-        generation) written by the next sync; until then the disk still has the
-        plain chunk."""
+        its entries (the extension entry, synced, then the index entry with EXT
+        under a new generation) written by the next sync; until then the disk still
+        has the plain chunk."""
         dev, slot = self._index.pop(key)
         in_pg = self._indexed(dev, key)
         if in_pg is not None:
             in_pg.discard(key)
         self._generation += 1
         vs = VersionSlot(dev, slot, tree, chunk, 0, self._generation, ALL_BLOCKS)
+        vs.relabelled = True
         self._versions.setdefault(key, {})[0] = vs
         return vs
 
@@ -2056,10 +2073,16 @@ class ChunkStore:
         vs.freed = True
         self._release(dev, vs.slot)
 
-    def _write_ext_entries(self, dev: Device, batch: list[tuple[VersionSlot, int]]) -> None:
+    def _write_ext_entries(
+        self, dev: Device, batch: list[tuple[VersionSlot, int]]
+    ) -> list[VersionSlot]:
         """Write the extension entries of ``batch`` (each slot with the blocks whose
-        data a completed sync covered), and the index entries of new slots; not
-        synced. The device has feature bit 4 durably."""
+        data a completed sync covered); not synced. Returns the new slots, whose index
+        entries :meth:`_write_index_entries` writes next: after a sync when one is
+        ``relabelled`` (its plain index entry must not give way to an EXT one whose
+        extension entry a power cut could lose: the chunk would be dropped). The
+        device has feature bit 4 durably."""
+        new = []
         for vs, holds in batch:
             if vs.freed:
                 continue
@@ -2067,9 +2090,18 @@ class ChunkStore:
             dio.pwrite(dev.fd, pack_ext(vs.version, vs.generation, bits), dev.ext_offset(vs.slot))
             vs.written = bits
             if not vs.entered:
-                entry = _entry(vs.tree, vs.chunk, vs.generation, ENTRY_USED | ENTRY_EXT)
-                dio.pwrite(dev.fd, entry, INDEX_OFFSET + vs.slot * ENTRY.size)
-                vs.entered = True
+                new.append(vs)
+        return new
+
+    @staticmethod
+    def _write_index_entries(dev: Device, slots: list[VersionSlot]) -> None:
+        """Write the index entries (EXT) of new version slots; not synced."""
+        for vs in slots:
+            if vs.freed:
+                continue
+            entry = _entry(vs.tree, vs.chunk, vs.generation, ENTRY_USED | ENTRY_EXT)
+            dio.pwrite(dev.fd, entry, INDEX_OFFSET + vs.slot * ENTRY.size)
+            vs.entered = True
 
     @staticmethod
     def _take_ext_pending(dev: Device) -> list[tuple[VersionSlot, int]]:
@@ -2087,7 +2119,10 @@ class ChunkStore:
             await loop.run_in_executor(None, dio.fdatasync, dev.fd)
             if any(not vs.freed for vs, _ in batch):
                 await self._ext_feature(dev)
-                self._write_ext_entries(dev, batch)
+                new = self._write_ext_entries(dev, batch)
+                if any(vs.relabelled for vs in new):  # its extension entry durable first
+                    await loop.run_in_executor(None, dio.fdatasync, dev.fd)
+                self._write_index_entries(dev, new)
                 await loop.run_in_executor(None, dio.fdatasync, dev.fd)
         except BaseException:
             for vs, _ in batch:
