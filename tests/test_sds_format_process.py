@@ -75,10 +75,14 @@ def test_sigkill_keeps_acknowledged_tombstones_and_drops(tmp_path: Path) -> None
     capacity = 16 * MiB  # 15 slots for at most 4 volumes of 3 chunks
     rng = random.Random(3)
     for _ in range(6):
+        # Unbuffered: communicate() reads the pipe itself, so lines that a buffered
+        # readline() had already taken in beyond the first would be lost (a volume
+        # reported added whose "dropped" line vanished fails the check below).
         proc = subprocess.Popen(
             [sys.executable, "-c", _TOMBSTONE_WORKLOAD, str(path), str(capacity)],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
+            bufsize=0,
         )
         # The kill comes a random time after the first report, not after the start:
         # on a loaded machine the interpreter's start alone can take a second.
