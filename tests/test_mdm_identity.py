@@ -335,7 +335,7 @@ def test_an_sds_reads_the_mappings_of_its_pools_and_an_sdc_none(
     assert ok(reader.get(f"{path}?wait_epoch={mapped['epoch']}&timeout=0.3")) == mapped
     # since= the epoch the caller has: "unchanged", without the volumes (also at a
     # long-poll's timeout); since an older one: the whole document
-    same = {"pool_id": pool, "epoch": mapped["epoch"], "unchanged": True}
+    same = {"pool_id": pool, "epoch": mapped["epoch"], "term": mapped["term"], "unchanged": True}
     assert ok(reader.get(f"{path}?since={mapped['epoch']}")) == same
     waited = f"{path}?wait_epoch={mapped['epoch']}&timeout=0.3&since={mapped['epoch']}"
     assert ok(reader.get(waited)) == same

@@ -50,6 +50,14 @@ def registration(name: str, data_port: int, token: str | None = None) -> dict[st
     return body
 
 
+@pytest.fixture(scope="module")
+def mdm_overrides() -> dict[str, dict[str, Any]]:
+    """The SDSs these tests register never heartbeat: with the default timeout the
+    failure detector would declare them down while a test compares epochs (seen in
+    the parallel run on a loaded machine: 'a refused registration moved an epoch')."""
+    return {"cluster": {"heartbeat_timeout_s": 600.0}}
+
+
 class Cluster:
     """The MDM with pd1 and pool p1, and the calls the tests make."""
 
