@@ -98,7 +98,12 @@ class Outcome:
         return str(self.client)
 
 
-def connect(server: ssl.SSLContext, client: ssl.SSLContext, hostname: str = "127.0.0.1") -> Outcome:
+def connect(
+    server: ssl.SSLContext,
+    client: ssl.SSLContext,
+    hostname: str = "127.0.0.1",
+    session: ssl.SSLSession | None = None,
+) -> Outcome:
     """One TLS connection between two contexts, in memory: handshake, then one message.
 
     In TLS 1.3 the client's handshake ends before the server has checked the client's
@@ -107,7 +112,7 @@ def connect(server: ssl.SSLContext, client: ssl.SSLContext, hostname: str = "127
     """
     s_in, s_out, c_in, c_out = (ssl.MemoryBIO() for _ in range(4))
     srv = server.wrap_bio(s_in, s_out, server_side=True)
-    cli = client.wrap_bio(c_in, c_out, server_hostname=hostname)
+    cli = client.wrap_bio(c_in, c_out, server_hostname=hostname, session=session)
     result = Outcome(None, None)
     s_done = c_done = False
     for _ in range(20):
@@ -275,6 +280,25 @@ def test_a_revoked_client_certificate_is_refused(cluster: Cluster) -> None:
     cluster.ca.revoke(sdc.serial)
     out = connect(server_ctx(server, cluster.ca), client_ctx(sdc, cluster.ca))
     assert "certificate revoked" in out.server_refused()
+
+
+def test_no_session_is_resumed_past_the_certificate_check(cluster: Cluster) -> None:
+    """A server issues no session ticket, so a client offering the session of an
+    earlier connection gets a full handshake (its certificate checked against the
+    CRL again) and one revoked since is refused."""
+    server = server_ctx(cluster.issue("sds:sds1", sans=["127.0.0.1"]), cluster.ca)
+    sdc = cluster.issue("sdc:stolen")
+    client = client_ctx(sdc, cluster.ca)
+    first = connect(server, client)
+    assert first.client_tls is not None and isinstance(first.server, pki.Identity)
+    session = first.client_tls.session
+    assert session is not None and not session.has_ticket
+    again = connect(server, client, session=session)
+    assert again.client_tls is not None and not again.client_tls.session_reused
+    cluster.ca.revoke(sdc.serial)
+    server.load_verify_locations(cafile=str(cluster.ca.crl_path))  # as CrlReloader does
+    refused = connect(server, client, session=session)
+    assert "certificate revoked" in refused.server_refused()
 
 
 def test_a_revoked_server_certificate_is_refused(cluster: Cluster) -> None:

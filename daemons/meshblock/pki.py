@@ -778,6 +778,12 @@ def server_context(
     ctx.verify_mode = (
         ssl.CERT_REQUIRED if client_certs is ClientCerts.REQUIRED else ssl.CERT_OPTIONAL
     )
+    # No session tickets (TLS 1.3 PSK resumption, TLS 1.2 tickets): a resumed session
+    # takes the client's certificate from the ticket and checks it against no CRL, so
+    # a client revoked after its first handshake could go on connecting with one for
+    # the ticket's lifetime. Our clients never resume; every handshake is a full one.
+    ctx.num_tickets = 0
+    ctx.options |= ssl.OP_NO_TICKET
     return ctx
 
 
