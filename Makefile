@@ -30,9 +30,8 @@ help:
 	@echo "make venv   build .venv (python3 -m venv, pip install -e '.[test]')"
 	@echo "make deps   apt-get install what the tests need ($(APT_PACKAGES))"
 	@echo "make lint   ruff check, ruff format --check, mypy (strict, on daemons/meshblock and tests/)"
-	@echo "make test   deps + venv + lint, then every test: the host lab in the background next to"
-	@echo "           the unit tier and IO-bound modules (two pytest-xdist workers), then the"
-	@echo "           timing-sensitive cluster tests one at a time"
+	@echo "make test   deps + venv + lint, then every test (the host lab's included); the unit"
+	@echo "           tier and IO-bound modules on two pytest-xdist workers, the rest one at a time"
 	@echo "make test-quick  the unit tier only (no subprocess, no socket), under 60 s: the inner loop"
 	@echo "make run    quick start: a whole cluster on loopback (meshctl lab up) and an NBD client on it"
 	@echo "make stop   stop the lab that 'make run' started (meshctl lab down)"
@@ -84,30 +83,18 @@ lint: venv
 
 # Every test, the host lab's (tests/test_deploy_lab.py, which builds the lab image on
 # first use) included. Without the lab: make test PYTEST_ARGS=--ignore=tests/test_deploy_lab.py
-# Three runs (tests/conftest.py): the `lab` tier, in the background, next to the unit
-# tier and the modules marked `parallel` (IO-bound, independent of timing) on
-# PYTEST_WORKERS pytest-xdist workers, a module per worker at a time; once both are done,
-# the timing-sensitive cluster tests one at a time, with nothing next to them. The lab
-# spends most of its time waiting on its emulated VM and on Ansible, so the two first
-# runs share the machine's cores well; the second runs at nice 10, so that the lab, whose
-# playbooks have time limits, gets a core whenever it wants one. The lab's output
-# is kept in artifacts/hostlab/pytest.log and printed when it ends. Every run always
-# runs; the target fails if any failed (exit code 5, nothing selected, is no failure).
+# Two runs (tests/conftest.py): the unit tier and the modules marked `parallel` (IO-bound,
+# independent of timing) on PYTEST_WORKERS pytest-xdist workers, a module per worker at a
+# time; then the timing-sensitive cluster tests and the lab one at a time. Both always
+# run; the target fails if either failed (exit code 5, nothing selected, is no failure).
 # The serial run prints its 30 slowest tests: it is most of the time of the whole target.
 PYTEST_WORKERS ?= 2
 PYTEST := $(BIN)/pytest -W error --timeout=$(PYTEST_TIMEOUT)
-LAB_LOG := artifacts/hostlab/pytest.log
 test: deps lab-deps venv lint
-	@rc=0; mkdir -p $(dir $(LAB_LOG)); \
-	echo "lab tier: running in the background, output in $(LAB_LOG)"; \
-	$(PYTEST) --durations=15 -m lab tests/ $(PYTEST_ARGS) > $(LAB_LOG) 2>&1 & labpid=$$!; \
-	trap 'kill $$labpid 2>/dev/null' INT TERM; \
-	nice -n 10 $(PYTEST) -n $(PYTEST_WORKERS) --dist loadfile -m "unit or parallel" tests/ $(PYTEST_ARGS) \
+	@rc=0; \
+	$(PYTEST) -n $(PYTEST_WORKERS) --dist loadfile -m "unit or parallel" tests/ $(PYTEST_ARGS) \
 		|| { r=$$?; [ $$r -eq 5 ] || rc=$$r; }; \
-	echo "waiting for the lab tier"; \
-	wait $$labpid || { r=$$?; [ $$r -eq 5 ] || rc=$$r; }; \
-	echo "--- lab tier ($(LAB_LOG)) ---"; cat $(LAB_LOG); \
-	$(PYTEST) --durations=30 -m "not unit and not parallel and not lab" tests/ $(PYTEST_ARGS) \
+	$(PYTEST) --durations=30 -m "not unit and not parallel" tests/ $(PYTEST_ARGS) \
 		|| { r=$$?; [ $$r -eq 5 ] || rc=$$r; }; \
 	exit $$rc
 

@@ -25,7 +25,7 @@ from _wait import wait_until
 from test_faults import assert_no_tracebacks, replicas_identical, wait_settled
 from test_nbd_server import qemu_io, run
 
-pytestmark = [pytest.mark.cluster, pytest.mark.parallel]
+pytestmark = pytest.mark.cluster
 
 MiB = 1024 * 1024
 VOLUME = "pc1"

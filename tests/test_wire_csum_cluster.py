@@ -19,7 +19,7 @@ from _faults import FaultySds, make_faulty
 from test_faults import assert_no_tracebacks, replicas_identical, wait_settled
 from test_nbd_server import qemu_io
 
-pytestmark = [pytest.mark.cluster, pytest.mark.parallel]
+pytestmark = pytest.mark.cluster
 
 VOLUME = "cs1"
 
