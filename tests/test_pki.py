@@ -301,6 +301,31 @@ def test_no_session_is_resumed_past_the_certificate_check(cluster: Cluster) -> N
     assert "certificate revoked" in refused.server_refused()
 
 
+def test_each_crl_is_dated_after_the_one_it_replaces(tmp_path: Path) -> None:
+    """A context holding two CRLs checks against the one with the later lastUpdate and,
+    between two of the same second, may keep either: a revocation signed within the
+    second of the list before it must still be dated later, or a server that loads
+    it in place (as CrlReloader does) may go on accepting the revoked client."""
+    accepted = []
+    for i in range(12):
+        ca = pki.Ca.init(tmp_path / f"ca{i}")
+        ca_cert = ca.load()[0]
+        out = tmp_path / f"hosts{i}"
+        cert, key = ca.issue(pki.Identity.parse("sds:sds1"), sans=["127.0.0.1"])
+        srv = pki.write_identity(out, pki.Identity.parse("sds:sds1"), cert, key, ca_cert)
+        cert, key = ca.issue(pki.Identity.parse("sdc:stolen"))
+        cli = pki.write_identity(out, pki.Identity.parse("sdc:stolen"), cert, key, ca_cert)
+        server = pki.server_context(srv["cert"], srv["key"], ca.cert_path, crl=ca.crl_path)
+        client = pki.client_context(ca.cert_path, cert=cli["cert"], key=cli["key"], crl=ca.crl_path)
+        before = ca.crl()
+        ca.revoke(cert.serial_number, now=before.last_update_utc + pki.CLOCK_SKEW)
+        assert ca.crl().last_update_utc > before.last_update_utc
+        server.load_verify_locations(cafile=str(ca.crl_path))
+        if isinstance(connect(server, client).server, pki.Identity):
+            accepted.append(i)
+    assert accepted == [], f"revoked client accepted by servers {accepted}"
+
+
 def test_a_revoked_server_certificate_is_refused(cluster: Cluster) -> None:
     server = cluster.issue("sds:sds1", sans=["127.0.0.1"])
     sdc = cluster.issue("sdc:guid-1")

@@ -367,19 +367,27 @@ def make_crl(
     number: int = 1,
     days: int = CRL_DAYS,
     now: dt.datetime | None = None,
+    after: x509.CertificateRevocationList | None = None,
 ) -> x509.CertificateRevocationList:
     """CRL number ``number`` listing ``(serial, revoked_at)`` pairs, valid for ``days``.
 
     Each CRL the CA signs has a higher number than the one before (RFC 5280, 5.2.3),
-    so a component can refuse to go back to an older list.
+    so a component can refuse to go back to an older list. Given the list it replaces
+    (``after``), its ``last_update`` is also at least a second later than that one's:
+    a TLS context that loaded both checks each handshake against the CRL with the
+    latest ``last_update``, and between two with the same second picks either, so a
+    revocation signed within the second of the list before it could go unseen.
     """
     _check_days(days)
     start = _now(now)
+    last_update = start - CLOCK_SKEW
+    if after is not None:
+        last_update = max(last_update, after.last_update_utc + dt.timedelta(seconds=1))
     ca_ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
     builder = (
         x509.CertificateRevocationListBuilder()
         .issuer_name(ca_cert.subject)
-        .last_update(start - CLOCK_SKEW)
+        .last_update(last_update)
         .next_update(start + dt.timedelta(days=days))
         .add_extension(x509.CRLNumber(number), critical=False)
         .add_extension(
@@ -640,7 +648,7 @@ class Ca:
             raise AlreadyExists(f"certificate {serial:x} is already revoked")
         entries = [(r.serial_number, r.revocation_date_utc) for r in crl]
         entries.append((serial, _now(now)))
-        crl = make_crl(ca_cert, ca_key, entries, number=crl_number(crl) + 1, now=now)
+        crl = make_crl(ca_cert, ca_key, entries, number=crl_number(crl) + 1, now=now, after=crl)
         save_crl(self.crl_path, crl)
         return cert
 
@@ -651,7 +659,9 @@ class Ca:
         ca_cert, ca_key = self.load()
         old = self.crl()
         entries = [(r.serial_number, r.revocation_date_utc) for r in old]
-        crl = make_crl(ca_cert, ca_key, entries, number=crl_number(old) + 1, days=days, now=now)
+        crl = make_crl(
+            ca_cert, ca_key, entries, number=crl_number(old) + 1, days=days, now=now, after=old
+        )
         save_crl(self.crl_path, crl)
         return crl
 

@@ -366,11 +366,11 @@ class CrlReloader(CrlFile):
     component builds (:func:`crl_reloader`, then :meth:`add`).
 
     A reload loads the new list into each context in place (``load_verify_locations``):
-    OpenSSL then holds both and checks each handshake against the one issued last, so
-    a new connection to or from a revoked certificate is refused without the context
-    being replaced (an aiohttp connector, a server, keep theirs). Connections already
-    open keep their handshake. Two lists issued within the same second are not told
-    apart: re-sign the CRL a second later if that happens.
+    OpenSSL then holds both and checks each handshake against the one with the latest
+    ``last_update`` (the CA dates each list at least a second after the one before,
+    :func:`meshblock.pki.make_crl`), so a new connection to or from a revoked
+    certificate is refused without the context being replaced (an aiohttp connector,
+    a server, keep theirs). Connections already open keep their handshake.
     """
 
     def __init__(self, crl: Path, ca: Path, log: logging.Logger) -> None:
