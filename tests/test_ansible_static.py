@@ -379,6 +379,17 @@ VARIANTS: dict[str, tuple[str, list[str], list[str], dict[str, Any]]] = {
         {},
     ),
     "alertmanager": ("mon1", ["alertmanager"], ["alertmanager.yml.j2"], {}),
+    # The host lab's short group_wait.
+    "alertmanager_lab": (
+        "mon1",
+        ["alertmanager"],
+        ["alertmanager.yml.j2"],
+        {
+            k: v
+            for k, v in read_yaml(ROOT / "inventory" / "lab" / "group_vars" / "all.yml").items()
+            if k.startswith("alertmanager_") and "token" not in k
+        },
+    ),
     # The host lab's short intervals (inventory/lab/group_vars/all.yml).
     "prometheus_lab": (
         "mon1",
@@ -820,3 +831,14 @@ def test_alertmanager_config_checks(rendered: dict[str, Path]) -> None:
     assert webhook["http_config"]["authorization"]["credentials_file"] == (
         "/etc/prometheus/meshblock-mgmt-webhook.token"
     )
+    assert read_yaml(path)["route"]["group_wait"] == "30s"
+
+
+def test_lab_alertmanager_group_wait(rendered: dict[str, Path]) -> None:
+    """The lab's alertmanager_group_wait reaches route.group_wait, amtool accepts it."""
+    path = rendered["alertmanager_lab"] / "alertmanager.yml"
+    proc = subprocess.run(
+        [tool("amtool"), "check-config", str(path)], capture_output=True, text=True, check=False
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert read_yaml(path)["route"]["group_wait"] == "5s"
