@@ -28,6 +28,7 @@ import pytest
 
 from _mdm import MdmDaemon
 from _ports import free_port
+from _wait import wait_until
 from meshblock.cli import values
 from meshblock.cli.__main__ import main
 from meshblock.cli.client import MdmClient, describe, error_from_response
@@ -903,13 +904,30 @@ def test_health_exit_code_follows_components(
     assert doc["status"] == "degraded"
     assert {c["name"] for c in doc["components"]} >= {"sds1", "sds2", "sds3", HOST}
 
-    # Components heartbeat as their daemons do (with the cluster secret): healthy.
-    daemons = mdm.api(mdm.cluster_secret)
-    for sds in meshctl.json("sds", "list")["sds"]:
-        assert daemons.post(f"/api/v1/sds/{sds['id']}/heartbeat", {}).status == 200
-    for sdc in meshctl.json("sdc", "list")["sdc"]:
-        assert daemons.post(f"/api/v1/sdc/{sdc['id']}/heartbeat", {}).status == 200
-    proc = meshctl("health", expect=0)
+    # Components heartbeat as their daemons do (with the cluster secret, every second,
+    # for as long as meshctl runs: one round alone could time out before a slow
+    # meshctl start reads it): healthy.
+    paths = [f"/api/v1/sds/{d['id']}/heartbeat" for d in meshctl.json("sds", "list")["sds"]]
+    paths += [f"/api/v1/sdc/{d['id']}/heartbeat" for d in meshctl.json("sdc", "list")["sdc"]]
+    stop = threading.Event()
+    statuses: list[int] = []
+
+    def heartbeat() -> None:
+        daemons = mdm.api(mdm.cluster_secret)
+        while True:
+            statuses.extend(daemons.post(path, {}).status for path in paths)
+            if stop.wait(1.0):
+                return
+
+    beats = threading.Thread(target=heartbeat, daemon=True)
+    beats.start()
+    try:
+        wait_until(lambda: len(statuses) >= len(paths), 30, "a round of heartbeats")
+        proc = meshctl("health", expect=0)
+    finally:
+        stop.set()
+        beats.join(30)
+    assert set(statuses) == {200}, statuses
     assert re.search(r"^sds\s+sds1\s+127\.0\.0\.1\s+7073\s+7082\s+connected", proc.stdout, re.M)
     assert proc.stdout.rstrip().endswith("healthy")
 
