@@ -433,6 +433,22 @@ def test_pages_need_a_login(mgmt: MgmtDaemon) -> None:
     assert resp.status == 401 and resp.body["error"]["code"] == "unauthorized"
 
 
+def test_healthz_answers_without_a_login(mgmt: MgmtDaemon) -> None:
+    """GET /healthz is open (a probe has no session, no token); the rest is not."""
+    web = WebClient(mgmt.url)
+    resp = web.get("/healthz")
+    assert resp.status == 200, resp
+    assert resp.body == {"status": "ok"}
+    assert web.cookie("meshblock_mgmt_session") is None
+    for path in ("/api/me", "/health/api/components"):
+        resp = web.get(path)
+        assert resp.status == 401 and resp.body["error"]["code"] == "unauthorized", path
+    assert web.get("/alerts").status == 303
+    # The method is still checked, with a JSON error as under /api/.
+    resp = web.request("POST", "/healthz", json_body={})
+    assert resp.status == 405 and resp.body["error"]["code"] == "method_not_allowed", resp
+
+
 def test_login_and_logout(mgmt: MgmtDaemon) -> None:
     web = WebClient(mgmt.url)
     bad = web.login("admin", "wrong password")

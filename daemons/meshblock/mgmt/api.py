@@ -1,8 +1,8 @@
 """MGMT's JSON API: the Alertmanager webhook, alerts, rules, cluster health, /metrics.
 
-Every route but the webhook (its own bearer token) and ``/metrics`` (also the read
-token of ``[metrics] token_file``, meshblock.metrics_access) needs a login session or
-an API token; changes need the admin role,
+Every route but ``/healthz`` (liveness, open), the webhook (its own bearer token) and
+``/metrics`` (also the read token of ``[metrics] token_file``,
+meshblock.metrics_access) needs a login session or an API token; changes need the admin role,
 and a session must also send its CSRF token in ``X-CSRF-Token``.
 """
 
@@ -283,6 +283,14 @@ async def health_components(request: web.Request) -> web.Response:
     await require(request)
     c = ctx(request)
     return web.json_response(await cluster.components(c.mdm_http, c.config.mdm))
+
+
+@routes.get("/healthz")
+async def healthz(_request: web.Request) -> web.Response:
+    """Liveness for a load balancer or an orchestrator: the process answers HTTP. No
+    credential, and nothing read from the database or the MDM (the dashboard's
+    ``/health/api/summary`` says how the cluster is)."""
+    return web.json_response({"status": "ok"})
 
 
 @routes.get("/metrics")

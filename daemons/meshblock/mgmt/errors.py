@@ -1,10 +1,11 @@
 """MGMT's errors and the middleware that answers them.
 
-Handlers raise :class:`ApiError` subclasses. Under ``/api/``, ``/health/api/`` and
-``/metrics`` the answer is JSON, ``{"error": {"code", "message", "details"?}}``; for
-web pages it is an HTML error page with the same status, rendered by the function
-given to :func:`error_middleware`. :class:`LoginRequired` on a page redirects
-to the login form. Anything unexpected is a 500 with a generic message; the
+Handlers raise :class:`ApiError` subclasses. Under ``/api/``, ``/health/api/``,
+``/metrics`` and ``/healthz`` the answer is JSON,
+``{"error": {"code", "message", "details"?}}``; for web pages it is an HTML error
+page with the same status, rendered by the function given to
+:func:`error_middleware`. :class:`LoginRequired` on a page redirects to the login
+form. Anything unexpected is a 500 with a generic message; the
 traceback goes to the log.
 """
 
@@ -70,7 +71,7 @@ class Upstream(ApiError):
 
 def wants_json(request: web.Request) -> bool:
     p = request.path
-    return p.startswith(("/api/", "/health/api/")) or p == "/metrics"
+    return p.startswith(("/api/", "/health/api/")) or p in ("/metrics", "/healthz")
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
