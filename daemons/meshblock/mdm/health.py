@@ -24,6 +24,7 @@ from sqlalchemy import func, select
 import meshblock
 from meshblock.auth import Role
 from meshblock.chunks import pgs_of_volume
+from meshblock.daemon_metrics import daemon_registry
 from meshblock.mdm import scrub
 from meshblock.mdm.api.common import json, reading, ts
 from meshblock.mdm.capacity import PoolCapacity, pool_capacities
@@ -443,7 +444,7 @@ def open_listener(host: str, port: int) -> Callable[[web.Application], AsyncIter
 
 
 def setup_metrics(app: web.Application) -> None:
-    registry = CollectorRegistry()
+    registry = daemon_registry()
     collector = ClusterCollector(app[CTX])
     registry.register(collector)
     app[REGISTRY] = registry

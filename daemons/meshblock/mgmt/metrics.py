@@ -1,4 +1,5 @@
-"""MGMT's own Prometheus metrics, in a registry of its own.
+"""MGMT's own Prometheus metrics, in a registry of its own (with the process and
+build-info series of every daemon, meshblock.daemon_metrics).
 
 Alert counts come from the database at scrape time (the ``/metrics`` handler takes a
 snapshot, then the collector renders it); the webhook and rule-sync figures are
@@ -9,10 +10,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import Counter, Gauge
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from meshblock.daemon_metrics import daemon_registry
 from meshblock.mgmt.models import AlertStatus, Severity
 
 
@@ -37,7 +39,7 @@ class AlertCountCollector(Collector):
 
 class MgmtMetrics:
     def __init__(self) -> None:
-        r = self.registry = CollectorRegistry()
+        r = self.registry = daemon_registry()
         self.alerts = AlertCountCollector()
         r.register(self.alerts)
         self.webhook_requests = Counter(

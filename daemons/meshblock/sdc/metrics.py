@@ -20,6 +20,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
+from meshblock.daemon_metrics import daemon_registry
+
 OPS = ("read", "write", "write_zeroes", "trim", "flush")
 LATENCY_BUCKETS = (
     0.0001,
@@ -44,7 +46,9 @@ LATENCY_BUCKETS = (
 
 class SdcMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        self.registry = registry if registry is not None else CollectorRegistry()
+        """``registry``: the daemon's own by default (process and build-info series
+        included, meshblock.daemon_metrics); a test may give a bare one."""
+        self.registry = registry if registry is not None else daemon_registry()
         r = self.registry
         # Live volumes' stats, and those of forgotten volumes whose late IO still
         # counts in the per-op series (duration, errors).

@@ -34,7 +34,7 @@ from meshblock.sds.mdm_client import (
     record_pending_unclean,
     saved_failed_devices,
 )
-from meshblock.sds.metrics import SdsCollector
+from meshblock.sds.metrics import sds_registry
 from meshblock.sds.peer_probe import SelfFence, peers_needed, wire_pinger
 from meshblock.sds.refusals import RefusalAudit
 from meshblock.sds.replication import Peers
@@ -162,8 +162,7 @@ async def _runtime(app: web.Application) -> AsyncIterator[None]:
         hook = device_io.installed_hook()
         if hook is not None:
             service.corrupt_payload = hook.corrupt_payload
-        registry = CollectorRegistry(auto_describe=True)
-        registry.register(SdsCollector(state, resync))
+        registry = sds_registry(state, resync)
         state.tombstones.rate = config.delete_free_rate
         link = MdmLink(config, secret, state, resync)
         link.scrubber = Scrubber(state)

@@ -18,8 +18,9 @@ from prometheus_client.core import (
     HistogramMetricFamily,
     Metric,
 )
-from prometheus_client.registry import Collector
+from prometheus_client.registry import Collector, CollectorRegistry
 
+from meshblock.daemon_metrics import daemon_registry
 from meshblock.sds.stats import BOUNDS, SdsStats
 from meshblock.sds.store import Device
 from meshblock.wire.protocol import MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, Op, PeerRole
@@ -91,6 +92,14 @@ _DEVICE_METRICS: Final[tuple[_DeviceMetric, ...]] = (
         lambda dev: dev.syncs,
     ),
 )
+
+
+def sds_registry(state: SdsState, resync: Resync) -> CollectorRegistry:
+    """The registry the SDS's ``/metrics`` renders: the process and build-info series
+    (meshblock.daemon_metrics) and :class:`SdsCollector`."""
+    registry = daemon_registry(auto_describe=True)
+    registry.register(SdsCollector(state, resync))
+    return registry
 
 
 class SdsCollector(Collector):
