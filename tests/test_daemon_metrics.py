@@ -19,6 +19,9 @@ import meshblock
 from meshblock.mdm.context import CTX, MdmContext
 from meshblock.mdm.health import REGISTRY, setup_metrics
 from meshblock.mgmt.metrics import MgmtMetrics
+from meshblock.nbd.server import NbdServer
+from meshblock.sdc.app import SdcState, _ScrapeCollector
+from meshblock.sdc.config import MdmLink, SdcConfig
 from meshblock.sdc.metrics import SdcMetrics
 from meshblock.sds.maps import MapCache
 from meshblock.sds.metrics import sds_registry
@@ -92,3 +95,23 @@ def test_sdc_metrics_have_process_and_build_info() -> None:
 def test_mgmt_metrics_have_process_and_build_info() -> None:
     found = check_common_series(MgmtMetrics().registry)
     assert "meshblock_mgmt_logins_total" in found
+
+
+def test_sdc_running_counts_are_counters() -> None:
+    """NBD protocol errors and refused connections count since start: counters,
+    ``..._total`` (they were gauges without the suffix)."""
+    state = SdcState(SdcConfig(mdm=MdmLink(cluster_secret="s")))
+    state.nbd = NbdServer()
+    state.nbd.protocol_errors = 3
+    state.nbd.refused_connections = 2
+    state.metrics.add_collector(_ScrapeCollector(state))
+    text = generate_latest(state.metrics.registry).decode()
+    types = {f.name: f.type for f in text_string_to_metric_families(text)}
+    found = samples(state.metrics.registry)
+    for name, value in (
+        ("meshblock_sdc_nbd_protocol_errors", 3.0),
+        ("meshblock_sdc_nbd_refused_connections", 2.0),
+    ):
+        assert types.get(name) == "counter", (name, types.get(name))
+        assert found[name + "_total"] == [({}, value)]
+        assert name not in found

@@ -300,7 +300,7 @@ def test_nbd_tls_and_allow_list(
         with pytest.raises(OSError):
             c.recv(1)
         c.close()
-        assert "meshblock_sdc_nbd_refused_connections 1.0" in sdc.metrics()
+        assert "meshblock_sdc_nbd_refused_connections_total 1.0" in sdc.metrics()
         # The unix socket is not the TCP listener: plain NBD, every export.
         by_unix = json.loads(run(tool("nbdinfo"), "--list", "--json", sdc.uri("", "unix")).stdout)
         assert {x["export-name"] for x in by_unix["exports"]} == {"vol-tls"}

@@ -114,12 +114,13 @@ class _ScrapeCollector(Collector):
         for sds_id, budget in (s.budgets.budgets() if s.budgets else {}).items():
             budgets.add_metric([str(sds_id)], budget)
         yield budgets
-        yield GaugeMetricFamily(
+        # Running counts: counters, exposed as ..._total.
+        yield CounterMetricFamily(
             "meshblock_sdc_nbd_protocol_errors",
             "NBD connections dropped for a protocol error since start",
             value=s.nbd.protocol_errors if s.nbd else 0,
         )
-        yield GaugeMetricFamily(
+        yield CounterMetricFamily(
             "meshblock_sdc_nbd_refused_connections",
             "NBD TCP connections refused since start: no rule of [nbd] tcp_allow covers them",
             value=s.nbd.refused_connections if s.nbd else 0,
