@@ -585,6 +585,7 @@ def test_mdm_exposes_the_metrics_the_rules_read(mdm: MdmDaemon) -> None:
     body = {"name": "sp-mon", "protection_domain_id": pd["id"], "pg_count": 8}
     status, pool = api("POST", "/api/v1/pools", body)
     assert status == 201, pool
+    sds_ids: dict[str, int] = {}
     for i, fault_set in ((1, "fs-mon"), (2, None)):
         body = {
             "name": f"sds-mon{i}",
@@ -597,6 +598,7 @@ def test_mdm_exposes_the_metrics_the_rules_read(mdm: MdmDaemon) -> None:
         body["join_token"] = mdm.join_token()
         status, sds = api("POST", "/api/v1/sds/register", body, token=mdm.cluster_secret)
         assert status in (200, 201), sds
+        sds_ids[body["name"]] = sds["id"]
     body = {"guid": "guid-mon", "name": "host-mon", "address": "127.0.0.1", "nbd_port": 10809}
     status, sdc = api("POST", "/api/v1/sdc/register", body, token=mdm.cluster_secret)
     assert status in (200, 201), sdc
@@ -634,3 +636,13 @@ def test_mdm_exposes_the_metrics_the_rules_read(mdm: MdmDaemon) -> None:
         "meshblock_pool_total_bytes",
     ):
         assert {"pool": "sp-mon", "protection_domain": "pd-mon"} in exposed[metric], metric
+    # What the SDS and SDC label by id (pool_id, sds_id, peer) joins to these names.
+    assert {
+        "sds_id": str(sds_ids["sds-mon1"]),
+        "sds": "sds-mon1",
+        "protection_domain": "pd-mon",
+        "fault_set": "fs-mon",
+    } in exposed["meshblock_sds_info"]
+    assert {"pool_id": str(pool["id"]), "pool": "sp-mon", "protection_domain": "pd-mon"} in (
+        exposed["meshblock_pool_info"]
+    )

@@ -297,6 +297,24 @@ class ClusterCollector(Collector):
         for _, name, pd, fs, up in n["_sds"]:
             g.add_metric([name, pd, fs or ""], 1 if up else 0)
         yield g
+        # The SDS and SDC label what they know by id (pool_id, sds_id, peer); these
+        # give each id its name, to join on (docs/monitoring.md, Labels).
+        g = GaugeMetricFamily(
+            "meshblock_sds_info",
+            "Always 1: an SDS's id and its names (sds, protection_domain, fault_set)",
+            labels=["sds_id", "sds", "protection_domain", "fault_set"],
+        )
+        for sds_id, name, pd, fs, _ in n["_sds"]:
+            g.add_metric([str(sds_id), name, pd, fs or ""], 1)
+        yield g
+        g = GaugeMetricFamily(
+            "meshblock_pool_info",
+            "Always 1: a storage pool's id and its names (pool, protection_domain)",
+            labels=["pool_id", "pool", "protection_domain"],
+        )
+        for pool, pd, _, _ in n["_pools"]:
+            g.add_metric([str(pool.id), pool.name, pd], 1)
+        yield g
         holds = self.ctx.liveness.holds
         for metric, text, of in (
             (
