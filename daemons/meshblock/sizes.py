@@ -23,15 +23,26 @@ _UNITS = {
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
 
 
+# Every unit parse_size accepts, for the messages that tell an operator what to type.
+UNITS_HELP = (
+    "KiB MiB GiB TiB PiB (or K M G T P), KB MB GB TB PB (powers of 1000), "
+    "or B for bytes (e.g. 16GiB, 500GB, 4096B)"
+)
+
+
 class SizeError(ValueError):
     """A size could not be understood."""
 
 
-def parse_size(value: str | int) -> int:
+def parse_size(value: str | int, *, unit_required: bool = False) -> int:
     """Return the number of bytes in ``value``: an int, or a string like ``16GiB``.
 
     Binary units (KiB, MiB, GiB, TiB, PiB and the bare letters K, M, G, T, P) are
     powers of 1024; decimal units (KB, MB, GB, TB, PB) are powers of 1000.
+
+    A string without a unit is bytes (config files, the REST API), unless
+    ``unit_required``: then it is refused, as meshctl's size options do, because an
+    operator who types ``--size 10`` may mean GiB as much as bytes.
     """
     if isinstance(value, bool):
         raise SizeError("a size must be a number of bytes or a string such as '16GiB'")
@@ -45,9 +56,11 @@ def parse_size(value: str | int) -> int:
     if not m:
         raise SizeError(f"not a size: {value!r} (examples: 1073741824, 16GiB, 500GB)")
     number, unit = m.groups()
+    if unit_required and not unit:
+        raise SizeError(f"a size needs a unit: {value.strip()!r}; use {UNITS_HELP}")
     factor: int | None = _UNITS.get(unit.lower())
     if factor is None:
-        raise SizeError(f"unknown size unit {unit!r} in {value!r} (use KiB, MiB, GiB, TiB)")
+        raise SizeError(f"unknown size unit {unit!r} in {value!r} (use {UNITS_HELP})")
     whole, _, frac = number.partition(".")
     scaled = int(whole) * factor
     if frac:

@@ -19,9 +19,16 @@ UNLIMITED = ("none", "unlimited", "off")
 
 
 def size(text: str) -> int:
-    """``16GiB`` → 17179869184; a bare number is bytes."""
+    """``16GiB`` → 17179869184; bytes are written ``4096B``.
+
+    A number without a unit is refused (exit 7) rather than read as bytes, as it
+    once was: ``--size 10`` made a 10-byte request that the MDM silently rounded up
+    to 1 GiB. Nor is it read as GiB, as PowerFlex's ``scli --size_gb`` would: the
+    option is ``--size``, with no unit in its name, and a script that passed bytes
+    would then ask for 2**30 times what it meant.
+    """
     try:
-        return parse_size(text)
+        return parse_size(text, unit_required=True)
     except SizeError as exc:
         raise InvalidInput(str(exc)) from None
 

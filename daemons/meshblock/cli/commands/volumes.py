@@ -205,11 +205,28 @@ def create(ctx: Context, args: Namespace) -> None:
     pool = ctx.names.pool(args.pool)
     body = {"name": args.name, "pool_id": pool["id"], "size": args.size, "type": args.type}
     vol = ctx.client.post(PATH, body)
+    note = rounding(args.size, vol, pool)
     ctx.done(
         f"created {vol.get('type')} volume {vol['name']!r} of {size(vol.get('size_bytes'))} "
-        f"in pool {pool['name']!r}",
+        f"in pool {pool['name']!r}{f' ({note})' if note else ''}",
         vol,
     )
+
+
+def rounding(requested: int, vol: JsonObject, pool: JsonObject | None = None) -> str:
+    """``rounded up from 1.5 GiB to 2 GiB, ...`` when the MDM gave ``vol`` more than
+    ``requested`` (it rounds a size up to the pool's allocation granularity), else ``""``."""
+    got = vol.get("size_bytes")
+    if not isinstance(got, int) or got <= requested:
+        return ""
+    before, after = size(requested), size(got)
+    if before == after:  # 2147483647 B shows as 2 GiB too
+        before, after = f"{requested} B", f"{got} B"
+    text = f"rounded up from {before} to {after}"
+    granularity = (pool or {}).get("allocation_granularity_bytes")
+    if isinstance(granularity, int) and granularity > 0:
+        text += f", a multiple of the pool's allocation granularity ({size(granularity)})"
+    return text
 
 
 def _sdc_names(ctx: Context, vol: JsonObject) -> str:
@@ -301,9 +318,13 @@ def extend(ctx: Context, args: Namespace) -> None:
     old = ctx.names.volume(args.name)
     new_size = args.size.apply(int(old.get("size_bytes", 0)))
     vol = ctx.client.patch(f"{PATH}/{old['id']}", {"size": new_size})
+    note = rounding(new_size, vol)
+    if note and not ctx.json:  # name the granularity: one more request, only then
+        pools = ctx.names.pools()
+        note = rounding(new_size, vol, next((p for p in pools if p["id"] == vol["pool_id"]), None))
     ctx.done(
         f"volume {vol['name']!r} is now {size(vol.get('size_bytes'))} "
-        f"(was {size(old.get('size_bytes'))})",
+        f"(was {size(old.get('size_bytes'))}{'; ' + note if note else ''})",
         vol,
     )
 

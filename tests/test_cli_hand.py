@@ -1,0 +1,194 @@
+"""meshctl fitting the hand (issue 20): sizes with units, --version, completion,
+confirmation of deletes, what a token error says, errors as JSON, 'unlimited' rates.
+
+In process: ``main(argv, env)`` runs against :class:`FakeMdm`, which stands in for the
+MDM's client (no socket) and records what meshctl asked of it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import meshblock.cli.__main__ as cli_main
+from meshblock.cli import lab, values
+from meshblock.cli.__main__ import main
+from meshblock.cli.errors import ApiError, InvalidInput
+from meshblock.sizes import GiB, MiB, parse_size
+
+pytestmark = pytest.mark.unit
+
+POOL = {"id": 1, "name": "sp1", "allocation_granularity_bytes": GiB}
+
+Route = Callable[[Any], Any]
+
+
+class FakeMdm:
+    """The MDM's answers by ``(method, path)``; ``calls`` lists every request."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str, Any]] = []
+        self.volumes: dict[int, dict[str, Any]] = {}
+        self.pools: list[dict[str, Any]] = [dict(POOL)]
+        self.routes: dict[tuple[str, str], Route] = {
+            ("GET", "/api/v1/pools"): lambda _: {"pools": self.pools},
+            ("GET", "/api/v1/pools/1"): lambda _: self.pools[0],
+            ("GET", "/api/v1/volumes"): lambda _: {"volumes": list(self.volumes.values())},
+            ("POST", "/api/v1/volumes"): self._create,
+        }
+
+    def _rounded(self, n: int) -> int:
+        g = int(self.pools[0]["allocation_granularity_bytes"])
+        return -(-n // g) * g
+
+    def _create(self, body: dict[str, Any]) -> dict[str, Any]:
+        vid = len(self.volumes) + 1
+        vol = {
+            "id": vid,
+            "name": body["name"],
+            "pool_id": body["pool_id"],
+            "type": body["type"],
+            "size_bytes": self._rounded(body["size"]),
+        }
+        self.volumes[vid] = vol
+        self.routes[("GET", f"/api/v1/volumes/{vid}")] = lambda _: self.volumes[vid]
+        self.routes[("PATCH", f"/api/v1/volumes/{vid}")] = lambda b: self._patch(vid, b)
+        self.routes[("DELETE", f"/api/v1/volumes/{vid}")] = lambda _: self.volumes.pop(vid) and None
+        return vol
+
+    def _patch(self, vid: int, body: dict[str, Any]) -> dict[str, Any]:
+        self.volumes[vid] = {**self.volumes[vid], "size_bytes": self._rounded(body["size"])}
+        return self.volumes[vid]
+
+    def client(self, urls: Any, token: Any, timeout: float = 30.0, tls: Any = None) -> FakeMdm:
+        self.token = token
+        return self
+
+    def request(self, method: str, path: str, body: Any = None) -> Any:
+        self.calls.append((method, path, body))
+        if self.token != "admin":
+            raise ApiError(401, "unauthorized", "missing or unknown bearer token")
+        route = self.routes.get((method, path))
+        if route is None:
+            raise ApiError(404, "not_found", f"no route {method} {path}")
+        return route(body)
+
+    def get(self, path: str, query: Any = None, timeout: float | None = None) -> Any:
+        return self.request("GET", path)
+
+    def post(self, path: str, body: Any) -> Any:
+        return self.request("POST", path, body)
+
+    def patch(self, path: str, body: Any) -> Any:
+        return self.request("PATCH", path, body)
+
+    def delete(self, path: str) -> Any:
+        return self.request("DELETE", path)
+
+    def changes(self) -> list[tuple[str, str, Any]]:
+        return [c for c in self.calls if c[0] != "GET"]
+
+
+@pytest.fixture
+def mdm(monkeypatch: pytest.MonkeyPatch) -> FakeMdm:
+    fake = FakeMdm()
+    monkeypatch.setattr(cli_main, "MdmClient", fake.client)
+
+    def no_lab(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("a test started a lab")
+
+    monkeypatch.setattr(lab.Lab, "up", no_lab)  # lab up must stop at its options
+    return fake
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> dict[str, str]:
+    """A token, and no operator's config file."""
+    return {"MESHCTL_TOKEN": "admin", "XDG_CONFIG_HOME": str(tmp_path)}
+
+
+# -- 1. sizes need a unit; rounding is told -------------------------------------------
+
+UNITS = ("KiB", "MiB", "GiB", "TiB", "PiB", "KB", "MB", "GB", "TB", "PB", "4096B")
+
+BARE_SIZES = [
+    ["volume", "create", "v", "--pool", "sp1", "--size", "10"],
+    ["volume", "extend", "v", "--size", "+10"],
+    ["volume", "extend", "v", "--size", "1073741824"],
+    ["volume", "map", "v", "--sdc", "h", "--bandwidth-limit", "100"],
+    ["volume", "set-limits", "v", "--sdc", "h", "--bandwidth-limit", "100"],
+    ["pool", "create", "sp2", "--pd", "pd1", "--granularity", "1073741824"],
+    ["sds", "add", "s", "--pd", "pd1", "--address", "a", "--device", "/dev/sdb:1000:sp1"],
+    ["sds", "device-add", "s", "--device", "/dev/sdb:1000:sp1"],
+    ["lab", "up", "--volume-size", "4"],
+    ["lab", "up", "--device-size", "64"],
+]
+
+
+@pytest.mark.parametrize("argv", BARE_SIZES, ids=" ".join)
+def test_a_size_without_a_unit_is_refused_naming_every_unit(
+    argv: list[str], mdm: FakeMdm, env: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(argv, env=env) == 7
+    err = capsys.readouterr().err
+    assert err.startswith("meshctl: error: a size needs a unit: "), err
+    for unit in UNITS:
+        assert unit in err, f"{unit} not named in {err!r}"
+    assert mdm.calls == []  # refused before anything was sent
+
+
+def test_units_are_accepted_and_config_sizes_stay_bytes() -> None:
+    assert values.size("4096B") == 4096
+    assert values.size("1.5GiB") == 3 * GiB // 2
+    assert values.size("1G") == GiB
+    assert values.size("500GB") == 500 * 10**9
+    assert values.bandwidth_limit("100MiB") == 100 * MiB
+    assert values.bandwidth_mibps("200") == 200  # a pool throttle's unit is MiB/s
+    with pytest.raises(InvalidInput, match="needs a unit"):
+        values.size(" 10 ")
+    # Config files and the REST API still read a bare number as bytes.
+    assert parse_size("10") == 10
+    assert parse_size("1073741824") == GiB
+
+
+def test_create_and_extend_say_when_the_mdm_rounded_up(
+    mdm: FakeMdm, env: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["volume", "create", "v", "--pool", "sp1", "--size", "1.5GiB"], env=env) == 0
+    out = capsys.readouterr().out
+    assert out == (
+        "created thin volume 'v' of 2 GiB in pool 'sp1' (rounded up from 1.5 GiB to 2 GiB, "
+        "a multiple of the pool's allocation granularity (1 GiB))\n"
+    )
+    assert mdm.changes()[0][2]["size"] == 3 * GiB // 2  # the request was as typed
+
+    assert main(["volume", "extend", "v", "--size", "+100MiB"], env=env) == 0
+    out = capsys.readouterr().out
+    assert out == (
+        "volume 'v' is now 3 GiB (was 2 GiB; rounded up from 2.1 GiB to 3 GiB, "
+        "a multiple of the pool's allocation granularity (1 GiB))\n"
+    )
+
+    # A size the pool holds as is: nothing to tell.
+    assert main(["volume", "create", "w", "--pool", "sp1", "--size", "2GiB"], env=env) == 0
+    assert capsys.readouterr().out == "created thin volume 'w' of 2 GiB in pool 'sp1'\n"
+    assert main(["volume", "extend", "w", "--size", "4GiB"], env=env) == 0
+    assert capsys.readouterr().out == "volume 'w' is now 4 GiB (was 2 GiB)\n"
+
+    # --json: the MDM's document only (its size_bytes shows the rounding).
+    argv = ["volume", "create", "x", "--pool", "sp1", "--size", "1MiB", "--json"]
+    assert main(argv, env=env) == 0
+    assert json.loads(capsys.readouterr().out)["size_bytes"] == GiB
+
+
+def test_rounding_that_formats_alike_is_shown_in_bytes() -> None:
+    from meshblock.cli.commands.volumes import rounding
+
+    assert rounding(2 * GiB - 1, {"size_bytes": 2 * GiB}) == (
+        f"rounded up from {2 * GiB - 1} B to {2 * GiB} B"
+    )
+    assert rounding(2 * GiB, {"size_bytes": 2 * GiB}) == ""
