@@ -8,6 +8,7 @@ MDM's client (no socket) and records what meshctl asked of it.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -192,3 +193,23 @@ def test_rounding_that_formats_alike_is_shown_in_bytes() -> None:
         f"rounded up from {2 * GiB - 1} B to {2 * GiB} B"
     )
     assert rounding(2 * GiB, {"size_bytes": 2 * GiB}) == ""
+
+
+# -- 2. --version, and bare meshctl -----------------------------------------------------
+
+
+def test_version_is_the_package_version(capsys: pytest.CaptureFixture[str]) -> None:
+    pyproject = (Path(__file__).resolve().parent.parent / "pyproject.toml").read_text()
+    version = re.search(r'^version = "([^"]+)"$', pyproject, re.M)
+    assert version is not None
+    assert main(["--version"], env={}) == 0
+    assert capsys.readouterr().out == f"meshctl {version.group(1)}\n"
+
+
+def test_bare_meshctl_prints_the_help_and_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([], env={}) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith("usage: meshctl ")
+    for word in ("volume", "pool", "exit codes:", "--version", "MESHCTL_TOKEN"):
+        assert word in captured.err, f"{word!r} not in the help"

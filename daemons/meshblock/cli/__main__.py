@@ -38,7 +38,13 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
 
 
 def _run(argv: Sequence[str] | None, env: Mapping[str, str]) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    if not (sys.argv[1:] if argv is None else argv):
+        # Bare `meshctl`: the whole help rather than argparse's one-line complaint, on
+        # stderr and with exit 2 as for any command line that does not say what to do.
+        parser.print_help(sys.stderr)
+        return int(ExitCode.USAGE)
+    args = parser.parse_args(argv)
     settings = resolve(
         mdm_flag=args.mdm,
         token_flag=args.token,

@@ -14,6 +14,7 @@ import textwrap
 from collections.abc import Callable, Sequence
 from typing import Any, TypeAlias
 
+from meshblock import __version__
 from meshblock.cli import values
 from meshblock.cli.errors import EXIT_CODES_HELP
 
@@ -97,7 +98,7 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
 
 def root_parser() -> argparse.ArgumentParser:
     """The top of the tree, without its nouns (the commands package adds them)."""
-    return argparse.ArgumentParser(
+    parser = argparse.ArgumentParser(
         prog=PROG,
         description=_DESCRIPTION,
         epilog=f"{_CONNECTION_HELP}\n\n{EXIT_CODES_HELP}\n\n"
@@ -105,6 +106,10 @@ def root_parser() -> argparse.ArgumentParser:
         formatter_class=_Formatter,
         parents=[global_options(top=True)],
     )
+    parser.add_argument(
+        "--version", action="version", version=f"{PROG} {__version__}", help="print the version"
+    )
+    return parser
 
 
 def add_noun(sub: Subparsers, name: str, help: str, aliases: Sequence[str] = ()) -> Subparsers:
