@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -213,3 +214,26 @@ def test_bare_meshctl_prints_the_help_and_exits_2(capsys: pytest.CaptureFixture[
     assert captured.err.startswith("usage: meshctl ")
     for word in ("volume", "pool", "exit codes:", "--version", "MESHCTL_TOKEN"):
         assert word in captured.err, f"{word!r} not in the help"
+
+
+# -- 3. shell completion ----------------------------------------------------------------
+
+
+def test_zsh_completion_is_generated_from_the_parser(
+    env: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["completion", "zsh"], env=env) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("#compdef meshctl")
+    for word in ("volume", "set-limits", "ok-to-stop", "completion", "--bandwidth-limit"):
+        assert word in out, f"{word!r} not in the zsh script"
+    assert main(["completion", "fish"], env=env) == 2  # bash and zsh only
+
+
+def test_completion_without_shtab_says_what_to_install(
+    env: dict[str, str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setitem(sys.modules, "shtab", None)  # import shtab raises ImportError
+    assert main(["completion", "bash"], env=env) == 1
+    assert "pip install 'shtab>=1.7,<2'" in capsys.readouterr().err
+    assert main(["--version"], env=env) == 0  # nothing else needs it

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from meshblock.cli.commands import (
     ca,
     cluster,
+    completion,
     config,
     fault_sets,
     lab,
@@ -40,6 +41,7 @@ NOUNS: list[Callable[[Subparsers], None]] = [
     config.register,
     lab.register,
     ca.register,
+    completion.register,
 ]
 
 
