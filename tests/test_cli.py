@@ -550,6 +550,7 @@ class Meshctl:
         proc = subprocess.run(
             [sys.executable, "-m", "meshblock.cli", *args],
             env=full_env,
+            stdin=subprocess.DEVNULL,  # no terminal: `volume delete` needs --yes
             capture_output=True,
             text=True,
             timeout=60,
@@ -713,7 +714,8 @@ def test_changes_and_their_refusals(meshctl: Meshctl, cluster: Built) -> None:
     meshctl("volume", "rename", "grow", "grown")
     meshctl("volume", "show", "grow", expect=4)
     meshctl("volume", "map", "grown", "--sdc", HOST)
-    assert meshctl("volume", "delete", "grown", expect=5).stderr.startswith("meshctl: error: ")
+    refused = meshctl("volume", "delete", "grown", "--yes", expect=5)
+    assert refused.stderr.startswith("meshctl: error: ")
     meshctl("volume", "set-limits", "grown", "--sdc", HOST, "--iops-limit", "100")
     m = meshctl.json("volume", "set-access", "grown", "--sdc", HOST, "--read-only")
     assert (m["access_mode"], m["iops_limit"]) == ("read_only", 100)
@@ -721,7 +723,8 @@ def test_changes_and_their_refusals(meshctl: Meshctl, cluster: Built) -> None:
     assert m["iops_limit"] is None
     meshctl("volume", "unmap", "grown", "--sdc", HOST)
     meshctl("volume", "unmap", "grown", "--sdc", HOST, expect=4)
-    meshctl("volume", "delete", "grown")
+    meshctl("volume", "delete", "grown", expect=2)  # no terminal to ask on, no --yes
+    meshctl("volume", "delete", "grown", "-y")
     meshctl("volume", "show", "grown", expect=4)
 
     updated = meshctl.json("pool", "set", "sp1", "--rebuild-bandwidth", "400MiB/s")

@@ -61,4 +61,5 @@ def test_bash_completes_commands_subcommands_and_options(script: Path) -> None:
     assert complete(script, "vol") == ["volume", "vol"]
     assert complete(script, "volume", "set-") == ["set-limits", "set-access"]
     assert "--size" in complete(script, "volume", "create", "--")
+    assert {"--yes", "-y"} <= set(complete(script, "volume", "delete", "-"))
     assert complete(script, "completion", "") == ["bash", "zsh"]

@@ -7,6 +7,7 @@ MDM's client (no socket) and records what meshctl asked of it.
 
 from __future__ import annotations
 
+import io
 import json
 import re
 import sys
@@ -24,7 +25,16 @@ from meshblock.sizes import GiB, MiB, parse_size
 
 pytestmark = pytest.mark.unit
 
-POOL = {"id": 1, "name": "sp1", "allocation_granularity_bytes": GiB}
+POOL = {
+    "id": 1,
+    "name": "sp1",
+    "protection_domain_id": 1,
+    "allocation_granularity_bytes": GiB,
+    "rebuild_bandwidth_mibps": 0,  # the MDM's default: 0 = unlimited
+    "rebuild_concurrency": 4,
+    "rebalance_bandwidth_mibps": 50,
+    "rebalance_concurrency": 2,
+}
 
 Route = Callable[[Any], Any]
 
@@ -41,6 +51,10 @@ class FakeMdm:
             ("GET", "/api/v1/pools/1"): lambda _: self.pools[0],
             ("GET", "/api/v1/volumes"): lambda _: {"volumes": list(self.volumes.values())},
             ("POST", "/api/v1/volumes"): self._create,
+            ("GET", "/api/v1/sds"): lambda _: {"sds": []},
+            ("GET", "/api/v1/protection-domains"): lambda _: {
+                "protection_domains": [{"id": 1, "name": "pd1"}]
+            },
         }
 
     def _rounded(self, n: int) -> int:
@@ -72,8 +86,12 @@ class FakeMdm:
 
     def request(self, method: str, path: str, body: Any = None) -> Any:
         self.calls.append((method, path, body))
-        if self.token != "admin":
-            raise ApiError(401, "unauthorized", "missing or unknown bearer token")
+        if self.token not in ("admin", "readonly"):
+            raise ApiError(
+                401, "unauthorized", "a valid 'Authorization: Bearer <token>' header is required"
+            )
+        if self.token == "readonly" and method != "GET":
+            raise ApiError(403, "forbidden", f"this token (readonly) may not {method} {path}")
         route = self.routes.get((method, path))
         if route is None:
             raise ApiError(404, "not_found", f"no route {method} {path}")
@@ -237,3 +255,90 @@ def test_completion_without_shtab_says_what_to_install(
     assert main(["completion", "bash"], env=env) == 1
     assert "pip install 'shtab>=1.7,<2'" in capsys.readouterr().err
     assert main(["--version"], env=env) == 0  # nothing else needs it
+
+
+# -- 4. volume delete asks ----------------------------------------------------------------
+
+
+class Terminal(io.StringIO):
+    """A stdin that is a terminal, whose operator types ``answer``."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.fixture
+def vol(mdm: FakeMdm, env: dict[str, str], capsys: pytest.CaptureFixture[str]) -> str:
+    assert main(["volume", "create", "v", "--pool", "sp1", "--size", "2GiB"], env=env) == 0
+    capsys.readouterr()
+    return "v"
+
+
+def deleted(mdm: FakeMdm) -> bool:
+    return any(method == "DELETE" for method, _, _ in mdm.calls)
+
+
+@pytest.mark.parametrize("answer", ["n\n", "\n", "", "yes please\n"])
+def test_delete_on_a_terminal_asks_and_anything_but_yes_keeps_it(
+    answer: str,
+    vol: str,
+    mdm: FakeMdm,
+    env: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setattr(sys, "stdin", Terminal(answer))
+    assert main(["volume", "delete", vol], env=env) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("delete volume 'v' (2 GiB)? Its data cannot be read again. [y/N] ")
+    assert err.endswith("meshctl: error: not confirmed: did not delete volume 'v'\n")
+    assert not deleted(mdm)
+
+
+@pytest.mark.parametrize("answer", ["y\n", "YES\n", " yes \n"])
+def test_delete_on_a_terminal_deletes_on_yes(
+    answer: str,
+    vol: str,
+    mdm: FakeMdm,
+    env: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setattr(sys, "stdin", Terminal(answer))
+    assert main(["volume", "delete", vol], env=env) == 0
+    assert capsys.readouterr().out.startswith("deleted volume 'v'")
+    assert deleted(mdm)
+
+
+@pytest.mark.parametrize("stdin", ["pipe", "none"])
+def test_delete_without_a_terminal_needs_yes(
+    stdin: str,
+    vol: str,
+    mdm: FakeMdm,
+    env: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setattr(sys, "stdin", io.StringIO("y\n") if stdin == "pipe" else None)
+    assert main(["volume", "delete", vol], env=env) == 2
+    assert capsys.readouterr().err == (
+        "meshctl: error: not confirmed: stdin is not a terminal to ask on; add --yes (-y) "
+        "to delete volume 'v' without asking\n"
+    )
+    assert not deleted(mdm)
+    assert main(["vol", "rm", vol, "-y"], env=env) == 0
+    assert deleted(mdm)
+
+
+def test_delete_with_yes_does_not_ask_on_a_terminal(
+    vol: str,
+    mdm: FakeMdm,
+    env: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    terminal = Terminal("n\n")
+    monkeypatch.setattr(sys, "stdin", terminal)
+    assert main(["volume", "delete", vol, "--yes"], env=env) == 0
+    assert terminal.tell() == 0 and capsys.readouterr().err == ""  # nothing read or asked
+    assert deleted(mdm)

@@ -205,7 +205,7 @@ def test_unmap_makes_the_export_disappear(flow: Flow) -> None:
 
 def test_delete_volumes(flow: Flow) -> None:
     for name in ("vol-thin", "vol-thick"):
-        flow.meshctl("volume", "delete", name)
+        flow.meshctl("volume", "delete", name, "--yes")
     # a deleted volume is listed as deleting until every SDS has freed its chunks
     listed = flow.json("volume", "list")["volumes"]
     assert all(v["state"] == "deleting" for v in listed), listed

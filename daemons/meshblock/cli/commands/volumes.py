@@ -116,11 +116,21 @@ def register(root: Subparsers) -> None:
             left; the space counts as used until freed); an SDS that is down or in
             maintenance frees its copies when it returns, before it serves anything of
             that volume. Once every SDS of the pool has freed its copies the volume
-            disappears. Its id is never given to another volume.""",
-        examples=["meshctl volume delete vol1"],
+            disappears. Its id is never given to another volume.
+
+            On a terminal meshctl asks first; --yes (-y) does not ask. When stdin is
+            not a terminal (a script, a pipe) and --yes is not given, nothing is
+            deleted (exit 2): a script says --yes.""",
+        examples=["meshctl volume delete vol1", "meshctl volume delete vol1 --yes"],
         aliases=["remove", "rm"],
     )
     p.add_argument("name", help="volume name (or id)")
+    p.add_argument(
+        "-y",
+        "--yes",
+        action="store_true",
+        help="delete without asking (needed when stdin is not a terminal)",
+    )
 
     p = add_command(
         sub,
@@ -331,6 +341,13 @@ def extend(ctx: Context, args: Namespace) -> None:
 
 def delete(ctx: Context, args: Namespace) -> None:
     vol = ctx.names.volume(args.name)
+    if not args.yes:
+        mapped = _sdc_names(ctx, vol)
+        ctx.confirm(
+            f"delete volume {vol['name']!r} ({size(vol.get('size_bytes'))}"
+            f"{', mapped to ' + mapped if mapped else ''})? Its data cannot be read again.",
+            f"delete volume {vol['name']!r}",
+        )
     ctx.client.delete(f"{PATH}/{vol['id']}")
     ctx.done(
         f"deleted volume {vol['name']!r}: unreadable now, its name free; the SDSs free "
