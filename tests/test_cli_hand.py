@@ -342,3 +342,99 @@ def test_delete_with_yes_does_not_ask_on_a_terminal(
     assert main(["volume", "delete", vol, "--yes"], env=env) == 0
     assert terminal.tell() == 0 and capsys.readouterr().err == ""  # nothing read or asked
     assert deleted(mdm)
+
+
+# -- 5. what a refused credential says; errors as JSON ------------------------------------
+
+
+def test_no_token_names_where_to_put_one(
+    mdm: FakeMdm, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["pd", "list"], env={"XDG_CONFIG_HOME": str(tmp_path)}) == 6
+    err = capsys.readouterr().err
+    assert err.startswith("meshctl: error: a valid 'Authorization: Bearer <token>' header")
+    assert "no API token was given: set MESHCTL_TOKEN, or pass --token-file PATH" in err
+    assert str(tmp_path / "meshblock" / "meshctl.toml") in err
+
+
+def test_a_wrong_token_names_where_it_came_from(
+    mdm: FakeMdm, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    xdg = {"XDG_CONFIG_HOME": str(tmp_path)}
+    assert main(["volume", "list"], env={**xdg, "MESHCTL_TOKEN": "wrong"}) == 6
+    assert "the MDM does not know the token from MESHCTL_TOKEN: " in capsys.readouterr().err
+
+    token_file = tmp_path / "token"
+    token_file.write_text("wrong\n")
+    token_file.chmod(0o600)
+    assert main(["volume", "list", "--token-file", str(token_file)], env=xdg) == 6
+    assert f"token from --token-file {token_file}: " in capsys.readouterr().err
+
+    config = tmp_path / "meshblock" / "meshctl.toml"
+    config.parent.mkdir()
+    config.write_text('token = "wrong"\n')
+    config.chmod(0o600)
+    assert main(["volume", "list"], env=xdg) == 6
+    assert f"token from the config file {config}: " in capsys.readouterr().err
+
+
+def test_a_read_only_token_is_told_to_use_an_admin_token(
+    mdm: FakeMdm, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    env = {"XDG_CONFIG_HOME": str(tmp_path), "MESHCTL_TOKEN": "readonly"}
+    assert main(["volume", "create", "v", "--pool", "sp1", "--size", "1GiB"], env=env) == 6
+    err = capsys.readouterr().err
+    assert err.startswith("meshctl: error: this token (readonly) may not POST /api/v1/volumes; ")
+    assert "the token from MESHCTL_TOKEN may not do this" in err and "admin token" in err
+
+
+def json_error(capsys: pytest.CaptureFixture[str]) -> dict[str, Any]:
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    (line,) = captured.err.splitlines()  # one JSON object, nothing else
+    doc: dict[str, Any] = json.loads(line)
+    return doc
+
+
+@pytest.mark.parametrize(
+    ("argv", "exit_code", "kind", "error"),
+    [
+        (["volume", "show", "nope"], 4, "not_found", "no volume named 'nope'"),
+        (["volume", "create", "v", "--pool", "sp1"], 2, "usage", "the following arguments are "
+         "required: --size"),
+        (["volume", "create", "v", "--pool", "sp1", "--size", "10"], 7, "invalid",
+         "a size needs a unit: '10'; use KiB"),
+        (["frobnicate"], 2, "usage", "argument COMMAND: invalid choice: 'frobnicate'"),
+        (["volume", "delete", "nope", "--yes"], 4, "not_found", "no volume named 'nope'"),
+    ],
+)  # fmt: skip
+def test_errors_under_json_are_json_on_stderr_with_the_same_exit_code(
+    argv: list[str],
+    exit_code: int,
+    kind: str,
+    error: str,
+    mdm: FakeMdm,
+    env: dict[str, str],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(argv, env=env) == exit_code  # as text, as before
+    assert "error: " + error in capsys.readouterr().err
+    assert main([*argv, "--json"], env=env) == exit_code
+    doc = json_error(capsys)
+    assert doc["error"].startswith(error) and (doc["exit_code"], doc["kind"]) == (exit_code, kind)
+    assert main(["--json", *argv], env=env) == exit_code  # before the command too
+    assert json_error(capsys)["exit_code"] == exit_code
+
+
+def test_an_mdm_refusal_under_json_carries_its_status_and_code(
+    mdm: FakeMdm, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["pd", "list", "--json"], env={"XDG_CONFIG_HOME": str(tmp_path)}) == 6
+    doc = json_error(capsys)
+    assert (doc["exit_code"], doc["kind"], doc["status"], doc["code"]) == (
+        6, "auth", 401, "unauthorized",
+    )  # fmt: skip
+    assert "set MESHCTL_TOKEN" in doc["error"]
+    # --help and --version under --json print as they do without it.
+    assert main(["volume", "--json", "--help"], env={}) == 0
+    assert capsys.readouterr().out.startswith("usage: meshctl volume")
