@@ -438,3 +438,25 @@ def test_an_mdm_refusal_under_json_carries_its_status_and_code(
     # --help and --version under --json print as they do without it.
     assert main(["volume", "--json", "--help"], env={}) == 0
     assert capsys.readouterr().out.startswith("usage: meshctl volume")
+
+
+# -- 6. an unthrottled pool says unlimited --------------------------------------------------
+
+
+def test_pool_show_says_unlimited_for_a_zero_or_missing_throttle(
+    mdm: FakeMdm, env: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["pool", "show", "sp1"], env=env) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^rebuild: +unlimited, concurrency 4$", out, re.M), out
+    assert re.search(r"^rebalance: +50 MiB/s per device, concurrency 2$", out, re.M), out
+    del mdm.pools[0]["rebalance_bandwidth_mibps"]  # an MDM that does not say: no throttle
+    assert main(["pool", "show", "sp1"], env=env) == 0
+    assert re.search(r"^rebalance: +unlimited, concurrency 2$", capsys.readouterr().out, re.M)
+    assert main(["pool", "show", "sp1", "--json"], env=env) == 0  # the document, unchanged
+    assert json.loads(capsys.readouterr().out)["rebuild_bandwidth_mibps"] == 0
+
+
+@pytest.mark.parametrize("text", ["0", "unlimited", "none", "off", "Unlimited"])
+def test_a_pool_throttle_can_be_set_to_unlimited(text: str) -> None:
+    assert values.bandwidth_mibps(text) == 0

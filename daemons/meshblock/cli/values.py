@@ -51,7 +51,10 @@ def size_change(text: str) -> SizeChange:
 
 
 def bandwidth_mibps(text: str) -> int:
-    """A pool throttle in MiB/s: ``200`` (MiB/s), ``200MiB/s``, ``1GiB/s``."""
+    """A pool throttle in MiB/s: ``200`` (MiB/s), ``200MiB/s``, ``1GiB/s``; ``0`` or
+    ``unlimited`` (``none``, ``off``) is no throttle, which the MDM stores as 0."""
+    if text.strip().lower() in UNLIMITED:
+        return 0
     value = text.strip().removesuffix("/s").removesuffix("ps")
     if value.isdigit():
         return int(value)

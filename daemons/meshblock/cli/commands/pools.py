@@ -22,11 +22,11 @@ _SETTINGS: list[tuple[str, str, Any, str, str]] = [
     ("--spare-percent", "spare_percent", values.number, "PCT",
      "capacity kept free to rebuild a lost SDS (default 10)"),
     ("--rebuild-bandwidth", "rebuild_bandwidth_mibps", values.bandwidth_mibps, "MiB/s",
-     "rebuild throttle per device, e.g. 200 or 200MiB/s"),
+     "rebuild throttle per device, e.g. 200 or 200MiB/s; 0 or unlimited: none"),
     ("--rebuild-concurrency", "rebuild_concurrency", int, "N",
      "concurrent rebuild copies per device"),
     ("--rebalance-bandwidth", "rebalance_bandwidth_mibps", values.bandwidth_mibps, "MiB/s",
-     "rebalance throttle per device, e.g. 100 or 100MiB/s"),
+     "rebalance throttle per device, e.g. 100 or 100MiB/s; 0 or unlimited: none"),
     ("--rebalance-concurrency", "rebalance_concurrency", int, "N",
      "concurrent rebalance copies per device"),
     ("--alert-high", "capacity_alert_high_percent", values.number, "PCT",
@@ -295,9 +295,12 @@ def show(ctx: Context, args: Namespace) -> None:
 
 
 def _throttle(pool: JsonObject, kind: str) -> str:
+    """``200 MiB/s per device, concurrency 4``; a bandwidth of 0 (or none) is no
+    throttle at all (the MDM's pool schema: 0 = unlimited): ``unlimited``."""
     bandwidth = pool.get(f"{kind}_bandwidth_mibps")
     concurrency = pool.get(f"{kind}_concurrency")
-    return f"{bandwidth if bandwidth is not None else '-'} MiB/s, concurrency {concurrency}"
+    rate = f"{bandwidth} MiB/s per device" if bandwidth else "unlimited"
+    return f"{rate}, concurrency {concurrency}"
 
 
 def delete(ctx: Context, args: Namespace) -> None:
