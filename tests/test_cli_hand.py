@@ -460,3 +460,36 @@ def test_pool_show_says_unlimited_for_a_zero_or_missing_throttle(
 @pytest.mark.parametrize("text", ["0", "unlimited", "none", "off", "Unlimited"])
 def test_a_pool_throttle_can_be_set_to_unlimited(text: str) -> None:
     assert values.bandwidth_mibps(text) == 0
+
+
+# -- 7. lab up honours MESHBLOCK_BASE_PORT (README) ------------------------------------------
+
+
+@pytest.fixture
+def lab_ports(mdm: FakeMdm, monkeypatch: pytest.MonkeyPatch) -> list[int | None]:
+    """The base port each ``lab up`` was started with (no lab is started)."""
+    started: list[int | None] = []
+
+    def up(self: lab.Lab, *, base_port: int | None = None, **kwargs: Any) -> dict[str, Any]:
+        started.append(base_port)
+        return {"started": True}
+
+    monkeypatch.setattr(lab.Lab, "up", up)
+    return started
+
+
+def test_lab_up_takes_its_base_port_from_the_flag_else_the_environment(
+    lab_ports: list[int | None], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    up = ["lab", "up", "--dir", str(tmp_path / "lab"), "--json"]
+    assert main(up, env={}) == 0
+    assert main(up, env={"MESHBLOCK_BASE_PORT": "20000"}) == 0
+    assert main([*up, "--base-port", "21000"], env={"MESHBLOCK_BASE_PORT": "20000"}) == 0
+    assert main(up, env={"MESHBLOCK_BASE_PORT": ""}) == 0  # empty: unset
+    assert lab_ports == [None, 20000, 21000, None]
+    capsys.readouterr()
+
+    assert main(up, env={"MESHBLOCK_BASE_PORT": "lots"}) == 7
+    assert "MESHBLOCK_BASE_PORT='lots': not a whole number" in capsys.readouterr().err
+    assert main([*up, "--base-port", "70000"], env={}) == 2
+    assert lab_ports == [None, 20000, 21000, None]  # refused ones started nothing

@@ -82,7 +82,7 @@ def _run(argv: list[str], env: Mapping[str, str], as_json: bool = False) -> int:
     client = MdmClient(
         settings.mdm_urls, settings.token, timeout=args.timeout, tls=_tls_context(settings)
     )
-    ctx = Context(client=client, settings=settings, json=args.json)
+    ctx = Context(client=client, settings=settings, json=args.json, env=env)
     try:
         result = args.handler(ctx, args)
     except ApiError as exc:

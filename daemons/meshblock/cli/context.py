@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
@@ -21,6 +22,7 @@ class Context:
     json: bool = False
     stdout: TextIO = field(default_factory=lambda: sys.stdout)
     stdin: TextIO | None = field(default_factory=lambda: sys.stdin)
+    env: Mapping[str, str] = field(default_factory=lambda: os.environ)
     names: Names = field(init=False)
 
     def __post_init__(self) -> None:

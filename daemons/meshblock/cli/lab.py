@@ -54,6 +54,7 @@ from meshblock.files import write_atomic
 from meshblock.sizes import format_size
 
 DIR_ENV = "MESHBLOCK_LAB_DIR"
+BASE_PORT_ENV = "MESHBLOCK_BASE_PORT"  # `lab up` without --base-port: ports N..N+8
 DEFAULT_DIR = Path("run/lab")
 STATE_FILE = "lab.json"
 STATE_VERSION = 1

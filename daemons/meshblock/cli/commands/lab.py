@@ -7,6 +7,7 @@ to stderr, the result to stdout (JSON with ``--json``).
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from argparse import Namespace
@@ -39,7 +40,8 @@ def register(root: Subparsers) -> None:
             and prints its NBD URIs. Refused (exit 5) while a lab runs in DIR;
             --force stops it and starts afresh. A lab that 'lab down' stopped is
             started again with its data. Ports: MDM 6611, SDSs 7072/7073, 7082/7083,
-            7092/7093, SDC 7074 and NBD 10809; --base-port N uses N..N+8 instead.""",
+            7092/7093, SDC 7074 and NBD 10809; --base-port N (or $MESHBLOCK_BASE_PORT)
+            uses N..N+8 instead.""",
         examples=[
             "meshctl lab up",
             "meshctl lab up --dir /tmp/lab --base-port 20000 --volume-size 8GiB",
@@ -62,7 +64,12 @@ def register(root: Subparsers) -> None:
         help="capacity of each SDS's sparse device file "
         f"(default {format_size(lab.DEFAULT_DEVICE_SIZE)})",
     )
-    p.add_argument("--base-port", type=int, metavar="N", help="use ports N..N+8")
+    p.add_argument(
+        "--base-port",
+        type=values.port,
+        metavar="N",
+        help=f"use ports N..N+8 (default ${lab.BASE_PORT_ENV}, else the standard ports)",
+    )
     p.add_argument("--force", action="store_true", help="stop a running lab and start afresh")
 
     p = add_command(
@@ -104,6 +111,20 @@ def _lab(args: Namespace) -> lab.Lab:
     return lab.Lab(args.dir if args.dir is not None else lab.default_dir())
 
 
+def _base_port(ctx: Context, args: Namespace) -> int | None:
+    """``--base-port``, else ``$MESHBLOCK_BASE_PORT`` (README, docs/lab.md), else None:
+    the standard ports."""
+    if args.base_port is not None:
+        return int(args.base_port)
+    text = ctx.env.get(lab.BASE_PORT_ENV, "").strip()
+    if not text:
+        return None
+    try:
+        return values.port(text)
+    except argparse.ArgumentTypeError as exc:
+        raise InvalidInput(f"{lab.BASE_PORT_ENV}={text!r}: {exc}") from None
+
+
 def _progress(line: str) -> None:
     print(f"==> {line}", file=sys.stderr, flush=True)
 
@@ -120,7 +141,7 @@ def up(ctx: Context, args: Namespace) -> None:
         doc = the_lab.up(
             volume_size=args.volume_size,
             device_size=args.device_size,
-            base_port=args.base_port,
+            base_port=_base_port(ctx, args),
             force=args.force,
             progress=_progress,
         )
