@@ -69,7 +69,7 @@ def leaf_commands(
 
 ALL_COMMANDS = sorted(leaf_commands(build_parser()))
 
-# What the brief and docs/api.md ask for; a command that disappears fails here.
+# What docs/api.md and docs/meshctl.md describe; a command that disappears fails here.
 VERBS = {
     "pd": ["create", "list", "show", "rename", "delete"],
     "faultset": ["create", "list", "show", "delete"],

@@ -360,7 +360,7 @@ def test_unknown_pools_and_pgs_are_not_found() -> None:
 
 
 def test_an_sds_whose_down_would_leave_a_pg_with_no_serving_copy_is_named() -> None:
-    """The guard of the isolation rule (finding 3): SDS 1 is primary of a PG resyncing
+    """The guard of the isolation rule: SDS 1 is primary of a PG resyncing
     to SDS 2 and of one rebuilding on SDS 3; taken down, both would be inactive (only
     the primary may serve them). Its clean PG (the secondary takes over) and a PG it
     is the stale secondary of are no reason to keep it up."""

@@ -294,7 +294,7 @@ def test_an_sds_reporting_the_peers_it_forwards_to_is_the_isolated_one() -> None
 
 
 def test_one_slow_peer_is_no_isolation_of_the_sds_reporting_it() -> None:
-    """Finding 1: A's forwards to B time out (B's disk is slow), the MDM's PING to B
+    """A's forwards to B time out (B's disk is slow), the MDM's PING to B
     answers, and one report named "more than half" of A's peers: A went down. Two
     other SDSs must be connected, and A must name two distinct peers unless it
     forwards to one only."""
@@ -325,8 +325,8 @@ def test_of_two_sds_reporting_each_other_the_one_others_report_too_is_isolated()
 
 
 def test_the_reports_of_a_round_are_decided_together_not_the_first_alone() -> None:
-    """Finding 2: the first report decided, and the SDS it came from went down before
-    any other report was weighed. SDS 1 cut off from the data network: 2 and 3 report
+    """Not the first report alone decides (its SDS went down before any other report
+    was weighed). SDS 1 cut off from the data network: 2 and 3 report
     it (each forwards to 1 only), 1 reports 2 and 3. Decided once at the end of the
     round, 1 goes down, never 2 (whose report arrived first)."""
     live = Liveness(10.0, Knobs(hold_down_s=2.0, flap_count=3, flap_window_s=600.0))
@@ -344,7 +344,8 @@ def test_the_reports_of_a_round_are_decided_together_not_the_first_alone() -> No
 
 
 def test_a_two_sds_partition_takes_neither_down() -> None:
-    """Finding 2, two SDSs cut off from each other: whichever report came first lost."""
+    """Two SDSs cut off from each other: neither goes down (whichever report came first
+    used to lose)."""
     live = Liveness(10.0, Knobs(hold_down_s=2.0, flap_count=3, flap_window_s=600.0))
     beat_all(live, (1, 2))
     holds = live.holds
@@ -426,7 +427,7 @@ class FakeDetector:
 def test_the_isolated_sds_stays_up_when_its_down_would_leave_a_pg_inactive(
     monkeypatch: pytest.MonkeyPatch, resyncing_from_it: bool
 ) -> None:
-    """Finding 3: SDS 2 reports both its peers (one loaded by a resync from it); the
+    """SDS 2 reports both its peers (one loaded by a resync from it); the
     reports make it the isolated one, but a PG resyncing off it would have no serving
     copy once it is down: it stays up. Without such a PG it goes down."""
     monkeypatch.setattr(holddown, "ISOLATION_SETTLE_S", 0.0)
