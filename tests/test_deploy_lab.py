@@ -19,7 +19,8 @@ import shlex
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -166,26 +167,41 @@ def test_site_converges(lab: HostLab) -> None:
     assert set(recap) == set(lab.hosts) - {"sds4"}, recap
 
 
-def test_site_second_run_changes_nothing(lab: HostLab) -> None:
-    """A second run of site.yml reports changed=0 on every host. It runs as two
-    ansible-playbook runs side by side, the containers (`--limit 'all:!sdcvm1'`) and the
-    emulated VM (`--limit sdcvm1`): the VM alone takes as long as all the containers
-    (about 5 s a task), and every play is the same; the first run above is the whole
-    playbook at once, as an operator runs it."""
-    limits = {"site-2": "all:!sdcvm1", "site-2-vm": "sdcvm1"}
-    with ThreadPoolExecutor(len(limits)) as pool:
-        futures = {
-            name: pool.submit(_play, lab, "playbooks/site.yml", "--limit", limit, name=name)
-            for name, limit in limits.items()
-        }
-        results = {name: future.result() for name, future in futures.items()}
-    recap: dict[str, dict[str, int]] = {}
-    for name, result in results.items():
-        recap.update(_converged(result, f"site.yml (second run, {name})"))
-    assert set(recap) == set(lab.hosts) - {"sds4"}, recap
+def _no_change(result: PlayResult, what: str, hosts: set[str]) -> None:
+    """``result`` converged on exactly ``hosts`` and changed nothing on any."""
+    recap = _converged(result, what)
+    assert set(recap) == hosts, recap
     changed = {h: r["changed"] for h, r in recap.items() if r["changed"]}
-    tails = "\n".join(r.tail() for r in results.values())
-    assert not changed, f"changed on a second run: {changed}\n{tails}"
+    assert not changed, f"changed on a second run: {changed}\n{result.tail()}"
+
+
+@pytest.fixture(scope="module")
+def vm_second_run(lab: HostLab) -> Iterator[Callable[[], Future[PlayResult]]]:
+    """The emulated VM's second run of site.yml (`--limit sdcvm1`), in the background:
+    the first call starts it, every call returns its future; the module waits for it
+    at the end. The VM takes as long for it as all the containers together (about 5 s
+    a task), and the tests it runs beside (the alert, add_sds.yml) touch neither the VM
+    nor its SDC; test_vm_second_run_changes_nothing checks it."""
+    pool = ThreadPoolExecutor(1, thread_name_prefix="site-2-vm")
+    started: list[Future[PlayResult]] = []
+
+    def start() -> Future[PlayResult]:
+        if not started:
+            started.append(
+                pool.submit(_play, lab, "playbooks/site.yml", "--limit", "sdcvm1", name="site-2-vm")
+            )
+        return started[0]
+
+    yield start
+    pool.shutdown(wait=True)
+
+
+def test_site_second_run_changes_nothing(lab: HostLab) -> None:
+    """A second run of site.yml reports changed=0 on every container; the first run
+    above is the whole playbook at once, as an operator runs it. The VM's second run
+    goes in the background beside the alert and add_sds tests (``vm_second_run``)."""
+    result = _play(lab, "playbooks/site.yml", "--limit", "all:!sdcvm1", name="site-2")
+    _no_change(result, "site.yml (second run, the containers)", set(lab.hosts) - {"sds4", "sdcvm1"})
 
 
 def test_units_are_active_and_listening(lab: HostLab) -> None:
@@ -583,10 +599,13 @@ def _mgmt_alerts(lab: HostLab, token: str) -> list[dict[str, Any]]:
     return alerts
 
 
-def test_stopped_sds_raises_the_alert_in_mgmt(lab: HostLab) -> None:
+def test_stopped_sds_raises_the_alert_in_mgmt(
+    lab: HostLab, vm_second_run: Callable[[], Future[PlayResult]]
+) -> None:
     """`systemctl stop` of an SDS: the MDM marks it down, Prometheus fires
     MeshblockSdsDown, Alertmanager sends it to MGMT, whose alert history has it
     active. The SDS is started again afterwards and the cluster heals."""
+    vm_second_run()
     token_out = _ok(
         lab.ssh(
             "mgmt1",
@@ -619,10 +638,13 @@ def test_stopped_sds_raises_the_alert_in_mgmt(lab: HostLab) -> None:
     )
 
 
-def test_add_sds_rebalances_onto_the_new_sds(lab: HostLab) -> None:
+def test_add_sds_rebalances_onto_the_new_sds(
+    lab: HostLab, vm_second_run: Callable[[], Future[PlayResult]]
+) -> None:
     """playbooks/add_sds.yml deploys sds4 (lab/add-sds4.yml puts it in `sds`); it
     registers, and the MDM moves PG copies of pool sp1 onto it until it holds its
     share (ideal within the rebalancer's tolerance), with no PG short of a copy."""
+    vm_second_run()
     result = _play(
         lab,
         "playbooks/add_sds.yml",
@@ -659,6 +681,14 @@ def test_add_sds_rebalances_onto_the_new_sds(lab: HostLab) -> None:
 def test_smoke_volume_survives_the_rebalance(lab: HostLab) -> None:
     """The smoke volume's data is still read back verified after PGs moved."""
     _ok(lab.smoke(), "lab/hostlab.py smoke after add_sds.yml")
+
+
+def test_vm_second_run_changes_nothing(
+    lab: HostLab, vm_second_run: Callable[[], Future[PlayResult]]
+) -> None:
+    """The VM's second run of site.yml (started by the alert test, or here) reports
+    changed=0, after its block device and NBD over TLS were used."""
+    _no_change(vm_second_run().result(), "site.yml (second run, the VM)", {"sdcvm1"})
 
 
 def test_lab_files_are_valid_yaml() -> None:
