@@ -68,7 +68,9 @@ JOBS = {
 WEBHOOK_URL = "http://127.0.0.1:8080/api/alerts/webhook"
 
 #: Metrics the rules read that no daemon exports yet, and what will add them.
-PENDING_METRICS: dict[str, str] = {}
+PENDING_METRICS: dict[str, str] = {
+    "meshblock_sdc_volume_info": "the SDC naming each mapped volume's pool_id (issue 20)",
+}
 
 SEVERITIES = {"warning", "critical"}
 ANNOTATIONS = {"summary", "description", "runbook_url"}
@@ -139,6 +141,26 @@ def load_alerts() -> dict[str, tuple[Path, dict[str, Any]]]:
 
 
 ALERTS = load_alerts()
+
+
+def load_records() -> dict[str, tuple[Path, dict[str, Any]]]:
+    """Every recording rule by the name it records, with its file (names are unique)."""
+    records: dict[str, tuple[Path, dict[str, Any]]] = {}
+    for path in rule_files():
+        for group in load(path)["groups"]:
+            for rule in group["rules"]:
+                if "record" in rule:
+                    name = rule["record"]
+                    assert name not in records, f"{name} is recorded twice"
+                    records[name] = (path, rule)
+    return records
+
+
+RECORDS = load_records()
+
+#: The operations a recorded name may end in: rates, means and 99th percentiles of
+#: the histograms, each over a window (docs/monitoring.md, "Recording rules").
+RECORD_OPERATION = re.compile(r"(rate|mean|p99_)(1m|5m)")
 
 
 def scrape_jobs() -> dict[str, dict[str, Any]]:
@@ -394,6 +416,70 @@ def test_every_alert_has_a_for_window_test(alertname: str) -> None:
     )
 
 
+def test_recording_rules_exist() -> None:
+    """The per-SDC, per-volume, per-pool and per-SDS IO rates MGMT and users chart."""
+    levels = {name.split(":")[0] for name in RECORDS}
+    assert {"sdc", "volume", "pool", "sds"} <= levels, sorted(RECORDS)
+    for level in ("sdc", "volume", "pool"):
+        for metric in ("meshblock_sdc_ops", "meshblock_sdc_bytes"):
+            assert f"{level}:{metric}:rate1m" in RECORDS, (level, metric)
+    for level, component in (("sdc", "sdc"), ("sds", "sds")):
+        for metric in (f"meshblock_{component}_ops", f"meshblock_{component}_bytes"):
+            assert f"{level}:{metric}:rate1m" in RECORDS, (level, metric)
+        for op in ("mean1m", "p99_1m"):
+            assert f"{level}:meshblock_{component}_op_duration_seconds:{op}" in RECORDS
+
+
+@pytest.mark.parametrize("record", sorted(RECORDS))
+def test_recording_rule_conventions(record: str) -> None:
+    """``level:metric:operations`` (docs/monitoring.md): the level is what the rule
+    sums by, the metric the series it reads without ``_total``/``_bucket``/..., and
+    the operation one of rate/mean/p99 over a window. It adds no labels, and the
+    per-pool rates carry the pool's name, not its id."""
+    path, rule = RECORDS[record]
+    m = re.fullmatch(r"([a-z_]+):(meshblock_[a-z0-9_]+):([a-z0-9_]+)", record)
+    assert m, f"{record} ({path.name}) is not level:metric:operations"
+    level, metric, operation = m.groups()
+    op_match = RECORD_OPERATION.fullmatch(operation)
+    assert op_match, operation
+    assert "labels" not in rule, rule
+    expr = " ".join(rule["expr"].split())
+    assert re.search(rf"\b{metric}(_total|_sum|_count|_bucket)?\b", expr) or (
+        f":{metric}:" in expr
+    ), f"{record} does not read {metric}"
+    # The window of the name is the window of every range selector.
+    assert set(re.findall(r"\[(\w+)\]", expr)) <= {op_match.group(2)}, expr
+    assert re.search(rf"\bby \({level}\b", expr), f"{record} is not summed by {level}"
+    if level == "pool":
+        assert expr.startswith("sum by (pool, protection_domain, op) ("), expr
+        assert "meshblock_pool_info" in expr
+
+
+def recorded_in_tests() -> dict[Path, set[str]]:
+    """Rule file → the recorded names its promtool tests expect samples of."""
+    out: dict[Path, set[str]] = {}
+    for path in rule_test_files():
+        doc = load(path)
+        names = {
+            m
+            for case in doc["tests"]
+            for t in case.get("promql_expr_test", [])
+            if t.get("exp_samples")
+            for m in re.findall(r"\w+:\w+:\w+", t["expr"])
+        }
+        for rf in doc["rule_files"]:
+            out.setdefault((path.parent / rf).resolve(), set()).update(names)
+    return out
+
+
+@pytest.mark.parametrize("record", sorted(RECORDS))
+def test_every_recording_rule_has_a_test(record: str) -> None:
+    path, _ = RECORDS[record]
+    assert record in recorded_in_tests().get(path.resolve(), set()), (
+        f"{record}: no promtool test in {RULE_TESTS_DIR} expects samples of it"
+    )
+
+
 # -- a real Alertmanager: inhibition and the webhook ------------------------------------
 
 
@@ -547,10 +633,12 @@ def test_alertmanager_inhibits_and_delivers_to_the_webhook(
 
 
 def referenced_metrics() -> dict[str, set[str]]:
-    """``meshblock_*`` metric names in rule expressions → the alerts that use them."""
+    """``meshblock_*`` metric names in rule expressions → the alerts and recording
+    rules that use them (recorded names, ``level:metric:op``, are not exported)."""
     used: dict[str, set[str]] = {}
-    for name, (_, rule) in ALERTS.items():
+    for name, (_, rule) in {**ALERTS, **RECORDS}.items():
         expr = re.sub(r'"[^"]*"', '""', rule["expr"])  # not job="meshblock_mdm"
+        expr = re.sub(r"\w*:\w+:\w+", "", expr)
         for metric in re.findall(r"\bmeshblock_[a-z0-9_]+", expr):
             used.setdefault(metric, set()).add(name)
     return used
