@@ -306,6 +306,19 @@ SCRAPE_JOBS = (
     "alertmanager",
 )
 
+# The repository's rule files, which the prometheus role renders with rules.yml.j2.
+RULE_FILES = sorted((ROOT / "monitoring" / "prometheus" / "rules").glob("*.yml"))
+# Another runbook and job names: sds renamed, the MDM's and MGMT's jobs swapped (the
+# template must not rename twice).
+RENAMED: dict[str, Any] = {
+    "prometheus_runbook_url_base": "https://wiki.example.org/ops/meshblock-runbook",
+    "prometheus_job_names": {
+        "meshblock_sds": "storage-sds",
+        "meshblock_mdm": "meshblock_mgmt",
+        "meshblock_mgmt": "meshblock_mdm",
+    },
+}
+
 # name -> (inventory host, roles whose defaults and vars apply, templates, extra vars)
 VARIANTS: dict[str, tuple[str, list[str], list[str], dict[str, Any]]] = {
     "mdm": ("mdm1", ["common", "mdm"], ["mdm.toml.j2", "meshblock-mdm.service.j2"], {}),
@@ -390,6 +403,26 @@ VARIANTS: dict[str, tuple[str, list[str], list[str], dict[str, Any]]] = {
             if k.startswith("alertmanager_") and "token" not in k
         },
     ),
+    # Each rule file, as the role installs it by default and with RENAMED.
+    **{
+        f"prometheus_rules_{path.stem}": (
+            "mon1",
+            ["prometheus"],
+            ["rules.yml.j2"],
+            {"_prometheus_rule_file": str(path)},
+        )
+        for path in RULE_FILES
+    },
+    **{
+        f"prometheus_renamed_rules_{path.stem}": (
+            "mon1",
+            ["prometheus"],
+            ["rules.yml.j2"],
+            {"_prometheus_rule_file": str(path), **RENAMED},
+        )
+        for path in RULE_FILES
+    },
+    "prometheus_renamed": ("mon1", ["prometheus"], ["prometheus.yml.j2"], RENAMED),
     # The host lab's short intervals (inventory/lab/group_vars/all.yml).
     "prometheus_lab": (
         "mon1",
@@ -842,3 +875,50 @@ def test_lab_alertmanager_group_wait(rendered: dict[str, Path]) -> None:
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert read_yaml(path)["route"]["group_wait"] == "5s"
+
+
+def test_rules_render_as_in_the_repository(rendered: dict[str, Path]) -> None:
+    """By default the role installs the repository's rule files unchanged."""
+    assert RULE_FILES
+    for path in RULE_FILES:
+        out = rendered[f"prometheus_rules_{path.stem}"] / "rules.yml"
+        assert read_yaml(out) == read_yaml(path), path.name
+
+
+def test_rules_render_with_another_runbook_and_job_names(rendered: dict[str, Path]) -> None:
+    """prometheus_runbook_url_base and prometheus_job_names reach every rule file and
+    the scrape jobs of prometheus.yml, and promtool accepts the result."""
+    out = rendered["prometheus_renamed"]
+    rules = out / "rules"
+    rules.mkdir()
+    for path in RULE_FILES:
+        shutil.copy(
+            rendered[f"prometheus_renamed_rules_{path.stem}"] / "rules.yml", rules / path.name
+        )
+    (out / "mdm_read_token").write_text("a-read-token\n")
+    (out / "metrics_read_token").write_text("a-metrics-token\n")
+    for argv in (
+        [tool("promtool"), "check", "rules", *map(str, sorted(rules.iterdir()))],
+        [tool("promtool"), "check", "config", str(out / "prometheus.yml")],
+    ):
+        proc = subprocess.run(argv, capture_output=True, text=True, check=False)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    names = {**{job: job for job in SCRAPE_JOBS}, **RENAMED["prometheus_job_names"]}
+    jobs = {c["job_name"] for c in read_yaml(out / "prometheus.yml")["scrape_configs"]}
+    assert jobs == set(names.values())
+    base = RENAMED["prometheus_runbook_url_base"]
+    exprs: dict[str, str] = {}
+    for path in sorted(rules.iterdir()):
+        for group in read_yaml(path)["groups"]:
+            for rule in group["rules"]:
+                if "alert" in rule:
+                    name = rule["alert"]
+                    assert rule["annotations"]["runbook_url"] == f"{base}#{name.lower()}"
+                    exprs[name] = " ".join(rule["expr"].split())
+    assert exprs["MeshblockSdsTargetDown"] == 'up{job="storage-sds"} == 0'
+    assert exprs["MeshblockMdmDown"] == 'up{job="meshblock_mgmt"} == 0'
+    assert exprs["MeshblockMgmtDown"] == 'up{job="meshblock_mdm"} == 0'
+    selected = set(re.findall(r'job="([^"]*)"', " ".join(exprs.values())))
+    assert selected == set(names.values())
+    for job, name in names.items():
+        assert f'absent(up{{job="{name}"}})' in exprs["MeshblockTargetMissing"], job
