@@ -68,9 +68,7 @@ JOBS = {
 WEBHOOK_URL = "http://127.0.0.1:8080/api/alerts/webhook"
 
 #: Metrics the rules read that no daemon exports yet, and what will add them.
-PENDING_METRICS: dict[str, str] = {
-    "meshblock_sdc_volume_info": "the SDC naming each mapped volume's pool_id (issue 20)",
-}
+PENDING_METRICS: dict[str, str] = {}
 
 SEVERITIES = {"warning", "critical"}
 ANNOTATIONS = {"summary", "description", "runbook_url"}

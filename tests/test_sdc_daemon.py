@@ -122,7 +122,10 @@ def test_mapping_becomes_export_and_unmapping_closes_it(
     )
     try:
         sdc.wait_for("a connection", lambda h: any(x["connections"] for x in h["exports"]))
-        assert 'meshblock_sdc_nbd_connections{volume="vol-a"} 1.0' in sdc.metrics()
+        metrics = sdc.metrics()
+        assert 'meshblock_sdc_nbd_connections{volume="vol-a"} 1.0' in metrics
+        # The volume's pool, for the per-pool recording rules (docs/monitoring.md).
+        assert f'meshblock_sdc_volume_info{{pool_id="{pool_id}",volume="vol-a"}} 1.0' in metrics
         t0 = time.monotonic()
         assert api.delete(f"/api/v1/mappings/{m['id']}").status == 204
         sdc.wait_for("unmap", lambda h: not h["exports"], timeout=5)

@@ -75,6 +75,17 @@ class _ScrapeCollector(Collector):
             for name, export in sorted(s.nbd.exports.items()):
                 conns.add_metric([name], len(export.connections))
         yield conns
+        # The pool of each exported volume, by id: the per-pool recording rules join the
+        # per-volume series on it (docs/monitoring.md, Recording rules).
+        volumes = GaugeMetricFamily(
+            "meshblock_sdc_volume_info",
+            "Always 1: an exported volume's name and the id of its pool",
+            labels=["volume", "pool_id"],
+        )
+        if s.exports is not None:
+            for io, export in sorted(s.exports.volumes.values(), key=lambda v: v[1].name):
+                volumes.add_metric([export.name, str(io.volume.pool_id)], 1)
+        yield volumes
         f = s.follower
         yield GaugeMetricFamily(
             "meshblock_sdc_exports", "Volumes exported", value=len(s.nbd.exports) if s.nbd else 0
