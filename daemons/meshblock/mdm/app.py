@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import socket
 from collections.abc import AsyncIterator
@@ -14,7 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from meshblock import audit, pki
 from meshblock.auth import Role, TokenTable, bearer_token
-from meshblock.mdm import db, health, leader, openapi
+from meshblock.mdm import db, health, leader, openapi, stopping
 from meshblock.mdm.api import (
     join,
     pools,
@@ -163,7 +162,8 @@ async def _open_store(app: web.Application, config: MdmConfig) -> AsyncIterator[
 
 
 async def _background(app: web.Application) -> AsyncIterator[None]:
-    """The heartbeat writer and the failure detector, cancelled and awaited on exit."""
+    """The heartbeat writer, the failure detector and the other loops, stopped (at a
+    pause between two passes, :mod:`meshblock.mdm.stopping`) and awaited on exit."""
     c = app[CTX]
     detector = FailureDetector(
         c.sessions,
@@ -228,11 +228,9 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
             )
         )
     yield
-    for task in tasks:
-        task.cancel()
-    for task in tasks:
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+    # each loop ends at its next pause, not inside a database session (stopping.py):
+    # every connection is back in the pool before _open_store disposes of it
+    await stopping.stop(tasks)
     await c.liveness.flush(c.sessions, c.write_gate)
 
 

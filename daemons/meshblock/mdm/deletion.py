@@ -13,13 +13,13 @@ copies. Reports are kept in memory only: after an MDM restart the SDSs report ag
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Mapping
 
 from sqlalchemy import delete, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from meshblock.mdm import stopping
 from meshblock.mdm.db import WriteGate
 from meshblock.mdm.epochs import EpochNotifier, bump
 from meshblock.mdm.heartbeats import Tombstone
@@ -145,7 +145,7 @@ class Purger:
 
     async def run(self) -> None:
         while True:
-            await asyncio.sleep(PURGE_INTERVAL_S)
+            await stopping.pause(PURGE_INTERVAL_S)
             try:
                 await self.once()
             except Exception:

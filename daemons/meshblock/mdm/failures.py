@@ -47,7 +47,7 @@ from dataclasses import dataclass, field, replace
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from meshblock.mdm import pgtable
+from meshblock.mdm import pgtable, stopping
 from meshblock.mdm.db import WriteGate
 from meshblock.mdm.epochs import EpochNotifier, bump
 from meshblock.mdm.errors import ApiError, Conflict, NotFound
@@ -275,7 +275,7 @@ class FailureDetector:
 
     async def run(self, interval_s: float = 1.0) -> None:
         while True:
-            await asyncio.sleep(interval_s)
+            await stopping.pause(interval_s)
             try:
                 await self.check()
             except Exception:

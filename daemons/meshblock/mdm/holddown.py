@@ -59,6 +59,7 @@ from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from meshblock.mdm import stopping
 from meshblock.wire.client import answers_ping
 from meshblock.wire.protocol import PeerRole
 
@@ -525,7 +526,7 @@ class Prober:
 
     async def run(self, interval_s: float = 1.0) -> None:
         while True:
-            await asyncio.sleep(interval_s)
+            await stopping.pause(interval_s)
             try:
                 await self.tick()
             except Exception:

@@ -48,6 +48,7 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from meshblock.http_errors import ApiError
+from meshblock.mdm import stopping
 from meshblock.mdm.models import MdmLeader
 from meshblock.sqlstore import WriteGate
 
@@ -279,7 +280,7 @@ class Lease:
         """Renew every ``renew_s`` until the lease is lost; then call ``on_lost`` with
         why, once, and return (self-fencing: the caller stops acting)."""
         while True:
-            await asyncio.sleep(max(0.0, min(renew_s, self.deadline - self.clock())))
+            await stopping.pause(max(0.0, min(renew_s, self.deadline - self.clock())))
             if not self.held():
                 on_lost(f"the lease of term {self.term} was not renewed before it expired")
                 return

@@ -14,7 +14,6 @@ that an SDS held down or flapping stays out across an MDM restart.
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import logging
 import time
@@ -27,6 +26,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from meshblock.mdm import stopping
 from meshblock.mdm.db import WriteGate
 from meshblock.mdm.holddown import HoldDowns, Knobs, from_stored, to_stored
 from meshblock.mdm.leader import NotLeader, writing
@@ -199,7 +199,7 @@ class Liveness:
 
     async def run(self, sessions: async_sessionmaker[AsyncSession], gate: WriteGate) -> None:
         while True:
-            await asyncio.sleep(1.0)
+            await stopping.pause(1.0)
             await self.flush(sessions, gate)
 
 

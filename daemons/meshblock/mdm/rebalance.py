@@ -29,7 +29,6 @@ chunks spread evenly over PGs, so device usage follows.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
@@ -37,7 +36,7 @@ from dataclasses import replace
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from meshblock.mdm import pgtable
+from meshblock.mdm import pgtable, stopping
 from meshblock.mdm.epochs import bump
 from meshblock.mdm.failures import FailureDetector
 from meshblock.mdm.leader import writing
@@ -169,7 +168,7 @@ class Rebalancer:
 
     async def run(self, interval_s: float) -> None:
         while True:
-            await asyncio.sleep(interval_s)
+            await stopping.pause(interval_s)
             try:
                 await self.step()
             except Exception:

@@ -15,6 +15,7 @@ from aiohttp import web
 from sqlalchemy import select
 
 from meshblock.auth import Role
+from meshblock.mdm import stopping
 from meshblock.mdm.api.common import get_or_404, json, reading
 from meshblock.mdm.api.rebuild import rebuild_status
 from meshblock.mdm.context import MdmContext, ctx
@@ -96,7 +97,7 @@ async def run(c: MdmContext) -> None:
             await tick(c)
         except Exception:  # the database unavailable a moment: the next tick
             log.exception("scrub schedule tick failed")
-        await asyncio.sleep(TICK_S)
+        await stopping.pause(TICK_S)
 
 
 def unready_for(c: MdmContext, doc: dict[str, Any] | None) -> bool:

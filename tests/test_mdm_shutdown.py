@@ -1,0 +1,120 @@
+"""Stopping the MDM while its background loops hold a database session.
+
+A stop used to cancel the heartbeat writer, the failure detector and the other
+loops wherever they were, also inside a query: SQLAlchemy then invalidated the
+connection and the pool logged ``Exception closing connection`` with a traceback
+(seen under CPU load as a flaky ``assert_no_tracebacks``). The loops now stop
+between two iterations (``meshblock.mdm.stopping``)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from pathlib import Path
+
+import aiosqlite
+import pytest
+from aiohttp.test_utils import TestServer
+from sqlalchemy import text
+
+from meshblock.mdm import failures, stopping
+from meshblock.mdm.app import create_app
+from meshblock.mdm.config import AuthConfig, DatabaseConfig, MdmConfig, ScrubConfig
+
+pytestmark = [pytest.mark.unit]
+
+QUICK = text("SELECT 1")
+
+
+def test_a_stop_during_background_db_work_logs_no_traceback(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    busy = asyncio.Event()
+
+    async def busy_check(self: failures.FailureDetector) -> int:
+        # a detector pass of 20 short transactions: each gives its connection back
+        # to the pool with a rollback (the pool's reset), slowed below
+        busy.set()
+        for _ in range(20):
+            async with self.sessions() as s, s.begin():
+                await s.execute(QUICK)
+        return 0
+
+    plain_rollback = aiosqlite.Connection.rollback
+
+    async def slow_rollback(self: aiosqlite.Connection) -> None:
+        # the database thread busy a moment (as under CPU load): most stops land
+        # while a connection is being reset
+        await asyncio.sleep(0.05)
+        await plain_rollback(self)
+
+    monkeypatch.setattr(aiosqlite.Connection, "rollback", slow_rollback)
+    monkeypatch.setattr(failures.FailureDetector, "check", busy_check)
+    caplog.set_level(logging.WARNING)
+
+    async def one(i: int) -> float:
+        config = MdmConfig(
+            auth=AuthConfig(admin_token="admin-token"),
+            database=DatabaseConfig(url=f"sqlite+aiosqlite:///{tmp_path}/mdm{i}.db"),
+            scrub=ScrubConfig(start_delay_s=3600.0),
+        )
+        busy.clear()
+        server = TestServer(create_app(config), host="127.0.0.1")
+        began = 0.0
+
+        async def serve() -> None:
+            # as web.run_app does on SIGTERM: the serving task is cancelled and
+            # stops the application in its ``finally``
+            nonlocal began
+            await server.start_server()
+            try:
+                await asyncio.Event().wait()
+            finally:
+                began = time.monotonic()
+                await server.close()
+
+        serving = asyncio.create_task(serve())
+        await asyncio.wait_for(busy.wait(), 10)
+        await asyncio.sleep(0.01 * i)  # land the stop at various points
+        serving.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await serving
+        return time.monotonic() - began
+
+    async def main() -> list[float]:
+        return [await one(i) for i in range(8)]
+
+    took = asyncio.run(main())
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+    assert not errors, "\n".join(
+        f"{r.name}: {r.getMessage()} {r.exc_info[1]!r}" if r.exc_info else r.getMessage()
+        for r in errors
+    )
+    assert max(took) < 5.0, took
+
+
+def test_a_pass_that_does_not_end_is_cancelled_after_the_grace(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def loop(work_s: float) -> None:
+        while True:
+            await stopping.pause(0.01)
+            await asyncio.sleep(work_s)  # a pass
+
+    async def main() -> tuple[float, list[bool]]:
+        tasks = [
+            asyncio.create_task(loop(0.0), name="quick"),
+            asyncio.create_task(loop(3600.0), name="stuck"),
+        ]
+        await asyncio.sleep(0.05)
+        began = time.monotonic()
+        await stopping.stop(tasks, grace_s=0.2)
+        return time.monotonic() - began, [t.done() for t in tasks]
+
+    took, done = asyncio.run(main())
+    assert done == [True, True]
+    assert 0.2 <= took < 2.0, took
+    assert "stuck did not stop within" in caplog.text
+    assert "quick did not stop" not in caplog.text
