@@ -12,46 +12,45 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import aiosqlite
 import pytest
 from aiohttp.test_utils import TestServer
-from sqlalchemy import text
+from sqlalchemy import text, update
 
 from meshblock.mdm import failures, stopping
 from meshblock.mdm.app import create_app
 from meshblock.mdm.config import AuthConfig, DatabaseConfig, MdmConfig, ScrubConfig
+from meshblock.mdm.models import Cluster
 
 pytestmark = [pytest.mark.unit]
 
 QUICK = text("SELECT 1")
+SLOW = text(  # some 0.3 s in the database thread
+    "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 300000)"
+    " SELECT count(*) FROM c"
+)
 
 
-def test_a_stop_during_background_db_work_logs_no_traceback(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
-) -> None:
+Check = Callable[[failures.FailureDetector], Awaitable[int]]
+
+
+def _stop_during(
+    check: Check, tmp_path: Path, caplog: pytest.LogCaptureFixture, times: int
+) -> list[float]:
+    """Start the in-process MDM ``times`` times with ``check`` as its failure
+    detector's pass, stop it while that pass runs (at various points), and return
+    how long each stop took; fail on an ERROR or traceback in the log."""
     busy = asyncio.Event()
 
-    async def busy_check(self: failures.FailureDetector) -> int:
-        # a detector pass of 20 short transactions: each gives its connection back
-        # to the pool with a rollback (the pool's reset), slowed below
+    async def signalling(self: failures.FailureDetector) -> int:
         busy.set()
-        for _ in range(20):
-            async with self.sessions() as s, s.begin():
-                await s.execute(QUICK)
-        return 0
+        return await check(self)
 
-    plain_rollback = aiosqlite.Connection.rollback
-
-    async def slow_rollback(self: aiosqlite.Connection) -> None:
-        # the database thread busy a moment (as under CPU load): most stops land
-        # while a connection is being reset
-        await asyncio.sleep(0.05)
-        await plain_rollback(self)
-
-    monkeypatch.setattr(aiosqlite.Connection, "rollback", slow_rollback)
-    monkeypatch.setattr(failures.FailureDetector, "check", busy_check)
+    mp = pytest.MonkeyPatch()
+    mp.setattr(failures.FailureDetector, "check", signalling)
     caplog.set_level(logging.WARNING)
 
     async def one(i: int) -> float:
@@ -84,14 +83,56 @@ def test_a_stop_during_background_db_work_logs_no_traceback(
         return time.monotonic() - began
 
     async def main() -> list[float]:
-        return [await one(i) for i in range(8)]
+        return [await one(i) for i in range(times)]
 
-    took = asyncio.run(main())
+    try:
+        took = asyncio.run(main())
+    finally:
+        mp.undo()
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
     assert not errors, "\n".join(
         f"{r.name}: {r.getMessage()} {r.exc_info[1]!r}" if r.exc_info else r.getMessage()
         for r in errors
     )
+    return took
+
+
+def test_a_stop_while_connections_go_back_to_the_pool_logs_no_traceback(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def short_transactions(self: failures.FailureDetector) -> int:
+        # each gives its connection back to the pool with a rollback (the pool's
+        # reset), slowed below
+        for _ in range(20):
+            async with self.sessions() as s, s.begin():
+                await s.execute(QUICK)
+        return 0
+
+    plain_rollback = aiosqlite.Connection.rollback
+
+    async def slow_rollback(self: aiosqlite.Connection) -> None:
+        # the database thread busy a moment (as under CPU load): most stops land
+        # while a connection is being reset
+        await asyncio.sleep(0.05)
+        await plain_rollback(self)
+
+    monkeypatch.setattr(aiosqlite.Connection, "rollback", slow_rollback)
+    took = _stop_during(short_transactions, tmp_path, caplog, 8)
+    assert max(took) < 5.0, took
+
+
+def test_a_stop_during_a_write_transaction_is_prompt(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def write_transaction(self: failures.FailureDetector) -> int:
+        # a heartbeat the stop writes, and a pass that holds SQLite's write lock
+        self.liveness.beat("sdc", 1)
+        async with self.sessions() as s, s.begin():
+            await s.execute(update(Cluster).values(name=Cluster.name))
+            await s.execute(SLOW)
+        return 0
+
+    took = _stop_during(write_transaction, tmp_path, caplog, 3)
     assert max(took) < 5.0, took
 
 

@@ -7,7 +7,9 @@ middle of a pass (inside a database session) finish it: it then ends at its next
 :func:`pause`. ``Task.cancel`` inside a session could land while SQLAlchemy returns
 the connection to its pool (its rollback or close awaiting aiosqlite's thread), and
 the pool logged ``Exception during reset or similar`` / ``Exception closing
-connection`` with a ``CancelledError`` traceback. A pass that does not end within
+connection`` with a ``CancelledError`` traceback; one cancelled in a write
+transaction on SQLite left the write lock held, and the last heartbeat write of the
+stop waited out the 30 s busy timeout (``database is locked``). A pass that does not end within
 the grace period is cancelled anyway (logged), so a stop stays bounded.
 """
 
