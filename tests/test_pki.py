@@ -326,6 +326,20 @@ def test_each_crl_is_dated_after_the_one_it_replaces(tmp_path: Path) -> None:
     assert accepted == [], f"revoked client accepted by servers {accepted}"
 
 
+def test_a_burst_of_crls_is_never_dated_in_the_future(tmp_path: Path) -> None:
+    """Each CRL is dated a second after the one before, but never after its signing
+    time: past the 5-minute backdate (over 300 signings in a burst) lists share a
+    second rather than come from the future, which every handshake would refuse as
+    not yet valid."""
+    ca = pki.Ca.init(tmp_path / "ca")
+    now = ca.crl().last_update_utc + pki.CLOCK_SKEW
+    for _ in range(int(pki.CLOCK_SKEW.total_seconds()) + 20):
+        ca.resign_crl(now=now)
+    crl = ca.crl()
+    assert crl.last_update_utc <= now, crl.last_update_utc - now
+    assert crl.last_update_utc == now
+
+
 def test_a_revoked_server_certificate_is_refused(cluster: Cluster) -> None:
     server = cluster.issue("sds:sds1", sans=["127.0.0.1"])
     sdc = cluster.issue("sdc:guid-1")

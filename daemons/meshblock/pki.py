@@ -376,13 +376,17 @@ def make_crl(
     (``after``), its ``last_update`` is also at least a second later than that one's:
     a TLS context that loaded both checks each handshake against the CRL with the
     latest ``last_update``, and between two with the same second picks either, so a
-    revocation signed within the second of the list before it could go unseen.
+    revocation signed within the second of the list before it could go unseen. It is
+    never later than the signing time (a list from the future is not yet valid).
     """
     _check_days(days)
     start = _now(now)
     last_update = start - CLOCK_SKEW
     if after is not None:
-        last_update = max(last_update, after.last_update_utc + dt.timedelta(seconds=1))
+        # never after the signing time: a list dated in the future is "not yet valid"
+        # to every handshake (a burst of over 300 signings in 5 minutes, or a list
+        # signed while the clock ran ahead, falls back to the same second)
+        last_update = min(max(last_update, after.last_update_utc + dt.timedelta(seconds=1)), start)
     ca_ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
     builder = (
         x509.CertificateRevocationListBuilder()
