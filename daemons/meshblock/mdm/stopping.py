@@ -23,8 +23,9 @@ from collections.abc import Iterable
 log = logging.getLogger(__name__)
 
 STOP_GRACE_S = 3.0
-"""How long :func:`stop` waits for passes in progress (under aiohttp's 5 s
-``shutdown_timeout`` budget of a SIGTERM)."""
+"""How long :func:`stop` waits for passes in progress. It comes after aiohttp's 5 s
+``shutdown_timeout`` drain of requests on a SIGTERM (the cleanup contexts run after
+it): the two add up."""
 
 _pausing: weakref.WeakSet[asyncio.Task[object]] = weakref.WeakSet()
 _stopping: weakref.WeakSet[asyncio.Task[object]] = weakref.WeakSet()
