@@ -296,14 +296,20 @@ def test_large_volume_is_freed_in_the_background_across_restarts(
         )
         assert status == 201, again
 
-        def in_progress() -> dict[str, Any] | None:
+        def in_progress() -> tuple[dict[str, Any], int] | None:
+            # the pool's allocated bytes read first: both only go down while the free
+            # goes on, so an allocation read before the listing is at least what it was
+            # when the listing was made (read after, a heartbeat in between could have
+            # lowered it below the listing's bytes_left)
+            before = allocated(c)
             vols = meshctl_json(c, "volume", "list")["volumes"]
             (v,) = [v for v in vols if v["id"] == c.volume_id]
-            return v if v["state"] == "deleting" and 0 < v["bytes_left"] < total else None
+            in_flight = v["state"] == "deleting" and 0 < v["bytes_left"] < total
+            return (v, before) if in_flight else None
 
-        doc = wait_until(in_progress, 30, "meshctl volume list to show the free under way")
+        doc, before = wait_until(in_progress, 30, "meshctl volume list to show the free under way")
         assert doc["chunks_left"] * CHUNK_SIZE == doc["bytes_left"]
-        assert allocated(c) >= base + doc["bytes_left"]  # counted as used until freed
+        assert before >= base + doc["bytes_left"]  # counted as used until freed
 
         # Restarts in the middle of the free.
         c.mdm.restart()
