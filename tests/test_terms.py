@@ -230,14 +230,15 @@ def test_the_sdc_refuses_a_heartbeat_answer_of_an_older_term(
 ) -> None:
     # MapFollower._heartbeats: a deposed MDM's answer does not set the interval
     f = follower(tmp_path, None)
-    seen: list[tuple[float, int, int]] = []  # (interval, highest term, refused) at each
+    # (interval, highest term, refused, MDM reachable) at each heartbeat
+    seen: list[tuple[float, int, int, bool]] = []
 
     class Client:
         def __init__(self, answers: list[dict[str, Any]]) -> None:
             self.answers = answers
 
         async def heartbeat(self, sdc_id: int, epoch: int) -> Any:
-            seen.append((f.heartbeat_interval_s, f.terms.highest, f.terms.refused))
+            seen.append((f.heartbeat_interval_s, f.terms.highest, f.terms.refused, f.mdm_reachable))
             if not self.answers:
                 raise Done
             return self.answers.pop(0)
@@ -248,7 +249,9 @@ def test_the_sdc_refuses_a_heartbeat_answer_of_an_older_term(
     f._registered.set()
     f.heartbeat_interval_s = 0.05
     f.terms.saw({"term": 5})
+    f.mdm_reachable = True
     with pytest.raises(Done):
         asyncio.run(f._heartbeats())
-    assert seen == [(0.05, 5, 0), (0.05, 5, 1), (0.1, 6, 1)]
+    # the deposed MDM's answer (term 4) leaves the MDM unreachable: no leader heard us
+    assert seen == [(0.05, 5, 0, True), (0.05, 5, 1, False), (0.1, 6, 1, True)]
     assert "a heartbeat answer of MDM leader term 4 refused: term 5 has been seen" in caplog.text

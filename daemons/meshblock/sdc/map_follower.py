@@ -355,8 +355,12 @@ class MapFollower:
                 continue
             try:
                 doc = await self.client.heartbeat(sdc_id, self.epoch)
+                if not self.terms.admit(doc, "a heartbeat answer"):
+                    # a deposed MDM's answer: no leader has heard us
+                    self._reachable(False, "only a deposed MDM (an older leader term) answered")
+                    continue
                 self._reachable(True)
-                if isinstance(doc, dict) and self.terms.admit(doc, "a heartbeat answer"):
+                if isinstance(doc, dict):
                     self._set_interval(doc.get("heartbeat_interval_s"))
             except MdmRefused as exc:
                 if exc.status == 404:
