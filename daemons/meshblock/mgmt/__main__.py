@@ -26,6 +26,7 @@ from meshblock.mgmt import accounts, db
 from meshblock.mgmt.app import create_app, mdm_headers, mdm_tls_of, server_tls
 from meshblock.mgmt.config import MgmtConfig
 from meshblock.mgmt.errors import ApiError, Conflict
+from meshblock.mgmt.inventory import actions_link
 from meshblock.mgmt.models import User, UserRole
 
 log = logging.getLogger("meshblock.mgmt")
@@ -147,6 +148,7 @@ def _loopback(host: str) -> bool:
 def _load(args: argparse.Namespace) -> MgmtConfig:
     config = load(MgmtConfig, args.config)
     mdm_headers(config, mdm_tls_of(config))  # the [tls] files, the URL, the token file
+    actions_link(config)  # [mdm] admin_cert / admin_token_file, for the cluster pages
     server_tls(config)  # HTTPS unless [http] plain_http
     ReadAccess.of(config.metrics)  # [metrics] token_file
     return config

@@ -15,7 +15,7 @@ from aiohttp import web
 from meshblock import audit, metrics_access, pki
 from meshblock.auth import Role, TokenTable
 from meshblock.config import ConfigError, read_secret_file
-from meshblock.mgmt import api, db, pages, rules
+from meshblock.mgmt import api, db, inventory, pages, rules
 from meshblock.mgmt.config import MgmtConfig
 from meshblock.mgmt.context import CTX, MgmtContext
 from meshblock.mgmt.errors import error_middleware
@@ -145,6 +145,7 @@ def create_app(config: MgmtConfig) -> web.Application:
     audit.install(app, "mgmt", config.audit)
     app.cleanup_ctx.append(_context)
     app.cleanup_ctx.append(_rule_sync)
+    app.cleanup_ctx.append(inventory.mdm_actions(USER_AGENT))  # after _context
     app.cleanup_ctx.append(crl_reload(config.tls, "mgmt", lambda a: a[CTX].metrics.registry))
     app[metrics_access.ACCESS] = metrics_access.ReadAccess.of(config.metrics)
     if config.metrics.port:
@@ -152,5 +153,6 @@ def create_app(config: MgmtConfig) -> web.Application:
         app.cleanup_ctx.append(metrics_access.open_listener(config.metrics, routes, _share_ctx))
     app.add_routes(api.routes)
     app.add_routes(pages.routes)
+    app.add_routes(inventory.routes)
     app.router.add_static("/static/", STATIC_DIR, name="static")
     return app

@@ -77,13 +77,20 @@ class DatabaseConfig:
 class MdmConfig:
     """``[mdm]``: where the MDM's ``/health`` endpoints are (empty: not shown);
     ``https://`` with ``[tls]`` (meshblock.tls). MGMT reads them with its certificate,
-    or with the read-only token of ``token_file``."""
+    or with the read-only token of ``token_file``; it changes the cluster (the cluster
+    pages' actions) only with ``admin_cert``/``admin_key`` or ``admin_token_file``."""
 
     url: str = "https://127.0.0.1:6611"
     timeout_s: float = 3.0
     # A file holding the MDM's read-only token, sent when MGMT has no certificate
     # ([tls] cert): /health/components and /health/metrics need a read credential.
     token_file: str = ""
+    # The admin credential of the cluster pages' actions (meshblock.mgmt.inventory):
+    # an admin: certificate and its key (checked against [tls] ca), or a file holding
+    # the MDM's admin token. Neither (the default): MGMT changes nothing on the MDM.
+    admin_cert: str = ""
+    admin_key: str = ""
+    admin_token_file: str = ""
 
 
 @dataclass(frozen=True)
