@@ -125,3 +125,69 @@ def test_a_required_field_missing_is_named(key: str) -> None:
     del doc[key]
     with pytest.raises(PgMapError, match=repr(key)):
         pgmap_doc.parse(doc)
+
+
+# The snapshot trees a map carries (docs/snapshots.md, "The MDM's records").
+TREES: dict[str, Any] = {
+    "7": {
+        "versions": {"0": None, "1": 0, "2": 1, "3": 0, "4": 3},
+        "volumes": {
+            "7": {"view": 2, "writable": True},
+            "30": {"view": 0, "writable": False},
+            "31": {"view": 1, "writable": False},
+            "32": {"view": 4, "writable": True},
+            "33": {"view": 1, "writable": False},
+        },
+    }
+}
+
+
+def test_trees_round_trip() -> None:
+    doc = copy.deepcopy(FULL) | {"trees": copy.deepcopy(TREES)}
+    parsed = pgmap_doc.parse(doc)
+    assert parsed.to_doc() == doc
+    tree = parsed.trees[7]
+    assert tree.versions == {0: None, 1: 0, 2: 1, 3: 0, 4: 3}
+    assert tree.volumes[31] == pgmap_doc.TreeVolume(1, False)
+    assert pgmap_doc.parse(FULL).trees == {}  # a map without trees: every volume alone
+    assert "trees" not in pgmap_doc.parse(FULL).to_doc()
+
+
+@pytest.mark.parametrize(
+    "path, value, message",
+    [
+        ((), [], "the map of pool 3: 'trees' must be an object"),
+        (("x",), TREES["7"], "tree id 'x' is not an integer"),
+        (("7", "versions"), None, "tree 7: 'versions' must be an object"),
+        (("7", "versions", "0"), 4, "tree 7: a tree needs exactly one root version"),
+        (("7", "versions", "5"), None, "tree 7: a tree needs exactly one root version"),
+        (("7", "versions", "3"), 9, "tree 7: the parent 9 of version 3 is not a version"),
+        (("7", "versions", "3"), -1, "tree 7: the parent of 3 must be a non-negative"),
+        (("7", "versions", "5"), 6, "tree 7: the parent 6 of version 5 is not a version"),
+        (("7", "volumes", "30", "view"), 8, "volume 30: its view 8 is not a version"),
+        (("7", "volumes", "30", "writable"), 1, "volume 30: 'writable' must be true or false"),
+        (("7", "volumes", "30", "writable"), True, "volume 30: writes version 0, which has"),
+        (("7", "volumes", "x"), {"view": 0, "writable": False}, "volume id 'x' is not an"),
+    ],
+)
+def test_a_malformed_tree_is_refused_with_a_clear_message(
+    path: tuple[Any, ...], value: Any, message: str
+) -> None:
+    doc: Any = copy.deepcopy(FULL) | {"trees": copy.deepcopy(TREES)}
+    target: Any = doc
+    for key in ("trees", *path[:-1]):
+        target = target[key]
+    if path:
+        target[path[-1]] = value
+    else:
+        doc["trees"] = value
+    with pytest.raises(PgMapError) as caught:
+        pgmap_doc.parse(doc)
+    assert message in str(caught.value)
+
+
+def test_versions_whose_parents_form_a_cycle_are_refused() -> None:
+    doc = copy.deepcopy(FULL) | {"trees": copy.deepcopy(TREES)}
+    doc["trees"]["7"]["versions"] |= {"5": 6, "6": 5}
+    with pytest.raises(PgMapError, match="tree 7: the versions' parents form a cycle"):
+        pgmap_doc.parse(doc)

@@ -13,8 +13,17 @@ The MDM serves each pool's PG map as one JSON document (``GET
               "moving": "secondary"}, ...],                      # optional
      "devices": [{"device_id": 5, "sds_id": 2}, ...],            # optional
      "sds": {"2": {"address": "10.0.0.2", "data_port": 7072}, ...},
-     "tombstones": {"12": 6}}                                    # optional: deleted
+     "tombstones": {"12": 6},                                    # optional: deleted
                                                                  # volume id -> epoch
+     "trees": {"7": {"versions": {"0": null, "1": 0, "2": 1},   # optional: snapshot
+                     "volumes": {"7": {"view": 2, "writable": true},   # trees, each
+                                 "9": {"view": 1, "writable": false}}}}}  # version's
+                                                                 # parent, each volume's
+                                                                 # view
+
+A tree appears in ``trees`` only once it has more than one volume or version
+(docs/snapshots.md, "The MDM's records"); a volume not listed is its own tree, view =
+head = version 0.
 
 :func:`parse` turns it into frozen objects, refusing a malformed document with a
 :class:`PgMapError` that says what is wrong and where; :meth:`PgMapDoc.to_doc` gives the
@@ -89,6 +98,31 @@ class SdsEndpoint:
 
 
 @dataclass(frozen=True)
+class TreeVolume:
+    """A volume of a snapshot tree: the version it reads, and whether it writes it."""
+
+    view: int
+    writable: bool
+
+
+@dataclass(frozen=True)
+class TreeDoc:
+    """One snapshot tree of the pool: each version's parent (None: the root), and the
+    tree's volumes (volume id -> :class:`TreeVolume`)."""
+
+    versions: dict[int, int | None]
+    volumes: dict[int, TreeVolume]
+
+    def to_doc(self) -> dict[str, Any]:
+        return {
+            "versions": {str(v): p for v, p in self.versions.items()},
+            "volumes": {
+                str(i): {"view": t.view, "writable": t.writable} for i, t in self.volumes.items()
+            },
+        }
+
+
+@dataclass(frozen=True)
 class PgMapDoc:
     """One pool's map at one epoch. ``pgs[i]`` is PG ``i`` (a PG the document does not
     list has no copies and is clean); a throttle the document lacks is None."""
@@ -102,6 +136,7 @@ class PgMapDoc:
     devices: tuple[PgCopy, ...] | None = None
     tombstones: dict[int, int] = field(default_factory=dict)
     has_tombstones: bool = True
+    trees: dict[int, TreeDoc] = field(default_factory=dict)
 
     def throttle(self, name: str) -> int | None:
         """One of :data:`THROTTLES`, or None if the document does not carry it."""
@@ -123,6 +158,8 @@ class PgMapDoc:
         }
         if self.has_tombstones:
             doc["tombstones"] = {str(v): e for v, e in self.tombstones.items()}
+        if self.trees:
+            doc["trees"] = {str(t): tree.to_doc() for t, tree in self.trees.items()}
         return doc
 
 
@@ -203,6 +240,46 @@ def _endpoints(value: Any, where: str) -> dict[int, SdsEndpoint]:
     return out
 
 
+def _tree(value: Any, where: str) -> TreeDoc:
+    doc = _object(value, where)
+    versions: dict[int, int | None] = {}
+    for key, parent in _object(doc.get("versions"), f"{where}: 'versions'").items():
+        version = _id_key(key, f"{where}: version")
+        versions[version] = (
+            None if parent is None else _non_negative(parent, f"{where}: the parent of {version}")
+        )
+    if sum(p is None for p in versions.values()) != 1:
+        raise PgMapError(f"{where}: a tree needs exactly one root version (parent null)")
+    for version, parent in versions.items():
+        if parent is not None and parent not in versions:
+            raise PgMapError(f"{where}: the parent {parent} of version {version} is not a version")
+    children: dict[int | None, list[int]] = {}
+    for version, parent in versions.items():
+        children.setdefault(parent, []).append(version)
+    reached, todo = 0, list(children[None])
+    while todo:
+        reached += 1
+        todo.extend(children.get(todo.pop(), ()))
+    if reached != len(versions):
+        raise PgMapError(f"{where}: the versions' parents form a cycle")
+    parents = {p for p in versions.values() if p is not None}
+    volumes: dict[int, TreeVolume] = {}
+    for key, vol in _object(doc.get("volumes", {}), f"{where}: 'volumes'").items():
+        volume = _id_key(key, f"{where}: volume id")
+        at = f"{where}, volume {volume}"
+        vol = _object(vol, at)
+        view = _count(vol, "view", at)
+        writable = vol.get("writable")
+        if not isinstance(writable, bool):
+            raise PgMapError(f"{at}: 'writable' must be true or false, got {writable!r}")
+        if view not in versions:
+            raise PgMapError(f"{at}: its view {view} is not a version of the tree")
+        if writable and view in parents:
+            raise PgMapError(f"{at}: writes version {view}, which has children")
+        volumes[volume] = TreeVolume(view, writable)
+    return TreeDoc(versions, volumes)
+
+
 def parse(value: Any) -> PgMapDoc:
     """Validate a PG-map document and convert it; :class:`PgMapError` if malformed."""
     doc = _object(value, "a PG map")
@@ -232,6 +309,10 @@ def parse(value: Any) -> PgMapDoc:
     for key, at_epoch in _object(doc.get("tombstones", {}), f"{where}: 'tombstones'").items():
         volume = _id_key(key, f"{where}: tombstone volume id")
         tombstones[volume] = _non_negative(at_epoch, f"{where}: the epoch of tombstone {volume}")
+    trees = {
+        _id_key(key, f"{where}: tree id"): _tree(tree, f"{where}, tree {key}")
+        for key, tree in _object(doc.get("trees", {}), f"{where}: 'trees'").items()
+    }
     return PgMapDoc(
         pool_id=pool_id,
         epoch=epoch,
@@ -242,4 +323,5 @@ def parse(value: Any) -> PgMapDoc:
         devices=devices,
         tombstones=tombstones,
         has_tombstones="tombstones" in doc,
+        trees=trees,
     )

@@ -22,6 +22,7 @@ from meshblock.mdm.api import (
     scrub,
     sdc,
     sds,
+    snapshot_gc,
     topology,
     volumes,
 )
@@ -250,6 +251,7 @@ ROUTE_TABLES: tuple[ApiRoutes, ...] = (
     sds.routes,
     join.routes,
     volumes.routes,
+    snapshot_gc.routes,
     topology.routes,
     health.routes,
 )

@@ -21,6 +21,7 @@ from meshblock.mdm.pgmaps import MapCache, MapEpochs
 from meshblock.mdm.progress import CopyProgress
 from meshblock.mdm.reconcile import Reported
 from meshblock.mdm.scrub import ScrubSchedule
+from meshblock.mdm.snapshot_gc import TreeGcReports
 from meshblock.tls import ServerTls
 
 
@@ -38,6 +39,7 @@ class MdmContext:
     mapping_docs: MappingDocs = field(default_factory=MappingDocs)
     progress: CopyProgress = field(default_factory=CopyProgress)
     tombstones: TombstoneReports = field(default_factory=TombstoneReports)
+    tree_gc: TreeGcReports = field(default_factory=TreeGcReports)
     reported: Reported = field(default_factory=Reported)
     detector: FailureDetector | None = None  # set by the background tasks
     scrub: ScrubSchedule | None = None  # set by the background tasks

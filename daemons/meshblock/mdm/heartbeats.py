@@ -58,6 +58,7 @@ class SdsBeat:
     probes: list[dict[str, Any]] = field(default_factory=list)
     copies: list[dict[str, Any]] | None = None
     scrub: dict[str, Any] | None = None
+    tree_gc: list[dict[str, Any]] | None = None  # per tree, the SDS's garbage pass
 
     @property
     def legacy(self) -> bool:
@@ -257,6 +258,33 @@ def _copies(value: Any) -> list[dict[str, Any]]:
     return out
 
 
+def _tree_gc(value: Any) -> list[dict[str, Any]]:
+    out = []
+    counts = schemas.TREE_GC_COUNTS
+    keys = ("tree_id", "pool_id", "state", *counts, "unread_slots")
+    for i, item in enumerate(_list(value, "tree_gc", 100_000)):
+        where = f"tree_gc.{i}"
+        t = _object(item, where, keys, len(keys))
+        if t["state"] not in ("running", "done"):
+            raise _bad(f"{where}.state", f"{json.dumps(t['state'])} is not one of running, done")
+        unread: dict[int, int] = {}
+        for j, u in enumerate(_list(t["unread_slots"], f"{where}.unread_slots", 100_000)):
+            at = f"{where}.unread_slots.{j}"
+            u = _object(u, at, ("version", "slots"), 2)
+            unread[_int(u["version"], f"{at}.version", 0, 2**62)] = _int(
+                u["slots"], f"{at}.slots", 0, MAX_COUNT
+            )
+        doc: dict[str, Any] = {
+            "tree_id": _int(t["tree_id"], f"{where}.tree_id", 1, MAX_ID),
+            "pool_id": _int(t["pool_id"], f"{where}.pool_id", 0, MAX_ID),
+            "state": t["state"],
+        }
+        doc |= {k: _int(t[k], f"{where}.{k}", 0, MAX_COUNT) for k in counts}
+        doc["unread_slots"] = unread
+        out.append(doc)
+    return out
+
+
 def _scrub(value: Any) -> dict[str, Any]:
     errors = list(_SCRUB.iter_errors(value))
     if errors:
@@ -311,6 +339,8 @@ def decode_sds(body: dict[str, Any]) -> SdsBeat:
         b.copies = _copies(body["copies"])
     if "scrub" in body:
         b.scrub = _scrub(body["scrub"])
+    if "tree_gc" in body:
+        b.tree_gc = _tree_gc(body["tree_gc"])
     if b.full or b.legacy:
         for name in ("volumes_gone", "tombstones_gone"):
             if name in body:

@@ -218,6 +218,8 @@ SCRUB_REPORT = obj(
     }
 )
 _GONE: dict[str, Any] = {"type": "array", "maxItems": 100_000, "items": ID}
+#: The counters of one tree's garbage pass in an SDS heartbeat (``tree_gc``).
+TREE_GC_COUNTS = ("chunks", "chunks_done", "blocks_freed", "slots_freed", "collapsed")
 SDS_HEARTBEAT = obj(
     {
         # Heartbeats that carry what changed (docs/mdm.md, "Heartbeats"): this one's
@@ -300,6 +302,35 @@ SDS_HEARTBEAT = obj(
             ),
         },
         "scrub": SCRUB_REPORT,
+        # Per snapshot tree, this SDS's newest garbage pass (sds/tree_gc.py; absent
+        # until the SDS has one)
+        "tree_gc": {
+            "type": "array",
+            "maxItems": 100_000,
+            "items": obj(
+                {
+                    "tree_id": ID,
+                    "pool_id": {"type": "integer", "minimum": 0, "maximum": MAX_ID},
+                    "state": {"type": "string", "enum": ["running", "done"]},
+                    **{
+                        k: {"type": "integer", "minimum": 0, "maximum": 2**40}
+                        for k in TREE_GC_COUNTS
+                    },
+                    "unread_slots": {
+                        "type": "array",
+                        "maxItems": 100_000,
+                        "items": obj(
+                            {
+                                "version": {"type": "integer", "minimum": 0, "maximum": 2**62},
+                                "slots": {"type": "integer", "minimum": 0, "maximum": 2**40},
+                            },
+                            ("version", "slots"),
+                        ),
+                    },
+                },
+                ("tree_id", "pool_id", "state", *TREE_GC_COUNTS, "unread_slots"),
+            ),
+        },
     }
 )
 SDS_MAINTENANCE = obj({"mode": {"type": "string", "enum": ["enter", "exit"]}}, ("mode",))
@@ -593,6 +624,25 @@ COMPONENTS: dict[str, dict[str, Any]] = {
             "repaired_blocks": _INT,
             "checksummed_blocks": _INT,
             "findings": {"type": "array", "items": {"type": "object"}},
+        }
+    ),
+    "SnapshotGc": _resp(
+        {"trees": {"type": "array", "items": {"$ref": "#/components/schemas/TreeGc"}}}
+    ),
+    "TreeGc": _resp(
+        {
+            "tree_id": _INT,
+            "pool_id": _INT,
+            "state": {"type": "string", "enum": ["running", "done"]},
+            "sds_reporting": _INT,
+            "chunks": _INT,
+            "chunks_done": _INT,
+            "chunks_left": _INT,
+            "blocks_freed": _INT,
+            "slots_freed": _INT,
+            "collapsed": _INT,
+            "unread_slots": {"type": "object", "additionalProperties": _INT},
+            "sds": {"type": "array", "items": {"type": "object"}},
         }
     ),
     "Rebuild": _resp(

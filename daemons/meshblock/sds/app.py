@@ -163,7 +163,7 @@ async def _runtime(app: web.Application) -> AsyncIterator[None]:
         if hook is not None:
             service.corrupt_payload = hook.corrupt_payload
         registry = sds_registry(state, resync)
-        state.tombstones.rate = config.delete_free_rate
+        state.tombstones.rate = state.tree_gc.rate = config.delete_free_rate
         link = MdmLink(config, secret, state, resync)
         link.scrubber = Scrubber(state)
         if store.unclean:
@@ -200,12 +200,14 @@ async def _runtime(app: web.Application) -> AsyncIterator[None]:
 async def _data_server(app: web.Application) -> AsyncIterator[None]:
     rt = app[RUNTIME]
     rt.state.tombstones.start()
+    rt.state.tree_gc.start()
     await rt.server.start(rt.config.data.host, rt.config.data.port)
     try:
         yield
     finally:
         await rt.server.stop()
         await rt.state.tombstones.close()
+        await rt.state.tree_gc.close()
         await rt.resync.close()
         if rt.link.scrubber is not None:
             await rt.link.scrubber.close()
@@ -273,6 +275,7 @@ async def health(request: web.Request) -> web.Response:
                 for pool, pgs in sds.degraded.counts().items()
             },
             "tombstones": {str(t["id"]): t["chunks_left"] for t in sds.tombstones.report()},
+            "tree_gc": sds.tree_gc.report(),
             "peer_timeouts": {
                 str(peer): round(budget, 3) for peer, budget in sds.peers.budgets.budgets().items()
             },

@@ -5,11 +5,11 @@ Each heartbeat is numbered (``seq``, from the wall clock at start, so that a new
 process numbers above an older one). The first one after the SDS starts, and the next
 one after the MDM answered ``send_full`` (it restarted, or lost the state a delta
 would change), is ``full``: every device's usage, every volume's chunk count, every
-tombstone, map epoch, copy and the scrub report. Later ones carry what differs from
-the state of the last heartbeat the MDM acknowledged (``base``), volumes and
-tombstones gone included; a heartbeat whose answer was lost is therefore covered by
-the next one. An MDM of an earlier release refuses the new fields (422): then every
-heartbeat carries everything, as before.
+tombstone, map epoch, copy, the scrub report and the garbage passes of snapshot
+trees. Later ones carry what differs from the state of the last heartbeat the MDM
+acknowledged (``base``), volumes and tombstones gone included; a heartbeat whose
+answer was lost is therefore covered by the next one. An MDM of an earlier release
+refuses the new fields (422): then every heartbeat carries everything, as before.
 """
 
 from __future__ import annotations
@@ -33,6 +33,9 @@ class Snapshot:
     epoch: int = 0
     copies: list[dict[str, Any]] = field(default_factory=list)
     scrub: dict[str, Any] | None = None
+    # the garbage passes of snapshot trees (sds/tree_gc.py); sent only once there is
+    # one, so that an MDM of an earlier release never sees the field
+    tree_gc: list[dict[str, Any]] = field(default_factory=list)
 
 
 def _tombstones(t: dict[int, tuple[int, int]]) -> list[dict[str, int]]:
@@ -66,6 +69,8 @@ class Heartbeats:
             }
             if snap.scrub is not None:
                 body["scrub"] = snap.scrub
+            if snap.tree_gc:
+                body["tree_gc"] = snap.tree_gc
             if not self.legacy:
                 body |= {"seq": self.seq, "full": True}
             return body
@@ -93,6 +98,8 @@ class Heartbeats:
             body["map_epochs"] = [{"pool_id": p, "epoch": e} for p, e in map_epochs.items()]
         if snap.copies != old.copies:
             body["copies"] = snap.copies
+        if snap.tree_gc != old.tree_gc:
+            body["tree_gc"] = snap.tree_gc
         # Findings go again until the MDM has taken them (its answer says how far).
         if snap.scrub is not None and (snap.scrub != old.scrub or snap.scrub.get("findings")):
             body["scrub"] = snap.scrub

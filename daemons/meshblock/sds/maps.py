@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from meshblock import pgmap_doc
+from meshblock.sds.versions import VersionTree
 from meshblock.terms import Terms
 
 NO_COPY = (0, 0)  # (sds_id, device_id) of a PG copy that is not placed
@@ -21,6 +22,35 @@ CLEAN = pgmap_doc.CLEAN  # the state of a PG without ``state`` (state files of o
 RESYNCING = "resyncing"  # the primary forwards writes to the secondary and copies to it
 REBUILDING = "rebuilding"  # the same, to a new (empty) secondary: always a full copy
 DEFAULT_REBUILD_CONCURRENCY = 4  # a map without the pool's throttles (older MDM)
+
+
+@dataclass(frozen=True)
+class MapTree:
+    """A snapshot tree of a map (docs/snapshots.md): its versions as a
+    :class:`~meshblock.sds.versions.VersionTree`, the views its volumes read (the live
+    views) and per volume ``(view, writable)``. ``key`` is equal for two maps' trees
+    with the same versions and views (the garbage pass of one is the other's)."""
+
+    vtree: VersionTree
+    views: frozenset[int]
+    volumes: dict[int, tuple[int, bool]]
+    key: tuple[tuple[tuple[int, int | None], ...], frozenset[int]]
+
+    @classmethod
+    def from_doc(cls, tree: pgmap_doc.TreeDoc) -> MapTree:
+        views = frozenset(v.view for v in tree.volumes.values())
+        return cls(
+            vtree=VersionTree(tree.versions),
+            views=views,
+            volumes={i: (v.view, v.writable) for i, v in tree.volumes.items()},
+            key=(tuple(sorted(tree.versions.items())), views),
+        )
+
+    def unread(self) -> list[int]:
+        """The versions no volume reads, ancestors first: a version no live view
+        descends from is garbage whole; one with one child is collapsed into it."""
+        vt = self.vtree
+        return sorted((v for v in vt.parents if v not in self.views), key=vt.enter.__getitem__)
 
 
 @dataclass(frozen=True)
@@ -54,6 +84,9 @@ class PgMap:
     # SDS name -> id (the map's sds entries; empty from an MDM that sends no names): whose
     # certificate (sds:NAME) is which SDS of the map
     sds_names: dict[str, int] = field(default_factory=dict)
+    # Snapshot trees of the pool (tree id -> MapTree): their versions are collected
+    # by meshblock.sds.tree_gc; a volume not in one is its own tree, view 0.
+    trees: dict[int, MapTree] = field(default_factory=dict)
 
     def throttle(self, kind: str) -> tuple[int, int]:
         """(concurrent chunk copies, MiB/s or 0) for ``rebuild`` or ``rebalance``."""
@@ -120,6 +153,7 @@ class PgMap:
             rebalance_concurrency=throttle("rebalance_concurrency", DEFAULT_REBUILD_CONCURRENCY, 1),
             rebalance_bandwidth_mibps=throttle("rebalance_bandwidth_mibps", 0, 0),
             tombstones=dict(parsed.tombstones),
+            trees={t: MapTree.from_doc(tree) for t, tree in parsed.trees.items()},
         )
 
 

@@ -609,6 +609,7 @@ class MdmLink:
             epoch=self.cluster_epoch,
             copies=self._resync.report(),
             scrub=self.scrubber.report() if self.scrubber is not None else None,
+            tree_gc=sds.tree_gc.heartbeat(),
         )
 
     async def _heartbeat(self) -> None:

@@ -204,6 +204,51 @@ class SdsCollector(Collector):
             ),
         )
         yield from _by_version(st)
+        gc = state.tree_gc
+        yield from _scalars(
+            (
+                CounterMetricFamily,
+                "meshblock_sds_tree_gc_passes",
+                "Garbage passes over a snapshot tree's chunks completed (docs/sds.md)",
+                gc.passes_total,
+            ),
+            (
+                CounterMetricFamily,
+                "meshblock_sds_tree_gc_blocks_freed",
+                "4 KiB blocks of snapshot trees no live view reads, freed by the garbage pass",
+                gc.blocks_freed_total,
+            ),
+            (
+                CounterMetricFamily,
+                "meshblock_sds_tree_gc_slots_freed",
+                "Version slots freed whole by the garbage pass",
+                gc.slots_freed_total,
+            ),
+            (
+                CounterMetricFamily,
+                "meshblock_sds_tree_gc_collapsed",
+                "Chunks where the garbage pass merged an unread version into its one child",
+                gc.collapsed_total,
+            ),
+            (
+                CounterMetricFamily,
+                "meshblock_sds_tree_gc_errors",
+                "Garbage passes that failed (a device error, a malformed tree): tried again",
+                gc.errors_total,
+            ),
+            (
+                GaugeMetricFamily,
+                "meshblock_sds_tree_gc_chunks_left",
+                "Chunks the garbage passes in progress have still to visit",
+                gc.chunks_left(),
+            ),
+            (
+                GaugeMetricFamily,
+                "meshblock_sds_tree_gc_unread_slots",
+                "Slots of versions no volume reads, left after the trees' last passes",
+                gc.unread_slots(),
+            ),
+        )
         rs = self._resync
         yield from _scalars(
             (

@@ -32,6 +32,7 @@ from meshblock.sds.maps import MapCache, PgMap
 from meshblock.sds.replication import DegradedWrites, Peers, RangeLocks
 from meshblock.sds.stats import SdsStats
 from meshblock.sds.store import ChunkStore, Device, chunk_key
+from meshblock.sds.tree_gc import TreeGc
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,8 @@ class SdsState:
         # records pruned.
         maps.listeners.append(self._map_changed)
         self.tombstones = Tombstones(store, maps, self.seen_maps)
+        # The garbage pass of snapshot trees, started by the maps' trees.
+        self.tree_gc = TreeGc(store, maps, self.locks)
         # Which SDC may do client IO to which volume (the MDM's mappings documents).
         self.access = SdcAccess()
         self.sds_id = 0  # 0 until registered (or loaded from the state file)
@@ -107,6 +110,7 @@ class SdsState:
         self.seen_maps[m.pool_id] = m
         self.degraded.prune(m, me)
         self.tombstones.map_changed(m.tombstones)
+        self.tree_gc.map_changed()
 
     # -- what the maps say about us ---------------------------------------------------
 

@@ -23,6 +23,7 @@ from meshblock.cli.commands import (
     scrub,
     sdc,
     sds,
+    snapshot_gc,
     volumes,
 )
 from meshblock.cli.parser import Subparsers, root_parser
@@ -35,6 +36,7 @@ NOUNS: list[Callable[[Subparsers], None]] = [
     sdc.register,
     rebuild.register,
     scrub.register,
+    snapshot_gc.register,
     volumes.register,
     mappings.register,
     cluster.register,

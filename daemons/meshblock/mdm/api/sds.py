@@ -514,6 +514,7 @@ async def _delete_sds(request: web.Request, dry: bool) -> web.Response:
         await _release_devices(s, [d.id for d in sds.devices])
         await s.delete(sds)
         ctx(request).liveness.forget("sds", sds.id)
+        ctx(request).tree_gc.forget(sds.id)
         ctx(request).reported.views.pop(sds.id, None)
         log.info("SDS %s removed", sds.name)
     return web.Response(status=204)
@@ -606,6 +607,8 @@ async def sds_heartbeat(request: web.Request, beat: heartbeats.SdsBeat) -> web.R
             c.progress.report(sds_id, beat.copies)
         if applied.tombstones is not None:
             c.tombstones.report_view(sds_id, applied.tombstones)
+        if beat.tree_gc is not None:
+            c.tree_gc.report(sds_id, beat.tree_gc)
         c.reported.sds(sds_id, beat.epoch, beat.map_epochs)
         if beat.probes:
             live.holds.report(sds_id, beat.probes)

@@ -1,0 +1,69 @@
+"""The garbage passes of snapshot trees, as the SDSs report them.
+
+Each SDS runs a garbage pass over a snapshot tree's chunks when its map changes the
+tree's versions or the views its volumes read (``meshblock.sds.tree_gc``), and its
+heartbeats carry, per tree, its newest pass (``tree_gc``: state, chunks visited and
+left, blocks and slots freed, chunks collapsed, and after the pass the slots it still
+stores of each version no volume reads). :class:`TreeGcReports` keeps each SDS's
+newest report in memory (after an MDM restart the SDSs report again with their next
+full heartbeat) and sums them per tree for ``GET /api/v1/snapshot-gc`` and
+``meshctl snapshot-gc status``. A version whose ``unread_slots`` is 0 on every SDS
+reporting the tree is held by none of them: what the MDM needs before it drops the
+version from the tree (docs/snapshots.md, Decision 5).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+COUNTS = ("chunks", "chunks_done", "blocks_freed", "slots_freed", "collapsed")
+
+
+class TreeGcReports:
+    def __init__(self) -> None:
+        self._by_sds: dict[int, dict[int, dict[str, Any]]] = {}  # sds -> tree -> report
+
+    def report(self, sds_id: int, trees: list[dict[str, Any]]) -> None:
+        """An SDS's newest passes, one per tree (its trees not listed: none now)."""
+        if trees:
+            self._by_sds[sds_id] = {t["tree_id"]: t for t in trees}
+        else:
+            self._by_sds.pop(sds_id, None)
+
+    def forget(self, sds_id: int) -> None:
+        self._by_sds.pop(sds_id, None)
+
+    def status(self) -> list[dict[str, Any]]:
+        """Per tree (ascending id): the SDSs' passes summed, and each SDS's."""
+        by_tree: dict[int, list[tuple[int, dict[str, Any]]]] = {}
+        for sds_id, trees in self._by_sds.items():
+            for tree_id, t in trees.items():
+                by_tree.setdefault(tree_id, []).append((sds_id, t))
+        out = []
+        for tree_id in sorted(by_tree):
+            rows = sorted(by_tree[tree_id], key=lambda r: r[0])
+            running = [t for _, t in rows if t["state"] != "done"]
+            unread: dict[int, int] = {}
+            for _, t in rows:
+                for version, n in t["unread_slots"].items():
+                    unread[version] = unread.get(version, 0) + n
+            doc: dict[str, Any] = {
+                "tree_id": tree_id,
+                "pool_id": rows[0][1]["pool_id"],
+                "state": "running" if running else "done",
+                "sds_reporting": len(rows),
+            }
+            doc |= {k: sum(t[k] for _, t in rows) for k in COUNTS}
+            doc["chunks_left"] = sum(t["chunks"] - t["chunks_done"] for t in running)
+            doc["unread_slots"] = {str(v): n for v, n in sorted(unread.items())}
+            doc["sds"] = [
+                {
+                    "sds_id": sds_id,
+                    "state": t["state"],
+                    **{k: t[k] for k in COUNTS},
+                    "unread_slots": {str(v): n for v, n in sorted(t["unread_slots"].items())},
+                }
+                for sds_id, t in rows
+            ]
+            out.append(doc)
+        return out

@@ -1,0 +1,260 @@
+"""The garbage pass of snapshot trees on an SDS, started by the maps and paced.
+
+A pool's PG map carries its snapshot trees (``trees``: each version's parent and each
+volume's view; docs/snapshots.md, "The MDM's records"). When a map changes a tree's
+versions or the views its volumes read (a snapshot or clone deleted, a volume
+reverted), the SDS learns from the map alone what it may free: no per-chunk order
+comes from the MDM. :class:`TreeGc` then runs one pass over the tree's chunks stored
+here (``ChunkStore.tree_chunks``), each chunk under its range lock (a write or a copy
+of the chunk in progress finishes first, a later one waits for the chunk's step):
+
+1. ``ChunkStore.collect_garbage``: a block no live view reads is zeroed, a slot left
+   with nothing in use freed (a version no live view descends from goes whole);
+2. ``ChunkStore.collapse`` of each version no volume reads that has exactly one child,
+   ancestors first: its slot merged into (or relabelled as) the child's, durable
+   before the step returns.
+
+Paced like the free of deleted volumes: at most ``rate`` chunks changed a second
+(``delete_free_rate`` of ``sds.toml``; 0: unlimited), the event loop let through
+between chunks, so that collecting a large tree does not crowd out client IO. A map
+that changes the tree again during a pass ends the pass; the next one runs on the
+newer tree. A tree whose last pass ran on the map's versions and views is not
+visited again (a restart visits every tree of the maps once).
+
+The report (:meth:`TreeGc.report`, in ``/health`` as ``tree_gc``; :meth:`TreeGc.
+heartbeat`, in the heartbeats to the MDM, which sums the SDSs' in ``GET
+/api/v1/snapshot-gc`` and ``meshctl snapshot-gc status``; and the metrics
+``meshblock_sds_tree_gc_*``) gives per tree the pass's progress and, after a pass,
+the slots still stored here of versions no volume reads (``unread_slots``): 0 for a
+version means this SDS holds nothing of it, what the MDM needs to drop it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from meshblock.chunks import CHUNK_SIZE
+from meshblock.sds.maps import MapCache, MapTree
+from meshblock.sds.replication import RangeLocks
+from meshblock.sds.store import ChunkStore, StoreError, chunk_key
+
+log = logging.getLogger(__name__)
+
+YIELD_EVERY = 64  # chunks visited between two yields to the event loop when none changed
+RECHECK_S = 5.0  # look again without a new map (after a failed pass)
+
+
+@dataclass
+class TreePass:
+    """One pass over a tree's chunks here: its progress, then its outcome."""
+
+    key: Any  # MapTree.key of the tree the pass runs on
+    chunks: int  # chunks of the tree here when the pass started
+    pool_id: int = 0  # the pool whose map carries the tree
+    done: int = 0  # chunks visited
+    blocks_freed: int = 0
+    slots_freed: int = 0
+    collapsed: int = 0  # chunks where a version was merged into its child
+    finished: bool = False
+    # after the pass: version no volume reads -> slots of it still here
+    unread_slots: dict[int, int] = field(default_factory=dict)
+
+    def to_doc(self) -> dict[str, Any]:
+        return {
+            "state": "done" if self.finished else "running",
+            "chunks": self.chunks,
+            "chunks_done": self.done,
+            "blocks_freed": self.blocks_freed,
+            "slots_freed": self.slots_freed,
+            "collapsed": self.collapsed,
+            "unread_slots": {str(v): n for v, n in sorted(self.unread_slots.items())},
+        }
+
+
+class TreeGc:
+    """The garbage-pass worker of one SDS's snapshot trees (see the module's
+    docstring)."""
+
+    def __init__(self, store: ChunkStore, maps: MapCache, locks: RangeLocks) -> None:
+        self._store = store
+        self._maps = maps
+        self._locks = locks
+        self.rate = 0  # chunks changed per second at most (0: unlimited)
+        self.passes: dict[int, TreePass] = {}  # tree -> its newest pass
+        self.passes_total = 0  # passes completed
+        self.blocks_freed_total = 0
+        self.slots_freed_total = 0
+        self.collapsed_total = 0
+        self.errors_total = 0
+        self.sleep: Callable[[float], Awaitable[None]] = asyncio.sleep  # the pace
+        self._work = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    # -- what the maps say ------------------------------------------------------------
+
+    def trees(self) -> dict[int, MapTree]:
+        """Every snapshot tree of the newest maps, by tree id."""
+        out: dict[int, MapTree] = {}
+        for m in self._maps.maps.values():
+            out.update(m.trees)
+        return out
+
+    def map_changed(self) -> None:
+        """A newer map arrived: look for trees to collect."""
+        self._work.set()
+
+    def pending(self) -> list[int]:
+        """The trees of the maps whose last pass did not run on their current tree."""
+        return sorted(
+            t
+            for t, mt in self.trees().items()
+            if (p := self.passes.get(t)) is None or not p.finished or p.key != mt.key
+        )
+
+    def report(self) -> dict[str, dict[str, Any]]:
+        """Per tree, its newest pass (``/health``)."""
+        return {str(t): p.to_doc() for t, p in sorted(self.passes.items())}
+
+    def heartbeat(self) -> list[dict[str, Any]]:
+        """Per tree, its newest pass, for the heartbeat (``tree_gc``, docs/api.md)."""
+        return [
+            {
+                "tree_id": t,
+                "pool_id": p.pool_id,
+                "state": "done" if p.finished else "running",
+                "chunks": p.chunks,
+                "chunks_done": p.done,
+                "blocks_freed": p.blocks_freed,
+                "slots_freed": p.slots_freed,
+                "collapsed": p.collapsed,
+                "unread_slots": [
+                    {"version": v, "slots": n} for v, n in sorted(p.unread_slots.items())
+                ],
+            }
+            for t, p in sorted(self.passes.items())
+        ]
+
+    def chunks_left(self) -> int:
+        """Chunks the passes in progress have still to visit."""
+        return sum(p.chunks - p.done for p in self.passes.values() if not p.finished)
+
+    def unread_slots(self) -> int:
+        """Slots here of versions no volume reads, after the trees' last passes."""
+        return sum(sum(p.unread_slots.values()) for p in self.passes.values() if p.finished)
+
+    # -- the worker -------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._work.set()  # the maps of the state file: visit their trees once
+        self._task = asyncio.create_task(self._run(), name="tree-gc")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _run(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(RECHECK_S):
+                    await self._work.wait()
+            self._work.clear()
+            try:
+                await self.step()
+            except (OSError, StoreError, ValueError) as exc:
+                self.errors_total += 1
+                log.error("snapshot garbage pass: %s; trying again in %.0f s", exc, RECHECK_S)
+
+    async def step(self) -> None:
+        """Run a pass over each pending tree; forget the trees the maps dropped."""
+        trees = self.trees()
+        for gone in [t for t in self.passes if t not in trees]:
+            del self.passes[gone]
+        for tree in self.pending():
+            await self.collect(tree)
+
+    async def collect(self, tree: int) -> TreePass | None:
+        """One pass over ``tree``'s chunks here, on the newest map's tree; None when
+        the maps do not carry the tree. A map that changes the tree meanwhile ends
+        the pass unfinished (:meth:`step` runs the next)."""
+        mt = self.trees().get(tree)
+        if mt is None:
+            return None
+        store = self._store
+        chunks = store.tree_chunks(tree)
+        pool = next((m.pool_id for m in self._maps.maps.values() if tree in m.trees), 0)
+        p = self.passes[tree] = TreePass(mt.key, len(chunks), pool)
+        unread = mt.unread()
+        quiet = 0
+        for chunk in chunks:
+            now = self.trees().get(tree)
+            if now is None or now.key != mt.key:
+                log.info("snapshot tree %d changed during its garbage pass: passing again", tree)
+                self._work.set()
+                return p
+            changed = await self._chunk(mt, unread, tree, chunk, p)
+            p.done += 1
+            quiet += 1
+            if changed:
+                quiet = 0
+                # At most ``rate`` chunks changed a second; requests go first.
+                await self.sleep(1 / self.rate if self.rate else 0)
+            elif quiet >= YIELD_EVERY:
+                quiet = 0
+                await self.sleep(0)
+        await store.sync()  # what was freed is durable before the report says so
+        counts: dict[int, int] = dict.fromkeys(unread, 0)
+        for chunk in store.tree_chunks(tree):
+            for version in store.versions(tree, chunk):
+                if version in counts:
+                    counts[version] += 1
+        p.unread_slots = counts
+        p.finished = True
+        self.passes_total += 1
+        log.info(
+            "snapshot tree %d: garbage pass over %d chunk(s) freed %d block(s) and %d slot(s), "
+            "collapsed %d; %d slot(s) of unread versions left",
+            tree,
+            p.chunks,
+            p.blocks_freed,
+            p.slots_freed,
+            p.collapsed,
+            sum(counts.values()),
+        )
+        return p
+
+    async def _chunk(
+        self, mt: MapTree, unread: list[int], tree: int, chunk: int, p: TreePass
+    ) -> bool:
+        """Collect one chunk under its range lock; whether anything changed."""
+        store = self._store
+        key = chunk_key(tree, chunk)
+        ticket, earlier = self._locks.acquire(key, 0, CHUNK_SIZE)
+        try:
+            for write in earlier:
+                await write
+            before = store.versions(tree, chunk)
+            freed = store.collect_garbage(mt.vtree, mt.views, tree, chunk)
+            blocks = sum(b.bit_count() for b in freed.values())
+            slots = len(before) - len(store.versions(tree, chunk))
+            collapsed = False
+            children = mt.vtree.children
+            for version in unread:
+                if len(children.get(version, ())) == 1 and version in store.versions(tree, chunk):
+                    await store.collapse(mt.vtree, version, tree, chunk)
+                    collapsed = True
+        finally:
+            self._locks.release(key, ticket)
+        p.blocks_freed += blocks
+        p.slots_freed += slots
+        p.collapsed += collapsed
+        self.blocks_freed_total += blocks
+        self.slots_freed_total += slots
+        self.collapsed_total += collapsed
+        return bool(freed) or collapsed

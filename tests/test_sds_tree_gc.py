@@ -1,0 +1,257 @@
+"""The garbage pass of snapshot trees on an SDS (meshblock.sds.tree_gc; docs/sds.md,
+"Versions of a chunk"): started by the trees a PG map carries, paced, under the
+chunks' range locks, with its report in the metrics."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client import generate_latest
+
+from _wait import wait_until_async
+from meshblock.sds import tree_gc
+from meshblock.sds.heartbeat import Heartbeats, Snapshot
+from meshblock.sds.maps import MapCache, PgMap
+from meshblock.sds.metrics import sds_registry
+from meshblock.sds.replication import Peers
+from meshblock.sds.resync import Resync
+from meshblock.sds.state import SdsState
+from meshblock.sds.stats import SdsStats
+from meshblock.sds.store import ChunkStore, DeviceSpec, chunk_key
+from meshblock.sds.versions import ALL_BLOCKS, VersionTree
+from test_sds_versions import GC_TREE, TREE, assert_views, write_gc_tree
+
+pytestmark = pytest.mark.unit
+
+MiB = 1024 * 1024
+POOL, PG_COUNT = 3, 4
+ME, DEVICE = 2, 20
+#: Every version of GC_TREE read by a volume: heads 5 and 4 (volumes 5 and 14),
+#: snapshots reading 0..3 (volumes 20..23).
+ALL_VOLUMES = {5: (5, True), 14: (4, True), 20: (0, False), 21: (1, False)}
+ALL_VOLUMES |= {22: (2, False), 23: (3, False)}
+
+
+def pool_map(epoch: int, volumes: dict[int, tuple[int, bool]]) -> PgMap:
+    """Us as the secondary of every PG; tree TREE with GC_TREE's versions and
+    ``volumes`` (volume id -> (view, writable))."""
+    doc: dict[str, Any] = {
+        "pool_id": POOL,
+        "epoch": epoch,
+        "pg_count": PG_COUNT,
+        "pgs": [
+            {
+                "pg": pg,
+                "primary": {"sds_id": 1, "device_id": 10},
+                "secondary": {"sds_id": ME, "device_id": DEVICE},
+            }
+            for pg in range(PG_COUNT)
+        ],
+        "sds": {"1": {"address": "127.0.0.1", "data_port": 1}},
+        "trees": {
+            str(TREE): {
+                "versions": {str(v): p for v, p in GC_TREE.items()},
+                "volumes": {str(i): {"view": v, "writable": w} for i, (v, w) in volumes.items()},
+            }
+        },
+    }
+    return PgMap.from_doc(doc)
+
+
+def new_state(tmp_path: Path) -> tuple[ChunkStore, SdsState]:
+    path = str(tmp_path / "dev.img")
+    store = ChunkStore([DeviceSpec(path, 16 * MiB, "pool")])
+    store.open()
+    sds = SdsState(store, MapCache(), Peers("secret", 5.0), SdsStats())
+    sds.set_identity(ME, {path: (DEVICE, POOL)})
+    return store, sds
+
+
+def metric(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"no {name} in the metrics")
+
+
+def test_the_maps_trees_start_a_paced_pass_that_frees_and_collapses_what_no_view_reads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker, started as the SDS starts it, runs no pass while every version is
+    read. A map without the volumes reading versions 1 and 5 starts a pass on its own:
+    version 5 (a head with no child) goes whole, version 1's block that version 2
+    shadows is freed, and version 1 (read by no volume, one child) is collapsed into
+    version 2; every live view reads what it read. The pace sleeps once per chunk
+    changed, 1/rate each; the report and the metrics say what was done. The worker
+    looks again by itself only after an hour here: only the maps wake it."""
+    monkeypatch.setattr(tree_gc, "RECHECK_S", 3600.0)
+
+    async def main() -> None:
+        store, sds = new_state(tmp_path)
+        gc = sds.tree_gc
+        slept: list[float] = []
+
+        async def pace(seconds: float) -> None:
+            slept.append(seconds)
+
+        gc.sleep = pace
+        gc.rate = 10
+        try:
+            write_gc_tree(store)
+            await store.sync()
+            gc.start()
+            sds.maps.update(pool_map(1, ALL_VOLUMES))
+            await wait_until_async(lambda: gc.passes_total == 1, 10, "the first pass")
+            assert gc.blocks_freed_total == 0 and gc.slots_freed_total == 0
+            assert gc.report()[str(TREE)]["unread_slots"] == {}
+            assert slept == []  # nothing changed: nothing paced
+
+            left = {i: v for i, v in ALL_VOLUMES.items() if v[0] not in (1, 5)}
+            sds.maps.update(pool_map(2, left))
+            await wait_until_async(lambda: gc.passes_total == 2, 10, "the pass of epoch 2")
+            vt = VersionTree(GC_TREE)
+            assert_views(store, vt, {0, 2, 3, 4})
+            # chunk 0: 5's slot {10,11,12} freed, 1's block 4 freed, 1 ({3,10}) merged
+            # into 2; chunk 1: 1's block 0 (shadowed by 2) and 5's block 1, both slots
+            assert store.versions(TREE, 0) == {
+                0: ALL_BLOCKS,
+                2: 1 << 3 | 1 << 4 | 1 << 10 | 1 << 11,
+                3: 1 << 3 | 1 << 200,
+                4: 1 << 3,
+            }
+            assert store.versions(TREE, 1) == {2: 0b11}
+            report = gc.report()[str(TREE)]
+            assert report == {
+                "state": "done",
+                "chunks": 2,
+                "chunks_done": 2,
+                "blocks_freed": 6,
+                "slots_freed": 3,
+                "collapsed": 1,
+                "unread_slots": {"1": 0, "5": 0},
+            }
+            assert gc.heartbeat() == [
+                {
+                    "tree_id": TREE,
+                    "pool_id": POOL,
+                    "state": "done",
+                    "chunks": 2,
+                    "chunks_done": 2,
+                    "blocks_freed": 6,
+                    "slots_freed": 3,
+                    "collapsed": 1,
+                    "unread_slots": [{"version": 1, "slots": 0}, {"version": 5, "slots": 0}],
+                }
+            ]
+            assert slept == [0.1, 0.1]  # both chunks changed, each paced
+            text = generate_latest(sds_registry(sds, Resync(sds))).decode()
+            assert metric(text, "meshblock_sds_tree_gc_passes_total") == 2
+            assert metric(text, "meshblock_sds_tree_gc_blocks_freed_total") == 6
+            assert metric(text, "meshblock_sds_tree_gc_slots_freed_total") == 3
+            assert metric(text, "meshblock_sds_tree_gc_collapsed_total") == 1
+            assert metric(text, "meshblock_sds_tree_gc_chunks_left") == 0
+            assert metric(text, "meshblock_sds_tree_gc_unread_slots") == 0
+
+            # A map at a newer epoch with the same tree: no pass.
+            sds.maps.update(pool_map(3, left))
+            await asyncio.sleep(0.2)
+            assert gc.passes_total == 2 and gc.pending() == []
+        finally:
+            await gc.close()
+            store.close()
+        # What was freed is durable: the same after a restart.
+        store = ChunkStore([DeviceSpec(str(tmp_path / "dev.img"), 16 * MiB, "pool")])
+        store.open()
+        try:
+            assert store.versions(TREE, 1) == {2: 0b11}
+            assert_views(store, VersionTree(GC_TREE), {0, 2, 3, 4})
+        finally:
+            store.close()
+
+    asyncio.run(main())
+
+
+def test_the_pass_waits_for_a_write_in_progress_on_the_chunk(tmp_path: Path) -> None:
+    """A write holding chunk 0's range lock holds the pass back at that chunk: nothing
+    of it is freed until the write is done."""
+
+    async def main() -> None:
+        store, sds = new_state(tmp_path)
+        gc = sds.tree_gc
+        try:
+            write_gc_tree(store)
+            await store.sync()
+            sds.maps.update(pool_map(1, {14: (4, True)}))  # only head 4 left
+            ticket, _ = sds.locks.acquire(chunk_key(TREE, 0), 0, 4096)
+            task = asyncio.create_task(gc.collect(TREE))
+            await asyncio.sleep(0.2)
+            assert not task.done() and gc.passes[TREE].done == 0
+            assert 5 in store.versions(TREE, 0)  # not freed while the write runs
+            sds.locks.release(chunk_key(TREE, 0), ticket)
+            p = await asyncio.wait_for(task, 10)
+            assert p is not None and p.finished
+            # 1, 2 and 5 (no live view below them) freed whole; 3 (read by no volume,
+            # one child) merged into head 4; 0 keeps two children in the map's tree
+            assert store.versions(TREE, 0) == {0: ALL_BLOCKS, 4: 1 << 3 | 1 << 200}
+            assert store.versions(TREE, 1) == {} and store.tree_chunks(TREE) == [0]
+            assert p.unread_slots == {0: 1, 1: 0, 2: 0, 3: 0, 5: 0}
+        finally:
+            store.close()
+
+    asyncio.run(main())
+
+
+def test_a_map_that_changes_the_tree_ends_the_pass_and_the_next_runs_on_it(
+    tmp_path: Path,
+) -> None:
+    """The tree loses a volume while a pass runs: the pass stops unfinished at the
+    next chunk, and the worker's next step passes again on the newer tree."""
+
+    async def main() -> None:
+        store, sds = new_state(tmp_path)
+        gc = sds.tree_gc
+        gc.rate = 1000
+        first = {i: v for i, v in ALL_VOLUMES.items() if v[0] != 5}
+        second = {i: v for i, v in first.items() if v[0] != 1}
+
+        async def pace(seconds: float) -> None:
+            if sds.maps.epoch(POOL) == 1:
+                sds.maps.update(pool_map(2, second))
+
+        gc.sleep = pace
+        try:
+            write_gc_tree(store)
+            await store.sync()
+            sds.maps.update(pool_map(1, first))
+            p = await gc.collect(TREE)
+            assert p is not None and not p.finished and p.done == 1
+            assert gc.pending() == [TREE]
+            await gc.step()
+            p = gc.passes[TREE]
+            assert p.finished and p.key == sds.maps.maps[POOL].trees[TREE].key
+            assert gc.pending() == []
+            assert 1 not in store.versions(TREE, 0) and 1 not in store.versions(TREE, 1)
+            assert_views(store, VersionTree(GC_TREE), {0, 2, 3, 4})
+        finally:
+            store.close()
+
+    asyncio.run(main())
+
+
+def test_the_heartbeat_carries_the_passes_once_there_is_one_and_when_they_change() -> None:
+    """An MDM of an earlier release never sees ``tree_gc``: no pass, no field."""
+    beats = Heartbeats()
+    assert "tree_gc" not in beats.body(Snapshot())
+    beats.answered(200, {})
+    one = [{"tree_id": 7, "pool_id": 3, "state": "running", "chunks": 4, "chunks_done": 1}]
+    assert beats.body(Snapshot(tree_gc=one))["tree_gc"] == one
+    beats.answered(200, {})
+    assert "tree_gc" not in beats.body(Snapshot(tree_gc=one))  # unchanged
+    beats.answered(200, {})
+    two = [one[0] | {"chunks_done": 2}]
+    assert beats.body(Snapshot(tree_gc=two))["tree_gc"] == two
+    beats.answered(200, {"send_full": True})
+    assert beats.body(Snapshot(tree_gc=two))["tree_gc"] == two  # full
