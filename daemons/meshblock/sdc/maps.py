@@ -7,7 +7,7 @@ never replaces a good cached one).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from meshblock import pgmap_doc
@@ -30,6 +30,9 @@ class PoolMap:
     secondaries: tuple[int | None, ...]
     sds: dict[int, SdsEndpoint]
     clean: tuple[bool, ...] = ()
+    # Volumes of the pool's snapshot trees that read a frozen version (read-only
+    # snapshots, the map's ``trees``): exported read-only whatever their mapping.
+    read_only: frozenset[int] = frozenset()
 
     def replica(self, pg: int) -> int | None:
         """The SDS that may serve a READ of ``pg`` besides its primary: the secondary
@@ -96,6 +99,9 @@ def parse_pool(doc: Any) -> PoolMap:
         secondaries=secondaries,
         sds=dict(parsed.sds),
         clean=tuple(e.state == pgmap_doc.CLEAN for e in parsed.pgs),
+        read_only=frozenset(
+            v for tree in parsed.trees.values() for v, t in tree.volumes.items() if not t.writable
+        ),
     )
 
 
@@ -130,9 +136,11 @@ def parse_maps(doc: Any) -> SdcMaps:
     for p in pools_doc.values():
         pm = parse_pool(p)
         pools[pm.pool_id] = pm
-    for vm in volumes.values():
+    for vm in list(volumes.values()):
         if vm.pool_id not in pools:
             raise MapError(f"volume {vm.name!r}: no map for its pool {vm.pool_id}")
+        if not vm.read_only and vm.id in pools[vm.pool_id].read_only:
+            volumes[vm.id] = replace(vm, read_only=True)  # a snapshot: never written
     return SdcMaps(
         epoch=_req(doc, "epoch"), sdc_id=_req(doc, "sdc_id"), volumes=volumes, pools=pools
     )

@@ -79,6 +79,7 @@ _OK: Final = int(Status.OK)
 _FAILED: Final = int(Status.DEVICE_FAILED)
 _MISMATCH: Final = int(Status.CHECKSUM_MISMATCH)
 _LOST: Final = -2  # a forward's outcome: the connection to the peer is lost
+_READ_ONLY: Final = -3  # check result: a client write to a read-only view (a snapshot)
 _REPL_OF: Final[dict[int, Op]] = {
     Op.WRITE: Op.REPL_WRITE,
     Op.WRITE_ZEROES: Op.REPL_WRITE_ZEROES,
@@ -389,6 +390,8 @@ class DataService:
         me = self._state.sds_id
         if primary:
             if me and m.primary[pg][0] == me:
+                if m.read_only and req.volume_id in m.read_only and req.opcode in _REPL_OF:
+                    return _READ_ONLY  # a snapshot's frozen view: never written
                 return _OK
             if (
                 req.flags & _REPLICA
@@ -412,6 +415,16 @@ class DataService:
         """Answer ``status``, a NOT_PERMITTED (:meth:`_from_primary`) as the connection's
         refusal: logged, counted and audited with its reason and volume."""
         refuse = getattr(conn, "refuse", None)
+        if status == _READ_ONLY:
+            if refuse is None:
+                self._reply(conn, req, t0, Status.NOT_PERMITTED)
+            else:
+                refuse(
+                    req,
+                    f"volume {req.volume_id} is a read-only snapshot in this SDS's map "
+                    f"(pool {req.pool_id}, epoch {self._cache.epoch(req.pool_id)})",
+                )
+            return
         if status != Status.NOT_PERMITTED or refuse is None:
             self._reply(conn, req, t0, status)
             return

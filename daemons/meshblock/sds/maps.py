@@ -87,6 +87,9 @@ class PgMap:
     # Snapshot trees of the pool (tree id -> MapTree): their versions are collected
     # by meshblock.sds.tree_gc; a volume not in one is its own tree, view 0.
     trees: dict[int, MapTree] = field(default_factory=dict)
+    # Volumes of those trees that read a frozen version (read-only snapshots): client
+    # writes to them are refused NOT_PERMITTED, whatever the mapping.
+    read_only: frozenset[int] = frozenset()
 
     def throttle(self, kind: str) -> tuple[int, int]:
         """(concurrent chunk copies, MiB/s or 0) for ``rebuild`` or ``rebalance``."""
@@ -154,6 +157,12 @@ class PgMap:
             rebalance_bandwidth_mibps=throttle("rebalance_bandwidth_mibps", 0, 0),
             tombstones=dict(parsed.tombstones),
             trees={t: MapTree.from_doc(tree) for t, tree in parsed.trees.items()},
+            read_only=frozenset(
+                v
+                for tree in parsed.trees.values()
+                for v, t in tree.volumes.items()
+                if not t.writable
+            ),
         )
 
 
