@@ -87,6 +87,7 @@ ROUTES = [
     ("PATCH", r"/api/v1/mappings/(?P<id>\d+)"),
     ("DELETE", r"/api/v1/mappings/(?P<id>\d+)"),
     ("GET", r"/api/v1/pools/(?P<id>\d+)/mappings"),
+    ("GET", "/api/v1/snapshot-gc"),
     ("GET", "/api/v1/topology"),
     ("GET", "/api/v1/capacity"),
     ("GET", "/health"),
@@ -98,7 +99,7 @@ ROUTES = [
 ]
 
 # sha256 of the document as served (json.dumps, keys in their order), version blanked.
-OPENAPI_SHA256 = "188fd6448ae7ffca47b028dc5157f0eb49967513258708b4a913ead4ae578da4"
+OPENAPI_SHA256 = "9f37c441653d59b79e76469d2a573e11b052188559967731d381f86c5d531586"
 
 
 def _app() -> web.Application:
