@@ -159,3 +159,35 @@ def test_a_pass_that_does_not_end_is_cancelled_after_the_grace(
     assert 0.2 <= took < 2.0, took
     assert "stuck did not stop within" in caplog.text
     assert "quick did not stop" not in caplog.text
+
+
+def test_the_stop_logs_a_task_that_failed_before_or_during_it(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def fails_on_its_way_out() -> None:
+        try:
+            await stopping.pause(3600.0)
+        finally:
+            raise RuntimeError("on its way out")
+
+    async def failed_early() -> None:
+        raise ValueError("early")
+
+    async def main() -> stopping.Stopped:
+        tasks = [
+            asyncio.create_task(fails_on_its_way_out(), name="leaving"),
+            asyncio.create_task(failed_early(), name="early"),
+            asyncio.create_task(stopping.pause(3600.0), name="fine"),
+        ]
+        await asyncio.sleep(0.05)
+        return await stopping.stop(tasks, grace_s=1.0)
+
+    stopped = asyncio.run(main())
+    assert stopped.failed == ["leaving", "early"]
+    assert stopped.cancelled == []
+    failed = {r.getMessage(): r for r in caplog.records if r.levelno == logging.ERROR}
+    assert set(failed) == {
+        "leaving failed: RuntimeError('on its way out')",
+        "early failed: ValueError('early')",
+    }
+    assert all(r.exc_info for r in failed.values()), "with the traceback"

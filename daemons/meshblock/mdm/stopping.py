@@ -10,7 +10,11 @@ the pool logged ``Exception during reset or similar`` / ``Exception closing
 connection`` with a ``CancelledError`` traceback; one cancelled in a write
 transaction on SQLite left the write lock held, and the last heartbeat write of the
 stop waited out the 30 s busy timeout (``database is locked``). A pass that does not end within
-the grace period is cancelled anyway (logged), so a stop stays bounded.
+the grace period is cancelled anyway (logged), so a stop stays bounded; :func:`stop`
+says which (:class:`Stopped`).
+
+A task that ends with an exception other than its cancellation is logged at ERROR
+with its traceback, once, whether it failed before or during the stop.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ import asyncio
 import logging
 import weakref
 from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -27,8 +33,13 @@ STOP_GRACE_S = 3.0
 ``shutdown_timeout`` drain of requests on a SIGTERM (the cleanup contexts run after
 it): the two add up."""
 
-_pausing: weakref.WeakSet[asyncio.Task[object]] = weakref.WeakSet()
-_stopping: weakref.WeakSet[asyncio.Task[object]] = weakref.WeakSet()
+CANCELLED_WAIT_S = 1.0
+"""How long :func:`stop` then waits for the passes it cancelled to end (a cancelled
+pass may still await its connection's rollback): past it, it returns without them."""
+
+_pausing: weakref.WeakSet[asyncio.Task[Any]] = weakref.WeakSet()
+_stopping: weakref.WeakSet[asyncio.Task[Any]] = weakref.WeakSet()
+_reported: weakref.WeakSet[asyncio.Task[Any]] = weakref.WeakSet()
 
 
 async def pause(seconds: float) -> None:
@@ -47,18 +58,59 @@ async def pause(seconds: float) -> None:
         _pausing.discard(task)
 
 
-async def stop(tasks: Iterable[asyncio.Task[object]], grace_s: float = STOP_GRACE_S) -> None:
+@dataclass
+class Stopped:
+    """What :func:`stop` found: the tasks it had to cancel in the middle of a pass
+    (after the grace), and those that ended with an exception (logged), by name."""
+
+    cancelled: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+
+
+def report_failure(task: asyncio.Task[Any]) -> bool:
+    """Log (ERROR, with its traceback) how ``task`` failed, once; whether it did (an
+    exception other than its cancellation). For a task that is done."""
+    if task.cancelled() or task.exception() is None:
+        return False
+    if task not in _reported:
+        _reported.add(task)
+        exc = task.exception()
+        log.error("%s failed: %r", task.get_name(), exc, exc_info=exc)
+    return True
+
+
+async def stop(tasks: Iterable[asyncio.Task[Any]], grace_s: float | None = None) -> Stopped:
     """End ``tasks`` at their next :func:`pause` (at once if pausing), cancelling
-    those still working after ``grace_s``; return when all have ended."""
-    tasks = [t for t in tasks if not t.done()]
-    for task in tasks:
+    those still working after ``grace_s`` (:data:`STOP_GRACE_S`); return when all have
+    ended, or :data:`CANCELLED_WAIT_S` after cancelling some. Cancelled itself (the
+    stop cut short), it cancels the tasks still running and re-raises."""
+    grace_s = STOP_GRACE_S if grace_s is None else grace_s
+    tasks = list(tasks)
+    running = [t for t in tasks if not t.done()]
+    for task in running:
         _stopping.add(task)
         if task in _pausing:
             task.cancel()
-    if not tasks:
-        return
-    _, late = await asyncio.wait(tasks, timeout=grace_s)
-    for task in late:
-        log.warning("%s did not stop within %.0f s; cancelling it", task.get_name(), grace_s)
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
+    late: set[asyncio.Task[Any]] = set()
+    try:
+        if running:
+            _, late = await asyncio.wait(running, timeout=grace_s)
+        for task in late:
+            log.warning("%s did not stop within %g s; cancelling it", task.get_name(), grace_s)
+            task.cancel()
+        if late:
+            _, stuck = await asyncio.wait(late, timeout=CANCELLED_WAIT_S)
+            for task in stuck:
+                log.warning(
+                    "%s did not end within %g s of its cancellation; not waiting for it",
+                    task.get_name(),
+                    CANCELLED_WAIT_S,
+                )
+    except asyncio.CancelledError:
+        for task in running:
+            task.cancel()
+        raise
+    return Stopped(
+        cancelled=sorted(t.get_name() for t in late),
+        failed=[t.get_name() for t in tasks if t.done() and report_failure(t)],
+    )
