@@ -20,9 +20,11 @@ import pytest
 from aiohttp.test_utils import TestServer
 from sqlalchemy import text, update
 
-from meshblock.mdm import failures, stopping
+from meshblock.mdm import failures, holddown, stopping
+from meshblock.mdm.api import sds as sds_api
 from meshblock.mdm.app import create_app
 from meshblock.mdm.config import AuthConfig, DatabaseConfig, MdmConfig, ScrubConfig
+from meshblock.mdm.context import CTX
 from meshblock.mdm.models import Cluster
 
 pytestmark = [pytest.mark.unit]
@@ -191,3 +193,34 @@ def test_the_stop_logs_a_task_that_failed_before_or_during_it(
         "early failed: ValueError('early')",
     }
     assert all(r.exc_info for r in failed.values()), "with the traceback"
+
+
+def test_an_isolation_settle_in_progress_is_stopped_with_the_loops(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An unconfirmed isolation report starts a settle (api/sds.py); a stop during it
+    # ends it at its pause. It used to be left running past the stop, with the
+    # database closed under it, to act (mark an SDS down, run the failure check) later.
+    monkeypatch.setattr(holddown, "ISOLATION_SETTLE_S", 3600.0)
+    config = MdmConfig(
+        auth=AuthConfig(admin_token="admin-token"),
+        database=DatabaseConfig(url=f"sqlite+aiosqlite:///{tmp_path}/mdm.db"),
+        scrub=ScrubConfig(start_delay_s=3600.0),
+    )
+
+    async def main() -> None:
+        app = create_app(config)
+        server = TestServer(app, host="127.0.0.1")
+        await server.start_server()
+        try:
+            c = app[CTX]
+            monkeypatch.setattr(c.liveness.holds, "not_confirmed", lambda *_: True)
+            await sds_api._isolated(c, 2, "sds:1")
+            settling = [t for t in asyncio.all_tasks() if t.get_name() == "isolation-settle"]
+            assert len(settling) == 1
+        finally:
+            await server.close()
+        assert settling[0].done(), "the settle outlived the stop"
+        assert settling[0].cancelled()
+
+    asyncio.run(main())

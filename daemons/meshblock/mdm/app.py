@@ -231,7 +231,7 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
     yield
     # each loop ends at its next pause, not inside a database session (stopping.py):
     # every connection is back in the pool before _open_store disposes of it
-    await stopping.stop(tasks)
+    await stopping.stop([*tasks, *c.background.close()])
     await c.liveness.flush(c.sessions, c.write_gate)
 
 

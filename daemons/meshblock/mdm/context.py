@@ -22,6 +22,7 @@ from meshblock.mdm.progress import CopyProgress
 from meshblock.mdm.reconcile import Reported
 from meshblock.mdm.scrub import ScrubSchedule
 from meshblock.mdm.snapshot_gc import TreeGcReports
+from meshblock.mdm.stopping import Background
 from meshblock.tls import ServerTls
 
 
@@ -47,6 +48,8 @@ class MdmContext:
     owners: dict[tuple[str, int], str] = field(default_factory=dict)
     lease: Lease | None = None  # the leader lease this MDM holds (leader.py)
     deposed: str | None = None  # why this MDM lost its leadership, once it has
+    # Tasks started on the way (an isolation report's settling): stopped with the loops
+    background: Background = field(default_factory=Background)
 
     @property
     def term(self) -> int:

@@ -11,10 +11,13 @@ connection`` with a ``CancelledError`` traceback; one cancelled in a write
 transaction on SQLite left the write lock held, and the last heartbeat write of the
 stop waited out the 30 s busy timeout (``database is locked``). A pass that does not end within
 the grace period is cancelled anyway (logged), so a stop stays bounded; :func:`stop`
-says which (:class:`Stopped`).
+says which (:class:`Stopped`), so that the caller does not write to a database that
+such a pass may still hold (app.py skips the last heartbeat write then).
 
-A task that ends with an exception other than its cancellation is logged at ERROR
-with its traceback, once, whether it failed before or during the stop.
+Tasks the MDM starts on the way (an isolation report's settling) go through
+:class:`Background`, so that they are stopped with the loops. A task that ends with
+an exception other than its cancellation is logged at ERROR with its traceback,
+once, whether it failed before or during the stop.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import weakref
-from collections.abc import Iterable
+from collections.abc import Coroutine, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -114,3 +117,31 @@ async def stop(tasks: Iterable[asyncio.Task[Any]], grace_s: float | None = None)
         cancelled=sorted(t.get_name() for t in late),
         failed=[t.get_name() for t in tasks if t.done() and report_failure(t)],
     )
+
+
+class Background:
+    """Tasks the MDM starts on the way, stopped with its loops: :meth:`close` says
+    which are running and refuses new ones from then on (:meth:`start` returns None).
+    A task's failure is logged when it ends (:func:`report_failure`)."""
+
+    def __init__(self) -> None:
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.closed = False
+
+    def start(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any] | None:
+        if self.closed:
+            coro.close()
+            log.info("%s not started: the MDM is stopping (or no longer leads)", name)
+            return None
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._ended)
+        return task
+
+    def _ended(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        report_failure(task)
+
+    def close(self) -> list[asyncio.Task[Any]]:
+        self.closed = True
+        return list(self._tasks)

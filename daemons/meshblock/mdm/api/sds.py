@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import ssl
 from typing import Any, cast
@@ -24,6 +23,7 @@ from meshblock.mdm import (
     pgtable,
     schemas,
     stopcheck,
+    stopping,
     unclean,
 )
 from meshblock.mdm.api import join, scrub
@@ -1062,12 +1062,8 @@ async def _isolated(c: MdmContext, target: int, reporter: object) -> None:
     async with c.sessions() as s:
         needs = await failures.forward_peers(s, who)
     if c.liveness.holds.not_confirmed(who, target, needs):
-        task = asyncio.create_task(_settle(c), name="isolation-settle")
-        _SETTLING.add(task)
-        task.add_done_callback(_SETTLING.discard)
-
-
-_SETTLING: set[asyncio.Task[None]] = set()
+        # stopped with the loops, at its pause (not while it acts): stopping.Background
+        c.background.start(_settle(c), "isolation-settle")
 
 
 async def _settle(c: MdmContext) -> None:
@@ -1075,7 +1071,7 @@ async def _settle(c: MdmContext) -> None:
     unconfirmed reports show cut off from its peers, if any, goes down, held as
     isolated, never a peer it named; unless that would leave a PG with no serving copy
     (:meth:`meshblock.mdm.failures.FailureDetector.leaves_inactive`)."""
-    await asyncio.sleep(holddown.ISOLATION_SETTLE_S)
+    await stopping.pause(holddown.ISOLATION_SETTLE_S)
     live = c.liveness
     cut_off = live.holds.settle(live.connected_sds())
     if cut_off is None:
