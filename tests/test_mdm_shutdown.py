@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sqlite3
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -23,8 +24,10 @@ from sqlalchemy import text, update
 from meshblock.mdm import failures, holddown, stopping
 from meshblock.mdm.api import sds as sds_api
 from meshblock.mdm.app import create_app
-from meshblock.mdm.config import AuthConfig, DatabaseConfig, MdmConfig, ScrubConfig
+from meshblock.mdm.config import AuthConfig, DatabaseConfig, HaConfig, MdmConfig, ScrubConfig
 from meshblock.mdm.context import CTX
+from meshblock.mdm.deletion import Purger
+from meshblock.mdm.liveness import Liveness
 from meshblock.mdm.models import Cluster
 
 pytestmark = [pytest.mark.unit]
@@ -40,11 +43,17 @@ Check = Callable[[failures.FailureDetector], Awaitable[int]]
 
 
 def _stop_during(
-    check: Check, tmp_path: Path, caplog: pytest.LogCaptureFixture, times: int
+    check: Check,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    times: int,
+    ha: HaConfig | None = None,
+    after_stop: Callable[[], None] | None = None,
 ) -> list[float]:
     """Start the in-process MDM ``times`` times with ``check`` as its failure
-    detector's pass, stop it while that pass runs (at various points), and return
-    how long each stop took; fail on an ERROR or traceback in the log."""
+    detector's pass (and ``ha``), stop it while that pass runs (at various points;
+    ``after_stop`` as soon as it has stopped), and return how long each stop took;
+    fail on an ERROR or traceback in the log. The database: ``mdm<i>.db``."""
     busy = asyncio.Event()
 
     async def signalling(self: failures.FailureDetector) -> int:
@@ -60,6 +69,7 @@ def _stop_during(
             auth=AuthConfig(admin_token="admin-token"),
             database=DatabaseConfig(url=f"sqlite+aiosqlite:///{tmp_path}/mdm{i}.db"),
             scrub=ScrubConfig(start_delay_s=3600.0),
+            ha=ha or HaConfig(),
         )
         busy.clear()
         server = TestServer(create_app(config), host="127.0.0.1")
@@ -82,7 +92,10 @@ def _stop_during(
         serving.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await serving
-        return time.monotonic() - began
+        took = time.monotonic() - began
+        if after_stop is not None:
+            after_stop()
+        return took
 
     async def main() -> list[float]:
         return [await one(i) for i in range(times)]
@@ -224,3 +237,42 @@ def test_an_isolation_settle_in_progress_is_stopped_with_the_loops(
         assert settling[0].cancelled()
 
     asyncio.run(main())
+
+
+async def _idle(*_args: object) -> None:
+    """A background loop that never starts a pass (only the stop's own writes)."""
+    while True:
+        await stopping.pause(3600.0)
+
+
+def test_the_stop_skips_the_last_heartbeat_write_after_cancelling_a_pass(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A pass that does not end in the grace is cancelled; one cancelled in a write
+    # transaction whose rollback did not get through leaves SQLite's write lock held
+    # (here: a connection of the pass's own). The last heartbeat write used to wait
+    # out the 30 s busy timeout for it ("database is locked"); it is skipped, logged.
+    monkeypatch.setattr(stopping, "STOP_GRACE_S", 0.5)
+    monkeypatch.setattr(Liveness, "run", _idle)  # the stop's write is the only one
+    monkeypatch.setattr(Purger, "run", _idle)
+    holders: list[sqlite3.Connection] = []
+
+    async def stuck_holding_the_write_lock(self: failures.FailureDetector) -> int:
+        holder = sqlite3.connect(tmp_path / "mdm0.db", isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")
+        holders.append(holder)
+        self.liveness.beat("sdc", 1)  # something for the stop to write
+        await asyncio.sleep(3600.0)
+        return 0
+
+    def release() -> None:
+        for holder in holders:
+            holder.close()
+
+    took = _stop_during(stuck_holding_the_write_lock, tmp_path, caplog, 1, after_stop=release)
+    assert max(took) < 5.0, took
+    assert "failure-detector did not stop within" in caplog.text
+    assert (
+        "the last heartbeat times are not written: failure-detector had to be cancelled"
+        in caplog.text
+    )

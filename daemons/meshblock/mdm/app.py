@@ -229,10 +229,24 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
             )
         )
     yield
-    # each loop ends at its next pause, not inside a database session (stopping.py):
-    # every connection is back in the pool before _open_store disposes of it
-    await stopping.stop([*tasks, *c.background.close()])
-    await c.liveness.flush(c.sessions, c.write_gate)
+    try:
+        # each loop ends at its next pause, not inside a database session (stopping.py):
+        # every connection is back in the pool before _open_store disposes of it
+        stopped = await stopping.stop([*tasks, *c.background.close()])
+    except asyncio.CancelledError:
+        log.warning("the stop was cut short: the last heartbeat times are not written")
+        raise
+    if stopped.cancelled:
+        # a pass cancelled in a write transaction may still hold the database (on
+        # SQLite its write lock): the write would wait for it, up to the 30 s busy
+        # timeout
+        log.warning(
+            "the last heartbeat times are not written: %s had to be cancelled in a "
+            "pass that may still hold the database",
+            ", ".join(stopped.cancelled),
+        )
+    else:
+        await c.liveness.flush(c.sessions, c.write_gate)
 
 
 async def _end_long_polls(app: web.Application) -> None:
