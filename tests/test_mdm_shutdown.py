@@ -20,15 +20,18 @@ import aiosqlite
 import pytest
 from aiohttp.test_utils import TestServer
 from sqlalchemy import text, update
+from sqlalchemy.ext.asyncio import AsyncEngine
 
-from meshblock.mdm import failures, holddown, stopping
+from meshblock.mdm import app as app_module
+from meshblock.mdm import db, failures, holddown, stopping
 from meshblock.mdm.api import sds as sds_api
 from meshblock.mdm.app import create_app
 from meshblock.mdm.config import AuthConfig, DatabaseConfig, HaConfig, MdmConfig, ScrubConfig
 from meshblock.mdm.context import CTX
 from meshblock.mdm.deletion import Purger
+from meshblock.mdm.leader import Lease
 from meshblock.mdm.liveness import Liveness
-from meshblock.mdm.models import Cluster
+from meshblock.mdm.models import Cluster, Sdc
 
 pytestmark = [pytest.mark.unit]
 
@@ -276,3 +279,41 @@ def test_the_stop_skips_the_last_heartbeat_write_after_cancelling_a_pass(
         "the last heartbeat times are not written: failure-detector had to be cancelled"
         in caplog.text
     )
+
+
+def _expiring_lease(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The in-process MDM on SQLite with a lease that expires (``[ha] lease_s``) and
+    a lease task renewing it, as on PostgreSQL (SQLite's own never expires)."""
+
+    async def expiring(config: MdmConfig, engine: AsyncEngine) -> Lease:
+        lease = Lease(db.session_factory(engine), "mdm-test", config.ha.lease_s)
+        assert await lease.try_acquire(force=True)
+        return lease
+
+    monkeypatch.setattr(app_module, "_lead", expiring)
+
+
+def test_the_lease_is_renewed_until_the_loops_and_the_last_write_are_done(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A pass in progress may outlast the lease (here 2.5 s, lease_s 1.5): the lease task
+    # stops last, so the lease is still this MDM's for the pass's writes and for the
+    # last heartbeat write. It used to stop with the loops: the lease expired and the
+    # write was refused ("heartbeats not recorded: ... no longer leads").
+    _expiring_lease(monkeypatch)
+    monkeypatch.setattr(stopping, "STOP_GRACE_S", 10.0)
+    monkeypatch.setattr(Liveness, "run", _idle)  # the stop's write is the only one
+
+    async def longer_than_the_lease(self: failures.FailureDetector) -> int:
+        async with self.sessions() as s, s.begin():
+            s.add(Sdc(id=1, guid="g-1", name="h1"))
+        self.liveness.beat("sdc", 1)
+        await asyncio.sleep(2.5)
+        return 0
+
+    ha = HaConfig(name="mdm-test", lease_s=1.5, renew_interval_s=0.2)
+    _stop_during(longer_than_the_lease, tmp_path, caplog, 1, ha=ha)
+    assert "heartbeats not recorded" not in caplog.text
+    with contextlib.closing(sqlite3.connect(tmp_path / "mdm0.db")) as conn:
+        (seen,) = conn.execute("SELECT last_seen FROM sdcs WHERE id = 1").fetchone()
+    assert seen is not None, "the last heartbeat write was refused"

@@ -198,7 +198,7 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
         detector.check,
         probe_sds,
     )
-    tasks = [
+    loops = [
         asyncio.create_task(c.liveness.run(c.sessions, c.write_gate), name="heartbeat-writer"),
         asyncio.create_task(detector.run(), name="failure-detector"),
         asyncio.create_task(prober.run(), name="hold-down-prober"),
@@ -211,42 +211,49 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
         ),
         asyncio.create_task(scrub.run(c), name="scrub-schedule"),
     ]
+    lease_task: asyncio.Task[None] | None = None
     if c.lease is not None and c.lease.lease_s is not None:
-        acting = list(tasks)
 
         def step_down(reason: str) -> None:
             # self-fencing: no failure detection, planning or write from here on
             log.critical("this MDM lost its leadership (%s): it stops acting and exits", reason)
             c.deposed = reason
-            for task in acting:
+            for task in loops:
                 task.cancel()
             if ON_DEPOSED in app:
                 app[ON_DEPOSED]()
 
-        tasks.append(
-            asyncio.create_task(
-                c.lease.run(c.config.ha.renew_interval_s, step_down), name="leader-lease"
-            )
+        lease_task = asyncio.create_task(
+            c.lease.run(c.config.ha.renew_interval_s, step_down), name="leader-lease"
         )
     yield
+    cut_short = False
     try:
         # each loop ends at its next pause, not inside a database session (stopping.py):
         # every connection is back in the pool before _open_store disposes of it
-        stopped = await stopping.stop([*tasks, *c.background.close()])
+        stopped = await stopping.stop([*loops, *c.background.close()])
+        if stopped.cancelled:
+            # a pass cancelled in a write transaction may still hold the database (on
+            # SQLite its write lock): the write would wait for it, up to the 30 s busy
+            # timeout
+            log.warning(
+                "the last heartbeat times are not written: %s had to be cancelled in a "
+                "pass that may still hold the database",
+                ", ".join(stopped.cancelled),
+            )
+        else:
+            await c.liveness.flush(c.sessions, c.write_gate)
     except asyncio.CancelledError:
+        cut_short = True
         log.warning("the stop was cut short: the last heartbeat times are not written")
         raise
-    if stopped.cancelled:
-        # a pass cancelled in a write transaction may still hold the database (on
-        # SQLite its write lock): the write would wait for it, up to the 30 s busy
-        # timeout
-        log.warning(
-            "the last heartbeat times are not written: %s had to be cancelled in a "
-            "pass that may still hold the database",
-            ", ".join(stopped.cancelled),
-        )
-    else:
-        await c.liveness.flush(c.sessions, c.write_gate)
+    finally:
+        # the lease last: held while a loop or the last write may still write
+        if lease_task is not None:
+            if cut_short:
+                lease_task.cancel()
+            else:
+                await stopping.stop([lease_task])
 
 
 async def _end_long_polls(app: web.Application) -> None:
