@@ -317,3 +317,67 @@ def test_the_lease_is_renewed_until_the_loops_and_the_last_write_are_done(
     with contextlib.closing(sqlite3.connect(tmp_path / "mdm0.db")) as conn:
         (seen,) = conn.execute("SELECT last_seen FROM sdcs WHERE id = 1").fetchone()
     assert seen is not None, "the last heartbeat write was refused"
+
+
+LOOPS = {
+    "heartbeat-writer",
+    "failure-detector",
+    "hold-down-prober",
+    "rebalancer",
+    "purger",
+    "scrub-schedule",
+    "isolation-settle",
+}
+
+
+def test_a_deposed_mdm_stops_its_loops_at_their_pause(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Deposed (another MDM took the lease), the MDM stops acting as on a stop: a pass
+    # in progress finishes (its writes are fenced) and the loop ends at its pause. It
+    # used to cancel every loop wherever it was, inside a database session too.
+    _expiring_lease(monkeypatch)
+    caplog.set_level(logging.WARNING)
+    outcome: list[str] = []
+    ended = asyncio.Event()
+
+    async def usurped(self: failures.FailureDetector) -> int:
+        if outcome:
+            return 0
+        outcome.append("began")
+        assert await Lease(self.sessions, "usurper", 60.0).try_acquire(force=True)
+        try:
+            await asyncio.sleep(1.0)  # the MDM's renewal (0.2 s) finds itself deposed
+        except asyncio.CancelledError:
+            outcome.append("cancelled")
+            raise
+        finally:
+            ended.set()
+        outcome.append("finished")
+        return 0
+
+    monkeypatch.setattr(failures.FailureDetector, "check", usurped)
+    config = MdmConfig(
+        auth=AuthConfig(admin_token="admin-token"),
+        database=DatabaseConfig(url=f"sqlite+aiosqlite:///{tmp_path}/mdm.db"),
+        scrub=ScrubConfig(start_delay_s=3600.0),
+        ha=HaConfig(name="mdm-test", lease_s=10.0, renew_interval_s=0.2),
+    )
+
+    async def main() -> list[str]:
+        app = create_app(config)
+        server = TestServer(app, host="127.0.0.1")
+        await server.start_server()
+        try:
+            await asyncio.wait_for(ended.wait(), 10)
+            await asyncio.sleep(0.2)  # the loops' ends
+            assert app[CTX].deposed
+            return sorted(t.get_name() for t in asyncio.all_tasks() if t.get_name() in LOOPS)
+        finally:
+            await server.close()
+
+    running = asyncio.run(main())
+    assert outcome == ["began", "finished"]
+    assert running == [], "the loops ended after the step-down"
+    assert "was taken over by another MDM): it stops acting" in caplog.text
+    assert "the last heartbeat times are not written: this MDM no longer leads" in caplog.text

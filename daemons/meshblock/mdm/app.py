@@ -212,27 +212,35 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
         asyncio.create_task(scrub.run(c), name="scrub-schedule"),
     ]
     lease_task: asyncio.Task[None] | None = None
+    stepping: list[asyncio.Task[stopping.Stopped]] = []
     if c.lease is not None and c.lease.lease_s is not None:
 
         def step_down(reason: str) -> None:
-            # self-fencing: no failure detection, planning or write from here on
+            # self-fencing: no failure detection, planning or write from here on; the
+            # loops end at their pause (a pass in progress finishes: its writes are
+            # fenced), as on a stop (stopping.py)
             log.critical("this MDM lost its leadership (%s): it stops acting and exits", reason)
             c.deposed = reason
-            for task in loops:
-                task.cancel()
-            if ON_DEPOSED in app:
+            acting = [*loops, *c.background.close()]  # and no new settling
+            stepping.append(asyncio.create_task(stopping.stop(acting), name="step-down"))
+            # a stop under way (SIGTERM) ends the process already: a second SIGTERM
+            # would cut it short (aiohttp's GracefulExit out of run_app: exit code 1)
+            if ON_DEPOSED in app and not c.stopping:
                 app[ON_DEPOSED]()
 
         lease_task = asyncio.create_task(
             c.lease.run(c.config.ha.renew_interval_s, step_down), name="leader-lease"
         )
     yield
+    c.stopping = True
     cut_short = False
     try:
         # each loop ends at its next pause, not inside a database session (stopping.py):
         # every connection is back in the pool before _open_store disposes of it
-        stopped = await stopping.stop([*loops, *c.background.close()])
-        if stopped.cancelled:
+        stopped = await stopping.stop([*loops, *c.background.close(), *stepping])
+        if c.deposed:
+            log.warning("the last heartbeat times are not written: this MDM no longer leads")
+        elif stopped.cancelled:
             # a pass cancelled in a write transaction may still hold the database (on
             # SQLite its write lock): the write would wait for it, up to the 30 s busy
             # timeout
@@ -248,12 +256,19 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
         log.warning("the stop was cut short: the last heartbeat times are not written")
         raise
     finally:
-        # the lease last: held while a loop or the last write may still write
+        # the lease last: held while a loop or the last write may still write (and a
+        # step-down that a lease lost meanwhile started)
         if lease_task is not None:
             if cut_short:
                 lease_task.cancel()
             else:
-                await stopping.stop([lease_task])
+                await stopping.stop([lease_task, *stepping])
+
+
+async def _stop_begins(app: web.Application) -> None:
+    """From the first step of a stop on: a lost lease does not signal a second one."""
+    if CTX in app:
+        app[CTX].stopping = True
 
 
 async def _end_long_polls(app: web.Application) -> None:
@@ -298,6 +313,7 @@ def create_app(config: MdmConfig) -> web.Application:
             health.open_listener(config.api.metrics_host, config.api.metrics_port)
         )
     app.cleanup_ctx.append(_background)
+    app.on_shutdown.append(_stop_begins)
     app.on_shutdown.append(_end_long_polls)
     for table in ROUTE_TABLES:
         app.add_routes(table)

@@ -50,6 +50,7 @@ class MdmContext:
     deposed: str | None = None  # why this MDM lost its leadership, once it has
     # Tasks started on the way (an isolation report's settling): stopped with the loops
     background: Background = field(default_factory=Background)
+    stopping: bool = False  # set when the stop begins (aiohttp's on_shutdown)
 
     @property
     def term(self) -> int:
