@@ -4,7 +4,13 @@ A stop used to cancel the heartbeat writer, the failure detector and the other
 loops wherever they were, also inside a query: SQLAlchemy then invalidated the
 connection and the pool logged ``Exception closing connection`` with a traceback
 (seen under CPU load as a flaky ``assert_no_tracebacks``). The loops now stop
-between two iterations (``meshblock.mdm.stopping``)."""
+between two iterations (``meshblock.mdm.stopping``).
+
+Then (review 13): the last heartbeat write is skipped after a pass had to be
+cancelled (it waited for SQLite's lock); the lease is renewed until the loops and
+that write are done; a deposed MDM stops its loops the same way; an isolation
+report's settling stops with the loops; a task's failure is logged with its
+traceback. The lease lost during a stop of the process: tests/test_mdm_shutdown_pg.py."""
 
 from __future__ import annotations
 
@@ -381,3 +387,30 @@ def test_a_deposed_mdm_stops_its_loops_at_their_pause(
     assert running == [], "the loops ended after the step-down"
     assert "was taken over by another MDM): it stops acting" in caplog.text
     assert "the last heartbeat times are not written: this MDM no longer leads" in caplog.text
+
+
+def test_a_loop_that_dies_is_logged_when_it_dies(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A loop ends only on a bug (each catches its pass's errors); it was found, if
+    # ever, as "Task exception was never retrieved" once collected.
+    async def dies(self: failures.FailureDetector, interval_s: float = 1.0) -> None:
+        raise RuntimeError("the detector broke")
+
+    monkeypatch.setattr(failures.FailureDetector, "run", dies)
+    config = MdmConfig(
+        auth=AuthConfig(admin_token="admin-token"),
+        database=DatabaseConfig(url=f"sqlite+aiosqlite:///{tmp_path}/mdm.db"),
+        scrub=ScrubConfig(start_delay_s=3600.0),
+    )
+
+    async def main() -> list[str]:
+        server = TestServer(create_app(config), host="127.0.0.1")
+        await server.start_server()
+        try:
+            await asyncio.sleep(0.2)
+            return [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+        finally:
+            await server.close()
+
+    assert asyncio.run(main()) == ["failure-detector failed: RuntimeError('the detector broke')"]

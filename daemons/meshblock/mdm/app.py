@@ -211,6 +211,8 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
         ),
         asyncio.create_task(scrub.run(c), name="scrub-schedule"),
     ]
+    for task in loops:
+        task.add_done_callback(stopping.report_failure)  # when it dies, not at the stop
     lease_task: asyncio.Task[None] | None = None
     stepping: list[asyncio.Task[stopping.Stopped]] = []
     if c.lease is not None and c.lease.lease_s is not None:
@@ -231,6 +233,7 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
         lease_task = asyncio.create_task(
             c.lease.run(c.config.ha.renew_interval_s, step_down), name="leader-lease"
         )
+        lease_task.add_done_callback(stopping.report_failure)
     yield
     c.stopping = True
     cut_short = False
