@@ -21,7 +21,7 @@ import os
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import pytest
 from cryptography import x509
@@ -183,9 +183,8 @@ def test_login_acknowledge_and_screenshots(mgmt: MgmtDaemon, browser: BrowserCon
         protection_domain="pd1",
     )
     ok(mgmt.webhook(notification(down, full)))
-    rows = {a["fingerprint"]: a for a in ok(api.get("/api/alerts?limit=1000"))["alerts"]}
-    target: dict[str, Any] = rows[down["fingerprint"]]
-    other: dict[str, Any] = rows[full["fingerprint"]]
+    (target,) = ok(api.get("/api/alerts?component_id=sds2"))["alerts"]
+    (other,) = ok(api.get("/api/alerts?component_id=sp1"))["alerts"]
     assert target["status"] == other["status"] == "active"
 
     page = browser.new_page()
@@ -230,7 +229,8 @@ def test_login_acknowledge_and_screenshots(mgmt: MgmtDaemon, browser: BrowserCon
         after = ok(api.get(f"/api/alerts/{target['id']}"))
         me = ok(mgmt.api().get("/api/me"))
         assert after["status"] == "acknowledged"
-        assert after["acknowledged_by_user_id"] == me["id"]
+        more = ok(api.get(f"/api/alerts/{target['id']}/details"))
+        assert more["acknowledged_by_user_id"] == me["id"]
         assert ok(api.get(f"/api/alerts/{other['id']}"))["status"] == "active"
 
         page.goto(mgmt.url + "/health")

@@ -7,7 +7,11 @@ update, and repeated or retried notifications never add a row.
 
 How an alert maps onto a row:
 
-- ``rule_id`` = the ``alertname`` label;
+- ``alert_name`` = the ``alertname`` label; ``rule_id`` = the id of the rule of that
+  name in ``alert_rules`` (one synced from Prometheus if there is one; else a row made
+  now from the alert: group ``""``, its ``severity`` label, its ``summary`` and
+  ``runbook_url`` annotations, ``last_synced`` None, which the next sync that lists
+  the rule takes over);
 - ``component_id`` = the first of the labels ``component_id``, ``sds``, ``sdc``,
   ``pool``, ``device``, ``instance`` that is set (None without any);
 - ``severity`` = the ``severity`` label if it is info, warning, error or critical,
@@ -30,6 +34,7 @@ the same occurrence update the labels and the message but not a status set by ha
 from __future__ import annotations
 
 import datetime as dt
+import enum
 import hashlib
 import json
 import math
@@ -43,7 +48,15 @@ from sqlalchemy import ColumnElement, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from meshblock.mgmt.errors import BadRequest, Conflict, Invalid, NotFound
-from meshblock.mgmt.models import AlertHistory, AlertStatus, Severity, User, aware, utcnow
+from meshblock.mgmt.models import (
+    AlertHistory,
+    AlertRule,
+    AlertStatus,
+    Severity,
+    User,
+    aware,
+    utcnow,
+)
 
 MAX_ALERTS_PER_NOTIFICATION = 10_000
 MAX_LABEL_CHARS = 4096
@@ -127,12 +140,14 @@ class IncomingAlert:
     starts_at: dt.datetime
     resolved: bool
     ends_at: dt.datetime | None
-    rule_id: str
+    alert_name: str
     component_id: str | None
     severity: Severity
     message: str
     metric_value: float | None
     threshold_value: float | None
+    summary: str | None
+    runbook_url: str | None
     raw: dict[str, Any] = field(repr=False)
 
 
@@ -171,22 +186,57 @@ def parse_notification(data: Any) -> list[IncomingAlert]:
                 starts_at=starts,
                 resolved=a["status"] == "resolved",
                 ends_at=ends,
-                rule_id=labels["alertname"],
+                alert_name=labels["alertname"],
                 component_id=next((labels[k] for k in COMPONENT_LABELS if labels.get(k)), None),
                 severity=Severity(severity) if severity in set(Severity) else Severity.WARNING,
                 message=message,
                 metric_value=_number(annotations.get("value")),
                 threshold_value=_number(annotations.get("threshold")),
+                summary=summary or None,
+                runbook_url=annotations.get("runbook_url") or None,
                 raw=a,
             )
         )
     return out
 
 
+async def rule_for(session: AsyncSession, a: IncomingAlert) -> int:
+    """The id of the rule of ``a``'s name: a rule Prometheus lists (the oldest row if
+    several groups have one of that name), else any row of that name, else a new row
+    made from the alert (group ``""``, ``last_synced`` None)."""
+    found = (
+        await session.execute(
+            select(AlertRule.id)
+            .where(AlertRule.name == a.alert_name)
+            .order_by(AlertRule.last_synced.is_(None), AlertRule.id)
+            .limit(1)
+        )
+    ).scalar_one_or_none()
+    if found is not None:
+        return int(found)
+    severity = a.raw["labels"].get("severity")
+    rule = AlertRule(
+        name=a.alert_name,
+        group_name="",
+        expression="",
+        for_seconds=0.0,
+        severity=severity[:32] if severity else None,
+        summary=a.summary,
+        runbook_url=a.runbook_url[:1024] if a.runbook_url else None,
+        last_synced=None,
+    )
+    session.add(rule)
+    await session.flush()
+    return rule.id
+
+
 async def store(session: AsyncSession, alerts: Sequence[IncomingAlert]) -> list[str]:
     """Insert or update a row per alert; return what was done to each (for metrics)."""
     actions = []
+    rules: dict[str, int] = {}
     for a in alerts:
+        if a.alert_name not in rules:
+            rules[a.alert_name] = await rule_for(session, a)
         row = (
             await session.execute(
                 select(AlertHistory).where(
@@ -206,7 +256,8 @@ async def store(session: AsyncSession, alerts: Sequence[IncomingAlert]) -> list[
             actions.append("inserted")
         else:
             actions.append("updated")
-        row.rule_id = a.rule_id
+        row.rule_id = rules[a.alert_name]
+        row.alert_name = a.alert_name
         row.component_id = a.component_id
         row.severity = a.severity
         row.message = a.message
@@ -232,7 +283,8 @@ async def store(session: AsyncSession, alerts: Sequence[IncomingAlert]) -> list[
 class AlertFilter:
     statuses: tuple[AlertStatus, ...] = ()
     severities: tuple[Severity, ...] = ()
-    rule_ids: tuple[str, ...] = ()
+    rule_ids: tuple[int, ...] = ()
+    alert_names: tuple[str, ...] = ()
     component_ids: tuple[str, ...] = ()
     since: dt.datetime | None = None
     until: dt.datetime | None = None
@@ -246,6 +298,8 @@ class AlertFilter:
             out.append(AlertHistory.severity.in_(self.severities))
         if self.rule_ids:
             out.append(AlertHistory.rule_id.in_(self.rule_ids))
+        if self.alert_names:
+            out.append(AlertHistory.alert_name.in_(self.alert_names))
         if self.component_ids:
             out.append(AlertHistory.component_id.in_(self.component_ids))
         if self.since is not None:
@@ -285,8 +339,11 @@ def _time_param(name: str, raw: str | None) -> dt.datetime | None:
 def parse_filter(query: Any) -> AlertFilter:
     """An :class:`AlertFilter` from query parameters (a MultiDict); 400 when malformed.
 
-    ``status``, ``severity``, ``rule_id`` and ``component_id`` may repeat or hold
-    comma-separated values; ``since``/``until`` bound ``fired_at`` (since inclusive).
+    ``status``, ``severity``, ``rule_id``, ``alertname`` and ``component_id`` may
+    repeat or hold comma-separated values; ``since``/``until`` bound ``fired_at`` (since
+    inclusive). ``alertname`` is the alert's name; ``rule_id`` the id of its rule, and a
+    ``rule_id`` value that is not a number is taken as an alert name (what the
+    parameter meant before rules had ids).
     """
     getall = query.getall
     statuses, severities = [], []
@@ -302,6 +359,14 @@ def parse_filter(query: Any) -> AlertFilter:
                 f"query parameter severity must be one of {', '.join(Severity)}, got {v!r}"
             )
         severities.append(Severity(v))
+    rule_ids: list[int] = []
+    names = _values(query, getall, "alertname")
+    for v in _values(query, getall, "rule_id"):
+        if v.isascii() and v.isdigit():
+            # An id beyond the column's range matches nothing, as -1 does.
+            rule_ids.append(int(v) if len(v) <= 10 and int(v) < 2**31 else -1)
+        else:
+            names.append(v)
     since = _time_param("since", query.get("since"))
     until = _time_param("until", query.get("until"))
     if since is not None and until is not None and until < since:
@@ -309,7 +374,8 @@ def parse_filter(query: Any) -> AlertFilter:
     return AlertFilter(
         tuple(statuses),
         tuple(severities),
-        tuple(_values(query, getall, "rule_id")),
+        tuple(rule_ids),
+        tuple(names),
         tuple(_values(query, getall, "component_id")),
         since,
         until,
@@ -321,56 +387,139 @@ def ts(t: dt.datetime | None) -> str | None:
     return t.isoformat().replace("+00:00", "Z") if t is not None else None
 
 
-def to_json(row: AlertHistory, acknowledged_by: str | None) -> dict[str, Any]:
-    details = row.details_json or {}
+#: The display form's fields, in order (docs/mgmt.md, "API").
+DISPLAY_FIELDS = (
+    "id",
+    "severity",
+    "status",
+    "message",
+    "component_id",
+    "fired_at",
+    "age_seconds",
+    "acknowledged_at",
+    "resolved_at",
+    "metric_value",
+    "threshold_value",
+)
+
+
+def _value(v: Any) -> Any:
+    return v.value if isinstance(v, enum.Enum) else v
+
+
+def display(row: AlertHistory, now: dt.datetime | None = None) -> dict[str, Any]:
+    """An alert's display form: exactly :data:`DISPLAY_FIELDS`, what the API answers.
+
+    Missing values read as: ``severity`` ``"info"``, ``status`` ``"active"``,
+    ``message`` and ``component_id`` ``""``, ``age_seconds`` 0 (without ``fired_at``;
+    else whole seconds from ``fired_at`` to ``now``, never negative). Times are RFC 3339
+    in UTC, or None.
+    """
+    fired = aware(row.fired_at)
+    if fired is None:
+        age = 0
+    else:
+        age = max(0, int(((now or utcnow()) - fired).total_seconds()))
     return {
         "id": row.id,
-        "rule_id": row.rule_id,
-        "component_id": row.component_id,
-        "status": row.status.value,
-        "severity": row.severity.value,
-        "message": row.message,
+        "severity": _value(row.severity) or Severity.INFO.value,
+        "status": _value(row.status) or AlertStatus.ACTIVE.value,
+        "message": row.message or "",
+        "component_id": row.component_id or "",
+        "fired_at": ts(fired),
+        "age_seconds": age,
+        "acknowledged_at": ts(row.acknowledged_at),
+        "resolved_at": ts(row.resolved_at),
         "metric_value": row.metric_value,
         "threshold_value": row.threshold_value,
-        "fired_at": ts(row.fired_at),
-        "acknowledged_at": ts(row.acknowledged_at),
-        "acknowledged_by_user_id": row.acknowledged_by_user_id,
-        "acknowledged_by": acknowledged_by,
-        "resolved_at": ts(row.resolved_at),
-        "fingerprint": row.fingerprint,
-        "labels": details.get("labels", {}),
-        "annotations": details.get("annotations", {}),
-        "silence": details.get("silence"),
-        "details_json": details,
     }
 
 
-_WITH_USER = select(AlertHistory, User.name).outerjoin(
+@dataclass(frozen=True)
+class Listed:
+    """An alert as the pages show it: its display form (``alert``), and beside it what
+    the row and its rule add for the page."""
+
+    alert: dict[str, Any]
+    alert_name: str
+    rule_id: int
+    acknowledged_by: str | None
+    silence: dict[str, Any] | None
+
+    @classmethod
+    def of(
+        cls,
+        row: AlertHistory,
+        acknowledged_by: str | None,
+        now: dt.datetime,
+    ) -> Listed:
+        details = row.details_json or {}
+        return cls(
+            alert=display(row, now),
+            alert_name=row.alert_name,
+            rule_id=row.rule_id,
+            acknowledged_by=acknowledged_by,
+            silence=details.get("silence"),
+        )
+
+
+_LISTED = select(AlertHistory, User.name).outerjoin(
     User, User.id == AlertHistory.acknowledged_by_user_id
 )
 
 
 async def list_alerts(
     session: AsyncSession, f: AlertFilter, limit: int, offset: int
-) -> tuple[list[dict[str, Any]], int]:
+) -> tuple[list[Listed], int]:
+    """A page of the alerts that match ``f``, newest first, and how many match."""
     total = (
         await session.execute(select(func.count()).select_from(AlertHistory).where(*f.conditions()))
     ).scalar_one()
     rows = await session.execute(
-        _WITH_USER.where(*f.conditions())
+        _LISTED.where(*f.conditions())
         .order_by(AlertHistory.fired_at.desc(), AlertHistory.id.desc())
         .limit(limit)
         .offset(offset)
     )
-    return [to_json(a, name) for a, name in rows], int(total)
+    now = utcnow()
+    return [Listed.of(a, user, now) for a, user in rows], int(total)
 
 
 async def get_alert(session: AsyncSession, alert_id: int) -> dict[str, Any]:
-    row = (await session.execute(_WITH_USER.where(AlertHistory.id == alert_id))).first()
-    if row is None:
+    """One alert's display form; NotFound without it."""
+    return display(await alert_row(session, alert_id))
+
+
+async def get_details(session: AsyncSession, alert_id: int) -> dict[str, Any]:
+    """What MGMT knows of one alert beyond its display form (``GET
+    /api/alerts/{id}/details``): its name, its rule, who acknowledged it, its labels and
+    annotations, its silence, its fingerprint."""
+    found = (await session.execute(_LISTED.where(AlertHistory.id == alert_id))).first()
+    if found is None:
         raise NotFound(f"no alert with id {alert_id}")
-    alert, name = row
-    return to_json(alert, name)
+    row, user = found
+    rule = await session.get(AlertRule, row.rule_id)
+    details = row.details_json or {}
+    return {
+        "alert": display(row),
+        "alert_name": row.alert_name,
+        "rule": None
+        if rule is None
+        else {
+            "id": rule.id,
+            "name": rule.name,
+            "group": rule.group_name,
+            "runbook_url": rule.runbook_url,
+            "last_synced": ts(rule.last_synced),
+        },
+        "acknowledged_by_user_id": row.acknowledged_by_user_id,
+        "acknowledged_by": user,
+        "fingerprint": row.fingerprint,
+        "labels": details.get("labels", {}),
+        "annotations": details.get("annotations", {}),
+        "silence": details.get("silence"),
+        "received": {k: v for k, v in details.items() if k != "silence"},
+    }
 
 
 async def counts(session: AsyncSession) -> dict[str, Any]:
@@ -405,12 +554,13 @@ async def counts(session: AsyncSession) -> dict[str, Any]:
 
 
 async def top_rules(session: AsyncSession, since: dt.datetime, n: int = 10) -> list[Any]:
-    """The rules that fired most since ``since``: (rule_id, count, last fired_at)."""
+    """The alerts that fired most since ``since``, by name: (alert name, count, last
+    fired_at)."""
     rows = await session.execute(
-        select(AlertHistory.rule_id, func.count(), func.max(AlertHistory.fired_at))
+        select(AlertHistory.alert_name, func.count(), func.max(AlertHistory.fired_at))
         .where(AlertHistory.fired_at >= since)
-        .group_by(AlertHistory.rule_id)
-        .order_by(func.count().desc(), AlertHistory.rule_id)
+        .group_by(AlertHistory.alert_name)
+        .order_by(func.count().desc(), AlertHistory.alert_name)
         .limit(n)
     )
     return [(rule, count, aware(last)) for rule, count, last in rows]

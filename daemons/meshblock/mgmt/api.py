@@ -92,7 +92,7 @@ async def webhook(request: web.Request) -> web.Response:
         m.webhook_alerts.labels("resolved" if a.resolved else "firing", action).inc()
         log.info(
             "alert %s %s (%s, %s) %s",
-            a.rule_id,
+            a.alert_name,
             "resolved" if a.resolved else "firing",
             a.component_id or "-",
             a.fingerprint,
@@ -119,14 +119,26 @@ async def list_alerts(request: web.Request) -> web.Response:
     offset = query_int(request, "offset", 0, 0, MAX_ID)
     async with ctx(request).sessions() as s:
         items, total = await alerts.list_alerts(s, f, limit, offset)
-    return web.json_response({"alerts": items, "total": total, "limit": limit, "offset": offset})
+    return web.json_response(
+        {"alerts": [i.alert for i in items], "total": total, "limit": limit, "offset": offset}
+    )
 
 
 @routes.get(r"/api/alerts/{id:\d+}")
 async def get_alert(request: web.Request) -> web.Response:
+    """One alert's display form (meshblock.mgmt.alerts.display)."""
     await require(request)
     async with ctx(request).sessions() as s:
         return web.json_response(await alerts.get_alert(s, path_id(request)))
+
+
+@routes.get(r"/api/alerts/{id:\d+}/details")
+async def get_alert_details(request: web.Request) -> web.Response:
+    """What the display form leaves out: the alert's name, rule, labels, annotations,
+    silence, fingerprint and who acknowledged it."""
+    await require(request)
+    async with ctx(request).sessions() as s:
+        return web.json_response(await alerts.get_details(s, path_id(request)))
 
 
 async def do_acknowledge(request: web.Request, alert_id: int, ident: Identity) -> None:

@@ -3,7 +3,9 @@
 - ``alert_history``: one row per alert occurrence that Alertmanager notified us of
   (the fields of docs/design.md, "Object model", plus ``fingerprint``: see
   :class:`AlertHistory`);
-- ``alert_rules``: the alerting rules Prometheus has loaded, synced from its rules API;
+- ``alert_rules``: the alerting rules Prometheus has loaded, synced from its rules API,
+  and the rules of alerts that arrived before their rule was synced (each alert refers
+  to its rule's row: ``alert_history.rule_id``);
 - ``users``, ``api_tokens``, ``sessions``: who may read and act.
 
 Timestamps are stored in UTC. SQLite hands them back naive: read them through
@@ -120,7 +122,11 @@ class AlertHistory(Base):
     __tablename__ = "alert_history"
 
     id: Mapped[intpk]
-    rule_id: Mapped[str] = mapped_column(String(255), index=True)
+    #: The alert's rule (``alert_rules.id``): the synced rule of that name, or a row
+    #: made when the alert arrived before any rule of its name was synced.
+    rule_id: Mapped[int] = mapped_column(ForeignKey("alert_rules.id"), index=True)
+    #: The ``alertname`` label, kept as received (rules may be renamed or removed).
+    alert_name: Mapped[str] = mapped_column(String(255), index=True)
     component_id: Mapped[str | None] = mapped_column(String(255), index=True)
     status: Mapped[AlertStatus] = mapped_column(_enum(AlertStatus, "alert_status"), index=True)
     severity: Mapped[Severity] = mapped_column(_enum(Severity, "alert_severity"), index=True)
@@ -143,7 +149,13 @@ class AlertHistory(Base):
 
 
 class AlertRule(Base):
-    """An alerting rule as Prometheus has loaded it (``GET /api/v1/rules``)."""
+    """An alerting rule as Prometheus has loaded it (``GET /api/v1/rules``).
+
+    ``last_synced`` is None for a rule that Prometheus did not list at the last sync
+    but that alerts refer to: a rule made when an alert of that name arrived before
+    any rule of that name was synced (``group_name`` ``""``), or one removed from
+    Prometheus since. The next sync that lists it fills it in.
+    """
 
     __tablename__ = "alert_rules"
 
@@ -155,6 +167,6 @@ class AlertRule(Base):
     severity: Mapped[str | None] = mapped_column(String(32))
     summary: Mapped[str | None] = mapped_column(Text)
     runbook_url: Mapped[str | None] = mapped_column(String(1024))
-    last_synced: Mapped[timestamp]
+    last_synced: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
 
     __table_args__ = (UniqueConstraint("group_name", "name"),)

@@ -273,7 +273,10 @@ async def alerts_page(request: web.Request) -> web.Response:
         history, history_total = await alerts.list_alerts(s, f, PAGE_SIZE, offset)
         counts = public_counts(await alerts.counts(s))
         top = await alerts.top_rules(s, utcnow() - RECENT_WINDOW)
-        rule_count = (await s.execute(select(func.count()).select_from(AlertRule))).scalar_one()
+        synced = AlertRule.last_synced.is_not(None)  # not the rules made from alerts
+        rule_count = (
+            await s.execute(select(func.count()).select_from(AlertRule).where(synced))
+        ).scalar_one()
     query = {k: v for k, v in request.query.items() if k != "offset"}
     return render(
         request,

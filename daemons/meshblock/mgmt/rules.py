@@ -1,9 +1,12 @@
 """``alert_rules``: a copy of the alerting rules Prometheus has loaded.
 
-:func:`sync` replaces the table's content with what Prometheus's rules API answers
-(rows keyed by group and name are updated in place, rules that disappeared are
-deleted); :func:`run_periodic` does it every ``prometheus.rules_sync_interval_s``,
-and ``POST /api/rules/sync`` on demand.
+:func:`sync` makes the table what Prometheus's rules API answers: rows keyed by group
+and name are updated in place; a rule made when an alert of its name arrived before
+it was synced (group ``""``, meshblock.mgmt.alerts.rule_for) becomes the first synced
+rule of that name, so its alerts refer to it; rules that disappeared are deleted,
+unless alerts refer to them: those stay, with ``last_synced`` None. :func:`run_periodic`
+does it every ``prometheus.rules_sync_interval_s``, and ``POST /api/rules/sync`` on
+demand.
 """
 
 from __future__ import annotations
@@ -12,15 +15,15 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import delete, select
+from sqlalchemy import CursorResult, delete, select, update
 
 from meshblock.mgmt import prometheus
 from meshblock.mgmt.alerts import ts
 from meshblock.mgmt.context import MgmtContext
 from meshblock.mgmt.errors import Upstream
-from meshblock.mgmt.models import AlertRule, utcnow
+from meshblock.mgmt.models import AlertHistory, AlertRule, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +58,7 @@ async def sync(c: MgmtContext) -> SyncResult:
             (r.group_name, r.name): r for r in (await s.execute(select(AlertRule))).scalars()
         }
         seen = set()
+        first: dict[str, AlertRule] = {}  # the first synced row of each name
         for info in fetched:
             key = (info.group, info.name)
             if key in seen:  # one rule name may repeat in a group; keep the first
@@ -62,8 +66,15 @@ async def sync(c: MgmtContext) -> SyncResult:
             seen.add(key)
             row = existing.get(key)
             if row is None:
-                row = AlertRule(group_name=info.group, name=info.name)
-                s.add(row)
+                row = existing.get(("", info.name))  # made from an alert: take it over
+                if row is not None and ("", info.name) not in seen:
+                    del existing[("", info.name)]
+                    row.group_name = info.group
+                    existing[key] = row
+                    await s.flush()
+                else:
+                    row = AlertRule(group_name=info.group, name=info.name)
+                    s.add(row)
                 added += 1
             else:
                 updated += 1
@@ -73,13 +84,43 @@ async def sync(c: MgmtContext) -> SyncResult:
             row.summary = info.summary
             row.runbook_url = info.runbook_url
             row.last_synced = now
+            first.setdefault(info.name, row)
+        # A row made from an alert that came while this sync read Prometheus, beside
+        # the synced rule of its name: its alerts move to the synced rule, and it goes.
+        await s.flush()
+        for (group, name), row in existing.items():
+            if group == "" and (group, name) not in seen and name in first:
+                await s.execute(
+                    update(AlertHistory)
+                    .where(AlertHistory.rule_id == row.id)
+                    .values(rule_id=first[name].id)
+                    .execution_options(synchronize_session=False)
+                )
         gone = [r.id for k, r in existing.items() if k not in seen]
+        removed = 0
         if gone:
-            await s.execute(delete(AlertRule).where(AlertRule.id.in_(gone)))
+            referred = (
+                select(AlertHistory.id)
+                .where(AlertHistory.rule_id == AlertRule.id)
+                .correlate(AlertRule)
+                .exists()
+            )
+            deleted = await s.execute(
+                delete(AlertRule)
+                .where(AlertRule.id.in_(gone), ~referred)
+                .execution_options(synchronize_session=False)
+            )
+            removed = cast("CursorResult[Any]", deleted).rowcount
+            await s.execute(
+                update(AlertRule)
+                .where(AlertRule.id.in_(gone))
+                .values(last_synced=None)
+                .execution_options(synchronize_session=False)
+            )
     c.metrics.rule_syncs.labels("ok").inc()
     c.metrics.rules.set(len(seen))
     c.metrics.rule_sync_last_success.set(time.time())
-    result = SyncResult(len(seen), added, updated, len(gone))
+    result = SyncResult(len(seen), added, updated, removed)
     log.info(
         "alert rules synced from Prometheus: %d rules (%d added, %d removed)",
         result.total,
