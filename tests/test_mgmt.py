@@ -686,7 +686,9 @@ def test_dashboard_with_mdm_and_prometheus_down(mgmt: MgmtDaemon) -> None:
 
 def test_alerts_page_lists_open_and_recent_alerts(mgmt: MgmtDaemon, api: Api) -> None:
     a = alert("MeshblockPageCheck", sds="sds-page", summary="<b>escaped</b>")
-    b = alert("MeshblockPageCheckOther", sds="sds-page-js")
+    a["annotations"]["runbook_url"] = "https://docs.example/runbook.md#meshblockpagecheck"
+    b = alert("MeshblockPageCheckNoLink", sds="sds-page-js")
+    b["annotations"]["runbook_url"] = "javascript:alert(1)"
     ok(mgmt.webhook(notification(a, b)))
     (row,) = by_component(api, "sds-page")
     (row_b,) = by_component(api, "sds-page-js")
@@ -700,7 +702,12 @@ def test_alerts_page_lists_open_and_recent_alerts(mgmt: MgmtDaemon, api: Api) ->
         assert f'id="recent-alert-{row_b["id"]}"' not in page.body
     assert "&lt;b&gt;escaped&lt;/b&gt;" in page.body and "<b>escaped</b>" not in page.body
     assert 'id="history-summary"' in page.body
+    # Each alert links to its rule's runbook section; only http(s) links are links.
+    link = re.search(rf'id="runbook-{row["id"]}" href="([^"]*)"', page.body)
+    assert link is not None and link.group(1) == a["annotations"]["runbook_url"]
+    assert f'id="recent-runbook-{row["id"]}"' in page.body
     assert '<td class="alert-rule">MeshblockPageCheck</td>' in page.body
+    assert f'id="runbook-{row_b["id"]}"' not in page.body and "javascript:" not in page.body
     assert web.get("/alerts?status=bogus").status == 400
 
 

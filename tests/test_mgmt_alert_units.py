@@ -104,6 +104,13 @@ def test_age_is_whole_seconds_never_negative_and_naive_times_are_utc() -> None:
     assert alerts.display(row, now=T0)["fired_at"] == "2026-01-01T00:00:00Z"
 
 
+def test_only_http_links_are_runbook_links() -> None:
+    assert alerts.safe_link("https://x.example/runbook.md#a") == "https://x.example/runbook.md#a"
+    assert alerts.safe_link("HTTP://x.example/r") == "HTTP://x.example/r"
+    for bad in (None, "", "javascript:alert(1)", "data:text/html,x", "/docs/runbook.md"):
+        assert alerts.safe_link(bad) is None
+
+
 # -- filters ---------------------------------------------------------------------------
 
 

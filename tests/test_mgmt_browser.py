@@ -182,6 +182,8 @@ def test_login_acknowledge_and_screenshots(mgmt: MgmtDaemon, browser: BrowserCon
         pool="sp1",
         protection_domain="pd1",
     )
+    runbook = "https://github.com/meshblock/meshblock/blob/main/docs/runbook.md#meshblocksdsdown"
+    down["annotations"]["runbook_url"] = runbook
     ok(mgmt.webhook(notification(down, full)))
     (target,) = ok(api.get("/api/alerts?component_id=sds2"))["alerts"]
     (other,) = ok(api.get("/api/alerts?component_id=sp1"))["alerts"]
@@ -209,6 +211,10 @@ def test_login_acknowledge_and_screenshots(mgmt: MgmtDaemon, browser: BrowserCon
         expect(row).to_have_attribute("data-status", "active")
         expect(row.locator(".alert-rule")).to_have_text("MeshblockSdsDown")
         expect(row.locator(".alert-component")).to_have_text("sds2")
+        expect(row.locator(f".alert-runbook a#runbook-{target['id']}")).to_have_attribute(
+            "href", runbook
+        )
+        expect(page.locator(f"tr#alert-{other['id']} .alert-runbook a")).to_have_count(0)
         expect(page.locator(f"tr.alert-row#alert-{other['id']}")).to_have_attribute(
             "data-status", "active"
         )

@@ -435,6 +435,14 @@ def display(row: AlertHistory, now: dt.datetime | None = None) -> dict[str, Any]
     }
 
 
+def safe_link(url: str | None) -> str | None:
+    """``url`` if it is an http(s) URL a page may link to, else None."""
+    if not url:
+        return None
+    scheme = url.split(":", 1)[0].lower() if ":" in url else ""
+    return url if scheme in ("http", "https") else None
+
+
 @dataclass(frozen=True)
 class Listed:
     """An alert as the pages show it: its display form (``alert``), and beside it what
@@ -445,26 +453,32 @@ class Listed:
     rule_id: int
     acknowledged_by: str | None
     silence: dict[str, Any] | None
+    runbook_url: str | None
 
     @classmethod
     def of(
         cls,
         row: AlertHistory,
         acknowledged_by: str | None,
+        rule_runbook_url: str | None,
         now: dt.datetime,
     ) -> Listed:
         details = row.details_json or {}
+        annotations = details.get("annotations") or {}
         return cls(
             alert=display(row, now),
             alert_name=row.alert_name,
             rule_id=row.rule_id,
             acknowledged_by=acknowledged_by,
             silence=details.get("silence"),
+            runbook_url=safe_link(rule_runbook_url) or safe_link(annotations.get("runbook_url")),
         )
 
 
-_LISTED = select(AlertHistory, User.name).outerjoin(
-    User, User.id == AlertHistory.acknowledged_by_user_id
+_LISTED = (
+    select(AlertHistory, User.name, AlertRule.runbook_url)
+    .outerjoin(User, User.id == AlertHistory.acknowledged_by_user_id)
+    .outerjoin(AlertRule, AlertRule.id == AlertHistory.rule_id)
 )
 
 
@@ -482,7 +496,7 @@ async def list_alerts(
         .offset(offset)
     )
     now = utcnow()
-    return [Listed.of(a, user, now) for a, user in rows], int(total)
+    return [Listed.of(a, user, url, now) for a, user, url in rows], int(total)
 
 
 async def get_alert(session: AsyncSession, alert_id: int) -> dict[str, Any]:
@@ -497,7 +511,7 @@ async def get_details(session: AsyncSession, alert_id: int) -> dict[str, Any]:
     found = (await session.execute(_LISTED.where(AlertHistory.id == alert_id))).first()
     if found is None:
         raise NotFound(f"no alert with id {alert_id}")
-    row, user = found
+    row, user, _ = found
     rule = await session.get(AlertRule, row.rule_id)
     details = row.details_json or {}
     return {
