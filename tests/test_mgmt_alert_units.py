@@ -19,6 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from meshblock.mgmt import alerts, prometheus, rules
 from meshblock.mgmt.context import MgmtContext
 from meshblock.mgmt.db import create_engine, migrate, session_factory
+from meshblock.mgmt.errors import Upstream
 from meshblock.mgmt.metrics import MgmtMetrics
 from meshblock.mgmt.models import AlertHistory, AlertRule, AlertStatus, Severity
 
@@ -324,3 +325,30 @@ def test_an_alert_of_a_synced_rule_refers_to_it_and_filters_find_it(
         assert sorted(await matching()) == ["MeshblockOther", "MeshblockSdsDown"]
 
     run(tmp_path / "mgmt.db", go)
+
+
+def test_a_failed_rule_sync_is_tried_again_soon_not_an_interval_later(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Prometheus not ready when MGMT starts: the next sync comes in 2 s, doubling after
+    each failure up to the interval, and back to the interval once one succeeds."""
+    outcomes = [False, False, False, True, True, False]
+    slept: list[float] = []
+
+    async def fake_sync(c: Any) -> None:
+        if not outcomes:
+            raise asyncio.CancelledError
+        if not outcomes.pop(0):
+            raise Upstream("Prometheus is not ready")
+
+    async def fake_sleep(seconds: float) -> None:
+        slept.append(seconds)
+
+    monkeypatch.setattr(rules, "sync", fake_sync)
+    monkeypatch.setattr(rules.asyncio, "sleep", fake_sleep)
+    c = SimpleNamespace(
+        config=SimpleNamespace(prometheus=SimpleNamespace(rules_sync_interval_s=5.0))
+    )
+    with pytest.raises(asyncio.CancelledError):
+        asyncio.run(rules.run_periodic(cast(MgmtContext, c)))
+    assert slept == [2.0, 4.0, 5.0, 5.0, 5.0, 2.0]

@@ -130,16 +130,30 @@ async def sync(c: MgmtContext) -> SyncResult:
     return result
 
 
+# After a failed sync (Prometheus not up yet when MGMT starts, or restarting) the next
+# try comes sooner than the interval: 2 s, doubled after each failure, at most the
+# interval.
+RETRY_FIRST_S = 2.0
+
+
 async def run_periodic(c: MgmtContext) -> None:
     interval = c.config.prometheus.rules_sync_interval_s
+    retry = RETRY_FIRST_S
     while True:
         try:
             await sync(c)
         except Upstream as exc:
-            log.warning("alert rule sync failed: %s", exc.message)
+            log.warning(
+                "alert rule sync failed (next try in %g s): %s", min(retry, interval), exc.message
+            )
         except Exception:
-            log.exception("alert rule sync failed")
-        await asyncio.sleep(interval)
+            log.exception("alert rule sync failed (next try in %g s)", min(retry, interval))
+        else:
+            retry = RETRY_FIRST_S
+            await asyncio.sleep(interval)
+            continue
+        await asyncio.sleep(min(retry, interval))
+        retry *= 2
 
 
 def to_json(r: AlertRule) -> dict[str, Any]:
