@@ -572,6 +572,37 @@ COMPONENTS: dict[str, dict[str, Any]] = {
             "unchanged": {"type": "boolean"},
         },
     },
+    # An unmap's answer with confirm_timeout: which SDSs of the pool hold the mappings
+    # epoch that revoked it (mdm/mappings.py, Confirmations; see docs/security.md too).
+    "MappingRevocation": _resp(
+        {
+            "mapping_id": _INT,
+            "volume_id": _INT,
+            "sdc_id": _INT,
+            "pool_id": _INT,
+            "mappings_epoch": _INT,
+            # the SDSs check client IO by the mappings (the MDM's API has TLS)
+            "enforced": {"type": "boolean"},
+            # every SDS of the pool holds mappings_epoch (or a later one)
+            "confirmed": {"type": "boolean"},
+            # the names of those that do not: they may still serve the SDC
+            "unconfirmed": {"type": "array", "items": _STR},
+            "sds": {
+                "type": "array",
+                "items": _resp(
+                    {
+                        "id": _INT,
+                        "name": _STR,
+                        "state": _STR,
+                        "confirmed": {"type": "boolean"},
+                        "epoch": _NINT,
+                        "last_heard_s": {"type": ["number", "null"]},
+                        "asking": {"type": "boolean"},
+                    }
+                ),
+            },
+        }
+    ),
     "Heartbeat": _resp(
         {"state": _STATE, "epoch": _INT, "term": _INT, "heartbeat_interval_s": _NUM}
     ),
@@ -794,6 +825,18 @@ for _key, _item, _name in (
     ("pools", "Scrub", "ScrubList"),
 ):
     COMPONENTS[_name] = list_of(_key, _item)
+# a PATCH's answer: with confirm_timeout, "revocation" (null unless it made the
+# mapping read-only)
+COMPONENTS["MappingUpdated"] = {
+    "type": "object",
+    "properties": {
+        **COMPONENTS["Mapping"]["properties"],
+        "revocation": {
+            "oneOf": [{"$ref": "#/components/schemas/MappingRevocation"}, {"type": "null"}]
+        },
+    },
+    "required": COMPONENTS["Mapping"]["required"],
+}
 COMPONENTS["JoinTokenCreated"] = {
     "type": "object",
     "properties": {**COMPONENTS["JoinToken"]["properties"], "token": _STR},

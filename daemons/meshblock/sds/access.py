@@ -23,7 +23,10 @@ to it costs the MDM little.
 
 An unmap takes effect when the long-poll brings the new document: at once (the MDM
 answers the waiting long-poll on the commit), or, with the MDM unreachable, once the
-SDS reaches it again; until then the SDS serves by the document it has.
+SDS reaches it again; until then the SDS serves by the document it has. Each request
+for the document names the epoch held (``since=E``), sent again as soon as a new one is
+taken: by it the MDM tells an unmap which SDSs hold it (mdm/mappings.py,
+Confirmations; docs/security.md, "Revoking a mapping").
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
@@ -10,6 +11,7 @@ from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import selectinload
 
+from meshblock import pki
 from meshblock.auth import Role
 from meshblock.mdm import mappings, schemas
 from meshblock.mdm.api.common import (
@@ -25,6 +27,7 @@ from meshblock.mdm.api.common import (
     size_field,
     ts,
 )
+from meshblock.mdm.authz import CALLER
 from meshblock.mdm.capacity import CHUNK_BYTES, COPIES, pool_capacity, volume_allocated
 from meshblock.mdm.context import ctx
 from meshblock.mdm.errors import Conflict, InsufficientCapacity, Invalid, NotFound
@@ -38,7 +41,7 @@ from meshblock.mdm.models import (
     VolumeType,
     VolumeUsage,
 )
-from meshblock.mdm.routing import ApiRoutes, QueryParam, path_id, query_int
+from meshblock.mdm.routing import ApiRoutes, QueryParam, path_id, query_float, query_int
 from meshblock.mdm.schemas import MAX_VOLUME_BYTES
 from meshblock.sizes import format_size
 
@@ -358,22 +361,55 @@ async def get_mapping(request: web.Request) -> web.Response:
         return json(mapping_doc(await get_or_404(s, Mapping, path_id(request), "mapping")))
 
 
+CONFIRM_TIMEOUT = QueryParam(
+    "confirm_timeout",
+    "seconds to wait for every SDS of the volume's pool to hold the new mappings "
+    "(0 to 30), and name those that have not (they may still serve the SDC as before): "
+    "a DELETE answers 200 and a MappingRevocation (without it, 204), a PATCH that makes "
+    "the mapping read-only the Mapping with it in revocation",
+    type="number",
+    minimum=0,
+    maximum=int(mappings.MAX_CONFIRM_S),
+)
+
+
+def confirm_timeout(request: web.Request) -> float | None:
+    """The ``confirm_timeout`` query parameter (None: not given)."""
+    if "confirm_timeout" not in request.query:
+        return None
+    return query_float(request, "confirm_timeout", 0.0, 0.0, mappings.MAX_CONFIRM_S)
+
+
 @routes.route(
     "PATCH",
     r"/api/v1/mappings/{id:\d+}",
     role=Role.ADMIN,
     tag=TAG,
-    summary="Change a mapping's access mode or QoS limits (null clears a limit)",
+    summary="Change a mapping's access mode or QoS limits (null clears a limit); with "
+    "confirm_timeout, a change to read-only waits for the SDSs to take it",
     body=schemas.MAPPING_UPDATE,
-    response="Mapping",
-    errors=(404,),
+    response="MappingUpdated",
+    query=(CONFIRM_TIMEOUT,),
+    errors=(400, 404),
 )
 async def update_mapping(request: web.Request, body: dict[str, Any]) -> web.Response:
+    wait = confirm_timeout(request)
     async with change(request) as s:
         m = await get_or_404(s, Mapping, path_id(request), "mapping")
+        was_writable = m.access_mode == AccessMode.READ_WRITE
         _limits(body, m)
         await mappings.touch(s, m.volume_id)
-    return json(mapping_doc(m))
+        # writes revoked: what the SDSs must take before the SDC's writes are refused
+        revoked = was_writable and m.access_mode == AccessMode.READ_ONLY
+        pool_id, epoch = await _mappings_epoch_of(s, m.volume_id)
+        sdss = await mappings.pool_sdss(s, pool_id) if wait is not None and revoked else []
+    doc = mapping_doc(m)
+    if wait is None:
+        return json(doc)
+    doc["revocation"] = None
+    if revoked:
+        doc["revocation"] = await _revocation(request, m, sdss, pool_id, epoch, wait)
+    return json(doc)
 
 
 @routes.route(
@@ -382,15 +418,72 @@ async def update_mapping(request: web.Request, body: dict[str, Any]) -> web.Resp
     role=Role.ADMIN,
     tag=TAG,
     status=204,
-    summary="Unmap a volume from an SDC",
-    errors=(404,),
+    summary="Unmap a volume from an SDC; with confirm_timeout, wait for the SDSs to "
+    "take it and say which have not",
+    response="MappingRevocation",
+    query=(CONFIRM_TIMEOUT,),
+    also=(200,),
+    errors=(400, 404),
 )
 async def delete_mapping(request: web.Request) -> web.Response:
+    wait = confirm_timeout(request)
     async with change(request) as s:
         m = await get_or_404(s, Mapping, path_id(request), "mapping")
         await s.delete(m)
         await mappings.touch(s, m.volume_id)
-    return web.Response(status=204)
+        pool_id, epoch = await _mappings_epoch_of(s, m.volume_id)
+        sdss = await mappings.pool_sdss(s, pool_id) if wait is not None else []
+    if wait is None:
+        return web.Response(status=204)
+    return json(await _revocation(request, m, sdss, pool_id, epoch, wait))
+
+
+async def _revocation(
+    request: web.Request,
+    m: Mapping,
+    sdss: list[tuple[int, str]],
+    pool_id: int,
+    epoch: int,
+    wait_s: float,
+) -> dict[str, Any]:
+    """Wait up to ``wait_s`` for the SDSs of the pool to hold the mappings ``epoch``
+    that revoked (some of) ``m``; the MappingRevocation, logged when not confirmed."""
+    c = ctx(request)
+    report = await mappings.revocation(
+        c.mapping_docs,
+        sdss,
+        pool_id,
+        epoch,
+        wait_s,
+        c.config.tls.enabled,
+        lambda sds_id: c.liveness.state("sds", sds_id),
+        lambda: c.notifier.closing,
+    )
+    report |= {"mapping_id": m.id, "volume_id": m.volume_id, "sdc_id": m.sdc_id}
+    if report["unconfirmed"]:
+        log.warning(
+            "mapping %d (volume %d to SDC %d) %s; not confirmed within %g s by %s: "
+            "they may still serve that SDC as before until they reach the MDM",
+            m.id,
+            m.volume_id,
+            m.sdc_id,
+            "made read-only" if request.method == "PATCH" else "deleted",
+            wait_s,
+            ", ".join(f"sds:{n}" for n in report["unconfirmed"]),
+        )
+    return report
+
+
+async def _mappings_epoch_of(s: AsyncSession, volume_id: int) -> tuple[int, int]:
+    """``(pool id, mappings epoch)`` of the volume's pool, as this transaction has it."""
+    row = (
+        await s.execute(
+            select(StoragePool.id, StoragePool.mappings_epoch)
+            .join(Volume, Volume.pool_id == StoragePool.id)
+            .where(Volume.id == volume_id)
+        )
+    ).one()
+    return int(row[0]), int(row[1])
 
 
 @routes.route(
@@ -427,6 +520,25 @@ async def pool_mappings(request: web.Request) -> web.Response:
             return known
         return (await get_or_404(s, StoragePool, pool_id, "storage pool")).mappings_epoch
 
+    # An SDS names the epoch it holds: what an unmap waits for (mappings.Confirmations)
+    caller = request.get(CALLER)
+    sds = caller.name if caller is not None and caller.kind == pki.Kind.SDS else None
+    if sds is not None:
+        docs.confirmations.begin(pool_id, sds, since)
+    try:
+        return await _pool_mappings(request, pool_id, since, mappings_epoch)
+    finally:
+        if sds is not None:
+            docs.confirmations.end(pool_id, sds)
+
+
+async def _pool_mappings(
+    request: web.Request,
+    pool_id: int,
+    since: int | None,
+    mappings_epoch: Callable[[AsyncSession], Awaitable[int]],
+) -> web.Response:
+    docs = ctx(request).mapping_docs
     await long_poll(request, mappings_epoch)
     async with reading(request) as s:
         pool = await get_or_404(s, StoragePool, pool_id, "storage pool")
