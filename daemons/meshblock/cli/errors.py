@@ -20,6 +20,9 @@ class ExitCode(enum.IntEnum):
     AUTH = 6
     INVALID = 7
     NOT_SAFE = 8  # `meshctl sds ok-to-stop`: stopping them would leave a PG without a copy
+    # `meshctl volume unmap` / `set-access --read-only`: done, but an SDS has not
+    # confirmed it (it may still serve the SDC as before)
+    UNCONFIRMED = 9
 
 
 EXIT_CODES_HELP = """\
@@ -32,7 +35,10 @@ exit codes:
   5  conflict (duplicate name, object in use, shrinking, insufficient capacity)
   6  authentication or authorisation refused (401/403): check the token
   7  invalid input (bad size, value out of range; HTTP 400/422)
-  8  not safe: `meshctl sds ok-to-stop` found a PG that would have no copy left"""
+  8  not safe: `meshctl sds ok-to-stop` found a PG that would have no copy left
+  9  unconfirmed: `meshctl volume unmap` (or `set-access --read-only`) changed the
+     mapping, but an SDS has not taken it yet and may still serve the SDC as before
+     (it is named)"""
 
 
 class CliError(Exception):

@@ -114,6 +114,17 @@ def positive_float(text: str) -> float:
     return value
 
 
+def confirm_seconds(text: str) -> float:
+    """How long to wait for confirmations: 0 to 30 seconds."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 <= value <= 30:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 30 seconds: {text}")
+    return value
+
+
 def port(text: str) -> int:
     value = positive_int(text)
     if value > 65535:

@@ -8,7 +8,7 @@ from meshblock.cli import values
 from meshblock.cli.client import JsonObject
 from meshblock.cli.commands import verify
 from meshblock.cli.context import Context
-from meshblock.cli.errors import NotFound, UsageError
+from meshblock.cli.errors import ExitCode, NotFound, UsageError
 from meshblock.cli.output import rate, render_fields, render_table, size, timestamp
 from meshblock.cli.parser import Subparsers, add_command, add_noun
 
@@ -159,12 +159,29 @@ def register(root: Subparsers) -> None:
         "unmap",
         unmap,
         help="unmap a volume from an SDC (or from all of them)",
-        examples=["meshctl volume unmap vol1 --sdc host1", "meshctl volume unmap vol1 --all"],
+        description="""Then waits up to --confirm-timeout seconds for every SDS of the
+            volume's pool to hold the new mappings, and names those that do not: an
+            SDS cut off from the MDM serves the SDC by the mappings it has until it
+            reaches the MDM again (docs/security.md, "Revoking a mapping"). Exit 0
+            when every SDS confirmed; 9 when the unmap was made but some SDS has not
+            (with --json: "confirmed": false and the names in "unconfirmed").""",
+        examples=[
+            "meshctl volume unmap vol1 --sdc host1",
+            "meshctl volume unmap vol1 --all",
+            "meshctl volume unmap vol1 --sdc host1 --json   # exit 0 confirmed, 9 not",
+        ],
     )
     p.add_argument("name", help="volume name (or id)")
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--sdc", help="SDC (name, id or GUID)")
     which.add_argument("--all", action="store_true", help="unmap from every SDC")
+    p.add_argument(
+        "--confirm-timeout",
+        type=values.confirm_seconds,
+        default=5.0,
+        metavar="S",
+        help="seconds to wait for the SDSs to confirm (0 to 30; default 5)",
+    )
 
     p = add_command(
         sub,
@@ -200,6 +217,9 @@ def register(root: Subparsers) -> None:
         "set-access",
         set_access,
         help="change the access mode of a volume's mapping",
+        description="""--read-only then waits, as unmap does, for every SDS of the
+            volume's pool to hold the change, and names those that do not (they may
+            still serve the SDC's writes until they reach the MDM): exit 9.""",
         examples=["meshctl volume set-access vol1 --sdc host1 --read-only"],
     )
     p.add_argument("name", help="volume name (or id)")
@@ -207,6 +227,13 @@ def register(root: Subparsers) -> None:
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument("--read-only", dest="access_mode", action="store_const", const="read_only")
     mode.add_argument("--read-write", dest="access_mode", action="store_const", const="read_write")
+    p.add_argument(
+        "--confirm-timeout",
+        type=values.confirm_seconds,
+        default=5.0,
+        metavar="S",
+        help="with --read-only: seconds to wait for the SDSs to confirm (0 to 30; default 5)",
+    )
 
     verify.register(sub)
 
@@ -382,22 +409,72 @@ def find_mapping(ctx: Context, vol: JsonObject, sdc: JsonObject) -> JsonObject:
     raise NotFound(f"volume {vol['name']!r} is not mapped to SDC {sdc['name']!r}")
 
 
-def unmap(ctx: Context, args: Namespace) -> None:
+def unmap(ctx: Context, args: Namespace) -> int:
     vol = ctx.names.volume(args.name)
     if args.all:
         mappings = ctx.client.get(MAPPINGS, {"volume_id": vol["id"]})["mappings"]
     else:
         mappings = [find_mapping(ctx, vol, ctx.names.sdc(args.sdc))]
-    for m in mappings:
-        ctx.client.delete(f"{MAPPINGS}/{m['id']}")
-    names = ", ".join(ctx.names.name_of("sdc", m.get("sdc_id")) for m in mappings)
-    ctx.done(
-        f"unmapped volume {vol['name']!r} from {names}" if mappings else
-        f"volume {vol['name']!r} was not mapped"
-    )  # fmt: skip
+    report: JsonObject | None = None
+    for i, m in enumerate(mappings):
+        # The volume's mappings are all of one pool, whose mappings epoch only grows:
+        # the SDSs holding the last unmap's epoch hold the others' too.
+        last = i == len(mappings) - 1
+        wait = args.confirm_timeout if last else 0
+        answer = ctx.client.request(
+            "DELETE",
+            f"{MAPPINGS}/{m['id']}",
+            query={"confirm_timeout": f"{wait:g}"},
+            timeout=wait + ctx.client.timeout,
+        )
+        if last and isinstance(answer, dict):
+            report = answer
+    sdcs = [ctx.names.name_of("sdc", m.get("sdc_id")) for m in mappings]
+    if not mappings:
+        ctx.done(f"volume {vol['name']!r} was not mapped", {"volume": vol["name"], "sdcs": []})
+        return ExitCode.OK
+    doc: JsonObject = {"volume": vol["name"], "sdcs": sdcs}
+    if report is None:  # an MDM of an older release: 204, nothing known
+        doc |= {"confirmed": None, "unconfirmed": None}
+    else:
+        doc |= {
+            k: report.get(k)
+            for k in ("pool_id", "mappings_epoch", "enforced", "confirmed", "unconfirmed", "sds")
+        }
+    ctx.emit(doc, lambda: render_unmap(doc, args.confirm_timeout))
+    return ExitCode.UNCONFIRMED if doc.get("unconfirmed") else ExitCode.OK
 
 
-def set_limits(ctx: Context, args: Namespace) -> None:
+def render_unmap(doc: JsonObject, timeout: float, read_only: bool = False) -> str:
+    """What the SDSs confirmed of an unmap (``read_only``: of a change to read-only)."""
+    sdcs = ", ".join(doc["sdcs"])
+    if read_only:
+        head, serve = f"made volume {doc['volume']!r} read-only for {sdcs}", "take its writes"
+    else:
+        head = f"unmapped volume {doc['volume']!r} from {sdcs}"
+        serve = f"serve {'them' if len(doc['sdcs']) > 1 else 'it'}"
+    if doc.get("confirmed") is None:
+        return f"{head} (the MDM does not say which SDSs took it: an older release)"
+    if not doc.get("enforced"):
+        return f"{head} (the SDSs do not check client IO by the mappings: no TLS identities)"
+    if doc.get("confirmed"):
+        return f"{head}; every SDS of its pool confirmed (mappings epoch {doc['mappings_epoch']})"
+    lines = [
+        f"{head}; NOT confirmed within {timeout:g} s by {len(doc['unconfirmed'])} SDS(s), "
+        f"which may still {serve} until they reach the MDM (mappings epoch "
+        f"{doc['mappings_epoch']}):"
+    ]
+    for s in doc.get("sds") or []:
+        if s.get("confirmed"):
+            continue
+        heard = s.get("last_heard_s")
+        when = "never heard from by this MDM" if heard is None else f"last heard {heard:g} s ago"
+        held = "no mappings" if s.get("epoch") is None else f"mappings epoch {s['epoch']}"
+        lines.append(f"  sds {s.get('name')} ({s.get('state')}): holds {held}, {when}")
+    return "\n".join(lines)
+
+
+def set_limits(ctx: Context, args: Namespace) -> int:
     body: JsonObject = {}
     if args.iops_limit is not NOT_GIVEN:
         body["iops_limit"] = args.iops_limit
@@ -405,21 +482,40 @@ def set_limits(ctx: Context, args: Namespace) -> None:
         body["bandwidth_limit"] = args.bandwidth_limit
     if not body:
         raise UsageError("give --iops-limit and/or --bandwidth-limit")
-    _patch_mapping(ctx, args, body)
+    return _patch_mapping(ctx, args, body)
 
 
-def set_access(ctx: Context, args: Namespace) -> None:
-    _patch_mapping(ctx, args, {"access_mode": args.access_mode})
+def set_access(ctx: Context, args: Namespace) -> int:
+    wait = args.confirm_timeout if args.access_mode == "read_only" else None
+    return _patch_mapping(ctx, args, {"access_mode": args.access_mode}, wait)
 
 
-def _patch_mapping(ctx: Context, args: Namespace, body: JsonObject) -> None:
+def _patch_mapping(
+    ctx: Context, args: Namespace, body: JsonObject, confirm_timeout: float | None = None
+) -> int:
     vol = ctx.names.volume(args.name)
     sdc = ctx.names.sdc(args.sdc)
     mapping = find_mapping(ctx, vol, sdc)
-    m = ctx.client.patch(f"{MAPPINGS}/{mapping['id']}", body)
-    ctx.done(
+    path = f"{MAPPINGS}/{mapping['id']}"
+    if confirm_timeout is None:
+        m = ctx.client.patch(path, body)
+    else:
+        m = ctx.client.request(
+            "PATCH",
+            path,
+            query={"confirm_timeout": f"{confirm_timeout:g}"},
+            body=body,
+            timeout=confirm_timeout + ctx.client.timeout,
+        )
+    text = (
         f"mapping of volume {vol['name']!r} to SDC {sdc['name']!r}: {m.get('access_mode')}, "
         f"iops limit {m.get('iops_limit') or '-'}, "
-        f"bandwidth limit {rate(m.get('bandwidth_limit_bps'))}",
-        m,
+        f"bandwidth limit {rate(m.get('bandwidth_limit_bps'))}"
     )
+    report = m.get("revocation")
+    if not isinstance(report, dict):  # nothing revoked (or an MDM of an older release)
+        ctx.done(text, m)
+        return ExitCode.OK
+    doc = {"volume": vol["name"], "sdcs": [sdc["name"]], **report}
+    ctx.emit(m, lambda: f"{text}\n{render_unmap(doc, confirm_timeout or 0, True)}")
+    return ExitCode.UNCONFIRMED if report.get("unconfirmed") else ExitCode.OK

@@ -1,0 +1,151 @@
+"""The MDM's record of which mappings epoch each SDS holds (mdm/mappings.py,
+Confirmations), what an unmap waits for, and meshctl's account of it
+(docs/security.md, "Revoking a mapping"); the process-level test is
+tests/test_unmap_confirm.py."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from meshblock.cli.commands.volumes import render_unmap
+from meshblock.mdm import mappings
+from meshblock.mdm.mappings import Confirmations, MappingDocs, revocation
+
+pytestmark = pytest.mark.unit
+
+SDSS = [(1, "sds1"), (2, "sds2")]
+
+
+def connected(_: int) -> str:
+    return "connected"
+
+
+def test_an_sds_confirms_the_epoch_its_request_names() -> None:
+    c = Confirmations()
+    assert c.state(1, "sds1", 5)["confirmed"] is False
+    assert c.state(1, "sds1", 5)["last_heard_s"] is None
+    c.begin(1, "sds1", None)  # no document yet
+    assert c.state(1, "sds1", 5) | {"last_heard_s": 0} == {
+        "confirmed": False,
+        "epoch": None,
+        "last_heard_s": 0,
+        "asking": True,
+    }
+    c.end(1, "sds1")
+    c.begin(1, "sds1", 5)
+    assert c.state(1, "sds1", 5)["confirmed"] is True
+    assert c.state(1, "sds1", 6)["confirmed"] is False
+    assert c.state(2, "sds1", 5)["confirmed"] is False  # another pool: not heard of
+    # a restarted SDS with an older document: as it names it now
+    c.begin(1, "sds1", 3)
+    assert c.state(1, "sds1", 5)["confirmed"] is False
+    assert c.state(1, "sds1", 5)["epoch"] == 3
+
+
+def test_the_wait_ends_when_the_sds_asking_names_the_new_epoch() -> None:
+    async def main() -> float:
+        docs = MappingDocs()
+        c = docs.confirmations
+        c.begin(1, "sds1", 4)  # long-polls, holding 4
+        c.begin(1, "sds2", 4)
+
+        async def sds_takes_it(name: str, after: float) -> None:
+            await asyncio.sleep(after)
+            c.end(1, name)  # the long-poll answered with epoch 5
+            c.begin(1, name, 5)  # and the next one names it
+
+        tasks = [
+            asyncio.create_task(sds_takes_it("sds1", 0.1)),
+            asyncio.create_task(sds_takes_it("sds2", 0.3)),
+        ]
+        t0 = time.monotonic()
+        report = await revocation(docs, SDSS, 1, 5, 10.0, True, connected)
+        took = time.monotonic() - t0
+        await asyncio.gather(*tasks)
+        assert report["confirmed"] is True, report
+        assert report["unconfirmed"] == []
+        assert [s["epoch"] for s in report["sds"]] == [5, 5]
+        return took
+
+    took = asyncio.run(main())
+    assert 0.25 < took < 2.0
+
+
+def test_an_sds_not_heard_from_is_reported_without_waiting(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(mappings, "HEARD_RECENTLY_S", 0.2)
+
+    async def main() -> tuple[float, dict[str, object]]:
+        docs = MappingDocs()
+        c = docs.confirmations
+        c.begin(1, "sds1", 5)  # has it already
+        c.begin(1, "sds2", 4)  # asked, then went silent
+        c.end(1, "sds2")
+        await asyncio.sleep(0.3)
+        t0 = time.monotonic()
+        report = await revocation(docs, SDSS, 1, 5, 10.0, True, connected)
+        return time.monotonic() - t0, report
+
+    took, report = asyncio.run(main())
+    assert took < 1.0
+    assert report["confirmed"] is False
+    assert report["unconfirmed"] == ["sds2"]
+
+
+def test_the_wait_is_bounded_for_an_sds_still_asking() -> None:
+    async def main() -> tuple[float, dict[str, object]]:
+        docs = MappingDocs()
+        docs.confirmations.begin(1, "sds1", 5)
+        docs.confirmations.begin(1, "sds2", 4)  # its long-poll hangs (cut off)
+        t0 = time.monotonic()
+        report = await revocation(docs, SDSS, 1, 5, 0.5, True, connected)
+        return time.monotonic() - t0, report
+
+    took, report = asyncio.run(main())
+    assert 0.45 < took < 2.0
+    assert report["unconfirmed"] == ["sds2"]
+
+
+def test_an_sds_never_heard_of_is_unconfirmed_and_not_enforced_waits_for_none() -> None:
+    async def main() -> tuple[dict[str, object], dict[str, object]]:
+        docs = MappingDocs()
+        docs.confirmations.begin(1, "sds2", 4)  # asking: would be waited for
+        enforced = await revocation(docs, SDSS, 1, 5, 0.0, True, connected)
+        t0 = time.monotonic()
+        plain = await revocation(docs, SDSS, 1, 5, 10.0, False, connected)
+        assert time.monotonic() - t0 < 0.5
+        return enforced, plain
+
+    enforced, plain = asyncio.run(main())
+    assert enforced["unconfirmed"] == ["sds1", "sds2"]
+    # without TLS the SDSs check nothing by the mappings: nothing to confirm
+    assert plain["enforced"] is False and plain["confirmed"] is True
+    assert plain["unconfirmed"] == []
+
+
+def test_meshctl_names_the_sds_that_has_not_confirmed() -> None:
+    doc = {
+        "volume": "v1",
+        "sdcs": ["host1"],
+        "mappings_epoch": 7,
+        "enforced": True,
+        "confirmed": False,
+        "unconfirmed": ["sds1"],
+        "sds": [
+            {"name": "sds1", "state": "connected", "confirmed": False, "epoch": 6,
+             "last_heard_s": 4.5, "asking": False},
+            {"name": "sds2", "state": "connected", "confirmed": True, "epoch": 7,
+             "last_heard_s": 0.1, "asking": True},
+        ],
+    }  # fmt: skip
+    text = render_unmap(doc, 5.0)
+    assert "NOT confirmed within 5 s by 1 SDS(s)" in text
+    assert "sds sds1 (connected): holds mappings epoch 6, last heard 4.5 s ago" in text
+    assert "sds2" not in text
+    confirmed = doc | {"confirmed": True, "unconfirmed": []}
+    assert "every SDS of its pool confirmed" in render_unmap(confirmed, 5.0)
+    assert "older release" in render_unmap(doc | {"confirmed": None}, 5.0)
