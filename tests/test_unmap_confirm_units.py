@@ -6,13 +6,22 @@ tests/test_unmap_confirm.py."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, cast
 
 import pytest
 
+from meshblock.cli.commands import volumes
 from meshblock.cli.commands.volumes import render_unmap
 from meshblock.mdm import mappings
 from meshblock.mdm.mappings import Confirmations, MappingDocs, revocation
+from meshblock.sds import mdm_client
+from meshblock.sds.resync import Resync
+from meshblock.tls import TlsConfig
+from test_sds_state_file import SECRET, link
 
 pytestmark = pytest.mark.unit
 
@@ -149,3 +158,56 @@ def test_meshctl_names_the_sds_that_has_not_confirmed() -> None:
     confirmed = doc | {"confirmed": True, "unconfirmed": []}
     assert "every SDS of its pool confirmed" in render_unmap(confirmed, 5.0)
     assert "older release" in render_unmap(doc | {"confirmed": None}, 5.0)
+
+
+@pytest.mark.parametrize(("cert", "data_tls", "follows"), [
+    ("sds.crt", True, True),
+    ("sds.crt", False, False),  # a certificate for the MDM, a plain-TCP data port
+    ("", True, False),
+])  # fmt: skip
+def test_only_an_sds_that_checks_client_io_follows_the_mappings(
+    tmp_path: Path, cert: str, data_tls: bool, follows: bool
+) -> None:
+    """An SDS whose data port has no TLS identities checks no client IO against the
+    mappings: it must not follow them either, or its requests would name the epoch of
+    an unmap it does not enforce, and the unmap would count it as confirmed."""
+    lk = link(tmp_path)
+    config = dataclasses.replace(
+        lk._config,
+        tls=TlsConfig(cert=cert, key=cert and "sds.key", ca=cert and "ca.crt"),
+        data=dataclasses.replace(lk._config.data, tls=data_tls),
+    )
+    sds = lk._sds
+    assert mdm_client.MdmLink(config, SECRET, sds, Resync(sds))._follows_mappings is follows
+
+
+def test_unmap_all_asks_only_its_last_delete_to_wait_for_the_sdss() -> None:
+    """`meshctl volume unmap --all`: the epochs of one pool only grow, so the last
+    DELETE's confirmation covers the others; those ask for none (with a wait of 0 the
+    MDM would report, and log, every SDS as not confirmed)."""
+    sent: list[tuple[str, Any]] = []
+    emitted: list[Any] = []
+
+    class Client:
+        timeout = 10.0
+
+        def get(self, path: str, query: Any = None) -> Any:
+            return {"mappings": [{"id": 1, "sdc_id": 11}, {"id": 2, "sdc_id": 12}]}
+
+        def request(self, method: str, path: str, **kw: Any) -> Any:
+            sent.append((path, kw.get("query")))
+            return {"confirmed": True, "unconfirmed": []} if len(sent) == 2 else None
+
+    names = SimpleNamespace(
+        volume=lambda name: {"id": 5, "name": name}, name_of=lambda k, i: f"h{i}"
+    )
+    ctx = SimpleNamespace(
+        client=Client(), names=names, emit=lambda doc, render: emitted.append(doc)
+    )
+    args = SimpleNamespace(name="v1", all=True, confirm_timeout=5.0)
+    assert volumes.unmap(cast(Any, ctx), cast(Any, args)) == 0
+    assert sent == [
+        ("/api/v1/mappings/1", None),
+        ("/api/v1/mappings/2", {"confirm_timeout": "5"}),
+    ]
+    assert emitted[0]["sdcs"] == ["h11", "h12"] and emitted[0]["confirmed"] is True

@@ -164,10 +164,11 @@ class MdmLink:
         self._session: aiohttp.ClientSession | None = None
         self._followers: dict[int, asyncio.Task[None]] = {}
         self._mappings_followers: dict[int, asyncio.Task[None]] = {}
-        # Only an SDS with a certificate checks client IO against the mappings (its
-        # data port has TLS identities), and the MDM gives them only to its certificate
-        # (docs/security.md): without one they are not followed.
-        self._follows_mappings = bool(config.tls.cert)
+        # Only an SDS whose data port has TLS identities (a certificate, and [data] tls
+        # on) checks client IO against the mappings, and the MDM gives them only to its
+        # certificate (docs/security.md). Another does not follow them, so it never
+        # names a mappings epoch: an unmap cannot count it as having taken one.
+        self._follows_mappings = bool(config.tls.cert) and config.data.tls
         self._tasks: list[asyncio.Task[None]] = []
         self._state_path = Path(config.state_dir) / STATE_FILE
         self._state_lock = threading.Lock()  # one writer of the state file at a time

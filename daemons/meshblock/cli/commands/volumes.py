@@ -419,12 +419,14 @@ def unmap(ctx: Context, args: Namespace) -> int:
     for i, m in enumerate(mappings):
         # The volume's mappings are all of one pool, whose mappings epoch only grows:
         # the SDSs holding the last unmap's epoch hold the others' too.
+        # Only the last asks for the confirmation (the others' would be reported
+        # unconfirmed, and logged so by the MDM, at once).
         last = i == len(mappings) - 1
         wait = args.confirm_timeout if last else 0
         answer = ctx.client.request(
             "DELETE",
             f"{MAPPINGS}/{m['id']}",
-            query={"confirm_timeout": f"{wait:g}"},
+            query={"confirm_timeout": f"{wait:g}"} if last else None,
             timeout=wait + ctx.client.timeout,
         )
         if last and isinstance(answer, dict):
