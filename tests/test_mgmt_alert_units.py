@@ -345,7 +345,7 @@ def test_a_failed_rule_sync_is_tried_again_soon_not_an_interval_later(
         slept.append(seconds)
 
     monkeypatch.setattr(rules, "sync", fake_sync)
-    monkeypatch.setattr(rules.asyncio, "sleep", fake_sleep)
+    monkeypatch.setattr(asyncio, "sleep", fake_sleep)
     c = SimpleNamespace(
         config=SimpleNamespace(prometheus=SimpleNamespace(rules_sync_interval_s=5.0))
     )

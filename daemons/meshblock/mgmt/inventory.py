@@ -189,13 +189,16 @@ async def mdm_call(
             return json.loads(raw) if raw.strip() else None
     except ValueError:
         raise MdmRefused(502, "upstream", f"the MDM answered {path} with non-JSON") from None
+    except TimeoutError:  # before OSError, of which it is a subclass
+        raise MdmRefused(
+            502,
+            "upstream",
+            f"the MDM did not answer within {cfg.timeout_s:g} s ([mdm] timeout_s); "
+            "a change may still have been made: reload the page to see",
+        ) from None
     except (aiohttp.ClientError, OSError) as exc:
         raise MdmRefused(
-            502, "upstream", f"the MDM is unreachable at {url}: {exc or type(exc).__name__}"
-        ) from None
-    except TimeoutError:
-        raise MdmRefused(
-            502, "upstream", f"the MDM did not answer within {cfg.timeout_s:g} s"
+            502, "upstream", f"the MDM is unreachable at {url}: {str(exc) or type(exc).__name__}"
         ) from None
 
 
