@@ -486,6 +486,16 @@ async def setup(
     )["id"]
 
     # -- SDS registration: every one recomputes the pool's PG map ---------------------
+    # A new SDS joins with a join token an admin made (as site.yml's sds role does);
+    # with the cluster secret alone it would be held as pending (202).
+    join_token = (
+        await api.ok(
+            "POST",
+            "/api/v1/sds/join-tokens",
+            adm,
+            {"uses": args.sds, "ttl_s": 3600, "description": "bench/mdm_api.py"},
+        )
+    )["token"]
     log(f"registering {args.sds} SDSs (concurrency {args.register_concurrency}) ...")
     reg_lat: list[float] = [0.0] * args.sds
     sims: list[SimSds | None] = [None] * args.sds
@@ -510,6 +520,7 @@ async def setup(
             }
             if args.fault_sets:
                 body["fault_set"] = fault_set_name(i % args.fault_sets)
+            body["join_token"] = join_token
             status, data, lat = await api.call("POST", "/api/v1/sds/register", cs, body)
             if status not in (200, 201):
                 raise BenchError(f"registering sds{i:04d} -> {status}: {data[:500]!r}")
