@@ -373,6 +373,7 @@ def test_a_viewer_sees_no_button_and_gets_403(cluster: Cluster, browser: Browser
             ("/volumes", {"name": "by-viewer", "pool_id": str(c.pool["id"]), "size": "1"}),
             (f"/volumes/{vol['id']}/resize", {"size": "2"}),
             (f"/volumes/{vol['id']}/map", {"sdc_id": str(c.sdc["id"])}),
+            (f"/volumes/{vol['id']}/unmap", {"mapping_id": "1"}),
             (f"/volumes/{vol['id']}/delete", {"confirm_name": "viewer-vol"}),
             (f"/sds/{sds_id}/maintenance", {"mode": "enter"}),
         ]
@@ -385,6 +386,39 @@ def test_a_viewer_sees_no_button_and_gets_403(cluster: Cluster, browser: Browser
     after = ok(api.get(f"/api/v1/volumes/{vol['id']}"))
     assert (after["state"], after["size_bytes"], after["mapped_sdc_ids"]) == ("active", GIB, [])
     assert volumes_named(c, "by-viewer") == []
+    assert ok(api.get(f"/api/v1/sds/{sds_id}"))["mode"] == "normal"
+    ok(api.delete(f"/api/v1/volumes/{vol['id']}"), 204)
+
+
+def test_an_admins_action_without_the_sessions_csrf_token_is_refused(cluster: Cluster) -> None:
+    """Each of the six actions, posted by a logged-in admin without the session's CSRF
+    token or with another one (a forged cross-site form): 403 `csrf`, the MDM not
+    called."""
+    c = cluster
+    api = c.mdm.api()
+    vol = ok(
+        api.post("/api/v1/volumes", {"name": "csrf-vol", "pool_id": c.pool["id"], "size": "1GiB"}),
+        201,
+    )
+    web = WebClient(c.gui.url)
+    assert web.login("admin", c.gui.admin_password, "/volumes").status == 303
+    sds_id = c.sds[0]["id"]
+    posts: list[tuple[str, dict[str, str]]] = [
+        ("/volumes", {"name": "by-forgery", "pool_id": str(c.pool["id"]), "size": "1"}),
+        (f"/volumes/{vol['id']}/resize", {"size": "2"}),
+        (f"/volumes/{vol['id']}/map", {"sdc_id": str(c.sdc["id"])}),
+        (f"/volumes/{vol['id']}/unmap", {"mapping_id": "1"}),
+        (f"/volumes/{vol['id']}/delete", {"confirm_name": "csrf-vol"}),
+        (f"/sds/{sds_id}/maintenance", {"mode": "enter"}),
+    ]
+    for path, form in posts:
+        for token in ({}, {"csrf_token": "forged"}):
+            answer = web.post(path, {**form, **token})
+            assert answer.status == 403, (path, token, answer)
+            assert 'data-code="csrf"' in answer.body, (path, token, answer.body[:500])
+    after = ok(api.get(f"/api/v1/volumes/{vol['id']}"))
+    assert (after["state"], after["size_bytes"], after["mapped_sdc_ids"]) == ("active", GIB, [])
+    assert volumes_named(c, "by-forgery") == []
     assert ok(api.get(f"/api/v1/sds/{sds_id}"))["mode"] == "normal"
     ok(api.delete(f"/api/v1/volumes/{vol['id']}"), 204)
 
