@@ -142,6 +142,13 @@ class PgMapDoc:
         """One of :data:`THROTTLES`, or None if the document does not carry it."""
         return self.throttles.get(name)
 
+    def read_only_volumes(self) -> frozenset[int]:
+        """The volumes of the pool's snapshot trees that read a frozen version
+        (read-only snapshots): never written, whatever their mapping."""
+        return frozenset(
+            v for tree in self.trees.values() for v, t in tree.volumes.items() if not t.writable
+        )
+
     def to_doc(self) -> dict[str, Any]:
         """The JSON document again (every PG listed, each with its state)."""
         doc: dict[str, Any] = {

@@ -99,9 +99,7 @@ def parse_pool(doc: Any) -> PoolMap:
         secondaries=secondaries,
         sds=dict(parsed.sds),
         clean=tuple(e.state == pgmap_doc.CLEAN for e in parsed.pgs),
-        read_only=frozenset(
-            v for tree in parsed.trees.values() for v, t in tree.volumes.items() if not t.writable
-        ),
+        read_only=parsed.read_only_volumes(),
     )
 
 

@@ -23,9 +23,9 @@ interrupted free resumes and a freed chunk never comes back.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 
+from meshblock.sds import worker
 from meshblock.sds.maps import MapCache, PgMap
 from meshblock.sds.store import TOMBSTONE_CAPACITY, ChunkStore, StoreError
 
@@ -87,21 +87,15 @@ class Tombstones:
         self._task = asyncio.create_task(self._run(), name="tombstones")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await worker.cancel(self._task)
 
     async def _run(self) -> None:
-        while True:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(RECHECK_S):
-                    await self._work.wait()
-            self._work.clear()
-            try:
-                await self.step()
-            except (OSError, StoreError) as exc:
-                log.error("tombstones: %s; trying again in %.0f s", exc, RECHECK_S)
+        await worker.run_steps(
+            self._work, self.step, RECHECK_S, (OSError, StoreError), self._failed
+        )
+
+    def _failed(self, exc: Exception) -> None:
+        log.error("tombstones: %s; trying again in %.0f s", exc, RECHECK_S)
 
     async def step(self) -> None:
         """Make new tombstones durable (as many as the store's table has room for, the

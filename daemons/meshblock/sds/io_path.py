@@ -837,6 +837,8 @@ class DataService:
             # The map may have moved on while we waited.
             status = self._check(req, True)
             if status:
+                if status == _READ_ONLY:  # not a wire status (the map's read-only set)
+                    status = int(Status.NOT_PERMITTED)
                 self._reply(conn, req, t0, Status.EPOCH_STALE if status == _WAIT else status)
                 return
             m = self._maps[pool]

@@ -157,12 +157,7 @@ class PgMap:
             rebalance_bandwidth_mibps=throttle("rebalance_bandwidth_mibps", 0, 0),
             tombstones=dict(parsed.tombstones),
             trees={t: MapTree.from_doc(tree) for t, tree in parsed.trees.items()},
-            read_only=frozenset(
-                v
-                for tree in parsed.trees.values()
-                for v, t in tree.volumes.items()
-                if not t.writable
-            ),
+            read_only=parsed.read_only_volumes(),
         )
 
 

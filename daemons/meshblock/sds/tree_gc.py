@@ -32,13 +32,13 @@ version means this SDS holds nothing of it, what the MDM needs to drop it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from meshblock.chunks import CHUNK_SIZE
+from meshblock.sds import worker
 from meshblock.sds.maps import MapCache, MapTree
 from meshblock.sds.replication import RangeLocks
 from meshblock.sds.store import ChunkStore, StoreError, chunk_key
@@ -154,22 +154,16 @@ class TreeGc:
         self._task = asyncio.create_task(self._run(), name="tree-gc")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await worker.cancel(self._task)
 
     async def _run(self) -> None:
-        while True:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(RECHECK_S):
-                    await self._work.wait()
-            self._work.clear()
-            try:
-                await self.step()
-            except (OSError, StoreError, ValueError) as exc:
-                self.errors_total += 1
-                log.error("snapshot garbage pass: %s; trying again in %.0f s", exc, RECHECK_S)
+        await worker.run_steps(
+            self._work, self.step, RECHECK_S, (OSError, StoreError, ValueError), self._failed
+        )
+
+    def _failed(self, exc: Exception) -> None:
+        self.errors_total += 1
+        log.error("snapshot garbage pass: %s; trying again in %.0f s", exc, RECHECK_S)
 
     async def step(self) -> None:
         """Run a pass over each pending tree; forget the trees the maps dropped."""
