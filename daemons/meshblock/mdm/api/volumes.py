@@ -401,8 +401,9 @@ async def update_mapping(request: web.Request, body: dict[str, Any]) -> web.Resp
         await mappings.touch(s, m.volume_id)
         # writes revoked: what the SDSs must take before the SDC's writes are refused
         revoked = was_writable and m.access_mode == AccessMode.READ_ONLY
-        pool_id, epoch = await _mappings_epoch_of(s, m.volume_id)
-        sdss = await mappings.pool_sdss(s, pool_id) if wait is not None and revoked else []
+        if wait is not None and revoked:  # what the wait needs, read under the change
+            pool_id, epoch = await _mappings_epoch_of(s, m.volume_id)
+            sdss = await mappings.pool_sdss(s, pool_id)
     doc = mapping_doc(m)
     if wait is None:
         return json(doc)
@@ -431,8 +432,9 @@ async def delete_mapping(request: web.Request) -> web.Response:
         m = await get_or_404(s, Mapping, path_id(request), "mapping")
         await s.delete(m)
         await mappings.touch(s, m.volume_id)
-        pool_id, epoch = await _mappings_epoch_of(s, m.volume_id)
-        sdss = await mappings.pool_sdss(s, pool_id) if wait is not None else []
+        if wait is not None:  # what the wait needs, read under the change
+            pool_id, epoch = await _mappings_epoch_of(s, m.volume_id)
+            sdss = await mappings.pool_sdss(s, pool_id)
     if wait is None:
         return web.Response(status=204)
     return json(await _revocation(request, m, sdss, pool_id, epoch, wait))
