@@ -9,11 +9,16 @@ import contextlib
 import itertools
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from prometheus_client.registry import CollectorRegistry
 
+from meshblock.sds import access as access_module
 from meshblock.sds.access import REFRESH_ANY_EVERY_S, MappingsError, SdcAccess
+from meshblock.sds.metrics import SdsCollector
+from meshblock.sds.resync import Resync
 from meshblock.sds.store import ChunkStore, DeviceSpec
 from test_sds_state_file import link
 
@@ -220,3 +225,111 @@ def test_an_sds_without_a_certificate_does_not_follow_the_mappings(tmp_path: Pat
     finally:
         store.close()
     assert started == ["/api/v1/pools/1/pgmap"]
+    assert not lk._sds.access.followed  # nor exports them (meshblock.sds.metrics)
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """The monotonic clock of meshblock.sds.access, set by the test."""
+    now = [100.0]
+    monkeypatch.setattr(access_module, "time", SimpleNamespace(monotonic=lambda: now[0]))
+    return now
+
+
+def test_the_document_held_is_unconfirmed_since_the_mdm_last_said_it_is_current(
+    clock: list[float],
+) -> None:
+    """What ``meshblock_sds_mappings_unconfirmed_seconds`` says: from the first document
+    taken (a restarted SDS's from its state file: from the start) until an answer of
+    the MDM at the epoch held; an answer at another epoch, or a newer document taken
+    by a fetch, does not reset it. No document, no value."""
+    a = SdcAccess()
+    assert a.unconfirmed() == {}
+    a.update(doc(3, (7, False)))
+    clock[0] += 30
+    assert a.unconfirmed() == {1: (3, 30.0)}
+    a.confirm(1, 2)  # the MDM's answer is not of the document held
+    a.confirm(2, 3)  # a pool without a document
+    assert a.unconfirmed() == {1: (3, 30.0)}
+    a.confirm(1, 3)
+    clock[0] += 5
+    assert a.unconfirmed() == {1: (3, 5.0)}
+    a.update(doc(4))
+    clock[0] += 5
+    assert a.unconfirmed() == {1: (4, 10.0)}
+    a.confirm(1, 4)
+    assert a.unconfirmed() == {1: (4, 0.0)}
+
+
+def test_each_answer_of_the_long_poll_confirms_the_document_held(
+    tmp_path: Path, clock: list[float]
+) -> None:
+    """The MDM's answers: the first document, "unchanged" at the long-poll's timeout,
+    the same document again, each confirm it; a document older than the one held (an
+    MDM restored from an older backup) does not."""
+    lk = link(tmp_path)
+    access = lk._sds.access
+    answers: list[Any] = [
+        doc(3, (7, False)),
+        {"pool_id": 1, "epoch": 3, "unchanged": True},
+        doc(3, (7, False)),
+        doc(2),
+    ]
+    seen: list[dict[int, tuple[int, float]]] = []  # at each request after the first
+    done = asyncio.Event()
+
+    async def call(method: str, path: str, body: Any = None, wait_s: float = 10.0) -> Any:
+        if access.epoch(1) >= 0:
+            seen.append(access.unconfirmed())
+        if len(seen) == len(answers):
+            done.set()
+            await asyncio.Event().wait()  # the next long-poll: cancelled
+        clock[0] += 30  # each answer comes 30 s after the one before
+        return 200, answers[len(seen)]
+
+    lk._call = call  # type: ignore[method-assign]
+
+    async def main() -> None:
+        follower = asyncio.create_task(lk._follow_mappings(1))
+        await asyncio.wait_for(done.wait(), 10)
+        follower.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await follower
+
+    asyncio.run(main())
+    assert seen == [{1: (3, 0.0)}, {1: (3, 0.0)}, {1: (3, 0.0)}, {1: (3, 30.0)}]
+
+
+def test_the_mappings_metrics_only_of_the_pools_the_sds_follows(
+    tmp_path: Path, clock: list[float]
+) -> None:
+    """Per pool with a document, its epoch and the seconds unconfirmed; nothing from an
+    SDS that does not follow the mappings (no identities on its data port), even with
+    documents in its state file from before, nor of a pool it does not follow (a
+    device left it) or has no document of yet."""
+    lk = link(tmp_path)
+    sds = lk._sds
+    registry = CollectorRegistry()
+    registry.register(SdsCollector(sds, Resync(sds)))
+    sds.access.update(doc(5, (7, False)))
+    sds.access.update(doc(2, pool=3))
+    sds.access.update(doc(9, pool=4))
+    clock[0] += 42.5
+    sds.access.confirm(3, 2)
+    clock[0] += 1
+
+    def value(name: str, pool_id: str) -> float | None:
+        return registry.get_sample_value(name, {"pool_id": pool_id})
+
+    assert not sds.access.followed
+    for pool_id in ("1", "3", "4"):
+        assert value("meshblock_sds_mappings_epoch", pool_id) is None
+        assert value("meshblock_sds_mappings_unconfirmed_seconds", pool_id) is None
+    sds.access.followed |= {1, 2, 3}
+    assert value("meshblock_sds_mappings_epoch", "1") == 5
+    assert value("meshblock_sds_mappings_unconfirmed_seconds", "1") == 43.5
+    assert value("meshblock_sds_mappings_epoch", "3") == 2
+    assert value("meshblock_sds_mappings_unconfirmed_seconds", "3") == 1.0
+    for pool_id in ("2", "4"):  # no document of pool 2; pool 4 not followed
+        assert value("meshblock_sds_mappings_epoch", pool_id) is None
+        assert value("meshblock_sds_mappings_unconfirmed_seconds", pool_id) is None

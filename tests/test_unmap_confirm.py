@@ -10,7 +10,8 @@ not, with exit code 9.
 
 The cluster's ``sds1`` reaches the MDM through a TCP relay the test can cut (its data
 port stays open to the SDC): cut, the unmap names it (and it does still serve the
-SDC, as the report warns); reconnected, it refuses the SDC.
+SDC, as the report warns); reconnected, it refuses the SDC. Its own
+``meshblock_sds_mappings_unconfirmed_seconds`` says so too, while cut.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from _cluster import SmallCluster, small_cluster
 from _mdm import MdmDaemon
@@ -286,3 +288,50 @@ def test_unmap_text_names_the_sds_that_has_not_confirmed(cc: Cut) -> None:
     assert "NOT confirmed" in proc.stdout
     assert f"sds {CUT} (" in proc.stdout
     assert "sds sds2" not in proc.stdout
+
+
+def mappings_metrics(d: SdsDaemon, pool_id: int) -> tuple[float | None, float | None]:
+    """``d``'s (mappings epoch, seconds unconfirmed) of the pool, from its /metrics."""
+    values: dict[str, float] = {}
+    for family in text_string_to_metric_families(d.metrics()):
+        for sample in family.samples:
+            if sample.labels == {"pool_id": str(pool_id)}:
+                values[sample.name] = sample.value
+    return (
+        values.get("meshblock_sds_mappings_epoch"),
+        values.get("meshblock_sds_mappings_unconfirmed_seconds"),
+    )
+
+
+def test_an_sds_cut_off_from_the_mdm_says_its_mappings_are_unconfirmed(cc: Cut) -> None:
+    """The SDS's side of the report: its gauge grows while it cannot reach the MDM and
+    drops at the MDM's first answer once it can; the other SDSs' stay within the
+    long-poll's timeout (``map_poll_timeout_s``, 5 s in these tests)."""
+    c, relay = cc.c, cc.relay
+    (cut,) = [d for d in c.sds if d.name == CUT]
+    bound = 10.0  # above the long-poll's timeout: no answer for two of them
+    for d in c.sds:
+        epoch, age = mappings_metrics(d, c.pool_id)
+        assert epoch is not None and age is not None and age < bound, (d.name, epoch, age)
+
+    relay.cut()
+    try:
+        wait_until(
+            lambda: (mappings_metrics(cut, c.pool_id)[1] or 0.0) > bound,
+            30.0,
+            f"{CUT}'s mappings unconfirmed for over {bound:g} s",
+        )
+        for d in c.sds:
+            if d is not cut:
+                _, age = mappings_metrics(d, c.pool_id)
+                assert age is not None and age < bound, (d.name, age)
+        epoch, age = mappings_metrics(cut, c.pool_id)
+        assert epoch is not None and age is not None and age > bound
+    finally:
+        relay.restore()
+
+    wait_until(
+        lambda: (mappings_metrics(cut, c.pool_id)[1] or bound) < 3.0,
+        20.0,
+        f"{CUT}'s mappings confirmed again once it reaches the MDM",
+    )

@@ -26,7 +26,11 @@ answers the waiting long-poll on the commit), or, with the MDM unreachable, once
 SDS reaches it again; until then the SDS serves by the document it has. Each request
 for the document names the epoch held (``since=E``), sent again as soon as a new one is
 taken: by it the MDM tells an unmap which SDSs hold it (mdm/mappings.py,
-Confirmations; docs/security.md, "Revoking a mapping").
+Confirmations; docs/security.md, "Revoking a mapping"). Each answer of that long-poll
+(a newer document, or "unchanged" at its timeout) confirms the document held as the
+MDM's current one; how long ago the last one did is exported per pool
+(:meth:`SdcAccess.unconfirmed`, ``meshblock_sds_mappings_unconfirmed_seconds``): an SDS
+cut off from the MDM shows it, and an unmap made meanwhile may not hold there.
 """
 
 from __future__ import annotations
@@ -72,7 +76,7 @@ def parse(doc: Any) -> tuple[int, int, dict[tuple[int, str], bool]]:
 class _Pool:
     """One pool's newest document and its shared fetch."""
 
-    __slots__ = ("doc", "epoch", "fetch", "started", "table")
+    __slots__ = ("confirmed", "doc", "epoch", "fetch", "started", "table")
 
     def __init__(self) -> None:
         self.epoch = -1  # none received yet
@@ -80,6 +84,10 @@ class _Pool:
         self.doc: dict[str, Any] | None = None
         self.fetch: asyncio.Task[None] | None = None
         self.started = 0.0  # when the newest fetch started (time.monotonic)
+        # When the MDM last said that the document held is its current one
+        # (time.monotonic); until it does, when the first document was taken (one from
+        # the state file: at the start)
+        self.confirmed = 0.0
 
 
 class SdcAccess:
@@ -91,6 +99,10 @@ class SdcAccess:
         self.fetcher: Fetch | None = None
         self.refreshes = 0
         self._last_start = -REFRESH_ANY_EVERY_S  # the newest fetch's start, of any pool
+        #: The pools whose mappings the MDM link long-polls (only with TLS identities on
+        #: the data port, in the pools this SDS has devices in): only their documents
+        #: are exported as metrics (meshblock.sds.metrics).
+        self.followed: set[int] = set()
 
     def _pool(self, pool_id: int) -> _Pool:
         p = self._pools.get(pool_id)
@@ -110,8 +122,28 @@ class SdcAccess:
         p = self._pool(pool_id)
         if epoch <= p.epoch:
             return False
+        if p.doc is None:
+            p.confirmed = time.monotonic()
         p.epoch, p.table, p.doc = epoch, table, doc
         return True
+
+    def confirm(self, pool_id: int, epoch: int) -> None:
+        """The MDM has just answered that the pool's mappings are at ``epoch``: the
+        document held is current if it is of that epoch (not if the answer is of another,
+        or there is none)."""
+        p = self._pools.get(pool_id)
+        if p is not None and p.doc is not None and p.epoch == epoch:
+            p.confirmed = time.monotonic()
+
+    def unconfirmed(self) -> dict[int, tuple[int, float]]:
+        """Per pool with a document: its epoch and the seconds since the MDM last
+        confirmed it (:meth:`confirm`; never: since it was first held)."""
+        now = time.monotonic()
+        return {
+            pool_id: (p.epoch, max(0.0, now - p.confirmed))
+            for pool_id, p in sorted(self._pools.items())
+            if p.doc is not None
+        }
 
     def docs(self) -> dict[str, dict[str, Any]]:
         """Every pool's newest document, for the state file."""

@@ -660,6 +660,7 @@ class MdmLink:
             self._mappings_followers[pool_id] = asyncio.create_task(
                 self._follow_mappings(pool_id), name=f"mappings-{pool_id}"
             )
+            self._sds.access.followed.add(pool_id)
         for pool_id in pools - self._followers.keys():
             self._followers[pool_id] = asyncio.create_task(
                 self._follow(pool_id), name=f"pgmap-{pool_id}"
@@ -746,7 +747,8 @@ class MdmLink:
     # -- mappings (sds/access.py) -----------------------------------------------------
 
     async def _follow_mappings(self, pool_id: int) -> None:
-        """Long-poll the pool's mappings document, keeping each newer one (saved)."""
+        """Long-poll the pool's mappings document, keeping each newer one (saved). Each
+        answer confirms the document held, when it is the MDM's (SdcAccess.confirm)."""
         access = self._sds.access
         poll = self._config.map_poll_timeout_s
         while True:
@@ -774,6 +776,9 @@ class MdmLink:
                 log.error("mappings of pool %d: %s", pool_id, exc)
                 await asyncio.sleep(1.0)
                 continue
+            # "unchanged" is at the epoch asked for; a document (newer, or the one held)
+            # at its own
+            access.confirm(pool_id, epoch if unchanged(doc) else int(doc["epoch"]))
             if newer:
                 log.info("pool %d: mappings epoch %d", pool_id, access.epoch(pool_id))
                 await self._save_state()

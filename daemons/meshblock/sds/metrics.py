@@ -146,6 +146,7 @@ class SdsCollector(Collector):
         for pool_id, m in sorted(state.maps.maps.items()):
             epochs.add_metric([str(pool_id)], m.epoch)
         yield epochs
+        yield from _mappings(state)
         yield from _scalars(
             (
                 GaugeMetricFamily,
@@ -288,6 +289,31 @@ def _scalars(*rows: _Scalar) -> Iterator[Metric]:
     """One family of one value per row."""
     for family, name, text, value in rows:
         yield family(name, text, value=value)
+
+
+def _mappings(state: SdsState) -> Iterator[Metric]:
+    """Per pool, the mappings document held and how long since the MDM last confirmed
+    it (docs/security.md, "Revoking a mapping"): only of the pools whose mappings the
+    SDS follows (TLS identities on its data port, a device in the pool). Another SDS
+    checks nothing against them; a document of another pool (in the state file from
+    before a device left it) is not kept current, nor needed."""
+    epochs = GaugeMetricFamily(
+        "meshblock_sds_mappings_epoch",
+        "Epoch of the mappings document client IO is checked against",
+        labels=["pool_id"],
+    )
+    ages = GaugeMetricFamily(
+        "meshblock_sds_mappings_unconfirmed_seconds",
+        "Seconds since the MDM last answered this SDS's long-poll of the mappings "
+        "(an unmap made since may not hold here)",
+        labels=["pool_id"],
+    )
+    followed = state.access.followed
+    for pool_id, (epoch, age) in state.access.unconfirmed().items():
+        if pool_id in followed:
+            epochs.add_metric([str(pool_id)], epoch)
+            ages.add_metric([str(pool_id)], age)
+    yield from (epochs, ages)
 
 
 def _by_version(st: SdsStats) -> Iterator[Metric]:
