@@ -12,7 +12,7 @@ import pytest
 from prometheus_client import generate_latest
 
 from _wait import wait_until_async
-from meshblock.sds import tree_gc
+from meshblock.sds import tree_gc, worker
 from meshblock.sds.heartbeat import Heartbeats, Snapshot
 from meshblock.sds.maps import MapCache, PgMap
 from meshblock.sds.metrics import sds_registry
@@ -255,3 +255,45 @@ def test_the_heartbeat_carries_the_passes_once_there_is_one_and_when_they_change
     assert beats.body(Snapshot(tree_gc=two))["tree_gc"] == two
     beats.answered(200, {"send_full": True})
     assert beats.body(Snapshot(tree_gc=two))["tree_gc"] == two  # full
+
+
+def test_an_unexpected_error_is_logged_counted_and_the_worker_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A bug in a pass (here the store's scan raising a RuntimeError once) does not end
+    the worker: it is logged with its traceback, counted in
+    ``meshblock_sds_tree_gc_errors_total``, and after a back-off the next pass runs;
+    ``close()`` at the SDS's stop does not raise."""
+    monkeypatch.setattr(tree_gc, "RECHECK_S", 3600.0)
+    monkeypatch.setattr(worker, "BACKOFF_FIRST_S", 0.05)
+
+    async def main() -> None:
+        store, sds = new_state(tmp_path)
+        gc = sds.tree_gc
+        real = store.tree_chunks
+        calls = 0
+
+        def flaky(tree: int) -> list[int]:
+            nonlocal calls
+            calls += 1
+            if calls == 1:
+                raise RuntimeError("a bug")
+            return real(tree)
+
+        monkeypatch.setattr(store, "tree_chunks", flaky)
+        try:
+            write_gc_tree(store)
+            await store.sync()
+            gc.start()
+            sds.maps.update(pool_map(1, ALL_VOLUMES))
+            await wait_until_async(lambda: gc.errors_total == 1, 10, "the failed pass")
+            sds.maps.update(pool_map(2, {14: (4, True)}))
+            await wait_until_async(lambda: gc.passes_total == 1, 10, "a pass after the bug")
+            text = generate_latest(sds_registry(sds, Resync(sds))).decode()
+            assert metric(text, "meshblock_sds_tree_gc_errors_total") == 1
+        finally:
+            await gc.close()  # does not raise
+            store.close()
+        assert any(r.exc_info is not None and "a bug" in str(r.exc_info[1]) for r in caplog.records)
+
+    asyncio.run(main())

@@ -234,7 +234,7 @@ class SdsCollector(Collector):
             (
                 CounterMetricFamily,
                 "meshblock_sds_tree_gc_errors",
-                "Garbage passes that failed (a device error, a malformed tree): tried again",
+                "Garbage passes that failed (a device error, a malformed tree, a bug): tried again",
                 gc.errors_total,
             ),
             (

@@ -162,6 +162,9 @@ class TreeGc:
         )
 
     def _failed(self, exc: Exception) -> None:
+        """A step failed: an expected error (tried again at the next wake-up) or an
+        unexpected one (logged with its traceback by the worker's loop, which backs
+        off); both counted in ``meshblock_sds_tree_gc_errors_total``."""
         self.errors_total += 1
         log.error("snapshot garbage pass: %s; trying again in %.0f s", exc, RECHECK_S)
 
