@@ -297,3 +297,66 @@ def test_an_unexpected_error_is_logged_counted_and_the_worker_goes_on(
         assert any(r.exc_info is not None and "a bug" in str(r.exc_info[1]) for r in caplog.records)
 
     asyncio.run(main())
+
+
+def two_trees_map(epoch: int, volumes: dict[int, tuple[int, bool]]) -> PgMap:
+    """:func:`pool_map` with a second tree, OTHER, carrying the same versions and views
+    (its volumes' ids shifted by 100)."""
+    doc = dict(pool_map(epoch, volumes).doc)
+    trees = dict(doc["trees"])
+    trees[str(OTHER)] = {
+        "versions": {str(v): p for v, p in GC_TREE.items()},
+        "volumes": {str(i + 100): {"view": v, "writable": w} for i, (v, w) in volumes.items()},
+    }
+    doc["trees"] = trees
+    return PgMap.from_doc(doc)
+
+
+OTHER = TREE + 1
+
+
+def test_a_failing_tree_does_not_stop_the_passes_of_the_trees_after_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Tree TREE's pass fails (its chunk's garbage pass raises a device error): the
+    pass of tree OTHER, after it, still runs; TREE is reported ``failed`` with the
+    error, counted, not tried again before its back-off, then tried again (and done)
+    once the back-off has passed."""
+    monkeypatch.setattr(tree_gc, "RETRY_FIRST_S", 3600.0)
+
+    async def main() -> None:
+        store, sds = new_state(tmp_path)
+        gc = sds.tree_gc
+        real = store.collect_garbage
+        broken = True
+
+        def failing(vtree: VersionTree, views: Any, tree: int, chunk: int) -> dict[int, int]:
+            if tree == TREE and broken:
+                raise OSError(5, "a failed device")
+            return real(vtree, views, tree, chunk)
+
+        monkeypatch.setattr(store, "collect_garbage", failing)
+        try:
+            write_gc_tree(store)
+            dev = store.devices[0]
+            store.write_version(dev, OTHER, 0, 5, 10 * 4096, bytes(4096))
+            await store.sync()
+            sds.maps.update(two_trees_map(1, {14: (4, True)}))
+            await gc.step()
+            assert gc.passes[OTHER].finished and gc.passes[OTHER].error is None
+            assert 5 not in store.versions(OTHER, 0)  # OTHER collected
+            p = gc.passes[TREE]
+            assert p.state == "failed" and p.error is not None and "failed device" in p.error
+            assert gc.report()[str(TREE)]["state"] == "failed"
+            assert gc.heartbeat()[0]["state"] == "failed"
+            assert gc.errors_total == 1
+            assert gc.pending() == []  # its retry is not due yet
+            broken = False
+            p.retry_at = 0.0  # the back-off is over
+            assert gc.pending() == [TREE]
+            await gc.step()
+            assert gc.passes[TREE].state == "done" and gc.errors_total == 1
+        finally:
+            store.close()
+
+    asyncio.run(main())

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from _mdm import MdmDaemon
+from meshblock.mdm import heartbeats
 from meshblock.mdm.snapshot_gc import TreeGcReports
 
 pytestmark = [pytest.mark.cluster, pytest.mark.parallel]
@@ -153,3 +154,18 @@ def test_an_sds_reporting_no_pass_any_more_leaves_the_report() -> None:
     reports.report(4, [{**_pass(8, "running", 4, 1, {}), "unread_slots": {2: 1}}])
     reports.forget(4)
     assert reports.status() == []
+
+
+def test_a_failed_pass_is_accepted_and_makes_its_tree_failed() -> None:
+    """An SDS whose pass over a tree failed reports it ``failed`` (it tries it again
+    later); the MDM takes the report, and the tree is ``failed`` while any SDS's is."""
+    beat = heartbeats.decode_sds(
+        {"seq": 1, "full": True, "tree_gc": [_pass(7, "failed", 10, 3, {})]}
+    )
+    assert beat.tree_gc is not None and beat.tree_gc[0]["state"] == "failed"
+    reports = TreeGcReports()
+    reports.report(3, beat.tree_gc)
+    reports.report(4, [{**_pass(7, "running", 4, 1, {}), "unread_slots": {}}])
+    (tree,) = reports.status()
+    assert tree["state"] == "failed" and tree["chunks_left"] == 7 + 3
+    assert [s["state"] for s in tree["sds"]] == ["failed", "running"]

@@ -265,8 +265,9 @@ def _tree_gc(value: Any) -> list[dict[str, Any]]:
     for i, item in enumerate(_list(value, "tree_gc", 100_000)):
         where = f"tree_gc.{i}"
         t = _object(item, where, keys, len(keys))
-        if t["state"] not in ("running", "done"):
-            raise _bad(f"{where}.state", f"{json.dumps(t['state'])} is not one of running, done")
+        if t["state"] not in schemas.TREE_GC_STATES:
+            states = ", ".join(schemas.TREE_GC_STATES)
+            raise _bad(f"{where}.state", f"{json.dumps(t['state'])} is not one of {states}")
         unread: dict[int, int] = {}
         for j, u in enumerate(_list(t["unread_slots"], f"{where}.unread_slots", 100_000)):
             at = f"{where}.unread_slots.{j}"

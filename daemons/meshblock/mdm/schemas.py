@@ -220,6 +220,8 @@ SCRUB_REPORT = obj(
 _GONE: dict[str, Any] = {"type": "array", "maxItems": 100_000, "items": ID}
 #: The counters of one tree's garbage pass in an SDS heartbeat (``tree_gc``).
 TREE_GC_COUNTS = ("chunks", "chunks_done", "blocks_freed", "slots_freed", "collapsed")
+#: The states of a tree's garbage pass (``failed``: tried again later by the SDS).
+TREE_GC_STATES = ("running", "failed", "done")
 SDS_HEARTBEAT = obj(
     {
         # Heartbeats that carry what changed (docs/mdm.md, "Heartbeats"): this one's
@@ -311,7 +313,7 @@ SDS_HEARTBEAT = obj(
                 {
                     "tree_id": ID,
                     "pool_id": {"type": "integer", "minimum": 0, "maximum": MAX_ID},
-                    "state": {"type": "string", "enum": ["running", "done"]},
+                    "state": {"type": "string", "enum": list(TREE_GC_STATES)},
                     **{
                         k: {"type": "integer", "minimum": 0, "maximum": 2**40}
                         for k in TREE_GC_COUNTS
@@ -664,7 +666,7 @@ COMPONENTS: dict[str, dict[str, Any]] = {
         {
             "tree_id": _INT,
             "pool_id": _INT,
-            "state": {"type": "string", "enum": ["running", "done"]},
+            "state": {"type": "string", "enum": list(TREE_GC_STATES)},
             "sds_reporting": _INT,
             "chunks": _INT,
             "chunks_done": _INT,

@@ -9,7 +9,9 @@ newest report in memory (after an MDM restart the SDSs report again with their n
 full heartbeat) and sums them per tree for ``GET /api/v1/snapshot-gc`` and
 ``meshctl snapshot-gc status``. A version whose ``unread_slots`` is 0 on every SDS
 reporting the tree is held by none of them: what the MDM needs before it drops the
-version from the tree (docs/snapshots.md, Decision 5).
+version from the tree (docs/snapshots.md, Decision 5). A tree is ``failed`` while an
+SDS's pass over it failed (the SDS tries it again later), else ``running`` while one
+runs, else ``done``.
 """
 
 from __future__ import annotations
@@ -42,7 +44,8 @@ class TreeGcReports:
         out = []
         for tree_id in sorted(by_tree):
             rows = sorted(by_tree[tree_id], key=lambda r: r[0])
-            running = [t for _, t in rows if t["state"] != "done"]
+            running = [t for _, t in rows if t["state"] != "done"]  # or failed
+            failed = any(t["state"] == "failed" for _, t in rows)
             unread: dict[int, int] = {}
             for _, t in rows:
                 for version, n in t["unread_slots"].items():
@@ -50,7 +53,7 @@ class TreeGcReports:
             doc: dict[str, Any] = {
                 "tree_id": tree_id,
                 "pool_id": rows[0][1]["pool_id"],
-                "state": "running" if running else "done",
+                "state": "failed" if failed else "running" if running else "done",
                 "sds_reporting": len(rows),
             }
             doc |= {k: sum(t[k] for _, t in rows) for k in COUNTS}

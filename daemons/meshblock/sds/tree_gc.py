@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,6 +48,10 @@ log = logging.getLogger(__name__)
 
 YIELD_EVERY = 64  # chunks visited between two yields to the event loop when none changed
 RECHECK_S = 5.0  # look again without a new map (after a failed pass)
+#: A tree whose pass failed is tried again after this, doubled after each failure of
+#: it in a row up to :data:`RETRY_MAX_S`, or at once when a map changes the tree.
+RETRY_FIRST_S = RECHECK_S
+RETRY_MAX_S = 300.0
 
 
 @dataclass
@@ -63,10 +68,17 @@ class TreePass:
     finished: bool = False
     # after the pass: version no volume reads -> slots of it still here
     unread_slots: dict[int, int] = field(default_factory=dict)
+    error: str | None = None  # the pass failed: why (tried again at retry_at)
+    failures: int = 0  # failed passes of the tree in a row
+    retry_at: float = 0.0  # time.monotonic() of the next try after a failure
+
+    @property
+    def state(self) -> str:
+        return "failed" if self.error is not None else "done" if self.finished else "running"
 
     def to_doc(self) -> dict[str, Any]:
-        return {
-            "state": "done" if self.finished else "running",
+        doc: dict[str, Any] = {
+            "state": self.state,
             "chunks": self.chunks,
             "chunks_done": self.done,
             "blocks_freed": self.blocks_freed,
@@ -74,6 +86,9 @@ class TreePass:
             "collapsed": self.collapsed,
             "unread_slots": {str(v): n for v, n in sorted(self.unread_slots.items())},
         }
+        if self.error is not None:
+            doc["error"] = self.error
+        return doc
 
 
 class TreeGc:
@@ -109,11 +124,15 @@ class TreeGc:
         self._work.set()
 
     def pending(self) -> list[int]:
-        """The trees of the maps whose last pass did not run on their current tree."""
+        """The trees of the maps whose last pass did not run on their current tree,
+        less those whose pass on it failed and whose retry is not due yet."""
+        now = time.monotonic()
         return sorted(
             t
             for t, mt in self.trees().items()
-            if (p := self.passes.get(t)) is None or not p.finished or p.key != mt.key
+            if (p := self.passes.get(t)) is None
+            or p.key != mt.key
+            or (not p.finished and (p.error is None or p.retry_at <= now))
         )
 
     def report(self) -> dict[str, dict[str, Any]]:
@@ -126,7 +145,7 @@ class TreeGc:
             {
                 "tree_id": t,
                 "pool_id": p.pool_id,
-                "state": "done" if p.finished else "running",
+                "state": p.state,
                 "chunks": p.chunks,
                 "chunks_done": p.done,
                 "blocks_freed": p.blocks_freed,
@@ -169,12 +188,44 @@ class TreeGc:
         log.error("snapshot garbage pass: %s; trying again in %.0f s", exc, RECHECK_S)
 
     async def step(self) -> None:
-        """Run a pass over each pending tree; forget the trees the maps dropped."""
+        """Run a pass over each pending tree; forget the trees the maps dropped. A
+        tree whose pass fails is recorded ``failed`` and tried again later
+        (:data:`RETRY_FIRST_S`, doubling), and the trees after it still get theirs."""
         trees = self.trees()
         for gone in [t for t in self.passes if t not in trees]:
             del self.passes[gone]
         for tree in self.pending():
-            await self.collect(tree)
+            before = self.passes.get(tree)
+            try:
+                await self.collect(tree)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self._tree_failed(tree, before, exc)
+
+    def _tree_failed(self, tree: int, before: TreePass | None, exc: Exception) -> None:
+        """The pass over ``tree`` raised ``exc``: its pass is recorded failed, counted,
+        logged (an unexpected error with its traceback), and tried again later."""
+        self.errors_total += 1
+        p = self.passes.get(tree)
+        if p is None:  # it failed before its pass began
+            mt = self.trees().get(tree)
+            p = self.passes[tree] = TreePass(mt.key if mt is not None else None, 0)
+        failures = before.failures if before is not None and before.key == p.key else 0
+        p.failures = failures + 1
+        p.error = f"{type(exc).__name__}: {exc}"
+        wait = min(RETRY_MAX_S, RETRY_FIRST_S * 2 ** (p.failures - 1))
+        p.retry_at = time.monotonic() + wait
+        expected = isinstance(exc, (OSError, StoreError, ValueError))
+        log.log(
+            logging.ERROR,
+            "snapshot tree %d: garbage pass failed (%s); trying it again in %.0f s, "
+            "the other trees go on",
+            tree,
+            p.error,
+            wait,
+            exc_info=None if expected else exc,
+        )
 
     async def collect(self, tree: int) -> TreePass | None:
         """One pass over ``tree``'s chunks here, on the newest map's tree; None when
