@@ -5,6 +5,7 @@ chunks' range locks, with its report in the metrics."""
 from __future__ import annotations
 
 import asyncio
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ import pytest
 from prometheus_client import generate_latest
 
 from _wait import wait_until_async
+from meshblock.sds import store as store_module
 from meshblock.sds import tree_gc, worker
 from meshblock.sds.heartbeat import Heartbeats, Snapshot
 from meshblock.sds.maps import MapCache, PgMap
@@ -270,17 +272,17 @@ def test_an_unexpected_error_is_logged_counted_and_the_worker_goes_on(
     async def main() -> None:
         store, sds = new_state(tmp_path)
         gc = sds.tree_gc
-        real = store.tree_chunks
+        real = store.trees_chunks
         calls = 0
 
-        def flaky(tree: int) -> list[int]:
+        async def flaky(trees: Any) -> dict[int, list[int]]:
             nonlocal calls
             calls += 1
             if calls == 1:
                 raise RuntimeError("a bug")
-            return real(tree)
+            return await real(trees)
 
-        monkeypatch.setattr(store, "tree_chunks", flaky)
+        monkeypatch.setattr(store, "trees_chunks", flaky)
         try:
             write_gc_tree(store)
             await store.sync()
@@ -356,6 +358,44 @@ def test_a_failing_tree_does_not_stop_the_passes_of_the_trees_after_it(
             assert gc.pending() == [TREE]
             await gc.step()
             assert gc.passes[TREE].state == "done" and gc.errors_total == 1
+        finally:
+            store.close()
+
+    asyncio.run(main())
+
+
+def test_the_scan_of_the_store_runs_once_per_step_and_off_the_event_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A step with two pending trees scans the store once, for both, in a thread: not
+    once per tree on the event loop (``ChunkStore.tree_chunks``, a Python loop over
+    every chunk of the store)."""
+    scans: list[tuple[frozenset[int], bool]] = []
+    real = store_module._chunks_by_tree
+
+    def scan(keys: Any, trees: frozenset[int]) -> dict[int, list[int]]:
+        scans.append((trees, threading.current_thread() is threading.main_thread()))
+        return real(keys, trees)
+
+    monkeypatch.setattr(store_module, "_chunks_by_tree", scan)
+
+    async def main() -> None:
+        store, sds = new_state(tmp_path)
+        gc = sds.tree_gc
+
+        def on_the_loop(tree: int) -> list[int]:
+            raise AssertionError("a scan of the whole store on the event loop")
+
+        try:
+            write_gc_tree(store)
+            store.write_version(store.devices[0], OTHER, 0, 5, 0, bytes(4096))
+            await store.sync()
+            monkeypatch.setattr(store, "tree_chunks", on_the_loop)
+            sds.maps.update(two_trees_map(1, {14: (4, True)}))
+            await gc.step()
+            assert gc.passes[TREE].finished and gc.passes[OTHER].finished
+            assert gc.passes[TREE].chunks == 2 and gc.passes[OTHER].chunks == 1
+            assert scans == [(frozenset({TREE, OTHER}), False)]
         finally:
             store.close()
 

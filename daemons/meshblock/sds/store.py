@@ -1904,10 +1904,18 @@ class ChunkStore:
                 self.write_view(dev, vtree, tree, chunk, head, lo, bytes(hi - lo))
 
     def tree_chunks(self, tree: int) -> list[int]:
-        """The chunks of ``tree`` with a slot here (of any version), ascending."""
-        keys = {k for k in self._versions if k >> 32 == tree}
-        keys.update(k for k in self._index if k >> 32 == tree)
-        return sorted(k & 0xFFFFFFFF for k in keys)
+        """The chunks of ``tree`` with a slot here (of any version), ascending. A scan
+        of the whole store, on the caller's thread: the garbage worker uses
+        :meth:`trees_chunks`."""
+        return _chunks_by_tree([*self._index, *self._versions], frozenset((tree,))).get(tree, [])
+
+    async def trees_chunks(self, trees: Iterable[int]) -> dict[int, list[int]]:
+        """:meth:`tree_chunks` of each of ``trees`` (a tree with no chunk here is
+        left out) in one scan of the store, run in a thread: only the copy of the
+        keys (C speed, atomic under the GIL, so nothing changes them meanwhile)
+        runs on the event loop, not the Python loop over them."""
+        keys = [*self._index, *self._versions]
+        return await asyncio.to_thread(_chunks_by_tree, keys, frozenset(trees))
 
     def collect_garbage(
         self, vtree: VersionTree, live_views: Iterable[int], tree: int, chunk: int
@@ -2770,6 +2778,16 @@ class ChunkStore:
         task = loop.create_task(run(), name=f"reclaim-{dev.path}")
         dev.reclaiming = task
         task.add_done_callback(_log_failure)
+
+
+def _chunks_by_tree(keys: Iterable[int], trees: frozenset[int]) -> dict[int, list[int]]:
+    """The chunks of each of ``trees`` that ``keys`` (chunk keys) name, ascending."""
+    found: dict[int, set[int]] = {}
+    for key in keys:
+        tree = key >> 32
+        if tree in trees:
+            found.setdefault(tree, set()).add(key & 0xFFFFFFFF)
+    return {t: sorted(c) for t, c in found.items()}
 
 
 def _runs(slots: list[int]) -> Iterator[tuple[int, int]]:

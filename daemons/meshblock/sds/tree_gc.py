@@ -47,6 +47,7 @@ from meshblock.sds.store import ChunkStore, StoreError, chunk_key
 log = logging.getLogger(__name__)
 
 YIELD_EVERY = 64  # chunks visited between two yields to the event loop when none changed
+COUNT_YIELD_EVERY = 1024  # chunks counted between two yields (unread slots after a pass)
 RECHECK_S = 5.0  # look again without a new map (after a failed pass)
 #: A tree whose pass failed is tried again after this, doubled after each failure of
 #: it in a row up to :data:`RETRY_MAX_S`, or at once when a map changes the tree.
@@ -118,6 +119,14 @@ class TreeGc:
         for m in self._maps.maps.values():
             out.update(m.trees)
         return out
+
+    def tree(self, tree: int) -> MapTree | None:
+        """``tree`` as the newest maps carry it (one look-up per pool's map)."""
+        for m in self._maps.maps.values():
+            mt = m.trees.get(tree)
+            if mt is not None:
+                return mt
+        return None
 
     def map_changed(self) -> None:
         """A newer map arrived: look for trees to collect."""
@@ -194,10 +203,15 @@ class TreeGc:
         trees = self.trees()
         for gone in [t for t in self.passes if t not in trees]:
             del self.passes[gone]
-        for tree in self.pending():
+        pending = self.pending()
+        if not pending:
+            return
+        # One scan of the store for every pending tree, in a thread.
+        chunks = await self._store.trees_chunks(pending)
+        for tree in pending:
             before = self.passes.get(tree)
             try:
-                await self.collect(tree)
+                await self.collect(tree, chunks.get(tree, []))
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -227,21 +241,24 @@ class TreeGc:
             exc_info=None if expected else exc,
         )
 
-    async def collect(self, tree: int) -> TreePass | None:
-        """One pass over ``tree``'s chunks here, on the newest map's tree; None when
-        the maps do not carry the tree. A map that changes the tree meanwhile ends
-        the pass unfinished (:meth:`step` runs the next)."""
-        mt = self.trees().get(tree)
+    async def collect(self, tree: int, chunks: list[int] | None = None) -> TreePass | None:
+        """One pass over ``tree``'s chunks here (``chunks``, as a scan found them;
+        None: scanned now, in a thread), on the newest map's tree; None when the maps
+        do not carry the tree. A map that changes the tree meanwhile ends the pass
+        unfinished (:meth:`step` runs the next). A chunk the tree gains after the
+        scan is not visited by this pass (nothing writes a version no volume reads)."""
+        store = self._store
+        if chunks is None:
+            chunks = (await store.trees_chunks((tree,))).get(tree, [])
+        mt = self.tree(tree)
         if mt is None:
             return None
-        store = self._store
-        chunks = store.tree_chunks(tree)
         pool = next((m.pool_id for m in self._maps.maps.values() if tree in m.trees), 0)
         p = self.passes[tree] = TreePass(mt.key, len(chunks), pool)
         unread = mt.unread()
         quiet = 0
         for chunk in chunks:
-            now = self.trees().get(tree)
+            now = self.tree(tree)
             if now is None or now.key != mt.key:
                 log.info("snapshot tree %d changed during its garbage pass: passing again", tree)
                 self._work.set()
@@ -258,10 +275,12 @@ class TreeGc:
                 await self.sleep(0)
         await store.sync()  # what was freed is durable before the report says so
         counts: dict[int, int] = dict.fromkeys(unread, 0)
-        for chunk in store.tree_chunks(tree):
+        for i, chunk in enumerate(chunks, 1):
             for version in store.versions(tree, chunk):
                 if version in counts:
                     counts[version] += 1
+            if not i % COUNT_YIELD_EVERY:
+                await self.sleep(0)
         p.unread_slots = counts
         p.finished = True
         self.passes_total += 1
