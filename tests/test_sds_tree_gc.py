@@ -13,6 +13,7 @@ import pytest
 from prometheus_client import generate_latest
 
 from _wait import wait_until_async
+from meshblock.chunks import CHUNK_SIZE
 from meshblock.sds import store as store_module
 from meshblock.sds import tree_gc, worker
 from meshblock.sds.heartbeat import Heartbeats, Snapshot
@@ -24,7 +25,7 @@ from meshblock.sds.state import SdsState
 from meshblock.sds.stats import SdsStats
 from meshblock.sds.store import ChunkStore, DeviceSpec, chunk_key
 from meshblock.sds.versions import ALL_BLOCKS, VersionTree
-from test_sds_versions import GC_TREE, TREE, assert_views, write_gc_tree
+from test_sds_versions import GC_TREE, TREE, assert_views, tagged, write_gc_tree
 
 pytestmark = pytest.mark.unit
 
@@ -37,8 +38,10 @@ ALL_VOLUMES = {5: (5, True), 14: (4, True), 20: (0, False), 21: (1, False)}
 ALL_VOLUMES |= {22: (2, False), 23: (3, False)}
 
 
-def pool_map(epoch: int, volumes: dict[int, tuple[int, bool]]) -> PgMap:
-    """Us as the secondary of every PG; tree TREE with GC_TREE's versions and
+def pool_map(
+    epoch: int, volumes: dict[int, tuple[int, bool]], versions: dict[int, int | None] = GC_TREE
+) -> PgMap:
+    """Us as the secondary of every PG; tree TREE with ``versions`` (GC_TREE's) and
     ``volumes`` (volume id -> (view, writable))."""
     doc: dict[str, Any] = {
         "pool_id": POOL,
@@ -55,7 +58,7 @@ def pool_map(epoch: int, volumes: dict[int, tuple[int, bool]]) -> PgMap:
         "sds": {"1": {"address": "127.0.0.1", "data_port": 1}},
         "trees": {
             str(TREE): {
-                "versions": {str(v): p for v, p in GC_TREE.items()},
+                "versions": {str(v): p for v, p in versions.items()},
                 "volumes": {str(i): {"view": v, "writable": w} for i, (v, w) in volumes.items()},
             }
         },
@@ -332,10 +335,12 @@ def test_a_failing_tree_does_not_stop_the_passes_of_the_trees_after_it(
         real = store.collect_garbage
         broken = True
 
-        def failing(vtree: VersionTree, views: Any, tree: int, chunk: int) -> dict[int, int]:
+        def failing(
+            vtree: VersionTree, views: Any, tree: int, chunk: int, **kw: Any
+        ) -> dict[int, int]:
             if tree == TREE and broken:
                 raise OSError(5, "a failed device")
-            return real(vtree, views, tree, chunk)
+            return real(vtree, views, tree, chunk, **kw)
 
         monkeypatch.setattr(store, "collect_garbage", failing)
         try:
@@ -396,6 +401,39 @@ def test_the_scan_of_the_store_runs_once_per_step_and_off_the_event_loop(
             assert gc.passes[TREE].finished and gc.passes[OTHER].finished
             assert gc.passes[TREE].chunks == 2 and gc.passes[OTHER].chunks == 1
             assert scans == [(frozenset({TREE, OTHER}), False)]
+        finally:
+            store.close()
+
+    asyncio.run(main())
+
+
+def test_the_pass_leaves_the_plain_slot_the_io_path_reads_alone(tmp_path: Path) -> None:
+    """The IO path reads and writes the tree's chunks as plain version-0 slots (the
+    root volume's): the pass neither zeroes the blocks of it that no view reads
+    (block 3 of chunk 0: versions 4 and 1 shadow it for views 4 and 2), nor collapses
+    version 0 into its only child, which would relabel the plain slot and leave the
+    root volume reading nothing. The slot stays counted unread."""
+
+    async def main() -> None:
+        store, sds = new_state(tmp_path)
+        gc = sds.tree_gc
+        plain = b"".join(tagged(0, 0, b, 1) for b in range(256))
+        try:
+            write_gc_tree(store)
+            await store.sync()
+            sds.maps.update(pool_map(1, {14: (4, True), 22: (2, False)}))
+            p = await gc.collect(TREE)
+            assert p is not None and p.finished
+            got = store.read(TREE, 0, 0, CHUNK_SIZE)
+            assert got is not None and bytes(got) == plain
+
+            store.write(store.devices[0], TREE, 7, 0, plain)  # a chunk of version 0 only
+            sds.maps.update(pool_map(2, {TREE: (1, True)}, {0: None, 1: 0}))
+            p = await gc.collect(TREE)
+            assert p is not None and p.finished and p.collapsed == 0
+            got = store.read(TREE, 7, 0, CHUNK_SIZE)
+            assert got is not None and bytes(got) == plain
+            assert p.unread_slots == {0: 2}
         finally:
             store.close()
 

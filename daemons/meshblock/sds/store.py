@@ -1918,7 +1918,13 @@ class ChunkStore:
         return await asyncio.to_thread(_chunks_by_tree, keys, frozenset(trees))
 
     def collect_garbage(
-        self, vtree: VersionTree, live_views: Iterable[int], tree: int, chunk: int
+        self,
+        vtree: VersionTree,
+        live_views: Iterable[int],
+        tree: int,
+        chunk: int,
+        *,
+        keep_plain: bool = False,
     ) -> dict[int, int]:
         """The garbage pass of one chunk (docs/snapshots.md, Decision 5): a block of a
         slot that no live view reads through its block map is freed (zeroed, its
@@ -1931,6 +1937,10 @@ class ChunkStore:
         has already written through) frees nothing it does not know: a version with
         a slot here but not in ``vtree`` keeps its slot whole, and a live view not
         in ``vtree`` is refused (ValueError) before anything is freed.
+
+        ``keep_plain``: the chunk's plain slot (version 0 without an extension entry,
+        what the IO path reads and writes as the tree's root volume until it goes
+        through views) is left whole, whatever the views read of it.
 
         No live view reads a block freed here, so the order in which the zeroes, the
         cleared bits and the freed entries reach the disk does not matter: after a
@@ -1953,7 +1963,7 @@ class ChunkStore:
         freed = {}
         for version, (_, holds) in held.items():
             garbage = holds & ~used[version]
-            if not garbage:
+            if not garbage or (keep_plain and not version and version not in slots):
                 continue
             freed[version] = garbage
             if version:

@@ -48,6 +48,16 @@ log = logging.getLogger(__name__)
 
 YIELD_EVERY = 64  # chunks visited between two yields to the event loop when none changed
 COUNT_YIELD_EVERY = 1024  # chunks counted between two yields (unread slots after a pass)
+#: The IO path still reads and writes a tree's chunks as plain version-0 slots (the
+#: root volume's, keyed by the tree id): it does not go through views yet (Step 3's
+#: wire part, docs/snapshots.md). Until it does, the pass never changes a chunk's
+#: plain slot: it neither zeroes blocks of it nor frees it (collect_garbage's
+#: ``keep_plain``), nor collapses version 0 into its only child, which would relabel
+#: the plain slot as the child's and leave the root volume reading zeroes (and a
+#: later plain write allocating a new slot beside it). The range lock the pass takes
+#: is the one the primary's writes take, but reads and a secondary's REPL ops take
+#: none, and the harm is after the lock anyway: the IO path does not know versions.
+PLAIN_IO = True
 RECHECK_S = 5.0  # look again without a new map (after a failed pass)
 #: A tree whose pass failed is tried again after this, doubled after each failure of
 #: it in a row up to :data:`RETRY_MAX_S`, or at once when a map changes the tree.
@@ -307,12 +317,14 @@ class TreeGc:
             for write in earlier:
                 await write
             before = store.versions(tree, chunk)
-            freed = store.collect_garbage(mt.vtree, mt.views, tree, chunk)
+            freed = store.collect_garbage(mt.vtree, mt.views, tree, chunk, keep_plain=PLAIN_IO)
             blocks = sum(b.bit_count() for b in freed.values())
             slots = len(before) - len(store.versions(tree, chunk))
             collapsed = False
             children = mt.vtree.children
             for version in unread:
+                if PLAIN_IO and not version and store.location(tree, chunk) is not None:
+                    continue  # the root's plain slot: see PLAIN_IO
                 if len(children.get(version, ())) == 1 and version in store.versions(tree, chunk):
                     await store.collapse(mt.vtree, version, tree, chunk)
                     collapsed = True
