@@ -5,6 +5,7 @@ chunks' range locks, with its report in the metrics."""
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,9 @@ from prometheus_client import generate_latest
 
 from _wait import wait_until_async
 from meshblock.chunks import CHUNK_SIZE
+from meshblock.mdm import heartbeats as mdm_heartbeats
+from meshblock.mdm.snapshot_gc import TreeGcReports
+from meshblock.sds import heartbeat as tree_gc_heartbeat
 from meshblock.sds import store as store_module
 from meshblock.sds import tree_gc, worker
 from meshblock.sds.heartbeat import Heartbeats, Snapshot
@@ -244,6 +248,84 @@ def test_a_map_that_changes_the_tree_ends_the_pass_and_the_next_runs_on_it(
             store.close()
 
     asyncio.run(main())
+
+
+def gc_entry(tree: int, state: str = "done", chunks_done: int = 10) -> dict[str, Any]:
+    return {
+        "tree_id": tree,
+        "pool_id": 3,
+        "state": state,
+        "chunks": 10,
+        "chunks_done": chunks_done,
+        "blocks_freed": 1000,
+        "slots_freed": 100,
+        "collapsed": 10,
+        "unread_slots": [{"version": 1, "slots": 0}, {"version": 2, "slots": 12}],
+    }
+
+
+def test_the_heartbeats_report_of_5000_trees_is_bounded_and_reaches_the_mdm_whole() -> None:
+    """5000 trees' passes: every heartbeat stays far under the MDM's 1 MiB request
+    limit (TREE_GC_MAX entries at most, failed and running passes first, the count of
+    the rest in ``tree_gc_left``); the MDM, fed the heartbeats as it decodes them, has
+    the whole report after a few, then only what changes, and trees no longer
+    reported go (``tree_gc_gone``)."""
+    trees = [gc_entry(t) for t in range(1, 5001)]
+    trees[4000] = gc_entry(4001, "failed", 3)
+    trees[4500] = gc_entry(4501, "running", 5)
+    beats = Heartbeats()
+    reports = TreeGcReports()
+    sds = 9
+
+    def send(snap: Snapshot) -> dict[str, Any]:
+        body = beats.body(snap)
+        assert len(json.dumps(body)) < 256 * 1024  # the MDM takes 1 MiB at most
+        beat = mdm_heartbeats.decode_sds(json.loads(json.dumps(body)))
+        if beat.full:
+            reports.report(sds, beat.tree_gc or [], beat.tree_gc_left)
+        elif beat.tree_gc is not None or beat.tree_gc_gone:
+            reports.update(sds, beat.tree_gc or [], beat.tree_gc_gone, beat.tree_gc_left)
+        beats.answered(200, {})
+        return body
+
+    first = send(Snapshot(tree_gc=list(trees)))
+    assert len(first["tree_gc"]) == tree_gc_heartbeat.TREE_GC_MAX
+    assert [t["tree_id"] for t in first["tree_gc"][:3]] == [4001, 4501, 1]
+    assert first["tree_gc_left"] == 5000 - tree_gc_heartbeat.TREE_GC_MAX
+    assert reports.unreported() == {str(sds): first["tree_gc_left"]}
+    for _ in range(5000 // tree_gc_heartbeat.TREE_GC_MAX):
+        send(Snapshot(tree_gc=list(trees)))
+    assert reports.unreported() == {}
+    status = reports.status()
+    assert len(status) == 5000
+    assert status[4000]["state"] == "failed" and status[4500]["state"] == "running"
+    assert status[0]["unread_slots"] == {"1": 0, "2": 12}
+    assert "tree_gc" not in send(Snapshot(tree_gc=list(trees)))  # nothing changed
+
+    # One pass progresses, one tree goes: the delta says just that.
+    trees[4500] = gc_entry(4501, "running", 8)
+    del trees[0]
+    body = send(Snapshot(tree_gc=list(trees)))
+    assert body["tree_gc"] == [trees[4499]]
+    assert body["tree_gc_gone"] == [1] and body["tree_gc_left"] == 0
+    status = reports.status()
+    assert len(status) == 4999 and status[0]["tree_id"] == 2
+    assert next(t for t in status if t["tree_id"] == 4501)["chunks_done"] == 8
+
+
+def test_an_entry_carries_at_most_the_rows_one_heartbeat_carries(tmp_path: Path) -> None:
+    """A tree with more unread versions than a heartbeat's row budget reports the
+    lowest ones, so that even a single entry stays bounded."""
+    store, sds = new_state(tmp_path)
+    try:
+        gc = sds.tree_gc
+        p = gc.passes[TREE] = tree_gc.TreePass(None, 1, POOL, finished=True)
+        p.unread_slots = {v: 0 for v in range(1, tree_gc_heartbeat.TREE_GC_MAX_ROWS + 100)}
+        (entry,) = gc.heartbeat()
+        rows = entry["unread_slots"]
+        assert len(rows) == tree_gc_heartbeat.TREE_GC_MAX_ROWS and rows[0]["version"] == 1
+    finally:
+        store.close()
 
 
 def test_the_heartbeat_carries_the_passes_once_there_is_one_and_when_they_change() -> None:

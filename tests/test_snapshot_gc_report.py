@@ -82,7 +82,7 @@ def test_the_sdss_passes_are_summed_per_tree_in_the_api_and_meshctl(
 ) -> None:
     component = mdm.api(mdm.cluster_secret)
     a, b = sds_ids
-    assert _ok(mdm.api().get("/api/v1/snapshot-gc")) == {"trees": []}
+    assert _ok(mdm.api().get("/api/v1/snapshot-gc")) == {"trees": [], "unreported": {}}
     beats = {
         a: [_pass(7, "running", 100, 40, {}), _pass(9, "done", 5, 5, {2: 0})],
         b: [_pass(7, "done", 80, 80, {1: 3, 4: 0})],
@@ -114,15 +114,25 @@ def test_the_sdss_passes_are_summed_per_tree_in_the_api_and_meshctl(
     assert table[0].split()[:3] == ["TREE", "POOL", "STATE"]
     assert table[1].split() == ["7", "1", "running", "2", "120", "60", "1200", "120", "2", "3"]
 
-    # A delta that carries an SDS's passes replaces them; one without keeps them.
+    # A delta updates the passes it carries and drops those gone; one without
+    # keeps them; with tree_gc_left, the SDS has more to send.
     base = {"seq": 2, "base": 1}
-    _ok(component.post(f"/api/v1/sds/{a}/heartbeat", base | {"tree_gc": beats[a][1:]}))
+    delta = {"tree_gc": [_pass(9, "running", 6, 1, {})], "tree_gc_gone": [7]}
+    _ok(component.post(f"/api/v1/sds/{a}/heartbeat", base | delta | {"tree_gc_left": 40}))
     _ok(component.post(f"/api/v1/sds/{b}/heartbeat", base))
-    trees = _ok(mdm.api().get("/api/v1/snapshot-gc"))["trees"]
-    assert [(t["tree_id"], t["state"], t["sds_reporting"]) for t in trees] == [
+    doc = _ok(mdm.api().get("/api/v1/snapshot-gc"))
+    assert [(t["tree_id"], t["state"], t["sds_reporting"]) for t in doc["trees"]] == [
         (7, "done", 1),
-        (9, "done", 1),
+        (9, "running", 1),
     ]
+    assert doc["unreported"] == {str(a): 40}
+    table = meshctl(mdm, tmp_path, "snapshot-gc", "status").stdout.splitlines()
+    assert table[-1] == f"SDS {a}: 40 tree report(s) still to come with its next heartbeats"
+
+    # A full heartbeat without tree_gc: the SDS has no pass any more (a restart).
+    _ok(component.post(f"/api/v1/sds/{b}/heartbeat", {"seq": 3, "full": True}))
+    _ok(component.post(f"/api/v1/sds/{a}/heartbeat", {"seq": 3, "full": True}))
+    assert _ok(mdm.api().get("/api/v1/snapshot-gc")) == {"trees": [], "unreported": {}}
 
 
 @pytest.mark.parametrize(
@@ -133,12 +143,16 @@ def test_the_sdss_passes_are_summed_per_tree_in_the_api_and_meshctl(
         ({"chunks_done": -1}, "tree_gc.0.chunks_done"),
         ({"unread_slots": [{"version": 1}]}, "tree_gc.0.unread_slots.0"),
         ({"extra": 1}, "tree_gc.0"),
+        ({"tree_gc_gone": [7]}, "tree_gc_gone"),  # a full heartbeat has none
+        ({"tree_gc_left": -1}, "tree_gc_left"),
     ],
 )
 def test_a_malformed_report_is_refused_naming_the_field(
     mdm: MdmDaemon, sds_ids: list[int], change: dict[str, Any], field: str
 ) -> None:
-    body = {"seq": 5, "full": True, "tree_gc": [_pass(7, "done", 1, 1, {}) | change]}
+    top = {k: v for k, v in change.items() if k.startswith("tree_gc_")}
+    entry = _pass(7, "done", 1, 1, {}) | {k: v for k, v in change.items() if k not in top}
+    body = {"seq": 5, "full": True, "tree_gc": [entry]} | top
     status, doc = mdm.api(mdm.cluster_secret).post(f"/api/v1/sds/{sds_ids[0]}/heartbeat", body)
     assert status == 422, doc
     assert doc["error"]["details"]["field"] == field, doc

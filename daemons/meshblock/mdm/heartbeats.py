@@ -59,6 +59,8 @@ class SdsBeat:
     copies: list[dict[str, Any]] | None = None
     scrub: dict[str, Any] | None = None
     tree_gc: list[dict[str, Any]] | None = None  # per tree, the SDS's garbage pass
+    tree_gc_gone: list[int] = field(default_factory=list)  # trees no longer reported
+    tree_gc_left: int = 0  # entries of tree_gc still to come in later heartbeats
 
     @property
     def legacy(self) -> bool:
@@ -342,8 +344,12 @@ def decode_sds(body: dict[str, Any]) -> SdsBeat:
         b.scrub = _scrub(body["scrub"])
     if "tree_gc" in body:
         b.tree_gc = _tree_gc(body["tree_gc"])
+    if "tree_gc_gone" in body:
+        b.tree_gc_gone = _ids(body["tree_gc_gone"], "tree_gc_gone", 100_000)
+    if "tree_gc_left" in body:
+        b.tree_gc_left = _int(body["tree_gc_left"], "tree_gc_left", 0, MAX_COUNT)
     if b.full or b.legacy:
-        for name in ("volumes_gone", "tombstones_gone"):
+        for name in ("volumes_gone", "tombstones_gone", "tree_gc_gone"):
             if name in body:
                 raise _bad(name, "only in a heartbeat that is not full")
     return b

@@ -333,6 +333,10 @@ SDS_HEARTBEAT = obj(
                 ("tree_id", "pool_id", "state", *TREE_GC_COUNTS, "unread_slots"),
             ),
         },
+        # trees the MDM has a pass of that the SDS no longer reports (a delta only)
+        "tree_gc_gone": _GONE,
+        # entries of tree_gc the SDS sends with later heartbeats (absent: none)
+        "tree_gc_left": {"type": "integer", "minimum": 0, "maximum": 2**40},
     }
 )
 SDS_MAINTENANCE = obj({"mode": {"type": "string", "enum": ["enter", "exit"]}}, ("mode",))
@@ -660,7 +664,10 @@ COMPONENTS: dict[str, dict[str, Any]] = {
         }
     ),
     "SnapshotGc": _resp(
-        {"trees": {"type": "array", "items": {"$ref": "#/components/schemas/TreeGc"}}}
+        {
+            "trees": {"type": "array", "items": {"$ref": "#/components/schemas/TreeGc"}},
+            "unreported": {"type": "object", "additionalProperties": _INT},
+        }
     ),
     "TreeGc": _resp(
         {

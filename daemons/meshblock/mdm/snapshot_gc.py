@@ -6,12 +6,12 @@ heartbeats carry, per tree, its newest pass (``tree_gc``: state, chunks visited 
 left, blocks and slots freed, chunks collapsed, and after the pass the slots it still
 stores of each version no volume reads). :class:`TreeGcReports` keeps each SDS's
 newest report in memory (after an MDM restart the SDSs report again with their next
-full heartbeat) and sums them per tree for ``GET /api/v1/snapshot-gc`` and
-``meshctl snapshot-gc status``. A version whose ``unread_slots`` is 0 on every SDS
-reporting the tree is held by none of them: what the MDM needs before it drops the
-version from the tree (docs/snapshots.md, Decision 5). A tree is ``failed`` while an
-SDS's pass over it failed (the SDS tries it again later), else ``running`` while one
-runs, else ``done``.
+full heartbeat; an SDS removed is forgotten) and sums them per tree for ``GET
+/api/v1/snapshot-gc`` and ``meshctl snapshot-gc status``. A version whose
+``unread_slots`` is 0 on every SDS reporting the tree is held by none of them: what
+the MDM needs before it drops the version from the tree (docs/snapshots.md, Decision
+5). A tree is ``failed`` while an SDS's pass over it failed (the SDS tries it again
+later), else ``running`` while one runs, else ``done``.
 """
 
 from __future__ import annotations
@@ -22,18 +22,52 @@ COUNTS = ("chunks", "chunks_done", "blocks_freed", "slots_freed", "collapsed")
 
 
 class TreeGcReports:
+    """Each SDS's passes, as its heartbeats report them. A heartbeat carries a bounded
+    part of them (``meshblock.sds.heartbeat``): a full one replaces the SDS's report
+    (no ``tree_gc``: it has none), a delta updates the trees it lists and drops those
+    of ``tree_gc_gone``; ``tree_gc_left`` says how many entries are still to come."""
+
     def __init__(self) -> None:
         self._by_sds: dict[int, dict[int, dict[str, Any]]] = {}  # sds -> tree -> report
+        self._left: dict[int, int] = {}  # sds -> entries it has still to send
 
-    def report(self, sds_id: int, trees: list[dict[str, Any]]) -> None:
-        """An SDS's newest passes, one per tree (its trees not listed: none now)."""
+    def report(self, sds_id: int, trees: list[dict[str, Any]], left: int = 0) -> None:
+        """An SDS's whole report (a full heartbeat): these passes, one per tree, and
+        ``left`` more to come (none listed and none left: it has none now)."""
         if trees:
             self._by_sds[sds_id] = {t["tree_id"]: t for t in trees}
         else:
             self._by_sds.pop(sds_id, None)
+        self._set_left(sds_id, left)
+
+    def update(
+        self, sds_id: int, trees: list[dict[str, Any]], gone: list[int], left: int = 0
+    ) -> None:
+        """What changed in an SDS's report (a delta): ``trees`` changed or new,
+        ``gone`` no longer reported, ``left`` entries still to come."""
+        mine = self._by_sds.setdefault(sds_id, {})
+        mine.update((t["tree_id"], t) for t in trees)
+        for tree_id in gone:
+            mine.pop(tree_id, None)
+        if not mine:
+            del self._by_sds[sds_id]
+        self._set_left(sds_id, left)
+
+    def _set_left(self, sds_id: int, left: int) -> None:
+        if left:
+            self._left[sds_id] = left
+        else:
+            self._left.pop(sds_id, None)
 
     def forget(self, sds_id: int) -> None:
+        """The SDS is removed."""
         self._by_sds.pop(sds_id, None)
+        self._left.pop(sds_id, None)
+
+    def unreported(self) -> dict[str, int]:
+        """Per SDS (its id as a string) whose report is not whole yet, the entries
+        still to come with its next heartbeats."""
+        return {str(s): n for s, n in sorted(self._left.items())}
 
     def status(self) -> list[dict[str, Any]]:
         """Per tree (ascending id): the SDSs' passes summed, and each SDS's."""

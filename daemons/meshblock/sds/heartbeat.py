@@ -10,16 +10,34 @@ trees. Later ones carry what differs from the state of the last heartbeat the MD
 acknowledged (``base``), volumes and tombstones gone included; a heartbeat whose
 answer was lost is therefore covered by the next one. An MDM of an earlier release
 refuses the new fields (422): then every heartbeat carries everything, as before.
+
+The garbage passes of snapshot trees (``tree_gc``, one entry per tree) are bounded,
+whatever the number of trees: a heartbeat carries at most :data:`TREE_GC_MAX` entries
+holding at most :data:`TREE_GC_MAX_ROWS` ``unread_slots`` rows in all (an entry has at
+most that many: :meth:`meshblock.sds.tree_gc.TreeGc.heartbeat` keeps the lowest
+versions), failed passes first, then running ones, then done ones (by tree id within
+each). A full heartbeat carries the first of all entries; a delta the first of those
+that differ from what the MDM has, and ``tree_gc_gone``, the trees it has that are no
+longer reported. ``tree_gc_left`` says how many entries wait for a later heartbeat
+(absent: none): the MDM has the whole report after a few heartbeats, each of which
+stays well under its 1 MiB request limit (256 entries of about 200 bytes and 4096 rows
+of about 30: some 180 KiB), where 5000 trees unbounded went past it.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 log = logging.getLogger(__name__)
+
+#: Entries of ``tree_gc`` one heartbeat carries at most.
+TREE_GC_MAX = 256
+#: ``unread_slots`` rows the ``tree_gc`` entries of one heartbeat carry at most.
+TREE_GC_MAX_ROWS = 4096
+_TREE_GC_ORDER = {"failed": 0, "running": 1, "done": 2}
 
 
 @dataclass
@@ -46,6 +64,26 @@ def _changed(now: dict[int, Any], before: dict[int, Any]) -> dict[int, Any]:
     return {k: v for k, v in now.items() if before.get(k) != v}
 
 
+def _by_tree(entries: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
+    return {e["tree_id"]: e for e in entries}
+
+
+def tree_gc_bounded(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The entries of ``entries`` one heartbeat carries: failed, then running, then
+    done (by tree id within each), at most :data:`TREE_GC_MAX` of them and
+    :data:`TREE_GC_MAX_ROWS` ``unread_slots`` rows in all (the first always)."""
+    ordered = sorted(entries, key=lambda e: (_TREE_GC_ORDER.get(e["state"], 3), e["tree_id"]))
+    out: list[dict[str, Any]] = []
+    rows = 0
+    for e in ordered:
+        n = len(e.get("unread_slots", ()))
+        if len(out) == TREE_GC_MAX or (out and rows + n > TREE_GC_MAX_ROWS):
+            break
+        out.append(e)
+        rows += n
+    return out
+
+
 class Heartbeats:
     def __init__(self) -> None:
         self.seq = time.time_ns() // 1000
@@ -69,10 +107,15 @@ class Heartbeats:
             }
             if snap.scrub is not None:
                 body["scrub"] = snap.scrub
-            if snap.tree_gc:
-                body["tree_gc"] = snap.tree_gc
+            sent = tree_gc_bounded(snap.tree_gc)
+            if sent:
+                body["tree_gc"] = sent
             if not self.legacy:
                 body |= {"seq": self.seq, "full": True}
+                if len(sent) < len(snap.tree_gc):
+                    body["tree_gc_left"] = len(snap.tree_gc) - len(sent)
+            # What the MDM holds once it takes this one: the next delta sends the rest.
+            self._sent = (self.seq, replace(snap, tree_gc=sent))
             return body
         base, old = acked
         body = {"seq": self.seq, "base": base}
@@ -98,8 +141,19 @@ class Heartbeats:
             body["map_epochs"] = [{"pool_id": p, "epoch": e} for p, e in map_epochs.items()]
         if snap.copies != old.copies:
             body["copies"] = snap.copies
-        if snap.tree_gc != old.tree_gc:
-            body["tree_gc"] = snap.tree_gc
+        now, had = _by_tree(snap.tree_gc), _by_tree(old.tree_gc)
+        changed = [e for t, e in now.items() if had.get(t) != e]
+        sent = tree_gc_bounded(changed)
+        if sent:
+            body["tree_gc"] = sent
+        gone = [t for t in had if t not in now]
+        if gone:
+            body["tree_gc_gone"] = gone
+        if sent or gone:
+            body["tree_gc_left"] = len(changed) - len(sent)
+        if changed or gone:
+            held = {t: e for t, e in had.items() if t in now} | _by_tree(sent)
+            self._sent = (self.seq, replace(snap, tree_gc=[held[t] for t in sorted(held)]))
         # Findings go again until the MDM has taken them (its answer says how far).
         if snap.scrub is not None and (snap.scrub != old.scrub or snap.scrub.get("findings")):
             body["scrub"] = snap.scrub

@@ -40,6 +40,7 @@ from typing import Any
 
 from meshblock.chunks import CHUNK_SIZE
 from meshblock.sds import worker
+from meshblock.sds.heartbeat import TREE_GC_MAX_ROWS
 from meshblock.sds.maps import MapCache, MapTree
 from meshblock.sds.replication import RangeLocks
 from meshblock.sds.store import ChunkStore, StoreError, chunk_key
@@ -159,7 +160,8 @@ class TreeGc:
         return {str(t): p.to_doc() for t, p in sorted(self.passes.items())}
 
     def heartbeat(self) -> list[dict[str, Any]]:
-        """Per tree, its newest pass, for the heartbeat (``tree_gc``, docs/api.md)."""
+        """Per tree, its newest pass, for the heartbeat (``tree_gc``, docs/api.md),
+        which carries a bounded part of them at a time (:mod:`meshblock.sds.heartbeat`)."""
         return [
             {
                 "tree_id": t,
@@ -170,9 +172,10 @@ class TreeGc:
                 "blocks_freed": p.blocks_freed,
                 "slots_freed": p.slots_freed,
                 "collapsed": p.collapsed,
+                # the lowest versions, as many as one heartbeat carries (heartbeat.py)
                 "unread_slots": [
                     {"version": v, "slots": n} for v, n in sorted(p.unread_slots.items())
-                ],
+                ][:TREE_GC_MAX_ROWS],
             }
             for t, p in sorted(self.passes.items())
         ]

@@ -74,7 +74,7 @@ def status(ctx: Context, args: Namespace) -> None:
             ]
             for t in doc["trees"]
         ]
-        return render_table(
+        table = render_table(
             ["TREE", "POOL", "STATE", "SDS", "CHUNKS", "LEFT", "BLOCKS FREED", "SLOTS FREED",
              "COLLAPSED", "UNREAD"],
             rows,
@@ -82,5 +82,11 @@ def status(ctx: Context, args: Namespace) -> None:
                    "COLLAPSED", "UNREAD"},
             empty="no snapshot tree is being collected",
         )  # fmt: skip
+        # An SDS with many trees reports them a bounded part per heartbeat.
+        notes = [
+            f"SDS {sds}: {n} tree report(s) still to come with its next heartbeats"
+            for sds, n in (doc.get("unreported") or {}).items()
+        ]
+        return "\n".join([table, *notes])
 
     ctx.emit(doc, human)

@@ -607,8 +607,10 @@ async def sds_heartbeat(request: web.Request, beat: heartbeats.SdsBeat) -> web.R
             c.progress.report(sds_id, beat.copies)
         if applied.tombstones is not None:
             c.tombstones.report_view(sds_id, applied.tombstones)
-        if beat.tree_gc is not None:
-            c.tree_gc.report(sds_id, beat.tree_gc)
+        if beat.full or beat.legacy:  # everything: none listed, none now
+            c.tree_gc.report(sds_id, beat.tree_gc or [], beat.tree_gc_left)
+        elif beat.tree_gc is not None or beat.tree_gc_gone:
+            c.tree_gc.update(sds_id, beat.tree_gc or [], beat.tree_gc_gone, beat.tree_gc_left)
         c.reported.sds(sds_id, beat.epoch, beat.map_epochs)
         if beat.probes:
             live.holds.report(sds_id, beat.probes)

@@ -22,4 +22,5 @@ TAG = "snapshots"
     response="SnapshotGc",
 )
 async def get_snapshot_gc(request: web.Request) -> web.Response:
-    return json({"trees": ctx(request).tree_gc.status()})
+    reports = ctx(request).tree_gc
+    return json({"trees": reports.status(), "unreported": reports.unreported()})
