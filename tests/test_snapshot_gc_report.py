@@ -8,13 +8,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from _mdm import MdmDaemon
-from meshblock.mdm import heartbeats
+from meshblock.mdm import heartbeats, snapshot_gc
 from meshblock.mdm.snapshot_gc import TreeGcReports
 
 pytestmark = [pytest.mark.cluster, pytest.mark.parallel]
@@ -183,3 +184,30 @@ def test_a_failed_pass_is_accepted_and_makes_its_tree_failed() -> None:
     (tree,) = reports.status()
     assert tree["state"] == "failed" and tree["chunks_left"] == 7 + 3
     assert [s["state"] for s in tree["sds"]] == ["failed", "running"]
+
+
+def test_a_silent_sds_report_expires_and_its_next_heartbeat_is_asked_whole(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An SDS not heard from for STALE_S (down, cut off) leaves no ``running`` pass
+    behind; once heard again, the MDM takes no delta of its report (it would leave
+    gaps) but asks for its whole state, which restores it."""
+    now = [1000.0]
+    monkeypatch.setattr(time, "monotonic", lambda: now[0])
+    reports = TreeGcReports()
+    reports.heard(3)
+    reports.report(3, [{**_pass(7, "running", 4, 1, {}), "unread_slots": {}}])
+    reports.heard(4)
+    reports.report(4, [{**_pass(7, "done", 4, 4, {}), "unread_slots": {}}])
+    now[0] += snapshot_gc.STALE_S - 1
+    reports.heard(4)
+    assert reports.status()[0]["state"] == "running"
+    now[0] += snapshot_gc.EXPIRE_EVERY_S  # looked at again no sooner
+    assert [s["sds_id"] for s in reports.status()[0]["sds"]] == [4]
+    reports.heard(3)
+    assert reports.needs_full(3) and not reports.needs_full(4)
+    reports.update(3, [{**_pass(8, "running", 4, 2, {}), "unread_slots": {}}], [])
+    assert [t["tree_id"] for t in reports.status()] == [7]  # the delta is not taken
+    reports.report(3, [{**_pass(7, "running", 4, 3, {}), "unread_slots": {}}])
+    assert not reports.needs_full(3)
+    assert reports.status()[0]["state"] == "running"

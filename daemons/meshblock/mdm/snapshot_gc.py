@@ -6,7 +6,8 @@ heartbeats carry, per tree, its newest pass (``tree_gc``: state, chunks visited 
 left, blocks and slots freed, chunks collapsed, and after the pass the slots it still
 stores of each version no volume reads). :class:`TreeGcReports` keeps each SDS's
 newest report in memory (after an MDM restart the SDSs report again with their next
-full heartbeat; an SDS removed is forgotten) and sums them per tree for ``GET
+full heartbeat; an SDS removed is forgotten, one not heard from for :data:`STALE_S`
+dropped and asked for its whole state) and sums them per tree for ``GET
 /api/v1/snapshot-gc`` and ``meshctl snapshot-gc status``. A version whose
 ``unread_slots`` is 0 on every SDS reporting the tree is held by none of them: what
 the MDM needs before it drops the version from the tree (docs/snapshots.md, Decision
@@ -16,9 +17,15 @@ later), else ``running`` while one runs, else ``done``.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 COUNTS = ("chunks", "chunks_done", "blocks_freed", "slots_freed", "collapsed")
+#: An SDS not heard from for this long has its report dropped (its passes may have
+#: ended meanwhile); it is asked for its whole state with its next heartbeat.
+STALE_S = 300.0
+#: The look for stale reports runs at most this often (each heartbeat asks for it).
+EXPIRE_EVERY_S = 5.0
 
 
 class TreeGcReports:
@@ -30,10 +37,18 @@ class TreeGcReports:
     def __init__(self) -> None:
         self._by_sds: dict[int, dict[int, dict[str, Any]]] = {}  # sds -> tree -> report
         self._left: dict[int, int] = {}  # sds -> entries it has still to send
+        self._heard: dict[int, float] = {}  # sds -> time.monotonic() of its last heartbeat
+        self._expired: set[int] = set()  # dropped as stale: its next answer asks all
+        self._looked = float("-inf")  # time.monotonic() of the last look for stale ones
+
+    def heard(self, sds_id: int) -> None:
+        """A heartbeat of ``sds_id`` arrived (whatever it carries)."""
+        self._heard[sds_id] = time.monotonic()
 
     def report(self, sds_id: int, trees: list[dict[str, Any]], left: int = 0) -> None:
         """An SDS's whole report (a full heartbeat): these passes, one per tree, and
         ``left`` more to come (none listed and none left: it has none now)."""
+        self._expired.discard(sds_id)
         if trees:
             self._by_sds[sds_id] = {t["tree_id"]: t for t in trees}
         else:
@@ -45,6 +60,8 @@ class TreeGcReports:
     ) -> None:
         """What changed in an SDS's report (a delta): ``trees`` changed or new,
         ``gone`` no longer reported, ``left`` entries still to come."""
+        if sds_id in self._expired:
+            return  # asked for its whole report: a delta alone would leave gaps
         mine = self._by_sds.setdefault(sds_id, {})
         mine.update((t["tree_id"], t) for t in trees)
         for tree_id in gone:
@@ -63,14 +80,38 @@ class TreeGcReports:
         """The SDS is removed."""
         self._by_sds.pop(sds_id, None)
         self._left.pop(sds_id, None)
+        self._heard.pop(sds_id, None)
+        self._expired.discard(sds_id)
+
+    def expire(self) -> None:
+        """Drop the reports of SDSs not heard from for :data:`STALE_S`: their
+        ``running`` passes would stay so forever (looked at every
+        :data:`EXPIRE_EVERY_S` at most)."""
+        now = time.monotonic()
+        if now - self._looked < EXPIRE_EVERY_S:
+            return
+        self._looked = now
+        for sds_id in [s for s in self._by_sds.keys() | self._left.keys()]:
+            if now - self._heard.get(sds_id, now) > STALE_S:
+                self._by_sds.pop(sds_id, None)
+                self._left.pop(sds_id, None)
+                self._expired.add(sds_id)
+
+    def needs_full(self, sds_id: int) -> bool:
+        """Whether the SDS's report was dropped as stale: its heartbeat's answer asks
+        for its whole state (``send_full``), its report included."""
+        self.expire()
+        return sds_id in self._expired
 
     def unreported(self) -> dict[str, int]:
         """Per SDS (its id as a string) whose report is not whole yet, the entries
         still to come with its next heartbeats."""
+        self.expire()
         return {str(s): n for s, n in sorted(self._left.items())}
 
     def status(self) -> list[dict[str, Any]]:
         """Per tree (ascending id): the SDSs' passes summed, and each SDS's."""
+        self.expire()
         by_tree: dict[int, list[tuple[int, dict[str, Any]]]] = {}
         for sds_id, trees in self._by_sds.items():
             for tree_id, t in trees.items():

@@ -595,6 +595,7 @@ async def sds_heartbeat(request: web.Request, beat: heartbeats.SdsBeat) -> web.R
     c = ctx(request)
     sds_id = path_id(request)
     live = c.liveness
+    c.tree_gc.heard(sds_id)
     if live.seen("sds", sds_id) is None:
         # Unknown to memory: either never seen since start or not registered at all.
         await _must_be_registered(request, sds_id)
@@ -622,7 +623,10 @@ async def sds_heartbeat(request: web.Request, beat: heartbeats.SdsBeat) -> web.R
         "heartbeat_interval_s": c.config.cluster.interval_s,
         # also while the scrub schedules are not loaded (after a start): the SDS sends
         # its scrub report again only when it changes, and this one is dropped
-        "send_full": applied is None or scrub.unready_for(c, taken),
+        # also when the report of its garbage passes expired here (snapshot_gc.py)
+        "send_full": (
+            applied is None or scrub.unready_for(c, taken) or c.tree_gc.needs_full(sds_id)
+        ),
         "probe": live.holds.probe_list(sds_id),
         "scrub": scrub.heartbeat(c, sds_id, taken),
     }
