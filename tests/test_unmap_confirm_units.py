@@ -211,3 +211,37 @@ def test_unmap_all_asks_only_its_last_delete_to_wait_for_the_sdss() -> None:
         ("/api/v1/mappings/2", {"confirm_timeout": "5"}),
     ]
     assert emitted[0]["sdcs"] == ["h11", "h12"] and emitted[0]["confirmed"] is True
+
+
+def test_what_the_sdss_named_is_trimmed_and_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The confirmations of SDSs not heard from for FORGET_S go (with a later
+    request, at most every TRIM_EVERY_S), those of an SDS asking now stay; past
+    MAX_HEARD the oldest idle ones go; a removed SDS's go at once."""
+    now = [1000.0]
+    monkeypatch.setattr(time, "monotonic", lambda: now[0])
+    c = Confirmations()
+    c.begin(1, "sds1", 5)
+    c.end(1, "sds1")
+    c.begin(2, "sds1", 7)
+    c.end(2, "sds1")
+    c.begin(1, "sds2", 5)  # a long-poll waiting all along
+    now[0] += mappings.FORGET_S + mappings.TRIM_EVERY_S
+    c.begin(1, "sds3", 5)
+    c.end(1, "sds3")
+    assert c.state(1, "sds1", 5)["last_heard_s"] is None  # forgotten: never heard of
+    assert c.state(2, "sds1", 7)["last_heard_s"] is None
+    assert c.state(1, "sds2", 5)["confirmed"] is True
+    assert len(c) == 2
+
+    monkeypatch.setattr(mappings, "MAX_HEARD", 4)
+    for i in range(4, 10):
+        now[0] += 1
+        c.begin(1, f"sds{i}", 5)
+        c.end(1, f"sds{i}")
+        assert len(c) <= 4
+    assert c.state(1, "sds2", 5)["confirmed"] is True  # asking: kept
+    assert c.state(1, "sds9", 5)["confirmed"] is True  # the newest
+    assert c.state(1, "sds3", 5)["last_heard_s"] is None  # the oldest idle: gone
+
+    c.forget("sds9")
+    assert c.state(1, "sds9", 5)["last_heard_s"] is None and len(c) == 3

@@ -144,6 +144,15 @@ MAX_CONFIRM_S = 30.0
 HEARD_RECENTLY_S = 2.0
 #: A waiting unmap looks again this often even when no SDS asked meanwhile.
 RECHECK_S = 0.25
+#: What an SDS named is forgotten once it has not asked for this long (an SDS
+#: removed, a pool it left, a name that changed); it counts then as never heard of:
+#: unconfirmed, not waited for, as it already was once not heard from recently.
+FORGET_S = 3600.0
+#: At most this many (pool, SDS) entries are kept; past it, those heard from longest
+#: ago (not asking now) go first.
+MAX_HEARD = 65536
+#: The forgetting runs with a request at most this often.
+TRIM_EVERY_S = 60.0
 
 
 @dataclass
@@ -159,6 +168,29 @@ class Confirmations:
     def __init__(self) -> None:
         self._heard: dict[tuple[int, str], _Heard] = {}
         self._changed = asyncio.Event()
+        self._trimmed = time.monotonic()
+
+    def __len__(self) -> int:
+        return len(self._heard)
+
+    def trim(self, keep: int = MAX_HEARD) -> None:
+        """Forget the entries not heard from for :data:`FORGET_S` (none asking now),
+        then, past ``keep`` entries, those heard from longest ago."""
+        now = time.monotonic()
+        self._trimmed = now
+        heard = self._heard
+        for key in [k for k, h in heard.items() if not h.asking and now - h.at > FORGET_S]:
+            del heard[key]
+        excess = len(heard) - keep
+        if excess > 0:
+            idle = sorted((h.at, k) for k, h in heard.items() if not h.asking)
+            for _, key in idle[:excess]:
+                del heard[key]
+
+    def forget(self, sds: str) -> None:
+        """SDS ``sds`` is removed: forget what it named, of every pool."""
+        for key in [k for k in self._heard if k[1] == sds]:
+            del self._heard[key]
 
     def _notify(self) -> None:
         self._changed.set()
@@ -170,6 +202,8 @@ class Confirmations:
         key = (pool_id, sds)
         heard = self._heard.get(key)
         if heard is None:
+            if time.monotonic() - self._trimmed > TRIM_EVERY_S or len(self._heard) >= MAX_HEARD:
+                self.trim(MAX_HEARD - 1)  # room for this one
             heard = self._heard[key] = _Heard(-1, 0.0)
         # The newest request says what the SDS holds now (a restarted SDS may hold an
         # older document than it named before): taken as named, not the highest.

@@ -515,6 +515,7 @@ async def _delete_sds(request: web.Request, dry: bool) -> web.Response:
         await s.delete(sds)
         ctx(request).liveness.forget("sds", sds.id)
         ctx(request).tree_gc.forget(sds.id)
+        ctx(request).mapping_docs.confirmations.forget(sds.name)
         ctx(request).reported.views.pop(sds.id, None)
         log.info("SDS %s removed", sds.name)
     return web.Response(status=204)
