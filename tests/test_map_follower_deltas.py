@@ -179,8 +179,8 @@ def sds_follow(held: dict[str, Any], answers: list[dict[str, Any]]) -> tuple[PgM
             raise Done
         return 200, answers.pop(0)
 
-    async def save_state() -> None:
-        pass
+    async def save_state() -> bool:
+        return True
 
     link._call = call  # type: ignore[method-assign]
     link._save_state = save_state  # type: ignore[method-assign]

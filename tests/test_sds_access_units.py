@@ -15,7 +15,9 @@ from typing import Any
 import pytest
 from prometheus_client.registry import CollectorRegistry
 
+from meshblock import files
 from meshblock.sds import access as access_module
+from meshblock.sds import mdm_client
 from meshblock.sds.access import REFRESH_ANY_EVERY_S, MappingsError, SdcAccess
 from meshblock.sds.metrics import SdsCollector
 from meshblock.sds.resync import Resync
@@ -333,3 +335,47 @@ def test_the_mappings_metrics_only_of_the_pools_the_sds_follows(
     for pool_id in ("2", "4"):  # no document of pool 2; pool 4 not followed
         assert value("meshblock_sds_mappings_epoch", pool_id) is None
         assert value("meshblock_sds_mappings_unconfirmed_seconds", pool_id) is None
+
+
+def test_a_mappings_epoch_is_named_to_the_mdm_only_once_saved(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The MDM counts the epoch an SDS's request names as taken (an unmap waits for
+    it): after a document whose save to the state file failed, the next request does
+    not name its epoch; the SDS saves again first, and names it once that worked (an
+    SDS restarted from the older file would serve by the older document)."""
+    lk = link(tmp_path)
+    events: list[str] = []
+    real = files.write_atomic
+
+    def write(path: Path, data: bytes | str, *, mode: int = 0o600) -> None:
+        if not any(e.startswith("save") for e in events):
+            events.append("save failed")
+            raise OSError(28, "No space left on device")
+        real(path, data, mode=mode)
+        events.append("saved")
+
+    monkeypatch.setattr(mdm_client, "write_atomic", write)
+    polled = asyncio.Event()
+
+    async def call(method: str, path: str, body: Any = None, wait_s: float = 10.0) -> Any:
+        events.append(path.split("?")[-1] if "?" in path else "whole")
+        if events[-1] == "whole":
+            return 200, doc(5, (7, False))
+        polled.set()
+        await asyncio.Event().wait()  # the next long-poll: cancelled
+        raise AssertionError("not reached")
+
+    lk._call = call  # type: ignore[method-assign]
+
+    async def main() -> None:
+        follower = asyncio.create_task(lk._follow_mappings(1))
+        await asyncio.wait_for(polled.wait(), 10)
+        follower.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await follower
+
+    asyncio.run(main())
+    assert events[:3] == ["whole", "save failed", "saved"], events
+    assert "since=5" in events[3], events
+    assert lk._sds.access.epoch(1) == 5

@@ -174,6 +174,10 @@ class MdmLink:
         self._state_lock = threading.Lock()  # one writer of the state file at a time
         self._state_taken = 0  # states taken for saving (each numbered)
         self._state_written = 0  # the newest of them in the file
+        # Per pool, the mappings epoch the state file holds: the one our requests name
+        # (since=E), never a newer one only in memory (the MDM counts a named epoch as
+        # taken for good: an SDS that restarted would serve by the older file's).
+        self._mappings_saved: dict[int, int] = {}
         self.reachable = False
         # The highest cluster epoch the MDM's heartbeat replies carried: reported back,
         # so that an MDM restored from an older database sees it (mdm/reconcile.py).
@@ -221,6 +225,7 @@ class MdmLink:
             for doc in (state.get("mappings") or {}).values():
                 self._sds.maps.terms.saw(doc)
                 self._sds.access.update(doc)
+            self._saved_mappings(self._mappings_epochs())
             # A cached map may be older than writes we made alone before we stopped:
             # it must not make a record look complete (resync falls back to full).
             self._sds.seen_maps.clear()
@@ -249,23 +254,30 @@ class MdmLink:
         }
         return json.dumps(state)
 
-    async def _save_state(self) -> None:
+    async def _save_state(self) -> bool:
         """Save identity and maps, in a thread (two fsyncs). The state is taken now; a
         save that reaches the file after a newer one has is skipped, and one writes at
-        a time, so the newest state wins."""
+        a time, so the newest state wins. Whether the state taken now is in the file
+        (this save or a newer one wrote it)."""
         self._state_taken += 1
-        await asyncio.to_thread(self._write_state, self._state_taken, self._state_doc())
+        epochs = self._mappings_epochs()
+        saved = await asyncio.to_thread(self._write_state, self._state_taken, self._state_doc())
+        if saved:
+            self._saved_mappings(epochs)
+        return saved
 
     def _save_state_now(self) -> None:
         """Save the state on the event loop, before returning: numbered like the saves
         in threads (an older one still waiting is skipped). Raises ``OSError``."""
         self._state_taken += 1
+        epochs = self._mappings_epochs()
         self._write_state(self._state_taken, self._state_doc(), fatal=True)
+        self._saved_mappings(epochs)
 
-    def _write_state(self, seq: int, data: str, *, fatal: bool = False) -> None:
+    def _write_state(self, seq: int, data: str, *, fatal: bool = False) -> bool:
         with self._state_lock:
             if seq <= self._state_written:
-                return  # a newer state is in the file already
+                return True  # a newer state is in the file already
             try:
                 self._state_path.parent.mkdir(parents=True, exist_ok=True)
                 write_atomic(self._state_path, data)
@@ -273,8 +285,23 @@ class MdmLink:
                 if fatal:
                     raise
                 log.warning("cannot save state to %s: %s", self._state_path, exc)
-                return
+                return False
             self._state_written = seq
+            return True
+
+    def _mappings_epochs(self) -> dict[int, int]:
+        access = self._sds.access
+        return {int(p): access.epoch(int(p)) for p in access.docs()}
+
+    def _saved_mappings(self, epochs: dict[int, int]) -> None:
+        saved = self._mappings_saved
+        for pool_id, epoch in epochs.items():
+            saved[pool_id] = max(saved.get(pool_id, -1), epoch)
+
+    def _named_epoch(self, pool_id: int) -> int:
+        """The mappings epoch our requests name for the pool (-1: none): the newest
+        we have taken and saved, not one a failed save left only in memory."""
+        return min(self._sds.access.epoch(pool_id), self._mappings_saved.get(pool_id, -1))
 
     # -- life cycle -------------------------------------------------------------------
 
@@ -752,7 +779,12 @@ class MdmLink:
         access = self._sds.access
         poll = self._config.map_poll_timeout_s
         while True:
-            epoch = access.epoch(pool_id)
+            if access.epoch(pool_id) > self._named_epoch(pool_id):
+                # Taken, but its save failed: not named to the MDM before it is saved.
+                if not await self._save_state():
+                    await asyncio.sleep(1.0)
+                    continue
+            epoch = self._named_epoch(pool_id)
             # at a timeout with nothing changed, "unchanged" rather than the document
             wait = f"?wait_epoch={epoch}&timeout={poll:g}&since={epoch}" if epoch >= 0 else ""
             try:
@@ -784,9 +816,10 @@ class MdmLink:
                 await self._save_state()
 
     async def _fetch_mappings(self, pool_id: int) -> dict[str, Any] | None:
-        """The pool's mappings document now if it changed since the one we have (None:
-        unchanged, or the MDM did not give it)."""
-        epoch = self._sds.access.epoch(pool_id)
+        """The pool's mappings document now if it changed since the one we have: taken
+        and saved here (the access keeps it; None: unchanged, or the MDM did not give
+        it, or it is not newer)."""
+        epoch = self._named_epoch(pool_id)
         since = f"?since={epoch}" if epoch >= 0 else ""
         try:
             status, doc = await self._call(
@@ -800,4 +833,7 @@ class MdmLink:
             return None
         if not self._sds.maps.terms.admit(doc, f"the mappings of pool {pool_id}"):
             return None
-        return None if unchanged(doc) else doc
+        if unchanged(doc) or not self._sds.access.update(doc):
+            return None
+        await self._save_state()  # named by our next request only once saved
+        return doc
