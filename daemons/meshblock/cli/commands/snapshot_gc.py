@@ -22,7 +22,8 @@ def register(root: Subparsers) -> None:
         status,
         help="show the SDSs' garbage passes over snapshot trees",
         description="""
-            Per snapshot tree: whether its SDSs' garbage passes are running or done,
+            Per snapshot tree: whether its SDSs' garbage passes are running, failed
+            (an SDS tries it again later) or done,
             the SDSs reporting, chunks visited and left, 4 KiB blocks and version
             slots freed, chunks where a version no volume reads was collapsed into its
             child, and the slots the SDSs still store of versions no volume reads
