@@ -553,3 +553,63 @@ def test_upgrade_to_volume_trees_makes_every_volume_its_own_tree(empty_db: str) 
     assert [name for name, _, _ in rows[:3]] == ["v1", "v3", "v4"]
     assert rows[3][1] == ids["volumes"]
     assert all(vtree == vid for _, vid, vtree in rows), rows
+
+
+def test_upgrade_to_vtree_records_keeps_every_volume_a_tree_of_one(empty_db: str) -> None:
+    """0016 (docs/snapshots.md, "The MDM's records"): the volumes of the revision before
+    it, active or deleting, read and write version 0 of their own tree, have no source,
+    and add no row to ``vtrees`` or ``vtree_versions``; volume ids stay never reused."""
+    from alembic import command
+
+    def to_before(conn: Connection) -> None:
+        cfg = alembic_config()
+        cfg.attributes["connection"] = conn
+        command.downgrade(cfg, "0014")
+        conn.execute(text("INSERT INTO protection_domains (name) VALUES ('pd1')"))
+        conn.execute(
+            text(
+                "INSERT INTO storage_pools (name, protection_domain_id, pg_count, "
+                "allocation_granularity_bytes, spare_percent, rebuild_bandwidth_mibps, "
+                "rebuild_concurrency, rebalance_bandwidth_mibps, rebalance_concurrency, "
+                "capacity_alert_high_percent, capacity_alert_critical_percent, map_epoch) "
+                "VALUES ('sp1', 1, 2, 1073741824, 10, 0, 4, 50, 2, 80, 90, 3)"
+            )
+        )
+        for name in ("v1", "v2", "v3"):
+            conn.execute(
+                text(
+                    "INSERT INTO volumes (name, pool_id, type, size_bytes, vtree_id) "
+                    "VALUES (:n, 1, 'thin', 1073741824, 0)"
+                ),
+                {"n": name},
+            )
+        conn.execute(text("UPDATE volumes SET vtree_id = id"))
+        conn.execute(text("UPDATE volumes SET state = 'deleting' WHERE name = 'v2'"))
+        conn.execute(text("DELETE FROM volumes WHERE name = 'v3'"))
+
+    with_engine(empty_db, migrate)
+    assert head_revision() != "0014"
+    run_sync(empty_db, to_before)
+    assert run_sync(empty_db, current_revision) == "0014"
+    with_engine(empty_db, migrate)
+    assert run_sync(empty_db, current_revision) == head_revision()
+
+    def read(conn: Connection) -> tuple[list[tuple[Any, ...]], int, int]:
+        rows = conn.execute(
+            text(
+                "SELECT name, vtree_id = id, view_version, writable, source_volume_id "
+                "FROM volumes ORDER BY id"
+            )
+        )
+        trees = conn.execute(text("SELECT count(*) FROM vtrees")).scalar_one()
+        versions = conn.execute(text("SELECT count(*) FROM vtree_versions")).scalar_one()
+        return [tuple(r) for r in rows], trees, versions
+
+    volumes, trees, versions = run_sync(empty_db, read)
+    assert [(n, bool(own), view, bool(w), src) for n, own, view, w, src in volumes] == [
+        ("v1", True, 0, True, None),
+        ("v2", True, 0, True, None),
+    ]
+    assert (trees, versions) == (0, 0)
+    # the volumes table, recreated on SQLite, still never hands out a deleted id
+    assert run_sync(empty_db, _add_one_of_each)["volumes"] > 3

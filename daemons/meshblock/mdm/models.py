@@ -14,6 +14,7 @@ from typing import Annotated
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     CheckConstraint,
     DateTime,
     Float,
@@ -298,6 +299,16 @@ class Volume(Base):
     # snapshot or a clone has its own id: set by the INSERT's own flush (below), never
     # NULL once the transaction that created the volume commits.
     vtree_id: Mapped[int] = mapped_column(BigInteger, nullable=True, index=True)
+    # The version of its tree it reads (its view), and whether it writes it (its head;
+    # false: a read-only snapshot). A volume of a tree of one reads and writes version
+    # 0, the defaults, and its tree has no rows in ``vtrees`` (docs/snapshots.md).
+    view_version: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    # ("1": true on both engines, and a constant: see migration 0016)
+    writable: Mapped[bool] = mapped_column(Boolean, default=True, server_default="1")
+    # The volume it was made from (a snapshot's or a clone's source, for ``volume
+    # tree``); NULL for the first volume of a tree. No foreign key: the source may be
+    # deleted first (its id is never reused).
+    source_volume_id: Mapped[int | None] = mapped_column(BigInteger)
     created_at: Mapped[created_at]
 
     pool: Mapped[StoragePool] = relationship(back_populates="volumes", lazy="raise")
@@ -311,6 +322,52 @@ def _volume_starts_its_tree(_mapper: Mapper[Volume], conn: Connection, volume: V
     if volume.vtree_id is None:
         conn.execute(update(Volume).where(Volume.id == volume.id).values(vtree_id=volume.id))
         attributes.set_committed_value(volume, "vtree_id", volume.id)
+
+
+class VtreeVersionState(enum.StrEnum):
+    """``live``: the view of a volume, or an ancestor of a live version. ``dead``: read
+    by no volume any more; the SDSs free its blocks, and the row goes once every SDS of
+    the pool reports no slot of it (docs/snapshots.md, Decision 5)."""
+
+    LIVE = "live"
+    DEAD = "dead"
+
+
+class Vtree(Base):
+    """A volume tree with more than one volume or version (docs/snapshots.md, "The
+    MDM's records"): its id is its first volume's (``volumes.vtree_id``), and the next
+    version number it hands out. A tree of one volume, every volume made before
+    snapshots, has no row: tree = volume id, view = head = version 0."""
+
+    __tablename__ = "vtrees"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    pool_id: Mapped[int] = mapped_column(
+        ForeignKey("storage_pools.id", ondelete="CASCADE"), index=True
+    )
+    next_version: Mapped[int] = mapped_column(BigInteger, default=1)
+    created_at: Mapped[created_at]
+
+
+class VtreeVersion(Base):
+    """One version of a tree: its parent (NULL: the root), whether it is live, and the
+    pool's map epochs of its creation and of its death. Every row is in the pool's
+    map until it is dropped (:mod:`meshblock.mdm.vtrees`)."""
+
+    __tablename__ = "vtree_versions"
+
+    vtree_id: Mapped[int] = mapped_column(
+        BigInteger, ForeignKey("vtrees.id", ondelete="CASCADE"), primary_key=True
+    )
+    version: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    parent: Mapped[int | None] = mapped_column(BigInteger)
+    state: Mapped[VtreeVersionState] = mapped_column(
+        _enum(VtreeVersionState, "vtree_version_state"),
+        default=VtreeVersionState.LIVE,
+        server_default=VtreeVersionState.LIVE.value,
+    )
+    created_epoch: Mapped[int] = mapped_column(BigInteger)
+    dead_epoch: Mapped[int | None] = mapped_column(BigInteger)
 
 
 class Mapping(Base):
