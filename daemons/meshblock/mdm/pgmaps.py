@@ -41,6 +41,7 @@ from meshblock.mdm.models import (
 )
 from meshblock.mdm.pgtable import PgChange, PgRow
 from meshblock.mdm.placement import DeviceInfo, PgAssignment, compute_map
+from meshblock.mdm.vtrees import pool_trees, trees_doc
 
 
 async def pool_devices(
@@ -573,6 +574,7 @@ async def _build(
     # the name: an SDS checks a peer's certificate (sds:NAME) against the map
     sds_doc = {i: {"address": a, "data_port": p, "name": n} for i, a, p, n in sorted(sds_rows)}
     tombstones = await pool_tombstones(session, ids)
+    trees = await pool_trees(session, ids)
     out: dict[int, tuple[dict[str, Any], Callable[[], bytes]]] = {}
     for p in pools:
         part = pg_parts[p.id]
@@ -589,13 +591,19 @@ async def _build(
         }
         if term:
             head["term"] = term
-        tail = {
+        tail: dict[str, Any] = {
             "devices": [{"device_id": d, "sds_id": sds} for d, sds in members],
             "sds": {str(k): v for k, v in sds_doc.items() if k in member_sds},
             # Deleted volumes whose chunks the SDSs free: volume id -> map epoch of
             # the delete (meshblock.mdm.deletion).
             "tombstones": tombstones[p.id],
         }
+        # Snapshot trees with more than one volume or version (meshblock.mdm.vtrees):
+        # absent when there are none, so a pool without snapshots has the document
+        # it had before trees. In the head of each delta, whole (pgmap_delta).
+        pool_tree_doc = trees_doc(trees.get(p.id, {}))
+        if pool_tree_doc:
+            tail["trees"] = pool_tree_doc
         out[p.id] = ({**head, "pgs": part.pgs, **tail}, _splicer(head, part, tail))
     return out
 
