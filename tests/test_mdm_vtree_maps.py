@@ -13,7 +13,7 @@ import hashlib
 import json
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from sqlalchemy import event, update
@@ -351,3 +351,157 @@ def test_a_build_reads_the_trees_of_all_its_pools_in_one_statement(tmp_path: Pat
         assert "volumes USING INDEX ix_volumes_vtree_id" in steps, steps
 
     in_session(tmp_path, go)
+
+
+# -- dropping a version every SDS of the pool holds nothing of ---------------------------
+
+
+def gc_pass(tree: int, state: str, unread: dict[int, int]) -> dict[str, Any]:
+    """One SDS's garbage pass over a tree, as the MDM keeps it from a heartbeat."""
+    return {
+        "tree_id": tree,
+        "pool_id": 1,
+        "state": state,
+        "chunks": 4,
+        "chunks_done": 4 if state == "done" else 1,
+        "blocks_freed": 0,
+        "slots_freed": 0,
+        "collapsed": 0,
+        "unread_slots": unread,
+    }
+
+
+def test_which_versions_a_tree_drops() -> None:
+    """Only dead versions nobody views; children take the parent; a root goes only
+    with one child (it becomes the root); the last version stays."""
+    from meshblock.mdm.vtrees import droppable
+
+    picture = {0: None, 1: 0, 2: 1, 3: 0, 4: 3}
+    assert droppable(picture, {3}, {0, 1, 2, 4}, [3]) == ([3], {0: None, 1: 0, 2: 1, 4: 0})
+    assert droppable(picture, set(), {0, 1, 2, 4}, [3]) == ([], picture)  # live
+    assert droppable(picture, {3}, {3}, [3]) == ([], picture)  # viewed
+    assert droppable(picture, {0}, set(), [0]) == ([], picture)  # a root of two
+    chain = {0: None, 1: 0, 2: 1}
+    assert droppable(chain, {0, 1}, {2}, [1, 0]) == ([0, 1], {2: None})
+    assert droppable({5: None}, {5}, set(), [5]) == ([], {5: None})
+
+
+def test_a_dead_version_goes_once_every_sds_of_the_pool_reports_none_of_it(
+    tmp_path: Path,
+) -> None:
+    """Version 3 of the picture's tree is dead (test-a deleted) and collapsed into 4:
+    nothing happens while one SDS's pass runs or still holds slots of it; once both
+    SDSs of the pool report 0 from a finished pass the row goes, 4 takes 3's parent,
+    and the pool's map moves to a new epoch without it (the other pool's does not)."""
+    from sqlalchemy import select
+
+    from meshblock.mdm.models import VtreeVersion
+    from meshblock.mdm.snapshot_gc import TreeGcReports
+    from meshblock.mdm.vtrees import drop_collected
+
+    async def go(s: AsyncSession) -> None:
+        pools, volumes = await populate(s)
+        await record_picture(s, pools, volumes)
+        tree = volumes[0]
+        a, b = sorted({d for (d,) in await s.execute(select(Device.sds_id))})
+        reports = TreeGcReports()
+
+        async def drop() -> list[tuple[int, int]]:
+            epochs = [p.map_epoch for p in pools]
+            dropped = await drop_collected(s, reports)
+            for p in pools:
+                await s.refresh(p)
+            moved = [p.map_epoch - e for p, e in zip(pools, epochs, strict=True)]
+            assert moved == [1 if dropped else 0, 0]
+            return dropped
+
+        assert await drop() == []  # no report at all
+        reports.report(a, [gc_pass(tree, "done", {3: 0})])
+        reports.report(b, [gc_pass(tree, "running", {3: 0})])
+        assert await drop() == []
+        reports.report(b, [gc_pass(tree, "done", {3: 2})])
+        assert await drop() == []
+        # a version a volume views (1: db-tue's), live, is never dropped
+        reports.report(a, [gc_pass(tree, "done", {3: 0, 1: 0})])
+        reports.report(b, [gc_pass(tree, "done", {3: 0, 1: 0})])
+        assert await drop() == [(tree, 3)]
+        rows = await s.execute(
+            select(VtreeVersion.version, VtreeVersion.parent).where(VtreeVersion.vtree_id == tree)
+        )
+        assert dict(rows.all()) == {0: None, 1: 0, 2: 1, 4: 0}
+        assert await drop() == []  # the reports still say 3: there is no 3 any more
+        doc = (await pgmaps.map_documents(s, pools, MapCache()))[pools[0].id].doc
+        assert pgmap_doc.parse(json.loads(pgmaps.encode(doc))).trees[tree].versions == {
+            0: None,
+            1: 0,
+            2: 1,
+            4: 0,
+        }
+
+    in_session(tmp_path, go)
+
+
+def test_the_purger_drops_a_freed_version_and_publishes_the_epoch(tmp_path: Path) -> None:
+    """The MDM's purge loop drops the version in its own transaction and publishes the
+    new cluster epoch (the SDSs' map long-polls wake); a pass while the reports have not
+    changed reads nothing."""
+    import contextlib
+    from collections.abc import AsyncIterator
+
+    from sqlalchemy import select
+
+    from meshblock.mdm.deletion import Purger, TombstoneReports
+    from meshblock.mdm.epochs import CLUSTER_ROW_ID, EpochNotifier
+    from meshblock.mdm.models import Cluster, VtreeVersion
+    from meshblock.mdm.reconcile import Reported
+    from meshblock.mdm.snapshot_gc import TreeGcReports
+
+    @contextlib.asynccontextmanager
+    async def gate() -> AsyncIterator[None]:
+        yield
+
+    async def main() -> None:
+        engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'mdm.db'}")
+        try:
+            await migrate(engine)
+            sessions = session_factory(engine)
+            async with sessions() as s, s.begin():
+                s.add(Cluster(id=CLUSTER_ROW_ID, name="c", epoch=1))
+                pools, volumes = await populate(s)
+                await record_picture(s, pools, volumes)
+                sds = {d for (d,) in await s.execute(select(Device.sds_id))}
+                pool_id, epoch, tree = pools[0].id, pools[0].map_epoch, volumes[0]
+            reports = TreeGcReports()
+            for i in sds:
+                reports.report(i, [gc_pass(tree, "done", {3: 0})])
+            notifier = EpochNotifier(1)
+            purger = Purger(
+                sessions,
+                cast(Any, gate),
+                notifier,
+                TombstoneReports(),
+                Reported(),
+                reports,
+            )
+            await purger.once()
+            assert notifier.epoch == 2
+            async with sessions() as s:
+                assert (await s.get(StoragePool, pool_id)).map_epoch == epoch + 1  # type: ignore[union-attr]
+                versions = await s.execute(
+                    select(VtreeVersion.version).where(VtreeVersion.vtree_id == tree)
+                )
+                assert sorted(versions.scalars()) == [0, 1, 2, 4]
+            statements: list[str] = []
+
+            def seen(_c: Any, _cur: Any, sql: str, *_: Any) -> None:
+                statements.append(sql)
+
+            event.listen(engine.sync_engine, "before_cursor_execute", seen)
+            await purger.once()
+            event.remove(engine.sync_engine, "before_cursor_execute", seen)
+            assert not [q for q in statements if "vtree" in q], statements
+            assert notifier.epoch == 2
+        finally:
+            await engine.dispose()
+
+    asyncio.run(main())

@@ -206,7 +206,7 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
             rebalancer.run(c.config.cluster.rebalance_interval_s), name="rebalancer"
         ),
         asyncio.create_task(
-            Purger(c.sessions, c.write_gate, c.notifier, c.tombstones, c.reported).run(),
+            Purger(c.sessions, c.write_gate, c.notifier, c.tombstones, c.reported, c.tree_gc).run(),
             name="purger",
         ),
         asyncio.create_task(scrub.run(c), name="scrub-schedule"),

@@ -9,6 +9,10 @@ are never reused) once every SDS with a device in the pool has reported the tomb
 with no chunk left; the next map no longer carries it, and the SDSs drop it. An SDS
 that is down or in maintenance holds the purge back until it returns and frees its
 copies. Reports are kept in memory only: after an MDM restart the SDSs report again.
+
+The same pass drops the records of snapshot trees' dead versions that every SDS of the
+pool reports holding nothing of (:func:`meshblock.mdm.vtrees.drop_collected`), when
+the SDSs' garbage reports changed since it last looked.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ from meshblock.mdm.heartbeats import Tombstone
 from meshblock.mdm.leader import writing
 from meshblock.mdm.models import Device, StoragePool, Volume, VolumeState, VolumeUsage
 from meshblock.mdm.reconcile import Reported, reconcile
+from meshblock.mdm.snapshot_gc import TreeGcReports
+from meshblock.mdm.vtrees import drop_collected
 
 log = logging.getLogger(__name__)
 
@@ -112,12 +118,15 @@ class Purger:
         notifier: EpochNotifier,
         reports: TombstoneReports,
         reported: Reported,
+        tree_gc: TreeGcReports | None = None,
     ) -> None:
         self._sessions = sessions
         self._gate = gate
         self._notifier = notifier
         self._reports = reports
         self._reported = reported
+        self._tree_gc = tree_gc
+        self._tree_gc_seen = -1  # the reports' generation the last drop pass saw
 
     async def once(self) -> list[int]:
         epoch = 0
@@ -139,6 +148,20 @@ class Purger:
             purged = await purge_freed(s, self._reports)
             if purged:
                 epoch = await bump(s)
+        gc = self._tree_gc
+        if gc is not None and gc.generation != self._tree_gc_seen:
+            # In its own transaction, and none while no SDS reports a version freed: a
+            # failure never holds back the purge's epoch, and the next pass looks again.
+            seen, dropped = gc.generation, 0
+            try:
+                if gc.freed_somewhere():
+                    async with writing(self._gate, self._sessions) as s:
+                        if await drop_collected(s, gc):
+                            dropped = await bump(s)
+                self._tree_gc_seen = seen
+            except Exception:
+                log.exception("could not drop the freed versions of snapshot trees; retrying")
+            epoch = dropped or epoch
         if epoch:
             self._notifier.publish(epoch)
         return purged

@@ -9,9 +9,10 @@ newest report in memory (after an MDM restart the SDSs report again with their n
 full heartbeat; an SDS removed is forgotten, one not heard from for :data:`STALE_S`
 dropped and asked for its whole state) and sums them per tree for ``GET
 /api/v1/snapshot-gc`` and ``meshctl snapshot-gc status``. A version whose
-``unread_slots`` is 0 on every SDS reporting the tree is held by none of them: what
-the MDM needs before it drops the version from the tree (docs/snapshots.md, Decision
-5). A tree is ``failed`` while an SDS's pass over it failed (the SDS tries it again
+``unread_slots`` is 0 on every SDS reporting the tree is held by none of them: once
+every SDS of the pool reports it so from a finished pass, the MDM drops the version's
+record (:func:`meshblock.mdm.vtrees.drop_collected`, docs/snapshots.md, Decision 5).
+A tree is ``failed`` while an SDS's pass over it failed (the SDS tries it again
 later), else ``running`` while one runs, else ``done``.
 """
 
@@ -40,6 +41,9 @@ class TreeGcReports:
         self._heard: dict[int, float] = {}  # sds -> time.monotonic() of its last heartbeat
         self._expired: set[int] = set()  # dropped as stale: its next answer asks all
         self._looked = float("-inf")  # time.monotonic() of the last look for stale ones
+        # moved by every change of the reports: the purger looks for versions to drop
+        # only when it moved since its last look (no work per second while nothing changes)
+        self.generation = 0
 
     def heard(self, sds_id: int) -> None:
         """A heartbeat of ``sds_id`` arrived (whatever it carries)."""
@@ -48,6 +52,7 @@ class TreeGcReports:
     def report(self, sds_id: int, trees: list[dict[str, Any]], left: int = 0) -> None:
         """An SDS's whole report (a full heartbeat): these passes, one per tree, and
         ``left`` more to come (none listed and none left: it has none now)."""
+        self.generation += 1
         self._expired.discard(sds_id)
         if trees:
             self._by_sds[sds_id] = {t["tree_id"]: t for t in trees}
@@ -62,6 +67,7 @@ class TreeGcReports:
         ``gone`` no longer reported, ``left`` entries still to come."""
         if sds_id in self._expired:
             return  # asked for its whole report: a delta alone would leave gaps
+        self.generation += 1
         mine = self._by_sds.setdefault(sds_id, {})
         mine.update((t["tree_id"], t) for t in trees)
         for tree_id in gone:
@@ -78,6 +84,7 @@ class TreeGcReports:
 
     def forget(self, sds_id: int) -> None:
         """The SDS is removed."""
+        self.generation += 1
         self._by_sds.pop(sds_id, None)
         self._left.pop(sds_id, None)
         self._heard.pop(sds_id, None)
@@ -96,6 +103,7 @@ class TreeGcReports:
                 self._by_sds.pop(sds_id, None)
                 self._left.pop(sds_id, None)
                 self._expired.add(sds_id)
+                self.generation += 1
 
     def needs_full(self, sds_id: int) -> bool:
         """Whether the SDS's report was dropped as stale: its heartbeat's answer asks
@@ -108,6 +116,24 @@ class TreeGcReports:
         still to come with its next heartbeats."""
         self.expire()
         return {str(s): n for s, n in sorted(self._left.items())}
+
+    def freed_by(self, sds_id: int, tree_id: int, version: int) -> bool:
+        """Whether the SDS's newest pass over the tree is done and left no slot of
+        ``version`` (a version it read by no volume, so listed in ``unread_slots``)."""
+        t = self._by_sds.get(sds_id, {}).get(tree_id)
+        return t is not None and t["state"] == "done" and t["unread_slots"].get(version) == 0
+
+    def freed_somewhere(self) -> dict[int, set[int]]:
+        """Tree -> the versions at least one SDS's finished pass left no slot of: the
+        only versions that may be dropped (each still needs every SDS of its pool)."""
+        out: dict[int, set[int]] = {}
+        for trees in self._by_sds.values():
+            for tree_id, t in trees.items():
+                if t["state"] == "done":
+                    zero = {v for v, n in t["unread_slots"].items() if n == 0}
+                    if zero:
+                        out.setdefault(tree_id, set()).update(zero)
+        return out
 
     def status(self) -> list[dict[str, Any]]:
         """Per tree (ascending id): the SDSs' passes summed, and each SDS's."""

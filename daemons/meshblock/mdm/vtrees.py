@@ -13,17 +13,33 @@ row), and :func:`trees_doc` gives a pool's map its ``trees`` in the shape
 :func:`meshblock.pgmap_doc.parse` accepts: every version row, live or dead, with its
 parent (the SDSs free what no view reads; a row goes once they hold nothing of it),
 and every active volume of the tree with its view and whether it writes it.
+
+:func:`drop_collected` removes a dead version's record once every SDS of the pool
+reports, from a finished garbage pass, that it holds no slot of it (heartbeat
+``tree_gc``, :mod:`meshblock.mdm.snapshot_gc`), and moves the pool's map epoch.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from typing import Any
 
-from sqlalchemy import and_, bindparam, select
+from sqlalchemy import and_, bindparam, delete, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from meshblock.mdm.models import Volume, VolumeState, Vtree, VtreeVersion
+from meshblock.mdm.models import (
+    Device,
+    StoragePool,
+    Volume,
+    VolumeState,
+    Vtree,
+    VtreeVersion,
+    VtreeVersionState,
+)
+from meshblock.mdm.snapshot_gc import TreeGcReports
+
+log = logging.getLogger(__name__)
 
 # One statement for every pool of a build: each version of each tree of the pools,
 # with the active volumes that read it (none: NULLs). Built once, its compiled form
@@ -105,3 +121,117 @@ def trees_doc(trees: dict[int, Tree]) -> dict[str, Any]:
     or version, by ascending id; empty when there are none (the map then has no
     ``trees`` at all, byte for byte the document of before trees)."""
     return {str(t): trees[t].to_doc() for t in sorted(trees) if not trees[t].of_one()}
+
+
+def droppable(
+    versions: dict[int, int | None],
+    dead: set[int],
+    viewed: set[int],
+    freed: Iterable[int],
+) -> tuple[list[int], dict[int, int | None]]:
+    """Which of ``freed`` (versions every SDS of the pool holds nothing of) a tree
+    drops, and its versions' parents after: a version goes if it is ``dead``, no
+    active volume views it (``viewed``), and the tree keeps one root and one version at
+    least (a root goes only with exactly one child, which becomes the root). Its
+    children take its parent: it held nothing, so their block maps are unchanged.
+    Pure; in ascending order, each drop seeing the ones before."""
+    after = dict(versions)
+    dropped = []
+    for v in sorted(freed):
+        if v not in after or v not in dead or v in viewed or len(after) == 1:
+            continue
+        parent = after[v]
+        children = [c for c, p in after.items() if p == v]
+        if parent is None and len(children) != 1:
+            continue
+        for c in children:
+            after[c] = parent
+        del after[v]
+        dropped.append(v)
+    return dropped, after
+
+
+async def drop_collected(session: AsyncSession, reports: TreeGcReports) -> list[tuple[int, int]]:
+    """Remove the records of the dead versions every SDS with a device in the tree's
+    pool reports holding no slot of (its newest pass over the tree done), re-parent
+    their children, and move those pools' map epochs (the maps drop the versions).
+    Returns the (tree, version) pairs dropped. Reads nothing unless some SDS's report
+    has such a version."""
+    freed = reports.freed_somewhere()
+    if not freed:
+        return []
+    tree_ids = list(freed)
+    rows = (
+        await session.execute(
+            select(
+                Vtree.pool_id,
+                VtreeVersion.vtree_id,
+                VtreeVersion.version,
+                VtreeVersion.parent,
+                VtreeVersion.state,
+            )
+            .join(Vtree, Vtree.id == VtreeVersion.vtree_id)
+            .where(VtreeVersion.vtree_id.in_(tree_ids))
+        )
+    ).all()
+    if not any(state == VtreeVersionState.DEAD for *_, state in rows):
+        return []
+    pools: dict[int, int] = {}
+    versions: dict[int, dict[int, int | None]] = {}
+    dead: dict[int, set[int]] = {}
+    for pool_id, tree_id, version, parent, state in rows:
+        pools[tree_id] = pool_id
+        versions.setdefault(tree_id, {})[int(version)] = None if parent is None else int(parent)
+        if state == VtreeVersionState.DEAD:
+            dead.setdefault(tree_id, set()).add(int(version))
+    viewed: dict[int, set[int]] = {}
+    for tree_id, view in await session.execute(
+        select(Volume.vtree_id, Volume.view_version)
+        .where(Volume.vtree_id.in_(list(dead)), Volume.state == VolumeState.ACTIVE)
+        .distinct()
+    ):
+        viewed.setdefault(tree_id, set()).add(int(view))
+    members: dict[int, set[int]] = {}
+    for pool_id, sds_id in await session.execute(
+        select(Device.pool_id, Device.sds_id).where(Device.pool_id.in_({pools[t] for t in dead}))
+    ):
+        members.setdefault(pool_id, set()).add(sds_id)
+    out: list[tuple[int, int]] = []
+    moved: set[int] = set()
+    for tree_id in sorted(dead):
+        sds = members.get(pools[tree_id], set())
+        everywhere = [
+            v for v in freed[tree_id] if all(reports.freed_by(i, tree_id, v) for i in sds)
+        ]
+        gone, after = droppable(
+            versions[tree_id], dead[tree_id], viewed.get(tree_id, set()), everywhere
+        )
+        if not gone:
+            continue
+        for version, parent in after.items():
+            if versions[tree_id][version] != parent:
+                await session.execute(
+                    update(VtreeVersion)
+                    .where(VtreeVersion.vtree_id == tree_id, VtreeVersion.version == version)
+                    .values(parent=parent)
+                )
+        await session.execute(
+            delete(VtreeVersion).where(
+                VtreeVersion.vtree_id == tree_id, VtreeVersion.version.in_(gone)
+            )
+        )
+        moved.add(pools[tree_id])
+        out += [(tree_id, v) for v in gone]
+        log.info(
+            "tree %d of pool %d: versions %s dropped, every SDS of the pool holds nothing of them",
+            tree_id,
+            pools[tree_id],
+            ", ".join(map(str, gone)),
+        )
+    for pool_id in sorted(moved):
+        await session.execute(
+            update(StoragePool)
+            .where(StoragePool.id == pool_id)
+            .values(map_epoch=StoragePool.map_epoch + 1)
+        )
+    return out
