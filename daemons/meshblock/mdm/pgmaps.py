@@ -289,7 +289,8 @@ class MapCache:
     lead to it from the epochs served before (:meth:`delta`).
 
     A pool's ``map_epoch`` goes up with every change of what its document holds (its
-    PGs, members, member SDSs' endpoints, throttles, tombstones: docs/api.md, PgMap),
+    PGs, members, member SDSs' endpoints, throttles, tombstones, trees: docs/api.md,
+    PgMap),
     in the transaction of the change, so a document built at one map epoch stays right
     for as long as the pool is at that epoch, whatever else changes in the cluster
     (volumes, mappings: the cluster epoch). A newer epoch read from the store replaces
