@@ -15,7 +15,7 @@ from dataclasses import replace
 import pytest
 
 from meshblock.mdm.models import PgState
-from meshblock.mdm.pgmaps import plan_map
+from meshblock.mdm.pgmaps import _without_removed, plan_map
 from meshblock.mdm.pgtable import PgChange, PgRow
 from meshblock.mdm.placement import DeviceInfo, compute_map, validate_map
 
@@ -119,3 +119,24 @@ def test_a_failed_device_keeps_its_copies_for_the_failure_checks() -> None:
     every = devices(1, 2, 3)
     usable = devices(1, 2)  # device 30 failed: takes no copy, keeps its own
     assert plan_map(POOL, PGS, rows, usable, every, has_data=True) == []
+
+
+def test_a_row_on_present_devices_is_kept_as_it_is_and_others_lose_what_is_gone() -> None:
+    """``_without_removed``: a row whose copies and move target are all present is the
+    row itself (a pool of 4096 PGs makes no new row per PG at every change of its
+    membership); otherwise the copies on removed devices go, and the move with its
+    target (a move without a target is dropped)."""
+    present = {10, 20, 30}
+    base = PgRow(POOL, 0, 10, 20, PgState.CLEAN, epoch=3)
+    for row in (
+        base,
+        replace(base, secondary=None),
+        replace(base, primary=None, secondary=None),
+        replace(base, target=30, moving="secondary"),
+    ):
+        assert _without_removed(row, present) is row
+    assert _without_removed(replace(base, primary=40), present) == replace(base, primary=None)
+    assert _without_removed(replace(base, secondary=40), present) == replace(base, secondary=None)
+    moved = replace(base, target=40, moving="primary")
+    assert _without_removed(moved, present) == base
+    assert _without_removed(replace(base, moving="primary"), present) == base
