@@ -8,9 +8,10 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
+from typing import Any
 
 import pytest
-from sqlalchemy import select, update
+from sqlalchemy import event, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from meshblock.mdm import pgtable
@@ -112,6 +113,50 @@ def test_a_row_changed_since_it_was_read_is_not_overwritten(db_url: str) -> None
         assert await pgtable.write(s, pool, redo) == 3
         rows = {row.pg: row for row in await pgtable.load(s, pool_id=pool.id)}
         assert rows[1] == replace(read[1], state=PgState.INACTIVE, epoch=3), "written"
+
+    in_session(db_url, go)
+
+
+def test_updated_rows_go_to_the_driver_as_tuples_and_read_back_as_written(db_url: str) -> None:
+    """The update of many rows (a pool laid out afresh rewrites most of its 4,096 at
+    every SDS registration) is one executemany of the driver's own SQL, without
+    SQLAlchemy's per-row parameter processing; every field, each state among them,
+    reads back as it was written."""
+
+    async def go(s: AsyncSession) -> None:
+        pool, (a, b) = await new_pool(s, "driver")
+        await pgtable.write(
+            s, pool, [PgChange(None, PgRow(pool.id, n, a, b, PgState.CLEAN)) for n in range(4)]
+        )
+        read = await pgtable.load(s, pool_id=pool.id)
+        states = list(PgState)
+        changed = [
+            replace(read[0], primary=b, secondary=a, state=states[0]),
+            replace(read[1], secondary=None, state=states[1 % len(states)]),
+            replace(read[2], target=b, moving="primary", state=states[2 % len(states)]),
+            replace(read[3], primary=None, secondary=None, state=states[-1]),
+        ]
+        updates: list[tuple[bool, bool]] = []
+
+        def seen(
+            _conn: Any, _cursor: Any, statement: str, _p: Any, context: Any, many: bool
+        ) -> None:
+            if statement.startswith("UPDATE placement_groups"):
+                updates.append((many, context.compiled is None))
+
+        sync = (await s.connection()).sync_connection
+        assert sync is not None
+        event.listen(sync, "before_cursor_execute", seen)
+        try:
+            epoch = await pgtable.write(
+                s, pool, [PgChange(old, new) for old, new in zip(read, changed, strict=True)]
+            )
+        finally:
+            event.remove(sync, "before_cursor_execute", seen)
+        assert updates == [(True, True)], "not one executemany of the driver's SQL"
+        after = await pgtable.load(s, pool_id=pool.id)
+        assert after == [replace(row, epoch=epoch) for row in changed]
+        assert all(type(row.state) is PgState for row in after)
 
     in_session(db_url, go)
 
