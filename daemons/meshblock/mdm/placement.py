@@ -80,6 +80,7 @@ from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
+from math import inf
 
 __all__ = [
     "COPIES",
@@ -418,11 +419,11 @@ class _Layout:
         with all the others, so a lost device is rebuilt from every survivor
         (many-to-many) rather than from one partner.
         """
-        self.pairs: dict[tuple[int, int], int] = {}
+        # shared[a][b]: the PGs with copies on devices a and b (both ways round)
+        self.shared: list[dict[int, int]] = [{} for _ in self.count]
         for copies in self.copies:
             if len(copies) == 2:
-                key = (min(copies), max(copies))
-                self.pairs[key] = self.pairs.get(key, 0) + 1
+                self._pair(*copies)
         queue = _RoomQueue(self)
         empty = [pg for pg, copies in enumerate(self.copies) if not copies]
         single = [pg for pg, copies in enumerate(self.copies) if len(copies) == 1]
@@ -432,23 +433,24 @@ class _Layout:
         for pg in single:
             self._place(pg, queue)
 
+    def _pair(self, a: int, b: int) -> None:
+        shared = self.shared
+        shared[a][b] = shared[a].get(b, 0) + 1
+        shared[b][a] = shared[b].get(a, 0) + 1
+
     def _place(self, pg: int, queue: _RoomQueue) -> None:
-        partner = self.copies[pg][0] if self.copies[pg] else None
+        copies = self.copies[pg]
+        partner = copies[0] if copies else None
         if partner is None:
             i = queue.pick(-1)
         else:
-            pairs = self.pairs
-            i = queue.pick_spread(
-                self.domain[partner],
-                lambda j: pairs.get((min(partner, j), max(partner, j)), 0),
-            )
+            i = queue.pick_spread(self.domain[partner], self.shared[partner])
         if i is None:
             i = self._swap(-1 if partner is None else self.domain[partner], queue)
         self.add(pg, i)
         queue.update(i)
         if partner is not None:
-            key = (min(partner, i), max(partner, i))
-            self.pairs[key] = self.pairs.get(key, 0) + 1
+            self._pair(partner, i)
 
     def _swap(self, forbidden: int, queue: _RoomQueue) -> int:
         """Free a slot outside ``forbidden`` when only ``forbidden`` has room.
@@ -642,6 +644,9 @@ class _RoomQueue:
         self.devices: list[list[tuple[float, int, int]]] = [[] for _ in layout.plan.members]
         self.domains: list[tuple[float, int]] = []
         self.queued: list[float | None] = [None] * len(self.devices)
+        # SPREAD_SLACK copies in fill of each device (pick_spread's bound; a pool of 0
+        # PGs has ideals of 0 and places nothing)
+        self.slack = [SPREAD_SLACK / ideal if ideal else inf for ideal in layout.plan.ideal]
         for i in range(len(layout.count)):
             self._push_device(i)
         for domain in range(len(self.devices)):
@@ -669,36 +674,51 @@ class _RoomQueue:
                 heapq.heappush(self.domains, (best, domain))
 
     def update(self, i: int) -> None:
-        """Device ``i``'s count changed."""
-        self._push_device(i)
-        self._push_domain(self.layout.domain[i])
+        """Device ``i``'s count changed (:meth:`_push_device` and :meth:`_push_domain`
+        in one: this runs for every copy placed)."""
+        layout = self.layout
+        count = layout.count
+        n = count[i]
+        domain = layout.domain[i]
+        heap = self.devices[domain]
+        if n < layout.plan.upper[i]:
+            heapq.heappush(heap, ((n + 1) / layout.plan.ideal[i], i, n))
+        while heap and count[heap[0][1]] != heap[0][2]:
+            heapq.heappop(heap)
+        best = heap[0][0] if heap else None
+        if best != self.queued[domain]:
+            self.queued[domain] = best
+            if best is not None:
+                heapq.heappush(self.domains, (best, domain))
 
-    def pick_spread(self, forbidden: int, shared: Callable[[int], int]) -> int | None:
+    def pick_spread(self, forbidden: int, shared: Mapping[int, int]) -> int | None:
         """Like :meth:`pick`, but among the least filled device of each of the
         ``SPREAD_DOMAINS`` least filled domains outside ``forbidden`` whose fill is
         within ``SPREAD_SLACK`` copies of the best, the one with the least ``shared``
-        (PGs it already shares with the partner copy's device)."""
+        (PGs it already shares with the partner copy's device, by device index)."""
+        domains, queued, devices, slack = self.domains, self.queued, self.devices, self.slack
+        pop = heapq.heappop
         popped: list[tuple[float, int]] = []
         candidates: list[tuple[int, float, int]] = []
-        ideal = self.layout.plan.ideal
         best: float | None = None
-        while self.domains and len(candidates) < SPREAD_DOMAINS:
-            fill, domain = heapq.heappop(self.domains)
-            if self.queued[domain] != fill:
+        while domains and len(candidates) < SPREAD_DOMAINS:
+            entry = pop(domains)
+            fill, domain = entry
+            if queued[domain] != fill:
                 continue  # superseded by a newer entry, or full
-            popped.append((fill, domain))
+            popped.append(entry)
             if domain == forbidden:
                 continue
-            i = self.devices[domain][0][1]
+            i = devices[domain][0][1]
             if best is None:
                 best = fill
-            elif fill > best + SPREAD_SLACK / ideal[i]:
+            elif fill > best + slack[i]:
                 break
             elif fill > 1.0:
                 continue  # above its ideal while the best is not: keep the water level
-            candidates.append((shared(i), fill, i))
+            candidates.append((shared.get(i, 0), fill, i))
         for entry in popped:
-            heapq.heappush(self.domains, entry)
+            heapq.heappush(domains, entry)
         return min(candidates)[2] if candidates else None
 
     def pick(self, forbidden: int) -> int | None:
