@@ -219,6 +219,17 @@ class FailureDetector:
         self._last_down = down
         return changed
 
+    def rebuild_waits(self) -> dict[int, float]:
+        """Per SDS lost as of the last check and not rebuilt away from yet: the seconds
+        left of ``rebuild_delay_s`` before its copies are rebuilt on other SDSs (one in
+        maintenance is in it too: the caller leaves those out)."""
+        now = time.monotonic()
+        return {
+            i: round(self.rebuild_delay_s - (now - since), 1)
+            for i, since in self._down_since.items()
+            if now - since < self.rebuild_delay_s
+        }
+
     def _settled(self, sds_ids: list[int]) -> frozenset[int]:
         """SDSs connected for at least ``resync_delay_s``: their stale copies resync."""
         now = time.monotonic()

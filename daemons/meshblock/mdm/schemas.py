@@ -699,6 +699,7 @@ COMPONENTS: dict[str, dict[str, Any]] = {
             "rebalance": {"$ref": "#/components/schemas/CopyProgress"},
             "rebuild_concurrency": _INT,
             "rebuild_bandwidth_mibps": _INT,
+            "rebuild_delay_left_s": {"type": ["number", "null"]},
         }
     ),
     "CopyProgress": _resp(

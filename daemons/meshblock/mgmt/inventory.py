@@ -32,6 +32,7 @@ from aiohttp import web
 
 from meshblock import pki
 from meshblock.config import ConfigError, read_secret_file
+from meshblock.mgmt import progress
 from meshblock.mgmt.config import MgmtConfig
 from meshblock.mgmt.context import CTX, ctx
 from meshblock.mgmt.errors import ApiError, Invalid, NotFound, Upstream
@@ -330,8 +331,13 @@ async def _admin(request: web.Request) -> tuple[Identity, dict[str, str]]:
 @routes.get("/pools")
 async def pools_page(request: web.Request) -> web.Response:
     ident = await require(request)
-    pools, pds, volumes = await read_all(
-        request, "/api/v1/pools", "/api/v1/protection-domains", "/api/v1/volumes"
+    pools, pds, volumes, rebuild, scrub = await read_all(
+        request,
+        "/api/v1/pools",
+        "/api/v1/protection-domains",
+        "/api/v1/volumes",
+        "/api/v1/rebuild",
+        "/api/v1/scrub",
     )
     counts: dict[int, int] = {}
     for v in volumes["volumes"]:
@@ -345,6 +351,7 @@ async def pools_page(request: web.Request) -> web.Response:
         pools=pools["pools"],
         pds=_by_id(pds["protection_domains"]),
         volume_counts=counts,
+        work=progress.by_pool(rebuild, scrub),
     )
 
 
@@ -352,13 +359,16 @@ async def pools_page(request: web.Request) -> web.Response:
 async def pool_page(request: web.Request) -> web.Response:
     ident = await require(request)
     pool_id = _id(request)
-    pool, volumes, sds, pds = await read_all(
+    pool, volumes, sds, pds, rebuild, scrub = await read_all(
         request,
         f"/api/v1/pools/{pool_id}",
         f"/api/v1/volumes?pool_id={pool_id}",
         "/api/v1/sds",
         "/api/v1/protection-domains",
+        "/api/v1/rebuild",
+        f"/api/v1/pools/{pool_id}/scrub",
     )
+    copies = next((p for p in rebuild["pools"] if p.get("pool_id") == pool_id), None)
     devices = [
         (s, d) for s in sds["sds"] for d in s.get("devices", []) if d.get("pool_id") == pool_id
     ]
@@ -371,6 +381,7 @@ async def pool_page(request: web.Request) -> web.Response:
         volumes=volumes["volumes"],
         devices=devices,
         pds=_by_id(pds["protection_domains"]),
+        work=progress.of_pool(copies, scrub),
     )
 
 

@@ -10,7 +10,15 @@ from sqlalchemy import func, select
 from meshblock.auth import Role
 from meshblock.mdm.api.common import json
 from meshblock.mdm.context import MdmContext, ctx
-from meshblock.mdm.models import PgState, PlacementGroup, ProtectionDomain, StoragePool
+from meshblock.mdm.models import (
+    Device,
+    PgState,
+    PlacementGroup,
+    ProtectionDomain,
+    Sds,
+    SdsMode,
+    StoragePool,
+)
 from meshblock.mdm.progress import KINDS
 from meshblock.mdm.routing import ApiRoutes
 
@@ -19,7 +27,8 @@ TAG = "rebuild"
 
 
 async def rebuild_status(c: MdmContext) -> list[dict[str, Any]]:
-    """Per pool: PGs by state, moves in progress, and per kind of copy the bytes
+    """Per pool: PGs by state, moves in progress, the seconds left of
+    ``rebuild_delay_s`` of a lost SDS holding its data, and per kind of copy the bytes
     remaining, copied, the rate and an ETA (see docs/mdm.md, "Rebuild")."""
     async with c.sessions() as s, s.begin():
         pools = (
@@ -45,6 +54,20 @@ async def rebuild_status(c: MdmContext) -> list[dict[str, Any]]:
                 )
             ).all()
         )
+        holders = (
+            await s.execute(
+                select(Device.pool_id, Device.sds_id)
+                .join(Sds, Sds.id == Device.sds_id)
+                .where(Sds.mode != SdsMode.MAINTENANCE)
+                .distinct()
+            )
+        ).all()
+    waits = c.detector.rebuild_waits() if c.detector is not None else {}
+    delay_left: dict[int, float] = {}
+    for pool_id, sds_id in holders:
+        if sds_id in waits:
+            left = delay_left.get(pool_id)
+            delay_left[pool_id] = waits[sds_id] if left is None else min(left, waits[sds_id])
     states: dict[int, dict[PgState, int]] = {p.id: dict.fromkeys(PgState, 0) for p, _ in pools}
     for pool_id, state, n in counts:
         states[pool_id][state] = n
@@ -63,6 +86,9 @@ async def rebuild_status(c: MdmContext) -> list[dict[str, Any]]:
             "pgs_moving": int(moving.get(pool.id, 0)),
             "rebuild_concurrency": pool.rebuild_concurrency,
             "rebuild_bandwidth_mibps": pool.rebuild_bandwidth_mibps,
+            # seconds until the first lost SDS holding this pool's data is rebuilt
+            # away from (its rebuild_delay_s running out); None: none is waited for
+            "rebuild_delay_left_s": delay_left.get(pool.id),
         }
         for kind in KINDS:
             remaining = c.progress.remaining(pool.id, kind) if active[kind] else 0
