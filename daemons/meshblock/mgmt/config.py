@@ -22,6 +22,9 @@ class HttpConfig:
     host: str = "127.0.0.1"
     port: int = 8080
     plain_http: bool = False
+    # How often an open page fetches itself again and updates its figures in place
+    # (static/refresh.js); 0: never.
+    page_refresh_s: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -166,6 +169,8 @@ class MgmtConfig:
         ):
             if value <= 0:
                 raise ValueError(f"{key} must be positive")
+        if self.http.page_refresh_s != 0 and not 1 <= self.http.page_refresh_s <= 86400:
+            raise ValueError("http.page_refresh_s must be 0 (never) or 1 to 86400 seconds")
         if self.auth.login_backoff_s > self.auth.login_max_backoff_s:
             raise ValueError("auth.login_backoff_s must not exceed auth.login_max_backoff_s")
         if self.prometheus.chart_range_s / self.prometheus.chart_step_s > 11000:

@@ -69,6 +69,9 @@ class Upstream(ApiError):
     code = "upstream"
 
 
+REFRESH_HEADER = "X-Meshblock-Refresh"
+
+
 def wants_json(request: web.Request) -> bool:
     p = request.path
     return p.startswith(("/api/", "/health/api/")) or p in ("/metrics", "/healthz")
@@ -111,7 +114,9 @@ async def _handle(
     try:
         return await handler(request)
     except LoginRequired as exc:
-        if wants_json(request):
+        # A page's own refresh (static/refresh.js) is told 401: it sends the browser
+        # to the login page itself, with the page to come back to.
+        if wants_json(request) or request.headers.get(REFRESH_HEADER):
             return _answer(error_page, request, exc.status, exc.code, exc.message, None, _BEARER)
         target = request.path_qs if request.method == "GET" else "/"
         raise web.HTTPSeeOther("/login?" + urlencode({"next": target})) from None

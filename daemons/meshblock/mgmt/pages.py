@@ -89,7 +89,13 @@ def render(
     status: int = 200,
     **values: Any,
 ) -> web.Response:
-    html = ctx(request).templates.get_template(name).render(user=ident, **values)
+    c = ctx(request)
+    # Only a page that a GET answered in full fetches itself again (static/refresh.js):
+    # not the page a refused POST shows, nor an error page.
+    refresh = request.method == "GET" and status == 200 and ident is not None
+    html = c.templates.get_template(name).render(
+        user=ident, refresh_s=c.config.http.page_refresh_s if refresh else 0, **values
+    )
     return web.Response(
         text=html,
         status=status,
