@@ -54,7 +54,18 @@ def _number(value: float) -> str:
 
 
 def human(value: float, unit: str) -> str:
-    """``value`` for a person: IEC prefixes for bytes, no exponent notation."""
+    """``value`` for a person: IEC prefixes for bytes, seconds as ms or µs, no
+    exponent notation."""
+    if unit == "seconds":
+        if value == 0:
+            return "0 s"
+        if abs(value) < 1e-3:
+            return f"{_number(value * 1e6)} \u00b5s"
+        if abs(value) < 1:
+            return f"{_number(value * 1e3)} ms"
+        return f"{_number(value)} s"
+    if unit == "ops/s":
+        return f"{_number(value)}/s"
     if unit in ("bytes", "bytes/s"):
         suffix = "/s" if unit == "bytes/s" else ""
         for prefix in ("B", "KiB", "MiB", "GiB", "TiB"):
@@ -65,13 +76,26 @@ def human(value: float, unit: str) -> str:
     return _number(value)
 
 
-def _clock(t: float) -> str:
-    return dt.datetime.fromtimestamp(t, dt.UTC).strftime("%H:%M")
+def _clock(t: float, span: float = 0.0) -> str:
+    """``HH:MM``; with the date (``MM-DD HH:MM``) over a span of more than 12 hours."""
+    return dt.datetime.fromtimestamp(t, dt.UTC).strftime(
+        "%m-%d %H:%M" if span > 12 * 3600 else "%H:%M"
+    )
 
 
 def svg(spec: ChartSpec, series: list[Series], start: float, end: float) -> Markup:
     """The chart as an ``<svg>`` element (safe to insert into the page)."""
-    plot_w, plot_h = WIDTH - LEFT - RIGHT, HEIGHT - TOP - BOTTOM
+    labels = []
+    for s in series:
+        name = s.labels.get(spec.legend, spec.legend) or spec.legend
+        if s.points:
+            labels.append(f"{name}: {human(s.points[-1][1], spec.unit)}")
+        else:
+            labels.append(f"{name}: no data")
+    # The legend is drawn right of the plot, inside the chart: room for its longest
+    # label (about 6.5 px a character at 11 px), the plot narrower for it.
+    right = min(max(RIGHT, 30 + round(6.5 * max((len(x) for x in labels), default=0))), 300)
+    plot_w, plot_h = WIDTH - LEFT - right, HEIGHT - TOP - BOTTOM
     peak = max((v for s in series for _, v in s.points), default=0.0)
     top = peak * 1.1 if peak > 0 else 1.0
     span = max(end - start, 1.0)
@@ -100,7 +124,7 @@ def svg(spec: ChartSpec, series: list[Series], start: float, end: float) -> Mark
     for t, anchor in ((start, "start"), ((start + end) / 2, "middle"), (end, "end")):
         parts.append(
             f'<text x="{x(t):.1f}" y="{HEIGHT - 8}" text-anchor="{anchor}" font-size="11">'
-            f"{_clock(t)} UTC</text>"
+            f"{_clock(t, span)} UTC</text>"
         )
     for n, s in enumerate(series):
         colour = COLOURS[n % len(COLOURS)]
@@ -111,15 +135,83 @@ def svg(spec: ChartSpec, series: list[Series], start: float, end: float) -> Mark
                 f'<polyline class="series" data-series="{escape(name)}" fill="none" '
                 f'stroke="{colour}" stroke-width="2" points="{pts}"/>'
             )
-            last = s.points[-1][1]
-            label = f"{name}: {human(last, spec.unit)}"
-        else:
-            label = f"{name}: no data"
         ly = TOP + 14 + n * 16
         parts.append(
             f'<rect x="{LEFT + plot_w + 8}" y="{ly - 9}" width="10" height="10" '
-            f'fill="{colour}"/><text x="{LEFT + plot_w + 22}" y="{ly}" font-size="11">'
-            f"{escape(label)}</text>"
+            f'fill="{colour}"/><text class="legend" x="{LEFT + plot_w + 22}" y="{ly}" '
+            f'font-size="11">{escape(labels[n])}</text>'
         )
     parts.append("</svg>")
     return Markup("".join(parts))
+
+
+# -- the IO charts of one pool, volume, SDS or SDC ---------------------------------------
+
+#: The time ranges a detail page's charts offer (``?range=``), in seconds.
+RANGES = {"15m": 900, "1h": 3600, "6h": 6 * 3600, "24h": 86400}
+DEFAULT_RANGE = "1h"
+POINTS = 240  # per series: the step is the range / this (at least 1 s)
+
+#: Per kind of object: the label its recorded series name it by, and the recording
+#: rules (monitoring/prometheus/rules/recording.yml) of its IOPS, bandwidth and mean
+#: latency ("" where no rule exists: the SDC's and SDS's latency histograms are by
+#: operation only, so a pool or a volume has no latency of its own).
+OBJECT_SERIES = {
+    "pool": ("pool", "pool:meshblock_sdc_ops:rate1m", "pool:meshblock_sdc_bytes:rate1m", ""),
+    "volume": (
+        "volume",
+        "volume:meshblock_sdc_ops:rate1m",
+        "volume:meshblock_sdc_bytes:rate1m",
+        "",
+    ),
+    "sdc": (
+        "sdc",
+        "sdc:meshblock_sdc_ops:rate1m",
+        "sdc:meshblock_sdc_bytes:rate1m",
+        "sdc:meshblock_sdc_op_duration_seconds:mean1m",
+    ),
+    "sds": (
+        "sds",
+        "sds:meshblock_sds_ops:rate1m",
+        "sds:meshblock_sds_bytes:rate1m",
+        "sds:meshblock_sds_op_duration_seconds:mean1m",
+    ),
+}
+
+
+def promql_string(value: str) -> str:
+    """``value`` as a PromQL double-quoted string literal."""
+    escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    return f'"{escaped}"'
+
+
+def range_of(text: str | None) -> str:
+    """The range key a page asked for (``?range=``); the default for anything else."""
+    return text if text in RANGES else DEFAULT_RANGE
+
+
+def step_of(range_s: float) -> float:
+    return max(1.0, round(range_s / POINTS))
+
+
+def object_charts(kind: str, name: str) -> list[ChartSpec]:
+    """IOPS, bandwidth and (SDS, SDC) mean latency of ``kind`` ``name``, by operation."""
+    label, ops, rate, latency = OBJECT_SERIES[kind]
+    match = f"{{{label}={promql_string(name)}}}"
+    specs = [
+        ChartSpec("iops", "IOPS by operation", "ops/s", f"sum by (op) ({ops}{match})", "op"),
+        ChartSpec(
+            "bandwidth", "Bandwidth by operation", "bytes/s", f"sum by (op) ({rate}{match})", "op"
+        ),
+    ]
+    if latency:
+        specs.append(
+            ChartSpec(
+                "latency",
+                "Latency by operation (mean over 1 min)",
+                "seconds",
+                f"max by (op) ({latency}{match})",
+                "op",
+            )
+        )
+    return specs

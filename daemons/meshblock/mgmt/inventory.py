@@ -22,6 +22,7 @@ import asyncio
 import json
 import logging
 import re
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -32,7 +33,7 @@ from aiohttp import web
 
 from meshblock import pki
 from meshblock.config import ConfigError, read_secret_file
-from meshblock.mgmt import progress
+from meshblock.mgmt import charts, progress, prometheus
 from meshblock.mgmt.config import MgmtConfig
 from meshblock.mgmt.context import CTX, ctx
 from meshblock.mgmt.errors import ApiError, Invalid, NotFound, Upstream
@@ -280,6 +281,35 @@ def _by_id(items: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
     return {int(x["id"]): x for x in items if isinstance(x, dict) and "id" in x}
 
 
+async def io_charts(request: web.Request, kind: str, name: str) -> dict[str, Any]:
+    """The detail page's IO charts of ``kind`` ``name`` over the range the page asked
+    for (``?range=15m|1h|6h|24h``), from Prometheus's recorded rates; each chart that
+    cannot be drawn carries the reason instead."""
+    c = ctx(request)
+    cfg = c.config.prometheus
+    key = charts.range_of(request.query.get("range"))
+    end = time.time()
+    start = end - charts.RANGES[key]
+    step = charts.step_of(charts.RANGES[key])
+
+    async def one(spec: charts.ChartSpec) -> dict[str, Any]:
+        if not cfg.url:
+            return {"spec": spec, "svg": None, "error": "no Prometheus is configured"}
+        try:
+            series = await prometheus.query_range(c.http, cfg, spec.query, start, end, step)
+        except ApiError as exc:
+            return {"spec": spec, "svg": None, "error": exc.message}
+        return {"spec": spec, "svg": charts.svg(spec, series, start, end), "error": None}
+
+    drawn = await asyncio.gather(*(one(s) for s in charts.object_charts(kind, name)))
+    return {
+        "chart_range": key,
+        "chart_ranges": list(charts.RANGES),
+        "io_charts": list(drawn),
+        "chart_latency": bool(charts.OBJECT_SERIES[kind][3]),
+    }
+
+
 def can_act(request: web.Request, ident: Identity) -> bool:
     """Whether the page shows action buttons: an admin, with actions configured."""
     return ident.is_admin and request.app[ACTIONS].http is not None
@@ -382,6 +412,7 @@ async def pool_page(request: web.Request) -> web.Response:
         devices=devices,
         pds=_by_id(pds["protection_domains"]),
         work=progress.of_pool(copies, scrub),
+        **await io_charts(request, "pool", pool["name"]),
     )
 
 
@@ -443,7 +474,10 @@ async def _volume_page(
         f"/api/v1/mappings?volume_id={vid}",
         "/api/v1/sdc",
     )
-    pool = await read(request, f"/api/v1/pools/{int(volume['pool_id'])}")
+    pool, drawn = await asyncio.gather(
+        read(request, f"/api/v1/pools/{int(volume['pool_id'])}"),
+        io_charts(request, "volume", volume["name"]),
+    )
     return _page(
         request,
         "volume.html",
@@ -455,6 +489,7 @@ async def _volume_page(
         pool=pool,
         mappings=mappings["mappings"],
         sdcs=_by_id(sdcs["sdc"]),
+        **drawn,
     )
 
 
@@ -587,6 +622,7 @@ async def _sds_page(
         sds=sds,
         pools=_by_id(pools["pools"]),
         pds=_by_id(pds["protection_domains"]),
+        **await io_charts(request, "sds", sds["name"]),
     )
 
 
@@ -654,4 +690,5 @@ async def sdc_page(request: web.Request) -> web.Response:
         sdc=sdc,
         mappings=mappings["mappings"],
         volumes=_by_id(volumes["volumes"]),
+        **await io_charts(request, "sdc", str(sdc.get("name") or sdc.get("guid", ""))),
     )
