@@ -161,6 +161,8 @@ def test_pool_pages_show_rebuild_waiting_then_running_with_eta(
             expect(page.locator("#progress-scrub")).to_have_count(1)
             page.goto(c.gui.url + "/pools")
             expect(page.locator(f"#pool-{pool_id} .pool-work .work")).to_have_text("idle")
+            page.goto(c.gui.url + "/health")
+            expect(page.locator("#rebuild-idle")).to_be_visible()
 
             # -- an SDS lost: its PGs wait out rebuild_delay_s
             lost = c.sds[2]["id"]
@@ -176,6 +178,10 @@ def test_pool_pages_show_rebuild_waiting_then_running_with_eta(
             expect(row.locator(".progress-state")).to_contain_text("waiting out rebuild_delay_s")
             expect(row.locator(".progress-state")).to_contain_text(re.compile(r"starts in \d+s"))
             screenshot(page, "gui-pool-waiting.png")
+            page.goto(c.gui.url + "/health")
+            waiting = page.locator(f"#rebuild tr.work#work-{pool_id}-rebuild")
+            expect(waiting).to_have_attribute("data-state", "waiting")
+            expect(waiting.locator(".progress-state")).to_contain_text("rebuild_delay_s")
             page.goto(c.gui.url + "/pools")
             expect(
                 page.locator(f"#pool-{pool_id} .pool-work .work[data-kind=rebuild]")
@@ -204,6 +210,11 @@ def test_pool_pages_show_rebuild_waiting_then_running_with_eta(
             work = page.locator(f"#pool-{pool_id} .pool-work .work[data-kind=rebuild]")
             expect(work).to_have_attribute("data-state", "running")
             expect(work).to_contain_text("ETA")
+            page.goto(c.gui.url + "/health")
+            running = page.locator(f"#rebuild tr.work#work-{pool_id}-rebuild")
+            expect(running).to_have_attribute("data-state", "running")
+            expect(running.locator(".progress-eta")).to_have_text(re.compile(r"^(\d+m\d\ds|\d+s)$"))
+            expect(page.locator("#rebuild-idle")).to_have_count(0)
     except BaseException:
         on_failure(page)
         raise

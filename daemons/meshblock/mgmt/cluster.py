@@ -18,6 +18,8 @@ class ClusterView:
     health: dict[str, Any] = field(default_factory=dict)  # MDM /health
     metrics: dict[str, Any] = field(default_factory=dict)  # MDM /health/metrics
     components: list[dict[str, Any]] = field(default_factory=list)  # /health/components
+    rebuild: list[dict[str, Any]] = field(default_factory=list)  # /api/v1/rebuild's pools
+    rebuild_error: str | None = None  # why /api/v1/rebuild could not be read
     error: str | None = None  # why the MDM could not be read
 
     @property
@@ -45,15 +47,34 @@ async def read(http: aiohttp.ClientSession, cfg: MdmConfig) -> ClusterView:
     if not cfg.url:
         return ClusterView(error="no MDM is configured ([mdm] url)")
     try:
-        health, metrics, comps = await asyncio.gather(
+        health, metrics, comps, rebuild = await asyncio.gather(
             _get(http, cfg, "/health"),
             _get(http, cfg, "/health/metrics"),
             components(http, cfg),
+            _rebuild(http, cfg),
         )
     except Upstream as exc:
         return ClusterView(error=exc.message)
+    pools, rebuild_error = rebuild
     return ClusterView(
         health=health if isinstance(health, dict) else {},
         metrics=metrics if isinstance(metrics, dict) else {},
         components=comps,
+        rebuild=pools,
+        rebuild_error=rebuild_error,
     )
+
+
+async def _rebuild(
+    http: aiohttp.ClientSession, cfg: MdmConfig
+) -> tuple[list[dict[str, Any]], str | None]:
+    """The pools of ``GET /api/v1/rebuild``, or why they could not be read (the rest
+    of the dashboard is shown either way)."""
+    try:
+        body = await _get(http, cfg, "/api/v1/rebuild")
+    except Upstream as exc:
+        return [], exc.message
+    pools = body.get("pools") if isinstance(body, dict) else None
+    if not isinstance(pools, list):
+        return [], "the MDM's /api/v1/rebuild answer has no pools list"
+    return [p for p in pools if isinstance(p, dict) and "pool_id" in p], None

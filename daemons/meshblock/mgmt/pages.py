@@ -21,7 +21,7 @@ from sqlalchemy import func, select
 
 import meshblock
 from meshblock import audit
-from meshblock.mgmt import alerts, charts, cluster, prometheus
+from meshblock.mgmt import alerts, charts, cluster, progress, prometheus
 from meshblock.mgmt.accounts import authenticate
 from meshblock.mgmt.api import (
     alert_counts,
@@ -257,6 +257,12 @@ async def dashboard(request: web.Request) -> web.Response:
         ident,
         page="health",
         cluster=view,
+        copies=[
+            (p, w)
+            for p in view.rebuild
+            for w in progress.of_pool(p, None)[:2]  # rebuild, rebalance (scrub: below)
+            if w.busy
+        ],
         counts=public_counts(counts),
         charts=chart_list,
         prometheus_url=c.config.prometheus.url,
