@@ -99,7 +99,7 @@ ROUTES = [
 ]
 
 # sha256 of the document as served (json.dumps, keys in their order), version blanked.
-OPENAPI_SHA256 = "fdbe975b6ea658e81b107ef0d4940d544b8794b1a3cd580e72e6a83529e3018d"
+OPENAPI_SHA256 = "bfb151a4d3740f2cf4a9975dcecb930f3b1d09d6913493a647db9c5e92876798"
 
 
 def _app() -> web.Application:
