@@ -5,6 +5,7 @@ too), and a malformed report is refused naming the field."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -13,9 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp.test_utils import TestClient, TestServer
 
 from _mdm import MdmDaemon
 from meshblock.mdm import heartbeats, snapshot_gc
+from meshblock.mdm.app import create_app
+from meshblock.mdm.config import AuthConfig, DatabaseConfig, MdmConfig, ScrubConfig
+from meshblock.mdm.context import CTX
 from meshblock.mdm.snapshot_gc import TreeGcReports
 
 pytestmark = [pytest.mark.cluster, pytest.mark.parallel]
@@ -211,3 +216,27 @@ def test_a_silent_sds_report_expires_and_its_next_heartbeat_is_asked_whole(
     reports.report(3, [{**_pass(7, "running", 4, 3, {}), "unread_slots": {}}])
     assert not reports.needs_full(3)
     assert reports.status()[0]["state"] == "running"
+
+
+def test_heartbeats_naming_no_registered_sds_leave_nothing_in_memory(tmp_path: Path) -> None:
+    """A heartbeat for an id no SDS has is refused 404 before the reports note it as
+    heard: ids made up by a caller holding the cluster secret do not grow memory."""
+    config = MdmConfig(
+        auth=AuthConfig(admin_token="admin-token", cluster_secret="cluster-secret"),
+        database=DatabaseConfig(url=f"sqlite+aiosqlite:///{tmp_path}/mdm.db"),
+        scrub=ScrubConfig(start_delay_s=3600.0),
+    )
+
+    async def main() -> dict[int, float]:
+        app = create_app(config)
+        async with TestClient(TestServer(app, host="127.0.0.1")) as client:
+            for sds_id in range(900, 950):
+                resp = await client.post(
+                    f"/api/v1/sds/{sds_id}/heartbeat",
+                    json={"seq": 1, "full": True},
+                    headers={"Authorization": "Bearer cluster-secret"},
+                )
+                assert resp.status == 404, await resp.text()
+            return dict(app[CTX].tree_gc._heard)
+
+    assert asyncio.run(main()) == {}

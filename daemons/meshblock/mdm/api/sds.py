@@ -596,10 +596,11 @@ async def sds_heartbeat(request: web.Request, beat: heartbeats.SdsBeat) -> web.R
     c = ctx(request)
     sds_id = path_id(request)
     live = c.liveness
-    c.tree_gc.heard(sds_id)
     if live.seen("sds", sds_id) is None:
         # Unknown to memory: either never seen since start or not registered at all.
         await _must_be_registered(request, sds_id)
+    # only once known to be registered: an id no SDS has leaves no trace in memory
+    c.tree_gc.heard(sds_id)
     applied = heartbeats.apply(c.reported.views, sds_id, beat)
     if applied is None:  # a delta onto a state this MDM does not have
         live.beat("sds", sds_id)
