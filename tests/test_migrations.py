@@ -613,3 +613,56 @@ def test_upgrade_to_vtree_records_keeps_every_volume_a_tree_of_one(empty_db: str
     assert (trees, versions) == (0, 0)
     # the volumes table, recreated on SQLite, still never hands out a deleted id
     assert run_sync(empty_db, _add_one_of_each)["volumes"] > 3
+
+
+def test_a_downgrade_never_hands_out_a_deleted_volumes_id_again(empty_db: str) -> None:
+    """The downgrades of 0016 and 0015 drop columns of ``volumes``, which SQLite does by
+    recreating the table: its id counter must stay at the highest id ever handed out
+    (volume ids are tree ids and chunk keys), not fall to the highest id left."""
+    from alembic import command
+
+    def add_volume(conn: Connection, name: str) -> int:
+        return int(
+            conn.execute(
+                text(
+                    "INSERT INTO volumes (name, pool_id, type, size_bytes) "
+                    "VALUES (:n, 1, 'thin', 1073741824) RETURNING id"
+                ),
+                {"n": name},
+            ).scalar_one()
+        )
+
+    def populate(conn: Connection) -> int:
+        conn.execute(text("INSERT INTO protection_domains (name) VALUES ('pd1')"))
+        conn.execute(
+            text(
+                "INSERT INTO storage_pools (name, protection_domain_id, pg_count, "
+                "allocation_granularity_bytes, spare_percent, rebuild_bandwidth_mibps, "
+                "rebuild_concurrency, rebalance_bandwidth_mibps, rebalance_concurrency, "
+                "capacity_alert_high_percent, capacity_alert_critical_percent, map_epoch) "
+                "VALUES ('sp1', 1, 2, 1073741824, 10, 0, 4, 50, 2, 80, 90, 3)"
+            )
+        )
+        ids = [add_volume(conn, f"v{i}") for i in range(3)]
+        conn.execute(text("DELETE FROM volumes WHERE id = :id"), {"id": ids[-1]})
+        return ids[-1]
+
+    def down_and_add(to: str, name: str) -> Callable[[Connection], int]:
+        def go(conn: Connection) -> int:
+            cfg = alembic_config()
+            cfg.attributes["connection"] = conn
+            command.downgrade(cfg, to)
+            return add_volume(conn, name)
+
+        return go
+
+    with_engine(empty_db, migrate)
+    deleted = run_sync(empty_db, populate)
+    after_0016 = run_sync(empty_db, down_and_add("0014", "w1"))
+    assert after_0016 > deleted, f"id {deleted} of a deleted volume handed out again"
+    run_sync(
+        empty_db,
+        lambda c: c.execute(text("DELETE FROM volumes WHERE id = :id"), {"id": after_0016}),
+    )
+    after_0015 = run_sync(empty_db, down_and_add("0013", "w2"))
+    assert after_0015 > after_0016, f"id {after_0015}: a deleted volume's id handed out again"

@@ -7,7 +7,11 @@ named data anywhere is never handed out again (docs/design.md, invariant 12).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 from sqlalchemy import text
+from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 
@@ -51,3 +55,28 @@ async def raise_id_counter(conn: AsyncConnection, table: str, value: int) -> Non
     name = await _sequence(conn, table)
     if name is not None:
         await conn.execute(text("SELECT setval(CAST(:s AS regclass), :v)"), {"s": name, "v": value})
+
+
+@contextmanager
+def counter_kept(conn: Connection, table: str) -> Iterator[None]:
+    """Around a migration step that recreates ``table`` on SQLite (Alembic's batch
+    mode: copy, drop, rename): the new table's ``sqlite_sequence`` entry starts at the
+    highest id left in it, not the highest ever handed out, so a deleted row's id would
+    be handed out again. The counter is read before and set back to the higher of the
+    two after. PostgreSQL's sequences survive the step: nothing to do there."""
+    if conn.dialect.name != "sqlite":
+        yield
+        return
+    read = text("SELECT seq FROM sqlite_sequence WHERE name = :t")
+    saved = int(conn.execute(read, {"t": table}).scalar() or 0)
+    yield
+    now = conn.execute(read, {"t": table}).scalar()
+    if now is None and saved:
+        conn.execute(
+            text("INSERT INTO sqlite_sequence (name, seq) VALUES (:t, :v)"),
+            {"t": table, "v": saved},
+        )
+    elif now is not None and int(now) < saved:
+        conn.execute(
+            text("UPDATE sqlite_sequence SET seq = :v WHERE name = :t"), {"t": table, "v": saved}
+        )

@@ -11,6 +11,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
+from meshblock.mdm.idcounters import counter_kept
+
 revision: str = "0015"
 down_revision: str | None = "0013"
 branch_labels: str | Sequence[str] | None = None
@@ -25,6 +27,13 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    with op.batch_alter_table("volumes", schema=None) as batch_op:
+    # SQLite recreates the table to drop the column: it keeps AUTOINCREMENT only if
+    # told (see 0004) and its id counter only if set back (counter_kept)
+    with (
+        counter_kept(op.get_bind(), "volumes"),
+        op.batch_alter_table(
+            "volumes", schema=None, table_kwargs={"sqlite_autoincrement": True}
+        ) as batch_op,
+    ):
         batch_op.drop_index("ix_volumes_vtree_id")
         batch_op.drop_column("vtree_id")

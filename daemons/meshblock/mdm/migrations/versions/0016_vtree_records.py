@@ -13,6 +13,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
+from meshblock.mdm.idcounters import counter_kept
+
 revision: str = "0016"
 down_revision: str | None = "0014"
 branch_labels: str | Sequence[str] | None = None
@@ -73,8 +75,12 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    # (SQLite: a recreated volumes table keeps AUTOINCREMENT only if told, see 0004)
-    with op.batch_alter_table("volumes", schema=None, table_kwargs=KEEP_AUTOINCREMENT) as batch_op:
+    # (SQLite: a recreated volumes table keeps AUTOINCREMENT only if told, see 0004,
+    # and its counter only if set back: counter_kept)
+    with (
+        counter_kept(op.get_bind(), "volumes"),
+        op.batch_alter_table("volumes", schema=None, table_kwargs=KEEP_AUTOINCREMENT) as batch_op,
+    ):
         batch_op.drop_column("source_volume_id")
         batch_op.drop_column("writable")
         batch_op.drop_column("view_version")
