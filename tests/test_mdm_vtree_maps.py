@@ -315,8 +315,9 @@ def test_trees_travel_whole_in_the_head_of_every_delta(tmp_path: Path) -> None:
 def test_a_build_reads_the_trees_of_all_its_pools_in_one_statement(tmp_path: Path) -> None:
     """A build of both pools' maps, 200 volumes and two trees among them, runs one
     statement that reads tree records, whatever the number of volumes, and SQLite's
-    plan finds a tree's volumes through ``ix_volumes_vtree_id`` (no scan of every
-    volume per build)."""
+    plan finds the volumes reading a version of a tree through ``ix_volumes_vtree_view``
+    by both columns (no scan of every volume, nor of every volume of a tree, per
+    build)."""
     from meshblock.mdm import vtrees
 
     async def go(s: AsyncSession) -> None:
@@ -348,7 +349,9 @@ def test_a_build_reads_the_trees_of_all_its_pools_in_one_statement(tmp_path: Pat
         )
         plan = await conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {sql}")
         steps = " | ".join(str(r[-1]) for r in plan)
-        assert "volumes USING INDEX ix_volumes_vtree_id" in steps, steps
+        assert (
+            "volumes USING INDEX ix_volumes_vtree_view (vtree_id=? AND view_version=?)" in steps
+        ), steps
 
     in_session(tmp_path, go)
 

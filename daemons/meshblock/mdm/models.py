@@ -279,6 +279,9 @@ class Volume(Base):
             sqlite_where=text("state = 'active'"),
             postgresql_where=text("state = 'active'"),
         ),
+        # A tree's volumes, and those reading one of its versions (the map build's
+        # tree query, mdm/vtrees.py): one index serves both (migration 0016).
+        Index("ix_volumes_vtree_view", "vtree_id", "view_version"),
         NEVER_REUSED,
     )
 
@@ -298,7 +301,7 @@ class Volume(Base):
     # (chunks.pg_of). The id of the tree's first volume, so a volume that is not a
     # snapshot or a clone has its own id: set by the INSERT's own flush (below), never
     # NULL once the transaction that created the volume commits.
-    vtree_id: Mapped[int] = mapped_column(BigInteger, nullable=True, index=True)
+    vtree_id: Mapped[int] = mapped_column(BigInteger, nullable=True)
     # The version of its tree it reads (its view), and whether it writes it (its head;
     # false: a read-only snapshot). A volume of a tree of one reads and writes version
     # 0, the defaults, and its tree has no rows in ``vtrees`` (docs/snapshots.md).

@@ -72,9 +72,15 @@ def upgrade() -> None:
         )
         batch_op.add_column(sa.Column("writable", sa.Boolean(), server_default="1", nullable=False))
         batch_op.add_column(sa.Column("source_volume_id", sa.BigInteger(), nullable=True))
+    # The map build finds the volumes reading a version of a tree (mdm/vtrees.py) by
+    # both columns; the index replaces 0015's on vtree_id alone (its leading column).
+    op.create_index("ix_volumes_vtree_view", "volumes", ["vtree_id", "view_version"])
+    op.drop_index("ix_volumes_vtree_id", table_name="volumes")
 
 
 def downgrade() -> None:
+    op.create_index("ix_volumes_vtree_id", "volumes", ["vtree_id"])
+    op.drop_index("ix_volumes_vtree_view", table_name="volumes")
     # (SQLite: a recreated volumes table keeps AUTOINCREMENT only if told, see 0004,
     # and its counter only if set back: counter_kept)
     with (
