@@ -389,6 +389,18 @@ def test_which_versions_a_tree_drops() -> None:
     assert droppable({5: None}, {5}, set(), [5]) == ([], {5: None})
 
 
+def test_a_root_left_with_one_child_by_a_later_drop_goes_in_the_same_look() -> None:
+    """The root 0 has two children when its turn comes; its dead child 1 goes after it
+    in ascending order, leaving it one child: it goes in the same look, not only once
+    the reports change again (they may never)."""
+    from meshblock.mdm.vtrees import droppable
+
+    assert droppable({0: None, 1: 0, 2: 0}, {0, 1}, {2}, [0, 1]) == ([1, 0], {2: None})
+    # the root's children 1 and 4 and 1's child 2 all go after it: it goes last
+    tree = {0: None, 1: 0, 2: 1, 3: 1, 4: 0}
+    assert droppable(tree, {0, 1, 4, 2}, {3}, [0, 1, 2, 4]) == ([1, 2, 4, 0], {3: None})
+
+
 def test_a_dead_version_goes_once_every_sds_of_the_pool_reports_none_of_it(
     tmp_path: Path,
 ) -> None:

@@ -134,21 +134,29 @@ def droppable(
     active volume views it (``viewed``), and the tree keeps one root and one version at
     least (a root goes only with exactly one child, which becomes the root). Its
     children take its parent: it held nothing, so their block maps are unchanged.
-    Pure; in ascending order, each drop seeing the ones before."""
+    Pure; in ascending order, each drop seeing the ones before, and again until a pass
+    drops nothing: a root skipped for its two children goes once one of them has gone
+    later in the same pass."""
     after = dict(versions)
-    dropped = []
-    for v in sorted(freed):
-        if v not in after or v not in dead or v in viewed or len(after) == 1:
-            continue
-        parent = after[v]
-        children = [c for c, p in after.items() if p == v]
-        if parent is None and len(children) != 1:
-            continue
-        for c in children:
-            after[c] = parent
-        del after[v]
-        dropped.append(v)
-    return dropped, after
+    dropped: list[int] = []
+    left = sorted(freed)
+    while True:
+        kept = []
+        for v in left:
+            if v not in after or v not in dead or v in viewed or len(after) == 1:
+                continue
+            parent = after[v]
+            children = [c for c, p in after.items() if p == v]
+            if parent is None and len(children) != 1:
+                kept.append(v)  # a root with no or two children: another look after
+                continue
+            for c in children:
+                after[c] = parent
+            del after[v]
+            dropped.append(v)
+        if len(kept) == len(left):
+            return dropped, after
+        left = kept
 
 
 async def drop_collected(session: AsyncSession, reports: TreeGcReports) -> list[tuple[int, int]]:
