@@ -520,3 +520,93 @@ def test_the_purger_drops_a_freed_version_and_publishes_the_epoch(tmp_path: Path
             await engine.dispose()
 
     asyncio.run(main())
+
+
+def test_the_purger_writes_only_for_a_tree_it_can_drop_from_and_reads_in_chunks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Versions at 0 that cannot be dropped (live, or a tree without records) are
+    looked at in a read transaction: the purge loop enters no write transaction for
+    them (each one takes the write gate and the fence's UPDATE). Reports naming 2500
+    trees are read with IN lists of at most 1000 ids (asyncpg takes at most 32767
+    parameters a statement), and a droppable tree among them is still found."""
+    import contextlib
+    from collections.abc import AsyncIterator
+
+    from sqlalchemy import select
+
+    from meshblock.mdm import deletion, leader, vtrees
+    from meshblock.mdm.deletion import Purger, TombstoneReports
+    from meshblock.mdm.epochs import CLUSTER_ROW_ID, EpochNotifier
+    from meshblock.mdm.models import Cluster, VtreeVersion
+    from meshblock.mdm.reconcile import Reported
+    from meshblock.mdm.snapshot_gc import TreeGcReports
+
+    @contextlib.asynccontextmanager
+    async def gate() -> AsyncIterator[None]:
+        yield
+
+    writes: list[int] = []
+    plain_writing = leader.writing
+
+    @contextlib.asynccontextmanager
+    async def counted(*args: Any) -> AsyncIterator[AsyncSession]:
+        writes.append(1)
+        async with plain_writing(*args) as s:
+            yield s
+
+    monkeypatch.setattr(deletion, "writing", counted)
+
+    async def main() -> None:
+        engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'mdm.db'}")
+        try:
+            await migrate(engine)
+            sessions = session_factory(engine)
+            async with sessions() as s, s.begin():
+                s.add(Cluster(id=CLUSTER_ROW_ID, name="c", epoch=1))
+                pools, volumes = await populate(s)
+                await record_picture(s, pools, volumes)
+                sds = {d for (d,) in await s.execute(select(Device.sds_id))}
+                tree = volumes[0]
+            reports = TreeGcReports()
+            notifier = EpochNotifier(1)
+            purger = Purger(
+                sessions, cast(Any, gate), notifier, TombstoneReports(), Reported(), reports
+            )
+            await purger.once()
+            baseline = len(writes)  # no report: the tombstones' reconcile and purge
+            for i in sds:  # 1 is live (and viewed): at 0, but it stays
+                reports.report(i, [gc_pass(tree, "done", {1: 0, 3: 2})])
+            writes.clear()
+            await purger.once()
+            assert len(writes) == baseline, "a write transaction for nothing to drop"
+            reports.report(min(sds), [gc_pass(tree, "done", {1: 0, 3: 0})])  # one SDS only
+            writes.clear()
+            await purger.once()
+            assert len(writes) == baseline, "a write transaction for nothing to drop"
+
+            many = [gc_pass(t, "done", {1: 0}) for t in range(100_000, 102_500)]
+            for i in sds:
+                reports.report(i, [*many, gc_pass(tree, "done", {3: 0})])
+            params: list[int] = []
+
+            def seen(_c: Any, _cur: Any, sql: str, parameters: Any, *_: Any) -> None:
+                if "vtree" in sql:
+                    params.append(len(parameters))
+
+            event.listen(engine.sync_engine, "before_cursor_execute", seen)
+            writes.clear()
+            await purger.once()
+            event.remove(engine.sync_engine, "before_cursor_execute", seen)
+            assert len(writes) == baseline + 1
+            assert params and max(params) <= vtrees.IN_CHUNK + 2, params
+            assert notifier.epoch == 2
+            async with sessions() as s:
+                versions = await s.execute(
+                    select(VtreeVersion.version).where(VtreeVersion.vtree_id == tree)
+                )
+                assert sorted(versions.scalars()) == [0, 1, 2, 4]
+        finally:
+            await engine.dispose()
+
+    asyncio.run(main())

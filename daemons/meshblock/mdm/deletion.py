@@ -31,7 +31,7 @@ from meshblock.mdm.leader import writing
 from meshblock.mdm.models import Device, StoragePool, Volume, VolumeState, VolumeUsage
 from meshblock.mdm.reconcile import Reported, reconcile
 from meshblock.mdm.snapshot_gc import TreeGcReports
-from meshblock.mdm.vtrees import drop_collected
+from meshblock.mdm.vtrees import collectable, drop_collected
 
 log = logging.getLogger(__name__)
 
@@ -150,13 +150,19 @@ class Purger:
                 epoch = await bump(s)
         gc = self._tree_gc
         if gc is not None and gc.generation != self._tree_gc_seen:
-            # In its own transaction, and none while no SDS reports a version freed: a
+            # In its own transactions, and none while no SDS reports a version freed: a
             # failure never holds back the purge's epoch, and the next pass looks again.
+            # The trees with a version to drop are found in a read transaction; a write
+            # one (the gate, the fence) only for them, where they are looked at again.
             seen, dropped = gc.generation, 0
             try:
+                trees: list[int] = []
                 if gc.freed_somewhere():
+                    async with self._sessions() as s, s.begin():
+                        trees = await collectable(s, gc)
+                if trees:
                     async with writing(self._gate, self._sessions) as s:
-                        if await drop_collected(s, gc):
+                        if await drop_collected(s, gc, trees):
                             dropped = await bump(s)
                 self._tree_gc_seen = seen
             except Exception:

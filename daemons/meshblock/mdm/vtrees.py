@@ -159,18 +159,51 @@ def droppable(
         left = kept
 
 
-async def drop_collected(session: AsyncSession, reports: TreeGcReports) -> list[tuple[int, int]]:
-    """Remove the records of the dead versions every SDS with a device in the tree's
-    pool reports holding no slot of (its newest pass over the tree done), re-parent
-    their children, and move those pools' map epochs (the maps drop the versions).
-    Returns the (tree, version) pairs dropped. Reads nothing unless some SDS's report
-    has such a version."""
+#: At most this many ids in one ``IN`` list: asyncpg takes at most 32767 parameters
+#: a statement, and thousands of trees may report a version at 0 at once.
+IN_CHUNK = 1000
+
+
+def _in_chunks(ids: Iterable[int]) -> list[list[int]]:
+    ordered = sorted(ids)
+    return [ordered[i : i + IN_CHUNK] for i in range(0, len(ordered), IN_CHUNK)]
+
+
+class _Drop:
+    """What one tree drops: its pool, its versions' parents before and after."""
+
+    __slots__ = ("after", "before", "gone", "pool_id")
+
+    def __init__(
+        self,
+        pool_id: int,
+        before: dict[int, int | None],
+        gone: list[int],
+        after: dict[int, int | None],
+    ) -> None:
+        self.pool_id = pool_id
+        self.before = before
+        self.gone = gone
+        self.after = after
+
+
+async def _plan(
+    session: AsyncSession, reports: TreeGcReports, only: Iterable[int] | None = None
+) -> dict[int, _Drop]:
+    """Per tree (of ``only``, if given) with a version to drop, what it drops; reads
+    only (nothing while no SDS reports a version at 0), its ``IN`` lists in chunks of
+    :data:`IN_CHUNK`."""
     freed = reports.freed_somewhere()
+    if only is not None:
+        keep = set(only)
+        freed = {t: v for t, v in freed.items() if t in keep}
     if not freed:
-        return []
-    tree_ids = list(freed)
-    rows = (
-        await session.execute(
+        return {}
+    pools: dict[int, int] = {}
+    versions: dict[int, dict[int, int | None]] = {}
+    dead: dict[int, set[int]] = {}
+    for chunk in _in_chunks(freed):
+        for pool_id, tree_id, version, parent, state in await session.execute(
             select(
                 Vtree.pool_id,
                 VtreeVersion.vtree_id,
@@ -179,33 +212,29 @@ async def drop_collected(session: AsyncSession, reports: TreeGcReports) -> list[
                 VtreeVersion.state,
             )
             .join(Vtree, Vtree.id == VtreeVersion.vtree_id)
-            .where(VtreeVersion.vtree_id.in_(tree_ids))
-        )
-    ).all()
-    if not any(state == VtreeVersionState.DEAD for *_, state in rows):
-        return []
-    pools: dict[int, int] = {}
-    versions: dict[int, dict[int, int | None]] = {}
-    dead: dict[int, set[int]] = {}
-    for pool_id, tree_id, version, parent, state in rows:
-        pools[tree_id] = pool_id
-        versions.setdefault(tree_id, {})[int(version)] = None if parent is None else int(parent)
-        if state == VtreeVersionState.DEAD:
-            dead.setdefault(tree_id, set()).add(int(version))
+            .where(VtreeVersion.vtree_id.in_(chunk))
+        ):
+            pools[tree_id] = pool_id
+            versions.setdefault(tree_id, {})[int(version)] = None if parent is None else int(parent)
+            if state == VtreeVersionState.DEAD:
+                dead.setdefault(tree_id, set()).add(int(version))
+    if not dead:
+        return {}
     viewed: dict[int, set[int]] = {}
-    for tree_id, view in await session.execute(
-        select(Volume.vtree_id, Volume.view_version)
-        .where(Volume.vtree_id.in_(list(dead)), Volume.state == VolumeState.ACTIVE)
-        .distinct()
-    ):
-        viewed.setdefault(tree_id, set()).add(int(view))
+    for chunk in _in_chunks(dead):
+        for tree_id, view in await session.execute(
+            select(Volume.vtree_id, Volume.view_version)
+            .where(Volume.vtree_id.in_(chunk), Volume.state == VolumeState.ACTIVE)
+            .distinct()
+        ):
+            viewed.setdefault(tree_id, set()).add(int(view))
     members: dict[int, set[int]] = {}
-    for pool_id, sds_id in await session.execute(
-        select(Device.pool_id, Device.sds_id).where(Device.pool_id.in_({pools[t] for t in dead}))
-    ):
-        members.setdefault(pool_id, set()).add(sds_id)
-    out: list[tuple[int, int]] = []
-    moved: set[int] = set()
+    for chunk in _in_chunks({pools[t] for t in dead}):
+        for pool_id, sds_id in await session.execute(
+            select(Device.pool_id, Device.sds_id).where(Device.pool_id.in_(chunk))
+        ):
+            members.setdefault(pool_id, set()).add(sds_id)
+    out: dict[int, _Drop] = {}
     for tree_id in sorted(dead):
         sds = members.get(pools[tree_id], set())
         everywhere = [
@@ -214,10 +243,32 @@ async def drop_collected(session: AsyncSession, reports: TreeGcReports) -> list[
         gone, after = droppable(
             versions[tree_id], dead[tree_id], viewed.get(tree_id, set()), everywhere
         )
-        if not gone:
-            continue
-        for version, parent in after.items():
-            if versions[tree_id][version] != parent:
+        if gone:
+            out[tree_id] = _Drop(pools[tree_id], versions[tree_id], gone, after)
+    return out
+
+
+async def collectable(session: AsyncSession, reports: TreeGcReports) -> list[int]:
+    """The trees that have a version to drop now (reads only: the purge loop looks in
+    a read transaction and enters a write one only for these, see
+    :func:`drop_collected`)."""
+    return sorted(await _plan(session, reports))
+
+
+async def drop_collected(
+    session: AsyncSession, reports: TreeGcReports, only: Iterable[int] | None = None
+) -> list[tuple[int, int]]:
+    """Remove the records of the dead versions every SDS with a device in the tree's
+    pool reports holding no slot of (its newest pass over the tree done), re-parent
+    their children, and move those pools' map epochs (the maps drop the versions).
+    Returns the (tree, version) pairs dropped. Reads nothing unless some SDS's report
+    has such a version; ``only``: the trees :func:`collectable` found, looked at again
+    here (in the write transaction) before anything is dropped."""
+    out: list[tuple[int, int]] = []
+    moved: set[int] = set()
+    for tree_id, drop in (await _plan(session, reports, only)).items():
+        for version, parent in drop.after.items():
+            if drop.before[version] != parent:
                 await session.execute(
                     update(VtreeVersion)
                     .where(VtreeVersion.vtree_id == tree_id, VtreeVersion.version == version)
@@ -225,16 +276,16 @@ async def drop_collected(session: AsyncSession, reports: TreeGcReports) -> list[
                 )
         await session.execute(
             delete(VtreeVersion).where(
-                VtreeVersion.vtree_id == tree_id, VtreeVersion.version.in_(gone)
+                VtreeVersion.vtree_id == tree_id, VtreeVersion.version.in_(drop.gone)
             )
         )
-        moved.add(pools[tree_id])
-        out += [(tree_id, v) for v in gone]
+        moved.add(drop.pool_id)
+        out += [(tree_id, v) for v in drop.gone]
         log.info(
             "tree %d of pool %d: versions %s dropped, every SDS of the pool holds nothing of them",
             tree_id,
-            pools[tree_id],
-            ", ".join(map(str, gone)),
+            drop.pool_id,
+            ", ".join(map(str, drop.gone)),
         )
     for pool_id in sorted(moved):
         await session.execute(
