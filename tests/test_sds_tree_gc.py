@@ -5,6 +5,7 @@ chunks' range locks, with its report in the metrics."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import threading
 from pathlib import Path
@@ -520,3 +521,56 @@ def test_the_pass_leaves_the_plain_slot_the_io_path_reads_alone(tmp_path: Path) 
             store.close()
 
     asyncio.run(main())
+
+
+def test_cancelling_the_caller_of_a_workers_cancel_is_not_swallowed() -> None:
+    """``worker.cancel()`` swallows the end of the worker it cancels, never the
+    cancellation of the task that called it: a stop (or a timeout) around a close
+    that waits for a slow worker still stops the caller."""
+
+    async def slow_to_end() -> None:
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await asyncio.sleep(0.2)  # still ending when the caller is cancelled
+
+    async def main() -> tuple[bool, bool]:
+        task = asyncio.create_task(slow_to_end())
+        await asyncio.sleep(0)
+        after = False
+
+        async def closing() -> None:
+            nonlocal after
+            await worker.cancel(task)
+            after = True  # the caller went on as if not cancelled
+
+        caller = asyncio.create_task(closing())
+        await asyncio.sleep(0.05)
+        caller.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await caller
+
+        # a caller cancelled before (a stop: aiohttp cleans up in the cancelled task)
+        # still closes every worker: cancel() raises nothing of its own
+        async def idle() -> None:
+            await asyncio.Event().wait()
+
+        quiet = [asyncio.create_task(idle()) for _ in range(2)]
+        await asyncio.sleep(0)
+
+        async def stopping() -> None:
+            try:
+                await asyncio.Event().wait()
+            finally:
+                for t in quiet:
+                    await worker.cancel(t)
+
+        stop = asyncio.create_task(stopping())
+        await asyncio.sleep(0)
+        stop.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await stop
+        assert all(t.cancelled() for t in quiet)
+        return caller.cancelled(), after
+
+    assert asyncio.run(main()) == (True, False)

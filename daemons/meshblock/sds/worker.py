@@ -9,7 +9,8 @@ again; any other exception (a bug) is logged with its traceback, given to ``fail
 too (the worker counts it), and the loop backs off before its next step
 (:data:`BACKOFF_FIRST_S`, doubled after each unexpected error in a row up to
 ``recheck_s``), so that a step that fails at once is not run in a tight loop. Only a
-cancel ends it; :func:`cancel` therefore never raises."""
+cancel ends it; :func:`cancel` therefore never raises, but for the cancellation of
+the task that calls it."""
 
 from __future__ import annotations
 
@@ -63,14 +64,22 @@ def _name() -> str:
 
 
 async def cancel(task: asyncio.Task[None] | None) -> None:
-    """Cancel a worker's task and wait for it to end. Never raises: a task that ended
-    with an exception (it should not: :func:`run_steps` survives them) is logged."""
+    """Cancel a worker's task and wait for it to end. Never raises of its own: a task
+    that ended with an exception (it should not: :func:`run_steps` survives them) is
+    logged. Only the caller's own cancellation, arriving while it waits, goes on up
+    (the worker's ends here; the caller's must not be swallowed with it)."""
     if task is None:
         return
+    me = asyncio.current_task()
+    # A caller already being cancelled (a stop: aiohttp's cleanup runs in the
+    # cancelled serving task) still waits for its workers: only a cancellation that
+    # arrives during the wait is the caller's to raise.
+    before = me.cancelling() if me is not None else 0
     task.cancel()
     try:
         await task
     except asyncio.CancelledError:
-        pass
+        if me is not None and me.cancelling() > before:
+            raise
     except Exception:
         log.exception("%s had ended with an error", task.get_name())
