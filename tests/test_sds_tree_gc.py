@@ -314,6 +314,34 @@ def test_the_heartbeats_report_of_5000_trees_is_bounded_and_reaches_the_mdm_whol
     assert next(t for t in status if t["tree_id"] == 4501)["chunks_done"] == 8
 
 
+def test_the_mdms_count_of_entries_to_come_is_cleared_when_they_vanish_unsent() -> None:
+    """A heartbeat carries TREE_GC_MAX of 300 passes and says 44 are left; those 44
+    trees' passes go before they are sent (the trees left the map): the next heartbeat
+    tells the MDM nothing is left, else its report stays ``unreported`` forever."""
+    extra = 44
+    trees = [gc_entry(t) for t in range(1, tree_gc_heartbeat.TREE_GC_MAX + extra + 1)]
+    beats = Heartbeats()
+    reports = TreeGcReports()
+
+    def send(snap: Snapshot) -> dict[str, Any]:
+        body = beats.body(snap)
+        beat = mdm_heartbeats.decode_sds(json.loads(json.dumps(body)))
+        if beat.full:
+            reports.report(9, beat.tree_gc or [], beat.tree_gc_left)
+        elif beat.tree_gc is not None or beat.tree_gc_gone:
+            reports.update(9, beat.tree_gc or [], beat.tree_gc_gone, beat.tree_gc_left)
+        beats.answered(200, {})
+        return body
+
+    assert send(Snapshot(tree_gc=trees))["tree_gc_left"] == extra
+    assert reports.unreported() == {"9": extra}
+    kept = trees[: tree_gc_heartbeat.TREE_GC_MAX]
+    assert send(Snapshot(tree_gc=kept))["tree_gc_left"] == 0
+    assert reports.unreported() == {}
+    assert len(reports.status()) == tree_gc_heartbeat.TREE_GC_MAX
+    assert "tree_gc" not in send(Snapshot(tree_gc=kept))  # said once
+
+
 def test_an_entry_carries_at_most_the_rows_one_heartbeat_carries(tmp_path: Path) -> None:
     """A tree with more unread versions than a heartbeat's row budget reports the
     lowest ones, so that even a single entry stays bounded."""

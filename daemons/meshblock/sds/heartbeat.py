@@ -90,6 +90,11 @@ class Heartbeats:
         self.legacy = False  # the MDM is of an earlier release: everything, every time
         self._acked: tuple[int, Snapshot] | None = None  # the MDM has this state
         self._sent: tuple[int, Snapshot] | None = None
+        # The tree_gc_left the MDM holds (of the acknowledged heartbeat), and the one
+        # the last body sets: once nothing is left to send, a non-zero count there is
+        # cleared even if the entries it counted vanished before they were sent.
+        self._acked_left = 0
+        self._sent_left = 0
 
     def body(self, snap: Snapshot) -> dict[str, Any]:
         """The body of the next heartbeat reporting ``snap``."""
@@ -110,10 +115,11 @@ class Heartbeats:
             sent = tree_gc_bounded(snap.tree_gc)
             if sent:
                 body["tree_gc"] = sent
+            self._sent_left = 0
             if not self.legacy:
                 body |= {"seq": self.seq, "full": True}
                 if len(sent) < len(snap.tree_gc):
-                    body["tree_gc_left"] = len(snap.tree_gc) - len(sent)
+                    body["tree_gc_left"] = self._sent_left = len(snap.tree_gc) - len(sent)
             # What the MDM holds once it takes this one: the next delta sends the rest.
             self._sent = (self.seq, replace(snap, tree_gc=sent))
             return body
@@ -149,8 +155,14 @@ class Heartbeats:
         gone = [t for t in had if t not in now]
         if gone:
             body["tree_gc_gone"] = gone
+        self._sent_left = self._acked_left
         if sent or gone:
-            body["tree_gc_left"] = len(changed) - len(sent)
+            body["tree_gc_left"] = self._sent_left = len(changed) - len(sent)
+        elif self._acked_left:
+            # The MDM still counts entries to come, and none are (they vanished
+            # unsent): an empty update sets its count to 0.
+            body["tree_gc"] = []
+            body["tree_gc_left"] = self._sent_left = 0
         if changed or gone:
             held = {t: e for t, e in had.items() if t in now} | _by_tree(sent)
             self._sent = (self.seq, replace(snap, tree_gc=[held[t] for t in sorted(held)]))
@@ -168,6 +180,7 @@ class Heartbeats:
                 self._acked = None
             else:
                 self._acked = sent
+                self._acked_left = self._sent_left
         elif status == 422 and not self.legacy:
             log.warning(
                 "the MDM refused a heartbeat that carries what changed (%s): an MDM of an "
