@@ -480,6 +480,34 @@ def test_a_failing_tree_does_not_stop_the_passes_of_the_trees_after_it(
     asyncio.run(main())
 
 
+def test_a_pass_failing_before_it_begins_names_the_trees_pool(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A tree's pass that fails before it has begun (here its start raising a device
+    error) is reported ``failed`` with the pool of the map that carries the tree, not
+    pool 0 (the MDM sums the reports per pool's SDSs)."""
+    monkeypatch.setattr(tree_gc, "RETRY_FIRST_S", 3600.0)
+
+    async def main() -> None:
+        store, sds = new_state(tmp_path)
+        gc = sds.tree_gc
+
+        async def fails_at_once(tree: int, chunks: Any = None) -> None:
+            raise OSError(5, "a failed device")
+
+        monkeypatch.setattr(gc, "collect", fails_at_once)
+        try:
+            sds.maps.update(pool_map(1, {14: (4, True)}))
+            await gc.step()
+            (entry,) = gc.heartbeat()
+            assert (entry["tree_id"], entry["state"]) == (TREE, "failed")
+            assert entry["pool_id"] == POOL
+        finally:
+            store.close()
+
+    asyncio.run(main())
+
+
 def test_the_scan_of_the_store_runs_once_per_step_and_off_the_event_loop(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -237,7 +237,8 @@ class TreeGc:
         p = self.passes.get(tree)
         if p is None:  # it failed before its pass began
             mt = self.trees().get(tree)
-            p = self.passes[tree] = TreePass(mt.key if mt is not None else None, 0)
+            key = mt.key if mt is not None else None
+            p = self.passes[tree] = TreePass(key, 0, self._pool_of(tree))
         failures = before.failures if before is not None and before.key == p.key else 0
         p.failures = failures + 1
         p.error = f"{type(exc).__name__}: {exc}"
@@ -254,6 +255,10 @@ class TreeGc:
             exc_info=None if expected else exc,
         )
 
+    def _pool_of(self, tree: int) -> int:
+        """The pool whose map carries ``tree`` (0: no map does any more)."""
+        return next((m.pool_id for m in self._maps.maps.values() if tree in m.trees), 0)
+
     async def collect(self, tree: int, chunks: list[int] | None = None) -> TreePass | None:
         """One pass over ``tree``'s chunks here (``chunks``, as a scan found them;
         None: scanned now, in a thread), on the newest map's tree; None when the maps
@@ -266,8 +271,7 @@ class TreeGc:
         mt = self.tree(tree)
         if mt is None:
             return None
-        pool = next((m.pool_id for m in self._maps.maps.values() if tree in m.trees), 0)
-        p = self.passes[tree] = TreePass(mt.key, len(chunks), pool)
+        p = self.passes[tree] = TreePass(mt.key, len(chunks), self._pool_of(tree))
         unread = mt.unread()
         quiet = 0
         for chunk in chunks:
