@@ -379,3 +379,42 @@ def test_a_mappings_epoch_is_named_to_the_mdm_only_once_saved(
     assert events[:3] == ["whole", "save failed", "saved"], events
     assert "since=5" in events[3], events
     assert lk._sds.access.epoch(1) == 5
+
+
+def test_a_refreshed_document_whose_save_failed_is_saved_by_the_next_refresh(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The refresh before a refusal (``_fetch_mappings``) takes a newer document, and
+    its save fails (or REFRESH_TIMEOUT_S cancels it): the document is held, not
+    saved, and its epoch not named. The next refresh gets the same document again,
+    not newer; it still saves what was taken, so the SDS goes on to name the epoch."""
+    lk = link(tmp_path)
+    saves: list[str] = []
+    real = files.write_atomic
+
+    def write(path: Path, data: bytes | str, *, mode: int = 0o600) -> None:
+        if not saves:
+            saves.append("failed")
+            raise OSError(28, "No space left on device")
+        real(path, data, mode=mode)
+        saves.append("saved")
+
+    monkeypatch.setattr(mdm_client, "write_atomic", write)
+    asked: list[str] = []
+
+    async def call(method: str, path: str, body: Any = None, wait_s: float = 10.0) -> Any:
+        asked.append(path.split("?")[-1] if "?" in path else "whole")
+        return 200, doc(5, (7, False))
+
+    lk._call = call  # type: ignore[method-assign]
+
+    async def main() -> None:
+        assert (await lk._fetch_mappings(1)) is not None  # taken, its save failed
+        assert lk._sds.access.epoch(1) == 5 and lk._named_epoch(1) == -1
+        await lk._fetch_mappings(1)
+        assert lk._named_epoch(1) == 5, saves
+        await lk._fetch_mappings(1)
+
+    asyncio.run(main())
+    assert saves == ["failed", "saved"]
+    assert asked[-1] == "since=5", asked

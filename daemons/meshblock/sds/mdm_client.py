@@ -818,7 +818,12 @@ class MdmLink:
     async def _fetch_mappings(self, pool_id: int) -> dict[str, Any] | None:
         """The pool's mappings document now if it changed since the one we have: taken
         and saved here (the access keeps it; None: unchanged, or the MDM did not give
-        it, or it is not newer)."""
+        it, or it is not newer). A document an earlier refresh took but did not save
+        (its save failed, or REFRESH_TIMEOUT_S cancelled it) is saved first: the MDM
+        would only send it again, not newer, and it would never be saved."""
+        access = self._sds.access
+        if access.epoch(pool_id) > self._named_epoch(pool_id):
+            await self._save_state()
         epoch = self._named_epoch(pool_id)
         since = f"?since={epoch}" if epoch >= 0 else ""
         try:
@@ -833,7 +838,7 @@ class MdmLink:
             return None
         if not self._sds.maps.terms.admit(doc, f"the mappings of pool {pool_id}"):
             return None
-        if unchanged(doc) or not self._sds.access.update(doc):
+        if unchanged(doc) or not access.update(doc):
             return None
         await self._save_state()  # named by our next request only once saved
         return doc
