@@ -32,7 +32,7 @@ from meshblock import pgmap_doc, pki
 from meshblock.chunks import ChunkRef, pg_of
 from meshblock.wire import tls as wire_tls
 
-LAB_PORTS = 9  # a lab uses ports BASE..BASE+8
+LAB_PORTS = 10  # a lab uses ports BASE..BASE+8, its mgmt.toml BASE+9
 LAB_UP_TIMEOUT_S = 120.0
 
 

@@ -15,6 +15,7 @@ import http.cookiejar
 import json
 import re
 import secrets
+import ssl
 import subprocess
 import sys
 import urllib.error
@@ -147,12 +148,14 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
 class WebClient:
     """A browser stand-in: keeps cookies, shows redirects instead of following them."""
 
-    def __init__(self, base_url: str) -> None:
+    def __init__(self, base_url: str, context: ssl.SSLContext | None = None) -> None:
         self.base_url = base_url.rstrip("/")
         self.jar = http.cookiejar.CookieJar()
+        # trusts the test CA unless ``context`` says otherwise (a lab's CA)
+        context = _tls.context(None) if context is None else context
         self.opener = urllib.request.build_opener(
             urllib.request.ProxyHandler({}),
-            urllib.request.HTTPSHandler(context=_tls.context(None)),  # trusts the test CA
+            urllib.request.HTTPSHandler(context=context),
             urllib.request.HTTPCookieProcessor(self.jar),
             _NoRedirect(),
         )

@@ -13,14 +13,19 @@ import json
 import os
 import signal
 import stat
+import subprocess
+import sys
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 import _http
 from _cluster import LabCluster, process_running
+from _mgmt import WebClient, form_value
+from _process import ServerProcess
 from _wait import WaitTimeout, wait_until
 from meshblock import pki
 from test_nbd_server import qemu_io, run, tool
@@ -65,7 +70,7 @@ def test_up_status_down(lab: LabCluster) -> None:
     for path in [root / "env", root / "cluster.secret", root / "lab.json",
                  *sorted((root / "config").glob("*.toml"))]:  # fmt: skip
         assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
-    assert len(list((root / "config").glob("*.toml"))) == 5
+    assert len(list((root / "config").glob("*.toml"))) == 6  # the five daemons' and MGMT's
     assert {p.name for p in (root / "logs").iterdir()} == {f"{n}.log" for n in NAMES}
     secret = lab.secret
     assert len(secret) >= 24 and secret in (root / "config" / "mdm.toml").read_text()
@@ -117,6 +122,10 @@ def test_up_status_down(lab: LabCluster) -> None:
     (vol,) = pool["volumes"]
     assert pool["name"] == "sp1" and vol["name"] == "vol1"
     assert [m["sdc_name"] for m in vol["mappings"]] == ["sdc1"]
+
+    # MGMT started with the lab's mgmt.toml manages the cluster: its pages' actions go
+    # to the MDM as admin:mgmt.
+    check_mgmt_manages_the_lab(lab, configs["mgmt"], root / "ca" / "ca.crt")
 
     # The volume is served over NBD, TCP and unix socket.
     (export,) = json.loads(run(tool("nbdinfo"), "--json", lab.uri("tcp")).stdout)["exports"]
@@ -174,6 +183,69 @@ def test_up_status_down(lab: LabCluster) -> None:
     assert "nothing to stop" in lab.down().stdout
     rc, _ = lab.status()
     assert rc == 4
+
+
+def check_mgmt_manages_the_lab(lab: LabCluster, config: dict[str, Any], ca: Path) -> None:
+    """``meshblock-mgmt --config DIR/config/mgmt.toml``, as the lab's summary says: an
+    admin creates a volume on its page, and the MDM's audit names admin:mgmt."""
+    root = lab.root
+    assert config["mdm"]["url"] == lab.state()["mdm_url"]  # type: ignore[index]
+    assert config["mdm"]["admin_cert"] == str(root / "tls" / "admin-mgmt.crt")
+    assert config["mdm"]["admin_key"] == str(root / "tls" / "admin-mgmt.key")
+    cert = pki.load_cert(Path(config["mdm"]["admin_cert"]))
+    assert str(pki.identity_of(cert)) == "admin:mgmt"
+    assert config["tls"]["cert"] == str(root / "tls" / "mgmt-mgmt.crt")
+    assert config["http"]["port"] == lab.base_port + 9
+    url = f"https://127.0.0.1:{config['http']['port']}"
+    assert lab.info["mgmt"] == {"config": str(root / "config" / "mgmt.toml"), "url": url}
+    cfg = root / "config" / "mgmt.toml"
+    password = "lab-admin-password"
+    added = subprocess.run(
+        [sys.executable, "-m", "meshblock.mgmt", "--config", str(cfg), "user", "add", "admin",
+         "--role", "admin"],
+        input=password + "\n", capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert added.returncode == 0, added
+    context = pki.client_context(ca)
+    mgmt = ServerProcess(root / "mgmt-test", log_name="mgmt")
+    mgmt.spawn_module("meshblock.mgmt", cfg)
+    try:
+        mgmt.wait(
+            lambda: (
+                _http.request("GET", url + "/healthz", timeout=2, context=context).status == 200
+            ),
+            30,
+            "MGMT to answer /healthz",
+        )
+        web = WebClient(url, context)
+        assert web.login("admin", password, "/volumes").status == 303
+        page = web.get("/volumes")
+        assert page.status == 200 and 'id="create-form"' in page.body, page
+        assert 'id="actions-off"' not in page.body
+        pools = json.loads(lab.meshctl("pool", "list", "--json").stdout)
+        pool_id = next(p["id"] for p in pools["pools"] if p["name"] == "sp1")
+        form = {"name": "from-mgmt", "pool_id": str(pool_id), "size": "1",
+                "type": "thin", "csrf_token": form_value(page.body, "csrf_token")}  # fmt: skip
+        done = web.post("/volumes", form)
+        assert done.status == 303, done
+        assert mgmt.stop() == 0, mgmt.log_tail()
+    finally:
+        mgmt.kill()
+    made = json.loads(lab.meshctl("volume", "show", "from-mgmt", "--json").stdout)
+    assert made["size_bytes"] == 1024**3, made
+    audit = [
+        json.loads(line.split("meshblock.audit: ", 1)[1])
+        for line in (root / "logs" / "mdm.log").read_text().splitlines()
+        if "meshblock.audit: " in line
+    ]
+    created = [
+        e
+        for e in audit
+        if (e.get("method"), e.get("path"), e.get("status")) == ("POST", "/api/v1/volumes", 201)
+    ]
+    # vol1 by the lab (admin:lab), then the one through MGMT's page
+    assert [e["who"].get("identity") for e in created] == ["admin:lab", "admin:mgmt"], created
+    lab.meshctl("volume", "delete", "from-mgmt", "--yes")
 
 
 def test_force_restarts_afresh_and_foreign_dirs_are_refused(lab: LabCluster) -> None:

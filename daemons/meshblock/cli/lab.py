@@ -17,7 +17,8 @@ Everything lives under one directory (``docs/lab.md``)::
     DIR/cluster.secret      the cluster secret (0600)
     DIR/ca/                 the lab's CA (meshblock.pki: ca.crt, ca.key 0600, crl.pem)
     DIR/tls/                KIND-NAME.crt and .key (0600) of each identity, ca.crt
-    DIR/config/*.toml       generated daemon configs (0600)
+    DIR/config/*.toml       generated daemon configs (0600); mgmt.toml for a MGMT the
+                            user starts against the lab (the lab runs none)
     DIR/data/               mdm.db, sdsN/dev0.img (sparse), sdsN/state, sdc1/
     DIR/logs/*.log          one log per daemon
     DIR/nbd.sock            the SDC's NBD unix socket (0660)
@@ -67,6 +68,8 @@ SDS_COUNT = 3
 HOST = "127.0.0.1"
 ADMIN = "admin:lab"  # the identity meshctl presents (DIR/env)
 MGMT = "mgmt:mgmt"  # issued for a MGMT pointed at the lab; the lab runs none
+MGMT_ADMIN = "admin:mgmt"  # that MGMT's credential for its cluster pages' actions
+MGMT_PORT = 8080  # its HTTPS port with the standard ports (MGMT's default); base+9 else
 
 DEFAULT_VOLUME_SIZE = 4 * 1024**3
 DEFAULT_DEVICE_SIZE = 64 * 1024**3
@@ -118,7 +121,7 @@ class Ports:
     @classmethod
     def from_base(cls, base: int) -> Ports:
         """MDM ``base``, SDS i data/control ``base+2i-1``/``base+2i``, SDC control and NBD last."""
-        if not 1 <= base <= 65535 - (2 * SDS_COUNT + 2):
+        if not 1 <= base <= 65535 - (2 * SDS_COUNT + 3):  # N+9: MGMT's config
             raise LabError(f"--base-port {base} is out of range")
         sds = tuple((base + 1 + 2 * i, base + 2 + 2 * i) for i in range(SDS_COUNT))
         after = base + 1 + 2 * SDS_COUNT
@@ -126,6 +129,11 @@ class Ports:
 
     def all(self) -> list[int]:
         return [self.mdm, *(p for pair in self.sds for p in pair), self.sdc_control, self.sdc_nbd]
+
+    def mgmt(self) -> int:
+        """The port of the generated ``mgmt.toml`` (the lab starts no MGMT, so ``up``
+        does not check it): MGMT's default with the standard ports, else base + 9."""
+        return MGMT_PORT if self == Ports.standard() else self.sdc_nbd + 1
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -266,6 +274,7 @@ class Lab:
         self.ca_dir = self.root / "ca"
         self.tls_dir = self.root / "tls"
         self.nbd_tls_dir = self.root / "nbd-tls"
+        self.mgmt_config = self.config_dir / "mgmt.toml"
         self._tls: ssl.SSLContext | None = None
 
     # -- description ---------------------------------------------------------------
@@ -507,6 +516,8 @@ class Lab:
                 header="meshctl lab: the SDC",
             ),
         )
+        mgmt_url = f"https://{HOST}:{ports.mgmt()}"
+        _write_private(self.mgmt_config, self._mgmt_toml(mdm_url, ports.mgmt(), tls))
         _write_private(
             self.env_path,
             f"# meshctl against the lab in {self.root}: . {self.env_path}\n"
@@ -527,6 +538,7 @@ class Lab:
             "admin_token": admin,
             "tls": tls["admin"],
             "nbd_tls": str(self.nbd_tls_dir),
+            "mgmt": {"config": str(self.mgmt_config), "url": mgmt_url},
             "volume": {"name": VOLUME, "size_bytes": volume_size},
             "device_size_bytes": device_size,
             "pids": {},
@@ -534,9 +546,33 @@ class Lab:
         self._save_state(state)
         return state
 
+    def _mgmt_toml(self, mdm_url: str, port: int, tls: Mapping[str, Mapping[str, str]]) -> str:
+        """A MGMT for the lab (docs/lab.md): HTTPS on loopback with ``mgmt:mgmt``, which
+        reads the MDM, and ``admin:mgmt`` for its cluster pages' actions, so that its
+        admins manage the cluster. No Prometheus or Alertmanager runs in the lab: no
+        charts, no rule sync, no silences, and no webhook token (every webhook refused)."""
+        return _toml(
+            {
+                "http": {"host": HOST, "port": port},
+                "database": {"url": f"sqlite+aiosqlite:///{self.data_dir / 'mgmt.db'}"},
+                "mdm": {
+                    "url": mdm_url,
+                    "admin_cert": tls["mgmt_admin"]["cert"],
+                    "admin_key": tls["mgmt_admin"]["key"],
+                },
+                "prometheus": {"url": ""},
+                "alertmanager": {"url": ""},
+                "logging": {"level": "INFO"},
+                "tls": tls["mgmt"],
+            },
+            header="meshctl lab: a MGMT for the lab, which starts none "
+            "(meshblock-mgmt --config THIS_FILE)",
+        )
+
     def _make_pki(self, guid: str) -> dict[str, dict[str, str]]:
         """A CA in DIR/ca and, in DIR/tls, a certificate for the MDM, each SDS, the SDC
-        (``sdc:<guid>``), MGMT and the admin: each one's ``[tls]`` table by lab name."""
+        (``sdc:<guid>``), MGMT (``mgmt:mgmt``, and ``admin:mgmt`` for its actions) and
+        the admin: each one's ``[tls]`` table by lab name."""
         ca = pki.Ca.init(self.ca_dir, common_name="meshblock lab CA", force=True)
         ca_cert = ca.load()[0]
         who = {
@@ -544,6 +580,7 @@ class Lab:
             **{f"sds{i}": f"sds:sds{i}" for i in range(1, SDS_COUNT + 1)},
             SDC_NAME: f"sdc:{guid}",
             "mgmt": MGMT,
+            "mgmt_admin": MGMT_ADMIN,
             "admin": ADMIN,
         }
         tables = {}
@@ -740,6 +777,7 @@ class Lab:
             "nbd": self.uris(state),
             "env": str(self.env_path),
             "logs": str(self.logs_dir),
+            "mgmt": state.get("mgmt"),  # None: a lab made before it had a MGMT config
             "tls": {"ca": str(self.ca_dir), "certificates": str(self.tls_dir)}
             if state.get("tls")
             else None,

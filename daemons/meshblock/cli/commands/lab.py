@@ -158,7 +158,7 @@ def _up_text(the_lab: lab.Lab, doc: dict[str, Any]) -> str:
     name = vol["name"]
     flag = _dir_flag(the_lab)
     logs = ", ".join(f"{p['name']}.log" for p in doc["processes"])
-    tls = _tls_text(doc)
+    tls = _tls_text(doc) + _mgmt_text(doc)
     return f"""
 The lab is up in {doc["dir"]}.
 
@@ -187,6 +187,18 @@ def _tls_text(doc: dict[str, Any]) -> str:
     return (
         "\nControl plane: HTTPS, every daemon and meshctl with a certificate of its own\n"
         f"  (the CA in {tls['ca']}, the certificates in {tls['certificates']})"
+    )
+
+
+def _mgmt_text(doc: dict[str, Any]) -> str:
+    mgmt = doc.get("mgmt")
+    if not mgmt:
+        return ""
+    cfg = mgmt["config"]
+    return (
+        "\nMGMT (the lab runs none), its cluster pages able to change the cluster:\n"
+        f"  meshblock-mgmt --config {cfg} user add admin --role admin --password-file FILE\n"
+        f"  meshblock-mgmt --config {cfg}   # then {mgmt['url']} (trust the lab's CA)"
     )
 
 
