@@ -30,6 +30,7 @@ from meshblock import pki
 from meshblock.config import load as load_config
 from meshblock.mdm.config import MdmConfig
 from meshblock.mgmt.config import MgmtConfig
+from meshblock.mgmt.inventory import actions_link
 from meshblock.sdc.config import SdcConfig, nbd_tcp_policy
 from meshblock.sdc.config import cluster_secret as sdc_cluster_secret
 from meshblock.sds.config import SdsConfig
@@ -77,7 +78,14 @@ SDC_SOCKET = "/run/meshblock-sdc/nbd.sock"
 SDC1_GUID = str(uuid.uuid5(uuid.UUID("361E6D51-FAEC-444A-9079-341386DA8E2E"), "sdc1"))
 # The certificates the roles install on each host (common's tls.yml), made for the
 # render by a CA of the test's own: the daemons' config loaders read them.
-TLS_IDENTITIES = ("mdm:mdm1", "sds:sds1", "sds:sds2", f"sdc:{SDC1_GUID}", "mgmt:mgmt1")
+TLS_IDENTITIES = (
+    "mdm:mdm1",
+    "sds:sds1",
+    "sds:sds2",
+    f"sdc:{SDC1_GUID}",
+    "mgmt:mgmt1",
+    "admin:mgmt-mgmt1",  # MGMT's admin certificate (mgmt_manage_cluster, tls_client.yml)
+)
 PROMETHEUS_ID = "mgmt:prometheus-mon1"
 
 DAEMON_BINARIES = [
@@ -385,6 +393,19 @@ VARIANTS: dict[str, tuple[str, list[str], list[str], dict[str, Any]]] = {
     ),
     "mgmt": ("mgmt1", ["common", "mgmt"], ["mgmt.toml.j2", "meshblock-mgmt.service.j2"], {}),
     "mgmt_plain": ("mgmt1", ["common", "mgmt"], ["mgmt.toml.j2"], {"common_tls": False}),
+    "mgmt_read_only": (
+        "mgmt1",
+        ["common", "mgmt"],
+        ["mgmt.toml.j2"],
+        {"mgmt_manage_cluster": False},
+    ),
+    # An admin certificate of the operator's own instead of the role's.
+    "mgmt_own_cert": (
+        "mgmt1",
+        ["common", "mgmt"],
+        ["mgmt.toml.j2"],
+        {"mgmt_mdm_admin_cert": "/srv/own.crt", "mgmt_mdm_admin_key": "/srv/own.key"},
+    ),
     "prometheus": (
         "mon1",
         ["prometheus"],
@@ -672,6 +693,52 @@ def test_mgmt_config_loads(rendered: dict[str, Path]) -> None:
     assert config.auth.secure_cookies is True
     assert_tls(config.tls, "mgmt-mgmt1")
     assert toml_keys(doc) == dataclass_keys(MgmtConfig)
+    # mgmt_manage_cluster (on by default): the admin certificate the role issued MGMT,
+    # which MGMT loads for its cluster pages' actions as admin:mgmt-mgmt1.
+    tls_dir = Path(config.tls.cert).parent
+    assert config.mdm.admin_cert == str(tls_dir / "admin-mgmt-mgmt1.crt")
+    assert config.mdm.admin_key == str(tls_dir / "admin-mgmt-mgmt1.key")
+    assert config.mdm.admin_token_file == ""
+    found = actions_link(config)
+    assert found is not None and found[2] == "admin:mgmt-mgmt1"
+
+
+def test_mgmt_admin_credential_off_own_or_without_tls(rendered: dict[str, Path]) -> None:
+    """mgmt_manage_cluster false, and without TLS (nothing to issue): no admin
+    credential, the pages only read; an operator's own certificate is rendered as given."""
+    for variant in ("mgmt_read_only", "mgmt_plain"):
+        config = load_config(MgmtConfig, rendered[variant] / "mgmt.toml")
+        mdm = config.mdm
+        assert (mdm.admin_cert, mdm.admin_key, mdm.admin_token_file) == ("", "", ""), variant
+        assert actions_link(config) is None, variant
+    own = load_config(MgmtConfig, rendered["mgmt_own_cert"] / "mgmt.toml").mdm
+    assert (own.admin_cert, own.admin_key) == ("/srv/own.crt", "/srv/own.key")
+
+
+def test_mgmt_admin_certificate_tasks() -> None:
+    """MGMT's admin certificate goes through common's tls_client.yml like the hosts'
+    own certificates: issued on the controller with the same renewal and re-issue
+    knobs, the key copied root:meshblock 0640, removed and revoked when not wanted."""
+    config = read_yaml(ROLES_DIR / "mgmt" / "tasks" / "config.yml")
+    names = [t["name"] for t in config]
+    (task,) = [t for t in config if t.get("ansible.builtin.import_role", {}).get("tasks_from")
+               == "tls_client.yml"]  # fmt: skip
+    assert names.index(task["name"]) < names.index("Write /etc/meshblock/mgmt.toml")
+    assert task["vars"]["_common_tls_client_identity"] == "{{ mgmt_mdm_admin_identity }}"
+    assert "_mgmt_admin_issued" in task["vars"]["_common_tls_client_state"]
+    assert task["vars"]["_common_tls_group"] == "{{ common_group }}"
+    client = read_yaml(ROLES_DIR / "common" / "tasks" / "tls_client.yml")
+    issue = client[0]["ansible.builtin.command"]["argv"]
+    for knob in ("common_tls_renew_days", "common_tls_reissue", "common_tls_cert_days"):
+        assert knob in issue, knob
+    (copy,) = [t for t in client if "ansible.builtin.copy" in t and t.get("loop")]
+    assert copy["ansible.builtin.copy"]["group"] == "{{ _common_tls_group }}"
+    assert {"ext": "key", "mode": "0640"} in copy["loop"]
+    assert copy["notify"] == "meshblock certificate changed"
+    revoke = next(
+        t for t in client if "revoke" in t.get("ansible.builtin.command", {}).get("argv", [])
+    )
+    assert revoke["when"] == "_common_tls_client_state == 'absent'"
 
 
 UNITS = [

@@ -584,6 +584,66 @@ def test_unit_exposure_scores_on_the_hosts(lab: HostLab) -> None:
     assert not high, scores
 
 
+def test_mgmt_manages_the_cluster_with_its_own_admin_certificate(lab: HostLab) -> None:
+    """mgmt_manage_cluster (on by default): the mgmt role issued admin:mgmt-mgmt1 on the
+    controller, copied it with its key (root:meshblock 0640) and named it in
+    mgmt.toml; a volume created through MGMT's page is on the MDM, whose audit log
+    names admin:mgmt-mgmt1 for it."""
+    tls = "/etc/meshblock/tls"
+    modes = _ok(
+        lab.ssh(
+            "mgmt1", f"stat -c '%n %U:%G %a' {tls}/admin-mgmt-mgmt1.crt {tls}/admin-mgmt-mgmt1.key"
+        ),
+        "stat of MGMT's admin certificate",
+    ).split("\n")
+    assert modes[0].endswith("root:meshblock 644") and modes[1].endswith("root:meshblock 640"), (
+        modes
+    )
+    config = _ok(lab.ssh("mgmt1", "cat /etc/meshblock/mgmt.toml"), "cat mgmt.toml")
+    assert f'admin_cert = "{tls}/admin-mgmt-mgmt1.crt"' in config, config
+    assert f'admin_key = "{tls}/admin-mgmt-mgmt1.key"' in config, config
+    token_out = _ok(
+        lab.ssh(
+            "mgmt1",
+            "runuser -u meshblock -- /opt/meshblock/venv/bin/meshblock-mgmt "
+            "--config /etc/meshblock/mgmt.toml token add admin hostlab-actions",
+        ),
+        "meshblock-mgmt token add",
+    )
+    token = next(w for w in token_out.split() if w.startswith("mbt_"))
+    pools = json.loads(_ok(lab.meshctl("pool", "list", "--json"), "meshctl pool list"))["pools"]
+    form = f"name=from-mgmt&pool_id={pools[0]['id']}&size=1&type=thin"
+    script = (
+        "import ssl, urllib.request, urllib.error\n"
+        "ctx = ssl.create_default_context(cafile='/etc/meshblock/tls/ca.crt')\n"
+        "class Stay(urllib.request.HTTPRedirectHandler):\n"
+        "    def redirect_request(self, *a, **k): return None\n"
+        "opener = urllib.request.build_opener(urllib.request.HTTPSHandler(context=ctx), Stay())\n"
+        "req = urllib.request.Request('https://127.0.0.1:8080/volumes',"
+        f" data={form!r}.encode(), method='POST', headers={{'Authorization': 'Bearer {token}',"
+        " 'Content-Type': 'application/x-www-form-urlencoded'}})\n"
+        "try:\n    print(opener.open(req, timeout=30).status)\n"
+        "except urllib.error.HTTPError as e:\n    print(e.code)\n"
+    )
+    status = _ok(lab.ssh("mgmt1", f"python3 -c {shlex.quote(script)}"), "POST /volumes")
+    assert status.strip() == "303", status
+    try:
+        made = json.loads(_ok(lab.meshctl("volume", "show", "from-mgmt", "--json"), "volume show"))
+        assert made["size_bytes"] == 1 << 30, made
+        journal = _ok(
+            lab.ssh("mdm1", "journalctl -u meshblock-mdm.service --no-pager -o cat"), "journalctl"
+        )
+        entries = [
+            json.loads(line.split("meshblock.audit: ", 1)[1])
+            for line in journal.splitlines()
+            if "meshblock.audit: " in line and "/api/v1/volumes" in line
+        ]
+        created = [e for e in entries if e.get("method") == "POST" and e.get("status") == 201]
+        assert created and created[-1]["who"]["identity"] == "admin:mgmt-mgmt1", created[-3:]
+    finally:
+        lab.meshctl("volume", "delete", "from-mgmt", "--yes")
+
+
 def _mgmt_alerts(lab: HostLab, token: str) -> list[dict[str, Any]]:
     script = (
         "import json, ssl, sys, urllib.request\n"
