@@ -621,7 +621,7 @@ def test_mgmt_manages_the_cluster_with_its_own_admin_certificate(lab: HostLab) -
         "opener = urllib.request.build_opener(urllib.request.HTTPSHandler(context=ctx), Stay())\n"
         "req = urllib.request.Request('https://127.0.0.1:8080/volumes',"
         f" data={form!r}.encode(), method='POST', headers={{'Authorization': 'Bearer {token}',"
-        " 'Content-Type': 'application/x-www-form-urlencoded'}})\n"
+        " 'Content-Type': 'application/x-www-form-urlencoded'})\n"
         "try:\n    print(opener.open(req, timeout=30).status)\n"
         "except urllib.error.HTTPError as e:\n    print(e.code)\n"
     )
