@@ -222,8 +222,13 @@ def test_playbook_syntax(playbook: str) -> None:
 
 
 def test_site_has_one_play_per_group_in_order() -> None:
+    """One play per group in dependency order, and after the SDSs' the play that
+    restarts the changed ones one at a time (docs/deployment.md, "Rolling restarts")."""
     plays = read_yaml(PLAYBOOKS_DIR / "site.yml")
-    assert [p["hosts"] for p in plays] == ["mdm", "sds", "sdc", "mgmt", "monitoring"]
+    assert [p["hosts"] for p in plays] == ["mdm", "sds", "sds", "sdc", "mgmt", "monitoring"]
+    deploy, restart = plays[1], plays[2]
+    assert deploy["vars"]["sds_restart_strategy"] == "rolling"
+    assert restart["serial"] == 1 and restart["any_errors_fatal"] is True
 
 
 def test_example_inventory_keeps_secrets_out() -> None:

@@ -255,6 +255,7 @@ def test_ok_to_stop(api: Api, mdm: MdmDaemon, topo: dict[str, Any]) -> None:
     assert one["safe"] is True, one
     assert one["unavailable"]["count"] == 0
     assert one["single_copy"]["count"] == one["pgs_with_copy"] > 0
+    assert one["pgs_with_copy_not_clean"] == 0
     assert [s["name"] for s in one["sds"]] == ["sds1"]
     two = ok(api("GET", "/api/v1/sds/ok-to-stop?names=sds1,sds2", token=mdm.readonly_token))
     assert two["safe"] is False, two

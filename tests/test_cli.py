@@ -316,6 +316,9 @@ def test_ok_to_stop_renders_and_exits_by_safety() -> None:
     unsafe = dict(safe, safe=False, unavailable={"count": 1, "pgs": [lost]})
     assert impact.render_stop(unsafe).startswith("NOT safe to stop sds1: 1 PG(s) would have")
     assert "with no up-to-date copy: sp1/5*" in impact.render_stop(unsafe)
+    assert "not clean" not in text
+    resyncing = impact.render_stop(dict(safe, pgs_with_copy_not_clean=1))
+    assert "1 PG(s) with a copy on them not clean (a resync or rebuild" in resyncing
 
     class Client:
         doc: Any = safe

@@ -13,6 +13,7 @@ and the playbooks' output to ``artifacts/hostlab/*.log``.
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import shlex
@@ -741,6 +742,106 @@ def test_add_sds_rebalances_onto_the_new_sds(
 def test_smoke_volume_survives_the_rebalance(lab: HostLab) -> None:
     """The smoke volume's data is still read back verified after PGs moved."""
     _ok(lab.smoke(), "lab/hostlab.py smoke after add_sds.yml")
+
+
+def _sds_started_at(lab: HostLab) -> dict[str, int]:
+    """Each lab SDS's meshblock-sds: when it last became active (the monotonic clock,
+    microseconds; the containers share the lab's kernel, so one clock for all)."""
+    out = {}
+    for host in SDS_HOSTS:
+        r = lab.ssh(host, "systemctl show -P ActiveEnterTimestampMonotonic meshblock-sds.service")
+        out[host] = int(_ok(r, f"systemctl show on {host}").strip())
+    return out
+
+
+def test_a_config_change_restarts_the_sdss_one_at_a_time(lab: HostLab) -> None:
+    """site.yml --tags config with a changed sds.toml value (issue "Day 2", item 1): the
+    SDSs were running, so each is restarted in its own turn, health-gated
+    (docs/deployment.md, "Rolling restarts"): ok-to-stop asked for each, no two
+    restarts together, the cluster healthy after, the smoke volume intact."""
+    before = _sds_started_at(lab)
+    result = _play(
+        lab,
+        "playbooks/site.yml",
+        "--tags",
+        "config",
+        "--limit",
+        ",".join(SDS_HOSTS),
+        "-e",
+        "sds_delete_free_rate=20001",
+        name="site-config-rolling",
+    )
+    recap = _converged(result, "site.yml --tags config")
+    assert set(recap) == set(SDS_HOSTS), recap
+    after = _sds_started_at(lab)
+    assert all(after[h] > before[h] for h in SDS_HOSTS), (before, after, result.tail())
+    # one ok-to-stop wait per SDS, each in a batch of its own (serial: 1)
+    asked = result.output.count("Wait until stopping the SDS leaves every PG a copy")
+    assert asked == len(SDS_HOSTS), result.tail()
+    # each restart waited for the previous SDS to be back and every PG clean
+    starts = sorted(after.values())
+    gaps = [(b - a) / 1e6 for a, b in itertools.pairwise(starts)]
+    assert min(gaps) >= 3.0, (gaps, result.tail())
+    _ok(lab.meshctl("health"), "meshctl health after the rolling restart")
+    _ok(lab.smoke(), "lab/hostlab.py smoke after the rolling restart")
+
+
+MARKER = "/var/lib/meshblock/sds-restart-pending.json"
+
+
+def _markers(lab: HostLab) -> dict[str, bool]:
+    """Which SDS hosts have a restart queued (the sds role's sds_restart_marker)."""
+    return {h: lab.ssh(h, f"test -e {MARKER}").returncode == 0 for h in SDS_HOSTS}
+
+
+def test_a_failed_rolling_restart_is_finished_by_the_next_run(lab: HostLab) -> None:
+    """A rolling restart that cannot go on (sds3 in maintenance: stopping sds1 would
+    leave the PGs they share without a copy) fails before any SDS stops and leaves
+    every restart queued; the next run, with nothing else to change, restarts each
+    SDS health-gated and clears the queue (docs/deployment.md, "Rolling restarts")."""
+    before = _sds_started_at(lab)
+    _ok(lab.meshctl("sds", "maintenance", "enter", "sds3"), "maintenance enter sds3")
+    try:
+        blocked = _play(
+            lab,
+            "playbooks/site.yml",
+            "--tags",
+            "config",
+            "--limit",
+            ",".join(SDS_HOSTS),
+            "-e",
+            "sds_delete_free_rate=20002",
+            "-e",
+            "day2_poll_retries=2",
+            "-e",
+            "day2_poll_delay=1",
+            name="site-config-rolling-blocked",
+        )
+        assert blocked.returncode != 0, blocked.tail()
+        assert "Stopping it would leave a PG without a copy" in blocked.output, blocked.tail()
+        assert _sds_started_at(lab) == before, blocked.tail()
+        assert _markers(lab) == dict.fromkeys(SDS_HOSTS, True)
+    finally:
+        _ok(lab.meshctl("sds", "maintenance", "exit", "sds3"), "maintenance exit sds3")
+    rerun = _play(
+        lab,
+        "playbooks/site.yml",
+        "--tags",
+        "config",
+        "--limit",
+        ",".join(SDS_HOSTS),
+        "-e",
+        "sds_delete_free_rate=20002",
+        name="site-config-rolling-rerun",
+    )
+    _converged(rerun, "site.yml --tags config after the failed run")
+    after = _sds_started_at(lab)
+    assert all(after[h] > before[h] for h in SDS_HOSTS), (before, after, rerun.tail())
+    assert _markers(lab) == dict.fromkeys(SDS_HOSTS, False)
+    asked = rerun.output.count("Wait until every PG with a copy on the SDS is clean")
+    assert asked == len(SDS_HOSTS), rerun.tail()
+    _ok(lab.meshctl("health"), "meshctl health after the rerun")
+    _ok(lab.smoke(), "lab/hostlab.py smoke after the rerun")
 
 
 def test_vm_second_run_changes_nothing(

@@ -143,3 +143,14 @@ def test_copy_time_is_the_busiest_source_devices_at_the_throttle() -> None:
     assert copy_seconds({10: 100 * MiB, 20: 300 * MiB}, 50) == 6.0
     assert copy_seconds({10: 100 * MiB}, 0) is None  # unlimited: not known
     assert copy_seconds({}, 0) == 0.0
+
+
+def test_pgs_with_a_copy_there_not_clean_are_counted() -> None:
+    """What a rolling restart waits for before the next SDS: no PG with a copy on the
+    restarted SDS still resyncing, rebuilding or degraded. PGs elsewhere do not count."""
+    rows = [row(0, 10, 20, RESYNCING), row(1, 20, 30), row(2, 30, 40, REBUILDING)]
+    assert assess(rows, devices(), seen(), {2}).not_clean == 1
+    assert assess(rows, devices(), seen(), {1}).not_clean == 1
+    assert assess(rows, devices(), seen(), {3}).not_clean == 1  # pg 2 only; pg 1 clean
+    clean = [row(0, 10, 20), row(1, 20, 30), row(2, 30, 40, DEGRADED)]
+    assert assess(clean, devices(), seen(), {2}).not_clean == 0

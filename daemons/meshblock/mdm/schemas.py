@@ -737,6 +737,7 @@ COMPONENTS: dict[str, dict[str, Any]] = {
                 "items": _resp({"id": _INT, "name": _STR, "state": _STATE, "mode": _STR}),
             },
             "pgs_with_copy": _INT,
+            "pgs_with_copy_not_clean": _INT,
             "unavailable": {"$ref": "#/components/schemas/PgImpact"},
             "single_copy": {"$ref": "#/components/schemas/PgImpact"},
             "volumes_unavailable": {"type": "array", "items": _STR},

@@ -13,6 +13,10 @@ with the SDSs as they are and once with the named SDSs down as well: the same
 transitions the MDM applies when they stop (a PG resyncing or rebuilding from a
 stopped primary goes inactive, a clean one whose copy stops goes degraded).
 
+Of the PGs with a copy on the named SDSs, those not ``clean`` now are counted
+(``pgs_with_copy_not_clean``): a rolling restart waits for none before it stops the
+next SDS (its resync, or a rebuild onto it, is over).
+
 **Safe** means: no PG with a copy on the named SDSs is left without an up-to-date
 copy. Such a PG is *unavailable* after the stop (IO to it waits), also when it has
 none already (it is then marked ``already``). A PG left with one copy is reported too
@@ -88,6 +92,7 @@ class Assessment:
     unavailable: list[PgOutcome] = field(default_factory=list)
     single_copy: list[PgOutcome] = field(default_factory=list)
     touched: int = 0
+    not_clean: int = 0
     already_unavailable: int = 0
     already_single_copy: int = 0
 
@@ -137,6 +142,7 @@ def assess(
             out.already_single_copy += before_n == 1
             continue
         out.touched += 1
+        out.not_clean += now[key] != PgState.CLEAN
         outcome = PgOutcome(row.pool_id, row.pg, before_n, after_n)
         if after_n == 0:
             out.unavailable.append(outcome)
@@ -281,6 +287,7 @@ async def stop_report(s: AsyncSession, live: Liveness, sds: Sequence[Sds]) -> di
             for x in sds
         ],
         "pgs_with_copy": found.touched,
+        "pgs_with_copy_not_clean": found.not_clean,
         "unavailable": _pg_list(found.unavailable, pools),
         "single_copy": _pg_list(found.single_copy, pools),
         "volumes_unavailable": _volumes(found.unavailable, pools),

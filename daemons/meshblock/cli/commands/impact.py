@@ -88,6 +88,11 @@ def render_stop(doc: JsonObject) -> str:
             "up-to-date copy (their IO would wait)"
         )
     parts = [head, *_impact(doc)]
+    if doc.get("pgs_with_copy_not_clean"):
+        parts.append(
+            f"{doc['pgs_with_copy_not_clean']} PG(s) with a copy on them not clean "
+            "(a resync or rebuild is under way)"
+        )
     already = [
         f"{doc[k]} PG(s) {what}"
         for k, what in (
