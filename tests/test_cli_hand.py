@@ -1,5 +1,6 @@
 """meshctl fitting the hand (issue 20): sizes with units, --version, completion,
-confirmation of deletes, what a token error says, errors as JSON, 'unlimited' rates.
+confirmation of deletes, what a token error says, errors as JSON, 'unlimited' rates,
+`rebuild status` waiting out rebuild_delay_s.
 
 In process: ``main(argv, env)`` runs against :class:`FakeMdm`, which stands in for the
 MDM's client (no socket) and records what meshctl asked of it.
@@ -493,3 +494,85 @@ def test_lab_up_takes_its_base_port_from_the_flag_else_the_environment(
     assert "MESHBLOCK_BASE_PORT='lots': not a whole number" in capsys.readouterr().err
     assert main([*up, "--base-port", "70000"], env={}) == 2
     assert lab_ports == [None, 20000, 21000, None]  # refused ones started nothing
+
+
+# -- 8. rebuild status says when a rebuild waits out rebuild_delay_s ----------------------
+
+
+def pool_rebuild(
+    *,
+    degraded: int = 0,
+    rebuilding: int = 0,
+    left: int = 0,
+    rate: float = 0.0,
+    delay_left: float | None = None,
+) -> dict[str, Any]:
+    """One pool of ``GET /api/v1/rebuild`` as the MDM answers it."""
+    eta = round(left / rate, 1) if left and rate else None
+    return {
+        "pool_id": 1, "name": "sp1", "protection_domain": "pd1",
+        "pgs": {"clean": 64 - degraded - rebuilding, "degraded": degraded,
+                "rebuilding": rebuilding, "resyncing": 0, "inactive": 0},
+        "pgs_moving": 0, "rebuild_concurrency": 4, "rebuild_bandwidth_mibps": 0,
+        "rebuild_delay_left_s": delay_left,
+        "rebuild": {"active": bool(rebuilding), "remaining_bytes": left, "copied_bytes": 0,
+                    "rate_bytes_per_s": rate, "eta_s": eta},
+        "rebalance": {"active": False, "remaining_bytes": 0, "copied_bytes": 0,
+                      "rate_bytes_per_s": 0.0, "eta_s": None},
+    }  # fmt: skip
+
+
+WAITING = pool_rebuild(degraded=20, delay_left=11.3)
+REBUILDING = pool_rebuild(rebuilding=20, left=3 * GiB // 2, rate=96.0 * MiB)
+CLEAN = pool_rebuild()
+
+
+def test_rebuild_status_says_when_the_rebuild_starts(
+    mdm: FakeMdm, env: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    mdm.routes[("GET", "/api/v1/rebuild")] = lambda _: {"pools": [WAITING]}
+    assert main(["rebuild", "status"], env=env) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^sp1 +pd1 +rebuild +44 +20 +0 +0 +0 B +0 B/s +-$", out, re.M), out
+    assert out.endswith(
+        "\nsp1: waiting out rebuild_delay_s: starts in 12 s unless the lost SDS comes back\n"
+    ), out
+    assert main(["rebuild", "status", "--json"], env=env) == 0  # passed through as is
+    assert json.loads(capsys.readouterr().out)["pools"][0]["rebuild_delay_left_s"] == 11.3
+
+    # Running: the bytes the SDSs still have to copy, the rate and an ETA; no wait.
+    mdm.routes[("GET", "/api/v1/rebuild")] = lambda _: {"pools": [REBUILDING]}
+    assert main(["rebuild", "status"], env=env) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^sp1 +pd1 +rebuild .* 1\.5 GiB +96 MiB/s +16s$", out, re.M), out
+    assert "rebuild_delay_s" not in out
+    # Long waits read as minutes and hours.
+    mdm.routes[("GET", "/api/v1/rebuild")] = lambda _: {
+        "pools": [pool_rebuild(degraded=1, delay_left=3725.0)]
+    }
+    assert main(["rebuild", "status"], env=env) == 0
+    assert "starts in 1 h 02 min unless" in capsys.readouterr().out
+
+
+def test_rebuild_status_watch_shows_the_wait_then_the_copy(
+    mdm: FakeMdm,
+    env: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import meshblock.cli.progress as progress
+
+    monkeypatch.setattr(progress, "PLAIN_EVERY_S", 0.0)  # every poll a line on stderr
+    answers = iter([WAITING, REBUILDING, CLEAN])
+    mdm.routes[("GET", "/api/v1/rebuild")] = lambda _: {"pools": [next(answers)]}
+    argv = ["rebuild", "status", "--watch", "--interval", "0.01", "--max-wait", "30"]
+    assert main(argv, env=env) == 0
+    captured = capsys.readouterr()
+    lines = captured.err.splitlines()
+    assert len(lines) == 3, captured.err
+    assert lines[0].endswith(
+        "20 PG(s) left, 0 B to copy at 0 B/s, ETA --; "
+        "sp1 waiting out rebuild_delay_s: starts in 12 s"
+    ), lines
+    assert lines[1].endswith("20 PG(s) left, 1.5 GiB to copy at 96 MiB/s, ETA 16s"), lines
+    assert "100.0%" in lines[2] and "rebuild_delay_s" not in captured.out, captured

@@ -7,6 +7,7 @@ standard output: ``--json`` documents stay clean.
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from typing import TextIO
@@ -24,6 +25,17 @@ def eta_text(seconds: float | None) -> str:
     if s >= 60:
         return f"ETA {s // 60}m{s % 60:02d}s"
     return f"ETA {s}s"
+
+
+def seconds_text(seconds: float) -> str:
+    """A wait for a person: ``12 s``, ``4 min 05 s``, ``1 h 02 min`` (rounded up, so
+    that a wait about to end says ``1 s``, not ``0 s``)."""
+    s = max(0, math.ceil(seconds))
+    if s >= 3600:
+        return f"{s // 3600} h {s % 3600 // 60:02d} min"
+    if s >= 60:
+        return f"{s // 60} min {s % 60:02d} s"
+    return f"{s} s"
 
 
 class ProgressBar:

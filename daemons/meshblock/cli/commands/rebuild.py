@@ -10,7 +10,7 @@ from meshblock.cli.context import Context
 from meshblock.cli.errors import CliError
 from meshblock.cli.output import rate, render_table, size
 from meshblock.cli.parser import Subparsers, add_command, add_noun, add_watch_options
-from meshblock.cli.progress import ProgressBar, eta_text
+from meshblock.cli.progress import ProgressBar, eta_text, seconds_text
 
 PATH = "/api/v1/rebuild"
 
@@ -26,8 +26,10 @@ def register(root: Subparsers) -> None:
             Per storage pool: PGs by state (clean, degraded, rebuilding, resyncing,
             inactive), PG copies being moved by rebalance, and for rebuilds (with
             resyncs) and rebalance the bytes left to copy, the copy rate over the
-            last 30 s and an ETA. With --watch, a progress bar on standard error until
-            no copy is left (or --max-wait), then the table.""",
+            last 30 s and an ETA. A pool whose rebuild waits out rebuild_delay_s (a
+            lost SDS that may come back) gets a line under the table saying when the
+            rebuild starts. With --watch, a progress bar on standard error until no
+            copy is left (or --max-wait), then the table.""",
         examples=[
             "meshctl rebuild status",
             "meshctl rebuild status --watch",
@@ -46,6 +48,26 @@ def busy(pool: dict[str, Any]) -> bool:
         or pgs.get("inactive")
         or pool.get("pgs_moving")
     )
+
+
+def delay_left(pool: dict[str, Any]) -> float | None:
+    """Seconds until the pool's rebuild starts, while the MDM waits out
+    ``rebuild_delay_s`` for a lost SDS holding its data; ``None`` otherwise (and from an
+    MDM that does not say)."""
+    left = pool.get("rebuild_delay_left_s")
+    if isinstance(left, int | float) and not isinstance(left, bool):
+        return float(left)
+    return None
+
+
+def waiting_notes(pools: list[dict[str, Any]]) -> list[str]:
+    """``sp1: waiting out rebuild_delay_s: starts in 12 s ...`` per waiting pool."""
+    return [
+        f"{p['name']}: waiting out rebuild_delay_s: starts in {seconds_text(left)}"
+        " unless the lost SDS comes back"
+        for p in pools
+        if (left := delay_left(p)) is not None
+    ]
 
 
 def watch(ctx: Context, timeout: float | None, interval: float) -> dict[str, Any]:
@@ -72,10 +94,16 @@ def watch(ctx: Context, timeout: float | None, interval: float) -> dict[str, Any
             speed = sum(p[k]["rate_bytes_per_s"] for p in pools for k in ("rebuild", "rebalance"))
             eta = remaining / speed if speed > 0 and remaining else None
             done = 1.0 - (pending / first_left if first_left else 0.0)
+            waits = [
+                f"{p['name']} waiting out rebuild_delay_s: starts in {seconds_text(left)}"
+                for p in pools
+                if (left := delay_left(p)) is not None
+            ]
             bar.update(
                 done,
                 f"{pending} PG(s) left, {size(remaining)} to copy at {rate(speed)}, "
-                + eta_text(eta),
+                + eta_text(eta)
+                + "".join(f"; {w}" for w in waits),
             )
             if not any(busy(p) for p in pools):
                 return doc
@@ -111,12 +139,13 @@ def status(ctx: Context, args: Namespace) -> None:
                         eta_text(k["eta_s"]).removeprefix("ETA ") if k["active"] else "-",
                     ]
                 )
-        return render_table(
+        table = render_table(
             ["POOL", "PD", "KIND", "CLEAN", "DEGRADED", "COPYING", "INACTIVE", "LEFT", "RATE",
              "ETA"],
             rows,
             right={"CLEAN", "DEGRADED", "COPYING", "INACTIVE", "LEFT", "RATE"},
             empty="no storage pools",
         )  # fmt: skip
+        return "\n".join([table, *waiting_notes(doc["pools"])])
 
     ctx.emit(doc, human)
