@@ -449,6 +449,13 @@ VARIANTS: dict[str, tuple[str, list[str], list[str], dict[str, Any]]] = {
         for path in RULE_FILES
     },
     "prometheus_renamed": ("mon1", ["prometheus"], ["prometheus.yml.j2"], RENAMED),
+    # An existing Prometheus: meshblock's jobs in a file its prometheus.yml includes.
+    "prometheus_include": (
+        "mon1",
+        ["prometheus"],
+        ["scrape_configs.yml.j2"] + [f"targets/{job}.yml.j2" for job in SCRAPE_JOBS],
+        {"prometheus_manage_config": False},
+    ),
     # The host lab's short intervals (inventory/lab/group_vars/all.yml).
     "prometheus_lab": (
         "mon1",
@@ -919,6 +926,83 @@ def test_lab_prometheus_config_checks(rendered: dict[str, Path]) -> None:
     out = rendered["prometheus_lab"]
     promtool_check_config(out)
     assert read_yaml(out / "prometheus.yml")["global"]["scrape_interval"] == "5s"
+
+
+def promtool_version() -> tuple[int, int]:
+    """``promtool --version``'s major and minor (Debian 12's is 2.42)."""
+    out = subprocess.run(
+        [tool("promtool"), "--version"], capture_output=True, text=True, check=True
+    ).stdout
+    found = re.search(r"version (\d+)\.(\d+)", out)
+    assert found, out
+    return int(found.group(1)), int(found.group(2))
+
+
+def test_an_existing_prometheus_includes_meshblocks_jobs(rendered: dict[str, Path]) -> None:
+    """prometheus_manage_config false: scrape_configs.yml holds the four daemons' jobs
+    with absolute paths into prometheus_include_dir, and an operator's own
+    prometheus.yml (which scrapes itself as job "prometheus") that includes it and the
+    rules passes promtool check config. promtool 2.43 or later reads it through
+    scrape_config_files; an older one (Debian 12's 2.42 knows no scrape_config_files)
+    checks the same jobs copied under scrape_configs, as docs/monitoring.md tells
+    those operators."""
+    out = rendered["prometheus_include"]
+    include = out / "scrape_configs.yml"
+    jobs = read_yaml(include)["scrape_configs"]
+    assert [j["job_name"] for j in jobs] == [j for j in SCRAPE_JOBS if j.startswith("meshblock_")]
+    where = out.parent / "prometheus" / "meshblock"  # prometheus_config_dir/meshblock
+    tls_dir = out.parent / "prometheus" / "meshblock-tls"
+    for job in jobs:
+        name = job["job_name"]
+        assert job["file_sd_configs"] == [{"files": [f"{where}/targets/{name}.yml"]}], job
+        token = "mdm_read_token" if name == "meshblock_mdm" else "metrics_read_token"
+        assert job["authorization"] == {"type": "Bearer", "credentials_file": f"{where}/{token}"}
+        assert job["scheme"] == "https" and job["tls_config"]["ca_file"] == f"{tls_dir}/ca.crt"
+        assert (job["scrape_interval"], job["scrape_timeout"]) == ("15s", "10s"), job
+    # What the role writes there besides (the rules as the repository has them).
+    shutil.copytree(out / "targets", where / "targets", dirs_exist_ok=True)
+    shutil.copytree(ROOT / "monitoring" / "prometheus" / "rules", where / "rules")
+    (where / "mdm_read_token").write_text("a-read-token\n")
+    (where / "metrics_read_token").write_text("a-metrics-token\n")
+    own_jobs = [{"job_name": "prometheus", "static_configs": [{"targets": ["localhost:9090"]}]}]
+    operator: dict[str, Any] = {
+        "global": {"scrape_interval": "1m", "evaluation_interval": "1m"},
+        "rule_files": ["/etc/prometheus/rules.d/*.yml", f"{where}/rules/*.yml"],
+        "scrape_configs": own_jobs,
+    }
+    if promtool_version() >= (2, 43):
+        operator["scrape_config_files"] = [str(include)]
+    else:
+        operator["scrape_configs"] = own_jobs + jobs
+    main_config = out / "operators-prometheus.yml"
+    main_config.write_text(yaml.safe_dump(operator, sort_keys=False))
+    proc = subprocess.run(
+        [tool("promtool"), "check", "config", str(main_config)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rules = re.findall(r"^  SUCCESS: \d+ rules found$", proc.stdout, re.M)
+    assert len(rules) == len(RULE_FILES), proc.stdout
+
+
+def test_an_existing_prometheus_config_is_never_written_nor_restarted() -> None:
+    """With prometheus_manage_config false the role leaves prometheus.yml alone: the one
+    task that writes it is conditional on prometheus_manage_config, and no task or
+    handler of the role restarts Prometheus (a reload is what picks changes up)."""
+    role = ROLES_DIR / "prometheus"
+    tasks = [t for f in sorted((role / "tasks").glob("*.yml")) for t in read_yaml(f) or []]
+    writers = [
+        t
+        for t in tasks
+        if str(t.get("ansible.builtin.template", {}).get("dest", "")).endswith("/prometheus.yml")
+    ]
+    assert len(writers) == 1 and writers[0]["when"] == "prometheus_manage_config | bool"
+    include = [t for t in tasks if "scrape_configs.yml" in json.dumps(t)]
+    assert include and all(t["when"] == "not prometheus_manage_config | bool" for t in include)
+    for task in tasks + (read_yaml(role / "handlers" / "main.yml") or []):
+        assert "restarted" not in json.dumps(task), task
 
 
 def test_alertmanager_config_checks(rendered: dict[str, Path]) -> None:
