@@ -281,6 +281,124 @@ def iter_tasks(items: list[dict[str, Any]]) -> typing.Iterator[dict[str, Any]]:
             yield item
 
 
+# -- the wheelhouse without a package index (air-gapped sites) ------------------------
+
+# A build backend of a few lines, as the wheel "tinybackend": what an operator's
+# prepared directory holds for meshblock (setuptools, wheel) in small. Its write_wheel
+# also makes the test's wheels.
+TINY_BACKEND = """
+import base64, hashlib, zipfile
+
+def write_wheel(directory, name, version, files, requires=()):
+    dist = f"{name}-{version}.dist-info"
+    meta = f"Metadata-Version: 2.1\\nName: {name}\\nVersion: {version}\\n"
+    meta += "".join(f"Requires-Dist: {r}\\n" for r in requires)
+    files = {**files, f"{dist}/METADATA": meta,
+             f"{dist}/WHEEL": "Wheel-Version: 1.0\\nGenerator: tiny\\n"
+                              "Root-Is-Purelib: true\\nTag: py3-none-any\\n"}
+    record = []
+    for path, text in files.items():
+        digest = base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest())
+        record.append(f"{path},sha256={digest.decode().rstrip('=')},{len(text.encode())}")
+    record.append(f"{dist}/RECORD,,")
+    wheel = f"{name}-{version}-py3-none-any.whl"
+    with zipfile.ZipFile(f"{directory}/{wheel}", "w") as z:
+        for path, text in files.items():
+            z.writestr(path, text)
+        z.writestr(f"{dist}/RECORD", "\\n".join(record) + "\\n")
+    return wheel
+
+def get_requires_for_build_wheel(config_settings=None):
+    return []
+
+def build_wheel(wheel_directory, config_settings=None, metadata_directory=None):
+    return write_wheel(wheel_directory, "tiny", "1.0", {"tiny/__init__.py": ""}, ["tinydep"])
+"""
+
+
+def build_wheelhouse(tmp: Path, **role_vars: str) -> subprocess.CompletedProcess[str]:
+    """Run the common role's own tasks/wheelhouse.yml with ansible-playbook on localhost
+    for a small project in ``tmp`` (build backend "tinybackend", dependency "tinydep"),
+    with no package index reachable: pip's configuration files and PIP_* variables of
+    this machine are left out and PIP_INDEX_URL is a closed local port."""
+    project = tmp / "tiny"
+    project.mkdir(parents=True)
+    (project / "pyproject.toml").write_text(
+        '[build-system]\nrequires = ["tinybackend"]\nbuild-backend = "tinybackend"\n'
+    )
+    play = [
+        {
+            "name": "Build the wheelhouse",
+            "hosts": "localhost",
+            "connection": "local",
+            "gather_facts": False,
+            "vars": {
+                "common_project_dir": str(project),
+                "common_build_dir": str(tmp / "wheelhouse"),
+                "common_build_python": sys.executable,
+                "ansible_python_interpreter": sys.executable,
+                **role_vars,
+            },
+            "tasks": [
+                {
+                    "name": "Build",
+                    "ansible.builtin.import_role": {
+                        "name": "common",
+                        "tasks_from": "wheelhouse.yml",
+                    },
+                },
+                {"name": "Show", "ansible.builtin.debug": {"var": "_common_pip_wheel_argv"}},
+            ],
+        }
+    ]
+    (tmp / "build.yml").write_text(yaml.safe_dump(play, sort_keys=False))
+    env = {k: v for k, v in ansible_env().items() if not k.startswith("PIP_")}
+    env.update(
+        PIP_CONFIG_FILE=os.devnull,
+        PIP_INDEX_URL="http://127.0.0.1:9/simple",
+        PIP_RETRIES="0",
+        PIP_TIMEOUT="5",
+    )
+    return subprocess.run(
+        [str(BIN / "ansible-playbook"), "-i", "localhost,", str(tmp / "build.yml")],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=300,
+    )
+
+
+def test_the_wheelhouse_builds_from_prepared_wheels_without_an_index(tmp_path: Path) -> None:
+    """common_wheelhouse_src: the controller's pip wheel runs with --no-index
+    --find-links DIR, so the build backend and the dependencies come from the
+    operator's wheels and no index is asked; the same build without it fails here,
+    having no index to reach."""
+    backend: dict[str, Any] = {}
+    exec(TINY_BACKEND, backend)  # the test's own source, above
+    prepared = tmp_path / "prepared"
+    prepared.mkdir()
+    backend["write_wheel"](prepared, "tinybackend", "1.0", {"tinybackend.py": TINY_BACKEND})
+    backend["write_wheel"](prepared, "tinydep", "2.0", {"tinydep.py": ""})
+
+    proc = build_wheelhouse(tmp_path / "gapped", common_wheelhouse_src=str(prepared))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    argv = re.findall(r"^    - (.*)$", proc.stdout, re.M)  # the Show task's list
+    assert argv[argv.index("--no-index") + 1 :][:2] == ["--find-links", str(prepared)], argv
+    built = sorted(w.name for w in (tmp_path / "gapped" / "wheelhouse").glob("*.whl"))
+    assert built == ["tiny-1.0-py3-none-any.whl", "tinydep-2.0-py3-none-any.whl"], built
+
+    online = build_wheelhouse(tmp_path / "online")  # pip would need its index
+    assert online.returncode != 0, online.stdout
+    assert "tinybackend" in online.stdout and "--no-index" not in online.stdout, online.stdout
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    refused = build_wheelhouse(tmp_path / "none", common_wheelhouse_src=str(empty))
+    assert refused.returncode != 0 and "holds no wheel" in refused.stdout, refused.stdout
+
+
 # -- rendering with ansible -------------------------------------------------------------
 
 RENDER_INVENTORY: dict[str, Any] = {
