@@ -1219,3 +1219,68 @@ def test_rebalance_moves_copies_off_an_sds_that_never_heartbeated(tmp_path: Any)
         assert moving <= on_ghost, (moving, on_ghost)
     finally:
         daemon.stop()
+
+
+def test_drain_lays_out_a_pool_without_data_at_once(tmp_path: Any) -> None:
+    """A pool without a volume holds no data, and the rebalancer plans only pools with
+    volumes: draining an SDS lays such a pool out afresh without it at once (before
+    the fix its copies stayed, pg-copies never reached 0 and ``meshctl sds remove``
+    waited forever). A later recompute (a device joining) puts none back on the
+    draining SDS; a cancelled drain lays the pool out with it again. An MDM of its
+    own."""
+    daemon = MdmDaemon(tmp_path, f"sqlite+aiosqlite:///{tmp_path / 'mdm.db'}")
+    daemon.start()
+    try:
+        a = Api(daemon.url, daemon.admin_token)
+        pd = ok(a("POST", "/api/v1/protection-domains", {"name": "pd1"}), 201)
+        body = {"name": "sp1", "protection_domain_id": pd["id"], "pg_count": 16}
+        pool = ok(a("POST", "/api/v1/pools", body), 201)
+        ids = []
+        for i in range(4):
+            fs = ok(
+                a(
+                    "POST",
+                    "/api/v1/fault-sets",
+                    {"name": f"fs{i}", "protection_domain_id": pd["id"]},
+                ),
+                201,
+            )
+            body = {
+                "name": f"sds{i}",
+                "protection_domain_id": pd["id"],
+                "fault_set_id": fs["id"],
+                "address": f"127.0.0.{i + 1}",
+                "devices": [{"path": "/d", "capacity": "10GiB", "pool_id": pool["id"]}],
+            }
+            ids.append(ok(a("POST", "/api/v1/sds", body), 201)["id"])
+
+        def copies(sid: int) -> int:
+            return int(ok(a("GET", f"/api/v1/sds/{sid}/pg-copies"))["pg_copies"])
+
+        def pgmap() -> dict[str, Any]:
+            path = f"/api/v1/pools/{pool['id']}/pgmap"
+            return dict(ok(a("GET", path, token=daemon.cluster_secret)))
+
+        assert copies(ids[0]) > 0 and copies(ids[1]) > 0
+        before = pgmap()["epoch"]
+        assert ok(a("POST", f"/api/v1/sds/{ids[0]}/drain", {}), 202)["mode"] == "draining"
+        after = pgmap()
+        assert after["epoch"] > before  # a new map epoch
+        assert copies(ids[0]) == 0  # at once, not after a rebalance that never comes
+        assert all(pg["primary"] and pg["secondary"] for pg in after["pgs"])
+        # A recompute (a device joining the pool) places no copy on the draining SDS.
+        dev = {"path": "/d2", "capacity": "10GiB", "pool_id": pool["id"]}
+        ok(a("POST", f"/api/v1/sds/{ids[3]}/devices", dev), 201)
+        assert copies(ids[0]) == 0
+        # A cancelled drain lays the pool out with the SDS again.
+        ok(a("POST", f"/api/v1/sds/{ids[1]}/drain", {}), 202)
+        assert copies(ids[1]) == 0
+        assert ok(a("POST", f"/api/v1/sds/{ids[1]}/drain", {"cancel": True}), 202)["mode"] == (
+            "normal"
+        )
+        assert copies(ids[1]) > 0
+        # The drained SDS is removed (what `meshctl sds remove` waits for).
+        ok(a("DELETE", f"/api/v1/sds/{ids[0]}"), 204)
+        err(a("GET", f"/api/v1/sds/{ids[0]}"), 404, "not_found")
+    finally:
+        daemon.stop()

@@ -10,7 +10,9 @@ membership is part of the map.
 Data safety: once a pool has volumes, a copy that is in place is never moved by a
 recompute, because moving it means moving its data, which is the job of rebalance
 (:mod:`meshblock.mdm.rebalance`, with the data). Only missing copies are filled. A
-pool without volumes holds no data: its map is laid out afresh each time.
+pool without volumes holds no data: its map is laid out afresh each time. A draining
+SDS's devices take no new copy (:func:`pool_devices`); those holding data keep theirs
+until rebalance moves them.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from meshblock.mdm.models import (
     PgState,
     PlacementGroup,
     Sds,
+    SdsMode,
     StoragePool,
     Volume,
 )
@@ -47,8 +50,10 @@ from meshblock.mdm.vtrees import pool_trees, trees_doc
 async def pool_devices(
     session: AsyncSession, pool_id: int, *, failed: bool = False, without: Collection[int] = ()
 ) -> list[DeviceInfo]:
-    """The pool's devices that may take copies; with ``failed``, failed ones too;
-    never those of ``without`` (being removed)."""
+    """The pool's devices that may take copies: not failed, and not of a draining
+    SDS (its copies go, none comes). With ``failed``, every device that may keep its
+    copies: failed ones and those of a draining SDS too (a copy holding data stays
+    until rebalance moves it). Never those of ``without`` (being removed)."""
     q = (
         select(Device.id, Device.sds_id, Sds.fault_set_id, Device.capacity_bytes)
         .join(Sds, Sds.id == Device.sds_id)
@@ -56,7 +61,7 @@ async def pool_devices(
         .order_by(Device.id)
     )
     if not failed:
-        q = q.where(Device.state != DeviceState.FAILED)
+        q = q.where(Device.state != DeviceState.FAILED, Sds.mode != SdsMode.DRAINING)
     if without:
         q = q.where(Device.id.not_in(list(without)))
     return [DeviceInfo(d, s, f, c) for d, s, f, c in await session.execute(q)]
@@ -70,7 +75,7 @@ async def recompute(
     (:func:`plan_map`), write."""
     devices = await pool_devices(session, pool.id, without=without)
     rows = await pgtable.load(session, pool_id=pool.id)
-    has_data = await _holds_volumes(session, pool.id)
+    has_data = await holds_volumes(session, pool.id)
     # Every device that may keep its copies, failed ones too: the failure detector
     # fails a failed one over (it alone knows which copy is in sync).
     keeping = await pool_devices(session, pool.id, failed=True, without=without)
@@ -150,7 +155,7 @@ def _without_removed(row: PgRow, present: Collection[int]) -> PgRow:
     )
 
 
-async def _holds_volumes(session: AsyncSession, pool_id: int) -> bool:
+async def holds_volumes(session: AsyncSession, pool_id: int) -> bool:
     found = await session.execute(select(Volume.id).where(Volume.pool_id == pool_id).limit(1))
     return found.scalar() is not None
 

@@ -928,6 +928,7 @@ async def _drain(request: web.Request, body: dict[str, Any], dry: bool) -> web.R
             if dry:
                 raise DryRunDone(await stopcheck.drain_plan(s, sds, "drain_cancel"))
             sds.mode = SdsMode.NORMAL
+            await _lay_out_pools_without_data(s, sds)
             log.info("SDS %s: drain cancelled", sds.name)
         elif sds.mode != SdsMode.DRAINING:
             if sds.mode == SdsMode.MAINTENANCE:
@@ -936,11 +937,25 @@ async def _drain(request: web.Request, body: dict[str, Any], dry: bool) -> web.R
             if dry:
                 raise DryRunDone(await stopcheck.drain_plan(s, sds, "drain"))
             sds.mode = SdsMode.DRAINING
+            await _lay_out_pools_without_data(s, sds)
             log.info("SDS %s: draining", sds.name)
         elif dry:  # draining already: what is left to move
             raise DryRunDone(await stopcheck.drain_plan(s, sds, "drain"))
     async with reading(request) as s:
         return json(sds_doc(await _load(s, sds.id), live), 202)
+
+
+async def _lay_out_pools_without_data(s: AsyncSession, sds: Sds) -> None:
+    """Recompute the map of each pool of ``sds`` that holds no volume, after its mode
+    changed (one new map epoch per pool): such a pool is laid out afresh, without the
+    SDS when it drains (its copies leave at once: nothing to move, and the rebalancer
+    plans only pools with volumes), with it again when the drain is cancelled. A pool
+    with data keeps its copies: the rebalancer moves them."""
+    await s.flush()
+    for pool_id in sorted({d.pool_id for d in sds.devices}):
+        pool = await s.get(StoragePool, pool_id)
+        if pool is not None and not await pgmaps.holds_volumes(s, pool_id):
+            await pgmaps.recompute(s, pool)
 
 
 async def _check_room_without(s: AsyncSession, sds: Sds) -> None:
