@@ -181,6 +181,30 @@ def test_the_refresh_pauses_while_the_user_is_in_a_form(
 
 
 @pytest.mark.cluster
+def test_a_panel_under_the_pointer_is_not_replaced(
+    cluster: Cluster,
+    browser: BrowserContext,  # noqa: F811
+) -> None:
+    """A panel the pointer is over (its buttons about to be pressed) keeps its rows in
+    place; it catches up once the pointer leaves it."""
+    from playwright.sync_api import expect
+
+    c = cluster
+    page = browser.new_page()
+    try:
+        login(page, c.gui, "admin", c.gui.admin_password, "/volumes")
+        page.hover("#volumes-panel")
+        made = new_volume(c, "refresh-under-pointer")
+        page.wait_for_timeout(3 * REFRESH_S * 1000)
+        expect(page.locator(f"tr.volume#volume-{made['id']}")).to_have_count(0)
+        page.hover("h1")
+        expect(page.locator(f"tr.volume#volume-{made['id']}")).to_have_count(1, timeout=WITHIN_MS)
+    except BaseException:
+        on_failure(page)
+        raise
+
+
+@pytest.mark.cluster
 def test_a_session_that_ends_sends_the_page_to_the_login(
     cluster: Cluster,
     browser: BrowserContext,  # noqa: F811

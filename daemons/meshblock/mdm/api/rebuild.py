@@ -54,15 +54,21 @@ async def rebuild_status(c: MdmContext) -> list[dict[str, Any]]:
                 )
             ).all()
         )
+        # the pools of the lost SDSs waited for: asked only when one is (the scrub's
+        # scheduler reads this every second, and almost always none is)
+        waits = c.detector.rebuild_waits() if c.detector is not None else {}
         holders = (
-            await s.execute(
-                select(Device.pool_id, Device.sds_id)
-                .join(Sds, Sds.id == Device.sds_id)
-                .where(Sds.mode != SdsMode.MAINTENANCE)
-                .distinct()
-            )
-        ).all()
-    waits = c.detector.rebuild_waits() if c.detector is not None else {}
+            (
+                await s.execute(
+                    select(Device.pool_id, Device.sds_id)
+                    .join(Sds, Sds.id == Device.sds_id)
+                    .where(Sds.mode != SdsMode.MAINTENANCE, Device.sds_id.in_(list(waits)))
+                    .distinct()
+                )
+            ).all()
+            if waits
+            else []
+        )
     delay_left: dict[int, float] = {}
     for pool_id, sds_id in holders:
         if sds_id in waits:

@@ -74,6 +74,11 @@
     var fresh = new DOMParser().parseFromString(html, "text/html");
     var regions = document.querySelectorAll("[data-refresh][id]");
     for (var i = 0; i < regions.length; i++) {
+      // Not under the pointer nor holding the focus: a button the user is about to
+      // press must not move or change under them (nor lose the keyboard's place).
+      if (regions[i].matches(":hover") || regions[i].contains(document.activeElement)) {
+        continue;
+      }
       var next = fresh.getElementById(regions[i].id);
       if (next && next.hasAttribute("data-refresh")) {
         regions[i].replaceWith(document.importNode(next, true));
