@@ -861,7 +861,11 @@ def test_mgmt_admin_certificate_tasks() -> None:
     issue = client[0]["ansible.builtin.command"]["argv"]
     for knob in ("common_tls_renew_days", "common_tls_reissue", "common_tls_cert_days"):
         assert knob in issue, knob
-    (copy,) = [t for t in client if "ansible.builtin.copy" in t and t.get("loop")]
+    (copy,) = [
+        t
+        for t in client
+        if "ansible.builtin.copy" in t and t.get("loop") and "delegate_to" not in t
+    ]
     assert copy["ansible.builtin.copy"]["group"] == "{{ _common_tls_group }}"
     assert {"ext": "key", "mode": "0640"} in copy["loop"]
     assert copy["notify"] == "meshblock certificate changed"
@@ -869,6 +873,11 @@ def test_mgmt_admin_certificate_tasks() -> None:
         t for t in client if "revoke" in t.get("ansible.builtin.command", {}).get("argv", [])
     )
     assert revoke["when"] == "_common_tls_client_state == 'absent'"
+    assert revoke["throttle"] == 1  # each revocation rewrites crl.pem
+    # the CRL goes to the MDMs in the same run, not at their play's next one
+    to_mdms = next(t for t in client if t.get("delegate_to") == "{{ item }}")
+    assert "groups['mdm']" in to_mdms["loop"]
+    assert to_mdms["ansible.builtin.copy"]["dest"] == "{{ _common_tls_dir }}/crl.pem"
 
 
 UNITS = [
