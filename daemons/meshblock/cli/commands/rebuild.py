@@ -60,13 +60,16 @@ def delay_left(pool: dict[str, Any]) -> float | None:
     return None
 
 
+def _waiting(pools: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """(pool name, ``12 s``) per pool whose rebuild waits out rebuild_delay_s."""
+    return [(p["name"], seconds_text(left)) for p in pools if (left := delay_left(p)) is not None]
+
+
 def waiting_notes(pools: list[dict[str, Any]]) -> list[str]:
     """``sp1: waiting out rebuild_delay_s: starts in 12 s ...`` per waiting pool."""
     return [
-        f"{p['name']}: waiting out rebuild_delay_s: starts in {seconds_text(left)}"
-        " unless the lost SDS comes back"
-        for p in pools
-        if (left := delay_left(p)) is not None
+        f"{name}: waiting out rebuild_delay_s: starts in {left} unless the lost SDS comes back"
+        for name, left in _waiting(pools)
     ]
 
 
@@ -95,9 +98,8 @@ def watch(ctx: Context, timeout: float | None, interval: float) -> dict[str, Any
             eta = remaining / speed if speed > 0 and remaining else None
             done = 1.0 - (pending / first_left if first_left else 0.0)
             waits = [
-                f"{p['name']} waiting out rebuild_delay_s: starts in {seconds_text(left)}"
-                for p in pools
-                if (left := delay_left(p)) is not None
+                f"{name} waiting out rebuild_delay_s: starts in {left}"
+                for name, left in _waiting(pools)
             ]
             bar.update(
                 done,
